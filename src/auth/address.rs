@@ -1,0 +1,226 @@
+//! Server fingerprints, account ids and `hush://` addresses.
+//!
+//! * A server **fingerprint** is the SHA-256 of the server certificate's
+//!   SubjectPublicKeyInfo, written as 52 base32 characters in 13 dash-joined
+//!   groups of four (`abcd-efgh-…`) so two people can read it to each other.
+//! * An **account id** is the account's raw 32-byte Ed25519 public key as 52
+//!   base32 characters, without separators, so it can be copied whole.
+//! * An **address** is `hush://HOST:PORT/#FINGERPRINT`. `HOST` is a DNS
+//!   name, an IPv4 address or a bracketed IPv6 address. The fingerprint may
+//!   be written with or without dashes.
+
+use std::fmt;
+use std::str::FromStr;
+
+use subtle::ConstantTimeEq;
+use thiserror::Error;
+
+use super::text::{self, TextError};
+use crate::limits::MAX_ADDRESS_LEN;
+
+/// SHA-256 of a SubjectPublicKeyInfo: what a client pins.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    /// Fingerprint of a DER SubjectPublicKeyInfo.
+    pub fn of_spki(spki: &[u8]) -> Self {
+        let digest = ring::digest::digest(&ring::digest::SHA256, spki);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(digest.as_ref());
+        Self(out)
+    }
+
+    /// Constant-time comparison.
+    pub fn matches(&self, other: &Fingerprint) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&text::grouped(&text::encode(&self.0), 4))
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({self})")
+    }
+}
+
+impl FromStr for Fingerprint {
+    type Err = TextError;
+    fn from_str(s: &str) -> Result<Self, TextError> {
+        text::decode_array(s).map(Self)
+    }
+}
+
+/// An account: the raw Ed25519 public key the client authenticates with.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccountId(pub [u8; 32]);
+
+impl AccountId {
+    /// The short form people compare: the first 16 characters, grouped.
+    pub fn short(&self) -> String {
+        let full = text::encode(&self.0);
+        text::grouped(full.get(..16).unwrap_or(&full), 4)
+    }
+}
+
+impl fmt::Display for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&text::encode(&self.0))
+    }
+}
+
+impl fmt::Debug for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AccountId({})", self.short())
+    }
+}
+
+impl FromStr for AccountId {
+    type Err = TextError;
+    fn from_str(s: &str) -> Result<Self, TextError> {
+        text::decode_array(s).map(Self)
+    }
+}
+
+/// Why a `hush://` address could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum AddressError {
+    #[error("the address is longer than {MAX_ADDRESS_LEN} characters")]
+    TooLong,
+    #[error("the address must start with hush://")]
+    Scheme,
+    #[error("the address has no #FINGERPRINT part")]
+    NoFingerprint,
+    #[error("the host is missing or malformed")]
+    Host,
+    #[error("the port is missing or not a number from 1 to 65535")]
+    Port,
+    #[error("the fingerprint is malformed: {0}")]
+    Fingerprint(TextError),
+}
+
+/// Where a server is and which key it must present.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HushAddress {
+    /// DNS name or IP address, without brackets.
+    pub host: String,
+    pub port: u16,
+    pub fingerprint: Fingerprint,
+}
+
+impl fmt::Display for HushAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "hush://[{}]:{}/#{}", self.host, self.port, self.fingerprint)
+        } else {
+            write!(f, "hush://{}:{}/#{}", self.host, self.port, self.fingerprint)
+        }
+    }
+}
+
+impl fmt::Debug for HushAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for HushAddress {
+    type Err = AddressError;
+
+    fn from_str(s: &str) -> Result<Self, AddressError> {
+        if s.len() > MAX_ADDRESS_LEN {
+            return Err(AddressError::TooLong);
+        }
+        let s = s.trim();
+        let rest = s
+            .get(..7)
+            .filter(|p| p.eq_ignore_ascii_case("hush://"))
+            .and_then(|_| s.get(7..))
+            .ok_or(AddressError::Scheme)?;
+        let (authority, fragment) = rest.split_once('#').ok_or(AddressError::NoFingerprint)?;
+        let authority = authority.strip_suffix('/').unwrap_or(authority);
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (host, after) = v6.split_once(']').ok_or(AddressError::Host)?;
+            if host.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(AddressError::Host);
+            }
+            (host, after.strip_prefix(':').ok_or(AddressError::Port)?)
+        } else {
+            authority.rsplit_once(':').ok_or(AddressError::Port)?
+        };
+        let valid_host = !host.is_empty()
+            && host.len() <= 253
+            && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'));
+        if !valid_host {
+            return Err(AddressError::Host);
+        }
+        if !port.chars().all(|c| c.is_ascii_digit()) {
+            return Err(AddressError::Port);
+        }
+        let port: u16 = port.parse().map_err(|_| AddressError::Port)?;
+        if port == 0 {
+            return Err(AddressError::Port);
+        }
+        let fingerprint = fragment.parse().map_err(AddressError::Fingerprint)?;
+        Ok(Self { host: host.to_ascii_lowercase(), port, fingerprint })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn fpr() -> Fingerprint {
+        Fingerprint::of_spki(b"example")
+    }
+
+    #[test]
+    fn parses_what_it_prints() {
+        for host in ["example.org", "127.0.0.1", "::1", "fe80::1"] {
+            let a = HushAddress { host: host.into(), port: 7443, fingerprint: fpr() };
+            let text = a.to_string();
+            assert_eq!(text.parse::<HushAddress>().unwrap(), a, "{text}");
+        }
+    }
+
+    #[test]
+    fn accepts_fingerprint_without_dashes_and_in_upper_case() {
+        let plain = text::encode(&fpr().0).to_uppercase();
+        let a: HushAddress = format!("HUSH://Host.Example:1/#{plain}").parse().unwrap();
+        assert_eq!(a.fingerprint, fpr());
+        assert_eq!(a.host, "host.example");
+    }
+
+    #[test]
+    fn rejects_broken_addresses() {
+        let f = fpr();
+        for bad in [
+            format!("http://h:1/#{f}"),
+            "hush://h:1/".to_string(),
+            format!("hush://h/#{f}"),
+            format!("hush://h:0/#{f}"),
+            format!("hush://h:99999/#{f}"),
+            format!("hush://:1/#{f}"),
+            format!("hush://[zz]:1/#{f}"),
+            format!("hush://h h:1/#{f}"),
+            "hush://h:1/#abc".to_string(),
+        ] {
+            assert!(bad.parse::<HushAddress>().is_err(), "{bad}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(s in "\\PC{0,120}") {
+            let _ = s.parse::<HushAddress>();
+            let _ = format!("hush://{s}").parse::<HushAddress>();
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Ed25519 identity keys on disk: the server's key and each client's
+//! account key.
+//!
+//! A key file holds the 32-byte Ed25519 seed and nothing else. It is
+//! created with mode 0600 (written to a temporary file, synced, then renamed,
+//! so a crash never leaves half a key), and refused at load time if anyone
+//! but the owner can read it. In memory the seed lives in
+//! `ed25519_dalek::SigningKey`, which wipes itself on drop; copies made for
+//! rustls are wiped too ([`zeroize::Zeroizing`]).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::SigningKey;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+use super::address::{AccountId, Fingerprint};
+use super::cert::{self, CertError};
+
+/// Length of a key file: one Ed25519 seed.
+pub const KEY_FILE_LEN: u64 = 32;
+
+/// Why a key could not be loaded or created.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a hush key file (expected {KEY_FILE_LEN} bytes)")]
+    Format { path: PathBuf },
+    #[error("{path}: key file is accessible by other users (mode {mode:o}); run: chmod 600 {path}")]
+    Permissions { path: PathBuf, mode: u32 },
+    #[error("no randomness available from the operating system")]
+    Random,
+    #[error(transparent)]
+    Cert(#[from] CertError),
+}
+
+/// An Ed25519 key pair. Deliberately neither `Debug` nor `Clone`.
+pub struct Identity {
+    key: SigningKey,
+}
+
+impl Identity {
+    /// A fresh key from the operating system's random generator.
+    pub fn generate() -> Result<Self, KeyError> {
+        let mut seed = Zeroizing::new([0u8; 32]);
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), seed.as_mut())
+            .map_err(|_| KeyError::Random)?;
+        Ok(Self { key: SigningKey::from_bytes(&seed) })
+    }
+
+    /// Loads the key at `path`, or creates it (mode 0600) if there is none.
+    /// Returns the identity and whether it was created.
+    pub fn load_or_create(path: &Path) -> Result<(Self, bool), KeyError> {
+        match Self::load(path) {
+            Ok(id) => Ok((id, false)),
+            Err(KeyError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                let id = Self::generate()?;
+                id.save(path)?;
+                Ok((id, true))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Loads an existing key file.
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        let io = |source| KeyError::Io { path: path.to_owned(), source };
+        let file = File::open(path).map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::Permissions { path: path.to_owned(), mode });
+        }
+        if meta.len() != KEY_FILE_LEN {
+            return Err(KeyError::Format { path: path.to_owned() });
+        }
+        let mut seed = Zeroizing::new([0u8; 32]);
+        file.take(KEY_FILE_LEN).read_exact(seed.as_mut()).map_err(io)?;
+        Ok(Self { key: SigningKey::from_bytes(&seed) })
+    }
+
+    /// Writes the key to `path` with mode 0600; never overwrites a file.
+    pub fn save(&self, path: &Path) -> Result<(), KeyError> {
+        let io = |source| KeyError::Io { path: path.to_owned(), source };
+        let tmp = path.with_extension("tmp");
+        let _ = fs::remove_file(&tmp);
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io)?;
+        let seed = Zeroizing::new(self.key.to_bytes());
+        file.write_all(seed.as_ref()).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        drop(file);
+        // hard_link fails if `path` exists, so a key is never replaced.
+        fs::hard_link(&tmp, path).map_err(io)?;
+        fs::remove_file(&tmp).map_err(io)?;
+        if let Some(dir) = path.parent() {
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+
+    /// The raw public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.key.verifying_key().to_bytes()
+    }
+
+    /// The account id this key authenticates as.
+    pub fn account_id(&self) -> AccountId {
+        AccountId(self.public_key())
+    }
+
+    /// The DER SubjectPublicKeyInfo of the public key.
+    pub fn spki(&self) -> Vec<u8> {
+        cert::ed25519_spki(&self.public_key())
+    }
+
+    /// SHA-256 of the SubjectPublicKeyInfo: what peers pin.
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of_spki(&self.spki())
+    }
+
+    /// Certificate and private key in the form rustls takes.
+    pub fn tls_credentials(&self) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), KeyError> {
+        let seed = Zeroizing::new(self.key.to_bytes());
+        let cert = cert::self_signed(&seed)?;
+        let pkcs8 = cert::ed25519_pkcs8(&seed);
+        Ok((cert, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.to_vec()))))
+    }
+
+    /// Signs `msg` (used by tests and, later, by MLS credential checks).
+    pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
+        use ed25519_dalek::Signer;
+        self.key.sign(msg).to_bytes()
+    }
+}
+
+/// Creates `dir` (and parents) with mode 0700 if missing; refuses a
+/// directory others can enter.
+pub fn private_dir(dir: &Path) -> Result<(), KeyError> {
+    let io = |source| KeyError::Io { path: dir.to_owned(), source };
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
+    let mode = fs::metadata(dir).map_err(io)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
+    Ok(())
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_key_is_private_and_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let (a, created) = Identity::load_or_create(&path).unwrap();
+        assert!(created);
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let (b, created) = Identity::load_or_create(&path).unwrap();
+        assert!(!created);
+        assert_eq!(a.public_key(), b.public_key());
+    }
+
+    #[test]
+    fn refuses_readable_or_malformed_key_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        Identity::generate().unwrap().save(&path).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(Identity::load(&path), Err(KeyError::Permissions { .. })));
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"x").unwrap();
+        assert!(matches!(Identity::load(&path), Err(KeyError::Format { .. })));
+    }
+
+    #[test]
+    fn never_overwrites_an_existing_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        Identity::generate().unwrap().save(&path).unwrap();
+        assert!(Identity::generate().unwrap().save(&path).is_err());
+    }
+}

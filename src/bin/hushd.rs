@@ -1,0 +1,223 @@
+//! `hushd`: the hush relay server. Thin: parse arguments, call the library,
+//! print results on stdout, logs on stderr, `{:#}` errors with exit code 1.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use hush::auth::{HushAddress, Identity};
+use hush::config::ServerConfig;
+use hush::limits::{DEFAULT_INVITE_LIFETIME, DEFAULT_INVITE_USES, MAX_INVITE_USES};
+use hush::server::{DataDir, Server, ADDRESS_FILE};
+use hush::store::Db;
+use hush::util::{default_data_dir, format_unix, now_unix, parse_duration};
+
+#[derive(Parser)]
+#[command(
+    name = "hushd",
+    version,
+    about = "hush relay server: an MLS Delivery Service for end-to-end-encrypted group chat"
+)]
+struct Cli {
+    /// Data directory (key, database, optional hushd.toml).
+    #[arg(long, global = true, env = "HUSHD_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (creates key and database on first run) and print its
+    /// address once listening.
+    Serve {
+        /// UDP address to listen on [default: [::]:7443].
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+        /// Host name to put in the printed address (what clients dial).
+        #[arg(long, value_name = "HOST")]
+        public_host: Option<String>,
+    },
+    /// Create the key and database without serving; print the address.
+    Init,
+    /// Create an invite; prints the token alone on the last line of stdout.
+    Invite {
+        /// How many registrations the invite allows.
+        #[arg(long, default_value_t = DEFAULT_INVITE_USES)]
+        uses: u32,
+        /// Lifetime, e.g. 30m, 12h, 7d, 2w [default: 7d].
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<String>,
+    },
+    /// List registered accounts.
+    Accounts,
+    /// List invites (ids, uses left, expiry; never the secret).
+    Invites,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hushd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HUSHD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn data_dir(cli: &Cli) -> Result<DataDir> {
+    match &cli.data_dir {
+        Some(d) => Ok(DataDir(d.clone())),
+        None => default_data_dir("hushd")
+            .map(DataDir)
+            .context("no data directory: set --data-dir, HUSHD_DATA_DIR, XDG_DATA_HOME or HOME"),
+    }
+}
+
+fn load_config(dir: &DataDir) -> Result<ServerConfig> {
+    Ok(ServerConfig::load(&dir.0, std::env::vars())?)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let dir = data_dir(&cli)?;
+    match cli.command {
+        Command::Serve { listen, public_host } => {
+            let mut config = load_config(&dir)?;
+            if let Some(l) = listen {
+                config.listen = l;
+            }
+            if public_host.is_some() {
+                config.public_host = public_host;
+            }
+            config.validate()?;
+            serve(config, dir)
+        }
+        Command::Init => {
+            let config = load_config(&dir)?;
+            let (identity, created) = dir.init()?;
+            let address = HushAddress {
+                host: config.advertised_host(config.listen),
+                port: config.listen.port(),
+                fingerprint: identity.fingerprint(),
+            };
+            eprintln!("{} {}", if created { "created" } else { "already initialised:" }, dir.0.display());
+            println!("{address}");
+            Ok(())
+        }
+        Command::Invite { uses, expires } => {
+            if uses == 0 || uses > MAX_INVITE_USES {
+                bail!("--uses must be between 1 and {MAX_INVITE_USES}");
+            }
+            let lifetime = match expires {
+                Some(text) => parse_duration(&text).map_err(anyhow::Error::msg).context("--expires")?,
+                None => DEFAULT_INVITE_LIFETIME,
+            };
+            let mut db = open_existing(&dir)?;
+            let now = now_unix();
+            let expires_at = now.saturating_add(lifetime.as_secs());
+            let token = db.create_invite(uses, Some(expires_at), now)?;
+            let plural = if uses == 1 { "" } else { "s" };
+            eprintln!("invite for {uses} registration{plural}, valid until {}", format_unix(expires_at));
+            match server_address(&dir) {
+                Some(address) => eprintln!("the new member runs:\n  hush register {address} --invite {token}"),
+                None => eprintln!("the new member runs: hush register <server address> --invite <token>"),
+            }
+            println!("{token}");
+            Ok(())
+        }
+        Command::Accounts => {
+            let db = open_existing(&dir)?;
+            let accounts = db.accounts()?;
+            for a in &accounts {
+                println!("{}  registered {}", a.account, format_unix(a.created_at));
+            }
+            eprintln!("{} account{}", accounts.len(), if accounts.len() == 1 { "" } else { "s" });
+            Ok(())
+        }
+        Command::Invites => {
+            let db = open_existing(&dir)?;
+            let now = now_unix();
+            for i in db.invites()? {
+                let state = match i.expires_at {
+                    Some(e) if e <= now => "expired".to_string(),
+                    _ if i.uses_left == 0 => "used up".to_string(),
+                    Some(e) => format!("valid until {}", format_unix(e)),
+                    None => "valid".to_string(),
+                };
+                println!("{}  {}/{} uses left  {}", hush::auth::text::encode(&i.id), i.uses_left, i.uses_total, state);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Opens the database of an initialised data directory.
+fn open_existing(dir: &DataDir) -> Result<Db> {
+    if !dir.db().exists() {
+        bail!("no hushd database in {}; run `hushd serve` or `hushd init` first", dir.0.display());
+    }
+    Ok(Db::open(&dir.db()).with_context(|| format!("opening {}", dir.db().display()))?)
+}
+
+/// The address of the running server (or, failing that, one built from the
+/// key and configuration).
+fn server_address(dir: &DataDir) -> Option<String> {
+    if let Ok(text) = std::fs::read_to_string(dir.0.join(ADDRESS_FILE)) {
+        if let Ok(a) = text.trim().parse::<HushAddress>() {
+            return Some(a.to_string());
+        }
+    }
+    let config = load_config(dir).ok()?;
+    let identity = Identity::load(&dir.key()).ok()?;
+    Some(
+        HushAddress {
+            host: config.advertised_host(config.listen),
+            port: config.listen.port(),
+            fingerprint: identity.fingerprint(),
+        }
+        .to_string(),
+    )
+}
+
+fn serve(config: ServerConfig, dir: DataDir) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(async move {
+        let server = Server::bind(config, &dir.0)?;
+        let address = server.address().clone();
+        tracing::info!("listening on {} (data in {})", server.local_addr()?, dir.0.display());
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{address}")?;
+        out.flush()?;
+        drop(out);
+        server.run(shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+        }
+        _ => {
+            tracing::warn!("cannot listen for signals; stop with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}

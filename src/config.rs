@@ -1,0 +1,250 @@
+//! `hushd` configuration: every tunable limit, with validation.
+//!
+//! Precedence, highest first: command-line flags, environment variables
+//! `HUSHD_<KEY>` (key in upper case, e.g. `HUSHD_MAX_CONNECTIONS=100`), the
+//! optional file `hushd.toml` in the data directory, then the defaults from
+//! [`crate::limits`]. Unknown keys and out-of-range values are refused at
+//! start, naming the offending key and where it came from.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::limits::*;
+
+/// Name of the optional configuration file in the data directory.
+pub const CONFIG_FILE: &str = "hushd.toml";
+
+/// Environment variables with the `HUSHD_` prefix that are not config keys.
+const RESERVED_ENV: &[&str] = &["HUSHD_DATA_DIR", "HUSHD_LOG"];
+
+/// Why the configuration was refused.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: larger than {MAX_CONFIG_FILE} bytes")]
+    TooLarge { path: PathBuf },
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+/// Server settings. Field names are the config keys.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Host name printed in the `hush://` address (default: the listen IP,
+    /// or `localhost` when listening on all interfaces).
+    pub public_host: Option<String>,
+    /// Allow registration without an invite. Off by default.
+    pub open_registration: bool,
+    /// Seconds an unregistered key may stay connected.
+    pub auth_deadline_secs: u64,
+    /// Seconds of silence after which a connection is dropped.
+    pub idle_timeout_secs: u64,
+    /// Seconds a request stream may take to deliver its frame.
+    pub request_timeout_secs: u64,
+    /// Concurrent connections in total.
+    pub max_connections: u32,
+    /// Concurrent connections per source IP address.
+    pub max_connections_per_ip: u32,
+    /// Concurrent request streams per connection.
+    pub max_streams_per_connection: u32,
+    /// Handshakes in progress above which clients must validate their
+    /// address with a QUIC retry first (0: always).
+    pub retry_above_pending: u32,
+    /// Connection attempts buffered before being accepted or refused.
+    pub max_incoming: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0u16; 8], 7443)),
+            public_host: None,
+            open_registration: false,
+            auth_deadline_secs: DEFAULT_AUTH_DEADLINE.as_secs(),
+            idle_timeout_secs: DEFAULT_IDLE_TIMEOUT.as_secs(),
+            request_timeout_secs: DEFAULT_REQUEST_TIMEOUT.as_secs(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            retry_above_pending: DEFAULT_RETRY_ABOVE_PENDING,
+            max_incoming: DEFAULT_MAX_INCOMING,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Loads `hushd.toml` from `data_dir` (if present) and applies the
+    /// `HUSHD_*` variables from `env` on top.
+    pub fn load(data_dir: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let path = data_dir.join(CONFIG_FILE);
+        let mut layers: Vec<(String, toml::Table)> = Vec::new();
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.len() > MAX_CONFIG_FILE => return Err(ConfigError::TooLarge { path }),
+            Ok(_) => {
+                let text =
+                    std::fs::read_to_string(&path).map_err(|source| ConfigError::Io { path: path.clone(), source })?;
+                let table = Self::parse_file(&text)
+                    .map_err(|message| ConfigError::Invalid { origin: path.display().to_string(), message })?;
+                layers.push((path.display().to_string(), table));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(ConfigError::Io { path, source }),
+        }
+        let mut env_table = toml::Table::new();
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix("HUSHD_") else { continue };
+            if RESERVED_ENV.contains(&name.as_str()) {
+                continue;
+            }
+            env_table.insert(key.to_ascii_lowercase(), env_value(&value));
+        }
+        layers.push(("environment (HUSHD_*)".into(), env_table));
+        Self::from_layers(layers)
+    }
+
+    /// Parses the text of a configuration file into its keys (no checks of
+    /// key names or values yet).
+    pub fn parse_file(text: &str) -> Result<toml::Table, String> {
+        text.parse::<toml::Table>().map_err(|e| e.to_string().trim().to_string())
+    }
+
+    /// Builds a configuration from layers applied in order (later wins),
+    /// checking each key where it appears so errors name their origin.
+    pub fn from_layers(layers: Vec<(String, toml::Table)>) -> Result<Self, ConfigError> {
+        let mut merged = toml::Table::new();
+        for (origin, table) in layers {
+            for (key, value) in table {
+                let mut single = toml::Table::new();
+                single.insert(key.clone(), value.clone());
+                Self::deserialize(single).map_err(|e| ConfigError::Invalid {
+                    origin: origin.clone(),
+                    message: format!("key `{key}`: {}", e.message().trim()),
+                })?;
+                merged.insert(key, value);
+            }
+        }
+        let config = Self::deserialize(merged)
+            .map_err(|e| ConfigError::Invalid { origin: "configuration".into(), message: e.message().to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Range checks; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| ConfigError::Invalid {
+            origin: "configuration".into(),
+            message: format!("key `{key}`: {why}"),
+        };
+        let range = |key: &str, v: u64, lo: u64, hi: u64| {
+            if v < lo || v > hi {
+                Err(bad(key, &format!("{v} is outside {lo}..={hi}")))
+            } else {
+                Ok(())
+            }
+        };
+        range("auth_deadline_secs", self.auth_deadline_secs, 1, 3600)?;
+        range("idle_timeout_secs", self.idle_timeout_secs, 1, 3600)?;
+        range("request_timeout_secs", self.request_timeout_secs, 1, 3600)?;
+        range("max_connections", u64::from(self.max_connections), 1, 1_000_000)?;
+        range("max_connections_per_ip", u64::from(self.max_connections_per_ip), 1, 1_000_000)?;
+        range("max_streams_per_connection", u64::from(self.max_streams_per_connection), 1, 10_000)?;
+        range("retry_above_pending", u64::from(self.retry_above_pending), 0, 1_000_000)?;
+        range("max_incoming", u64::from(self.max_incoming), 1, 1_000_000)?;
+        if let Some(host) = &self.public_host {
+            let ok = !host.is_empty()
+                && host.len() <= 253
+                && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'));
+            if !ok {
+                return Err(bad("public_host", "must be a DNS name or an IP address"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn auth_deadline(&self) -> Duration {
+        Duration::from_secs(self.auth_deadline_secs)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+
+    /// The host clients should dial, for the printed address.
+    pub fn advertised_host(&self, bound: SocketAddr) -> String {
+        if let Some(host) = &self.public_host {
+            return host.clone();
+        }
+        if bound.ip().is_unspecified() {
+            "localhost".to_string()
+        } else {
+            bound.ip().to_string()
+        }
+    }
+}
+
+/// An environment value as TOML: numbers and booleans keep their type,
+/// anything else is a string.
+fn env_value(text: &str) -> toml::Value {
+    if let Ok(n) = text.trim().parse::<i64>() {
+        return toml::Value::Integer(n);
+    }
+    match text.trim() {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(text.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(file: Option<&str>, env: &[(&str, &str)]) -> Result<ServerConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        if let Some(text) = file {
+            std::fs::write(dir.path().join(CONFIG_FILE), text).unwrap();
+        }
+        ServerConfig::load(dir.path(), env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults_without_file_or_env() {
+        assert_eq!(load(None, &[]).unwrap(), ServerConfig::default());
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let c =
+            load(Some("max_connections = 10\nauth_deadline_secs = 3\n"), &[("HUSHD_MAX_CONNECTIONS", "20")]).unwrap();
+        assert_eq!(c.max_connections, 20);
+        assert_eq!(c.auth_deadline_secs, 3);
+        let c = load(None, &[("HUSHD_LISTEN", "127.0.0.1:9000"), ("HUSHD_DATA_DIR", "/x"), ("PATH", "/bin")]).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9000".parse().unwrap());
+    }
+
+    #[test]
+    fn errors_name_the_key_and_its_origin() {
+        let e = load(Some("max_conections = 10\n"), &[]).unwrap_err().to_string();
+        assert!(e.contains("max_conections") && e.contains(CONFIG_FILE), "{e}");
+        let e = load(None, &[("HUSHD_MAX_CONNECTIONS", "lots")]).unwrap_err().to_string();
+        assert!(e.contains("max_connections") && e.contains("environment"), "{e}");
+        let e = load(Some("auth_deadline_secs = 0\n"), &[]).unwrap_err().to_string();
+        assert!(e.contains("auth_deadline_secs"), "{e}");
+        let e = load(Some("listen = \"nowhere\"\n"), &[]).unwrap_err().to_string();
+        assert!(e.contains("listen"), "{e}");
+        assert!(load(Some("this is not toml"), &[]).is_err());
+    }
+}

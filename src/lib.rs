@@ -1,0 +1,24 @@
+//! hush: a self-hosted relay (MLS Delivery Service) for end-to-end-encrypted
+//! group chat.
+//!
+//! Layout, with dependencies pointing down:
+//!
+//! * [`wire`]: the protocol's frames and their pure, non-panicking codecs.
+//! * [`auth`]: keys, certificates, fingerprints, addresses, invite tokens,
+//!   and the TLS configuration that authenticates both ends.
+//! * [`store`]: SQLite persistence on dedicated threads.
+//! * [`server`]: the QUIC listener, per-connection sessions, limits and
+//!   graceful shutdown (`hushd`).
+//! * [`client`]: connecting, authenticating and making requests (`hush`,
+//!   tests).
+//! * [`config`] and [`limits`]: every tunable value and hard cap.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod limits;
+pub mod server;
+pub mod store;
+pub mod util;
+pub mod wire;

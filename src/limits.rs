@@ -1,0 +1,93 @@
+//! Every limit hush enforces, in one place.
+//!
+//! Hard caps (`MAX_*` without a config key) bound what the wire decoders
+//! accept and are part of the protocol: a peer that exceeds them is sending
+//! malformed frames. Defaults (`DEFAULT_*`) are the starting values of the
+//! operator-tunable limits in [`crate::config::ServerConfig`]; each names the
+//! attack it bounds. `SECURITY.md` carries the same table for operators.
+
+use std::time::Duration;
+
+/// Largest request frame the server reads from one stream. Bounds the memory
+/// one stream can make the server allocate before anything is parsed.
+pub const MAX_REQUEST_FRAME: usize = 1024 * 1024;
+
+/// Largest response frame a client reads from one stream. Bounds what a
+/// malicious or broken server can make a client allocate.
+pub const MAX_RESPONSE_FRAME: usize = 4 * 1024 * 1024;
+
+/// Largest push frame body (after the 4-byte length prefix).
+pub const MAX_PUSH_FRAME: usize = 256 * 1024;
+
+/// Longest invite token text accepted on the wire (tokens are 39 characters;
+/// the slack allows for separators a user may paste).
+pub const MAX_INVITE_LEN: usize = 64;
+
+/// Longest human-readable message in an error response.
+pub const MAX_ERROR_MESSAGE: usize = 512;
+
+/// Longest opaque MLS group identifier.
+pub const MAX_GROUP_ID: usize = 255;
+
+/// Largest ciphertext carried inline in a push frame; larger messages are
+/// announced without their body and fetched.
+pub const MAX_INLINE_PUSH: usize = 64 * 1024;
+
+/// Longest textual `hush://` address accepted from a user or a file.
+pub const MAX_ADDRESS_LEN: usize = 512;
+
+/// Largest configuration file read from the data directory.
+pub const MAX_CONFIG_FILE: u64 = 64 * 1024;
+
+/// How long a key that is not yet an account may stay connected without
+/// registering. Bounds idle unauthenticated connections.
+pub const DEFAULT_AUTH_DEADLINE: Duration = Duration::from_secs(10);
+
+/// QUIC idle timeout: a connection silent this long is dropped.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long one request stream may take to deliver its whole frame. Bounds
+/// slow-loris streams that trickle bytes.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Concurrent connections, all addresses together.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
+
+/// Concurrent connections from one IP address.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 32;
+
+/// Concurrent request streams one connection may have open.
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
+/// Handshakes in progress above which new connection attempts must first
+/// prove their source address (QUIC retry). Bounds handshake floods from
+/// spoofed addresses.
+pub const DEFAULT_RETRY_ABOVE_PENDING: u32 = 64;
+
+/// Connection attempts quinn buffers before they are accepted or refused.
+pub const DEFAULT_MAX_INCOMING: u32 = 256;
+
+/// Bytes quinn buffers for one not-yet-accepted connection attempt.
+pub const INCOMING_BUFFER_BYTES: u64 = 64 * 1024;
+
+/// Bytes quinn buffers for all not-yet-accepted attempts together.
+pub const INCOMING_BUFFER_BYTES_TOTAL: u64 = 8 * 1024 * 1024;
+
+/// How long graceful shutdown waits for in-flight requests before closing.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Default number of registrations an invite allows.
+pub const DEFAULT_INVITE_USES: u32 = 1;
+
+/// Largest number of uses one invite may carry.
+pub const MAX_INVITE_USES: u32 = 10_000;
+
+/// Default lifetime of an invite.
+pub const DEFAULT_INVITE_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How long the client waits for a connection or a response.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Keep-alive interval the client uses so an idle connection survives the
+/// server's idle timeout.
+pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(20);

@@ -1,0 +1,111 @@
+//! Connection admission: counts of live connections (total and per source
+//! IP) and of handshakes in progress, each held by a guard that gives its
+//! slot back when dropped, whatever path the connection task takes.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Live counters shared by the accept loop and connection tasks.
+#[derive(Debug, Default)]
+pub struct Admission {
+    per_ip: Mutex<HashMap<IpAddr, u32>>,
+    total: AtomicU32,
+    pending: AtomicU32,
+}
+
+/// Why a connection attempt was turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Total,
+    PerIp,
+}
+
+impl Admission {
+    /// Takes a connection slot for `ip`, if both caps allow it.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, max_total: u32, max_per_ip: u32) -> Result<ConnectionSlot, Refusal> {
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if self.total.load(Ordering::Relaxed) >= max_total {
+            return Err(Refusal::Total);
+        }
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= max_per_ip {
+            return Err(Refusal::PerIp);
+        }
+        *n += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Ok(ConnectionSlot { admission: self.clone(), ip })
+    }
+
+    /// Handshakes in progress.
+    pub fn pending(&self) -> u32 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Marks a handshake in progress until the guard drops.
+    pub fn handshake(self: &Arc<Self>) -> HandshakeSlot {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        HandshakeSlot { admission: self.clone() }
+    }
+
+    /// Live connections in total.
+    pub fn connections(&self) -> u32 {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+/// One admitted connection; frees its slot on drop.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    admission: Arc<Admission>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut per_ip = self.admission.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+        self.admission.total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One handshake in progress; frees its slot on drop.
+#[derive(Debug)]
+pub struct HandshakeSlot {
+    admission: Arc<Admission>,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.admission.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_and_release() {
+        let a = Arc::new(Admission::default());
+        let ip1: IpAddr = "127.0.0.1".parse().unwrap();
+        let ip2: IpAddr = "127.0.0.2".parse().unwrap();
+        let s1 = a.admit(ip1, 3, 2).unwrap();
+        let _s2 = a.admit(ip1, 3, 2).unwrap();
+        assert_eq!(a.admit(ip1, 3, 2).unwrap_err(), Refusal::PerIp);
+        let _s3 = a.admit(ip2, 3, 2).unwrap();
+        assert_eq!(a.admit(ip2, 3, 2).unwrap_err(), Refusal::Total);
+        drop(s1);
+        assert!(a.admit(ip1, 3, 2).is_ok());
+        let h = a.handshake();
+        assert_eq!(a.pending(), 1);
+        drop(h);
+        assert_eq!(a.pending(), 0);
+    }
+}

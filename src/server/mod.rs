@@ -1,0 +1,235 @@
+//! The QUIC listener: admission, sessions and graceful shutdown.
+//!
+//! [`Server::bind`] prepares everything that can fail (data directory, key,
+//! database, socket) so that `hushd serve` prints its address only when it
+//! is really listening. [`Server::run`] accepts connections until the
+//! shutdown future completes, then stops accepting, lets in-flight requests
+//! finish (at most [`SHUTDOWN_GRACE`]), closes every connection with
+//! [`close::SHUTTING_DOWN`] and returns.
+//!
+//! Admission, in order, for each connection attempt: total and per-IP
+//! connection caps (refused at once); when more than
+//! `retry_above_pending` handshakes are in progress, an address that has not
+//! been validated gets a QUIC retry; then the TLS handshake, which
+//! authenticates the client's account key (see [`crate::auth::tls`]).
+
+mod limits;
+mod session;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::auth::tls::{server_crypto, TlsError};
+use crate::auth::{identity, HushAddress, Identity, KeyError};
+use crate::config::ServerConfig;
+use crate::limits::{INCOMING_BUFFER_BYTES, INCOMING_BUFFER_BYTES_TOTAL, MAX_REQUEST_FRAME, SHUTDOWN_GRACE};
+use crate::store::{Store, StoreError, DB_FILE};
+use crate::wire::close;
+
+pub use limits::{Admission, Refusal};
+
+/// File name of the server's private key in the data directory.
+pub const KEY_FILE: &str = "server.key";
+
+/// File the running server writes its address to, for `hushd invite`.
+pub const ADDRESS_FILE: &str = "address";
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// What every connection task shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: ServerConfig,
+    pub store: Store,
+    pub admission: Arc<Admission>,
+}
+
+/// Paths of a server's files inside its data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir(pub PathBuf);
+
+impl DataDir {
+    pub fn key(&self) -> PathBuf {
+        self.0.join(KEY_FILE)
+    }
+    pub fn db(&self) -> PathBuf {
+        self.0.join(DB_FILE)
+    }
+    pub fn address(&self) -> PathBuf {
+        self.0.join(ADDRESS_FILE)
+    }
+
+    /// Creates the directory (0700), the key and the database if missing.
+    /// Returns the identity and whether the key was created.
+    pub fn init(&self) -> Result<(Identity, bool), ServerError> {
+        identity::private_dir(&self.0)?;
+        let (id, created) = Identity::load_or_create(&self.key())?;
+        drop(crate::store::Db::open(&self.db())?);
+        Ok((id, created))
+    }
+}
+
+/// A bound, not yet running server.
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    address: HushAddress,
+    data_dir: DataDir,
+}
+
+impl Server {
+    /// Prepares the data directory and binds the UDP socket.
+    pub fn bind(config: ServerConfig, data_dir: &Path) -> Result<Self, ServerError> {
+        config.validate().map_err(|e| ServerError::Config(e.to_string()))?;
+        let data_dir = DataDir(data_dir.to_owned());
+        let (identity, created) = data_dir.init()?;
+        if created {
+            info!("created server key {}", data_dir.key().display());
+        }
+        let store = Store::open(&data_dir.db())?;
+
+        let mut transport = TransportConfig::default();
+        transport
+            .max_concurrent_bidi_streams(VarInt::from_u32(config.max_streams_per_connection))
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .max_idle_timeout(Some(
+                IdleTimeout::try_from(config.idle_timeout()).map_err(|e| ServerError::Config(e.to_string()))?,
+            ))
+            .stream_receive_window(VarInt::from_u32(256 * 1024))
+            .receive_window(VarInt::from_u32(u32::try_from(MAX_REQUEST_FRAME * 2).unwrap_or(u32::MAX)))
+            .send_window(4 * 1024 * 1024);
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto(&identity)?));
+        server_config
+            .transport_config(Arc::new(transport))
+            .max_incoming(usize::try_from(config.max_incoming).unwrap_or(usize::MAX))
+            .incoming_buffer_size(INCOMING_BUFFER_BYTES)
+            .incoming_buffer_size_total(INCOMING_BUFFER_BYTES_TOTAL)
+            .migration(false);
+        let endpoint = quinn::Endpoint::server(server_config, config.listen)
+            .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        let bound = endpoint.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        let address = HushAddress {
+            host: config.advertised_host(bound),
+            port: bound.port(),
+            fingerprint: identity.fingerprint(),
+        };
+        drop(identity);
+        if let Err(e) = std::fs::write(data_dir.address(), format!("{address}\n")) {
+            warn!("could not write {}: {e}", data_dir.address().display());
+        }
+        let shared = Arc::new(Shared { config, store, admission: Arc::new(Admission::default()) });
+        Ok(Self { endpoint, shared, address, data_dir })
+    }
+
+    /// The address clients register with.
+    pub fn address(&self) -> &HushAddress {
+        &self.address
+    }
+
+    /// The socket address actually bound.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then shuts down gracefully.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut connections = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    self.admit(incoming, &mut connections, stop_rx.clone());
+                }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        info!(connections = self.shared.admission.connections(), "shutting down");
+        self.endpoint.set_server_config(None);
+        let _ = stop_tx.send(true);
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!("some connections did not finish in time; closing them");
+            connections.abort_all();
+        }
+        self.endpoint.close(VarInt::from_u32(close::SHUTTING_DOWN), b"server shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        let _ = std::fs::remove_file(self.data_dir.address());
+        info!("stopped");
+        Ok(())
+    }
+
+    fn admit(&self, incoming: quinn::Incoming, connections: &mut JoinSet<()>, stop: watch::Receiver<bool>) {
+        let remote = incoming.remote_address();
+        let cfg = &self.shared.config;
+        let slot = match self.shared.admission.admit(remote.ip(), cfg.max_connections, cfg.max_connections_per_ip) {
+            Ok(slot) => slot,
+            Err(why) => {
+                debug!(?why, "refusing connection attempt");
+                incoming.refuse();
+                return;
+            }
+        };
+        let pending = self.shared.admission.pending();
+        if pending >= cfg.retry_above_pending && !incoming.remote_address_validated() && incoming.may_retry() {
+            debug!(pending, "asking for address validation (retry)");
+            if let Err(e) = incoming.retry() {
+                debug!("retry failed: {e}");
+            }
+            return;
+        }
+        let handshake = self.shared.admission.handshake();
+        let connecting = match incoming.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                debug!("accept failed: {e}");
+                return;
+            }
+        };
+        let shared = self.shared.clone();
+        let span = tracing::info_span!("conn", id = tracing::field::Empty);
+        connections.spawn(
+            async move {
+                let conn = match connecting.await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        debug!("handshake failed: {e}");
+                        return;
+                    }
+                };
+                drop(handshake);
+                tracing::Span::current().record("id", conn.stable_id());
+                session::run(conn, shared, stop).await;
+                drop(slot);
+            }
+            .instrument(span),
+        );
+    }
+}

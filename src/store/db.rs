@@ -1,0 +1,270 @@
+//! The synchronous database: accounts and invites.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use thiserror::Error;
+
+use super::{schema, StoreError, BUSY_TIMEOUT};
+use crate::auth::{AccountId, InviteToken};
+
+/// An open hush database.
+#[derive(Debug)]
+pub struct Db {
+    conn: Connection,
+}
+
+/// A registered account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountRow {
+    pub account: AccountId,
+    pub created_at: u64,
+}
+
+/// An invite, as the operator sees it (the secret is never stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InviteRow {
+    pub id: [u8; 8],
+    pub uses_total: u32,
+    pub uses_left: u32,
+    pub expires_at: Option<u64>,
+    pub created_at: u64,
+}
+
+/// Outcome of a successful registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registered {
+    /// False when the account already existed (no invite use was spent).
+    pub created: bool,
+}
+
+/// Why a registration was refused (the client's doing) or failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum RegisterError {
+    #[error("this server requires an invite to register")]
+    InviteRequired,
+    #[error("the invite is not known to this server")]
+    InviteUnknown,
+    #[error("the invite has expired")]
+    InviteExpired,
+    #[error("the invite has no uses left")]
+    InviteUsedUp,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<rusqlite::Error> for RegisterError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Store(StoreError::Sqlite(e))
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl Db {
+    /// Opens or creates the database at `path` and migrates it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI;
+        // SQLite gives the -wal and -shm files the database file's mode, so
+        // creating it 0600 keeps all three private to the server's user.
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
+        }
+        let mut conn = Connection::open_with_flags(path, flags)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.pragma_update(None, "secure_delete", "ON")?;
+        schema::migrate(&mut conn)?;
+        Ok(Self { conn })
+    }
+
+    /// The schema version on disk.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+
+    /// Makes `account` an account. An existing account succeeds without
+    /// spending an invite. Otherwise the invite is checked (secret hash in
+    /// constant time, expiry, uses) and one use is spent in the same
+    /// transaction that creates the account, so two registrations racing
+    /// for the last use cannot both win.
+    pub fn register(
+        &mut self,
+        account: &AccountId,
+        invite: Option<&InviteToken>,
+        invite_required: bool,
+        now: u64,
+    ) -> Result<Registered, RegisterError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let exists =
+            tx.query_row("SELECT 1 FROM accounts WHERE key = ?1", [&account.0[..]], |_| Ok(())).optional()?.is_some();
+        if exists {
+            return Ok(Registered { created: false });
+        }
+        let invite_id = match invite {
+            None if invite_required => return Err(RegisterError::InviteRequired),
+            None => None,
+            Some(token) => {
+                let id = token.id();
+                let row: Option<(Vec<u8>, i64, Option<i64>)> = tx
+                    .query_row("SELECT secret_hash, uses_left, expires_at FROM invites WHERE id = ?1", [&id[..]], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
+                    .optional()?;
+                let Some((hash, uses_left, expires_at)) = row else {
+                    return Err(RegisterError::InviteUnknown);
+                };
+                if !token.matches(&hash) {
+                    return Err(RegisterError::InviteUnknown);
+                }
+                if expires_at.is_some_and(|e| to_u64(e) <= now) {
+                    return Err(RegisterError::InviteExpired);
+                }
+                if uses_left <= 0 {
+                    return Err(RegisterError::InviteUsedUp);
+                }
+                tx.execute("UPDATE invites SET uses_left = uses_left - 1 WHERE id = ?1", [&id[..]])?;
+                Some(id.to_vec())
+            }
+        };
+        tx.execute(
+            "INSERT INTO accounts (key, created_at, invite_id) VALUES (?1, ?2, ?3)",
+            params![&account.0[..], to_i64(now), invite_id],
+        )?;
+        tx.commit()?;
+        Ok(Registered { created: true })
+    }
+
+    /// The account row for `account`, if it is registered.
+    pub fn account(&self, account: &AccountId) -> Result<Option<AccountRow>, StoreError> {
+        let created_at: Option<i64> = self
+            .conn
+            .query_row("SELECT created_at FROM accounts WHERE key = ?1", [&account.0[..]], |r| r.get(0))
+            .optional()?;
+        Ok(created_at.map(|c| AccountRow { account: *account, created_at: to_u64(c) }))
+    }
+
+    /// All accounts, oldest first. Rows whose key is not 32 bytes (which the
+    /// schema forbids) are skipped rather than trusted.
+    pub fn accounts(&self) -> Result<Vec<AccountRow>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT key, created_at FROM accounts ORDER BY created_at, key")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (key, created_at) = row?;
+            if let Ok(key) = <[u8; 32]>::try_from(key.as_slice()) {
+                out.push(AccountRow { account: AccountId(key), created_at: to_u64(created_at) });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates an invite good for `uses` registrations until `expires_at`.
+    pub fn create_invite(&mut self, uses: u32, expires_at: Option<u64>, now: u64) -> Result<InviteToken, StoreError> {
+        let token = InviteToken::generate().map_err(|_| StoreError::Thread(std::io::Error::other("no randomness")))?;
+        self.conn.execute(
+            "INSERT INTO invites (id, secret_hash, uses_total, uses_left, expires_at, created_at)
+             VALUES (?1, ?2, ?3, ?3, ?4, ?5)",
+            params![&token.id()[..], &token.secret_hash()[..], uses, expires_at.map(to_i64), to_i64(now)],
+        )?;
+        Ok(token)
+    }
+
+    /// All invites, newest first.
+    pub fn invites(&self) -> Result<Vec<InviteRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, uses_total, uses_left, expires_at, created_at FROM invites ORDER BY created_at DESC",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, u32>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, uses_total, uses_left, expires_at, created_at) = row?;
+            if let Ok(id) = <[u8; 8]>::try_from(id.as_slice()) {
+                out.push(InviteRow {
+                    id,
+                    uses_total,
+                    uses_left,
+                    expires_at: expires_at.map(to_u64),
+                    created_at: to_u64(created_at),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db")).unwrap();
+        (dir, db)
+    }
+
+    #[test]
+    fn invite_uses_expiry_and_reregistration() {
+        let (_d, mut db) = db();
+        let token = db.create_invite(1, Some(100), 10).unwrap();
+        let a = AccountId([1; 32]);
+        let b = AccountId([2; 32]);
+        assert!(matches!(db.register(&a, None, true, 20), Err(RegisterError::InviteRequired)));
+        assert!(db.register(&a, Some(&token), true, 20).unwrap().created);
+        // Re-registering is harmless and spends nothing.
+        assert!(!db.register(&a, Some(&token), true, 20).unwrap().created);
+        assert!(!db.register(&a, None, true, 20).unwrap().created);
+        assert!(matches!(db.register(&b, Some(&token), true, 20), Err(RegisterError::InviteUsedUp)));
+        let token2 = db.create_invite(5, Some(100), 10).unwrap();
+        assert!(matches!(db.register(&b, Some(&token2), true, 100), Err(RegisterError::InviteExpired)));
+        let unknown = InviteToken::generate().unwrap();
+        assert!(matches!(db.register(&b, Some(&unknown), true, 20), Err(RegisterError::InviteUnknown)));
+        assert_eq!(db.accounts().unwrap().len(), 1);
+        assert_eq!(db.invites().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn right_id_wrong_secret_is_unknown() {
+        let (_d, mut db) = db();
+        let token = db.create_invite(1, None, 10).unwrap();
+        let text = token.to_string();
+        // Same id (first 8 bytes = first 12.8 symbols), different secret.
+        let mut forged: Vec<char> = text.chars().collect();
+        forged[20] = if forged[20] == 'a' { 'b' } else { 'a' };
+        let forged: InviteToken = forged.into_iter().collect::<String>().parse().unwrap();
+        assert_eq!(forged.id(), token.id());
+        assert!(matches!(db.register(&AccountId([3; 32]), Some(&forged), true, 20), Err(RegisterError::InviteUnknown)));
+    }
+
+    #[test]
+    fn refuses_a_database_from_the_future() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        drop(Db::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        assert!(matches!(Db::open(&path), Err(StoreError::SchemaTooNew { found: 99, .. })));
+    }
+}

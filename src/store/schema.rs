@@ -1,0 +1,49 @@
+//! Schema migrations, keyed by `PRAGMA user_version`.
+//!
+//! `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`. Each runs
+//! in the same transaction as the version bump, so a crash mid-migration
+//! leaves the previous version intact. Never edit a released migration;
+//! append a new one.
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: accounts and invites.
+    "CREATE TABLE accounts (
+        key BLOB PRIMARY KEY NOT NULL CHECK (length(key) = 32),
+        created_at INTEGER NOT NULL,
+        invite_id BLOB
+    ) WITHOUT ROWID;
+    CREATE TABLE invites (
+        id BLOB PRIMARY KEY NOT NULL CHECK (length(id) = 8),
+        secret_hash BLOB NOT NULL CHECK (length(secret_hash) = 32),
+        uses_total INTEGER NOT NULL CHECK (uses_total > 0),
+        uses_left INTEGER NOT NULL CHECK (uses_left >= 0 AND uses_left <= uses_total),
+        expires_at INTEGER,
+        created_at INTEGER NOT NULL
+    ) WITHOUT ROWID;",
+];
+
+/// The schema version this build writes.
+pub fn latest() -> i64 {
+    i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX)
+}
+
+/// Brings the database to [`latest`], refusing databases from the future.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    loop {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > latest() {
+            return Err(StoreError::SchemaTooNew { found: version, supported: latest() });
+        }
+        let Some(sql) = usize::try_from(version).ok().and_then(|v| MIGRATIONS.get(v)) else {
+            return Ok(());
+        };
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version + 1)?;
+        tx.commit()?;
+    }
+}

@@ -1,0 +1,81 @@
+//! Small shared helpers: wall-clock time, durations typed by people, and
+//! default directories.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Seconds since the Unix epoch (0 if the clock is before 1970).
+pub fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Parses durations such as `90s`, `30m`, `12h`, `7d`, `2w` or a bare number
+/// of seconds. Zero and values above ten years are refused.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    const MAX_SECS: u64 = 10 * 365 * 24 * 3600;
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a duration like 30m, 12h or 7d"))?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use s, m, h, d or w")),
+    };
+    let secs = n.checked_mul(scale).filter(|s| *s <= MAX_SECS).ok_or_else(|| format!("{text:?} is too long"))?;
+    if secs == 0 {
+        return Err("a duration must be longer than zero".into());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// `$XDG_DATA_HOME/<app>`, else `~/.local/share/<app>`.
+pub fn default_data_dir(app: &str) -> Option<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(x).join(app));
+    }
+    let home = std::env::var_os("HOME").filter(|v| !v.is_empty())?;
+    Some(PathBuf::from(home).join(".local/share").join(app))
+}
+
+/// Formats Unix seconds as a UTC date and time (`2026-11-27 14:05:09Z`).
+pub fn format_unix(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm), in unsigned arithmetic.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(604_800));
+        for bad in ["", "0", "5y", "-1h", "h", "99999999999999999999d", "100000w"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(format_unix(0), "1970-01-01 00:00:00Z");
+        assert_eq!(format_unix(1_795_779_909), "2026-11-27 09:45:09Z");
+        assert_eq!(format_unix(951_782_400), "2000-02-29 00:00:00Z");
+    }
+}

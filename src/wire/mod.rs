@@ -1,0 +1,443 @@
+//! The hush wire protocol, version 1 (ALPN `hush/1`).
+//!
+//! Everything a second client needs to interoperate is on this page.
+//!
+//! # Transport
+//!
+//! QUIC with TLS 1.3 (see [`crate::auth`] for the certificates both sides
+//! present). The ALPN protocol identifier is `hush/1`; it versions the whole
+//! format below, so frames carry no version field.
+//!
+//! * **Requests**: the client opens one bidirectional stream per request,
+//!   writes one request frame and finishes its send side. The server answers
+//!   with exactly one response frame and finishes. Stream boundaries delimit
+//!   the frames, so request and response frames have no length prefix. The
+//!   server reads at most [`MAX_REQUEST_FRAME`] bytes; longer requests get
+//!   [`ErrorCode::TooLarge`]. Clients read at most [`MAX_RESPONSE_FRAME`].
+//! * **Pushes**: once the connection belongs to a registered account, the
+//!   server may open one unidirectional stream and write push frames on it,
+//!   each a `u32` big-endian length `n` (at most [`MAX_PUSH_FRAME`]) followed
+//!   by `n` bytes of push body.
+//! * **Connection close codes** (QUIC application error codes) are listed in
+//!   [`close`].
+//!
+//! # Encoding
+//!
+//! All integers are unsigned big-endian. `bytes8<max>` / `bytes16<max>` /
+//! `bytes32<max>` are a `u8` / `u16` / `u32` length followed by that many
+//! bytes, the length being at most `max`. `string16<max>` is `bytes16<max>`
+//! holding UTF-8. `bool` is one byte, 0 or 1. `option<T>` is a `bool`
+//! followed by `T` when true. Every frame starts with a one-byte tag; a
+//! frame with bytes after its last field is malformed.
+//!
+//! ## Request frames
+//!
+//! | tag | request | fields |
+//! | --- | --- | --- |
+//! | 0x01 | `Register` | `option<bytes8<64>>` invite token (ASCII) |
+//! | 0x02 | `Status` | none |
+//! | 0x03 | `Ping` | `u64` nonce |
+//!
+//! ## Response frames
+//!
+//! | tag | response | fields |
+//! | --- | --- | --- |
+//! | 0x00 | `Error` | `u16` code, `u64` detail, `string16<512>` message |
+//! | 0x01 | `Registered` | `bool` created (false: the account already existed) |
+//! | 0x02 | `Status` | `[u8; 32]` account key, `u64` registered at (Unix s), `u64` server time (Unix s) |
+//! | 0x03 | `Pong` | `u64` nonce (echoed) |
+//!
+//! `detail` is 0 unless the code says otherwise ([`ErrorCode`]).
+//!
+//! ## Push frames
+//!
+//! | tag | push | fields |
+//! | --- | --- | --- |
+//! | 0x01 | `Message` | `bytes8<255>` group id, `u64` sequence, `option<bytes32<65536>>` ciphertext |
+//! | 0x02 | `Welcome` | none: a Welcome waits in the inbox |
+//! | 0x03 | `Resync` | none: pushes were dropped; fetch from your cursors |
+
+mod codec;
+
+pub use codec::{Reader, Writer};
+
+use crate::limits::{MAX_ERROR_MESSAGE, MAX_GROUP_ID, MAX_INLINE_PUSH, MAX_INVITE_LEN, MAX_PUSH_FRAME};
+pub use crate::limits::{MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME};
+
+/// The ALPN protocol identifier of this format.
+pub const ALPN: &[u8] = b"hush/1";
+
+/// Why a frame could not be decoded. Always the sender's fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    #[error("frame ends early")]
+    Truncated,
+    #[error("{0} unexpected bytes after the frame")]
+    TrailingBytes(usize),
+    #[error("{field} is {len} bytes, more than the limit of {max}")]
+    TooLong { field: &'static str, len: usize, max: usize },
+    #[error("unknown {what} tag {tag:#04x}")]
+    UnknownTag { what: &'static str, tag: u8 },
+    #[error("{0} is not valid UTF-8")]
+    InvalidUtf8(&'static str),
+    #[error("{0} has an invalid value")]
+    Invalid(&'static str),
+}
+
+/// Why a value could not be encoded: a field exceeds the limit the decoder
+/// enforces. The caller's fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    #[error("{field} is {len} bytes, more than the limit of {max}")]
+    TooLong { field: &'static str, len: usize, max: usize },
+}
+
+/// Stable numeric error codes. New codes may appear; an unknown code decodes
+/// as [`ErrorCode::Other`] so old clients still show the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// 1: the request frame could not be decoded.
+    Malformed,
+    /// 2: the request frame exceeded [`MAX_REQUEST_FRAME`], or a value
+    /// exceeded a limit.
+    TooLarge,
+    /// 3: the request tag is not known to this server.
+    UnknownRequest,
+    /// 4: the server failed; nothing was changed. Retry later.
+    Internal,
+    /// 5: the server is shutting down. Reconnect later.
+    ShuttingDown,
+    /// 6: too many requests; `detail` is the number of milliseconds to wait.
+    RateLimited,
+    /// 7: the request stream did not deliver its frame in time.
+    Timeout,
+    /// 10: the key is not a registered account; only `Register` is allowed.
+    NotRegistered,
+    /// 11: the server needs an invite token to register.
+    InviteRequired,
+    /// 12: the invite token is not known to this server.
+    InviteUnknown,
+    /// 13: the invite token has expired.
+    InviteExpired,
+    /// 14: the invite token has no uses left.
+    InviteUsedUp,
+    /// 20: not a member of that group (or the group does not exist).
+    NotMember,
+    /// 21: the commit is for an old epoch; `detail` is the current epoch.
+    StaleEpoch,
+    /// 22: the commit or proposal failed verification.
+    InvalidCommit,
+    /// 23: a storage quota would be exceeded.
+    QuotaExceeded,
+    /// A code this version does not know.
+    Other(u16),
+}
+
+impl ErrorCode {
+    pub fn to_u16(self) -> u16 {
+        match self {
+            Self::Malformed => 1,
+            Self::TooLarge => 2,
+            Self::UnknownRequest => 3,
+            Self::Internal => 4,
+            Self::ShuttingDown => 5,
+            Self::RateLimited => 6,
+            Self::Timeout => 7,
+            Self::NotRegistered => 10,
+            Self::InviteRequired => 11,
+            Self::InviteUnknown => 12,
+            Self::InviteExpired => 13,
+            Self::InviteUsedUp => 14,
+            Self::NotMember => 20,
+            Self::StaleEpoch => 21,
+            Self::InvalidCommit => 22,
+            Self::QuotaExceeded => 23,
+            Self::Other(c) => c,
+        }
+    }
+
+    pub fn from_u16(code: u16) -> Self {
+        match code {
+            1 => Self::Malformed,
+            2 => Self::TooLarge,
+            3 => Self::UnknownRequest,
+            4 => Self::Internal,
+            5 => Self::ShuttingDown,
+            6 => Self::RateLimited,
+            7 => Self::Timeout,
+            10 => Self::NotRegistered,
+            11 => Self::InviteRequired,
+            12 => Self::InviteUnknown,
+            13 => Self::InviteExpired,
+            14 => Self::InviteUsedUp,
+            20 => Self::NotMember,
+            21 => Self::StaleEpoch,
+            22 => Self::InvalidCommit,
+            23 => Self::QuotaExceeded,
+            c => Self::Other(c),
+        }
+    }
+}
+
+/// QUIC application close codes the server uses.
+pub mod close {
+    /// The peer closed normally.
+    pub const NORMAL: u32 = 0;
+    /// The server is shutting down.
+    pub const SHUTTING_DOWN: u32 = 1;
+    /// The key did not register before the deadline.
+    pub const REGISTRATION_DEADLINE: u32 = 2;
+    /// The peer broke the protocol (e.g. opened a stream it may not open).
+    pub const PROTOCOL_VIOLATION: u32 = 3;
+    /// Too many connections (in total or from this address).
+    pub const BUSY: u32 = 4;
+    /// The handshake did not yield an account key.
+    pub const NOT_AUTHENTICATED: u32 = 5;
+
+    /// A human description of a close code, for error messages.
+    pub fn describe(code: u64) -> &'static str {
+        match code {
+            0 => "closed normally",
+            1 => "the server is shutting down",
+            2 => "this key is not registered and did not register in time",
+            3 => "protocol violation",
+            4 => "the server is busy (too many connections)",
+            5 => "not authenticated",
+            _ => "unknown reason",
+        }
+    }
+}
+
+/// A request from client to server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Request {
+    /// Make the connection's key an account, using an invite token when the
+    /// server requires one. Harmless for an existing account.
+    Register { invite: Option<String> },
+    /// Who am I to the server?
+    Status,
+    /// Round trip check.
+    Ping { nonce: u64 },
+}
+
+impl Request {
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        let mut w = Writer::new();
+        match self {
+            Self::Register { invite } => {
+                w.u8(0x01);
+                match invite {
+                    None => w.bool(false),
+                    Some(token) => {
+                        w.bool(true);
+                        w.bytes8("invite", token.as_bytes(), MAX_INVITE_LEN)?;
+                    }
+                }
+            }
+            Self::Status => w.u8(0x02),
+            Self::Ping { nonce } => {
+                w.u8(0x03);
+                w.u64(*nonce);
+            }
+        }
+        Ok(w.into_inner())
+    }
+
+    pub fn decode(input: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(input);
+        let req = match r.u8()? {
+            0x01 => {
+                let invite = if r.bool("invite present")? {
+                    let bytes = r.bytes8("invite", MAX_INVITE_LEN)?;
+                    let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8("invite"))?;
+                    Some(text.to_owned())
+                } else {
+                    None
+                };
+                Self::Register { invite }
+            }
+            0x02 => Self::Status,
+            0x03 => Self::Ping { nonce: r.u64()? },
+            tag => return Err(DecodeError::UnknownTag { what: "request", tag }),
+        };
+        r.finish()?;
+        Ok(req)
+    }
+
+    /// A short name for logs (never the contents).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Register { .. } => "register",
+            Self::Status => "status",
+            Self::Ping { .. } => "ping",
+        }
+    }
+}
+
+/// A response from server to client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Response {
+    Error { code: ErrorCode, detail: u64, message: String },
+    Registered { created: bool },
+    Status { account: [u8; 32], registered_at: u64, server_time: u64 },
+    Pong { nonce: u64 },
+}
+
+impl Response {
+    /// An error response with `detail` 0. Messages longer than the wire
+    /// limit are cut at a character boundary.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Error { code, detail: 0, message: truncate(message.into(), MAX_ERROR_MESSAGE) }
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        let mut w = Writer::new();
+        match self {
+            Self::Error { code, detail, message } => {
+                w.u8(0x00);
+                w.u16(code.to_u16());
+                w.u64(*detail);
+                w.bytes16("error message", message.as_bytes(), MAX_ERROR_MESSAGE)?;
+            }
+            Self::Registered { created } => {
+                w.u8(0x01);
+                w.bool(*created);
+            }
+            Self::Status { account, registered_at, server_time } => {
+                w.u8(0x02);
+                w.raw(account);
+                w.u64(*registered_at);
+                w.u64(*server_time);
+            }
+            Self::Pong { nonce } => {
+                w.u8(0x03);
+                w.u64(*nonce);
+            }
+        }
+        Ok(w.into_inner())
+    }
+
+    pub fn decode(input: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(input);
+        let resp = match r.u8()? {
+            0x00 => {
+                let code = ErrorCode::from_u16(r.u16()?);
+                let detail = r.u64()?;
+                let message = r.string16("error message", MAX_ERROR_MESSAGE)?.to_owned();
+                Self::Error { code, detail, message }
+            }
+            0x01 => Self::Registered { created: r.bool("created")? },
+            0x02 => Self::Status { account: r.array()?, registered_at: r.u64()?, server_time: r.u64()? },
+            0x03 => Self::Pong { nonce: r.u64()? },
+            tag => return Err(DecodeError::UnknownTag { what: "response", tag }),
+        };
+        r.finish()?;
+        Ok(resp)
+    }
+}
+
+/// A server-initiated event on the push stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Push {
+    /// A new message in `group` at sequence `seq`, with its ciphertext when
+    /// it is small enough to inline.
+    Message { group: Vec<u8>, seq: u64, ciphertext: Option<Vec<u8>> },
+    /// A Welcome waits in this account's inbox.
+    Welcome,
+    /// Pushes were dropped because the client read too slowly: fetch.
+    Resync,
+}
+
+impl Push {
+    /// The push body, without the stream's length prefix.
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        let mut w = Writer::new();
+        match self {
+            Self::Message { group, seq, ciphertext } => {
+                w.u8(0x01);
+                w.bytes8("group id", group, MAX_GROUP_ID)?;
+                w.u64(*seq);
+                match ciphertext {
+                    None => w.bool(false),
+                    Some(ct) => {
+                        w.bool(true);
+                        w.bytes32("ciphertext", ct, MAX_INLINE_PUSH)?;
+                    }
+                }
+            }
+            Self::Welcome => w.u8(0x02),
+            Self::Resync => w.u8(0x03),
+        }
+        Ok(w.into_inner())
+    }
+
+    /// Decodes one push body (without the length prefix).
+    pub fn decode(input: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(input);
+        let push = match r.u8()? {
+            0x01 => {
+                let group = r.bytes8("group id", MAX_GROUP_ID)?.to_vec();
+                let seq = r.u64()?;
+                let ciphertext = if r.bool("ciphertext present")? {
+                    Some(r.bytes32("ciphertext", MAX_INLINE_PUSH)?.to_vec())
+                } else {
+                    None
+                };
+                Self::Message { group, seq, ciphertext }
+            }
+            0x02 => Self::Welcome,
+            0x03 => Self::Resync,
+            tag => return Err(DecodeError::UnknownTag { what: "push", tag }),
+        };
+        r.finish()?;
+        Ok(push)
+    }
+
+    /// The push body with its 4-byte length prefix, ready for the stream.
+    pub fn encode_framed(&self) -> Result<Vec<u8>, EncodeError> {
+        let body = self.encode()?;
+        let mut w = Writer::new();
+        w.bytes32("push frame", &body, MAX_PUSH_FRAME)?;
+        Ok(w.into_inner())
+    }
+}
+
+/// Splits the first complete push frame off a push-stream buffer.
+///
+/// Returns `Ok(None)` when `buf` does not yet hold a whole frame, and
+/// `Ok(Some((push, consumed)))` otherwise. A length prefix above
+/// [`MAX_PUSH_FRAME`] is an error as soon as the prefix is seen.
+pub fn decode_push_frame(buf: &[u8]) -> Result<Option<(Push, usize)>, DecodeError> {
+    let mut r = Reader::new(buf);
+    let Ok(len) = r.u32() else { return Ok(None) };
+    let len = usize::try_from(len).map_err(|_| DecodeError::Invalid("push frame length"))?;
+    if len > MAX_PUSH_FRAME {
+        return Err(DecodeError::TooLong { field: "push frame", len, max: MAX_PUSH_FRAME });
+    }
+    if r.remaining() < len {
+        return Ok(None);
+    }
+    let body = r.take(len)?;
+    let push = Push::decode(body)?;
+    Ok(Some((push, 4 + len)))
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests;

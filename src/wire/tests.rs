@@ -1,0 +1,114 @@
+//! Round-trip and robustness properties of the wire codec.
+
+use super::*;
+use proptest::prelude::*;
+
+fn invite() -> impl Strategy<Value = Option<String>> {
+    proptest::option::of("[a-z0-9-]{0,64}")
+}
+
+fn request() -> impl Strategy<Value = Request> {
+    prop_oneof![
+        invite().prop_map(|invite| Request::Register { invite }),
+        Just(Request::Status),
+        any::<u64>().prop_map(|nonce| Request::Ping { nonce }),
+    ]
+}
+
+fn response() -> impl Strategy<Value = Response> {
+    prop_oneof![
+        (any::<u16>(), any::<u64>(), "\\PC{0,100}")
+            .prop_map(|(c, detail, message)| { Response::Error { code: ErrorCode::from_u16(c), detail, message } }),
+        any::<bool>().prop_map(|created| Response::Registered { created }),
+        (any::<[u8; 32]>(), any::<u64>(), any::<u64>())
+            .prop_map(|(account, r, s)| { Response::Status { account, registered_at: r, server_time: s } }),
+        any::<u64>().prop_map(|nonce| Response::Pong { nonce }),
+    ]
+}
+
+fn push() -> impl Strategy<Value = Push> {
+    prop_oneof![
+        (
+            proptest::collection::vec(any::<u8>(), 0..=255),
+            any::<u64>(),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..2000)),
+        )
+            .prop_map(|(group, seq, ciphertext)| Push::Message { group, seq, ciphertext }),
+        Just(Push::Welcome),
+        Just(Push::Resync),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn requests_round_trip(req in request()) {
+        let bytes = req.encode().unwrap();
+        prop_assert_eq!(Request::decode(&bytes).unwrap(), req);
+    }
+
+    #[test]
+    fn responses_round_trip(resp in response()) {
+        let bytes = resp.encode().unwrap();
+        prop_assert_eq!(Response::decode(&bytes).unwrap(), resp);
+    }
+
+    #[test]
+    fn pushes_round_trip_through_the_stream_framing(pushes in proptest::collection::vec(push(), 1..5)) {
+        let mut stream = Vec::new();
+        for p in &pushes {
+            stream.extend(p.encode_framed().unwrap());
+        }
+        let mut at = 0;
+        let mut decoded = Vec::new();
+        while let Some((p, used)) = decode_push_frame(&stream[at..]).unwrap() {
+            decoded.push(p);
+            at += used;
+        }
+        prop_assert_eq!(at, stream.len());
+        prop_assert_eq!(decoded, pushes);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        // Whatever decodes must re-encode to exactly the input: there is one
+        // encoding per value, so nothing can be smuggled in slack.
+        if let Ok(r) = Request::decode(&bytes) { prop_assert_eq!(r.encode().unwrap(), bytes.clone()); }
+        if let Ok(r) = Response::decode(&bytes) { prop_assert_eq!(r.encode().unwrap(), bytes.clone()); }
+        if let Ok(p) = Push::decode(&bytes) { prop_assert_eq!(p.encode().unwrap(), bytes.clone()); }
+        let _ = decode_push_frame(&bytes);
+    }
+
+    #[test]
+    fn truncations_and_trailing_bytes_are_rejected(req in request(), extra in 1u8..=255) {
+        let bytes = req.encode().unwrap();
+        for cut in 0..bytes.len() {
+            prop_assert!(Request::decode(&bytes[..cut]).is_err());
+        }
+        let mut long = bytes.clone();
+        long.push(extra);
+        prop_assert_eq!(Request::decode(&long), Err(DecodeError::TrailingBytes(1)));
+    }
+}
+
+#[test]
+fn oversized_push_prefix_is_refused_before_the_body_arrives() {
+    let prefix = u32::try_from(MAX_PUSH_FRAME + 1).unwrap().to_be_bytes();
+    assert!(matches!(decode_push_frame(&prefix), Err(DecodeError::TooLong { .. })));
+    assert_eq!(decode_push_frame(&[0, 0]), Ok(None));
+}
+
+#[test]
+fn error_messages_are_cut_to_the_wire_limit() {
+    let resp = Response::error(ErrorCode::Internal, "é".repeat(MAX_ERROR_MESSAGE));
+    let bytes = resp.encode().unwrap();
+    assert!(Response::decode(&bytes).is_ok());
+}
+
+#[test]
+fn error_codes_are_stable() {
+    for code in 0..=u16::MAX {
+        assert_eq!(ErrorCode::from_u16(code).to_u16(), code);
+    }
+    assert_eq!(ErrorCode::NotRegistered.to_u16(), 10);
+    assert_eq!(ErrorCode::StaleEpoch.to_u16(), 21);
+}
