@@ -208,11 +208,14 @@ impl SeenFingerprint {
     }
 }
 
-/// The client's QUIC crypto configuration: pins `pin`, authenticates as
-/// `identity` (or presents no certificate when `identity` is `None`, which
-/// the server refuses; only tests want that).
+/// A certificate and its private key, as rustls takes them.
+pub type Credentials = (CertificateDer<'static>, rustls::pki_types::PrivateKeyDer<'static>);
+
+/// The client's QUIC crypto configuration: pins `pin` and presents
+/// `credentials` (normally [`Identity::tls_credentials`]; `None` presents
+/// no certificate, which the server refuses; only tests want that).
 pub fn client_crypto(
-    identity: Option<&Identity>,
+    credentials: Option<Credentials>,
     pin: Fingerprint,
 ) -> Result<(QuicClientConfig, SeenFingerprint), TlsError> {
     let provider = provider();
@@ -222,11 +225,8 @@ pub fn client_crypto(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier));
-    let mut cfg = match identity {
-        Some(identity) => {
-            let (cert, key) = identity.tls_credentials()?;
-            builder.with_client_auth_cert(vec![cert], key)?
-        }
+    let mut cfg = match credentials {
+        Some((cert, key)) => builder.with_client_auth_cert(vec![cert], key)?,
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![ALPN.to_vec()];

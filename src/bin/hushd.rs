@@ -166,7 +166,7 @@ fn open_existing(dir: &DataDir) -> Result<Db> {
     if !dir.db().exists() {
         bail!("no hushd database in {}; run `hushd serve` or `hushd init` first", dir.0.display());
     }
-    Ok(Db::open(&dir.db()).with_context(|| format!("opening {}", dir.db().display()))?)
+    Db::open(&dir.db()).with_context(|| format!("opening {}", dir.db().display()))
 }
 
 /// The address of the running server (or, failing that, one built from the

@@ -13,7 +13,7 @@ use std::time::Duration;
 use quinn::{ConnectionError, IdleTimeout, TransportConfig, VarInt};
 use thiserror::Error;
 
-use crate::auth::tls::{client_crypto, SeenFingerprint, TlsError};
+use crate::auth::tls::{client_crypto, Credentials, SeenFingerprint, TlsError};
 use crate::auth::{AccountId, Fingerprint, HushAddress, Identity};
 use crate::limits::{CLIENT_KEEP_ALIVE, CLIENT_TIMEOUT, DEFAULT_IDLE_TIMEOUT};
 use crate::wire::{close, DecodeError, EncodeError, ErrorCode, Request, Response, MAX_RESPONSE_FRAME};
@@ -91,14 +91,16 @@ impl Connection {
     /// Connects to `address`, checks the server's key against the pinned
     /// fingerprint, and authenticates as `identity`.
     pub async fn connect(address: &HushAddress, identity: &Identity) -> Result<Self, ClientError> {
-        Self::connect_with(address, Some(identity)).await
+        let credentials = identity.tls_credentials().map_err(TlsError::from)?;
+        Self::connect_with(address, Some(credentials)).await
     }
 
-    /// Like [`Connection::connect`]; `None` presents no client certificate
-    /// (which a hush server refuses; for tests).
-    pub async fn connect_with(address: &HushAddress, identity: Option<&Identity>) -> Result<Self, ClientError> {
+    /// Like [`Connection::connect`] with any certificate, or none. A hush
+    /// server refuses anything but an Ed25519 certificate; tests use this
+    /// to prove it.
+    pub async fn connect_with(address: &HushAddress, credentials: Option<Credentials>) -> Result<Self, ClientError> {
         let remote = resolve(address).await?;
-        let (crypto, seen) = client_crypto(identity, address.fingerprint)?;
+        let (crypto, seen) = client_crypto(credentials, address.fingerprint)?;
         let mut transport = TransportConfig::default();
         transport.keep_alive_interval(Some(CLIENT_KEEP_ALIVE));
         if let Ok(idle) = IdleTimeout::try_from(DEFAULT_IDLE_TIMEOUT) {

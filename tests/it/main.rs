@@ -1,0 +1,10 @@
+//! Integration tests: the real `hushd` and `hush` binaries on loopback,
+//! each test with its own temporary data directories and ephemeral ports.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod support;
+
+mod auth;
+mod lifecycle;
+mod protocol;
+mod register;

@@ -1,0 +1,181 @@
+//! Starting `hushd`, running `hush`, and bounding every wait.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use hush::auth::{HushAddress, Identity};
+use hush::client::Connection;
+
+/// Upper bound on any single wait in these tests.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A running `hushd serve`, killed when dropped.
+pub struct Hushd {
+    child: Option<Child>,
+    pub address: HushAddress,
+    pub data_dir: PathBuf,
+    stderr: mpsc::Receiver<String>,
+}
+
+fn base_command(bin: &str) -> Command {
+    let mut cmd = Command::new(bin);
+    // Only what the test sets reaches the binaries.
+    cmd.env_clear();
+    if let Some(path) = std::env::var_os("PATH") {
+        cmd.env("PATH", path);
+    }
+    cmd
+}
+
+pub fn hushd_command(data_dir: &Path) -> Command {
+    let mut cmd = base_command(env!("CARGO_BIN_EXE_hushd"));
+    cmd.env("HOME", data_dir).env("HUSHD_LOG", "warn").arg("--data-dir").arg(data_dir);
+    cmd
+}
+
+impl Hushd {
+    pub fn start(data_dir: &Path) -> Self {
+        Self::start_with(data_dir, "127.0.0.1:0", &[])
+    }
+
+    /// Starts `hushd serve --listen LISTEN` with extra environment and waits
+    /// for the address line on stdout.
+    pub fn start_with(data_dir: &Path, listen: &str, env: &[(&str, &str)]) -> Self {
+        let mut cmd = hushd_command(data_dir);
+        cmd.args(["serve", "--listen", listen]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn hushd");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (line_tx, line_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = line_tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let (err_tx, err_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = BufReader::new(stderr).read_to_string(&mut text);
+            let _ = err_tx.send(text);
+        });
+        let line = match line_rx.recv_timeout(WAIT) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("hushd printed no address; stderr:\n{}", err_rx.recv_timeout(WAIT).unwrap_or_default());
+            }
+        };
+        let address = line.parse().unwrap_or_else(|e| panic!("bad address line {line:?}: {e}"));
+        Self { child: Some(child), address, data_dir: data_dir.to_owned(), stderr: err_rx }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.address.port
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// `hushd invite` with extra arguments; returns the token (last stdout line).
+    pub fn invite(&self, args: &[&str]) -> String {
+        let out = run(hushd_command(&self.data_dir).arg("invite").args(args));
+        assert!(out.status.success(), "hushd invite failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_string()
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the status and stderr.
+    pub fn terminate(mut self) -> (ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill -TERM failed");
+        let status = wait_timeout(&mut child, WAIT).unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("hushd did not exit within {WAIT:?} of SIGTERM");
+        });
+        (status, self.stderr.recv_timeout(WAIT).unwrap_or_default())
+    }
+}
+
+impl Drop for Hushd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a command to completion within [`WAIT`], killing it otherwise.
+pub fn run(cmd: &mut Command) -> Output {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_thread = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = stdout.read_to_end(&mut b);
+        b
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = stderr.read_to_end(&mut b);
+        b
+    });
+    let status = wait_timeout(&mut child, WAIT).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("command did not finish within {WAIT:?}: {cmd:?}");
+    });
+    Output { status, stdout: out_thread.join().unwrap(), stderr: err_thread.join().unwrap() }
+}
+
+/// Runs `hush --home HOME ARGS...`.
+pub fn hush(home: &Path, args: &[&str]) -> Output {
+    let mut cmd = base_command(env!("CARGO_BIN_EXE_hush"));
+    cmd.env("HOME", home).arg("--home").arg(home).args(args);
+    run(&mut cmd)
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts success and returns stdout.
+pub fn ok(out: Output) -> String {
+    assert!(out.status.success(), "command failed ({}): {}", out.status, stderr(&out));
+    stdout(&out)
+}
+
+/// A registered library client.
+pub async fn registered_client(server: &Hushd) -> (Identity, Connection) {
+    let token = server.invite(&[]);
+    let id = Identity::generate().unwrap();
+    let conn = Connection::connect(&server.address, &id).await.unwrap();
+    assert!(conn.register(Some(&token)).await.unwrap());
+    (id, conn)
+}
