@@ -188,7 +188,8 @@ impl ServerConfig {
             return host.clone();
         }
         if bound.ip().is_unspecified() {
-            "localhost".to_string()
+            // [::] also accepts IPv4 on Linux; 0.0.0.0 does not accept ::1.
+            if bound.is_ipv6() { "localhost" } else { "127.0.0.1" }.to_string()
         } else {
             bound.ip().to_string()
         }

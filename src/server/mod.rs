@@ -127,8 +127,16 @@ impl Server {
             .incoming_buffer_size(INCOMING_BUFFER_BYTES)
             .incoming_buffer_size_total(INCOMING_BUFFER_BYTES_TOTAL)
             .migration(false);
-        let endpoint = quinn::Endpoint::server(server_config, config.listen)
-            .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        let endpoint = match quinn::Endpoint::server(server_config.clone(), config.listen) {
+            Ok(e) => e,
+            // The default [::] fails on hosts without IPv6; fall back to IPv4.
+            Err(e) if config.listen == ServerConfig::default().listen => {
+                let v4 = std::net::SocketAddr::from(([0u8; 4], config.listen.port()));
+                warn!("cannot listen on {} ({e}); listening on {v4}", config.listen);
+                quinn::Endpoint::server(server_config, v4).map_err(|source| ServerError::Bind { addr: v4, source })?
+            }
+            Err(source) => return Err(ServerError::Bind { addr: config.listen, source }),
+        };
         let bound = endpoint.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
         let address = HushAddress {
             host: config.advertised_host(bound),
