@@ -14,7 +14,10 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::sync::Arc;
+
+use rustls::pki_types::PrivatePkcs8KeyDer;
+use rustls::sign::CertifiedKey;
 use thiserror::Error;
 use zeroize::Zeroizing;
 
@@ -126,12 +129,16 @@ impl Identity {
         Fingerprint::of_spki(&self.spki())
     }
 
-    /// Certificate and private key in the form rustls takes.
-    pub fn tls_credentials(&self) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), KeyError> {
+    /// A self-signed certificate and the signing key, as rustls uses them.
+    /// The PKCS#8 copy of the seed made on the way is wiped; the key inside
+    /// rustls (a *ring* key pair) lives as long as the TLS configuration.
+    pub fn tls_credentials(&self) -> Result<Arc<CertifiedKey>, KeyError> {
         let seed = Zeroizing::new(self.key.to_bytes());
         let cert = cert::self_signed(&seed)?;
         let pkcs8 = cert::ed25519_pkcs8(&seed);
-        Ok((cert, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.to_vec()))))
+        let signing_key = rustls::crypto::ring::sign::any_eddsa_type(&PrivatePkcs8KeyDer::from(pkcs8.as_slice()))
+            .map_err(|e| KeyError::Cert(CertError::Build(e.to_string())))?;
+        Ok(Arc::new(CertifiedKey::new(vec![cert], signing_key)))
     }
 
     /// Signs `msg` (used by tests and, later, by MLS credential checks).

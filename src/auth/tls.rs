@@ -22,6 +22,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, SubjectPublicKeyInfoDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use thiserror::Error;
 
@@ -185,12 +186,12 @@ impl ServerCertVerifier for PinnedServerVerifier {
 /// The server's QUIC crypto configuration.
 pub fn server_crypto(identity: &Identity) -> Result<QuicServerConfig, TlsError> {
     let provider = provider();
-    let (cert, key) = identity.tls_credentials()?;
+    let credentials = identity.tls_credentials()?;
     let verifier = AccountKeyVerifier { algs: provider.signature_verification_algorithms };
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
-        .with_single_cert(vec![cert], key)?;
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(credentials)));
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     cfg.max_early_data_size = 0;
     cfg.send_tls13_tickets = 0;
@@ -208,8 +209,8 @@ impl SeenFingerprint {
     }
 }
 
-/// A certificate and its private key, as rustls takes them.
-pub type Credentials = (CertificateDer<'static>, rustls::pki_types::PrivateKeyDer<'static>);
+/// A certificate with its signing key, as rustls uses them.
+pub type Credentials = Arc<CertifiedKey>;
 
 /// The client's QUIC crypto configuration: pins `pin` and presents
 /// `credentials` (normally [`Identity::tls_credentials`]; `None` presents
@@ -226,7 +227,7 @@ pub fn client_crypto(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier));
     let mut cfg = match credentials {
-        Some((cert, key)) => builder.with_client_auth_cert(vec![cert], key)?,
+        Some(credentials) => builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(credentials))),
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![ALPN.to_vec()];

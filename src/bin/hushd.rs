@@ -191,17 +191,19 @@ fn server_address(dir: &DataDir) -> Option<String> {
 
 fn serve(config: ServerConfig, dir: DataDir) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
-    runtime.block_on(async move {
-        let server = Server::bind(config, &dir.0)?;
-        let address = server.address().clone();
-        tracing::info!("listening on {} (data in {})", server.local_addr()?, dir.0.display());
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{address}")?;
-        out.flush()?;
-        drop(out);
-        server.run(shutdown_signal()).await?;
-        Ok(())
-    })
+    // Binding touches the disk (key, database); do it before the runtime
+    // starts serving, inside its context for the UDP socket.
+    let server = {
+        let _guard = runtime.enter();
+        Server::bind(config, &dir.0)?
+    };
+    tracing::info!("listening on {} (data in {})", server.local_addr()?, dir.0.display());
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", server.address())?;
+    out.flush()?;
+    drop(out);
+    runtime.block_on(server.run(shutdown_signal()))?;
+    Ok(())
 }
 
 async fn shutdown_signal() {

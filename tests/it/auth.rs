@@ -67,7 +67,9 @@ async fn a_client_with_a_non_ed25519_certificate_gets_nothing() {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let cert = rcgen::CertificateParams::new(vec!["x".into()]).unwrap().self_signed(&key).unwrap();
     let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    let outcome = match Connection::connect_with(&server.address, Some((cert.der().clone(), der))).await {
+    let signer = rustls::crypto::ring::sign::any_supported_type(&der).unwrap();
+    let credentials = std::sync::Arc::new(rustls::sign::CertifiedKey::new(vec![cert.der().clone()], signer));
+    let outcome = match Connection::connect_with(&server.address, Some(credentials)).await {
         Err(e) => Err(e),
         Ok(conn) => conn.request(&Request::Ping { nonce: 1 }).await.map(|_| ()),
     };
