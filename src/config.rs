@@ -61,6 +61,8 @@ pub struct ServerConfig {
     pub retry_above_pending: u32,
     /// Connection attempts buffered before being accepted or refused.
     pub max_incoming: u32,
+    /// Days messages and Welcomes are kept at most, acknowledged or not.
+    pub retention_days: u64,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +79,7 @@ impl Default for ServerConfig {
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             retry_above_pending: DEFAULT_RETRY_ABOVE_PENDING,
             max_incoming: DEFAULT_MAX_INCOMING,
+            retention_days: DEFAULT_RETENTION.as_secs() / 86_400,
         }
     }
 }
@@ -159,6 +162,7 @@ impl ServerConfig {
         range("max_streams_per_connection", u64::from(self.max_streams_per_connection), 1, 10_000)?;
         range("retry_above_pending", u64::from(self.retry_above_pending), 0, 1_000_000)?;
         range("max_incoming", u64::from(self.max_incoming), 1, 1_000_000)?;
+        range("retention_days", self.retention_days, 1, 3650)?;
         if let Some(host) = &self.public_host {
             let ok = !host.is_empty()
                 && host.len() <= 253
@@ -168,6 +172,10 @@ impl ServerConfig {
             }
         }
         Ok(())
+    }
+
+    pub fn retention_secs(&self) -> u64 {
+        self.retention_days.saturating_mul(86_400)
     }
 
     pub fn auth_deadline(&self) -> Duration {

@@ -17,6 +17,7 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod delivery;
 pub mod limits;
 pub mod server;
 pub mod store;

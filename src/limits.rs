@@ -33,6 +33,46 @@ pub const MAX_GROUP_ID: usize = 255;
 /// announced without their body and fetched.
 pub const MAX_INLINE_PUSH: usize = 64 * 1024;
 
+/// Largest MLS message (commit, application message, Welcome, GroupInfo,
+/// ratchet tree) carried in one field of a request.
+pub const MAX_MLS_MESSAGE: usize = 480 * 1024;
+
+/// Largest serialized KeyPackage.
+pub const MAX_KEY_PACKAGE: usize = 16 * 1024;
+
+/// KeyPackages in one upload, and held per account (the uploader must top
+/// up, not hoard: bounds storage per account).
+pub const MAX_KEY_PACKAGES: usize = 100;
+
+/// Entries in one fetch response (messages or Welcomes).
+pub const MAX_FETCH_ENTRIES: usize = 256;
+
+/// Bytes of payload one fetch response carries at most; the client fetches
+/// again for the rest. Below [`MAX_RESPONSE_FRAME`] with room for framing.
+pub const FETCH_BYTE_BUDGET: usize = 3 * 1024 * 1024;
+
+/// Groups listed in one response.
+pub const MAX_GROUPS_LISTED: usize = 1024;
+
+/// KeyPackage claims one account may make in a burst; refilled at
+/// [`CLAIM_REFILL`] per claim. Bounds how fast a member can drain others'
+/// KeyPackages (RFC 9750 §5.2 asks the DS to resist exhaustion).
+pub const CLAIM_BURST: u32 = 100;
+
+/// Time to earn back one KeyPackage claim.
+pub const CLAIM_REFILL: Duration = Duration::from_secs(6);
+
+/// How long messages and Welcomes are kept at most, acknowledged or not.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Pushes queued for one connection; past this the connection gets one
+/// `Resync` and must fetch. Bounds memory per slow reader.
+pub const PUSH_QUEUE: usize = 256;
+
+/// Requests the writer thread folds into one SQLite transaction (group
+/// commit): one fsync acknowledges them all.
+pub const MAX_WRITE_BATCH: usize = 256;
+
 /// Longest textual `hush://` address accepted from a user or a file.
 pub const MAX_ADDRESS_LEN: usize = 512;
 

@@ -16,6 +16,8 @@ use thiserror::Error;
 use crate::auth::tls::{client_crypto, Credentials, SeenFingerprint, TlsError};
 use crate::auth::{AccountId, Fingerprint, HushAddress, Identity};
 use crate::limits::{CLIENT_KEEP_ALIVE, CLIENT_TIMEOUT, DEFAULT_IDLE_TIMEOUT};
+pub mod mls;
+
 use crate::wire::{close, DecodeError, EncodeError, ErrorCode, Request, Response, MAX_RESPONSE_FRAME};
 
 /// What went wrong talking to a server, phrased for the person at the

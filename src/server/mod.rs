@@ -14,6 +14,7 @@
 //! authenticates the client's account key (see [`crate::auth::tls`]).
 
 mod limits;
+mod push;
 mod session;
 
 use std::future::Future;
@@ -38,6 +39,9 @@ pub use limits::{Admission, Refusal};
 
 /// File name of the server's private key in the data directory.
 pub const KEY_FILE: &str = "server.key";
+
+/// How often messages and Welcomes past retention are deleted.
+const EXPIRY_INTERVAL: Duration = Duration::from_secs(600);
 
 /// File the running server writes its address to, for `hushd invite`.
 pub const ADDRESS_FILE: &str = "address";
@@ -64,6 +68,7 @@ pub(crate) struct Shared {
     pub config: ServerConfig,
     pub store: Store,
     pub admission: Arc<Admission>,
+    pub registry: Arc<push::Registry>,
 }
 
 /// Paths of a server's files inside its data directory.
@@ -108,7 +113,7 @@ impl Server {
         if created {
             info!("created server key {}", data_dir.key().display());
         }
-        let store = Store::open(&data_dir.db())?;
+        let store = Store::open(&data_dir.db(), config.retention_secs())?;
 
         let mut transport = TransportConfig::default();
         transport
@@ -147,7 +152,12 @@ impl Server {
         if let Err(e) = std::fs::write(data_dir.address(), format!("{address}\n")) {
             warn!("could not write {}: {e}", data_dir.address().display());
         }
-        let shared = Arc::new(Shared { config, store, admission: Arc::new(Admission::default()) });
+        let shared = Arc::new(Shared {
+            config,
+            store,
+            admission: Arc::new(Admission::default()),
+            registry: Arc::new(push::Registry::default()),
+        });
         Ok(Self { endpoint, shared, address, data_dir })
     }
 
@@ -165,10 +175,21 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut connections = JoinSet::new();
+        let mut expiry = tokio::time::interval(EXPIRY_INTERVAL);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                _ = expiry.tick() => {
+                    let store = self.shared.store.clone();
+                    tokio::spawn(async move {
+                        match store.expire(crate::util::now_unix()).await {
+                            Ok(0) => {}
+                            Ok(n) => info!(rows = n, "expired old messages and Welcomes"),
+                            Err(e) => warn!("expiry failed: {e}"),
+                        }
+                    });
+                }
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     self.admit(incoming, &mut connections, stop_rx.clone());

@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, error, warn};
 
+use super::push::Online;
 use super::Shared;
 use crate::auth::tls::account_of_peer;
 use crate::auth::{AccountId, InviteToken};
@@ -29,6 +30,18 @@ struct Session {
     shared: Arc<Shared>,
     account: AccountId,
     registered: AtomicBool,
+    conn: quinn::Connection,
+    online: std::sync::Mutex<Option<Online>>,
+}
+
+impl Session {
+    /// Starts live delivery to this connection (once).
+    fn go_online(&self) {
+        let mut online = self.online.lock().unwrap_or_else(|p| p.into_inner());
+        if online.is_none() {
+            *online = Some(self.shared.registry.connect(self.account, self.conn.clone()));
+        }
+    }
 }
 
 pub(crate) async fn run(conn: quinn::Connection, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
@@ -54,7 +67,16 @@ pub(crate) async fn run(conn: quinn::Connection, shared: Arc<Shared>, mut stop: 
     };
     debug!(account = %account.short(), registered = known, "connected");
     let deadline = Instant::now() + shared.config.auth_deadline();
-    let session = Arc::new(Session { shared, account, registered: AtomicBool::new(known) });
+    let session = Arc::new(Session {
+        shared,
+        account,
+        registered: AtomicBool::new(known),
+        conn: conn.clone(),
+        online: std::sync::Mutex::new(None),
+    });
+    if known {
+        session.go_online();
+    }
     let mut requests = JoinSet::new();
     let mut deadline_armed = !known;
     loop {
@@ -149,6 +171,16 @@ async fn handle(session: &Session, request: Request) -> Response {
             }
         }
         Request::Ping { nonce } => Response::Pong { nonce },
+        request => {
+            let shared = &session.shared;
+            match shared.store.deliver(session.account, request, now_unix()).await {
+                Ok(outcome) => {
+                    shared.registry.dispatch(&outcome.notifications);
+                    outcome.response
+                }
+                Err(e) => internal(e),
+            }
+        }
     }
 }
 
@@ -164,6 +196,7 @@ async fn register(session: &Session, invite: Option<String>) -> Response {
     match result {
         Ok(Ok(r)) => {
             session.registered.store(true, Ordering::Release);
+            session.go_online();
             if r.created {
                 debug!("account registered");
             }

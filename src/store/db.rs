@@ -11,7 +11,7 @@ use crate::auth::{AccountId, InviteToken};
 /// An open hush database.
 #[derive(Debug)]
 pub struct Db {
-    conn: Connection,
+    pub(crate) conn: Connection,
 }
 
 /// A registered account.

@@ -15,8 +15,10 @@
 
 mod db;
 mod schema;
+mod sql;
 
 pub use db::{AccountRow, Db, InviteRow, RegisterError, Registered};
+pub use sql::SqlStore;
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -24,6 +26,11 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::sync::oneshot;
+
+use crate::auth::AccountId;
+use crate::delivery::{Delivery, Outcome};
+use crate::limits::MAX_WRITE_BATCH;
+use crate::wire::{ErrorCode, Request, Response};
 
 /// How long a write waits for another process holding the database lock.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,47 +52,209 @@ pub enum StoreError {
     Thread(std::io::Error),
 }
 
-type Job = Box<dyn FnOnce(&mut Db) + Send>;
+/// Arbitrary work with the database and the Delivery Service core.
+type Work = Box<dyn FnOnce(&mut Db, &mut Delivery) + Send>;
 
-/// Async handle to a [`Db`] owned by a dedicated thread. Cheap to clone.
+/// Work for a database thread.
+enum Job {
+    Call(Work),
+    /// One Delivery Service request.
+    Deliver {
+        account: AccountId,
+        request: Request,
+        now: u64,
+        reply: oneshot::Sender<Outcome>,
+    },
+}
+
+/// Async handle to the database threads. Cheap to clone.
+///
+/// * The **writer** thread owns the only connection that writes, and the
+///   Delivery Service core (with its rate-limit state). It takes every job
+///   waiting in its queue (up to [`MAX_WRITE_BATCH`]), runs the delivery
+///   requests among them in one `BEGIN IMMEDIATE` transaction, each inside
+///   its own savepoint (a refused or failed request rolls back alone), and
+///   commits once: with `synchronous=FULL` that is one fsync for the whole
+///   batch (group commit). Replies are sent only after the commit, so a
+///   request is acknowledged only once it is durable; if the commit fails,
+///   every request in the batch gets an internal error and nothing of it
+///   happened.
+/// * The **reader** thread has its own connection and serves requests that
+///   only read (fetches, counts, lists) from a consistent WAL snapshot; they
+///   never wait for the writer.
 #[derive(Clone, Debug)]
 pub struct Store {
-    jobs: mpsc::Sender<Job>,
+    writer: mpsc::Sender<Job>,
+    reader: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Job::Call(_) => f.write_str("Job::Call"),
+            Job::Deliver { request, .. } => write!(f, "Job::Deliver({})", request.kind()),
+        }
+    }
 }
 
 impl Store {
     /// Opens (creating and migrating if needed) the database at `path` and
-    /// starts its thread.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Db::open(path)?;
-        Self::spawn(db)
+    /// starts its threads. `retention_secs` bounds how long messages and
+    /// Welcomes are kept.
+    pub fn open(path: &Path, retention_secs: u64) -> Result<Self, StoreError> {
+        let writer_db = Db::open(path)?;
+        let reader_db = Db::open(path)?;
+        let writer = spawn("hush-writer", writer_db, retention_secs, writer_loop)?;
+        let reader = spawn("hush-reader", reader_db, retention_secs, reader_loop)?;
+        Ok(Self { writer, reader })
     }
 
-    fn spawn(mut db: Db) -> Result<Self, StoreError> {
-        let (jobs, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("hush-store".into())
-            .spawn(move || {
-                // Ends when every `Store` handle is dropped; `db` closes here.
-                while let Ok(job) = rx.recv() {
-                    job(&mut db);
-                }
-            })
-            .map_err(StoreError::Thread)?;
-        Ok(Self { jobs })
-    }
-
-    /// Runs `f` on the database thread and returns its result.
+    /// Runs `f` on the writer thread and returns its result.
     pub async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Db) -> T + Send + 'static,
     {
+        self.call_with_delivery(move |db, _| f(db)).await
+    }
+
+    /// Runs `f` on the writer thread with the Delivery Service core.
+    pub async fn call_with_delivery<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Db, &mut Delivery) -> T + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |db| {
-            let _ = tx.send(f(db));
-        });
-        self.jobs.send(job).map_err(|_| StoreError::Closed)?;
+        let job = Job::Call(Box::new(move |db, delivery| {
+            let _ = tx.send(f(db, delivery));
+        }));
+        self.writer.send(job).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Runs a Delivery Service request: reads on the reader, writes on the
+    /// writer (batched). Returns once the outcome is durable.
+    pub async fn deliver(&self, account: AccountId, request: Request, now: u64) -> Result<Outcome, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let queue = if Delivery::writes(&request) { &self.writer } else { &self.reader };
+        queue.send(Job::Deliver { account, request, now, reply }).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Deletes what retention says is too old. Returns rows deleted.
+    pub async fn expire(&self, now: u64) -> Result<u64, StoreError> {
+        self.call_with_delivery(move |db, delivery| delivery.expire(&mut SqlStore { conn: &db.conn }, now)).await?
+    }
+}
+
+fn spawn(
+    name: &str,
+    db: Db,
+    retention_secs: u64,
+    run: fn(Db, Delivery, mpsc::Receiver<Job>),
+) -> Result<mpsc::Sender<Job>, StoreError> {
+    let (tx, rx) = mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || run(db, Delivery::new(retention_secs), rx))
+        .map_err(StoreError::Thread)?;
+    Ok(tx)
+}
+
+/// The writer: group commit over batches of waiting jobs. Ends when every
+/// `Store` handle is dropped.
+fn writer_loop(mut db: Db, mut delivery: Delivery, rx: mpsc::Receiver<Job>) {
+    let mut batch = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        for job in jobs {
+            match job {
+                Job::Deliver { account, request, now, reply } => batch.push((account, request, now, reply)),
+                Job::Call(f) => {
+                    commit_batch(&mut db, &mut delivery, &mut batch);
+                    f(&mut db, &mut delivery);
+                }
+            }
+        }
+        commit_batch(&mut db, &mut delivery, &mut batch);
+    }
+}
+
+type Pending = (AccountId, Request, u64, oneshot::Sender<Outcome>);
+
+fn commit_batch(db: &mut Db, delivery: &mut Delivery, batch: &mut Vec<Pending>) {
+    if batch.is_empty() {
+        return;
+    }
+    let jobs: Vec<Pending> = std::mem::take(batch);
+    let mut replies = Vec::with_capacity(jobs.len());
+    let result = (|| -> Result<Vec<Outcome>, rusqlite::Error> {
+        let tx = db.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut outcomes = Vec::with_capacity(jobs.len());
+        for (account, request, now, reply) in jobs {
+            tx.execute_batch("SAVEPOINT request")?;
+            let outcome = delivery.handle(&mut SqlStore { conn: &tx }, account, request, now);
+            if outcome.wrote {
+                tx.execute_batch("RELEASE request")?;
+            } else {
+                tx.execute_batch("ROLLBACK TO request; RELEASE request")?;
+            }
+            outcomes.push(outcome);
+            replies.push(reply);
+        }
+        tx.commit()?;
+        Ok(outcomes)
+    })();
+    match result {
+        Ok(outcomes) => {
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(outcome);
+            }
+        }
+        Err(e) => {
+            tracing::error!("write batch failed, nothing of it was stored: {e}");
+            // Requests that never ran have dropped their reply sender; the
+            // caller sees `Closed` and reports an internal error.
+            for reply in replies {
+                let _ = reply.send(Outcome {
+                    response: Response::error(ErrorCode::Internal, "storage failure; nothing was changed"),
+                    notifications: vec![],
+                    wrote: false,
+                });
+            }
+        }
+    }
+}
+
+/// The reader: each request in its own read transaction (a WAL snapshot).
+fn reader_loop(mut db: Db, mut delivery: Delivery, rx: mpsc::Receiver<Job>) {
+    while let Ok(job) = rx.recv() {
+        match job {
+            Job::Deliver { account, request, now, reply } => {
+                let outcome = match db.conn.transaction() {
+                    Ok(tx) => {
+                        let o = delivery.handle(&mut SqlStore { conn: &tx }, account, request, now);
+                        let _ = tx.finish();
+                        o
+                    }
+                    Err(e) => {
+                        tracing::error!("read transaction failed: {e}");
+                        Outcome {
+                            response: Response::error(ErrorCode::Internal, "storage failure"),
+                            notifications: vec![],
+                            wrote: false,
+                        }
+                    }
+                };
+                let _ = reply.send(outcome);
+            }
+            Job::Call(f) => f(&mut db, &mut delivery),
+        }
     }
 }

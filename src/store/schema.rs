@@ -24,6 +24,56 @@ const MIGRATIONS: &[&str] = &[
         expires_at INTEGER,
         created_at INTEGER NOT NULL
     ) WITHOUT ROWID;",
+    // 1 -> 2: the Delivery Service. Groups get a small integer `gid` so the
+    // log's key stays two integers (bytes per message do not depend on the
+    // group id's length).
+    "CREATE TABLE key_packages (
+        hash_ref BLOB PRIMARY KEY NOT NULL,
+        owner BLOB NOT NULL REFERENCES accounts(key),
+        data BLOB NOT NULL,
+        last_resort INTEGER NOT NULL CHECK (last_resort IN (0, 1)),
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX key_packages_owner ON key_packages(owner, last_resort);
+    CREATE TABLE claimed (
+        hash_ref BLOB PRIMARY KEY NOT NULL,
+        owner BLOB NOT NULL,
+        claimed_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE groups (
+        gid INTEGER PRIMARY KEY,
+        id BLOB NOT NULL UNIQUE CHECK (length(id) BETWEEN 1 AND 255),
+        epoch INTEGER NOT NULL,
+        state BLOB NOT NULL,
+        last_seq INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE members (
+        gid INTEGER NOT NULL REFERENCES groups(gid),
+        account BLOB NOT NULL,
+        joined_after INTEGER NOT NULL,
+        left_at INTEGER,
+        acked INTEGER NOT NULL,
+        PRIMARY KEY (gid, account)
+    ) WITHOUT ROWID;
+    CREATE INDEX members_account ON members(account);
+    CREATE TABLE log (
+        gid INTEGER NOT NULL REFERENCES groups(gid),
+        seq INTEGER NOT NULL,
+        epoch INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (gid, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX log_created ON log(created_at);
+    CREATE TABLE inbox (
+        id INTEGER PRIMARY KEY,
+        recipient BLOB NOT NULL,
+        gid INTEGER NOT NULL REFERENCES groups(gid),
+        data BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX inbox_recipient ON inbox(recipient, id);",
 ];
 
 /// The schema version this build writes.

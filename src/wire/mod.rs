@@ -37,6 +37,16 @@
 //! | 0x01 | `Register` | `option<bytes8<64>>` invite token (ASCII) |
 //! | 0x02 | `Status` | none |
 //! | 0x03 | `Ping` | `u64` nonce |
+//! | 0x04 | `PublishKeyPackages` | `u16` n (1..=100), n × `bytes32<16384>` KeyPackage (TLS encoding, RFC 9420 §10), `option<u16>` index of the last-resort package |
+//! | 0x05 | `ClaimKeyPackage` | `[u8; 32]` account |
+//! | 0x06 | `CountKeyPackages` | none |
+//! | 0x07 | `CreateGroup` | `bytes32<491520>` GroupInfo (an `MLSMessage`), `bytes32<491520>` ratchet tree (TLS `RatchetTree`) |
+//! | 0x08 | `Send` | `bytes32<491520>` `MLSMessage` (PublicMessage commit or proposal, or PrivateMessage application message), `option<bytes32<491520>>` Welcome (`MLSMessage`) |
+//! | 0x09 | `Fetch` | `bytes8<255>` group id, `u64` after (sequence), `u16` limit |
+//! | 0x0a | `Ack` | `bytes8<255>` group id, `u64` sequence |
+//! | 0x0b | `FetchWelcomes` | none |
+//! | 0x0c | `AckWelcome` | `u64` Welcome id |
+//! | 0x0d | `ListGroups` | none |
 //!
 //! ## Response frames
 //!
@@ -46,6 +56,13 @@
 //! | 0x01 | `Registered` | `bool` created (false: the account already existed) |
 //! | 0x02 | `Status` | `[u8; 32]` account key, `u64` registered at (Unix s), `u64` server time (Unix s) |
 //! | 0x03 | `Pong` | `u64` nonce (echoed) |
+//! | 0x04 | `KeyPackageCount` | `u32` count held (last resort excluded), `bool` has a last-resort package |
+//! | 0x05 | `KeyPackage` | `bytes32<16384>` KeyPackage |
+//! | 0x06 | `Accepted` | `bytes8<255>` group id, `u64` sequence (0 for a new group), `u64` epoch after the message |
+//! | 0x07 | `Messages` | `bytes8<255>` group id, `u16` n, n × (`u64` sequence, `bytes32<491520>` `MLSMessage`), `bool` more |
+//! | 0x08 | `Done` | none |
+//! | 0x09 | `Welcomes` | `u16` n, n × (`u64` id, `bytes32<491520>` `MLSMessage`) |
+//! | 0x0a | `Groups` | `u16` n, n × (`bytes8<255>` group id, `u64` epoch, `u64` last sequence, `u64` acknowledged sequence, `bool` current member) |
 //!
 //! `detail` is 0 unless the code says otherwise ([`ErrorCode`]).
 //!
@@ -61,7 +78,10 @@ mod codec;
 
 pub use codec::{Reader, Writer};
 
-use crate::limits::{MAX_ERROR_MESSAGE, MAX_GROUP_ID, MAX_INLINE_PUSH, MAX_INVITE_LEN, MAX_PUSH_FRAME};
+use crate::limits::{
+    MAX_ERROR_MESSAGE, MAX_FETCH_ENTRIES, MAX_GROUPS_LISTED, MAX_GROUP_ID, MAX_INLINE_PUSH, MAX_INVITE_LEN,
+    MAX_KEY_PACKAGE, MAX_KEY_PACKAGES, MAX_MLS_MESSAGE, MAX_PUSH_FRAME,
+};
 pub use crate::limits::{MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME};
 
 /// The ALPN protocol identifier of this format.
@@ -128,10 +148,18 @@ pub enum ErrorCode {
     NotMember,
     /// 21: the commit is for an old epoch; `detail` is the current epoch.
     StaleEpoch,
-    /// 22: the commit or proposal failed verification.
+    /// 22: the commit or proposal failed MLS verification (the message says why).
     InvalidCommit,
     /// 23: a storage quota would be exceeded.
     QuotaExceeded,
+    /// 24: a KeyPackage failed validation; `detail` is its index in the upload.
+    InvalidKeyPackage,
+    /// 25: the account has no KeyPackage left to claim.
+    NoKeyPackage,
+    /// 26: the MLS message is malformed or of a kind this request does not take.
+    InvalidMessage,
+    /// 27: a group with this id already exists.
+    GroupExists,
     /// A code this version does not know.
     Other(u16),
 }
@@ -155,6 +183,10 @@ impl ErrorCode {
             Self::StaleEpoch => 21,
             Self::InvalidCommit => 22,
             Self::QuotaExceeded => 23,
+            Self::InvalidKeyPackage => 24,
+            Self::NoKeyPackage => 25,
+            Self::InvalidMessage => 26,
+            Self::GroupExists => 27,
             Self::Other(c) => c,
         }
     }
@@ -177,6 +209,10 @@ impl ErrorCode {
             21 => Self::StaleEpoch,
             22 => Self::InvalidCommit,
             23 => Self::QuotaExceeded,
+            24 => Self::InvalidKeyPackage,
+            25 => Self::NoKeyPackage,
+            26 => Self::InvalidMessage,
+            27 => Self::GroupExists,
             c => Self::Other(c),
         }
     }
@@ -222,6 +258,55 @@ pub enum Request {
     Status,
     /// Round trip check.
     Ping { nonce: u64 },
+    /// Store KeyPackages for this account; `last_resort` marks one of them
+    /// as the package handed out (and kept) when the others are gone.
+    PublishKeyPackages { packages: Vec<Vec<u8>>, last_resort: Option<u16> },
+    /// Take one of `account`'s KeyPackages, to add that account to a group.
+    ClaimKeyPackage { account: [u8; 32] },
+    /// How many KeyPackages does this account have left?
+    CountKeyPackages,
+    /// Register a new group from its GroupInfo and ratchet tree.
+    CreateGroup { group_info: Vec<u8>, ratchet_tree: Vec<u8> },
+    /// Post an MLS message to its group (the group id is read from the
+    /// message), with the Welcome for the members a commit adds.
+    Send { message: Vec<u8>, welcome: Option<Vec<u8>> },
+    /// Messages of `group` after sequence `after`, at most `limit`.
+    Fetch { group: Vec<u8>, after: u64, limit: u16 },
+    /// Everything in `group` up to `seq` has been processed.
+    Ack { group: Vec<u8>, seq: u64 },
+    /// Welcomes waiting for this account.
+    FetchWelcomes,
+    /// The Welcome `id` has been processed; delete it.
+    AckWelcome { id: u64 },
+    /// The groups this account is (or was) in.
+    ListGroups,
+}
+
+/// Reads a group id field.
+fn group_id(r: &mut Reader<'_>) -> Result<Vec<u8>, DecodeError> {
+    Ok(r.bytes8("group id", MAX_GROUP_ID)?.to_vec())
+}
+
+/// Reads an MLS message field.
+fn mls(r: &mut Reader<'_>, field: &'static str) -> Result<Vec<u8>, DecodeError> {
+    Ok(r.bytes32(field, MAX_MLS_MESSAGE)?.to_vec())
+}
+
+/// Reads a list count, capped.
+fn count(r: &mut Reader<'_>, field: &'static str, max: usize) -> Result<usize, DecodeError> {
+    let n = usize::from(r.u16()?);
+    if n > max {
+        return Err(DecodeError::TooLong { field, len: n, max });
+    }
+    Ok(n)
+}
+
+fn put_count(w: &mut Writer, field: &'static str, n: usize, max: usize) -> Result<(), EncodeError> {
+    if n > max {
+        return Err(EncodeError::TooLong { field, len: n, max });
+    }
+    w.u16(u16::try_from(n).map_err(|_| EncodeError::TooLong { field, len: n, max })?);
+    Ok(())
 }
 
 impl Request {
@@ -243,6 +328,58 @@ impl Request {
                 w.u8(0x03);
                 w.u64(*nonce);
             }
+            Self::PublishKeyPackages { packages, last_resort } => {
+                w.u8(0x04);
+                put_count(&mut w, "key packages", packages.len(), MAX_KEY_PACKAGES)?;
+                for p in packages {
+                    w.bytes32("key package", p, MAX_KEY_PACKAGE)?;
+                }
+                match last_resort {
+                    None => w.bool(false),
+                    Some(i) => {
+                        w.bool(true);
+                        w.u16(*i);
+                    }
+                }
+            }
+            Self::ClaimKeyPackage { account } => {
+                w.u8(0x05);
+                w.raw(account);
+            }
+            Self::CountKeyPackages => w.u8(0x06),
+            Self::CreateGroup { group_info, ratchet_tree } => {
+                w.u8(0x07);
+                w.bytes32("group info", group_info, MAX_MLS_MESSAGE)?;
+                w.bytes32("ratchet tree", ratchet_tree, MAX_MLS_MESSAGE)?;
+            }
+            Self::Send { message, welcome } => {
+                w.u8(0x08);
+                w.bytes32("message", message, MAX_MLS_MESSAGE)?;
+                match welcome {
+                    None => w.bool(false),
+                    Some(wel) => {
+                        w.bool(true);
+                        w.bytes32("welcome", wel, MAX_MLS_MESSAGE)?;
+                    }
+                }
+            }
+            Self::Fetch { group, after, limit } => {
+                w.u8(0x09);
+                w.bytes8("group id", group, MAX_GROUP_ID)?;
+                w.u64(*after);
+                w.u16(*limit);
+            }
+            Self::Ack { group, seq } => {
+                w.u8(0x0a);
+                w.bytes8("group id", group, MAX_GROUP_ID)?;
+                w.u64(*seq);
+            }
+            Self::FetchWelcomes => w.u8(0x0b),
+            Self::AckWelcome { id } => {
+                w.u8(0x0c);
+                w.u64(*id);
+            }
+            Self::ListGroups => w.u8(0x0d),
         }
         Ok(w.into_inner())
     }
@@ -262,6 +399,30 @@ impl Request {
             }
             0x02 => Self::Status,
             0x03 => Self::Ping { nonce: r.u64()? },
+            0x04 => {
+                let n = count(&mut r, "key packages", MAX_KEY_PACKAGES)?;
+                let mut packages = Vec::new();
+                for _ in 0..n {
+                    packages.push(r.bytes32("key package", MAX_KEY_PACKAGE)?.to_vec());
+                }
+                let last_resort = if r.bool("last resort present")? { Some(r.u16()?) } else { None };
+                Self::PublishKeyPackages { packages, last_resort }
+            }
+            0x05 => Self::ClaimKeyPackage { account: r.array()? },
+            0x06 => Self::CountKeyPackages,
+            0x07 => {
+                Self::CreateGroup { group_info: mls(&mut r, "group info")?, ratchet_tree: mls(&mut r, "ratchet tree")? }
+            }
+            0x08 => {
+                let message = mls(&mut r, "message")?;
+                let welcome = if r.bool("welcome present")? { Some(mls(&mut r, "welcome")?) } else { None };
+                Self::Send { message, welcome }
+            }
+            0x09 => Self::Fetch { group: group_id(&mut r)?, after: r.u64()?, limit: r.u16()? },
+            0x0a => Self::Ack { group: group_id(&mut r)?, seq: r.u64()? },
+            0x0b => Self::FetchWelcomes,
+            0x0c => Self::AckWelcome { id: r.u64()? },
+            0x0d => Self::ListGroups,
             tag => return Err(DecodeError::UnknownTag { what: "request", tag }),
         };
         r.finish()?;
@@ -274,6 +435,16 @@ impl Request {
             Self::Register { .. } => "register",
             Self::Status => "status",
             Self::Ping { .. } => "ping",
+            Self::PublishKeyPackages { .. } => "publish-key-packages",
+            Self::ClaimKeyPackage { .. } => "claim-key-package",
+            Self::CountKeyPackages => "count-key-packages",
+            Self::CreateGroup { .. } => "create-group",
+            Self::Send { .. } => "send",
+            Self::Fetch { .. } => "fetch",
+            Self::Ack { .. } => "ack",
+            Self::FetchWelcomes => "fetch-welcomes",
+            Self::AckWelcome { .. } => "ack-welcome",
+            Self::ListGroups => "list-groups",
         }
     }
 }
@@ -286,6 +457,23 @@ pub enum Response {
     Registered { created: bool },
     Status { account: [u8; 32], registered_at: u64, server_time: u64 },
     Pong { nonce: u64 },
+    KeyPackageCount { count: u32, last_resort: bool },
+    KeyPackage { package: Vec<u8> },
+    Accepted { group: Vec<u8>, seq: u64, epoch: u64 },
+    Messages { group: Vec<u8>, messages: Vec<(u64, Vec<u8>)>, more: bool },
+    Done,
+    Welcomes { welcomes: Vec<(u64, Vec<u8>)> },
+    Groups { groups: Vec<GroupSummary> },
+}
+
+/// One entry of [`Response::Groups`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSummary {
+    pub group: Vec<u8>,
+    pub epoch: u64,
+    pub last_seq: u64,
+    pub acked_seq: u64,
+    pub member: bool,
 }
 
 impl Response {
@@ -318,6 +506,51 @@ impl Response {
                 w.u8(0x03);
                 w.u64(*nonce);
             }
+            Self::KeyPackageCount { count, last_resort } => {
+                w.u8(0x04);
+                w.u32(*count);
+                w.bool(*last_resort);
+            }
+            Self::KeyPackage { package } => {
+                w.u8(0x05);
+                w.bytes32("key package", package, MAX_KEY_PACKAGE)?;
+            }
+            Self::Accepted { group, seq, epoch } => {
+                w.u8(0x06);
+                w.bytes8("group id", group, MAX_GROUP_ID)?;
+                w.u64(*seq);
+                w.u64(*epoch);
+            }
+            Self::Messages { group, messages, more } => {
+                w.u8(0x07);
+                w.bytes8("group id", group, MAX_GROUP_ID)?;
+                put_count(&mut w, "messages", messages.len(), MAX_FETCH_ENTRIES)?;
+                for (seq, m) in messages {
+                    w.u64(*seq);
+                    w.bytes32("message", m, MAX_MLS_MESSAGE)?;
+                }
+                w.bool(*more);
+            }
+            Self::Done => w.u8(0x08),
+            Self::Welcomes { welcomes } => {
+                w.u8(0x09);
+                put_count(&mut w, "welcomes", welcomes.len(), MAX_FETCH_ENTRIES)?;
+                for (id, m) in welcomes {
+                    w.u64(*id);
+                    w.bytes32("welcome", m, MAX_MLS_MESSAGE)?;
+                }
+            }
+            Self::Groups { groups } => {
+                w.u8(0x0a);
+                put_count(&mut w, "groups", groups.len(), MAX_GROUPS_LISTED)?;
+                for g in groups {
+                    w.bytes8("group id", &g.group, MAX_GROUP_ID)?;
+                    w.u64(g.epoch);
+                    w.u64(g.last_seq);
+                    w.u64(g.acked_seq);
+                    w.bool(g.member);
+                }
+            }
         }
         Ok(w.into_inner())
     }
@@ -334,6 +567,41 @@ impl Response {
             0x01 => Self::Registered { created: r.bool("created")? },
             0x02 => Self::Status { account: r.array()?, registered_at: r.u64()?, server_time: r.u64()? },
             0x03 => Self::Pong { nonce: r.u64()? },
+            0x04 => Self::KeyPackageCount { count: r.u32()?, last_resort: r.bool("last resort")? },
+            0x05 => Self::KeyPackage { package: r.bytes32("key package", MAX_KEY_PACKAGE)?.to_vec() },
+            0x06 => Self::Accepted { group: group_id(&mut r)?, seq: r.u64()?, epoch: r.u64()? },
+            0x07 => {
+                let group = group_id(&mut r)?;
+                let n = count(&mut r, "messages", MAX_FETCH_ENTRIES)?;
+                let mut messages = Vec::new();
+                for _ in 0..n {
+                    messages.push((r.u64()?, mls(&mut r, "message")?));
+                }
+                Self::Messages { group, messages, more: r.bool("more")? }
+            }
+            0x08 => Self::Done,
+            0x09 => {
+                let n = count(&mut r, "welcomes", MAX_FETCH_ENTRIES)?;
+                let mut welcomes = Vec::new();
+                for _ in 0..n {
+                    welcomes.push((r.u64()?, mls(&mut r, "welcome")?));
+                }
+                Self::Welcomes { welcomes }
+            }
+            0x0a => {
+                let n = count(&mut r, "groups", MAX_GROUPS_LISTED)?;
+                let mut groups = Vec::new();
+                for _ in 0..n {
+                    groups.push(GroupSummary {
+                        group: group_id(&mut r)?,
+                        epoch: r.u64()?,
+                        last_seq: r.u64()?,
+                        acked_seq: r.u64()?,
+                        member: r.bool("member")?,
+                    });
+                }
+                Self::Groups { groups }
+            }
             tag => return Err(DecodeError::UnknownTag { what: "response", tag }),
         };
         r.finish()?;

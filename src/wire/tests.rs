@@ -12,7 +12,26 @@ fn request() -> impl Strategy<Value = Request> {
         invite().prop_map(|invite| Request::Register { invite }),
         Just(Request::Status),
         any::<u64>().prop_map(|nonce| Request::Ping { nonce }),
+        (proptest::collection::vec(blob(), 0..4), proptest::option::of(any::<u16>()))
+            .prop_map(|(packages, last_resort)| Request::PublishKeyPackages { packages, last_resort }),
+        any::<[u8; 32]>().prop_map(|account| Request::ClaimKeyPackage { account }),
+        Just(Request::CountKeyPackages),
+        (blob(), blob()).prop_map(|(group_info, ratchet_tree)| Request::CreateGroup { group_info, ratchet_tree }),
+        (blob(), proptest::option::of(blob())).prop_map(|(message, welcome)| Request::Send { message, welcome }),
+        (group(), any::<u64>(), any::<u16>()).prop_map(|(group, after, limit)| Request::Fetch { group, after, limit }),
+        (group(), any::<u64>()).prop_map(|(group, seq)| Request::Ack { group, seq }),
+        Just(Request::FetchWelcomes),
+        any::<u64>().prop_map(|id| Request::AckWelcome { id }),
+        Just(Request::ListGroups),
     ]
+}
+
+fn blob() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..300)
+}
+
+fn group() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..=255)
 }
 
 fn response() -> impl Strategy<Value = Response> {
@@ -23,6 +42,27 @@ fn response() -> impl Strategy<Value = Response> {
         (any::<[u8; 32]>(), any::<u64>(), any::<u64>())
             .prop_map(|(account, r, s)| { Response::Status { account, registered_at: r, server_time: s } }),
         any::<u64>().prop_map(|nonce| Response::Pong { nonce }),
+        (any::<u32>(), any::<bool>()).prop_map(|(count, last_resort)| Response::KeyPackageCount { count, last_resort }),
+        blob().prop_map(|package| Response::KeyPackage { package }),
+        (group(), any::<u64>(), any::<u64>()).prop_map(|(group, seq, epoch)| Response::Accepted { group, seq, epoch }),
+        (group(), proptest::collection::vec((any::<u64>(), blob()), 0..4), any::<bool>())
+            .prop_map(|(group, messages, more)| Response::Messages { group, messages, more }),
+        Just(Response::Done),
+        proptest::collection::vec((any::<u64>(), blob()), 0..4).prop_map(|welcomes| Response::Welcomes { welcomes }),
+        proptest::collection::vec((group(), any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>()), 0..4).prop_map(
+            |gs| Response::Groups {
+                groups: gs
+                    .into_iter()
+                    .map(|(group, epoch, last_seq, acked_seq, member)| GroupSummary {
+                        group,
+                        epoch,
+                        last_seq,
+                        acked_seq,
+                        member
+                    })
+                    .collect()
+            }
+        ),
     ]
 }
 

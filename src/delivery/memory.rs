@@ -1,0 +1,266 @@
+//! An in-memory [`Store`] for unit tests and fuzzing. Same semantics as
+//! the SQLite store, none of its durability.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::convert::Infallible;
+
+use super::store::{GroupRecord, Membership, Messages, NewKeyPackage, Store};
+use crate::auth::AccountId;
+use crate::wire::GroupSummary;
+
+#[derive(Debug, Clone)]
+struct StoredPackage {
+    hash_ref: Vec<u8>,
+    data: Vec<u8>,
+    last_resort: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Group {
+    record: GroupRecord,
+    created_at: u64,
+    members: BTreeMap<AccountId, Membership>,
+    log: BTreeMap<u64, (Vec<u8>, u64)>,
+}
+
+/// Everything in hash maps.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryStore {
+    pub accounts: HashSet<AccountId>,
+    packages: HashMap<AccountId, Vec<StoredPackage>>,
+    claimed: HashMap<Vec<u8>, (AccountId, u64)>,
+    groups: BTreeMap<Vec<u8>, Group>,
+    inbox: BTreeMap<u64, (AccountId, Vec<u8>, Vec<u8>, u64)>,
+    next_welcome: u64,
+}
+
+impl MemoryStore {
+    /// Messages stored for `group` (for invariant checks).
+    pub fn log(&self, group: &[u8]) -> Vec<u64> {
+        self.groups.get(group).map(|g| g.log.keys().copied().collect()).unwrap_or_default()
+    }
+
+    /// All group ids.
+    pub fn group_ids(&self) -> Vec<Vec<u8>> {
+        self.groups.keys().cloned().collect()
+    }
+
+    /// Total Welcomes waiting.
+    pub fn inbox_len(&self) -> usize {
+        self.inbox.len()
+    }
+}
+
+impl Store for MemoryStore {
+    type Error = Infallible;
+
+    fn account_exists(&mut self, account: &AccountId) -> Result<bool, Infallible> {
+        Ok(self.accounts.contains(account))
+    }
+
+    fn key_package_count(&mut self, owner: &AccountId) -> Result<(u32, bool), Infallible> {
+        let list = self.packages.get(owner).map(Vec::as_slice).unwrap_or_default();
+        let n = list.iter().filter(|p| !p.last_resort).count();
+        Ok((u32::try_from(n).unwrap_or(u32::MAX), list.iter().any(|p| p.last_resort)))
+    }
+
+    fn add_key_packages(&mut self, owner: &AccountId, packages: &[NewKeyPackage], _now: u64) -> Result<(), Infallible> {
+        let list = self.packages.entry(*owner).or_default();
+        for p in packages {
+            if list.iter().any(|q| q.hash_ref == p.hash_ref) {
+                continue;
+            }
+            if p.last_resort {
+                list.retain(|q| !q.last_resort);
+            }
+            list.push(StoredPackage { hash_ref: p.hash_ref.clone(), data: p.data.clone(), last_resort: p.last_resort });
+        }
+        Ok(())
+    }
+
+    fn claim_key_package(&mut self, owner: &AccountId, now: u64) -> Result<Option<Vec<u8>>, Infallible> {
+        let Some(list) = self.packages.get_mut(owner) else { return Ok(None) };
+        let picked = match list.iter().position(|p| !p.last_resort) {
+            Some(i) => Some(list.remove(i)),
+            None => list.iter().find(|p| p.last_resort).cloned(),
+        };
+        Ok(picked.map(|p| {
+            self.claimed.insert(p.hash_ref.clone(), (*owner, now));
+            p.data
+        }))
+    }
+
+    fn claimed_owner(&mut self, hash_ref: &[u8]) -> Result<Option<AccountId>, Infallible> {
+        Ok(self.claimed.get(hash_ref).map(|(a, _)| *a))
+    }
+
+    fn group(&mut self, group: &[u8]) -> Result<Option<GroupRecord>, Infallible> {
+        Ok(self.groups.get(group).map(|g| g.record.clone()))
+    }
+
+    fn insert_group(&mut self, group: &[u8], epoch: u64, state: &[u8], now: u64) -> Result<(), Infallible> {
+        self.groups.insert(
+            group.to_vec(),
+            Group {
+                record: GroupRecord { epoch, state: state.to_vec(), last_seq: 0 },
+                created_at: now,
+                members: BTreeMap::new(),
+                log: BTreeMap::new(),
+            },
+        );
+        Ok(())
+    }
+
+    fn update_group(&mut self, group: &[u8], epoch: u64, state: &[u8]) -> Result<(), Infallible> {
+        if let Some(g) = self.groups.get_mut(group) {
+            g.record.epoch = epoch;
+            g.record.state = state.to_vec();
+        }
+        Ok(())
+    }
+
+    fn membership(&mut self, group: &[u8], account: &AccountId) -> Result<Option<Membership>, Infallible> {
+        Ok(self.groups.get(group).and_then(|g| g.members.get(account).copied()))
+    }
+
+    fn members(&mut self, group: &[u8]) -> Result<Vec<(AccountId, Membership)>, Infallible> {
+        Ok(self.groups.get(group).map(|g| g.members.iter().map(|(a, m)| (*a, *m)).collect()).unwrap_or_default())
+    }
+
+    fn add_member(&mut self, group: &[u8], account: &AccountId, joined_after: u64) -> Result<(), Infallible> {
+        if let Some(g) = self.groups.get_mut(group) {
+            g.members.insert(*account, Membership { joined_after, left_at: None, acked: joined_after });
+        }
+        Ok(())
+    }
+
+    fn remove_member(&mut self, group: &[u8], account: &AccountId, left_at: u64) -> Result<(), Infallible> {
+        if let Some(m) = self.groups.get_mut(group).and_then(|g| g.members.get_mut(account)) {
+            m.left_at = Some(left_at);
+        }
+        Ok(())
+    }
+
+    fn set_acked(&mut self, group: &[u8], account: &AccountId, seq: u64) -> Result<(), Infallible> {
+        if let Some(m) = self.groups.get_mut(group).and_then(|g| g.members.get_mut(account)) {
+            m.acked = m.acked.max(seq);
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, group: &[u8], _epoch: u64, message: &[u8], now: u64) -> Result<u64, Infallible> {
+        let Some(g) = self.groups.get_mut(group) else { return Ok(0) };
+        g.record.last_seq += 1;
+        g.log.insert(g.record.last_seq, (message.to_vec(), now));
+        Ok(g.record.last_seq)
+    }
+
+    fn fetch(
+        &mut self,
+        group: &[u8],
+        after: u64,
+        upto: Option<u64>,
+        limit: usize,
+        byte_budget: usize,
+    ) -> Result<(Messages, bool), Infallible> {
+        let Some(g) = self.groups.get(group) else { return Ok((vec![], false)) };
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut more = false;
+        for (seq, (m, _)) in g.log.range(after.saturating_add(1)..) {
+            if upto.is_some_and(|u| *seq > u) {
+                break;
+            }
+            if out.len() >= limit || (!out.is_empty() && bytes + m.len() > byte_budget) {
+                more = true;
+                break;
+            }
+            bytes += m.len();
+            out.push((*seq, m.clone()));
+        }
+        Ok((out, more))
+    }
+
+    fn delete_messages_upto(&mut self, group: &[u8], upto: u64) -> Result<u64, Infallible> {
+        let Some(g) = self.groups.get_mut(group) else { return Ok(0) };
+        let keep = g.log.split_off(&upto.saturating_add(1));
+        let removed = g.log.len();
+        g.log = keep;
+        Ok(u64::try_from(removed).unwrap_or(u64::MAX))
+    }
+
+    fn add_welcome(
+        &mut self,
+        recipient: &AccountId,
+        group: &[u8],
+        welcome: &[u8],
+        now: u64,
+    ) -> Result<u64, Infallible> {
+        self.next_welcome += 1;
+        self.inbox.insert(self.next_welcome, (*recipient, group.to_vec(), welcome.to_vec(), now));
+        Ok(self.next_welcome)
+    }
+
+    fn welcomes(
+        &mut self,
+        recipient: &AccountId,
+        limit: usize,
+        byte_budget: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, Infallible> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for (id, (r, _, w, _)) in &self.inbox {
+            if r != recipient {
+                continue;
+            }
+            if out.len() >= limit || (!out.is_empty() && bytes + w.len() > byte_budget) {
+                break;
+            }
+            bytes += w.len();
+            out.push((*id, w.clone()));
+        }
+        Ok(out)
+    }
+
+    fn delete_welcome(&mut self, recipient: &AccountId, id: u64) -> Result<bool, Infallible> {
+        if self.inbox.get(&id).is_some_and(|(r, ..)| r == recipient) {
+            self.inbox.remove(&id);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn groups_of(&mut self, account: &AccountId, limit: usize) -> Result<Vec<GroupSummary>, Infallible> {
+        Ok(self
+            .groups
+            .iter()
+            .filter_map(|(id, g)| {
+                g.members.get(account).map(|m| GroupSummary {
+                    group: id.clone(),
+                    epoch: g.record.epoch,
+                    last_seq: m.left_at.unwrap_or(g.record.last_seq),
+                    acked_seq: m.acked,
+                    member: m.is_current(),
+                })
+            })
+            .take(limit)
+            .collect())
+    }
+
+    fn expire(&mut self, before: u64) -> Result<u64, Infallible> {
+        let mut n = 0u64;
+        for g in self.groups.values_mut() {
+            let old: Vec<u64> = g.log.iter().filter(|(_, (_, t))| *t < before).map(|(s, _)| *s).collect();
+            for s in old {
+                g.log.remove(&s);
+                n += 1;
+            }
+            let _ = g.created_at;
+        }
+        let before_len = self.inbox.len();
+        self.inbox.retain(|_, (_, _, _, t)| *t >= before);
+        n += u64::try_from(before_len - self.inbox.len()).unwrap_or(0);
+        self.claimed.retain(|_, (_, t)| *t >= before);
+        Ok(n)
+    }
+}

@@ -1,0 +1,546 @@
+//! The Delivery Service rules (RFC 9750), sans-IO.
+//!
+//! [`Delivery::handle`] takes an authenticated account, a decoded request
+//! and the current time, runs it against a [`Store`], and returns the
+//! response plus the [`Notification`]s to push. It knows no sockets and
+//! reads no clock; the server calls it on its storage thread, the unit
+//! tests and the fuzzer on a [`memory::MemoryStore`].
+//!
+//! # Rules
+//!
+//! * **KeyPackages** are validated with openmls (signature, lifetime,
+//!   version, ciphersuite) and must carry the uploader's account key as
+//!   their BasicCredential identity. At most [`MAX_KEY_PACKAGES`] per
+//!   account; one may be last-resort. A claim removes one package (the
+//!   last-resort one is returned and kept) and records its `KeyPackageRef`,
+//!   so the server later knows whose package a commit adds. Claims are
+//!   rate-limited per claimer: a burst of [`CLAIM_BURST`], then one per
+//!   [`CLAIM_REFILL`].
+//! * **Groups** are created from a GroupInfo and ratchet tree; the server
+//!   builds an openmls [`mls::PublicGroup`] (public state only) and requires
+//!   the tree to hold exactly one member: the creator.
+//! * **Commits and proposals** are PublicMessages. Each must verify against
+//!   the current public state (member sender, valid signature, valid
+//!   proposals), be signed by the account that sends it, and name the
+//!   current epoch: the first commit for an epoch wins and advances it,
+//!   later ones get [`ErrorCode::StaleEpoch`] with the current epoch. Added
+//!   members must come from KeyPackages this server handed out for exactly
+//!   that account; the Welcome is required, must address exactly the added
+//!   packages, and is stored in the inbox of those accounts (never a list
+//!   the client supplies). The roster (who may read and post) is the set of
+//!   leaf credentials after the commit.
+//! * **Application messages** are PrivateMessages for the current epoch from
+//!   a current member. Each is stored once, whatever the group size.
+//! * **Visibility**: a member sees messages after the commit that added it;
+//!   a removed member sees messages up to the commit that removed it, and
+//!   nothing later. A non-member gets [`ErrorCode::NotMember`] whether or not
+//!   the group exists.
+//! * **Deletion**: a message is deleted once every current member (and
+//!   every removed member still owed its removal) acknowledged it, or when
+//!   retention expires; a Welcome when acknowledged or expired.
+
+pub mod memory;
+pub mod mls;
+pub mod store;
+
+use std::collections::{BTreeSet, HashMap};
+
+use openmls::prelude::tls_codec::Deserialize as _;
+use openmls::prelude::{
+    GroupId, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, ProposalStore, RatchetTreeIn,
+};
+use openmls_memory_storage::MemoryStorage;
+use openmls_rust_crypto::RustCrypto;
+
+use crate::auth::AccountId;
+use crate::limits::{
+    CLAIM_BURST, CLAIM_REFILL, FETCH_BYTE_BUDGET, MAX_FETCH_ENTRIES, MAX_GROUPS_LISTED, MAX_KEY_PACKAGES,
+};
+use crate::wire::{ErrorCode, Request, Response};
+
+pub use store::{GroupRecord, Membership, NewKeyPackage, Store};
+
+/// Something to push to online connections after the request's writes are
+/// durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notification {
+    /// A new message in `group` at `seq`, for these accounts.
+    Message { group: Vec<u8>, seq: u64, message: Vec<u8>, recipients: Vec<AccountId> },
+    /// A Welcome waits for `recipient`.
+    Welcome { recipient: AccountId },
+}
+
+/// The result of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub response: Response,
+    pub notifications: Vec<Notification>,
+    /// False when the request changed nothing (the caller may roll back).
+    pub wrote: bool,
+}
+
+/// Why a request was refused, or failed.
+enum Refusal<E> {
+    Client { code: ErrorCode, detail: u64, message: String },
+    Store(E),
+    Internal(String),
+}
+
+impl<E> From<E> for Refusal<E> {
+    fn from(e: E) -> Self {
+        Refusal::Store(e)
+    }
+}
+
+fn refuse<E>(code: ErrorCode, message: impl Into<String>) -> Refusal<E> {
+    Refusal::Client { code, detail: 0, message: message.into() }
+}
+
+fn not_member<E>() -> Refusal<E> {
+    refuse(ErrorCode::NotMember, "you are not a member of that group")
+}
+
+/// A token bucket per claimer.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: u32,
+    refilled_at: u64,
+}
+
+/// The Delivery Service. Holds only in-memory rate-limit state; everything
+/// durable is in the [`Store`].
+pub struct Delivery {
+    crypto: RustCrypto,
+    claims: HashMap<AccountId, Bucket>,
+    retention_secs: u64,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery").field("retention_secs", &self.retention_secs).finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    pub fn new(retention_secs: u64) -> Self {
+        Self { crypto: RustCrypto::default(), claims: HashMap::new(), retention_secs }
+    }
+
+    /// Whether a request may write (and so must go through the writer).
+    pub fn writes(request: &Request) -> bool {
+        !matches!(
+            request,
+            Request::Fetch { .. }
+                | Request::FetchWelcomes
+                | Request::ListGroups
+                | Request::CountKeyPackages
+                | Request::Status
+                | Request::Ping { .. }
+        )
+    }
+
+    /// Handles one request from a registered `account` at time `now`.
+    pub fn handle<S: Store>(&mut self, store: &mut S, account: AccountId, request: Request, now: u64) -> Outcome {
+        let kind = request.kind();
+        match self.dispatch(store, account, request, now) {
+            Ok(outcome) => outcome,
+            Err(Refusal::Client { code, detail, message }) => {
+                Outcome { response: Response::Error { code, detail, message }, notifications: vec![], wrote: false }
+            }
+            Err(Refusal::Store(e)) => internal(kind, &e.to_string()),
+            Err(Refusal::Internal(e)) => internal(kind, &e),
+        }
+    }
+
+    fn dispatch<S: Store>(
+        &mut self,
+        store: &mut S,
+        account: AccountId,
+        request: Request,
+        now: u64,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        let reply = |response| Ok(Outcome { response, notifications: vec![], wrote: false });
+        match request {
+            Request::Ping { nonce } => reply(Response::Pong { nonce }),
+            Request::Status | Request::Register { .. } => {
+                Err(Refusal::Internal("registration requests are handled by the session".into()))
+            }
+            Request::PublishKeyPackages { packages, last_resort } => {
+                self.publish(store, &account, &packages, last_resort, now)
+            }
+            Request::CountKeyPackages => {
+                let (count, last_resort) = store.key_package_count(&account)?;
+                reply(Response::KeyPackageCount { count, last_resort })
+            }
+            Request::ClaimKeyPackage { account: target } => self.claim(store, &account, &AccountId(target), now),
+            Request::CreateGroup { group_info, ratchet_tree } => {
+                self.create_group(store, &account, &group_info, &ratchet_tree, now)
+            }
+            Request::Send { message, welcome } => self.send(store, &account, message, welcome, now),
+            Request::Fetch { group, after, limit } => {
+                let m = store.membership(&group, &account)?.ok_or_else(not_member)?;
+                let limit = match usize::from(limit) {
+                    0 => MAX_FETCH_ENTRIES,
+                    n => n.min(MAX_FETCH_ENTRIES),
+                };
+                let (messages, more) =
+                    store.fetch(&group, after.max(m.joined_after), m.left_at, limit, FETCH_BYTE_BUDGET)?;
+                reply(Response::Messages { group, messages, more })
+            }
+            Request::Ack { group, seq } => {
+                let m = store.membership(&group, &account)?.ok_or_else(not_member)?;
+                let last = store.group(&group)?.map(|g| g.last_seq).unwrap_or(0);
+                let visible_end = m.left_at.unwrap_or(last).min(last);
+                let seq = seq.min(visible_end);
+                if seq > m.acked {
+                    store.set_acked(&group, &account, seq)?;
+                    self.delete_acknowledged(store, &group)?;
+                }
+                Ok(Outcome { response: Response::Done, notifications: vec![], wrote: true })
+            }
+            Request::FetchWelcomes => {
+                let welcomes = store.welcomes(&account, MAX_FETCH_ENTRIES, FETCH_BYTE_BUDGET)?;
+                reply(Response::Welcomes { welcomes })
+            }
+            Request::AckWelcome { id } => {
+                store.delete_welcome(&account, id)?;
+                Ok(Outcome { response: Response::Done, notifications: vec![], wrote: true })
+            }
+            Request::ListGroups => reply(Response::Groups { groups: store.groups_of(&account, MAX_GROUPS_LISTED)? }),
+        }
+    }
+
+    fn publish<S: Store>(
+        &mut self,
+        store: &mut S,
+        account: &AccountId,
+        packages: &[Vec<u8>],
+        last_resort: Option<u16>,
+        now: u64,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        if packages.is_empty() {
+            return Err(refuse(ErrorCode::InvalidKeyPackage, "no KeyPackages in the upload"));
+        }
+        let last_resort = last_resort.map(usize::from);
+        if last_resort.is_some_and(|i| i >= packages.len()) {
+            return Err(refuse(ErrorCode::Malformed, "the last-resort index is outside the upload"));
+        }
+        let mut new = Vec::with_capacity(packages.len());
+        let mut seen = BTreeSet::new();
+        for (i, data) in packages.iter().enumerate() {
+            let hash_ref =
+                mls::validate_key_package(&self.crypto, data, account).map_err(|message| Refusal::Client {
+                    code: ErrorCode::InvalidKeyPackage,
+                    detail: u64::try_from(i).unwrap_or(u64::MAX),
+                    message: format!("KeyPackage {i}: {message}"),
+                })?;
+            if seen.insert(hash_ref.clone()) {
+                new.push(NewKeyPackage { hash_ref, data: data.clone(), last_resort: last_resort == Some(i) });
+            }
+        }
+        let (held, _) = store.key_package_count(account)?;
+        let adding = new.iter().filter(|p| !p.last_resort).count();
+        let total = usize::try_from(held).unwrap_or(usize::MAX).saturating_add(adding);
+        if total > MAX_KEY_PACKAGES {
+            return Err(refuse(
+                ErrorCode::QuotaExceeded,
+                format!("at most {MAX_KEY_PACKAGES} KeyPackages per account; you hold {held}"),
+            ));
+        }
+        store.add_key_packages(account, &new, now)?;
+        let (count, last_resort) = store.key_package_count(account)?;
+        Ok(Outcome { response: Response::KeyPackageCount { count, last_resort }, notifications: vec![], wrote: true })
+    }
+
+    fn claim<S: Store>(
+        &mut self,
+        store: &mut S,
+        claimer: &AccountId,
+        target: &AccountId,
+        now: u64,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        let refill = CLAIM_REFILL.as_secs().max(1);
+        let bucket = self.claims.entry(*claimer).or_insert(Bucket { tokens: CLAIM_BURST, refilled_at: now });
+        let earned = now.saturating_sub(bucket.refilled_at) / refill;
+        if earned > 0 {
+            let earned32 = u32::try_from(earned).unwrap_or(u32::MAX);
+            bucket.tokens = bucket.tokens.saturating_add(earned32).min(CLAIM_BURST);
+            bucket.refilled_at = bucket.refilled_at.saturating_add(earned.saturating_mul(refill));
+        }
+        if bucket.tokens == 0 {
+            let wait = bucket.refilled_at.saturating_add(refill).saturating_sub(now).max(1);
+            return Err(Refusal::Client {
+                code: ErrorCode::RateLimited,
+                detail: wait.saturating_mul(1000),
+                message: format!("too many KeyPackage claims; retry in {wait} s"),
+            });
+        }
+        let no_package = || refuse(ErrorCode::NoKeyPackage, "that account has no KeyPackage available");
+        if !store.account_exists(target)? {
+            return Err(no_package());
+        }
+        let package = store.claim_key_package(target, now)?.ok_or_else(no_package)?;
+        bucket.tokens -= 1;
+        Ok(Outcome { response: Response::KeyPackage { package }, notifications: vec![], wrote: true })
+    }
+
+    fn create_group<S: Store>(
+        &mut self,
+        store: &mut S,
+        account: &AccountId,
+        group_info: &[u8],
+        ratchet_tree: &[u8],
+        now: u64,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        let invalid = |m: String| refuse(ErrorCode::InvalidMessage, m);
+        let msg = MlsMessageIn::tls_deserialize_exact(group_info).map_err(|e| invalid(format!("GroupInfo: {e}")))?;
+        let MlsMessageBodyIn::GroupInfo(info) = msg.extract() else {
+            return Err(invalid("expected an MLS GroupInfo".into()));
+        };
+        let tree =
+            RatchetTreeIn::tls_deserialize_exact(ratchet_tree).map_err(|e| invalid(format!("ratchet tree: {e}")))?;
+        let group = info.group_id().as_slice().to_vec();
+        if group.is_empty() || group.len() > crate::limits::MAX_GROUP_ID {
+            return Err(invalid("group ids must be 1 to 255 bytes".into()));
+        }
+        if store.group(&group)?.is_some() {
+            return Err(refuse(ErrorCode::GroupExists, "a group with this id already exists"));
+        }
+        let storage = MemoryStorage::default();
+        let (public, _) = mls::PublicGroup::from_external(&self.crypto, &storage, tree, info, ProposalStore::new())
+            .map_err(|e| refuse(ErrorCode::InvalidCommit, format!("the group does not verify: {e}")))?;
+        let members: Vec<_> = public.members().collect();
+        let creator = match members.as_slice() {
+            [only] => mls::account_of(&only.credential),
+            _ => None,
+        };
+        if creator != Some(*account) {
+            return Err(refuse(
+                ErrorCode::InvalidCommit,
+                "a new group must contain exactly one member: you (add others with a commit)",
+            ));
+        }
+        let epoch = public.group_context().epoch().as_u64();
+        let state = mls::encode_state(&storage).map_err(Refusal::Internal)?;
+        store.insert_group(&group, epoch, &state, now)?;
+        store.add_member(&group, account, 0)?;
+        Ok(Outcome { response: Response::Accepted { group, seq: 0, epoch }, notifications: vec![], wrote: true })
+    }
+
+    fn send<S: Store>(
+        &mut self,
+        store: &mut S,
+        account: &AccountId,
+        bytes: Vec<u8>,
+        welcome: Option<Vec<u8>>,
+        now: u64,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        let framed = mls::frame(&bytes).map_err(|m| refuse(ErrorCode::InvalidMessage, m))?;
+        let group = framed.group.clone();
+        let record = store.group(&group)?.ok_or_else(not_member)?;
+        let membership = store.membership(&group, account)?.ok_or_else(not_member)?;
+        if !membership.is_current() {
+            return Err(not_member());
+        }
+        if framed.epoch != record.epoch {
+            return Err(Refusal::Client {
+                code: ErrorCode::StaleEpoch,
+                detail: record.epoch,
+                message: format!("the group is at epoch {}, the message is for epoch {}", record.epoch, framed.epoch),
+            });
+        }
+        match framed.kind {
+            mls::Kind::Application => {
+                if welcome.is_some() {
+                    return Err(refuse(ErrorCode::InvalidMessage, "only commits carry a Welcome"));
+                }
+                let seq = store.append(&group, record.epoch, &bytes, now)?;
+                let recipients = store.current_members(&group)?;
+                Ok(Outcome {
+                    response: Response::Accepted { group: group.clone(), seq, epoch: record.epoch },
+                    notifications: vec![Notification::Message { group, seq, message: bytes, recipients }],
+                    wrote: true,
+                })
+            }
+            mls::Kind::Commit | mls::Kind::Proposal => {
+                self.handshake(store, account, &group, record, framed, bytes, welcome, now)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn handshake<S: Store>(
+        &mut self,
+        store: &mut S,
+        account: &AccountId,
+        group: &[u8],
+        record: GroupRecord,
+        framed: mls::Framed,
+        bytes: Vec<u8>,
+        welcome: Option<Vec<u8>>,
+        now: u64,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        let invalid_commit = |m: String| refuse(ErrorCode::InvalidCommit, m);
+        let storage = mls::decode_state(&record.state).map_err(|e| Refusal::Internal(format!("group state: {e}")))?;
+        let gid = GroupId::from_slice(group);
+        let mut public = mls::PublicGroup::load(&storage, &gid)
+            .map_err(|e| Refusal::Internal(format!("group state: {e:?}")))?
+            .ok_or_else(|| Refusal::Internal("group state missing".into()))?;
+        let processed = public
+            .process_message(&self.crypto, framed.message)
+            .map_err(|e| invalid_commit(format!("the message does not verify: {e}")))?;
+        if mls::account_of(processed.credential()) != Some(*account) {
+            return Err(invalid_commit("the message is signed by another member's credential".into()));
+        }
+        let before = store.current_members(group)?;
+        match processed.into_content() {
+            ProcessedMessageContent::ProposalMessage(queued) => {
+                if welcome.is_some() {
+                    return Err(refuse(ErrorCode::InvalidMessage, "only commits carry a Welcome"));
+                }
+                public
+                    .add_proposal(&storage, *queued)
+                    .map_err(|e| Refusal::Internal(format!("storing the proposal: {e:?}")))?;
+                let state = mls::encode_state(&storage).map_err(Refusal::Internal)?;
+                let seq = store.append(group, record.epoch, &bytes, now)?;
+                store.update_group(group, record.epoch, &state)?;
+                Ok(Outcome {
+                    response: Response::Accepted { group: group.to_vec(), seq, epoch: record.epoch },
+                    notifications: vec![Notification::Message {
+                        group: group.to_vec(),
+                        seq,
+                        message: bytes,
+                        recipients: before,
+                    }],
+                    wrote: true,
+                })
+            }
+            ProcessedMessageContent::StagedCommitMessage(staged) => {
+                // Whom does the commit add? Only accounts whose KeyPackage this
+                // server handed out, and exactly the account it names.
+                let mut added = Vec::new();
+                for add in staged.add_proposals() {
+                    let kp = add.add_proposal().key_package();
+                    let hash_ref = kp
+                        .hash_ref(&self.crypto)
+                        .map_err(|e| Refusal::Internal(format!("hashing a KeyPackage: {e}")))?;
+                    let named = mls::account_of(kp.leaf_node().credential());
+                    let owner = store.claimed_owner(hash_ref.as_slice())?;
+                    match (named, owner) {
+                        (Some(n), Some(o)) if n == o => added.push((hash_ref.as_slice().to_vec(), o)),
+                        _ => {
+                            return Err(invalid_commit(
+                                "the commit adds a KeyPackage this server did not hand out for that account".into(),
+                            ))
+                        }
+                    }
+                }
+                let welcome = match (added.is_empty(), welcome) {
+                    (true, None) => None,
+                    (true, Some(_)) => {
+                        return Err(refuse(ErrorCode::InvalidMessage, "a Welcome needs a commit that adds members"))
+                    }
+                    (false, None) => {
+                        return Err(refuse(ErrorCode::InvalidMessage, "a commit that adds members needs their Welcome"))
+                    }
+                    (false, Some(w)) => {
+                        check_welcome(&w, &added).map_err(|m| refuse(ErrorCode::InvalidMessage, m))?;
+                        Some(w)
+                    }
+                };
+                public
+                    .merge_commit(&storage, *staged)
+                    .map_err(|e| Refusal::Internal(format!("merging the commit: {e:?}")))?;
+                let epoch = public.group_context().epoch().as_u64();
+                let mut roster = BTreeSet::new();
+                for m in public.members() {
+                    let a = mls::account_of(&m.credential)
+                        .ok_or_else(|| invalid_commit("a member's credential is not a hush account".into()))?;
+                    roster.insert(a);
+                }
+                let state = mls::encode_state(&storage).map_err(Refusal::Internal)?;
+                let seq = store.append(group, record.epoch, &bytes, now)?;
+                store.update_group(group, epoch, &state)?;
+                let before_set: BTreeSet<AccountId> = before.iter().copied().collect();
+                for a in roster.difference(&before_set) {
+                    store.add_member(group, a, seq)?;
+                }
+                for a in before_set.difference(&roster) {
+                    store.remove_member(group, a, seq)?;
+                }
+                let mut notifications = Vec::new();
+                if let Some(w) = &welcome {
+                    let recipients: BTreeSet<AccountId> = added.iter().map(|(_, a)| *a).collect();
+                    for r in recipients {
+                        store.add_welcome(&r, group, w, now)?;
+                        notifications.push(Notification::Welcome { recipient: r });
+                    }
+                }
+                // Everyone who was a member sees the commit, removed members
+                // included (it tells them they were removed).
+                notifications.insert(
+                    0,
+                    Notification::Message { group: group.to_vec(), seq, message: bytes, recipients: before },
+                );
+                Ok(Outcome {
+                    response: Response::Accepted { group: group.to_vec(), seq, epoch },
+                    notifications,
+                    wrote: true,
+                })
+            }
+            _ => Err(refuse(ErrorCode::InvalidMessage, "expected a commit or a proposal")),
+        }
+    }
+
+    /// Deletes messages every member who still needs them has acknowledged.
+    fn delete_acknowledged<S: Store>(&mut self, store: &mut S, group: &[u8]) -> Result<(), Refusal<S::Error>> {
+        let mut floor = u64::MAX;
+        for (_, m) in store.members(group)? {
+            match m.left_at {
+                None => floor = floor.min(m.acked.max(m.joined_after)),
+                // A removed member is owed the messages up to its removal.
+                Some(left) if m.acked < left => floor = floor.min(m.acked.max(m.joined_after)),
+                Some(_) => {}
+            }
+        }
+        if floor != u64::MAX && floor > 0 {
+            store.delete_messages_upto(group, floor)?;
+        }
+        Ok(())
+    }
+
+    /// Expires messages, Welcomes and claim records past retention, and
+    /// forgets idle rate-limit buckets. Returns rows deleted.
+    pub fn expire<S: Store>(&mut self, store: &mut S, now: u64) -> Result<u64, S::Error> {
+        let refill = CLAIM_REFILL.as_secs().max(1);
+        let full_after = u64::from(CLAIM_BURST).saturating_mul(refill);
+        self.claims.retain(|_, b| now.saturating_sub(b.refilled_at) < full_after);
+        store.expire(now.saturating_sub(self.retention_secs))
+    }
+}
+
+/// Checks that a Welcome addresses exactly the added KeyPackages.
+fn check_welcome(bytes: &[u8], added: &[(Vec<u8>, AccountId)]) -> Result<(), String> {
+    let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| format!("Welcome: {e}"))?;
+    let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
+        return Err("expected an MLS Welcome".into());
+    };
+    let addressed: BTreeSet<Vec<u8>> = welcome.secrets().iter().map(|s| s.new_member().as_slice().to_vec()).collect();
+    let expected: BTreeSet<Vec<u8>> = added.iter().map(|(r, _)| r.clone()).collect();
+    if addressed != expected {
+        return Err("the Welcome does not address exactly the members the commit adds".into());
+    }
+    Ok(())
+}
+
+fn internal(kind: &str, detail: &str) -> Outcome {
+    tracing::warn!(request = kind, "internal error: {detail}");
+    Outcome {
+        response: Response::error(ErrorCode::Internal, "internal server error; nothing was changed"),
+        notifications: vec![],
+        wrote: false,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,129 @@
+//! The narrow storage interface the Delivery Service core needs.
+//!
+//! Implementations: [`super::memory::MemoryStore`] (unit tests, fuzzing)
+//! and the SQLite store in [`crate::store`]. The core calls these methods
+//! inside one unit of work per request; the SQLite implementation wraps each
+//! request in a savepoint inside a batched transaction, so a request either
+//! applies all of its writes or none, and is acknowledged only after the
+//! transaction commits. A PostgreSQL implementation would map the same
+//! calls onto one transaction per batch.
+//!
+//! Sequence numbers are per group, start at 1 and never repeat. Times are
+//! Unix seconds passed in by the caller.
+
+use crate::auth::AccountId;
+use crate::wire::GroupSummary;
+
+/// A group's row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRecord {
+    /// The current MLS epoch.
+    pub epoch: u64,
+    /// The public MLS state ([`super::mls::encode_state`]).
+    pub state: Vec<u8>,
+    /// The sequence number of the last message (0: none yet).
+    pub last_seq: u64,
+}
+
+/// An account's relation to a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Membership {
+    /// Messages after this sequence are visible (the commit that added the
+    /// member, or 0 for the creator).
+    pub joined_after: u64,
+    /// Set when the member was removed: messages up to and including this
+    /// sequence (the removing commit) stay visible, later ones do not.
+    pub left_at: Option<u64>,
+    /// Highest sequence the member acknowledged.
+    pub acked: u64,
+}
+
+impl Membership {
+    pub fn is_current(&self) -> bool {
+        self.left_at.is_none()
+    }
+}
+
+/// Messages as `(sequence, MLSMessage)`, in order.
+pub type Messages = Vec<(u64, Vec<u8>)>;
+
+/// A KeyPackage to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewKeyPackage {
+    /// `KeyPackageRef` (RFC 9420 §5.2): how a Welcome names its recipient.
+    pub hash_ref: Vec<u8>,
+    pub data: Vec<u8>,
+    pub last_resort: bool,
+}
+
+/// Storage operations of the Delivery Service.
+pub trait Store {
+    type Error: std::fmt::Display;
+
+    fn account_exists(&mut self, account: &AccountId) -> Result<bool, Self::Error>;
+
+    /// (packages held excluding the last-resort one, whether a last-resort one exists)
+    fn key_package_count(&mut self, owner: &AccountId) -> Result<(u32, bool), Self::Error>;
+    /// Adds packages; a new last-resort package replaces the old one.
+    /// Re-uploading a package already held is a no-op.
+    fn add_key_packages(&mut self, owner: &AccountId, packages: &[NewKeyPackage], now: u64) -> Result<(), Self::Error>;
+    /// Removes and returns one of `owner`'s packages, or returns (and keeps)
+    /// the last-resort one when no other is left. Records who owns the
+    /// returned package's `hash_ref`, for Welcome routing.
+    fn claim_key_package(&mut self, owner: &AccountId, now: u64) -> Result<Option<Vec<u8>>, Self::Error>;
+    /// The owner of a package this server handed out.
+    fn claimed_owner(&mut self, hash_ref: &[u8]) -> Result<Option<AccountId>, Self::Error>;
+
+    fn group(&mut self, group: &[u8]) -> Result<Option<GroupRecord>, Self::Error>;
+    fn insert_group(&mut self, group: &[u8], epoch: u64, state: &[u8], now: u64) -> Result<(), Self::Error>;
+    fn update_group(&mut self, group: &[u8], epoch: u64, state: &[u8]) -> Result<(), Self::Error>;
+
+    fn membership(&mut self, group: &[u8], account: &AccountId) -> Result<Option<Membership>, Self::Error>;
+    /// Every account that is or was a member, with its membership.
+    fn members(&mut self, group: &[u8]) -> Result<Vec<(AccountId, Membership)>, Self::Error>;
+    /// Current members (not removed), in a stable order.
+    fn current_members(&mut self, group: &[u8]) -> Result<Vec<AccountId>, Self::Error> {
+        Ok(self.members(group)?.into_iter().filter(|(_, m)| m.is_current()).map(|(a, _)| a).collect())
+    }
+    /// Makes `account` a current member whose visible history starts after
+    /// `joined_after` (re-adding a former member resets its row).
+    fn add_member(&mut self, group: &[u8], account: &AccountId, joined_after: u64) -> Result<(), Self::Error>;
+    fn remove_member(&mut self, group: &[u8], account: &AccountId, left_at: u64) -> Result<(), Self::Error>;
+    fn set_acked(&mut self, group: &[u8], account: &AccountId, seq: u64) -> Result<(), Self::Error>;
+
+    /// Appends a message with the next sequence number and returns it.
+    fn append(&mut self, group: &[u8], epoch: u64, message: &[u8], now: u64) -> Result<u64, Self::Error>;
+    /// Messages with `after < seq <= upto` (no upper bound if `None`), in
+    /// order, at most `limit` of them and at most `byte_budget` bytes (but
+    /// always at least one if any). Returns them and whether more remain.
+    fn fetch(
+        &mut self,
+        group: &[u8],
+        after: u64,
+        upto: Option<u64>,
+        limit: usize,
+        byte_budget: usize,
+    ) -> Result<(Messages, bool), Self::Error>;
+    /// Deletes messages of `group` with `seq <= upto`. Returns how many.
+    fn delete_messages_upto(&mut self, group: &[u8], upto: u64) -> Result<u64, Self::Error>;
+
+    fn add_welcome(
+        &mut self,
+        recipient: &AccountId,
+        group: &[u8],
+        welcome: &[u8],
+        now: u64,
+    ) -> Result<u64, Self::Error>;
+    fn welcomes(
+        &mut self,
+        recipient: &AccountId,
+        limit: usize,
+        byte_budget: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, Self::Error>;
+    fn delete_welcome(&mut self, recipient: &AccountId, id: u64) -> Result<bool, Self::Error>;
+
+    fn groups_of(&mut self, account: &AccountId, limit: usize) -> Result<Vec<GroupSummary>, Self::Error>;
+
+    /// Deletes messages, Welcomes and claim records older than `before`.
+    fn expire(&mut self, before: u64) -> Result<u64, Self::Error>;
+}

@@ -1,0 +1,311 @@
+//! The Delivery Service's [`Store`] on SQLite.
+//!
+//! Used on a connection that is inside a transaction (the writer's batch or
+//! the reader's snapshot); it issues statements and never begins or ends
+//! transactions itself. Prepared statements are cached by rusqlite.
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::StoreError;
+use crate::auth::AccountId;
+use crate::delivery::store::Messages;
+use crate::delivery::{GroupRecord, Membership, NewKeyPackage, Store};
+use crate::wire::GroupSummary;
+
+/// A delivery store over a borrowed connection.
+#[derive(Debug)]
+pub struct SqlStore<'c> {
+    pub conn: &'c Connection,
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn account(bytes: Vec<u8>) -> Option<AccountId> {
+    <[u8; 32]>::try_from(bytes.as_slice()).ok().map(AccountId)
+}
+
+impl SqlStore<'_> {
+    fn gid(&self, group: &[u8]) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT gid FROM groups WHERE id = ?1")?
+            .query_row([group], |r| r.get(0))
+            .optional()?)
+    }
+}
+
+impl Store for SqlStore<'_> {
+    type Error = StoreError;
+
+    fn account_exists(&mut self, a: &AccountId) -> Result<bool, StoreError> {
+        Ok(self.conn.prepare_cached("SELECT 1 FROM accounts WHERE key = ?1")?.exists([&a.0[..]])?)
+    }
+
+    fn key_package_count(&mut self, owner: &AccountId) -> Result<(u32, bool), StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT COALESCE(SUM(last_resort = 0), 0), COALESCE(MAX(last_resort), 0) FROM key_packages WHERE owner = ?1",
+        )?;
+        let (n, lr): (i64, i64) = stmt.query_row([&owner.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok((u32::try_from(n).unwrap_or(u32::MAX), lr != 0))
+    }
+
+    fn add_key_packages(&mut self, owner: &AccountId, packages: &[NewKeyPackage], now: u64) -> Result<(), StoreError> {
+        for p in packages {
+            if p.last_resort {
+                self.conn
+                    .prepare_cached("DELETE FROM key_packages WHERE owner = ?1 AND last_resort = 1")?
+                    .execute([&owner.0[..]])?;
+            }
+            self.conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO key_packages (hash_ref, owner, data, last_resort, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![p.hash_ref, &owner.0[..], p.data, p.last_resort, i(now)])?;
+        }
+        Ok(())
+    }
+
+    fn claim_key_package(&mut self, owner: &AccountId, now: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let row: Option<(Vec<u8>, Vec<u8>, bool)> = self
+            .conn
+            .prepare_cached(
+                "SELECT hash_ref, data, last_resort FROM key_packages WHERE owner = ?1
+                 ORDER BY last_resort, created_at, hash_ref LIMIT 1",
+            )?
+            .query_row([&owner.0[..]], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        let Some((hash_ref, data, last_resort)) = row else { return Ok(None) };
+        if !last_resort {
+            self.conn.prepare_cached("DELETE FROM key_packages WHERE hash_ref = ?1")?.execute([&hash_ref])?;
+        }
+        self.conn
+            .prepare_cached("INSERT OR REPLACE INTO claimed (hash_ref, owner, claimed_at) VALUES (?1, ?2, ?3)")?
+            .execute(params![hash_ref, &owner.0[..], i(now)])?;
+        Ok(Some(data))
+    }
+
+    fn claimed_owner(&mut self, hash_ref: &[u8]) -> Result<Option<AccountId>, StoreError> {
+        let owner: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT owner FROM claimed WHERE hash_ref = ?1")?
+            .query_row([hash_ref], |r| r.get(0))
+            .optional()?;
+        Ok(owner.and_then(account))
+    }
+
+    fn group(&mut self, group: &[u8]) -> Result<Option<GroupRecord>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT epoch, state, last_seq FROM groups WHERE id = ?1")?
+            .query_row([group], |r| Ok(GroupRecord { epoch: u(r.get(0)?), state: r.get(1)?, last_seq: u(r.get(2)?) }))
+            .optional()?)
+    }
+
+    fn insert_group(&mut self, group: &[u8], epoch: u64, state: &[u8], now: u64) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("INSERT INTO groups (id, epoch, state, last_seq, created_at) VALUES (?1, ?2, ?3, 0, ?4)")?
+            .execute(params![group, i(epoch), state, i(now)])?;
+        Ok(())
+    }
+
+    fn update_group(&mut self, group: &[u8], epoch: u64, state: &[u8]) -> Result<(), StoreError> {
+        self.conn.prepare_cached("UPDATE groups SET epoch = ?2, state = ?3 WHERE id = ?1")?.execute(params![
+            group,
+            i(epoch),
+            state
+        ])?;
+        Ok(())
+    }
+
+    fn membership(&mut self, group: &[u8], a: &AccountId) -> Result<Option<Membership>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT m.joined_after, m.left_at, m.acked FROM members m JOIN groups g ON g.gid = m.gid
+                 WHERE g.id = ?1 AND m.account = ?2",
+            )?
+            .query_row(params![group, &a.0[..]], |r| {
+                Ok(Membership {
+                    joined_after: u(r.get(0)?),
+                    left_at: r.get::<_, Option<i64>>(1)?.map(u),
+                    acked: u(r.get(2)?),
+                })
+            })
+            .optional()?)
+    }
+
+    fn members(&mut self, group: &[u8]) -> Result<Vec<(AccountId, Membership)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT m.account, m.joined_after, m.left_at, m.acked FROM members m JOIN groups g ON g.gid = m.gid
+             WHERE g.id = ?1 ORDER BY m.account",
+        )?;
+        let rows = stmt.query_map([group], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                Membership {
+                    joined_after: u(r.get(1)?),
+                    left_at: r.get::<_, Option<i64>>(2)?.map(u),
+                    acked: u(r.get(3)?),
+                },
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (a, m) = row?;
+            if let Some(a) = account(a) {
+                out.push((a, m));
+            }
+        }
+        Ok(out)
+    }
+
+    fn add_member(&mut self, group: &[u8], a: &AccountId, joined_after: u64) -> Result<(), StoreError> {
+        let Some(gid) = self.gid(group)? else { return Ok(()) };
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO members (gid, account, joined_after, left_at, acked) VALUES (?1, ?2, ?3, NULL, ?3)",
+            )?
+            .execute(params![gid, &a.0[..], i(joined_after)])?;
+        Ok(())
+    }
+
+    fn remove_member(&mut self, group: &[u8], a: &AccountId, left_at: u64) -> Result<(), StoreError> {
+        let Some(gid) = self.gid(group)? else { return Ok(()) };
+        self.conn
+            .prepare_cached("UPDATE members SET left_at = ?3 WHERE gid = ?1 AND account = ?2")?
+            .execute(params![gid, &a.0[..], i(left_at)])?;
+        Ok(())
+    }
+
+    fn set_acked(&mut self, group: &[u8], a: &AccountId, seq: u64) -> Result<(), StoreError> {
+        let Some(gid) = self.gid(group)? else { return Ok(()) };
+        self.conn
+            .prepare_cached("UPDATE members SET acked = MAX(acked, ?3) WHERE gid = ?1 AND account = ?2")?
+            .execute(params![gid, &a.0[..], i(seq)])?;
+        Ok(())
+    }
+
+    fn append(&mut self, group: &[u8], epoch: u64, message: &[u8], now: u64) -> Result<u64, StoreError> {
+        let (gid, seq): (i64, i64) = self
+            .conn
+            .prepare_cached("UPDATE groups SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING gid, last_seq")?
+            .query_row([group], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        self.conn
+            .prepare_cached("INSERT INTO log (gid, seq, epoch, data, created_at) VALUES (?1, ?2, ?3, ?4, ?5)")?
+            .execute(params![gid, seq, i(epoch), message, i(now)])?;
+        Ok(u(seq))
+    }
+
+    fn fetch(
+        &mut self,
+        group: &[u8],
+        after: u64,
+        upto: Option<u64>,
+        limit: usize,
+        byte_budget: usize,
+    ) -> Result<(Messages, bool), StoreError> {
+        let Some(gid) = self.gid(group)? else { return Ok((vec![], false)) };
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, data FROM log WHERE gid = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq LIMIT ?4",
+        )?;
+        let upper = upto.map(i).unwrap_or(i64::MAX);
+        let want = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+        let mut rows = stmt.query(params![gid, i(after), upper, want])?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut more = false;
+        while let Some(row) = rows.next()? {
+            let data: Vec<u8> = row.get(1)?;
+            if out.len() >= limit || (!out.is_empty() && bytes.saturating_add(data.len()) > byte_budget) {
+                more = true;
+                break;
+            }
+            bytes = bytes.saturating_add(data.len());
+            out.push((u(row.get(0)?), data));
+        }
+        Ok((out, more))
+    }
+
+    fn delete_messages_upto(&mut self, group: &[u8], upto: u64) -> Result<u64, StoreError> {
+        let Some(gid) = self.gid(group)? else { return Ok(0) };
+        let n =
+            self.conn.prepare_cached("DELETE FROM log WHERE gid = ?1 AND seq <= ?2")?.execute(params![gid, i(upto)])?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    fn add_welcome(
+        &mut self,
+        recipient: &AccountId,
+        group: &[u8],
+        welcome: &[u8],
+        now: u64,
+    ) -> Result<u64, StoreError> {
+        let gid = self.gid(group)?.unwrap_or(0);
+        self.conn
+            .prepare_cached("INSERT INTO inbox (recipient, gid, data, created_at) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![&recipient.0[..], gid, welcome, i(now)])?;
+        Ok(u(self.conn.last_insert_rowid()))
+    }
+
+    fn welcomes(
+        &mut self,
+        recipient: &AccountId,
+        limit: usize,
+        byte_budget: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT id, data FROM inbox WHERE recipient = ?1 ORDER BY id LIMIT ?2")?;
+        let mut rows = stmt.query(params![&recipient.0[..], i64::try_from(limit).unwrap_or(i64::MAX)])?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(row) = rows.next()? {
+            let data: Vec<u8> = row.get(1)?;
+            if !out.is_empty() && bytes.saturating_add(data.len()) > byte_budget {
+                break;
+            }
+            bytes = bytes.saturating_add(data.len());
+            out.push((u(row.get(0)?), data));
+        }
+        Ok(out)
+    }
+
+    fn delete_welcome(&mut self, recipient: &AccountId, id: u64) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .prepare_cached("DELETE FROM inbox WHERE id = ?1 AND recipient = ?2")?
+            .execute(params![i(id), &recipient.0[..]])?;
+        Ok(n > 0)
+    }
+
+    fn groups_of(&mut self, a: &AccountId, limit: usize) -> Result<Vec<GroupSummary>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT g.id, g.epoch, COALESCE(m.left_at, g.last_seq), m.acked, m.left_at IS NULL
+             FROM members m JOIN groups g ON g.gid = m.gid WHERE m.account = ?1 ORDER BY g.gid LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![&a.0[..], i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+            Ok(GroupSummary {
+                group: r.get(0)?,
+                epoch: u(r.get(1)?),
+                last_seq: u(r.get(2)?),
+                acked_seq: u(r.get(3)?),
+                member: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    fn expire(&mut self, before: u64) -> Result<u64, StoreError> {
+        let b = i(before);
+        let mut n = self.conn.prepare_cached("DELETE FROM log WHERE created_at < ?1")?.execute([b])?;
+        n += self.conn.prepare_cached("DELETE FROM inbox WHERE created_at < ?1")?.execute([b])?;
+        n += self.conn.prepare_cached("DELETE FROM claimed WHERE claimed_at < ?1")?.execute([b])?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
