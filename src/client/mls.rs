@@ -24,6 +24,11 @@ pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_
 /// Application messages are padded to a multiple of this many bytes.
 pub const PADDING: usize = 256;
 
+/// Epochs whose secrets a member keeps after moving on, so application
+/// messages sent just before a commit (and ordered before it in the log)
+/// still decrypt for the committer. A small window: older keys are gone.
+pub const MAX_PAST_EPOCHS: usize = 3;
+
 /// Length of a new group's random id.
 pub const GROUP_ID_LEN: usize = 16;
 
@@ -115,6 +120,7 @@ impl Member {
             .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
             .use_ratchet_tree_extension(true)
             .padding_size(PADDING)
+            .max_past_epochs(MAX_PAST_EPOCHS)
             .build()
     }
 
@@ -123,6 +129,7 @@ impl Member {
             .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
             .use_ratchet_tree_extension(true)
             .padding_size(PADDING)
+            .max_past_epochs(MAX_PAST_EPOCHS)
             .build()
     }
 
