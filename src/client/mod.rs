@@ -18,7 +18,9 @@ use crate::auth::{AccountId, Fingerprint, HushAddress, Identity};
 use crate::limits::{CLIENT_KEEP_ALIVE, CLIENT_TIMEOUT, DEFAULT_IDLE_TIMEOUT};
 pub mod mls;
 
-use crate::wire::{close, DecodeError, EncodeError, ErrorCode, Request, Response, MAX_RESPONSE_FRAME};
+use crate::wire::{
+    close, decode_push_frame, DecodeError, EncodeError, ErrorCode, Push, Request, Response, MAX_RESPONSE_FRAME,
+};
 
 /// What went wrong talking to a server, phrased for the person at the
 /// keyboard.
@@ -188,6 +190,102 @@ impl Connection {
         }
     }
 
+    /// Uploads KeyPackages; returns (held, has last resort).
+    pub async fn publish_key_packages(
+        &self,
+        packages: Vec<Vec<u8>>,
+        last_resort: Option<u16>,
+    ) -> Result<(u32, bool), ClientError> {
+        match self.call(&Request::PublishKeyPackages { packages, last_resort }).await? {
+            Response::KeyPackageCount { count, last_resort } => Ok((count, last_resort)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// How many KeyPackages this account has left, and whether a last-resort one.
+    pub async fn count_key_packages(&self) -> Result<(u32, bool), ClientError> {
+        match self.call(&Request::CountKeyPackages).await? {
+            Response::KeyPackageCount { count, last_resort } => Ok((count, last_resort)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Claims one of `account`'s KeyPackages.
+    pub async fn claim_key_package(&self, account: &AccountId) -> Result<Vec<u8>, ClientError> {
+        match self.call(&Request::ClaimKeyPackage { account: account.0 }).await? {
+            Response::KeyPackage { package } => Ok(package),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Registers a new group; returns its epoch.
+    pub async fn create_group(&self, group_info: Vec<u8>, ratchet_tree: Vec<u8>) -> Result<u64, ClientError> {
+        match self.call(&Request::CreateGroup { group_info, ratchet_tree }).await? {
+            Response::Accepted { epoch, .. } => Ok(epoch),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Posts an MLS message (and the Welcome of a commit that adds members).
+    /// Returns the message's (sequence, epoch after it).
+    pub async fn send(&self, message: Vec<u8>, welcome: Option<Vec<u8>>) -> Result<(u64, u64), ClientError> {
+        match self.call(&Request::Send { message, welcome }).await? {
+            Response::Accepted { seq, epoch, .. } => Ok((seq, epoch)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Messages after `after`; returns them and whether more remain.
+    pub async fn fetch(
+        &self,
+        group: &[u8],
+        after: u64,
+        limit: u16,
+    ) -> Result<(Vec<(u64, Vec<u8>)>, bool), ClientError> {
+        match self.call(&Request::Fetch { group: group.to_vec(), after, limit }).await? {
+            Response::Messages { messages, more, .. } => Ok((messages, more)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Acknowledges everything in `group` up to `seq`.
+    pub async fn ack(&self, group: &[u8], seq: u64) -> Result<(), ClientError> {
+        match self.call(&Request::Ack { group: group.to_vec(), seq }).await? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Welcomes waiting for this account, as (id, Welcome).
+    pub async fn fetch_welcomes(&self) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+        match self.call(&Request::FetchWelcomes).await? {
+            Response::Welcomes { welcomes } => Ok(welcomes),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Deletes a processed Welcome.
+    pub async fn ack_welcome(&self, id: u64) -> Result<(), ClientError> {
+        match self.call(&Request::AckWelcome { id }).await? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The groups this account is or was in.
+    pub async fn groups(&self) -> Result<Vec<crate::wire::GroupSummary>, ClientError> {
+        match self.call(&Request::ListGroups).await? {
+            Response::Groups { groups } => Ok(groups),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Waits for the server's push stream (opened at its first push).
+    pub async fn pushes(&self) -> Result<PushStream, ClientError> {
+        let recv = self.conn.accept_uni().await.map_err(ClientError::from_connection)?;
+        Ok(PushStream { recv, buf: Vec::new() })
+    }
+
     /// Waits until the server closes the connection and says why.
     pub async fn closed(&self) -> ClientError {
         ClientError::from_connection(self.conn.closed().await)
@@ -203,6 +301,33 @@ impl Connection {
     pub async fn close(self) {
         self.conn.close(VarInt::from_u32(close::NORMAL), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// The server's push stream: length-prefixed push frames.
+#[derive(Debug)]
+pub struct PushStream {
+    recv: quinn::RecvStream,
+    buf: Vec<u8>,
+}
+
+impl PushStream {
+    /// The next push, or `None` when the server ended the stream.
+    pub async fn next(&mut self) -> Result<Option<Push>, ClientError> {
+        loop {
+            if let Some((push, used)) = decode_push_frame(&self.buf)? {
+                self.buf.drain(..used);
+                return Ok(Some(push));
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match self.recv.read(&mut chunk).await {
+                Ok(Some(n)) => self.buf.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(ClientError::Connection(e.to_string())),
+            }
+            // decode_push_frame refuses oversized prefixes, so the buffer
+            // never holds more than one maximal frame plus one chunk.
+        }
     }
 }
 

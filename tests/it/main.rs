@@ -5,6 +5,7 @@
 mod support;
 
 mod auth;
+mod delivery;
 mod lifecycle;
 mod protocol;
 mod register;

@@ -1,0 +1,274 @@
+//! The Delivery Service end to end: real openmls clients (the library's
+//! `Member`) against a real `hushd`.
+
+use std::collections::HashMap;
+
+use hush::auth::{AccountId, Identity};
+use hush::client::mls::{Member, Received};
+use hush::client::{ClientError, Connection};
+use hush::wire::{ErrorCode, Push};
+
+use crate::support::*;
+
+/// One user: key, connection, MLS state, and read positions.
+struct User {
+    id: Identity,
+    conn: Connection,
+    member: Member,
+    cursor: HashMap<Vec<u8>, u64>,
+    own: Vec<u64>,
+}
+
+impl User {
+    async fn new(server: &Hushd) -> Self {
+        let (id, conn) = registered_client(server).await;
+        let member = Member::new(id.account_id()).unwrap();
+        let packages = member.key_packages(5).unwrap();
+        conn.publish_key_packages(packages, Some(4)).await.unwrap();
+        Self { id, conn, member, cursor: HashMap::new(), own: vec![] }
+    }
+
+    fn account(&self) -> AccountId {
+        self.id.account_id()
+    }
+
+    async fn reconnect(&mut self, server: &Hushd) {
+        self.conn = Connection::connect(&server.address, &self.id).await.unwrap();
+    }
+
+    async fn create(&mut self) -> Vec<u8> {
+        let g = self.member.create_group().unwrap();
+        self.conn.create_group(g.group_info, g.ratchet_tree).await.unwrap();
+        self.cursor.insert(g.id.clone(), 0);
+        g.id
+    }
+
+    async fn add(&mut self, group: &[u8], targets: &[AccountId]) {
+        let mut kps = vec![];
+        for t in targets {
+            kps.push(self.conn.claim_key_package(t).await.unwrap());
+        }
+        let (commit, welcome) = self.member.add(group, &kps).unwrap();
+        let (seq, _) = self.conn.send(commit, Some(welcome)).await.unwrap();
+        self.own.push(seq);
+        self.member.merge_pending(group).unwrap();
+    }
+
+    async fn join(&mut self) -> Vec<u8> {
+        let welcomes = self.conn.fetch_welcomes().await.unwrap();
+        let (id, w) = welcomes.into_iter().next().expect("a Welcome");
+        let group = self.member.join(&w).unwrap();
+        self.conn.ack_welcome(id).await.unwrap();
+        let groups = self.conn.groups().await.unwrap();
+        let g = groups.iter().find(|g| g.group == group).unwrap();
+        self.cursor.insert(group.clone(), g.acked_seq);
+        group
+    }
+
+    async fn text(&mut self, group: &[u8], text: &str) -> Result<u64, ClientError> {
+        let m = self.member.encrypt(group, text.as_bytes()).unwrap();
+        let (seq, _) = self.conn.send(m, None).await?;
+        self.own.push(seq);
+        Ok(seq)
+    }
+
+    async fn sync(&mut self, group: &[u8]) -> Vec<Received> {
+        let mut out = vec![];
+        loop {
+            let after = self.cursor.get(group).copied().unwrap_or(0);
+            let (messages, more) = self.conn.fetch(group, after, 0).await.unwrap();
+            for (seq, m) in &messages {
+                assert!(*seq > after);
+                if !self.own.contains(seq) {
+                    out.push(self.member.receive(group, m).unwrap());
+                }
+                self.cursor.insert(group.to_vec(), *seq);
+            }
+            if let Some((last, _)) = messages.last() {
+                self.conn.ack(group, *last).await.unwrap();
+            }
+            if !more {
+                return out;
+            }
+        }
+    }
+}
+
+fn texts(received: &[Received]) -> Vec<String> {
+    received
+        .iter()
+        .filter_map(|r| match r {
+            Received::Application { data, .. } => Some(String::from_utf8(data.clone()).unwrap()),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn trio(server: &Hushd) -> (User, User, User, Vec<u8>) {
+    let mut alice = User::new(server).await;
+    let mut bob = User::new(server).await;
+    let mut carol = User::new(server).await;
+    let g = alice.create().await;
+    alice.add(&g, &[bob.account(), carol.account()]).await;
+    assert_eq!(bob.join().await, g);
+    assert_eq!(carol.join().await, g);
+    (alice, bob, carol, g)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_three_talks_adds_and_removes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let (mut alice, mut bob, mut carol, g) = trio(&server).await;
+    alice.text(&g, "hello from alice").await.unwrap();
+    bob.text(&g, "hello from bob").await.unwrap();
+    assert_eq!(texts(&carol.sync(&g).await), ["hello from alice", "hello from bob"]);
+
+    let commit = alice.member.remove(&g, &[carol.account()]).unwrap();
+    let (seq, _) = alice.conn.send(commit, None).await.unwrap();
+    alice.own.push(seq);
+    alice.member.merge_pending(&g).unwrap();
+    alice.text(&g, "carol is gone").await.unwrap();
+
+    // Carol has not seen her removal yet and still holds the old epoch's keys.
+    let late = carol.member.encrypt(&g, b"still here?").unwrap();
+    let err = carol.conn.send(late, None).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotMember), "{err}");
+    let got = carol.sync(&g).await;
+    assert!(matches!(got.last(), Some(Received::Commit { removed_me: true, .. })), "{got:?}");
+    let (after, _) = carol.conn.fetch(&g, seq, 0).await.unwrap();
+    assert!(after.is_empty(), "a removed member fetched {} new messages", after.len());
+    assert_eq!(texts(&bob.sync(&g).await), ["hello from alice", "carol is gone"]);
+    assert_eq!(alice.member.epoch_authenticator(&g), bob.member.epoch_authenticator(&g));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_commits_exactly_one_wins_and_all_converge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let (mut alice, mut bob, mut carol, g) = trio(&server).await;
+    let (bc, _) = bob.member.commit_pending(&g).unwrap();
+    let (cc, _) = carol.member.commit_pending(&g).unwrap();
+    let (rb, rc) = tokio::join!(bob.conn.send(bc, None), carol.conn.send(cc, None));
+    let (winner, loser, loser_result) = match (rb, rc) {
+        (Ok((seq, _)), Err(e)) => {
+            bob.own.push(seq);
+            (&mut bob, &mut carol, e)
+        }
+        (Err(e), Ok((seq, _))) => {
+            carol.own.push(seq);
+            (&mut carol, &mut bob, e)
+        }
+        other => panic!("expected exactly one winner: {other:?}"),
+    };
+    assert_eq!(loser_result.code(), Some(ErrorCode::StaleEpoch), "{loser_result}");
+    winner.member.merge_pending(&g).unwrap();
+    loser.member.discard_pending(&g).unwrap();
+    loser.sync(&g).await;
+    let (retry, _) = loser.member.commit_pending(&g).unwrap();
+    let (seq, _) = loser.conn.send(retry, None).await.unwrap();
+    loser.own.push(seq);
+    loser.member.merge_pending(&g).unwrap();
+    winner.sync(&g).await;
+    alice.sync(&g).await;
+    let a = alice.member.epoch_authenticator(&g);
+    assert_eq!(a, bob.member.epoch_authenticator(&g));
+    assert_eq!(a, carol.member.epoch_authenticator(&g));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_member_gets_everything_in_order_even_across_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let (mut alice, mut bob, mut carol, g) = trio(&server).await;
+    carol.conn.quic().close(0u32.into(), b"offline");
+    for i in 0..10 {
+        alice.text(&g, &format!("m{i}")).await.unwrap();
+        bob.text(&g, &format!("n{i}")).await.unwrap();
+    }
+    // Restart between send and fetch.
+    let port = server.port();
+    let dir = server.data_dir.clone();
+    let (status, _) = tokio::task::spawn_blocking(move || server.terminate()).await.unwrap();
+    assert!(status.success());
+    let server = Hushd::start_with(&dir, &format!("127.0.0.1:{port}"), &[]);
+    carol.reconnect(&server).await;
+    let expected: Vec<String> = (0..10).flat_map(|i| [format!("m{i}"), format!("n{i}")]).collect();
+    assert_eq!(texts(&carol.sync(&g).await), expected);
+    alice.reconnect(&server).await;
+    alice.text(&g, "still working").await.unwrap();
+    assert_eq!(texts(&carol.sync(&g).await), ["still working"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_members_get_pushes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let (mut alice, mut bob, _carol, g) = trio(&server).await;
+    let seq = alice.text(&g, "pushed").await.unwrap();
+    let mut pushes = tokio::time::timeout(WAIT, bob.conn.pushes()).await.unwrap().unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, pushes.next()).await.unwrap().unwrap() {
+            Some(Push::Message { group, seq: s, ciphertext: Some(ct) }) if s == seq => {
+                assert_eq!(group, g);
+                let got = bob.member.receive(&g, &ct).unwrap();
+                assert_eq!(texts(&[got]), ["pushed"]);
+                break;
+            }
+            Some(_) => continue,
+            None => panic!("push stream ended"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_package_claims_never_repeat() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let target = User::new(&server).await;
+    let extra = target.member.key_packages(15).unwrap();
+    let (held, lr) = target.conn.publish_key_packages(extra, None).await.unwrap();
+    assert_eq!((held, lr), (19, true));
+    let a = User::new(&server).await;
+    let b = User::new(&server).await;
+    let mut claims = vec![];
+    let t = target.account();
+    for _ in 0..10 {
+        let (x, y) = tokio::join!(a.conn.claim_key_package(&t), b.conn.claim_key_package(&t));
+        claims.push(x.unwrap());
+        claims.push(y.unwrap());
+    }
+    // 19 regular packages, then the last-resort one (kept, so it may repeat).
+    let regular = &claims[..19];
+    let mut unique = regular.to_vec();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 19, "a KeyPackage was handed out twice");
+    assert_eq!(target.conn.count_key_packages().await.unwrap(), (0, true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_stores_only_ciphertext() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let (mut alice, mut bob, mut carol, g) = trio(&server).await;
+    let marker = format!("MARKER-{}-secret", hush::auth::InviteToken::generate().unwrap());
+    for _ in 0..3 {
+        alice.text(&g, &marker).await.unwrap();
+    }
+    assert_eq!(texts(&bob.sync(&g).await), vec![marker.clone(); 3]);
+    // Leave one member behind so the messages stay stored, then stop cleanly
+    // (a checkpoint moves the WAL into the database) and look everywhere.
+    let _ = &mut carol;
+    let dir = server.data_dir.clone();
+    let (_, stderr) = tokio::task::spawn_blocking(move || server.terminate()).await.unwrap();
+    assert!(!stderr.contains(&marker));
+    let mut scanned = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        scanned += bytes.len();
+        assert!(!bytes.windows(marker.len()).any(|w| w == marker.as_bytes()), "plaintext found in {}", path.display());
+    }
+    assert!(scanned > 0);
+}
