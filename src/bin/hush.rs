@@ -2,13 +2,27 @@
 //! library, print results on stdout, a one-line reason and exit code 1 on
 //! failure.
 
+/// Prints a line to stdout; a closed stdout (`hush … | head -1`) ends the
+/// program quietly instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use hush::auth::{identity, HushAddress, Identity};
-use hush::client::{ClientError, Connection};
+use hush::client::app::{safety_number, App, AppError, Entry};
+use hush::client::{ClientError, Connection, PushStream};
 use hush::util::{default_data_dir, format_unix};
 use hush::wire::ErrorCode;
 
@@ -39,6 +53,66 @@ enum Command {
     Whoami,
     /// Connect, authenticate, and print who and where you are.
     Status,
+    /// Your contacts: local names for account ids (they never leave this device).
+    #[command(subcommand)]
+    Contact(ContactCmd),
+    /// Groups: create, add and remove members, list, leave.
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Send a message to a group (TEXT "-" reads standard input).
+    Send {
+        group: String,
+        #[arg(required = true)]
+        text: Vec<String>,
+    },
+    /// Fetch Welcomes and messages; print what is new.
+    Sync,
+    /// Show a group's local history.
+    Read {
+        group: String,
+        /// One JSON object per line: group, sender, text, time, seq.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Interactive chat: messages arrive live, lines you type are sent.
+    /// Commands: /members, /quit. Works with piped input too.
+    Chat { group: String },
+}
+
+#[derive(Subcommand)]
+enum ContactCmd {
+    /// Give an account id a name.
+    Add { name: String, account: String },
+    /// List contacts.
+    List,
+    /// Forget a contact.
+    Remove { name: String },
+    /// Show the safety number to compare in person.
+    Verify { name: String },
+}
+
+#[derive(Subcommand)]
+enum GroupCmd {
+    /// Create a group (its name is shared with members encrypted).
+    Create { name: String },
+    /// Add contacts (names or account ids).
+    Add {
+        group: String,
+        #[arg(required = true)]
+        contacts: Vec<String>,
+    },
+    /// Remove members.
+    Remove {
+        group: String,
+        #[arg(required = true)]
+        contacts: Vec<String>,
+    },
+    /// List a group's members.
+    Members { group: String },
+    /// List your groups.
+    List,
+    /// Leave a group.
+    Leave { group: String },
 }
 
 /// Files in the home directory.
@@ -87,6 +161,38 @@ fn main() -> ExitCode {
     }
 }
 
+fn open_app(home: &Home) -> Result<App> {
+    let id = home.identity()?;
+    let server = home.pinned_server()?;
+    Ok(App::open(&home.0, id, server)?)
+}
+
+fn print_entry(e: &Entry) {
+    if e.kind == "text" {
+        out!("[{}] {}: {}", e.group, e.sender, e.body);
+    } else {
+        out!("[{}] * {}", e.group, e.body);
+    }
+}
+
+/// Runs `f` with an open app and a connection, on one thread.
+fn online<T>(home: &Home, f: impl AsyncFnOnce(&mut App, &Connection) -> Result<T, AppError>) -> Result<T> {
+    let mut app = open_app(home)?;
+    runtime()?.block_on(async {
+        let conn = app.connect().await.map_err(app_error)?;
+        let r = f(&mut app, &conn).await;
+        conn.close().await;
+        r.map_err(app_error)
+    })
+}
+
+fn app_error(e: AppError) -> anyhow::Error {
+    match e {
+        AppError::Client(c) => explain(c),
+        other => anyhow::Error::new(other),
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     let home = match cli.home {
         Some(h) => Home(h),
@@ -96,13 +202,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Register { address, invite, name } => register(&home, &address, invite, name),
         Command::Whoami => {
             let id = home.identity()?;
-            println!("{}", id.account_id());
-            println!("fingerprint {}", id.fingerprint());
+            out!("{}", id.account_id());
+            out!("fingerprint {}", id.fingerprint());
             if let Some(name) = home.name_or_none() {
-                println!("name        {name}");
+                out!("name        {name}");
             }
             if let Ok(server) = home.pinned_server() {
-                println!("server      {server}");
+                out!("server      {server}");
             }
             Ok(())
         }
@@ -116,17 +222,193 @@ fn run(cli: Cli) -> Result<()> {
                 status
             });
             let status = status.map_err(explain)?;
-            println!("account     {}", status.account);
+            out!("account     {}", status.account);
             if let Some(name) = home.name_or_none() {
-                println!("name        {name}");
+                out!("name        {name}");
             }
-            println!("server      {server}");
-            println!("registered  {}", format_unix(status.registered_at));
-            println!("server time {}", format_unix(status.server_time));
-            println!("connection  authenticated");
+            out!("server      {server}");
+            out!("registered  {}", format_unix(status.registered_at));
+            out!("server time {}", format_unix(status.server_time));
+            out!("connection  authenticated");
             Ok(())
         }
+        Command::Contact(cmd) => contact(&home, cmd),
+        Command::Group(cmd) => group(&home, cmd),
+        Command::Send { group, text } => {
+            let text = if text == ["-"] {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading standard input")?;
+                s.trim_end_matches('\n').to_string()
+            } else {
+                text.join(" ")
+            };
+            if text.is_empty() {
+                bail!("nothing to send");
+            }
+            let seq = online(&home, async |app, conn| {
+                let g = app.resolve_group(&group)?;
+                app.sync(conn).await?;
+                let g = app.resolve_group(&g.name)?;
+                app.send_text(conn, &g, &text).await
+            })?;
+            eprintln!("sent (#{seq})");
+            Ok(())
+        }
+        Command::Sync => {
+            let new = online(&home, async |app, conn| app.sync(conn).await)?;
+            for e in &new {
+                print_entry(e);
+            }
+            Ok(())
+        }
+        Command::Read { group, json } => {
+            let app = open_app(&home)?;
+            let g = app.resolve_group(&group)?;
+            for e in app.history(&g)? {
+                if json {
+                    let text = if e.kind == "text" { e.body.clone() } else { format!("* {}", e.body) };
+                    let line = serde_json::json!({
+                        "group": e.group, "sender": e.sender, "text": text, "time": e.time, "seq": e.seq, "kind": e.kind,
+                    });
+                    out!("{line}");
+                } else if e.kind == "text" {
+                    out!("{} {}: {}", format_unix(e.time), e.sender, e.body);
+                } else {
+                    out!("{} * {}", format_unix(e.time), e.body);
+                }
+            }
+            Ok(())
+        }
+        Command::Chat { group } => chat(&home, &group),
     }
+}
+
+fn contact(home: &Home, cmd: ContactCmd) -> Result<()> {
+    let app = open_app(home)?;
+    match cmd {
+        ContactCmd::Add { name, account } => {
+            let a = app.contact_add(&name, &account)?;
+            out!("{name} = {a}");
+        }
+        ContactCmd::List => {
+            for (name, a) in app.contacts()? {
+                out!("{name}  {a}");
+            }
+        }
+        ContactCmd::Remove { name } => app.contact_remove(&name)?,
+        ContactCmd::Verify { name } => {
+            let a = app.resolve_contact(&name)?;
+            out!("{}", safety_number(&app.account(), &a));
+            eprintln!("compare this number with {name}'s `hush contact verify` for you; equal numbers mean the keys are right");
+        }
+    }
+    Ok(())
+}
+
+fn group(home: &Home, cmd: GroupCmd) -> Result<()> {
+    match cmd {
+        GroupCmd::Create { name } => {
+            let name = name.trim().to_string();
+            if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+                bail!("group names are 1 to 64 printable characters");
+            }
+            online(home, async |app, conn| app.create_group(conn, &name).await)?;
+            out!("created {name}");
+        }
+        GroupCmd::Add { group, contacts } => {
+            online(home, async |app, conn| {
+                let accounts = contacts.iter().map(|c| app.resolve_contact(c)).collect::<Result<Vec<_>, _>>()?;
+                let g = app.resolve_group(&group)?;
+                app.add(conn, &g, &accounts).await
+            })?;
+            out!("added {} to {group}", contacts.join(", "));
+        }
+        GroupCmd::Remove { group, contacts } => {
+            online(home, async |app, conn| {
+                let accounts = contacts.iter().map(|c| app.resolve_contact(c)).collect::<Result<Vec<_>, _>>()?;
+                let g = app.resolve_group(&group)?;
+                app.remove(conn, &g, &accounts).await
+            })?;
+            out!("removed {} from {group}", contacts.join(", "));
+        }
+        GroupCmd::Members { group } => {
+            let mut app = open_app(home)?;
+            let g = app.resolve_group(&group)?;
+            for m in app.members(&g) {
+                out!("{m}");
+            }
+        }
+        GroupCmd::List => {
+            let app = open_app(home)?;
+            for g in app.groups()? {
+                let state = if g.active { "" } else { "  (left)" };
+                out!("{}  {}{state}", g.name, hush::auth::text::encode(&g.id));
+            }
+        }
+        GroupCmd::Leave { group } => {
+            online(home, async |app, conn| {
+                let g = app.resolve_group(&group)?;
+                app.leave(conn, &g).await
+            })?;
+            out!("left {group}");
+        }
+    }
+    Ok(())
+}
+
+fn chat(home: &Home, group: &str) -> Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let mut app = open_app(home)?;
+    let name = app.resolve_group(group)?.name;
+    runtime()?.block_on(async {
+        let conn = app.connect().await.map_err(app_error)?;
+        for e in app.sync(&conn).await.map_err(app_error)? {
+            print_entry(&e);
+        }
+        let (tx, mut pushes) = tokio::sync::mpsc::channel::<()>(16);
+        let quic = conn.quic().clone();
+        tokio::spawn(async move {
+            let Ok(mut stream) = PushStream::accept(quic).await else { return };
+            while let Ok(Some(_)) = stream.next().await {
+                if tx.send(()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        eprintln!("chatting in {name}; /members, /quit");
+        loop {
+            tokio::select! {
+                line = lines.next_line() => {
+                    let Some(line) = line.context("reading standard input")? else { break };
+                    let line = line.trim_end().to_string();
+                    match line.as_str() {
+                        "" => {}
+                        "/quit" => break,
+                        "/members" => {
+                            let g = app.resolve_group(&name)?;
+                            out!("{}", app.members(&g).join(", "));
+                        }
+                        text => {
+                            let g = app.resolve_group(&name)?;
+                            app.send_text(&conn, &g, text).await.map_err(app_error)?;
+                        }
+                    }
+                }
+                Some(()) = pushes.recv() => {
+                    for e in app.sync(&conn).await.map_err(app_error)? {
+                        print_entry(&e);
+                    }
+                }
+            }
+        }
+        // A last look for anything that arrived while we typed.
+        for e in app.sync(&conn).await.map_err(app_error)? {
+            print_entry(&e);
+        }
+        conn.close().await;
+        Ok(())
+    })
 }
 
 fn register(home: &Home, address: &str, invite: Option<String>, name: Option<String>) -> Result<()> {
@@ -157,13 +439,27 @@ fn register(home: &Home, address: &str, invite: Option<String>, name: Option<Str
     });
     let new = outcome.map_err(explain)?;
     write_private(&home.server(), &format!("{address}\n"))?;
+    App::initialise(&home.0, &id)?;
+    let app = App::open(&home.0, id, address.clone())?;
+    runtime()?
+        .block_on(async {
+            let conn = app.connect().await?;
+            let (count, last_resort) = conn.count_key_packages().await?;
+            if count == 0 || !last_resort {
+                app.publish_key_packages(&conn, !last_resort).await?;
+            }
+            conn.close().await;
+            Ok::<(), AppError>(())
+        })
+        .map_err(app_error)?;
+    let id = &app.identity;
     if let Some(n) = name {
         write_private(&home.name(), &format!("{}\n", n.trim()))?;
     }
     if new {
-        println!("registered {} on {address}", id.account_id());
+        out!("registered {} on {address}", id.account_id());
     } else {
-        println!("already registered: {} on {address}", id.account_id());
+        out!("already registered: {} on {address}", id.account_id());
     }
     Ok(())
 }

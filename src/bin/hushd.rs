@@ -1,6 +1,19 @@
 //! `hushd`: the hush relay server. Thin: parse arguments, call the library,
 //! print results on stdout, logs on stderr, `{:#}` errors with exit code 1.
 
+/// Prints a line to stdout; a closed stdout (`hush … | head -1`) ends the
+/// program quietly instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -111,7 +124,7 @@ fn run(cli: Cli) -> Result<()> {
                 fingerprint: identity.fingerprint(),
             };
             eprintln!("{} {}", if created { "created" } else { "already initialised:" }, dir.0.display());
-            println!("{address}");
+            out!("{address}");
             Ok(())
         }
         Command::Invite { uses, expires } => {
@@ -132,14 +145,14 @@ fn run(cli: Cli) -> Result<()> {
                 Some(address) => eprintln!("the new member runs:\n  hush register {address} --invite {token}"),
                 None => eprintln!("the new member runs: hush register <server address> --invite <token>"),
             }
-            println!("{token}");
+            out!("{token}");
             Ok(())
         }
         Command::Accounts => {
             let db = open_existing(&dir)?;
             let accounts = db.accounts()?;
             for a in &accounts {
-                println!("{}  registered {}", a.account, format_unix(a.created_at));
+                out!("{}  registered {}", a.account, format_unix(a.created_at));
             }
             eprintln!("{} account{}", accounts.len(), if accounts.len() == 1 { "" } else { "s" });
             Ok(())
@@ -154,7 +167,7 @@ fn run(cli: Cli) -> Result<()> {
                     Some(e) => format!("valid until {}", format_unix(e)),
                     None => "valid".to_string(),
                 };
-                println!("{}  {}/{} uses left  {}", hush::auth::text::encode(&i.id), i.uses_left, i.uses_total, state);
+                out!("{}  {}/{} uses left  {}", hush::auth::text::encode(&i.id), i.uses_left, i.uses_total, state);
             }
             Ok(())
         }

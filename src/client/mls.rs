@@ -64,16 +64,18 @@ pub enum Received {
     Proposal { sender: Option<AccountId> },
 }
 
-/// One member: its MLS signature key, credential and groups.
-pub struct Member {
-    provider: OpenMlsRustCrypto,
+/// One member: its MLS signature key, credential and groups, kept in the
+/// provider's storage (in memory for [`OpenMlsRustCrypto`], SQLite for the
+/// CLI).
+pub struct Member<P: OpenMlsProvider = OpenMlsRustCrypto> {
+    provider: P,
     signer: SignatureKeyPair,
     credential: CredentialWithKey,
     account: AccountId,
     groups: HashMap<Vec<u8>, MlsGroup>,
 }
 
-impl std::fmt::Debug for Member {
+impl<P: OpenMlsProvider> std::fmt::Debug for Member<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Member").field("account", &self.account).finish_non_exhaustive()
     }
@@ -83,18 +85,61 @@ fn serialize(m: &impl tls_codec::Serialize, what: &str) -> Result<Vec<u8>, MlsEr
     m.tls_serialize_detached().map_err(|e| MlsError(format!("encoding {what}: {e}")))
 }
 
-impl Member {
-    /// A member whose BasicCredential identity is `account` (the account's
-    /// Ed25519 public key) with a fresh MLS signature key.
+impl Member<OpenMlsRustCrypto> {
+    /// An in-memory member whose BasicCredential identity is `account` (the
+    /// account's Ed25519 public key) with a fresh MLS signature key.
     pub fn new(account: AccountId) -> Result<Self, MlsError> {
-        let provider = OpenMlsRustCrypto::default();
+        Self::create(OpenMlsRustCrypto::default(), account)
+    }
+}
+
+impl<P: OpenMlsProvider> Member<P> {
+    /// A member with a fresh MLS signature key, stored in `provider`.
+    pub fn create(provider: P, account: AccountId) -> Result<Self, MlsError> {
         let signer = mls_try!(SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()), "signature key")?;
         mls_try!(signer.store(provider.storage()), "storing the signature key")?;
+        Ok(Self::assemble(provider, signer, account))
+    }
+
+    /// A member whose signature key (public part `signature_public`) is
+    /// already in `provider`'s storage.
+    pub fn load(provider: P, account: AccountId, signature_public: &[u8]) -> Result<Self, MlsError> {
+        let signer = SignatureKeyPair::read(provider.storage(), signature_public, CIPHERSUITE.signature_algorithm())
+            .ok_or_else(|| MlsError("the MLS signature key is missing from the state".into()))?;
+        Ok(Self::assemble(provider, signer, account))
+    }
+
+    fn assemble(provider: P, signer: SignatureKeyPair, account: AccountId) -> Self {
         let credential = CredentialWithKey {
             credential: BasicCredential::new(account.0.to_vec()).into(),
             signature_key: signer.public().into(),
         };
-        Ok(Self { provider, signer, credential, account, groups: HashMap::new() })
+        Self { provider, signer, credential, account, groups: HashMap::new() }
+    }
+
+    /// The public half of the MLS signature key (to find it again).
+    pub fn signature_public(&self) -> Vec<u8> {
+        self.signer.public().to_vec()
+    }
+
+    pub fn provider(&self) -> &P {
+        &self.provider
+    }
+
+    /// The group, loaded from storage on first use.
+    fn group_mut(&mut self, id: &[u8]) -> Result<&mut MlsGroup, MlsError> {
+        if !self.groups.contains_key(id) {
+            let loaded = MlsGroup::load(self.provider.storage(), &GroupId::from_slice(id))
+                .map_err(|_| MlsError("cannot load the group state".into()))?
+                .ok_or_else(|| MlsError("not in that group".into()))?;
+            self.groups.insert(id.to_vec(), loaded);
+        }
+        self.groups.get_mut(id).ok_or_else(|| MlsError("not in that group".into()))
+    }
+
+    /// Whether we hold state for the group.
+    pub fn has_group(&mut self, id: &[u8]) -> bool {
+        self.group_mut(id).is_ok()
     }
 
     pub fn account(&self) -> AccountId {
@@ -163,13 +208,14 @@ impl Member {
     /// [`Member::merge_pending`] (server accepted) or
     /// [`Member::discard_pending`] (server refused).
     pub fn add(&mut self, group: &[u8], key_packages: &[Vec<u8>]) -> Result<(Vec<u8>, Vec<u8>), MlsError> {
+        self.group_mut(group)?;
         let mut kps = Vec::new();
         for bytes in key_packages {
             let kp_in = mls_try!(KeyPackageIn::tls_deserialize_exact(bytes), "KeyPackage")?;
             kps.push(mls_try!(kp_in.validate(self.provider.crypto(), ProtocolVersion::Mls10), "KeyPackage")?);
         }
-        let provider = &self.provider;
-        let signer = &self.signer;
+        self.group_mut(group)?;
+        let (provider, signer) = (&self.provider, &self.signer);
         let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
         let (commit, welcome, _) = mls_try!(g.add_members(provider, signer, &kps), "adding members")?;
         Ok((serialize(&commit, "the commit")?, serialize(&welcome, "the Welcome")?))
@@ -177,8 +223,8 @@ impl Member {
 
     /// A commit removing every leaf of these accounts.
     pub fn remove(&mut self, group: &[u8], accounts: &[AccountId]) -> Result<Vec<u8>, MlsError> {
-        let provider = &self.provider;
-        let signer = &self.signer;
+        self.group_mut(group)?;
+        let (provider, signer) = (&self.provider, &self.signer);
         let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
         let leaves: Vec<LeafNodeIndex> = g
             .members()
@@ -194,8 +240,8 @@ impl Member {
 
     /// A proposal to remove ourselves; another member commits it.
     pub fn leave(&mut self, group: &[u8]) -> Result<Vec<u8>, MlsError> {
-        let provider = &self.provider;
-        let signer = &self.signer;
+        self.group_mut(group)?;
+        let (provider, signer) = (&self.provider, &self.signer);
         let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
         let proposal = mls_try!(g.leave_group(provider, signer), "leaving")?;
         serialize(&proposal, "the proposal")
@@ -204,8 +250,8 @@ impl Member {
     /// A commit of the proposals received so far (and the Welcome if they
     /// add members).
     pub fn commit_pending(&mut self, group: &[u8]) -> Result<(Vec<u8>, Option<Vec<u8>>), MlsError> {
-        let provider = &self.provider;
-        let signer = &self.signer;
+        self.group_mut(group)?;
+        let (provider, signer) = (&self.provider, &self.signer);
         let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
         let (commit, welcome, _) = mls_try!(g.commit_to_pending_proposals(provider, signer), "committing")?;
         Ok((serialize(&commit, "the commit")?, welcome.map(|w| serialize(&w, "the Welcome")).transpose()?))
@@ -213,6 +259,7 @@ impl Member {
 
     /// The server accepted our pending commit: apply it.
     pub fn merge_pending(&mut self, group: &[u8]) -> Result<(), MlsError> {
+        self.group_mut(group)?;
         let provider = &self.provider;
         let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
         mls_try!(g.merge_pending_commit(provider), "merging our commit")
@@ -220,6 +267,7 @@ impl Member {
 
     /// The server refused our pending commit: forget it.
     pub fn discard_pending(&mut self, group: &[u8]) -> Result<(), MlsError> {
+        self.group_mut(group)?;
         let provider = &self.provider;
         let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
         mls_try!(g.clear_pending_commit(provider.storage()), "discarding our commit")
@@ -227,8 +275,8 @@ impl Member {
 
     /// Encrypts application data for the group.
     pub fn encrypt(&mut self, group: &[u8], data: &[u8]) -> Result<Vec<u8>, MlsError> {
-        let provider = &self.provider;
-        let signer = &self.signer;
+        self.group_mut(group)?;
+        let (provider, signer) = (&self.provider, &self.signer);
         let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
         let msg = mls_try!(g.create_message(provider, signer, data), "encrypting")?;
         serialize(&msg, "the message")
@@ -252,6 +300,7 @@ impl Member {
     pub fn receive(&mut self, group: &[u8], bytes: &[u8]) -> Result<Received, MlsError> {
         let msg = mls_try!(MlsMessageIn::tls_deserialize_exact(bytes), "message")?;
         let protocol = mls_try!(msg.try_into_protocol_message(), "message")?;
+        self.group_mut(group)?;
         let provider = &self.provider;
         let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
         let processed = mls_try!(g.process_message(provider, protocol), "processing")?;
@@ -273,25 +322,33 @@ impl Member {
         }
     }
 
-    pub fn epoch(&self, group: &[u8]) -> Option<u64> {
-        self.groups.get(group).map(|g| g.epoch().as_u64())
+    pub fn epoch(&mut self, group: &[u8]) -> Option<u64> {
+        self.group_mut(group).ok().map(|g| g.epoch().as_u64())
     }
 
     /// A value all members share in an epoch: equal values mean equal state.
-    pub fn epoch_authenticator(&self, group: &[u8]) -> Option<Vec<u8>> {
-        self.groups.get(group).map(|g| g.epoch_authenticator().as_slice().to_vec())
+    pub fn epoch_authenticator(&mut self, group: &[u8]) -> Option<Vec<u8>> {
+        self.group_mut(group).ok().map(|g| g.epoch_authenticator().as_slice().to_vec())
     }
 
     /// The accounts in the group, by leaf order.
-    pub fn members(&self, group: &[u8]) -> Vec<AccountId> {
-        self.groups
-            .get(group)
+    pub fn members(&mut self, group: &[u8]) -> Vec<AccountId> {
+        self.group_mut(group)
             .map(|g| g.members().filter_map(|m| crate::delivery::mls::account_of(&m.credential)).collect())
             .unwrap_or_default()
     }
 
-    /// Forgets a group (after leaving or being removed).
+    /// Whether we are still an active member of the group.
+    pub fn is_active(&mut self, group: &[u8]) -> bool {
+        self.group_mut(group).map(|g| g.is_active()).unwrap_or(false)
+    }
+
+    /// Forgets a group (after leaving or being removed), deleting its state.
     pub fn forget(&mut self, group: &[u8]) {
-        self.groups.remove(group);
+        if self.group_mut(group).is_ok() {
+            if let Some(mut g) = self.groups.remove(group) {
+                let _ = g.delete(self.provider.storage());
+            }
+        }
     }
 }

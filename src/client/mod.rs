@@ -16,7 +16,9 @@ use thiserror::Error;
 use crate::auth::tls::{client_crypto, Credentials, SeenFingerprint, TlsError};
 use crate::auth::{AccountId, Fingerprint, HushAddress, Identity};
 use crate::limits::{CLIENT_KEEP_ALIVE, CLIENT_TIMEOUT, DEFAULT_IDLE_TIMEOUT};
+pub mod app;
 pub mod mls;
+pub mod state;
 
 use crate::wire::{
     close, decode_push_frame, DecodeError, EncodeError, ErrorCode, Push, Request, Response, MAX_RESPONSE_FRAME,
@@ -282,8 +284,7 @@ impl Connection {
 
     /// Waits for the server's push stream (opened at its first push).
     pub async fn pushes(&self) -> Result<PushStream, ClientError> {
-        let recv = self.conn.accept_uni().await.map_err(ClientError::from_connection)?;
-        Ok(PushStream { recv, buf: Vec::new() })
+        PushStream::accept(self.conn.clone()).await
     }
 
     /// Waits until the server closes the connection and says why.
@@ -312,6 +313,12 @@ pub struct PushStream {
 }
 
 impl PushStream {
+    /// Waits for the push stream on a connection (from [`Connection::quic`]).
+    pub async fn accept(conn: quinn::Connection) -> Result<Self, ClientError> {
+        let recv = conn.accept_uni().await.map_err(ClientError::from_connection)?;
+        Ok(Self { recv, buf: Vec::new() })
+    }
+
     /// The next push, or `None` when the server ended the stream.
     pub async fn next(&mut self) -> Result<Option<Push>, ClientError> {
         loop {

@@ -431,6 +431,6 @@ proptest! {
         mls.sort();
         prop_assert_eq!(roster, mls);
         let a = members[0].member.epoch_authenticator(&g);
-        prop_assert!(members.iter().all(|m| m.member.epoch_authenticator(&g) == a));
+        prop_assert!(members.iter_mut().all(|m| m.member.epoch_authenticator(&g) == a));
     }
 }

@@ -302,7 +302,11 @@ mod tests {
         }
         let size_of = |db: &Db| -> i64 {
             db.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
-            db.conn.query_row("SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()", [], |r| r.get(0)).unwrap()
+            db.conn
+                .query_row("SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()", [], |r| {
+                    r.get(0)
+                })
+                .unwrap()
         };
         let before = size_of(&db);
         for i in 0..messages {
@@ -310,7 +314,10 @@ mod tests {
             run(&mut db, first.account(), Request::Send { message: m, welcome: None });
         }
         let after = size_of(&db);
-        assert_eq!(SqlStore { conn: &db.conn }.group(&g.id).unwrap().unwrap().last_seq as usize, messages + usize::from(size > 1));
+        assert_eq!(
+            SqlStore { conn: &db.conn }.group(&g.id).unwrap().unwrap().last_seq as usize,
+            messages + usize::from(size > 1)
+        );
         (after - before) as f64 / messages as f64
     }
 

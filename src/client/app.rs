@@ -1,0 +1,619 @@
+//! What the `hush` CLI does, as a library: contacts, groups and messages on
+//! top of the client state, the MLS member and a server connection.
+//!
+//! Crash safety: a message enters the local history as sent only after
+//! the server acknowledged it; a commit is merged locally only after the
+//! server accepted it (otherwise it is discarded and, on `StaleEpoch`,
+//! retried after catching up); a Welcome is acknowledged to the server
+//! only after the group was joined and recorded.
+//!
+//! Application payloads are one kind byte followed by UTF-8:
+//! `0x01` text, `0x02` the group's name (so names travel encrypted and the
+//! server never sees them).
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection as Db, OptionalExtension};
+use thiserror::Error;
+
+use super::mls::{Member, MlsError, Received};
+use super::state::{self, Provider, StateError};
+use super::{ClientError, Connection};
+use crate::auth::{text, AccountId, HushAddress, Identity, KeyError};
+use crate::util::now_unix;
+use crate::wire::ErrorCode;
+
+/// KeyPackages published at registration and kept available.
+pub const KEY_PACKAGE_TARGET: usize = 20;
+/// Top up when fewer than this many are left.
+pub const KEY_PACKAGE_LOW: u32 = 5;
+/// Attempts at a commit that keeps meeting `StaleEpoch`.
+pub const COMMIT_ATTEMPTS: usize = 5;
+
+const KIND_TEXT: u8 = 0x01;
+const KIND_NAME: u8 = 0x02;
+
+/// Something the user can act on.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum AppError {
+    #[error("no identity in {0}; run `hush register ADDRESS --invite TOKEN` first")]
+    NoIdentity(PathBuf),
+    #[error("unknown contact {0:?}; add it with `hush contact add NAME ACCOUNT_ID`")]
+    UnknownContact(String),
+    #[error("unknown group {0:?}; see `hush group list`")]
+    UnknownGroup(String),
+    #[error("you are not a member of {0} any more")]
+    NotMember(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Mls(#[from] MlsError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+impl From<rusqlite::Error> for AppError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::State(StateError::Sqlite(e))
+    }
+}
+
+/// One line of history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub group_id: Vec<u8>,
+    pub group: String,
+    pub seq: u64,
+    /// Display name of the sender (petname, "you", or short fingerprint).
+    pub sender: String,
+    /// `text` or `event`.
+    pub kind: String,
+    pub body: String,
+    pub time: u64,
+}
+
+/// A local group.
+#[derive(Debug, Clone)]
+pub struct GroupRow {
+    pub id: Vec<u8>,
+    pub name: String,
+    pub active: bool,
+}
+
+/// The open client: identity, pinned server, state.
+pub struct App {
+    pub home: PathBuf,
+    pub identity: Identity,
+    pub server: HushAddress,
+    db: Db,
+    member: Member<Provider>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").field("home", &self.home).finish_non_exhaustive()
+    }
+}
+
+/// Shown instead of an account id: the first 16 characters, grouped.
+pub fn short(a: &AccountId) -> String {
+    a.short()
+}
+
+/// A number both people compute the same way from their two account keys:
+/// SHA-256 over the sorted pair, shown as 12 groups of 5 digits.
+pub fn safety_number(a: &AccountId, b: &AccountId) -> String {
+    let (x, y) = if a.0 <= b.0 { (a, b) } else { (b, a) };
+    let mut input = b"hush safety number v1".to_vec();
+    input.extend_from_slice(&x.0);
+    input.extend_from_slice(&y.0);
+    let digest = ring::digest::digest(&ring::digest::SHA256, &input);
+    digest
+        .as_ref()
+        .chunks(2)
+        .take(12)
+        .map(|c| {
+            let v = c.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b));
+            format!("{:05}", v % 100_000)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl App {
+    /// Creates the MLS state for a freshly registered identity (once).
+    pub fn initialise(home: &Path, identity: &Identity) -> Result<(), AppError> {
+        let (provider, db) = state::open(home)?;
+        if state::setting(&db, "signature_public")?.is_none() {
+            let member = Member::create(provider, identity.account_id())?;
+            state::set_setting(&db, "signature_public", &member.signature_public())?;
+        }
+        Ok(())
+    }
+
+    /// Opens an initialised home.
+    pub fn open(home: &Path, identity: Identity, server: HushAddress) -> Result<Self, AppError> {
+        let (provider, db) = state::open(home)?;
+        let public = state::setting(&db, "signature_public")?.ok_or_else(|| AppError::NoIdentity(home.to_owned()))?;
+        let member = Member::load(provider, identity.account_id(), &public)?;
+        Ok(Self { home: home.to_owned(), identity, server, db, member })
+    }
+
+    pub fn account(&self) -> AccountId {
+        self.identity.account_id()
+    }
+
+    pub async fn connect(&self) -> Result<Connection, AppError> {
+        Ok(Connection::connect(&self.server, &self.identity).await?)
+    }
+
+    // ---- contacts ----
+
+    pub fn contact_add(&self, name: &str, account: &str) -> Result<AccountId, AppError> {
+        let name = name.trim();
+        if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+            return Err(AppError::Invalid("contact names are 1 to 64 printable characters".into()));
+        }
+        let account: AccountId =
+            account.parse().map_err(|e| AppError::Invalid(format!("{account:?} is not an account id: {e}")))?;
+        self.db
+            .execute(
+                "INSERT INTO contacts (name, account) VALUES (?1, ?2)
+             ON CONFLICT(name) DO UPDATE SET account = excluded.account",
+                params![name, &account.0[..]],
+            )
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    AppError::Invalid("that account already has another name".into())
+                }
+                other => other.into(),
+            })?;
+        Ok(account)
+    }
+
+    pub fn contacts(&self) -> Result<Vec<(String, AccountId)>, AppError> {
+        let mut stmt = self.db.prepare("SELECT name, account FROM contacts ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+        let mut out = vec![];
+        for row in rows {
+            let (n, a) = row?;
+            if let Some(a) = state::account_col(Some(a)) {
+                out.push((n, a));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn contact_remove(&self, name: &str) -> Result<(), AppError> {
+        if self.db.execute("DELETE FROM contacts WHERE name = ?1", [name])? == 0 {
+            return Err(AppError::UnknownContact(name.into()));
+        }
+        Ok(())
+    }
+
+    /// A petname or an account id.
+    pub fn resolve_contact(&self, who: &str) -> Result<AccountId, AppError> {
+        let found: Option<Vec<u8>> =
+            self.db.query_row("SELECT account FROM contacts WHERE name = ?1", [who], |r| r.get(0)).optional()?;
+        if let Some(a) = state::account_col(found) {
+            return Ok(a);
+        }
+        who.parse().map_err(|_| AppError::UnknownContact(who.into()))
+    }
+
+    /// How to show an account: "you", its petname, or a short fingerprint.
+    pub fn display(&self, a: &AccountId) -> String {
+        if *a == self.account() {
+            return "you".into();
+        }
+        self.db
+            .query_row("SELECT name FROM contacts WHERE account = ?1", [&a.0[..]], |r| r.get::<_, String>(0))
+            .unwrap_or_else(|_| short(a))
+    }
+
+    // ---- groups ----
+
+    pub fn groups(&self) -> Result<Vec<GroupRow>, AppError> {
+        let mut stmt = self.db.prepare("SELECT id, name, active FROM groups ORDER BY joined_at, id")?;
+        let rows = stmt.query_map([], |r| {
+            let id: Vec<u8> = r.get(0)?;
+            let name: Option<String> = r.get(1)?;
+            Ok(GroupRow { name: name.unwrap_or_else(|| text::encode(&id)), id, active: r.get(2)? })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A group by local name or by id (base32, as `group list` shows).
+    pub fn resolve_group(&self, name: &str) -> Result<GroupRow, AppError> {
+        let groups = self.groups()?;
+        let mut matches: Vec<&GroupRow> = groups.iter().filter(|g| g.name == name).collect();
+        if matches.is_empty() {
+            matches = groups.iter().filter(|g| text::encode(&g.id) == name).collect();
+        }
+        match matches.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(AppError::UnknownGroup(name.into())),
+            _ => {
+                Err(AppError::Invalid(format!("several groups are called {name:?}; use the id from `hush group list`")))
+            }
+        }
+    }
+
+    fn group_name(&self, id: &[u8]) -> String {
+        self.db
+            .query_row("SELECT name FROM groups WHERE id = ?1", [id], |r| r.get::<_, Option<String>>(0))
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| text::encode(id))
+    }
+
+    fn record(
+        &self,
+        group: &[u8],
+        seq: u64,
+        sender: Option<&AccountId>,
+        kind: &str,
+        body: &str,
+    ) -> Result<(), AppError> {
+        self.db.execute(
+            "INSERT INTO history (group_id, seq, sender, kind, body, time) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                group,
+                i64::try_from(seq).unwrap_or(i64::MAX),
+                sender.map(|a| a.0.to_vec()),
+                kind,
+                body,
+                i64::try_from(now_unix()).unwrap_or(0)
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn mark_sent(&self, group: &[u8], seq: u64) -> Result<(), AppError> {
+        self.db.execute(
+            "INSERT OR IGNORE INTO sent (group_id, seq) VALUES (?1, ?2)",
+            params![group, i64::try_from(seq).unwrap_or(i64::MAX)],
+        )?;
+        Ok(())
+    }
+
+    /// Creates a group named `name` (the name stays local until members are
+    /// added, who receive it encrypted).
+    pub async fn create_group(&mut self, conn: &Connection, name: &str) -> Result<Vec<u8>, AppError> {
+        if self.groups()?.iter().any(|g| g.name == name && g.active) {
+            return Err(AppError::Invalid(format!("you already have a group called {name:?}")));
+        }
+        let g = self.member.create_group()?;
+        conn.create_group(g.group_info, g.ratchet_tree).await?;
+        self.db.execute(
+            "INSERT INTO groups (id, name, cursor, active, joined_at) VALUES (?1, ?2, 0, 1, ?3)",
+            params![g.id, name, i64::try_from(now_unix()).unwrap_or(0)],
+        )?;
+        self.record(&g.id, 0, Some(&self.account()), "event", &format!("you created {name}"))?;
+        Ok(g.id)
+    }
+
+    /// Sends an MLS message; on `StaleEpoch` catches up (via `retry`) and
+    /// lets the caller rebuild it. Returns the sequence.
+    async fn send_commit<F>(&mut self, conn: &Connection, group: &[u8], mut build: F) -> Result<u64, AppError>
+    where
+        F: FnMut(&mut Member<Provider>) -> Result<(Vec<u8>, Option<Vec<u8>>), AppError>,
+    {
+        for _ in 0..COMMIT_ATTEMPTS {
+            self.sync_group(conn, group, &mut Vec::new()).await?;
+            let (commit, welcome) = build(&mut self.member)?;
+            match conn.send(commit, welcome).await {
+                Ok((seq, _)) => {
+                    self.member.merge_pending(group)?;
+                    self.mark_sent(group, seq)?;
+                    self.set_cursor_if_next(group, seq)?;
+                    return Ok(seq);
+                }
+                Err(e) => {
+                    self.member.discard_pending(group)?;
+                    if e.code() != Some(ErrorCode::StaleEpoch) {
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+        Err(AppError::Invalid("the group kept changing; try again".into()))
+    }
+
+    fn cursor(&self, group: &[u8]) -> Result<u64, AppError> {
+        let c: i64 = self.db.query_row("SELECT cursor FROM groups WHERE id = ?1", [group], |r| r.get(0))?;
+        Ok(u64::try_from(c).unwrap_or(0))
+    }
+
+    fn set_cursor(&self, group: &[u8], seq: u64) -> Result<(), AppError> {
+        self.db.execute(
+            "UPDATE groups SET cursor = MAX(cursor, ?2) WHERE id = ?1",
+            params![group, i64::try_from(seq).unwrap_or(i64::MAX)],
+        )?;
+        Ok(())
+    }
+
+    /// Our own message was the next in the log: nothing to fetch for it.
+    fn set_cursor_if_next(&self, group: &[u8], seq: u64) -> Result<(), AppError> {
+        if self.cursor(group)? + 1 == seq {
+            self.set_cursor(group, seq)?;
+        }
+        Ok(())
+    }
+
+    /// Adds accounts to a group.
+    pub async fn add(&mut self, conn: &Connection, group: &GroupRow, accounts: &[AccountId]) -> Result<(), AppError> {
+        let gid = group.id.clone();
+        let mut packages = vec![];
+        for a in accounts {
+            packages.push(conn.claim_key_package(a).await?);
+        }
+        let seq = self
+            .send_commit(conn, &gid, |m| {
+                let (c, w) = m.add(&gid, &packages)?;
+                Ok((c, Some(w)))
+            })
+            .await?;
+        for a in accounts {
+            let who = self.display(a);
+            self.record(&gid, seq, Some(&self.account()), "event", &format!("{who} was added by you"))?;
+        }
+        // Tell the new members the group's name, encrypted.
+        let mut payload = vec![KIND_NAME];
+        payload.extend_from_slice(group.name.as_bytes());
+        self.send_payload(conn, &gid, &payload).await?;
+        Ok(())
+    }
+
+    /// Removes accounts from a group.
+    pub async fn remove(
+        &mut self,
+        conn: &Connection,
+        group: &GroupRow,
+        accounts: &[AccountId],
+    ) -> Result<(), AppError> {
+        let gid = group.id.clone();
+        let targets = accounts.to_vec();
+        let seq = self.send_commit(conn, &gid, |m| Ok((m.remove(&gid, &targets)?, None))).await?;
+        for a in accounts {
+            let who = self.display(a);
+            self.record(&gid, seq, Some(&self.account()), "event", &format!("{who} was removed by you"))?;
+        }
+        Ok(())
+    }
+
+    /// Asks the group to remove us (another member's next commit does).
+    pub async fn leave(&mut self, conn: &Connection, group: &GroupRow) -> Result<(), AppError> {
+        self.sync_group(conn, &group.id, &mut Vec::new()).await?;
+        let proposal = self.member.leave(&group.id)?;
+        let (seq, _) = conn.send(proposal, None).await?;
+        self.mark_sent(&group.id, seq)?;
+        self.db.execute("UPDATE groups SET active = 0 WHERE id = ?1", [&group.id])?;
+        self.record(&group.id, seq, Some(&self.account()), "event", "you left")?;
+        Ok(())
+    }
+
+    pub fn members(&mut self, group: &GroupRow) -> Vec<String> {
+        self.member.members(&group.id).iter().map(|a| self.display(a)).collect()
+    }
+
+    async fn send_payload(&mut self, conn: &Connection, group: &[u8], payload: &[u8]) -> Result<u64, AppError> {
+        for _ in 0..COMMIT_ATTEMPTS {
+            let m = self.member.encrypt(group, payload)?;
+            match conn.send(m, None).await {
+                Ok((seq, _)) => {
+                    self.mark_sent(group, seq)?;
+                    self.set_cursor_if_next(group, seq)?;
+                    return Ok(seq);
+                }
+                Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => {
+                    self.sync_group(conn, group, &mut Vec::new()).await?;
+                }
+                Err(e) if e.code() == Some(ErrorCode::NotMember) => {
+                    return Err(AppError::NotMember(self.group_name(group)));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(AppError::Invalid("the group kept changing; try again".into()))
+    }
+
+    /// Sends text; it enters the history once the server acknowledged it.
+    pub async fn send_text(&mut self, conn: &Connection, group: &GroupRow, text: &str) -> Result<u64, AppError> {
+        if !group.active {
+            return Err(AppError::NotMember(group.name.clone()));
+        }
+        let mut payload = vec![KIND_TEXT];
+        payload.extend_from_slice(text.as_bytes());
+        let seq = self.send_payload(conn, &group.id, &payload).await?;
+        self.record(&group.id, seq, Some(&self.account()), "text", text)?;
+        Ok(seq)
+    }
+
+    /// Joins pending Welcomes, fetches every group, tops up KeyPackages.
+    /// Returns the new history entries, in order.
+    pub async fn sync(&mut self, conn: &Connection) -> Result<Vec<Entry>, AppError> {
+        let mut new = Vec::new();
+        for (id, welcome) in conn.fetch_welcomes().await? {
+            match self.member.join(&welcome) {
+                Ok(gid) => {
+                    let groups = conn.groups().await?;
+                    let cursor = groups.iter().find(|g| g.group == gid).map(|g| g.acked_seq).unwrap_or(0);
+                    self.db.execute(
+                        "INSERT OR REPLACE INTO groups (id, name, cursor, active, joined_at) VALUES (?1, NULL, ?2, 1, ?3)",
+                        params![gid, i64::try_from(cursor).unwrap_or(0), i64::try_from(now_unix()).unwrap_or(0)],
+                    )?;
+                    self.record(&gid, cursor, None, "event", "you joined")?;
+                    new.push(self.entry_now(&gid, cursor, None, "event", "you joined"));
+                }
+                Err(e) => tracing::warn!("could not join from a Welcome: {e}"),
+            }
+            conn.ack_welcome(id).await?;
+        }
+        for g in self.groups()? {
+            if g.active {
+                self.sync_group(conn, &g.id, &mut new).await?;
+            }
+        }
+        let (count, _) = conn.count_key_packages().await?;
+        if count < KEY_PACKAGE_LOW {
+            self.publish_key_packages(conn, false).await?;
+        }
+        // Names may have arrived after the entries that mention the group.
+        for e in &mut new {
+            e.group = self.group_name(&e.group_id);
+        }
+        Ok(new)
+    }
+
+    /// Publishes a fresh batch of KeyPackages (and a last-resort one).
+    pub async fn publish_key_packages(&self, conn: &Connection, with_last_resort: bool) -> Result<(), AppError> {
+        let n = KEY_PACKAGE_TARGET + usize::from(with_last_resort);
+        let packages = self.member.key_packages(n)?;
+        let last = with_last_resort.then(|| u16::try_from(n - 1).unwrap_or(0));
+        conn.publish_key_packages(packages, last).await?;
+        Ok(())
+    }
+
+    fn entry_now(&self, group: &[u8], seq: u64, sender: Option<&AccountId>, kind: &str, body: &str) -> Entry {
+        Entry {
+            group_id: group.to_vec(),
+            group: self.group_name(group),
+            seq,
+            sender: sender.map(|a| self.display(a)).unwrap_or_default(),
+            kind: kind.into(),
+            body: body.into(),
+            time: now_unix(),
+        }
+    }
+
+    fn is_own(&self, group: &[u8], seq: u64) -> Result<bool, AppError> {
+        Ok(self
+            .db
+            .prepare_cached("SELECT 1 FROM sent WHERE group_id = ?1 AND seq = ?2")?
+            .exists(params![group, i64::try_from(seq).unwrap_or(i64::MAX)])?)
+    }
+
+    /// Fetches and processes one group's new messages.
+    pub async fn sync_group(&mut self, conn: &Connection, group: &[u8], new: &mut Vec<Entry>) -> Result<(), AppError> {
+        loop {
+            let after = self.cursor(group)?;
+            let (messages, more) = match conn.fetch(group, after, 0).await {
+                Ok(r) => r,
+                Err(e) if e.code() == Some(ErrorCode::NotMember) => {
+                    self.db.execute("UPDATE groups SET active = 0 WHERE id = ?1", [group])?;
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            for (seq, bytes) in &messages {
+                if !self.is_own(group, *seq)? {
+                    let before = self.member.members(group);
+                    match self.member.receive(group, bytes) {
+                        Ok(r) => self.apply(group, *seq, r, &before, new)?,
+                        Err(e) => tracing::warn!(seq, "could not process a message: {e}"),
+                    }
+                }
+                self.set_cursor(group, *seq)?;
+            }
+            if let Some((last, _)) = messages.last() {
+                conn.ack(group, *last).await?;
+            }
+            if !more {
+                return Ok(());
+            }
+        }
+    }
+
+    fn apply(
+        &mut self,
+        group: &[u8],
+        seq: u64,
+        r: Received,
+        before: &[AccountId],
+        new: &mut Vec<Entry>,
+    ) -> Result<(), AppError> {
+        match r {
+            Received::Application { sender, data } => match data.split_first() {
+                Some((&KIND_TEXT, rest)) => {
+                    let body = String::from_utf8_lossy(rest).into_owned();
+                    self.record(group, seq, sender.as_ref(), "text", &body)?;
+                    new.push(self.entry_now(group, seq, sender.as_ref(), "text", &body));
+                }
+                Some((&KIND_NAME, rest)) => {
+                    let name =
+                        String::from_utf8_lossy(rest).chars().filter(|c| !c.is_control()).take(64).collect::<String>();
+                    let unnamed: bool =
+                        self.db.query_row("SELECT name IS NULL FROM groups WHERE id = ?1", [group], |r| r.get(0))?;
+                    if unnamed && !name.is_empty() {
+                        self.db.execute("UPDATE groups SET name = ?2 WHERE id = ?1", params![group, name])?;
+                    }
+                }
+                _ => {}
+            },
+            Received::Commit { sender, removed_me, .. } => {
+                let by = sender.as_ref().map(|a| self.display(a)).unwrap_or_else(|| "someone".into());
+                let after = if removed_me { vec![] } else { self.member.members(group) };
+                let mut events = vec![];
+                for a in after.iter().filter(|a| !before.contains(a)) {
+                    events.push(format!("{} was added by {by}", self.display(a)));
+                }
+                for a in before.iter().filter(|a| !after.contains(a) && **a != self.account()) {
+                    events.push(format!("{} was removed by {by}", self.display(a)));
+                }
+                if removed_me {
+                    events.push(format!("you were removed by {by}"));
+                    self.db.execute("UPDATE groups SET active = 0 WHERE id = ?1", [group])?;
+                }
+                for e in events {
+                    self.record(group, seq, sender.as_ref(), "event", &e)?;
+                    new.push(self.entry_now(group, seq, sender.as_ref(), "event", &e));
+                }
+            }
+            Received::Proposal { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// The local history of a group, oldest first.
+    pub fn history(&self, group: &GroupRow) -> Result<Vec<Entry>, AppError> {
+        let mut stmt =
+            self.db.prepare("SELECT seq, sender, kind, body, time FROM history WHERE group_id = ?1 ORDER BY id")?;
+        let rows = stmt.query_map([&group.id], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Option<Vec<u8>>>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })?;
+        let mut out = vec![];
+        for row in rows {
+            let (seq, sender, kind, body, time) = row?;
+            let sender = state::account_col(sender).map(|a| self.display(&a)).unwrap_or_default();
+            out.push(Entry {
+                group_id: group.id.clone(),
+                group: group.name.clone(),
+                seq: u64::try_from(seq).unwrap_or(0),
+                sender,
+                kind,
+                body,
+                time: u64::try_from(time).unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Commits proposals others made (e.g. a member asking to leave).
+    pub async fn commit_pending_proposals(&mut self, conn: &Connection, group: &GroupRow) -> Result<(), AppError> {
+        let gid = group.id.clone();
+        self.send_commit(conn, &gid, |m| Ok(m.commit_pending(&gid)?)).await?;
+        Ok(())
+    }
+}
