@@ -1,0 +1,193 @@
+//! The `hush` CLI end to end: three people, real binaries, real server.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::support::*;
+
+struct Person {
+    home: PathBuf,
+    id: String,
+}
+
+fn person(server: &Hushd, dir: &Path, name: &str) -> Person {
+    let home = dir.join(name);
+    let token = server.invite(&[]);
+    ok(hush(&home, &["register", &server.address.to_string(), "--invite", &token, "--name", name]));
+    let id = ok(hush(&home, &["whoami"])).lines().next().unwrap().to_string();
+    Person { home, id }
+}
+
+fn run_ok(p: &Person, args: &[&str]) -> String {
+    ok(hush(&p.home, args))
+}
+
+fn texts_of(read_json: &str) -> Vec<String> {
+    read_json
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "text")
+        .map(|v| format!("{}: {}", v["sender"].as_str().unwrap(), v["text"].as_str().unwrap()))
+        .collect()
+}
+
+fn team(server: &Hushd, dir: &Path) -> (Person, Person, Person) {
+    let alice = person(server, dir, "alice");
+    let bob = person(server, dir, "bob");
+    let carol = person(server, dir, "carol");
+    for (p, others) in [
+        (&alice, [("bob", &bob), ("carol", &carol)]),
+        (&bob, [("alice", &alice), ("carol", &carol)]),
+        (&carol, [("alice", &alice), ("bob", &bob)]),
+    ] {
+        for (n, o) in others {
+            run_ok(p, &["contact", "add", n, &o.id]);
+        }
+    }
+    run_ok(&alice, &["group", "create", "team"]);
+    run_ok(&alice, &["group", "add", "team", "bob", "carol"]);
+    let joined = run_ok(&bob, &["sync"]);
+    assert!(joined.contains("you joined"), "{joined}");
+    run_ok(&carol, &["sync"]);
+    (alice, bob, carol)
+}
+
+#[test]
+fn three_people_chat_in_order_offline_member_catches_up_and_restart_keeps_everything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("server"));
+    let (alice, bob, carol) = team(&server, tmp.path());
+    run_ok(&alice, &["send", "team", "hello", "team"]);
+    run_ok(&bob, &["send", "team", "hi", "alice"]);
+    let carol_new = run_ok(&carol, &["sync"]);
+    assert!(
+        carol_new.contains("[team] alice: hello team") && carol_new.contains("[team] bob: hi alice"),
+        "{carol_new}"
+    );
+    let members = run_ok(&carol, &["group", "members", "team"]);
+    assert_eq!(members.lines().count(), 3, "{members}");
+    assert!(members.contains("alice") && members.contains("bob") && members.contains("you"));
+
+    // Carol is offline (no command running) while alice and bob send 20.
+    for i in 0..10 {
+        run_ok(&alice, &["send", "team", &format!("a{i}")]);
+        run_ok(&bob, &["send", "team", &format!("b{i}")]);
+    }
+    run_ok(&carol, &["sync"]);
+    let history = texts_of(&run_ok(&carol, &["read", "team", "--json"]));
+    let mut expected = vec!["alice: hello team".to_string(), "bob: hi alice".to_string()];
+    for i in 0..10 {
+        expected.push(format!("alice: a{i}"));
+        expected.push(format!("bob: b{i}"));
+    }
+    assert_eq!(history, expected);
+
+    // Restart the server; everything still works.
+    let port = server.port();
+    let dir = server.data_dir.clone();
+    let (status, _) = server.terminate();
+    assert!(status.success());
+    let _server = Hushd::start_with(&dir, &format!("127.0.0.1:{port}"), &[]);
+    run_ok(&carol, &["send", "team", "after the restart"]);
+    assert!(run_ok(&alice, &["sync"]).contains("carol: after the restart"));
+    assert!(run_ok(&bob, &["sync"]).contains("carol: after the restart"));
+}
+
+#[test]
+fn a_removed_member_sees_it_and_reads_nothing_new() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("server"));
+    let (alice, bob, carol) = team(&server, tmp.path());
+    run_ok(&alice, &["group", "remove", "team", "carol"]);
+    run_ok(&alice, &["send", "team", "only for bob"]);
+    let carol_new = run_ok(&carol, &["sync"]);
+    assert!(carol_new.contains("you were removed by alice"), "{carol_new}");
+    assert!(!carol_new.contains("only for bob"), "{carol_new}");
+    let out = hush(&carol.home, &["send", "team", "let me in"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not a member"), "{}", stderr(&out));
+    let bob_new = run_ok(&bob, &["sync"]);
+    assert!(bob_new.contains("carol was removed by alice") && bob_new.contains("alice: only for bob"), "{bob_new}");
+}
+
+#[test]
+fn chat_sends_piped_lines_and_prints_what_others_wrote() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("server"));
+    let (alice, bob, _carol) = team(&server, tmp.path());
+    run_ok(&alice, &["send", "team", "before the chat"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hush"))
+        .env_clear()
+        .env("HOME", &bob.home)
+        .arg("--home")
+        .arg(&bob.home)
+        .args(["chat", "team"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"first line\nsecond line\n/members\n").unwrap();
+    let status = wait_timeout(&mut child, WAIT).expect("chat did not exit at end of input");
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(status.success(), "{out}");
+    assert!(out.contains("alice: before the chat"), "{out}");
+    assert!(out.contains("alice, you, carol"), "/members should list the group in leaf order: {out}");
+    let alice_new = run_ok(&alice, &["sync"]);
+    let first = alice_new.find("bob: first line").expect(&alice_new);
+    let second = alice_new.find("bob: second line").expect(&alice_new);
+    assert!(first < second);
+}
+
+#[test]
+fn the_whole_scenario_leaves_no_plaintext_on_the_server_and_client_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("server"));
+    let (alice, bob, carol) = team(&server, tmp.path());
+    let marker = format!("MARKER{}", hush::auth::InviteToken::generate().unwrap());
+    run_ok(&alice, &["send", "team", &marker]);
+    run_ok(&bob, &["sync"]);
+    run_ok(&alice, &["group", "remove", "team", "carol"]);
+    run_ok(&carol, &["sync"]);
+    let dir = server.data_dir.clone();
+    let (_, stderr) = server.terminate();
+    assert!(!stderr.contains(&marker));
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(!bytes.windows(marker.len()).any(|w| w == marker.as_bytes()), "plaintext in {}", path.display());
+    }
+    for p in [&alice, &bob, &carol] {
+        assert_eq!(std::fs::metadata(&p.home).unwrap().permissions().mode() & 0o777, 0o700);
+        for entry in std::fs::read_dir(&p.home).unwrap() {
+            let path = entry.unwrap().path();
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", path.display());
+        }
+    }
+}
+
+#[test]
+fn errors_say_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("server"));
+    let alice = person(&server, tmp.path(), "alice");
+    let out = hush(&alice.home, &["group", "add", "nosuch", "bob"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("unknown contact") || stderr(&out).contains("unknown group"), "{}", stderr(&out));
+    run_ok(&alice, &["group", "create", "g"]);
+    let out = hush(&alice.home, &["group", "add", "g", "nobody"]);
+    assert!(stderr(&out).contains("unknown contact \"nobody\""), "{}", stderr(&out));
+    let out = hush(&alice.home, &["send", "nosuch", "x"]);
+    assert!(stderr(&out).contains("unknown group"), "{}", stderr(&out));
+    let out = hush(&tmp.path().join("nobody"), &["sync"]);
+    assert!(stderr(&out).contains("hush register"), "{}", stderr(&out));
+    // Unreachable server: stop it, then try.
+    drop(server);
+    let out = hush(&alice.home, &["status"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("cannot reach") || stderr(&out).contains("no answer"), "{}", stderr(&out));
+}
