@@ -245,12 +245,16 @@ fn run(cli: Cli) -> Result<()> {
             if text.is_empty() {
                 bail!("nothing to send");
             }
-            let seq = online(&home, async |app, conn| {
+            let (seq, arrived) = online(&home, async |app, conn| {
                 let g = app.resolve_group(&group)?;
-                app.sync(conn).await?;
+                // Catch up first (also prints what arrived meanwhile).
+                let arrived = app.sync(conn).await?;
                 let g = app.resolve_group(&g.name)?;
-                app.send_text(conn, &g, &text).await
+                Ok((app.send_text(conn, &g, &text).await?, arrived))
             })?;
+            for e in &arrived {
+                print_entry(e);
+            }
             eprintln!("sent (#{seq})");
             Ok(())
         }
