@@ -1,0 +1,148 @@
+//! Writes the fuzzers' seed corpora from real traffic:
+//!
+//! ```sh
+//! cargo run --example fuzz_corpus -- fuzz/corpus
+//! ```
+//!
+//! It runs a small scenario (KeyPackages, a group of three, commits,
+//! messages, a removal) through the Delivery Service core with real openmls
+//! clients and saves what crossed each parser: request and response frames,
+//! push frames, MLS messages, KeyPackages, stored group state, plus
+//! addresses, invite tokens, certificates and a configuration file. Each
+//! seed is checked to decode before it is written.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::path::{Path, PathBuf};
+
+use hush::auth::{AccountId, HushAddress, Identity, InviteToken};
+use hush::client::mls::Member;
+use hush::delivery::memory::MemoryStore;
+use hush::delivery::{Delivery, Notification, Store};
+use hush::wire::{Push, Request, Response};
+
+struct Corpus {
+    root: PathBuf,
+}
+
+impl Corpus {
+    fn put(&self, target: &str, bytes: &[u8]) {
+        let dir = self.root.join(target);
+        std::fs::create_dir_all(&dir).unwrap();
+        let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+        let name: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+}
+
+fn main() {
+    let root = std::env::args().nth(1).unwrap_or_else(|| "fuzz/corpus".into());
+    let c = Corpus { root: Path::new(&root).to_owned() };
+    let mut store = MemoryStore::default();
+    let mut ds = Delivery::new(86_400);
+    let mut now = 100;
+    // Account [7; 32] is the uploader the key_package target validates for.
+    let ids = [7u8, 1, 2];
+    let mut members: Vec<Member> = ids
+        .iter()
+        .map(|i| {
+            let a = AccountId([*i; 32]);
+            store.accounts.insert(a);
+            Member::new(a).unwrap()
+        })
+        .collect();
+    let mut exchange = |c: &Corpus, store: &mut MemoryStore, who: AccountId, request: Request| -> Response {
+        let frame = request.encode().unwrap();
+        assert_eq!(Request::decode(&frame).unwrap(), request);
+        c.put("wire_request", &frame);
+        now += 1;
+        let out = ds.handle(store, who, request, now);
+        let resp = out.response.encode().unwrap();
+        assert!(Response::decode(&resp).is_ok());
+        c.put("wire_response", &resp);
+        for n in &out.notifications {
+            let push = match n {
+                Notification::Message { group, seq, message, .. } => {
+                    Push::Message { group: group.clone(), seq: *seq, ciphertext: Some(message.clone()) }
+                }
+                Notification::Welcome { .. } => Push::Welcome,
+            };
+            c.put("wire_push", &push.encode_framed().unwrap());
+        }
+        out.response
+    };
+
+    for m in &members {
+        let packages = m.key_packages(2).unwrap();
+        for p in &packages {
+            c.put("key_package", p);
+        }
+        exchange(&c, &mut store, m.account(), Request::PublishKeyPackages { packages, last_resort: Some(1) });
+    }
+    let alice = members[0].account();
+    let g = members[0].create_group().unwrap();
+    exchange(&c, &mut store, alice, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree });
+    let mut kps = vec![];
+    for t in [1, 2] {
+        let account = members[t].account().0;
+        match exchange(&c, &mut store, alice, Request::ClaimKeyPackage { account }) {
+            Response::KeyPackage { package } => kps.push(package),
+            other => panic!("{other:?}"),
+        }
+    }
+    let (commit, welcome) = members[0].add(&g.id, &kps).unwrap();
+    c.put("mls_frame", &commit);
+    exchange(&c, &mut store, alice, Request::Send { message: commit, welcome: Some(welcome) });
+    members[0].merge_pending(&g.id).unwrap();
+    for t in [1, 2] {
+        let who = members[t].account();
+        if let Response::Welcomes { welcomes } = exchange(&c, &mut store, who, Request::FetchWelcomes) {
+            members[t].join(&welcomes[0].1).unwrap();
+            exchange(&c, &mut store, who, Request::AckWelcome { id: welcomes[0].0 });
+        }
+    }
+    for (i, text) in ["hello", "a longer message to vary the padding bucket"].iter().enumerate() {
+        let m = members[i].encrypt(&g.id, text.as_bytes()).unwrap();
+        c.put("mls_frame", &m);
+        exchange(&c, &mut store, members[i].account(), Request::Send { message: m, welcome: None });
+    }
+    let bob = members[1].account();
+    exchange(&c, &mut store, bob, Request::Fetch { group: g.id.clone(), after: 0, limit: 10 });
+    exchange(&c, &mut store, bob, Request::Ack { group: g.id.clone(), seq: 2 });
+    exchange(&c, &mut store, bob, Request::ListGroups);
+    exchange(&c, &mut store, bob, Request::CountKeyPackages);
+    exchange(&c, &mut store, bob, Request::Ping { nonce: 7 });
+    exchange(&c, &mut store, bob, Request::Fetch { group: vec![9; 16], after: 0, limit: 0 });
+    let carol = members[2].account();
+    let removal = members[0].remove(&g.id, &[carol]).unwrap();
+    c.put("mls_frame", &removal);
+    exchange(&c, &mut store, alice, Request::Send { message: removal, welcome: None });
+    members[0].merge_pending(&g.id).unwrap();
+    let proposal = members[1].leave(&g.id).unwrap();
+    c.put("mls_frame", &proposal);
+    exchange(&c, &mut store, bob, Request::Send { message: proposal, welcome: None });
+    let state = store.group(&g.id).unwrap().unwrap().state;
+    assert!(hush::delivery::mls::decode_state(&state).is_ok());
+    c.put("group_state", &state);
+    for req in [Request::Register { invite: Some(InviteToken::generate().unwrap().to_string()) }, Request::Status] {
+        c.put("wire_request", &req.encode().unwrap());
+    }
+    c.put("wire_push", &Push::Resync.encode_framed().unwrap());
+
+    let id = Identity::generate().unwrap();
+    let address = HushAddress { host: "chat.example.org".into(), port: 7443, fingerprint: id.fingerprint() };
+    c.put("address", address.to_string().as_bytes());
+    c.put("address", HushAddress { host: "::1".into(), ..address.clone() }.to_string().as_bytes());
+    c.put("address", id.account_id().to_string().as_bytes());
+    c.put("invite_token", InviteToken::generate().unwrap().to_string().as_bytes());
+    let cert = id.tls_credentials().unwrap();
+    c.put("certificate", cert.cert[0].as_ref());
+    let ecdsa = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let other = rcgen::CertificateParams::new(vec!["x".into()]).unwrap().self_signed(&ecdsa).unwrap();
+    c.put("certificate", other.der().as_ref());
+    c.put(
+        "config",
+        b"listen = \"[::]:7443\"\npublic_host = \"chat.example.org\"\nmax_connections = 100\nretention_days = 7\nopen_registration = false\n",
+    );
+    c.put("delivery_state", &[0, 1, 2, 0, 3, 1, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    println!("wrote seed corpora under {root}");
+}
