@@ -54,7 +54,7 @@ pub(crate) async fn run(conn: quinn::Connection, shared: Arc<Shared>, mut stop: 
         conn.close(VarInt::from_u32(close::NOT_AUTHENTICATED), b"no account key");
         return;
     };
-    let known = match shared.store.call(move |db| db.account(&account)).await {
+    let known = match shared.store.read(move |db| db.account(&account)).await {
         Ok(Ok(row)) => row.is_some(),
         Ok(Err(e)) => {
             error!("account lookup failed: {e}");
@@ -161,7 +161,7 @@ async fn handle(session: &Session, request: Request) -> Response {
         ),
         Request::Status => {
             let account = session.account;
-            match session.shared.store.call(move |db| db.account(&account)).await {
+            match session.shared.store.read(move |db| db.account(&account)).await {
                 Ok(Ok(Some(row))) => {
                     Response::Status { account: account.0, registered_at: row.created_at, server_time: now_unix() }
                 }

@@ -132,6 +132,20 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)
     }
 
+    /// Runs a read-only `f` on the reader thread (never waits for writes).
+    pub async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Db) -> T + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job = Job::Call(Box::new(move |db, _| {
+            let _ = tx.send(f(db));
+        }));
+        self.reader.send(job).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+
     /// Runs a Delivery Service request: reads on the reader, writes on the
     /// writer (batched). Returns once the outcome is durable.
     pub async fn deliver(&self, account: AccountId, request: Request, now: u64) -> Result<Outcome, StoreError> {
