@@ -164,9 +164,14 @@ impl ServerConfig {
         range("max_incoming", u64::from(self.max_incoming), 1, 1_000_000)?;
         range("retention_days", self.retention_days, 1, 3650)?;
         if let Some(host) = &self.public_host {
-            let ok = !host.is_empty()
-                && host.len() <= 253
-                && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'));
+            // Same rule as `hush://` addresses: a colon only in an IPv6 address.
+            let ok = if host.contains(':') {
+                host.parse::<std::net::Ipv6Addr>().is_ok()
+            } else {
+                !host.is_empty()
+                    && host.len() <= 253
+                    && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+            };
             if !ok {
                 return Err(bad("public_host", "must be a DNS name or an IP address"));
             }

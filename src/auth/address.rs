@@ -146,20 +146,24 @@ impl FromStr for HushAddress {
         let (authority, fragment) = rest.split_once('#').ok_or(AddressError::NoFingerprint)?;
         let authority = authority.strip_suffix('/').unwrap_or(authority);
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            // An IPv6 address, which must be bracketed.
             let (host, after) = v6.split_once(']').ok_or(AddressError::Host)?;
             if host.parse::<std::net::Ipv6Addr>().is_err() {
                 return Err(AddressError::Host);
             }
             (host, after.strip_prefix(':').ok_or(AddressError::Port)?)
         } else {
-            authority.rsplit_once(':').ok_or(AddressError::Port)?
+            // A DNS name or IPv4 address: no colon may remain in it
+            // (regression: fuzz finding 1, `a::1` parsed as host `a:`).
+            let (host, port) = authority.rsplit_once(':').ok_or(AddressError::Port)?;
+            let valid_host = !host.is_empty()
+                && host.len() <= 253
+                && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+            if !valid_host {
+                return Err(AddressError::Host);
+            }
+            (host, port)
         };
-        let valid_host = !host.is_empty()
-            && host.len() <= 253
-            && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'));
-        if !valid_host {
-            return Err(AddressError::Host);
-        }
         if !port.chars().all(|c| c.is_ascii_digit()) {
             return Err(AddressError::Port);
         }
@@ -216,7 +220,26 @@ mod tests {
         }
     }
 
+    /// Fuzz finding 1 (audit/FINDINGS.md): an unbracketed host with a colon
+    /// parsed, but printed bracketed and then failed to parse.
+    #[test]
+    fn finding_1_unbracketed_host_with_colon_is_refused() {
+        let text = "hush://chg1-b9te-18sp-07g1-b9te-18srat.example.nrg::721/#1yb9-bkqr-24aj-qr6y-z9jp-07g1-b9te-18sr-7tjg-6cw6-b0sb-sdpy-hzgg";
+        assert_eq!(text.parse::<HushAddress>(), Err(AddressError::Host));
+        let f = fpr();
+        assert!(format!("hush://::1:7443/#{f}").parse::<HushAddress>().is_err());
+        assert!(format!("hush://[::1]:7443/#{f}").parse::<HushAddress>().is_ok());
+    }
+
     proptest! {
+        #[test]
+        fn printed_addresses_parse_back(host in "[a-z0-9:.\\-\\[\\]]{1,20}", port in 1u16..) {
+            let text = format!("hush://{host}:{port}/#{}", fpr());
+            if let Ok(a) = text.parse::<HushAddress>() {
+                prop_assert_eq!(a.to_string().parse::<HushAddress>(), Ok(a));
+            }
+        }
+
         #[test]
         fn never_panics(s in "\\PC{0,120}") {
             let _ = s.parse::<HushAddress>();
