@@ -68,6 +68,12 @@ enum Command {
     Accounts,
     /// List invites (ids, uses left, expiry; never the secret).
     Invites,
+    /// Check the data directory: key file, configuration, database
+    /// integrity and schema. Exits non-zero if anything is wrong.
+    Check,
+    /// Copy the database to PATH with SQLite's online backup (safe while
+    /// the server runs). The key file is not included: copy it separately.
+    Backup { path: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -157,6 +163,30 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("{} account{}", accounts.len(), if accounts.len() == 1 { "" } else { "s" });
             Ok(())
         }
+        Command::Check => check(&dir),
+        Command::Backup { path } => {
+            if !dir.db().exists() {
+                bail!("no hushd database in {}", dir.0.display());
+            }
+            if path.exists() {
+                bail!("{} already exists; choose a new file", path.display());
+            }
+            let mut last = 0;
+            let pages = hush::store::maintenance::backup(&dir.db(), &path, |done, total| {
+                let pct = (done * 100).checked_div(total).unwrap_or(100);
+                if pct >= last + 10 || done == total {
+                    eprintln!("backup: {pct}% ({done}/{total} pages)");
+                    last = pct;
+                }
+            })
+            .with_context(|| format!("backing up to {}", path.display()))?;
+            out!("backed up {} ({pages} pages) to {}", dir.db().display(), path.display());
+            eprintln!(
+                "the server key ({}) is not in the backup; keep a copy of it somewhere safe",
+                dir.key().display()
+            );
+            Ok(())
+        }
         Command::Invites => {
             let db = open_existing(&dir)?;
             let now = now_unix();
@@ -172,6 +202,67 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn check(dir: &DataDir) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut failures = 0;
+    let mut line = |what: &str, detail: String, ok: bool| {
+        out!("{:<9} {:<4} {detail}", what, if ok { "ok" } else { "FAIL" });
+        if !ok {
+            failures += 1;
+        }
+    };
+    match std::fs::metadata(&dir.0) {
+        Ok(m) => {
+            let mode = m.permissions().mode() & 0o777;
+            line("data dir", format!("{} (mode {mode:o})", dir.0.display()), mode & 0o077 == 0);
+        }
+        Err(e) => bail!("{}: {e}; nothing to check", dir.0.display()),
+    }
+    match Identity::load(&dir.key()) {
+        Ok(id) => line("key", format!("{} (mode 600), fingerprint {}", dir.key().display(), id.fingerprint()), true),
+        Err(e) => line("key", e.to_string(), false),
+    }
+    match load_config(dir) {
+        Ok(_) => {
+            let source = if dir.0.join(hush::config::CONFIG_FILE).exists() {
+                "hushd.toml + environment"
+            } else {
+                "defaults + environment"
+            };
+            line("config", format!("valid ({source})"), true)
+        }
+        Err(e) => line("config", format!("{e:#}"), false),
+    }
+    if dir.db().exists() {
+        match hush::store::maintenance::check(&dir.db()) {
+            Ok(r) => {
+                let healthy = r.healthy();
+                line(
+                    "database",
+                    format!(
+                        "integrity {}, schema {} (this hushd: {}), {} accounts, {} groups, {} stored messages, {} KiB",
+                        r.integrity.join("; "),
+                        r.schema_version,
+                        r.latest_schema,
+                        r.accounts,
+                        r.groups,
+                        r.messages,
+                        r.bytes / 1024
+                    ),
+                    healthy,
+                );
+            }
+            Err(e) => line("database", e.to_string(), false),
+        }
+    } else {
+        line("database", format!("{} missing (created by `hushd serve` or `hushd init`)", dir.db().display()), false);
+    }
+    if failures > 0 {
+        bail!("{failures} check(s) failed");
+    }
+    Ok(())
 }
 
 /// Opens the database of an initialised data directory.

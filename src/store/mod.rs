@@ -14,6 +14,7 @@
 //! ciphertext. It never holds the server's private key.
 
 mod db;
+pub mod maintenance;
 mod schema;
 mod sql;
 
@@ -50,6 +51,8 @@ pub enum StoreError {
     Closed,
     #[error("could not start the database thread: {0}")]
     Thread(std::io::Error),
+    #[error("{0}")]
+    Io(std::io::Error),
 }
 
 /// Arbitrary work with the database and the Delivery Service core.

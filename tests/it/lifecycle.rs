@@ -112,3 +112,35 @@ fn invite_needs_an_initialised_data_dir_and_valid_arguments() {
         assert!(!out.status.success(), "{bad:?}");
     }
 }
+
+#[test]
+fn check_and_backup_work_while_serving() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    let server = Hushd::start(&dir);
+    let token = server.invite(&[]);
+    ok(hush(&tmp.path().join("a"), &["register", &server.address.to_string(), "--invite", &token]));
+    let report = ok(run(hushd_command(&dir).arg("check")));
+    assert!(report.contains("database  ok   integrity ok"), "{report}");
+    assert!(report.contains("1 accounts"), "{report}");
+    let copy = tmp.path().join("backup.db");
+    let out = ok(run(hushd_command(&dir).arg("backup").arg(&copy)));
+    assert!(out.contains("backed up"), "{out}");
+    assert_eq!(std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777, 0o600);
+    // The copy is a working database: a server started on it knows the account.
+    let restored = tmp.path().join("restored");
+    std::fs::create_dir_all(&restored).unwrap();
+    std::fs::set_permissions(&restored, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::copy(&copy, restored.join("hush.db")).unwrap();
+    let accounts = ok(run(hushd_command(&restored).arg("accounts")));
+    assert_eq!(accounts.lines().count(), 1, "{accounts}");
+    // Refuses to overwrite.
+    assert!(!run(hushd_command(&dir).arg("backup").arg(&copy)).status.success());
+    // A key readable by others fails the check.
+    drop(server);
+    std::fs::set_permissions(dir.join("server.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run(hushd_command(&dir).arg("check"));
+    assert!(!out.status.success());
+    assert!(stdout(&out).contains("key       FAIL"), "{}", stdout(&out));
+}
