@@ -63,6 +63,18 @@ pub struct ServerConfig {
     pub max_incoming: u32,
     /// Days messages and Welcomes are kept at most, acknowledged or not.
     pub retention_days: u64,
+    /// Groups one account may be a current member of.
+    pub max_groups_per_account: u64,
+    /// Members (MLS leaves) per group.
+    pub max_members_per_group: u64,
+    /// Messages one group's log may hold before new ones are refused.
+    pub max_log_per_group: u64,
+    /// Database size (MiB) above which new data is refused.
+    pub max_database_mb: u64,
+    /// Sustained requests per second per account (burst: twice this).
+    pub requests_per_second_per_account: u32,
+    /// Sustained requests per second per source IP (burst: twice this).
+    pub requests_per_second_per_ip: u32,
 }
 
 impl Default for ServerConfig {
@@ -80,6 +92,12 @@ impl Default for ServerConfig {
             retry_above_pending: DEFAULT_RETRY_ABOVE_PENDING,
             max_incoming: DEFAULT_MAX_INCOMING,
             retention_days: DEFAULT_RETENTION.as_secs() / 86_400,
+            max_groups_per_account: u64::from(DEFAULT_MAX_GROUPS_PER_ACCOUNT),
+            max_members_per_group: u64::from(DEFAULT_MAX_MEMBERS_PER_GROUP),
+            max_log_per_group: DEFAULT_MAX_LOG_PER_GROUP,
+            max_database_mb: DEFAULT_MAX_DATABASE_MB,
+            requests_per_second_per_account: DEFAULT_REQUESTS_PER_SECOND_PER_ACCOUNT,
+            requests_per_second_per_ip: DEFAULT_REQUESTS_PER_SECOND_PER_IP,
         }
     }
 }
@@ -163,6 +181,12 @@ impl ServerConfig {
         range("retry_above_pending", u64::from(self.retry_above_pending), 0, 1_000_000)?;
         range("max_incoming", u64::from(self.max_incoming), 1, 1_000_000)?;
         range("retention_days", self.retention_days, 1, 3650)?;
+        range("max_groups_per_account", self.max_groups_per_account, 1, 1_000_000)?;
+        range("max_members_per_group", self.max_members_per_group, 2, 100_000)?;
+        range("max_log_per_group", self.max_log_per_group, 1, 1_000_000_000)?;
+        range("max_database_mb", self.max_database_mb, 1, 1 << 30)?;
+        range("requests_per_second_per_account", u64::from(self.requests_per_second_per_account), 1, 1_000_000)?;
+        range("requests_per_second_per_ip", u64::from(self.requests_per_second_per_ip), 1, 1_000_000)?;
         if let Some(host) = &self.public_host {
             // Same rule as `hush://` addresses: a colon only in an IPv6 address.
             let ok = if host.contains(':') {
@@ -181,6 +205,17 @@ impl ServerConfig {
 
     pub fn retention_secs(&self) -> u64 {
         self.retention_days.saturating_mul(86_400)
+    }
+
+    /// The Delivery Service quotas this configuration sets.
+    pub fn quotas(&self) -> crate::delivery::Quotas {
+        crate::delivery::Quotas {
+            retention_secs: self.retention_secs(),
+            max_groups_per_account: self.max_groups_per_account,
+            max_members_per_group: self.max_members_per_group,
+            max_log_per_group: self.max_log_per_group,
+            max_database_bytes: self.max_database_mb.saturating_mul(1024 * 1024),
+        }
     }
 
     pub fn auth_deadline(&self) -> Duration {

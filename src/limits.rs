@@ -73,6 +73,34 @@ pub const PUSH_QUEUE: usize = 256;
 /// commit): one fsync acknowledges them all.
 pub const MAX_WRITE_BATCH: usize = 256;
 
+/// Groups one account may be a current member of. Bounds what one account
+/// can make the server store.
+pub const DEFAULT_MAX_GROUPS_PER_ACCOUNT: u32 = 256;
+
+/// Members per group (MLS leaves). Bounds the size of one group's public
+/// state and the fan-out of one message.
+pub const DEFAULT_MAX_MEMBERS_PER_GROUP: u32 = 1000;
+
+/// Messages a group's log may hold (not yet acknowledged by everyone and not
+/// yet expired). New application messages and proposals are refused beyond
+/// it until members catch up; commits are still accepted, so a stalled
+/// member can be removed.
+pub const DEFAULT_MAX_LOG_PER_GROUP: u64 = 100_000;
+
+/// Database size above which new data is refused with `QuotaExceeded`
+/// (reads, acknowledgements and deletions keep working), so the disk does not
+/// fill up.
+pub const DEFAULT_MAX_DATABASE_MB: u64 = 10 * 1024;
+
+/// Sustained requests per second per account (burst: twice this).
+pub const DEFAULT_REQUESTS_PER_SECOND_PER_ACCOUNT: u32 = 100;
+
+/// Sustained requests per second per source IP address (burst: twice this).
+pub const DEFAULT_REQUESTS_PER_SECOND_PER_IP: u32 = 400;
+
+/// Rate-limit entries kept before idle ones are forgotten.
+pub const RATE_LIMIT_ENTRIES: usize = 65_536;
+
 /// Longest textual `hush://` address accepted from a user or a file.
 pub const MAX_ADDRESS_LEN: usize = 512;
 

@@ -247,6 +247,23 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    fn groups_count(&mut self, account: &AccountId) -> Result<u64, Infallible> {
+        let n = self.groups.values().filter(|g| g.members.get(account).is_some_and(Membership::is_current)).count();
+        Ok(u64::try_from(n).unwrap_or(u64::MAX))
+    }
+
+    fn log_len(&mut self, group: &[u8]) -> Result<u64, Infallible> {
+        Ok(self.groups.get(group).map(|g| u64::try_from(g.log.len()).unwrap_or(u64::MAX)).unwrap_or(0))
+    }
+
+    fn database_bytes(&mut self) -> Result<u64, Infallible> {
+        let logs: usize = self.groups.values().flat_map(|g| g.log.values()).map(|(m, _)| m.len() + 32).sum();
+        let states: usize = self.groups.values().map(|g| g.record.state.len()).sum();
+        let inbox: usize = self.inbox.values().map(|(_, _, w, _)| w.len()).sum();
+        let packages: usize = self.packages.values().flatten().map(|p| p.data.len()).sum();
+        Ok(u64::try_from(logs + states + inbox + packages).unwrap_or(u64::MAX))
+    }
+
     fn expire(&mut self, before: u64) -> Result<u64, Infallible> {
         let mut n = 0u64;
         for g in self.groups.values_mut() {

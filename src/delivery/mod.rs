@@ -107,12 +107,36 @@ struct Bucket {
     refilled_at: u64,
 }
 
+/// Quotas the core enforces (see [`crate::limits`] for the defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    pub retention_secs: u64,
+    pub max_groups_per_account: u64,
+    pub max_members_per_group: u64,
+    pub max_log_per_group: u64,
+    pub max_database_bytes: u64,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        use crate::limits::*;
+        Self {
+            retention_secs: DEFAULT_RETENTION.as_secs(),
+            max_groups_per_account: u64::from(DEFAULT_MAX_GROUPS_PER_ACCOUNT),
+            max_members_per_group: u64::from(DEFAULT_MAX_MEMBERS_PER_GROUP),
+            max_log_per_group: DEFAULT_MAX_LOG_PER_GROUP,
+            max_database_bytes: DEFAULT_MAX_DATABASE_MB.saturating_mul(1024 * 1024),
+        }
+    }
+}
+
 /// The Delivery Service. Holds only in-memory rate-limit state; everything
 /// durable is in the [`Store`].
 pub struct Delivery {
     crypto: RustCrypto,
     claims: HashMap<AccountId, Bucket>,
     retention_secs: u64,
+    quotas: Quotas,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -122,8 +146,24 @@ impl std::fmt::Debug for Delivery {
 }
 
 impl Delivery {
+    /// Default quotas with this retention.
     pub fn new(retention_secs: u64) -> Self {
-        Self { crypto: RustCrypto::default(), claims: HashMap::new(), retention_secs }
+        Self::with_quotas(Quotas { retention_secs, ..Quotas::default() })
+    }
+
+    pub fn with_quotas(quotas: Quotas) -> Self {
+        Self { crypto: RustCrypto::default(), claims: HashMap::new(), retention_secs: quotas.retention_secs, quotas }
+    }
+
+    /// Refuses new data once the store reached its size quota.
+    fn check_space<S: Store>(&self, store: &mut S) -> Result<(), Refusal<S::Error>> {
+        if store.database_bytes()? >= self.quotas.max_database_bytes {
+            return Err(refuse(
+                ErrorCode::QuotaExceeded,
+                "the server's storage quota is full; nothing new can be stored until old messages are read or expire",
+            ));
+        }
+        Ok(())
     }
 
     /// Whether a request may write (and so must go through the writer).
@@ -238,6 +278,7 @@ impl Delivery {
                 new.push(NewKeyPackage { hash_ref, data: data.clone(), last_resort: last_resort == Some(i) });
             }
         }
+        self.check_space(store)?;
         let (held, _) = store.key_package_count(account)?;
         let adding = new.iter().filter(|p| !p.last_resort).count();
         let total = usize::try_from(held).unwrap_or(usize::MAX).saturating_add(adding);
@@ -306,6 +347,14 @@ impl Delivery {
         if store.group(&group)?.is_some() {
             return Err(refuse(ErrorCode::GroupExists, "a group with this id already exists"));
         }
+        self.check_space(store)?;
+        let groups = store.groups_count(account)?;
+        if groups >= self.quotas.max_groups_per_account {
+            return Err(refuse(
+                ErrorCode::QuotaExceeded,
+                format!("you are in {groups} groups, the most this server allows"),
+            ));
+        }
         let storage = MemoryStorage::default();
         let (public, _) = mls::PublicGroup::from_external(&self.crypto, &storage, tree, info, ProposalStore::new())
             .map_err(|e| refuse(ErrorCode::InvalidCommit, format!("the group does not verify: {e}")))?;
@@ -348,6 +397,16 @@ impl Delivery {
                 detail: record.epoch,
                 message: format!("the group is at epoch {}, the message is for epoch {}", record.epoch, framed.epoch),
             });
+        }
+        self.check_space(store)?;
+        if framed.kind != mls::Kind::Commit {
+            let backlog = store.log_len(&group)?;
+            if backlog >= self.quotas.max_log_per_group {
+                return Err(refuse(
+                    ErrorCode::QuotaExceeded,
+                    format!("the group holds {backlog} unread messages, the most this server keeps; members must catch up (commits are still accepted)"),
+                ));
+            }
         }
         match framed.kind {
             mls::Kind::Application => {
@@ -457,6 +516,16 @@ impl Delivery {
                     let a = mls::account_of(&m.credential)
                         .ok_or_else(|| invalid_commit("a member's credential is not a hush account".into()))?;
                     roster.insert(a);
+                }
+                let size = u64::try_from(roster.len()).unwrap_or(u64::MAX);
+                if size > self.quotas.max_members_per_group {
+                    return Err(refuse(
+                        ErrorCode::QuotaExceeded,
+                        format!(
+                            "the group would have {size} members; this server allows {}",
+                            self.quotas.max_members_per_group
+                        ),
+                    ));
                 }
                 let state = mls::encode_state(&storage).map_err(Refusal::Internal)?;
                 let seq = store.append(group, record.epoch, &bytes, now)?;

@@ -124,6 +124,13 @@ pub trait Store {
 
     fn groups_of(&mut self, account: &AccountId, limit: usize) -> Result<Vec<GroupSummary>, Self::Error>;
 
+    /// Groups `account` is a current member of.
+    fn groups_count(&mut self, account: &AccountId) -> Result<u64, Self::Error>;
+    /// Messages stored for `group`.
+    fn log_len(&mut self, group: &[u8]) -> Result<u64, Self::Error>;
+    /// Bytes the store occupies (for the storage quota).
+    fn database_bytes(&mut self) -> Result<u64, Self::Error>;
+
     /// Deletes messages, Welcomes and claim records older than `before`.
     fn expire(&mut self, before: u64) -> Result<u64, Self::Error>;
 }

@@ -434,3 +434,64 @@ proptest! {
         prop_assert!(members.iter_mut().all(|m| m.member.epoch_authenticator(&g) == a));
     }
 }
+
+fn net_with(quotas: Quotas) -> Net {
+    Net { ds: Delivery::with_quotas(quotas), store: MemoryStore::default(), now: 1_000_000, pushes: vec![] }
+}
+
+#[test]
+fn quotas_refuse_new_data_and_keep_what_is_stored() {
+    let quotas =
+        Quotas { max_members_per_group: 2, max_groups_per_account: 1, max_log_per_group: 3, ..Quotas::default() };
+    let mut net = net_with(quotas);
+    let (mut alice, mut bob, carol) = (net.client(1), net.client(2), net.client(3));
+    let g = net.create(&mut alice);
+    // One group per account.
+    let other = alice.member.create_group().unwrap();
+    let r = net.req(&alice, Request::CreateGroup { group_info: other.group_info, ratchet_tree: other.ratchet_tree });
+    assert!(matches!(r, Response::Error { code: ErrorCode::QuotaExceeded, .. }), "{r:?}");
+    // Two members at most: bob fits, carol does not.
+    net.add(&mut alice, &g, &[&bob]);
+    net.join(&mut bob);
+    let kp = net.claim(&alice, &carol);
+    let (commit, welcome) = alice.member.add(&g, &[kp]).unwrap();
+    let r = net.send(&mut alice, commit, Some(welcome));
+    assert!(matches!(r, Response::Error { code: ErrorCode::QuotaExceeded, .. }), "{r:?}");
+    alice.member.discard_pending(&g).unwrap();
+    assert_eq!(net.store.inbox_len(), 0);
+    // The log holds 3 messages (the add commit counts until acknowledged).
+    net.text(&mut alice, &g, "one");
+    net.text(&mut alice, &g, "two");
+    let m = alice.member.encrypt(&g, b"three").unwrap();
+    let r = net.send(&mut alice, m, None);
+    assert!(matches!(r, Response::Error { code: ErrorCode::QuotaExceeded, .. }), "{r:?}");
+    // Reads still work and nothing stored was lost.
+    assert_eq!(texts(&net.sync(&mut bob, &g)), ["one", "two"]);
+    // Once everyone acknowledged, there is room again.
+    net.sync(&mut alice, &g);
+    assert!(net.store.log(&g).is_empty());
+    net.text(&mut alice, &g, "four");
+    assert_eq!(texts(&net.sync(&mut bob, &g)), ["four"]);
+}
+
+#[test]
+fn a_full_store_refuses_writes_but_serves_reads() {
+    let mut net = net_with(Quotas::default());
+    let (mut alice, mut bob) = (net.client(1), net.client(2));
+    let g = net.create(&mut alice);
+    net.add(&mut alice, &g, &[&bob]);
+    net.join(&mut bob);
+    net.text(&mut alice, &g, "stored before the disk filled");
+    let used = net.store.database_bytes().unwrap();
+    net.ds = Delivery::with_quotas(Quotas { max_database_bytes: used, ..Quotas::default() });
+    let m = alice.member.encrypt(&g, b"no room").unwrap();
+    let r = net.send(&mut alice, m, None);
+    assert!(
+        matches!(&r, Response::Error { code: ErrorCode::QuotaExceeded, message, .. } if message.contains("storage")),
+        "{r:?}"
+    );
+    let packages = alice.member.key_packages(1).unwrap();
+    let (code, _) = net.code(&alice, Request::PublishKeyPackages { packages, last_resort: None });
+    assert_eq!(code, ErrorCode::QuotaExceeded);
+    assert_eq!(texts(&net.sync(&mut bob, &g)), ["stored before the disk filled"]);
+}

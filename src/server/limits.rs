@@ -7,6 +7,8 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::limits::RATE_LIMIT_ENTRIES;
+
 /// Live counters shared by the accept loop and connection tasks.
 #[derive(Debug, Default)]
 pub struct Admission {
@@ -87,9 +89,58 @@ impl Drop for HandshakeSlot {
     }
 }
 
+/// Token buckets per key (account or IP address): `rate` requests per
+/// second sustained, bursts of twice that. Memory is bounded: past
+/// [`RATE_LIMIT_ENTRIES`] keys, full (idle) buckets are forgotten.
+#[derive(Debug)]
+pub struct RateLimiter<K> {
+    buckets: Mutex<HashMap<K, (f64, std::time::Instant)>>,
+    rate: f64,
+    burst: f64,
+}
+
+impl<K: std::hash::Hash + Eq + Copy> RateLimiter<K> {
+    pub fn new(per_second: u32) -> Self {
+        let rate = f64::from(per_second.max(1));
+        Self { buckets: Mutex::new(HashMap::new()), rate, burst: rate * 2.0 }
+    }
+
+    /// Takes one token for `key`; when none is left, says how long until one is.
+    pub fn check(&self, key: K, now: std::time::Instant) -> Result<(), std::time::Duration> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= RATE_LIMIT_ENTRIES && !buckets.contains_key(&key) {
+            let (rate, burst) = (self.rate, self.burst);
+            buckets.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * rate < burst);
+        }
+        let (tokens, at) = buckets.entry(key).or_insert((self.burst, now));
+        let refilled = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
+        *at = now;
+        if refilled >= 1.0 {
+            *tokens = refilled - 1.0;
+            Ok(())
+        } else {
+            *tokens = refilled;
+            Err(std::time::Duration::from_secs_f64((1.0 - refilled) / self.rate))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_buckets_refill_at_the_rate() {
+        let limiter = RateLimiter::new(10);
+        let t0 = std::time::Instant::now();
+        for _ in 0..20 {
+            assert!(limiter.check(1u8, t0).is_ok());
+        }
+        let wait = limiter.check(1u8, t0).unwrap_err();
+        assert!(wait > std::time::Duration::ZERO && wait <= std::time::Duration::from_millis(100));
+        assert!(limiter.check(2u8, t0).is_ok(), "keys are independent");
+        assert!(limiter.check(1u8, t0 + std::time::Duration::from_millis(150)).is_ok());
+    }
 
     #[test]
     fn caps_and_release() {

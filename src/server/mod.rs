@@ -69,6 +69,8 @@ pub(crate) struct Shared {
     pub store: Store,
     pub admission: Arc<Admission>,
     pub registry: Arc<push::Registry>,
+    pub account_rate: limits::RateLimiter<crate::auth::AccountId>,
+    pub ip_rate: limits::RateLimiter<std::net::IpAddr>,
 }
 
 /// Paths of a server's files inside its data directory.
@@ -113,7 +115,7 @@ impl Server {
         if created {
             info!("created server key {}", data_dir.key().display());
         }
-        let store = Store::open(&data_dir.db(), config.retention_secs())?;
+        let store = Store::open(&data_dir.db(), config.quotas())?;
 
         let mut transport = TransportConfig::default();
         transport
@@ -152,11 +154,14 @@ impl Server {
         if let Err(e) = std::fs::write(data_dir.address(), format!("{address}\n")) {
             warn!("could not write {}: {e}", data_dir.address().display());
         }
+        let config_rates = (config.requests_per_second_per_account, config.requests_per_second_per_ip);
         let shared = Arc::new(Shared {
             config,
             store,
             admission: Arc::new(Admission::default()),
             registry: Arc::new(push::Registry::default()),
+            account_rate: limits::RateLimiter::new(config_rates.0),
+            ip_rate: limits::RateLimiter::new(config_rates.1),
         });
         Ok(Self { endpoint, shared, address, data_dir })
     }

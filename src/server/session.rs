@@ -126,10 +126,20 @@ async fn serve_stream(session: &Session, mut send: SendStream, mut recv: RecvStr
             debug!("request stream failed: {e}");
             return;
         }
-        Ok(Ok(frame)) => match Request::decode(&frame) {
-            Ok(request) => handle(session, request).await,
-            Err(e @ DecodeError::UnknownTag { .. }) => Response::error(ErrorCode::UnknownRequest, e.to_string()),
-            Err(e) => Response::error(ErrorCode::Malformed, format!("malformed request: {e}")),
+        Ok(Ok(frame)) => match rate_check(session) {
+            Err(wait) => {
+                let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+                Response::Error {
+                    code: ErrorCode::RateLimited,
+                    detail: ms,
+                    message: format!("too many requests; retry in {ms} ms"),
+                }
+            }
+            Ok(()) => match Request::decode(&frame) {
+                Ok(request) => handle(session, request).await,
+                Err(e @ DecodeError::UnknownTag { .. }) => Response::error(ErrorCode::UnknownRequest, e.to_string()),
+                Err(e) => Response::error(ErrorCode::Malformed, format!("malformed request: {e}")),
+            },
         },
     };
     let bytes = match response.encode() {
@@ -148,6 +158,13 @@ async fn serve_stream(session: &Session, mut send: SendStream, mut recv: RecvStr
     // Wait until the peer has the whole response, so that closing the
     // connection (shutdown) cannot cut it off.
     let _ = tokio::time::timeout(timeout, send.stopped()).await;
+}
+
+/// Both token buckets (account, source IP) must allow the request.
+fn rate_check(session: &Session) -> Result<(), std::time::Duration> {
+    let now = std::time::Instant::now();
+    session.shared.ip_rate.check(session.conn.remote_address().ip(), now)?;
+    session.shared.account_rate.check(session.account, now)
 }
 
 async fn handle(session: &Session, request: Request) -> Response {

@@ -29,7 +29,7 @@ use thiserror::Error;
 use tokio::sync::oneshot;
 
 use crate::auth::AccountId;
-use crate::delivery::{Delivery, Outcome};
+use crate::delivery::{Delivery, Outcome, Quotas};
 use crate::limits::MAX_WRITE_BATCH;
 use crate::wire::{ErrorCode, Request, Response};
 
@@ -102,13 +102,12 @@ impl std::fmt::Debug for Job {
 
 impl Store {
     /// Opens (creating and migrating if needed) the database at `path` and
-    /// starts its threads. `retention_secs` bounds how long messages and
-    /// Welcomes are kept.
-    pub fn open(path: &Path, retention_secs: u64) -> Result<Self, StoreError> {
+    /// starts its threads; the Delivery Service enforces `quotas`.
+    pub fn open(path: &Path, quotas: Quotas) -> Result<Self, StoreError> {
         let writer_db = Db::open(path)?;
         let reader_db = Db::open(path)?;
-        let writer = spawn("hush-writer", writer_db, retention_secs, writer_loop)?;
-        let reader = spawn("hush-reader", reader_db, retention_secs, reader_loop)?;
+        let writer = spawn("hush-writer", writer_db, quotas, writer_loop)?;
+        let reader = spawn("hush-reader", reader_db, quotas, reader_loop)?;
         Ok(Self { writer, reader })
     }
 
@@ -167,13 +166,13 @@ impl Store {
 fn spawn(
     name: &str,
     db: Db,
-    retention_secs: u64,
+    quotas: Quotas,
     run: fn(Db, Delivery, mpsc::Receiver<Job>),
 ) -> Result<mpsc::Sender<Job>, StoreError> {
     let (tx, rx) = mpsc::channel::<Job>();
     std::thread::Builder::new()
         .name(name.into())
-        .spawn(move || run(db, Delivery::new(retention_secs), rx))
+        .spawn(move || run(db, Delivery::with_quotas(quotas), rx))
         .map_err(StoreError::Thread)?;
     Ok(tx)
 }

@@ -301,6 +301,40 @@ impl Store for SqlStore<'_> {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
+    fn groups_count(&mut self, a: &AccountId) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn
+            .prepare_cached("SELECT count(*) FROM members WHERE account = ?1 AND left_at IS NULL")?
+            .query_row([&a.0[..]], |r| r.get(0))?;
+        Ok(u(n))
+    }
+
+    fn log_len(&mut self, group: &[u8]) -> Result<u64, StoreError> {
+        // Sequences are dense and deletions only remove a prefix, so the
+        // length is the span from the oldest kept message (an index probe,
+        // not a scan).
+        let row: Option<(Option<i64>, i64)> = self
+            .conn
+            .prepare_cached(
+                "SELECT (SELECT min(seq) FROM log WHERE gid = g.gid), g.last_seq FROM groups g WHERE g.id = ?1",
+            )?
+            .query_row([group], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        Ok(match row {
+            Some((Some(first), last)) => u(last).saturating_sub(u(first)).saturating_add(1),
+            _ => 0,
+        })
+    }
+
+    fn database_bytes(&mut self) -> Result<u64, StoreError> {
+        // Pages in use (free pages are reused before the file grows).
+        let n: i64 = self.conn.prepare_cached(
+            "SELECT (page_count - freelist_count) * page_size FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()",
+        )?
+        .query_row([], |r| r.get(0))?;
+        Ok(u(n))
+    }
+
     fn expire(&mut self, before: u64) -> Result<u64, StoreError> {
         let b = i(before);
         let mut n = self.conn.prepare_cached("DELETE FROM log WHERE created_at < ?1")?.execute([b])?;

@@ -272,3 +272,24 @@ async fn the_server_stores_only_ciphertext() {
     }
     assert!(scanned > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_group_log_refuses_new_messages_keeps_the_old_and_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start_with(&tmp.path().join("s"), "127.0.0.1:0", &[("HUSHD_MAX_LOG_PER_GROUP", "4")]);
+    let (mut alice, mut bob, mut carol, g) = trio(&server).await;
+    // The add commit plus three messages fill the log.
+    for t in ["one", "two", "three"] {
+        alice.text(&g, t).await.unwrap();
+    }
+    let err = alice.text(&g, "four").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::QuotaExceeded), "{err}");
+    assert!(err.to_string().contains("unread messages"), "{err}");
+    // Nothing stored was lost; reads work.
+    assert_eq!(texts(&bob.sync(&g).await), ["one", "two", "three"]);
+    assert_eq!(texts(&carol.sync(&g).await), ["one", "two", "three"]);
+    alice.sync(&g).await;
+    // Everyone acknowledged: room again.
+    alice.text(&g, "four").await.unwrap();
+    assert_eq!(texts(&bob.sync(&g).await), ["four"]);
+}

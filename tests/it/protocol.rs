@@ -69,3 +69,28 @@ async fn a_client_may_not_open_unidirectional_streams() {
     assert!(opened.is_err(), "the server granted a unidirectional stream");
     conn.status().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_the_rate_limit_get_retry_after() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server =
+        Hushd::start_with(&tmp.path().join("s"), "127.0.0.1:0", &[("HUSHD_REQUESTS_PER_SECOND_PER_ACCOUNT", "2")]);
+    let (_id, conn) = registered_client(&server).await;
+    let (_other, bystander) = registered_client(&server).await;
+    let mut limited = None;
+    for i in 0..20 {
+        if let Err(e) = conn.call(&Request::Ping { nonce: i }).await {
+            assert_eq!(e.code(), Some(ErrorCode::RateLimited), "{e}");
+            if let hush::client::ClientError::Server { detail, .. } = e {
+                limited = Some(detail);
+            }
+            break;
+        }
+    }
+    let retry_ms = limited.expect("20 requests at once were never rate limited at 2/s");
+    assert!(retry_ms > 0 && retry_ms <= 1000, "retry after {retry_ms} ms");
+    // Other accounts are not affected, and the limited one recovers.
+    bystander.status().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(retry_ms + 50)).await;
+    conn.call(&Request::Ping { nonce: 99 }).await.unwrap();
+}
