@@ -89,6 +89,14 @@ impl Hushd {
         String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_string()
     }
 
+    /// SIGKILL: no cleanup, no checkpoint, as in a power cut.
+    pub fn kill9(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit; returns the status and stderr.
     pub fn terminate(mut self) -> (ExitStatus, String) {
         let mut child = self.child.take().unwrap();
