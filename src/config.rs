@@ -54,6 +54,8 @@ pub struct ServerConfig {
     pub max_connections: u32,
     /// Concurrent connections per source IP address.
     pub max_connections_per_ip: u32,
+    /// Concurrent connections per source IP whose key is not an account yet.
+    pub max_unregistered_per_ip: u32,
     /// Concurrent request streams per connection.
     pub max_streams_per_connection: u32,
     /// Handshakes in progress above which clients must validate their
@@ -88,6 +90,7 @@ impl Default for ServerConfig {
             request_timeout_secs: DEFAULT_REQUEST_TIMEOUT.as_secs(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            max_unregistered_per_ip: DEFAULT_MAX_UNREGISTERED_PER_IP,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             retry_above_pending: DEFAULT_RETRY_ABOVE_PENDING,
             max_incoming: DEFAULT_MAX_INCOMING,
@@ -177,6 +180,7 @@ impl ServerConfig {
         range("request_timeout_secs", self.request_timeout_secs, 1, 3600)?;
         range("max_connections", u64::from(self.max_connections), 1, 1_000_000)?;
         range("max_connections_per_ip", u64::from(self.max_connections_per_ip), 1, 1_000_000)?;
+        range("max_unregistered_per_ip", u64::from(self.max_unregistered_per_ip), 1, 1_000_000)?;
         range("max_streams_per_connection", u64::from(self.max_streams_per_connection), 1, 10_000)?;
         range("retry_above_pending", u64::from(self.retry_above_pending), 0, 1_000_000)?;
         range("max_incoming", u64::from(self.max_incoming), 1, 1_000_000)?;

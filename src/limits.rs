@@ -124,6 +124,10 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
 /// Concurrent connections from one IP address.
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 32;
 
+/// Concurrent connections from one IP address whose key is not (yet) an
+/// account. Bounds what strangers can hold open while they try to register.
+pub const DEFAULT_MAX_UNREGISTERED_PER_IP: u32 = 16;
+
 /// Concurrent request streams one connection may have open.
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 64;
 

@@ -13,6 +13,7 @@ use crate::limits::RATE_LIMIT_ENTRIES;
 #[derive(Debug, Default)]
 pub struct Admission {
     per_ip: Mutex<HashMap<IpAddr, u32>>,
+    unregistered: Arc<Mutex<HashMap<IpAddr, u32>>>,
     total: AtomicU32,
     pending: AtomicU32,
 }
@@ -38,6 +39,18 @@ impl Admission {
         *n += 1;
         self.total.fetch_add(1, Ordering::Relaxed);
         Ok(ConnectionSlot { admission: self.clone(), ip })
+    }
+
+    /// Takes a slot for a connection whose key is not an account yet; it is
+    /// given back when the guard drops (registration or disconnect).
+    pub fn unregistered(&self, ip: IpAddr, max: u32) -> Option<UnregisteredSlot> {
+        let mut map = self.unregistered.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(UnregisteredSlot { map: self.unregistered.clone(), ip })
     }
 
     /// Handshakes in progress.
@@ -74,6 +87,25 @@ impl Drop for ConnectionSlot {
             }
         }
         self.admission.total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One unregistered connection; frees its slot on drop.
+#[derive(Debug)]
+pub struct UnregisteredSlot {
+    map: Arc<Mutex<HashMap<IpAddr, u32>>>,
+    ip: IpAddr,
+}
+
+impl Drop for UnregisteredSlot {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
     }
 }
 

@@ -32,6 +32,8 @@ struct Session {
     registered: AtomicBool,
     conn: quinn::Connection,
     online: std::sync::Mutex<Option<Online>>,
+    /// Held while the key is not an account (the per-address cap on strangers).
+    stranger: std::sync::Mutex<Option<super::limits::UnregisteredSlot>>,
 }
 
 impl Session {
@@ -66,6 +68,18 @@ pub(crate) async fn run(conn: quinn::Connection, shared: Arc<Shared>, mut stop: 
         }
     };
     debug!(account = %account.short(), registered = known, "connected");
+    let mut stranger = None;
+    if !known {
+        let ip = conn.remote_address().ip();
+        match shared.admission.unregistered(ip, shared.config.max_unregistered_per_ip) {
+            Some(slot) => stranger = Some(slot),
+            None => {
+                debug!("too many unregistered connections from this address");
+                conn.close(VarInt::from_u32(close::BUSY), b"too many unregistered connections from your address");
+                return;
+            }
+        }
+    }
     let deadline = Instant::now() + shared.config.auth_deadline();
     let session = Arc::new(Session {
         shared,
@@ -73,6 +87,7 @@ pub(crate) async fn run(conn: quinn::Connection, shared: Arc<Shared>, mut stop: 
         registered: AtomicBool::new(known),
         conn: conn.clone(),
         online: std::sync::Mutex::new(None),
+        stranger: std::sync::Mutex::new(stranger),
     });
     if known {
         session.go_online();
@@ -213,6 +228,8 @@ async fn register(session: &Session, invite: Option<String>) -> Response {
     match result {
         Ok(Ok(r)) => {
             session.registered.store(true, Ordering::Release);
+            // Registered: no longer counts against its address's stranger cap.
+            drop(session.stranger.lock().unwrap_or_else(|p| p.into_inner()).take());
             session.go_online();
             if r.created {
                 debug!("account registered");

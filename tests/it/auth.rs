@@ -104,3 +104,41 @@ async fn registering_in_time_lifts_the_deadline() {
     assert!(matches!(conn.call(&Request::Ping { nonce: 9 }).await.unwrap(), hush::wire::Response::Pong { nonce: 9 }));
     conn.status().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_per_address_are_capped_but_accounts_still_get_in() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start_with(&tmp.path().join("s"), "127.0.0.1:0", &[("HUSHD_MAX_UNREGISTERED_PER_IP", "2")]);
+    let (member, member_conn) = registered_client(&server).await;
+    let mut strangers = vec![];
+    for _ in 0..2 {
+        let id = hush::auth::Identity::generate().unwrap();
+        let conn = Connection::connect(&server.address, &id).await.unwrap();
+        assert_eq!(conn.call(&Request::Status).await.unwrap_err().code(), Some(ErrorCode::NotRegistered));
+        strangers.push(conn);
+    }
+    let id = hush::auth::Identity::generate().unwrap();
+    let third = Connection::connect(&server.address, &id).await.unwrap();
+    match tokio::time::timeout(WAIT, third.closed()).await.unwrap() {
+        ClientError::Closed { code, .. } => assert_eq!(code, u64::from(close::BUSY)),
+        other => panic!("unexpected: {other:?}"),
+    }
+    // Registered accounts are not strangers: a new connection of the
+    // member's key gets in while the stranger slots are full.
+    member_conn.status().await.unwrap();
+    let again = Connection::connect(&server.address, &member).await.unwrap();
+    again.status().await.unwrap();
+    // A stranger leaving frees its slot.
+    strangers.pop().unwrap().close().await;
+    let mut admitted = false;
+    for _ in 0..50 {
+        let id = hush::auth::Identity::generate().unwrap();
+        let c = Connection::connect(&server.address, &id).await.unwrap();
+        if c.call(&Request::Status).await.is_err_and(|e| e.code() == Some(ErrorCode::NotRegistered)) {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(admitted, "the freed stranger slot was never reused");
+}
