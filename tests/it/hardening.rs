@@ -112,3 +112,134 @@ fn rand_byte() -> u8 {
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).unwrap();
     b[0]
 }
+
+/// A member of a test group, talking to a real server.
+struct Peer {
+    id: hush::auth::Identity,
+    conn: Connection,
+    mls: Member,
+    cursor: u64,
+    own: Vec<u64>,
+}
+
+impl Peer {
+    async fn new(server: &Hushd) -> Self {
+        let (id, conn) = registered_client(server).await;
+        let mls = Member::new(id.account_id()).unwrap();
+        conn.publish_key_packages(mls.key_packages(3).unwrap(), Some(2)).await.unwrap();
+        Self { id, conn, mls, cursor: 0, own: vec![] }
+    }
+
+    async fn sync(&mut self, g: &[u8]) {
+        loop {
+            let (messages, more) = self.conn.fetch(g, self.cursor, 0).await.unwrap();
+            for (seq, m) in &messages {
+                if !self.own.contains(seq) {
+                    self.mls.receive(g, m).unwrap();
+                }
+                self.cursor = *seq;
+            }
+            if !more {
+                return;
+            }
+        }
+    }
+}
+
+async fn group_of(server: &Hushd, n: usize) -> (Vec<Peer>, Vec<u8>) {
+    let mut peers = vec![];
+    for _ in 0..n {
+        peers.push(Peer::new(server).await);
+    }
+    let g = peers[0].mls.create_group().unwrap();
+    peers[0].conn.create_group(g.group_info, g.ratchet_tree).await.unwrap();
+    let mut kps = vec![];
+    for p in &peers[1..] {
+        kps.push(peers[0].conn.claim_key_package(&p.id.account_id()).await.unwrap());
+    }
+    let (commit, welcome) = peers[0].mls.add(&g.id, &kps).unwrap();
+    let (seq, _) = peers[0].conn.send(commit, Some(welcome)).await.unwrap();
+    peers[0].mls.merge_pending(&g.id).unwrap();
+    peers[0].cursor = seq;
+    for p in &mut peers[1..] {
+        let w = p.conn.fetch_welcomes().await.unwrap();
+        p.mls.join(&w[0].1).unwrap();
+        p.cursor = seq;
+    }
+    (peers, g.id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_members_racing_commits_twenty_times_one_wins_each_epoch_and_all_converge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let (mut peers, g) = group_of(&server, 5).await;
+    for round in 0..20 {
+        let epoch = peers[0].mls.epoch(&g).unwrap();
+        let commits: Vec<Vec<u8>> = peers.iter_mut().map(|p| p.mls.commit_pending(&g).unwrap().0).collect();
+        let mut racers = tokio::task::JoinSet::new();
+        for (i, c) in commits.into_iter().enumerate() {
+            let conn = Connection::connect(&server.address, &peers[i].id).await.unwrap();
+            racers.spawn(async move { (i, conn.send(c, None).await) });
+        }
+        let mut winners = vec![];
+        while let Some(r) = racers.join_next().await {
+            let (i, result) = r.unwrap();
+            match result {
+                Ok((seq, e)) => {
+                    assert_eq!(e, epoch + 1);
+                    winners.push((i, seq));
+                }
+                Err(e) => assert_eq!(e.code(), Some(hush::wire::ErrorCode::StaleEpoch), "round {round}: {e}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: {} commits accepted for epoch {epoch}", winners.len());
+        let (w, seq) = winners[0];
+        for (i, p) in peers.iter_mut().enumerate() {
+            if i == w {
+                p.mls.merge_pending(&g).unwrap();
+                p.own.push(seq);
+            } else {
+                p.mls.discard_pending(&g).unwrap();
+            }
+            p.sync(&g).await;
+        }
+        let auth = peers[0].mls.epoch_authenticator(&g);
+        for p in &mut peers {
+            assert_eq!(p.mls.epoch(&g), Some(epoch + 1));
+            assert_eq!(p.mls.epoch_authenticator(&g), auth, "round {round}: members diverged");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_member_is_refused_everything_and_learns_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let (mut peers, g) = group_of(&server, 2).await;
+    let text = peers[0].mls.encrypt(&g, b"members only").unwrap();
+    let (seq, _) = peers[0].conn.send(text.clone(), None).await.unwrap();
+    let eve = Peer::new(&server).await;
+    let missing = vec![0x42u8; 16];
+    let not_member = |r: Result<_, hush::client::ClientError>| {
+        let e = r.err().expect("a non-member request succeeded");
+        assert_eq!(e.code(), Some(hush::wire::ErrorCode::NotMember), "{e}");
+        e.to_string()
+    };
+    for group in [&g, &missing] {
+        let fetch = not_member(eve.conn.fetch(group, 0, 0).await.map(|_| ()));
+        let ack = not_member(eve.conn.ack(group, seq).await);
+        // The same answer whether or not the group exists.
+        assert!(fetch.contains("not a member") && ack.contains("not a member"));
+    }
+    // Replaying a member's ciphertext or commit under her own key.
+    not_member(eve.conn.send(text, None).await.map(|_| ()));
+    let (commit, _) = peers[1].mls.commit_pending(&g).unwrap();
+    not_member(eve.conn.send(commit.clone(), None).await.map(|_| ()));
+    // No Welcome for her; the group is not in her list.
+    assert!(eve.conn.fetch_welcomes().await.unwrap().is_empty());
+    assert!(eve.conn.groups().await.unwrap().is_empty());
+    // The member's own commit is still good: nothing eve did changed the group.
+    let (_, epoch) = peers[1].conn.send(commit, None).await.unwrap();
+    assert_eq!(epoch, 2);
+}
