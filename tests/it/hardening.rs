@@ -221,8 +221,8 @@ async fn a_non_member_is_refused_everything_and_learns_nothing() {
     let (seq, _) = peers[0].conn.send(text.clone(), None).await.unwrap();
     let eve = Peer::new(&server).await;
     let missing = vec![0x42u8; 16];
-    let not_member = |r: Result<_, hush::client::ClientError>| {
-        let e = r.err().expect("a non-member request succeeded");
+    let not_member = |r: Result<(), hush::client::ClientError>| {
+        let e = r.expect_err("a non-member request succeeded");
         assert_eq!(e.code(), Some(hush::wire::ErrorCode::NotMember), "{e}");
         e.to_string()
     };
