@@ -29,6 +29,13 @@ pub const PADDING: usize = 256;
 /// still decrypt for the committer. A small window: older keys are gone.
 pub const MAX_PAST_EPOCHS: usize = 3;
 
+/// Application messages from one sender that may arrive out of order (a
+/// client may pipeline sends, and the server orders them as they arrive).
+pub const OUT_OF_ORDER_TOLERANCE: u32 = 64;
+
+/// How far ahead of the last seen message a sender's message may be.
+pub const MAX_FORWARD_DISTANCE: u32 = 10_000;
+
 /// Length of a new group's random id.
 pub const GROUP_ID_LEN: usize = 16;
 
@@ -166,6 +173,7 @@ impl<P: OpenMlsProvider> Member<P> {
             .use_ratchet_tree_extension(true)
             .padding_size(PADDING)
             .max_past_epochs(MAX_PAST_EPOCHS)
+            .sender_ratchet_configuration(SenderRatchetConfiguration::new(OUT_OF_ORDER_TOLERANCE, MAX_FORWARD_DISTANCE))
             .build()
     }
 
@@ -175,6 +183,7 @@ impl<P: OpenMlsProvider> Member<P> {
             .use_ratchet_tree_extension(true)
             .padding_size(PADDING)
             .max_past_epochs(MAX_PAST_EPOCHS)
+            .sender_ratchet_configuration(SenderRatchetConfiguration::new(OUT_OF_ORDER_TOLERANCE, MAX_FORWARD_DISTANCE))
             .build()
     }
 

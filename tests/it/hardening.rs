@@ -8,6 +8,9 @@ use hush::client::Connection;
 
 use crate::support::*;
 
+/// Load tests measure the server, not its rate limiter.
+const UNLIMITED: &[(&str, &str)] = &[("HUSHD_REQUESTS_PER_SECOND_PER_ACCOUNT", "1000000")];
+
 /// How many SIGKILLs the test survives (CI keeps this; HUSH_LONG_TESTS=1
 /// runs more).
 fn kills() -> usize {
@@ -22,7 +25,7 @@ fn kills() -> usize {
 async fn kill_9_under_load_loses_nothing_acknowledged() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("s");
-    let mut server = Hushd::start(&dir);
+    let mut server = Hushd::start_with(&dir, "127.0.0.1:0", UNLIMITED);
     let port = server.port();
     let listen = format!("127.0.0.1:{port}");
 
@@ -71,7 +74,7 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
                 }
             }
         }
-        server = Hushd::start_with(&dir, &listen, &[]);
+        server = Hushd::start_with(&dir, &listen, UNLIMITED);
         alice = Connection::connect(&server.address, &alice_id).await.unwrap();
         bob = Connection::connect(&server.address, &bob_id).await.unwrap();
         let integrity = ok(run(hushd_command(&dir).arg("check")));
@@ -242,4 +245,76 @@ async fn a_non_member_is_refused_everything_and_learns_nothing() {
     // The member's own commit is still good: nothing eve did changed the group.
     let (_, epoch) = peers[1].conn.send(commit, None).await.unwrap();
     assert_eq!(epoch, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_never_reads_pushes_costs_bounded_memory_and_resyncs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start_with(&tmp.path().join("s"), "127.0.0.1:0", UNLIMITED);
+    let (mut peers, g) = group_of(&server, 2).await;
+    // Peer 1 stays connected but never accepts or reads its push stream.
+    let before = server.rss_kib();
+    let total = 2500;
+    let mut sent = 0;
+    while sent < total {
+        // 50 in flight at a time: the writer batches them into few commits.
+        // (Within the members' out-of-order tolerance of 64.)
+        let mut batch = vec![];
+        for _ in 0..50 {
+            sent += 1;
+            batch.push(peers[0].mls.encrypt(&g, format!("m{sent} {}", "x".repeat(3000)).as_bytes()).unwrap());
+        }
+        let conn = &peers[0].conn;
+        let results = futures_join(batch.into_iter().map(|m| conn.send(m, None))).await;
+        for r in results {
+            let (seq, _) = r.unwrap();
+            peers[0].own.push(seq);
+        }
+    }
+    let after = server.rss_kib();
+    let growth = after.saturating_sub(before);
+    eprintln!("slow reader: server RSS {before} KiB -> {after} KiB after {total} pushes it never read");
+    // Bounded: the push queue (256 frames of ~3.3 KB), quinn's send buffer
+    // for the stalled stream (≤ 4 MiB) and SQLite's page caches (≤ 2 MiB per
+    // connection). Keeping every push (2500 x ~3.3 KB) would add ~8 MiB more.
+    assert!(growth < 12 * 1024, "server memory grew by {growth} KiB");
+    // The slow reader resyncs from its cursor and gets everything.
+    let reader = &mut peers[1];
+    let mut got = 0;
+    loop {
+        let (messages, more) = reader.conn.fetch(&g, reader.cursor, 0).await.unwrap();
+        for (seq, m) in &messages {
+            reader.mls.receive(&g, m).unwrap();
+            reader.cursor = *seq;
+            got += 1;
+        }
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(got, total);
+}
+
+/// Awaits all futures concurrently (a tiny join_all, to avoid a dependency).
+async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut pinned: Vec<std::pin::Pin<Box<F>>> = futures.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in pinned.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(|o| o.unwrap()).collect()
 }

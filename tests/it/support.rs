@@ -89,6 +89,17 @@ impl Hushd {
         String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_string()
     }
 
+    /// Resident memory of the server process, in KiB (from /proc).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.as_ref().unwrap().id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
     /// SIGKILL: no cleanup, no checkpoint, as in a power cut.
     pub fn kill9(mut self) {
         if let Some(mut child) = self.child.take() {
