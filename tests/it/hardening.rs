@@ -318,3 +318,86 @@ async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) 
     .await;
     out.into_iter().map(|o| o.unwrap()).collect()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn honest_members_finish_their_conversation_during_a_flood() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start_with(&tmp.path().join("s"), "127.0.0.1:0", &[("HUSHD_REQUEST_TIMEOUT_SECS", "2")]);
+    let before = server.rss_kib();
+    // The attacker: a registered account (so it gets past the handshake)
+    // sending garbage, oversized and truncated frames and streams it never
+    // finishes, as fast as it can, on several connections.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (attacker, _) = registered_client(&server).await;
+    let mut flood = tokio::task::JoinSet::new();
+    for lane in 0..4u8 {
+        let conn = Connection::connect(&server.address, &attacker).await.unwrap();
+        let stop = stop.clone();
+        flood.spawn(async move {
+            let mut sent = 0u64;
+            let mut stalled = vec![];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sent += 1;
+                let frame: Vec<u8> = match sent % 4 {
+                    0 => (0..64).map(|i| (i as u8).wrapping_mul(lane).wrapping_add(sent as u8)).collect(),
+                    1 => vec![0x08; hush::limits::MAX_REQUEST_FRAME + 1],
+                    2 => vec![0x08, 0, 0, 0x10],
+                    _ => {
+                        // A stream that never finishes.
+                        if let Ok((mut s, r)) = conn.quic().open_bi().await {
+                            let _ = s.write_all(&[0x09, 1]).await;
+                            stalled.push((s, r));
+                        }
+                        continue;
+                    }
+                };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.raw(&frame)).await;
+                if stalled.len() > 40 {
+                    stalled.clear();
+                }
+            }
+            sent
+        });
+    }
+    // Meanwhile three honest members hold a conversation.
+    let sampler_stop = stop.clone();
+    let pid_rss = {
+        let server_ref = &server;
+        let mut peak = before;
+        let honest = async {
+            let (mut peers, g) = group_of(server_ref, 3).await;
+            for round in 0..10 {
+                for i in 0..3 {
+                    let m = peers[i].mls.encrypt(&g, format!("{i}:{round}").as_bytes()).unwrap();
+                    let (seq, _) = peers[i].conn.send(m, None).await.unwrap();
+                    peers[i].own.push(seq);
+                }
+            }
+            for p in &mut peers {
+                p.sync(&g).await;
+            }
+            let auth = peers[0].mls.epoch_authenticator(&g);
+            assert!(peers.iter_mut().all(|p| p.mls.epoch_authenticator(&g) == auth));
+        };
+        tokio::pin!(honest);
+        loop {
+            tokio::select! {
+                () = &mut honest => break,
+                () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {
+                    peak = peak.max(server_ref.rss_kib());
+                }
+            }
+        }
+        peak
+    };
+    sampler_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut flood_requests = 0;
+    while let Some(n) = flood.join_next().await {
+        flood_requests += n.unwrap();
+    }
+    eprintln!(
+        "flood: {flood_requests} hostile requests; honest conversation completed; server RSS {before} KiB -> peak {pid_rss} KiB"
+    );
+    assert!(flood_requests > 100, "the flood was too weak to mean anything");
+    assert!(pid_rss.saturating_sub(before) < 64 * 1024, "server memory grew to {pid_rss} KiB under the flood");
+}
