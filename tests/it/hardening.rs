@@ -367,10 +367,10 @@ async fn honest_members_finish_their_conversation_during_a_flood() {
         let honest = async {
             let (mut peers, g) = group_of(server_ref, 3).await;
             for round in 0..10 {
-                for i in 0..3 {
-                    let m = peers[i].mls.encrypt(&g, format!("{i}:{round}").as_bytes()).unwrap();
-                    let (seq, _) = peers[i].conn.send(m, None).await.unwrap();
-                    peers[i].own.push(seq);
+                for (i, p) in peers.iter_mut().enumerate() {
+                    let m = p.mls.encrypt(&g, format!("{i}:{round}").as_bytes()).unwrap();
+                    let (seq, _) = p.conn.send(m, None).await.unwrap();
+                    p.own.push(seq);
                 }
             }
             for p in &mut peers {
