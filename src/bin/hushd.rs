@@ -68,6 +68,16 @@ enum Command {
     Accounts,
     /// List invites (ids, uses left, expiry; never the secret).
     Invites,
+    /// Measure hush against raw quinn and raw SQLite on this machine (in one
+    /// process, on loopback, with a temporary data directory).
+    Bench {
+        /// A few seconds in all: checks that it works, numbers are rough.
+        #[arg(long)]
+        quick: bool,
+        /// One JSON object per scenario: scenario, hush, baseline, ratio, unit.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the data directory: key file, configuration, database
     /// integrity and schema. Exits non-zero if anything is wrong.
     Check,
@@ -164,6 +174,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Check => check(&dir),
+        Command::Bench { quick, json } => bench(quick, json),
         Command::Backup { path } => {
             if !dir.db().exists() {
                 bail!("no hushd database in {}", dir.0.display());
@@ -202,6 +213,30 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn bench(quick: bool, json: bool) -> Result<()> {
+    let settings = if quick { hush::bench::Settings::quick() } else { hush::bench::Settings::full() };
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let rows = runtime.block_on(hush::bench::run(settings, |s| bar.set_message(format!("measuring {s}"))))?;
+    bar.finish_and_clear();
+    if json {
+        for r in &rows {
+            out!(
+                "{}",
+                serde_json::json!({"scenario": r.scenario, "hush": r.hush, "baseline": r.baseline, "ratio": r.ratio(), "unit": r.unit})
+            );
+        }
+    } else {
+        out!("| scenario | hush | baseline (same run) | ratio |");
+        out!("| --- | ---: | ---: | ---: |");
+        for r in &rows {
+            out!("| {} | {:.0}{} | {:.0}{} | {:.2} |", r.scenario, r.hush, r.unit, r.baseline, r.unit, r.ratio());
+        }
+    }
+    Ok(())
 }
 
 fn check(dir: &DataDir) -> Result<()> {

@@ -144,3 +144,20 @@ fn check_and_backup_work_while_serving() {
     assert!(!out.status.success());
     assert!(stdout(&out).contains("key       FAIL"), "{}", stdout(&out));
 }
+
+#[test]
+fn bench_quick_mode_runs_and_reports_every_scenario() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = ok(run(hushd_command(&tmp.path().join("unused"))
+        .args(["bench", "--quick", "--json"])
+        .env("TMPDIR", tmp.path())));
+    let rows: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(rows.len() >= 4, "{out}");
+    for word in ["handshake", "round trip", "durable send"] {
+        assert!(rows.iter().any(|r| r["scenario"].as_str().unwrap().contains(word)), "no {word} row: {out}");
+    }
+    for r in &rows {
+        assert!(r["hush"].as_f64().unwrap() > 0.0 && r["baseline"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["ratio"].as_f64().is_some());
+    }
+}
