@@ -78,6 +78,7 @@ pub async fn run(settings: Settings, progress: impl Fn(&str)) -> Result<Vec<Row>
         max_connections_per_ip: 100_000,
         max_unregistered_per_ip: 100_000,
         max_streams_per_connection: 256,
+        max_log_per_group: 1_000_000_000,
         ..ServerConfig::default()
     };
     let server = Server::bind(config, dir.path()).map_err(fail)?;
@@ -240,24 +241,31 @@ async fn durable_sends(
     let (commit, welcome) = alice.add(&g.id, &[kp]).map_err(fail)?;
     conn.send(commit, Some(welcome)).await.map_err(fail)?;
     alice.merge_pending(&g.id).map_err(fail)?;
-    // Generate before timing: enough for the run at a generous rate.
-    let count = (settings.duration.as_secs_f64() * 20_000.0) as usize + 64;
+    // Generate before timing, then send them all, 64 in flight.
+    let count = if settings.duration < Duration::from_secs(1) { 2_000 } else { 50_000 };
     let mut messages = Vec::with_capacity(count);
     for i in 0..count {
         messages.push(alice.encrypt(&g.id, format!("benchmark message {i}").as_bytes()).map_err(fail)?);
     }
     let len = messages.first().map(Vec::len).unwrap_or(0);
     let queue = Arc::new(std::sync::Mutex::new(messages));
-    let c = conn.clone();
-    let r = rate(settings, 64, move |_| {
-        let c = c.clone();
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    for _ in 0..64 {
+        let c = conn.clone();
         let queue = queue.clone();
-        async move {
-            let m = queue.lock().map_err(fail)?.pop().ok_or_else(|| BenchError("ran out of messages".into()))?;
-            c.send(m, None).await.map(|_| ()).map_err(fail)
-        }
-    })
-    .await?;
+        tasks.spawn(async move {
+            loop {
+                let next = queue.lock().map_err(fail)?.pop();
+                let Some(m) = next else { return Ok::<(), BenchError>(()) };
+                c.send(m, None).await.map_err(fail)?;
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.map_err(fail)??;
+    }
+    let r = count as f64 / start.elapsed().as_secs_f64();
     Ok((r, len))
 }
 
