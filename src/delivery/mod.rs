@@ -386,16 +386,16 @@ impl Delivery {
     ) -> Result<Outcome, Refusal<S::Error>> {
         let framed = mls::frame(&bytes).map_err(|m| refuse(ErrorCode::InvalidMessage, m))?;
         let group = framed.group.clone();
-        let record = store.group(&group)?.ok_or_else(not_member)?;
+        let epoch = store.group_epoch(&group)?.ok_or_else(not_member)?;
         let membership = store.membership(&group, account)?.ok_or_else(not_member)?;
         if !membership.is_current() {
             return Err(not_member());
         }
-        if framed.epoch != record.epoch {
+        if framed.epoch != epoch {
             return Err(Refusal::Client {
                 code: ErrorCode::StaleEpoch,
-                detail: record.epoch,
-                message: format!("the group is at epoch {}, the message is for epoch {}", record.epoch, framed.epoch),
+                detail: epoch,
+                message: format!("the group is at epoch {epoch}, the message is for epoch {}", framed.epoch),
             });
         }
         self.check_space(store)?;
@@ -413,15 +413,17 @@ impl Delivery {
                 if welcome.is_some() {
                     return Err(refuse(ErrorCode::InvalidMessage, "only commits carry a Welcome"));
                 }
-                let seq = store.append(&group, record.epoch, &bytes, now)?;
+                let seq = store.append(&group, epoch, &bytes, now)?;
                 let recipients = store.current_members(&group)?;
                 Ok(Outcome {
-                    response: Response::Accepted { group: group.clone(), seq, epoch: record.epoch },
+                    response: Response::Accepted { group: group.clone(), seq, epoch },
                     notifications: vec![Notification::Message { group, seq, message: bytes, recipients }],
                     wrote: true,
                 })
             }
             mls::Kind::Commit | mls::Kind::Proposal => {
+                // Only handshakes need the public state.
+                let record = store.group(&group)?.ok_or_else(not_member)?;
                 self.handshake(store, account, &group, record, framed, bytes, welcome, now)
             }
         }

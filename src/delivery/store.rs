@@ -75,6 +75,11 @@ pub trait Store {
     fn claimed_owner(&mut self, hash_ref: &[u8]) -> Result<Option<AccountId>, Self::Error>;
 
     fn group(&mut self, group: &[u8]) -> Result<Option<GroupRecord>, Self::Error>;
+    /// The group's current epoch, without loading its state (the hot path
+    /// of every application message).
+    fn group_epoch(&mut self, group: &[u8]) -> Result<Option<u64>, Self::Error> {
+        Ok(self.group(group)?.map(|g| g.epoch))
+    }
     fn insert_group(&mut self, group: &[u8], epoch: u64, state: &[u8], now: u64) -> Result<(), Self::Error>;
     fn update_group(&mut self, group: &[u8], epoch: u64, state: &[u8]) -> Result<(), Self::Error>;
 

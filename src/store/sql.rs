@@ -108,6 +108,15 @@ impl Store for SqlStore<'_> {
             .optional()?)
     }
 
+    fn group_epoch(&mut self, group: &[u8]) -> Result<Option<u64>, StoreError> {
+        let epoch: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT epoch FROM groups WHERE id = ?1")?
+            .query_row([group], |r| r.get(0))
+            .optional()?;
+        Ok(epoch.map(u))
+    }
+
     fn insert_group(&mut self, group: &[u8], epoch: u64, state: &[u8], now: u64) -> Result<(), StoreError> {
         self.conn
             .prepare_cached("INSERT INTO groups (id, epoch, state, last_seq, created_at) VALUES (?1, ?2, ?3, 0, ?4)")?
