@@ -51,6 +51,10 @@ pub const MAX_FETCH_ENTRIES: usize = 256;
 /// again for the rest. Below [`MAX_RESPONSE_FRAME`] with room for framing.
 pub const FETCH_BYTE_BUDGET: usize = 3 * 1024 * 1024;
 
+/// Group rosters the writer keeps in memory (the recipients of each
+/// message); past this many the cache starts over.
+pub const MAX_CACHED_ROSTERS: usize = 4096;
+
 /// Groups listed in one response.
 pub const MAX_GROUPS_LISTED: usize = 1024;
 

@@ -88,7 +88,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // The benchmark's own server would otherwise log over its progress bar.
+    init_logging(if matches!(cli.command, Command::Bench { .. }) { "warn" } else { "info" });
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -98,9 +99,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HUSHD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
@@ -226,14 +227,23 @@ fn bench(quick: bool, json: bool) -> Result<()> {
         for r in &rows {
             out!(
                 "{}",
-                serde_json::json!({"scenario": r.scenario, "hush": r.hush, "baseline": r.baseline, "ratio": r.ratio(), "unit": r.unit})
+                serde_json::json!({"scenario": r.scenario, "hush": r.hush, "baseline": r.baseline, "ratio": r.ratio(), "unit": r.unit, "better": if r.lower_is_better { "lower" } else { "higher" }})
             );
         }
     } else {
-        out!("| scenario | hush | baseline (same run) | ratio |");
-        out!("| --- | ---: | ---: | ---: |");
+        out!("| scenario | hush | baseline (same run) | ratio | better |");
+        out!("| --- | ---: | ---: | ---: | --- |");
         for r in &rows {
-            out!("| {} | {:.0}{} | {:.0}{} | {:.2} |", r.scenario, r.hush, r.unit, r.baseline, r.unit, r.ratio());
+            let better = if r.lower_is_better { "lower" } else { "higher" };
+            out!(
+                "| {} | {:.0}{} | {:.0}{} | {:.2} | {better} |",
+                r.scenario,
+                r.hush,
+                r.unit,
+                r.baseline,
+                r.unit,
+                r.ratio()
+            );
         }
     }
     Ok(())

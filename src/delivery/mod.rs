@@ -44,6 +44,7 @@ pub mod mls;
 pub mod store;
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
@@ -54,18 +55,19 @@ use openmls_rust_crypto::RustCrypto;
 
 use crate::auth::AccountId;
 use crate::limits::{
-    CLAIM_BURST, CLAIM_REFILL, FETCH_BYTE_BUDGET, MAX_FETCH_ENTRIES, MAX_GROUPS_LISTED, MAX_KEY_PACKAGES,
+    CLAIM_BURST, CLAIM_REFILL, FETCH_BYTE_BUDGET, MAX_CACHED_ROSTERS, MAX_FETCH_ENTRIES, MAX_GROUPS_LISTED,
+    MAX_KEY_PACKAGES,
 };
 use crate::wire::{ErrorCode, Request, Response};
 
-pub use store::{GroupRecord, Membership, NewKeyPackage, Store};
+pub use store::{GroupRecord, Membership, NewKeyPackage, SendContext, Store};
 
 /// Something to push to online connections after the request's writes are
 /// durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notification {
     /// A new message in `group` at `seq`, for these accounts.
-    Message { group: Vec<u8>, seq: u64, message: Vec<u8>, recipients: Vec<AccountId> },
+    Message { group: Vec<u8>, seq: u64, message: Vec<u8>, recipients: Arc<[AccountId]> },
     /// A Welcome waits for `recipient`.
     Welcome { recipient: AccountId },
 }
@@ -137,6 +139,10 @@ pub struct Delivery {
     claims: HashMap<AccountId, Bucket>,
     retention_secs: u64,
     quotas: Quotas,
+    /// Current members per group, valid for the epoch stored with them
+    /// (membership changes only by a commit, which changes the epoch).
+    /// Only the writer fills it; see [`Delivery::forget_cached`].
+    rosters: HashMap<Vec<u8>, (u64, Arc<[AccountId]>)>,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -152,7 +158,35 @@ impl Delivery {
     }
 
     pub fn with_quotas(quotas: Quotas) -> Self {
-        Self { crypto: RustCrypto::default(), claims: HashMap::new(), retention_secs: quotas.retention_secs, quotas }
+        Self {
+            crypto: RustCrypto::default(),
+            claims: HashMap::new(),
+            retention_secs: quotas.retention_secs,
+            quotas,
+            rosters: HashMap::new(),
+        }
+    }
+
+    /// Drops cached state derived from the store. The writer calls this
+    /// when a batch fails to commit: what the batch wrote never happened,
+    /// so a roster cached from it may not be true.
+    pub fn forget_cached(&mut self) {
+        self.rosters.clear();
+    }
+
+    /// The current members of `group` at `epoch` (the current epoch).
+    fn roster<S: Store>(&mut self, store: &mut S, group: &[u8], epoch: u64) -> Result<Arc<[AccountId]>, S::Error> {
+        if let Some((e, members)) = self.rosters.get(group) {
+            if *e == epoch {
+                return Ok(members.clone());
+            }
+        }
+        let members: Arc<[AccountId]> = store.current_members(group)?.into();
+        if self.rosters.len() >= MAX_CACHED_ROSTERS {
+            self.rosters.clear();
+        }
+        self.rosters.insert(group.to_vec(), (epoch, members.clone()));
+        Ok(members)
     }
 
     /// Refuses new data once the store reached its size quota.
@@ -386,9 +420,9 @@ impl Delivery {
     ) -> Result<Outcome, Refusal<S::Error>> {
         let framed = mls::frame(&bytes).map_err(|m| refuse(ErrorCode::InvalidMessage, m))?;
         let group = framed.group.clone();
-        let epoch = store.group_epoch(&group)?.ok_or_else(not_member)?;
-        let membership = store.membership(&group, account)?.ok_or_else(not_member)?;
-        if !membership.is_current() {
+        let context = store.send_context(&group, account)?.ok_or_else(not_member)?;
+        let epoch = context.epoch;
+        if !context.membership.is_some_and(|m| m.is_current()) {
             return Err(not_member());
         }
         if framed.epoch != epoch {
@@ -400,7 +434,7 @@ impl Delivery {
         }
         self.check_space(store)?;
         if framed.kind != mls::Kind::Commit {
-            let backlog = store.log_len(&group)?;
+            let backlog = context.log_len;
             if backlog >= self.quotas.max_log_per_group {
                 return Err(refuse(
                     ErrorCode::QuotaExceeded,
@@ -414,7 +448,7 @@ impl Delivery {
                     return Err(refuse(ErrorCode::InvalidMessage, "only commits carry a Welcome"));
                 }
                 let seq = store.append(&group, epoch, &bytes, now)?;
-                let recipients = store.current_members(&group)?;
+                let recipients = self.roster(store, &group, epoch)?;
                 Ok(Outcome {
                     response: Response::Accepted { group: group.clone(), seq, epoch },
                     notifications: vec![Notification::Message { group, seq, message: bytes, recipients }],
@@ -471,7 +505,7 @@ impl Delivery {
                         group: group.to_vec(),
                         seq,
                         message: bytes,
-                        recipients: before,
+                        recipients: before.into(),
                     }],
                     wrote: true,
                 })
@@ -551,7 +585,7 @@ impl Delivery {
                 // included (it tells them they were removed).
                 notifications.insert(
                     0,
-                    Notification::Message { group: group.to_vec(), seq, message: bytes, recipients: before },
+                    Notification::Message { group: group.to_vec(), seq, message: bytes, recipients: before.into() },
                 );
                 Ok(Outcome {
                     response: Response::Accepted { group: group.to_vec(), seq, epoch },

@@ -44,6 +44,17 @@ impl Membership {
     }
 }
 
+/// What the hot path of an application message needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendContext {
+    /// The group's current epoch.
+    pub epoch: u64,
+    /// The sender's relation to the group, if any.
+    pub membership: Option<Membership>,
+    /// Messages stored for the group ([`Store::log_len`]).
+    pub log_len: u64,
+}
+
 /// Messages as `(sequence, MLSMessage)`, in order.
 pub type Messages = Vec<(u64, Vec<u8>)>;
 
@@ -79,6 +90,14 @@ pub trait Store {
     /// of every application message).
     fn group_epoch(&mut self, group: &[u8]) -> Result<Option<u64>, Self::Error> {
         Ok(self.group(group)?.map(|g| g.epoch))
+    }
+    /// The group's epoch, `account`'s membership and the group's backlog;
+    /// `None` if the group does not exist. One lookup where the store can.
+    fn send_context(&mut self, group: &[u8], account: &AccountId) -> Result<Option<SendContext>, Self::Error> {
+        let Some(epoch) = self.group_epoch(group)? else { return Ok(None) };
+        let membership = self.membership(group, account)?;
+        let log_len = self.log_len(group)?;
+        Ok(Some(SendContext { epoch, membership, log_len }))
     }
     fn insert_group(&mut self, group: &[u8], epoch: u64, state: &[u8], now: u64) -> Result<(), Self::Error>;
     fn update_group(&mut self, group: &[u8], epoch: u64, state: &[u8]) -> Result<(), Self::Error>;

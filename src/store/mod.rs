@@ -159,7 +159,7 @@ impl Store {
 
     /// Deletes what retention says is too old. Returns rows deleted.
     pub async fn expire(&self, now: u64) -> Result<u64, StoreError> {
-        self.call_with_delivery(move |db, delivery| delivery.expire(&mut SqlStore { conn: &db.conn }, now)).await?
+        self.call_with_delivery(move |db, delivery| delivery.expire(&mut SqlStore::new(&db.conn), now)).await?
     }
 }
 
@@ -213,20 +213,28 @@ fn commit_batch(db: &mut Db, delivery: &mut Delivery, batch: &mut Vec<Pending>) 
     let result = (|| -> Result<Vec<Outcome>, rusqlite::Error> {
         let tx = db.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut outcomes = Vec::with_capacity(jobs.len());
-        for (account, request, now, reply) in jobs {
-            tx.execute_batch("SAVEPOINT request")?;
-            let outcome = delivery.handle(&mut SqlStore { conn: &tx }, account, request, now);
-            if outcome.wrote {
-                tx.execute_batch("RELEASE request")?;
-            } else {
-                tx.execute_batch("ROLLBACK TO request; RELEASE request")?;
+        {
+            let mut store = SqlStore::new(&tx);
+            let mut savepoint = tx.prepare_cached("SAVEPOINT request")?;
+            let mut release = tx.prepare_cached("RELEASE request")?;
+            let mut rollback = tx.prepare_cached("ROLLBACK TO request")?;
+            for (account, request, now, reply) in jobs {
+                savepoint.execute([])?;
+                let outcome = delivery.handle(&mut store, account, request, now);
+                if !outcome.wrote {
+                    rollback.execute([])?;
+                }
+                release.execute([])?;
+                outcomes.push(outcome);
+                replies.push(reply);
             }
-            outcomes.push(outcome);
-            replies.push(reply);
         }
         tx.commit()?;
         Ok(outcomes)
     })();
+    if result.is_err() {
+        delivery.forget_cached();
+    }
     match result {
         Ok(outcomes) => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
@@ -255,7 +263,7 @@ fn reader_loop(mut db: Db, mut delivery: Delivery, rx: mpsc::Receiver<Job>) {
             Job::Deliver { account, request, now, reply } => {
                 let outcome = match db.conn.transaction() {
                     Ok(tx) => {
-                        let o = delivery.handle(&mut SqlStore { conn: &tx }, account, request, now);
+                        let o = delivery.handle(&mut SqlStore::new(&tx), account, request, now);
                         let _ = tx.finish();
                         o
                     }
@@ -290,7 +298,7 @@ mod tests {
         let mut members: Vec<Member> = (1..=size).map(|i| Member::new(AccountId([i; 32])).unwrap()).collect();
         let mut run = |db: &mut Db, who: AccountId, request: Request| {
             let tx = db.conn.transaction().unwrap();
-            let out = ds.handle(&mut SqlStore { conn: &tx }, who, request, 1_000);
+            let out = ds.handle(&mut SqlStore::new(&tx), who, request, 1_000);
             tx.commit().unwrap();
             assert!(!matches!(out.response, Response::Error { .. }), "{:?}", out.response);
             out.response
@@ -331,10 +339,41 @@ mod tests {
         }
         let after = size_of(&db);
         assert_eq!(
-            SqlStore { conn: &db.conn }.group(&g.id).unwrap().unwrap().last_seq as usize,
+            SqlStore::new(&db.conn).group(&g.id).unwrap().unwrap().last_seq as usize,
             messages + usize::from(size > 1)
         );
         (after - before) as f64 / messages as f64
+    }
+
+    #[test]
+    fn retention_deletes_the_oldest_messages_of_each_group_and_nothing_younger() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("t.db")).unwrap();
+        let mut ds = Delivery::new(100);
+        let mut alice = Member::new(AccountId([1; 32])).unwrap();
+        let mut run = |db: &mut Db, request: Request, now: u64| {
+            let tx = db.conn.transaction().unwrap();
+            let out = ds.handle(&mut SqlStore::new(&tx), AccountId([1; 32]), request, now);
+            tx.commit().unwrap();
+            assert!(!matches!(out.response, Response::Error { .. }), "{:?}", out.response);
+        };
+        db.register(&alice.account(), None, false, 1).unwrap();
+        let g = alice.create_group().unwrap();
+        run(&mut db, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree }, 1_000);
+        // Ten messages at t = 1000..1009, then one stamped earlier (a clock
+        // that stepped back): retention removes a prefix, never a hole.
+        for t in (1_000..1_010).chain([1_001]) {
+            let m = alice.encrypt(&g.id, b"x").unwrap();
+            run(&mut db, Request::Send { message: m, welcome: None }, t);
+        }
+        let deleted = ds.expire(&mut SqlStore::new(&db.conn), 1_105).unwrap();
+        assert_eq!(deleted, 5, "messages stamped 1000..=1004 are older than 100 s");
+        let mut store = SqlStore::new(&db.conn);
+        let (kept, _) = store.fetch(&g.id, 0, None, 100, usize::MAX).unwrap();
+        assert_eq!(kept.iter().map(|(s, _)| *s).collect::<Vec<_>>(), (6..=11).collect::<Vec<_>>());
+        assert_eq!(store.log_len(&g.id).unwrap(), 6);
+        assert_eq!(ds.expire(&mut SqlStore::new(&db.conn), 2_000).unwrap(), 6);
+        assert_eq!(SqlStore::new(&db.conn).log_len(&g.id).unwrap(), 0);
     }
 
     #[test]

@@ -74,6 +74,18 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL
     );
     CREATE INDEX inbox_recipient ON inbox(recipient, id);",
+    // 2 -> 3: a group's public MLS state (kilobytes, overflow pages) moves
+    // out of the `groups` row, so the per-message sequence bump rewrites a
+    // small row instead of the whole state. The log loses its `created_at`
+    // index (one b-tree insert less per message): retention deletes a
+    // prefix of each group's log, found by walking the primary key.
+    "CREATE TABLE group_states (
+        gid INTEGER PRIMARY KEY REFERENCES groups(gid),
+        state BLOB NOT NULL
+    );
+    INSERT INTO group_states (gid, state) SELECT gid, state FROM groups;
+    ALTER TABLE groups DROP COLUMN state;
+    DROP INDEX log_created;",
 ];
 
 /// The schema version this build writes.
@@ -95,5 +107,46 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", version + 1)?;
         tx.commit()?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_2_groups_keep_their_state_and_messages_through_migration_3() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "foreign_keys", "ON").unwrap();
+        for (v, sql) in MIGRATIONS.iter().take(2).enumerate() {
+            conn.execute_batch(sql).unwrap();
+            conn.pragma_update(None, "user_version", v + 1).unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO groups (gid, id, epoch, state, last_seq, created_at) VALUES (7, x'0102', 3, x'aabbcc', 2, 10);
+             INSERT INTO log (gid, seq, epoch, data, created_at) VALUES (7, 1, 3, x'01', 10), (7, 2, 3, x'02', 11);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, latest());
+        let (epoch, state, last): (i64, Vec<u8>, i64) = conn
+            .query_row(
+                "SELECT g.epoch, s.state, g.last_seq FROM groups g JOIN group_states s ON s.gid = g.gid WHERE g.id = x'0102'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!((epoch, state, last), (3, vec![0xaa, 0xbb, 0xcc], 2));
+        let n: i64 = conn.query_row("SELECT count(*) FROM log WHERE gid = 7", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 2);
+        let fk: Vec<String> = conn
+            .prepare("PRAGMA foreign_key_check")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(fk.is_empty(), "{fk:?}");
     }
 }

@@ -9,13 +9,36 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::StoreError;
 use crate::auth::AccountId;
 use crate::delivery::store::Messages;
-use crate::delivery::{GroupRecord, Membership, NewKeyPackage, Store};
+use crate::delivery::{GroupRecord, Membership, NewKeyPackage, SendContext, Store};
 use crate::wire::GroupSummary;
 
 /// A delivery store over a borrowed connection.
+///
+/// The writer uses one `SqlStore` for a whole batch: the database size the
+/// quota check needs is measured once per batch and then advanced by the
+/// bytes each write adds (an estimate that errs high: it ignores deletions
+/// and page reuse until the next batch measures again).
 #[derive(Debug)]
 pub struct SqlStore<'c> {
-    pub conn: &'c Connection,
+    conn: &'c Connection,
+    /// Database bytes at the first quota check, plus bytes written since.
+    space: Option<u64>,
+    /// `(group, gid, last_seq)` read by the last [`Store::send_context`],
+    /// consumed by the [`Store::append`] that follows it in the same
+    /// request (saves looking the group up twice on the hot path).
+    hint: Option<(Vec<u8>, i64, i64)>,
+}
+
+impl<'c> SqlStore<'c> {
+    pub fn new(conn: &'c Connection) -> Self {
+        Self { conn, space: None, hint: None }
+    }
+
+    fn wrote(&mut self, bytes: usize) {
+        if let Some(s) = self.space.as_mut() {
+            *s = s.saturating_add(u64::try_from(bytes).unwrap_or(u64::MAX));
+        }
+    }
 }
 
 fn i(v: u64) -> i64 {
@@ -68,6 +91,7 @@ impl Store for SqlStore<'_> {
                      VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?
                 .execute(params![p.hash_ref, &owner.0[..], p.data, p.last_resort, i(now)])?;
+            self.wrote(p.data.len());
         }
         Ok(())
     }
@@ -103,7 +127,9 @@ impl Store for SqlStore<'_> {
     fn group(&mut self, group: &[u8]) -> Result<Option<GroupRecord>, StoreError> {
         Ok(self
             .conn
-            .prepare_cached("SELECT epoch, state, last_seq FROM groups WHERE id = ?1")?
+            .prepare_cached(
+                "SELECT g.epoch, s.state, g.last_seq FROM groups g JOIN group_states s ON s.gid = g.gid WHERE g.id = ?1",
+            )?
             .query_row([group], |r| Ok(GroupRecord { epoch: u(r.get(0)?), state: r.get(1)?, last_seq: u(r.get(2)?) }))
             .optional()?)
     }
@@ -117,19 +143,48 @@ impl Store for SqlStore<'_> {
         Ok(epoch.map(u))
     }
 
+    fn send_context(&mut self, group: &[u8], a: &AccountId) -> Result<Option<SendContext>, StoreError> {
+        type Row = (i64, i64, i64, Option<i64>, Option<i64>, Option<i64>, Option<i64>);
+        self.hint = None;
+        let row: Option<Row> = self
+            .conn
+            .prepare_cached(
+                "SELECT g.gid, g.epoch, g.last_seq, (SELECT min(seq) FROM log WHERE gid = g.gid),
+                        m.joined_after, m.left_at, m.acked
+                 FROM groups g LEFT JOIN members m ON m.gid = g.gid AND m.account = ?2 WHERE g.id = ?1",
+            )?
+            .query_row(params![group, &a.0[..]], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+            })
+            .optional()?;
+        let Some((gid, epoch, last, first, joined_after, left_at, acked)) = row else { return Ok(None) };
+        self.hint = Some((group.to_vec(), gid, last));
+        let membership = joined_after.map(|j| Membership {
+            joined_after: u(j),
+            left_at: left_at.map(u),
+            acked: u(acked.unwrap_or(0)),
+        });
+        let log_len = first.map_or(0, |f| u(last).saturating_sub(u(f)).saturating_add(1));
+        Ok(Some(SendContext { epoch: u(epoch), membership, log_len }))
+    }
+
     fn insert_group(&mut self, group: &[u8], epoch: u64, state: &[u8], now: u64) -> Result<(), StoreError> {
         self.conn
-            .prepare_cached("INSERT INTO groups (id, epoch, state, last_seq, created_at) VALUES (?1, ?2, ?3, 0, ?4)")?
-            .execute(params![group, i(epoch), state, i(now)])?;
+            .prepare_cached("INSERT INTO groups (id, epoch, last_seq, created_at) VALUES (?1, ?2, 0, ?3)")?
+            .execute(params![group, i(epoch), i(now)])?;
+        let gid = self.conn.last_insert_rowid();
+        self.conn
+            .prepare_cached("INSERT INTO group_states (gid, state) VALUES (?1, ?2)")?
+            .execute(params![gid, state])?;
+        self.wrote(state.len());
         Ok(())
     }
 
     fn update_group(&mut self, group: &[u8], epoch: u64, state: &[u8]) -> Result<(), StoreError> {
-        self.conn.prepare_cached("UPDATE groups SET epoch = ?2, state = ?3 WHERE id = ?1")?.execute(params![
-            group,
-            i(epoch),
-            state
-        ])?;
+        let Some(gid) = self.gid(group)? else { return Ok(()) };
+        self.conn.prepare_cached("UPDATE groups SET epoch = ?2 WHERE gid = ?1")?.execute(params![gid, i(epoch)])?;
+        self.conn.prepare_cached("UPDATE group_states SET state = ?2 WHERE gid = ?1")?.execute(params![gid, state])?;
+        self.wrote(state.len());
         Ok(())
     }
 
@@ -202,13 +257,23 @@ impl Store for SqlStore<'_> {
     }
 
     fn append(&mut self, group: &[u8], epoch: u64, message: &[u8], now: u64) -> Result<u64, StoreError> {
-        let (gid, seq): (i64, i64) = self
-            .conn
-            .prepare_cached("UPDATE groups SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING gid, last_seq")?
-            .query_row([group], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let (gid, seq) = match self.hint.take() {
+            Some((g, gid, last)) if g == group => {
+                let seq = last.saturating_add(1);
+                self.conn
+                    .prepare_cached("UPDATE groups SET last_seq = ?2 WHERE gid = ?1")?
+                    .execute(params![gid, seq])?;
+                (gid, seq)
+            }
+            _ => self
+                .conn
+                .prepare_cached("UPDATE groups SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING gid, last_seq")?
+                .query_row([group], |r| Ok((r.get(0)?, r.get(1)?)))?,
+        };
         self.conn
             .prepare_cached("INSERT INTO log (gid, seq, epoch, data, created_at) VALUES (?1, ?2, ?3, ?4, ?5)")?
             .execute(params![gid, seq, i(epoch), message, i(now)])?;
+        self.wrote(message.len());
         Ok(u(seq))
     }
 
@@ -260,6 +325,7 @@ impl Store for SqlStore<'_> {
         self.conn
             .prepare_cached("INSERT INTO inbox (recipient, gid, data, created_at) VALUES (?1, ?2, ?3, ?4)")?
             .execute(params![&recipient.0[..], gid, welcome, i(now)])?;
+        self.wrote(welcome.len());
         Ok(u(self.conn.last_insert_rowid()))
     }
 
@@ -336,17 +402,38 @@ impl Store for SqlStore<'_> {
     }
 
     fn database_bytes(&mut self) -> Result<u64, StoreError> {
+        if let Some(s) = self.space {
+            return Ok(s);
+        }
         // Pages in use (free pages are reused before the file grows).
         let n: i64 = self.conn.prepare_cached(
             "SELECT (page_count - freelist_count) * page_size FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()",
         )?
         .query_row([], |r| r.get(0))?;
+        self.space = Some(u(n));
         Ok(u(n))
     }
 
     fn expire(&mut self, before: u64) -> Result<u64, StoreError> {
         let b = i(before);
-        let mut n = self.conn.prepare_cached("DELETE FROM log WHERE created_at < ?1")?.execute([b])?;
+        // Per group, the messages before the first one young enough to keep
+        // (a prefix: sequences stay dense from the oldest kept message).
+        let gids: Vec<i64> = self
+            .conn
+            .prepare_cached("SELECT gid FROM groups")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let mut n = 0;
+        for gid in gids {
+            n += self
+                .conn
+                .prepare_cached(
+                    "DELETE FROM log WHERE gid = ?1 AND seq < coalesce(
+                         (SELECT seq FROM log WHERE gid = ?1 AND created_at >= ?2 ORDER BY seq LIMIT 1),
+                         (SELECT last_seq + 1 FROM groups WHERE gid = ?1))",
+                )?
+                .execute(params![gid, b])?;
+        }
         n += self.conn.prepare_cached("DELETE FROM inbox WHERE created_at < ?1")?.execute([b])?;
         n += self.conn.prepare_cached("DELETE FROM claimed WHERE claimed_at < ?1")?.execute([b])?;
         Ok(u64::try_from(n).unwrap_or(0))

@@ -152,8 +152,8 @@ fn bench_quick_mode_runs_and_reports_every_scenario() {
         .args(["bench", "--quick", "--json"])
         .env("TMPDIR", tmp.path())));
     let rows: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert!(rows.len() >= 4, "{out}");
-    for word in ["handshake", "round trip", "durable send"] {
+    assert!(rows.len() >= 10, "{out}");
+    for word in ["handshake", "round trip", "durable send", "append", "fan-out", "latency", "memory", "bytes"] {
         assert!(rows.iter().any(|r| r["scenario"].as_str().unwrap().contains(word)), "no {word} row: {out}");
     }
     for r in &rows {

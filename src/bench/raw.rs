@@ -1,0 +1,179 @@
+//! The baselines: the ceiling of hush's own stack on this machine. Raw quinn
+//! with hush's TLS configuration and no protocol logic, and raw SQLite with
+//! hush's durability settings and nothing else to do.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use quinn::{Endpoint, VarInt};
+use rusqlite::{params, Connection as Sqlite};
+use tokio::sync::mpsc;
+
+use super::{fail, BenchError, Settings};
+use crate::auth::tls::{client_crypto, server_crypto};
+use crate::auth::{Fingerprint, HushAddress, Identity};
+use crate::limits::PUSH_QUEUE;
+use crate::wire::Push;
+
+/// A quinn endpoint with hush's TLS configuration. Every bidirectional
+/// stream is a request: the server reads it to the end, then either echoes
+/// it ([`Mode::Echo`]) or, as a relay with no storage would
+/// ([`Mode::Relay`]), wraps it in the same push frame hush sends, queues it
+/// for every connection (bounded queues, one push stream each, as hush
+/// does) and answers with its sequence number.
+#[derive(Clone)]
+pub(super) struct RawServer {
+    pub endpoint: Endpoint,
+    pub address: HushAddress,
+    client: Arc<Identity>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    Echo,
+    Relay,
+}
+
+type Queues = Arc<Mutex<Vec<mpsc::Sender<Arc<Vec<u8>>>>>>;
+
+impl RawServer {
+    pub async fn start(mode: Mode) -> Result<Self, BenchError> {
+        let identity = Identity::generate().map_err(fail)?;
+        let crypto = server_crypto(&identity).map_err(fail)?;
+        let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_concurrent_bidi_streams(VarInt::from_u32(256));
+        cfg.transport_config(Arc::new(transport));
+        let endpoint = Endpoint::server(cfg, "127.0.0.1:0".parse().map_err(fail)?).map_err(fail)?;
+        let port = endpoint.local_addr().map_err(fail)?.port();
+        let address = HushAddress { host: "127.0.0.1".into(), port, fingerprint: identity.fingerprint() };
+        let ep = endpoint.clone();
+        let queues: Queues = Arc::default();
+        let seq = Arc::new(AtomicU64::new(0));
+        tokio::spawn(async move {
+            while let Some(incoming) = ep.accept().await {
+                let queues = queues.clone();
+                let seq = seq.clone();
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    if mode == Mode::Relay {
+                        let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+                        if let Ok(mut q) = queues.lock() {
+                            q.push(tx);
+                        }
+                        tokio::spawn(push_task(conn.clone(), rx));
+                    }
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        let queues = queues.clone();
+                        let seq = seq.clone();
+                        tokio::spawn(async move {
+                            let Ok(data) = recv.read_to_end(1 << 20).await else { return };
+                            let reply = match mode {
+                                Mode::Echo => data,
+                                Mode::Relay => {
+                                    let n = seq.fetch_add(1, Ordering::Relaxed) + 1;
+                                    let push = Push::Message { group: vec![7; 16], seq: n, ciphertext: Some(data) };
+                                    let Ok(frame) = push.encode_framed() else { return };
+                                    let frame = Arc::new(frame);
+                                    if let Ok(q) = queues.lock() {
+                                        for tx in q.iter() {
+                                            let _ = tx.try_send(frame.clone());
+                                        }
+                                    }
+                                    n.to_be_bytes().to_vec()
+                                }
+                            };
+                            let _ = send.write_all(&reply).await;
+                            let _ = send.finish();
+                        });
+                    }
+                });
+            }
+        });
+        Ok(Self { endpoint, address, client: Arc::new(Identity::generate().map_err(fail)?) })
+    }
+
+    /// A client connection on its own endpoint (as `hush::client` does).
+    pub async fn connection(&self) -> Result<quinn::Connection, BenchError> {
+        let config = client_config(&self.client, self.address.fingerprint)?;
+        let mut ep = Endpoint::client("127.0.0.1:0".parse().map_err(fail)?).map_err(fail)?;
+        ep.set_default_client_config(config);
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.address.port));
+        ep.connect(addr, "hush").map_err(fail)?.await.map_err(fail)
+    }
+
+    /// A client configuration for this server.
+    pub fn client_config(&self) -> Result<quinn::ClientConfig, BenchError> {
+        client_config(&self.client, self.address.fingerprint)
+    }
+
+    pub async fn connect_and_echo(&self, len: usize) -> Result<(), BenchError> {
+        let c = self.connection().await?;
+        echo(&c, len).await?;
+        c.close(VarInt::from_u32(0), b"");
+        Ok(())
+    }
+}
+
+/// hush's client TLS configuration for `identity`, pinned to `pin`.
+pub(super) fn client_config(identity: &Identity, pin: Fingerprint) -> Result<quinn::ClientConfig, BenchError> {
+    let (crypto, _) = client_crypto(Some(identity.tls_credentials().map_err(fail)?), pin).map_err(fail)?;
+    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+}
+
+async fn push_task(conn: quinn::Connection, mut rx: mpsc::Receiver<Arc<Vec<u8>>>) {
+    let Ok(mut stream) = conn.open_uni().await else { return };
+    while let Some(frame) = rx.recv().await {
+        if stream.write_all(&frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One request stream of `len` bytes, read back to the end.
+pub(super) async fn echo(c: &quinn::Connection, len: usize) -> Result<(), BenchError> {
+    request(c, &vec![0x03; len]).await.map(|_| ())
+}
+
+/// One request stream; returns the reply.
+pub(super) async fn request(c: &quinn::Connection, data: &[u8]) -> Result<Vec<u8>, BenchError> {
+    let (mut send, mut recv) = c.open_bi().await.map_err(fail)?;
+    send.write_all(data).await.map_err(fail)?;
+    send.finish().map_err(fail)?;
+    recv.read_to_end(1 << 20).await.map_err(fail)
+}
+
+/// Raw SQLite: WAL, synchronous=FULL, batches of `batch` rows of `len`
+/// bytes per transaction, one prepared statement. Rows per second.
+pub(super) fn sqlite_batches(
+    dir: &std::path::Path,
+    len: usize,
+    batch: usize,
+    settings: Settings,
+) -> Result<f64, BenchError> {
+    let path = dir.join(format!("raw-{len}-{batch}.db"));
+    let db = Sqlite::open(&path).map_err(fail)?;
+    db.pragma_update(None, "journal_mode", "WAL").map_err(fail)?;
+    db.pragma_update(None, "synchronous", "FULL").map_err(fail)?;
+    db.execute_batch("CREATE TABLE log (gid INTEGER, seq INTEGER, data BLOB, PRIMARY KEY (gid, seq)) WITHOUT ROWID")
+        .map_err(fail)?;
+    let row = vec![0x5au8; len];
+    let start = Instant::now();
+    let mut seq = 0i64;
+    while start.elapsed() < settings.duration {
+        let tx = db.unchecked_transaction().map_err(fail)?;
+        {
+            let mut stmt = tx.prepare_cached("INSERT INTO log (gid, seq, data) VALUES (1, ?1, ?2)").map_err(fail)?;
+            for _ in 0..batch {
+                seq += 1;
+                stmt.execute(params![seq, row]).map_err(fail)?;
+            }
+        }
+        tx.commit().map_err(fail)?;
+    }
+    let rate = seq as f64 / start.elapsed().as_secs_f64();
+    drop(db);
+    let _ = std::fs::remove_file(&path);
+    Ok(rate)
+}
