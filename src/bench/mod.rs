@@ -494,15 +494,18 @@ pub async fn durable_appends(dir: &Path, settings: Settings) -> Result<f64, Benc
     let account = alice.account();
     drain(messages, 64, move |m| {
         let store = store.clone();
-        async move {
-            match store.deliver(account, Request::Send { message: m, welcome: None }, now_unix()).await {
-                Ok(o) if matches!(o.response, Response::Accepted { .. }) => Ok(()),
-                Ok(o) => Err(BenchError(format!("unexpected {:?}", o.response))),
-                Err(e) => Err(fail(e)),
-            }
-        }
+        async move { store_send(&store, account, m).await }
     })
     .await
+}
+
+/// Sends one application message straight into `store`.
+async fn store_send(store: &Store, account: AccountId, message: Vec<u8>) -> Result<(), BenchError> {
+    match store.deliver(account, Request::Send { message, welcome: None }, now_unix()).await {
+        Ok(o) if matches!(o.response, Response::Accepted { .. }) => Ok(()),
+        Ok(o) => Err(BenchError(format!("unexpected {:?}", o.response))),
+        Err(e) => Err(fail(e)),
+    }
 }
 
 /// Bytes the database grows by per application message in a group of
@@ -530,13 +533,7 @@ pub async fn bytes_per_message(path: &Path, size: usize, messages: usize) -> Res
     let s = store.clone();
     drain(batch, 16, move |m| {
         let store = s.clone();
-        async move {
-            match store.deliver(account, Request::Send { message: m, welcome: None }, now_unix()).await {
-                Ok(o) if matches!(o.response, Response::Accepted { .. }) => Ok(()),
-                Ok(o) => Err(BenchError(format!("unexpected {:?}", o.response))),
-                Err(e) => Err(fail(e)),
-            }
-        }
+        async move { store_send(&store, account, m).await }
     })
     .await?;
     let after = size_of(store).await?;
