@@ -11,10 +11,15 @@ use crate::support::*;
 /// Load tests measure the server, not its rate limiter.
 const UNLIMITED: &[(&str, &str)] = &[("HUSHD_REQUESTS_PER_SECOND_PER_ACCOUNT", "1000000")];
 
-/// How many SIGKILLs the test survives (CI keeps this; HUSH_LONG_TESTS=1
-/// runs more).
+/// `HUSH_LONG_TESTS=1` runs the load tests longer (CI runs the short
+/// mode): more kills, a longer flood, more unread pushes.
+fn long() -> bool {
+    std::env::var_os("HUSH_LONG_TESTS").is_some()
+}
+
+/// How many SIGKILLs the test survives.
 fn kills() -> usize {
-    if std::env::var_os("HUSH_LONG_TESTS").is_some() {
+    if long() {
         25
     } else {
         5
@@ -254,7 +259,7 @@ async fn a_member_that_never_reads_pushes_costs_bounded_memory_and_resyncs() {
     let (mut peers, g) = group_of(&server, 2).await;
     // Peer 1 stays connected but never accepts or reads its push stream.
     let before = server.rss_kib();
-    let total = 2500;
+    let total = if long() { 25_000 } else { 2500 };
     let mut sent = 0;
     while sent < total {
         // 50 in flight at a time: the writer batches them into few commits.
@@ -366,7 +371,8 @@ async fn honest_members_finish_their_conversation_during_a_flood() {
         let mut peak = before;
         let honest = async {
             let (mut peers, g) = group_of(server_ref, 3).await;
-            for round in 0..10 {
+            let rounds = if long() { 300 } else { 10 };
+            for round in 0..rounds {
                 for (i, p) in peers.iter_mut().enumerate() {
                     let m = p.mls.encrypt(&g, format!("{i}:{round}").as_bytes()).unwrap();
                     let (seq, _) = p.conn.send(m, None).await.unwrap();
@@ -400,4 +406,53 @@ async fn honest_members_finish_their_conversation_during_a_flood() {
     );
     assert!(flood_requests > 100, "the flood was too weak to mean anything");
     assert!(pid_rss.saturating_sub(before) < 64 * 1024, "server memory grew to {pid_rss} KiB under the flood");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_storage_quota_refuses_new_messages_keeps_the_stored_ones_and_recovers_after_acks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = [("HUSHD_REQUESTS_PER_SECOND_PER_ACCOUNT", "1000000"), ("HUSHD_MAX_DATABASE_MB", "1")];
+    let server = Hushd::start_with(&tmp.path().join("s"), "127.0.0.1:0", &env);
+    let (mut peers, g) = group_of(&server, 2).await;
+    // Fill the 1 MiB quota with ~3 KB messages until the server refuses.
+    let mut accepted = vec![];
+    let refusal = loop {
+        let text = format!("message {} {}", accepted.len(), "x".repeat(3000));
+        let m = peers[0].mls.encrypt(&g, text.as_bytes()).unwrap();
+        match peers[0].conn.send(m, None).await {
+            Ok((seq, _)) => accepted.push((seq, text)),
+            Err(e) => break e,
+        }
+        assert!(accepted.len() < 2000, "a 1 MiB quota took 6 MB of messages");
+    };
+    assert_eq!(refusal.code(), Some(hush::wire::ErrorCode::QuotaExceeded), "{refusal}");
+    assert!(refusal.to_string().contains("storage quota is full"), "{refusal}");
+    assert!(accepted.len() > 50, "only {} messages fit", accepted.len());
+    peers[0].own.extend(accepted.iter().map(|(s, _)| *s));
+    // Reads are still served, and every accepted message is there, in order.
+    let reader = &mut peers[1];
+    let mut got = vec![];
+    loop {
+        let (messages, more) = reader.conn.fetch(&g, reader.cursor, 0).await.unwrap();
+        for (seq, m) in &messages {
+            match reader.mls.receive(&g, m).unwrap() {
+                Received::Application { data, .. } => got.push((*seq, String::from_utf8(data).unwrap())),
+                other => panic!("{other:?}"),
+            }
+            reader.cursor = *seq;
+        }
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(got, accepted);
+    // Once every member has acknowledged them, the messages are deleted and
+    // the space is usable again.
+    let last = accepted.last().unwrap().0;
+    for p in &peers {
+        p.conn.ack(&g, last).await.unwrap();
+    }
+    let m = peers[0].mls.encrypt(&g, b"there is room again").unwrap();
+    let (seq, _) = peers[0].conn.send(m, None).await.unwrap();
+    assert_eq!(seq, last + 1);
 }
