@@ -536,7 +536,21 @@ pub async fn bytes_per_message(path: &Path, size: usize, messages: usize) -> Res
         async move { store_send(&store, account, m).await }
     })
     .await?;
-    let after = size_of(store).await?;
+    let after = size_of(store.clone()).await?;
+    let g = group.clone();
+    let stored: i64 = store
+        .call(move |db| {
+            db.conn.query_row("SELECT count(*) FROM log l JOIN groups g ON g.gid = l.gid WHERE g.id = ?1", [g], |r| {
+                r.get(0)
+            })
+        })
+        .await
+        .map_err(fail)?
+        .map_err(fail)?;
+    let expected = messages + usize::from(size > 1);
+    if usize::try_from(stored).ok() != Some(expected) {
+        return Err(BenchError(format!("{stored} messages stored, expected {expected}")));
+    }
     Ok((after - before) as f64 / messages.max(1) as f64)
 }
 

@@ -289,62 +289,6 @@ mod tests {
     use crate::client::mls::Member;
     use crate::delivery::Store as _;
 
-    /// Bytes the database grows by per application message in a group of
-    /// `size` members (real MLS ciphertexts, nobody acknowledging).
-    fn bytes_per_message(size: u8, messages: usize) -> f64 {
-        let dir = tempfile::tempdir().unwrap();
-        let mut db = Db::open(&dir.path().join("t.db")).unwrap();
-        let mut ds = Delivery::new(86_400);
-        let mut members: Vec<Member> = (1..=size).map(|i| Member::new(AccountId([i; 32])).unwrap()).collect();
-        let mut run = |db: &mut Db, who: AccountId, request: Request| {
-            let tx = db.conn.transaction().unwrap();
-            let out = ds.handle(&mut SqlStore::new(&tx), who, request, 1_000);
-            tx.commit().unwrap();
-            assert!(!matches!(out.response, Response::Error { .. }), "{:?}", out.response);
-            out.response
-        };
-        for m in &members {
-            let a = m.account();
-            db.register(&a, None, false, 1).unwrap();
-            let packages = m.key_packages(1).unwrap();
-            run(&mut db, a, Request::PublishKeyPackages { packages, last_resort: None });
-        }
-        let (first, rest) = members.split_first_mut().unwrap();
-        let g = first.create_group().unwrap();
-        run(&mut db, first.account(), Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree });
-        if !rest.is_empty() {
-            let mut kps = vec![];
-            for m in rest.iter() {
-                match run(&mut db, first.account(), Request::ClaimKeyPackage { account: m.account().0 }) {
-                    Response::KeyPackage { package } => kps.push(package),
-                    other => panic!("{other:?}"),
-                }
-            }
-            let (commit, welcome) = first.add(&g.id, &kps).unwrap();
-            run(&mut db, first.account(), Request::Send { message: commit, welcome: Some(welcome) });
-            first.merge_pending(&g.id).unwrap();
-        }
-        let size_of = |db: &Db| -> i64 {
-            db.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
-            db.conn
-                .query_row("SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()", [], |r| {
-                    r.get(0)
-                })
-                .unwrap()
-        };
-        let before = size_of(&db);
-        for i in 0..messages {
-            let m = first.encrypt(&g.id, format!("message number {i}").as_bytes()).unwrap();
-            run(&mut db, first.account(), Request::Send { message: m, welcome: None });
-        }
-        let after = size_of(&db);
-        assert_eq!(
-            SqlStore::new(&db.conn).group(&g.id).unwrap().unwrap().last_seq as usize,
-            messages + usize::from(size > 1)
-        );
-        (after - before) as f64 / messages as f64
-    }
-
     #[test]
     fn retention_deletes_the_oldest_messages_of_each_group_and_nothing_younger() {
         let dir = tempfile::tempdir().unwrap();
@@ -378,8 +322,13 @@ mod tests {
 
     #[test]
     fn bytes_per_message_do_not_depend_on_group_size() {
-        let two = bytes_per_message(2, 600);
-        let fifty = bytes_per_message(50, 600);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let measure = |name: &str, size: usize| {
+            runtime.block_on(crate::bench::bytes_per_message(&dir.path().join(name), size, 600)).unwrap()
+        };
+        let two = measure("2.db", 2);
+        let fifty = measure("50.db", 50);
         eprintln!("database bytes per message: group of 2: {two:.0}, group of 50: {fifty:.0}");
         assert!(fifty <= two * 1.1 && two <= fifty * 1.1, "2: {two}, 50: {fifty}");
     }
