@@ -75,7 +75,9 @@ pub struct ServerConfig {
     pub max_database_mb: u64,
     /// Sustained requests per second per account (burst: twice this).
     pub requests_per_second_per_account: u32,
-    /// Sustained requests per second per source IP (burst: twice this).
+    /// Sustained requests per second per source IP from connections whose key
+    /// is not an account (burst: twice this). Registered devices spend only
+    /// their account's budget.
     pub requests_per_second_per_ip: u32,
 }
 

@@ -99,7 +99,10 @@ pub const DEFAULT_MAX_DATABASE_MB: u64 = 10 * 1024;
 /// Sustained requests per second per account (burst: twice this).
 pub const DEFAULT_REQUESTS_PER_SECOND_PER_ACCOUNT: u32 = 100;
 
-/// Sustained requests per second per source IP address (burst: twice this).
+/// Sustained requests per second per source IP address, for connections whose
+/// key is not an account yet (burst: twice this). Registered devices are
+/// limited per account only, so strangers behind one NAT cannot lock a
+/// member out.
 pub const DEFAULT_REQUESTS_PER_SECOND_PER_IP: u32 = 400;
 
 /// Rate-limit entries kept before idle ones are forgotten.

@@ -175,11 +175,18 @@ async fn serve_stream(session: &Session, mut send: SendStream, mut recv: RecvStr
     let _ = tokio::time::timeout(timeout, send.stopped()).await;
 }
 
-/// Both token buckets (account, source IP) must allow the request.
+/// One token bucket per request: a registered device spends its account's
+/// budget only, a key that is not (yet) an account spends its source
+/// address's. Strangers behind the same address as a member (one office
+/// NAT) therefore never use up the member's budget, and a member's traffic
+/// never counts against the strangers' one.
 fn rate_check(session: &Session) -> Result<(), std::time::Duration> {
     let now = std::time::Instant::now();
-    session.shared.ip_rate.check(session.conn.remote_address().ip(), now)?;
-    session.shared.account_rate.check(session.account, now)
+    if session.registered.load(Ordering::Acquire) {
+        session.shared.account_rate.check(session.account, now)
+    } else {
+        session.shared.ip_rate.check(session.conn.remote_address().ip(), now)
+    }
 }
 
 async fn handle(session: &Session, request: Request) -> Response {

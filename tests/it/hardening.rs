@@ -456,3 +456,50 @@ async fn a_full_storage_quota_refuses_new_messages_keeps_the_stored_ones_and_rec
     let (seq, _) = peers[0].conn.send(m, None).await.unwrap();
     assert_eq!(seq, last + 1);
 }
+
+/// Issue 13, finding 3 (and the CI failure that came with it): strangers
+/// flooding from one address (an office behind one NAT) used up the
+/// per-address budget that a registered member on the same address also
+/// spent, so the member's sends failed with `RateLimited`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_flooding_from_a_members_address_never_spend_the_members_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = [("HUSHD_REQUESTS_PER_SECOND_PER_IP", "5")];
+    let server = Hushd::start_with(&tmp.path().join("s"), "127.0.0.1:0", &env);
+    let (mut peers, g) = group_of(&server, 2).await;
+    // A stranger (a key with no account) on the same address drains the
+    // address's budget until the server says so.
+    let stranger = hush::auth::Identity::generate().unwrap();
+    let conn = Connection::connect(&server.address, &stranger).await.unwrap();
+    let mut drained = false;
+    for _ in 0..100 {
+        let reply = conn.call(&hush::wire::Request::Status).await;
+        if reply.as_ref().err().and_then(|e| e.code()) == Some(hush::wire::ErrorCode::RateLimited) {
+            drained = true;
+            break;
+        }
+    }
+    assert!(drained, "the stranger was never rate-limited: the test proves nothing");
+    // It keeps flooding while the member sends.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let frame = hush::wire::Request::Status.encode().unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = conn.raw(&frame).await;
+            }
+        })
+    };
+    let mut accepted = 0;
+    for i in 0..10 {
+        let m = peers[0].mls.encrypt(&g, format!("message {i}").as_bytes()).unwrap();
+        match peers[0].conn.send(m, None).await {
+            Ok(_) => accepted += 1,
+            Err(e) => eprintln!("send {i} refused: {e}"),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.await.unwrap();
+    assert_eq!(accepted, 10, "{accepted} of 10 sends accepted while strangers flooded from the same address");
+}
