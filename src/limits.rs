@@ -23,6 +23,16 @@ pub const MAX_PUSH_FRAME: usize = 256 * 1024;
 /// the slack allows for separators a user may paste).
 pub const MAX_INVITE_LEN: usize = 64;
 
+/// Largest device certificate carried in a request (certificates are
+/// [`crate::auth::device::CERTIFICATE_LEN`] bytes; the slack lets a later
+/// version grow without a new frame).
+pub const MAX_CERTIFICATE: usize = 1024;
+
+/// Devices one account may have. Bounds the KeyPackages one claim returns
+/// and the leaves one account adds to a group. (Linking a second device
+/// comes with the devices issue; today every account has one.)
+pub const MAX_DEVICES_PER_ACCOUNT: usize = 16;
+
 /// Longest human-readable message in an error response.
 pub const MAX_ERROR_MESSAGE: usize = 512;
 

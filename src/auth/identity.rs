@@ -1,5 +1,5 @@
-//! Ed25519 identity keys on disk: the server's key and each client's
-//! account key.
+//! Ed25519 keys on disk: the server's TLS key and removal key, and each
+//! client's account key and device (TLS) key.
 //!
 //! A key file holds the 32-byte Ed25519 seed and nothing else. It is
 //! created with mode 0600 (written to a temporary file, synced, then renamed,
@@ -141,7 +141,9 @@ impl Identity {
         Ok(Arc::new(CertifiedKey::new(vec![cert], signing_key)))
     }
 
-    /// Signs `msg` (used by tests and, later, by MLS credential checks).
+    /// Signs `msg`. An account key signs only device certificates
+    /// ([`super::DeviceCertificate::issue`], with its own domain-separation
+    /// label); no other key signs anything outside TLS.
     pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
         use ed25519_dalek::Signer;
         self.key.sign(msg).to_bytes()

@@ -5,11 +5,13 @@
 //!   accepts the certificate only if the SHA-256 of its SubjectPublicKeyInfo
 //!   equals the fingerprint pinned from the `hush://` address.
 //! * The **client** must present a self-signed certificate for its Ed25519
-//!   account key. The server's [`AccountKeyVerifier`] accepts any
+//!   device key (never the account key: that one only signs device
+//!   certificates). The server's [`DeviceKeyVerifier`] accepts any
 //!   well-formed certificate whose key is Ed25519 (there is no registry of
 //!   allowed keys at this layer: unknown keys may still register), and
 //!   rustls then checks the client's CertificateVerify signature with that
-//!   key. The connection is bound to the key: see [`account_of_peer`].
+//!   key. The connection is bound to the key: see [`device_of_peer`]; the
+//!   server maps it to an account through the device's certificate.
 //!
 //! Both sides offer only TLS 1.3, only the Ed25519 signature scheme, no
 //! session resumption and no 0-RTT (early data would arrive before the
@@ -26,8 +28,9 @@ use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use thiserror::Error;
 
-use super::address::{AccountId, Fingerprint};
+use super::address::Fingerprint;
 use super::cert;
+use super::device::DeviceId;
 use super::identity::{Identity, KeyError};
 use crate::wire::ALPN;
 
@@ -69,21 +72,21 @@ fn ed25519_spki_of<'a>(cert: &'a CertificateDer<'_>) -> Result<&'a [u8], rustls:
     Ok(spki)
 }
 
-/// The account key a verified peer certificate chain binds the connection to.
-pub fn account_of_peer(certs: &[CertificateDer<'_>]) -> Option<AccountId> {
+/// The device key a verified peer certificate chain binds the connection to.
+pub fn device_of_peer(certs: &[CertificateDer<'_>]) -> Option<DeviceId> {
     let first = certs.first()?;
     let spki = cert::spki_of_certificate(first.as_ref()).ok()?;
-    cert::ed25519_key(spki).ok().map(AccountId)
+    cert::ed25519_key(spki).ok().map(DeviceId)
 }
 
 /// Server side: accepts any well-formed Ed25519 client certificate; rustls
 /// then verifies the handshake signature through [`verify_ed25519`].
 #[derive(Debug)]
-pub struct AccountKeyVerifier {
+pub struct DeviceKeyVerifier {
     algs: WebPkiSupportedAlgorithms,
 }
 
-impl ClientCertVerifier for AccountKeyVerifier {
+impl ClientCertVerifier for DeviceKeyVerifier {
     fn offer_client_auth(&self) -> bool {
         true
     }
@@ -187,7 +190,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
 pub fn server_crypto(identity: &Identity) -> Result<QuicServerConfig, TlsError> {
     let provider = provider();
     let credentials = identity.tls_credentials()?;
-    let verifier = AccountKeyVerifier { algs: provider.signature_verification_algorithms };
+    let verifier = DeviceKeyVerifier { algs: provider.signature_verification_algorithms };
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))

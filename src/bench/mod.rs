@@ -26,10 +26,11 @@ use quinn::{Endpoint, VarInt};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::auth::{AccountId, Identity};
+use crate::auth::Identity;
 use crate::client::mls::Member;
 use crate::client::{Connection, PushStream};
 use crate::config::ServerConfig;
+use crate::delivery::Caller;
 use crate::delivery::Quotas;
 use crate::server::Server;
 use crate::store::Store;
@@ -143,9 +144,9 @@ pub async fn run(settings: Settings, progress: impl Fn(&str)) -> Result<Vec<Row>
     // authentication + one request, not registration.
     let mut ids = vec![];
     for _ in 0..16 {
-        let id = Identity::generate().map_err(fail)?;
+        let (_, id, member) = Member::generate().map_err(fail)?;
         let c = Connection::connect(&address, &id).await.map_err(fail)?;
-        c.register(None).await.map_err(fail)?;
+        c.register(None, member.certificate()).await.map_err(fail)?;
         c.close().await;
         ids.push(Arc::new(id));
     }
@@ -195,9 +196,10 @@ pub async fn run(settings: Settings, progress: impl Fn(&str)) -> Result<Vec<Row>
     .await?;
     rows.push(Row::rate("auth handshakes/s (16 concurrent)".into(), hush_hs, raw_hs));
 
-    let id = Identity::generate().map_err(fail)?;
+    let (_, id, alice_member) = Member::generate().map_err(fail)?;
     let conn = Arc::new(Connection::connect(&address, &id).await.map_err(fail)?);
-    conn.register(None).await.map_err(fail)?;
+    conn.register(None, alice_member.certificate()).await.map_err(fail)?;
+    let removal_key = conn.status().await.map_err(fail)?.removal_key;
     let raw_conn = echo.connection().await?;
     for in_flight in [1usize, 64] {
         progress(&format!("round trips, {in_flight} in flight"));
@@ -218,11 +220,11 @@ pub async fn run(settings: Settings, progress: impl Fn(&str)) -> Result<Vec<Row>
 
     progress("durable sends");
     // A group of two on the server: alice sends, bob is online.
-    let bob_id = Identity::generate().map_err(fail)?;
+    let (_, bob_id, bob_member) = Member::generate().map_err(fail)?;
     let bob = Arc::new(Connection::connect(&address, &bob_id).await.map_err(fail)?);
-    bob.register(None).await.map_err(fail)?;
-    let mut pair = vec![Member::new(id.account_id()).map_err(fail)?, Member::new(bob_id.account_id()).map_err(fail)?];
-    let (group, _) = make_group(&ViaServer(vec![conn.clone(), bob.clone()]), &mut pair).await?;
+    bob.register(None, bob_member.certificate()).await.map_err(fail)?;
+    let mut pair = vec![alice_member, bob_member];
+    let (group, _) = make_group(&ViaServer(vec![conn.clone(), bob.clone()]), &mut pair, &removal_key).await?;
     let alice = pair.first_mut().ok_or_else(|| BenchError("no member".into()))?;
     let messages = encrypt_many(alice, &group, settings.messages)?;
     let message_len = messages.first().map(Vec::len).unwrap_or(0);
@@ -277,13 +279,13 @@ pub async fn run(settings: Settings, progress: impl Fn(&str)) -> Result<Vec<Row>
     let mut members = vec![];
     let mut conns = vec![];
     for _ in 0..n {
-        let mid = Identity::generate().map_err(fail)?;
+        let (_, mid, member) = Member::generate().map_err(fail)?;
         let c = Arc::new(Connection::connect(&address, &mid).await.map_err(fail)?);
-        c.register(None).await.map_err(fail)?;
-        members.push(Member::new(mid.account_id()).map_err(fail)?);
+        c.register(None, member.certificate()).await.map_err(fail)?;
+        members.push(member);
         conns.push(c);
     }
-    let (group, added_at) = make_group(&ViaServer(conns.clone()), &mut members).await?;
+    let (group, added_at) = make_group(&ViaServer(conns.clone()), &mut members, &removal_key).await?;
     let first = members.first_mut().ok_or_else(|| BenchError("no member".into()))?;
     let count = (settings.messages / 50).max(64);
     let messages = encrypt_many(first, &group, count)?;
@@ -421,13 +423,13 @@ impl Exec for ViaServer {
 /// Straight into a store, as the server's sessions do.
 struct ViaStore<'a> {
     store: &'a Store,
-    accounts: Vec<AccountId>,
+    callers: Vec<Caller>,
 }
 
 impl Exec for ViaStore<'_> {
     async fn exec(&self, member: usize, request: Request) -> Result<Response, BenchError> {
-        let account = *self.accounts.get(member).ok_or_else(|| BenchError("no such member".into()))?;
-        match self.store.deliver(account, request, now_unix()).await.map_err(fail)?.response {
+        let caller = *self.callers.get(member).ok_or_else(|| BenchError("no such member".into()))?;
+        match self.store.deliver(caller, request, now_unix()).await.map_err(fail)?.response {
             Response::Error { message, .. } => Err(BenchError(message)),
             other => Ok(other),
         }
@@ -436,18 +438,22 @@ impl Exec for ViaStore<'_> {
 
 /// The first member creates a group and adds every other member in one
 /// commit. Returns the group id and the commit's sequence number.
-async fn make_group<E: Exec>(e: &E, members: &mut [Member]) -> Result<(Vec<u8>, u64), BenchError> {
+async fn make_group<E: Exec>(
+    e: &E,
+    members: &mut [Member],
+    removal_key: &[u8; 32],
+) -> Result<(Vec<u8>, u64), BenchError> {
     let (first, rest) = members.split_first_mut().ok_or_else(|| BenchError("no members".into()))?;
     for (i, m) in rest.iter().enumerate() {
         let packages = m.key_packages(1).map_err(fail)?;
         e.exec(i + 1, Request::PublishKeyPackages { packages, last_resort: None }).await?;
     }
-    let g = first.create_group().map_err(fail)?;
+    let g = first.create_group(removal_key).map_err(fail)?;
     e.exec(0, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree }).await?;
     let mut packages = vec![];
     for m in rest.iter() {
         match e.exec(0, Request::ClaimKeyPackage { account: m.account().0 }).await? {
-            Response::KeyPackage { package } => packages.push(package),
+            Response::KeyPackages { packages: p } => packages.extend(p.into_iter().map(|p| (m.account(), p))),
             other => return Err(BenchError(format!("unexpected {other:?}"))),
         }
     }
@@ -470,18 +476,18 @@ fn encrypt_many(member: &mut Member, group: &[u8], count: usize) -> Result<Vec<V
 /// A store on its own database with two registered accounts in one group.
 async fn store_with_group(path: &Path, size: usize) -> Result<(Store, Vec<u8>, Member), BenchError> {
     let quotas = Quotas { max_log_per_group: u64::MAX, max_database_bytes: u64::MAX, ..Quotas::default() };
-    let store = Store::open(path, quotas).map_err(fail)?;
+    let removal_key = Identity::generate().map_err(fail)?.public_key();
+    let store = Store::open(path, quotas, removal_key).map_err(fail)?;
     let mut members = vec![];
-    for i in 0..size {
-        let mut key = [0u8; 32];
-        key[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
-        let account = AccountId(key);
+    for _ in 0..size {
+        let (_, _, member) = Member::generate().map_err(fail)?;
+        let cert = member.certificate().clone();
         let now = now_unix();
-        store.call(move |db| db.register(&account, None, false, now)).await.map_err(fail)?.map_err(fail)?;
-        members.push(Member::new(account).map_err(fail)?);
+        store.call(move |db| db.register(&cert, None, false, now)).await.map_err(fail)?.map_err(fail)?;
+        members.push(member);
     }
-    let via = ViaStore { store: &store, accounts: members.iter().map(Member::account).collect() };
-    let (group, _) = make_group(&via, &mut members).await?;
+    let via = ViaStore { store: &store, callers: members.iter().map(|m| Caller::of(m.certificate())).collect() };
+    let (group, _) = make_group(&via, &mut members, &removal_key).await?;
     let first = members.into_iter().next().ok_or_else(|| BenchError("no member".into()))?;
     Ok((store, group, first))
 }
@@ -491,7 +497,7 @@ async fn store_with_group(path: &Path, size: usize) -> Result<(Store, Vec<u8>, M
 pub async fn durable_appends(dir: &Path, settings: Settings) -> Result<f64, BenchError> {
     let (store, group, mut alice) = store_with_group(&dir.join("appends.db"), 2).await?;
     let messages = encrypt_many(&mut alice, &group, settings.messages)?;
-    let account = alice.account();
+    let account = Caller::of(alice.certificate());
     drain(messages, 64, move |m| {
         let store = store.clone();
         async move { store_send(&store, account, m).await }
@@ -500,7 +506,7 @@ pub async fn durable_appends(dir: &Path, settings: Settings) -> Result<f64, Benc
 }
 
 /// Sends one application message straight into `store`.
-async fn store_send(store: &Store, account: AccountId, message: Vec<u8>) -> Result<(), BenchError> {
+async fn store_send(store: &Store, account: Caller, message: Vec<u8>) -> Result<(), BenchError> {
     match store.deliver(account, Request::Send { message, welcome: None }, now_unix()).await {
         Ok(o) if matches!(o.response, Response::Accepted { .. }) => Ok(()),
         Ok(o) => Err(BenchError(format!("unexpected {:?}", o.response))),
@@ -528,7 +534,7 @@ pub async fn bytes_per_message(path: &Path, size: usize, messages: usize) -> Res
             .map_err(fail)
     };
     let before = size_of(store.clone()).await?;
-    let account = first.account();
+    let account = Caller::of(first.certificate());
     let batch = encrypt_many(&mut first, &group, messages)?;
     let s = store.clone();
     drain(batch, 16, move |m| {

@@ -119,8 +119,28 @@ enum GroupCmd {
 struct Home(PathBuf);
 
 impl Home {
-    fn key(&self) -> PathBuf {
+    /// The account key (signs this device's certificate; never used for TLS).
+    fn account_key(&self) -> PathBuf {
+        self.0.join("account.key")
+    }
+    /// This device's TLS key.
+    fn device_key(&self) -> PathBuf {
+        self.0.join("device.key")
+    }
+    /// The one key of homes made before device certificates.
+    fn legacy_key(&self) -> PathBuf {
         self.0.join("identity.key")
+    }
+    fn refuse_legacy(&self) -> Result<()> {
+        if self.legacy_key().exists() && !self.device_key().exists() {
+            bail!(
+                "{} was made by a hush from before device certificates; its groups cannot be carried over. \
+                 Register again in a new home (`hush --home NEW_DIR register ADDRESS --invite TOKEN`) and ask your \
+                 contacts to verify your new account id",
+                self.0.display()
+            );
+        }
+        Ok(())
     }
     fn server(&self) -> PathBuf {
         self.0.join("server")
@@ -129,11 +149,13 @@ impl Home {
         self.0.join("name")
     }
 
-    fn identity(&self) -> Result<Identity> {
-        if !self.key().exists() {
+    /// This device's TLS key.
+    fn device(&self) -> Result<Identity> {
+        self.refuse_legacy()?;
+        if !self.device_key().exists() {
             bail!("no identity in {}; run `hush register ADDRESS --invite TOKEN` first", self.0.display());
         }
-        Ok(Identity::load(&self.key())?)
+        Ok(Identity::load(&self.device_key())?)
     }
 
     fn pinned_server(&self) -> Result<HushAddress> {
@@ -162,7 +184,7 @@ fn main() -> ExitCode {
 }
 
 fn open_app(home: &Home) -> Result<App> {
-    let id = home.identity()?;
+    let id = home.device()?;
     let server = home.pinned_server()?;
     Ok(App::open(&home.0, id, server)?)
 }
@@ -201,9 +223,9 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Register { address, invite, name } => register(&home, &address, invite, name),
         Command::Whoami => {
-            let id = home.identity()?;
-            out!("{}", id.account_id());
-            out!("fingerprint {}", id.fingerprint());
+            let app = open_app(&home)?;
+            out!("{}", app.account());
+            out!("device      {}", app.certificate().device);
             if let Some(name) = home.name_or_none() {
                 out!("name        {name}");
             }
@@ -213,7 +235,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Status => {
-            let id = home.identity()?;
+            let id = home.device()?;
             let server = home.pinned_server()?;
             let status = runtime()?.block_on(async {
                 let conn = Connection::connect(&server, &id).await?;
@@ -430,20 +452,25 @@ fn register(home: &Home, address: &str, invite: Option<String>, name: Option<Str
             );
         }
     }
+    home.refuse_legacy()?;
     identity::private_dir(&home.0)?;
-    let (id, created) = Identity::load_or_create(&home.key())?;
+    let (account, created) = Identity::load_or_create(&home.account_key())?;
+    let (id, _) = Identity::load_or_create(&home.device_key())?;
     if created {
         eprintln!("created a new identity in {}", home.0.display());
     }
+    // The account key certifies this device (its TLS key and MLS key); the
+    // certificate is this device's credential in every group.
+    let certificate = App::initialise(&home.0, &account, &id)?;
+    drop(account);
     let outcome = runtime()?.block_on(async {
         let conn = Connection::connect(&address, &id).await?;
-        let r = conn.register(invite.as_deref()).await;
+        let r = conn.register(invite.as_deref(), &certificate).await;
         conn.close().await;
         r
     });
     let new = outcome.map_err(explain)?;
     write_private(&home.server(), &format!("{address}\n"))?;
-    App::initialise(&home.0, &id)?;
     let app = App::open(&home.0, id, address.clone())?;
     runtime()?
         .block_on(async {
@@ -456,14 +483,13 @@ fn register(home: &Home, address: &str, invite: Option<String>, name: Option<Str
             Ok::<(), AppError>(())
         })
         .map_err(app_error)?;
-    let id = &app.identity;
     if let Some(n) = name {
         write_private(&home.name(), &format!("{}\n", n.trim()))?;
     }
     if new {
-        out!("registered {} on {address}", id.account_id());
+        out!("registered {} on {address}", app.account());
     } else {
-        out!("already registered: {} on {address}", id.account_id());
+        out!("already registered: {} on {address}", app.account());
     }
     Ok(())
 }

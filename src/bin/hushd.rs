@@ -134,7 +134,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Init => {
             let config = load_config(&dir)?;
-            let (identity, created) = dir.init()?;
+            let (identity, created, _) = dir.init()?;
             let address = HushAddress {
                 host: config.advertised_host(config.listen),
                 port: config.listen.port(),

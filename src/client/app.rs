@@ -19,7 +19,7 @@ use thiserror::Error;
 use super::mls::{Member, MlsError, Received};
 use super::state::{self, Provider, StateError};
 use super::{ClientError, Connection};
-use crate::auth::{text, AccountId, HushAddress, Identity, KeyError};
+use crate::auth::{text, AccountId, DeviceCertificate, DeviceId, HushAddress, Identity, KeyError};
 use crate::util::now_unix;
 use crate::wire::ErrorCode;
 
@@ -30,6 +30,9 @@ pub const KEY_PACKAGE_LOW: u32 = 5;
 /// Attempts at a commit that keeps meeting `StaleEpoch`.
 pub const COMMIT_ATTEMPTS: usize = 5;
 
+/// Setting holding this device's certificate.
+const CERTIFICATE: &str = "certificate";
+
 const KIND_TEXT: u8 = 0x01;
 const KIND_NAME: u8 = 0x02;
 
@@ -39,6 +42,11 @@ const KIND_NAME: u8 = 0x02;
 pub enum AppError {
     #[error("no identity in {0}; run `hush register ADDRESS --invite TOKEN` first")]
     NoIdentity(PathBuf),
+    #[error(
+        "refused to add {who}: {why}. The server handed out a KeyPackage that {who}'s account key did not \
+         certify; the server may be compromised. Nothing was changed"
+    )]
+    Forged { who: String, why: String },
     #[error("unknown contact {0:?}; add it with `hush contact add NAME ACCOUNT_ID`")]
     UnknownContact(String),
     #[error("unknown group {0:?}; see `hush group list`")]
@@ -85,10 +93,12 @@ pub struct GroupRow {
     pub active: bool,
 }
 
-/// The open client: identity, pinned server, state.
+/// The open client: device key, pinned server, state (with the device
+/// certificate and the MLS member).
 pub struct App {
     pub home: PathBuf,
-    pub identity: Identity,
+    /// This device's TLS key.
+    pub device_key: Identity,
     pub server: HushAddress,
     db: Db,
     member: Member<Provider>,
@@ -126,30 +136,47 @@ pub fn safety_number(a: &AccountId, b: &AccountId) -> String {
 }
 
 impl App {
-    /// Creates the MLS state for a freshly registered identity (once).
-    pub fn initialise(home: &Path, identity: &Identity) -> Result<(), AppError> {
+    /// Creates the MLS state of this device (once): a fresh MLS signature
+    /// key and the device certificate binding it and `device_key` to the
+    /// account. Returns the certificate.
+    pub fn initialise(home: &Path, account: &Identity, device_key: &Identity) -> Result<DeviceCertificate, AppError> {
         let (provider, db) = state::open(home)?;
-        if state::setting(&db, "signature_public")?.is_none() {
-            let member = Member::create(provider, identity.account_id())?;
-            state::set_setting(&db, "signature_public", &member.signature_public())?;
+        if let Some(cert) = state::setting(&db, CERTIFICATE)? {
+            return DeviceCertificate::decode(&cert).map_err(|e| {
+                AppError::Invalid(format!("the device certificate in {} is damaged: {e}", home.display()))
+            });
         }
-        Ok(())
+        let device = DeviceId(device_key.public_key());
+        let member = Member::create(provider, account, device, now_unix())?;
+        state::set_setting(&db, CERTIFICATE, &member.certificate().encode())?;
+        Ok(member.certificate().clone())
     }
 
     /// Opens an initialised home.
-    pub fn open(home: &Path, identity: Identity, server: HushAddress) -> Result<Self, AppError> {
+    pub fn open(home: &Path, device_key: Identity, server: HushAddress) -> Result<Self, AppError> {
         let (provider, db) = state::open(home)?;
-        let public = state::setting(&db, "signature_public")?.ok_or_else(|| AppError::NoIdentity(home.to_owned()))?;
-        let member = Member::load(provider, identity.account_id(), &public)?;
-        Ok(Self { home: home.to_owned(), identity, server, db, member })
+        let cert = state::setting(&db, CERTIFICATE)?.ok_or_else(|| AppError::NoIdentity(home.to_owned()))?;
+        let member = Member::load(provider, &cert)?;
+        if member.device() != DeviceId(device_key.public_key()) {
+            return Err(AppError::Invalid(format!(
+                "the device certificate in {} is for another device key; this home is damaged",
+                home.display()
+            )));
+        }
+        Ok(Self { home: home.to_owned(), device_key, server, db, member })
     }
 
     pub fn account(&self) -> AccountId {
-        self.identity.account_id()
+        self.member.account()
+    }
+
+    /// This device's certificate.
+    pub fn certificate(&self) -> &DeviceCertificate {
+        self.member.certificate()
     }
 
     pub async fn connect(&self) -> Result<Connection, AppError> {
-        Ok(Connection::connect(&self.server, &self.identity).await?)
+        Ok(Connection::connect(&self.server, &self.device_key).await?)
     }
 
     // ---- contacts ----
@@ -288,7 +315,10 @@ impl App {
         if self.groups()?.iter().any(|g| g.name == name && g.active) {
             return Err(AppError::Invalid(format!("you already have a group called {name:?}")));
         }
-        let g = self.member.create_group()?;
+        // The server's removal key goes into the group as its one external
+        // sender (the server refuses a group without it).
+        let removal_key = conn.status().await?.removal_key;
+        let g = self.member.create_group(&removal_key)?;
         conn.create_group(g.group_info, g.ratchet_tree).await?;
         self.db.execute(
             "INSERT INTO groups (id, name, cursor, active, joined_at) VALUES (?1, ?2, 0, 1, ?3)",
@@ -346,12 +376,29 @@ impl App {
         Ok(())
     }
 
-    /// Adds accounts to a group.
+    /// Adds accounts (all their devices) to a group. Every KeyPackage the
+    /// server hands out must be certified by the account it was claimed
+    /// for; if one is not, nothing is added and the refusal is recorded.
     pub async fn add(&mut self, conn: &Connection, group: &GroupRow, accounts: &[AccountId]) -> Result<(), AppError> {
         let gid = group.id.clone();
         let mut packages = vec![];
         for a in accounts {
-            packages.push(conn.claim_key_package(a).await?);
+            for p in conn.claim_key_packages(a).await? {
+                if let Err(why) = super::mls::check_key_package(&p, a) {
+                    let who = self.display(a);
+                    self.record(
+                        &gid,
+                        self.cursor(&gid)?,
+                        None,
+                        "event",
+                        &format!(
+                            "refused to add {who}: the server handed out a KeyPackage {who} did not certify ({why})"
+                        ),
+                    )?;
+                    return Err(AppError::Forged { who, why });
+                }
+                packages.push((*a, p));
+            }
         }
         let seq = self
             .send_commit(conn, &gid, |m| {
@@ -451,7 +498,19 @@ impl App {
                     self.record(&gid, cursor, None, "event", "you joined")?;
                     new.push(self.entry_now(&gid, cursor, None, "event", "you joined"));
                 }
-                Err(e) => tracing::warn!("could not join from a Welcome: {e}"),
+                Err(e) => {
+                    // Shown to the user (there is no group to file it under).
+                    tracing::warn!("could not join from a Welcome: {e}");
+                    new.push(Entry {
+                        group_id: vec![],
+                        group: "invitation".into(),
+                        seq: 0,
+                        sender: String::new(),
+                        kind: "event".into(),
+                        body: format!("did not join a group: {e}"),
+                        time: now_unix(),
+                    });
+                }
             }
             conn.ack_welcome(id).await?;
         }
@@ -576,6 +635,13 @@ impl App {
                 }
             }
             Received::Proposal { .. } => {}
+            Received::Refused { sender, reason } => {
+                let by = sender.as_ref().map(|a| self.display(a)).unwrap_or_else(|| "someone".into());
+                let e = format!("refused a change by {by}: {reason}");
+                tracing::warn!(seq, "{e}");
+                self.record(group, seq, sender.as_ref(), "event", &e)?;
+                new.push(self.entry_now(group, seq, sender.as_ref(), "event", &e));
+            }
         }
         Ok(())
     }

@@ -7,6 +7,18 @@
 //! payloads are padded to [`PADDING`] bytes so ciphertext sizes reveal only
 //! a size bucket. Group state here lives in memory; the `hush` CLI keeps it
 //! on disk.
+//!
+//! **Certified credentials.** A member's credential is its device
+//! certificate ([`crate::auth::device`]), signed by its account key. The
+//! member trusts no server and no other member to have checked anyone
+//! else's: it verifies the certificate of every KeyPackage it adds (it must
+//! be certified by exactly the account asked for), of every leaf in a
+//! Welcome's tree before joining, and of every leaf a commit adds or
+//! updates before merging it (an update may not change a leaf's account or
+//! device). A commit or proposal that fails is not applied and comes back
+//! as [`Received::Refused`]; the group state stays as it was.
+
+pub mod adversary;
 
 use std::collections::HashMap;
 
@@ -16,7 +28,8 @@ use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use thiserror::Error;
 
-use crate::auth::AccountId;
+use crate::auth::{AccountId, DeviceCertificate, DeviceId, Identity};
+use crate::delivery::mls::{certificate_of, leaf_certificate, node_certificate, server_sender};
 
 /// The one ciphersuite hush uses: X25519, AES-128-GCM, SHA-256, Ed25519.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
@@ -69,6 +82,9 @@ pub enum Received {
     Commit { sender: Option<AccountId>, epoch: u64, removed_me: bool },
     /// A proposal was stored for a later commit.
     Proposal { sender: Option<AccountId> },
+    /// A commit or proposal was refused because a leaf it adds or changes
+    /// is not certified, or changes whose leaf it is. Nothing was applied.
+    Refused { sender: Option<AccountId>, reason: String },
 }
 
 /// One member: its MLS signature key, credential and groups, kept in the
@@ -78,14 +94,26 @@ pub struct Member<P: OpenMlsProvider = OpenMlsRustCrypto> {
     provider: P,
     signer: SignatureKeyPair,
     credential: CredentialWithKey,
-    account: AccountId,
+    certificate: DeviceCertificate,
     groups: HashMap<Vec<u8>, MlsGroup>,
 }
 
 impl<P: OpenMlsProvider> std::fmt::Debug for Member<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Member").field("account", &self.account).finish_non_exhaustive()
+        f.debug_struct("Member").field("account", &self.certificate.account).finish_non_exhaustive()
     }
+}
+
+/// Why a KeyPackage handed out for an account may not be added.
+pub fn check_key_package(bytes: &[u8], account: &AccountId) -> Result<KeyPackage, String> {
+    let crypto = openmls_rust_crypto::RustCrypto::default();
+    let kp_in = KeyPackageIn::tls_deserialize_exact(bytes).map_err(|e| format!("not a KeyPackage: {e}"))?;
+    let kp = kp_in.validate(&crypto, ProtocolVersion::Mls10).map_err(|e| format!("invalid KeyPackage: {e}"))?;
+    let cert = node_certificate(kp.leaf_node()).map_err(|e| e.to_string())?;
+    if cert.account != *account {
+        return Err(format!("its device certificate is signed by another account ({})", cert.account.short()));
+    }
+    Ok(kp)
 }
 
 fn serialize(m: &impl tls_codec::Serialize, what: &str) -> Result<Vec<u8>, MlsError> {
@@ -93,40 +121,61 @@ fn serialize(m: &impl tls_codec::Serialize, what: &str) -> Result<Vec<u8>, MlsEr
 }
 
 impl Member<OpenMlsRustCrypto> {
-    /// An in-memory member whose BasicCredential identity is `account` (the
-    /// account's Ed25519 public key) with a fresh MLS signature key.
-    pub fn new(account: AccountId) -> Result<Self, MlsError> {
-        Self::create(OpenMlsRustCrypto::default(), account)
+    /// An in-memory member for the device whose TLS key is `device`, of the
+    /// account `account`, with a fresh MLS signature key certified by the
+    /// account key.
+    pub fn new(account: &Identity, device: DeviceId) -> Result<Self, MlsError> {
+        Self::create(OpenMlsRustCrypto::default(), account, device, crate::util::now_unix())
+    }
+
+    /// A fresh account with one fresh device, in memory (tests, benchmarks,
+    /// fuzzing): the account key, the device's TLS key and its member.
+    pub fn generate() -> Result<(Identity, Identity, Self), MlsError> {
+        let account = Identity::generate().map_err(|e| MlsError(e.to_string()))?;
+        let device = Identity::generate().map_err(|e| MlsError(e.to_string()))?;
+        let member = Self::new(&account, DeviceId(device.public_key()))?;
+        Ok((account, device, member))
     }
 }
 
 impl<P: OpenMlsProvider> Member<P> {
-    /// A member with a fresh MLS signature key, stored in `provider`.
-    pub fn create(provider: P, account: AccountId) -> Result<Self, MlsError> {
+    /// A member with a fresh MLS signature key, stored in `provider`, and
+    /// its device certificate signed now by `account`.
+    pub fn create(provider: P, account: &Identity, device: DeviceId, now: u64) -> Result<Self, MlsError> {
         let signer = mls_try!(SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()), "signature key")?;
         mls_try!(signer.store(provider.storage()), "storing the signature key")?;
-        Ok(Self::assemble(provider, signer, account))
+        let mls_key: [u8; 32] =
+            signer.public().try_into().map_err(|_| MlsError("the MLS signature key is not Ed25519".into()))?;
+        let certificate = DeviceCertificate::issue(account, device, mls_key, now);
+        Ok(Self::assemble(provider, signer, certificate))
     }
 
-    /// A member whose signature key (public part `signature_public`) is
-    /// already in `provider`'s storage.
-    pub fn load(provider: P, account: AccountId, signature_public: &[u8]) -> Result<Self, MlsError> {
-        let signer = SignatureKeyPair::read(provider.storage(), signature_public, CIPHERSUITE.signature_algorithm())
-            .ok_or_else(|| MlsError("the MLS signature key is missing from the state".into()))?;
-        Ok(Self::assemble(provider, signer, account))
+    /// A member whose certificate is `certificate` and whose signature key
+    /// is already in `provider`'s storage.
+    pub fn load(provider: P, certificate: &[u8]) -> Result<Self, MlsError> {
+        let certificate = DeviceCertificate::decode(certificate)
+            .map_err(|e| MlsError(format!("the stored device certificate: {e}")))?;
+        let signer =
+            SignatureKeyPair::read(provider.storage(), &certificate.mls_key, CIPHERSUITE.signature_algorithm())
+                .ok_or_else(|| MlsError("the MLS signature key is missing from the state".into()))?;
+        Ok(Self::assemble(provider, signer, certificate))
     }
 
-    fn assemble(provider: P, signer: SignatureKeyPair, account: AccountId) -> Self {
+    fn assemble(provider: P, signer: SignatureKeyPair, certificate: DeviceCertificate) -> Self {
         let credential = CredentialWithKey {
-            credential: BasicCredential::new(account.0.to_vec()).into(),
+            credential: BasicCredential::new(certificate.encode()).into(),
             signature_key: signer.public().into(),
         };
-        Self { provider, signer, credential, account, groups: HashMap::new() }
+        Self { provider, signer, credential, certificate, groups: HashMap::new() }
     }
 
-    /// The public half of the MLS signature key (to find it again).
-    pub fn signature_public(&self) -> Vec<u8> {
-        self.signer.public().to_vec()
+    /// This device's certificate (its credential in every group).
+    pub fn certificate(&self) -> &DeviceCertificate {
+        &self.certificate
+    }
+
+    pub fn device(&self) -> DeviceId {
+        self.certificate.device
     }
 
     pub fn provider(&self) -> &P {
@@ -150,7 +199,7 @@ impl<P: OpenMlsProvider> Member<P> {
     }
 
     pub fn account(&self) -> AccountId {
-        self.account
+        self.certificate.account
     }
 
     /// `n` fresh KeyPackages, serialized for upload.
@@ -166,15 +215,20 @@ impl<P: OpenMlsProvider> Member<P> {
             .collect()
     }
 
-    fn create_config() -> MlsGroupCreateConfig {
-        MlsGroupCreateConfig::builder()
+    fn create_config(removal_key: &[u8; 32]) -> Result<MlsGroupCreateConfig, MlsError> {
+        let senders = mls_try!(
+            Extensions::single(Extension::ExternalSenders(vec![server_sender(removal_key)])),
+            "external senders"
+        )?;
+        Ok(MlsGroupCreateConfig::builder()
             .ciphersuite(CIPHERSUITE)
+            .with_group_context_extensions(senders)
             .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
             .use_ratchet_tree_extension(true)
             .padding_size(PADDING)
             .max_past_epochs(MAX_PAST_EPOCHS)
             .sender_ratchet_configuration(SenderRatchetConfiguration::new(OUT_OF_ORDER_TOLERANCE, MAX_FORWARD_DISTANCE))
-            .build()
+            .build())
     }
 
     fn join_config() -> MlsGroupJoinConfig {
@@ -187,9 +241,11 @@ impl<P: OpenMlsProvider> Member<P> {
             .build()
     }
 
-    /// Creates a group with a random id; returns the id and what the server
-    /// needs to register it (GroupInfo message, ratchet tree).
-    pub fn create_group(&mut self) -> Result<NewGroup, MlsError> {
+    /// Creates a group with a random id that lists `removal_key` (the
+    /// server's, from its `Status`) as its one external sender; returns the
+    /// id and what the server needs to register it (GroupInfo message,
+    /// ratchet tree).
+    pub fn create_group(&mut self, removal_key: &[u8; 32]) -> Result<NewGroup, MlsError> {
         let mut id = [0u8; GROUP_ID_LEN];
         mls_try!(
             ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id).map_err(|_| "no randomness"),
@@ -199,7 +255,7 @@ impl<P: OpenMlsProvider> Member<P> {
             MlsGroup::new_with_group_id(
                 &self.provider,
                 &self.signer,
-                &Self::create_config(),
+                &Self::create_config(removal_key)?,
                 GroupId::from_slice(&id),
                 self.credential.clone()
             ),
@@ -212,16 +268,20 @@ impl<P: OpenMlsProvider> Member<P> {
         Ok(NewGroup { id: id.to_vec(), group_info: info, ratchet_tree: tree })
     }
 
-    /// A commit adding the owners of `key_packages` (as claimed from the
-    /// server) and their Welcome. The commit stays pending until
-    /// [`Member::merge_pending`] (server accepted) or
+    /// A commit adding the devices whose `key_packages` the server handed
+    /// out, each paired with the account it was claimed for, and their
+    /// Welcome. Every package must be certified by exactly that account
+    /// ([`check_key_package`]); otherwise nothing is built. The commit stays
+    /// pending until [`Member::merge_pending`] (server accepted) or
     /// [`Member::discard_pending`] (server refused).
-    pub fn add(&mut self, group: &[u8], key_packages: &[Vec<u8>]) -> Result<(Vec<u8>, Vec<u8>), MlsError> {
+    pub fn add(&mut self, group: &[u8], key_packages: &[(AccountId, Vec<u8>)]) -> Result<(Vec<u8>, Vec<u8>), MlsError> {
         self.group_mut(group)?;
         let mut kps = Vec::new();
-        for bytes in key_packages {
-            let kp_in = mls_try!(KeyPackageIn::tls_deserialize_exact(bytes), "KeyPackage")?;
-            kps.push(mls_try!(kp_in.validate(self.provider.crypto(), ProtocolVersion::Mls10), "KeyPackage")?);
+        for (account, bytes) in key_packages {
+            let kp = check_key_package(bytes, account).map_err(|why| {
+                MlsError(format!("the KeyPackage the server handed out for {} was refused: {why}", account.short()))
+            })?;
+            kps.push(kp);
         }
         self.group_mut(group)?;
         let (provider, signer) = (&self.provider, &self.signer);
@@ -237,7 +297,7 @@ impl<P: OpenMlsProvider> Member<P> {
         let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
         let leaves: Vec<LeafNodeIndex> = g
             .members()
-            .filter(|m| crate::delivery::mls::account_of(&m.credential).is_some_and(|a| accounts.contains(&a)))
+            .filter(|m| certificate_of(&m.credential).is_ok_and(|c| accounts.contains(&c.account)))
             .map(|m| m.index)
             .collect();
         if leaves.is_empty() {
@@ -299,6 +359,18 @@ impl<P: OpenMlsProvider> Member<P> {
         };
         let staged =
             mls_try!(StagedWelcome::new_from_welcome(&self.provider, &Self::join_config(), welcome, None), "Welcome")?;
+        let mut devices = std::collections::BTreeSet::new();
+        for m in staged.members() {
+            let cert = leaf_certificate(&m.credential, &m.signature_key).map_err(|e| {
+                MlsError(format!("refused to join: leaf {} of the group's tree is not certified ({e})", m.index.u32()))
+            })?;
+            if !devices.insert(cert.device) {
+                return Err(MlsError(format!(
+                    "refused to join: leaf {} of the group's tree repeats a device",
+                    m.index.u32()
+                )));
+            }
+        }
         let group = mls_try!(staged.into_group(&self.provider), "joining")?;
         let id = group.group_id().as_slice().to_vec();
         self.groups.insert(id.clone(), group);
@@ -313,16 +385,71 @@ impl<P: OpenMlsProvider> Member<P> {
         let provider = &self.provider;
         let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
         let processed = mls_try!(g.process_message(provider, protocol), "processing")?;
-        let sender = crate::delivery::mls::account_of(processed.credential());
+        // Every leaf was checked when it entered our tree, so the sender's
+        // certificate names who said it.
+        let sender = certificate_of(processed.credential()).ok().map(|c| c.account);
+        let sender_leaf = match processed.sender() {
+            Sender::Member(i) => Some(*i),
+            _ => None,
+        };
+        let holders: HashMap<LeafNodeIndex, (AccountId, DeviceId)> = g
+            .members()
+            .filter_map(|m| certificate_of(&m.credential).ok().map(|c| (m.index, (c.account, c.device))))
+            .collect();
+        // A leaf may change its keys, never whose it is.
+        let same_holder = |index: Option<LeafNodeIndex>, leaf: &LeafNode| -> Result<(), String> {
+            let cert = node_certificate(leaf).map_err(|e| format!("an updated leaf is not certified ({e})"))?;
+            match index.and_then(|i| holders.get(&i)) {
+                Some(held) if *held == (cert.account, cert.device) => Ok(()),
+                _ => Err("an update would change whose leaf it is".into()),
+            }
+        };
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => {
                 Ok(Received::Application { sender, data: app.into_bytes() })
             }
             ProcessedMessageContent::ProposalMessage(p) => {
+                if let Proposal::Update(update) = p.proposal() {
+                    if let Err(reason) = same_holder(sender_leaf, update.leaf_node()) {
+                        return Ok(Received::Refused { sender, reason });
+                    }
+                }
+                if let Proposal::Add(add) = p.proposal() {
+                    if let Err(e) = node_certificate(add.key_package().leaf_node()) {
+                        return Ok(Received::Refused {
+                            sender,
+                            reason: format!("a proposed member is not certified ({e})"),
+                        });
+                    }
+                }
                 mls_try!(g.store_pending_proposal(provider.storage(), *p), "storing the proposal")?;
                 Ok(Received::Proposal { sender })
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
+                let mut verdict = Ok(());
+                if sender_leaf.is_none() {
+                    verdict = Err("a commit from outside the group".to_string());
+                }
+                if let Some(leaf) = staged.update_path_leaf_node() {
+                    verdict = verdict.and_then(|()| same_holder(sender_leaf, leaf));
+                }
+                for update in staged.update_proposals() {
+                    let index = match update.sender() {
+                        Sender::Member(i) => Some(*i),
+                        _ => None,
+                    };
+                    verdict = verdict.and_then(|()| same_holder(index, update.update_proposal().leaf_node()));
+                }
+                for add in staged.add_proposals() {
+                    verdict = verdict.and_then(|()| {
+                        node_certificate(add.add_proposal().key_package().leaf_node())
+                            .map(|_| ())
+                            .map_err(|e| format!("an added member is not certified ({e})"))
+                    });
+                }
+                if let Err(reason) = verdict {
+                    return Ok(Received::Refused { sender, reason });
+                }
                 let removed_me = staged.self_removed();
                 mls_try!(g.merge_staged_commit(provider, *staged), "merging the commit")?;
                 Ok(Received::Commit { sender, epoch: g.epoch().as_u64(), removed_me })
@@ -340,10 +467,19 @@ impl<P: OpenMlsProvider> Member<P> {
         self.group_mut(group).ok().map(|g| g.epoch_authenticator().as_slice().to_vec())
     }
 
-    /// The accounts in the group, by leaf order.
+    /// The accounts in the group, by leaf order (each leaf's certified
+    /// account).
     pub fn members(&mut self, group: &[u8]) -> Vec<AccountId> {
         self.group_mut(group)
-            .map(|g| g.members().filter_map(|m| crate::delivery::mls::account_of(&m.credential)).collect())
+            .map(|g| g.members().filter_map(|m| certificate_of(&m.credential).ok().map(|c| c.account)).collect())
+            .unwrap_or_default()
+    }
+
+    /// The devices in the group, by leaf order (each leaf's certified
+    /// device).
+    pub fn devices(&mut self, group: &[u8]) -> Vec<DeviceId> {
+        self.group_mut(group)
+            .map(|g| g.members().filter_map(|m| certificate_of(&m.credential).ok().map(|c| c.device)).collect())
             .unwrap_or_default()
     }
 

@@ -14,7 +14,7 @@ use quinn::{ConnectionError, IdleTimeout, TransportConfig, VarInt};
 use thiserror::Error;
 
 use crate::auth::tls::{client_crypto, Credentials, SeenFingerprint, TlsError};
-use crate::auth::{AccountId, Fingerprint, HushAddress, Identity};
+use crate::auth::{AccountId, DeviceCertificate, DeviceId, Fingerprint, HushAddress, Identity};
 use crate::limits::{CLIENT_KEEP_ALIVE, CLIENT_TIMEOUT, DEFAULT_IDLE_TIMEOUT};
 pub mod app;
 pub mod mls;
@@ -78,12 +78,15 @@ impl ClientError {
     }
 }
 
-/// What the server knows about this account.
+/// What the server knows about this device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
     pub account: AccountId,
+    pub device: DeviceId,
     pub registered_at: u64,
     pub server_time: u64,
+    /// The server's removal key, which new groups list as external sender.
+    pub removal_key: [u8; 32],
 }
 
 /// An authenticated connection to a hush server.
@@ -95,7 +98,7 @@ pub struct Connection {
 
 impl Connection {
     /// Connects to `address`, checks the server's key against the pinned
-    /// fingerprint, and authenticates as `identity`.
+    /// fingerprint, and authenticates with the device key `identity`.
     pub async fn connect(address: &HushAddress, identity: &Identity) -> Result<Self, ClientError> {
         let credentials = identity.tls_credentials().map_err(TlsError::from)?;
         Self::connect_with(address, Some(credentials)).await
@@ -173,10 +176,13 @@ impl Connection {
         }
     }
 
-    /// Registers this key, with an invite token if given. Returns whether a
-    /// new account was created (false: it already existed).
-    pub async fn register(&self, invite: Option<&str>) -> Result<bool, ClientError> {
-        match self.call(&Request::Register { invite: invite.map(str::to_owned) }).await? {
+    /// Registers this connection's key as the device `certificate` describes
+    /// (the first device of a new account), with an invite token if given.
+    /// Returns whether a new account was created (false: this device was
+    /// already registered).
+    pub async fn register(&self, invite: Option<&str>, certificate: &DeviceCertificate) -> Result<bool, ClientError> {
+        let request = Request::Register { invite: invite.map(str::to_owned), certificate: certificate.encode() };
+        match self.call(&request).await? {
             Response::Registered { created } => Ok(created),
             other => Err(unexpected(&other)),
         }
@@ -185,9 +191,13 @@ impl Connection {
     /// The server's view of this account.
     pub async fn status(&self) -> Result<Status, ClientError> {
         match self.call(&Request::Status).await? {
-            Response::Status { account, registered_at, server_time } => {
-                Ok(Status { account: AccountId(account), registered_at, server_time })
-            }
+            Response::Status { account, device, registered_at, server_time, removal_key } => Ok(Status {
+                account: AccountId(account),
+                device: DeviceId(device),
+                registered_at,
+                server_time,
+                removal_key,
+            }),
             other => Err(unexpected(&other)),
         }
     }
@@ -212,10 +222,12 @@ impl Connection {
         }
     }
 
-    /// Claims one of `account`'s KeyPackages.
-    pub async fn claim_key_package(&self, account: &AccountId) -> Result<Vec<u8>, ClientError> {
+    /// Claims one KeyPackage of each of `account`'s devices. What comes
+    /// back is the server's word only: check each with
+    /// [`mls::check_key_package`] before adding it.
+    pub async fn claim_key_packages(&self, account: &AccountId) -> Result<Vec<Vec<u8>>, ClientError> {
         match self.call(&Request::ClaimKeyPackage { account: account.0 }).await? {
-            Response::KeyPackage { package } => Ok(package),
+            Response::KeyPackages { packages } => Ok(packages),
             other => Err(unexpected(&other)),
         }
     }

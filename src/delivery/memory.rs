@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
 
 use super::store::{GroupRecord, Membership, Messages, NewKeyPackage, Store};
-use crate::auth::AccountId;
+use crate::auth::{AccountId, DeviceId};
 use crate::wire::GroupSummary;
 
 #[derive(Debug, Clone)]
@@ -19,7 +19,7 @@ struct StoredPackage {
 struct Group {
     record: GroupRecord,
     created_at: u64,
-    members: BTreeMap<AccountId, Membership>,
+    members: BTreeMap<DeviceId, Membership>,
     log: BTreeMap<u64, (Vec<u8>, u64)>,
 }
 
@@ -27,10 +27,12 @@ struct Group {
 #[derive(Debug, Default, Clone)]
 pub struct MemoryStore {
     pub accounts: HashSet<AccountId>,
-    packages: HashMap<AccountId, Vec<StoredPackage>>,
-    claimed: HashMap<Vec<u8>, (AccountId, u64)>,
+    /// Registered devices and their accounts.
+    pub devices: BTreeMap<DeviceId, AccountId>,
+    packages: HashMap<DeviceId, Vec<StoredPackage>>,
+    claimed: HashMap<Vec<u8>, (AccountId, DeviceId, u64)>,
     groups: BTreeMap<Vec<u8>, Group>,
-    inbox: BTreeMap<u64, (AccountId, Vec<u8>, Vec<u8>, u64)>,
+    inbox: BTreeMap<u64, (DeviceId, Vec<u8>, Vec<u8>, u64)>,
     next_welcome: u64,
 }
 
@@ -58,13 +60,19 @@ impl Store for MemoryStore {
         Ok(self.accounts.contains(account))
     }
 
-    fn key_package_count(&mut self, owner: &AccountId) -> Result<(u32, bool), Infallible> {
+    fn key_package_count(&mut self, owner: &DeviceId) -> Result<(u32, bool), Infallible> {
         let list = self.packages.get(owner).map(Vec::as_slice).unwrap_or_default();
         let n = list.iter().filter(|p| !p.last_resort).count();
         Ok((u32::try_from(n).unwrap_or(u32::MAX), list.iter().any(|p| p.last_resort)))
     }
 
-    fn add_key_packages(&mut self, owner: &AccountId, packages: &[NewKeyPackage], _now: u64) -> Result<(), Infallible> {
+    fn add_key_packages(
+        &mut self,
+        _account: &AccountId,
+        owner: &DeviceId,
+        packages: &[NewKeyPackage],
+        _now: u64,
+    ) -> Result<(), Infallible> {
         let list = self.packages.entry(*owner).or_default();
         for p in packages {
             if list.iter().any(|q| q.hash_ref == p.hash_ref) {
@@ -78,20 +86,25 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn claim_key_package(&mut self, owner: &AccountId, now: u64) -> Result<Option<Vec<u8>>, Infallible> {
-        let Some(list) = self.packages.get_mut(owner) else { return Ok(None) };
-        let picked = match list.iter().position(|p| !p.last_resort) {
-            Some(i) => Some(list.remove(i)),
-            None => list.iter().find(|p| p.last_resort).cloned(),
-        };
-        Ok(picked.map(|p| {
-            self.claimed.insert(p.hash_ref.clone(), (*owner, now));
-            p.data
-        }))
+    fn claim_key_packages(&mut self, account: &AccountId, now: u64) -> Result<Vec<Vec<u8>>, Infallible> {
+        let devices: Vec<DeviceId> = self.devices.iter().filter(|(_, a)| *a == account).map(|(d, _)| *d).collect();
+        let mut out = Vec::new();
+        for device in devices {
+            let Some(list) = self.packages.get_mut(&device) else { continue };
+            let picked = match list.iter().position(|p| !p.last_resort) {
+                Some(i) => Some(list.remove(i)),
+                None => list.iter().find(|p| p.last_resort).cloned(),
+            };
+            if let Some(p) = picked {
+                self.claimed.insert(p.hash_ref.clone(), (*account, device, now));
+                out.push(p.data);
+            }
+        }
+        Ok(out)
     }
 
-    fn claimed_owner(&mut self, hash_ref: &[u8]) -> Result<Option<AccountId>, Infallible> {
-        Ok(self.claimed.get(hash_ref).map(|(a, _)| *a))
+    fn claimed_owner(&mut self, hash_ref: &[u8]) -> Result<Option<(AccountId, DeviceId)>, Infallible> {
+        Ok(self.claimed.get(hash_ref).map(|(a, d, _)| (*a, *d)))
     }
 
     fn group(&mut self, group: &[u8]) -> Result<Option<GroupRecord>, Infallible> {
@@ -119,30 +132,37 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn membership(&mut self, group: &[u8], account: &AccountId) -> Result<Option<Membership>, Infallible> {
-        Ok(self.groups.get(group).and_then(|g| g.members.get(account).copied()))
+    fn membership(&mut self, group: &[u8], device: &DeviceId) -> Result<Option<Membership>, Infallible> {
+        Ok(self.groups.get(group).and_then(|g| g.members.get(device).copied()))
     }
 
-    fn members(&mut self, group: &[u8]) -> Result<Vec<(AccountId, Membership)>, Infallible> {
-        Ok(self.groups.get(group).map(|g| g.members.iter().map(|(a, m)| (*a, *m)).collect()).unwrap_or_default())
+    fn members(&mut self, group: &[u8]) -> Result<Vec<(DeviceId, Membership)>, Infallible> {
+        Ok(self.groups.get(group).map(|g| g.members.iter().map(|(d, m)| (*d, *m)).collect()).unwrap_or_default())
     }
 
-    fn add_member(&mut self, group: &[u8], account: &AccountId, joined_after: u64) -> Result<(), Infallible> {
+    fn add_member(
+        &mut self,
+        group: &[u8],
+        device: &DeviceId,
+        account: &AccountId,
+        joined_after: u64,
+    ) -> Result<(), Infallible> {
         if let Some(g) = self.groups.get_mut(group) {
-            g.members.insert(*account, Membership { joined_after, left_at: None, acked: joined_after });
+            g.members
+                .insert(*device, Membership { account: *account, joined_after, left_at: None, acked: joined_after });
         }
         Ok(())
     }
 
-    fn remove_member(&mut self, group: &[u8], account: &AccountId, left_at: u64) -> Result<(), Infallible> {
-        if let Some(m) = self.groups.get_mut(group).and_then(|g| g.members.get_mut(account)) {
+    fn remove_member(&mut self, group: &[u8], device: &DeviceId, left_at: u64) -> Result<(), Infallible> {
+        if let Some(m) = self.groups.get_mut(group).and_then(|g| g.members.get_mut(device)) {
             m.left_at = Some(left_at);
         }
         Ok(())
     }
 
-    fn set_acked(&mut self, group: &[u8], account: &AccountId, seq: u64) -> Result<(), Infallible> {
-        if let Some(m) = self.groups.get_mut(group).and_then(|g| g.members.get_mut(account)) {
+    fn set_acked(&mut self, group: &[u8], device: &DeviceId, seq: u64) -> Result<(), Infallible> {
+        if let Some(m) = self.groups.get_mut(group).and_then(|g| g.members.get_mut(device)) {
             m.acked = m.acked.max(seq);
         }
         Ok(())
@@ -189,13 +209,7 @@ impl Store for MemoryStore {
         Ok(u64::try_from(removed).unwrap_or(u64::MAX))
     }
 
-    fn add_welcome(
-        &mut self,
-        recipient: &AccountId,
-        group: &[u8],
-        welcome: &[u8],
-        now: u64,
-    ) -> Result<u64, Infallible> {
+    fn add_welcome(&mut self, recipient: &DeviceId, group: &[u8], welcome: &[u8], now: u64) -> Result<u64, Infallible> {
         self.next_welcome += 1;
         self.inbox.insert(self.next_welcome, (*recipient, group.to_vec(), welcome.to_vec(), now));
         Ok(self.next_welcome)
@@ -203,7 +217,7 @@ impl Store for MemoryStore {
 
     fn welcomes(
         &mut self,
-        recipient: &AccountId,
+        recipient: &DeviceId,
         limit: usize,
         byte_budget: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, Infallible> {
@@ -222,7 +236,7 @@ impl Store for MemoryStore {
         Ok(out)
     }
 
-    fn delete_welcome(&mut self, recipient: &AccountId, id: u64) -> Result<bool, Infallible> {
+    fn delete_welcome(&mut self, recipient: &DeviceId, id: u64) -> Result<bool, Infallible> {
         if self.inbox.get(&id).is_some_and(|(r, ..)| r == recipient) {
             self.inbox.remove(&id);
             return Ok(true);
@@ -230,12 +244,12 @@ impl Store for MemoryStore {
         Ok(false)
     }
 
-    fn groups_of(&mut self, account: &AccountId, limit: usize) -> Result<Vec<GroupSummary>, Infallible> {
+    fn groups_of(&mut self, device: &DeviceId, limit: usize) -> Result<Vec<GroupSummary>, Infallible> {
         Ok(self
             .groups
             .iter()
             .filter_map(|(id, g)| {
-                g.members.get(account).map(|m| GroupSummary {
+                g.members.get(device).map(|m| GroupSummary {
                     group: id.clone(),
                     epoch: g.record.epoch,
                     last_seq: m.left_at.unwrap_or(g.record.last_seq),
@@ -248,7 +262,11 @@ impl Store for MemoryStore {
     }
 
     fn groups_count(&mut self, account: &AccountId) -> Result<u64, Infallible> {
-        let n = self.groups.values().filter(|g| g.members.get(account).is_some_and(Membership::is_current)).count();
+        let n = self
+            .groups
+            .values()
+            .filter(|g| g.members.values().any(|m| m.account == *account && m.is_current()))
+            .count();
         Ok(u64::try_from(n).unwrap_or(u64::MAX))
     }
 
@@ -278,7 +296,7 @@ impl Store for MemoryStore {
         let before_len = self.inbox.len();
         self.inbox.retain(|_, (_, _, _, t)| *t >= before);
         n += u64::try_from(before_len - self.inbox.len()).unwrap_or(0);
-        self.claimed.retain(|_, (_, t)| *t >= before);
+        self.claimed.retain(|_, (_, _, t)| *t >= before);
         Ok(n)
     }
 }

@@ -1,5 +1,7 @@
 //! What the Delivery Service reads of MLS, via openmls: message framing,
-//! KeyPackage validation, credentials, and the public group state codec.
+//! KeyPackage validation, certified credentials (shared with the client,
+//! which checks the same rules), the server's external-sender entry, and
+//! the public group state codec.
 //!
 //! The server never holds a secret: it parses PublicMessage and
 //! PrivateMessage *framing* (group id, epoch, content type), verifies
@@ -8,13 +10,13 @@
 
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
-    BasicCredential, ContentType, Credential, KeyPackageIn, MlsMessageBodyIn, MlsMessageIn, ProtocolMessage,
-    ProtocolVersion,
+    BasicCredential, ContentType, Credential, ExternalSender, GroupContext, KeyPackageIn, LeafNode, MlsMessageBodyIn,
+    MlsMessageIn, ProtocolMessage, ProtocolVersion, SignaturePublicKey,
 };
 use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
 
-use crate::auth::AccountId;
+use crate::auth::{AccountId, CredentialError, DeviceCertificate, DeviceId};
 use crate::limits::MAX_GROUP_ID;
 use crate::wire::{DecodeError, Reader, Writer};
 
@@ -74,26 +76,88 @@ pub fn frame(bytes: &[u8]) -> Result<Framed, String> {
     Ok(Framed { group, epoch: message.epoch().as_u64(), kind, message })
 }
 
-/// The hush account a credential names: a BasicCredential whose identity
-/// is a 32-byte Ed25519 account key.
+/// BasicCredential identity of the server's entry in every group's
+/// `external_senders` extension (its signature key is the server's removal
+/// key).
+pub const SERVER_SENDER_IDENTITY: &[u8] = b"hush server removal key";
+
+/// The `external_senders` entry every group must list: the server's removal
+/// key (RFC 9420 §12.1.8.1), the only key allowed to propose removals from
+/// outside the group.
+pub fn server_sender(removal_key: &[u8; 32]) -> ExternalSender {
+    ExternalSender::new(
+        SignaturePublicKey::from(removal_key.to_vec()),
+        BasicCredential::new(SERVER_SENDER_IDENTITY.to_vec()).into(),
+    )
+}
+
+/// Whether a group context lists the server's removal key as an external
+/// sender.
+pub fn lists_server(context: &GroupContext, removal_key: &[u8; 32]) -> bool {
+    let expected = server_sender(removal_key);
+    context.extensions().external_senders().is_some_and(|senders| senders.contains(&expected))
+}
+
+/// The device certificate a credential carries, verified (signature under
+/// the account key it names) but not matched against a leaf key. Enough to
+/// name the sender of a message whose leaf was checked with
+/// [`leaf_certificate`] when it entered the tree.
+pub fn certificate_of(credential: &Credential) -> Result<DeviceCertificate, CredentialError> {
+    let basic = BasicCredential::try_from(credential.clone())
+        .map_err(|_| CredentialError::Malformed("not a BasicCredential"))?;
+    DeviceCertificate::decode(basic.identity())
+}
+
+/// The certificate of a leaf (its credential and signature key): valid only
+/// if the certificate verifies under its account key and certifies exactly
+/// this signature key.
+pub fn leaf_certificate(credential: &Credential, signature_key: &[u8]) -> Result<DeviceCertificate, CredentialError> {
+    let basic = BasicCredential::try_from(credential.clone())
+        .map_err(|_| CredentialError::Malformed("not a BasicCredential"))?;
+    DeviceCertificate::check_leaf(basic.identity(), signature_key)
+}
+
+/// [`leaf_certificate`] of a leaf node.
+pub fn node_certificate(leaf: &LeafNode) -> Result<DeviceCertificate, CredentialError> {
+    leaf_certificate(leaf.credential(), leaf.signature_key().as_slice())
+}
+
+/// The account a credential names, if it carries a valid certificate.
 pub fn account_of(credential: &Credential) -> Option<AccountId> {
-    let basic = BasicCredential::try_from(credential.clone()).ok()?;
-    <[u8; 32]>::try_from(basic.identity()).ok().map(AccountId)
+    certificate_of(credential).ok().map(|c| c.account)
+}
+
+/// A KeyPackage that failed validation: whose fault and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyPackageError {
+    /// Not a valid KeyPackage (encoding, signature, lifetime, suite).
+    Invalid(String),
+    /// Valid MLS, but its credential is not a certificate for the uploader.
+    Credential(String),
 }
 
 /// Validates an uploaded KeyPackage (signature, lifetime, protocol version,
-/// supported ciphersuite) and checks that its credential is `uploader`.
-/// Returns its `KeyPackageRef`.
-pub fn validate_key_package(crypto: &RustCrypto, bytes: &[u8], uploader: &AccountId) -> Result<Vec<u8>, String> {
+/// supported ciphersuite) and its credential: a device certificate for
+/// `device` of `account` that certifies the leaf's signature key. Returns
+/// its `KeyPackageRef`.
+pub fn validate_key_package(
+    crypto: &RustCrypto,
+    bytes: &[u8],
+    account: &AccountId,
+    device: &DeviceId,
+) -> Result<Vec<u8>, KeyPackageError> {
     use openmls_traits::crypto::OpenMlsCrypto as _;
-    let kp_in = KeyPackageIn::tls_deserialize_exact(bytes).map_err(|e| format!("not a KeyPackage: {e}"))?;
-    let kp = kp_in.validate(crypto, ProtocolVersion::Mls10).map_err(|e| format!("invalid KeyPackage: {e}"))?;
-    crypto.supports(kp.ciphersuite()).map_err(|_| "unsupported ciphersuite".to_string())?;
-    match account_of(kp.leaf_node().credential()) {
-        Some(a) if a == *uploader => {}
-        _ => return Err("the KeyPackage's credential is not your account key".into()),
+    let invalid = KeyPackageError::Invalid;
+    let kp_in = KeyPackageIn::tls_deserialize_exact(bytes).map_err(|e| invalid(format!("not a KeyPackage: {e}")))?;
+    let kp = kp_in.validate(crypto, ProtocolVersion::Mls10).map_err(|e| invalid(format!("invalid KeyPackage: {e}")))?;
+    crypto.supports(kp.ciphersuite()).map_err(|_| invalid("unsupported ciphersuite".to_string()))?;
+    let cert = node_certificate(kp.leaf_node()).map_err(|e| KeyPackageError::Credential(e.to_string()))?;
+    if cert.account != *account || cert.device != *device {
+        return Err(KeyPackageError::Credential(
+            "its device certificate is for another device; upload only your own device's KeyPackages".into(),
+        ));
     }
-    let hash_ref = kp.hash_ref(crypto).map_err(|e| format!("cannot hash the KeyPackage: {e}"))?;
+    let hash_ref = kp.hash_ref(crypto).map_err(|e| invalid(format!("cannot hash the KeyPackage: {e}")))?;
     Ok(hash_ref.as_slice().to_vec())
 }
 

@@ -1,36 +1,47 @@
 //! The Delivery Service rules (RFC 9750), sans-IO.
 //!
-//! [`Delivery::handle`] takes an authenticated account, a decoded request
-//! and the current time, runs it against a [`Store`], and returns the
+//! [`Delivery::handle`] takes an authenticated device ([`Caller`]), a
+//! decoded request and the current time, runs it against a [`Store`], and returns the
 //! response plus the [`Notification`]s to push. It knows no sockets and
 //! reads no clock; the server calls it on its storage thread, the unit
 //! tests and the fuzzer on a [`memory::MemoryStore`].
 //!
 //! # Rules
 //!
+//! * **Credentials**: every leaf's BasicCredential identity is a device
+//!   certificate ([`crate::auth::device`]) that must verify under the
+//!   account key it names and certify the leaf's signature key. The core
+//!   checks it on every leaf it sees: uploaded KeyPackages (the certificate
+//!   must be the uploading device's), the tree of a new group, every Add,
+//!   every Update and every committer's path leaf (an Update may not change
+//!   the leaf's account or device), and, after each commit, every leaf of
+//!   the resulting tree (no device twice). Refusals carry
+//!   [`ErrorCode::InvalidCredential`] with the leaf index.
 //! * **KeyPackages** are validated with openmls (signature, lifetime,
-//!   version, ciphersuite) and must carry the uploader's account key as
-//!   their BasicCredential identity. At most [`MAX_KEY_PACKAGES`] per
-//!   account; one may be last-resort. A claim removes one package (the
-//!   last-resort one is returned and kept) and records its `KeyPackageRef`,
-//!   so the server later knows whose package a commit adds. Claims are
-//!   rate-limited per claimer: a burst of [`CLAIM_BURST`], then one per
-//!   [`CLAIM_REFILL`].
+//!   version, ciphersuite) and their credential as above. At most
+//!   [`MAX_KEY_PACKAGES`] per device; one may be last-resort. A claim names
+//!   an account and removes one package of each of its devices (a
+//!   last-resort one is returned and kept) and records each `KeyPackageRef`
+//!   with its account and device, so the server later knows whose package a
+//!   commit adds. Claims are rate-limited per claiming account: a burst of
+//!   [`CLAIM_BURST`], then one per [`CLAIM_REFILL`].
 //! * **Groups** are created from a GroupInfo and ratchet tree; the server
 //!   builds an openmls [`mls::PublicGroup`] (public state only) and requires
-//!   the tree to hold exactly one member: the creator.
+//!   the tree to hold exactly one leaf, the creating device's, and the group
+//!   context to list the server's removal key as an external sender (no
+//!   commit may take it out).
 //! * **Commits and proposals** are PublicMessages. Each must verify against
 //!   the current public state (member sender, valid signature, valid
-//!   proposals), be signed by the account that sends it, and name the
-//!   current epoch: the first commit for an epoch wins and advances it,
-//!   later ones get [`ErrorCode::StaleEpoch`] with the current epoch. Added
-//!   members must come from KeyPackages this server handed out for exactly
-//!   that account; the Welcome is required, must address exactly the added
-//!   packages, and is stored in the inbox of those accounts (never a list
-//!   the client supplies). The roster (who may read and post) is the set of
-//!   leaf credentials after the commit.
+//!   proposals), be signed by the leaf of the device that sends it, and
+//!   name the current epoch: the first commit for an epoch wins and
+//!   advances it, later ones get [`ErrorCode::StaleEpoch`] with the current
+//!   epoch. Added members must come from KeyPackages this server handed out
+//!   for exactly that device; the Welcome is required, must address exactly
+//!   the added packages, and is stored in the inbox of those devices (never
+//!   a list the client supplies). The roster (which devices may read and
+//!   post) is the set of certified leaves after the commit.
 //! * **Application messages** are PrivateMessages for the current epoch from
-//!   a current member. Each is stored once, whatever the group size.
+//!   a current member device. Each is stored once, whatever the group size.
 //! * **Visibility**: a member sees messages after the commit that added it;
 //!   a removed member sees messages up to the commit that removed it, and
 //!   nothing later. A non-member gets [`ErrorCode::NotMember`] whether or not
@@ -43,33 +54,48 @@ pub mod memory;
 pub mod mls;
 pub mod store;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
-    GroupId, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, ProposalStore, RatchetTreeIn,
+    GroupId, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, Proposal, ProposalStore, RatchetTreeIn, Sender,
 };
 use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
 
-use crate::auth::AccountId;
+use crate::auth::{AccountId, DeviceCertificate, DeviceId};
 use crate::limits::{
-    CLAIM_BURST, CLAIM_REFILL, FETCH_BYTE_BUDGET, MAX_CACHED_ROSTERS, MAX_FETCH_ENTRIES, MAX_GROUPS_LISTED,
-    MAX_KEY_PACKAGES,
+    CLAIM_BURST, CLAIM_REFILL, FETCH_BYTE_BUDGET, MAX_CACHED_ROSTERS, MAX_DEVICES_PER_ACCOUNT, MAX_FETCH_ENTRIES,
+    MAX_GROUPS_LISTED, MAX_KEY_PACKAGES,
 };
 use crate::wire::{ErrorCode, Request, Response};
 
 pub use store::{GroupRecord, Membership, NewKeyPackage, SendContext, Store};
 
+/// Who sends a request: the device its connection authenticated, and the
+/// account that device's certificate names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Caller {
+    pub account: AccountId,
+    pub device: DeviceId,
+}
+
+impl Caller {
+    /// The caller a verified certificate describes.
+    pub fn of(cert: &DeviceCertificate) -> Self {
+        Self { account: cert.account, device: cert.device }
+    }
+}
+
 /// Something to push to online connections after the request's writes are
 /// durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notification {
-    /// A new message in `group` at `seq`, for these accounts.
-    Message { group: Vec<u8>, seq: u64, message: Vec<u8>, recipients: Arc<[AccountId]> },
+    /// A new message in `group` at `seq`, for these devices.
+    Message { group: Vec<u8>, seq: u64, message: Vec<u8>, recipients: Arc<[DeviceId]> },
     /// A Welcome waits for `recipient`.
-    Welcome { recipient: AccountId },
+    Welcome { recipient: DeviceId },
 }
 
 /// The result of one request.
@@ -100,6 +126,25 @@ fn refuse<E>(code: ErrorCode, message: impl Into<String>) -> Refusal<E> {
 
 fn not_member<E>() -> Refusal<E> {
     refuse(ErrorCode::NotMember, "you are not a member of that group")
+}
+
+/// A leaf whose credential is not acceptable; `detail` is its index.
+fn bad_leaf<E>(index: u32, why: impl std::fmt::Display) -> Refusal<E> {
+    Refusal::Client {
+        code: ErrorCode::InvalidCredential,
+        detail: u64::from(index),
+        message: format!("leaf {index}: {why}"),
+    }
+}
+
+/// An added KeyPackage whose credential is not acceptable (it has no leaf
+/// index yet); `detail` is its position among the commit's Adds.
+fn bad_add<E>(position: usize, why: impl std::fmt::Display) -> Refusal<E> {
+    Refusal::Client {
+        code: ErrorCode::InvalidCredential,
+        detail: u64::try_from(position).unwrap_or(u64::MAX),
+        message: format!("added member {position}: {why}"),
+    }
 }
 
 /// A token bucket per claimer.
@@ -139,10 +184,13 @@ pub struct Delivery {
     claims: HashMap<AccountId, Bucket>,
     retention_secs: u64,
     quotas: Quotas,
-    /// Current members per group, valid for the epoch stored with them
-    /// (membership changes only by a commit, which changes the epoch).
+    /// Current member devices per group, valid for the epoch stored with
+    /// them (membership changes only by a commit, which changes the epoch).
     /// Only the writer fills it; see [`Delivery::forget_cached`].
-    rosters: HashMap<Vec<u8>, (u64, Arc<[AccountId]>)>,
+    rosters: HashMap<Vec<u8>, (u64, Arc<[DeviceId]>)>,
+    /// The server's removal key, which every group must list as an
+    /// external sender.
+    removal_key: [u8; 32],
 }
 
 impl std::fmt::Debug for Delivery {
@@ -152,19 +200,25 @@ impl std::fmt::Debug for Delivery {
 }
 
 impl Delivery {
-    /// Default quotas with this retention.
-    pub fn new(retention_secs: u64) -> Self {
-        Self::with_quotas(Quotas { retention_secs, ..Quotas::default() })
+    /// Default quotas with this retention; groups must list `removal_key`.
+    pub fn new(retention_secs: u64, removal_key: [u8; 32]) -> Self {
+        Self::with_quotas(Quotas { retention_secs, ..Quotas::default() }, removal_key)
     }
 
-    pub fn with_quotas(quotas: Quotas) -> Self {
+    pub fn with_quotas(quotas: Quotas, removal_key: [u8; 32]) -> Self {
         Self {
             crypto: RustCrypto::default(),
             claims: HashMap::new(),
             retention_secs: quotas.retention_secs,
             quotas,
             rosters: HashMap::new(),
+            removal_key,
         }
+    }
+
+    /// The removal key groups must list.
+    pub fn removal_key(&self) -> [u8; 32] {
+        self.removal_key
     }
 
     /// Drops cached state derived from the store. The writer calls this
@@ -175,13 +229,13 @@ impl Delivery {
     }
 
     /// The current members of `group` at `epoch` (the current epoch).
-    fn roster<S: Store>(&mut self, store: &mut S, group: &[u8], epoch: u64) -> Result<Arc<[AccountId]>, S::Error> {
+    fn roster<S: Store>(&mut self, store: &mut S, group: &[u8], epoch: u64) -> Result<Arc<[DeviceId]>, S::Error> {
         if let Some((e, members)) = self.rosters.get(group) {
             if *e == epoch {
                 return Ok(members.clone());
             }
         }
-        let members: Arc<[AccountId]> = store.current_members(group)?.into();
+        let members: Arc<[DeviceId]> = store.current_members(group)?.into();
         if self.rosters.len() >= MAX_CACHED_ROSTERS {
             self.rosters.clear();
         }
@@ -213,10 +267,10 @@ impl Delivery {
         )
     }
 
-    /// Handles one request from a registered `account` at time `now`.
-    pub fn handle<S: Store>(&mut self, store: &mut S, account: AccountId, request: Request, now: u64) -> Outcome {
+    /// Handles one request from a registered device at time `now`.
+    pub fn handle<S: Store>(&mut self, store: &mut S, caller: Caller, request: Request, now: u64) -> Outcome {
         let kind = request.kind();
-        match self.dispatch(store, account, request, now) {
+        match self.dispatch(store, caller, request, now) {
             Ok(outcome) => outcome,
             Err(Refusal::Client { code, detail, message }) => {
                 Outcome { response: Response::Error { code, detail, message }, notifications: vec![], wrote: false }
@@ -229,30 +283,31 @@ impl Delivery {
     fn dispatch<S: Store>(
         &mut self,
         store: &mut S,
-        account: AccountId,
+        caller: Caller,
         request: Request,
         now: u64,
     ) -> Result<Outcome, Refusal<S::Error>> {
         let reply = |response| Ok(Outcome { response, notifications: vec![], wrote: false });
+        let device = caller.device;
         match request {
             Request::Ping { nonce } => reply(Response::Pong { nonce }),
             Request::Status | Request::Register { .. } => {
                 Err(Refusal::Internal("registration requests are handled by the session".into()))
             }
             Request::PublishKeyPackages { packages, last_resort } => {
-                self.publish(store, &account, &packages, last_resort, now)
+                self.publish(store, &caller, &packages, last_resort, now)
             }
             Request::CountKeyPackages => {
-                let (count, last_resort) = store.key_package_count(&account)?;
+                let (count, last_resort) = store.key_package_count(&device)?;
                 reply(Response::KeyPackageCount { count, last_resort })
             }
-            Request::ClaimKeyPackage { account: target } => self.claim(store, &account, &AccountId(target), now),
+            Request::ClaimKeyPackage { account: target } => self.claim(store, &caller.account, &AccountId(target), now),
             Request::CreateGroup { group_info, ratchet_tree } => {
-                self.create_group(store, &account, &group_info, &ratchet_tree, now)
+                self.create_group(store, &caller, &group_info, &ratchet_tree, now)
             }
-            Request::Send { message, welcome } => self.send(store, &account, message, welcome, now),
+            Request::Send { message, welcome } => self.send(store, &caller, message, welcome, now),
             Request::Fetch { group, after, limit } => {
-                let m = store.membership(&group, &account)?.ok_or_else(not_member)?;
+                let m = store.membership(&group, &device)?.ok_or_else(not_member)?;
                 let limit = match usize::from(limit) {
                     0 => MAX_FETCH_ENTRIES,
                     n => n.min(MAX_FETCH_ENTRIES),
@@ -262,32 +317,32 @@ impl Delivery {
                 reply(Response::Messages { group, messages, more })
             }
             Request::Ack { group, seq } => {
-                let m = store.membership(&group, &account)?.ok_or_else(not_member)?;
+                let m = store.membership(&group, &device)?.ok_or_else(not_member)?;
                 let last = store.group(&group)?.map(|g| g.last_seq).unwrap_or(0);
                 let visible_end = m.left_at.unwrap_or(last).min(last);
                 let seq = seq.min(visible_end);
                 if seq > m.acked {
-                    store.set_acked(&group, &account, seq)?;
+                    store.set_acked(&group, &device, seq)?;
                     self.delete_acknowledged(store, &group)?;
                 }
                 Ok(Outcome { response: Response::Done, notifications: vec![], wrote: true })
             }
             Request::FetchWelcomes => {
-                let welcomes = store.welcomes(&account, MAX_FETCH_ENTRIES, FETCH_BYTE_BUDGET)?;
+                let welcomes = store.welcomes(&device, MAX_FETCH_ENTRIES, FETCH_BYTE_BUDGET)?;
                 reply(Response::Welcomes { welcomes })
             }
             Request::AckWelcome { id } => {
-                store.delete_welcome(&account, id)?;
+                store.delete_welcome(&device, id)?;
                 Ok(Outcome { response: Response::Done, notifications: vec![], wrote: true })
             }
-            Request::ListGroups => reply(Response::Groups { groups: store.groups_of(&account, MAX_GROUPS_LISTED)? }),
+            Request::ListGroups => reply(Response::Groups { groups: store.groups_of(&device, MAX_GROUPS_LISTED)? }),
         }
     }
 
     fn publish<S: Store>(
         &mut self,
         store: &mut S,
-        account: &AccountId,
+        caller: &Caller,
         packages: &[Vec<u8>],
         last_resort: Option<u16>,
         now: u64,
@@ -302,28 +357,37 @@ impl Delivery {
         let mut new = Vec::with_capacity(packages.len());
         let mut seen = BTreeSet::new();
         for (i, data) in packages.iter().enumerate() {
-            let hash_ref =
-                mls::validate_key_package(&self.crypto, data, account).map_err(|message| Refusal::Client {
-                    code: ErrorCode::InvalidKeyPackage,
-                    detail: u64::try_from(i).unwrap_or(u64::MAX),
-                    message: format!("KeyPackage {i}: {message}"),
-                })?;
+            let detail = u64::try_from(i).unwrap_or(u64::MAX);
+            let hash_ref = mls::validate_key_package(&self.crypto, data, &caller.account, &caller.device).map_err(
+                |e| match e {
+                    mls::KeyPackageError::Invalid(m) => Refusal::Client {
+                        code: ErrorCode::InvalidKeyPackage,
+                        detail,
+                        message: format!("KeyPackage {i}: {m}"),
+                    },
+                    mls::KeyPackageError::Credential(m) => Refusal::Client {
+                        code: ErrorCode::InvalidCredential,
+                        detail,
+                        message: format!("KeyPackage {i}: {m}"),
+                    },
+                },
+            )?;
             if seen.insert(hash_ref.clone()) {
                 new.push(NewKeyPackage { hash_ref, data: data.clone(), last_resort: last_resort == Some(i) });
             }
         }
         self.check_space(store)?;
-        let (held, _) = store.key_package_count(account)?;
+        let (held, _) = store.key_package_count(&caller.device)?;
         let adding = new.iter().filter(|p| !p.last_resort).count();
         let total = usize::try_from(held).unwrap_or(usize::MAX).saturating_add(adding);
         if total > MAX_KEY_PACKAGES {
             return Err(refuse(
                 ErrorCode::QuotaExceeded,
-                format!("at most {MAX_KEY_PACKAGES} KeyPackages per account; you hold {held}"),
+                format!("at most {MAX_KEY_PACKAGES} KeyPackages per device; you hold {held}"),
             ));
         }
-        store.add_key_packages(account, &new, now)?;
-        let (count, last_resort) = store.key_package_count(account)?;
+        store.add_key_packages(&caller.account, &caller.device, &new, now)?;
+        let (count, last_resort) = store.key_package_count(&caller.device)?;
         Ok(Outcome { response: Response::KeyPackageCount { count, last_resort }, notifications: vec![], wrote: true })
     }
 
@@ -354,15 +418,19 @@ impl Delivery {
         if !store.account_exists(target)? {
             return Err(no_package());
         }
-        let package = store.claim_key_package(target, now)?.ok_or_else(no_package)?;
+        let mut packages = store.claim_key_packages(target, now)?;
+        if packages.is_empty() {
+            return Err(no_package());
+        }
+        packages.truncate(MAX_DEVICES_PER_ACCOUNT);
         bucket.tokens -= 1;
-        Ok(Outcome { response: Response::KeyPackage { package }, notifications: vec![], wrote: true })
+        Ok(Outcome { response: Response::KeyPackages { packages }, notifications: vec![], wrote: true })
     }
 
     fn create_group<S: Store>(
         &mut self,
         store: &mut S,
-        account: &AccountId,
+        caller: &Caller,
         group_info: &[u8],
         ratchet_tree: &[u8],
         now: u64,
@@ -382,7 +450,7 @@ impl Delivery {
             return Err(refuse(ErrorCode::GroupExists, "a group with this id already exists"));
         }
         self.check_space(store)?;
-        let groups = store.groups_count(account)?;
+        let groups = store.groups_count(&caller.account)?;
         if groups >= self.quotas.max_groups_per_account {
             return Err(refuse(
                 ErrorCode::QuotaExceeded,
@@ -393,34 +461,41 @@ impl Delivery {
         let (public, _) = mls::PublicGroup::from_external(&self.crypto, &storage, tree, info, ProposalStore::new())
             .map_err(|e| refuse(ErrorCode::InvalidCommit, format!("the group does not verify: {e}")))?;
         let members: Vec<_> = public.members().collect();
-        let creator = match members.as_slice() {
-            [only] => mls::account_of(&only.credential),
-            _ => None,
-        };
-        if creator != Some(*account) {
+        let [only] = members.as_slice() else {
             return Err(refuse(
                 ErrorCode::InvalidCommit,
                 "a new group must contain exactly one member: you (add others with a commit)",
+            ));
+        };
+        let cert =
+            mls::leaf_certificate(&only.credential, &only.signature_key).map_err(|e| bad_leaf(only.index.u32(), e))?;
+        if Caller::of(&cert) != *caller {
+            return Err(bad_leaf(only.index.u32(), "a new group's only leaf must be your own device's"));
+        }
+        if !mls::lists_server(public.group_context(), &self.removal_key) {
+            return Err(refuse(
+                ErrorCode::InvalidCommit,
+                "a new group must list this server's removal key as an external sender (see the Status response)",
             ));
         }
         let epoch = public.group_context().epoch().as_u64();
         let state = mls::encode_state(&storage).map_err(Refusal::Internal)?;
         store.insert_group(&group, epoch, &state, now)?;
-        store.add_member(&group, account, 0)?;
+        store.add_member(&group, &caller.device, &caller.account, 0)?;
         Ok(Outcome { response: Response::Accepted { group, seq: 0, epoch }, notifications: vec![], wrote: true })
     }
 
     fn send<S: Store>(
         &mut self,
         store: &mut S,
-        account: &AccountId,
+        caller: &Caller,
         bytes: Vec<u8>,
         welcome: Option<Vec<u8>>,
         now: u64,
     ) -> Result<Outcome, Refusal<S::Error>> {
         let framed = mls::frame(&bytes).map_err(|m| refuse(ErrorCode::InvalidMessage, m))?;
         let group = framed.group.clone();
-        let context = store.send_context(&group, account)?.ok_or_else(not_member)?;
+        let context = store.send_context(&group, &caller.device)?.ok_or_else(not_member)?;
         let epoch = context.epoch;
         if !context.membership.is_some_and(|m| m.is_current()) {
             return Err(not_member());
@@ -458,7 +533,7 @@ impl Delivery {
             mls::Kind::Commit | mls::Kind::Proposal => {
                 // Only handshakes need the public state.
                 let record = store.group(&group)?.ok_or_else(not_member)?;
-                self.handshake(store, account, &group, record, framed, bytes, welcome, now)
+                self.handshake(store, caller, &group, record, framed, bytes, welcome, now)
             }
         }
     }
@@ -467,7 +542,7 @@ impl Delivery {
     fn handshake<S: Store>(
         &mut self,
         store: &mut S,
-        account: &AccountId,
+        caller: &Caller,
         group: &[u8],
         record: GroupRecord,
         framed: mls::Framed,
@@ -481,17 +556,42 @@ impl Delivery {
         let mut public = mls::PublicGroup::load(&storage, &gid)
             .map_err(|e| Refusal::Internal(format!("group state: {e:?}")))?
             .ok_or_else(|| Refusal::Internal("group state missing".into()))?;
+        // Who holds each leaf before this message (every leaf was checked
+        // when it entered the tree).
+        let mut holders: HashMap<u32, Caller> = HashMap::new();
+        for m in public.members() {
+            let cert = mls::certificate_of(&m.credential)
+                .map_err(|e| Refusal::Internal(format!("stored leaf {} is not certified: {e}", m.index.u32())))?;
+            holders.insert(m.index.u32(), Caller::of(&cert));
+        }
         let processed = public
             .process_message(&self.crypto, framed.message)
             .map_err(|e| invalid_commit(format!("the message does not verify: {e}")))?;
-        if mls::account_of(processed.credential()) != Some(*account) {
-            return Err(invalid_commit("the message is signed by another member's credential".into()));
+        let Sender::Member(sender) = processed.sender() else {
+            return Err(invalid_commit(
+                "only members' own commits and proposals are accepted (no external senders or external commits)".into(),
+            ));
+        };
+        let sender = sender.u32();
+        if holders.get(&sender) != Some(caller) {
+            return Err(invalid_commit("the message is signed by another device's leaf".into()));
         }
+        // A leaf may change its keys, never whose it is.
+        let same_holder = |index: u32, leaf: &openmls::prelude::LeafNode| -> Result<(), Refusal<S::Error>> {
+            let cert = mls::node_certificate(leaf).map_err(|e| bad_leaf(index, e))?;
+            if holders.get(&index) != Some(&Caller::of(&cert)) {
+                return Err(bad_leaf(index, "an update may not change the leaf's account or device"));
+            }
+            Ok(())
+        };
         let before = store.current_members(group)?;
         match processed.into_content() {
             ProcessedMessageContent::ProposalMessage(queued) => {
                 if welcome.is_some() {
                     return Err(refuse(ErrorCode::InvalidMessage, "only commits carry a Welcome"));
+                }
+                if let Proposal::Update(update) = queued.proposal() {
+                    same_holder(sender, update.leaf_node())?;
                 }
                 public
                     .add_proposal(&storage, *queued)
@@ -511,21 +611,31 @@ impl Delivery {
                 })
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
-                // Whom does the commit add? Only accounts whose KeyPackage this
-                // server handed out, and exactly the account it names.
+                if let Some(leaf) = staged.update_path_leaf_node() {
+                    same_holder(sender, leaf)?;
+                }
+                for update in staged.update_proposals() {
+                    let Sender::Member(index) = update.sender() else {
+                        return Err(invalid_commit("an update proposal from outside the group".into()));
+                    };
+                    same_holder(index.u32(), update.update_proposal().leaf_node())?;
+                }
+                // Whom does the commit add? Only devices whose KeyPackage
+                // this server handed out, certified for exactly that device.
                 let mut added = Vec::new();
-                for add in staged.add_proposals() {
+                for (position, add) in staged.add_proposals().enumerate() {
                     let kp = add.add_proposal().key_package();
+                    let cert = mls::node_certificate(kp.leaf_node()).map_err(|e| bad_add(position, e))?;
                     let hash_ref = kp
                         .hash_ref(&self.crypto)
                         .map_err(|e| Refusal::Internal(format!("hashing a KeyPackage: {e}")))?;
-                    let named = mls::account_of(kp.leaf_node().credential());
-                    let owner = store.claimed_owner(hash_ref.as_slice())?;
-                    match (named, owner) {
-                        (Some(n), Some(o)) if n == o => added.push((hash_ref.as_slice().to_vec(), o)),
+                    match store.claimed_owner(hash_ref.as_slice())? {
+                        Some((account, device)) if account == cert.account && device == cert.device => {
+                            added.push((hash_ref.as_slice().to_vec(), Caller::of(&cert)));
+                        }
                         _ => {
                             return Err(invalid_commit(
-                                "the commit adds a KeyPackage this server did not hand out for that account".into(),
+                                "the commit adds a KeyPackage this server did not hand out for that device".into(),
                             ))
                         }
                     }
@@ -547,11 +657,20 @@ impl Delivery {
                     .merge_commit(&storage, *staged)
                     .map_err(|e| Refusal::Internal(format!("merging the commit: {e:?}")))?;
                 let epoch = public.group_context().epoch().as_u64();
-                let mut roster = BTreeSet::new();
+                // The tree after the commit: every leaf certified, each
+                // device once, the server still an external sender.
+                let mut roster: BTreeMap<DeviceId, AccountId> = BTreeMap::new();
                 for m in public.members() {
-                    let a = mls::account_of(&m.credential)
-                        .ok_or_else(|| invalid_commit("a member's credential is not a hush account".into()))?;
-                    roster.insert(a);
+                    let cert = mls::leaf_certificate(&m.credential, &m.signature_key)
+                        .map_err(|e| bad_leaf(m.index.u32(), e))?;
+                    if roster.insert(cert.device, cert.account).is_some() {
+                        return Err(bad_leaf(m.index.u32(), "this device already has a leaf in the group"));
+                    }
+                }
+                if !mls::lists_server(public.group_context(), &self.removal_key) {
+                    return Err(invalid_commit(
+                        "the commit would take this server's removal key out of the group's external senders".into(),
+                    ));
                 }
                 let size = u64::try_from(roster.len()).unwrap_or(u64::MAX);
                 if size > self.quotas.max_members_per_group {
@@ -566,16 +685,18 @@ impl Delivery {
                 let state = mls::encode_state(&storage).map_err(Refusal::Internal)?;
                 let seq = store.append(group, record.epoch, &bytes, now)?;
                 store.update_group(group, epoch, &state)?;
-                let before_set: BTreeSet<AccountId> = before.iter().copied().collect();
-                for a in roster.difference(&before_set) {
-                    store.add_member(group, a, seq)?;
+                let before_set: BTreeSet<DeviceId> = before.iter().copied().collect();
+                for (device, account) in &roster {
+                    if !before_set.contains(device) {
+                        store.add_member(group, device, account, seq)?;
+                    }
                 }
-                for a in before_set.difference(&roster) {
-                    store.remove_member(group, a, seq)?;
+                for device in before_set.iter().filter(|d| !roster.contains_key(d)) {
+                    store.remove_member(group, device, seq)?;
                 }
                 let mut notifications = Vec::new();
                 if let Some(w) = &welcome {
-                    let recipients: BTreeSet<AccountId> = added.iter().map(|(_, a)| *a).collect();
+                    let recipients: BTreeSet<DeviceId> = added.iter().map(|(_, c)| c.device).collect();
                     for r in recipients {
                         store.add_welcome(&r, group, w, now)?;
                         notifications.push(Notification::Welcome { recipient: r });
@@ -625,7 +746,7 @@ impl Delivery {
 }
 
 /// Checks that a Welcome addresses exactly the added KeyPackages.
-fn check_welcome(bytes: &[u8], added: &[(Vec<u8>, AccountId)]) -> Result<(), String> {
+fn check_welcome(bytes: &[u8], added: &[(Vec<u8>, Caller)]) -> Result<(), String> {
     let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| format!("Welcome: {e}"))?;
     let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
         return Err("expected an MLS Welcome".into());

@@ -10,8 +10,11 @@
 //!
 //! Sequence numbers are per group, start at 1 and never repeat. Times are
 //! Unix seconds passed in by the caller.
+//!
+//! Members are *devices* (one MLS leaf each); every membership row also
+//! names the device's account, for per-account quotas.
 
-use crate::auth::AccountId;
+use crate::auth::{AccountId, DeviceId};
 use crate::wire::GroupSummary;
 
 /// A group's row.
@@ -25,9 +28,11 @@ pub struct GroupRecord {
     pub last_seq: u64,
 }
 
-/// An account's relation to a group.
+/// A device's relation to a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Membership {
+    /// The account the device belongs to.
+    pub account: AccountId,
     /// Messages after this sequence are visible (the commit that added the
     /// member, or 0 for the creator).
     pub joined_after: u64,
@@ -74,16 +79,26 @@ pub trait Store {
     fn account_exists(&mut self, account: &AccountId) -> Result<bool, Self::Error>;
 
     /// (packages held excluding the last-resort one, whether a last-resort one exists)
-    fn key_package_count(&mut self, owner: &AccountId) -> Result<(u32, bool), Self::Error>;
-    /// Adds packages; a new last-resort package replaces the old one.
-    /// Re-uploading a package already held is a no-op.
-    fn add_key_packages(&mut self, owner: &AccountId, packages: &[NewKeyPackage], now: u64) -> Result<(), Self::Error>;
-    /// Removes and returns one of `owner`'s packages, or returns (and keeps)
-    /// the last-resort one when no other is left. Records who owns the
-    /// returned package's `hash_ref`, for Welcome routing.
-    fn claim_key_package(&mut self, owner: &AccountId, now: u64) -> Result<Option<Vec<u8>>, Self::Error>;
-    /// The owner of a package this server handed out.
-    fn claimed_owner(&mut self, hash_ref: &[u8]) -> Result<Option<AccountId>, Self::Error>;
+    /// A device's packages: (held excluding the last-resort one, whether a
+    /// last-resort one exists).
+    fn key_package_count(&mut self, device: &DeviceId) -> Result<(u32, bool), Self::Error>;
+    /// Adds packages of `device` (of `account`); a new last-resort package
+    /// replaces the old one. Re-uploading a package already held is a no-op.
+    fn add_key_packages(
+        &mut self,
+        account: &AccountId,
+        device: &DeviceId,
+        packages: &[NewKeyPackage],
+        now: u64,
+    ) -> Result<(), Self::Error>;
+    /// For each device of `account` (in a stable order): removes and
+    /// returns one of its packages, or returns (and keeps) its last-resort
+    /// one when no other is left. Devices without any package are skipped.
+    /// Records who owns each returned package's `hash_ref`, for Welcome
+    /// routing.
+    fn claim_key_packages(&mut self, account: &AccountId, now: u64) -> Result<Vec<Vec<u8>>, Self::Error>;
+    /// The account and device of a package this server handed out.
+    fn claimed_owner(&mut self, hash_ref: &[u8]) -> Result<Option<(AccountId, DeviceId)>, Self::Error>;
 
     fn group(&mut self, group: &[u8]) -> Result<Option<GroupRecord>, Self::Error>;
     /// The group's current epoch, without loading its state (the hot path
@@ -91,29 +106,35 @@ pub trait Store {
     fn group_epoch(&mut self, group: &[u8]) -> Result<Option<u64>, Self::Error> {
         Ok(self.group(group)?.map(|g| g.epoch))
     }
-    /// The group's epoch, `account`'s membership and the group's backlog;
+    /// The group's epoch, `device`'s membership and the group's backlog;
     /// `None` if the group does not exist. One lookup where the store can.
-    fn send_context(&mut self, group: &[u8], account: &AccountId) -> Result<Option<SendContext>, Self::Error> {
+    fn send_context(&mut self, group: &[u8], device: &DeviceId) -> Result<Option<SendContext>, Self::Error> {
         let Some(epoch) = self.group_epoch(group)? else { return Ok(None) };
-        let membership = self.membership(group, account)?;
+        let membership = self.membership(group, device)?;
         let log_len = self.log_len(group)?;
         Ok(Some(SendContext { epoch, membership, log_len }))
     }
     fn insert_group(&mut self, group: &[u8], epoch: u64, state: &[u8], now: u64) -> Result<(), Self::Error>;
     fn update_group(&mut self, group: &[u8], epoch: u64, state: &[u8]) -> Result<(), Self::Error>;
 
-    fn membership(&mut self, group: &[u8], account: &AccountId) -> Result<Option<Membership>, Self::Error>;
-    /// Every account that is or was a member, with its membership.
-    fn members(&mut self, group: &[u8]) -> Result<Vec<(AccountId, Membership)>, Self::Error>;
-    /// Current members (not removed), in a stable order.
-    fn current_members(&mut self, group: &[u8]) -> Result<Vec<AccountId>, Self::Error> {
-        Ok(self.members(group)?.into_iter().filter(|(_, m)| m.is_current()).map(|(a, _)| a).collect())
+    fn membership(&mut self, group: &[u8], device: &DeviceId) -> Result<Option<Membership>, Self::Error>;
+    /// Every device that is or was a member, with its membership.
+    fn members(&mut self, group: &[u8]) -> Result<Vec<(DeviceId, Membership)>, Self::Error>;
+    /// Current member devices (not removed), in a stable order.
+    fn current_members(&mut self, group: &[u8]) -> Result<Vec<DeviceId>, Self::Error> {
+        Ok(self.members(group)?.into_iter().filter(|(_, m)| m.is_current()).map(|(d, _)| d).collect())
     }
-    /// Makes `account` a current member whose visible history starts after
-    /// `joined_after` (re-adding a former member resets its row).
-    fn add_member(&mut self, group: &[u8], account: &AccountId, joined_after: u64) -> Result<(), Self::Error>;
-    fn remove_member(&mut self, group: &[u8], account: &AccountId, left_at: u64) -> Result<(), Self::Error>;
-    fn set_acked(&mut self, group: &[u8], account: &AccountId, seq: u64) -> Result<(), Self::Error>;
+    /// Makes `device` (of `account`) a current member whose visible history
+    /// starts after `joined_after` (re-adding a former member resets its row).
+    fn add_member(
+        &mut self,
+        group: &[u8],
+        device: &DeviceId,
+        account: &AccountId,
+        joined_after: u64,
+    ) -> Result<(), Self::Error>;
+    fn remove_member(&mut self, group: &[u8], device: &DeviceId, left_at: u64) -> Result<(), Self::Error>;
+    fn set_acked(&mut self, group: &[u8], device: &DeviceId, seq: u64) -> Result<(), Self::Error>;
 
     /// Appends a message with the next sequence number and returns it.
     fn append(&mut self, group: &[u8], epoch: u64, message: &[u8], now: u64) -> Result<u64, Self::Error>;
@@ -131,24 +152,20 @@ pub trait Store {
     /// Deletes messages of `group` with `seq <= upto`. Returns how many.
     fn delete_messages_upto(&mut self, group: &[u8], upto: u64) -> Result<u64, Self::Error>;
 
-    fn add_welcome(
-        &mut self,
-        recipient: &AccountId,
-        group: &[u8],
-        welcome: &[u8],
-        now: u64,
-    ) -> Result<u64, Self::Error>;
+    fn add_welcome(&mut self, recipient: &DeviceId, group: &[u8], welcome: &[u8], now: u64)
+        -> Result<u64, Self::Error>;
     fn welcomes(
         &mut self,
-        recipient: &AccountId,
+        recipient: &DeviceId,
         limit: usize,
         byte_budget: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, Self::Error>;
-    fn delete_welcome(&mut self, recipient: &AccountId, id: u64) -> Result<bool, Self::Error>;
+    fn delete_welcome(&mut self, recipient: &DeviceId, id: u64) -> Result<bool, Self::Error>;
 
-    fn groups_of(&mut self, account: &AccountId, limit: usize) -> Result<Vec<GroupSummary>, Self::Error>;
+    /// The groups `device` is or was in, as it sees them.
+    fn groups_of(&mut self, device: &DeviceId, limit: usize) -> Result<Vec<GroupSummary>, Self::Error>;
 
-    /// Groups `account` is a current member of.
+    /// Groups any device of `account` is a current member of.
     fn groups_count(&mut self, account: &AccountId) -> Result<u64, Self::Error>;
     /// Messages stored for `group`.
     fn log_len(&mut self, group: &[u8]) -> Result<u64, Self::Error>;

@@ -13,6 +13,7 @@ use crate::wire::{ErrorCode, Request, Response};
 
 struct Net {
     ds: Delivery,
+    removal_key: [u8; 32],
     store: MemoryStore,
     now: u64,
     pushes: Vec<Notification>,
@@ -28,13 +29,20 @@ struct Client {
 
 impl Net {
     fn new() -> Self {
-        Self { ds: Delivery::new(30 * 86_400), store: MemoryStore::default(), now: 1_000_000, pushes: vec![] }
+        let removal_key = crate::auth::Identity::generate().unwrap().public_key();
+        Self {
+            ds: Delivery::new(30 * 86_400, removal_key),
+            removal_key,
+            store: MemoryStore::default(),
+            now: 1_000_000,
+            pushes: vec![],
+        }
     }
 
-    fn client(&mut self, n: u8) -> Client {
-        let account = AccountId([n; 32]);
-        self.store.accounts.insert(account);
-        let member = Member::new(account).unwrap();
+    fn client(&mut self, _n: u8) -> Client {
+        let (_, _, member) = Member::generate().unwrap();
+        self.store.accounts.insert(member.account());
+        self.store.devices.insert(member.device(), member.account());
         let c = Client { member, cursor: HashMap::new(), own: HashMap::new() };
         let packages = c.member.key_packages(3).unwrap();
         self.ok(&c, Request::PublishKeyPackages { packages, last_resort: Some(2) });
@@ -43,7 +51,7 @@ impl Net {
 
     fn req(&mut self, who: &Client, request: Request) -> Response {
         self.now += 1;
-        let out = self.ds.handle(&mut self.store, who.member.account(), request, self.now);
+        let out = self.ds.handle(&mut self.store, Caller::of(who.member.certificate()), request, self.now);
         self.pushes.extend(out.notifications);
         out.response
     }
@@ -62,7 +70,7 @@ impl Net {
     }
 
     fn create(&mut self, who: &mut Client) -> Vec<u8> {
-        let g = who.member.create_group().unwrap();
+        let g = who.member.create_group(&self.removal_key).unwrap();
         self.ok(who, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree });
         who.cursor.insert(g.id.clone(), 0);
         g.id
@@ -70,7 +78,7 @@ impl Net {
 
     fn claim(&mut self, who: &Client, target: &Client) -> Vec<u8> {
         match self.ok(who, Request::ClaimKeyPackage { account: target.member.account().0 }) {
-            Response::KeyPackage { package } => package,
+            Response::KeyPackages { packages } if packages.len() == 1 => packages.into_iter().next().unwrap(),
             other => panic!("{other:?}"),
         }
     }
@@ -85,7 +93,7 @@ impl Net {
     }
 
     fn add(&mut self, who: &mut Client, group: &[u8], targets: &[&Client]) {
-        let kps: Vec<Vec<u8>> = targets.iter().map(|t| self.claim(who, t)).collect();
+        let kps: Vec<(AccountId, Vec<u8>)> = targets.iter().map(|t| (t.member.account(), self.claim(who, t))).collect();
         let (commit, welcome) = who.member.add(group, &kps).unwrap();
         let r = self.send(who, commit, Some(welcome));
         assert!(matches!(r, Response::Accepted { .. }), "{r:?}");
@@ -158,7 +166,7 @@ fn three_members_exchange_messages_in_order() {
     assert!(net
         .pushes
         .iter()
-        .any(|p| matches!(p, Notification::Welcome { recipient } if *recipient == bob.member.account())));
+        .any(|p| matches!(p, Notification::Welcome { recipient } if *recipient == bob.member.device())));
     assert_eq!(net.join(&mut bob), g);
     assert_eq!(net.join(&mut carol), g);
     for i in 0..5 {
@@ -264,7 +272,7 @@ fn a_member_can_leave_by_proposal() {
     let (commit, _) = alice.member.commit_pending(&g).unwrap();
     assert!(matches!(net.send(&mut alice, commit, None), Response::Accepted { .. }));
     alice.member.merge_pending(&g).unwrap();
-    assert_eq!(net.store.current_members(&g).unwrap(), vec![alice.member.account()]);
+    assert_eq!(net.store.current_members(&g).unwrap(), vec![alice.member.device()]);
     assert_eq!(alice.member.members(&g), vec![alice.member.account()]);
 }
 
@@ -275,13 +283,14 @@ fn adds_need_server_issued_key_packages_and_a_matching_welcome() {
     let g = net.create(&mut alice);
     // A KeyPackage bob made but the server never handed out.
     let local = bob.member.key_packages(1).unwrap();
+    let local: Vec<_> = local.into_iter().map(|p| (bob.member.account(), p)).collect();
     let (commit, welcome) = alice.member.add(&g, &local).unwrap();
     let r = net.send(&mut alice, commit, Some(welcome));
     assert!(matches!(r, Response::Error { code: ErrorCode::InvalidCommit, .. }), "{r:?}");
     alice.member.discard_pending(&g).unwrap();
     // A claimed one, but no Welcome.
     let kp = net.claim(&alice, &bob);
-    let (commit, _) = alice.member.add(&g, &[kp]).unwrap();
+    let (commit, _) = alice.member.add(&g, &[(bob.member.account(), kp)]).unwrap();
     let r = net.send(&mut alice, commit, None);
     assert!(matches!(r, Response::Error { code: ErrorCode::InvalidMessage, .. }), "{r:?}");
     assert_eq!(net.store.inbox_len(), 0);
@@ -300,7 +309,7 @@ fn key_packages_are_validated_claimed_once_and_the_last_resort_kept() {
     let mut upload = alice.member.key_packages(1).unwrap();
     upload.extend(bobs);
     let (code, detail) = net.code(&alice, Request::PublishKeyPackages { packages: upload, last_resort: None });
-    assert_eq!((code, detail), (ErrorCode::InvalidKeyPackage, 1));
+    assert_eq!((code, detail), (ErrorCode::InvalidCredential, 1));
     assert_eq!(net.ok(&alice, Request::CountKeyPackages), Response::KeyPackageCount { count: 2, last_resort: true });
     // Two regular packages, then the last-resort one, which stays.
     let claims: Vec<Vec<u8>> = (0..4).map(|_| net.claim(&bob, &alice)).collect();
@@ -318,7 +327,12 @@ fn claims_are_rate_limited_per_claimer() {
     let mut limited = None;
     for i in 0..=CLAIM_BURST {
         let account = bob.member.account().0;
-        let out = net.ds.handle(&mut net.store, alice.member.account(), Request::ClaimKeyPackage { account }, net.now);
+        let out = net.ds.handle(
+            &mut net.store,
+            Caller::of(alice.member.certificate()),
+            Request::ClaimKeyPackage { account },
+            net.now,
+        );
         if let Response::Error { code: ErrorCode::RateLimited, detail, .. } = out.response {
             limited = Some((i, detail));
             break;
@@ -333,11 +347,11 @@ fn claims_are_rate_limited_per_claimer() {
 fn a_group_must_start_with_only_its_creator() {
     let mut net = Net::new();
     let (mut alice, bob) = (net.client(1), net.client(2));
-    let g = alice.member.create_group().unwrap();
+    let g = alice.member.create_group(&net.removal_key).unwrap();
     // Bob uploads alice's group as his own.
     let r =
         net.req(&bob, Request::CreateGroup { group_info: g.group_info.clone(), ratchet_tree: g.ratchet_tree.clone() });
-    assert!(matches!(r, Response::Error { code: ErrorCode::InvalidCommit, .. }), "{r:?}");
+    assert!(matches!(r, Response::Error { code: ErrorCode::InvalidCredential, detail: 0, .. }), "{r:?}");
     net.ok(&alice, Request::CreateGroup { group_info: g.group_info.clone(), ratchet_tree: g.ratchet_tree.clone() });
     let r = net.req(&alice, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree });
     assert!(matches!(r, Response::Error { code: ErrorCode::GroupExists, .. }), "{r:?}");
@@ -421,13 +435,13 @@ proptest! {
         prop_assert!(accepted_epochs.values().all(|n| *n == 1));
         for p in &net.pushes {
             if let Notification::Message { recipients, .. } = p {
-                prop_assert!(recipients.iter().all(|r| outsiders.iter().all(|o| o.member.account() != *r)));
+                prop_assert!(recipients.iter().all(|r| outsiders.iter().all(|o| o.member.device() != *r)));
             }
         }
         for m in members.iter_mut() { net.sync(m, &g); }
         let mut roster = net.store.current_members(&g).unwrap();
         roster.sort();
-        let mut mls = members[0].member.members(&g);
+        let mut mls = members[0].member.devices(&g);
         mls.sort();
         prop_assert_eq!(roster, mls);
         let a = members[0].member.epoch_authenticator(&g);
@@ -436,7 +450,9 @@ proptest! {
 }
 
 fn net_with(quotas: Quotas) -> Net {
-    Net { ds: Delivery::with_quotas(quotas), store: MemoryStore::default(), now: 1_000_000, pushes: vec![] }
+    let mut net = Net::new();
+    net.ds = Delivery::with_quotas(quotas, net.removal_key);
+    net
 }
 
 #[test]
@@ -447,14 +463,14 @@ fn quotas_refuse_new_data_and_keep_what_is_stored() {
     let (mut alice, mut bob, carol) = (net.client(1), net.client(2), net.client(3));
     let g = net.create(&mut alice);
     // One group per account.
-    let other = alice.member.create_group().unwrap();
+    let other = alice.member.create_group(&net.removal_key).unwrap();
     let r = net.req(&alice, Request::CreateGroup { group_info: other.group_info, ratchet_tree: other.ratchet_tree });
     assert!(matches!(r, Response::Error { code: ErrorCode::QuotaExceeded, .. }), "{r:?}");
     // Two members at most: bob fits, carol does not.
     net.add(&mut alice, &g, &[&bob]);
     net.join(&mut bob);
     let kp = net.claim(&alice, &carol);
-    let (commit, welcome) = alice.member.add(&g, &[kp]).unwrap();
+    let (commit, welcome) = alice.member.add(&g, &[(carol.member.account(), kp)]).unwrap();
     let r = net.send(&mut alice, commit, Some(welcome));
     assert!(matches!(r, Response::Error { code: ErrorCode::QuotaExceeded, .. }), "{r:?}");
     alice.member.discard_pending(&g).unwrap();
@@ -483,7 +499,7 @@ fn a_full_store_refuses_writes_but_serves_reads() {
     net.join(&mut bob);
     net.text(&mut alice, &g, "stored before the disk filled");
     let used = net.store.database_bytes().unwrap();
-    net.ds = Delivery::with_quotas(Quotas { max_database_bytes: used, ..Quotas::default() });
+    net.ds = Delivery::with_quotas(Quotas { max_database_bytes: used, ..Quotas::default() }, net.removal_key);
     let m = alice.member.encrypt(&g, b"no room").unwrap();
     let r = net.send(&mut alice, m, None);
     assert!(
@@ -494,4 +510,121 @@ fn a_full_store_refuses_writes_but_serves_reads() {
     let (code, _) = net.code(&alice, Request::PublishKeyPackages { packages, last_resort: None });
     assert_eq!(code, ErrorCode::QuotaExceeded);
     assert_eq!(texts(&net.sync(&mut bob, &g)), ["stored before the disk filled"]);
+}
+
+// ---- certified credentials (issue 12) ----
+
+/// The genuine certificate of a client, as anyone can copy it from one of
+/// its KeyPackages or leaves.
+fn cert_of(c: &Client) -> Vec<u8> {
+    c.member.certificate().encode()
+}
+
+/// The same certificate with one bit of its MLS key flipped: the signature
+/// no longer verifies.
+fn broken(cert: &[u8]) -> Vec<u8> {
+    let mut b = cert.to_vec();
+    b[70] ^= 1;
+    b
+}
+
+#[test]
+fn a_key_package_carrying_another_devices_certificate_is_refused() {
+    let mut net = Net::new();
+    let (alice, bob) = (net.client(1), net.client(2));
+    for claimed in [cert_of(&bob), broken(&cert_of(&alice)), cert_of(&alice)] {
+        // The forger's own signature key under someone's certificate (or
+        // under alice's own, which certifies another MLS key).
+        let forger = Member::forger(claimed).unwrap();
+        let packages = forger.key_packages(1).unwrap();
+        let (code, detail) = net.code(&alice, Request::PublishKeyPackages { packages, last_resort: None });
+        assert_eq!((code, detail), (ErrorCode::InvalidCredential, 0));
+    }
+    // Bob's genuine package, uploaded by alice's device.
+    let packages = bob.member.key_packages(1).unwrap();
+    let (code, _) = net.code(&alice, Request::PublishKeyPackages { packages, last_resort: None });
+    assert_eq!(code, ErrorCode::InvalidCredential);
+}
+
+#[test]
+fn a_group_must_list_the_server_and_start_with_a_certified_leaf() {
+    let mut net = Net::new();
+    let (mut alice, _bob) = (net.client(1), net.client(2));
+    // Without the server's removal key as external sender.
+    let other_key = crate::auth::Identity::generate().unwrap().public_key();
+    let g = alice.member.create_group(&other_key).unwrap();
+    let (code, _) = net.code(&alice, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree });
+    assert_eq!(code, ErrorCode::InvalidCommit);
+    // A leaf claiming alice's certificate with another key.
+    let mut forger = Member::forger(cert_of(&alice)).unwrap();
+    let g = forger.create_group(&net.removal_key).unwrap();
+    let (code, detail) =
+        net.code(&alice, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree });
+    assert_eq!((code, detail), (ErrorCode::InvalidCredential, 0));
+}
+
+#[test]
+fn a_member_cannot_take_another_members_identity() {
+    let mut net = Net::new();
+    let (mut alice, mut bob, mut mallory) = (net.client(1), net.client(2), net.client(3));
+    let g = net.create(&mut alice);
+    net.add(&mut alice, &g, &[&mallory]);
+    net.join(&mut mallory);
+    net.add(&mut alice, &g, &[&bob]);
+    net.join(&mut bob);
+    net.sync(&mut mallory, &g);
+    let epoch = mallory.member.epoch(&g).unwrap();
+    let roster = net.store.current_members(&g).unwrap();
+    for claimed in [cert_of(&bob), broken(&cert_of(&bob))] {
+        // A commit moving mallory's leaf to bob's certificate.
+        let commit = mallory.member.impersonating_update(&g, claimed.clone()).unwrap();
+        let r = net.send(&mut mallory, commit.clone(), None);
+        assert!(matches!(r, Response::Error { code: ErrorCode::InvalidCredential, .. }), "{r:?}");
+        mallory.member.discard_pending(&g).unwrap();
+        // The same commit handed straight to a client (a server that lets it
+        // through): refused, nothing applied.
+        let before = alice.member.epoch_authenticator(&g);
+        match alice.member.receive(&g, &commit).unwrap() {
+            Received::Refused { reason, .. } => {
+                assert!(reason.contains("certified") || reason.contains("whose"), "{reason}")
+            }
+            other => panic!("a client accepted an impersonating commit: {other:?}"),
+        }
+        assert_eq!(alice.member.epoch_authenticator(&g), before);
+        // As a proposal.
+        let proposal = mallory.member.impersonating_proposal(&g, claimed).unwrap();
+        let r = net.send(&mut mallory, proposal.clone(), None);
+        assert!(matches!(r, Response::Error { code: ErrorCode::InvalidCredential, .. }), "{r:?}");
+        assert!(matches!(alice.member.receive(&g, &proposal).unwrap(), Received::Refused { .. }));
+    }
+    assert_eq!(net.store.current_members(&g).unwrap(), roster);
+    assert_eq!(mallory.member.epoch(&g), Some(epoch));
+    // The group still works: an honest commit and a message.
+    let (commit, _) = alice.member.commit_pending(&g).unwrap();
+    assert!(matches!(net.send(&mut alice, commit, None), Response::Accepted { .. }));
+    alice.member.merge_pending(&g).unwrap();
+    net.sync(&mut bob, &g);
+    net.text(&mut alice, &g, "still us");
+    assert_eq!(texts(&net.sync(&mut bob, &g)), ["still us"]);
+}
+
+#[test]
+fn a_commit_adding_a_forged_key_package_is_refused_by_server_and_client() {
+    let mut net = Net::new();
+    let (mut alice, mut bob) = (net.client(1), net.client(2));
+    let g = net.create(&mut alice);
+    net.add(&mut alice, &g, &[&bob]);
+    net.join(&mut bob);
+    // Someone's key under carol's... under bob's certificate.
+    let forger = Member::forger(cert_of(&bob)).unwrap();
+    let forged = forger.key_packages(1).unwrap();
+    // An honest client refuses to build it.
+    assert!(alice.member.add(&g, &[(bob.member.account(), forged[0].clone())]).is_err());
+    // A malicious one builds it anyway; the server refuses it.
+    let (commit, welcome) = alice.member.add_unchecked(&g, &forged).unwrap();
+    let (code, _) = net.code(&alice, Request::Send { message: commit.clone(), welcome: Some(welcome) });
+    assert!(matches!(code, ErrorCode::InvalidCredential | ErrorCode::InvalidCommit), "{code:?}");
+    alice.member.discard_pending(&g).unwrap();
+    // And a client that is handed it refuses it.
+    assert!(matches!(bob.member.receive(&g, &commit).unwrap(), Received::Refused { .. }));
 }

@@ -37,8 +37,13 @@ use crate::wire::close;
 
 pub use limits::{Admission, Refusal};
 
-/// File name of the server's private key in the data directory.
+/// File name of the server's private TLS key in the data directory.
 pub const KEY_FILE: &str = "server.key";
+
+/// File name of the server's removal key: the key it would sign external
+/// Remove proposals with (RFC 9420 external sender), separate from its TLS
+/// key. Every group lists its public half.
+pub const REMOVAL_KEY_FILE: &str = "removal.key";
 
 /// How often messages and Welcomes past retention are deleted.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(600);
@@ -71,6 +76,8 @@ pub(crate) struct Shared {
     pub registry: Arc<push::Registry>,
     pub account_rate: limits::RateLimiter<crate::auth::AccountId>,
     pub ip_rate: limits::RateLimiter<std::net::IpAddr>,
+    /// Public half of the removal key (told to clients in `Status`).
+    pub removal_key: [u8; 32],
 }
 
 /// Paths of a server's files inside its data directory.
@@ -87,14 +94,19 @@ impl DataDir {
     pub fn address(&self) -> PathBuf {
         self.0.join(ADDRESS_FILE)
     }
+    pub fn removal_key(&self) -> PathBuf {
+        self.0.join(REMOVAL_KEY_FILE)
+    }
 
-    /// Creates the directory (0700), the key and the database if missing.
-    /// Returns the identity and whether the key was created.
-    pub fn init(&self) -> Result<(Identity, bool), ServerError> {
+    /// Creates the directory (0700), the keys and the database if missing.
+    /// Returns the TLS identity, whether it was created, and the public
+    /// removal key.
+    pub fn init(&self) -> Result<(Identity, bool, [u8; 32]), ServerError> {
         identity::private_dir(&self.0)?;
         let (id, created) = Identity::load_or_create(&self.key())?;
+        let (removal, _) = Identity::load_or_create(&self.removal_key())?;
         drop(crate::store::Db::open(&self.db())?);
-        Ok((id, created))
+        Ok((id, created, removal.public_key()))
     }
 }
 
@@ -111,11 +123,11 @@ impl Server {
     pub fn bind(config: ServerConfig, data_dir: &Path) -> Result<Self, ServerError> {
         config.validate().map_err(|e| ServerError::Config(e.to_string()))?;
         let data_dir = DataDir(data_dir.to_owned());
-        let (identity, created) = data_dir.init()?;
+        let (identity, created, removal_key) = data_dir.init()?;
         if created {
             info!("created server key {}", data_dir.key().display());
         }
-        let store = Store::open(&data_dir.db(), config.quotas())?;
+        let store = Store::open(&data_dir.db(), config.quotas(), removal_key)?;
 
         let mut transport = TransportConfig::default();
         transport
@@ -162,6 +174,7 @@ impl Server {
             registry: Arc::new(push::Registry::default()),
             account_rate: limits::RateLimiter::new(config_rates.0),
             ip_rate: limits::RateLimiter::new(config_rates.1),
+            removal_key,
         });
         Ok(Self { endpoint, shared, address, data_dir })
     }

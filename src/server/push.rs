@@ -1,4 +1,4 @@
-//! Live delivery: which connections are online for which account, and one
+//! Live delivery: which connections are online for which device, and one
 //! push stream per connection.
 //!
 //! Each connection has a bounded queue of [`PUSH_QUEUE`] encoded frames
@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use crate::auth::AccountId;
+use crate::auth::DeviceId;
 use crate::delivery::Notification;
 use crate::limits::PUSH_QUEUE;
 use crate::wire::Push;
@@ -33,10 +33,10 @@ struct Queue {
     overflowed: Arc<AtomicBool>,
 }
 
-/// Online connections by account.
+/// Online connections by device.
 #[derive(Default)]
 pub struct Registry {
-    online: Mutex<HashMap<AccountId, Vec<Queue>>>,
+    online: Mutex<HashMap<DeviceId, Vec<Queue>>>,
     next_id: AtomicU64,
 }
 
@@ -49,38 +49,38 @@ impl std::fmt::Debug for Registry {
 /// A connection's registration; unregisters on drop.
 pub struct Online {
     registry: Arc<Registry>,
-    account: AccountId,
+    device: DeviceId,
     id: u64,
 }
 
 impl Drop for Online {
     fn drop(&mut self) {
         let mut online = self.registry.online.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(list) = online.get_mut(&self.account) {
+        if let Some(list) = online.get_mut(&self.device) {
             list.retain(|q| q.id != self.id);
             if list.is_empty() {
-                online.remove(&self.account);
+                online.remove(&self.device);
             }
         }
     }
 }
 
 impl Registry {
-    /// Registers a connection of `account` and starts its push task.
-    pub fn connect(self: &Arc<Self>, account: AccountId, conn: quinn::Connection) -> Online {
+    /// Registers a connection of `device` and starts its push task.
+    pub fn connect(self: &Arc<Self>, device: DeviceId, conn: quinn::Connection) -> Online {
         let (tx, rx) = mpsc::channel(PUSH_QUEUE);
         let overflowed = Arc::new(AtomicBool::new(false));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(push_task(conn, rx, overflowed.clone()));
         let mut online = self.online.lock().unwrap_or_else(|p| p.into_inner());
-        online.entry(account).or_default().push(Queue { id, tx, overflowed });
-        Online { registry: self.clone(), account, id }
+        online.entry(device).or_default().push(Queue { id, tx, overflowed });
+        Online { registry: self.clone(), device, id }
     }
 
     /// Queues the pushes for these notifications. Never blocks.
     pub fn dispatch(&self, notifications: &[Notification]) {
         for n in notifications {
-            let (frame, recipients): (Option<Vec<u8>>, &[AccountId]) = match n {
+            let (frame, recipients): (Option<Vec<u8>>, &[DeviceId]) = match n {
                 Notification::Message { group, seq, message, recipients } => {
                     let ciphertext = (message.len() <= PUSH_INLINE_MAX).then(|| message.clone());
                     (Push::Message { group: group.clone(), seq: *seq, ciphertext }.encode_framed().ok(), recipients)
@@ -92,8 +92,8 @@ impl Registry {
             let Some(frame) = frame else { continue };
             let frame = Arc::new(frame);
             let online = self.online.lock().unwrap_or_else(|p| p.into_inner());
-            for account in recipients {
-                for q in online.get(account).map(Vec::as_slice).unwrap_or_default() {
+            for device in recipients {
+                for q in online.get(device).map(Vec::as_slice).unwrap_or_default() {
                     if q.tx.try_send(frame.clone()).is_err() {
                         q.overflowed.store(true, Ordering::Release);
                     }

@@ -1,13 +1,14 @@
 //! One authenticated connection: request streams, the registration
 //! deadline, and the connection's part of graceful shutdown.
 //!
-//! The TLS handshake has already bound the connection to an account key.
-//! If that key is not yet an account, the only request served is
-//! `Register`; if registration does not succeed within the auth deadline,
-//! the connection is closed with [`close::REGISTRATION_DEADLINE`].
+//! The TLS handshake has already bound the connection to a device key.
+//! If that key is not yet a registered device, the only request served is
+//! `Register` (with the device's certificate); if registration does not
+//! succeed within the auth deadline, the connection is closed with
+//! [`close::REGISTRATION_DEADLINE`]. A registered device acts as the
+//! account its certificate names ([`Caller`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use quinn::{ReadToEndError, RecvStream, SendStream, VarInt};
 use rustls::pki_types::CertificateDer;
@@ -18,8 +19,9 @@ use tracing::{debug, error, warn};
 
 use super::push::Online;
 use super::Shared;
-use crate::auth::tls::account_of_peer;
-use crate::auth::{AccountId, InviteToken};
+use crate::auth::tls::device_of_peer;
+use crate::auth::{DeviceCertificate, DeviceId, InviteToken};
+use crate::delivery::Caller;
 use crate::limits::{MAX_REQUEST_FRAME, SHUTDOWN_GRACE};
 use crate::store::RegisterError;
 use crate::util::now_unix;
@@ -28,8 +30,10 @@ use crate::wire::{close, DecodeError, ErrorCode, Request, Response};
 /// Per-connection state shared by its request tasks.
 struct Session {
     shared: Arc<Shared>,
-    account: AccountId,
-    registered: AtomicBool,
+    /// The key the connection authenticated with.
+    device: DeviceId,
+    /// Set once the key is a registered device.
+    caller: OnceLock<Caller>,
     conn: quinn::Connection,
     online: std::sync::Mutex<Option<Online>>,
     /// Held while the key is not an account (the per-address cap on strangers).
@@ -41,33 +45,35 @@ impl Session {
     fn go_online(&self) {
         let mut online = self.online.lock().unwrap_or_else(|p| p.into_inner());
         if online.is_none() {
-            *online = Some(self.shared.registry.connect(self.account, self.conn.clone()));
+            *online = Some(self.shared.registry.connect(self.device, self.conn.clone()));
         }
+    }
+
+    fn registered(&self) -> bool {
+        self.caller.get().is_some()
     }
 }
 
 pub(crate) async fn run(conn: quinn::Connection, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let account = conn
+    let device = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .and_then(|certs| account_of_peer(&certs));
-    let Some(account) = account else {
+        .and_then(|certs| device_of_peer(&certs));
+    let Some(device) = device else {
         // The verifier makes this unreachable; refuse rather than trust.
-        conn.close(VarInt::from_u32(close::NOT_AUTHENTICATED), b"no account key");
+        conn.close(VarInt::from_u32(close::NOT_AUTHENTICATED), b"no device key");
         return;
     };
-    let known = match shared.store.read(move |db| db.account(&account)).await {
-        Ok(Ok(row)) => row.is_some(),
-        Ok(Err(e)) => {
-            error!("account lookup failed: {e}");
-            false
-        }
-        Err(e) => {
-            error!("account lookup failed: {e}");
-            false
+    let caller = match shared.store.read(move |db| db.device(&device)).await {
+        Ok(Ok(row)) => row.map(|r| Caller::of(&r.certificate)),
+        Ok(Err(e)) | Err(e) => {
+            error!("device lookup failed: {e}");
+            conn.close(VarInt::from_u32(close::BUSY), b"the server cannot look up devices right now");
+            return;
         }
     };
-    debug!(account = %account.short(), registered = known, "connected");
+    let known = caller.is_some();
+    debug!(registered = known, "connected");
     let mut stranger = None;
     if !known {
         let ip = conn.remote_address().ip();
@@ -83,8 +89,8 @@ pub(crate) async fn run(conn: quinn::Connection, shared: Arc<Shared>, mut stop: 
     let deadline = Instant::now() + shared.config.auth_deadline();
     let session = Arc::new(Session {
         shared,
-        account,
-        registered: AtomicBool::new(known),
+        device,
+        caller: caller.map(OnceLock::from).unwrap_or_default(),
         conn: conn.clone(),
         online: std::sync::Mutex::new(None),
         stranger: std::sync::Mutex::new(stranger),
@@ -98,7 +104,7 @@ pub(crate) async fn run(conn: quinn::Connection, shared: Arc<Shared>, mut stop: 
         tokio::select! {
             _ = stop.changed() => break,
             () = tokio::time::sleep_until(deadline), if deadline_armed => {
-                if session.registered.load(Ordering::Acquire) {
+                if session.registered() {
                     deadline_armed = false;
                 } else {
                     debug!("registration deadline passed");
@@ -182,37 +188,41 @@ async fn serve_stream(session: &Session, mut send: SendStream, mut recv: RecvStr
 /// never counts against the strangers' one.
 fn rate_check(session: &Session) -> Result<(), std::time::Duration> {
     let now = std::time::Instant::now();
-    if session.registered.load(Ordering::Acquire) {
-        session.shared.account_rate.check(session.account, now)
+    if let Some(caller) = session.caller.get() {
+        session.shared.account_rate.check(caller.account, now)
     } else {
         session.shared.ip_rate.check(session.conn.remote_address().ip(), now)
     }
 }
 
 async fn handle(session: &Session, request: Request) -> Response {
-    let registered = session.registered.load(Ordering::Acquire);
     debug!(request = request.kind(), "request");
-    match request {
-        Request::Register { invite } => register(session, invite).await,
-        _ if !registered => Response::error(
+    let caller = session.caller.get().copied();
+    match (request, caller) {
+        (Request::Register { invite, certificate }, _) => register(session, invite, &certificate).await,
+        (_, None) => Response::error(
             ErrorCode::NotRegistered,
-            "this key is not registered on this server; register with an invite first",
+            "this key is not a registered device on this server; register with an invite first",
         ),
-        Request::Status => {
-            let account = session.account;
-            match session.shared.store.read(move |db| db.account(&account)).await {
-                Ok(Ok(Some(row))) => {
-                    Response::Status { account: account.0, registered_at: row.created_at, server_time: now_unix() }
-                }
-                Ok(Ok(None)) => Response::error(ErrorCode::NotRegistered, "this key is not registered"),
-                Ok(Err(e)) => internal(e),
-                Err(e) => internal(e),
+        (Request::Status, Some(caller)) => {
+            let device = caller.device;
+            let removal_key = session.shared.removal_key;
+            match session.shared.store.read(move |db| db.device(&device)).await {
+                Ok(Ok(Some(row))) => Response::Status {
+                    account: caller.account.0,
+                    device: device.0,
+                    registered_at: row.created_at,
+                    server_time: now_unix(),
+                    removal_key,
+                },
+                Ok(Ok(None)) => Response::error(ErrorCode::NotRegistered, "this device is not registered"),
+                Ok(Err(e)) | Err(e) => internal(e),
             }
         }
-        Request::Ping { nonce } => Response::Pong { nonce },
-        request => {
+        (Request::Ping { nonce }, Some(_)) => Response::Pong { nonce },
+        (request, Some(caller)) => {
             let shared = &session.shared;
-            match shared.store.deliver(session.account, request, now_unix()).await {
+            match shared.store.deliver(caller, request, now_unix()).await {
                 Ok(outcome) => {
                     shared.registry.dispatch(&outcome.notifications);
                     outcome.response
@@ -223,18 +233,29 @@ async fn handle(session: &Session, request: Request) -> Response {
     }
 }
 
-async fn register(session: &Session, invite: Option<String>) -> Response {
+async fn register(session: &Session, invite: Option<String>, certificate: &[u8]) -> Response {
+    let cert = match DeviceCertificate::decode(certificate) {
+        Ok(c) => c,
+        Err(e) => return Response::error(ErrorCode::InvalidCredential, format!("device certificate: {e}")),
+    };
+    if cert.device != session.device {
+        return Response::error(
+            ErrorCode::InvalidCredential,
+            "the device certificate is for another key than the one this connection authenticated with",
+        );
+    }
     let token = match invite.as_deref().map(str::parse::<InviteToken>) {
         None => None,
         Some(Ok(t)) => Some(t),
         Some(Err(_)) => return Response::error(ErrorCode::InviteUnknown, "the invite is not known to this server"),
     };
-    let account = session.account;
     let required = !session.shared.config.open_registration;
-    let result = session.shared.store.call(move |db| db.register(&account, token.as_ref(), required, now_unix())).await;
+    let registering = cert.clone();
+    let result =
+        session.shared.store.call(move |db| db.register(&registering, token.as_ref(), required, now_unix())).await;
     match result {
         Ok(Ok(r)) => {
-            session.registered.store(true, Ordering::Release);
+            let _ = session.caller.set(Caller::of(&cert));
             // Registered: no longer counts against its address's stranger cap.
             drop(session.stranger.lock().unwrap_or_else(|p| p.into_inner()).take());
             session.go_online();
@@ -249,6 +270,7 @@ async fn register(session: &Session, invite: Option<String>) -> Response {
                 RegisterError::InviteUnknown => ErrorCode::InviteUnknown,
                 RegisterError::InviteExpired => ErrorCode::InviteExpired,
                 RegisterError::InviteUsedUp => ErrorCode::InviteUsedUp,
+                RegisterError::AccountExists | RegisterError::DeviceConflict => ErrorCode::InvalidCredential,
                 RegisterError::Store(e) => return internal(e),
             };
             Response::error(code, e.to_string())

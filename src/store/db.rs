@@ -1,4 +1,4 @@
-//! The synchronous database: accounts and invites.
+//! The synchronous database: accounts, devices and invites.
 
 use std::path::Path;
 
@@ -6,7 +6,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 use thiserror::Error;
 
 use super::{schema, StoreError, BUSY_TIMEOUT};
-use crate::auth::{AccountId, InviteToken};
+use crate::auth::{AccountId, DeviceCertificate, DeviceId, InviteToken};
 
 /// An open hush database.
 #[derive(Debug)]
@@ -31,6 +31,14 @@ pub struct InviteRow {
     pub created_at: u64,
 }
 
+/// A registered device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRow {
+    /// Its certificate (verified when it was read).
+    pub certificate: DeviceCertificate,
+    pub created_at: u64,
+}
+
 /// Outcome of a successful registration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Registered {
@@ -50,6 +58,10 @@ pub enum RegisterError {
     InviteExpired,
     #[error("the invite has no uses left")]
     InviteUsedUp,
+    #[error("this account is already registered from another device; linking a second device is not supported yet")]
+    AccountExists,
+    #[error("this device is already registered with another certificate")]
+    DeviceConflict,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -96,23 +108,37 @@ impl Db {
         Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
     }
 
-    /// Makes `account` an account. An existing account succeeds without
-    /// spending an invite. Otherwise the invite is checked (secret hash in
-    /// constant time, expiry, uses) and one use is spent in the same
-    /// transaction that creates the account, so two registrations racing
-    /// for the last use cannot both win.
+    /// Makes the certificate's device the first device of a new account.
+    /// A device already registered with this same certificate succeeds
+    /// without spending an invite. Otherwise the invite is checked (secret
+    /// hash in constant time, expiry, uses) and one use is spent in the
+    /// same transaction that creates the account and its device, so two
+    /// registrations racing for the last use cannot both win. The caller
+    /// has verified the certificate and that its device key is the one the
+    /// connection authenticated with.
     pub fn register(
         &mut self,
-        account: &AccountId,
+        cert: &DeviceCertificate,
         invite: Option<&InviteToken>,
         invite_required: bool,
         now: u64,
     ) -> Result<Registered, RegisterError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let exists =
-            tx.query_row("SELECT 1 FROM accounts WHERE key = ?1", [&account.0[..]], |_| Ok(())).optional()?.is_some();
-        if exists {
-            return Ok(Registered { created: false });
+        let encoded = cert.encode();
+        let device: Option<Vec<u8>> = tx
+            .query_row("SELECT certificate FROM devices WHERE key = ?1", [&cert.device.0[..]], |r| r.get(0))
+            .optional()?;
+        match device {
+            Some(existing) if existing == encoded => return Ok(Registered { created: false }),
+            Some(_) => return Err(RegisterError::DeviceConflict),
+            None => {}
+        }
+        let account_exists = tx
+            .query_row("SELECT 1 FROM accounts WHERE key = ?1", [&cert.account.0[..]], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if account_exists {
+            return Err(RegisterError::AccountExists);
         }
         let invite_id = match invite {
             None if invite_required => return Err(RegisterError::InviteRequired),
@@ -142,10 +168,32 @@ impl Db {
         };
         tx.execute(
             "INSERT INTO accounts (key, created_at, invite_id) VALUES (?1, ?2, ?3)",
-            params![&account.0[..], to_i64(now), invite_id],
+            params![&cert.account.0[..], to_i64(now), invite_id],
+        )?;
+        tx.execute(
+            "INSERT INTO devices (key, account, certificate, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![&cert.device.0[..], &cert.account.0[..], encoded, to_i64(now)],
         )?;
         tx.commit()?;
         Ok(Registered { created: true })
+    }
+
+    /// The registered device with this key, if any. A stored certificate
+    /// that no longer decodes (the schema cannot enforce it) is an error,
+    /// never trusted.
+    pub fn device(&self, device: &DeviceId) -> Result<Option<DeviceRow>, StoreError> {
+        let row: Option<(Vec<u8>, i64)> = self
+            .conn
+            .query_row("SELECT certificate, created_at FROM devices WHERE key = ?1", [&device.0[..]], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        let Some((cert, created_at)) = row else { return Ok(None) };
+        let certificate = DeviceCertificate::decode(&cert).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if certificate.device != *device {
+            return Err(StoreError::Corrupt("a device row holds another device's certificate".into()));
+        }
+        Ok(Some(DeviceRow { certificate, created_at: to_u64(created_at) }))
     }
 
     /// The account row for `account`, if it is registered.
@@ -224,12 +272,17 @@ mod tests {
         (dir, db)
     }
 
+    fn cert(n: u8) -> DeviceCertificate {
+        let account = crate::auth::Identity::generate().unwrap();
+        DeviceCertificate::issue(&account, DeviceId([n; 32]), [n; 32], 1)
+    }
+
     #[test]
     fn invite_uses_expiry_and_reregistration() {
         let (_d, mut db) = db();
         let token = db.create_invite(1, Some(100), 10).unwrap();
-        let a = AccountId([1; 32]);
-        let b = AccountId([2; 32]);
+        let a = cert(1);
+        let b = cert(2);
         assert!(matches!(db.register(&a, None, true, 20), Err(RegisterError::InviteRequired)));
         assert!(db.register(&a, Some(&token), true, 20).unwrap().created);
         // Re-registering is harmless and spends nothing.
@@ -242,6 +295,20 @@ mod tests {
         assert!(matches!(db.register(&b, Some(&unknown), true, 20), Err(RegisterError::InviteUnknown)));
         assert_eq!(db.accounts().unwrap().len(), 1);
         assert_eq!(db.invites().unwrap().len(), 2);
+        assert_eq!(db.device(&a.device).unwrap().unwrap().certificate, a);
+        assert!(db.device(&b.device).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_second_device_or_a_second_certificate_is_refused() {
+        let (_d, mut db) = db();
+        let owner = crate::auth::Identity::generate().unwrap();
+        let first = DeviceCertificate::issue(&owner, DeviceId([1; 32]), [1; 32], 1);
+        assert!(db.register(&first, None, false, 20).unwrap().created);
+        let second = DeviceCertificate::issue(&owner, DeviceId([2; 32]), [2; 32], 1);
+        assert!(matches!(db.register(&second, None, false, 20), Err(RegisterError::AccountExists)));
+        let other_key = DeviceCertificate::issue(&owner, DeviceId([1; 32]), [3; 32], 1);
+        assert!(matches!(db.register(&other_key, None, false, 20), Err(RegisterError::DeviceConflict)));
     }
 
     #[test]
@@ -254,7 +321,7 @@ mod tests {
         forged[20] = if forged[20] == 'a' { 'b' } else { 'a' };
         let forged: InviteToken = forged.into_iter().collect::<String>().parse().unwrap();
         assert_eq!(forged.id(), token.id());
-        assert!(matches!(db.register(&AccountId([3; 32]), Some(&forged), true, 20), Err(RegisterError::InviteUnknown)));
+        assert!(matches!(db.register(&cert(3), Some(&forged), true, 20), Err(RegisterError::InviteUnknown)));
     }
 
     #[test]

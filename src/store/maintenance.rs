@@ -91,7 +91,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hush.db");
         let mut db = super::super::Db::open(&path).unwrap();
-        db.register(&crate::auth::AccountId([1; 32]), None, false, 5).unwrap();
+        let account = crate::auth::Identity::generate().unwrap();
+        let cert = crate::auth::DeviceCertificate::issue(&account, crate::auth::DeviceId([1; 32]), [2; 32], 5);
+        db.register(&cert, None, false, 5).unwrap();
         let report = check(&path).unwrap();
         assert!(report.healthy(), "{report:?}");
         assert_eq!(report.accounts, 1);

@@ -18,7 +18,7 @@ pub mod maintenance;
 mod schema;
 mod sql;
 
-pub use db::{AccountRow, Db, InviteRow, RegisterError, Registered};
+pub use db::{AccountRow, Db, DeviceRow, InviteRow, RegisterError, Registered};
 pub use sql::SqlStore;
 
 use std::path::Path;
@@ -28,8 +28,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::oneshot;
 
-use crate::auth::AccountId;
-use crate::delivery::{Delivery, Outcome, Quotas};
+use crate::delivery::{Caller, Delivery, Outcome, Quotas};
 use crate::limits::MAX_WRITE_BATCH;
 use crate::wire::{ErrorCode, Request, Response};
 
@@ -47,6 +46,15 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("database schema version {found} is newer than this hushd supports ({supported}); upgrade hushd")]
     SchemaTooNew { found: i64, supported: i64 },
+    #[error(
+        "the database (schema {found}) was written by a hushd from before device certificates: its accounts and \
+         groups have MLS leaves nothing vouches for and cannot be carried over. Stop hushd, move hush.db (with any \
+         hush.db-wal and hush.db-shm) aside (keep server.key, so the address stays the same), start hushd again and have members register again \
+         with new invites"
+    )]
+    Uncertified { found: i64 },
+    #[error("the database holds data that is not valid: {0}")]
+    Corrupt(String),
     #[error("the database thread has stopped")]
     Closed,
     #[error("could not start the database thread: {0}")]
@@ -63,7 +71,7 @@ enum Job {
     Call(Work),
     /// One Delivery Service request.
     Deliver {
-        account: AccountId,
+        caller: Caller,
         request: Request,
         now: u64,
         reply: oneshot::Sender<Outcome>,
@@ -102,12 +110,13 @@ impl std::fmt::Debug for Job {
 
 impl Store {
     /// Opens (creating and migrating if needed) the database at `path` and
-    /// starts its threads; the Delivery Service enforces `quotas`.
-    pub fn open(path: &Path, quotas: Quotas) -> Result<Self, StoreError> {
+    /// starts its threads; the Delivery Service enforces `quotas` and
+    /// requires every group to list `removal_key` as an external sender.
+    pub fn open(path: &Path, quotas: Quotas, removal_key: [u8; 32]) -> Result<Self, StoreError> {
         let writer_db = Db::open(path)?;
         let reader_db = Db::open(path)?;
-        let writer = spawn("hush-writer", writer_db, quotas, writer_loop)?;
-        let reader = spawn("hush-reader", reader_db, quotas, reader_loop)?;
+        let writer = spawn("hush-writer", writer_db, Delivery::with_quotas(quotas, removal_key), writer_loop)?;
+        let reader = spawn("hush-reader", reader_db, Delivery::with_quotas(quotas, removal_key), reader_loop)?;
         Ok(Self { writer, reader })
     }
 
@@ -150,10 +159,10 @@ impl Store {
 
     /// Runs a Delivery Service request: reads on the reader, writes on the
     /// writer (batched). Returns once the outcome is durable.
-    pub async fn deliver(&self, account: AccountId, request: Request, now: u64) -> Result<Outcome, StoreError> {
+    pub async fn deliver(&self, caller: Caller, request: Request, now: u64) -> Result<Outcome, StoreError> {
         let (reply, rx) = oneshot::channel();
         let queue = if Delivery::writes(&request) { &self.writer } else { &self.reader };
-        queue.send(Job::Deliver { account, request, now, reply }).map_err(|_| StoreError::Closed)?;
+        queue.send(Job::Deliver { caller, request, now, reply }).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)
     }
 
@@ -166,14 +175,11 @@ impl Store {
 fn spawn(
     name: &str,
     db: Db,
-    quotas: Quotas,
+    delivery: Delivery,
     run: fn(Db, Delivery, mpsc::Receiver<Job>),
 ) -> Result<mpsc::Sender<Job>, StoreError> {
     let (tx, rx) = mpsc::channel::<Job>();
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || run(db, Delivery::with_quotas(quotas), rx))
-        .map_err(StoreError::Thread)?;
+    std::thread::Builder::new().name(name.into()).spawn(move || run(db, delivery, rx)).map_err(StoreError::Thread)?;
     Ok(tx)
 }
 
@@ -191,7 +197,7 @@ fn writer_loop(mut db: Db, mut delivery: Delivery, rx: mpsc::Receiver<Job>) {
         }
         for job in jobs {
             match job {
-                Job::Deliver { account, request, now, reply } => batch.push((account, request, now, reply)),
+                Job::Deliver { caller, request, now, reply } => batch.push((caller, request, now, reply)),
                 Job::Call(f) => {
                     commit_batch(&mut db, &mut delivery, &mut batch);
                     f(&mut db, &mut delivery);
@@ -202,7 +208,7 @@ fn writer_loop(mut db: Db, mut delivery: Delivery, rx: mpsc::Receiver<Job>) {
     }
 }
 
-type Pending = (AccountId, Request, u64, oneshot::Sender<Outcome>);
+type Pending = (Caller, Request, u64, oneshot::Sender<Outcome>);
 
 fn commit_batch(db: &mut Db, delivery: &mut Delivery, batch: &mut Vec<Pending>) {
     if batch.is_empty() {
@@ -218,9 +224,9 @@ fn commit_batch(db: &mut Db, delivery: &mut Delivery, batch: &mut Vec<Pending>) 
             let mut savepoint = tx.prepare_cached("SAVEPOINT request")?;
             let mut release = tx.prepare_cached("RELEASE request")?;
             let mut rollback = tx.prepare_cached("ROLLBACK TO request")?;
-            for (account, request, now, reply) in jobs {
+            for (caller, request, now, reply) in jobs {
                 savepoint.execute([])?;
-                let outcome = delivery.handle(&mut store, account, request, now);
+                let outcome = delivery.handle(&mut store, caller, request, now);
                 if !outcome.wrote {
                     rollback.execute([])?;
                 }
@@ -260,10 +266,10 @@ fn commit_batch(db: &mut Db, delivery: &mut Delivery, batch: &mut Vec<Pending>) 
 fn reader_loop(mut db: Db, mut delivery: Delivery, rx: mpsc::Receiver<Job>) {
     while let Ok(job) = rx.recv() {
         match job {
-            Job::Deliver { account, request, now, reply } => {
+            Job::Deliver { caller, request, now, reply } => {
                 let outcome = match db.conn.transaction() {
                     Ok(tx) => {
-                        let o = delivery.handle(&mut SqlStore::new(&tx), account, request, now);
+                        let o = delivery.handle(&mut SqlStore::new(&tx), caller, request, now);
                         let _ = tx.finish();
                         o
                     }
@@ -293,16 +299,18 @@ mod tests {
     fn retention_deletes_the_oldest_messages_of_each_group_and_nothing_younger() {
         let dir = tempfile::tempdir().unwrap();
         let mut db = Db::open(&dir.path().join("t.db")).unwrap();
-        let mut ds = Delivery::new(100);
-        let mut alice = Member::new(AccountId([1; 32])).unwrap();
+        let removal_key = crate::auth::Identity::generate().unwrap().public_key();
+        let mut ds = Delivery::new(100, removal_key);
+        let (_, _, mut alice) = Member::generate().unwrap();
+        let caller = Caller::of(alice.certificate());
         let mut run = |db: &mut Db, request: Request, now: u64| {
             let tx = db.conn.transaction().unwrap();
-            let out = ds.handle(&mut SqlStore::new(&tx), AccountId([1; 32]), request, now);
+            let out = ds.handle(&mut SqlStore::new(&tx), caller, request, now);
             tx.commit().unwrap();
             assert!(!matches!(out.response, Response::Error { .. }), "{:?}", out.response);
         };
-        db.register(&alice.account(), None, false, 1).unwrap();
-        let g = alice.create_group().unwrap();
+        db.register(alice.certificate(), None, false, 1).unwrap();
+        let g = alice.create_group(&removal_key).unwrap();
         run(&mut db, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree }, 1_000);
         // Ten messages at t = 1000..1009, then one stamped earlier (a clock
         // that stepped back): retention removes a prefix, never a hole.

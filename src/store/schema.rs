@@ -86,20 +86,92 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO group_states (gid, state) SELECT gid, state FROM groups;
     ALTER TABLE groups DROP COLUMN state;
     DROP INDEX log_created;",
+    // 3 -> 4: devices and certified credentials. Connections authenticate
+    // with a device key; each device has the account's certificate, which
+    // is also its MLS credential. KeyPackages, memberships, cursors and the
+    // Welcome inbox belong to devices. Only empty databases take this step
+    // ([`migrate`] refuses one with accounts or groups: their MLS leaves
+    // carry no certificate and cannot be vouched for after the fact).
+    "CREATE TABLE devices (
+        key BLOB PRIMARY KEY NOT NULL CHECK (length(key) = 32),
+        account BLOB NOT NULL REFERENCES accounts(key),
+        certificate BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX devices_account ON devices(account);
+    DROP TABLE key_packages;
+    CREATE TABLE key_packages (
+        hash_ref BLOB PRIMARY KEY NOT NULL,
+        device BLOB NOT NULL REFERENCES devices(key),
+        account BLOB NOT NULL,
+        data BLOB NOT NULL,
+        last_resort INTEGER NOT NULL CHECK (last_resort IN (0, 1)),
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX key_packages_device ON key_packages(device, last_resort);
+    CREATE INDEX key_packages_account ON key_packages(account);
+    DROP TABLE claimed;
+    CREATE TABLE claimed (
+        hash_ref BLOB PRIMARY KEY NOT NULL,
+        device BLOB NOT NULL,
+        account BLOB NOT NULL,
+        claimed_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    DROP TABLE members;
+    CREATE TABLE members (
+        gid INTEGER NOT NULL REFERENCES groups(gid),
+        device BLOB NOT NULL,
+        account BLOB NOT NULL,
+        joined_after INTEGER NOT NULL,
+        left_at INTEGER,
+        acked INTEGER NOT NULL,
+        PRIMARY KEY (gid, device)
+    ) WITHOUT ROWID;
+    CREATE INDEX members_device ON members(device);
+    CREATE INDEX members_account ON members(account);
+    DROP TABLE inbox;
+    CREATE TABLE inbox (
+        id INTEGER PRIMARY KEY,
+        recipient BLOB NOT NULL,
+        gid INTEGER NOT NULL REFERENCES groups(gid),
+        data BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX inbox_recipient ON inbox(recipient, id);",
 ];
+
+/// The first schema version with device certificates.
+const CERTIFIED: i64 = 4;
 
 /// The schema version this build writes.
 pub fn latest() -> i64 {
     i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX)
 }
 
-/// Brings the database to [`latest`], refusing databases from the future.
+/// Brings the database to [`latest`], refusing databases from the future
+/// and databases with data from before device certificates.
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    migrate_to(conn, latest())
+}
+
+fn migrate_to(conn: &mut Connection, target: i64) -> Result<(), StoreError> {
     loop {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version > latest() {
             return Err(StoreError::SchemaTooNew { found: version, supported: latest() });
+        }
+        if version >= target {
+            return Ok(());
+        }
+        if version == CERTIFIED - 1 {
+            let rows: i64 =
+                tx.query_row("SELECT (SELECT count(*) FROM accounts) + (SELECT count(*) FROM groups)", [], |r| {
+                    r.get(0)
+                })?;
+            if rows > 0 {
+                return Err(StoreError::Uncertified { found: version });
+            }
         }
         let Some(sql) = usize::try_from(version).ok().and_then(|v| MIGRATIONS.get(v)) else {
             return Ok(());
@@ -127,9 +199,9 @@ mod tests {
              INSERT INTO log (gid, seq, epoch, data, created_at) VALUES (7, 1, 3, x'01', 10), (7, 2, 3, x'02', 11);",
         )
         .unwrap();
-        migrate(&mut conn).unwrap();
+        migrate_to(&mut conn, 3).unwrap();
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, latest());
+        assert_eq!(version, 3);
         let (epoch, state, last): (i64, Vec<u8>, i64) = conn
             .query_row(
                 "SELECT g.epoch, s.state, g.last_seq FROM groups g JOIN group_states s ON s.gid = g.gid WHERE g.id = x'0102'",
@@ -148,5 +220,23 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert!(fk.is_empty(), "{fk:?}");
+    }
+
+    #[test]
+    fn a_database_with_uncertified_accounts_is_refused_and_left_untouched() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 3).unwrap();
+        conn.execute_batch("INSERT INTO accounts (key, created_at) VALUES (zeroblob(32), 1)").unwrap();
+        let e = migrate(&mut conn).unwrap_err();
+        assert!(matches!(e, StoreError::Uncertified { found: 3 }), "{e}");
+        assert!(e.to_string().contains("move hush.db"), "{e}");
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, 3);
+        // An empty database of the old version is simply brought up to date.
+        let mut empty = Connection::open_in_memory().unwrap();
+        migrate_to(&mut empty, 3).unwrap();
+        migrate(&mut empty).unwrap();
+        let version: i64 = empty.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, latest());
     }
 }

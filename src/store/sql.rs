@@ -7,7 +7,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::StoreError;
-use crate::auth::AccountId;
+use crate::auth::{AccountId, DeviceId};
 use crate::delivery::store::Messages;
 use crate::delivery::{GroupRecord, Membership, NewKeyPackage, SendContext, Store};
 use crate::wire::GroupSummary;
@@ -49,8 +49,21 @@ fn u(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-fn account(bytes: Vec<u8>) -> Option<AccountId> {
-    <[u8; 32]>::try_from(bytes.as_slice()).ok().map(AccountId)
+fn key(bytes: &[u8]) -> Option<[u8; 32]> {
+    <[u8; 32]>::try_from(bytes).ok()
+}
+
+fn membership_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<Membership>> {
+    let account: Vec<u8> = r.get(at)?;
+    let joined_after: i64 = r.get(at + 1)?;
+    let left_at: Option<i64> = r.get(at + 2)?;
+    let acked: i64 = r.get(at + 3)?;
+    Ok(key(&account).map(|a| Membership {
+        account: AccountId(a),
+        joined_after: u(joined_after),
+        left_at: left_at.map(u),
+        acked: u(acked),
+    }))
 }
 
 impl SqlStore<'_> {
@@ -70,58 +83,75 @@ impl Store for SqlStore<'_> {
         Ok(self.conn.prepare_cached("SELECT 1 FROM accounts WHERE key = ?1")?.exists([&a.0[..]])?)
     }
 
-    fn key_package_count(&mut self, owner: &AccountId) -> Result<(u32, bool), StoreError> {
+    fn key_package_count(&mut self, owner: &DeviceId) -> Result<(u32, bool), StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT COALESCE(SUM(last_resort = 0), 0), COALESCE(MAX(last_resort), 0) FROM key_packages WHERE owner = ?1",
+            "SELECT COALESCE(SUM(last_resort = 0), 0), COALESCE(MAX(last_resort), 0) FROM key_packages WHERE device = ?1",
         )?;
         let (n, lr): (i64, i64) = stmt.query_row([&owner.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok((u32::try_from(n).unwrap_or(u32::MAX), lr != 0))
     }
 
-    fn add_key_packages(&mut self, owner: &AccountId, packages: &[NewKeyPackage], now: u64) -> Result<(), StoreError> {
+    fn add_key_packages(
+        &mut self,
+        account: &AccountId,
+        owner: &DeviceId,
+        packages: &[NewKeyPackage],
+        now: u64,
+    ) -> Result<(), StoreError> {
         for p in packages {
             if p.last_resort {
                 self.conn
-                    .prepare_cached("DELETE FROM key_packages WHERE owner = ?1 AND last_resort = 1")?
+                    .prepare_cached("DELETE FROM key_packages WHERE device = ?1 AND last_resort = 1")?
                     .execute([&owner.0[..]])?;
             }
             self.conn
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO key_packages (hash_ref, owner, data, last_resort, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT OR IGNORE INTO key_packages (hash_ref, device, account, data, last_resort, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?
-                .execute(params![p.hash_ref, &owner.0[..], p.data, p.last_resort, i(now)])?;
+                .execute(params![p.hash_ref, &owner.0[..], &account.0[..], p.data, p.last_resort, i(now)])?;
             self.wrote(p.data.len());
         }
         Ok(())
     }
 
-    fn claim_key_package(&mut self, owner: &AccountId, now: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        let row: Option<(Vec<u8>, Vec<u8>, bool)> = self
+    fn claim_key_packages(&mut self, account: &AccountId, now: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+        let devices: Vec<Vec<u8>> = self
             .conn
-            .prepare_cached(
-                "SELECT hash_ref, data, last_resort FROM key_packages WHERE owner = ?1
-                 ORDER BY last_resort, created_at, hash_ref LIMIT 1",
-            )?
-            .query_row([&owner.0[..]], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?;
-        let Some((hash_ref, data, last_resort)) = row else { return Ok(None) };
-        if !last_resort {
-            self.conn.prepare_cached("DELETE FROM key_packages WHERE hash_ref = ?1")?.execute([&hash_ref])?;
+            .prepare_cached("SELECT key FROM devices WHERE account = ?1 ORDER BY key")?
+            .query_map([&account.0[..]], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::with_capacity(devices.len());
+        for device in devices {
+            let row: Option<(Vec<u8>, Vec<u8>, bool)> = self
+                .conn
+                .prepare_cached(
+                    "SELECT hash_ref, data, last_resort FROM key_packages WHERE device = ?1
+                     ORDER BY last_resort, created_at, hash_ref LIMIT 1",
+                )?
+                .query_row([&device], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?;
+            let Some((hash_ref, data, last_resort)) = row else { continue };
+            if !last_resort {
+                self.conn.prepare_cached("DELETE FROM key_packages WHERE hash_ref = ?1")?.execute([&hash_ref])?;
+            }
+            self.conn
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO claimed (hash_ref, device, account, claimed_at) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![hash_ref, device, &account.0[..], i(now)])?;
+            out.push(data);
         }
-        self.conn
-            .prepare_cached("INSERT OR REPLACE INTO claimed (hash_ref, owner, claimed_at) VALUES (?1, ?2, ?3)")?
-            .execute(params![hash_ref, &owner.0[..], i(now)])?;
-        Ok(Some(data))
+        Ok(out)
     }
 
-    fn claimed_owner(&mut self, hash_ref: &[u8]) -> Result<Option<AccountId>, StoreError> {
-        let owner: Option<Vec<u8>> = self
+    fn claimed_owner(&mut self, hash_ref: &[u8]) -> Result<Option<(AccountId, DeviceId)>, StoreError> {
+        let owner: Option<(Vec<u8>, Vec<u8>)> = self
             .conn
-            .prepare_cached("SELECT owner FROM claimed WHERE hash_ref = ?1")?
-            .query_row([hash_ref], |r| r.get(0))
+            .prepare_cached("SELECT account, device FROM claimed WHERE hash_ref = ?1")?
+            .query_row([hash_ref], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
-        Ok(owner.and_then(account))
+        Ok(owner.and_then(|(a, d)| Some((AccountId(key(&a)?), DeviceId(key(&d)?)))))
     }
 
     fn group(&mut self, group: &[u8]) -> Result<Option<GroupRecord>, StoreError> {
@@ -143,27 +173,31 @@ impl Store for SqlStore<'_> {
         Ok(epoch.map(u))
     }
 
-    fn send_context(&mut self, group: &[u8], a: &AccountId) -> Result<Option<SendContext>, StoreError> {
-        type Row = (i64, i64, i64, Option<i64>, Option<i64>, Option<i64>, Option<i64>);
+    fn send_context(&mut self, group: &[u8], d: &DeviceId) -> Result<Option<SendContext>, StoreError> {
+        type Row = (i64, i64, i64, Option<i64>, Option<Vec<u8>>, Option<i64>, Option<i64>, Option<i64>);
         self.hint = None;
         let row: Option<Row> = self
             .conn
             .prepare_cached(
                 "SELECT g.gid, g.epoch, g.last_seq, (SELECT min(seq) FROM log WHERE gid = g.gid),
-                        m.joined_after, m.left_at, m.acked
-                 FROM groups g LEFT JOIN members m ON m.gid = g.gid AND m.account = ?2 WHERE g.id = ?1",
+                        m.account, m.joined_after, m.left_at, m.acked
+                 FROM groups g LEFT JOIN members m ON m.gid = g.gid AND m.device = ?2 WHERE g.id = ?1",
             )?
-            .query_row(params![group, &a.0[..]], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+            .query_row(params![group, &d.0[..]], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
             })
             .optional()?;
-        let Some((gid, epoch, last, first, joined_after, left_at, acked)) = row else { return Ok(None) };
+        let Some((gid, epoch, last, first, account, joined_after, left_at, acked)) = row else { return Ok(None) };
         self.hint = Some((group.to_vec(), gid, last));
-        let membership = joined_after.map(|j| Membership {
-            joined_after: u(j),
-            left_at: left_at.map(u),
-            acked: u(acked.unwrap_or(0)),
-        });
+        let membership = match (account.as_deref().and_then(key), joined_after) {
+            (Some(a), Some(j)) => Some(Membership {
+                account: AccountId(a),
+                joined_after: u(j),
+                left_at: left_at.map(u),
+                acked: u(acked.unwrap_or(0)),
+            }),
+            _ => None,
+        };
         let log_len = first.map_or(0, |f| u(last).saturating_sub(u(f)).saturating_add(1));
         Ok(Some(SendContext { epoch: u(epoch), membership, log_len }))
     }
@@ -188,70 +222,58 @@ impl Store for SqlStore<'_> {
         Ok(())
     }
 
-    fn membership(&mut self, group: &[u8], a: &AccountId) -> Result<Option<Membership>, StoreError> {
+    fn membership(&mut self, group: &[u8], d: &DeviceId) -> Result<Option<Membership>, StoreError> {
         Ok(self
             .conn
             .prepare_cached(
-                "SELECT m.joined_after, m.left_at, m.acked FROM members m JOIN groups g ON g.gid = m.gid
-                 WHERE g.id = ?1 AND m.account = ?2",
+                "SELECT m.account, m.joined_after, m.left_at, m.acked FROM members m JOIN groups g ON g.gid = m.gid
+                 WHERE g.id = ?1 AND m.device = ?2",
             )?
-            .query_row(params![group, &a.0[..]], |r| {
-                Ok(Membership {
-                    joined_after: u(r.get(0)?),
-                    left_at: r.get::<_, Option<i64>>(1)?.map(u),
-                    acked: u(r.get(2)?),
-                })
-            })
-            .optional()?)
+            .query_row(params![group, &d.0[..]], |r| membership_row(r, 0))
+            .optional()?
+            .flatten())
     }
 
-    fn members(&mut self, group: &[u8]) -> Result<Vec<(AccountId, Membership)>, StoreError> {
+    fn members(&mut self, group: &[u8]) -> Result<Vec<(DeviceId, Membership)>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT m.account, m.joined_after, m.left_at, m.acked FROM members m JOIN groups g ON g.gid = m.gid
-             WHERE g.id = ?1 ORDER BY m.account",
+            "SELECT m.device, m.account, m.joined_after, m.left_at, m.acked FROM members m
+             JOIN groups g ON g.gid = m.gid WHERE g.id = ?1 ORDER BY m.device",
         )?;
-        let rows = stmt.query_map([group], |r| {
-            Ok((
-                r.get::<_, Vec<u8>>(0)?,
-                Membership {
-                    joined_after: u(r.get(1)?),
-                    left_at: r.get::<_, Option<i64>>(2)?.map(u),
-                    acked: u(r.get(3)?),
-                },
-            ))
-        })?;
+        let rows = stmt.query_map([group], |r| Ok((r.get::<_, Vec<u8>>(0)?, membership_row(r, 1)?)))?;
         let mut out = Vec::new();
         for row in rows {
-            let (a, m) = row?;
-            if let Some(a) = account(a) {
-                out.push((a, m));
+            if let (d, Some(m)) = row? {
+                if let Some(d) = key(&d) {
+                    out.push((DeviceId(d), m));
+                }
             }
         }
         Ok(out)
     }
 
-    fn add_member(&mut self, group: &[u8], a: &AccountId, joined_after: u64) -> Result<(), StoreError> {
+    fn add_member(&mut self, group: &[u8], d: &DeviceId, a: &AccountId, joined_after: u64) -> Result<(), StoreError> {
         let Some(gid) = self.gid(group)? else { return Ok(()) };
         self.conn
             .prepare_cached(
-                "INSERT OR REPLACE INTO members (gid, account, joined_after, left_at, acked) VALUES (?1, ?2, ?3, NULL, ?3)",
+                "INSERT OR REPLACE INTO members (gid, device, account, joined_after, left_at, acked)
+                 VALUES (?1, ?2, ?3, ?4, NULL, ?4)",
             )?
-            .execute(params![gid, &a.0[..], i(joined_after)])?;
+            .execute(params![gid, &d.0[..], &a.0[..], i(joined_after)])?;
         Ok(())
     }
 
-    fn remove_member(&mut self, group: &[u8], a: &AccountId, left_at: u64) -> Result<(), StoreError> {
+    fn remove_member(&mut self, group: &[u8], d: &DeviceId, left_at: u64) -> Result<(), StoreError> {
         let Some(gid) = self.gid(group)? else { return Ok(()) };
         self.conn
-            .prepare_cached("UPDATE members SET left_at = ?3 WHERE gid = ?1 AND account = ?2")?
-            .execute(params![gid, &a.0[..], i(left_at)])?;
+            .prepare_cached("UPDATE members SET left_at = ?3 WHERE gid = ?1 AND device = ?2")?
+            .execute(params![gid, &d.0[..], i(left_at)])?;
         Ok(())
     }
 
-    fn set_acked(&mut self, group: &[u8], a: &AccountId, seq: u64) -> Result<(), StoreError> {
+    fn set_acked(&mut self, group: &[u8], a: &DeviceId, seq: u64) -> Result<(), StoreError> {
         let Some(gid) = self.gid(group)? else { return Ok(()) };
         self.conn
-            .prepare_cached("UPDATE members SET acked = MAX(acked, ?3) WHERE gid = ?1 AND account = ?2")?
+            .prepare_cached("UPDATE members SET acked = MAX(acked, ?3) WHERE gid = ?1 AND device = ?2")?
             .execute(params![gid, &a.0[..], i(seq)])?;
         Ok(())
     }
@@ -314,13 +336,7 @@ impl Store for SqlStore<'_> {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
-    fn add_welcome(
-        &mut self,
-        recipient: &AccountId,
-        group: &[u8],
-        welcome: &[u8],
-        now: u64,
-    ) -> Result<u64, StoreError> {
+    fn add_welcome(&mut self, recipient: &DeviceId, group: &[u8], welcome: &[u8], now: u64) -> Result<u64, StoreError> {
         let gid = self.gid(group)?.unwrap_or(0);
         self.conn
             .prepare_cached("INSERT INTO inbox (recipient, gid, data, created_at) VALUES (?1, ?2, ?3, ?4)")?
@@ -331,7 +347,7 @@ impl Store for SqlStore<'_> {
 
     fn welcomes(
         &mut self,
-        recipient: &AccountId,
+        recipient: &DeviceId,
         limit: usize,
         byte_budget: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
@@ -351,7 +367,7 @@ impl Store for SqlStore<'_> {
         Ok(out)
     }
 
-    fn delete_welcome(&mut self, recipient: &AccountId, id: u64) -> Result<bool, StoreError> {
+    fn delete_welcome(&mut self, recipient: &DeviceId, id: u64) -> Result<bool, StoreError> {
         let n = self
             .conn
             .prepare_cached("DELETE FROM inbox WHERE id = ?1 AND recipient = ?2")?
@@ -359,10 +375,10 @@ impl Store for SqlStore<'_> {
         Ok(n > 0)
     }
 
-    fn groups_of(&mut self, a: &AccountId, limit: usize) -> Result<Vec<GroupSummary>, StoreError> {
+    fn groups_of(&mut self, a: &DeviceId, limit: usize) -> Result<Vec<GroupSummary>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT g.id, g.epoch, COALESCE(m.left_at, g.last_seq), m.acked, m.left_at IS NULL
-             FROM members m JOIN groups g ON g.gid = m.gid WHERE m.account = ?1 ORDER BY g.gid LIMIT ?2",
+             FROM members m JOIN groups g ON g.gid = m.gid WHERE m.device = ?1 ORDER BY g.gid LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![&a.0[..], i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
             Ok(GroupSummary {
@@ -379,7 +395,7 @@ impl Store for SqlStore<'_> {
     fn groups_count(&mut self, a: &AccountId) -> Result<u64, StoreError> {
         let n: i64 = self
             .conn
-            .prepare_cached("SELECT count(*) FROM members WHERE account = ?1 AND left_at IS NULL")?
+            .prepare_cached("SELECT count(DISTINCT gid) FROM members WHERE account = ?1 AND left_at IS NULL")?
             .query_row([&a.0[..]], |r| r.get(0))?;
         Ok(u(n))
     }

@@ -1,11 +1,15 @@
-//! The hush wire protocol, version 1 (ALPN `hush/1`).
+//! The hush wire protocol, version 2 (ALPN `hush/2`).
+//!
+//! Version 2 (certified credentials) changed `Register`, `Status` and the
+//! KeyPackage claim; a version-1 peer fails the ALPN negotiation instead of
+//! misreading frames.
 //!
 //! Everything a second client needs to interoperate is on this page.
 //!
 //! # Transport
 //!
 //! QUIC with TLS 1.3 (see [`crate::auth`] for the certificates both sides
-//! present). The ALPN protocol identifier is `hush/1`; it versions the whole
+//! present). The ALPN protocol identifier is `hush/2`; it versions the whole
 //! format below, so frames carry no version field.
 //!
 //! * **Requests**: the client opens one bidirectional stream per request,
@@ -34,11 +38,11 @@
 //!
 //! | tag | request | fields |
 //! | --- | --- | --- |
-//! | 0x01 | `Register` | `option<bytes8<64>>` invite token (ASCII) |
+//! | 0x01 | `Register` | `option<bytes8<64>>` invite token (ASCII), `bytes16<1024>` device certificate ([`crate::auth::device`]) of the connection's key |
 //! | 0x02 | `Status` | none |
 //! | 0x03 | `Ping` | `u64` nonce |
 //! | 0x04 | `PublishKeyPackages` | `u16` n (1..=100), n × `bytes32<16384>` KeyPackage (TLS encoding, RFC 9420 §10), `option<u16>` index of the last-resort package |
-//! | 0x05 | `ClaimKeyPackage` | `[u8; 32]` account |
+//! | 0x05 | `ClaimKeyPackage` | `[u8; 32]` account (one package per device of that account comes back) |
 //! | 0x06 | `CountKeyPackages` | none |
 //! | 0x07 | `CreateGroup` | `bytes32<491520>` GroupInfo (an `MLSMessage`), `bytes32<491520>` ratchet tree (TLS `RatchetTree`) |
 //! | 0x08 | `Send` | `bytes32<491520>` `MLSMessage` (PublicMessage commit or proposal, or PrivateMessage application message), `option<bytes32<491520>>` Welcome (`MLSMessage`) |
@@ -54,10 +58,10 @@
 //! | --- | --- | --- |
 //! | 0x00 | `Error` | `u16` code, `u64` detail, `string16<512>` message |
 //! | 0x01 | `Registered` | `bool` created (false: the account already existed) |
-//! | 0x02 | `Status` | `[u8; 32]` account key, `u64` registered at (Unix s), `u64` server time (Unix s) |
+//! | 0x02 | `Status` | `[u8; 32]` account key, `[u8; 32]` device key, `u64` registered at (Unix s), `u64` server time (Unix s), `[u8; 32]` the server's removal key (the `external_senders` entry every group must list) |
 //! | 0x03 | `Pong` | `u64` nonce (echoed) |
 //! | 0x04 | `KeyPackageCount` | `u32` count held (last resort excluded), `bool` has a last-resort package |
-//! | 0x05 | `KeyPackage` | `bytes32<16384>` KeyPackage |
+//! | 0x05 | `KeyPackages` | `u16` n (1..=16), n × `bytes32<16384>` KeyPackage, one per device of the claimed account |
 //! | 0x06 | `Accepted` | `bytes8<255>` group id, `u64` sequence (0 for a new group), `u64` epoch after the message |
 //! | 0x07 | `Messages` | `bytes8<255>` group id, `u16` n, n × (`u64` sequence, `bytes32<491520>` `MLSMessage`), `bool` more |
 //! | 0x08 | `Done` | none |
@@ -79,13 +83,13 @@ mod codec;
 pub use codec::{Reader, Writer};
 
 use crate::limits::{
-    MAX_ERROR_MESSAGE, MAX_FETCH_ENTRIES, MAX_GROUPS_LISTED, MAX_GROUP_ID, MAX_INLINE_PUSH, MAX_INVITE_LEN,
-    MAX_KEY_PACKAGE, MAX_KEY_PACKAGES, MAX_MLS_MESSAGE, MAX_PUSH_FRAME,
+    MAX_CERTIFICATE, MAX_DEVICES_PER_ACCOUNT, MAX_ERROR_MESSAGE, MAX_FETCH_ENTRIES, MAX_GROUPS_LISTED, MAX_GROUP_ID,
+    MAX_INLINE_PUSH, MAX_INVITE_LEN, MAX_KEY_PACKAGE, MAX_KEY_PACKAGES, MAX_MLS_MESSAGE, MAX_PUSH_FRAME,
 };
 pub use crate::limits::{MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME};
 
 /// The ALPN protocol identifier of this format.
-pub const ALPN: &[u8] = b"hush/1";
+pub const ALPN: &[u8] = b"hush/2";
 
 /// Why a frame could not be decoded. Always the sender's fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -112,6 +116,8 @@ pub enum DecodeError {
 pub enum EncodeError {
     #[error("{field} is {len} bytes, more than the limit of {max}")]
     TooLong { field: &'static str, len: usize, max: usize },
+    #[error("{0} may not be empty")]
+    Empty(&'static str),
 }
 
 /// Stable numeric error codes. New codes may appear; an unknown code decodes
@@ -160,6 +166,11 @@ pub enum ErrorCode {
     InvalidMessage,
     /// 27: a group with this id already exists.
     GroupExists,
+    /// 28: a device certificate or an MLS leaf's credential is not valid
+    /// (forged, for another account or device, or not matching the leaf's
+    /// key); `detail` is the leaf index in the tree, or the package's index
+    /// in an upload. The message says which leaf and why.
+    InvalidCredential,
     /// A code this version does not know.
     Other(u16),
 }
@@ -187,6 +198,7 @@ impl ErrorCode {
             Self::NoKeyPackage => 25,
             Self::InvalidMessage => 26,
             Self::GroupExists => 27,
+            Self::InvalidCredential => 28,
             Self::Other(c) => c,
         }
     }
@@ -213,6 +225,7 @@ impl ErrorCode {
             25 => Self::NoKeyPackage,
             26 => Self::InvalidMessage,
             27 => Self::GroupExists,
+            28 => Self::InvalidCredential,
             c => Self::Other(c),
         }
     }
@@ -251,9 +264,11 @@ pub mod close {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Request {
-    /// Make the connection's key an account, using an invite token when the
-    /// server requires one. Harmless for an existing account.
-    Register { invite: Option<String> },
+    /// Make the connection's key a device of a new account, using an invite
+    /// token when the server requires one. `certificate` is the device
+    /// certificate for the connection's key. Harmless for a device that is
+    /// already registered with the same certificate.
+    Register { invite: Option<String>, certificate: Vec<u8> },
     /// Who am I to the server?
     Status,
     /// Round trip check.
@@ -261,7 +276,8 @@ pub enum Request {
     /// Store KeyPackages for this account; `last_resort` marks one of them
     /// as the package handed out (and kept) when the others are gone.
     PublishKeyPackages { packages: Vec<Vec<u8>>, last_resort: Option<u16> },
-    /// Take one of `account`'s KeyPackages, to add that account to a group.
+    /// Take one KeyPackage of each of `account`'s devices, to add that
+    /// account to a group.
     ClaimKeyPackage { account: [u8; 32] },
     /// How many KeyPackages does this account have left?
     CountKeyPackages,
@@ -313,7 +329,7 @@ impl Request {
     pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         let mut w = Writer::new();
         match self {
-            Self::Register { invite } => {
+            Self::Register { invite, certificate } => {
                 w.u8(0x01);
                 match invite {
                     None => w.bool(false),
@@ -322,6 +338,7 @@ impl Request {
                         w.bytes8("invite", token.as_bytes(), MAX_INVITE_LEN)?;
                     }
                 }
+                w.bytes16("certificate", certificate, MAX_CERTIFICATE)?;
             }
             Self::Status => w.u8(0x02),
             Self::Ping { nonce } => {
@@ -395,7 +412,8 @@ impl Request {
                 } else {
                     None
                 };
-                Self::Register { invite }
+                let certificate = r.bytes16("certificate", MAX_CERTIFICATE)?.to_vec();
+                Self::Register { invite, certificate }
             }
             0x02 => Self::Status,
             0x03 => Self::Ping { nonce: r.u64()? },
@@ -455,10 +473,10 @@ impl Request {
 pub enum Response {
     Error { code: ErrorCode, detail: u64, message: String },
     Registered { created: bool },
-    Status { account: [u8; 32], registered_at: u64, server_time: u64 },
+    Status { account: [u8; 32], device: [u8; 32], registered_at: u64, server_time: u64, removal_key: [u8; 32] },
     Pong { nonce: u64 },
     KeyPackageCount { count: u32, last_resort: bool },
-    KeyPackage { package: Vec<u8> },
+    KeyPackages { packages: Vec<Vec<u8>> },
     Accepted { group: Vec<u8>, seq: u64, epoch: u64 },
     Messages { group: Vec<u8>, messages: Vec<(u64, Vec<u8>)>, more: bool },
     Done,
@@ -496,11 +514,13 @@ impl Response {
                 w.u8(0x01);
                 w.bool(*created);
             }
-            Self::Status { account, registered_at, server_time } => {
+            Self::Status { account, device, registered_at, server_time, removal_key } => {
                 w.u8(0x02);
                 w.raw(account);
+                w.raw(device);
                 w.u64(*registered_at);
                 w.u64(*server_time);
+                w.raw(removal_key);
             }
             Self::Pong { nonce } => {
                 w.u8(0x03);
@@ -511,9 +531,15 @@ impl Response {
                 w.u32(*count);
                 w.bool(*last_resort);
             }
-            Self::KeyPackage { package } => {
+            Self::KeyPackages { packages } => {
                 w.u8(0x05);
-                w.bytes32("key package", package, MAX_KEY_PACKAGE)?;
+                if packages.is_empty() {
+                    return Err(EncodeError::Empty("key packages"));
+                }
+                put_count(&mut w, "key packages", packages.len(), MAX_DEVICES_PER_ACCOUNT)?;
+                for p in packages {
+                    w.bytes32("key package", p, MAX_KEY_PACKAGE)?;
+                }
             }
             Self::Accepted { group, seq, epoch } => {
                 w.u8(0x06);
@@ -565,10 +591,26 @@ impl Response {
                 Self::Error { code, detail, message }
             }
             0x01 => Self::Registered { created: r.bool("created")? },
-            0x02 => Self::Status { account: r.array()?, registered_at: r.u64()?, server_time: r.u64()? },
+            0x02 => Self::Status {
+                account: r.array()?,
+                device: r.array()?,
+                registered_at: r.u64()?,
+                server_time: r.u64()?,
+                removal_key: r.array()?,
+            },
             0x03 => Self::Pong { nonce: r.u64()? },
             0x04 => Self::KeyPackageCount { count: r.u32()?, last_resort: r.bool("last resort")? },
-            0x05 => Self::KeyPackage { package: r.bytes32("key package", MAX_KEY_PACKAGE)?.to_vec() },
+            0x05 => {
+                let n = count(&mut r, "key packages", MAX_DEVICES_PER_ACCOUNT)?;
+                if n == 0 {
+                    return Err(DecodeError::Invalid("key packages (none)"));
+                }
+                let mut packages = Vec::new();
+                for _ in 0..n {
+                    packages.push(r.bytes32("key package", MAX_KEY_PACKAGE)?.to_vec());
+                }
+                Self::KeyPackages { packages }
+            }
             0x06 => Self::Accepted { group: group_id(&mut r)?, seq: r.u64()?, epoch: r.u64()? },
             0x07 => {
                 let group = group_id(&mut r)?;

@@ -9,7 +9,7 @@ fn invite() -> impl Strategy<Value = Option<String>> {
 
 fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
-        invite().prop_map(|invite| Request::Register { invite }),
+        (invite(), blob()).prop_map(|(invite, certificate)| Request::Register { invite, certificate }),
         Just(Request::Status),
         any::<u64>().prop_map(|nonce| Request::Ping { nonce }),
         (proptest::collection::vec(blob(), 0..4), proptest::option::of(any::<u16>()))
@@ -39,11 +39,18 @@ fn response() -> impl Strategy<Value = Response> {
         (any::<u16>(), any::<u64>(), "\\PC{0,100}")
             .prop_map(|(c, detail, message)| { Response::Error { code: ErrorCode::from_u16(c), detail, message } }),
         any::<bool>().prop_map(|created| Response::Registered { created }),
-        (any::<[u8; 32]>(), any::<u64>(), any::<u64>())
-            .prop_map(|(account, r, s)| { Response::Status { account, registered_at: r, server_time: s } }),
+        (any::<[u8; 32]>(), any::<[u8; 32]>(), any::<u64>(), any::<u64>(), any::<[u8; 32]>()).prop_map(
+            |(account, device, r, s, removal_key)| Response::Status {
+                account,
+                device,
+                registered_at: r,
+                server_time: s,
+                removal_key
+            }
+        ),
         any::<u64>().prop_map(|nonce| Response::Pong { nonce }),
         (any::<u32>(), any::<bool>()).prop_map(|(count, last_resort)| Response::KeyPackageCount { count, last_resort }),
-        blob().prop_map(|package| Response::KeyPackage { package }),
+        proptest::collection::vec(blob(), 1..4).prop_map(|packages| Response::KeyPackages { packages }),
         (group(), any::<u64>(), any::<u64>()).prop_map(|(group, seq, epoch)| Response::Accepted { group, seq, epoch }),
         (group(), proptest::collection::vec((any::<u64>(), blob()), 0..4), any::<bool>())
             .prop_map(|(group, messages, more)| Response::Messages { group, messages, more }),
