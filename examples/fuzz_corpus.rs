@@ -14,10 +14,10 @@
 
 use std::path::{Path, PathBuf};
 
-use hush::auth::{AccountId, HushAddress, Identity, InviteToken};
+use hush::auth::{HushAddress, Identity, InviteToken};
 use hush::client::mls::Member;
 use hush::delivery::memory::MemoryStore;
-use hush::delivery::{Delivery, Notification, Store};
+use hush::delivery::{Caller, Delivery, Notification, Store};
 use hush::wire::{Push, Request, Response};
 
 struct Corpus {
@@ -38,19 +38,21 @@ fn main() {
     let root = std::env::args().nth(1).unwrap_or_else(|| "fuzz/corpus".into());
     let c = Corpus { root: Path::new(&root).to_owned() };
     let mut store = MemoryStore::default();
-    let mut ds = Delivery::new(86_400);
+    let removal_key = Identity::generate().unwrap().public_key();
+    let mut ds = Delivery::new(86_400, removal_key);
     let mut now = 100;
-    // Account [7; 32] is the uploader the key_package target validates for.
-    let ids = [7u8, 1, 2];
-    let mut members: Vec<Member> = ids
-        .iter()
-        .map(|i| {
-            let a = AccountId([*i; 32]);
-            store.accounts.insert(a);
-            Member::new(a).unwrap()
+    let mut members: Vec<Member> = (0..3)
+        .map(|_| {
+            let (_, _, m) = Member::generate().unwrap();
+            store.accounts.insert(m.account());
+            store.devices.insert(m.device(), m.account());
+            m
         })
         .collect();
-    let mut exchange = |c: &Corpus, store: &mut MemoryStore, who: AccountId, request: Request| -> Response {
+    for m in &members {
+        c.put("device_certificate", &m.certificate().encode());
+    }
+    let mut exchange = |c: &Corpus, store: &mut MemoryStore, who: Caller, request: Request| -> Response {
         let frame = request.encode().unwrap();
         assert_eq!(Request::decode(&frame).unwrap(), request);
         c.put("wire_request", &frame);
@@ -76,16 +78,22 @@ fn main() {
         for p in &packages {
             c.put("key_package", p);
         }
-        exchange(&c, &mut store, m.account(), Request::PublishKeyPackages { packages, last_resort: Some(1) });
+        exchange(
+            &c,
+            &mut store,
+            Caller::of(m.certificate()),
+            Request::PublishKeyPackages { packages, last_resort: Some(1) },
+        );
     }
-    let alice = members[0].account();
-    let g = members[0].create_group().unwrap();
+    let caller = |m: &Member| Caller::of(m.certificate());
+    let alice = caller(&members[0]);
+    let g = members[0].create_group(&removal_key).unwrap();
     exchange(&c, &mut store, alice, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree });
     let mut kps = vec![];
     for t in [1, 2] {
         let account = members[t].account().0;
         match exchange(&c, &mut store, alice, Request::ClaimKeyPackage { account }) {
-            Response::KeyPackage { package } => kps.push(package),
+            Response::KeyPackages { packages } => kps.extend(packages.into_iter().map(|p| (members[t].account(), p))),
             other => panic!("{other:?}"),
         }
     }
@@ -94,7 +102,7 @@ fn main() {
     exchange(&c, &mut store, alice, Request::Send { message: commit, welcome: Some(welcome) });
     members[0].merge_pending(&g.id).unwrap();
     for t in [1, 2] {
-        let who = members[t].account();
+        let who = caller(&members[t]);
         if let Response::Welcomes { welcomes } = exchange(&c, &mut store, who, Request::FetchWelcomes) {
             members[t].join(&welcomes[0].1).unwrap();
             exchange(&c, &mut store, who, Request::AckWelcome { id: welcomes[0].0 });
@@ -103,9 +111,9 @@ fn main() {
     for (i, text) in ["hello", "a longer message to vary the padding bucket"].iter().enumerate() {
         let m = members[i].encrypt(&g.id, text.as_bytes()).unwrap();
         c.put("mls_frame", &m);
-        exchange(&c, &mut store, members[i].account(), Request::Send { message: m, welcome: None });
+        exchange(&c, &mut store, caller(&members[i]), Request::Send { message: m, welcome: None });
     }
-    let bob = members[1].account();
+    let bob = caller(&members[1]);
     exchange(&c, &mut store, bob, Request::Fetch { group: g.id.clone(), after: 0, limit: 10 });
     exchange(&c, &mut store, bob, Request::Ack { group: g.id.clone(), seq: 2 });
     exchange(&c, &mut store, bob, Request::ListGroups);
@@ -123,7 +131,11 @@ fn main() {
     let state = store.group(&g.id).unwrap().unwrap().state;
     assert!(hush::delivery::mls::decode_state(&state).is_ok());
     c.put("group_state", &state);
-    for req in [Request::Register { invite: Some(InviteToken::generate().unwrap().to_string()) }, Request::Status] {
+    let register = Request::Register {
+        invite: Some(InviteToken::generate().unwrap().to_string()),
+        certificate: members[0].certificate().encode(),
+    };
+    for req in [register, Request::Status] {
         c.put("wire_request", &req.encode().unwrap());
     }
     c.put("wire_push", &Push::Resync.encode_framed().unwrap());

@@ -3,12 +3,12 @@
 //! accepted Ed25519 key re-encodes to exactly that SPKI.
 #![no_main]
 use hush::auth::cert::{ed25519_key, ed25519_spki, spki_of_certificate};
-use hush::auth::tls::account_of_peer;
+use hush::auth::tls::device_of_peer;
 use libfuzzer_sys::fuzz_target;
 use rustls_pki_types::CertificateDer;
 
 fuzz_target!(|data: &[u8]| {
-    let account = account_of_peer(&[CertificateDer::from(data)]);
+    let account = device_of_peer(&[CertificateDer::from(data)]);
     match spki_of_certificate(data) {
         Ok(spki) => {
             assert!(spki.len() <= data.len());

@@ -8,14 +8,17 @@
 //! * exactly one commit is accepted per epoch (epochs advance by one);
 //! * no push ever names the outsider, and every group request the outsider
 //!   makes is refused with `NotMember`;
-//! * at the end, the store's roster equals the MLS membership and every
-//!   current member has the same epoch authenticator.
+//! * forged credentials (a member moving its leaf to another device's
+//!   certificate, KeyPackages and groups under someone else's
+//!   certificate, commits adding forged packages) are always refused;
+//! * at the end, every leaf of the server's group state is certified, the
+//!   store's roster equals the MLS membership and every current member has
+//!   the same epoch authenticator.
 #![no_main]
 use arbitrary::Arbitrary;
-use hush::auth::AccountId;
 use hush::client::mls::Member;
 use hush::delivery::memory::MemoryStore;
-use hush::delivery::{Delivery, Notification, Store};
+use hush::delivery::{Caller, Delivery, Notification, Store};
 use hush::wire::{ErrorCode, Request, Response};
 use libfuzzer_sys::fuzz_target;
 
@@ -28,6 +31,15 @@ enum Op {
     Remove { who: u8, target: u8 },
     Probe { after: u64, seq: u64 },
     Raw { who: u8, bytes: Vec<u8> },
+    /// `who` tries to take `victim`'s identity (`broken`: with a
+    /// certificate whose signature does not verify).
+    ForgeUpdate { who: u8, victim: u8, broken: bool, proposal: bool },
+    /// `who` uploads KeyPackages under `victim`'s certificate.
+    ForgePackage { who: u8, victim: u8, broken: bool },
+    /// `who` adds a KeyPackage forged under `victim`'s certificate.
+    ForgeAdd { who: u8, victim: u8, broken: bool },
+    /// `who` registers a group whose only leaf claims `victim`.
+    ForgeGroup { who: u8, victim: u8, broken: bool },
 }
 
 const EVE: usize = 4;
@@ -43,14 +55,27 @@ struct World {
     group: Vec<u8>,
     last_seq: u64,
     epoch: u64,
+    removal_key: [u8; 32],
 }
 
 impl World {
+    /// A member's certificate (as anyone can copy it), or a copy whose
+    /// signature no longer verifies.
+    fn claimed(&self, victim: u8, broken: bool) -> Vec<u8> {
+        let mut cert = self.members[usize::from(victim) % self.members.len()].certificate().encode();
+        if broken {
+            if let Some(b) = cert.get_mut(70) {
+                *b ^= 1;
+            }
+        }
+        cert
+    }
+
     fn req(&mut self, who: usize, request: Request) -> Response {
         self.now += 1;
-        let account = self.members[who].account();
-        let out = self.ds.handle(&mut self.store, account, request, self.now);
-        let eve = self.members[EVE].account();
+        let caller = Caller::of(self.members[who].certificate());
+        let out = self.ds.handle(&mut self.store, caller, request, self.now);
+        let eve = self.members[EVE].device();
         for n in &out.notifications {
             match n {
                 Notification::Message { recipients, seq, group, .. } => {
@@ -136,17 +161,20 @@ impl World {
 
 fn setup() -> World {
     let mut store = MemoryStore::default();
-    let mut ds = Delivery::new(86_400);
+    let removal_key = hush::auth::Identity::generate().expect("key").public_key();
+    let mut ds = Delivery::new(86_400, removal_key);
     let members: Vec<Member> = (1..=5u8)
-        .map(|i| {
-            let a = AccountId([i; 32]);
-            store.accounts.insert(a);
-            Member::new(a).expect("member")
+        .map(|_| {
+            let (_, _, m) = Member::generate().expect("member");
+            store.accounts.insert(m.account());
+            store.devices.insert(m.device(), m.account());
+            m
         })
         .collect();
     for m in &members {
         let packages = m.key_packages(2).expect("key packages");
-        let out = ds.handle(&mut store, m.account(), Request::PublishKeyPackages { packages, last_resort: Some(1) }, 1);
+        let caller = Caller::of(m.certificate());
+        let out = ds.handle(&mut store, caller, Request::PublishKeyPackages { packages, last_resort: Some(1) }, 1);
         assert!(matches!(out.response, Response::KeyPackageCount { .. }));
     }
     let mut w = World {
@@ -160,8 +188,9 @@ fn setup() -> World {
         group: vec![],
         last_seq: 0,
         epoch: 0,
+        removal_key,
     };
-    let g = w.members[0].create_group().expect("group");
+    let g = w.members[0].create_group(&removal_key).expect("group");
     w.group = g.id.clone();
     assert!(matches!(
         w.req(0, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree }),
@@ -170,8 +199,10 @@ fn setup() -> World {
     let mut kps = vec![];
     for t in [1, 2] {
         let account = w.members[t].account().0;
-        let Response::KeyPackage { package } = w.req(0, Request::ClaimKeyPackage { account }) else { panic!("claim") };
-        kps.push(package);
+        let Response::KeyPackages { packages } = w.req(0, Request::ClaimKeyPackage { account }) else {
+            panic!("claim")
+        };
+        kps.extend(packages.into_iter().map(|p| (w.members[t].account(), p)));
     }
     let (commit, welcome) = w.members[0].add(&g.id, &kps).expect("add");
     assert!(matches!(w.send(0, commit, Some(welcome)), Response::Accepted { .. }));
@@ -208,11 +239,14 @@ fuzz_target!(|ops: Vec<Op>| {
                 if w.active[3] || !w.active[who] {
                     continue;
                 }
-                let account = w.members[3].account().0;
-                let Response::KeyPackage { package } = w.req(who, Request::ClaimKeyPackage { account }) else { continue };
+                let dave = w.members[3].account();
+                let Response::KeyPackages { packages } = w.req(who, Request::ClaimKeyPackage { account: dave.0 }) else {
+                    continue;
+                };
+                let packages: Vec<_> = packages.into_iter().map(|p| (dave, p)).collect();
                 let before = w.last_seq;
-                w.commit(who, |m, g| m.add(g, &[package]).ok().map(|(c, wl)| (c, Some(wl))));
-                if w.last_seq > before && w.store.current_members(&w.group).unwrap().contains(&w.members[3].account()) {
+                w.commit(who, |m, g| m.add(g, &packages).ok().map(|(c, wl)| (c, Some(wl))));
+                if w.last_seq > before && w.store.current_members(&w.group).unwrap().contains(&w.members[3].device()) {
                     if let Response::Welcomes { welcomes } = w.req(3, Request::FetchWelcomes) {
                         if let Some((_, wl)) = welcomes.last() {
                             if w.members[3].join(wl).is_ok() {
@@ -239,6 +273,63 @@ fuzz_target!(|ops: Vec<Op>| {
                     }
                 }
             }
+            Op::ForgeUpdate { who, victim, broken, proposal } => {
+                let (who, claimed) = (usize::from(who % 4), w.claimed(victim, broken));
+                if !w.active[who] {
+                    continue;
+                }
+                w.sync(who);
+                let g = w.group.clone();
+                let forged = if proposal {
+                    w.members[who].impersonating_proposal(&g, claimed)
+                } else {
+                    w.members[who].impersonating_update(&g, claimed)
+                };
+                let Ok(forged) = forged else { continue };
+                let before = w.last_seq;
+                let r = w.req(who, Request::Send { message: forged, welcome: None });
+                // Claiming one's own certificate with a new key is a key
+                // mismatch too: every variant must be refused.
+                assert!(matches!(r, Response::Error { .. }), "a forged update was accepted: {r:?}");
+                assert_eq!(w.last_seq, before);
+                if !proposal {
+                    let _ = w.members[who].discard_pending(&g);
+                }
+            }
+            Op::ForgePackage { who, victim, broken } => {
+                let who = usize::from(who % 5);
+                let forger = Member::forger(w.claimed(victim, broken)).expect("forger");
+                let packages = forger.key_packages(1).expect("package");
+                match w.req(who, Request::PublishKeyPackages { packages, last_resort: None }) {
+                    Response::Error { code, .. } => assert_eq!(code, ErrorCode::InvalidCredential),
+                    other => panic!("a forged KeyPackage was accepted: {other:?}"),
+                }
+            }
+            Op::ForgeAdd { who, victim, broken } => {
+                let who = usize::from(who % 4);
+                let forger = Member::forger(w.claimed(victim, broken)).expect("forger");
+                let packages = forger.key_packages(1).expect("package");
+                if !w.active[who] {
+                    continue;
+                }
+                w.sync(who);
+                let g = w.group.clone();
+                let Ok((commit, welcome)) = w.members[who].add_unchecked(&g, &packages) else { continue };
+                let before = w.last_seq;
+                let r = w.req(who, Request::Send { message: commit, welcome: Some(welcome) });
+                assert!(matches!(r, Response::Error { .. }), "a forged add was accepted: {r:?}");
+                assert_eq!(w.last_seq, before);
+                let _ = w.members[who].discard_pending(&g);
+            }
+            Op::ForgeGroup { who, victim, broken } => {
+                let who = usize::from(who % 5);
+                let mut forger = Member::forger(w.claimed(victim, broken)).expect("forger");
+                let Ok(g) = forger.create_group(&w.removal_key) else { continue };
+                match w.req(who, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree }) {
+                    Response::Error { code, .. } => assert_eq!(code, ErrorCode::InvalidCredential),
+                    other => panic!("a group with a forged leaf was accepted: {other:?}"),
+                }
+            }
             Op::Raw { who, bytes } => {
                 if let Ok(request) = Request::decode(&bytes) {
                     if !matches!(request, Request::Register { .. } | Request::Status) {
@@ -261,9 +352,13 @@ fuzz_target!(|ops: Vec<Op>| {
     roster.sort();
     let g = w.group.clone();
     let active: Vec<usize> = (0..4).filter(|i| w.active[*i]).collect();
-    let mut mls = w.members[active[0]].members(&g);
+    let mut mls = w.members[active[0]].devices(&g);
     mls.sort();
     assert_eq!(roster, mls, "roster differs from the MLS membership");
+    let state = w.store.group(&g).unwrap().expect("the group").state;
+    for (leaf, check) in hush::delivery::mls::leaf_certificates(&state, &g).expect("state") {
+        assert!(check.is_ok(), "leaf {leaf} of the server's state is not certified");
+    }
     let auth = w.members[active[0]].epoch_authenticator(&g);
     for i in active {
         assert_eq!(w.members[i].epoch_authenticator(&g), auth, "members diverged");

@@ -254,6 +254,11 @@ pub async fn run(settings: Settings, progress: impl Fn(&str)) -> Result<Vec<Row>
     bob.quic().close(VarInt::from_u32(0), b"");
     let alice_conn = Arc::new(Connection::connect(&address, &id).await.map_err(fail)?);
     let bob_conn = Connection::connect(&address, &bob_id).await.map_err(fail)?;
+    // A request answered means the session is online (it registers for
+    // pushes before it serves requests): no push can miss it.
+    for c in [&*alice_conn, &bob_conn] {
+        c.call(&Request::Ping { nonce: 0 }).await.map_err(fail)?;
+    }
     let c = alice_conn.clone();
     let readers = vec![alice_conn.quic().clone(), bob_conn.quic().clone()];
     let hush_lat = latency(readers, messages.clone(), settings.latency_rate, move |m| {
@@ -708,7 +713,10 @@ where
         };
         match got {
             Some(s) => break s,
-            None if Instant::now() > deadline => return Err(BenchError("pushes missing in the latency run".into())),
+            None if Instant::now() > deadline => {
+                let n = arrived.lock().map_err(fail)?.len();
+                return Err(BenchError(format!("pushes missing in the latency run ({n} of {count} arrived)")));
+            }
             None => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     };

@@ -161,6 +161,19 @@ pub fn validate_key_package(
     Ok(hash_ref.as_slice().to_vec())
 }
 
+/// A leaf index and the result of checking its certificate.
+pub type LeafCheck = (u32, Result<DeviceCertificate, CredentialError>);
+
+/// Every leaf of a stored group state (`group` is its id) with the result
+/// of checking its certificate: for invariant checks.
+pub fn leaf_certificates(state: &[u8], group: &[u8]) -> Result<Vec<LeafCheck>, String> {
+    let storage = decode_state(state).map_err(|e| e.to_string())?;
+    let public = PublicGroup::load(&storage, &openmls::prelude::GroupId::from_slice(group))
+        .map_err(|e| format!("{e:?}"))?
+        .ok_or_else(|| "no group in the state".to_string())?;
+    Ok(public.members().map(|m| (m.index.u32(), leaf_certificate(&m.credential, &m.signature_key))).collect())
+}
+
 /// Serializes a group's public state (sorted, so equal states give equal
 /// bytes): `u32` n, then n × (`bytes32` key, `bytes32` value).
 pub fn encode_state(storage: &MemoryStorage) -> Result<Vec<u8>, String> {

@@ -65,7 +65,7 @@ pub(crate) async fn run(conn: quinn::Connection, shared: Arc<Shared>, mut stop: 
         return;
     };
     let caller = match shared.store.read(move |db| db.device(&device)).await {
-        Ok(Ok(row)) => row.map(|r| Caller::of(&r.certificate)),
+        Ok(Ok(row)) => row.map(|r| Caller { account: r.account, device: r.device }),
         Ok(Err(e)) | Err(e) => {
             error!("device lookup failed: {e}");
             conn.close(VarInt::from_u32(close::BUSY), b"the server cannot look up devices right now");

@@ -21,15 +21,14 @@ struct User {
 
 impl User {
     async fn new(server: &Hushd) -> Self {
-        let (id, conn) = registered_client(server).await;
-        let member = Member::new(id.account_id()).unwrap();
+        let (id, conn, member) = registered_member(server).await;
         let packages = member.key_packages(5).unwrap();
         conn.publish_key_packages(packages, Some(4)).await.unwrap();
         Self { id, conn, member, cursor: HashMap::new(), own: vec![] }
     }
 
     fn account(&self) -> AccountId {
-        self.id.account_id()
+        self.member.account()
     }
 
     async fn reconnect(&mut self, server: &Hushd) {
@@ -37,7 +36,8 @@ impl User {
     }
 
     async fn create(&mut self) -> Vec<u8> {
-        let g = self.member.create_group().unwrap();
+        let removal_key = self.conn.status().await.unwrap().removal_key;
+        let g = self.member.create_group(&removal_key).unwrap();
         self.conn.create_group(g.group_info, g.ratchet_tree).await.unwrap();
         self.cursor.insert(g.id.clone(), 0);
         g.id
@@ -46,7 +46,7 @@ impl User {
     async fn add(&mut self, group: &[u8], targets: &[AccountId]) {
         let mut kps = vec![];
         for t in targets {
-            kps.push(self.conn.claim_key_package(t).await.unwrap());
+            kps.extend(claim(&self.conn, *t).await);
         }
         let (commit, welcome) = self.member.add(group, &kps).unwrap();
         let (seq, _) = self.conn.send(commit, Some(welcome)).await.unwrap();
@@ -234,9 +234,9 @@ async fn key_package_claims_never_repeat() {
     let mut claims = vec![];
     let t = target.account();
     for _ in 0..10 {
-        let (x, y) = tokio::join!(a.conn.claim_key_package(&t), b.conn.claim_key_package(&t));
-        claims.push(x.unwrap());
-        claims.push(y.unwrap());
+        let (x, y) = tokio::join!(a.conn.claim_key_packages(&t), b.conn.claim_key_packages(&t));
+        claims.extend(x.unwrap());
+        claims.extend(y.unwrap());
     }
     // 19 regular packages, then the last-resort one (kept, so it may repeat).
     let regular = &claims[..19];

@@ -35,15 +35,13 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
     let listen = format!("127.0.0.1:{port}");
 
     // alice writes, bob checks.
-    let (alice_id, mut alice) = registered_client(&server).await;
-    let (bob_id, mut bob) = registered_client(&server).await;
-    let mut alice_mls = Member::new(alice_id.account_id()).unwrap();
-    let mut bob_mls = Member::new(bob_id.account_id()).unwrap();
+    let (alice_id, mut alice, mut alice_mls) = registered_member(&server).await;
+    let (bob_id, mut bob, mut bob_mls) = registered_member(&server).await;
     bob.publish_key_packages(bob_mls.key_packages(2).unwrap(), Some(1)).await.unwrap();
-    let g = alice_mls.create_group().unwrap();
+    let g = alice_mls.create_group(&alice.status().await.unwrap().removal_key).unwrap();
     alice.create_group(g.group_info, g.ratchet_tree).await.unwrap();
-    let kp = alice.claim_key_package(&bob_id.account_id()).await.unwrap();
-    let (commit, welcome) = alice_mls.add(&g.id, &[kp]).unwrap();
+    let kps = claim(&alice, bob_mls.account()).await;
+    let (commit, welcome) = alice_mls.add(&g.id, &kps).unwrap();
     let (first_seq, _) = alice.send(commit, Some(welcome)).await.unwrap();
     alice_mls.merge_pending(&g.id).unwrap();
     let welcomes = bob.fetch_welcomes().await.unwrap();
@@ -132,8 +130,7 @@ struct Peer {
 
 impl Peer {
     async fn new(server: &Hushd) -> Self {
-        let (id, conn) = registered_client(server).await;
-        let mls = Member::new(id.account_id()).unwrap();
+        let (id, conn, mls) = registered_member(server).await;
         conn.publish_key_packages(mls.key_packages(3).unwrap(), Some(2)).await.unwrap();
         Self { id, conn, mls, cursor: 0, own: vec![] }
     }
@@ -159,11 +156,12 @@ async fn group_of(server: &Hushd, n: usize) -> (Vec<Peer>, Vec<u8>) {
     for _ in 0..n {
         peers.push(Peer::new(server).await);
     }
-    let g = peers[0].mls.create_group().unwrap();
+    let removal_key = peers[0].conn.status().await.unwrap().removal_key;
+    let g = peers[0].mls.create_group(&removal_key).unwrap();
     peers[0].conn.create_group(g.group_info, g.ratchet_tree).await.unwrap();
     let mut kps = vec![];
     for p in &peers[1..] {
-        kps.push(peers[0].conn.claim_key_package(&p.id.account_id()).await.unwrap());
+        kps.extend(claim(&peers[0].conn, p.mls.account()).await);
     }
     let (commit, welcome) = peers[0].mls.add(&g.id, &kps).unwrap();
     let (seq, _) = peers[0].conn.send(commit, Some(welcome)).await.unwrap();

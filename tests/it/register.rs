@@ -1,6 +1,5 @@
 //! Registration by invite, through the real `hush` CLI.
 
-use hush::auth::Identity;
 use hush::client::Connection;
 use hush::wire::ErrorCode;
 use tokio::task::JoinSet;
@@ -80,9 +79,9 @@ async fn racing_for_the_last_use_exactly_one_wins() {
         let address = server.address.clone();
         let token = token.clone();
         racers.spawn(async move {
-            let id = Identity::generate().unwrap();
+            let (_, id, member) = hush::client::mls::Member::generate().unwrap();
             let conn = Connection::connect(&address, &id).await.unwrap();
-            let r = conn.register(Some(&token)).await;
+            let r = conn.register(Some(&token), member.certificate()).await;
             conn.close().await;
             r
         });

@@ -7,6 +7,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use hush::auth::{HushAddress, Identity};
+use hush::client::mls::Member;
 use hush::client::Connection;
 
 /// Upper bound on any single wait in these tests.
@@ -186,11 +187,24 @@ pub fn ok(out: Output) -> String {
     stdout(&out)
 }
 
-/// A registered library client.
+/// A registered library client: its device key and connection.
 pub async fn registered_client(server: &Hushd) -> (Identity, Connection) {
-    let token = server.invite(&[]);
-    let id = Identity::generate().unwrap();
-    let conn = Connection::connect(&server.address, &id).await.unwrap();
-    assert!(conn.register(Some(&token)).await.unwrap());
+    let (id, conn, _) = registered_member(server).await;
     (id, conn)
+}
+
+/// A registered library client with its MLS member (a fresh account with
+/// one device): the device key, the connection and the member.
+pub async fn registered_member(server: &Hushd) -> (Identity, Connection, Member) {
+    let token = server.invite(&[]);
+    let (_account, id, member) = Member::generate().unwrap();
+    let conn = Connection::connect(&server.address, &id).await.unwrap();
+    assert!(conn.register(Some(&token), member.certificate()).await.unwrap());
+    (id, conn, member)
+}
+
+/// Claims one KeyPackage per device of `account`, paired with the account
+/// (what `Member::add` takes).
+pub async fn claim(conn: &Connection, account: hush::auth::AccountId) -> Vec<(hush::auth::AccountId, Vec<u8>)> {
+    conn.claim_key_packages(&account).await.unwrap().into_iter().map(|p| (account, p)).collect()
 }
