@@ -438,6 +438,7 @@ fn chat(home: &Home, group: &str) -> Result<()> {
 }
 
 fn register(home: &Home, address: &str, invite: Option<String>, name: Option<String>) -> Result<()> {
+    home.refuse_legacy()?;
     let address: HushAddress = address.parse().with_context(|| format!("{address:?} is not a hush address"))?;
     if let Some(n) = &name {
         if n.trim().is_empty() || n.len() > 64 || n.chars().any(char::is_control) {
@@ -452,7 +453,6 @@ fn register(home: &Home, address: &str, invite: Option<String>, name: Option<Str
             );
         }
     }
-    home.refuse_legacy()?;
     identity::private_dir(&home.0)?;
     let (account, created) = Identity::load_or_create(&home.account_key())?;
     let (id, _) = Identity::load_or_create(&home.device_key())?;

@@ -191,3 +191,33 @@ fn errors_say_what_to_do() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("cannot reach") || stderr(&out).contains("no answer"), "{}", stderr(&out));
 }
+
+/// Issue 12: data from before device certificates is refused with a line
+/// that says what to do, never half-used.
+#[test]
+fn homes_and_databases_from_before_device_certificates_are_refused_with_advice() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A client home with the old single key file.
+    let home = tmp.path().join("old-home");
+    std::fs::create_dir_all(&home).unwrap();
+    hush::auth::Identity::generate().unwrap().save(&home.join("identity.key")).unwrap();
+    for args in [&["whoami"][..], &["sync"], &["register", "hush://127.0.0.1:1/#aaaa"]] {
+        let out = hush(&home, args);
+        assert!(!out.status.success(), "{args:?} worked on an old home");
+        let err = stderr(&out);
+        assert!(err.contains("before device certificates") && err.contains("--home"), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    // A server database at schema 3 that holds an account.
+    let dir = tmp.path().join("old-server");
+    ok(run(hushd_command(&dir).arg("init")));
+    {
+        let db = rusqlite::Connection::open(dir.join("hush.db")).unwrap();
+        db.execute_batch("PRAGMA user_version = 3; INSERT INTO accounts (key, created_at) VALUES (zeroblob(32), 1);")
+            .unwrap();
+    }
+    let out = run(hushd_command(&dir).args(["serve", "--listen", "127.0.0.1:0"]));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("before device certificates") && err.contains("move hush.db"), "{err}");
+}

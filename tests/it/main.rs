@@ -9,5 +9,6 @@ mod cli;
 mod delivery;
 mod hardening;
 mod lifecycle;
+mod malicious;
 mod protocol;
 mod register;

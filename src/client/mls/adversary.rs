@@ -91,3 +91,13 @@ impl<P: OpenMlsProvider> Member<P> {
         Ok((serialize(&commit, "the commit")?, serialize(&welcome, "the Welcome")?))
     }
 }
+
+/// The credential identity (for hush: the device certificate) a KeyPackage
+/// carries. Public information: anyone the package passes through can copy
+/// it.
+pub fn credential_of_key_package(bytes: &[u8]) -> Option<Vec<u8>> {
+    let kp = KeyPackageIn::tls_deserialize_exact(bytes).ok()?;
+    let kp = kp.validate(&openmls_rust_crypto::RustCrypto::default(), ProtocolVersion::Mls10).ok()?;
+    let basic = BasicCredential::try_from(kp.leaf_node().credential().clone()).ok()?;
+    Some(basic.identity().to_vec())
+}

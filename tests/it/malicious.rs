@@ -1,0 +1,295 @@
+//! A malicious server against the real `hush` client (issue 12).
+//!
+//! The "server" here is the real hushd behind a proxy that holds the
+//! server's own key (as its operator, or anyone with its disk, does), so
+//! every client's pin matches. It answers each request as it likes: it
+//! forwards to hushd and may substitute the response. (To forward, it
+//! connects to hushd with the client's device key read from the client's
+//! home: a test shortcut; a real malicious server needs no such thing, it
+//! simply answers.) The clients must hold their ground with what MLS and
+//! the device certificates give them, never trusting the server.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use hush::auth::tls::{device_of_peer, server_crypto};
+use hush::auth::{HushAddress, Identity};
+use hush::client::mls::adversary::credential_of_key_package;
+use hush::client::mls::Member;
+use hush::client::Connection;
+use hush::wire::{Request, Response, MAX_REQUEST_FRAME};
+use rustls::pki_types::CertificateDer;
+
+use crate::support::*;
+
+/// What the proxy does to a response: `None` forwards it unchanged.
+type Rewrite = Arc<dyn Fn(&Request, &Response) -> Option<Response> + Send + Sync>;
+
+/// The malicious server.
+struct Evil {
+    address: HushAddress,
+    endpoint: quinn::Endpoint,
+}
+
+impl Evil {
+    async fn start(server: &Hushd, homes: Vec<PathBuf>, rewrite: Rewrite) -> Self {
+        let key = Identity::load(&server.data_dir.join("server.key")).unwrap();
+        let crypto = server_crypto(&key).unwrap();
+        let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = endpoint.local_addr().unwrap().port();
+        let address = HushAddress { host: "127.0.0.1".into(), port, fingerprint: key.fingerprint() };
+        let upstream = server.address.clone();
+        let ep = endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = ep.accept().await {
+                let (homes, rewrite, upstream) = (homes.clone(), rewrite.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    let device = conn
+                        .peer_identity()
+                        .and_then(|p| p.downcast::<Vec<CertificateDer<'static>>>().ok())
+                        .and_then(|c| device_of_peer(&c));
+                    // Whose home holds this device key?
+                    let Some(key) = homes.iter().find_map(|h| {
+                        let k = Identity::load(&h.join("device.key")).ok()?;
+                        (Some(k.public_key()) == device.map(|d| d.0)).then_some(k)
+                    }) else {
+                        return;
+                    };
+                    let Ok(up) = Connection::connect(&upstream, &key).await else { return };
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        let Ok(frame) = recv.read_to_end(MAX_REQUEST_FRAME).await else { return };
+                        let Ok(answer) = up.raw(&frame).await else { return };
+                        let answer = match (Request::decode(&frame), Response::decode(&answer)) {
+                            (Ok(req), Ok(resp)) => match rewrite(&req, &resp) {
+                                Some(forged) => forged.encode().unwrap(),
+                                None => answer,
+                            },
+                            _ => answer,
+                        };
+                        let _ = send.write_all(&answer).await;
+                        let _ = send.finish();
+                        let _ = send.stopped().await;
+                    }
+                });
+            }
+        });
+        Self { address, endpoint }
+    }
+}
+
+impl Drop for Evil {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"");
+    }
+}
+
+/// What the malicious server does now.
+#[derive(Clone)]
+enum Mode {
+    Honest,
+    /// Answers every KeyPackage claim with this package.
+    ClaimWith(Vec<u8>),
+    /// Answers every Welcome fetch with this Welcome.
+    WelcomeWith(Vec<u8>),
+}
+
+fn rewrite(mode: Arc<Mutex<Mode>>) -> Rewrite {
+    Arc::new(move |req, _resp| match (req, mode.lock().unwrap().clone()) {
+        (Request::ClaimKeyPackage { .. }, Mode::ClaimWith(p)) => Some(Response::KeyPackages { packages: vec![p] }),
+        (Request::FetchWelcomes, Mode::WelcomeWith(w)) => Some(Response::Welcomes { welcomes: vec![(1_000_000, w)] }),
+        (Request::AckWelcome { id: 1_000_000 }, Mode::WelcomeWith(_)) => Some(Response::Done),
+        _ => None,
+    })
+}
+
+/// Registers a `hush` home through `address` and returns its account id.
+fn register(server: &Hushd, home: &std::path::Path, address: &HushAddress) -> String {
+    let token = server.invite(&[]);
+    ok(hush(home, &["register", &address.to_string(), "--invite", &token]));
+    ok(hush(home, &["whoami"])).lines().next().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_substitutes_key_packages_cannot_join_a_group() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let homes: Vec<PathBuf> = ["alice", "bob", "carol"].iter().map(|n| tmp.path().join(n)).collect();
+    let mode = Arc::new(Mutex::new(Mode::Honest));
+    let evil = Evil::start(&server, homes.clone(), rewrite(mode.clone())).await;
+    let (alice, bob, carol) = (&homes[0], &homes[1], &homes[2]);
+    // Blocking CLI runs off the runtime's workers, which the proxy needs.
+    let addr = evil.address.clone();
+    let server_ref = &server;
+    let ids: Vec<String> =
+        tokio::task::block_in_place(|| homes.iter().map(|h| register(server_ref, h, &addr)).collect());
+    let (bob_id, carol_id) = (&ids[1], &ids[2]);
+    tokio::task::block_in_place(|| {
+        ok(hush(alice, &["contact", "add", "bob", bob_id]));
+        ok(hush(alice, &["contact", "add", "carol", carol_id]));
+        ok(hush(alice, &["group", "create", "team"]));
+    });
+
+    // The packages a server could hand out instead of bob's: bob's genuine
+    // certificate over the operator's own key; a certificate naming bob's
+    // account that bob never signed; carol's genuine package.
+    let carol_device = Identity::load(&carol.join("device.key")).unwrap();
+    let carol_conn = Connection::connect(&server.address, &carol_device).await.unwrap();
+    let bobs_real = carol_conn.claim_key_packages(&bob_id.parse().unwrap()).await.unwrap().remove(0);
+    let carols_real = {
+        let alice_device = Identity::load(&alice.join("device.key")).unwrap();
+        let c = Connection::connect(&server.address, &alice_device).await.unwrap();
+        c.claim_key_packages(&carol_id.parse().unwrap()).await.unwrap().remove(0)
+    };
+    let bob_cert = credential_of_key_package(&bobs_real).unwrap();
+    let mut unsigned = bob_cert.clone();
+    unsigned[70] ^= 1;
+    let forged = [
+        ("bob's certificate, the operator's key", Member::forger(bob_cert).unwrap().key_packages(1).unwrap().remove(0)),
+        ("a certificate bob never signed", Member::forger(unsigned).unwrap().key_packages(1).unwrap().remove(0)),
+        ("carol's genuine package", carols_real),
+    ];
+    for (what, package) in forged {
+        *mode.lock().unwrap() = Mode::ClaimWith(package);
+        let out = tokio::task::block_in_place(|| hush(alice, &["group", "add", "team", "bob"]));
+        assert!(!out.status.success(), "{what}: the add succeeded");
+        let err = stderr(&out);
+        assert!(err.contains("refused to add bob") && err.contains("compromised"), "{what}: {err}");
+        let members = tokio::task::block_in_place(|| ok(hush(alice, &["group", "members", "team"])));
+        assert_eq!(members.trim(), "you", "{what}: the group changed");
+    }
+    // The user sees the refusal in the group's history.
+    let history = tokio::task::block_in_place(|| ok(hush(alice, &["read", "team"])));
+    assert!(history.contains("refused to add bob"), "{history}");
+
+    // With an honest answer the same command works: nothing was broken.
+    *mode.lock().unwrap() = Mode::Honest;
+    tokio::task::block_in_place(|| {
+        ok(hush(alice, &["group", "add", "team", "bob"]));
+        ok(hush(bob, &["sync"]));
+        ok(hush(alice, &["send", "team", "hello bob"]));
+        let got = ok(hush(bob, &["sync"]));
+        assert!(got.contains("hello bob"), "{got}");
+    });
+    drop(evil);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_welcome_whose_tree_holds_a_forged_leaf_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let homes: Vec<PathBuf> = ["alice", "bob"].iter().map(|n| tmp.path().join(n)).collect();
+    let mode = Arc::new(Mutex::new(Mode::Honest));
+    let evil = Evil::start(&server, homes.clone(), rewrite(mode.clone())).await;
+    let addr = evil.address.clone();
+    let server_ref = &server;
+    let ids: Vec<String> =
+        tokio::task::block_in_place(|| homes.iter().map(|h| register(server_ref, h, &addr)).collect());
+    let (alice, bob) = (&homes[0], &homes[1]);
+
+    // The operator makes its own group whose only other leaf claims alice
+    // (her genuine certificate, copied from one of her KeyPackages, over
+    // the operator's key) and invites bob with one of his real packages.
+    let alice_device = Identity::load(&alice.join("device.key")).unwrap();
+    let as_alice = Connection::connect(&server.address, &alice_device).await.unwrap();
+    let alices_real = as_alice.claim_key_packages(&ids[0].parse().unwrap()).await.unwrap().remove(0);
+    let bobs_real = as_alice.claim_key_packages(&ids[1].parse().unwrap()).await.unwrap().remove(0);
+    let removal_key = as_alice.status().await.unwrap().removal_key;
+    let mut forger = Member::forger(credential_of_key_package(&alices_real).unwrap()).unwrap();
+    let g = forger.create_group(&removal_key).unwrap();
+    let (_, welcome) = forger.add_unchecked(&g.id, &[bobs_real]).unwrap();
+
+    *mode.lock().unwrap() = Mode::WelcomeWith(welcome);
+    let out = tokio::task::block_in_place(|| ok(hush(bob, &["sync"])));
+    assert!(out.contains("did not join") && out.contains("not certified"), "{out}");
+    let groups = tokio::task::block_in_place(|| ok(hush(bob, &["group", "list"])));
+    assert!(groups.trim().is_empty(), "bob joined the forged group: {groups}");
+    drop(evil);
+}
+
+// ---- a malicious member (raw openmls) against the real hushd ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cannot_become_another_member_or_upload_for_another_device() {
+    use hush::client::mls::Received;
+    use hush::wire::ErrorCode;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let (_, alice, mut alice_mls) = registered_member(&server).await;
+    let (_, bob, mut bob_mls) = registered_member(&server).await;
+    let (_, mallory, mut mallory_mls) = registered_member(&server).await;
+    for (c, m) in [(&bob, &bob_mls), (&mallory, &mallory_mls)] {
+        c.publish_key_packages(m.key_packages(2).unwrap(), Some(1)).await.unwrap();
+    }
+    let removal_key = alice.status().await.unwrap().removal_key;
+    let g = alice_mls.create_group(&removal_key).unwrap();
+    alice.create_group(g.group_info, g.ratchet_tree).await.unwrap();
+    let mut kps = claim(&alice, bob_mls.account()).await;
+    kps.extend(claim(&alice, mallory_mls.account()).await);
+    let (commit, welcome) = alice_mls.add(&g.id, &kps).unwrap();
+    alice.send(commit, Some(welcome)).await.unwrap();
+    alice_mls.merge_pending(&g.id).unwrap();
+    for (c, m) in [(&bob, &mut bob_mls), (&mallory, &mut mallory_mls)] {
+        let w = c.fetch_welcomes().await.unwrap();
+        m.join(&w[0].1).unwrap();
+    }
+    let bob_cert = bob_mls.certificate().encode();
+
+    // Mallory commits an update whose leaf carries bob's certificate.
+    let forged = mallory_mls.impersonating_update(&g.id, bob_cert.clone()).unwrap();
+    let e = mallory.send(forged.clone(), None).await.expect_err("the server accepted an impersonating update");
+    assert_eq!(e.code(), Some(ErrorCode::InvalidCredential), "{e}");
+    assert!(e.to_string().contains("leaf"), "the refusal names the leaf: {e}");
+    mallory_mls.discard_pending(&g.id).unwrap();
+    // The same commit handed to a client directly (as a server that let it
+    // through would): refused, and alice's view is unchanged.
+    let before = alice_mls.epoch_authenticator(&g.id);
+    assert!(matches!(alice_mls.receive(&g.id, &forged).unwrap(), Received::Refused { .. }));
+    assert_eq!(alice_mls.epoch_authenticator(&g.id), before);
+    assert_eq!(alice_mls.members(&g.id).len(), 3);
+
+    // Mallory uploads KeyPackages carrying bob's certificate.
+    let packages = Member::forger(bob_cert).unwrap().key_packages(2).unwrap();
+    let e = mallory.publish_key_packages(packages, None).await.expect_err("a KeyPackage for bob was accepted");
+    assert_eq!(e.code(), Some(ErrorCode::InvalidCredential), "{e}");
+    // ... or bob's own genuine ones.
+    let e = mallory.publish_key_packages(bob_mls.key_packages(1).unwrap(), None).await.expect_err("accepted");
+    assert_eq!(e.code(), Some(ErrorCode::InvalidCredential), "{e}");
+
+    // Bob still speaks as bob, and the group still works.
+    let text = bob_mls.encrypt(&g.id, b"it is really me").unwrap();
+    bob.send(text.clone(), None).await.unwrap();
+    match alice_mls.receive(&g.id, &text).unwrap() {
+        Received::Application { sender, data } => {
+            assert_eq!(sender, Some(bob_mls.account()));
+            assert_eq!(data, b"it is really me");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_needs_a_certificate_for_the_connections_own_key() {
+    use hush::wire::ErrorCode;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let token = server.invite(&[]);
+    let (_, device, member) = Member::generate().unwrap();
+    // Another key presents this device's certificate.
+    let thief = Identity::generate().unwrap();
+    let conn = Connection::connect(&server.address, &thief).await.unwrap();
+    let e = conn.register(Some(&token), member.certificate()).await.expect_err("registered with another's certificate");
+    assert_eq!(e.code(), Some(ErrorCode::InvalidCredential), "{e}");
+    // A certificate whose signature does not verify.
+    let mut bytes = member.certificate().encode();
+    bytes[100] ^= 1;
+    let conn = Connection::connect(&server.address, &device).await.unwrap();
+    let raw = Request::Register { invite: Some(token.clone()), certificate: bytes }.encode().unwrap();
+    match Response::decode(&conn.raw(&raw).await.unwrap()).unwrap() {
+        Response::Error { code, .. } => assert_eq!(code, ErrorCode::InvalidCredential),
+        other => panic!("{other:?}"),
+    }
+    // The invite was not spent: the genuine registration works.
+    assert!(conn.register(Some(&token), member.certificate()).await.unwrap());
+}
