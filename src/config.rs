@@ -56,6 +56,10 @@ pub struct ServerConfig {
     pub max_connections_per_ip: u32,
     /// Concurrent connections per source IP whose key is not an account yet.
     pub max_unregistered_per_ip: u32,
+    /// Concurrent connections whose key is not an account yet, in total.
+    pub max_unregistered: u32,
+    /// MiB of request frames all connections may hold in memory at once.
+    pub max_request_memory_mb: u32,
     /// Concurrent request streams per connection.
     pub max_streams_per_connection: u32,
     /// Handshakes in progress above which clients must validate their
@@ -93,6 +97,8 @@ impl Default for ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             max_unregistered_per_ip: DEFAULT_MAX_UNREGISTERED_PER_IP,
+            max_unregistered: DEFAULT_MAX_UNREGISTERED,
+            max_request_memory_mb: DEFAULT_MAX_REQUEST_MEMORY_MB,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             retry_above_pending: DEFAULT_RETRY_ABOVE_PENDING,
             max_incoming: DEFAULT_MAX_INCOMING,
@@ -183,6 +189,8 @@ impl ServerConfig {
         range("max_connections", u64::from(self.max_connections), 1, 1_000_000)?;
         range("max_connections_per_ip", u64::from(self.max_connections_per_ip), 1, 1_000_000)?;
         range("max_unregistered_per_ip", u64::from(self.max_unregistered_per_ip), 1, 1_000_000)?;
+        range("max_unregistered", u64::from(self.max_unregistered), 1, 1_000_000)?;
+        range("max_request_memory_mb", u64::from(self.max_request_memory_mb), 2, 65_536)?;
         range("max_streams_per_connection", u64::from(self.max_streams_per_connection), 1, 10_000)?;
         range("retry_above_pending", u64::from(self.retry_above_pending), 0, 1_000_000)?;
         range("max_incoming", u64::from(self.max_incoming), 1, 1_000_000)?;
@@ -230,6 +238,11 @@ impl ServerConfig {
 
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs)
+    }
+
+    /// Bytes of request frames all connections may hold at once.
+    pub fn request_memory(&self) -> usize {
+        usize::try_from(self.max_request_memory_mb).unwrap_or(usize::MAX).saturating_mul(1024 * 1024)
     }
 
     pub fn request_timeout(&self) -> Duration {

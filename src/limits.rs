@@ -12,6 +12,41 @@ use std::time::Duration;
 /// one stream can make the server allocate before anything is parsed.
 pub const MAX_REQUEST_FRAME: usize = 1024 * 1024;
 
+/// Largest request frame from a key that is not a registered device (a
+/// `Register` with its invite and device certificate is about 1.1 KiB).
+/// Strangers get nothing bigger, whatever the request.
+pub const MAX_STRANGER_FRAME: usize = 2048;
+
+/// QUIC connection receive window (bytes the peer may send before we read
+/// any) until the connection's key is known to be a registered device. Every
+/// connection starts with it, so a stranger can never make the server
+/// buffer more than this per connection, read or unread.
+pub const STRANGER_RECEIVE_WINDOW: u32 = 4096;
+
+/// Receive window of a registered device's connection: room for two
+/// largest requests in flight.
+pub const DEVICE_RECEIVE_WINDOW: u32 = 2 * 1024 * 1024;
+
+/// Bytes of request frames one connection may hold in memory at once. A
+/// stream reserves [`crate::wire::Request::max_frame`] of its tag before
+/// its body is read; a stream that cannot get it waits (at most the request
+/// timeout, then error 6) and is never buffered meanwhile.
+pub const REQUEST_BUDGET_PER_CONNECTION: usize = 2 * 1024 * 1024;
+
+/// Largest size of one leaf node (TLS encoding) in a KeyPackage, a new
+/// group, an Add or an Update. hush's leaves are about 400 bytes; the cap
+/// stops members from parking large blobs in the group's public state,
+/// which every later handshake decodes and rewrites.
+pub const MAX_LEAF_NODE: usize = 1024;
+
+/// Proposals a group may have pending (waiting for a commit) at once.
+pub const MAX_PENDING_PROPOSALS: usize = 64;
+
+/// Largest public state the server keeps for one group (encoded); a commit
+/// or proposal that would grow it beyond is refused with error 23. Bounds
+/// what every later handshake of the group costs the writer.
+pub const MAX_GROUP_STATE: usize = 8 * 1024 * 1024;
+
 /// Largest response frame a client reads from one stream. Bounds what a
 /// malicious or broken server can make a client allocate.
 pub const MAX_RESPONSE_FRAME: usize = 4 * 1024 * 1024;
@@ -144,6 +179,14 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 32;
 /// Concurrent connections from one IP address whose key is not (yet) an
 /// account. Bounds what strangers can hold open while they try to register.
 pub const DEFAULT_MAX_UNREGISTERED_PER_IP: u32 = 16;
+
+/// Concurrent connections whose key is not (yet) a registered device, all
+/// addresses together.
+pub const DEFAULT_MAX_UNREGISTERED: u32 = 256;
+
+/// Bytes of request frames all connections together may hold in memory at
+/// once (MiB). Reserved before a stream's body is read.
+pub const DEFAULT_MAX_REQUEST_MEMORY_MB: u32 = 64;
 
 /// Concurrent request streams one connection may have open.
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 64;

@@ -245,6 +245,7 @@ fn run(cli: Cli) -> Result<()> {
             });
             let status = status.map_err(explain)?;
             out!("account     {}", status.account);
+            out!("device      {}", status.device);
             if let Some(name) = home.name_or_none() {
                 out!("name        {name}");
             }

@@ -269,6 +269,10 @@ fn check(dir: &DataDir) -> Result<()> {
         Ok(id) => line("key", format!("{} (mode 600), fingerprint {}", dir.key().display(), id.fingerprint()), true),
         Err(e) => line("key", e.to_string(), false),
     }
+    match Identity::load(&dir.removal_key()) {
+        Ok(_) => line("removal", format!("{} (mode 600)", dir.removal_key().display()), true),
+        Err(e) => line("removal", e.to_string(), false),
+    }
     match load_config(dir) {
         Ok(_) => {
             let source = if dir.0.join(hush::config::CONFIG_FILE).exists() {

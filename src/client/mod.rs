@@ -162,8 +162,13 @@ impl Connection {
     pub async fn raw(&self, frame: &[u8]) -> Result<Vec<u8>, ClientError> {
         let exchange = async {
             let (mut send, mut recv) = self.conn.open_bi().await.map_err(ClientError::from_connection)?;
-            send.write_all(frame).await.map_err(|e| self.lost(e.to_string()))?;
-            send.finish().map_err(|e| self.lost(e.to_string()))?;
+            match send.write_all(frame).await {
+                Ok(()) => send.finish().map_err(|e| self.lost(e.to_string()))?,
+                // The server stopped reading (a frame too large for its
+                // kind): its answer says why.
+                Err(quinn::WriteError::Stopped(_)) => {}
+                Err(e) => return Err(self.lost(e.to_string())),
+            }
             recv.read_to_end(MAX_RESPONSE_FRAME).await.map_err(|e| self.lost(e.to_string()))
         };
         tokio::time::timeout(CLIENT_TIMEOUT, exchange).await.map_err(|_| ClientError::Timeout(CLIENT_TIMEOUT))?

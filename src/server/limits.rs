@@ -13,9 +13,17 @@ use crate::limits::RATE_LIMIT_ENTRIES;
 #[derive(Debug, Default)]
 pub struct Admission {
     per_ip: Mutex<HashMap<IpAddr, u32>>,
-    unregistered: Arc<Mutex<HashMap<IpAddr, u32>>>,
+    unregistered: Arc<Mutex<Strangers>>,
     total: AtomicU32,
     pending: AtomicU32,
+}
+
+/// Connections whose key is not a registered device: per address and in
+/// total.
+#[derive(Debug, Default)]
+struct Strangers {
+    per_ip: HashMap<IpAddr, u32>,
+    total: u32,
 }
 
 /// Why a connection attempt was turned away.
@@ -41,16 +49,21 @@ impl Admission {
         Ok(ConnectionSlot { admission: self.clone(), ip })
     }
 
-    /// Takes a slot for a connection whose key is not an account yet; it is
-    /// given back when the guard drops (registration or disconnect).
-    pub fn unregistered(&self, ip: IpAddr, max: u32) -> Option<UnregisteredSlot> {
-        let mut map = self.unregistered.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if *n >= max {
+    /// Takes a slot for a connection whose key is not an account yet, if
+    /// neither its address's cap nor the total cap is reached; it is given
+    /// back when the guard drops (registration or disconnect).
+    pub fn unregistered(&self, ip: IpAddr, max_per_ip: u32, max_total: u32) -> Option<UnregisteredSlot> {
+        let mut strangers = self.unregistered.lock().unwrap_or_else(|p| p.into_inner());
+        if strangers.total >= max_total {
+            return None;
+        }
+        let n = strangers.per_ip.entry(ip).or_insert(0);
+        if *n >= max_per_ip {
             return None;
         }
         *n += 1;
-        Some(UnregisteredSlot { map: self.unregistered.clone(), ip })
+        strangers.total += 1;
+        Some(UnregisteredSlot { strangers: self.unregistered.clone(), ip })
     }
 
     /// Handshakes in progress.
@@ -93,17 +106,18 @@ impl Drop for ConnectionSlot {
 /// One unregistered connection; frees its slot on drop.
 #[derive(Debug)]
 pub struct UnregisteredSlot {
-    map: Arc<Mutex<HashMap<IpAddr, u32>>>,
+    strangers: Arc<Mutex<Strangers>>,
     ip: IpAddr,
 }
 
 impl Drop for UnregisteredSlot {
     fn drop(&mut self) {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
+        let mut strangers = self.strangers.lock().unwrap_or_else(|p| p.into_inner());
+        strangers.total = strangers.total.saturating_sub(1);
+        if let Some(n) = strangers.per_ip.get_mut(&self.ip) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                map.remove(&self.ip);
+                strangers.per_ip.remove(&self.ip);
             }
         }
     }
@@ -190,5 +204,19 @@ mod tests {
         assert_eq!(a.pending(), 1);
         drop(h);
         assert_eq!(a.pending(), 0);
+    }
+
+    #[test]
+    fn strangers_are_capped_per_address_and_in_total() {
+        let a = Admission::default();
+        let ip1: IpAddr = "127.0.0.1".parse().unwrap();
+        let ip2: IpAddr = "127.0.0.2".parse().unwrap();
+        let s1 = a.unregistered(ip1, 2, 3).unwrap();
+        let _s2 = a.unregistered(ip1, 2, 3).unwrap();
+        assert!(a.unregistered(ip1, 2, 3).is_none(), "per address");
+        let _s3 = a.unregistered(ip2, 2, 3).unwrap();
+        assert!(a.unregistered(ip2, 2, 3).is_none(), "in total");
+        drop(s1);
+        assert!(a.unregistered(ip2, 2, 3).is_some());
     }
 }

@@ -31,7 +31,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::auth::tls::{server_crypto, TlsError};
 use crate::auth::{identity, HushAddress, Identity, KeyError};
 use crate::config::ServerConfig;
-use crate::limits::{INCOMING_BUFFER_BYTES, INCOMING_BUFFER_BYTES_TOTAL, MAX_REQUEST_FRAME, SHUTDOWN_GRACE};
+use crate::limits::{INCOMING_BUFFER_BYTES, INCOMING_BUFFER_BYTES_TOTAL, SHUTDOWN_GRACE, STRANGER_RECEIVE_WINDOW};
 use crate::store::{Store, StoreError, DB_FILE};
 use crate::wire::close;
 
@@ -78,6 +78,8 @@ pub(crate) struct Shared {
     pub ip_rate: limits::RateLimiter<std::net::IpAddr>,
     /// Public half of the removal key (told to clients in `Status`).
     pub removal_key: [u8; 32],
+    /// Bytes of request frames all connections may hold at once.
+    pub request_budget: Arc<tokio::sync::Semaphore>,
 }
 
 /// Paths of a server's files inside its data directory.
@@ -130,14 +132,18 @@ impl Server {
         let store = Store::open(&data_dir.db(), config.quotas(), removal_key)?;
 
         let mut transport = TransportConfig::default();
+        // Every connection starts as a stranger's: one request stream and a
+        // few KiB of flow-control credit, so nothing can be buffered for a
+        // key before it is known to be a device (the session then opens
+        // both up; see `session::Session::go_online`).
         transport
-            .max_concurrent_bidi_streams(VarInt::from_u32(config.max_streams_per_connection))
+            .max_concurrent_bidi_streams(VarInt::from_u32(1))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
             .max_idle_timeout(Some(
                 IdleTimeout::try_from(config.idle_timeout()).map_err(|e| ServerError::Config(e.to_string()))?,
             ))
             .stream_receive_window(VarInt::from_u32(256 * 1024))
-            .receive_window(VarInt::from_u32(u32::try_from(MAX_REQUEST_FRAME * 2).unwrap_or(u32::MAX)))
+            .receive_window(VarInt::from_u32(STRANGER_RECEIVE_WINDOW))
             .send_window(4 * 1024 * 1024);
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto(&identity)?));
         server_config
@@ -167,6 +173,7 @@ impl Server {
             warn!("could not write {}: {e}", data_dir.address().display());
         }
         let config_rates = (config.requests_per_second_per_account, config.requests_per_second_per_ip);
+        let request_memory = config.request_memory().min(tokio::sync::Semaphore::MAX_PERMITS);
         let shared = Arc::new(Shared {
             config,
             store,
@@ -175,6 +182,7 @@ impl Server {
             account_rate: limits::RateLimiter::new(config_rates.0),
             ip_rate: limits::RateLimiter::new(config_rates.1),
             removal_key,
+            request_budget: Arc::new(tokio::sync::Semaphore::new(request_memory)),
         });
         Ok(Self { endpoint, shared, address, data_dir })
     }

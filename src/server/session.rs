@@ -9,10 +9,11 @@
 //! account its certificate names ([`Caller`]).
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use quinn::{ReadToEndError, RecvStream, SendStream, VarInt};
 use rustls::pki_types::CertificateDer;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, error, warn};
@@ -22,7 +23,7 @@ use super::Shared;
 use crate::auth::tls::device_of_peer;
 use crate::auth::{DeviceCertificate, DeviceId, InviteToken};
 use crate::delivery::Caller;
-use crate::limits::{MAX_REQUEST_FRAME, SHUTDOWN_GRACE};
+use crate::limits::{DEVICE_RECEIVE_WINDOW, MAX_STRANGER_FRAME, REQUEST_BUDGET_PER_CONNECTION, SHUTDOWN_GRACE};
 use crate::store::RegisterError;
 use crate::util::now_unix;
 use crate::wire::{close, DecodeError, ErrorCode, Request, Response};
@@ -36,13 +37,19 @@ struct Session {
     caller: OnceLock<Caller>,
     conn: quinn::Connection,
     online: std::sync::Mutex<Option<Online>>,
+    /// Bytes of request frames this connection may hold at once.
+    budget: Arc<Semaphore>,
     /// Held while the key is not an account (the per-address cap on strangers).
     stranger: std::sync::Mutex<Option<super::limits::UnregisteredSlot>>,
 }
 
 impl Session {
-    /// Starts live delivery to this connection (once).
+    /// Starts live delivery to this connection (once) and opens its flow
+    /// control and stream limits to what a device gets (a connection starts
+    /// with a stranger's: one stream, a few KiB).
     fn go_online(&self) {
+        self.conn.set_receive_window(VarInt::from_u32(DEVICE_RECEIVE_WINDOW));
+        self.conn.set_max_concurrent_bi_streams(VarInt::from_u32(self.shared.config.max_streams_per_connection));
         let mut online = self.online.lock().unwrap_or_else(|p| p.into_inner());
         if online.is_none() {
             *online = Some(self.shared.registry.connect(self.device, self.conn.clone()));
@@ -77,11 +84,12 @@ pub(crate) async fn run(conn: quinn::Connection, shared: Arc<Shared>, mut stop: 
     let mut stranger = None;
     if !known {
         let ip = conn.remote_address().ip();
-        match shared.admission.unregistered(ip, shared.config.max_unregistered_per_ip) {
+        let cfg = &shared.config;
+        match shared.admission.unregistered(ip, cfg.max_unregistered_per_ip, cfg.max_unregistered) {
             Some(slot) => stranger = Some(slot),
             None => {
-                debug!("too many unregistered connections from this address");
-                conn.close(VarInt::from_u32(close::BUSY), b"too many unregistered connections from your address");
+                debug!("too many unregistered connections");
+                conn.close(VarInt::from_u32(close::BUSY), b"too many unregistered connections");
                 return;
             }
         }
@@ -93,6 +101,7 @@ pub(crate) async fn run(conn: quinn::Connection, shared: Arc<Shared>, mut stop: 
         caller: caller.map(OnceLock::from).unwrap_or_default(),
         conn: conn.clone(),
         online: std::sync::Mutex::new(None),
+        budget: Arc::new(Semaphore::new(REQUEST_BUDGET_PER_CONNECTION)),
         stranger: std::sync::Mutex::new(stranger),
     });
     if known {
@@ -134,34 +143,30 @@ pub(crate) async fn run(conn: quinn::Connection, shared: Arc<Shared>, mut stop: 
 
 async fn serve_stream(session: &Session, mut send: SendStream, mut recv: RecvStream) {
     let timeout = session.shared.config.request_timeout();
-    let response = match tokio::time::timeout(timeout, recv.read_to_end(MAX_REQUEST_FRAME)).await {
+    let deadline = Instant::now() + timeout;
+    let response = match tokio::time::timeout_at(deadline, read_request(session, &mut recv, deadline)).await {
         Err(_) => {
             let _ = recv.stop(VarInt::from_u32(0));
             Response::error(ErrorCode::Timeout, "the request was not received in time")
         }
-        Ok(Err(ReadToEndError::TooLong)) => {
+        Ok(Err(Refused::Stream)) => return,
+        Ok(Err(Refused::Answer(response))) => {
+            // Nothing more of this stream is read or buffered.
             let _ = recv.stop(VarInt::from_u32(0));
-            Response::error(ErrorCode::TooLarge, format!("requests are limited to {MAX_REQUEST_FRAME} bytes"))
+            response
         }
-        Ok(Err(ReadToEndError::Read(e))) => {
-            debug!("request stream failed: {e}");
-            return;
-        }
-        Ok(Ok(frame)) => match rate_check(session) {
-            Err(wait) => {
-                let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
-                Response::Error {
-                    code: ErrorCode::RateLimited,
-                    detail: ms,
-                    message: format!("too many requests; retry in {ms} ms"),
+        Ok(Ok((frame, budget))) => {
+            let response = match Request::decode(&frame) {
+                Ok(request) => {
+                    drop(frame);
+                    handle(session, request).await
                 }
-            }
-            Ok(()) => match Request::decode(&frame) {
-                Ok(request) => handle(session, request).await,
                 Err(e @ DecodeError::UnknownTag { .. }) => Response::error(ErrorCode::UnknownRequest, e.to_string()),
                 Err(e) => Response::error(ErrorCode::Malformed, format!("malformed request: {e}")),
-            },
-        },
+            };
+            drop(budget);
+            response
+        }
     };
     let bytes = match response.encode() {
         Ok(b) => b,
@@ -179,6 +184,123 @@ async fn serve_stream(session: &Session, mut send: SendStream, mut recv: RecvStr
     // Wait until the peer has the whole response, so that closing the
     // connection (shutdown) cannot cut it off.
     let _ = tokio::time::timeout(timeout, send.stopped()).await;
+}
+
+/// Why a request was not read.
+enum Refused {
+    /// Answer with this (the rest of the stream is not read).
+    Answer(Response),
+    /// The stream failed; nothing to answer.
+    Stream,
+}
+
+/// Memory reserved for one request frame: given back when dropped.
+struct Budget {
+    connection: OwnedSemaphorePermit,
+    server: OwnedSemaphorePermit,
+}
+
+impl Budget {
+    /// Gives back everything above `bytes` (what the frame turned out to
+    /// need).
+    fn shrink_to(&mut self, bytes: usize) {
+        for permit in [&mut self.connection, &mut self.server] {
+            let excess = permit.num_permits().saturating_sub(bytes.max(1));
+            drop(permit.split(excess));
+        }
+    }
+}
+
+/// Reads one request frame, spending memory only once it is reserved:
+/// first the one-byte tag (under the connection's small receive window
+/// nothing else is buffered), then, if the caller may send that request at
+/// all and its rate budget allows, a reservation of the largest frame that
+/// tag can have, from the connection's and the server's budgets, and only
+/// then the body, capped at that size.
+async fn read_request(
+    session: &Session,
+    recv: &mut RecvStream,
+    deadline: Instant,
+) -> Result<(Vec<u8>, Budget), Refused> {
+    let mut tag = [0u8; 1];
+    match recv.read_exact(&mut tag).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(_)) => {
+            return Err(Refused::Answer(Response::error(ErrorCode::Malformed, "malformed request: frame ends early")))
+        }
+        Err(quinn::ReadExactError::ReadError(e)) => {
+            debug!("request stream failed: {e}");
+            return Err(Refused::Stream);
+        }
+    }
+    let [tag] = tag;
+    // Every request spends rate budget (the account's, or a stranger's
+    // address's), even one that is refused next.
+    if let Err(wait) = rate_check(session) {
+        return Err(Refused::Answer(rate_limited(wait, "too many requests")));
+    }
+    let registered = session.registered();
+    let Some(limit) = Request::max_frame(tag) else {
+        let e = DecodeError::UnknownTag { what: "request", tag };
+        return Err(Refused::Answer(Response::error(ErrorCode::UnknownRequest, e.to_string())));
+    };
+    let limit = if registered {
+        limit
+    } else if tag == REGISTER_TAG {
+        limit.min(MAX_STRANGER_FRAME)
+    } else {
+        return Err(Refused::Answer(not_registered()));
+    };
+    let mut budget = reserve(session, limit, deadline).await?;
+    let frame = match recv.read_to_end(limit.saturating_sub(1)).await {
+        Ok(mut rest) => {
+            rest.insert(0, tag);
+            rest
+        }
+        Err(ReadToEndError::TooLong) => {
+            return Err(Refused::Answer(Response::error(
+                ErrorCode::TooLarge,
+                format!("this request is limited to {limit} bytes"),
+            )))
+        }
+        Err(ReadToEndError::Read(e)) => {
+            debug!("request stream failed: {e}");
+            return Err(Refused::Stream);
+        }
+    };
+    budget.shrink_to(frame.len());
+    Ok((frame, budget))
+}
+
+/// Reserves `bytes` from the connection's and the server's request budgets,
+/// waiting until `deadline` at most.
+async fn reserve(session: &Session, bytes: usize, deadline: Instant) -> Result<Budget, Refused> {
+    let n = u32::try_from(bytes).unwrap_or(u32::MAX);
+    let busy = || Refused::Answer(rate_limited(Duration::from_millis(BUDGET_RETRY_MS), "the server is busy"));
+    let acquire = async {
+        let connection = session.budget.clone().acquire_many_owned(n).await.map_err(|_| busy())?;
+        let server = session.shared.request_budget.clone().acquire_many_owned(n).await.map_err(|_| busy())?;
+        Ok(Budget { connection, server })
+    };
+    tokio::time::timeout_at(deadline, acquire).await.map_err(|_| busy())?
+}
+
+/// How long a client told "busy" should wait before retrying.
+const BUDGET_RETRY_MS: u64 = 100;
+
+/// The tag of `Register`, the only request a stranger may send.
+const REGISTER_TAG: u8 = 0x01;
+
+fn rate_limited(wait: Duration, what: &str) -> Response {
+    let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+    Response::Error { code: ErrorCode::RateLimited, detail: ms, message: format!("{what}; retry in {ms} ms") }
+}
+
+fn not_registered() -> Response {
+    Response::error(
+        ErrorCode::NotRegistered,
+        "this key is not a registered device on this server; register with an invite first",
+    )
 }
 
 /// One token bucket per request: a registered device spends its account's
@@ -200,10 +322,7 @@ async fn handle(session: &Session, request: Request) -> Response {
     let caller = session.caller.get().copied();
     match (request, caller) {
         (Request::Register { invite, certificate }, _) => register(session, invite, &certificate).await,
-        (_, None) => Response::error(
-            ErrorCode::NotRegistered,
-            "this key is not a registered device on this server; register with an invite first",
-        ),
+        (_, None) => not_registered(),
         (Request::Status, Some(caller)) => {
             let device = caller.device;
             let removal_key = session.shared.removal_key;

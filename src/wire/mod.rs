@@ -16,8 +16,11 @@
 //!   writes one request frame and finishes its send side. The server answers
 //!   with exactly one response frame and finishes. Stream boundaries delimit
 //!   the frames, so request and response frames have no length prefix. The
-//!   server reads at most [`MAX_REQUEST_FRAME`] bytes; longer requests get
-//!   [`ErrorCode::TooLarge`]. Clients read at most [`MAX_RESPONSE_FRAME`].
+//!   server reads the tag first and then at most [`Request::max_frame`] of
+//!   that tag (never more than [`MAX_REQUEST_FRAME`]); longer requests get
+//!   [`ErrorCode::TooLarge`]. A key that is not a registered device may
+//!   only send `Register`, of at most [`crate::limits::MAX_STRANGER_FRAME`]
+//!   bytes, one at a time. Clients read at most [`MAX_RESPONSE_FRAME`].
 //! * **Pushes**: once the connection belongs to a registered account, the
 //!   server may open one unidirectional stream and write push frames on it,
 //!   each a `u32` big-endian length `n` (at most [`MAX_PUSH_FRAME`]) followed
@@ -445,6 +448,28 @@ impl Request {
         };
         r.finish()?;
         Ok(req)
+    }
+
+    /// The largest frame a request with this tag can be, from its fields'
+    /// limits (capped at [`MAX_REQUEST_FRAME`]); `None` for an unknown tag.
+    /// The server reads the tag first and reserves this much memory before
+    /// reading the rest, so a small request can never hold a large buffer.
+    pub fn max_frame(tag: u8) -> Option<usize> {
+        let group_id = 1 + MAX_GROUP_ID;
+        let mls = 4 + MAX_MLS_MESSAGE;
+        let len = match tag {
+            0x01 => 1 + 1 + 1 + MAX_INVITE_LEN + 2 + MAX_CERTIFICATE,
+            0x02 | 0x06 | 0x0b | 0x0d => 1,
+            0x03 | 0x0c => 1 + 8,
+            0x04 => 1 + 2 + MAX_KEY_PACKAGES * (4 + MAX_KEY_PACKAGE) + 1 + 2,
+            0x05 => 1 + 32,
+            0x07 => 1 + 2 * mls,
+            0x08 => 1 + mls + 1 + mls,
+            0x09 => 1 + group_id + 8 + 2,
+            0x0a => 1 + group_id + 8,
+            _ => return None,
+        };
+        Some(len.min(MAX_REQUEST_FRAME))
     }
 
     /// A short name for logs (never the contents).

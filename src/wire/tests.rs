@@ -159,3 +159,35 @@ fn error_codes_are_stable() {
     assert_eq!(ErrorCode::NotRegistered.to_u16(), 10);
     assert_eq!(ErrorCode::StaleEpoch.to_u16(), 21);
 }
+
+proptest! {
+    #[test]
+    fn every_request_fits_the_frame_its_tag_allows(request in request()) {
+        if let Ok(frame) = request.encode() {
+            let max = Request::max_frame(frame[0]).expect("known tag");
+            prop_assert!(frame.len() <= max || frame.len() > MAX_REQUEST_FRAME);
+        }
+    }
+}
+
+#[test]
+fn the_largest_frames_of_each_kind_fit_their_limit() {
+    let big = |n: usize| vec![0u8; n];
+    let cases = [
+        Request::Register {
+            invite: Some("x".repeat(MAX_INVITE_LEN)),
+            certificate: big(crate::limits::MAX_CERTIFICATE),
+        },
+        Request::Fetch { group: big(MAX_GROUP_ID), after: 1, limit: 1 },
+        Request::Ack { group: big(MAX_GROUP_ID), seq: 1 },
+        Request::ClaimKeyPackage { account: [0; 32] },
+        Request::AckWelcome { id: 1 },
+    ];
+    for r in cases {
+        let frame = r.encode().unwrap();
+        assert_eq!(frame.len(), Request::max_frame(frame[0]).unwrap(), "{}", r.kind());
+    }
+    assert_eq!(Request::max_frame(0x08), Some(1 + 2 * (4 + MAX_MLS_MESSAGE) + 1));
+    assert_eq!(Request::max_frame(0x04), Some(MAX_REQUEST_FRAME));
+    assert_eq!(Request::max_frame(0xff), None);
+}

@@ -501,3 +501,107 @@ async fn strangers_flooding_from_a_members_address_never_spend_the_members_budge
     flood.await.unwrap();
     assert_eq!(accepted, 10, "{accepted} of 10 sends accepted while strangers flooded from the same address");
 }
+
+/// Issue 13, finding 1: strangers (keys with no account) opened 16
+/// connections from one address with 64 streams each, pushed ~1 MiB into
+/// every stream and never finished them; the server read every stream
+/// whole before checking anything and held over a gigabyte. Now a
+/// connection starts with one stream and a 4 KiB receive window until its
+/// key is known to be a device, and a stranger may send nothing but a
+/// `Register` of at most 2 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_hoarding_request_streams_cost_bounded_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = [("HUSHD_AUTH_DEADLINE_SECS", "60"), ("HUSHD_REQUEST_TIMEOUT_SECS", "60")];
+    let server = Hushd::start_with(&tmp.path().join("s"), "127.0.0.1:0", &env);
+    // Three honest members on the same address, registered before the
+    // attack (while 16 strangers hold their address's stranger slots, new
+    // keys from it cannot connect: that cap is deliberate).
+    let (mut peers, g) = group_of(&server, 3).await;
+    let idle = server.rss_kib();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut attack = tokio::task::JoinSet::new();
+    let pushed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    for _ in 0..16 {
+        let stranger = hush::auth::Identity::generate().unwrap();
+        let conn = Connection::connect(&server.address, &stranger).await.unwrap();
+        let (stop, pushed) = (stop.clone(), pushed.clone());
+        attack.spawn(async move {
+            let mut streams = vec![];
+            for _ in 0..64 {
+                // Each stream: a Send tag and ~1 MiB, never finished. Opens
+                // and writes block once the server grants no more credit.
+                let Ok(Ok((mut send, recv))) =
+                    tokio::time::timeout(Duration::from_millis(200), conn.quic().open_bi()).await
+                else {
+                    continue;
+                };
+                let pushed = pushed.clone();
+                let writer = tokio::spawn(async move {
+                    let chunk = [0x08u8; 1024];
+                    for _ in 0..1024 {
+                        if send.write_all(&chunk).await.is_err() {
+                            break;
+                        }
+                        pushed.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    send
+                });
+                streams.push((writer, recv));
+            }
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            for (w, _) in &streams {
+                w.abort();
+            }
+            conn.quic().close(0u32.into(), b"");
+        });
+    }
+    // Meanwhile the honest members hold a conversation, and the server's
+    // memory is sampled.
+    let mut peak = idle;
+    {
+        let honest = async {
+            let rounds = if long() { 200 } else { 10 };
+            for round in 0..rounds {
+                for (i, p) in peers.iter_mut().enumerate() {
+                    let m = p.mls.encrypt(&g, format!("{i}:{round}").as_bytes()).unwrap();
+                    let (seq, _) = p.conn.send(m, None).await.unwrap();
+                    p.own.push(seq);
+                }
+            }
+            for p in &mut peers {
+                p.sync(&g).await;
+            }
+        };
+        tokio::pin!(honest);
+        loop {
+            tokio::select! {
+                () = &mut honest => break,
+                () = tokio::time::sleep(Duration::from_millis(100)) => peak = peak.max(server.rss_kib()),
+            }
+        }
+    }
+    // Let the attack sit a little longer at full size.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(server.rss_kib());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    while attack.join_next().await.is_some() {}
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = server.rss_kib();
+    let pushed = pushed.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "stream hoarding: 16 stranger connections x 64 streams; {pushed} bytes accepted by the transport; \
+         server RSS idle {idle} KiB, peak {peak} KiB, after {after} KiB"
+    );
+    // Before the fix the attackers pushed as fast as they could write (about
+    // 1 GiB in 5 s from a release build) and the server kept it. The bound
+    // SECURITY.md states is 64 MiB; the credit strangers get makes it tiny.
+    assert!(peak.saturating_sub(idle) < 16 * 1024, "server memory grew by {} KiB", peak - idle);
+    assert!(after.saturating_sub(idle) < 16 * 1024, "server kept {} KiB after the attack", after - idle);
+    let credit = 16 * u64::from(hush::limits::STRANGER_RECEIVE_WINDOW);
+    assert!(pushed <= credit, "strangers got {pushed} bytes of credit, more than {credit}");
+}

@@ -24,10 +24,14 @@ async fn malformed_truncated_oversized_and_trailing_frames_get_error_codes() {
     let ping = Request::Ping { nonce: 5 }.encode().unwrap();
     let mut trailing = ping.clone();
     trailing.push(0);
+    let mut fetch_trailing = Request::Fetch { group: vec![1], after: 0, limit: 0 }.encode().unwrap();
+    fetch_trailing.push(0);
     let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
         ("empty", vec![], ErrorCode::Malformed),
         ("truncated", ping[..ping.len() - 1].to_vec(), ErrorCode::Malformed),
-        ("trailing garbage", trailing, ErrorCode::Malformed),
+        // Longer than any Ping can be: refused before it is read.
+        ("trailing garbage beyond the tag's size", trailing, ErrorCode::TooLarge),
+        ("trailing garbage", fetch_trailing, ErrorCode::Malformed),
         ("bad bool", vec![0x01, 0x07], ErrorCode::Malformed),
         ("overlong invite", [vec![0x01, 0x01, 0xff], vec![b'a'; 255]].concat(), ErrorCode::Malformed),
         ("unknown tag", vec![0x7f], ErrorCode::UnknownRequest),
