@@ -151,6 +151,23 @@ impl Peer {
     }
 }
 
+/// Every peer sends `rounds` messages in turn; then all catch up and must
+/// agree on the group's state.
+async fn converse(peers: &mut [Peer], g: &[u8], rounds: usize) {
+    for round in 0..rounds {
+        for (i, p) in peers.iter_mut().enumerate() {
+            let m = p.mls.encrypt(g, format!("{i}:{round}").as_bytes()).unwrap();
+            let (seq, _) = p.conn.send(m, None).await.unwrap();
+            p.own.push(seq);
+        }
+    }
+    for p in peers.iter_mut() {
+        p.sync(g).await;
+    }
+    let auth = peers[0].mls.epoch_authenticator(g);
+    assert!(peers.iter_mut().all(|p| p.mls.epoch_authenticator(g) == auth), "members diverged");
+}
+
 async fn group_of(server: &Hushd, n: usize) -> (Vec<Peer>, Vec<u8>) {
     let mut peers = vec![];
     for _ in 0..n {
@@ -369,19 +386,7 @@ async fn honest_members_finish_their_conversation_during_a_flood() {
         let mut peak = before;
         let honest = async {
             let (mut peers, g) = group_of(server_ref, 3).await;
-            let rounds = if long() { 300 } else { 10 };
-            for round in 0..rounds {
-                for (i, p) in peers.iter_mut().enumerate() {
-                    let m = p.mls.encrypt(&g, format!("{i}:{round}").as_bytes()).unwrap();
-                    let (seq, _) = p.conn.send(m, None).await.unwrap();
-                    p.own.push(seq);
-                }
-            }
-            for p in &mut peers {
-                p.sync(&g).await;
-            }
-            let auth = peers[0].mls.epoch_authenticator(&g);
-            assert!(peers.iter_mut().all(|p| p.mls.epoch_authenticator(&g) == auth));
+            converse(&mut peers, &g, if long() { 300 } else { 10 }).await;
         };
         tokio::pin!(honest);
         loop {
@@ -562,19 +567,7 @@ async fn strangers_hoarding_request_streams_cost_bounded_memory() {
     // memory is sampled.
     let mut peak = idle;
     {
-        let honest = async {
-            let rounds = if long() { 200 } else { 10 };
-            for round in 0..rounds {
-                for (i, p) in peers.iter_mut().enumerate() {
-                    let m = p.mls.encrypt(&g, format!("{i}:{round}").as_bytes()).unwrap();
-                    let (seq, _) = p.conn.send(m, None).await.unwrap();
-                    p.own.push(seq);
-                }
-            }
-            for p in &mut peers {
-                p.sync(&g).await;
-            }
-        };
+        let honest = converse(&mut peers, &g, if long() { 200 } else { 10 });
         tokio::pin!(honest);
         loop {
             tokio::select! {
