@@ -10,14 +10,14 @@
 
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
-    BasicCredential, ContentType, Credential, ExternalSender, GroupContext, KeyPackageIn, LeafNode, MlsMessageBodyIn,
-    MlsMessageIn, ProtocolMessage, ProtocolVersion, SignaturePublicKey,
+    BasicCredential, ContentType, Credential, ExternalSender, GroupContext, KeyPackage, KeyPackageIn, LeafNode,
+    MlsMessageBodyIn, MlsMessageIn, ProtocolMessage, ProtocolVersion, SignaturePublicKey,
 };
 use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
 
 use crate::auth::{AccountId, CredentialError, DeviceCertificate, DeviceId};
-use crate::limits::MAX_GROUP_ID;
+use crate::limits::{MAX_GROUP_ID, MAX_LEAF_NODE};
 use crate::wire::{DecodeError, Reader, Writer};
 
 pub use openmls::prelude::PublicGroup;
@@ -122,6 +122,31 @@ pub fn node_certificate(leaf: &LeafNode) -> Result<DeviceCertificate, Credential
     leaf_certificate(leaf.credential(), leaf.signature_key().as_slice())
 }
 
+/// Refuses a leaf hush never makes: one carrying any extension (hush uses
+/// none, so every extension is unknown here), or one whose encoding is
+/// larger than [`MAX_LEAF_NODE`]. Such leaves would sit in the group's
+/// public state, which every later handshake decodes and rewrites.
+pub fn check_leaf_shape(leaf: &LeafNode) -> Result<(), String> {
+    use openmls::prelude::tls_codec::Size as _;
+    if leaf.extensions().iter().next().is_some() {
+        return Err("leaves may not carry extensions".into());
+    }
+    let len = leaf.tls_serialized_len();
+    if len > MAX_LEAF_NODE {
+        return Err(format!("the leaf is {len} bytes; at most {MAX_LEAF_NODE} are accepted"));
+    }
+    Ok(())
+}
+
+/// [`check_leaf_shape`] for a KeyPackage's leaf, and no KeyPackage
+/// extensions either.
+pub fn check_key_package_shape(kp: &KeyPackage) -> Result<(), String> {
+    if kp.extensions().iter().next().is_some() {
+        return Err("KeyPackages may not carry extensions".into());
+    }
+    check_leaf_shape(kp.leaf_node())
+}
+
 /// The account a credential names, if it carries a valid certificate.
 pub fn account_of(credential: &Credential) -> Option<AccountId> {
     certificate_of(credential).ok().map(|c| c.account)
@@ -151,6 +176,7 @@ pub fn validate_key_package(
     let kp_in = KeyPackageIn::tls_deserialize_exact(bytes).map_err(|e| invalid(format!("not a KeyPackage: {e}")))?;
     let kp = kp_in.validate(crypto, ProtocolVersion::Mls10).map_err(|e| invalid(format!("invalid KeyPackage: {e}")))?;
     crypto.supports(kp.ciphersuite()).map_err(|_| invalid("unsupported ciphersuite".to_string()))?;
+    check_key_package_shape(&kp).map_err(invalid)?;
     let cert = node_certificate(kp.leaf_node()).map_err(|e| KeyPackageError::Credential(e.to_string()))?;
     if cert.account != *account || cert.device != *device {
         return Err(KeyPackageError::Credential(

@@ -67,7 +67,7 @@ use openmls_rust_crypto::RustCrypto;
 use crate::auth::{AccountId, DeviceCertificate, DeviceId};
 use crate::limits::{
     CLAIM_BURST, CLAIM_REFILL, FETCH_BYTE_BUDGET, MAX_CACHED_ROSTERS, MAX_DEVICES_PER_ACCOUNT, MAX_FETCH_ENTRIES,
-    MAX_GROUPS_LISTED, MAX_KEY_PACKAGES,
+    MAX_GROUPS_LISTED, MAX_GROUP_STATE, MAX_KEY_PACKAGES, MAX_PENDING_PROPOSALS,
 };
 use crate::wire::{ErrorCode, Request, Response};
 
@@ -135,6 +135,35 @@ fn bad_leaf<E>(index: u32, why: impl std::fmt::Display) -> Refusal<E> {
         detail: u64::from(index),
         message: format!("leaf {index}: {why}"),
     }
+}
+
+/// A leaf hush never makes (extensions, oversized); `detail` is its index.
+fn bad_shape<E>(index: u32, why: impl std::fmt::Display) -> Refusal<E> {
+    Refusal::Client {
+        code: ErrorCode::InvalidCommit,
+        detail: u64::from(index),
+        message: format!("leaf {index}: {why}"),
+    }
+}
+
+/// An added KeyPackage hush never makes; `detail` is its position.
+fn bad_add_shape<E>(position: usize, why: impl std::fmt::Display) -> Refusal<E> {
+    Refusal::Client {
+        code: ErrorCode::InvalidCommit,
+        detail: u64::try_from(position).unwrap_or(u64::MAX),
+        message: format!("added member {position}: {why}"),
+    }
+}
+
+/// Refuses a group state above [`MAX_GROUP_STATE`].
+fn check_state_size<E>(state: &[u8]) -> Result<(), Refusal<E>> {
+    if state.len() > MAX_GROUP_STATE {
+        return Err(refuse(
+            ErrorCode::QuotaExceeded,
+            format!("the group's state would be {} bytes; this server keeps at most {MAX_GROUP_STATE}", state.len()),
+        ));
+    }
+    Ok(())
 }
 
 /// An added KeyPackage whose credential is not acceptable (it has no leaf
@@ -469,6 +498,8 @@ impl Delivery {
         };
         let cert =
             mls::leaf_certificate(&only.credential, &only.signature_key).map_err(|e| bad_leaf(only.index.u32(), e))?;
+        let leaf = public.leaf(only.index).ok_or_else(|| Refusal::Internal("the only leaf is missing".into()))?;
+        mls::check_leaf_shape(leaf).map_err(|m| bad_shape(only.index.u32(), m))?;
         if Caller::of(&cert) != *caller {
             return Err(bad_leaf(only.index.u32(), "a new group's only leaf must be your own device's"));
         }
@@ -480,6 +511,7 @@ impl Delivery {
         }
         let epoch = public.group_context().epoch().as_u64();
         let state = mls::encode_state(&storage).map_err(Refusal::Internal)?;
+        check_state_size(&state)?;
         store.insert_group(&group, epoch, &state, now)?;
         store.add_member(&group, &caller.device, &caller.account, 0)?;
         Ok(Outcome { response: Response::Accepted { group, seq: 0, epoch }, notifications: vec![], wrote: true })
@@ -578,6 +610,7 @@ impl Delivery {
         }
         // A leaf may change its keys, never whose it is.
         let same_holder = |index: u32, leaf: &openmls::prelude::LeafNode| -> Result<(), Refusal<S::Error>> {
+            mls::check_leaf_shape(leaf).map_err(|m| bad_shape(index, m))?;
             let cert = mls::node_certificate(leaf).map_err(|e| bad_leaf(index, e))?;
             if holders.get(&index) != Some(&Caller::of(&cert)) {
                 return Err(bad_leaf(index, "an update may not change the leaf's account or device"));
@@ -590,13 +623,30 @@ impl Delivery {
                 if welcome.is_some() {
                     return Err(refuse(ErrorCode::InvalidMessage, "only commits carry a Welcome"));
                 }
-                if let Proposal::Update(update) = queued.proposal() {
-                    same_holder(sender, update.leaf_node())?;
+                match queued.proposal() {
+                    Proposal::Update(update) => same_holder(sender, update.leaf_node())?,
+                    Proposal::Add(add) => {
+                        let kp = add.key_package();
+                        mls::check_key_package_shape(kp).map_err(|m| bad_add_shape(0, m))?;
+                        mls::node_certificate(kp.leaf_node()).map_err(|e| bad_add(0, e))?;
+                    }
+                    _ => {}
+                }
+                let pending = public
+                    .queued_proposals(&storage)
+                    .map_err(|e| Refusal::Internal(format!("reading the proposals: {e:?}")))?
+                    .len();
+                if pending >= MAX_PENDING_PROPOSALS {
+                    return Err(refuse(
+                        ErrorCode::QuotaExceeded,
+                        format!("the group has {pending} proposals waiting, the most it may; commit them first"),
+                    ));
                 }
                 public
                     .add_proposal(&storage, *queued)
                     .map_err(|e| Refusal::Internal(format!("storing the proposal: {e:?}")))?;
                 let state = mls::encode_state(&storage).map_err(Refusal::Internal)?;
+                check_state_size(&state)?;
                 let seq = store.append(group, record.epoch, &bytes, now)?;
                 store.update_group(group, record.epoch, &state)?;
                 Ok(Outcome {
@@ -625,6 +675,7 @@ impl Delivery {
                 let mut added = Vec::new();
                 for (position, add) in staged.add_proposals().enumerate() {
                     let kp = add.add_proposal().key_package();
+                    mls::check_key_package_shape(kp).map_err(|m| bad_add_shape(position, m))?;
                     let cert = mls::node_certificate(kp.leaf_node()).map_err(|e| bad_add(position, e))?;
                     let hash_ref = kp
                         .hash_ref(&self.crypto)
@@ -683,6 +734,7 @@ impl Delivery {
                     ));
                 }
                 let state = mls::encode_state(&storage).map_err(Refusal::Internal)?;
+                check_state_size(&state)?;
                 let seq = store.append(group, record.epoch, &bytes, now)?;
                 store.update_group(group, epoch, &state)?;
                 let before_set: BTreeSet<DeviceId> = before.iter().copied().collect();

@@ -598,3 +598,44 @@ async fn strangers_hoarding_request_streams_cost_bounded_memory() {
     let credit = 16 * u64::from(hush::limits::STRANGER_RECEIVE_WINDOW);
     assert!(pushed <= credit, "strangers got {pushed} bytes of credit, more than {credit}");
 }
+
+/// Issue 13, finding 2: an account queued update proposals whose leaf
+/// carried a 400 KB unknown extension in a group of its own; each was kept
+/// in the group's public state, which every later handshake decodes and
+/// rewrites on the single writer (the 100th took 505 ms, 1.3 GB peak).
+/// Now leaves with extensions are refused, pending proposals are capped and
+/// so is a group's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cannot_grow_a_groups_state_without_bound() {
+    use hush::wire::ErrorCode;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start_with(&tmp.path().join("s"), "127.0.0.1:0", UNLIMITED);
+    let (mut honest, hg) = group_of(&server, 2).await;
+    let mut attacker = Peer::new(&server).await;
+    let removal_key = attacker.conn.status().await.unwrap().removal_key;
+    let g = attacker.mls.create_group(&removal_key).unwrap();
+    attacker.conn.create_group(g.group_info, g.ratchet_tree).await.unwrap();
+    // The bloated leaf itself.
+    let bloated = attacker.mls.update_proposal(&g.id, Some(400 * 1024)).unwrap();
+    let e = attacker.conn.send(bloated, None).await.expect_err("a leaf with a 400 KB extension was accepted");
+    assert_eq!(e.code(), Some(ErrorCode::InvalidCommit), "{e}");
+    assert!(e.to_string().contains("extensions"), "{e}");
+    // Plain proposals, until the cap; the other group keeps working.
+    let mut accepted = 0;
+    let refusal = loop {
+        let proposal = attacker.mls.update_proposal(&g.id, None).unwrap();
+        match attacker.conn.send(proposal, None).await {
+            Ok(_) => accepted += 1,
+            Err(e) => break e,
+        }
+        let m = honest[0].mls.encrypt(&hg, format!("still here {accepted}").as_bytes()).unwrap();
+        let (seq, _) = honest[0].conn.send(m, None).await.unwrap();
+        honest[0].own.push(seq);
+        assert!(accepted <= hush::limits::MAX_PENDING_PROPOSALS, "no cap on pending proposals");
+    };
+    assert_eq!(refusal.code(), Some(ErrorCode::QuotaExceeded), "{refusal}");
+    assert_eq!(accepted, hush::limits::MAX_PENDING_PROPOSALS);
+    // The honest members read everything.
+    honest[1].sync(&hg).await;
+    assert_eq!(honest[1].cursor, *honest[0].own.last().unwrap());
+}

@@ -71,6 +71,27 @@ impl<P: OpenMlsProvider> Member<P> {
         serialize(&proposal, "the proposal")
     }
 
+    /// An update proposal for this member's own leaf (same credential, new
+    /// keys), its leaf carrying an unknown extension of `extension` bytes
+    /// when given: a member parking data in the group's public state.
+    pub fn update_proposal(&mut self, group: &[u8], extension: Option<usize>) -> Result<Vec<u8>, MlsError> {
+        let mut params = LeafNodeParameters::builder();
+        if let Some(n) = extension {
+            const TYPE: u16 = 0xf0f0;
+            let ext = Extensions::single(Extension::Unknown(TYPE, UnknownExtension(vec![0x42; n])))
+                .map_err(|e| MlsError(format!("extension: {e}")))?;
+            let capabilities = Capabilities::builder().extensions(vec![ExtensionType::Unknown(TYPE)]).build();
+            params = params.with_extensions(ext).with_capabilities(capabilities);
+        }
+        self.group_mut(group)?;
+        let (provider, signer) = (&self.provider, &self.signer);
+        let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
+        let (proposal, _) = g
+            .propose_self_update(provider, signer, params.build())
+            .map_err(|e| MlsError(format!("proposing an update: {e}")))?;
+        serialize(&proposal, "the proposal")
+    }
+
     /// A commit adding `key_packages` without checking whose they are (an
     /// honest [`Member::add`] refuses uncertified ones).
     pub fn add_unchecked(&mut self, group: &[u8], key_packages: &[Vec<u8>]) -> Result<(Vec<u8>, Vec<u8>), MlsError> {
