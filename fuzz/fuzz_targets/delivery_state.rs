@@ -324,7 +324,9 @@ fuzz_target!(|ops: Vec<Op>| {
             Op::ForgeGroup { who, victim, broken } => {
                 let who = usize::from(who % 5);
                 let mut forger = Member::forger(w.claimed(victim, broken)).expect("forger");
-                let Ok(g) = forger.create_group(&w.removal_key) else { continue };
+                // An id bound to the sender, so the leaf is what is judged.
+                let id = hush::delivery::mls::group_id_for(&w.members[who].account(), b"forged group");
+                let Ok(g) = forger.create_group_with_id(&w.removal_key, &id) else { continue };
                 match w.req(who, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree }) {
                     Response::Error { code, .. } => assert_eq!(code, ErrorCode::InvalidCredential),
                     other => panic!("a group with a forged leaf was accepted: {other:?}"),

@@ -49,8 +49,10 @@ pub const OUT_OF_ORDER_TOLERANCE: u32 = 64;
 /// How far ahead of the last seen message a sender's message may be.
 pub const MAX_FORWARD_DISTANCE: u32 = 10_000;
 
-/// Length of a new group's random id.
-pub const GROUP_ID_LEN: usize = 16;
+/// Length of a new group's random nonce (the id is the nonce and a tag
+/// binding it to the creator's account, see
+/// [`crate::delivery::mls::group_id_for`]).
+pub const GROUP_NONCE_LEN: usize = 16;
 
 /// A new group as the server registers it.
 #[derive(Debug, Clone)]
@@ -241,16 +243,17 @@ impl<P: OpenMlsProvider> Member<P> {
             .build()
     }
 
-    /// Creates a group with a random id that lists `removal_key` (the
-    /// server's, from its `Status`) as its one external sender; returns the
-    /// id and what the server needs to register it (GroupInfo message,
-    /// ratchet tree).
+    /// Creates a group with a random id bound to this member's account
+    /// that lists `removal_key` (the server's, from its `Status`) as its one
+    /// external sender; returns the id and what the server needs to
+    /// register it (GroupInfo message, ratchet tree).
     pub fn create_group(&mut self, removal_key: &[u8; 32]) -> Result<NewGroup, MlsError> {
-        let mut id = [0u8; GROUP_ID_LEN];
+        let mut nonce = [0u8; GROUP_NONCE_LEN];
         mls_try!(
-            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id).map_err(|_| "no randomness"),
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce).map_err(|_| "no randomness"),
             "group id"
         )?;
+        let id = crate::delivery::mls::group_id_for(&self.certificate.account, &nonce);
         let group = mls_try!(
             MlsGroup::new_with_group_id(
                 &self.provider,

@@ -20,6 +20,7 @@ struct Group {
     record: GroupRecord,
     created_at: u64,
     members: BTreeMap<DeviceId, Membership>,
+    left_epochs: BTreeMap<DeviceId, u64>,
     log: BTreeMap<u64, (Vec<u8>, u64)>,
 }
 
@@ -118,6 +119,7 @@ impl Store for MemoryStore {
                 record: GroupRecord { epoch, state: state.to_vec(), last_seq: 0 },
                 created_at: now,
                 members: BTreeMap::new(),
+                left_epochs: BTreeMap::new(),
                 log: BTreeMap::new(),
             },
         );
@@ -154,9 +156,20 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn remove_member(&mut self, group: &[u8], device: &DeviceId, left_at: u64) -> Result<(), Infallible> {
-        if let Some(m) = self.groups.get_mut(group).and_then(|g| g.members.get_mut(device)) {
-            m.left_at = Some(left_at);
+    fn remove_member(&mut self, group: &[u8], device: &DeviceId, left_at: u64, epoch: u64) -> Result<(), Infallible> {
+        if let Some(g) = self.groups.get_mut(group) {
+            if let Some(m) = g.members.get_mut(device) {
+                m.left_at = Some(left_at);
+                g.left_epochs.insert(*device, epoch);
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_member(&mut self, group: &[u8], device: &DeviceId) -> Result<(), Infallible> {
+        if let Some(g) = self.groups.get_mut(group) {
+            g.members.remove(device);
+            g.left_epochs.remove(device);
         }
         Ok(())
     }
@@ -251,7 +264,7 @@ impl Store for MemoryStore {
             .filter_map(|(id, g)| {
                 g.members.get(device).map(|m| GroupSummary {
                     group: id.clone(),
-                    epoch: g.record.epoch,
+                    epoch: g.left_epochs.get(device).copied().unwrap_or(g.record.epoch),
                     last_seq: m.left_at.unwrap_or(g.record.last_seq),
                     acked_seq: m.acked,
                     member: m.is_current(),

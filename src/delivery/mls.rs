@@ -76,6 +76,44 @@ pub fn frame(bytes: &[u8]) -> Result<Framed, String> {
     Ok(Framed { group, epoch: message.epoch().as_u64(), kind, message })
 }
 
+/// Domain-separation label of a group id's creator tag.
+const GROUP_ID_LABEL: &[u8] = b"hush group id v1\0";
+
+/// Length of the creator tag at the end of a group id.
+const GROUP_TAG_LEN: usize = 16;
+
+/// The id of a group `account` creates with `nonce`: the nonce followed by
+/// the first 16 bytes of SHA-256(label, account, nonce). Binding ids to
+/// their creator means nobody can create (squat) or probe another
+/// account's group ids: the server checks the binding before it looks at
+/// whether the id exists.
+pub fn group_id_for(account: &AccountId, nonce: &[u8]) -> Vec<u8> {
+    let mut id = nonce.to_vec();
+    id.extend_from_slice(&group_tag(account, nonce));
+    id
+}
+
+fn group_tag(account: &AccountId, nonce: &[u8]) -> [u8; GROUP_TAG_LEN] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(GROUP_ID_LABEL);
+    ctx.update(&account.0);
+    ctx.update(nonce);
+    let digest = ctx.finish();
+    let mut tag = [0u8; GROUP_TAG_LEN];
+    if let Some(head) = digest.as_ref().get(..GROUP_TAG_LEN) {
+        tag.copy_from_slice(head);
+    }
+    tag
+}
+
+/// Whether `id` is a group id `account` may create ([`group_id_for`] with
+/// some nonce of at least one byte).
+pub fn group_id_bound_to(id: &[u8], account: &AccountId) -> bool {
+    let Some(split) = id.len().checked_sub(GROUP_TAG_LEN).filter(|n| *n > 0) else { return false };
+    let (nonce, tag) = id.split_at(split);
+    bool::from(subtle::ConstantTimeEq::ct_eq(tag, &group_tag(account, nonce)[..]))
+}
+
 /// BasicCredential identity of the server's entry in every group's
 /// `external_senders` extension (its signature key is the server's removal
 /// key).

@@ -25,7 +25,10 @@
 //!   with its account and device, so the server later knows whose package a
 //!   commit adds. Claims are rate-limited per claiming account: a burst of
 //!   [`CLAIM_BURST`], then one per [`CLAIM_REFILL`].
-//! * **Groups** are created from a GroupInfo and ratchet tree; the server
+//! * **Groups** are created from a GroupInfo and ratchet tree, with an id
+//!   bound to the creator's account ([`mls::group_id_for`]), checked before
+//!   the id's existence is (so a non-member learns nothing and squats
+//!   nothing by trying another's id); the server
 //!   builds an openmls [`mls::PublicGroup`] (public state only) and requires
 //!   the tree to hold exactly one leaf, the creating device's, and the group
 //!   context to list the server's removal key as an external sender (no
@@ -350,7 +353,13 @@ impl Delivery {
                 let last = store.group(&group)?.map(|g| g.last_seq).unwrap_or(0);
                 let visible_end = m.left_at.unwrap_or(last).min(last);
                 let seq = seq.min(visible_end);
-                if seq > m.acked {
+                if m.left_at.is_some_and(|left| seq >= left) {
+                    // A removed device that has read up to its removal is
+                    // done with the group: its row goes, and the group with
+                    // it from its list.
+                    store.delete_member(&group, &device)?;
+                    self.delete_acknowledged(store, &group)?;
+                } else if seq > m.acked {
                     store.set_acked(&group, &device, seq)?;
                     self.delete_acknowledged(store, &group)?;
                 }
@@ -475,8 +484,15 @@ impl Delivery {
         if group.is_empty() || group.len() > crate::limits::MAX_GROUP_ID {
             return Err(invalid("group ids must be 1 to 255 bytes".into()));
         }
+        // Before anything about the id's existence is looked at: ids are
+        // bound to their creator, so nobody probes or squats another's.
+        if !mls::group_id_bound_to(&group, &caller.account) {
+            return Err(invalid(
+                "a group's id must be bound to its creator's account (nonce, then the tag hush derives)".into(),
+            ));
+        }
         if store.group(&group)?.is_some() {
-            return Err(refuse(ErrorCode::GroupExists, "a group with this id already exists"));
+            return Err(refuse(ErrorCode::GroupExists, "you already created a group with this id"));
         }
         self.check_space(store)?;
         let groups = store.groups_count(&caller.account)?;
@@ -691,6 +707,21 @@ impl Delivery {
                         }
                     }
                 }
+                // Groups an account is in count against its quota, however it
+                // got there: the adder learns whom the group would take over.
+                let accounts: BTreeSet<AccountId> = added.iter().map(|(_, c)| c.account).collect();
+                for account in accounts {
+                    let groups = store.groups_count(&account)?;
+                    if groups >= self.quotas.max_groups_per_account {
+                        return Err(refuse(
+                            ErrorCode::QuotaExceeded,
+                            format!(
+                                "account {} is in {groups} groups, the most this server allows; it cannot be added",
+                                account.short()
+                            ),
+                        ));
+                    }
+                }
                 let welcome = match (added.is_empty(), welcome) {
                     (true, None) => None,
                     (true, Some(_)) => {
@@ -744,7 +775,7 @@ impl Delivery {
                     }
                 }
                 for device in before_set.iter().filter(|d| !roster.contains_key(d)) {
-                    store.remove_member(group, device, seq)?;
+                    store.remove_member(group, device, seq, record.epoch)?;
                 }
                 let mut notifications = Vec::new();
                 if let Some(w) = &welcome {

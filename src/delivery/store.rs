@@ -133,7 +133,11 @@ pub trait Store {
         account: &AccountId,
         joined_after: u64,
     ) -> Result<(), Self::Error>;
-    fn remove_member(&mut self, group: &[u8], device: &DeviceId, left_at: u64) -> Result<(), Self::Error>;
+    /// Marks `device` removed by the message at `left_at`, which the group
+    /// sent in `epoch` (what the device keeps seeing in its group list).
+    fn remove_member(&mut self, group: &[u8], device: &DeviceId, left_at: u64, epoch: u64) -> Result<(), Self::Error>;
+    /// Forgets a removed device's row (it has read up to its removal).
+    fn delete_member(&mut self, group: &[u8], device: &DeviceId) -> Result<(), Self::Error>;
     fn set_acked(&mut self, group: &[u8], device: &DeviceId, seq: u64) -> Result<(), Self::Error>;
 
     /// Appends a message with the next sequence number and returns it.
@@ -162,7 +166,8 @@ pub trait Store {
     ) -> Result<Vec<(u64, Vec<u8>)>, Self::Error>;
     fn delete_welcome(&mut self, recipient: &DeviceId, id: u64) -> Result<bool, Self::Error>;
 
-    /// The groups `device` is or was in, as it sees them.
+    /// The groups `device` is or was in, as it sees them: a removed device
+    /// sees the epoch and last sequence of its removal.
     fn groups_of(&mut self, device: &DeviceId, limit: usize) -> Result<Vec<GroupSummary>, Self::Error>;
 
     /// Groups any device of `account` is a current member of.

@@ -244,17 +244,30 @@ fn removed_member_sees_its_removal_and_nothing_after() {
     net.add(&mut alice, &g, &[&bob, &carol]);
     net.join(&mut bob);
     net.join(&mut carol);
+    let removal_epoch = alice.member.epoch(&g).unwrap();
     let commit = alice.member.remove(&g, &[carol.member.account()]).unwrap();
     assert!(matches!(net.send(&mut alice, commit, None), Response::Accepted { .. }));
     alice.member.merge_pending(&g).unwrap();
     net.text(&mut alice, &g, "after carol left");
-    let got = net.sync(&mut carol, &g);
-    assert!(matches!(got.as_slice(), [Received::Commit { removed_me: true, .. }]), "{got:?}");
+    // The group moves on; carol's list stays frozen at her removal.
+    let (commit, _) = alice.member.commit_pending(&g).unwrap();
+    assert!(matches!(net.send(&mut alice, commit, None), Response::Accepted { .. }));
+    alice.member.merge_pending(&g).unwrap();
+    let Response::Groups { groups } = net.ok(&carol, Request::ListGroups) else { panic!() };
+    assert_eq!(groups.len(), 1);
+    assert_eq!((groups[0].epoch, groups[0].last_seq, groups[0].member), (removal_epoch, 2, false));
     let again = net.ok(&carol, Request::Fetch { group: g.clone(), after: 0, limit: 0 });
     assert!(
         matches!(again, Response::Messages { ref messages, .. } if messages.iter().all(|(s, _)| *s <= 2)),
         "{again:?}"
     );
+    // Once she has read up to her removal, the group is gone for her.
+    let got = net.sync(&mut carol, &g);
+    assert!(matches!(got.as_slice(), [Received::Commit { removed_me: true, .. }]), "{got:?}");
+    let Response::Groups { groups } = net.ok(&carol, Request::ListGroups) else { panic!() };
+    assert!(groups.is_empty(), "{groups:?}");
+    let (code, _) = net.code(&carol, Request::Fetch { group: g.clone(), after: 0, limit: 0 });
+    assert_eq!(code, ErrorCode::NotMember);
     assert_eq!(texts(&net.sync(&mut bob, &g)), vec!["after carol left".to_string()]);
     assert_eq!(net.store.current_members(&g).unwrap().len(), 2);
 }
@@ -348,10 +361,10 @@ fn a_group_must_start_with_only_its_creator() {
     let mut net = Net::new();
     let (mut alice, bob) = (net.client(1), net.client(2));
     let g = alice.member.create_group(&net.removal_key).unwrap();
-    // Bob uploads alice's group as his own.
+    // Bob uploads alice's group as his own: its id is bound to alice.
     let r =
         net.req(&bob, Request::CreateGroup { group_info: g.group_info.clone(), ratchet_tree: g.ratchet_tree.clone() });
-    assert!(matches!(r, Response::Error { code: ErrorCode::InvalidCredential, detail: 0, .. }), "{r:?}");
+    assert!(matches!(r, Response::Error { code: ErrorCode::InvalidMessage, .. }), "{r:?}");
     net.ok(&alice, Request::CreateGroup { group_info: g.group_info.clone(), ratchet_tree: g.ratchet_tree.clone() });
     let r = net.req(&alice, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree });
     assert!(matches!(r, Response::Error { code: ErrorCode::GroupExists, .. }), "{r:?}");
@@ -557,7 +570,8 @@ fn a_group_must_list_the_server_and_start_with_a_certified_leaf() {
     assert_eq!(code, ErrorCode::InvalidCommit);
     // A leaf claiming alice's certificate with another key.
     let mut forger = Member::forger(cert_of(&alice)).unwrap();
-    let g = forger.create_group(&net.removal_key).unwrap();
+    let id = mls::group_id_for(&alice.member.account(), b"forged");
+    let g = forger.create_group_with_id(&net.removal_key, &id).unwrap();
     let (code, detail) =
         net.code(&alice, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree });
     assert_eq!((code, detail), (ErrorCode::InvalidCredential, 0));
@@ -627,4 +641,21 @@ fn a_commit_adding_a_forged_key_package_is_refused_by_server_and_client() {
     alice.member.discard_pending(&g).unwrap();
     // And a client that is handed it refuses it.
     assert!(matches!(bob.member.receive(&g, &commit).unwrap(), Received::Refused { .. }));
+}
+
+#[test]
+fn groups_an_account_is_added_to_count_against_its_quota() {
+    let mut net = net_with(Quotas { max_groups_per_account: 1, ..Quotas::default() });
+    let (mut alice, mut bob) = (net.client(1), net.client(2));
+    let g = net.create(&mut alice);
+    // Bob may be in one group: his own. Alice cannot add him to hers, and
+    // she learns why.
+    net.create(&mut bob);
+    let kp = net.claim(&alice, &bob);
+    let (commit, welcome) = alice.member.add(&g, &[(bob.member.account(), kp)]).unwrap();
+    let r = net.req(&alice, Request::Send { message: commit, welcome: Some(welcome) });
+    let Response::Error { code: ErrorCode::QuotaExceeded, message, .. } = r else { panic!("{r:?}") };
+    assert!(message.contains(&bob.member.account().short()), "{message}");
+    alice.member.discard_pending(&g).unwrap();
+    assert_eq!(net.store.inbox_len(), 0);
 }

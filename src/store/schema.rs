@@ -124,6 +124,7 @@ const MIGRATIONS: &[&str] = &[
         account BLOB NOT NULL,
         joined_after INTEGER NOT NULL,
         left_at INTEGER,
+        left_epoch INTEGER,
         acked INTEGER NOT NULL,
         PRIMARY KEY (gid, device)
     ) WITHOUT ROWID;

@@ -262,11 +262,19 @@ impl Store for SqlStore<'_> {
         Ok(())
     }
 
-    fn remove_member(&mut self, group: &[u8], d: &DeviceId, left_at: u64) -> Result<(), StoreError> {
+    fn remove_member(&mut self, group: &[u8], d: &DeviceId, left_at: u64, epoch: u64) -> Result<(), StoreError> {
         let Some(gid) = self.gid(group)? else { return Ok(()) };
         self.conn
-            .prepare_cached("UPDATE members SET left_at = ?3 WHERE gid = ?1 AND device = ?2")?
-            .execute(params![gid, &d.0[..], i(left_at)])?;
+            .prepare_cached("UPDATE members SET left_at = ?3, left_epoch = ?4 WHERE gid = ?1 AND device = ?2")?
+            .execute(params![gid, &d.0[..], i(left_at), i(epoch)])?;
+        Ok(())
+    }
+
+    fn delete_member(&mut self, group: &[u8], d: &DeviceId) -> Result<(), StoreError> {
+        let Some(gid) = self.gid(group)? else { return Ok(()) };
+        self.conn
+            .prepare_cached("DELETE FROM members WHERE gid = ?1 AND device = ?2")?
+            .execute(params![gid, &d.0[..]])?;
         Ok(())
     }
 
@@ -377,7 +385,7 @@ impl Store for SqlStore<'_> {
 
     fn groups_of(&mut self, a: &DeviceId, limit: usize) -> Result<Vec<GroupSummary>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT g.id, g.epoch, COALESCE(m.left_at, g.last_seq), m.acked, m.left_at IS NULL
+            "SELECT g.id, COALESCE(m.left_epoch, g.epoch), COALESCE(m.left_at, g.last_seq), m.acked, m.left_at IS NULL
              FROM members m JOIN groups g ON g.gid = m.gid WHERE m.device = ?1 ORDER BY g.gid LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![&a.0[..], i64::try_from(limit).unwrap_or(i64::MAX)], |r| {

@@ -242,19 +242,31 @@ async fn a_non_member_is_refused_everything_and_learns_nothing() {
     let (mut peers, g) = group_of(&server, 2).await;
     let text = peers[0].mls.encrypt(&g, b"members only").unwrap();
     let (seq, _) = peers[0].conn.send(text.clone(), None).await.unwrap();
-    let eve = Peer::new(&server).await;
-    let missing = vec![0x42u8; 16];
+    let mut eve = Peer::new(&server).await;
+    let removal_key = eve.conn.status().await.unwrap().removal_key;
+    // A missing id of the same shape (bound to alice, the creator of g).
+    let missing = hush::delivery::mls::group_id_for(&peers[0].mls.account(), b"never created");
     let not_member = |r: Result<(), hush::client::ClientError>| {
         let e = r.expect_err("a non-member request succeeded");
         assert_eq!(e.code(), Some(hush::wire::ErrorCode::NotMember), "{e}");
         e.to_string()
     };
+    // Issue 13, finding 4: every request on an existing group id gets the
+    // answer the same request gets on a missing one, creation included
+    // (group ids are bound to their creator, so eve cannot even try).
+    let mut answers = vec![];
     for group in [&g, &missing] {
         let fetch = not_member(eve.conn.fetch(group, 0, 0).await.map(|_| ()));
         let ack = not_member(eve.conn.ack(group, seq).await);
-        // The same answer whether or not the group exists.
-        assert!(fetch.contains("not a member") && ack.contains("not a member"));
+        let local = eve.mls.create_group_with_id(&removal_key, group).unwrap();
+        let post = eve.mls.encrypt(group, b"probe").unwrap();
+        let post = not_member(eve.conn.send(post, None).await.map(|_| ()));
+        let create = eve.conn.create_group(local.group_info, local.ratchet_tree).await.expect_err("created");
+        assert_eq!(create.code(), Some(hush::wire::ErrorCode::InvalidMessage), "{create}");
+        eve.mls.forget(group);
+        answers.push((fetch, ack, post, create.to_string()));
     }
+    assert_eq!(answers[0], answers[1], "existing and missing groups answered differently");
     // Replaying a member's ciphertext or commit under her own key.
     not_member(eve.conn.send(text, None).await.map(|_| ()));
     let (commit, _) = peers[1].mls.commit_pending(&g).unwrap();
@@ -638,4 +650,40 @@ async fn a_member_cannot_grow_a_groups_state_without_bound() {
     // The honest members read everything.
     honest[1].sync(&hg).await;
     assert_eq!(honest[1].cursor, *honest[0].own.last().unwrap());
+}
+
+/// Issue 13, finding 4 (second half): a removed member's group list showed
+/// the group's current epoch forever and its row was never deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_members_view_is_frozen_at_its_removal_and_then_gone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let (mut peers, g) = group_of(&server, 3).await;
+    let removal_epoch = peers[0].mls.epoch(&g).unwrap();
+    let carol = peers[2].mls.account();
+    let commit = peers[0].mls.remove(&g, &[carol]).unwrap();
+    let (removed_at, _) = peers[0].conn.send(commit, None).await.unwrap();
+    peers[0].mls.merge_pending(&g).unwrap();
+    peers[0].own.push(removed_at);
+    // The group moves on.
+    for _ in 0..2 {
+        let (commit, _) = peers[0].mls.commit_pending(&g).unwrap();
+        let (seq, _) = peers[0].conn.send(commit, None).await.unwrap();
+        peers[0].mls.merge_pending(&g).unwrap();
+        peers[0].own.push(seq);
+    }
+    let view = peers[2].conn.groups().await.unwrap();
+    assert_eq!(view.len(), 1);
+    assert_eq!((view[0].epoch, view[0].last_seq, view[0].member), (removal_epoch, removed_at, false));
+    // Carol reads up to her removal and acknowledges it: the group is gone.
+    let carol = &mut peers[2];
+    let (messages, _) = carol.conn.fetch(&g, carol.cursor, 0).await.unwrap();
+    assert_eq!(messages.last().map(|(s, _)| *s), Some(removed_at));
+    carol.conn.ack(&g, removed_at).await.unwrap();
+    assert!(carol.conn.groups().await.unwrap().is_empty());
+    let e = carol.conn.fetch(&g, 0, 0).await.expect_err("a forgotten member fetched");
+    assert_eq!(e.code(), Some(hush::wire::ErrorCode::NotMember));
+    // The others are unaffected.
+    peers[1].sync(&g).await;
+    assert_eq!(peers[1].mls.epoch(&g), peers[0].mls.epoch(&g));
 }

@@ -92,6 +92,29 @@ impl<P: OpenMlsProvider> Member<P> {
         serialize(&proposal, "the proposal")
     }
 
+    /// A group with the id `id`, whatever account it is bound to (an honest
+    /// [`Member::create_group`] derives it from its own account).
+    pub fn create_group_with_id(&mut self, removal_key: &[u8; 32], id: &[u8]) -> Result<super::NewGroup, MlsError> {
+        let group = MlsGroup::new_with_group_id(
+            &self.provider,
+            &self.signer,
+            &Self::create_config(removal_key)?,
+            GroupId::from_slice(id),
+            self.credential.clone(),
+        )
+        .map_err(|e| MlsError(format!("creating the group: {e}")))?;
+        let info = group
+            .export_group_info(self.provider.crypto(), &self.signer, false)
+            .map_err(|e| MlsError(format!("GroupInfo: {e}")))?;
+        let new = super::NewGroup {
+            id: id.to_vec(),
+            group_info: serialize(&info, "the GroupInfo")?,
+            ratchet_tree: serialize(&group.export_ratchet_tree(), "the ratchet tree")?,
+        };
+        self.groups.insert(id.to_vec(), group);
+        Ok(new)
+    }
+
     /// A commit adding `key_packages` without checking whose they are (an
     /// honest [`Member::add`] refuses uncertified ones).
     pub fn add_unchecked(&mut self, group: &[u8], key_packages: &[Vec<u8>]) -> Result<(Vec<u8>, Vec<u8>), MlsError> {
