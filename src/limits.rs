@@ -220,6 +220,14 @@ pub const DEFAULT_INVITE_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600)
 /// How long the client waits for a connection or a response.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Times the client retries a request the server refused with
+/// `RateLimited`, after the wait the server named.
+pub const CLIENT_RATE_LIMIT_RETRIES: u32 = 8;
+
+/// Longest the client waits in all for one request to get past rate
+/// limits before it reports the refusal.
+pub const CLIENT_MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(30);
+
 /// Keep-alive interval the client uses so an idle connection survives the
 /// server's idle timeout.
 pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(20);

@@ -26,7 +26,7 @@ use quinn::{Endpoint, VarInt};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::auth::Identity;
+use crate::auth::{HushAddress, Identity};
 use crate::client::mls::Member;
 use crate::client::{Connection, PushStream};
 use crate::config::ServerConfig;
@@ -90,6 +90,8 @@ pub struct Settings {
     pub idle_connections: usize,
     /// Offered load of the latency scenario, messages per second.
     pub latency_rate: u32,
+    /// Runs of each `hush` command timed as a whole process.
+    pub cli_runs: usize,
 }
 
 impl Settings {
@@ -100,6 +102,7 @@ impl Settings {
             group: 100,
             idle_connections: 1000,
             latency_rate: 1000,
+            cli_runs: 50,
         }
     }
     /// A few seconds: checks that every scenario works, judges nothing.
@@ -110,6 +113,7 @@ impl Settings {
             group: 8,
             idle_connections: 100,
             latency_rate: 500,
+            cli_runs: 3,
         }
     }
 }
@@ -126,6 +130,7 @@ pub async fn run(settings: Settings, progress: impl Fn(&str)) -> Result<Vec<Row>
         max_connections: 100_000,
         max_connections_per_ip: 100_000,
         max_unregistered_per_ip: 100_000,
+        max_unregistered: 100_000,
         max_streams_per_connection: 256,
         max_log_per_group: 1_000_000_000,
         ..ServerConfig::default()
@@ -321,6 +326,9 @@ pub async fn run(settings: Settings, progress: impl Fn(&str)) -> Result<Vec<Row>
     relay.endpoint.close(VarInt::from_u32(0), b"done");
     rows.push(Row::rate(format!("fan-out deliveries/s to {n} online members"), hush_fan, raw_fan));
 
+    progress("hush as a process");
+    rows.extend(cli_processes(&address, dir.path(), settings.cli_runs).await?);
+
     progress("bytes per message");
     let small = bytes_per_message(&dir.path().join("bytes-2.db"), 2, settings.messages / 10).await?;
     let large = bytes_per_message(&dir.path().join("bytes-n.db"), n, settings.messages / 10).await?;
@@ -508,6 +516,52 @@ pub async fn durable_appends(dir: &Path, settings: Settings) -> Result<f64, Benc
         async move { store_send(&store, account, m).await }
     })
     .await
+}
+
+/// Wall time of `hush send` and `hush sync` as whole processes (what a
+/// script or bot pays per command) against this run's server, next to
+/// `hush whoami`: the same process start and state opening, no network.
+/// Skipped (no rows) when the `hush` binary is not next to this one.
+async fn cli_processes(address: &HushAddress, dir: &Path, runs: usize) -> Result<Vec<Row>, BenchError> {
+    let Some(hush) = std::env::current_exe().ok().and_then(|e| Some(e.parent()?.join("hush"))).filter(|p| p.exists())
+    else {
+        return Ok(vec![]);
+    };
+    let home = dir.join("cli-home");
+    let address = address.to_string();
+    tokio::task::spawn_blocking(move || {
+        let run = |args: &[&str]| -> Result<(), BenchError> {
+            let out = std::process::Command::new(&hush)
+                .arg("--home")
+                .arg(&home)
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .map_err(fail)?;
+            if !out.status.success() {
+                return Err(BenchError(format!("hush {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr))));
+            }
+            Ok(())
+        };
+        let timed = |args: &[&str]| -> Result<f64, BenchError> {
+            let start = Instant::now();
+            for _ in 0..runs.max(1) {
+                run(args)?;
+            }
+            Ok(start.elapsed().as_secs_f64() * 1e3 / runs.max(1) as f64)
+        };
+        run(&["register", &address])?;
+        run(&["group", "create", "bench"])?;
+        let floor = timed(&["whoami"])?;
+        let send = timed(&["send", "bench", "benchmark message"])?;
+        let sync = timed(&["sync"])?;
+        Ok(vec![
+            Row::cost("hush send as a process (ms; baseline: hush whoami, no network)".into(), send, floor, "ms"),
+            Row::cost("hush sync as a process (ms; baseline: hush whoami, no network)".into(), sync, floor, "ms"),
+        ])
+    })
+    .await
+    .map_err(fail)?
 }
 
 /// Sends one application message straight into `store`.

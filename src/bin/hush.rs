@@ -22,6 +22,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use hush::auth::{identity, HushAddress, Identity};
 use hush::client::app::{safety_number, App, AppError, Entry};
+use hush::client::screen::{self, one_line};
 use hush::client::{ClientError, Connection, PushStream};
 use hush::util::{default_data_dir, format_unix};
 use hush::wire::ErrorCode;
@@ -191,9 +192,9 @@ fn open_app(home: &Home) -> Result<App> {
 
 fn print_entry(e: &Entry) {
     if e.kind == "text" {
-        out!("[{}] {}: {}", e.group, e.sender, e.body);
+        out!("[{}] {}: {}", one_line(&e.group), one_line(&e.sender), screen::body(&e.body));
     } else {
-        out!("[{}] * {}", e.group, e.body);
+        out!("[{}] * {}", one_line(&e.group), screen::body(&e.body));
     }
 }
 
@@ -299,9 +300,9 @@ fn run(cli: Cli) -> Result<()> {
                     });
                     out!("{line}");
                 } else if e.kind == "text" {
-                    out!("{} {}: {}", format_unix(e.time), e.sender, e.body);
+                    out!("{} {}: {}", format_unix(e.time), one_line(&e.sender), screen::body(&e.body));
                 } else {
-                    out!("{} * {}", format_unix(e.time), e.body);
+                    out!("{} * {}", format_unix(e.time), screen::body(&e.body));
                 }
             }
             Ok(())
@@ -319,7 +320,7 @@ fn contact(home: &Home, cmd: ContactCmd) -> Result<()> {
         }
         ContactCmd::List => {
             for (name, a) in app.contacts()? {
-                out!("{name}  {a}");
+                out!("{}  {a}", one_line(&name));
             }
         }
         ContactCmd::Remove { name } => app.contact_remove(&name)?,
@@ -362,14 +363,14 @@ fn group(home: &Home, cmd: GroupCmd) -> Result<()> {
             let mut app = open_app(home)?;
             let g = app.resolve_group(&group)?;
             for m in app.members(&g) {
-                out!("{m}");
+                out!("{}", one_line(&m));
             }
         }
         GroupCmd::List => {
             let app = open_app(home)?;
             for g in app.groups()? {
                 let state = if g.active { "" } else { "  (left)" };
-                out!("{}  {}{state}", g.name, hush::auth::text::encode(&g.id));
+                out!("{}  {}{state}", one_line(&g.name), hush::auth::text::encode(&g.id));
             }
         }
         GroupCmd::Leave { group } => {
@@ -403,7 +404,7 @@ fn chat(home: &Home, group: &str) -> Result<()> {
             }
         });
         let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-        eprintln!("chatting in {name}; /members, /quit");
+        eprintln!("chatting in {}; /members, /quit", one_line(&name));
         loop {
             tokio::select! {
                 line = lines.next_line() => {
@@ -414,7 +415,8 @@ fn chat(home: &Home, group: &str) -> Result<()> {
                         "/quit" => break,
                         "/members" => {
                             let g = app.resolve_group(&name)?;
-                            out!("{}", app.members(&g).join(", "));
+                            let members: Vec<String> = app.members(&g).iter().map(|m| one_line(m)).collect();
+                            out!("{}", members.join(", "));
                         }
                         text => {
                             let g = app.resolve_group(&name)?;

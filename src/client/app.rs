@@ -29,6 +29,12 @@ pub const KEY_PACKAGE_TARGET: usize = 20;
 pub const KEY_PACKAGE_LOW: u32 = 5;
 /// Attempts at a commit that keeps meeting `StaleEpoch`.
 pub const COMMIT_ATTEMPTS: usize = 5;
+/// Pages of messages one sync reads from a group at most; past this it
+/// stops (what is left comes with the next sync). 1024 pages of up to 256
+/// messages cover a full group log (100,000 messages by default) twice.
+pub const MAX_SYNC_PAGES: usize = 1024;
+/// Bytes of messages one sync reads from a group at most.
+pub const MAX_SYNC_BYTES: usize = 512 * 1024 * 1024;
 
 /// Setting holding this device's certificate.
 const CERTIFICATE: &str = "certificate";
@@ -55,6 +61,8 @@ pub enum AppError {
     NotMember(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("the server misbehaved: {0}; nothing after that point was applied (try again, or ask its operator)")]
+    Misbehaving(String),
     #[error(transparent)]
     Client(#[from] ClientError),
     #[error(transparent)]
@@ -102,6 +110,15 @@ pub struct App {
     pub server: HushAddress,
     db: Db,
     member: Member<Provider>,
+}
+
+impl Drop for App {
+    /// Secrets deleted during this session leave the write-ahead log too.
+    fn drop(&mut self) {
+        if let Err(e) = state::checkpoint(&self.db) {
+            tracing::warn!("could not checkpoint the client state: {e}");
+        }
+    }
 }
 
 impl std::fmt::Debug for App {
@@ -490,7 +507,9 @@ impl App {
             match self.member.join(&welcome) {
                 Ok(gid) => {
                     let groups = conn.groups().await?;
-                    let cursor = groups.iter().find(|g| g.group == gid).map(|g| g.acked_seq).unwrap_or(0);
+                    // Where our history starts; never past the log's end.
+                    let cursor =
+                        groups.iter().find(|g| g.group == gid).map(|g| g.acked_seq.min(g.last_seq)).unwrap_or(0);
                     self.db.execute(
                         "INSERT OR REPLACE INTO groups (id, name, cursor, active, joined_at) VALUES (?1, NULL, ?2, 1, ?3)",
                         params![gid, i64::try_from(cursor).unwrap_or(0), i64::try_from(now_unix()).unwrap_or(0)],
@@ -514,9 +533,11 @@ impl App {
             }
             conn.ack_welcome(id).await?;
         }
+        let announced = conn.groups().await?;
         for g in self.groups()? {
             if g.active {
-                self.sync_group(conn, &g.id, &mut new).await?;
+                let bound = announced.iter().find(|s| s.group == g.id).map(|s| s.last_seq);
+                self.sync_group_upto(conn, &g.id, bound, &mut new).await?;
             }
         }
         let (count, _) = conn.count_key_packages().await?;
@@ -558,10 +579,31 @@ impl App {
             .exists(params![group, i64::try_from(seq).unwrap_or(i64::MAX)])?)
     }
 
-    /// Fetches and processes one group's new messages.
+    /// Fetches and processes one group's new messages (asking the server
+    /// first how far its log goes).
     pub async fn sync_group(&mut self, conn: &Connection, group: &[u8], new: &mut Vec<Entry>) -> Result<(), AppError> {
-        loop {
+        let bound = conn.groups().await?.into_iter().find(|s| s.group == group).map(|s| s.last_seq);
+        self.sync_group_upto(conn, group, bound, new).await
+    }
+
+    /// Fetches and processes one group's messages up to `bound`, the last
+    /// sequence the server announced (`None`: the server does not list the
+    /// group for us). Never trusts the server to end the loop: every page
+    /// must move the cursor forward and stay within the bound, and at most
+    /// [`MAX_SYNC_PAGES`] pages and [`MAX_SYNC_BYTES`] bytes are read.
+    async fn sync_group_upto(
+        &mut self,
+        conn: &Connection,
+        group: &[u8],
+        bound: Option<u64>,
+        new: &mut Vec<Entry>,
+    ) -> Result<(), AppError> {
+        let mut bytes_read = 0usize;
+        for _ in 0..MAX_SYNC_PAGES {
             let after = self.cursor(group)?;
+            if bound.is_some_and(|b| after >= b) {
+                return Ok(());
+            }
             let (messages, more) = match conn.fetch(group, after, 0).await {
                 Ok(r) => r,
                 Err(e) if e.code() == Some(ErrorCode::NotMember) => {
@@ -570,7 +612,23 @@ impl App {
                 }
                 Err(e) => return Err(e.into()),
             };
+            let Some(bound) = bound else {
+                return Err(AppError::Misbehaving("it sent messages of a group it does not list for us".into()));
+            };
+            if more && messages.is_empty() {
+                return Err(AppError::Misbehaving("it said more messages remain but sent none".into()));
+            }
+            let mut previous = after;
+            for (seq, _) in &messages {
+                if *seq <= previous || *seq > bound {
+                    return Err(AppError::Misbehaving(format!(
+                        "it sent message {seq} after {previous} in a log it said ends at {bound}"
+                    )));
+                }
+                previous = *seq;
+            }
             for (seq, bytes) in &messages {
+                bytes_read = bytes_read.saturating_add(bytes.len());
                 if !self.is_own(group, *seq)? {
                     let before = self.member.members(group);
                     match self.member.receive(group, bytes) {
@@ -586,7 +644,14 @@ impl App {
             if !more {
                 return Ok(());
             }
+            if bytes_read > MAX_SYNC_BYTES {
+                break;
+            }
         }
+        tracing::warn!(
+            "stopped reading a group after {MAX_SYNC_PAGES} pages or {MAX_SYNC_BYTES} bytes; sync again for the rest"
+        );
+        Ok(())
     }
 
     fn apply(

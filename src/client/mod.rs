@@ -15,14 +15,21 @@ use thiserror::Error;
 
 use crate::auth::tls::{client_crypto, Credentials, SeenFingerprint, TlsError};
 use crate::auth::{AccountId, DeviceCertificate, DeviceId, Fingerprint, HushAddress, Identity};
-use crate::limits::{CLIENT_KEEP_ALIVE, CLIENT_TIMEOUT, DEFAULT_IDLE_TIMEOUT};
+use crate::limits::{
+    CLIENT_KEEP_ALIVE, CLIENT_MAX_RATE_LIMIT_WAIT, CLIENT_RATE_LIMIT_RETRIES, CLIENT_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+};
 pub mod app;
 pub mod mls;
+pub mod screen;
 pub mod state;
 
 use crate::wire::{
     close, decode_push_frame, DecodeError, EncodeError, ErrorCode, Push, Request, Response, MAX_RESPONSE_FRAME,
 };
+
+/// Times [`Connection::close`] yields to the runtime so the close frame
+/// leaves before the connection is dropped.
+const CLOSE_YIELDS: usize = 8;
 
 /// What went wrong talking to a server, phrased for the person at the
 /// keyboard.
@@ -150,10 +157,30 @@ impl Connection {
     }
 
     /// Sends one request; an error response becomes [`ClientError::Server`].
+    /// `RateLimited` (the server refused before doing anything) is retried
+    /// after the wait the server names, at most [`CLIENT_RATE_LIMIT_RETRIES`]
+    /// times and [`CLIENT_MAX_RATE_LIMIT_WAIT`] in all; a long wait is
+    /// logged so a person sees why nothing happens.
     pub async fn call(&self, request: &Request) -> Result<Response, ClientError> {
-        match self.request(request).await? {
-            Response::Error { code, detail, message } => Err(ClientError::Server { code, detail, message }),
-            other => Ok(other),
+        let mut waited = Duration::ZERO;
+        let mut attempt = 0;
+        loop {
+            match self.request(request).await? {
+                Response::Error { code: ErrorCode::RateLimited, detail, message } => {
+                    let wait = Duration::from_millis(detail.max(1));
+                    attempt += 1;
+                    if attempt > CLIENT_RATE_LIMIT_RETRIES || waited + wait > CLIENT_MAX_RATE_LIMIT_WAIT {
+                        return Err(ClientError::Server { code: ErrorCode::RateLimited, detail, message });
+                    }
+                    if wait >= Duration::from_secs(1) {
+                        tracing::warn!("the server asks us to slow down; waiting {:.1} s", wait.as_secs_f64());
+                    }
+                    tokio::time::sleep(wait).await;
+                    waited += wait;
+                }
+                Response::Error { code, detail, message } => return Err(ClientError::Server { code, detail, message }),
+                other => return Ok(other),
+            }
         }
     }
 
@@ -314,11 +341,18 @@ impl Connection {
         &self.conn
     }
 
-    /// Closes the connection politely and waits briefly for the server to
-    /// hear it.
+    /// Closes the connection: the close frame is handed to the network and
+    /// the call returns, without waiting out QUIC's draining period (three
+    /// probe timeouts, ~85 ms on loopback, which a one-shot command would
+    /// spend doing nothing). The server learns of the close from that
+    /// frame; if it is lost, the server's idle timeout ends the connection.
     pub async fn close(self) {
         self.conn.close(VarInt::from_u32(close::NORMAL), b"bye");
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        // Let the connection's driver run and transmit the close frame.
+        for _ in 0..CLOSE_YIELDS {
+            tokio::task::yield_now().await;
+        }
+        drop(self.endpoint);
     }
 }
 

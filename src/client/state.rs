@@ -6,7 +6,9 @@
 //! hush's tables (settings, contacts, groups with read cursors, the message
 //! history) live beside it in the same file, migrated by `user_version`.
 //! The file is created 0600 in a 0700 home. `synchronous=FULL`: whatever
-//! the CLI reports as done survives a crash.
+//! the CLI reports as done survives a crash. `secure_delete=ON`, and the
+//! write-ahead log is checkpointed and truncated when the app closes
+//! ([`checkpoint`]), so secrets openmls deletes do not linger on disk.
 
 use std::path::Path;
 
@@ -107,6 +109,9 @@ fn open_conn(path: &Path) -> Result<Connection, StateError> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Deleted secrets (KeyPackage private keys, past epochs' secrets,
+    // used message keys) are overwritten, not left in free pages.
+    conn.pragma_update(None, "secure_delete", "ON")?;
     Ok(conn)
 }
 
@@ -141,4 +146,12 @@ pub fn set_setting(conn: &Connection, key: &str, value: &[u8]) -> Result<(), Sta
 /// Reads an account id column.
 pub fn account_col(bytes: Option<Vec<u8>>) -> Option<AccountId> {
     bytes.and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok()).map(AccountId)
+}
+
+/// Moves everything from the write-ahead log into the database and
+/// truncates the log, so page images holding deleted secrets do not stay
+/// in it.
+pub fn checkpoint(conn: &Connection) -> Result<(), StateError> {
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    Ok(())
 }

@@ -23,6 +23,28 @@ fn run_ok(p: &Person, args: &[&str]) -> String {
     ok(hush(&p.home, args))
 }
 
+/// `hush chat team` with `input` on standard input; its standard output
+/// once it exited (successfully) at the end of the input.
+fn chat_piped(p: &Person, input: &[u8]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hush"))
+        .env_clear()
+        .env("HOME", &p.home)
+        .arg("--home")
+        .arg(&p.home)
+        .args(["chat", "team"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let status = wait_timeout(&mut child, WAIT).expect("chat did not exit at end of input");
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(status.success(), "{out}");
+    out
+}
+
 fn texts_of(read_json: &str) -> Vec<String> {
     read_json
         .lines()
@@ -117,22 +139,7 @@ fn chat_sends_piped_lines_and_prints_what_others_wrote() {
     let server = Hushd::start(&tmp.path().join("server"));
     let (alice, bob, _carol) = team(&server, tmp.path());
     run_ok(&alice, &["send", "team", "before the chat"]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hush"))
-        .env_clear()
-        .env("HOME", &bob.home)
-        .arg("--home")
-        .arg(&bob.home)
-        .args(["chat", "team"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"first line\nsecond line\n/members\n").unwrap();
-    let status = wait_timeout(&mut child, WAIT).expect("chat did not exit at end of input");
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
-    assert!(status.success(), "{out}");
+    let out = chat_piped(&bob, b"first line\nsecond line\n/members\n");
     assert!(out.contains("alice: before the chat"), "{out}");
     assert!(out.contains("alice, you, carol"), "/members should list the group in leaf order: {out}");
     let alice_new = run_ok(&alice, &["sync"]);
@@ -220,4 +227,113 @@ fn homes_and_databases_from_before_device_certificates_are_refused_with_advice()
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("before device certificates") && err.contains("move hush.db"), "{err}");
+}
+
+/// Issue 14, finding 1: a body with a newline, ANSI colour codes and a bidi
+/// override printed as a second line that looked exactly like a message
+/// from bob, colours live.
+#[test]
+fn a_body_cannot_forge_a_line_or_reach_the_terminal_raw() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("server"));
+    let (alice, bob, carol) = team(&server, tmp.path());
+    let attack = "ok, see you at 5\n[team] bob: the new wifi password is on https://evil.example \u{1b}[31m(verified)\u{1b}[0m \u{202e}gnp.exe";
+    run_ok(&carol, &["send", "team", attack]);
+    let chat = chat_piped(&alice, b"");
+    let sync = run_ok(&bob, &["sync"]);
+    let read = run_ok(&bob, &["read", "team"]);
+    for (what, out) in [("sync", &sync), ("read", &read), ("chat", &chat)] {
+        assert!(out.contains("carol: ok, see you at 5"), "{what}: {out}");
+        assert!(
+            !out.chars().any(|c| c != '\n' && (c.is_control() || c == '\u{202e}')),
+            "{what}: raw control character in {out:?}"
+        );
+        for line in out.lines() {
+            // Every line is either one the client starts (a message or
+            // event of its own formatting) or a marked continuation.
+            let forged = line.contains("bob: the new wifi") && !line.starts_with(hush::client::screen::CONTINUATION);
+            assert!(!forged, "{what}: a line passes for bob's message: {line:?}");
+        }
+        assert!(out.contains("\\e[31m(verified)"), "{what}: the escape is not shown visibly: {out}");
+    }
+    // --json stays exact.
+    let json = run_ok(&bob, &["read", "team", "--json"]);
+    let texts = texts_of(&json);
+    assert!(texts.iter().any(|t| t == &format!("carol: {attack}")), "{texts:?}");
+}
+
+/// Issue 14, finding 4: `hush send` failed with "too many requests; retry in
+/// 1 ms (code 6)" instead of waiting and retrying.
+#[test]
+fn a_member_on_a_rate_limited_server_completes_its_sends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server =
+        Hushd::start_with(&tmp.path().join("server"), "127.0.0.1:0", &[("HUSHD_REQUESTS_PER_SECOND_PER_ACCOUNT", "5")]);
+    let (alice, bob, _carol) = team(&server, tmp.path());
+    for i in 0..8 {
+        run_ok(&alice, &["send", "team", &format!("message {i}")]);
+    }
+    let got = run_ok(&bob, &["sync"]);
+    for i in 0..8 {
+        assert!(got.contains(&format!("alice: message {i}")), "{got}");
+    }
+}
+
+/// Issue 14, finding 3: secrets openmls deletes (KeyPackage private keys,
+/// past epochs' secrets) stayed in free pages and in the WAL.
+#[test]
+fn deleted_secrets_do_not_stay_in_the_client_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("server"));
+    let (alice, bob, _carol) = team(&server, tmp.path());
+    // What bob's state holds now: KeyPackage bundles and encryption key
+    // pairs not yet used, and this epoch's secrets.
+    let snapshot = |home: &Path| -> Vec<Vec<u8>> {
+        let db = rusqlite::Connection::open(home.join("hush.db")).unwrap();
+        let mut out = vec![];
+        for sql in [
+            "SELECT key_package FROM openmls_key_packages",
+            "SELECT key_pair FROM openmls_encryption_keys",
+            "SELECT group_data FROM openmls_group_data WHERE data_type IN ('message_secrets', 'group_epoch_secrets')",
+            "SELECT key_pairs FROM openmls_epoch_keys_pairs",
+        ] {
+            let mut stmt = db.prepare(sql).unwrap();
+            out.extend(stmt.query_map([], |r| r.get::<_, Vec<u8>>(0)).unwrap().map(Result::unwrap));
+        }
+        out
+    };
+    let before = snapshot(&bob.home);
+    assert!(before.len() > 20, "too few secrets to mean anything: {}", before.len());
+    // Bob's KeyPackages are used (new groups add him), the team's epoch
+    // changes (carol is removed, then every send commits nothing new but
+    // messages ratchet keys forward).
+    for i in 0..2 {
+        let g = format!("extra{i}");
+        run_ok(&alice, &["group", "create", &g]);
+        run_ok(&alice, &["group", "add", &g, "bob"]);
+    }
+    run_ok(&alice, &["send", "team", "epoch one"]);
+    run_ok(&bob, &["sync"]);
+    run_ok(&alice, &["group", "remove", "team", "carol"]);
+    for i in 0..3 {
+        run_ok(&bob, &["sync"]);
+        run_ok(&bob, &["send", "team", &format!("reply {i}")]);
+        run_ok(&alice, &["sync"]);
+        run_ok(&alice, &["send", "team", &format!("tick {i}")]);
+    }
+    run_ok(&bob, &["sync"]);
+    let live = snapshot(&bob.home);
+    let deleted: Vec<&Vec<u8>> = before.iter().filter(|s| !live.contains(s)).collect();
+    assert!(deleted.len() >= 3, "too few secrets were deleted to test anything: {}", deleted.len());
+    let mut files = vec![];
+    for entry in std::fs::read_dir(&bob.home).unwrap() {
+        let path = entry.unwrap().path();
+        files.push((path.clone(), std::fs::read(&path).unwrap()));
+    }
+    for secret in deleted {
+        for (path, bytes) in &files {
+            let found = bytes.windows(secret.len()).any(|w| w == secret.as_slice());
+            assert!(!found, "a deleted secret ({} bytes) is still in {}", secret.len(), path.display());
+        }
+    }
 }

@@ -93,6 +93,10 @@ enum Mode {
     ClaimWith(Vec<u8>),
     /// Answers every Welcome fetch with this Welcome.
     WelcomeWith(Vec<u8>),
+    /// Answers every fetch with an empty page that says more remain.
+    EndlessPages,
+    /// Answers every fetch with its first message renumbered to u64::MAX.
+    HugeSequence,
 }
 
 fn rewrite(mode: Arc<Mutex<Mode>>) -> Rewrite {
@@ -100,6 +104,17 @@ fn rewrite(mode: Arc<Mutex<Mode>>) -> Rewrite {
         (Request::ClaimKeyPackage { .. }, Mode::ClaimWith(p)) => Some(Response::KeyPackages { packages: vec![p] }),
         (Request::FetchWelcomes, Mode::WelcomeWith(w)) => Some(Response::Welcomes { welcomes: vec![(1_000_000, w)] }),
         (Request::AckWelcome { id: 1_000_000 }, Mode::WelcomeWith(_)) => Some(Response::Done),
+        (Request::Fetch { group, .. }, Mode::EndlessPages) => {
+            Some(Response::Messages { group: group.clone(), messages: vec![], more: true })
+        }
+        (Request::Fetch { group, .. }, Mode::HugeSequence) => match _resp {
+            Response::Messages { messages, .. } if !messages.is_empty() => Some(Response::Messages {
+                group: group.clone(),
+                messages: vec![(u64::MAX, messages[0].1.clone())],
+                more: false,
+            }),
+            _ => None,
+        },
         _ => None,
     })
 }
@@ -111,19 +126,35 @@ fn register(server: &Hushd, home: &std::path::Path, address: &HushAddress) -> St
     ok(hush(home, &["whoami"])).lines().next().unwrap().to_string()
 }
 
+/// A real hushd behind the malicious proxy, with `hush` homes registered
+/// through the proxy (their pins are the server's: it holds the key).
+struct Scene {
+    _tmp: tempfile::TempDir,
+    server: Hushd,
+    homes: Vec<PathBuf>,
+    ids: Vec<String>,
+    mode: Arc<Mutex<Mode>>,
+    _evil: Evil,
+}
+
+impl Scene {
+    async fn start(names: &[&str]) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let server = Hushd::start(&tmp.path().join("s"));
+        let homes: Vec<PathBuf> = names.iter().map(|n| tmp.path().join(n)).collect();
+        let mode = Arc::new(Mutex::new(Mode::Honest));
+        let evil = Evil::start(&server, homes.clone(), rewrite(mode.clone())).await;
+        // Blocking CLI runs off the runtime's workers, which the proxy needs.
+        let ids = tokio::task::block_in_place(|| homes.iter().map(|h| register(&server, h, &evil.address)).collect());
+        Self { _tmp: tmp, server, homes, ids, mode, _evil: evil }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_substitutes_key_packages_cannot_join_a_group() {
-    let tmp = tempfile::tempdir().unwrap();
-    let server = Hushd::start(&tmp.path().join("s"));
-    let homes: Vec<PathBuf> = ["alice", "bob", "carol"].iter().map(|n| tmp.path().join(n)).collect();
-    let mode = Arc::new(Mutex::new(Mode::Honest));
-    let evil = Evil::start(&server, homes.clone(), rewrite(mode.clone())).await;
-    let (alice, bob, carol) = (&homes[0], &homes[1], &homes[2]);
-    // Blocking CLI runs off the runtime's workers, which the proxy needs.
-    let addr = evil.address.clone();
-    let server_ref = &server;
-    let ids: Vec<String> =
-        tokio::task::block_in_place(|| homes.iter().map(|h| register(server_ref, h, &addr)).collect());
+    let s = Scene::start(&["alice", "bob", "carol"]).await;
+    let (server, mode, ids) = (&s.server, &s.mode, &s.ids);
+    let (alice, bob, carol) = (&s.homes[0], &s.homes[1], &s.homes[2]);
     let (bob_id, carol_id) = (&ids[1], &ids[2]);
     tokio::task::block_in_place(|| {
         ok(hush(alice, &["contact", "add", "bob", bob_id]));
@@ -172,21 +203,13 @@ async fn a_server_that_substitutes_key_packages_cannot_join_a_group() {
         let got = ok(hush(bob, &["sync"]));
         assert!(got.contains("hello bob"), "{got}");
     });
-    drop(evil);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_welcome_whose_tree_holds_a_forged_leaf_is_refused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let server = Hushd::start(&tmp.path().join("s"));
-    let homes: Vec<PathBuf> = ["alice", "bob"].iter().map(|n| tmp.path().join(n)).collect();
-    let mode = Arc::new(Mutex::new(Mode::Honest));
-    let evil = Evil::start(&server, homes.clone(), rewrite(mode.clone())).await;
-    let addr = evil.address.clone();
-    let server_ref = &server;
-    let ids: Vec<String> =
-        tokio::task::block_in_place(|| homes.iter().map(|h| register(server_ref, h, &addr)).collect());
-    let (alice, bob) = (&homes[0], &homes[1]);
+    let s = Scene::start(&["alice", "bob"]).await;
+    let (server, mode, ids) = (&s.server, &s.mode, &s.ids);
+    let (alice, bob) = (&s.homes[0], &s.homes[1]);
 
     // The operator makes its own group whose only other leaf claims alice
     // (her genuine certificate, copied from one of her KeyPackages, over
@@ -205,7 +228,6 @@ async fn a_welcome_whose_tree_holds_a_forged_leaf_is_refused() {
     assert!(out.contains("did not join") && out.contains("not certified"), "{out}");
     let groups = tokio::task::block_in_place(|| ok(hush(bob, &["group", "list"])));
     assert!(groups.trim().is_empty(), "bob joined the forged group: {groups}");
-    drop(evil);
 }
 
 // ---- a malicious member (raw openmls) against the real hushd ----
@@ -292,4 +314,40 @@ async fn registration_needs_a_certificate_for_the_connections_own_key() {
     }
     // The invite was not spent: the genuine registration works.
     assert!(conn.register(Some(&token), member.certificate()).await.unwrap());
+}
+
+// ---- a hostile server against the client's loops (issue 14) ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_ends_a_page_or_jumps_to_the_last_sequence_cannot_hang_or_pin_the_client() {
+    let s = Scene::start(&["alice", "bob"]).await;
+    let (mode, ids) = (&s.mode, &s.ids);
+    let (alice, bob) = (&s.homes[0], &s.homes[1]);
+    tokio::task::block_in_place(|| {
+        ok(hush(alice, &["contact", "add", "bob", &ids[1]]));
+        ok(hush(alice, &["group", "create", "team"]));
+        ok(hush(alice, &["group", "add", "team", "bob"]));
+        ok(hush(bob, &["sync"]));
+        ok(hush(alice, &["send", "team", "first"]));
+    });
+    for (m, what) in [
+        (Mode::EndlessPages, "said more messages remain but sent none"),
+        (Mode::HugeSequence, "message 18446744073709551615"),
+    ] {
+        *mode.lock().unwrap() = m;
+        // `run` kills the command if it takes longer than WAIT: a hang fails.
+        let out = tokio::task::block_in_place(|| hush(bob, &["sync"]));
+        assert!(!out.status.success(), "sync succeeded against a lying server");
+        let err = stderr(&out);
+        assert!(err.contains("misbehaved") && err.contains(what), "{err}");
+    }
+    // Against an honest answer again, nothing is stuck.
+    *mode.lock().unwrap() = Mode::Honest;
+    tokio::task::block_in_place(|| {
+        ok(hush(alice, &["send", "team", "second"]));
+        let got = ok(hush(bob, &["sync"]));
+        assert!(got.contains("first") && got.contains("second"), "{got}");
+        ok(hush(bob, &["send", "team", "back to you"]));
+        assert!(ok(hush(alice, &["sync"])).contains("back to you"));
+    });
 }
