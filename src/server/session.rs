@@ -197,14 +197,16 @@ enum Refused {
 /// Memory reserved for one request frame: given back when dropped.
 struct Budget {
     connection: OwnedSemaphorePermit,
-    server: OwnedSemaphorePermit,
+    /// `None` for a stranger: its frames (at most a few KiB on a capped
+    /// number of connections) never spend what registered devices share.
+    server: Option<OwnedSemaphorePermit>,
 }
 
 impl Budget {
     /// Gives back everything above `bytes` (what the frame turned out to
     /// need).
     fn shrink_to(&mut self, bytes: usize) {
-        for permit in [&mut self.connection, &mut self.server] {
+        for permit in std::iter::once(&mut self.connection).chain(self.server.as_mut()) {
             let excess = permit.num_permits().saturating_sub(bytes.max(1));
             drop(permit.split(excess));
         }
@@ -279,7 +281,11 @@ async fn reserve(session: &Session, bytes: usize, deadline: Instant) -> Result<B
     let busy = || Refused::Answer(rate_limited(Duration::from_millis(BUDGET_RETRY_MS), "the server is busy"));
     let acquire = async {
         let connection = session.budget.clone().acquire_many_owned(n).await.map_err(|_| busy())?;
-        let server = session.shared.request_budget.clone().acquire_many_owned(n).await.map_err(|_| busy())?;
+        let server = if session.registered() {
+            Some(session.shared.request_budget.clone().acquire_many_owned(n).await.map_err(|_| busy())?)
+        } else {
+            None
+        };
         Ok(Budget { connection, server })
     };
     tokio::time::timeout_at(deadline, acquire).await.map_err(|_| busy())?
