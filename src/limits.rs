@@ -33,6 +33,11 @@ pub const DEVICE_RECEIVE_WINDOW: u32 = 2 * 1024 * 1024;
 /// timeout, then error 6) and is never buffered meanwhile.
 pub const REQUEST_BUDGET_PER_CONNECTION: usize = 2 * 1024 * 1024;
 
+// The largest request must fit a connection's budget (and the smallest
+// server budget, 2 MiB), or it could never be read.
+const _: () = assert!(MAX_REQUEST_FRAME <= REQUEST_BUDGET_PER_CONNECTION);
+const _: () = assert!(MAX_STRANGER_FRAME as u64 <= STRANGER_RECEIVE_WINDOW as u64);
+
 /// Largest size of one leaf node (TLS encoding) in a KeyPackage, a new
 /// group, an Add or an Update. hush's leaves are about 400 bytes; the cap
 /// stops members from parking large blobs in the group's public state,
