@@ -30,7 +30,7 @@ use hush::wire::ErrorCode;
 #[derive(Parser)]
 #[command(name = "hush", version, about = "hush: end-to-end-encrypted group chat over a self-hosted relay")]
 struct Cli {
-    /// Home directory holding this identity's key and state.
+    /// Home directory holding this account's and device's keys and state.
     #[arg(long, global = true, env = "HUSH_HOME", value_name = "DIR")]
     home: Option<PathBuf>,
     #[command(subcommand)]
@@ -39,7 +39,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create this identity (if needed), pin the server and register with it.
+    /// Create this account and device (if needed), pin the server and register with it.
     Register {
         /// The server's address, hush://HOST:PORT/#FINGERPRINT, as hushd printed it.
         address: String,
