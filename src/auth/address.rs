@@ -56,35 +56,47 @@ impl FromStr for Fingerprint {
     }
 }
 
-/// An account: the raw Ed25519 public key the client authenticates with.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AccountId(pub [u8; 32]);
+/// A 32-byte public key used as an id (accounts, devices): written as 52
+/// base32 characters, shown short as its first 16 grouped in fours.
+macro_rules! key_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(pub [u8; 32]);
 
-impl AccountId {
-    /// The short form people compare: the first 16 characters, grouped.
-    pub fn short(&self) -> String {
-        let full = text::encode(&self.0);
-        text::grouped(full.get(..16).unwrap_or(&full), 4)
-    }
+        impl $name {
+            /// The short form people compare: the first 16 characters, grouped.
+            pub fn short(&self) -> String {
+                let full = $crate::auth::text::encode(&self.0);
+                $crate::auth::text::grouped(full.get(..16).unwrap_or(&full), 4)
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&$crate::auth::text::encode(&self.0))
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{}({})", stringify!($name), self.short())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = $crate::auth::text::TextError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                $crate::auth::text::decode_array(s).map(Self)
+            }
+        }
+    };
 }
+pub(crate) use key_id;
 
-impl fmt::Display for AccountId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&text::encode(&self.0))
-    }
-}
-
-impl fmt::Debug for AccountId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AccountId({})", self.short())
-    }
-}
-
-impl FromStr for AccountId {
-    type Err = TextError;
-    fn from_str(s: &str) -> Result<Self, TextError> {
-        text::decode_array(s).map(Self)
-    }
+key_id! {
+    /// An account: the raw Ed25519 public key of the account key.
+    AccountId
 }
 
 /// Why a `hush://` address could not be read.

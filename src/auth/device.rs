@@ -26,12 +26,10 @@
 //! will ever sign (device revocations get their own label).
 
 use std::fmt;
-use std::str::FromStr;
 
 use thiserror::Error;
 
 use super::address::AccountId;
-use super::text::{self, TextError};
 use super::Identity;
 
 /// Domain-separation label of a device certificate signature.
@@ -46,36 +44,10 @@ pub const CERTIFICATE_LEN: usize = 1 + 32 + 32 + 32 + 8 + 64;
 /// Length of the signed part (everything but the signature).
 const SIGNED_LEN: usize = CERTIFICATE_LEN - 64;
 
-/// A device: the raw Ed25519 public key it authenticates its connections
-/// with (its TLS key).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DeviceId(pub [u8; 32]);
-
-impl DeviceId {
-    /// The first 16 characters, grouped (as for accounts).
-    pub fn short(&self) -> String {
-        let full = text::encode(&self.0);
-        text::grouped(full.get(..16).unwrap_or(&full), 4)
-    }
-}
-
-impl fmt::Display for DeviceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&text::encode(&self.0))
-    }
-}
-
-impl fmt::Debug for DeviceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DeviceId({})", self.short())
-    }
-}
-
-impl FromStr for DeviceId {
-    type Err = TextError;
-    fn from_str(s: &str) -> Result<Self, TextError> {
-        text::decode_array(s).map(Self)
-    }
+super::address::key_id! {
+    /// A device: the raw Ed25519 public key it authenticates its connections
+    /// with (its TLS key).
+    DeviceId
 }
 
 /// Why a certificate or a leaf was not accepted. Always the presenter's
