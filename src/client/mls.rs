@@ -29,7 +29,7 @@ use openmls_rust_crypto::OpenMlsRustCrypto;
 use thiserror::Error;
 
 use crate::auth::{AccountId, DeviceCertificate, DeviceId, Identity};
-use crate::delivery::mls::{certificate_of, leaf_certificate, node_certificate, server_sender};
+use crate::delivery::mls::{holder_of, leaf_certificate, node_certificate, server_sender};
 
 /// The one ciphersuite hush uses: X25519, AES-128-GCM, SHA-256, Ed25519.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
@@ -300,7 +300,7 @@ impl<P: OpenMlsProvider> Member<P> {
         let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
         let leaves: Vec<LeafNodeIndex> = g
             .members()
-            .filter(|m| certificate_of(&m.credential).is_ok_and(|c| accounts.contains(&c.account)))
+            .filter(|m| holder_of(&m.credential).is_some_and(|(a, _)| accounts.contains(&a)))
             .map(|m| m.index)
             .collect();
         if leaves.is_empty() {
@@ -390,15 +390,13 @@ impl<P: OpenMlsProvider> Member<P> {
         let processed = mls_try!(g.process_message(provider, protocol), "processing")?;
         // Every leaf was checked when it entered our tree, so the sender's
         // certificate names who said it.
-        let sender = certificate_of(processed.credential()).ok().map(|c| c.account);
+        let sender = holder_of(processed.credential()).map(|(account, _)| account);
         let sender_leaf = match processed.sender() {
             Sender::Member(i) => Some(*i),
             _ => None,
         };
-        let holders: HashMap<LeafNodeIndex, (AccountId, DeviceId)> = g
-            .members()
-            .filter_map(|m| certificate_of(&m.credential).ok().map(|c| (m.index, (c.account, c.device))))
-            .collect();
+        let holders: HashMap<LeafNodeIndex, (AccountId, DeviceId)> =
+            g.members().filter_map(|m| holder_of(&m.credential).map(|h| (m.index, h))).collect();
         // A leaf may change its keys, never whose it is.
         let same_holder = |index: Option<LeafNodeIndex>, leaf: &LeafNode| -> Result<(), String> {
             let cert = node_certificate(leaf).map_err(|e| format!("an updated leaf is not certified ({e})"))?;
@@ -474,7 +472,7 @@ impl<P: OpenMlsProvider> Member<P> {
     /// account).
     pub fn members(&mut self, group: &[u8]) -> Vec<AccountId> {
         self.group_mut(group)
-            .map(|g| g.members().filter_map(|m| certificate_of(&m.credential).ok().map(|c| c.account)).collect())
+            .map(|g| g.members().filter_map(|m| holder_of(&m.credential).map(|(a, _)| a)).collect())
             .unwrap_or_default()
     }
 
@@ -482,7 +480,7 @@ impl<P: OpenMlsProvider> Member<P> {
     /// device).
     pub fn devices(&mut self, group: &[u8]) -> Vec<DeviceId> {
         self.group_mut(group)
-            .map(|g| g.members().filter_map(|m| certificate_of(&m.credential).ok().map(|c| c.device)).collect())
+            .map(|g| g.members().filter_map(|m| holder_of(&m.credential).map(|(_, d)| d)).collect())
             .unwrap_or_default()
     }
 

@@ -146,6 +146,13 @@ pub fn certificate_of(credential: &Credential) -> Result<DeviceCertificate, Cred
     DeviceCertificate::decode(basic.identity())
 }
 
+/// The account and device of a leaf that was checked with
+/// [`leaf_certificate`] when it entered the tree (no signature check).
+pub fn holder_of(credential: &Credential) -> Option<(AccountId, DeviceId)> {
+    let basic = BasicCredential::try_from(credential.clone()).ok()?;
+    DeviceCertificate::holder_of_checked_leaf(basic.identity())
+}
+
 /// The certificate of a leaf (its credential and signature key): valid only
 /// if the certificate verifies under its account key and certifies exactly
 /// this signature key.

@@ -608,9 +608,9 @@ impl Delivery {
         // when it entered the tree).
         let mut holders: HashMap<u32, Caller> = HashMap::new();
         for m in public.members() {
-            let cert = mls::certificate_of(&m.credential)
-                .map_err(|e| Refusal::Internal(format!("stored leaf {} is not certified: {e}", m.index.u32())))?;
-            holders.insert(m.index.u32(), Caller::of(&cert));
+            let (account, device) = mls::holder_of(&m.credential)
+                .ok_or_else(|| Refusal::Internal(format!("stored leaf {} holds no certificate", m.index.u32())))?;
+            holders.insert(m.index.u32(), Caller { account, device });
         }
         let processed = public
             .process_message(&self.crypto, framed.message)
@@ -739,13 +739,15 @@ impl Delivery {
                     .merge_commit(&storage, *staged)
                     .map_err(|e| Refusal::Internal(format!("merging the commit: {e:?}")))?;
                 let epoch = public.group_context().epoch().as_u64();
-                // The tree after the commit: every leaf certified, each
-                // device once, the server still an external sender.
+                // The tree after the commit: each device once, the server
+                // still an external sender. (Every leaf that entered or
+                // changed with this commit was verified above: adds,
+                // updates, the committer's path leaf.)
                 let mut roster: BTreeMap<DeviceId, AccountId> = BTreeMap::new();
                 for m in public.members() {
-                    let cert = mls::leaf_certificate(&m.credential, &m.signature_key)
-                        .map_err(|e| bad_leaf(m.index.u32(), e))?;
-                    if roster.insert(cert.device, cert.account).is_some() {
+                    let (account, device) = mls::holder_of(&m.credential)
+                        .ok_or_else(|| bad_leaf(m.index.u32(), "the leaf holds no device certificate"))?;
+                    if roster.insert(device, account).is_some() {
                         return Err(bad_leaf(m.index.u32(), "this device already has a leaf in the group"));
                     }
                 }
