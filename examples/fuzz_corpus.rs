@@ -88,6 +88,14 @@ fn main() {
     let caller = |m: &Member| Caller::of(m.certificate());
     let alice = caller(&members[0]);
     let g = members[0].create_group(&removal_key).unwrap();
+    // The group_info target takes a u16 length, the GroupInfo, the tree.
+    let framed_info = |info: &[u8], tree: &[u8]| {
+        let mut seed = u16::try_from(info.len()).unwrap().to_be_bytes().to_vec();
+        seed.extend_from_slice(info);
+        seed.extend_from_slice(tree);
+        seed
+    };
+    c.put("group_info", &framed_info(&g.group_info, &g.ratchet_tree));
     exchange(&c, &mut store, alice, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree });
     let mut kps = vec![];
     for t in [1, 2] {
@@ -97,9 +105,10 @@ fn main() {
             other => panic!("{other:?}"),
         }
     }
-    let (commit, welcome) = members[0].add(&g.id, &kps).unwrap();
-    c.put("mls_frame", &commit);
-    exchange(&c, &mut store, alice, Request::Send { message: commit, welcome: Some(welcome) });
+    let commit = members[0].add(&g.id, &kps).unwrap();
+    c.put("mls_frame", &commit.message);
+    c.put("group_info", &framed_info(&commit.group_info, &[]));
+    exchange(&c, &mut store, alice, commit.into_request());
     members[0].merge_pending(&g.id).unwrap();
     for t in [1, 2] {
         let who = caller(&members[t]);
@@ -111,7 +120,7 @@ fn main() {
     for (i, text) in ["hello", "a longer message to vary the padding bucket"].iter().enumerate() {
         let m = members[i].encrypt(&g.id, text.as_bytes()).unwrap();
         c.put("mls_frame", &m);
-        exchange(&c, &mut store, caller(&members[i]), Request::Send { message: m, welcome: None });
+        exchange(&c, &mut store, caller(&members[i]), Request::Send { message: m, welcome: None, group_info: None });
     }
     let bob = caller(&members[1]);
     exchange(&c, &mut store, bob, Request::Fetch { group: g.id.clone(), after: 0, limit: 10 });
@@ -120,14 +129,15 @@ fn main() {
     exchange(&c, &mut store, bob, Request::CountKeyPackages);
     exchange(&c, &mut store, bob, Request::Ping { nonce: 7 });
     exchange(&c, &mut store, bob, Request::Fetch { group: vec![9; 16], after: 0, limit: 0 });
+    exchange(&c, &mut store, bob, Request::FetchGroupInfo { group: g.id.clone() });
     let carol = members[2].account();
     let removal = members[0].remove(&g.id, &[carol]).unwrap();
-    c.put("mls_frame", &removal);
-    exchange(&c, &mut store, alice, Request::Send { message: removal, welcome: None });
+    c.put("mls_frame", &removal.message);
+    exchange(&c, &mut store, alice, removal.into_request());
     members[0].merge_pending(&g.id).unwrap();
     let proposal = members[1].leave(&g.id).unwrap();
     c.put("mls_frame", &proposal);
-    exchange(&c, &mut store, bob, Request::Send { message: proposal, welcome: None });
+    exchange(&c, &mut store, bob, Request::Send { message: proposal, welcome: None, group_info: None });
     let state = store.group(&g.id).unwrap().unwrap().state;
     assert!(hush::delivery::mls::decode_state(&state).is_ok());
     c.put("group_state", &state);

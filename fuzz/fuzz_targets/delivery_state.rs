@@ -11,12 +11,19 @@
 //! * forged credentials (a member moving its leaf to another device's
 //!   certificate, KeyPackages and groups under someone else's
 //!   certificate, commits adding forged packages) are always refused;
+//! * a commit no member can process (corrupted membership tag, garbage
+//!   update path) is accepted, and every member that cannot process it
+//!   rejoins by an external commit from the stored GroupInfo; an honest
+//!   resync is always accepted, a forged one (from an outsider, adding a
+//!   device the account certified on the side, or moving the leaf to
+//!   another device) never;
 //! * at the end, every leaf of the server's group state is certified, the
 //!   store's roster equals the MLS membership and every current member has
 //!   the same epoch authenticator.
 #![no_main]
 use arbitrary::Arbitrary;
-use hush::client::mls::Member;
+use hush::auth::{DeviceCertificate, DeviceId, Identity};
+use hush::client::mls::{Commit, Member};
 use hush::delivery::memory::MemoryStore;
 use hush::delivery::{Caller, Delivery, Notification, Store};
 use hush::wire::{ErrorCode, Request, Response};
@@ -40,6 +47,15 @@ enum Op {
     ForgeAdd { who: u8, victim: u8, broken: bool },
     /// `who` registers a group whose only leaf claims `victim`.
     ForgeGroup { who: u8, victim: u8, broken: bool },
+    /// `who` rejoins the group by an external commit (group repair).
+    Resync { who: u8 },
+    /// `who` sends a commit nobody else can process (`garbage`: a garbage
+    /// update path; otherwise a corrupted membership tag).
+    BadCommit { who: u8, garbage: bool },
+    /// A resync that is not one: 0 from the outsider, 1 from a device
+    /// `who`'s account certifies on the side, 2 moving `who`'s leaf to such
+    /// a device.
+    ForgeResync { who: u8, kind: u8 },
 }
 
 const EVE: usize = 4;
@@ -49,6 +65,7 @@ struct World {
     store: MemoryStore,
     now: u64,
     members: Vec<Member>,
+    accounts: Vec<Identity>,
     cursor: Vec<u64>,
     own: Vec<Vec<u64>>,
     active: Vec<bool>,
@@ -99,11 +116,40 @@ impl World {
     }
 
     fn send(&mut self, who: usize, message: Vec<u8>, welcome: Option<Vec<u8>>) -> Response {
-        let r = self.req(who, Request::Send { message, welcome });
+        self.send_request(who, Request::Send { message, welcome, group_info: None })
+    }
+
+    fn send_request(&mut self, who: usize, request: Request) -> Response {
+        let r = self.req(who, request);
         if let Response::Accepted { seq, .. } = &r {
             self.own[who].push(*seq);
         }
         r
+    }
+
+    /// The group's current GroupInfo and tree, as `who` may fetch it.
+    fn group_info(&mut self, who: usize) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
+        match self.req(who, Request::FetchGroupInfo { group: self.group.clone() }) {
+            Response::GroupInfo { group_info, ratchet_tree, .. } => Some((group_info, ratchet_tree)),
+            _ => None,
+        }
+    }
+
+    /// `who` rejoins the current epoch. An honest resync of a device that
+    /// still has its leaf is always accepted; its cursor moves to it.
+    fn resync(&mut self, who: usize) -> bool {
+        let g = self.group.clone();
+        let Some((info, tree)) = self.group_info(who) else { return false };
+        let Ok(commit) = self.members[who].resync(&g, &info, tree.as_deref()) else { return false };
+        let before = self.epoch;
+        match self.send_request(who, commit.into_request()) {
+            Response::Accepted { seq, epoch, .. } => {
+                assert_eq!(epoch, before + 1, "a resync is one commit");
+                self.cursor[who] = seq;
+                true
+            }
+            other => panic!("an honest resync was refused: {other:?}"),
+        }
     }
 
     fn sync(&mut self, who: usize) {
@@ -114,16 +160,34 @@ impl World {
             let after = self.cursor[who];
             let r = self.req(who, Request::Fetch { group: self.group.clone(), after, limit: 0 });
             let Response::Messages { messages, more, .. } = r else { return };
+            let mut repaired = false;
             for (seq, m) in &messages {
                 assert!(*seq > after);
                 if !self.own[who].contains(seq) {
-                    if let Ok(hush::client::mls::Received::Commit { removed_me: true, .. }) =
-                        self.members[who].receive(&self.group, m)
-                    {
-                        self.active[who] = false;
+                    let g = self.group.clone();
+                    match self.members[who].receive(&g, m) {
+                        Ok(hush::client::mls::Received::Commit { removed_me: true, .. }) => self.active[who] = false,
+                        Ok(_) => {}
+                        Err(_) => {
+                            // Group repair, as the app does it.
+                            let ours = self.members[who].epoch(&g);
+                            let stuck = self.members[who].unprocessed(&g, m).is_some_and(|c| {
+                                ours.is_none_or(|o| c.epoch > o || (c.commit && c.epoch == o))
+                            });
+                            if stuck {
+                                self.cursor[who] = *seq;
+                                if self.resync(who) {
+                                    repaired = true;
+                                    break;
+                                }
+                            }
+                        }
                     }
                 }
                 self.cursor[who] = *seq;
+            }
+            if repaired {
+                continue;
             }
             if let Some((last, _)) = messages.last() {
                 let g = self.group.clone();
@@ -135,7 +199,7 @@ impl World {
         }
     }
 
-    fn commit(&mut self, who: usize, build: impl FnOnce(&mut Member, &[u8]) -> Option<(Vec<u8>, Option<Vec<u8>>)>) {
+    fn commit(&mut self, who: usize, build: impl FnOnce(&mut Member, &[u8]) -> Option<Commit>) {
         if !self.active[who] {
             return;
         }
@@ -144,9 +208,9 @@ impl World {
             return;
         }
         let g = self.group.clone();
-        let Some((commit, welcome)) = build(&mut self.members[who], &g) else { return };
+        let Some(commit) = build(&mut self.members[who], &g) else { return };
         let before = self.epoch;
-        match self.send(who, commit, welcome) {
+        match self.send_request(who, commit.into_request()) {
             Response::Accepted { epoch, .. } => {
                 assert_eq!(epoch, before + 1, "one accepted commit per epoch");
                 self.members[who].merge_pending(&g).expect("merge our accepted commit");
@@ -163,14 +227,14 @@ fn setup() -> World {
     let mut store = MemoryStore::default();
     let removal_key = hush::auth::Identity::generate().expect("key").public_key();
     let mut ds = Delivery::new(86_400, removal_key);
-    let members: Vec<Member> = (1..=5u8)
+    let (accounts, members): (Vec<Identity>, Vec<Member>) = (1..=5u8)
         .map(|_| {
-            let (_, _, m) = Member::generate().expect("member");
+            let (account, _, m) = Member::generate().expect("member");
             store.accounts.insert(m.account());
             store.devices.insert(m.device(), m.account());
-            m
+            (account, m)
         })
-        .collect();
+        .unzip();
     for m in &members {
         let packages = m.key_packages(2).expect("key packages");
         let caller = Caller::of(m.certificate());
@@ -182,6 +246,7 @@ fn setup() -> World {
         store,
         now: 10,
         members,
+        accounts,
         cursor: vec![0; 5],
         own: vec![vec![]; 5],
         active: vec![true, true, true, false, false],
@@ -204,8 +269,8 @@ fn setup() -> World {
         };
         kps.extend(packages.into_iter().map(|p| (w.members[t].account(), p)));
     }
-    let (commit, welcome) = w.members[0].add(&g.id, &kps).expect("add");
-    assert!(matches!(w.send(0, commit, Some(welcome)), Response::Accepted { .. }));
+    let commit = w.members[0].add(&g.id, &kps).expect("add");
+    assert!(matches!(w.send_request(0, commit.into_request()), Response::Accepted { .. }));
     w.members[0].merge_pending(&g.id).expect("merge");
     for t in [1, 2] {
         let Response::Welcomes { welcomes } = w.req(t, Request::FetchWelcomes) else { panic!("welcomes") };
@@ -245,7 +310,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 };
                 let packages: Vec<_> = packages.into_iter().map(|p| (dave, p)).collect();
                 let before = w.last_seq;
-                w.commit(who, |m, g| m.add(g, &packages).ok().map(|(c, wl)| (c, Some(wl))));
+                w.commit(who, |m, g| m.add(g, &packages).ok());
                 if w.last_seq > before && w.store.current_members(&w.group).unwrap().contains(&w.members[3].device()) {
                     if let Response::Welcomes { welcomes } = w.req(3, Request::FetchWelcomes) {
                         if let Some((_, wl)) = welcomes.last() {
@@ -261,7 +326,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 let (who, target) = (usize::from(who % 4), usize::from(target % 4));
                 if who != target && w.active[target] {
                     let t = w.members[target].account();
-                    w.commit(who, |m, g| m.remove(g, &[t]).ok().map(|c| (c, None)));
+                    w.commit(who, |m, g| m.remove(g, &[t]).ok());
                 }
             }
             Op::Probe { after, seq } => {
@@ -287,7 +352,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 };
                 let Ok(forged) = forged else { continue };
                 let before = w.last_seq;
-                let r = w.req(who, Request::Send { message: forged, welcome: None });
+                let r = w.req(who, Request::Send { message: forged, welcome: None, group_info: None });
                 // Claiming one's own certificate with a new key is a key
                 // mismatch too: every variant must be refused.
                 assert!(matches!(r, Response::Error { .. }), "a forged update was accepted: {r:?}");
@@ -314,9 +379,9 @@ fuzz_target!(|ops: Vec<Op>| {
                 }
                 w.sync(who);
                 let g = w.group.clone();
-                let Ok((commit, welcome)) = w.members[who].add_unchecked(&g, &packages) else { continue };
+                let Ok(commit) = w.members[who].add_unchecked(&g, &packages) else { continue };
                 let before = w.last_seq;
-                let r = w.req(who, Request::Send { message: commit, welcome: Some(welcome) });
+                let r = w.req(who, commit.into_request());
                 assert!(matches!(r, Response::Error { .. }), "a forged add was accepted: {r:?}");
                 assert_eq!(w.last_seq, before);
                 let _ = w.members[who].discard_pending(&g);
@@ -330,6 +395,60 @@ fuzz_target!(|ops: Vec<Op>| {
                 match w.req(who, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree }) {
                     Response::Error { code, .. } => assert_eq!(code, ErrorCode::InvalidCredential),
                     other => panic!("a group with a forged leaf was accepted: {other:?}"),
+                }
+            }
+            Op::Resync { who } => {
+                let who = usize::from(who % 4);
+                if w.active[who] {
+                    w.resync(who);
+                }
+            }
+            Op::BadCommit { who, garbage } => {
+                let who = usize::from(who % 4);
+                w.commit(who, |m, g| {
+                    if garbage {
+                        m.garbage_path_update(g).ok()
+                    } else {
+                        let mut c = m.self_update(g).ok()?;
+                        c.corrupt_membership_tag();
+                        Some(c)
+                    }
+                });
+            }
+            Op::ForgeResync { who, kind } => {
+                let who = usize::from(who % 4);
+                if !w.active[who] {
+                    continue;
+                }
+                let g = w.group.clone();
+                let Some((info, tree)) = w.group_info(who) else { continue };
+                let before = w.last_seq;
+                let (sender, forged) = match kind % 3 {
+                    0 => (EVE, w.members[EVE].rejoin_unchecked(&g, &info, tree.as_deref())),
+                    1 => {
+                        let phantom = DeviceId(Identity::generate().expect("key").public_key());
+                        let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+                        let mut m = Member::create(provider, &w.accounts[who], phantom, w.now).expect("member");
+                        (who, m.rejoin_unchecked(&g, &info, tree.as_deref()))
+                    }
+                    _ => {
+                        let phantom = DeviceId(Identity::generate().expect("key").public_key());
+                        let mls_key = w.members[who].certificate().mls_key;
+                        let cert = DeviceCertificate::issue(&w.accounts[who], phantom, mls_key, w.now);
+                        (who, w.members[who].rejoin_as(&g, &info, tree.as_deref(), cert.encode()))
+                    }
+                };
+                if let Ok(commit) = forged {
+                    let r = w.req(sender, commit.into_request());
+                    assert!(matches!(r, Response::Error { .. }), "a forged resync was accepted: {r:?}");
+                    assert_eq!(w.last_seq, before);
+                }
+                // The state a forged rejoin built is of no epoch; the member
+                // rejoins for real, as the app does after a refusal.
+                w.members[EVE].forget(&g);
+                if kind % 3 == 2 {
+                    w.members[who].forget(&g);
+                    assert!(w.resync(who), "the member could not rejoin after its forged resync");
                 }
             }
             Op::Raw { who, bytes } => {
@@ -346,9 +465,16 @@ fuzz_target!(|ops: Vec<Op>| {
             }
         }
     }
-    // Everyone catches up; the roster is the MLS membership.
-    for who in 0..4 {
-        w.sync(who);
+    // Everyone catches up (a member that rejoins makes a commit the others
+    // then read, so until nothing moves); the roster is the MLS membership.
+    for _ in 0..8 {
+        let before = w.last_seq;
+        for who in 0..4 {
+            w.sync(who);
+        }
+        if w.last_seq == before {
+            break;
+        }
     }
     let mut roster = w.store.current_members(&w.group).unwrap();
     roster.sort();

@@ -481,8 +481,8 @@ async fn make_group<E: Exec>(
     if packages.is_empty() {
         return Ok((g.id, 0));
     }
-    let (commit, welcome) = first.add(&g.id, &packages).map_err(fail)?;
-    let seq = match e.exec(0, Request::Send { message: commit, welcome: Some(welcome) }).await? {
+    let commit = first.add(&g.id, &packages).map_err(fail)?;
+    let seq = match e.exec(0, commit.into_request()).await? {
         Response::Accepted { seq, .. } => seq,
         other => return Err(BenchError(format!("unexpected {other:?}"))),
     };
@@ -574,7 +574,7 @@ async fn cli_processes(address: &HushAddress, dir: &Path, runs: usize) -> Result
 
 /// Sends one application message straight into `store`.
 async fn store_send(store: &Store, account: Caller, message: Vec<u8>) -> Result<(), BenchError> {
-    match store.deliver(account, Request::Send { message, welcome: None }, now_unix()).await {
+    match store.deliver(account, Request::Send { message, welcome: None, group_info: None }, now_unix()).await {
         Ok(o) if matches!(o.response, Response::Accepted { .. }) => Ok(()),
         Ok(o) => Err(BenchError(format!("unexpected {:?}", o.response))),
         Err(e) => Err(fail(e)),

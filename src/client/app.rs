@@ -16,12 +16,12 @@ use std::path::{Path, PathBuf};
 use rusqlite::{params, Connection as Db, OptionalExtension};
 use thiserror::Error;
 
-use super::mls::{Member, MlsError, Received};
+use super::mls::{Commit, Member, MlsError, Received};
 use super::state::{self, Provider, StateError};
 use super::{ClientError, Connection};
 use crate::auth::{text, AccountId, DeviceCertificate, DeviceId, HushAddress, Identity, KeyError};
 use crate::util::now_unix;
-use crate::wire::ErrorCode;
+use crate::wire::{ErrorCode, GroupSummary};
 
 /// KeyPackages published at registration and kept available.
 pub const KEY_PACKAGE_TARGET: usize = 20;
@@ -349,12 +349,12 @@ impl App {
     /// lets the caller rebuild it. Returns the sequence.
     async fn send_commit<F>(&mut self, conn: &Connection, group: &[u8], mut build: F) -> Result<u64, AppError>
     where
-        F: FnMut(&mut Member<Provider>) -> Result<(Vec<u8>, Option<Vec<u8>>), AppError>,
+        F: FnMut(&mut Member<Provider>) -> Result<Commit, AppError>,
     {
         for _ in 0..COMMIT_ATTEMPTS {
             self.sync_group(conn, group, &mut Vec::new()).await?;
-            let (commit, welcome) = build(&mut self.member)?;
-            match conn.send(commit, welcome).await {
+            let commit = build(&mut self.member)?;
+            match conn.commit(commit).await {
                 Ok((seq, _)) => {
                     self.member.merge_pending(group)?;
                     self.mark_sent(group, seq)?;
@@ -417,12 +417,7 @@ impl App {
                 packages.push((*a, p));
             }
         }
-        let seq = self
-            .send_commit(conn, &gid, |m| {
-                let (c, w) = m.add(&gid, &packages)?;
-                Ok((c, Some(w)))
-            })
-            .await?;
+        let seq = self.send_commit(conn, &gid, |m| Ok(m.add(&gid, &packages)?)).await?;
         for a in accounts {
             let who = self.display(a);
             self.record(&gid, seq, Some(&self.account()), "event", &format!("{who} was added by you"))?;
@@ -443,7 +438,7 @@ impl App {
     ) -> Result<(), AppError> {
         let gid = group.id.clone();
         let targets = accounts.to_vec();
-        let seq = self.send_commit(conn, &gid, |m| Ok((m.remove(&gid, &targets)?, None))).await?;
+        let seq = self.send_commit(conn, &gid, |m| Ok(m.remove(&gid, &targets)?)).await?;
         for a in accounts {
             let who = self.display(a);
             self.record(&gid, seq, Some(&self.account()), "event", &format!("{who} was removed by you"))?;
@@ -462,11 +457,22 @@ impl App {
         Ok(())
     }
 
+    /// A value every member of the group shares in its current epoch (the
+    /// MLS epoch authenticator): equal values mean the same view of the
+    /// group. `None` without state for the group.
+    pub fn epoch_authenticator(&mut self, group: &GroupRow) -> Option<Vec<u8>> {
+        self.member.epoch_authenticator(&group.id)
+    }
+
     pub fn members(&mut self, group: &GroupRow) -> Vec<String> {
         self.member.members(&group.id).iter().map(|a| self.display(a)).collect()
     }
 
     async fn send_payload(&mut self, conn: &Connection, group: &[u8], payload: &[u8]) -> Result<u64, AppError> {
+        if !self.member.has_group(group) {
+            // Lost state: syncing rejoins the group first.
+            self.sync_group(conn, group, &mut Vec::new()).await?;
+        }
         for _ in 0..COMMIT_ATTEMPTS {
             let m = self.member.encrypt(group, payload)?;
             match conn.send(m, None).await {
@@ -534,10 +540,19 @@ impl App {
             conn.ack_welcome(id).await?;
         }
         let announced = conn.groups().await?;
+        // A group the server lists us in that this home does not know (its
+        // state was lost, e.g. restored from an older backup): rejoin it.
+        let known: Vec<Vec<u8>> = self.groups()?.into_iter().map(|g| g.id).collect();
+        for s in announced.iter().filter(|s| s.member && !known.contains(&s.group)) {
+            self.db.execute(
+                "INSERT INTO groups (id, name, cursor, active, joined_at) VALUES (?1, NULL, ?2, 1, ?3)",
+                params![s.group, i64::try_from(s.last_seq).unwrap_or(0), i64::try_from(now_unix()).unwrap_or(0)],
+            )?;
+        }
         for g in self.groups()? {
             if g.active {
-                let bound = announced.iter().find(|s| s.group == g.id).map(|s| s.last_seq);
-                self.sync_group_upto(conn, &g.id, bound, &mut new).await?;
+                let summary = announced.iter().find(|s| s.group == g.id);
+                self.sync_group_upto(conn, &g.id, summary, &mut new).await?;
             }
         }
         let (count, _) = conn.count_key_packages().await?;
@@ -582,27 +597,36 @@ impl App {
     /// Fetches and processes one group's new messages (asking the server
     /// first how far its log goes).
     pub async fn sync_group(&mut self, conn: &Connection, group: &[u8], new: &mut Vec<Entry>) -> Result<(), AppError> {
-        let bound = conn.groups().await?.into_iter().find(|s| s.group == group).map(|s| s.last_seq);
-        self.sync_group_upto(conn, group, bound, new).await
+        let summary = conn.groups().await?.into_iter().find(|s| s.group == group);
+        self.sync_group_upto(conn, group, summary.as_ref(), new).await
     }
 
-    /// Fetches and processes one group's messages up to `bound`, the last
-    /// sequence the server announced (`None`: the server does not list the
-    /// group for us). Never trusts the server to end the loop: every page
-    /// must move the cursor forward and stay within the bound, and at most
-    /// [`MAX_SYNC_PAGES`] pages and [`MAX_SYNC_BYTES`] bytes are read.
+    /// Fetches and processes one group's messages up to the last sequence
+    /// the server announced in `summary` (`None`: the server does not list
+    /// the group for us). Never trusts the server to end the loop: every
+    /// page must move the cursor forward and stay within the bound, and at
+    /// most [`MAX_SYNC_PAGES`] pages and [`MAX_SYNC_BYTES`] bytes are read.
+    ///
+    /// **Group repair**: a commit of our epoch (or any message of a later
+    /// one) that cannot be processed means this device can no longer follow
+    /// the group; it rejoins the current epoch ([`App::repair`]) and goes on
+    /// from there. So does a device whose state for the group is gone, or
+    /// that is still behind the server's epoch once it read everything.
     async fn sync_group_upto(
         &mut self,
         conn: &Connection,
         group: &[u8],
-        bound: Option<u64>,
+        summary: Option<&GroupSummary>,
         new: &mut Vec<Entry>,
     ) -> Result<(), AppError> {
+        let bound = summary.map(|s| s.last_seq);
         let mut bytes_read = 0usize;
-        for _ in 0..MAX_SYNC_PAGES {
+        let mut repaired = false;
+        let mut acked = summary.map_or(0, |s| s.acked_seq);
+        'pages: for _ in 0..MAX_SYNC_PAGES {
             let after = self.cursor(group)?;
             if bound.is_some_and(|b| after >= b) {
-                return Ok(());
+                return self.catch_up(conn, group, summary, repaired, acked, new).await;
             }
             let (messages, more) = match conn.fetch(group, after, 0).await {
                 Ok(r) => r,
@@ -633,16 +657,39 @@ impl App {
                     let before = self.member.members(group);
                     match self.member.receive(group, bytes) {
                         Ok(r) => self.apply(group, *seq, r, &before, new)?,
-                        Err(e) => tracing::warn!(seq, "could not process a message: {e}"),
+                        Err(e) => {
+                            let ours = self.member.epoch(group);
+                            let cause = self.member.unprocessed(group, bytes);
+                            let stuck =
+                                cause.is_some_and(|c| ours.is_none_or(|o| c.epoch > o || (c.commit && c.epoch == o)));
+                            match cause {
+                                Some(c) if stuck && !repaired => {
+                                    tracing::warn!(seq, "could not process a commit; rejoining the group: {e}");
+                                    let who = c.sender.map(|a| self.display(&a)).unwrap_or_else(|| "someone".into());
+                                    let why = if c.commit {
+                                        format!("{who}'s change at epoch {} could not be read", c.epoch)
+                                    } else {
+                                        format!("this device missed the group's changes up to epoch {}", c.epoch)
+                                    };
+                                    self.set_cursor(group, *seq)?;
+                                    repaired = true;
+                                    self.repair(conn, group, &why, new).await?;
+                                    acked = acked.max(self.cursor(group)?);
+                                    continue 'pages;
+                                }
+                                _ => tracing::warn!(seq, "could not process a message: {e}"),
+                            }
+                        }
                     }
                 }
                 self.set_cursor(group, *seq)?;
             }
             if let Some((last, _)) = messages.last() {
                 conn.ack(group, *last).await?;
+                acked = *last;
             }
             if !more {
-                return Ok(());
+                return self.catch_up(conn, group, summary, repaired, acked, new).await;
             }
             if bytes_read > MAX_SYNC_BYTES {
                 break;
@@ -651,6 +698,99 @@ impl App {
         tracing::warn!(
             "stopped reading a group after {MAX_SYNC_PAGES} pages or {MAX_SYNC_BYTES} bytes; sync again for the rest"
         );
+        Ok(())
+    }
+
+    /// After reading a group's log to its end: a device still behind the
+    /// epoch the server announced (its state lost, or the commits it missed
+    /// deleted) rejoins, unless it just did.
+    async fn catch_up(
+        &mut self,
+        conn: &Connection,
+        group: &[u8],
+        summary: Option<&GroupSummary>,
+        repaired: bool,
+        acked: u64,
+        new: &mut Vec<Entry>,
+    ) -> Result<(), AppError> {
+        // Our own messages move the cursor without a fetch: tell the server
+        // too, or it keeps them for others who read them long ago.
+        if let Some(s) = summary.filter(|s| s.member) {
+            let cursor = self.cursor(group)?;
+            if acked < cursor && cursor <= s.last_seq {
+                conn.ack(group, cursor).await?;
+            }
+        }
+        let Some(s) = summary.filter(|s| s.member && !repaired) else { return Ok(()) };
+        let why = match self.member.epoch(group) {
+            None => "this device had no state for the group".to_string(),
+            Some(e) if e < s.epoch => format!("this device was behind the group (epoch {e} of {})", s.epoch),
+            Some(_) => return Ok(()),
+        };
+        self.repair(conn, group, &why, new).await
+    }
+
+    /// Rejoins `group` at its current epoch by an external commit that
+    /// replaces this device's leaf (the server keeps the GroupInfo of each
+    /// epoch for this), records an event saying `why` and what was lost,
+    /// and moves the cursor to the rejoining commit. A rejoin the group
+    /// refuses to let happen (a tree that does not verify, no leaf of ours
+    /// left) is recorded and leaves the group as it was.
+    async fn repair(
+        &mut self,
+        conn: &Connection,
+        group: &[u8],
+        why: &str,
+        new: &mut Vec<Entry>,
+    ) -> Result<(), AppError> {
+        for _ in 0..COMMIT_ATTEMPTS {
+            let (info, tree) = match conn.group_info(group).await {
+                Ok(r) => r,
+                Err(e) if e.code() == Some(ErrorCode::NotMember) => {
+                    self.db.execute("UPDATE groups SET active = 0 WHERE id = ?1", [group])?;
+                    return Ok(());
+                }
+                Err(e) if e.code().is_some() => return self.not_rejoined(group, why, &e.to_string(), new),
+                Err(e) => return Err(e.into()),
+            };
+            let commit = match self.member.resync(group, &info, tree.as_deref()) {
+                Ok(c) => c,
+                Err(e) => return self.not_rejoined(group, why, &e.to_string(), new),
+            };
+            match conn.commit(commit).await {
+                Ok((seq, epoch)) => {
+                    self.mark_sent(group, seq)?;
+                    self.set_cursor(group, seq)?;
+                    conn.ack(group, seq).await?;
+                    let body = format!(
+                        "{why}; this device rejoined the group at epoch {epoch}. Messages sent before that which it had not read cannot be decrypted here."
+                    );
+                    self.record(group, seq, None, "event", &body)?;
+                    new.push(self.entry_now(group, seq, None, "event", &body));
+                    return Ok(());
+                }
+                Err(e) => {
+                    // The state we built is of an epoch that never happened;
+                    // the next sync rejoins again.
+                    self.member.forget(group);
+                    match e.code() {
+                        Some(ErrorCode::StaleEpoch) => {}
+                        Some(_) => return self.not_rejoined(group, why, &e.to_string(), new),
+                        None => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        Err(AppError::Invalid("the group kept changing while this device rejoined it; sync again".into()))
+    }
+
+    /// Records that a rejoin did not happen, and why.
+    fn not_rejoined(&mut self, group: &[u8], why: &str, error: &str, new: &mut Vec<Entry>) -> Result<(), AppError> {
+        let body = format!("{why}; this device could not rejoin the group: {error}");
+        tracing::warn!("{body}");
+        let at = self.cursor(group)?;
+        self.record(group, at, None, "event", &body)?;
+        new.push(self.entry_now(group, at, None, "event", &body));
         Ok(())
     }
 
@@ -680,10 +820,13 @@ impl App {
                 }
                 _ => {}
             },
-            Received::Commit { sender, removed_me, .. } => {
+            Received::Commit { sender, removed_me, rejoined, .. } => {
                 let by = sender.as_ref().map(|a| self.display(a)).unwrap_or_else(|| "someone".into());
                 let after = if removed_me { vec![] } else { self.member.members(group) };
                 let mut events = vec![];
+                if rejoined {
+                    events.push(format!("{by} rejoined the group (a device of theirs could not follow it)"));
+                }
                 for a in after.iter().filter(|a| !before.contains(a)) {
                     events.push(format!("{} was added by {by}", self.display(a)));
                 }

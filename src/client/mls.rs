@@ -29,7 +29,7 @@ use openmls_rust_crypto::OpenMlsRustCrypto;
 use thiserror::Error;
 
 use crate::auth::{AccountId, DeviceCertificate, DeviceId, Identity};
-use crate::delivery::mls::{holder_of, leaf_certificate, node_certificate, server_sender};
+use crate::delivery::mls::{holder_of, leaf_certificate, node_certificate, server_sender, VerifiableGroupInfo};
 
 /// The one ciphersuite hush uses: X25519, AES-128-GCM, SHA-256, Ed25519.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
@@ -64,6 +64,49 @@ pub struct NewGroup {
     pub ratchet_tree: Vec<u8>,
 }
 
+/// A commit ready to send: the message, the Welcome for the devices it
+/// adds, and the GroupInfo of the epoch it creates (the server keeps it for
+/// members that must rejoin; see [`Member::resync`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commit {
+    pub message: Vec<u8>,
+    pub welcome: Option<Vec<u8>>,
+    pub group_info: Vec<u8>,
+}
+
+impl Commit {
+    /// The `Send` request that posts it.
+    pub fn into_request(self) -> crate::wire::Request {
+        crate::wire::Request::Send { message: self.message, welcome: self.welcome, group_info: Some(self.group_info) }
+    }
+
+    fn of(
+        message: &MlsMessageOut,
+        welcome: Option<&MlsMessageOut>,
+        group_info: Option<group_info::GroupInfo>,
+    ) -> Result<Self, MlsError> {
+        let group_info = group_info.ok_or_else(|| MlsError("openmls made no GroupInfo for the commit".into()))?;
+        Ok(Self {
+            message: serialize(message, "the commit")?,
+            welcome: welcome.map(|w| serialize(w, "the Welcome")).transpose()?,
+            group_info: serialize(&MlsMessageOut::from(group_info), "the GroupInfo")?,
+        })
+    }
+}
+
+/// What a member can tell about a message it could not process: enough to
+/// decide whether to rejoin, and whom to name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unprocessed {
+    /// The epoch the message names.
+    pub epoch: u64,
+    /// Whether it is a commit.
+    pub commit: bool,
+    /// The account of the leaf that sent it, when the message is a
+    /// PublicMessage of our current epoch (whose tree we hold).
+    pub sender: Option<AccountId>,
+}
+
 /// An MLS operation failed.
 #[derive(Debug, Error)]
 #[error("{0}")]
@@ -80,8 +123,9 @@ macro_rules! mls_try {
 pub enum Received {
     /// Decrypted application data.
     Application { sender: Option<AccountId>, data: Vec<u8> },
-    /// A commit was merged; the group is now at `epoch`.
-    Commit { sender: Option<AccountId>, epoch: u64, removed_me: bool },
+    /// A commit was merged; the group is now at `epoch`. `rejoined`: it was
+    /// the sender's resync (an external commit replacing its own leaf).
+    Commit { sender: Option<AccountId>, epoch: u64, removed_me: bool, rejoined: bool },
     /// A proposal was stored for a later commit.
     Proposal { sender: Option<AccountId> },
     /// A commit or proposal was refused because a leaf it adds or changes
@@ -116,6 +160,26 @@ pub fn check_key_package(bytes: &[u8], account: &AccountId) -> Result<KeyPackage
         return Err(format!("its device certificate is signed by another account ({})", cert.account.short()));
     }
     Ok(kp)
+}
+
+/// Accepts an external commit only as a member's resync: nothing but the
+/// ExternalInit and the Remove of exactly one leaf, held (before the
+/// commit) by the same account and device the new leaf is certified for.
+fn check_resync(staged: &StagedCommit, holders: &HashMap<LeafNodeIndex, (AccountId, DeviceId)>) -> Result<(), String> {
+    let leaf = staged.update_path_leaf_node().ok_or("an external commit without a new leaf")?;
+    let cert = node_certificate(leaf).map_err(|e| format!("a rejoining leaf is not certified ({e})"))?;
+    let mut removed = Vec::new();
+    for queued in staged.queued_proposals() {
+        match queued.proposal() {
+            Proposal::ExternalInit(_) => {}
+            Proposal::Remove(r) => removed.push(r.removed()),
+            _ => return Err("an external commit that does more than rejoin".into()),
+        }
+    }
+    match removed.as_slice() {
+        [only] if holders.get(only) == Some(&(cert.account, cert.device)) => Ok(()),
+        _ => Err("an external commit that does not replace exactly the rejoining device's own leaf".into()),
+    }
 }
 
 fn serialize(m: &impl tls_codec::Serialize, what: &str) -> Result<Vec<u8>, MlsError> {
@@ -277,7 +341,7 @@ impl<P: OpenMlsProvider> Member<P> {
     /// ([`check_key_package`]); otherwise nothing is built. The commit stays
     /// pending until [`Member::merge_pending`] (server accepted) or
     /// [`Member::discard_pending`] (server refused).
-    pub fn add(&mut self, group: &[u8], key_packages: &[(AccountId, Vec<u8>)]) -> Result<(Vec<u8>, Vec<u8>), MlsError> {
+    pub fn add(&mut self, group: &[u8], key_packages: &[(AccountId, Vec<u8>)]) -> Result<Commit, MlsError> {
         self.group_mut(group)?;
         let mut kps = Vec::new();
         for (account, bytes) in key_packages {
@@ -289,12 +353,12 @@ impl<P: OpenMlsProvider> Member<P> {
         self.group_mut(group)?;
         let (provider, signer) = (&self.provider, &self.signer);
         let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
-        let (commit, welcome, _) = mls_try!(g.add_members(provider, signer, &kps), "adding members")?;
-        Ok((serialize(&commit, "the commit")?, serialize(&welcome, "the Welcome")?))
+        let (commit, welcome, info) = mls_try!(g.add_members(provider, signer, &kps), "adding members")?;
+        Commit::of(&commit, Some(&welcome), info)
     }
 
     /// A commit removing every leaf of these accounts.
-    pub fn remove(&mut self, group: &[u8], accounts: &[AccountId]) -> Result<Vec<u8>, MlsError> {
+    pub fn remove(&mut self, group: &[u8], accounts: &[AccountId]) -> Result<Commit, MlsError> {
         self.group_mut(group)?;
         let (provider, signer) = (&self.provider, &self.signer);
         let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
@@ -306,8 +370,8 @@ impl<P: OpenMlsProvider> Member<P> {
         if leaves.is_empty() {
             return Err(MlsError("none of those accounts is in the group".into()));
         }
-        let (commit, _, _) = mls_try!(g.remove_members(provider, signer, &leaves), "removing members")?;
-        serialize(&commit, "the commit")
+        let (commit, welcome, info) = mls_try!(g.remove_members(provider, signer, &leaves), "removing members")?;
+        Commit::of(&commit, welcome.as_ref(), info)
     }
 
     /// A proposal to remove ourselves; another member commits it.
@@ -321,12 +385,144 @@ impl<P: OpenMlsProvider> Member<P> {
 
     /// A commit of the proposals received so far (and the Welcome if they
     /// add members).
-    pub fn commit_pending(&mut self, group: &[u8]) -> Result<(Vec<u8>, Option<Vec<u8>>), MlsError> {
+    pub fn commit_pending(&mut self, group: &[u8]) -> Result<Commit, MlsError> {
         self.group_mut(group)?;
         let (provider, signer) = (&self.provider, &self.signer);
         let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
-        let (commit, welcome, _) = mls_try!(g.commit_to_pending_proposals(provider, signer), "committing")?;
-        Ok((serialize(&commit, "the commit")?, welcome.map(|w| serialize(&w, "the Welcome")).transpose()?))
+        let (commit, welcome, info) = mls_try!(g.commit_to_pending_proposals(provider, signer), "committing")?;
+        Commit::of(&commit, welcome.as_ref(), info)
+    }
+
+    /// A commit that only refreshes this member's own leaf (new keys, same
+    /// credential): post-compromise security, and what tests use to move a
+    /// group to its next epoch.
+    pub fn self_update(&mut self, group: &[u8]) -> Result<Commit, MlsError> {
+        self.group_mut(group)?;
+        let (provider, signer) = (&self.provider, &self.signer);
+        let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
+        let bundle = mls_try!(g.self_update(provider, signer, LeafNodeParameters::default()), "updating our leaf")?;
+        let (commit, welcome, info) = bundle.contents();
+        let welcome = welcome.map(|w| MlsMessageOut::from_welcome(w.clone(), ProtocolVersion::Mls10));
+        Commit::of(commit, welcome.as_ref(), info.cloned())
+    }
+
+    /// Rejoins `group` at the epoch `group_info` describes (the group's
+    /// current GroupInfo, from the server; `ratchet_tree` when the GroupInfo
+    /// does not carry it) by an external commit that replaces this device's
+    /// own leaf: group repair, for a member that cannot process a commit, has
+    /// fallen behind its retained epochs, or lost its state for the group.
+    ///
+    /// Trusts no one: the GroupInfo must verify against the tree, every
+    /// leaf of the tree must be certified (each device once, like a
+    /// Welcome's), and this device must hold a leaf with its own signature
+    /// key (the one the commit removes). The new state replaces the old one
+    /// at once, the old one being of no further use; if the server refuses
+    /// the commit, [`Member::forget`] the group and rejoin again.
+    pub fn resync(&mut self, group: &[u8], group_info: &[u8], ratchet_tree: Option<&[u8]>) -> Result<Commit, MlsError> {
+        let (info, tree, public) = self.verify_rejoin(group, group_info, ratchet_tree)?;
+        let own_leaf = public.members().any(|m| {
+            holder_of(&m.credential).is_some_and(|(_, d)| d == self.certificate.device)
+                && m.signature_key == self.signer.public()
+        });
+        if !own_leaf {
+            return Err(MlsError("this device has no leaf in the group any more; a member must add it again".into()));
+        }
+        self.rejoin(group, info, tree)
+    }
+
+    /// The GroupInfo and tree a rejoin would build on, verified: the
+    /// GroupInfo against the tree, every leaf certified, each device once.
+    fn verify_rejoin(
+        &self,
+        group: &[u8],
+        group_info: &[u8],
+        ratchet_tree: Option<&[u8]>,
+    ) -> Result<(VerifiableGroupInfo, RatchetTreeIn, PublicGroup), MlsError> {
+        let info = crate::delivery::mls::parse_group_info(group_info).map_err(MlsError)?;
+        if info.group_id().as_slice() != group {
+            return Err(MlsError("the GroupInfo is for another group".into()));
+        }
+        let tree = match (info.extensions().ratchet_tree(), ratchet_tree) {
+            (Some(ext), _) => ext.ratchet_tree().clone(),
+            (None, Some(bytes)) => mls_try!(RatchetTreeIn::tls_deserialize_exact(bytes), "the ratchet tree")?,
+            (None, None) => return Err(MlsError("no ratchet tree came with the GroupInfo".into())),
+        };
+        let scratch = openmls_memory_storage::MemoryStorage::default();
+        let (public, _) = mls_try!(
+            PublicGroup::from_external(
+                self.provider.crypto(),
+                &scratch,
+                tree.clone(),
+                info.clone(),
+                ProposalStore::new()
+            ),
+            "the group's GroupInfo and tree do not verify"
+        )?;
+        let mut devices = std::collections::BTreeSet::new();
+        for m in public.members() {
+            let cert = leaf_certificate(&m.credential, &m.signature_key).map_err(|e| {
+                MlsError(format!(
+                    "refused to rejoin: leaf {} of the group's tree is not certified ({e})",
+                    m.index.u32()
+                ))
+            })?;
+            if !devices.insert(cert.device) {
+                return Err(MlsError(format!(
+                    "refused to rejoin: leaf {} of the group's tree repeats a device",
+                    m.index.u32()
+                )));
+            }
+        }
+        Ok((info, tree, public))
+    }
+
+    /// Builds the external commit (openmls adds the Remove of the leaf with
+    /// our signature key, the only proposal besides the ExternalInit) and
+    /// makes its group ours.
+    fn rejoin(&mut self, group: &[u8], info: VerifiableGroupInfo, tree: RatchetTreeIn) -> Result<Commit, MlsError> {
+        // The old state could not go on; its keys go with it.
+        if self.group_mut(group).is_ok() {
+            if let Some(mut old) = self.groups.remove(group) {
+                mls_try!(old.delete(self.provider.storage()), "deleting the old group state")?;
+            }
+        }
+        let builder = mls_try!(
+            MlsGroup::external_commit_builder().with_config(Self::join_config()).with_ratchet_tree(tree).build_group(
+                &self.provider,
+                info,
+                self.credential.clone()
+            ),
+            "rejoining"
+        )?;
+        let built = mls_try!(builder.load_psks(self.provider.storage()), "rejoining")?;
+        let complete = mls_try!(
+            built.build(self.provider.rand(), self.provider.crypto(), &self.signer, |_| true),
+            "building the external commit"
+        )?;
+        let (joined, bundle) = mls_try!(complete.finalize(&self.provider), "rejoining")?;
+        let (commit, _, info) = bundle.contents();
+        let commit = Commit::of(commit, None, info.cloned())?;
+        self.groups.insert(group.to_vec(), joined);
+        Ok(commit)
+    }
+
+    /// What can be told about a message of `group` that failed to process:
+    /// its epoch, whether it is a commit, and (for a PublicMessage of our
+    /// current epoch) the account whose leaf sent it. `None` if it is not
+    /// an MLS message of that group at all.
+    pub fn unprocessed(&mut self, group: &[u8], bytes: &[u8]) -> Option<Unprocessed> {
+        let framed = crate::delivery::mls::frame(bytes).ok().filter(|f| f.group == group)?;
+        let ours = self.epoch(group);
+        let sender = match (&framed.message, ours) {
+            (ProtocolMessage::PublicMessage(m), Some(e)) if e == framed.epoch => match m.sender() {
+                Sender::Member(i) => self.group_mut(group).ok().and_then(|g| {
+                    g.members().find(|m| m.index == *i).and_then(|m| holder_of(&m.credential)).map(|(a, _)| a)
+                }),
+                _ => None,
+            },
+            _ => None,
+        };
+        Some(Unprocessed { epoch: framed.epoch, commit: framed.kind == crate::delivery::mls::Kind::Commit, sender })
     }
 
     /// The server accepted our pending commit: apply it.
@@ -391,6 +587,7 @@ impl<P: OpenMlsProvider> Member<P> {
         // Every leaf was checked when it entered our tree, so the sender's
         // certificate names who said it.
         let sender = holder_of(processed.credential()).map(|(account, _)| account);
+        let sender_kind = processed.sender().clone();
         let sender_leaf = match processed.sender() {
             Sender::Member(i) => Some(*i),
             _ => None,
@@ -427,12 +624,14 @@ impl<P: OpenMlsProvider> Member<P> {
                 Ok(Received::Proposal { sender })
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
+                let rejoined = matches!(sender_kind, Sender::NewMemberCommit);
                 let mut verdict = Ok(());
-                if sender_leaf.is_none() {
+                if rejoined {
+                    verdict = check_resync(&staged, &holders);
+                } else if sender_leaf.is_none() {
                     verdict = Err("a commit from outside the group".to_string());
-                }
-                if let Some(leaf) = staged.update_path_leaf_node() {
-                    verdict = verdict.and_then(|()| same_holder(sender_leaf, leaf));
+                } else if let Some(leaf) = staged.update_path_leaf_node() {
+                    verdict = same_holder(sender_leaf, leaf);
                 }
                 for update in staged.update_proposals() {
                     let index = match update.sender() {
@@ -453,7 +652,7 @@ impl<P: OpenMlsProvider> Member<P> {
                 }
                 let removed_me = staged.self_removed();
                 mls_try!(g.merge_staged_commit(provider, *staged), "merging the commit")?;
-                Ok(Received::Commit { sender, epoch: g.epoch().as_u64(), removed_me })
+                Ok(Received::Commit { sender, epoch: g.epoch().as_u64(), removed_me, rejoined })
             }
             _ => Err(MlsError("unexpected message content".into())),
         }

@@ -272,11 +272,32 @@ impl Connection {
         }
     }
 
-    /// Posts an MLS message (and the Welcome of a commit that adds members).
-    /// Returns the message's (sequence, epoch after it).
+    /// Posts an MLS message as it is (an application message or a proposal;
+    /// a commit goes through [`Connection::commit`]). `welcome` is for tests
+    /// that check what the server refuses. Returns the message's (sequence,
+    /// epoch after it).
     pub async fn send(&self, message: Vec<u8>, welcome: Option<Vec<u8>>) -> Result<(u64, u64), ClientError> {
-        match self.call(&Request::Send { message, welcome }).await? {
+        self.accepted(&Request::Send { message, welcome, group_info: None }).await
+    }
+
+    /// Posts a commit with its Welcome and GroupInfo. Returns its
+    /// (sequence, epoch after it).
+    pub async fn commit(&self, commit: crate::client::mls::Commit) -> Result<(u64, u64), ClientError> {
+        self.accepted(&commit.into_request()).await
+    }
+
+    async fn accepted(&self, request: &Request) -> Result<(u64, u64), ClientError> {
+        match self.call(request).await? {
             Response::Accepted { seq, epoch, .. } => Ok((seq, epoch)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The group's current GroupInfo (and its ratchet tree when the
+    /// GroupInfo does not carry it), to rejoin it.
+    pub async fn group_info(&self, group: &[u8]) -> Result<(Vec<u8>, Option<Vec<u8>>), ClientError> {
+        match self.call(&Request::FetchGroupInfo { group: group.to_vec() }).await? {
+            Response::GroupInfo { group_info, ratchet_tree, .. } => Ok((group_info, ratchet_tree)),
             other => Err(unexpected(&other)),
         }
     }

@@ -22,6 +22,7 @@ struct Group {
     members: BTreeMap<DeviceId, Membership>,
     left_epochs: BTreeMap<DeviceId, u64>,
     log: BTreeMap<u64, (Vec<u8>, u64)>,
+    group_info: Option<Vec<u8>>,
 }
 
 /// Everything in hash maps.
@@ -121,6 +122,7 @@ impl Store for MemoryStore {
                 members: BTreeMap::new(),
                 left_epochs: BTreeMap::new(),
                 log: BTreeMap::new(),
+                group_info: None,
             },
         );
         Ok(())
@@ -130,6 +132,17 @@ impl Store for MemoryStore {
         if let Some(g) = self.groups.get_mut(group) {
             g.record.epoch = epoch;
             g.record.state = state.to_vec();
+        }
+        Ok(())
+    }
+
+    fn group_info(&mut self, group: &[u8]) -> Result<Option<Vec<u8>>, Infallible> {
+        Ok(self.groups.get(group).and_then(|g| g.group_info.clone()))
+    }
+
+    fn set_group_info(&mut self, group: &[u8], info: &[u8]) -> Result<(), Infallible> {
+        if let Some(g) = self.groups.get_mut(group) {
+            g.group_info = Some(info.to_vec());
         }
         Ok(())
     }
@@ -289,7 +302,8 @@ impl Store for MemoryStore {
 
     fn database_bytes(&mut self) -> Result<u64, Infallible> {
         let logs: usize = self.groups.values().flat_map(|g| g.log.values()).map(|(m, _)| m.len() + 32).sum();
-        let states: usize = self.groups.values().map(|g| g.record.state.len()).sum();
+        let states: usize =
+            self.groups.values().map(|g| g.record.state.len() + g.group_info.as_ref().map_or(0, Vec::len)).sum();
         let inbox: usize = self.inbox.values().map(|(_, _, w, _)| w.len()).sum();
         let packages: usize = self.packages.values().flatten().map(|p| p.data.len()).sum();
         Ok(u64::try_from(logs + states + inbox + packages).unwrap_or(u64::MAX))

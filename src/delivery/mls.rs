@@ -9,9 +9,11 @@
 //! group's public state (openmls [`PublicGroup`]) as a blob.
 
 use openmls::prelude::tls_codec::Deserialize as _;
+use openmls::prelude::tls_codec::Serialize as _;
 use openmls::prelude::{
-    BasicCredential, ContentType, Credential, ExternalSender, GroupContext, KeyPackage, KeyPackageIn, LeafNode,
-    MlsMessageBodyIn, MlsMessageIn, ProtocolMessage, ProtocolVersion, SignaturePublicKey,
+    BasicCredential, ContentType, Credential, Extension, ExternalSender, GroupContext, KeyPackage, KeyPackageIn,
+    LeafNode, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn, OpenMlsSignaturePublicKey, ProtocolMessage,
+    ProtocolVersion, SignaturePublicKey, Verifiable as _,
 };
 use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
@@ -20,6 +22,7 @@ use crate::auth::{AccountId, CredentialError, DeviceCertificate, DeviceId};
 use crate::limits::{MAX_GROUP_ID, MAX_LEAF_NODE};
 use crate::wire::{DecodeError, Reader, Writer};
 
+pub use openmls::prelude::group_info::VerifiableGroupInfo;
 pub use openmls::prelude::PublicGroup;
 
 /// Entries in a group state blob at most (a `PublicGroup` stores a handful
@@ -230,6 +233,78 @@ pub fn validate_key_package(
     }
     let hash_ref = kp.hash_ref(crypto).map_err(|e| invalid(format!("cannot hash the KeyPackage: {e}")))?;
     Ok(hash_ref.as_slice().to_vec())
+}
+
+/// Reads a GroupInfo `MLSMessage`.
+pub fn parse_group_info(bytes: &[u8]) -> Result<VerifiableGroupInfo, String> {
+    let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| format!("GroupInfo: {e}"))?;
+    match msg.extract() {
+        MlsMessageBodyIn::GroupInfo(info) => Ok(info),
+        _ => Err("expected an MLS GroupInfo".into()),
+    }
+}
+
+/// Checks the GroupInfo a committer uploads with its commit (or a creator
+/// with its new group): it must describe exactly the public state `public`
+/// holds after the commit (group context and confirmation tag), be signed
+/// by `signer`'s leaf (the committer's, after the commit), carry the
+/// external public key a member rejoins with, and no other extension than
+/// that and the ratchet tree, which must then be the group's tree. Returns
+/// whether it carries the tree.
+///
+/// What the server cannot check: that the external public key matches the
+/// epoch's secrets. A member that rejoins from a wrong one makes a commit
+/// the others cannot process; they rejoin from its GroupInfo in turn, and
+/// the group converges (see SECURITY.md, "Group repair").
+pub fn check_group_info(
+    crypto: &RustCrypto,
+    bytes: &[u8],
+    public: &PublicGroup,
+    signer: LeafNodeIndex,
+) -> Result<bool, String> {
+    let info = parse_group_info(bytes)?;
+    if info.group_context() != public.group_context() {
+        return Err(format!(
+            "the GroupInfo is not that of the epoch the commit creates ({})",
+            public.group_context().epoch().as_u64()
+        ));
+    }
+    let mut external_pub = false;
+    let mut tree = false;
+    for extension in info.extensions().iter() {
+        match extension {
+            Extension::ExternalPub(_) => external_pub = true,
+            Extension::RatchetTree(t) => {
+                let theirs = t.ratchet_tree().tls_serialize_detached().map_err(|e| e.to_string())?;
+                let ours = public.export_ratchet_tree().tls_serialize_detached().map_err(|e| e.to_string())?;
+                if theirs != ours {
+                    return Err("the GroupInfo's ratchet tree is not the group's".into());
+                }
+                tree = true;
+            }
+            _ => return Err("a GroupInfo may carry only the external public key and the ratchet tree".into()),
+        }
+    }
+    if !external_pub {
+        return Err("the GroupInfo lacks the external public key members rejoin with".into());
+    }
+    let expected = VerifiableGroupInfo::new(
+        public.group_context().clone(),
+        info.extensions().clone(),
+        public.confirmation_tag().clone(),
+        signer,
+        info.signature().clone(),
+    );
+    if expected != info {
+        return Err("the GroupInfo's confirmation tag or signer is not the commit's".into());
+    }
+    let leaf = public.leaf(signer).ok_or_else(|| "the signer has no leaf".to_string())?;
+    let key = OpenMlsSignaturePublicKey::from_signature_key(
+        leaf.signature_key().clone(),
+        public.ciphersuite().signature_algorithm(),
+    );
+    info.verify_no_out(crypto, &key).map_err(|_| "the GroupInfo is not signed by the committer's leaf".to_string())?;
+    Ok(tree)
 }
 
 /// A leaf index and the result of checking its certificate.

@@ -293,6 +293,7 @@ impl Delivery {
             Request::Fetch { .. }
                 | Request::FetchWelcomes
                 | Request::ListGroups
+                | Request::FetchGroupInfo { .. }
                 | Request::CountKeyPackages
                 | Request::Status
                 | Request::Ping { .. }
@@ -337,7 +338,9 @@ impl Delivery {
             Request::CreateGroup { group_info, ratchet_tree } => {
                 self.create_group(store, &caller, &group_info, &ratchet_tree, now)
             }
-            Request::Send { message, welcome } => self.send(store, &caller, message, welcome, now),
+            Request::Send { message, welcome, group_info } => {
+                self.send(store, &caller, message, welcome, group_info, now)
+            }
             Request::Fetch { group, after, limit } => {
                 let m = store.membership(&group, &device)?.ok_or_else(not_member)?;
                 let limit = match usize::from(limit) {
@@ -374,6 +377,32 @@ impl Delivery {
                 Ok(Outcome { response: Response::Done, notifications: vec![], wrote: true })
             }
             Request::ListGroups => reply(Response::Groups { groups: store.groups_of(&device, MAX_GROUPS_LISTED)? }),
+            Request::FetchGroupInfo { group } => {
+                store.membership(&group, &device)?.filter(Membership::is_current).ok_or_else(not_member)?;
+                let group_info = store.group_info(&group)?.ok_or_else(|| {
+                    refuse(
+                        ErrorCode::NoGroupInfo,
+                        "the group has no GroupInfo yet (created by an older server); any member's next commit stores one",
+                    )
+                })?;
+                let carries_tree = mls::parse_group_info(&group_info)
+                    .map_err(|e| Refusal::Internal(format!("stored GroupInfo: {e}")))?
+                    .extensions()
+                    .ratchet_tree()
+                    .is_some();
+                let ratchet_tree = if carries_tree {
+                    None
+                } else {
+                    let record = store.group(&group)?.ok_or_else(not_member)?;
+                    let (_, public) = load_public(&record.state, &group)?;
+                    let tree = public.export_ratchet_tree();
+                    Some(
+                        openmls::prelude::tls_codec::Serialize::tls_serialize_detached(&tree)
+                            .map_err(|e| Refusal::Internal(format!("encoding the tree: {e}")))?,
+                    )
+                };
+                reply(Response::GroupInfo { group, group_info, ratchet_tree })
+            }
         }
     }
 
@@ -525,10 +554,15 @@ impl Delivery {
                 "a new group must list this server's removal key as an external sender (see the Status response)",
             ));
         }
+        // The GroupInfo is kept: a member that cannot process the first
+        // commit rejoins from it.
+        mls::check_group_info(&self.crypto, group_info, &public, only.index)
+            .map_err(|m| refuse(ErrorCode::InvalidCommit, m))?;
         let epoch = public.group_context().epoch().as_u64();
         let state = mls::encode_state(&storage).map_err(Refusal::Internal)?;
         check_state_size(&state)?;
         store.insert_group(&group, epoch, &state, now)?;
+        store.set_group_info(&group, group_info)?;
         store.add_member(&group, &caller.device, &caller.account, 0)?;
         Ok(Outcome { response: Response::Accepted { group, seq: 0, epoch }, notifications: vec![], wrote: true })
     }
@@ -539,9 +573,13 @@ impl Delivery {
         caller: &Caller,
         bytes: Vec<u8>,
         welcome: Option<Vec<u8>>,
+        group_info: Option<Vec<u8>>,
         now: u64,
     ) -> Result<Outcome, Refusal<S::Error>> {
         let framed = mls::frame(&bytes).map_err(|m| refuse(ErrorCode::InvalidMessage, m))?;
+        if group_info.is_some() && framed.kind != mls::Kind::Commit {
+            return Err(refuse(ErrorCode::InvalidMessage, "only commits carry a GroupInfo"));
+        }
         let group = framed.group.clone();
         let context = store.send_context(&group, &caller.device)?.ok_or_else(not_member)?;
         let epoch = context.epoch;
@@ -581,7 +619,7 @@ impl Delivery {
             mls::Kind::Commit | mls::Kind::Proposal => {
                 // Only handshakes need the public state.
                 let record = store.group(&group)?.ok_or_else(not_member)?;
-                self.handshake(store, caller, &group, record, framed, bytes, welcome, now)
+                self.handshake(store, caller, &group, record, framed, bytes, welcome, group_info, now)
             }
         }
     }
@@ -596,14 +634,11 @@ impl Delivery {
         framed: mls::Framed,
         bytes: Vec<u8>,
         welcome: Option<Vec<u8>>,
+        group_info: Option<Vec<u8>>,
         now: u64,
     ) -> Result<Outcome, Refusal<S::Error>> {
         let invalid_commit = |m: String| refuse(ErrorCode::InvalidCommit, m);
-        let storage = mls::decode_state(&record.state).map_err(|e| Refusal::Internal(format!("group state: {e}")))?;
-        let gid = GroupId::from_slice(group);
-        let mut public = mls::PublicGroup::load(&storage, &gid)
-            .map_err(|e| Refusal::Internal(format!("group state: {e:?}")))?
-            .ok_or_else(|| Refusal::Internal("group state missing".into()))?;
+        let (storage, mut public) = load_public(&record.state, group)?;
         // Who holds each leaf before this message (every leaf was checked
         // when it entered the tree).
         let mut holders: HashMap<u32, Caller> = HashMap::new();
@@ -615,14 +650,22 @@ impl Delivery {
         let processed = public
             .process_message(&self.crypto, framed.message)
             .map_err(|e| invalid_commit(format!("the message does not verify: {e}")))?;
-        let Sender::Member(sender) = processed.sender() else {
-            return Err(invalid_commit(
-                "only members' own commits and proposals are accepted (no external senders or external commits)".into(),
-            ));
+        // A member's own commit or proposal, or a member device's resync
+        // (an external commit that replaces its own leaf).
+        let sender = match processed.sender() {
+            Sender::Member(index) => Some(index.u32()),
+            Sender::NewMemberCommit => None,
+            _ => {
+                return Err(invalid_commit(
+                    "only members' own commits and proposals, and a member's resync of its own leaf, are accepted"
+                        .into(),
+                ))
+            }
         };
-        let sender = sender.u32();
-        if holders.get(&sender) != Some(caller) {
-            return Err(invalid_commit("the message is signed by another device's leaf".into()));
+        if let Some(sender) = sender {
+            if holders.get(&sender) != Some(caller) {
+                return Err(invalid_commit("the message is signed by another device's leaf".into()));
+            }
         }
         // A leaf may change its keys, never whose it is.
         let same_holder = |index: u32, leaf: &openmls::prelude::LeafNode| -> Result<(), Refusal<S::Error>> {
@@ -636,6 +679,9 @@ impl Delivery {
         let before = store.current_members(group)?;
         match processed.into_content() {
             ProcessedMessageContent::ProposalMessage(queued) => {
+                let Some(sender) = sender else {
+                    return Err(invalid_commit("a proposal from outside the group".into()));
+                };
                 if welcome.is_some() {
                     return Err(refuse(ErrorCode::InvalidMessage, "only commits carry a Welcome"));
                 }
@@ -677,8 +723,13 @@ impl Delivery {
                 })
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
-                if let Some(leaf) = staged.update_path_leaf_node() {
-                    same_holder(sender, leaf)?;
+                match sender {
+                    Some(sender) => {
+                        if let Some(leaf) = staged.update_path_leaf_node() {
+                            same_holder(sender, leaf)?;
+                        }
+                    }
+                    None => check_resync(&staged, caller, &holders)?,
                 }
                 for update in staged.update_proposals() {
                     let Sender::Member(index) = update.sender() else {
@@ -756,6 +807,18 @@ impl Delivery {
                         "the commit would take this server's removal key out of the group's external senders".into(),
                     ));
                 }
+                // The GroupInfo of the new epoch, signed by the committer's
+                // leaf: what a member that cannot process this commit rejoins
+                // from.
+                let Some(group_info) = group_info else {
+                    return Err(refuse(
+                        ErrorCode::InvalidMessage,
+                        "a commit must carry the GroupInfo of the epoch it creates",
+                    ));
+                };
+                let committer = leaf_of(&public, caller)
+                    .ok_or_else(|| Refusal::Internal("the committer has no leaf after its commit".into()))?;
+                mls::check_group_info(&self.crypto, &group_info, &public, committer).map_err(invalid_commit)?;
                 let size = u64::try_from(roster.len()).unwrap_or(u64::MAX);
                 if size > self.quotas.max_members_per_group {
                     return Err(refuse(
@@ -770,6 +833,7 @@ impl Delivery {
                 check_state_size(&state)?;
                 let seq = store.append(group, record.epoch, &bytes, now)?;
                 store.update_group(group, epoch, &state)?;
+                store.set_group_info(group, &group_info)?;
                 let before_set: BTreeSet<DeviceId> = before.iter().copied().collect();
                 for (device, account) in &roster {
                     if !before_set.contains(device) {
@@ -828,6 +892,55 @@ impl Delivery {
         self.claims.retain(|_, b| now.saturating_sub(b.refilled_at) < full_after);
         store.expire(now.saturating_sub(self.retention_secs))
     }
+}
+
+/// A group's public state from its stored blob.
+fn load_public<E>(state: &[u8], group: &[u8]) -> Result<(MemoryStorage, mls::PublicGroup), Refusal<E>> {
+    let storage = mls::decode_state(state).map_err(|e| Refusal::Internal(format!("group state: {e}")))?;
+    let public = mls::PublicGroup::load(&storage, &GroupId::from_slice(group))
+        .map_err(|e| Refusal::Internal(format!("group state: {e:?}")))?
+        .ok_or_else(|| Refusal::Internal("group state missing".into()))?;
+    Ok((storage, public))
+}
+
+/// The leaf `caller`'s device holds in `public` (each device holds at most
+/// one, checked after every commit).
+fn leaf_of(public: &mls::PublicGroup, caller: &Caller) -> Option<openmls::prelude::LeafNodeIndex> {
+    public.members().find(|m| mls::holder_of(&m.credential) == Some((caller.account, caller.device))).map(|m| m.index)
+}
+
+/// Accepts an external commit only as a resync: from a device that holds
+/// a leaf in the group (`holders`, before the commit), carrying nothing but
+/// the ExternalInit and the Remove of exactly that leaf, with a new leaf
+/// certified for the same account and device.
+fn check_resync<E>(
+    staged: &openmls::prelude::StagedCommit,
+    caller: &Caller,
+    holders: &HashMap<u32, Caller>,
+) -> Result<(), Refusal<E>> {
+    let invalid = |m: &str| refuse(ErrorCode::InvalidCommit, m);
+    let own = holders.iter().find(|(_, h)| *h == caller).map(|(i, _)| *i);
+    let Some(own) = own else {
+        return Err(invalid("a resync must come from a device that has a leaf in the group"));
+    };
+    let mut removed = Vec::new();
+    for queued in staged.queued_proposals() {
+        match queued.proposal() {
+            Proposal::ExternalInit(_) => {}
+            Proposal::Remove(r) => removed.push(r.removed().u32()),
+            _ => return Err(invalid("a resync may carry only its ExternalInit and the Remove of its own leaf")),
+        }
+    }
+    if removed != [own] {
+        return Err(invalid("a resync must remove exactly the rejoining device's own leaf, and no other"));
+    }
+    let leaf = staged.update_path_leaf_node().ok_or_else(|| invalid("a resync must carry a new leaf"))?;
+    mls::check_leaf_shape(leaf).map_err(|m| bad_shape(own, m))?;
+    let cert = mls::node_certificate(leaf).map_err(|e| bad_leaf(own, e))?;
+    if Caller::of(&cert) != *caller {
+        return Err(bad_leaf(own, "a resync's new leaf must be certified for the same device"));
+    }
+    Ok(())
 }
 
 /// Checks that a Welcome addresses exactly the added KeyPackages.

@@ -116,6 +116,11 @@ pub trait Store {
     }
     fn insert_group(&mut self, group: &[u8], epoch: u64, state: &[u8], now: u64) -> Result<(), Self::Error>;
     fn update_group(&mut self, group: &[u8], epoch: u64, state: &[u8]) -> Result<(), Self::Error>;
+    /// The GroupInfo of the group's current epoch, as the member that
+    /// created that epoch signed it (what a member rejoins from).
+    fn group_info(&mut self, group: &[u8]) -> Result<Option<Vec<u8>>, Self::Error>;
+    /// Replaces the group's GroupInfo (at creation and with every commit).
+    fn set_group_info(&mut self, group: &[u8], info: &[u8]) -> Result<(), Self::Error>;
 
     fn membership(&mut self, group: &[u8], device: &DeviceId) -> Result<Option<Membership>, Self::Error>;
     /// Every device that is or was a member, with its membership.

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 
 use super::memory::MemoryStore;
 use super::*;
-use crate::client::mls::{Member, Received};
+use crate::client::mls::{Commit, Member, Received};
 use crate::limits::CLAIM_BURST;
 use crate::wire::{ErrorCode, Request, Response};
 
@@ -85,7 +85,16 @@ impl Net {
 
     /// Sends and, when accepted, records the sequence as own.
     fn send(&mut self, who: &mut Client, message: Vec<u8>, welcome: Option<Vec<u8>>) -> Response {
-        let r = self.req(who, Request::Send { message, welcome });
+        self.send_request(who, Request::Send { message, welcome, group_info: None })
+    }
+
+    /// Sends a commit (with its Welcome and GroupInfo).
+    fn commit(&mut self, who: &mut Client, commit: Commit) -> Response {
+        self.send_request(who, commit.into_request())
+    }
+
+    fn send_request(&mut self, who: &mut Client, request: Request) -> Response {
+        let r = self.req(who, request);
         if let Response::Accepted { group, seq, .. } = &r {
             who.own.entry(group.clone()).or_default().push(*seq);
         }
@@ -94,8 +103,8 @@ impl Net {
 
     fn add(&mut self, who: &mut Client, group: &[u8], targets: &[&Client]) {
         let kps: Vec<(AccountId, Vec<u8>)> = targets.iter().map(|t| (t.member.account(), self.claim(who, t))).collect();
-        let (commit, welcome) = who.member.add(group, &kps).unwrap();
-        let r = self.send(who, commit, Some(welcome));
+        let commit = who.member.add(group, &kps).unwrap();
+        let r = self.commit(who, commit);
         assert!(matches!(r, Response::Accepted { .. }), "{r:?}");
         who.member.merge_pending(group).unwrap();
     }
@@ -192,16 +201,16 @@ fn concurrent_commits_one_wins_loser_catches_up_and_retries() {
     net.join(&mut bob);
     net.join(&mut carol);
     let epoch = bob.member.epoch(&g).unwrap();
-    let (bob_commit, _) = bob.member.commit_pending(&g).unwrap();
-    let (carol_commit, _) = carol.member.commit_pending(&g).unwrap();
-    assert!(matches!(net.send(&mut bob, bob_commit, None), Response::Accepted { epoch: e, .. } if e == epoch + 1));
+    let bob_commit = bob.member.commit_pending(&g).unwrap();
+    let carol_commit = carol.member.commit_pending(&g).unwrap();
+    assert!(matches!(net.commit(&mut bob, bob_commit), Response::Accepted { epoch: e, .. } if e == epoch + 1));
     bob.member.merge_pending(&g).unwrap();
-    let r = net.send(&mut carol, carol_commit, None);
+    let r = net.commit(&mut carol, carol_commit);
     assert!(matches!(r, Response::Error { code: ErrorCode::StaleEpoch, detail, .. } if detail == epoch + 1), "{r:?}");
     carol.member.discard_pending(&g).unwrap();
     net.sync(&mut carol, &g);
-    let (retry, _) = carol.member.commit_pending(&g).unwrap();
-    assert!(matches!(net.send(&mut carol, retry, None), Response::Accepted { .. }));
+    let retry = carol.member.commit_pending(&g).unwrap();
+    assert!(matches!(net.commit(&mut carol, retry), Response::Accepted { .. }));
     carol.member.merge_pending(&g).unwrap();
     net.sync(&mut alice, &g);
     net.sync(&mut bob, &g);
@@ -246,12 +255,12 @@ fn removed_member_sees_its_removal_and_nothing_after() {
     net.join(&mut carol);
     let removal_epoch = alice.member.epoch(&g).unwrap();
     let commit = alice.member.remove(&g, &[carol.member.account()]).unwrap();
-    assert!(matches!(net.send(&mut alice, commit, None), Response::Accepted { .. }));
+    assert!(matches!(net.commit(&mut alice, commit), Response::Accepted { .. }));
     alice.member.merge_pending(&g).unwrap();
     net.text(&mut alice, &g, "after carol left");
     // The group moves on; carol's list stays frozen at her removal.
-    let (commit, _) = alice.member.commit_pending(&g).unwrap();
-    assert!(matches!(net.send(&mut alice, commit, None), Response::Accepted { .. }));
+    let commit = alice.member.commit_pending(&g).unwrap();
+    assert!(matches!(net.commit(&mut alice, commit), Response::Accepted { .. }));
     alice.member.merge_pending(&g).unwrap();
     let Response::Groups { groups } = net.ok(&carol, Request::ListGroups) else { panic!() };
     assert_eq!(groups.len(), 1);
@@ -282,8 +291,8 @@ fn a_member_can_leave_by_proposal() {
     let proposal = bob.member.leave(&g).unwrap();
     assert!(matches!(net.send(&mut bob, proposal, None), Response::Accepted { .. }));
     net.sync(&mut alice, &g);
-    let (commit, _) = alice.member.commit_pending(&g).unwrap();
-    assert!(matches!(net.send(&mut alice, commit, None), Response::Accepted { .. }));
+    let commit = alice.member.commit_pending(&g).unwrap();
+    assert!(matches!(net.commit(&mut alice, commit), Response::Accepted { .. }));
     alice.member.merge_pending(&g).unwrap();
     assert_eq!(net.store.current_members(&g).unwrap(), vec![alice.member.device()]);
     assert_eq!(alice.member.members(&g), vec![alice.member.account()]);
@@ -297,14 +306,15 @@ fn adds_need_server_issued_key_packages_and_a_matching_welcome() {
     // A KeyPackage bob made but the server never handed out.
     let local = bob.member.key_packages(1).unwrap();
     let local: Vec<_> = local.into_iter().map(|p| (bob.member.account(), p)).collect();
-    let (commit, welcome) = alice.member.add(&g, &local).unwrap();
-    let r = net.send(&mut alice, commit, Some(welcome));
+    let commit = alice.member.add(&g, &local).unwrap();
+    let r = net.commit(&mut alice, commit);
     assert!(matches!(r, Response::Error { code: ErrorCode::InvalidCommit, .. }), "{r:?}");
     alice.member.discard_pending(&g).unwrap();
     // A claimed one, but no Welcome.
     let kp = net.claim(&alice, &bob);
-    let (commit, _) = alice.member.add(&g, &[(bob.member.account(), kp)]).unwrap();
-    let r = net.send(&mut alice, commit, None);
+    let mut commit = alice.member.add(&g, &[(bob.member.account(), kp)]).unwrap();
+    commit.welcome = None;
+    let r = net.commit(&mut alice, commit);
     assert!(matches!(r, Response::Error { code: ErrorCode::InvalidMessage, .. }), "{r:?}");
     assert_eq!(net.store.inbox_len(), 0);
     assert!(net.store.log(&g).is_empty());
@@ -422,8 +432,8 @@ proptest! {
                 Op::Commit(i) => {
                     let m = &mut members[i];
                     let epoch = m.member.epoch(&g).unwrap();
-                    let (c, _) = m.member.commit_pending(&g).unwrap();
-                    match net.send(m, c, None) {
+                    let c = m.member.commit_pending(&g).unwrap();
+                    match net.commit(m, c) {
                         Response::Accepted { seq, .. } => {
                             *accepted_epochs.entry(epoch).or_default() += 1;
                             prop_assert!(seq > last_seq);
@@ -483,8 +493,8 @@ fn quotas_refuse_new_data_and_keep_what_is_stored() {
     net.add(&mut alice, &g, &[&bob]);
     net.join(&mut bob);
     let kp = net.claim(&alice, &carol);
-    let (commit, welcome) = alice.member.add(&g, &[(carol.member.account(), kp)]).unwrap();
-    let r = net.send(&mut alice, commit, Some(welcome));
+    let commit = alice.member.add(&g, &[(carol.member.account(), kp)]).unwrap();
+    let r = net.commit(&mut alice, commit);
     assert!(matches!(r, Response::Error { code: ErrorCode::QuotaExceeded, .. }), "{r:?}");
     alice.member.discard_pending(&g).unwrap();
     assert_eq!(net.store.inbox_len(), 0);
@@ -614,8 +624,8 @@ fn a_member_cannot_take_another_members_identity() {
     assert_eq!(net.store.current_members(&g).unwrap(), roster);
     assert_eq!(mallory.member.epoch(&g), Some(epoch));
     // The group still works: an honest commit and a message.
-    let (commit, _) = alice.member.commit_pending(&g).unwrap();
-    assert!(matches!(net.send(&mut alice, commit, None), Response::Accepted { .. }));
+    let commit = alice.member.commit_pending(&g).unwrap();
+    assert!(matches!(net.commit(&mut alice, commit), Response::Accepted { .. }));
     alice.member.merge_pending(&g).unwrap();
     net.sync(&mut bob, &g);
     net.text(&mut alice, &g, "still us");
@@ -635,12 +645,12 @@ fn a_commit_adding_a_forged_key_package_is_refused_by_server_and_client() {
     // An honest client refuses to build it.
     assert!(alice.member.add(&g, &[(bob.member.account(), forged[0].clone())]).is_err());
     // A malicious one builds it anyway; the server refuses it.
-    let (commit, welcome) = alice.member.add_unchecked(&g, &forged).unwrap();
-    let (code, _) = net.code(&alice, Request::Send { message: commit.clone(), welcome: Some(welcome) });
+    let commit = alice.member.add_unchecked(&g, &forged).unwrap();
+    let (code, _) = net.code(&alice, commit.clone().into_request());
     assert!(matches!(code, ErrorCode::InvalidCredential | ErrorCode::InvalidCommit), "{code:?}");
     alice.member.discard_pending(&g).unwrap();
     // And a client that is handed it refuses it.
-    assert!(matches!(bob.member.receive(&g, &commit).unwrap(), Received::Refused { .. }));
+    assert!(matches!(bob.member.receive(&g, &commit.message).unwrap(), Received::Refused { .. }));
 }
 
 #[test]
@@ -652,8 +662,8 @@ fn groups_an_account_is_added_to_count_against_its_quota() {
     // she learns why.
     net.create(&mut bob);
     let kp = net.claim(&alice, &bob);
-    let (commit, welcome) = alice.member.add(&g, &[(bob.member.account(), kp)]).unwrap();
-    let r = net.req(&alice, Request::Send { message: commit, welcome: Some(welcome) });
+    let commit = alice.member.add(&g, &[(bob.member.account(), kp)]).unwrap();
+    let r = net.req(&alice, commit.into_request());
     let Response::Error { code: ErrorCode::QuotaExceeded, message, .. } = r else { panic!("{r:?}") };
     assert!(message.contains(&bob.member.account().short()), "{message}");
     alice.member.discard_pending(&g).unwrap();

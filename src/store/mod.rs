@@ -316,7 +316,7 @@ mod tests {
         // that stepped back): retention removes a prefix, never a hole.
         for t in (1_000..1_010).chain([1_001]) {
             let m = alice.encrypt(&g.id, b"x").unwrap();
-            run(&mut db, Request::Send { message: m, welcome: None }, t);
+            run(&mut db, Request::Send { message: m, welcome: None, group_info: None }, t);
         }
         let deleted = ds.expire(&mut SqlStore::new(&db.conn), 1_105).unwrap();
         assert_eq!(deleted, 5, "messages stamped 1000..=1004 are older than 100 s");

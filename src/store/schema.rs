@@ -139,6 +139,10 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL
     );
     CREATE INDEX inbox_recipient ON inbox(recipient, id);",
+    // 4 -> 5: group repair. The GroupInfo of each group's current epoch, as
+    // its last committer signed it (NULL for a group nobody committed to
+    // since: it gets one with the next commit).
+    "ALTER TABLE group_states ADD COLUMN group_info BLOB;",
 ];
 
 /// The first schema version with device certificates.

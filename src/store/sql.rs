@@ -222,6 +222,24 @@ impl Store for SqlStore<'_> {
         Ok(())
     }
 
+    fn group_info(&mut self, group: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT s.group_info FROM groups g JOIN group_states s ON s.gid = g.gid WHERE g.id = ?1")?
+            .query_row([group], |r| r.get::<_, Option<Vec<u8>>>(0))
+            .optional()?
+            .flatten())
+    }
+
+    fn set_group_info(&mut self, group: &[u8], info: &[u8]) -> Result<(), StoreError> {
+        let Some(gid) = self.gid(group)? else { return Ok(()) };
+        self.conn
+            .prepare_cached("UPDATE group_states SET group_info = ?2 WHERE gid = ?1")?
+            .execute(params![gid, info])?;
+        self.wrote(info.len());
+        Ok(())
+    }
+
     fn membership(&mut self, group: &[u8], d: &DeviceId) -> Result<Option<Membership>, StoreError> {
         Ok(self
             .conn

@@ -1,15 +1,16 @@
-//! The hush wire protocol, version 2 (ALPN `hush/2`).
+//! The hush wire protocol, version 3 (ALPN `hush/3`).
 //!
 //! Version 2 (certified credentials) changed `Register`, `Status` and the
-//! KeyPackage claim; a version-1 peer fails the ALPN negotiation instead of
-//! misreading frames.
+//! KeyPackage claim; version 3 (group repair) added the GroupInfo every
+//! commit carries and `FetchGroupInfo`. A peer of another version fails the
+//! ALPN negotiation instead of misreading frames.
 //!
 //! Everything a second client needs to interoperate is on this page.
 //!
 //! # Transport
 //!
 //! QUIC with TLS 1.3 (see [`crate::auth`] for the certificates both sides
-//! present). The ALPN protocol identifier is `hush/2`; it versions the whole
+//! present). The ALPN protocol identifier is `hush/3`; it versions the whole
 //! format below, so frames carry no version field.
 //!
 //! * **Requests**: the client opens one bidirectional stream per request,
@@ -48,12 +49,13 @@
 //! | 0x05 | `ClaimKeyPackage` | `[u8; 32]` account (one package per device of that account comes back) |
 //! | 0x06 | `CountKeyPackages` | none |
 //! | 0x07 | `CreateGroup` | `bytes32<491520>` GroupInfo (an `MLSMessage`), `bytes32<491520>` ratchet tree (TLS `RatchetTree`) |
-//! | 0x08 | `Send` | `bytes32<491520>` `MLSMessage` (PublicMessage commit or proposal, or PrivateMessage application message), `option<bytes32<491520>>` Welcome (`MLSMessage`) |
+//! | 0x08 | `Send` | `bytes32<491520>` `MLSMessage` (PublicMessage commit or proposal, or PrivateMessage application message), `option<bytes32<491520>>` Welcome (`MLSMessage`), `option<bytes32<491520>>` GroupInfo (`MLSMessage`) of the epoch a commit creates: required with a commit, refused otherwise |
 //! | 0x09 | `Fetch` | `bytes8<255>` group id, `u64` after (sequence), `u16` limit |
 //! | 0x0a | `Ack` | `bytes8<255>` group id, `u64` sequence |
 //! | 0x0b | `FetchWelcomes` | none |
 //! | 0x0c | `AckWelcome` | `u64` Welcome id |
 //! | 0x0d | `ListGroups` | none |
+//! | 0x0e | `FetchGroupInfo` | `bytes8<255>` group id (current members only) |
 //!
 //! ## Response frames
 //!
@@ -70,6 +72,7 @@
 //! | 0x08 | `Done` | none |
 //! | 0x09 | `Welcomes` | `u16` n, n × (`u64` id, `bytes32<491520>` `MLSMessage`) |
 //! | 0x0a | `Groups` | `u16` n, n × (`bytes8<255>` group id, `u64` epoch, `u64` last sequence, `u64` acknowledged sequence, `bool` current member) |
+//! | 0x0b | `GroupInfo` | `bytes8<255>` group id, `bytes32<491520>` the GroupInfo (`MLSMessage`) of the group's current epoch, as its last committer signed it, `option<bytes32<491520>>` the ratchet tree when that GroupInfo does not carry it |
 //!
 //! `detail` is 0 unless the code says otherwise ([`ErrorCode`]).
 //!
@@ -92,7 +95,7 @@ use crate::limits::{
 pub use crate::limits::{MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME};
 
 /// The ALPN protocol identifier of this format.
-pub const ALPN: &[u8] = b"hush/2";
+pub const ALPN: &[u8] = b"hush/3";
 
 /// Why a frame could not be decoded. Always the sender's fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -174,6 +177,9 @@ pub enum ErrorCode {
     /// key); `detail` is the leaf index in the tree, or the package's index
     /// in an upload. The message says which leaf and why.
     InvalidCredential,
+    /// 29: the group has no GroupInfo yet (it was created by an older
+    /// server); any member's next commit stores one.
+    NoGroupInfo,
     /// A code this version does not know.
     Other(u16),
 }
@@ -202,6 +208,7 @@ impl ErrorCode {
             Self::InvalidMessage => 26,
             Self::GroupExists => 27,
             Self::InvalidCredential => 28,
+            Self::NoGroupInfo => 29,
             Self::Other(c) => c,
         }
     }
@@ -229,6 +236,7 @@ impl ErrorCode {
             26 => Self::InvalidMessage,
             27 => Self::GroupExists,
             28 => Self::InvalidCredential,
+            29 => Self::NoGroupInfo,
             c => Self::Other(c),
         }
     }
@@ -287,8 +295,10 @@ pub enum Request {
     /// Register a new group from its GroupInfo and ratchet tree.
     CreateGroup { group_info: Vec<u8>, ratchet_tree: Vec<u8> },
     /// Post an MLS message to its group (the group id is read from the
-    /// message), with the Welcome for the members a commit adds.
-    Send { message: Vec<u8>, welcome: Option<Vec<u8>> },
+    /// message), with the Welcome for the members a commit adds and, with
+    /// every commit, the GroupInfo of the epoch it creates (what a member
+    /// that cannot process the commit rejoins from).
+    Send { message: Vec<u8>, welcome: Option<Vec<u8>>, group_info: Option<Vec<u8>> },
     /// Messages of `group` after sequence `after`, at most `limit`.
     Fetch { group: Vec<u8>, after: u64, limit: u16 },
     /// Everything in `group` up to `seq` has been processed.
@@ -299,6 +309,9 @@ pub enum Request {
     AckWelcome { id: u64 },
     /// The groups this account is (or was) in.
     ListGroups,
+    /// The GroupInfo of `group`'s current epoch, to rejoin it by an
+    /// external commit (group repair).
+    FetchGroupInfo { group: Vec<u8> },
 }
 
 /// Reads a group id field.
@@ -372,14 +385,16 @@ impl Request {
                 w.bytes32("group info", group_info, MAX_MLS_MESSAGE)?;
                 w.bytes32("ratchet tree", ratchet_tree, MAX_MLS_MESSAGE)?;
             }
-            Self::Send { message, welcome } => {
+            Self::Send { message, welcome, group_info } => {
                 w.u8(0x08);
                 w.bytes32("message", message, MAX_MLS_MESSAGE)?;
-                match welcome {
-                    None => w.bool(false),
-                    Some(wel) => {
-                        w.bool(true);
-                        w.bytes32("welcome", wel, MAX_MLS_MESSAGE)?;
+                for (field, value) in [("welcome", welcome), ("group info", group_info)] {
+                    match value {
+                        None => w.bool(false),
+                        Some(v) => {
+                            w.bool(true);
+                            w.bytes32(field, v, MAX_MLS_MESSAGE)?;
+                        }
                     }
                 }
             }
@@ -400,6 +415,10 @@ impl Request {
                 w.u64(*id);
             }
             Self::ListGroups => w.u8(0x0d),
+            Self::FetchGroupInfo { group } => {
+                w.u8(0x0e);
+                w.bytes8("group id", group, MAX_GROUP_ID)?;
+            }
         }
         Ok(w.into_inner())
     }
@@ -437,13 +456,15 @@ impl Request {
             0x08 => {
                 let message = mls(&mut r, "message")?;
                 let welcome = if r.bool("welcome present")? { Some(mls(&mut r, "welcome")?) } else { None };
-                Self::Send { message, welcome }
+                let group_info = if r.bool("group info present")? { Some(mls(&mut r, "group info")?) } else { None };
+                Self::Send { message, welcome, group_info }
             }
             0x09 => Self::Fetch { group: group_id(&mut r)?, after: r.u64()?, limit: r.u16()? },
             0x0a => Self::Ack { group: group_id(&mut r)?, seq: r.u64()? },
             0x0b => Self::FetchWelcomes,
             0x0c => Self::AckWelcome { id: r.u64()? },
             0x0d => Self::ListGroups,
+            0x0e => Self::FetchGroupInfo { group: group_id(&mut r)? },
             tag => return Err(DecodeError::UnknownTag { what: "request", tag }),
         };
         r.finish()?;
@@ -464,9 +485,10 @@ impl Request {
             0x04 => 1 + 2 + MAX_KEY_PACKAGES * (4 + MAX_KEY_PACKAGE) + 1 + 2,
             0x05 => 1 + 32,
             0x07 => 1 + 2 * mls,
-            0x08 => 1 + mls + 1 + mls,
+            0x08 => 1 + mls + 2 * (1 + mls),
             0x09 => 1 + group_id + 8 + 2,
             0x0a => 1 + group_id + 8,
+            0x0e => 1 + group_id,
             _ => return None,
         };
         Some(len.min(MAX_REQUEST_FRAME))
@@ -488,6 +510,7 @@ impl Request {
             Self::FetchWelcomes => "fetch-welcomes",
             Self::AckWelcome { .. } => "ack-welcome",
             Self::ListGroups => "list-groups",
+            Self::FetchGroupInfo { .. } => "fetch-group-info",
         }
     }
 }
@@ -507,6 +530,7 @@ pub enum Response {
     Done,
     Welcomes { welcomes: Vec<(u64, Vec<u8>)> },
     Groups { groups: Vec<GroupSummary> },
+    GroupInfo { group: Vec<u8>, group_info: Vec<u8>, ratchet_tree: Option<Vec<u8>> },
 }
 
 /// One entry of [`Response::Groups`].
@@ -602,6 +626,18 @@ impl Response {
                     w.bool(g.member);
                 }
             }
+            Self::GroupInfo { group, group_info, ratchet_tree } => {
+                w.u8(0x0b);
+                w.bytes8("group id", group, MAX_GROUP_ID)?;
+                w.bytes32("group info", group_info, MAX_MLS_MESSAGE)?;
+                match ratchet_tree {
+                    None => w.bool(false),
+                    Some(t) => {
+                        w.bool(true);
+                        w.bytes32("ratchet tree", t, MAX_MLS_MESSAGE)?;
+                    }
+                }
+            }
         }
         Ok(w.into_inner())
     }
@@ -668,6 +704,13 @@ impl Response {
                     });
                 }
                 Self::Groups { groups }
+            }
+            0x0b => {
+                let group = group_id(&mut r)?;
+                let group_info = mls(&mut r, "group info")?;
+                let ratchet_tree =
+                    if r.bool("ratchet tree present")? { Some(mls(&mut r, "ratchet tree")?) } else { None };
+                Self::GroupInfo { group, group_info, ratchet_tree }
             }
             tag => return Err(DecodeError::UnknownTag { what: "response", tag }),
         };

@@ -17,12 +17,14 @@ fn request() -> impl Strategy<Value = Request> {
         any::<[u8; 32]>().prop_map(|account| Request::ClaimKeyPackage { account }),
         Just(Request::CountKeyPackages),
         (blob(), blob()).prop_map(|(group_info, ratchet_tree)| Request::CreateGroup { group_info, ratchet_tree }),
-        (blob(), proptest::option::of(blob())).prop_map(|(message, welcome)| Request::Send { message, welcome }),
+        (blob(), proptest::option::of(blob()), proptest::option::of(blob()))
+            .prop_map(|(message, welcome, group_info)| Request::Send { message, welcome, group_info }),
         (group(), any::<u64>(), any::<u16>()).prop_map(|(group, after, limit)| Request::Fetch { group, after, limit }),
         (group(), any::<u64>()).prop_map(|(group, seq)| Request::Ack { group, seq }),
         Just(Request::FetchWelcomes),
         any::<u64>().prop_map(|id| Request::AckWelcome { id }),
         Just(Request::ListGroups),
+        group().prop_map(|group| Request::FetchGroupInfo { group }),
     ]
 }
 
@@ -70,6 +72,8 @@ fn response() -> impl Strategy<Value = Response> {
                     .collect()
             }
         ),
+        (group(), blob(), proptest::option::of(blob()))
+            .prop_map(|(group, group_info, ratchet_tree)| { Response::GroupInfo { group, group_info, ratchet_tree } }),
     ]
 }
 
@@ -187,7 +191,8 @@ fn the_largest_frames_of_each_kind_fit_their_limit() {
         let frame = r.encode().unwrap();
         assert_eq!(frame.len(), Request::max_frame(frame[0]).unwrap(), "{}", r.kind());
     }
-    assert_eq!(Request::max_frame(0x08), Some(1 + 2 * (4 + MAX_MLS_MESSAGE) + 1));
+    assert_eq!(Request::max_frame(0x08), Some(MAX_REQUEST_FRAME));
+    assert_eq!(Request::max_frame(0x0e), Some(1 + 1 + MAX_GROUP_ID));
     assert_eq!(Request::max_frame(0x04), Some(MAX_REQUEST_FRAME));
     assert_eq!(Request::max_frame(0xff), None);
 }

@@ -48,8 +48,8 @@ impl User {
         for t in targets {
             kps.extend(claim(&self.conn, *t).await);
         }
-        let (commit, welcome) = self.member.add(group, &kps).unwrap();
-        let (seq, _) = self.conn.send(commit, Some(welcome)).await.unwrap();
+        let commit = self.member.add(group, &kps).unwrap();
+        let (seq, _) = self.conn.commit(commit).await.unwrap();
         self.own.push(seq);
         self.member.merge_pending(group).unwrap();
     }
@@ -125,7 +125,7 @@ async fn a_group_of_three_talks_adds_and_removes() {
     assert_eq!(texts(&carol.sync(&g).await), ["hello from alice", "hello from bob"]);
 
     let commit = alice.member.remove(&g, &[carol.account()]).unwrap();
-    let (seq, _) = alice.conn.send(commit, None).await.unwrap();
+    let (seq, _) = alice.conn.commit(commit).await.unwrap();
     alice.own.push(seq);
     alice.member.merge_pending(&g).unwrap();
     alice.text(&g, "carol is gone").await.unwrap();
@@ -149,9 +149,9 @@ async fn concurrent_commits_exactly_one_wins_and_all_converge() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("s"));
     let (mut alice, mut bob, mut carol, g) = trio(&server).await;
-    let (bc, _) = bob.member.commit_pending(&g).unwrap();
-    let (cc, _) = carol.member.commit_pending(&g).unwrap();
-    let (rb, rc) = tokio::join!(bob.conn.send(bc, None), carol.conn.send(cc, None));
+    let bc = bob.member.commit_pending(&g).unwrap();
+    let cc = carol.member.commit_pending(&g).unwrap();
+    let (rb, rc) = tokio::join!(bob.conn.commit(bc), carol.conn.commit(cc));
     let (winner, loser, loser_result) = match (rb, rc) {
         (Ok((seq, _)), Err(e)) => {
             bob.own.push(seq);
@@ -167,8 +167,8 @@ async fn concurrent_commits_exactly_one_wins_and_all_converge() {
     winner.member.merge_pending(&g).unwrap();
     loser.member.discard_pending(&g).unwrap();
     loser.sync(&g).await;
-    let (retry, _) = loser.member.commit_pending(&g).unwrap();
-    let (seq, _) = loser.conn.send(retry, None).await.unwrap();
+    let retry = loser.member.commit_pending(&g).unwrap();
+    let (seq, _) = loser.conn.commit(retry).await.unwrap();
     loser.own.push(seq);
     loser.member.merge_pending(&g).unwrap();
     winner.sync(&g).await;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use hush::client::mls::{Member, Received};
+use hush::client::mls::{Commit, Member, Received};
 use hush::client::Connection;
 
 use crate::support::*;
@@ -41,8 +41,8 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
     let g = alice_mls.create_group(&alice.status().await.unwrap().removal_key).unwrap();
     alice.create_group(g.group_info, g.ratchet_tree).await.unwrap();
     let kps = claim(&alice, bob_mls.account()).await;
-    let (commit, welcome) = alice_mls.add(&g.id, &kps).unwrap();
-    let (first_seq, _) = alice.send(commit, Some(welcome)).await.unwrap();
+    let commit = alice_mls.add(&g.id, &kps).unwrap();
+    let (first_seq, _) = alice.commit(commit).await.unwrap();
     alice_mls.merge_pending(&g.id).unwrap();
     let welcomes = bob.fetch_welcomes().await.unwrap();
     bob_mls.join(&welcomes[0].1).unwrap();
@@ -180,8 +180,8 @@ async fn group_of(server: &Hushd, n: usize) -> (Vec<Peer>, Vec<u8>) {
     for p in &peers[1..] {
         kps.extend(claim(&peers[0].conn, p.mls.account()).await);
     }
-    let (commit, welcome) = peers[0].mls.add(&g.id, &kps).unwrap();
-    let (seq, _) = peers[0].conn.send(commit, Some(welcome)).await.unwrap();
+    let commit = peers[0].mls.add(&g.id, &kps).unwrap();
+    let (seq, _) = peers[0].conn.commit(commit).await.unwrap();
     peers[0].mls.merge_pending(&g.id).unwrap();
     peers[0].cursor = seq;
     for p in &mut peers[1..] {
@@ -199,11 +199,11 @@ async fn five_members_racing_commits_twenty_times_one_wins_each_epoch_and_all_co
     let (mut peers, g) = group_of(&server, 5).await;
     for round in 0..20 {
         let epoch = peers[0].mls.epoch(&g).unwrap();
-        let commits: Vec<Vec<u8>> = peers.iter_mut().map(|p| p.mls.commit_pending(&g).unwrap().0).collect();
+        let commits: Vec<Commit> = peers.iter_mut().map(|p| p.mls.commit_pending(&g).unwrap()).collect();
         let mut racers = tokio::task::JoinSet::new();
         for (i, c) in commits.into_iter().enumerate() {
             let conn = Connection::connect(&server.address, &peers[i].id).await.unwrap();
-            racers.spawn(async move { (i, conn.send(c, None).await) });
+            racers.spawn(async move { (i, conn.commit(c).await) });
         }
         let mut winners = vec![];
         while let Some(r) = racers.join_next().await {
@@ -269,13 +269,13 @@ async fn a_non_member_is_refused_everything_and_learns_nothing() {
     assert_eq!(answers[0], answers[1], "existing and missing groups answered differently");
     // Replaying a member's ciphertext or commit under her own key.
     not_member(eve.conn.send(text, None).await.map(|_| ()));
-    let (commit, _) = peers[1].mls.commit_pending(&g).unwrap();
-    not_member(eve.conn.send(commit.clone(), None).await.map(|_| ()));
+    let commit = peers[1].mls.commit_pending(&g).unwrap();
+    not_member(eve.conn.commit(commit.clone()).await.map(|_| ()));
     // No Welcome for her; the group is not in her list.
     assert!(eve.conn.fetch_welcomes().await.unwrap().is_empty());
     assert!(eve.conn.groups().await.unwrap().is_empty());
     // The member's own commit is still good: nothing eve did changed the group.
-    let (_, epoch) = peers[1].conn.send(commit, None).await.unwrap();
+    let (_, epoch) = peers[1].conn.commit(commit).await.unwrap();
     assert_eq!(epoch, 2);
 }
 
@@ -664,13 +664,13 @@ async fn a_removed_members_view_is_frozen_at_its_removal_and_then_gone() {
     let removal_epoch = peers[0].mls.epoch(&g).unwrap();
     let carol = peers[2].mls.account();
     let commit = peers[0].mls.remove(&g, &[carol]).unwrap();
-    let (removed_at, _) = peers[0].conn.send(commit, None).await.unwrap();
+    let (removed_at, _) = peers[0].conn.commit(commit).await.unwrap();
     peers[0].mls.merge_pending(&g).unwrap();
     peers[0].own.push(removed_at);
     // The group moves on.
     for _ in 0..2 {
-        let (commit, _) = peers[0].mls.commit_pending(&g).unwrap();
-        let (seq, _) = peers[0].conn.send(commit, None).await.unwrap();
+        let commit = peers[0].mls.commit_pending(&g).unwrap();
+        let (seq, _) = peers[0].conn.commit(commit).await.unwrap();
         peers[0].mls.merge_pending(&g).unwrap();
         peers[0].own.push(seq);
     }

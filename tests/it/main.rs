@@ -12,3 +12,4 @@ mod lifecycle;
 mod malicious;
 mod protocol;
 mod register;
+mod repair;

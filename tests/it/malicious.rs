@@ -221,7 +221,7 @@ async fn a_welcome_whose_tree_holds_a_forged_leaf_is_refused() {
     let removal_key = as_alice.status().await.unwrap().removal_key;
     let mut forger = Member::forger(credential_of_key_package(&alices_real).unwrap()).unwrap();
     let g = forger.create_group(&removal_key).unwrap();
-    let (_, welcome) = forger.add_unchecked(&g.id, &[bobs_real]).unwrap();
+    let welcome = forger.add_unchecked(&g.id, &[bobs_real]).unwrap().welcome.unwrap();
 
     *mode.lock().unwrap() = Mode::WelcomeWith(welcome);
     let out = tokio::task::block_in_place(|| ok(hush(bob, &["sync"])));
@@ -249,8 +249,8 @@ async fn a_member_cannot_become_another_member_or_upload_for_another_device() {
     alice.create_group(g.group_info, g.ratchet_tree).await.unwrap();
     let mut kps = claim(&alice, bob_mls.account()).await;
     kps.extend(claim(&alice, mallory_mls.account()).await);
-    let (commit, welcome) = alice_mls.add(&g.id, &kps).unwrap();
-    alice.send(commit, Some(welcome)).await.unwrap();
+    let commit = alice_mls.add(&g.id, &kps).unwrap();
+    alice.commit(commit).await.unwrap();
     alice_mls.merge_pending(&g.id).unwrap();
     for (c, m) in [(&bob, &mut bob_mls), (&mallory, &mut mallory_mls)] {
         let w = c.fetch_welcomes().await.unwrap();

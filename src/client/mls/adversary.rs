@@ -8,7 +8,8 @@ use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 
-use super::{serialize, Member, MlsError, CIPHERSUITE};
+use super::{serialize, Commit, Member, MlsError, CIPHERSUITE};
+use crate::delivery::mls::VerifiableGroupInfo;
 
 impl Member<OpenMlsRustCrypto> {
     /// A forger: a member whose leaf credential carries `claimed` (another
@@ -117,7 +118,7 @@ impl<P: OpenMlsProvider> Member<P> {
 
     /// A commit adding `key_packages` without checking whose they are (an
     /// honest [`Member::add`] refuses uncertified ones).
-    pub fn add_unchecked(&mut self, group: &[u8], key_packages: &[Vec<u8>]) -> Result<(Vec<u8>, Vec<u8>), MlsError> {
+    pub fn add_unchecked(&mut self, group: &[u8], key_packages: &[Vec<u8>]) -> Result<Commit, MlsError> {
         let mut kps = Vec::new();
         for bytes in key_packages {
             let kp_in = KeyPackageIn::tls_deserialize_exact(bytes).map_err(|e| MlsError(format!("KeyPackage: {e}")))?;
@@ -130,9 +131,9 @@ impl<P: OpenMlsProvider> Member<P> {
         self.group_mut(group)?;
         let (provider, signer) = (&self.provider, &self.signer);
         let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
-        let (commit, welcome, _) =
+        let (commit, welcome, info) =
             g.add_members(provider, signer, &kps).map_err(|e| MlsError(format!("adding members: {e}")))?;
-        Ok((serialize(&commit, "the commit")?, serialize(&welcome, "the Welcome")?))
+        Commit::of(&commit, Some(&welcome), info)
     }
 }
 
@@ -144,4 +145,196 @@ pub fn credential_of_key_package(bytes: &[u8]) -> Option<Vec<u8>> {
     let kp = kp.validate(&openmls_rust_crypto::RustCrypto::default(), ProtocolVersion::Mls10).ok()?;
     let basic = BasicCredential::try_from(kp.leaf_node().credential().clone()).ok()?;
     Some(basic.identity().to_vec())
+}
+
+impl<P: OpenMlsProvider> Member<P> {
+    /// An external commit built from a group's GroupInfo without the
+    /// checks [`Member::resync`] makes about this device's own leaf: what a
+    /// device that has no leaf in the group (an outsider handed the
+    /// GroupInfo, or a device its owner certified on the side) sends to
+    /// force its way in. openmls removes the leaf holding this member's
+    /// signature key, if there is one.
+    pub fn rejoin_unchecked(
+        &mut self,
+        group: &[u8],
+        group_info: &[u8],
+        ratchet_tree: Option<&[u8]>,
+    ) -> Result<Commit, MlsError> {
+        let (info, tree, _) = self.verify_rejoin(group, group_info, ratchet_tree)?;
+        self.rejoin(group, info, tree)
+    }
+
+    /// The same, with this member's signature key under `certificate`
+    /// instead of its own (e.g. one its account key issued for another
+    /// device, certifying this member's MLS key): a "resync" that replaces
+    /// this device's leaf with a leaf for another device.
+    pub fn rejoin_as(
+        &mut self,
+        group: &[u8],
+        group_info: &[u8],
+        ratchet_tree: Option<&[u8]>,
+        certificate: Vec<u8>,
+    ) -> Result<Commit, MlsError> {
+        let own = self.credential.credential.clone();
+        self.credential.credential = BasicCredential::new(certificate).into();
+        let commit = self.rejoin_unchecked(group, group_info, ratchet_tree);
+        self.credential.credential = own;
+        commit
+    }
+}
+
+impl Commit {
+    /// Flips the last byte of the commit's framing (its membership tag,
+    /// which only members can check): a commit the server accepts and no
+    /// member can process.
+    pub fn corrupt_membership_tag(&mut self) {
+        if let Some(last) = self.message.last_mut() {
+            *last ^= 0x01;
+        }
+    }
+}
+
+impl Member<OpenMlsRustCrypto> {
+    /// A self-update commit whose update path is garbage (the last byte of
+    /// its last encrypted path secret flipped), yet correctly signed and
+    /// carrying a valid membership tag and GroupInfo: a commit that no
+    /// server can tell from a good one and no other member can process.
+    /// Stays pending like any commit of ours (our own view of the epoch is
+    /// sound).
+    ///
+    /// Re-signing needs only our signature key; the membership tag needs
+    /// this epoch's membership key, which openmls keeps to itself, so it is
+    /// read from the in-memory provider's storage and checked against the
+    /// tag openmls computed before it is used.
+    // Every index below is within lengths checked first (the message is
+    // longer than HEADER + the trailer, which is SIGNATURE + 2 × TAG bytes;
+    // the serialized GroupInfo ends with its SIGNATURE).
+    #[allow(clippy::indexing_slicing)]
+    pub fn garbage_path_update(&mut self, group: &[u8]) -> Result<Commit, MlsError> {
+        use openmls_traits::signatures::Signer as _;
+        // A Commit PublicMessage from a member ends with its signature (64
+        // bytes, 2-byte length), confirmation tag and membership tag (32
+        // bytes each, 1-byte length).
+        const SIGNATURE: usize = 2 + 64;
+        const TAG: usize = 1 + 32;
+        const HEADER: usize = 4;
+        // What the server sees of this epoch, to make the GroupInfo it will
+        // check: a public copy of the group.
+        let (info_now, context) = {
+            self.group_mut(group)?;
+            let (provider, signer) = (&self.provider, &self.signer);
+            let g = self.groups.get(group).ok_or_else(|| MlsError("not in that group".into()))?;
+            let info = g
+                .export_group_info(provider.crypto(), signer, true)
+                .map_err(|e| MlsError(format!("exporting the GroupInfo: {e}")))?;
+            (serialize(&info, "the GroupInfo")?, serialize(g.public_group().group_context(), "the group context")?)
+        };
+        let info_now = crate::delivery::mls::parse_group_info(&info_now).map_err(MlsError)?;
+        let tree = info_now
+            .extensions()
+            .ratchet_tree()
+            .map(|t| t.ratchet_tree().clone())
+            .ok_or_else(|| MlsError("the GroupInfo lacks its tree".into()))?;
+        let scratch = openmls_memory_storage::MemoryStorage::default();
+        let (mut public, _) =
+            PublicGroup::from_external(self.provider.crypto(), &scratch, tree, info_now, ProposalStore::new())
+                .map_err(|e| MlsError(format!("the public view: {e}")))?;
+        let mut commit = self.self_update(group)?;
+        let m = commit.message.clone();
+        let content_end = m
+            .len()
+            .checked_sub(SIGNATURE + 2 * TAG)
+            .filter(|end| *end > HEADER)
+            .ok_or_else(|| MlsError("the commit is too short".into()))?;
+        let (head, trailer) = m.split_at(content_end);
+        if trailer[..2] != [0x40, 64] || trailer[SIGNATURE] != 32 || trailer[SIGNATURE + TAG] != 32 {
+            return Err(MlsError("the commit's trailer is not laid out as expected".into()));
+        }
+        let confirmation = &trailer[SIGNATURE..SIGNATURE + TAG];
+        let key = self.membership_key()?;
+        let tbm = |content: &[u8], signature: &[u8]| {
+            let mut out = m[..HEADER].to_vec();
+            out.extend_from_slice(content);
+            out.extend_from_slice(&context);
+            out.extend_from_slice(&[0x40, 64]);
+            out.extend_from_slice(signature);
+            out.extend_from_slice(confirmation);
+            out
+        };
+        let mac = |data: &[u8]| ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key), data);
+        let content = &head[HEADER..];
+        if mac(&tbm(content, &trailer[2..SIGNATURE])).as_ref() != &trailer[SIGNATURE + TAG + 1..] {
+            return Err(MlsError("the membership key read from storage does not match the commit's tag".into()));
+        }
+        let mut garbled = content.to_vec();
+        if let Some(last) = garbled.last_mut() {
+            *last ^= 0x01;
+        }
+        let mut tbs = m[..HEADER].to_vec();
+        tbs.extend_from_slice(&garbled);
+        tbs.extend_from_slice(&context);
+        let to_sign = serialize(&SignContent::new("FramedContentTBS", tbs.into()), "the content to sign")?;
+        let signature = self.signer.sign(&to_sign).map_err(|e| MlsError(format!("signing: {e:?}")))?;
+        let tag = mac(&tbm(&garbled, &signature));
+        let mut out = m[..HEADER].to_vec();
+        out.extend_from_slice(&garbled);
+        out.extend_from_slice(&[0x40, 64]);
+        out.extend_from_slice(&signature);
+        out.extend_from_slice(confirmation);
+        out.push(32);
+        out.extend_from_slice(tag.as_ref());
+        // The GroupInfo of the epoch the garbled commit creates, as the
+        // server computes it (the transcript covers the garbled bytes).
+        let msg = MlsMessageIn::tls_deserialize_exact(&out).map_err(|e| MlsError(format!("re-reading: {e}")))?;
+        let message = msg.try_into_protocol_message().map_err(|e| MlsError(format!("re-reading: {e}")))?;
+        let processed = public
+            .process_message(self.provider.crypto(), message)
+            .map_err(|e| MlsError(format!("the public view refused the commit: {e}")))?;
+        let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
+            return Err(MlsError("not a commit".into()));
+        };
+        public.merge_commit(&scratch, *staged).map_err(|e| MlsError(format!("merging publicly: {e:?}")))?;
+        let own = self.group_mut(group)?.own_leaf_index();
+        let original = crate::delivery::mls::parse_group_info(&commit.group_info).map_err(MlsError)?;
+        let unsigned = VerifiableGroupInfo::new(
+            public.group_context().clone(),
+            original.extensions().clone(),
+            public.confirmation_tag().clone(),
+            own,
+            Signature::from(vec![0u8; 64]),
+        );
+        let unsigned = serialize(&unsigned, "the GroupInfo")?;
+        let tbs = unsigned.get(..unsigned.len() - SIGNATURE).ok_or_else(|| MlsError("short GroupInfo".into()))?;
+        let to_sign = serialize(&SignContent::new("GroupInfoTBS", tbs.to_vec().into()), "the GroupInfo to sign")?;
+        let signature = self.signer.sign(&to_sign).map_err(|e| MlsError(format!("signing: {e:?}")))?;
+        // MLSMessage: version mls10, wire format group_info (4).
+        let mut info = vec![0x00, 0x01, 0x00, 0x04];
+        info.extend_from_slice(tbs);
+        info.extend_from_slice(&[0x40, 64]);
+        info.extend_from_slice(&signature);
+        commit.group_info = info;
+        commit.message = out;
+        Ok(commit)
+    }
+
+    /// The current epoch's membership key, from the in-memory storage
+    /// (openmls stores its message secrets as JSON).
+    fn membership_key(&self) -> Result<Vec<u8>, MlsError> {
+        fn bytes_in(v: &serde_json::Value) -> Option<Vec<u8>> {
+            match v {
+                serde_json::Value::Array(items) if !items.is_empty() => {
+                    items.iter().map(|i| i.as_u64().and_then(|n| u8::try_from(n).ok())).collect()
+                }
+                serde_json::Value::Array(_) => None,
+                serde_json::Value::Object(map) => map.values().find_map(bytes_in),
+                _ => None,
+            }
+        }
+        let values = self.provider.storage().values.read().map_err(|_| MlsError("storage lock".into()))?;
+        values
+            .values()
+            .filter_map(|v| serde_json::from_slice::<serde_json::Value>(v).ok())
+            .find_map(|v| v.get("message_secrets")?.get("membership_key").and_then(bytes_in))
+            .ok_or_else(|| MlsError("no membership key in storage".into()))
+    }
 }
