@@ -669,3 +669,109 @@ fn groups_an_account_is_added_to_count_against_its_quota() {
     alice.member.discard_pending(&g).unwrap();
     assert_eq!(net.store.inbox_len(), 0);
 }
+
+impl Net {
+    /// Reads `group` like the app: a commit `who` cannot process makes it
+    /// rejoin from the stored GroupInfo. Returns whether it rejoined.
+    fn sync_repairing(&mut self, who: &mut Client, group: &[u8]) -> bool {
+        let after = who.cursor.get(group).copied().unwrap_or(0);
+        let Response::Messages { messages, .. } =
+            self.ok(who, Request::Fetch { group: group.to_vec(), after, limit: 0 })
+        else {
+            panic!()
+        };
+        for (seq, m) in &messages {
+            who.cursor.insert(group.to_vec(), *seq);
+            if who.own.get(group).is_some_and(|o| o.contains(seq)) {
+                continue;
+            }
+            if who.member.receive(group, m).is_err() {
+                let Response::GroupInfo { group_info, ratchet_tree, .. } =
+                    self.ok(who, Request::FetchGroupInfo { group: group.to_vec() })
+                else {
+                    panic!()
+                };
+                let commit = who.member.resync(group, &group_info, ratchet_tree.as_deref()).unwrap();
+                let Response::Accepted { seq, .. } = self.commit(who, commit) else { panic!("resync refused") };
+                who.cursor.insert(group.to_vec(), seq);
+                return true;
+            }
+        }
+        false
+    }
+}
+
+#[test]
+fn a_commit_nobody_can_process_is_accepted_and_every_member_rejoins_past_it() {
+    let mut net = Net::new();
+    let (mut alice, mut bob, mut mallory) = (net.client(1), net.client(2), net.client(3));
+    let g = net.create(&mut alice);
+    net.add(&mut alice, &g, &[&bob, &mallory]);
+    net.join(&mut bob);
+    net.join(&mut mallory);
+    let roster = net.store.current_members(&g).unwrap();
+    let mut bad = mallory.member.self_update(&g).unwrap();
+    bad.corrupt_membership_tag();
+    assert!(matches!(net.commit(&mut mallory, bad), Response::Accepted { .. }));
+    mallory.member.merge_pending(&g).unwrap();
+    assert!(net.sync_repairing(&mut alice, &g), "alice processed a corrupted commit");
+    assert!(net.sync_repairing(&mut bob, &g), "bob processed a corrupted commit");
+    // Each read the other's rejoin; nobody was added or lost on the way.
+    assert!(!net.sync_repairing(&mut alice, &g));
+    assert!(!net.sync_repairing(&mut mallory, &g));
+    let mut now = net.store.current_members(&g).unwrap();
+    now.sort();
+    let mut before = roster.clone();
+    before.sort();
+    assert_eq!(now, before);
+    let auth = alice.member.epoch_authenticator(&g);
+    assert_eq!(auth, bob.member.epoch_authenticator(&g));
+    assert_eq!(auth, mallory.member.epoch_authenticator(&g));
+    // And the group goes on: alice removes mallory, bob reads it.
+    let commit = alice.member.remove(&g, &[mallory.member.account()]).unwrap();
+    assert!(matches!(net.commit(&mut alice, commit), Response::Accepted { .. }));
+    alice.member.merge_pending(&g).unwrap();
+    assert!(!net.sync_repairing(&mut bob, &g));
+    assert_eq!(alice.member.epoch_authenticator(&g), bob.member.epoch_authenticator(&g));
+}
+
+#[test]
+fn commits_carry_the_group_info_of_exactly_their_epoch_and_only_members_read_it() {
+    let mut net = Net::new();
+    let (mut alice, mut bob, eve) = (net.client(1), net.client(2), net.client(3));
+    let g = net.create(&mut alice);
+    // The creator's GroupInfo is kept from the start.
+    let Response::GroupInfo { group_info: first, ratchet_tree, .. } =
+        net.ok(&alice, Request::FetchGroupInfo { group: g.clone() })
+    else {
+        panic!()
+    };
+    assert!(ratchet_tree.is_some(), "a GroupInfo without its tree comes with the server's");
+    net.add(&mut alice, &g, &[&bob]);
+    net.join(&mut bob);
+    let (code, _) = net.code(&eve, Request::FetchGroupInfo { group: g.clone() });
+    assert_eq!(code, ErrorCode::NotMember);
+    let (code, _) = net.code(&eve, Request::FetchGroupInfo { group: vec![7; 32] });
+    assert_eq!(code, ErrorCode::NotMember, "a missing group answers like a foreign one");
+    // Without a GroupInfo, with one of an earlier epoch, with another
+    // member's: refused, and nothing changes.
+    let epoch = net.store.group(&g).unwrap().unwrap().epoch;
+    let mut c = alice.member.self_update(&g).unwrap();
+    let info = c.group_info.clone();
+    let r = net.send(&mut alice, c.message.clone(), None);
+    assert!(matches!(r, Response::Error { code: ErrorCode::InvalidMessage, .. }), "{r:?}");
+    c.group_info = first;
+    let r = net.commit(&mut alice, c.clone());
+    assert!(matches!(r, Response::Error { code: ErrorCode::InvalidCommit, .. }), "{r:?}");
+    alice.member.discard_pending(&g).unwrap();
+    let mut bobs = bob.member.self_update(&g).unwrap();
+    bob.member.discard_pending(&g).unwrap();
+    std::mem::swap(&mut bobs.group_info, &mut c.group_info);
+    let r = net.commit(&mut alice, c.clone());
+    assert!(matches!(r, Response::Error { code: ErrorCode::InvalidCommit, .. }), "{r:?}");
+    assert_eq!(net.store.group(&g).unwrap().unwrap().epoch, epoch);
+    // A GroupInfo on an application message or a proposal: refused.
+    let m = alice.member.encrypt(&g, b"x").unwrap();
+    let r = net.send_request(&mut alice, Request::Send { message: m, welcome: None, group_info: Some(info) });
+    assert!(matches!(r, Response::Error { code: ErrorCode::InvalidMessage, .. }), "{r:?}");
+}

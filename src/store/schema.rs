@@ -244,4 +244,20 @@ mod tests {
         let version: i64 = empty.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, latest());
     }
+
+    #[test]
+    fn version_4_groups_migrate_without_a_group_info_until_their_next_commit() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 4).unwrap();
+        conn.execute_batch(
+            "INSERT INTO groups (gid, id, epoch, last_seq, created_at) VALUES (3, x'0102', 5, 9, 10);
+             INSERT INTO group_states (gid, state) VALUES (3, x'aabb');",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let (state, info): (Vec<u8>, Option<Vec<u8>>) = conn
+            .query_row("SELECT state, group_info FROM group_states WHERE gid = 3", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap();
+        assert_eq!((state, info), (vec![0xaa, 0xbb], None));
+    }
 }
