@@ -97,6 +97,9 @@ enum Mode {
     EndlessPages,
     /// Answers every fetch with its first message renumbered to u64::MAX.
     HugeSequence,
+    /// Says every group is 5 epochs ahead (so the client rejoins) and
+    /// answers the GroupInfo fetch with this GroupInfo and tree.
+    RejoinWith(Vec<u8>, Vec<u8>),
 }
 
 fn rewrite(mode: Arc<Mutex<Mode>>) -> Rewrite {
@@ -106,6 +109,22 @@ fn rewrite(mode: Arc<Mutex<Mode>>) -> Rewrite {
         (Request::AckWelcome { id: 1_000_000 }, Mode::WelcomeWith(_)) => Some(Response::Done),
         (Request::Fetch { group, .. }, Mode::EndlessPages) => {
             Some(Response::Messages { group: group.clone(), messages: vec![], more: true })
+        }
+        (Request::ListGroups, Mode::RejoinWith(..)) => match _resp {
+            Response::Groups { groups } => Some(Response::Groups {
+                groups: groups
+                    .iter()
+                    .cloned()
+                    .map(|mut g| {
+                        g.epoch += 5;
+                        g
+                    })
+                    .collect(),
+            }),
+            _ => None,
+        },
+        (Request::FetchGroupInfo { group }, Mode::RejoinWith(info, tree)) => {
+            Some(Response::GroupInfo { group: group.clone(), group_info: info, ratchet_tree: Some(tree) })
         }
         (Request::Fetch { group, .. }, Mode::HugeSequence) => match _resp {
             Response::Messages { messages, .. } if !messages.is_empty() => Some(Response::Messages {
@@ -349,5 +368,46 @@ async fn a_server_that_never_ends_a_page_or_jumps_to_the_last_sequence_cannot_ha
         assert!(got.contains("first") && got.contains("second"), "{got}");
         ok(hush(bob, &["send", "team", "back to you"]));
         assert!(ok(hush(alice, &["sync"])).contains("back to you"));
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_cannot_use_group_repair_to_slip_a_forged_tree_under_a_member() {
+    let s = Scene::start(&["alice", "bob"]).await;
+    let (server, mode, ids) = (&s.server, &s.mode, &s.ids);
+    let (alice, bob) = (&s.homes[0], &s.homes[1]);
+    tokio::task::block_in_place(|| {
+        ok(hush(alice, &["contact", "add", "bob", &ids[1]]));
+        ok(hush(alice, &["group", "create", "team"]));
+        ok(hush(alice, &["group", "add", "team", "bob"]));
+        ok(hush(bob, &["sync"]));
+    });
+    let group = {
+        let key = Identity::load(&bob.join("device.key")).unwrap();
+        let app = hush::client::app::App::open(bob, key, server.address.clone()).unwrap();
+        app.groups().unwrap().remove(0).id
+    };
+    // The operator's own tree for the group's id, its one leaf bob's
+    // genuine certificate over the operator's key.
+    let bob_device = Identity::load(&bob.join("device.key")).unwrap();
+    let conn = Connection::connect(&server.address, &bob_device).await.unwrap();
+    let removal_key = conn.status().await.unwrap().removal_key;
+    let bobs_package = conn.claim_key_packages(&ids[1].parse().unwrap()).await.unwrap().remove(0);
+    let mut forger = Member::forger(credential_of_key_package(&bobs_package).unwrap()).unwrap();
+    let forged = forger.create_group_with_id(&removal_key, &group).unwrap();
+
+    // The server says bob fell behind and hands him its tree to rejoin.
+    *mode.lock().unwrap() = Mode::RejoinWith(forged.group_info, forged.ratchet_tree);
+    let out = tokio::task::block_in_place(|| ok(hush(bob, &["sync"])));
+    assert!(out.contains("could not rejoin") && out.contains("not certified"), "{out}");
+    let members = tokio::task::block_in_place(|| ok(hush(bob, &["group", "members", "team"])));
+    assert_eq!(members.lines().count(), 2, "bob's view of the group changed: {members}");
+
+    // Honest again: bob kept his state and reads on.
+    *mode.lock().unwrap() = Mode::Honest;
+    tokio::task::block_in_place(|| {
+        ok(hush(alice, &["send", "team", "still the real group"]));
+        let got = ok(hush(bob, &["sync"]));
+        assert!(got.contains("still the real group"), "{got}");
     });
 }
