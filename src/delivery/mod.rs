@@ -43,6 +43,17 @@
 //!   the added packages, and is stored in the inbox of those devices (never
 //!   a list the client supplies). The roster (which devices may read and
 //!   post) is the set of certified leaves after the commit.
+//! * **Group repair**: every commit carries the GroupInfo of the epoch it
+//!   creates, checked with [`mls::check_group_info`] against the public
+//!   state after the commit (group context, confirmation tag, signed by the
+//!   committer's leaf, external public key present, no other extension but
+//!   the group's own ratchet tree) and kept as the group's current one (the
+//!   creator's GroupInfo from the start); current members fetch it with
+//!   `FetchGroupInfo`. An external commit (`NewMemberCommit` sender) is
+//!   accepted only as a resync: from a current member device, carrying only
+//!   the ExternalInit and the Remove of exactly that device's leaf, its new
+//!   leaf certified for the same account and device. Everything else about
+//!   it (epoch, first-commit-wins, the tree check) is as for any commit.
 //! * **Application messages** are PrivateMessages for the current epoch from
 //!   a current member device. Each is stored once, whatever the group size.
 //! * **Visibility**: a member sees messages after the commit that added it;
