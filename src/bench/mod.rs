@@ -342,10 +342,86 @@ pub async fn run(settings: Settings, progress: impl Fn(&str)) -> Result<Vec<Row>
     let large = bytes_per_message(&dir.path().join("bytes-n.db"), n, settings.messages / 10).await?;
     rows.push(Row::cost(format!("database bytes per message, group of {n} vs group of 2"), large, small, "B"));
 
+    progress("commits");
+    let commits = (settings.messages / 500).max(5);
+    let (whole, check) = tokio::task::spawn_blocking(move || commit_cost(n, commits)).await.map_err(fail)??;
+    rows.push(Row::cost(
+        format!("GroupInfo check per commit vs the whole commit, core CPU, group of {n} (µs)"),
+        check,
+        whole,
+        "µs",
+    ));
+
     let _ = stop_tx.send(());
     let _ = serving.await;
     echo.endpoint.close(VarInt::from_u32(0), b"done");
     Ok(rows)
+}
+
+/// CPU the Delivery Service core spends accepting a commit (a member's
+/// self-update) in a group of `size` devices, on the in-memory store (no
+/// disk), and the part of it spent checking the commit's GroupInfo (group
+/// repair), each averaged over `commits` commits. In µs.
+pub fn commit_cost(size: usize, commits: usize) -> Result<(f64, f64), BenchError> {
+    use crate::delivery::memory::MemoryStore;
+    use crate::delivery::{mls, Delivery, Store as _};
+    let removal_key = Identity::generate().map_err(fail)?.public_key();
+    let mut ds = Delivery::new(86_400, removal_key);
+    let mut store = MemoryStore::default();
+    let mut members = Vec::with_capacity(size);
+    for _ in 0..size.max(2) {
+        let (_, _, m) = Member::generate().map_err(fail)?;
+        store.accounts.insert(m.account());
+        store.devices.insert(m.device(), m.account());
+        members.push(m);
+    }
+    let mut now = 1_000_000;
+    let mut exec = |ds: &mut Delivery, store: &mut MemoryStore, m: &Member, request: Request| {
+        now += 1;
+        match ds.handle(store, Caller::of(m.certificate()), request, now).response {
+            Response::Error { message, .. } => Err(BenchError(message)),
+            r => Ok(r),
+        }
+    };
+    for m in &members {
+        let packages = m.key_packages(1).map_err(fail)?;
+        exec(&mut ds, &mut store, m, Request::PublishKeyPackages { packages, last_resort: None })?;
+    }
+    let (first, rest) = members.split_first_mut().ok_or_else(|| BenchError("no members".into()))?;
+    let g = first.create_group(&removal_key).map_err(fail)?;
+    exec(&mut ds, &mut store, first, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree })?;
+    let mut packages = vec![];
+    for m in rest.iter() {
+        if let Response::KeyPackages { packages: p } =
+            exec(&mut ds, &mut store, first, Request::ClaimKeyPackage { account: m.account().0 })?
+        {
+            packages.extend(p.into_iter().map(|p| (m.account(), p)));
+        }
+    }
+    let add = first.add(&g.id, &packages).map_err(fail)?;
+    exec(&mut ds, &mut store, first, add.into_request())?;
+    first.merge_pending(&g.id).map_err(fail)?;
+    let crypto = openmls_rust_crypto::RustCrypto::default();
+    let (mut whole, mut check) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..commits {
+        let commit = first.self_update(&g.id).map_err(fail)?;
+        let info = commit.group_info.clone();
+        let t = Instant::now();
+        exec(&mut ds, &mut store, first, commit.into_request())?;
+        whole += t.elapsed();
+        first.merge_pending(&g.id).map_err(fail)?;
+        // The check alone, on the state the commit produced.
+        let state = store.group(&g.id).map_err(fail)?.ok_or_else(|| BenchError("no group".into()))?.state;
+        let storage = mls::decode_state(&state).map_err(fail)?;
+        let public = mls::PublicGroup::load(&storage, &openmls::prelude::GroupId::from_slice(&g.id))
+            .map_err(|e| BenchError(format!("{e:?}")))?
+            .ok_or_else(|| BenchError("no group state".into()))?;
+        let t = Instant::now();
+        mls::check_group_info(&crypto, &info, &public, openmls::prelude::LeafNodeIndex::new(0)).map_err(BenchError)?;
+        check += t.elapsed();
+    }
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / commits.max(1) as f64;
+    Ok((per(whole), per(check)))
 }
 
 /// A fresh temporary directory, removed on drop.
