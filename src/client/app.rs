@@ -786,8 +786,9 @@ impl App {
 
     /// Records that a rejoin did not happen, and why.
     fn not_rejoined(&mut self, group: &[u8], why: &str, error: &str, new: &mut Vec<Entry>) -> Result<(), AppError> {
+        // Logs name no one (the event, shown to the user, does).
+        tracing::warn!("could not rejoin a group: {error}");
         let body = format!("{why}; this device could not rejoin the group: {error}");
-        tracing::warn!("{body}");
         let at = self.cursor(group)?;
         self.record(group, at, None, "event", &body)?;
         new.push(self.entry_now(group, at, None, "event", &body));
