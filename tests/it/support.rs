@@ -146,6 +146,11 @@ pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
 
 /// Runs a command to completion within [`WAIT`], killing it otherwise.
 pub fn run(cmd: &mut Command) -> Output {
+    run_within(cmd, WAIT)
+}
+
+/// Runs a command to completion within `limit`, killing it otherwise.
+pub fn run_within(cmd: &mut Command, limit: Duration) -> Output {
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
     let mut stdout = child.stdout.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();
@@ -159,9 +164,9 @@ pub fn run(cmd: &mut Command) -> Output {
         let _ = stderr.read_to_end(&mut b);
         b
     });
-    let status = wait_timeout(&mut child, WAIT).unwrap_or_else(|| {
+    let status = wait_timeout(&mut child, limit).unwrap_or_else(|| {
         let _ = child.kill();
-        panic!("command did not finish within {WAIT:?}: {cmd:?}");
+        panic!("command did not finish within {limit:?}: {cmd:?}");
     });
     Output { status, stdout: out_thread.join().unwrap(), stderr: err_thread.join().unwrap() }
 }
