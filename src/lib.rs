@@ -6,6 +6,9 @@
 //! * [`wire`]: the protocol's frames and their pure, non-panicking codecs.
 //! * [`auth`]: keys, certificates, fingerprints, addresses, invite tokens,
 //!   and the TLS configuration that authenticates both ends.
+//! * [`delivery`]: the Delivery Service rules, sans-IO: a request, an
+//!   authenticated device and the time in; a response and the pushes out;
+//!   storage behind a trait.
 //! * [`store`]: SQLite persistence on dedicated threads.
 //! * [`server`]: the QUIC listener, per-connection sessions, limits and
 //!   graceful shutdown (`hushd`).

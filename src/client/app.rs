@@ -345,8 +345,9 @@ impl App {
         Ok(g.id)
     }
 
-    /// Sends an MLS message; on `StaleEpoch` catches up (via `retry`) and
-    /// lets the caller rebuild it. Returns the sequence.
+    /// Sends the commit `build` makes; on `StaleEpoch` catches up and calls
+    /// `build` again (at most [`COMMIT_ATTEMPTS`] times). Returns the
+    /// commit's sequence.
     async fn send_commit<F>(&mut self, conn: &Connection, group: &[u8], mut build: F) -> Result<u64, AppError>
     where
         F: FnMut(&mut Member<Provider>) -> Result<Commit, AppError>,

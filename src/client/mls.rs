@@ -244,10 +244,6 @@ impl<P: OpenMlsProvider> Member<P> {
         self.certificate.device
     }
 
-    pub fn provider(&self) -> &P {
-        &self.provider
-    }
-
     /// The group, loaded from storage on first use.
     fn group_mut(&mut self, id: &[u8]) -> Result<&mut MlsGroup, MlsError> {
         if !self.groups.contains_key(id) {

@@ -18,7 +18,6 @@ struct StoredPackage {
 #[derive(Debug, Clone)]
 struct Group {
     record: GroupRecord,
-    created_at: u64,
     members: BTreeMap<DeviceId, Membership>,
     left_epochs: BTreeMap<DeviceId, u64>,
     log: BTreeMap<u64, (Vec<u8>, u64)>,
@@ -113,12 +112,11 @@ impl Store for MemoryStore {
         Ok(self.groups.get(group).map(|g| g.record.clone()))
     }
 
-    fn insert_group(&mut self, group: &[u8], epoch: u64, state: &[u8], now: u64) -> Result<(), Infallible> {
+    fn insert_group(&mut self, group: &[u8], epoch: u64, state: &[u8], _now: u64) -> Result<(), Infallible> {
         self.groups.insert(
             group.to_vec(),
             Group {
                 record: GroupRecord { epoch, state: state.to_vec(), last_seq: 0 },
-                created_at: now,
                 members: BTreeMap::new(),
                 left_epochs: BTreeMap::new(),
                 log: BTreeMap::new(),
@@ -318,7 +316,6 @@ impl Store for MemoryStore {
                 g.log.remove(&s);
                 n += 1;
             }
-            let _ = g.created_at;
         }
         let before_len = self.inbox.len();
         self.inbox.retain(|_, (_, _, _, t)| *t >= before);

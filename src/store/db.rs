@@ -103,11 +103,6 @@ impl Db {
         Ok(Self { conn })
     }
 
-    /// The schema version on disk.
-    pub fn schema_version(&self) -> Result<i64, StoreError> {
-        Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
-    }
-
     /// Makes the certificate's device the first device of a new account.
     /// A device already registered with this same certificate succeeds
     /// without spending an invite. Otherwise the invite is checked (secret

@@ -10,8 +10,9 @@
 //! been fsynced. `foreign_keys=ON`. The schema is versioned with
 //! `PRAGMA user_version` and migrated forward in [`schema`].
 //!
-//! The store holds only public keys, hashed invite secrets and (later)
-//! ciphertext. It never holds the server's private key.
+//! The store holds public keys, device certificates, hashed invite
+//! secrets, public MLS group state and GroupInfo, and ciphertext. It never
+//! holds the server's private keys.
 
 mod db;
 pub mod maintenance;

@@ -87,12 +87,6 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8(field))
     }
 
-    /// UTF-8 text with a u8 length prefix, at most `max` bytes.
-    pub fn string8(&mut self, field: &'static str, max: usize) -> Result<&'a str, DecodeError> {
-        let bytes = self.bytes8(field, max)?;
-        std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8(field))
-    }
-
     fn capped(&mut self, field: &'static str, len: usize, max: usize) -> Result<&'a [u8], DecodeError> {
         if len > max {
             return Err(DecodeError::TooLong { field, len, max });

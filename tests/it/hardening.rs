@@ -49,10 +49,21 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
 
     let mut acked: Vec<(u64, String)> = vec![];
     let mut counter = 0u64;
+    // The kill moments come from a seed, printed so that a failure can be
+    // replayed with HUSH_KILL_SEED.
+    let mut seed: u64 = std::env::var("HUSH_KILL_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| u64::from_be_bytes([rand_byte(), rand_byte(), rand_byte(), rand_byte(), 0, 0, 0, 1]));
+    eprintln!("kill moments from HUSH_KILL_SEED={seed}");
     for round in 0..kills() {
         // Write as fast as possible; SIGKILL the server at a random moment,
         // with requests in flight.
-        let delay = Duration::from_millis(150 + (u64::from(rand_byte()) * 3));
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = Duration::from_millis(150 + seed % 768);
+        eprintln!("round {round}: SIGKILL after {} ms", delay.as_millis());
         let victim = server;
         let killer = tokio::task::spawn_blocking(move || {
             std::thread::sleep(delay);

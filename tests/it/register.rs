@@ -58,8 +58,15 @@ fn used_up_expired_unknown_and_missing_invites_are_refused() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("requires an invite"), "{}", stderr(&out));
 
-    let short = server.invite(&["--expires", "1s"]);
-    std::thread::sleep(std::time::Duration::from_millis(2100));
+    // `--expires` sets the expiry; an invite whose expiry has passed is
+    // refused. (The past is written straight into the database: no sleep.)
+    let now = hush::util::now_unix();
+    server.invite(&["--expires", "1h"]);
+    let mut db = hush::store::Db::open(&server.data_dir.join("hush.db")).unwrap();
+    let expiries: Vec<Option<u64>> = db.invites().unwrap().iter().map(|i| i.expires_at).collect();
+    assert!(expiries.iter().any(|e| e.is_some_and(|t| (now + 3_590..=now + 3_610).contains(&t))), "{expiries:?}");
+    let short = db.create_invite(1, Some(now - 1), now - 60).unwrap().to_string();
+    drop(db);
     let out = hush(&tmp.path().join("b"), &["register", &addr, "--invite", &short]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("expired"), "{}", stderr(&out));
