@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use hush::auth::{HushAddress, Identity, InviteToken};
 use hush::client::mls::Member;
 use hush::delivery::memory::MemoryStore;
-use hush::delivery::{Caller, Delivery, Notification, Store};
+use hush::delivery::{Caller, Delivery, Notification, Storage};
 use hush::wire::{Push, Request, Response};
 
 struct Corpus {

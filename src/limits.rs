@@ -79,9 +79,11 @@ pub const MAX_ERROR_MESSAGE: usize = 512;
 /// Longest opaque MLS group identifier.
 pub const MAX_GROUP_ID: usize = 255;
 
-/// Largest ciphertext carried inline in a push frame; larger messages are
-/// announced without their body and fetched.
-pub const MAX_INLINE_PUSH: usize = 64 * 1024;
+/// Largest ciphertext a push frame may carry inline (the wire format's cap,
+/// what a client accepts); the server inlines only up to its own, smaller
+/// `server::push::PUSH_INLINE_THRESHOLD` and announces larger messages
+/// without their body, to be fetched.
+pub const MAX_PUSH_CIPHERTEXT: usize = 64 * 1024;
 
 /// Largest MLS message (commit, application message, Welcome, GroupInfo,
 /// ratchet tree) carried in one field of a request.

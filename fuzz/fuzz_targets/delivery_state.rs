@@ -25,7 +25,7 @@ use arbitrary::Arbitrary;
 use hush::auth::{DeviceCertificate, DeviceId, Identity};
 use hush::client::mls::{Commit, Member};
 use hush::delivery::memory::MemoryStore;
-use hush::delivery::{Caller, Delivery, Notification, Store};
+use hush::delivery::{Caller, Delivery, Notification, Storage};
 use hush::wire::{ErrorCode, Request, Response};
 use libfuzzer_sys::fuzz_target;
 

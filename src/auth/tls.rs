@@ -80,7 +80,7 @@ pub fn device_of_peer(certs: &[CertificateDer<'_>]) -> Option<DeviceId> {
 }
 
 /// Server side: accepts any well-formed Ed25519 client certificate; rustls
-/// then verifies the handshake signature through [`verify_ed25519`].
+/// then verifies the handshake signature through `verify_ed25519`.
 #[derive(Debug)]
 pub struct DeviceKeyVerifier {
     algs: WebPkiSupportedAlgorithms,

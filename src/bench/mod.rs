@@ -32,8 +32,8 @@ use crate::client::{Connection, PushStream};
 use crate::config::ServerConfig;
 use crate::delivery::Caller;
 use crate::delivery::Quotas;
+use crate::server::engine::Engine;
 use crate::server::Server;
-use crate::store::Store;
 use crate::util::now_unix;
 use crate::wire::{Push, Request, Response};
 use raw::{Mode, RawServer};
@@ -364,7 +364,7 @@ pub async fn run(settings: Settings, progress: impl Fn(&str)) -> Result<Vec<Row>
 /// repair), each averaged over `commits` commits. In µs.
 pub fn commit_cost(size: usize, commits: usize) -> Result<(f64, f64), BenchError> {
     use crate::delivery::memory::MemoryStore;
-    use crate::delivery::{mls, Delivery, Store as _};
+    use crate::delivery::{mls, Delivery, Storage as _};
     let removal_key = Identity::generate().map_err(fail)?.public_key();
     let mut ds = Delivery::new(86_400, removal_key);
     let mut store = MemoryStore::default();
@@ -519,7 +519,7 @@ impl Exec for ViaServer {
 
 /// Straight into a store, as the server's sessions do.
 struct ViaStore<'a> {
-    store: &'a Store,
+    store: &'a Engine,
     callers: Vec<Caller>,
 }
 
@@ -571,10 +571,10 @@ fn encrypt_many(member: &mut Member, group: &[u8], count: usize) -> Result<Vec<V
 }
 
 /// A store on its own database with two registered accounts in one group.
-async fn store_with_group(path: &Path, size: usize) -> Result<(Store, Vec<u8>, Member), BenchError> {
+async fn store_with_group(path: &Path, size: usize) -> Result<(Engine, Vec<u8>, Member), BenchError> {
     let quotas = Quotas { max_log_per_group: u64::MAX, max_database_bytes: u64::MAX, ..Quotas::default() };
     let removal_key = Identity::generate().map_err(fail)?.public_key();
-    let store = Store::open(path, quotas, removal_key).map_err(fail)?;
+    let store = Engine::open(path, quotas, removal_key).map_err(fail)?;
     let mut members = vec![];
     for _ in 0..size {
         let (_, _, member) = Member::generate().map_err(fail)?;
@@ -649,7 +649,7 @@ async fn cli_processes(address: &HushAddress, dir: &Path, runs: usize) -> Result
 }
 
 /// Sends one application message straight into `store`.
-async fn store_send(store: &Store, account: Caller, message: Vec<u8>) -> Result<(), BenchError> {
+async fn store_send(store: &Engine, account: Caller, message: Vec<u8>) -> Result<(), BenchError> {
     match store.deliver(account, Request::Send { message, welcome: None, group_info: None }, now_unix()).await {
         Ok(o) if matches!(o.response, Response::Accepted { .. }) => Ok(()),
         Ok(o) => Err(BenchError(format!("unexpected {:?}", o.response))),
@@ -662,7 +662,7 @@ async fn store_send(store: &Store, account: Caller, message: Vec<u8>) -> Result<
 /// checkpointed before measuring).
 pub async fn bytes_per_message(path: &Path, size: usize, messages: usize) -> Result<f64, BenchError> {
     let (store, group, mut first) = store_with_group(path, size).await?;
-    let size_of = |store: Store| async move {
+    let size_of = |store: Engine| async move {
         store
             .call(|db| {
                 db.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;

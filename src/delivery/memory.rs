@@ -1,10 +1,10 @@
-//! An in-memory [`Store`] for unit tests and fuzzing. Same semantics as
+//! An in-memory [`Storage`] for unit tests and fuzzing. Same semantics as
 //! the SQLite store, none of its durability.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
 
-use super::store::{GroupRecord, Membership, Messages, NewKeyPackage, Store};
+use super::storage::{GroupRecord, Membership, Messages, NewKeyPackage, Storage};
 use crate::auth::{AccountId, DeviceId};
 use crate::wire::GroupSummary;
 
@@ -54,7 +54,7 @@ impl MemoryStore {
     }
 }
 
-impl Store for MemoryStore {
+impl Storage for MemoryStore {
     type Error = Infallible;
 
     fn account_exists(&mut self, account: &AccountId) -> Result<bool, Infallible> {

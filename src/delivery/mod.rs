@@ -1,7 +1,7 @@
 //! The Delivery Service rules (RFC 9750), sans-IO.
 //!
 //! [`Delivery::handle`] takes an authenticated device ([`Caller`]), a
-//! decoded request and the current time, runs it against a [`Store`], and returns the
+//! decoded request and the current time, runs it against a [`Storage`], and returns the
 //! response plus the [`Notification`]s to push. It knows no sockets and
 //! reads no clock; the server calls it on its storage thread, the unit
 //! tests and the fuzzer on a [`memory::MemoryStore`].
@@ -66,7 +66,7 @@
 
 pub mod memory;
 pub mod mls;
-pub mod store;
+pub mod storage;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -85,7 +85,7 @@ use crate::limits::{
 };
 use crate::wire::{ErrorCode, Request, Response};
 
-pub use store::{GroupRecord, Membership, NewKeyPackage, SendContext, Store};
+pub use storage::{GroupRecord, Membership, NewKeyPackage, SendContext, Storage};
 
 /// Who sends a request: the device its connection authenticated, and the
 /// account that device's certificate names.
@@ -124,13 +124,13 @@ pub struct Outcome {
 /// Why a request was refused, or failed.
 enum Refusal<E> {
     Client { code: ErrorCode, detail: u64, message: String },
-    Store(E),
+    Storage(E),
     Internal(String),
 }
 
 impl<E> From<E> for Refusal<E> {
     fn from(e: E) -> Self {
-        Refusal::Store(e)
+        Refusal::Storage(e)
     }
 }
 
@@ -221,7 +221,7 @@ impl Default for Quotas {
 }
 
 /// The Delivery Service. Holds only in-memory rate-limit state; everything
-/// durable is in the [`Store`].
+/// durable is in the [`Storage`].
 pub struct Delivery {
     crypto: RustCrypto,
     claims: HashMap<AccountId, Bucket>,
@@ -272,7 +272,7 @@ impl Delivery {
     }
 
     /// The current members of `group` at `epoch` (the current epoch).
-    fn roster<S: Store>(&mut self, store: &mut S, group: &[u8], epoch: u64) -> Result<Arc<[DeviceId]>, S::Error> {
+    fn roster<S: Storage>(&mut self, store: &mut S, group: &[u8], epoch: u64) -> Result<Arc<[DeviceId]>, S::Error> {
         if let Some((e, members)) = self.rosters.get(group) {
             if *e == epoch {
                 return Ok(members.clone());
@@ -287,7 +287,7 @@ impl Delivery {
     }
 
     /// Refuses new data once the store reached its size quota.
-    fn check_space<S: Store>(&self, store: &mut S) -> Result<(), Refusal<S::Error>> {
+    fn check_space<S: Storage>(&self, store: &mut S) -> Result<(), Refusal<S::Error>> {
         if store.database_bytes()? >= self.quotas.max_database_bytes {
             return Err(refuse(
                 ErrorCode::QuotaExceeded,
@@ -312,19 +312,19 @@ impl Delivery {
     }
 
     /// Handles one request from a registered device at time `now`.
-    pub fn handle<S: Store>(&mut self, store: &mut S, caller: Caller, request: Request, now: u64) -> Outcome {
+    pub fn handle<S: Storage>(&mut self, store: &mut S, caller: Caller, request: Request, now: u64) -> Outcome {
         let kind = request.kind();
         match self.dispatch(store, caller, request, now) {
             Ok(outcome) => outcome,
             Err(Refusal::Client { code, detail, message }) => {
                 Outcome { response: Response::Error { code, detail, message }, notifications: vec![], wrote: false }
             }
-            Err(Refusal::Store(e)) => internal(kind, &e.to_string()),
+            Err(Refusal::Storage(e)) => internal(kind, &e.to_string()),
             Err(Refusal::Internal(e)) => internal(kind, &e),
         }
     }
 
-    fn dispatch<S: Store>(
+    fn dispatch<S: Storage>(
         &mut self,
         store: &mut S,
         caller: Caller,
@@ -417,7 +417,7 @@ impl Delivery {
         }
     }
 
-    fn publish<S: Store>(
+    fn publish<S: Storage>(
         &mut self,
         store: &mut S,
         caller: &Caller,
@@ -469,7 +469,7 @@ impl Delivery {
         Ok(Outcome { response: Response::KeyPackageCount { count, last_resort }, notifications: vec![], wrote: true })
     }
 
-    fn claim<S: Store>(
+    fn claim<S: Storage>(
         &mut self,
         store: &mut S,
         claimer: &AccountId,
@@ -505,7 +505,7 @@ impl Delivery {
         Ok(Outcome { response: Response::KeyPackages { packages }, notifications: vec![], wrote: true })
     }
 
-    fn create_group<S: Store>(
+    fn create_group<S: Storage>(
         &mut self,
         store: &mut S,
         caller: &Caller,
@@ -578,7 +578,7 @@ impl Delivery {
         Ok(Outcome { response: Response::Accepted { group, seq: 0, epoch }, notifications: vec![], wrote: true })
     }
 
-    fn send<S: Store>(
+    fn send<S: Storage>(
         &mut self,
         store: &mut S,
         caller: &Caller,
@@ -636,7 +636,7 @@ impl Delivery {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn handshake<S: Store>(
+    fn handshake<S: Storage>(
         &mut self,
         store: &mut S,
         caller: &Caller,
@@ -879,7 +879,7 @@ impl Delivery {
     }
 
     /// Deletes messages every member who still needs them has acknowledged.
-    fn delete_acknowledged<S: Store>(&mut self, store: &mut S, group: &[u8]) -> Result<(), Refusal<S::Error>> {
+    fn delete_acknowledged<S: Storage>(&mut self, store: &mut S, group: &[u8]) -> Result<(), Refusal<S::Error>> {
         let mut floor = u64::MAX;
         for (_, m) in store.members(group)? {
             match m.left_at {
@@ -897,7 +897,7 @@ impl Delivery {
 
     /// Expires messages, Welcomes and claim records past retention, and
     /// forgets idle rate-limit buckets. Returns rows deleted.
-    pub fn expire<S: Store>(&mut self, store: &mut S, now: u64) -> Result<u64, S::Error> {
+    pub fn expire<S: Storage>(&mut self, store: &mut S, now: u64) -> Result<u64, S::Error> {
         let refill = CLAIM_REFILL.as_secs().max(1);
         let full_after = u64::from(CLAIM_BURST).saturating_mul(refill);
         self.claims.retain(|_, b| now.saturating_sub(b.refilled_at) < full_after);

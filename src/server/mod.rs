@@ -13,7 +13,8 @@
 //! been validated gets a QUIC retry; then the TLS handshake, which
 //! authenticates the client's account key (see [`crate::auth::tls`]).
 
-mod limits;
+mod admission;
+pub mod engine;
 mod push;
 mod session;
 
@@ -32,10 +33,11 @@ use crate::auth::tls::{server_crypto, TlsError};
 use crate::auth::{identity, HushAddress, Identity, KeyError};
 use crate::config::ServerConfig;
 use crate::limits::{INCOMING_BUFFER_BYTES, INCOMING_BUFFER_BYTES_TOTAL, SHUTDOWN_GRACE, STRANGER_RECEIVE_WINDOW};
-use crate::store::{Store, StoreError, DB_FILE};
+use crate::store::{StoreError, DB_FILE};
 use crate::wire::close;
+use engine::Engine;
 
-pub use limits::{Admission, Refusal};
+pub use admission::{Admission, Refusal};
 
 /// File name of the server's private TLS key in the data directory.
 pub const KEY_FILE: &str = "server.key";
@@ -71,11 +73,11 @@ pub enum ServerError {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub config: ServerConfig,
-    pub store: Store,
+    pub engine: Engine,
     pub admission: Arc<Admission>,
     pub registry: Arc<push::Registry>,
-    pub account_rate: limits::RateLimiter<crate::auth::AccountId>,
-    pub ip_rate: limits::RateLimiter<std::net::IpAddr>,
+    pub account_rate: admission::RateLimiter<crate::auth::AccountId>,
+    pub ip_rate: admission::RateLimiter<std::net::IpAddr>,
     /// Public half of the removal key (told to clients in `Status`).
     pub removal_key: [u8; 32],
     /// Bytes of request frames all connections may hold at once.
@@ -129,7 +131,7 @@ impl Server {
         if created {
             info!("created server key {}", data_dir.key().display());
         }
-        let store = Store::open(&data_dir.db(), config.quotas(), removal_key)?;
+        let engine = Engine::open(&data_dir.db(), config.quotas(), removal_key)?;
 
         let mut transport = TransportConfig::default();
         // Every connection starts as a stranger's: one request stream and a
@@ -176,11 +178,11 @@ impl Server {
         let request_memory = config.request_memory().min(tokio::sync::Semaphore::MAX_PERMITS);
         let shared = Arc::new(Shared {
             config,
-            store,
+            engine,
             admission: Arc::new(Admission::default()),
             registry: Arc::new(push::Registry::default()),
-            account_rate: limits::RateLimiter::new(config_rates.0),
-            ip_rate: limits::RateLimiter::new(config_rates.1),
+            account_rate: admission::RateLimiter::new(config_rates.0),
+            ip_rate: admission::RateLimiter::new(config_rates.1),
             removal_key,
             request_budget: Arc::new(tokio::sync::Semaphore::new(request_memory)),
         });
@@ -207,9 +209,9 @@ impl Server {
             tokio::select! {
                 () = &mut shutdown => break,
                 _ = expiry.tick() => {
-                    let store = self.shared.store.clone();
+                    let engine = self.shared.engine.clone();
                     tokio::spawn(async move {
-                        match store.expire(crate::util::now_unix()).await {
+                        match engine.expire(crate::util::now_unix()).await {
                             Ok(0) => {}
                             Ok(n) => info!(rows = n, "expired old messages and Welcomes"),
                             Err(e) => warn!("expiry failed: {e}"),

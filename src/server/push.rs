@@ -7,7 +7,7 @@
 //! marked, and once its task catches up it sends one `Resync`, telling the
 //! client to fetch from its cursors. A slow or stalled reader therefore
 //! costs at most its queue, and never slows the sender or other members.
-//! Ciphertexts up to [`PUSH_INLINE_MAX`] ride inside the push; larger ones
+//! Ciphertexts up to [`PUSH_INLINE_THRESHOLD`] ride inside the push; larger ones
 //! are announced and fetched.
 
 use std::collections::HashMap;
@@ -22,8 +22,8 @@ use crate::limits::PUSH_QUEUE;
 use crate::wire::Push;
 
 /// Largest ciphertext pushed inline (bounds queued bytes per connection to
-/// about `PUSH_QUEUE * PUSH_INLINE_MAX`).
-pub const PUSH_INLINE_MAX: usize = 4096;
+/// about `PUSH_QUEUE * PUSH_INLINE_THRESHOLD`).
+pub const PUSH_INLINE_THRESHOLD: usize = 4096;
 
 type Frame = Arc<Vec<u8>>;
 
@@ -82,7 +82,7 @@ impl Registry {
         for n in notifications {
             let (frame, recipients): (Option<Vec<u8>>, &[DeviceId]) = match n {
                 Notification::Message { group, seq, message, recipients } => {
-                    let ciphertext = (message.len() <= PUSH_INLINE_MAX).then(|| message.clone());
+                    let ciphertext = (message.len() <= PUSH_INLINE_THRESHOLD).then(|| message.clone());
                     (Push::Message { group: group.clone(), seq: *seq, ciphertext }.encode_framed().ok(), recipients)
                 }
                 Notification::Welcome { recipient } => {

@@ -40,7 +40,7 @@ struct Session {
     /// Bytes of request frames this connection may hold at once.
     budget: Arc<Semaphore>,
     /// Held while the key is not an account (the per-address cap on strangers).
-    stranger: std::sync::Mutex<Option<super::limits::UnregisteredSlot>>,
+    stranger: std::sync::Mutex<Option<super::admission::UnregisteredSlot>>,
 }
 
 impl Session {
@@ -71,7 +71,7 @@ pub(crate) async fn run(conn: quinn::Connection, shared: Arc<Shared>, mut stop: 
         conn.close(VarInt::from_u32(close::NOT_AUTHENTICATED), b"no device key");
         return;
     };
-    let caller = match shared.store.read(move |db| db.device(&device)).await {
+    let caller = match shared.engine.read(move |db| db.device(&device)).await {
         Ok(Ok(row)) => row.map(|r| Caller { account: r.account, device: r.device }),
         Ok(Err(e)) | Err(e) => {
             error!("device lookup failed: {e}");
@@ -332,7 +332,7 @@ async fn handle(session: &Session, request: Request) -> Response {
         (Request::Status, Some(caller)) => {
             let device = caller.device;
             let removal_key = session.shared.removal_key;
-            match session.shared.store.read(move |db| db.device(&device)).await {
+            match session.shared.engine.read(move |db| db.device(&device)).await {
                 Ok(Ok(Some(row))) => Response::Status {
                     account: caller.account.0,
                     device: device.0,
@@ -347,7 +347,7 @@ async fn handle(session: &Session, request: Request) -> Response {
         (Request::Ping { nonce }, Some(_)) => Response::Pong { nonce },
         (request, Some(caller)) => {
             let shared = &session.shared;
-            match shared.store.deliver(caller, request, now_unix()).await {
+            match shared.engine.deliver(caller, request, now_unix()).await {
                 Ok(outcome) => {
                     shared.registry.dispatch(&outcome.notifications);
                     outcome.response
@@ -377,7 +377,7 @@ async fn register(session: &Session, invite: Option<String>, certificate: &[u8])
     let required = !session.shared.config.open_registration;
     let registering = cert.clone();
     let result =
-        session.shared.store.call(move |db| db.register(&registering, token.as_ref(), required, now_unix())).await;
+        session.shared.engine.call(move |db| db.register(&registering, token.as_ref(), required, now_unix())).await;
     match result {
         Ok(Ok(r)) => {
             let _ = session.caller.set(Caller::of(&cert));

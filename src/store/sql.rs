@@ -1,4 +1,4 @@
-//! The Delivery Service's [`Store`] on SQLite.
+//! The Delivery Service's [`Storage`] on SQLite.
 //!
 //! Used on a connection that is inside a transaction (the writer's batch or
 //! the reader's snapshot); it issues statements and never begins or ends
@@ -8,8 +8,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::StoreError;
 use crate::auth::{AccountId, DeviceId};
-use crate::delivery::store::Messages;
-use crate::delivery::{GroupRecord, Membership, NewKeyPackage, SendContext, Store};
+use crate::delivery::storage::Messages;
+use crate::delivery::{GroupRecord, Membership, NewKeyPackage, SendContext, Storage};
 use crate::wire::GroupSummary;
 
 /// A delivery store over a borrowed connection.
@@ -23,8 +23,8 @@ pub struct SqlStore<'c> {
     conn: &'c Connection,
     /// Database bytes at the first quota check, plus bytes written since.
     space: Option<u64>,
-    /// `(group, gid, last_seq)` read by the last [`Store::send_context`],
-    /// consumed by the [`Store::append`] that follows it in the same
+    /// `(group, gid, last_seq)` read by the last [`Storage::send_context`],
+    /// consumed by the [`Storage::append`] that follows it in the same
     /// request (saves looking the group up twice on the hot path).
     hint: Option<(Vec<u8>, i64, i64)>,
 }
@@ -76,7 +76,7 @@ impl SqlStore<'_> {
     }
 }
 
-impl Store for SqlStore<'_> {
+impl Storage for SqlStore<'_> {
     type Error = StoreError;
 
     fn account_exists(&mut self, a: &AccountId) -> Result<bool, StoreError> {

@@ -90,7 +90,7 @@ pub use codec::{Reader, Writer};
 
 use crate::limits::{
     MAX_CERTIFICATE, MAX_DEVICES_PER_ACCOUNT, MAX_ERROR_MESSAGE, MAX_FETCH_ENTRIES, MAX_GROUPS_LISTED, MAX_GROUP_ID,
-    MAX_INLINE_PUSH, MAX_INVITE_LEN, MAX_KEY_PACKAGE, MAX_KEY_PACKAGES, MAX_MLS_MESSAGE, MAX_PUSH_FRAME,
+    MAX_INVITE_LEN, MAX_KEY_PACKAGE, MAX_KEY_PACKAGES, MAX_MLS_MESSAGE, MAX_PUSH_CIPHERTEXT, MAX_PUSH_FRAME,
 };
 pub use crate::limits::{MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME};
 
@@ -745,7 +745,7 @@ impl Push {
                     None => w.bool(false),
                     Some(ct) => {
                         w.bool(true);
-                        w.bytes32("ciphertext", ct, MAX_INLINE_PUSH)?;
+                        w.bytes32("ciphertext", ct, MAX_PUSH_CIPHERTEXT)?;
                     }
                 }
             }
@@ -763,7 +763,7 @@ impl Push {
                 let group = r.bytes8("group id", MAX_GROUP_ID)?.to_vec();
                 let seq = r.u64()?;
                 let ciphertext = if r.bool("ciphertext present")? {
-                    Some(r.bytes32("ciphertext", MAX_INLINE_PUSH)?.to_vec())
+                    Some(r.bytes32("ciphertext", MAX_PUSH_CIPHERTEXT)?.to_vec())
                 } else {
                     None
                 };

@@ -56,7 +56,7 @@ pub struct SendContext {
     pub epoch: u64,
     /// The sender's relation to the group, if any.
     pub membership: Option<Membership>,
-    /// Messages stored for the group ([`Store::log_len`]).
+    /// Messages stored for the group ([`Storage::log_len`]).
     pub log_len: u64,
 }
 
@@ -73,7 +73,7 @@ pub struct NewKeyPackage {
 }
 
 /// Storage operations of the Delivery Service.
-pub trait Store {
+pub trait Storage {
     type Error: std::fmt::Display;
 
     fn account_exists(&mut self, account: &AccountId) -> Result<bool, Self::Error>;
