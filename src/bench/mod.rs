@@ -417,7 +417,7 @@ pub fn commit_cost(size: usize, commits: usize) -> Result<(f64, f64), BenchError
             .map_err(|e| BenchError(format!("{e:?}")))?
             .ok_or_else(|| BenchError("no group state".into()))?;
         let t = Instant::now();
-        mls::check_group_info(&crypto, &info, &public, openmls::prelude::LeafNodeIndex::new(0)).map_err(BenchError)?;
+        mls::check_group_info(&crypto, &info, &public, openmls::prelude::LeafNodeIndex::new(0)).map_err(fail)?;
         check += t.elapsed();
     }
     let per = |d: Duration| d.as_secs_f64() * 1e6 / commits.max(1) as f64;
@@ -551,7 +551,7 @@ async fn make_group<E: Exec>(
     for m in rest.iter() {
         match e.exec(0, Request::ClaimKeyPackage { account: m.account().0 }).await? {
             Response::KeyPackages { packages: p } => packages.extend(p.into_iter().map(|p| (m.account(), p))),
-            other => return Err(BenchError(format!("unexpected {other:?}"))),
+            other => return Err(BenchError(format!("unexpected {} response", other.kind()))),
         }
     }
     if packages.is_empty() {
@@ -560,7 +560,7 @@ async fn make_group<E: Exec>(
     let commit = first.add(&g.id, &packages).map_err(fail)?;
     let seq = match e.exec(0, commit.into_request()).await? {
         Response::Accepted { seq, .. } => seq,
-        other => return Err(BenchError(format!("unexpected {other:?}"))),
+        other => return Err(BenchError(format!("unexpected {} response", other.kind()))),
     };
     first.merge_pending(&g.id).map_err(fail)?;
     Ok((g.id, seq))
@@ -652,7 +652,7 @@ async fn cli_processes(address: &HushAddress, dir: &Path, runs: usize) -> Result
 async fn store_send(store: &Engine, account: Caller, message: Vec<u8>) -> Result<(), BenchError> {
     match store.deliver(account, Request::Send { message, welcome: None, group_info: None }, now_unix()).await {
         Ok(o) if matches!(o.response, Response::Accepted { .. }) => Ok(()),
-        Ok(o) => Err(BenchError(format!("unexpected {:?}", o.response))),
+        Ok(o) => Err(BenchError(format!("unexpected {} response", o.response.kind()))),
         Err(e) => Err(fail(e)),
     }
 }

@@ -434,7 +434,7 @@ impl<P: OpenMlsProvider> Member<P> {
         group_info: &[u8],
         ratchet_tree: Option<&[u8]>,
     ) -> Result<(VerifiableGroupInfo, RatchetTreeIn, PublicGroup), MlsError> {
-        let info = crate::delivery::mls::parse_group_info(group_info).map_err(MlsError)?;
+        let info = crate::delivery::mls::parse_group_info(group_info).map_err(|e| MlsError(e.to_string()))?;
         if info.group_id().as_slice() != group {
             return Err(MlsError("the GroupInfo is for another group".into()));
         }

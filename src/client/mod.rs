@@ -59,6 +59,8 @@ pub enum ClientError {
     Timeout(Duration),
     #[error("connection lost: {0}")]
     Connection(String),
+    #[error("the server answered with a {0} response, which does not fit the request")]
+    Unexpected(&'static str),
     #[error(transparent)]
     Tls(#[from] TlsError),
 }
@@ -410,8 +412,15 @@ impl PushStream {
     }
 }
 
+/// A response of the wrong kind for the request. Named by its kind only:
+/// responses carry ciphertexts and keys, which have no place in an error.
 fn unexpected(response: &Response) -> ClientError {
-    ClientError::Connection(format!("unexpected response {response:?}"))
+    match response {
+        Response::Error { code, detail, message } => {
+            ClientError::Server { code: *code, detail: *detail, message: message.clone() }
+        }
+        other => ClientError::Unexpected(other.kind()),
+    }
 }
 
 fn mismatch(seen: &SeenFingerprint, pinned: Fingerprint) -> Option<ClientError> {

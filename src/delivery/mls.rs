@@ -32,6 +32,67 @@ pub const MAX_STATE_ENTRIES: usize = 4096;
 /// Largest value in a group state blob (the ratchet tree of a large group).
 pub const MAX_STATE_VALUE: usize = 64 * 1024 * 1024;
 
+/// Why the server refuses MLS it read: what it cannot decode, or what
+/// hush never makes. Each is the sender's fault; the `Display` text is what
+/// the refusal tells the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MlsRefusal {
+    #[error("not a valid {what}: {reason}")]
+    Undecodable { what: &'static str, reason: String },
+    #[error("expected a PublicMessage or PrivateMessage")]
+    NotAGroupMessage,
+    #[error("group ids must be 1 to {MAX_GROUP_ID} bytes")]
+    GroupIdLength,
+    #[error("application messages must be encrypted (PrivateMessage)")]
+    PlaintextApplication,
+    #[error("commits and proposals must be sent as PublicMessage")]
+    EncryptedHandshake,
+    #[error("leaves may not carry extensions")]
+    LeafExtensions,
+    #[error("the leaf is {len} bytes; at most {MAX_LEAF_NODE} are accepted")]
+    LeafTooLarge { len: usize },
+    #[error("KeyPackages may not carry extensions")]
+    KeyPackageExtensions,
+    #[error("expected an MLS GroupInfo")]
+    NotAGroupInfo,
+    #[error("the GroupInfo is not that of the epoch the commit creates ({epoch})")]
+    GroupInfoContext { epoch: u64 },
+    #[error("the GroupInfo's ratchet tree is not the group's")]
+    GroupInfoTree,
+    #[error("a GroupInfo may carry only the external public key and the ratchet tree")]
+    GroupInfoExtension,
+    #[error("the GroupInfo lacks the external public key members rejoin with")]
+    GroupInfoExternalPub,
+    #[error("the GroupInfo's confirmation tag or signer is not the commit's")]
+    GroupInfoTranscript,
+    #[error("the GroupInfo is not signed by the committer's leaf")]
+    GroupInfoSignature,
+}
+
+fn undecodable(what: &'static str) -> impl FnOnce(tls_codec::Error) -> MlsRefusal {
+    move |e| MlsRefusal::Undecodable { what, reason: e.to_string() }
+}
+
+/// A stored group state that cannot be read or written: never the client's
+/// fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    #[error("the group state's lock is poisoned")]
+    Poisoned,
+    #[error("the group state has more than {MAX_STATE_ENTRIES} entries")]
+    TooManyEntries,
+    #[error("encoding the group state: {0}")]
+    Encode(#[from] crate::wire::EncodeError),
+    #[error("decoding the group state: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("openmls cannot load the group state: {0}")]
+    Load(String),
+    #[error("the state holds no group")]
+    Missing,
+}
+
 /// The kind of a message sent to a group, read from its framing.
 #[derive(Debug)]
 pub struct Framed {
@@ -55,26 +116,24 @@ pub enum Kind {
 /// combination hush does not accept: handshake messages must be
 /// PublicMessage (so the server can verify them), application messages
 /// PrivateMessage.
-pub fn frame(bytes: &[u8]) -> Result<Framed, String> {
-    let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| format!("not an MLS message: {e}"))?;
+pub fn frame(bytes: &[u8]) -> Result<Framed, MlsRefusal> {
+    let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(undecodable("MLS message"))?;
     let message = match msg.extract() {
         MlsMessageBodyIn::PublicMessage(m) => ProtocolMessage::from(m),
         MlsMessageBodyIn::PrivateMessage(m) => ProtocolMessage::from(m),
-        _ => return Err("expected a PublicMessage or PrivateMessage".into()),
+        _ => return Err(MlsRefusal::NotAGroupMessage),
     };
     let group = message.group_id().as_slice().to_vec();
     if group.is_empty() || group.len() > MAX_GROUP_ID {
-        return Err(format!("group ids must be 1 to {MAX_GROUP_ID} bytes"));
+        return Err(MlsRefusal::GroupIdLength);
     }
     let public = matches!(message, ProtocolMessage::PublicMessage(_));
     let kind = match (message.content_type(), public) {
         (ContentType::Application, false) => Kind::Application,
         (ContentType::Commit, true) => Kind::Commit,
         (ContentType::Proposal, true) => Kind::Proposal,
-        (ContentType::Application, true) => {
-            return Err("application messages must be encrypted (PrivateMessage)".into())
-        }
-        (_, false) => return Err("commits and proposals must be sent as PublicMessage".into()),
+        (ContentType::Application, true) => return Err(MlsRefusal::PlaintextApplication),
+        (_, false) => return Err(MlsRefusal::EncryptedHandshake),
     };
     Ok(Framed { group, epoch: message.epoch().as_u64(), kind, message })
 }
@@ -174,23 +233,23 @@ pub fn node_certificate(leaf: &LeafNode) -> Result<DeviceCertificate, Credential
 /// none, so every extension is unknown here), or one whose encoding is
 /// larger than [`MAX_LEAF_NODE`]. Such leaves would sit in the group's
 /// public state, which every later handshake decodes and rewrites.
-pub fn check_leaf_shape(leaf: &LeafNode) -> Result<(), String> {
+pub fn check_leaf_shape(leaf: &LeafNode) -> Result<(), MlsRefusal> {
     use openmls::prelude::tls_codec::Size as _;
     if leaf.extensions().iter().next().is_some() {
-        return Err("leaves may not carry extensions".into());
+        return Err(MlsRefusal::LeafExtensions);
     }
     let len = leaf.tls_serialized_len();
     if len > MAX_LEAF_NODE {
-        return Err(format!("the leaf is {len} bytes; at most {MAX_LEAF_NODE} are accepted"));
+        return Err(MlsRefusal::LeafTooLarge { len });
     }
     Ok(())
 }
 
 /// [`check_leaf_shape`] for a KeyPackage's leaf, and no KeyPackage
 /// extensions either.
-pub fn check_key_package_shape(kp: &KeyPackage) -> Result<(), String> {
+pub fn check_key_package_shape(kp: &KeyPackage) -> Result<(), MlsRefusal> {
     if kp.extensions().iter().next().is_some() {
-        return Err("KeyPackages may not carry extensions".into());
+        return Err(MlsRefusal::KeyPackageExtensions);
     }
     check_leaf_shape(kp.leaf_node())
 }
@@ -224,7 +283,7 @@ pub fn validate_key_package(
     let kp_in = KeyPackageIn::tls_deserialize_exact(bytes).map_err(|e| invalid(format!("not a KeyPackage: {e}")))?;
     let kp = kp_in.validate(crypto, ProtocolVersion::Mls10).map_err(|e| invalid(format!("invalid KeyPackage: {e}")))?;
     crypto.supports(kp.ciphersuite()).map_err(|_| invalid("unsupported ciphersuite".to_string()))?;
-    check_key_package_shape(&kp).map_err(invalid)?;
+    check_key_package_shape(&kp).map_err(|e| invalid(e.to_string()))?;
     let cert = node_certificate(kp.leaf_node()).map_err(|e| KeyPackageError::Credential(e.to_string()))?;
     if cert.account != *account || cert.device != *device {
         return Err(KeyPackageError::Credential(
@@ -236,11 +295,11 @@ pub fn validate_key_package(
 }
 
 /// Reads a GroupInfo `MLSMessage`.
-pub fn parse_group_info(bytes: &[u8]) -> Result<VerifiableGroupInfo, String> {
-    let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| format!("GroupInfo: {e}"))?;
+pub fn parse_group_info(bytes: &[u8]) -> Result<VerifiableGroupInfo, MlsRefusal> {
+    let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(undecodable("GroupInfo"))?;
     match msg.extract() {
         MlsMessageBodyIn::GroupInfo(info) => Ok(info),
-        _ => Err("expected an MLS GroupInfo".into()),
+        _ => Err(MlsRefusal::NotAGroupInfo),
     }
 }
 
@@ -261,13 +320,10 @@ pub fn check_group_info(
     bytes: &[u8],
     public: &PublicGroup,
     signer: LeafNodeIndex,
-) -> Result<bool, String> {
+) -> Result<bool, MlsRefusal> {
     let info = parse_group_info(bytes)?;
     if info.group_context() != public.group_context() {
-        return Err(format!(
-            "the GroupInfo is not that of the epoch the commit creates ({})",
-            public.group_context().epoch().as_u64()
-        ));
+        return Err(MlsRefusal::GroupInfoContext { epoch: public.group_context().epoch().as_u64() });
     }
     let mut external_pub = false;
     let mut tree = false;
@@ -275,18 +331,19 @@ pub fn check_group_info(
         match extension {
             Extension::ExternalPub(_) => external_pub = true,
             Extension::RatchetTree(t) => {
-                let theirs = t.ratchet_tree().tls_serialize_detached().map_err(|e| e.to_string())?;
-                let ours = public.export_ratchet_tree().tls_serialize_detached().map_err(|e| e.to_string())?;
+                let theirs = t.ratchet_tree().tls_serialize_detached().map_err(undecodable("ratchet tree"))?;
+                let ours =
+                    public.export_ratchet_tree().tls_serialize_detached().map_err(undecodable("ratchet tree"))?;
                 if theirs != ours {
-                    return Err("the GroupInfo's ratchet tree is not the group's".into());
+                    return Err(MlsRefusal::GroupInfoTree);
                 }
                 tree = true;
             }
-            _ => return Err("a GroupInfo may carry only the external public key and the ratchet tree".into()),
+            _ => return Err(MlsRefusal::GroupInfoExtension),
         }
     }
     if !external_pub {
-        return Err("the GroupInfo lacks the external public key members rejoin with".into());
+        return Err(MlsRefusal::GroupInfoExternalPub);
     }
     let expected = VerifiableGroupInfo::new(
         public.group_context().clone(),
@@ -296,14 +353,14 @@ pub fn check_group_info(
         info.signature().clone(),
     );
     if expected != info {
-        return Err("the GroupInfo's confirmation tag or signer is not the commit's".into());
+        return Err(MlsRefusal::GroupInfoTranscript);
     }
-    let leaf = public.leaf(signer).ok_or_else(|| "the signer has no leaf".to_string())?;
+    let leaf = public.leaf(signer).ok_or(MlsRefusal::GroupInfoSignature)?;
     let key = OpenMlsSignaturePublicKey::from_signature_key(
         leaf.signature_key().clone(),
         public.ciphersuite().signature_algorithm(),
     );
-    info.verify_no_out(crypto, &key).map_err(|_| "the GroupInfo is not signed by the committer's leaf".to_string())?;
+    info.verify_no_out(crypto, &key).map_err(|_| MlsRefusal::GroupInfoSignature)?;
     Ok(tree)
 }
 
@@ -312,28 +369,28 @@ pub type LeafCheck = (u32, Result<DeviceCertificate, CredentialError>);
 
 /// Every leaf of a stored group state (`group` is its id) with the result
 /// of checking its certificate: for invariant checks.
-pub fn leaf_certificates(state: &[u8], group: &[u8]) -> Result<Vec<LeafCheck>, String> {
-    let storage = decode_state(state).map_err(|e| e.to_string())?;
+pub fn leaf_certificates(state: &[u8], group: &[u8]) -> Result<Vec<LeafCheck>, StateError> {
+    let storage = decode_state(state)?;
     let public = PublicGroup::load(&storage, &openmls::prelude::GroupId::from_slice(group))
-        .map_err(|e| format!("{e:?}"))?
-        .ok_or_else(|| "no group in the state".to_string())?;
+        .map_err(|e| StateError::Load(format!("{e:?}")))?
+        .ok_or(StateError::Missing)?;
     Ok(public.members().map(|m| (m.index.u32(), leaf_certificate(&m.credential, &m.signature_key))).collect())
 }
 
 /// Serializes a group's public state (sorted, so equal states give equal
 /// bytes): `u32` n, then n × (`bytes32` key, `bytes32` value).
-pub fn encode_state(storage: &MemoryStorage) -> Result<Vec<u8>, String> {
-    let values = storage.values.read().map_err(|_| "state lock poisoned".to_string())?;
+pub fn encode_state(storage: &MemoryStorage) -> Result<Vec<u8>, StateError> {
+    let values = storage.values.read().map_err(|_| StateError::Poisoned)?;
     let mut entries: Vec<(&Vec<u8>, &Vec<u8>)> = values.iter().collect();
     entries.sort();
     if entries.len() > MAX_STATE_ENTRIES {
-        return Err("group state has too many entries".into());
+        return Err(StateError::TooManyEntries);
     }
     let mut w = Writer::new();
-    w.u32(u32::try_from(entries.len()).map_err(|_| "too many entries".to_string())?);
+    w.u32(u32::try_from(entries.len()).map_err(|_| StateError::TooManyEntries)?);
     for (k, v) in entries {
-        w.bytes32("state key", k, MAX_STATE_VALUE).map_err(|e| e.to_string())?;
-        w.bytes32("state value", v, MAX_STATE_VALUE).map_err(|e| e.to_string())?;
+        w.bytes32("state key", k, MAX_STATE_VALUE)?;
+        w.bytes32("state value", v, MAX_STATE_VALUE)?;
     }
     Ok(w.into_inner())
 }

@@ -134,8 +134,8 @@ impl<E> From<E> for Refusal<E> {
     }
 }
 
-fn refuse<E>(code: ErrorCode, message: impl Into<String>) -> Refusal<E> {
-    Refusal::Client { code, detail: 0, message: message.into() }
+fn refuse<E>(code: ErrorCode, message: impl std::fmt::Display) -> Refusal<E> {
+    Refusal::Client { code, detail: 0, message: message.to_string() }
 }
 
 fn not_member<E>() -> Refusal<E> {
@@ -570,7 +570,7 @@ impl Delivery {
         mls::check_group_info(&self.crypto, group_info, &public, only.index)
             .map_err(|m| refuse(ErrorCode::InvalidCommit, m))?;
         let epoch = public.group_context().epoch().as_u64();
-        let state = mls::encode_state(&storage).map_err(Refusal::Internal)?;
+        let state = mls::encode_state(&storage).map_err(|e| Refusal::Internal(e.to_string()))?;
         check_state_size(&state)?;
         store.insert_group(&group, epoch, &state, now)?;
         store.set_group_info(&group, group_info)?;
@@ -718,7 +718,7 @@ impl Delivery {
                 public
                     .add_proposal(&storage, *queued)
                     .map_err(|e| Refusal::Internal(format!("storing the proposal: {e:?}")))?;
-                let state = mls::encode_state(&storage).map_err(Refusal::Internal)?;
+                let state = mls::encode_state(&storage).map_err(|e| Refusal::Internal(e.to_string()))?;
                 check_state_size(&state)?;
                 let seq = store.append(group, record.epoch, &bytes, now)?;
                 store.update_group(group, record.epoch, &state)?;
@@ -829,7 +829,8 @@ impl Delivery {
                 };
                 let committer = leaf_of(&public, caller)
                     .ok_or_else(|| Refusal::Internal("the committer has no leaf after its commit".into()))?;
-                mls::check_group_info(&self.crypto, &group_info, &public, committer).map_err(invalid_commit)?;
+                mls::check_group_info(&self.crypto, &group_info, &public, committer)
+                    .map_err(|e| refuse(ErrorCode::InvalidCommit, e))?;
                 let size = u64::try_from(roster.len()).unwrap_or(u64::MAX);
                 if size > self.quotas.max_members_per_group {
                     return Err(refuse(
@@ -840,7 +841,7 @@ impl Delivery {
                         ),
                     ));
                 }
-                let state = mls::encode_state(&storage).map_err(Refusal::Internal)?;
+                let state = mls::encode_state(&storage).map_err(|e| Refusal::Internal(e.to_string()))?;
                 check_state_size(&state)?;
                 let seq = store.append(group, record.epoch, &bytes, now)?;
                 store.update_group(group, epoch, &state)?;

@@ -775,3 +775,17 @@ fn commits_carry_the_group_info_of_exactly_their_epoch_and_only_members_read_it(
     let r = net.send_request(&mut alice, Request::Send { message: m, welcome: None, group_info: Some(info) });
     assert!(matches!(r, Response::Error { code: ErrorCode::InvalidMessage, .. }), "{r:?}");
 }
+
+#[test]
+fn what_the_server_refuses_of_mls_is_typed() {
+    use mls::MlsRefusal;
+    assert!(matches!(mls::frame(b"junk"), Err(MlsRefusal::Undecodable { what: "MLS message", .. })));
+    let mut net = Net::new();
+    let mut alice = net.client(1);
+    let g = alice.member.create_group(&net.removal_key).unwrap();
+    assert!(matches!(mls::frame(&g.group_info), Err(MlsRefusal::NotAGroupMessage)));
+    net.ok(&alice, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree });
+    let commit = alice.member.self_update(&g.id).unwrap();
+    assert!(matches!(mls::parse_group_info(&commit.message), Err(MlsRefusal::NotAGroupInfo)));
+    assert!(mls::parse_group_info(&commit.group_info).is_ok());
+}

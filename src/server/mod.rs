@@ -65,8 +65,10 @@ pub enum ServerError {
     Tls(#[from] TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
-    #[error("{0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("the idle timeout {0:?} is longer than QUIC can express")]
+    IdleTimeout(std::time::Duration),
 }
 
 /// What every connection task shares.
@@ -125,7 +127,7 @@ pub struct Server {
 impl Server {
     /// Prepares the data directory and binds the UDP socket.
     pub fn bind(config: ServerConfig, data_dir: &Path) -> Result<Self, ServerError> {
-        config.validate().map_err(|e| ServerError::Config(e.to_string()))?;
+        config.validate()?;
         let data_dir = DataDir(data_dir.to_owned());
         let (identity, created, removal_key) = data_dir.init()?;
         if created {
@@ -142,7 +144,8 @@ impl Server {
             .max_concurrent_bidi_streams(VarInt::from_u32(1))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
             .max_idle_timeout(Some(
-                IdleTimeout::try_from(config.idle_timeout()).map_err(|e| ServerError::Config(e.to_string()))?,
+                IdleTimeout::try_from(config.idle_timeout())
+                    .map_err(|_| ServerError::IdleTimeout(config.idle_timeout()))?,
             ))
             .stream_receive_window(VarInt::from_u32(256 * 1024))
             .receive_window(VarInt::from_u32(STRANGER_RECEIVE_WINDOW))

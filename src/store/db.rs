@@ -215,7 +215,7 @@ impl Db {
 
     /// Creates an invite good for `uses` registrations until `expires_at`.
     pub fn create_invite(&mut self, uses: u32, expires_at: Option<u64>, now: u64) -> Result<InviteToken, StoreError> {
-        let token = InviteToken::generate().map_err(|_| StoreError::Thread(std::io::Error::other("no randomness")))?;
+        let token = InviteToken::generate().map_err(|_| StoreError::Random)?;
         self.conn.execute(
             "INSERT INTO invites (id, secret_hash, uses_total, uses_left, expires_at, created_at)
              VALUES (?1, ?2, ?3, ?3, ?4, ?5)",

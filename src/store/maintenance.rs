@@ -25,11 +25,10 @@ impl DbReport {
     }
 }
 
-fn count(conn: &Connection, table: &str) -> u64 {
+fn count(conn: &Connection, table: &str) -> Result<u64, StoreError> {
     // Table names come from the fixed list below, never from input.
-    conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0))
-        .map(|n| u64::try_from(n).unwrap_or(0))
-        .unwrap_or(0)
+    let n = conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0))?;
+    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 /// Checks the database read-only (it may be in use by a running server).
@@ -45,9 +44,9 @@ pub fn check(path: &Path) -> Result<DbReport, StoreError> {
         integrity,
         schema_version,
         latest_schema: schema::latest(),
-        accounts: count(&conn, "accounts"),
-        groups: count(&conn, "groups"),
-        messages: count(&conn, "log"),
+        accounts: count(&conn, "accounts")?,
+        groups: count(&conn, "groups")?,
+        messages: count(&conn, "log")?,
         bytes: u64::try_from(bytes).unwrap_or(0),
     })
 }

@@ -55,6 +55,8 @@ pub enum StoreError {
     Closed,
     #[error("could not start the database thread: {0}")]
     Thread(std::io::Error),
+    #[error("no randomness available from the operating system")]
+    Random,
     #[error("{0}")]
     Io(std::io::Error),
 }

@@ -544,6 +544,24 @@ pub struct GroupSummary {
 }
 
 impl Response {
+    /// A short name for errors and logs (never the contents).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Error { .. } => "error",
+            Self::Registered { .. } => "registered",
+            Self::Status { .. } => "status",
+            Self::Pong { .. } => "pong",
+            Self::KeyPackageCount { .. } => "key-package-count",
+            Self::KeyPackages { .. } => "key-packages",
+            Self::Accepted { .. } => "accepted",
+            Self::Messages { .. } => "messages",
+            Self::Done => "done",
+            Self::Welcomes { .. } => "welcomes",
+            Self::Groups { .. } => "groups",
+            Self::GroupInfo { .. } => "group-info",
+        }
+    }
+
     /// An error response with `detail` 0. Messages longer than the wire
     /// limit are cut at a character boundary.
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {

@@ -229,7 +229,7 @@ impl Member<OpenMlsRustCrypto> {
                 .map_err(|e| MlsError(format!("exporting the GroupInfo: {e}")))?;
             (serialize(&info, "the GroupInfo")?, serialize(g.public_group().group_context(), "the group context")?)
         };
-        let info_now = crate::delivery::mls::parse_group_info(&info_now).map_err(MlsError)?;
+        let info_now = crate::delivery::mls::parse_group_info(&info_now).map_err(|e| MlsError(e.to_string()))?;
         let tree = info_now
             .extensions()
             .ratchet_tree()
@@ -295,7 +295,8 @@ impl Member<OpenMlsRustCrypto> {
         };
         public.merge_commit(&scratch, *staged).map_err(|e| MlsError(format!("merging publicly: {e:?}")))?;
         let own = self.group_mut(group)?.own_leaf_index();
-        let original = crate::delivery::mls::parse_group_info(&commit.group_info).map_err(MlsError)?;
+        let original =
+            crate::delivery::mls::parse_group_info(&commit.group_info).map_err(|e| MlsError(e.to_string()))?;
         let unsigned = VerifiableGroupInfo::new(
             public.group_context().clone(),
             original.extensions().clone(),
