@@ -59,8 +59,24 @@ pub enum AppError {
     UnknownGroup(String),
     #[error("you are not a member of {0} any more")]
     NotMember(String),
-    #[error("{0}")]
-    Invalid(String),
+    #[error("the device certificate in {home} is damaged: {why}")]
+    DamagedCertificate { home: PathBuf, why: String },
+    #[error("the device certificate in {0} is for another device key; this home is damaged")]
+    ForeignCertificate(PathBuf),
+    #[error("contact names are 1 to 64 printable characters")]
+    ContactName,
+    #[error("{text:?} is not an account id: {why}")]
+    NotAnAccount { text: String, why: String },
+    #[error("that account already has another name")]
+    AlreadyNamed,
+    #[error("several groups are called {0:?}; use the id from `hush group list`")]
+    AmbiguousGroup(String),
+    #[error("you already have a group called {0:?}")]
+    GroupExists(String),
+    #[error("the group kept changing; try again")]
+    GroupKeptChanging,
+    #[error("the group kept changing while this device rejoined it; sync again")]
+    RejoinKeptFailing,
     #[error("the server misbehaved: {0}; nothing after that point was applied (try again, or ask its operator)")]
     Misbehaving(String),
     #[error(transparent)]
@@ -159,9 +175,8 @@ impl App {
     pub fn initialise(home: &Path, account: &Identity, device_key: &Identity) -> Result<DeviceCertificate, AppError> {
         let (provider, db) = state::open(home)?;
         if let Some(cert) = state::setting(&db, CERTIFICATE)? {
-            return DeviceCertificate::decode(&cert).map_err(|e| {
-                AppError::Invalid(format!("the device certificate in {} is damaged: {e}", home.display()))
-            });
+            return DeviceCertificate::decode(&cert)
+                .map_err(|e| AppError::DamagedCertificate { home: home.to_owned(), why: e.to_string() });
         }
         let device = DeviceId(device_key.public_key());
         let member = Member::create(provider, account, device, now_unix())?;
@@ -175,10 +190,7 @@ impl App {
         let cert = state::setting(&db, CERTIFICATE)?.ok_or_else(|| AppError::NoIdentity(home.to_owned()))?;
         let member = Member::load(provider, &cert)?;
         if member.device() != DeviceId(device_key.public_key()) {
-            return Err(AppError::Invalid(format!(
-                "the device certificate in {} is for another device key; this home is damaged",
-                home.display()
-            )));
+            return Err(AppError::ForeignCertificate(home.to_owned()));
         }
         Ok(Self { home: home.to_owned(), device_key, server, db, member })
     }
@@ -201,10 +213,10 @@ impl App {
     pub fn contact_add(&self, name: &str, account: &str) -> Result<AccountId, AppError> {
         let name = name.trim();
         if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
-            return Err(AppError::Invalid("contact names are 1 to 64 printable characters".into()));
+            return Err(AppError::ContactName);
         }
         let account: AccountId =
-            account.parse().map_err(|e| AppError::Invalid(format!("{account:?} is not an account id: {e}")))?;
+            account.parse().map_err(|e| AppError::NotAnAccount { text: account.to_owned(), why: format!("{e}") })?;
         self.db
             .execute(
                 "INSERT INTO contacts (name, account) VALUES (?1, ?2)
@@ -213,7 +225,7 @@ impl App {
             )
             .map_err(|e| match e {
                 rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-                    AppError::Invalid("that account already has another name".into())
+                    AppError::AlreadyNamed
                 }
                 other => other.into(),
             })?;
@@ -282,9 +294,7 @@ impl App {
         match matches.as_slice() {
             [one] => Ok((*one).clone()),
             [] => Err(AppError::UnknownGroup(name.into())),
-            _ => {
-                Err(AppError::Invalid(format!("several groups are called {name:?}; use the id from `hush group list`")))
-            }
+            _ => Err(AppError::AmbiguousGroup(name.into())),
         }
     }
 
@@ -330,7 +340,7 @@ impl App {
     /// added, who receive it encrypted).
     pub async fn create_group(&mut self, conn: &Connection, name: &str) -> Result<Vec<u8>, AppError> {
         if self.groups()?.iter().any(|g| g.name == name && g.active) {
-            return Err(AppError::Invalid(format!("you already have a group called {name:?}")));
+            return Err(AppError::GroupExists(name.into()));
         }
         // The server's removal key goes into the group as its one external
         // sender (the server refuses a group without it).
@@ -370,7 +380,7 @@ impl App {
                 }
             }
         }
-        Err(AppError::Invalid("the group kept changing; try again".into()))
+        Err(AppError::GroupKeptChanging)
     }
 
     fn cursor(&self, group: &[u8]) -> Result<u64, AppError> {
@@ -491,7 +501,7 @@ impl App {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(AppError::Invalid("the group kept changing; try again".into()))
+        Err(AppError::GroupKeptChanging)
     }
 
     /// Sends text; it enters the history once the server acknowledged it.
@@ -782,7 +792,7 @@ impl App {
                 }
             }
         }
-        Err(AppError::Invalid("the group kept changing while this device rejoined it; sync again".into()))
+        Err(AppError::RejoinKeptFailing)
     }
 
     /// Records that a rejoin did not happen, and why.

@@ -85,7 +85,7 @@ impl Commit {
         welcome: Option<&MlsMessageOut>,
         group_info: Option<group_info::GroupInfo>,
     ) -> Result<Self, MlsError> {
-        let group_info = group_info.ok_or_else(|| MlsError("openmls made no GroupInfo for the commit".into()))?;
+        let group_info = group_info.ok_or(MlsError::NoGroupInfo)?;
         Ok(Self {
             message: serialize(message, "the commit")?,
             welcome: welcome.map(|w| serialize(w, "the Welcome")).transpose()?,
@@ -107,15 +107,62 @@ pub struct Unprocessed {
     pub sender: Option<AccountId>,
 }
 
-/// An MLS operation failed.
+/// An MLS operation failed, or what it was handed was refused.
 #[derive(Debug, Error)]
-#[error("{0}")]
-pub struct MlsError(pub String);
+#[non_exhaustive]
+pub enum MlsError {
+    /// openmls failed at `what` (its own error, as text: openmls's error
+    /// types are generic over the storage provider).
+    #[error("{what}: {why}")]
+    Openmls { what: &'static str, why: String },
+    #[error("not in that group")]
+    NotInGroup,
+    #[error("cannot load the group state")]
+    Load,
+    #[error("the MLS signature key is missing from the state")]
+    MissingSignatureKey,
+    #[error("the MLS signature key is not Ed25519")]
+    NotEd25519,
+    #[error("the stored device certificate: {0}")]
+    StoredCertificate(crate::auth::CredentialError),
+    #[error("no randomness available from the operating system")]
+    Random,
+    #[error("the KeyPackage the server handed out for {who} was refused: {why}")]
+    KeyPackage { who: String, why: String },
+    #[error("none of those accounts is in the group")]
+    NoneInGroup,
+    #[error("refused to {action}: leaf {leaf} of the group's tree is not certified ({why})")]
+    UncertifiedLeaf { action: &'static str, leaf: u32, why: crate::auth::CredentialError },
+    #[error("refused to {action}: leaf {leaf} of the group's tree repeats a device")]
+    RepeatedDevice { action: &'static str, leaf: u32 },
+    #[error("this device has no leaf in the group any more; a member must add it again")]
+    NoOwnLeaf,
+    #[error("the GroupInfo is for another group")]
+    OtherGroup,
+    #[error("no ratchet tree came with the GroupInfo")]
+    NoTree,
+    #[error(transparent)]
+    Refused(#[from] crate::delivery::mls::MlsRefusal),
+    #[error("not a Welcome")]
+    NotAWelcome,
+    #[error("unexpected message content")]
+    UnexpectedContent,
+    #[error("openmls made no GroupInfo for the commit")]
+    NoGroupInfo,
+    /// What the adversary module could not forge (tests only).
+    #[error("forging: {0}")]
+    Forgery(String),
+}
 
-macro_rules! mls_try {
-    ($e:expr, $ctx:expr) => {
-        $e.map_err(|e| MlsError(format!("{}: {e}", $ctx)))
-    };
+/// `.context("what we were doing")` on an openmls result.
+trait Context<T> {
+    fn context(self, what: &'static str) -> Result<T, MlsError>;
+}
+
+impl<T, E: std::fmt::Display> Context<T> for Result<T, E> {
+    fn context(self, what: &'static str) -> Result<T, MlsError> {
+        self.map_err(|e| MlsError::Openmls { what, why: e.to_string() })
+    }
 }
 
 /// What processing a message from the group yielded.
@@ -182,8 +229,26 @@ fn check_resync(staged: &StagedCommit, holders: &HashMap<LeafNodeIndex, (Account
     }
 }
 
-fn serialize(m: &impl tls_codec::Serialize, what: &str) -> Result<Vec<u8>, MlsError> {
-    m.tls_serialize_detached().map_err(|e| MlsError(format!("encoding {what}: {e}")))
+/// Every leaf of a tree we would join or rejoin must be certified, each
+/// device once (`action` names what is refused otherwise).
+fn check_tree(members: impl Iterator<Item = openmls::group::Member>, action: &'static str) -> Result<(), MlsError> {
+    let mut devices = std::collections::BTreeSet::new();
+    for m in members {
+        let leaf = m.index.u32();
+        let cert = leaf_certificate(&m.credential, &m.signature_key).map_err(|why| MlsError::UncertifiedLeaf {
+            action,
+            leaf,
+            why,
+        })?;
+        if !devices.insert(cert.device) {
+            return Err(MlsError::RepeatedDevice { action, leaf });
+        }
+    }
+    Ok(())
+}
+
+fn serialize(m: &impl tls_codec::Serialize, what: &'static str) -> Result<Vec<u8>, MlsError> {
+    m.tls_serialize_detached().map_err(|e| MlsError::Openmls { what, why: e.to_string() })
 }
 
 impl Member<OpenMlsRustCrypto> {
@@ -197,8 +262,8 @@ impl Member<OpenMlsRustCrypto> {
     /// A fresh account with one fresh device, in memory (tests, benchmarks,
     /// fuzzing): the account key, the device's TLS key and its member.
     pub fn generate() -> Result<(Identity, Identity, Self), MlsError> {
-        let account = Identity::generate().map_err(|e| MlsError(e.to_string()))?;
-        let device = Identity::generate().map_err(|e| MlsError(e.to_string()))?;
+        let account = Identity::generate().map_err(|_| MlsError::Random)?;
+        let device = Identity::generate().map_err(|_| MlsError::Random)?;
         let member = Self::new(&account, DeviceId(device.public_key()))?;
         Ok((account, device, member))
     }
@@ -208,10 +273,9 @@ impl<P: OpenMlsProvider> Member<P> {
     /// A member with a fresh MLS signature key, stored in `provider`, and
     /// its device certificate signed now by `account`.
     pub fn create(provider: P, account: &Identity, device: DeviceId, now: u64) -> Result<Self, MlsError> {
-        let signer = mls_try!(SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()), "signature key")?;
-        mls_try!(signer.store(provider.storage()), "storing the signature key")?;
-        let mls_key: [u8; 32] =
-            signer.public().try_into().map_err(|_| MlsError("the MLS signature key is not Ed25519".into()))?;
+        let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).context("signature key")?;
+        signer.store(provider.storage()).context("storing the signature key")?;
+        let mls_key: [u8; 32] = signer.public().try_into().map_err(|_| MlsError::NotEd25519)?;
         let certificate = DeviceCertificate::issue(account, device, mls_key, now);
         Ok(Self::assemble(provider, signer, certificate))
     }
@@ -219,11 +283,10 @@ impl<P: OpenMlsProvider> Member<P> {
     /// A member whose certificate is `certificate` and whose signature key
     /// is already in `provider`'s storage.
     pub fn load(provider: P, certificate: &[u8]) -> Result<Self, MlsError> {
-        let certificate = DeviceCertificate::decode(certificate)
-            .map_err(|e| MlsError(format!("the stored device certificate: {e}")))?;
+        let certificate = DeviceCertificate::decode(certificate).map_err(MlsError::StoredCertificate)?;
         let signer =
             SignatureKeyPair::read(provider.storage(), &certificate.mls_key, CIPHERSUITE.signature_algorithm())
-                .ok_or_else(|| MlsError("the MLS signature key is missing from the state".into()))?;
+                .ok_or(MlsError::MissingSignatureKey)?;
         Ok(Self::assemble(provider, signer, certificate))
     }
 
@@ -248,11 +311,11 @@ impl<P: OpenMlsProvider> Member<P> {
     fn group_mut(&mut self, id: &[u8]) -> Result<&mut MlsGroup, MlsError> {
         if !self.groups.contains_key(id) {
             let loaded = MlsGroup::load(self.provider.storage(), &GroupId::from_slice(id))
-                .map_err(|_| MlsError("cannot load the group state".into()))?
-                .ok_or_else(|| MlsError("not in that group".into()))?;
+                .map_err(|_| MlsError::Load)?
+                .ok_or(MlsError::NotInGroup)?;
             self.groups.insert(id.to_vec(), loaded);
         }
-        self.groups.get_mut(id).ok_or_else(|| MlsError("not in that group".into()))
+        self.groups.get_mut(id).ok_or(MlsError::NotInGroup)
     }
 
     /// Whether we hold state for the group.
@@ -268,20 +331,17 @@ impl<P: OpenMlsProvider> Member<P> {
     pub fn key_packages(&self, n: usize) -> Result<Vec<Vec<u8>>, MlsError> {
         (0..n)
             .map(|_| {
-                let bundle = mls_try!(
-                    KeyPackage::builder().build(CIPHERSUITE, &self.provider, &self.signer, self.credential.clone()),
-                    "building a KeyPackage"
-                )?;
+                let bundle = KeyPackage::builder()
+                    .build(CIPHERSUITE, &self.provider, &self.signer, self.credential.clone())
+                    .context("building a KeyPackage")?;
                 serialize(bundle.key_package(), "a KeyPackage")
             })
             .collect()
     }
 
     fn create_config(removal_key: &[u8; 32]) -> Result<MlsGroupCreateConfig, MlsError> {
-        let senders = mls_try!(
-            Extensions::single(Extension::ExternalSenders(vec![server_sender(removal_key)])),
-            "external senders"
-        )?;
+        let senders = Extensions::single(Extension::ExternalSenders(vec![server_sender(removal_key)]))
+            .context("external senders")?;
         Ok(MlsGroupCreateConfig::builder()
             .ciphersuite(CIPHERSUITE)
             .with_group_context_extensions(senders)
@@ -309,22 +369,19 @@ impl<P: OpenMlsProvider> Member<P> {
     /// register it (GroupInfo message, ratchet tree).
     pub fn create_group(&mut self, removal_key: &[u8; 32]) -> Result<NewGroup, MlsError> {
         let mut nonce = [0u8; GROUP_NONCE_LEN];
-        mls_try!(
-            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce).map_err(|_| "no randomness"),
-            "group id"
-        )?;
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| "no randomness")
+            .context("group id")?;
         let id = crate::delivery::mls::group_id_for(&self.certificate.account, &nonce);
-        let group = mls_try!(
-            MlsGroup::new_with_group_id(
-                &self.provider,
-                &self.signer,
-                &Self::create_config(removal_key)?,
-                GroupId::from_slice(&id),
-                self.credential.clone()
-            ),
-            "creating the group"
-        )?;
-        let info = mls_try!(group.export_group_info(self.provider.crypto(), &self.signer, false), "GroupInfo")?;
+        let group = MlsGroup::new_with_group_id(
+            &self.provider,
+            &self.signer,
+            &Self::create_config(removal_key)?,
+            GroupId::from_slice(&id),
+            self.credential.clone(),
+        )
+        .context("creating the group")?;
+        let info = group.export_group_info(self.provider.crypto(), &self.signer, false).context("GroupInfo")?;
         let info = serialize(&info, "the GroupInfo")?;
         let tree = serialize(&group.export_ratchet_tree(), "the ratchet tree")?;
         self.groups.insert(id.to_vec(), group);
@@ -341,15 +398,14 @@ impl<P: OpenMlsProvider> Member<P> {
         self.group_mut(group)?;
         let mut kps = Vec::new();
         for (account, bytes) in key_packages {
-            let kp = check_key_package(bytes, account).map_err(|why| {
-                MlsError(format!("the KeyPackage the server handed out for {} was refused: {why}", account.short()))
-            })?;
+            let kp =
+                check_key_package(bytes, account).map_err(|why| MlsError::KeyPackage { who: account.short(), why })?;
             kps.push(kp);
         }
         self.group_mut(group)?;
         let (provider, signer) = (&self.provider, &self.signer);
-        let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
-        let (commit, welcome, info) = mls_try!(g.add_members(provider, signer, &kps), "adding members")?;
+        let g = self.groups.get_mut(group).ok_or(MlsError::NotInGroup)?;
+        let (commit, welcome, info) = g.add_members(provider, signer, &kps).context("adding members")?;
         Commit::of(&commit, Some(&welcome), info)
     }
 
@@ -357,16 +413,16 @@ impl<P: OpenMlsProvider> Member<P> {
     pub fn remove(&mut self, group: &[u8], accounts: &[AccountId]) -> Result<Commit, MlsError> {
         self.group_mut(group)?;
         let (provider, signer) = (&self.provider, &self.signer);
-        let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
+        let g = self.groups.get_mut(group).ok_or(MlsError::NotInGroup)?;
         let leaves: Vec<LeafNodeIndex> = g
             .members()
             .filter(|m| holder_of(&m.credential).is_some_and(|(a, _)| accounts.contains(&a)))
             .map(|m| m.index)
             .collect();
         if leaves.is_empty() {
-            return Err(MlsError("none of those accounts is in the group".into()));
+            return Err(MlsError::NoneInGroup);
         }
-        let (commit, welcome, info) = mls_try!(g.remove_members(provider, signer, &leaves), "removing members")?;
+        let (commit, welcome, info) = g.remove_members(provider, signer, &leaves).context("removing members")?;
         Commit::of(&commit, welcome.as_ref(), info)
     }
 
@@ -374,8 +430,8 @@ impl<P: OpenMlsProvider> Member<P> {
     pub fn leave(&mut self, group: &[u8]) -> Result<Vec<u8>, MlsError> {
         self.group_mut(group)?;
         let (provider, signer) = (&self.provider, &self.signer);
-        let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
-        let proposal = mls_try!(g.leave_group(provider, signer), "leaving")?;
+        let g = self.groups.get_mut(group).ok_or(MlsError::NotInGroup)?;
+        let proposal = g.leave_group(provider, signer).context("leaving")?;
         serialize(&proposal, "the proposal")
     }
 
@@ -384,8 +440,8 @@ impl<P: OpenMlsProvider> Member<P> {
     pub fn commit_pending(&mut self, group: &[u8]) -> Result<Commit, MlsError> {
         self.group_mut(group)?;
         let (provider, signer) = (&self.provider, &self.signer);
-        let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
-        let (commit, welcome, info) = mls_try!(g.commit_to_pending_proposals(provider, signer), "committing")?;
+        let g = self.groups.get_mut(group).ok_or(MlsError::NotInGroup)?;
+        let (commit, welcome, info) = g.commit_to_pending_proposals(provider, signer).context("committing")?;
         Commit::of(&commit, welcome.as_ref(), info)
     }
 
@@ -395,8 +451,8 @@ impl<P: OpenMlsProvider> Member<P> {
     pub fn self_update(&mut self, group: &[u8]) -> Result<Commit, MlsError> {
         self.group_mut(group)?;
         let (provider, signer) = (&self.provider, &self.signer);
-        let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
-        let bundle = mls_try!(g.self_update(provider, signer, LeafNodeParameters::default()), "updating our leaf")?;
+        let g = self.groups.get_mut(group).ok_or(MlsError::NotInGroup)?;
+        let bundle = g.self_update(provider, signer, LeafNodeParameters::default()).context("updating our leaf")?;
         let (commit, welcome, info) = bundle.contents();
         let welcome = welcome.map(|w| MlsMessageOut::from_welcome(w.clone(), ProtocolVersion::Mls10));
         Commit::of(commit, welcome.as_ref(), info.cloned())
@@ -421,7 +477,7 @@ impl<P: OpenMlsProvider> Member<P> {
                 && m.signature_key == self.signer.public()
         });
         if !own_leaf {
-            return Err(MlsError("this device has no leaf in the group any more; a member must add it again".into()));
+            return Err(MlsError::NoOwnLeaf);
         }
         self.rejoin(group, info, tree)
     }
@@ -434,41 +490,25 @@ impl<P: OpenMlsProvider> Member<P> {
         group_info: &[u8],
         ratchet_tree: Option<&[u8]>,
     ) -> Result<(VerifiableGroupInfo, RatchetTreeIn, PublicGroup), MlsError> {
-        let info = crate::delivery::mls::parse_group_info(group_info).map_err(|e| MlsError(e.to_string()))?;
+        let info = crate::delivery::mls::parse_group_info(group_info)?;
         if info.group_id().as_slice() != group {
-            return Err(MlsError("the GroupInfo is for another group".into()));
+            return Err(MlsError::OtherGroup);
         }
         let tree = match (info.extensions().ratchet_tree(), ratchet_tree) {
             (Some(ext), _) => ext.ratchet_tree().clone(),
-            (None, Some(bytes)) => mls_try!(RatchetTreeIn::tls_deserialize_exact(bytes), "the ratchet tree")?,
-            (None, None) => return Err(MlsError("no ratchet tree came with the GroupInfo".into())),
+            (None, Some(bytes)) => RatchetTreeIn::tls_deserialize_exact(bytes).context("the ratchet tree")?,
+            (None, None) => return Err(MlsError::NoTree),
         };
         let scratch = openmls_memory_storage::MemoryStorage::default();
-        let (public, _) = mls_try!(
-            PublicGroup::from_external(
-                self.provider.crypto(),
-                &scratch,
-                tree.clone(),
-                info.clone(),
-                ProposalStore::new()
-            ),
-            "the group's GroupInfo and tree do not verify"
-        )?;
-        let mut devices = std::collections::BTreeSet::new();
-        for m in public.members() {
-            let cert = leaf_certificate(&m.credential, &m.signature_key).map_err(|e| {
-                MlsError(format!(
-                    "refused to rejoin: leaf {} of the group's tree is not certified ({e})",
-                    m.index.u32()
-                ))
-            })?;
-            if !devices.insert(cert.device) {
-                return Err(MlsError(format!(
-                    "refused to rejoin: leaf {} of the group's tree repeats a device",
-                    m.index.u32()
-                )));
-            }
-        }
+        let (public, _) = PublicGroup::from_external(
+            self.provider.crypto(),
+            &scratch,
+            tree.clone(),
+            info.clone(),
+            ProposalStore::new(),
+        )
+        .context("the group's GroupInfo and tree do not verify")?;
+        check_tree(public.members(), "rejoin")?;
         Ok((info, tree, public))
     }
 
@@ -479,23 +519,19 @@ impl<P: OpenMlsProvider> Member<P> {
         // The old state could not go on; its keys go with it.
         if self.group_mut(group).is_ok() {
             if let Some(mut old) = self.groups.remove(group) {
-                mls_try!(old.delete(self.provider.storage()), "deleting the old group state")?;
+                old.delete(self.provider.storage()).context("deleting the old group state")?;
             }
         }
-        let builder = mls_try!(
-            MlsGroup::external_commit_builder().with_config(Self::join_config()).with_ratchet_tree(tree).build_group(
-                &self.provider,
-                info,
-                self.credential.clone()
-            ),
-            "rejoining"
-        )?;
-        let built = mls_try!(builder.load_psks(self.provider.storage()), "rejoining")?;
-        let complete = mls_try!(
-            built.build(self.provider.rand(), self.provider.crypto(), &self.signer, |_| true),
-            "building the external commit"
-        )?;
-        let (joined, bundle) = mls_try!(complete.finalize(&self.provider), "rejoining")?;
+        let builder = MlsGroup::external_commit_builder()
+            .with_config(Self::join_config())
+            .with_ratchet_tree(tree)
+            .build_group(&self.provider, info, self.credential.clone())
+            .context("rejoining")?;
+        let built = builder.load_psks(self.provider.storage()).context("rejoining")?;
+        let complete = built
+            .build(self.provider.rand(), self.provider.crypto(), &self.signer, |_| true)
+            .context("building the external commit")?;
+        let (joined, bundle) = complete.finalize(&self.provider).context("rejoining")?;
         let (commit, _, info) = bundle.contents();
         let commit = Commit::of(commit, None, info.cloned())?;
         self.groups.insert(group.to_vec(), joined);
@@ -525,48 +561,37 @@ impl<P: OpenMlsProvider> Member<P> {
     pub fn merge_pending(&mut self, group: &[u8]) -> Result<(), MlsError> {
         self.group_mut(group)?;
         let provider = &self.provider;
-        let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
-        mls_try!(g.merge_pending_commit(provider), "merging our commit")
+        let g = self.groups.get_mut(group).ok_or(MlsError::NotInGroup)?;
+        g.merge_pending_commit(provider).context("merging our commit")
     }
 
     /// The server refused our pending commit: forget it.
     pub fn discard_pending(&mut self, group: &[u8]) -> Result<(), MlsError> {
         self.group_mut(group)?;
         let provider = &self.provider;
-        let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
-        mls_try!(g.clear_pending_commit(provider.storage()), "discarding our commit")
+        let g = self.groups.get_mut(group).ok_or(MlsError::NotInGroup)?;
+        g.clear_pending_commit(provider.storage()).context("discarding our commit")
     }
 
     /// Encrypts application data for the group.
     pub fn encrypt(&mut self, group: &[u8], data: &[u8]) -> Result<Vec<u8>, MlsError> {
         self.group_mut(group)?;
         let (provider, signer) = (&self.provider, &self.signer);
-        let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
-        let msg = mls_try!(g.create_message(provider, signer, data), "encrypting")?;
+        let g = self.groups.get_mut(group).ok_or(MlsError::NotInGroup)?;
+        let msg = g.create_message(provider, signer, data).context("encrypting")?;
         serialize(&msg, "the message")
     }
 
     /// Joins a group from a Welcome; returns the group id.
     pub fn join(&mut self, welcome: &[u8]) -> Result<Vec<u8>, MlsError> {
-        let msg = mls_try!(MlsMessageIn::tls_deserialize_exact(welcome), "Welcome")?;
+        let msg = MlsMessageIn::tls_deserialize_exact(welcome).context("Welcome")?;
         let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
-            return Err(MlsError("not a Welcome".into()));
+            return Err(MlsError::NotAWelcome);
         };
         let staged =
-            mls_try!(StagedWelcome::new_from_welcome(&self.provider, &Self::join_config(), welcome, None), "Welcome")?;
-        let mut devices = std::collections::BTreeSet::new();
-        for m in staged.members() {
-            let cert = leaf_certificate(&m.credential, &m.signature_key).map_err(|e| {
-                MlsError(format!("refused to join: leaf {} of the group's tree is not certified ({e})", m.index.u32()))
-            })?;
-            if !devices.insert(cert.device) {
-                return Err(MlsError(format!(
-                    "refused to join: leaf {} of the group's tree repeats a device",
-                    m.index.u32()
-                )));
-            }
-        }
-        let group = mls_try!(staged.into_group(&self.provider), "joining")?;
+            StagedWelcome::new_from_welcome(&self.provider, &Self::join_config(), welcome, None).context("Welcome")?;
+        check_tree(staged.members(), "join")?;
+        let group = staged.into_group(&self.provider).context("joining")?;
         let id = group.group_id().as_slice().to_vec();
         self.groups.insert(id.clone(), group);
         Ok(id)
@@ -574,12 +599,12 @@ impl<P: OpenMlsProvider> Member<P> {
 
     /// Processes a message fetched from the group's log (not one we sent).
     pub fn receive(&mut self, group: &[u8], bytes: &[u8]) -> Result<Received, MlsError> {
-        let msg = mls_try!(MlsMessageIn::tls_deserialize_exact(bytes), "message")?;
-        let protocol = mls_try!(msg.try_into_protocol_message(), "message")?;
+        let msg = MlsMessageIn::tls_deserialize_exact(bytes).context("message")?;
+        let protocol = msg.try_into_protocol_message().context("message")?;
         self.group_mut(group)?;
         let provider = &self.provider;
-        let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
-        let processed = mls_try!(g.process_message(provider, protocol), "processing")?;
+        let g = self.groups.get_mut(group).ok_or(MlsError::NotInGroup)?;
+        let processed = g.process_message(provider, protocol).context("processing")?;
         // Every leaf was checked when it entered our tree, so the sender's
         // certificate names who said it.
         let sender = holder_of(processed.credential()).map(|(account, _)| account);
@@ -616,7 +641,7 @@ impl<P: OpenMlsProvider> Member<P> {
                         });
                     }
                 }
-                mls_try!(g.store_pending_proposal(provider.storage(), *p), "storing the proposal")?;
+                g.store_pending_proposal(provider.storage(), *p).context("storing the proposal")?;
                 Ok(Received::Proposal { sender })
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
@@ -647,10 +672,10 @@ impl<P: OpenMlsProvider> Member<P> {
                     return Ok(Received::Refused { sender, reason });
                 }
                 let removed_me = staged.self_removed();
-                mls_try!(g.merge_staged_commit(provider, *staged), "merging the commit")?;
+                g.merge_staged_commit(provider, *staged).context("merging the commit")?;
                 Ok(Received::Commit { sender, epoch: g.epoch().as_u64(), removed_me, rejoined })
             }
-            _ => Err(MlsError("unexpected message content".into())),
+            _ => Err(MlsError::UnexpectedContent),
         }
     }
 

@@ -789,3 +789,23 @@ fn what_the_server_refuses_of_mls_is_typed() {
     assert!(matches!(mls::parse_group_info(&commit.message), Err(MlsRefusal::NotAGroupInfo)));
     assert!(mls::parse_group_info(&commit.group_info).is_ok());
 }
+
+#[test]
+fn what_a_member_refuses_to_join_or_rejoin_is_typed() {
+    use crate::client::mls::MlsError;
+    let mut net = Net::new();
+    let (alice, mut bob) = (net.client(1), net.client(2));
+    // A forger's group whose only leaf claims alice, inviting bob.
+    let mut forger = Member::forger(cert_of(&alice)).unwrap();
+    let g = forger.create_group(&net.removal_key).unwrap();
+    let kp = net.claim(&alice, &bob);
+    let forged = forger.add_unchecked(&g.id, &[kp]).unwrap();
+    let e = bob.member.join(forged.welcome.as_ref().unwrap()).unwrap_err();
+    assert!(matches!(e, MlsError::UncertifiedLeaf { action: "join", leaf: 0, .. }), "{e}");
+    // A GroupInfo of one group offered to rejoin another.
+    let own = net.create(&mut bob);
+    let e = bob.member.resync(&own, &g.group_info, Some(&g.ratchet_tree)).unwrap_err();
+    assert!(matches!(e, MlsError::OtherGroup), "{e}");
+    let e = bob.member.resync(&g.id, &g.group_info, Some(&g.ratchet_tree)).unwrap_err();
+    assert!(matches!(e, MlsError::UncertifiedLeaf { action: "rejoin", leaf: 0, .. }), "{e}");
+}

@@ -27,8 +27,10 @@ impl Member<OpenMlsRustCrypto> {
 impl<P: OpenMlsProvider> Member<P> {
     fn new_signer_bundle(&self, claimed: Vec<u8>) -> Result<(SignatureKeyPair, CredentialWithKey), MlsError> {
         let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm())
-            .map_err(|e| MlsError(format!("signature key: {e}")))?;
-        signer.store(self.provider.storage()).map_err(|e| MlsError(format!("storing the signature key: {e}")))?;
+            .map_err(|e| MlsError::Forgery(format!("signature key: {e}")))?;
+        signer
+            .store(self.provider.storage())
+            .map_err(|e| MlsError::Forgery(format!("storing the signature key: {e}")))?;
         let credential = CredentialWithKey {
             credential: BasicCredential::new(claimed).into(),
             signature_key: signer.public().into(),
@@ -43,7 +45,7 @@ impl<P: OpenMlsProvider> Member<P> {
         let (signer, credential_with_key) = self.new_signer_bundle(claimed)?;
         self.group_mut(group)?;
         let (provider, old) = (&self.provider, &self.signer);
-        let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
+        let g = self.groups.get_mut(group).ok_or_else(|| MlsError::Forgery("not in that group".into()))?;
         let bundle = g
             .self_update_with_new_signer(
                 provider,
@@ -51,7 +53,7 @@ impl<P: OpenMlsProvider> Member<P> {
                 NewSignerBundle { signer: &signer, credential_with_key },
                 LeafNodeParameters::default(),
             )
-            .map_err(|e| MlsError(format!("forging an update: {e}")))?;
+            .map_err(|e| MlsError::Forgery(format!("forging an update: {e}")))?;
         serialize(bundle.commit(), "the commit")
     }
 
@@ -60,7 +62,7 @@ impl<P: OpenMlsProvider> Member<P> {
         let (signer, credential_with_key) = self.new_signer_bundle(claimed)?;
         self.group_mut(group)?;
         let (provider, old) = (&self.provider, &self.signer);
-        let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
+        let g = self.groups.get_mut(group).ok_or_else(|| MlsError::Forgery("not in that group".into()))?;
         let (proposal, _) = g
             .propose_self_update_with_new_signer(
                 provider,
@@ -68,7 +70,7 @@ impl<P: OpenMlsProvider> Member<P> {
                 NewSignerBundle { signer: &signer, credential_with_key },
                 LeafNodeParameters::default(),
             )
-            .map_err(|e| MlsError(format!("forging an update proposal: {e}")))?;
+            .map_err(|e| MlsError::Forgery(format!("forging an update proposal: {e}")))?;
         serialize(&proposal, "the proposal")
     }
 
@@ -80,16 +82,16 @@ impl<P: OpenMlsProvider> Member<P> {
         if let Some(n) = extension {
             const TYPE: u16 = 0xf0f0;
             let ext = Extensions::single(Extension::Unknown(TYPE, UnknownExtension(vec![0x42; n])))
-                .map_err(|e| MlsError(format!("extension: {e}")))?;
+                .map_err(|e| MlsError::Forgery(format!("extension: {e}")))?;
             let capabilities = Capabilities::builder().extensions(vec![ExtensionType::Unknown(TYPE)]).build();
             params = params.with_extensions(ext).with_capabilities(capabilities);
         }
         self.group_mut(group)?;
         let (provider, signer) = (&self.provider, &self.signer);
-        let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
+        let g = self.groups.get_mut(group).ok_or_else(|| MlsError::Forgery("not in that group".into()))?;
         let (proposal, _) = g
             .propose_self_update(provider, signer, params.build())
-            .map_err(|e| MlsError(format!("proposing an update: {e}")))?;
+            .map_err(|e| MlsError::Forgery(format!("proposing an update: {e}")))?;
         serialize(&proposal, "the proposal")
     }
 
@@ -103,10 +105,10 @@ impl<P: OpenMlsProvider> Member<P> {
             GroupId::from_slice(id),
             self.credential.clone(),
         )
-        .map_err(|e| MlsError(format!("creating the group: {e}")))?;
+        .map_err(|e| MlsError::Forgery(format!("creating the group: {e}")))?;
         let info = group
             .export_group_info(self.provider.crypto(), &self.signer, false)
-            .map_err(|e| MlsError(format!("GroupInfo: {e}")))?;
+            .map_err(|e| MlsError::Forgery(format!("GroupInfo: {e}")))?;
         let new = super::NewGroup {
             id: id.to_vec(),
             group_info: serialize(&info, "the GroupInfo")?,
@@ -121,18 +123,19 @@ impl<P: OpenMlsProvider> Member<P> {
     pub fn add_unchecked(&mut self, group: &[u8], key_packages: &[Vec<u8>]) -> Result<Commit, MlsError> {
         let mut kps = Vec::new();
         for bytes in key_packages {
-            let kp_in = KeyPackageIn::tls_deserialize_exact(bytes).map_err(|e| MlsError(format!("KeyPackage: {e}")))?;
+            let kp_in = KeyPackageIn::tls_deserialize_exact(bytes)
+                .map_err(|e| MlsError::Forgery(format!("KeyPackage: {e}")))?;
             kps.push(
                 kp_in
                     .validate(self.provider.crypto(), ProtocolVersion::Mls10)
-                    .map_err(|e| MlsError(format!("KeyPackage: {e}")))?,
+                    .map_err(|e| MlsError::Forgery(format!("KeyPackage: {e}")))?,
             );
         }
         self.group_mut(group)?;
         let (provider, signer) = (&self.provider, &self.signer);
-        let g = self.groups.get_mut(group).ok_or_else(|| MlsError("not in that group".into()))?;
+        let g = self.groups.get_mut(group).ok_or_else(|| MlsError::Forgery("not in that group".into()))?;
         let (commit, welcome, info) =
-            g.add_members(provider, signer, &kps).map_err(|e| MlsError(format!("adding members: {e}")))?;
+            g.add_members(provider, signer, &kps).map_err(|e| MlsError::Forgery(format!("adding members: {e}")))?;
         Commit::of(&commit, Some(&welcome), info)
     }
 }
@@ -223,32 +226,32 @@ impl Member<OpenMlsRustCrypto> {
         let (info_now, context) = {
             self.group_mut(group)?;
             let (provider, signer) = (&self.provider, &self.signer);
-            let g = self.groups.get(group).ok_or_else(|| MlsError("not in that group".into()))?;
+            let g = self.groups.get(group).ok_or_else(|| MlsError::Forgery("not in that group".into()))?;
             let info = g
                 .export_group_info(provider.crypto(), signer, true)
-                .map_err(|e| MlsError(format!("exporting the GroupInfo: {e}")))?;
+                .map_err(|e| MlsError::Forgery(format!("exporting the GroupInfo: {e}")))?;
             (serialize(&info, "the GroupInfo")?, serialize(g.public_group().group_context(), "the group context")?)
         };
-        let info_now = crate::delivery::mls::parse_group_info(&info_now).map_err(|e| MlsError(e.to_string()))?;
+        let info_now = crate::delivery::mls::parse_group_info(&info_now)?;
         let tree = info_now
             .extensions()
             .ratchet_tree()
             .map(|t| t.ratchet_tree().clone())
-            .ok_or_else(|| MlsError("the GroupInfo lacks its tree".into()))?;
+            .ok_or_else(|| MlsError::Forgery("the GroupInfo lacks its tree".into()))?;
         let scratch = openmls_memory_storage::MemoryStorage::default();
         let (mut public, _) =
             PublicGroup::from_external(self.provider.crypto(), &scratch, tree, info_now, ProposalStore::new())
-                .map_err(|e| MlsError(format!("the public view: {e}")))?;
+                .map_err(|e| MlsError::Forgery(format!("the public view: {e}")))?;
         let mut commit = self.self_update(group)?;
         let m = commit.message.clone();
         let content_end = m
             .len()
             .checked_sub(SIGNATURE + 2 * TAG)
             .filter(|end| *end > HEADER)
-            .ok_or_else(|| MlsError("the commit is too short".into()))?;
+            .ok_or_else(|| MlsError::Forgery("the commit is too short".into()))?;
         let (head, trailer) = m.split_at(content_end);
         if trailer[..2] != [0x40, 64] || trailer[SIGNATURE] != 32 || trailer[SIGNATURE + TAG] != 32 {
-            return Err(MlsError("the commit's trailer is not laid out as expected".into()));
+            return Err(MlsError::Forgery("the commit's trailer is not laid out as expected".into()));
         }
         let confirmation = &trailer[SIGNATURE..SIGNATURE + TAG];
         let key = self.membership_key()?;
@@ -264,7 +267,9 @@ impl Member<OpenMlsRustCrypto> {
         let mac = |data: &[u8]| ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key), data);
         let content = &head[HEADER..];
         if mac(&tbm(content, &trailer[2..SIGNATURE])).as_ref() != &trailer[SIGNATURE + TAG + 1..] {
-            return Err(MlsError("the membership key read from storage does not match the commit's tag".into()));
+            return Err(MlsError::Forgery(
+                "the membership key read from storage does not match the commit's tag".into(),
+            ));
         }
         let mut garbled = content.to_vec();
         if let Some(last) = garbled.last_mut() {
@@ -274,7 +279,7 @@ impl Member<OpenMlsRustCrypto> {
         tbs.extend_from_slice(&garbled);
         tbs.extend_from_slice(&context);
         let to_sign = serialize(&SignContent::new("FramedContentTBS", tbs.into()), "the content to sign")?;
-        let signature = self.signer.sign(&to_sign).map_err(|e| MlsError(format!("signing: {e:?}")))?;
+        let signature = self.signer.sign(&to_sign).map_err(|e| MlsError::Forgery(format!("signing: {e:?}")))?;
         let tag = mac(&tbm(&garbled, &signature));
         let mut out = m[..HEADER].to_vec();
         out.extend_from_slice(&garbled);
@@ -285,18 +290,18 @@ impl Member<OpenMlsRustCrypto> {
         out.extend_from_slice(tag.as_ref());
         // The GroupInfo of the epoch the garbled commit creates, as the
         // server computes it (the transcript covers the garbled bytes).
-        let msg = MlsMessageIn::tls_deserialize_exact(&out).map_err(|e| MlsError(format!("re-reading: {e}")))?;
-        let message = msg.try_into_protocol_message().map_err(|e| MlsError(format!("re-reading: {e}")))?;
+        let msg =
+            MlsMessageIn::tls_deserialize_exact(&out).map_err(|e| MlsError::Forgery(format!("re-reading: {e}")))?;
+        let message = msg.try_into_protocol_message().map_err(|e| MlsError::Forgery(format!("re-reading: {e}")))?;
         let processed = public
             .process_message(self.provider.crypto(), message)
-            .map_err(|e| MlsError(format!("the public view refused the commit: {e}")))?;
+            .map_err(|e| MlsError::Forgery(format!("the public view refused the commit: {e}")))?;
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
-            return Err(MlsError("not a commit".into()));
+            return Err(MlsError::Forgery("not a commit".into()));
         };
-        public.merge_commit(&scratch, *staged).map_err(|e| MlsError(format!("merging publicly: {e:?}")))?;
+        public.merge_commit(&scratch, *staged).map_err(|e| MlsError::Forgery(format!("merging publicly: {e:?}")))?;
         let own = self.group_mut(group)?.own_leaf_index();
-        let original =
-            crate::delivery::mls::parse_group_info(&commit.group_info).map_err(|e| MlsError(e.to_string()))?;
+        let original = crate::delivery::mls::parse_group_info(&commit.group_info)?;
         let unsigned = VerifiableGroupInfo::new(
             public.group_context().clone(),
             original.extensions().clone(),
@@ -305,9 +310,10 @@ impl Member<OpenMlsRustCrypto> {
             Signature::from(vec![0u8; 64]),
         );
         let unsigned = serialize(&unsigned, "the GroupInfo")?;
-        let tbs = unsigned.get(..unsigned.len() - SIGNATURE).ok_or_else(|| MlsError("short GroupInfo".into()))?;
+        let tbs =
+            unsigned.get(..unsigned.len() - SIGNATURE).ok_or_else(|| MlsError::Forgery("short GroupInfo".into()))?;
         let to_sign = serialize(&SignContent::new("GroupInfoTBS", tbs.to_vec().into()), "the GroupInfo to sign")?;
-        let signature = self.signer.sign(&to_sign).map_err(|e| MlsError(format!("signing: {e:?}")))?;
+        let signature = self.signer.sign(&to_sign).map_err(|e| MlsError::Forgery(format!("signing: {e:?}")))?;
         // MLSMessage: version mls10, wire format group_info (4).
         let mut info = vec![0x00, 0x01, 0x00, 0x04];
         info.extend_from_slice(tbs);
@@ -331,11 +337,11 @@ impl Member<OpenMlsRustCrypto> {
                 _ => None,
             }
         }
-        let values = self.provider.storage().values.read().map_err(|_| MlsError("storage lock".into()))?;
+        let values = self.provider.storage().values.read().map_err(|_| MlsError::Forgery("storage lock".into()))?;
         values
             .values()
             .filter_map(|v| serde_json::from_slice::<serde_json::Value>(v).ok())
             .find_map(|v| v.get("message_secrets")?.get("membership_key").and_then(bytes_in))
-            .ok_or_else(|| MlsError("no membership key in storage".into()))
+            .ok_or_else(|| MlsError::Forgery("no membership key in storage".into()))
     }
 }
