@@ -1,5 +1,5 @@
-//! Small shared helpers: wall-clock time, durations typed by people, and
-//! default directories.
+//! Small shared helpers: wall-clock time, durations typed by people,
+//! default directories, and the one token bucket every rate limit uses.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -77,5 +77,82 @@ mod tests {
         assert_eq!(format_unix(0), "1970-01-01 00:00:00Z");
         assert_eq!(format_unix(1_795_779_909), "2026-11-27 11:45:09Z");
         assert_eq!(format_unix(951_782_400), "2000-02-29 00:00:00Z");
+    }
+}
+
+/// A token bucket: it refills at `rate` tokens per second up to `burst`
+/// and each allowed action spends one token. Pure (the caller passes the
+/// time, in seconds from any fixed origin), so the sans-IO Delivery Service
+/// and the server's per-key limiters share it. Hand-written rather than
+/// `governor`: a dozen lines, no clock of its own, and the Delivery
+/// Service must not read one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenBucket {
+    tokens: f64,
+    at: f64,
+}
+
+impl TokenBucket {
+    /// A full bucket at `now`.
+    pub fn full(burst: f64, now: f64) -> Self {
+        Self { tokens: burst, at: now }
+    }
+
+    /// Refills up to `now`; `Ok` if a whole token is there, otherwise the
+    /// seconds until one is. A clock that steps back refills nothing.
+    pub fn refill(&mut self, rate: f64, burst: f64, now: f64) -> Result<(), f64> {
+        let elapsed = (now - self.at).max(0.0);
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.at = self.at.max(now);
+        if self.tokens >= 1.0 {
+            Ok(())
+        } else {
+            Err((1.0 - self.tokens) / rate)
+        }
+    }
+
+    /// Spends one token (after [`TokenBucket::refill`] said there is one).
+    pub fn spend(&mut self) {
+        self.tokens = (self.tokens - 1.0).max(0.0);
+    }
+
+    /// [`TokenBucket::refill`], then [`TokenBucket::spend`] if allowed.
+    pub fn take(&mut self, rate: f64, burst: f64, now: f64) -> Result<(), f64> {
+        self.refill(rate, burst, now)?;
+        self.spend();
+        Ok(())
+    }
+
+    /// Whether the bucket is full again at `now` (an idle bucket, which can
+    /// be forgotten: a new one starts full).
+    pub fn is_full(&self, rate: f64, burst: f64, now: f64) -> bool {
+        self.tokens + (now - self.at).max(0.0) * rate >= burst
+    }
+}
+
+#[cfg(test)]
+mod bucket_tests {
+    use super::TokenBucket;
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_one_token_per_refill_and_ignores_a_clock_stepping_back() {
+        let (rate, burst) = (0.5, 3.0);
+        let mut b = TokenBucket::full(burst, 100.0);
+        for _ in 0..3 {
+            assert!(b.take(rate, burst, 100.0).is_ok());
+        }
+        let wait = b.take(rate, burst, 100.0).unwrap_err();
+        assert!((wait - 2.0).abs() < 1e-9, "{wait}");
+        assert!(b.take(rate, burst, 50.0).is_err(), "a clock stepping back refilled the bucket");
+        assert!(b.take(rate, burst, 102.0).is_ok());
+        assert!(b.take(rate, burst, 102.0).is_err());
+        assert!(!b.is_full(rate, burst, 104.0));
+        assert!(b.is_full(rate, burst, 108.0));
+        // Refilling never goes past the burst.
+        assert!(b.refill(rate, burst, 1_000.0).is_ok());
+        for _ in 0..3 {
+            b.spend();
+        }
+        assert!(b.refill(rate, burst, 1_000.0).is_err());
     }
 }

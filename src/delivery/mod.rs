@@ -70,6 +70,7 @@ pub mod storage;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
@@ -83,6 +84,7 @@ use crate::limits::{
     CLAIM_BURST, CLAIM_REFILL, FETCH_BYTE_BUDGET, MAX_CACHED_ROSTERS, MAX_DEVICES_PER_ACCOUNT, MAX_FETCH_ENTRIES,
     MAX_GROUPS_LISTED, MAX_GROUP_STATE, MAX_KEY_PACKAGES, MAX_PENDING_PROPOSALS,
 };
+use crate::util::TokenBucket;
 use crate::wire::{ErrorCode, Request, Response};
 
 pub use storage::{GroupRecord, Membership, NewKeyPackage, SendContext, Storage};
@@ -190,11 +192,13 @@ fn bad_add<E>(position: usize, why: impl std::fmt::Display) -> Refusal<E> {
     }
 }
 
-/// A token bucket per claimer.
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: u32,
-    refilled_at: u64,
+/// The claim bucket's (rate per second, burst) and `now` on its clock: a
+/// burst of [`CLAIM_BURST`], then one claim per [`CLAIM_REFILL`].
+fn claim_bucket(now: u64) -> (f64, f64, f64) {
+    let refill = CLAIM_REFILL.as_secs_f64().max(1.0);
+    #[allow(clippy::cast_precision_loss)] // Unix seconds fit an f64 exactly for 285 million years.
+    let now = now as f64;
+    (1.0 / refill, f64::from(CLAIM_BURST), now)
 }
 
 /// Quotas the core enforces (see [`crate::limits`] for the defaults).
@@ -224,7 +228,7 @@ impl Default for Quotas {
 /// durable is in the [`Storage`].
 pub struct Delivery {
     crypto: RustCrypto,
-    claims: HashMap<AccountId, Bucket>,
+    claims: HashMap<AccountId, TokenBucket>,
     retention_secs: u64,
     quotas: Quotas,
     /// Current member devices per group, valid for the epoch stored with
@@ -476,16 +480,12 @@ impl Delivery {
         target: &AccountId,
         now: u64,
     ) -> Result<Outcome, Refusal<S::Error>> {
-        let refill = CLAIM_REFILL.as_secs().max(1);
-        let bucket = self.claims.entry(*claimer).or_insert(Bucket { tokens: CLAIM_BURST, refilled_at: now });
-        let earned = now.saturating_sub(bucket.refilled_at) / refill;
-        if earned > 0 {
-            let earned32 = u32::try_from(earned).unwrap_or(u32::MAX);
-            bucket.tokens = bucket.tokens.saturating_add(earned32).min(CLAIM_BURST);
-            bucket.refilled_at = bucket.refilled_at.saturating_add(earned.saturating_mul(refill));
-        }
-        if bucket.tokens == 0 {
-            let wait = bucket.refilled_at.saturating_add(refill).saturating_sub(now).max(1);
+        let (rate, burst, now_s) = claim_bucket(now);
+        let bucket = self.claims.entry(*claimer).or_insert_with(|| TokenBucket::full(burst, now_s));
+        if let Err(wait) = bucket.refill(rate, burst, now_s) {
+            // Whole seconds, rounded up, at least one.
+            let wait = Duration::from_secs_f64(wait);
+            let wait = wait.as_secs().saturating_add(u64::from(wait.subsec_nanos() > 0)).max(1);
             return Err(Refusal::Client {
                 code: ErrorCode::RateLimited,
                 detail: wait.saturating_mul(1000),
@@ -501,7 +501,7 @@ impl Delivery {
             return Err(no_package());
         }
         packages.truncate(MAX_DEVICES_PER_ACCOUNT);
-        bucket.tokens -= 1;
+        bucket.spend();
         Ok(Outcome { response: Response::KeyPackages { packages }, notifications: vec![], wrote: true })
     }
 
@@ -899,9 +899,8 @@ impl Delivery {
     /// Expires messages, Welcomes and claim records past retention, and
     /// forgets idle rate-limit buckets. Returns rows deleted.
     pub fn expire<S: Storage>(&mut self, store: &mut S, now: u64) -> Result<u64, S::Error> {
-        let refill = CLAIM_REFILL.as_secs().max(1);
-        let full_after = u64::from(CLAIM_BURST).saturating_mul(refill);
-        self.claims.retain(|_, b| now.saturating_sub(b.refilled_at) < full_after);
+        let (rate, burst, now_s) = claim_bucket(now);
+        self.claims.retain(|_, b| !b.is_full(rate, burst, now_s));
         store.expire(now.saturating_sub(self.retention_secs))
     }
 }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::limits::RATE_LIMIT_ENTRIES;
+use crate::util::TokenBucket;
 
 /// Live counters shared by the accept loop and connection tasks.
 #[derive(Debug, Default)]
@@ -140,7 +141,9 @@ impl Drop for HandshakeSlot {
 /// [`RATE_LIMIT_ENTRIES`] keys, full (idle) buckets are forgotten.
 #[derive(Debug)]
 pub struct RateLimiter<K> {
-    buckets: Mutex<HashMap<K, (f64, std::time::Instant)>>,
+    buckets: Mutex<HashMap<K, TokenBucket>>,
+    /// The origin of the buckets' clock.
+    origin: std::time::Instant,
     rate: f64,
     burst: f64,
 }
@@ -148,26 +151,19 @@ pub struct RateLimiter<K> {
 impl<K: std::hash::Hash + Eq + Copy> RateLimiter<K> {
     pub fn new(per_second: u32) -> Self {
         let rate = f64::from(per_second.max(1));
-        Self { buckets: Mutex::new(HashMap::new()), rate, burst: rate * 2.0 }
+        Self { buckets: Mutex::new(HashMap::new()), origin: std::time::Instant::now(), rate, burst: rate * 2.0 }
     }
 
     /// Takes one token for `key`; when none is left, says how long until one is.
     pub fn check(&self, key: K, now: std::time::Instant) -> Result<(), std::time::Duration> {
+        let now = now.saturating_duration_since(self.origin).as_secs_f64();
+        let (rate, burst) = (self.rate, self.burst);
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if buckets.len() >= RATE_LIMIT_ENTRIES && !buckets.contains_key(&key) {
-            let (rate, burst) = (self.rate, self.burst);
-            buckets.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * rate < burst);
+            buckets.retain(|_, b| !b.is_full(rate, burst, now));
         }
-        let (tokens, at) = buckets.entry(key).or_insert((self.burst, now));
-        let refilled = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
-        *at = now;
-        if refilled >= 1.0 {
-            *tokens = refilled - 1.0;
-            Ok(())
-        } else {
-            *tokens = refilled;
-            Err(std::time::Duration::from_secs_f64((1.0 - refilled) / self.rate))
-        }
+        let bucket = buckets.entry(key).or_insert_with(|| TokenBucket::full(burst, now));
+        bucket.take(rate, burst, now).map_err(std::time::Duration::from_secs_f64)
     }
 }
 
