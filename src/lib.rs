@@ -15,6 +15,7 @@
 //! * [`client`]: connecting, authenticating and making requests (`hush`,
 //!   tests).
 //! * [`config`] and [`limits`]: every tunable value and hard cap.
+//! * [`sqlite`]: how both sides open and migrate their SQLite files.
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -24,6 +25,7 @@ pub mod config;
 pub mod delivery;
 pub mod limits;
 pub mod server;
+pub mod sqlite;
 pub mod store;
 pub mod util;
 pub mod wire;

@@ -80,6 +80,28 @@ mod tests {
     }
 }
 
+/// Prints a line to stdout (the binaries' results); a closed stdout
+/// (`hush … | head -1`) ends the program quietly instead of panicking.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
+/// Resident memory of a process (`None`: this one), in KiB, from
+/// `/proc/PID/status`; `None` where there is no such file.
+pub fn rss_kib(pid: Option<u32>) -> Option<u64> {
+    let path = pid.map_or_else(|| "/proc/self/status".to_string(), |p| format!("/proc/{p}/status"));
+    let status = std::fs::read_to_string(path).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
 /// A token bucket: it refills at `rate` tokens per second up to `burst`
 /// and each allowed action spends one token. Pure (the caller passes the
 /// time, in seconds from any fixed origin), so the sans-IO Delivery Service

@@ -884,12 +884,8 @@ where
 
 /// Resident memory of this process, KiB.
 fn rss_kib() -> Result<f64, BenchError> {
-    let status = std::fs::read_to_string("/proc/self/status").map_err(fail)?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .ok_or_else(|| BenchError("no VmRSS in /proc/self/status".into()))
+    #[allow(clippy::cast_precision_loss)] // KiB of a process: far below 2^52.
+    crate::util::rss_kib(None).map(|k| k as f64).ok_or_else(|| BenchError("no VmRSS in /proc/self/status".into()))
 }
 
 /// Opens `count` connections from `endpoint` (configuration and port from

@@ -2,18 +2,7 @@
 //! library, print results on stdout, a one-line reason and exit code 1 on
 //! failure.
 
-/// Prints a line to stdout; a closed stdout (`hush … | head -1`) ends the
-/// program quietly instead of panicking.
-macro_rules! out {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(0);
-            }
-        }
-    }};
-}
+use hush::out;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -1,18 +1,7 @@
 //! `hushd`: the hush relay server. Thin: parse arguments, call the library,
 //! print results on stdout, logs on stderr, `{:#}` errors with exit code 1.
 
-/// Prints a line to stdout; a closed stdout (`hush … | head -1`) ends the
-/// program quietly instead of panicking.
-macro_rules! out {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(0);
-            }
-        }
-    }};
-}
+use hush::out;
 
 use std::io::Write;
 use std::path::PathBuf;

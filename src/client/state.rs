@@ -74,6 +74,10 @@ pub enum StateError {
     Sqlite(#[from] rusqlite::Error),
     #[error("client state migrations: {0}")]
     Migrations(String),
+    #[error(
+        "this home's state (schema {found}) was written by a newer hush (this one knows {supported}); upgrade hush"
+    )]
+    TooNew { found: i64, supported: i64 },
     #[error("client state: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -99,20 +103,11 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE settings (key TEXT PRIMARY KEY NOT N
     );
     CREATE INDEX history_group ON history(group_id, id);"];
 
+/// Deleted secrets (KeyPackage private keys, past epochs' secrets, used
+/// message keys) are overwritten, not left in free pages: see
+/// [`crate::sqlite::open`].
 fn open_conn(path: &Path) -> Result<Connection, StateError> {
-    if !path.exists() {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    }
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    // Deleted secrets (KeyPackage private keys, past epochs' secrets,
-    // used message keys) are overwritten, not left in free pages.
-    conn.pragma_update(None, "secure_delete", "ON")?;
-    Ok(conn)
+    crate::sqlite::open(path)
 }
 
 /// Opens (creating and migrating) the state in `home`: the MLS provider and
@@ -122,14 +117,14 @@ pub fn open(home: &Path) -> Result<(Provider, Connection), StateError> {
     let mut storage = SqliteStorageProvider::<JsonCodec, Connection>::new(open_conn(&path)?);
     storage.run_migrations().map_err(|e| StateError::Migrations(e.to_string()))?;
     let mut conn = open_conn(&path)?;
-    loop {
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        let Some(sql) = usize::try_from(version).ok().and_then(|v| MIGRATIONS.get(v)) else { break };
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", version + 1)?;
-        tx.commit()?;
-    }
+    let latest = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    crate::sqlite::migrate(
+        &mut conn,
+        MIGRATIONS,
+        latest,
+        |found, supported| StateError::TooNew { found, supported },
+        |_, _| Ok(()),
+    )?;
     Ok((Provider { crypto: RustCrypto::default(), storage }, conn))
 }
 
@@ -154,4 +149,23 @@ pub fn account_col(bytes: Option<Vec<u8>>) -> Option<AccountId> {
 pub fn checkpoint(conn: &Connection) -> Result<(), StateError> {
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_home_written_by_a_newer_hush_is_refused_and_left_alone() {
+        let home = tempfile::tempdir().unwrap();
+        drop(open(home.path()).unwrap());
+        let conn = Connection::open(home.path().join(STATE_FILE)).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let Err(e) = open(home.path()) else { panic!("a newer state was opened") };
+        assert!(matches!(e, StateError::TooNew { found: 99, .. }), "{e}");
+        let conn = Connection::open(home.path().join(STATE_FILE)).unwrap();
+        let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, 99);
+    }
 }

@@ -2,10 +2,10 @@
 
 use std::path::Path;
 
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use thiserror::Error;
 
-use super::{schema, StoreError, BUSY_TIMEOUT};
+use super::{schema, StoreError};
 use crate::auth::{AccountId, DeviceCertificate, DeviceId, InviteToken};
 
 /// An open hush database.
@@ -83,22 +83,7 @@ fn to_u64(v: i64) -> u64 {
 impl Db {
     /// Opens or creates the database at `path` and migrates it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-            | OpenFlags::SQLITE_OPEN_URI;
-        // SQLite gives the -wal and -shm files the database file's mode, so
-        // creating it 0600 keeps all three private to the server's user.
-        if !path.exists() {
-            use std::os::unix::fs::OpenOptionsExt;
-            let _ = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
-        }
-        let mut conn = Connection::open_with_flags(path, flags)?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.pragma_update(None, "secure_delete", "ON")?;
+        let mut conn: Connection = crate::sqlite::open::<StoreError>(path)?;
         schema::migrate(&mut conn)?;
         Ok(Self { conn })
     }

@@ -24,12 +24,9 @@ mod sql;
 pub use db::{AccountRow, Db, DeviceRow, InviteRow, RegisterError, Registered};
 pub use sql::SqlStore;
 
-use std::time::Duration;
-
 use thiserror::Error;
 
-/// How long a write waits for another process holding the database lock.
-pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+pub use crate::sqlite::BUSY_TIMEOUT;
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "hush.db";
@@ -58,7 +55,7 @@ pub enum StoreError {
     #[error("no randomness available from the operating system")]
     Random,
     #[error("{0}")]
-    Io(std::io::Error),
+    Io(#[from] std::io::Error),
 }
 
 #[cfg(test)]

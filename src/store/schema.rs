@@ -160,31 +160,24 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 fn migrate_to(conn: &mut Connection, target: i64) -> Result<(), StoreError> {
-    loop {
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if version > latest() {
-            return Err(StoreError::SchemaTooNew { found: version, supported: latest() });
-        }
-        if version >= target {
-            return Ok(());
-        }
-        if version == CERTIFIED - 1 {
-            let rows: i64 =
-                tx.query_row("SELECT (SELECT count(*) FROM accounts) + (SELECT count(*) FROM groups)", [], |r| {
-                    r.get(0)
-                })?;
-            if rows > 0 {
-                return Err(StoreError::Uncertified { found: version });
+    crate::sqlite::migrate(
+        conn,
+        MIGRATIONS,
+        target,
+        |found, supported| StoreError::SchemaTooNew { found, supported },
+        |version, tx| {
+            if version == CERTIFIED - 1 {
+                let rows: i64 =
+                    tx.query_row("SELECT (SELECT count(*) FROM accounts) + (SELECT count(*) FROM groups)", [], |r| {
+                        r.get(0)
+                    })?;
+                if rows > 0 {
+                    return Err(StoreError::Uncertified { found: version });
+                }
             }
-        }
-        let Some(sql) = usize::try_from(version).ok().and_then(|v| MIGRATIONS.get(v)) else {
-            return Ok(());
-        };
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", version + 1)?;
-        tx.commit()?;
-    }
+            Ok(())
+        },
+    )
 }
 
 #[cfg(test)]

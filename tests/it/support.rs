@@ -92,13 +92,7 @@ impl Hushd {
 
     /// Resident memory of the server process, in KiB (from /proc).
     pub fn rss_kib(&self) -> u64 {
-        let pid = self.child.as_ref().unwrap().id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
+        hush::util::rss_kib(Some(self.child.as_ref().unwrap().id())).unwrap()
     }
 
     /// SIGKILL: no cleanup, no checkpoint, as in a power cut.
