@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
 
-use super::storage::{GroupRecord, Membership, Messages, NewKeyPackage, Storage};
+use super::storage::{GroupRecord, Membership, Messages, NewKeyPackage, Page, Storage};
 use crate::auth::{AccountId, DeviceId};
 use crate::wire::GroupSummary;
 
@@ -208,21 +208,14 @@ impl Storage for MemoryStore {
         byte_budget: usize,
     ) -> Result<(Messages, bool), Infallible> {
         let Some(g) = self.groups.get(group) else { return Ok((vec![], false)) };
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        let mut more = false;
+        let mut page = Page::new(limit, byte_budget);
         for (seq, (m, _)) in g.log.range(after.saturating_add(1)..) {
-            if upto.is_some_and(|u| *seq > u) {
+            if upto.is_some_and(|u| *seq > u) || !page.fits(m.len()) {
                 break;
             }
-            if out.len() >= limit || (!out.is_empty() && bytes + m.len() > byte_budget) {
-                more = true;
-                break;
-            }
-            bytes += m.len();
-            out.push((*seq, m.clone()));
+            page.push(*seq, m.clone());
         }
-        Ok((out, more))
+        Ok(page.finish())
     }
 
     fn delete_messages_upto(&mut self, group: &[u8], upto: u64) -> Result<u64, Infallible> {
@@ -245,19 +238,14 @@ impl Storage for MemoryStore {
         limit: usize,
         byte_budget: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, Infallible> {
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        for (id, (r, _, w, _)) in &self.inbox {
-            if r != recipient {
-                continue;
-            }
-            if out.len() >= limit || (!out.is_empty() && bytes + w.len() > byte_budget) {
+        let mut page = Page::new(limit, byte_budget);
+        for (id, (_, _, w, _)) in self.inbox.iter().filter(|(_, (r, ..))| r == recipient) {
+            if !page.fits(w.len()) {
                 break;
             }
-            bytes += w.len();
-            out.push((*id, w.clone()));
+            page.push(*id, w.clone());
         }
-        Ok(out)
+        Ok(page.finish().0)
     }
 
     fn delete_welcome(&mut self, recipient: &DeviceId, id: u64) -> Result<bool, Infallible> {

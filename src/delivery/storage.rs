@@ -63,6 +63,44 @@ pub struct SendContext {
 /// Messages as `(sequence, MLSMessage)`, in order.
 pub type Messages = Vec<(u64, Vec<u8>)>;
 
+/// A page of `(key, bytes)` entries within a count and a byte budget, and
+/// always at least one entry when there is one: every storage fills its
+/// fetch and Welcome answers through this.
+#[derive(Debug)]
+pub struct Page {
+    limit: usize,
+    budget: usize,
+    bytes: usize,
+    entries: Vec<(u64, Vec<u8>)>,
+    more: bool,
+}
+
+impl Page {
+    pub fn new(limit: usize, budget: usize) -> Self {
+        Self { limit, budget, bytes: 0, entries: Vec::new(), more: false }
+    }
+
+    /// Whether an entry of `len` bytes still fits; once one does not, the
+    /// page is full and says more remain.
+    pub fn fits(&mut self, len: usize) -> bool {
+        let full = self.entries.len() >= self.limit
+            || (!self.entries.is_empty() && self.bytes.saturating_add(len) > self.budget);
+        self.more |= full;
+        !full
+    }
+
+    /// Adds an entry that [`Page::fits`].
+    pub fn push(&mut self, key: u64, data: Vec<u8>) {
+        self.bytes = self.bytes.saturating_add(data.len());
+        self.entries.push((key, data));
+    }
+
+    /// The entries, and whether more remain.
+    pub fn finish(self) -> (Vec<(u64, Vec<u8>)>, bool) {
+        (self.entries, self.more)
+    }
+}
+
 /// A KeyPackage to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewKeyPackage {

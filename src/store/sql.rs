@@ -8,7 +8,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::StoreError;
 use crate::auth::{AccountId, DeviceId};
-use crate::delivery::storage::Messages;
+use crate::delivery::storage::{Messages, Page};
 use crate::delivery::{GroupRecord, Membership, NewKeyPackage, SendContext, Storage};
 use crate::wire::GroupSummary;
 
@@ -340,19 +340,15 @@ impl Storage for SqlStore<'_> {
         let upper = upto.map(i).unwrap_or(i64::MAX);
         let want = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
         let mut rows = stmt.query(params![gid, i(after), upper, want])?;
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        let mut more = false;
+        let mut page = Page::new(limit, byte_budget);
         while let Some(row) = rows.next()? {
             let data: Vec<u8> = row.get(1)?;
-            if out.len() >= limit || (!out.is_empty() && bytes.saturating_add(data.len()) > byte_budget) {
-                more = true;
+            if !page.fits(data.len()) {
                 break;
             }
-            bytes = bytes.saturating_add(data.len());
-            out.push((u(row.get(0)?), data));
+            page.push(u(row.get(0)?), data);
         }
-        Ok((out, more))
+        Ok(page.finish())
     }
 
     fn delete_messages_upto(&mut self, group: &[u8], upto: u64) -> Result<u64, StoreError> {
@@ -380,17 +376,15 @@ impl Storage for SqlStore<'_> {
         let mut stmt =
             self.conn.prepare_cached("SELECT id, data FROM inbox WHERE recipient = ?1 ORDER BY id LIMIT ?2")?;
         let mut rows = stmt.query(params![&recipient.0[..], i64::try_from(limit).unwrap_or(i64::MAX)])?;
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
+        let mut page = Page::new(limit, byte_budget);
         while let Some(row) = rows.next()? {
             let data: Vec<u8> = row.get(1)?;
-            if !out.is_empty() && bytes.saturating_add(data.len()) > byte_budget {
+            if !page.fits(data.len()) {
                 break;
             }
-            bytes = bytes.saturating_add(data.len());
-            out.push((u(row.get(0)?), data));
+            page.push(u(row.get(0)?), data);
         }
-        Ok(out)
+        Ok(page.finish().0)
     }
 
     fn delete_welcome(&mut self, recipient: &DeviceId, id: u64) -> Result<bool, StoreError> {
