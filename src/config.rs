@@ -203,14 +203,7 @@ impl ServerConfig {
         range("requests_per_second_per_ip", u64::from(self.requests_per_second_per_ip), 1, 1_000_000)?;
         if let Some(host) = &self.public_host {
             // Same rule as `hush://` addresses: a colon only in an IPv6 address.
-            let ok = if host.contains(':') {
-                host.parse::<std::net::Ipv6Addr>().is_ok()
-            } else {
-                !host.is_empty()
-                    && host.len() <= 253
-                    && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
-            };
-            if !ok {
+            if !crate::auth::address::is_host(host) {
                 return Err(bad("public_host", "must be a DNS name or an IP address"));
             }
         }

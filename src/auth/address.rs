@@ -168,10 +168,7 @@ impl FromStr for HushAddress {
             // A DNS name or IPv4 address: no colon may remain in it
             // (regression: fuzz finding 1, `a::1` parsed as host `a:`).
             let (host, port) = authority.rsplit_once(':').ok_or(AddressError::Port)?;
-            let valid_host = !host.is_empty()
-                && host.len() <= 253
-                && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
-            if !valid_host {
+            if !is_host_name(host) {
                 return Err(AddressError::Host);
             }
             (host, port)
@@ -185,6 +182,25 @@ impl FromStr for HushAddress {
         }
         let fingerprint = fragment.parse().map_err(AddressError::Fingerprint)?;
         Ok(Self { host: host.to_ascii_lowercase(), port, fingerprint })
+    }
+}
+
+/// A host a `hush://` address or `public_host` may name without brackets:
+/// a DNS name or an IPv4 address (1 to 253 letters, digits, `.`, `-`,
+/// `_`). An IPv6 address has colons and is written in brackets.
+pub fn is_host_name(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+}
+
+/// A host `hush://` addresses can carry: [`is_host_name`] or an IPv6
+/// address.
+pub fn is_host(host: &str) -> bool {
+    if host.contains(':') {
+        host.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        is_host_name(host)
     }
 }
 

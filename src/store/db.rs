@@ -72,13 +72,7 @@ impl From<rusqlite::Error> for RegisterError {
     }
 }
 
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
+use super::{to_i64, to_u64};
 
 impl Db {
     /// Opens or creates the database at `path` and migrates it.

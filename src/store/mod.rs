@@ -28,6 +28,17 @@ use thiserror::Error;
 
 pub use crate::sqlite::BUSY_TIMEOUT;
 
+/// A count or time as SQLite stores it (INTEGER is signed): values past
+/// `i64::MAX` are clamped, never wrapped.
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Back from SQLite: a negative value (which hush never writes) reads as 0.
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "hush.db";
 
