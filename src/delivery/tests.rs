@@ -28,6 +28,17 @@ struct Client {
 }
 
 impl Net {
+    /// alice's group with bob and carol in it, everyone joined.
+    fn trio() -> (Self, Client, Client, Client, Vec<u8>) {
+        let mut net = Net::new();
+        let (mut alice, mut bob, mut carol) = (net.client(1), net.client(2), net.client(3));
+        let g = net.create(&mut alice);
+        net.add(&mut alice, &g, &[&bob, &carol]);
+        net.join(&mut bob);
+        net.join(&mut carol);
+        (net, alice, bob, carol, g)
+    }
+
     fn new() -> Self {
         let removal_key = crate::auth::Identity::generate().unwrap().public_key();
         Self {
@@ -194,12 +205,7 @@ fn three_members_exchange_messages_in_order() {
 
 #[test]
 fn concurrent_commits_one_wins_loser_catches_up_and_retries() {
-    let mut net = Net::new();
-    let (mut alice, mut bob, mut carol) = (net.client(1), net.client(2), net.client(3));
-    let g = net.create(&mut alice);
-    net.add(&mut alice, &g, &[&bob, &carol]);
-    net.join(&mut bob);
-    net.join(&mut carol);
+    let (mut net, mut alice, mut bob, mut carol, g) = Net::trio();
     let epoch = bob.member.epoch(&g).unwrap();
     let bob_commit = bob.member.commit_pending(&g).unwrap();
     let carol_commit = carol.member.commit_pending(&g).unwrap();
@@ -247,12 +253,7 @@ fn non_members_learn_nothing() {
 
 #[test]
 fn removed_member_sees_its_removal_and_nothing_after() {
-    let mut net = Net::new();
-    let (mut alice, mut bob, mut carol) = (net.client(1), net.client(2), net.client(3));
-    let g = net.create(&mut alice);
-    net.add(&mut alice, &g, &[&bob, &carol]);
-    net.join(&mut bob);
-    net.join(&mut carol);
+    let (mut net, mut alice, mut bob, mut carol, g) = Net::trio();
     let removal_epoch = alice.member.epoch(&g).unwrap();
     let commit = alice.member.remove(&g, &[carol.member.account()]).unwrap();
     assert!(matches!(net.commit(&mut alice, commit), Response::Accepted { .. }));

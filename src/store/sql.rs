@@ -43,6 +43,18 @@ impl<'c> SqlStore<'c> {
 
 use super::{to_i64 as i, to_u64 as u};
 
+/// Fills `page` from rows of (key INTEGER, data BLOB), in their order.
+fn fill(mut rows: rusqlite::Rows<'_>, mut page: Page) -> Result<(Messages, bool), StoreError> {
+    while let Some(row) = rows.next()? {
+        let data: Vec<u8> = row.get(1)?;
+        if !page.fits(data.len()) {
+            break;
+        }
+        page.push(u(row.get(0)?), data);
+    }
+    Ok(page.finish())
+}
+
 fn key(bytes: &[u8]) -> Option<[u8; 32]> {
     <[u8; 32]>::try_from(bytes).ok()
 }
@@ -333,16 +345,8 @@ impl Storage for SqlStore<'_> {
         )?;
         let upper = upto.map(i).unwrap_or(i64::MAX);
         let want = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
-        let mut rows = stmt.query(params![gid, i(after), upper, want])?;
-        let mut page = Page::new(limit, byte_budget);
-        while let Some(row) = rows.next()? {
-            let data: Vec<u8> = row.get(1)?;
-            if !page.fits(data.len()) {
-                break;
-            }
-            page.push(u(row.get(0)?), data);
-        }
-        Ok(page.finish())
+        let rows = stmt.query(params![gid, i(after), upper, want])?;
+        fill(rows, Page::new(limit, byte_budget))
     }
 
     fn delete_messages_upto(&mut self, group: &[u8], upto: u64) -> Result<u64, StoreError> {
@@ -369,16 +373,8 @@ impl Storage for SqlStore<'_> {
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let mut stmt =
             self.conn.prepare_cached("SELECT id, data FROM inbox WHERE recipient = ?1 ORDER BY id LIMIT ?2")?;
-        let mut rows = stmt.query(params![&recipient.0[..], i64::try_from(limit).unwrap_or(i64::MAX)])?;
-        let mut page = Page::new(limit, byte_budget);
-        while let Some(row) = rows.next()? {
-            let data: Vec<u8> = row.get(1)?;
-            if !page.fits(data.len()) {
-                break;
-            }
-            page.push(u(row.get(0)?), data);
-        }
-        Ok(page.finish().0)
+        let rows = stmt.query(params![&recipient.0[..], i64::try_from(limit).unwrap_or(i64::MAX)])?;
+        Ok(fill(rows, Page::new(limit, byte_budget))?.0)
     }
 
     fn delete_welcome(&mut self, recipient: &DeviceId, id: u64) -> Result<bool, StoreError> {
