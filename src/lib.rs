@@ -9,9 +9,11 @@
 //! * [`delivery`]: the Delivery Service rules, sans-IO: a request, an
 //!   authenticated device and the time in; a response and the pushes out;
 //!   storage behind a trait.
-//! * [`store`]: SQLite persistence on dedicated threads.
-//! * [`server`]: the QUIC listener, per-connection sessions, limits and
-//!   graceful shutdown (`hushd`).
+//! * [`store`]: SQLite persistence: the delivery storage on a connection,
+//!   accounts, devices and invites, schema migrations, maintenance.
+//! * [`server`]: the QUIC listener, per-connection sessions, admission
+//!   limits and graceful shutdown (`hushd`); [`server::engine`] runs the
+//!   delivery core on the database's writer and reader threads.
 //! * [`client`]: connecting, authenticating and making requests (`hush`,
 //!   tests).
 //! * [`config`] and [`limits`]: every tunable value and hard cap.
