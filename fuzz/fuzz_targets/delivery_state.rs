@@ -23,7 +23,8 @@
 #![no_main]
 use arbitrary::Arbitrary;
 use hush::auth::{DeviceCertificate, DeviceId, Identity};
-use hush::client::mls::{Commit, Member};
+use hush::client::log::{GroupLog, Read};
+use hush::client::mls::{Commit, Member, Received};
 use hush::delivery::memory::MemoryStore;
 use hush::delivery::{Caller, Delivery, Notification, Storage};
 use hush::wire::{ErrorCode, Request, Response};
@@ -66,8 +67,13 @@ struct World {
     now: u64,
     members: Vec<Member>,
     accounts: Vec<Identity>,
-    cursor: Vec<u64>,
-    own: Vec<Vec<u64>>,
+    /// Who each member is to the server (fixed: members swap out of
+    /// `members` while they read).
+    callers: Vec<Caller>,
+    /// Each member's reading of the group's log.
+    logs: Vec<GroupLog>,
+    /// A stand-in that takes a reading member's place in `members`.
+    spare: Option<Member>,
     active: Vec<bool>,
     group: Vec<u8>,
     last_seq: u64,
@@ -90,9 +96,9 @@ impl World {
 
     fn req(&mut self, who: usize, request: Request) -> Response {
         self.now += 1;
-        let caller = Caller::of(self.members[who].certificate());
+        let caller = self.callers[who];
         let out = self.ds.handle(&mut self.store, caller, request, self.now);
-        let eve = self.members[EVE].device();
+        let eve = self.callers[EVE].device;
         for n in &out.notifications {
             match n {
                 Notification::Message { recipients, seq, group, .. } => {
@@ -122,7 +128,7 @@ impl World {
     fn send_request(&mut self, who: usize, request: Request) -> Response {
         let r = self.req(who, request);
         if let Response::Accepted { seq, .. } = &r {
-            self.own[who].push(*seq);
+            self.logs[who].sent(*seq);
         }
         r
     }
@@ -145,55 +151,32 @@ impl World {
         match self.send_request(who, commit.into_request()) {
             Response::Accepted { seq, epoch, .. } => {
                 assert_eq!(epoch, before + 1, "a resync is one commit");
-                self.cursor[who] = seq;
+                self.logs[who].skip_to(seq);
                 true
             }
             other => panic!("an honest resync was refused: {other:?}"),
         }
     }
 
+    /// `who` reads the group's log with the library's reader, and rejoins
+    /// (group repair, as the app does) whenever it is stuck.
     fn sync(&mut self, who: usize) {
-        if !self.active[who] {
-            return;
-        }
-        loop {
-            let after = self.cursor[who];
-            let r = self.req(who, Request::Fetch { group: self.group.clone(), after, limit: 0 });
-            let Response::Messages { messages, more, .. } = r else { return };
-            let mut repaired = false;
-            for (seq, m) in &messages {
-                assert!(*seq > after);
-                if !self.own[who].contains(seq) {
-                    let g = self.group.clone();
-                    match self.members[who].receive(&g, m) {
-                        Ok(hush::client::mls::Received::Commit { removed_me: true, .. }) => self.active[who] = false,
-                        Ok(_) => {}
-                        Err(_) => {
-                            // Group repair, as the app does it.
-                            let ours = self.members[who].epoch(&g);
-                            let stuck = self.members[who].unprocessed(&g, m).is_some_and(|c| {
-                                ours.is_none_or(|o| c.epoch > o || (c.commit && c.epoch == o))
-                            });
-                            if stuck {
-                                self.cursor[who] = *seq;
-                                if self.resync(who) {
-                                    repaired = true;
-                                    break;
-                                }
-                            }
-                        }
-                    }
+        for _ in 0..64 {
+            if !self.active[who] {
+                return;
+            }
+            let spare = self.spare.take().expect("a spare member");
+            let mut member = std::mem::replace(&mut self.members[who], spare);
+            let mut log = self.logs[who].clone();
+            let reads = log.read_all(&mut member, |r| self.req(who, r)).expect("the core sends pages in order");
+            self.spare = Some(std::mem::replace(&mut self.members[who], member));
+            self.logs[who] = log;
+            for r in &reads {
+                if let Read::Received { received: Received::Commit { removed_me: true, .. }, .. } = r {
+                    self.active[who] = false;
                 }
-                self.cursor[who] = *seq;
             }
-            if repaired {
-                continue;
-            }
-            if let Some((last, _)) = messages.last() {
-                let g = self.group.clone();
-                self.req(who, Request::Ack { group: g, seq: *last });
-            }
-            if !more || !self.active[who] {
+            if !(reads.last().is_some_and(Read::stuck) && self.active[who] && self.resync(who)) {
                 return;
             }
         }
@@ -245,10 +228,11 @@ fn setup() -> World {
         ds,
         store,
         now: 10,
+        callers: members.iter().map(|m| Caller::of(m.certificate())).collect(),
         members,
         accounts,
-        cursor: vec![0; 5],
-        own: vec![vec![]; 5],
+        logs: vec![],
+        spare: Some(Member::generate().expect("member").2),
         active: vec![true, true, true, false, false],
         group: vec![],
         last_seq: 0,
@@ -257,6 +241,7 @@ fn setup() -> World {
     };
     let g = w.members[0].create_group(&removal_key).expect("group");
     w.group = g.id.clone();
+    w.logs = vec![GroupLog::new(&g.id, 0); 5];
     assert!(matches!(
         w.req(0, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree }),
         Response::Accepted { .. }
@@ -275,7 +260,7 @@ fn setup() -> World {
     for t in [1, 2] {
         let Response::Welcomes { welcomes } = w.req(t, Request::FetchWelcomes) else { panic!("welcomes") };
         w.members[t].join(&welcomes[0].1).expect("join");
-        w.cursor[t] = w.last_seq;
+        w.logs[t] = GroupLog::new(&g.id, w.last_seq);
     }
     w
 }
@@ -316,7 +301,7 @@ fuzz_target!(|ops: Vec<Op>| {
                         if let Some((_, wl)) = welcomes.last() {
                             if w.members[3].join(wl).is_ok() {
                                 w.active[3] = true;
-                                w.cursor[3] = w.last_seq;
+                                w.logs[3] = GroupLog::new(&w.group, w.last_seq);
                             }
                         }
                     }

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{params, Connection as Db, OptionalExtension};
 use thiserror::Error;
 
+use super::log::{GroupLog, Read};
 use super::mls::{Commit, Member, MlsError, Received};
 use super::state::{self, Provider, StateError};
 use super::{ClientError, Connection};
@@ -650,47 +651,30 @@ impl App {
             let Some(bound) = bound else {
                 return Err(AppError::Misbehaving("it sent messages of a group it does not list for us".into()));
             };
-            if more && messages.is_empty() {
-                return Err(AppError::Misbehaving("it said more messages remain but sent none".into()));
-            }
-            let mut previous = after;
-            for (seq, _) in &messages {
-                if *seq <= previous || *seq > bound {
-                    return Err(AppError::Misbehaving(format!(
-                        "it sent message {seq} after {previous} in a log it said ends at {bound}"
-                    )));
-                }
-                previous = *seq;
-            }
+            let mut log = GroupLog::new(group, after);
+            log.check(&messages, more, Some(bound)).map_err(|e| AppError::Misbehaving(e.to_string()))?;
             for (seq, bytes) in &messages {
                 bytes_read = bytes_read.saturating_add(bytes.len());
                 if !self.is_own(group, *seq)? {
                     let before = self.member.members(group);
-                    match self.member.receive(group, bytes) {
-                        Ok(r) => self.apply(group, *seq, r, &before, new)?,
-                        Err(e) => {
-                            let ours = self.member.epoch(group);
-                            let cause = self.member.unprocessed(group, bytes);
-                            let stuck =
-                                cause.is_some_and(|c| ours.is_none_or(|o| c.epoch > o || (c.commit && c.epoch == o)));
-                            match cause {
-                                Some(c) if stuck && !repaired => {
-                                    tracing::warn!(seq, "could not process a commit; rejoining the group: {e}");
-                                    let who = c.sender.map(|a| self.display(&a)).unwrap_or_else(|| "someone".into());
-                                    let why = if c.commit {
-                                        format!("{who}'s change at epoch {} could not be read", c.epoch)
-                                    } else {
-                                        format!("this device missed the group's changes up to epoch {}", c.epoch)
-                                    };
-                                    self.set_cursor(group, *seq)?;
-                                    repaired = true;
-                                    self.repair(conn, group, &why, new).await?;
-                                    acked = acked.max(self.cursor(group)?);
-                                    continue 'pages;
-                                }
-                                _ => tracing::warn!(seq, "could not process a message: {e}"),
-                            }
+                    match log.read(&mut self.member, *seq, bytes) {
+                        Read::Received { received, .. } => self.apply(group, *seq, received, &before, new)?,
+                        Read::Failed { cause: Some(c), stuck: true, error, .. } if !repaired => {
+                            tracing::warn!(seq, "could not process a commit; rejoining the group: {error}");
+                            let who = c.sender.map(|a| self.display(&a)).unwrap_or_else(|| "someone".into());
+                            let why = if c.commit {
+                                format!("{who}'s change at epoch {} could not be read", c.epoch)
+                            } else {
+                                format!("this device missed the group's changes up to epoch {}", c.epoch)
+                            };
+                            self.set_cursor(group, *seq)?;
+                            repaired = true;
+                            self.repair(conn, group, &why, new).await?;
+                            acked = acked.max(self.cursor(group)?);
+                            continue 'pages;
                         }
+                        Read::Failed { error, .. } => tracing::warn!(seq, "could not process a message: {error}"),
+                        Read::Own { .. } => {}
                     }
                 }
                 self.set_cursor(group, *seq)?;

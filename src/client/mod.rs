@@ -19,6 +19,7 @@ use crate::limits::{
     CLIENT_KEEP_ALIVE, CLIENT_MAX_RATE_LIMIT_WAIT, CLIENT_RATE_LIMIT_RETRIES, CLIENT_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
 };
 pub mod app;
+pub mod log;
 pub mod mls;
 pub mod screen;
 pub mod state;

@@ -7,6 +7,7 @@ use proptest::prelude::*;
 
 use super::memory::MemoryStore;
 use super::*;
+use crate::client::log::{all_received, GroupLog, Read};
 use crate::client::mls::{Commit, Member, Received};
 use crate::limits::CLAIM_BURST;
 use crate::wire::{ErrorCode, Request, Response};
@@ -21,10 +22,14 @@ struct Net {
 
 struct Client {
     member: Member,
-    /// Next sequence to read, per group.
-    cursor: HashMap<Vec<u8>, u64>,
-    /// Sequences this client sent (it cannot decrypt its own messages).
-    own: HashMap<Vec<u8>, Vec<u64>>,
+    /// Where it reads each group's log.
+    logs: HashMap<Vec<u8>, GroupLog>,
+}
+
+impl Client {
+    fn log(&mut self, group: &[u8]) -> &mut GroupLog {
+        self.logs.entry(group.to_vec()).or_insert_with(|| GroupLog::new(group, 0))
+    }
 }
 
 impl Net {
@@ -54,15 +59,19 @@ impl Net {
         let (_, _, member) = Member::generate().unwrap();
         self.store.accounts.insert(member.account());
         self.store.devices.insert(member.device(), member.account());
-        let c = Client { member, cursor: HashMap::new(), own: HashMap::new() };
+        let c = Client { member, logs: HashMap::new() };
         let packages = c.member.key_packages(3).unwrap();
         self.ok(&c, Request::PublishKeyPackages { packages, last_resort: Some(2) });
         c
     }
 
     fn req(&mut self, who: &Client, request: Request) -> Response {
+        self.req_as(Caller::of(who.member.certificate()), request)
+    }
+
+    fn req_as(&mut self, caller: Caller, request: Request) -> Response {
         self.now += 1;
-        let out = self.ds.handle(&mut self.store, Caller::of(who.member.certificate()), request, self.now);
+        let out = self.ds.handle(&mut self.store, caller, request, self.now);
         self.pushes.extend(out.notifications);
         out.response
     }
@@ -83,7 +92,7 @@ impl Net {
     fn create(&mut self, who: &mut Client) -> Vec<u8> {
         let g = who.member.create_group(&self.removal_key).unwrap();
         self.ok(who, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree });
-        who.cursor.insert(g.id.clone(), 0);
+        who.logs.insert(g.id.clone(), GroupLog::new(&g.id, 0));
         g.id
     }
 
@@ -107,7 +116,7 @@ impl Net {
     fn send_request(&mut self, who: &mut Client, request: Request) -> Response {
         let r = self.req(who, request);
         if let Response::Accepted { group, seq, .. } = &r {
-            who.own.entry(group.clone()).or_default().push(*seq);
+            who.log(group).sent(*seq);
         }
         r
     }
@@ -128,34 +137,28 @@ impl Net {
         // History starts after the commit that added us.
         let Response::Groups { groups } = self.ok(who, Request::ListGroups) else { panic!() };
         let g = groups.iter().find(|g| g.group == group).unwrap();
-        who.cursor.insert(group.clone(), g.acked_seq);
+        who.logs.insert(group.clone(), GroupLog::new(&group, g.acked_seq));
         group
     }
 
     /// Fetches and processes everything new; returns what was received.
     fn sync(&mut self, who: &mut Client, group: &[u8]) -> Vec<Received> {
-        let mut out = vec![];
-        loop {
-            let after = who.cursor.get(group).copied().unwrap_or(0);
-            let Response::Messages { messages, more, .. } =
-                self.ok(who, Request::Fetch { group: group.to_vec(), after, limit: 0 })
-            else {
-                panic!()
-            };
-            for (seq, m) in &messages {
-                assert!(*seq > after, "sequence numbers must increase");
-                if !who.own.get(group).is_some_and(|o| o.contains(seq)) {
-                    out.push(who.member.receive(group, m).unwrap());
-                }
-                who.cursor.insert(group.to_vec(), *seq);
-            }
-            if let Some((last, _)) = messages.last() {
-                self.ok(who, Request::Ack { group: group.to_vec(), seq: *last });
-            }
-            if !more {
-                return out;
-            }
-        }
+        all_received(self.read(who, group)).unwrap_or_else(|(seq, e)| panic!("message {seq} failed: {e}"))
+    }
+
+    /// Reads `group` to its end or to a message `who` cannot follow past.
+    fn read(&mut self, who: &mut Client, group: &[u8]) -> Vec<Read> {
+        let caller = Caller::of(who.member.certificate());
+        let mut log = who.log(group).clone();
+        let reads = log
+            .read_all(&mut who.member, |r| {
+                let response = self.req_as(caller, r);
+                assert!(!matches!(response, Response::Error { .. }), "{response:?}");
+                response
+            })
+            .expect("the server sends pages in order");
+        who.logs.insert(group.to_vec(), log);
+        reads
     }
 
     fn text(&mut self, who: &mut Client, group: &[u8], text: &str) -> u64 {
@@ -675,30 +678,18 @@ impl Net {
     /// Reads `group` like the app: a commit `who` cannot process makes it
     /// rejoin from the stored GroupInfo. Returns whether it rejoined.
     fn sync_repairing(&mut self, who: &mut Client, group: &[u8]) -> bool {
-        let after = who.cursor.get(group).copied().unwrap_or(0);
-        let Response::Messages { messages, .. } =
-            self.ok(who, Request::Fetch { group: group.to_vec(), after, limit: 0 })
+        if !self.read(who, group).last().is_some_and(Read::stuck) {
+            return false;
+        }
+        let Response::GroupInfo { group_info, ratchet_tree, .. } =
+            self.ok(who, Request::FetchGroupInfo { group: group.to_vec() })
         else {
             panic!()
         };
-        for (seq, m) in &messages {
-            who.cursor.insert(group.to_vec(), *seq);
-            if who.own.get(group).is_some_and(|o| o.contains(seq)) {
-                continue;
-            }
-            if who.member.receive(group, m).is_err() {
-                let Response::GroupInfo { group_info, ratchet_tree, .. } =
-                    self.ok(who, Request::FetchGroupInfo { group: group.to_vec() })
-                else {
-                    panic!()
-                };
-                let commit = who.member.resync(group, &group_info, ratchet_tree.as_deref()).unwrap();
-                let Response::Accepted { seq, .. } = self.commit(who, commit) else { panic!("resync refused") };
-                who.cursor.insert(group.to_vec(), seq);
-                return true;
-            }
-        }
-        false
+        let commit = who.member.resync(group, &group_info, ratchet_tree.as_deref()).unwrap();
+        let Response::Accepted { seq, .. } = self.commit(who, commit) else { panic!("resync refused") };
+        who.log(group).skip_to(seq);
+        true
     }
 }
 

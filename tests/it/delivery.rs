@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use hush::auth::{AccountId, Identity};
+use hush::client::log::{all_received, GroupLog};
 use hush::client::mls::{Member, Received};
 use hush::client::{ClientError, Connection};
 use hush::wire::{ErrorCode, Push};
@@ -15,8 +16,7 @@ struct User {
     id: Identity,
     conn: Connection,
     member: Member,
-    cursor: HashMap<Vec<u8>, u64>,
-    own: Vec<u64>,
+    logs: HashMap<Vec<u8>, GroupLog>,
 }
 
 impl User {
@@ -24,7 +24,12 @@ impl User {
         let (id, conn, member) = registered_member(server).await;
         let packages = member.key_packages(5).unwrap();
         conn.publish_key_packages(packages, Some(4)).await.unwrap();
-        Self { id, conn, member, cursor: HashMap::new(), own: vec![] }
+        Self { id, conn, member, logs: HashMap::new() }
+    }
+
+    /// This user's reading of `group`'s log.
+    fn log(&mut self, group: &[u8]) -> &mut GroupLog {
+        self.logs.entry(group.to_vec()).or_insert_with(|| GroupLog::new(group, 0))
     }
 
     fn account(&self) -> AccountId {
@@ -39,7 +44,7 @@ impl User {
         let removal_key = self.conn.status().await.unwrap().removal_key;
         let g = self.member.create_group(&removal_key).unwrap();
         self.conn.create_group(g.group_info, g.ratchet_tree).await.unwrap();
-        self.cursor.insert(g.id.clone(), 0);
+        self.logs.insert(g.id.clone(), GroupLog::new(&g.id, 0));
         g.id
     }
 
@@ -50,7 +55,7 @@ impl User {
         }
         let commit = self.member.add(group, &kps).unwrap();
         let (seq, _) = self.conn.commit(commit).await.unwrap();
-        self.own.push(seq);
+        self.log(group).sent(seq);
         self.member.merge_pending(group).unwrap();
     }
 
@@ -61,36 +66,22 @@ impl User {
         self.conn.ack_welcome(id).await.unwrap();
         let groups = self.conn.groups().await.unwrap();
         let g = groups.iter().find(|g| g.group == group).unwrap();
-        self.cursor.insert(group.clone(), g.acked_seq);
+        self.logs.insert(group.clone(), GroupLog::new(&group, g.acked_seq));
         group
     }
 
     async fn text(&mut self, group: &[u8], text: &str) -> Result<u64, ClientError> {
         let m = self.member.encrypt(group, text.as_bytes()).unwrap();
         let (seq, _) = self.conn.send(m, None).await?;
-        self.own.push(seq);
+        self.log(group).sent(seq);
         Ok(seq)
     }
 
     async fn sync(&mut self, group: &[u8]) -> Vec<Received> {
-        let mut out = vec![];
-        loop {
-            let after = self.cursor.get(group).copied().unwrap_or(0);
-            let (messages, more) = self.conn.fetch(group, after, 0).await.unwrap();
-            for (seq, m) in &messages {
-                assert!(*seq > after);
-                if !self.own.contains(seq) {
-                    out.push(self.member.receive(group, m).unwrap());
-                }
-                self.cursor.insert(group.to_vec(), *seq);
-            }
-            if let Some((last, _)) = messages.last() {
-                self.conn.ack(group, *last).await.unwrap();
-            }
-            if !more {
-                return out;
-            }
-        }
+        let mut log = self.log(group).clone();
+        let reads = log.read_all_over(&mut self.member, &self.conn, None).await.unwrap();
+        self.logs.insert(group.to_vec(), log);
+        all_received(reads).unwrap_or_else(|(seq, e)| panic!("message {seq} failed: {e}"))
     }
 }
 
@@ -126,7 +117,7 @@ async fn a_group_of_three_talks_adds_and_removes() {
 
     let commit = alice.member.remove(&g, &[carol.account()]).unwrap();
     let (seq, _) = alice.conn.commit(commit).await.unwrap();
-    alice.own.push(seq);
+    alice.log(&g).sent(seq);
     alice.member.merge_pending(&g).unwrap();
     alice.text(&g, "carol is gone").await.unwrap();
 
@@ -154,11 +145,11 @@ async fn concurrent_commits_exactly_one_wins_and_all_converge() {
     let (rb, rc) = tokio::join!(bob.conn.commit(bc), carol.conn.commit(cc));
     let (winner, loser, loser_result) = match (rb, rc) {
         (Ok((seq, _)), Err(e)) => {
-            bob.own.push(seq);
+            bob.log(&g).sent(seq);
             (&mut bob, &mut carol, e)
         }
         (Err(e), Ok((seq, _))) => {
-            carol.own.push(seq);
+            carol.log(&g).sent(seq);
             (&mut carol, &mut bob, e)
         }
         other => panic!("expected exactly one winner: {other:?}"),
@@ -169,7 +160,7 @@ async fn concurrent_commits_exactly_one_wins_and_all_converge() {
     loser.sync(&g).await;
     let retry = loser.member.commit_pending(&g).unwrap();
     let (seq, _) = loser.conn.commit(retry).await.unwrap();
-    loser.own.push(seq);
+    loser.log(&g).sent(seq);
     loser.member.merge_pending(&g).unwrap();
     winner.sync(&g).await;
     alice.sync(&g).await;

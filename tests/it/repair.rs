@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use hush::auth::{DeviceCertificate, DeviceId, Identity};
 use hush::client::app::App;
+use hush::client::log::{GroupLog, Read};
 use hush::client::mls::{Commit, Member};
 use hush::client::Connection;
 use hush::wire::ErrorCode;
@@ -32,24 +33,10 @@ async fn raw_member(server: &Hushd) -> (Identity, Connection, Member) {
     (account, conn, member)
 }
 
-/// Fetches and processes everything in `group` after `cursor`, skipping
-/// `own` sequences; returns the new cursor.
-async fn catch_up(conn: &Connection, member: &mut Member, group: &[u8], mut cursor: u64, own: &[u64]) -> u64 {
-    loop {
-        let (messages, more) = conn.fetch(group, cursor, 0).await.unwrap();
-        for (seq, m) in &messages {
-            if !own.contains(seq) {
-                member.receive(group, m).unwrap();
-            }
-            cursor = *seq;
-        }
-        if let Some((last, _)) = messages.last() {
-            conn.ack(group, *last).await.unwrap();
-        }
-        if !more {
-            return cursor;
-        }
-    }
+/// Reads everything in `group` after `cursor` with the library's reader.
+async fn catch_up(conn: &Connection, member: &mut Member, group: &[u8], cursor: u64) {
+    let reads = GroupLog::new(group, cursor).read_all_over(member, conn, None).await.unwrap();
+    assert!(!reads.iter().any(|r| matches!(r, Read::Failed { .. })), "{reads:?}");
 }
 
 /// The epoch authenticator a home holds for its group `name`.
@@ -80,7 +67,7 @@ async fn team(server: &Hushd, tmp: &Path) -> (PathBuf, PathBuf, Connection, Memb
     let group = mallory_mls.join(&welcomes[0].1).unwrap();
     mallory.ack_welcome(welcomes[0].0).await.unwrap();
     let start = mallory.groups().await.unwrap()[0].acked_seq;
-    catch_up(&mallory, &mut mallory_mls, &group, start, &[]).await;
+    catch_up(&mallory, &mut mallory_mls, &group, start).await;
     (alice, bob, mallory, mallory_mls, mallory_account, group)
 }
 
