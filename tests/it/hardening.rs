@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use hush::client::log::{GroupLog, Read};
 use hush::client::mls::{Commit, Member, Received};
 use hush::client::Connection;
 
@@ -96,22 +97,16 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
     }
 
     // Everything acknowledged is there, once, in order, and decrypts.
-    let mut stored: Vec<(u64, String)> = vec![];
-    let mut after = first_seq;
-    loop {
-        let (messages, more) = bob.fetch(&g.id, after, 0).await.unwrap();
-        for (seq, m) in messages {
-            assert!(seq > after, "sequence numbers must increase");
-            after = seq;
-            match bob_mls.receive(&g.id, &m).unwrap() {
-                Received::Application { data, .. } => stored.push((seq, String::from_utf8(data).unwrap())),
-                other => panic!("unexpected {other:?}"),
+    let reads = GroupLog::new(&g.id, first_seq).read_all_over(&mut bob_mls, &bob, None).await.unwrap();
+    let stored: Vec<(u64, String)> = reads
+        .into_iter()
+        .map(|r| match r {
+            Read::Received { seq, received: Received::Application { data, .. } } => {
+                (seq, String::from_utf8(data).unwrap())
             }
-        }
-        if !more {
-            break;
-        }
-    }
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
     assert!(acked.len() >= kills(), "too few writes to mean anything: {}", acked.len());
     for (seq, text) in &acked {
         let found: Vec<_> = stored.iter().filter(|(s, t)| s == seq && t == text).collect();
@@ -135,30 +130,30 @@ struct Peer {
     id: hush::auth::Identity,
     conn: Connection,
     mls: Member,
-    cursor: u64,
-    own: Vec<u64>,
+    /// Its reading of the test group's log.
+    log: GroupLog,
 }
 
 impl Peer {
     async fn new(server: &Hushd) -> Self {
         let (id, conn, mls) = registered_member(server).await;
         conn.publish_key_packages(mls.key_packages(3).unwrap(), Some(2)).await.unwrap();
-        Self { id, conn, mls, cursor: 0, own: vec![] }
+        Self { id, conn, mls, log: GroupLog::new(&[], 0) }
     }
 
-    async fn sync(&mut self, g: &[u8]) {
-        loop {
-            let (messages, more) = self.conn.fetch(g, self.cursor, 0).await.unwrap();
-            for (seq, m) in &messages {
-                if !self.own.contains(seq) {
-                    self.mls.receive(g, m).unwrap();
-                }
-                self.cursor = *seq;
-            }
-            if !more {
-                return;
-            }
-        }
+    /// Reads the group's log to its end (with the library's reader, which
+    /// also acknowledges); returns what was received, with sequences.
+    async fn sync(&mut self, g: &[u8]) -> Vec<(u64, Received)> {
+        assert_eq!(self.log.group(), g);
+        let reads = self.log.read_all_over(&mut self.mls, &self.conn, None).await.unwrap();
+        reads
+            .into_iter()
+            .filter_map(|r| match r {
+                Read::Received { seq, received } => Some((seq, received)),
+                Read::Own { .. } => None,
+                Read::Failed { seq, error, .. } => panic!("message {seq} failed: {error}"),
+            })
+            .collect()
     }
 }
 
@@ -169,7 +164,7 @@ async fn converse(peers: &mut [Peer], g: &[u8], rounds: usize) {
         for (i, p) in peers.iter_mut().enumerate() {
             let m = p.mls.encrypt(g, format!("{i}:{round}").as_bytes()).unwrap();
             let (seq, _) = p.conn.send(m, None).await.unwrap();
-            p.own.push(seq);
+            p.log.sent(seq);
         }
     }
     for p in peers.iter_mut() {
@@ -194,11 +189,11 @@ async fn group_of(server: &Hushd, n: usize) -> (Vec<Peer>, Vec<u8>) {
     let commit = peers[0].mls.add(&g.id, &kps).unwrap();
     let (seq, _) = peers[0].conn.commit(commit).await.unwrap();
     peers[0].mls.merge_pending(&g.id).unwrap();
-    peers[0].cursor = seq;
+    peers[0].log = GroupLog::new(&g.id, seq);
     for p in &mut peers[1..] {
         let w = p.conn.fetch_welcomes().await.unwrap();
         p.mls.join(&w[0].1).unwrap();
-        p.cursor = seq;
+        p.log = GroupLog::new(&g.id, seq);
     }
     (peers, g.id)
 }
@@ -232,7 +227,7 @@ async fn five_members_racing_commits_twenty_times_one_wins_each_epoch_and_all_co
         for (i, p) in peers.iter_mut().enumerate() {
             if i == w {
                 p.mls.merge_pending(&g).unwrap();
-                p.own.push(seq);
+                p.log.sent(seq);
             } else {
                 p.mls.discard_pending(&g).unwrap();
             }
@@ -311,7 +306,7 @@ async fn a_member_that_never_reads_pushes_costs_bounded_memory_and_resyncs() {
         let results = futures_join(batch.into_iter().map(|m| conn.send(m, None))).await;
         for r in results {
             let (seq, _) = r.unwrap();
-            peers[0].own.push(seq);
+            peers[0].log.sent(seq);
         }
     }
     let after = server.rss_kib();
@@ -322,19 +317,7 @@ async fn a_member_that_never_reads_pushes_costs_bounded_memory_and_resyncs() {
     // connection). Keeping every push (2500 x ~3.3 KB) would add ~8 MiB more.
     assert!(growth < 12 * 1024, "server memory grew by {growth} KiB");
     // The slow reader resyncs from its cursor and gets everything.
-    let reader = &mut peers[1];
-    let mut got = 0;
-    loop {
-        let (messages, more) = reader.conn.fetch(&g, reader.cursor, 0).await.unwrap();
-        for (seq, m) in &messages {
-            reader.mls.receive(&g, m).unwrap();
-            reader.cursor = *seq;
-            got += 1;
-        }
-        if !more {
-            break;
-        }
-    }
+    let got = peers[1].sync(&g).await.len();
     assert_eq!(got, total);
 }
 
@@ -454,23 +437,19 @@ async fn a_full_storage_quota_refuses_new_messages_keeps_the_stored_ones_and_rec
     assert_eq!(refusal.code(), Some(hush::wire::ErrorCode::QuotaExceeded), "{refusal}");
     assert!(refusal.to_string().contains("storage quota is full"), "{refusal}");
     assert!(accepted.len() > 50, "only {} messages fit", accepted.len());
-    peers[0].own.extend(accepted.iter().map(|(s, _)| *s));
-    // Reads are still served, and every accepted message is there, in order.
-    let reader = &mut peers[1];
-    let mut got = vec![];
-    loop {
-        let (messages, more) = reader.conn.fetch(&g, reader.cursor, 0).await.unwrap();
-        for (seq, m) in &messages {
-            match reader.mls.receive(&g, m).unwrap() {
-                Received::Application { data, .. } => got.push((*seq, String::from_utf8(data).unwrap())),
-                other => panic!("{other:?}"),
-            }
-            reader.cursor = *seq;
-        }
-        if !more {
-            break;
-        }
+    for (seq, _) in &accepted {
+        peers[0].log.sent(*seq);
     }
+    // Reads are still served, and every accepted message is there, in order.
+    let got: Vec<(u64, String)> = peers[1]
+        .sync(&g)
+        .await
+        .into_iter()
+        .map(|(seq, r)| match r {
+            Received::Application { data, .. } => (seq, String::from_utf8(data).unwrap()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
     assert_eq!(got, accepted);
     // Once every member has acknowledged them, the messages are deleted and
     // the space is usable again.
@@ -647,6 +626,7 @@ async fn a_member_cannot_grow_a_groups_state_without_bound() {
     assert!(e.to_string().contains("extensions"), "{e}");
     // Plain proposals, until the cap; the other group keeps working.
     let mut accepted = 0;
+    let mut last_sent = 0;
     let refusal = loop {
         let proposal = attacker.mls.update_proposal(&g.id, None).unwrap();
         match attacker.conn.send(proposal, None).await {
@@ -655,14 +635,15 @@ async fn a_member_cannot_grow_a_groups_state_without_bound() {
         }
         let m = honest[0].mls.encrypt(&hg, format!("still here {accepted}").as_bytes()).unwrap();
         let (seq, _) = honest[0].conn.send(m, None).await.unwrap();
-        honest[0].own.push(seq);
+        honest[0].log.sent(seq);
+        last_sent = seq;
         assert!(accepted <= hush::limits::MAX_PENDING_PROPOSALS, "no cap on pending proposals");
     };
     assert_eq!(refusal.code(), Some(ErrorCode::QuotaExceeded), "{refusal}");
     assert_eq!(accepted, hush::limits::MAX_PENDING_PROPOSALS);
     // The honest members read everything.
     honest[1].sync(&hg).await;
-    assert_eq!(honest[1].cursor, *honest[0].own.last().unwrap());
+    assert_eq!(honest[1].log.cursor(), last_sent);
 }
 
 /// Issue 13, finding 4 (second half): a removed member's group list showed
@@ -677,20 +658,20 @@ async fn a_removed_members_view_is_frozen_at_its_removal_and_then_gone() {
     let commit = peers[0].mls.remove(&g, &[carol]).unwrap();
     let (removed_at, _) = peers[0].conn.commit(commit).await.unwrap();
     peers[0].mls.merge_pending(&g).unwrap();
-    peers[0].own.push(removed_at);
+    peers[0].log.sent(removed_at);
     // The group moves on.
     for _ in 0..2 {
         let commit = peers[0].mls.commit_pending(&g).unwrap();
         let (seq, _) = peers[0].conn.commit(commit).await.unwrap();
         peers[0].mls.merge_pending(&g).unwrap();
-        peers[0].own.push(seq);
+        peers[0].log.sent(seq);
     }
     let view = peers[2].conn.groups().await.unwrap();
     assert_eq!(view.len(), 1);
     assert_eq!((view[0].epoch, view[0].last_seq, view[0].member), (removal_epoch, removed_at, false));
     // Carol reads up to her removal and acknowledges it: the group is gone.
     let carol = &mut peers[2];
-    let (messages, _) = carol.conn.fetch(&g, carol.cursor, 0).await.unwrap();
+    let (messages, _) = carol.conn.fetch(&g, carol.log.cursor(), 0).await.unwrap();
     assert_eq!(messages.last().map(|(s, _)| *s), Some(removed_at));
     carol.conn.ack(&g, removed_at).await.unwrap();
     assert!(carol.conn.groups().await.unwrap().is_empty());
