@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod client;
 pub mod config;

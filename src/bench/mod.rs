@@ -913,3 +913,21 @@ where
     let after = rss_kib()?;
     Ok(((after - before).max(0.0) / count.max(1) as f64, conns))
 }
+
+#[cfg(test)]
+mod tests {
+    /// Storage per message does not depend on the group's size (measured
+    /// with the benchmark's own scenario, on real MLS ciphertexts).
+    #[test]
+    fn bytes_per_message_do_not_depend_on_group_size() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let measure = |name: &str, size: usize| {
+            runtime.block_on(super::bytes_per_message(&dir.path().join(name), size, 600)).unwrap()
+        };
+        let two = measure("2.db", 2);
+        let fifty = measure("50.db", 50);
+        eprintln!("database bytes per message: group of 2: {two:.0}, group of 50: {fifty:.0}");
+        assert!(fifty <= two * 1.1 && two <= fifty * 1.1, "2: {two}, 50: {fifty}");
+    }
+}

@@ -205,6 +205,12 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+#[cfg(not(feature = "bench"))]
+fn bench(_quick: bool, _json: bool) -> Result<()> {
+    anyhow::bail!("this hushd was built without the benchmark (cargo feature `bench`, on by default)")
+}
+
+#[cfg(feature = "bench")]
 fn bench(quick: bool, json: bool) -> Result<()> {
     let settings = if quick { hush::bench::Settings::quick() } else { hush::bench::Settings::full() };
     let bar = indicatif::ProgressBar::new_spinner();

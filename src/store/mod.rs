@@ -108,17 +108,4 @@ mod tests {
         assert_eq!(ds.expire(&mut SqlStore::new(&db.conn), 2_000).unwrap(), 6);
         assert_eq!(SqlStore::new(&db.conn).log_len(&g.id).unwrap(), 0);
     }
-
-    #[test]
-    fn bytes_per_message_do_not_depend_on_group_size() {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let measure = |name: &str, size: usize| {
-            runtime.block_on(crate::bench::bytes_per_message(&dir.path().join(name), size, 600)).unwrap()
-        };
-        let two = measure("2.db", 2);
-        let fifty = measure("50.db", 50);
-        eprintln!("database bytes per message: group of 2: {two:.0}, group of 50: {fifty:.0}");
-        assert!(fifty <= two * 1.1 && two <= fifty * 1.1, "2: {two}, 50: {fifty}");
-    }
 }
