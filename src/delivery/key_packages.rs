@@ -1,0 +1,107 @@
+//! KeyPackages: uploads (validated, certified for the uploading device)
+//! and claims (one package per device of the claimed account, rate-limited
+//! per claimer).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use super::{mls, refuse, Caller, Delivery, NewKeyPackage, Outcome, Refusal, Storage};
+use crate::auth::AccountId;
+use crate::limits::{CLAIM_BURST, CLAIM_REFILL, MAX_DEVICES_PER_ACCOUNT, MAX_KEY_PACKAGES};
+use crate::util::TokenBucket;
+use crate::wire::{ErrorCode, Response};
+
+impl Delivery {
+    pub(super) fn publish<S: Storage>(
+        &mut self,
+        store: &mut S,
+        caller: &Caller,
+        packages: &[Vec<u8>],
+        last_resort: Option<u16>,
+        now: u64,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        if packages.is_empty() {
+            return Err(refuse(ErrorCode::InvalidKeyPackage, "no KeyPackages in the upload"));
+        }
+        let last_resort = last_resort.map(usize::from);
+        if last_resort.is_some_and(|i| i >= packages.len()) {
+            return Err(refuse(ErrorCode::Malformed, "the last-resort index is outside the upload"));
+        }
+        let mut new = Vec::with_capacity(packages.len());
+        let mut seen = BTreeSet::new();
+        for (i, data) in packages.iter().enumerate() {
+            let detail = u64::try_from(i).unwrap_or(u64::MAX);
+            let hash_ref = mls::validate_key_package(&self.crypto, data, &caller.account, &caller.device).map_err(
+                |e| match e {
+                    mls::KeyPackageError::Invalid(m) => Refusal::Client {
+                        code: ErrorCode::InvalidKeyPackage,
+                        detail,
+                        message: format!("KeyPackage {i}: {m}"),
+                    },
+                    mls::KeyPackageError::Credential(m) => Refusal::Client {
+                        code: ErrorCode::InvalidCredential,
+                        detail,
+                        message: format!("KeyPackage {i}: {m}"),
+                    },
+                },
+            )?;
+            if seen.insert(hash_ref.clone()) {
+                new.push(NewKeyPackage { hash_ref, data: data.clone(), last_resort: last_resort == Some(i) });
+            }
+        }
+        self.check_space(store)?;
+        let (held, _) = store.key_package_count(&caller.device)?;
+        let adding = new.iter().filter(|p| !p.last_resort).count();
+        let total = usize::try_from(held).unwrap_or(usize::MAX).saturating_add(adding);
+        if total > MAX_KEY_PACKAGES {
+            return Err(refuse(
+                ErrorCode::QuotaExceeded,
+                format!("at most {MAX_KEY_PACKAGES} KeyPackages per device; you hold {held}"),
+            ));
+        }
+        store.add_key_packages(&caller.account, &caller.device, &new, now)?;
+        let (count, last_resort) = store.key_package_count(&caller.device)?;
+        Ok(Outcome { response: Response::KeyPackageCount { count, last_resort }, notifications: vec![], wrote: true })
+    }
+
+    pub(super) fn claim<S: Storage>(
+        &mut self,
+        store: &mut S,
+        claimer: &AccountId,
+        target: &AccountId,
+        now: u64,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        let (rate, burst, now_s) = claim_bucket(now);
+        let bucket = self.claims.entry(*claimer).or_insert_with(|| TokenBucket::full(burst, now_s));
+        if let Err(wait) = bucket.refill(rate, burst, now_s) {
+            // Whole seconds, rounded up, at least one.
+            let wait = Duration::from_secs_f64(wait);
+            let wait = wait.as_secs().saturating_add(u64::from(wait.subsec_nanos() > 0)).max(1);
+            return Err(Refusal::Client {
+                code: ErrorCode::RateLimited,
+                detail: wait.saturating_mul(1000),
+                message: format!("too many KeyPackage claims; retry in {wait} s"),
+            });
+        }
+        let no_package = || refuse(ErrorCode::NoKeyPackage, "that account has no KeyPackage available");
+        if !store.account_exists(target)? {
+            return Err(no_package());
+        }
+        let mut packages = store.claim_key_packages(target, now)?;
+        if packages.is_empty() {
+            return Err(no_package());
+        }
+        packages.truncate(MAX_DEVICES_PER_ACCOUNT);
+        bucket.spend();
+        Ok(Outcome { response: Response::KeyPackages { packages }, notifications: vec![], wrote: true })
+    }
+}
+
+/// The claim bucket's (rate per second, burst) and `now` on its clock: a
+/// burst of [`CLAIM_BURST`], then one claim per [`CLAIM_REFILL`].
+pub(super) fn claim_bucket(now: u64) -> (f64, f64, f64) {
+    let refill = CLAIM_REFILL.as_secs_f64().max(1.0);
+    #[allow(clippy::cast_precision_loss)] // Unix seconds fit an f64 exactly for 285 million years.
+    let now = now as f64;
+    (1.0 / refill, f64::from(CLAIM_BURST), now)
+}

@@ -1,0 +1,36 @@
+//! Retention: deleting what every member who still needs it has read, and
+//! what is older than the retention period.
+
+use super::key_packages::claim_bucket;
+use super::{Delivery, Refusal, Storage};
+
+impl Delivery {
+    /// Deletes messages every member who still needs them has acknowledged.
+    pub(super) fn delete_acknowledged<S: Storage>(
+        &mut self,
+        store: &mut S,
+        group: &[u8],
+    ) -> Result<(), Refusal<S::Error>> {
+        let mut floor = u64::MAX;
+        for (_, m) in store.members(group)? {
+            match m.left_at {
+                None => floor = floor.min(m.acked.max(m.joined_after)),
+                // A removed member is owed the messages up to its removal.
+                Some(left) if m.acked < left => floor = floor.min(m.acked.max(m.joined_after)),
+                Some(_) => {}
+            }
+        }
+        if floor != u64::MAX && floor > 0 {
+            store.delete_messages_upto(group, floor)?;
+        }
+        Ok(())
+    }
+
+    /// Expires messages, Welcomes and claim records past retention, and
+    /// forgets idle rate-limit buckets. Returns rows deleted.
+    pub fn expire<S: Storage>(&mut self, store: &mut S, now: u64) -> Result<u64, S::Error> {
+        let (rate, burst, now_s) = claim_bucket(now);
+        self.claims.retain(|_, b| !b.is_full(rate, burst, now_s));
+        store.expire(now.saturating_sub(self.retention_secs))
+    }
+}
