@@ -167,6 +167,18 @@ impl Scene {
         let ids = tokio::task::block_in_place(|| homes.iter().map(|h| register(&server, h, &evil.address)).collect());
         Self { _tmp: tmp, server, homes, ids, mode, _evil: evil }
     }
+
+    /// The first home creates group "team" with the second in it (who has
+    /// joined).
+    fn team(&self) {
+        let (alice, bob) = (&self.homes[0], &self.homes[1]);
+        tokio::task::block_in_place(|| {
+            ok(hush(alice, &["contact", "add", "bob", &self.ids[1]]));
+            ok(hush(alice, &["group", "create", "team"]));
+            ok(hush(alice, &["group", "add", "team", "bob"]));
+            ok(hush(bob, &["sync"]));
+        });
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,15 +352,10 @@ async fn registration_needs_a_certificate_for_the_connections_own_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_never_ends_a_page_or_jumps_to_the_last_sequence_cannot_hang_or_pin_the_client() {
     let s = Scene::start(&["alice", "bob"]).await;
-    let (mode, ids) = (&s.mode, &s.ids);
+    let mode = &s.mode;
     let (alice, bob) = (&s.homes[0], &s.homes[1]);
-    tokio::task::block_in_place(|| {
-        ok(hush(alice, &["contact", "add", "bob", &ids[1]]));
-        ok(hush(alice, &["group", "create", "team"]));
-        ok(hush(alice, &["group", "add", "team", "bob"]));
-        ok(hush(bob, &["sync"]));
-        ok(hush(alice, &["send", "team", "first"]));
-    });
+    s.team();
+    tokio::task::block_in_place(|| ok(hush(alice, &["send", "team", "first"])));
     for (m, what) in [
         (Mode::EndlessPages, "said more messages remain but sent none"),
         (Mode::HugeSequence, "message 18446744073709551615"),
@@ -376,12 +383,7 @@ async fn a_server_cannot_use_group_repair_to_slip_a_forged_tree_under_a_member()
     let s = Scene::start(&["alice", "bob"]).await;
     let (server, mode, ids) = (&s.server, &s.mode, &s.ids);
     let (alice, bob) = (&s.homes[0], &s.homes[1]);
-    tokio::task::block_in_place(|| {
-        ok(hush(alice, &["contact", "add", "bob", &ids[1]]));
-        ok(hush(alice, &["group", "create", "team"]));
-        ok(hush(alice, &["group", "add", "team", "bob"]));
-        ok(hush(bob, &["sync"]));
-    });
+    s.team();
     let group = {
         let key = Identity::load(&bob.join("device.key")).unwrap();
         let app = hush::client::app::App::open(bob, key, server.address.clone()).unwrap();
