@@ -44,8 +44,7 @@ fn main() {
     let mut members: Vec<Member> = (0..3)
         .map(|_| {
             let (_, _, m) = Member::generate().unwrap();
-            store.accounts.insert(m.account());
-            store.devices.insert(m.device(), m.account());
+            store.enrol(m.certificate());
             m
         })
         .collect();

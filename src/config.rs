@@ -222,6 +222,7 @@ impl ServerConfig {
             max_members_per_group: self.max_members_per_group,
             max_log_per_group: self.max_log_per_group,
             max_database_bytes: self.max_database_mb.saturating_mul(1024 * 1024),
+            invite_required: !self.open_registration,
         }
     }
 

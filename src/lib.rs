@@ -6,14 +6,16 @@
 //! * [`wire`]: the protocol's frames and their pure, non-panicking codecs.
 //! * [`auth`]: keys, certificates, fingerprints, addresses, invite tokens,
 //!   and the TLS configuration that authenticates both ends.
-//! * [`delivery`]: the Delivery Service rules, sans-IO: a request, an
-//!   authenticated device and the time in; a response and the pushes out;
-//!   storage behind a trait.
-//! * [`store`]: SQLite persistence: the delivery storage on a connection,
-//!   accounts, devices and invites, schema migrations, maintenance.
-//! * [`server`]: the QUIC listener, per-connection sessions, admission
-//!   limits and graceful shutdown (`hushd`); [`server::engine`] runs the
-//!   delivery core on the database's writer and reader threads.
+//! * [`delivery`]: the Delivery Service rules, sans-IO: a request, who
+//!   sends it (a registered device or a key registering) and the time in;
+//!   a response and the pushes out. Everything the server persists sits
+//!   behind one trait ([`delivery::Storage`]), units of work behind
+//!   [`delivery::storage::Backend`].
+//! * [`store`]: both traits on SQLite, schema migrations, maintenance.
+//! * [`server`]: the QUIC listener, per-connection sessions (transport:
+//!   memory budgets, rate limits, `Ping`), admission limits and graceful
+//!   shutdown (`hushd`); [`server::engine`] runs the delivery core on any
+//!   backend's writer and reader threads (group commit).
 //! * [`client`]: connecting, authenticating and making requests (`hush`,
 //!   tests).
 //! * [`config`] and [`limits`]: every tunable value and hard cap.

@@ -213,8 +213,7 @@ fn setup() -> World {
     let (accounts, members): (Vec<Identity>, Vec<Member>) = (1..=5u8)
         .map(|_| {
             let (account, _, m) = Member::generate().expect("member");
-            store.accounts.insert(m.account());
-            store.devices.insert(m.device(), m.account());
+            store.enrol(m.certificate());
             (account, m)
         })
         .unzip();

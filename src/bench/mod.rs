@@ -30,8 +30,8 @@ use crate::auth::{HushAddress, Identity};
 use crate::client::mls::Member;
 use crate::client::{Connection, PushStream};
 use crate::config::ServerConfig;
-use crate::delivery::Caller;
 use crate::delivery::Quotas;
+use crate::delivery::{Caller, Origin};
 use crate::server::engine::Engine;
 use crate::server::Server;
 use crate::util::now_unix;
@@ -371,8 +371,7 @@ pub fn commit_cost(size: usize, commits: usize) -> Result<(f64, f64), BenchError
     let mut members = Vec::with_capacity(size);
     for _ in 0..size.max(2) {
         let (_, _, m) = Member::generate().map_err(fail)?;
-        store.accounts.insert(m.account());
-        store.devices.insert(m.device(), m.account());
+        store.enrol(m.certificate());
         members.push(m);
     }
     let mut now = 1_000_000;
@@ -572,15 +571,22 @@ fn encrypt_many(member: &mut Member, group: &[u8], count: usize) -> Result<Vec<V
 
 /// A store on its own database with two registered accounts in one group.
 async fn store_with_group(path: &Path, size: usize) -> Result<(Engine, Vec<u8>, Member), BenchError> {
-    let quotas = Quotas { max_log_per_group: u64::MAX, max_database_bytes: u64::MAX, ..Quotas::default() };
+    let quotas = Quotas {
+        max_log_per_group: u64::MAX,
+        max_database_bytes: u64::MAX,
+        invite_required: false,
+        ..Quotas::default()
+    };
     let removal_key = Identity::generate().map_err(fail)?.public_key();
     let store = Engine::open(path, quotas, removal_key).map_err(fail)?;
     let mut members = vec![];
     for _ in 0..size {
         let (_, _, member) = Member::generate().map_err(fail)?;
-        let cert = member.certificate().clone();
-        let now = now_unix();
-        store.call(move |db| db.register(&cert, None, false, now)).await.map_err(fail)?.map_err(fail)?;
+        let register = Request::Register { invite: None, certificate: member.certificate().encode() };
+        match store.deliver(Origin::Stranger(member.device()), register, now_unix()).await.map_err(fail)?.response {
+            Response::Registered { .. } => {}
+            other => return Err(BenchError(format!("registration: unexpected {} response", other.kind()))),
+        }
         members.push(member);
     }
     let via = ViaStore { store: &store, callers: members.iter().map(|m| Caller::of(m.certificate())).collect() };
@@ -662,21 +668,8 @@ async fn store_send(store: &Engine, account: Caller, message: Vec<u8>) -> Result
 /// checkpointed before measuring).
 pub async fn bytes_per_message(path: &Path, size: usize, messages: usize) -> Result<f64, BenchError> {
     let (store, group, mut first) = store_with_group(path, size).await?;
-    let size_of = |store: Engine| async move {
-        store
-            .call(|db| {
-                db.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
-                db.conn.query_row(
-                    "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
-                    [],
-                    |r| r.get::<_, i64>(0),
-                )
-            })
-            .await
-            .map_err(fail)?
-            .map_err(fail)
-    };
-    let before = size_of(store.clone()).await?;
+    let size_of = || crate::store::maintenance::checkpointed_size(path).map_err(fail);
+    let before = size_of()?;
     let account = Caller::of(first.certificate());
     let batch = encrypt_many(&mut first, &group, messages)?;
     let s = store.clone();
@@ -685,17 +678,9 @@ pub async fn bytes_per_message(path: &Path, size: usize, messages: usize) -> Res
         async move { store_send(&store, account, m).await }
     })
     .await?;
-    let after = size_of(store.clone()).await?;
-    let g = group.clone();
-    let stored: i64 = store
-        .call(move |db| {
-            db.conn.query_row("SELECT count(*) FROM log l JOIN groups g ON g.gid = l.gid WHERE g.id = ?1", [g], |r| {
-                r.get(0)
-            })
-        })
-        .await
-        .map_err(fail)?
-        .map_err(fail)?;
+    let after = size_of()?;
+    // The database holds this one group.
+    let stored = crate::store::maintenance::check(path).map_err(fail)?.messages;
     let expected = messages + usize::from(size > 1);
     if usize::try_from(stored).ok() != Some(expected) {
         return Err(BenchError(format!("{stored} messages stored, expected {expected}")));

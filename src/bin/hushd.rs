@@ -155,7 +155,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Accounts => {
-            let db = open_existing(&dir)?;
+            let mut db = open_existing(&dir)?;
             let accounts = db.accounts()?;
             for a in &accounts {
                 out!("{}  registered {}", a.account, format_unix(a.created_at));
@@ -189,7 +189,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Invites => {
-            let db = open_existing(&dir)?;
+            let mut db = open_existing(&dir)?;
             let now = now_unix();
             for i in db.invites()? {
                 let state = match i.expires_at {

@@ -86,7 +86,7 @@ impl Delivery {
         store.insert_group(&group, epoch, &state, now)?;
         store.set_group_info(&group, group_info)?;
         store.add_member(&group, &caller.device, &caller.account, 0)?;
-        Ok(Outcome { response: Response::Accepted { group, seq: 0, epoch }, notifications: vec![], wrote: true })
+        Ok(Outcome::wrote(Response::Accepted { group, seq: 0, epoch }, vec![]))
     }
 
     pub(super) fn send<S: Storage>(
@@ -132,11 +132,10 @@ impl Delivery {
                 }
                 let seq = store.append(&group, epoch, &bytes, now)?;
                 let recipients = self.roster(store, &group, epoch)?;
-                Ok(Outcome {
-                    response: Response::Accepted { group: group.clone(), seq, epoch },
-                    notifications: vec![Notification::Message { group, seq, message: bytes, recipients }],
-                    wrote: true,
-                })
+                Ok(Outcome::wrote(
+                    Response::Accepted { group: group.clone(), seq, epoch },
+                    vec![Notification::Message { group, seq, message: bytes, recipients }],
+                ))
             }
             mls::Kind::Commit | mls::Kind::Proposal => {
                 // Only handshakes need the public state.
@@ -233,16 +232,15 @@ impl Delivery {
                 check_state_size(&state)?;
                 let seq = store.append(group, record.epoch, &bytes, now)?;
                 store.update_group(group, record.epoch, &state)?;
-                Ok(Outcome {
-                    response: Response::Accepted { group: group.to_vec(), seq, epoch: record.epoch },
-                    notifications: vec![Notification::Message {
+                Ok(Outcome::wrote(
+                    Response::Accepted { group: group.to_vec(), seq, epoch: record.epoch },
+                    vec![Notification::Message {
                         group: group.to_vec(),
                         seq,
                         message: bytes,
                         recipients: before.into(),
                     }],
-                    wrote: true,
-                })
+                ))
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
                 match sender {
@@ -380,11 +378,7 @@ impl Delivery {
                     0,
                     Notification::Message { group: group.to_vec(), seq, message: bytes, recipients: before.into() },
                 );
-                Ok(Outcome {
-                    response: Response::Accepted { group: group.to_vec(), seq, epoch },
-                    notifications,
-                    wrote: true,
-                })
+                Ok(Outcome::wrote(Response::Accepted { group: group.to_vec(), seq, epoch }, notifications))
             }
             _ => Err(refuse(ErrorCode::InvalidMessage, "expected a commit or a proposal")),
         }

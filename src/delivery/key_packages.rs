@@ -61,7 +61,7 @@ impl Delivery {
         }
         store.add_key_packages(&caller.account, &caller.device, &new, now)?;
         let (count, last_resort) = store.key_package_count(&caller.device)?;
-        Ok(Outcome { response: Response::KeyPackageCount { count, last_resort }, notifications: vec![], wrote: true })
+        Ok(Outcome::wrote(Response::KeyPackageCount { count, last_resort }, vec![]))
     }
 
     pub(super) fn claim<S: Storage>(
@@ -93,7 +93,7 @@ impl Delivery {
         }
         packages.truncate(MAX_DEVICES_PER_ACCOUNT);
         bucket.spend();
-        Ok(Outcome { response: Response::KeyPackages { packages }, notifications: vec![], wrote: true })
+        Ok(Outcome::wrote(Response::KeyPackages { packages }, vec![]))
     }
 }
 

@@ -1,12 +1,14 @@
 //! An in-memory [`Storage`] for unit tests and fuzzing. Same semantics as
 //! the SQLite store, none of its durability.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 
-use super::storage::{GroupRecord, Membership, Messages, NewKeyPackage, Page, Storage};
-use crate::auth::{AccountId, DeviceId};
-use crate::wire::GroupSummary;
+use super::storage::{
+    AccountRecord, DeviceRecord, GroupListing, GroupRecord, InviteRecord, Membership, Messages, NewKeyPackage, Page,
+    Storage,
+};
+use crate::auth::{AccountId, DeviceCertificate, DeviceId};
 
 #[derive(Debug, Clone)]
 struct StoredPackage {
@@ -27,9 +29,9 @@ struct Group {
 /// Everything in hash maps.
 #[derive(Debug, Default, Clone)]
 pub struct MemoryStore {
-    pub accounts: HashSet<AccountId>,
-    /// Registered devices and their accounts.
-    pub devices: BTreeMap<DeviceId, AccountId>,
+    accounts: BTreeMap<AccountId, u64>,
+    devices: BTreeMap<DeviceId, DeviceRecord>,
+    invites: BTreeMap<[u8; 8], InviteRecord>,
     packages: HashMap<DeviceId, Vec<StoredPackage>>,
     claimed: HashMap<Vec<u8>, (AccountId, DeviceId, u64)>,
     groups: BTreeMap<Vec<u8>, Group>,
@@ -38,6 +40,16 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
+    /// Registers the certificate's account (if new) and device, as a
+    /// registration would (for setting up tests).
+    pub fn enrol(&mut self, certificate: &DeviceCertificate) {
+        self.accounts.entry(certificate.account).or_insert(0);
+        self.devices.insert(
+            certificate.device,
+            DeviceRecord { account: certificate.account, certificate: certificate.encode(), created_at: 0 },
+        );
+    }
+
     /// Messages stored for `group` (for invariant checks).
     pub fn log(&self, group: &[u8]) -> Vec<u64> {
         self.groups.get(group).map(|g| g.log.keys().copied().collect()).unwrap_or_default()
@@ -58,7 +70,53 @@ impl Storage for MemoryStore {
     type Error = Infallible;
 
     fn account_exists(&mut self, account: &AccountId) -> Result<bool, Infallible> {
-        Ok(self.accounts.contains(account))
+        Ok(self.accounts.contains_key(account))
+    }
+
+    fn accounts(&mut self) -> Result<Vec<AccountRecord>, Infallible> {
+        let mut all: Vec<_> =
+            self.accounts.iter().map(|(a, t)| AccountRecord { account: *a, created_at: *t }).collect();
+        all.sort_by_key(|r| (r.created_at, r.account));
+        Ok(all)
+    }
+
+    fn insert_account(&mut self, account: &AccountId, _invite: Option<[u8; 8]>, now: u64) -> Result<(), Infallible> {
+        self.accounts.insert(*account, now);
+        Ok(())
+    }
+
+    fn device(&mut self, device: &DeviceId) -> Result<Option<DeviceRecord>, Infallible> {
+        Ok(self.devices.get(device).cloned())
+    }
+
+    fn insert_device(&mut self, device: &DeviceId, record: &DeviceRecord) -> Result<(), Infallible> {
+        self.devices.insert(*device, record.clone());
+        Ok(())
+    }
+
+    fn insert_invite(&mut self, invite: &InviteRecord) -> Result<(), Infallible> {
+        self.invites.insert(invite.id, invite.clone());
+        Ok(())
+    }
+
+    fn invite(&mut self, id: &[u8; 8]) -> Result<Option<InviteRecord>, Infallible> {
+        Ok(self.invites.get(id).cloned())
+    }
+
+    fn spend_invite(&mut self, id: &[u8; 8]) -> Result<bool, Infallible> {
+        Ok(match self.invites.get_mut(id) {
+            Some(i) if i.uses_left > 0 => {
+                i.uses_left -= 1;
+                true
+            }
+            _ => false,
+        })
+    }
+
+    fn invites(&mut self) -> Result<Vec<InviteRecord>, Infallible> {
+        let mut all: Vec<_> = self.invites.values().cloned().collect();
+        all.sort_by_key(|i| std::cmp::Reverse(i.created_at));
+        Ok(all)
     }
 
     fn key_package_count(&mut self, owner: &DeviceId) -> Result<(u32, bool), Infallible> {
@@ -88,7 +146,8 @@ impl Storage for MemoryStore {
     }
 
     fn claim_key_packages(&mut self, account: &AccountId, now: u64) -> Result<Vec<Vec<u8>>, Infallible> {
-        let devices: Vec<DeviceId> = self.devices.iter().filter(|(_, a)| *a == account).map(|(d, _)| *d).collect();
+        let devices: Vec<DeviceId> =
+            self.devices.iter().filter(|(_, r)| r.account == *account).map(|(d, _)| *d).collect();
         let mut out = Vec::new();
         for device in devices {
             let Some(list) = self.packages.get_mut(&device) else { continue };
@@ -256,17 +315,17 @@ impl Storage for MemoryStore {
         Ok(false)
     }
 
-    fn groups_of(&mut self, device: &DeviceId, limit: usize) -> Result<Vec<GroupSummary>, Infallible> {
+    fn groups_of(&mut self, device: &DeviceId, limit: usize) -> Result<Vec<GroupListing>, Infallible> {
         Ok(self
             .groups
             .iter()
             .filter_map(|(id, g)| {
-                g.members.get(device).map(|m| GroupSummary {
+                g.members.get(device).map(|m| GroupListing {
                     group: id.clone(),
                     epoch: g.left_epochs.get(device).copied().unwrap_or(g.record.epoch),
                     last_seq: m.left_at.unwrap_or(g.record.last_seq),
-                    acked_seq: m.acked,
-                    member: m.is_current(),
+                    acked: m.acked,
+                    current: m.is_current(),
                 })
             })
             .take(limit)

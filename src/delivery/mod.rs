@@ -1,13 +1,20 @@
 //! The Delivery Service rules (RFC 9750), sans-IO.
 //!
-//! [`Delivery::handle`] takes an authenticated device ([`Caller`]), a
-//! decoded request and the current time, runs it against a [`Storage`], and returns the
-//! response plus the [`Notification`]s to push. It knows no sockets and
-//! reads no clock; the server calls it on its storage thread, the unit
-//! tests and the fuzzer on a [`memory::MemoryStore`].
+//! [`Delivery::handle`] takes who sends ([`Origin`]: a registered device,
+//! or a key that is not one yet), a decoded request and the current time,
+//! runs it against a [`Storage`], and returns the response plus the
+//! [`Notification`]s to push. It knows no sockets and reads no clock; the
+//! server calls it on its storage threads, the unit tests and the fuzzer on
+//! a [`memory::MemoryStore`]. Every request kind is answered here, except
+//! `Ping`, which the connection answers itself (it measures the transport).
 //!
 //! # Rules
 //!
+//! * **Registration**: a key that is not a registered device may only
+//!   `Register`, with a device certificate for exactly that key; an invite
+//!   is required unless the operator opened registration ([`Quotas`]), and
+//!   one of its uses is spent in the same unit of work that creates the
+//!   account.
 //! * **Credentials**: every leaf's BasicCredential identity is a device
 //!   certificate ([`crate::auth::device`]) that must verify under the
 //!   account key it names and certify the leaf's signature key. The core
@@ -64,6 +71,7 @@
 //!   every removed member still owed its removal) acknowledged it, or when
 //!   retention expires; a Welcome when acknowledged or expired.
 
+mod accounts;
 mod groups;
 mod key_packages;
 pub mod memory;
@@ -79,7 +87,7 @@ use openmls_rust_crypto::RustCrypto;
 use crate::auth::{AccountId, DeviceCertificate, DeviceId};
 use crate::limits::{FETCH_BYTE_BUDGET, MAX_CACHED_ROSTERS, MAX_FETCH_ENTRIES, MAX_GROUPS_LISTED};
 use crate::util::TokenBucket;
-use crate::wire::{ErrorCode, Request, Response};
+use crate::wire::{ErrorCode, GroupSummary, Request, Response};
 use groups::load_public;
 
 pub use storage::{GroupRecord, Membership, NewKeyPackage, SendContext, Storage};
@@ -96,6 +104,25 @@ impl Caller {
     /// The caller a verified certificate describes.
     pub fn of(cert: &DeviceCertificate) -> Self {
         Self { account: cert.account, device: cert.device }
+    }
+}
+
+/// What a key that is not a registered device is told when it asks for
+/// anything but registration.
+pub const NOT_REGISTERED: &str = "this key is not a registered device on this server; register with an invite first";
+
+/// Who sends a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A key that is not a registered device (yet).
+    Stranger(DeviceId),
+    /// A registered device.
+    Device(Caller),
+}
+
+impl From<Caller> for Origin {
+    fn from(caller: Caller) -> Self {
+        Origin::Device(caller)
     }
 }
 
@@ -116,6 +143,26 @@ pub struct Outcome {
     pub notifications: Vec<Notification>,
     /// False when the request changed nothing (the caller may roll back).
     pub wrote: bool,
+    /// Set by a successful `Register`: the connection now acts as this
+    /// device.
+    pub registered: Option<Caller>,
+}
+
+impl Outcome {
+    /// A response to a request that changed nothing.
+    pub fn reply(response: Response) -> Self {
+        Self { response, notifications: vec![], wrote: false, registered: None }
+    }
+
+    /// A response to a request that wrote, and what to push once durable.
+    pub fn wrote(response: Response, notifications: Vec<Notification>) -> Self {
+        Self { response, notifications, wrote: true, registered: None }
+    }
+
+    /// The answer to a request that failed on the server's side.
+    pub fn internal() -> Self {
+        Self::reply(Response::error(ErrorCode::Internal, "internal server error; nothing was changed"))
+    }
 }
 
 /// Why a request was refused, or failed.
@@ -147,6 +194,8 @@ pub struct Quotas {
     pub max_members_per_group: u64,
     pub max_log_per_group: u64,
     pub max_database_bytes: u64,
+    /// Registration needs an invite (false: anyone may register).
+    pub invite_required: bool,
 }
 
 impl Default for Quotas {
@@ -158,6 +207,7 @@ impl Default for Quotas {
             max_members_per_group: u64::from(DEFAULT_MAX_MEMBERS_PER_GROUP),
             max_log_per_group: DEFAULT_MAX_LOG_PER_GROUP,
             max_database_bytes: DEFAULT_MAX_DATABASE_MB.saturating_mul(1024 * 1024),
+            invite_required: true,
         }
     }
 }
@@ -253,14 +303,25 @@ impl Delivery {
         )
     }
 
-    /// Handles one request from a registered device at time `now`.
-    pub fn handle<S: Storage>(&mut self, store: &mut S, caller: Caller, request: Request, now: u64) -> Outcome {
+    /// Handles one request at time `now`.
+    pub fn handle<S: Storage>(
+        &mut self,
+        store: &mut S,
+        origin: impl Into<Origin>,
+        request: Request,
+        now: u64,
+    ) -> Outcome {
         let kind = request.kind();
-        match self.dispatch(store, caller, request, now) {
-            Ok(outcome) => outcome,
-            Err(Refusal::Client { code, detail, message }) => {
-                Outcome { response: Response::Error { code, detail, message }, notifications: vec![], wrote: false }
+        let result = match (origin.into(), request) {
+            (Origin::Stranger(device), Request::Register { invite, certificate }) => {
+                self.register(store, device, invite.as_deref(), &certificate, now)
             }
+            (Origin::Stranger(_), _) => Err(refuse(ErrorCode::NotRegistered, NOT_REGISTERED)),
+            (Origin::Device(caller), request) => self.dispatch(store, caller, request, now),
+        };
+        match result {
+            Ok(outcome) => outcome,
+            Err(Refusal::Client { code, detail, message }) => Outcome::reply(Response::Error { code, detail, message }),
             Err(Refusal::Storage(e)) => internal(kind, &e.to_string()),
             Err(Refusal::Internal(e)) => internal(kind, &e),
         }
@@ -273,13 +334,16 @@ impl Delivery {
         request: Request,
         now: u64,
     ) -> Result<Outcome, Refusal<S::Error>> {
-        let reply = |response| Ok(Outcome { response, notifications: vec![], wrote: false });
+        let reply = |response| Ok(Outcome::reply(response));
         let device = caller.device;
         match request {
-            Request::Ping { nonce } => reply(Response::Pong { nonce }),
-            Request::Status | Request::Register { .. } => {
-                Err(Refusal::Internal("registration requests are handled by the session".into()))
+            Request::Ping { .. } => {
+                Err(refuse(ErrorCode::UnknownRequest, "Ping is answered by the connection, not the Delivery Service"))
             }
+            Request::Register { invite, certificate } => {
+                self.register(store, device, invite.as_deref(), &certificate, now)
+            }
+            Request::Status => self.status(store, &caller, now),
             Request::PublishKeyPackages { packages, last_resort } => {
                 self.publish(store, &caller, &packages, last_resort, now)
             }
@@ -319,7 +383,7 @@ impl Delivery {
                     store.set_acked(&group, &device, seq)?;
                     self.delete_acknowledged(store, &group)?;
                 }
-                Ok(Outcome { response: Response::Done, notifications: vec![], wrote: true })
+                Ok(Outcome::wrote(Response::Done, vec![]))
             }
             Request::FetchWelcomes => {
                 let welcomes = store.welcomes(&device, MAX_FETCH_ENTRIES, FETCH_BYTE_BUDGET)?;
@@ -327,9 +391,22 @@ impl Delivery {
             }
             Request::AckWelcome { id } => {
                 store.delete_welcome(&device, id)?;
-                Ok(Outcome { response: Response::Done, notifications: vec![], wrote: true })
+                Ok(Outcome::wrote(Response::Done, vec![]))
             }
-            Request::ListGroups => reply(Response::Groups { groups: store.groups_of(&device, MAX_GROUPS_LISTED)? }),
+            Request::ListGroups => {
+                let groups = store.groups_of(&device, MAX_GROUPS_LISTED)?;
+                let groups = groups
+                    .into_iter()
+                    .map(|g| GroupSummary {
+                        group: g.group,
+                        epoch: g.epoch,
+                        last_seq: g.last_seq,
+                        acked_seq: g.acked,
+                        member: g.current,
+                    })
+                    .collect();
+                reply(Response::Groups { groups })
+            }
             Request::FetchGroupInfo { group } => {
                 store.membership(&group, &device)?.filter(Membership::is_current).ok_or_else(not_member)?;
                 let group_info = store.group_info(&group)?.ok_or_else(|| {
@@ -362,11 +439,7 @@ impl Delivery {
 
 fn internal(kind: &str, detail: &str) -> Outcome {
     tracing::warn!(request = kind, "internal error: {detail}");
-    Outcome {
-        response: Response::error(ErrorCode::Internal, "internal server error; nothing was changed"),
-        notifications: vec![],
-        wrote: false,
-    }
+    Outcome::internal()
 }
 
 #[cfg(test)]

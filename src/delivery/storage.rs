@@ -1,12 +1,14 @@
-//! The narrow storage interface the Delivery Service core needs.
+//! Everything the server persists, behind one interface.
 //!
-//! Implementations: [`super::memory::MemoryStore`] (unit tests, fuzzing)
-//! and the SQLite store in [`crate::store`]. The core calls these methods
-//! inside one unit of work per request; the SQLite implementation wraps each
+//! [`Storage`] covers accounts, devices, invites, KeyPackages, groups, the
+//! log, the Welcome inbox and cursors, with its own row types (no protocol
+//! frames). Implementations: [`super::memory::MemoryStore`] (unit tests,
+//! fuzzing) and the SQLite store in [`crate::store`]. The core calls these
+//! methods inside one unit of work per request; a [`Backend`] says how units
+//! of work begin and end (the engine, [`crate::server::engine`], wraps each
 //! request in a savepoint inside a batched transaction, so a request either
 //! applies all of its writes or none, and is acknowledged only after the
-//! transaction commits. A PostgreSQL implementation would map the same
-//! calls onto one transaction per batch.
+//! transaction commits).
 //!
 //! Sequence numbers are per group, start at 1 and never repeat. Times are
 //! Unix seconds passed in by the caller.
@@ -15,7 +17,61 @@
 //! names the device's account, for per-account quotas.
 
 use crate::auth::{AccountId, DeviceId};
-use crate::wire::GroupSummary;
+
+/// A registered account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccountRecord {
+    pub account: AccountId,
+    pub created_at: u64,
+}
+
+/// A registered device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub account: AccountId,
+    /// The device certificate it registered with (verified then).
+    pub certificate: Vec<u8>,
+    pub created_at: u64,
+}
+
+/// An invite. The secret itself is never stored, only its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InviteRecord {
+    pub id: [u8; 8],
+    pub secret_hash: [u8; 32],
+    pub uses_total: u32,
+    pub uses_left: u32,
+    pub expires_at: Option<u64>,
+    pub created_at: u64,
+}
+
+impl InviteRecord {
+    /// A new invite for `token`, good for `uses` registrations until
+    /// `expires_at`.
+    pub fn new(token: &crate::auth::InviteToken, uses: u32, expires_at: Option<u64>, now: u64) -> Self {
+        Self {
+            id: token.id(),
+            secret_hash: token.secret_hash(),
+            uses_total: uses,
+            uses_left: uses,
+            expires_at,
+            created_at: now,
+        }
+    }
+}
+
+/// A group as one device sees it in its group list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupListing {
+    pub group: Vec<u8>,
+    /// The current epoch, or the epoch of the device's removal.
+    pub epoch: u64,
+    /// The last sequence, or the sequence of the device's removal.
+    pub last_seq: u64,
+    pub acked: u64,
+    /// False once the device was removed.
+    pub current: bool,
+}
 
 /// A group's row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,13 +166,29 @@ pub struct NewKeyPackage {
     pub last_resort: bool,
 }
 
-/// Storage operations of the Delivery Service.
+/// Storage operations of the server.
 pub trait Storage {
     type Error: std::fmt::Display;
 
     fn account_exists(&mut self, account: &AccountId) -> Result<bool, Self::Error>;
+    /// All accounts, oldest first.
+    fn accounts(&mut self) -> Result<Vec<AccountRecord>, Self::Error>;
+    /// Creates an account (which must not exist), registered with `invite`.
+    fn insert_account(&mut self, account: &AccountId, invite: Option<[u8; 8]>, now: u64) -> Result<(), Self::Error>;
+    /// The registered device with this key, if any.
+    fn device(&mut self, device: &DeviceId) -> Result<Option<DeviceRecord>, Self::Error>;
+    /// Registers a device (which must not exist) of an existing account.
+    fn insert_device(&mut self, device: &DeviceId, record: &DeviceRecord) -> Result<(), Self::Error>;
 
-    /// (packages held excluding the last-resort one, whether a last-resort one exists)
+    fn insert_invite(&mut self, invite: &InviteRecord) -> Result<(), Self::Error>;
+    fn invite(&mut self, id: &[u8; 8]) -> Result<Option<InviteRecord>, Self::Error>;
+    /// Spends one use of the invite if it has one left; false if it had
+    /// none (decided by the storage, so two registrations racing for the
+    /// last use cannot both win, on one node or several).
+    fn spend_invite(&mut self, id: &[u8; 8]) -> Result<bool, Self::Error>;
+    /// All invites, newest first.
+    fn invites(&mut self) -> Result<Vec<InviteRecord>, Self::Error>;
+
     /// A device's packages: (held excluding the last-resort one, whether a
     /// last-resort one exists).
     fn key_package_count(&mut self, device: &DeviceId) -> Result<(u32, bool), Self::Error>;
@@ -211,7 +283,7 @@ pub trait Storage {
 
     /// The groups `device` is or was in, as it sees them: a removed device
     /// sees the epoch and last sequence of its removal.
-    fn groups_of(&mut self, device: &DeviceId, limit: usize) -> Result<Vec<GroupSummary>, Self::Error>;
+    fn groups_of(&mut self, device: &DeviceId, limit: usize) -> Result<Vec<GroupListing>, Self::Error>;
 
     /// Groups any device of `account` is a current member of.
     fn groups_count(&mut self, account: &AccountId) -> Result<u64, Self::Error>;
@@ -222,4 +294,30 @@ pub trait Storage {
 
     /// Deletes messages, Welcomes and claim records older than `before`.
     fn expire(&mut self, before: u64) -> Result<u64, Self::Error>;
+}
+
+/// How units of work begin and end on a database: what the engine needs
+/// besides [`Storage`]. A write unit takes the database's write lock and
+/// commits durably (or not at all); a read unit sees one consistent
+/// snapshot. Inside a write unit, [`Unit::savepoint`] lets one request's
+/// writes be undone alone.
+pub trait Backend: Send + 'static {
+    type Error: std::fmt::Display + Send;
+    type Unit<'a>: Unit<Error = Self::Error>
+    where
+        Self: 'a;
+
+    /// Runs `work` in one write transaction and commits it; nothing of it
+    /// stays if `work` or the commit fails.
+    fn write<T>(&mut self, work: impl FnOnce(&mut Self::Unit<'_>) -> Result<T, Self::Error>) -> Result<T, Self::Error>;
+    /// Runs `work` on one consistent snapshot; it writes nothing.
+    fn read<T>(&mut self, work: impl FnOnce(&mut Self::Unit<'_>) -> T) -> Result<T, Self::Error>;
+}
+
+/// Storage inside a unit of work, with savepoints.
+pub trait Unit: Storage {
+    /// Marks a point to return to (one at a time).
+    fn savepoint(&mut self) -> Result<(), Self::Error>;
+    /// Ends the savepoint, keeping its writes or undoing them.
+    fn release(&mut self, keep: bool) -> Result<(), Self::Error>;
 }

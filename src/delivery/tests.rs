@@ -57,8 +57,7 @@ impl Net {
 
     fn client(&mut self, _n: u8) -> Client {
         let (_, _, member) = Member::generate().unwrap();
-        self.store.accounts.insert(member.account());
-        self.store.devices.insert(member.device(), member.account());
+        self.store.enrol(member.certificate());
         let c = Client { member, logs: HashMap::new() };
         let packages = c.member.key_packages(3).unwrap();
         self.ok(&c, Request::PublishKeyPackages { packages, last_resort: Some(2) });
@@ -800,4 +799,127 @@ fn what_a_member_refuses_to_join_or_rejoin_is_typed() {
     assert!(matches!(e, MlsError::OtherGroup), "{e}");
     let e = bob.member.resync(&g.id, &g.group_info, Some(&g.ratchet_tree)).unwrap_err();
     assert!(matches!(e, MlsError::UncertifiedLeaf { action: "rejoin", leaf: 0, .. }), "{e}");
+}
+
+mod registration {
+    use super::super::memory::MemoryStore;
+    use super::super::storage::InviteRecord;
+    use super::super::*;
+    use crate::auth::{DeviceCertificate, DeviceId, Identity, InviteToken};
+    use crate::wire::{ErrorCode, Request, Response};
+
+    fn cert(owner: &Identity, n: u8) -> DeviceCertificate {
+        DeviceCertificate::issue(owner, DeviceId([n; 32]), [n; 32], 1)
+    }
+
+    fn invite(store: &mut MemoryStore, uses: u32, expires_at: Option<u64>) -> InviteToken {
+        let token = InviteToken::generate().unwrap();
+        let record = InviteRecord::new(&token, uses, expires_at, 10);
+        store.insert_invite(&record).unwrap();
+        token
+    }
+
+    /// Registers `cert` from a connection that authenticated with its key.
+    fn register(
+        ds: &mut Delivery,
+        store: &mut MemoryStore,
+        cert: &DeviceCertificate,
+        invite: Option<&InviteToken>,
+        now: u64,
+    ) -> Result<Outcome, ErrorCode> {
+        let request = Request::Register { invite: invite.map(|t| t.to_string()), certificate: cert.encode() };
+        let outcome = ds.handle(store, Origin::Stranger(cert.device), request, now);
+        match outcome.response {
+            Response::Error { code, .. } => Err(code),
+            _ => Ok(outcome),
+        }
+    }
+
+    fn created(outcome: Result<Outcome, ErrorCode>) -> Result<bool, ErrorCode> {
+        outcome.map(|o| matches!(o.response, Response::Registered { created: true }))
+    }
+
+    fn ds() -> Delivery {
+        Delivery::new(86_400, [7; 32])
+    }
+
+    #[test]
+    fn invite_uses_expiry_and_reregistration() {
+        let (mut ds, mut store) = (ds(), MemoryStore::default());
+        let token = invite(&mut store, 1, Some(100));
+        let (a, b) = (cert(&Identity::generate().unwrap(), 1), cert(&Identity::generate().unwrap(), 2));
+        assert_eq!(created(register(&mut ds, &mut store, &a, None, 20)), Err(ErrorCode::InviteRequired));
+        let outcome = register(&mut ds, &mut store, &a, Some(&token), 20).unwrap();
+        assert!(matches!(outcome.response, Response::Registered { created: true }) && outcome.wrote);
+        assert_eq!(outcome.registered, Some(Caller::of(&a)), "the connection now acts as the device");
+        // Registering again is harmless and spends nothing, with or without the invite.
+        assert_eq!(created(register(&mut ds, &mut store, &a, Some(&token), 20)), Ok(false));
+        assert_eq!(created(register(&mut ds, &mut store, &a, None, 20)), Ok(false));
+        assert_eq!(created(register(&mut ds, &mut store, &b, Some(&token), 20)), Err(ErrorCode::InviteUsedUp));
+        let token2 = invite(&mut store, 5, Some(100));
+        assert_eq!(created(register(&mut ds, &mut store, &b, Some(&token2), 100)), Err(ErrorCode::InviteExpired));
+        let unknown = InviteToken::generate().unwrap();
+        assert_eq!(created(register(&mut ds, &mut store, &b, Some(&unknown), 20)), Err(ErrorCode::InviteUnknown));
+        assert_eq!(store.accounts().unwrap().len(), 1);
+        assert_eq!(store.device(&a.device).unwrap().unwrap().account, a.account);
+        assert!(store.device(&b.device).unwrap().is_none());
+        // A registered device asks for its status; a stranger is told to register.
+        let status = ds.handle(&mut store, Caller::of(&a), Request::Status, 30).response;
+        assert!(
+            matches!(status, Response::Status { registered_at: 20, server_time: 30, removal_key, .. } if removal_key == [7; 32])
+        );
+        let refused = ds.handle(&mut store, Origin::Stranger(b.device), Request::Status, 30).response;
+        assert!(matches!(refused, Response::Error { code: ErrorCode::NotRegistered, .. }));
+    }
+
+    #[test]
+    fn open_registration_needs_no_invite() {
+        let mut ds = Delivery::with_quotas(Quotas { invite_required: false, ..Quotas::default() }, [7; 32]);
+        let mut store = MemoryStore::default();
+        let a = cert(&Identity::generate().unwrap(), 1);
+        assert_eq!(created(register(&mut ds, &mut store, &a, None, 20)), Ok(true));
+    }
+
+    #[test]
+    fn a_second_device_a_second_certificate_or_someone_elses_certificate_is_refused() {
+        let (mut ds, mut store) = (ds(), MemoryStore::default());
+        let token = invite(&mut store, 10, None);
+        let owner = Identity::generate().unwrap();
+        let first = cert(&owner, 1);
+        assert_eq!(created(register(&mut ds, &mut store, &first, Some(&token), 20)), Ok(true));
+        let second = cert(&owner, 2);
+        assert_eq!(
+            created(register(&mut ds, &mut store, &second, Some(&token), 20)),
+            Err(ErrorCode::InvalidCredential)
+        );
+        let other_key = DeviceCertificate::issue(&owner, DeviceId([1; 32]), [3; 32], 1);
+        assert_eq!(
+            created(register(&mut ds, &mut store, &other_key, Some(&token), 20)),
+            Err(ErrorCode::InvalidCredential)
+        );
+        // A certificate for another key than the connection's.
+        let theirs = cert(&Identity::generate().unwrap(), 4);
+        let request = Request::Register { invite: Some(token.to_string()), certificate: theirs.encode() };
+        let r = ds.handle(&mut store, Origin::Stranger(DeviceId([5; 32])), request, 20).response;
+        assert!(matches!(r, Response::Error { code: ErrorCode::InvalidCredential, .. }));
+        let garbage = Request::Register { invite: Some(token.to_string()), certificate: vec![1, 2, 3] };
+        let r = ds.handle(&mut store, Origin::Stranger(DeviceId([5; 32])), garbage, 20).response;
+        assert!(matches!(r, Response::Error { code: ErrorCode::InvalidCredential, .. }));
+        assert_eq!(store.invite(&token.id()).unwrap().unwrap().uses_left, 9, "only the one success spent a use");
+    }
+
+    #[test]
+    fn right_id_wrong_secret_is_unknown() {
+        let (mut ds, mut store) = (ds(), MemoryStore::default());
+        let token = invite(&mut store, 1, None);
+        let text = token.to_string();
+        // Same id (first 8 bytes = first 12.8 symbols), different secret.
+        let mut forged: Vec<char> = text.chars().collect();
+        forged[20] = if forged[20] == 'a' { 'b' } else { 'a' };
+        let forged: InviteToken = forged.into_iter().collect::<String>().parse().unwrap();
+        assert_eq!(forged.id(), token.id());
+        let c = cert(&Identity::generate().unwrap(), 3);
+        assert_eq!(created(register(&mut ds, &mut store, &c, Some(&forged), 20)), Err(ErrorCode::InviteUnknown));
+        assert_eq!(store.invite(&token.id()).unwrap().unwrap().uses_left, 1);
+    }
 }

@@ -2,145 +2,148 @@
 //! runtime.
 //!
 //! [`Engine`] is a cheap async handle to two threads, each with its own
-//! SQLite connection ([`crate::store::Db`]) and its own
+//! database connection (a [`Backend`]) and its own
 //! [`crate::delivery::Delivery`]: a writer that batches requests into one
 //! transaction (group commit, a savepoint per request) and a reader that
-//! serves requests that only read from a WAL snapshot. The storage layer
-//! knows no protocol frames; this is where requests meet it.
+//! serves requests that only read from a consistent snapshot. The storage
+//! layer knows no protocol frames; this is where requests meet it, and it
+//! knows no SQL: any [`Backend`] runs here.
 
 use std::path::Path;
 use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
-use crate::delivery::{Caller, Delivery, Outcome, Quotas};
+use crate::auth::DeviceId;
+use crate::delivery::storage::{Backend, DeviceRecord, Unit};
+use crate::delivery::{Delivery, Origin, Outcome, Quotas, Storage};
 use crate::limits::MAX_WRITE_BATCH;
-use crate::store::{Db, SqlStore, StoreError};
-use crate::wire::{ErrorCode, Request, Response};
+use crate::store::{Db, StoreError};
+use crate::wire::Request;
 
-/// Arbitrary work with the database and the Delivery Service core.
-type Work = Box<dyn FnOnce(&mut Db, &mut Delivery) + Send>;
+/// One Delivery Service request, and where its outcome goes.
+struct Pending {
+    origin: Origin,
+    request: Request,
+    now: u64,
+    reply: oneshot::Sender<Outcome>,
+}
 
-/// Work for a database thread.
-enum Job {
-    Call(Work),
-    /// One Delivery Service request.
-    Deliver {
-        caller: Caller,
-        request: Request,
+/// Work for the writer thread.
+enum Write {
+    Deliver(Pending),
+    /// Apply retention.
+    Expire {
         now: u64,
-        reply: oneshot::Sender<Outcome>,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+}
+
+/// Work for the reader thread.
+enum Read {
+    Deliver(Pending),
+    /// Look up a device.
+    Device {
+        device: DeviceId,
+        reply: oneshot::Sender<Result<Option<DeviceRecord>, StoreError>>,
     },
 }
 
 /// Async handle to the database threads. Cheap to clone.
 ///
 /// * The **writer** thread owns the only connection that writes, and the
-///   Delivery Service core (with its rate-limit state). It takes every job
-///   waiting in its queue (up to [`MAX_WRITE_BATCH`]), runs the delivery
-///   requests among them in one `BEGIN IMMEDIATE` transaction, each inside
+///   Delivery Service core (with its rate-limit state and roster cache). It
+///   takes every job waiting in its queue (up to [`MAX_WRITE_BATCH`]), runs
+///   the delivery requests among them in one write transaction, each inside
 ///   its own savepoint (a refused or failed request rolls back alone), and
-///   commits once: with `synchronous=FULL` that is one fsync for the whole
-///   batch (group commit). Replies are sent only after the commit, so a
-///   request is acknowledged only once it is durable; if the commit fails,
-///   every request in the batch gets an internal error and nothing of it
-///   happened.
+///   commits once: on SQLite with `synchronous=FULL` that is one fsync for
+///   the whole batch (group commit). Replies are sent only after the
+///   commit, so a request is acknowledged only once it is durable; if the
+///   commit fails, every request in the batch gets an internal error and
+///   nothing of it happened.
 /// * The **reader** thread has its own connection and serves requests that
-///   only read (fetches, counts, lists) from a consistent WAL snapshot; they
+///   only read (fetches, counts, lists) from a consistent snapshot; they
 ///   never wait for the writer.
 #[derive(Clone, Debug)]
 pub struct Engine {
-    writer: mpsc::Sender<Job>,
-    reader: mpsc::Sender<Job>,
+    writer: mpsc::Sender<Write>,
+    reader: mpsc::Sender<Read>,
 }
 
-impl std::fmt::Debug for Job {
+impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Job::Call(_) => f.write_str("Job::Call"),
-            Job::Deliver { request, .. } => write!(f, "Job::Deliver({})", request.kind()),
-        }
+        write!(f, "Pending({})", self.request.kind())
     }
 }
 
 impl Engine {
-    /// Opens (creating and migrating if needed) the database at `path` and
-    /// starts its threads; the Delivery Service enforces `quotas` and
-    /// requires every group to list `removal_key` as an external sender.
+    /// Opens (creating and migrating if needed) the SQLite database at
+    /// `path` and starts the engine on it.
     pub fn open(path: &Path, quotas: Quotas, removal_key: [u8; 32]) -> Result<Self, StoreError> {
-        let writer_db = Db::open(path)?;
-        let reader_db = Db::open(path)?;
-        let writer = spawn("hush-writer", writer_db, Delivery::with_quotas(quotas, removal_key), writer_loop)?;
-        let reader = spawn("hush-reader", reader_db, Delivery::with_quotas(quotas, removal_key), reader_loop)?;
+        Self::start(Db::open(path)?, Db::open(path)?, quotas, removal_key)
+    }
+
+    /// Starts the writer and reader threads on two connections to one
+    /// database; the Delivery Service enforces `quotas` and requires every
+    /// group to list `removal_key` as an external sender.
+    pub fn start<B: Backend<Error = StoreError>>(
+        writer: B,
+        reader: B,
+        quotas: Quotas,
+        removal_key: [u8; 32],
+    ) -> Result<Self, StoreError> {
+        let writer = spawn("hush-writer", writer, Delivery::with_quotas(quotas, removal_key), writer_loop)?;
+        let reader = spawn("hush-reader", reader, Delivery::with_quotas(quotas, removal_key), reader_loop)?;
         Ok(Self { writer, reader })
-    }
-
-    /// Runs `f` on the writer thread and returns its result.
-    pub async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Db) -> T + Send + 'static,
-    {
-        self.call_with_delivery(move |db, _| f(db)).await
-    }
-
-    /// Runs `f` on the writer thread with the Delivery Service core.
-    pub async fn call_with_delivery<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Db, &mut Delivery) -> T + Send + 'static,
-    {
-        let (tx, rx) = oneshot::channel();
-        let job = Job::Call(Box::new(move |db, delivery| {
-            let _ = tx.send(f(db, delivery));
-        }));
-        self.writer.send(job).map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)
-    }
-
-    /// Runs a read-only `f` on the reader thread (never waits for writes).
-    pub async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Db) -> T + Send + 'static,
-    {
-        let (tx, rx) = oneshot::channel();
-        let job = Job::Call(Box::new(move |db, _| {
-            let _ = tx.send(f(db));
-        }));
-        self.reader.send(job).map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)
     }
 
     /// Runs a Delivery Service request: reads on the reader, writes on the
     /// writer (batched). Returns once the outcome is durable.
-    pub async fn deliver(&self, caller: Caller, request: Request, now: u64) -> Result<Outcome, StoreError> {
+    pub async fn deliver(&self, origin: impl Into<Origin>, request: Request, now: u64) -> Result<Outcome, StoreError> {
         let (reply, rx) = oneshot::channel();
-        let queue = if Delivery::writes(&request) { &self.writer } else { &self.reader };
-        queue.send(Job::Deliver { caller, request, now, reply }).map_err(|_| StoreError::Closed)?;
+        let writes = Delivery::writes(&request);
+        let pending = Pending { origin: origin.into(), request, now, reply };
+        let sent = if writes {
+            self.writer.send(Write::Deliver(pending)).is_ok()
+        } else {
+            self.reader.send(Read::Deliver(pending)).is_ok()
+        };
+        if !sent {
+            return Err(StoreError::Closed);
+        }
         rx.await.map_err(|_| StoreError::Closed)
+    }
+
+    /// The registered device with this key, if any (how a new connection
+    /// learns whether its key is a device, and whose).
+    pub async fn device(&self, device: DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.reader.send(Read::Device { device, reply }).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Deletes what retention says is too old. Returns rows deleted.
     pub async fn expire(&self, now: u64) -> Result<u64, StoreError> {
-        self.call_with_delivery(move |db, delivery| delivery.expire(&mut SqlStore::new(&db.conn), now)).await?
+        let (reply, rx) = oneshot::channel();
+        self.writer.send(Write::Expire { now, reply }).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 }
 
-fn spawn(
+fn spawn<B: Backend, J: Send + 'static>(
     name: &str,
-    db: Db,
+    db: B,
     delivery: Delivery,
-    run: fn(Db, Delivery, mpsc::Receiver<Job>),
-) -> Result<mpsc::Sender<Job>, StoreError> {
-    let (tx, rx) = mpsc::channel::<Job>();
+    run: fn(B, Delivery, mpsc::Receiver<J>),
+) -> Result<mpsc::Sender<J>, StoreError> {
+    let (tx, rx) = mpsc::channel::<J>();
     std::thread::Builder::new().name(name.into()).spawn(move || run(db, delivery, rx)).map_err(StoreError::Thread)?;
     Ok(tx)
 }
 
 /// The writer: group commit over batches of waiting jobs. Ends when every
 /// `Engine` handle is dropped.
-fn writer_loop(mut db: Db, mut delivery: Delivery, rx: mpsc::Receiver<Job>) {
+fn writer_loop<B: Backend<Error = StoreError>>(mut db: B, mut delivery: Delivery, rx: mpsc::Receiver<Write>) {
     let mut batch = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
@@ -152,10 +155,10 @@ fn writer_loop(mut db: Db, mut delivery: Delivery, rx: mpsc::Receiver<Job>) {
         }
         for job in jobs {
             match job {
-                Job::Deliver { caller, request, now, reply } => batch.push((caller, request, now, reply)),
-                Job::Call(f) => {
+                Write::Deliver(pending) => batch.push(pending),
+                Write::Expire { now, reply } => {
                     commit_batch(&mut db, &mut delivery, &mut batch);
-                    f(&mut db, &mut delivery);
+                    let _ = reply.send(db.write(|unit| delivery.expire(unit, now)));
                 }
             }
         }
@@ -163,39 +166,23 @@ fn writer_loop(mut db: Db, mut delivery: Delivery, rx: mpsc::Receiver<Job>) {
     }
 }
 
-type Pending = (Caller, Request, u64, oneshot::Sender<Outcome>);
-
-fn commit_batch(db: &mut Db, delivery: &mut Delivery, batch: &mut Vec<Pending>) {
+fn commit_batch<B: Backend<Error = StoreError>>(db: &mut B, delivery: &mut Delivery, batch: &mut Vec<Pending>) {
     if batch.is_empty() {
         return;
     }
     let jobs: Vec<Pending> = std::mem::take(batch);
     let mut replies = Vec::with_capacity(jobs.len());
-    let result = (|| -> Result<Vec<Outcome>, rusqlite::Error> {
-        let tx = db.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let result = db.write(|unit| {
         let mut outcomes = Vec::with_capacity(jobs.len());
-        {
-            let mut store = SqlStore::new(&tx);
-            let mut savepoint = tx.prepare_cached("SAVEPOINT request")?;
-            let mut release = tx.prepare_cached("RELEASE request")?;
-            let mut rollback = tx.prepare_cached("ROLLBACK TO request")?;
-            for (caller, request, now, reply) in jobs {
-                savepoint.execute([])?;
-                let outcome = delivery.handle(&mut store, caller, request, now);
-                if !outcome.wrote {
-                    rollback.execute([])?;
-                }
-                release.execute([])?;
-                outcomes.push(outcome);
-                replies.push(reply);
-            }
+        for Pending { origin, request, now, reply } in jobs {
+            unit.savepoint()?;
+            let outcome = delivery.handle(unit, origin, request, now);
+            unit.release(outcome.wrote)?;
+            outcomes.push(outcome);
+            replies.push(reply);
         }
-        tx.commit()?;
         Ok(outcomes)
-    })();
-    if result.is_err() {
-        delivery.forget_cached();
-    }
+    });
     match result {
         Ok(outcomes) => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
@@ -203,43 +190,33 @@ fn commit_batch(db: &mut Db, delivery: &mut Delivery, batch: &mut Vec<Pending>) 
             }
         }
         Err(e) => {
+            // What the batch wrote never happened, so a roster cached from
+            // it may not be true.
+            delivery.forget_cached();
             tracing::error!("write batch failed, nothing of it was stored: {e}");
             // Requests that never ran have dropped their reply sender; the
             // caller sees `Closed` and reports an internal error.
             for reply in replies {
-                let _ = reply.send(Outcome {
-                    response: Response::error(ErrorCode::Internal, "storage failure; nothing was changed"),
-                    notifications: vec![],
-                    wrote: false,
-                });
+                let _ = reply.send(Outcome::internal());
             }
         }
     }
 }
 
-/// The reader: each request in its own read transaction (a WAL snapshot).
-fn reader_loop(mut db: Db, mut delivery: Delivery, rx: mpsc::Receiver<Job>) {
+/// The reader: each request in its own read unit (a snapshot).
+fn reader_loop<B: Backend<Error = StoreError>>(mut db: B, mut delivery: Delivery, rx: mpsc::Receiver<Read>) {
     while let Ok(job) = rx.recv() {
         match job {
-            Job::Deliver { caller, request, now, reply } => {
-                let outcome = match db.conn.transaction() {
-                    Ok(tx) => {
-                        let o = delivery.handle(&mut SqlStore::new(&tx), caller, request, now);
-                        let _ = tx.finish();
-                        o
-                    }
-                    Err(e) => {
-                        tracing::error!("read transaction failed: {e}");
-                        Outcome {
-                            response: Response::error(ErrorCode::Internal, "storage failure"),
-                            notifications: vec![],
-                            wrote: false,
-                        }
-                    }
-                };
+            Read::Deliver(Pending { origin, request, now, reply }) => {
+                let outcome = db.read(|unit| delivery.handle(unit, origin, request, now)).unwrap_or_else(|e| {
+                    tracing::error!("read transaction failed: {e}");
+                    Outcome::internal()
+                });
                 let _ = reply.send(outcome);
             }
-            Job::Call(f) => f(&mut db, &mut delivery),
+            Read::Device { device, reply } => {
+                let _ = reply.send(db.read(|unit| unit.device(&device)).and_then(|r| r));
+            }
         }
     }
 }

@@ -80,8 +80,6 @@ pub(crate) struct Shared {
     pub registry: Arc<push::Registry>,
     pub account_rate: admission::RateLimiter<crate::auth::AccountId>,
     pub ip_rate: admission::RateLimiter<std::net::IpAddr>,
-    /// Public half of the removal key (told to clients in `Status`).
-    pub removal_key: [u8; 32],
     /// Bytes of request frames all connections may hold at once.
     pub request_budget: Arc<tokio::sync::Semaphore>,
 }
@@ -186,7 +184,6 @@ impl Server {
             registry: Arc::new(push::Registry::default()),
             account_rate: admission::RateLimiter::new(config_rates.0),
             ip_rate: admission::RateLimiter::new(config_rates.1),
-            removal_key,
             request_budget: Arc::new(tokio::sync::Semaphore::new(request_memory)),
         });
         Ok(Self { endpoint, shared, address, data_dir })

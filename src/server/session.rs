@@ -21,10 +21,9 @@ use tracing::{debug, error, warn};
 use super::push::Online;
 use super::Shared;
 use crate::auth::tls::device_of_peer;
-use crate::auth::{DeviceCertificate, DeviceId, InviteToken};
-use crate::delivery::Caller;
+use crate::auth::DeviceId;
+use crate::delivery::{Caller, Origin};
 use crate::limits::{DEVICE_RECEIVE_WINDOW, MAX_STRANGER_FRAME, REQUEST_BUDGET_PER_CONNECTION, SHUTDOWN_GRACE};
-use crate::store::RegisterError;
 use crate::util::now_unix;
 use crate::wire::{close, DecodeError, ErrorCode, Request, Response};
 
@@ -71,9 +70,9 @@ pub(crate) async fn run(conn: quinn::Connection, shared: Arc<Shared>, mut stop: 
         conn.close(VarInt::from_u32(close::NOT_AUTHENTICATED), b"no device key");
         return;
     };
-    let caller = match shared.engine.read(move |db| db.device(&device)).await {
-        Ok(Ok(row)) => row.map(|r| Caller { account: r.account, device: r.device }),
-        Ok(Err(e)) | Err(e) => {
+    let caller = match shared.engine.device(device).await {
+        Ok(row) => row.map(|r| Caller { account: r.account, device }),
+        Err(e) => {
             error!("device lookup failed: {e}");
             conn.close(VarInt::from_u32(close::BUSY), b"the server cannot look up devices right now");
             return;
@@ -303,10 +302,7 @@ fn rate_limited(wait: Duration, what: &str) -> Response {
 }
 
 fn not_registered() -> Response {
-    Response::error(
-        ErrorCode::NotRegistered,
-        "this key is not a registered device on this server; register with an invite first",
-    )
+    Response::error(ErrorCode::NotRegistered, crate::delivery::NOT_REGISTERED)
 }
 
 /// One token bucket per request: a registered device spends its account's
@@ -323,88 +319,36 @@ fn rate_check(session: &Session) -> Result<(), std::time::Duration> {
     }
 }
 
+/// Answers one request: `Ping` here (it measures the connection), every
+/// other kind in the Delivery Service core, on the engine.
 async fn handle(session: &Session, request: Request) -> Response {
     debug!(request = request.kind(), "request");
-    let caller = session.caller.get().copied();
-    match (request, caller) {
-        (Request::Register { invite, certificate }, _) => register(session, invite, &certificate).await,
-        (_, None) => not_registered(),
-        (Request::Status, Some(caller)) => {
-            let device = caller.device;
-            let removal_key = session.shared.removal_key;
-            match session.shared.engine.read(move |db| db.device(&device)).await {
-                Ok(Ok(Some(row))) => Response::Status {
-                    account: caller.account.0,
-                    device: device.0,
-                    registered_at: row.created_at,
-                    server_time: now_unix(),
-                    removal_key,
-                },
-                Ok(Ok(None)) => Response::error(ErrorCode::NotRegistered, "this device is not registered"),
-                Ok(Err(e)) | Err(e) => internal(e),
+    let origin = match session.caller.get() {
+        Some(caller) => {
+            if let Request::Ping { nonce } = request {
+                return Response::Pong { nonce };
             }
+            Origin::Device(*caller)
         }
-        (Request::Ping { nonce }, Some(_)) => Response::Pong { nonce },
-        (request, Some(caller)) => {
-            let shared = &session.shared;
-            match shared.engine.deliver(caller, request, now_unix()).await {
-                Ok(outcome) => {
-                    shared.registry.dispatch(&outcome.notifications);
-                    outcome.response
+        None => Origin::Stranger(session.device),
+    };
+    let shared = &session.shared;
+    match shared.engine.deliver(origin, request, now_unix()).await {
+        Ok(outcome) => {
+            if let Some(caller) = outcome.registered {
+                if session.caller.set(caller).is_ok() {
+                    // Registered: no longer counts against its address's
+                    // stranger cap.
+                    drop(session.stranger.lock().unwrap_or_else(|p| p.into_inner()).take());
+                    session.go_online();
                 }
-                Err(e) => internal(e),
             }
+            shared.registry.dispatch(&outcome.notifications);
+            outcome.response
+        }
+        Err(e) => {
+            warn!("internal error: {e}");
+            Response::error(ErrorCode::Internal, "internal server error; nothing was changed")
         }
     }
-}
-
-async fn register(session: &Session, invite: Option<String>, certificate: &[u8]) -> Response {
-    let cert = match DeviceCertificate::decode(certificate) {
-        Ok(c) => c,
-        Err(e) => return Response::error(ErrorCode::InvalidCredential, format!("device certificate: {e}")),
-    };
-    if cert.device != session.device {
-        return Response::error(
-            ErrorCode::InvalidCredential,
-            "the device certificate is for another key than the one this connection authenticated with",
-        );
-    }
-    let token = match invite.as_deref().map(str::parse::<InviteToken>) {
-        None => None,
-        Some(Ok(t)) => Some(t),
-        Some(Err(_)) => return Response::error(ErrorCode::InviteUnknown, "the invite is not known to this server"),
-    };
-    let required = !session.shared.config.open_registration;
-    let registering = cert.clone();
-    let result =
-        session.shared.engine.call(move |db| db.register(&registering, token.as_ref(), required, now_unix())).await;
-    match result {
-        Ok(Ok(r)) => {
-            let _ = session.caller.set(Caller::of(&cert));
-            // Registered: no longer counts against its address's stranger cap.
-            drop(session.stranger.lock().unwrap_or_else(|p| p.into_inner()).take());
-            session.go_online();
-            if r.created {
-                debug!("account registered");
-            }
-            Response::Registered { created: r.created }
-        }
-        Ok(Err(e)) => {
-            let code = match &e {
-                RegisterError::InviteRequired => ErrorCode::InviteRequired,
-                RegisterError::InviteUnknown => ErrorCode::InviteUnknown,
-                RegisterError::InviteExpired => ErrorCode::InviteExpired,
-                RegisterError::InviteUsedUp => ErrorCode::InviteUsedUp,
-                RegisterError::AccountExists | RegisterError::DeviceConflict => ErrorCode::InvalidCredential,
-                RegisterError::Store(e) => return internal(e),
-            };
-            Response::error(code, e.to_string())
-        }
-        Err(e) => internal(e),
-    }
-}
-
-fn internal(e: impl std::fmt::Display) -> Response {
-    warn!("internal error: {e}");
-    Response::error(ErrorCode::Internal, "internal server error; nothing was changed")
 }

@@ -81,9 +81,22 @@ pub fn backup(path: &Path, dest: &Path, mut progress: impl FnMut(u64, u64)) -> R
     Ok(pages)
 }
 
+/// Moves the write-ahead log into the database file (waiting for readers
+/// to finish) and returns the file's size: what the data occupies, for
+/// measurements.
+pub fn checkpointed_size(path: &Path) -> Result<u64, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
+    let bytes: i64 =
+        conn.query_row("SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()", [], |r| r.get(0))?;
+    Ok(u64::try_from(bytes).unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::storage::{Backend as _, Storage as _};
 
     #[test]
     fn check_and_backup_a_database_in_use() {
@@ -91,8 +104,7 @@ mod tests {
         let path = dir.path().join("hush.db");
         let mut db = super::super::Db::open(&path).unwrap();
         let account = crate::auth::Identity::generate().unwrap();
-        let cert = crate::auth::DeviceCertificate::issue(&account, crate::auth::DeviceId([1; 32]), [2; 32], 5);
-        db.register(&cert, None, false, 5).unwrap();
+        db.write(|s| s.insert_account(&account.account_id(), None, 5)).unwrap();
         let report = check(&path).unwrap();
         assert!(report.healthy(), "{report:?}");
         assert_eq!(report.accounts, 1);

@@ -1,10 +1,11 @@
 //! Persistence: SQLite (rusqlite, bundled) in WAL mode.
 //!
-//! [`Db`] is the synchronous database used directly by short-lived commands
-//! (`hushd invite`, `hushd accounts`); the server's engine
-//! ([`crate::server::engine::Engine`]) runs `Db`s on dedicated threads so
-//! its async tasks never block on SQLite. [`SqlStore`] is the Delivery
-//! Service's [`crate::delivery::Storage`] on a connection. Several
+//! [`Db`] is an open database: the [`crate::delivery::storage::Backend`]
+//! the server's engine ([`crate::server::engine::Engine`]) runs on its
+//! threads (so async tasks never block on SQLite), and what short-lived
+//! commands (`hushd invite`, `hushd accounts`) use directly. [`SqlStore`]
+//! is the [`crate::delivery::Storage`] on a connection: everything the
+//! server persists. Several
 //! processes may open the same database: writes take SQLite's write lock
 //! (`BEGIN IMMEDIATE`) and wait up to [`BUSY_TIMEOUT`] for it.
 //!
@@ -21,7 +22,7 @@ pub mod maintenance;
 mod schema;
 mod sql;
 
-pub use db::{AccountRow, Db, DeviceRow, InviteRow, RegisterError, Registered};
+pub use db::Db;
 pub use sql::SqlStore;
 
 use thiserror::Error;
@@ -73,6 +74,7 @@ pub enum StoreError {
 mod tests {
     use super::*;
     use crate::client::mls::Member;
+    use crate::delivery::storage::{Backend as _, DeviceRecord};
     use crate::delivery::{Caller, Delivery, Storage as _};
     use crate::wire::{Request, Response};
 
@@ -85,12 +87,16 @@ mod tests {
         let (_, _, mut alice) = Member::generate().unwrap();
         let caller = Caller::of(alice.certificate());
         let mut run = |db: &mut Db, request: Request, now: u64| {
-            let tx = db.conn.transaction().unwrap();
-            let out = ds.handle(&mut SqlStore::new(&tx), caller, request, now);
-            tx.commit().unwrap();
+            let out = db.write(|s| Ok(ds.handle(s, caller, request, now))).unwrap();
             assert!(!matches!(out.response, Response::Error { .. }), "{:?}", out.response);
         };
-        db.register(alice.certificate(), None, false, 1).unwrap();
+        let cert = alice.certificate().clone();
+        db.write(|s| {
+            s.insert_account(&cert.account, None, 1)?;
+            let record = DeviceRecord { account: cert.account, certificate: cert.encode(), created_at: 1 };
+            s.insert_device(&cert.device, &record)
+        })
+        .unwrap();
         let g = alice.create_group(&removal_key).unwrap();
         run(&mut db, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree }, 1_000);
         // Ten messages at t = 1000..1009, then one stamped earlier (a clock

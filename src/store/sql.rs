@@ -8,9 +8,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::StoreError;
 use crate::auth::{AccountId, DeviceId};
-use crate::delivery::storage::{Messages, Page};
+use crate::delivery::storage::{AccountRecord, DeviceRecord, GroupListing, InviteRecord, Messages, Page, Unit};
 use crate::delivery::{GroupRecord, Membership, NewKeyPackage, SendContext, Storage};
-use crate::wire::GroupSummary;
 
 /// A delivery store over a borrowed connection.
 ///
@@ -72,6 +71,24 @@ fn membership_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<M
     }))
 }
 
+/// An invite row; `None` for one whose id or hash has a length the schema
+/// forbids (skipped, not trusted).
+fn invite_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<InviteRecord>> {
+    let id: Vec<u8> = r.get(0)?;
+    let hash: Vec<u8> = r.get(1)?;
+    let (Ok(id), Ok(secret_hash)) = (<[u8; 8]>::try_from(id.as_slice()), <[u8; 32]>::try_from(hash.as_slice())) else {
+        return Ok(None);
+    };
+    Ok(Some(InviteRecord {
+        id,
+        secret_hash,
+        uses_total: r.get(2)?,
+        uses_left: r.get(3)?,
+        expires_at: r.get::<_, Option<i64>>(4)?.map(u),
+        created_at: u(r.get(5)?),
+    }))
+}
+
 impl SqlStore<'_> {
     fn gid(&self, group: &[u8]) -> Result<Option<i64>, StoreError> {
         Ok(self
@@ -87,6 +104,95 @@ impl Storage for SqlStore<'_> {
 
     fn account_exists(&mut self, a: &AccountId) -> Result<bool, StoreError> {
         Ok(self.conn.prepare_cached("SELECT 1 FROM accounts WHERE key = ?1")?.exists([&a.0[..]])?)
+    }
+
+    fn accounts(&mut self) -> Result<Vec<AccountRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT key, created_at FROM accounts ORDER BY created_at, key")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (k, created_at) = row?;
+            // The schema forbids other lengths; such a row is skipped, not trusted.
+            if let Some(k) = key(&k) {
+                out.push(AccountRecord { account: AccountId(k), created_at: u(created_at) });
+            }
+        }
+        Ok(out)
+    }
+
+    fn insert_account(&mut self, a: &AccountId, invite: Option<[u8; 8]>, now: u64) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("INSERT INTO accounts (key, created_at, invite_id) VALUES (?1, ?2, ?3)")?
+            .execute(params![&a.0[..], i(now), invite.as_ref().map(|id| &id[..])])?;
+        Ok(())
+    }
+
+    fn device(&mut self, device: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        let row: Option<(Vec<u8>, Vec<u8>, i64)> = self
+            .conn
+            .prepare_cached("SELECT account, certificate, created_at FROM devices WHERE key = ?1")?
+            .query_row([&device.0[..]], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        let Some((account, certificate, created_at)) = row else { return Ok(None) };
+        let account =
+            key(&account).ok_or_else(|| StoreError::Corrupt("a device row's account is not 32 bytes".into()))?;
+        Ok(Some(DeviceRecord { account: AccountId(account), certificate, created_at: u(created_at) }))
+    }
+
+    fn insert_device(&mut self, device: &DeviceId, r: &DeviceRecord) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("INSERT INTO devices (key, account, certificate, created_at) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![&device.0[..], &r.account.0[..], r.certificate, i(r.created_at)])?;
+        Ok(())
+    }
+
+    fn insert_invite(&mut self, v: &InviteRecord) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO invites (id, secret_hash, uses_total, uses_left, expires_at, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                &v.id[..],
+                &v.secret_hash[..],
+                v.uses_total,
+                v.uses_left,
+                v.expires_at.map(i),
+                i(v.created_at)
+            ])?;
+        Ok(())
+    }
+
+    fn invite(&mut self, id: &[u8; 8]) -> Result<Option<InviteRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, secret_hash, uses_total, uses_left, expires_at, created_at FROM invites WHERE id = ?1",
+        )?;
+        let mut rows = stmt.query([&id[..]])?;
+        match rows.next()? {
+            Some(row) => Ok(invite_row(row)?),
+            None => Ok(None),
+        }
+    }
+
+    fn spend_invite(&mut self, id: &[u8; 8]) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .prepare_cached("UPDATE invites SET uses_left = uses_left - 1 WHERE id = ?1 AND uses_left > 0")?
+            .execute([&id[..]])?;
+        Ok(n == 1)
+    }
+
+    fn invites(&mut self) -> Result<Vec<InviteRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, secret_hash, uses_total, uses_left, expires_at, created_at FROM invites
+             ORDER BY created_at DESC, id",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.extend(invite_row(row)?);
+        }
+        Ok(out)
     }
 
     fn key_package_count(&mut self, owner: &DeviceId) -> Result<(u32, bool), StoreError> {
@@ -385,18 +491,18 @@ impl Storage for SqlStore<'_> {
         Ok(n > 0)
     }
 
-    fn groups_of(&mut self, a: &DeviceId, limit: usize) -> Result<Vec<GroupSummary>, StoreError> {
+    fn groups_of(&mut self, a: &DeviceId, limit: usize) -> Result<Vec<GroupListing>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT g.id, COALESCE(m.left_epoch, g.epoch), COALESCE(m.left_at, g.last_seq), m.acked, m.left_at IS NULL
              FROM members m JOIN groups g ON g.gid = m.gid WHERE m.device = ?1 ORDER BY g.gid LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![&a.0[..], i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
-            Ok(GroupSummary {
+            Ok(GroupListing {
                 group: r.get(0)?,
                 epoch: u(r.get(1)?),
                 last_seq: u(r.get(2)?),
-                acked_seq: u(r.get(3)?),
-                member: r.get(4)?,
+                acked: u(r.get(3)?),
+                current: r.get(4)?,
             })
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -463,5 +569,20 @@ impl Storage for SqlStore<'_> {
         n += self.conn.prepare_cached("DELETE FROM inbox WHERE created_at < ?1")?.execute([b])?;
         n += self.conn.prepare_cached("DELETE FROM claimed WHERE claimed_at < ?1")?.execute([b])?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
+impl Unit for SqlStore<'_> {
+    fn savepoint(&mut self) -> Result<(), StoreError> {
+        self.conn.prepare_cached("SAVEPOINT request")?.execute([])?;
+        Ok(())
+    }
+
+    fn release(&mut self, keep: bool) -> Result<(), StoreError> {
+        if !keep {
+            self.conn.prepare_cached("ROLLBACK TO request")?.execute([])?;
+        }
+        self.conn.prepare_cached("RELEASE request")?.execute([])?;
+        Ok(())
     }
 }
