@@ -1,8 +1,38 @@
 //! Small shared helpers: wall-clock time, durations typed by people,
-//! default directories, and the one token bucket every rate limit uses.
+//! default directories, private files written atomically, and the one
+//! token bucket every rate limit uses.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Writes `bytes` to `path` so that a crash leaves either the old file or
+/// the whole new one, readable by this user only (mode 0600): a temporary
+/// file beside it, fsynced, then moved into place (`replace`) or linked
+/// (not `replace`: an existing `path` is never touched and the call fails),
+/// and the directory fsynced.
+pub fn write_private(path: &std::path::Path, bytes: &[u8], replace: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    if replace {
+        std::fs::rename(&tmp, path)?;
+    } else {
+        let linked = std::fs::hard_link(&tmp, path);
+        std::fs::remove_file(&tmp)?;
+        linked?;
+    }
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
 
 /// Seconds since the Unix epoch (0 if the clock is before 1970).
 pub fn now_unix() -> u64 {

@@ -8,9 +8,9 @@
 //! `ed25519_dalek::SigningKey`, which wipes itself on drop; copies made for
 //! rustls are wiped too ([`zeroize::Zeroizing`]).
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
@@ -90,23 +90,9 @@ impl Identity {
 
     /// Writes the key to `path` with mode 0600; never overwrites a file.
     pub fn save(&self, path: &Path) -> Result<(), KeyError> {
-        let io = |source| KeyError::Io { path: path.to_owned(), source };
-        let tmp = path.with_extension("tmp");
-        let _ = fs::remove_file(&tmp);
-        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io)?;
         let seed = Zeroizing::new(self.key.to_bytes());
-        file.write_all(seed.as_ref()).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        drop(file);
-        // hard_link fails if `path` exists, so a key is never replaced.
-        fs::hard_link(&tmp, path).map_err(io)?;
-        fs::remove_file(&tmp).map_err(io)?;
-        if let Some(dir) = path.parent() {
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
-        Ok(())
+        crate::util::write_private(path, seed.as_ref(), false)
+            .map_err(|source| KeyError::Io { path: path.to_owned(), source })
     }
 
     /// The raw public key.
@@ -167,6 +153,7 @@ use std::os::unix::fs::DirBuilderExt;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write as _;
 
     #[test]
     fn created_key_is_private_and_reloads() {

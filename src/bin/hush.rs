@@ -4,13 +4,14 @@
 
 use hush::out;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use hush::auth::{identity, HushAddress, Identity};
-use hush::client::app::{safety_number, App, AppError, Entry};
+use hush::client::app::{safety_number, App, AppError, Entry, EntryKind};
+use hush::client::home::Home;
+use hush::client::local::valid_name;
 use hush::client::screen::{self, one_line};
 use hush::client::{ClientError, Connection, PushStream};
 use hush::util::{default_data_dir, format_unix};
@@ -105,60 +106,6 @@ enum GroupCmd {
     Leave { group: String },
 }
 
-/// Files in the home directory.
-struct Home(PathBuf);
-
-impl Home {
-    /// The account key (signs this device's certificate; never used for TLS).
-    fn account_key(&self) -> PathBuf {
-        self.0.join("account.key")
-    }
-    /// This device's TLS key.
-    fn device_key(&self) -> PathBuf {
-        self.0.join("device.key")
-    }
-    /// The one key of homes made before device certificates.
-    fn legacy_key(&self) -> PathBuf {
-        self.0.join("identity.key")
-    }
-    fn refuse_legacy(&self) -> Result<()> {
-        if self.legacy_key().exists() && !self.device_key().exists() {
-            bail!(
-                "{} was made by a hush from before device certificates; its groups cannot be carried over. \
-                 Register again in a new home (`hush --home NEW_DIR register ADDRESS --invite TOKEN`) and ask your \
-                 contacts to verify your new account id",
-                self.0.display()
-            );
-        }
-        Ok(())
-    }
-    fn server(&self) -> PathBuf {
-        self.0.join("server")
-    }
-    fn name(&self) -> PathBuf {
-        self.0.join("name")
-    }
-
-    /// This device's TLS key.
-    fn device(&self) -> Result<Identity> {
-        self.refuse_legacy()?;
-        if !self.device_key().exists() {
-            bail!("no identity in {}; run `hush register ADDRESS --invite TOKEN` first", self.0.display());
-        }
-        Ok(Identity::load(&self.device_key())?)
-    }
-
-    fn pinned_server(&self) -> Result<HushAddress> {
-        let text = std::fs::read_to_string(self.server())
-            .with_context(|| format!("no server pinned in {}; run `hush register` first", self.0.display()))?;
-        text.trim().parse().with_context(|| format!("{} is damaged", self.server().display()))
-    }
-
-    fn name_or_none(&self) -> Option<String> {
-        std::fs::read_to_string(self.name()).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("HUSH_LOG")
@@ -174,13 +121,11 @@ fn main() -> ExitCode {
 }
 
 fn open_app(home: &Home) -> Result<App> {
-    let id = home.device()?;
-    let server = home.pinned_server()?;
-    Ok(App::open(&home.0, id, server)?)
+    home.open().map_err(app_error)
 }
 
 fn print_entry(e: &Entry) {
-    if e.kind == "text" {
+    if e.kind == EntryKind::Text {
         out!("[{}] {}: {}", one_line(&e.group), one_line(&e.sender), screen::body(&e.body));
     } else {
         out!("[{}] * {}", one_line(&e.group), screen::body(&e.body));
@@ -207,8 +152,8 @@ fn app_error(e: AppError) -> anyhow::Error {
 
 fn run(cli: Cli) -> Result<()> {
     let home = match cli.home {
-        Some(h) => Home(h),
-        None => Home(default_data_dir("hush").context("no home directory: set --home, HUSH_HOME or HOME")?),
+        Some(h) => Home::new(h),
+        None => Home::new(default_data_dir("hush").context("no home directory: set --home, HUSH_HOME or HOME")?),
     };
     match cli.command {
         Command::Register { address, invite, name } => register(&home, &address, invite, name),
@@ -216,17 +161,17 @@ fn run(cli: Cli) -> Result<()> {
             let app = open_app(&home)?;
             out!("{}", app.account());
             out!("device      {}", app.certificate().device);
-            if let Some(name) = home.name_or_none() {
+            if let Some(name) = home.name() {
                 out!("name        {name}");
             }
-            if let Ok(server) = home.pinned_server() {
+            if let Ok(server) = home.server() {
                 out!("server      {server}");
             }
             Ok(())
         }
         Command::Status => {
             let id = home.device()?;
-            let server = home.pinned_server()?;
+            let server = home.server()?;
             let status = runtime()?.block_on(async {
                 let conn = Connection::connect(&server, &id).await?;
                 let status = conn.status().await;
@@ -236,7 +181,7 @@ fn run(cli: Cli) -> Result<()> {
             let status = status.map_err(explain)?;
             out!("account     {}", status.account);
             out!("device      {}", status.device);
-            if let Some(name) = home.name_or_none() {
+            if let Some(name) = home.name() {
                 out!("name        {name}");
             }
             out!("server      {server}");
@@ -283,12 +228,13 @@ fn run(cli: Cli) -> Result<()> {
             let g = app.resolve_group(&group)?;
             for e in app.history(&g)? {
                 if json {
-                    let text = if e.kind == "text" { e.body.clone() } else { format!("* {}", e.body) };
+                    let text = if e.kind == EntryKind::Text { e.body.clone() } else { format!("* {}", e.body) };
                     let line = serde_json::json!({
-                        "group": e.group, "sender": e.sender, "text": text, "time": e.time, "seq": e.seq, "kind": e.kind,
+                        "group": e.group, "sender": e.sender, "text": text, "time": e.time, "seq": e.seq,
+                        "kind": e.kind.as_str(),
                     });
                     out!("{line}");
-                } else if e.kind == "text" {
+                } else if e.kind == EntryKind::Text {
                     out!("{} {}: {}", format_unix(e.time), one_line(&e.sender), screen::body(&e.body));
                 } else {
                     out!("{} * {}", format_unix(e.time), screen::body(&e.body));
@@ -326,7 +272,7 @@ fn group(home: &Home, cmd: GroupCmd) -> Result<()> {
     match cmd {
         GroupCmd::Create { name } => {
             let name = name.trim().to_string();
-            if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+            if !valid_name(&name) {
                 bail!("group names are 1 to 64 printable characters");
             }
             online(home, async |app, conn| app.create_group(conn, &name).await)?;
@@ -430,58 +376,15 @@ fn chat(home: &Home, group: &str) -> Result<()> {
 }
 
 fn register(home: &Home, address: &str, invite: Option<String>, name: Option<String>) -> Result<()> {
-    home.refuse_legacy()?;
-    let address: HushAddress = address.parse().with_context(|| format!("{address:?} is not a hush address"))?;
-    if let Some(n) = &name {
-        if n.trim().is_empty() || n.len() > 64 || n.chars().any(char::is_control) {
-            bail!("--name must be 1 to 64 printable characters");
-        }
+    let r = runtime()?.block_on(home.register(address, invite.as_deref(), name.as_deref())).map_err(app_error)?;
+    let address = &r.server;
+    if r.created_keys {
+        eprintln!("created a new identity in {}", home.dir().display());
     }
-    if let Ok(pinned) = home.pinned_server() {
-        if pinned.fingerprint != address.fingerprint {
-            bail!(
-                "{} is already registered with another server ({pinned}); use --home DIR for a second identity",
-                home.0.display()
-            );
-        }
-    }
-    identity::private_dir(&home.0)?;
-    let (account, created) = Identity::load_or_create(&home.account_key())?;
-    let (id, _) = Identity::load_or_create(&home.device_key())?;
-    if created {
-        eprintln!("created a new identity in {}", home.0.display());
-    }
-    // The account key certifies this device (its TLS key and MLS key); the
-    // certificate is this device's credential in every group.
-    let certificate = App::initialise(&home.0, &account, &id)?;
-    drop(account);
-    let outcome = runtime()?.block_on(async {
-        let conn = Connection::connect(&address, &id).await?;
-        let r = conn.register(invite.as_deref(), &certificate).await;
-        conn.close().await;
-        r
-    });
-    let new = outcome.map_err(explain)?;
-    write_private(&home.server(), &format!("{address}\n"))?;
-    let app = App::open(&home.0, id, address.clone())?;
-    runtime()?
-        .block_on(async {
-            let conn = app.connect().await?;
-            let (count, last_resort) = conn.count_key_packages().await?;
-            if count == 0 || !last_resort {
-                app.publish_key_packages(&conn, !last_resort).await?;
-            }
-            conn.close().await;
-            Ok::<(), AppError>(())
-        })
-        .map_err(app_error)?;
-    if let Some(n) = name {
-        write_private(&home.name(), &format!("{}\n", n.trim()))?;
-    }
-    if new {
-        out!("registered {} on {address}", app.account());
+    if r.new {
+        out!("registered {} on {address}", r.account);
     } else {
-        out!("already registered: {} on {address}", app.account());
+        out!("already registered: {} on {address}", r.account);
     }
     Ok(())
 }
@@ -502,23 +405,6 @@ fn explain(e: ClientError) -> anyhow::Error {
         Some(h) => anyhow::anyhow!("{e}; {h}"),
         None => anyhow::Error::new(e),
     }
-}
-
-fn write_private(path: &Path, contents: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -7,16 +7,18 @@
 //! retried after catching up); a Welcome is acknowledged to the server
 //! only after the group was joined and recorded.
 //!
-//! Application payloads are one kind byte followed by UTF-8:
-//! `0x01` text, `0x02` the group's name (so names travel encrypted and the
-//! server never sees them).
+//! Each of those steps is one unit of work on the state file
+//! ([`Local::unit`]): the MLS state, the history, the cursor and the record
+//! of what this device sent change together. Payloads: [`Payload`].
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::{params, Connection as Db, OptionalExtension};
 use thiserror::Error;
 
+pub use super::local::EntryKind;
+use super::local::{valid_name, HistoryRow, Local, LocalGroup};
 use super::mls::{Commit, Member, MlsError, Received};
+use super::payload::Payload;
 use super::state::{self, Provider, StateError};
 use super::{ClientError, Connection};
 use crate::auth::{text, AccountId, DeviceCertificate, DeviceId, HushAddress, Identity, KeyError};
@@ -40,9 +42,6 @@ pub const MAX_SYNC_BYTES: usize = 512 * 1024 * 1024;
 
 /// Setting holding this device's certificate.
 const CERTIFICATE: &str = "certificate";
-
-const KIND_TEXT: u8 = 0x01;
-const KIND_NAME: u8 = 0x02;
 
 /// Something the user can act on.
 #[derive(Debug, Error)]
@@ -82,6 +81,8 @@ pub enum AppError {
     #[error("the server misbehaved: {0}; nothing after that point was applied (try again, or ask its operator)")]
     Misbehaving(String),
     #[error(transparent)]
+    Home(#[from] super::home::HomeError),
+    #[error(transparent)]
     Client(#[from] ClientError),
     #[error(transparent)]
     Mls(#[from] MlsError),
@@ -89,12 +90,6 @@ pub enum AppError {
     State(#[from] StateError),
     #[error(transparent)]
     Key(#[from] KeyError),
-}
-
-impl From<rusqlite::Error> for AppError {
-    fn from(e: rusqlite::Error) -> Self {
-        Self::State(StateError::Sqlite(e))
-    }
 }
 
 /// One line of history.
@@ -105,18 +100,24 @@ pub struct Entry {
     pub seq: u64,
     /// Display name of the sender (petname, "you", or short fingerprint).
     pub sender: String,
-    /// `text` or `event`.
-    pub kind: String,
+    pub kind: EntryKind,
     pub body: String,
     pub time: u64,
 }
 
-/// A local group.
+/// A local group, as shown.
 #[derive(Debug, Clone)]
 pub struct GroupRow {
     pub id: Vec<u8>,
+    /// Its name, or its id until a member told us the name.
     pub name: String,
     pub active: bool,
+}
+
+impl From<LocalGroup> for GroupRow {
+    fn from(g: LocalGroup) -> Self {
+        Self { name: g.name.unwrap_or_else(|| text::encode(&g.id)), id: g.id, active: g.active }
+    }
 }
 
 /// The open client: device key, pinned server, state (with the device
@@ -126,14 +127,14 @@ pub struct App {
     /// This device's TLS key.
     pub device_key: Identity,
     pub server: HushAddress,
-    db: Db,
+    local: Local,
     member: Member<Provider>,
 }
 
 impl Drop for App {
     /// Secrets deleted during this session leave the write-ahead log too.
     fn drop(&mut self) {
-        if let Err(e) = state::checkpoint(&self.db) {
+        if let Err(e) = self.local.checkpoint() {
             tracing::warn!("could not checkpoint the client state: {e}");
         }
     }
@@ -175,26 +176,26 @@ impl App {
     /// key and the device certificate binding it and `device_key` to the
     /// account. Returns the certificate.
     pub fn initialise(home: &Path, account: &Identity, device_key: &Identity) -> Result<DeviceCertificate, AppError> {
-        let (provider, db) = state::open(home)?;
-        if let Some(cert) = state::setting(&db, CERTIFICATE)? {
+        let (provider, local) = state::open(home)?;
+        if let Some(cert) = local.setting(CERTIFICATE)? {
             return DeviceCertificate::decode(&cert)
                 .map_err(|e| AppError::DamagedCertificate { home: home.to_owned(), why: e.to_string() });
         }
         let device = DeviceId(device_key.public_key());
         let member = Member::create(provider, account, device, now_unix())?;
-        state::set_setting(&db, CERTIFICATE, &member.certificate().encode())?;
+        local.set_setting(CERTIFICATE, &member.certificate().encode())?;
         Ok(member.certificate().clone())
     }
 
     /// Opens an initialised home.
     pub fn open(home: &Path, device_key: Identity, server: HushAddress) -> Result<Self, AppError> {
-        let (provider, db) = state::open(home)?;
-        let cert = state::setting(&db, CERTIFICATE)?.ok_or_else(|| AppError::NoIdentity(home.to_owned()))?;
+        let (provider, local) = state::open(home)?;
+        let cert = local.setting(CERTIFICATE)?.ok_or_else(|| AppError::NoIdentity(home.to_owned()))?;
         let member = Member::load(provider, &cert)?;
         if member.device() != DeviceId(device_key.public_key()) {
             return Err(AppError::ForeignCertificate(home.to_owned()));
         }
-        Ok(Self { home: home.to_owned(), device_key, server, db, member })
+        Ok(Self { home: home.to_owned(), device_key, server, local, member })
     }
 
     pub fn account(&self) -> AccountId {
@@ -214,41 +215,23 @@ impl App {
 
     pub fn contact_add(&self, name: &str, account: &str) -> Result<AccountId, AppError> {
         let name = name.trim();
-        if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+        if !valid_name(name) {
             return Err(AppError::ContactName);
         }
         let account: AccountId =
             account.parse().map_err(|e| AppError::NotAnAccount { text: account.to_owned(), why: format!("{e}") })?;
-        self.db
-            .execute(
-                "INSERT INTO contacts (name, account) VALUES (?1, ?2)
-             ON CONFLICT(name) DO UPDATE SET account = excluded.account",
-                params![name, &account.0[..]],
-            )
-            .map_err(|e| match e {
-                rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-                    AppError::AlreadyNamed
-                }
-                other => other.into(),
-            })?;
+        if !self.local.put_contact(name, &account)? {
+            return Err(AppError::AlreadyNamed);
+        }
         Ok(account)
     }
 
     pub fn contacts(&self) -> Result<Vec<(String, AccountId)>, AppError> {
-        let mut stmt = self.db.prepare("SELECT name, account FROM contacts ORDER BY name")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
-        let mut out = vec![];
-        for row in rows {
-            let (n, a) = row?;
-            if let Some(a) = state::account_col(Some(a)) {
-                out.push((n, a));
-            }
-        }
-        Ok(out)
+        Ok(self.local.contacts()?)
     }
 
     pub fn contact_remove(&self, name: &str) -> Result<(), AppError> {
-        if self.db.execute("DELETE FROM contacts WHERE name = ?1", [name])? == 0 {
+        if !self.local.delete_contact(name)? {
             return Err(AppError::UnknownContact(name.into()));
         }
         Ok(())
@@ -256,9 +239,7 @@ impl App {
 
     /// A petname or an account id.
     pub fn resolve_contact(&self, who: &str) -> Result<AccountId, AppError> {
-        let found: Option<Vec<u8>> =
-            self.db.query_row("SELECT account FROM contacts WHERE name = ?1", [who], |r| r.get(0)).optional()?;
-        if let Some(a) = state::account_col(found) {
+        if let Some(a) = self.local.contact(who)? {
             return Ok(a);
         }
         who.parse().map_err(|_| AppError::UnknownContact(who.into()))
@@ -269,21 +250,13 @@ impl App {
         if *a == self.account() {
             return "you".into();
         }
-        self.db
-            .query_row("SELECT name FROM contacts WHERE account = ?1", [&a.0[..]], |r| r.get::<_, String>(0))
-            .unwrap_or_else(|_| short(a))
+        self.local.name_of(a).ok().flatten().unwrap_or_else(|| short(a))
     }
 
     // ---- groups ----
 
     pub fn groups(&self) -> Result<Vec<GroupRow>, AppError> {
-        let mut stmt = self.db.prepare("SELECT id, name, active FROM groups ORDER BY joined_at, id")?;
-        let rows = stmt.query_map([], |r| {
-            let id: Vec<u8> = r.get(0)?;
-            let name: Option<String> = r.get(1)?;
-            Ok(GroupRow { name: name.unwrap_or_else(|| text::encode(&id)), id, active: r.get(2)? })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        Ok(self.local.groups()?.into_iter().map(GroupRow::from).collect())
     }
 
     /// A group by local name or by id (base32, as `group list` shows).
@@ -301,40 +274,43 @@ impl App {
     }
 
     fn group_name(&self, id: &[u8]) -> String {
-        self.db
-            .query_row("SELECT name FROM groups WHERE id = ?1", [id], |r| r.get::<_, Option<String>>(0))
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| text::encode(id))
+        self.local.group_name(id).ok().flatten().unwrap_or_else(|| text::encode(id))
     }
 
+    /// Records a history line and returns it as shown.
     fn record(
         &self,
         group: &[u8],
         seq: u64,
         sender: Option<&AccountId>,
-        kind: &str,
+        kind: EntryKind,
         body: &str,
-    ) -> Result<(), AppError> {
-        self.db.execute(
-            "INSERT INTO history (group_id, seq, sender, kind, body, time) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                group,
-                i64::try_from(seq).unwrap_or(i64::MAX),
-                sender.map(|a| a.0.to_vec()),
-                kind,
-                body,
-                i64::try_from(now_unix()).unwrap_or(0)
-            ],
-        )?;
-        Ok(())
+    ) -> Result<Entry, AppError> {
+        let row = HistoryRow { seq, sender: sender.copied(), kind, body: body.into(), time: now_unix() };
+        self.local.record(group, &row)?;
+        Ok(self.entry(group, &self.group_name(group), row))
     }
 
-    fn mark_sent(&self, group: &[u8], seq: u64) -> Result<(), AppError> {
-        self.db.execute(
-            "INSERT OR IGNORE INTO sent (group_id, seq) VALUES (?1, ?2)",
-            params![group, i64::try_from(seq).unwrap_or(i64::MAX)],
-        )?;
+    /// A stored history line as shown.
+    fn entry(&self, group: &[u8], name: &str, row: HistoryRow) -> Entry {
+        Entry {
+            group_id: group.to_vec(),
+            group: name.to_owned(),
+            seq: row.seq,
+            sender: row.sender.map(|a| self.display(&a)).unwrap_or_default(),
+            kind: row.kind,
+            body: row.body,
+            time: row.time,
+        }
+    }
+
+    /// Our own message at `seq` was accepted: if it was the next in the
+    /// log, there is nothing to fetch for it.
+    fn sent(&self, group: &[u8], seq: u64) -> Result<(), AppError> {
+        self.local.mark_sent(group, seq)?;
+        if self.local.cursor(group)? + 1 == seq {
+            self.local.advance(group, seq)?;
+        }
         Ok(())
     }
 
@@ -349,11 +325,10 @@ impl App {
         let removal_key = conn.status().await?.removal_key;
         let g = self.member.create_group(&removal_key)?;
         conn.create_group(g.group_info, g.ratchet_tree).await?;
-        self.db.execute(
-            "INSERT INTO groups (id, name, cursor, active, joined_at) VALUES (?1, ?2, 0, 1, ?3)",
-            params![g.id, name, i64::try_from(now_unix()).unwrap_or(0)],
-        )?;
-        self.record(&g.id, 0, Some(&self.account()), "event", &format!("you created {name}"))?;
+        let unit = self.local.unit()?;
+        self.local.put_group(&g.id, Some(name), 0, now_unix())?;
+        self.record(&g.id, 0, Some(&self.account()), EntryKind::Event, &format!("you created {name}"))?;
+        unit.commit()?;
         Ok(g.id)
     }
 
@@ -369,9 +344,10 @@ impl App {
             let commit = build(&mut self.member)?;
             match conn.commit(commit).await {
                 Ok((seq, _)) => {
+                    let unit = self.local.unit()?;
                     self.member.merge_pending(group)?;
-                    self.mark_sent(group, seq)?;
-                    self.set_cursor_if_next(group, seq)?;
+                    self.sent(group, seq)?;
+                    unit.commit()?;
                     return Ok(seq);
                 }
                 Err(e) => {
@@ -383,27 +359,6 @@ impl App {
             }
         }
         Err(AppError::GroupKeptChanging)
-    }
-
-    fn cursor(&self, group: &[u8]) -> Result<u64, AppError> {
-        let c: i64 = self.db.query_row("SELECT cursor FROM groups WHERE id = ?1", [group], |r| r.get(0))?;
-        Ok(u64::try_from(c).unwrap_or(0))
-    }
-
-    fn set_cursor(&self, group: &[u8], seq: u64) -> Result<(), AppError> {
-        self.db.execute(
-            "UPDATE groups SET cursor = MAX(cursor, ?2) WHERE id = ?1",
-            params![group, i64::try_from(seq).unwrap_or(i64::MAX)],
-        )?;
-        Ok(())
-    }
-
-    /// Our own message was the next in the log: nothing to fetch for it.
-    fn set_cursor_if_next(&self, group: &[u8], seq: u64) -> Result<(), AppError> {
-        if self.cursor(group)? + 1 == seq {
-            self.set_cursor(group, seq)?;
-        }
-        Ok(())
     }
 
     /// Adds accounts (all their devices) to a group. Every KeyPackage the
@@ -418,9 +373,9 @@ impl App {
                     let who = self.display(a);
                     self.record(
                         &gid,
-                        self.cursor(&gid)?,
+                        self.local.cursor(&gid)?,
                         None,
-                        "event",
+                        EntryKind::Event,
                         &format!(
                             "refused to add {who}: the server handed out a KeyPackage {who} did not certify ({why})"
                         ),
@@ -433,12 +388,10 @@ impl App {
         let seq = self.send_commit(conn, &gid, |m| Ok(m.add(&gid, &packages)?)).await?;
         for a in accounts {
             let who = self.display(a);
-            self.record(&gid, seq, Some(&self.account()), "event", &format!("{who} was added by you"))?;
+            self.record(&gid, seq, Some(&self.account()), EntryKind::Event, &format!("{who} was added by you"))?;
         }
         // Tell the new members the group's name, encrypted.
-        let mut payload = vec![KIND_NAME];
-        payload.extend_from_slice(group.name.as_bytes());
-        self.send_payload(conn, &gid, &payload).await?;
+        self.send_payload(conn, &gid, &Payload::GroupName(group.name.clone())).await?;
         Ok(())
     }
 
@@ -454,7 +407,7 @@ impl App {
         let seq = self.send_commit(conn, &gid, |m| Ok(m.remove(&gid, &targets)?)).await?;
         for a in accounts {
             let who = self.display(a);
-            self.record(&gid, seq, Some(&self.account()), "event", &format!("{who} was removed by you"))?;
+            self.record(&gid, seq, Some(&self.account()), EntryKind::Event, &format!("{who} was removed by you"))?;
         }
         Ok(())
     }
@@ -464,9 +417,11 @@ impl App {
         self.sync_group(conn, &group.id, &mut Vec::new()).await?;
         let proposal = self.member.leave(&group.id)?;
         let (seq, _) = conn.send(proposal, None).await?;
-        self.mark_sent(&group.id, seq)?;
-        self.db.execute("UPDATE groups SET active = 0 WHERE id = ?1", [&group.id])?;
-        self.record(&group.id, seq, Some(&self.account()), "event", "you left")?;
+        let unit = self.local.unit()?;
+        self.local.mark_sent(&group.id, seq)?;
+        self.local.deactivate(&group.id)?;
+        self.record(&group.id, seq, Some(&self.account()), EntryKind::Event, "you left")?;
+        unit.commit()?;
         Ok(())
     }
 
@@ -481,17 +436,24 @@ impl App {
         self.member.members(&group.id).iter().map(|a| self.display(a)).collect()
     }
 
-    async fn send_payload(&mut self, conn: &Connection, group: &[u8], payload: &[u8]) -> Result<u64, AppError> {
+    /// Sends a payload; text enters the history once the server accepted
+    /// it.
+    async fn send_payload(&mut self, conn: &Connection, group: &[u8], payload: &Payload) -> Result<u64, AppError> {
         if !self.member.has_group(group) {
             // Lost state: syncing rejoins the group first.
             self.sync_group(conn, group, &mut Vec::new()).await?;
         }
+        let bytes = payload.encode();
         for _ in 0..COMMIT_ATTEMPTS {
-            let m = self.member.encrypt(group, payload)?;
+            let m = self.member.encrypt(group, &bytes)?;
             match conn.send(m, None).await {
                 Ok((seq, _)) => {
-                    self.mark_sent(group, seq)?;
-                    self.set_cursor_if_next(group, seq)?;
+                    let unit = self.local.unit()?;
+                    self.sent(group, seq)?;
+                    if let Payload::Text(text) = payload {
+                        self.record(group, seq, Some(&self.account()), EntryKind::Text, text)?;
+                    }
+                    unit.commit()?;
                     return Ok(seq);
                 }
                 Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => {
@@ -511,11 +473,7 @@ impl App {
         if !group.active {
             return Err(AppError::NotMember(group.name.clone()));
         }
-        let mut payload = vec![KIND_TEXT];
-        payload.extend_from_slice(text.as_bytes());
-        let seq = self.send_payload(conn, &group.id, &payload).await?;
-        self.record(&group.id, seq, Some(&self.account()), "text", text)?;
-        Ok(seq)
+        self.send_payload(conn, &group.id, &Payload::Text(text.to_owned())).await
     }
 
     /// Publishes a fresh batch of KeyPackages (and a last-resort one).
@@ -527,53 +485,9 @@ impl App {
         Ok(())
     }
 
-    fn entry_now(&self, group: &[u8], seq: u64, sender: Option<&AccountId>, kind: &str, body: &str) -> Entry {
-        Entry {
-            group_id: group.to_vec(),
-            group: self.group_name(group),
-            seq,
-            sender: sender.map(|a| self.display(a)).unwrap_or_default(),
-            kind: kind.into(),
-            body: body.into(),
-            time: now_unix(),
-        }
-    }
-
-    fn is_own(&self, group: &[u8], seq: u64) -> Result<bool, AppError> {
-        Ok(self
-            .db
-            .prepare_cached("SELECT 1 FROM sent WHERE group_id = ?1 AND seq = ?2")?
-            .exists(params![group, i64::try_from(seq).unwrap_or(i64::MAX)])?)
-    }
-
     /// The local history of a group, oldest first.
     pub fn history(&self, group: &GroupRow) -> Result<Vec<Entry>, AppError> {
-        let mut stmt =
-            self.db.prepare("SELECT seq, sender, kind, body, time FROM history WHERE group_id = ?1 ORDER BY id")?;
-        let rows = stmt.query_map([&group.id], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, Option<Vec<u8>>>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, i64>(4)?,
-            ))
-        })?;
-        let mut out = vec![];
-        for row in rows {
-            let (seq, sender, kind, body, time) = row?;
-            let sender = state::account_col(sender).map(|a| self.display(&a)).unwrap_or_default();
-            out.push(Entry {
-                group_id: group.id.clone(),
-                group: group.name.clone(),
-                seq: u64::try_from(seq).unwrap_or(0),
-                sender,
-                kind,
-                body,
-                time: u64::try_from(time).unwrap_or(0),
-            });
-        }
-        Ok(out)
+        Ok(self.local.history(&group.id)?.into_iter().map(|row| self.entry(&group.id, &group.name, row)).collect())
     }
 
     /// Commits proposals others made (e.g. a member asking to leave).

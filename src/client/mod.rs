@@ -19,8 +19,11 @@ use crate::limits::{
     CLIENT_KEEP_ALIVE, CLIENT_MAX_RATE_LIMIT_WAIT, CLIENT_RATE_LIMIT_RETRIES, CLIENT_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
 };
 pub mod app;
+pub mod home;
+pub mod local;
 pub mod log;
 pub mod mls;
+pub mod payload;
 pub mod screen;
 pub mod state;
 

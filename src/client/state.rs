@@ -4,20 +4,22 @@
 //! lives in openmls's own SQLite storage provider
 //! (`openmls_sqlite_storage`, serde/JSON codec, its own migrations), and
 //! hush's tables (settings, contacts, groups with read cursors, the message
-//! history) live beside it in the same file, migrated by `user_version`.
+//! history; [`super::local`]) live beside it in the same file, migrated by
+//! `user_version`, on the same connection, so one unit of work covers both.
 //! The file is created 0600 in a 0700 home. `synchronous=FULL`: whatever
 //! the CLI reports as done survives a crash. `secure_delete=ON`, and the
 //! write-ahead log is checkpointed and truncated when the app closes
 //! ([`checkpoint`]), so secrets openmls deletes do not linger on disk.
 
 use std::path::Path;
+use std::rc::Rc;
 
 use openmls_rust_crypto::RustCrypto;
 use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
 use openmls_traits::OpenMlsProvider;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::Connection;
 
-use crate::auth::AccountId;
+use super::local::Local;
 
 /// The state file in the home directory.
 pub const STATE_FILE: &str = "hush.db";
@@ -41,7 +43,7 @@ impl Codec for JsonCodec {
 /// An openmls provider: RustCrypto plus SQLite storage.
 pub struct Provider {
     crypto: RustCrypto,
-    storage: SqliteStorageProvider<JsonCodec, Connection>,
+    storage: SqliteStorageProvider<JsonCodec, Rc<Connection>>,
 }
 
 impl std::fmt::Debug for Provider {
@@ -53,7 +55,7 @@ impl std::fmt::Debug for Provider {
 impl OpenMlsProvider for Provider {
     type CryptoProvider = RustCrypto;
     type RandProvider = RustCrypto;
-    type StorageProvider = SqliteStorageProvider<JsonCodec, Connection>;
+    type StorageProvider = SqliteStorageProvider<JsonCodec, Rc<Connection>>;
 
     fn storage(&self) -> &Self::StorageProvider {
         &self.storage
@@ -111,11 +113,14 @@ fn open_conn(path: &Path) -> Result<Connection, StateError> {
 }
 
 /// Opens (creating and migrating) the state in `home`: the MLS provider and
-/// a connection for hush's tables.
-pub fn open(home: &Path) -> Result<(Provider, Connection), StateError> {
+/// hush's tables, on one connection.
+pub fn open(home: &Path) -> Result<(Provider, Local), StateError> {
     let path = home.join(STATE_FILE);
-    let mut storage = SqliteStorageProvider::<JsonCodec, Connection>::new(open_conn(&path)?);
-    storage.run_migrations().map_err(|e| StateError::Migrations(e.to_string()))?;
+    // openmls migrates through a connection it owns; it is closed before
+    // the shared one opens.
+    let mut migrating = SqliteStorageProvider::<JsonCodec, Connection>::new(open_conn(&path)?);
+    migrating.run_migrations().map_err(|e| StateError::Migrations(e.to_string()))?;
+    drop(migrating);
     let mut conn = open_conn(&path)?;
     let latest = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
     crate::sqlite::migrate(
@@ -125,30 +130,9 @@ pub fn open(home: &Path) -> Result<(Provider, Connection), StateError> {
         |found, supported| StateError::TooNew { found, supported },
         |_, _| Ok(()),
     )?;
-    Ok((Provider { crypto: RustCrypto::default(), storage }, conn))
-}
-
-/// A setting.
-pub fn setting(conn: &Connection, key: &str) -> Result<Option<Vec<u8>>, StateError> {
-    Ok(conn.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0)).optional()?)
-}
-
-pub fn set_setting(conn: &Connection, key: &str, value: &[u8]) -> Result<(), StateError> {
-    conn.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)", params![key, value])?;
-    Ok(())
-}
-
-/// Reads an account id column.
-pub fn account_col(bytes: Option<Vec<u8>>) -> Option<AccountId> {
-    bytes.and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok()).map(AccountId)
-}
-
-/// Moves everything from the write-ahead log into the database and
-/// truncates the log, so page images holding deleted secrets do not stay
-/// in it.
-pub fn checkpoint(conn: &Connection) -> Result<(), StateError> {
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-    Ok(())
+    let conn = Rc::new(conn);
+    let storage = SqliteStorageProvider::new(conn.clone());
+    Ok((Provider { crypto: RustCrypto::default(), storage }, Local::new(conn)))
 }
 
 #[cfg(test)]

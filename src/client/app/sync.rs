@@ -2,9 +2,8 @@
 //! [`crate::client::log::GroupLog`], and group repair (rejoining a group
 //! this device can no longer follow).
 
-use rusqlite::params;
-
 use super::*;
+use crate::client::local::MAX_NAME;
 use crate::client::log::{GroupLog, Read};
 
 impl App {
@@ -12,19 +11,19 @@ impl App {
     /// Returns the new history entries, in order.
     pub async fn sync(&mut self, conn: &Connection) -> Result<Vec<Entry>, AppError> {
         let mut new = Vec::new();
-        for (id, welcome) in conn.fetch_welcomes().await? {
+        let welcomes = conn.fetch_welcomes().await?;
+        // The server lists a group as soon as the commit that added us is
+        // stored, before we read its Welcome.
+        let mut announced = if welcomes.is_empty() { Vec::new() } else { conn.groups().await? };
+        for (id, welcome) in welcomes {
+            let unit = self.local.unit()?;
             match self.member.join(&welcome) {
                 Ok(gid) => {
-                    let groups = conn.groups().await?;
                     // Where our history starts; never past the log's end.
                     let cursor =
-                        groups.iter().find(|g| g.group == gid).map(|g| g.acked_seq.min(g.last_seq)).unwrap_or(0);
-                    self.db.execute(
-                        "INSERT OR REPLACE INTO groups (id, name, cursor, active, joined_at) VALUES (?1, NULL, ?2, 1, ?3)",
-                        params![gid, i64::try_from(cursor).unwrap_or(0), i64::try_from(now_unix()).unwrap_or(0)],
-                    )?;
-                    self.record(&gid, cursor, None, "event", "you joined")?;
-                    new.push(self.entry_now(&gid, cursor, None, "event", "you joined"));
+                        announced.iter().find(|g| g.group == gid).map(|g| g.acked_seq.min(g.last_seq)).unwrap_or(0);
+                    self.local.put_group(&gid, None, cursor, now_unix())?;
+                    new.push(self.record(&gid, cursor, None, EntryKind::Event, "you joined")?);
                 }
                 Err(e) => {
                     // Shown to the user (there is no group to file it under).
@@ -34,23 +33,21 @@ impl App {
                         group: "invitation".into(),
                         seq: 0,
                         sender: String::new(),
-                        kind: "event".into(),
+                        kind: EntryKind::Event,
                         body: format!("did not join a group: {e}"),
                         time: now_unix(),
                     });
                 }
             }
+            unit.commit()?;
             conn.ack_welcome(id).await?;
         }
-        let announced = conn.groups().await?;
+        announced = conn.groups().await?;
         // A group the server lists us in that this home does not know (its
         // state was lost, e.g. restored from an older backup): rejoin it.
         let known: Vec<Vec<u8>> = self.groups()?.into_iter().map(|g| g.id).collect();
         for s in announced.iter().filter(|s| s.member && !known.contains(&s.group)) {
-            self.db.execute(
-                "INSERT INTO groups (id, name, cursor, active, joined_at) VALUES (?1, NULL, ?2, 1, ?3)",
-                params![s.group, i64::try_from(s.last_seq).unwrap_or(0), i64::try_from(now_unix()).unwrap_or(0)],
-            )?;
+            self.local.put_group(&s.group, None, s.last_seq, now_unix())?;
         }
         for g in self.groups()? {
             if g.active {
@@ -99,14 +96,14 @@ impl App {
         let mut repaired = false;
         let mut acked = summary.map_or(0, |s| s.acked_seq);
         'pages: for _ in 0..MAX_SYNC_PAGES {
-            let after = self.cursor(group)?;
+            let after = self.local.cursor(group)?;
             if bound.is_some_and(|b| after >= b) {
                 return self.catch_up(conn, group, summary, repaired, acked, new).await;
             }
             let (messages, more) = match conn.fetch(group, after, 0).await {
                 Ok(r) => r,
                 Err(e) if e.code() == Some(ErrorCode::NotMember) => {
-                    self.db.execute("UPDATE groups SET active = 0 WHERE id = ?1", [group])?;
+                    self.local.deactivate(group)?;
                     return Ok(());
                 }
                 Err(e) => return Err(e.into()),
@@ -118,11 +115,15 @@ impl App {
             log.check(&messages, more, Some(bound)).map_err(|e| AppError::Misbehaving(e.to_string()))?;
             for (seq, bytes) in &messages {
                 bytes_read = bytes_read.saturating_add(bytes.len());
-                if !self.is_own(group, *seq)? {
+                // Reading the message, recording what it did and moving the
+                // cursor past it land together.
+                let unit = self.local.unit()?;
+                if !self.local.sent(group, *seq)? {
                     let before = self.member.members(group);
                     match log.read(&mut self.member, *seq, bytes) {
                         Read::Received { received, .. } => self.apply(group, *seq, received, &before, new)?,
                         Read::Failed { cause: Some(c), stuck: true, error, .. } if !repaired => {
+                            drop(unit);
                             tracing::warn!(seq, "could not process a commit; rejoining the group: {error}");
                             let who = c.sender.map(|a| self.display(&a)).unwrap_or_else(|| "someone".into());
                             let why = if c.commit {
@@ -130,17 +131,18 @@ impl App {
                             } else {
                                 format!("this device missed the group's changes up to epoch {}", c.epoch)
                             };
-                            self.set_cursor(group, *seq)?;
+                            self.local.advance(group, *seq)?;
                             repaired = true;
                             self.repair(conn, group, &why, new).await?;
-                            acked = acked.max(self.cursor(group)?);
+                            acked = acked.max(self.local.cursor(group)?);
                             continue 'pages;
                         }
                         Read::Failed { error, .. } => tracing::warn!(seq, "could not process a message: {error}"),
                         Read::Own { .. } => {}
                     }
                 }
-                self.set_cursor(group, *seq)?;
+                self.local.advance(group, *seq)?;
+                unit.commit()?;
             }
             if let Some((last, _)) = messages.last() {
                 conn.ack(group, *last).await?;
@@ -174,7 +176,7 @@ impl App {
         // Our own messages move the cursor without a fetch: tell the server
         // too, or it keeps them for others who read them long ago.
         if let Some(s) = summary.filter(|s| s.member) {
-            let cursor = self.cursor(group)?;
+            let cursor = self.local.cursor(group)?;
             if acked < cursor && cursor <= s.last_seq {
                 conn.ack(group, cursor).await?;
             }
@@ -205,7 +207,7 @@ impl App {
             let (info, tree) = match conn.group_info(group).await {
                 Ok(r) => r,
                 Err(e) if e.code() == Some(ErrorCode::NotMember) => {
-                    self.db.execute("UPDATE groups SET active = 0 WHERE id = ?1", [group])?;
+                    self.local.deactivate(group)?;
                     return Ok(());
                 }
                 Err(e) if e.code().is_some() => return self.not_rejoined(group, why, &e.to_string(), new),
@@ -217,14 +219,15 @@ impl App {
             };
             match conn.commit(commit).await {
                 Ok((seq, epoch)) => {
-                    self.mark_sent(group, seq)?;
-                    self.set_cursor(group, seq)?;
-                    conn.ack(group, seq).await?;
                     let body = format!(
                         "{why}; this device rejoined the group at epoch {epoch}. Messages sent before that which it had not read cannot be decrypted here."
                     );
-                    self.record(group, seq, None, "event", &body)?;
-                    new.push(self.entry_now(group, seq, None, "event", &body));
+                    let unit = self.local.unit()?;
+                    self.local.mark_sent(group, seq)?;
+                    self.local.advance(group, seq)?;
+                    new.push(self.record(group, seq, None, EntryKind::Event, &body)?);
+                    unit.commit()?;
+                    conn.ack(group, seq).await?;
                     return Ok(());
                 }
                 Err(e) => {
@@ -247,9 +250,8 @@ impl App {
         // Logs name no one (the event, shown to the user, does).
         tracing::warn!("could not rejoin a group: {error}");
         let body = format!("{why}; this device could not rejoin the group: {error}");
-        let at = self.cursor(group)?;
-        self.record(group, at, None, "event", &body)?;
-        new.push(self.entry_now(group, at, None, "event", &body));
+        let at = self.local.cursor(group)?;
+        new.push(self.record(group, at, None, EntryKind::Event, &body)?);
         Ok(())
     }
 
@@ -262,22 +264,17 @@ impl App {
         new: &mut Vec<Entry>,
     ) -> Result<(), AppError> {
         match r {
-            Received::Application { sender, data } => match data.split_first() {
-                Some((&KIND_TEXT, rest)) => {
-                    let body = String::from_utf8_lossy(rest).into_owned();
-                    self.record(group, seq, sender.as_ref(), "text", &body)?;
-                    new.push(self.entry_now(group, seq, sender.as_ref(), "text", &body));
+            Received::Application { sender, data } => match Payload::decode(&data) {
+                Ok(Payload::Text(body)) => {
+                    new.push(self.record(group, seq, sender.as_ref(), EntryKind::Text, &body)?)
                 }
-                Some((&KIND_NAME, rest)) => {
-                    let name =
-                        String::from_utf8_lossy(rest).chars().filter(|c| !c.is_control()).take(64).collect::<String>();
-                    let unnamed: bool =
-                        self.db.query_row("SELECT name IS NULL FROM groups WHERE id = ?1", [group], |r| r.get(0))?;
-                    if unnamed && !name.is_empty() {
-                        self.db.execute("UPDATE groups SET name = ?2 WHERE id = ?1", params![group, name])?;
+                Ok(Payload::GroupName(name)) => {
+                    let name: String = name.chars().filter(|c| !c.is_control()).take(MAX_NAME).collect();
+                    if !name.trim().is_empty() {
+                        self.local.name_group(group, &name)?;
                     }
                 }
-                _ => {}
+                Err(e) => tracing::debug!(seq, "skipped a payload: {e}"),
             },
             Received::Commit { sender, removed_me, rejoined, .. } => {
                 let by = sender.as_ref().map(|a| self.display(a)).unwrap_or_else(|| "someone".into());
@@ -294,11 +291,10 @@ impl App {
                 }
                 if removed_me {
                     events.push(format!("you were removed by {by}"));
-                    self.db.execute("UPDATE groups SET active = 0 WHERE id = ?1", [group])?;
+                    self.local.deactivate(group)?;
                 }
                 for e in events {
-                    self.record(group, seq, sender.as_ref(), "event", &e)?;
-                    new.push(self.entry_now(group, seq, sender.as_ref(), "event", &e));
+                    new.push(self.record(group, seq, sender.as_ref(), EntryKind::Event, &e)?);
                 }
             }
             Received::Proposal { .. } => {}
@@ -306,8 +302,7 @@ impl App {
                 let by = sender.as_ref().map(|a| self.display(a)).unwrap_or_else(|| "someone".into());
                 let e = format!("refused a change by {by}: {reason}");
                 tracing::warn!(seq, "{e}");
-                self.record(group, seq, sender.as_ref(), "event", &e)?;
-                new.push(self.entry_now(group, seq, sender.as_ref(), "event", &e));
+                new.push(self.record(group, seq, sender.as_ref(), EntryKind::Event, &e)?);
             }
         }
         Ok(())

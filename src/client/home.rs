@@ -1,0 +1,182 @@
+//! A home directory: one account on one device, pinned to one server.
+//!
+//! Layout (the directory is 0700, every file 0600):
+//!
+//! * `account.key`: the account key; it signs this device's certificate
+//!   and is never used for TLS.
+//! * `device.key`: this device's TLS key.
+//! * `server`: the pinned server address, `hush://HOST:PORT/#FINGERPRINT`.
+//! * `name`: the person's name as shown on this device (optional).
+//! * `hush.db`: the state ([`super::state`]).
+//!
+//! Homes made before device certificates held a single `identity.key`;
+//! they are refused with what to do instead.
+
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use super::app::{App, AppError};
+use super::local::valid_name;
+use super::Connection;
+use crate::auth::{identity, AccountId, HushAddress, Identity, KeyError};
+
+/// Why a home cannot be used as asked.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum HomeError {
+    #[error(
+        "{0} was made by a hush from before device certificates; its groups cannot be carried over. Register \
+         again in a new home (`hush --home NEW_DIR register ADDRESS --invite TOKEN`) and ask your contacts to \
+         verify your new account id"
+    )]
+    Legacy(PathBuf),
+    #[error("no identity in {0}; run `hush register ADDRESS --invite TOKEN` first")]
+    NoIdentity(PathBuf),
+    #[error("no server pinned in {0}; run `hush register` first")]
+    NoServer(PathBuf),
+    #[error("{path} is damaged: {why}")]
+    Damaged { path: PathBuf, why: String },
+    #[error("{home} is already registered with another server ({pinned}); use --home DIR for a second identity")]
+    OtherServer { home: PathBuf, pinned: HushAddress },
+    #[error("{text:?} is not a hush address: {why}")]
+    NotAnAddress { text: String, why: String },
+    #[error("names are 1 to 64 printable characters")]
+    Name,
+    #[error("writing {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+/// A home directory (see the module doc).
+#[derive(Debug, Clone)]
+pub struct Home {
+    dir: PathBuf,
+}
+
+/// What [`Home::register`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub account: AccountId,
+    pub server: HushAddress,
+    /// False when this device was registered already.
+    pub new: bool,
+    /// True when this call created the account and device keys.
+    pub created_keys: bool,
+}
+
+impl Home {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn account_key(&self) -> PathBuf {
+        self.dir.join("account.key")
+    }
+
+    fn device_key(&self) -> PathBuf {
+        self.dir.join("device.key")
+    }
+
+    fn server_file(&self) -> PathBuf {
+        self.dir.join("server")
+    }
+
+    fn name_file(&self) -> PathBuf {
+        self.dir.join("name")
+    }
+
+    fn refuse_legacy(&self) -> Result<(), HomeError> {
+        if self.dir.join("identity.key").exists() && !self.device_key().exists() {
+            return Err(HomeError::Legacy(self.dir.clone()));
+        }
+        Ok(())
+    }
+
+    /// This device's TLS key.
+    pub fn device(&self) -> Result<Identity, HomeError> {
+        self.refuse_legacy()?;
+        if !self.device_key().exists() {
+            return Err(HomeError::NoIdentity(self.dir.clone()));
+        }
+        Ok(Identity::load(&self.device_key())?)
+    }
+
+    /// The server this home is registered with.
+    pub fn server(&self) -> Result<HushAddress, HomeError> {
+        let path = self.server_file();
+        let text = std::fs::read_to_string(&path).map_err(|_| HomeError::NoServer(self.dir.clone()))?;
+        text.trim().parse().map_err(|e| HomeError::Damaged { path, why: format!("{e}") })
+    }
+
+    /// The person's name on this device, if they gave one.
+    pub fn name(&self) -> Option<String> {
+        std::fs::read_to_string(self.name_file()).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+    }
+
+    fn write(&self, path: &Path, text: &str) -> Result<(), HomeError> {
+        crate::util::write_private(path, text.as_bytes(), true)
+            .map_err(|source| HomeError::Write { path: path.to_owned(), source })
+    }
+
+    /// Opens the app of a registered home.
+    pub fn open(&self) -> Result<App, AppError> {
+        let device = self.device()?;
+        let server = self.server()?;
+        App::open(&self.dir, device, server)
+    }
+
+    /// Creates the account and this device (if this home has none yet),
+    /// registers the device with the server at `address`
+    /// (`hush://HOST:PORT/#FINGERPRINT`; with `invite`,
+    /// if the server requires one), pins the server, publishes KeyPackages
+    /// and keeps `name`. Registering again with the same server is
+    /// harmless; a home already pinned to another server is refused.
+    pub async fn register(
+        &self,
+        address: &str,
+        invite: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<Registration, AppError> {
+        self.refuse_legacy()?;
+        let address: HushAddress =
+            address.parse().map_err(|e| HomeError::NotAnAddress { text: address.to_owned(), why: format!("{e}") })?;
+        let address = &address;
+        if name.is_some_and(|n| !valid_name(n)) {
+            return Err(HomeError::Name.into());
+        }
+        if let Ok(pinned) = self.server() {
+            if pinned.fingerprint != address.fingerprint {
+                return Err(HomeError::OtherServer { home: self.dir.clone(), pinned }.into());
+            }
+        }
+        identity::private_dir(&self.dir).map_err(HomeError::from)?;
+        let (account, created_keys) = Identity::load_or_create(&self.account_key()).map_err(HomeError::from)?;
+        let (device, _) = Identity::load_or_create(&self.device_key()).map_err(HomeError::from)?;
+        // The account key certifies this device (its TLS key and MLS key);
+        // the certificate is this device's credential in every group.
+        let certificate = App::initialise(&self.dir, &account, &device)?;
+        drop(account);
+        let conn = Connection::connect(address, &device).await?;
+        let registered = conn.register(invite, &certificate).await;
+        conn.close().await;
+        let new = registered?;
+        self.write(&self.server_file(), &format!("{address}\n"))?;
+        let app = App::open(&self.dir, device, address.clone())?;
+        let conn = app.connect().await?;
+        let (count, last_resort) = conn.count_key_packages().await?;
+        if count == 0 || !last_resort {
+            app.publish_key_packages(&conn, !last_resort).await?;
+        }
+        conn.close().await;
+        if let Some(n) = name {
+            self.write(&self.name_file(), &format!("{}\n", n.trim()))?;
+        }
+        Ok(Registration { account: app.account(), server: address.clone(), new, created_keys })
+    }
+}

@@ -1,0 +1,378 @@
+//! hush's own tables in the client's state file, typed: settings,
+//! contacts, groups with their read cursors, the messages this device sent,
+//! and the history.
+//!
+//! [`Local`] shares one SQLite connection with the MLS state (openmls's
+//! storage provider, see [`super::state`]), so one [`Local::unit`] covers
+//! both: processing a message, recording it and moving the cursor past it
+//! commit together or not at all (openmls asks its applications for
+//! exactly this), and cost one fsync instead of one per statement.
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::state::StateError;
+use crate::auth::AccountId;
+
+/// Longest contact, group or device name, in bytes.
+pub const MAX_NAME: usize = 64;
+
+/// Whether `name` is usable as a contact, group or device name: 1 to
+/// [`MAX_NAME`] bytes, no control characters, not only spaces.
+pub fn valid_name(name: &str) -> bool {
+    !name.trim().is_empty() && name.len() <= MAX_NAME && !name.chars().any(char::is_control)
+}
+
+/// What a history line is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// Something a member wrote.
+    Text,
+    /// Something that happened (joins, removals, repairs, refusals).
+    Event,
+}
+
+impl EntryKind {
+    /// As stored, and as `hush read --json` prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Text => "text",
+            EntryKind::Event => "event",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        if s == "text" {
+            EntryKind::Text
+        } else {
+            EntryKind::Event
+        }
+    }
+}
+
+/// A group as this device keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalGroup {
+    pub id: Vec<u8>,
+    /// `None` until a member told us the name (encrypted).
+    pub name: Option<String>,
+    /// False once this device left or was removed.
+    pub active: bool,
+}
+
+/// One stored history line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryRow {
+    pub seq: u64,
+    pub sender: Option<AccountId>,
+    pub kind: EntryKind,
+    pub body: String,
+    pub time: u64,
+}
+
+/// The local store (see the module doc).
+#[derive(Debug, Clone)]
+pub struct Local {
+    conn: Rc<Connection>,
+    /// Whether a [`Unit`] is open (units do not nest).
+    open: Rc<Cell<bool>>,
+}
+
+/// A unit of work on the state file: everything written through [`Local`]
+/// or the MLS state until [`Unit::commit`] lands together. Dropped without
+/// committing, it is rolled back.
+#[derive(Debug)]
+#[must_use = "a unit that is not committed is rolled back"]
+pub struct Unit {
+    conn: Option<Rc<Connection>>,
+    open: Rc<Cell<bool>>,
+}
+
+impl Unit {
+    pub fn commit(mut self) -> Result<(), StateError> {
+        if let Some(conn) = self.conn.take() {
+            self.open.set(false);
+            conn.execute_batch("COMMIT")?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Unit {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.open.set(false);
+            if let Err(e) = conn.execute_batch("ROLLBACK") {
+                tracing::warn!("could not roll back the client state: {e}");
+            }
+        }
+    }
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn account(bytes: Option<Vec<u8>>) -> Option<AccountId> {
+    bytes.and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok()).map(AccountId)
+}
+
+impl Local {
+    pub(super) fn new(conn: Rc<Connection>) -> Self {
+        Self { conn, open: Rc::new(Cell::new(false)) }
+    }
+
+    /// Begins a unit of work (taking the file's write lock). Inside an open
+    /// unit, returns one that commits nothing itself: the outer one decides.
+    pub fn unit(&self) -> Result<Unit, StateError> {
+        if self.open.get() {
+            return Ok(Unit { conn: None, open: self.open.clone() });
+        }
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        self.open.set(true);
+        Ok(Unit { conn: Some(self.conn.clone()), open: self.open.clone() })
+    }
+
+    /// Moves the write-ahead log into the file and truncates it, so page
+    /// images holding deleted secrets do not stay in it.
+    pub fn checkpoint(&self) -> Result<(), StateError> {
+        self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    // ---- settings ----
+
+    pub fn setting(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self.conn.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+    }
+
+    pub fn set_setting(&self, key: &str, value: &[u8]) -> Result<(), StateError> {
+        self.conn.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)", params![key, value])?;
+        Ok(())
+    }
+
+    // ---- contacts ----
+
+    /// Names `account` (renaming an existing name's account). False if the
+    /// account already has another name.
+    pub fn put_contact(&self, name: &str, account: &AccountId) -> Result<bool, StateError> {
+        let r = self.conn.execute(
+            "INSERT INTO contacts (name, account) VALUES (?1, ?2)
+             ON CONFLICT(name) DO UPDATE SET account = excluded.account",
+            params![name, &account.0[..]],
+        );
+        match r {
+            Ok(_) => Ok(true),
+            Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// All contacts by name.
+    pub fn contacts(&self) -> Result<Vec<(String, AccountId)>, StateError> {
+        let mut stmt = self.conn.prepare_cached("SELECT name, account FROM contacts ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+        let mut out = vec![];
+        for row in rows {
+            let (name, a) = row?;
+            out.extend(account(Some(a)).map(|a| (name, a)));
+        }
+        Ok(out)
+    }
+
+    /// Forgets a contact; false if there was none of that name.
+    pub fn delete_contact(&self, name: &str) -> Result<bool, StateError> {
+        Ok(self.conn.execute("DELETE FROM contacts WHERE name = ?1", [name])? > 0)
+    }
+
+    pub fn contact(&self, name: &str) -> Result<Option<AccountId>, StateError> {
+        let found = self
+            .conn
+            .prepare_cached("SELECT account FROM contacts WHERE name = ?1")?
+            .query_row([name], |r| r.get(0))
+            .optional()?;
+        Ok(account(found))
+    }
+
+    /// The name this device gave `account`, if any.
+    pub fn name_of(&self, account: &AccountId) -> Result<Option<String>, StateError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT name FROM contacts WHERE account = ?1")?
+            .query_row([&account.0[..]], |r| r.get(0))
+            .optional()?)
+    }
+
+    // ---- groups ----
+
+    /// All groups, in the order this device joined them.
+    pub fn groups(&self) -> Result<Vec<LocalGroup>, StateError> {
+        let mut stmt = self.conn.prepare_cached("SELECT id, name, active FROM groups ORDER BY joined_at, id")?;
+        let rows = stmt.query_map([], |r| Ok(LocalGroup { id: r.get(0)?, name: r.get(1)?, active: r.get(2)? }))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn group_name(&self, id: &[u8]) -> Result<Option<String>, StateError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT name FROM groups WHERE id = ?1")?
+            .query_row([id], |r| r.get::<_, Option<String>>(0))
+            .optional()?
+            .flatten())
+    }
+
+    /// Starts keeping a group (active, reading after `cursor`); a group
+    /// kept before (this device rejoined it) starts over.
+    pub fn put_group(&self, id: &[u8], name: Option<&str>, cursor: u64, now: u64) -> Result<(), StateError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO groups (id, name, cursor, active, joined_at) VALUES (?1, ?2, ?3, 1, ?4)",
+            params![id, name, i(cursor), i(now)],
+        )?;
+        Ok(())
+    }
+
+    /// Gives an unnamed group its name (a name once set stays).
+    pub fn name_group(&self, id: &[u8], name: &str) -> Result<(), StateError> {
+        self.conn.execute("UPDATE groups SET name = ?2 WHERE id = ?1 AND name IS NULL", params![id, name])?;
+        Ok(())
+    }
+
+    /// This device is no longer in the group.
+    pub fn deactivate(&self, id: &[u8]) -> Result<(), StateError> {
+        self.conn.execute("UPDATE groups SET active = 0 WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    /// The last sequence of the group's log this device has dealt with.
+    pub fn cursor(&self, id: &[u8]) -> Result<u64, StateError> {
+        let c: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT cursor FROM groups WHERE id = ?1")?
+            .query_row([id], |r| r.get(0))
+            .optional()?;
+        Ok(c.map_or(0, u))
+    }
+
+    /// Moves the cursor forward to `seq` (never back).
+    pub fn advance(&self, id: &[u8], seq: u64) -> Result<(), StateError> {
+        self.conn
+            .prepare_cached("UPDATE groups SET cursor = MAX(cursor, ?2) WHERE id = ?1")?
+            .execute(params![id, i(seq)])?;
+        Ok(())
+    }
+
+    // ---- what this device sent ----
+
+    pub fn mark_sent(&self, id: &[u8], seq: u64) -> Result<(), StateError> {
+        self.conn
+            .prepare_cached("INSERT OR IGNORE INTO sent (group_id, seq) VALUES (?1, ?2)")?
+            .execute(params![id, i(seq)])?;
+        Ok(())
+    }
+
+    pub fn sent(&self, id: &[u8], seq: u64) -> Result<bool, StateError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM sent WHERE group_id = ?1 AND seq = ?2")?
+            .exists(params![id, i(seq)])?)
+    }
+
+    // ---- history ----
+
+    pub fn record(&self, id: &[u8], row: &HistoryRow) -> Result<(), StateError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO history (group_id, seq, sender, kind, body, time) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                id,
+                i(row.seq),
+                row.sender.map(|a| a.0.to_vec()),
+                row.kind.as_str(),
+                row.body,
+                i(row.time)
+            ])?;
+        Ok(())
+    }
+
+    /// A group's history, oldest first.
+    pub fn history(&self, id: &[u8]) -> Result<Vec<HistoryRow>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, sender, kind, body, time FROM history WHERE group_id = ?1 ORDER BY id")?;
+        let rows = stmt.query_map([id], |r| {
+            Ok(HistoryRow {
+                seq: u(r.get(0)?),
+                sender: account(r.get(1)?),
+                kind: EntryKind::parse(&r.get::<_, String>(2)?),
+                body: r.get(3)?,
+                time: u(r.get(4)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local() -> (tempfile::TempDir, Local) {
+        let home = tempfile::tempdir().unwrap();
+        let (_, local) = super::super::state::open(home.path()).unwrap();
+        (home, local)
+    }
+
+    #[test]
+    fn a_unit_commits_everything_or_nothing() {
+        let (_home, local) = local();
+        local.put_group(b"g", None, 0, 1).unwrap();
+        {
+            let _unit = local.unit().unwrap();
+            local.advance(b"g", 5).unwrap();
+            local.mark_sent(b"g", 5).unwrap();
+            // Dropped: rolled back.
+        }
+        assert_eq!(local.cursor(b"g").unwrap(), 0);
+        assert!(!local.sent(b"g", 5).unwrap());
+        let unit = local.unit().unwrap();
+        local.advance(b"g", 5).unwrap();
+        let inner = local.unit().unwrap();
+        local.mark_sent(b"g", 5).unwrap();
+        inner.commit().unwrap();
+        unit.commit().unwrap();
+        assert_eq!(local.cursor(b"g").unwrap(), 5);
+        assert!(local.sent(b"g", 5).unwrap());
+        local.advance(b"g", 3).unwrap();
+        assert_eq!(local.cursor(b"g").unwrap(), 5, "cursors never move back");
+    }
+
+    #[test]
+    fn contacts_names_and_history_round_trip() {
+        let (_home, local) = local();
+        let (a, b) = (AccountId([1; 32]), AccountId([2; 32]));
+        assert!(local.put_contact("alice", &a).unwrap());
+        assert!(!local.put_contact("alicia", &a).unwrap(), "one name per account");
+        assert!(local.put_contact("alice", &b).unwrap(), "a name can move to another account");
+        assert_eq!(local.contact("alice").unwrap(), Some(b));
+        assert_eq!(local.name_of(&b).unwrap().as_deref(), Some("alice"));
+        assert!(local.delete_contact("alice").unwrap());
+        assert!(!local.delete_contact("alice").unwrap());
+        local.put_group(b"g", None, 0, 1).unwrap();
+        local.name_group(b"g", "team").unwrap();
+        local.name_group(b"g", "renamed").unwrap();
+        assert_eq!(local.group_name(b"g").unwrap().as_deref(), Some("team"), "a name once set stays");
+        let row = HistoryRow { seq: 3, sender: Some(a), kind: EntryKind::Text, body: "hi".into(), time: 9 };
+        local.record(b"g", &row).unwrap();
+        assert_eq!(local.history(b"g").unwrap(), vec![row]);
+        assert!(valid_name("bob") && !valid_name(" ") && !valid_name("a\nb") && !valid_name(&"x".repeat(65)));
+    }
+}

@@ -1,0 +1,74 @@
+//! What members put inside MLS application messages: one kind byte, then
+//! UTF-8.
+//!
+//! * `0x01` text a member wrote;
+//! * `0x02` the group's name, sent to members when they are added (names
+//!   travel encrypted; the server never sees them).
+//!
+//! The server cannot read payloads, but any member can send anything:
+//! [`Payload::decode`] accepts every byte string without panicking, reads
+//! invalid UTF-8 lossily (what was sent is shown, marked where broken) and
+//! reports kinds it does not know, so a newer client's payloads are skipped
+//! rather than shown as text.
+
+use thiserror::Error;
+
+const KIND_TEXT: u8 = 0x01;
+const KIND_GROUP_NAME: u8 = 0x02;
+
+/// One application payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    Text(String),
+    GroupName(String),
+}
+
+/// A payload this client cannot use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum PayloadError {
+    #[error("an empty payload")]
+    Empty,
+    #[error("a payload of unknown kind {0:#04x}")]
+    UnknownKind(u8),
+}
+
+impl Payload {
+    pub fn encode(&self) -> Vec<u8> {
+        let (kind, text) = match self {
+            Payload::Text(t) => (KIND_TEXT, t),
+            Payload::GroupName(n) => (KIND_GROUP_NAME, n),
+        };
+        let mut out = Vec::with_capacity(1 + text.len());
+        out.push(kind);
+        out.extend_from_slice(text.as_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, PayloadError> {
+        let (&kind, rest) = bytes.split_first().ok_or(PayloadError::Empty)?;
+        let text = String::from_utf8_lossy(rest).into_owned();
+        match kind {
+            KIND_TEXT => Ok(Payload::Text(text)),
+            KIND_GROUP_NAME => Ok(Payload::GroupName(text)),
+            other => Err(PayloadError::UnknownKind(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_round_trip_and_strangers_are_refused() {
+        for p in [Payload::Text("hello ✓".into()), Payload::GroupName("team".into()), Payload::Text(String::new())] {
+            assert_eq!(Payload::decode(&p.encode()), Ok(p));
+        }
+        assert_eq!(Payload::decode(&[]), Err(PayloadError::Empty));
+        assert_eq!(Payload::decode(&[9, b'x']), Err(PayloadError::UnknownKind(9)));
+        assert_eq!(Payload::decode(&[1, 0xff, b'a']), Ok(Payload::Text("\u{fffd}a".into())));
+        // The bytes on the wire stay what clients already send.
+        assert_eq!(Payload::Text("hi".into()).encode(), b"\x01hi");
+        assert_eq!(Payload::GroupName("g".into()).encode(), b"\x02g");
+    }
+}
