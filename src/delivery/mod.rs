@@ -73,6 +73,7 @@
 
 mod accounts;
 mod groups;
+mod handshake;
 mod key_packages;
 pub mod memory;
 pub mod mls;

@@ -1,0 +1,395 @@
+//! Handshakes: commits, proposals and resyncs, with the certified-credential
+//! and group-repair rules of the module docs. [`Delivery::handshake`]
+//! verifies the message against the group's public state and who sent it,
+//! then [`Delivery::proposal`] or [`Delivery::commit`] applies it; the
+//! commit's checks are one function each, in the order they run.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use openmls::prelude::tls_codec::Deserialize as _;
+use openmls::prelude::{
+    LeafNode, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, Proposal, ProtocolMessage, QueuedProposal,
+    Sender, StagedCommit,
+};
+use openmls_memory_storage::MemoryStorage;
+
+use super::groups::{bad_leaf, bad_shape, check_state_size, load_public};
+use super::{mls, refuse, Caller, Delivery, GroupRecord, Notification, Outcome, Refusal, Storage};
+use crate::auth::{AccountId, DeviceId};
+use crate::limits::MAX_PENDING_PROPOSALS;
+use crate::wire::{ErrorCode, Response};
+
+/// A device a commit adds: its package's `KeyPackageRef` (how the Welcome
+/// names it) and whose it is.
+type Added = (Vec<u8>, Caller);
+
+/// A commit or proposal a current member sent for the group's current
+/// epoch, with what came with it.
+pub(super) struct Handshake<'a> {
+    pub caller: &'a Caller,
+    pub group: &'a [u8],
+    pub record: GroupRecord,
+    /// The `MLSMessage` as sent (stored and relayed as is).
+    pub bytes: Vec<u8>,
+    pub welcome: Option<Vec<u8>>,
+    pub group_info: Option<Vec<u8>>,
+    pub now: u64,
+}
+
+/// The group's public state with the message verified against it.
+struct Verified {
+    storage: MemoryStorage,
+    public: mls::PublicGroup,
+    /// Who held each leaf before the message (every leaf was checked when
+    /// it entered the tree).
+    holders: HashMap<u32, Caller>,
+    /// The sender's leaf; `None` for a resync (an external commit).
+    sender: Option<u32>,
+    /// Current member devices before the message.
+    before: Vec<DeviceId>,
+}
+
+fn invalid_commit<E>(message: impl std::fmt::Display) -> Refusal<E> {
+    refuse(ErrorCode::InvalidCommit, message)
+}
+
+impl Verified {
+    /// A leaf may change its keys, never whose it is.
+    fn same_holder<E>(&self, index: u32, leaf: &LeafNode) -> Result<(), Refusal<E>> {
+        mls::check_leaf_shape(leaf).map_err(|m| bad_shape(index, m))?;
+        let cert = mls::node_certificate(leaf).map_err(|e| bad_leaf(index, e))?;
+        if self.holders.get(&index) != Some(&Caller::of(&cert)) {
+            return Err(bad_leaf(index, "an update may not change the leaf's account or device"));
+        }
+        Ok(())
+    }
+
+    /// What the committer may change of the tree: its own path leaf (or,
+    /// for a resync, its own leaf replaced), and each Update its sender's
+    /// own leaf.
+    fn check_changed_leaves<E>(&self, staged: &StagedCommit, caller: &Caller) -> Result<(), Refusal<E>> {
+        match self.sender {
+            Some(sender) => {
+                if let Some(leaf) = staged.update_path_leaf_node() {
+                    self.same_holder(sender, leaf)?;
+                }
+            }
+            None => check_resync(staged, caller, &self.holders)?,
+        }
+        for update in staged.update_proposals() {
+            let Sender::Member(index) = update.sender() else {
+                return Err(invalid_commit("an update proposal from outside the group"));
+            };
+            self.same_holder(index.u32(), update.update_proposal().leaf_node())?;
+        }
+        Ok(())
+    }
+}
+
+impl Delivery {
+    /// Verifies a handshake message and applies it.
+    pub(super) fn handshake<S: Storage>(
+        &mut self,
+        store: &mut S,
+        h: Handshake<'_>,
+        message: ProtocolMessage,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        let (storage, public) = load_public(&h.record.state, h.group)?;
+        let mut holders: HashMap<u32, Caller> = HashMap::new();
+        for m in public.members() {
+            let (account, device) = mls::holder_of(&m.credential)
+                .ok_or_else(|| Refusal::Internal(format!("stored leaf {} holds no certificate", m.index.u32())))?;
+            holders.insert(m.index.u32(), Caller { account, device });
+        }
+        let processed = public
+            .process_message(&self.crypto, message)
+            .map_err(|e| invalid_commit(format!("the message does not verify: {e}")))?;
+        // A member's own commit or proposal, or a member device's resync
+        // (an external commit that replaces its own leaf).
+        let sender = match processed.sender() {
+            Sender::Member(index) => Some(index.u32()),
+            Sender::NewMemberCommit => None,
+            _ => {
+                return Err(invalid_commit(
+                    "only members' own commits and proposals, and a member's resync of its own leaf, are accepted",
+                ))
+            }
+        };
+        if sender.is_some_and(|s| holders.get(&s) != Some(h.caller)) {
+            return Err(invalid_commit("the message is signed by another device's leaf"));
+        }
+        let before = store.current_members(h.group)?;
+        let verified = Verified { storage, public, holders, sender, before };
+        match processed.into_content() {
+            ProcessedMessageContent::ProposalMessage(queued) => self.proposal(store, h, verified, *queued),
+            ProcessedMessageContent::StagedCommitMessage(staged) => self.commit(store, h, verified, *staged),
+            _ => Err(refuse(ErrorCode::InvalidMessage, "expected a commit or a proposal")),
+        }
+    }
+
+    /// A member's proposal: kept in the group's state until a commit
+    /// takes it (at most [`MAX_PENDING_PROPOSALS`] waiting).
+    fn proposal<S: Storage>(
+        &mut self,
+        store: &mut S,
+        h: Handshake<'_>,
+        v: Verified,
+        queued: QueuedProposal,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        let Some(sender) = v.sender else {
+            return Err(invalid_commit("a proposal from outside the group"));
+        };
+        if h.welcome.is_some() {
+            return Err(refuse(ErrorCode::InvalidMessage, "only commits carry a Welcome"));
+        }
+        match queued.proposal() {
+            Proposal::Update(update) => v.same_holder(sender, update.leaf_node())?,
+            Proposal::Add(add) => {
+                let kp = add.key_package();
+                mls::check_key_package_shape(kp).map_err(|m| bad_add_shape(0, m))?;
+                mls::node_certificate(kp.leaf_node()).map_err(|e| bad_add(0, e))?;
+            }
+            _ => {}
+        }
+        let Verified { storage, mut public, before, .. } = v;
+        let pending = public
+            .queued_proposals(&storage)
+            .map_err(|e| Refusal::Internal(format!("reading the proposals: {e:?}")))?
+            .len();
+        if pending >= MAX_PENDING_PROPOSALS {
+            return Err(refuse(
+                ErrorCode::QuotaExceeded,
+                format!("the group has {pending} proposals waiting, the most it may; commit them first"),
+            ));
+        }
+        public.add_proposal(&storage, queued).map_err(|e| Refusal::Internal(format!("storing the proposal: {e:?}")))?;
+        let state = mls::encode_state(&storage).map_err(|e| Refusal::Internal(e.to_string()))?;
+        check_state_size(&state)?;
+        let (group, epoch) = (h.group, h.record.epoch);
+        let seq = store.append(group, epoch, &h.bytes, h.now)?;
+        store.update_group(group, epoch, &state)?;
+        Ok(Outcome::wrote(
+            Response::Accepted { group: group.to_vec(), seq, epoch },
+            vec![Notification::Message { group: group.to_vec(), seq, message: h.bytes, recipients: before.into() }],
+        ))
+    }
+
+    /// A commit (or a resync): first wins for its epoch; every leaf it adds
+    /// or changes is certified, its Welcome and GroupInfo match it, the
+    /// resulting tree holds each device once and still lists the server's
+    /// removal key, and the quotas hold. Then the roster follows the tree.
+    fn commit<S: Storage>(
+        &mut self,
+        store: &mut S,
+        h: Handshake<'_>,
+        v: Verified,
+        staged: StagedCommit,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        v.check_changed_leaves(&staged, h.caller)?;
+        let added = self.added_devices(store, &staged)?;
+        self.check_groups_quota(store, &added)?;
+        let welcome = check_welcome_for(h.welcome, &added)?;
+        let Verified { storage, mut public, before, .. } = v;
+        public.merge_commit(&storage, staged).map_err(|e| Refusal::Internal(format!("merging the commit: {e:?}")))?;
+        let epoch = public.group_context().epoch().as_u64();
+        let roster = self.check_tree(&public)?;
+        // The GroupInfo of the new epoch, signed by the committer's leaf:
+        // what a member that cannot process this commit rejoins from.
+        let Some(group_info) = h.group_info else {
+            return Err(refuse(ErrorCode::InvalidMessage, "a commit must carry the GroupInfo of the epoch it creates"));
+        };
+        let committer = leaf_of(&public, h.caller)
+            .ok_or_else(|| Refusal::Internal("the committer has no leaf after its commit".into()))?;
+        mls::check_group_info(&self.crypto, &group_info, &public, committer).map_err(invalid_commit)?;
+        let size = u64::try_from(roster.len()).unwrap_or(u64::MAX);
+        if size > self.quotas.max_members_per_group {
+            return Err(refuse(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "the group would have {size} members; this server allows {}",
+                    self.quotas.max_members_per_group
+                ),
+            ));
+        }
+        let state = mls::encode_state(&storage).map_err(|e| Refusal::Internal(e.to_string()))?;
+        check_state_size(&state)?;
+        let group = h.group;
+        let seq = store.append(group, h.record.epoch, &h.bytes, h.now)?;
+        store.update_group(group, epoch, &state)?;
+        store.set_group_info(group, &group_info)?;
+        let before_set: BTreeSet<DeviceId> = before.iter().copied().collect();
+        for (device, account) in &roster {
+            if !before_set.contains(device) {
+                store.add_member(group, device, account, seq)?;
+            }
+        }
+        for device in before_set.iter().filter(|d| !roster.contains_key(d)) {
+            store.remove_member(group, device, seq, h.record.epoch)?;
+        }
+        // Everyone who was a member sees the commit, removed members
+        // included (it tells them they were removed); the added devices
+        // get the Welcome.
+        let mut notifications =
+            vec![Notification::Message { group: group.to_vec(), seq, message: h.bytes, recipients: before.into() }];
+        if let Some(w) = &welcome {
+            let recipients: BTreeSet<DeviceId> = added.iter().map(|(_, c)| c.device).collect();
+            for r in recipients {
+                store.add_welcome(&r, group, w, h.now)?;
+                notifications.push(Notification::Welcome { recipient: r });
+            }
+        }
+        Ok(Outcome::wrote(Response::Accepted { group: group.to_vec(), seq, epoch }, notifications))
+    }
+
+    /// Whom the commit adds: only devices whose KeyPackage this server
+    /// handed out, certified for exactly that device. Returns each added
+    /// package's `KeyPackageRef` and device.
+    fn added_devices<S: Storage>(&self, store: &mut S, staged: &StagedCommit) -> Result<Vec<Added>, Refusal<S::Error>> {
+        let mut added = Vec::new();
+        for (position, add) in staged.add_proposals().enumerate() {
+            let kp = add.add_proposal().key_package();
+            mls::check_key_package_shape(kp).map_err(|m| bad_add_shape(position, m))?;
+            let cert = mls::node_certificate(kp.leaf_node()).map_err(|e| bad_add(position, e))?;
+            let hash_ref =
+                kp.hash_ref(&self.crypto).map_err(|e| Refusal::Internal(format!("hashing a KeyPackage: {e}")))?;
+            match store.claimed_owner(hash_ref.as_slice())? {
+                Some((account, device)) if account == cert.account && device == cert.device => {
+                    added.push((hash_ref.as_slice().to_vec(), Caller::of(&cert)));
+                }
+                _ => {
+                    return Err(invalid_commit(
+                        "the commit adds a KeyPackage this server did not hand out for that device",
+                    ))
+                }
+            }
+        }
+        Ok(added)
+    }
+
+    /// Groups an account is in count against its quota, however it got
+    /// there: the adder learns whom the group would take over.
+    fn check_groups_quota<S: Storage>(&self, store: &mut S, added: &[Added]) -> Result<(), Refusal<S::Error>> {
+        let accounts: BTreeSet<AccountId> = added.iter().map(|(_, c)| c.account).collect();
+        for account in accounts {
+            let groups = store.groups_count(&account)?;
+            if groups >= self.quotas.max_groups_per_account {
+                return Err(refuse(
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "account {} is in {groups} groups, the most this server allows; it cannot be added",
+                        account.short()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The tree after the commit: each device once, the server still an
+    /// external sender. (Every leaf that entered or changed with the commit
+    /// was verified before: adds, updates, the committer's path leaf.)
+    /// Returns the roster it makes.
+    fn check_tree<E>(&self, public: &mls::PublicGroup) -> Result<BTreeMap<DeviceId, AccountId>, Refusal<E>> {
+        let mut roster = BTreeMap::new();
+        for m in public.members() {
+            let (account, device) = mls::holder_of(&m.credential)
+                .ok_or_else(|| bad_leaf(m.index.u32(), "the leaf holds no device certificate"))?;
+            if roster.insert(device, account).is_some() {
+                return Err(bad_leaf(m.index.u32(), "this device already has a leaf in the group"));
+            }
+        }
+        if !mls::lists_server(public.group_context(), &self.removal_key) {
+            return Err(invalid_commit(
+                "the commit would take this server's removal key out of the group's external senders",
+            ));
+        }
+        Ok(roster)
+    }
+}
+
+/// A Welcome comes with exactly the commits that add members, and
+/// addresses exactly the packages they add.
+fn check_welcome_for<E>(welcome: Option<Vec<u8>>, added: &[Added]) -> Result<Option<Vec<u8>>, Refusal<E>> {
+    match (added.is_empty(), welcome) {
+        (true, None) => Ok(None),
+        (true, Some(_)) => Err(refuse(ErrorCode::InvalidMessage, "a Welcome needs a commit that adds members")),
+        (false, None) => Err(refuse(ErrorCode::InvalidMessage, "a commit that adds members needs their Welcome")),
+        (false, Some(w)) => {
+            check_welcome(&w, added).map_err(|m| refuse(ErrorCode::InvalidMessage, m))?;
+            Ok(Some(w))
+        }
+    }
+}
+
+/// An added KeyPackage hush never makes; `detail` is its position.
+fn bad_add_shape<E>(position: usize, why: impl std::fmt::Display) -> Refusal<E> {
+    Refusal::Client {
+        code: ErrorCode::InvalidCommit,
+        detail: u64::try_from(position).unwrap_or(u64::MAX),
+        message: format!("added member {position}: {why}"),
+    }
+}
+
+/// An added KeyPackage whose credential is not acceptable (it has no leaf
+/// index yet); `detail` is its position among the commit's Adds.
+fn bad_add<E>(position: usize, why: impl std::fmt::Display) -> Refusal<E> {
+    Refusal::Client {
+        code: ErrorCode::InvalidCredential,
+        detail: u64::try_from(position).unwrap_or(u64::MAX),
+        message: format!("added member {position}: {why}"),
+    }
+}
+
+/// The leaf `caller`'s device holds in `public` (each device holds at most
+/// one, checked after every commit).
+fn leaf_of(public: &mls::PublicGroup, caller: &Caller) -> Option<openmls::prelude::LeafNodeIndex> {
+    public.members().find(|m| mls::holder_of(&m.credential) == Some((caller.account, caller.device))).map(|m| m.index)
+}
+
+/// Accepts an external commit only as a resync: from a device that holds
+/// a leaf in the group (`holders`, before the commit), carrying nothing but
+/// the ExternalInit and the Remove of exactly that leaf, with a new leaf
+/// certified for the same account and device.
+fn check_resync<E>(
+    staged: &openmls::prelude::StagedCommit,
+    caller: &Caller,
+    holders: &HashMap<u32, Caller>,
+) -> Result<(), Refusal<E>> {
+    let invalid = |m: &str| refuse(ErrorCode::InvalidCommit, m);
+    let own = holders.iter().find(|(_, h)| *h == caller).map(|(i, _)| *i);
+    let Some(own) = own else {
+        return Err(invalid("a resync must come from a device that has a leaf in the group"));
+    };
+    let mut removed = Vec::new();
+    for queued in staged.queued_proposals() {
+        match queued.proposal() {
+            Proposal::ExternalInit(_) => {}
+            Proposal::Remove(r) => removed.push(r.removed().u32()),
+            _ => return Err(invalid("a resync may carry only its ExternalInit and the Remove of its own leaf")),
+        }
+    }
+    if removed != [own] {
+        return Err(invalid("a resync must remove exactly the rejoining device's own leaf, and no other"));
+    }
+    let leaf = staged.update_path_leaf_node().ok_or_else(|| invalid("a resync must carry a new leaf"))?;
+    mls::check_leaf_shape(leaf).map_err(|m| bad_shape(own, m))?;
+    let cert = mls::node_certificate(leaf).map_err(|e| bad_leaf(own, e))?;
+    if Caller::of(&cert) != *caller {
+        return Err(bad_leaf(own, "a resync's new leaf must be certified for the same device"));
+    }
+    Ok(())
+}
+
+/// Checks that a Welcome addresses exactly the added KeyPackages.
+fn check_welcome(bytes: &[u8], added: &[Added]) -> Result<(), String> {
+    let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| format!("Welcome: {e}"))?;
+    let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
+        return Err("expected an MLS Welcome".into());
+    };
+    let addressed: BTreeSet<Vec<u8>> = welcome.secrets().iter().map(|s| s.new_member().as_slice().to_vec()).collect();
+    let expected: BTreeSet<Vec<u8>> = added.iter().map(|(r, _)| r.clone()).collect();
+    if addressed != expected {
+        return Err("the Welcome does not address exactly the members the commit adds".into());
+    }
+    Ok(())
+}
