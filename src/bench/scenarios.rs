@@ -1,0 +1,356 @@
+//! The scenarios that run against a real `hushd` on loopback, each next to
+//! its baseline (raw quinn with the same TLS, or raw SQLite with the same
+//! durability), and the group set-up they share.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::{Endpoint, VarInt};
+
+use super::measure::{drain, fan_out, idle_memory, latency, latency_samples, rate};
+use super::raw::{self, Mode, RawServer};
+use super::{fail, BenchError, Row, Settings};
+use crate::auth::{HushAddress, Identity};
+use crate::client::mls::Member;
+use crate::client::Connection;
+use crate::wire::{Request, Response};
+
+/// Somewhere to send requests as one of a group's members.
+pub(super) trait Exec {
+    fn exec(&self, member: usize, request: Request) -> impl Future<Output = Result<Response, BenchError>> + Send;
+}
+
+/// Through a running server, one connection per member.
+struct ViaServer(Vec<Arc<Connection>>);
+
+impl Exec for ViaServer {
+    async fn exec(&self, member: usize, request: Request) -> Result<Response, BenchError> {
+        let c = self.0.get(member).ok_or_else(|| BenchError("no such member".into()))?;
+        c.call(&request).await.map_err(fail)
+    }
+}
+
+/// The first member creates a group and adds every other member in one
+/// commit. Returns the group id and the commit's sequence number.
+pub(super) async fn make_group<E: Exec>(
+    e: &E,
+    members: &mut [Member],
+    removal_key: &[u8; 32],
+) -> Result<(Vec<u8>, u64), BenchError> {
+    let (first, rest) = members.split_first_mut().ok_or_else(|| BenchError("no members".into()))?;
+    for (i, m) in rest.iter().enumerate() {
+        let packages = m.key_packages(1).map_err(fail)?;
+        e.exec(i + 1, Request::PublishKeyPackages { packages, last_resort: None }).await?;
+    }
+    let g = first.create_group(removal_key).map_err(fail)?;
+    e.exec(0, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree }).await?;
+    let mut packages = vec![];
+    for m in rest.iter() {
+        match e.exec(0, Request::ClaimKeyPackage { account: m.account().0 }).await? {
+            Response::KeyPackages { packages: p } => packages.extend(p.into_iter().map(|p| (m.account(), p))),
+            other => return Err(BenchError(format!("unexpected {} response", other.kind()))),
+        }
+    }
+    if packages.is_empty() {
+        return Ok((g.id, 0));
+    }
+    let commit = first.add(&g.id, &packages).map_err(fail)?;
+    let seq = match e.exec(0, commit.into_request()).await? {
+        Response::Accepted { seq, .. } => seq,
+        other => return Err(BenchError(format!("unexpected {} response", other.kind()))),
+    };
+    first.merge_pending(&g.id).map_err(fail)?;
+    Ok((g.id, seq))
+}
+
+pub(super) fn encrypt_many(member: &mut Member, group: &[u8], count: usize) -> Result<Vec<Vec<u8>>, BenchError> {
+    (0..count).map(|i| member.encrypt(group, format!("benchmark message {i:08}").as_bytes()).map_err(fail)).collect()
+}
+
+/// Wall time of `hush send` and `hush sync` as whole processes (what a
+/// script or bot pays per command) against this run's server, next to
+/// `hush whoami`: the same process start and state opening, no network.
+/// Skipped (no rows) when the `hush` binary is not next to this one.
+pub(super) async fn cli_processes(address: &HushAddress, dir: &Path, runs: usize) -> Result<Vec<Row>, BenchError> {
+    let Some(hush) = std::env::current_exe().ok().and_then(|e| Some(e.parent()?.join("hush"))).filter(|p| p.exists())
+    else {
+        return Ok(vec![]);
+    };
+    let home = dir.join("cli-home");
+    let address = address.to_string();
+    tokio::task::spawn_blocking(move || {
+        let run = |args: &[&str]| -> Result<(), BenchError> {
+            let out = std::process::Command::new(&hush)
+                .arg("--home")
+                .arg(&home)
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .map_err(fail)?;
+            if !out.status.success() {
+                return Err(BenchError(format!("hush {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr))));
+            }
+            Ok(())
+        };
+        let timed = |args: &[&str]| -> Result<f64, BenchError> {
+            let start = Instant::now();
+            for _ in 0..runs.max(1) {
+                run(args)?;
+            }
+            Ok(start.elapsed().as_secs_f64() * 1e3 / runs.max(1) as f64)
+        };
+        run(&["register", &address])?;
+        run(&["group", "create", "bench"])?;
+        let floor = timed(&["whoami"])?;
+        let send = timed(&["send", "bench", "benchmark message"])?;
+        let sync = timed(&["sync"])?;
+        Ok(vec![
+            Row::cost("hush send as a process (ms; baseline: hush whoami, no network)".into(), send, floor, "ms"),
+            Row::cost("hush sync as a process (ms; baseline: hush whoami, no network)".into(), sync, floor, "ms"),
+        ])
+    })
+    .await
+    .map_err(fail)?
+}
+
+/// A raw relay request; the reply is the sequence number.
+async fn raw_seq(c: &quinn::Connection, m: &[u8]) -> Result<u64, BenchError> {
+    let reply = raw::request(c, m).await?;
+    let bytes: [u8; 8] = reply.as_slice().try_into().map_err(fail)?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+/// Identities registered on the server beforehand (so a scenario measures
+/// connecting and authenticating, not registration).
+pub(super) async fn registered(address: &HushAddress, count: usize) -> Result<Vec<Arc<Identity>>, BenchError> {
+    let mut ids = vec![];
+    for _ in 0..count {
+        let (_, id, member) = Member::generate().map_err(fail)?;
+        let c = Connection::connect(address, &id).await.map_err(fail)?;
+        c.register(None, member.certificate()).await.map_err(fail)?;
+        c.close().await;
+        ids.push(Arc::new(id));
+    }
+    Ok(ids)
+}
+
+/// Memory per idle authenticated connection against the raw echo server's.
+/// Run first, while the heap holds little that could be reused, with both
+/// sets of connections held at once so neither reuses memory the other
+/// freed.
+pub(super) async fn idle_connections(
+    settings: Settings,
+    address: &HushAddress,
+    ids: &[Arc<Identity>],
+    echo: &RawServer,
+) -> Result<Row, BenchError> {
+    let k = settings.idle_connections;
+    let configs = ids.iter().map(|i| raw::client_config(i, address.fingerprint)).collect::<Result<Vec<_>, _>>()?;
+    let endpoint = Endpoint::client("127.0.0.1:0".parse().map_err(fail)?).map_err(fail)?;
+    let raw_cfg = echo.client_config()?;
+    let (raw_mem, raw_conns) = idle_memory(&endpoint, k, |_| Some((raw_cfg.clone(), echo.address.port))).await?;
+    let (hush_mem, hush_conns) =
+        idle_memory(&endpoint, k, |n| configs.get(n % configs.len().max(1)).cloned().map(|c| (c, address.port)))
+            .await?;
+    for c in raw_conns.iter().chain(&hush_conns) {
+        c.close(VarInt::from_u32(0), b"");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    Ok(Row::cost(format!("memory per idle authenticated connection (KiB, {k} connections)"), hush_mem, raw_mem, "KiB"))
+}
+
+/// Connect, authenticate with a key pair and make one request, 16 at once.
+pub(super) async fn handshakes(
+    settings: Settings,
+    address: &HushAddress,
+    ids: Vec<Arc<Identity>>,
+    echo: &RawServer,
+) -> Result<Row, BenchError> {
+    let (a, ids) = (address.clone(), Arc::new(ids));
+    let hush = rate(settings, 16, move |n| {
+        let address = a.clone();
+        let id = ids.get(n as usize % ids.len().max(1)).cloned();
+        async move {
+            let id = id.ok_or_else(|| BenchError("no identity".into()))?;
+            let c = Connection::connect(&address, &id).await.map_err(fail)?;
+            c.call(&Request::Ping { nonce: n }).await.map_err(fail)?;
+            c.quic().close(VarInt::from_u32(0), b"");
+            Ok(())
+        }
+    })
+    .await?;
+    let r = echo.clone();
+    let raw = rate(settings, 16, move |_| {
+        let raw = r.clone();
+        async move { raw.connect_and_echo(9).await }
+    })
+    .await?;
+    Ok(Row::rate("auth handshakes/s (16 concurrent)".into(), hush, raw))
+}
+
+/// Two registered members, alice and bob, each connected; later a group of
+/// the two.
+pub(super) struct Pair {
+    pub alice_id: Identity,
+    pub bob_id: Identity,
+    /// alice, then bob.
+    pub members: Vec<Member>,
+    pub alice: Arc<Connection>,
+    pub bob: Arc<Connection>,
+    pub removal_key: [u8; 32],
+    pub group: Vec<u8>,
+}
+
+impl Pair {
+    pub async fn new(address: &HushAddress) -> Result<Self, BenchError> {
+        let (_, alice_id, alice_member) = Member::generate().map_err(fail)?;
+        let alice = Arc::new(Connection::connect(address, &alice_id).await.map_err(fail)?);
+        alice.register(None, alice_member.certificate()).await.map_err(fail)?;
+        let removal_key = alice.status().await.map_err(fail)?.removal_key;
+        let (_, bob_id, bob_member) = Member::generate().map_err(fail)?;
+        let bob = Arc::new(Connection::connect(address, &bob_id).await.map_err(fail)?);
+        bob.register(None, bob_member.certificate()).await.map_err(fail)?;
+        let mut members = vec![alice_member, bob_member];
+        let via = ViaServer(vec![alice.clone(), bob.clone()]);
+        let (group, _) = make_group(&via, &mut members, &removal_key).await?;
+        Ok(Self { alice_id, bob_id, members, alice, bob, removal_key, group })
+    }
+
+    /// `count` application messages from alice.
+    fn messages(&mut self, count: usize) -> Result<Vec<Vec<u8>>, BenchError> {
+        let alice = self.members.first_mut().ok_or_else(|| BenchError("no member".into()))?;
+        encrypt_many(alice, &self.group, count)
+    }
+}
+
+/// Ping round trips (the protocol alone) against raw echo round trips.
+pub(super) async fn round_trips(
+    settings: Settings,
+    pair: &Pair,
+    raw_conn: &quinn::Connection,
+    in_flight: usize,
+) -> Result<Row, BenchError> {
+    let c = pair.alice.clone();
+    let hush = rate(settings, in_flight, move |n| {
+        let c = c.clone();
+        async move { c.call(&Request::Ping { nonce: n }).await.map(|_| ()).map_err(fail) }
+    })
+    .await?;
+    let rc = raw_conn.clone();
+    let raw = rate(settings, in_flight, move |_| {
+        let rc = rc.clone();
+        async move { raw::echo(&rc, 9).await }
+    })
+    .await?;
+    Ok(Row::rate(format!("round trips/s, {in_flight} in flight (ping, protocol only)"), hush, raw))
+}
+
+/// alice sends to the pair's group, bob online, 64 in flight, against
+/// raw SQLite batches of the same size and durability. Returns the row and
+/// the SQLite rate (the baseline of the store-alone row too).
+pub(super) async fn durable_sends(settings: Settings, pair: &mut Pair, dir: &Path) -> Result<(Row, f64), BenchError> {
+    let messages = pair.messages(settings.messages)?;
+    let message_len = messages.first().map(Vec::len).unwrap_or(0);
+    let c = pair.alice.clone();
+    let hush = drain(messages, 64, move |m| {
+        let c = c.clone();
+        async move { c.send(m, None).await.map(|_| ()).map_err(fail) }
+    })
+    .await?;
+    let batches = raw::sqlite_batches(dir, message_len, 64, settings)?;
+    let row = Row::rate(format!("durable sends/s, 64 in flight ({message_len} B MLS ciphertext)"), hush, batches);
+    Ok((row, batches))
+}
+
+/// Time from starting a send to the push arriving at the other member, at
+/// a fixed offered load, against the raw relay. p50 and p99.
+pub(super) async fn push_latency(
+    settings: Settings,
+    address: &HushAddress,
+    pair: &mut Pair,
+) -> Result<[Row; 2], BenchError> {
+    let messages = pair.messages(latency_samples(settings))?;
+    // Fresh connections: the old ones stopped reading their push streams,
+    // so the server has (rightly) dropped pushes for them and owes a Resync.
+    pair.alice.quic().close(VarInt::from_u32(0), b"");
+    pair.bob.quic().close(VarInt::from_u32(0), b"");
+    let alice = Arc::new(Connection::connect(address, &pair.alice_id).await.map_err(fail)?);
+    let bob = Connection::connect(address, &pair.bob_id).await.map_err(fail)?;
+    // A request answered means the session is online (it registers for
+    // pushes before it serves requests): no push can miss it.
+    for c in [&*alice, &bob] {
+        c.call(&Request::Ping { nonce: 0 }).await.map_err(fail)?;
+    }
+    let c = alice.clone();
+    let readers = vec![alice.quic().clone(), bob.quic().clone()];
+    let hush = latency(readers, messages.clone(), settings.latency_rate, settings.strict, move |m| {
+        let c = c.clone();
+        async move { c.send(m, None).await.map(|(seq, _)| seq).map_err(fail) }
+    })
+    .await?;
+    let relay = RawServer::start(Mode::Relay).await?;
+    let (sender, receiver) = (relay.connection().await?, relay.connection().await?);
+    let s = sender.clone();
+    let raw = latency(vec![sender, receiver], messages, settings.latency_rate, settings.strict, move |m| {
+        let s = s.clone();
+        async move { raw_seq(&s, &m).await }
+    })
+    .await?;
+    relay.endpoint.close(VarInt::from_u32(0), b"done");
+    let load = settings.latency_rate;
+    Ok([
+        Row::cost(format!("send→push latency p50 (µs, {load} msg/s offered)"), hush.0, raw.0, "µs"),
+        Row::cost(format!("send→push latency p99 (µs, {load} msg/s offered)"), hush.1, raw.1, "µs"),
+    ])
+}
+
+/// One member sends to a group of `settings.group`, all online, against
+/// the raw relay pushing to as many connections.
+pub(super) async fn group_fan_out(
+    settings: Settings,
+    address: &HushAddress,
+    removal_key: &[u8; 32],
+) -> Result<Row, BenchError> {
+    let n = settings.group;
+    let mut members = vec![];
+    let mut conns = vec![];
+    for _ in 0..n {
+        let (_, mid, member) = Member::generate().map_err(fail)?;
+        let c = Arc::new(Connection::connect(address, &mid).await.map_err(fail)?);
+        c.register(None, member.certificate()).await.map_err(fail)?;
+        members.push(member);
+        conns.push(c);
+    }
+    let (group, added_at) = make_group(&ViaServer(conns.clone()), &mut members, removal_key).await?;
+    let first = members.first_mut().ok_or_else(|| BenchError("no member".into()))?;
+    let count = (settings.messages / 50).max(64);
+    let messages = encrypt_many(first, &group, count)?;
+    let sender = conns.first().cloned().ok_or_else(|| BenchError("no member".into()))?;
+    let readers: Vec<_> = conns.iter().map(|c| c.quic().clone()).collect();
+    let hush = fan_out(readers, added_at, messages.clone(), settings.strict, move |m| {
+        let s = sender.clone();
+        async move { s.send(m, None).await.map(|(seq, _)| seq).map_err(fail) }
+    })
+    .await?;
+    for c in conns {
+        c.quic().close(VarInt::from_u32(0), b"");
+    }
+    let relay = RawServer::start(Mode::Relay).await?;
+    let mut readers = vec![];
+    for _ in 0..n {
+        readers.push(relay.connection().await?);
+    }
+    let sender = readers.first().cloned().ok_or_else(|| BenchError("no connection".into()))?;
+    let raw = fan_out(readers.clone(), 0, messages, settings.strict, move |m| {
+        let s = sender.clone();
+        async move { raw_seq(&s, &m).await }
+    })
+    .await?;
+    for c in readers {
+        c.close(VarInt::from_u32(0), b"");
+    }
+    relay.endpoint.close(VarInt::from_u32(0), b"done");
+    Ok(Row::rate(format!("fan-out deliveries/s to {n} online members"), hush, raw))
+}
