@@ -65,10 +65,10 @@ fn verify_ed25519(
     rustls::crypto::verify_tls13_signature_with_raw_key(message, &SubjectPublicKeyInfoDer::from(spki), dss, algs)
 }
 
-fn ed25519_spki_of<'a>(cert: &'a CertificateDer<'_>) -> Result<&'a [u8], rustls::Error> {
+fn ed25519_spki_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>, rustls::Error> {
     let spki = cert::spki_of_certificate(cert.as_ref())
         .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-    cert::ed25519_key(spki).map_err(|_| rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer))?;
+    cert::ed25519_key(&spki).map_err(|_| rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer))?;
     Ok(spki)
 }
 
@@ -76,7 +76,7 @@ fn ed25519_spki_of<'a>(cert: &'a CertificateDer<'_>) -> Result<&'a [u8], rustls:
 pub fn device_of_peer(certs: &[CertificateDer<'_>]) -> Option<DeviceId> {
     let first = certs.first()?;
     let spki = cert::spki_of_certificate(first.as_ref()).ok()?;
-    cert::ed25519_key(spki).ok().map(DeviceId)
+    cert::ed25519_key(&spki).ok().map(DeviceId)
 }
 
 /// Server side: accepts any well-formed Ed25519 client certificate; rustls
@@ -160,7 +160,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let spki = cert::spki_of_certificate(end_entity.as_ref())
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        let presented = Fingerprint::of_spki(spki);
+        let presented = Fingerprint::of_spki(&spki);
         if let Ok(mut seen) = self.seen.lock() {
             *seen = Some(presented);
         }

@@ -180,6 +180,20 @@ pub enum Received {
     Refused { sender: Option<AccountId>, reason: String },
 }
 
+impl Received {
+    /// The texts among `received` application data, in order (invalid
+    /// UTF-8 read lossily): what a test or a plain-text client reads.
+    pub fn texts(received: &[Received]) -> Vec<String> {
+        received
+            .iter()
+            .filter_map(|r| match r {
+                Received::Application { data, .. } => Some(String::from_utf8_lossy(data).into_owned()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// One member: its MLS signature key, credential and groups, kept in the
 /// provider's storage (in memory for [`OpenMlsRustCrypto`], SQLite for the
 /// CLI).

@@ -170,13 +170,7 @@ impl Net {
 }
 
 fn texts(received: &[Received]) -> Vec<String> {
-    received
-        .iter()
-        .filter_map(|r| match r {
-            Received::Application { data, .. } => Some(String::from_utf8(data.clone()).unwrap()),
-            _ => None,
-        })
-        .collect()
+    Received::texts(received)
 }
 
 #[test]

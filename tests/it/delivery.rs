@@ -86,13 +86,7 @@ impl User {
 }
 
 fn texts(received: &[Received]) -> Vec<String> {
-    received
-        .iter()
-        .filter_map(|r| match r {
-            Received::Application { data, .. } => Some(String::from_utf8(data.clone()).unwrap()),
-            _ => None,
-        })
-        .collect()
+    Received::texts(received)
 }
 
 async fn trio(server: &Hushd) -> (User, User, User, Vec<u8>) {
