@@ -34,3 +34,63 @@ pub mod sqlite;
 pub mod store;
 pub mod util;
 pub mod wire;
+
+/// The layering the module list above promises, checked on the sources:
+/// the protocol and the Delivery Service core know no sockets, clocks,
+/// threads, files or databases, and no layer above them. (The cheaper
+/// alternative to a crate of their own; see issue 16's note.)
+#[cfg(test)]
+mod layering {
+    use std::path::Path;
+
+    /// Names a core source file may not mention.
+    const FORBIDDEN: &[&str] = &[
+        "tokio",
+        "quinn",
+        "rusqlite",
+        "std::net",
+        "std::fs",
+        "std::thread",
+        "SystemTime",
+        "Instant",
+        "crate::server",
+        "crate::store",
+        "crate::client",
+        "crate::config",
+        "crate::sqlite",
+    ];
+
+    fn sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    #[test]
+    fn the_protocol_and_the_core_know_no_io_and_nothing_above_them() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        for dir in ["wire", "delivery"] {
+            sources(&root.join(dir), &mut files);
+        }
+        assert!(files.len() >= 10, "found only {files:?}");
+        for file in files {
+            // Unit tests drive the core with real clients.
+            if file.file_name().is_some_and(|n| n == "tests.rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&file).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or("");
+                for name in FORBIDDEN {
+                    assert!(!code.contains(name), "{}:{}: the core mentions {name}: {line}", file.display(), n + 1);
+                }
+            }
+        }
+    }
+}

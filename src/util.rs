@@ -1,6 +1,16 @@
 //! Small shared helpers: wall-clock time, durations typed by people,
 //! default directories, private files written atomically, and the one
 //! token bucket every rate limit uses.
+//!
+//! Written here rather than taken from a crate, each for a reason:
+//! `parse_duration` reads exactly the forms the docs promise (`90s`, `30m`,
+//! `12h`, `7d`, `2w`, bare seconds) and refuses zero and more than ten
+//! years, which `humantime` would accept and leave to every caller;
+//! `format_unix` is the one date format hush prints (20 lines, tested on
+//! leap days), where `humantime` prints RFC 3339 with a `T`; and
+//! [`TokenBucket`] is one value per key inside maps the callers already
+//! bound and prune, where `governor`'s keyed limiters bring their own
+//! concurrent map and clock abstraction the sans-IO core cannot take.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
