@@ -16,10 +16,14 @@
 //!   memory budgets, rate limits, `Ping`), admission limits and graceful
 //!   shutdown (`hushd`); [`server::engine`] runs the delivery core on any
 //!   backend's writer and reader threads (group commit).
-//! * [`client`]: connecting, authenticating and making requests (`hush`,
-//!   tests).
+//! * [`client`]: the client library (`hush` only parses, calls and prints):
+//!   connecting and requests, a home directory and registration, the app
+//!   (contacts, groups, sync, repair) over a typed local store that commits
+//!   with the MLS state, payloads, reading a group's log, the MLS member.
 //! * [`config`] and [`limits`]: every tunable value and hard cap.
 //! * [`sqlite`]: how both sides open and migrate their SQLite files.
+//! * [`util`]: time, durations, private files, the token bucket.
+//! * `bench` (cargo feature `bench`, on by default): `hushd bench`.
 #![forbid(unsafe_code)]
 
 pub mod auth;
