@@ -66,6 +66,7 @@ fn main() {
                     Push::Message { group: group.clone(), seq: *seq, ciphertext: Some(message.clone()) }
                 }
                 Notification::Welcome { .. } => Push::Welcome,
+                Notification::Revoked { .. } => continue,
             };
             c.put("wire_push", &push.encode_framed().unwrap());
         }

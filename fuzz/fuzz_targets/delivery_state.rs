@@ -107,6 +107,7 @@ impl World {
                     assert_eq!(*seq, self.last_seq + 1, "pushed sequence out of order");
                 }
                 Notification::Welcome { recipient } => assert_ne!(*recipient, eve),
+                Notification::Revoked { .. } => {}
             }
         }
         out.response.encode().expect("responses encode");

@@ -23,7 +23,7 @@
 //! | 64 | Ed25519 signature by the account key over [`CERTIFICATE_LABEL`] followed by the 104 bytes above, version included |
 //!
 //! The label separates this statement from anything else the account key
-//! will ever sign (device revocations get their own label).
+//! will ever sign: device revocations ([`DeviceRevocation`]) get their own.
 
 use std::fmt;
 
@@ -176,9 +176,100 @@ impl DeviceCertificate {
     }
 }
 
+/// Domain-separation label of a device revocation signature.
+pub const REVOCATION_LABEL: &[u8] = b"hush device revocation v1\0";
+
+/// Length of an encoded revocation: version, account, device, time,
+/// signature.
+pub const REVOCATION_LEN: usize = 1 + 32 + 32 + 8 + 64;
+
+/// The account key's statement that a device is no longer its own.
+///
+/// Encoding (137 bytes): version `1`, account public key, device TLS key,
+/// revocation time (Unix seconds, big-endian), then the account key's
+/// Ed25519 signature over [`REVOCATION_LABEL`] followed by the 73 bytes
+/// before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRevocation {
+    pub account: AccountId,
+    pub device: DeviceId,
+    pub revoked_at: u64,
+    signature: [u8; 64],
+}
+
+impl DeviceRevocation {
+    fn signed(account: &AccountId, device: &DeviceId, revoked_at: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(REVOCATION_LEN - 64);
+        out.push(CERTIFICATE_VERSION);
+        out.extend_from_slice(&account.0);
+        out.extend_from_slice(&device.0);
+        out.extend_from_slice(&revoked_at.to_be_bytes());
+        out
+    }
+
+    fn input(signed: &[u8]) -> Vec<u8> {
+        [REVOCATION_LABEL, signed].concat()
+    }
+
+    /// Signs a revocation of `device` with the account key.
+    pub fn issue(account: &Identity, device: DeviceId, revoked_at: u64) -> Self {
+        let account_id = account.account_id();
+        let signature = account.sign(&Self::input(&Self::signed(&account_id, &device, revoked_at)));
+        Self { account: account_id, device, revoked_at, signature }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Self::signed(&self.account, &self.device, self.revoked_at);
+        out.extend_from_slice(&self.signature);
+        out
+    }
+
+    /// Decodes *and verifies* a revocation (strict Ed25519).
+    pub fn decode(bytes: &[u8]) -> Result<Self, CredentialError> {
+        if bytes.len() != REVOCATION_LEN {
+            return Err(CredentialError::Malformed("wrong length"));
+        }
+        let (signed, signature) = bytes.split_at(REVOCATION_LEN - 64);
+        if signed.first() != Some(&CERTIFICATE_VERSION) {
+            return Err(CredentialError::Malformed("unknown version"));
+        }
+        let field = |at: usize| -> Result<[u8; 32], CredentialError> {
+            signed.get(at..at + 32).and_then(|s| s.try_into().ok()).ok_or(CredentialError::Malformed("length"))
+        };
+        let (account, device) = (field(1)?, field(33)?);
+        let revoked_at = signed
+            .get(65..73)
+            .and_then(|s| <[u8; 8]>::try_from(s).ok())
+            .map(u64::from_be_bytes)
+            .ok_or(CredentialError::Malformed("length"))?;
+        let signature: [u8; 64] = signature.try_into().map_err(|_| CredentialError::Malformed("length"))?;
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&account).map_err(|_| CredentialError::BadSignature)?;
+        key.verify_strict(&Self::input(signed), &ed25519_dalek::Signature::from_bytes(&signature))
+            .map_err(|_| CredentialError::BadSignature)?;
+        Ok(Self { account: AccountId(account), device: DeviceId(device), revoked_at, signature })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_revocation_verifies_only_as_signed_and_never_as_a_certificate() {
+        let account = Identity::generate().unwrap();
+        let r = DeviceRevocation::issue(&account, DeviceId([4; 32]), 77);
+        let bytes = r.encode();
+        assert_eq!(bytes.len(), REVOCATION_LEN);
+        assert_eq!(DeviceRevocation::decode(&bytes).unwrap(), r);
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 1;
+            assert!(DeviceRevocation::decode(&bad).is_err(), "byte {i}");
+        }
+        assert!(DeviceCertificate::decode(&bytes).is_err());
+        let cert = DeviceCertificate::issue(&account, DeviceId([4; 32]), [5; 32], 77).encode();
+        assert!(DeviceRevocation::decode(&cert).is_err());
+    }
     use proptest::prelude::*;
 
     fn sample() -> (Identity, DeviceCertificate) {

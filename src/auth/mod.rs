@@ -17,6 +17,6 @@ pub mod text;
 pub mod tls;
 
 pub use address::{AccountId, AddressError, Fingerprint, HushAddress};
-pub use device::{CredentialError, DeviceCertificate, DeviceId};
+pub use device::{CredentialError, DeviceCertificate, DeviceId, DeviceRevocation};
 pub use identity::{Identity, KeyError};
 pub use invite::{InviteError, InviteToken};

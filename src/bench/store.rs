@@ -40,8 +40,9 @@ async fn store_with_group(path: &Path, size: usize) -> Result<(Engine, Vec<u8>, 
         invite_required: false,
         ..Quotas::default()
     };
-    let removal_key = Identity::generate().map_err(fail)?.public_key();
-    let store = Engine::open(path, quotas, removal_key).map_err(fail)?;
+    let removal = std::sync::Arc::new(Identity::generate().map_err(fail)?);
+    let removal_key = removal.public_key();
+    let store = Engine::open(path, quotas, removal).map_err(fail)?;
     let mut members = vec![];
     for _ in 0..size {
         let (_, _, member) = Member::generate().map_err(fail)?;

@@ -399,6 +399,9 @@ fn explain(e: ClientError) -> anyhow::Error {
             Some("invite refused; ask the server's operator for a new one")
         }
         Some(ErrorCode::NotRegistered) => Some("run `hush register ADDRESS --invite TOKEN` first"),
+        Some(ErrorCode::Revoked) => {
+            Some("this device can no longer use the server; if that is a mistake, ask the server's operator")
+        }
         _ => None,
     };
     match hint {

@@ -31,6 +31,17 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum AccountsCmd {
+    /// Offboard an account: refuse all its devices from now on and propose
+    /// their removal from every group (works while serving; the next commit
+    /// by any member applies it).
+    Remove {
+        /// The account id, as `hushd accounts` lists it.
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the server (creates key and database on first run) and print its
     /// address once listening.
@@ -53,8 +64,11 @@ enum Command {
         #[arg(long, value_name = "DURATION")]
         expires: Option<String>,
     },
-    /// List registered accounts.
-    Accounts,
+    /// List registered accounts (removed ones marked), or remove one.
+    Accounts {
+        #[command(subcommand)]
+        action: Option<AccountsCmd>,
+    },
     /// List invites (ids, uses left, expiry; never the secret).
     Invites,
     /// Measure hush against raw quinn and raw SQLite on this machine (in one
@@ -154,15 +168,21 @@ fn run(cli: Cli) -> Result<()> {
             out!("{token}");
             Ok(())
         }
-        Command::Accounts => {
+        Command::Accounts { action: None } => {
             let mut db = open_existing(&dir)?;
             let accounts = db.accounts()?;
             for a in &accounts {
-                out!("{}  registered {}", a.account, format_unix(a.created_at));
+                match a.removed_at {
+                    None => out!("{}  registered {}", a.account, format_unix(a.created_at)),
+                    Some(r) => {
+                        out!("{}  registered {}  removed {}", a.account, format_unix(a.created_at), format_unix(r))
+                    }
+                }
             }
             eprintln!("{} account{}", accounts.len(), if accounts.len() == 1 { "" } else { "s" });
             Ok(())
         }
+        Command::Accounts { action: Some(AccountsCmd::Remove { id }) } => remove_account(&dir, &id),
         Command::Check => check(&dir),
         Command::Bench { quick, json } => bench(quick, json),
         Command::Backup { path } => {
@@ -310,6 +330,30 @@ fn check(dir: &DataDir) -> Result<()> {
 }
 
 /// Opens the database of an initialised data directory.
+/// `hushd accounts remove ID`: offboarding, through the Delivery Service
+/// core on this process's own connection to the database (the serving
+/// process, if any, refuses the account's devices from their next request).
+fn remove_account(dir: &DataDir, id: &str) -> Result<()> {
+    use hush::delivery::storage::Backend as _;
+    let account: hush::auth::AccountId = id.parse().with_context(|| format!("{id:?} is not an account id"))?;
+    let mut db = open_existing(dir)?;
+    let removal = std::sync::Arc::new(
+        Identity::load(&dir.removal_key())
+            .with_context(|| format!("loading the removal key {}", dir.removal_key().display()))?,
+    );
+    let quotas = hush::delivery::Quotas::default();
+    let mut delivery = hush::delivery::Delivery::with_quotas(quotas, removal.public_key()).with_removal_signer(removal);
+    let now = now_unix();
+    let removal = db.write(|s| Ok(delivery.remove_account(s, &account, now)))??;
+    out!(
+        "removed {account}: {} device(s) refused, removal proposed in {} group membership(s)",
+        removal.devices,
+        removal.proposals
+    );
+    eprintln!("members' next sync commits the removal; the account's keys are refused from now on");
+    Ok(())
+}
+
 fn open_existing(dir: &DataDir) -> Result<Db> {
     if !dir.db().exists() {
         bail!("no hushd database in {}; run `hushd serve` or `hushd init` first", dir.0.display());

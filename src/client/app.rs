@@ -42,6 +42,8 @@ pub const MAX_SYNC_BYTES: usize = 512 * 1024 * 1024;
 
 /// Setting holding this device's certificate.
 const CERTIFICATE: &str = "certificate";
+/// Setting holding the server's removal key (from `Status`).
+const REMOVAL_KEY: &str = "removal_key";
 
 /// Something the user can act on.
 #[derive(Debug, Error)]
@@ -191,9 +193,12 @@ impl App {
     pub fn open(home: &Path, device_key: Identity, server: HushAddress) -> Result<Self, AppError> {
         let (provider, local) = state::open(home)?;
         let cert = local.setting(CERTIFICATE)?.ok_or_else(|| AppError::NoIdentity(home.to_owned()))?;
-        let member = Member::load(provider, &cert)?;
+        let mut member = Member::load(provider, &cert)?;
         if member.device() != DeviceId(device_key.public_key()) {
             return Err(AppError::ForeignCertificate(home.to_owned()));
+        }
+        if let Some(key) = local.setting(REMOVAL_KEY)?.and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok()) {
+            member.set_removal_key(key);
         }
         Ok(Self { home: home.to_owned(), device_key, server, local, member })
     }

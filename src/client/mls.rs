@@ -178,6 +178,10 @@ pub enum Received {
     /// A commit or proposal was refused because a leaf it adds or changes
     /// is not certified, or changes whose leaf it is. Nothing was applied.
     Refused { sender: Option<AccountId>, reason: String },
+    /// The server, as the group's external sender, proposed removing a
+    /// device of `account` (revoked, or the account removed by the
+    /// operator). Stored for the next commit.
+    ServerRemoval { account: Option<AccountId> },
 }
 
 impl Received {
@@ -203,6 +207,9 @@ pub struct Member<P: OpenMlsProvider = OpenMlsRustCrypto> {
     credential: CredentialWithKey,
     certificate: DeviceCertificate,
     groups: HashMap<Vec<u8>, MlsGroup>,
+    /// The server's removal key: the only external sender whose proposals
+    /// this member accepts (`None`: it accepts none).
+    removal_key: Option<[u8; 32]>,
 }
 
 impl<P: OpenMlsProvider> std::fmt::Debug for Member<P> {
@@ -309,7 +316,29 @@ impl<P: OpenMlsProvider> Member<P> {
             credential: BasicCredential::new(certificate.encode()).into(),
             signature_key: signer.public().into(),
         };
-        Self { provider, signer, credential, certificate, groups: HashMap::new() }
+        Self { provider, signer, credential, certificate, groups: HashMap::new(), removal_key: None }
+    }
+
+    /// Accept external proposals (removals of revoked devices) signed by
+    /// this key, the server's removal key, and by no other.
+    pub fn set_removal_key(&mut self, key: [u8; 32]) {
+        self.removal_key = Some(key);
+    }
+
+    /// Whether the proposals waiting in `group` should be committed by this
+    /// member now: there are some, and none removes this member's own leaf
+    /// (a member cannot commit its own removal; another member will).
+    pub fn should_commit_pending(&mut self, group: &[u8]) -> bool {
+        let Ok(g) = self.group_mut(group) else { return false };
+        let own = g.own_leaf_index();
+        let mut any = false;
+        for p in g.pending_proposals() {
+            if matches!(p.proposal(), Proposal::Remove(r) if r.removed() == own) {
+                return false;
+            }
+            any = true;
+        }
+        any
     }
 
     /// This device's certificate (its credential in every group).
@@ -642,6 +671,32 @@ impl<P: OpenMlsProvider> Member<P> {
                 Ok(Received::Application { sender, data: app.into_bytes() })
             }
             ProcessedMessageContent::ProposalMessage(p) => {
+                if let Sender::External(_) = &sender_kind {
+                    // Only the server's removal key, and only to remove a
+                    // leaf. openmls verified the signature under the listed
+                    // sender it names; every listed sender must be the
+                    // server's key for that to mean "the server".
+                    let listed = g.extensions().external_senders().map(|s| s.as_slice()).unwrap_or_default();
+                    let from_server = self.removal_key.is_some_and(|key| {
+                        let server = crate::delivery::mls::server_sender(&key);
+                        !listed.is_empty() && listed.iter().all(|e| *e == server)
+                    });
+                    let Proposal::Remove(r) = p.proposal() else {
+                        return Ok(Received::Refused {
+                            sender: None,
+                            reason: "an external proposal that is not a removal".into(),
+                        });
+                    };
+                    if !from_server {
+                        return Ok(Received::Refused {
+                            sender: None,
+                            reason: "an external proposal not signed by this server's removal key".into(),
+                        });
+                    }
+                    let account = holders.get(&r.removed()).map(|(a, _)| *a);
+                    g.store_pending_proposal(provider.storage(), *p).context("storing the proposal")?;
+                    return Ok(Received::ServerRemoval { account });
+                }
                 if let Proposal::Update(update) = p.proposal() {
                     if let Err(reason) = same_holder(sender_leaf, update.leaf_node()) {
                         return Ok(Received::Refused { sender, reason });

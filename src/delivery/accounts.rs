@@ -34,6 +34,9 @@ impl Delivery {
         let registered = Some(Caller::of(&cert));
         let encoded = cert.encode();
         match store.device(&device)? {
+            Some(existing) if existing.revoked_at.is_some() => {
+                return Err(refuse(ErrorCode::Revoked, "this device was revoked, or its account removed"))
+            }
             Some(existing) if existing.certificate == encoded => {
                 return Ok(Outcome { registered, ..Outcome::reply(Response::Registered { created: false }) })
             }
@@ -74,7 +77,7 @@ impl Delivery {
             }
         };
         store.insert_account(&cert.account, invite_id, now)?;
-        store.insert_device(&device, &DeviceRecord { account: cert.account, certificate: encoded, created_at: now })?;
+        store.insert_device(&device, &DeviceRecord::new(cert.account, encoded, now))?;
         tracing::debug!("account registered");
         Ok(Outcome { registered, ..Outcome::wrote(Response::Registered { created: true }, vec![]) })
     }

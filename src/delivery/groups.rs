@@ -69,7 +69,7 @@ impl Delivery {
         if !mls::lists_server(public.group_context(), &self.removal_key) {
             return Err(refuse(
                 ErrorCode::InvalidCommit,
-                "a new group must list this server's removal key as an external sender (see the Status response)",
+                "a new group must list this server's removal key as its one external sender (see the Status response)",
             ));
         }
         // The GroupInfo is kept: a member that cannot process the first

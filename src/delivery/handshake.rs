@@ -300,7 +300,7 @@ impl Delivery {
         }
         if !mls::lists_server(public.group_context(), &self.removal_key) {
             return Err(invalid_commit(
-                "the commit would take this server's removal key out of the group's external senders",
+                "the commit would change the group's external senders (only this server's removal key may be listed)",
             ));
         }
         Ok(roster)

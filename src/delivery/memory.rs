@@ -29,7 +29,7 @@ struct Group {
 /// Everything in hash maps.
 #[derive(Debug, Default, Clone)]
 pub struct MemoryStore {
-    accounts: BTreeMap<AccountId, u64>,
+    accounts: BTreeMap<AccountId, AccountRecord>,
     devices: BTreeMap<DeviceId, DeviceRecord>,
     invites: BTreeMap<[u8; 8], InviteRecord>,
     packages: HashMap<DeviceId, Vec<StoredPackage>>,
@@ -43,11 +43,9 @@ impl MemoryStore {
     /// Registers the certificate's account (if new) and device, as a
     /// registration would (for setting up tests).
     pub fn enrol(&mut self, certificate: &DeviceCertificate) {
-        self.accounts.entry(certificate.account).or_insert(0);
-        self.devices.insert(
-            certificate.device,
-            DeviceRecord { account: certificate.account, certificate: certificate.encode(), created_at: 0 },
-        );
+        let account = certificate.account;
+        self.accounts.entry(account).or_insert(AccountRecord { account, created_at: 0, removed_at: None });
+        self.devices.insert(certificate.device, DeviceRecord::new(account, certificate.encode(), 0));
     }
 
     /// Messages stored for `group` (for invariant checks).
@@ -74,14 +72,39 @@ impl Storage for MemoryStore {
     }
 
     fn accounts(&mut self) -> Result<Vec<AccountRecord>, Infallible> {
-        let mut all: Vec<_> =
-            self.accounts.iter().map(|(a, t)| AccountRecord { account: *a, created_at: *t }).collect();
+        let mut all: Vec<_> = self.accounts.values().copied().collect();
         all.sort_by_key(|r| (r.created_at, r.account));
         Ok(all)
     }
 
     fn insert_account(&mut self, account: &AccountId, _invite: Option<[u8; 8]>, now: u64) -> Result<(), Infallible> {
-        self.accounts.insert(*account, now);
+        self.accounts.insert(*account, AccountRecord { account: *account, created_at: now, removed_at: None });
+        Ok(())
+    }
+
+    fn account(&mut self, account: &AccountId) -> Result<Option<AccountRecord>, Infallible> {
+        Ok(self.accounts.get(account).copied())
+    }
+
+    fn remove_account(&mut self, account: &AccountId, now: u64) -> Result<(), Infallible> {
+        if let Some(a) = self.accounts.get_mut(account) {
+            a.removed_at.get_or_insert(now);
+        }
+        Ok(())
+    }
+
+    fn devices_of(&mut self, account: &AccountId) -> Result<Vec<(DeviceId, DeviceRecord)>, Infallible> {
+        let mut all: Vec<_> =
+            self.devices.iter().filter(|(_, r)| r.account == *account).map(|(d, r)| (*d, r.clone())).collect();
+        all.sort_by_key(|(d, r)| (r.created_at, *d));
+        Ok(all)
+    }
+
+    fn revoke_device(&mut self, device: &DeviceId, now: u64) -> Result<(), Infallible> {
+        if let Some(d) = self.devices.get_mut(device) {
+            d.revoked_at.get_or_insert(now);
+        }
+        self.packages.remove(device);
         Ok(())
     }
 

@@ -91,6 +91,8 @@ pub enum StateError {
     Load(String),
     #[error("the state holds no group")]
     Missing,
+    #[error("building the server's removal proposal: {0}")]
+    Proposal(String),
 }
 
 /// The kind of a message sent to a group, read from its framing.
@@ -191,11 +193,12 @@ pub fn server_sender(removal_key: &[u8; 32]) -> ExternalSender {
     )
 }
 
-/// Whether a group context lists the server's removal key as an external
-/// sender.
+/// Whether a group context lists the server's removal key as its one
+/// external sender (so an external proposal in the group is always the
+/// server's, which is what members check before accepting one).
 pub fn lists_server(context: &GroupContext, removal_key: &[u8; 32]) -> bool {
     let expected = server_sender(removal_key);
-    context.extensions().external_senders().is_some_and(|senders| senders.contains(&expected))
+    context.extensions().external_senders().is_some_and(|senders| senders.as_slice() == [expected])
 }
 
 /// The device certificate a credential carries, verified (signature under
@@ -412,4 +415,46 @@ pub fn decode_state(bytes: &[u8]) -> Result<MemoryStorage, DecodeError> {
     }
     r.finish()?;
     Ok(MemoryStorage { values: std::sync::RwLock::new(map) })
+}
+
+/// The server's removal key as an openmls signer: it signs nothing but the
+/// external Remove proposals of [`removal_proposal`].
+struct RemovalSigner<'a>(&'a crate::auth::Identity);
+
+impl openmls_traits::signatures::Signer for RemovalSigner<'_> {
+    fn sign(&self, payload: &[u8]) -> Result<Vec<u8>, openmls_traits::signatures::SignerError> {
+        Ok(self.0.sign(payload).to_vec())
+    }
+
+    fn signature_scheme(&self) -> openmls_traits::types::SignatureScheme {
+        openmls_traits::types::SignatureScheme::ED25519
+    }
+}
+
+/// An external proposal (RFC 9420 §12.1.8, sender type `external`) to
+/// remove `leaf` from `public`'s group at its current epoch, signed with the
+/// server's removal key as the group's listed external sender. `None` if
+/// the group does not list that key (a group from before it was required).
+pub fn removal_proposal(
+    public: &PublicGroup,
+    leaf: LeafNodeIndex,
+    removal: &crate::auth::Identity,
+) -> Result<Option<Vec<u8>>, StateError> {
+    let expected = server_sender(&removal.public_key());
+    let context = public.group_context();
+    let Some(index) = context.extensions().external_senders().and_then(|s| s.iter().position(|e| *e == expected))
+    else {
+        return Ok(None);
+    };
+    let index = u32::try_from(index).map_err(|_| StateError::Proposal("external sender index".into()))?;
+    let message = openmls::prelude::ExternalProposal::new_remove::<openmls_rust_crypto::OpenMlsRustCrypto>(
+        leaf,
+        context.group_id().clone(),
+        context.epoch(),
+        &RemovalSigner(removal),
+        openmls::prelude::SenderExtensionIndex::new(index),
+    )
+    .map_err(|e| StateError::Proposal(format!("{e:?}")))?;
+    let bytes = message.tls_serialize_detached().map_err(|e| StateError::Proposal(e.to_string()))?;
+    Ok(Some(bytes))
 }

@@ -38,7 +38,7 @@
 //!   nothing by trying another's id); the server
 //!   builds an openmls [`mls::PublicGroup`] (public state only) and requires
 //!   the tree to hold exactly one leaf, the creating device's, and the group
-//!   context to list the server's removal key as an external sender (no
+//!   context to list the server's removal key as its one external sender (no
 //!   commit may take it out).
 //! * **Commits and proposals** are PublicMessages. Each must verify against
 //!   the current public state (member sender, valid signature, valid
@@ -72,6 +72,7 @@
 //!   retention expires; a Welcome when acknowledged or expired.
 
 mod accounts;
+mod devices;
 mod groups;
 mod handshake;
 mod key_packages;
@@ -91,6 +92,7 @@ use crate::util::TokenBucket;
 use crate::wire::{ErrorCode, GroupSummary, Request, Response};
 use groups::load_public;
 
+pub use devices::{Removal, RemoveError};
 pub use storage::{GroupRecord, Membership, NewKeyPackage, SendContext, Storage};
 
 /// Who sends a request: the device its connection authenticated, and the
@@ -135,6 +137,8 @@ pub enum Notification {
     Message { group: Vec<u8>, seq: u64, message: Vec<u8>, recipients: Arc<[DeviceId]> },
     /// A Welcome waits for `recipient`.
     Welcome { recipient: DeviceId },
+    /// `device` was revoked: close its connections.
+    Revoked { device: DeviceId },
 }
 
 /// The result of one request.
@@ -227,6 +231,9 @@ pub struct Delivery {
     /// The server's removal key, which every group must list as an
     /// external sender.
     removal_key: [u8; 32],
+    /// Its private half, on the engine's writer only: it signs the
+    /// server's removal proposals ([`devices`]).
+    removal_signer: Option<Arc<crate::auth::Identity>>,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -249,7 +256,17 @@ impl Delivery {
             quotas,
             rosters: HashMap::new(),
             removal_key,
+            removal_signer: None,
         }
+    }
+
+    /// Lets this instance propose removals (revoked devices, removed
+    /// accounts) with the server's removal key.
+    pub fn with_removal_signer(mut self, signer: Arc<crate::auth::Identity>) -> Self {
+        if signer.public_key() == self.removal_key {
+            self.removal_signer = Some(signer);
+        }
+        self
     }
 
     /// The removal key groups must list.
@@ -300,6 +317,7 @@ impl Delivery {
                 | Request::FetchGroupInfo { .. }
                 | Request::CountKeyPackages
                 | Request::Status
+                | Request::ListDevices
                 | Request::Ping { .. }
         )
     }
@@ -337,6 +355,11 @@ impl Delivery {
     ) -> Result<Outcome, Refusal<S::Error>> {
         let reply = |response| Ok(Outcome::reply(response));
         let device = caller.device;
+        // A revoked device (or one of a removed account) is refused at once,
+        // whatever connection it still holds.
+        if store.device(&device)?.is_none_or(|d| d.revoked_at.is_some()) {
+            return Err(refuse(ErrorCode::Revoked, "this device was revoked, or its account removed"));
+        }
         match request {
             Request::Ping { .. } => {
                 Err(refuse(ErrorCode::UnknownRequest, "Ping is answered by the connection, not the Delivery Service"))
@@ -345,6 +368,8 @@ impl Delivery {
                 self.register(store, device, invite.as_deref(), &certificate, now)
             }
             Request::Status => self.status(store, &caller, now),
+            Request::RevokeDevice { revocation } => self.revoke(store, &caller, &revocation, now),
+            Request::ListDevices => self.list_devices(store, &caller),
             Request::PublishKeyPackages { packages, last_resort } => {
                 self.publish(store, &caller, &packages, last_resort, now)
             }

@@ -23,6 +23,8 @@ use crate::auth::{AccountId, DeviceId};
 pub struct AccountRecord {
     pub account: AccountId,
     pub created_at: u64,
+    /// Set once the operator removed (offboarded) the account.
+    pub removed_at: Option<u64>,
 }
 
 /// A registered device.
@@ -32,6 +34,15 @@ pub struct DeviceRecord {
     /// The device certificate it registered with (verified then).
     pub certificate: Vec<u8>,
     pub created_at: u64,
+    /// Set once the device was revoked (or its account removed).
+    pub revoked_at: Option<u64>,
+}
+
+impl DeviceRecord {
+    /// A device as it registers.
+    pub fn new(account: AccountId, certificate: Vec<u8>, now: u64) -> Self {
+        Self { account, certificate, created_at: now, revoked_at: None }
+    }
 }
 
 /// An invite. The secret itself is never stored, only its hash.
@@ -179,6 +190,15 @@ pub trait Storage {
     fn device(&mut self, device: &DeviceId) -> Result<Option<DeviceRecord>, Self::Error>;
     /// Registers a device (which must not exist) of an existing account.
     fn insert_device(&mut self, device: &DeviceId, record: &DeviceRecord) -> Result<(), Self::Error>;
+    /// The devices of `account`, revoked ones included, oldest first.
+    fn devices_of(&mut self, account: &AccountId) -> Result<Vec<(DeviceId, DeviceRecord)>, Self::Error>;
+    /// Marks a device revoked at `now` (if it was not) and deletes its
+    /// KeyPackages.
+    fn revoke_device(&mut self, device: &DeviceId, now: u64) -> Result<(), Self::Error>;
+    /// Marks an account removed at `now` (if it was not).
+    fn remove_account(&mut self, account: &AccountId, now: u64) -> Result<(), Self::Error>;
+    /// The account's row, if registered.
+    fn account(&mut self, account: &AccountId) -> Result<Option<AccountRecord>, Self::Error>;
 
     fn insert_invite(&mut self, invite: &InviteRecord) -> Result<(), Self::Error>;
     fn invite(&mut self, id: &[u8; 8]) -> Result<Option<InviteRecord>, Self::Error>;

@@ -10,11 +10,11 @@
 //! knows no SQL: any [`Backend`] runs here.
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use tokio::sync::oneshot;
 
-use crate::auth::DeviceId;
+use crate::auth::{DeviceId, Identity};
 use crate::delivery::storage::{Backend, DeviceRecord, Unit};
 use crate::delivery::{Delivery, Origin, Outcome, Quotas, Storage};
 use crate::limits::MAX_WRITE_BATCH;
@@ -79,21 +79,24 @@ impl std::fmt::Debug for Pending {
 impl Engine {
     /// Opens (creating and migrating if needed) the SQLite database at
     /// `path` and starts the engine on it.
-    pub fn open(path: &Path, quotas: Quotas, removal_key: [u8; 32]) -> Result<Self, StoreError> {
-        Self::start(Db::open(path)?, Db::open(path)?, quotas, removal_key)
+    pub fn open(path: &Path, quotas: Quotas, removal: Arc<Identity>) -> Result<Self, StoreError> {
+        Self::start(Db::open(path)?, Db::open(path)?, quotas, removal)
     }
 
     /// Starts the writer and reader threads on two connections to one
-    /// database; the Delivery Service enforces `quotas` and requires every
-    /// group to list `removal_key` as an external sender.
+    /// database; the Delivery Service enforces `quotas`, requires every
+    /// group to list the `removal` key as an external sender, and signs its
+    /// removal proposals with it (on the writer only).
     pub fn start<B: Backend<Error = StoreError>>(
         writer: B,
         reader: B,
         quotas: Quotas,
-        removal_key: [u8; 32],
+        removal: Arc<Identity>,
     ) -> Result<Self, StoreError> {
-        let writer = spawn("hush-writer", writer, Delivery::with_quotas(quotas, removal_key), writer_loop)?;
-        let reader = spawn("hush-reader", reader, Delivery::with_quotas(quotas, removal_key), reader_loop)?;
+        let key = removal.public_key();
+        let writing = Delivery::with_quotas(quotas, key).with_removal_signer(removal);
+        let writer = spawn("hush-writer", writer, writing, writer_loop)?;
+        let reader = spawn("hush-reader", reader, Delivery::with_quotas(quotas, key), reader_loop)?;
         Ok(Self { writer, reader })
     }
 

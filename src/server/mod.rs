@@ -103,14 +103,14 @@ impl DataDir {
     }
 
     /// Creates the directory (0700), the keys and the database if missing.
-    /// Returns the TLS identity, whether it was created, and the public
-    /// removal key.
-    pub fn init(&self) -> Result<(Identity, bool, [u8; 32]), ServerError> {
+    /// Returns the TLS identity, whether it was created, and the removal
+    /// key.
+    pub fn init(&self) -> Result<(Identity, bool, Identity), ServerError> {
         identity::private_dir(&self.0)?;
         let (id, created) = Identity::load_or_create(&self.key())?;
         let (removal, _) = Identity::load_or_create(&self.removal_key())?;
         drop(crate::store::Db::open(&self.db())?);
-        Ok((id, created, removal.public_key()))
+        Ok((id, created, removal))
     }
 }
 
@@ -127,11 +127,11 @@ impl Server {
     pub fn bind(config: ServerConfig, data_dir: &Path) -> Result<Self, ServerError> {
         config.validate()?;
         let data_dir = DataDir(data_dir.to_owned());
-        let (identity, created, removal_key) = data_dir.init()?;
+        let (identity, created, removal) = data_dir.init()?;
         if created {
             info!("created server key {}", data_dir.key().display());
         }
-        let engine = Engine::open(&data_dir.db(), config.quotas(), removal_key)?;
+        let engine = Engine::open(&data_dir.db(), config.quotas(), Arc::new(removal))?;
 
         let mut transport = TransportConfig::default();
         // Every connection starts as a stranger's: one request stream and a

@@ -31,6 +31,7 @@ struct Queue {
     id: u64,
     tx: mpsc::Sender<Frame>,
     overflowed: Arc<AtomicBool>,
+    conn: quinn::Connection,
 }
 
 /// Online connections by device.
@@ -71,16 +72,24 @@ impl Registry {
         let (tx, rx) = mpsc::channel(PUSH_QUEUE);
         let overflowed = Arc::new(AtomicBool::new(false));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(push_task(conn, rx, overflowed.clone()));
+        tokio::spawn(push_task(conn.clone(), rx, overflowed.clone()));
         let mut online = self.online.lock().unwrap_or_else(|p| p.into_inner());
-        online.entry(device).or_default().push(Queue { id, tx, overflowed });
+        online.entry(device).or_default().push(Queue { id, tx, overflowed, conn });
         Online { registry: self.clone(), device, id }
     }
 
-    /// Queues the pushes for these notifications. Never blocks.
+    /// Queues the pushes for these notifications, and closes the
+    /// connections of revoked devices. Never blocks.
     pub fn dispatch(&self, notifications: &[Notification]) {
         for n in notifications {
             let (frame, recipients): (Option<Vec<u8>>, &[DeviceId]) = match n {
+                Notification::Revoked { device } => {
+                    let online = self.online.lock().unwrap_or_else(|p| p.into_inner());
+                    for q in online.get(device).map(Vec::as_slice).unwrap_or_default() {
+                        q.conn.close(quinn::VarInt::from_u32(crate::wire::close::REVOKED), b"this device was revoked");
+                    }
+                    continue;
+                }
                 Notification::Message { group, seq, message, recipients } => {
                     let ciphertext = (message.len() <= PUSH_INLINE_THRESHOLD).then(|| message.clone());
                     (Push::Message { group: group.clone(), seq: *seq, ciphertext }.encode_framed().ok(), recipients)

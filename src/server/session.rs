@@ -71,6 +71,11 @@ pub(crate) async fn run(conn: quinn::Connection, shared: Arc<Shared>, mut stop: 
         return;
     };
     let caller = match shared.engine.device(device).await {
+        Ok(Some(row)) if row.revoked_at.is_some() => {
+            debug!("a revoked device connected");
+            conn.close(VarInt::from_u32(close::REVOKED), b"this device was revoked");
+            return;
+        }
         Ok(row) => row.map(|r| Caller { account: r.account, device }),
         Err(e) => {
             error!("device lookup failed: {e}");

@@ -93,7 +93,7 @@ mod tests {
         let cert = alice.certificate().clone();
         db.write(|s| {
             s.insert_account(&cert.account, None, 1)?;
-            let record = DeviceRecord { account: cert.account, certificate: cert.encode(), created_at: 1 };
+            let record = DeviceRecord::new(cert.account, cert.encode(), 1);
             s.insert_device(&cert.device, &record)
         })
         .unwrap();

@@ -143,6 +143,24 @@ const MIGRATIONS: &[&str] = &[
     // its last committer signed it (NULL for a group nobody committed to
     // since: it gets one with the next commit).
     "ALTER TABLE group_states ADD COLUMN group_info BLOB;",
+    // 5 -> 6: several devices per account. Revoked devices and removed
+    // (offboarded) accounts stay, marked, so their keys are refused for
+    // good; link codes wait in `links` (the server holds only the code's
+    // id and ciphertext it cannot read, see `delivery::links`).
+    "ALTER TABLE devices ADD COLUMN revoked_at INTEGER;
+    ALTER TABLE accounts ADD COLUMN removed_at INTEGER;
+    CREATE TABLE links (
+        id BLOB PRIMARY KEY NOT NULL,
+        account BLOB NOT NULL REFERENCES accounts(key),
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        device BLOB,
+        offer BLOB,
+        certificate BLOB,
+        bundle BLOB
+    );
+    CREATE INDEX links_account ON links(account);
+    CREATE INDEX links_expires ON links(expires_at);",
 ];
 
 /// The first schema version with device certificates.

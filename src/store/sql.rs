@@ -71,6 +71,18 @@ fn membership_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<M
     }))
 }
 
+/// An account row (key, created_at, removed_at); `None` for a key of a
+/// length the schema forbids (skipped, not trusted).
+fn account_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<AccountRecord>> {
+    let k: Vec<u8> = r.get(0)?;
+    let Some(k) = key(&k) else { return Ok(None) };
+    Ok(Some(AccountRecord {
+        account: AccountId(k),
+        created_at: u(r.get(1)?),
+        removed_at: r.get::<_, Option<i64>>(2)?.map(u),
+    }))
+}
+
 /// An invite row; `None` for one whose id or hash has a length the schema
 /// forbids (skipped, not trusted).
 fn invite_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<InviteRecord>> {
@@ -107,17 +119,59 @@ impl Storage for SqlStore<'_> {
     }
 
     fn accounts(&mut self) -> Result<Vec<AccountRecord>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT key, created_at FROM accounts ORDER BY created_at, key")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut stmt =
+            self.conn.prepare_cached("SELECT key, created_at, removed_at FROM accounts ORDER BY created_at, key")?;
+        let mut rows = stmt.query([])?;
         let mut out = Vec::new();
-        for row in rows {
-            let (k, created_at) = row?;
-            // The schema forbids other lengths; such a row is skipped, not trusted.
+        while let Some(row) = rows.next()? {
+            out.extend(account_row(row)?);
+        }
+        Ok(out)
+    }
+
+    fn account(&mut self, a: &AccountId) -> Result<Option<AccountRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT key, created_at, removed_at FROM accounts WHERE key = ?1")?;
+        let mut rows = stmt.query([&a.0[..]])?;
+        match rows.next()? {
+            Some(row) => Ok(account_row(row)?),
+            None => Ok(None),
+        }
+    }
+
+    fn remove_account(&mut self, a: &AccountId, now: u64) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("UPDATE accounts SET removed_at = ?2 WHERE key = ?1 AND removed_at IS NULL")?
+            .execute(params![&a.0[..], i(now)])?;
+        Ok(())
+    }
+
+    fn devices_of(&mut self, a: &AccountId) -> Result<Vec<(DeviceId, DeviceRecord)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT key, certificate, created_at, revoked_at FROM devices WHERE account = ?1 ORDER BY created_at, key",
+        )?;
+        let mut rows = stmt.query([&a.0[..]])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let k: Vec<u8> = row.get(0)?;
             if let Some(k) = key(&k) {
-                out.push(AccountRecord { account: AccountId(k), created_at: u(created_at) });
+                let record = DeviceRecord {
+                    account: *a,
+                    certificate: row.get(1)?,
+                    created_at: u(row.get(2)?),
+                    revoked_at: row.get::<_, Option<i64>>(3)?.map(u),
+                };
+                out.push((DeviceId(k), record));
             }
         }
         Ok(out)
+    }
+
+    fn revoke_device(&mut self, device: &DeviceId, now: u64) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("UPDATE devices SET revoked_at = ?2 WHERE key = ?1 AND revoked_at IS NULL")?
+            .execute(params![&device.0[..], i(now)])?;
+        self.conn.prepare_cached("DELETE FROM key_packages WHERE device = ?1")?.execute([&device.0[..]])?;
+        Ok(())
     }
 
     fn insert_account(&mut self, a: &AccountId, invite: Option<[u8; 8]>, now: u64) -> Result<(), StoreError> {
@@ -128,15 +182,20 @@ impl Storage for SqlStore<'_> {
     }
 
     fn device(&mut self, device: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        let row: Option<(Vec<u8>, Vec<u8>, i64)> = self
+        let mut stmt = self
             .conn
-            .prepare_cached("SELECT account, certificate, created_at FROM devices WHERE key = ?1")?
-            .query_row([&device.0[..]], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?;
-        let Some((account, certificate, created_at)) = row else { return Ok(None) };
+            .prepare_cached("SELECT account, certificate, created_at, revoked_at FROM devices WHERE key = ?1")?;
+        let mut rows = stmt.query([&device.0[..]])?;
+        let Some(row) = rows.next()? else { return Ok(None) };
+        let account: Vec<u8> = row.get(0)?;
         let account =
             key(&account).ok_or_else(|| StoreError::Corrupt("a device row's account is not 32 bytes".into()))?;
-        Ok(Some(DeviceRecord { account: AccountId(account), certificate, created_at: u(created_at) }))
+        Ok(Some(DeviceRecord {
+            account: AccountId(account),
+            certificate: row.get(1)?,
+            created_at: u(row.get(2)?),
+            revoked_at: row.get::<_, Option<i64>>(3)?.map(u),
+        }))
     }
 
     fn insert_device(&mut self, device: &DeviceId, r: &DeviceRecord) -> Result<(), StoreError> {

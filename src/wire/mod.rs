@@ -56,6 +56,8 @@
 //! | 0x0c | `AckWelcome` | `u64` Welcome id |
 //! | 0x0d | `ListGroups` | none |
 //! | 0x0e | `FetchGroupInfo` | `bytes8<255>` group id (current members only) |
+//! | 0x0f | `RevokeDevice` | `bytes16<1024>` device revocation ([`crate::auth::device::DeviceRevocation`]) signed by the caller's account key |
+//! | 0x10 | `ListDevices` | none |
 //!
 //! ## Response frames
 //!
@@ -73,6 +75,7 @@
 //! | 0x09 | `Welcomes` | `u16` n, n × (`u64` id, `bytes32<491520>` `MLSMessage`) |
 //! | 0x0a | `Groups` | `u16` n, n × (`bytes8<255>` group id, `u64` epoch, `u64` last sequence, `u64` acknowledged sequence, `bool` current member) |
 //! | 0x0b | `GroupInfo` | `bytes8<255>` group id, `bytes32<491520>` the GroupInfo (`MLSMessage`) of the group's current epoch, as its last committer signed it, `option<bytes32<491520>>` the ratchet tree when that GroupInfo does not carry it |
+//! | 0x0c | `Devices` | `u16` n (≤ 16), n × (`[u8; 32]` device key, `u64` registered at, `bool` revoked), oldest first |
 //!
 //! `detail` is 0 unless the code says otherwise ([`ErrorCode`]).
 //!
@@ -180,6 +183,9 @@ pub enum ErrorCode {
     /// 29: the group has no GroupInfo yet (it was created by an older
     /// server); any member's next commit stores one.
     NoGroupInfo,
+    /// 30: this device was revoked, or its account removed by the
+    /// operator; its key is refused for good.
+    Revoked,
     /// A code this version does not know.
     Other(u16),
 }
@@ -209,6 +215,7 @@ impl ErrorCode {
             Self::GroupExists => 27,
             Self::InvalidCredential => 28,
             Self::NoGroupInfo => 29,
+            Self::Revoked => 30,
             Self::Other(c) => c,
         }
     }
@@ -237,6 +244,7 @@ impl ErrorCode {
             27 => Self::GroupExists,
             28 => Self::InvalidCredential,
             29 => Self::NoGroupInfo,
+            30 => Self::Revoked,
             c => Self::Other(c),
         }
     }
@@ -256,6 +264,8 @@ pub mod close {
     pub const BUSY: u32 = 4;
     /// The handshake did not yield an account key.
     pub const NOT_AUTHENTICATED: u32 = 5;
+    /// The device was revoked or its account removed.
+    pub const REVOKED: u32 = 6;
 
     /// A human description of a close code, for error messages.
     pub fn describe(code: u64) -> &'static str {
@@ -266,6 +276,7 @@ pub mod close {
             3 => "protocol violation",
             4 => "the server is busy (too many connections)",
             5 => "not authenticated",
+            6 => "this device was revoked, or its account removed by the server's operator",
             _ => "unknown reason",
         }
     }
@@ -312,6 +323,10 @@ pub enum Request {
     /// The GroupInfo of `group`'s current epoch, to rejoin it by an
     /// external commit (group repair).
     FetchGroupInfo { group: Vec<u8> },
+    /// Revoke a device of the caller's account (signed by the account key).
+    RevokeDevice { revocation: Vec<u8> },
+    /// The caller's account's devices.
+    ListDevices,
 }
 
 /// Reads a group id field.
@@ -419,6 +434,11 @@ impl Request {
                 w.u8(0x0e);
                 w.bytes8("group id", group, MAX_GROUP_ID)?;
             }
+            Self::RevokeDevice { revocation } => {
+                w.u8(0x0f);
+                w.bytes16("revocation", revocation, MAX_CERTIFICATE)?;
+            }
+            Self::ListDevices => w.u8(0x10),
         }
         Ok(w.into_inner())
     }
@@ -465,6 +485,8 @@ impl Request {
             0x0c => Self::AckWelcome { id: r.u64()? },
             0x0d => Self::ListGroups,
             0x0e => Self::FetchGroupInfo { group: group_id(&mut r)? },
+            0x0f => Self::RevokeDevice { revocation: r.bytes16("revocation", MAX_CERTIFICATE)?.to_vec() },
+            0x10 => Self::ListDevices,
             tag => return Err(DecodeError::UnknownTag { what: "request", tag }),
         };
         r.finish()?;
@@ -480,7 +502,7 @@ impl Request {
         let mls = 4 + MAX_MLS_MESSAGE;
         let len = match tag {
             0x01 => 1 + 1 + 1 + MAX_INVITE_LEN + 2 + MAX_CERTIFICATE,
-            0x02 | 0x06 | 0x0b | 0x0d => 1,
+            0x02 | 0x06 | 0x0b | 0x0d | 0x10 => 1,
             0x03 | 0x0c => 1 + 8,
             0x04 => 1 + 2 + MAX_KEY_PACKAGES * (4 + MAX_KEY_PACKAGE) + 1 + 2,
             0x05 => 1 + 32,
@@ -489,6 +511,7 @@ impl Request {
             0x09 => 1 + group_id + 8 + 2,
             0x0a => 1 + group_id + 8,
             0x0e => 1 + group_id,
+            0x0f => 1 + 2 + MAX_CERTIFICATE,
             _ => return None,
         };
         Some(len.min(MAX_REQUEST_FRAME))
@@ -511,6 +534,8 @@ impl Request {
             Self::AckWelcome { .. } => "ack-welcome",
             Self::ListGroups => "list-groups",
             Self::FetchGroupInfo { .. } => "fetch-group-info",
+            Self::RevokeDevice { .. } => "revoke-device",
+            Self::ListDevices => "list-devices",
         }
     }
 }
@@ -531,6 +556,15 @@ pub enum Response {
     Welcomes { welcomes: Vec<(u64, Vec<u8>)> },
     Groups { groups: Vec<GroupSummary> },
     GroupInfo { group: Vec<u8>, group_info: Vec<u8>, ratchet_tree: Option<Vec<u8>> },
+    Devices { devices: Vec<DeviceSummary> },
+}
+
+/// One entry of [`Response::Devices`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceSummary {
+    pub device: [u8; 32],
+    pub registered_at: u64,
+    pub revoked: bool,
 }
 
 /// One entry of [`Response::Groups`].
@@ -559,6 +593,7 @@ impl Response {
             Self::Welcomes { .. } => "welcomes",
             Self::Groups { .. } => "groups",
             Self::GroupInfo { .. } => "group-info",
+            Self::Devices { .. } => "devices",
         }
     }
 
@@ -656,6 +691,15 @@ impl Response {
                     }
                 }
             }
+            Self::Devices { devices } => {
+                w.u8(0x0c);
+                put_count(&mut w, "devices", devices.len(), MAX_DEVICES_PER_ACCOUNT)?;
+                for d in devices {
+                    w.raw(&d.device);
+                    w.u64(d.registered_at);
+                    w.bool(d.revoked);
+                }
+            }
         }
         Ok(w.into_inner())
     }
@@ -729,6 +773,18 @@ impl Response {
                 let ratchet_tree =
                     if r.bool("ratchet tree present")? { Some(mls(&mut r, "ratchet tree")?) } else { None };
                 Self::GroupInfo { group, group_info, ratchet_tree }
+            }
+            0x0c => {
+                let n = count(&mut r, "devices", MAX_DEVICES_PER_ACCOUNT)?;
+                let mut devices = Vec::new();
+                for _ in 0..n {
+                    devices.push(DeviceSummary {
+                        device: r.array()?,
+                        registered_at: r.u64()?,
+                        revoked: r.bool("revoked")?,
+                    });
+                }
+                Self::Devices { devices }
             }
             tag => return Err(DecodeError::UnknownTag { what: "response", tag }),
         };

@@ -25,6 +25,8 @@ fn request() -> impl Strategy<Value = Request> {
         any::<u64>().prop_map(|id| Request::AckWelcome { id }),
         Just(Request::ListGroups),
         group().prop_map(|group| Request::FetchGroupInfo { group }),
+        blob().prop_map(|revocation| Request::RevokeDevice { revocation }),
+        Just(Request::ListDevices),
     ]
 }
 
@@ -74,6 +76,14 @@ fn response() -> impl Strategy<Value = Response> {
         ),
         (group(), blob(), proptest::option::of(blob()))
             .prop_map(|(group, group_info, ratchet_tree)| { Response::GroupInfo { group, group_info, ratchet_tree } }),
+        proptest::collection::vec((any::<[u8; 32]>(), any::<u64>(), any::<bool>()), 0..4).prop_map(|ds| {
+            Response::Devices {
+                devices: ds
+                    .into_iter()
+                    .map(|(device, registered_at, revoked)| DeviceSummary { device, registered_at, revoked })
+                    .collect(),
+            }
+        }),
     ]
 }
 

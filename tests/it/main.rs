@@ -7,6 +7,7 @@ mod support;
 mod auth;
 mod cli;
 mod delivery;
+mod devices;
 mod hardening;
 mod lifecycle;
 mod malicious;

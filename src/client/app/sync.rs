@@ -49,10 +49,16 @@ impl App {
         for s in announced.iter().filter(|s| s.member && !known.contains(&s.group)) {
             self.local.put_group(&s.group, None, s.last_seq, now_unix())?;
         }
+        self.know_removal_key(conn).await?;
         for g in self.groups()? {
             if g.active {
                 let summary = announced.iter().find(|s| s.group == g.id);
                 self.sync_group_upto(conn, &g.id, summary, &mut new).await?;
+                // Removals the server proposed (and members' own proposals,
+                // such as leaving) take effect with the next commit: make it.
+                if self.member.should_commit_pending(&g.id) {
+                    self.commit_pending_proposals(conn, &g).await?;
+                }
             }
         }
         let (count, _) = conn.count_key_packages().await?;
@@ -64,6 +70,24 @@ impl App {
             e.group = self.group_name(&e.group_id);
         }
         Ok(new)
+    }
+
+    /// Tells the MLS member the server's removal key (the one external
+    /// sender whose proposals it accepts), asking the server once and
+    /// keeping it.
+    async fn know_removal_key(&mut self, conn: &Connection) -> Result<(), AppError> {
+        let key = match self.local.setting(REMOVAL_KEY)? {
+            Some(k) if k.len() == 32 => k,
+            _ => {
+                let key = conn.status().await?.removal_key;
+                self.local.set_setting(REMOVAL_KEY, &key)?;
+                key.to_vec()
+            }
+        };
+        if let Ok(key) = <[u8; 32]>::try_from(key.as_slice()) {
+            self.member.set_removal_key(key);
+        }
+        Ok(())
     }
 
     /// Fetches and processes one group's new messages (asking the server
@@ -298,6 +322,13 @@ impl App {
                 }
             }
             Received::Proposal { .. } => {}
+            Received::ServerRemoval { account } => {
+                let who = account.map(|a| self.display(&a)).unwrap_or_else(|| "someone".into());
+                let e = format!(
+                    "the server removes a device of {who} (revoked, or the account was removed by the operator); it leaves the group with the next change"
+                );
+                new.push(self.record(group, seq, None, EntryKind::Event, &e)?);
+            }
             Received::Refused { sender, reason } => {
                 let by = sender.as_ref().map(|a| self.display(a)).unwrap_or_else(|| "someone".into());
                 let e = format!("refused a change by {by}: {reason}");
