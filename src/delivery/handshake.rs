@@ -193,6 +193,7 @@ impl Delivery {
         public.merge_commit(&storage, staged).map_err(|e| Refusal::Internal(format!("merging the commit: {e:?}")))?;
         let epoch = public.group_context().epoch().as_u64();
         let roster = self.check_tree(&public)?;
+        check_whole_accounts(store, &added, &roster)?;
         // The GroupInfo of the new epoch, signed by the committer's leaf:
         // what a member that cannot process this commit rejoins from.
         let Some(group_info) = h.group_info else {
@@ -254,6 +255,9 @@ impl Delivery {
                 kp.hash_ref(&self.crypto).map_err(|e| Refusal::Internal(format!("hashing a KeyPackage: {e}")))?;
             match store.claimed_owner(hash_ref.as_slice())? {
                 Some((account, device)) if account == cert.account && device == cert.device => {
+                    if store.device(&device)?.is_none_or(|d| d.revoked_at.is_some()) {
+                        return Err(bad_add(position, "that device was revoked"));
+                    }
                     added.push((hash_ref.as_slice().to_vec(), Caller::of(&cert)));
                 }
                 _ => {
@@ -305,6 +309,31 @@ impl Delivery {
         }
         Ok(roster)
     }
+}
+
+/// Adding a person adds all their devices: for every account the commit
+/// adds devices of, each of its devices that is not revoked must hold a
+/// leaf afterwards (messages to that person reach every device they use).
+fn check_whole_accounts<S: Storage>(
+    store: &mut S,
+    added: &[Added],
+    roster: &BTreeMap<DeviceId, AccountId>,
+) -> Result<(), Refusal<S::Error>> {
+    let accounts: BTreeSet<AccountId> = added.iter().map(|(_, c)| c.account).collect();
+    for account in accounts {
+        let devices = store.devices_of(&account)?;
+        let current: Vec<&DeviceId> = devices.iter().filter(|(_, r)| r.revoked_at.is_none()).map(|(d, _)| d).collect();
+        let missing = current.iter().filter(|d| !roster.contains_key(d)).count();
+        if missing > 0 {
+            return Err(invalid_commit(format!(
+                "the commit adds only some devices of account {} ({} of {}); a person is added with all their devices",
+                account.short(),
+                current.len() - missing,
+                current.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A Welcome comes with exactly the commits that add members, and

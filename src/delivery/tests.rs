@@ -45,9 +45,10 @@ impl Net {
     }
 
     fn new() -> Self {
-        let removal_key = crate::auth::Identity::generate().unwrap().public_key();
+        let removal = std::sync::Arc::new(crate::auth::Identity::generate().unwrap());
+        let removal_key = removal.public_key();
         Self {
-            ds: Delivery::new(30 * 86_400, removal_key),
+            ds: Delivery::new(30 * 86_400, removal_key).with_removal_signer(removal),
             removal_key,
             store: MemoryStore::default(),
             now: 1_000_000,
@@ -57,6 +58,17 @@ impl Net {
 
     fn client(&mut self, _n: u8) -> Client {
         let (_, _, member) = Member::generate().unwrap();
+        self.store.enrol(member.certificate());
+        let c = Client { member, logs: HashMap::new() };
+        let packages = c.member.key_packages(3).unwrap();
+        self.ok(&c, Request::PublishKeyPackages { packages, last_resort: Some(2) });
+        c
+    }
+
+    /// A second device of `first`'s account (`account` is its key).
+    fn second_device(&mut self, account: &crate::auth::Identity) -> Client {
+        let device = crate::auth::Identity::generate().unwrap();
+        let member = Member::new(account, crate::auth::DeviceId(device.public_key())).unwrap();
         self.store.enrol(member.certificate());
         let c = Client { member, logs: HashMap::new() };
         let packages = c.member.key_packages(3).unwrap();
@@ -916,4 +928,72 @@ mod registration {
         assert_eq!(created(register(&mut ds, &mut store, &c, Some(&forged), 20)), Err(ErrorCode::InviteUnknown));
         assert_eq!(store.invite(&token.id()).unwrap().unwrap().uses_left, 1);
     }
+}
+
+/// A person is added with all their devices; a revoked device is refused
+/// at once and, through the server's own removal proposal, leaves the
+/// group with the next member commit.
+#[test]
+fn whole_accounts_are_added_and_revoked_devices_leave_with_the_next_commit() {
+    let mut net = Net::new();
+    let mut bob = net.client(2);
+    let account = crate::auth::Identity::generate().unwrap();
+    let laptop_key = crate::auth::Identity::generate().unwrap();
+    let mut laptop = Client {
+        member: Member::new(&account, crate::auth::DeviceId(laptop_key.public_key())).unwrap(),
+        logs: HashMap::new(),
+    };
+    net.store.enrol(laptop.member.certificate());
+    let packages = laptop.member.key_packages(3).unwrap();
+    net.ok(&laptop, Request::PublishKeyPackages { packages, last_resort: Some(2) });
+    let mut phone = net.second_device(&account);
+    bob.member.set_removal_key(net.removal_key);
+    let g = net.create(&mut bob);
+
+    // One claim returns a package per device; adding only one is refused.
+    let Response::KeyPackages { packages } = net.ok(&bob, Request::ClaimKeyPackage { account: account.account_id().0 })
+    else {
+        panic!()
+    };
+    assert_eq!(packages.len(), 2);
+    let one = vec![(account.account_id(), packages[0].clone())];
+    let partial = bob.member.add(&g, &one).unwrap();
+    match net.commit(&mut bob, partial) {
+        Response::Error { code: ErrorCode::InvalidCommit, message, .. } => {
+            assert!(message.contains("only some devices"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    bob.member.discard_pending(&g).unwrap();
+    let both: Vec<_> = packages.iter().map(|p| (account.account_id(), p.clone())).collect();
+    let commit = bob.member.add(&g, &both).unwrap();
+    assert!(matches!(net.commit(&mut bob, commit), Response::Accepted { .. }));
+    bob.member.merge_pending(&g).unwrap();
+    net.join(&mut laptop);
+    net.join(&mut phone);
+
+    // The account key revokes the laptop, from the phone.
+    let revocation = crate::auth::DeviceRevocation::issue(&account, laptop.member.device(), net.now);
+    net.pushes.clear();
+    net.ok(&phone, Request::RevokeDevice { revocation: revocation.encode() });
+    assert!(net.pushes.contains(&Notification::Revoked { device: laptop.member.device() }));
+    assert_eq!(net.code(&laptop, Request::ListGroups).0, ErrorCode::Revoked);
+    let Response::Devices { devices } = net.ok(&phone, Request::ListDevices) else { panic!() };
+    assert_eq!(devices.iter().filter(|d| d.revoked).count(), 1);
+    // Someone else's revocation, or one for another account's device, is refused.
+    let forged = crate::auth::DeviceRevocation::issue(&account, bob.member.device(), net.now);
+    assert_eq!(net.code(&phone, Request::RevokeDevice { revocation: forged.encode() }).0, ErrorCode::InvalidCredential);
+
+    // bob reads the server's proposal and commits it; the laptop is out.
+    let got = net.sync(&mut bob, &g);
+    assert!(matches!(got.as_slice(), [Received::ServerRemoval { account: Some(a) }] if *a == account.account_id()));
+    assert!(bob.member.should_commit_pending(&g));
+    let commit = bob.member.commit_pending(&g).unwrap();
+    assert!(matches!(net.commit(&mut bob, commit), Response::Accepted { .. }));
+    bob.member.merge_pending(&g).unwrap();
+    let current = net.store.current_members(&g).unwrap();
+    assert!(!current.contains(&laptop.member.device()) && current.contains(&phone.member.device()));
+    phone.member.set_removal_key(net.removal_key);
+    net.sync(&mut phone, &g);
+    assert_eq!(phone.member.epoch_authenticator(&g), bob.member.epoch_authenticator(&g));
 }
