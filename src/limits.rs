@@ -73,6 +73,23 @@ pub const MAX_CERTIFICATE: usize = 1024;
 /// comes with the devices issue; today every account has one.)
 pub const MAX_DEVICES_PER_ACCOUNT: usize = 16;
 
+/// Largest sealed offer a new device sends through a link (its two public
+/// keys, sealed: 80 bytes; slack for a later version).
+pub const MAX_LINK_OFFER: usize = 256;
+
+/// Largest sealed bundle (the account's contacts and group names) a first
+/// device hands a new one.
+pub const MAX_LINK_BUNDLE: usize = 64 * 1024;
+
+/// Longest a link code may stay usable.
+pub const MAX_LINK_LIFETIME: Duration = Duration::from_secs(15 * 60);
+
+/// How long `hush device add` keeps its code usable.
+pub const DEFAULT_LINK_LIFETIME: Duration = Duration::from_secs(10 * 60);
+
+/// Links one account may have open at once.
+pub const MAX_OPEN_LINKS: u64 = 4;
+
 /// Longest human-readable message in an error response.
 pub const MAX_ERROR_MESSAGE: usize = 512;
 

@@ -137,6 +137,10 @@ pub enum MlsError {
     RepeatedDevice { action: &'static str, leaf: u32 },
     #[error("this device has no leaf in the group any more; a member must add it again")]
     NoOwnLeaf,
+    #[error("this device already has a leaf in the group")]
+    AlreadyInGroup,
+    #[error("this account is not in the group (any more)")]
+    AccountNotInGroup,
     #[error("the GroupInfo is for another group")]
     OtherGroup,
     #[error("no ratchet tree came with the GroupInfo")]
@@ -171,8 +175,10 @@ pub enum Received {
     /// Decrypted application data.
     Application { sender: Option<AccountId>, data: Vec<u8> },
     /// A commit was merged; the group is now at `epoch`. `rejoined`: it was
-    /// the sender's resync (an external commit replacing its own leaf).
-    Commit { sender: Option<AccountId>, epoch: u64, removed_me: bool, rejoined: bool },
+    /// the sender's resync (an external commit replacing its own leaf);
+    /// `new_device`: a new device of the sender's account joined (an
+    /// external commit adding its leaf).
+    Commit { sender: Option<AccountId>, epoch: u64, removed_me: bool, rejoined: bool, new_device: bool },
     /// A proposal was stored for a later commit.
     Proposal { sender: Option<AccountId> },
     /// A commit or proposal was refused because a leaf it adds or changes
@@ -233,7 +239,14 @@ pub fn check_key_package(bytes: &[u8], account: &AccountId) -> Result<KeyPackage
 /// Accepts an external commit only as a member's resync: nothing but the
 /// ExternalInit and the Remove of exactly one leaf, held (before the
 /// commit) by the same account and device the new leaf is certified for.
-fn check_resync(staged: &StagedCommit, holders: &HashMap<LeafNodeIndex, (AccountId, DeviceId)>) -> Result<(), String> {
+/// An external commit is accepted only from a device of an account in the
+/// group: as a resync (only the ExternalInit and the Remove of exactly that
+/// device's own leaf), or as a new device of that account joining (only the
+/// ExternalInit). Returns whether it was a new device.
+fn check_resync(
+    staged: &StagedCommit,
+    holders: &HashMap<LeafNodeIndex, (AccountId, DeviceId)>,
+) -> Result<bool, String> {
     let leaf = staged.update_path_leaf_node().ok_or("an external commit without a new leaf")?;
     let cert = node_certificate(leaf).map_err(|e| format!("a rejoining leaf is not certified ({e})"))?;
     let mut removed = Vec::new();
@@ -245,13 +258,16 @@ fn check_resync(staged: &StagedCommit, holders: &HashMap<LeafNodeIndex, (Account
         }
     }
     match removed.as_slice() {
-        [only] if holders.get(only) == Some(&(cert.account, cert.device)) => Ok(()),
-        _ => Err("an external commit that does not replace exactly the rejoining device's own leaf".into()),
+        [only] if holders.get(only) == Some(&(cert.account, cert.device)) => Ok(false),
+        [] if holders.values().any(|(a, _)| *a == cert.account)
+            && !holders.values().any(|(_, d)| *d == cert.device) =>
+        {
+            Ok(true)
+        }
+        _ => Err("an external commit that neither replaces the sender's own leaf nor adds a device of a member".into()),
     }
 }
 
-/// Every leaf of a tree we would join or rejoin must be certified, each
-/// device once (`action` names what is refused otherwise).
 fn check_tree(members: impl Iterator<Item = openmls::group::Member>, action: &'static str) -> Result<(), MlsError> {
     let mut devices = std::collections::BTreeSet::new();
     for m in members {
@@ -525,6 +541,28 @@ impl<P: OpenMlsProvider> Member<P> {
         self.rejoin(group, info, tree)
     }
 
+    /// Joins `group` as a new device of an account that is already in it
+    /// (this device was linked after the account joined), by an external
+    /// commit adding this device's leaf. The tree must verify and hold a
+    /// leaf of this account and none of this device.
+    pub fn join_external(
+        &mut self,
+        group: &[u8],
+        group_info: &[u8],
+        ratchet_tree: Option<&[u8]>,
+    ) -> Result<Commit, MlsError> {
+        let (info, tree, public) = self.verify_rejoin(group, group_info, ratchet_tree)?;
+        let account = self.certificate.account;
+        let holders: Vec<(AccountId, DeviceId)> = public.members().filter_map(|m| holder_of(&m.credential)).collect();
+        if holders.iter().any(|(_, d)| *d == self.certificate.device) {
+            return Err(MlsError::AlreadyInGroup);
+        }
+        if !holders.iter().any(|(a, _)| *a == account) {
+            return Err(MlsError::AccountNotInGroup);
+        }
+        self.rejoin(group, info, tree)
+    }
+
     /// The GroupInfo and tree a rejoin would build on, verified: the
     /// GroupInfo against the tree, every leaf certified, each device once.
     fn verify_rejoin(
@@ -714,10 +752,11 @@ impl<P: OpenMlsProvider> Member<P> {
                 Ok(Received::Proposal { sender })
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
-                let rejoined = matches!(sender_kind, Sender::NewMemberCommit);
+                let external = matches!(sender_kind, Sender::NewMemberCommit);
                 let mut verdict = Ok(());
-                if rejoined {
-                    verdict = check_resync(&staged, &holders);
+                let mut new_device = false;
+                if external {
+                    verdict = check_resync(&staged, &holders).map(|joined| new_device = joined);
                 } else if sender_leaf.is_none() {
                     verdict = Err("a commit from outside the group".to_string());
                 } else if let Some(leaf) = staged.update_path_leaf_node() {
@@ -742,7 +781,8 @@ impl<P: OpenMlsProvider> Member<P> {
                 }
                 let removed_me = staged.self_removed();
                 g.merge_staged_commit(provider, *staged).context("merging the commit")?;
-                Ok(Received::Commit { sender, epoch: g.epoch().as_u64(), removed_me, rejoined })
+                let rejoined = external && !new_device;
+                Ok(Received::Commit { sender, epoch: g.epoch().as_u64(), removed_me, rejoined, new_device })
             }
             _ => Err(MlsError::UnexpectedContent),
         }

@@ -102,7 +102,13 @@ impl Delivery {
         let context = store.send_context(&group, &caller.device)?.ok_or_else(not_member)?;
         let epoch = context.epoch;
         if !context.membership.is_some_and(|m| m.is_current()) {
-            return Err(not_member());
+            // A new device of a member's account may send one thing: the
+            // external commit that joins it (checked in the handshake).
+            let joining = framed.kind == mls::Kind::Commit
+                && store.members(&group)?.iter().any(|(_, m)| m.is_current() && m.account == caller.account);
+            if !joining {
+                return Err(not_member());
+            }
         }
         if framed.epoch != epoch {
             return Err(Refusal::Client {

@@ -375,10 +375,16 @@ fn leaf_of(public: &mls::PublicGroup, caller: &Caller) -> Option<openmls::prelud
     public.members().find(|m| mls::holder_of(&m.credential) == Some((caller.account, caller.device))).map(|m| m.index)
 }
 
-/// Accepts an external commit only as a resync: from a device that holds
-/// a leaf in the group (`holders`, before the commit), carrying nothing but
-/// the ExternalInit and the Remove of exactly that leaf, with a new leaf
-/// certified for the same account and device.
+/// Accepts an external commit only from a device of an account that holds
+/// a leaf in the group (`holders`, before the commit), in one of two
+/// shapes:
+///
+/// * a **resync**: the device holds a leaf and the commit carries nothing
+///   but the ExternalInit and the Remove of exactly that leaf;
+/// * a **new device joining**: the device holds no leaf, another device of
+///   its account does, and the commit carries nothing but the ExternalInit.
+///
+/// Either way its new leaf must be certified for that account and device.
 fn check_resync<E>(
     staged: &openmls::prelude::StagedCommit,
     caller: &Caller,
@@ -386,25 +392,33 @@ fn check_resync<E>(
 ) -> Result<(), Refusal<E>> {
     let invalid = |m: &str| refuse(ErrorCode::InvalidCommit, m);
     let own = holders.iter().find(|(_, h)| *h == caller).map(|(i, _)| *i);
-    let Some(own) = own else {
-        return Err(invalid("a resync must come from a device that has a leaf in the group"));
-    };
+    if own.is_none() && !holders.values().any(|h| h.account == caller.account) {
+        return Err(invalid("an external commit must come from a device of an account in the group"));
+    }
     let mut removed = Vec::new();
     for queued in staged.queued_proposals() {
         match queued.proposal() {
             Proposal::ExternalInit(_) => {}
             Proposal::Remove(r) => removed.push(r.removed().u32()),
-            _ => return Err(invalid("a resync may carry only its ExternalInit and the Remove of its own leaf")),
+            _ => {
+                return Err(invalid(
+                    "an external commit may carry only its ExternalInit and the Remove of its own leaf",
+                ))
+            }
         }
     }
-    if removed != [own] {
-        return Err(invalid("a resync must remove exactly the rejoining device's own leaf, and no other"));
+    let expected: Vec<u32> = own.into_iter().collect();
+    if removed != expected {
+        return Err(invalid(
+            "an external commit must remove exactly the rejoining device's own leaf (none for a new device), and no other",
+        ));
     }
-    let leaf = staged.update_path_leaf_node().ok_or_else(|| invalid("a resync must carry a new leaf"))?;
-    mls::check_leaf_shape(leaf).map_err(|m| bad_shape(own, m))?;
-    let cert = mls::node_certificate(leaf).map_err(|e| bad_leaf(own, e))?;
+    let index = own.unwrap_or(u32::MAX);
+    let leaf = staged.update_path_leaf_node().ok_or_else(|| invalid("an external commit must carry a new leaf"))?;
+    mls::check_leaf_shape(leaf).map_err(|m| bad_shape(index, m))?;
+    let cert = mls::node_certificate(leaf).map_err(|e| bad_leaf(index, e))?;
     if Caller::of(&cert) != *caller {
-        return Err(bad_leaf(own, "a resync's new leaf must be certified for the same device"));
+        return Err(bad_leaf(index, "an external commit's new leaf must be certified for the device that sends it"));
     }
     Ok(())
 }

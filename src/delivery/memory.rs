@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 
 use super::storage::{
-    AccountRecord, DeviceRecord, GroupListing, GroupRecord, InviteRecord, Membership, Messages, NewKeyPackage, Page,
-    Storage,
+    AccountRecord, DeviceRecord, GroupListing, GroupRecord, InviteRecord, LinkRecord, Membership, Messages,
+    NewKeyPackage, Page, Storage,
 };
 use crate::auth::{AccountId, DeviceCertificate, DeviceId};
 
@@ -32,6 +32,7 @@ pub struct MemoryStore {
     accounts: BTreeMap<AccountId, AccountRecord>,
     devices: BTreeMap<DeviceId, DeviceRecord>,
     invites: BTreeMap<[u8; 8], InviteRecord>,
+    links: BTreeMap<[u8; 16], LinkRecord>,
     packages: HashMap<DeviceId, Vec<StoredPackage>>,
     claimed: HashMap<Vec<u8>, (AccountId, DeviceId, u64)>,
     groups: BTreeMap<Vec<u8>, Group>,
@@ -91,6 +92,51 @@ impl Storage for MemoryStore {
             a.removed_at.get_or_insert(now);
         }
         Ok(())
+    }
+
+    fn insert_link(&mut self, link: &LinkRecord) -> Result<(), Infallible> {
+        self.links.insert(link.id, link.clone());
+        Ok(())
+    }
+
+    fn link(&mut self, id: &[u8; 16]) -> Result<Option<LinkRecord>, Infallible> {
+        Ok(self.links.get(id).cloned())
+    }
+
+    fn set_link_offer(&mut self, id: &[u8; 16], device: &DeviceId, offer: &[u8]) -> Result<bool, Infallible> {
+        Ok(match self.links.get_mut(id) {
+            Some(l) if l.offer.is_none() => {
+                l.device = Some(*device);
+                l.offer = Some(offer.to_vec());
+                true
+            }
+            _ => false,
+        })
+    }
+
+    fn set_link_answer(&mut self, id: &[u8; 16], certificate: &[u8], bundle: &[u8]) -> Result<bool, Infallible> {
+        Ok(match self.links.get_mut(id) {
+            Some(l) if l.offer.is_some() && l.answer.is_none() => {
+                l.answer = Some((certificate.to_vec(), bundle.to_vec()));
+                true
+            }
+            _ => false,
+        })
+    }
+
+    fn delete_link(&mut self, id: &[u8; 16]) -> Result<(), Infallible> {
+        self.links.remove(id);
+        Ok(())
+    }
+
+    fn open_links(&mut self, account: &AccountId, now: u64) -> Result<u64, Infallible> {
+        Ok(self.links.values().filter(|l| l.account == *account && l.expires_at > now).count() as u64)
+    }
+
+    fn expire_links(&mut self, now: u64) -> Result<u64, Infallible> {
+        let before = self.links.len();
+        self.links.retain(|_, l| l.expires_at >= now);
+        Ok((before - self.links.len()) as u64)
     }
 
     fn devices_of(&mut self, account: &AccountId) -> Result<Vec<(DeviceId, DeviceRecord)>, Infallible> {

@@ -56,11 +56,19 @@
 //!   committer's leaf, external public key present, no other extension but
 //!   the group's own ratchet tree) and kept as the group's current one (the
 //!   creator's GroupInfo from the start); current members fetch it with
-//!   `FetchGroupInfo`. An external commit (`NewMemberCommit` sender) is
-//!   accepted only as a resync: from a current member device, carrying only
-//!   the ExternalInit and the Remove of exactly that device's leaf, its new
-//!   leaf certified for the same account and device. Everything else about
+//!   `FetchGroupInfo`, and so does a new device of a member's account. An
+//!   external commit (`NewMemberCommit` sender) is accepted only as a
+//!   resync (from a current member device, carrying only the ExternalInit
+//!   and the Remove of exactly that device's leaf) or as a new device of a
+//!   member's account joining (only the ExternalInit); either way its new
+//!   leaf is certified for that account and device. Everything else about
 //!   it (epoch, first-commit-wins, the tree check) is as for any commit.
+//! * **Devices**: an account may have several (linked through the server
+//!   by a one-time code, [`links`]); adding a person adds all their
+//!   unrevoked devices in one commit ([`handshake`]); a revoked device (or
+//!   every device of an account the operator removed) is refused at once
+//!   and the server, as every group's one external sender, proposes the
+//!   removal of its leaves ([`devices`]).
 //! * **Application messages** are PrivateMessages for the current epoch from
 //!   a current member device. Each is stored once, whatever the group size.
 //! * **Visibility**: a member sees messages after the commit that added it;
@@ -76,6 +84,7 @@ mod devices;
 mod groups;
 mod handshake;
 mod key_packages;
+mod links;
 pub mod memory;
 pub mod mls;
 mod retention;
@@ -318,6 +327,7 @@ impl Delivery {
                 | Request::CountKeyPackages
                 | Request::Status
                 | Request::ListDevices
+                | Request::LinkFetch { .. }
                 | Request::Ping { .. }
         )
     }
@@ -335,6 +345,10 @@ impl Delivery {
             (Origin::Stranger(device), Request::Register { invite, certificate }) => {
                 self.register(store, device, invite.as_deref(), &certificate, now)
             }
+            (Origin::Stranger(device), Request::LinkOffer { link, offer }) => {
+                self.link_offer(store, device, link, &offer, now)
+            }
+            (Origin::Stranger(device), Request::LinkResult { link }) => self.link_result(store, device, link, now),
             (Origin::Stranger(_), _) => Err(refuse(ErrorCode::NotRegistered, NOT_REGISTERED)),
             (Origin::Device(caller), request) => self.dispatch(store, caller, request, now),
         };
@@ -370,6 +384,15 @@ impl Delivery {
             Request::Status => self.status(store, &caller, now),
             Request::RevokeDevice { revocation } => self.revoke(store, &caller, &revocation, now),
             Request::ListDevices => self.list_devices(store, &caller),
+            Request::LinkOpen { link, expires_in } => self.link_open(store, &caller, link, expires_in, now),
+            Request::LinkOffer { .. } => {
+                Err(refuse(ErrorCode::InvalidCredential, "this key is already a device; a new device needs new keys"))
+            }
+            Request::LinkFetch { link } => self.link_fetch(store, &caller, link, now),
+            Request::LinkAnswer { link, certificate, bundle } => {
+                self.link_answer(store, &caller, link, &certificate, &bundle, now)
+            }
+            Request::LinkResult { link } => self.link_result(store, device, link, now),
             Request::PublishKeyPackages { packages, last_resort } => {
                 self.publish(store, &caller, &packages, last_resort, now)
             }
@@ -434,7 +457,13 @@ impl Delivery {
                 reply(Response::Groups { groups })
             }
             Request::FetchGroupInfo { group } => {
-                store.membership(&group, &device)?.filter(Membership::is_current).ok_or_else(not_member)?;
+                // Current member devices, and a new device of an account
+                // that has one (it joins by an external commit).
+                if store.membership(&group, &device)?.filter(Membership::is_current).is_none()
+                    && !store.members(&group)?.iter().any(|(_, m)| m.is_current() && m.account == caller.account)
+                {
+                    return Err(not_member());
+                }
                 let group_info = store.group_info(&group)?.ok_or_else(|| {
                     refuse(
                         ErrorCode::NoGroupInfo,

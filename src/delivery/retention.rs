@@ -31,6 +31,7 @@ impl Delivery {
     pub fn expire<S: Storage>(&mut self, store: &mut S, now: u64) -> Result<u64, S::Error> {
         let (rate, burst, now_s) = claim_bucket(now);
         self.claims.retain(|_, b| !b.is_full(rate, burst, now_s));
-        store.expire(now.saturating_sub(self.retention_secs))
+        let links = store.expire_links(now)?;
+        Ok(links + store.expire(now.saturating_sub(self.retention_secs))?)
     }
 }

@@ -71,6 +71,22 @@ impl InviteRecord {
     }
 }
 
+/// A one-time link for a new device (see [`super::links`]): the server
+/// holds its id, whose it is, and ciphertext it cannot read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkRecord {
+    pub id: [u8; 16],
+    /// The account the new device joins.
+    pub account: AccountId,
+    pub created_at: u64,
+    pub expires_at: u64,
+    /// The key that made the offer (the new device), once one did.
+    pub device: Option<DeviceId>,
+    pub offer: Option<Vec<u8>>,
+    /// The first device's answer: the certificate and the sealed bundle.
+    pub answer: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 /// A group as one device sees it in its group list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupListing {
@@ -199,6 +215,19 @@ pub trait Storage {
     fn remove_account(&mut self, account: &AccountId, now: u64) -> Result<(), Self::Error>;
     /// The account's row, if registered.
     fn account(&mut self, account: &AccountId) -> Result<Option<AccountRecord>, Self::Error>;
+
+    fn insert_link(&mut self, link: &LinkRecord) -> Result<(), Self::Error>;
+    fn link(&mut self, id: &[u8; 16]) -> Result<Option<LinkRecord>, Self::Error>;
+    /// Records the offer, if the link has none yet (decided by the storage,
+    /// so a link is offered to once even with racing offers).
+    fn set_link_offer(&mut self, id: &[u8; 16], device: &DeviceId, offer: &[u8]) -> Result<bool, Self::Error>;
+    /// Records the answer, if the link has an offer and no answer yet.
+    fn set_link_answer(&mut self, id: &[u8; 16], certificate: &[u8], bundle: &[u8]) -> Result<bool, Self::Error>;
+    fn delete_link(&mut self, id: &[u8; 16]) -> Result<(), Self::Error>;
+    /// Links of `account` that have not expired at `now`.
+    fn open_links(&mut self, account: &AccountId, now: u64) -> Result<u64, Self::Error>;
+    /// Deletes links that expired before `now`. Returns how many.
+    fn expire_links(&mut self, now: u64) -> Result<u64, Self::Error>;
 
     fn insert_invite(&mut self, invite: &InviteRecord) -> Result<(), Self::Error>;
     fn invite(&mut self, id: &[u8; 8]) -> Result<Option<InviteRecord>, Self::Error>;

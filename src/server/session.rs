@@ -2,11 +2,13 @@
 //! deadline, and the connection's part of graceful shutdown.
 //!
 //! The TLS handshake has already bound the connection to a device key.
-//! If that key is not yet a registered device, the only request served is
-//! `Register` (with the device's certificate); if registration does not
-//! succeed within the auth deadline, the connection is closed with
+//! If that key is not yet a registered device, the only requests served are
+//! `Register` (with the device's certificate) and a new device's half of
+//! linking ([`Request::from_stranger`]); if registration does not succeed
+//! within the auth deadline, the connection is closed with
 //! [`close::REGISTRATION_DEADLINE`]. A registered device acts as the
-//! account its certificate names ([`Caller`]).
+//! account its certificate names ([`Caller`]); a revoked one is closed
+//! with [`close::REVOKED`].
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -252,7 +254,7 @@ async fn read_request(
     };
     let limit = if registered {
         limit
-    } else if tag == REGISTER_TAG {
+    } else if Request::from_stranger(tag) {
         limit.min(MAX_STRANGER_FRAME)
     } else {
         return Err(Refused::Answer(not_registered()));
@@ -297,9 +299,6 @@ async fn reserve(session: &Session, bytes: usize, deadline: Instant) -> Result<B
 
 /// How long a client told "busy" should wait before retrying.
 const BUDGET_RETRY_MS: u64 = 100;
-
-/// The tag of `Register`, the only request a stranger may send.
-const REGISTER_TAG: u8 = 0x01;
 
 fn rate_limited(wait: Duration, what: &str) -> Response {
     let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);

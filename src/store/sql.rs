@@ -8,7 +8,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::StoreError;
 use crate::auth::{AccountId, DeviceId};
-use crate::delivery::storage::{AccountRecord, DeviceRecord, GroupListing, InviteRecord, Messages, Page, Unit};
+use crate::delivery::storage::{
+    AccountRecord, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Unit,
+};
 use crate::delivery::{GroupRecord, Membership, NewKeyPackage, SendContext, Storage};
 
 /// A delivery store over a borrowed connection.
@@ -143,6 +145,73 @@ impl Storage for SqlStore<'_> {
             .prepare_cached("UPDATE accounts SET removed_at = ?2 WHERE key = ?1 AND removed_at IS NULL")?
             .execute(params![&a.0[..], i(now)])?;
         Ok(())
+    }
+
+    fn insert_link(&mut self, l: &LinkRecord) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("INSERT INTO links (id, account, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![&l.id[..], &l.account.0[..], i(l.created_at), i(l.expires_at)])?;
+        Ok(())
+    }
+
+    fn link(&mut self, id: &[u8; 16]) -> Result<Option<LinkRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT account, created_at, expires_at, device, offer, certificate, bundle FROM links WHERE id = ?1",
+        )?;
+        let mut rows = stmt.query([&id[..]])?;
+        let Some(row) = rows.next()? else { return Ok(None) };
+        let account: Vec<u8> = row.get(0)?;
+        let account = key(&account).ok_or_else(|| StoreError::Corrupt("a link's account is not 32 bytes".into()))?;
+        let device: Option<Vec<u8>> = row.get(3)?;
+        let certificate: Option<Vec<u8>> = row.get(5)?;
+        let bundle: Option<Vec<u8>> = row.get(6)?;
+        Ok(Some(LinkRecord {
+            id: *id,
+            account: AccountId(account),
+            created_at: u(row.get(1)?),
+            expires_at: u(row.get(2)?),
+            device: device.as_deref().and_then(key).map(DeviceId),
+            offer: row.get(4)?,
+            answer: certificate.zip(bundle),
+        }))
+    }
+
+    fn set_link_offer(&mut self, id: &[u8; 16], device: &DeviceId, offer: &[u8]) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .prepare_cached("UPDATE links SET device = ?2, offer = ?3 WHERE id = ?1 AND offer IS NULL")?
+            .execute(params![&id[..], &device.0[..], offer])?;
+        Ok(n == 1)
+    }
+
+    fn set_link_answer(&mut self, id: &[u8; 16], certificate: &[u8], bundle: &[u8]) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .prepare_cached(
+                "UPDATE links SET certificate = ?2, bundle = ?3
+                 WHERE id = ?1 AND offer IS NOT NULL AND certificate IS NULL",
+            )?
+            .execute(params![&id[..], certificate, bundle])?;
+        self.wrote(bundle.len());
+        Ok(n == 1)
+    }
+
+    fn delete_link(&mut self, id: &[u8; 16]) -> Result<(), StoreError> {
+        self.conn.prepare_cached("DELETE FROM links WHERE id = ?1")?.execute([&id[..]])?;
+        Ok(())
+    }
+
+    fn open_links(&mut self, a: &AccountId, now: u64) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn
+            .prepare_cached("SELECT count(*) FROM links WHERE account = ?1 AND expires_at > ?2")?
+            .query_row(params![&a.0[..], i(now)], |r| r.get(0))?;
+        Ok(u(n))
+    }
+
+    fn expire_links(&mut self, now: u64) -> Result<u64, StoreError> {
+        let n = self.conn.prepare_cached("DELETE FROM links WHERE expires_at < ?1")?.execute([i(now)])?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     fn devices_of(&mut self, a: &AccountId) -> Result<Vec<(DeviceId, DeviceRecord)>, StoreError> {

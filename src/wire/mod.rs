@@ -58,6 +58,11 @@
 //! | 0x0e | `FetchGroupInfo` | `bytes8<255>` group id (current members only) |
 //! | 0x0f | `RevokeDevice` | `bytes16<1024>` device revocation ([`crate::auth::device::DeviceRevocation`]) signed by the caller's account key |
 //! | 0x10 | `ListDevices` | none |
+//! | 0x11 | `LinkOpen` | `[u8; 16]` link id, `u32` seconds until it expires (1..=900) |
+//! | 0x12 | `LinkOffer` | `[u8; 16]` link id, `bytes16<256>` sealed offer (a key that is not a device yet; once per link) |
+//! | 0x13 | `LinkFetch` | `[u8; 16]` link id (the link's account) |
+//! | 0x14 | `LinkAnswer` | `[u8; 16]` link id, `bytes16<1024>` device certificate for the offering key, `bytes32<65536>` sealed bundle |
+//! | 0x15 | `LinkResult` | `[u8; 16]` link id (the offering key) |
 //!
 //! ## Response frames
 //!
@@ -76,6 +81,9 @@
 //! | 0x0a | `Groups` | `u16` n, n × (`bytes8<255>` group id, `u64` epoch, `u64` last sequence, `u64` acknowledged sequence, `bool` current member) |
 //! | 0x0b | `GroupInfo` | `bytes8<255>` group id, `bytes32<491520>` the GroupInfo (`MLSMessage`) of the group's current epoch, as its last committer signed it, `option<bytes32<491520>>` the ratchet tree when that GroupInfo does not carry it |
 //! | 0x0c | `Devices` | `u16` n (≤ 16), n × (`[u8; 32]` device key, `u64` registered at, `bool` revoked), oldest first |
+//! | 0x0d | `LinkOffer` | `bytes16<256>` the sealed offer |
+//! | 0x0e | `Linked` | `bytes16<1024>` the device certificate, `bytes32<65536>` the sealed bundle |
+//! | 0x0f | `LinkPending` | none: the other device has not answered yet |
 //!
 //! `detail` is 0 unless the code says otherwise ([`ErrorCode`]).
 //!
@@ -93,7 +101,8 @@ pub use codec::{Reader, Writer};
 
 use crate::limits::{
     MAX_CERTIFICATE, MAX_DEVICES_PER_ACCOUNT, MAX_ERROR_MESSAGE, MAX_FETCH_ENTRIES, MAX_GROUPS_LISTED, MAX_GROUP_ID,
-    MAX_INVITE_LEN, MAX_KEY_PACKAGE, MAX_KEY_PACKAGES, MAX_MLS_MESSAGE, MAX_PUSH_CIPHERTEXT, MAX_PUSH_FRAME,
+    MAX_INVITE_LEN, MAX_KEY_PACKAGE, MAX_KEY_PACKAGES, MAX_LINK_BUNDLE, MAX_LINK_OFFER, MAX_MLS_MESSAGE,
+    MAX_PUSH_CIPHERTEXT, MAX_PUSH_FRAME,
 };
 pub use crate::limits::{MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME};
 
@@ -186,6 +195,12 @@ pub enum ErrorCode {
     /// 30: this device was revoked, or its account removed by the
     /// operator; its key is refused for good.
     Revoked,
+    /// 31: no such link (or not yours to use).
+    LinkUnknown,
+    /// 32: the link code expired.
+    LinkExpired,
+    /// 33: the link code was already used.
+    LinkUsed,
     /// A code this version does not know.
     Other(u16),
 }
@@ -216,6 +231,9 @@ impl ErrorCode {
             Self::InvalidCredential => 28,
             Self::NoGroupInfo => 29,
             Self::Revoked => 30,
+            Self::LinkUnknown => 31,
+            Self::LinkExpired => 32,
+            Self::LinkUsed => 33,
             Self::Other(c) => c,
         }
     }
@@ -245,6 +263,9 @@ impl ErrorCode {
             28 => Self::InvalidCredential,
             29 => Self::NoGroupInfo,
             30 => Self::Revoked,
+            31 => Self::LinkUnknown,
+            32 => Self::LinkExpired,
+            33 => Self::LinkUsed,
             c => Self::Other(c),
         }
     }
@@ -327,6 +348,17 @@ pub enum Request {
     RevokeDevice { revocation: Vec<u8> },
     /// The caller's account's devices.
     ListDevices,
+    /// Open a one-time link for a new device of the caller's account.
+    LinkOpen { link: [u8; 16], expires_in: u32 },
+    /// A new device's sealed keys, for the link (from a key that is not a
+    /// device yet).
+    LinkOffer { link: [u8; 16], offer: Vec<u8> },
+    /// The offer waiting on the caller's link, if any.
+    LinkFetch { link: [u8; 16] },
+    /// The certificate for the offering key, and the sealed bundle for it.
+    LinkAnswer { link: [u8; 16], certificate: Vec<u8>, bundle: Vec<u8> },
+    /// The answer to the caller's offer, if any.
+    LinkResult { link: [u8; 16] },
 }
 
 /// Reads a group id field.
@@ -439,6 +471,30 @@ impl Request {
                 w.bytes16("revocation", revocation, MAX_CERTIFICATE)?;
             }
             Self::ListDevices => w.u8(0x10),
+            Self::LinkOpen { link, expires_in } => {
+                w.u8(0x11);
+                w.raw(link);
+                w.u32(*expires_in);
+            }
+            Self::LinkOffer { link, offer } => {
+                w.u8(0x12);
+                w.raw(link);
+                w.bytes16("offer", offer, MAX_LINK_OFFER)?;
+            }
+            Self::LinkFetch { link } => {
+                w.u8(0x13);
+                w.raw(link);
+            }
+            Self::LinkAnswer { link, certificate, bundle } => {
+                w.u8(0x14);
+                w.raw(link);
+                w.bytes16("certificate", certificate, MAX_CERTIFICATE)?;
+                w.bytes32("bundle", bundle, MAX_LINK_BUNDLE)?;
+            }
+            Self::LinkResult { link } => {
+                w.u8(0x15);
+                w.raw(link);
+            }
         }
         Ok(w.into_inner())
     }
@@ -487,6 +543,15 @@ impl Request {
             0x0e => Self::FetchGroupInfo { group: group_id(&mut r)? },
             0x0f => Self::RevokeDevice { revocation: r.bytes16("revocation", MAX_CERTIFICATE)?.to_vec() },
             0x10 => Self::ListDevices,
+            0x11 => Self::LinkOpen { link: r.array()?, expires_in: r.u32()? },
+            0x12 => Self::LinkOffer { link: r.array()?, offer: r.bytes16("offer", MAX_LINK_OFFER)?.to_vec() },
+            0x13 => Self::LinkFetch { link: r.array()? },
+            0x14 => Self::LinkAnswer {
+                link: r.array()?,
+                certificate: r.bytes16("certificate", MAX_CERTIFICATE)?.to_vec(),
+                bundle: r.bytes32("bundle", MAX_LINK_BUNDLE)?.to_vec(),
+            },
+            0x15 => Self::LinkResult { link: r.array()? },
             tag => return Err(DecodeError::UnknownTag { what: "request", tag }),
         };
         r.finish()?;
@@ -512,9 +577,20 @@ impl Request {
             0x0a => 1 + group_id + 8,
             0x0e => 1 + group_id,
             0x0f => 1 + 2 + MAX_CERTIFICATE,
+            0x11 => 1 + 16 + 4,
+            0x12 => 1 + 16 + 2 + MAX_LINK_OFFER,
+            0x13 | 0x15 => 1 + 16,
+            0x14 => 1 + 16 + 2 + MAX_CERTIFICATE + 4 + MAX_LINK_BUNDLE,
             _ => return None,
         };
         Some(len.min(MAX_REQUEST_FRAME))
+    }
+
+    /// Whether a key that is not a registered device may send a request
+    /// with this tag: `Register`, and the new device's half of linking
+    /// (`LinkOffer`, `LinkResult`). Anything else is refused unread.
+    pub fn from_stranger(tag: u8) -> bool {
+        matches!(tag, 0x01 | 0x12 | 0x15)
     }
 
     /// A short name for logs (never the contents).
@@ -536,6 +612,11 @@ impl Request {
             Self::FetchGroupInfo { .. } => "fetch-group-info",
             Self::RevokeDevice { .. } => "revoke-device",
             Self::ListDevices => "list-devices",
+            Self::LinkOpen { .. } => "link-open",
+            Self::LinkOffer { .. } => "link-offer",
+            Self::LinkFetch { .. } => "link-fetch",
+            Self::LinkAnswer { .. } => "link-answer",
+            Self::LinkResult { .. } => "link-result",
         }
     }
 }
@@ -557,6 +638,9 @@ pub enum Response {
     Groups { groups: Vec<GroupSummary> },
     GroupInfo { group: Vec<u8>, group_info: Vec<u8>, ratchet_tree: Option<Vec<u8>> },
     Devices { devices: Vec<DeviceSummary> },
+    LinkOffer { offer: Vec<u8> },
+    Linked { certificate: Vec<u8>, bundle: Vec<u8> },
+    LinkPending,
 }
 
 /// One entry of [`Response::Devices`].
@@ -594,6 +678,9 @@ impl Response {
             Self::Groups { .. } => "groups",
             Self::GroupInfo { .. } => "group-info",
             Self::Devices { .. } => "devices",
+            Self::LinkOffer { .. } => "link-offer",
+            Self::Linked { .. } => "linked",
+            Self::LinkPending => "link-pending",
         }
     }
 
@@ -700,6 +787,16 @@ impl Response {
                     w.bool(d.revoked);
                 }
             }
+            Self::LinkOffer { offer } => {
+                w.u8(0x0d);
+                w.bytes16("offer", offer, MAX_LINK_OFFER)?;
+            }
+            Self::Linked { certificate, bundle } => {
+                w.u8(0x0e);
+                w.bytes16("certificate", certificate, MAX_CERTIFICATE)?;
+                w.bytes32("bundle", bundle, MAX_LINK_BUNDLE)?;
+            }
+            Self::LinkPending => w.u8(0x0f),
         }
         Ok(w.into_inner())
     }
@@ -786,6 +883,12 @@ impl Response {
                 }
                 Self::Devices { devices }
             }
+            0x0d => Self::LinkOffer { offer: r.bytes16("offer", MAX_LINK_OFFER)?.to_vec() },
+            0x0e => Self::Linked {
+                certificate: r.bytes16("certificate", MAX_CERTIFICATE)?.to_vec(),
+                bundle: r.bytes32("bundle", MAX_LINK_BUNDLE)?.to_vec(),
+            },
+            0x0f => Self::LinkPending,
             tag => return Err(DecodeError::UnknownTag { what: "response", tag }),
         };
         r.finish()?;

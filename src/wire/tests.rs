@@ -27,7 +27,21 @@ fn request() -> impl Strategy<Value = Request> {
         group().prop_map(|group| Request::FetchGroupInfo { group }),
         blob().prop_map(|revocation| Request::RevokeDevice { revocation }),
         Just(Request::ListDevices),
+        (any::<[u8; 16]>(), any::<u32>()).prop_map(|(link, expires_in)| Request::LinkOpen { link, expires_in }),
+        (any::<[u8; 16]>(), small()).prop_map(|(link, offer)| Request::LinkOffer { link, offer }),
+        any::<[u8; 16]>().prop_map(|link| Request::LinkFetch { link }),
+        (any::<[u8; 16]>(), blob(), blob()).prop_map(|(link, certificate, bundle)| Request::LinkAnswer {
+            link,
+            certificate,
+            bundle
+        }),
+        any::<[u8; 16]>().prop_map(|link| Request::LinkResult { link }),
     ]
+}
+
+/// Fits every field, even the smallest (a link offer).
+fn small() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..200)
 }
 
 fn blob() -> impl Strategy<Value = Vec<u8>> {
@@ -84,6 +98,9 @@ fn response() -> impl Strategy<Value = Response> {
                     .collect(),
             }
         }),
+        small().prop_map(|offer| Response::LinkOffer { offer }),
+        (blob(), blob()).prop_map(|(certificate, bundle)| Response::Linked { certificate, bundle }),
+        Just(Response::LinkPending),
     ]
 }
 
