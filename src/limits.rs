@@ -79,7 +79,7 @@ pub const MAX_LINK_OFFER: usize = 256;
 
 /// Largest sealed bundle (the account's contacts and group names) a first
 /// device hands a new one.
-pub const MAX_LINK_BUNDLE: usize = 64 * 1024;
+pub const MAX_LINK_BUNDLE: usize = 256 * 1024;
 
 /// Longest a link code may stay usable.
 pub const MAX_LINK_LIFETIME: Duration = Duration::from_secs(15 * 60);

@@ -11,9 +11,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use hush::client::app::{safety_number, App, AppError, Entry, EntryKind};
 use hush::client::home::Home;
+use hush::client::link::LinkCode;
 use hush::client::local::valid_name;
 use hush::client::screen::{self, one_line};
 use hush::client::{ClientError, Connection, PushStream};
+use hush::limits::DEFAULT_LINK_LIFETIME;
 use hush::util::{default_data_dir, format_unix};
 use hush::wire::ErrorCode;
 
@@ -50,6 +52,9 @@ enum Command {
     /// Groups: create, add and remove members, list, leave.
     #[command(subcommand)]
     Group(GroupCmd),
+    /// This account's devices: link a new one, list, revoke.
+    #[command(subcommand)]
+    Device(DeviceCmd),
     /// Send a message to a group (TEXT "-" reads standard input).
     Send {
         group: String,
@@ -68,6 +73,23 @@ enum Command {
     /// Interactive chat: messages arrive live, lines you type are sent.
     /// Commands: /members, /quit. Works with piped input too.
     Chat { group: String },
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// On the first device: print a one-time link code, wait for the new
+    /// device to use it, certify it (it joins your groups on its first sync).
+    Add {
+        /// What to call the new device here (for `device list` and `revoke`).
+        name: String,
+    },
+    /// On the new device, in a new home: use a link code from `device add`.
+    Join { code: String },
+    /// List this account's devices; marks this one.
+    List,
+    /// On the first device: revoke a device (the server refuses it at once
+    /// and removes it from your groups).
+    Revoke { name: String },
 }
 
 #[derive(Subcommand)]
@@ -191,6 +213,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Contact(cmd) => contact(&home, cmd),
+        Command::Device(cmd) => device(&home, cmd),
         Command::Group(cmd) => group(&home, cmd),
         Command::Send { group, text } => {
             let text = if text == ["-"] {
@@ -244,6 +267,63 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Chat { group } => chat(&home, &group),
     }
+}
+
+fn device(home: &Home, cmd: DeviceCmd) -> Result<()> {
+    match cmd {
+        DeviceCmd::Add { name } => {
+            let account = home.account_key()?;
+            let mut app = open_app(home)?;
+            app.check_device_name(&name).map_err(app_error)?;
+            let code = LinkCode::generate(app.server.clone())?;
+            let lifetime = DEFAULT_LINK_LIFETIME;
+            let deadline = std::time::Instant::now() + lifetime;
+            let person = home.name();
+            let device = runtime()?.block_on(async {
+                let conn = app.connect().await.map_err(app_error)?;
+                let lifetime_secs = u32::try_from(lifetime.as_secs()).unwrap_or(u32::MAX);
+                conn.link_open(code.id(), lifetime_secs).await.map_err(explain)?;
+                out!("{code}");
+                eprintln!(
+                    "on the new device run: hush --home NEW_DIR device join CODE (the code works once, for {} minutes); waiting…",
+                    lifetime.as_secs() / 60
+                );
+                let r = app.certify_linked_device(&conn, &account, &code, &name, person.as_deref(), deadline).await;
+                conn.close().await;
+                r.map_err(app_error)
+            })?;
+            eprintln!("certified {name} ({device}); it joins your groups on its first `hush sync`");
+        }
+        DeviceCmd::Join { code } => {
+            let joined = runtime()?.block_on(home.join(&code)).map_err(app_error)?;
+            out!("linked this device to {}", joined.account);
+            eprintln!(
+                "took over {} contact(s) and {} group(s); run `hush sync` to join the groups",
+                joined.contacts, joined.groups
+            );
+        }
+        DeviceCmd::List => {
+            let devices = online(home, async |app, conn| app.devices(conn).await)?;
+            for d in devices {
+                let name = d.name.as_deref().map(one_line).unwrap_or_else(|| "-".into());
+                let mut flags = String::new();
+                if d.this {
+                    flags.push_str("  (this device)");
+                }
+                if d.revoked {
+                    flags.push_str("  (revoked)");
+                }
+                out!("{}  {name}  registered {}{flags}", d.device, format_unix(d.registered_at));
+            }
+        }
+        DeviceCmd::Revoke { name } => {
+            let account = home.account_key()?;
+            let device = online(home, async |app, conn| app.revoke_device(conn, &account, &name).await)?;
+            out!("revoked {name} ({device})");
+            eprintln!("the server refuses it from now on; your groups drop it with their next change");
+        }
+    }
+    Ok(())
 }
 
 fn contact(home: &Home, cmd: ContactCmd) -> Result<()> {

@@ -25,7 +25,10 @@ use crate::auth::{text, AccountId, DeviceCertificate, DeviceId, HushAddress, Ide
 use crate::util::now_unix;
 use crate::wire::{ErrorCode, GroupSummary};
 
+mod devices;
 mod sync;
+
+pub use devices::{DeviceLine, LINK_POLL};
 
 /// KeyPackages published at registration and kept available.
 pub const KEY_PACKAGE_TARGET: usize = 20;
@@ -82,6 +85,19 @@ pub enum AppError {
     RejoinKeptFailing,
     #[error("the server misbehaved: {0}; nothing after that point was applied (try again, or ask its operator)")]
     Misbehaving(String),
+    #[error(
+        "only the account's first device (the one that registered) holds the account key and can do this; a lost \
+         first device cannot be replaced: register a new account and have your contacts verify it"
+    )]
+    NotFirstDevice,
+    #[error("{0}")]
+    DeviceName(String),
+    #[error("no device called {0:?}; see `hush device list`")]
+    UnknownDevice(String),
+    #[error("no new device used the link code before it expired; run `hush device add` again")]
+    LinkTimedOut,
+    #[error(transparent)]
+    Link(#[from] super::link::LinkError),
     #[error(transparent)]
     Home(#[from] super::home::HomeError),
     #[error(transparent)]
@@ -187,6 +203,42 @@ impl App {
         let member = Member::create(provider, account, device, now_unix())?;
         local.set_setting(CERTIFICATE, &member.certificate().encode())?;
         Ok(member.certificate().clone())
+    }
+
+    /// Starts the state of a device that is being linked: a fresh MLS
+    /// signature key (its certificate comes from the first device).
+    /// Returns the key's public half.
+    pub fn prepare_linked(home: &Path) -> Result<[u8; 32], AppError> {
+        let (provider, local) = state::open(home)?;
+        if local.setting(CERTIFICATE)?.is_some() {
+            return Err(super::home::HomeError::AlreadyDevice(home.to_owned()).into());
+        }
+        Ok(Member::new_signature_key(&provider)?)
+    }
+
+    /// Keeps the certificate the first device signed for this one.
+    pub fn finish_linked(home: &Path, certificate: &DeviceCertificate) -> Result<(), AppError> {
+        let (_, local) = state::open(home)?;
+        local.set_setting(CERTIFICATE, &certificate.encode())?;
+        Ok(())
+    }
+
+    /// Takes over the contacts and groups a first device handed over
+    /// (names that are not usable are skipped). Returns how many of each.
+    pub fn import(&self, bundle: &super::link::Bundle) -> Result<(usize, usize), AppError> {
+        let unit = self.local.unit()?;
+        let mut contacts = 0;
+        for (name, account) in &bundle.contacts {
+            if valid_name(name) && self.local.put_contact(name.trim(), account)? {
+                contacts += 1;
+            }
+        }
+        for (id, name) in &bundle.groups {
+            let name = Some(name.as_str()).filter(|n| valid_name(n));
+            self.local.put_group(id, name, 0, now_unix())?;
+        }
+        unit.commit()?;
+        Ok((contacts, bundle.groups.len()))
     }
 
     /// Opens an initialised home.

@@ -17,9 +17,10 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use super::app::{App, AppError};
+use super::link::LinkCode;
 use super::local::valid_name;
 use super::Connection;
-use crate::auth::{identity, AccountId, HushAddress, Identity, KeyError};
+use crate::auth::{identity, AccountId, DeviceCertificate, HushAddress, Identity, KeyError};
 
 /// Why a home cannot be used as asked.
 #[derive(Debug, Error)]
@@ -43,6 +44,14 @@ pub enum HomeError {
     NotAnAddress { text: String, why: String },
     #[error("names are 1 to 64 printable characters")]
     Name,
+    #[error("{0} already has a device; link a new device into a new home (`hush --home NEW_DIR device join CODE`)")]
+    AlreadyDevice(PathBuf),
+    #[error(
+        "this home has no account key: only the account's first device (the one that registered) can link or \
+         revoke devices. A lost first device cannot be replaced: register a new account and have your contacts \
+         verify it"
+    )]
+    NoAccountKey,
     #[error("writing {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
@@ -75,7 +84,7 @@ impl Home {
         &self.dir
     }
 
-    fn account_key(&self) -> PathBuf {
+    fn account_key_file(&self) -> PathBuf {
         self.dir.join("account.key")
     }
 
@@ -124,6 +133,15 @@ impl Home {
             .map_err(|source| HomeError::Write { path: path.to_owned(), source })
     }
 
+    /// The account key, on the first device only.
+    pub fn account_key(&self) -> Result<Identity, HomeError> {
+        self.refuse_legacy()?;
+        if !self.account_key_file().exists() {
+            return Err(HomeError::NoAccountKey);
+        }
+        Ok(Identity::load(&self.account_key_file())?)
+    }
+
     /// Opens the app of a registered home.
     pub fn open(&self) -> Result<App, AppError> {
         let device = self.device()?;
@@ -156,7 +174,7 @@ impl Home {
             }
         }
         identity::private_dir(&self.dir).map_err(HomeError::from)?;
-        let (account, created_keys) = Identity::load_or_create(&self.account_key()).map_err(HomeError::from)?;
+        let (account, created_keys) = Identity::load_or_create(&self.account_key_file()).map_err(HomeError::from)?;
         let (device, _) = Identity::load_or_create(&self.device_key()).map_err(HomeError::from)?;
         // The account key certifies this device (its TLS key and MLS key);
         // the certificate is this device's credential in every group.
@@ -179,4 +197,72 @@ impl Home {
         }
         Ok(Registration { account: app.account(), server: address.clone(), new, created_keys })
     }
+
+    /// Makes this (new, empty) home a device of the account whose first
+    /// device shows `code`: creates this device's keys, offers them through
+    /// the server sealed under the code, and waits for the certificate and
+    /// the bundle (contacts, group names) the first device answers with. The
+    /// account's groups are joined on the next sync.
+    pub async fn join(&self, code: &str) -> Result<Joined, AppError> {
+        self.refuse_legacy()?;
+        let code: LinkCode = code.parse()?;
+        // A home that registered or finished linking is a device already;
+        // one whose earlier attempt did not finish may try again.
+        if self.server_file().exists() || self.account_key_file().exists() {
+            return Err(HomeError::AlreadyDevice(self.dir.clone()).into());
+        }
+        identity::private_dir(&self.dir).map_err(HomeError::from)?;
+        let (device, _) = Identity::load_or_create(&self.device_key()).map_err(HomeError::from)?;
+        let device_id = crate::auth::DeviceId(device.public_key());
+        let mls_key = App::prepare_linked(&self.dir)?;
+        let offer = code.seal_offer(&device_id, &mls_key)?;
+        let mut conn = Connection::connect(&code.server, &device).await?;
+        conn.link_offer(code.id(), offer).await?;
+        let deadline = std::time::Instant::now() + crate::limits::MAX_LINK_LIFETIME;
+        let (certificate, bundle) = loop {
+            if std::time::Instant::now() > deadline {
+                return Err(AppError::LinkTimedOut);
+            }
+            match conn.link_result(code.id()).await {
+                Ok(Some(answer)) => break answer,
+                Ok(None) => tokio::time::sleep(super::app::LINK_POLL).await,
+                // The server closes a connection that is not a device yet
+                // after a while: come back on a new one.
+                Err(e) if e.code().is_none() => conn = Connection::connect(&code.server, &device).await?,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        conn.close().await;
+        let cert = DeviceCertificate::decode(&certificate).map_err(|e| HomeError::Damaged {
+            path: self.dir.clone(),
+            why: format!("the certificate the first device sent: {e}"),
+        })?;
+        let bundle = code.open_bundle(&bundle)?;
+        if cert.device != device_id || cert.mls_key != mls_key || cert.account != bundle.account {
+            return Err(AppError::Link(crate::client::link::LinkError::Malformed(
+                "the certificate is not for this device's keys and the account that sent it".into(),
+            )));
+        }
+        App::finish_linked(&self.dir, &cert)?;
+        self.write(&self.server_file(), &format!("{}\n", code.server))?;
+        if let Some(n) = bundle.name.as_deref().filter(|n| valid_name(n)) {
+            self.write(&self.name_file(), &format!("{n}\n"))?;
+        }
+        let app = App::open(&self.dir, device, code.server.clone())?;
+        let (contacts, groups) = app.import(&bundle)?;
+        let conn = app.connect().await?;
+        app.publish_key_packages(&conn, true).await?;
+        conn.close().await;
+        Ok(Joined { account: cert.account, device: device_id, contacts, groups })
+    }
+}
+
+/// What [`Home::join`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    pub account: AccountId,
+    pub device: crate::auth::DeviceId,
+    /// Contacts and groups taken over from the first device.
+    pub contacts: usize,
+    pub groups: usize,
 }

@@ -211,6 +211,37 @@ impl Local {
             .optional()?)
     }
 
+    // ---- the account's other devices ----
+
+    /// Names a device of this account; false if the name is taken.
+    pub fn name_device(&self, device: &crate::auth::DeviceId, name: &str) -> Result<bool, StateError> {
+        let r = self.conn.execute(
+            "INSERT OR REPLACE INTO device_names (device, name) VALUES (?1, ?2)",
+            params![&device.0[..], name],
+        );
+        match r {
+            Ok(_) => Ok(true),
+            Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The names given to devices, by device.
+    pub fn device_names(&self) -> Result<Vec<(crate::auth::DeviceId, String)>, StateError> {
+        let mut stmt = self.conn.prepare_cached("SELECT device, name FROM device_names ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = vec![];
+        for row in rows {
+            let (d, name) = row?;
+            if let Ok(d) = <[u8; 32]>::try_from(d.as_slice()) {
+                out.push((crate::auth::DeviceId(d), name));
+            }
+        }
+        Ok(out)
+    }
+
     // ---- groups ----
 
     /// All groups, in the order this device joined them.

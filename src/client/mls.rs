@@ -317,6 +317,15 @@ impl<P: OpenMlsProvider> Member<P> {
         Ok(Self::assemble(provider, signer, certificate))
     }
 
+    /// A fresh MLS signature key, stored in `provider`, for a device whose
+    /// certificate another device will sign (linking); returns its public
+    /// key. [`Member::load`] finds it once the certificate arrives.
+    pub fn new_signature_key(provider: &P) -> Result<[u8; 32], MlsError> {
+        let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).context("signature key")?;
+        signer.store(provider.storage()).context("storing the signature key")?;
+        signer.public().try_into().map_err(|_| MlsError::NotEd25519)
+    }
+
     /// A member whose certificate is `certificate` and whose signature key
     /// is already in `provider`'s storage.
     pub fn load(provider: P, certificate: &[u8]) -> Result<Self, MlsError> {

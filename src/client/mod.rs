@@ -20,6 +20,7 @@ use crate::limits::{
 };
 pub mod app;
 pub mod home;
+pub mod link;
 pub mod local;
 pub mod log;
 pub mod mls;
@@ -304,6 +305,60 @@ impl Connection {
     pub async fn group_info(&self, group: &[u8]) -> Result<(Vec<u8>, Option<Vec<u8>>), ClientError> {
         match self.call(&Request::FetchGroupInfo { group: group.to_vec() }).await? {
             Response::GroupInfo { group_info, ratchet_tree, .. } => Ok((group_info, ratchet_tree)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// This account's devices, oldest first.
+    pub async fn devices(&self) -> Result<Vec<crate::wire::DeviceSummary>, ClientError> {
+        match self.call(&Request::ListDevices).await? {
+            Response::Devices { devices } => Ok(devices),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends a device revocation signed by the account key.
+    pub async fn revoke_device(&self, revocation: &crate::auth::DeviceRevocation) -> Result<(), ClientError> {
+        self.done(&Request::RevokeDevice { revocation: revocation.encode() }).await
+    }
+
+    /// Opens a link for a new device of this account.
+    pub async fn link_open(&self, link: [u8; 16], expires_in: u32) -> Result<(), ClientError> {
+        self.done(&Request::LinkOpen { link, expires_in }).await
+    }
+
+    /// Offers a new device's sealed keys (from a key that is not a device).
+    pub async fn link_offer(&self, link: [u8; 16], offer: Vec<u8>) -> Result<(), ClientError> {
+        self.done(&Request::LinkOffer { link, offer }).await
+    }
+
+    /// The sealed offer on this account's link, once a device made one.
+    pub async fn link_fetch(&self, link: [u8; 16]) -> Result<Option<Vec<u8>>, ClientError> {
+        match self.call(&Request::LinkFetch { link }).await? {
+            Response::LinkOffer { offer } => Ok(Some(offer)),
+            Response::LinkPending => Ok(None),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Answers a link's offer with the certificate and the sealed bundle.
+    pub async fn link_answer(&self, link: [u8; 16], certificate: Vec<u8>, bundle: Vec<u8>) -> Result<(), ClientError> {
+        self.done(&Request::LinkAnswer { link, certificate, bundle }).await
+    }
+
+    /// The answer to this key's offer (certificate, sealed bundle), once
+    /// the first device gave it.
+    pub async fn link_result(&self, link: [u8; 16]) -> Result<Option<(Vec<u8>, Vec<u8>)>, ClientError> {
+        match self.call(&Request::LinkResult { link }).await? {
+            Response::Linked { certificate, bundle } => Ok(Some((certificate, bundle))),
+            Response::LinkPending => Ok(None),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn done(&self, request: &Request) -> Result<(), ClientError> {
+        match self.call(request).await? {
+            Response::Done => Ok(()),
             other => Err(unexpected(&other)),
         }
     }

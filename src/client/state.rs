@@ -84,7 +84,8 @@ pub enum StateError {
     Io(#[from] std::io::Error),
 }
 
-const MIGRATIONS: &[&str] = &["CREATE TABLE settings (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL);
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE settings (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL);
     CREATE TABLE contacts (name TEXT PRIMARY KEY NOT NULL, account BLOB NOT NULL UNIQUE);
     CREATE TABLE groups (
         id BLOB PRIMARY KEY NOT NULL,
@@ -103,7 +104,10 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE settings (key TEXT PRIMARY KEY NOT N
         body TEXT NOT NULL,
         time INTEGER NOT NULL
     );
-    CREATE INDEX history_group ON history(group_id, id);"];
+    CREATE INDEX history_group ON history(group_id, id);",
+    // 1 -> 2: names this (first) device gave the account's other devices.
+    "CREATE TABLE device_names (device BLOB PRIMARY KEY NOT NULL, name TEXT NOT NULL UNIQUE);",
+];
 
 /// Deleted secrets (KeyPackage private keys, past epochs' secrets, used
 /// message keys) are overwritten, not left in free pages: see

@@ -11,7 +11,7 @@
 //! under another key derived from the secret. The server checks the
 //! certificate (the link's account, the key that offered, a valid
 //! signature), registers the device, and hands the answer to the offering
-//! key once. Links expire ([`crate::limits::MAX_LINK_LIFETIME`] at most)
+//! key (and no other) until the link expires. Links expire ([`crate::limits::MAX_LINK_LIFETIME`] at most)
 //! and an account has at most [`MAX_OPEN_LINKS`] open.
 //!
 //! What the server learns: that an account links a device, when, and the
@@ -181,11 +181,10 @@ impl Delivery {
     ) -> Result<Outcome, Refusal<S::Error>> {
         let link = store.link(&id)?.filter(|l| l.device == Some(device)).ok_or_else(unknown)?;
         match link.answer {
-            Some((certificate, bundle)) => {
-                // Handed out once; nothing of it stays on the server.
-                store.delete_link(&id)?;
-                Ok(Outcome::wrote(Response::Linked { certificate, bundle }, vec![]))
-            }
+            // Kept until the link expires, so an answer lost on the way
+            // can be fetched again (by the same key only); retention then
+            // deletes the row.
+            Some((certificate, bundle)) => Ok(Outcome::reply(Response::Linked { certificate, bundle })),
             None if link.expires_at <= now => Err(expired()),
             None => Ok(Outcome::reply(Response::LinkPending)),
         }

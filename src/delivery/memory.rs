@@ -124,11 +124,6 @@ impl Storage for MemoryStore {
         })
     }
 
-    fn delete_link(&mut self, id: &[u8; 16]) -> Result<(), Infallible> {
-        self.links.remove(id);
-        Ok(())
-    }
-
     fn open_links(&mut self, account: &AccountId, now: u64) -> Result<u64, Infallible> {
         Ok(self.links.values().filter(|l| l.account == *account && l.expires_at > now).count() as u64)
     }

@@ -328,6 +328,7 @@ impl Delivery {
                 | Request::Status
                 | Request::ListDevices
                 | Request::LinkFetch { .. }
+                | Request::LinkResult { .. }
                 | Request::Ping { .. }
         )
     }

@@ -223,7 +223,6 @@ pub trait Storage {
     fn set_link_offer(&mut self, id: &[u8; 16], device: &DeviceId, offer: &[u8]) -> Result<bool, Self::Error>;
     /// Records the answer, if the link has an offer and no answer yet.
     fn set_link_answer(&mut self, id: &[u8; 16], certificate: &[u8], bundle: &[u8]) -> Result<bool, Self::Error>;
-    fn delete_link(&mut self, id: &[u8; 16]) -> Result<(), Self::Error>;
     /// Links of `account` that have not expired at `now`.
     fn open_links(&mut self, account: &AccountId, now: u64) -> Result<u64, Self::Error>;
     /// Deletes links that expired before `now`. Returns how many.

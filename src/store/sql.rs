@@ -196,11 +196,6 @@ impl Storage for SqlStore<'_> {
         Ok(n == 1)
     }
 
-    fn delete_link(&mut self, id: &[u8; 16]) -> Result<(), StoreError> {
-        self.conn.prepare_cached("DELETE FROM links WHERE id = ?1")?.execute([&id[..]])?;
-        Ok(())
-    }
-
     fn open_links(&mut self, a: &AccountId, now: u64) -> Result<u64, StoreError> {
         let n: i64 = self
             .conn

@@ -61,7 +61,7 @@
 //! | 0x11 | `LinkOpen` | `[u8; 16]` link id, `u32` seconds until it expires (1..=900) |
 //! | 0x12 | `LinkOffer` | `[u8; 16]` link id, `bytes16<256>` sealed offer (a key that is not a device yet; once per link) |
 //! | 0x13 | `LinkFetch` | `[u8; 16]` link id (the link's account) |
-//! | 0x14 | `LinkAnswer` | `[u8; 16]` link id, `bytes16<1024>` device certificate for the offering key, `bytes32<65536>` sealed bundle |
+//! | 0x14 | `LinkAnswer` | `[u8; 16]` link id, `bytes16<1024>` device certificate for the offering key, `bytes32<262144>` sealed bundle |
 //! | 0x15 | `LinkResult` | `[u8; 16]` link id (the offering key) |
 //!
 //! ## Response frames
@@ -82,7 +82,7 @@
 //! | 0x0b | `GroupInfo` | `bytes8<255>` group id, `bytes32<491520>` the GroupInfo (`MLSMessage`) of the group's current epoch, as its last committer signed it, `option<bytes32<491520>>` the ratchet tree when that GroupInfo does not carry it |
 //! | 0x0c | `Devices` | `u16` n (≤ 16), n × (`[u8; 32]` device key, `u64` registered at, `bool` revoked), oldest first |
 //! | 0x0d | `LinkOffer` | `bytes16<256>` the sealed offer |
-//! | 0x0e | `Linked` | `bytes16<1024>` the device certificate, `bytes32<65536>` the sealed bundle |
+//! | 0x0e | `Linked` | `bytes16<1024>` the device certificate, `bytes32<262144>` the sealed bundle |
 //! | 0x0f | `LinkPending` | none: the other device has not answered yet |
 //!
 //! `detail` is 0 unless the code says otherwise ([`ErrorCode`]).

@@ -87,3 +87,153 @@ fn an_offboarded_account_is_refused_and_leaves_every_group_after_one_sync() {
     assert!(!unknown.status.success());
     assert!(stderr(&unknown).contains("no such account"), "{}", stderr(&unknown));
 }
+
+/// Registers `home` with a name.
+fn register_named(server: &Hushd, home: &Path, name: &str) -> String {
+    let token = server.invite(&[]);
+    ok(hush(home, &["register", &server.address.to_string(), "--invite", &token, "--name", name]));
+    ok(hush(home, &["whoami"])).lines().next().unwrap().to_string()
+}
+
+/// Registers alice (named) and bob, each the other's contact; returns
+/// alice's account id.
+fn acquainted(server: &Hushd, alice: &Path, bob: &Path) -> String {
+    let alice_id = register_named(server, alice, "alice");
+    let bob_id = register(server, bob);
+    ok(hush(alice, &["contact", "add", "bob", &bob_id]));
+    ok(hush(bob, &["contact", "add", "alice", &alice_id]));
+    alice_id
+}
+
+/// Links a new home to `first`'s account under `name`; returns the
+/// `device join` output.
+fn link(first: &Path, new: &Path, name: &str) -> String {
+    let (adding, code) = hush_first_line(first, &["device", "add", name]);
+    assert!(code.starts_with("hushlink://"), "{code}");
+    let joined = ok(hush(new, &["device", "join", &code]));
+    let (status, err) = finish(adding);
+    assert!(status.success(), "device add: {err}");
+    joined
+}
+
+/// alice links a laptop: both devices get every message of her groups,
+/// either device's messages show as alice, bob adding alice later adds both
+/// devices, and nothing of the hand-over is readable on the server.
+#[test]
+fn a_linked_device_reads_and_writes_as_the_same_person() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let (alice, laptop, bob) = (tmp.path().join("alice"), tmp.path().join("laptop"), tmp.path().join("bob"));
+    let alice_id = acquainted(&server, &alice, &bob);
+    // Markers: a contact name and a group name only alice's devices know.
+    let marker_contact = "zq-contact-marker-71";
+    let marker_group = "zq-group-marker-72";
+    ok(hush(&alice, &["contact", "add", marker_contact, &Identity::generate().unwrap().account_id().to_string()]));
+    ok(hush(&alice, &["group", "create", marker_group]));
+    ok(hush(&alice, &["group", "add", marker_group, "bob"]));
+    ok(hush(&bob, &["sync"]));
+
+    let joined = link(&alice, &laptop, "laptop");
+    assert!(joined.contains(&alice_id), "{joined}");
+    assert_eq!(ok(hush(&laptop, &["whoami"])).lines().next().unwrap(), alice_id);
+    assert!(ok(hush(&laptop, &["contact", "list"])).contains("bob"));
+    let synced = ok(hush(&laptop, &["sync"]));
+    assert!(synced.contains("this device joined the group"), "{synced}");
+    let devices = ok(hush(&alice, &["device", "list"]));
+    assert_eq!(devices.lines().count(), 2, "{devices}");
+    assert!(devices.contains("(this device)") && devices.contains("laptop"), "{devices}");
+
+    // Both of alice's devices read bob; bob reads both as alice.
+    ok(hush(&bob, &["send", marker_group, "hello both"]));
+    assert!(ok(hush(&alice, &["sync"])).contains("hello both"));
+    assert!(ok(hush(&laptop, &["sync"])).contains("hello both"));
+    ok(hush(&laptop, &["send", marker_group, "from the laptop"]));
+    ok(hush(&alice, &["send", marker_group, "from the phone"]));
+    let seen = ok(hush(&bob, &["sync"]));
+    assert!(seen.contains("alice: from the laptop") && seen.contains("alice: from the phone"), "{seen}");
+    // alice's own send caught up first; her history has the laptop's line
+    // (her own, so shown as "you").
+    assert!(ok(hush(&alice, &["read", marker_group])).contains("you: from the laptop"));
+
+    // bob adds alice to a new group: both of her devices come in.
+    ok(hush(&bob, &["group", "create", "pair"]));
+    ok(hush(&bob, &["group", "add", "pair", "alice"]));
+    ok(hush(&bob, &["send", "pair", "just us"]));
+    for home in [&alice, &laptop] {
+        assert!(ok(hush(home, &["sync"])).contains("just us"), "{}", home.display());
+    }
+
+    // The hand-over went through the server sealed.
+    for entry in std::fs::read_dir(&server.data_dir).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap_or_default();
+        for marker in [marker_contact, marker_group] {
+            assert!(!bytes.windows(marker.len()).any(|w| w == marker.as_bytes()), "{marker} on the server");
+        }
+    }
+}
+
+/// A code works once; a device of another account cannot use it; a
+/// stranger who answers without the secret gets nothing certified.
+#[test]
+fn link_codes_are_single_use_and_need_the_secret() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let alice = tmp.path().join("alice");
+    register(&server, &alice);
+    let (adding, code) = hush_first_line(&alice, &["device", "add", "laptop"]);
+    ok(hush(&tmp.path().join("laptop"), &["device", "join", &code]));
+    assert!(finish(adding).0.success());
+    let again = hush(&tmp.path().join("thief"), &["device", "join", &code]);
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("already used"), "{}", stderr(&again));
+    // The name is taken now.
+    let taken = hush(&alice, &["device", "add", "laptop"]);
+    assert!(!taken.status.success() && stderr(&taken).contains("already called"), "{}", stderr(&taken));
+
+    // A stranger who knows the link id but not the secret offers garbage:
+    // the first device refuses to certify and says why.
+    let (adding, code) = hush_first_line(&alice, &["device", "add", "tablet"]);
+    let parsed: hush::client::link::LinkCode = code.parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let key = Identity::generate().unwrap();
+        let conn = hush::client::Connection::connect(&server.address, &key).await.unwrap();
+        conn.link_offer(parsed.id(), vec![7; 80]).await.unwrap();
+        conn.close().await;
+    });
+    let (status, err) = finish(adding);
+    assert!(!status.success());
+    assert!(err.contains("does not open with this code"), "{err}");
+    let list = ok(hush(&alice, &["device", "list"]));
+    assert_eq!(list.lines().count(), 2, "nothing was certified: {list}");
+    // A linked device is not the first device: it cannot link or revoke.
+    let secondary = hush(&tmp.path().join("laptop"), &["device", "add", "other"]);
+    assert!(!secondary.status.success() && stderr(&secondary).contains("first device"), "{}", stderr(&secondary));
+}
+
+/// alice revokes her laptop: it cannot connect any more, bob is told, and
+/// after the next commit the laptop reads nothing new.
+#[test]
+fn a_revoked_device_is_refused_and_leaves_the_groups() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let (alice, laptop, bob) = (tmp.path().join("alice"), tmp.path().join("laptop"), tmp.path().join("bob"));
+    acquainted(&server, &alice, &bob);
+    ok(hush(&alice, &["group", "create", "team"]));
+    ok(hush(&alice, &["group", "add", "team", "bob"]));
+    ok(hush(&bob, &["sync"]));
+    link(&alice, &laptop, "laptop");
+    ok(hush(&laptop, &["sync"]));
+    ok(hush(&bob, &["sync"]));
+
+    let revoked = ok(hush(&alice, &["device", "revoke", "laptop"]));
+    assert!(revoked.starts_with("revoked laptop"), "{revoked}");
+    let refused = hush(&laptop, &["sync"]);
+    assert!(!refused.status.success() && stderr(&refused).contains("revoked"), "{}", stderr(&refused));
+    let seen = ok(hush(&bob, &["sync"]));
+    assert!(seen.contains("the server removes a device of alice"), "{seen}");
+    ok(hush(&bob, &["send", "team", "after the laptop"]));
+    assert!(ok(hush(&alice, &["sync"])).contains("after the laptop"));
+    assert_eq!(authenticator(&server, &alice, "team"), authenticator(&server, &bob, "team"));
+    assert!(ok(hush(&alice, &["device", "list"])).contains("(revoked)"));
+}

@@ -172,6 +172,35 @@ pub fn hush(home: &Path, args: &[&str]) -> Output {
     run(&mut cmd)
 }
 
+/// Starts `hush --home HOME ARGS...` with its output piped, for commands
+/// that print and then wait (`device add`). Returns the child and its
+/// first stdout line.
+pub fn hush_first_line(home: &Path, args: &[&str]) -> (Child, String) {
+    use std::io::BufRead as _;
+    let mut cmd = base_command(env!("CARGO_BIN_EXE_hush"));
+    cmd.env("HOME", home).arg("--home").arg(home).args(args);
+    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    (child, line.trim().to_string())
+}
+
+/// Waits (bounded) for a child from [`hush_first_line`]; returns its exit
+/// status and stderr.
+pub fn finish(mut child: Child) -> (ExitStatus, String) {
+    let status = wait_timeout(&mut child, Duration::from_secs(60)).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("the command did not finish within 60 s");
+    });
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    (status, err)
+}
+
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

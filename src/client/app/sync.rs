@@ -3,6 +3,21 @@
 //! this device can no longer follow).
 
 use super::*;
+
+/// Builds an external commit from (group, GroupInfo, ratchet tree).
+pub(super) type ExternalBuilder = fn(&mut Member<Provider>, &[u8], &[u8], Option<&[u8]>) -> Result<Commit, MlsError>;
+
+/// What came of an external commit into a group.
+pub(super) enum External {
+    Done {
+        seq: u64,
+        epoch: u64,
+    },
+    /// The server says this device (or its account) is not in the group.
+    NotMember,
+    /// The group or the server would not have it; why.
+    Refused(String),
+}
 use crate::client::local::MAX_NAME;
 use crate::client::log::{GroupLog, Read};
 
@@ -53,6 +68,12 @@ impl App {
         for g in self.groups()? {
             if g.active {
                 let summary = announced.iter().find(|s| s.group == g.id);
+                if summary.is_none() && !self.member.has_group(&g.id) {
+                    // A group of this account that this (linked) device
+                    // is not in yet.
+                    self.join_linked(conn, &g.id, &mut new).await?;
+                    continue;
+                }
                 self.sync_group_upto(conn, &g.id, summary, &mut new).await?;
                 // Removals the server proposed (and members' own proposals,
                 // such as leaving) take effect with the next commit: make it.
@@ -227,46 +248,72 @@ impl App {
         why: &str,
         new: &mut Vec<Entry>,
     ) -> Result<(), AppError> {
+        match self.external_commit(conn, group, Member::resync).await? {
+            External::Done { seq, epoch } => {
+                let body = format!(
+                    "{why}; this device rejoined the group at epoch {epoch}. Messages sent before that which it had not read cannot be decrypted here."
+                );
+                self.external_landed(conn, group, seq, &body, new).await
+            }
+            External::NotMember => Ok(self.local.deactivate(group)?),
+            External::Refused(error) => self.not_rejoined(group, why, &error, new),
+        }
+    }
+
+    /// Sends the external commit `build` makes from the group's current
+    /// GroupInfo (a resync of our leaf, or a linked device joining),
+    /// retrying on `StaleEpoch`. A commit that did not land leaves no
+    /// state behind.
+    pub(super) async fn external_commit(
+        &mut self,
+        conn: &Connection,
+        group: &[u8],
+        build: ExternalBuilder,
+    ) -> Result<External, AppError> {
         for _ in 0..COMMIT_ATTEMPTS {
             let (info, tree) = match conn.group_info(group).await {
                 Ok(r) => r,
-                Err(e) if e.code() == Some(ErrorCode::NotMember) => {
-                    self.local.deactivate(group)?;
-                    return Ok(());
-                }
-                Err(e) if e.code().is_some() => return self.not_rejoined(group, why, &e.to_string(), new),
+                Err(e) if e.code() == Some(ErrorCode::NotMember) => return Ok(External::NotMember),
+                Err(e) if e.code().is_some() => return Ok(External::Refused(e.to_string())),
                 Err(e) => return Err(e.into()),
             };
-            let commit = match self.member.resync(group, &info, tree.as_deref()) {
+            let commit = match build(&mut self.member, group, &info, tree.as_deref()) {
                 Ok(c) => c,
-                Err(e) => return self.not_rejoined(group, why, &e.to_string(), new),
+                Err(e) => return Ok(External::Refused(e.to_string())),
             };
             match conn.commit(commit).await {
-                Ok((seq, epoch)) => {
-                    let body = format!(
-                        "{why}; this device rejoined the group at epoch {epoch}. Messages sent before that which it had not read cannot be decrypted here."
-                    );
-                    let unit = self.local.unit()?;
-                    self.local.mark_sent(group, seq)?;
-                    self.local.advance(group, seq)?;
-                    new.push(self.record(group, seq, None, EntryKind::Event, &body)?);
-                    unit.commit()?;
-                    conn.ack(group, seq).await?;
-                    return Ok(());
-                }
+                Ok((seq, epoch)) => return Ok(External::Done { seq, epoch }),
                 Err(e) => {
-                    // The state we built is of an epoch that never happened;
-                    // the next sync rejoins again.
+                    // The state we built is of an epoch that never happened.
                     self.member.forget(group);
                     match e.code() {
                         Some(ErrorCode::StaleEpoch) => {}
-                        Some(_) => return self.not_rejoined(group, why, &e.to_string(), new),
+                        Some(_) => return Ok(External::Refused(e.to_string())),
                         None => return Err(e.into()),
                     }
                 }
             }
         }
         Err(AppError::RejoinKeptFailing)
+    }
+
+    /// Our external commit landed at `seq`: the cursor moves there, the
+    /// event `body` is recorded, and the server hears we read that far.
+    pub(super) async fn external_landed(
+        &mut self,
+        conn: &Connection,
+        group: &[u8],
+        seq: u64,
+        body: &str,
+        new: &mut Vec<Entry>,
+    ) -> Result<(), AppError> {
+        let unit = self.local.unit()?;
+        self.local.mark_sent(group, seq)?;
+        self.local.advance(group, seq)?;
+        new.push(self.record(group, seq, None, EntryKind::Event, body)?);
+        unit.commit()?;
+        conn.ack(group, seq).await?;
+        Ok(())
     }
 
     /// Records that a rejoin did not happen, and why.
@@ -300,12 +347,15 @@ impl App {
                 }
                 Err(e) => tracing::debug!(seq, "skipped a payload: {e}"),
             },
-            Received::Commit { sender, removed_me, rejoined, .. } => {
+            Received::Commit { sender, removed_me, rejoined, new_device, .. } => {
                 let by = sender.as_ref().map(|a| self.display(a)).unwrap_or_else(|| "someone".into());
                 let after = if removed_me { vec![] } else { self.member.members(group) };
                 let mut events = vec![];
                 if rejoined {
                     events.push(format!("{by} rejoined the group (a device of theirs could not follow it)"));
+                }
+                if new_device {
+                    events.push(format!("{by} added a device to the group"));
                 }
                 for a in after.iter().filter(|a| !before.contains(a)) {
                     events.push(format!("{} was added by {by}", self.display(a)));

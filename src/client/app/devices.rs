@@ -1,0 +1,155 @@
+//! The account's devices: certifying a new one through a link code (on the
+//! first device, which holds the account key), listing and revoking them,
+//! and a linked device joining its account's groups.
+
+use std::time::Duration;
+
+use super::sync::External;
+use super::*;
+use crate::auth::DeviceRevocation;
+use crate::client::link::{Bundle, LinkCode};
+use crate::client::local::valid_name;
+
+/// How often the waiting side of a link asks the server.
+pub const LINK_POLL: Duration = Duration::from_millis(500);
+
+/// One line of `hush device list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceLine {
+    pub device: DeviceId,
+    /// The name the first device gave it (none for the first device, or on
+    /// other devices).
+    pub name: Option<String>,
+    pub registered_at: u64,
+    pub revoked: bool,
+    /// This device.
+    pub this: bool,
+}
+
+impl App {
+    /// On the first device, once `code`'s link is open: waits (until
+    /// `deadline`) for the new device's offer, certifies exactly the keys
+    /// it offers with the account key, and answers with the certificate and
+    /// the sealed bundle (account, `person`'s name, contacts, group names).
+    /// Remembers the device as `name`.
+    pub async fn certify_linked_device(
+        &mut self,
+        conn: &Connection,
+        account: &Identity,
+        code: &LinkCode,
+        name: &str,
+        person: Option<&str>,
+        deadline: std::time::Instant,
+    ) -> Result<DeviceId, AppError> {
+        if account.account_id() != self.account() {
+            return Err(AppError::NotFirstDevice);
+        }
+        let offer = loop {
+            if let Some(offer) = conn.link_fetch(code.id()).await? {
+                break offer;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(AppError::LinkTimedOut);
+            }
+            tokio::time::sleep(LINK_POLL).await;
+        };
+        let (device, mls_key) = code.open_offer(&offer)?;
+        let certificate = DeviceCertificate::issue(account, device, mls_key, now_unix());
+        let groups = self
+            .groups()?
+            .into_iter()
+            .filter(|g| g.active)
+            .map(|g| {
+                let name = self.local.group_name(&g.id).ok().flatten().unwrap_or_default();
+                (g.id, name)
+            })
+            .collect();
+        let bundle =
+            Bundle { account: self.account(), name: person.map(str::to_owned), contacts: self.contacts()?, groups };
+        conn.link_answer(code.id(), certificate.encode(), code.seal_bundle(&bundle)?).await?;
+        self.local.name_device(&device, name)?;
+        Ok(device)
+    }
+
+    /// Whether `name` can name a new device of this account here.
+    pub fn check_device_name(&self, name: &str) -> Result<(), AppError> {
+        if !valid_name(name) {
+            return Err(AppError::DeviceName(format!("{name:?}: names are 1 to 64 printable characters")));
+        }
+        if self.local.device_names()?.iter().any(|(_, n)| n == name) {
+            return Err(AppError::DeviceName(format!("a device is already called {name:?}")));
+        }
+        Ok(())
+    }
+
+    /// The account's devices as the server lists them, with the names this
+    /// device gave them.
+    pub async fn devices(&self, conn: &Connection) -> Result<Vec<DeviceLine>, AppError> {
+        let names = self.local.device_names()?;
+        let this = self.member.device();
+        Ok(conn
+            .devices()
+            .await?
+            .into_iter()
+            .map(|d| DeviceLine {
+                device: DeviceId(d.device),
+                name: names.iter().find(|(id, _)| id.0 == d.device).map(|(_, n)| n.clone()),
+                registered_at: d.registered_at,
+                revoked: d.revoked,
+                this: d.device == this.0,
+            })
+            .collect())
+    }
+
+    /// Revokes the device named `name` with the account key: the server
+    /// refuses it at once and removes it from every group with the next
+    /// commit there.
+    pub async fn revoke_device(
+        &mut self,
+        conn: &Connection,
+        account: &Identity,
+        name: &str,
+    ) -> Result<DeviceId, AppError> {
+        if account.account_id() != self.account() {
+            return Err(AppError::NotFirstDevice);
+        }
+        let device = self
+            .local
+            .device_names()?
+            .into_iter()
+            .find(|(_, n)| n == name)
+            .map(|(d, _)| d)
+            .ok_or_else(|| AppError::UnknownDevice(name.to_owned()))?;
+        if device == self.member.device() {
+            return Err(AppError::DeviceName("this is the device you are using".into()));
+        }
+        conn.revoke_device(&DeviceRevocation::issue(account, device, now_unix())).await?;
+        Ok(device)
+    }
+
+    /// A linked device joins a group of its account that it holds no state
+    /// for, by an external commit adding its own leaf; records that it did
+    /// (or why it could not).
+    pub(super) async fn join_linked(
+        &mut self,
+        conn: &Connection,
+        group: &[u8],
+        new: &mut Vec<Entry>,
+    ) -> Result<(), AppError> {
+        match self.external_commit(conn, group, Member::join_external).await? {
+            External::Done { epoch, seq } => {
+                let body = format!("this device joined the group at epoch {epoch}");
+                self.external_landed(conn, group, seq, &body, new).await
+            }
+            // The account left the group meanwhile.
+            External::NotMember => Ok(self.local.deactivate(group)?),
+            External::Refused(error) => {
+                tracing::warn!("could not join a group of this account: {error}");
+                let at = self.local.cursor(group)?;
+                let body = format!("this device could not join the group: {error}");
+                new.push(self.record(group, at, None, EntryKind::Event, &body)?);
+                Ok(self.local.deactivate(group)?)
+            }
+        }
+    }
+}

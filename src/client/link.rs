@@ -1,0 +1,284 @@
+//! Linking a device, the clients' half (the server's is
+//! [`crate::delivery`]'s `links` module, which relays ciphertext only).
+//!
+//! A **link code** is `hushlink://SECRET@HOST:PORT/#FINGERPRINT`: the
+//! server's address (pinned as in `hush://`) and a 128-bit one-time secret.
+//! From the secret both devices derive, with HKDF-SHA-256:
+//!
+//! * the link id the server knows the link by (SHA-256 of a label and the
+//!   secret, first 16 bytes; the server never sees the secret);
+//! * the key that seals the new device's **offer** (its TLS and MLS public
+//!   keys) for the first device;
+//! * the key that seals the first device's **bundle** (the account id, the
+//!   person's name, contacts and group names) for the new device.
+//!
+//! Both are ChaCha20-Poly1305 with the link id as associated data; each key
+//! seals exactly one message, so a fixed nonce is safe. Whoever holds the
+//! code is trusted with the account, as whoever holds the first device is:
+//! the code is shown once, expires within minutes and works once.
+
+use std::fmt;
+use std::str::FromStr;
+
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+use ring::hkdf;
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+use crate::auth::{text, AccountId, DeviceId, HushAddress};
+use crate::client::local::MAX_NAME;
+use crate::limits::{MAX_GROUPS_LISTED, MAX_GROUP_ID, MAX_LINK_BUNDLE};
+use crate::wire::{DecodeError, EncodeError, Reader, Writer};
+
+/// Scheme of a link code.
+pub const SCHEME: &str = "hushlink://";
+
+/// Contacts one bundle carries at most.
+pub const MAX_BUNDLE_CONTACTS: usize = 1000;
+
+const ID_LABEL: &[u8] = b"hush link id v1\0";
+const SALT: &[u8] = b"hush link v1";
+const OFFER_KEY: &[u8] = b"offer";
+const BUNDLE_KEY: &[u8] = b"bundle";
+/// Offer plaintext: device TLS key, MLS signature key.
+const OFFER_LEN: usize = 64;
+
+/// Why a link code or what came through the link was not usable.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    #[error("a link code looks like {SCHEME}SECRET@HOST:PORT/#FINGERPRINT")]
+    Format,
+    #[error("the link code's secret is damaged: {0}")]
+    Secret(String),
+    #[error("the link code's server address: {0}")]
+    Address(String),
+    #[error("no randomness available from the operating system")]
+    Random,
+    #[error("what came through the link does not open with this code: someone without the code took part; nothing was certified or kept")]
+    Sealed,
+    #[error("what came through the link is malformed: {0}")]
+    Malformed(String),
+    #[error("the account's contacts and groups do not fit one link ({0})")]
+    TooLarge(String),
+}
+
+/// A one-time link code (see the module doc).
+#[derive(Clone)]
+pub struct LinkCode {
+    pub server: HushAddress,
+    secret: Zeroizing<[u8; 16]>,
+}
+
+impl fmt::Debug for LinkCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LinkCode").field("server", &self.server).finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for LinkCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let address = self.server.to_string();
+        let rest = address.strip_prefix("hush://").unwrap_or(&address);
+        write!(f, "{SCHEME}{}@{rest}", text::encode(&self.secret[..]))
+    }
+}
+
+impl FromStr for LinkCode {
+    type Err = LinkError;
+
+    fn from_str(s: &str) -> Result<Self, LinkError> {
+        let rest = s.trim().strip_prefix(SCHEME).ok_or(LinkError::Format)?;
+        let (secret, address) = rest.split_once('@').ok_or(LinkError::Format)?;
+        let secret = text::decode_array::<16>(secret).map_err(|e| LinkError::Secret(e.to_string()))?;
+        let server: HushAddress = format!("hush://{address}")
+            .parse()
+            .map_err(|e: crate::auth::AddressError| LinkError::Address(e.to_string()))?;
+        Ok(Self { server, secret: Zeroizing::new(secret) })
+    }
+}
+
+impl LinkCode {
+    /// A fresh code for `server`.
+    pub fn generate(server: HushAddress) -> Result<Self, LinkError> {
+        let mut secret = Zeroizing::new([0u8; 16]);
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret[..])
+            .map_err(|_| LinkError::Random)?;
+        Ok(Self { server, secret })
+    }
+
+    /// What the server knows the link by.
+    pub fn id(&self) -> [u8; 16] {
+        let digest = ring::digest::digest(&ring::digest::SHA256, &[ID_LABEL, &self.secret[..]].concat());
+        let mut id = [0u8; 16];
+        for (out, byte) in id.iter_mut().zip(digest.as_ref()) {
+            *out = *byte;
+        }
+        id
+    }
+
+    fn key(&self, label: &[u8]) -> Result<LessSafeKey, LinkError> {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, SALT).extract(&self.secret[..]);
+        let labels = [label];
+        let okm = prk.expand(&labels, &CHACHA20_POLY1305).map_err(|_| LinkError::Sealed)?;
+        Ok(LessSafeKey::new(UnboundKey::from(okm)))
+    }
+
+    fn seal(&self, label: &[u8], mut plain: Vec<u8>) -> Result<Vec<u8>, LinkError> {
+        let nonce = Nonce::assume_unique_for_key([0; 12]);
+        self.key(label)?
+            .seal_in_place_append_tag(nonce, Aad::from(self.id()), &mut plain)
+            .map_err(|_| LinkError::Sealed)?;
+        Ok(plain)
+    }
+
+    fn open(&self, label: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, LinkError> {
+        let mut buf = Zeroizing::new(sealed.to_vec());
+        let nonce = Nonce::assume_unique_for_key([0; 12]);
+        let len =
+            self.key(label)?.open_in_place(nonce, Aad::from(self.id()), &mut buf).map_err(|_| LinkError::Sealed)?.len();
+        buf.truncate(len);
+        Ok(buf)
+    }
+
+    /// The new device's offer: its TLS key and MLS signature key.
+    pub fn seal_offer(&self, device: &DeviceId, mls_key: &[u8; 32]) -> Result<Vec<u8>, LinkError> {
+        self.seal(OFFER_KEY, [&device.0[..], &mls_key[..]].concat())
+    }
+
+    pub fn open_offer(&self, sealed: &[u8]) -> Result<(DeviceId, [u8; 32]), LinkError> {
+        let plain = self.open(OFFER_KEY, sealed)?;
+        if plain.len() != OFFER_LEN {
+            return Err(LinkError::Malformed("the offer is not two keys".into()));
+        }
+        let (device, mls) = plain.split_at(32);
+        let device: [u8; 32] = device.try_into().map_err(|_| LinkError::Malformed("offer".into()))?;
+        let mls: [u8; 32] = mls.try_into().map_err(|_| LinkError::Malformed("offer".into()))?;
+        Ok((DeviceId(device), mls))
+    }
+
+    pub fn seal_bundle(&self, bundle: &Bundle) -> Result<Vec<u8>, LinkError> {
+        let plain = bundle.encode().map_err(|e| LinkError::TooLarge(e.to_string()))?;
+        let sealed = self.seal(BUNDLE_KEY, plain)?;
+        if sealed.len() > MAX_LINK_BUNDLE {
+            return Err(LinkError::TooLarge(format!("{} bytes", sealed.len())));
+        }
+        Ok(sealed)
+    }
+
+    pub fn open_bundle(&self, sealed: &[u8]) -> Result<Bundle, LinkError> {
+        let plain = self.open(BUNDLE_KEY, sealed)?;
+        Bundle::decode(&plain).map_err(|e| LinkError::Malformed(e.to_string()))
+    }
+}
+
+/// What the first device hands the new one, sealed: whose device it is,
+/// and what the person sees on their first device.
+///
+/// Encoding: account id (32 bytes), `bytes16<64>` name (empty: none),
+/// `u16` n contacts × (`bytes16<64>` name, account id), `u16` m groups ×
+/// (`bytes8<255>` group id, `bytes16<64>` name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle {
+    pub account: AccountId,
+    pub name: Option<String>,
+    pub contacts: Vec<(String, AccountId)>,
+    pub groups: Vec<(Vec<u8>, String)>,
+}
+
+impl Bundle {
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        let mut w = Writer::new();
+        w.raw(&self.account.0);
+        w.bytes16("name", self.name.as_deref().unwrap_or_default().as_bytes(), MAX_NAME)?;
+        count(&mut w, "contacts", self.contacts.len(), MAX_BUNDLE_CONTACTS)?;
+        for (name, account) in &self.contacts {
+            w.bytes16("contact name", name.as_bytes(), MAX_NAME)?;
+            w.raw(&account.0);
+        }
+        count(&mut w, "groups", self.groups.len(), MAX_GROUPS_LISTED)?;
+        for (id, name) in &self.groups {
+            w.bytes8("group id", id, MAX_GROUP_ID)?;
+            w.bytes16("group name", name.as_bytes(), MAX_NAME)?;
+        }
+        Ok(w.into_inner())
+    }
+
+    /// Never panics; names are checked by the caller before use.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let account = AccountId(r.array()?);
+        let name = r.string16("name", MAX_NAME)?;
+        let name = (!name.is_empty()).then(|| name.to_owned());
+        let n = usize::from(r.u16()?);
+        if n > MAX_BUNDLE_CONTACTS {
+            return Err(DecodeError::TooLong { field: "contacts", len: n, max: MAX_BUNDLE_CONTACTS });
+        }
+        let mut contacts = Vec::new();
+        for _ in 0..n {
+            let name = r.string16("contact name", MAX_NAME)?.to_owned();
+            contacts.push((name, AccountId(r.array()?)));
+        }
+        let m = usize::from(r.u16()?);
+        if m > MAX_GROUPS_LISTED {
+            return Err(DecodeError::TooLong { field: "groups", len: m, max: MAX_GROUPS_LISTED });
+        }
+        let mut groups = Vec::new();
+        for _ in 0..m {
+            let id = r.bytes8("group id", MAX_GROUP_ID)?.to_vec();
+            groups.push((id, r.string16("group name", MAX_NAME)?.to_owned()));
+        }
+        r.finish()?;
+        Ok(Self { account, name, contacts, groups })
+    }
+}
+
+fn count(w: &mut Writer, field: &'static str, n: usize, max: usize) -> Result<(), EncodeError> {
+    let n16 = u16::try_from(n).ok().filter(|_| n <= max).ok_or(EncodeError::TooLong { field, len: n, max })?;
+    w.u16(n16);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code() -> LinkCode {
+        let server: HushAddress =
+            format!("hush://127.0.0.1:7443/#{}", crate::auth::Identity::generate().unwrap().fingerprint())
+                .parse()
+                .unwrap();
+        LinkCode::generate(server).unwrap()
+    }
+
+    #[test]
+    fn codes_round_trip_and_only_the_code_opens_what_it_sealed() {
+        let c = code();
+        let text = c.to_string();
+        assert!(text.starts_with(SCHEME), "{text}");
+        let back: LinkCode = text.parse().unwrap();
+        assert_eq!(back.id(), c.id());
+        assert_eq!(back.server, c.server);
+        let offer = c.seal_offer(&DeviceId([1; 32]), &[2; 32]).unwrap();
+        assert_eq!(back.open_offer(&offer).unwrap(), (DeviceId([1; 32]), [2; 32]));
+        let other = code();
+        assert_eq!(other.open_offer(&offer), Err(LinkError::Sealed));
+        // The offer key does not open a bundle, nor the other way round.
+        assert_eq!(c.open_bundle(&offer), Err(LinkError::Sealed));
+        let mut flipped = offer.clone();
+        flipped[3] ^= 1;
+        assert_eq!(c.open_offer(&flipped), Err(LinkError::Sealed));
+        let bundle = Bundle {
+            account: AccountId([9; 32]),
+            name: Some("alice".into()),
+            contacts: vec![("bob".into(), AccountId([8; 32]))],
+            groups: vec![(vec![7; 32], "team".into())],
+        };
+        let sealed = c.seal_bundle(&bundle).unwrap();
+        assert_eq!(back.open_bundle(&sealed).unwrap(), bundle);
+        assert!(!String::from_utf8_lossy(&sealed).contains("team"));
+        for bad in ["", "hush://x", "hushlink://nope", "hushlink://aaaa@127.0.0.1:1/#x"] {
+            assert!(bad.parse::<LinkCode>().is_err(), "{bad}");
+        }
+    }
+}
