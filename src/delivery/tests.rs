@@ -997,3 +997,79 @@ fn whole_accounts_are_added_and_revoked_devices_leave_with_the_next_commit() {
     net.sync(&mut phone, &g);
     assert_eq!(phone.member.epoch_authenticator(&g), bob.member.epoch_authenticator(&g));
 }
+
+/// The server's side of linking: one offer per link, from a key that is
+/// not a device; the answer only from the link's account, certifying
+/// exactly the key that offered; links expire and are capped per account.
+#[test]
+fn links_are_single_use_expire_and_certify_only_the_offering_key() {
+    use crate::auth::{DeviceCertificate, DeviceId, Identity};
+    let mut net = Net::new();
+    let account = Identity::generate().unwrap();
+    let first_key = Identity::generate().unwrap();
+    let first =
+        Client { member: Member::new(&account, DeviceId(first_key.public_key())).unwrap(), logs: HashMap::new() };
+    net.store.enrol(first.member.certificate());
+    let stranger = net.client(9);
+    let link = [5u8; 16];
+    let new_key = DeviceId([6; 32]);
+    let stranger_origin = Origin::Stranger(new_key);
+    let as_stranger = |net: &mut Net, request: Request| {
+        net.now += 1;
+        net.ds.handle(&mut net.store, stranger_origin, request, net.now).response
+    };
+    let code = |r: &Response| match r {
+        Response::Error { code, .. } => *code,
+        other => panic!("expected an error, got {other:?}"),
+    };
+
+    assert_eq!(net.code(&first, Request::LinkOpen { link, expires_in: 0 }).0, ErrorCode::Malformed);
+    assert_eq!(net.code(&first, Request::LinkOpen { link, expires_in: 10_000 }).0, ErrorCode::Malformed);
+    net.ok(&first, Request::LinkOpen { link, expires_in: 600 });
+    assert_eq!(net.code(&first, Request::LinkOpen { link, expires_in: 600 }).0, ErrorCode::LinkUsed);
+    assert!(matches!(net.ok(&first, Request::LinkFetch { link }), Response::LinkPending));
+    // Another account does not see the link; a device cannot offer.
+    assert_eq!(net.code(&stranger, Request::LinkFetch { link }).0, ErrorCode::LinkUnknown);
+    assert_eq!(net.code(&stranger, Request::LinkOffer { link, offer: vec![1] }).0, ErrorCode::InvalidCredential);
+    assert_eq!(
+        code(&as_stranger(&mut net, Request::LinkOffer { link: [0; 16], offer: vec![1] })),
+        ErrorCode::LinkUnknown
+    );
+    assert!(matches!(as_stranger(&mut net, Request::LinkOffer { link, offer: vec![1, 2, 3] }), Response::Done));
+    assert_eq!(code(&as_stranger(&mut net, Request::LinkOffer { link, offer: vec![4] })), ErrorCode::LinkUsed);
+    assert!(matches!(net.ok(&first, Request::LinkFetch { link }), Response::LinkOffer { offer } if offer == [1, 2, 3]));
+    assert!(matches!(as_stranger(&mut net, Request::LinkResult { link }), Response::LinkPending));
+
+    // The certificate must be for the key that offered, by this account.
+    let wrong_key = DeviceCertificate::issue(&account, DeviceId([7; 32]), [1; 32], net.now).encode();
+    let answer = |certificate: Vec<u8>| Request::LinkAnswer { link, certificate, bundle: vec![9; 40] };
+    assert_eq!(net.code(&first, answer(wrong_key)).0, ErrorCode::InvalidCredential);
+    let other_account = DeviceCertificate::issue(&Identity::generate().unwrap(), new_key, [1; 32], net.now).encode();
+    assert_eq!(net.code(&first, answer(other_account)).0, ErrorCode::InvalidCredential);
+    let good = DeviceCertificate::issue(&account, new_key, [1; 32], net.now).encode();
+    net.ok(&first, answer(good.clone()));
+    assert_eq!(net.code(&first, answer(good.clone())).0, ErrorCode::LinkUsed);
+    match as_stranger(&mut net, Request::LinkResult { link }) {
+        Response::Linked { certificate, bundle } => assert!(certificate == good && bundle == [9; 40]),
+        other => panic!("{other:?}"),
+    }
+    // Only the offering key learns the answer; the new device is a device.
+    let Response::Devices { devices } = net.ok(&first, Request::ListDevices) else { panic!() };
+    assert_eq!(devices.len(), 2);
+    assert_eq!(net.code(&stranger, Request::LinkResult { link }).0, ErrorCode::LinkUnknown);
+
+    // Expiry, and at most MAX_OPEN_LINKS open.
+    net.ok(&first, Request::LinkOpen { link: [1; 16], expires_in: 5 });
+    net.now += 10;
+    assert_eq!(
+        code(&as_stranger(&mut net, Request::LinkOffer { link: [1; 16], offer: vec![1] })),
+        ErrorCode::LinkExpired
+    );
+    // The first link is still open (the answered one), the expired one is not.
+    for i in 1..crate::limits::MAX_OPEN_LINKS {
+        net.ok(&first, Request::LinkOpen { link: [20 + i as u8; 16], expires_in: 600 });
+    }
+    assert_eq!(net.code(&first, Request::LinkOpen { link: [99; 16], expires_in: 600 }).0, ErrorCode::QuotaExceeded);
+    net.ds.expire(&mut net.store, net.now + 601).unwrap();
+    assert!(net.store.link(&link).unwrap().is_none(), "expired links are deleted");
+}

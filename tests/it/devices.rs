@@ -237,3 +237,32 @@ fn a_revoked_device_is_refused_and_leaves_the_groups() {
     assert_eq!(authenticator(&server, &alice, "team"), authenticator(&server, &bob, "team"));
     assert!(ok(hush(&alice, &["device", "list"])).contains("(revoked)"));
 }
+
+/// A malicious (or careless) member adds one of alice's two devices: the
+/// real hushd refuses; adding both is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_adding_only_some_devices_of_a_person_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let (alice, laptop) = (tmp.path().join("alice"), tmp.path().join("laptop"));
+    let alice_id: hush::auth::AccountId = tokio::task::block_in_place(|| {
+        let id = register(&server, &alice);
+        link(&alice, &laptop, "laptop");
+        id
+    })
+    .parse()
+    .unwrap();
+    let (_, conn, mut bob) = registered_member(&server).await;
+    let removal_key = conn.status().await.unwrap().removal_key;
+    let g = bob.create_group(&removal_key).unwrap();
+    conn.create_group(g.group_info, g.ratchet_tree).await.unwrap();
+    let packages = conn.claim_key_packages(&alice_id).await.unwrap();
+    assert_eq!(packages.len(), 2, "one package per device");
+    let partial = bob.add(&g.id, &[(alice_id, packages[0].clone())]).unwrap();
+    let refused = conn.commit(partial).await.unwrap_err();
+    assert_eq!(refused.code(), Some(hush::wire::ErrorCode::InvalidCommit));
+    assert!(refused.to_string().contains("only some devices"), "{refused}");
+    bob.discard_pending(&g.id).unwrap();
+    let both: Vec<_> = packages.into_iter().map(|p| (alice_id, p)).collect();
+    conn.commit(bob.add(&g.id, &both).unwrap()).await.unwrap();
+}
