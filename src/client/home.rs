@@ -52,6 +52,8 @@ pub enum HomeError {
          verify it"
     )]
     NoAccountKey,
+    #[error("{0} is a linked device of an account and registered already; nothing to do")]
+    Linked(PathBuf),
     #[error("writing {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
@@ -171,6 +173,9 @@ impl Home {
         if let Ok(pinned) = self.server() {
             if pinned.fingerprint != address.fingerprint {
                 return Err(HomeError::OtherServer { home: self.dir.clone(), pinned }.into());
+            }
+            if !self.account_key_file().exists() {
+                return Err(HomeError::Linked(self.dir.clone()).into());
             }
         }
         identity::private_dir(&self.dir).map_err(HomeError::from)?;

@@ -137,6 +137,10 @@ fn a_linked_device_reads_and_writes_as_the_same_person() {
     assert!(joined.contains(&alice_id), "{joined}");
     assert_eq!(ok(hush(&laptop, &["whoami"])).lines().next().unwrap(), alice_id);
     assert!(ok(hush(&laptop, &["contact", "list"])).contains("bob"));
+    // Registering the laptop again changes nothing and makes no account key.
+    let again = hush(&laptop, &["register", &server.address.to_string()]);
+    assert!(!again.status.success() && stderr(&again).contains("linked device"), "{}", stderr(&again));
+    assert!(!laptop.join("account.key").exists());
     let synced = ok(hush(&laptop, &["sync"]));
     assert!(synced.contains("this device joined the group"), "{synced}");
     let devices = ok(hush(&alice, &["device", "list"]));
