@@ -373,9 +373,13 @@ impl App {
             }
             Received::Proposal { .. } => {}
             Received::ServerRemoval { account } => {
-                let who = account.map(|a| self.display(&a)).unwrap_or_else(|| "someone".into());
+                let whose = match account {
+                    Some(a) if a == self.account() => "one of your devices".to_string(),
+                    Some(a) => format!("a device of {}", self.display(&a)),
+                    None => "a device".to_string(),
+                };
                 let e = format!(
-                    "the server removes a device of {who} (revoked, or the account was removed by the operator); it leaves the group with the next change"
+                    "the server removes {whose} (revoked, or the account was removed by the operator); it leaves the group with the next change"
                 );
                 new.push(self.record(group, seq, None, EntryKind::Event, &e)?);
             }
