@@ -123,7 +123,7 @@ impl Delivery {
     /// Stores the server's external proposal to remove `device`'s leaf from
     /// `group` at its current epoch. `None` when the device holds no leaf
     /// or the group does not list the server's removal key.
-    fn propose_removal<S: Storage>(
+    pub(super) fn propose_removal<S: Storage>(
         &mut self,
         store: &mut S,
         group: &[u8],

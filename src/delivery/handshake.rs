@@ -239,6 +239,13 @@ impl Delivery {
                 notifications.push(Notification::Welcome { recipient: r });
             }
         }
+        // Proposals do not outlive their epoch: a revoked device this commit
+        // left in (its committer had not read the server's proposal, or
+        // chose not to take it) is proposed for removal again, in the new
+        // epoch.
+        for device in store.revoked_members(group)? {
+            notifications.extend(self.propose_removal(store, group, &device, h.now)?);
+        }
         Ok(Outcome::wrote(Response::Accepted { group: group.to_vec(), seq, epoch }, notifications))
     }
 

@@ -272,6 +272,11 @@ impl Storage for MemoryStore {
         Ok(self.groups.get(group).and_then(|g| g.members.get(device).copied()))
     }
 
+    fn revoked_members(&mut self, group: &[u8]) -> Result<Vec<DeviceId>, Infallible> {
+        let current = self.current_members(group)?;
+        Ok(current.into_iter().filter(|d| self.devices.get(d).is_some_and(|r| r.revoked_at.is_some())).collect())
+    }
+
     fn members(&mut self, group: &[u8]) -> Result<Vec<(DeviceId, Membership)>, Infallible> {
         Ok(self.groups.get(group).map(|g| g.members.iter().map(|(d, m)| (*d, *m)).collect()).unwrap_or_default())
     }

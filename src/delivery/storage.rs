@@ -287,6 +287,9 @@ pub trait Storage {
     fn current_members(&mut self, group: &[u8]) -> Result<Vec<DeviceId>, Self::Error> {
         Ok(self.members(group)?.into_iter().filter(|(_, m)| m.is_current()).map(|(d, _)| d).collect())
     }
+    /// Current member devices of `group` that are revoked (their removal is
+    /// still to be committed).
+    fn revoked_members(&mut self, group: &[u8]) -> Result<Vec<DeviceId>, Self::Error>;
     /// Makes `device` (of `account`) a current member whose visible history
     /// starts after `joined_after` (re-adding a former member resets its row).
     fn add_member(

@@ -984,9 +984,26 @@ fn whole_accounts_are_added_and_revoked_devices_leave_with_the_next_commit() {
     let forged = crate::auth::DeviceRevocation::issue(&account, bob.member.device(), net.now);
     assert_eq!(net.code(&phone, Request::RevokeDevice { revocation: forged.encode() }).0, ErrorCode::InvalidCredential);
 
-    // bob reads the server's proposal and commits it; the laptop is out.
-    let got = net.sync(&mut bob, &g);
-    assert!(matches!(got.as_slice(), [Received::ServerRemoval { account: Some(a) }] if *a == account.account_id()));
+    // bob, who has not read the proposal yet, commits something else first:
+    // the proposal dies with its epoch, so the server proposes again in the
+    // new one.
+    let update = bob.member.self_update(&g).unwrap();
+    net.pushes.clear();
+    assert!(matches!(net.commit(&mut bob, update), Response::Accepted { .. }));
+    bob.member.merge_pending(&g).unwrap();
+    assert_eq!(net.pushes.len(), 2, "the commit and the new proposal: {:?}", net.pushes.len());
+    // bob reads the server's proposal of his epoch (the old one is of an
+    // epoch he left) and commits it; the laptop is out.
+    let reads = net.read(&mut bob, &g);
+    let removals: Vec<_> = reads
+        .iter()
+        .filter_map(|r| match r {
+            Read::Received { received: Received::ServerRemoval { account }, .. } => Some(*account),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(removals, vec![Some(account.account_id())]);
+    assert!(!reads.iter().any(Read::stuck));
     assert!(bob.member.should_commit_pending(&g));
     let commit = bob.member.commit_pending(&g).unwrap();
     assert!(matches!(net.commit(&mut bob, commit), Response::Accepted { .. }));

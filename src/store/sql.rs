@@ -487,6 +487,19 @@ impl Storage for SqlStore<'_> {
             .flatten())
     }
 
+    fn revoked_members(&mut self, group: &[u8]) -> Result<Vec<DeviceId>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT m.device FROM members m JOIN groups g ON g.gid = m.gid JOIN devices d ON d.key = m.device
+             WHERE g.id = ?1 AND m.left_at IS NULL AND d.revoked_at IS NOT NULL ORDER BY m.device",
+        )?;
+        let rows = stmt.query_map([group], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.extend(key(&row?).map(DeviceId));
+        }
+        Ok(out)
+    }
+
     fn members(&mut self, group: &[u8]) -> Result<Vec<(DeviceId, Membership)>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT m.device, m.account, m.joined_after, m.left_at, m.acked FROM members m
