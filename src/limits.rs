@@ -73,6 +73,10 @@ pub const MAX_CERTIFICATE: usize = 1024;
 /// comes with the devices issue; today every account has one.)
 pub const MAX_DEVICES_PER_ACCOUNT: usize = 16;
 
+/// Devices one account may ever have, revoked ones included (what one
+/// `Devices` response lists).
+pub const MAX_DEVICES_EVER: usize = 64;
+
 /// Largest sealed offer a new device sends through a link (its two public
 /// keys, sealed: 80 bytes; slack for a later version).
 pub const MAX_LINK_OFFER: usize = 256;

@@ -21,7 +21,7 @@
 use super::storage::{DeviceRecord, LinkRecord};
 use super::{refuse, Caller, Delivery, Outcome, Refusal, Storage};
 use crate::auth::{DeviceCertificate, DeviceId};
-use crate::limits::{MAX_DEVICES_PER_ACCOUNT, MAX_LINK_LIFETIME, MAX_OPEN_LINKS};
+use crate::limits::{MAX_DEVICES_EVER, MAX_DEVICES_PER_ACCOUNT, MAX_LINK_LIFETIME, MAX_OPEN_LINKS};
 use crate::wire::{ErrorCode, Response};
 
 fn unknown<E>() -> Refusal<E> {
@@ -52,7 +52,14 @@ impl Delivery {
                 format!("a link lasts 1 to {} seconds", MAX_LINK_LIFETIME.as_secs()),
             ));
         }
-        let devices = store.devices_of(&caller.account)?.iter().filter(|(_, d)| d.revoked_at.is_none()).count();
+        let all = store.devices_of(&caller.account)?;
+        if all.len() >= MAX_DEVICES_EVER {
+            return Err(refuse(
+                ErrorCode::QuotaExceeded,
+                format!("the account has had {} devices, the most this server keeps for one account", all.len()),
+            ));
+        }
+        let devices = all.iter().filter(|(_, d)| d.revoked_at.is_none()).count();
         if devices >= MAX_DEVICES_PER_ACCOUNT {
             return Err(refuse(
                 ErrorCode::QuotaExceeded,

@@ -1090,3 +1090,32 @@ fn links_are_single_use_expire_and_certify_only_the_offering_key() {
     net.ds.expire(&mut net.store, net.now + 601).unwrap();
     assert!(net.store.link(&link).unwrap().is_none(), "expired links are deleted");
 }
+
+/// An account's device list always fits its response: at most 64 devices
+/// ever (revoked ones count), 16 at once.
+#[test]
+fn devices_are_capped_at_once_and_ever() {
+    use crate::auth::{DeviceCertificate, DeviceId, Identity};
+    use crate::limits::{MAX_DEVICES_EVER, MAX_DEVICES_PER_ACCOUNT};
+    let mut net = Net::new();
+    let account = Identity::generate().unwrap();
+    let first_key = Identity::generate().unwrap();
+    let first =
+        Client { member: Member::new(&account, DeviceId(first_key.public_key())).unwrap(), logs: HashMap::new() };
+    net.store.enrol(first.member.certificate());
+    for i in 1..MAX_DEVICES_PER_ACCOUNT {
+        net.store.enrol(&DeviceCertificate::issue(&account, DeviceId([i as u8; 32]), [1; 32], 1));
+    }
+    assert_eq!(net.code(&first, Request::LinkOpen { link: [1; 16], expires_in: 60 }).0, ErrorCode::QuotaExceeded);
+    for i in MAX_DEVICES_PER_ACCOUNT..MAX_DEVICES_EVER {
+        let d = DeviceId([i as u8; 32]);
+        net.store.enrol(&DeviceCertificate::issue(&account, d, [1; 32], 1));
+        net.store.revoke_device(&d, 2).unwrap();
+    }
+    let Response::Devices { devices } = net.ok(&first, Request::ListDevices) else { panic!() };
+    assert_eq!(devices.len(), MAX_DEVICES_EVER);
+    assert!(Response::Devices { devices }.encode().is_ok());
+    net.store.revoke_device(&DeviceId([1; 32]), 3).unwrap();
+    let (code, _) = net.code(&first, Request::LinkOpen { link: [2; 16], expires_in: 60 });
+    assert_eq!(code, ErrorCode::QuotaExceeded, "64 devices ever, even with one slot free now");
+}

@@ -80,7 +80,7 @@
 //! | 0x09 | `Welcomes` | `u16` n, n × (`u64` id, `bytes32<491520>` `MLSMessage`) |
 //! | 0x0a | `Groups` | `u16` n, n × (`bytes8<255>` group id, `u64` epoch, `u64` last sequence, `u64` acknowledged sequence, `bool` current member) |
 //! | 0x0b | `GroupInfo` | `bytes8<255>` group id, `bytes32<491520>` the GroupInfo (`MLSMessage`) of the group's current epoch, as its last committer signed it, `option<bytes32<491520>>` the ratchet tree when that GroupInfo does not carry it |
-//! | 0x0c | `Devices` | `u16` n (≤ 16), n × (`[u8; 32]` device key, `u64` registered at, `bool` revoked), oldest first |
+//! | 0x0c | `Devices` | `u16` n (≤ 64), n × (`[u8; 32]` device key, `u64` registered at, `bool` revoked), oldest first |
 //! | 0x0d | `LinkOffer` | `bytes16<256>` the sealed offer |
 //! | 0x0e | `Linked` | `bytes16<1024>` the device certificate, `bytes32<262144>` the sealed bundle |
 //! | 0x0f | `LinkPending` | none: the other device has not answered yet |
@@ -100,9 +100,9 @@ mod codec;
 pub use codec::{Reader, Writer};
 
 use crate::limits::{
-    MAX_CERTIFICATE, MAX_DEVICES_PER_ACCOUNT, MAX_ERROR_MESSAGE, MAX_FETCH_ENTRIES, MAX_GROUPS_LISTED, MAX_GROUP_ID,
-    MAX_INVITE_LEN, MAX_KEY_PACKAGE, MAX_KEY_PACKAGES, MAX_LINK_BUNDLE, MAX_LINK_OFFER, MAX_MLS_MESSAGE,
-    MAX_PUSH_CIPHERTEXT, MAX_PUSH_FRAME,
+    MAX_CERTIFICATE, MAX_DEVICES_EVER, MAX_DEVICES_PER_ACCOUNT, MAX_ERROR_MESSAGE, MAX_FETCH_ENTRIES,
+    MAX_GROUPS_LISTED, MAX_GROUP_ID, MAX_INVITE_LEN, MAX_KEY_PACKAGE, MAX_KEY_PACKAGES, MAX_LINK_BUNDLE,
+    MAX_LINK_OFFER, MAX_MLS_MESSAGE, MAX_PUSH_CIPHERTEXT, MAX_PUSH_FRAME,
 };
 pub use crate::limits::{MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME};
 
@@ -780,7 +780,7 @@ impl Response {
             }
             Self::Devices { devices } => {
                 w.u8(0x0c);
-                put_count(&mut w, "devices", devices.len(), MAX_DEVICES_PER_ACCOUNT)?;
+                put_count(&mut w, "devices", devices.len(), MAX_DEVICES_EVER)?;
                 for d in devices {
                     w.raw(&d.device);
                     w.u64(d.registered_at);
@@ -872,7 +872,7 @@ impl Response {
                 Self::GroupInfo { group, group_info, ratchet_tree }
             }
             0x0c => {
-                let n = count(&mut r, "devices", MAX_DEVICES_PER_ACCOUNT)?;
+                let n = count(&mut r, "devices", MAX_DEVICES_EVER)?;
                 let mut devices = Vec::new();
                 for _ in 0..n {
                     devices.push(DeviceSummary {
