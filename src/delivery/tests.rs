@@ -65,12 +65,17 @@ impl Net {
         c
     }
 
-    /// A second device of `first`'s account (`account` is its key).
-    fn second_device(&mut self, account: &crate::auth::Identity) -> Client {
+    /// A registered device of `account` (no KeyPackages yet).
+    fn device_of(&mut self, account: &crate::auth::Identity) -> Client {
         let device = crate::auth::Identity::generate().unwrap();
         let member = Member::new(account, crate::auth::DeviceId(device.public_key())).unwrap();
         self.store.enrol(member.certificate());
-        let c = Client { member, logs: HashMap::new() };
+        Client { member, logs: HashMap::new() }
+    }
+
+    /// A further device of `account`, with KeyPackages published.
+    fn second_device(&mut self, account: &crate::auth::Identity) -> Client {
+        let c = self.device_of(account);
         let packages = c.member.key_packages(3).unwrap();
         self.ok(&c, Request::PublishKeyPackages { packages, last_resort: Some(2) });
         c
@@ -1023,10 +1028,7 @@ fn links_are_single_use_expire_and_certify_only_the_offering_key() {
     use crate::auth::{DeviceCertificate, DeviceId, Identity};
     let mut net = Net::new();
     let account = Identity::generate().unwrap();
-    let first_key = Identity::generate().unwrap();
-    let first =
-        Client { member: Member::new(&account, DeviceId(first_key.public_key())).unwrap(), logs: HashMap::new() };
-    net.store.enrol(first.member.certificate());
+    let first = net.device_of(&account);
     let stranger = net.client(9);
     let link = [5u8; 16];
     let new_key = DeviceId([6; 32]);
@@ -1099,10 +1101,7 @@ fn devices_are_capped_at_once_and_ever() {
     use crate::limits::{MAX_DEVICES_EVER, MAX_DEVICES_PER_ACCOUNT};
     let mut net = Net::new();
     let account = Identity::generate().unwrap();
-    let first_key = Identity::generate().unwrap();
-    let first =
-        Client { member: Member::new(&account, DeviceId(first_key.public_key())).unwrap(), logs: HashMap::new() };
-    net.store.enrol(first.member.certificate());
+    let first = net.device_of(&account);
     for i in 1..MAX_DEVICES_PER_ACCOUNT {
         net.store.enrol(&DeviceCertificate::issue(&account, DeviceId([i as u8; 32]), [1; 32], 1));
     }
