@@ -17,6 +17,9 @@
 //!   resync is always accepted, a forged one (from an outsider, adding a
 //!   device the account certified on the side, or moving the leaf to
 //!   another device) never;
+//! * a revoked device is refused everything from then on, and the server's
+//!   removal proposal for it (renewed after every commit that leaves it in)
+//!   reaches the others like any message, pushed in sequence;
 //! * at the end, every leaf of the server's group state is certified, the
 //!   store's roster equals the MLS membership and every current member has
 //!   the same epoch authenticator.
@@ -32,31 +35,78 @@ use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Text { who: u8 },
-    Commit { who: u8 },
-    Sync { who: u8 },
-    AddDave { who: u8 },
-    Remove { who: u8, target: u8 },
-    Probe { after: u64, seq: u64 },
-    Raw { who: u8, bytes: Vec<u8> },
+    Text {
+        who: u8,
+    },
+    Commit {
+        who: u8,
+    },
+    Sync {
+        who: u8,
+    },
+    AddDave {
+        who: u8,
+    },
+    Remove {
+        who: u8,
+        target: u8,
+    },
+    Probe {
+        after: u64,
+        seq: u64,
+    },
+    Raw {
+        who: u8,
+        bytes: Vec<u8>,
+    },
     /// `who` tries to take `victim`'s identity (`broken`: with a
     /// certificate whose signature does not verify).
-    ForgeUpdate { who: u8, victim: u8, broken: bool, proposal: bool },
+    ForgeUpdate {
+        who: u8,
+        victim: u8,
+        broken: bool,
+        proposal: bool,
+    },
     /// `who` uploads KeyPackages under `victim`'s certificate.
-    ForgePackage { who: u8, victim: u8, broken: bool },
+    ForgePackage {
+        who: u8,
+        victim: u8,
+        broken: bool,
+    },
     /// `who` adds a KeyPackage forged under `victim`'s certificate.
-    ForgeAdd { who: u8, victim: u8, broken: bool },
+    ForgeAdd {
+        who: u8,
+        victim: u8,
+        broken: bool,
+    },
     /// `who` registers a group whose only leaf claims `victim`.
-    ForgeGroup { who: u8, victim: u8, broken: bool },
+    ForgeGroup {
+        who: u8,
+        victim: u8,
+        broken: bool,
+    },
     /// `who` rejoins the group by an external commit (group repair).
-    Resync { who: u8 },
+    Resync {
+        who: u8,
+    },
     /// `who` sends a commit nobody else can process (`garbage`: a garbage
     /// update path; otherwise a corrupted membership tag).
-    BadCommit { who: u8, garbage: bool },
+    BadCommit {
+        who: u8,
+        garbage: bool,
+    },
     /// A resync that is not one: 0 from the outsider, 1 from a device
     /// `who`'s account certifies on the side, 2 moving `who`'s leaf to such
     /// a device.
-    ForgeResync { who: u8, kind: u8 },
+    ForgeResync {
+        who: u8,
+        kind: u8,
+    },
+    /// `target`'s account revokes its device (sent from `target` itself:
+    /// every account here has one device).
+    Revoke {
+        target: u8,
+    },
 }
 
 const EVE: usize = 4;
@@ -75,6 +125,8 @@ struct World {
     /// A stand-in that takes a reading member's place in `members`.
     spare: Option<Member>,
     active: Vec<bool>,
+    /// Devices their account revoked: refused everything, out of play.
+    revoked: Vec<bool>,
     group: Vec<u8>,
     last_seq: u64,
     epoch: u64,
@@ -97,24 +149,35 @@ impl World {
     fn req(&mut self, who: usize, request: Request) -> Response {
         self.now += 1;
         let caller = self.callers[who];
+        let revoked = self.revoked[who];
         let out = self.ds.handle(&mut self.store, caller, request, self.now);
+        if revoked {
+            assert!(
+                matches!(out.response, Response::Error { code: ErrorCode::Revoked, .. }),
+                "a revoked device was served: {:?}",
+                out.response
+            );
+        }
         let eve = self.callers[EVE].device;
+        let previous = self.last_seq;
         for n in &out.notifications {
             match n {
                 Notification::Message { recipients, seq, group, .. } => {
                     assert!(!recipients.contains(&eve), "a push named the outsider");
                     assert_eq!(group, &self.group);
+                    // A commit may be followed by the server's renewed
+                    // removal proposal: consecutive sequences.
                     assert_eq!(*seq, self.last_seq + 1, "pushed sequence out of order");
+                    self.last_seq = *seq;
                 }
                 Notification::Welcome { recipient } => assert_ne!(*recipient, eve),
-                Notification::Revoked { .. } => {}
+                Notification::Revoked { device } => assert_eq!(*device, self.callers[who].device),
             }
         }
         out.response.encode().expect("responses encode");
         if let Response::Accepted { seq, epoch, group } = &out.response {
             if *group == self.group && *seq > 0 {
-                assert!(*seq > self.last_seq, "sequence numbers must increase");
-                self.last_seq = *seq;
+                assert_eq!(*seq, previous + 1, "the accepted message is the next in the log");
                 assert!(*epoch == self.epoch || *epoch == self.epoch + 1, "epochs advance by one");
                 self.epoch = *epoch;
             }
@@ -209,11 +272,13 @@ impl World {
 
 fn setup() -> World {
     let mut store = MemoryStore::default();
-    let removal_key = hush::auth::Identity::generate().expect("key").public_key();
-    let mut ds = Delivery::new(86_400, removal_key);
+    let removal = std::sync::Arc::new(hush::auth::Identity::generate().expect("key"));
+    let removal_key = removal.public_key();
+    let mut ds = Delivery::new(86_400, removal_key).with_removal_signer(removal);
     let (accounts, members): (Vec<Identity>, Vec<Member>) = (1..=5u8)
         .map(|_| {
-            let (account, _, m) = Member::generate().expect("member");
+            let (account, _, mut m) = Member::generate().expect("member");
+            m.set_removal_key(removal_key);
             store.enrol(m.certificate());
             (account, m)
         })
@@ -234,6 +299,7 @@ fn setup() -> World {
         logs: vec![],
         spare: Some(Member::generate().expect("member").2),
         active: vec![true, true, true, false, false],
+        revoked: vec![false; 5],
         group: vec![],
         last_seq: 0,
         epoch: 0,
@@ -290,7 +356,8 @@ fuzz_target!(|ops: Vec<Op>| {
                     continue;
                 }
                 let dave = w.members[3].account();
-                let Response::KeyPackages { packages } = w.req(who, Request::ClaimKeyPackage { account: dave.0 }) else {
+                let Response::KeyPackages { packages } = w.req(who, Request::ClaimKeyPackage { account: dave.0 })
+                else {
                     continue;
                 };
                 let packages: Vec<_> = packages.into_iter().map(|p| (dave, p)).collect();
@@ -348,6 +415,9 @@ fuzz_target!(|ops: Vec<Op>| {
             }
             Op::ForgePackage { who, victim, broken } => {
                 let who = usize::from(who % 5);
+                if w.revoked[who] {
+                    continue;
+                }
                 let forger = Member::forger(w.claimed(victim, broken)).expect("forger");
                 let packages = forger.key_packages(1).expect("package");
                 match w.req(who, Request::PublishKeyPackages { packages, last_resort: None }) {
@@ -373,6 +443,9 @@ fuzz_target!(|ops: Vec<Op>| {
             }
             Op::ForgeGroup { who, victim, broken } => {
                 let who = usize::from(who % 5);
+                if w.revoked[who] {
+                    continue;
+                }
                 let mut forger = Member::forger(w.claimed(victim, broken)).expect("forger");
                 // An id bound to the sender, so the leaf is what is judged.
                 let id = hush::delivery::mls::group_id_for(&w.members[who].account(), b"forged group");
@@ -435,6 +508,22 @@ fuzz_target!(|ops: Vec<Op>| {
                     w.members[who].forget(&g);
                     assert!(w.resync(who), "the member could not rejoin after its forged resync");
                 }
+            }
+            Op::Revoke { target } => {
+                let target = usize::from(target % 4);
+                // Someone must stay to carry the group on.
+                if w.revoked[target] || w.active.iter().take(4).filter(|a| **a).count() < 2 {
+                    continue;
+                }
+                let device = w.callers[target].device;
+                let revocation = hush::auth::DeviceRevocation::issue(&w.accounts[target], device, w.now);
+                match w.req(target, Request::RevokeDevice { revocation: revocation.encode() }) {
+                    Response::Done => {}
+                    other => panic!("an account could not revoke its own device: {other:?}"),
+                }
+                w.revoked[target] = true;
+                w.active[target] = false;
+                assert!(matches!(w.req(target, Request::ListGroups), Response::Error { .. }));
             }
             Op::Raw { who, bytes } => {
                 if let Ok(request) = Request::decode(&bytes) {
