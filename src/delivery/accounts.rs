@@ -51,7 +51,7 @@ impl Delivery {
         if store.account_exists(&cert.account)? {
             return Err(refuse(
                 ErrorCode::InvalidCredential,
-                "this account is already registered from another device; linking a second device is not supported yet",
+                "this account is already registered; a further device is linked from its first device (`hush device add`)",
             ));
         }
         let unknown = || refuse(ErrorCode::InviteUnknown, "the invite is not known to this server");

@@ -11,10 +11,11 @@
 //! # Rules
 //!
 //! * **Registration**: a key that is not a registered device may only
-//!   `Register`, with a device certificate for exactly that key; an invite
-//!   is required unless the operator opened registration ([`Quotas`]), and
-//!   one of its uses is spent in the same unit of work that creates the
-//!   account.
+//!   `Register` a new account, with a device certificate for exactly that
+//!   key (an invite is required unless the operator opened registration,
+//!   [`Quotas`], and one of its uses is spent in the same unit of work that
+//!   creates the account), or take the new device's part in linking
+//!   ([`links`]).
 //! * **Credentials**: every leaf's BasicCredential identity is a device
 //!   certificate ([`crate::auth::device`]) that must verify under the
 //!   account key it names and certify the leaf's signature key. The core
