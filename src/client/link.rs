@@ -191,12 +191,12 @@ impl Bundle {
         let mut w = Writer::new();
         w.raw(&self.account.0);
         w.bytes16("name", self.name.as_deref().unwrap_or_default().as_bytes(), MAX_NAME)?;
-        count(&mut w, "contacts", self.contacts.len(), MAX_BUNDLE_CONTACTS)?;
+        w.count("contacts", self.contacts.len(), MAX_BUNDLE_CONTACTS)?;
         for (name, account) in &self.contacts {
             w.bytes16("contact name", name.as_bytes(), MAX_NAME)?;
             w.raw(&account.0);
         }
-        count(&mut w, "groups", self.groups.len(), MAX_GROUPS_LISTED)?;
+        w.count("groups", self.groups.len(), MAX_GROUPS_LISTED)?;
         for (id, name) in &self.groups {
             w.bytes8("group id", id, MAX_GROUP_ID)?;
             w.bytes16("group name", name.as_bytes(), MAX_NAME)?;
@@ -210,19 +210,13 @@ impl Bundle {
         let account = AccountId(r.array()?);
         let name = r.string16("name", MAX_NAME)?;
         let name = (!name.is_empty()).then(|| name.to_owned());
-        let n = usize::from(r.u16()?);
-        if n > MAX_BUNDLE_CONTACTS {
-            return Err(DecodeError::TooLong { field: "contacts", len: n, max: MAX_BUNDLE_CONTACTS });
-        }
+        let n = r.count("contacts", MAX_BUNDLE_CONTACTS)?;
         let mut contacts = Vec::new();
         for _ in 0..n {
             let name = r.string16("contact name", MAX_NAME)?.to_owned();
             contacts.push((name, AccountId(r.array()?)));
         }
-        let m = usize::from(r.u16()?);
-        if m > MAX_GROUPS_LISTED {
-            return Err(DecodeError::TooLong { field: "groups", len: m, max: MAX_GROUPS_LISTED });
-        }
+        let m = r.count("groups", MAX_GROUPS_LISTED)?;
         let mut groups = Vec::new();
         for _ in 0..m {
             let id = r.bytes8("group id", MAX_GROUP_ID)?.to_vec();
@@ -231,12 +225,6 @@ impl Bundle {
         r.finish()?;
         Ok(Self { account, name, contacts, groups })
     }
-}
-
-fn count(w: &mut Writer, field: &'static str, n: usize, max: usize) -> Result<(), EncodeError> {
-    let n16 = u16::try_from(n).ok().filter(|_| n <= max).ok_or(EncodeError::TooLong { field, len: n, max })?;
-    w.u16(n16);
-    Ok(())
 }
 
 #[cfg(test)]

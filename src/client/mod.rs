@@ -378,10 +378,7 @@ impl Connection {
 
     /// Acknowledges everything in `group` up to `seq`.
     pub async fn ack(&self, group: &[u8], seq: u64) -> Result<(), ClientError> {
-        match self.call(&Request::Ack { group: group.to_vec(), seq }).await? {
-            Response::Done => Ok(()),
-            other => Err(unexpected(&other)),
-        }
+        self.done(&Request::Ack { group: group.to_vec(), seq }).await
     }
 
     /// Welcomes waiting for this account, as (id, Welcome).
@@ -394,10 +391,7 @@ impl Connection {
 
     /// Deletes a processed Welcome.
     pub async fn ack_welcome(&self, id: u64) -> Result<(), ClientError> {
-        match self.call(&Request::AckWelcome { id }).await? {
-            Response::Done => Ok(()),
-            other => Err(unexpected(&other)),
-        }
+        self.done(&Request::AckWelcome { id }).await
     }
 
     /// The groups this account is or was in.

@@ -94,6 +94,15 @@ impl<'a> Reader<'a> {
         self.take(len)
     }
 
+    /// A `u16` element count, refused above `max`.
+    pub fn count(&mut self, field: &'static str, max: usize) -> Result<usize, DecodeError> {
+        let n = usize::from(self.u16()?);
+        if n > max {
+            return Err(DecodeError::TooLong { field, len: n, max });
+        }
+        Ok(n)
+    }
+
     /// Bytes not yet read.
     pub fn remaining(&self) -> usize {
         self.rest.len()
@@ -163,6 +172,13 @@ impl Writer {
         let len = check(field, bytes.len(), max)?;
         self.u32(u32::try_from(len).map_err(|_| EncodeError::TooLong { field, len, max })?);
         self.raw(bytes);
+        Ok(())
+    }
+
+    /// A `u16` element count, refused above `max`.
+    pub fn count(&mut self, field: &'static str, n: usize, max: usize) -> Result<(), EncodeError> {
+        let n16 = u16::try_from(n).ok().filter(|_| n <= max).ok_or(EncodeError::TooLong { field, len: n, max })?;
+        self.u16(n16);
         Ok(())
     }
 

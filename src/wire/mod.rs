@@ -372,22 +372,6 @@ fn mls(r: &mut Reader<'_>, field: &'static str) -> Result<Vec<u8>, DecodeError> 
 }
 
 /// Reads a list count, capped.
-fn count(r: &mut Reader<'_>, field: &'static str, max: usize) -> Result<usize, DecodeError> {
-    let n = usize::from(r.u16()?);
-    if n > max {
-        return Err(DecodeError::TooLong { field, len: n, max });
-    }
-    Ok(n)
-}
-
-fn put_count(w: &mut Writer, field: &'static str, n: usize, max: usize) -> Result<(), EncodeError> {
-    if n > max {
-        return Err(EncodeError::TooLong { field, len: n, max });
-    }
-    w.u16(u16::try_from(n).map_err(|_| EncodeError::TooLong { field, len: n, max })?);
-    Ok(())
-}
-
 impl Request {
     pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         let mut w = Writer::new();
@@ -410,7 +394,7 @@ impl Request {
             }
             Self::PublishKeyPackages { packages, last_resort } => {
                 w.u8(0x04);
-                put_count(&mut w, "key packages", packages.len(), MAX_KEY_PACKAGES)?;
+                w.count("key packages", packages.len(), MAX_KEY_PACKAGES)?;
                 for p in packages {
                     w.bytes32("key package", p, MAX_KEY_PACKAGE)?;
                 }
@@ -516,7 +500,7 @@ impl Request {
             0x02 => Self::Status,
             0x03 => Self::Ping { nonce: r.u64()? },
             0x04 => {
-                let n = count(&mut r, "key packages", MAX_KEY_PACKAGES)?;
+                let n = r.count("key packages", MAX_KEY_PACKAGES)?;
                 let mut packages = Vec::new();
                 for _ in 0..n {
                     packages.push(r.bytes32("key package", MAX_KEY_PACKAGE)?.to_vec());
@@ -725,7 +709,7 @@ impl Response {
                 if packages.is_empty() {
                     return Err(EncodeError::Empty("key packages"));
                 }
-                put_count(&mut w, "key packages", packages.len(), MAX_DEVICES_PER_ACCOUNT)?;
+                w.count("key packages", packages.len(), MAX_DEVICES_PER_ACCOUNT)?;
                 for p in packages {
                     w.bytes32("key package", p, MAX_KEY_PACKAGE)?;
                 }
@@ -739,7 +723,7 @@ impl Response {
             Self::Messages { group, messages, more } => {
                 w.u8(0x07);
                 w.bytes8("group id", group, MAX_GROUP_ID)?;
-                put_count(&mut w, "messages", messages.len(), MAX_FETCH_ENTRIES)?;
+                w.count("messages", messages.len(), MAX_FETCH_ENTRIES)?;
                 for (seq, m) in messages {
                     w.u64(*seq);
                     w.bytes32("message", m, MAX_MLS_MESSAGE)?;
@@ -749,7 +733,7 @@ impl Response {
             Self::Done => w.u8(0x08),
             Self::Welcomes { welcomes } => {
                 w.u8(0x09);
-                put_count(&mut w, "welcomes", welcomes.len(), MAX_FETCH_ENTRIES)?;
+                w.count("welcomes", welcomes.len(), MAX_FETCH_ENTRIES)?;
                 for (id, m) in welcomes {
                     w.u64(*id);
                     w.bytes32("welcome", m, MAX_MLS_MESSAGE)?;
@@ -757,7 +741,7 @@ impl Response {
             }
             Self::Groups { groups } => {
                 w.u8(0x0a);
-                put_count(&mut w, "groups", groups.len(), MAX_GROUPS_LISTED)?;
+                w.count("groups", groups.len(), MAX_GROUPS_LISTED)?;
                 for g in groups {
                     w.bytes8("group id", &g.group, MAX_GROUP_ID)?;
                     w.u64(g.epoch);
@@ -780,7 +764,7 @@ impl Response {
             }
             Self::Devices { devices } => {
                 w.u8(0x0c);
-                put_count(&mut w, "devices", devices.len(), MAX_DEVICES_EVER)?;
+                w.count("devices", devices.len(), MAX_DEVICES_EVER)?;
                 for d in devices {
                     w.raw(&d.device);
                     w.u64(d.registered_at);
@@ -821,7 +805,7 @@ impl Response {
             0x03 => Self::Pong { nonce: r.u64()? },
             0x04 => Self::KeyPackageCount { count: r.u32()?, last_resort: r.bool("last resort")? },
             0x05 => {
-                let n = count(&mut r, "key packages", MAX_DEVICES_PER_ACCOUNT)?;
+                let n = r.count("key packages", MAX_DEVICES_PER_ACCOUNT)?;
                 if n == 0 {
                     return Err(DecodeError::Invalid("key packages (none)"));
                 }
@@ -834,7 +818,7 @@ impl Response {
             0x06 => Self::Accepted { group: group_id(&mut r)?, seq: r.u64()?, epoch: r.u64()? },
             0x07 => {
                 let group = group_id(&mut r)?;
-                let n = count(&mut r, "messages", MAX_FETCH_ENTRIES)?;
+                let n = r.count("messages", MAX_FETCH_ENTRIES)?;
                 let mut messages = Vec::new();
                 for _ in 0..n {
                     messages.push((r.u64()?, mls(&mut r, "message")?));
@@ -843,7 +827,7 @@ impl Response {
             }
             0x08 => Self::Done,
             0x09 => {
-                let n = count(&mut r, "welcomes", MAX_FETCH_ENTRIES)?;
+                let n = r.count("welcomes", MAX_FETCH_ENTRIES)?;
                 let mut welcomes = Vec::new();
                 for _ in 0..n {
                     welcomes.push((r.u64()?, mls(&mut r, "welcome")?));
@@ -851,7 +835,7 @@ impl Response {
                 Self::Welcomes { welcomes }
             }
             0x0a => {
-                let n = count(&mut r, "groups", MAX_GROUPS_LISTED)?;
+                let n = r.count("groups", MAX_GROUPS_LISTED)?;
                 let mut groups = Vec::new();
                 for _ in 0..n {
                     groups.push(GroupSummary {
@@ -872,7 +856,7 @@ impl Response {
                 Self::GroupInfo { group, group_info, ratchet_tree }
             }
             0x0c => {
-                let n = count(&mut r, "devices", MAX_DEVICES_EVER)?;
+                let n = r.count("devices", MAX_DEVICES_EVER)?;
                 let mut devices = Vec::new();
                 for _ in 0..n {
                     devices.push(DeviceSummary {
