@@ -12,6 +12,8 @@
 //!   behind one trait ([`delivery::Storage`]), units of work behind
 //!   [`delivery::storage::Backend`].
 //! * [`store`]: both traits on SQLite, schema migrations, maintenance.
+//! * [`pg`]: both traits on PostgreSQL (several nodes on one database), and
+//!   the `LISTEN`/`NOTIFY` wake-ups that carry pushes across nodes.
 //! * [`server`]: the QUIC listener, per-connection sessions (transport:
 //!   memory budgets, rate limits, `Ping`), admission limits and graceful
 //!   shutdown (`hushd`); [`server::engine`] runs the delivery core on any
@@ -33,6 +35,7 @@ pub mod client;
 pub mod config;
 pub mod delivery;
 pub mod limits;
+pub mod pg;
 pub mod server;
 pub mod sqlite;
 pub mod store;

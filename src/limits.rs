@@ -150,6 +150,10 @@ pub const PUSH_QUEUE: usize = 256;
 /// commit): one fsync acknowledges them all.
 pub const MAX_WRITE_BATCH: usize = 256;
 
+/// Times a request that conflicted with another node's transaction (on a
+/// shared PostgreSQL database) is run again before it fails.
+pub const MAX_CONFLICT_RETRIES: u32 = 3;
+
 /// Groups one account may be a current member of. Bounds what one account
 /// can make the server store.
 pub const DEFAULT_MAX_GROUPS_PER_ACCOUNT: u32 = 256;

@@ -367,8 +367,26 @@ pub trait Backend: Send + 'static {
 
 /// Storage inside a unit of work, with savepoints.
 pub trait Unit: Storage {
+    /// Whether statements can conflict with another node's transactions
+    /// (see [`Unit::take_conflict`]).
+    const CONFLICTS: bool = false;
+
     /// Marks a point to return to (one at a time).
     fn savepoint(&mut self) -> Result<(), Self::Error>;
     /// Ends the savepoint, keeping its writes or undoing them.
     fn release(&mut self, keep: bool) -> Result<(), Self::Error>;
+    /// Tells other nodes sharing the database about a kept request's
+    /// notifications, if the commit succeeds. A single-node store has
+    /// nobody to tell.
+    fn announce(&mut self, notifications: &[super::Notification]) -> Result<(), Self::Error> {
+        let _ = notifications;
+        Ok(())
+    }
+    /// Whether a statement since the last call failed on a conflict with
+    /// another node's transaction (a deadlock, a key inserted at the same
+    /// time): the request is worth running again, and its failure is not
+    /// its own. A single-node store never conflicts.
+    fn take_conflict(&mut self) -> bool {
+        false
+    }
 }

@@ -16,8 +16,9 @@ use tokio::sync::oneshot;
 
 use crate::auth::{DeviceId, Identity};
 use crate::delivery::storage::{Backend, DeviceRecord, Unit};
+use crate::delivery::Notification;
 use crate::delivery::{Delivery, Origin, Outcome, Quotas, Storage};
-use crate::limits::MAX_WRITE_BATCH;
+use crate::limits::{MAX_CONFLICT_RETRIES, MAX_WRITE_BATCH};
 use crate::store::{Db, StoreError};
 use crate::wire::Request;
 
@@ -46,6 +47,12 @@ enum Read {
     Device {
         device: DeviceId,
         reply: oneshot::Sender<Result<Option<DeviceRecord>, StoreError>>,
+    },
+    /// Another node stored a message: read it and who may see it.
+    Stored {
+        group: Vec<u8>,
+        seq: u64,
+        reply: oneshot::Sender<Result<Option<Notification>, StoreError>>,
     },
 }
 
@@ -81,6 +88,17 @@ impl Engine {
     /// `path` and starts the engine on it.
     pub fn open(path: &Path, quotas: Quotas, removal: Arc<Identity>) -> Result<Self, StoreError> {
         Self::start(Db::open(path)?, Db::open(path)?, quotas, removal)
+    }
+
+    /// Connects to the PostgreSQL database `target` (migrating it if
+    /// needed) and starts the engine on it.
+    pub fn open_postgres(
+        target: &Arc<crate::pg::Target>,
+        quotas: Quotas,
+        removal: Arc<Identity>,
+    ) -> Result<Self, StoreError> {
+        use crate::pg::PgDb;
+        Self::start(PgDb::connect(target.clone())?, PgDb::connect(target.clone())?, quotas, removal)
     }
 
     /// Starts the writer and reader threads on two connections to one
@@ -122,6 +140,15 @@ impl Engine {
     pub async fn device(&self, device: DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.reader.send(Read::Device { device, reply }).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// The push for a message another node stored in `group` at `seq`,
+    /// with the devices that may see it (those that were members when it
+    /// was sent); `None` if it is gone.
+    pub async fn stored(&self, group: Vec<u8>, seq: u64) -> Result<Option<Notification>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.reader.send(Read::Stored { group, seq, reply }).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -178,9 +205,7 @@ fn commit_batch<B: Backend<Error = StoreError>>(db: &mut B, delivery: &mut Deliv
     let result = db.write(|unit| {
         let mut outcomes = Vec::with_capacity(jobs.len());
         for Pending { origin, request, now, reply } in jobs {
-            unit.savepoint()?;
-            let outcome = delivery.handle(unit, origin, request, now);
-            unit.release(outcome.wrote)?;
+            let outcome = run_request(unit, delivery, origin, request, now)?;
             outcomes.push(outcome);
             replies.push(reply);
         }
@@ -206,6 +231,45 @@ fn commit_batch<B: Backend<Error = StoreError>>(db: &mut B, delivery: &mut Deliv
     }
 }
 
+/// Runs one request in its own savepoint. On a database several nodes
+/// share, a request that conflicted with another node's transaction (see
+/// [`Unit::take_conflict`]) is undone and run again, up to
+/// [`MAX_CONFLICT_RETRIES`] times; it then sees what the other node
+/// committed.
+fn run_request<U: Unit<Error = StoreError>>(
+    unit: &mut U,
+    delivery: &mut Delivery,
+    origin: Origin,
+    request: Request,
+    now: u64,
+) -> Result<Outcome, StoreError> {
+    let mut request = Some(request);
+    let mut attempt = 0;
+    loop {
+        let Some(this) = request.take() else { return Ok(Outcome::internal()) };
+        // Only a store that can conflict pays for a copy of the request.
+        let again = (U::CONFLICTS && attempt < MAX_CONFLICT_RETRIES).then(|| this.clone());
+        unit.savepoint()?;
+        let outcome = delivery.handle(unit, origin, this, now);
+        if unit.take_conflict() {
+            if let Some(again) = again {
+                unit.release(false)?;
+                // The undone attempt may have cached a roster it wrote.
+                delivery.forget_cached();
+                tracing::debug!(attempt, "request conflicted with another node; running it again");
+                attempt += 1;
+                request = Some(again);
+                continue;
+            }
+        }
+        if outcome.wrote {
+            unit.announce(&outcome.notifications)?;
+        }
+        unit.release(outcome.wrote)?;
+        return Ok(outcome);
+    }
+}
+
 /// The reader: each request in its own read unit (a snapshot).
 fn reader_loop<B: Backend<Error = StoreError>>(mut db: B, mut delivery: Delivery, rx: mpsc::Receiver<Read>) {
     while let Ok(job) = rx.recv() {
@@ -220,6 +284,27 @@ fn reader_loop<B: Backend<Error = StoreError>>(mut db: B, mut delivery: Delivery
             Read::Device { device, reply } => {
                 let _ = reply.send(db.read(|unit| unit.device(&device)).and_then(|r| r));
             }
+            Read::Stored { group, seq, reply } => {
+                let _ = reply.send(db.read(|unit| stored(unit, group, seq)).and_then(|r| r));
+            }
         }
     }
+}
+
+/// A message as another node stored it, as a push to the devices that were
+/// members when it was sent (joined before it, not removed before it).
+fn stored<S: Storage<Error = StoreError>>(
+    store: &mut S,
+    group: Vec<u8>,
+    seq: u64,
+) -> Result<Option<Notification>, StoreError> {
+    let (mut messages, _) = store.fetch(&group, seq.saturating_sub(1), Some(seq), 1, usize::MAX)?;
+    let Some((_, message)) = messages.pop() else { return Ok(None) };
+    let recipients: Arc<[DeviceId]> = store
+        .members(&group)?
+        .into_iter()
+        .filter(|(_, m)| m.joined_after < seq && m.left_at.is_none_or(|left| left >= seq))
+        .map(|(d, _)| d)
+        .collect();
+    Ok(Some(Notification::Message { group, seq, message, recipients }))
 }

@@ -31,12 +31,12 @@ pub use crate::sqlite::BUSY_TIMEOUT;
 
 /// A count or time as SQLite stores it (INTEGER is signed): values past
 /// `i64::MAX` are clamped, never wrapped.
-fn to_i64(v: u64) -> i64 {
+pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// Back from SQLite: a negative value (which hush never writes) reads as 0.
-fn to_u64(v: i64) -> u64 {
+pub(crate) fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
@@ -49,6 +49,10 @@ pub const DB_FILE: &str = "hush.db";
 pub enum StoreError {
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] postgres::Error),
+    #[error(transparent)]
+    Target(#[from] crate::pg::TargetError),
     #[error("database schema version {found} is newer than this hushd supports ({supported}); upgrade hushd")]
     SchemaTooNew { found: i64, supported: i64 },
     #[error(

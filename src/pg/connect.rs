@@ -1,0 +1,170 @@
+//! Where the database is and how to reach it.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::store::StoreError;
+
+/// CA bundle used to verify a database server's certificate when the URL
+/// names none (`sslrootcert=FILE`).
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// How long connecting to the database may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a database URL was refused.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum TargetError {
+    #[error("the database URL is not valid: {0}")]
+    Url(String),
+    #[error("cannot read the CA certificates in {path}: {why}")]
+    RootCerts { path: PathBuf, why: String },
+    #[error("no randomness available from the operating system")]
+    Random,
+}
+
+/// A PostgreSQL database to connect to: parsed settings, TLS for TCP hosts,
+/// and this process's node id (which tells a node its own `NOTIFY`s apart
+/// from other nodes').
+#[derive(Clone)]
+pub struct Target {
+    config: tokio_postgres::Config,
+    tls: Option<MakeRustlsConnect>,
+    pub node: u64,
+}
+
+impl std::fmt::Debug for Target {
+    // The URL may hold a password: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target").field("tls", &self.tls.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl Target {
+    /// Parses a `postgresql://` URL (or `key=value` settings). A Unix-socket
+    /// host needs no TLS; TCP hosts get TLS, required (an unencrypted
+    /// fallback is taken only with an explicit `sslmode=disable`).
+    pub fn parse(url: &str) -> Result<Arc<Self>, TargetError> {
+        let (url, root) = take_param(url, "sslrootcert");
+        let mut config = tokio_postgres::Config::from_str(&url).map_err(|e| TargetError::Url(e.to_string()))?;
+        if config.get_hosts().is_empty() {
+            return Err(TargetError::Url("it names no host (a TCP host name or a socket directory)".into()));
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("hushd");
+        }
+        let tcp = config.get_hosts().iter().any(|h| matches!(h, Host::Tcp(_)));
+        let tls = if tcp && config.get_ssl_mode() != SslMode::Disable {
+            // `prefer` (the default) would fall back to plain text; hush
+            // does not.
+            config.ssl_mode(SslMode::Require);
+            Some(tls(root.map(PathBuf::from).unwrap_or_else(|| PathBuf::from(SYSTEM_CA_BUNDLE)))?)
+        } else {
+            config.ssl_mode(SslMode::Disable);
+            None
+        };
+        let mut node = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut node).map_err(|_| TargetError::Random)?;
+        Ok(Arc::new(Self { config, tls, node: u64::from_le_bytes(node) }))
+    }
+
+    /// A blocking client (the engine's threads, short commands).
+    pub fn connect_blocking(&self) -> Result<postgres::Client, StoreError> {
+        let config = postgres::Config::from(self.config.clone());
+        Ok(match &self.tls {
+            Some(tls) => config.connect(tls.clone())?,
+            None => config.connect(tokio_postgres::NoTls)?,
+        })
+    }
+
+    /// The settings, for an async connection ([`super::listen`]).
+    pub(super) fn config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+
+    pub(super) fn tls(&self) -> Option<&MakeRustlsConnect> {
+        self.tls.as_ref()
+    }
+}
+
+/// Removes `name=value` from a URL's query (or a `key=value` string) and
+/// returns it: a setting hush reads itself that the driver does not know.
+fn take_param(url: &str, name: &str) -> (String, Option<String>) {
+    let prefix = format!("{name}=");
+    let mut value = None;
+    let mut keep = |p: &&str| match p.strip_prefix(&prefix) {
+        Some(v) => {
+            value = Some(v.to_string());
+            false
+        }
+        None => true,
+    };
+    let url = if let Some((base, query)) = url.split_once('?') {
+        let kept: Vec<&str> = query.split('&').filter(&mut keep).collect();
+        if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        }
+    } else if !url.contains("://") {
+        url.split_whitespace().filter(&mut keep).collect::<Vec<_>>().join(" ")
+    } else {
+        url.to_string()
+    };
+    (url, value)
+}
+
+fn tls(roots: PathBuf) -> Result<MakeRustlsConnect, TargetError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let bad = |why: String| TargetError::RootCerts { path: roots.clone(), why };
+    let mut store = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&roots).map_err(|e| bad(e.to_string()))? {
+        store.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+    }
+    if store.is_empty() {
+        return Err(bad("no certificates in it".into()));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sslrootcert_is_taken_from_urls_and_settings() {
+        let (u, v) = take_param("postgresql://h/db?sslrootcert=/x.pem&sslmode=require", "sslrootcert");
+        assert_eq!((u.as_str(), v.as_deref()), ("postgresql://h/db?sslmode=require", Some("/x.pem")));
+        let (u, v) = take_param("host=h sslrootcert=/y.pem dbname=d", "sslrootcert");
+        assert_eq!((u.as_str(), v.as_deref()), ("host=h dbname=d", Some("/y.pem")));
+        assert_eq!(take_param("postgresql://h/db", "sslrootcert").1, None);
+    }
+
+    #[test]
+    fn unix_sockets_go_without_tls_and_tcp_requires_it() {
+        let t = Target::parse("postgresql:///hush?host=/run/postgresql").unwrap();
+        assert!(t.tls.is_none());
+        let t = Target::parse("postgresql://db.example/hush").unwrap();
+        assert!(t.tls.is_some() && t.config.get_ssl_mode() == SslMode::Require);
+        let t = Target::parse("postgresql://127.0.0.1/hush?sslmode=disable").unwrap();
+        assert!(t.tls.is_none());
+        assert!(Target::parse("postgresql://h/db?sslrootcert=/nonexistent.pem").is_err());
+        assert!(format!("{:?}", Target::parse("postgresql://u:secret@h/db").unwrap()).find("secret").is_none());
+    }
+}

@@ -1,0 +1,137 @@
+//! The PostgreSQL schema, versioned in the `hush_schema` table.
+//!
+//! `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`; all
+//! pending steps run in one transaction under an advisory lock, so nodes
+//! starting together migrate once and a failed step leaves the previous
+//! version. Never edit a released migration; append one. (Version 1 is
+//! the SQLite schema as of its version 6; the two count separately.)
+
+use postgres::Client;
+
+use crate::store::StoreError;
+
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: everything, as of SQLite schema 6. Times are Unix seconds.
+    "CREATE TABLE accounts (
+        key bytea PRIMARY KEY CHECK (length(key) = 32),
+        created_at bigint NOT NULL,
+        invite_id bytea,
+        removed_at bigint
+    );
+    CREATE TABLE invites (
+        id bytea PRIMARY KEY CHECK (length(id) = 8),
+        secret_hash bytea NOT NULL CHECK (length(secret_hash) = 32),
+        uses_total bigint NOT NULL CHECK (uses_total > 0),
+        uses_left bigint NOT NULL CHECK (uses_left >= 0 AND uses_left <= uses_total),
+        expires_at bigint,
+        created_at bigint NOT NULL
+    );
+    CREATE TABLE devices (
+        key bytea PRIMARY KEY CHECK (length(key) = 32),
+        account bytea NOT NULL REFERENCES accounts(key),
+        certificate bytea NOT NULL,
+        created_at bigint NOT NULL,
+        revoked_at bigint
+    );
+    CREATE INDEX devices_account ON devices(account);
+    CREATE TABLE key_packages (
+        hash_ref bytea PRIMARY KEY,
+        device bytea NOT NULL REFERENCES devices(key),
+        account bytea NOT NULL,
+        data bytea NOT NULL,
+        last_resort boolean NOT NULL,
+        created_at bigint NOT NULL
+    );
+    CREATE INDEX key_packages_device ON key_packages(device, last_resort);
+    CREATE INDEX key_packages_account ON key_packages(account);
+    CREATE TABLE claimed (
+        hash_ref bytea PRIMARY KEY,
+        device bytea NOT NULL,
+        account bytea NOT NULL,
+        claimed_at bigint NOT NULL
+    );
+    CREATE TABLE groups (
+        gid bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id bytea NOT NULL UNIQUE CHECK (length(id) BETWEEN 1 AND 255),
+        epoch bigint NOT NULL,
+        last_seq bigint NOT NULL,
+        created_at bigint NOT NULL
+    );
+    CREATE TABLE group_states (
+        gid bigint PRIMARY KEY REFERENCES groups(gid),
+        state bytea NOT NULL,
+        group_info bytea
+    );
+    CREATE TABLE members (
+        gid bigint NOT NULL REFERENCES groups(gid),
+        device bytea NOT NULL,
+        account bytea NOT NULL,
+        joined_after bigint NOT NULL,
+        left_at bigint,
+        left_epoch bigint,
+        acked bigint NOT NULL,
+        PRIMARY KEY (gid, device)
+    );
+    CREATE INDEX members_device ON members(device);
+    CREATE INDEX members_account ON members(account);
+    CREATE TABLE log (
+        gid bigint NOT NULL REFERENCES groups(gid),
+        seq bigint NOT NULL,
+        epoch bigint NOT NULL,
+        data bytea NOT NULL,
+        created_at bigint NOT NULL,
+        PRIMARY KEY (gid, seq)
+    );
+    CREATE TABLE inbox (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        recipient bytea NOT NULL,
+        gid bigint NOT NULL,
+        data bytea NOT NULL,
+        created_at bigint NOT NULL
+    );
+    CREATE INDEX inbox_recipient ON inbox(recipient, id);
+    CREATE TABLE links (
+        id bytea PRIMARY KEY,
+        account bytea NOT NULL REFERENCES accounts(key),
+        created_at bigint NOT NULL,
+        expires_at bigint NOT NULL,
+        device bytea,
+        offer bytea,
+        certificate bytea,
+        bundle bytea
+    );
+    CREATE INDEX links_account ON links(account);
+    CREATE INDEX links_expires ON links(expires_at);",
+];
+
+/// Key of the advisory lock migrations hold ("hush" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6875_7368;
+
+/// The schema version this build writes.
+pub fn latest() -> i64 {
+    i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX)
+}
+
+/// Brings the database to [`latest`]; refuses one from a newer hushd.
+pub fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS hush_schema (version integer NOT NULL)")?;
+    let found = match tx.query_opt("SELECT version FROM hush_schema", &[])? {
+        Some(row) => i64::from(row.get::<_, i32>(0)),
+        None => {
+            tx.execute("INSERT INTO hush_schema (version) VALUES (0)", &[])?;
+            0
+        }
+    };
+    if found > latest() {
+        return Err(StoreError::SchemaTooNew { found, supported: latest() });
+    }
+    for (version, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(found).unwrap_or(usize::MAX)) {
+        tx.batch_execute(sql)?;
+        let next = i32::try_from(version + 1).unwrap_or(i32::MAX);
+        tx.execute("UPDATE hush_schema SET version = $1", &[&next])?;
+    }
+    tx.commit()?;
+    Ok(())
+}

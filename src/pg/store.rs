@@ -1,0 +1,727 @@
+//! The Delivery Service's [`Storage`] on PostgreSQL.
+//!
+//! Used inside a transaction the [`super::PgDb`] backend began (a write
+//! unit in `READ COMMITTED`, a read unit in `REPEATABLE READ READ ONLY`);
+//! it never begins or ends one itself, except [`PgStore::commit`].
+
+use std::collections::HashMap;
+
+use postgres::types::ToSql;
+use postgres::{Row, Statement, Transaction};
+
+use super::listen::Notice;
+use crate::auth::{AccountId, DeviceId};
+use crate::delivery::storage::{
+    AccountRecord, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Unit,
+};
+use crate::delivery::{GroupRecord, Membership, NewKeyPackage, Notification, SendContext, Storage};
+use crate::store::{to_i64 as i, to_u64 as u, StoreError};
+
+type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
+
+/// Storage inside one transaction.
+pub struct PgStore<'a> {
+    tx: Transaction<'a>,
+    statements: &'a mut HashMap<&'static str, Statement>,
+    /// A write unit: reads that decide (epochs, sequences) lock the group.
+    writing: bool,
+    node: u64,
+    /// Database bytes at the first quota check, plus bytes written since
+    /// (as [`crate::store::SqlStore`] does).
+    space: Option<u64>,
+    /// Set when a statement failed on a conflict with another transaction.
+    conflict: bool,
+    /// `NOTIFY` payloads of the requests kept so far, sent with the commit.
+    notices: Vec<String>,
+}
+
+impl std::fmt::Debug for PgStore<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").field("writing", &self.writing).finish_non_exhaustive()
+    }
+}
+
+fn key(bytes: &[u8]) -> Option<[u8; 32]> {
+    <[u8; 32]>::try_from(bytes).ok()
+}
+
+fn account_row(r: &Row) -> Option<AccountRecord> {
+    let k: Vec<u8> = r.get(0);
+    Some(AccountRecord {
+        account: AccountId(key(&k)?),
+        created_at: u(r.get(1)),
+        removed_at: r.get::<_, Option<i64>>(2).map(u),
+    })
+}
+
+fn invite_row(r: &Row) -> Option<InviteRecord> {
+    let id: Vec<u8> = r.get(0);
+    let hash: Vec<u8> = r.get(1);
+    Some(InviteRecord {
+        id: <[u8; 8]>::try_from(id.as_slice()).ok()?,
+        secret_hash: <[u8; 32]>::try_from(hash.as_slice()).ok()?,
+        uses_total: u32::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+        uses_left: u32::try_from(r.get::<_, i64>(3)).unwrap_or(0),
+        expires_at: r.get::<_, Option<i64>>(4).map(u),
+        created_at: u(r.get(5)),
+    })
+}
+
+/// A membership from columns `at..at + 4` (account, joined_after, left_at,
+/// acked).
+fn membership_row(r: &Row, at: usize) -> Option<Membership> {
+    let account: Vec<u8> = r.get(at);
+    Some(Membership {
+        account: AccountId(key(&account)?),
+        joined_after: u(r.get(at + 1)),
+        left_at: r.get::<_, Option<i64>>(at + 2).map(u),
+        acked: u(r.get(at + 3)),
+    })
+}
+
+/// Fills `page` from rows of (key bigint, data bytea), in their order.
+fn fill(rows: Vec<Row>, mut page: Page) -> (Messages, bool) {
+    for row in rows {
+        let data: Vec<u8> = row.get(1);
+        if !page.fits(data.len()) {
+            break;
+        }
+        page.push(u(row.get(0)), data);
+    }
+    page.finish()
+}
+
+fn limit(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl<'a> PgStore<'a> {
+    pub(super) fn new(
+        tx: Transaction<'a>,
+        statements: &'a mut HashMap<&'static str, Statement>,
+        writing: bool,
+        node: u64,
+    ) -> Self {
+        Self { tx, statements, writing, node, space: None, conflict: false, notices: Vec::new() }
+    }
+
+    /// Sends the kept requests' notices and commits.
+    pub(super) fn commit(mut self) -> Result<(), StoreError> {
+        if !self.notices.is_empty() {
+            let notices = std::mem::take(&mut self.notices);
+            self.exec("SELECT pg_notify($1, n) FROM unnest($2::text[]) AS n", &[&super::CHANNEL, &notices])?;
+        }
+        self.tx.commit()?;
+        Ok(())
+    }
+
+    fn fail(&mut self, e: postgres::Error) -> StoreError {
+        if super::is_conflict(&e) {
+            self.conflict = true;
+        }
+        StoreError::Postgres(e)
+    }
+
+    fn statement(&mut self, sql: &'static str) -> Result<Statement, StoreError> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.tx.prepare(sql).map_err(|e| self.fail(e))?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    fn rows(&mut self, sql: &'static str, params: Params<'_>) -> Result<Vec<Row>, StoreError> {
+        let s = self.statement(sql)?;
+        self.tx.query(&s, params).map_err(|e| self.fail(e))
+    }
+
+    fn row(&mut self, sql: &'static str, params: Params<'_>) -> Result<Option<Row>, StoreError> {
+        let s = self.statement(sql)?;
+        self.tx.query_opt(&s, params).map_err(|e| self.fail(e))
+    }
+
+    fn one(&mut self, sql: &'static str, params: Params<'_>) -> Result<Row, StoreError> {
+        let s = self.statement(sql)?;
+        self.tx.query_one(&s, params).map_err(|e| self.fail(e))
+    }
+
+    fn exec(&mut self, sql: &'static str, params: Params<'_>) -> Result<u64, StoreError> {
+        let s = self.statement(sql)?;
+        self.tx.execute(&s, params).map_err(|e| self.fail(e))
+    }
+
+    /// Picks the locking variant of a group read in a write unit.
+    fn pick(&self, reading: &'static str, writing: &'static str) -> &'static str {
+        if self.writing {
+            writing
+        } else {
+            reading
+        }
+    }
+
+    fn gid(&mut self, group: &[u8]) -> Result<Option<i64>, StoreError> {
+        Ok(self.row("SELECT gid FROM groups WHERE id = $1", &[&group])?.map(|r| r.get(0)))
+    }
+
+    fn wrote(&mut self, bytes: usize) {
+        if let Some(s) = self.space.as_mut() {
+            *s = s.saturating_add(u64::try_from(bytes).unwrap_or(u64::MAX));
+        }
+    }
+}
+
+impl Storage for PgStore<'_> {
+    type Error = StoreError;
+
+    fn account_exists(&mut self, a: &AccountId) -> Result<bool, StoreError> {
+        Ok(self.row("SELECT 1 FROM accounts WHERE key = $1", &[&&a.0[..]])?.is_some())
+    }
+
+    fn accounts(&mut self) -> Result<Vec<AccountRecord>, StoreError> {
+        let rows = self.rows("SELECT key, created_at, removed_at FROM accounts ORDER BY created_at, key", &[])?;
+        Ok(rows.iter().filter_map(account_row).collect())
+    }
+
+    fn insert_account(&mut self, a: &AccountId, invite: Option<[u8; 8]>, now: u64) -> Result<(), StoreError> {
+        let invite = invite.as_ref().map(|id| &id[..]);
+        self.exec(
+            "INSERT INTO accounts (key, created_at, invite_id) VALUES ($1, $2, $3)",
+            &[&&a.0[..], &i(now), &invite],
+        )?;
+        Ok(())
+    }
+
+    fn device(&mut self, device: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        let Some(row) = self.row(
+            "SELECT account, certificate, created_at, revoked_at FROM devices WHERE key = $1",
+            &[&&device.0[..]],
+        )?
+        else {
+            return Ok(None);
+        };
+        let account: Vec<u8> = row.get(0);
+        let account =
+            key(&account).ok_or_else(|| StoreError::Corrupt("a device row's account is not 32 bytes".into()))?;
+        Ok(Some(DeviceRecord {
+            account: AccountId(account),
+            certificate: row.get(1),
+            created_at: u(row.get(2)),
+            revoked_at: row.get::<_, Option<i64>>(3).map(u),
+        }))
+    }
+
+    fn insert_device(&mut self, device: &DeviceId, r: &DeviceRecord) -> Result<(), StoreError> {
+        self.exec(
+            "INSERT INTO devices (key, account, certificate, created_at) VALUES ($1, $2, $3, $4)",
+            &[&&device.0[..], &&r.account.0[..], &r.certificate, &i(r.created_at)],
+        )?;
+        Ok(())
+    }
+
+    fn devices_of(&mut self, a: &AccountId) -> Result<Vec<(DeviceId, DeviceRecord)>, StoreError> {
+        let rows = self.rows(
+            "SELECT key, certificate, created_at, revoked_at FROM devices WHERE account = $1 ORDER BY created_at, key",
+            &[&&a.0[..]],
+        )?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                let k: Vec<u8> = row.get(0);
+                let record = DeviceRecord {
+                    account: *a,
+                    certificate: row.get(1),
+                    created_at: u(row.get(2)),
+                    revoked_at: row.get::<_, Option<i64>>(3).map(u),
+                };
+                Some((DeviceId(key(&k)?), record))
+            })
+            .collect())
+    }
+
+    fn revoke_device(&mut self, device: &DeviceId, now: u64) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE devices SET revoked_at = $2 WHERE key = $1 AND revoked_at IS NULL",
+            &[&&device.0[..], &i(now)],
+        )?;
+        self.exec("DELETE FROM key_packages WHERE device = $1", &[&&device.0[..]])?;
+        Ok(())
+    }
+
+    fn remove_account(&mut self, a: &AccountId, now: u64) -> Result<(), StoreError> {
+        self.exec("UPDATE accounts SET removed_at = $2 WHERE key = $1 AND removed_at IS NULL", &[&&a.0[..], &i(now)])?;
+        Ok(())
+    }
+
+    fn account(&mut self, a: &AccountId) -> Result<Option<AccountRecord>, StoreError> {
+        Ok(self
+            .row("SELECT key, created_at, removed_at FROM accounts WHERE key = $1", &[&&a.0[..]])?
+            .as_ref()
+            .and_then(account_row))
+    }
+
+    fn insert_link(&mut self, l: &LinkRecord) -> Result<(), StoreError> {
+        self.exec(
+            "INSERT INTO links (id, account, created_at, expires_at) VALUES ($1, $2, $3, $4)",
+            &[&&l.id[..], &&l.account.0[..], &i(l.created_at), &i(l.expires_at)],
+        )?;
+        Ok(())
+    }
+
+    fn link(&mut self, id: &[u8; 16]) -> Result<Option<LinkRecord>, StoreError> {
+        let Some(row) = self.row(
+            "SELECT account, created_at, expires_at, device, offer, certificate, bundle FROM links WHERE id = $1",
+            &[&&id[..]],
+        )?
+        else {
+            return Ok(None);
+        };
+        let account: Vec<u8> = row.get(0);
+        let account = key(&account).ok_or_else(|| StoreError::Corrupt("a link's account is not 32 bytes".into()))?;
+        let device: Option<Vec<u8>> = row.get(3);
+        let certificate: Option<Vec<u8>> = row.get(5);
+        let bundle: Option<Vec<u8>> = row.get(6);
+        Ok(Some(LinkRecord {
+            id: *id,
+            account: AccountId(account),
+            created_at: u(row.get(1)),
+            expires_at: u(row.get(2)),
+            device: device.as_deref().and_then(key).map(DeviceId),
+            offer: row.get(4),
+            answer: certificate.zip(bundle),
+        }))
+    }
+
+    fn set_link_offer(&mut self, id: &[u8; 16], device: &DeviceId, offer: &[u8]) -> Result<bool, StoreError> {
+        let n = self.exec(
+            "UPDATE links SET device = $2, offer = $3 WHERE id = $1 AND offer IS NULL",
+            &[&&id[..], &&device.0[..], &offer],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn set_link_answer(&mut self, id: &[u8; 16], certificate: &[u8], bundle: &[u8]) -> Result<bool, StoreError> {
+        let n = self.exec(
+            "UPDATE links SET certificate = $2, bundle = $3 WHERE id = $1 AND offer IS NOT NULL AND certificate IS NULL",
+            &[&&id[..], &certificate, &bundle],
+        )?;
+        self.wrote(bundle.len());
+        Ok(n == 1)
+    }
+
+    fn open_links(&mut self, a: &AccountId, now: u64) -> Result<u64, StoreError> {
+        let row =
+            self.one("SELECT count(*) FROM links WHERE account = $1 AND expires_at > $2", &[&&a.0[..], &i(now)])?;
+        Ok(u(row.get(0)))
+    }
+
+    fn expire_links(&mut self, now: u64) -> Result<u64, StoreError> {
+        self.exec("DELETE FROM links WHERE expires_at < $1", &[&i(now)])
+    }
+
+    fn insert_invite(&mut self, v: &InviteRecord) -> Result<(), StoreError> {
+        self.exec(
+            "INSERT INTO invites (id, secret_hash, uses_total, uses_left, expires_at, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &&v.id[..],
+                &&v.secret_hash[..],
+                &i64::from(v.uses_total),
+                &i64::from(v.uses_left),
+                &v.expires_at.map(i),
+                &i(v.created_at),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn invite(&mut self, id: &[u8; 8]) -> Result<Option<InviteRecord>, StoreError> {
+        Ok(self
+            .row(
+                "SELECT id, secret_hash, uses_total, uses_left, expires_at, created_at FROM invites WHERE id = $1",
+                &[&&id[..]],
+            )?
+            .as_ref()
+            .and_then(invite_row))
+    }
+
+    fn spend_invite(&mut self, id: &[u8; 8]) -> Result<bool, StoreError> {
+        let n =
+            self.exec("UPDATE invites SET uses_left = uses_left - 1 WHERE id = $1 AND uses_left > 0", &[&&id[..]])?;
+        Ok(n == 1)
+    }
+
+    fn invites(&mut self) -> Result<Vec<InviteRecord>, StoreError> {
+        let rows = self.rows(
+            "SELECT id, secret_hash, uses_total, uses_left, expires_at, created_at FROM invites
+             ORDER BY created_at DESC, id",
+            &[],
+        )?;
+        Ok(rows.iter().filter_map(invite_row).collect())
+    }
+
+    fn key_package_count(&mut self, owner: &DeviceId) -> Result<(u32, bool), StoreError> {
+        let row = self.one(
+            "SELECT count(*) FILTER (WHERE NOT last_resort), COALESCE(bool_or(last_resort), false)
+             FROM key_packages WHERE device = $1",
+            &[&&owner.0[..]],
+        )?;
+        Ok((u32::try_from(row.get::<_, i64>(0)).unwrap_or(u32::MAX), row.get(1)))
+    }
+
+    fn add_key_packages(
+        &mut self,
+        account: &AccountId,
+        owner: &DeviceId,
+        packages: &[NewKeyPackage],
+        now: u64,
+    ) -> Result<(), StoreError> {
+        for p in packages {
+            if p.last_resort {
+                self.exec("DELETE FROM key_packages WHERE device = $1 AND last_resort", &[&&owner.0[..]])?;
+            }
+            self.exec(
+                "INSERT INTO key_packages (hash_ref, device, account, data, last_resort, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (hash_ref) DO NOTHING",
+                &[&p.hash_ref, &&owner.0[..], &&account.0[..], &p.data, &p.last_resort, &i(now)],
+            )?;
+            self.wrote(p.data.len());
+        }
+        Ok(())
+    }
+
+    fn claim_key_packages(&mut self, account: &AccountId, now: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+        let devices: Vec<Vec<u8>> = self
+            .rows("SELECT key FROM devices WHERE account = $1 ORDER BY key", &[&&account.0[..]])?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut out = Vec::with_capacity(devices.len());
+        for device in devices {
+            // Locked, so two nodes never hand out the same package: the
+            // second waits, finds it gone, and takes the next one.
+            let Some(row) = self.row(
+                "SELECT hash_ref, data, last_resort FROM key_packages WHERE device = $1
+                 ORDER BY last_resort, created_at, hash_ref LIMIT 1 FOR UPDATE",
+                &[&device],
+            )?
+            else {
+                continue;
+            };
+            let (hash_ref, data, last_resort): (Vec<u8>, Vec<u8>, bool) = (row.get(0), row.get(1), row.get(2));
+            if !last_resort {
+                self.exec("DELETE FROM key_packages WHERE hash_ref = $1", &[&hash_ref])?;
+            }
+            self.exec(
+                "INSERT INTO claimed (hash_ref, device, account, claimed_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (hash_ref) DO UPDATE SET device = EXCLUDED.device, account = EXCLUDED.account,
+                     claimed_at = EXCLUDED.claimed_at",
+                &[&hash_ref, &device, &&account.0[..], &i(now)],
+            )?;
+            out.push(data);
+        }
+        Ok(out)
+    }
+
+    fn claimed_owner(&mut self, hash_ref: &[u8]) -> Result<Option<(AccountId, DeviceId)>, StoreError> {
+        let Some(row) = self.row("SELECT account, device FROM claimed WHERE hash_ref = $1", &[&hash_ref])? else {
+            return Ok(None);
+        };
+        let (a, d): (Vec<u8>, Vec<u8>) = (row.get(0), row.get(1));
+        Ok(key(&a).zip(key(&d)).map(|(a, d)| (AccountId(a), DeviceId(d))))
+    }
+
+    fn group(&mut self, group: &[u8]) -> Result<Option<GroupRecord>, StoreError> {
+        let sql = self.pick(
+            "SELECT g.epoch, s.state, g.last_seq FROM groups g JOIN group_states s ON s.gid = g.gid WHERE g.id = $1",
+            "SELECT g.epoch, s.state, g.last_seq FROM groups g JOIN group_states s ON s.gid = g.gid WHERE g.id = $1
+             FOR UPDATE OF g",
+        );
+        Ok(self.row(sql, &[&group])?.map(|r| GroupRecord {
+            epoch: u(r.get(0)),
+            state: r.get(1),
+            last_seq: u(r.get(2)),
+        }))
+    }
+
+    fn group_epoch(&mut self, group: &[u8]) -> Result<Option<u64>, StoreError> {
+        let sql =
+            self.pick("SELECT epoch FROM groups WHERE id = $1", "SELECT epoch FROM groups WHERE id = $1 FOR UPDATE");
+        Ok(self.row(sql, &[&group])?.map(|r| u(r.get(0))))
+    }
+
+    fn send_context(&mut self, group: &[u8], d: &DeviceId) -> Result<Option<SendContext>, StoreError> {
+        let sql = self.pick(
+            "SELECT g.epoch, g.last_seq, (SELECT min(seq) FROM log WHERE gid = g.gid),
+                    m.account, m.joined_after, m.left_at, m.acked
+             FROM groups g LEFT JOIN members m ON m.gid = g.gid AND m.device = $2 WHERE g.id = $1",
+            "SELECT g.epoch, g.last_seq, (SELECT min(seq) FROM log WHERE gid = g.gid),
+                    m.account, m.joined_after, m.left_at, m.acked
+             FROM groups g LEFT JOIN members m ON m.gid = g.gid AND m.device = $2 WHERE g.id = $1
+             FOR UPDATE OF g",
+        );
+        let Some(row) = self.row(sql, &[&group, &&d.0[..]])? else { return Ok(None) };
+        let last: i64 = row.get(1);
+        let first: Option<i64> = row.get(2);
+        let membership = match row.get::<_, Option<Vec<u8>>>(3) {
+            Some(_) => membership_row(&row, 3),
+            None => None,
+        };
+        let log_len = first.map_or(0, |f| u(last).saturating_sub(u(f)).saturating_add(1));
+        Ok(Some(SendContext { epoch: u(row.get(0)), membership, log_len }))
+    }
+
+    fn insert_group(&mut self, group: &[u8], epoch: u64, state: &[u8], now: u64) -> Result<(), StoreError> {
+        self.exec(
+            "WITH g AS (INSERT INTO groups (id, epoch, last_seq, created_at) VALUES ($1, $2, 0, $3) RETURNING gid)
+             INSERT INTO group_states (gid, state) SELECT gid, $4 FROM g",
+            &[&group, &i(epoch), &i(now), &state],
+        )?;
+        self.wrote(state.len());
+        Ok(())
+    }
+
+    fn update_group(&mut self, group: &[u8], epoch: u64, state: &[u8]) -> Result<(), StoreError> {
+        self.exec(
+            "WITH g AS (UPDATE groups SET epoch = $2 WHERE id = $1 RETURNING gid)
+             UPDATE group_states s SET state = $3 FROM g WHERE s.gid = g.gid",
+            &[&group, &i(epoch), &state],
+        )?;
+        self.wrote(state.len());
+        Ok(())
+    }
+
+    fn group_info(&mut self, group: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .row("SELECT s.group_info FROM groups g JOIN group_states s ON s.gid = g.gid WHERE g.id = $1", &[&group])?
+            .and_then(|r| r.get(0)))
+    }
+
+    fn set_group_info(&mut self, group: &[u8], info: &[u8]) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE group_states s SET group_info = $2 FROM groups g WHERE g.id = $1 AND s.gid = g.gid",
+            &[&group, &info],
+        )?;
+        self.wrote(info.len());
+        Ok(())
+    }
+
+    fn membership(&mut self, group: &[u8], d: &DeviceId) -> Result<Option<Membership>, StoreError> {
+        Ok(self
+            .row(
+                "SELECT m.account, m.joined_after, m.left_at, m.acked FROM members m JOIN groups g ON g.gid = m.gid
+                 WHERE g.id = $1 AND m.device = $2",
+                &[&group, &&d.0[..]],
+            )?
+            .and_then(|r| membership_row(&r, 0)))
+    }
+
+    fn members(&mut self, group: &[u8]) -> Result<Vec<(DeviceId, Membership)>, StoreError> {
+        let rows = self.rows(
+            "SELECT m.device, m.account, m.joined_after, m.left_at, m.acked FROM members m
+             JOIN groups g ON g.gid = m.gid WHERE g.id = $1 ORDER BY m.device",
+            &[&group],
+        )?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let d: Vec<u8> = r.get(0);
+                Some((DeviceId(key(&d)?), membership_row(r, 1)?))
+            })
+            .collect())
+    }
+
+    fn revoked_members(&mut self, group: &[u8]) -> Result<Vec<DeviceId>, StoreError> {
+        let rows = self.rows(
+            "SELECT m.device FROM members m JOIN groups g ON g.gid = m.gid JOIN devices d ON d.key = m.device
+             WHERE g.id = $1 AND m.left_at IS NULL AND d.revoked_at IS NOT NULL ORDER BY m.device",
+            &[&group],
+        )?;
+        Ok(rows.iter().filter_map(|r| key(&r.get::<_, Vec<u8>>(0)).map(DeviceId)).collect())
+    }
+
+    fn add_member(&mut self, group: &[u8], d: &DeviceId, a: &AccountId, joined_after: u64) -> Result<(), StoreError> {
+        self.exec(
+            "INSERT INTO members (gid, device, account, joined_after, left_at, left_epoch, acked)
+             SELECT gid, $2, $3, $4, NULL, NULL, $4 FROM groups WHERE id = $1
+             ON CONFLICT (gid, device) DO UPDATE SET account = EXCLUDED.account,
+                 joined_after = EXCLUDED.joined_after, left_at = NULL, left_epoch = NULL, acked = EXCLUDED.acked",
+            &[&group, &&d.0[..], &&a.0[..], &i(joined_after)],
+        )?;
+        Ok(())
+    }
+
+    fn remove_member(&mut self, group: &[u8], d: &DeviceId, left_at: u64, epoch: u64) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE members m SET left_at = $3, left_epoch = $4 FROM groups g
+             WHERE g.id = $1 AND m.gid = g.gid AND m.device = $2",
+            &[&group, &&d.0[..], &i(left_at), &i(epoch)],
+        )?;
+        Ok(())
+    }
+
+    fn delete_member(&mut self, group: &[u8], d: &DeviceId) -> Result<(), StoreError> {
+        self.exec(
+            "DELETE FROM members m USING groups g WHERE g.id = $1 AND m.gid = g.gid AND m.device = $2",
+            &[&group, &&d.0[..]],
+        )?;
+        Ok(())
+    }
+
+    fn set_acked(&mut self, group: &[u8], d: &DeviceId, seq: u64) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE members m SET acked = GREATEST(m.acked, $3) FROM groups g
+             WHERE g.id = $1 AND m.gid = g.gid AND m.device = $2",
+            &[&group, &&d.0[..], &i(seq)],
+        )?;
+        Ok(())
+    }
+
+    fn append(&mut self, group: &[u8], epoch: u64, message: &[u8], now: u64) -> Result<u64, StoreError> {
+        // The sequence is the group row's counter, bumped (under the row's
+        // lock) in the statement that inserts the message.
+        let row = self.one(
+            "WITH g AS (UPDATE groups SET last_seq = last_seq + 1 WHERE id = $1 RETURNING gid, last_seq)
+             INSERT INTO log (gid, seq, epoch, data, created_at) SELECT gid, last_seq, $2, $3, $4 FROM g
+             RETURNING seq",
+            &[&group, &i(epoch), &message, &i(now)],
+        )?;
+        self.wrote(message.len());
+        Ok(u(row.get(0)))
+    }
+
+    fn fetch(
+        &mut self,
+        group: &[u8],
+        after: u64,
+        upto: Option<u64>,
+        limit_n: usize,
+        byte_budget: usize,
+    ) -> Result<(Messages, bool), StoreError> {
+        let Some(gid) = self.gid(group)? else { return Ok((vec![], false)) };
+        let upper = upto.map(i).unwrap_or(i64::MAX);
+        let rows = self.rows(
+            "SELECT seq, data FROM log WHERE gid = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
+            &[&gid, &i(after), &upper, &limit(limit_n.saturating_add(1))],
+        )?;
+        Ok(fill(rows, Page::new(limit_n, byte_budget)))
+    }
+
+    fn delete_messages_upto(&mut self, group: &[u8], upto: u64) -> Result<u64, StoreError> {
+        let Some(gid) = self.gid(group)? else { return Ok(0) };
+        self.exec("DELETE FROM log WHERE gid = $1 AND seq <= $2", &[&gid, &i(upto)])
+    }
+
+    fn add_welcome(&mut self, recipient: &DeviceId, group: &[u8], welcome: &[u8], now: u64) -> Result<u64, StoreError> {
+        let gid = self.gid(group)?.unwrap_or(0);
+        let row = self.one(
+            "INSERT INTO inbox (recipient, gid, data, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
+            &[&&recipient.0[..], &gid, &welcome, &i(now)],
+        )?;
+        self.wrote(welcome.len());
+        Ok(u(row.get(0)))
+    }
+
+    fn welcomes(
+        &mut self,
+        recipient: &DeviceId,
+        limit_n: usize,
+        byte_budget: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let rows = self.rows(
+            "SELECT id, data FROM inbox WHERE recipient = $1 ORDER BY id LIMIT $2",
+            &[&&recipient.0[..], &limit(limit_n)],
+        )?;
+        Ok(fill(rows, Page::new(limit_n, byte_budget)).0)
+    }
+
+    fn delete_welcome(&mut self, recipient: &DeviceId, id: u64) -> Result<bool, StoreError> {
+        Ok(self.exec("DELETE FROM inbox WHERE id = $1 AND recipient = $2", &[&i(id), &&recipient.0[..]])? > 0)
+    }
+
+    fn groups_of(&mut self, d: &DeviceId, limit_n: usize) -> Result<Vec<GroupListing>, StoreError> {
+        let rows = self.rows(
+            "SELECT g.id, COALESCE(m.left_epoch, g.epoch), COALESCE(m.left_at, g.last_seq), m.acked, m.left_at IS NULL
+             FROM members m JOIN groups g ON g.gid = m.gid WHERE m.device = $1 ORDER BY g.gid LIMIT $2",
+            &[&&d.0[..], &limit(limit_n)],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| GroupListing {
+                group: r.get(0),
+                epoch: u(r.get(1)),
+                last_seq: u(r.get(2)),
+                acked: u(r.get(3)),
+                current: r.get(4),
+            })
+            .collect())
+    }
+
+    fn groups_count(&mut self, a: &AccountId) -> Result<u64, StoreError> {
+        let row =
+            self.one("SELECT count(DISTINCT gid) FROM members WHERE account = $1 AND left_at IS NULL", &[&&a.0[..]])?;
+        Ok(u(row.get(0)))
+    }
+
+    fn log_len(&mut self, group: &[u8]) -> Result<u64, StoreError> {
+        let row = self.row(
+            "SELECT (SELECT min(seq) FROM log WHERE gid = g.gid), g.last_seq FROM groups g WHERE g.id = $1",
+            &[&group],
+        )?;
+        Ok(match row {
+            Some(r) => match r.get::<_, Option<i64>>(0) {
+                Some(first) => u(r.get(1)).saturating_sub(u(first)).saturating_add(1),
+                None => 0,
+            },
+            None => 0,
+        })
+    }
+
+    fn database_bytes(&mut self) -> Result<u64, StoreError> {
+        if let Some(s) = self.space {
+            return Ok(s);
+        }
+        let n = u(self.one("SELECT pg_database_size(current_database())", &[])?.get(0));
+        self.space = Some(n);
+        Ok(n)
+    }
+
+    fn expire(&mut self, before: u64) -> Result<u64, StoreError> {
+        let b = i(before);
+        // Per group, the messages before the first one young enough to keep
+        // (a prefix: sequences stay dense from the oldest kept message).
+        let mut n = self.exec(
+            "DELETE FROM log l USING groups g WHERE l.gid = g.gid AND l.seq < COALESCE(
+                 (SELECT k.seq FROM log k WHERE k.gid = g.gid AND k.created_at >= $1 ORDER BY k.seq LIMIT 1),
+                 g.last_seq + 1)",
+            &[&b],
+        )?;
+        n += self.exec("DELETE FROM inbox WHERE created_at < $1", &[&b])?;
+        n += self.exec("DELETE FROM claimed WHERE claimed_at < $1", &[&b])?;
+        Ok(n)
+    }
+}
+
+impl Unit for PgStore<'_> {
+    const CONFLICTS: bool = true;
+
+    fn savepoint(&mut self) -> Result<(), StoreError> {
+        self.tx.batch_execute("SAVEPOINT request").map_err(|e| self.fail(e))
+    }
+
+    fn release(&mut self, keep: bool) -> Result<(), StoreError> {
+        let sql =
+            if keep { "RELEASE SAVEPOINT request" } else { "ROLLBACK TO SAVEPOINT request; RELEASE SAVEPOINT request" };
+        self.tx.batch_execute(sql).map_err(|e| self.fail(e))
+    }
+
+    fn announce(&mut self, notifications: &[Notification]) -> Result<(), StoreError> {
+        let node = self.node;
+        self.notices.extend(notifications.iter().map(|n| Notice::of(n).encode(node)));
+        Ok(())
+    }
+
+    fn take_conflict(&mut self) -> bool {
+        std::mem::take(&mut self.conflict)
+    }
+}
