@@ -83,6 +83,21 @@ pub struct ServerConfig {
     /// is not an account (burst: twice this). Registered devices spend only
     /// their account's budget.
     pub requests_per_second_per_ip: u32,
+    /// A PostgreSQL database to use instead of the embedded SQLite file
+    /// (`postgresql://…`): several nodes can share it.
+    pub database_url: Option<DatabaseUrl>,
+}
+
+/// A database URL. It may hold a password, so it never appears in debug
+/// output or logs.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(pub String);
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatabaseUrl(..)")
+    }
 }
 
 impl Default for ServerConfig {
@@ -90,6 +105,7 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([0u16; 8], 7443)),
             public_host: None,
+            database_url: None,
             open_registration: false,
             auth_deadline_secs: DEFAULT_AUTH_DEADLINE.as_secs(),
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT.as_secs(),
@@ -206,6 +222,9 @@ impl ServerConfig {
             if !crate::auth::address::is_host(host) {
                 return Err(bad("public_host", "must be a DNS name or an IP address"));
             }
+        }
+        if let Some(url) = &self.database_url {
+            crate::pg::Target::parse(&url.0).map_err(|e| bad("database_url", &e.to_string()))?;
         }
         Ok(())
     }

@@ -12,8 +12,9 @@ use clap::{Parser, Subcommand};
 use hush::auth::{HushAddress, Identity};
 use hush::config::ServerConfig;
 use hush::limits::{DEFAULT_INVITE_LIFETIME, DEFAULT_INVITE_USES, MAX_INVITE_USES};
+use hush::pg::{PgDb, Target};
 use hush::server::{DataDir, Server, ADDRESS_FILE};
-use hush::store::Db;
+use hush::store::{Admin as _, Db};
 use hush::util::{default_data_dir, format_unix, now_unix, parse_duration};
 
 #[derive(Parser)]
@@ -26,6 +27,11 @@ struct Cli {
     /// Data directory (key, database, optional hushd.toml).
     #[arg(long, global = true, env = "HUSHD_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// PostgreSQL database instead of the embedded SQLite file
+    /// (`postgresql://…`; also HUSHD_DATABASE_URL or `database_url` in
+    /// hushd.toml). Several nodes may share it.
+    #[arg(long, global = true, value_name = "URL")]
+    database: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -121,8 +127,33 @@ fn load_config(dir: &DataDir) -> Result<ServerConfig> {
     Ok(ServerConfig::load(&dir.0, std::env::vars())?)
 }
 
+/// The database a command works on.
+enum Database {
+    Sqlite(Db),
+    Postgres(PgDb),
+}
+
+/// Runs `$body` with `$d` bound to whichever database is open (both are
+/// a `Backend`).
+macro_rules! on_db {
+    ($db:expr, $d:ident => $body:expr) => {
+        match $db {
+            Database::Sqlite($d) => $body,
+            Database::Postgres($d) => $body,
+        }
+    };
+}
+
 fn run(cli: Cli) -> Result<()> {
     let dir = data_dir(&cli)?;
+    let database = cli.database.clone();
+    let load_config = |dir: &DataDir| -> Result<ServerConfig> {
+        let mut config = load_config(dir)?;
+        if let Some(url) = &database {
+            config.database_url = Some(hush::config::DatabaseUrl(url.clone()));
+        }
+        Ok(config)
+    };
     match cli.command {
         Command::Serve { listen, public_host } => {
             let mut config = load_config(&dir)?;
@@ -137,7 +168,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Init => {
             let config = load_config(&dir)?;
-            let (identity, created, _) = dir.init()?;
+            let (identity, created, _) = dir.init(&config)?;
             let address = HushAddress {
                 host: config.advertised_host(config.listen),
                 port: config.listen.port(),
@@ -155,10 +186,10 @@ fn run(cli: Cli) -> Result<()> {
                 Some(text) => parse_duration(&text).map_err(anyhow::Error::msg).context("--expires")?,
                 None => DEFAULT_INVITE_LIFETIME,
             };
-            let mut db = open_existing(&dir)?;
+            let mut db = open_existing(&dir, &load_config(&dir)?)?;
             let now = now_unix();
             let expires_at = now.saturating_add(lifetime.as_secs());
-            let token = db.create_invite(uses, Some(expires_at), now)?;
+            let token = on_db!(&mut db, d => d.create_invite(uses, Some(expires_at), now))?;
             let plural = if uses == 1 { "" } else { "s" };
             eprintln!("invite for {uses} registration{plural}, valid until {}", format_unix(expires_at));
             match server_address(&dir) {
@@ -169,8 +200,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Accounts { action: None } => {
-            let mut db = open_existing(&dir)?;
-            let accounts = db.accounts()?;
+            let mut db = open_existing(&dir, &load_config(&dir)?)?;
+            let accounts = on_db!(&mut db, d => d.accounts())?;
             for a in &accounts {
                 match a.removed_at {
                     None => out!("{}  registered {}", a.account, format_unix(a.created_at)),
@@ -182,10 +213,22 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("{} account{}", accounts.len(), if accounts.len() == 1 { "" } else { "s" });
             Ok(())
         }
-        Command::Accounts { action: Some(AccountsCmd::Remove { id }) } => remove_account(&dir, &id),
-        Command::Check => check(&dir),
+        Command::Accounts { action: Some(AccountsCmd::Remove { id }) } => {
+            remove_account(&dir, &load_config(&dir)?, &id)
+        }
+        Command::Check => check(&dir, load_config(&dir)),
         Command::Bench { quick, json } => bench(quick, json),
         Command::Backup { path } => {
+            if load_config(&dir)?.database_url.is_some() {
+                bail!(
+                    "the database is PostgreSQL, which has its own backup tools: run `pg_dump --format=custom \
+                     --file {} <database URL>` (or use your replication or base backups); nothing was written. \
+                     The keys are not in the database: keep copies of {} and {}",
+                    path.display(),
+                    dir.key().display(),
+                    dir.removal_key().display()
+                );
+            }
             if !dir.db().exists() {
                 bail!("no hushd database in {}", dir.0.display());
             }
@@ -209,9 +252,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Invites => {
-            let mut db = open_existing(&dir)?;
+            let mut db = open_existing(&dir, &load_config(&dir)?)?;
             let now = now_unix();
-            for i in db.invites()? {
+            for i in on_db!(&mut db, d => d.invites())? {
                 let state = match i.expires_at {
                     Some(e) if e <= now => "expired".to_string(),
                     _ if i.uses_left == 0 => "used up".to_string(),
@@ -264,7 +307,7 @@ fn bench(quick: bool, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn check(dir: &DataDir) -> Result<()> {
+fn check(dir: &DataDir, config: Result<ServerConfig>) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let mut failures = 0;
     let mut line = |what: &str, detail: String, ok: bool| {
@@ -288,7 +331,11 @@ fn check(dir: &DataDir) -> Result<()> {
         Ok(_) => line("removal", format!("{} (mode 600)", dir.removal_key().display()), true),
         Err(e) => line("removal", e.to_string(), false),
     }
-    match load_config(dir) {
+    let target = match &config {
+        Ok(c) => c.database_url.as_ref().map(|u| Target::parse(&u.0)),
+        Err(_) => None,
+    };
+    match config {
         Ok(_) => {
             let source = if dir.0.join(hush::config::CONFIG_FILE).exists() {
                 "hushd.toml + environment"
@@ -299,7 +346,25 @@ fn check(dir: &DataDir) -> Result<()> {
         }
         Err(e) => line("config", format!("{e:#}"), false),
     }
-    if dir.db().exists() {
+    if let Some(target) = target {
+        match target.map_err(anyhow::Error::from).and_then(|t| Ok(PgDb::inspect(&t)?)) {
+            Ok(r) => line(
+                "database",
+                format!(
+                    "PostgreSQL {}, schema {} (this hushd: {}), {} accounts, {} groups, {} stored messages, {} KiB",
+                    r.server_version,
+                    r.schema_version,
+                    r.latest_schema,
+                    r.accounts,
+                    r.groups,
+                    r.messages,
+                    r.bytes / 1024
+                ),
+                r.schema_version <= r.latest_schema,
+            ),
+            Err(e) => line("database", format!("PostgreSQL: {e:#}"), false),
+        }
+    } else if dir.db().exists() {
         match hush::store::maintenance::check(&dir.db()) {
             Ok(r) => {
                 let healthy = r.healthy();
@@ -333,10 +398,10 @@ fn check(dir: &DataDir) -> Result<()> {
 /// `hushd accounts remove ID`: offboarding, through the Delivery Service
 /// core on this process's own connection to the database (the serving
 /// process, if any, refuses the account's devices from their next request).
-fn remove_account(dir: &DataDir, id: &str) -> Result<()> {
-    use hush::delivery::storage::Backend as _;
+fn remove_account(dir: &DataDir, config: &ServerConfig, id: &str) -> Result<()> {
+    use hush::delivery::storage::{Backend as _, Unit as _};
     let account: hush::auth::AccountId = id.parse().with_context(|| format!("{id:?} is not an account id"))?;
-    let mut db = open_existing(dir)?;
+    let mut db = open_existing(dir, config)?;
     let removal = std::sync::Arc::new(
         Identity::load(&dir.removal_key())
             .with_context(|| format!("loading the removal key {}", dir.removal_key().display()))?,
@@ -344,7 +409,15 @@ fn remove_account(dir: &DataDir, id: &str) -> Result<()> {
     let quotas = hush::delivery::Quotas::default();
     let mut delivery = hush::delivery::Delivery::with_quotas(quotas, removal.public_key()).with_removal_signer(removal);
     let now = now_unix();
-    let removal = db.write(|s| Ok(delivery.remove_account(s, &account, now)))??;
+    // On PostgreSQL the serving nodes hear of it at once (the revoked
+    // devices' connections are closed); on SQLite at their next request.
+    let removal = on_db!(&mut db, d => d.write(|s| {
+        let removal = delivery.remove_account(s, &account, now);
+        if let Ok(r) = &removal {
+            s.announce(&r.notifications)?;
+        }
+        Ok(removal)
+    }))??;
     out!(
         "removed {account}: {} device(s) refused, removal proposed in {} group membership(s)",
         removal.devices,
@@ -354,11 +427,15 @@ fn remove_account(dir: &DataDir, id: &str) -> Result<()> {
     Ok(())
 }
 
-fn open_existing(dir: &DataDir) -> Result<Db> {
+fn open_existing(dir: &DataDir, config: &ServerConfig) -> Result<Database> {
+    if let Some(url) = &config.database_url {
+        let target = Target::parse(&url.0)?;
+        return Ok(Database::Postgres(PgDb::connect(target).context("connecting to PostgreSQL")?));
+    }
     if !dir.db().exists() {
         bail!("no hushd database in {}; run `hushd serve` or `hushd init` first", dir.0.display());
     }
-    Db::open(&dir.db()).with_context(|| format!("opening {}", dir.db().display()))
+    Ok(Database::Sqlite(Db::open(&dir.db()).with_context(|| format!("opening {}", dir.db().display()))?))
 }
 
 /// The address of the running server (or, failing that, one built from the

@@ -102,6 +102,15 @@ impl Cluster {
         &self.base
     }
 
+    /// Runs SQL on database `name` (e.g. `CHECKPOINT` before a scan).
+    pub fn execute(&self, name: &str, sql: &str) -> Result<(), ClusterError> {
+        super::off_runtime(|| {
+            let mut client = postgres::Client::connect(&self.url(name), postgres::NoTls)
+                .map_err(|e| failed("connecting to the throwaway cluster", e))?;
+            client.batch_execute(sql).map_err(|e| failed(sql, e))
+        })
+    }
+
     /// A URL for database `name` on this cluster.
     pub fn url(&self, name: &str) -> String {
         format!("postgresql://postgres@/{name}?host={}", self.base.display())
@@ -110,9 +119,11 @@ impl Cluster {
     /// Creates a new, empty database and returns its URL.
     pub fn database(&self) -> Result<String, ClusterError> {
         let name = format!("hush_{}", self.next.fetch_add(1, Ordering::Relaxed));
-        let mut client = postgres::Client::connect(&self.url("postgres"), postgres::NoTls)
-            .map_err(|e| failed("connecting to the throwaway cluster", e))?;
-        client.batch_execute(&format!("CREATE DATABASE {name}")).map_err(|e| failed("CREATE DATABASE", e))?;
+        super::off_runtime(|| {
+            let mut client = postgres::Client::connect(&self.url("postgres"), postgres::NoTls)
+                .map_err(|e| failed("connecting to the throwaway cluster", e))?;
+            client.batch_execute(&format!("CREATE DATABASE {name}")).map_err(|e| failed("CREATE DATABASE", e))
+        })?;
         Ok(self.url(&name))
     }
 

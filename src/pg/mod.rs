@@ -61,6 +61,16 @@ fn is_conflict(e: &postgres::Error) -> bool {
     e.code().is_some_and(|c| CONFLICTS.contains(&c.code()))
 }
 
+/// Runs `work` where the blocking client may run: the `postgres` crate
+/// drives its connection with its own runtime, which cannot start on a
+/// thread that is already inside one (as `hushd serve` is while binding).
+pub(crate) fn off_runtime<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return work();
+    }
+    std::thread::scope(|s| s.spawn(work).join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+}
+
 /// An open connection to a hush database on PostgreSQL: the [`Backend`]
 /// the engine runs on, and what the operator's short commands use.
 pub struct PgDb {
@@ -80,9 +90,11 @@ impl PgDb {
     /// Connects and brings the schema up to date (several nodes starting
     /// at once migrate one after the other).
     pub fn connect(target: Arc<Target>) -> Result<Self, StoreError> {
-        let mut client = target.connect_blocking()?;
-        schema::migrate(&mut client)?;
-        Ok(Self { target, client, statements: HashMap::new() })
+        off_runtime(|| {
+            let mut client = target.connect_blocking()?;
+            schema::migrate(&mut client)?;
+            Ok(Self { target, client, statements: HashMap::new() })
+        })
     }
 
     /// Reconnects if the connection was lost (a restarted database, a
@@ -97,10 +109,10 @@ impl PgDb {
     }
 
     /// The schema version of the database and what it holds, for `hushd
-    /// check`.
-    pub fn check(&mut self) -> Result<Report, StoreError> {
-        self.ensure()?;
-        let row = self.client.query_one(
+    /// check`: connects without migrating anything.
+    pub fn inspect(target: &Target) -> Result<Report, StoreError> {
+        let mut client = target.connect_blocking()?;
+        let row = client.query_one(
             "SELECT (SELECT version FROM hush_schema), (SELECT count(*) FROM accounts), (SELECT count(*) FROM groups),
                     (SELECT count(*) FROM log), pg_database_size(current_database()), current_setting('server_version')",
             &[],

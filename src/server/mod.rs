@@ -102,14 +102,18 @@ impl DataDir {
         self.0.join(REMOVAL_KEY_FILE)
     }
 
-    /// Creates the directory (0700), the keys and the database if missing.
-    /// Returns the TLS identity, whether it was created, and the removal
-    /// key.
-    pub fn init(&self) -> Result<(Identity, bool, Identity), ServerError> {
+    /// Creates the directory (0700), the keys and the database if missing
+    /// (the SQLite file, or the schema in the configured PostgreSQL
+    /// database). Returns the TLS identity, whether it was created, and the
+    /// removal key.
+    pub fn init(&self, config: &ServerConfig) -> Result<(Identity, bool, Identity), ServerError> {
         identity::private_dir(&self.0)?;
         let (id, created) = Identity::load_or_create(&self.key())?;
         let (removal, _) = Identity::load_or_create(&self.removal_key())?;
-        drop(crate::store::Db::open(&self.db())?);
+        match &config.database_url {
+            None => drop(crate::store::Db::open(&self.db())?),
+            Some(url) => drop(crate::pg::PgDb::connect(crate::pg::Target::parse(&url.0).map_err(StoreError::from)?)?),
+        }
         Ok((id, created, removal))
     }
 }
@@ -120,6 +124,9 @@ pub struct Server {
     shared: Arc<Shared>,
     address: HushAddress,
     data_dir: DataDir,
+    /// The shared PostgreSQL database, if any: other nodes' pushes come
+    /// from it.
+    target: Option<Arc<crate::pg::Target>>,
 }
 
 impl Server {
@@ -127,11 +134,21 @@ impl Server {
     pub fn bind(config: ServerConfig, data_dir: &Path) -> Result<Self, ServerError> {
         config.validate()?;
         let data_dir = DataDir(data_dir.to_owned());
-        let (identity, created, removal) = data_dir.init()?;
+        let (identity, created, removal) = data_dir.init(&config)?;
         if created {
             info!("created server key {}", data_dir.key().display());
         }
-        let engine = Engine::open(&data_dir.db(), config.quotas(), Arc::new(removal))?;
+        let target = match &config.database_url {
+            Some(url) => Some(crate::pg::Target::parse(&url.0).map_err(StoreError::from)?),
+            None => None,
+        };
+        let engine = match &target {
+            Some(target) => {
+                info!("storing in PostgreSQL (several nodes may share the database)");
+                Engine::open_postgres(target, config.quotas(), Arc::new(removal))?
+            }
+            None => Engine::open(&data_dir.db(), config.quotas(), Arc::new(removal))?,
+        };
 
         let mut transport = TransportConfig::default();
         // Every connection starts as a stranger's: one request stream and a
@@ -186,7 +203,7 @@ impl Server {
             ip_rate: admission::RateLimiter::new(config_rates.1),
             request_budget: Arc::new(tokio::sync::Semaphore::new(request_memory)),
         });
-        Ok(Self { endpoint, shared, address, data_dir })
+        Ok(Self { endpoint, shared, address, data_dir, target })
     }
 
     /// The address clients register with.
@@ -204,6 +221,11 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut connections = JoinSet::new();
         let mut expiry = tokio::time::interval(EXPIRY_INTERVAL);
+        if let Some(target) = &self.target {
+            let (events, rx) = tokio::sync::mpsc::channel(crate::pg::listen::NOTICE_QUEUE);
+            tokio::spawn(crate::pg::listen::run(target.clone(), events));
+            tokio::spawn(push::from_other_nodes(rx, self.shared.engine.clone(), self.shared.registry.clone()));
+        }
         tokio::pin!(shutdown);
         loop {
             tokio::select! {

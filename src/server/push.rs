@@ -112,6 +112,64 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Whether any connection is online (else other nodes' messages need
+    /// not be read at all).
+    fn any_online(&self) -> bool {
+        !self.online.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
+    /// Tells every connection to fetch from its cursors: pushes may have
+    /// been missed.
+    pub fn resync_all(&self) {
+        let Ok(frame) = Push::Resync.encode_framed() else { return };
+        let frame = Arc::new(frame);
+        let online = self.online.lock().unwrap_or_else(|p| p.into_inner());
+        for q in online.values().flatten() {
+            if q.tx.try_send(frame.clone()).is_err() {
+                q.overflowed.store(true, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// Pushes what other nodes sharing the database stored to this node's
+/// connections (see [`crate::pg::listen`]): a message is read from the log,
+/// with the devices that may see it. Ends when the listener does.
+pub async fn from_other_nodes(
+    mut events: mpsc::Receiver<crate::pg::listen::Event>,
+    engine: super::engine::Engine,
+    registry: Arc<Registry>,
+) {
+    use crate::pg::listen::{Event, Notice};
+    while let Some(event) = events.recv().await {
+        let notification = match event {
+            Event::Lost => {
+                tracing::info!("other nodes' pushes may have been missed; asking connections to resync");
+                registry.resync_all();
+                continue;
+            }
+            Event::Notice(Notice::Welcome { recipient }) => Notification::Welcome { recipient },
+            Event::Notice(Notice::Revoked { device }) => Notification::Revoked { device },
+            Event::Notice(Notice::Message { group, seq }) => {
+                if !registry.any_online() {
+                    continue;
+                }
+                match engine.stored(group, seq).await {
+                    Ok(Some(n)) => n,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!("reading another node's message failed: {e}");
+                        registry.resync_all();
+                        continue;
+                    }
+                }
+            }
+        };
+        registry.dispatch(std::slice::from_ref(&notification));
+    }
+}
+
 async fn push_task(conn: quinn::Connection, mut rx: mpsc::Receiver<Frame>, overflowed: Arc<AtomicBool>) {
     let resync = match Push::Resync.encode_framed() {
         Ok(f) => f,

@@ -1,5 +1,5 @@
-//! An open SQLite database: the [`Backend`] the engine runs on, and the
-//! operator's short commands (invites, accounts).
+//! An open SQLite database: the [`Backend`] the engine runs on; and the
+//! operator's short commands (invites, accounts) on any backend.
 
 use std::path::Path;
 
@@ -22,9 +22,13 @@ impl Db {
         schema::migrate(&mut conn)?;
         Ok(Self { conn })
     }
+}
 
+/// The operator's short commands (`hushd invite`, `invites`, `accounts`),
+/// on any database.
+pub trait Admin: Backend<Error = StoreError> {
     /// Creates an invite good for `uses` registrations until `expires_at`.
-    pub fn create_invite(&mut self, uses: u32, expires_at: Option<u64>, now: u64) -> Result<InviteToken, StoreError> {
+    fn create_invite(&mut self, uses: u32, expires_at: Option<u64>, now: u64) -> Result<InviteToken, StoreError> {
         let token = InviteToken::generate().map_err(|_| StoreError::Random)?;
         let record = InviteRecord::new(&token, uses, expires_at, now);
         self.write(|s| s.insert_invite(&record))?;
@@ -32,15 +36,17 @@ impl Db {
     }
 
     /// All invites, newest first.
-    pub fn invites(&mut self) -> Result<Vec<InviteRecord>, StoreError> {
+    fn invites(&mut self) -> Result<Vec<InviteRecord>, StoreError> {
         self.read(|s| s.invites())?
     }
 
     /// All accounts, oldest first.
-    pub fn accounts(&mut self) -> Result<Vec<AccountRecord>, StoreError> {
+    fn accounts(&mut self) -> Result<Vec<AccountRecord>, StoreError> {
         self.read(|s| s.accounts())?
     }
 }
+
+impl<B: Backend<Error = StoreError>> Admin for B {}
 
 impl Backend for Db {
     type Error = StoreError;

@@ -22,7 +22,7 @@ pub mod maintenance;
 mod schema;
 mod sql;
 
-pub use db::Db;
+pub use db::{Admin, Db};
 pub use sql::SqlStore;
 
 use thiserror::Error;

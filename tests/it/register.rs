@@ -1,6 +1,7 @@
 //! Registration by invite, through the real `hush` CLI.
 
 use hush::client::Connection;
+use hush::store::Admin as _;
 use hush::wire::ErrorCode;
 use tokio::task::JoinSet;
 

@@ -1,14 +1,16 @@
 //! Starting `hushd`, running `hush`, and bounding every wait.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hush::auth::{HushAddress, Identity};
 use hush::client::mls::Member;
 use hush::client::Connection;
+use hush::pg::cluster::{Cluster, ClusterError};
 
 /// Upper bound on any single wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -34,7 +36,113 @@ fn base_command(bin: &str) -> Command {
 pub fn hushd_command(data_dir: &Path) -> Command {
     let mut cmd = base_command(env!("CARGO_BIN_EXE_hushd"));
     cmd.env("HOME", data_dir).env("HUSHD_LOG", "warn").arg("--data-dir").arg(data_dir);
+    if let Some(url) = database_for(data_dir) {
+        cmd.env("HUSHD_DATABASE_URL", url);
+    }
     cmd
+}
+
+thread_local! {
+    /// Set by the PostgreSQL variant of a test ([`on_postgres`]): data
+    /// directories this thread starts using get a PostgreSQL database.
+    static POSTGRES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The database each data directory on PostgreSQL uses.
+static DATABASES: Mutex<Option<HashMap<PathBuf, String>>> = Mutex::new(None);
+
+/// The throwaway cluster this test binary's PostgreSQL tests share.
+fn cluster() -> Option<&'static Cluster> {
+    static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
+    match CLUSTER.get_or_init(|| Cluster::start(false).map_err(|e| e.to_string())) {
+        Ok(c) => Some(c),
+        Err(e) if e == &ClusterError::Missing.to_string() => None,
+        Err(e) => panic!("PostgreSQL binaries are installed but no throwaway cluster starts: {e}"),
+    }
+}
+
+/// Makes this test run on PostgreSQL: every data directory it starts
+/// using gets a new database on a throwaway cluster (`hushd` sees
+/// `HUSHD_DATABASE_URL`). False, after saying why, where the machine has no
+/// PostgreSQL binaries (`.ci/run` installs them, so there it is never
+/// skipped).
+pub fn on_postgres() -> bool {
+    if cluster().is_none() {
+        eprintln!("skipped: {}", ClusterError::Missing);
+        return false;
+    }
+    POSTGRES.with(|p| p.set(true));
+    true
+}
+
+/// Whether this test runs on PostgreSQL.
+pub fn postgres() -> bool {
+    POSTGRES.with(|p| p.get())
+}
+
+/// The PostgreSQL database of `data_dir`, created on first use in a
+/// PostgreSQL test.
+pub fn database_for(data_dir: &Path) -> Option<String> {
+    let mut guard = DATABASES.lock().unwrap_or_else(|p| p.into_inner());
+    let map = guard.get_or_insert_with(HashMap::new);
+    if let Some(url) = map.get(data_dir) {
+        return Some(url.clone());
+    }
+    if !postgres() {
+        return None;
+    }
+    let url = cluster()?.database().unwrap();
+    map.insert(data_dir.to_owned(), url.clone());
+    Some(url)
+}
+
+/// A second node of `first`'s server: `node` shares its database and gets
+/// copies of its keys (same address fingerprint), as an operator sets up
+/// several nodes.
+pub fn second_node(first: &Path, node: &Path) {
+    let url = database_for(first).expect("the first node is on PostgreSQL");
+    std::fs::create_dir_all(node).unwrap();
+    std::fs::set_permissions(node, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    for key in [hush::server::KEY_FILE, hush::server::REMOVAL_KEY_FILE] {
+        std::fs::copy(first.join(key), node.join(key)).unwrap();
+    }
+    let mut guard = DATABASES.lock().unwrap_or_else(|p| p.into_inner());
+    guard.get_or_insert_with(HashMap::new).insert(node.to_owned(), url);
+}
+
+/// The throwaway cluster's files (data directory, WAL, server log), for
+/// scans; `None` unless on PostgreSQL.
+pub fn cluster_files() -> Option<PathBuf> {
+    postgres().then(|| cluster().map(|c| c.socket_dir().to_owned())).flatten()
+}
+
+/// Writes everything PostgreSQL holds in memory out to its files.
+pub fn checkpoint() {
+    cluster().unwrap().execute("postgres", "CHECKPOINT").unwrap();
+}
+
+/// Runs the named test functions of the enclosing module twice: as
+/// `sqlite::NAME` on the embedded SQLite store and as `postgres::NAME` on
+/// a throwaway PostgreSQL database.
+#[macro_export]
+macro_rules! on_both_backends {
+    (sync: [$($s:ident),* $(,)?], async: [$($a:ident),* $(,)?] $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $s() { super::$s() } )*
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $a() { super::$a().await } )*
+        }
+        mod postgres {
+            $( #[test] fn $s() { if $crate::support::on_postgres() { super::$s() } } )*
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $a() {
+                    if $crate::support::on_postgres() {
+                        super::$a().await
+                    }
+                }
+            )*
+        }
+    };
 }
 
 impl Hushd {
