@@ -130,7 +130,7 @@ fn load_config(dir: &DataDir) -> Result<ServerConfig> {
 /// The database a command works on.
 enum Database {
     Sqlite(Db),
-    Postgres(PgDb),
+    Postgres(Box<PgDb>),
 }
 
 /// Runs `$body` with `$d` bound to whichever database is open (both are
@@ -351,8 +351,13 @@ fn check(dir: &DataDir, config: Result<ServerConfig>) -> Result<()> {
             Ok(r) => line(
                 "database",
                 format!(
-                    "PostgreSQL {}, schema {} (this hushd: {}), {} accounts, {} groups, {} stored messages, {} KiB",
+                    "PostgreSQL {}, integrity {}, schema {} (this hushd: {}), {} accounts, {} groups, \
+                     {} stored messages, {} KiB",
                     r.server_version,
+                    match r.inconsistent_groups {
+                        0 => "ok (every group's log is dense and counted)".to_string(),
+                        n => format!("FAILED: {n} group(s) with gaps or miscounted bytes in their log"),
+                    },
                     r.schema_version,
                     r.latest_schema,
                     r.accounts,
@@ -360,7 +365,7 @@ fn check(dir: &DataDir, config: Result<ServerConfig>) -> Result<()> {
                     r.messages,
                     r.bytes / 1024
                 ),
-                r.schema_version <= r.latest_schema,
+                r.schema_version <= r.latest_schema && r.inconsistent_groups == 0,
             ),
             Err(e) => line("database", format!("PostgreSQL: {e:#}"), false),
         }
@@ -430,7 +435,7 @@ fn remove_account(dir: &DataDir, config: &ServerConfig, id: &str) -> Result<()> 
 fn open_existing(dir: &DataDir, config: &ServerConfig) -> Result<Database> {
     if let Some(url) = &config.database_url {
         let target = Target::parse(&url.0)?;
-        return Ok(Database::Postgres(PgDb::connect(target).context("connecting to PostgreSQL")?));
+        return Ok(Database::Postgres(Box::new(PgDb::connect(target).context("connecting to PostgreSQL")?)));
     }
     if !dir.db().exists() {
         bail!("no hushd database in {}; run `hushd serve` or `hushd init` first", dir.0.display());

@@ -114,7 +114,11 @@ impl PgDb {
         let mut client = target.connect_blocking()?;
         let row = client.query_one(
             "SELECT (SELECT version FROM hush_schema), (SELECT count(*) FROM accounts), (SELECT count(*) FROM groups),
-                    (SELECT count(*) FROM log), pg_database_size(current_database()), current_setting('server_version')",
+                    (SELECT count(*) FROM log), pg_database_size(current_database()), current_setting('server_version'),
+                    (SELECT count(*) FROM groups g, LATERAL (SELECT count(*) AS n, min(seq) AS lo, max(seq) AS hi,
+                                                                COALESCE(sum(octet_length(data)), 0) AS bytes
+                                                         FROM log WHERE gid = g.gid) l
+                     WHERE l.hi > g.last_seq OR l.n <> COALESCE(l.hi - l.lo + 1, 0) OR l.bytes <> g.bytes)",
             &[],
         )?;
         Ok(Report {
@@ -125,6 +129,7 @@ impl PgDb {
             messages: crate::store::to_u64(row.get(3)),
             bytes: crate::store::to_u64(row.get(4)),
             server_version: row.get(5),
+            inconsistent_groups: crate::store::to_u64(row.get(6)),
         })
     }
 }
@@ -139,6 +144,9 @@ pub struct Report {
     pub messages: u64,
     pub bytes: u64,
     pub server_version: String,
+    /// Groups whose log is not a dense run of sequences up to the group's
+    /// last one, or whose byte count is off (none, in a sound database).
+    pub inconsistent_groups: u64,
 }
 
 impl Backend for PgDb {

@@ -55,6 +55,8 @@ const MIGRATIONS: &[&str] = &[
         id bytea NOT NULL UNIQUE CHECK (length(id) BETWEEN 1 AND 255),
         epoch bigint NOT NULL,
         last_seq bigint NOT NULL,
+        -- Bytes of the group's stored messages (the storage quota).
+        bytes bigint NOT NULL DEFAULT 0,
         created_at bigint NOT NULL
     );
     CREATE TABLE group_states (

@@ -91,6 +91,10 @@ fn fill(rows: Vec<Row>, mut page: Page) -> (Messages, bool) {
     page.finish()
 }
 
+fn len(bytes: &[u8]) -> i64 {
+    i64::try_from(bytes.len()).unwrap_or(i64::MAX)
+}
+
 fn limit(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -162,6 +166,18 @@ impl<'a> PgStore<'a> {
 
     fn gid(&mut self, group: &[u8]) -> Result<Option<i64>, StoreError> {
         Ok(self.row("SELECT gid FROM groups WHERE id = $1", &[&group])?.map(|r| r.get(0)))
+    }
+
+    /// Deletes a prefix of a group's log and takes its bytes off the
+    /// group's count. Returns how many messages.
+    fn delete_log(&mut self, gid: i64, upto: u64) -> Result<u64, StoreError> {
+        let row = self.one(
+            "WITH d AS (DELETE FROM log WHERE gid = $1 AND seq <= $2 RETURNING octet_length(data) AS n),
+                  g AS (UPDATE groups SET bytes = bytes - (SELECT COALESCE(sum(n), 0) FROM d) WHERE gid = $1)
+             SELECT count(*) FROM d",
+            &[&gid, &i(upto)],
+        )?;
+        Ok(u(row.get(0)))
     }
 
     fn wrote(&mut self, bytes: usize) {
@@ -581,10 +597,11 @@ impl Storage for PgStore<'_> {
         // The sequence is the group row's counter, bumped (under the row's
         // lock) in the statement that inserts the message.
         let row = self.one(
-            "WITH g AS (UPDATE groups SET last_seq = last_seq + 1 WHERE id = $1 RETURNING gid, last_seq)
+            "WITH g AS (UPDATE groups SET last_seq = last_seq + 1, bytes = bytes + $5 WHERE id = $1
+                        RETURNING gid, last_seq)
              INSERT INTO log (gid, seq, epoch, data, created_at) SELECT gid, last_seq, $2, $3, $4 FROM g
              RETURNING seq",
-            &[&group, &i(epoch), &message, &i(now)],
+            &[&group, &i(epoch), &message, &i(now), &len(message)],
         )?;
         self.wrote(message.len());
         Ok(u(row.get(0)))
@@ -609,7 +626,7 @@ impl Storage for PgStore<'_> {
 
     fn delete_messages_upto(&mut self, group: &[u8], upto: u64) -> Result<u64, StoreError> {
         let Some(gid) = self.gid(group)? else { return Ok(0) };
-        self.exec("DELETE FROM log WHERE gid = $1 AND seq <= $2", &[&gid, &i(upto)])
+        self.delete_log(gid, upto)
     }
 
     fn add_welcome(&mut self, recipient: &DeviceId, group: &[u8], welcome: &[u8], now: u64) -> Result<u64, StoreError> {
@@ -681,7 +698,10 @@ impl Storage for PgStore<'_> {
         if let Some(s) = self.space {
             return Ok(s);
         }
-        let n = u(self.one("SELECT pg_database_size(current_database())", &[])?.get(0));
+        // Stored messages, counted in each group's row as they come and go
+        // (the database's files only grow; PostgreSQL reuses their space
+        // after VACUUM). Other tables are bounded by per-account quotas.
+        let n = u(self.one("SELECT COALESCE(sum(bytes), 0)::bigint FROM groups", &[])?.get(0));
         self.space = Some(n);
         Ok(n)
     }
@@ -690,12 +710,21 @@ impl Storage for PgStore<'_> {
         let b = i(before);
         // Per group, the messages before the first one young enough to keep
         // (a prefix: sequences stay dense from the oldest kept message).
-        let mut n = self.exec(
-            "DELETE FROM log l USING groups g WHERE l.gid = g.gid AND l.seq < COALESCE(
-                 (SELECT k.seq FROM log k WHERE k.gid = g.gid AND k.created_at >= $1 ORDER BY k.seq LIMIT 1),
-                 g.last_seq + 1)",
-            &[&b],
-        )?;
+        let groups: Vec<(i64, i64)> = self
+            .rows(
+                "SELECT g.gid, COALESCE(
+                     (SELECT k.seq FROM log k WHERE k.gid = g.gid AND k.created_at >= $1 ORDER BY k.seq LIMIT 1),
+                     g.last_seq + 1) - 1
+                 FROM groups g WHERE EXISTS (SELECT 1 FROM log l WHERE l.gid = g.gid AND l.created_at < $1)",
+                &[&b],
+            )?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let mut n = 0;
+        for (gid, upto) in groups {
+            n += self.delete_log(gid, u(upto))?;
+        }
         n += self.exec("DELETE FROM inbox WHERE created_at < $1", &[&b])?;
         n += self.exec("DELETE FROM claimed WHERE claimed_at < $1", &[&b])?;
         Ok(n)

@@ -75,7 +75,6 @@ fn team(server: &Hushd, dir: &Path) -> (Person, Person, Person) {
     (alice, bob, carol)
 }
 
-#[test]
 fn three_people_chat_in_order_offline_member_catches_up_and_restart_keeps_everything() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("server"));
@@ -116,7 +115,6 @@ fn three_people_chat_in_order_offline_member_catches_up_and_restart_keeps_everyt
     assert!(run_ok(&bob, &["sync"]).contains("carol: after the restart"));
 }
 
-#[test]
 fn a_removed_member_sees_it_and_reads_nothing_new() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("server"));
@@ -133,7 +131,6 @@ fn a_removed_member_sees_it_and_reads_nothing_new() {
     assert!(bob_new.contains("carol was removed by alice") && bob_new.contains("alice: only for bob"), "{bob_new}");
 }
 
-#[test]
 fn chat_sends_piped_lines_and_prints_what_others_wrote() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("server"));
@@ -264,7 +261,6 @@ fn a_body_cannot_forge_a_line_or_reach_the_terminal_raw() {
 
 /// Issue 14, finding 4: `hush send` failed with "too many requests; retry in
 /// 1 ms (code 6)" instead of waiting and retrying.
-#[test]
 fn a_member_on_a_rate_limited_server_completes_its_sends() {
     let tmp = tempfile::tempdir().unwrap();
     let server =
@@ -336,4 +332,9 @@ fn deleted_secrets_do_not_stay_in_the_client_files() {
             assert!(!found, "a deleted secret ({} bytes) is still in {}", secret.len(), path.display());
         }
     }
+}
+
+crate::on_both_backends! {
+    sync: [three_people_chat_in_order_offline_member_catches_up_and_restart_keeps_everything, a_removed_member_sees_it_and_reads_nothing_new, chat_sends_piped_lines_and_prints_what_others_wrote, a_member_on_a_rate_limited_server_completes_its_sends],
+    async: [],
 }

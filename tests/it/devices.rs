@@ -26,7 +26,6 @@ fn authenticator(server: &Hushd, home: &Path, name: &str) -> Vec<u8> {
 /// The operator removes carol's account while serving: her key is refused
 /// at once, and after one sync by a member she is out of every group; the
 /// others go on with the same view of their group.
-#[test]
 fn an_offboarded_account_is_refused_and_leaves_every_group_after_one_sync() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("s"));
@@ -119,7 +118,6 @@ fn link(first: &Path, new: &Path, name: &str) -> String {
 /// alice links a laptop: both devices get every message of her groups,
 /// either device's messages show as alice, bob adding alice later adds both
 /// devices, and nothing of the hand-over is readable on the server.
-#[test]
 fn a_linked_device_reads_and_writes_as_the_same_person() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("s"));
@@ -178,7 +176,6 @@ fn a_linked_device_reads_and_writes_as_the_same_person() {
 
 /// A code works once; a device of another account cannot use it; a
 /// stranger who answers without the secret gets nothing certified.
-#[test]
 fn link_codes_are_single_use_and_need_the_secret() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("s"));
@@ -217,7 +214,6 @@ fn link_codes_are_single_use_and_need_the_secret() {
 
 /// alice revokes her laptop: it cannot connect any more, bob is told, and
 /// after the next commit the laptop reads nothing new.
-#[test]
 fn a_revoked_device_is_refused_and_leaves_the_groups() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("s"));
@@ -244,7 +240,6 @@ fn a_revoked_device_is_refused_and_leaves_the_groups() {
 
 /// A malicious (or careless) member adds one of alice's two devices: the
 /// real hushd refuses; adding both is accepted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_adding_only_some_devices_of_a_person_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("s"));
@@ -269,4 +264,9 @@ async fn a_commit_adding_only_some_devices_of_a_person_is_refused() {
     bob.discard_pending(&g.id).unwrap();
     let both: Vec<_> = packages.into_iter().map(|p| (alice_id, p)).collect();
     conn.commit(bob.add(&g.id, &both).unwrap()).await.unwrap();
+}
+
+crate::on_both_backends! {
+    sync: [an_offboarded_account_is_refused_and_leaves_every_group_after_one_sync, a_linked_device_reads_and_writes_as_the_same_person, link_codes_are_single_use_and_need_the_secret, a_revoked_device_is_refused_and_leaves_the_groups],
+    async: [a_commit_adding_only_some_devices_of_a_person_is_refused],
 }

@@ -27,7 +27,6 @@ fn kills() -> usize {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_loses_nothing_acknowledged() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("s");
@@ -198,7 +197,6 @@ async fn group_of(server: &Hushd, n: usize) -> (Vec<Peer>, Vec<u8>) {
     (peers, g.id)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_members_racing_commits_twenty_times_one_wins_each_epoch_and_all_converge() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("s"));
@@ -241,7 +239,6 @@ async fn five_members_racing_commits_twenty_times_one_wins_each_epoch_and_all_co
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_member_is_refused_everything_and_learns_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("s"));
@@ -285,7 +282,6 @@ async fn a_non_member_is_refused_everything_and_learns_nothing() {
     assert_eq!(epoch, 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_that_never_reads_pushes_costs_bounded_memory_and_resyncs() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start_with(&tmp.path().join("s"), "127.0.0.1:0", UNLIMITED);
@@ -417,7 +413,6 @@ async fn honest_members_finish_their_conversation_during_a_flood() {
     assert!(pid_rss.saturating_sub(before) < 64 * 1024, "server memory grew to {pid_rss} KiB under the flood");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_storage_quota_refuses_new_messages_keeps_the_stored_ones_and_recovers_after_acks() {
     let tmp = tempfile::tempdir().unwrap();
     let env = [("HUSHD_REQUESTS_PER_SECOND_PER_ACCOUNT", "1000000"), ("HUSHD_MAX_DATABASE_MB", "1")];
@@ -648,7 +643,6 @@ async fn a_member_cannot_grow_a_groups_state_without_bound() {
 
 /// Issue 13, finding 4 (second half): a removed member's group list showed
 /// the group's current epoch forever and its row was never deleted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_members_view_is_frozen_at_its_removal_and_then_gone() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("s"));
@@ -680,4 +674,9 @@ async fn a_removed_members_view_is_frozen_at_its_removal_and_then_gone() {
     // The others are unaffected.
     peers[1].sync(&g).await;
     assert_eq!(peers[1].mls.epoch(&g), peers[0].mls.epoch(&g));
+}
+
+crate::on_both_backends! {
+    sync: [],
+    async: [kill_9_under_load_loses_nothing_acknowledged, five_members_racing_commits_twenty_times_one_wins_each_epoch_and_all_converge, a_non_member_is_refused_everything_and_learns_nothing, a_member_that_never_reads_pushes_costs_bounded_memory_and_resyncs, a_full_storage_quota_refuses_new_messages_keeps_the_stored_ones_and_recovers_after_acks, a_removed_members_view_is_frozen_at_its_removal_and_then_gone],
 }

@@ -77,7 +77,6 @@ fn used_up_expired_unknown_and_missing_invites_are_refused() {
     assert!(!out.status.success());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_for_the_last_use_exactly_one_wins() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("server"));
@@ -126,4 +125,9 @@ fn client_home_and_server_secrets_are_private() {
     assert_eq!(mode(&server.data_dir), 0o700);
     assert_eq!(mode(&server.data_dir.join("server.key")), 0o600);
     assert_eq!(mode(&server.data_dir.join("hush.db")), 0o600);
+}
+
+crate::on_both_backends! {
+    sync: [],
+    async: [racing_for_the_last_use_exactly_one_wins],
 }

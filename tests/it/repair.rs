@@ -123,17 +123,14 @@ fn garbage_update_path(m: &mut Member, group: &[u8]) -> Commit {
     m.garbage_path_update(group).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_with_a_corrupted_membership_tag_is_repaired_by_every_member() {
     survives(corrupted_membership_tag).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_with_a_garbage_update_path_is_repaired_by_every_member() {
     survives(garbage_update_path).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_restored_from_an_old_backup_rejoins_instead_of_staying_stuck() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("s"));
@@ -179,7 +176,6 @@ fn copy_dir(from: &Path, to: &Path) {
 
 // ---- what the server accepts as a resync ----
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_external_commit_is_accepted_only_as_a_member_devices_resync_of_its_own_leaf() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("s"));
@@ -223,4 +219,9 @@ async fn an_external_commit_is_accepted_only_as_a_member_devices_resync_of_its_o
     let mut c = mallory_mls.self_update(&group).unwrap();
     c.group_info = info;
     refused(mallory.commit(c).await, ErrorCode::InvalidCommit, "a commit with a stale GroupInfo");
+}
+
+crate::on_both_backends! {
+    sync: [],
+    async: [a_commit_with_a_corrupted_membership_tag_is_repaired_by_every_member, a_commit_with_a_garbage_update_path_is_repaired_by_every_member, a_device_restored_from_an_old_backup_rejoins_instead_of_staying_stuck, an_external_commit_is_accepted_only_as_a_member_devices_resync_of_its_own_leaf],
 }
