@@ -125,16 +125,16 @@ fn rand_byte() -> u8 {
 }
 
 /// A member of a test group, talking to a real server.
-struct Peer {
-    id: hush::auth::Identity,
-    conn: Connection,
-    mls: Member,
+pub(crate) struct Peer {
+    pub id: hush::auth::Identity,
+    pub conn: Connection,
+    pub mls: Member,
     /// Its reading of the test group's log.
-    log: GroupLog,
+    pub log: GroupLog,
 }
 
 impl Peer {
-    async fn new(server: &Hushd) -> Self {
+    pub async fn new(server: &Hushd) -> Self {
         let (id, conn, mls) = registered_member(server).await;
         conn.publish_key_packages(mls.key_packages(3).unwrap(), Some(2)).await.unwrap();
         Self { id, conn, mls, log: GroupLog::new(&[], 0) }
@@ -142,7 +142,7 @@ impl Peer {
 
     /// Reads the group's log to its end (with the library's reader, which
     /// also acknowledges); returns what was received, with sequences.
-    async fn sync(&mut self, g: &[u8]) -> Vec<(u64, Received)> {
+    pub async fn sync(&mut self, g: &[u8]) -> Vec<(u64, Received)> {
         assert_eq!(self.log.group(), g);
         let reads = self.log.read_all_over(&mut self.mls, &self.conn, None).await.unwrap();
         reads
@@ -174,9 +174,15 @@ async fn converse(peers: &mut [Peer], g: &[u8], rounds: usize) {
 }
 
 async fn group_of(server: &Hushd, n: usize) -> (Vec<Peer>, Vec<u8>) {
+    group_across(&[server], n).await
+}
+
+/// A group of `n` members, member `i` connected to `servers[i % len]`
+/// (several nodes of one server).
+pub(crate) async fn group_across(servers: &[&Hushd], n: usize) -> (Vec<Peer>, Vec<u8>) {
     let mut peers = vec![];
-    for _ in 0..n {
-        peers.push(Peer::new(server).await);
+    for i in 0..n {
+        peers.push(Peer::new(servers[i % servers.len()]).await);
     }
     let removal_key = peers[0].conn.status().await.unwrap().removal_key;
     let g = peers[0].mls.create_group(&removal_key).unwrap();
@@ -200,13 +206,21 @@ async fn group_of(server: &Hushd, n: usize) -> (Vec<Peer>, Vec<u8>) {
 async fn five_members_racing_commits_twenty_times_one_wins_each_epoch_and_all_converge() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("s"));
-    let (mut peers, g) = group_of(&server, 5).await;
+    race_commits(&[&server]).await;
+}
+
+/// Five members (member `i` on `servers[i % len]`) each commit for the same
+/// epoch at once, twenty times: exactly one commit is accepted per epoch
+/// and all members converge. Returns the accepted commits per server.
+pub(crate) async fn race_commits(servers: &[&Hushd]) -> Vec<usize> {
+    let (mut peers, g) = group_across(servers, 5).await;
+    let mut wins = vec![0; servers.len()];
     for round in 0..20 {
         let epoch = peers[0].mls.epoch(&g).unwrap();
         let commits: Vec<Commit> = peers.iter_mut().map(|p| p.mls.commit_pending(&g).unwrap()).collect();
         let mut racers = tokio::task::JoinSet::new();
         for (i, c) in commits.into_iter().enumerate() {
-            let conn = Connection::connect(&server.address, &peers[i].id).await.unwrap();
+            let conn = Connection::connect(&servers[i % servers.len()].address, &peers[i].id).await.unwrap();
             racers.spawn(async move { (i, conn.commit(c).await) });
         }
         let mut winners = vec![];
@@ -222,6 +236,7 @@ async fn five_members_racing_commits_twenty_times_one_wins_each_epoch_and_all_co
         }
         assert_eq!(winners.len(), 1, "round {round}: {} commits accepted for epoch {epoch}", winners.len());
         let (w, seq) = winners[0];
+        wins[w % servers.len()] += 1;
         for (i, p) in peers.iter_mut().enumerate() {
             if i == w {
                 p.mls.merge_pending(&g).unwrap();
@@ -237,6 +252,7 @@ async fn five_members_racing_commits_twenty_times_one_wins_each_epoch_and_all_co
             assert_eq!(p.mls.epoch_authenticator(&g), auth, "round {round}: members diverged");
         }
     }
+    wins
 }
 
 async fn a_non_member_is_refused_everything_and_learns_nothing() {

@@ -11,6 +11,7 @@ mod devices;
 mod hardening;
 mod lifecycle;
 mod malicious;
+mod nodes;
 mod protocol;
 mod register;
 mod repair;

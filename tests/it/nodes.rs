@@ -1,0 +1,159 @@
+//! Several `hushd` nodes on one PostgreSQL database, as an operator runs
+//! them: the same keys (copied), one database, clients on either node.
+//! PostgreSQL only (skipped, saying why, without its binaries).
+
+use std::time::Duration;
+
+use hush::client::mls::Received;
+use hush::client::{Connection, PushStream};
+use hush::wire::Push;
+
+use crate::hardening::{group_across, race_commits};
+use crate::support::*;
+
+/// Load tests measure the server, not its rate limiter.
+const UNLIMITED: &[(&str, &str)] = &[("HUSHD_REQUESTS_PER_SECOND_PER_ACCOUNT", "1000000")];
+
+/// Two nodes of one server; `None` without PostgreSQL.
+fn two_nodes(tmp: &std::path::Path) -> Option<(Hushd, Hushd)> {
+    if !on_postgres() {
+        return None;
+    }
+    let (a, b) = (tmp.join("node1"), tmp.join("node2"));
+    let first = Hushd::start_with(&a, "127.0.0.1:0", UNLIMITED);
+    second_node(&a, &b);
+    let second = Hushd::start_with(&b, "127.0.0.1:0", UNLIMITED);
+    assert_eq!(first.address.fingerprint, second.address.fingerprint, "one server, one fingerprint");
+    assert_ne!(first.port(), second.port());
+    Some((first, second))
+}
+
+/// Waits (bounded) for the push of `seq` in `group` and returns its
+/// ciphertext; `pushes` is the connection's push stream once it opened.
+async fn pushed(conn: &Connection, pushes: &mut Option<PushStream>, group: &[u8], seq: u64) -> Vec<u8> {
+    if pushes.is_none() {
+        *pushes = Some(tokio::time::timeout(WAIT, conn.pushes()).await.expect("no push within the wait").unwrap());
+    }
+    let Some(pushes) = pushes.as_mut() else { unreachable!() };
+    loop {
+        match tokio::time::timeout(WAIT, pushes.next()).await.expect("no push within the wait").unwrap() {
+            Some(Push::Message { group: g, seq: s, ciphertext: Some(ct) }) if g == group && s == seq => return ct,
+            Some(_) => continue,
+            None => panic!("push stream ended"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alice_on_one_node_and_bob_on_the_other_converse_with_live_pushes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((node1, node2)) = two_nodes(tmp.path()) else { return };
+    let (mut peers, g) = group_across(&[&node1, &node2], 2).await;
+    let [alice, bob] = &mut peers[..] else { unreachable!() };
+    let mut alice_pushes = None;
+    let mut bob_pushes = None;
+    for round in 0..5 {
+        // alice (node 1) → bob (node 2), pushed live across nodes.
+        let m = alice.mls.encrypt(&g, format!("hello bob {round}").as_bytes()).unwrap();
+        let (seq, _) = alice.conn.send(m, None).await.unwrap();
+        alice.log.sent(seq);
+        let ct = pushed(&bob.conn, &mut bob_pushes, &g, seq).await;
+        assert_eq!(Received::texts(&[bob.mls.receive(&g, &ct).unwrap()]), [format!("hello bob {round}")]);
+        // bob (node 2) → alice (node 1).
+        let m = bob.mls.encrypt(&g, format!("hello alice {round}").as_bytes()).unwrap();
+        let (seq, _) = bob.conn.send(m, None).await.unwrap();
+        bob.log.sent(seq);
+        let ct = pushed(&alice.conn, &mut alice_pushes, &g, seq).await;
+        assert_eq!(Received::texts(&[alice.mls.receive(&g, &ct).unwrap()]), [format!("hello alice {round}")]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_members_on_two_nodes_race_commits_and_one_wins_each_epoch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((node1, node2)) = two_nodes(tmp.path()) else { return };
+    let wins = race_commits(&[&node1, &node2]).await;
+    eprintln!("20 epochs, accepted commits by node: {wins:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_one_node_under_load_loses_nothing_and_the_other_keeps_serving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((mut node1, node2)) = two_nodes(tmp.path()) else { return };
+    let listen1 = format!("127.0.0.1:{}", node1.port());
+    // alice writes through node 1, carol through node 2, bob checks.
+    let (mut peers, g) = group_across(&[&node1, &node2, &node2], 3).await;
+    let mut carol = peers.pop().unwrap();
+    let mut bob = peers.pop().unwrap();
+    let mut alice = peers.pop().unwrap();
+    let mut acked: Vec<(u64, String)> = vec![];
+    let mut counter = 0u64;
+    for round in 0..3 {
+        // Both write until node 1 is killed; carol's node must not notice.
+        let killer = tokio::task::spawn_blocking(move || {
+            std::thread::sleep(Duration::from_millis(150 + 100 * round));
+            node1.kill9();
+        });
+        tokio::pin!(killer);
+        loop {
+            counter += 1;
+            let text = format!("a{counter}");
+            let m = alice.mls.encrypt(&g, text.as_bytes()).unwrap();
+            let sent = tokio::select! {
+                r = alice.conn.send(m, None) => r,
+                k = &mut killer => { k.unwrap(); break; }
+            };
+            match sent {
+                Ok((seq, _)) => {
+                    alice.log.sent(seq);
+                    acked.push((seq, text));
+                }
+                Err(_) => {
+                    (&mut killer).await.unwrap();
+                    break;
+                }
+            }
+            let text = format!("c{counter}");
+            let m = carol.mls.encrypt(&g, text.as_bytes()).unwrap();
+            let (seq, _) = carol.conn.send(m, None).await.expect("the other node keeps serving");
+            carol.log.sent(seq);
+            acked.push((seq, text));
+        }
+        // alice reconnects to the surviving node and goes on.
+        alice.conn = Connection::connect(&node2.address, &alice.id).await.unwrap();
+        for _ in 0..5 {
+            counter += 1;
+            let text = format!("a{counter}");
+            let m = alice.mls.encrypt(&g, text.as_bytes()).unwrap();
+            let (seq, _) = alice.conn.send(m, None).await.unwrap();
+            alice.log.sent(seq);
+            acked.push((seq, text));
+        }
+        node1 = Hushd::start_with(&tmp.path().join("node1"), &listen1, UNLIMITED);
+        alice.conn = Connection::connect(&node1.address, &alice.id).await.unwrap();
+    }
+    // Everything acknowledged by either node is there, once, in order.
+    let stored: Vec<(u64, String)> = bob
+        .sync(&g)
+        .await
+        .into_iter()
+        .map(|(seq, r)| match r {
+            Received::Application { data, .. } => (seq, String::from_utf8(data).unwrap()),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    for (seq, text) in &acked {
+        let found = stored.iter().filter(|(s, t)| s == seq && t == text).count();
+        assert_eq!(found, 1, "acknowledged message {seq} ({text}) stored {found} times");
+    }
+    let mut texts: Vec<&String> = stored.iter().map(|(_, t)| t).collect();
+    let all = texts.len();
+    texts.sort();
+    texts.dedup();
+    assert_eq!(texts.len(), all, "a message was stored twice");
+    let seqs: Vec<u64> = stored.iter().map(|(s, _)| *s).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "sequences have gaps: {seqs:?}");
+    assert!(acked.len() > 20, "too few writes to mean anything: {}", acked.len());
+    eprintln!("two nodes, node 1 killed 3 times: {} acknowledged, {} stored, 0 lost", acked.len(), stored.len());
+    drop(node2);
+}
