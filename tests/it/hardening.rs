@@ -219,8 +219,12 @@ pub(crate) async fn race_commits(servers: &[&Hushd]) -> Vec<usize> {
         let epoch = peers[0].mls.epoch(&g).unwrap();
         let commits: Vec<Commit> = peers.iter_mut().map(|p| p.mls.commit_pending(&g).unwrap()).collect();
         let mut racers = tokio::task::JoinSet::new();
-        for (i, c) in commits.into_iter().enumerate() {
-            let conn = Connection::connect(&servers[i % servers.len()].address, &peers[i].id).await.unwrap();
+        // Connected first, so the commits leave together.
+        let mut conns = vec![];
+        for (i, p) in peers.iter().enumerate() {
+            conns.push(Connection::connect(&servers[i % servers.len()].address, &p.id).await.unwrap());
+        }
+        for (i, (c, conn)) in commits.into_iter().zip(conns).enumerate() {
             racers.spawn(async move { (i, conn.commit(c).await) });
         }
         let mut winners = vec![];
