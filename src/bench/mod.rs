@@ -17,6 +17,7 @@
 //! network, `measure` how both are measured, `raw` the baselines.
 
 mod measure;
+mod postgres;
 mod raw;
 mod scenarios;
 mod store;
@@ -119,13 +120,12 @@ impl Settings {
     }
 }
 
-/// Runs every scenario; `progress` hears the name of each before it starts.
-pub async fn run(settings: Settings, progress: impl Fn(&str)) -> Result<Vec<Row>, BenchError> {
-    let dir = TempDir::new()?;
-    let config = ServerConfig {
+/// The server's settings for the benchmark: measure the server, not its
+/// rate limiter or connection caps.
+fn bench_config() -> Result<ServerConfig, BenchError> {
+    Ok(ServerConfig {
         listen: "127.0.0.1:0".parse().map_err(fail)?,
         open_registration: true,
-        // Measure the server, not its rate limiter or connection caps.
         requests_per_second_per_account: 1_000_000,
         requests_per_second_per_ip: 1_000_000,
         max_connections: 100_000,
@@ -135,8 +135,14 @@ pub async fn run(settings: Settings, progress: impl Fn(&str)) -> Result<Vec<Row>
         max_streams_per_connection: 256,
         max_log_per_group: 1_000_000_000,
         ..ServerConfig::default()
-    };
-    let server = Server::bind(config, &dir.path().join("server")).map_err(fail)?;
+    })
+}
+
+/// Runs every scenario; `progress` hears the name of each before it starts.
+pub async fn run(settings: Settings, progress: impl Fn(&str)) -> Result<Vec<Row>, BenchError> {
+    let dir = TempDir::new()?;
+    let config = bench_config()?;
+    let server = Server::bind(config.clone(), &dir.path().join("server")).map_err(fail)?;
     let address = server.address().clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(server.run(async move {
@@ -193,6 +199,12 @@ pub async fn run(settings: Settings, progress: impl Fn(&str)) -> Result<Vec<Row>
     let _ = stop_tx.send(());
     let _ = serving.await;
     echo.endpoint.close(VarInt::from_u32(0), b"done");
+
+    progress("durable sends on PostgreSQL");
+    match postgres::durable_sends(settings, config, dir.path()).await? {
+        Ok(pg) => rows.extend(pg),
+        Err(why) => tracing::warn!("PostgreSQL rows skipped: {why}"),
+    }
     Ok(rows)
 }
 

@@ -219,7 +219,7 @@ impl Pair {
     }
 
     /// `count` application messages from alice.
-    fn messages(&mut self, count: usize) -> Result<Vec<Vec<u8>>, BenchError> {
+    pub fn messages(&mut self, count: usize) -> Result<Vec<Vec<u8>>, BenchError> {
         let alice = self.members.first_mut().ok_or_else(|| BenchError("no member".into()))?;
         encrypt_many(alice, &self.group, count)
     }

@@ -33,6 +33,8 @@ pub struct PgStore<'a> {
     conflict: bool,
     /// `NOTIFY` payloads of the requests kept so far, sent with the commit.
     notices: Vec<String>,
+    /// A kept request's savepoint not released yet (see [`Unit::release`]).
+    unreleased: bool,
 }
 
 impl std::fmt::Debug for PgStore<'_> {
@@ -106,7 +108,7 @@ impl<'a> PgStore<'a> {
         writing: bool,
         node: u64,
     ) -> Self {
-        Self { tx, statements, writing, node, space: None, conflict: false, notices: Vec::new() }
+        Self { tx, statements, writing, node, space: None, conflict: false, notices: Vec::new(), unreleased: false }
     }
 
     /// Sends the kept requests' notices and commits.
@@ -735,13 +737,22 @@ impl Unit for PgStore<'_> {
     const CONFLICTS: bool = true;
 
     fn savepoint(&mut self) -> Result<(), StoreError> {
-        self.tx.batch_execute("SAVEPOINT request").map_err(|e| self.fail(e))
+        // The previous request's kept savepoint is released in the same
+        // round trip (or by the commit, if that was the last request).
+        let sql = if std::mem::take(&mut self.unreleased) {
+            "RELEASE SAVEPOINT request; SAVEPOINT request"
+        } else {
+            "SAVEPOINT request"
+        };
+        self.tx.batch_execute(sql).map_err(|e| self.fail(e))
     }
 
     fn release(&mut self, keep: bool) -> Result<(), StoreError> {
-        let sql =
-            if keep { "RELEASE SAVEPOINT request" } else { "ROLLBACK TO SAVEPOINT request; RELEASE SAVEPOINT request" };
-        self.tx.batch_execute(sql).map_err(|e| self.fail(e))
+        if keep {
+            self.unreleased = true;
+            return Ok(());
+        }
+        self.tx.batch_execute("ROLLBACK TO SAVEPOINT request; RELEASE SAVEPOINT request").map_err(|e| self.fail(e))
     }
 
     fn announce(&mut self, notifications: &[Notification]) -> Result<(), StoreError> {

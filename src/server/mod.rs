@@ -112,7 +112,11 @@ impl DataDir {
         let (removal, _) = Identity::load_or_create(&self.removal_key())?;
         match &config.database_url {
             None => drop(crate::store::Db::open(&self.db())?),
-            Some(url) => drop(crate::pg::PgDb::connect(crate::pg::Target::parse(&url.0).map_err(StoreError::from)?)?),
+            Some(url) => {
+                let target = crate::pg::Target::parse(&url.0).map_err(StoreError::from)?;
+                // Connected and closed off the async runtime (closing blocks too).
+                crate::pg::off_runtime(|| crate::pg::PgDb::connect(target).map(drop))?
+            }
         }
         Ok((id, created, removal))
     }
@@ -221,10 +225,11 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut connections = JoinSet::new();
         let mut expiry = tokio::time::interval(EXPIRY_INTERVAL);
+        let mut other_nodes = JoinSet::new();
         if let Some(target) = &self.target {
             let (events, rx) = tokio::sync::mpsc::channel(crate::pg::listen::NOTICE_QUEUE);
-            tokio::spawn(crate::pg::listen::run(target.clone(), events));
-            tokio::spawn(push::from_other_nodes(rx, self.shared.engine.clone(), self.shared.registry.clone()));
+            other_nodes.spawn(crate::pg::listen::run(target.clone(), events));
+            other_nodes.spawn(push::from_other_nodes(rx, self.shared.engine.clone(), self.shared.registry.clone()));
         }
         tokio::pin!(shutdown);
         loop {
@@ -248,6 +253,7 @@ impl Server {
             }
         }
         info!(connections = self.shared.admission.connections(), "shutting down");
+        other_nodes.abort_all();
         self.endpoint.set_server_config(None);
         let _ = stop_tx.send(true);
         let drained = tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), async {
