@@ -154,6 +154,16 @@ pub const MAX_WRITE_BATCH: usize = 256;
 /// shared PostgreSQL database) is run again before it fails.
 pub const MAX_CONFLICT_RETRIES: u32 = 3;
 
+/// Other nodes' wake-ups (PostgreSQL `NOTIFY`) a node holds before it gives
+/// up on them and tells its connections to resync instead.
+pub const NOTICE_QUEUE: usize = 4096;
+
+/// How long connecting to a PostgreSQL database may take.
+pub const DATABASE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a node waits before reconnecting its lost `LISTEN` connection.
+pub const LISTEN_RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
 /// Groups one account may be a current member of. Bounds what one account
 /// can make the server store.
 pub const DEFAULT_MAX_GROUPS_PER_ACCOUNT: u32 = 256;

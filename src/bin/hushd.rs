@@ -77,8 +77,9 @@ enum Command {
     },
     /// List invites (ids, uses left, expiry; never the secret).
     Invites,
-    /// Measure hush against raw quinn and raw SQLite on this machine (in one
-    /// process, on loopback, with a temporary data directory).
+    /// Measure hush against raw quinn, raw SQLite and raw PostgreSQL on this
+    /// machine (in one process, on loopback, with a temporary data directory
+    /// and, where PostgreSQL's binaries are installed, a throwaway cluster).
     Bench {
         /// A few seconds in all: checks that it works, numbers are rough.
         #[arg(long)]
@@ -92,6 +93,7 @@ enum Command {
     Check,
     /// Copy the database to PATH with SQLite's online backup (safe while
     /// the server runs). The key file is not included: copy it separately.
+    /// On PostgreSQL it refuses and points to pg_dump.
     Backup { path: PathBuf },
 }
 

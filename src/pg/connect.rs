@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use thiserror::Error;
 use tokio_postgres::config::{Host, SslMode};
@@ -15,8 +14,7 @@ use crate::store::StoreError;
 /// names none (`sslrootcert=FILE`).
 pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// How long connecting to the database may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::limits::DATABASE_CONNECT_TIMEOUT as CONNECT_TIMEOUT;
 
 /// Why a database URL was refused.
 #[derive(Debug, Error)]

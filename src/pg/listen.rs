@@ -14,7 +14,6 @@
 //! is how clients catch up from the log.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -27,12 +26,7 @@ use crate::delivery::Notification;
 /// The `LISTEN`/`NOTIFY` channel.
 pub const CHANNEL: &str = "hush";
 
-/// How long a node waits before reconnecting its listening connection.
-pub const RECONNECT_DELAY: Duration = Duration::from_secs(1);
-
-/// Notices a node may have waiting before it gives up on them and tells
-/// its connections to resync instead.
-pub const NOTICE_QUEUE: usize = 4096;
+pub use crate::limits::{LISTEN_RECONNECT_DELAY as RECONNECT_DELAY, NOTICE_QUEUE};
 
 /// What one node tells the others.
 #[derive(Debug, Clone, PartialEq, Eq)]
