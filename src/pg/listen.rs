@@ -26,6 +26,9 @@ use crate::delivery::Notification;
 /// The `LISTEN`/`NOTIFY` channel.
 pub const CHANNEL: &str = "hush";
 
+/// The `application_name` of a node's listening connection.
+pub const APPLICATION_NAME: &str = "hushd-listen";
+
 pub use crate::limits::{LISTEN_RECONNECT_DELAY as RECONNECT_DELAY, NOTICE_QUEUE};
 
 /// What one node tells the others.
@@ -107,13 +110,16 @@ pub enum Event {
 /// node sent itself (`target.node`) are skipped.
 pub async fn run(target: Arc<Target>, events: mpsc::Sender<Event>) {
     let mut first = true;
+    let mut config = target.config().clone();
+    // Tells this connection apart in `pg_stat_activity`.
+    config.application_name(APPLICATION_NAME);
     loop {
         let result = match target.tls() {
-            Some(tls) => match target.config().connect(tls.clone()).await {
+            Some(tls) => match config.connect(tls.clone()).await {
                 Ok((client, conn)) => listen(&target, client, conn, &events, first).await,
                 Err(e) => Err(e),
             },
-            None => match target.config().connect(tokio_postgres::NoTls).await {
+            None => match config.connect(tokio_postgres::NoTls).await {
                 Ok((client, conn)) => listen(&target, client, conn, &events, first).await,
                 Err(e) => Err(e),
             },

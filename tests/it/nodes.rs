@@ -157,3 +157,41 @@ async fn killing_one_node_under_load_loses_nothing_and_the_other_keeps_serving()
     eprintln!("two nodes, node 1 killed 3 times: {} acknowledged, {} stored, 0 lost", acked.len(), stored.len());
     drop(node2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_loses_its_listen_connection_has_its_clients_resync_and_pushes_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((node1, node2)) = two_nodes(tmp.path()) else { return };
+    let (mut peers, g) = group_across(&[&node1, &node2], 2).await;
+    let [alice, bob] = &mut peers[..] else { unreachable!() };
+    let mut bob_pushes = None;
+    let m = alice.mls.encrypt(&g, b"before").unwrap();
+    let (seq, _) = alice.conn.send(m, None).await.unwrap();
+    alice.log.sent(seq);
+    pushed(&bob.conn, &mut bob_pushes, &g, seq).await;
+    // The database drops both nodes' listening connections (as a restart or
+    // a network cut would); what is sent meanwhile may never be announced.
+    sql(
+        &tmp.path().join("node1"),
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'hushd-listen'",
+    );
+    let m = alice.mls.encrypt(&g, b"while reconnecting").unwrap();
+    let (missed, _) = alice.conn.send(m, None).await.unwrap();
+    alice.log.sent(missed);
+    // bob is told to resync once node 2 listens again, and reads it.
+    let pushes = bob_pushes.as_mut().unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, pushes.next()).await.expect("no resync within the wait").unwrap() {
+            Some(Push::Resync) => break,
+            Some(_) => continue,
+            None => panic!("push stream ended"),
+        }
+    }
+    let got: Vec<String> = bob.sync(&g).await.into_iter().map(|(_, r)| Received::texts(&[r]).concat()).collect();
+    assert!(got.contains(&"while reconnecting".to_string()), "{got:?}");
+    // And live pushes cross nodes again.
+    let m = alice.mls.encrypt(&g, b"after").unwrap();
+    let (seq, _) = alice.conn.send(m, None).await.unwrap();
+    let ct = pushed(&bob.conn, &mut bob_pushes, &g, seq).await;
+    assert_eq!(Received::texts(&[bob.mls.receive(&g, &ct).unwrap()]), ["after"]);
+}

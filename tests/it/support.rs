@@ -116,6 +116,13 @@ pub fn cluster_files() -> Option<PathBuf> {
     postgres().then(|| cluster().map(|c| c.socket_dir().to_owned())).flatten()
 }
 
+/// Runs SQL on the PostgreSQL database of `data_dir`.
+pub fn sql(data_dir: &Path, statement: &str) {
+    let url = database_for(data_dir).expect("a PostgreSQL data directory");
+    let name = url.split("@/").nth(1).and_then(|rest| rest.split('?').next()).unwrap();
+    cluster().unwrap().execute(name, statement).unwrap();
+}
+
 /// Writes everything PostgreSQL holds in memory out to its files.
 pub fn checkpoint() {
     cluster().unwrap().execute("postgres", "CHECKPOINT").unwrap();
