@@ -317,6 +317,15 @@ mod tests {
     }
 
     #[test]
+    fn a_database_url_is_checked_at_load_and_never_printed() {
+        let c = load(None, &[("HUSHD_DATABASE_URL", "postgresql://hush:s3cret@db.example/hush")]).unwrap();
+        assert!(c.database_url.is_some());
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let e = load(Some("database_url = \"not a url\""), &[]).unwrap_err().to_string();
+        assert!(e.contains("database_url"), "{e}");
+    }
+
+    #[test]
     fn errors_name_the_key_and_its_origin() {
         let e = load(Some("max_conections = 10\n"), &[]).unwrap_err().to_string();
         assert!(e.contains("max_conections") && e.contains(CONFIG_FILE), "{e}");

@@ -369,7 +369,7 @@ fn check(dir: &DataDir, config: Result<ServerConfig>) -> Result<()> {
                 ),
                 r.schema_version <= r.latest_schema && r.inconsistent_groups == 0,
             ),
-            Err(e) => line("database", format!("PostgreSQL: {e:#}"), false),
+            Err(e) => line("database", format!("{e:#}"), false),
         }
     } else if dir.db().exists() {
         match hush::store::maintenance::check(&dir.db()) {
