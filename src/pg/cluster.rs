@@ -37,6 +37,8 @@ pub struct Cluster {
     base: PathBuf,
     /// Run commands as this user (when started as root).
     user: Option<String>,
+    /// The port (which names the Unix socket too).
+    port: u16,
     next: AtomicU64,
 }
 
@@ -61,6 +63,17 @@ impl Cluster {
     /// measurements); otherwise fsync is off (tests, which never kill
     /// PostgreSQL itself).
     pub fn start(durable: bool) -> Result<Self, ClusterError> {
+        Self::start_with(durable, None)
+    }
+
+    /// Starts a cluster that also listens on `127.0.0.1:port` with TLS only
+    /// on TCP, presenting `tls` (certificate and PKCS#8 key, PEM). For the
+    /// test of hush's TLS to a remote database.
+    pub fn start_tls(port: u16, certificate: &str, key: &str) -> Result<Self, ClusterError> {
+        Self::start_with(false, Some((port, certificate, key)))
+    }
+
+    fn start_with(durable: bool, tls: Option<(u16, &str, &str)>) -> Result<Self, ClusterError> {
         let bin = binaries()?;
         let root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
         let user = root.then(|| "postgres".to_string());
@@ -70,7 +83,8 @@ impl Cluster {
         let base =
             std::env::temp_dir().join(format!("hush-pg-{}-{:016x}", std::process::id(), u64::from_le_bytes(nonce)));
         std::fs::create_dir(&base).map_err(|e| failed(&format!("creating {}", base.display()), e))?;
-        let cluster = Self { bin, base, user, next: AtomicU64::new(0) };
+        let port = tls.map_or(5432, |(port, _, _)| port);
+        let cluster = Self { bin, base, user, port, next: AtomicU64::new(0) };
         if let Some(user) = &cluster.user {
             let status = Command::new("chown").arg(user).arg(&cluster.base).status();
             if !status.is_ok_and(|s| s.success()) {
@@ -84,10 +98,33 @@ impl Cluster {
             &["-D", path(&data)?, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync", "--no-instructions"],
         )?;
         let fsync = if durable { "on" } else { "off" };
-        let options = format!(
-            "-k {} -c listen_addresses='' -c max_connections=300 -c fsync={fsync} -c full_page_writes={fsync}",
-            path(&cluster.base)?
-        );
+        let mut options =
+            format!("-k {} -c max_connections=300 -c fsync={fsync} -c full_page_writes={fsync}", path(&cluster.base)?);
+        match tls {
+            None => options.push_str(" -c listen_addresses=''"),
+            Some((port, certificate, key)) => {
+                let (cert_file, key_file) = (cluster.base.join("server.crt"), cluster.base.join("server.key"));
+                std::fs::write(&cert_file, certificate).map_err(|e| failed("writing the certificate", e))?;
+                std::fs::write(&key_file, key).map_err(|e| failed("writing the key", e))?;
+                std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                    .map_err(|e| failed("chmod", e))?;
+                if let Some(user) = &cluster.user {
+                    let status = Command::new("chown").arg(user).arg(&cert_file).arg(&key_file).status();
+                    if !status.is_ok_and(|s| s.success()) {
+                        return Err(failed("chown", "cannot give the TLS files to the cluster's user"));
+                    }
+                }
+                // TCP connections must use TLS (pg_hba: hostssl only).
+                let hba = cluster.data().join("pg_hba.conf");
+                std::fs::write(&hba, "local all all trust\nhostssl all all 127.0.0.1/32 trust\n")
+                    .map_err(|e| failed("writing pg_hba.conf", e))?;
+                options.push_str(&format!(
+                    " -c listen_addresses=127.0.0.1 -p {port} -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                    path(&cert_file)?,
+                    path(&key_file)?
+                ));
+            }
+        }
         let log = cluster.base.join("server.log");
         cluster.run("pg_ctl", &["-D", path(&data)?, "-l", path(&log)?, "-o", &options, "-w", "-t", "60", "start"])?;
         Ok(cluster)
@@ -113,7 +150,7 @@ impl Cluster {
 
     /// A URL for database `name` on this cluster.
     pub fn url(&self, name: &str) -> String {
-        format!("postgresql://postgres@/{name}?host={}", self.base.display())
+        format!("postgresql://postgres@/{name}?host={}&port={}", self.base.display(), self.port)
     }
 
     /// Creates a new, empty database and returns its URL.

@@ -109,3 +109,52 @@ fn two_nodes_appending_to_one_group_get_dense_distinct_sequences() {
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
 }
+
+/// PEM armour for DER bytes (test certificates for the database server).
+fn pem(label: &str, der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut text = String::new();
+    for chunk in der.chunks(3) {
+        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                text.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                text.push('=');
+            }
+        }
+    }
+    let lines: Vec<&str> = text.as_bytes().chunks(64).map(|l| std::str::from_utf8(l).unwrap()).collect();
+    format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+}
+
+#[test]
+fn tls_to_a_database_is_required_and_verified_for_its_name_against_the_given_root() {
+    if super::cluster::binaries().is_err() {
+        eprintln!("skipped: {}", ClusterError::Missing);
+        return;
+    }
+    let issued = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let certificate = pem("CERTIFICATE", issued.cert.der());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cluster =
+        Cluster::start_tls(port, &certificate, &pem("PRIVATE KEY", &issued.signing_key.serialize_der())).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root.pem");
+    std::fs::write(&root, &certificate).unwrap();
+    let connects = |url: String| PgDb::connect(Target::parse(&url).unwrap()).map(drop).map_err(|e| e.to_string());
+    // The server's certificate, for its name, from the given root: in.
+    connects(format!("postgresql://postgres@localhost:{port}/postgres?sslrootcert={}", root.display())).unwrap();
+    // The system's CA bundle does not vouch for it.
+    let e = connects(format!("postgresql://postgres@localhost:{port}/postgres")).unwrap_err();
+    assert!(e.contains("certificate") || e.contains("issuer"), "{e}");
+    // A certificate for another name than the one dialled.
+    let e = connects(format!("postgresql://postgres@127.0.0.1:{port}/postgres?sslrootcert={}", root.display()))
+        .unwrap_err();
+    assert!(e.contains("certificate") || e.contains("name"), "{e}");
+    // Without TLS the server (TLS only over TCP) refuses: what connected
+    // above was TLS.
+    assert!(connects(format!("postgresql://postgres@localhost:{port}/postgres?sslmode=disable")).is_err());
+    drop(cluster);
+}

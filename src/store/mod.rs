@@ -40,6 +40,21 @@ pub(crate) fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// An error and its causes, each once ("error performing TLS handshake:
+/// invalid peer certificate: UnknownIssuer"), so an operator sees why.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "hush.db";
 
@@ -49,7 +64,7 @@ pub const DB_FILE: &str = "hush.db";
 pub enum StoreError {
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {}", causes(.0))]
     Postgres(#[from] postgres::Error),
     #[error(transparent)]
     Target(#[from] crate::pg::TargetError),
