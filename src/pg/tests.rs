@@ -158,3 +158,13 @@ fn tls_to_a_database_is_required_and_verified_for_its_name_against_the_given_roo
     assert!(connects(format!("postgresql://postgres@localhost:{port}/postgres?sslmode=disable")).is_err());
     drop(cluster);
 }
+
+#[test]
+fn a_database_from_a_newer_hushd_is_refused() {
+    let Some(target) = database() else { return };
+    let mut db = PgDb::connect(target.clone()).unwrap();
+    db.client.batch_execute("UPDATE hush_schema SET version = 99").unwrap();
+    drop(db);
+    let e = PgDb::connect(target).unwrap_err();
+    assert!(matches!(e, crate::store::StoreError::SchemaTooNew { found: 99, .. }), "{e}");
+}
