@@ -28,6 +28,25 @@
 //! * `bench` (cargo feature `bench`, on by default): `hushd bench`.
 #![forbid(unsafe_code)]
 
+/// `--version` of both binaries: the crate version and the git commit the
+/// build came from (see `build.rs`; "unknown" for a build outside git
+/// without `HUSH_COMMIT`).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("HUSH_COMMIT"), ")");
+
+/// What `hush completions` and `hushd completions` take: a shell.
+pub use clap_complete::Shell;
+
+/// Writes `command`'s completion script for `shell` to `out`.
+pub fn completions(shell: Shell, command: &mut clap::Command, out: &mut dyn std::io::Write) {
+    let name = command.get_name().to_string();
+    clap_complete::generate(shell, command, name, out);
+}
+
+/// Writes `command`'s man page (roff) to `out`.
+pub fn man_page(command: clap::Command, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    clap_mangen::Man::new(command).render(out)
+}
+
 pub mod auth;
 #[cfg(feature = "bench")]
 pub mod bench;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use hush::client::app::{safety_number, App, AppError, Entry, EntryKind};
 use hush::client::home::Home;
 use hush::client::link::LinkCode;
@@ -20,7 +20,7 @@ use hush::util::{default_data_dir, format_unix};
 use hush::wire::ErrorCode;
 
 #[derive(Parser)]
-#[command(name = "hush", version, about = "hush: end-to-end-encrypted group chat over a self-hosted relay")]
+#[command(name = "hush", version = hush::VERSION, about = "hush: end-to-end-encrypted group chat over a self-hosted relay")]
 struct Cli {
     /// Home directory holding this account's and device's keys and state.
     #[arg(long, global = true, env = "HUSH_HOME", value_name = "DIR")]
@@ -73,6 +73,10 @@ enum Command {
     /// Interactive chat: messages arrive live, lines you type are sent.
     /// Commands: /members, /quit. Works with piped input too.
     Chat { group: String },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: hush::Shell },
+    /// Print the manual page (roff; `hush man | man -l -`).
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -178,6 +182,11 @@ fn run(cli: Cli) -> Result<()> {
         None => Home::new(default_data_dir("hush").context("no home directory: set --home, HUSH_HOME or HOME")?),
     };
     match cli.command {
+        Command::Completions { shell } => {
+            hush::completions(shell, &mut Cli::command(), &mut std::io::stdout().lock());
+            Ok(())
+        }
+        Command::Man => Ok(hush::man_page(Cli::command(), &mut std::io::stdout().lock())?),
         Command::Register { address, invite, name } => register(&home, &address, invite, name),
         Command::Whoami => {
             let app = open_app(&home)?;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use hush::auth::{HushAddress, Identity};
 use hush::config::ServerConfig;
 use hush::limits::{DEFAULT_INVITE_LIFETIME, DEFAULT_INVITE_USES, MAX_INVITE_USES};
@@ -20,7 +20,7 @@ use hush::util::{default_data_dir, format_unix, now_unix, parse_duration};
 #[derive(Parser)]
 #[command(
     name = "hushd",
-    version,
+    version = hush::VERSION,
     about = "hush relay server: an MLS Delivery Service for end-to-end-encrypted group chat"
 )]
 struct Cli {
@@ -95,6 +95,10 @@ enum Command {
     /// the server runs). The key file is not included: copy it separately.
     /// On PostgreSQL it refuses and points to pg_dump.
     Backup { path: PathBuf },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: hush::Shell },
+    /// Print the manual page (roff; `hushd man | man -l -`).
+    Man,
 }
 
 fn main() -> ExitCode {
@@ -147,6 +151,14 @@ macro_rules! on_db {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Completions { shell } => {
+            hush::completions(shell, &mut Cli::command(), &mut std::io::stdout().lock());
+            return Ok(());
+        }
+        Command::Man => return Ok(hush::man_page(Cli::command(), &mut std::io::stdout().lock())?),
+        _ => {}
+    }
     let dir = data_dir(&cli)?;
     let database = cli.database.clone();
     let load_config = |dir: &DataDir| -> Result<ServerConfig> {
@@ -215,6 +227,8 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("{} account{}", accounts.len(), if accounts.len() == 1 { "" } else { "s" });
             Ok(())
         }
+        // Answered above, before anything needs a data directory.
+        Command::Completions { .. } | Command::Man => Ok(()),
         Command::Accounts { action: Some(AccountsCmd::Remove { id }) } => {
             remove_account(&dir, &load_config(&dir)?, &id)
         }

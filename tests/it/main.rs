@@ -6,6 +6,7 @@ mod support;
 
 mod auth;
 mod cli;
+mod conventions;
 mod delivery;
 mod devices;
 mod hardening;
