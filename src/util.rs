@@ -81,6 +81,16 @@ pub fn default_data_dir(app: &str) -> Option<PathBuf> {
     Some(PathBuf::from(home).join(".local/share").join(app))
 }
 
+/// A duration in seconds, roughly: "45 s", "12 min", "3 h", "9 d".
+pub fn format_age(secs: u64) -> String {
+    match secs {
+        0..120 => format!("{secs} s"),
+        120..7_200 => format!("{} min", secs / 60),
+        7_200..172_800 => format!("{} h", secs / 3_600),
+        _ => format!("{} d", secs / 86_400),
+    }
+}
+
 /// Formats Unix seconds as a UTC date and time (`2026-11-27 14:05:09Z`).
 pub fn format_unix(secs: u64) -> String {
     let days = secs / 86_400;

@@ -77,6 +77,10 @@ enum Command {
     },
     /// List invites (ids, uses left, expiry; never the secret).
     Invites,
+    /// Counts only: accounts, devices, groups, messages held and the oldest
+    /// one's age, Welcomes waiting, invites outstanding, database size.
+    /// Works while serving.
+    Stats,
     /// Measure hush against raw quinn, raw SQLite and raw PostgreSQL on this
     /// machine (in one process, on loopback, with a temporary data directory
     /// and, where PostgreSQL's binaries are installed, a throwaway cluster).
@@ -265,6 +269,28 @@ fn run(cli: Cli) -> Result<()> {
                 "the server key ({}) is not in the backup; keep a copy of it somewhere safe",
                 dir.key().display()
             );
+            Ok(())
+        }
+        Command::Stats => {
+            use hush::delivery::storage::Backend as _;
+            use hush::delivery::Storage as _;
+            let mut db = open_existing(&dir, &load_config(&dir)?)?;
+            let now = now_unix();
+            let s = on_db!(&mut db, d => d.read(|u| u.stats(now)))??;
+            out!("accounts       {} ({} removed)", s.accounts, s.removed_accounts);
+            out!("devices        {}", s.devices);
+            out!("groups         {}", s.groups);
+            match s.oldest_message {
+                Some(at) => out!(
+                    "messages held  {} (oldest stored {} ago)",
+                    s.messages,
+                    hush::util::format_age(now.saturating_sub(at))
+                ),
+                None => out!("messages held  {}", s.messages),
+            }
+            out!("welcomes held  {}", s.welcomes);
+            out!("invites        {} outstanding", s.invites_outstanding);
+            out!("database       {} KiB", s.database_bytes / 1024);
             Ok(())
         }
         Command::Invites => {

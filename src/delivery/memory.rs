@@ -6,7 +6,7 @@ use std::convert::Infallible;
 
 use super::storage::{
     AccountRecord, DeviceRecord, GroupListing, GroupRecord, InviteRecord, LinkRecord, Membership, Messages,
-    NewKeyPackage, Page, Storage,
+    NewKeyPackage, Page, Stats, Storage,
 };
 use crate::auth::{AccountId, DeviceCertificate, DeviceId};
 
@@ -414,6 +414,23 @@ impl Storage for MemoryStore {
         Ok(self.groups.get(group).map(|g| u64::try_from(g.log.len()).unwrap_or(u64::MAX)).unwrap_or(0))
     }
 
+    fn stats(&mut self, now: u64) -> Result<Stats, Infallible> {
+        let held = || self.groups.values().flat_map(|g| g.log.values());
+        Ok(Stats {
+            accounts: count(self.accounts.values().filter(|a| a.removed_at.is_none())),
+            removed_accounts: count(self.accounts.values().filter(|a| a.removed_at.is_some())),
+            devices: count(self.devices.values().filter(|d| d.revoked_at.is_none())),
+            groups: count(self.groups.values()),
+            messages: count(held()),
+            oldest_message: held().map(|(_, at)| *at).min(),
+            welcomes: count(self.inbox.values()),
+            invites_outstanding: count(
+                self.invites.values().filter(|i| i.uses_left > 0 && i.expires_at.is_none_or(|e| e > now)),
+            ),
+            database_bytes: self.database_bytes()?,
+        })
+    }
+
     fn database_bytes(&mut self) -> Result<u64, Infallible> {
         let logs: usize = self.groups.values().flat_map(|g| g.log.values()).map(|(m, _)| m.len() + 32).sum();
         let states: usize =
@@ -439,4 +456,8 @@ impl Storage for MemoryStore {
         self.claimed.retain(|_, (_, _, t)| *t >= before);
         Ok(n)
     }
+}
+
+fn count<T>(items: impl Iterator<Item = T>) -> u64 {
+    u64::try_from(items.count()).unwrap_or(u64::MAX)
 }

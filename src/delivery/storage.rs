@@ -184,6 +184,27 @@ impl Page {
     }
 }
 
+/// What the server holds, in counts only (`hushd stats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Accounts not removed.
+    pub accounts: u64,
+    pub removed_accounts: u64,
+    /// Devices not revoked.
+    pub devices: u64,
+    pub groups: u64,
+    /// Messages held (not yet acknowledged by every member, nor expired).
+    pub messages: u64,
+    /// When the oldest held message was stored.
+    pub oldest_message: Option<u64>,
+    /// Welcomes waiting for their device.
+    pub welcomes: u64,
+    /// Invites with uses left that have not expired.
+    pub invites_outstanding: u64,
+    /// Bytes the database occupies.
+    pub database_bytes: u64,
+}
+
 /// A KeyPackage to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewKeyPackage {
@@ -342,6 +363,9 @@ pub trait Storage {
     fn log_len(&mut self, group: &[u8]) -> Result<u64, Self::Error>;
     /// Bytes the store occupies (for the storage quota).
     fn database_bytes(&mut self) -> Result<u64, Self::Error>;
+
+    /// Counts of what is held, for the operator.
+    fn stats(&mut self, now: u64) -> Result<Stats, Self::Error>;
 
     /// Deletes messages, Welcomes and claim records older than `before`.
     fn expire(&mut self, before: u64) -> Result<u64, Self::Error>;

@@ -12,7 +12,7 @@ use postgres::{Row, Statement, Transaction};
 use super::listen::Notice;
 use crate::auth::{AccountId, DeviceId};
 use crate::delivery::storage::{
-    AccountRecord, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Unit,
+    AccountRecord, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats, Unit,
 };
 use crate::delivery::{GroupRecord, Membership, NewKeyPackage, Notification, SendContext, Storage};
 use crate::store::{to_i64 as i, to_u64 as u, StoreError};
@@ -706,6 +706,29 @@ impl Storage for PgStore<'_> {
         let n = u(self.one("SELECT COALESCE(sum(bytes), 0)::bigint FROM groups", &[])?.get(0));
         self.space = Some(n);
         Ok(n)
+    }
+
+    fn stats(&mut self, now: u64) -> Result<Stats, StoreError> {
+        let r = self.one(
+            "SELECT (SELECT count(*) FROM accounts WHERE removed_at IS NULL),
+                    (SELECT count(*) FROM accounts WHERE removed_at IS NOT NULL),
+                    (SELECT count(*) FROM devices WHERE revoked_at IS NULL), (SELECT count(*) FROM groups),
+                    (SELECT count(*) FROM log), (SELECT min(created_at) FROM log), (SELECT count(*) FROM inbox),
+                    (SELECT count(*) FROM invites WHERE uses_left > 0 AND (expires_at IS NULL OR expires_at > $1)),
+                    pg_database_size(current_database())",
+            &[&i(now)],
+        )?;
+        Ok(Stats {
+            accounts: u(r.get(0)),
+            removed_accounts: u(r.get(1)),
+            devices: u(r.get(2)),
+            groups: u(r.get(3)),
+            messages: u(r.get(4)),
+            oldest_message: r.get::<_, Option<i64>>(5).map(u),
+            welcomes: u(r.get(6)),
+            invites_outstanding: u(r.get(7)),
+            database_bytes: u(r.get(8)),
+        })
     }
 
     fn expire(&mut self, before: u64) -> Result<u64, StoreError> {

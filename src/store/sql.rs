@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::StoreError;
 use crate::auth::{AccountId, DeviceId};
 use crate::delivery::storage::{
-    AccountRecord, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Unit,
+    AccountRecord, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats, Unit,
 };
 use crate::delivery::{GroupRecord, Membership, NewKeyPackage, SendContext, Storage};
 
@@ -680,6 +680,33 @@ impl Storage for SqlStore<'_> {
         .query_row([], |r| r.get(0))?;
         self.space = Some(u(n));
         Ok(u(n))
+    }
+
+    fn stats(&mut self, now: u64) -> Result<Stats, StoreError> {
+        let mut stats = self
+            .conn
+            .prepare_cached(
+                "SELECT (SELECT count(*) FROM accounts WHERE removed_at IS NULL),
+                        (SELECT count(*) FROM accounts WHERE removed_at IS NOT NULL),
+                        (SELECT count(*) FROM devices WHERE revoked_at IS NULL), (SELECT count(*) FROM groups),
+                        (SELECT count(*) FROM log), (SELECT min(created_at) FROM log), (SELECT count(*) FROM inbox),
+                        (SELECT count(*) FROM invites WHERE uses_left > 0 AND (expires_at IS NULL OR expires_at > ?1))",
+            )?
+            .query_row([i(now)], |r| {
+                Ok(Stats {
+                    accounts: u(r.get(0)?),
+                    removed_accounts: u(r.get(1)?),
+                    devices: u(r.get(2)?),
+                    groups: u(r.get(3)?),
+                    messages: u(r.get(4)?),
+                    oldest_message: r.get::<_, Option<i64>>(5)?.map(u),
+                    welcomes: u(r.get(6)?),
+                    invites_outstanding: u(r.get(7)?),
+                    database_bytes: 0,
+                })
+            })?;
+        stats.database_bytes = self.database_bytes()?;
+        Ok(stats)
     }
 
     fn expire(&mut self, before: u64) -> Result<u64, StoreError> {

@@ -334,7 +334,43 @@ fn deleted_secrets_do_not_stay_in_the_client_files() {
     }
 }
 
+fn stats_count_what_the_server_holds_while_it_serves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("server"));
+    let (alice, bob, carol) = team(&server, tmp.path());
+    run_ok(&alice, &["send", "team", "one"]);
+    run_ok(&alice, &["send", "team", "two"]);
+    server.invite(&["--uses", "3"]);
+    let stats = |server: &Hushd| ok(run(hushd_command(&server.data_dir).arg("stats")));
+    let held = |text: &str| -> u64 {
+        let line = text.lines().find(|l| l.starts_with("messages held")).unwrap();
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    let text = stats(&server);
+    for expected in [
+        "accounts       3 (0 removed)",
+        "devices        3",
+        "groups         1",
+        "welcomes held  0",
+        "invites        1 outstanding",
+    ] {
+        assert!(text.contains(expected), "{expected:?} in\n{text}");
+    }
+    assert!(held(&text) >= 2 && text.contains("oldest stored"), "{text}");
+    assert!(text.contains("database ") && text.contains(" KiB"), "{text}");
+    // Everyone has read everything: nothing is held any more.
+    for p in [&alice, &bob, &carol] {
+        run_ok(p, &["sync"]);
+    }
+    let text = stats(&server);
+    assert_eq!(held(&text), 0, "{text}");
+    // Counts only: no account id appears.
+    for p in [&alice, &bob, &carol] {
+        assert!(!text.contains(&p.id), "{text}");
+    }
+}
+
 crate::on_both_backends! {
-    sync: [three_people_chat_in_order_offline_member_catches_up_and_restart_keeps_everything, a_removed_member_sees_it_and_reads_nothing_new, chat_sends_piped_lines_and_prints_what_others_wrote, a_member_on_a_rate_limited_server_completes_its_sends],
+    sync: [three_people_chat_in_order_offline_member_catches_up_and_restart_keeps_everything, a_removed_member_sees_it_and_reads_nothing_new, chat_sends_piped_lines_and_prints_what_others_wrote, a_member_on_a_rate_limited_server_completes_its_sends, stats_count_what_the_server_holds_while_it_serves],
     async: [],
 }
