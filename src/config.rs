@@ -19,7 +19,7 @@ use crate::limits::*;
 pub const CONFIG_FILE: &str = "hushd.toml";
 
 /// Environment variables with the `HUSHD_` prefix that are not config keys.
-const RESERVED_ENV: &[&str] = &["HUSHD_DATA_DIR", "HUSHD_LOG"];
+const RESERVED_ENV: &[&str] = &["HUSHD_DATA_DIR", "HUSHD_LOG", "HUSHD_LOG_FORMAT"];
 
 /// Why the configuration was refused.
 #[derive(Debug, Error)]

@@ -32,6 +32,10 @@ struct Cli {
     /// hushd.toml). Several nodes may share it.
     #[arg(long, global = true, value_name = "URL")]
     database: Option<String>,
+    /// Log format on stderr: `human` (default) or `json` (one object per
+    /// line, for log collectors).
+    #[arg(long, global = true, env = "HUSHD_LOG_FORMAT", value_name = "FORMAT", default_value = "human")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -108,7 +112,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The benchmark's own server would otherwise log over its progress bar.
-    init_logging(if matches!(cli.command, Command::Bench { .. }) { "warn" } else { "info" });
+    init_logging(if matches!(cli.command, Command::Bench { .. }) { "warn" } else { "info" }, cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -118,10 +122,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(default: &str) {
+/// How logs are written.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+fn init_logging(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HUSHD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    match format {
+        LogFormat::Human => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
 }
 
 fn data_dir(cli: &Cli) -> Result<DataDir> {

@@ -37,7 +37,7 @@ pub mod listen;
 mod schema;
 mod store;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -55,6 +55,16 @@ fn causes(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// A PostgreSQL error without the server's DETAIL and HINT, which can quote
+/// row values (a duplicate key's bytes: a device or account key), so that
+/// logging it leaks no id; with the SQLSTATE to look it up.
+fn postgres_error(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code()),
+        None => causes(e),
+    }
+}
+
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "hush.db";
 
@@ -64,7 +74,7 @@ pub const DB_FILE: &str = "hush.db";
 pub enum StoreError {
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("PostgreSQL: {}", causes(.0))]
+    #[error("PostgreSQL: {}", postgres_error(.0))]
     Postgres(#[from] postgres::Error),
     #[error(transparent)]
     Target(#[from] crate::pg::TargetError),
@@ -96,6 +106,17 @@ mod tests {
     use crate::delivery::storage::{Backend as _, DeviceRecord};
     use crate::delivery::{Caller, Delivery, Storage as _};
     use crate::wire::{Request, Response};
+
+    #[test]
+    fn postgres_errors_never_show_the_row_values_the_server_quotes() {
+        let Some(target) = crate::pg::tests::database() else { return };
+        let mut db = crate::pg::PgDb::connect(target).unwrap();
+        let key = crate::auth::AccountId([0xab; 32]);
+        db.write(|s| s.insert_account(&key, None, 1)).unwrap();
+        let e = db.write(|s| s.insert_account(&key, None, 1)).unwrap_err().to_string();
+        assert!(e.contains("duplicate key") && e.contains("23505"), "{e}");
+        assert!(!e.contains("abab") && !e.contains("DETAIL"), "{e}");
+    }
 
     #[test]
     fn retention_deletes_the_oldest_messages_of_each_group_and_nothing_younger() {

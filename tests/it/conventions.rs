@@ -53,3 +53,53 @@ fn completions_are_valid_bash_and_man_pages_render() {
     assert!(output(env!("CARGO_BIN_EXE_hushd"), &["completions", "bash"]).contains("invite"));
     assert!(output(env!("CARGO_BIN_EXE_hush"), &["completions", "bash"]).contains("register"));
 }
+
+/// The forms an id could take in a log line: its text (full, or the short
+/// form people compare, grouped or not) and hex (full or a prefix).
+fn forms(bytes: &[u8]) -> Vec<String> {
+    let text = hush::auth::text::encode(bytes);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    vec![text[..12].to_string(), hush::auth::text::grouped(&text[..16], 4)[..9].to_string(), hex[..16].to_string()]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_at_the_default_level_are_json_on_request_and_name_no_id_or_client_address() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The server on 127.0.0.2: clients reach it from 127.0.0.1, so the
+    // clients' address is told apart from the server's own.
+    let env = [("HUSHD_LOG", "info"), ("HUSHD_LOG_FORMAT", "json")];
+    let server = Hushd::start_with(&tmp.path().join("s"), "127.0.0.2:0", &env);
+    let (mut peers, g) = crate::hardening::group_across(&[&server], 3).await;
+    for (i, p) in peers.iter_mut().enumerate() {
+        let m = p.mls.encrypt(&g, format!("hello {i}").as_bytes()).unwrap();
+        let (seq, _) = p.conn.send(m, None).await.unwrap();
+        p.log.sent(seq);
+    }
+    for p in peers.iter_mut() {
+        p.sync(&g).await;
+    }
+    // A stranger with a bad invite, and a refused request, for good measure.
+    let (_, stranger, member) = hush::client::mls::Member::generate().unwrap();
+    let conn = hush::client::Connection::connect(&server.address, &stranger).await.unwrap();
+    assert!(conn.register(Some("not-a-token"), member.certificate()).await.is_err());
+    let invite = server.invite(&[]);
+    let (status, logs) = tokio::task::spawn_blocking(move || server.terminate()).await.unwrap();
+    assert!(status.success());
+    let lines: Vec<&str> = logs.lines().collect();
+    assert!(lines.len() >= 2, "{logs}");
+    for line in &lines {
+        let object: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(object.get("level").is_some() && object.get("fields").is_some(), "{line}");
+    }
+    // The scan sees info lines: the server's own address is there.
+    assert!(logs.contains("127.0.0.2"), "{logs}");
+    let mut secrets: Vec<String> = vec!["127.0.0.1".into(), invite];
+    for p in &peers {
+        secrets.extend(forms(&p.mls.account().0));
+        secrets.extend(forms(&p.mls.certificate().device.0));
+    }
+    secrets.extend(forms(&g));
+    for secret in &secrets {
+        assert!(!logs.contains(secret.as_str()), "{secret:?} is in the log:\n{logs}");
+    }
+}
