@@ -533,7 +533,15 @@ fn serve(config: ServerConfig, dir: DataDir) -> Result<()> {
     writeln!(out, "{}", server.address())?;
     out.flush()?;
     drop(out);
-    runtime.block_on(server.run(shutdown_signal()))?;
+    // Under systemd (Type=notify): ready once listening, stopping once asked
+    // to stop. Without NOTIFY_SOCKET these do nothing.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!("could not tell systemd that hushd is ready: {e}");
+    }
+    runtime.block_on(server.run(async {
+        shutdown_signal().await;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    }))?;
     Ok(())
 }
 

@@ -103,3 +103,24 @@ async fn logs_at_the_default_level_are_json_on_request_and_name_no_id_or_client_
         assert!(!logs.contains(secret.as_str()), "{secret:?} is in the log:\n{logs}");
     }
 }
+
+#[test]
+fn under_systemd_hushd_says_ready_once_listening_and_stopping_when_asked_to_stop() {
+    use std::os::unix::net::UnixDatagram;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket.set_read_timeout(Some(WAIT)).unwrap();
+    let notify = path.to_str().unwrap().to_string();
+    let server = Hushd::start_with(&tmp.path().join("s"), "127.0.0.1:0", &[("NOTIFY_SOCKET", notify.as_str())]);
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).expect("no readiness message");
+    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap().trim(), "READY=1");
+    // Ready means listening: a client gets in right away.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(registered_client(&server));
+    let (status, _) = server.terminate();
+    assert!(status.success());
+    let n = socket.recv(&mut buf).expect("no stopping message");
+    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap().trim(), "STOPPING=1");
+}
