@@ -19,7 +19,7 @@ use crate::limits::*;
 pub const CONFIG_FILE: &str = "hushd.toml";
 
 /// Environment variables with the `HUSHD_` prefix that are not config keys.
-const RESERVED_ENV: &[&str] = &["HUSHD_DATA_DIR", "HUSHD_LOG", "HUSHD_LOG_FORMAT"];
+const RESERVED_ENV: &[&str] = &["HUSHD_DATA_DIR", "HUSHD_LOG", "HUSHD_LOG_FORMAT", "HUSHD_METRICS"];
 
 /// Why the configuration was refused.
 #[derive(Debug, Error)]
@@ -86,6 +86,11 @@ pub struct ServerConfig {
     /// A PostgreSQL database to use instead of the embedded SQLite file
     /// (`postgresql://…`): several nodes can share it.
     pub database_url: Option<DatabaseUrl>,
+    /// Serve Prometheus metrics on this TCP address (off by default).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow `metrics_listen` on an address other than loopback (the
+    /// metrics name no ids, but say how busy the server is).
+    pub metrics_public: bool,
 }
 
 /// A database URL. It may hold a password, so it never appears in debug
@@ -106,6 +111,8 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([0u16; 8], 7443)),
             public_host: None,
             database_url: None,
+            metrics_listen: None,
+            metrics_public: false,
             open_registration: false,
             auth_deadline_secs: DEFAULT_AUTH_DEADLINE.as_secs(),
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT.as_secs(),
@@ -221,6 +228,14 @@ impl ServerConfig {
             // Same rule as `hush://` addresses: a colon only in an IPv6 address.
             if !crate::auth::address::is_host(host) {
                 return Err(bad("public_host", "must be a DNS name or an IP address"));
+            }
+        }
+        if let Some(addr) = self.metrics_listen {
+            if !addr.ip().is_loopback() && !self.metrics_public {
+                return Err(bad(
+                    "metrics_listen",
+                    &format!("{addr} is not a loopback address; set metrics_public = true to serve metrics there"),
+                ));
             }
         }
         if let Some(url) = &self.database_url {

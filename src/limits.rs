@@ -273,3 +273,12 @@ pub const CLIENT_MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(30);
 /// Keep-alive interval the client uses so an idle connection survives the
 /// server's idle timeout.
 pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(20);
+
+/// Scrapes of the metrics listener served at once; more are dropped.
+pub const MAX_METRICS_CONNECTIONS: usize = 8;
+
+/// Bytes of one scrape's HTTP request head.
+pub const MAX_METRICS_REQUEST: usize = 8 * 1024;
+
+/// How long one scrape may take, request and answer.
+pub const METRICS_TIMEOUT: Duration = Duration::from_secs(10);

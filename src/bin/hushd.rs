@@ -62,6 +62,11 @@ enum Command {
         /// Host name to put in the printed address (what clients dial).
         #[arg(long, value_name = "HOST")]
         public_host: Option<String>,
+        /// Serve Prometheus metrics on this TCP address, e.g.
+        /// 127.0.0.1:9443 (off by default; loopback only unless
+        /// `metrics_public = true`).
+        #[arg(long, env = "HUSHD_METRICS", value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Create the key and database without serving; print the address.
     Init,
@@ -188,10 +193,13 @@ fn run(cli: Cli) -> Result<()> {
         Ok(config)
     };
     match cli.command {
-        Command::Serve { listen, public_host } => {
+        Command::Serve { listen, public_host, metrics } => {
             let mut config = load_config(&dir)?;
             if let Some(l) = listen {
                 config.listen = l;
+            }
+            if metrics.is_some() {
+                config.metrics_listen = metrics;
             }
             if public_host.is_some() {
                 config.public_host = public_host;

@@ -48,6 +48,11 @@ enum Read {
         device: DeviceId,
         reply: oneshot::Sender<Result<Option<DeviceRecord>, StoreError>>,
     },
+    /// Counts for the operator.
+    Stats {
+        now: u64,
+        reply: oneshot::Sender<Result<crate::delivery::storage::Stats, StoreError>>,
+    },
     /// Another node stored a message: read it and who may see it.
     Stored {
         group: Vec<u8>,
@@ -124,12 +129,15 @@ impl Engine {
         let (reply, rx) = oneshot::channel();
         let writes = Delivery::writes(&request);
         let pending = Pending { origin: origin.into(), request, now, reply };
+        let m = super::metrics::metrics();
+        m.queued(writes, 1);
         let sent = if writes {
             self.writer.send(Write::Deliver(pending)).is_ok()
         } else {
             self.reader.send(Read::Deliver(pending)).is_ok()
         };
         if !sent {
+            m.queued(writes, -1);
             return Err(StoreError::Closed);
         }
         rx.await.map_err(|_| StoreError::Closed)
@@ -149,6 +157,13 @@ impl Engine {
     pub async fn stored(&self, group: Vec<u8>, seq: u64) -> Result<Option<Notification>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.reader.send(Read::Stored { group, seq, reply }).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// What the database holds, in counts (`hushd stats`, metrics).
+    pub async fn stats(&self, now: u64) -> Result<crate::delivery::storage::Stats, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.reader.send(Read::Stats { now, reply }).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -185,7 +200,10 @@ fn writer_loop<B: Backend<Error = StoreError>>(mut db: B, mut delivery: Delivery
         }
         for job in jobs {
             match job {
-                Write::Deliver(pending) => batch.push(pending),
+                Write::Deliver(pending) => {
+                    super::metrics::metrics().queued(true, -1);
+                    batch.push(pending);
+                }
                 Write::Expire { now, reply } => {
                     commit_batch(&mut db, &mut delivery, &mut batch);
                     let _ = reply.send(db.write(|unit| delivery.expire(unit, now)));
@@ -201,6 +219,8 @@ fn commit_batch<B: Backend<Error = StoreError>>(db: &mut B, delivery: &mut Deliv
         return;
     }
     let jobs: Vec<Pending> = std::mem::take(batch);
+    let started = std::time::Instant::now();
+    let count = jobs.len();
     let mut replies = Vec::with_capacity(jobs.len());
     let result = db.write(|unit| {
         let mut outcomes = Vec::with_capacity(jobs.len());
@@ -213,6 +233,7 @@ fn commit_batch<B: Backend<Error = StoreError>>(db: &mut B, delivery: &mut Deliv
     });
     match result {
         Ok(outcomes) => {
+            super::metrics::metrics().committed(count, started.elapsed());
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(outcome);
             }
@@ -275,6 +296,7 @@ fn reader_loop<B: Backend<Error = StoreError>>(mut db: B, mut delivery: Delivery
     while let Ok(job) = rx.recv() {
         match job {
             Read::Deliver(Pending { origin, request, now, reply }) => {
+                super::metrics::metrics().queued(false, -1);
                 let outcome = db.read(|unit| delivery.handle(unit, origin, request, now)).unwrap_or_else(|e| {
                     tracing::error!("read transaction failed: {e}");
                     Outcome::internal()
@@ -283,6 +305,9 @@ fn reader_loop<B: Backend<Error = StoreError>>(mut db: B, mut delivery: Delivery
             }
             Read::Device { device, reply } => {
                 let _ = reply.send(db.read(|unit| unit.device(&device)).and_then(|r| r));
+            }
+            Read::Stats { now, reply } => {
+                let _ = reply.send(db.read(|unit| unit.stats(now)).and_then(|r| r));
             }
             Read::Stored { group, seq, reply } => {
                 let _ = reply.send(db.read(|unit| stored(unit, group, seq)).and_then(|r| r));

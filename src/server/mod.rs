@@ -15,6 +15,7 @@
 
 mod admission;
 pub mod engine;
+pub mod metrics;
 mod push;
 mod session;
 
@@ -131,6 +132,8 @@ pub struct Server {
     /// The shared PostgreSQL database, if any: other nodes' pushes come
     /// from it.
     target: Option<Arc<crate::pg::Target>>,
+    /// The metrics listener, if asked for.
+    metrics: Option<std::net::TcpListener>,
 }
 
 impl Server {
@@ -197,6 +200,7 @@ impl Server {
             warn!("could not write {}: {e}", data_dir.address().display());
         }
         let config_rates = (config.requests_per_second_per_account, config.requests_per_second_per_ip);
+        let config_metrics = config.metrics_listen;
         let request_memory = config.request_memory().min(tokio::sync::Semaphore::MAX_PERMITS);
         let shared = Arc::new(Shared {
             config,
@@ -207,12 +211,27 @@ impl Server {
             ip_rate: admission::RateLimiter::new(config_rates.1),
             request_budget: Arc::new(tokio::sync::Semaphore::new(request_memory)),
         });
-        Ok(Self { endpoint, shared, address, data_dir, target })
+        let metrics = match config_metrics {
+            Some(addr) => {
+                let listener =
+                    std::net::TcpListener::bind(addr).map_err(|source| ServerError::Bind { addr, source })?;
+                listener.set_nonblocking(true).map_err(|source| ServerError::Bind { addr, source })?;
+                info!("metrics on http://{}/metrics", listener.local_addr().unwrap_or(addr));
+                Some(listener)
+            }
+            None => None,
+        };
+        Ok(Self { endpoint, shared, address, data_dir, target, metrics })
     }
 
     /// The address clients register with.
     pub fn address(&self) -> &HushAddress {
         &self.address
+    }
+
+    /// The metrics listener's address, if metrics are on.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The socket address actually bound.
@@ -225,11 +244,19 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut connections = JoinSet::new();
         let mut expiry = tokio::time::interval(EXPIRY_INTERVAL);
-        let mut other_nodes = JoinSet::new();
+        let mut background = JoinSet::new();
+        if let Some(listener) = self.metrics.as_ref().and_then(|l| l.try_clone().ok()) {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    background.spawn(metrics::serve(listener, self.shared.engine.clone()));
+                }
+                Err(e) => warn!("cannot serve metrics: {e}"),
+            }
+        }
         if let Some(target) = &self.target {
             let (events, rx) = tokio::sync::mpsc::channel(crate::pg::listen::NOTICE_QUEUE);
-            other_nodes.spawn(crate::pg::listen::run(target.clone(), events));
-            other_nodes.spawn(push::from_other_nodes(rx, self.shared.engine.clone(), self.shared.registry.clone()));
+            background.spawn(crate::pg::listen::run(target.clone(), events));
+            background.spawn(push::from_other_nodes(rx, self.shared.engine.clone(), self.shared.registry.clone()));
         }
         tokio::pin!(shutdown);
         loop {
@@ -253,7 +280,7 @@ impl Server {
             }
         }
         info!(connections = self.shared.admission.connections(), "shutting down");
-        other_nodes.abort_all();
+        background.abort_all();
         self.endpoint.set_server_config(None);
         let _ = stop_tx.send(true);
         let drained = tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), async {

@@ -104,6 +104,7 @@ impl Registry {
             for device in recipients {
                 for q in online.get(device).map(Vec::as_slice).unwrap_or_default() {
                     if q.tx.try_send(frame.clone()).is_err() {
+                        super::metrics::metrics().push_dropped();
                         q.overflowed.store(true, Ordering::Release);
                     }
                 }
@@ -187,8 +188,11 @@ async fn push_task(conn: quinn::Connection, mut rx: mpsc::Receiver<Frame>, overf
         if s.write_all(&frame).await.is_err() {
             return;
         }
-        if overflowed.swap(false, Ordering::AcqRel) && s.write_all(&resync).await.is_err() {
-            return;
+        if overflowed.swap(false, Ordering::AcqRel) {
+            super::metrics::metrics().push_resynced();
+            if s.write_all(&resync).await.is_err() {
+                return;
+            }
         }
     }
 }

@@ -62,6 +62,12 @@ impl Session {
     }
 }
 
+impl Drop for Session {
+    fn drop(&mut self) {
+        super::metrics::metrics().connection_closed(self.registered());
+    }
+}
+
 pub(crate) async fn run(conn: quinn::Connection, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let device = conn
         .peer_identity()
@@ -110,6 +116,7 @@ pub(crate) async fn run(conn: quinn::Connection, shared: Arc<Shared>, mut stop: 
         budget: Arc::new(Semaphore::new(REQUEST_BUDGET_PER_CONNECTION)),
         stranger: std::sync::Mutex::new(stranger),
     });
+    super::metrics::metrics().connection_opened(known);
     if known {
         session.go_online();
     }
@@ -150,30 +157,34 @@ pub(crate) async fn run(conn: quinn::Connection, shared: Arc<Shared>, mut stop: 
 async fn serve_stream(session: &Session, mut send: SendStream, mut recv: RecvStream) {
     let timeout = session.shared.config.request_timeout();
     let deadline = Instant::now() + timeout;
-    let response = match tokio::time::timeout_at(deadline, read_request(session, &mut recv, deadline)).await {
+    let (kind, response) = match tokio::time::timeout_at(deadline, read_request(session, &mut recv, deadline)).await {
         Err(_) => {
             let _ = recv.stop(VarInt::from_u32(0));
-            Response::error(ErrorCode::Timeout, "the request was not received in time")
+            ("unread", Response::error(ErrorCode::Timeout, "the request was not received in time"))
         }
         Ok(Err(Refused::Stream)) => return,
         Ok(Err(Refused::Answer(response))) => {
             // Nothing more of this stream is read or buffered.
             let _ = recv.stop(VarInt::from_u32(0));
-            response
+            ("unread", response)
         }
         Ok(Ok((frame, budget))) => {
-            let response = match Request::decode(&frame) {
+            let answered = match Request::decode(&frame) {
                 Ok(request) => {
                     drop(frame);
-                    handle(session, request).await
+                    let kind = request.kind();
+                    (kind, handle(session, request).await)
                 }
-                Err(e @ DecodeError::UnknownTag { .. }) => Response::error(ErrorCode::UnknownRequest, e.to_string()),
-                Err(e) => Response::error(ErrorCode::Malformed, format!("malformed request: {e}")),
+                Err(e @ DecodeError::UnknownTag { .. }) => {
+                    ("unknown", Response::error(ErrorCode::UnknownRequest, e.to_string()))
+                }
+                Err(e) => ("malformed", Response::error(ErrorCode::Malformed, format!("malformed request: {e}"))),
             };
             drop(budget);
-            response
+            answered
         }
     };
+    super::metrics::metrics().request(kind, &response);
     let bytes = match response.encode() {
         Ok(b) => b,
         Err(e) => {
@@ -245,6 +256,7 @@ async fn read_request(
     // Every request spends rate budget (the account's, or a stranger's
     // address's), even one that is refused next.
     if let Err(wait) = rate_check(session) {
+        super::metrics::metrics().refused("rate-limit");
         return Err(Refused::Answer(rate_limited(wait, "too many requests")));
     }
     let registered = session.registered();
@@ -284,7 +296,10 @@ async fn read_request(
 /// waiting until `deadline` at most.
 async fn reserve(session: &Session, bytes: usize, deadline: Instant) -> Result<Budget, Refused> {
     let n = u32::try_from(bytes).unwrap_or(u32::MAX);
-    let busy = || Refused::Answer(rate_limited(Duration::from_millis(BUDGET_RETRY_MS), "the server is busy"));
+    let busy = || {
+        super::metrics::metrics().refused("busy");
+        Refused::Answer(rate_limited(Duration::from_millis(BUDGET_RETRY_MS), "the server is busy"))
+    };
     let acquire = async {
         let connection = session.budget.clone().acquire_many_owned(n).await.map_err(|_| busy())?;
         let server = if session.registered() {
@@ -341,6 +356,7 @@ async fn handle(session: &Session, request: Request) -> Response {
         Ok(outcome) => {
             if let Some(caller) = outcome.registered {
                 if session.caller.set(caller).is_ok() {
+                    super::metrics::metrics().connection_registered();
                     // Registered: no longer counts against its address's
                     // stranger cap.
                     drop(session.stranger.lock().unwrap_or_else(|p| p.into_inner()).take());

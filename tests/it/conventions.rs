@@ -56,7 +56,7 @@ fn completions_are_valid_bash_and_man_pages_render() {
 
 /// The forms an id could take in a log line: its text (full, or the short
 /// form people compare, grouped or not) and hex (full or a prefix).
-fn forms(bytes: &[u8]) -> Vec<String> {
+pub(crate) fn forms(bytes: &[u8]) -> Vec<String> {
     let text = hush::auth::text::encode(bytes);
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     vec![text[..12].to_string(), hush::auth::text::grouped(&text[..16], 4)[..9].to_string(), hex[..16].to_string()]

@@ -12,6 +12,7 @@ mod devices;
 mod hardening;
 mod lifecycle;
 mod malicious;
+mod metrics;
 mod nodes;
 mod protocol;
 mod register;

@@ -198,6 +198,11 @@ impl Hushd {
         self.address.port
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
     /// `hushd invite` with extra arguments; returns the token (last stdout line).
     pub fn invite(&self, args: &[&str]) -> String {
         let out = run(hushd_command(&self.data_dir).arg("invite").args(args));

@@ -1,0 +1,225 @@
+//! Metrics in the Prometheus text format, on a listener of their own (off
+//! unless `--metrics ADDR`).
+//!
+//! Counts and histograms only. No label ever holds an account, device or
+//! group id or an address: request labels are the request's kind and the
+//! result code, connection labels a state, refusal labels a reason.
+//! Recording is always on (atomics; a label lookup per request), serving
+//! only when asked.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::engine::Engine;
+use crate::limits::{MAX_METRICS_CONNECTIONS, MAX_METRICS_REQUEST, METRICS_TIMEOUT};
+use crate::wire::Response;
+
+/// A request's kind and what became of it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `register`, `send`, … (`wire::Request::kind`), or `unread` for a
+    /// request refused before it was decoded.
+    pub kind: &'static str,
+    /// 0 for success, else the error code's number (`wire::ErrorCode`).
+    pub result: u16,
+}
+
+/// One label: a state or a reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+/// Everything hushd counts.
+pub struct Metrics {
+    registry: Registry,
+    connections: Family<Reason, Gauge>,
+    requests: Family<RequestLabels, Counter>,
+    refusals: Family<Reason, Counter>,
+    batch_size: Histogram,
+    commit_seconds: Histogram,
+    write_queue: Gauge,
+    read_queue: Gauge,
+    push_dropped: Counter,
+    push_resyncs: Counter,
+    database_bytes: Gauge,
+    messages_held: Gauge,
+    oldest_message_age: Gauge,
+}
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("hushd");
+        let m = Self {
+            connections: Family::default(),
+            requests: Family::default(),
+            refusals: Family::default(),
+            // 1 … 256 requests per write transaction.
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
+            // 50 µs … ~0.8 s per commit (the fsync, or PostgreSQL's).
+            commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 15)),
+            write_queue: Gauge::default(),
+            read_queue: Gauge::default(),
+            push_dropped: Counter::default(),
+            push_resyncs: Counter::default(),
+            database_bytes: Gauge::default(),
+            messages_held: Gauge::default(),
+            oldest_message_age: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections",
+            "Open connections, by state (registered device or not)",
+            m.connections.clone(),
+        );
+        registry.register("requests", "Requests answered, by kind and result code", m.requests.clone());
+        registry.register("refusals", "Requests refused by a rate limit or the memory budget", m.refusals.clone());
+        registry.register("commit_batch_size", "Requests per write transaction (group commit)", m.batch_size.clone());
+        registry.register("commit_seconds", "Time to commit a write transaction, durably", m.commit_seconds.clone());
+        registry.register("write_queue", "Requests waiting for the writer", m.write_queue.clone());
+        registry.register("read_queue", "Requests waiting for the reader", m.read_queue.clone());
+        registry.register("push_dropped", "Pushes dropped for a full connection queue", m.push_dropped.clone());
+        registry.register("push_resyncs", "Resyncs sent instead of dropped pushes", m.push_resyncs.clone());
+        registry.register(
+            "database_bytes",
+            "Bytes the database occupies (at the last scrape)",
+            m.database_bytes.clone(),
+        );
+        registry.register(
+            "messages_held",
+            "Messages stored, not yet read by all (at the last scrape)",
+            m.messages_held.clone(),
+        );
+        registry.register(
+            "oldest_message_age_seconds",
+            "Age of the oldest message held (at the last scrape)",
+            m.oldest_message_age.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// A connection opened, as a registered device or not.
+    pub fn connection_opened(&self, registered: bool) {
+        self.connections.get_or_create(&state(registered)).inc();
+    }
+
+    /// A connection's key registered.
+    pub fn connection_registered(&self) {
+        self.connections.get_or_create(&state(false)).dec();
+        self.connections.get_or_create(&state(true)).inc();
+    }
+
+    pub fn connection_closed(&self, registered: bool) {
+        self.connections.get_or_create(&state(registered)).dec();
+    }
+
+    /// A request of `kind` was answered with `response`.
+    pub fn request(&self, kind: &'static str, response: &Response) {
+        let result = match response {
+            Response::Error { code, .. } => code.to_u16(),
+            _ => 0,
+        };
+        self.requests.get_or_create(&RequestLabels { kind, result }).inc();
+    }
+
+    /// A request refused by `reason` (`rate-limit`, `busy`).
+    pub fn refused(&self, reason: &'static str) {
+        self.refusals.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// A write transaction of `requests` committed in `took`.
+    pub fn committed(&self, requests: usize, took: Duration) {
+        self.batch_size.observe(requests as f64);
+        self.commit_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn queued(&self, write: bool, delta: i64) {
+        let gauge = if write { &self.write_queue } else { &self.read_queue };
+        gauge.inc_by(delta);
+    }
+
+    pub fn push_dropped(&self) {
+        self.push_dropped.inc();
+    }
+
+    pub fn push_resynced(&self) {
+        self.push_resyncs.inc();
+    }
+
+    /// The text exposition of everything.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            text.clear();
+        }
+        text
+    }
+}
+
+fn state(registered: bool) -> Reason {
+    Reason { reason: if registered { "registered" } else { "unregistered" } }
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped. Each
+/// scrape first reads the database's counts (on the engine's reader).
+pub async fn serve(listener: TcpListener, engine: Engine) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(METRICS_TIMEOUT, scrape(stream, &engine)).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn scrape(mut stream: tokio::net::TcpStream, engine: &Engine) -> std::io::Result<()> {
+    let mut request = Vec::with_capacity(256);
+    let mut buf = [0u8; 512];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || request.len() + n > MAX_METRICS_REQUEST {
+            return Ok(());
+        }
+        request.extend_from_slice(buf.get(..n).unwrap_or_default());
+    }
+    let line = request.split(|b| *b == b'\r').next().unwrap_or_default();
+    let (status, body) = if line.starts_with(b"GET /metrics ") || line == b"GET /metrics" {
+        let m = metrics();
+        let now = crate::util::now_unix();
+        if let Ok(stats) = engine.stats(now).await {
+            m.database_bytes.set(i64::try_from(stats.database_bytes).unwrap_or(i64::MAX));
+            m.messages_held.set(i64::try_from(stats.messages).unwrap_or(i64::MAX));
+            let age = stats.oldest_message.map_or(0, |at| now.saturating_sub(at));
+            m.oldest_message_age.set(i64::try_from(age).unwrap_or(i64::MAX));
+        }
+        ("200 OK", m.render())
+    } else {
+        ("404 Not Found", "only GET /metrics here\n".to_string())
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
