@@ -161,6 +161,10 @@ pub const NOTICE_QUEUE: usize = 4096;
 /// How long connecting to a PostgreSQL database may take.
 pub const DATABASE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a node on PostgreSQL waits at start for its `LISTEN`
+/// connection before it serves anyway.
+pub const LISTEN_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a node waits before reconnecting its lost `LISTEN` connection.
 pub const LISTEN_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 

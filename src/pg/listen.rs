@@ -8,10 +8,12 @@
 //! Notices carry a group id and a sequence, or a device key: never message
 //! bytes.
 //!
-//! When the listening connection is lost, some notices may have been
-//! missed: the node reconnects (after [`RECONNECT_DELAY`]) and tells every
-//! connection it serves to resync from its cursors ([`Event::Lost`]), which
-//! is how clients catch up from the log.
+//! A node serves clients only once it listens ([`Event::Listening`]; see
+//! `server::Server::run`). When the listening connection is lost, some
+//! notices may have been missed: the node reconnects (after
+//! [`RECONNECT_DELAY`]) and, listening again, tells every connection it
+//! serves to resync from its cursors, which is how clients catch up from
+//! the log.
 
 use std::sync::Arc;
 
@@ -99,6 +101,9 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 /// What the listener hands the node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
+    /// The connection listens (again): from now on no notice is missed.
+    /// After the first time, notices may have been missed meanwhile.
+    Listening,
     /// Another node's notice.
     Notice(Notice),
     /// Notices may have been missed (the connection was lost, or too many
@@ -109,18 +114,17 @@ pub enum Event {
 /// Listens until `events` is closed, reconnecting as needed. Notices this
 /// node sent itself (`target.node`) are skipped.
 pub async fn run(target: Arc<Target>, events: mpsc::Sender<Event>) {
-    let mut first = true;
     let mut config = target.config().clone();
     // Tells this connection apart in `pg_stat_activity`.
     config.application_name(APPLICATION_NAME);
     loop {
         let result = match target.tls() {
             Some(tls) => match config.connect(tls.clone()).await {
-                Ok((client, conn)) => listen(&target, client, conn, &events, first).await,
+                Ok((client, conn)) => listen(&target, client, conn, &events).await,
                 Err(e) => Err(e),
             },
             None => match config.connect(tokio_postgres::NoTls).await {
-                Ok((client, conn)) => listen(&target, client, conn, &events, first).await,
+                Ok((client, conn)) => listen(&target, client, conn, &events).await,
                 Err(e) => Err(e),
             },
         };
@@ -131,7 +135,6 @@ pub async fn run(target: Arc<Target>, events: mpsc::Sender<Event>) {
             Ok(()) => tracing::warn!("the database closed the LISTEN connection; reconnecting"),
             Err(e) => tracing::warn!("LISTEN connection to the database failed: {e}; reconnecting"),
         }
-        first = false;
         tokio::time::sleep(RECONNECT_DELAY).await;
     }
 }
@@ -142,7 +145,6 @@ async fn listen<S, T>(
     client: tokio_postgres::Client,
     mut conn: tokio_postgres::Connection<S, T>,
     events: &mpsc::Sender<Event>,
-    first: bool,
 ) -> Result<(), tokio_postgres::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -157,7 +159,7 @@ where
             done = &mut listening, if !subscribed => {
                 done?;
                 subscribed = true;
-                if !first && events.send(Event::Lost).await.is_err() {
+                if events.send(Event::Listening).await.is_err() {
                     return Ok(());
                 }
                 tracing::debug!("listening for other nodes' notices");

@@ -33,7 +33,9 @@ use tracing::{debug, info, warn, Instrument};
 use crate::auth::tls::{server_crypto, TlsError};
 use crate::auth::{identity, HushAddress, Identity, KeyError};
 use crate::config::ServerConfig;
-use crate::limits::{INCOMING_BUFFER_BYTES, INCOMING_BUFFER_BYTES_TOTAL, SHUTDOWN_GRACE, STRANGER_RECEIVE_WINDOW};
+use crate::limits::{
+    INCOMING_BUFFER_BYTES, INCOMING_BUFFER_BYTES_TOTAL, LISTEN_READY_TIMEOUT, SHUTDOWN_GRACE, STRANGER_RECEIVE_WINDOW,
+};
 use crate::store::{StoreError, DB_FILE};
 use crate::wire::close;
 use engine::Engine;
@@ -255,8 +257,20 @@ impl Server {
         }
         if let Some(target) = &self.target {
             let (events, rx) = tokio::sync::mpsc::channel(crate::pg::listen::NOTICE_QUEUE);
+            let (listening, ready) = tokio::sync::oneshot::channel();
             background.spawn(crate::pg::listen::run(target.clone(), events));
-            background.spawn(push::from_other_nodes(rx, self.shared.engine.clone(), self.shared.registry.clone()));
+            background.spawn(push::from_other_nodes(
+                rx,
+                self.shared.engine.clone(),
+                self.shared.registry.clone(),
+                listening,
+            ));
+            // Serve only once other nodes' notices are heard, so no client
+            // misses a push in between (connection attempts wait in the
+            // endpoint's queue meanwhile).
+            if tokio::time::timeout(LISTEN_READY_TIMEOUT, ready).await.is_err() {
+                warn!("not listening for other nodes' pushes yet; serving anyway (clients resync once it does)");
+            }
         }
         tokio::pin!(shutdown);
         loop {

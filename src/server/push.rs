@@ -141,10 +141,23 @@ pub async fn from_other_nodes(
     mut events: mpsc::Receiver<crate::pg::listen::Event>,
     engine: super::engine::Engine,
     registry: Arc<Registry>,
+    listening: tokio::sync::oneshot::Sender<()>,
 ) {
     use crate::pg::listen::{Event, Notice};
+    let mut listening = Some(listening);
     while let Some(event) = events.recv().await {
         let notification = match event {
+            Event::Listening => {
+                // The first time, the server starts serving; if it did not
+                // wait that long, or any later time, notices may have been
+                // missed.
+                let waited = listening.take().is_some_and(|l| l.send(()).is_ok());
+                if !waited {
+                    tracing::info!("listening for other nodes again; asking connections to resync");
+                    registry.resync_all();
+                }
+                continue;
+            }
             Event::Lost => {
                 tracing::info!("other nodes' pushes may have been missed; asking connections to resync");
                 registry.resync_all();

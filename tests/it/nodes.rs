@@ -173,7 +173,7 @@ async fn a_node_that_loses_its_listen_connection_has_its_clients_resync_and_push
     // a network cut would); what is sent meanwhile may never be announced.
     sql(
         &tmp.path().join("node1"),
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'hushd-listen'",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'hushd-listen' AND datname = current_database()",
     );
     let m = alice.mls.encrypt(&g, b"while reconnecting").unwrap();
     let (missed, _) = alice.conn.send(m, None).await.unwrap();
