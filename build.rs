@@ -19,13 +19,17 @@ fn main() {
 fn git_head() -> Option<String> {
     let git = Path::new(".git");
     if git.is_dir() {
-        // Rebuild when HEAD moves: HEAD itself, the branch it names, packed refs.
-        println!("cargo:rerun-if-changed=.git/HEAD");
-        println!("cargo:rerun-if-changed=.git/packed-refs");
+        // Rebuild when HEAD moves: HEAD itself, the branch it names, packed
+        // refs. Only paths that exist: Cargo treats a missing one as always
+        // changed and would rebuild the crate every time.
+        let mut watch = vec![git.join("HEAD"), git.join("packed-refs")];
         if let Ok(head) = std::fs::read_to_string(git.join("HEAD")) {
             if let Some(branch) = head.trim().strip_prefix("ref: ") {
-                println!("cargo:rerun-if-changed=.git/{branch}");
+                watch.push(git.join(branch));
             }
+        }
+        for path in watch.iter().filter(|p| p.exists()) {
+            println!("cargo:rerun-if-changed={}", path.display());
         }
     }
     let out = Command::new("git").args(["rev-parse", "HEAD"]).output().ok()?;
