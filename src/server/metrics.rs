@@ -71,7 +71,7 @@ impl Metrics {
             refusals: Family::default(),
             // 1 … 256 requests per write transaction.
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
-            // 50 µs … ~0.8 s per commit (the fsync, or PostgreSQL's).
+            // 50 µs … ~0.8 s per write transaction, up to its durable commit.
             commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 15)),
             write_queue: Gauge::default(),
             read_queue: Gauge::default(),
@@ -90,7 +90,11 @@ impl Metrics {
         registry.register("requests", "Requests answered, by kind and result code", m.requests.clone());
         registry.register("refusals", "Requests refused by a rate limit or the memory budget", m.refusals.clone());
         registry.register("commit_batch_size", "Requests per write transaction (group commit)", m.batch_size.clone());
-        registry.register("commit_seconds", "Time to commit a write transaction, durably", m.commit_seconds.clone());
+        registry.register(
+            "commit_seconds",
+            "Time of a write transaction, from its first request to its durable commit",
+            m.commit_seconds.clone(),
+        );
         registry.register("write_queue", "Requests waiting for the writer", m.write_queue.clone());
         registry.register("read_queue", "Requests waiting for the reader", m.read_queue.clone());
         registry.register("push_dropped", "Pushes dropped for a full connection queue", m.push_dropped.clone());
