@@ -195,3 +195,21 @@ async fn a_node_that_loses_its_listen_connection_has_its_clients_resync_and_push
     let ct = pushed(&bob.conn, &mut bob_pushes, &g, seq).await;
     assert_eq!(Received::texts(&[bob.mls.receive(&g, &ct).unwrap()]), ["after"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_an_account_from_one_node_closes_its_connections_on_the_other() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((node1, node2)) = two_nodes(tmp.path()) else { return };
+    let (_, conn, member) = registered_member(&node2).await;
+    conn.status().await.unwrap();
+    let account = member.account().to_string();
+    let dir = node1.data_dir.clone();
+    let out = tokio::task::spawn_blocking(move || run(hushd_command(&dir).args(["accounts", "remove", &account])))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    match tokio::time::timeout(WAIT, conn.closed()).await.expect("the device's connection on node 2 stayed open") {
+        hush::client::ClientError::Closed { code, .. } => assert_eq!(code, u64::from(hush::wire::close::REVOKED)),
+        other => panic!("unexpected close: {other:?}"),
+    }
+}
