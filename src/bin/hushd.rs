@@ -411,52 +411,40 @@ fn check(dir: &DataDir, config: Result<ServerConfig>) -> Result<()> {
         }
         Err(e) => line("config", format!("{e:#}"), false),
     }
-    if let Some(target) = target {
-        match target.map_err(anyhow::Error::from).and_then(|t| Ok(PgDb::inspect(&t)?)) {
-            Ok(r) => line(
-                "database",
-                format!(
-                    "PostgreSQL {}, integrity {}, schema {} (this hushd: {}), {} accounts, {} groups, \
-                     {} stored messages, {} KiB",
-                    r.server_version,
-                    match r.inconsistent_groups {
-                        0 => "ok (every group's log is dense and counted)".to_string(),
-                        n => format!("FAILED: {n} group(s) with gaps or miscounted bytes in their log"),
-                    },
-                    r.schema_version,
-                    r.latest_schema,
-                    r.accounts,
-                    r.groups,
-                    r.messages,
-                    r.bytes / 1024
-                ),
-                r.schema_version <= r.latest_schema && r.inconsistent_groups == 0,
+    // One line for either database: PostgreSQL says its version first.
+    let report = match target {
+        Some(target) => Some(
+            target
+                .map_err(anyhow::Error::from)
+                .and_then(|t| Ok(PgDb::inspect(&t)?))
+                .map(|(version, r)| (format!("PostgreSQL {version}, "), r)),
+        ),
+        None if dir.db().exists() => {
+            Some(hush::store::maintenance::check(&dir.db()).map(|r| (String::new(), r)).map_err(anyhow::Error::from))
+        }
+        None => None,
+    };
+    match report {
+        Some(Ok((server, r))) => line(
+            "database",
+            format!(
+                "{server}integrity {}, schema {} (this hushd: {}), {} accounts, {} groups, {} stored messages, {} KiB",
+                r.integrity.join("; "),
+                r.schema_version,
+                r.latest_schema,
+                r.accounts,
+                r.groups,
+                r.messages,
+                r.bytes / 1024
             ),
-            Err(e) => line("database", format!("{e:#}"), false),
-        }
-    } else if dir.db().exists() {
-        match hush::store::maintenance::check(&dir.db()) {
-            Ok(r) => {
-                let healthy = r.healthy();
-                line(
-                    "database",
-                    format!(
-                        "integrity {}, schema {} (this hushd: {}), {} accounts, {} groups, {} stored messages, {} KiB",
-                        r.integrity.join("; "),
-                        r.schema_version,
-                        r.latest_schema,
-                        r.accounts,
-                        r.groups,
-                        r.messages,
-                        r.bytes / 1024
-                    ),
-                    healthy,
-                );
-            }
-            Err(e) => line("database", e.to_string(), false),
-        }
-    } else {
-        line("database", format!("{} missing (created by `hushd serve` or `hushd init`)", dir.db().display()), false);
+            r.healthy(),
+        ),
+        Some(Err(e)) => line("database", format!("{e:#}"), false),
+        None => line(
+            "database",
+            format!("{} missing (created by `hushd serve` or `hushd init`)", dir.db().display()),
+            false,
+        ),
     }
     if failures > 0 {
         bail!("{failures} check(s) failed");

@@ -50,6 +50,7 @@ pub use schema::latest as latest_schema;
 pub use store::PgStore;
 
 use crate::delivery::storage::Backend;
+use crate::store::maintenance::DbReport;
 use crate::store::StoreError;
 
 /// SQLSTATE codes of a conflict with another transaction, after which the
@@ -108,9 +109,11 @@ impl PgDb {
         Ok(())
     }
 
-    /// The schema version of the database and what it holds, for `hushd
-    /// check`: connects without migrating anything.
-    pub fn inspect(target: &Target) -> Result<Report, StoreError> {
+    /// The server's version, and the schema version of the database and
+    /// what it holds, for `hushd check`: connects without migrating
+    /// anything. Integrity here means every group's log is a dense run of
+    /// sequences up to the group's last one, with its bytes counted right.
+    pub fn inspect(target: &Target) -> Result<(String, DbReport), StoreError> {
         let mut client = target.connect_blocking()?;
         let row = client.query_one(
             "SELECT (SELECT version FROM hush_schema), (SELECT count(*) FROM accounts), (SELECT count(*) FROM groups),
@@ -121,32 +124,22 @@ impl PgDb {
                      WHERE l.hi > g.last_seq OR l.n <> COALESCE(l.hi - l.lo + 1, 0) OR l.bytes <> g.bytes)",
             &[],
         )?;
-        Ok(Report {
+        let inconsistent = crate::store::to_u64(row.get(6));
+        let integrity = match inconsistent {
+            0 => "ok".to_string(),
+            n => format!("{n} group(s) with gaps or miscounted bytes in their log"),
+        };
+        let report = DbReport {
+            integrity: vec![integrity],
             schema_version: i64::from(row.get::<_, i32>(0)),
             latest_schema: schema::latest(),
             accounts: crate::store::to_u64(row.get(1)),
             groups: crate::store::to_u64(row.get(2)),
             messages: crate::store::to_u64(row.get(3)),
             bytes: crate::store::to_u64(row.get(4)),
-            server_version: row.get(5),
-            inconsistent_groups: crate::store::to_u64(row.get(6)),
-        })
+        };
+        Ok((row.get(5), report))
     }
-}
-
-/// What `hushd check` reports about a PostgreSQL database.
-#[derive(Debug, Clone)]
-pub struct Report {
-    pub schema_version: i64,
-    pub latest_schema: i64,
-    pub accounts: u64,
-    pub groups: u64,
-    pub messages: u64,
-    pub bytes: u64,
-    pub server_version: String,
-    /// Groups whose log is not a dense run of sequences up to the group's
-    /// last one, or whose byte count is off (none, in a sound database).
-    pub inconsistent_groups: u64,
 }
 
 impl Backend for PgDb {
