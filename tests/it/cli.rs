@@ -6,12 +6,12 @@ use std::process::{Command, Stdio};
 
 use crate::support::*;
 
-struct Person {
-    home: PathBuf,
-    id: String,
+pub(crate) struct Person {
+    pub(crate) home: PathBuf,
+    pub(crate) id: String,
 }
 
-fn person(server: &Hushd, dir: &Path, name: &str) -> Person {
+pub(crate) fn person(server: &Hushd, dir: &Path, name: &str) -> Person {
     let home = dir.join(name);
     let token = server.invite(&[]);
     ok(hush(&home, &["register", &server.address.to_string(), "--invite", &token, "--name", name]));
@@ -19,7 +19,7 @@ fn person(server: &Hushd, dir: &Path, name: &str) -> Person {
     Person { home, id }
 }
 
-fn run_ok(p: &Person, args: &[&str]) -> String {
+pub(crate) fn run_ok(p: &Person, args: &[&str]) -> String {
     ok(hush(&p.home, args))
 }
 
@@ -54,7 +54,7 @@ fn texts_of(read_json: &str) -> Vec<String> {
         .collect()
 }
 
-fn team(server: &Hushd, dir: &Path) -> (Person, Person, Person) {
+pub(crate) fn team(server: &Hushd, dir: &Path) -> (Person, Person, Person) {
     let alice = person(server, dir, "alice");
     let bob = person(server, dir, "bob");
     let carol = person(server, dir, "carol");

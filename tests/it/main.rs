@@ -17,3 +17,4 @@ mod nodes;
 mod protocol;
 mod register;
 mod repair;
+mod terminal;

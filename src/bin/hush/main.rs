@@ -4,6 +4,8 @@
 
 use hush::out;
 
+mod chat;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -70,8 +72,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Interactive chat: messages arrive live, lines you type are sent.
-    /// Commands: /members, /quit. Works with piped input too.
+    /// Interactive chat: messages arrive live above the line you type;
+    /// Enter sends it. Commands: /members, /groups, /switch GROUP, /help,
+    /// /quit. On a terminal: line editing, history of what you sent, the
+    /// group's last messages on start. With piped input: one line per
+    /// message, exits at the end of the input.
     Chat { group: String },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: hush::Shell },
@@ -409,10 +414,21 @@ fn group(home: &Home, cmd: GroupCmd) -> Result<()> {
 }
 
 fn chat(home: &Home, group: &str) -> Result<()> {
-    use tokio::io::AsyncBufReadExt;
     let mut app = open_app(home)?;
+    let runtime = runtime()?;
+    if chat::on_a_terminal() && chat::interactive(&mut app, group, &runtime)? {
+        return Ok(());
+    }
+    piped(&mut app, group, &runtime)
+}
+
+/// `chat` in line mode: standard input is not a terminal (or cannot be
+/// driven). Scripts depend on this: lines in, sent in order, received
+/// messages printed as `[GROUP] SENDER: TEXT`, exit at the end of input.
+fn piped(app: &mut App, group: &str, runtime: &tokio::runtime::Runtime) -> Result<()> {
+    use tokio::io::AsyncBufReadExt;
     let name = app.resolve_group(group)?.name;
-    runtime()?.block_on(async {
+    runtime.block_on(async {
         let conn = app.connect().await.map_err(app_error)?;
         for e in app.sync(&conn).await.map_err(app_error)? {
             print_entry(&e);
