@@ -70,6 +70,8 @@ enum Input<'a> {
     Members,
     Groups,
     Switch(&'a str),
+    /// A command used the wrong way: what to say.
+    Usage(&'static str),
     Unknown(&'a str),
 }
 
@@ -91,6 +93,10 @@ impl<'a> Input<'a> {
             ("members", true) => Self::Members,
             ("groups", true) => Self::Groups,
             ("switch" | "s" | "join", false) => Self::Switch(rest),
+            ("switch" | "s" | "join", true) => Self::Usage("usage: /switch GROUP"),
+            ("quit" | "exit" | "q" | "help" | "h" | "?" | "members" | "groups", false) => {
+                Self::Usage("that command takes no argument")
+            }
             _ => Self::Unknown(word),
         }
     }
@@ -291,6 +297,7 @@ impl Chat<'_> {
             Input::Nothing => {}
             Input::Quit => return Ok(false),
             Input::Help => self.screen.line(HELP),
+            Input::Usage(text) => self.screen.line(text),
             Input::Unknown(word) => {
                 self.screen.line(format!("unknown command /{}; /help lists them", one_line(word)));
             }
@@ -402,8 +409,8 @@ mod tests {
         assert_eq!(Input::parse("/quit"), Input::Quit);
         assert_eq!(Input::parse("/members "), Input::Members);
         assert_eq!(Input::parse("/switch  ops team "), Input::Switch("ops team"));
-        assert_eq!(Input::parse("/switch"), Input::Unknown("switch"));
-        assert_eq!(Input::parse("/quit now"), Input::Unknown("quit"));
+        assert_eq!(Input::parse("/switch"), Input::Usage("usage: /switch GROUP"));
+        assert_eq!(Input::parse("/quit now"), Input::Usage("that command takes no argument"));
         assert_eq!(Input::parse("//etc/hosts is"), Input::Text("/etc/hosts is"));
         assert_eq!(Input::parse("/frobnicate x"), Input::Unknown("frobnicate"));
     }
