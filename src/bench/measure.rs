@@ -53,25 +53,43 @@ where
     F: Fn(T) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<(), BenchError>> + Send,
 {
-    let count = items.len();
+    drain_for(items, workers, None, op).await
+}
+
+/// [`drain`], stopping at `limit` if the items last longer.
+pub(super) async fn drain_for<T, F, Fut>(
+    items: Vec<T>,
+    workers: usize,
+    limit: Option<Duration>,
+    op: F,
+) -> Result<f64, BenchError>
+where
+    T: Send + 'static,
+    F: Fn(T) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<(), BenchError>> + Send,
+{
     let queue = Arc::new(Mutex::new(items));
+    let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
+    let deadline = limit.map(|l| start + l);
     let mut tasks = JoinSet::new();
     for _ in 0..workers {
-        let queue = queue.clone();
+        let (queue, done) = (queue.clone(), done.clone());
         let op = op.clone();
         tasks.spawn(async move {
-            loop {
+            while deadline.is_none_or(|d| Instant::now() < d) {
                 let next = queue.lock().map_err(fail)?.pop();
-                let Some(item) = next else { return Ok::<(), BenchError>(()) };
+                let Some(item) = next else { break };
                 op(item).await?;
+                done.fetch_add(1, Ordering::Relaxed);
             }
+            Ok::<(), BenchError>(())
         });
     }
     while let Some(r) = tasks.join_next().await {
         r.map_err(fail)??;
     }
-    Ok(count as f64 / start.elapsed().as_secs_f64())
+    Ok(done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
 }
 
 /// How long a receiver may wait for deliveries before the run is declared
@@ -160,9 +178,10 @@ async fn wait_for(delivered: &Semaphore, n: u32, resyncs: &AtomicU64, strict: bo
     }
 }
 
-pub(super) fn latency_samples(settings: Settings) -> usize {
+/// Messages a latency scenario at `per_second` sends.
+pub(super) fn latency_samples(settings: Settings, per_second: u32) -> usize {
     let secs = settings.duration.as_secs_f64();
-    ((f64::from(settings.latency_rate) * secs) as usize).max(50)
+    ((f64::from(per_second) * secs) as usize).max(settings.min_latency_samples)
 }
 
 /// Offers messages at a fixed rate (each send its own task, so a slow

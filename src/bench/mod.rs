@@ -20,6 +20,7 @@ mod measure;
 mod postgres;
 mod raw;
 mod scenarios;
+mod slow;
 mod store;
 
 use std::path::Path;
@@ -82,8 +83,12 @@ pub struct Settings {
     pub group: usize,
     /// Idle connections held for the memory measurement.
     pub idle_connections: usize,
-    /// Offered load of the latency scenario, messages per second.
+    /// Offered load of the busy latency scenario, messages per second.
     pub latency_rate: u32,
+    /// Offered load of the quiet latency scenario, messages per second.
+    pub idle_rate: u32,
+    /// Fewest messages a latency scenario sends (a p99 needs some).
+    pub min_latency_samples: usize,
     /// Runs of each `hush` command timed as a whole process.
     pub cli_runs: usize,
     /// Whether every push must arrive. The quick mode (a smoke test that
@@ -102,6 +107,8 @@ impl Settings {
             group: 100,
             idle_connections: 1000,
             latency_rate: 1000,
+            idle_rate: 10,
+            min_latency_samples: 100,
             cli_runs: 50,
             strict: true,
         }
@@ -114,6 +121,8 @@ impl Settings {
             group: 8,
             idle_connections: 100,
             latency_rate: 500,
+            idle_rate: 10,
+            min_latency_samples: 10,
             cli_runs: 3,
             strict: false,
         }
@@ -122,7 +131,7 @@ impl Settings {
 
 /// The server's settings for the benchmark: measure the server, not its
 /// rate limiter or connection caps.
-fn bench_config() -> Result<ServerConfig, BenchError> {
+pub(super) fn bench_config() -> Result<ServerConfig, BenchError> {
     Ok(ServerConfig {
         listen: "127.0.0.1:0".parse().map_err(fail)?,
         open_registration: true,
@@ -138,8 +147,28 @@ fn bench_config() -> Result<ServerConfig, BenchError> {
     })
 }
 
-/// Runs every scenario; `progress` hears the name of each before it starts.
-pub async fn run(settings: Settings, progress: impl Fn(&str)) -> Result<Vec<Row>, BenchError> {
+/// The scenario groups `hushd bench --only` can pick, in running order.
+pub const SCENARIOS: &[&str] = &[
+    "memory",
+    "handshakes",
+    "round-trips",
+    "durable",
+    "slow-disk",
+    "latency",
+    "fan-out",
+    "cli",
+    "bytes",
+    "commits",
+    "postgres",
+];
+
+/// Runs the scenario groups named in `only` (every one if it is empty);
+/// `progress` hears the name of each scenario before it starts.
+pub async fn run(settings: Settings, only: &[String], progress: impl Fn(&str)) -> Result<Vec<Row>, BenchError> {
+    if let Some(unknown) = only.iter().find(|o| !SCENARIOS.contains(&o.as_str())) {
+        return Err(BenchError(format!("no scenario {unknown:?}; there are: {}", SCENARIOS.join(", "))));
+    }
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let dir = TempDir::new()?;
     let config = bench_config()?;
     let server = Server::bind(config.clone(), &dir.path().join("server")).map_err(fail)?;
@@ -151,59 +180,112 @@ pub async fn run(settings: Settings, progress: impl Fn(&str)) -> Result<Vec<Row>
     let echo = RawServer::start(Mode::Echo).await?;
     let mut rows = vec![];
 
-    progress("handshakes");
-    let ids = scenarios::registered(&address, 16).await?;
-    progress("memory per idle connection");
-    rows.push(scenarios::idle_connections(settings, &address, &ids, &echo).await?);
-    rows.push(scenarios::handshakes(settings, &address, ids, &echo).await?);
+    if wanted("memory") || wanted("handshakes") {
+        progress("handshakes");
+        let ids = scenarios::registered(&address, 16).await?;
+        if wanted("memory") {
+            progress("memory per idle connection");
+            rows.push(scenarios::idle_connections(settings, &address, &ids, &echo).await?);
+        }
+        if wanted("handshakes") {
+            rows.push(scenarios::handshakes(settings, &address, ids, &echo).await?);
+        }
+    }
 
     let mut pair = scenarios::Pair::new(&address).await?;
     let raw_conn = echo.connection().await?;
-    for in_flight in [1usize, 64] {
-        progress(&format!("round trips, {in_flight} in flight"));
-        rows.push(scenarios::round_trips(settings, &pair, &raw_conn, in_flight).await?);
+    // Raw quinn round trips at 64 in flight: a row of its own and the
+    // ceiling durable sends are compared with.
+    let mut raw_64 = None;
+    if wanted("round-trips") || wanted("durable") {
+        for in_flight in [1usize, 64] {
+            progress(&format!("round trips, {in_flight} in flight"));
+            let row = scenarios::round_trips(settings, &pair, &raw_conn, in_flight).await?;
+            if in_flight == 64 {
+                raw_64 = Some(row.baseline);
+            }
+            if wanted("round-trips") {
+                rows.push(row);
+            }
+        }
     }
 
-    progress("durable sends");
-    let (sends, batches) = scenarios::durable_sends(settings, &mut pair, dir.path()).await?;
-    rows.push(sends);
-    progress("durable appends");
-    let appends = durable_appends(dir.path(), settings).await?;
-    rows.push(Row::rate("durable appends/s, store alone, 64 writers".into(), appends, batches));
+    let mut fast = None;
+    if wanted("durable") || wanted("slow-disk") {
+        progress("durable sends");
+        let sends = scenarios::durable_sends(settings, &mut pair, dir.path()).await?;
+        fast = Some((sends.in_flight_64, sends.in_flight_1));
+        if wanted("durable") {
+            let s = &sends;
+            rows.push(Row::rate(
+                format!("durable sends/s, 64 in flight ({} B MLS ciphertext; baseline: raw SQLite)", s.message_len),
+                s.in_flight_64,
+                s.sqlite,
+            ));
+            if let Some(raw) = raw_64 {
+                rows.push(Row::rate(
+                    "durable sends/s, 64 in flight (baseline: raw quinn round trips, 64 in flight)".into(),
+                    s.in_flight_64,
+                    raw,
+                ));
+            }
+            progress("durable appends");
+            let appends = durable_appends(dir.path(), settings).await?;
+            rows.push(Row::rate("durable appends/s, store alone, 64 writers".into(), appends, s.sqlite));
+        }
+    }
+    if let (true, Some((fast_64, fast_1))) = (wanted("slow-disk"), fast) {
+        progress("durable sends on a slow disk");
+        rows.extend(slow::durable_sends(settings, dir.path(), fast_64, fast_1).await?);
+    }
 
-    progress("send→push latency");
-    rows.extend(scenarios::push_latency(settings, &address, &mut pair).await?);
+    if wanted("latency") {
+        for load in [settings.idle_rate, settings.latency_rate] {
+            progress(&format!("send→push latency at {load} msg/s"));
+            rows.extend(scenarios::push_latency(settings, &address, &mut pair, load).await?);
+        }
+    }
 
-    progress("fan-out");
-    rows.push(scenarios::group_fan_out(settings, &address, &pair.removal_key).await?);
+    if wanted("fan-out") {
+        progress("fan-out");
+        rows.push(scenarios::group_fan_out(settings, &address, &pair.removal_key).await?);
+    }
 
-    progress("hush as a process");
-    rows.extend(scenarios::cli_processes(&address, dir.path(), settings.cli_runs).await?);
+    if wanted("cli") {
+        progress("hush as a process");
+        rows.extend(scenarios::cli_processes(&address, dir.path(), settings.cli_runs).await?);
+    }
 
-    progress("bytes per message");
     let n = settings.group;
-    let small = bytes_per_message(&dir.path().join("bytes-2.db"), 2, settings.messages / 10).await?;
-    let large = bytes_per_message(&dir.path().join("bytes-n.db"), n, settings.messages / 10).await?;
-    rows.push(Row::cost(format!("database bytes per message, group of {n} vs group of 2"), large, small, "B"));
+    if wanted("bytes") {
+        progress("bytes per message");
+        let small = bytes_per_message(&dir.path().join("bytes-2.db"), 2, settings.messages / 10).await?;
+        let large = bytes_per_message(&dir.path().join("bytes-n.db"), n, settings.messages / 10).await?;
+        rows.push(Row::cost(format!("database bytes per message, group of {n} vs group of 2"), large, small, "B"));
+    }
 
-    progress("commits");
-    let commits = (settings.messages / 500).max(5);
-    let (whole, check) = tokio::task::spawn_blocking(move || commit_cost(n, commits)).await.map_err(fail)??;
-    rows.push(Row::cost(
-        format!("GroupInfo check per commit vs the whole commit, core CPU, group of {n} (µs)"),
-        check,
-        whole,
-        "µs",
-    ));
+    if wanted("commits") {
+        progress("commits");
+        let commits = (settings.messages / 500).max(5);
+        let (whole, check) = tokio::task::spawn_blocking(move || commit_cost(n, commits)).await.map_err(fail)??;
+        rows.push(Row::cost(
+            format!("GroupInfo check per commit vs the whole commit, core CPU, group of {n} (µs)"),
+            check,
+            whole,
+            "µs",
+        ));
+    }
 
     let _ = stop_tx.send(());
     let _ = serving.await;
     echo.endpoint.close(VarInt::from_u32(0), b"done");
 
-    progress("durable sends on PostgreSQL");
-    match postgres::durable_sends(settings, config, dir.path()).await? {
-        Ok(pg) => rows.extend(pg),
-        Err(why) => tracing::warn!("PostgreSQL rows skipped: {why}"),
+    if wanted("postgres") {
+        progress("durable sends on PostgreSQL");
+        match postgres::durable_sends(settings, config, dir.path()).await? {
+            Ok(pg) => rows.extend(pg),
+            Err(why) => tracing::warn!("PostgreSQL rows skipped: {why}"),
+        }
     }
     Ok(rows)
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use quinn::{Endpoint, VarInt};
 
-use super::measure::{drain, fan_out, idle_memory, latency, latency_samples, rate};
+use super::measure::{drain_for, fan_out, idle_memory, latency, latency_samples, rate};
 use super::raw::{self, Mode, RawServer};
 use super::{fail, BenchError, Row, Settings};
 use crate::auth::{HushAddress, Identity};
@@ -247,31 +247,58 @@ pub(super) async fn round_trips(
     Ok(Row::rate(format!("round trips/s, {in_flight} in flight (ping, protocol only)"), hush, raw))
 }
 
-/// alice sends to the pair's group, bob online, 64 in flight, against
-/// raw SQLite batches of the same size and durability. Returns the row and
-/// the SQLite rate (the baseline of the store-alone row too).
-pub(super) async fn durable_sends(settings: Settings, pair: &mut Pair, dir: &Path) -> Result<(Row, f64), BenchError> {
-    let messages = pair.messages(settings.messages)?;
+/// What [`durable_sends`] measured.
+pub(super) struct Sends {
+    pub message_len: usize,
+    /// Sends per second, 64 in flight.
+    pub in_flight_64: f64,
+    /// Sends per second, one at a time.
+    pub in_flight_1: f64,
+    /// Raw SQLite batches of 64 rows of the same size and durability, per
+    /// second.
+    pub sqlite: f64,
+}
+
+/// alice sends to the pair's group, bob online, 64 in flight and then one
+/// at a time (for at most the configured duration); and raw SQLite
+/// batches of the same size and durability.
+pub(super) async fn durable_sends(settings: Settings, pair: &mut Pair, dir: &Path) -> Result<Sends, BenchError> {
+    let (in_flight_64, message_len) = sends(pair, settings.messages, 64, None).await?;
+    let (in_flight_1, _) = sends(pair, settings.messages / 4, 1, Some(settings.duration)).await?;
+    let sqlite = raw::sqlite_batches(dir, message_len, 64, settings)?;
+    Ok(Sends { message_len, in_flight_64, in_flight_1, sqlite })
+}
+
+/// alice sends `count` fresh messages to the pair's group, `in_flight` at
+/// a time, stopping at `limit`. Returns sends per second and the size of
+/// a message.
+pub(super) async fn sends(
+    pair: &mut Pair,
+    count: usize,
+    in_flight: usize,
+    limit: Option<Duration>,
+) -> Result<(f64, usize), BenchError> {
+    let messages = pair.messages(count)?;
     let message_len = messages.first().map(Vec::len).unwrap_or(0);
     let c = pair.alice.clone();
-    let hush = drain(messages, 64, move |m| {
+    let rate = drain_for(messages, in_flight, limit, move |m| {
         let c = c.clone();
         async move { c.send(m, None).await.map(|_| ()).map_err(fail) }
     })
     .await?;
-    let batches = raw::sqlite_batches(dir, message_len, 64, settings)?;
-    let row = Row::rate(format!("durable sends/s, 64 in flight ({message_len} B MLS ciphertext)"), hush, batches);
-    Ok((row, batches))
+    Ok((rate, message_len))
 }
 
 /// Time from starting a send to the push arriving at the other member, at
-/// a fixed offered load, against the raw relay. p50 and p99.
+/// a fixed offered load of `load` messages per second, against the raw
+/// relay. p50 and p99.
 pub(super) async fn push_latency(
     settings: Settings,
     address: &HushAddress,
     pair: &mut Pair,
+    load: u32,
 ) -> Result<[Row; 2], BenchError> {
-    let messages = pair.messages(latency_samples(settings))?;
+    let messages = pair.messages(latency_samples(settings, load))?;
     // Fresh connections: the old ones stopped reading their push streams,
     // so the server has (rightly) dropped pushes for them and owes a Resync.
     pair.alice.quic().close(VarInt::from_u32(0), b"");
@@ -285,7 +312,7 @@ pub(super) async fn push_latency(
     }
     let c = alice.clone();
     let readers = vec![alice.quic().clone(), bob.quic().clone()];
-    let hush = latency(readers, messages.clone(), settings.latency_rate, settings.strict, move |m| {
+    let hush = latency(readers, messages.clone(), load, settings.strict, move |m| {
         let c = c.clone();
         async move { c.send(m, None).await.map(|(seq, _)| seq).map_err(fail) }
     })
@@ -293,13 +320,15 @@ pub(super) async fn push_latency(
     let relay = RawServer::start(Mode::Relay).await?;
     let (sender, receiver) = (relay.connection().await?, relay.connection().await?);
     let s = sender.clone();
-    let raw = latency(vec![sender, receiver], messages, settings.latency_rate, settings.strict, move |m| {
+    let raw = latency(vec![sender, receiver], messages, load, settings.strict, move |m| {
         let s = s.clone();
         async move { raw_seq(&s, &m).await }
     })
     .await?;
     relay.endpoint.close(VarInt::from_u32(0), b"done");
-    let load = settings.latency_rate;
+    // The pair goes on with the fresh connections.
+    pair.alice = alice;
+    pair.bob = Arc::new(bob);
     Ok([
         Row::cost(format!("send→push latency p50 (µs, {load} msg/s offered)"), hush.0, raw.0, "µs"),
         Row::cost(format!("send→push latency p99 (µs, {load} msg/s offered)"), hush.1, raw.1, "µs"),

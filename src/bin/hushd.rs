@@ -100,6 +100,11 @@ enum Command {
         /// One JSON object per scenario: scenario, hush, baseline, ratio, unit.
         #[arg(long)]
         json: bool,
+        /// Only these scenario groups (comma-separated): memory, handshakes,
+        /// round-trips, durable, slow-disk, latency, fan-out, cli, bytes,
+        /// commits, postgres.
+        #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+        only: Vec<String>,
     },
     /// Check the data directory: key file, configuration, database
     /// integrity and schema. Exits non-zero if anything is wrong.
@@ -260,7 +265,7 @@ fn run(cli: Cli) -> Result<()> {
             remove_account(&dir, &load_config(&dir)?, &id)
         }
         Command::Check => check(&dir, load_config(&dir)),
-        Command::Bench { quick, json } => bench(quick, json),
+        Command::Bench { quick, json, only } => bench(quick, json, &only),
         Command::Backup { path } => {
             if load_config(&dir)?.database_url.is_some() {
                 bail!(
@@ -334,17 +339,17 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 #[cfg(not(feature = "bench"))]
-fn bench(_quick: bool, _json: bool) -> Result<()> {
+fn bench(_quick: bool, _json: bool, _only: &[String]) -> Result<()> {
     anyhow::bail!("this hushd was built without the benchmark (cargo feature `bench`, on by default)")
 }
 
 #[cfg(feature = "bench")]
-fn bench(quick: bool, json: bool) -> Result<()> {
+fn bench(quick: bool, json: bool, only: &[String]) -> Result<()> {
     let settings = if quick { hush::bench::Settings::quick() } else { hush::bench::Settings::full() };
     let bar = indicatif::ProgressBar::new_spinner();
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
-    let rows = runtime.block_on(hush::bench::run(settings, |s| bar.set_message(format!("measuring {s}"))))?;
+    let rows = runtime.block_on(hush::bench::run(settings, only, |s| bar.set_message(format!("measuring {s}"))))?;
     bar.finish_and_clear();
     if json {
         for r in &rows {

@@ -141,6 +141,17 @@ pub struct Server {
 impl Server {
     /// Prepares the data directory and binds the UDP socket.
     pub fn bind(config: ServerConfig, data_dir: &Path) -> Result<Self, ServerError> {
+        Self::bind_with_engine(config, data_dir, Engine::open)
+    }
+
+    /// [`Server::bind`], with the SQLite engine made by `open` (the
+    /// database's path, quotas, removal key) instead of [`Engine::open`]:
+    /// how the benchmark puts a slower disk under a real server.
+    pub fn bind_with_engine(
+        config: ServerConfig,
+        data_dir: &Path,
+        open: impl FnOnce(&Path, crate::delivery::Quotas, Arc<Identity>) -> Result<Engine, StoreError>,
+    ) -> Result<Self, ServerError> {
         config.validate()?;
         let data_dir = DataDir(data_dir.to_owned());
         let (identity, created, removal) = data_dir.init(&config)?;
@@ -156,7 +167,7 @@ impl Server {
                 info!("storing in PostgreSQL (several nodes may share the database)");
                 Engine::open_postgres(target, config.quotas(), Arc::new(removal))?
             }
-            None => Engine::open(&data_dir.db(), config.quotas(), Arc::new(removal))?,
+            None => open(&data_dir.db(), config.quotas(), Arc::new(removal))?,
         };
 
         let mut transport = TransportConfig::default();
