@@ -150,6 +150,20 @@ pub const PUSH_QUEUE: usize = 256;
 /// commit): one fsync acknowledges them all.
 pub const MAX_WRITE_BATCH: usize = 256;
 
+/// Longest the writer holds a batch open for requests it expects (see
+/// `server::engine`'s commit delay). Never more than
+/// 1/[`COMMIT_DELAY_SHARE`] of the last commit's duration either.
+pub const MAX_COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// The writer holds a batch open for more requests only when it expects at
+/// least this many (compare PostgreSQL's `commit_siblings`): fewer are as
+/// likely to be unrelated arrivals, which waiting would only delay.
+pub const COMMIT_SIBLINGS: usize = 4;
+
+/// The commit delay is at most the last commit's duration divided by this:
+/// a request waits at most half a commit longer than it would without it.
+pub const COMMIT_DELAY_SHARE: u32 = 2;
+
 /// Times a request that conflicted with another node's transaction (on a
 /// shared PostgreSQL database) is run again before it fails.
 pub const MAX_CONFLICT_RETRIES: u32 = 3;
