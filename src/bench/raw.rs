@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use quinn::{Endpoint, VarInt};
 use rusqlite::{params, Connection as Sqlite};
@@ -144,6 +144,45 @@ pub(super) async fn request(c: &quinn::Connection, data: &[u8]) -> Result<Vec<u8
     recv.read_to_end(1 << 20).await.map_err(fail)
 }
 
+/// Raw SQLite on its own, as the server's writer: WAL,
+/// synchronous=FULL, one table of log rows.
+fn raw_log(dir: &std::path::Path, name: &str) -> Result<(Sqlite, std::path::PathBuf), BenchError> {
+    let path = dir.join(name);
+    let db = Sqlite::open(&path).map_err(fail)?;
+    db.pragma_update(None, "journal_mode", "WAL").map_err(fail)?;
+    db.pragma_update(None, "synchronous", "FULL").map_err(fail)?;
+    db.execute_batch("CREATE TABLE log (gid INTEGER, seq INTEGER, data BLOB, PRIMARY KEY (gid, seq)) WITHOUT ROWID")
+        .map_err(fail)?;
+    Ok((db, path))
+}
+
+/// The median time of one raw SQLite commit of one row of `len` bytes
+/// (WAL, synchronous=FULL), with `per_second` commits a second: what one
+/// flush costs at that pace (a disk that has been idle for a while may
+/// flush more slowly than a busy one). Microseconds.
+pub(super) fn sqlite_commit_p50(
+    dir: &std::path::Path,
+    len: usize,
+    per_second: u32,
+    samples: usize,
+) -> Result<f64, BenchError> {
+    let (db, path) = raw_log(dir, &format!("raw-commit-{per_second}.db"))?;
+    let row = vec![0x5au8; len];
+    let gap = Duration::from_secs(1) / per_second.max(1);
+    let mut took = Vec::with_capacity(samples);
+    for seq in 0..samples {
+        let next = Instant::now() + gap;
+        let start = Instant::now();
+        db.execute("INSERT INTO log (gid, seq, data) VALUES (1, ?1, ?2)", params![seq as i64, row]).map_err(fail)?;
+        took.push(start.elapsed().as_secs_f64() * 1e6);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    drop(db);
+    let _ = std::fs::remove_file(&path);
+    took.sort_by(f64::total_cmp);
+    Ok(took.get(took.len() / 2).copied().unwrap_or(0.0))
+}
+
 /// Raw SQLite: WAL, synchronous=FULL, batches of `batch` rows of `len`
 /// bytes per transaction, one prepared statement. Rows per second.
 pub(super) fn sqlite_batches(
@@ -152,12 +191,7 @@ pub(super) fn sqlite_batches(
     batch: usize,
     settings: Settings,
 ) -> Result<f64, BenchError> {
-    let path = dir.join(format!("raw-{len}-{batch}.db"));
-    let db = Sqlite::open(&path).map_err(fail)?;
-    db.pragma_update(None, "journal_mode", "WAL").map_err(fail)?;
-    db.pragma_update(None, "synchronous", "FULL").map_err(fail)?;
-    db.execute_batch("CREATE TABLE log (gid INTEGER, seq INTEGER, data BLOB, PRIMARY KEY (gid, seq)) WITHOUT ROWID")
-        .map_err(fail)?;
+    let (db, path) = raw_log(dir, &format!("raw-{len}-{batch}.db"))?;
     let row = vec![0x5au8; len];
     let start = Instant::now();
     let mut seq = 0i64;
