@@ -151,18 +151,19 @@ pub const PUSH_QUEUE: usize = 256;
 pub const MAX_WRITE_BATCH: usize = 256;
 
 /// Longest the writer holds a batch open for requests it expects (see
-/// `server::engine`'s commit delay). Never more than
-/// 1/[`COMMIT_DELAY_SHARE`] of the last commit's duration either.
-pub const MAX_COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(1);
+/// `server::engine`'s commit delay). Never longer than the last flush
+/// either.
+pub const MAX_COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// The writer holds a batch open for more requests only when it expects at
 /// least this many (compare PostgreSQL's `commit_siblings`): fewer are as
 /// likely to be unrelated arrivals, which waiting would only delay.
 pub const COMMIT_SIBLINGS: usize = 4;
 
-/// The commit delay is at most the last commit's duration divided by this:
-/// a request waits at most half a commit longer than it would without it.
-pub const COMMIT_DELAY_SHARE: u32 = 2;
+/// Commits the writer makes without a commit delay after one whose wait
+/// ended before the requests it expected came (they are slower to come
+/// back than a flush: waiting would only cost).
+pub const COMMIT_DELAY_BACKOFF: u32 = 16;
 
 /// Times a request that conflicted with another node's transaction (on a
 /// shared PostgreSQL database) is run again before it fails.

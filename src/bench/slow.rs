@@ -26,7 +26,6 @@ pub const FLUSH_DELAY: Duration = Duration::from_millis(2);
 struct SlowFlush<B>(B);
 
 impl<B: Backend> Backend for SlowFlush<B> {
-    const SHARED: bool = B::SHARED;
     type Error = B::Error;
     type Unit<'a>
         = B::Unit<'a>

@@ -377,10 +377,6 @@ pub trait Storage {
 /// snapshot. Inside a write unit, [`Unit::savepoint`] lets one request's
 /// writes be undone alone.
 pub trait Backend: Send + 'static {
-    /// Whether other writers (other nodes) share the database, so that a
-    /// transaction held open makes them wait.
-    const SHARED: bool = false;
-
     type Error: std::fmt::Display + Send;
     type Unit<'a>: Unit<Error = Self::Error>
     where

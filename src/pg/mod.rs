@@ -143,7 +143,6 @@ impl PgDb {
 }
 
 impl Backend for PgDb {
-    const SHARED: bool = true;
     type Error = StoreError;
     type Unit<'a> = PgStore<'a>;
 
