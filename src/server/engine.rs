@@ -181,7 +181,7 @@ fn spawn<B: Backend, J: Send + 'static>(
     name: &str,
     db: B,
     delivery: Delivery,
-    run: fn(B, Delivery, mpsc::Receiver<J>),
+    run: impl FnOnce(B, Delivery, mpsc::Receiver<J>) + Send + 'static,
 ) -> Result<mpsc::Sender<J>, StoreError> {
     let (tx, rx) = mpsc::channel::<J>();
     std::thread::Builder::new().name(name.into()).spawn(move || run(db, delivery, rx)).map_err(StoreError::Thread)?;
@@ -226,8 +226,7 @@ fn spawn<B: Backend, J: Send + 'static>(
 /// Nothing changes about acknowledgements: replies go out after the commit
 /// that holds them is durable.
 fn writer_loop<B: Backend<Error = StoreError>>(mut db: B, mut delivery: Delivery, rx: mpsc::Receiver<Write>) {
-    let mut writer =
-        Writer { waiting: VecDeque::new(), expires: Vec::new(), expected: 0, last_flush: Duration::ZERO, skip: 0 };
+    let mut writer = Writer::new();
     loop {
         if writer.waiting.is_empty() {
             match rx.recv() {
@@ -236,11 +235,8 @@ fn writer_loop<B: Backend<Error = StoreError>>(mut db: B, mut delivery: Delivery
             }
         }
         writer.take_queued(&rx, MAX_WRITE_BATCH);
-        if writer.skip > 0 {
-            writer.skip -= 1;
-        } else if writer.expected >= COMMIT_SIBLINGS && !<B::Unit<'static> as Unit>::CONFLICTS {
-            let deadline = Instant::now() + MAX_COMMIT_DELAY.min(writer.last_flush);
-            writer.fill(&rx, writer.expected.min(MAX_WRITE_BATCH), deadline);
+        if let Some(target) = writer.delay_target(<B::Unit<'static> as Unit>::CONFLICTS) {
+            writer.fill(&rx, target, Instant::now() + MAX_COMMIT_DELAY.min(writer.last_flush));
         }
         let (answered, flush) = commit_batch(&mut db, &mut delivery, std::mem::take(&mut writer.waiting));
         if let Some(flush) = flush {
@@ -250,9 +246,7 @@ fn writer_loop<B: Backend<Error = StoreError>>(mut db: B, mut delivery: Delivery
             let _ = reply.send(db.write(|unit| delivery.expire(unit, now)));
         }
         let arrived = writer.take_queued(&rx, MAX_WRITE_BATCH);
-        if answered > 0 {
-            writer.expected = answered + arrived;
-        }
+        writer.committed(answered, arrived);
     }
 }
 
@@ -273,6 +267,27 @@ struct Writer {
 }
 
 impl Writer {
+    fn new() -> Self {
+        Self { waiting: VecDeque::new(), expires: Vec::new(), expected: 0, last_flush: Duration::ZERO, skip: 0 }
+    }
+
+    /// How many requests to wait for before the next commit, if any
+    /// (`shared`: other nodes write to the database too).
+    fn delay_target(&mut self, shared: bool) -> Option<usize> {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return None;
+        }
+        (self.expected >= COMMIT_SIBLINGS && !shared).then(|| self.expected.min(MAX_WRITE_BATCH))
+    }
+
+    /// A commit answered `answered` requests while `arrived` more came.
+    fn committed(&mut self, answered: usize, arrived: usize) {
+        if answered > 0 {
+            self.expected = answered + arrived;
+        }
+    }
+
     fn take(&mut self, job: Write) {
         match job {
             Write::Deliver(pending) => {
@@ -457,75 +472,74 @@ fn stored<S: Storage<Error = StoreError>>(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
     use super::*;
 
-    /// SQLite whose commits take [`Slow::FLUSH`] longer, counting them.
-    struct Slow(Db, Arc<AtomicUsize>);
-
-    impl Slow {
-        const FLUSH: Duration = Duration::from_millis(20);
+    fn job() -> Write {
+        let (reply, _) = oneshot::channel();
+        let request = Request::Send { message: vec![1, 2, 3], welcome: None, group_info: None };
+        Write::Deliver(Pending { origin: Origin::Stranger(DeviceId([7; 32])), request, now: 0, reply })
     }
 
-    impl Backend for Slow {
-        type Error = StoreError;
-        type Unit<'a> = crate::store::SqlStore<'a>;
-
-        fn write<T>(
-            &mut self,
-            work: impl FnOnce(&mut Self::Unit<'_>) -> Result<T, StoreError>,
-        ) -> Result<T, StoreError> {
-            let out = self.0.write(work)?;
-            std::thread::sleep(Self::FLUSH);
-            self.1.fetch_add(1, Ordering::Relaxed);
-            Ok(out)
-        }
-
-        fn read<T>(&mut self, work: impl FnOnce(&mut Self::Unit<'_>) -> T) -> Result<T, StoreError> {
-            self.0.read(work)
-        }
-    }
-
-    /// `clients` clients each send `rounds` write requests one after the
-    /// other to an engine on a slow disk; returns how many commits that
-    /// took.
-    fn commits_for(clients: usize, rounds: usize) -> usize {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let commits = Arc::new(AtomicUsize::new(0));
-        let removal = Arc::new(Identity::generate().unwrap());
-        let writer = Slow(Db::open(&path).unwrap(), commits.clone());
-        let reader = Slow(Db::open(&path).unwrap(), Arc::default());
-        let engine = Engine::start(writer, reader, crate::delivery::Quotas::default(), removal).unwrap();
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
-        runtime.block_on(async {
-            let mut tasks = tokio::task::JoinSet::new();
-            for c in 0..clients {
-                let engine = engine.clone();
-                tasks.spawn(async move {
-                    let origin = Origin::Stranger(DeviceId([u8::try_from(c).unwrap(); 32]));
-                    for _ in 0..rounds {
-                        // Refused (a stranger cannot send), but a write
-                        // request all the same: it goes through a batch.
-                        let send = Request::Send { message: vec![1, 2, 3], welcome: None, group_info: None };
-                        engine.deliver(origin, send, 0).await.unwrap();
-                    }
-                });
+    /// `count` jobs sent from another thread, a little apart, as clients
+    /// coming back one by one.
+    fn arriving(tx: mpsc::Sender<Write>, count: usize) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            for _ in 0..count {
+                std::thread::sleep(Duration::from_millis(1));
+                let _ = tx.send(job());
             }
-            while let Some(r) = tasks.join_next().await {
-                r.unwrap();
-            }
-        });
-        commits.load(Ordering::Relaxed)
+        })
     }
 
     #[test]
-    fn one_commit_serves_every_client_with_a_request_in_flight() {
-        // Without the commit delay the clients split into two groups
-        // whose batches alternate: about two commits per round.
-        let (clients, rounds) = (16, 20);
-        let commits = commits_for(clients, rounds);
-        assert!(commits <= rounds + rounds / 4, "{commits} commits for {rounds} rounds of {clients} clients");
+    fn a_batch_waits_for_the_requests_its_last_commit_answered() {
+        let (tx, rx) = mpsc::channel();
+        let mut w = Writer::new();
+        // 16 clients were answered; 4 are back, 12 on their way.
+        w.committed(16, 0);
+        for _ in 0..4 {
+            w.take(job());
+        }
+        let target = w.delay_target(false);
+        assert_eq!(target, Some(16));
+        let coming = arriving(tx, 12);
+        // A deadline far away: the test waits for the requests, not a clock.
+        w.fill(&rx, 16, Instant::now() + Duration::from_secs(60));
+        coming.join().unwrap();
+        assert_eq!(w.waiting.len(), 16, "one commit for all 16");
+        assert_eq!(w.skip, 0);
+    }
+
+    #[test]
+    fn a_wait_in_vain_lowers_the_estimate_and_backs_off() {
+        let (tx, rx) = mpsc::channel::<Write>();
+        let mut w = Writer::new();
+        w.committed(32, 0);
+        w.take(job());
+        let target = w.delay_target(false).unwrap();
+        // Nobody else comes before the deadline.
+        w.fill(&rx, target, Instant::now() + Duration::from_millis(5));
+        drop(tx);
+        assert_eq!(w.expected, 1);
+        assert_eq!(w.skip, COMMIT_DELAY_BACKOFF);
+        w.committed(32, 0);
+        for _ in 0..COMMIT_DELAY_BACKOFF {
+            assert_eq!(w.delay_target(false), None, "no delay while backing off");
+        }
+        assert_eq!(w.delay_target(false), Some(32), "then it tries again");
+    }
+
+    #[test]
+    fn no_delay_for_a_few_requests_or_on_a_shared_database() {
+        let mut w = Writer::new();
+        w.committed(1, 0);
+        assert_eq!(w.delay_target(false), None, "one client at a time never waits");
+        w.committed(2, COMMIT_SIBLINGS - 3);
+        assert_eq!(w.delay_target(false), None);
+        w.committed(64, 0);
+        assert_eq!(w.delay_target(true), None, "other nodes would wait on this one's locks");
+        assert_eq!(w.delay_target(false), Some(64));
+        w.committed(MAX_WRITE_BATCH, 40);
+        assert_eq!(w.delay_target(false), Some(MAX_WRITE_BATCH));
     }
 }
