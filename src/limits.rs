@@ -146,6 +146,11 @@ pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 /// `Resync` and must fetch. Bounds memory per slow reader.
 pub const PUSH_QUEUE: usize = 256;
 
+/// Queued pushes a connection's push task takes and writes at once (one
+/// write of up to this many frames; they were queued already, so this
+/// bounds nothing new).
+pub const PUSH_WRITE_BATCH: usize = 64;
+
 /// Requests the writer thread folds into one SQLite transaction (group
 /// commit): one fsync acknowledges them all.
 pub const MAX_WRITE_BATCH: usize = 256;

@@ -14,18 +14,21 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::auth::DeviceId;
 use crate::delivery::Notification;
-use crate::limits::PUSH_QUEUE;
+use crate::limits::{PUSH_QUEUE, PUSH_WRITE_BATCH};
 use crate::wire::Push;
 
 /// Largest ciphertext pushed inline (bounds queued bytes per connection to
 /// about `PUSH_QUEUE * PUSH_INLINE_THRESHOLD`).
 pub const PUSH_INLINE_THRESHOLD: usize = 4096;
 
-type Frame = Arc<Vec<u8>>;
+/// An encoded push frame, shared by every queue it is in (written to each
+/// stream without a copy).
+type Frame = Bytes;
 
 struct Queue {
     id: u64,
@@ -99,7 +102,7 @@ impl Registry {
                 }
             };
             let Some(frame) = frame else { continue };
-            let frame = Arc::new(frame);
+            let frame = Bytes::from(frame);
             let online = self.online.lock().unwrap_or_else(|p| p.into_inner());
             for device in recipients {
                 for q in online.get(device).map(Vec::as_slice).unwrap_or_default() {
@@ -124,7 +127,7 @@ impl Registry {
     /// been missed.
     pub fn resync_all(&self) {
         let Ok(frame) = Push::Resync.encode_framed() else { return };
-        let frame = Arc::new(frame);
+        let frame = Bytes::from(frame);
         let online = self.online.lock().unwrap_or_else(|p| p.into_inner());
         for q in online.values().flatten() {
             if q.tx.try_send(frame.clone()).is_err() {
@@ -184,13 +187,18 @@ pub async fn from_other_nodes(
     }
 }
 
+/// Writes a connection's queued frames to its push stream: all that are
+/// waiting (up to [`PUSH_WRITE_BATCH`]) in one write, so a busy stream
+/// goes out in full packets rather than one wake-up of the connection per
+/// frame.
 async fn push_task(conn: quinn::Connection, mut rx: mpsc::Receiver<Frame>, overflowed: Arc<AtomicBool>) {
     let resync = match Push::Resync.encode_framed() {
-        Ok(f) => f,
+        Ok(f) => Bytes::from(f),
         Err(_) => return,
     };
     let mut stream = None;
-    while let Some(frame) = rx.recv().await {
+    let mut frames = Vec::with_capacity(PUSH_WRITE_BATCH);
+    while rx.recv_many(&mut frames, PUSH_WRITE_BATCH).await > 0 {
         if stream.is_none() {
             match conn.open_uni().await {
                 Ok(s) => stream = Some(s),
@@ -198,14 +206,13 @@ async fn push_task(conn: quinn::Connection, mut rx: mpsc::Receiver<Frame>, overf
             }
         }
         let Some(s) = stream.as_mut() else { return };
-        if s.write_all(&frame).await.is_err() {
-            return;
-        }
         if overflowed.swap(false, Ordering::AcqRel) {
             super::metrics::metrics().push_resynced();
-            if s.write_all(&resync).await.is_err() {
-                return;
-            }
+            frames.push(resync.clone());
         }
+        if s.write_all_chunks(&mut frames).await.is_err() {
+            return;
+        }
+        frames.clear();
     }
 }
