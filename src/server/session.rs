@@ -122,10 +122,13 @@ pub(crate) async fn run(conn: quinn::Connection, shared: Arc<Shared>, mut stop: 
     }
     let mut requests = JoinSet::new();
     let mut deadline_armed = !known;
+    // One timer for the connection, not one made (and dropped) per stream.
+    let registration = tokio::time::sleep_until(deadline);
+    tokio::pin!(registration);
     loop {
         tokio::select! {
             _ = stop.changed() => break,
-            () = tokio::time::sleep_until(deadline), if deadline_armed => {
+            () = &mut registration, if deadline_armed => {
                 if session.registered() {
                     deadline_armed = false;
                 } else {
@@ -199,8 +202,11 @@ async fn serve_stream(session: &Session, mut send: SendStream, mut recv: RecvStr
         return;
     }
     // Wait until the peer has the whole response, so that closing the
-    // connection (shutdown) cannot cut it off.
-    let _ = tokio::time::timeout(timeout, send.stopped()).await;
+    // connection (shutdown) cannot cut it off. No timer of its own: this
+    // ends when the peer acknowledges the response or the connection ends,
+    // a connection holds at most its stream limit of these, and shutdown
+    // waits for them [`SHUTDOWN_GRACE`] at most.
+    let _ = send.stopped().await;
 }
 
 /// Why a request was not read.
@@ -300,6 +306,16 @@ async fn reserve(session: &Session, bytes: usize, deadline: Instant) -> Result<B
         super::metrics::metrics().refused("busy");
         Refused::Answer(rate_limited(Duration::from_millis(BUDGET_RETRY_MS), "the server is busy"))
     };
+    // Almost always there is room: take it without arming a timer.
+    let server = &session.shared.request_budget;
+    if let Ok(connection) = session.budget.clone().try_acquire_many_owned(n) {
+        if !session.registered() {
+            return Ok(Budget { connection, server: None });
+        }
+        if let Ok(server) = server.clone().try_acquire_many_owned(n) {
+            return Ok(Budget { connection, server: Some(server) });
+        }
+    }
     let acquire = async {
         let connection = session.budget.clone().acquire_many_owned(n).await.map_err(|_| busy())?;
         let server = if session.registered() {
