@@ -181,7 +181,7 @@ fn spawn<B: Backend, J: Send + 'static>(
     name: &str,
     db: B,
     delivery: Delivery,
-    run: impl FnOnce(B, Delivery, mpsc::Receiver<J>) + Send + 'static,
+    run: fn(B, Delivery, mpsc::Receiver<J>),
 ) -> Result<mpsc::Sender<J>, StoreError> {
     let (tx, rx) = mpsc::channel::<J>();
     std::thread::Builder::new().name(name.into()).spawn(move || run(db, delivery, rx)).map_err(StoreError::Thread)?;
@@ -207,12 +207,13 @@ fn spawn<B: Backend, J: Send + 'static>(
 /// of two halves taking turns. On a disk that flushes in 0.15 ms the
 /// clients cannot come back within a flush, the wait ends with fewer than
 /// half of the missing requests, and the writer then makes
-/// [`COMMIT_DELAY_BACKOFF`] commits without one: the
-/// halves stay, one half's flush overlapping the other half's work (waiting
-/// every time cost 15% there). A request therefore waits at most one
-/// flush longer, and only when the last cycle showed concurrency: below [`COMMIT_SIBLINGS`] expected requests (one client at
-/// a time, or a trickle of unrelated ones) nothing waits, and a wait that
-/// ended with fewer than expected lowers the estimate to what came.
+/// [`COMMIT_DELAY_BACKOFF`] commits without one: the halves stay, one
+/// half's flush overlapping the other half's work (waiting every time cost
+/// 15% there). A request therefore waits at most one flush longer, and only
+/// when the last cycle showed concurrency: below [`COMMIT_SIBLINGS`]
+/// expected requests (one client at a time, or a trickle of unrelated ones)
+/// nothing waits, and a wait that ended with fewer than expected lowers the
+/// estimate to what came.
 ///
 /// The wait comes before the transaction. (Running each request as it
 /// arrives in an open transaction was tried: it kept absorbing arrivals
