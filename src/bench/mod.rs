@@ -52,13 +52,11 @@ impl Row {
         Self { scenario, hush, baseline, unit, lower_is_better: true }
     }
 
-    /// hush / baseline.
-    pub fn ratio(&self) -> f64 {
-        if self.baseline > 0.0 {
-            self.hush / self.baseline
-        } else {
-            0.0
-        }
+    /// hush / baseline, when the baseline is a positive number. A row that
+    /// reports a measured difference (what a quiet server adds, say) can
+    /// measure zero or less on a loaded machine: it then has no ratio.
+    pub fn ratio(&self) -> Option<f64> {
+        (self.baseline > 0.0 && self.hush.is_finite()).then(|| self.hush / self.baseline)
     }
 }
 
@@ -269,8 +267,10 @@ pub async fn run(settings: Settings, only: &[String], progress: impl Fn(&str)) -
             // the raw relay plus that one flush.
             rows.push(Row::cost(
                 format!("what quiet adds to send→push p50, {quiet} vs {busy} msg/s (µs; baseline: what it adds to the raw relay + one raw SQLite commit at {quiet}/s)"),
-                (quiet_p50 - busy_p50).max(0.0),
-                (raw_quiet - raw_busy).max(0.0) + flush,
+                // Differences as measured: on a loaded machine either can
+                // be zero or negative (the row then has no ratio).
+                quiet_p50 - busy_p50,
+                raw_quiet - raw_busy + flush,
                 "µs",
             ));
         }
@@ -338,5 +338,21 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Row;
+
+    #[test]
+    fn a_difference_of_zero_or_less_has_no_ratio_and_is_reported_as_measured() {
+        let row = |hush, baseline| Row::cost("d".into(), hush, baseline, "µs");
+        assert_eq!(row(3.0, 2.0).ratio(), Some(1.5));
+        assert_eq!(row(0.0, 2.0).ratio(), Some(0.0));
+        assert_eq!(row(-4.0, 2.0).ratio(), Some(-2.0));
+        assert_eq!(row(5.0, 0.0).ratio(), None);
+        assert_eq!(row(5.0, -1.0).ratio(), None);
+        assert_eq!(row(f64::NAN, 1.0).ratio(), None);
     }
 }

@@ -363,15 +363,8 @@ fn bench(quick: bool, json: bool, only: &[String]) -> Result<()> {
         out!("| --- | ---: | ---: | ---: | --- |");
         for r in &rows {
             let better = if r.lower_is_better { "lower" } else { "higher" };
-            out!(
-                "| {} | {:.0}{} | {:.0}{} | {:.2} | {better} |",
-                r.scenario,
-                r.hush,
-                r.unit,
-                r.baseline,
-                r.unit,
-                r.ratio()
-            );
+            let ratio = r.ratio().map_or_else(|| "n/a".to_owned(), |x| format!("{x:.2}"));
+            out!("| {} | {:.0}{} | {:.0}{} | {ratio} | {better} |", r.scenario, r.hush, r.unit, r.baseline, r.unit);
         }
     }
     Ok(())

@@ -162,8 +162,12 @@ fn bench_quick_mode_runs_and_reports_every_scenario() {
     {
         assert!(rows.iter().any(|r| r["scenario"].as_str().unwrap().contains(word)), "no {word} row: {out}");
     }
+    // Every row carries two measured numbers. Their size depends on how
+    // loaded the machine is (a measured difference can be zero or below),
+    // so nothing here compares them: speed is the benchmark's business.
     for r in &rows {
-        assert!(r["hush"].as_f64().unwrap() > 0.0 && r["baseline"].as_f64().unwrap() > 0.0, "{r}");
-        assert!(r["ratio"].as_f64().is_some());
+        assert!(r["hush"].as_f64().is_some_and(f64::is_finite), "{r}");
+        assert!(r["baseline"].as_f64().is_some_and(f64::is_finite), "{r}");
+        assert!(r["ratio"].is_null() || r["ratio"].as_f64().is_some_and(f64::is_finite), "{r}");
     }
 }
