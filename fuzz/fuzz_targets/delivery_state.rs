@@ -210,7 +210,7 @@ impl World {
     fn resync(&mut self, who: usize) -> bool {
         let g = self.group.clone();
         let Some((info, tree)) = self.group_info(who) else { return false };
-        let Ok(commit) = self.members[who].resync(&g, &info, tree.as_deref()) else { return false };
+        let Ok(commit) = self.members[who].resync(&g, &info, tree.as_deref(), None) else { return false };
         let before = self.epoch;
         match self.send_request(who, commit.into_request()) {
             Response::Accepted { seq, epoch, .. } => {

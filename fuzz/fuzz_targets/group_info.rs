@@ -19,5 +19,5 @@ fuzz_target!(|data: &[u8]| {
     let (_, _, mut member) = Member::generate().expect("member");
     let tree = (!tree.is_empty()).then_some(tree);
     // A member with no leaf in that group never rejoins it.
-    assert!(member.resync(&group, info, tree).is_err());
+    assert!(member.resync(&group, info, tree, None).is_err());
 });

@@ -83,6 +83,8 @@ pub enum AppError {
     GroupKeptChanging,
     #[error("the group kept changing while this device rejoined it; sync again")]
     RejoinKeptFailing,
+    #[error("could not rejoin the group: {0}")]
+    RejoinRefused(String),
     #[error("the server misbehaved: {0}; nothing after that point was applied (try again, or ask its operator)")]
     Misbehaving(String),
     #[error(
@@ -108,6 +110,19 @@ pub enum AppError {
     State(#[from] StateError),
     #[error(transparent)]
     Key(#[from] KeyError),
+}
+
+impl AppError {
+    /// Whether a sync must stop on this error (the connection is gone, or
+    /// the local state cannot be written), rather than record it in the
+    /// group it happened in and go on with the others.
+    pub fn stops_sync(&self) -> bool {
+        match self {
+            Self::Client(e) => e.code().is_none(),
+            Self::State(_) | Self::Home(_) | Self::Key(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// One line of history.
@@ -548,9 +563,34 @@ impl App {
     }
 
     /// Commits proposals others made (e.g. a member asking to leave).
-    pub async fn commit_pending_proposals(&mut self, conn: &Connection, group: &GroupRow) -> Result<(), AppError> {
+    /// Returns the history lines saying what the commit did.
+    pub async fn commit_pending_proposals(
+        &mut self,
+        conn: &Connection,
+        group: &GroupRow,
+    ) -> Result<Vec<Entry>, AppError> {
         let gid = group.id.clone();
-        self.send_commit(conn, &gid, |m| Ok(m.commit_pending(&gid)?)).await?;
-        Ok(())
+        let mut removals = Vec::new();
+        let seq = self
+            .send_commit(conn, &gid, |m| {
+                removals = m.committable_removals(&gid);
+                Ok(m.commit_pending(&gid)?)
+            })
+            .await?;
+        let me = self.account();
+        let mut lines = Vec::new();
+        for r in removals {
+            let who = if r.account == me { "one of your devices".to_string() } else { self.display(&r.account) };
+            let line = match r.by {
+                super::mls::RemovedBy::Server => format!(
+                    "you committed the server's removal of {who} (a revoked device, or an account its operator removed)"
+                ),
+                _ => format!("you committed {who}'s leaving the group"),
+            };
+            if !lines.contains(&line) {
+                lines.push(line);
+            }
+        }
+        lines.into_iter().map(|l| self.record(&gid, seq, Some(&me), EntryKind::Event, &l)).collect()
     }
 }

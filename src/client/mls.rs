@@ -19,6 +19,8 @@
 //! as [`Received::Refused`]; the group state stays as it was.
 
 pub mod adversary;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 
@@ -29,7 +31,9 @@ use openmls_rust_crypto::OpenMlsRustCrypto;
 use thiserror::Error;
 
 use crate::auth::{AccountId, DeviceCertificate, DeviceId, Identity};
-use crate::delivery::mls::{holder_of, leaf_certificate, node_certificate, server_sender, VerifiableGroupInfo};
+use crate::delivery::mls::{
+    check_proposal_use, holder_of, leaf_certificate, node_certificate, server_sender, ProposalUse, VerifiableGroupInfo,
+};
 
 /// The one ciphersuite hush uses: X25519, AES-128-GCM, SHA-256, Ed25519.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
@@ -107,6 +111,65 @@ pub struct Unprocessed {
     pub sender: Option<AccountId>,
 }
 
+/// The group's public state followed, commit by commit, from the state
+/// this member last verified ([`Member::descent`]): what group repair
+/// checks a GroupInfo against before it rejoins (DESIGN §5, "Repair never
+/// goes back"). Each commit is verified as the server verifies it (the
+/// sender's leaf signature under the tree of its epoch), so only members of
+/// each epoch could have written the chain; a GroupInfo is accepted only if
+/// its group context (epoch, tree hash, transcript hash) is the one the
+/// chain reaches.
+pub struct Descent {
+    storage: openmls_memory_storage::MemoryStorage,
+    public: PublicGroup,
+    crypto: openmls_rust_crypto::RustCrypto,
+    /// The accounts in the group where the walk started.
+    pub start_members: Vec<AccountId>,
+    /// The epoch where the walk started.
+    pub start_epoch: u64,
+}
+
+impl std::fmt::Debug for Descent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Descent").field("start_epoch", &self.start_epoch).field("epoch", &self.epoch()).finish()
+    }
+}
+
+impl Descent {
+    /// The epoch the walk has reached.
+    pub fn epoch(&self) -> u64 {
+        self.public.group_context().epoch().as_u64()
+    }
+
+    /// Takes one message of the group's log: a proposal or commit of the
+    /// walk's epoch that verifies moves it on (a commit to the next
+    /// epoch); anything else (application messages, other epochs, what
+    /// does not verify: a server may insert junk) is passed over. Returns
+    /// whether the epoch moved.
+    pub fn feed(&mut self, bytes: &[u8]) -> bool {
+        let Ok(framed) = crate::delivery::mls::frame(bytes) else { return false };
+        if framed.group != self.public.group_id().as_slice() || framed.epoch != self.epoch() {
+            return false;
+        }
+        let Ok(processed) = self.public.process_message(&self.crypto, framed.message) else { return false };
+        match processed.into_content() {
+            ProcessedMessageContent::ProposalMessage(p) => {
+                let _ = self.public.add_proposal(&self.storage, *p);
+                false
+            }
+            ProcessedMessageContent::StagedCommitMessage(staged) => {
+                self.public.merge_commit(&self.storage, *staged).is_ok()
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether `info` describes the state the walk reached.
+    fn reaches(&self, info: &VerifiableGroupInfo) -> bool {
+        info.group_context() == self.public.group_context()
+    }
+}
+
 /// An MLS operation failed, or what it was handed was refused.
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -143,6 +206,18 @@ pub enum MlsError {
     AccountNotInGroup,
     #[error("the GroupInfo is for another group")]
     OtherGroup,
+    #[error(
+        "the server offered the group's state at epoch {offered}, which is not after the epoch this device already \
+         verified ({ours}): it would take this device back in the group's history"
+    )]
+    OlderState { offered: u64, ours: u64 },
+    #[error(
+        "the server offered the group's state at epoch {offered}, but did not show the commits that lead there from \
+         epoch {reached} (the last this device could verify): it may be another history of the group. The state \
+         was kept; if the commits are gone for good (the device was away longer than the server keeps them), check \
+         the group's members with a member, then run `hush group rejoin GROUP` to rejoin anyway"
+    )]
+    UnprovenState { offered: u64, reached: u64 },
     #[error("no ratchet tree came with the GroupInfo")]
     NoTree,
     #[error(transparent)]
@@ -178,9 +253,23 @@ pub enum Received {
     /// the sender's resync (an external commit replacing its own leaf);
     /// `new_device`: a new device of the sender's account joined (an
     /// external commit adding its leaf).
-    Commit { sender: Option<AccountId>, epoch: u64, removed_me: bool, rejoined: bool, new_device: bool },
-    /// A proposal was stored for a later commit.
-    Proposal { sender: Option<AccountId> },
+    /// `removed`: the accounts whose leaves the commit removed, and on
+    /// whose proposal (true author: the committer, the leaf itself leaving,
+    /// or the server).
+    Commit {
+        sender: Option<AccountId>,
+        epoch: u64,
+        removed_me: bool,
+        rejoined: bool,
+        new_device: bool,
+        removed: Vec<Removed>,
+    },
+    /// A member's proposal was stored. `removing`: the account whose leaf it
+    /// proposes to remove (the sender's own: a member leaving). Only a
+    /// member's own leaving is committed by the others on their next sync;
+    /// a proposal to remove someone else waits for a member who chooses to
+    /// (`hush group remove`).
+    Proposal { sender: Option<AccountId>, removing: Option<AccountId>, own_leaf: bool },
     /// A commit or proposal was refused because a leaf it adds or changes
     /// is not certified, or changes whose leaf it is. Nothing was applied.
     Refused { sender: Option<AccountId>, reason: String },
@@ -201,6 +290,46 @@ impl Received {
                 _ => None,
             })
             .collect()
+    }
+}
+
+/// A leaf a commit removed: whose it was, and whose proposal removed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Removed {
+    pub account: AccountId,
+    pub by: RemovedBy,
+}
+
+/// Who asked for a removal a commit carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemovedBy {
+    /// The committer, in its own commit.
+    Committer,
+    /// The removed leaf itself (it left), committed by another member.
+    Itself,
+    /// The server, as the group's external sender (a revoked device or an
+    /// account the operator removed).
+    Server,
+    /// Another member's pending proposal that the committer chose to
+    /// commit.
+    Member(AccountId),
+}
+
+/// Whether a stored proposal may go into a commit this member builds
+/// without being asked: only the server's removal proposals and another
+/// member's removal of its own leaf (leaving). A member's proposal to
+/// remove someone else, an Update, or anything else stored is never
+/// committed silently (and a proposal hush does not use is never stored).
+fn committable(p: &QueuedProposal, own: LeafNodeIndex) -> bool {
+    // openmls runs its filter over the committer's own proposals too
+    // (inline, by value): those are what this member chose to commit.
+    if p.proposal_or_ref_type() == ProposalOrRefType::Proposal {
+        return matches!(p.sender(), Sender::Member(i) if *i == own);
+    }
+    match (p.proposal(), p.sender()) {
+        (Proposal::Remove(_), Sender::External(_)) => true,
+        (Proposal::Remove(r), Sender::Member(i)) => r.removed() == *i && *i != own,
+        _ => false,
     }
 }
 
@@ -357,13 +486,34 @@ impl<P: OpenMlsProvider> Member<P> {
         let Ok(g) = self.group_mut(group) else { return false };
         let own = g.own_leaf_index();
         let mut any = false;
-        for p in g.pending_proposals() {
+        for p in g.pending_proposals().filter(|p| committable(p, own)) {
             if matches!(p.proposal(), Proposal::Remove(r) if r.removed() == own) {
                 return false;
             }
             any = true;
         }
         any
+    }
+
+    /// What [`Member::commit_pending`] would remove, and on whose proposal
+    /// (for the committer's own history).
+    pub fn committable_removals(&mut self, group: &[u8]) -> Vec<Removed> {
+        let Ok(g) = self.group_mut(group) else { return Vec::new() };
+        let own = g.own_leaf_index();
+        let holders: HashMap<LeafNodeIndex, AccountId> =
+            g.members().filter_map(|m| holder_of(&m.credential).map(|(a, _)| (m.index, a))).collect();
+        g.pending_proposals()
+            .filter(|p| committable(p, own))
+            .filter_map(|p| match (p.proposal(), p.sender()) {
+                (Proposal::Remove(r), Sender::External(_)) => {
+                    holders.get(&r.removed()).map(|a| Removed { account: *a, by: RemovedBy::Server })
+                }
+                (Proposal::Remove(r), _) => {
+                    holders.get(&r.removed()).map(|a| Removed { account: *a, by: RemovedBy::Itself })
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// This device's certificate (its credential in every group).
@@ -470,18 +620,43 @@ impl<P: OpenMlsProvider> Member<P> {
                 check_key_package(bytes, account).map_err(|why| MlsError::KeyPackage { who: account.short(), why })?;
             kps.push(kp);
         }
+        self.commit_with(group, kps, Vec::new(), false)
+    }
+
+    /// The one way this member builds a commit (DESIGN §5: commits are
+    /// built from an allow-list, never from whatever was stored): its own
+    /// `adds` and `removes`, a path when `self_update`, and of the stored
+    /// proposals only those [`committable`] says.
+    fn commit_with(
+        &mut self,
+        group: &[u8],
+        adds: Vec<KeyPackage>,
+        removes: Vec<LeafNodeIndex>,
+        self_update: bool,
+    ) -> Result<Commit, MlsError> {
         self.group_mut(group)?;
         let (provider, signer) = (&self.provider, &self.signer);
         let g = self.groups.get_mut(group).ok_or(MlsError::NotInGroup)?;
-        let (commit, welcome, info) = g.add_members(provider, signer, &kps).context("adding members")?;
-        Commit::of(&commit, Some(&welcome), info)
+        let own = g.own_leaf_index();
+        let bundle = g
+            .commit_builder()
+            .propose_adds(adds)
+            .propose_removals(removes)
+            .force_self_update(self_update)
+            .load_psks(provider.storage())
+            .context("building a commit")?
+            .build(provider.rand(), provider.crypto(), signer, |p| committable(p, own))
+            .context("building a commit")?
+            .stage_commit(provider)
+            .context("building a commit")?;
+        let welcome = bundle.to_welcome_msg();
+        let (commit, _, info) = bundle.into_contents();
+        Commit::of(&commit, welcome.as_ref(), info)
     }
 
     /// A commit removing every leaf of these accounts.
     pub fn remove(&mut self, group: &[u8], accounts: &[AccountId]) -> Result<Commit, MlsError> {
-        self.group_mut(group)?;
-        let (provider, signer) = (&self.provider, &self.signer);
-        let g = self.groups.get_mut(group).ok_or(MlsError::NotInGroup)?;
+        let g = self.group_mut(group)?;
         let leaves: Vec<LeafNodeIndex> = g
             .members()
             .filter(|m| holder_of(&m.credential).is_some_and(|(a, _)| accounts.contains(&a)))
@@ -490,8 +665,7 @@ impl<P: OpenMlsProvider> Member<P> {
         if leaves.is_empty() {
             return Err(MlsError::NoneInGroup);
         }
-        let (commit, welcome, info) = g.remove_members(provider, signer, &leaves).context("removing members")?;
-        Commit::of(&commit, welcome.as_ref(), info)
+        self.commit_with(group, Vec::new(), leaves, false)
     }
 
     /// A proposal to remove ourselves; another member commits it.
@@ -503,27 +677,18 @@ impl<P: OpenMlsProvider> Member<P> {
         serialize(&proposal, "the proposal")
     }
 
-    /// A commit of the proposals received so far (and the Welcome if they
-    /// add members).
+    /// A commit of the stored proposals that may be committed without
+    /// being asked: the server's removals and members leaving
+    /// ([`Member::should_commit_pending`]).
     pub fn commit_pending(&mut self, group: &[u8]) -> Result<Commit, MlsError> {
-        self.group_mut(group)?;
-        let (provider, signer) = (&self.provider, &self.signer);
-        let g = self.groups.get_mut(group).ok_or(MlsError::NotInGroup)?;
-        let (commit, welcome, info) = g.commit_to_pending_proposals(provider, signer).context("committing")?;
-        Commit::of(&commit, welcome.as_ref(), info)
+        self.commit_with(group, Vec::new(), Vec::new(), false)
     }
 
     /// A commit that only refreshes this member's own leaf (new keys, same
     /// credential): post-compromise security, and what tests use to move a
     /// group to its next epoch.
     pub fn self_update(&mut self, group: &[u8]) -> Result<Commit, MlsError> {
-        self.group_mut(group)?;
-        let (provider, signer) = (&self.provider, &self.signer);
-        let g = self.groups.get_mut(group).ok_or(MlsError::NotInGroup)?;
-        let bundle = g.self_update(provider, signer, LeafNodeParameters::default()).context("updating our leaf")?;
-        let (commit, welcome, info) = bundle.contents();
-        let welcome = welcome.map(|w| MlsMessageOut::from_welcome(w.clone(), ProtocolVersion::Mls10));
-        Commit::of(commit, welcome.as_ref(), info.cloned())
+        self.commit_with(group, Vec::new(), Vec::new(), true)
     }
 
     /// Rejoins `group` at the epoch `group_info` describes (the group's
@@ -538,8 +703,23 @@ impl<P: OpenMlsProvider> Member<P> {
     /// key (the one the commit removes). The new state replaces the old one
     /// at once, the old one being of no further use; if the server refuses
     /// the commit, [`Member::forget`] the group and rejoin again.
-    pub fn resync(&mut self, group: &[u8], group_info: &[u8], ratchet_tree: Option<&[u8]>) -> Result<Commit, MlsError> {
+    pub fn resync(
+        &mut self,
+        group: &[u8],
+        group_info: &[u8],
+        ratchet_tree: Option<&[u8]>,
+        descent: Option<&Descent>,
+    ) -> Result<Commit, MlsError> {
         let (info, tree, public) = self.verify_rejoin(group, group_info, ratchet_tree)?;
+        if let Some(d) = descent {
+            let offered = info.epoch().as_u64();
+            if offered <= d.start_epoch {
+                return Err(MlsError::OlderState { offered, ours: d.start_epoch });
+            }
+            if !d.reaches(&info) {
+                return Err(MlsError::UnprovenState { offered, reached: d.epoch() });
+            }
+        }
         let own_leaf = public.members().any(|m| {
             holder_of(&m.credential).is_some_and(|(_, d)| d == self.certificate.device)
                 && m.signature_key == self.signer.public()
@@ -548,6 +728,39 @@ impl<P: OpenMlsProvider> Member<P> {
             return Err(MlsError::NoOwnLeaf);
         }
         self.rejoin(group, info, tree)
+    }
+
+    /// The start of a [`Descent`] from this member's current state of
+    /// `group` (its tree and group context, exported and re-read as a
+    /// public group). `None` without state for the group.
+    pub fn descent(&mut self, group: &[u8]) -> Result<Option<Descent>, MlsError> {
+        if !self.has_group(group) {
+            return Ok(None);
+        }
+        let start_members = self.members(group);
+        self.group_mut(group)?;
+        let g = self.groups.get(group).ok_or(MlsError::NotInGroup)?;
+        let start_epoch = g.epoch().as_u64();
+        let exported = g.export_group_info(self.provider.crypto(), &self.signer, true).context("our GroupInfo")?;
+        // Proposals of this epoch we already read (a commit may take them
+        // by reference).
+        let pending: Vec<QueuedProposal> = g.pending_proposals().cloned().collect();
+        let info = crate::delivery::mls::parse_group_info(&serialize(&exported, "our GroupInfo")?)?;
+        let tree = info.extensions().ratchet_tree().map(|t| t.ratchet_tree().clone()).ok_or(MlsError::NoTree)?;
+        let storage = openmls_memory_storage::MemoryStorage::default();
+        let crypto = openmls_rust_crypto::RustCrypto::default();
+        let (mut public, _) = PublicGroup::from_external(&crypto, &storage, tree, info, ProposalStore::new())
+            .context("our own group state")?;
+        for p in pending {
+            public.add_proposal(&storage, p).context("our stored proposals")?;
+        }
+        Ok(Some(Descent { storage, public, crypto, start_members, start_epoch }))
+    }
+
+    /// Drops the cached state of `group`, so it is read again from storage
+    /// (after the storage was rolled back).
+    pub fn evict(&mut self, group: &[u8]) {
+        self.groups.remove(group);
     }
 
     /// Joins `group` as a new device of an account that is already in it
@@ -744,21 +957,24 @@ impl<P: OpenMlsProvider> Member<P> {
                     g.store_pending_proposal(provider.storage(), *p).context("storing the proposal")?;
                     return Ok(Received::ServerRemoval { account });
                 }
+                // Only what hush uses is stored: anything else would make
+                // the next commit that takes it fail, for every member.
+                if let Err(reason) = check_proposal_use(p.proposal(), ProposalUse::Pending) {
+                    return Ok(Received::Refused { sender, reason });
+                }
                 if let Proposal::Update(update) = p.proposal() {
                     if let Err(reason) = same_holder(sender_leaf, update.leaf_node()) {
                         return Ok(Received::Refused { sender, reason });
                     }
                 }
-                if let Proposal::Add(add) = p.proposal() {
-                    if let Err(e) = node_certificate(add.key_package().leaf_node()) {
-                        return Ok(Received::Refused {
-                            sender,
-                            reason: format!("a proposed member is not certified ({e})"),
-                        });
+                let (removing, own_leaf) = match p.proposal() {
+                    Proposal::Remove(r) => {
+                        (holders.get(&r.removed()).map(|(a, _)| *a), Some(r.removed()) == sender_leaf)
                     }
-                }
+                    _ => (None, false),
+                };
                 g.store_pending_proposal(provider.storage(), *p).context("storing the proposal")?;
-                Ok(Received::Proposal { sender })
+                Ok(Received::Proposal { sender, removing, own_leaf })
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
                 let external = matches!(sender_kind, Sender::NewMemberCommit);
@@ -770,6 +986,11 @@ impl<P: OpenMlsProvider> Member<P> {
                     verdict = Err("a commit from outside the group".to_string());
                 } else if let Some(leaf) = staged.update_path_leaf_node() {
                     verdict = same_holder(sender_leaf, leaf);
+                }
+                if !external {
+                    for queued in staged.queued_proposals() {
+                        verdict = verdict.and_then(|()| check_proposal_use(queued.proposal(), ProposalUse::Commit));
+                    }
                 }
                 for update in staged.update_proposals() {
                     let index = match update.sender() {
@@ -789,9 +1010,31 @@ impl<P: OpenMlsProvider> Member<P> {
                     return Ok(Received::Refused { sender, reason });
                 }
                 let removed_me = staged.self_removed();
+                let removed = if external {
+                    Vec::new()
+                } else {
+                    staged
+                        .remove_proposals()
+                        .filter_map(|r| {
+                            let leaf = r.remove_proposal().removed();
+                            let (account, _) = holders.get(&leaf)?;
+                            let by = match r.sender() {
+                                Sender::External(_) => RemovedBy::Server,
+                                Sender::Member(i) if *i == leaf => RemovedBy::Itself,
+                                Sender::Member(i) if Some(*i) == sender_leaf => RemovedBy::Committer,
+                                Sender::Member(i) => match holders.get(i) {
+                                    Some((proposer, _)) => RemovedBy::Member(*proposer),
+                                    None => RemovedBy::Committer,
+                                },
+                                _ => RemovedBy::Committer,
+                            };
+                            Some(Removed { account: *account, by })
+                        })
+                        .collect()
+                };
                 g.merge_staged_commit(provider, *staged).context("merging the commit")?;
                 let rejoined = external && !new_device;
-                Ok(Received::Commit { sender, epoch: g.epoch().as_u64(), removed_me, rejoined, new_device })
+                Ok(Received::Commit { sender, epoch: g.epoch().as_u64(), removed_me, rejoined, new_device, removed })
             }
             _ => Err(MlsError::UnexpectedContent),
         }

@@ -142,14 +142,12 @@ impl Delivery {
         if h.welcome.is_some() {
             return Err(refuse(ErrorCode::InvalidMessage, "only commits carry a Welcome"));
         }
-        match queued.proposal() {
-            Proposal::Update(update) => v.same_holder(sender, update.leaf_node())?,
-            Proposal::Add(add) => {
-                let kp = add.key_package();
-                mls::check_key_package_shape(kp).map_err(|m| bad_add_shape(0, m))?;
-                mls::node_certificate(kp.leaf_node()).map_err(|e| bad_add(0, e))?;
-            }
-            _ => {}
+        // Only what hush uses: a proposal nobody can commit (a PSK nobody
+        // holds, extensions the server would have to re-check) would make
+        // every later commit that takes it fail.
+        mls::check_proposal_use(queued.proposal(), mls::ProposalUse::Pending).map_err(invalid_commit)?;
+        if let Proposal::Update(update) = queued.proposal() {
+            v.same_holder(sender, update.leaf_node())?;
         }
         let Verified { storage, mut public, before, .. } = v;
         let pending = public
@@ -185,6 +183,11 @@ impl Delivery {
         v: Verified,
         staged: StagedCommit,
     ) -> Result<Outcome, Refusal<S::Error>> {
+        if v.sender.is_some() {
+            for queued in staged.queued_proposals() {
+                mls::check_proposal_use(queued.proposal(), mls::ProposalUse::Commit).map_err(invalid_commit)?;
+            }
+        }
         v.check_changed_leaves(&staged, h.caller)?;
         let added = self.added_devices(store, &staged)?;
         self.check_groups_quota(store, &added)?;

@@ -12,7 +12,7 @@ use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::tls_codec::Serialize as _;
 use openmls::prelude::{
     BasicCredential, ContentType, Credential, Extension, ExternalSender, GroupContext, KeyPackage, KeyPackageIn,
-    LeafNode, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn, OpenMlsSignaturePublicKey, ProtocolMessage,
+    LeafNode, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn, OpenMlsSignaturePublicKey, Proposal, ProtocolMessage,
     ProtocolVersion, SignaturePublicKey, Verifiable as _,
 };
 use openmls_memory_storage::MemoryStorage;
@@ -199,6 +199,58 @@ pub fn server_sender(removal_key: &[u8; 32]) -> ExternalSender {
 pub fn lists_server(context: &GroupContext, removal_key: &[u8; 32]) -> bool {
     let expected = server_sender(removal_key);
     context.extensions().external_senders().is_some_and(|senders| senders.as_slice() == [expected])
+}
+
+/// Where a proposal appears; hush accepts a different set of proposal types
+/// in each place (DESIGN §5, "Proposals hush uses, and no others").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProposalUse {
+    /// Sent on its own, kept for a later commit: a member's Update of its
+    /// own leaf or a Remove (a self-removal, or a request shown to every
+    /// member), and the server's Remove as external sender.
+    Pending,
+    /// Inside a member's commit: Add (of a KeyPackage the server handed
+    /// out, checked separately), Update and Remove.
+    Commit,
+    /// Inside an external commit: the ExternalInit and the Remove of the
+    /// rejoining device's own leaf (checked separately).
+    ExternalCommit,
+}
+
+/// Whether hush accepts `proposal` where it appears; the refusal names
+/// the proposal type. A PreSharedKey, ReInit, GroupContextExtensions,
+/// SelfRemove or custom proposal is refused everywhere: hush never makes
+/// one, and one left pending makes every later commit fail (nobody holds
+/// the PSK, the extensions change what the server checks). An Add is
+/// accepted only inside its proposer's own commit, never pending.
+pub fn check_proposal_use(proposal: &Proposal, place: ProposalUse) -> Result<(), String> {
+    let allowed = match proposal {
+        Proposal::Update(_) => place != ProposalUse::ExternalCommit,
+        Proposal::Remove(_) => true,
+        Proposal::Add(_) => place == ProposalUse::Commit,
+        Proposal::ExternalInit(_) => place == ProposalUse::ExternalCommit,
+        _ => false,
+    };
+    if allowed {
+        return Ok(());
+    }
+    let kind = match proposal {
+        Proposal::Add(_) => "an Add proposal (members are added in their adder's own commit)",
+        Proposal::Update(_) => "an Update proposal",
+        Proposal::Remove(_) => "a Remove proposal",
+        Proposal::PreSharedKey(_) => "a PreSharedKey proposal",
+        Proposal::ReInit(_) => "a ReInit proposal",
+        Proposal::ExternalInit(_) => "an ExternalInit proposal",
+        Proposal::GroupContextExtensions(_) => "a GroupContextExtensions proposal",
+        Proposal::SelfRemove => "a SelfRemove proposal",
+        _ => "a custom proposal",
+    };
+    let place = match place {
+        ProposalUse::Pending => "on its own",
+        ProposalUse::Commit => "in a commit",
+        ProposalUse::ExternalCommit => "in an external commit",
+    };
+    Err(format!("{kind} {place}: hush does not use it"))
 }
 
 /// The device certificate a credential carries, verified (signature under

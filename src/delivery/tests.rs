@@ -696,7 +696,7 @@ impl Net {
         else {
             panic!()
         };
-        let commit = who.member.resync(group, &group_info, ratchet_tree.as_deref()).unwrap();
+        let commit = who.member.resync(group, &group_info, ratchet_tree.as_deref(), None).unwrap();
         let Response::Accepted { seq, .. } = self.commit(who, commit) else { panic!("resync refused") };
         who.log(group).skip_to(seq);
         true
@@ -806,9 +806,9 @@ fn what_a_member_refuses_to_join_or_rejoin_is_typed() {
     assert!(matches!(e, MlsError::UncertifiedLeaf { action: "join", leaf: 0, .. }), "{e}");
     // A GroupInfo of one group offered to rejoin another.
     let own = net.create(&mut bob);
-    let e = bob.member.resync(&own, &g.group_info, Some(&g.ratchet_tree)).unwrap_err();
+    let e = bob.member.resync(&own, &g.group_info, Some(&g.ratchet_tree), None).unwrap_err();
     assert!(matches!(e, MlsError::OtherGroup), "{e}");
-    let e = bob.member.resync(&g.id, &g.group_info, Some(&g.ratchet_tree)).unwrap_err();
+    let e = bob.member.resync(&g.id, &g.group_info, Some(&g.ratchet_tree), None).unwrap_err();
     assert!(matches!(e, MlsError::UncertifiedLeaf { action: "rejoin", leaf: 0, .. }), "{e}");
 }
 

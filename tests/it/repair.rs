@@ -17,14 +17,14 @@ use hush::wire::ErrorCode;
 use crate::support::*;
 
 /// Registers a `hush` home on `server`; returns its account id.
-fn register(server: &Hushd, home: &Path) -> String {
+pub(crate) fn register(server: &Hushd, home: &Path) -> String {
     let token = server.invite(&[]);
     ok(hush(home, &["register", &server.address.to_string(), "--invite", &token]));
     ok(hush(home, &["whoami"])).lines().next().unwrap().to_string()
 }
 
 /// A raw openmls member registered on `server`, with its account key.
-async fn raw_member(server: &Hushd) -> (Identity, Connection, Member) {
+pub(crate) async fn raw_member(server: &Hushd) -> (Identity, Connection, Member) {
     let token = server.invite(&[]);
     let (account, device, member) = Member::generate().unwrap();
     let conn = Connection::connect(&server.address, &device).await.unwrap();
@@ -34,13 +34,13 @@ async fn raw_member(server: &Hushd) -> (Identity, Connection, Member) {
 }
 
 /// Reads everything in `group` after `cursor` with the library's reader.
-async fn catch_up(conn: &Connection, member: &mut Member, group: &[u8], cursor: u64) {
+pub(crate) async fn catch_up(conn: &Connection, member: &mut Member, group: &[u8], cursor: u64) {
     let reads = GroupLog::new(group, cursor).read_all_over(member, conn, None).await.unwrap();
     assert!(!reads.iter().any(|r| matches!(r, Read::Failed { .. })), "{reads:?}");
 }
 
 /// The epoch authenticator a home holds for its group `name`.
-fn authenticator(server: &Hushd, home: &Path, name: &str) -> Vec<u8> {
+pub(crate) fn authenticator(server: &Hushd, home: &Path, name: &str) -> Vec<u8> {
     let key = Identity::load(&home.join("device.key")).unwrap();
     let mut app = App::open(home, key, server.address.clone()).unwrap();
     let row = app.resolve_group(name).unwrap();
@@ -50,7 +50,7 @@ fn authenticator(server: &Hushd, home: &Path, name: &str) -> Vec<u8> {
 /// alice and bob (`hush` homes) and mallory (raw openmls) in group "team",
 /// everyone at the same epoch. Returns the homes, mallory (connection,
 /// member, account key) and the group id.
-async fn team(server: &Hushd, tmp: &Path) -> (PathBuf, PathBuf, Connection, Member, Identity, Vec<u8>) {
+pub(crate) async fn team(server: &Hushd, tmp: &Path) -> (PathBuf, PathBuf, Connection, Member, Identity, Vec<u8>) {
     let (alice, bob) = (tmp.join("alice"), tmp.join("bob"));
     register(server, &alice);
     let bob_id = register(server, &bob);
@@ -156,8 +156,17 @@ async fn a_device_restored_from_an_old_backup_rejoins_instead_of_staying_stuck()
         ok(hush(&alice, &["sync"]));
         std::fs::remove_dir_all(&bob).unwrap();
         copy_dir(&backup, &bob);
+        // The commits since bob's state are gone: the server's word that
+        // the group is at a later epoch is all there is, so bob's sync does
+        // not rejoin, and says how to.
         let out = ok(hush(&bob, &["sync"]));
-        assert!(out.contains("this device was behind the group") && out.contains("rejoined"), "{out}");
+        assert!(out.contains("this device was behind the group"), "{out}");
+        assert!(out.contains("did not show the commits") && out.contains("hush group rejoin"), "{out}");
+        assert!(!out.contains("rejoined"), "{out}");
+        // On bob's word, it does, naming who is there now.
+        let out = ok(hush(&bob, &["group", "rejoin", "team"]));
+        assert!(out.contains("rejoined the group") && out.contains("unverified"), "{out}");
+        assert!(out.contains("in this group now, and not when this device last followed it"), "{out}");
         ok(hush(&bob, &["send", "team", "back from the backup"]));
         let a = ok(hush(&alice, &["sync"]));
         assert!(a.contains("back from the backup"), "{a}");
@@ -166,7 +175,7 @@ async fn a_device_restored_from_an_old_backup_rejoins_instead_of_staying_stuck()
     assert_eq!(authenticator(&server, &alice, "team"), authenticator(&server, &bob, "team"));
 }
 
-fn copy_dir(from: &Path, to: &Path) {
+pub(crate) fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
@@ -212,7 +221,7 @@ async fn an_external_commit_is_accepted_only_as_a_member_devices_resync_of_its_o
     assert_eq!(mallory.groups().await.unwrap()[0].epoch, epoch, "a refused resync changed the group");
 
     // The same member's honest resync of her own leaf is accepted.
-    let c = mallory_mls.resync(&group, &info, tree.as_deref()).unwrap();
+    let c = mallory_mls.resync(&group, &info, tree.as_deref(), None).unwrap();
     let (_, after) = mallory.commit(c).await.expect("an honest resync");
     assert_eq!(after, epoch + 1);
     // A commit without the GroupInfo of its epoch is refused.

@@ -135,6 +135,10 @@ enum GroupCmd {
     List,
     /// Leave a group.
     Leave { group: String },
+    /// Rejoin a group without proof that the server's state of it follows
+    /// this device's (only after `sync` said it could not verify it, and
+    /// you checked the members it names with another member).
+    Rejoin { group: String },
 }
 
 fn main() -> ExitCode {
@@ -408,6 +412,15 @@ fn group(home: &Home, cmd: GroupCmd) -> Result<()> {
                 app.leave(conn, &g).await
             })?;
             out!("left {group}");
+        }
+        GroupCmd::Rejoin { group } => {
+            let new = online(home, async |app, conn| {
+                let g = app.resolve_group(&group)?;
+                app.rejoin_unverified(conn, &g).await
+            })?;
+            for e in &new {
+                print_entry(e);
+            }
         }
     }
     Ok(())

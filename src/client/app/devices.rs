@@ -136,7 +136,7 @@ impl App {
         group: &[u8],
         new: &mut Vec<Entry>,
     ) -> Result<(), AppError> {
-        match self.external_commit(conn, group, Member::join_external).await? {
+        match self.external_commit(conn, group, None, |m, g, info, tree, _| m.join_external(g, info, tree)).await? {
             External::Done { epoch, seq } => {
                 let body = format!("this device joined the group at epoch {epoch}");
                 self.external_landed(conn, group, seq, &body, new).await

@@ -5,7 +5,10 @@
 use super::*;
 
 /// Builds an external commit from (group, GroupInfo, ratchet tree).
-pub(super) type ExternalBuilder = fn(&mut Member<Provider>, &[u8], &[u8], Option<&[u8]>) -> Result<Commit, MlsError>;
+/// Builds an external commit from (group, GroupInfo, ratchet tree), checked
+/// against a descent when there is one.
+pub(super) type ExternalBuilder =
+    fn(&mut Member<Provider>, &[u8], &[u8], Option<&[u8]>, Option<&Descent>) -> Result<Commit, MlsError>;
 
 /// What came of an external commit into a group.
 pub(super) enum External {
@@ -20,6 +23,7 @@ pub(super) enum External {
 }
 use crate::client::local::MAX_NAME;
 use crate::client::log::{GroupLog, Read};
+use crate::client::mls::{Descent, RemovedBy};
 
 impl App {
     /// Joins pending Welcomes, fetches every group, tops up KeyPackages.
@@ -66,20 +70,22 @@ impl App {
         }
         self.know_removal_key(conn).await?;
         for g in self.groups()? {
-            if g.active {
-                let summary = announced.iter().find(|s| s.group == g.id);
-                if summary.is_none() && !self.member.has_group(&g.id) {
-                    // A group of this account that this (linked) device
-                    // is not in yet.
-                    self.join_linked(conn, &g.id, &mut new).await?;
-                    continue;
+            if !g.active {
+                continue;
+            }
+            let summary = announced.iter().find(|s| s.group == g.id);
+            // One group's failure (a commit nobody can build, a server that
+            // misbehaves in it, a repair refused) never stops the others:
+            // it is recorded in that group and the sync goes on. Only a
+            // lost connection or a local storage error stops it.
+            if let Err(e) = self.sync_one(conn, &g, summary, &mut new).await {
+                if e.stops_sync() {
+                    return Err(e);
                 }
-                self.sync_group_upto(conn, &g.id, summary, &mut new).await?;
-                // Removals the server proposed (and members' own proposals,
-                // such as leaving) take effect with the next commit: make it.
-                if self.member.should_commit_pending(&g.id) {
-                    self.commit_pending_proposals(conn, &g).await?;
-                }
+                tracing::warn!("could not sync a group: {e}");
+                let at = self.local.cursor(&g.id)?;
+                let line = format!("this group could not be synced: {e}");
+                new.push(self.record(&g.id, at, None, EntryKind::Event, &line)?);
             }
         }
         let (count, _) = conn.count_key_packages().await?;
@@ -91,6 +97,30 @@ impl App {
             e.group = self.group_name(&e.group_id);
         }
         Ok(new)
+    }
+
+    /// Syncs one active group: joins it (a linked device not in it yet),
+    /// reads its log, and commits the proposals that may be committed
+    /// without being asked.
+    async fn sync_one(
+        &mut self,
+        conn: &Connection,
+        g: &GroupRow,
+        summary: Option<&GroupSummary>,
+        new: &mut Vec<Entry>,
+    ) -> Result<(), AppError> {
+        if summary.is_none() && !self.member.has_group(&g.id) {
+            // A group of this account that this (linked) device is not in
+            // yet.
+            return self.join_linked(conn, &g.id, new).await;
+        }
+        self.sync_group_upto(conn, &g.id, summary, new).await?;
+        // Removals the server proposed, and members leaving, take effect
+        // with the next commit: make it.
+        if self.member.should_commit_pending(&g.id) {
+            new.extend(self.commit_pending_proposals(conn, g).await?);
+        }
+        Ok(())
     }
 
     /// Tells the MLS member the server's removal key (the one external
@@ -145,7 +175,7 @@ impl App {
             if bound.is_some_and(|b| after >= b) {
                 return self.catch_up(conn, group, summary, repaired, acked, new).await;
             }
-            let (messages, more) = match conn.fetch(group, after, 0).await {
+            let (mut messages, mut more) = match conn.fetch(group, after, 0).await {
                 Ok(r) => r,
                 Err(e) if e.code() == Some(ErrorCode::NotMember) => {
                     self.local.deactivate(group)?;
@@ -156,6 +186,13 @@ impl App {
             let Some(bound) = bound else {
                 return Err(AppError::Misbehaving("it sent messages of a group it does not list for us".into()));
             };
+            // Messages that arrived after the server listed the group are
+            // read with the next sync: this one stops at the bound it was
+            // given (so the server cannot keep it reading forever).
+            if let Some(past) = messages.iter().position(|(seq, _)| *seq > bound) {
+                messages.truncate(past);
+                more = false;
+            }
             let mut log = GroupLog::new(group, after);
             log.check(&messages, more, Some(bound)).map_err(|e| AppError::Misbehaving(e.to_string()))?;
             for (seq, bytes) in &messages {
@@ -176,9 +213,15 @@ impl App {
                             } else {
                                 format!("this device missed the group's changes up to epoch {}", c.epoch)
                             };
-                            self.local.advance(group, *seq)?;
                             repaired = true;
-                            self.repair(conn, group, &why, new).await?;
+                            // The walk starts at the message we could not
+                            // read; the cursor moves only if we rejoin.
+                            self.repair(conn, group, &why, seq.saturating_sub(1), new).await?;
+                            if self.local.cursor(group)? < *seq {
+                                // Not rejoined: the group waits here for
+                                // the next sync (or `hush group rejoin`).
+                                return Ok(());
+                            }
                             acked = acked.max(self.local.cursor(group)?);
                             continue 'pages;
                         }
@@ -232,27 +275,47 @@ impl App {
             Some(e) if e < s.epoch => format!("this device was behind the group (epoch {e} of {})", s.epoch),
             Some(_) => return Ok(()),
         };
-        self.repair(conn, group, &why, new).await
+        let from = self.local.cursor(group)?;
+        self.repair(conn, group, &why, from, new).await
     }
 
     /// Rejoins `group` at its current epoch by an external commit that
     /// replaces this device's leaf (the server keeps the GroupInfo of each
-    /// epoch for this), records an event saying `why` and what was lost,
-    /// and moves the cursor to the rejoining commit. A rejoin the group
-    /// refuses to let happen (a tree that does not verify, no leaf of ours
-    /// left) is recorded and leaves the group as it was.
+    /// epoch for this), records an event saying `why`, what was lost and
+    /// how the members changed meanwhile, and moves the cursor to the
+    /// rejoining commit.
+    ///
+    /// **Never back, never on a claim** (DESIGN §5): the GroupInfo must be
+    /// of a later epoch than this device's state, and the group's log after
+    /// `from` must hold the commits that lead there from that state, each
+    /// verified against the tree of its epoch ([`Descent`]). Otherwise
+    /// nothing changes: the state is kept and the refusal is recorded
+    /// (`hush group rejoin` rejoins anyway, on the user's word). A rejoin
+    /// the server refuses leaves the state as it was.
     async fn repair(
         &mut self,
         conn: &Connection,
         group: &[u8],
         why: &str,
+        from: u64,
         new: &mut Vec<Entry>,
     ) -> Result<(), AppError> {
-        match self.external_commit(conn, group, Member::resync).await? {
+        let Some(mut descent) = self.member.descent(group)? else {
+            let error = "this device holds no state of the group to check the server's against; \
+                         check the group's members with a member, then run `hush group rejoin` to rejoin anyway";
+            return self.not_rejoined(group, why, error, new);
+        };
+        let before = descent.start_members.clone();
+        let mut walked = from;
+        let mut walk = Some((&mut descent, &mut walked));
+        let outcome =
+            self.external_commit(conn, group, walk.take(), |m, g, info, tree, d| m.resync(g, info, tree, d)).await?;
+        match outcome {
             External::Done { seq, epoch } => {
-                let body = format!(
+                let mut body = format!(
                     "{why}; this device rejoined the group at epoch {epoch}. Messages sent before that which it had not read cannot be decrypted here."
                 );
+                body.push_str(&self.roster_change(group, &before));
                 self.external_landed(conn, group, seq, &body, new).await
             }
             External::NotMember => Ok(self.local.deactivate(group)?),
@@ -260,14 +323,106 @@ impl App {
         }
     }
 
+    /// Rejoins `group` without the proof [`App::repair`] asks for (the
+    /// commits since this device's state are gone, or it has no state):
+    /// on its user's word, after a refused repair said why. The members
+    /// it finds are named in the event, with how they differ from the
+    /// state it had.
+    pub async fn rejoin_unverified(&mut self, conn: &Connection, group: &GroupRow) -> Result<Vec<Entry>, AppError> {
+        let mut new = Vec::new();
+        let before = self.member.members(&group.id);
+        match self.external_commit(conn, &group.id, None, |m, g, info, tree, _| m.resync(g, info, tree, None)).await? {
+            External::Done { seq, epoch } => {
+                let mut body = format!("this device rejoined the group at epoch {epoch} on your word, unverified");
+                let now: Vec<String> = self.member.members(&group.id).iter().map(|a| self.display(a)).collect();
+                body.push_str(&format!("; its members now: {}", now.join(", ")));
+                if !before.is_empty() {
+                    body.push_str(&self.roster_change(&group.id, &before));
+                }
+                self.external_landed(conn, &group.id, seq, &body, &mut new).await?;
+                Ok(new)
+            }
+            External::NotMember => Err(AppError::NotMember(group.name.clone())),
+            External::Refused(error) => Err(AppError::RejoinRefused(error)),
+        }
+    }
+
+    /// How the group's accounts changed from `before` to now, as a loud
+    /// addition to a rejoin event ("" when they did not).
+    fn roster_change(&mut self, group: &[u8], before: &[AccountId]) -> String {
+        let after = self.member.members(group);
+        let added: Vec<String> = after
+            .iter()
+            .filter(|a| !before.contains(a))
+            .map(|a| self.display(a))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let gone: Vec<String> = before
+            .iter()
+            .filter(|a| !after.contains(a))
+            .map(|a| self.display(a))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut out = String::new();
+        if !added.is_empty() {
+            out.push_str(&format!(
+                ". NOTE: in this group now, and not when this device last followed it: {}",
+                added.join(", ")
+            ));
+        }
+        if !gone.is_empty() {
+            out.push_str(&format!(". NOTE: no longer in this group: {}", gone.join(", ")));
+        }
+        out
+    }
+
+    /// Reads the group's log after `after` into `descent` until it reaches
+    /// `target` or the log ends (bounded like a sync); returns the last
+    /// sequence read.
+    async fn walk(
+        &self,
+        conn: &Connection,
+        group: &[u8],
+        descent: &mut Descent,
+        mut after: u64,
+        target: u64,
+    ) -> Result<u64, AppError> {
+        for _ in 0..MAX_SYNC_PAGES {
+            if descent.epoch() >= target {
+                break;
+            }
+            let (messages, more) = conn.fetch(group, after, 0).await?;
+            GroupLog::new(group, after)
+                .check(&messages, more, None)
+                .map_err(|e| AppError::Misbehaving(e.to_string()))?;
+            for (seq, bytes) in &messages {
+                descent.feed(bytes);
+                after = *seq;
+                if descent.epoch() >= target {
+                    break;
+                }
+            }
+            if !more {
+                break;
+            }
+        }
+        Ok(after)
+    }
+
     /// Sends the external commit `build` makes from the group's current
     /// GroupInfo (a resync of our leaf, or a linked device joining),
-    /// retrying on `StaleEpoch`. A commit that did not land leaves no
-    /// state behind.
+    /// retrying on `StaleEpoch`. With a `descent`, the log is walked up to
+    /// the GroupInfo's epoch first, and `build` checks the GroupInfo
+    /// against it. The new state, the cursor at the commit and the record
+    /// that it is ours land together once the server accepted it; a commit
+    /// that did not land changes nothing (the old state stays).
     pub(super) async fn external_commit(
         &mut self,
         conn: &Connection,
         group: &[u8],
+        mut descent: Option<(&mut Descent, &mut u64)>,
         build: ExternalBuilder,
     ) -> Result<External, AppError> {
         for _ in 0..COMMIT_ATTEMPTS {
@@ -277,15 +432,32 @@ impl App {
                 Err(e) if e.code().is_some() => return Ok(External::Refused(e.to_string())),
                 Err(e) => return Err(e.into()),
             };
-            let commit = match build(&mut self.member, group, &info, tree.as_deref()) {
-                Ok(c) => c,
-                Err(e) => return Ok(External::Refused(e.to_string())),
-            };
+            if let Some((d, walked)) = descent.as_mut() {
+                let offered = crate::delivery::mls::parse_group_info(&info).map(|i| i.epoch().as_u64()).unwrap_or(0);
+                **walked = self.walk(conn, group, d, **walked, offered).await?;
+            }
+            let unit = self.local.unit()?;
+            let commit =
+                match build(&mut self.member, group, &info, tree.as_deref(), descent.as_ref().map(|(d, _)| &**d)) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        drop(unit);
+                        self.member.evict(group);
+                        return Ok(External::Refused(e.to_string()));
+                    }
+                };
             match conn.commit(commit).await {
-                Ok((seq, epoch)) => return Ok(External::Done { seq, epoch }),
+                Ok((seq, epoch)) => {
+                    self.local.mark_sent(group, seq)?;
+                    self.local.advance(group, seq)?;
+                    unit.commit()?;
+                    return Ok(External::Done { seq, epoch });
+                }
                 Err(e) => {
-                    // The state we built is of an epoch that never happened.
-                    self.member.forget(group);
+                    // The state we built is of an epoch that never
+                    // happened: back to the one we had.
+                    drop(unit);
+                    self.member.evict(group);
                     match e.code() {
                         Some(ErrorCode::StaleEpoch) => {}
                         Some(_) => return Ok(External::Refused(e.to_string())),
@@ -297,8 +469,8 @@ impl App {
         Err(AppError::RejoinKeptFailing)
     }
 
-    /// Our external commit landed at `seq`: the cursor moves there, the
-    /// event `body` is recorded, and the server hears we read that far.
+    /// Our external commit landed at `seq` (the cursor is there already):
+    /// the event `body` is recorded, and the server hears we read that far.
     pub(super) async fn external_landed(
         &mut self,
         conn: &Connection,
@@ -307,11 +479,7 @@ impl App {
         body: &str,
         new: &mut Vec<Entry>,
     ) -> Result<(), AppError> {
-        let unit = self.local.unit()?;
-        self.local.mark_sent(group, seq)?;
-        self.local.advance(group, seq)?;
         new.push(self.record(group, seq, None, EntryKind::Event, body)?);
-        unit.commit()?;
         conn.ack(group, seq).await?;
         Ok(())
     }
@@ -324,6 +492,22 @@ impl App {
         let at = self.local.cursor(group)?;
         new.push(self.record(group, at, None, EntryKind::Event, &body)?);
         Ok(())
+    }
+
+    /// "`who` was removed by `by`", told by whose proposal it was.
+    fn removal_line(&self, who: &str, how: RemovedBy, by: &str) -> String {
+        let were = if who == "you" { "were" } else { "was" };
+        match how {
+            RemovedBy::Committer => format!("{who} {were} removed by {by}"),
+            RemovedBy::Itself if who == "you" => format!("you left the group ({by} committed it)"),
+            RemovedBy::Itself => format!("{who} left the group ({by} committed it)"),
+            RemovedBy::Server => format!(
+                "{who} {were} removed by the server (a revoked device, or an account its operator removed; {by} committed it)"
+            ),
+            RemovedBy::Member(p) => {
+                format!("{who} {were} removed on {}'s proposal ({by} committed it)", self.display(&p))
+            }
+        }
     }
 
     fn apply(
@@ -347,7 +531,7 @@ impl App {
                 }
                 Err(e) => tracing::debug!(seq, "skipped a payload: {e}"),
             },
-            Received::Commit { sender, removed_me, rejoined, new_device, .. } => {
+            Received::Commit { sender, removed_me, rejoined, new_device, removed, .. } => {
                 let by = sender.as_ref().map(|a| self.display(a)).unwrap_or_else(|| "someone".into());
                 let after = if removed_me { vec![] } else { self.member.members(group) };
                 let mut events = vec![];
@@ -360,16 +544,42 @@ impl App {
                 for a in after.iter().filter(|a| !before.contains(a)) {
                     events.push(format!("{} was added by {by}", self.display(a)));
                 }
-                for a in before.iter().filter(|a| !after.contains(a) && **a != self.account()) {
-                    events.push(format!("{} was removed by {by}", self.display(a)));
-                }
                 if removed_me {
-                    events.push(format!("you were removed by {by}"));
+                    // Only what happened to us: the others' leaves are not
+                    // ours to know about any more.
+                    let ours = removed.iter().find(|r| r.account == self.account()).map(|r| r.by);
+                    events.push(self.removal_line("you", ours.unwrap_or(RemovedBy::Committer), &by));
                     self.local.deactivate(group)?;
+                } else {
+                    for r in removed.iter().filter(|r| r.account != self.account() || after.contains(&r.account)) {
+                        let who = self.display(&r.account);
+                        if after.contains(&r.account) {
+                            // One device of someone still in the group.
+                            let whose =
+                                if r.account == self.account() { "your".to_string() } else { format!("{who}'s") };
+                            events.push(self.removal_line(&format!("one of {whose} devices"), r.by, &by));
+                        } else if before.contains(&r.account) {
+                            events.push(self.removal_line(&who, r.by, &by));
+                        }
+                    }
+                    // Each account once, devices aside.
+                    events.dedup();
                 }
                 for e in events {
                     new.push(self.record(group, seq, sender.as_ref(), EntryKind::Event, &e)?);
                 }
+            }
+            Received::Proposal { sender, removing: Some(target), own_leaf } => {
+                let who = sender.as_ref().map(|a| self.display(a)).unwrap_or_else(|| "someone".into());
+                let e = if own_leaf {
+                    format!("{who} asked to leave the group; the next member to sync takes it")
+                } else {
+                    let target = self.display(&target);
+                    format!(
+                        "{who} proposed removing {target}; nobody removes {target} unless a member does (`hush group remove`)"
+                    )
+                };
+                new.push(self.record(group, seq, sender.as_ref(), EntryKind::Event, &e)?);
             }
             Received::Proposal { .. } => {}
             Received::ServerRemoval { account } => {

@@ -345,3 +345,84 @@ impl Member<OpenMlsRustCrypto> {
             .ok_or_else(|| MlsError::Forgery("no membership key in storage".into()))
     }
 }
+
+/// A proposal hush never makes, sent on its own by a malicious member: each
+/// one, stored, made every later commit fail (issue 29).
+#[derive(Debug, Clone)]
+pub enum HostileProposal {
+    /// An external PreSharedKey nobody else holds.
+    PreSharedKey,
+    /// GroupContextExtensions that keep the server as external sender (so
+    /// only the proposal type is wrong).
+    GroupContextExtensions,
+    /// An Add of a KeyPackage (serialized) the server never handed out.
+    Add(Vec<u8>),
+}
+
+impl<P: OpenMlsProvider> Member<P> {
+    /// `kind`, proposed in `group` (kept pending in our own state too).
+    pub fn hostile_proposal(&mut self, group: &[u8], kind: &HostileProposal) -> Result<Vec<u8>, MlsError> {
+        self.group_mut(group)?;
+        let (provider, signer) = (&self.provider, &self.signer);
+        let g = self.groups.get_mut(group).ok_or_else(|| MlsError::Forgery("not in that group".into()))?;
+        let forge = |e: &dyn std::fmt::Display| MlsError::Forgery(format!("proposing: {e}"));
+        let (message, _) = match kind {
+            HostileProposal::PreSharedKey => {
+                let id = openmls::schedule::PreSharedKeyId::external(b"nobody has this".to_vec(), vec![7; 32]);
+                g.propose_pre_shared_key(provider, signer, id).map_err(|e| forge(&e))?
+            }
+            HostileProposal::GroupContextExtensions => {
+                let same = g.extensions().clone();
+                g.propose_group_context_extensions(provider, same, signer).map_err(|e| forge(&e))?
+            }
+            HostileProposal::Add(bytes) => {
+                let kp = KeyPackageIn::tls_deserialize_exact(bytes.as_slice())
+                    .map_err(|e| forge(&e))?
+                    .validate(provider.crypto(), ProtocolVersion::Mls10)
+                    .map_err(|e| forge(&e))?;
+                g.propose_add_member(provider, signer, &kp).map_err(|e| forge(&e))?
+            }
+        };
+        serialize(&message, "the proposal")
+    }
+
+    /// A commit carrying, besides a fresh path, GroupContextExtensions that
+    /// change nothing: a type of proposal hush never commits. Pending.
+    pub fn commit_with_extensions(&mut self, group: &[u8]) -> Result<Commit, MlsError> {
+        self.group_mut(group)?;
+        let (provider, signer) = (&self.provider, &self.signer);
+        let g = self.groups.get_mut(group).ok_or_else(|| MlsError::Forgery("not in that group".into()))?;
+        let forge = |e: &dyn std::fmt::Display| MlsError::Forgery(format!("committing: {e}"));
+        let same = g.extensions().clone();
+        let bundle = g
+            .commit_builder()
+            .propose_group_context_extensions(same)
+            .map_err(|e| forge(&e))?
+            .force_self_update(true)
+            .load_psks(provider.storage())
+            .map_err(|e| forge(&e))?
+            .build(provider.rand(), provider.crypto(), signer, |_| true)
+            .map_err(|e| forge(&e))?
+            .stage_commit(provider)
+            .map_err(|e| forge(&e))?;
+        let (commit, _, info) = bundle.into_contents();
+        Commit::of(&commit, None, info)
+    }
+
+    /// A proposal to remove every leaf of `account` (one message per leaf;
+    /// the first is returned): a member asking the group to drop someone.
+    pub fn propose_removal(&mut self, group: &[u8], account: &crate::auth::AccountId) -> Result<Vec<u8>, MlsError> {
+        self.group_mut(group)?;
+        let (provider, signer) = (&self.provider, &self.signer);
+        let g = self.groups.get_mut(group).ok_or_else(|| MlsError::Forgery("not in that group".into()))?;
+        let leaf = g
+            .members()
+            .find(|m| crate::delivery::mls::holder_of(&m.credential).is_some_and(|(a, _)| a == *account))
+            .map(|m| m.index)
+            .ok_or_else(|| MlsError::Forgery("no such member".into()))?;
+        let (message, _) = g
+            .propose_remove_member(provider, signer, leaf)
+            .map_err(|e| MlsError::Forgery(format!("proposing: {e}")))?;
+        serialize(&message, "the proposal")
+    }
+}
