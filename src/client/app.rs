@@ -162,6 +162,8 @@ pub struct App {
     pub server: HushAddress,
     local: Local,
     member: Member<Provider>,
+    /// The groups the last [`App::sync`] could not sync (name, why).
+    sync_failures: Vec<(String, String)>,
 }
 
 impl Drop for App {
@@ -267,11 +269,17 @@ impl App {
         if let Some(key) = local.setting(REMOVAL_KEY)?.and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok()) {
             member.set_removal_key(key);
         }
-        Ok(Self { home: home.to_owned(), device_key, server, local, member })
+        Ok(Self { home: home.to_owned(), device_key, server, local, member, sync_failures: Vec::new() })
     }
 
     pub fn account(&self) -> AccountId {
         self.member.account()
+    }
+
+    /// The groups the last sync could not sync, with why (each also has
+    /// the failure in its history).
+    pub fn sync_failures(&self) -> &[(String, String)] {
+        &self.sync_failures
     }
 
     /// This device's certificate.
@@ -517,6 +525,12 @@ impl App {
         }
         let bytes = payload.encode();
         for _ in 0..COMMIT_ATTEMPTS {
+            if self.member.should_commit_pending(group) {
+                // A proposal came in since the last sync: while one waits,
+                // no message can be sent in this epoch.
+                let row = GroupRow { id: group.to_vec(), name: self.group_name(group), active: true };
+                self.commit_pending_proposals(conn, &row).await?;
+            }
             let m = self.member.encrypt(group, &bytes)?;
             match conn.send(m, None).await {
                 Ok((seq, _)) => {

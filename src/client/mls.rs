@@ -479,15 +479,19 @@ impl<P: OpenMlsProvider> Member<P> {
         self.removal_key = Some(key);
     }
 
-    /// Whether the proposals waiting in `group` should be committed by this
-    /// member now: there are some, and none removes this member's own leaf
-    /// (a member cannot commit its own removal; another member will).
+    /// Whether this member should commit now: proposals are waiting (while
+    /// any is, openmls sends no application message), and none that it
+    /// would commit removes its own leaf (a member cannot commit its own
+    /// removal; another member will). The commit ([`Member::commit_pending`])
+    /// takes the server's removals and members leaving, and leaves out every
+    /// other proposal, which ends with the epoch: a member's proposal to
+    /// remove someone else is, in effect, declined by whoever commits next.
     pub fn should_commit_pending(&mut self, group: &[u8]) -> bool {
         let Ok(g) = self.group_mut(group) else { return false };
         let own = g.own_leaf_index();
         let mut any = false;
-        for p in g.pending_proposals().filter(|p| committable(p, own)) {
-            if matches!(p.proposal(), Proposal::Remove(r) if r.removed() == own) {
+        for p in g.pending_proposals() {
+            if committable(p, own) && matches!(p.proposal(), Proposal::Remove(r) if r.removed() == own) {
                 return false;
             }
             any = true;
@@ -681,7 +685,8 @@ impl<P: OpenMlsProvider> Member<P> {
     /// being asked: the server's removals and members leaving
     /// ([`Member::should_commit_pending`]).
     pub fn commit_pending(&mut self, group: &[u8]) -> Result<Commit, MlsError> {
-        self.commit_with(group, Vec::new(), Vec::new(), false)
+        // With a fresh path: the commit may take no proposal at all.
+        self.commit_with(group, Vec::new(), Vec::new(), true)
     }
 
     /// A commit that only refreshes this member's own leaf (new keys, same

@@ -10,6 +10,7 @@ mod conventions;
 mod delivery;
 mod devices;
 mod hardening;
+mod integrity;
 mod lifecycle;
 mod malicious;
 mod metrics;

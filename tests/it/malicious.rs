@@ -100,6 +100,8 @@ enum Mode {
     /// Says every group is 5 epochs ahead (so the client rejoins) and
     /// answers the GroupInfo fetch with this GroupInfo and tree.
     RejoinWith(Vec<u8>, Vec<u8>),
+    /// [`Mode::EndlessPages`] for this group only.
+    EndlessPagesIn(Vec<u8>),
 }
 
 fn rewrite(mode: Arc<Mutex<Mode>>) -> Rewrite {
@@ -108,6 +110,9 @@ fn rewrite(mode: Arc<Mutex<Mode>>) -> Rewrite {
         (Request::FetchWelcomes, Mode::WelcomeWith(w)) => Some(Response::Welcomes { welcomes: vec![(1_000_000, w)] }),
         (Request::AckWelcome { id: 1_000_000 }, Mode::WelcomeWith(_)) => Some(Response::Done),
         (Request::Fetch { group, .. }, Mode::EndlessPages) => {
+            Some(Response::Messages { group: group.clone(), messages: vec![], more: true })
+        }
+        (Request::Fetch { group, .. }, Mode::EndlessPagesIn(g)) if *group == g => {
             Some(Response::Messages { group: group.clone(), messages: vec![], more: true })
         }
         (Request::ListGroups, Mode::RejoinWith(..)) => match _resp {
@@ -356,17 +361,18 @@ async fn a_server_that_never_ends_a_page_or_jumps_to_the_last_sequence_cannot_ha
     let (alice, bob) = (&s.homes[0], &s.homes[1]);
     s.team();
     tokio::task::block_in_place(|| ok(hush(alice, &["send", "team", "first"])));
-    for (m, what) in [
-        (Mode::EndlessPages, "said more messages remain but sent none"),
-        (Mode::HugeSequence, "message 18446744073709551615"),
-    ] {
-        *mode.lock().unwrap() = m;
-        // `run` kills the command if it takes longer than WAIT: a hang fails.
-        let out = tokio::task::block_in_place(|| hush(bob, &["sync"]));
-        assert!(!out.status.success(), "sync succeeded against a lying server");
-        let err = stderr(&out);
-        assert!(err.contains("misbehaved") && err.contains(what), "{err}");
-    }
+    // `run` kills the command if it takes longer than WAIT: a hang fails.
+    *mode.lock().unwrap() = Mode::EndlessPages;
+    let out = tokio::task::block_in_place(|| hush(bob, &["sync"]));
+    assert!(!out.status.success(), "sync succeeded against a lying server");
+    let err = stderr(&out);
+    assert!(err.contains("misbehaved") && err.contains("said more messages remain but sent none"), "{err}");
+    // A sequence past the end of the log the server listed is not read
+    // (it comes with the next sync, if it is ever in the list): the cursor
+    // is not pinned at the top.
+    *mode.lock().unwrap() = Mode::HugeSequence;
+    let out = tokio::task::block_in_place(|| ok(hush(bob, &["sync"])));
+    assert!(!out.contains("first"), "{out}");
     // Against an honest answer again, nothing is stuck.
     *mode.lock().unwrap() = Mode::Honest;
     tokio::task::block_in_place(|| {
@@ -376,6 +382,109 @@ async fn a_server_that_never_ends_a_page_or_jumps_to_the_last_sequence_cannot_ha
         ok(hush(bob, &["send", "team", "back to you"]));
         assert!(ok(hush(alice, &["sync"])).contains("back to you"));
     });
+}
+
+/// The id of the group a home calls `name`.
+fn group_id(server: &Hushd, home: &std::path::Path, name: &str) -> Vec<u8> {
+    let key = Identity::load(&home.join("device.key")).unwrap();
+    let app = hush::client::app::App::open(home, key, server.address.clone()).unwrap();
+    app.resolve_group(name).unwrap().id
+}
+
+// ---- issue 29: one group's failure, and repair that goes back ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_group_that_cannot_be_synced_stops_neither_the_others_nor_a_send() {
+    let s = Scene::start(&["alice", "bob"]).await;
+    let (mode, server) = (&s.mode, &s.server);
+    let (alice, bob) = (&s.homes[0], &s.homes[1]);
+    s.team();
+    tokio::task::block_in_place(|| {
+        ok(hush(alice, &["group", "create", "other"]));
+        ok(hush(alice, &["group", "add", "other", "bob"]));
+        ok(hush(bob, &["sync"]));
+        ok(hush(alice, &["send", "other", "news in the other group"]));
+        ok(hush(alice, &["send", "team", "news in team"]));
+    });
+    // "team" comes first in bob's list, and its log never ends.
+    *mode.lock().unwrap() = Mode::EndlessPagesIn(group_id(server, bob, "team"));
+    let out = tokio::task::block_in_place(|| hush(bob, &["sync"]));
+    assert!(stdout(&out).contains("news in the other group"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("this group could not be synced"), "{}", stdout(&out));
+    assert!(!out.status.success(), "a group that failed must show in the exit code");
+    assert!(stderr(&out).contains("could not sync team"), "{}", stderr(&out));
+    tokio::task::block_in_place(|| {
+        ok(hush(bob, &["send", "other", "sent while team is broken"]));
+        assert!(ok(hush(alice, &["sync"])).contains("sent while team is broken"));
+    });
+}
+
+/// alice and bob (through the proxy) and mallory (raw openmls, straight
+/// to hushd) in "team"; returns mallory, her member and the group id.
+async fn team_with_mallory(s: &Scene) -> (Connection, Member, Vec<u8>) {
+    let (server, alice, bob) = (&s.server, &s.homes[0], &s.homes[1]);
+    let (_, mallory, mut mallory_mls) = crate::repair::raw_member(server).await;
+    let mallory_id = mallory_mls.account().to_string();
+    tokio::task::block_in_place(|| {
+        ok(hush(alice, &["contact", "add", "bob", &s.ids[1]]));
+        ok(hush(alice, &["contact", "add", "mallory", &mallory_id]));
+        ok(hush(alice, &["group", "create", "team"]));
+        ok(hush(alice, &["group", "add", "team", "bob", "mallory"]));
+        ok(hush(bob, &["sync"]));
+    });
+    let welcomes = mallory.fetch_welcomes().await.unwrap();
+    let group = mallory_mls.join(&welcomes[0].1).unwrap();
+    mallory.ack_welcome(welcomes[0].0).await.unwrap();
+    (mallory, mallory_mls, group)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_cannot_roll_a_member_back_to_before_a_removal() {
+    let s = Scene::start(&["alice", "bob"]).await;
+    let (mode, server) = (&s.mode, &s.server);
+    let (alice, bob) = (&s.homes[0], &s.homes[1]);
+    let (mallory, mut mallory_mls, group) = team_with_mallory(&s).await;
+    // The GroupInfo of the epoch before mallory's removal, as the server
+    // kept it.
+    let (stale_info, stale_tree) = mallory.group_info(&group).await.unwrap();
+    tokio::task::block_in_place(|| {
+        ok(hush(alice, &["group", "remove", "team", "mallory"]));
+        let out = ok(hush(bob, &["sync"]));
+        assert!(out.contains(" was removed by "), "{out}");
+    });
+    let bob_before = crate::repair::authenticator(server, bob, "team");
+
+    // The server says bob fell behind, and hands him the old state.
+    *mode.lock().unwrap() = Mode::RejoinWith(stale_info, stale_tree.unwrap_or_default());
+    let out = tokio::task::block_in_place(|| ok(hush(bob, &["sync"])));
+    assert!(out.contains("not after the epoch this device already verified"), "{out}");
+    assert!(!out.contains("rejoined"), "{out}");
+    assert_eq!(crate::repair::authenticator(server, bob, "team"), bob_before, "bob's state changed");
+
+    // mallory, who kept the state of before her removal, forks it two
+    // epochs on with bob's leaf still in; the server serves her fork, of a
+    // later epoch than bob's. No commit in the log leads there from bob's
+    // state, so bob does not move.
+    for _ in 0..2 {
+        let _ = mallory_mls.self_update(&group).unwrap();
+        mallory_mls.merge_pending(&group).unwrap();
+    }
+    let fork = mallory_mls.self_update(&group).unwrap();
+    *mode.lock().unwrap() = Mode::RejoinWith(fork.group_info, Vec::new());
+    let out = tokio::task::block_in_place(|| ok(hush(bob, &["sync"])));
+    assert!(out.contains("did not show the commits that lead there"), "{out}");
+    assert!(!out.contains("rejoined"), "{out}");
+    assert_eq!(crate::repair::authenticator(server, bob, "team"), bob_before, "bob's state changed");
+
+    // Honest again: bob reads on in the real group, without mallory.
+    *mode.lock().unwrap() = Mode::Honest;
+    tokio::task::block_in_place(|| {
+        ok(hush(alice, &["send", "team", "after the removal"]));
+        let got = ok(hush(bob, &["sync"]));
+        assert!(got.contains("after the removal"), "{got}");
+        assert!(!ok(hush(bob, &["group", "members", "team"])).contains("mallory"));
+    });
+    assert_eq!(crate::repair::authenticator(server, alice, "team"), crate::repair::authenticator(server, bob, "team"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

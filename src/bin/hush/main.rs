@@ -258,11 +258,21 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Sync => {
-            let new = online(&home, async |app, conn| app.sync(conn).await)?;
+            let (new, failed) = online(&home, async |app, conn| {
+                let new = app.sync(conn).await?;
+                Ok((new, app.sync_failures().to_vec()))
+            })?;
             for e in &new {
                 print_entry(e);
             }
-            Ok(())
+            match failed.as_slice() {
+                [] => Ok(()),
+                [(group, why)] => bail!("could not sync {}: {why}", one_line(group)),
+                many => {
+                    let names: Vec<String> = many.iter().map(|(g, _)| one_line(g)).collect();
+                    bail!("could not sync {} groups ({}); see each group's history", many.len(), names.join(", "))
+                }
+            }
         }
         Command::Read { group, json } => {
             let app = open_app(&home)?;

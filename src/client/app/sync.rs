@@ -28,7 +28,11 @@ use crate::client::mls::{Descent, RemovedBy};
 impl App {
     /// Joins pending Welcomes, fetches every group, tops up KeyPackages.
     /// Returns the new history entries, in order.
+    ///
+    /// A group that could not be synced does not stop the others: its
+    /// failure is recorded in it and listed by [`App::sync_failures`].
     pub async fn sync(&mut self, conn: &Connection) -> Result<Vec<Entry>, AppError> {
+        self.sync_failures.clear();
         let mut new = Vec::new();
         let welcomes = conn.fetch_welcomes().await?;
         // The server lists a group as soon as the commit that added us is
@@ -86,6 +90,7 @@ impl App {
                 let at = self.local.cursor(&g.id)?;
                 let line = format!("this group could not be synced: {e}");
                 new.push(self.record(&g.id, at, None, EntryKind::Event, &line)?);
+                self.sync_failures.push((g.name.clone(), e.to_string()));
             }
         }
         let (count, _) = conn.count_key_packages().await?;
@@ -576,7 +581,7 @@ impl App {
                 } else {
                     let target = self.display(&target);
                     format!(
-                        "{who} proposed removing {target}; nobody removes {target} unless a member does (`hush group remove`)"
+                        "{who} proposed removing {target}; the next change leaves it out (only a member who runs `hush group remove` removes {target})"
                     )
                 };
                 new.push(self.record(group, seq, sender.as_ref(), EntryKind::Event, &e)?);

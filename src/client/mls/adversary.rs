@@ -426,3 +426,19 @@ impl<P: OpenMlsProvider> Member<P> {
         serialize(&message, "the proposal")
     }
 }
+
+impl Member<OpenMlsRustCrypto> {
+    /// An independent copy of this member (its keys and every group's
+    /// state, copied out of the in-memory storage): a member that keeps
+    /// the state of an epoch it was removed from to fork the group, and
+    /// the client fuzzer's stand-in for a state file rolled back.
+    pub fn copy(&self) -> Result<Self, MlsError> {
+        let provider = OpenMlsRustCrypto::default();
+        let values =
+            self.provider.storage().values.read().map_err(|_| MlsError::Forgery("a poisoned storage".into()))?.clone();
+        *provider.storage().values.write().map_err(|_| MlsError::Forgery("a poisoned storage".into()))? = values;
+        let mut copy = Self::load(provider, &self.certificate.encode())?;
+        copy.removal_key = self.removal_key;
+        Ok(copy)
+    }
+}

@@ -44,7 +44,7 @@ fn proposals_hush_does_not_use_are_refused_and_not_stored_and_commits_go_on() {
             matches!(&got, Received::Refused { reason, .. } if reason.contains("hush does not use")),
             "{kind:?}: {got:?}"
         );
-        assert!(!alice.should_commit_pending(&group), "{kind:?}: nothing to commit");
+        assert!(!alice.should_commit_pending(&group), "{kind:?}: nothing stored, nothing to commit");
         // alice can still change the group (this failed for every later
         // commit while the proposal was stored), and bob follows.
         let commit = alice.remove(&group, &[mallory.account()]).unwrap();
@@ -74,11 +74,13 @@ fn a_members_removal_proposal_is_shown_with_its_author_and_never_committed_silen
         got,
         Received::Proposal { sender: Some(mallory.account()), removing: Some(bob.account()), own_leaf: false }
     );
-    assert!(!alice.should_commit_pending(&group), "only leaving and the server's removals are committed unasked");
+    // alice commits (no message can be sent while a proposal waits), and
+    // her commit leaves the proposal out: only leaving and the server's
+    // removals are committed unasked.
+    assert!(alice.should_commit_pending(&group));
     assert!(alice.committable_removals(&group).is_empty());
-    // alice's next commit for another reason leaves bob in.
     let _ = bob.receive(&group, &proposal).unwrap();
-    let commit = alice.self_update(&group).unwrap();
+    let commit = alice.commit_pending(&group).unwrap();
     let got = committed(&mut alice, &mut [&mut bob], &group, commit);
     assert!(matches!(&got[..], [Received::Commit { removed_me: false, removed, .. }] if removed.is_empty()), "{got:?}");
     assert!(alice.members(&group).contains(&bob.account()));

@@ -1,0 +1,81 @@
+//! Group integrity, second round (issue 29): a malicious member (raw
+//! openmls, straight to a real hushd) cannot freeze a group with a
+//! proposal hush does not use, nor get someone removed in another member's
+//! name. (The operator's part, a server that rolls a member back or breaks
+//! one group's sync, is in `malicious.rs`.)
+
+use hush::client::mls::adversary::HostileProposal;
+use hush::wire::ErrorCode;
+
+use crate::repair::{catch_up, raw_member, team};
+use crate::support::*;
+
+/// Each proposal that froze a group is refused by the server; the group
+/// goes on (mallory can be removed) and so does every other group.
+async fn a_psk_a_gce_or_a_foreign_add_proposal_leaves_every_group_working() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let (alice, bob, mallory, mut mallory_mls, _, group) = team(&server, tmp.path()).await;
+    tokio::task::block_in_place(|| {
+        ok(hush(&alice, &["group", "create", "other"]));
+        ok(hush(&alice, &["group", "add", "other", "bob"]));
+        ok(hush(&bob, &["sync"]));
+    });
+    // A commit carrying a proposal type hush does not use is refused.
+    let commit = mallory_mls.commit_with_extensions(&group).unwrap();
+    let e = mallory.commit(commit).await.expect_err("the server took a commit with a GroupContextExtensions");
+    assert_eq!(e.code(), Some(ErrorCode::InvalidCommit), "{e}");
+    mallory_mls.discard_pending(&group).unwrap();
+    // A KeyPackage of an account the server never handed out to mallory.
+    let (_, _, stranger) = raw_member(&server).await;
+    let foreign = stranger.key_packages(1).unwrap().remove(0);
+    for kind in [HostileProposal::PreSharedKey, HostileProposal::GroupContextExtensions, HostileProposal::Add(foreign)]
+    {
+        let proposal = mallory_mls.hostile_proposal(&group, &kind).unwrap();
+        let e = mallory.send(proposal, None).await.expect_err("the server stored a proposal hush does not use");
+        assert_eq!(e.code(), Some(ErrorCode::InvalidCommit), "{kind:?}: {e}");
+        assert!(e.to_string().contains("hush does not use it"), "{kind:?}: {e}");
+    }
+
+    tokio::task::block_in_place(|| {
+        ok(hush(&alice, &["group", "remove", "team", "mallory"]));
+        ok(hush(&alice, &["send", "other", "the other group is fine"]));
+        ok(hush(&alice, &["send", "team", "team is fine"]));
+        let b = ok(hush(&bob, &["sync"]));
+        assert!(b.contains("the other group is fine") && b.contains("team is fine"), "{b}");
+        assert!(b.contains(" was removed by "), "{b}");
+    });
+}
+
+/// mallory proposes removing bob: everyone sees who asked, nobody's sync
+/// commits it in their name, and bob stays.
+async fn a_members_removal_proposal_is_shown_with_its_author_and_committed_by_nobody_unasked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let (alice, bob, mallory, mut mallory_mls, _, group) = team(&server, tmp.path()).await;
+    let bob_account = tokio::task::block_in_place(|| ok(hush(&bob, &["whoami"])).lines().next().unwrap().to_string());
+    let proposal = mallory_mls.propose_removal(&group, &bob_account.parse().unwrap()).unwrap();
+    mallory.send(proposal, None).await.expect("a member may propose a removal");
+    tokio::task::block_in_place(|| {
+        let a = ok(hush(&alice, &["sync"]));
+        assert!(a.contains("mallory proposed removing bob"), "{a}");
+        assert!(!a.contains("was removed"), "{a}");
+        let b = ok(hush(&bob, &["sync"]));
+        assert!(b.contains("proposed removing you"), "{b}");
+        assert!(!b.contains("you were removed"), "{b}");
+        // Another sync, another commit for another reason: bob is still in.
+        ok(hush(&alice, &["send", "team", "bob is still here"]));
+        let b = ok(hush(&bob, &["sync"]));
+        assert!(b.contains("bob is still here"), "{b}");
+        assert!(ok(hush(&alice, &["group", "members", "team"])).contains("bob"));
+    });
+    // And mallory's own view agrees: bob still holds a leaf.
+    let start = mallory.groups().await.unwrap()[0].acked_seq;
+    catch_up(&mallory, &mut mallory_mls, &group, start).await;
+    assert!(mallory_mls.members(&group).contains(&bob_account.parse().unwrap()));
+}
+
+crate::on_both_backends! {
+    sync: [],
+    async: [a_psk_a_gce_or_a_foreign_add_proposal_leaves_every_group_working, a_members_removal_proposal_is_shown_with_its_author_and_committed_by_nobody_unasked],
+}
