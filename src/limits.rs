@@ -78,7 +78,7 @@ pub const MAX_DEVICES_PER_ACCOUNT: usize = 16;
 pub const MAX_DEVICES_EVER: usize = 64;
 
 /// Largest sealed offer a new device sends through a link (its two public
-/// keys, sealed: 80 bytes; slack for a later version).
+/// keys, sealed with its salt: 96 bytes; slack for a later version).
 pub const MAX_LINK_OFFER: usize = 256;
 
 /// Largest sealed bundle (the account's contacts and group names) a first
