@@ -229,6 +229,13 @@ impl Storage for PgStore<'_> {
         }))
     }
 
+    fn lock_account(&mut self, account: &AccountId) -> Result<(), StoreError> {
+        if self.writing {
+            self.rows("SELECT 1 FROM accounts WHERE key = $1 FOR UPDATE", &[&&account.0[..]])?;
+        }
+        Ok(())
+    }
+
     fn insert_device(&mut self, device: &DeviceId, r: &DeviceRecord) -> Result<(), StoreError> {
         self.exec(
             "INSERT INTO devices (key, account, certificate, created_at) VALUES ($1, $2, $3, $4)",
