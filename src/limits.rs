@@ -298,11 +298,18 @@ pub const CLIENT_MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(30);
 /// server's idle timeout.
 pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
-/// Scrapes of the metrics listener served at once; more are dropped.
+/// Connections to the metrics listener open at once. When all are taken,
+/// a new connection closes the oldest one that has not sent its request
+/// yet (so idle connections cannot starve scrapes, issue 29); if every
+/// one is being answered, the new one is dropped.
 pub const MAX_METRICS_CONNECTIONS: usize = 8;
 
 /// Bytes of one scrape's HTTP request head.
 pub const MAX_METRICS_REQUEST: usize = 8 * 1024;
+
+/// How long a connection to the metrics listener may take to send its
+/// request head (a scraper sends it at once).
+pub const METRICS_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long one scrape may take, request and answer.
 pub const METRICS_TIMEOUT: Duration = Duration::from_secs(10);
