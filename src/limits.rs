@@ -178,6 +178,15 @@ pub const MAX_CONFLICT_RETRIES: u32 = 3;
 /// up on them and tells its connections to resync instead.
 pub const NOTICE_QUEUE: usize = 4096;
 
+/// Wake-ups a node looks up in the `notices` table in one query.
+pub const NOTICE_LOOKUP_BATCH: usize = 256;
+
+/// How long a row of the `notices` table is kept for the nodes that were
+/// woken up to read it (they read it at once; the expiry deletes older
+/// rows). Bounds the table to what the nodes write in this long plus one
+/// expiry interval.
+pub const NOTICE_RETENTION: Duration = Duration::from_secs(10 * 60);
+
 /// How long connecting to a PostgreSQL database may take.
 pub const DATABASE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
