@@ -106,17 +106,24 @@ pub(super) fn node_text(node: u64) -> String {
     format!("{node:016x}")
 }
 
-/// A wake-up's payload, `NODE:ID` (the sending node in 16 hex digits, the
-/// `notices` row in decimal): the node and the row; `None` for anything
-/// else. Nothing in it is taken on trust (see the module doc).
+/// The wake-up for row `id` of `node`'s notices, as the committing
+/// statement writes it: `NODE:ID` (the node in 16 lowercase hex digits,
+/// the row in decimal).
+pub fn wake_up_text(node: u64, id: i64) -> String {
+    format!("{}:{id}", node_text(node))
+}
+
+/// A wake-up's payload ([`wake_up_text`], and only that exact form): the
+/// node and the row; `None` for anything else. Nothing in it is taken on
+/// trust (see the module doc).
 pub fn wake_up(text: &str) -> Option<(u64, i64)> {
     let (node, id) = text.split_once(':')?;
-    if node.len() != 16
-        || !node.bytes().all(|b| b.is_ascii_hexdigit())
-        || id.is_empty()
-        || id.len() > 19
-        || !id.bytes().all(|b| b.is_ascii_digit())
-    {
+    let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+    let decimal = !id.is_empty()
+        && id.len() <= 19
+        && id.bytes().all(|b| b.is_ascii_digit())
+        && (id == "0" || !id.starts_with('0'));
+    if node.len() != 16 || !node.bytes().all(hex) || !decimal {
         return None;
     }
     Some((u64::from_str_radix(node, 16).ok()?, id.parse().ok()?))
@@ -271,10 +278,12 @@ mod tests {
 
     #[test]
     fn wake_ups_name_a_node_and_a_row_and_nothing_else() {
-        let text = format!("{}:{}", node_text(7), 42);
+        let text = wake_up_text(7, 42);
         assert_eq!(text, "0000000000000007:42");
         assert_eq!(wake_up(&text), Some((7, 42)));
-        assert_eq!(wake_up(&format!("{}:0", node_text(u64::MAX))), Some((u64::MAX, 0)));
+        for (node, id) in [(u64::MAX, 0), (0, i64::MAX), (0xabcdef, 10)] {
+            assert_eq!(wake_up(&wake_up_text(node, id)), Some((node, id)));
+        }
         assert_eq!(u64::from_le_bytes(node_column(u64::MAX).to_le_bytes()), u64::MAX);
         let device = "03".repeat(32);
         for bad in [
@@ -284,6 +293,9 @@ mod tests {
             "0000000000000007:-1".to_string(),
             "0000000000000007:+1".to_string(),
             "+000000000000007:1".to_string(),
+            "000000000000000A:1".to_string(),
+            "0000000000000007:07".to_string(),
+            "0000000000000007:9223372036854775808".to_string(),
             "0000000000000007:42:1".to_string(),
             "000000000000000x:42".to_string(),
             "0000000000000007:99999999999999999999".to_string(),

@@ -47,7 +47,7 @@ use std::sync::Arc;
 use postgres::{IsolationLevel, Statement};
 
 pub use connect::{Target, TargetError};
-pub use listen::{Notice, CHANNEL};
+pub use listen::{wake_up, wake_up_text, Notice, CHANNEL};
 pub use schema::latest as latest_schema;
 pub use store::PgStore;
 
