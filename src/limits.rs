@@ -78,7 +78,7 @@ pub const MAX_DEVICES_PER_ACCOUNT: usize = 16;
 pub const MAX_DEVICES_EVER: usize = 64;
 
 /// Largest sealed offer a new device sends through a link (its two public
-/// keys, sealed: 80 bytes; slack for a later version).
+/// keys, sealed with its salt: 96 bytes; slack for a later version).
 pub const MAX_LINK_OFFER: usize = 256;
 
 /// Largest sealed bundle (the account's contacts and group names) a first
@@ -177,6 +177,15 @@ pub const MAX_CONFLICT_RETRIES: u32 = 3;
 /// Other nodes' wake-ups (PostgreSQL `NOTIFY`) a node holds before it gives
 /// up on them and tells its connections to resync instead.
 pub const NOTICE_QUEUE: usize = 4096;
+
+/// Wake-ups a node looks up in the `notices` table in one query.
+pub const NOTICE_LOOKUP_BATCH: usize = 256;
+
+/// How long a row of the `notices` table is kept for the nodes that were
+/// woken up to read it (they read it at once; the expiry deletes older
+/// rows). Bounds the table to what the nodes write in this long plus one
+/// expiry interval.
+pub const NOTICE_RETENTION: Duration = Duration::from_secs(10 * 60);
 
 /// How long connecting to a PostgreSQL database may take.
 pub const DATABASE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -298,11 +307,18 @@ pub const CLIENT_MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(30);
 /// server's idle timeout.
 pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
-/// Scrapes of the metrics listener served at once; more are dropped.
+/// Connections to the metrics listener open at once. When all are taken,
+/// a new connection closes the oldest one that has not sent its request
+/// yet (so idle connections cannot starve scrapes, issue 29); if every
+/// one is being answered, the new one is dropped.
 pub const MAX_METRICS_CONNECTIONS: usize = 8;
 
 /// Bytes of one scrape's HTTP request head.
 pub const MAX_METRICS_REQUEST: usize = 8 * 1024;
+
+/// How long a connection to the metrics listener may take to send its
+/// request head (a scraper sends it at once).
+pub const METRICS_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long one scrape may take, request and answer.
 pub const METRICS_TIMEOUT: Duration = Duration::from_secs(10);

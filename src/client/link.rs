@@ -12,10 +12,14 @@
 //! * the key that seals the first device's **bundle** (the account id, the
 //!   person's name, contacts and group names) for the new device.
 //!
-//! Both are ChaCha20-Poly1305 with the link id as associated data; each key
-//! seals exactly one message, so a fixed nonce is safe. Whoever holds the
-//! code is trusted with the account, as whoever holds the first device is:
-//! the code is shown once, expires within minutes and works once.
+//! Both are ChaCha20-Poly1305 with the link id as associated data. A
+//! message can be sealed more than once under one code (a retried
+//! `hush device join` seals a new offer, a retried answer a new bundle), so
+//! every sealed message starts with [`SEAL_SALT`] fresh random bytes that
+//! go into its key's derivation: no two messages share a key, and the
+//! fixed nonce is never used twice under one key (issue 29). Whoever holds
+//! the code is trusted with the account, as whoever holds the first device
+//! is: the code is shown once, expires within minutes and works once.
 
 use std::fmt;
 use std::str::FromStr;
@@ -42,6 +46,9 @@ const OFFER_KEY: &[u8] = b"offer";
 const BUNDLE_KEY: &[u8] = b"bundle";
 /// Offer plaintext: device TLS key, MLS signature key.
 const OFFER_LEN: usize = 64;
+/// Fresh random bytes in front of every sealed message, from which (with
+/// the secret and the message's label) its key is derived.
+pub const SEAL_SALT: usize = 16;
 
 /// Why a link code or what came through the link was not usable.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -117,26 +124,41 @@ impl LinkCode {
         id
     }
 
-    fn key(&self, label: &[u8]) -> Result<LessSafeKey, LinkError> {
+    /// The key of one sealed message: from the secret, the message's
+    /// label and its own random `salt`.
+    fn key(&self, label: &[u8], salt: &[u8; SEAL_SALT]) -> Result<LessSafeKey, LinkError> {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, SALT).extract(&self.secret[..]);
-        let labels = [label];
-        let okm = prk.expand(&labels, &CHACHA20_POLY1305).map_err(|_| LinkError::Sealed)?;
+        let info = [label, &salt[..]];
+        let okm = prk.expand(&info, &CHACHA20_POLY1305).map_err(|_| LinkError::Sealed)?;
         Ok(LessSafeKey::new(UnboundKey::from(okm)))
     }
 
-    fn seal(&self, label: &[u8], mut plain: Vec<u8>) -> Result<Vec<u8>, LinkError> {
+    /// `salt || ciphertext || tag`, the salt fresh: each key seals one
+    /// message, so the zero nonce is unique for its key.
+    fn seal(&self, label: &[u8], plain: Vec<u8>) -> Result<Vec<u8>, LinkError> {
+        let mut salt = [0u8; SEAL_SALT];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt).map_err(|_| LinkError::Random)?;
+        let mut body = plain;
         let nonce = Nonce::assume_unique_for_key([0; 12]);
-        self.key(label)?
-            .seal_in_place_append_tag(nonce, Aad::from(self.id()), &mut plain)
+        self.key(label, &salt)?
+            .seal_in_place_append_tag(nonce, Aad::from(self.id()), &mut body)
             .map_err(|_| LinkError::Sealed)?;
-        Ok(plain)
+        let mut sealed = Vec::with_capacity(SEAL_SALT + body.len());
+        sealed.extend_from_slice(&salt);
+        sealed.extend_from_slice(&body);
+        Ok(sealed)
     }
 
     fn open(&self, label: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, LinkError> {
-        let mut buf = Zeroizing::new(sealed.to_vec());
+        let (salt, body) = sealed.split_at_checked(SEAL_SALT).ok_or(LinkError::Sealed)?;
+        let salt: &[u8; SEAL_SALT] = salt.try_into().map_err(|_| LinkError::Sealed)?;
+        let mut buf = Zeroizing::new(body.to_vec());
         let nonce = Nonce::assume_unique_for_key([0; 12]);
-        let len =
-            self.key(label)?.open_in_place(nonce, Aad::from(self.id()), &mut buf).map_err(|_| LinkError::Sealed)?.len();
+        let len = self
+            .key(label, salt)?
+            .open_in_place(nonce, Aad::from(self.id()), &mut buf)
+            .map_err(|_| LinkError::Sealed)?
+            .len();
         buf.truncate(len);
         Ok(buf)
     }
@@ -268,5 +290,33 @@ mod tests {
         for bad in ["", "hush://x", "hushlink://nope", "hushlink://aaaa@127.0.0.1:1/#x"] {
             assert!(bad.parse::<LinkCode>().is_err(), "{bad}");
         }
+    }
+
+    /// Issue 29, finding 10: a retried `hush device join` seals a second
+    /// offer under the same code. The two must not share a key and nonce:
+    /// with a stream cipher, the XOR of the two ciphertexts would be the
+    /// XOR of the two offers (and the Poly1305 key would repeat).
+    #[test]
+    fn issue_29_two_offers_under_one_code_never_share_key_and_nonce() {
+        let c = code();
+        let (a, b) = ((DeviceId([1; 32]), [2; 32]), (DeviceId([3; 32]), [4; 32]));
+        let plain_xor: Vec<u8> =
+            [&a.0 .0[..], &a.1[..]].concat().iter().zip([&b.0 .0[..], &b.1[..]].concat()).map(|(x, y)| x ^ y).collect();
+        let first = c.seal_offer(&a.0, &a.1).unwrap();
+        let second = c.seal_offer(&b.0, &b.1).unwrap();
+        let again = c.seal_offer(&a.0, &a.1).unwrap();
+        // Wherever the ciphertext sits in the sealed message, no 64-byte
+        // window of the two XORed together is the XOR of the plaintexts.
+        let xor: Vec<u8> = first.iter().zip(&second).map(|(x, y)| x ^ y).collect();
+        assert!(!xor.windows(OFFER_LEN).any(|w| w == plain_xor), "the offers' XOR shows through");
+        assert_ne!(first, again, "sealing the same offer twice gave the same bytes");
+        assert_eq!(c.open_offer(&first).unwrap(), a);
+        assert_eq!(c.open_offer(&second).unwrap(), b);
+        assert_eq!(c.open_offer(&again).unwrap(), a);
+        // Bundles too (an answer can be retried).
+        let bundle = Bundle { account: AccountId([9; 32]), name: None, contacts: vec![], groups: vec![] };
+        let (x, y) = (c.seal_bundle(&bundle).unwrap(), c.seal_bundle(&bundle).unwrap());
+        assert_ne!(x, y);
+        assert_eq!(c.open_bundle(&x).unwrap(), c.open_bundle(&y).unwrap());
     }
 }

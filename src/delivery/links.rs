@@ -12,7 +12,8 @@
 //! certificate (the link's account, the key that offered, a valid
 //! signature), registers the device, and hands the answer to the offering
 //! key (and no other) until the link expires. Links expire ([`crate::limits::MAX_LINK_LIFETIME`] at most)
-//! and an account has at most [`MAX_OPEN_LINKS`] open.
+//! and an account has at most [`MAX_OPEN_LINKS`] open. The device caps
+//! hold when a device is certified, not only when its link opened.
 //!
 //! What the server learns: that an account links a device, when, and the
 //! new device's key (it must, to let it connect). Not the contacts, not the
@@ -20,7 +21,7 @@
 
 use super::storage::{DeviceRecord, LinkRecord};
 use super::{refuse, Caller, Delivery, Outcome, Refusal, Storage};
-use crate::auth::{DeviceCertificate, DeviceId};
+use crate::auth::{AccountId, DeviceCertificate, DeviceId};
 use crate::limits::{MAX_DEVICES_EVER, MAX_DEVICES_PER_ACCOUNT, MAX_LINK_LIFETIME, MAX_OPEN_LINKS};
 use crate::wire::{ErrorCode, Response};
 
@@ -37,6 +38,30 @@ fn used<E>() -> Refusal<E> {
 }
 
 impl Delivery {
+    /// Whether `account` may have one more device: fewer than
+    /// [`MAX_DEVICES_EVER`] ever (revoked ones count) and fewer than
+    /// [`MAX_DEVICES_PER_ACCOUNT`] now. Checked when a link opens (to
+    /// refuse early) and again when it is answered, in the unit that
+    /// registers the device: several links opened under the caps cannot
+    /// all be answered past them (issue 29).
+    fn room_for_a_device<S: Storage>(store: &mut S, account: &AccountId) -> Result<(), Refusal<S::Error>> {
+        let all = store.devices_of(account)?;
+        if all.len() >= MAX_DEVICES_EVER {
+            return Err(refuse(
+                ErrorCode::QuotaExceeded,
+                format!("the account has had {} devices, the most this server keeps for one account", all.len()),
+            ));
+        }
+        let devices = all.iter().filter(|(_, d)| d.revoked_at.is_none()).count();
+        if devices >= MAX_DEVICES_PER_ACCOUNT {
+            return Err(refuse(
+                ErrorCode::QuotaExceeded,
+                format!("the account has {devices} devices, the most it may; revoke one first"),
+            ));
+        }
+        Ok(())
+    }
+
     pub(super) fn link_open<S: Storage>(
         &mut self,
         store: &mut S,
@@ -52,20 +77,7 @@ impl Delivery {
                 format!("a link lasts 1 to {} seconds", MAX_LINK_LIFETIME.as_secs()),
             ));
         }
-        let all = store.devices_of(&caller.account)?;
-        if all.len() >= MAX_DEVICES_EVER {
-            return Err(refuse(
-                ErrorCode::QuotaExceeded,
-                format!("the account has had {} devices, the most this server keeps for one account", all.len()),
-            ));
-        }
-        let devices = all.iter().filter(|(_, d)| d.revoked_at.is_none()).count();
-        if devices >= MAX_DEVICES_PER_ACCOUNT {
-            return Err(refuse(
-                ErrorCode::QuotaExceeded,
-                format!("the account has {devices} devices, the most it may; revoke one first"),
-            ));
-        }
+        Self::room_for_a_device(store, &caller.account)?;
         if store.open_links(&caller.account, now)? >= MAX_OPEN_LINKS {
             return Err(refuse(ErrorCode::QuotaExceeded, "too many link codes open; wait until one expires"));
         }
@@ -170,6 +182,10 @@ impl Delivery {
         if store.device(&device)?.is_some() {
             return Err(refuse(ErrorCode::InvalidCredential, "that key is already a device"));
         }
+        // Other nodes sharing the database wait here until this unit
+        // commits, so their count includes this device.
+        store.lock_account(&caller.account)?;
+        Self::room_for_a_device(store, &caller.account)?;
         if !store.set_link_answer(&id, certificate, bundle)? {
             return Err(used());
         }

@@ -236,6 +236,14 @@ pub trait Storage {
     fn remove_account(&mut self, account: &AccountId, now: u64) -> Result<(), Self::Error>;
     /// The account's row, if registered.
     fn account(&mut self, account: &AccountId) -> Result<Option<AccountRecord>, Self::Error>;
+    /// In a write unit, makes other writers of the same database that lock
+    /// `account` wait until this unit ends, so a decision on the account's
+    /// devices (a cap) sees theirs and they see this one's. A store with a
+    /// single writer has nothing to do.
+    fn lock_account(&mut self, account: &AccountId) -> Result<(), Self::Error> {
+        let _ = account;
+        Ok(())
+    }
 
     fn insert_link(&mut self, link: &LinkRecord) -> Result<(), Self::Error>;
     fn link(&mut self, id: &[u8; 16]) -> Result<Option<LinkRecord>, Self::Error>;

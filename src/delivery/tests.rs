@@ -1118,3 +1118,64 @@ fn devices_are_capped_at_once_and_ever() {
     let (code, _) = net.code(&first, Request::LinkOpen { link: [2; 16], expires_in: 60 });
     assert_eq!(code, ErrorCode::QuotaExceeded, "64 devices ever, even with one slot free now");
 }
+
+/// Issue 29, finding 9: the device caps were checked when a link was
+/// opened, not when it was answered, so links opened under the caps could
+/// all be answered and take the account past them. Both caps (devices at
+/// once, devices ever) now hold when the device is certified.
+#[test]
+fn issue_29_links_answered_together_stay_within_the_device_caps() {
+    use crate::auth::{DeviceCertificate, DeviceId, Identity};
+    use crate::limits::{MAX_DEVICES_EVER, MAX_DEVICES_PER_ACCOUNT};
+
+    /// Opens one link per new key (all under the caps), has each key offer,
+    /// then answers them in turn; returns how many answers were refused
+    /// for the quota, asserting the rest succeed.
+    fn answer_all(net: &mut Net, account: &Identity, first: &Client, keys: &[u8]) -> usize {
+        for k in keys {
+            net.ok(first, Request::LinkOpen { link: [*k; 16], expires_in: 600 });
+        }
+        for k in keys {
+            net.now += 1;
+            let offer = Request::LinkOffer { link: [*k; 16], offer: vec![1] };
+            let r = net.ds.handle(&mut net.store, Origin::Stranger(DeviceId([*k; 32])), offer, net.now).response;
+            assert!(matches!(r, Response::Done), "{r:?}");
+        }
+        let mut refused = 0;
+        for k in keys {
+            let certificate = DeviceCertificate::issue(account, DeviceId([*k; 32]), [1; 32], net.now).encode();
+            match net.req(first, Request::LinkAnswer { link: [*k; 16], certificate, bundle: vec![9] }) {
+                Response::Done => {}
+                Response::Error { code: ErrorCode::QuotaExceeded, .. } => refused += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        refused
+    }
+    let current = |net: &mut Net, account: &Identity| {
+        let all = net.store.devices_of(&account.account_id()).unwrap();
+        (all.iter().filter(|(_, d)| d.revoked_at.is_none()).count(), all.len())
+    };
+
+    // One slot free at once: two links open, one answer certifies.
+    let mut net = Net::new();
+    let account = Identity::generate().unwrap();
+    let first = net.device_of(&account);
+    for i in 1..MAX_DEVICES_PER_ACCOUNT - 1 {
+        net.store.enrol(&DeviceCertificate::issue(&account, DeviceId([i as u8; 32]), [1; 32], 1));
+    }
+    assert_eq!(answer_all(&mut net, &account, &first, &[200, 201, 202]), 2);
+    assert_eq!(current(&mut net, &account).0, MAX_DEVICES_PER_ACCOUNT);
+
+    // One slot free ever: likewise.
+    let mut net = Net::new();
+    let account = Identity::generate().unwrap();
+    let first = net.device_of(&account);
+    for i in 1..MAX_DEVICES_EVER - 1 {
+        let d = DeviceId([i as u8; 32]);
+        net.store.enrol(&DeviceCertificate::issue(&account, d, [1; 32], 1));
+        net.store.revoke_device(&d, 2).unwrap();
+    }
+    assert_eq!(answer_all(&mut net, &account, &first, &[200, 201]), 1);
+    assert_eq!(current(&mut net, &account).1, MAX_DEVICES_EVER);
+}

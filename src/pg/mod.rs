@@ -18,11 +18,13 @@
 //!   such a conflict ([`Unit::take_conflict`]), the engine rolls that
 //!   request's savepoint back and runs the request again, which then sees
 //!   the other node's committed rows.
-//! * **Pushes cross nodes.** A committing unit sends one `NOTIFY` per
-//!   notification (group and sequence, or a device key; never message
-//!   bytes) in its transaction, so it is delivered only if the commit is;
-//!   every node LISTENs ([`listen`]) and pushes to its own connections
-//!   from the log.
+//! * **Pushes cross nodes.** A committing unit stores one row per
+//!   notification in `notices` (group and sequence, or a device key; never
+//!   message bytes) and sends a `NOTIFY` naming only the row, in its
+//!   transaction, so it is delivered only if the commit is; every node
+//!   LISTENs ([`listen`]), reads the rows and pushes to its own
+//!   connections from the log. A wake-up is trusted for nothing: any role
+//!   that can connect can send one.
 //!
 //! Connections: a Unix socket (`host=/run/postgresql`) needs no TLS; a TCP
 //! host is reached over TLS (rustls, ring provider) verified against the
@@ -45,7 +47,7 @@ use std::sync::Arc;
 use postgres::{IsolationLevel, Statement};
 
 pub use connect::{Target, TargetError};
-pub use listen::{Notice, CHANNEL};
+pub use listen::{wake_up, wake_up_text, Notice, CHANNEL};
 pub use schema::latest as latest_schema;
 pub use store::PgStore;
 

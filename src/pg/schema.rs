@@ -104,6 +104,21 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX links_account ON links(account);
     CREATE INDEX links_expires ON links(expires_at);",
+    // 1 -> 2: what a committing node tells the others (issue 29). The
+    // NOTIFY payload names only the sending node and a row here, so a role
+    // that may merely connect learns nothing by LISTENing and names nothing
+    // by NOTIFYing; a node reads the row (hushd's role only may) and acts
+    // on what the log and devices tables say. Rows are kept for
+    // `limits::NOTICE_RETENTION` (the expiry deletes older ones).
+    "CREATE TABLE notices (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        node bigint NOT NULL,
+        kind text NOT NULL CHECK (kind IN ('m', 'w', 'r')),
+        grp bytea CHECK (length(grp) BETWEEN 1 AND 255),
+        seq bigint,
+        device bytea CHECK (length(device) = 32),
+        created_at timestamptz NOT NULL DEFAULT now()
+    );",
 ];
 
 /// Key of the advisory lock migrations hold ("hush" in ASCII).

@@ -15,6 +15,7 @@ use crate::delivery::storage::{
     AccountRecord, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats, Unit,
 };
 use crate::delivery::{GroupRecord, Membership, NewKeyPackage, Notification, SendContext, Storage};
+use crate::limits::NOTICE_RETENTION;
 use crate::store::{to_i64 as i, to_u64 as u, StoreError};
 
 type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
@@ -31,8 +32,9 @@ pub struct PgStore<'a> {
     space: Option<u64>,
     /// Set when a statement failed on a conflict with another transaction.
     conflict: bool,
-    /// `NOTIFY` payloads of the requests kept so far, sent with the commit.
-    notices: Vec<String>,
+    /// Notices of the requests kept so far, stored and announced with the
+    /// commit.
+    notices: Vec<Notice>,
     /// A kept request's savepoint not released yet (see [`Unit::release`]).
     unreleased: bool,
 }
@@ -111,11 +113,47 @@ impl<'a> PgStore<'a> {
         Self { tx, statements, writing, node, space: None, conflict: false, notices: Vec::new(), unreleased: false }
     }
 
-    /// Sends the kept requests' notices and commits.
+    /// Stores the kept requests' notices, wakes the other nodes up for
+    /// each (a `NOTIFY` naming only this node and the row, see
+    /// [`super::listen`]) and commits. One round trip, in the order the
+    /// notifications came.
     pub(super) fn commit(mut self) -> Result<(), StoreError> {
         if !self.notices.is_empty() {
             let notices = std::mem::take(&mut self.notices);
-            self.exec("SELECT pg_notify($1, n) FROM unnest($2::text[]) AS n", &[&super::CHANNEL, &notices])?;
+            let mut kinds = Vec::with_capacity(notices.len());
+            let mut groups: Vec<Option<&[u8]>> = Vec::with_capacity(notices.len());
+            let mut seqs: Vec<Option<i64>> = Vec::with_capacity(notices.len());
+            let mut devices: Vec<Option<&[u8]>> = Vec::with_capacity(notices.len());
+            for n in &notices {
+                let (kind, group, seq, device) = match n {
+                    Notice::Message { group, seq } => ("m", Some(&group[..]), Some(i(*seq)), None),
+                    Notice::Welcome { recipient } => ("w", None, None, Some(&recipient.0[..])),
+                    Notice::Revoked { device } => ("r", None, None, Some(&device.0[..])),
+                };
+                kinds.push(kind);
+                groups.push(group);
+                seqs.push(seq);
+                devices.push(device);
+            }
+            self.exec(
+                "WITH n AS (
+                     INSERT INTO notices (node, kind, grp, seq, device)
+                     SELECT $2, t.kind, t.grp, t.seq, t.device
+                     FROM unnest($3::text[], $4::bytea[], $5::bigint[], $6::bytea[]) WITH ORDINALITY
+                          AS t(kind, grp, seq, device, at)
+                     ORDER BY t.at
+                     RETURNING id)
+                 SELECT pg_notify($1, $7::text || ':' || n.id) FROM n ORDER BY n.id",
+                &[
+                    &super::CHANNEL,
+                    &super::listen::node_column(self.node),
+                    &kinds,
+                    &groups,
+                    &seqs,
+                    &devices,
+                    &super::listen::node_text(self.node),
+                ],
+            )?;
         }
         self.tx.commit()?;
         Ok(())
@@ -227,6 +265,13 @@ impl Storage for PgStore<'_> {
             created_at: u(row.get(2)),
             revoked_at: row.get::<_, Option<i64>>(3).map(u),
         }))
+    }
+
+    fn lock_account(&mut self, account: &AccountId) -> Result<(), StoreError> {
+        if self.writing {
+            self.rows("SELECT 1 FROM accounts WHERE key = $1 FOR UPDATE", &[&&account.0[..]])?;
+        }
+        Ok(())
     }
 
     fn insert_device(&mut self, device: &DeviceId, r: &DeviceRecord) -> Result<(), StoreError> {
@@ -752,6 +797,16 @@ impl Storage for PgStore<'_> {
         }
         n += self.exec("DELETE FROM inbox WHERE created_at < $1", &[&b])?;
         n += self.exec("DELETE FROM claimed WHERE claimed_at < $1", &[&b])?;
+        // Notices every node has long read: those up to the newest one
+        // older than the retention (found walking back from the newest).
+        // Not counted: they are no one's messages or Welcomes.
+        let keep = f64::from(u32::try_from(NOTICE_RETENTION.as_secs()).unwrap_or(u32::MAX));
+        self.exec(
+            "DELETE FROM notices WHERE id <= (SELECT id FROM notices
+                                              WHERE created_at < now() - make_interval(secs => $1)
+                                              ORDER BY id DESC LIMIT 1)",
+            &[&keep],
+        )?;
         Ok(n)
     }
 }
@@ -779,8 +834,7 @@ impl Unit for PgStore<'_> {
     }
 
     fn announce(&mut self, notifications: &[Notification]) -> Result<(), StoreError> {
-        let node = self.node;
-        self.notices.extend(notifications.iter().map(|n| Notice::of(n).encode(node)));
+        self.notices.extend(notifications.iter().map(Notice::of));
         Ok(())
     }
 

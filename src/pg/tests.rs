@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use super::cluster::{Cluster, ClusterError};
 use super::{PgDb, Target};
 use crate::client::mls::Member;
-use crate::delivery::storage::{Backend as _, DeviceRecord};
+use crate::delivery::storage::{Backend as _, DeviceRecord, Unit as _};
 use crate::delivery::{Caller, Delivery, Storage as _};
 use crate::wire::{Request, Response};
 
@@ -167,4 +167,46 @@ fn a_database_from_a_newer_hushd_is_refused() {
     drop(db);
     let e = PgDb::connect(target).unwrap_err();
     assert!(matches!(e, crate::store::StoreError::SchemaTooNew { found: 99, .. }), "{e}");
+}
+
+/// Issue 29, finding 6: what a node tells the others is a row only
+/// hushd's role reads (the wake-up names just the row), decoded back to
+/// the same notice by another node, skipped by its own, and deleted once
+/// past its retention.
+#[test]
+fn notices_are_rows_read_back_by_other_nodes_and_deleted_after_their_retention() {
+    use super::listen::{in_order, Notice};
+    use crate::auth::DeviceId;
+    use crate::delivery::Notification;
+    let Some(target) = database() else { return };
+    let mut db = PgDb::connect(target.clone()).unwrap();
+    let d = DeviceId([3; 32]);
+    let notifications = [
+        Notification::Welcome { recipient: d },
+        Notification::Revoked { device: d },
+        Notification::Message { group: vec![1, 2], seq: 7, message: vec![0xee; 10], recipients: Arc::new([d]) },
+    ];
+    db.write(|s| s.announce(&notifications)).unwrap();
+    let rows = db.client.query("SELECT id, node, kind, grp, seq, device FROM notices ORDER BY id", &[]).unwrap();
+    let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    let expected: Vec<Notice> = notifications.iter().map(Notice::of).collect();
+    assert_eq!(in_order(target.node.wrapping_add(1), &ids, &rows), expected);
+    assert!(in_order(target.node, &ids, &rows).is_empty(), "a node skips its own notices");
+    // Ids naming no row are skipped; repeated ones read once.
+    let mut asked = vec![ids[2] + 1000, ids[2], ids[2]];
+    asked.insert(0, -1);
+    assert_eq!(in_order(target.node.wrapping_add(1), &asked, &rows), [expected[2].clone()]);
+    // No message bytes in the table.
+    let stored: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM notices WHERE position('\\xeeee'::bytea IN grp) > 0", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0);
+    // Past the retention, the expiry deletes them (and only them).
+    db.client.execute("UPDATE notices SET created_at = now() - interval '1 day' WHERE kind <> 'm'", &[]).unwrap();
+    db.write(|s| s.expire(0)).unwrap();
+    let left: Vec<String> =
+        db.client.query("SELECT kind FROM notices", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(left, ["m"]);
 }

@@ -7,7 +7,9 @@
 //! Recording is always on (atomics; a label lookup per request), serving
 //! only when asked.
 
-use std::sync::OnceLock;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -18,9 +20,10 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::task::{AbortHandle, JoinSet};
 
 use super::engine::Engine;
-use crate::limits::{MAX_METRICS_CONNECTIONS, MAX_METRICS_REQUEST, METRICS_TIMEOUT};
+use crate::limits::{MAX_METRICS_CONNECTIONS, MAX_METRICS_REQUEST, METRICS_REQUEST_TIMEOUT, METRICS_TIMEOUT};
 use crate::wire::Response;
 
 /// A request's kind and what became of it.
@@ -179,30 +182,91 @@ fn state(registered: bool) -> Reason {
     Reason { reason: if registered { "registered" } else { "unregistered" } }
 }
 
+/// Where a metrics connection is.
+const WAITING: u8 = 0;
+const ANSWERING: u8 = 1;
+const EVICTED: u8 = 2;
+
+/// A connection that has not sent its request yet, in arrival order.
+struct Waiting {
+    task: AbortHandle,
+    /// [`WAITING`] until the connection's task claims it ([`ANSWERING`])
+    /// or the accept loop does ([`EVICTED`]), whichever comes first.
+    state: Arc<AtomicU8>,
+}
+
 /// Serves `GET /metrics` on `listener` until the task is dropped. Each
 /// scrape first reads the database's counts (on the engine's reader).
+///
+/// At most [`MAX_METRICS_CONNECTIONS`] connections are open at once, each
+/// in its own task. When all are taken, a new connection evicts the oldest
+/// one still waiting for its request head ([`METRICS_REQUEST_TIMEOUT`] at
+/// most): connections that send nothing hold no slot a scraper needs. Only
+/// if every connection is being answered (bounded by [`METRICS_TIMEOUT`])
+/// is the new one dropped.
 pub async fn serve(listener: TcpListener, engine: Engine) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
+    let mut connections = JoinSet::new();
+    let mut waiting: VecDeque<Waiting> = VecDeque::new();
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
-        let engine = engine.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(METRICS_TIMEOUT, scrape(stream, &engine)).await;
-            drop(slot);
-        });
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                if connections.len() >= MAX_METRICS_CONNECTIONS {
+                    let Some(oldest) = evict(&mut waiting) else { continue };
+                    oldest.abort();
+                    // Frees a slot: the evicted task ends at its next poll
+                    // (or another one ended first).
+                    let _ = connections.join_next().await;
+                }
+                let state = Arc::new(AtomicU8::new(WAITING));
+                let engine = engine.clone();
+                let claim = state.clone();
+                let task = connections.spawn(async move {
+                    let _ = tokio::time::timeout(METRICS_TIMEOUT, scrape(stream, &engine, &claim)).await;
+                });
+                waiting.push_back(Waiting { task, state });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {
+                waiting.retain(|w| !w.task.is_finished() && w.state.load(Ordering::Acquire) == WAITING);
+            }
+        }
     }
 }
 
-async fn scrape(mut stream: tokio::net::TcpStream, engine: &Engine) -> std::io::Result<()> {
-    let mut request = Vec::with_capacity(256);
-    let mut buf = [0u8; 512];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 || request.len() + n > MAX_METRICS_REQUEST {
-            return Ok(());
+/// Claims the oldest connection still waiting for its request (forgetting
+/// those that finished or are being answered), or none.
+fn evict(waiting: &mut VecDeque<Waiting>) -> Option<AbortHandle> {
+    while let Some(w) = waiting.pop_front() {
+        if w.state.compare_exchange(WAITING, EVICTED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            return Some(w.task);
         }
-        request.extend_from_slice(buf.get(..n).unwrap_or_default());
+    }
+    None
+}
+
+/// Reads the request head within [`METRICS_REQUEST_TIMEOUT`]; `None` if it
+/// did not come, was too large, or the connection closed.
+async fn request_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let read = async {
+        let mut request = Vec::with_capacity(256);
+        let mut buf = [0u8; 512];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf).await.ok()?;
+            if n == 0 || request.len() + n > MAX_METRICS_REQUEST {
+                return None;
+            }
+            request.extend_from_slice(buf.get(..n).unwrap_or_default());
+        }
+        Some(request)
+    };
+    tokio::time::timeout(METRICS_REQUEST_TIMEOUT, read).await.ok().flatten()
+}
+
+async fn scrape(mut stream: tokio::net::TcpStream, engine: &Engine, state: &AtomicU8) -> std::io::Result<()> {
+    let Some(request) = request_head(&mut stream).await else { return Ok(()) };
+    if state.compare_exchange(WAITING, ANSWERING, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        // Evicted meanwhile: its slot went to a newer connection.
+        return Ok(());
     }
     let line = request.split(|b| *b == b'\r').next().unwrap_or_default();
     let (status, body) = if line.starts_with(b"GET /metrics ") || line == b"GET /metrics" {

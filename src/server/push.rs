@@ -139,7 +139,9 @@ impl Registry {
 
 /// Pushes what other nodes sharing the database stored to this node's
 /// connections (see [`crate::pg::listen`]): a message is read from the log,
-/// with the devices that may see it. Ends when the listener does.
+/// with the devices that may see it; a revoked device's connections are
+/// closed once the devices table says it is revoked (or gone). Ends when
+/// the listener does.
 pub async fn from_other_nodes(
     mut events: mpsc::Receiver<crate::pg::listen::Event>,
     engine: super::engine::Engine,
@@ -167,7 +169,23 @@ pub async fn from_other_nodes(
                 continue;
             }
             Event::Notice(Notice::Welcome { recipient }) => Notification::Welcome { recipient },
-            Event::Notice(Notice::Revoked { device }) => Notification::Revoked { device },
+            Event::Notice(Notice::Revoked { device }) => {
+                // Closing connections is the one thing a notice could make
+                // a node do to a device: only if the devices table agrees.
+                match engine.device(device).await {
+                    Ok(Some(record)) if record.revoked_at.is_none() => {
+                        tracing::warn!("ignoring a revocation notice for a device that is not revoked");
+                        continue;
+                    }
+                    Ok(_) => Notification::Revoked { device },
+                    Err(e) => {
+                        // Fail closed: the device may reconnect, and the
+                        // connection's own check decides then.
+                        tracing::warn!("checking a revoked device failed: {e}; closing its connections");
+                        Notification::Revoked { device }
+                    }
+                }
+            }
             Event::Notice(Notice::Message { group, seq }) => {
                 if !registry.any_online() {
                     continue;

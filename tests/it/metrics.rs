@@ -94,3 +94,25 @@ async fn metrics_count_a_scenario_and_name_no_one() {
         assert!(!text.contains(s.as_str()), "{s:?} in the metrics:\n{text}");
     }
 }
+
+/// Issue 29, finding 8: connections that never send a request held every
+/// metrics slot (for the whole 10 s scrape deadline), so a scrape behind
+/// them was dropped. Idle connections now give way to new ones.
+#[test]
+fn issue_29_idle_connections_to_the_metrics_port_do_not_starve_scrapes() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let tmp = tempfile::tempdir().unwrap();
+    let _server = Hushd::start_with(&tmp.path().join("s"), "127.0.0.1:0", &[("HUSHD_METRICS", addr.as_str())]);
+    // More idle connections than there are slots, held open throughout.
+    let idle: Vec<std::net::TcpStream> =
+        (0..hush::limits::MAX_METRICS_CONNECTIONS + 4).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    let text = scrape(&addr);
+    assert!(text.contains("hushd_write_queue"), "{text}");
+    // And again, with a fresh crowd of idle connections in front.
+    let more: Vec<std::net::TcpStream> =
+        (0..hush::limits::MAX_METRICS_CONNECTIONS * 2).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    let text = scrape(&addr);
+    assert!(text.contains("hushd_write_queue"), "{text}");
+    drop((idle, more));
+}

@@ -62,7 +62,6 @@ async fn alice_on_one_node_and_bob_on_the_other_converse_with_live_pushes() {
         // bob (node 2) → alice (node 1).
         let m = bob.mls.encrypt(&g, format!("hello alice {round}").as_bytes()).unwrap();
         let (seq, _) = bob.conn.send(m, None).await.unwrap();
-        bob.log.sent(seq);
         let ct = pushed(&alice.conn, &mut alice_pushes, &g, seq).await;
         assert_eq!(Received::texts(&[alice.mls.receive(&g, &ct).unwrap()]), [format!("hello alice {round}")]);
     }
@@ -212,4 +211,64 @@ async fn removing_an_account_from_one_node_closes_its_connections_on_the_other()
         hush::client::ClientError::Closed { code, .. } => assert_eq!(code, u64::from(hush::wire::close::REVOKED)),
         other => panic!("unexpected close: {other:?}"),
     }
+}
+
+/// Issue 29, finding 6: any role that could connect to the database could
+/// `NOTIFY` hush's channel, and a forged `r:` notice naming a device closed
+/// its connections on every node. Notices now name nothing (a node and a
+/// row of `notices`), and a node closes a device's connections only if the
+/// devices table says it is revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_29_a_forged_notify_does_not_disconnect_a_live_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((node1, node2)) = two_nodes(tmp.path()) else { return };
+    let (mut peers, g) = group_across(&[&node1, &node2], 2).await;
+    let [alice, bob] = &mut peers[..] else { unreachable!() };
+    let mut bob_pushes = None;
+    let bob_device: String = bob.id.public_key().iter().map(|b| format!("{b:02x}")).collect();
+    let db = tmp.path().join("node1");
+    // A live push across nodes, after `forge` ran on another connection:
+    // node 2 handles notices in commit order, so once bob has this push,
+    // node 2 has handled the forged ones; bob's connection must be open.
+    let mut round = 0;
+    let mut still_connected =
+        async |alice: &mut crate::hardening::Peer, bob: &mut crate::hardening::Peer, forge: &str| {
+            sql(&db, forge);
+            round += 1;
+            let text = format!("after forgery {round}");
+            let m = alice.mls.encrypt(&g, text.as_bytes()).unwrap();
+            let (seq, _) = alice.conn.send(m, None).await.unwrap();
+            alice.log.sent(seq);
+            let ct = pushed(&bob.conn, &mut bob_pushes, &g, seq).await;
+            assert_eq!(Received::texts(&[bob.mls.receive(&g, &ct).unwrap()]), [text]);
+            bob.conn.status().await.expect("bob's connection was closed by a forged notice");
+        };
+    // The notice format of old: a device key in the clear.
+    still_connected(alice, bob, &format!("NOTIFY hush, '0000000000000000:r:{bob_device}'")).await;
+    // Wake-ups naming every notice row there is (replays of genuine ones).
+    still_connected(alice, bob, "SELECT pg_notify('hush', '0000000000000000:' || n) FROM generate_series(1, 100) n")
+        .await;
+    // Even a forged row (which needs rights on the table, as the test's
+    // superuser has) is checked against the devices table.
+    still_connected(
+        alice,
+        bob,
+        &format!(
+            "WITH n AS (INSERT INTO notices (node, kind, device) VALUES (0, 'r', '\\x{bob_device}') RETURNING id)
+             SELECT pg_notify('hush', '0000000000000000:' || id) FROM n"
+        ),
+    )
+    .await;
+    // A genuine revocation from node 1 still closes bob's connection on node 2.
+    let account = bob.mls.account().to_string();
+    let dir = node1.data_dir.clone();
+    let out = tokio::task::spawn_blocking(move || run(hushd_command(&dir).args(["accounts", "remove", &account])))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    match tokio::time::timeout(WAIT, bob.conn.closed()).await.expect("bob's connection on node 2 stayed open") {
+        hush::client::ClientError::Closed { code, .. } => assert_eq!(code, u64::from(hush::wire::close::REVOKED)),
+        other => panic!("unexpected close: {other:?}"),
+    }
+    drop(node2);
 }
