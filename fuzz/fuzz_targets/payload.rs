@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let Ok(payload) = Payload::decode(data) else { return };
     let utf8 = data.get(1..).is_some_and(|rest| std::str::from_utf8(rest).is_ok());
-    if utf8 {
+    if utf8 || matches!(payload, Payload::Revocation(_)) {
         assert_eq!(payload.encode(), data);
     }
 });

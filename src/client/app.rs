@@ -269,6 +269,11 @@ impl App {
         if let Some(key) = local.setting(REMOVAL_KEY)?.and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok()) {
             member.set_removal_key(key);
         }
+        for statement in local.revocations()? {
+            if let Ok(r) = crate::auth::DeviceRevocation::decode(&statement) {
+                member.revoke(r.device);
+            }
+        }
         Ok(Self { home: home.to_owned(), device_key, server, local, member, sync_failures: Vec::new() })
     }
 
@@ -505,6 +510,13 @@ impl App {
         Ok(())
     }
 
+    /// Keeps a verified, account-signed revocation and refuses its device
+    /// as a leaf from now on; false if it was known already.
+    pub(crate) fn learn_revocation(&mut self, r: &crate::auth::DeviceRevocation) -> Result<bool, AppError> {
+        self.member.revoke(r.device);
+        Ok(self.local.put_revocation(&r.device, &r.encode())?)
+    }
+
     /// A value every member of the group shares in its current epoch (the
     /// MLS epoch authenticator): equal values mean the same view of the
     /// group. `None` without state for the group.
@@ -525,6 +537,9 @@ impl App {
         }
         let bytes = payload.encode();
         for _ in 0..COMMIT_ATTEMPTS {
+            // Nothing goes to a group where a device its account revoked
+            // holds a leaf (it came back, or nobody removed it yet).
+            self.remove_revoked(conn, group).await?;
             if self.member.should_commit_pending(group) {
                 // A proposal came in since the last sync: while one waits,
                 // no message can be sent in this epoch.

@@ -242,6 +242,25 @@ impl Local {
         Ok(out)
     }
 
+    // ---- revocations ----
+
+    /// Keeps an account-signed revocation (encoded, as verified); false if
+    /// its device was already known revoked.
+    pub fn put_revocation(&self, device: &crate::auth::DeviceId, statement: &[u8]) -> Result<bool, StateError> {
+        let n = self.conn.execute(
+            "INSERT OR IGNORE INTO revocations (device, statement) VALUES (?1, ?2)",
+            params![&device.0[..], statement],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// The revocations kept, encoded (verify them again before use).
+    pub fn revocations(&self) -> Result<Vec<Vec<u8>>, StateError> {
+        let mut stmt = self.conn.prepare_cached("SELECT statement FROM revocations")?;
+        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     // ---- groups ----
 
     /// All groups, in the order this device joined them.

@@ -345,6 +345,10 @@ pub struct Member<P: OpenMlsProvider = OpenMlsRustCrypto> {
     /// The server's removal key: the only external sender whose proposals
     /// this member accepts (`None`: it accepts none).
     removal_key: Option<[u8; 32]>,
+    /// Devices whose account revoked them (account-signed revocations this
+    /// member has seen): a leaf of one is removed before this member sends
+    /// anything in its group ([`Member::revoked_in`]).
+    revoked: std::collections::BTreeSet<DeviceId>,
 }
 
 impl<P: OpenMlsProvider> std::fmt::Debug for Member<P> {
@@ -470,7 +474,33 @@ impl<P: OpenMlsProvider> Member<P> {
             credential: BasicCredential::new(certificate.encode()).into(),
             signature_key: signer.public().into(),
         };
-        Self { provider, signer, credential, certificate, groups: HashMap::new(), removal_key: None }
+        Self {
+            provider,
+            signer,
+            credential,
+            certificate,
+            groups: HashMap::new(),
+            removal_key: None,
+            revoked: Default::default(),
+        }
+    }
+
+    /// Marks `device` revoked by its account (the caller verified the
+    /// account-signed revocation): from now on its leaves are to be removed
+    /// wherever they are ([`Member::revoked_in`]).
+    pub fn revoke(&mut self, device: DeviceId) {
+        self.revoked.insert(device);
+    }
+
+    /// The devices of `group` whose account revoked them.
+    pub fn revoked_in(&mut self, group: &[u8]) -> Vec<DeviceId> {
+        let revoked = self.revoked.clone();
+        self.devices(group).into_iter().filter(|d| revoked.contains(d)).collect()
+    }
+
+    /// Whether a revocation of `device` is known.
+    pub fn is_revoked(&self, device: &DeviceId) -> bool {
+        self.revoked.contains(device)
     }
 
     /// Accept external proposals (removals of revoked devices) signed by
@@ -664,6 +694,21 @@ impl<P: OpenMlsProvider> Member<P> {
         let leaves: Vec<LeafNodeIndex> = g
             .members()
             .filter(|m| holder_of(&m.credential).is_some_and(|(a, _)| accounts.contains(&a)))
+            .map(|m| m.index)
+            .collect();
+        if leaves.is_empty() {
+            return Err(MlsError::NoneInGroup);
+        }
+        self.commit_with(group, Vec::new(), leaves, false)
+    }
+
+    /// A commit removing these devices' leaves (a revoked device of our
+    /// own account).
+    pub fn remove_devices(&mut self, group: &[u8], devices: &[DeviceId]) -> Result<Commit, MlsError> {
+        let g = self.group_mut(group)?;
+        let leaves: Vec<LeafNodeIndex> = g
+            .members()
+            .filter(|m| holder_of(&m.credential).is_some_and(|(_, d)| devices.contains(&d)))
             .map(|m| m.index)
             .collect();
         if leaves.is_empty() {

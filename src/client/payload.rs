@@ -3,7 +3,11 @@
 //!
 //! * `0x01` text a member wrote;
 //! * `0x02` the group's name, sent to members when they are added (names
-//!   travel encrypted; the server never sees them).
+//!   travel encrypted; the server never sees them);
+//! * `0x03` an account-signed device revocation (its fixed encoding, see
+//!   [`crate::auth::DeviceRevocation`]), sent by the account's first
+//!   device to every group the revoked device is in, so members refuse
+//!   that device's leaves whatever the server relays.
 //!
 //! The server cannot read payloads, but any member can send anything:
 //! [`Payload::decode`] accepts every byte string without panicking, reads
@@ -15,12 +19,15 @@ use thiserror::Error;
 
 const KIND_TEXT: u8 = 0x01;
 const KIND_GROUP_NAME: u8 = 0x02;
+const KIND_REVOCATION: u8 = 0x03;
 
 /// One application payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Payload {
     Text(String),
     GroupName(String),
+    /// Bytes as sent: verify with [`crate::auth::DeviceRevocation::decode`].
+    Revocation(Vec<u8>),
 }
 
 /// A payload this client cannot use.
@@ -34,22 +41,24 @@ pub enum PayloadError {
 
 impl Payload {
     pub fn encode(&self) -> Vec<u8> {
-        let (kind, text) = match self {
-            Payload::Text(t) => (KIND_TEXT, t),
-            Payload::GroupName(n) => (KIND_GROUP_NAME, n),
+        let (kind, body) = match self {
+            Payload::Text(t) => (KIND_TEXT, t.as_bytes()),
+            Payload::GroupName(n) => (KIND_GROUP_NAME, n.as_bytes()),
+            Payload::Revocation(r) => (KIND_REVOCATION, r.as_slice()),
         };
-        let mut out = Vec::with_capacity(1 + text.len());
+        let mut out = Vec::with_capacity(1 + body.len());
         out.push(kind);
-        out.extend_from_slice(text.as_bytes());
+        out.extend_from_slice(body);
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, PayloadError> {
         let (&kind, rest) = bytes.split_first().ok_or(PayloadError::Empty)?;
-        let text = String::from_utf8_lossy(rest).into_owned();
+        let text = || String::from_utf8_lossy(rest).into_owned();
         match kind {
-            KIND_TEXT => Ok(Payload::Text(text)),
-            KIND_GROUP_NAME => Ok(Payload::GroupName(text)),
+            KIND_TEXT => Ok(Payload::Text(text())),
+            KIND_GROUP_NAME => Ok(Payload::GroupName(text())),
+            KIND_REVOCATION => Ok(Payload::Revocation(rest.to_vec())),
             other => Err(PayloadError::UnknownKind(other)),
         }
     }
@@ -61,7 +70,12 @@ mod tests {
 
     #[test]
     fn payloads_round_trip_and_strangers_are_refused() {
-        for p in [Payload::Text("hello ✓".into()), Payload::GroupName("team".into()), Payload::Text(String::new())] {
+        for p in [
+            Payload::Text("hello ✓".into()),
+            Payload::GroupName("team".into()),
+            Payload::Text(String::new()),
+            Payload::Revocation(vec![0xff, 0, 1]),
+        ] {
             assert_eq!(Payload::decode(&p.encode()), Ok(p));
         }
         assert_eq!(Payload::decode(&[]), Err(PayloadError::Empty));

@@ -107,6 +107,9 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX history_group ON history(group_id, id);",
     // 1 -> 2: names this (first) device gave the account's other devices.
     "CREATE TABLE device_names (device BLOB PRIMARY KEY NOT NULL, name TEXT NOT NULL UNIQUE);",
+    // 2 -> 3: account-signed revocations this device has seen (any
+    // account's); their devices are refused as leaves from then on.
+    "CREATE TABLE revocations (device BLOB PRIMARY KEY NOT NULL, statement BLOB NOT NULL);",
 ];
 
 /// Deleted secrets (KeyPackage private keys, past epochs' secrets, used

@@ -3,8 +3,10 @@
 
 use std::path::Path;
 
-use hush::auth::Identity;
+use hush::auth::{DeviceId, Identity};
 use hush::client::app::App;
+use hush::client::mls::Member;
+use hush::client::Connection;
 
 use crate::support::*;
 
@@ -231,11 +233,79 @@ fn a_revoked_device_is_refused_and_leaves_the_groups() {
     let refused = hush(&laptop, &["sync"]);
     assert!(!refused.status.success() && stderr(&refused).contains("revoked"), "{}", stderr(&refused));
     let seen = ok(hush(&bob, &["sync"]));
-    assert!(seen.contains("the server removes a device of alice"), "{seen}");
+    // bob learns the revocation from alice's account key itself (not only
+    // from the server, which could withhold it or let the laptop back in),
+    // and sees alice's own device remove the laptop's leaf.
+    assert!(seen.contains("alice revoked one of its devices (signed with the account key)"), "{seen}");
+    assert!(seen.contains("one of alice's devices was removed by"), "{seen}");
+    assert!(ok(hush(&alice, &["read", "team"])).contains("you revoked your device laptop"));
     ok(hush(&bob, &["send", "team", "after the laptop"]));
     assert!(ok(hush(&alice, &["sync"])).contains("after the laptop"));
     assert_eq!(authenticator(&server, &alice, "team"), authenticator(&server, &bob, "team"));
     assert!(ok(hush(&alice, &["device", "list"])).contains("(revoked)"));
+}
+
+/// issue 29: the operator lets alice's revoked laptop back in (clears the
+/// revocation in its database) and relays the laptop's "new device" join.
+/// bob learned the revocation from alice's account key, so his client finds
+/// the laptop back, removes it before sending, and the laptop cannot read
+/// what bob sends.
+async fn a_revoked_device_the_operator_lets_back_in_is_removed_again_by_members() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("s");
+    let server = Hushd::start(&data);
+    let (alice, laptop, bob) = (tmp.path().join("alice"), tmp.path().join("laptop"), tmp.path().join("bob"));
+    let group = tokio::task::block_in_place(|| {
+        acquainted(&server, &alice, &bob);
+        ok(hush(&alice, &["group", "create", "team"]));
+        ok(hush(&alice, &["group", "add", "team", "bob"]));
+        ok(hush(&bob, &["sync"]));
+        link(&alice, &laptop, "laptop");
+        ok(hush(&laptop, &["sync"]));
+        ok(hush(&bob, &["sync"]));
+        ok(hush(&alice, &["device", "revoke", "laptop"]));
+        let seen = ok(hush(&bob, &["sync"]));
+        assert!(seen.contains("revoked one of its devices"), "{seen}");
+        let key = Identity::load(&bob.join("device.key")).unwrap();
+        let app = App::open(&bob, key, server.address.clone()).unwrap();
+        app.resolve_group("team").unwrap().id
+    });
+    // The operator un-revokes the laptop.
+    let laptop_key = Identity::load(&laptop.join("device.key")).unwrap();
+    if postgres() {
+        let hex: String = laptop_key.public_key().iter().map(|b| format!("{b:02x}")).collect();
+        sql(&data, &format!("UPDATE devices SET revoked_at = NULL WHERE key = '\\x{hex}'"));
+    } else {
+        let db = rusqlite::Connection::open(data.join("hush.db")).unwrap();
+        db.execute("UPDATE devices SET revoked_at = NULL WHERE key = ?1", [&laptop_key.public_key()[..]]).unwrap();
+    }
+    // The laptop (raw openmls here, with a certificate of alice's account
+    // for the laptop's device) joins as a new device of alice.
+    let alice_account = Identity::load(&alice.join("account.key")).unwrap();
+    let mut raw = Member::new(&alice_account, DeviceId(laptop_key.public_key())).unwrap();
+    let conn = Connection::connect(&server.address, &laptop_key).await.unwrap();
+    let (info, tree) = conn.group_info(&group).await.unwrap();
+    let commit = raw.join_external(&group, &info, tree.as_deref()).unwrap();
+    conn.commit(commit).await.expect("the operator's server takes the laptop back");
+
+    tokio::task::block_in_place(|| {
+        let seen = ok(hush(&bob, &["sync"]));
+        assert!(seen.contains("you removed 1 device(s) their account revoked"), "{seen}");
+        ok(hush(&bob, &["send", "team", "not for the laptop"]));
+        assert!(ok(hush(&alice, &["sync"])).contains("not for the laptop"));
+    });
+    let start = conn.groups().await.unwrap().into_iter().find(|g| g.group == group).map_or(0, |g| g.acked_seq);
+    let reads = hush::client::log::GroupLog::new(&group, start).read_all_over(&mut raw, &conn, None).await.unwrap();
+    let texts = hush::client::mls::Received::texts(
+        &reads
+            .into_iter()
+            .filter_map(|r| match r {
+                hush::client::log::Read::Received { received, .. } => Some(received),
+                _ => None,
+            })
+            .collect::<Vec<_>>(),
+    );
+    assert!(!texts.iter().any(|t| t.contains("not for the laptop")), "the revoked laptop read bob: {texts:?}");
 }
 
 /// A malicious (or careless) member adds one of alice's two devices: the
@@ -268,5 +338,5 @@ async fn a_commit_adding_only_some_devices_of_a_person_is_refused() {
 
 crate::on_both_backends! {
     sync: [an_offboarded_account_is_refused_and_leaves_every_group_after_one_sync, a_linked_device_reads_and_writes_as_the_same_person, link_codes_are_single_use_and_need_the_secret, a_revoked_device_is_refused_and_leaves_the_groups],
-    async: [a_commit_adding_only_some_devices_of_a_person_is_refused],
+    async: [a_commit_adding_only_some_devices_of_a_person_is_refused, a_revoked_device_the_operator_lets_back_in_is_removed_again_by_members],
 }

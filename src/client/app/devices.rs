@@ -123,8 +123,51 @@ impl App {
         if device == self.member.device() {
             return Err(AppError::DeviceName("this is the device you are using".into()));
         }
-        conn.revoke_device(&DeviceRevocation::issue(account, device, now_unix())).await?;
+        let revocation = DeviceRevocation::issue(account, device, now_unix());
+        conn.revoke_device(&revocation).await?;
+        // Members learn the revocation from the account itself, not from
+        // the server (which could withhold it, or let the device back in):
+        // in every group the device is in, the revocation goes out signed
+        // by the account key, and this device commits its removal.
+        let groups: Vec<GroupRow> = self.groups()?.into_iter().filter(|g| g.active).collect();
+        for g in &groups {
+            self.sync_group(conn, &g.id, &mut Vec::new()).await?;
+        }
+        self.learn_revocation(&revocation)?;
+        for g in groups {
+            if !self.member.devices(&g.id).contains(&device) {
+                continue;
+            }
+            // Sending removes the device's leaf first (it is revoked now).
+            self.send_payload(conn, &g.id, &Payload::Revocation(revocation.encode())).await?;
+            let me = self.account();
+            let line =
+                format!("you revoked your device {name}: it is out of the group, and members refuse it from now on");
+            let at = self.local.cursor(&g.id)?;
+            self.record(&g.id, at, Some(&me), EntryKind::Event, &line)?;
+        }
         Ok(device)
+    }
+
+    /// Commits the removal of every leaf of `group` held by a device whose
+    /// account revoked it (a revocation this device holds), if any; returns
+    /// the commit's sequence and how many devices it removed.
+    pub(super) async fn remove_revoked(
+        &mut self,
+        conn: &Connection,
+        group: &[u8],
+    ) -> Result<Option<(u64, usize)>, AppError> {
+        let revoked = self.member.revoked_in(group);
+        if revoked.is_empty() {
+            return Ok(None);
+        }
+        let gid = group.to_vec();
+        match self.send_commit(conn, &gid, |m| Ok(m.remove_devices(&gid, &revoked)?)).await {
+            Ok(seq) => Ok(Some((seq, revoked.len()))),
+            // Someone else's commit removed them meanwhile.
+            Err(AppError::Mls(MlsError::NoneInGroup)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// A linked device joins a group of its account that it holds no state

@@ -125,6 +125,14 @@ impl App {
         if self.member.should_commit_pending(&g.id) {
             new.extend(self.commit_pending_proposals(conn, g).await?);
         }
+        // A device its account revoked that still (or again) holds a leaf
+        // here: this member removes it, whatever the server proposed or
+        // relayed.
+        if let Some((seq, n)) = self.remove_revoked(conn, &g.id).await? {
+            let line = format!("you removed {n} device(s) their account revoked, still or again in the group");
+            let me = self.account();
+            new.push(self.record(&g.id, seq, Some(&me), EntryKind::Event, &line)?);
+        }
         Ok(())
     }
 
@@ -534,6 +542,22 @@ impl App {
                         self.local.name_group(group, &name)?;
                     }
                 }
+                Ok(Payload::Revocation(bytes)) => match crate::auth::DeviceRevocation::decode(&bytes) {
+                    Ok(r) => {
+                        if self.learn_revocation(&r)? {
+                            let whose = if r.account == self.account() {
+                                "your account".to_string()
+                            } else {
+                                self.display(&r.account)
+                            };
+                            let e = format!(
+                                "{whose} revoked one of its devices (signed with the account key): that device is refused in every group from now on"
+                            );
+                            new.push(self.record(group, seq, sender.as_ref(), EntryKind::Event, &e)?);
+                        }
+                    }
+                    Err(e) => tracing::debug!(seq, "skipped a revocation that does not verify: {e}"),
+                },
                 Err(e) => tracing::debug!(seq, "skipped a payload: {e}"),
             },
             Received::Commit { sender, removed_me, rejoined, new_device, removed, .. } => {

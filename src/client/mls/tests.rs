@@ -4,6 +4,7 @@
 
 use super::adversary::HostileProposal;
 use super::*;
+use crate::auth::DeviceId;
 
 const REMOVAL_KEY: [u8; 32] = [9; 32];
 
@@ -105,4 +106,49 @@ fn leaving_is_committed_by_the_next_member_and_named_as_leaving() {
     // mallory learns only that she was removed; not that anyone else was.
     let got = mallory.receive(&group, &commit.message).unwrap();
     assert!(matches!(&got, Received::Commit { removed_me: true, removed, .. } if *removed == expected), "{got:?}");
+}
+
+#[test]
+fn a_device_its_account_revoked_that_comes_back_is_found_and_removed_by_members() {
+    let (account, _, mut alice) = Member::generate().unwrap();
+    let laptop_key = crate::auth::Identity::generate().unwrap();
+    let mut laptop = Member::new(&account, DeviceId(laptop_key.public_key())).unwrap();
+    let (_, _, mut bob) = Member::generate().unwrap();
+    let group = alice.create_group(&REMOVAL_KEY).unwrap().id;
+    let packages = vec![
+        (bob.account(), bob.key_packages(1).unwrap().remove(0)),
+        (account.account_id(), laptop.key_packages(1).unwrap().remove(0)),
+    ];
+    let commit = alice.add(&group, &packages).unwrap();
+    alice.merge_pending(&group).unwrap();
+    bob.join(commit.welcome.as_ref().unwrap()).unwrap();
+    laptop.join(commit.welcome.as_ref().unwrap()).unwrap();
+
+    // alice removes the laptop (her account revoked it); bob follows.
+    alice.revoke(laptop.device());
+    assert_eq!(alice.revoked_in(&group), vec![laptop.device()]);
+    let removal = alice.remove_devices(&group, &[laptop.device()]).unwrap();
+    committed(&mut alice, &mut [&mut bob], &group, removal.clone());
+    assert!(alice.revoked_in(&group).is_empty());
+
+    // With the operator's help, the laptop comes back as a "new device" of
+    // alice's account, which is still in the group. A member that knows
+    // the revocation (bob read alice's signed statement) finds it, and its
+    // next commit (made before it sends anything) takes it out again.
+    bob.revoke(laptop.device());
+    let rejoin = laptop.join_external(&group, &removal.group_info, None).unwrap();
+    let got = bob.receive(&group, &rejoin.message).unwrap();
+    assert!(matches!(got, Received::Commit { new_device: true, .. }), "{got:?}");
+    assert_eq!(bob.revoked_in(&group), vec![laptop.device()]);
+    let back = bob.revoked_in(&group);
+    let again = bob.remove_devices(&group, &back).unwrap();
+    bob.merge_pending(&group).unwrap();
+    assert!(!bob.devices(&group).contains(&laptop.device()));
+    // The laptop cannot read what bob sends next.
+    let after = bob.encrypt(&group, b"not for the laptop").unwrap();
+    let _ = laptop.receive(&group, &again.message);
+    assert!(laptop.receive(&group, &after).is_err(), "the revoked laptop read bob's message");
+    // A member that never saw the revocation has nothing to remove.
+    let (_, _, mut unaware) = Member::generate().unwrap();
+    assert!(unaware.revoked_in(&group).is_empty());
 }
