@@ -52,6 +52,21 @@ enum AccountsCmd {
 }
 
 #[derive(Subcommand)]
+enum GroupsCmd {
+    /// Take one account out of one group: its devices stop being members at
+    /// once (no longer counted against its group quota) and the server
+    /// proposes the removal of their leaves (works while serving; the next
+    /// commit by any member applies it). The group id is the one
+    /// `hush group list` shows.
+    RemoveMember {
+        /// The group id.
+        group: String,
+        /// The account id, as `hushd accounts` lists it.
+        account: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the server (creates key and database on first run) and print its
     /// address once listening.
@@ -86,6 +101,11 @@ enum Command {
     },
     /// List invites (ids, uses left, expiry; never the secret).
     Invites,
+    /// Act on one group's membership (the operator's tools).
+    Groups {
+        #[command(subcommand)]
+        action: GroupsCmd,
+    },
     /// Counts only: accounts, devices, groups, messages held and the oldest
     /// one's age, Welcomes waiting, invites outstanding, database size.
     /// Works while serving.
@@ -263,6 +283,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Completions { .. } | Command::Man => Ok(()),
         Command::Accounts { action: Some(AccountsCmd::Remove { id }) } => {
             remove_account(&dir, &load_config(&dir)?, &id)
+        }
+        Command::Groups { action: GroupsCmd::RemoveMember { group, account } } => {
+            remove_member(&dir, &load_config(&dir)?, &group, &account)
         }
         Command::Check => check(&dir, load_config(&dir)),
         Command::Bench { quick, json, only } => bench(quick, json, &only),
@@ -480,6 +503,34 @@ fn remove_account(dir: &DataDir, config: &ServerConfig, id: &str) -> Result<()> 
         removal.proposals
     );
     eprintln!("members' next sync commits the removal; the account's keys are refused from now on");
+    Ok(())
+}
+
+/// `hushd groups remove-member GROUP ACCOUNT`, through the Delivery Service
+/// core like `accounts remove`.
+fn remove_member(dir: &DataDir, config: &ServerConfig, group: &str, account: &str) -> Result<()> {
+    use hush::delivery::storage::{Backend as _, Unit as _};
+    let id: [u8; 32] = hush::auth::text::decode_array(group)
+        .map_err(|e| anyhow::anyhow!("{group:?} is not a group id (as `hush group list` shows it): {e}"))?;
+    let account: hush::auth::AccountId =
+        account.parse().with_context(|| format!("{account:?} is not an account id"))?;
+    let mut db = open_existing(dir, config)?;
+    let removal = std::sync::Arc::new(
+        Identity::load(&dir.removal_key())
+            .with_context(|| format!("loading the removal key {}", dir.removal_key().display()))?,
+    );
+    let quotas = hush::delivery::Quotas::default();
+    let mut delivery = hush::delivery::Delivery::with_quotas(quotas, removal.public_key()).with_removal_signer(removal);
+    let now = now_unix();
+    let removal = on_db!(&mut db, d => d.write(|s| {
+        let removal = delivery.remove_membership(s, &id, &account, now);
+        if let Ok(r) = &removal {
+            s.announce(&r.notifications)?;
+        }
+        Ok(removal)
+    }))??;
+    out!("removed {account} from the group: {} device(s), removal proposed for {}", removal.devices, removal.proposals);
+    eprintln!("members' next sync commits the removal; the account no longer counts the group against its quota");
     Ok(())
 }
 

@@ -500,10 +500,14 @@ impl App {
     /// Asks the group to remove us (another member's next commit does).
     pub async fn leave(&mut self, conn: &Connection, group: &GroupRow) -> Result<(), AppError> {
         self.sync_group(conn, &group.id, &mut Vec::new()).await?;
-        let proposal = self.member.leave(&group.id)?;
-        let (seq, _) = conn.send(proposal, None).await?;
+        // Every device of this account leaves; the server stops counting
+        // the group at once, whether or not anyone commits it.
+        let mut seq = 0;
+        for proposal in self.member.leave_account(&group.id)? {
+            seq = conn.send(proposal, None).await?.0;
+            self.local.mark_sent(&group.id, seq)?;
+        }
         let unit = self.local.unit()?;
-        self.local.mark_sent(&group.id, seq)?;
         self.local.deactivate(&group.id)?;
         self.record(&group.id, seq, Some(&self.account()), EntryKind::Event, "you left")?;
         unit.commit()?;

@@ -265,11 +265,11 @@ pub enum Received {
         removed: Vec<Removed>,
     },
     /// A member's proposal was stored. `removing`: the account whose leaf it
-    /// proposes to remove (the sender's own: a member leaving). Only a
-    /// member's own leaving is committed by the others on their next sync;
-    /// a proposal to remove someone else waits for a member who chooses to
-    /// (`hush group remove`).
-    Proposal { sender: Option<AccountId>, removing: Option<AccountId>, own_leaf: bool },
+    /// proposes to remove; `leaving`: a leaf of the sender's own account (a
+    /// member leaving, committed by the others on their next sync). A
+    /// proposal to remove someone else lapses with the epoch unless a
+    /// member chooses to remove them (`hush group remove`).
+    Proposal { sender: Option<AccountId>, removing: Option<AccountId>, leaving: bool },
     /// A commit or proposal was refused because a leaf it adds or changes
     /// is not certified, or changes whose leaf it is. Nothing was applied.
     Refused { sender: Option<AccountId>, reason: String },
@@ -316,11 +316,12 @@ pub enum RemovedBy {
 }
 
 /// Whether a stored proposal may go into a commit this member builds
-/// without being asked: only the server's removal proposals and another
-/// member's removal of its own leaf (leaving). A member's proposal to
+/// without being asked: only the server's removal proposals and a member
+/// leaving (a Remove of a leaf of its own account). A member's proposal to
 /// remove someone else, an Update, or anything else stored is never
 /// committed silently (and a proposal hush does not use is never stored).
-fn committable(p: &QueuedProposal, own: LeafNodeIndex) -> bool {
+/// `accounts` maps the group's leaves to their accounts.
+fn committable(p: &QueuedProposal, own: LeafNodeIndex, accounts: &HashMap<LeafNodeIndex, AccountId>) -> bool {
     // openmls runs its filter over the committer's own proposals too
     // (inline, by value): those are what this member chose to commit.
     if p.proposal_or_ref_type() == ProposalOrRefType::Proposal {
@@ -328,9 +329,16 @@ fn committable(p: &QueuedProposal, own: LeafNodeIndex) -> bool {
     }
     match (p.proposal(), p.sender()) {
         (Proposal::Remove(_), Sender::External(_)) => true,
-        (Proposal::Remove(r), Sender::Member(i)) => r.removed() == *i && *i != own,
+        (Proposal::Remove(r), Sender::Member(i)) => {
+            *i != own && accounts.get(&r.removed()).is_some_and(|a| accounts.get(i) == Some(a))
+        }
         _ => false,
     }
+}
+
+/// The account of each leaf of a group.
+fn leaf_accounts(g: &MlsGroup) -> HashMap<LeafNodeIndex, AccountId> {
+    g.members().filter_map(|m| holder_of(&m.credential).map(|(a, _)| (m.index, a))).collect()
 }
 
 /// One member: its MLS signature key, credential and groups, kept in the
@@ -519,9 +527,10 @@ impl<P: OpenMlsProvider> Member<P> {
     pub fn should_commit_pending(&mut self, group: &[u8]) -> bool {
         let Ok(g) = self.group_mut(group) else { return false };
         let own = g.own_leaf_index();
+        let accounts = leaf_accounts(g);
         let mut any = false;
         for p in g.pending_proposals() {
-            if committable(p, own) && matches!(p.proposal(), Proposal::Remove(r) if r.removed() == own) {
+            if committable(p, own, &accounts) && matches!(p.proposal(), Proposal::Remove(r) if r.removed() == own) {
                 return false;
             }
             any = true;
@@ -534,10 +543,9 @@ impl<P: OpenMlsProvider> Member<P> {
     pub fn committable_removals(&mut self, group: &[u8]) -> Vec<Removed> {
         let Ok(g) = self.group_mut(group) else { return Vec::new() };
         let own = g.own_leaf_index();
-        let holders: HashMap<LeafNodeIndex, AccountId> =
-            g.members().filter_map(|m| holder_of(&m.credential).map(|(a, _)| (m.index, a))).collect();
+        let holders = leaf_accounts(g);
         g.pending_proposals()
-            .filter(|p| committable(p, own))
+            .filter(|p| committable(p, own, &holders))
             .filter_map(|p| match (p.proposal(), p.sender()) {
                 (Proposal::Remove(r), Sender::External(_)) => {
                     holders.get(&r.removed()).map(|a| Removed { account: *a, by: RemovedBy::Server })
@@ -672,6 +680,7 @@ impl<P: OpenMlsProvider> Member<P> {
         let (provider, signer) = (&self.provider, &self.signer);
         let g = self.groups.get_mut(group).ok_or(MlsError::NotInGroup)?;
         let own = g.own_leaf_index();
+        let accounts = leaf_accounts(g);
         let bundle = g
             .commit_builder()
             .propose_adds(adds)
@@ -679,7 +688,7 @@ impl<P: OpenMlsProvider> Member<P> {
             .force_self_update(self_update)
             .load_psks(provider.storage())
             .context("building a commit")?
-            .build(provider.rand(), provider.crypto(), signer, |p| committable(p, own))
+            .build(provider.rand(), provider.crypto(), signer, |p| committable(p, own, &accounts))
             .context("building a commit")?
             .stage_commit(provider)
             .context("building a commit")?;
@@ -724,6 +733,30 @@ impl<P: OpenMlsProvider> Member<P> {
         let g = self.groups.get_mut(group).ok_or(MlsError::NotInGroup)?;
         let proposal = g.leave_group(provider, signer).context("leaving")?;
         serialize(&proposal, "the proposal")
+    }
+
+    /// Proposals removing every leaf of this account (this device's and
+    /// its siblings'): the account leaves the group. Others commit them.
+    pub fn leave_account(&mut self, group: &[u8]) -> Result<Vec<Vec<u8>>, MlsError> {
+        // The siblings' first: once this device's own leaving is sent, the
+        // server takes nothing more from it in the group.
+        let mut out = Vec::new();
+        let account = self.account();
+        let g = self.group_mut(group)?;
+        let own = g.own_leaf_index();
+        let siblings: Vec<LeafNodeIndex> = g
+            .members()
+            .filter(|m| m.index != own && holder_of(&m.credential).is_some_and(|(a, _)| a == account))
+            .map(|m| m.index)
+            .collect();
+        let (provider, signer) = (&self.provider, &self.signer);
+        let g = self.groups.get_mut(group).ok_or(MlsError::NotInGroup)?;
+        for leaf in siblings {
+            let (message, _) = g.propose_remove_member(provider, signer, leaf).context("leaving")?;
+            out.push(serialize(&message, "the proposal")?);
+        }
+        out.push(self.leave(group)?);
+        Ok(out)
     }
 
     /// A commit of the stored proposals that may be committed without
@@ -1017,14 +1050,13 @@ impl<P: OpenMlsProvider> Member<P> {
                         return Ok(Received::Refused { sender, reason });
                     }
                 }
-                let (removing, own_leaf) = match p.proposal() {
-                    Proposal::Remove(r) => {
-                        (holders.get(&r.removed()).map(|(a, _)| *a), Some(r.removed()) == sender_leaf)
-                    }
-                    _ => (None, false),
+                let removing = match p.proposal() {
+                    Proposal::Remove(r) => holders.get(&r.removed()).map(|(a, _)| *a),
+                    _ => None,
                 };
+                let leaving = removing.is_some() && removing == sender;
                 g.store_pending_proposal(provider.storage(), *p).context("storing the proposal")?;
-                Ok(Received::Proposal { sender, removing, own_leaf })
+                Ok(Received::Proposal { sender, removing, leaving })
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
                 let external = matches!(sender_kind, Sender::NewMemberCommit);
@@ -1070,7 +1102,7 @@ impl<P: OpenMlsProvider> Member<P> {
                             let (account, _) = holders.get(&leaf)?;
                             let by = match r.sender() {
                                 Sender::External(_) => RemovedBy::Server,
-                                Sender::Member(i) if *i == leaf => RemovedBy::Itself,
+                                Sender::Member(i) if holders.get(i).map(|h| h.0) == Some(*account) => RemovedBy::Itself,
                                 Sender::Member(i) if Some(*i) == sender_leaf => RemovedBy::Committer,
                                 Sender::Member(i) => match holders.get(i) {
                                     Some((proposer, _)) => RemovedBy::Member(*proposer),

@@ -97,6 +97,59 @@ impl Delivery {
         }
     }
 
+    /// `hushd groups remove-member`: the operator takes `account` out of
+    /// one group. Its devices there stop being members at once (no longer
+    /// counted against its group quota, sent to, or accepted from), and the
+    /// server proposes the removal of their leaves, which members commit on
+    /// their next sync (a commit that leaves one in is followed by a new
+    /// proposal). `devices` in the result counts the memberships ended.
+    pub fn remove_membership<S: Storage>(
+        &mut self,
+        store: &mut S,
+        group: &[u8],
+        account: &AccountId,
+        now: u64,
+    ) -> Result<Removal, RemoveError> {
+        let mut removal = Removal::default();
+        let result = (|| -> Result<(), Refusal<S::Error>> {
+            let Some(record) = store.group(group)? else {
+                return Err(refuse(ErrorCode::NotMember, "no such group"));
+            };
+            let devices: Vec<DeviceId> = store
+                .members(group)?
+                .into_iter()
+                .filter(|(_, m)| m.is_current() && m.account == *account)
+                .map(|(d, _)| d)
+                .collect();
+            if devices.is_empty() {
+                return Err(refuse(ErrorCode::NotMember, "that account is not a member of that group"));
+            }
+            for device in devices {
+                let at = match self.propose_removal(store, group, &device, now)? {
+                    Some(n) => {
+                        let seq = match &n {
+                            Notification::Message { seq, .. } => *seq,
+                            _ => record.last_seq,
+                        };
+                        removal.proposals += 1;
+                        removal.notifications.push(n);
+                        seq
+                    }
+                    None => record.last_seq,
+                };
+                store.remove_member(group, &device, at, record.epoch)?;
+                removal.devices += 1;
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => Ok(removal),
+            Err(Refusal::Client { code: ErrorCode::NotMember, .. }) => Err(RemoveError::Unknown),
+            Err(Refusal::Client { message, .. }) | Err(Refusal::Internal(message)) => Err(RemoveError::Failed(message)),
+            Err(Refusal::Storage(e)) => Err(RemoveError::Failed(e.to_string())),
+        }
+    }
+
     /// Marks `device` revoked and proposes its removal in every group it is
     /// a current member of.
     fn revoke_device<S: Storage>(
@@ -170,7 +223,7 @@ impl Delivery {
 /// Why an account could not be removed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RemoveError {
-    #[error("no such account on this server")]
+    #[error("no such account on this server (or, for one group: no such group, or the account is not a member of it)")]
     Unknown,
     #[error("removing the account failed: {0}")]
     Failed(String),

@@ -149,6 +149,18 @@ impl Delivery {
         if let Proposal::Update(update) = queued.proposal() {
             v.same_holder(sender, update.leaf_node())?;
         }
+        // Leaving: a Remove of a leaf of the sender's own account. It takes
+        // effect here at once, whether or not anyone commits it: the device
+        // stops counting against its account's group quota, receiving and
+        // sending (a group of strangers cannot hold it by never
+        // committing); a later commit that leaves its leaf in is followed
+        // by the server's own removal proposal.
+        let leaving = match queued.proposal() {
+            Proposal::Remove(r) => {
+                v.holders.get(&r.removed().u32()).filter(|held| held.account == h.caller.account).copied()
+            }
+            _ => None,
+        };
         let Verified { storage, mut public, before, .. } = v;
         let pending = public
             .queued_proposals(&storage)
@@ -166,6 +178,11 @@ impl Delivery {
         let (group, epoch) = (h.group, h.record.epoch);
         let seq = store.append(group, epoch, &h.bytes, h.now)?;
         store.update_group(group, epoch, &state)?;
+        if let Some(left) = leaving {
+            if store.membership(group, &left.device)?.is_some_and(|m| m.is_current()) {
+                store.remove_member(group, &left.device, seq, epoch)?;
+            }
+        }
         Ok(Outcome::wrote(
             Response::Accepted { group: group.to_vec(), seq, epoch },
             vec![Notification::Message { group: group.to_vec(), seq, message: h.bytes, recipients: before.into() }],
@@ -192,7 +209,7 @@ impl Delivery {
         let added = self.added_devices(store, &staged)?;
         self.check_groups_quota(store, &added)?;
         let welcome = check_welcome_for(h.welcome, &added)?;
-        let Verified { storage, mut public, before, .. } = v;
+        let Verified { storage, mut public, before, sender: v_sender, .. } = v;
         public.merge_commit(&storage, staged).map_err(|e| Refusal::Internal(format!("merging the commit: {e:?}")))?;
         let epoch = public.group_context().epoch().as_u64();
         let roster = self.check_tree(&public)?;
@@ -222,9 +239,23 @@ impl Delivery {
         store.update_group(group, epoch, &state)?;
         store.set_group_info(group, &group_info)?;
         let before_set: BTreeSet<DeviceId> = before.iter().copied().collect();
+        // Who becomes a member: the devices this commit adds, and the
+        // sender of an external commit (a new device of a member's
+        // account). A leaf that is in the tree without being a member (a
+        // device that left, or was removed by the operator, and whose
+        // removal nobody committed) does not come back by being left in.
+        let mut joining: BTreeSet<DeviceId> = added.iter().map(|(_, c)| c.device).collect();
+        if v_sender.is_none() {
+            joining.insert(h.caller.device);
+        }
+        let mut lingering = Vec::new();
         for (device, account) in &roster {
             if !before_set.contains(device) {
-                store.add_member(group, device, account, seq)?;
+                if joining.contains(device) {
+                    store.add_member(group, device, account, seq)?;
+                } else {
+                    lingering.push(*device);
+                }
             }
         }
         for device in before_set.iter().filter(|d| !roster.contains_key(d)) {
@@ -246,7 +277,7 @@ impl Delivery {
         // left in (its committer had not read the server's proposal, or
         // chose not to take it) is proposed for removal again, in the new
         // epoch.
-        for device in store.revoked_members(group)? {
+        for device in store.revoked_members(group)?.into_iter().chain(lingering) {
             notifications.extend(self.propose_removal(store, group, &device, h.now)?);
         }
         Ok(Outcome::wrote(Response::Accepted { group: group.to_vec(), seq, epoch }, notifications))

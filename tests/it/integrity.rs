@@ -75,7 +75,80 @@ async fn a_members_removal_proposal_is_shown_with_its_author_and_committed_by_no
     assert!(mallory_mls.members(&group).contains(&bob_account.parse().unwrap()));
 }
 
+/// mallory fills bob's group quota with junk groups; bob leaves them and
+/// the quota is free at once, though nobody commits his leaving; the
+/// operator can take an account out of one group too.
+async fn leaving_frees_the_group_quota_without_anyone_committing_and_the_operator_can_remove_one_membership() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("s");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("hushd.toml"), "max_groups_per_account = 2\n").unwrap();
+    let server = Hushd::start(&data);
+    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    crate::repair::register(&server, &alice);
+    let bob_id = crate::repair::register(&server, &bob);
+    let bob_account: hush::auth::AccountId = bob_id.parse().unwrap();
+    let (_, mallory, mut mallory_mls) = raw_member(&server).await;
+    let removal_key = mallory.status().await.unwrap().removal_key;
+    let mut junk = Vec::new();
+    for _ in 0..2 {
+        let g = mallory_mls.create_group(&removal_key).unwrap();
+        mallory.create_group(g.group_info, g.ratchet_tree).await.unwrap();
+        let packages = claim(&mallory, bob_account).await;
+        mallory.commit(mallory_mls.add(&g.id, &packages).unwrap()).await.unwrap();
+        mallory_mls.merge_pending(&g.id).unwrap();
+        junk.push(hush::auth::text::encode(&g.id));
+    }
+    tokio::task::block_in_place(|| {
+        ok(hush(&alice, &["contact", "add", "bob", &bob_id]));
+        ok(hush(&alice, &["group", "create", "team"]));
+        let refused = hush(&alice, &["group", "add", "team", "bob"]);
+        assert!(!refused.status.success(), "bob's quota is full");
+        assert!(stderr(&refused).contains("the most this server allows"), "{}", stderr(&refused));
+        ok(hush(&bob, &["sync"]));
+        for id in &junk {
+            ok(hush(&bob, &["group", "leave", id]));
+        }
+        // Nobody committed bob's leaving (mallory never will): the server
+        // counts him out all the same.
+        ok(hush(&alice, &["group", "add", "team", "bob"]));
+        assert!(ok(hush(&bob, &["sync"])).contains("you joined"));
+    });
+    // Another junk group (mallory's accomplice eve: mallory is at her own
+    // quota); the operator takes bob out of it.
+    let (_, mallory, mut mallory_mls) = raw_member(&server).await;
+    let g = mallory_mls.create_group(&removal_key).unwrap();
+    mallory.create_group(g.group_info, g.ratchet_tree).await.unwrap();
+    let packages = claim(&mallory, bob_account).await;
+    mallory.commit(mallory_mls.add(&g.id, &packages).unwrap()).await.unwrap();
+    mallory_mls.merge_pending(&g.id).unwrap();
+    tokio::task::block_in_place(|| {
+        let out =
+            ok(run(hushd_command(&data).args(["groups", "remove-member", &hush::auth::text::encode(&g.id), &bob_id])));
+        assert!(out.contains("removed") && out.contains("1 device(s)"), "{out}");
+        ok(hush(&alice, &["group", "create", "second"]));
+        ok(hush(&alice, &["group", "add", "second", "bob"]));
+        // Unknown group or account: a clear refusal.
+        let bad =
+            run(hushd_command(&data).args(["groups", "remove-member", &hush::auth::text::encode(&g.id), &bob_id]));
+        assert!(!bad.status.success() && stderr(&bad).contains("not a member"), "{}", stderr(&bad));
+    });
+    // mallory's next commit in that group leaves bob's leaf in: the server
+    // proposes its removal again, and bob stays out.
+    let commit = mallory_mls.self_update(&g.id).unwrap();
+    mallory.commit(commit).await.unwrap();
+    mallory_mls.merge_pending(&g.id).unwrap();
+    let listing = mallory.groups().await.unwrap();
+    assert!(listing.iter().any(|s| s.group == g.id));
+    let bob_device = hush::auth::Identity::load(&bob.join("device.key")).unwrap();
+    let bob_conn = hush::client::Connection::connect(&server.address, &bob_device).await.unwrap();
+    let e = bob_conn.fetch(&g.id, u64::MAX - 1, 0).await;
+    assert!(e.is_err() || e.unwrap().0.is_empty());
+    let bob_groups = bob_conn.groups().await.unwrap();
+    assert!(bob_groups.iter().filter(|s| s.group == g.id).all(|s| !s.member), "{bob_groups:?}");
+}
+
 crate::on_both_backends! {
     sync: [],
-    async: [a_psk_a_gce_or_a_foreign_add_proposal_leaves_every_group_working, a_members_removal_proposal_is_shown_with_its_author_and_committed_by_nobody_unasked],
+    async: [a_psk_a_gce_or_a_foreign_add_proposal_leaves_every_group_working, a_members_removal_proposal_is_shown_with_its_author_and_committed_by_nobody_unasked, leaving_frees_the_group_quota_without_anyone_committing_and_the_operator_can_remove_one_membership],
 }

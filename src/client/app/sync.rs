@@ -598,9 +598,9 @@ impl App {
                     new.push(self.record(group, seq, sender.as_ref(), EntryKind::Event, &e)?);
                 }
             }
-            Received::Proposal { sender, removing: Some(target), own_leaf } => {
+            Received::Proposal { sender, removing: Some(target), leaving } => {
                 let who = sender.as_ref().map(|a| self.display(a)).unwrap_or_else(|| "someone".into());
-                let e = if own_leaf {
+                let e = if leaving {
                     format!("{who} asked to leave the group; the next member to sync takes it")
                 } else {
                     let target = self.display(&target);

@@ -73,7 +73,7 @@ fn a_members_removal_proposal_is_shown_with_its_author_and_never_committed_silen
     let got = alice.receive(&group, &proposal).unwrap();
     assert_eq!(
         got,
-        Received::Proposal { sender: Some(mallory.account()), removing: Some(bob.account()), own_leaf: false }
+        Received::Proposal { sender: Some(mallory.account()), removing: Some(bob.account()), leaving: false }
     );
     // alice commits (no message can be sent while a proposal waits), and
     // her commit leaves the proposal out: only leaving and the server's
@@ -94,7 +94,7 @@ fn leaving_is_committed_by_the_next_member_and_named_as_leaving() {
     let got = alice.receive(&group, &proposal).unwrap();
     assert_eq!(
         got,
-        Received::Proposal { sender: Some(mallory.account()), removing: Some(mallory.account()), own_leaf: true }
+        Received::Proposal { sender: Some(mallory.account()), removing: Some(mallory.account()), leaving: true }
     );
     let _ = bob.receive(&group, &proposal).unwrap();
     assert!(alice.should_commit_pending(&group));
