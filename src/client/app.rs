@@ -85,6 +85,8 @@ pub enum AppError {
     RejoinKeptFailing,
     #[error("could not rejoin the group: {0}")]
     RejoinRefused(String),
+    #[error("no invitation to a group {0:?}; see `hush invitations`")]
+    UnknownInvitation(String),
     #[error("the server misbehaved: {0}; nothing after that point was applied (try again, or ask its operator)")]
     Misbehaving(String),
     #[error(

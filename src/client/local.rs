@@ -62,6 +62,18 @@ pub struct LocalGroup {
     pub active: bool,
 }
 
+/// A Welcome from an account that is not a contact, waiting for the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invitation {
+    pub group: Vec<u8>,
+    /// Who added this account (the certified account of the Welcome's
+    /// sender leaf).
+    pub inviter: AccountId,
+    /// Devices in the group.
+    pub members: usize,
+    pub at: u64,
+}
+
 /// One stored history line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryRow {
@@ -240,6 +252,54 @@ impl Local {
             }
         }
         Ok(out)
+    }
+
+    // ---- invitations ----
+
+    /// Keeps a Welcome from someone who is not a contact (replacing an
+    /// earlier one for the same group).
+    pub fn put_invitation(&self, inv: &Invitation, welcome: &[u8]) -> Result<(), StateError> {
+        let members = i64::try_from(inv.members).unwrap_or(i64::MAX);
+        self.conn.execute(
+            "INSERT OR REPLACE INTO invitations (group_id, welcome, inviter, members, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![inv.group, welcome, &inv.inviter.0[..], members, i(inv.at)],
+        )?;
+        Ok(())
+    }
+
+    /// The invitations waiting, oldest first.
+    pub fn invitations(&self) -> Result<Vec<Invitation>, StateError> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT group_id, inviter, members, at FROM invitations ORDER BY at")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?))
+        })?;
+        let mut out = vec![];
+        for row in rows {
+            let (group, inviter, members, at) = row?;
+            if let Ok(inviter) = <[u8; 32]>::try_from(inviter.as_slice()) {
+                out.push(Invitation {
+                    group,
+                    inviter: AccountId(inviter),
+                    members: usize::try_from(members).unwrap_or(0),
+                    at: u(at),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The Welcome of a waiting invitation.
+    pub fn invitation_welcome(&self, group: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self
+            .conn
+            .query_row("SELECT welcome FROM invitations WHERE group_id = ?1", [group], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn delete_invitation(&self, group: &[u8]) -> Result<(), StateError> {
+        self.conn.execute("DELETE FROM invitations WHERE group_id = ?1", [group])?;
+        Ok(())
     }
 
     // ---- revocations ----

@@ -983,6 +983,30 @@ impl<P: OpenMlsProvider> Member<P> {
         Ok(id)
     }
 
+    /// Reads a Welcome without joining: the group id, who sent it (the
+    /// certified account of its sender leaf) and how many devices the group
+    /// holds, every leaf checked as for [`Member::join`]. openmls deletes the
+    /// KeyPackage the Welcome used as it reads it: call this inside a unit
+    /// of work that is rolled back, so the Welcome can be joined later.
+    pub fn peek_welcome(&mut self, welcome: &[u8]) -> Result<(Vec<u8>, AccountId, usize), MlsError> {
+        let msg = MlsMessageIn::tls_deserialize_exact(welcome).context("Welcome")?;
+        let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
+            return Err(MlsError::NotAWelcome);
+        };
+        let staged =
+            StagedWelcome::new_from_welcome(&self.provider, &Self::join_config(), welcome, None).context("Welcome")?;
+        check_tree(staged.members(), "join")?;
+        let sender = staged.welcome_sender().context("Welcome")?;
+        let inviter = node_certificate(sender)
+            .map_err(|why| MlsError::UncertifiedLeaf {
+                action: "join",
+                leaf: staged.welcome_sender_index().u32(),
+                why,
+            })?
+            .account;
+        Ok((staged.group_context().group_id().as_slice().to_vec(), inviter, staged.members().count()))
+    }
+
     /// Processes a message fetched from the group's log (not one we sent).
     pub fn receive(&mut self, group: &[u8], bytes: &[u8]) -> Result<Received, MlsError> {
         let msg = MlsMessageIn::tls_deserialize_exact(bytes).context("message")?;
@@ -1102,8 +1126,8 @@ impl<P: OpenMlsProvider> Member<P> {
                             let (account, _) = holders.get(&leaf)?;
                             let by = match r.sender() {
                                 Sender::External(_) => RemovedBy::Server,
-                                Sender::Member(i) if holders.get(i).map(|h| h.0) == Some(*account) => RemovedBy::Itself,
                                 Sender::Member(i) if Some(*i) == sender_leaf => RemovedBy::Committer,
+                                Sender::Member(i) if holders.get(i).map(|h| h.0) == Some(*account) => RemovedBy::Itself,
                                 Sender::Member(i) => match holders.get(i) {
                                     Some((proposer, _)) => RemovedBy::Member(*proposer),
                                     None => RemovedBy::Committer,

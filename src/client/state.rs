@@ -110,6 +110,15 @@ const MIGRATIONS: &[&str] = &[
     // 2 -> 3: account-signed revocations this device has seen (any
     // account's); their devices are refused as leaves from then on.
     "CREATE TABLE revocations (device BLOB PRIMARY KEY NOT NULL, statement BLOB NOT NULL);",
+    // 3 -> 4: Welcomes from accounts that are not contacts, waiting for the
+    // user to accept or decline them.
+    "CREATE TABLE invitations (
+        group_id BLOB PRIMARY KEY NOT NULL,
+        welcome BLOB NOT NULL,
+        inviter BLOB NOT NULL,
+        members INTEGER NOT NULL,
+        at INTEGER NOT NULL
+    );",
 ];
 
 /// Deleted secrets (KeyPackage private keys, past epochs' secrets, used

@@ -32,12 +32,15 @@ fn an_offboarded_account_is_refused_and_leaves_every_group_after_one_sync() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("s"));
     let (alice, bob, carol) = (tmp.path().join("alice"), tmp.path().join("bob"), tmp.path().join("carol"));
-    register(&server, &alice);
+    let alice_id = register(&server, &alice);
     let bob_id = register(&server, &bob);
     let carol_id = register(&server, &carol);
     ok(hush(&alice, &["contact", "add", "bob", &bob_id]));
     ok(hush(&alice, &["contact", "add", "carol", &carol_id]));
     ok(hush(&bob, &["contact", "add", "carol", &carol_id]));
+    ok(hush(&bob, &["contact", "add", "alice", &alice_id]));
+    ok(hush(&carol, &["contact", "add", "alice", &alice_id]));
+    ok(hush(&carol, &["contact", "add", "bob", &bob_id]));
     ok(hush(&alice, &["group", "create", "team"]));
     ok(hush(&alice, &["group", "add", "team", "bob", "carol"]));
     ok(hush(&bob, &["sync"]));

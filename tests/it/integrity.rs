@@ -105,10 +105,20 @@ async fn leaving_frees_the_group_quota_without_anyone_committing_and_the_operato
         let refused = hush(&alice, &["group", "add", "team", "bob"]);
         assert!(!refused.status.success(), "bob's quota is full");
         assert!(stderr(&refused).contains("the most this server allows"), "{}", stderr(&refused));
-        ok(hush(&bob, &["sync"]));
+        // mallory is not bob's contact: her invitations wait.
+        let seen = ok(hush(&bob, &["sync"]));
+        assert!(seen.contains("(not a contact) invited you"), "{seen}");
+        assert!(!seen.contains("you joined"), "{seen}");
+        let waiting = ok(hush(&bob, &["invitations"]));
         for id in &junk {
-            ok(hush(&bob, &["group", "leave", id]));
+            assert!(waiting.contains(id.as_str()), "{waiting}");
+            assert!(!ok(hush(&bob, &["group", "list"])).contains(id.as_str()));
+            ok(hush(&bob, &["invitations", "decline", id]));
         }
+        assert!(ok(hush(&bob, &["invitations"])).trim().is_empty());
+        // bob adds alice as a contact: her invitation is joined at once.
+        let alice_id = ok(hush(&alice, &["whoami"])).lines().next().unwrap().to_string();
+        ok(hush(&bob, &["contact", "add", "alice", &alice_id]));
         // Nobody committed bob's leaving (mallory never will): the server
         // counts him out all the same.
         ok(hush(&alice, &["group", "add", "team", "bob"]));
@@ -148,7 +158,37 @@ async fn leaving_frees_the_group_quota_without_anyone_committing_and_the_operato
     assert!(bob_groups.iter().filter(|s| s.group == g.id).all(|s| !s.member), "{bob_groups:?}");
 }
 
+/// A stranger's invitation waits until bob accepts it, then he reads the
+/// group like any member.
+async fn a_strangers_invitation_waits_until_accepted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let bob = tmp.path().join("bob");
+    let bob_id: hush::auth::AccountId = crate::repair::register(&server, &bob).parse().unwrap();
+    let (_, eve, mut eve_mls) = raw_member(&server).await;
+    let removal_key = eve.status().await.unwrap().removal_key;
+    let g = eve_mls.create_group(&removal_key).unwrap();
+    eve.create_group(g.group_info, g.ratchet_tree).await.unwrap();
+    let packages = claim(&eve, bob_id).await;
+    eve.commit(eve_mls.add(&g.id, &packages).unwrap()).await.unwrap();
+    eve_mls.merge_pending(&g.id).unwrap();
+    let hello = eve_mls.encrypt(&g.id, &hush::client::payload::Payload::Text("hello bob".into()).encode()).unwrap();
+    eve.send(hello, None).await.unwrap();
+    let id = hush::auth::text::encode(&g.id);
+    tokio::task::block_in_place(|| {
+        let seen = ok(hush(&bob, &["sync"]));
+        assert!(seen.contains("invited you") && !seen.contains("hello bob"), "{seen}");
+        assert!(ok(hush(&bob, &["invitations"])).contains(id.as_str()));
+        let unknown = hush(&bob, &["invitations", "accept", "nosuchgroup"]);
+        assert!(!unknown.status.success() && stderr(&unknown).contains("no invitation"), "{}", stderr(&unknown));
+        let joined = ok(hush(&bob, &["invitations", "accept", &id]));
+        assert!(joined.contains("you joined") && joined.contains("hello bob"), "{joined}");
+        assert!(ok(hush(&bob, &["invitations"])).trim().is_empty());
+        ok(hush(&bob, &["send", &id, "hi eve"]));
+    });
+}
+
 crate::on_both_backends! {
     sync: [],
-    async: [a_psk_a_gce_or_a_foreign_add_proposal_leaves_every_group_working, a_members_removal_proposal_is_shown_with_its_author_and_committed_by_nobody_unasked, leaving_frees_the_group_quota_without_anyone_committing_and_the_operator_can_remove_one_membership],
+    async: [a_psk_a_gce_or_a_foreign_add_proposal_leaves_every_group_working, a_members_removal_proposal_is_shown_with_its_author_and_committed_by_nobody_unasked, leaving_frees_the_group_quota_without_anyone_committing_and_the_operator_can_remove_one_membership, a_strangers_invitation_waits_until_accepted],
 }

@@ -52,11 +52,12 @@ pub(crate) fn authenticator(server: &Hushd, home: &Path, name: &str) -> Vec<u8> 
 /// member, account key) and the group id.
 pub(crate) async fn team(server: &Hushd, tmp: &Path) -> (PathBuf, PathBuf, Connection, Member, Identity, Vec<u8>) {
     let (alice, bob) = (tmp.join("alice"), tmp.join("bob"));
-    register(server, &alice);
+    let alice_id = register(server, &alice);
     let bob_id = register(server, &bob);
     let (mallory_account, mallory, mut mallory_mls) = raw_member(server).await;
     let mallory_id = mallory_mls.account().to_string();
     tokio::task::block_in_place(|| {
+        ok(hush(&bob, &["contact", "add", "alice", &alice_id]));
         ok(hush(&alice, &["contact", "add", "bob", &bob_id]));
         ok(hush(&alice, &["contact", "add", "mallory", &mallory_id]));
         ok(hush(&alice, &["group", "create", "team"]));
@@ -135,10 +136,11 @@ async fn a_device_restored_from_an_old_backup_rejoins_instead_of_staying_stuck()
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("s"));
     let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
-    register(&server, &alice);
+    let alice_id = register(&server, &alice);
     let bob_id = register(&server, &bob);
     let backup = tmp.path().join("bob-backup");
     tokio::task::block_in_place(|| {
+        ok(hush(&bob, &["contact", "add", "alice", &alice_id]));
         ok(hush(&alice, &["contact", "add", "bob", &bob_id]));
         ok(hush(&alice, &["group", "create", "team"]));
         ok(hush(&alice, &["group", "add", "team", "bob"]));
@@ -148,6 +150,7 @@ async fn a_device_restored_from_an_old_backup_rejoins_instead_of_staying_stuck()
         // deletes it): bob's backup is behind epochs nobody keeps.
         let carol = tmp.path().join("carol");
         let carol_id = register(&server, &carol);
+        ok(hush(&carol, &["contact", "add", "alice", &alice_id]));
         ok(hush(&alice, &["contact", "add", "carol", &carol_id]));
         ok(hush(&alice, &["group", "add", "team", "carol"]));
         ok(hush(&alice, &["send", "team", "before the restore"]));

@@ -65,6 +65,12 @@ enum Command {
     },
     /// Fetch Welcomes and messages; print what is new.
     Sync,
+    /// Invitations from accounts that are not your contacts: they wait here
+    /// until you accept or decline them (id first on each line).
+    Invitations {
+        #[command(subcommand)]
+        action: Option<InvitationCmd>,
+    },
     /// Show a group's local history.
     Read {
         group: String,
@@ -82,6 +88,14 @@ enum Command {
     Completions { shell: hush::Shell },
     /// Print the manual page (roff; `hush man | man -l -`).
     Man,
+}
+
+#[derive(Subcommand)]
+enum InvitationCmd {
+    /// Join the group (its id, as `hush invitations` lists it).
+    Accept { group: String },
+    /// Leave the group without reading it; the server stops counting it for you.
+    Decline { group: String },
 }
 
 #[derive(Subcommand)]
@@ -255,6 +269,33 @@ fn run(cli: Cli) -> Result<()> {
                 print_entry(e);
             }
             eprintln!("sent (#{seq})");
+            Ok(())
+        }
+        Command::Invitations { action: None } => {
+            let app = open_app(&home)?;
+            let waiting = app.invitations().map_err(app_error)?;
+            for i in &waiting {
+                out!(
+                    "{}  from {}  {} device(s)  {}",
+                    hush::auth::text::encode(&i.group),
+                    one_line(&app.display(&i.inviter)),
+                    i.members,
+                    format_unix(i.at)
+                );
+            }
+            eprintln!("{} invitation(s) waiting", waiting.len());
+            Ok(())
+        }
+        Command::Invitations { action: Some(InvitationCmd::Accept { group }) } => {
+            let new = online(&home, async |app, conn| app.accept_invitation(conn, &group).await)?;
+            for e in &new {
+                print_entry(e);
+            }
+            Ok(())
+        }
+        Command::Invitations { action: Some(InvitationCmd::Decline { group }) } => {
+            online(&home, async |app, conn| app.decline_invitation(conn, &group).await)?;
+            out!("declined {group}");
             Ok(())
         }
         Command::Sync => {

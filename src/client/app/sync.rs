@@ -21,6 +21,7 @@ pub(super) enum External {
     /// The group or the server would not have it; why.
     Refused(String),
 }
+use crate::client::local::Invitation;
 use crate::client::local::MAX_NAME;
 use crate::client::log::{GroupLog, Read};
 use crate::client::mls::{Descent, RemovedBy};
@@ -39,6 +40,32 @@ impl App {
         // stored, before we read its Welcome.
         let mut announced = if welcomes.is_empty() { Vec::new() } else { conn.groups().await? };
         for (id, welcome) in welcomes {
+            // From someone who is not a contact: it waits for the user
+            // (`hush invitations`), so strangers cannot pull this account
+            // into groups. (The server counts the membership until the user
+            // declines.)
+            if let Some(invitation) = self.held_invitation(&welcome)? {
+                let unit = self.local.unit()?;
+                self.local.put_invitation(&invitation, &welcome)?;
+                let who = self.display(&invitation.inviter);
+                let body = format!(
+                    "{who} (not a contact) invited you to a group of {} device(s); it waits: `hush invitations accept {}` to join, `decline` to leave it",
+                    invitation.members,
+                    text::encode(&invitation.group)
+                );
+                new.push(Entry {
+                    group_id: vec![],
+                    group: "invitation".into(),
+                    seq: 0,
+                    sender: who,
+                    kind: EntryKind::Event,
+                    body,
+                    time: now_unix(),
+                });
+                unit.commit()?;
+                conn.ack_welcome(id).await?;
+                continue;
+            }
             let unit = self.local.unit()?;
             match self.member.join(&welcome) {
                 Ok(gid) => {
@@ -68,7 +95,8 @@ impl App {
         announced = conn.groups().await?;
         // A group the server lists us in that this home does not know (its
         // state was lost, e.g. restored from an older backup): rejoin it.
-        let known: Vec<Vec<u8>> = self.groups()?.into_iter().map(|g| g.id).collect();
+        let mut known: Vec<Vec<u8>> = self.groups()?.into_iter().map(|g| g.id).collect();
+        known.extend(self.local.invitations()?.into_iter().map(|i| i.group));
         for s in announced.iter().filter(|s| s.member && !known.contains(&s.group)) {
             self.local.put_group(&s.group, None, s.last_seq, now_unix())?;
         }
@@ -102,6 +130,99 @@ impl App {
             e.group = self.group_name(&e.group_id);
         }
         Ok(new)
+    }
+
+    /// The invitation a Welcome is, if it should wait for the user: its
+    /// sender is neither a contact nor this account. A Welcome that cannot
+    /// be read is not held (joining it fails and says why).
+    fn held_invitation(&mut self, welcome: &[u8]) -> Result<Option<Invitation>, AppError> {
+        // Reading a Welcome consumes its KeyPackage: look, then roll back.
+        let unit = self.local.unit()?;
+        let peek = self.member.peek_welcome(welcome);
+        drop(unit);
+        let Ok((group, inviter, members)) = peek else { return Ok(None) };
+        if inviter == self.account() || self.local.name_of(&inviter)?.is_some() {
+            return Ok(None);
+        }
+        Ok(Some(Invitation { group, inviter, members, at: now_unix() }))
+    }
+
+    /// The invitations waiting for this user.
+    pub fn invitations(&self) -> Result<Vec<Invitation>, AppError> {
+        Ok(self.local.invitations()?)
+    }
+
+    /// The waiting invitation to `group` (its id as `hush invitations`
+    /// shows it).
+    fn invitation(&self, group: &str) -> Result<(Invitation, Vec<u8>), AppError> {
+        let found = self.local.invitations()?.into_iter().find(|i| text::encode(&i.group) == group.trim());
+        let invitation = found.ok_or_else(|| AppError::UnknownInvitation(group.to_owned()))?;
+        let welcome = self
+            .local
+            .invitation_welcome(&invitation.group)?
+            .ok_or_else(|| AppError::UnknownInvitation(group.into()))?;
+        Ok((invitation, welcome))
+    }
+
+    /// Joins the group of a waiting invitation and reads it.
+    pub async fn accept_invitation(&mut self, conn: &Connection, group: &str) -> Result<Vec<Entry>, AppError> {
+        let (invitation, welcome) = self.invitation(group)?;
+        let announced = conn.groups().await?;
+        let unit = self.local.unit()?;
+        let gid = self.member.join(&welcome)?;
+        let cursor = announced.iter().find(|g| g.group == gid).map(|g| g.acked_seq.min(g.last_seq)).unwrap_or(0);
+        self.local.put_group(&gid, None, cursor, now_unix())?;
+        self.local.delete_invitation(&invitation.group)?;
+        let who = self.display(&invitation.inviter);
+        let mut new =
+            vec![self.record(&gid, cursor, None, EntryKind::Event, &format!("you joined ({who} invited you)"))?];
+        unit.commit()?;
+        self.sync_group(conn, &gid, &mut new).await?;
+        for e in &mut new {
+            e.group = self.group_name(&e.group_id);
+        }
+        Ok(new)
+    }
+
+    /// Declines a waiting invitation: joins only to leave at once (the
+    /// server stops counting the group for this account as the leaving
+    /// arrives; nobody needs to commit it).
+    pub async fn decline_invitation(&mut self, conn: &Connection, group: &str) -> Result<(), AppError> {
+        let (invitation, welcome) = self.invitation(group)?;
+        let unit = self.local.unit()?;
+        let gid = match self.member.join(&welcome) {
+            Ok(gid) => gid,
+            Err(e) => {
+                // Nothing to leave from here (the Welcome went stale): drop it.
+                tracing::warn!("could not read a declined invitation: {e}");
+                self.local.delete_invitation(&invitation.group)?;
+                unit.commit()?;
+                return Ok(());
+            }
+        };
+        self.local.put_group(&gid, None, 0, now_unix())?;
+        self.local.delete_invitation(&invitation.group)?;
+        unit.commit()?;
+        let row = GroupRow { id: gid.clone(), name: text::encode(&gid), active: true };
+        let proposals = self.member.leave_account(&gid)?;
+        let unit = self.local.unit()?;
+        for p in proposals {
+            match conn.send(p, None).await {
+                Ok((seq, _)) => self.local.mark_sent(&gid, seq)?,
+                // Stale (the group moved on since the Welcome): the server
+                // still ends the membership below when we read on and leave.
+                Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => {
+                    drop(unit);
+                    self.sync_group(conn, &gid, &mut Vec::new()).await?;
+                    return self.leave(conn, &row).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.local.deactivate(&gid)?;
+        self.record(&gid, 0, Some(&self.account()), EntryKind::Event, "you declined the invitation and left")?;
+        unit.commit()?;
+        Ok(())
     }
 
     /// Syncs one active group: joins it (a linked device not in it yet),
