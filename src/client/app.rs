@@ -252,9 +252,12 @@ impl App {
                 contacts += 1;
             }
         }
-        for (id, name) in &bundle.groups {
-            let name = Some(name.as_str()).filter(|n| valid_name(n));
-            self.local.put_group(id, name, 0, now_unix())?;
+        for g in &bundle.groups {
+            let name = Some(g.name.as_str()).filter(|n| valid_name(n));
+            self.local.put_group(&g.id, name, 0, now_unix())?;
+            if !g.transcript.is_empty() {
+                self.local.put_anchor(&g.id, g.epoch, &g.transcript)?;
+            }
         }
         unit.commit()?;
         Ok((contacts, bundle.groups.len()))

@@ -199,14 +199,31 @@ impl LinkCode {
 ///
 /// Encoding: account id (32 bytes), `bytes16<64>` name (empty: none),
 /// `u16` n contacts × (`bytes16<64>` name, account id), `u16` m groups ×
-/// (`bytes8<255>` group id, `bytes16<64>` name).
+/// (`bytes8<255>` group id, `bytes16<64>` name, `u64` epoch, `bytes8<64>`
+/// confirmed transcript hash: the first device's state of the group, which
+/// the new device's first join must not go back from).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bundle {
     pub account: AccountId,
     pub name: Option<String>,
     pub contacts: Vec<(String, AccountId)>,
-    pub groups: Vec<(Vec<u8>, String)>,
+    pub groups: Vec<LinkedGroup>,
 }
+
+/// A group of the account, as the first device hands it over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkedGroup {
+    pub id: Vec<u8>,
+    pub name: String,
+    /// The first device's epoch of the group and its confirmed transcript
+    /// hash (empty if it held no state): the new device joins no state
+    /// older than this, nor another state of this epoch.
+    pub epoch: u64,
+    pub transcript: Vec<u8>,
+}
+
+/// Longest transcript hash in a bundle (SHA-512's).
+pub const MAX_TRANSCRIPT_HASH: usize = 64;
 
 impl Bundle {
     pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
@@ -219,9 +236,11 @@ impl Bundle {
             w.raw(&account.0);
         }
         w.count("groups", self.groups.len(), MAX_GROUPS_LISTED)?;
-        for (id, name) in &self.groups {
-            w.bytes8("group id", id, MAX_GROUP_ID)?;
-            w.bytes16("group name", name.as_bytes(), MAX_NAME)?;
+        for g in &self.groups {
+            w.bytes8("group id", &g.id, MAX_GROUP_ID)?;
+            w.bytes16("group name", g.name.as_bytes(), MAX_NAME)?;
+            w.u64(g.epoch);
+            w.bytes8("transcript hash", &g.transcript, MAX_TRANSCRIPT_HASH)?;
         }
         Ok(w.into_inner())
     }
@@ -242,7 +261,10 @@ impl Bundle {
         let mut groups = Vec::new();
         for _ in 0..m {
             let id = r.bytes8("group id", MAX_GROUP_ID)?.to_vec();
-            groups.push((id, r.string16("group name", MAX_NAME)?.to_owned()));
+            let name = r.string16("group name", MAX_NAME)?.to_owned();
+            let epoch = r.u64()?;
+            let transcript = r.bytes8("transcript hash", MAX_TRANSCRIPT_HASH)?.to_vec();
+            groups.push(LinkedGroup { id, name, epoch, transcript });
         }
         r.finish()?;
         Ok(Self { account, name, contacts, groups })
@@ -282,7 +304,7 @@ mod tests {
             account: AccountId([9; 32]),
             name: Some("alice".into()),
             contacts: vec![("bob".into(), AccountId([8; 32]))],
-            groups: vec![(vec![7; 32], "team".into())],
+            groups: vec![LinkedGroup { id: vec![7; 32], name: "team".into(), epoch: 4, transcript: vec![1; 32] }],
         };
         let sealed = c.seal_bundle(&bundle).unwrap();
         assert_eq!(back.open_bundle(&sealed).unwrap(), bundle);

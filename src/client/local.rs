@@ -302,6 +302,26 @@ impl Local {
         Ok(())
     }
 
+    // ---- anchors (a linked device's first join) ----
+
+    pub fn put_anchor(&self, group: &[u8], epoch: u64, transcript: &[u8]) -> Result<(), StateError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO anchors (group_id, epoch, transcript) VALUES (?1, ?2, ?3)",
+            params![group, i(epoch), transcript],
+        )?;
+        Ok(())
+    }
+
+    /// The first device's (epoch, transcript hash) of `group`, if handed over.
+    pub fn anchor(&self, group: &[u8]) -> Result<Option<(u64, Vec<u8>)>, StateError> {
+        Ok(self
+            .conn
+            .query_row("SELECT epoch, transcript FROM anchors WHERE group_id = ?1", [group], |r| {
+                Ok((u(r.get::<_, i64>(0)?), r.get::<_, Vec<u8>>(1)?))
+            })
+            .optional()?)
+    }
+
     // ---- revocations ----
 
     /// Keeps an account-signed revocation (encoded, as verified); false if

@@ -212,6 +212,11 @@ pub enum MlsError {
     )]
     OlderState { offered: u64, ours: u64 },
     #[error(
+        "the server offered the group's state at epoch {offered}, but this account's first device handed over epoch \
+         {anchor}: a state of the group from before this device was linked, or another history of it"
+    )]
+    BeforeAnchor { offered: u64, anchor: u64 },
+    #[error(
         "the server offered the group's state at epoch {offered}, but did not show the commits that lead there from \
          epoch {reached} (the last this device could verify): it may be another history of the group. The state \
          was kept; if the commits are gone for good (the device was away longer than the server keeps them), check \
@@ -840,6 +845,14 @@ impl<P: OpenMlsProvider> Member<P> {
         Ok(Some(Descent { storage, public, crypto, start_members, start_epoch }))
     }
 
+    /// This member's epoch of `group` and its confirmed transcript hash (what
+    /// a linked device's first join must not go back from).
+    pub fn anchor(&mut self, group: &[u8]) -> Option<(u64, Vec<u8>)> {
+        let g = self.group_mut(group).ok()?;
+        let context = g.public_group().group_context();
+        Some((context.epoch().as_u64(), context.confirmed_transcript_hash().to_vec()))
+    }
+
     /// Drops the cached state of `group`, so it is read again from storage
     /// (after the storage was rolled back).
     pub fn evict(&mut self, group: &[u8]) {
@@ -856,7 +869,27 @@ impl<P: OpenMlsProvider> Member<P> {
         group_info: &[u8],
         ratchet_tree: Option<&[u8]>,
     ) -> Result<Commit, MlsError> {
+        self.join_external_after(group, group_info, ratchet_tree, None)
+    }
+
+    /// [`Member::join_external`], refusing a GroupInfo older than `anchor`
+    /// (the first device's epoch and transcript hash when it linked this
+    /// device), or of that epoch with another transcript.
+    pub fn join_external_after(
+        &mut self,
+        group: &[u8],
+        group_info: &[u8],
+        ratchet_tree: Option<&[u8]>,
+        anchor: Option<&(u64, Vec<u8>)>,
+    ) -> Result<Commit, MlsError> {
         let (info, tree, public) = self.verify_rejoin(group, group_info, ratchet_tree)?;
+        if let Some((epoch, transcript)) = anchor {
+            let context = info.group_context();
+            let offered = context.epoch().as_u64();
+            if offered < *epoch || (offered == *epoch && context.confirmed_transcript_hash() != transcript.as_slice()) {
+                return Err(MlsError::BeforeAnchor { offered, anchor: *epoch });
+            }
+        }
         let account = self.certificate.account;
         let holders: Vec<(AccountId, DeviceId)> = public.members().filter_map(|m| holder_of(&m.credential)).collect();
         if holders.iter().any(|(_, d)| *d == self.certificate.device) {

@@ -119,6 +119,9 @@ const MIGRATIONS: &[&str] = &[
         members INTEGER NOT NULL,
         at INTEGER NOT NULL
     );",
+    // 4 -> 5: for a linked device, the first device's epoch and transcript
+    // hash of each group, which its first join must not go back from.
+    "CREATE TABLE anchors (group_id BLOB PRIMARY KEY NOT NULL, epoch INTEGER NOT NULL, transcript BLOB NOT NULL);",
 ];
 
 /// Deleted secrets (KeyPackage private keys, past epochs' secrets, used

@@ -7,8 +7,9 @@ use std::time::Duration;
 use super::sync::External;
 use super::*;
 use crate::auth::DeviceRevocation;
-use crate::client::link::{Bundle, LinkCode};
+use crate::client::link::{Bundle, LinkCode, LinkedGroup};
 use crate::client::local::valid_name;
+use crate::client::mls::Descent;
 
 /// How often the waiting side of a link asks the server.
 pub const LINK_POLL: Duration = Duration::from_millis(500);
@@ -55,15 +56,12 @@ impl App {
         };
         let (device, mls_key) = code.open_offer(&offer)?;
         let certificate = DeviceCertificate::issue(account, device, mls_key, now_unix());
-        let groups = self
-            .groups()?
-            .into_iter()
-            .filter(|g| g.active)
-            .map(|g| {
-                let name = self.local.group_name(&g.id).ok().flatten().unwrap_or_default();
-                (g.id, name)
-            })
-            .collect();
+        let mut groups = Vec::new();
+        for g in self.groups()?.into_iter().filter(|g| g.active) {
+            let name = self.local.group_name(&g.id).ok().flatten().unwrap_or_default();
+            let (epoch, transcript) = self.member.anchor(&g.id).unwrap_or_default();
+            groups.push(LinkedGroup { id: g.id, name, epoch, transcript });
+        }
         let bundle =
             Bundle { account: self.account(), name: person.map(str::to_owned), contacts: self.contacts()?, groups };
         conn.link_answer(code.id(), certificate.encode(), code.seal_bundle(&bundle)?).await?;
@@ -179,7 +177,12 @@ impl App {
         group: &[u8],
         new: &mut Vec<Entry>,
     ) -> Result<(), AppError> {
-        match self.external_commit(conn, group, None, |m, g, info, tree, _| m.join_external(g, info, tree)).await? {
+        // Never a state older than the one the first device handed over.
+        let anchor = self.local.anchor(group)?;
+        let mut build = |m: &mut Member<Provider>, g: &[u8], info: &[u8], tree: Option<&[u8]>, _: Option<&Descent>| {
+            m.join_external_after(g, info, tree, anchor.as_ref())
+        };
+        match self.external_commit(conn, group, None, &mut build).await? {
             External::Done { epoch, seq } => {
                 let body = format!("this device joined the group at epoch {epoch}");
                 self.external_landed(conn, group, seq, &body, new).await

@@ -7,8 +7,8 @@ use super::*;
 /// Builds an external commit from (group, GroupInfo, ratchet tree).
 /// Builds an external commit from (group, GroupInfo, ratchet tree), checked
 /// against a descent when there is one.
-pub(super) type ExternalBuilder =
-    fn(&mut Member<Provider>, &[u8], &[u8], Option<&[u8]>, Option<&Descent>) -> Result<Commit, MlsError>;
+pub(super) type ExternalBuilder<'a> =
+    &'a mut dyn FnMut(&mut Member<Provider>, &[u8], &[u8], Option<&[u8]>, Option<&Descent>) -> Result<Commit, MlsError>;
 
 /// What came of an external commit into a group.
 pub(super) enum External {
@@ -442,8 +442,10 @@ impl App {
         let before = descent.start_members.clone();
         let mut walked = from;
         let mut walk = Some((&mut descent, &mut walked));
-        let outcome =
-            self.external_commit(conn, group, walk.take(), |m, g, info, tree, d| m.resync(g, info, tree, d)).await?;
+        let mut build = |m: &mut Member<Provider>, g: &[u8], info: &[u8], tree: Option<&[u8]>, d: Option<&Descent>| {
+            m.resync(g, info, tree, d)
+        };
+        let outcome = self.external_commit(conn, group, walk.take(), &mut build).await?;
         match outcome {
             External::Done { seq, epoch } => {
                 let mut body = format!(
@@ -465,7 +467,10 @@ impl App {
     pub async fn rejoin_unverified(&mut self, conn: &Connection, group: &GroupRow) -> Result<Vec<Entry>, AppError> {
         let mut new = Vec::new();
         let before = self.member.members(&group.id);
-        match self.external_commit(conn, &group.id, None, |m, g, info, tree, _| m.resync(g, info, tree, None)).await? {
+        let mut build = |m: &mut Member<Provider>, g: &[u8], info: &[u8], tree: Option<&[u8]>, _: Option<&Descent>| {
+            m.resync(g, info, tree, None)
+        };
+        match self.external_commit(conn, &group.id, None, &mut build).await? {
             External::Done { seq, epoch } => {
                 let mut body = format!("this device rejoined the group at epoch {epoch} on your word, unverified");
                 let now: Vec<String> = self.member.members(&group.id).iter().map(|a| self.display(a)).collect();
@@ -557,7 +562,7 @@ impl App {
         conn: &Connection,
         group: &[u8],
         mut descent: Option<(&mut Descent, &mut u64)>,
-        build: ExternalBuilder,
+        build: ExternalBuilder<'_>,
     ) -> Result<External, AppError> {
         for _ in 0..COMMIT_ATTEMPTS {
             let (info, tree) = match conn.group_info(group).await {

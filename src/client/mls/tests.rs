@@ -152,3 +152,34 @@ fn a_device_its_account_revoked_that_comes_back_is_found_and_removed_by_members(
     let (_, _, mut unaware) = Member::generate().unwrap();
     assert!(unaware.revoked_in(&group).is_empty());
 }
+
+#[test]
+fn a_linked_devices_first_join_never_goes_back_from_the_state_its_first_device_handed_over() {
+    let (account, _, mut alice) = Member::generate().unwrap();
+    let laptop_key = crate::auth::Identity::generate().unwrap();
+    let mut laptop = Member::new(&account, DeviceId(laptop_key.public_key())).unwrap();
+    let (_, _, mut mallory) = Member::generate().unwrap();
+    let group = alice.create_group(&REMOVAL_KEY).unwrap().id;
+    let added = alice.add(&group, &[(mallory.account(), mallory.key_packages(1).unwrap().remove(0))]).unwrap();
+    alice.merge_pending(&group).unwrap();
+    mallory.join(added.welcome.as_ref().unwrap()).unwrap();
+    // The state with mallory in, then alice removes her.
+    let with_mallory = added.group_info;
+    let removal = alice.remove(&group, &[mallory.account()]).unwrap();
+    alice.merge_pending(&group).unwrap();
+    // alice links the laptop now: the bundle carries her epoch and
+    // transcript hash.
+    let anchor = alice.anchor(&group).unwrap();
+    let e = laptop.join_external_after(&group, &with_mallory, None, Some(&anchor)).unwrap_err();
+    assert!(matches!(e, MlsError::BeforeAnchor { .. }), "{e}");
+    assert!(!laptop.has_group(&group), "nothing joined");
+    // mallory's fork of the same epoch (from the state she kept) is not it
+    // either.
+    let mut fork = mallory.copy().unwrap();
+    let forked = fork.self_update(&group).unwrap();
+    let e = laptop.join_external_after(&group, &forked.group_info, None, Some(&anchor)).unwrap_err();
+    assert!(matches!(e, MlsError::BeforeAnchor { .. }), "{e}");
+    // The state alice handed over (or a later one) is joined.
+    laptop.join_external_after(&group, &removal.group_info, None, Some(&anchor)).unwrap();
+    assert!(!laptop.members(&group).contains(&mallory.account()));
+}
