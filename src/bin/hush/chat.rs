@@ -361,7 +361,9 @@ impl Chat<'_> {
         let now = now();
         let mut elsewhere: Vec<(Vec<u8>, String, usize, String)> = Vec::new();
         for e in &new {
-            if e.group_id == self.current.id {
+            // An invitation (or a Welcome that failed) belongs to no group
+            // yet: shown as it is, wherever the chat is.
+            if e.group_id == self.current.id || e.group_id.is_empty() {
                 self.screen.line(format_entry(e, now));
                 continue;
             }
