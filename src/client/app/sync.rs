@@ -518,8 +518,9 @@ impl App {
     }
 
     /// Reads the group's log after `after` into `descent` until it reaches
-    /// `target` or the log ends (bounded like a sync); returns the last
-    /// sequence read.
+    /// `target` or the log ends, bounded like a sync ([`MAX_SYNC_PAGES`],
+    /// [`MAX_SYNC_BYTES`]: a server that serves junk cannot keep it
+    /// walking); returns the last sequence read.
     async fn walk(
         &self,
         conn: &Connection,
@@ -528,8 +529,9 @@ impl App {
         mut after: u64,
         target: u64,
     ) -> Result<u64, AppError> {
+        let mut bytes_read = 0usize;
         for _ in 0..MAX_SYNC_PAGES {
-            if descent.epoch() >= target {
+            if descent.epoch() >= target || bytes_read > MAX_SYNC_BYTES {
                 break;
             }
             let (messages, more) = conn.fetch(group, after, 0).await?;
@@ -537,6 +539,7 @@ impl App {
                 .check(&messages, more, None)
                 .map_err(|e| AppError::Misbehaving(e.to_string()))?;
             for (seq, bytes) in &messages {
+                bytes_read = bytes_read.saturating_add(bytes.len());
                 descent.feed(bytes);
                 after = *seq;
                 if descent.epoch() >= target {
