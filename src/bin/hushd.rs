@@ -478,25 +478,10 @@ fn check(dir: &DataDir, config: Result<ServerConfig>) -> Result<()> {
 /// core on this process's own connection to the database (the serving
 /// process, if any, refuses the account's devices from their next request).
 fn remove_account(dir: &DataDir, config: &ServerConfig, id: &str) -> Result<()> {
-    use hush::delivery::storage::{Backend as _, Unit as _};
     let account: hush::auth::AccountId = id.parse().with_context(|| format!("{id:?} is not an account id"))?;
-    let mut db = open_existing(dir, config)?;
-    let removal = std::sync::Arc::new(
-        Identity::load(&dir.removal_key())
-            .with_context(|| format!("loading the removal key {}", dir.removal_key().display()))?,
-    );
-    let quotas = hush::delivery::Quotas::default();
-    let mut delivery = hush::delivery::Delivery::with_quotas(quotas, removal.public_key()).with_removal_signer(removal);
-    let now = now_unix();
     // On PostgreSQL the serving nodes hear of it at once (the revoked
     // devices' connections are closed); on SQLite at their next request.
-    let removal = on_db!(&mut db, d => d.write(|s| {
-        let removal = delivery.remove_account(s, &account, now);
-        if let Ok(r) = &removal {
-            s.announce(&r.notifications)?;
-        }
-        Ok(removal)
-    }))??;
+    let removal = with_removal_key(dir, config, OperatorRemoval::Account(account))?;
     out!(
         "removed {account}: {} device(s) refused, removal proposed in {} group membership(s)",
         removal.devices,
@@ -509,11 +494,28 @@ fn remove_account(dir: &DataDir, config: &ServerConfig, id: &str) -> Result<()> 
 /// `hushd groups remove-member GROUP ACCOUNT`, through the Delivery Service
 /// core like `accounts remove`.
 fn remove_member(dir: &DataDir, config: &ServerConfig, group: &str, account: &str) -> Result<()> {
-    use hush::delivery::storage::{Backend as _, Unit as _};
     let id: [u8; 32] = hush::auth::text::decode_array(group)
         .map_err(|e| anyhow::anyhow!("{group:?} is not a group id (as `hush group list` shows it): {e}"))?;
     let account: hush::auth::AccountId =
         account.parse().with_context(|| format!("{account:?} is not an account id"))?;
+    let removal = with_removal_key(dir, config, OperatorRemoval::Membership(id, account))?;
+    out!("removed {account} from the group: {} device(s), removal proposed for {}", removal.devices, removal.proposals);
+    eprintln!("members' next sync commits the removal; the account no longer counts the group against its quota");
+    Ok(())
+}
+
+/// One of the operator's removals.
+enum OperatorRemoval {
+    Account(hush::auth::AccountId),
+    Membership([u8; 32], hush::auth::AccountId),
+}
+
+/// Runs one of the operator's removals through the Delivery Service core,
+/// with the server's removal key, on this process's own connection to the
+/// database (a serving process refuses what it removed from the next
+/// request), and announces what it did to the serving nodes.
+fn with_removal_key(dir: &DataDir, config: &ServerConfig, what: OperatorRemoval) -> Result<hush::delivery::Removal> {
+    use hush::delivery::storage::{Backend as _, Unit as _};
     let mut db = open_existing(dir, config)?;
     let removal = std::sync::Arc::new(
         Identity::load(&dir.removal_key())
@@ -523,15 +525,16 @@ fn remove_member(dir: &DataDir, config: &ServerConfig, group: &str, account: &st
     let mut delivery = hush::delivery::Delivery::with_quotas(quotas, removal.public_key()).with_removal_signer(removal);
     let now = now_unix();
     let removal = on_db!(&mut db, d => d.write(|s| {
-        let removal = delivery.remove_membership(s, &id, &account, now);
+        let removal = match &what {
+            OperatorRemoval::Account(account) => delivery.remove_account(s, account, now),
+            OperatorRemoval::Membership(group, account) => delivery.remove_membership(s, group, account, now),
+        };
         if let Ok(r) = &removal {
             s.announce(&r.notifications)?;
         }
         Ok(removal)
     }))??;
-    out!("removed {account} from the group: {} device(s), removal proposed for {}", removal.devices, removal.proposals);
-    eprintln!("members' next sync commits the removal; the account no longer counts the group against its quota");
-    Ok(())
+    Ok(removal)
 }
 
 fn open_existing(dir: &DataDir, config: &ServerConfig) -> Result<Database> {

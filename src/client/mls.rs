@@ -704,25 +704,25 @@ impl<P: OpenMlsProvider> Member<P> {
 
     /// A commit removing every leaf of these accounts.
     pub fn remove(&mut self, group: &[u8], accounts: &[AccountId]) -> Result<Commit, MlsError> {
-        let g = self.group_mut(group)?;
-        let leaves: Vec<LeafNodeIndex> = g
-            .members()
-            .filter(|m| holder_of(&m.credential).is_some_and(|(a, _)| accounts.contains(&a)))
-            .map(|m| m.index)
-            .collect();
-        if leaves.is_empty() {
-            return Err(MlsError::NoneInGroup);
-        }
-        self.commit_with(group, Vec::new(), leaves, false)
+        self.remove_leaves(group, |account, _| accounts.contains(account))
     }
 
     /// A commit removing these devices' leaves (a revoked device of our
     /// own account).
     pub fn remove_devices(&mut self, group: &[u8], devices: &[DeviceId]) -> Result<Commit, MlsError> {
+        self.remove_leaves(group, |_, device| devices.contains(device))
+    }
+
+    /// A commit removing every leaf whose holder `which` picks.
+    fn remove_leaves(
+        &mut self,
+        group: &[u8],
+        which: impl Fn(&AccountId, &DeviceId) -> bool,
+    ) -> Result<Commit, MlsError> {
         let g = self.group_mut(group)?;
         let leaves: Vec<LeafNodeIndex> = g
             .members()
-            .filter(|m| holder_of(&m.credential).is_some_and(|(_, d)| devices.contains(&d)))
+            .filter(|m| holder_of(&m.credential).is_some_and(|(a, d)| which(&a, &d)))
             .map(|m| m.index)
             .collect();
         if leaves.is_empty() {
