@@ -21,6 +21,7 @@
 //! * every commit alice reads is attributed to the member who made it.
 #![no_main]
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use arbitrary::Arbitrary;
 use hush::auth::AccountId;
@@ -32,6 +33,12 @@ use libfuzzer_sys::fuzz_target;
 const REMOVAL_KEY: [u8; 32] = [7; 32];
 /// Steps per input, at most (each is real MLS work).
 const MAX_STEPS: usize = 24;
+
+/// What alice's repairs came to, over a run: tried, refused (state kept),
+/// landed. Printed every 500 inputs when `CLIENT_STATE_STATS` is set, to
+/// see that the fuzzer reaches both outcomes.
+static INPUTS: AtomicU64 = AtomicU64::new(0);
+static REPAIRS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
 enum Op {
@@ -314,16 +321,19 @@ impl World {
             (None, None) => return,
         };
         let visible: Vec<(u64, Vec<u8>)> = view.iter().map(|(s, _, b)| (*s, b.clone())).collect();
+        REPAIRS[0].fetch_add(1, Relaxed);
         // A rejoin the server refuses leaves the state as it was (the
         // state file's transaction is rolled back).
         let backup = self.alice.copy().unwrap();
         let Some(commit) = rejoin(&mut self.alice, &id, &visible, from, &info) else {
+            REPAIRS[1].fetch_add(1, Relaxed);
             self.alice = backup;
             return;
         };
         let alice = self.alice.account();
         match self.post(g, alice, &commit.message.clone(), Some(&commit)) {
             Some(_) => {
+                REPAIRS[2].fetch_add(1, Relaxed);
                 let at = self.groups[g].alice_view.len() as u64;
                 self.alice_log[g].skip_to(at);
             }
@@ -548,11 +558,24 @@ fn rejoin(m: &mut Member, id: &[u8], visible: &[(u64, Vec<u8>)], from: u64, info
 }
 
 fuzz_target!(|ops: Vec<Op>| {
+    let n = INPUTS.fetch_add(1, Relaxed);
+    if n % 500 == 0 && std::env::var_os("CLIENT_STATE_STATS").is_some() {
+        let [tried, refused, landed] = &REPAIRS;
+        eprintln!(
+            "client_state: {n} inputs; repairs tried {}, refused {}, landed {}",
+            tried.load(Relaxed),
+            refused.load(Relaxed),
+            landed.load(Relaxed)
+        );
+    }
     let mut world = World::new();
     for op in ops.into_iter().take(MAX_STEPS) {
         let touched_second = matches!(op, Op::AliceSync { second: true } | Op::AliceSend { second: true });
         let second_before = world.alice.epoch_authenticator(&world.groups[1].id.clone());
         world.step(op);
+        // alice is the client under test: she reads what every step did
+        // to her first group (the second only when a step names it).
+        world.alice_sync(0);
         world.check(touched_second, second_before);
     }
 });
