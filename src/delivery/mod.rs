@@ -50,7 +50,17 @@
 //!   for exactly that device; the Welcome is required, must address exactly
 //!   the added packages, and is stored in the inbox of those devices (never
 //!   a list the client supplies). The roster (which devices may read and
-//!   post) is the set of certified leaves after the commit.
+//!   post) is the set of certified leaves after the commit, except a leaf
+//!   whose device is no longer a member (it left, or the operator removed
+//!   it) and whose removal the commit did not take: that one does not
+//!   come back, and the server proposes its removal again.
+//! * **Proposals hush uses, and no others** ([`mls::check_proposal_use`],
+//!   the same rule the client applies): on its own, an Update of the
+//!   sender's own leaf or a Remove; inside a member's commit, Add, Update
+//!   and Remove; inside an external commit, the ExternalInit and the Remove
+//!   of the sender's own leaf. A Remove of leaves of the sender's own
+//!   account is its leaving: the membership ends at once, committed or not
+//!   (so a group of strangers cannot hold an account's quota).
 //! * **Group repair**: every commit carries the GroupInfo of the epoch it
 //!   creates, checked with [`mls::check_group_info`] against the public
 //!   state after the commit (group context, confirmation tag, signed by the
