@@ -459,7 +459,7 @@ impl App {
         }
     }
 
-    /// Rejoins `group` without the proof [`App::repair`] asks for (the
+    /// Rejoins `group` without the proof `App::repair` asks for (the
     /// commits since this device's state are gone, or it has no state):
     /// on its user's word, after a refused repair said why. The members
     /// it finds are named in the event, with how they differ from the
