@@ -4,7 +4,9 @@
 //! name. (The operator's part, a server that rolls a member back or breaks
 //! one group's sync, is in `malicious.rs`.)
 
+use hush::auth::{DeviceId, DeviceRevocation, Identity};
 use hush::client::mls::adversary::HostileProposal;
+use hush::client::payload::Payload;
 use hush::wire::ErrorCode;
 
 use crate::repair::{catch_up, raw_member, team};
@@ -75,7 +77,45 @@ async fn a_members_removal_proposal_is_shown_with_its_author_and_committed_by_no
     assert!(mallory_mls.members(&group).contains(&bob_account.parse().unwrap()));
 }
 
+/// Red team: mallory signs, with her own account key, a "revocation" of
+/// a device of another account (bob's, then alice's) and sends it in the
+/// group. It verifies (it is mallory's signature), but it is not the
+/// device's account that revoked it: members must neither remove bob nor
+/// refuse alice, in this group or in any other.
+async fn a_member_cannot_revoke_another_accounts_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let (alice, bob, mallory, mut mallory_mls, mallory_account, group) = team(&server, tmp.path()).await;
+    tokio::task::block_in_place(|| {
+        ok(hush(&alice, &["group", "create", "other"]));
+        ok(hush(&alice, &["group", "add", "other", "bob"]));
+        ok(hush(&bob, &["sync"]));
+    });
+    let device = |home: &std::path::Path| DeviceId(Identity::load(&home.join("device.key")).unwrap().public_key());
+    for victim in [device(&bob), device(&alice)] {
+        let forged = DeviceRevocation::issue(&mallory_account, victim, hush::util::now_unix());
+        let m = mallory_mls.encrypt(&group, &Payload::Revocation(forged.encode()).encode()).unwrap();
+        mallory.send(m, None).await.expect("any member may send application data");
+    }
+    tokio::task::block_in_place(|| {
+        let a = hush(&alice, &["sync"]);
+        assert!(a.status.success(), "alice's sync failed: {}", stderr(&a));
+        let b = hush(&bob, &["sync"]);
+        assert!(b.status.success(), "bob's sync failed: {}", stderr(&b));
+        let a = hush(&alice, &["sync"]);
+        assert!(a.status.success(), "alice's sync failed: {}", stderr(&a));
+        for g in ["team", "other"] {
+            let members = ok(hush(&alice, &["group", "members", g]));
+            assert!(members.contains("bob"), "bob was removed from {g} on mallory's word: {members}");
+            ok(hush(&alice, &["send", g, "alice still sends"]));
+            ok(hush(&bob, &["send", g, "bob still sends"]));
+        }
+        let b = ok(hush(&bob, &["sync"]));
+        assert!(b.contains("alice still sends"), "{b}");
+    });
+}
+
 crate::on_both_backends! {
     sync: [],
-    async: [a_psk_a_gce_or_a_foreign_add_proposal_leaves_every_group_working, a_members_removal_proposal_is_shown_with_its_author_and_committed_by_nobody_unasked],
+    async: [a_psk_a_gce_or_a_foreign_add_proposal_leaves_every_group_working, a_members_removal_proposal_is_shown_with_its_author_and_committed_by_nobody_unasked, a_member_cannot_revoke_another_accounts_device],
 }
