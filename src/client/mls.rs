@@ -346,9 +346,10 @@ pub struct Member<P: OpenMlsProvider = OpenMlsRustCrypto> {
     /// this member accepts (`None`: it accepts none).
     removal_key: Option<[u8; 32]>,
     /// Devices whose account revoked them (account-signed revocations this
-    /// member has seen): a leaf of one is removed before this member sends
+    /// member has seen), each with the account that signed: a leaf of one,
+    /// certified by that same account, is removed before this member sends
     /// anything in its group ([`Member::revoked_in`]).
-    revoked: std::collections::BTreeSet<DeviceId>,
+    revoked: std::collections::BTreeSet<(AccountId, DeviceId)>,
 }
 
 impl<P: OpenMlsProvider> std::fmt::Debug for Member<P> {
@@ -485,22 +486,39 @@ impl<P: OpenMlsProvider> Member<P> {
         }
     }
 
-    /// Marks `device` revoked by its account (the caller verified the
-    /// account-signed revocation): from now on its leaves are to be removed
-    /// wherever they are ([`Member::revoked_in`]).
-    pub fn revoke(&mut self, device: DeviceId) {
-        self.revoked.insert(device);
+    /// Marks `device` revoked by `account` (the caller verified the
+    /// revocation's signature under `account`'s key): from now on a leaf of
+    /// that device *certified by that account* is to be removed wherever it
+    /// is ([`Member::revoked_in`]). A revocation signed by another account
+    /// than the device's own (any member can sign one with its own key)
+    /// revokes nothing.
+    pub fn revoke(&mut self, account: AccountId, device: DeviceId) {
+        self.revoked.insert((account, device));
     }
 
-    /// The devices of `group` whose account revoked them.
+    /// The devices of `group` whose own account revoked them (never this
+    /// device: it cannot commit its own removal).
     pub fn revoked_in(&mut self, group: &[u8]) -> Vec<DeviceId> {
         let revoked = self.revoked.clone();
-        self.devices(group).into_iter().filter(|d| revoked.contains(d)).collect()
+        let own = self.certificate.device;
+        let Ok(g) = self.group_mut(group) else { return Vec::new() };
+        g.members()
+            .filter_map(|m| holder_of(&m.credential))
+            .filter(|(a, d)| *d != own && revoked.contains(&(*a, *d)))
+            .map(|(_, d)| d)
+            .collect()
     }
 
-    /// Whether a revocation of `device` is known.
-    pub fn is_revoked(&self, device: &DeviceId) -> bool {
-        self.revoked.contains(device)
+    /// The account whose certificate the leaf of `device` in `group`
+    /// carries, if the device holds a leaf there.
+    pub fn account_of_device(&mut self, group: &[u8], device: &DeviceId) -> Option<AccountId> {
+        let g = self.group_mut(group).ok()?;
+        g.members().filter_map(|m| holder_of(&m.credential)).find(|(_, d)| d == device).map(|(a, _)| a)
+    }
+
+    /// Whether `account` revoked `device` (a revocation this member saw).
+    pub fn is_revoked(&self, account: &AccountId, device: &DeviceId) -> bool {
+        self.revoked.contains(&(*account, *device))
     }
 
     /// Accept external proposals (removals of revoked devices) signed by

@@ -110,8 +110,14 @@ async fn a_member_cannot_revoke_another_accounts_device() {
             ok(hush(&alice, &["send", g, "alice still sends"]));
             ok(hush(&bob, &["send", g, "bob still sends"]));
         }
-        let b = ok(hush(&bob, &["sync"]));
-        assert!(b.contains("alice still sends"), "{b}");
+        ok(hush(&bob, &["sync"]));
+        ok(hush(&alice, &["sync"]));
+        for g in ["team", "other"] {
+            assert!(ok(hush(&bob, &["read", g])).contains("alice still sends"), "{g}");
+            assert!(ok(hush(&alice, &["read", g])).contains("bob still sends"), "{g}");
+        }
+        let a = ok(hush(&alice, &["read", "team"]));
+        assert!(a.contains("refused a revocation sent by mallory"), "{a}");
     });
 }
 

@@ -125,7 +125,7 @@ fn a_device_its_account_revoked_that_comes_back_is_found_and_removed_by_members(
     laptop.join(commit.welcome.as_ref().unwrap()).unwrap();
 
     // alice removes the laptop (her account revoked it); bob follows.
-    alice.revoke(laptop.device());
+    alice.revoke(account.account_id(), laptop.device());
     assert_eq!(alice.revoked_in(&group), vec![laptop.device()]);
     let removal = alice.remove_devices(&group, &[laptop.device()]).unwrap();
     committed(&mut alice, &mut [&mut bob], &group, removal.clone());
@@ -135,7 +135,7 @@ fn a_device_its_account_revoked_that_comes_back_is_found_and_removed_by_members(
     // alice's account, which is still in the group. A member that knows
     // the revocation (bob read alice's signed statement) finds it, and its
     // next commit (made before it sends anything) takes it out again.
-    bob.revoke(laptop.device());
+    bob.revoke(account.account_id(), laptop.device());
     let rejoin = laptop.join_external(&group, &removal.group_info, None).unwrap();
     let got = bob.receive(&group, &rejoin.message).unwrap();
     assert!(matches!(got, Received::Commit { new_device: true, .. }), "{got:?}");
@@ -151,4 +151,24 @@ fn a_device_its_account_revoked_that_comes_back_is_found_and_removed_by_members(
     // A member that never saw the revocation has nothing to remove.
     let (_, _, mut unaware) = Member::generate().unwrap();
     assert!(unaware.revoked_in(&group).is_empty());
+}
+
+/// Red team: a revocation verifies under the key of the account that
+/// signed it, which need not be the device's own account. mallory's
+/// "revocation" of bob's device (or of alice's own) revokes nothing.
+#[test]
+fn a_revocation_signed_by_another_account_revokes_nothing() {
+    let (mut alice, bob, mallory, group) = trio();
+    alice.revoke(mallory.account(), bob.device());
+    alice.revoke(mallory.account(), alice.device());
+    assert!(alice.revoked_in(&group).is_empty());
+    assert!(!alice.is_revoked(&bob.account(), &bob.device()));
+    // Even the device's own account cannot make this device commit its
+    // own removal (another member will).
+    let own = (alice.account(), alice.device());
+    alice.revoke(own.0, own.1);
+    assert!(alice.revoked_in(&group).is_empty());
+    // bob's own account's revocation of his device is what counts.
+    alice.revoke(bob.account(), bob.device());
+    assert_eq!(alice.revoked_in(&group), vec![bob.device()]);
 }
