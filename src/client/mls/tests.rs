@@ -172,3 +172,30 @@ fn a_revocation_signed_by_another_account_revokes_nothing() {
     alice.revoke(bob.account(), bob.device());
     assert_eq!(alice.revoked_in(&group), vec![bob.device()]);
 }
+
+/// Red team: a repair's walk must take only commits a member of each
+/// epoch could have made, as a member's own `receive` would. An outsider
+/// (the operator's own account, which it can register like anyone) builds
+/// an external commit from a GroupInfo the server kept; the walk took it
+/// (it verifies under the tree: the signer is the new leaf itself), and
+/// bob rejoined the operator's fork, where the operator reads him.
+#[test]
+fn a_repair_walk_refuses_an_outsiders_external_commit() {
+    let (mut alice, mut bob, _, group) = trio();
+    let update = alice.self_update(&group).unwrap();
+    alice.merge_pending(&group).unwrap();
+    bob.receive(&group, &update.message).unwrap();
+    let mut descent = bob.descent(&group).unwrap().unwrap();
+    // The operator's device, certified by the operator's own account.
+    let (_, _, mut operator) = Member::generate().unwrap();
+    let intrusion = operator.rejoin_unchecked(&group, &update.group_info, None).unwrap();
+    // bob's own rules refuse it as a message of the group...
+    let mut copy = bob.copy().unwrap();
+    let got = copy.receive(&group, &intrusion.message).unwrap();
+    assert!(matches!(got, Received::Refused { .. }), "{got:?}");
+    // ...and so must the walk, and the rejoin it would prove.
+    descent.feed(&intrusion.message);
+    let rejoined = bob.resync(&group, &intrusion.group_info, None, Some(&descent));
+    assert!(rejoined.is_err(), "bob rejoined a fork where the operator's account is a member");
+    assert!(!bob.members(&group).contains(&operator.account()));
+}
