@@ -152,13 +152,31 @@ impl Descent {
             return false;
         }
         let Ok(processed) = self.public.process_message(&self.crypto, framed.message) else { return false };
+        // What a member's own `receive` would refuse, the walk refuses too:
+        // a signature under the tree proves only that the signer held a
+        // leaf, or (an external commit) that it had a GroupInfo, which the
+        // server keeps and anyone it hands one to can use.
+        let holders: HashMap<LeafNodeIndex, (AccountId, DeviceId)> =
+            self.public.members().filter_map(|m| holder_of(&m.credential).map(|h| (m.index, h))).collect();
+        let sender = processed.sender().clone();
         match processed.into_content() {
             ProcessedMessageContent::ProposalMessage(p) => {
-                let _ = self.public.add_proposal(&self.storage, *p);
+                let allowed = match (&sender, p.proposal()) {
+                    // openmls checked it is signed by the listed external
+                    // sender; only removals are taken from it.
+                    (Sender::External(_), proposal) => matches!(proposal, Proposal::Remove(_)),
+                    (Sender::Member(i), Proposal::Update(u)) => same_holder(&holders, Some(*i), u.leaf_node()).is_ok(),
+                    (Sender::Member(_), proposal) => check_proposal_use(proposal, ProposalUse::Pending).is_ok(),
+                    _ => false,
+                };
+                if allowed {
+                    let _ = self.public.add_proposal(&self.storage, *p);
+                }
                 false
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
-                self.public.merge_commit(&self.storage, *staged).is_ok()
+                vet_commit(&staged, &sender, &holders).is_ok()
+                    && self.public.merge_commit(&self.storage, *staged).is_ok()
             }
             _ => false,
         }
@@ -377,6 +395,63 @@ pub fn check_key_package(bytes: &[u8], account: &AccountId) -> Result<KeyPackage
 /// group: as a resync (only the ExternalInit and the Remove of exactly that
 /// device's own leaf), or as a new device of that account joining (only the
 /// ExternalInit). Returns whether it was a new device.
+/// A leaf may change its keys, never whose it is.
+fn same_holder(
+    holders: &HashMap<LeafNodeIndex, (AccountId, DeviceId)>,
+    index: Option<LeafNodeIndex>,
+    leaf: &LeafNode,
+) -> Result<(), String> {
+    let cert = node_certificate(leaf).map_err(|e| format!("an updated leaf is not certified ({e})"))?;
+    match index.and_then(|i| holders.get(&i)) {
+        Some(held) if *held == (cert.account, cert.device) => Ok(()),
+        _ => Err("an update would change whose leaf it is".into()),
+    }
+}
+
+/// What a member accepts of a commit that verified under the tree of its
+/// epoch (`holders`: who holds each leaf there), whatever the server
+/// relayed: an external commit only as a device's resync of its own leaf
+/// or a new device of an account in the group; a member's commit with only
+/// the proposals hush uses, leaves that keep their holders, and certified
+/// additions. Used for every commit a member processes and for every
+/// commit a repair's walk takes ([`Descent::feed`]). Returns whether it is
+/// an external commit adding a new device.
+fn vet_commit(
+    staged: &StagedCommit,
+    sender: &Sender,
+    holders: &HashMap<LeafNodeIndex, (AccountId, DeviceId)>,
+) -> Result<bool, String> {
+    let sender_leaf = match sender {
+        Sender::Member(i) => Some(*i),
+        _ => None,
+    };
+    let mut new_device = false;
+    if matches!(sender, Sender::NewMemberCommit) {
+        new_device = check_resync(staged, holders)?;
+    } else if sender_leaf.is_none() {
+        return Err("a commit from outside the group".to_string());
+    } else {
+        if let Some(leaf) = staged.update_path_leaf_node() {
+            same_holder(holders, sender_leaf, leaf)?;
+        }
+        for queued in staged.queued_proposals() {
+            check_proposal_use(queued.proposal(), ProposalUse::Commit)?;
+        }
+    }
+    for update in staged.update_proposals() {
+        let index = match update.sender() {
+            Sender::Member(i) => Some(*i),
+            _ => None,
+        };
+        same_holder(holders, index, update.update_proposal().leaf_node())?;
+    }
+    for add in staged.add_proposals() {
+        node_certificate(add.add_proposal().key_package().leaf_node())
+            .map_err(|e| format!("an added member is not certified ({e})"))?;
+    }
+    Ok(new_device)
+}
+
 fn check_resync(
     staged: &StagedCommit,
     holders: &HashMap<LeafNodeIndex, (AccountId, DeviceId)>,
@@ -986,14 +1061,7 @@ impl<P: OpenMlsProvider> Member<P> {
         };
         let holders: HashMap<LeafNodeIndex, (AccountId, DeviceId)> =
             g.members().filter_map(|m| holder_of(&m.credential).map(|h| (m.index, h))).collect();
-        // A leaf may change its keys, never whose it is.
-        let same_holder = |index: Option<LeafNodeIndex>, leaf: &LeafNode| -> Result<(), String> {
-            let cert = node_certificate(leaf).map_err(|e| format!("an updated leaf is not certified ({e})"))?;
-            match index.and_then(|i| holders.get(&i)) {
-                Some(held) if *held == (cert.account, cert.device) => Ok(()),
-                _ => Err("an update would change whose leaf it is".into()),
-            }
-        };
+        let same_holder = |index: Option<LeafNodeIndex>, leaf: &LeafNode| same_holder(&holders, index, leaf);
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => {
                 Ok(Received::Application { sender, data: app.into_bytes() })
@@ -1046,37 +1114,10 @@ impl<P: OpenMlsProvider> Member<P> {
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
                 let external = matches!(sender_kind, Sender::NewMemberCommit);
-                let mut verdict = Ok(());
-                let mut new_device = false;
-                if external {
-                    verdict = check_resync(&staged, &holders).map(|joined| new_device = joined);
-                } else if sender_leaf.is_none() {
-                    verdict = Err("a commit from outside the group".to_string());
-                } else if let Some(leaf) = staged.update_path_leaf_node() {
-                    verdict = same_holder(sender_leaf, leaf);
-                }
-                if !external {
-                    for queued in staged.queued_proposals() {
-                        verdict = verdict.and_then(|()| check_proposal_use(queued.proposal(), ProposalUse::Commit));
-                    }
-                }
-                for update in staged.update_proposals() {
-                    let index = match update.sender() {
-                        Sender::Member(i) => Some(*i),
-                        _ => None,
-                    };
-                    verdict = verdict.and_then(|()| same_holder(index, update.update_proposal().leaf_node()));
-                }
-                for add in staged.add_proposals() {
-                    verdict = verdict.and_then(|()| {
-                        node_certificate(add.add_proposal().key_package().leaf_node())
-                            .map(|_| ())
-                            .map_err(|e| format!("an added member is not certified ({e})"))
-                    });
-                }
-                if let Err(reason) = verdict {
-                    return Ok(Received::Refused { sender, reason });
-                }
+                let new_device = match vet_commit(&staged, &sender_kind, &holders) {
+                    Ok(new_device) => new_device,
+                    Err(reason) => return Ok(Received::Refused { sender, reason }),
+                };
                 let removed_me = staged.self_removed();
                 let removed = if external {
                     Vec::new()
