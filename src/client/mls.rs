@@ -127,6 +127,8 @@ pub struct Descent {
     pub start_members: Vec<AccountId>,
     /// The epoch where the walk started.
     pub start_epoch: u64,
+    /// Proposals of the walk's epoch it holds.
+    pending: usize,
 }
 
 impl std::fmt::Debug for Descent {
@@ -169,8 +171,8 @@ impl Descent {
                     (Sender::Member(_), proposal) => check_proposal_use(proposal, ProposalUse::Pending).is_ok(),
                     _ => false,
                 };
-                if allowed {
-                    let _ = self.public.add_proposal(&self.storage, *p);
+                if allowed && self.public.add_proposal(&self.storage, *p).is_ok() {
+                    self.pending += 1;
                 }
                 false
             }
@@ -180,6 +182,11 @@ impl Descent {
             }
             _ => false,
         }
+    }
+
+    /// How many proposals of the walk's epoch it holds.
+    pub fn pending(&self) -> usize {
+        self.pending
     }
 
     /// Whether `info` describes the state the walk reached.
@@ -894,10 +901,11 @@ impl<P: OpenMlsProvider> Member<P> {
         let crypto = openmls_rust_crypto::RustCrypto::default();
         let (mut public, _) = PublicGroup::from_external(&crypto, &storage, tree, info, ProposalStore::new())
             .context("our own group state")?;
+        let count = pending.len();
         for p in pending {
             public.add_proposal(&storage, p).context("our stored proposals")?;
         }
-        Ok(Some(Descent { storage, public, crypto, start_members, start_epoch }))
+        Ok(Some(Descent { storage, public, crypto, start_members, start_epoch, pending: count }))
     }
 
     /// Drops the cached state of `group`, so it is read again from storage

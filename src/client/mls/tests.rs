@@ -199,3 +199,38 @@ fn a_repair_walk_refuses_an_outsiders_external_commit() {
     assert!(rejoined.is_err(), "bob rejoined a fork where the operator's account is a member");
     assert!(!bob.members(&group).contains(&operator.account()));
 }
+
+/// Red team: a hostile operator holds the removal key, so it can sign as
+/// many removal proposals of any epoch as it likes; an honest server keeps
+/// at most `MAX_PENDING_PROPOSALS` waiting per epoch. Each one a member or
+/// a repair's walk stores costs more than the last (openmls rewrites the
+/// queue: 1,000 took half a minute in a debug build, a 4 MiB page holds
+/// some 30,000), so a flood in the walk's epoch pinned the client's CPU for
+/// hours. Neither may store more than an honest server would let wait.
+#[test]
+fn a_flood_of_the_servers_removal_proposals_is_bounded() {
+    use crate::limits::MAX_PENDING_PROPOSALS;
+    let removal = crate::auth::Identity::generate().unwrap();
+    let (_, _, mut alice) = Member::generate().unwrap();
+    alice.set_removal_key(removal.public_key());
+    let group = alice.create_group(&removal.public_key()).unwrap().id;
+    let mut descent = alice.descent(&group).unwrap().unwrap();
+    let flood: Vec<Vec<u8>> = (0..MAX_PENDING_PROPOSALS as u32 + 8)
+        .map(|i| {
+            let leaf = LeafNodeIndex::new(i + 1);
+            crate::delivery::mls::removal_proposal(&descent.public, leaf, &removal).unwrap().unwrap()
+        })
+        .collect();
+    for m in &flood {
+        descent.feed(m);
+    }
+    assert!(descent.pending() <= MAX_PENDING_PROPOSALS, "the walk stored {} proposals", descent.pending());
+    let mut refused = 0;
+    for m in &flood {
+        if matches!(alice.receive(&group, m), Ok(Received::Refused { .. }) | Err(_)) {
+            refused += 1;
+        }
+    }
+    let stored = alice.group_mut(&group).unwrap().pending_proposals().count();
+    assert!(stored <= MAX_PENDING_PROPOSALS && refused >= 8, "alice stored {stored} proposals");
+}
