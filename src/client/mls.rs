@@ -34,6 +34,7 @@ use crate::auth::{AccountId, DeviceCertificate, DeviceId, Identity};
 use crate::delivery::mls::{
     check_proposal_use, holder_of, leaf_certificate, node_certificate, server_sender, ProposalUse, VerifiableGroupInfo,
 };
+use crate::limits::MAX_PENDING_PROPOSALS;
 
 /// The one ciphersuite hush uses: X25519, AES-128-GCM, SHA-256, Ed25519.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
@@ -129,6 +130,12 @@ pub struct Descent {
     pub start_epoch: u64,
     /// Proposals of the walk's epoch it holds.
     pending: usize,
+    /// Of those, members' proposals (at most [`MAX_PENDING_PROPOSALS`], as
+    /// an honest server keeps) ...
+    member_pending: usize,
+    /// ... and the leaves the server's removal proposals name (one each,
+    /// of a leaf in the tree).
+    server_removals: std::collections::BTreeSet<LeafNodeIndex>,
 }
 
 impl std::fmt::Debug for Descent {
@@ -163,22 +170,45 @@ impl Descent {
         let sender = processed.sender().clone();
         match processed.into_content() {
             ProcessedMessageContent::ProposalMessage(p) => {
+                // Bounded as an honest server bounds them: whoever holds the
+                // removal key can sign any number, and each one stored
+                // costs more than the last.
                 let allowed = match (&sender, p.proposal()) {
                     // openmls checked it is signed by the listed external
-                    // sender; only removals are taken from it.
-                    (Sender::External(_), proposal) => matches!(proposal, Proposal::Remove(_)),
+                    // sender; only removals are taken from it, one per
+                    // leaf in the tree.
+                    (Sender::External(_), Proposal::Remove(r)) => {
+                        holders.contains_key(&r.removed()) && !self.server_removals.contains(&r.removed())
+                    }
+                    (Sender::Member(_), _) if self.member_pending >= MAX_PENDING_PROPOSALS => false,
                     (Sender::Member(i), Proposal::Update(u)) => same_holder(&holders, Some(*i), u.leaf_node()).is_ok(),
                     (Sender::Member(_), proposal) => check_proposal_use(proposal, ProposalUse::Pending).is_ok(),
                     _ => false,
                 };
+                let removal = match (&sender, p.proposal()) {
+                    (Sender::External(_), Proposal::Remove(r)) => Some(r.removed()),
+                    _ => None,
+                };
                 if allowed && self.public.add_proposal(&self.storage, *p).is_ok() {
                     self.pending += 1;
+                    match removal {
+                        Some(leaf) => {
+                            self.server_removals.insert(leaf);
+                        }
+                        None => self.member_pending += 1,
+                    }
                 }
                 false
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
-                vet_commit(&staged, &sender, &holders).is_ok()
-                    && self.public.merge_commit(&self.storage, *staged).is_ok()
+                let moved = vet_commit(&staged, &sender, &holders).is_ok()
+                    && self.public.merge_commit(&self.storage, *staged).is_ok();
+                if moved {
+                    self.pending = 0;
+                    self.member_pending = 0;
+                    self.server_removals.clear();
+                }
+                moved
             }
             _ => false,
         }
@@ -902,10 +932,27 @@ impl<P: OpenMlsProvider> Member<P> {
         let (mut public, _) = PublicGroup::from_external(&crypto, &storage, tree, info, ProposalStore::new())
             .context("our own group state")?;
         let count = pending.len();
+        let mut member_pending = 0;
+        let mut server_removals = std::collections::BTreeSet::new();
         for p in pending {
+            match (p.sender(), p.proposal()) {
+                (Sender::External(_), Proposal::Remove(r)) => {
+                    server_removals.insert(r.removed());
+                }
+                _ => member_pending += 1,
+            }
             public.add_proposal(&storage, p).context("our stored proposals")?;
         }
-        Ok(Some(Descent { storage, public, crypto, start_members, start_epoch, pending: count }))
+        Ok(Some(Descent {
+            storage,
+            public,
+            crypto,
+            start_members,
+            start_epoch,
+            pending: count,
+            member_pending,
+            server_removals,
+        }))
     }
 
     /// Drops the cached state of `group`, so it is read again from storage
@@ -1097,9 +1144,31 @@ impl<P: OpenMlsProvider> Member<P> {
                             reason: "an external proposal not signed by this server's removal key".into(),
                         });
                     }
+                    // One per leaf in the tree, as an honest server makes
+                    // them: whoever holds the removal key can sign any
+                    // number, and each one stored costs more than the last.
+                    let again = g.pending_proposals().any(|q| {
+                        matches!((q.sender(), q.proposal()), (Sender::External(_), Proposal::Remove(o)) if o.removed() == r.removed())
+                    });
+                    if again || !holders.contains_key(&r.removed()) {
+                        return Ok(Received::Refused {
+                            sender: None,
+                            reason: "a removal proposal of a leaf the server already proposed to remove, or of no leaf"
+                                .into(),
+                        });
+                    }
                     let account = holders.get(&r.removed()).map(|(a, _)| *a);
                     g.store_pending_proposal(provider.storage(), *p).context("storing the proposal")?;
                     return Ok(Received::ServerRemoval { account });
+                }
+                // No more than an honest server lets wait.
+                if g.pending_proposals().filter(|q| matches!(q.sender(), Sender::Member(_))).count()
+                    >= MAX_PENDING_PROPOSALS
+                {
+                    return Ok(Received::Refused {
+                        sender,
+                        reason: format!("more than {MAX_PENDING_PROPOSALS} proposals waiting"),
+                    });
                 }
                 // Only what hush uses is stored: anything else would make
                 // the next commit that takes it fail, for every member.

@@ -234,3 +234,26 @@ fn a_flood_of_the_servers_removal_proposals_is_bounded() {
     let stored = alice.group_mut(&group).unwrap().pending_proposals().count();
     assert!(stored <= MAX_PENDING_PROPOSALS && refused >= 8, "alice stored {stored} proposals");
 }
+
+/// The same for a member's proposals (with a server that takes more than
+/// an honest one would): no more are stored than the server would keep,
+/// and those already stored still go in the next commit.
+#[test]
+fn a_flood_of_a_members_proposals_is_bounded() {
+    use crate::limits::MAX_PENDING_PROPOSALS;
+    let (mut alice, mut bob, mut mallory, group) = trio();
+    let mut descent = bob.descent(&group).unwrap().unwrap();
+    let mut refused = 0;
+    for _ in 0..MAX_PENDING_PROPOSALS + 8 {
+        let p = mallory.update_proposal(&group, None).unwrap();
+        descent.feed(&p);
+        if matches!(alice.receive(&group, &p).unwrap(), Received::Refused { .. }) {
+            refused += 1;
+        }
+    }
+    assert!(descent.pending() <= MAX_PENDING_PROPOSALS, "the walk stored {}", descent.pending());
+    assert_eq!(refused, 8);
+    let commit = alice.commit_pending(&group).unwrap();
+    alice.merge_pending(&group).unwrap();
+    assert!(!matches!(bob.receive(&group, &commit.message), Ok(Received::Refused { .. })));
+}
