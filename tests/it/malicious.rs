@@ -102,6 +102,8 @@ enum Mode {
     RejoinWith(Vec<u8>, Vec<u8>),
     /// [`Mode::EndlessPages`] for this group only.
     EndlessPagesIn(Vec<u8>),
+    /// Answers every fetch of this group with an error.
+    FailFetchIn(Vec<u8>),
 }
 
 fn rewrite(mode: Arc<Mutex<Mode>>) -> Rewrite {
@@ -114,6 +116,9 @@ fn rewrite(mode: Arc<Mutex<Mode>>) -> Rewrite {
         }
         (Request::Fetch { group, .. }, Mode::EndlessPagesIn(g)) if *group == g => {
             Some(Response::Messages { group: group.clone(), messages: vec![], more: true })
+        }
+        (Request::Fetch { group, .. }, Mode::FailFetchIn(g)) if *group == g => {
+            Some(Response::error(hush::wire::ErrorCode::Internal, "not today"))
         }
         (Request::ListGroups, Mode::RejoinWith(..)) => match _resp {
             Response::Groups { groups } => Some(Response::Groups {
@@ -520,5 +525,44 @@ async fn a_server_cannot_use_group_repair_to_slip_a_forged_tree_under_a_member()
         ok(hush(alice, &["send", "team", "still the real group"]));
         let got = ok(hush(bob, &["sync"]));
         assert!(got.contains("still the real group"), "{got}");
+    });
+}
+
+/// Red team: `hush device revoke` synced every group first and stopped at
+/// the first that failed, before it even kept the revocation itself: an
+/// operator that keeps the revoked device (stolen, say) breaks one group,
+/// and the account-signed revocation reaches no member anywhere, not even
+/// the first device's own later syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_group_the_server_breaks_does_not_keep_a_revocation_from_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let homes: Vec<PathBuf> = ["alice", "bob", "laptop"].iter().map(|n| tmp.path().join(n)).collect();
+    let mode = Arc::new(Mutex::new(Mode::Honest));
+    let evil = Evil::start(&server, homes.clone(), rewrite(mode.clone())).await;
+    let (alice, bob, laptop) = (&homes[0], &homes[1], &homes[2]);
+    tokio::task::block_in_place(|| {
+        register(&server, alice, &evil.address);
+        let bob_id = register(&server, bob, &evil.address);
+        ok(hush(alice, &["contact", "add", "bob", &bob_id]));
+        for g in ["team", "other"] {
+            ok(hush(alice, &["group", "create", g]));
+            ok(hush(alice, &["group", "add", g, "bob"]));
+        }
+        ok(hush(bob, &["sync"]));
+        crate::devices::link(alice, laptop, "laptop");
+        ok(hush(laptop, &["sync"]));
+        ok(hush(bob, &["sync"]));
+        ok(hush(alice, &["sync"]));
+    });
+    *mode.lock().unwrap() = Mode::FailFetchIn(group_id(&server, alice, "team"));
+    tokio::task::block_in_place(|| {
+        let _ = hush(alice, &["device", "revoke", "laptop"]);
+        let _ = hush(bob, &["sync"]);
+        let other = ok(hush(bob, &["read", "other"]));
+        assert!(
+            other.contains("alice revoked one of its devices (signed with the account key)"),
+            "the revocation never reached the group that works: {other}"
+        );
     });
 }
