@@ -122,6 +122,31 @@ async fn a_member_cannot_revoke_another_accounts_device() {
 }
 
 crate::on_both_backends! {
-    sync: [],
+    sync: [a_removed_member_added_back_reads_the_group_again],
     async: [a_psk_a_gce_or_a_foreign_add_proposal_leaves_every_group_working, a_members_removal_proposal_is_shown_with_its_author_and_committed_by_nobody_unasked, a_member_cannot_revoke_another_accounts_device],
+}
+
+/// Red team (a removed member who kept its old state): alice removes bob
+/// and later adds him back to the same group. bob's device still holds
+/// the state it was removed with; the Welcome must still bring him back.
+fn a_removed_member_added_back_reads_the_group_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    crate::repair::register(&server, &alice);
+    let bob_id = crate::repair::register(&server, &bob);
+    ok(hush(&alice, &["contact", "add", "bob", &bob_id]));
+    ok(hush(&alice, &["group", "create", "team"]));
+    ok(hush(&alice, &["group", "add", "team", "bob"]));
+    ok(hush(&bob, &["sync"]));
+    ok(hush(&alice, &["group", "remove", "team", "bob"]));
+    assert!(ok(hush(&bob, &["sync"])).contains("you were removed"));
+    ok(hush(&alice, &["group", "add", "team", "bob"]));
+    let b = ok(hush(&bob, &["sync"]));
+    assert!(!b.contains("did not join"), "{b}");
+    ok(hush(&alice, &["send", "team", "welcome back"]));
+    let b = ok(hush(&bob, &["sync"]));
+    assert!(b.contains("welcome back"), "{b}");
+    ok(hush(&bob, &["send", "team", "glad to be back"]));
+    assert!(ok(hush(&alice, &["sync"])).contains("glad to be back"));
 }
