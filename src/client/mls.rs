@@ -1089,8 +1089,19 @@ impl<P: OpenMlsProvider> Member<P> {
         let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
             return Err(MlsError::NotAWelcome);
         };
-        let staged =
-            StagedWelcome::new_from_welcome(&self.provider, &Self::join_config(), welcome, None).context("Welcome")?;
+        let builder =
+            StagedWelcome::build_from_welcome(&self.provider, &Self::join_config(), welcome).context("Welcome")?;
+        // A group this device was removed from (or left), by a commit it
+        // processed itself: its old state is of no further use, and a
+        // member may add it back. A group it is still active in is never
+        // replaced.
+        let id = builder.processed_welcome().unverified_group_info().group_id().as_slice().to_vec();
+        let stored = MlsGroup::load(self.provider.storage(), &GroupId::from_slice(&id)).ok().flatten();
+        if let Some(mut old) = stored.filter(|g| !g.is_active()) {
+            self.groups.remove(&id);
+            old.delete(self.provider.storage()).context("deleting the state this device was removed with")?;
+        }
+        let staged = builder.build().context("Welcome")?;
         check_tree(staged.members(), "join")?;
         let group = staged.into_group(&self.provider).context("joining")?;
         let id = group.group_id().as_slice().to_vec();
