@@ -586,7 +586,7 @@ async fn a_servers_own_external_commit_does_not_walk_a_member_into_its_fork() {
     let sent: Arc<Mutex<Vec<Vec<u8>>>> = Arc::new(Mutex::new(Vec::new()));
     let (f, s) = (fork.clone(), sent.clone());
     let rewrite: Rewrite = Arc::new(move |req, resp| {
-        let Some((group, epoch, log, info)) = f.lock().unwrap().clone() else { return None };
+        let (group, epoch, log, info) = f.lock().unwrap().clone()?;
         let last = log.last().map_or(0, |(seq, _)| *seq);
         match (req, resp) {
             (Request::ListGroups, Response::Groups { groups }) => Some(Response::Groups {
