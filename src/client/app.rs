@@ -276,7 +276,7 @@ impl App {
         }
         for statement in local.revocations()? {
             if let Ok(r) = crate::auth::DeviceRevocation::decode(&statement) {
-                member.revoke(r.device);
+                member.revoke(r.account, r.device);
             }
         }
         Ok(Self { home: home.to_owned(), device_key, server, local, member, sync_failures: Vec::new() })
@@ -522,7 +522,7 @@ impl App {
     /// Keeps a verified, account-signed revocation and refuses its device
     /// as a leaf from now on; false if it was known already.
     pub(crate) fn learn_revocation(&mut self, r: &crate::auth::DeviceRevocation) -> Result<bool, AppError> {
-        self.member.revoke(r.device);
+        self.member.revoke(r.account, r.device);
         Ok(self.local.put_revocation(&r.device, &r.encode())?)
     }
 

@@ -34,6 +34,7 @@ use crate::auth::{AccountId, DeviceCertificate, DeviceId, Identity};
 use crate::delivery::mls::{
     check_proposal_use, holder_of, leaf_certificate, node_certificate, server_sender, ProposalUse, VerifiableGroupInfo,
 };
+use crate::limits::MAX_PENDING_PROPOSALS;
 
 /// The one ciphersuite hush uses: X25519, AES-128-GCM, SHA-256, Ed25519.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
@@ -127,6 +128,14 @@ pub struct Descent {
     pub start_members: Vec<AccountId>,
     /// The epoch where the walk started.
     pub start_epoch: u64,
+    /// Proposals of the walk's epoch it holds.
+    pending: usize,
+    /// Of those, members' proposals (at most [`MAX_PENDING_PROPOSALS`], as
+    /// an honest server keeps) ...
+    member_pending: usize,
+    /// ... and the leaves the server's removal proposals name (one each,
+    /// of a leaf in the tree).
+    server_removals: std::collections::BTreeSet<LeafNodeIndex>,
 }
 
 impl std::fmt::Debug for Descent {
@@ -152,16 +161,62 @@ impl Descent {
             return false;
         }
         let Ok(processed) = self.public.process_message(&self.crypto, framed.message) else { return false };
+        // What a member's own `receive` would refuse, the walk refuses too:
+        // a signature under the tree proves only that the signer held a
+        // leaf, or (an external commit) that it had a GroupInfo, which the
+        // server keeps and anyone it hands one to can use.
+        let holders: HashMap<LeafNodeIndex, (AccountId, DeviceId)> =
+            self.public.members().filter_map(|m| holder_of(&m.credential).map(|h| (m.index, h))).collect();
+        let sender = processed.sender().clone();
         match processed.into_content() {
             ProcessedMessageContent::ProposalMessage(p) => {
-                let _ = self.public.add_proposal(&self.storage, *p);
+                // Bounded as an honest server bounds them: whoever holds the
+                // removal key can sign any number, and each one stored
+                // costs more than the last.
+                let allowed = match (&sender, p.proposal()) {
+                    // openmls checked it is signed by the listed external
+                    // sender; only removals are taken from it, one per
+                    // leaf in the tree.
+                    (Sender::External(_), Proposal::Remove(r)) => {
+                        holders.contains_key(&r.removed()) && !self.server_removals.contains(&r.removed())
+                    }
+                    (Sender::Member(_), _) if self.member_pending >= MAX_PENDING_PROPOSALS => false,
+                    (Sender::Member(i), Proposal::Update(u)) => same_holder(&holders, Some(*i), u.leaf_node()).is_ok(),
+                    (Sender::Member(_), proposal) => check_proposal_use(proposal, ProposalUse::Pending).is_ok(),
+                    _ => false,
+                };
+                let removal = match (&sender, p.proposal()) {
+                    (Sender::External(_), Proposal::Remove(r)) => Some(r.removed()),
+                    _ => None,
+                };
+                if allowed && self.public.add_proposal(&self.storage, *p).is_ok() {
+                    self.pending += 1;
+                    match removal {
+                        Some(leaf) => {
+                            self.server_removals.insert(leaf);
+                        }
+                        None => self.member_pending += 1,
+                    }
+                }
                 false
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
-                self.public.merge_commit(&self.storage, *staged).is_ok()
+                let moved = vet_commit(&staged, &sender, &holders).is_ok()
+                    && self.public.merge_commit(&self.storage, *staged).is_ok();
+                if moved {
+                    self.pending = 0;
+                    self.member_pending = 0;
+                    self.server_removals.clear();
+                }
+                moved
             }
             _ => false,
         }
+    }
+
+    /// How many proposals of the walk's epoch it holds.
+    pub fn pending(&self) -> usize {
+        self.pending
     }
 
     /// Whether `info` describes the state the walk reached.
@@ -359,9 +414,10 @@ pub struct Member<P: OpenMlsProvider = OpenMlsRustCrypto> {
     /// this member accepts (`None`: it accepts none).
     removal_key: Option<[u8; 32]>,
     /// Devices whose account revoked them (account-signed revocations this
-    /// member has seen): a leaf of one is removed before this member sends
+    /// member has seen), each with the account that signed: a leaf of one,
+    /// certified by that same account, is removed before this member sends
     /// anything in its group ([`Member::revoked_in`]).
-    revoked: std::collections::BTreeSet<DeviceId>,
+    revoked: std::collections::BTreeSet<(AccountId, DeviceId)>,
 }
 
 impl<P: OpenMlsProvider> std::fmt::Debug for Member<P> {
@@ -389,6 +445,63 @@ pub fn check_key_package(bytes: &[u8], account: &AccountId) -> Result<KeyPackage
 /// group: as a resync (only the ExternalInit and the Remove of exactly that
 /// device's own leaf), or as a new device of that account joining (only the
 /// ExternalInit). Returns whether it was a new device.
+/// A leaf may change its keys, never whose it is.
+fn same_holder(
+    holders: &HashMap<LeafNodeIndex, (AccountId, DeviceId)>,
+    index: Option<LeafNodeIndex>,
+    leaf: &LeafNode,
+) -> Result<(), String> {
+    let cert = node_certificate(leaf).map_err(|e| format!("an updated leaf is not certified ({e})"))?;
+    match index.and_then(|i| holders.get(&i)) {
+        Some(held) if *held == (cert.account, cert.device) => Ok(()),
+        _ => Err("an update would change whose leaf it is".into()),
+    }
+}
+
+/// What a member accepts of a commit that verified under the tree of its
+/// epoch (`holders`: who holds each leaf there), whatever the server
+/// relayed: an external commit only as a device's resync of its own leaf
+/// or a new device of an account in the group; a member's commit with only
+/// the proposals hush uses, leaves that keep their holders, and certified
+/// additions. Used for every commit a member processes and for every
+/// commit a repair's walk takes ([`Descent::feed`]). Returns whether it is
+/// an external commit adding a new device.
+fn vet_commit(
+    staged: &StagedCommit,
+    sender: &Sender,
+    holders: &HashMap<LeafNodeIndex, (AccountId, DeviceId)>,
+) -> Result<bool, String> {
+    let sender_leaf = match sender {
+        Sender::Member(i) => Some(*i),
+        _ => None,
+    };
+    let mut new_device = false;
+    if matches!(sender, Sender::NewMemberCommit) {
+        new_device = check_resync(staged, holders)?;
+    } else if sender_leaf.is_none() {
+        return Err("a commit from outside the group".to_string());
+    } else {
+        if let Some(leaf) = staged.update_path_leaf_node() {
+            same_holder(holders, sender_leaf, leaf)?;
+        }
+        for queued in staged.queued_proposals() {
+            check_proposal_use(queued.proposal(), ProposalUse::Commit)?;
+        }
+    }
+    for update in staged.update_proposals() {
+        let index = match update.sender() {
+            Sender::Member(i) => Some(*i),
+            _ => None,
+        };
+        same_holder(holders, index, update.update_proposal().leaf_node())?;
+    }
+    for add in staged.add_proposals() {
+        node_certificate(add.add_proposal().key_package().leaf_node())
+            .map_err(|e| format!("an added member is not certified ({e})"))?;
+    }
+    Ok(new_device)
+}
+
 fn check_resync(
     staged: &StagedCommit,
     holders: &HashMap<LeafNodeIndex, (AccountId, DeviceId)>,
@@ -498,22 +611,39 @@ impl<P: OpenMlsProvider> Member<P> {
         }
     }
 
-    /// Marks `device` revoked by its account (the caller verified the
-    /// account-signed revocation): from now on its leaves are to be removed
-    /// wherever they are ([`Member::revoked_in`]).
-    pub fn revoke(&mut self, device: DeviceId) {
-        self.revoked.insert(device);
+    /// Marks `device` revoked by `account` (the caller verified the
+    /// revocation's signature under `account`'s key): from now on a leaf of
+    /// that device *certified by that account* is to be removed wherever it
+    /// is ([`Member::revoked_in`]). A revocation signed by another account
+    /// than the device's own (any member can sign one with its own key)
+    /// revokes nothing.
+    pub fn revoke(&mut self, account: AccountId, device: DeviceId) {
+        self.revoked.insert((account, device));
     }
 
-    /// The devices of `group` whose account revoked them.
+    /// The devices of `group` whose own account revoked them (never this
+    /// device: it cannot commit its own removal).
     pub fn revoked_in(&mut self, group: &[u8]) -> Vec<DeviceId> {
         let revoked = self.revoked.clone();
-        self.devices(group).into_iter().filter(|d| revoked.contains(d)).collect()
+        let own = self.certificate.device;
+        let Ok(g) = self.group_mut(group) else { return Vec::new() };
+        g.members()
+            .filter_map(|m| holder_of(&m.credential))
+            .filter(|(a, d)| *d != own && revoked.contains(&(*a, *d)))
+            .map(|(_, d)| d)
+            .collect()
     }
 
-    /// Whether a revocation of `device` is known.
-    pub fn is_revoked(&self, device: &DeviceId) -> bool {
-        self.revoked.contains(device)
+    /// The account whose certificate the leaf of `device` in `group`
+    /// carries, if the device holds a leaf there.
+    pub fn account_of_device(&mut self, group: &[u8], device: &DeviceId) -> Option<AccountId> {
+        let g = self.group_mut(group).ok()?;
+        g.members().filter_map(|m| holder_of(&m.credential)).find(|(_, d)| d == device).map(|(a, _)| a)
+    }
+
+    /// Whether `account` revoked `device` (a revocation this member saw).
+    pub fn is_revoked(&self, account: &AccountId, device: &DeviceId) -> bool {
+        self.revoked.contains(&(*account, *device))
     }
 
     /// Accept external proposals (removals of revoked devices) signed by
@@ -839,10 +969,28 @@ impl<P: OpenMlsProvider> Member<P> {
         let crypto = openmls_rust_crypto::RustCrypto::default();
         let (mut public, _) = PublicGroup::from_external(&crypto, &storage, tree, info, ProposalStore::new())
             .context("our own group state")?;
+        let count = pending.len();
+        let mut member_pending = 0;
+        let mut server_removals = std::collections::BTreeSet::new();
         for p in pending {
+            match (p.sender(), p.proposal()) {
+                (Sender::External(_), Proposal::Remove(r)) => {
+                    server_removals.insert(r.removed());
+                }
+                _ => member_pending += 1,
+            }
             public.add_proposal(&storage, p).context("our stored proposals")?;
         }
-        Ok(Some(Descent { storage, public, crypto, start_members, start_epoch }))
+        Ok(Some(Descent {
+            storage,
+            public,
+            crypto,
+            start_members,
+            start_epoch,
+            pending: count,
+            member_pending,
+            server_removals,
+        }))
     }
 
     /// This member's epoch of `group` and its confirmed transcript hash (what
@@ -1007,8 +1155,19 @@ impl<P: OpenMlsProvider> Member<P> {
         let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
             return Err(MlsError::NotAWelcome);
         };
-        let staged =
-            StagedWelcome::new_from_welcome(&self.provider, &Self::join_config(), welcome, None).context("Welcome")?;
+        let builder =
+            StagedWelcome::build_from_welcome(&self.provider, &Self::join_config(), welcome).context("Welcome")?;
+        // A group this device was removed from (or left), by a commit it
+        // processed itself: its old state is of no further use, and a
+        // member may add it back. A group it is still active in is never
+        // replaced.
+        let id = builder.processed_welcome().unverified_group_info().group_id().as_slice().to_vec();
+        let stored = MlsGroup::load(self.provider.storage(), &GroupId::from_slice(&id)).ok().flatten();
+        if let Some(mut old) = stored.filter(|g| !g.is_active()) {
+            self.groups.remove(&id);
+            old.delete(self.provider.storage()).context("deleting the state this device was removed with")?;
+        }
+        let staged = builder.build().context("Welcome")?;
         check_tree(staged.members(), "join")?;
         let group = staged.into_group(&self.provider).context("joining")?;
         let id = group.group_id().as_slice().to_vec();
@@ -1058,14 +1217,7 @@ impl<P: OpenMlsProvider> Member<P> {
         };
         let holders: HashMap<LeafNodeIndex, (AccountId, DeviceId)> =
             g.members().filter_map(|m| holder_of(&m.credential).map(|h| (m.index, h))).collect();
-        // A leaf may change its keys, never whose it is.
-        let same_holder = |index: Option<LeafNodeIndex>, leaf: &LeafNode| -> Result<(), String> {
-            let cert = node_certificate(leaf).map_err(|e| format!("an updated leaf is not certified ({e})"))?;
-            match index.and_then(|i| holders.get(&i)) {
-                Some(held) if *held == (cert.account, cert.device) => Ok(()),
-                _ => Err("an update would change whose leaf it is".into()),
-            }
-        };
+        let same_holder = |index: Option<LeafNodeIndex>, leaf: &LeafNode| same_holder(&holders, index, leaf);
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => {
                 Ok(Received::Application { sender, data: app.into_bytes() })
@@ -1093,9 +1245,31 @@ impl<P: OpenMlsProvider> Member<P> {
                             reason: "an external proposal not signed by this server's removal key".into(),
                         });
                     }
+                    // One per leaf in the tree, as an honest server makes
+                    // them: whoever holds the removal key can sign any
+                    // number, and each one stored costs more than the last.
+                    let again = g.pending_proposals().any(|q| {
+                        matches!((q.sender(), q.proposal()), (Sender::External(_), Proposal::Remove(o)) if o.removed() == r.removed())
+                    });
+                    if again || !holders.contains_key(&r.removed()) {
+                        return Ok(Received::Refused {
+                            sender: None,
+                            reason: "a removal proposal of a leaf the server already proposed to remove, or of no leaf"
+                                .into(),
+                        });
+                    }
                     let account = holders.get(&r.removed()).map(|(a, _)| *a);
                     g.store_pending_proposal(provider.storage(), *p).context("storing the proposal")?;
                     return Ok(Received::ServerRemoval { account });
+                }
+                // No more than an honest server lets wait.
+                if g.pending_proposals().filter(|q| matches!(q.sender(), Sender::Member(_))).count()
+                    >= MAX_PENDING_PROPOSALS
+                {
+                    return Ok(Received::Refused {
+                        sender,
+                        reason: format!("more than {MAX_PENDING_PROPOSALS} proposals waiting"),
+                    });
                 }
                 // Only what hush uses is stored: anything else would make
                 // the next commit that takes it fail, for every member.
@@ -1117,37 +1291,10 @@ impl<P: OpenMlsProvider> Member<P> {
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
                 let external = matches!(sender_kind, Sender::NewMemberCommit);
-                let mut verdict = Ok(());
-                let mut new_device = false;
-                if external {
-                    verdict = check_resync(&staged, &holders).map(|joined| new_device = joined);
-                } else if sender_leaf.is_none() {
-                    verdict = Err("a commit from outside the group".to_string());
-                } else if let Some(leaf) = staged.update_path_leaf_node() {
-                    verdict = same_holder(sender_leaf, leaf);
-                }
-                if !external {
-                    for queued in staged.queued_proposals() {
-                        verdict = verdict.and_then(|()| check_proposal_use(queued.proposal(), ProposalUse::Commit));
-                    }
-                }
-                for update in staged.update_proposals() {
-                    let index = match update.sender() {
-                        Sender::Member(i) => Some(*i),
-                        _ => None,
-                    };
-                    verdict = verdict.and_then(|()| same_holder(index, update.update_proposal().leaf_node()));
-                }
-                for add in staged.add_proposals() {
-                    verdict = verdict.and_then(|()| {
-                        node_certificate(add.add_proposal().key_package().leaf_node())
-                            .map(|_| ())
-                            .map_err(|e| format!("an added member is not certified ({e})"))
-                    });
-                }
-                if let Err(reason) = verdict {
-                    return Ok(Received::Refused { sender, reason });
-                }
+                let new_device = match vet_commit(&staged, &sender_kind, &holders) {
+                    Ok(new_device) => new_device,
+                    Err(reason) => return Ok(Received::Refused { sender, reason }),
+                };
                 let removed_me = staged.self_removed();
                 let removed = if external {
                     Vec::new()

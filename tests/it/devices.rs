@@ -111,7 +111,7 @@ fn acquainted(server: &Hushd, alice: &Path, bob: &Path) -> String {
 
 /// Links a new home to `first`'s account under `name`; returns the
 /// `device join` output.
-fn link(first: &Path, new: &Path, name: &str) -> String {
+pub(crate) fn link(first: &Path, new: &Path, name: &str) -> String {
     let (adding, code) = hush_first_line(first, &["device", "add", name]);
     assert!(code.starts_with("hushlink://"), "{code}");
     let joined = ok(hush(new, &["device", "join", &code]));

@@ -4,7 +4,9 @@
 //! name. (The operator's part, a server that rolls a member back or breaks
 //! one group's sync, is in `malicious.rs`.)
 
+use hush::auth::{DeviceId, DeviceRevocation, Identity};
 use hush::client::mls::adversary::HostileProposal;
+use hush::client::payload::Payload;
 use hush::wire::ErrorCode;
 
 use crate::repair::{catch_up, raw_member, team};
@@ -188,7 +190,77 @@ async fn a_strangers_invitation_waits_until_accepted() {
     });
 }
 
+/// Red team: mallory signs, with her own account key, a "revocation" of
+/// a device of another account (bob's, then alice's) and sends it in the
+/// group. It verifies (it is mallory's signature), but it is not the
+/// device's account that revoked it: members must neither remove bob nor
+/// refuse alice, in this group or in any other.
+async fn a_member_cannot_revoke_another_accounts_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let (alice, bob, mallory, mut mallory_mls, mallory_account, group) = team(&server, tmp.path()).await;
+    tokio::task::block_in_place(|| {
+        ok(hush(&alice, &["group", "create", "other"]));
+        ok(hush(&alice, &["group", "add", "other", "bob"]));
+        ok(hush(&bob, &["sync"]));
+    });
+    let device = |home: &std::path::Path| DeviceId(Identity::load(&home.join("device.key")).unwrap().public_key());
+    for victim in [device(&bob), device(&alice)] {
+        let forged = DeviceRevocation::issue(&mallory_account, victim, hush::util::now_unix());
+        let m = mallory_mls.encrypt(&group, &Payload::Revocation(forged.encode()).encode()).unwrap();
+        mallory.send(m, None).await.expect("any member may send application data");
+    }
+    tokio::task::block_in_place(|| {
+        let a = hush(&alice, &["sync"]);
+        assert!(a.status.success(), "alice's sync failed: {}", stderr(&a));
+        let b = hush(&bob, &["sync"]);
+        assert!(b.status.success(), "bob's sync failed: {}", stderr(&b));
+        let a = hush(&alice, &["sync"]);
+        assert!(a.status.success(), "alice's sync failed: {}", stderr(&a));
+        for g in ["team", "other"] {
+            let members = ok(hush(&alice, &["group", "members", g]));
+            assert!(members.contains("bob"), "bob was removed from {g} on mallory's word: {members}");
+            ok(hush(&alice, &["send", g, "alice still sends"]));
+            ok(hush(&bob, &["send", g, "bob still sends"]));
+        }
+        ok(hush(&bob, &["sync"]));
+        ok(hush(&alice, &["sync"]));
+        for g in ["team", "other"] {
+            assert!(ok(hush(&bob, &["read", g])).contains("alice still sends"), "{g}");
+            assert!(ok(hush(&alice, &["read", g])).contains("bob still sends"), "{g}");
+        }
+        let a = ok(hush(&alice, &["read", "team"]));
+        assert!(a.contains("refused a revocation sent by mallory"), "{a}");
+    });
+}
+
+/// Red team (a removed member who kept its old state): alice removes bob
+/// and later adds him back to the same group. bob's device still holds
+/// the state it was removed with; the Welcome must still bring him back.
+fn a_removed_member_added_back_reads_the_group_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    let alice_id = crate::repair::register(&server, &alice);
+    let bob_id = crate::repair::register(&server, &bob);
+    ok(hush(&alice, &["contact", "add", "bob", &bob_id]));
+    ok(hush(&bob, &["contact", "add", "alice", &alice_id]));
+    ok(hush(&alice, &["group", "create", "team"]));
+    ok(hush(&alice, &["group", "add", "team", "bob"]));
+    ok(hush(&bob, &["sync"]));
+    ok(hush(&alice, &["group", "remove", "team", "bob"]));
+    assert!(ok(hush(&bob, &["sync"])).contains("you were removed"));
+    ok(hush(&alice, &["group", "add", "team", "bob"]));
+    let b = ok(hush(&bob, &["sync"]));
+    assert!(!b.contains("did not join"), "{b}");
+    ok(hush(&alice, &["send", "team", "welcome back"]));
+    let b = ok(hush(&bob, &["sync"]));
+    assert!(b.contains("welcome back"), "{b}");
+    ok(hush(&bob, &["send", "team", "glad to be back"]));
+    assert!(ok(hush(&alice, &["sync"])).contains("glad to be back"));
+}
+
 crate::on_both_backends! {
-    sync: [],
-    async: [a_psk_a_gce_or_a_foreign_add_proposal_leaves_every_group_working, a_members_removal_proposal_is_shown_with_its_author_and_committed_by_nobody_unasked, leaving_frees_the_group_quota_without_anyone_committing_and_the_operator_can_remove_one_membership, a_strangers_invitation_waits_until_accepted],
+    sync: [a_removed_member_added_back_reads_the_group_again],
+    async: [a_psk_a_gce_or_a_foreign_add_proposal_leaves_every_group_working, a_members_removal_proposal_is_shown_with_its_author_and_committed_by_nobody_unasked, leaving_frees_the_group_quota_without_anyone_committing_and_the_operator_can_remove_one_membership, a_strangers_invitation_waits_until_accepted, a_member_cannot_revoke_another_accounts_device],
 }

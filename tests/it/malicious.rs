@@ -102,6 +102,8 @@ enum Mode {
     RejoinWith(Vec<u8>, Vec<u8>),
     /// [`Mode::EndlessPages`] for this group only.
     EndlessPagesIn(Vec<u8>),
+    /// Answers every fetch of this group with an error.
+    FailFetchIn(Vec<u8>),
 }
 
 fn rewrite(mode: Arc<Mutex<Mode>>) -> Rewrite {
@@ -114,6 +116,9 @@ fn rewrite(mode: Arc<Mutex<Mode>>) -> Rewrite {
         }
         (Request::Fetch { group, .. }, Mode::EndlessPagesIn(g)) if *group == g => {
             Some(Response::Messages { group: group.clone(), messages: vec![], more: true })
+        }
+        (Request::Fetch { group, .. }, Mode::FailFetchIn(g)) if *group == g => {
+            Some(Response::error(hush::wire::ErrorCode::Internal, "not today"))
         }
         (Request::ListGroups, Mode::RejoinWith(..)) => match _resp {
             Response::Groups { groups } => Some(Response::Groups {
@@ -529,4 +534,131 @@ async fn a_server_cannot_use_group_repair_to_slip_a_forged_tree_under_a_member()
         let got = ok(hush(bob, &["sync"]));
         assert!(got.contains("still the real group"), "{got}");
     });
+}
+
+/// Red team: `hush device revoke` synced every group first and stopped at
+/// the first that failed, before it even kept the revocation itself: an
+/// operator that keeps the revoked device (stolen, say) breaks one group,
+/// and the account-signed revocation reaches no member anywhere, not even
+/// the first device's own later syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_group_the_server_breaks_does_not_keep_a_revocation_from_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let homes: Vec<PathBuf> = ["alice", "bob", "laptop"].iter().map(|n| tmp.path().join(n)).collect();
+    let mode = Arc::new(Mutex::new(Mode::Honest));
+    let evil = Evil::start(&server, homes.clone(), rewrite(mode.clone())).await;
+    let (alice, bob, laptop) = (&homes[0], &homes[1], &homes[2]);
+    tokio::task::block_in_place(|| {
+        register(&server, alice, &evil.address);
+        let bob_id = register(&server, bob, &evil.address);
+        ok(hush(alice, &["contact", "add", "bob", &bob_id]));
+        for g in ["team", "other"] {
+            ok(hush(alice, &["group", "create", g]));
+            ok(hush(alice, &["group", "add", g, "bob"]));
+        }
+        ok(hush(bob, &["sync"]));
+        crate::devices::link(alice, laptop, "laptop");
+        ok(hush(laptop, &["sync"]));
+        ok(hush(bob, &["sync"]));
+        ok(hush(alice, &["sync"]));
+    });
+    *mode.lock().unwrap() = Mode::FailFetchIn(group_id(&server, alice, "team"));
+    tokio::task::block_in_place(|| {
+        let out = hush(alice, &["device", "revoke", "laptop"]);
+        assert!(!out.status.success() && stderr(&out).contains("team"), "{}", stderr(&out));
+        let _ = hush(bob, &["sync"]);
+        let other = ok(hush(bob, &["read", "other"]));
+        assert!(
+            other.contains("revoked one of its devices (signed with the account key)"),
+            "the revocation never reached the group that works: {other}"
+        );
+    });
+}
+
+/// Red team, against the real `hush`: the operator's own device (certified
+/// by an account the operator made; it needs no leaf and no registration)
+/// builds an external commit into "team" from the GroupInfo the server
+/// keeps. The proxy shows bob a commit he cannot read followed by it, says
+/// the group moved on, and hands him the GroupInfo of the operator's fork.
+/// bob's repair walks the log from his state: the walk must refuse the
+/// outsider's commit (bob's own `receive` does), so bob does not rejoin
+/// the fork, and what he sends next is not the operator's to read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_servers_own_external_commit_does_not_walk_a_member_into_its_fork() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let homes: Vec<PathBuf> = ["alice", "bob"].iter().map(|n| tmp.path().join(n)).collect();
+    type Fork = Option<(Vec<u8>, u64, Vec<(u64, Vec<u8>)>, Vec<u8>)>;
+    let fork: Arc<Mutex<Fork>> = Arc::new(Mutex::new(None));
+    let sent: Arc<Mutex<Vec<Vec<u8>>>> = Arc::new(Mutex::new(Vec::new()));
+    let (f, s) = (fork.clone(), sent.clone());
+    let rewrite: Rewrite = Arc::new(move |req, resp| {
+        let (group, epoch, log, info) = f.lock().unwrap().clone()?;
+        let last = log.last().map_or(0, |(seq, _)| *seq);
+        match (req, resp) {
+            (Request::ListGroups, Response::Groups { groups }) => Some(Response::Groups {
+                groups: groups
+                    .iter()
+                    .cloned()
+                    .map(|mut g| {
+                        if g.group == group {
+                            g.epoch = epoch;
+                            g.last_seq = last;
+                        }
+                        g
+                    })
+                    .collect(),
+            }),
+            (Request::Fetch { group: g, after, .. }, _) if *g == group => Some(Response::Messages {
+                group: group.clone(),
+                messages: log.iter().filter(|(seq, _)| seq > after).cloned().collect(),
+                more: false,
+            }),
+            (Request::FetchGroupInfo { group: g }, _) if *g == group => {
+                Some(Response::GroupInfo { group: group.clone(), group_info: info.clone(), ratchet_tree: None })
+            }
+            (Request::Send { message, .. }, _) => {
+                s.lock().unwrap().push(message.clone());
+                Some(Response::Accepted { group: group.clone(), seq: last + 1, epoch: epoch + 1 })
+            }
+            (Request::Ack { .. }, _) => Some(Response::Done),
+            _ => None,
+        }
+    });
+    let evil = Evil::start(&server, homes.clone(), rewrite).await;
+    let (alice, bob) = (&homes[0], &homes[1]);
+    let group = tokio::task::block_in_place(|| {
+        register(&server, alice, &evil.address);
+        let bob_id = register(&server, bob, &evil.address);
+        ok(hush(alice, &["contact", "add", "bob", &bob_id]));
+        ok(hush(alice, &["group", "create", "team"]));
+        ok(hush(alice, &["group", "add", "team", "bob"]));
+        ok(hush(bob, &["sync"]));
+        group_id(&server, bob, "team")
+    });
+    // The GroupInfo of bob's epoch, as the server keeps it (read here with
+    // bob's key, a test shortcut).
+    let bob_key = Identity::load(&bob.join("device.key")).unwrap();
+    let direct = Connection::connect(&server.address, &bob_key).await.unwrap();
+    let (info, tree) = direct.group_info(&group).await.unwrap();
+    let summary = direct.groups().await.unwrap().into_iter().find(|g| g.group == group).unwrap();
+    let (_, _, mut operator) = Member::generate().unwrap();
+    let intrusion = operator.rejoin_unchecked(&group, &info, tree.as_deref()).unwrap();
+    let mut junk = intrusion.message.clone();
+    *junk.last_mut().unwrap() ^= 1;
+    let log = vec![(summary.last_seq + 1, junk), (summary.last_seq + 2, intrusion.message.clone())];
+    *fork.lock().unwrap() = Some((group.clone(), summary.epoch + 1, log, intrusion.group_info.clone()));
+
+    tokio::task::block_in_place(|| {
+        let _ = hush(bob, &["sync"]);
+        let _ = hush(bob, &["send", "team", "for the team only"]);
+    });
+    for message in sent.lock().unwrap().iter() {
+        if let Ok(hush::client::mls::Received::Application { data, .. }) = operator.receive(&group, message) {
+            panic!("the operator read bob: {:?}", String::from_utf8_lossy(&data));
+        }
+    }
+    let history = tokio::task::block_in_place(|| ok(hush(bob, &["read", "team"])));
+    assert!(!history.contains("this device rejoined the group"), "{history}");
 }

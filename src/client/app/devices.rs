@@ -123,28 +123,62 @@ impl App {
         }
         let revocation = DeviceRevocation::issue(account, device, now_unix());
         conn.revoke_device(&revocation).await?;
+        // Kept first: whatever happens in any group below, this device
+        // removes the revoked one from every group at each sync.
+        self.learn_revocation(&revocation)?;
         // Members learn the revocation from the account itself, not from
         // the server (which could withhold it, or let the device back in):
         // in every group the device is in, the revocation goes out signed
-        // by the account key, and this device commits its removal.
+        // by the account key, and this device commits its removal. One
+        // group that fails (a server that breaks it, say) stops none of
+        // the others; it is named at the end.
         let groups: Vec<GroupRow> = self.groups()?.into_iter().filter(|g| g.active).collect();
-        for g in &groups {
-            self.sync_group(conn, &g.id, &mut Vec::new()).await?;
-        }
-        self.learn_revocation(&revocation)?;
+        let mut failed = Vec::new();
         for g in groups {
-            if !self.member.devices(&g.id).contains(&device) {
-                continue;
+            match self.revoke_in(conn, &g, device, &revocation, name).await {
+                Ok(()) => {}
+                Err(e) if e.stops_sync() => return Err(e),
+                Err(e) => {
+                    tracing::warn!("could not send the revocation to a group: {e}");
+                    let at = self.local.cursor(&g.id)?;
+                    let line = format!(
+                        "the revocation of your device {name} could not be sent to this group ({e}); this device removes it at its next sync"
+                    );
+                    self.record(&g.id, at, None, EntryKind::Event, &line)?;
+                    failed.push(g.name.clone());
+                }
             }
-            // Sending removes the device's leaf first (it is revoked now).
-            self.send_payload(conn, &g.id, &Payload::Revocation(revocation.encode())).await?;
-            let me = self.account();
-            let line =
-                format!("you revoked your device {name}: it is out of the group, and members refuse it from now on");
-            let at = self.local.cursor(&g.id)?;
-            self.record(&g.id, at, Some(&me), EntryKind::Event, &line)?;
+        }
+        if !failed.is_empty() {
+            return Err(AppError::DeviceName(format!(
+                "{name} is revoked, but the revocation could not be sent to {}; `hush sync` removes it there",
+                failed.join(", ")
+            )));
         }
         Ok(device)
+    }
+
+    /// Sends `revocation` into one group the device is in (removing its
+    /// leaf first), after reading the group up to date.
+    async fn revoke_in(
+        &mut self,
+        conn: &Connection,
+        g: &GroupRow,
+        device: DeviceId,
+        revocation: &DeviceRevocation,
+        name: &str,
+    ) -> Result<(), AppError> {
+        self.sync_group(conn, &g.id, &mut Vec::new()).await?;
+        if !self.member.devices(&g.id).contains(&device) {
+            return Ok(());
+        }
+        // Sending removes the device's leaf first (it is revoked now).
+        self.send_payload(conn, &g.id, &Payload::Revocation(revocation.encode())).await?;
+        let me = self.account();
+        let line = format!("you revoked your device {name}: it is out of the group, and members refuse it from now on");
+        let at = self.local.cursor(&g.id)?;
+        self.record(&g.id, at, Some(&me), EntryKind::Event, &line)?;
+        Ok(())
     }
 
     /// Commits the removal of every leaf of `group` held by a device whose

@@ -672,6 +672,16 @@ impl App {
                     }
                 }
                 Ok(Payload::Revocation(bytes)) => match crate::auth::DeviceRevocation::decode(&bytes) {
+                    Ok(r) if self.member.account_of_device(group, &r.device).is_some_and(|a| a != r.account) => {
+                        // Signed, but by another account than the device's
+                        // own: it revokes nothing (Member::revoke).
+                        let by = sender.as_ref().map(|a| self.display(a)).unwrap_or_else(|| "someone".into());
+                        let e = format!(
+                            "refused a revocation sent by {by}: it names a device of another account than the one that signed it"
+                        );
+                        tracing::warn!(seq, "{e}");
+                        new.push(self.record(group, seq, sender.as_ref(), EntryKind::Event, &e)?);
+                    }
                     Ok(r) => {
                         if self.learn_revocation(&r)? {
                             let whose = if r.account == self.account() {

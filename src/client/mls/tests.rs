@@ -125,7 +125,7 @@ fn a_device_its_account_revoked_that_comes_back_is_found_and_removed_by_members(
     laptop.join(commit.welcome.as_ref().unwrap()).unwrap();
 
     // alice removes the laptop (her account revoked it); bob follows.
-    alice.revoke(laptop.device());
+    alice.revoke(account.account_id(), laptop.device());
     assert_eq!(alice.revoked_in(&group), vec![laptop.device()]);
     let removal = alice.remove_devices(&group, &[laptop.device()]).unwrap();
     committed(&mut alice, &mut [&mut bob], &group, removal.clone());
@@ -135,7 +135,7 @@ fn a_device_its_account_revoked_that_comes_back_is_found_and_removed_by_members(
     // alice's account, which is still in the group. A member that knows
     // the revocation (bob read alice's signed statement) finds it, and its
     // next commit (made before it sends anything) takes it out again.
-    bob.revoke(laptop.device());
+    bob.revoke(account.account_id(), laptop.device());
     let rejoin = laptop.join_external(&group, &removal.group_info, None).unwrap();
     let got = bob.receive(&group, &rejoin.message).unwrap();
     assert!(matches!(got, Received::Commit { new_device: true, .. }), "{got:?}");
@@ -182,4 +182,109 @@ fn a_linked_devices_first_join_never_goes_back_from_the_state_its_first_device_h
     // The state alice handed over (or a later one) is joined.
     laptop.join_external_after(&group, &removal.group_info, None, Some(&anchor)).unwrap();
     assert!(!laptop.members(&group).contains(&mallory.account()));
+}
+
+/// Red team: a revocation verifies under the key of the account that
+/// signed it, which need not be the device's own account. mallory's
+/// "revocation" of bob's device (or of alice's own) revokes nothing.
+#[test]
+fn a_revocation_signed_by_another_account_revokes_nothing() {
+    let (mut alice, bob, mallory, group) = trio();
+    alice.revoke(mallory.account(), bob.device());
+    alice.revoke(mallory.account(), alice.device());
+    assert!(alice.revoked_in(&group).is_empty());
+    assert!(!alice.is_revoked(&bob.account(), &bob.device()));
+    // Even the device's own account cannot make this device commit its
+    // own removal (another member will).
+    let own = (alice.account(), alice.device());
+    alice.revoke(own.0, own.1);
+    assert!(alice.revoked_in(&group).is_empty());
+    // bob's own account's revocation of his device is what counts.
+    alice.revoke(bob.account(), bob.device());
+    assert_eq!(alice.revoked_in(&group), vec![bob.device()]);
+}
+
+/// Red team: a repair's walk must take only commits a member of each
+/// epoch could have made, as a member's own `receive` would. An outsider
+/// (the operator's own account, which it can register like anyone) builds
+/// an external commit from a GroupInfo the server kept; the walk took it
+/// (it verifies under the tree: the signer is the new leaf itself), and
+/// bob rejoined the operator's fork, where the operator reads him.
+#[test]
+fn a_repair_walk_refuses_an_outsiders_external_commit() {
+    let (mut alice, mut bob, _, group) = trio();
+    let update = alice.self_update(&group).unwrap();
+    alice.merge_pending(&group).unwrap();
+    bob.receive(&group, &update.message).unwrap();
+    let mut descent = bob.descent(&group).unwrap().unwrap();
+    // The operator's device, certified by the operator's own account.
+    let (_, _, mut operator) = Member::generate().unwrap();
+    let intrusion = operator.rejoin_unchecked(&group, &update.group_info, None).unwrap();
+    // bob's own rules refuse it as a message of the group...
+    let mut copy = bob.copy().unwrap();
+    let got = copy.receive(&group, &intrusion.message).unwrap();
+    assert!(matches!(got, Received::Refused { .. }), "{got:?}");
+    // ...and so must the walk, and the rejoin it would prove.
+    descent.feed(&intrusion.message);
+    let rejoined = bob.resync(&group, &intrusion.group_info, None, Some(&descent));
+    assert!(rejoined.is_err(), "bob rejoined a fork where the operator's account is a member");
+    assert!(!bob.members(&group).contains(&operator.account()));
+}
+
+/// Red team: a hostile operator holds the removal key, so it can sign as
+/// many removal proposals of any epoch as it likes; an honest server keeps
+/// at most `MAX_PENDING_PROPOSALS` waiting per epoch. Each one a member or
+/// a repair's walk stores costs more than the last (openmls rewrites the
+/// queue: 1,000 took half a minute in a debug build, a 4 MiB page holds
+/// some 30,000), so a flood in the walk's epoch pinned the client's CPU for
+/// hours. Neither may store more than an honest server would let wait.
+#[test]
+fn a_flood_of_the_servers_removal_proposals_is_bounded() {
+    use crate::limits::MAX_PENDING_PROPOSALS;
+    let removal = crate::auth::Identity::generate().unwrap();
+    let (_, _, mut alice) = Member::generate().unwrap();
+    alice.set_removal_key(removal.public_key());
+    let group = alice.create_group(&removal.public_key()).unwrap().id;
+    let mut descent = alice.descent(&group).unwrap().unwrap();
+    let flood: Vec<Vec<u8>> = (0..MAX_PENDING_PROPOSALS as u32 + 8)
+        .map(|i| {
+            let leaf = LeafNodeIndex::new(i + 1);
+            crate::delivery::mls::removal_proposal(&descent.public, leaf, &removal).unwrap().unwrap()
+        })
+        .collect();
+    for m in &flood {
+        descent.feed(m);
+    }
+    assert!(descent.pending() <= MAX_PENDING_PROPOSALS, "the walk stored {} proposals", descent.pending());
+    let mut refused = 0;
+    for m in &flood {
+        if matches!(alice.receive(&group, m), Ok(Received::Refused { .. }) | Err(_)) {
+            refused += 1;
+        }
+    }
+    let stored = alice.group_mut(&group).unwrap().pending_proposals().count();
+    assert!(stored <= MAX_PENDING_PROPOSALS && refused >= 8, "alice stored {stored} proposals");
+}
+
+/// The same for a member's proposals (with a server that takes more than
+/// an honest one would): no more are stored than the server would keep,
+/// and those already stored still go in the next commit.
+#[test]
+fn a_flood_of_a_members_proposals_is_bounded() {
+    use crate::limits::MAX_PENDING_PROPOSALS;
+    let (mut alice, mut bob, mut mallory, group) = trio();
+    let mut descent = bob.descent(&group).unwrap().unwrap();
+    let mut refused = 0;
+    for _ in 0..MAX_PENDING_PROPOSALS + 8 {
+        let p = mallory.update_proposal(&group, None).unwrap();
+        descent.feed(&p);
+        if matches!(alice.receive(&group, &p).unwrap(), Received::Refused { .. }) {
+            refused += 1;
+        }
+    }
+    assert!(descent.pending() <= MAX_PENDING_PROPOSALS, "the walk stored {}", descent.pending());
+    assert_eq!(refused, 8);
+    let commit = alice.commit_pending(&group).unwrap();
+    alice.merge_pending(&group).unwrap();
+    assert!(!matches!(bob.receive(&group, &commit.message), Ok(Received::Refused { .. })));
 }
