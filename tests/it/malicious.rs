@@ -550,9 +550,10 @@ async fn one_group_the_server_breaks_does_not_keep_a_revocation_from_the_others(
     let evil = Evil::start(&server, homes.clone(), rewrite(mode.clone())).await;
     let (alice, bob, laptop) = (&homes[0], &homes[1], &homes[2]);
     tokio::task::block_in_place(|| {
-        register(&server, alice, &evil.address);
+        let alice_id = register(&server, alice, &evil.address);
         let bob_id = register(&server, bob, &evil.address);
         ok(hush(alice, &["contact", "add", "bob", &bob_id]));
+        ok(hush(bob, &["contact", "add", "alice", &alice_id]));
         for g in ["team", "other"] {
             ok(hush(alice, &["group", "create", g]));
             ok(hush(alice, &["group", "add", g, "bob"]));
@@ -629,9 +630,10 @@ async fn a_servers_own_external_commit_does_not_walk_a_member_into_its_fork() {
     let evil = Evil::start(&server, homes.clone(), rewrite).await;
     let (alice, bob) = (&homes[0], &homes[1]);
     let group = tokio::task::block_in_place(|| {
-        register(&server, alice, &evil.address);
+        let alice_id = register(&server, alice, &evil.address);
         let bob_id = register(&server, bob, &evil.address);
         ok(hush(alice, &["contact", "add", "bob", &bob_id]));
+        ok(hush(bob, &["contact", "add", "alice", &alice_id]));
         ok(hush(alice, &["group", "create", "team"]));
         ok(hush(alice, &["group", "add", "team", "bob"]));
         ok(hush(bob, &["sync"]));
