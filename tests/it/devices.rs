@@ -219,17 +219,22 @@ fn link_codes_are_single_use_and_need_the_secret() {
 
 /// alice revokes her laptop: it cannot connect any more, bob is told, and
 /// after the next commit the laptop reads nothing new.
+/// alice (with a linked laptop) and bob in group "team", everyone synced.
+fn team_with_laptop(server: &Hushd, alice: &Path, laptop: &Path, bob: &Path) {
+    acquainted(server, alice, bob);
+    ok(hush(alice, &["group", "create", "team"]));
+    ok(hush(alice, &["group", "add", "team", "bob"]));
+    ok(hush(bob, &["sync"]));
+    link(alice, laptop, "laptop");
+    ok(hush(laptop, &["sync"]));
+    ok(hush(bob, &["sync"]));
+}
+
 fn a_revoked_device_is_refused_and_leaves_the_groups() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("s"));
     let (alice, laptop, bob) = (tmp.path().join("alice"), tmp.path().join("laptop"), tmp.path().join("bob"));
-    acquainted(&server, &alice, &bob);
-    ok(hush(&alice, &["group", "create", "team"]));
-    ok(hush(&alice, &["group", "add", "team", "bob"]));
-    ok(hush(&bob, &["sync"]));
-    link(&alice, &laptop, "laptop");
-    ok(hush(&laptop, &["sync"]));
-    ok(hush(&bob, &["sync"]));
+    team_with_laptop(&server, &alice, &laptop, &bob);
 
     let revoked = ok(hush(&alice, &["device", "revoke", "laptop"]));
     assert!(revoked.starts_with("revoked laptop"), "{revoked}");
@@ -259,13 +264,7 @@ async fn a_revoked_device_the_operator_lets_back_in_is_removed_again_by_members(
     let server = Hushd::start(&data);
     let (alice, laptop, bob) = (tmp.path().join("alice"), tmp.path().join("laptop"), tmp.path().join("bob"));
     let group = tokio::task::block_in_place(|| {
-        acquainted(&server, &alice, &bob);
-        ok(hush(&alice, &["group", "create", "team"]));
-        ok(hush(&alice, &["group", "add", "team", "bob"]));
-        ok(hush(&bob, &["sync"]));
-        link(&alice, &laptop, "laptop");
-        ok(hush(&laptop, &["sync"]));
-        ok(hush(&bob, &["sync"]));
+        team_with_laptop(&server, &alice, &laptop, &bob);
         ok(hush(&alice, &["device", "revoke", "laptop"]));
         let seen = ok(hush(&bob, &["sync"]));
         assert!(seen.contains("revoked one of its devices"), "{seen}");

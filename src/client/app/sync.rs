@@ -490,20 +490,13 @@ impl App {
     /// addition to a rejoin event ("" when they did not).
     fn roster_change(&mut self, group: &[u8], before: &[AccountId]) -> String {
         let after = self.member.members(group);
-        let added: Vec<String> = after
-            .iter()
-            .filter(|a| !before.contains(a))
-            .map(|a| self.display(a))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let gone: Vec<String> = before
-            .iter()
-            .filter(|a| !after.contains(a))
-            .map(|a| self.display(a))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        // The accounts of `from` that `other` lacks, named once each.
+        let missing = |from: &[AccountId], other: &[AccountId]| -> Vec<String> {
+            let names: std::collections::BTreeSet<String> =
+                from.iter().filter(|a| !other.contains(a)).map(|a| self.display(a)).collect();
+            names.into_iter().collect()
+        };
+        let (added, gone) = (missing(&after, before), missing(before, &after));
         let mut out = String::new();
         if !added.is_empty() {
             out.push_str(&format!(
