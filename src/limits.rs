@@ -47,6 +47,11 @@ pub const MAX_LEAF_NODE: usize = 1024;
 /// Proposals a group may have pending (waiting for a commit) at once.
 pub const MAX_PENDING_PROPOSALS: usize = 64;
 
+/// Pending proposals a first device hands over with a group's state when
+/// it links a new device: the members' ([`MAX_PENDING_PROPOSALS`]) and the
+/// server's removals (one per leaf), with room for large groups.
+pub const MAX_HANDOVER_PROPOSALS: usize = 1024;
+
 /// Largest public state the server keeps for one group (encoded); a commit
 /// or proposal that would grow it beyond is refused with error 23. Bounds
 /// what every later handshake of the group costs the writer.
@@ -81,9 +86,15 @@ pub const MAX_DEVICES_EVER: usize = 64;
 /// keys, sealed with its salt: 96 bytes; slack for a later version).
 pub const MAX_LINK_OFFER: usize = 256;
 
-/// Largest sealed bundle (the account's contacts and group names) a first
-/// device hands a new one.
-pub const MAX_LINK_BUNDLE: usize = 256 * 1024;
+/// Largest sealed bundle a first device hands a new one: the account's
+/// contacts, group names and each group's state (GroupInfo with its tree,
+/// about 400 bytes a member), so the new device's first join can be walked
+/// from it. As large as one request allows; groups whose state does not
+/// fit are handed over without it (and the new device says so).
+pub const MAX_LINK_BUNDLE: usize = MAX_REQUEST_FRAME - 4 * 1024;
+
+// The link answer (certificate and bundle) is one request.
+const _: () = assert!(1 + 16 + 2 + MAX_CERTIFICATE + 4 + MAX_LINK_BUNDLE <= MAX_REQUEST_FRAME);
 
 /// Longest a link code may stay usable.
 pub const MAX_LINK_LIFETIME: Duration = Duration::from_secs(15 * 60);

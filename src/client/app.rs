@@ -258,6 +258,10 @@ impl App {
             if !g.transcript.is_empty() {
                 self.local.put_anchor(&g.id, g.epoch, &g.transcript)?;
             }
+            if let Some(h) = &g.handover {
+                let state = h.encode().map_err(|e| super::link::LinkError::Malformed(e.to_string()))?;
+                self.local.put_handover(&g.id, &state)?;
+            }
         }
         unit.commit()?;
         Ok((contacts, bundle.groups.len()))

@@ -10,7 +10,8 @@
 //! * the key that seals the new device's **offer** (its TLS and MLS public
 //!   keys) for the first device;
 //! * the key that seals the first device's **bundle** (the account id, the
-//!   person's name, contacts and group names) for the new device.
+//!   person's name, contacts, group names, and each group's state as the
+//!   first device holds it) for the new device.
 //!
 //! Both are ChaCha20-Poly1305 with the link id as associated data. A
 //! message can be sealed more than once under one code (a retried
@@ -31,7 +32,8 @@ use zeroize::Zeroizing;
 
 use crate::auth::{text, AccountId, DeviceId, HushAddress};
 use crate::client::local::MAX_NAME;
-use crate::limits::{MAX_GROUPS_LISTED, MAX_GROUP_ID, MAX_LINK_BUNDLE};
+use crate::client::mls::Handover;
+use crate::limits::{MAX_GROUPS_LISTED, MAX_GROUP_ID, MAX_HANDOVER_PROPOSALS, MAX_LINK_BUNDLE, MAX_MLS_MESSAGE};
 use crate::wire::{DecodeError, EncodeError, Reader, Writer};
 
 /// Scheme of a link code.
@@ -49,6 +51,9 @@ const OFFER_LEN: usize = 64;
 /// Fresh random bytes in front of every sealed message, from which (with
 /// the secret and the message's label) its key is derived.
 pub const SEAL_SALT: usize = 16;
+
+/// What sealing adds to a message: the salt and the AEAD's tag.
+pub const SEAL_OVERHEAD: usize = SEAL_SALT + 16;
 
 /// Why a link code or what came through the link was not usable.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -201,7 +206,9 @@ impl LinkCode {
 /// `u16` n contacts × (`bytes16<64>` name, account id), `u16` m groups ×
 /// (`bytes8<255>` group id, `bytes16<64>` name, `u64` epoch, `bytes8<64>`
 /// confirmed transcript hash: the first device's state of the group, which
-/// the new device's first join must not go back from).
+/// the new device's first join must not go back from, `u8` 0 or 1 then, if
+/// 1, a [`LinkHandover`]: `u64` sequence, `bytes32` GroupInfo with tree,
+/// `u16` k × `bytes32` pending proposal).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bundle {
     pub account: AccountId,
@@ -220,6 +227,63 @@ pub struct LinkedGroup {
     /// older than this, nor another state of this epoch.
     pub epoch: u64,
     pub transcript: Vec<u8>,
+    /// The first device's state itself, and how far it had read the
+    /// group's log: the new device walks the log's commits from there to
+    /// the state the server offers, and joins only a state the walk
+    /// reaches. `None` when it did not fit in the bundle (the first join
+    /// then only checks `epoch` and `transcript`, and says so).
+    pub handover: Option<LinkHandover>,
+}
+
+/// A group's state handed over with a link, and the last sequence of the
+/// group's log it includes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkHandover {
+    pub seq: u64,
+    pub state: Handover,
+}
+
+impl LinkHandover {
+    /// Bytes its encoding adds to a bundle.
+    pub fn encoded_len(&self) -> usize {
+        8 + 4 + self.state.info.len() + 2 + self.state.proposals.iter().map(|p| 4 + p.len()).sum::<usize>()
+    }
+
+    fn write(&self, w: &mut Writer) -> Result<(), EncodeError> {
+        w.u64(self.seq);
+        w.bytes32("group state", &self.state.info, MAX_MLS_MESSAGE)?;
+        w.count("pending proposals", self.state.proposals.len(), MAX_HANDOVER_PROPOSALS)?;
+        for p in &self.state.proposals {
+            w.bytes32("pending proposal", p, MAX_MLS_MESSAGE)?;
+        }
+        Ok(())
+    }
+
+    fn read(r: &mut Reader) -> Result<Self, DecodeError> {
+        let seq = r.u64()?;
+        let info = r.bytes32("group state", MAX_MLS_MESSAGE)?.to_vec();
+        let k = r.count("pending proposals", MAX_HANDOVER_PROPOSALS)?;
+        let mut proposals = Vec::new();
+        for _ in 0..k {
+            proposals.push(r.bytes32("pending proposal", MAX_MLS_MESSAGE)?.to_vec());
+        }
+        Ok(Self { seq, state: Handover { info, proposals } })
+    }
+
+    /// The encoding a device keeps until its first join.
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        let mut w = Writer::new();
+        self.write(&mut w)?;
+        Ok(w.into_inner())
+    }
+
+    /// Never panics.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let h = Self::read(&mut r)?;
+        r.finish()?;
+        Ok(h)
+    }
 }
 
 /// Longest transcript hash in a bundle (SHA-512's).
@@ -241,6 +305,13 @@ impl Bundle {
             w.bytes16("group name", g.name.as_bytes(), MAX_NAME)?;
             w.u64(g.epoch);
             w.bytes8("transcript hash", &g.transcript, MAX_TRANSCRIPT_HASH)?;
+            match &g.handover {
+                None => w.u8(0),
+                Some(h) => {
+                    w.u8(1);
+                    h.write(&mut w)?;
+                }
+            }
         }
         Ok(w.into_inner())
     }
@@ -264,7 +335,12 @@ impl Bundle {
             let name = r.string16("group name", MAX_NAME)?.to_owned();
             let epoch = r.u64()?;
             let transcript = r.bytes8("transcript hash", MAX_TRANSCRIPT_HASH)?.to_vec();
-            groups.push(LinkedGroup { id, name, epoch, transcript });
+            let handover = match r.u8()? {
+                0 => None,
+                1 => Some(LinkHandover::read(&mut r)?),
+                _ => return Err(DecodeError::Invalid("group state flag")),
+            };
+            groups.push(LinkedGroup { id, name, epoch, transcript, handover });
         }
         r.finish()?;
         Ok(Self { account, name, contacts, groups })
@@ -304,7 +380,19 @@ mod tests {
             account: AccountId([9; 32]),
             name: Some("alice".into()),
             contacts: vec![("bob".into(), AccountId([8; 32]))],
-            groups: vec![LinkedGroup { id: vec![7; 32], name: "team".into(), epoch: 4, transcript: vec![1; 32] }],
+            groups: vec![
+                LinkedGroup { id: vec![7; 32], name: "team".into(), epoch: 4, transcript: vec![1; 32], handover: None },
+                LinkedGroup {
+                    id: vec![6; 32],
+                    name: "ops".into(),
+                    epoch: 2,
+                    transcript: vec![2; 32],
+                    handover: Some(LinkHandover {
+                        seq: 17,
+                        state: Handover { info: vec![5; 300], proposals: vec![vec![4; 20], vec![3; 10]] },
+                    }),
+                },
+            ],
         };
         let sealed = c.seal_bundle(&bundle).unwrap();
         assert_eq!(back.open_bundle(&sealed).unwrap(), bundle);

@@ -322,6 +322,26 @@ impl Local {
             .optional()?)
     }
 
+    /// Keeps the first device's state of `group` (an encoded
+    /// `LinkHandover`) until this device's first join.
+    pub fn put_handover(&self, group: &[u8], state: &[u8]) -> Result<(), StateError> {
+        self.conn
+            .execute("INSERT OR REPLACE INTO handovers (group_id, state) VALUES (?1, ?2)", params![group, state])?;
+        Ok(())
+    }
+
+    pub fn handover(&self, group: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self.conn.query_row("SELECT state FROM handovers WHERE group_id = ?1", [group], |r| r.get(0)).optional()?)
+    }
+
+    /// Drops what the first device handed over for `group`, once this
+    /// device joined it.
+    pub fn forget_handover(&self, group: &[u8]) -> Result<(), StateError> {
+        self.conn.execute("DELETE FROM handovers WHERE group_id = ?1", [group])?;
+        self.conn.execute("DELETE FROM anchors WHERE group_id = ?1", [group])?;
+        Ok(())
+    }
+
     // ---- revocations ----
 
     /// Keeps an account-signed revocation (encoded, as verified); false if
@@ -376,6 +396,11 @@ impl Local {
     }
 
     /// This device is no longer in the group.
+    pub fn reactivate(&self, id: &[u8]) -> Result<(), StateError> {
+        self.conn.execute("UPDATE groups SET active = 1 WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
     pub fn deactivate(&self, id: &[u8]) -> Result<(), StateError> {
         self.conn.execute("UPDATE groups SET active = 0 WHERE id = ?1", [id])?;
         Ok(())

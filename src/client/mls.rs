@@ -34,7 +34,7 @@ use crate::auth::{AccountId, DeviceCertificate, DeviceId, Identity};
 use crate::delivery::mls::{
     check_proposal_use, holder_of, leaf_certificate, node_certificate, server_sender, ProposalUse, VerifiableGroupInfo,
 };
-use crate::limits::MAX_PENDING_PROPOSALS;
+use crate::limits::{MAX_HANDOVER_PROPOSALS, MAX_PENDING_PROPOSALS};
 
 /// The one ciphersuite hush uses: X25519, AES-128-GCM, SHA-256, Ed25519.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
@@ -138,6 +138,23 @@ pub struct Descent {
     server_removals: std::collections::BTreeSet<LeafNodeIndex>,
 }
 
+/// A member's state of a group as another party can check it: the
+/// GroupInfo with the ratchet tree (signed by the member's leaf) and the
+/// proposals of its epoch it had read (each a serialized openmls
+/// `QueuedProposal`). The start of a [`Descent`]; what a first device hands
+/// a device it links, so the new device's first join is walked from it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Handover {
+    pub info: Vec<u8>,
+    pub proposals: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Handover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handover").field("info", &self.info.len()).field("proposals", &self.proposals.len()).finish()
+    }
+}
+
 impl std::fmt::Debug for Descent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Descent").field("start_epoch", &self.start_epoch).field("epoch", &self.epoch()).finish()
@@ -170,34 +187,8 @@ impl Descent {
         let sender = processed.sender().clone();
         match processed.into_content() {
             ProcessedMessageContent::ProposalMessage(p) => {
-                // Bounded as an honest server bounds them: whoever holds the
-                // removal key can sign any number, and each one stored
-                // costs more than the last.
-                let allowed = match (&sender, p.proposal()) {
-                    // openmls checked it is signed by the listed external
-                    // sender; only removals are taken from it, one per
-                    // leaf in the tree.
-                    (Sender::External(_), Proposal::Remove(r)) => {
-                        holders.contains_key(&r.removed()) && !self.server_removals.contains(&r.removed())
-                    }
-                    (Sender::Member(_), _) if self.member_pending >= MAX_PENDING_PROPOSALS => false,
-                    (Sender::Member(i), Proposal::Update(u)) => same_holder(&holders, Some(*i), u.leaf_node()).is_ok(),
-                    (Sender::Member(_), proposal) => check_proposal_use(proposal, ProposalUse::Pending).is_ok(),
-                    _ => false,
-                };
-                let removal = match (&sender, p.proposal()) {
-                    (Sender::External(_), Proposal::Remove(r)) => Some(r.removed()),
-                    _ => None,
-                };
-                if allowed && self.public.add_proposal(&self.storage, *p).is_ok() {
-                    self.pending += 1;
-                    match removal {
-                        Some(leaf) => {
-                            self.server_removals.insert(leaf);
-                        }
-                        None => self.member_pending += 1,
-                    }
-                }
+                // What the walk refuses is passed over like junk.
+                let _ = self.take_pending(*p);
                 false
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
@@ -212,6 +203,81 @@ impl Descent {
             }
             _ => false,
         }
+    }
+
+    /// A walk from the state in `handover`: this member's own (see
+    /// [`Member::descent`]), or the one its account's first device handed
+    /// over when it linked this device. The GroupInfo must be of `group`
+    /// and verify against its tree, and every proposal must be one the walk
+    /// itself would have taken.
+    pub fn from_handover(group: &[u8], handover: &Handover) -> Result<Self, MlsError> {
+        if handover.proposals.len() > MAX_HANDOVER_PROPOSALS {
+            return Err(MlsError::Handover(format!("{} pending proposals", handover.proposals.len())));
+        }
+        let info = crate::delivery::mls::parse_group_info(&handover.info)?;
+        if info.group_id().as_slice() != group {
+            return Err(MlsError::OtherGroup);
+        }
+        let tree = info.extensions().ratchet_tree().map(|t| t.ratchet_tree().clone()).ok_or(MlsError::NoTree)?;
+        let storage = openmls_memory_storage::MemoryStorage::default();
+        let crypto = openmls_rust_crypto::RustCrypto::default();
+        let (public, _) = PublicGroup::from_external(&crypto, &storage, tree, info, ProposalStore::new())
+            .context("the group state handed over does not verify")?;
+        check_tree(public.members(), "handover")?;
+        let start_members = public.members().filter_map(|m| holder_of(&m.credential).map(|(a, _)| a)).collect();
+        let start_epoch = public.group_context().epoch().as_u64();
+        let mut descent = Descent {
+            storage,
+            public,
+            crypto,
+            start_members,
+            start_epoch,
+            pending: 0,
+            member_pending: 0,
+            server_removals: std::collections::BTreeSet::new(),
+        };
+        for bytes in &handover.proposals {
+            let p: QueuedProposal =
+                serde_json::from_slice(bytes).map_err(|e| MlsError::Handover(format!("a pending proposal: {e}")))?;
+            descent.take_pending(p)?;
+        }
+        Ok(descent)
+    }
+
+    /// Takes a proposal of the walk's epoch, bounded as an honest server
+    /// bounds them (whoever holds the removal key can sign any number, and
+    /// each one stored costs more than the last): from the server's
+    /// removal key only removals, one per leaf in the tree; from members
+    /// at most [`MAX_PENDING_PROPOSALS`], of the kinds a member's own
+    /// `receive` takes.
+    fn take_pending(&mut self, p: QueuedProposal) -> Result<(), MlsError> {
+        let holders: HashMap<LeafNodeIndex, (AccountId, DeviceId)> =
+            self.public.members().filter_map(|m| holder_of(&m.credential).map(|h| (m.index, h))).collect();
+        let removal = match (p.sender(), p.proposal()) {
+            (Sender::External(_), Proposal::Remove(r)) => Some(r.removed()),
+            _ => None,
+        };
+        let allowed = match (p.sender(), p.proposal()) {
+            (Sender::External(_), Proposal::Remove(r)) => {
+                holders.contains_key(&r.removed()) && !self.server_removals.contains(&r.removed())
+            }
+            (Sender::Member(_), _) if self.member_pending >= MAX_PENDING_PROPOSALS => false,
+            (Sender::Member(i), Proposal::Update(u)) => same_holder(&holders, Some(*i), u.leaf_node()).is_ok(),
+            (Sender::Member(_), proposal) => check_proposal_use(proposal, ProposalUse::Pending).is_ok(),
+            _ => false,
+        };
+        if !allowed {
+            return Err(MlsError::Handover("a pending proposal the walk would not take".into()));
+        }
+        self.public.add_proposal(&self.storage, p).context("a pending proposal")?;
+        self.pending += 1;
+        match removal {
+            Some(leaf) => {
+                self.server_removals.insert(leaf);
+            }
+            None => self.member_pending += 1,
+        }
+        Ok(())
     }
 
     /// How many proposals of the walk's epoch it holds.
@@ -280,6 +346,8 @@ pub enum MlsError {
     UnprovenState { offered: u64, reached: u64 },
     #[error("no ratchet tree came with the GroupInfo")]
     NoTree,
+    #[error("the group state handed over is not usable: {0}")]
+    Handover(String),
     #[error(transparent)]
     Refused(#[from] crate::delivery::mls::MlsRefusal),
     #[error("not a Welcome")]
@@ -952,45 +1020,27 @@ impl<P: OpenMlsProvider> Member<P> {
     /// `group` (its tree and group context, exported and re-read as a
     /// public group). `None` without state for the group.
     pub fn descent(&mut self, group: &[u8]) -> Result<Option<Descent>, MlsError> {
+        let Some(handover) = self.handover(group)? else { return Ok(None) };
+        Descent::from_handover(group, &handover).map(Some)
+    }
+
+    /// This member's current state of `group` as a [`Handover`]: its
+    /// GroupInfo with the tree (signed by this device), and the proposals of
+    /// the epoch it already read (a commit may take them by reference).
+    /// `None` without state for the group.
+    pub fn handover(&mut self, group: &[u8]) -> Result<Option<Handover>, MlsError> {
         if !self.has_group(group) {
             return Ok(None);
         }
-        let start_members = self.members(group);
         self.group_mut(group)?;
         let g = self.groups.get(group).ok_or(MlsError::NotInGroup)?;
-        let start_epoch = g.epoch().as_u64();
         let exported = g.export_group_info(self.provider.crypto(), &self.signer, true).context("our GroupInfo")?;
-        // Proposals of this epoch we already read (a commit may take them
-        // by reference).
-        let pending: Vec<QueuedProposal> = g.pending_proposals().cloned().collect();
-        let info = crate::delivery::mls::parse_group_info(&serialize(&exported, "our GroupInfo")?)?;
-        let tree = info.extensions().ratchet_tree().map(|t| t.ratchet_tree().clone()).ok_or(MlsError::NoTree)?;
-        let storage = openmls_memory_storage::MemoryStorage::default();
-        let crypto = openmls_rust_crypto::RustCrypto::default();
-        let (mut public, _) = PublicGroup::from_external(&crypto, &storage, tree, info, ProposalStore::new())
-            .context("our own group state")?;
-        let count = pending.len();
-        let mut member_pending = 0;
-        let mut server_removals = std::collections::BTreeSet::new();
-        for p in pending {
-            match (p.sender(), p.proposal()) {
-                (Sender::External(_), Proposal::Remove(r)) => {
-                    server_removals.insert(r.removed());
-                }
-                _ => member_pending += 1,
-            }
-            public.add_proposal(&storage, p).context("our stored proposals")?;
+        let info = serialize(&exported, "our GroupInfo")?;
+        let mut proposals = Vec::new();
+        for p in g.pending_proposals() {
+            proposals.push(serde_json::to_vec(p).map_err(|e| MlsError::Handover(e.to_string()))?);
         }
-        Ok(Some(Descent {
-            storage,
-            public,
-            crypto,
-            start_members,
-            start_epoch,
-            pending: count,
-            member_pending,
-            server_removals,
-        }))
+        Ok(Some(Handover { info, proposals }))
     }
 
     /// This member's epoch of `group` and its confirmed transcript hash (what
@@ -1017,20 +1067,32 @@ impl<P: OpenMlsProvider> Member<P> {
         group_info: &[u8],
         ratchet_tree: Option<&[u8]>,
     ) -> Result<Commit, MlsError> {
-        self.join_external_after(group, group_info, ratchet_tree, None)
+        self.join_external_after(group, group_info, ratchet_tree, None, None)
     }
 
     /// [`Member::join_external`], refusing a GroupInfo older than `anchor`
     /// (the first device's epoch and transcript hash when it linked this
-    /// device), or of that epoch with another transcript.
+    /// device), or of that epoch with another transcript; with a `descent`
+    /// (walked from the state the first device handed over), refusing any
+    /// GroupInfo but the state the walk reached.
     pub fn join_external_after(
         &mut self,
         group: &[u8],
         group_info: &[u8],
         ratchet_tree: Option<&[u8]>,
         anchor: Option<&(u64, Vec<u8>)>,
+        descent: Option<&Descent>,
     ) -> Result<Commit, MlsError> {
         let (info, tree, public) = self.verify_rejoin(group, group_info, ratchet_tree)?;
+        if let Some(d) = descent {
+            let offered = info.epoch().as_u64();
+            if offered < d.start_epoch {
+                return Err(MlsError::BeforeAnchor { offered, anchor: d.start_epoch });
+            }
+            if !d.reaches(&info) {
+                return Err(MlsError::UnprovenState { offered, reached: d.epoch() });
+            }
+        }
         if let Some((epoch, transcript)) = anchor {
             let context = info.group_context();
             let offered = context.epoch().as_u64();

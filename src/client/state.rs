@@ -122,6 +122,9 @@ const MIGRATIONS: &[&str] = &[
     // 4 -> 5: for a linked device, the first device's epoch and transcript
     // hash of each group, which its first join must not go back from.
     "CREATE TABLE anchors (group_id BLOB PRIMARY KEY NOT NULL, epoch INTEGER NOT NULL, transcript BLOB NOT NULL);",
+    // 5 -> 6: for a linked device, the first device's state of each group
+    // itself (an encoded `LinkHandover`), which its first join walks from.
+    "CREATE TABLE handovers (group_id BLOB PRIMARY KEY NOT NULL, state BLOB NOT NULL);",
 ];
 
 /// Deleted secrets (KeyPackage private keys, past epochs' secrets, used

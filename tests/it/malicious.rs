@@ -664,3 +664,93 @@ async fn a_servers_own_external_commit_does_not_walk_a_member_into_its_fork() {
     let history = tokio::task::block_in_place(|| ok(hush(bob, &["read", "team"])));
     assert!(!history.contains("this device rejoined the group"), "{history}");
 }
+
+/// Issue 29, the gap session 9 left: a linked device's first join checked
+/// only that the state was not older than its first device's. mallory,
+/// removed from "team", builds an external commit into the group from the
+/// GroupInfo the server keeps (the operator hands it to her); the operator
+/// shows alice's new laptop that commit in the log and her fork as the
+/// group's state, of a later epoch than alice's. The laptop walks the log
+/// from the state alice handed over, finds no commit a member would take
+/// leading there, and joins nothing; once the server is honest, it joins
+/// the real group, without mallory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_device_is_not_forked_into_a_removed_members_group() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let homes: Vec<PathBuf> = ["alice", "bob", "laptop"].iter().map(|n| tmp.path().join(n)).collect();
+    type Fork = Option<(Vec<u8>, Vec<(u64, Vec<u8>)>, Vec<u8>, u64)>;
+    let fork: Arc<Mutex<Fork>> = Arc::new(Mutex::new(None));
+    let sent: Arc<Mutex<Vec<Vec<u8>>>> = Arc::new(Mutex::new(Vec::new()));
+    let (f, s) = (fork.clone(), sent.clone());
+    let rewrite: Rewrite = Arc::new(move |req, _| {
+        let (group, log, info, epoch) = f.lock().unwrap().clone()?;
+        let last = log.last().map_or(0, |(seq, _)| *seq);
+        match req {
+            Request::Fetch { group: g, after, .. } if *g == group => Some(Response::Messages {
+                group: group.clone(),
+                messages: log.iter().filter(|(seq, _)| seq > after).cloned().collect(),
+                more: false,
+            }),
+            Request::FetchGroupInfo { group: g } if *g == group => {
+                Some(Response::GroupInfo { group: group.clone(), group_info: info.clone(), ratchet_tree: None })
+            }
+            Request::Send { message, .. } => {
+                s.lock().unwrap().push(message.clone());
+                Some(Response::Accepted { group: group.clone(), seq: last + 1, epoch: epoch + 1 })
+            }
+            Request::Ack { .. } => Some(Response::Done),
+            _ => None,
+        }
+    });
+    let evil = Evil::start(&server, homes.clone(), rewrite).await;
+    let (alice, bob, laptop) = (&homes[0], &homes[1], &homes[2]);
+    let (_, mallory, mut mallory_mls) = crate::repair::raw_member(&server).await;
+    let mallory_id = mallory_mls.account().to_string();
+    let group = tokio::task::block_in_place(|| {
+        let alice_id = register(&server, alice, &evil.address);
+        let bob_id = register(&server, bob, &evil.address);
+        ok(hush(alice, &["contact", "add", "bob", &bob_id]));
+        ok(hush(bob, &["contact", "add", "alice", &alice_id]));
+        ok(hush(alice, &["contact", "add", "mallory", &mallory_id]));
+        ok(hush(alice, &["group", "create", "team"]));
+        ok(hush(alice, &["group", "add", "team", "bob", "mallory"]));
+        ok(hush(bob, &["sync"]));
+        group_id(&server, alice, "team")
+    });
+    let welcomes = mallory.fetch_welcomes().await.unwrap();
+    mallory_mls.join(&welcomes[0].1).unwrap();
+    tokio::task::block_in_place(|| {
+        ok(hush(alice, &["group", "remove", "team", "mallory"]));
+        ok(hush(bob, &["sync"]));
+        // alice links her laptop now: her state is the one without mallory.
+        crate::devices::link(alice, laptop, "laptop");
+    });
+    // The operator hands removed mallory the GroupInfo it keeps (read here
+    // with alice's key, a test shortcut), and she forces her way back in.
+    let alice_key = Identity::load(&alice.join("device.key")).unwrap();
+    let direct = Connection::connect(&server.address, &alice_key).await.unwrap();
+    let (info, tree) = direct.group_info(&group).await.unwrap();
+    let summary = direct.groups().await.unwrap().into_iter().find(|g| g.group == group).unwrap();
+    let forced = mallory_mls.rejoin_unchecked(&group, &info, tree.as_deref()).unwrap();
+    let log = vec![(summary.last_seq + 1, forced.message.clone())];
+    *fork.lock().unwrap() = Some((group.clone(), log, forced.group_info.clone(), summary.epoch + 1));
+
+    let out = tokio::task::block_in_place(|| hush(laptop, &["sync"]));
+    let shown = stdout(&out);
+    assert!(shown.contains("could not join the group"), "{shown}");
+    assert!(shown.contains("did not show the commits that lead there"), "{shown}");
+    assert!(!shown.contains("joined the group at epoch"), "{shown}");
+    assert!(sent.lock().unwrap().is_empty(), "the laptop committed into mallory's fork");
+
+    // Honest again: the laptop's next sync joins the real group, checked
+    // from alice's state.
+    *fork.lock().unwrap() = None;
+    tokio::task::block_in_place(|| {
+        let out = ok(hush(laptop, &["sync"]));
+        assert!(out.contains("checked commit by commit from your first device's state"), "{out}");
+        assert!(!ok(hush(laptop, &["group", "members", "team"])).contains("mallory"));
+        ok(hush(bob, &["send", "team", "hello both of you"]));
+        assert!(ok(hush(laptop, &["sync"])).contains("hello both of you"));
+    });
+}

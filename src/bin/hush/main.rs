@@ -348,7 +348,7 @@ fn device(home: &Home, cmd: DeviceCmd) -> Result<()> {
             let lifetime = DEFAULT_LINK_LIFETIME;
             let deadline = std::time::Instant::now() + lifetime;
             let person = home.name();
-            let device = runtime()?.block_on(async {
+            let (device, left_out) = runtime()?.block_on(async {
                 let conn = app.connect().await.map_err(app_error)?;
                 let lifetime_secs = u32::try_from(lifetime.as_secs()).unwrap_or(u32::MAX);
                 conn.link_open(code.id(), lifetime_secs).await.map_err(explain)?;
@@ -362,6 +362,13 @@ fn device(home: &Home, cmd: DeviceCmd) -> Result<()> {
                 r.map_err(app_error)
             })?;
             eprintln!("certified {name} ({device}); it joins your groups on its first `hush sync`");
+            if !left_out.is_empty() {
+                let names: Vec<String> = left_out.iter().map(|n| one_line(n)).collect();
+                eprintln!(
+                    "warning: the state of {} did not fit in the link; {name} joins there checking only that the group is not older than here (compare members with another member)",
+                    names.join(", ")
+                );
+            }
         }
         DeviceCmd::Join { code } => {
             let joined = runtime()?.block_on(home.join(&code)).map_err(app_error)?;

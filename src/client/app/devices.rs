@@ -7,9 +7,10 @@ use std::time::Duration;
 use super::sync::External;
 use super::*;
 use crate::auth::DeviceRevocation;
-use crate::client::link::{Bundle, LinkCode, LinkedGroup};
+use crate::client::link::{Bundle, LinkCode, LinkError, LinkHandover, LinkedGroup, SEAL_OVERHEAD};
 use crate::client::local::valid_name;
 use crate::client::mls::Descent;
+use crate::limits::MAX_LINK_BUNDLE;
 
 /// How often the waiting side of a link asks the server.
 pub const LINK_POLL: Duration = Duration::from_millis(500);
@@ -31,8 +32,11 @@ impl App {
     /// On the first device, once `code`'s link is open: waits (until
     /// `deadline`) for the new device's offer, certifies exactly the keys
     /// it offers with the account key, and answers with the certificate and
-    /// the sealed bundle (account, `person`'s name, contacts, group names).
-    /// Remembers the device as `name`.
+    /// the sealed bundle (account, `person`'s name, contacts, groups with
+    /// this device's state of each). Remembers the device as `name`.
+    /// Returns it, with the names of the groups whose state did not fit in
+    /// the bundle (the new device's first join there is checked against
+    /// the epoch and transcript hash only).
     pub async fn certify_linked_device(
         &mut self,
         conn: &Connection,
@@ -41,7 +45,7 @@ impl App {
         name: &str,
         person: Option<&str>,
         deadline: std::time::Instant,
-    ) -> Result<DeviceId, AppError> {
+    ) -> Result<(DeviceId, Vec<String>), AppError> {
         if account.account_id() != self.account() {
             return Err(AppError::NotFirstDevice);
         }
@@ -57,16 +61,21 @@ impl App {
         let (device, mls_key) = code.open_offer(&offer)?;
         let certificate = DeviceCertificate::issue(account, device, mls_key, now_unix());
         let mut groups = Vec::new();
+        let mut states = Vec::new();
         for g in self.groups()?.into_iter().filter(|g| g.active) {
             let name = self.local.group_name(&g.id).ok().flatten().unwrap_or_default();
             let (epoch, transcript) = self.member.anchor(&g.id).unwrap_or_default();
-            groups.push(LinkedGroup { id: g.id, name, epoch, transcript });
+            if let Some(state) = self.member.handover(&g.id)? {
+                states.push((groups.len(), LinkHandover { seq: self.local.cursor(&g.id)?, state }));
+            }
+            groups.push(LinkedGroup { id: g.id, name, epoch, transcript, handover: None });
         }
-        let bundle =
+        let mut bundle =
             Bundle { account: self.account(), name: person.map(str::to_owned), contacts: self.contacts()?, groups };
+        let left_out = fit_handovers(&mut bundle, states)?;
         conn.link_answer(code.id(), certificate.encode(), code.seal_bundle(&bundle)?).await?;
         self.local.name_device(&device, name)?;
-        Ok(device)
+        Ok((device, left_out))
     }
 
     /// Whether `name` can name a new device of this account here.
@@ -205,31 +214,87 @@ impl App {
     /// A linked device joins a group of its account that it holds no state
     /// for, by an external commit adding its own leaf; records that it did
     /// (or why it could not).
+    ///
+    /// Never a state the first device's does not lead to: the group's log
+    /// after the first device's cursor is walked from the state it handed
+    /// over ([`Descent`]), and only the state the walk reaches is joined, so
+    /// neither the server nor anyone it hands a GroupInfo to (a removed
+    /// member, say) can fork this device off. Without a handed-over state
+    /// (it did not fit in the link), the join only refuses a state older
+    /// than the first device's, and the event says it was not checked.
     pub(super) async fn join_linked(
         &mut self,
         conn: &Connection,
         group: &[u8],
         new: &mut Vec<Entry>,
     ) -> Result<(), AppError> {
-        // Never a state older than the one the first device handed over.
         let anchor = self.local.anchor(group)?;
-        let mut build = |m: &mut Member<Provider>, g: &[u8], info: &[u8], tree: Option<&[u8]>, _: Option<&Descent>| {
-            m.join_external_after(g, info, tree, anchor.as_ref())
+        let handover = match self.local.handover(group)? {
+            None => None,
+            Some(bytes) => match LinkHandover::decode(&bytes)
+                .map_err(|e| MlsError::Handover(e.to_string()))
+                .and_then(|h| Ok((h.seq, Descent::from_handover(group, &h.state)?)))
+            {
+                Ok(h) => Some(h),
+                Err(e) => return self.not_joined(group, &e.to_string(), new),
+            },
         };
-        match self.external_commit(conn, group, None, &mut build).await? {
+        let checked = handover.is_some();
+        let mut walk = handover;
+        let mut build = |m: &mut Member<Provider>, g: &[u8], info: &[u8], tree: Option<&[u8]>, d: Option<&Descent>| {
+            m.join_external_after(g, info, tree, anchor.as_ref(), d)
+        };
+        let descent = walk.as_mut().map(|(seq, d)| (d, seq));
+        match self.external_commit(conn, group, descent, &mut build).await? {
             External::Done { epoch, seq } => {
-                let body = format!("this device joined the group at epoch {epoch}");
+                let body = if checked {
+                    format!(
+                        "this device joined the group at epoch {epoch}, checked commit by commit from your first device's state"
+                    )
+                } else {
+                    format!(
+                        "this device joined the group at epoch {epoch}; the group's state was too large to hand over, so only \
+                         that it is not older than your first device's was checked: compare its members with another member"
+                    )
+                };
+                self.local.forget_handover(group)?;
                 self.external_landed(conn, group, seq, &body, new).await
             }
             // The account left the group meanwhile.
             External::NotMember => Ok(self.local.deactivate(group)?),
-            External::Refused(error) => {
-                tracing::warn!("could not join a group of this account: {error}");
-                let at = self.local.cursor(group)?;
-                let body = format!("this device could not join the group: {error}");
-                new.push(self.record(group, at, None, EntryKind::Event, &body)?);
-                Ok(self.local.deactivate(group)?)
-            }
+            External::Refused(error) => self.not_joined(group, &error, new),
         }
     }
+
+    /// Records that this (linked) device could not join `group`, and why.
+    fn not_joined(&mut self, group: &[u8], error: &str, new: &mut Vec<Entry>) -> Result<(), AppError> {
+        tracing::warn!("could not join a group of this account: {error}");
+        let at = self.local.cursor(group)?;
+        let body = format!("this device could not join the group: {error}");
+        new.push(self.record(group, at, None, EntryKind::Event, &body)?);
+        // Kept active: the next sync tries again (a server that lied now
+        // may serve the real log then), and `hush group rejoin` joins on
+        // the user's word.
+        Ok(())
+    }
+}
+
+/// Puts as many groups' states into `bundle` as fit in a sealed bundle,
+/// smallest first; returns the names of the groups left without one.
+fn fit_handovers(bundle: &mut Bundle, mut states: Vec<(usize, LinkHandover)>) -> Result<Vec<String>, AppError> {
+    let base = bundle.encode().map_err(|e| LinkError::TooLarge(e.to_string()))?;
+    let mut room = MAX_LINK_BUNDLE.saturating_sub(SEAL_OVERHEAD + base.len());
+    states.sort_by_key(|(_, h)| h.encoded_len());
+    let mut left_out = Vec::new();
+    for (i, h) in states {
+        let Some(g) = bundle.groups.get_mut(i) else { continue };
+        let need = h.encoded_len();
+        if need <= room {
+            room -= need;
+            g.handover = Some(h);
+        } else {
+            left_out.push(g.name.clone());
+        }
+    }
+    Ok(left_out)
 }

@@ -467,11 +467,19 @@ impl App {
     pub async fn rejoin_unverified(&mut self, conn: &Connection, group: &GroupRow) -> Result<Vec<Entry>, AppError> {
         let mut new = Vec::new();
         let before = self.member.members(&group.id);
-        let mut build = |m: &mut Member<Provider>, g: &[u8], info: &[u8], tree: Option<&[u8]>, _: Option<&Descent>| {
-            m.resync(g, info, tree, None)
-        };
+        // A linked device whose first join was refused has no leaf of its
+        // own yet: it joins as a new device of the account instead.
+        let mut build =
+            |m: &mut Member<Provider>, g: &[u8], info: &[u8], tree: Option<&[u8]>, _: Option<&Descent>| match m
+                .resync(g, info, tree, None)
+            {
+                Err(MlsError::NoOwnLeaf) if !m.has_group(g) => m.join_external(g, info, tree),
+                other => other,
+            };
         match self.external_commit(conn, &group.id, None, &mut build).await? {
             External::Done { seq, epoch } => {
+                self.local.reactivate(&group.id)?;
+                self.local.forget_handover(&group.id)?;
                 let mut body = format!("this device rejoined the group at epoch {epoch} on your word, unverified");
                 let now: Vec<String> = self.member.members(&group.id).iter().map(|a| self.display(a)).collect();
                 body.push_str(&format!("; its members now: {}", now.join(", ")));

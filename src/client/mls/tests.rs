@@ -8,22 +8,36 @@ use crate::auth::DeviceId;
 
 const REMOVAL_KEY: [u8; 32] = [9; 32];
 
+/// `creator`'s new group with `others` added in one commit and joined; the
+/// group id.
+fn group_of(creator: &mut Member, others: &mut [&mut Member]) -> Vec<u8> {
+    let group = creator.create_group(&REMOVAL_KEY).unwrap().id;
+    let packages: Vec<_> = others.iter().map(|m| (m.account(), m.key_packages(1).unwrap().remove(0))).collect();
+    let commit = creator.add(&group, &packages).unwrap();
+    creator.merge_pending(&group).unwrap();
+    let welcome = commit.welcome.unwrap();
+    for m in others.iter_mut() {
+        assert_eq!(m.join(&welcome).unwrap(), group);
+    }
+    group
+}
+
 /// alice, bob and mallory in one group at the same epoch; the group id.
 fn trio() -> (Member, Member, Member, Vec<u8>) {
     let (_, _, mut alice) = Member::generate().unwrap();
     let (_, _, mut bob) = Member::generate().unwrap();
     let (_, _, mut mallory) = Member::generate().unwrap();
-    let group = alice.create_group(&REMOVAL_KEY).unwrap().id;
-    let packages = vec![
-        (bob.account(), bob.key_packages(1).unwrap().remove(0)),
-        (mallory.account(), mallory.key_packages(1).unwrap().remove(0)),
-    ];
-    let commit = alice.add(&group, &packages).unwrap();
-    alice.merge_pending(&group).unwrap();
-    let welcome = commit.welcome.unwrap();
-    assert_eq!(bob.join(&welcome).unwrap(), group);
-    assert_eq!(mallory.join(&welcome).unwrap(), group);
+    let group = group_of(&mut alice, &mut [&mut bob, &mut mallory]);
     (alice, bob, mallory, group)
+}
+
+/// alice's account key, her first device and a laptop of her account (not
+/// in any group).
+fn alice_and_laptop() -> (crate::auth::Identity, Member, Member) {
+    let (account, _, alice) = Member::generate().unwrap();
+    let laptop_key = crate::auth::Identity::generate().unwrap();
+    let laptop = Member::new(&account, DeviceId(laptop_key.public_key())).unwrap();
+    (account, alice, laptop)
 }
 
 /// `from` commits something; everyone in `to` processes it.
@@ -110,19 +124,9 @@ fn leaving_is_committed_by_the_next_member_and_named_as_leaving() {
 
 #[test]
 fn a_device_its_account_revoked_that_comes_back_is_found_and_removed_by_members() {
-    let (account, _, mut alice) = Member::generate().unwrap();
-    let laptop_key = crate::auth::Identity::generate().unwrap();
-    let mut laptop = Member::new(&account, DeviceId(laptop_key.public_key())).unwrap();
+    let (account, mut alice, mut laptop) = alice_and_laptop();
     let (_, _, mut bob) = Member::generate().unwrap();
-    let group = alice.create_group(&REMOVAL_KEY).unwrap().id;
-    let packages = vec![
-        (bob.account(), bob.key_packages(1).unwrap().remove(0)),
-        (account.account_id(), laptop.key_packages(1).unwrap().remove(0)),
-    ];
-    let commit = alice.add(&group, &packages).unwrap();
-    alice.merge_pending(&group).unwrap();
-    bob.join(commit.welcome.as_ref().unwrap()).unwrap();
-    laptop.join(commit.welcome.as_ref().unwrap()).unwrap();
+    let group = group_of(&mut alice, &mut [&mut bob, &mut laptop]);
 
     // alice removes the laptop (her account revoked it); bob follows.
     alice.revoke(account.account_id(), laptop.device());
@@ -155,9 +159,7 @@ fn a_device_its_account_revoked_that_comes_back_is_found_and_removed_by_members(
 
 #[test]
 fn a_linked_devices_first_join_never_goes_back_from_the_state_its_first_device_handed_over() {
-    let (account, _, mut alice) = Member::generate().unwrap();
-    let laptop_key = crate::auth::Identity::generate().unwrap();
-    let mut laptop = Member::new(&account, DeviceId(laptop_key.public_key())).unwrap();
+    let (_, mut alice, mut laptop) = alice_and_laptop();
     let (_, _, mut mallory) = Member::generate().unwrap();
     let group = alice.create_group(&REMOVAL_KEY).unwrap().id;
     let added = alice.add(&group, &[(mallory.account(), mallory.key_packages(1).unwrap().remove(0))]).unwrap();
@@ -170,18 +172,102 @@ fn a_linked_devices_first_join_never_goes_back_from_the_state_its_first_device_h
     // alice links the laptop now: the bundle carries her epoch and
     // transcript hash.
     let anchor = alice.anchor(&group).unwrap();
-    let e = laptop.join_external_after(&group, &with_mallory, None, Some(&anchor)).unwrap_err();
+    let e = laptop.join_external_after(&group, &with_mallory, None, Some(&anchor), None).unwrap_err();
     assert!(matches!(e, MlsError::BeforeAnchor { .. }), "{e}");
     assert!(!laptop.has_group(&group), "nothing joined");
     // mallory's fork of the same epoch (from the state she kept) is not it
     // either.
     let mut fork = mallory.copy().unwrap();
     let forked = fork.self_update(&group).unwrap();
-    let e = laptop.join_external_after(&group, &forked.group_info, None, Some(&anchor)).unwrap_err();
+    let e = laptop.join_external_after(&group, &forked.group_info, None, Some(&anchor), None).unwrap_err();
     assert!(matches!(e, MlsError::BeforeAnchor { .. }), "{e}");
     // The state alice handed over (or a later one) is joined.
-    laptop.join_external_after(&group, &removal.group_info, None, Some(&anchor)).unwrap();
+    laptop.join_external_after(&group, &removal.group_info, None, Some(&anchor), None).unwrap();
     assert!(!laptop.members(&group).contains(&mallory.account()));
+}
+
+/// alice (first device), bob and mallory in a group, mallory removed by
+/// alice; alice's laptop (same account) not linked yet. The group id and
+/// alice's removal commit.
+fn removed_mallory() -> (Member, Member, Member, Member, Vec<u8>, Commit) {
+    let (_, mut alice, laptop) = alice_and_laptop();
+    let (_, _, mut bob) = Member::generate().unwrap();
+    let (_, _, mut mallory) = Member::generate().unwrap();
+    let group = group_of(&mut alice, &mut [&mut bob, &mut mallory]);
+    let removal = alice.remove(&group, &[mallory.account()]).unwrap();
+    committed(&mut alice, &mut [&mut bob], &group, removal.clone());
+    (alice, laptop, bob, mallory, group, removal)
+}
+
+/// Issue 29, the gap left in session 9: the anchor (epoch, transcript
+/// hash) only stops a state older than the first device's. Removed
+/// mallory takes the GroupInfo the server keeps (anyone it hands it to
+/// can) and forces her way back in with an external commit; the operator
+/// hands the linked laptop that state, a later epoch than alice's. The
+/// walk from the state alice handed over finds no commit a member would
+/// take leading there, and the laptop joins only a state the walk reaches.
+#[test]
+fn a_linked_devices_first_join_takes_only_a_state_its_first_devices_state_leads_to() {
+    let (mut alice, mut laptop, mut bob, mut mallory, group, removal) = removed_mallory();
+    // alice links the laptop: she hands over her state.
+    let handover = alice.handover(&group).unwrap().unwrap();
+    let anchor = alice.anchor(&group).unwrap();
+    let forced = mallory.rejoin_unchecked(&group, &removal.group_info, None).unwrap();
+    assert!(mallory.members(&group).contains(&mallory.account()), "mallory's fork has her in it");
+    // The anchor alone lets the fork through: this is what the walk closes.
+    let mut unchecked = laptop.copy().unwrap();
+    unchecked.join_external_after(&group, &forced.group_info, None, Some(&anchor), None).unwrap();
+    assert!(unchecked.members(&group).contains(&mallory.account()));
+    // With the walk: the log holds mallory's commit, which moves nothing.
+    let mut walk = Descent::from_handover(&group, &handover).unwrap();
+    assert!(!walk.feed(&forced.message), "the walk took an outsider's external commit");
+    let e = laptop.join_external_after(&group, &forced.group_info, None, Some(&anchor), Some(&walk)).unwrap_err();
+    assert!(matches!(e, MlsError::UnprovenState { .. }), "{e}");
+    assert!(!laptop.has_group(&group), "nothing joined");
+    // The state alice handed over is joined as it is.
+    let mut as_handed = laptop.copy().unwrap();
+    as_handed.join_external_after(&group, &removal.group_info, None, Some(&anchor), Some(&walk)).unwrap();
+    // bob's genuine commit leads on from alice's state: the laptop joins it.
+    let update = bob.self_update(&group).unwrap();
+    bob.merge_pending(&group).unwrap();
+    assert!(walk.feed(&update.message));
+    let e = laptop.join_external_after(&group, &removal.group_info, None, Some(&anchor), Some(&walk)).unwrap_err();
+    assert!(matches!(e, MlsError::UnprovenState { .. }), "the state the walk left behind: {e}");
+    laptop.join_external_after(&group, &update.group_info, None, Some(&anchor), Some(&walk)).unwrap();
+    assert!(!laptop.members(&group).contains(&mallory.account()));
+    assert!(laptop.devices(&group).contains(&laptop.device()));
+}
+
+/// A proposal alice had read before she linked the laptop (bob leaving)
+/// travels with her state: the commit that takes it by reference moves the
+/// walk, which could not verify that commit without it.
+#[test]
+fn a_handover_carries_the_proposals_its_epoch_holds() {
+    let (mut alice, mut laptop, mut bob, _mallory, group, _) = removed_mallory();
+    let leaving = bob.leave(&group).unwrap();
+    assert!(matches!(alice.receive(&group, &leaving).unwrap(), Received::Proposal { .. }));
+    let handover = alice.handover(&group).unwrap().unwrap();
+    assert_eq!(handover.proposals.len(), 1);
+    let anchor = alice.anchor(&group).unwrap();
+    assert!(alice.should_commit_pending(&group));
+    let commit = alice.commit_pending(&group).unwrap();
+    alice.merge_pending(&group).unwrap();
+    // Without the proposal, the commit does not verify.
+    let bare = Handover { info: handover.info.clone(), proposals: Vec::new() };
+    let mut blind = Descent::from_handover(&group, &bare).unwrap();
+    assert!(!blind.feed(&commit.message));
+    let mut walk = Descent::from_handover(&group, &handover).unwrap();
+    assert_eq!(walk.pending(), 1);
+    assert!(walk.feed(&commit.message));
+    laptop.join_external_after(&group, &commit.group_info, None, Some(&anchor), Some(&walk)).unwrap();
+    assert!(!laptop.members(&group).contains(&bob.account()));
+    // A handover is checked: another group's state, a forged proposal.
+    let other = alice.create_group(&REMOVAL_KEY).unwrap().id;
+    assert!(matches!(Descent::from_handover(&other, &handover), Err(MlsError::OtherGroup)));
+    let junk = Handover { info: handover.info.clone(), proposals: vec![b"{}".to_vec()] };
+    assert!(matches!(Descent::from_handover(&group, &junk), Err(MlsError::Handover(_))));
+    let garbage = Handover { info: vec![0; 40], proposals: Vec::new() };
+    assert!(Descent::from_handover(&group, &garbage).is_err());
 }
 
 /// Red team: a revocation verifies under the key of the account that
