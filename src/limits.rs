@@ -189,6 +189,11 @@ pub const MAX_CONFLICT_RETRIES: u32 = 3;
 /// up on them and tells its connections to resync instead.
 pub const NOTICE_QUEUE: usize = 4096;
 
+/// Other nodes whose last authenticated wake-up a node remembers (to
+/// refuse replays: each node numbers its wake-ups upwards). Each node
+/// process is one; past this many, the longest silent is forgotten.
+pub const MAX_WAKE_NODES: usize = 1024;
+
 /// Wake-ups a node looks up in the `notices` table in one query.
 pub const NOTICE_LOOKUP_BATCH: usize = 256;
 

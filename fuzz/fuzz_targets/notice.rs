@@ -1,13 +1,39 @@
 //! Wake-ups between nodes (PostgreSQL `NOTIFY` payloads, sent by other
 //! nodes, or by any role that can connect to the database): `wake_up`
-//! never panics, and what it accepts is exactly what `wake_up_text`
-//! writes for it.
+//! never panics, what it accepts is exactly what `wake_up_text` writes for
+//! it under the deployment's key, what that writes is accepted, and no
+//! other key's (or a changed) wake-up is.
 #![no_main]
-use hush::pg::{wake_up, wake_up_text};
+use std::sync::OnceLock;
+
+use hush::auth::Identity;
+use hush::pg::{wake_up, wake_up_text, WakeKey};
 use libfuzzer_sys::fuzz_target;
 
+fn key() -> &'static WakeKey {
+    static KEY: OnceLock<WakeKey> = OnceLock::new();
+    KEY.get_or_init(|| WakeKey::of(&Identity::generate().expect("a key")).expect("a wake-up key"))
+}
+
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let Some((node, id)) = wake_up(text) else { return };
-    assert_eq!(wake_up_text(node, id), text);
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Some((node, n)) = wake_up(key(), text) {
+            assert_eq!(wake_up_text(key(), node, n), text);
+        }
+    }
+    // What a node writes for any node and number verifies, and only as it is.
+    if let (Some(node), Some(n), Some(&flip)) = (data.get(..8), data.get(8..16), data.get(16)) {
+        let node = u64::from_le_bytes(node.try_into().expect("8 bytes"));
+        let n = i64::from_le_bytes(n.try_into().expect("8 bytes")) & i64::MAX;
+        if n >= 1 {
+            let text = wake_up_text(key(), node, n);
+            assert_eq!(wake_up(key(), &text), Some((node, n)));
+            let mut changed = text.clone().into_bytes();
+            let at = usize::from(flip) % changed.len();
+            changed[at] ^= 1;
+            if let Ok(changed) = String::from_utf8(changed) {
+                assert_eq!(wake_up(key(), &changed), None, "{changed}");
+            }
+        }
+    }
 });

@@ -27,6 +27,9 @@ use super::cert::{self, CertError};
 /// Length of a key file: one Ed25519 seed.
 pub const KEY_FILE_LEN: u64 = 32;
 
+/// HKDF salt of [`Identity::derive`].
+const DERIVE_SALT: &[u8] = b"hush derived key v1";
+
 /// Why a key could not be loaded or created.
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -39,6 +42,8 @@ pub enum KeyError {
     Permissions { path: PathBuf, mode: u32 },
     #[error("no randomness available from the operating system")]
     Random,
+    #[error("could not derive a key")]
+    Derive,
     #[error(transparent)]
     Cert(#[from] CertError),
 }
@@ -125,6 +130,24 @@ impl Identity {
         let signing_key = rustls::crypto::ring::sign::any_eddsa_type(&PrivatePkcs8KeyDer::from(pkcs8.as_slice()))
             .map_err(|e| KeyError::Cert(CertError::Build(e.to_string())))?;
         Ok(Arc::new(CertifiedKey::new(vec![cert], signing_key)))
+    }
+
+    /// A 32-byte key for another purpose, derived from this one's seed with
+    /// HKDF-SHA-256 under `label` (distinct labels give independent keys;
+    /// nothing derived reveals the seed). What hushd nodes sharing one
+    /// server key agree on without another secret to distribute.
+    pub fn derive(&self, label: &[u8]) -> Result<Zeroizing<[u8; 32]>, KeyError> {
+        struct Len32;
+        impl ring::hkdf::KeyType for Len32 {
+            fn len(&self) -> usize {
+                32
+            }
+        }
+        let seed = Zeroizing::new(self.key.to_bytes());
+        let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, DERIVE_SALT).extract(seed.as_ref());
+        let mut out = Zeroizing::new([0u8; 32]);
+        prk.expand(&[label], Len32).and_then(|okm| okm.fill(out.as_mut())).map_err(|_| KeyError::Derive)?;
+        Ok(out)
     }
 
     /// Signs `msg`. An account key signs only device certificates

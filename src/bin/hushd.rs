@@ -539,7 +539,10 @@ fn with_removal_key(dir: &DataDir, config: &ServerConfig, what: OperatorRemoval)
 
 fn open_existing(dir: &DataDir, config: &ServerConfig) -> Result<Database> {
     if let Some(url) = &config.database_url {
-        let target = Target::parse(&url.0)?;
+        // What it changes reaches the running nodes' clients live: its
+        // wake-ups are authenticated with the server key, as theirs are.
+        let key = Identity::load(&dir.key()).context("the server key, which authenticates wake-ups to the nodes")?;
+        let target = Target::for_node(&url.0, &key)?;
         return Ok(Database::Postgres(Box::new(PgDb::connect(target).context("connecting to PostgreSQL")?)));
     }
     if !dir.db().exists() {

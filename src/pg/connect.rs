@@ -2,12 +2,15 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use thiserror::Error;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use super::listen::WakeKey;
+use crate::auth::Identity;
 use crate::store::StoreError;
 
 /// CA bundle used to verify a database server's certificate when the URL
@@ -26,6 +29,8 @@ pub enum TargetError {
     RootCerts { path: PathBuf, why: String },
     #[error("no randomness available from the operating system")]
     Random,
+    #[error("cannot derive the wake-up key from the server key: {0}")]
+    Key(String),
 }
 
 /// A PostgreSQL database to connect to: parsed settings, TLS for TCP hosts,
@@ -36,6 +41,13 @@ pub struct Target {
     config: tokio_postgres::Config,
     tls: Option<MakeRustlsConnect>,
     pub node: u64,
+    /// Authenticates this node's wake-ups and checks other nodes'
+    /// ([`super::listen`]); without it (a command that only connects) no
+    /// wake-up is sent or taken.
+    wake: Option<WakeKey>,
+    /// The number of this node's last notice (each process numbers its
+    /// own upwards from 1; clones share it).
+    notices: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for Target {
@@ -73,7 +85,40 @@ impl Target {
         };
         let mut node = [0u8; 8];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut node).map_err(|_| TargetError::Random)?;
-        Ok(Arc::new(Self { config, tls, node: u64::from_le_bytes(node) }))
+        Ok(Arc::new(Self {
+            config,
+            tls,
+            node: u64::from_le_bytes(node),
+            wake: None,
+            notices: Arc::new(AtomicI64::new(0)),
+        }))
+    }
+
+    /// [`Target::parse`] for a node of the deployment whose server key is
+    /// `server_key`: it sends and takes authenticated wake-ups.
+    pub fn for_node(url: &str, server_key: &Identity) -> Result<Arc<Self>, TargetError> {
+        let mut target = Arc::unwrap_or_clone(Self::parse(url)?);
+        target.wake = Some(WakeKey::of(server_key).map_err(|e| TargetError::Key(e.to_string()))?);
+        Ok(Arc::new(target))
+    }
+
+    /// The key wake-ups are authenticated with, if this is a node.
+    pub fn wake_key(&self) -> Option<&WakeKey> {
+        self.wake.as_ref()
+    }
+
+    /// Numbers for `k` new notices of this node, and their wake-ups (none
+    /// without a key): the first number is one more than the last ever
+    /// handed out.
+    pub(super) fn number_notices(&self, k: usize) -> (Vec<i64>, Vec<String>) {
+        let k64 = i64::try_from(k).unwrap_or(i64::MAX);
+        let first = self.notices.fetch_add(k64, Ordering::Relaxed).saturating_add(1);
+        let numbers: Vec<i64> = (0..k64).map(|i| first.saturating_add(i)).collect();
+        let texts = match &self.wake {
+            Some(key) => numbers.iter().map(|n| super::listen::wake_up_text(key, self.node, *n)).collect(),
+            None => Vec::new(),
+        };
+        (numbers, texts)
     }
 
     /// A blocking client (the engine's threads, short commands).

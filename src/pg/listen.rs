@@ -1,8 +1,9 @@
 //! Live pushes across nodes: `NOTIFY` wake-ups and the node that LISTENs.
 //!
 //! A committing write unit stores one [`Notice`] per notification in the
-//! `notices` table and sends, on [`CHANNEL`], one wake-up per row naming
-//! only the sending node and the row's id ([`wake_up`]); PostgreSQL
+//! `notices` table, numbered by the node (upwards from 1 in each process),
+//! and sends, on [`CHANNEL`], one wake-up per row naming only the sending
+//! node and that number, authenticated ([`wake_up_text`]); PostgreSQL
 //! delivers them to every listening connection once the transaction
 //! commits, in commit order. Each node keeps one connection LISTENing
 //! ([`run`]), reads the rows it is woken up for (in batches, in the order
@@ -14,13 +15,19 @@
 //! wake-up carries no group id, sequence or device key (a listener learns
 //! only that some node committed something), and a node acts on nothing a
 //! wake-up says: it reads the `notices` row (only hushd's role may read or
-//! write the tables), ignores ids that name no row and rows its own node
-//! stored, and the push code checks the authoritative tables again before
-//! acting (a message is read from the log, to the devices that were members
-//! then; a device's connections are closed only if the devices table says
-//! it is revoked). A forged wake-up can at most replay a recent genuine
-//! notice (a duplicate push) or cost a lookup. Operators should still let
-//! only hushd's role connect (README, PostgreSQL).
+//! write the tables), ignores numbers that name no row and rows its own
+//! node stored, and the push code checks the authoritative tables again
+//! before acting (a message is read from the log, to the devices that were
+//! members then; a device's connections are closed only if the devices
+//! table says it is revoked). And a node takes only wake-ups it can
+//! authenticate: each carries an HMAC-SHA-256 tag under a key derived from
+//! the server key (which every node of a deployment holds, and the
+//! database never sees), and a node's numbers only go up, so a listener
+//! takes each number of each node once, in order ([`Heard`]). A role that
+//! can merely connect can neither forge a wake-up nor replay one, so it
+//! cannot fill a node's queue ([`NOTICE_QUEUE`]) and make every connection
+//! resync. Operators should still let only hushd's role connect (README,
+//! PostgreSQL).
 //!
 //! A node serves clients only once it listens ([`Event::Listening`]; see
 //! `server::Server::run`). When the listening connection is lost, some
@@ -37,7 +44,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Row};
 
 use super::Target;
-use crate::auth::DeviceId;
+use crate::auth::{DeviceId, Identity, KeyError};
 use crate::delivery::Notification;
 
 /// The `LISTEN`/`NOTIFY` channel.
@@ -46,10 +53,37 @@ pub const CHANNEL: &str = "hush";
 /// The `application_name` of a node's listening connection.
 pub const APPLICATION_NAME: &str = "hushd-listen";
 
-pub use crate::limits::{LISTEN_RECONNECT_DELAY as RECONNECT_DELAY, NOTICE_LOOKUP_BATCH, NOTICE_QUEUE};
+pub use crate::limits::{LISTEN_RECONNECT_DELAY as RECONNECT_DELAY, MAX_WAKE_NODES, NOTICE_LOOKUP_BATCH, NOTICE_QUEUE};
 
-/// Reads the rows of the notices a batch of wake-ups named.
-const LOOKUP: &str = "SELECT id, node, kind, grp, seq, device FROM notices WHERE id = ANY($1)";
+/// Reads the rows of the notices a batch of wake-ups named (by node and
+/// the node's number).
+const LOOKUP: &str = "SELECT n.nseq, n.node, n.kind, n.grp, n.seq, n.device FROM notices n
+                      JOIN unnest($1::bigint[], $2::bigint[]) AS w(node, nseq)
+                      ON n.node = w.node AND n.nseq = w.nseq";
+
+/// What [`WakeKey`] is derived under, from the server key.
+const WAKE_KEY_LABEL: &[u8] = b"hush wake-ups v1";
+
+/// The key that authenticates wake-ups: HMAC-SHA-256 under a key derived
+/// from the server key, so every node of one deployment has it and no one
+/// else does (it never leaves the node: tags are computed here, not in
+/// SQL).
+#[derive(Clone)]
+pub struct WakeKey(ring::hmac::Key);
+
+impl std::fmt::Debug for WakeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WakeKey")
+    }
+}
+
+impl WakeKey {
+    /// The wake-up key of the deployment whose server key is `server_key`.
+    pub fn of(server_key: &Identity) -> Result<Self, KeyError> {
+        let key = server_key.derive(WAKE_KEY_LABEL)?;
+        Ok(Self(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_ref())))
+    }
+}
 
 /// What one node tells the others (a row of the `notices` table).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,8 +107,8 @@ impl Notice {
         }
     }
 
-    /// A row of `notices` (`id, node, kind, grp, seq, device`): its id,
-    /// the node that stored it and the notice; `None` if malformed.
+    /// A row of `notices` (`nseq, node, kind, grp, seq, device`): its
+    /// number, the node that stored it and the notice; `None` if malformed.
     fn from_row(row: &Row) -> Option<(i64, u64, Self)> {
         let id: i64 = row.try_get(0).ok()?;
         let node: i64 = row.try_get(1).ok()?;
@@ -106,40 +140,79 @@ pub(super) fn node_text(node: u64) -> String {
     format!("{node:016x}")
 }
 
-/// The wake-up for row `id` of `node`'s notices, as the committing
-/// statement writes it: `NODE:ID` (the node in 16 lowercase hex digits,
-/// the row in decimal).
-pub fn wake_up_text(node: u64, id: i64) -> String {
-    format!("{}:{id}", node_text(node))
+/// Length of a wake-up's tag in hex digits (all of HMAC-SHA-256).
+const TAG_HEX: usize = 64;
+
+/// The wake-up for notice number `n` of `node`, as the committing
+/// statement sends it: `NODE:N:TAG`, the node in 16 lowercase hex digits,
+/// the number in decimal, and the HMAC-SHA-256 of `NODE:N` under `key` in
+/// 64 lowercase hex digits.
+pub fn wake_up_text(key: &WakeKey, node: u64, n: i64) -> String {
+    let body = format!("{}:{n}", node_text(node));
+    let tag = ring::hmac::sign(&key.0, body.as_bytes());
+    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("{body}:{hex}")
 }
 
-/// A wake-up's payload ([`wake_up_text`], and only that exact form): the
-/// node and the row; `None` for anything else. Nothing in it is taken on
-/// trust (see the module doc).
-pub fn wake_up(text: &str) -> Option<(u64, i64)> {
-    let (node, id) = text.split_once(':')?;
+/// A wake-up's payload ([`wake_up_text`], and only that exact form, with a
+/// tag that verifies under `key`): the node and its number; `None` for
+/// anything else.
+pub fn wake_up(key: &WakeKey, text: &str) -> Option<(u64, i64)> {
+    let (body, tag) = text.rsplit_once(':')?;
+    let (node, n) = body.split_once(':')?;
     let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
-    let decimal = !id.is_empty()
-        && id.len() <= 19
-        && id.bytes().all(|b| b.is_ascii_digit())
-        && (id == "0" || !id.starts_with('0'));
-    if node.len() != 16 || !node.bytes().all(hex) || !decimal {
+    let decimal = !n.is_empty() && n.len() <= 19 && n.bytes().all(|b| b.is_ascii_digit()) && !n.starts_with('0');
+    if node.len() != 16 || !node.bytes().all(hex) || !decimal || tag.len() != TAG_HEX || !tag.bytes().all(hex) {
         return None;
     }
-    Some((u64::from_str_radix(node, 16).ok()?, id.parse().ok()?))
+    let tag: Vec<u8> =
+        (0..TAG_HEX / 2).map(|i| u8::from_str_radix(tag.get(2 * i..2 * i + 2)?, 16).ok()).collect::<Option<_>>()?;
+    ring::hmac::verify(&key.0, body.as_bytes(), &tag).ok()?;
+    Some((u64::from_str_radix(node, 16).ok()?, n.parse().ok()?))
 }
 
-/// The notices of `ids` (in that order, each once) that `rows` hold and
-/// another node than `own` stored. Ids naming no row (forged, or deleted
-/// by the expiry) are skipped.
-pub(super) fn in_order(own: u64, ids: &[i64], rows: &[Row]) -> Vec<Notice> {
-    let mut found: HashMap<i64, Notice> = rows
+/// The newest number taken from each node: a node's wake-ups number
+/// upwards, so one that is not newer is a replay (or a duplicate) and is
+/// dropped. Remembers at most [`MAX_WAKE_NODES`] nodes (node processes),
+/// forgetting the one heard from longest ago.
+#[derive(Debug, Default)]
+pub struct Heard {
+    last: HashMap<u64, (i64, u64)>,
+    clock: u64,
+}
+
+impl Heard {
+    /// Whether number `n` of `node` is new (and takes it).
+    pub fn take(&mut self, node: u64, n: i64) -> bool {
+        self.clock += 1;
+        if let Some((last, at)) = self.last.get_mut(&node) {
+            if n <= *last {
+                return false;
+            }
+            (*last, *at) = (n, self.clock);
+            return true;
+        }
+        if self.last.len() >= MAX_WAKE_NODES {
+            if let Some(oldest) = self.last.iter().min_by_key(|(_, (_, at))| *at).map(|(node, _)| *node) {
+                self.last.remove(&oldest);
+            }
+        }
+        self.last.insert(node, (n, self.clock));
+        true
+    }
+}
+
+/// The notices `named` (node and number, in that order, each once) that
+/// `rows` hold and another node than `own` stored. Names of no row
+/// (deleted by the expiry) are skipped.
+pub(super) fn in_order(own: u64, named: &[(u64, i64)], rows: &[Row]) -> Vec<Notice> {
+    let mut found: HashMap<(u64, i64), Notice> = rows
         .iter()
         .filter_map(Notice::from_row)
         .filter(|(_, node, _)| *node != own)
-        .map(|(id, _, notice)| (id, notice))
+        .map(|(n, node, notice)| ((node, n), notice))
         .collect();
-    ids.iter().filter_map(|id| found.remove(id)).collect()
+    named.iter().filter_map(|name| found.remove(name)).collect()
 }
 
 /// What the listener hands the node.
@@ -158,17 +231,19 @@ pub enum Event {
 /// Listens until `events` is closed, reconnecting as needed. Notices this
 /// node sent itself (`target.node`) are skipped.
 pub async fn run(target: Arc<Target>, events: mpsc::Sender<Event>) {
+    // Kept across reconnections: a replay is refused whenever it comes.
+    let mut taken = Heard::default();
     let mut config = target.config().clone();
     // Tells this connection apart in `pg_stat_activity`.
     config.application_name(APPLICATION_NAME);
     loop {
         let result = match target.tls() {
             Some(tls) => match config.connect(tls.clone()).await {
-                Ok((client, conn)) => listen(&target, client, conn, &events).await,
+                Ok((client, conn)) => listen(&target, client, conn, &events, &mut taken).await,
                 Err(e) => Err(e),
             },
             None => match config.connect(tokio_postgres::NoTls).await {
-                Ok((client, conn)) => listen(&target, client, conn, &events).await,
+                Ok((client, conn)) => listen(&target, client, conn, &events, &mut taken).await,
                 Err(e) => Err(e),
             },
         };
@@ -190,6 +265,7 @@ async fn listen<S, T>(
     client: tokio_postgres::Client,
     mut conn: tokio_postgres::Connection<S, T>,
     events: &mpsc::Sender<Event>,
+    taken: &mut Heard,
 ) -> Result<(), tokio_postgres::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -203,20 +279,23 @@ where
     tokio::pin!(setup);
     let mut statement = None;
     // Rows woken up for and not read yet, in the order heard.
-    let mut heard: Vec<i64> = Vec::new();
+    let mut heard: Vec<(u64, i64)> = Vec::new();
+    let mut warned = false;
     // The batch being read, if any (one at a time keeps the order).
     type Lookup<'a> = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<(Vec<i64>, Vec<Row>), tokio_postgres::Error>> + Send + 'a>,
+        Box<dyn std::future::Future<Output = Result<(Vec<(u64, i64)>, Vec<Row>), tokio_postgres::Error>> + Send + 'a>,
     >;
     let mut lookup: Option<Lookup<'_>> = None;
     loop {
         if let (None, Some(statement)) = (&lookup, &statement) {
             if !heard.is_empty() {
-                let ids: Vec<i64> = heard.drain(..heard.len().min(NOTICE_LOOKUP_BATCH)).collect();
+                let named: Vec<(u64, i64)> = heard.drain(..heard.len().min(NOTICE_LOOKUP_BATCH)).collect();
                 let statement: tokio_postgres::Statement = Clone::clone(statement);
                 lookup = Some(Box::pin(async move {
-                    let rows = client.query(&statement, &[&ids]).await?;
-                    Ok((ids, rows))
+                    let nodes: Vec<i64> = named.iter().map(|(node, _)| node_column(*node)).collect();
+                    let numbers: Vec<i64> = named.iter().map(|(_, n)| *n).collect();
+                    let rows = client.query(&statement, &[&nodes, &numbers]).await?;
+                    Ok((named, rows))
                 }));
             }
         }
@@ -233,8 +312,8 @@ where
                 None => std::task::Poll::Pending,
             }), if lookup.is_some() => {
                 lookup = None;
-                let (ids, rows) = read?;
-                for notice in in_order(target.node, &ids, &rows) {
+                let (named, rows) = read?;
+                for notice in in_order(target.node, &named, &rows) {
                     match events.try_send(Event::Notice(notice)) {
                         Ok(()) => {}
                         Err(mpsc::error::TrySendError::Full(_)) => {
@@ -248,11 +327,18 @@ where
             }
             message = std::future::poll_fn(|cx| conn.poll_message(cx)) => match message {
                 Some(Ok(AsyncMessage::Notification(n))) => {
-                    let Some((node, id)) = wake_up(n.payload()) else {
-                        tracing::warn!("ignoring a malformed wake-up on channel {CHANNEL} (another role may NOTIFY it)");
+                    let Some((node, number)) = target.wake_key().and_then(|key| wake_up(key, n.payload())) else {
+                        // Said once per connection: whoever sends them
+                        // could otherwise flood the log too.
+                        if !warned {
+                            warned = true;
+                            tracing::warn!(
+                                "ignoring wake-ups on channel {CHANNEL} that do not verify (another role may NOTIFY it)"
+                            );
+                        }
                         continue;
                     };
-                    if node == target.node {
+                    if node == target.node || !taken.take(node, number) {
                         continue;
                     }
                     if heard.len() >= NOTICE_QUEUE {
@@ -261,7 +347,7 @@ where
                             return Ok(());
                         }
                     }
-                    heard.push(id);
+                    heard.push((node, number));
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(e),
@@ -276,34 +362,66 @@ where
 mod tests {
     use super::*;
 
+    fn key() -> WakeKey {
+        WakeKey::of(&Identity::generate().unwrap()).unwrap()
+    }
+
     #[test]
-    fn wake_ups_name_a_node_and_a_row_and_nothing_else() {
-        let text = wake_up_text(7, 42);
-        assert_eq!(text, "0000000000000007:42");
-        assert_eq!(wake_up(&text), Some((7, 42)));
-        for (node, id) in [(u64::MAX, 0), (0, i64::MAX), (0xabcdef, 10)] {
-            assert_eq!(wake_up(&wake_up_text(node, id)), Some((node, id)));
+    fn wake_ups_name_a_node_and_a_number_and_verify_under_the_deployments_key() {
+        let k = key();
+        let text = wake_up_text(&k, 7, 42);
+        assert!(text.starts_with("0000000000000007:42:"), "{text}");
+        assert_eq!(text.len(), 16 + 1 + 2 + 1 + TAG_HEX);
+        assert_eq!(wake_up(&k, &text), Some((7, 42)));
+        for (node, n) in [(u64::MAX, 1), (0, i64::MAX), (0xabcdef, 10)] {
+            assert_eq!(wake_up(&k, &wake_up_text(&k, node, n)), Some((node, n)));
         }
         assert_eq!(u64::from_le_bytes(node_column(u64::MAX).to_le_bytes()), u64::MAX);
+        // Another deployment's key (or none: a role that can only connect).
+        assert_eq!(wake_up(&key(), &text), None);
+        let tag = &text[text.len() - TAG_HEX..];
+        let mut flipped = text.clone().into_bytes();
+        let last = flipped.len() - 1;
+        flipped[last] = if flipped[last] == b'0' { b'1' } else { b'0' };
         let device = "03".repeat(32);
         for bad in [
+            String::from_utf8(flipped).unwrap(),
+            // The same tag on another node or number.
+            format!("0000000000000008:42:{tag}"),
+            format!("0000000000000007:43:{tag}"),
+            text.to_uppercase(),
+            format!("{text}:1"),
+            text[..text.len() - 2].to_string(),
             "".to_string(),
-            "7:42".to_string(),
-            "0000000000000007:".to_string(),
-            "0000000000000007:-1".to_string(),
-            "0000000000000007:+1".to_string(),
-            "+000000000000007:1".to_string(),
-            "000000000000000A:1".to_string(),
-            "0000000000000007:07".to_string(),
-            "0000000000000007:9223372036854775808".to_string(),
-            "0000000000000007:42:1".to_string(),
-            "000000000000000x:42".to_string(),
-            "0000000000000007:99999999999999999999".to_string(),
-            // What notices looked like before issue 29.
+            "0000000000000007:42".to_string(),
+            format!("0000000000000007:0:{tag}"),
+            format!("0000000000000007:-1:{tag}"),
+            format!("0000000000000007:+1:{tag}"),
+            format!("0000000000000007:042:{tag}"),
+            format!("0000000000000007:99999999999999999999:{tag}"),
+            format!("7:42:{tag}"),
+            // What wake-ups looked like before: `NODE:ID`, and older still.
+            "0000000000000007:42".to_string(),
             "0000000000000007:m:0102ff:42".to_string(),
             format!("0000000000000007:r:{device}"),
         ] {
-            assert_eq!(wake_up(&bad), None, "{bad}");
+            assert_eq!(wake_up(&k, &bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn each_number_of_each_node_is_taken_once_and_only_upwards() {
+        let mut heard = Heard::default();
+        assert!(heard.take(1, 5));
+        assert!(!heard.take(1, 5), "a replay");
+        assert!(!heard.take(1, 4), "an older one");
+        assert!(heard.take(1, 9));
+        assert!(heard.take(2, 1), "another node numbers on its own");
+        // Past the bound, the node heard from longest ago is forgotten.
+        for node in 3..(MAX_WAKE_NODES as u64 + 3) {
+            assert!(heard.take(node, 1));
+        }
+        assert!(heard.last.len() <= MAX_WAKE_NODES);
+        assert!(!heard.take(MAX_WAKE_NODES as u64 + 2, 1), "the newest is still known");
     }
 }

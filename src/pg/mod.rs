@@ -47,7 +47,7 @@ use std::sync::Arc;
 use postgres::{IsolationLevel, Statement};
 
 pub use connect::{Target, TargetError};
-pub use listen::{wake_up, wake_up_text, Notice, CHANNEL};
+pub use listen::{wake_up, wake_up_text, Notice, WakeKey, CHANNEL};
 pub use schema::latest as latest_schema;
 pub use store::PgStore;
 
@@ -150,9 +150,8 @@ impl Backend for PgDb {
 
     fn write<T>(&mut self, work: impl FnOnce(&mut PgStore<'_>) -> Result<T, StoreError>) -> Result<T, StoreError> {
         self.ensure()?;
-        let node = self.target.node;
         let tx = self.client.build_transaction().isolation_level(IsolationLevel::ReadCommitted).start()?;
-        let mut unit = PgStore::new(tx, &mut self.statements, true, node);
+        let mut unit = PgStore::new(tx, &mut self.statements, true, &self.target);
         let out = work(&mut unit)?;
         unit.commit()?;
         Ok(out)
@@ -160,10 +159,9 @@ impl Backend for PgDb {
 
     fn read<T>(&mut self, work: impl FnOnce(&mut PgStore<'_>) -> T) -> Result<T, StoreError> {
         self.ensure()?;
-        let node = self.target.node;
         let tx =
             self.client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start()?;
-        let mut unit = PgStore::new(tx, &mut self.statements, false, node);
+        let mut unit = PgStore::new(tx, &mut self.statements, false, &self.target);
         let out = work(&mut unit);
         unit.commit()?;
         Ok(out)

@@ -119,6 +119,11 @@ const MIGRATIONS: &[&str] = &[
         device bytea CHECK (length(device) = 32),
         created_at timestamptz NOT NULL DEFAULT now()
     );",
+    // 2 -> 3: each node numbers its notices itself (upwards from 1 in each
+    // process), so it can authenticate the wake-up for a row before the
+    // row exists; a wake-up names the node and its number.
+    "ALTER TABLE notices ADD COLUMN nseq bigint;
+    CREATE UNIQUE INDEX notices_wake ON notices(node, nseq);",
 ];
 
 /// Key of the advisory lock migrations hold ("hush" in ASCII).

@@ -10,6 +10,7 @@ use postgres::types::ToSql;
 use postgres::{Row, Statement, Transaction};
 
 use super::listen::Notice;
+use super::Target;
 use crate::auth::{AccountId, DeviceId};
 use crate::delivery::storage::{
     AccountRecord, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats, Unit,
@@ -26,7 +27,9 @@ pub struct PgStore<'a> {
     statements: &'a mut HashMap<&'static str, Statement>,
     /// A write unit: reads that decide (epochs, sequences) lock the group.
     writing: bool,
-    node: u64,
+    /// Where this node writes: its id, and how it numbers and signs its
+    /// notices' wake-ups.
+    target: &'a Target,
     /// Database bytes at the first quota check, plus bytes written since
     /// (as [`crate::store::SqlStore`] does).
     space: Option<u64>,
@@ -108,15 +111,15 @@ impl<'a> PgStore<'a> {
         tx: Transaction<'a>,
         statements: &'a mut HashMap<&'static str, Statement>,
         writing: bool,
-        node: u64,
+        target: &'a Target,
     ) -> Self {
-        Self { tx, statements, writing, node, space: None, conflict: false, notices: Vec::new(), unreleased: false }
+        Self { tx, statements, writing, target, space: None, conflict: false, notices: Vec::new(), unreleased: false }
     }
 
     /// Stores the kept requests' notices, wakes the other nodes up for
-    /// each (a `NOTIFY` naming only this node and the row, see
-    /// [`super::listen`]) and commits. One round trip, in the order the
-    /// notifications came.
+    /// each (an authenticated `NOTIFY` naming only this node and its number
+    /// for the row, see [`super::listen`]) and commits. One round trip, in
+    /// the order the notifications came.
     pub(super) fn commit(mut self) -> Result<(), StoreError> {
         if !self.notices.is_empty() {
             let notices = std::mem::take(&mut self.notices);
@@ -135,23 +138,25 @@ impl<'a> PgStore<'a> {
                 seqs.push(seq);
                 devices.push(device);
             }
+            let (numbers, wake_ups) = self.target.number_notices(notices.len());
+            // A data-modifying WITH runs to completion whether or not the
+            // outer query reads it; the wake-ups go out at the commit.
             self.exec(
                 "WITH n AS (
-                     INSERT INTO notices (node, kind, grp, seq, device)
-                     SELECT $2, t.kind, t.grp, t.seq, t.device
-                     FROM unnest($3::text[], $4::bytea[], $5::bigint[], $6::bytea[]) WITH ORDINALITY
-                          AS t(kind, grp, seq, device, at)
-                     ORDER BY t.at
-                     RETURNING id)
-                 SELECT pg_notify($1, $7::text || ':' || n.id) FROM n ORDER BY n.id",
+                     INSERT INTO notices (node, nseq, kind, grp, seq, device)
+                     SELECT $2, t.nseq, t.kind, t.grp, t.seq, t.device
+                     FROM unnest($3::bigint[], $4::text[], $5::bytea[], $6::bigint[], $7::bytea[])
+                          AS t(nseq, kind, grp, seq, device))
+                 SELECT pg_notify($1, w.text) FROM unnest($8::text[]) WITH ORDINALITY AS w(text, at) ORDER BY w.at",
                 &[
                     &super::CHANNEL,
-                    &super::listen::node_column(self.node),
+                    &super::listen::node_column(self.target.node),
+                    &numbers,
                     &kinds,
                     &groups,
                     &seqs,
                     &devices,
-                    &super::listen::node_text(self.node),
+                    &wake_ups,
                 ],
             )?;
         }

@@ -187,14 +187,15 @@ fn notices_are_rows_read_back_by_other_nodes_and_deleted_after_their_retention()
         Notification::Message { group: vec![1, 2], seq: 7, message: vec![0xee; 10], recipients: Arc::new([d]) },
     ];
     db.write(|s| s.announce(&notifications)).unwrap();
-    let rows = db.client.query("SELECT id, node, kind, grp, seq, device FROM notices ORDER BY id", &[]).unwrap();
-    let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    let rows = db.client.query("SELECT nseq, node, kind, grp, seq, device FROM notices ORDER BY id", &[]).unwrap();
+    let named: Vec<(u64, i64)> = rows.iter().map(|r| (target.node, r.get(0))).collect();
+    assert_eq!(named.iter().map(|(_, n)| *n).collect::<Vec<_>>(), [1, 2, 3], "the node numbers its notices");
     let expected: Vec<Notice> = notifications.iter().map(Notice::of).collect();
-    assert_eq!(in_order(target.node.wrapping_add(1), &ids, &rows), expected);
-    assert!(in_order(target.node, &ids, &rows).is_empty(), "a node skips its own notices");
-    // Ids naming no row are skipped; repeated ones read once.
-    let mut asked = vec![ids[2] + 1000, ids[2], ids[2]];
-    asked.insert(0, -1);
+    assert_eq!(in_order(target.node.wrapping_add(1), &named, &rows), expected);
+    assert!(in_order(target.node, &named, &rows).is_empty(), "a node skips its own notices");
+    // Names of no row are skipped; repeated ones read once.
+    let (node, third) = named[2];
+    let asked = vec![(node, -1), (node, third + 1000), (node.wrapping_add(1), third), (node, third), (node, third)];
     assert_eq!(in_order(target.node.wrapping_add(1), &asked, &rows), [expected[2].clone()]);
     // No message bytes in the table.
     let stored: i64 = db

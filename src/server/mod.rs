@@ -159,7 +159,8 @@ impl Server {
             info!("created server key {}", data_dir.key().display());
         }
         let target = match &config.database_url {
-            Some(url) => Some(crate::pg::Target::parse(&url.0).map_err(StoreError::from)?),
+            // A node: its wake-ups are authenticated with the server key.
+            Some(url) => Some(crate::pg::Target::for_node(&url.0, &identity).map_err(StoreError::from)?),
             None => None,
         };
         let engine = match &target {

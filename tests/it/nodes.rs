@@ -213,6 +213,12 @@ async fn removing_an_account_from_one_node_closes_its_connections_on_the_other()
     }
 }
 
+/// The key the nodes of `node`'s deployment authenticate wake-ups with
+/// (derived from the server key, as they derive it).
+fn wake_key(node: &Hushd) -> hush::pg::WakeKey {
+    hush::pg::WakeKey::of(&hush::auth::Identity::load(&node.data_dir.join("server.key")).unwrap()).unwrap()
+}
+
 /// Issue 29, finding 6: any role that could connect to the database could
 /// `NOTIFY` hush's channel, and a forged `r:` notice naming a device closed
 /// its connections on every node. Notices now name nothing (a node and a
@@ -245,17 +251,21 @@ async fn issue_29_a_forged_notify_does_not_disconnect_a_live_device() {
         };
     // The notice format of old: a device key in the clear.
     still_connected(alice, bob, &format!("NOTIFY hush, '0000000000000000:r:{bob_device}'")).await;
-    // Wake-ups naming every notice row there is (replays of genuine ones).
+    // Wake-ups naming rows as they did before they were authenticated.
     still_connected(alice, bob, "SELECT pg_notify('hush', '0000000000000000:' || n) FROM generate_series(1, 100) n")
         .await;
     // Even a forged row (which needs rights on the table, as the test's
-    // superuser has) is checked against the devices table.
+    // superuser has) with an authenticated wake-up (which needs the server
+    // key too: only the operator has both) is checked against the devices
+    // table.
+    let key = wake_key(&node1);
     still_connected(
         alice,
         bob,
         &format!(
-            "WITH n AS (INSERT INTO notices (node, kind, device) VALUES (0, 'r', '\\x{bob_device}') RETURNING id)
-             SELECT pg_notify('hush', '0000000000000000:' || id) FROM n"
+            "INSERT INTO notices (node, nseq, kind, device) VALUES (7, 1, 'r', '\\x{bob_device}');
+             NOTIFY hush, '{}'",
+            hush::pg::wake_up_text(&key, 7, 1)
         ),
     )
     .await;
@@ -270,5 +280,82 @@ async fn issue_29_a_forged_notify_does_not_disconnect_a_live_device() {
         hush::client::ClientError::Closed { code, .. } => assert_eq!(code, u64::from(hush::wire::close::REVOKED)),
         other => panic!("unexpected close: {other:?}"),
     }
+    drop(node2);
+}
+
+/// Issue 29 (left open in session 9): wake-ups were not authenticated, so
+/// any role that could connect to the database could send enough of them to
+/// fill a node's queue, and the node told every connection to resync. Now a
+/// node takes only wake-ups whose tag verifies under the key derived from
+/// the server key, each number of each node once and upwards: floods of the
+/// old form, of forged tags and of a genuine wake-up replayed leave bob's
+/// live pushes alone (no resync before the next message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_of_forged_or_replayed_wake_ups_make_no_node_resync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((node1, node2)) = two_nodes(tmp.path()) else { return };
+    let (mut peers, g) = group_across(&[&node1, &node2], 2).await;
+    let [alice, bob] = &mut peers[..] else { unreachable!() };
+    let db = tmp.path().join("node1");
+    let mut bob_pushes: Option<PushStream> = None;
+    let mut round = 0;
+    let mut no_resync = async |alice: &mut crate::hardening::Peer, bob: &mut crate::hardening::Peer, flood: &str| {
+        sql(&db, flood);
+        round += 1;
+        let text = format!("after flood {round}");
+        let m = alice.mls.encrypt(&g, text.as_bytes()).unwrap();
+        let (seq, _) = alice.conn.send(m, None).await.unwrap();
+        alice.log.sent(seq);
+        if bob_pushes.is_none() {
+            bob_pushes = Some(tokio::time::timeout(WAIT, bob.conn.pushes()).await.expect("no push stream").unwrap());
+        }
+        let Some(pushes) = bob_pushes.as_mut() else { unreachable!() };
+        loop {
+            match tokio::time::timeout(WAIT, pushes.next()).await.expect("no push within the wait").unwrap() {
+                Some(Push::Message { group, seq: s, ciphertext: Some(ct) }) if group == g && s == seq => {
+                    assert_eq!(Received::texts(&[bob.mls.receive(&g, &ct).unwrap()]), [text]);
+                    break;
+                }
+                Some(Push::Resync) => panic!("flood {round} made node 2 tell bob to resync"),
+                Some(_) => continue,
+                None => panic!("push stream ended"),
+            }
+        }
+    };
+    // A genuine message first: node 1 has numbered a notice, and bob's
+    // push stream is open.
+    no_resync(alice, bob, "SELECT 1").await;
+    // Far more than a node's queue holds, of each kind.
+    let flood = 3 * hush::limits::NOTICE_QUEUE;
+    // The form wake-ups had before: a node and a row.
+    no_resync(
+        alice,
+        bob,
+        &format!("SELECT pg_notify('hush', '0000000000000000:' || n) FROM generate_series(1, {flood}) n"),
+    )
+    .await;
+    // Well-formed, with tags no key made, from ever new "nodes".
+    no_resync(
+        alice,
+        bob,
+        &format!(
+            "SELECT pg_notify('hush', lpad(to_hex(n), 16, '0') || ':1:' || encode(sha256(int8send(n)), 'hex'))
+             FROM generate_series(1, {flood}) n"
+        ),
+    )
+    .await;
+    // node 1's newest genuine wake-up, replayed (each in its own
+    // transaction: PostgreSQL folds equal payloads of one transaction).
+    let url = database_for(&db).unwrap();
+    let (node, nseq): (i64, i64) = tokio::task::spawn_blocking(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let row = client.query_one("SELECT node, nseq FROM notices ORDER BY id DESC LIMIT 1", &[]).unwrap();
+        (row.get(0), row.get(1))
+    })
+    .await
+    .unwrap();
+    let genuine = hush::pg::wake_up_text(&wake_key(&node1), u64::from_le_bytes(node.to_le_bytes()), nseq);
+    let replays = format!("BEGIN; NOTIFY hush, '{genuine}'; COMMIT;\n").repeat(flood);
+    no_resync(alice, bob, &replays).await;
     drop(node2);
 }
