@@ -7,7 +7,7 @@
 //! Recording is always on (atomics; a label lookup per request), serving
 //! only when asked.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -190,6 +190,8 @@ const EVICTED: u8 = 2;
 /// A connection that has not sent its request yet, in arrival order.
 struct Waiting {
     task: AbortHandle,
+    /// Where it comes from.
+    peer: std::net::IpAddr,
     /// [`WAITING`] until the connection's task claims it ([`ANSWERING`])
     /// or the accept loop does ([`EVICTED`]), whichever comes first.
     state: Arc<AtomicU8>,
@@ -201,16 +203,19 @@ struct Waiting {
 /// At most [`MAX_METRICS_CONNECTIONS`] connections are open at once, each
 /// in its own task. When all are taken, a new connection evicts the oldest
 /// one still waiting for its request head ([`METRICS_REQUEST_TIMEOUT`] at
-/// most): connections that send nothing hold no slot a scraper needs. Only
-/// if every connection is being answered (bounded by [`METRICS_TIMEOUT`])
-/// is the new one dropped.
+/// most) from the address with the most such connections: connections
+/// that send nothing hold no slot a scraper needs, and one address that
+/// opens them as fast as it can evicts its own, not a scraper's from
+/// another address. Only if every connection is being
+/// answered (bounded by [`METRICS_TIMEOUT`]) is the new one dropped.
 pub async fn serve(listener: TcpListener, engine: Engine) {
     let mut connections = JoinSet::new();
     let mut waiting: VecDeque<Waiting> = VecDeque::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, peer)) = accepted else { continue };
+                let peer = peer.ip();
                 if connections.len() >= MAX_METRICS_CONNECTIONS {
                     let Some(oldest) = evict(&mut waiting) else { continue };
                     oldest.abort();
@@ -224,7 +229,7 @@ pub async fn serve(listener: TcpListener, engine: Engine) {
                 let task = connections.spawn(async move {
                     let _ = tokio::time::timeout(METRICS_TIMEOUT, scrape(stream, &engine, &claim)).await;
                 });
-                waiting.push_back(Waiting { task, state });
+                waiting.push_back(Waiting { task, peer, state });
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {
                 waiting.retain(|w| !w.task.is_finished() && w.state.load(Ordering::Acquire) == WAITING);
@@ -233,15 +238,23 @@ pub async fn serve(listener: TcpListener, engine: Engine) {
     }
 }
 
-/// Claims the oldest connection still waiting for its request (forgetting
-/// those that finished or are being answered), or none.
+/// Claims the oldest connection still waiting for its request from the
+/// address with the most of them (the oldest of all among equals), or
+/// none; forgets those that finished or are being answered.
 fn evict(waiting: &mut VecDeque<Waiting>) -> Option<AbortHandle> {
-    while let Some(w) = waiting.pop_front() {
+    loop {
+        waiting.retain(|w| !w.task.is_finished() && w.state.load(Ordering::Acquire) == WAITING);
+        let mut counts: HashMap<std::net::IpAddr, usize> = HashMap::new();
+        for w in waiting.iter() {
+            *counts.entry(w.peer).or_default() += 1;
+        }
+        let most = counts.values().copied().max()?;
+        let at = waiting.iter().position(|w| counts.get(&w.peer) == Some(&most))?;
+        let w = waiting.remove(at)?;
         if w.state.compare_exchange(WAITING, EVICTED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             return Some(w.task);
         }
     }
-    None
 }
 
 /// Reads the request head within [`METRICS_REQUEST_TIMEOUT`]; `None` if it

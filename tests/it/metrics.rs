@@ -116,3 +116,52 @@ fn issue_29_idle_connections_to_the_metrics_port_do_not_starve_scrapes() {
     assert!(text.contains("hushd_write_queue"), "{text}");
     drop((idle, more));
 }
+
+/// A TCP connection to `addr` from the loopback address `from`.
+fn connect_from(from: &str, addr: &str) -> std::net::TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let stream = rt
+        .block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(format!("{from}:0").parse().unwrap())?;
+            socket.connect(addr.parse().unwrap()).await
+        })
+        .unwrap()
+        .into_std()
+        .unwrap();
+    stream.set_nonblocking(false).unwrap();
+    stream
+}
+
+/// Issue 29, the Low finding left open: an idle connection gave way to any
+/// new one, so whoever opened connections faster than a scraper sent its
+/// request evicted the scraper. Now the address with the most idle
+/// connections gives way: a flood from one address evicts its own, and a
+/// scraper from another that connected first is still answered.
+#[test]
+fn a_flood_from_one_address_evicts_its_own_idle_connections_not_a_scrapers() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let tmp = tempfile::tempdir().unwrap();
+    let _server = Hushd::start_with(&tmp.path().join("s"), "127.0.0.1:0", &[("HUSHD_METRICS", addr.as_str())]);
+    // The scraper connects first and is slow to send its request.
+    let mut slow = connect_from("127.0.0.2", &addr);
+    let flood: Vec<std::net::TcpStream> =
+        (0..hush::limits::MAX_METRICS_CONNECTIONS + 4).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    // The server accepts in arrival order: once a scrape from a third
+    // address connected after the flood is answered, it has dealt with
+    // every connection of the flood.
+    let mut third = connect_from("127.0.0.3", &addr);
+    third.set_read_timeout(Some(WAIT)).unwrap();
+    third.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut text = String::new();
+    third.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    // The slow scraper's connection is still there, and answered.
+    slow.set_read_timeout(Some(WAIT)).unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let read = slow.read_to_string(&mut text);
+    assert!(read.is_ok() && text.starts_with("HTTP/1.1 200 OK"), "the scraper was evicted: {read:?} {text:?}");
+    drop(flood);
+}
