@@ -139,7 +139,7 @@ fn main() {
     c.put("mls_frame", &proposal);
     exchange(&c, &mut store, bob, Request::Send { message: proposal, welcome: None, group_info: None });
     let state = store.group(&g.id).unwrap().unwrap().state;
-    assert!(hush::delivery::mls::decode_state(&state).is_ok());
+    assert!(hush::mls::decode_state(&state).is_ok());
     c.put("group_state", &state);
     let register = Request::Register {
         invite: Some(InviteToken::generate().unwrap().to_string()),

@@ -174,7 +174,7 @@ impl World {
     /// group's epoch (first commit wins); returns whether it did. A commit
     /// moves the epoch and its GroupInfo becomes the one served.
     fn post(&mut self, g: usize, who: AccountId, bytes: &[u8], commit: Option<&Commit>) -> Option<u64> {
-        let framed = hush::delivery::mls::frame(bytes).ok()?;
+        let framed = hush::mls::frame(bytes).ok()?;
         let group = &mut self.groups[g];
         if framed.epoch != group.epoch {
             return None;
@@ -547,7 +547,7 @@ fn pick<T>(items: &[T], index: u8) -> Option<&T> {
 /// resync, which checks the GroupInfo against the walk.
 fn rejoin(m: &mut Member, id: &[u8], visible: &[(u64, Vec<u8>)], from: u64, info: &[u8]) -> Option<Commit> {
     let mut descent = m.descent(id).ok()??;
-    let offered = hush::delivery::mls::parse_group_info(info).ok()?.epoch().as_u64();
+    let offered = hush::mls::parse_group_info(info).ok()?.epoch().as_u64();
     for (_, bytes) in visible.iter().filter(|(s, _)| *s > from) {
         if descent.epoch() >= offered {
             break;

@@ -448,7 +448,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 }
                 let mut forger = Member::forger(w.claimed(victim, broken)).expect("forger");
                 // An id bound to the sender, so the leaf is what is judged.
-                let id = hush::delivery::mls::group_id_for(&w.members[who].account(), b"forged group");
+                let id = hush::mls::group_id_for(&w.members[who].account(), b"forged group");
                 let Ok(g) = forger.create_group_with_id(&w.removal_key, &id) else { continue };
                 match w.req(who, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree }) {
                     Response::Error { code, .. } => assert_eq!(code, ErrorCode::InvalidCredential),
@@ -558,7 +558,7 @@ fuzz_target!(|ops: Vec<Op>| {
     mls.sort();
     assert_eq!(roster, mls, "roster differs from the MLS membership");
     let state = w.store.group(&g).unwrap().expect("the group").state;
-    for (leaf, check) in hush::delivery::mls::leaf_certificates(&state, &g).expect("state") {
+    for (leaf, check) in hush::mls::leaf_certificates(&state, &g).expect("state") {
         assert!(check.is_ok(), "leaf {leaf} of the server's state is not certified");
     }
     let auth = w.members[active[0]].epoch_authenticator(&g);

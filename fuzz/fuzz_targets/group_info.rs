@@ -6,7 +6,7 @@
 //! (absent if empty).
 #![no_main]
 use hush::client::mls::Member;
-use hush::delivery::mls::parse_group_info;
+use hush::mls::parse_group_info;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,7 +1,7 @@
 //! Stored group-state rows: decoding never panics, and re-encoding a
 //! decoded state decodes to the same entries.
 #![no_main]
-use hush::delivery::mls::{decode_state, encode_state};
+use hush::mls::{decode_state, encode_state};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

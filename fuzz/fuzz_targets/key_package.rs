@@ -4,7 +4,7 @@
 //! accepting one would mean a certificate was forged.
 #![no_main]
 use hush::auth::{AccountId, DeviceId};
-use hush::delivery::mls::validate_key_package;
+use hush::mls::validate_key_package;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -3,7 +3,7 @@
 //! id and epoch the message itself carries, and a kind consistent with its
 //! wire format (application data only encrypted, handshakes only public).
 #![no_main]
-use hush::delivery::mls::{frame, Kind};
+use hush::mls::{frame, Kind};
 use libfuzzer_sys::fuzz_target;
 use openmls::prelude::ProtocolMessage;
 

@@ -112,7 +112,8 @@ pub async fn bytes_per_message(path: &Path, size: usize, messages: usize) -> Res
 /// repair), each averaged over `commits` commits. In µs.
 pub fn commit_cost(size: usize, commits: usize) -> Result<(f64, f64), BenchError> {
     use crate::delivery::memory::MemoryStore;
-    use crate::delivery::{mls, Delivery, Storage as _};
+    use crate::delivery::{Delivery, Storage as _};
+    use crate::mls;
     let removal_key = Identity::generate().map_err(fail)?.public_key();
     let mut ds = Delivery::new(86_400, removal_key);
     let mut store = MemoryStore::default();

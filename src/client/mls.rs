@@ -31,10 +31,10 @@ use openmls_rust_crypto::OpenMlsRustCrypto;
 use thiserror::Error;
 
 use crate::auth::{AccountId, DeviceCertificate, DeviceId, Identity};
-use crate::delivery::mls::{
+use crate::limits::{MAX_HANDOVER_PROPOSALS, MAX_PENDING_PROPOSALS};
+use crate::mls::{
     check_proposal_use, holder_of, leaf_certificate, node_certificate, server_sender, ProposalUse, VerifiableGroupInfo,
 };
-use crate::limits::{MAX_HANDOVER_PROPOSALS, MAX_PENDING_PROPOSALS};
 
 /// The one ciphersuite hush uses: X25519, AES-128-GCM, SHA-256, Ed25519.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
@@ -56,7 +56,7 @@ pub const MAX_FORWARD_DISTANCE: u32 = 10_000;
 
 /// Length of a new group's random nonce (the id is the nonce and a tag
 /// binding it to the creator's account, see
-/// [`crate::delivery::mls::group_id_for`]).
+/// [`crate::mls::group_id_for`]).
 pub const GROUP_NONCE_LEN: usize = 16;
 
 /// A new group as the server registers it.
@@ -173,7 +173,7 @@ impl Descent {
     /// does not verify: a server may insert junk) is passed over. Returns
     /// whether the epoch moved.
     pub fn feed(&mut self, bytes: &[u8]) -> bool {
-        let Ok(framed) = crate::delivery::mls::frame(bytes) else { return false };
+        let Ok(framed) = crate::mls::frame(bytes) else { return false };
         if framed.group != self.public.group_id().as_slice() || framed.epoch != self.epoch() {
             return false;
         }
@@ -214,7 +214,7 @@ impl Descent {
         if handover.proposals.len() > MAX_HANDOVER_PROPOSALS {
             return Err(MlsError::Handover(format!("{} pending proposals", handover.proposals.len())));
         }
-        let info = crate::delivery::mls::parse_group_info(&handover.info)?;
+        let info = crate::mls::parse_group_info(&handover.info)?;
         if info.group_id().as_slice() != group {
             return Err(MlsError::OtherGroup);
         }
@@ -349,7 +349,7 @@ pub enum MlsError {
     #[error("the group state handed over is not usable: {0}")]
     Handover(String),
     #[error(transparent)]
-    Refused(#[from] crate::delivery::mls::MlsRefusal),
+    Refused(#[from] crate::mls::MlsRefusal),
     #[error("not a Welcome")]
     NotAWelcome,
     #[error("unexpected message content")]
@@ -835,7 +835,7 @@ impl<P: OpenMlsProvider> Member<P> {
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
             .map_err(|_| "no randomness")
             .context("group id")?;
-        let id = crate::delivery::mls::group_id_for(&self.certificate.account, &nonce);
+        let id = crate::mls::group_id_for(&self.certificate.account, &nonce);
         let group = MlsGroup::new_with_group_id(
             &self.provider,
             &self.signer,
@@ -1119,7 +1119,7 @@ impl<P: OpenMlsProvider> Member<P> {
         group_info: &[u8],
         ratchet_tree: Option<&[u8]>,
     ) -> Result<(VerifiableGroupInfo, RatchetTreeIn, PublicGroup), MlsError> {
-        let info = crate::delivery::mls::parse_group_info(group_info)?;
+        let info = crate::mls::parse_group_info(group_info)?;
         if info.group_id().as_slice() != group {
             return Err(MlsError::OtherGroup);
         }
@@ -1172,7 +1172,7 @@ impl<P: OpenMlsProvider> Member<P> {
     /// current epoch) the account whose leaf sent it. `None` if it is not
     /// an MLS message of that group at all.
     pub fn unprocessed(&mut self, group: &[u8], bytes: &[u8]) -> Option<Unprocessed> {
-        let framed = crate::delivery::mls::frame(bytes).ok().filter(|f| f.group == group)?;
+        let framed = crate::mls::frame(bytes).ok().filter(|f| f.group == group)?;
         let ours = self.epoch(group);
         let sender = match (&framed.message, ours) {
             (ProtocolMessage::PublicMessage(m), Some(e)) if e == framed.epoch => match m.sender() {
@@ -1183,7 +1183,7 @@ impl<P: OpenMlsProvider> Member<P> {
             },
             _ => None,
         };
-        Some(Unprocessed { epoch: framed.epoch, commit: framed.kind == crate::delivery::mls::Kind::Commit, sender })
+        Some(Unprocessed { epoch: framed.epoch, commit: framed.kind == crate::mls::Kind::Commit, sender })
     }
 
     /// The server accepted our pending commit: apply it.
@@ -1292,7 +1292,7 @@ impl<P: OpenMlsProvider> Member<P> {
                     // server's key for that to mean "the server".
                     let listed = g.extensions().external_senders().map(|s| s.as_slice()).unwrap_or_default();
                     let from_server = self.removal_key.is_some_and(|key| {
-                        let server = crate::delivery::mls::server_sender(&key);
+                        let server = crate::mls::server_sender(&key);
                         !listed.is_empty() && listed.iter().all(|e| *e == server)
                     });
                     let Proposal::Remove(r) = p.proposal() else {

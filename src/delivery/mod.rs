@@ -97,7 +97,7 @@ mod handshake;
 mod key_packages;
 mod links;
 pub mod memory;
-pub mod mls;
+use crate::mls;
 mod retention;
 pub mod storage;
 

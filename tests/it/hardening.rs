@@ -268,7 +268,7 @@ async fn a_non_member_is_refused_everything_and_learns_nothing() {
     let mut eve = Peer::new(&server).await;
     let removal_key = eve.conn.status().await.unwrap().removal_key;
     // A missing id of the same shape (bound to alice, the creator of g).
-    let missing = hush::delivery::mls::group_id_for(&peers[0].mls.account(), b"never created");
+    let missing = hush::mls::group_id_for(&peers[0].mls.account(), b"never created");
     let not_member = |r: Result<(), hush::client::ClientError>| {
         let e = r.expect_err("a non-member request succeeded");
         assert_eq!(e.code(), Some(hush::wire::ErrorCode::NotMember), "{e}");

@@ -576,7 +576,7 @@ impl App {
                 Err(e) => return Err(e.into()),
             };
             if let Some((d, walked)) = descent.as_mut() {
-                let offered = crate::delivery::mls::parse_group_info(&info).map(|i| i.epoch().as_u64()).unwrap_or(0);
+                let offered = crate::mls::parse_group_info(&info).map(|i| i.epoch().as_u64()).unwrap_or(0);
                 **walked = self.walk(conn, group, d, **walked, offered).await?;
             }
             let unit = self.local.unit()?;

@@ -9,7 +9,7 @@ use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 
 use super::{serialize, Commit, Member, MlsError, CIPHERSUITE};
-use crate::delivery::mls::VerifiableGroupInfo;
+use crate::mls::VerifiableGroupInfo;
 
 impl Member<OpenMlsRustCrypto> {
     /// A forger: a member whose leaf credential carries `claimed` (another
@@ -232,7 +232,7 @@ impl Member<OpenMlsRustCrypto> {
                 .map_err(|e| MlsError::Forgery(format!("exporting the GroupInfo: {e}")))?;
             (serialize(&info, "the GroupInfo")?, serialize(g.public_group().group_context(), "the group context")?)
         };
-        let info_now = crate::delivery::mls::parse_group_info(&info_now)?;
+        let info_now = crate::mls::parse_group_info(&info_now)?;
         let tree = info_now
             .extensions()
             .ratchet_tree()
@@ -301,7 +301,7 @@ impl Member<OpenMlsRustCrypto> {
         };
         public.merge_commit(&scratch, *staged).map_err(|e| MlsError::Forgery(format!("merging publicly: {e:?}")))?;
         let own = self.group_mut(group)?.own_leaf_index();
-        let original = crate::delivery::mls::parse_group_info(&commit.group_info)?;
+        let original = crate::mls::parse_group_info(&commit.group_info)?;
         let unsigned = VerifiableGroupInfo::new(
             public.group_context().clone(),
             original.extensions().clone(),
@@ -417,7 +417,7 @@ impl<P: OpenMlsProvider> Member<P> {
         let g = self.groups.get_mut(group).ok_or_else(|| MlsError::Forgery("not in that group".into()))?;
         let leaf = g
             .members()
-            .find(|m| crate::delivery::mls::holder_of(&m.credential).is_some_and(|(a, _)| a == *account))
+            .find(|m| crate::mls::holder_of(&m.credential).is_some_and(|(a, _)| a == *account))
             .map(|m| m.index)
             .ok_or_else(|| MlsError::Forgery("no such member".into()))?;
         let (message, _) = g

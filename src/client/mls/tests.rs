@@ -335,7 +335,7 @@ fn a_flood_of_the_servers_removal_proposals_is_bounded() {
     let flood: Vec<Vec<u8>> = (0..MAX_PENDING_PROPOSALS as u32 + 8)
         .map(|i| {
             let leaf = LeafNodeIndex::new(i + 1);
-            crate::delivery::mls::removal_proposal(&descent.public, leaf, &removal).unwrap().unwrap()
+            crate::mls::removal_proposal(&descent.public, leaf, &removal).unwrap().unwrap()
         })
         .collect();
     for m in &flood {

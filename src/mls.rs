@@ -1,12 +1,16 @@
-//! What the Delivery Service reads of MLS, via openmls: message framing,
-//! KeyPackage validation, certified credentials (shared with the client,
-//! which checks the same rules), the server's external-sender entry, and
-//! the public group state codec.
+//! hush's MLS profile: the dialect both ends speak, via openmls. Message
+//! framing, KeyPackage validation, certified credentials (a leaf's
+//! credential is a device certificate over its signature key), the
+//! proposals hush uses, the server's external-sender entry, and the public
+//! group state codec. The Delivery Service ([`crate::delivery`]) checks
+//! what it relays with it; the client ([`crate::client::mls`]) checks what
+//! it is handed with the same rules. Neither side imports the other.
 //!
-//! The server never holds a secret: it parses PublicMessage and
-//! PrivateMessage *framing* (group id, epoch, content type), verifies
-//! PublicMessage signatures against the public ratchet tree, and keeps each
-//! group's public state (openmls [`PublicGroup`]) as a blob.
+//! What the server does with it never needs a secret: it parses
+//! PublicMessage and PrivateMessage *framing* (group id, epoch, content
+//! type), verifies PublicMessage signatures against the public ratchet
+//! tree, and keeps each group's public state (openmls [`PublicGroup`]) as a
+//! blob.
 
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::tls_codec::Serialize as _;
