@@ -147,8 +147,10 @@ impl ServerConfig {
             Ok(_) => {
                 let text =
                     std::fs::read_to_string(&path).map_err(|source| ConfigError::Io { path: path.clone(), source })?;
-                let table = Self::parse_file(&text)
-                    .map_err(|message| ConfigError::Invalid { origin: path.display().to_string(), message })?;
+                let table = Self::parse_file(&text).map_err(|e| ConfigError::Invalid {
+                    origin: path.display().to_string(),
+                    message: e.to_string().trim().to_string(),
+                })?;
                 layers.push((path.display().to_string(), table));
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -168,8 +170,8 @@ impl ServerConfig {
 
     /// Parses the text of a configuration file into its keys (no checks of
     /// key names or values yet).
-    pub fn parse_file(text: &str) -> Result<toml::Table, String> {
-        text.parse::<toml::Table>().map_err(|e| e.to_string().trim().to_string())
+    pub fn parse_file(text: &str) -> Result<toml::Table, toml::de::Error> {
+        text.parse::<toml::Table>()
     }
 
     /// Builds a configuration from layers applied in order (later wins),
@@ -244,14 +246,10 @@ impl ServerConfig {
         Ok(())
     }
 
-    pub fn retention_secs(&self) -> u64 {
-        self.retention_days.saturating_mul(86_400)
-    }
-
     /// The Delivery Service quotas this configuration sets.
     pub fn quotas(&self) -> crate::delivery::Quotas {
         crate::delivery::Quotas {
-            retention_secs: self.retention_secs(),
+            retention_secs: self.retention_days.saturating_mul(86_400),
             max_groups_per_account: self.max_groups_per_account,
             max_members_per_group: self.max_members_per_group,
             max_log_per_group: self.max_log_per_group,

@@ -73,9 +73,9 @@ pub const MAX_INVITE_LEN: usize = 64;
 /// version grow without a new frame).
 pub const MAX_CERTIFICATE: usize = 1024;
 
-/// Devices one account may have. Bounds the KeyPackages one claim returns
-/// and the leaves one account adds to a group. (Linking a second device
-/// comes with the devices issue; today every account has one.)
+/// Devices one account may have at once (revoked ones do not count).
+/// Bounds the KeyPackages one claim returns and the leaves one account
+/// adds to a group.
 pub const MAX_DEVICES_PER_ACCOUNT: usize = 16;
 
 /// Devices one account may ever have, revoked ones included (what one

@@ -72,6 +72,10 @@ pub enum MlsRefusal {
     GroupInfoTranscript,
     #[error("the GroupInfo is not signed by the committer's leaf")]
     GroupInfoSignature,
+    #[error("expected an MLS Welcome")]
+    NotAWelcome,
+    #[error("the Welcome does not address exactly the members the commit adds")]
+    WelcomeRecipients,
 }
 
 fn undecodable(what: &'static str) -> impl FnOnce(tls_codec::Error) -> MlsRefusal {
@@ -227,7 +231,7 @@ pub enum ProposalUse {
 /// one, and one left pending makes every later commit fail (nobody holds
 /// the PSK, the extensions change what the server checks). An Add is
 /// accepted only inside its proposer's own commit, never pending.
-pub fn check_proposal_use(proposal: &Proposal, place: ProposalUse) -> Result<(), String> {
+pub fn check_proposal_use(proposal: &Proposal, place: ProposalUse) -> Result<(), UnusedProposal> {
     let allowed = match proposal {
         Proposal::Update(_) => place != ProposalUse::ExternalCommit,
         Proposal::Remove(_) => true,
@@ -254,7 +258,15 @@ pub fn check_proposal_use(proposal: &Proposal, place: ProposalUse) -> Result<(),
         ProposalUse::Commit => "in a commit",
         ProposalUse::ExternalCommit => "in an external commit",
     };
-    Err(format!("{kind} {place}: hush does not use it"))
+    Err(UnusedProposal { kind, place })
+}
+
+/// A proposal hush does not use where it appears ([`check_proposal_use`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {place}: hush does not use it")]
+pub struct UnusedProposal {
+    kind: &'static str,
+    place: &'static str,
 }
 
 /// The device certificate a credential carries, verified (signature under
@@ -311,11 +323,6 @@ pub fn check_key_package_shape(kp: &KeyPackage) -> Result<(), MlsRefusal> {
         return Err(MlsRefusal::KeyPackageExtensions);
     }
     check_leaf_shape(kp.leaf_node())
-}
-
-/// The account a credential names, if it carries a valid certificate.
-pub fn account_of(credential: &Credential) -> Option<AccountId> {
-    certificate_of(credential).ok().map(|c| c.account)
 }
 
 /// A KeyPackage that failed validation: whose fault and why.

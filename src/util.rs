@@ -51,25 +51,39 @@ pub fn now_unix() -> u64 {
 
 /// Parses durations such as `90s`, `30m`, `12h`, `7d`, `2w` or a bare number
 /// of seconds. Zero and values above ten years are refused.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     const MAX_SECS: u64 = 10 * 365 * 24 * 3600;
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a duration like 30m, 12h or 7d"))?;
+    let n: u64 = digits.parse().map_err(|_| DurationError::NotADuration(text.to_string()))?;
     let scale = match unit {
         "" | "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
         "w" => 7 * 86_400,
-        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use s, m, h, d or w")),
+        _ => return Err(DurationError::Unit { unit: unit.to_string(), text: text.to_string() }),
     };
-    let secs = n.checked_mul(scale).filter(|s| *s <= MAX_SECS).ok_or_else(|| format!("{text:?} is too long"))?;
+    let secs =
+        n.checked_mul(scale).filter(|s| *s <= MAX_SECS).ok_or_else(|| DurationError::TooLong(text.to_string()))?;
     if secs == 0 {
-        return Err("a duration must be longer than zero".into());
+        return Err(DurationError::Zero);
     }
     Ok(Duration::from_secs(secs))
+}
+
+/// Why [`parse_duration`] refused its text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("{0:?} is not a duration like 30m, 12h or 7d")]
+    NotADuration(String),
+    #[error("unknown unit {unit:?} in {text:?}: use s, m, h, d or w")]
+    Unit { unit: String, text: String },
+    #[error("{0:?} is too long")]
+    TooLong(String),
+    #[error("a duration must be longer than zero")]
+    Zero,
 }
 
 /// `$XDG_DATA_HOME/<app>`, else `~/.local/share/<app>`.

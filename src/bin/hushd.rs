@@ -249,7 +249,7 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--uses must be between 1 and {MAX_INVITE_USES}");
             }
             let lifetime = match expires {
-                Some(text) => parse_duration(&text).map_err(anyhow::Error::msg).context("--expires")?,
+                Some(text) => parse_duration(&text).context("--expires")?,
                 None => DEFAULT_INVITE_LIFETIME,
             };
             let mut db = open_existing(&dir, &load_config(&dir)?)?;

@@ -58,7 +58,7 @@ pub enum AppError {
         "refused to add {who}: {why}. The server handed out a KeyPackage that {who}'s account key did not \
          certify; the server may be compromised. Nothing was changed"
     )]
-    Forged { who: String, why: String },
+    Forged { who: String, why: super::mls::Unfit },
     #[error("unknown contact {0:?}; add it with `hush contact add NAME ACCOUNT_ID`")]
     UnknownContact(String),
     #[error("unknown group {0:?}; see `hush group list`")]
@@ -181,11 +181,6 @@ impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("App").field("home", &self.home).finish_non_exhaustive()
     }
-}
-
-/// Shown instead of an account id: the first 16 characters, grouped.
-pub fn short(a: &AccountId) -> String {
-    a.short()
 }
 
 /// A number both people compute the same way from their two account keys:
@@ -344,7 +339,7 @@ impl App {
         if *a == self.account() {
             return "you".into();
         }
-        self.local.name_of(a).ok().flatten().unwrap_or_else(|| short(a))
+        self.local.name_of(a).ok().flatten().unwrap_or_else(|| a.short())
     }
 
     // ---- groups ----

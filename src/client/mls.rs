@@ -33,7 +33,8 @@ use thiserror::Error;
 use crate::auth::{AccountId, DeviceCertificate, DeviceId, Identity};
 use crate::limits::{MAX_HANDOVER_PROPOSALS, MAX_PENDING_PROPOSALS};
 use crate::mls::{
-    check_proposal_use, holder_of, leaf_certificate, node_certificate, server_sender, ProposalUse, VerifiableGroupInfo,
+    check_proposal_use, holder_of, leaf_certificate, node_certificate, server_sender, ProposalUse, UnusedProposal,
+    VerifiableGroupInfo,
 };
 
 /// The one ciphersuite hush uses: X25519, AES-128-GCM, SHA-256, Ed25519.
@@ -312,7 +313,7 @@ pub enum MlsError {
     #[error("no randomness available from the operating system")]
     Random,
     #[error("the KeyPackage the server handed out for {who} was refused: {why}")]
-    KeyPackage { who: String, why: String },
+    KeyPackage { who: String, why: Unfit },
     #[error("none of those accounts is in the group")]
     NoneInGroup,
     #[error("refused to {action}: leaf {leaf} of the group's tree is not certified ({why})")]
@@ -494,35 +495,61 @@ impl<P: OpenMlsProvider> std::fmt::Debug for Member<P> {
     }
 }
 
+/// Why a member refuses what it was handed (a KeyPackage to add, a
+/// proposal, a commit), whoever relayed it.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum Unfit {
+    #[error("not a KeyPackage: {0}")]
+    NotAKeyPackage(String),
+    #[error("invalid KeyPackage: {0}")]
+    InvalidKeyPackage(String),
+    #[error(transparent)]
+    Uncertified(crate::auth::CredentialError),
+    #[error("its device certificate is signed by another account ({0})")]
+    OtherAccount(String),
+    #[error("an updated leaf is not certified ({0})")]
+    UpdateUncertified(crate::auth::CredentialError),
+    #[error("an update would change whose leaf it is")]
+    ChangesHolder,
+    #[error("a commit from outside the group")]
+    FromOutside,
+    #[error(transparent)]
+    Proposal(#[from] UnusedProposal),
+    #[error("an added member is not certified ({0})")]
+    AddUncertified(crate::auth::CredentialError),
+    #[error("an external commit without a new leaf")]
+    NoNewLeaf,
+    #[error("a rejoining leaf is not certified ({0})")]
+    RejoinUncertified(crate::auth::CredentialError),
+    #[error("an external commit that does more than rejoin")]
+    ExternalDoesMore,
+    #[error("an external commit that neither replaces the sender's own leaf nor adds a device of a member")]
+    ExternalNotRejoin,
+}
+
 /// Why a KeyPackage handed out for an account may not be added.
-pub fn check_key_package(bytes: &[u8], account: &AccountId) -> Result<KeyPackage, String> {
+pub fn check_key_package(bytes: &[u8], account: &AccountId) -> Result<KeyPackage, Unfit> {
     let crypto = openmls_rust_crypto::RustCrypto::default();
-    let kp_in = KeyPackageIn::tls_deserialize_exact(bytes).map_err(|e| format!("not a KeyPackage: {e}"))?;
-    let kp = kp_in.validate(&crypto, ProtocolVersion::Mls10).map_err(|e| format!("invalid KeyPackage: {e}"))?;
-    let cert = node_certificate(kp.leaf_node()).map_err(|e| e.to_string())?;
+    let kp_in = KeyPackageIn::tls_deserialize_exact(bytes).map_err(|e| Unfit::NotAKeyPackage(e.to_string()))?;
+    let kp = kp_in.validate(&crypto, ProtocolVersion::Mls10).map_err(|e| Unfit::InvalidKeyPackage(e.to_string()))?;
+    let cert = node_certificate(kp.leaf_node()).map_err(Unfit::Uncertified)?;
     if cert.account != *account {
-        return Err(format!("its device certificate is signed by another account ({})", cert.account.short()));
+        return Err(Unfit::OtherAccount(cert.account.short()));
     }
     Ok(kp)
 }
 
-/// Accepts an external commit only as a member's resync: nothing but the
-/// ExternalInit and the Remove of exactly one leaf, held (before the
-/// commit) by the same account and device the new leaf is certified for.
-/// An external commit is accepted only from a device of an account in the
-/// group: as a resync (only the ExternalInit and the Remove of exactly that
-/// device's own leaf), or as a new device of that account joining (only the
-/// ExternalInit). Returns whether it was a new device.
 /// A leaf may change its keys, never whose it is.
 fn same_holder(
     holders: &HashMap<LeafNodeIndex, (AccountId, DeviceId)>,
     index: Option<LeafNodeIndex>,
     leaf: &LeafNode,
-) -> Result<(), String> {
-    let cert = node_certificate(leaf).map_err(|e| format!("an updated leaf is not certified ({e})"))?;
+) -> Result<(), Unfit> {
+    let cert = node_certificate(leaf).map_err(Unfit::UpdateUncertified)?;
     match index.and_then(|i| holders.get(&i)) {
         Some(held) if *held == (cert.account, cert.device) => Ok(()),
-        _ => Err("an update would change whose leaf it is".into()),
+        _ => Err(Unfit::ChangesHolder),
     }
 }
 
@@ -538,7 +565,7 @@ fn vet_commit(
     staged: &StagedCommit,
     sender: &Sender,
     holders: &HashMap<LeafNodeIndex, (AccountId, DeviceId)>,
-) -> Result<bool, String> {
+) -> Result<bool, Unfit> {
     let sender_leaf = match sender {
         Sender::Member(i) => Some(*i),
         _ => None,
@@ -547,7 +574,7 @@ fn vet_commit(
     if matches!(sender, Sender::NewMemberCommit) {
         new_device = check_resync(staged, holders)?;
     } else if sender_leaf.is_none() {
-        return Err("a commit from outside the group".to_string());
+        return Err(Unfit::FromOutside);
     } else {
         if let Some(leaf) = staged.update_path_leaf_node() {
             same_holder(holders, sender_leaf, leaf)?;
@@ -564,24 +591,24 @@ fn vet_commit(
         same_holder(holders, index, update.update_proposal().leaf_node())?;
     }
     for add in staged.add_proposals() {
-        node_certificate(add.add_proposal().key_package().leaf_node())
-            .map_err(|e| format!("an added member is not certified ({e})"))?;
+        node_certificate(add.add_proposal().key_package().leaf_node()).map_err(Unfit::AddUncertified)?;
     }
     Ok(new_device)
 }
 
-fn check_resync(
-    staged: &StagedCommit,
-    holders: &HashMap<LeafNodeIndex, (AccountId, DeviceId)>,
-) -> Result<bool, String> {
-    let leaf = staged.update_path_leaf_node().ok_or("an external commit without a new leaf")?;
-    let cert = node_certificate(leaf).map_err(|e| format!("a rejoining leaf is not certified ({e})"))?;
+/// Accepts an external commit only from a device of an account in the
+/// group: as a resync (only the ExternalInit and the Remove of exactly
+/// that device's own leaf), or as a new device of that account joining
+/// (only the ExternalInit). Returns whether it was a new device.
+fn check_resync(staged: &StagedCommit, holders: &HashMap<LeafNodeIndex, (AccountId, DeviceId)>) -> Result<bool, Unfit> {
+    let leaf = staged.update_path_leaf_node().ok_or(Unfit::NoNewLeaf)?;
+    let cert = node_certificate(leaf).map_err(Unfit::RejoinUncertified)?;
     let mut removed = Vec::new();
     for queued in staged.queued_proposals() {
         match queued.proposal() {
             Proposal::ExternalInit(_) => {}
             Proposal::Remove(r) => removed.push(r.removed()),
-            _ => return Err("an external commit that does more than rejoin".into()),
+            _ => return Err(Unfit::ExternalDoesMore),
         }
     }
     match removed.as_slice() {
@@ -591,7 +618,7 @@ fn check_resync(
         {
             Ok(true)
         }
-        _ => Err("an external commit that neither replaces the sender's own leaf nor adds a device of a member".into()),
+        _ => Err(Unfit::ExternalNotRejoin),
     }
 }
 
@@ -1336,11 +1363,11 @@ impl<P: OpenMlsProvider> Member<P> {
                 // Only what hush uses is stored: anything else would make
                 // the next commit that takes it fail, for every member.
                 if let Err(reason) = check_proposal_use(p.proposal(), ProposalUse::Pending) {
-                    return Ok(Received::Refused { sender, reason });
+                    return Ok(Received::Refused { sender, reason: reason.to_string() });
                 }
                 if let Proposal::Update(update) = p.proposal() {
                     if let Err(reason) = same_holder(sender_leaf, update.leaf_node()) {
-                        return Ok(Received::Refused { sender, reason });
+                        return Ok(Received::Refused { sender, reason: reason.to_string() });
                     }
                 }
                 let removing = match p.proposal() {
@@ -1355,7 +1382,7 @@ impl<P: OpenMlsProvider> Member<P> {
                 let external = matches!(sender_kind, Sender::NewMemberCommit);
                 let new_device = match vet_commit(&staged, &sender_kind, &holders) {
                     Ok(new_device) => new_device,
-                    Err(reason) => return Ok(Received::Refused { sender, reason }),
+                    Err(reason) => return Ok(Received::Refused { sender, reason: reason.to_string() }),
                 };
                 let removed_me = staged.self_removed();
                 let removed = if external {
@@ -1411,11 +1438,6 @@ impl<P: OpenMlsProvider> Member<P> {
         self.group_mut(group)
             .map(|g| g.members().filter_map(|m| holder_of(&m.credential).map(|(_, d)| d)).collect())
             .unwrap_or_default()
-    }
-
-    /// Whether we are still an active member of the group.
-    pub fn is_active(&mut self, group: &[u8]) -> bool {
-        self.group_mut(group).map(|g| g.is_active()).unwrap_or(false)
     }
 
     /// Forgets a group (after leaving or being removed), deleting its state.

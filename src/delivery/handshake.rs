@@ -465,15 +465,16 @@ fn check_resync<E>(
 }
 
 /// Checks that a Welcome addresses exactly the added KeyPackages.
-fn check_welcome(bytes: &[u8], added: &[Added]) -> Result<(), String> {
-    let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| format!("Welcome: {e}"))?;
+fn check_welcome(bytes: &[u8], added: &[Added]) -> Result<(), mls::MlsRefusal> {
+    let msg = MlsMessageIn::tls_deserialize_exact(bytes)
+        .map_err(|e| mls::MlsRefusal::Undecodable { what: "Welcome", reason: e.to_string() })?;
     let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
-        return Err("expected an MLS Welcome".into());
+        return Err(mls::MlsRefusal::NotAWelcome);
     };
     let addressed: BTreeSet<Vec<u8>> = welcome.secrets().iter().map(|s| s.new_member().as_slice().to_vec()).collect();
     let expected: BTreeSet<Vec<u8>> = added.iter().map(|(r, _)| r.clone()).collect();
     if addressed != expected {
-        return Err("the Welcome does not address exactly the members the commit adds".into());
+        return Err(mls::MlsRefusal::WelcomeRecipients);
     }
     Ok(())
 }

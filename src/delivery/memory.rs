@@ -54,11 +54,6 @@ impl MemoryStore {
         self.groups.get(group).map(|g| g.log.keys().copied().collect()).unwrap_or_default()
     }
 
-    /// All group ids.
-    pub fn group_ids(&self) -> Vec<Vec<u8>> {
-        self.groups.keys().cloned().collect()
-    }
-
     /// Total Welcomes waiting.
     pub fn inbox_len(&self) -> usize {
         self.inbox.len()

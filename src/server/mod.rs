@@ -243,11 +243,6 @@ impl Server {
         &self.address
     }
 
-    /// The metrics listener's address, if metrics are on.
-    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
-        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
-    }
-
     /// The socket address actually bound.
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
         self.endpoint.local_addr()
