@@ -241,9 +241,14 @@ impl ServerConfig {
             }
         }
         if let Some(url) = &self.database_url {
-            crate::pg::Target::parse(&url.0).map_err(|e| bad("database_url", &e.to_string()))?;
+            crate::db::pg::Target::parse(&url.0).map_err(|e| bad("database_url", &e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// The PostgreSQL URL, if the configuration names one.
+    pub fn database_url(&self) -> Option<&str> {
+        self.database_url.as_ref().map(|u| u.0.as_str())
     }
 
     /// The Delivery Service quotas this configuration sets.

@@ -13,9 +13,12 @@
 //!   a response and the pushes out. Everything the server persists sits
 //!   behind one trait ([`delivery::Storage`]), units of work behind
 //!   [`delivery::storage::Backend`].
-//! * [`store`]: both traits on SQLite, schema migrations, maintenance.
-//! * [`pg`]: both traits on PostgreSQL (several nodes on one database), and
-//!   the `LISTEN`/`NOTIFY` wake-ups that carry pushes across nodes.
+//! * [`db`]: persistence, one root: the error type both backends share,
+//!   both traits on SQLite ([`db::sqlite`]: schema migrations,
+//!   maintenance) and on PostgreSQL ([`db::pg`]: several nodes on one
+//!   database, the `LISTEN`/`NOTIFY` wake-ups that carry pushes across
+//!   nodes), siblings that never import each other, and the one place that
+//!   opens the database a configuration names ([`db::Location`]).
 //! * [`server`]: the QUIC listener, per-connection sessions (transport:
 //!   memory budgets, rate limits, `Ping`), admission limits and graceful
 //!   shutdown (`hushd`); [`server::engine`] runs the delivery core on any
@@ -54,13 +57,12 @@ pub mod auth;
 pub mod bench;
 pub mod client;
 pub mod config;
+pub mod db;
 pub mod delivery;
 pub mod limits;
 pub mod mls;
-pub mod pg;
 pub mod server;
 pub mod sqlite;
-pub mod store;
 pub mod util;
 pub mod wire;
 
@@ -83,7 +85,7 @@ mod layering {
         "SystemTime",
         "Instant",
         "crate::server",
-        "crate::store",
+        "crate::db",
         "crate::client",
         "crate::config",
         "crate::sqlite",
@@ -105,9 +107,16 @@ mod layering {
     /// nothing of the server's.
     const IMPORTS: &[(&str, &[&str])] = &[
         ("wire", &["crate::auth", "crate::mls", "crate::delivery", "crate::client", "crate::server"]),
-        ("auth", &["crate::mls", "crate::delivery", "crate::client", "crate::server", "crate::store", "crate::pg"]),
-        ("mls.rs", &["crate::delivery", "crate::client", "crate::server", "crate::store", "crate::pg"]),
-        ("client", &["crate::delivery", "crate::server", "crate::store", "crate::pg"]),
+        ("auth", &["crate::mls", "crate::delivery", "crate::client", "crate::server", "crate::db"]),
+        ("mls.rs", &["crate::delivery", "crate::client", "crate::server", "crate::db"]),
+        ("client", &["crate::delivery", "crate::server", "crate::db"]),
+        // Persistence: one root, two sibling backends that never import
+        // each other, and nothing of the server above it.
+        ("db", &["crate::server", "crate::config"]),
+        ("db/sqlite", &["db::pg", "super::pg", "db::open", "postgres::"]),
+        ("db/pg", &["db::sqlite", "super::sqlite", "db::open", "rusqlite"]),
+        ("db/base.rs", &["db::sqlite", "db::pg", "super::sqlite", "super::pg", "db::open"]),
+        ("db/admin.rs", &["db::sqlite", "db::pg", "super::sqlite", "super::pg", "db::open"]),
     ];
 
     #[test]

@@ -7,7 +7,7 @@
 use std::sync::OnceLock;
 
 use hush::auth::Identity;
-use hush::pg::{wake_up, wake_up_text, WakeKey};
+use hush::db::pg::{wake_up, wake_up_text, WakeKey};
 use libfuzzer_sys::fuzz_target;
 
 fn key() -> &'static WakeKey {

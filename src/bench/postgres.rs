@@ -14,7 +14,7 @@ use super::scenarios::Pair;
 use super::{fail, BenchError, Row, Settings};
 use crate::client::Connection;
 use crate::config::{DatabaseUrl, ServerConfig};
-use crate::pg::cluster::{Cluster, ClusterError};
+use crate::db::pg::cluster::{Cluster, ClusterError};
 use crate::server::Server;
 
 /// The PostgreSQL rows, or none (and why) without PostgreSQL binaries.
@@ -71,7 +71,7 @@ pub(super) async fn durable_sends(
     .await?;
 
     let raw_url = cluster.database().map_err(fail)?;
-    let raw = crate::pg::off_runtime(|| raw_batches(&raw_url, len, 64, settings))?;
+    let raw = crate::db::pg::off_runtime(|| raw_batches(&raw_url, len, 64, settings))?;
 
     let _ = stop_tx.send(true);
     for s in serving {

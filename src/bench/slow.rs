@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use super::scenarios::{sends, Pair};
 use super::{bench_config, fail, BenchError, Row, Settings};
+use crate::db::sqlite::Db;
 use crate::delivery::storage::Backend;
 use crate::server::engine::Engine;
 use crate::server::Server;
-use crate::store::Db;
 
 /// How much longer every durable commit takes.
 pub const FLUSH_DELAY: Duration = Duration::from_millis(2);

@@ -86,7 +86,7 @@ async fn store_send(store: &Engine, account: Caller, message: Vec<u8>) -> Result
 /// checkpointed before measuring).
 pub async fn bytes_per_message(path: &Path, size: usize, messages: usize) -> Result<f64, BenchError> {
     let (store, group, mut first) = store_with_group(path, size).await?;
-    let size_of = || crate::store::maintenance::checkpointed_size(path).map_err(fail);
+    let size_of = || crate::db::sqlite::maintenance::checkpointed_size(path).map_err(fail);
     let before = size_of()?;
     let account = Caller::of(first.certificate());
     let batch = encrypt_many(&mut first, &group, messages)?;
@@ -98,7 +98,7 @@ pub async fn bytes_per_message(path: &Path, size: usize, messages: usize) -> Res
     .await?;
     let after = size_of()?;
     // The database holds this one group.
-    let stored = crate::store::maintenance::check(path).map_err(fail)?.messages;
+    let stored = crate::db::sqlite::maintenance::check(path).map_err(fail)?.messages;
     let expected = messages + usize::from(size > 1);
     if usize::try_from(stored).ok() != Some(expected) {
         return Err(BenchError(format!("{stored} messages stored, expected {expected}")));

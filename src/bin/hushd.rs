@@ -11,10 +11,10 @@ use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use hush::auth::{HushAddress, Identity};
 use hush::config::ServerConfig;
+use hush::db::open::OperatorRemoval;
+use hush::db::{Database, Location};
 use hush::limits::{DEFAULT_INVITE_LIFETIME, DEFAULT_INVITE_USES, MAX_INVITE_USES};
-use hush::pg::{PgDb, Target};
 use hush::server::{DataDir, Server, ADDRESS_FILE};
-use hush::store::{Admin as _, Db};
 use hush::util::{default_data_dir, format_unix, now_unix, parse_duration};
 
 #[derive(Parser)]
@@ -182,23 +182,6 @@ fn load_config(dir: &DataDir) -> Result<ServerConfig> {
     Ok(ServerConfig::load(&dir.0, std::env::vars())?)
 }
 
-/// The database a command works on.
-enum Database {
-    Sqlite(Db),
-    Postgres(Box<PgDb>),
-}
-
-/// Runs `$body` with `$d` bound to whichever database is open (both are
-/// a `Backend`).
-macro_rules! on_db {
-    ($db:expr, $d:ident => $body:expr) => {
-        match $db {
-            Database::Sqlite($d) => $body,
-            Database::Postgres($d) => $body,
-        }
-    };
-}
-
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Completions { shell } => {
@@ -234,7 +217,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Init => {
             let config = load_config(&dir)?;
-            let (identity, created, _) = dir.init(&config)?;
+            let hush::server::Initialised { identity, created, .. } = dir.init(&config)?;
             let address = HushAddress {
                 host: config.advertised_host(config.listen),
                 port: config.listen.port(),
@@ -255,7 +238,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut db = open_existing(&dir, &load_config(&dir)?)?;
             let now = now_unix();
             let expires_at = now.saturating_add(lifetime.as_secs());
-            let token = on_db!(&mut db, d => d.create_invite(uses, Some(expires_at), now))?;
+            let token = db.create_invite(uses, Some(expires_at), now)?;
             let plural = if uses == 1 { "" } else { "s" };
             eprintln!("invite for {uses} registration{plural}, valid until {}", format_unix(expires_at));
             match server_address(&dir) {
@@ -267,7 +250,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Accounts { action: None } => {
             let mut db = open_existing(&dir, &load_config(&dir)?)?;
-            let accounts = on_db!(&mut db, d => d.accounts())?;
+            let accounts = db.accounts()?;
             for a in &accounts {
                 match a.removed_at {
                     None => out!("{}  registered {}", a.account, format_unix(a.created_at)),
@@ -307,7 +290,7 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("{} already exists; choose a new file", path.display());
             }
             let mut last = 0;
-            let pages = hush::store::maintenance::backup(&dir.db(), &path, |done, total| {
+            let pages = hush::db::sqlite::maintenance::backup(&dir.db(), &path, |done, total| {
                 let pct = (done * 100).checked_div(total).unwrap_or(100);
                 if pct >= last + 10 || done == total {
                     eprintln!("backup: {pct}% ({done}/{total} pages)");
@@ -323,11 +306,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Stats => {
-            use hush::delivery::storage::Backend as _;
-            use hush::delivery::Storage as _;
             let mut db = open_existing(&dir, &load_config(&dir)?)?;
             let now = now_unix();
-            let s = on_db!(&mut db, d => d.read(|u| u.stats(now)))??;
+            let s = db.stats(now)?;
             out!("accounts       {} ({} removed)", s.accounts, s.removed_accounts);
             out!("devices        {}", s.devices);
             out!("groups         {}", s.groups);
@@ -347,7 +328,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Invites => {
             let mut db = open_existing(&dir, &load_config(&dir)?)?;
             let now = now_unix();
-            for i in on_db!(&mut db, d => d.invites())? {
+            for i in db.invites()? {
                 let state = match i.expires_at {
                     Some(e) if e <= now => "expired".to_string(),
                     _ if i.uses_left == 0 => "used up".to_string(),
@@ -417,10 +398,8 @@ fn check(dir: &DataDir, config: Result<ServerConfig>) -> Result<()> {
         Ok(_) => line("removal", format!("{} (mode 600)", dir.removal_key().display()), true),
         Err(e) => line("removal", e.to_string(), false),
     }
-    let target = match &config {
-        Ok(c) => c.database_url.as_ref().map(|u| Target::parse(&u.0)),
-        Err(_) => None,
-    };
+    // Looked at only: no key, so nothing it could send would be taken.
+    let location = config.as_ref().ok().map(|c| Location::of(c.database_url(), &dir.db(), None));
     match config {
         Ok(_) => {
             let source = if dir.0.join(hush::config::CONFIG_FILE).exists() {
@@ -433,16 +412,12 @@ fn check(dir: &DataDir, config: Result<ServerConfig>) -> Result<()> {
         Err(e) => line("config", format!("{e:#}"), false),
     }
     // One line for either database: PostgreSQL says its version first.
-    let report = match target {
-        Some(target) => Some(
-            target
-                .map_err(anyhow::Error::from)
-                .and_then(|t| Ok(PgDb::inspect(&t)?))
-                .map(|(version, r)| (format!("PostgreSQL {version}, "), r)),
+    let report = match location {
+        Some(Ok(location)) => location.inspect().map_err(anyhow::Error::from).transpose(),
+        Some(Err(e)) => Some(Err(anyhow::Error::from(e))),
+        None if dir.db().exists() => Some(
+            hush::db::sqlite::maintenance::check(&dir.db()).map(|r| (String::new(), r)).map_err(anyhow::Error::from),
         ),
-        None if dir.db().exists() => {
-            Some(hush::store::maintenance::check(&dir.db()).map(|r| (String::new(), r)).map_err(anyhow::Error::from))
-        }
         None => None,
     };
     match report {
@@ -473,7 +448,6 @@ fn check(dir: &DataDir, config: Result<ServerConfig>) -> Result<()> {
     Ok(())
 }
 
-/// Opens the database of an initialised data directory.
 /// `hushd accounts remove ID`: offboarding, through the Delivery Service
 /// core on this process's own connection to the database (the serving
 /// process, if any, refuses the account's devices from their next request).
@@ -504,18 +478,11 @@ fn remove_member(dir: &DataDir, config: &ServerConfig, group: &str, account: &st
     Ok(())
 }
 
-/// One of the operator's removals.
-enum OperatorRemoval {
-    Account(hush::auth::AccountId),
-    Membership([u8; 32], hush::auth::AccountId),
-}
-
 /// Runs one of the operator's removals through the Delivery Service core,
 /// with the server's removal key, on this process's own connection to the
 /// database (a serving process refuses what it removed from the next
 /// request), and announces what it did to the serving nodes.
 fn with_removal_key(dir: &DataDir, config: &ServerConfig, what: OperatorRemoval) -> Result<hush::delivery::Removal> {
-    use hush::delivery::storage::{Backend as _, Unit as _};
     let mut db = open_existing(dir, config)?;
     let removal = std::sync::Arc::new(
         Identity::load(&dir.removal_key())
@@ -524,31 +491,26 @@ fn with_removal_key(dir: &DataDir, config: &ServerConfig, what: OperatorRemoval)
     let quotas = hush::delivery::Quotas::default();
     let mut delivery = hush::delivery::Delivery::with_quotas(quotas, removal.public_key()).with_removal_signer(removal);
     let now = now_unix();
-    let removal = on_db!(&mut db, d => d.write(|s| {
-        let removal = match &what {
-            OperatorRemoval::Account(account) => delivery.remove_account(s, account, now),
-            OperatorRemoval::Membership(group, account) => delivery.remove_membership(s, group, account, now),
-        };
-        if let Ok(r) = &removal {
-            s.announce(&r.notifications)?;
-        }
-        Ok(removal)
-    }))??;
-    Ok(removal)
+    Ok(db.remove(&mut delivery, what, now)??)
 }
 
+/// Opens the database of an initialised data directory.
 fn open_existing(dir: &DataDir, config: &ServerConfig) -> Result<Database> {
-    if let Some(url) = &config.database_url {
-        // What it changes reaches the running nodes' clients live: its
-        // wake-ups are authenticated with the server key, as theirs are.
-        let key = Identity::load(&dir.key()).context("the server key, which authenticates wake-ups to the nodes")?;
-        let target = Target::for_node(&url.0, &key)?;
-        return Ok(Database::Postgres(Box::new(PgDb::connect(target).context("connecting to PostgreSQL")?)));
-    }
-    if !dir.db().exists() {
-        bail!("no hushd database in {}; run `hushd serve` or `hushd init` first", dir.0.display());
-    }
-    Ok(Database::Sqlite(Db::open(&dir.db()).with_context(|| format!("opening {}", dir.db().display()))?))
+    // What a command changes reaches the running nodes' clients live (on
+    // PostgreSQL): its wake-ups are authenticated with the server key, as
+    // theirs are.
+    let key = match &config.database_url {
+        Some(_) => {
+            Some(Identity::load(&dir.key()).context("the server key, which authenticates wake-ups to the nodes")?)
+        }
+        None => None,
+    };
+    let location = Location::of(config.database_url(), &dir.db(), key.as_ref())?;
+    location.open_existing().context(if config.database_url.is_some() {
+        "connecting to PostgreSQL"
+    } else {
+        "opening the database"
+    })
 }
 
 /// The address of the running server (or, failing that, one built from the

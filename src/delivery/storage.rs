@@ -3,7 +3,7 @@
 //! [`Storage`] covers accounts, devices, invites, KeyPackages, groups, the
 //! log, the Welcome inbox and cursors, with its own row types (no protocol
 //! frames). Implementations: [`super::memory::MemoryStore`] (unit tests,
-//! fuzzing) and the SQLite store in [`crate::store`]. The core calls these
+//! fuzzing) and the SQLite store in [`crate::db::sqlite`]. The core calls these
 //! methods inside one unit of work per request; a [`Backend`] says how units
 //! of work begin and end (the engine, [`crate::server::engine`], wraps each
 //! request in a savepoint inside a batched transaction, so a request either

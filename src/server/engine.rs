@@ -17,11 +17,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::auth::{DeviceId, Identity};
+use crate::db::sqlite::Db;
+use crate::db::StoreError;
 use crate::delivery::storage::{Backend, DeviceRecord, Unit};
 use crate::delivery::Notification;
 use crate::delivery::{Delivery, Origin, Outcome, Quotas, Storage};
 use crate::limits::{COMMIT_DELAY_BACKOFF, COMMIT_SIBLINGS, MAX_COMMIT_DELAY, MAX_CONFLICT_RETRIES, MAX_WRITE_BATCH};
-use crate::store::{Db, StoreError};
 use crate::wire::Request;
 
 /// One Delivery Service request, and where its outcome goes.
@@ -100,11 +101,11 @@ impl Engine {
     /// Connects to the PostgreSQL database `target` (migrating it if
     /// needed) and starts the engine on it.
     pub fn open_postgres(
-        target: &Arc<crate::pg::Target>,
+        target: &Arc<crate::db::pg::Target>,
         quotas: Quotas,
         removal: Arc<Identity>,
     ) -> Result<Self, StoreError> {
-        use crate::pg::PgDb;
+        use crate::db::pg::PgDb;
         Self::start(PgDb::connect(target.clone())?, PgDb::connect(target.clone())?, quotas, removal)
     }
 

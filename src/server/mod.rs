@@ -33,10 +33,12 @@ use tracing::{debug, info, warn, Instrument};
 use crate::auth::tls::{server_crypto, TlsError};
 use crate::auth::{identity, HushAddress, Identity, KeyError};
 use crate::config::ServerConfig;
+use crate::db::sqlite::DB_FILE;
+use crate::db::Location;
+use crate::db::StoreError;
 use crate::limits::{
     INCOMING_BUFFER_BYTES, INCOMING_BUFFER_BYTES_TOTAL, LISTEN_READY_TIMEOUT, SHUTDOWN_GRACE, STRANGER_RECEIVE_WINDOW,
 };
-use crate::store::{StoreError, DB_FILE};
 use crate::wire::close;
 use engine::Engine;
 
@@ -107,22 +109,29 @@ impl DataDir {
 
     /// Creates the directory (0700), the keys and the database if missing
     /// (the SQLite file, or the schema in the configured PostgreSQL
-    /// database). Returns the TLS identity, whether it was created, and the
-    /// removal key.
-    pub fn init(&self, config: &ServerConfig) -> Result<(Identity, bool, Identity), ServerError> {
+    /// database). Returns the TLS identity, whether it was created, the
+    /// removal key, and where the database is.
+    pub fn init(&self, config: &ServerConfig) -> Result<Initialised, ServerError> {
         identity::private_dir(&self.0)?;
-        let (id, created) = Identity::load_or_create(&self.key())?;
+        let (identity, created) = Identity::load_or_create(&self.key())?;
         let (removal, _) = Identity::load_or_create(&self.removal_key())?;
-        match &config.database_url {
-            None => drop(crate::store::Db::open(&self.db())?),
-            Some(url) => {
-                let target = crate::pg::Target::parse(&url.0).map_err(StoreError::from)?;
-                // Connected and closed off the async runtime (closing blocks too).
-                crate::pg::off_runtime(|| crate::pg::PgDb::connect(target).map(drop))?
-            }
-        }
-        Ok((id, created, removal))
+        // A node: its wake-ups are authenticated with the server key.
+        let database = Location::of(config.database_url(), &self.db(), Some(&identity))?;
+        database.prepare()?;
+        Ok(Initialised { identity, created, removal, database })
     }
+}
+
+/// What [`DataDir::init`] made or found.
+pub struct Initialised {
+    /// The server's key (TLS, what the address pins).
+    pub identity: Identity,
+    /// Whether `identity` was created just now.
+    pub created: bool,
+    /// The key that signs the server's removal proposals.
+    pub removal: Identity,
+    /// The database the configuration names, ready.
+    pub database: Location,
 }
 
 /// A bound, not yet running server.
@@ -133,7 +142,7 @@ pub struct Server {
     data_dir: DataDir,
     /// The shared PostgreSQL database, if any: other nodes' pushes come
     /// from it.
-    target: Option<Arc<crate::pg::Target>>,
+    target: Option<Arc<crate::db::pg::Target>>,
     /// The metrics listener, if asked for.
     metrics: Option<std::net::TcpListener>,
 }
@@ -154,21 +163,16 @@ impl Server {
     ) -> Result<Self, ServerError> {
         config.validate()?;
         let data_dir = DataDir(data_dir.to_owned());
-        let (identity, created, removal) = data_dir.init(&config)?;
+        let Initialised { identity, created, removal, database } = data_dir.init(&config)?;
         if created {
             info!("created server key {}", data_dir.key().display());
         }
-        let target = match &config.database_url {
-            // A node: its wake-ups are authenticated with the server key.
-            Some(url) => Some(crate::pg::Target::for_node(&url.0, &identity).map_err(StoreError::from)?),
-            None => None,
-        };
-        let engine = match &target {
-            Some(target) => {
+        let (engine, target) = match database {
+            Location::Postgres(target) => {
                 info!("storing in PostgreSQL (several nodes may share the database)");
-                Engine::open_postgres(target, config.quotas(), Arc::new(removal))?
+                (Engine::open_postgres(&target, config.quotas(), Arc::new(removal))?, Some(target))
             }
-            None => open(&data_dir.db(), config.quotas(), Arc::new(removal))?,
+            Location::Sqlite(path) => (open(&path, config.quotas(), Arc::new(removal))?, None),
         };
 
         let mut transport = TransportConfig::default();
@@ -263,9 +267,9 @@ impl Server {
             }
         }
         if let Some(target) = &self.target {
-            let (events, rx) = tokio::sync::mpsc::channel(crate::pg::listen::NOTICE_QUEUE);
+            let (events, rx) = tokio::sync::mpsc::channel(crate::db::pg::listen::NOTICE_QUEUE);
             let (listening, ready) = tokio::sync::oneshot::channel();
-            background.spawn(crate::pg::listen::run(target.clone(), events));
+            background.spawn(crate::db::pg::listen::run(target.clone(), events));
             background.spawn(push::from_other_nodes(
                 rx,
                 self.shared.engine.clone(),

@@ -138,17 +138,17 @@ impl Registry {
 }
 
 /// Pushes what other nodes sharing the database stored to this node's
-/// connections (see [`crate::pg::listen`]): a message is read from the log,
+/// connections (see [`crate::db::pg::listen`]): a message is read from the log,
 /// with the devices that may see it; a revoked device's connections are
 /// closed once the devices table says it is revoked (or gone). Ends when
 /// the listener does.
 pub async fn from_other_nodes(
-    mut events: mpsc::Receiver<crate::pg::listen::Event>,
+    mut events: mpsc::Receiver<crate::db::pg::listen::Event>,
     engine: super::engine::Engine,
     registry: Arc<Registry>,
     listening: tokio::sync::oneshot::Sender<()>,
 ) {
-    use crate::pg::listen::{Event, Notice};
+    use crate::db::pg::listen::{Event, Notice};
     let mut listening = Some(listening);
     while let Some(event) = events.recv().await {
         let notification = match event {

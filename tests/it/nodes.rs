@@ -215,8 +215,8 @@ async fn removing_an_account_from_one_node_closes_its_connections_on_the_other()
 
 /// The key the nodes of `node`'s deployment authenticate wake-ups with
 /// (derived from the server key, as they derive it).
-fn wake_key(node: &Hushd) -> hush::pg::WakeKey {
-    hush::pg::WakeKey::of(&hush::auth::Identity::load(&node.data_dir.join("server.key")).unwrap()).unwrap()
+fn wake_key(node: &Hushd) -> hush::db::pg::WakeKey {
+    hush::db::pg::WakeKey::of(&hush::auth::Identity::load(&node.data_dir.join("server.key")).unwrap()).unwrap()
 }
 
 /// Issue 29, finding 6: any role that could connect to the database could
@@ -265,7 +265,7 @@ async fn issue_29_a_forged_notify_does_not_disconnect_a_live_device() {
         &format!(
             "INSERT INTO notices (node, nseq, kind, device) VALUES (7, 1, 'r', '\\x{bob_device}');
              NOTIFY hush, '{}'",
-            hush::pg::wake_up_text(&key, 7, 1)
+            hush::db::pg::wake_up_text(&key, 7, 1)
         ),
     )
     .await;
@@ -354,7 +354,7 @@ async fn floods_of_forged_or_replayed_wake_ups_make_no_node_resync() {
     })
     .await
     .unwrap();
-    let genuine = hush::pg::wake_up_text(&wake_key(&node1), u64::from_le_bytes(node.to_le_bytes()), nseq);
+    let genuine = hush::db::pg::wake_up_text(&wake_key(&node1), u64::from_le_bytes(node.to_le_bytes()), nseq);
     let replays = format!("BEGIN; NOTIFY hush, '{genuine}'; COMMIT;\n").repeat(flood);
     no_resync(alice, bob, &replays).await;
     drop(node2);

@@ -1,7 +1,7 @@
 //! Registration by invite, through the real `hush` CLI.
 
 use hush::client::Connection;
-use hush::store::Admin as _;
+use hush::db::Admin as _;
 use hush::wire::ErrorCode;
 use tokio::task::JoinSet;
 
@@ -63,7 +63,7 @@ fn used_up_expired_unknown_and_missing_invites_are_refused() {
     // refused. (The past is written straight into the database: no sleep.)
     let now = hush::util::now_unix();
     server.invite(&["--expires", "1h"]);
-    let mut db = hush::store::Db::open(&server.data_dir.join("hush.db")).unwrap();
+    let mut db = hush::db::sqlite::Db::open(&server.data_dir.join("hush.db")).unwrap();
     let expiries: Vec<Option<u64>> = db.invites().unwrap().iter().map(|i| i.expires_at).collect();
     assert!(expiries.iter().any(|e| e.is_some_and(|t| (now + 3_590..=now + 3_610).contains(&t))), "{expiries:?}");
     let short = db.create_invite(1, Some(now - 1), now - 60).unwrap().to_string();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use hush::auth::{HushAddress, Identity};
 use hush::client::mls::Member;
 use hush::client::Connection;
-use hush::pg::cluster::{Cluster, ClusterError};
+use hush::db::pg::cluster::{Cluster, ClusterError};
 
 /// Upper bound on any single wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(30);

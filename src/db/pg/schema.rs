@@ -8,7 +8,7 @@
 
 use postgres::Client;
 
-use crate::store::StoreError;
+use crate::db::StoreError;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1: everything, as of SQLite schema 6. Times are Unix seconds.

@@ -2,7 +2,7 @@
 //!
 //! The same [`Storage`](crate::delivery::Storage) and
 //! [`Backend`](crate::delivery::storage::Backend) as the embedded SQLite
-//! store ([`crate::store`]), so the engine and the Delivery Service core are
+//! store ([`crate::db::sqlite`]), so the engine and the Delivery Service core are
 //! unchanged. What differs is what several writers on one database need:
 //!
 //! * **Order comes from the database.** A write unit is one `READ
@@ -46,14 +46,15 @@ use std::sync::Arc;
 
 use postgres::{IsolationLevel, Statement};
 
-pub use connect::{Target, TargetError};
+pub use crate::db::TargetError;
+pub use connect::Target;
 pub use listen::{wake_up, wake_up_text, Notice, WakeKey, CHANNEL};
 pub use schema::latest as latest_schema;
 pub use store::PgStore;
 
+use crate::db::DbReport;
+use crate::db::StoreError;
 use crate::delivery::storage::Backend;
-use crate::store::maintenance::DbReport;
-use crate::store::StoreError;
 
 /// SQLSTATE codes of a conflict with another transaction, after which the
 /// request is run again: deadlock, serialization failure, unique key taken.
@@ -126,7 +127,7 @@ impl PgDb {
                      WHERE l.hi > g.last_seq OR l.n <> COALESCE(l.hi - l.lo + 1, 0) OR l.bytes <> g.bytes)",
             &[],
         )?;
-        let inconsistent = crate::store::to_u64(row.get(6));
+        let inconsistent = crate::db::to_u64(row.get(6));
         let integrity = match inconsistent {
             0 => "ok".to_string(),
             n => format!("{n} group(s) with gaps or miscounted bytes in their log"),
@@ -135,10 +136,10 @@ impl PgDb {
             integrity: vec![integrity],
             schema_version: i64::from(row.get::<_, i32>(0)),
             latest_schema: schema::latest(),
-            accounts: crate::store::to_u64(row.get(1)),
-            groups: crate::store::to_u64(row.get(2)),
-            messages: crate::store::to_u64(row.get(3)),
-            bytes: crate::store::to_u64(row.get(4)),
+            accounts: crate::db::to_u64(row.get(1)),
+            groups: crate::db::to_u64(row.get(2)),
+            messages: crate::db::to_u64(row.get(3)),
+            bytes: crate::db::to_u64(row.get(4)),
         };
         Ok((row.get(5), report))
     }

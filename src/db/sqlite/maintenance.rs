@@ -4,26 +4,8 @@ use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::{schema, StoreError, BUSY_TIMEOUT};
-
-/// What `hushd check` found in the database.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DbReport {
-    /// `PRAGMA integrity_check` output: `["ok"]` when healthy.
-    pub integrity: Vec<String>,
-    pub schema_version: i64,
-    pub latest_schema: i64,
-    pub accounts: u64,
-    pub groups: u64,
-    pub messages: u64,
-    pub bytes: u64,
-}
-
-impl DbReport {
-    pub fn healthy(&self) -> bool {
-        self.integrity == ["ok"] && self.schema_version <= self.latest_schema
-    }
-}
+use super::{schema, BUSY_TIMEOUT};
+use crate::db::{DbReport, StoreError};
 
 fn count(conn: &Connection, table: &str) -> Result<u64, StoreError> {
     // Table names come from the fixed list below, never from input.

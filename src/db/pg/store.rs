@@ -12,12 +12,12 @@ use postgres::{Row, Statement, Transaction};
 use super::listen::Notice;
 use super::Target;
 use crate::auth::{AccountId, DeviceId};
+use crate::db::{to_i64 as i, to_u64 as u, StoreError};
 use crate::delivery::storage::{
     AccountRecord, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats, Unit,
 };
 use crate::delivery::{GroupRecord, Membership, NewKeyPackage, Notification, SendContext, Storage};
 use crate::limits::NOTICE_RETENTION;
-use crate::store::{to_i64 as i, to_u64 as u, StoreError};
 
 type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
 
@@ -31,7 +31,7 @@ pub struct PgStore<'a> {
     /// notices' wake-ups.
     target: &'a Target,
     /// Database bytes at the first quota check, plus bytes written since
-    /// (as [`crate::store::SqlStore`] does).
+    /// (as [`crate::db::sqlite::SqlStore`] does).
     space: Option<u64>,
     /// Set when a statement failed on a conflict with another transaction.
     conflict: bool,

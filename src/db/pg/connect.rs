@@ -5,33 +5,18 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use thiserror::Error;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::listen::WakeKey;
 use crate::auth::Identity;
-use crate::store::StoreError;
+use crate::db::{StoreError, TargetError};
 
 /// CA bundle used to verify a database server's certificate when the URL
 /// names none (`sslrootcert=FILE`).
 pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 use crate::limits::DATABASE_CONNECT_TIMEOUT as CONNECT_TIMEOUT;
-
-/// Why a database URL was refused.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum TargetError {
-    #[error("the database URL is not valid: {0}")]
-    Url(String),
-    #[error("cannot read the CA certificates in {path}: {why}")]
-    RootCerts { path: PathBuf, why: String },
-    #[error("no randomness available from the operating system")]
-    Random,
-    #[error("cannot derive the wake-up key from the server key: {0}")]
-    Key(String),
-}
 
 /// A PostgreSQL database to connect to: parsed settings, TLS for TCP hosts,
 /// and this process's node id (which tells a node its own `NOTIFY`s apart

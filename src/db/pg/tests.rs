@@ -166,7 +166,7 @@ fn a_database_from_a_newer_hushd_is_refused() {
     db.client.batch_execute("UPDATE hush_schema SET version = 99").unwrap();
     drop(db);
     let e = PgDb::connect(target).unwrap_err();
-    assert!(matches!(e, crate::store::StoreError::SchemaTooNew { found: 99, .. }), "{e}");
+    assert!(matches!(e, crate::db::StoreError::SchemaTooNew { found: 99, .. }), "{e}");
 }
 
 /// Issue 29, finding 6: what a node tells the others is a row only
@@ -210,4 +210,15 @@ fn notices_are_rows_read_back_by_other_nodes_and_deleted_after_their_retention()
     let left: Vec<String> =
         db.client.query("SELECT kind FROM notices", &[]).unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(left, ["m"]);
+}
+
+#[test]
+fn postgres_errors_never_show_the_row_values_the_server_quotes() {
+    let Some(target) = database() else { return };
+    let mut db = PgDb::connect(target).unwrap();
+    let key = crate::auth::AccountId([0xab; 32]);
+    db.write(|s| s.insert_account(&key, None, 1)).unwrap();
+    let e = db.write(|s| s.insert_account(&key, None, 1)).unwrap_err().to_string();
+    assert!(e.contains("duplicate key") && e.contains("23505"), "{e}");
+    assert!(!e.contains("abab") && !e.contains("DETAIL"), "{e}");
 }

@@ -22,82 +22,15 @@ pub mod maintenance;
 mod schema;
 mod sql;
 
-pub use db::{Admin, Db};
+pub use db::Db;
 pub use sql::SqlStore;
 
-use thiserror::Error;
+use crate::db::StoreError;
 
 pub use crate::sqlite::BUSY_TIMEOUT;
 
-/// A count or time as SQLite stores it (INTEGER is signed): values past
-/// `i64::MAX` are clamped, never wrapped.
-pub(crate) fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-/// Back from SQLite: a negative value (which hush never writes) reads as 0.
-pub(crate) fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-/// An error and its causes, each once ("error performing TLS handshake:
-/// invalid peer certificate: UnknownIssuer"), so an operator sees why.
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.contains(&more) {
-            text = format!("{text}: {more}");
-        }
-        source = cause.source();
-    }
-    text
-}
-
-/// A PostgreSQL error without the server's DETAIL and HINT, which can quote
-/// row values (a duplicate key's bytes: a device or account key), so that
-/// logging it leaks no id; with the SQLSTATE to look it up.
-fn postgres_error(e: &postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code()),
-        None => causes(e),
-    }
-}
-
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "hush.db";
-
-/// Storage failures. None of them is the client's fault.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    #[error("database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("PostgreSQL: {}", postgres_error(.0))]
-    Postgres(#[from] postgres::Error),
-    #[error(transparent)]
-    Target(#[from] crate::pg::TargetError),
-    #[error("database schema version {found} is newer than this hushd supports ({supported}); upgrade hushd")]
-    SchemaTooNew { found: i64, supported: i64 },
-    #[error(
-        "the database (schema {found}) was written by a hushd from before device certificates: its accounts and \
-         groups have MLS leaves nothing vouches for and cannot be carried over. Stop hushd, move hush.db (with any \
-         hush.db-wal and hush.db-shm) aside (keep server.key, so the address stays the same), start hushd again and have members register again \
-         with new invites"
-    )]
-    Uncertified { found: i64 },
-    #[error("the database holds data that is not valid: {0}")]
-    Corrupt(String),
-    #[error("the database thread has stopped")]
-    Closed,
-    #[error("could not start the database thread: {0}")]
-    Thread(std::io::Error),
-    #[error("no randomness available from the operating system")]
-    Random,
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-}
 
 #[cfg(test)]
 mod tests {
@@ -106,17 +39,6 @@ mod tests {
     use crate::delivery::storage::{Backend as _, DeviceRecord};
     use crate::delivery::{Caller, Delivery, Storage as _};
     use crate::wire::{Request, Response};
-
-    #[test]
-    fn postgres_errors_never_show_the_row_values_the_server_quotes() {
-        let Some(target) = crate::pg::tests::database() else { return };
-        let mut db = crate::pg::PgDb::connect(target).unwrap();
-        let key = crate::auth::AccountId([0xab; 32]);
-        db.write(|s| s.insert_account(&key, None, 1)).unwrap();
-        let e = db.write(|s| s.insert_account(&key, None, 1)).unwrap_err().to_string();
-        assert!(e.contains("duplicate key") && e.contains("23505"), "{e}");
-        assert!(!e.contains("abab") && !e.contains("DETAIL"), "{e}");
-    }
 
     #[test]
     fn retention_deletes_the_oldest_messages_of_each_group_and_nothing_younger() {

@@ -1,13 +1,12 @@
-//! An open SQLite database: the [`Backend`] the engine runs on; and the
-//! operator's short commands (invites, accounts) on any backend.
+//! An open SQLite database: the [`Backend`] the engine runs on.
 
 use std::path::Path;
 
 use rusqlite::{Connection, TransactionBehavior};
 
-use super::{schema, SqlStore, StoreError};
-use crate::auth::InviteToken;
-use crate::delivery::storage::{AccountRecord, Backend, InviteRecord, Storage as _};
+use super::{schema, SqlStore};
+use crate::db::StoreError;
+use crate::delivery::storage::Backend;
 
 /// An open hush database.
 #[derive(Debug)]
@@ -23,30 +22,6 @@ impl Db {
         Ok(Self { conn })
     }
 }
-
-/// The operator's short commands (`hushd invite`, `invites`, `accounts`),
-/// on any database.
-pub trait Admin: Backend<Error = StoreError> {
-    /// Creates an invite good for `uses` registrations until `expires_at`.
-    fn create_invite(&mut self, uses: u32, expires_at: Option<u64>, now: u64) -> Result<InviteToken, StoreError> {
-        let token = InviteToken::generate().map_err(|_| StoreError::Random)?;
-        let record = InviteRecord::new(&token, uses, expires_at, now);
-        self.write(|s| s.insert_invite(&record))?;
-        Ok(token)
-    }
-
-    /// All invites, newest first.
-    fn invites(&mut self) -> Result<Vec<InviteRecord>, StoreError> {
-        self.read(|s| s.invites())?
-    }
-
-    /// All accounts, oldest first.
-    fn accounts(&mut self) -> Result<Vec<AccountRecord>, StoreError> {
-        self.read(|s| s.accounts())?
-    }
-}
-
-impl<B: Backend<Error = StoreError>> Admin for B {}
 
 impl Backend for Db {
     type Error = StoreError;
@@ -70,6 +45,8 @@ impl Backend for Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::Admin as _;
+    use crate::delivery::storage::Storage as _;
 
     #[test]
     fn invites_are_stored_hashed_and_listed_newest_first() {

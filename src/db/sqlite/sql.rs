@@ -42,7 +42,7 @@ impl<'c> SqlStore<'c> {
     }
 }
 
-use super::{to_i64 as i, to_u64 as u};
+use crate::db::{to_i64 as i, to_u64 as u};
 
 /// Fills `page` from rows of (key INTEGER, data BLOB), in their order.
 fn fill(mut rows: rusqlite::Rows<'_>, mut page: Page) -> Result<(Messages, bool), StoreError> {
