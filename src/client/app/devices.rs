@@ -7,7 +7,9 @@ use std::time::Duration;
 use super::sync::External;
 use super::*;
 use crate::auth::DeviceRevocation;
-use crate::client::link::{Bundle, LinkCode, LinkError, LinkHandover, LinkedGroup, SEAL_OVERHEAD};
+use crate::client::link::{
+    Bundle, LinkCode, LinkError, LinkHandover, LinkedGroup, MAX_LINK_REVOCATIONS, SEAL_OVERHEAD,
+};
 use crate::client::local::valid_name;
 use crate::client::mls::Descent;
 use crate::limits::MAX_LINK_BUNDLE;
@@ -70,8 +72,25 @@ impl App {
             }
             groups.push(LinkedGroup { id: g.id, name, epoch, transcript, handover: None });
         }
-        let mut bundle =
-            Bundle { account: self.account(), name: person.map(str::to_owned), contacts: self.contacts()?, groups };
+        // The revocations this device holds, the account's own first: the
+        // new device joins in epochs after they were sent into the groups.
+        let mut revocations: Vec<(bool, Vec<u8>)> = self
+            .local
+            .revocations()?
+            .into_iter()
+            .filter_map(|bytes| DeviceRevocation::decode(&bytes).ok())
+            .map(|r| (r.account != self.account(), r.encode()))
+            .collect();
+        revocations.sort();
+        revocations.truncate(MAX_LINK_REVOCATIONS);
+        let revocations = revocations.into_iter().map(|(_, r)| r).collect();
+        let mut bundle = Bundle {
+            account: self.account(),
+            name: person.map(str::to_owned),
+            contacts: self.contacts()?,
+            groups,
+            revocations,
+        };
         let left_out = fit_handovers(&mut bundle, states)?;
         conn.link_answer(code.id(), certificate.encode(), code.seal_bundle(&bundle)?).await?;
         self.local.name_device(&device, name)?;
