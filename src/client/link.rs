@@ -263,7 +263,7 @@ impl LinkHandover {
 
     fn write(&self, w: &mut Writer) -> Result<(), EncodeError> {
         w.u64(self.seq);
-        w.bytes32("group state", &self.state.info, MAX_MLS_MESSAGE)?;
+        w.bytes32("group state", &self.state.info, MAX_LINK_BUNDLE)?;
         w.count("pending proposals", self.state.proposals.len(), MAX_HANDOVER_PROPOSALS)?;
         for p in &self.state.proposals {
             w.bytes32("pending proposal", p, MAX_MLS_MESSAGE)?;
@@ -273,7 +273,7 @@ impl LinkHandover {
 
     fn read(r: &mut Reader) -> Result<Self, DecodeError> {
         let seq = r.u64()?;
-        let info = r.bytes32("group state", MAX_MLS_MESSAGE)?.to_vec();
+        let info = r.bytes32("group state", MAX_LINK_BUNDLE)?.to_vec();
         let k = r.count("pending proposals", MAX_HANDOVER_PROPOSALS)?;
         let mut proposals = Vec::new();
         for _ in 0..k {
