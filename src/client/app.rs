@@ -239,8 +239,15 @@ impl App {
 
     /// Takes over the contacts and groups a first device handed over
     /// (names that are not usable are skipped). Returns how many of each.
-    pub fn import(&self, bundle: &super::link::Bundle) -> Result<(usize, usize), AppError> {
+    pub fn import(&mut self, bundle: &super::link::Bundle) -> Result<(usize, usize), AppError> {
         let unit = self.local.unit()?;
+        // The first device's revocations: verified again, kept and
+        // enforced as if this device had read them in its groups.
+        for bytes in &bundle.revocations {
+            if let Ok(r) = crate::auth::DeviceRevocation::decode(bytes) {
+                self.learn_revocation(&r)?;
+            }
+        }
         let mut contacts = 0;
         for (name, account) in &bundle.contacts {
             if valid_name(name) && self.local.put_contact(name.trim(), account)? {

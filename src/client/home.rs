@@ -253,7 +253,7 @@ impl Home {
         if let Some(n) = bundle.name.as_deref().filter(|n| valid_name(n)) {
             self.write(&self.name_file(), &format!("{n}\n"))?;
         }
-        let app = App::open(&self.dir, device, code.server.clone())?;
+        let mut app = App::open(&self.dir, device, code.server.clone())?;
         let (contacts, groups) = app.import(&bundle)?;
         let conn = app.connect().await?;
         app.publish_key_packages(&conn, true).await?;

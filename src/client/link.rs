@@ -30,6 +30,7 @@ use ring::hkdf;
 use thiserror::Error;
 use zeroize::Zeroizing;
 
+use crate::auth::device::REVOCATION_LEN;
 use crate::auth::{text, AccountId, DeviceId, HushAddress};
 use crate::client::local::MAX_NAME;
 use crate::client::mls::Handover;
@@ -208,14 +209,25 @@ impl LinkCode {
 /// confirmed transcript hash: the first device's state of the group, which
 /// the new device's first join must not go back from, `u8` 0 or 1 then, if
 /// 1, a [`LinkHandover`]: `u64` sequence, `bytes32` GroupInfo with tree,
-/// `u16` k × `bytes32` pending proposal).
+/// `u16` k × `bytes32` pending proposal), then `u16` r × `bytes8<137>`
+/// account-signed device revocation the first device holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bundle {
     pub account: AccountId,
     pub name: Option<String>,
     pub contacts: Vec<(String, AccountId)>,
     pub groups: Vec<LinkedGroup>,
+    /// The account-signed revocations the first device holds (encoded
+    /// [`crate::auth::DeviceRevocation`]s, verified again by the new device):
+    /// the ones that were sent into its groups went out in epochs the new
+    /// device never joins, so without them it would let a revoked device
+    /// (its own account's stolen laptop, say) stay in, or come back into,
+    /// a group its walk reaches.
+    pub revocations: Vec<Vec<u8>>,
 }
+
+/// Most revocations a bundle carries (the account's own first).
+pub const MAX_LINK_REVOCATIONS: usize = 1024;
 
 /// A group of the account, as the first device hands it over.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,7 +263,7 @@ impl LinkHandover {
 
     fn write(&self, w: &mut Writer) -> Result<(), EncodeError> {
         w.u64(self.seq);
-        w.bytes32("group state", &self.state.info, MAX_MLS_MESSAGE)?;
+        w.bytes32("group state", &self.state.info, MAX_LINK_BUNDLE)?;
         w.count("pending proposals", self.state.proposals.len(), MAX_HANDOVER_PROPOSALS)?;
         for p in &self.state.proposals {
             w.bytes32("pending proposal", p, MAX_MLS_MESSAGE)?;
@@ -261,7 +273,7 @@ impl LinkHandover {
 
     fn read(r: &mut Reader) -> Result<Self, DecodeError> {
         let seq = r.u64()?;
-        let info = r.bytes32("group state", MAX_MLS_MESSAGE)?.to_vec();
+        let info = r.bytes32("group state", MAX_LINK_BUNDLE)?.to_vec();
         let k = r.count("pending proposals", MAX_HANDOVER_PROPOSALS)?;
         let mut proposals = Vec::new();
         for _ in 0..k {
@@ -313,6 +325,10 @@ impl Bundle {
                 }
             }
         }
+        w.count("revocations", self.revocations.len(), MAX_LINK_REVOCATIONS)?;
+        for r in &self.revocations {
+            w.bytes8("revocation", r, REVOCATION_LEN)?;
+        }
         Ok(w.into_inner())
     }
 
@@ -342,8 +358,13 @@ impl Bundle {
             };
             groups.push(LinkedGroup { id, name, epoch, transcript, handover });
         }
+        let k = r.count("revocations", MAX_LINK_REVOCATIONS)?;
+        let mut revocations = Vec::new();
+        for _ in 0..k {
+            revocations.push(r.bytes8("revocation", REVOCATION_LEN)?.to_vec());
+        }
         r.finish()?;
-        Ok(Self { account, name, contacts, groups })
+        Ok(Self { account, name, contacts, groups, revocations })
     }
 }
 
@@ -393,6 +414,7 @@ mod tests {
                     }),
                 },
             ],
+            revocations: vec![vec![1; REVOCATION_LEN]],
         };
         let sealed = c.seal_bundle(&bundle).unwrap();
         assert_eq!(back.open_bundle(&sealed).unwrap(), bundle);
@@ -424,7 +446,8 @@ mod tests {
         assert_eq!(c.open_offer(&second).unwrap(), b);
         assert_eq!(c.open_offer(&again).unwrap(), a);
         // Bundles too (an answer can be retried).
-        let bundle = Bundle { account: AccountId([9; 32]), name: None, contacts: vec![], groups: vec![] };
+        let bundle =
+            Bundle { account: AccountId([9; 32]), name: None, contacts: vec![], groups: vec![], revocations: vec![] };
         let (x, y) = (c.seal_bundle(&bundle).unwrap(), c.seal_bundle(&bundle).unwrap());
         assert_ne!(x, y);
         assert_eq!(c.open_bundle(&x).unwrap(), c.open_bundle(&y).unwrap());

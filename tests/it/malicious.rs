@@ -754,3 +754,117 @@ async fn a_linked_device_is_not_forked_into_a_removed_members_group() {
         assert!(ok(hush(laptop, &["sync"])).contains("hello both of you"));
     });
 }
+
+/// Red team (session 30): the walk takes any "new device of a member"
+/// external commit, and a linked device knows none of its account's
+/// revocations (they are not in the hand-over, and the revocation payloads
+/// were sent in epochs before it joined). alice's laptop is stolen and
+/// revoked; she links a phone. The operator, with the thief, shows the phone
+/// a log whose one commit is the revoked laptop joining as "a new device of
+/// alice", and its GroupInfo: the phone's walk reaches it, and the phone
+/// joins a fork where the laptop reads what it sends. alice's own device
+/// would have removed the laptop (it holds the revocation); so does the
+/// phone now, which gets alice's revocations with the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_device_is_not_forked_into_a_group_with_its_accounts_revoked_device() {
+    use hush::auth::DeviceId;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let homes: Vec<PathBuf> = ["alice", "bob", "laptop", "phone"].iter().map(|n| tmp.path().join(n)).collect();
+    // The fork the operator shows the phone: group, log, GroupInfo, epoch,
+    // acknowledged sequence; what the phone sends goes into it.
+    type Fork = Option<(Vec<u8>, Vec<(u64, Vec<u8>)>, Vec<u8>, u64, u64)>;
+    let fork: Arc<Mutex<Fork>> = Arc::new(Mutex::new(None));
+    let sent: Arc<Mutex<Vec<Vec<u8>>>> = Arc::new(Mutex::new(Vec::new()));
+    let (f, s) = (fork.clone(), sent.clone());
+    let rewrite: Rewrite = Arc::new(move |req, resp| {
+        let mut fork = f.lock().unwrap();
+        let (group, log, info, epoch, acked) = fork.as_mut()?;
+        let last = log.last().map_or(0, |(seq, _)| *seq);
+        match req {
+            // Listed once the phone is in (before, it is not a member).
+            Request::ListGroups if !s.lock().unwrap().is_empty() => {
+                let Response::Groups { groups } = resp else { return None };
+                let mut groups: Vec<_> = groups.iter().filter(|g| g.group != *group).cloned().collect();
+                groups.push(hush::wire::GroupSummary {
+                    group: group.clone(),
+                    epoch: *epoch,
+                    last_seq: last,
+                    acked_seq: *acked,
+                    member: true,
+                });
+                Some(Response::Groups { groups })
+            }
+            Request::Fetch { group: g, after, .. } if g == group => Some(Response::Messages {
+                group: group.clone(),
+                messages: log.iter().filter(|(seq, _)| seq > after).cloned().collect(),
+                more: false,
+            }),
+            Request::FetchGroupInfo { group: g } if g == group => {
+                Some(Response::GroupInfo { group: group.clone(), group_info: info.clone(), ratchet_tree: None })
+            }
+            Request::Send { message, group_info, .. } => {
+                s.lock().unwrap().push(message.clone());
+                log.push((last + 1, message.clone()));
+                if let Some(i) = group_info {
+                    *epoch += 1;
+                    *info = i.clone();
+                }
+                Some(Response::Accepted { group: group.clone(), seq: last + 1, epoch: *epoch })
+            }
+            Request::Ack { seq, .. } => {
+                *acked = *seq;
+                Some(Response::Done)
+            }
+            _ => None,
+        }
+    });
+    let evil = Evil::start(&server, homes.clone(), rewrite).await;
+    let (alice, bob, laptop, phone) = (&homes[0], &homes[1], &homes[2], &homes[3]);
+    let group = tokio::task::block_in_place(|| {
+        let alice_id = register(&server, alice, &evil.address);
+        let bob_id = register(&server, bob, &evil.address);
+        ok(hush(alice, &["contact", "add", "bob", &bob_id]));
+        ok(hush(bob, &["contact", "add", "alice", &alice_id]));
+        ok(hush(alice, &["group", "create", "team"]));
+        ok(hush(alice, &["group", "add", "team", "bob"]));
+        ok(hush(bob, &["sync"]));
+        crate::devices::link(alice, laptop, "laptop");
+        ok(hush(laptop, &["sync"]));
+        ok(hush(bob, &["sync"]));
+        // The laptop is stolen: alice revokes it (and removes it from
+        // "team"), then links a phone.
+        ok(hush(alice, &["device", "revoke", "laptop"]));
+        ok(hush(bob, &["sync"]));
+        crate::devices::link(alice, phone, "phone");
+        group_id(&server, alice, "team")
+    });
+    // The thief's laptop (raw openmls; a certificate of alice's account for
+    // the laptop's device, as the laptop holds one) joins from the GroupInfo
+    // the operator hands it, as "a new device of alice".
+    let alice_key = Identity::load(&alice.join("device.key")).unwrap();
+    let direct = Connection::connect(&server.address, &alice_key).await.unwrap();
+    let (info, tree) = direct.group_info(&group).await.unwrap();
+    let summary = direct.groups().await.unwrap().into_iter().find(|g| g.group == group).unwrap();
+    let laptop_key = Identity::load(&laptop.join("device.key")).unwrap();
+    let alice_account = Identity::load(&alice.join("account.key")).unwrap();
+    let mut thief = Member::new(&alice_account, DeviceId(laptop_key.public_key())).unwrap();
+    let forced = thief.join_external(&group, &info, tree.as_deref()).unwrap();
+    let log = vec![(summary.last_seq + 1, forced.message.clone())];
+    *fork.lock().unwrap() = Some((group.clone(), log, forced.group_info.clone(), summary.epoch + 1, summary.last_seq));
+
+    let out = tokio::task::block_in_place(|| {
+        let out = hush(phone, &["sync"]);
+        let _ = hush(phone, &["send", "team", "for alice and bob only"]);
+        out
+    });
+    for message in sent.lock().unwrap().iter() {
+        if let Ok(hush::client::mls::Received::Application { data, .. }) = thief.receive(&group, message) {
+            panic!("the revoked laptop read the phone: {:?}", String::from_utf8_lossy(&data));
+        }
+    }
+    // The phone holds alice's revocations (handed over with the link): it
+    // removes the laptop before anything else.
+    let shown = stdout(&out);
+    assert!(shown.contains("you removed 1 device(s) their account revoked"), "{shown}");
+}

@@ -359,3 +359,64 @@ async fn floods_of_forged_or_replayed_wake_ups_make_no_node_resync() {
     no_resync(alice, bob, &replays).await;
     drop(node2);
 }
+
+/// Red team (session 30): a listener remembered the last number of each
+/// node only in memory, so a node that restarts takes every genuine
+/// wake-up again. A role that can only connect (it LISTENs and records
+/// them) replays node 1's recent wake-ups to the restarted node 2, which
+/// pushes bob messages he already had (and, with more than a queue's worth
+/// recorded, tells every connection to resync). A listener now starts from
+/// the newest number of each node in `notices`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_takes_no_replayed_wake_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((node1, node2)) = two_nodes(tmp.path()) else { return };
+    let (mut peers, g) = group_across(&[&node1, &node2], 2).await;
+    let [alice, bob] = &mut peers[..] else { unreachable!() };
+    let db = tmp.path().join("node1");
+    let m = alice.mls.encrypt(&g, b"said once").unwrap();
+    let (old, _) = alice.conn.send(m, None).await.unwrap();
+    alice.log.sent(old);
+    // What the listening role heard: node 1's genuine wake-ups (read back
+    // here from the rows, with the deployment's key: the same texts).
+    let url = database_for(&db).unwrap();
+    let heard: Vec<String> = {
+        let key = wake_key(&node1);
+        tokio::task::spawn_blocking(move || {
+            let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            client
+                .query("SELECT node, nseq FROM notices ORDER BY id", &[])
+                .unwrap()
+                .iter()
+                .map(|r| hush::pg::wake_up_text(&key, u64::from_le_bytes(r.get::<_, i64>(0).to_le_bytes()), r.get(1)))
+                .collect()
+        })
+        .await
+        .unwrap()
+    };
+    assert!(!heard.is_empty());
+    // Node 2 restarts (a new process); bob connects to it again.
+    let dir2 = node2.data_dir.clone();
+    drop(node2);
+    let node2 = Hushd::start_with(&dir2, "127.0.0.1:0", UNLIMITED);
+    let conn = Connection::connect(&node2.address, &bob.id).await.unwrap();
+    conn.groups().await.unwrap();
+    let replays: String = heard.iter().map(|w| format!("BEGIN; NOTIFY hush, '{w}'; COMMIT;\n")).collect();
+    sql(&db, &replays);
+    // A genuine message after the replays: bob gets it, and nothing before.
+    let m = alice.mls.encrypt(&g, b"said after").unwrap();
+    let (new, _) = alice.conn.send(m, None).await.unwrap();
+    let mut pushes = tokio::time::timeout(WAIT, conn.pushes()).await.expect("no push stream").unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, pushes.next()).await.expect("no push within the wait").unwrap() {
+            Some(Push::Message { group, seq, .. }) if group == g && seq == new => break,
+            Some(Push::Message { group, seq, .. }) if group == g => {
+                panic!("a replayed wake-up made the restarted node push seq {seq} again (the message was {old})")
+            }
+            Some(Push::Resync) => panic!("the replays made the restarted node tell bob to resync"),
+            Some(_) => continue,
+            None => panic!("push stream ended"),
+        }
+    }
+    drop(node2);
+}

@@ -7,7 +7,9 @@ use std::time::Duration;
 use super::sync::External;
 use super::*;
 use crate::auth::DeviceRevocation;
-use crate::client::link::{Bundle, LinkCode, LinkError, LinkHandover, LinkedGroup, SEAL_OVERHEAD};
+use crate::client::link::{
+    Bundle, LinkCode, LinkError, LinkHandover, LinkedGroup, MAX_LINK_REVOCATIONS, SEAL_OVERHEAD,
+};
 use crate::client::local::valid_name;
 use crate::client::mls::Descent;
 use crate::limits::MAX_LINK_BUNDLE;
@@ -70,8 +72,25 @@ impl App {
             }
             groups.push(LinkedGroup { id: g.id, name, epoch, transcript, handover: None });
         }
-        let mut bundle =
-            Bundle { account: self.account(), name: person.map(str::to_owned), contacts: self.contacts()?, groups };
+        // The revocations this device holds, the account's own first: the
+        // new device joins in epochs after they were sent into the groups.
+        let mut revocations: Vec<(bool, Vec<u8>)> = self
+            .local
+            .revocations()?
+            .into_iter()
+            .filter_map(|bytes| DeviceRevocation::decode(&bytes).ok())
+            .map(|r| (r.account != self.account(), r.encode()))
+            .collect();
+        revocations.sort();
+        revocations.truncate(MAX_LINK_REVOCATIONS);
+        let revocations = revocations.into_iter().map(|(_, r)| r).collect();
+        let mut bundle = Bundle {
+            account: self.account(),
+            name: person.map(str::to_owned),
+            contacts: self.contacts()?,
+            groups,
+            revocations,
+        };
         let left_out = fit_handovers(&mut bundle, states)?;
         conn.link_answer(code.id(), certificate.encode(), code.seal_bundle(&bundle)?).await?;
         self.local.name_device(&device, name)?;
@@ -289,7 +308,10 @@ fn fit_handovers(bundle: &mut Bundle, mut states: Vec<(usize, LinkHandover)>) ->
     for (i, h) in states {
         let Some(g) = bundle.groups.get_mut(i) else { continue };
         let need = h.encoded_len();
-        if need <= room {
+        // One the bundle's encoding would refuse (more proposals than it
+        // carries: a large group's removals, say) is left out, never the
+        // whole link.
+        if need <= room && h.encode().is_ok() {
             room -= need;
             g.handover = Some(h);
         } else {
@@ -297,4 +319,56 @@ fn fit_handovers(bundle: &mut Bundle, mut states: Vec<(usize, LinkHandover)>) ->
         }
     }
     Ok(left_out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::mls::Handover;
+    use crate::limits::{MAX_HANDOVER_PROPOSALS, MAX_MLS_MESSAGE};
+
+    fn group(name: &str) -> LinkedGroup {
+        LinkedGroup {
+            id: name.as_bytes().to_vec(),
+            name: name.into(),
+            epoch: 1,
+            transcript: vec![1; 32],
+            handover: None,
+        }
+    }
+
+    /// Red team (session 30): a group whose state is larger than one MLS
+    /// message (a GroupInfo with the tree of ~1,200 leaves) but fits in the
+    /// bundle, or whose first device holds more pending proposals than a
+    /// bundle carries (the server's removals, one per leaf of a large
+    /// group), made the bundle's encoding fail: `hush device add` failed for
+    /// every group of the account.
+    #[test]
+    fn a_state_the_bundle_cannot_carry_is_left_out_not_the_link() {
+        let mut bundle = Bundle {
+            account: AccountId([9; 32]),
+            name: None,
+            contacts: vec![],
+            groups: vec![group("big"), group("removals"), group("small")],
+            revocations: vec![],
+        };
+        let states = vec![
+            (0, LinkHandover { seq: 1, state: Handover { info: vec![5; MAX_MLS_MESSAGE + 1024], proposals: vec![] } }),
+            (
+                1,
+                LinkHandover {
+                    seq: 1,
+                    state: Handover { info: vec![5; 100], proposals: vec![vec![1; 8]; MAX_HANDOVER_PROPOSALS + 1] },
+                },
+            ),
+            (2, LinkHandover { seq: 1, state: Handover { info: vec![5; 100], proposals: vec![] } }),
+        ];
+        let left_out = fit_handovers(&mut bundle, states).unwrap();
+        let encoded = bundle.encode().expect("the bundle encodes");
+        assert!(encoded.len() + SEAL_OVERHEAD <= MAX_LINK_BUNDLE);
+        assert_eq!(left_out, ["removals"]);
+        let back = Bundle::decode(&encoded).unwrap();
+        assert!(back.groups[0].handover.is_some(), "a state up to the bundle's size is handed over");
+        assert!(back.groups[2].handover.is_some());
+    }
 }

@@ -238,7 +238,17 @@ impl App {
         if summary.is_none() && !self.member.has_group(&g.id) {
             // A group of this account that this (linked) device is not in
             // yet.
-            return self.join_linked(conn, &g.id, new).await;
+            self.join_linked(conn, &g.id, new).await?;
+            // The state joined may hold a device its account revoked (the
+            // walk takes what a member takes): out before anything is sent.
+            if self.member.has_group(&g.id) {
+                if let Some((seq, n)) = self.remove_revoked(conn, &g.id).await? {
+                    let line = format!("you removed {n} device(s) their account revoked, still or again in the group");
+                    let me = self.account();
+                    new.push(self.record(&g.id, seq, Some(&me), EntryKind::Event, &line)?);
+                }
+            }
+            return Ok(());
         }
         self.sync_group_upto(conn, &g.id, summary, new).await?;
         // Removals the server proposed, and members leaving, take effect

@@ -61,6 +61,9 @@ const LOOKUP: &str = "SELECT n.nseq, n.node, n.kind, n.grp, n.seq, n.device FROM
                       JOIN unnest($1::bigint[], $2::bigint[]) AS w(node, nseq)
                       ON n.node = w.node AND n.nseq = w.nseq";
 
+/// The newest number each node gave a row still in `notices`.
+const NEWEST: &str = "SELECT node, max(nseq) FROM notices GROUP BY node";
+
 /// What [`WakeKey`] is derived under, from the server key.
 const WAKE_KEY_LABEL: &[u8] = b"hush wake-ups v1";
 
@@ -182,6 +185,14 @@ pub struct Heard {
 }
 
 impl Heard {
+    /// Marks every number of `node` up to `n` as taken (what the listener
+    /// finds stored when it starts listening).
+    pub fn seen(&mut self, node: u64, n: i64) {
+        if self.last.get(&node).is_none_or(|(last, _)| *last < n) {
+            self.take(node, n);
+        }
+    }
+
     /// Whether number `n` of `node` is new (and takes it).
     pub fn take(&mut self, node: u64, n: i64) -> bool {
         self.clock += 1;
@@ -274,7 +285,14 @@ where
     let client = &client;
     let setup = async move {
         client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
-        client.prepare(LOOKUP).await
+        // Listening now: every wake-up of a row stored from here on is
+        // heard, so none numbered up to the newest stored already is
+        // genuine news (a replay, after a restart of this process, of one
+        // a role recorded). Rows before were missed anyway: this node's
+        // clients sync from their cursors at their start, or on the resync
+        // a reconnection tells them to.
+        let newest = client.query(NEWEST, &[]).await?;
+        Ok::<_, tokio_postgres::Error>((client.prepare(LOOKUP).await?, newest))
     };
     tokio::pin!(setup);
     let mut statement = None;
@@ -301,7 +319,13 @@ where
         }
         tokio::select! {
             done = &mut setup, if statement.is_none() => {
-                statement = Some(done?);
+                let (prepared, newest) = done?;
+                for row in &newest {
+                    if let (Ok(node), Ok(Some(n))) = (row.try_get::<_, i64>(0), row.try_get::<_, Option<i64>>(1)) {
+                        taken.seen(u64::from_le_bytes(node.to_le_bytes()), n);
+                    }
+                }
+                statement = Some(prepared);
                 if events.send(Event::Listening).await.is_err() {
                     return Ok(());
                 }
