@@ -388,7 +388,9 @@ async fn a_restarted_node_takes_no_replayed_wake_up() {
                 .query("SELECT node, nseq FROM notices ORDER BY id", &[])
                 .unwrap()
                 .iter()
-                .map(|r| hush::pg::wake_up_text(&key, u64::from_le_bytes(r.get::<_, i64>(0).to_le_bytes()), r.get(1)))
+                .map(|r| {
+                    hush::db::pg::wake_up_text(&key, u64::from_le_bytes(r.get::<_, i64>(0).to_le_bytes()), r.get(1))
+                })
                 .collect()
         })
         .await
