@@ -194,6 +194,13 @@ pub const NOTICE_QUEUE: usize = 4096;
 /// process is one; past this many, the longest silent is forgotten.
 pub const MAX_WAKE_NODES: usize = 1024;
 
+/// How far a wake-up's time may be from the listening node's clock. Older
+/// ones are refused: their rows may be gone, so a restarted node could not
+/// tell a replay from news. Half of [`NOTICE_RETENTION`], so nodes whose
+/// clocks differ by less than this still hear each other (keep them on
+/// NTP).
+pub const WAKE_UP_FRESHNESS: Duration = Duration::from_secs(NOTICE_RETENTION.as_secs() / 2);
+
 /// Wake-ups a node looks up in the `notices` table in one query.
 pub const NOTICE_LOOKUP_BATCH: usize = 256;
 

@@ -10,6 +10,9 @@ use hush::auth::Identity;
 use hush::db::pg::{wake_up, wake_up_text, WakeKey};
 use libfuzzer_sys::fuzz_target;
 
+/// The listening node's clock.
+const NOW: u64 = 1_800_000_000;
+
 fn key() -> &'static WakeKey {
     static KEY: OnceLock<WakeKey> = OnceLock::new();
     KEY.get_or_init(|| WakeKey::of(&Identity::generate().expect("a key")).expect("a wake-up key"))
@@ -17,8 +20,9 @@ fn key() -> &'static WakeKey {
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        if let Some((node, n)) = wake_up(key(), text) {
-            assert_eq!(wake_up_text(key(), node, n), text);
+        if let Some((node, n)) = wake_up(key(), text, NOW) {
+            let at = text.split(':').nth(2).and_then(|t| t.parse().ok()).expect("a time");
+            assert_eq!(wake_up_text(key(), node, n, at), text);
         }
     }
     // What a node writes for any node and number verifies, and only as it is.
@@ -26,13 +30,13 @@ fuzz_target!(|data: &[u8]| {
         let node = u64::from_le_bytes(node.try_into().expect("8 bytes"));
         let n = i64::from_le_bytes(n.try_into().expect("8 bytes")) & i64::MAX;
         if n >= 1 {
-            let text = wake_up_text(key(), node, n);
-            assert_eq!(wake_up(key(), &text), Some((node, n)));
+            let text = wake_up_text(key(), node, n, NOW);
+            assert_eq!(wake_up(key(), &text, NOW), Some((node, n)));
             let mut changed = text.clone().into_bytes();
             let at = usize::from(flip) % changed.len();
             changed[at] ^= 1;
             if let Ok(changed) = String::from_utf8(changed) {
-                assert_eq!(wake_up(key(), &changed), None, "{changed}");
+                assert_eq!(wake_up(key(), &changed, NOW), None, "{changed}");
             }
         }
     }

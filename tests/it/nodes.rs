@@ -265,7 +265,7 @@ async fn issue_29_a_forged_notify_does_not_disconnect_a_live_device() {
         &format!(
             "INSERT INTO notices (node, nseq, kind, device) VALUES (7, 1, 'r', '\\x{bob_device}');
              NOTIFY hush, '{}'",
-            hush::db::pg::wake_up_text(&key, 7, 1)
+            hush::db::pg::wake_up_text(&key, 7, 1, hush::util::now_unix())
         ),
     )
     .await;
@@ -287,9 +287,10 @@ async fn issue_29_a_forged_notify_does_not_disconnect_a_live_device() {
 /// any role that could connect to the database could send enough of them to
 /// fill a node's queue, and the node told every connection to resync. Now a
 /// node takes only wake-ups whose tag verifies under the key derived from
-/// the server key, each number of each node once and upwards: floods of the
-/// old form, of forged tags and of a genuine wake-up replayed leave bob's
-/// live pushes alone (no resync before the next message).
+/// the server key, each number of each node once and upwards, and only
+/// recent ones: floods of the old form, of forged tags, of a genuine
+/// wake-up replayed and of old genuine ones leave bob's live pushes alone
+/// (no resync before the next message).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn floods_of_forged_or_replayed_wake_ups_make_no_node_resync() {
     let tmp = tempfile::tempdir().unwrap();
@@ -354,9 +355,23 @@ async fn floods_of_forged_or_replayed_wake_ups_make_no_node_resync() {
     })
     .await
     .unwrap();
-    let genuine = hush::db::pg::wake_up_text(&wake_key(&node1), u64::from_le_bytes(node.to_le_bytes()), nseq);
+    let genuine = hush::db::pg::wake_up_text(
+        &wake_key(&node1),
+        u64::from_le_bytes(node.to_le_bytes()),
+        nseq,
+        hush::util::now_unix(),
+    );
     let replays = format!("BEGIN; NOTIFY hush, '{genuine}'; COMMIT;\n").repeat(flood);
     no_resync(alice, bob, &replays).await;
+    // Genuine wake-ups recorded long ago, of node processes long gone
+    // (their rows expired, so nothing tells a listener it saw them): each
+    // is new to the listener, but too old to be taken.
+    let key = wake_key(&node1);
+    let long_ago = hush::util::now_unix() - 3600;
+    let stale: String = (1..=flood as u64)
+        .map(|node| format!("NOTIFY hush, '{}';\n", hush::db::pg::wake_up_text(&key, node, 1, long_ago)))
+        .collect();
+    no_resync(alice, bob, &stale).await;
     drop(node2);
 }
 
@@ -389,7 +404,8 @@ async fn a_restarted_node_takes_no_replayed_wake_up() {
                 .unwrap()
                 .iter()
                 .map(|r| {
-                    hush::db::pg::wake_up_text(&key, u64::from_le_bytes(r.get::<_, i64>(0).to_le_bytes()), r.get(1))
+                    let node = u64::from_le_bytes(r.get::<_, i64>(0).to_le_bytes());
+                    hush::db::pg::wake_up_text(&key, node, r.get(1), hush::util::now_unix())
                 })
                 .collect()
         })

@@ -100,7 +100,10 @@ impl Target {
         let first = self.notices.fetch_add(k64, Ordering::Relaxed).saturating_add(1);
         let numbers: Vec<i64> = (0..k64).map(|i| first.saturating_add(i)).collect();
         let texts = match &self.wake {
-            Some(key) => numbers.iter().map(|n| super::listen::wake_up_text(key, self.node, *n)).collect(),
+            Some(key) => {
+                let at = crate::util::now_unix();
+                numbers.iter().map(|n| super::listen::wake_up_text(key, self.node, *n, at)).collect()
+            }
             None => Vec::new(),
         };
         (numbers, texts)

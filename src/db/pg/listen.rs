@@ -53,7 +53,9 @@ pub const CHANNEL: &str = "hush";
 /// The `application_name` of a node's listening connection.
 pub const APPLICATION_NAME: &str = "hushd-listen";
 
-pub use crate::limits::{LISTEN_RECONNECT_DELAY as RECONNECT_DELAY, MAX_WAKE_NODES, NOTICE_LOOKUP_BATCH, NOTICE_QUEUE};
+pub use crate::limits::{
+    LISTEN_RECONNECT_DELAY as RECONNECT_DELAY, MAX_WAKE_NODES, NOTICE_LOOKUP_BATCH, NOTICE_QUEUE, WAKE_UP_FRESHNESS,
+};
 
 /// Reads the rows of the notices a batch of wake-ups named (by node and
 /// the node's number).
@@ -146,31 +148,47 @@ pub(super) fn node_text(node: u64) -> String {
 /// Length of a wake-up's tag in hex digits (all of HMAC-SHA-256).
 const TAG_HEX: usize = 64;
 
-/// The wake-up for notice number `n` of `node`, as the committing
-/// statement sends it: `NODE:N:TAG`, the node in 16 lowercase hex digits,
-/// the number in decimal, and the HMAC-SHA-256 of `NODE:N` under `key` in
-/// 64 lowercase hex digits.
-pub fn wake_up_text(key: &WakeKey, node: u64, n: i64) -> String {
-    let body = format!("{}:{n}", node_text(node));
+/// The wake-up for notice number `n` of `node`, sent at `at` (Unix
+/// seconds), as the committing statement sends it: `NODE:N:AT:TAG`, the
+/// node in 16 lowercase hex digits, the number and the time in decimal, and
+/// the HMAC-SHA-256 of `NODE:N:AT` under `key` in 64 lowercase hex digits.
+pub fn wake_up_text(key: &WakeKey, node: u64, n: i64, at: u64) -> String {
+    let body = format!("{}:{n}:{at}", node_text(node));
     let tag = ring::hmac::sign(&key.0, body.as_bytes());
     let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     format!("{body}:{hex}")
 }
 
 /// A wake-up's payload ([`wake_up_text`], and only that exact form, with a
-/// tag that verifies under `key`): the node and its number; `None` for
-/// anything else.
-pub fn wake_up(key: &WakeKey, text: &str) -> Option<(u64, i64)> {
+/// tag that verifies under `key`, sent within [`WAKE_UP_FRESHNESS`] of
+/// `now`): the node and its number; `None` for anything else. (A wake-up
+/// older than that names a row the expiry may have deleted, so a restarted
+/// node could not tell it is not news; see [`Heard`].)
+pub fn wake_up(key: &WakeKey, text: &str, now: u64) -> Option<(u64, i64)> {
     let (body, tag) = text.rsplit_once(':')?;
-    let (node, n) = body.split_once(':')?;
+    let mut fields = body.split(':');
+    let (node, n, at) = (fields.next()?, fields.next()?, fields.next()?);
     let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
-    let decimal = !n.is_empty() && n.len() <= 19 && n.bytes().all(|b| b.is_ascii_digit()) && !n.starts_with('0');
-    if node.len() != 16 || !node.bytes().all(hex) || !decimal || tag.len() != TAG_HEX || !tag.bytes().all(hex) {
+    let decimal = |d: &str| !d.is_empty() && d.len() <= 19 && d.bytes().all(|b| b.is_ascii_digit());
+    if fields.next().is_some()
+        || node.len() != 16
+        || !node.bytes().all(hex)
+        || !decimal(n)
+        || n.starts_with('0')
+        || !decimal(at)
+        || (at.starts_with('0') && at != "0")
+        || tag.len() != TAG_HEX
+        || !tag.bytes().all(hex)
+    {
         return None;
     }
     let tag: Vec<u8> =
         (0..TAG_HEX / 2).map(|i| u8::from_str_radix(tag.get(2 * i..2 * i + 2)?, 16).ok()).collect::<Option<_>>()?;
     ring::hmac::verify(&key.0, body.as_bytes(), &tag).ok()?;
+    let at: u64 = at.parse().ok()?;
+    if at.abs_diff(now) > WAKE_UP_FRESHNESS.as_secs() {
+        return None;
+    }
     Some((u64::from_str_radix(node, 16).ok()?, n.parse().ok()?))
 }
 
@@ -351,7 +369,7 @@ where
             }
             message = std::future::poll_fn(|cx| conn.poll_message(cx)) => match message {
                 Some(Ok(AsyncMessage::Notification(n))) => {
-                    let Some((node, number)) = target.wake_key().and_then(|key| wake_up(key, n.payload())) else {
+                    let Some((node, number)) = target.wake_key().and_then(|key| wake_up(key, n.payload(), crate::util::now_unix())) else {
                         // Said once per connection: whoever sends them
                         // could otherwise flood the log too.
                         if !warned {
@@ -392,17 +410,24 @@ mod tests {
 
     #[test]
     fn wake_ups_name_a_node_and_a_number_and_verify_under_the_deployments_key() {
+        const NOW: u64 = 1_800_000_000;
         let k = key();
-        let text = wake_up_text(&k, 7, 42);
-        assert!(text.starts_with("0000000000000007:42:"), "{text}");
-        assert_eq!(text.len(), 16 + 1 + 2 + 1 + TAG_HEX);
-        assert_eq!(wake_up(&k, &text), Some((7, 42)));
+        let text = wake_up_text(&k, 7, 42, NOW);
+        assert!(text.starts_with("0000000000000007:42:1800000000:"), "{text}");
+        assert_eq!(wake_up(&k, &text, NOW), Some((7, 42)));
         for (node, n) in [(u64::MAX, 1), (0, i64::MAX), (0xabcdef, 10)] {
-            assert_eq!(wake_up(&k, &wake_up_text(&k, node, n)), Some((node, n)));
+            assert_eq!(wake_up(&k, &wake_up_text(&k, node, n, NOW), NOW), Some((node, n)));
         }
         assert_eq!(u64::from_le_bytes(node_column(u64::MAX).to_le_bytes()), u64::MAX);
+        // Within the freshness either way (clocks differ a little), not
+        // beyond: a replay of an old one names a row that may be gone.
+        let fresh = WAKE_UP_FRESHNESS.as_secs();
+        assert_eq!(wake_up(&k, &text, NOW + fresh), Some((7, 42)));
+        assert_eq!(wake_up(&k, &text, NOW - fresh), Some((7, 42)));
+        assert_eq!(wake_up(&k, &text, NOW + fresh + 1), None, "too old");
+        assert_eq!(wake_up(&k, &text, NOW - fresh - 1), None, "from the future");
         // Another deployment's key (or none: a role that can only connect).
-        assert_eq!(wake_up(&key(), &text), None);
+        assert_eq!(wake_up(&key(), &text, NOW), None);
         let tag = &text[text.len() - TAG_HEX..];
         let mut flipped = text.clone().into_bytes();
         let last = flipped.len() - 1;
@@ -410,26 +435,31 @@ mod tests {
         let device = "03".repeat(32);
         for bad in [
             String::from_utf8(flipped).unwrap(),
-            // The same tag on another node or number.
-            format!("0000000000000008:42:{tag}"),
-            format!("0000000000000007:43:{tag}"),
+            // The same tag on another node, number or time.
+            format!("0000000000000008:42:1800000000:{tag}"),
+            format!("0000000000000007:43:1800000000:{tag}"),
+            format!("0000000000000007:42:1800000001:{tag}"),
             text.to_uppercase(),
             format!("{text}:1"),
             text[..text.len() - 2].to_string(),
             "".to_string(),
-            "0000000000000007:42".to_string(),
-            format!("0000000000000007:0:{tag}"),
-            format!("0000000000000007:-1:{tag}"),
-            format!("0000000000000007:+1:{tag}"),
-            format!("0000000000000007:042:{tag}"),
-            format!("0000000000000007:99999999999999999999:{tag}"),
-            format!("7:42:{tag}"),
-            // What wake-ups looked like before: `NODE:ID`, and older still.
+            format!("0000000000000007:42:{tag}"),
+            format!("0000000000000007:0:1800000000:{tag}"),
+            format!("0000000000000007:-1:1800000000:{tag}"),
+            format!("0000000000000007:+1:1800000000:{tag}"),
+            format!("0000000000000007:042:1800000000:{tag}"),
+            format!("0000000000000007:42:01800000000:{tag}"),
+            format!("0000000000000007:42::{tag}"),
+            format!("0000000000000007:99999999999999999999:1800000000:{tag}"),
+            format!("7:42:1800000000:{tag}"),
+            // What wake-ups looked like before: `NODE:N:TAG`, `NODE:ID`,
+            // and older still.
+            format!("0000000000000007:42:{tag}"),
             "0000000000000007:42".to_string(),
             "0000000000000007:m:0102ff:42".to_string(),
             format!("0000000000000007:r:{device}"),
         ] {
-            assert_eq!(wake_up(&k, &bad), None, "{bad}");
+            assert_eq!(wake_up(&k, &bad, NOW), None, "{bad}");
         }
     }
 
