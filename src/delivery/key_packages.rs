@@ -12,6 +12,17 @@ use crate::util::TokenBucket;
 use crate::wire::{ErrorCode, Response};
 
 impl Delivery {
+    /// How many KeyPackages the caller's device has left, and whether it
+    /// has a last-resort one.
+    pub(super) fn count_key_packages<S: Storage>(
+        &mut self,
+        store: &mut S,
+        caller: &Caller,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        let (count, last_resort) = store.key_package_count(&caller.device)?;
+        Ok(Outcome::reply(Response::KeyPackageCount { count, last_resort }))
+    }
+
     pub(super) fn publish<S: Storage>(
         &mut self,
         store: &mut S,

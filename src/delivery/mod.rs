@@ -6,7 +6,10 @@
 //! [`Notification`]s to push. It knows no sockets and reads no clock; the
 //! server calls it on its storage threads, the unit tests and the fuzzer on
 //! a [`memory::MemoryStore`]. Every request kind is answered here, except
-//! `Ping`, which the connection answers itself (it measures the transport).
+//! `Ping`, which the connection answers itself (it measures the transport):
+//! `handle` checks who may send it and hands it to its handler, one per
+//! kind, next to its siblings (`accounts`, `devices`, `links`,
+//! `key_packages`, `groups`, `handshake`, `reading`).
 //!
 //! # Rules
 //!
@@ -97,6 +100,7 @@ mod handshake;
 mod key_packages;
 mod links;
 pub mod memory;
+mod reading;
 use crate::mls;
 mod retention;
 pub mod storage;
@@ -107,10 +111,9 @@ use std::sync::Arc;
 use openmls_rust_crypto::RustCrypto;
 
 use crate::auth::{AccountId, DeviceCertificate, DeviceId};
-use crate::limits::{FETCH_BYTE_BUDGET, MAX_CACHED_ROSTERS, MAX_FETCH_ENTRIES, MAX_GROUPS_LISTED};
+use crate::limits::MAX_CACHED_ROSTERS;
 use crate::util::TokenBucket;
-use crate::wire::{ErrorCode, GroupSummary, Request, Response};
-use groups::load_public;
+use crate::wire::{ErrorCode, Request, Response};
 
 pub use devices::{Removal, RemoveError};
 pub use storage::{GroupRecord, Membership, NewKeyPackage, SendContext, Storage};
@@ -327,23 +330,6 @@ impl Delivery {
         Ok(())
     }
 
-    /// Whether a request may write (and so must go through the writer).
-    pub fn writes(request: &Request) -> bool {
-        !matches!(
-            request,
-            Request::Fetch { .. }
-                | Request::FetchWelcomes
-                | Request::ListGroups
-                | Request::FetchGroupInfo { .. }
-                | Request::CountKeyPackages
-                | Request::Status
-                | Request::ListDevices
-                | Request::LinkFetch { .. }
-                | Request::LinkResult { .. }
-                | Request::Ping { .. }
-        )
-    }
-
     /// Handles one request at time `now`.
     pub fn handle<S: Storage>(
         &mut self,
@@ -379,7 +365,6 @@ impl Delivery {
         request: Request,
         now: u64,
     ) -> Result<Outcome, Refusal<S::Error>> {
-        let reply = |response| Ok(Outcome::reply(response));
         let device = caller.device;
         // A revoked device (or one of a removed account) is refused at once,
         // whatever connection it still holds.
@@ -408,10 +393,7 @@ impl Delivery {
             Request::PublishKeyPackages { packages, last_resort } => {
                 self.publish(store, &caller, &packages, last_resort, now)
             }
-            Request::CountKeyPackages => {
-                let (count, last_resort) = store.key_package_count(&device)?;
-                reply(Response::KeyPackageCount { count, last_resort })
-            }
+            Request::CountKeyPackages => self.count_key_packages(store, &caller),
             Request::ClaimKeyPackage { account: target } => self.claim(store, &caller.account, &AccountId(target), now),
             Request::CreateGroup { group_info, ratchet_tree } => {
                 self.create_group(store, &caller, &group_info, &ratchet_tree, now)
@@ -419,87 +401,12 @@ impl Delivery {
             Request::Send { message, welcome, group_info } => {
                 self.send(store, &caller, message, welcome, group_info, now)
             }
-            Request::Fetch { group, after, limit } => {
-                let m = store.membership(&group, &device)?.ok_or_else(not_member)?;
-                let limit = match usize::from(limit) {
-                    0 => MAX_FETCH_ENTRIES,
-                    n => n.min(MAX_FETCH_ENTRIES),
-                };
-                let (messages, more) =
-                    store.fetch(&group, after.max(m.joined_after), m.left_at, limit, FETCH_BYTE_BUDGET)?;
-                reply(Response::Messages { group, messages, more })
-            }
-            Request::Ack { group, seq } => {
-                let m = store.membership(&group, &device)?.ok_or_else(not_member)?;
-                let last = store.group(&group)?.map(|g| g.last_seq).unwrap_or(0);
-                let visible_end = m.left_at.unwrap_or(last).min(last);
-                let seq = seq.min(visible_end);
-                if m.left_at.is_some_and(|left| seq >= left) {
-                    // A removed device that has read up to its removal is
-                    // done with the group: its row goes, and the group with
-                    // it from its list.
-                    store.delete_member(&group, &device)?;
-                    self.delete_acknowledged(store, &group)?;
-                } else if seq > m.acked {
-                    store.set_acked(&group, &device, seq)?;
-                    self.delete_acknowledged(store, &group)?;
-                }
-                Ok(Outcome::wrote(Response::Done, vec![]))
-            }
-            Request::FetchWelcomes => {
-                let welcomes = store.welcomes(&device, MAX_FETCH_ENTRIES, FETCH_BYTE_BUDGET)?;
-                reply(Response::Welcomes { welcomes })
-            }
-            Request::AckWelcome { id } => {
-                store.delete_welcome(&device, id)?;
-                Ok(Outcome::wrote(Response::Done, vec![]))
-            }
-            Request::ListGroups => {
-                let groups = store.groups_of(&device, MAX_GROUPS_LISTED)?;
-                let groups = groups
-                    .into_iter()
-                    .map(|g| GroupSummary {
-                        group: g.group,
-                        epoch: g.epoch,
-                        last_seq: g.last_seq,
-                        acked_seq: g.acked,
-                        member: g.current,
-                    })
-                    .collect();
-                reply(Response::Groups { groups })
-            }
-            Request::FetchGroupInfo { group } => {
-                // Current member devices, and a new device of an account
-                // that has one (it joins by an external commit).
-                if store.membership(&group, &device)?.filter(Membership::is_current).is_none()
-                    && !store.members(&group)?.iter().any(|(_, m)| m.is_current() && m.account == caller.account)
-                {
-                    return Err(not_member());
-                }
-                let group_info = store.group_info(&group)?.ok_or_else(|| {
-                    refuse(
-                        ErrorCode::NoGroupInfo,
-                        "the group has no GroupInfo yet (created by an older server); any member's next commit stores one",
-                    )
-                })?;
-                let carries_tree = mls::parse_group_info(&group_info)
-                    .map_err(|e| Refusal::Internal(format!("stored GroupInfo: {e}")))?
-                    .extensions()
-                    .ratchet_tree()
-                    .is_some();
-                let ratchet_tree = if carries_tree {
-                    None
-                } else {
-                    let record = store.group(&group)?.ok_or_else(not_member)?;
-                    let (_, public) = load_public(&record.state, &group)?;
-                    let tree = public.export_ratchet_tree();
-                    Some(
-                        openmls::prelude::tls_codec::Serialize::tls_serialize_detached(&tree)
-                            .map_err(|e| Refusal::Internal(format!("encoding the tree: {e}")))?,
-                    )
-                };
-                reply(Response::GroupInfo { group, group_info, ratchet_tree })
-            }
+            Request::Fetch { group, after, limit } => self.fetch(store, &caller, group, after, limit),
+            Request::Ack { group, seq } => self.ack(store, &caller, &group, seq),
+            Request::FetchWelcomes => self.fetch_welcomes(store, &caller),
+            Request::AckWelcome { id } => self.ack_welcome(store, &caller, id),
+            Request::ListGroups => self.list_groups(store, &caller),
+            Request::FetchGroupInfo { group } => self.fetch_group_info(store, &caller, group),
         }
     }
 }

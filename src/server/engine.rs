@@ -130,7 +130,7 @@ impl Engine {
     /// writer (batched). Returns once the outcome is durable.
     pub async fn deliver(&self, origin: impl Into<Origin>, request: Request, now: u64) -> Result<Outcome, StoreError> {
         let (reply, rx) = oneshot::channel();
-        let writes = Delivery::writes(&request);
+        let writes = request.writes();
         let pending = Pending { origin: origin.into(), request, now, reply };
         let m = super::metrics::metrics();
         m.queued(writes, 1);

@@ -1,0 +1,139 @@
+//! What a device reads: its groups' logs (and acknowledging them), its
+//! Welcomes, the groups it is in, and a group's current GroupInfo (to
+//! rejoin).
+
+use super::groups::load_public;
+use super::{mls, not_member, refuse, Caller, Delivery, Membership, Outcome, Refusal, Storage};
+use crate::limits::{FETCH_BYTE_BUDGET, MAX_FETCH_ENTRIES, MAX_GROUPS_LISTED};
+use crate::wire::{ErrorCode, GroupSummary, Response};
+
+impl Delivery {
+    /// Messages of `group` after `after` (at most `limit`, 0 for the most
+    /// one response carries) that the caller may read: from when it joined
+    /// to when it left.
+    pub(super) fn fetch<S: Storage>(
+        &mut self,
+        store: &mut S,
+        caller: &Caller,
+        group: Vec<u8>,
+        after: u64,
+        limit: u16,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        let m = store.membership(&group, &caller.device)?.ok_or_else(not_member)?;
+        let limit = match usize::from(limit) {
+            0 => MAX_FETCH_ENTRIES,
+            n => n.min(MAX_FETCH_ENTRIES),
+        };
+        let (messages, more) = store.fetch(&group, after.max(m.joined_after), m.left_at, limit, FETCH_BYTE_BUDGET)?;
+        Ok(Outcome::reply(Response::Messages { group, messages, more }))
+    }
+
+    /// The caller has read `group` up to `seq`: messages everyone read go,
+    /// and a removed device that read up to its removal leaves the group's
+    /// list for good.
+    pub(super) fn ack<S: Storage>(
+        &mut self,
+        store: &mut S,
+        caller: &Caller,
+        group: &[u8],
+        seq: u64,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        let device = caller.device;
+        let m = store.membership(group, &device)?.ok_or_else(not_member)?;
+        let last = store.group(group)?.map(|g| g.last_seq).unwrap_or(0);
+        let visible_end = m.left_at.unwrap_or(last).min(last);
+        let seq = seq.min(visible_end);
+        if m.left_at.is_some_and(|left| seq >= left) {
+            // A removed device that has read up to its removal is done
+            // with the group: its row goes, and the group with it from its
+            // list.
+            store.delete_member(group, &device)?;
+            self.delete_acknowledged(store, group)?;
+        } else if seq > m.acked {
+            store.set_acked(group, &device, seq)?;
+            self.delete_acknowledged(store, group)?;
+        }
+        Ok(Outcome::wrote(Response::Done, vec![]))
+    }
+
+    /// The Welcomes waiting for the caller.
+    pub(super) fn fetch_welcomes<S: Storage>(
+        &mut self,
+        store: &mut S,
+        caller: &Caller,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        let welcomes = store.welcomes(&caller.device, MAX_FETCH_ENTRIES, FETCH_BYTE_BUDGET)?;
+        Ok(Outcome::reply(Response::Welcomes { welcomes }))
+    }
+
+    /// The caller processed Welcome `id`: it goes.
+    pub(super) fn ack_welcome<S: Storage>(
+        &mut self,
+        store: &mut S,
+        caller: &Caller,
+        id: u64,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        store.delete_welcome(&caller.device, id)?;
+        Ok(Outcome::wrote(Response::Done, vec![]))
+    }
+
+    /// The groups the caller is (or was, until it read up to its removal)
+    /// in.
+    pub(super) fn list_groups<S: Storage>(
+        &mut self,
+        store: &mut S,
+        caller: &Caller,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        let groups = store
+            .groups_of(&caller.device, MAX_GROUPS_LISTED)?
+            .into_iter()
+            .map(|g| GroupSummary {
+                group: g.group,
+                epoch: g.epoch,
+                last_seq: g.last_seq,
+                acked_seq: g.acked,
+                member: g.current,
+            })
+            .collect();
+        Ok(Outcome::reply(Response::Groups { groups }))
+    }
+
+    /// `group`'s current GroupInfo (and its tree when the GroupInfo does
+    /// not carry it), for current member devices and a new device of an
+    /// account that has one (it joins by an external commit).
+    pub(super) fn fetch_group_info<S: Storage>(
+        &mut self,
+        store: &mut S,
+        caller: &Caller,
+        group: Vec<u8>,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        if store.membership(&group, &caller.device)?.filter(Membership::is_current).is_none()
+            && !store.members(&group)?.iter().any(|(_, m)| m.is_current() && m.account == caller.account)
+        {
+            return Err(not_member());
+        }
+        let group_info = store.group_info(&group)?.ok_or_else(|| {
+            refuse(
+                ErrorCode::NoGroupInfo,
+                "the group has no GroupInfo yet (created by an older server); any member's next commit stores one",
+            )
+        })?;
+        let carries_tree = mls::parse_group_info(&group_info)
+            .map_err(|e| Refusal::Internal(format!("stored GroupInfo: {e}")))?
+            .extensions()
+            .ratchet_tree()
+            .is_some();
+        let ratchet_tree = if carries_tree {
+            None
+        } else {
+            let record = store.group(&group)?.ok_or_else(not_member)?;
+            let (_, public) = load_public(&record.state, &group)?;
+            let tree = public.export_ratchet_tree();
+            Some(
+                openmls::prelude::tls_codec::Serialize::tls_serialize_detached(&tree)
+                    .map_err(|e| Refusal::Internal(format!("encoding the tree: {e}")))?,
+            )
+        };
+        Ok(Outcome::reply(Response::GroupInfo { group, group_info, ratchet_tree }))
+    }
+}

@@ -1,0 +1,303 @@
+//! Response frames.
+
+use super::{DecodeError, EncodeError, ErrorCode, Reader, Writer};
+use crate::limits::{
+    MAX_CERTIFICATE, MAX_DEVICES_EVER, MAX_DEVICES_PER_ACCOUNT, MAX_ERROR_MESSAGE, MAX_FETCH_ENTRIES,
+    MAX_GROUPS_LISTED, MAX_GROUP_ID, MAX_KEY_PACKAGE, MAX_LINK_BUNDLE, MAX_LINK_OFFER, MAX_MLS_MESSAGE,
+};
+
+/// Reads a group id field.
+fn group_id(r: &mut Reader<'_>) -> Result<Vec<u8>, DecodeError> {
+    Ok(r.bytes8("group id", MAX_GROUP_ID)?.to_vec())
+}
+
+/// Reads an MLS message field.
+fn mls(r: &mut Reader<'_>, field: &'static str) -> Result<Vec<u8>, DecodeError> {
+    Ok(r.bytes32(field, MAX_MLS_MESSAGE)?.to_vec())
+}
+
+/// A response from server to client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Response {
+    Error { code: ErrorCode, detail: u64, message: String },
+    Registered { created: bool },
+    Status { account: [u8; 32], device: [u8; 32], registered_at: u64, server_time: u64, removal_key: [u8; 32] },
+    Pong { nonce: u64 },
+    KeyPackageCount { count: u32, last_resort: bool },
+    KeyPackages { packages: Vec<Vec<u8>> },
+    Accepted { group: Vec<u8>, seq: u64, epoch: u64 },
+    Messages { group: Vec<u8>, messages: Vec<(u64, Vec<u8>)>, more: bool },
+    Done,
+    Welcomes { welcomes: Vec<(u64, Vec<u8>)> },
+    Groups { groups: Vec<GroupSummary> },
+    GroupInfo { group: Vec<u8>, group_info: Vec<u8>, ratchet_tree: Option<Vec<u8>> },
+    Devices { devices: Vec<DeviceSummary> },
+    LinkOffer { offer: Vec<u8> },
+    Linked { certificate: Vec<u8>, bundle: Vec<u8> },
+    LinkPending,
+}
+
+/// One entry of [`Response::Devices`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceSummary {
+    pub device: [u8; 32],
+    pub registered_at: u64,
+    pub revoked: bool,
+}
+
+/// One entry of [`Response::Groups`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSummary {
+    pub group: Vec<u8>,
+    pub epoch: u64,
+    pub last_seq: u64,
+    pub acked_seq: u64,
+    pub member: bool,
+}
+
+impl Response {
+    /// A short name for errors and logs (never the contents).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Error { .. } => "error",
+            Self::Registered { .. } => "registered",
+            Self::Status { .. } => "status",
+            Self::Pong { .. } => "pong",
+            Self::KeyPackageCount { .. } => "key-package-count",
+            Self::KeyPackages { .. } => "key-packages",
+            Self::Accepted { .. } => "accepted",
+            Self::Messages { .. } => "messages",
+            Self::Done => "done",
+            Self::Welcomes { .. } => "welcomes",
+            Self::Groups { .. } => "groups",
+            Self::GroupInfo { .. } => "group-info",
+            Self::Devices { .. } => "devices",
+            Self::LinkOffer { .. } => "link-offer",
+            Self::Linked { .. } => "linked",
+            Self::LinkPending => "link-pending",
+        }
+    }
+
+    /// An error response with `detail` 0. Messages longer than the wire
+    /// limit are cut at a character boundary.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Error { code, detail: 0, message: truncate(message.into(), MAX_ERROR_MESSAGE) }
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        let mut w = Writer::new();
+        match self {
+            Self::Error { code, detail, message } => {
+                w.u8(0x00);
+                w.u16(code.to_u16());
+                w.u64(*detail);
+                w.bytes16("error message", message.as_bytes(), MAX_ERROR_MESSAGE)?;
+            }
+            Self::Registered { created } => {
+                w.u8(0x01);
+                w.bool(*created);
+            }
+            Self::Status { account, device, registered_at, server_time, removal_key } => {
+                w.u8(0x02);
+                w.raw(account);
+                w.raw(device);
+                w.u64(*registered_at);
+                w.u64(*server_time);
+                w.raw(removal_key);
+            }
+            Self::Pong { nonce } => {
+                w.u8(0x03);
+                w.u64(*nonce);
+            }
+            Self::KeyPackageCount { count, last_resort } => {
+                w.u8(0x04);
+                w.u32(*count);
+                w.bool(*last_resort);
+            }
+            Self::KeyPackages { packages } => {
+                w.u8(0x05);
+                if packages.is_empty() {
+                    return Err(EncodeError::Empty("key packages"));
+                }
+                w.count("key packages", packages.len(), MAX_DEVICES_PER_ACCOUNT)?;
+                for p in packages {
+                    w.bytes32("key package", p, MAX_KEY_PACKAGE)?;
+                }
+            }
+            Self::Accepted { group, seq, epoch } => {
+                w.u8(0x06);
+                w.bytes8("group id", group, MAX_GROUP_ID)?;
+                w.u64(*seq);
+                w.u64(*epoch);
+            }
+            Self::Messages { group, messages, more } => {
+                w.u8(0x07);
+                w.bytes8("group id", group, MAX_GROUP_ID)?;
+                w.count("messages", messages.len(), MAX_FETCH_ENTRIES)?;
+                for (seq, m) in messages {
+                    w.u64(*seq);
+                    w.bytes32("message", m, MAX_MLS_MESSAGE)?;
+                }
+                w.bool(*more);
+            }
+            Self::Done => w.u8(0x08),
+            Self::Welcomes { welcomes } => {
+                w.u8(0x09);
+                w.count("welcomes", welcomes.len(), MAX_FETCH_ENTRIES)?;
+                for (id, m) in welcomes {
+                    w.u64(*id);
+                    w.bytes32("welcome", m, MAX_MLS_MESSAGE)?;
+                }
+            }
+            Self::Groups { groups } => {
+                w.u8(0x0a);
+                w.count("groups", groups.len(), MAX_GROUPS_LISTED)?;
+                for g in groups {
+                    w.bytes8("group id", &g.group, MAX_GROUP_ID)?;
+                    w.u64(g.epoch);
+                    w.u64(g.last_seq);
+                    w.u64(g.acked_seq);
+                    w.bool(g.member);
+                }
+            }
+            Self::GroupInfo { group, group_info, ratchet_tree } => {
+                w.u8(0x0b);
+                w.bytes8("group id", group, MAX_GROUP_ID)?;
+                w.bytes32("group info", group_info, MAX_MLS_MESSAGE)?;
+                match ratchet_tree {
+                    None => w.bool(false),
+                    Some(t) => {
+                        w.bool(true);
+                        w.bytes32("ratchet tree", t, MAX_MLS_MESSAGE)?;
+                    }
+                }
+            }
+            Self::Devices { devices } => {
+                w.u8(0x0c);
+                w.count("devices", devices.len(), MAX_DEVICES_EVER)?;
+                for d in devices {
+                    w.raw(&d.device);
+                    w.u64(d.registered_at);
+                    w.bool(d.revoked);
+                }
+            }
+            Self::LinkOffer { offer } => {
+                w.u8(0x0d);
+                w.bytes16("offer", offer, MAX_LINK_OFFER)?;
+            }
+            Self::Linked { certificate, bundle } => {
+                w.u8(0x0e);
+                w.bytes16("certificate", certificate, MAX_CERTIFICATE)?;
+                w.bytes32("bundle", bundle, MAX_LINK_BUNDLE)?;
+            }
+            Self::LinkPending => w.u8(0x0f),
+        }
+        Ok(w.into_inner())
+    }
+
+    pub fn decode(input: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(input);
+        let resp = match r.u8()? {
+            0x00 => {
+                let code = ErrorCode::from_u16(r.u16()?);
+                let detail = r.u64()?;
+                let message = r.string16("error message", MAX_ERROR_MESSAGE)?.to_owned();
+                Self::Error { code, detail, message }
+            }
+            0x01 => Self::Registered { created: r.bool("created")? },
+            0x02 => Self::Status {
+                account: r.array()?,
+                device: r.array()?,
+                registered_at: r.u64()?,
+                server_time: r.u64()?,
+                removal_key: r.array()?,
+            },
+            0x03 => Self::Pong { nonce: r.u64()? },
+            0x04 => Self::KeyPackageCount { count: r.u32()?, last_resort: r.bool("last resort")? },
+            0x05 => {
+                let n = r.count("key packages", MAX_DEVICES_PER_ACCOUNT)?;
+                if n == 0 {
+                    return Err(DecodeError::Invalid("key packages (none)"));
+                }
+                let mut packages = Vec::new();
+                for _ in 0..n {
+                    packages.push(r.bytes32("key package", MAX_KEY_PACKAGE)?.to_vec());
+                }
+                Self::KeyPackages { packages }
+            }
+            0x06 => Self::Accepted { group: group_id(&mut r)?, seq: r.u64()?, epoch: r.u64()? },
+            0x07 => {
+                let group = group_id(&mut r)?;
+                let n = r.count("messages", MAX_FETCH_ENTRIES)?;
+                let mut messages = Vec::new();
+                for _ in 0..n {
+                    messages.push((r.u64()?, mls(&mut r, "message")?));
+                }
+                Self::Messages { group, messages, more: r.bool("more")? }
+            }
+            0x08 => Self::Done,
+            0x09 => {
+                let n = r.count("welcomes", MAX_FETCH_ENTRIES)?;
+                let mut welcomes = Vec::new();
+                for _ in 0..n {
+                    welcomes.push((r.u64()?, mls(&mut r, "welcome")?));
+                }
+                Self::Welcomes { welcomes }
+            }
+            0x0a => {
+                let n = r.count("groups", MAX_GROUPS_LISTED)?;
+                let mut groups = Vec::new();
+                for _ in 0..n {
+                    groups.push(GroupSummary {
+                        group: group_id(&mut r)?,
+                        epoch: r.u64()?,
+                        last_seq: r.u64()?,
+                        acked_seq: r.u64()?,
+                        member: r.bool("member")?,
+                    });
+                }
+                Self::Groups { groups }
+            }
+            0x0b => {
+                let group = group_id(&mut r)?;
+                let group_info = mls(&mut r, "group info")?;
+                let ratchet_tree =
+                    if r.bool("ratchet tree present")? { Some(mls(&mut r, "ratchet tree")?) } else { None };
+                Self::GroupInfo { group, group_info, ratchet_tree }
+            }
+            0x0c => {
+                let n = r.count("devices", MAX_DEVICES_EVER)?;
+                let mut devices = Vec::new();
+                for _ in 0..n {
+                    devices.push(DeviceSummary {
+                        device: r.array()?,
+                        registered_at: r.u64()?,
+                        revoked: r.bool("revoked")?,
+                    });
+                }
+                Self::Devices { devices }
+            }
+            0x0d => Self::LinkOffer { offer: r.bytes16("offer", MAX_LINK_OFFER)?.to_vec() },
+            0x0e => Self::Linked {
+                certificate: r.bytes16("certificate", MAX_CERTIFICATE)?.to_vec(),
+                bundle: r.bytes32("bundle", MAX_LINK_BUNDLE)?.to_vec(),
+            },
+            0x0f => Self::LinkPending,
+            tag => return Err(DecodeError::UnknownTag { what: "response", tag }),
+        };
+        r.finish()?;
+        Ok(resp)
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
