@@ -484,14 +484,9 @@ fn remove_member(dir: &DataDir, config: &ServerConfig, group: &str, account: &st
 /// request), and announces what it did to the serving nodes.
 fn with_removal_key(dir: &DataDir, config: &ServerConfig, what: OperatorRemoval) -> Result<hush::delivery::Removal> {
     let mut db = open_existing(dir, config)?;
-    let removal = std::sync::Arc::new(
-        Identity::load(&dir.removal_key())
-            .with_context(|| format!("loading the removal key {}", dir.removal_key().display()))?,
-    );
-    let quotas = hush::delivery::Quotas::default();
-    let mut delivery = hush::delivery::Delivery::with_quotas(quotas, removal.public_key()).with_removal_signer(removal);
-    let now = now_unix();
-    Ok(db.remove(&mut delivery, what, now)??)
+    let removal = Identity::load(&dir.removal_key())
+        .with_context(|| format!("loading the removal key {}", dir.removal_key().display()))?;
+    Ok(db.remove(std::sync::Arc::new(removal), what, now_unix())??)
 }
 
 /// Opens the database of an initialised data directory.

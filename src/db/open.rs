@@ -9,7 +9,7 @@ use super::sqlite::{maintenance, Db};
 use super::{Admin as _, DbReport, StoreError};
 use crate::auth::{AccountId, Identity, InviteToken};
 use crate::delivery::storage::{AccountRecord, Backend as _, InviteRecord, Stats, Unit as _};
-use crate::delivery::{Delivery, Removal, RemoveError, Storage as _};
+use crate::delivery::{Delivery, Quotas, Removal, RemoveError, Storage as _};
 
 /// Where the database a configuration names lives (its URL parsed once).
 #[derive(Debug, Clone)]
@@ -122,17 +122,19 @@ impl Database {
     }
 
     /// Runs one of the operator's removals through the Delivery Service
-    /// core (`delivery` holds the server's removal key) in one unit of
-    /// work, and announces what it did to the serving nodes (PostgreSQL;
-    /// on SQLite the serving process refuses what it removed from the next
-    /// request). The outer error is the database's, the inner the core's
-    /// refusal.
+    /// core, signing its removal proposals with the server's `removal` key,
+    /// in one unit of work, and announces what it did to the serving nodes
+    /// (PostgreSQL; on SQLite the serving process refuses what it removed
+    /// from the next request). The outer error is the database's, the inner
+    /// the core's refusal.
     pub fn remove(
         &mut self,
-        delivery: &mut Delivery,
+        removal: Arc<Identity>,
         what: OperatorRemoval,
         now: u64,
     ) -> Result<Result<Removal, RemoveError>, StoreError> {
+        let mut delivery = Delivery::with_quotas(Quotas::default(), removal.public_key()).with_removal_signer(removal);
+        let delivery = &mut delivery;
         on_either!(self, d => d.write(|s| {
             let removal = match what {
                 OperatorRemoval::Account(account) => delivery.remove_account(s, &account, now),

@@ -60,9 +60,9 @@ enum Typed {
     Failed(String),
 }
 
-/// What a typed line asks for.
+/// What a typed line asks for (both chat modes read lines with this).
 #[derive(Debug, PartialEq, Eq)]
-enum Input<'a> {
+pub enum Input<'a> {
     Nothing,
     Text(&'a str),
     Quit,
@@ -76,7 +76,7 @@ enum Input<'a> {
 }
 
 impl<'a> Input<'a> {
-    fn parse(line: &'a str) -> Self {
+    pub fn parse(line: &'a str) -> Self {
         let line = line.trim_end();
         if line.trim().is_empty() {
             return Self::Nothing;
@@ -100,6 +100,23 @@ impl<'a> Input<'a> {
             _ => Self::Unknown(word),
         }
     }
+}
+
+/// A wake-up for each push the server sends on `conn` (the chat then
+/// syncs, which reads what is new); the channel closes when the push
+/// stream ends. Both chat modes wait on it.
+pub fn push_wakeups(conn: &Connection) -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, pushes) = tokio::sync::mpsc::channel::<()>(16);
+    let quic = conn.quic().clone();
+    tokio::spawn(async move {
+        let Ok(mut stream) = PushStream::accept(quic).await else { return };
+        while let Ok(Some(_)) = stream.next().await {
+            if tx.send(()).await.is_err() {
+                return;
+            }
+        }
+    });
+    pushes
 }
 
 /// Prints above the input line, from any thread, in order.
@@ -256,16 +273,7 @@ impl Chat<'_> {
     async fn run(&mut self, mut typed: tokio::sync::mpsc::Receiver<Typed>) -> Result<()> {
         self.catch_up().await?;
 
-        let (tx, mut pushes) = tokio::sync::mpsc::channel::<()>(16);
-        let quic = self.conn.quic().clone();
-        tokio::spawn(async move {
-            let Ok(mut stream) = PushStream::accept(quic).await else { return };
-            while let Ok(Some(_)) = stream.next().await {
-                if tx.send(()).await.is_err() {
-                    return;
-                }
-            }
-        });
+        let mut pushes = push_wakeups(self.conn);
         loop {
             tokio::select! {
                 t = typed.recv() => match t {

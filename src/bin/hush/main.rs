@@ -16,7 +16,7 @@ use hush::client::home::Home;
 use hush::client::link::LinkCode;
 use hush::client::local::valid_name;
 use hush::client::screen::{self, one_line};
-use hush::client::{ClientError, Connection, PushStream};
+use hush::client::{ClientError, Connection};
 use hush::limits::DEFAULT_LINK_LIFETIME;
 use hush::util::{default_data_dir, format_unix};
 use hush::wire::ErrorCode;
@@ -504,34 +504,27 @@ fn piped(app: &mut App, group: &str, runtime: &tokio::runtime::Runtime) -> Resul
         for e in app.sync(&conn).await.map_err(app_error)? {
             print_entry(&e);
         }
-        let (tx, mut pushes) = tokio::sync::mpsc::channel::<()>(16);
-        let quic = conn.quic().clone();
-        tokio::spawn(async move {
-            let Ok(mut stream) = PushStream::accept(quic).await else { return };
-            while let Ok(Some(_)) = stream.next().await {
-                if tx.send(()).await.is_err() {
-                    return;
-                }
-            }
-        });
+        let mut pushes = chat::push_wakeups(&conn);
         let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
         eprintln!("chatting in {}; /members, /quit", one_line(&name));
         loop {
             tokio::select! {
                 line = lines.next_line() => {
                     let Some(line) = line.context("reading standard input")? else { break };
-                    let line = line.trim_end().to_string();
-                    match line.as_str() {
-                        "" => {}
-                        "/quit" => break,
-                        "/members" => {
+                    // The interactive chat's parser; in line mode only
+                    // `/quit` and `/members` are commands, and every other
+                    // line is sent as it is (scripts depend on that).
+                    match chat::Input::parse(&line) {
+                        chat::Input::Nothing => {}
+                        chat::Input::Quit if line.trim_end() == "/quit" => break,
+                        chat::Input::Members => {
                             let g = app.resolve_group(&name)?;
                             let members: Vec<String> = app.members(&g).iter().map(|m| one_line(m)).collect();
                             out!("{}", members.join(", "));
                         }
-                        text => {
+                        _ => {
                             let g = app.resolve_group(&name)?;
-                            app.send_text(&conn, &g, text).await.map_err(app_error)?;
+                            app.send_text(&conn, &g, line.trim_end()).await.map_err(app_error)?;
                         }
                     }
                 }
