@@ -4,8 +4,10 @@
 //! or a key that is not one yet), a decoded request and the current time,
 //! runs it against a [`Storage`], and returns the response plus the
 //! [`Notification`]s to push. It knows no sockets and reads no clock; the
-//! server calls it on its storage threads, the unit tests and the fuzzer on
-//! a [`memory::MemoryStore`]. Every request kind is answered here, except
+//! server calls it on its storage threads; its rule tests run on every
+//! storage (a [`memory::MemoryStore`], SQLite and PostgreSQL, each request
+//! in its own savepoint as the engine runs it), the fuzzer on a
+//! `MemoryStore`. Every request kind is answered here, except
 //! `Ping`, which the connection answers itself (it measures the transport):
 //! `handle` checks who may send it and hands it to its handler, one per
 //! kind, next to its siblings (`accounts`, `devices`, `links`,

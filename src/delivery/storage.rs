@@ -288,15 +288,12 @@ pub trait Storage {
     fn claimed_owner(&mut self, hash_ref: &[u8]) -> Result<Option<(AccountId, DeviceId)>, Self::Error>;
 
     fn group(&mut self, group: &[u8]) -> Result<Option<GroupRecord>, Self::Error>;
-    /// The group's current epoch, without loading its state (the hot path
-    /// of every application message).
-    fn group_epoch(&mut self, group: &[u8]) -> Result<Option<u64>, Self::Error> {
-        Ok(self.group(group)?.map(|g| g.epoch))
-    }
-    /// The group's epoch, `device`'s membership and the group's backlog;
-    /// `None` if the group does not exist. One lookup where the store can.
+    /// The group's epoch, `device`'s membership and the group's backlog
+    /// (the hot path of every application message, which needs no group
+    /// state); `None` if the group does not exist. One lookup where the
+    /// store can (the SQL stores do).
     fn send_context(&mut self, group: &[u8], device: &DeviceId) -> Result<Option<SendContext>, Self::Error> {
-        let Some(epoch) = self.group_epoch(group)? else { return Ok(None) };
+        let Some(epoch) = self.group(group)?.map(|g| g.epoch) else { return Ok(None) };
         let membership = self.membership(group, device)?;
         let log_len = self.log_len(group)?;
         Ok(Some(SendContext { epoch, membership, log_len }))

@@ -512,12 +512,6 @@ impl Storage for PgStore<'_> {
         }))
     }
 
-    fn group_epoch(&mut self, group: &[u8]) -> Result<Option<u64>, StoreError> {
-        let sql =
-            self.pick("SELECT epoch FROM groups WHERE id = $1", "SELECT epoch FROM groups WHERE id = $1 FOR UPDATE");
-        Ok(self.row(sql, &[&group])?.map(|r| u(r.get(0))))
-    }
-
     fn send_context(&mut self, group: &[u8], d: &DeviceId) -> Result<Option<SendContext>, StoreError> {
         let sql = self.pick(
             "SELECT g.epoch, g.last_seq, (SELECT min(seq) FROM log WHERE gid = g.gid),

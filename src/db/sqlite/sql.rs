@@ -399,15 +399,6 @@ impl Storage for SqlStore<'_> {
             .optional()?)
     }
 
-    fn group_epoch(&mut self, group: &[u8]) -> Result<Option<u64>, StoreError> {
-        let epoch: Option<i64> = self
-            .conn
-            .prepare_cached("SELECT epoch FROM groups WHERE id = ?1")?
-            .query_row([group], |r| r.get(0))
-            .optional()?;
-        Ok(epoch.map(u))
-    }
-
     fn send_context(&mut self, group: &[u8], d: &DeviceId) -> Result<Option<SendContext>, StoreError> {
         type Row = (i64, i64, i64, Option<i64>, Option<Vec<u8>>, Option<i64>, Option<i64>, Option<i64>);
         self.hint = None;
