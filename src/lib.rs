@@ -119,6 +119,63 @@ mod layering {
         ("db/admin.rs", &["db::sqlite", "db::pg", "super::sqlite", "super::pg", "db::open"]),
     ];
 
+    /// The parts of the library from the bottom up: each may import only
+    /// parts before it (code, not tests), so there is no circle between
+    /// them and nothing imports upward.
+    const LAYERS: &[&str] =
+        &["util", "limits", "sqlite", "wire", "auth", "mls", "delivery", "db", "config", "server", "client", "bench"];
+
+    /// The parts (`crate::NAME`) a file's code mentions: everything before
+    /// its test module, doc comments and comments left out.
+    fn imports(file: &Path) -> std::collections::BTreeSet<String> {
+        let text = std::fs::read_to_string(file).unwrap();
+        let mut out = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            if line.starts_with("#[cfg(test)]") {
+                break;
+            }
+            let code = line.split("//").next().unwrap_or("");
+            for (at, _) in code.match_indices("crate::") {
+                let name: String = code[at + 7..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
+                out.insert(name);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_part_imports_only_the_parts_below_it() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        for (i, part) in LAYERS.iter().enumerate() {
+            let mut files = Vec::new();
+            let dir = root.join(part);
+            if dir.is_dir() {
+                sources(&dir, &mut files);
+            } else {
+                files.push(root.join(format!("{part}.rs")));
+            }
+            for file in files.iter().filter(|f| !f.ends_with("tests.rs")) {
+                for name in imports(file) {
+                    let Some(j) = LAYERS.iter().position(|l| *l == name) else { continue };
+                    assert!(
+                        j <= i,
+                        "{}: {part} imports crate::{name}, which lies above it ({:?})",
+                        file.display(),
+                        LAYERS
+                    );
+                }
+            }
+        }
+        // Every part of the library is in the list.
+        for entry in std::fs::read_dir(&root).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_stem().unwrap().to_string_lossy().to_string();
+            if name != "lib" && name != "bin" {
+                assert!(LAYERS.contains(&name.as_str()), "{name} is in no layer");
+            }
+        }
+    }
+
     #[test]
     fn no_part_imports_what_lies_above_it_and_the_client_nothing_of_the_server() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");

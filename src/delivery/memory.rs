@@ -48,16 +48,6 @@ impl MemoryStore {
         self.accounts.entry(account).or_insert(AccountRecord { account, created_at: 0, removed_at: None });
         self.devices.insert(certificate.device, DeviceRecord::new(account, certificate.encode(), 0));
     }
-
-    /// Messages stored for `group` (for invariant checks).
-    pub fn log(&self, group: &[u8]) -> Vec<u64> {
-        self.groups.get(group).map(|g| g.log.keys().copied().collect()).unwrap_or_default()
-    }
-
-    /// Total Welcomes waiting.
-    pub fn inbox_len(&self) -> usize {
-        self.inbox.len()
-    }
 }
 
 impl Storage for MemoryStore {
