@@ -4,6 +4,8 @@
 //! Layout, with dependencies pointing down:
 //!
 //! * [`wire`]: the protocol's frames and their pure, non-panicking codecs.
+//! * [`chain`]: the hash chain over each group's log that members check
+//!   (verifiable delivery).
 //! * [`auth`]: keys, certificates, fingerprints, addresses, invite tokens,
 //!   and the TLS configuration that authenticates both ends.
 //! * [`mls`]: hush's MLS profile, what both ends check of MLS (framing,
@@ -55,6 +57,7 @@ pub fn man_page(command: clap::Command, out: &mut dyn std::io::Write) -> std::io
 pub mod auth;
 #[cfg(feature = "bench")]
 pub mod bench;
+pub mod chain;
 pub mod client;
 pub mod config;
 pub mod db;
@@ -122,8 +125,10 @@ mod layering {
     /// The parts of the library from the bottom up: each may import only
     /// parts before it (code, not tests), so there is no circle between
     /// them and nothing imports upward.
-    const LAYERS: &[&str] =
-        &["util", "limits", "sqlite", "wire", "auth", "mls", "delivery", "db", "config", "server", "client", "bench"];
+    const LAYERS: &[&str] = &[
+        "util", "limits", "sqlite", "chain", "wire", "auth", "mls", "delivery", "db", "config", "server", "client",
+        "bench",
+    ];
 
     /// The parts (`crate::NAME`) a file's code mentions: everything before
     /// its test module, doc comments and comments left out.

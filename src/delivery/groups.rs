@@ -132,7 +132,7 @@ impl Delivery {
                 if welcome.is_some() {
                     return Err(refuse(ErrorCode::InvalidMessage, "only commits carry a Welcome"));
                 }
-                let seq = store.append(&group, epoch, &bytes, now)?;
+                let (seq, _head) = store.append(&group, epoch, &bytes, now)?;
                 let recipients = self.roster(store, &group, epoch)?;
                 Ok(Outcome::wrote(
                     Response::Accepted { group: group.clone(), seq, epoch },

@@ -5,10 +5,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 
 use super::storage::{
-    AccountRecord, DeviceRecord, GroupListing, GroupRecord, InviteRecord, LinkRecord, Membership, Messages,
+    AccountRecord, ChainTip, DeviceRecord, GroupListing, GroupRecord, InviteRecord, LinkRecord, Membership, Messages,
     NewKeyPackage, Page, Stats, Storage,
 };
 use crate::auth::{AccountId, DeviceCertificate, DeviceId};
+use crate::chain::Head;
 
 #[derive(Debug, Clone)]
 struct StoredPackage {
@@ -24,6 +25,7 @@ struct Group {
     left_epochs: BTreeMap<DeviceId, u64>,
     log: BTreeMap<u64, (Vec<u8>, u64)>,
     group_info: Option<Vec<u8>>,
+    chain: Option<ChainTip>,
 }
 
 /// Everything in hash maps.
@@ -229,6 +231,7 @@ impl Storage for MemoryStore {
                 left_epochs: BTreeMap::new(),
                 log: BTreeMap::new(),
                 group_info: None,
+                chain: None,
             },
         );
         Ok(())
@@ -305,11 +308,17 @@ impl Storage for MemoryStore {
         Ok(())
     }
 
-    fn append(&mut self, group: &[u8], _epoch: u64, message: &[u8], now: u64) -> Result<u64, Infallible> {
-        let Some(g) = self.groups.get_mut(group) else { return Ok(0) };
+    fn append(&mut self, group: &[u8], epoch: u64, message: &[u8], now: u64) -> Result<(u64, Head), Infallible> {
+        let Some(g) = self.groups.get_mut(group) else { return Ok((0, Head::genesis(group))) };
         g.record.last_seq += 1;
         g.log.insert(g.record.last_seq, (message.to_vec(), now));
-        Ok(g.record.last_seq)
+        let tip = ChainTip::after(g.chain, group, g.record.last_seq, epoch, message);
+        g.chain = Some(tip);
+        Ok((g.record.last_seq, tip.head))
+    }
+
+    fn chain_tip(&mut self, group: &[u8]) -> Result<Option<ChainTip>, Infallible> {
+        Ok(self.groups.get(group).and_then(|g| g.chain))
     }
 
     fn fetch(

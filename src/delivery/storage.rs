@@ -17,6 +17,7 @@
 //! names the device's account, for per-account quotas.
 
 use crate::auth::{AccountId, DeviceId};
+use crate::chain::Head;
 
 /// A registered account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +110,29 @@ pub struct GroupRecord {
     pub state: Vec<u8>,
     /// The sequence number of the last message (0: none yet).
     pub last_seq: u64,
+}
+
+/// Where a group's chain (issue 31, [`crate::chain`]) stands: the sequence
+/// number of its first message (a group from before the chain starts it at
+/// the first message after the upgrade), and the head after its last one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainTip {
+    pub start: u64,
+    pub seq: u64,
+    pub head: Head,
+}
+
+impl ChainTip {
+    /// The tip after `message` (at `seq`, of `epoch`) is appended to the
+    /// group whose tip was `before` (`None`: no message since the chain
+    /// began).
+    pub fn after(before: Option<ChainTip>, group: &[u8], seq: u64, epoch: u64, message: &[u8]) -> Self {
+        let (start, prev) = match before {
+            Some(t) => (t.start, t.head),
+            None => (seq, Head::genesis(group)),
+        };
+        Self { start, seq, head: prev.next(seq, epoch, message) }
+    }
 }
 
 /// A device's relation to a group.
@@ -332,8 +356,13 @@ pub trait Storage {
     fn delete_member(&mut self, group: &[u8], device: &DeviceId) -> Result<(), Self::Error>;
     fn set_acked(&mut self, group: &[u8], device: &DeviceId, seq: u64) -> Result<(), Self::Error>;
 
-    /// Appends a message with the next sequence number and returns it.
-    fn append(&mut self, group: &[u8], epoch: u64, message: &[u8], now: u64) -> Result<u64, Self::Error>;
+    /// Appends a message with the next sequence number, extends the
+    /// group's chain with it ([`ChainTip::after`]), and returns the
+    /// sequence number and the new head.
+    fn append(&mut self, group: &[u8], epoch: u64, message: &[u8], now: u64) -> Result<(u64, Head), Self::Error>;
+    /// Where the group's chain stands; `None` if no message was appended
+    /// since it began (or no such group).
+    fn chain_tip(&mut self, group: &[u8]) -> Result<Option<ChainTip>, Self::Error>;
     /// Messages with `after < seq <= upto` (no upper bound if `None`), in
     /// order, at most `limit` of them and at most `byte_budget` bytes (but
     /// always at least one if any). Returns them and whether more remain.

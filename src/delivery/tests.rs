@@ -247,6 +247,10 @@ impl Net {
         in_unit!(&mut self.store, s => s.devices_of(account).unwrap())
     }
 
+    fn chain_tip(&mut self, group: &[u8]) -> Option<storage::ChainTip> {
+        in_unit!(&mut self.store, s => s.chain_tip(group).unwrap())
+    }
+
     /// The retention sweep at `now`.
     fn expire(&mut self, now: u64) {
         let ds = &mut self.ds;
@@ -1324,7 +1328,51 @@ fn issue_29_links_answered_together_stay_within_the_device_caps() {
     assert_eq!(current(&mut net, &account).1, MAX_DEVICES_EVER);
 }
 
+/// Issue 31: every message the server accepts (application messages and
+/// commits alike) extends the group's chain, the same way on every
+/// storage: the head the server keeps is the one a member recomputes from
+/// the messages, in order.
+fn every_accepted_message_extends_the_groups_chain() {
+    let mut net = Net::new();
+    let mut alice = net.client(1);
+    let g = net.create(&mut alice);
+    assert_eq!(net.chain_tip(&g), None, "no message yet");
+    let mut sent: Vec<(u64, Vec<u8>)> = Vec::new();
+    for text in ["one", "two"] {
+        let m = alice.member.encrypt(&g, text.as_bytes()).unwrap();
+        let Response::Accepted { seq, .. } = net.send(&mut alice, m.clone(), None) else { panic!() };
+        sent.push((seq, m));
+    }
+    let c = alice.member.self_update(&g).unwrap();
+    let message = c.message.clone();
+    let Response::Accepted { seq, .. } = net.commit(&mut alice, c) else { panic!() };
+    alice.member.merge_pending(&g).unwrap();
+    sent.push((seq, message));
+    let m = alice.member.encrypt(&g, b"three").unwrap();
+    let Response::Accepted { seq, .. } = net.send(&mut alice, m.clone(), None) else { panic!() };
+    sent.push((seq, m));
+
+    let mut expected = None;
+    for (seq, m) in &sent {
+        let epoch = crate::mls::frame(m).unwrap().epoch;
+        expected = Some(storage::ChainTip::after(expected, &g, *seq, epoch, m));
+    }
+    let tip = net.chain_tip(&g).expect("a chain");
+    assert_eq!(Some(tip), expected);
+    assert_eq!((tip.start, tip.seq), (1, 4));
+    // A member following the log from the start verifies every link.
+    let mut at = crate::chain::Position::start(&g, tip.start);
+    let mut head = crate::chain::Head::genesis(&g);
+    for (seq, m) in &sent {
+        let epoch = crate::mls::frame(m).unwrap().epoch;
+        head = head.next(*seq, epoch, m);
+        at.take(*seq, epoch, m, &head).unwrap();
+    }
+    assert_eq!(at.head, tip.head);
+}
+
 rules! {
+    every_accepted_message_extends_the_groups_chain,
     random_traffic_keeps_the_invariants,
     three_members_exchange_messages_in_order,
     concurrent_commits_one_wins_loser_catches_up_and_retries,

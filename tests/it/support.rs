@@ -53,10 +53,10 @@ static DATABASES: Mutex<Option<HashMap<PathBuf, String>>> = Mutex::new(None);
 
 /// The throwaway cluster this test binary's PostgreSQL tests share.
 fn cluster() -> Option<&'static Cluster> {
-    static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
-    match CLUSTER.get_or_init(|| Cluster::start(false).map_err(|e| e.to_string())) {
+    static CLUSTER: OnceLock<Result<Cluster, ClusterError>> = OnceLock::new();
+    match CLUSTER.get_or_init(|| Cluster::start(false)) {
         Ok(c) => Some(c),
-        Err(e) if e == &ClusterError::Missing.to_string() => None,
+        Err(ClusterError::Missing) => None,
         Err(e) => panic!("PostgreSQL binaries are installed but no throwaway cluster starts: {e}"),
     }
 }

@@ -124,6 +124,12 @@ const MIGRATIONS: &[&str] = &[
     // row exists; a wake-up names the node and its number.
     "ALTER TABLE notices ADD COLUMN nseq bigint;
     CREATE UNIQUE INDEX notices_wake ON notices(node, nseq);",
+    // 3 -> 4: verifiable delivery. Each group's hash chain (`crate::chain`):
+    // the head after its last message and the sequence number it started at
+    // (NULL until the first message after this migration: a group's chain
+    // starts there), and each message's head.
+    "ALTER TABLE groups ADD COLUMN head bytea, ADD COLUMN chain_start bigint;
+    ALTER TABLE log ADD COLUMN head bytea;",
 ];
 
 /// Key of the advisory lock migrations hold ("hush" in ASCII).

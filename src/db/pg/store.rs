@@ -12,9 +12,10 @@ use postgres::{Row, Statement, Transaction};
 use super::listen::Notice;
 use super::Target;
 use crate::auth::{AccountId, DeviceId};
+use crate::chain::{Head, GENESIS_LABEL, LINK_LABEL};
 use crate::db::{to_i64 as i, to_u64 as u, StoreError};
 use crate::delivery::storage::{
-    AccountRecord, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats, Unit,
+    AccountRecord, ChainTip, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats, Unit,
 };
 use crate::delivery::{GroupRecord, Membership, NewKeyPackage, Notification, SendContext, Storage};
 use crate::limits::NOTICE_RETENTION;
@@ -639,18 +640,38 @@ impl Storage for PgStore<'_> {
         Ok(())
     }
 
-    fn append(&mut self, group: &[u8], epoch: u64, message: &[u8], now: u64) -> Result<u64, StoreError> {
+    fn append(&mut self, group: &[u8], epoch: u64, message: &[u8], now: u64) -> Result<(u64, Head), StoreError> {
         // The sequence is the group row's counter, bumped (under the row's
-        // lock) in the statement that inserts the message.
+        // lock) in the statement that inserts the message; the chain's head
+        // is extended in the same statement (`crate::chain`'s construction,
+        // with PostgreSQL's sha256: every SET sees the row as it was).
         let row = self.one(
-            "WITH g AS (UPDATE groups SET last_seq = last_seq + 1, bytes = bytes + $5 WHERE id = $1
-                        RETURNING gid, last_seq)
-             INSERT INTO log (gid, seq, epoch, data, created_at) SELECT gid, last_seq, $2, $3, $4 FROM g
-             RETURNING seq",
-            &[&group, &i(epoch), &message, &i(now), &len(message)],
+            "WITH g AS (UPDATE groups SET
+                            last_seq = last_seq + 1,
+                            bytes = bytes + $5,
+                            chain_start = COALESCE(chain_start, last_seq + 1),
+                            head = sha256($7 || COALESCE(head, sha256($6 || set_byte('\\x00'::bytea, 0, length(id)) || id))
+                                          || int8send(last_seq + 1) || int8send($2) || sha256($3))
+                        WHERE id = $1
+                        RETURNING gid, last_seq, head)
+             INSERT INTO log (gid, seq, epoch, data, created_at, head) SELECT gid, last_seq, $2, $3, $4, head FROM g
+             RETURNING seq, head",
+            &[&group, &i(epoch), &message, &i(now), &len(message), &GENESIS_LABEL, &LINK_LABEL],
         )?;
-        self.wrote(message.len());
-        Ok(u(row.get(0)))
+        self.wrote(message.len() + 32);
+        let head: Vec<u8> = row.get(1);
+        let head = <[u8; 32]>::try_from(head.as_slice()).map_err(|_| StoreError::Corrupt("a chain head".into()))?;
+        Ok((u(row.get(0)), Head(head)))
+    }
+
+    fn chain_tip(&mut self, group: &[u8]) -> Result<Option<ChainTip>, StoreError> {
+        let Some(row) = self.row("SELECT last_seq, chain_start, head FROM groups WHERE id = $1", &[&group])? else {
+            return Ok(None);
+        };
+        let (start, head): (Option<i64>, Option<Vec<u8>>) = (row.get(1), row.get(2));
+        let (Some(start), Some(head)) = (start, head) else { return Ok(None) };
+        let head = <[u8; 32]>::try_from(head.as_slice()).map_err(|_| StoreError::Corrupt("a chain head".into()))?;
+        Ok(Some(ChainTip { start: u(start), seq: u(row.get(0)), head: Head(head) }))
     }
 
     fn fetch(

@@ -13,10 +13,10 @@ use crate::wire::{Request, Response};
 /// A new database on the process's cluster, or `None` (skip) without
 /// binaries.
 pub(crate) fn database() -> Option<Arc<Target>> {
-    static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
-    match CLUSTER.get_or_init(|| Cluster::start(false).map_err(|e| e.to_string())) {
+    static CLUSTER: OnceLock<Result<Cluster, ClusterError>> = OnceLock::new();
+    match CLUSTER.get_or_init(|| Cluster::start(false)) {
         Ok(cluster) => Some(Target::parse(&cluster.database().unwrap()).unwrap()),
-        Err(e) if e == &ClusterError::Missing.to_string() => {
+        Err(e @ ClusterError::Missing) => {
             eprintln!("skipped: {e}");
             None
         }

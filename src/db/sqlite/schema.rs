@@ -161,6 +161,13 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX links_account ON links(account);
     CREATE INDEX links_expires ON links(expires_at);",
+    // 6 -> 7: verifiable delivery. Each group's hash chain (`crate::chain`):
+    // the head after its last message and the sequence number it started at
+    // (NULL until the first message after this migration: a group's chain
+    // starts there), and each message's head.
+    "ALTER TABLE groups ADD COLUMN head BLOB;
+    ALTER TABLE groups ADD COLUMN chain_start INTEGER;
+    ALTER TABLE log ADD COLUMN head BLOB;",
 ];
 
 /// The first schema version with device certificates.

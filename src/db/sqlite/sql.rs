@@ -8,8 +8,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::StoreError;
 use crate::auth::{AccountId, DeviceId};
+use crate::chain::Head;
 use crate::delivery::storage::{
-    AccountRecord, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats, Unit,
+    AccountRecord, ChainTip, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats, Unit,
 };
 use crate::delivery::{GroupRecord, Membership, NewKeyPackage, SendContext, Storage};
 
@@ -24,10 +25,21 @@ pub struct SqlStore<'c> {
     conn: &'c Connection,
     /// Database bytes at the first quota check, plus bytes written since.
     space: Option<u64>,
-    /// `(group, gid, last_seq)` read by the last [`Storage::send_context`],
-    /// consumed by the [`Storage::append`] that follows it in the same
-    /// request (saves looking the group up twice on the hot path).
-    hint: Option<(Vec<u8>, i64, i64)>,
+    /// The group, its `gid` and chain tip read by the last
+    /// [`Storage::send_context`], consumed by the [`Storage::append`] that
+    /// follows it in the same request (saves looking the group up twice on
+    /// the hot path).
+    hint: Option<(Vec<u8>, i64, Tip)>,
+}
+
+/// A group row's `last_seq`, `chain_start` and `head`.
+type Tip = (i64, Option<i64>, Option<Vec<u8>>);
+
+/// The chain tip a group row holds (`None` before its first chained
+/// message, or if the stored head is not 32 bytes).
+fn chain_tip(last: i64, start: Option<i64>, head: Option<Vec<u8>>) -> Option<ChainTip> {
+    let head = Head(<[u8; 32]>::try_from(head?.as_slice()).ok()?);
+    Some(ChainTip { start: u(start?), seq: u(last), head })
 }
 
 impl<'c> SqlStore<'c> {
@@ -400,21 +412,31 @@ impl Storage for SqlStore<'_> {
     }
 
     fn send_context(&mut self, group: &[u8], d: &DeviceId) -> Result<Option<SendContext>, StoreError> {
-        type Row = (i64, i64, i64, Option<i64>, Option<Vec<u8>>, Option<i64>, Option<i64>, Option<i64>);
+        type Row = (i64, i64, Tip, Option<i64>, Option<Vec<u8>>, Option<i64>, Option<i64>, Option<i64>);
         self.hint = None;
         let row: Option<Row> = self
             .conn
             .prepare_cached(
                 "SELECT g.gid, g.epoch, g.last_seq, (SELECT min(seq) FROM log WHERE gid = g.gid),
-                        m.account, m.joined_after, m.left_at, m.acked
+                        m.account, m.joined_after, m.left_at, m.acked, g.chain_start, g.head
                  FROM groups g LEFT JOIN members m ON m.gid = g.gid AND m.device = ?2 WHERE g.id = ?1",
             )?
             .query_row(params![group, &d.0[..]], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    (r.get(2)?, r.get(8)?, r.get(9)?),
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ))
             })
             .optional()?;
-        let Some((gid, epoch, last, first, account, joined_after, left_at, acked)) = row else { return Ok(None) };
-        self.hint = Some((group.to_vec(), gid, last));
+        let Some((gid, epoch, tip, first, account, joined_after, left_at, acked)) = row else { return Ok(None) };
+        let last = tip.0;
+        self.hint = Some((group.to_vec(), gid, tip));
         let membership = match (account.as_deref().and_then(key), joined_after) {
             (Some(a), Some(j)) => Some(Membership {
                 account: AccountId(a),
@@ -543,25 +565,35 @@ impl Storage for SqlStore<'_> {
         Ok(())
     }
 
-    fn append(&mut self, group: &[u8], epoch: u64, message: &[u8], now: u64) -> Result<u64, StoreError> {
-        let (gid, seq) = match self.hint.take() {
-            Some((g, gid, last)) if g == group => {
-                let seq = last.saturating_add(1);
-                self.conn
-                    .prepare_cached("UPDATE groups SET last_seq = ?2 WHERE gid = ?1")?
-                    .execute(params![gid, seq])?;
-                (gid, seq)
-            }
+    fn append(&mut self, group: &[u8], epoch: u64, message: &[u8], now: u64) -> Result<(u64, Head), StoreError> {
+        let (gid, (last, start, head)) = match self.hint.take() {
+            Some((g, gid, tip)) if g == group => (gid, tip),
             _ => self
                 .conn
-                .prepare_cached("UPDATE groups SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING gid, last_seq")?
-                .query_row([group], |r| Ok((r.get(0)?, r.get(1)?)))?,
+                .prepare_cached("SELECT gid, last_seq, chain_start, head FROM groups WHERE id = ?1")?
+                .query_row([group], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?, r.get(3)?))))?,
         };
+        let seq = last.saturating_add(1);
+        let tip = ChainTip::after(chain_tip(last, start, head), group, u(seq), epoch, message);
         self.conn
-            .prepare_cached("INSERT INTO log (gid, seq, epoch, data, created_at) VALUES (?1, ?2, ?3, ?4, ?5)")?
-            .execute(params![gid, seq, i(epoch), message, i(now)])?;
-        self.wrote(message.len());
-        Ok(u(seq))
+            .prepare_cached("UPDATE groups SET last_seq = ?2, chain_start = ?3, head = ?4 WHERE gid = ?1")?
+            .execute(params![gid, seq, i(tip.start), &tip.head.0[..]])?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO log (gid, seq, epoch, data, created_at, head) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![gid, seq, i(epoch), message, i(now), &tip.head.0[..]])?;
+        self.wrote(message.len() + 32);
+        Ok((u(seq), tip.head))
+    }
+
+    fn chain_tip(&mut self, group: &[u8]) -> Result<Option<ChainTip>, StoreError> {
+        let row: Option<Tip> = self
+            .conn
+            .prepare_cached("SELECT last_seq, chain_start, head FROM groups WHERE id = ?1")?
+            .query_row([group], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        Ok(row.and_then(|(last, start, head)| chain_tip(last, start, head)))
     }
 
     fn fetch(

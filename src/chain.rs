@@ -1,0 +1,186 @@
+//! Verifiable delivery (issue 31): the hash chain the server keeps over each
+//! group's log, and the check a member makes of it.
+//!
+//! Every message the server accepts into a group's log (application and
+//! handshake alike) extends the group's chain:
+//!
+//! ```text
+//! head_0 = SHA-256("hush chain v1 genesis\0" ‖ len(group id) ‖ group id)
+//! head_n = SHA-256("hush chain v1 link\0" ‖ head_{n-1} ‖ seq_n ‖ epoch_n ‖ SHA-256(message_n))
+//! ```
+//!
+//! with `seq` and `epoch` as 8-byte big-endian integers and the length as
+//! one byte (group ids are at most 255 bytes). A member that knows a head
+//! and the messages after it can recompute every later head, so a server
+//! that drops, swaps, changes or inserts a message in what it shows one
+//! member breaks that member's chain; and a head the member saw is a
+//! commitment to the whole history before it, so two members comparing the
+//! heads they saw at one sequence number find a fork.
+//!
+//! A group created before the chain existed starts it at the first message
+//! after the upgrade: from the genesis head, at that message's sequence
+//! number (the server says where, see `Storage::chain_start`).
+
+use ring::digest::{digest, Context, SHA256};
+
+/// The label the genesis head hashes first.
+pub const GENESIS_LABEL: &[u8] = b"hush chain v1 genesis\0";
+/// The label every link hashes first.
+pub const LINK_LABEL: &[u8] = b"hush chain v1 link\0";
+
+/// One link of a group's chain: the head after some message.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Head(pub [u8; 32]);
+
+impl std::fmt::Debug for Head {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Head({})", self.short())
+    }
+}
+
+impl Head {
+    /// The chain's start for `group`, before its first message.
+    pub fn genesis(group: &[u8]) -> Self {
+        let mut c = Context::new(&SHA256);
+        c.update(GENESIS_LABEL);
+        // Group ids are 1 to 255 bytes (wire and storage refuse others);
+        // a longer one would still hash, with its length cut to a byte.
+        c.update(&[u8::try_from(group.len()).unwrap_or(u8::MAX)]);
+        c.update(group);
+        Self::of(c)
+    }
+
+    /// The head after `message`, stored at `seq` in `epoch`, follows this
+    /// one.
+    pub fn next(&self, seq: u64, epoch: u64, message: &[u8]) -> Self {
+        let mut c = Context::new(&SHA256);
+        c.update(LINK_LABEL);
+        c.update(&self.0);
+        c.update(&seq.to_be_bytes());
+        c.update(&epoch.to_be_bytes());
+        c.update(digest(&SHA256, message).as_ref());
+        Self::of(c)
+    }
+
+    /// The first 8 bytes in hex: enough to tell heads apart in a message
+    /// to a person.
+    pub fn short(&self) -> String {
+        self.0.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn of(c: Context) -> Self {
+        let d = c.finish();
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        Self(out)
+    }
+}
+
+/// Why a chain does not continue.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Break {
+    #[error("the server skipped from message {last} to {seq}: messages in between are missing")]
+    Gap { last: u64, seq: u64 },
+    #[error("message {seq} comes after message {last}: the server went back in the group's history")]
+    Back { last: u64, seq: u64 },
+    #[error(
+        "message {seq} does not follow from the messages before it (its head should be {expected}, the server \
+         says {claimed}): a message was changed, dropped, swapped or inserted"
+    )]
+    WrongLink { seq: u64, expected: String, claimed: String },
+}
+
+/// A member's position in a group's chain: the last sequence number it
+/// verified and the head there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub seq: u64,
+    pub head: Head,
+}
+
+impl Position {
+    /// The start of `group`'s chain (before its first message, or before
+    /// `start` for a group whose chain began later).
+    pub fn start(group: &[u8], start: u64) -> Self {
+        Self { seq: start.saturating_sub(1), head: Head::genesis(group) }
+    }
+
+    /// Takes the message at `seq` (of `epoch`) whose head the server says
+    /// is `claimed`: it must be the next sequence number and its head the
+    /// one the chain gives. The position moves only if it is.
+    pub fn take(&mut self, seq: u64, epoch: u64, message: &[u8], claimed: &Head) -> Result<(), Break> {
+        if seq <= self.seq {
+            return Err(Break::Back { last: self.seq, seq });
+        }
+        if seq != self.seq.saturating_add(1) {
+            return Err(Break::Gap { last: self.seq, seq });
+        }
+        let expected = self.head.next(seq, epoch, message);
+        if expected != *claimed {
+            return Err(Break::WrongLink { seq, expected: expected.short(), claimed: claimed.short() });
+        }
+        *self = Self { seq, head: expected };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chain of `messages` (epoch 1) from the genesis of group `g`.
+    fn chain(messages: &[&[u8]]) -> Vec<Head> {
+        let mut head = Head::genesis(b"g");
+        let mut out = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            head = head.next(i as u64 + 1, 1, m);
+            out.push(head);
+        }
+        out
+    }
+
+    #[test]
+    fn a_member_follows_the_chain_and_every_change_breaks_it() {
+        let messages: [&[u8]; 3] = [b"one", b"two", b"three"];
+        let heads = chain(&messages);
+        let mut at = Position::start(b"g", 1);
+        for (i, m) in messages.iter().enumerate() {
+            at.take(i as u64 + 1, 1, m, &heads[i]).unwrap();
+        }
+        assert_eq!(at, Position { seq: 3, head: heads[2] });
+
+        // Dropped: message 2 never shown.
+        let mut at = Position::start(b"g", 1);
+        at.take(1, 1, b"one", &heads[0]).unwrap();
+        assert!(matches!(at.take(3, 1, b"three", &heads[2]), Err(Break::Gap { last: 1, seq: 3 })));
+        // Dropped and renumbered: the head does not follow.
+        assert!(matches!(at.take(2, 1, b"three", &heads[2]), Err(Break::WrongLink { seq: 2, .. })));
+        // Changed by one byte, or shown in another epoch.
+        assert!(matches!(at.take(2, 1, b"twO", &heads[1]), Err(Break::WrongLink { .. })));
+        assert!(matches!(at.take(2, 2, b"two", &heads[1]), Err(Break::WrongLink { .. })));
+        assert_eq!(at.seq, 1, "a refused message moves nothing");
+        // Going back.
+        assert!(matches!(at.take(1, 1, b"one", &heads[0]), Err(Break::Back { last: 1, seq: 1 })));
+        // Swapped: two then one.
+        let swapped = chain(&[b"two", b"one"]);
+        assert_ne!(swapped[1], heads[1]);
+        // Another group's chain is another chain.
+        assert_ne!(Head::genesis(b"g"), Head::genesis(b"h"));
+        // A chain that starts later starts from the genesis there.
+        let mut late = Position::start(b"g", 7);
+        let head = Head::genesis(b"g").next(7, 3, b"x");
+        late.take(7, 3, b"x", &head).unwrap();
+    }
+
+    #[test]
+    fn heads_are_fixed_by_the_construction() {
+        // The construction is part of the protocol: a change here must be
+        // a new label (and version), never silent.
+        let h = Head::genesis(b"g").next(1, 1, b"m");
+        assert_eq!(Head::genesis(b"g"), Head::genesis(b"g"));
+        assert_ne!(h, Head::genesis(b"g").next(1, 1, b"n"));
+        assert_ne!(h, Head::genesis(b"g").next(2, 1, b"m"));
+        assert_eq!(h.short().len(), 16);
+    }
+}
