@@ -22,11 +22,15 @@
 //! number (the server says where, see `Storage::chain_start`).
 
 use ring::digest::{digest, Context, SHA256};
+use ring::signature::{UnparsedPublicKey, ED25519};
 
 /// The label the genesis head hashes first.
 pub const GENESIS_LABEL: &[u8] = b"hush chain v1 genesis\0";
 /// The label every link hashes first.
 pub const LINK_LABEL: &[u8] = b"hush chain v1 link\0";
+
+/// The label a server's signature over a head signs first.
+pub const SIGNED_HEAD_LABEL: &[u8] = b"hush signed head v1\0";
 
 /// One link of a group's chain: the head after some message.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -76,6 +80,41 @@ impl Head {
     }
 }
 
+/// A head the server signed with its key (the key the `hush://` address
+/// pins): "after message `seq`, `group`'s chain is at `head`". Two of them
+/// for one group and sequence number with different heads, under one key,
+/// prove that the server showed two histories; so does one whose head a
+/// chain from another signed head at the same sequence contradicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignedHead {
+    pub seq: u64,
+    pub head: Head,
+    /// The server's Ed25519 public key.
+    pub key: [u8; 32],
+    pub signature: [u8; 64],
+}
+
+impl SignedHead {
+    /// What the server signs: the label, the group id (length first, one
+    /// byte), the sequence number (8 bytes big-endian) and the head.
+    pub fn message(group: &[u8], seq: u64, head: &Head) -> Vec<u8> {
+        let mut m = Vec::with_capacity(SIGNED_HEAD_LABEL.len() + 1 + group.len() + 8 + 32);
+        m.extend_from_slice(SIGNED_HEAD_LABEL);
+        m.push(u8::try_from(group.len()).unwrap_or(u8::MAX));
+        m.extend_from_slice(group);
+        m.extend_from_slice(&seq.to_be_bytes());
+        m.extend_from_slice(&head.0);
+        m
+    }
+
+    /// Whether the signature is the key's over this head of `group`.
+    pub fn verify(&self, group: &[u8]) -> bool {
+        UnparsedPublicKey::new(&ED25519, self.key)
+            .verify(&Self::message(group, self.seq, &self.head), &self.signature)
+            .is_ok()
+    }
+}
+
 /// Why a chain does not continue.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -89,6 +128,49 @@ pub enum Break {
          says {claimed}): a message was changed, dropped, swapped or inserted"
     )]
     WrongLink { seq: u64, expected: String, claimed: String },
+    #[error("message {seq} is not an MLS message: its place in the chain cannot be checked")]
+    NotMls { seq: u64 },
+}
+
+/// The magic that starts a sender's claim in an application message's
+/// authenticated data (version 1).
+pub const CLAIM_MAGIC: &[u8; 4] = b"hsc1";
+
+/// What a member puts in the authenticated data of each application
+/// message it sends (MLS signs it with the message, so the server can
+/// neither forge nor change it): the last head of the group's chain that
+/// the server signed for it, after it verified the chain up to there.
+/// Receivers compare it with their own chain at that sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim(pub SignedHead);
+
+impl Claim {
+    /// The encoded length: magic, sequence, head, key, signature.
+    pub const LEN: usize = 4 + 8 + 32 + 32 + 64;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let s = &self.0;
+        let mut out = Vec::with_capacity(Self::LEN);
+        out.extend_from_slice(CLAIM_MAGIC);
+        out.extend_from_slice(&s.seq.to_be_bytes());
+        out.extend_from_slice(&s.head.0);
+        out.extend_from_slice(&s.key);
+        out.extend_from_slice(&s.signature);
+        out
+    }
+
+    /// The claim in `aad`, if it holds exactly one (anything else, from an
+    /// older client or a careless one, is no claim).
+    pub fn decode(aad: &[u8]) -> Option<Self> {
+        if aad.len() != Self::LEN || !aad.starts_with(CLAIM_MAGIC) {
+            return None;
+        }
+        let seq = u64::from_be_bytes(aad.get(4..12)?.try_into().ok()?);
+        let head = Head(aad.get(12..44)?.try_into().ok()?);
+        let key = aad.get(44..76)?.try_into().ok()?;
+        let signature = aad.get(76..140)?.try_into().ok()?;
+        Some(Self(SignedHead { seq, head, key, signature }))
+    }
 }
 
 /// A member's position in a group's chain: the last sequence number it

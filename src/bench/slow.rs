@@ -52,9 +52,9 @@ pub(super) async fn durable_sends(
     fast_64: f64,
     fast_1: f64,
 ) -> Result<Vec<Row>, BenchError> {
-    let server = Server::bind_with_engine(bench_config()?, &dir.join("slow-server"), |path, quotas, removal| {
+    let server = Server::bind_with_engine(bench_config()?, &dir.join("slow-server"), |path, quotas, keys| {
         // The reader never commits: wrapping it changes nothing.
-        Engine::start(SlowFlush(Db::open(path)?), SlowFlush(Db::open(path)?), quotas, removal)
+        Engine::start(SlowFlush(Db::open(path)?), SlowFlush(Db::open(path)?), quotas, keys)
     })
     .map_err(fail)?;
     let address = server.address().clone();

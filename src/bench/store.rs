@@ -42,7 +42,8 @@ async fn store_with_group(path: &Path, size: usize) -> Result<(Engine, Vec<u8>, 
     };
     let removal = std::sync::Arc::new(Identity::generate().map_err(fail)?);
     let removal_key = removal.public_key();
-    let store = Engine::open(path, quotas, removal).map_err(fail)?;
+    let identity = std::sync::Arc::new(Identity::generate().map_err(fail)?);
+    let store = Engine::open(path, quotas, crate::delivery::ServerKeys { removal, identity }).map_err(fail)?;
     let mut members = vec![];
     for _ in 0..size {
         let (_, _, member) = Member::generate().map_err(fail)?;

@@ -27,8 +27,10 @@ use crate::wire::{ErrorCode, GroupSummary};
 
 mod devices;
 mod sync;
+mod verify;
 
 pub use devices::{DeviceLine, LINK_POLL};
+pub use verify::ChainReport;
 
 /// KeyPackages published at registration and kept available.
 pub const KEY_PACKAGE_TARGET: usize = 20;
@@ -400,16 +402,6 @@ impl App {
         }
     }
 
-    /// Our own message at `seq` was accepted: if it was the next in the
-    /// log, there is nothing to fetch for it.
-    fn sent(&self, group: &[u8], seq: u64) -> Result<(), AppError> {
-        self.local.mark_sent(group, seq)?;
-        if self.local.cursor(group)? + 1 == seq {
-            self.local.advance(group, seq)?;
-        }
-        Ok(())
-    }
-
     /// Creates a group named `name` (the name stays local until members are
     /// added, who receive it encrypted).
     pub async fn create_group(&mut self, conn: &Connection, name: &str) -> Result<Vec<u8>, AppError> {
@@ -438,13 +430,14 @@ impl App {
         for _ in 0..COMMIT_ATTEMPTS {
             self.sync_group(conn, group, &mut Vec::new()).await?;
             let commit = build(&mut self.member)?;
-            match conn.commit(commit).await {
-                Ok((seq, _)) => {
+            let message = commit.message.clone();
+            match conn.accepted(&commit.into_request()).await {
+                Ok(a) => {
                     let unit = self.local.unit()?;
                     self.member.merge_pending(group)?;
-                    self.sent(group, seq)?;
+                    self.sent_chained(group, &a, &message, &mut Vec::new())?;
                     unit.commit()?;
-                    return Ok(seq);
+                    return Ok(a.seq);
                 }
                 Err(e) => {
                     self.member.discard_pending(group)?;
@@ -561,16 +554,20 @@ impl App {
                 let row = GroupRow { id: group.to_vec(), name: self.group_name(group), active: true };
                 self.commit_pending_proposals(conn, &row).await?;
             }
-            let m = self.member.encrypt(group, &bytes)?;
-            match conn.send(m, None).await {
-                Ok((seq, _)) => {
+            // The last head the server signed for us goes with the message,
+            // signed by us: receivers compare it with their own chain.
+            let aad = self.claim(group)?;
+            let m = self.member.encrypt_with_aad(group, &bytes, aad)?;
+            let request = crate::wire::Request::Send { message: m.clone(), welcome: None, group_info: None };
+            match conn.accepted(&request).await {
+                Ok(a) => {
                     let unit = self.local.unit()?;
-                    self.sent(group, seq)?;
+                    self.sent_chained(group, &a, &m, &mut Vec::new())?;
                     if let Payload::Text(text) = payload {
-                        self.record(group, seq, Some(&self.account()), EntryKind::Text, text)?;
+                        self.record(group, a.seq, Some(&self.account()), EntryKind::Text, text)?;
                     }
                     unit.commit()?;
-                    return Ok(seq);
+                    return Ok(a.seq);
                 }
                 Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => {
                     self.sync_group(conn, group, &mut Vec::new()).await?;

@@ -15,6 +15,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::state::StateError;
 use crate::auth::AccountId;
+use crate::chain::{Claim, Head, Position, SignedHead};
 
 /// Longest contact, group or device name, in bytes.
 pub const MAX_NAME: usize = 64;
@@ -32,6 +33,9 @@ pub enum EntryKind {
     Text,
     /// Something that happened (joins, removals, repairs, refusals).
     Event,
+    /// The server misbehaved (verifiable delivery): never scrolls away
+    /// silently; `hush verify` lists it with its evidence.
+    Alarm,
 }
 
 impl EntryKind {
@@ -40,16 +44,46 @@ impl EntryKind {
         match self {
             EntryKind::Text => "text",
             EntryKind::Event => "event",
+            EntryKind::Alarm => "alarm",
         }
     }
 
     fn parse(s: &str) -> Self {
-        if s == "text" {
-            EntryKind::Text
-        } else {
-            EntryKind::Event
+        match s {
+            "text" => EntryKind::Text,
+            "alarm" => EntryKind::Alarm,
+            _ => EntryKind::Event,
         }
     }
+}
+
+/// Heads of a group's chain a device keeps, to compare with the heads
+/// other members say they saw: enough for a member that fell this far
+/// behind.
+pub const MAX_KEPT_HEADS: u64 = 100_000;
+
+/// How often (in messages) old heads are pruned.
+const PRUNE_EVERY: u64 = 1024;
+
+/// Where a device stands in a group's chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainRow {
+    /// The last message verified, and the head after it.
+    pub position: Position,
+    /// Verified without a break from after this sequence.
+    pub since: u64,
+    /// The last head the server signed for this device.
+    pub signed: Option<SignedHead>,
+}
+
+/// An alarm about a group: the server showed something it should not have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlarmRow {
+    pub seq: u64,
+    pub body: String,
+    /// The evidence, as JSON.
+    pub evidence: Option<String>,
+    pub time: u64,
 }
 
 /// A group as this device keeps it.
@@ -342,6 +376,150 @@ impl Local {
         Ok(())
     }
 
+    // ---- the group's chain (verifiable delivery) ----
+
+    /// Where this device stands in `group`'s chain, if it started
+    /// following it.
+    pub fn chain(&self, group: &[u8]) -> Result<Option<ChainRow>, StateError> {
+        let row = self
+            .conn
+            .prepare_cached("SELECT seq, head, since, signed FROM chains WHERE group_id = ?1")?
+            .query_row([group], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?, r.get::<_, Option<Vec<u8>>>(3)?))
+            })
+            .optional()?;
+        Ok(row.and_then(|(seq, head, since, signed)| {
+            let head = Head(<[u8; 32]>::try_from(head.as_slice()).ok()?);
+            let signed = signed.as_deref().and_then(Claim::decode).map(|c| c.0);
+            Some(ChainRow { position: Position { seq: u(seq), head }, since: u(since), signed })
+        }))
+    }
+
+    /// Moves this device's position in `group`'s chain (verified without a
+    /// break since `since`), and keeps the head for comparisons, at most
+    /// [`MAX_KEPT_HEADS`] per group.
+    pub fn set_position(&self, group: &[u8], at: Position, since: u64) -> Result<(), StateError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO chains (group_id, seq, head, since) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (group_id) DO UPDATE SET seq = ?2, head = ?3, since = ?4",
+            )?
+            .execute(params![group, i(at.seq), &at.head.0[..], i(since)])?;
+        self.conn
+            .prepare_cached("INSERT OR REPLACE INTO heads (group_id, seq, head) VALUES (?1, ?2, ?3)")?
+            .execute(params![group, i(at.seq), &at.head.0[..]])?;
+        let floor = at.seq.saturating_sub(MAX_KEPT_HEADS);
+        if floor > 0 && at.seq % PRUNE_EVERY == 0 {
+            self.conn
+                .prepare_cached("DELETE FROM heads WHERE group_id = ?1 AND seq <= ?2")?
+                .execute(params![group, i(floor)])?;
+        }
+        Ok(())
+    }
+
+    /// Forgets this device's position in `group`'s chain (it starts again
+    /// at the next message, e.g. after joining anew).
+    pub fn reset_chain(&self, group: &[u8]) -> Result<(), StateError> {
+        self.conn.execute("DELETE FROM chains WHERE group_id = ?1", [group])?;
+        Ok(())
+    }
+
+    /// Keeps the last head the server signed for this device in `group`.
+    pub fn set_signed(&self, group: &[u8], signed: &SignedHead) -> Result<(), StateError> {
+        self.conn
+            .prepare_cached("UPDATE chains SET signed = ?2 WHERE group_id = ?1")?
+            .execute(params![group, Claim(*signed).encode()])?;
+        Ok(())
+    }
+
+    /// The head this device verified after message `seq` of `group`, if it
+    /// keeps it.
+    pub fn head_at(&self, group: &[u8], seq: u64) -> Result<Option<Head>, StateError> {
+        let h: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT head FROM heads WHERE group_id = ?1 AND seq = ?2")?
+            .query_row(params![group, i(seq)], |r| r.get(0))
+            .optional()?;
+        Ok(h.and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok()).map(Head))
+    }
+
+    /// Records an alarm about `group` at `seq`, with its evidence (JSON).
+    /// Returns its id.
+    pub fn add_alarm(&self, group: &[u8], seq: u64, body: &str, evidence: Option<&str>, now: u64) -> Result<i64, StateError> {
+        self.conn.execute(
+            "INSERT INTO alarms (group_id, seq, body, evidence, time) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![group, i(seq), body, evidence, i(now)],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Sets `field` of alarm `id`'s evidence (a JSON object) to `value`.
+    pub fn sign_alarm_evidence(&self, id: i64, field: &str, value: &serde_json::Value) -> Result<(), StateError> {
+        let evidence: Option<Option<String>> =
+            self.conn.query_row("SELECT evidence FROM alarms WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+        let mut e: serde_json::Value = evidence
+            .flatten()
+            .and_then(|e| serde_json::from_str(&e).ok())
+            .unwrap_or_else(|| serde_json::json!({}));
+        if let Some(o) = e.as_object_mut() {
+            o.insert(field.to_owned(), value.clone());
+        }
+        self.conn.execute("UPDATE alarms SET evidence = ?2 WHERE id = ?1", params![id, e.to_string()])?;
+        Ok(())
+    }
+
+    /// `group`'s alarms, oldest first.
+    pub fn alarms(&self, group: &[u8]) -> Result<Vec<AlarmRow>, StateError> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT seq, body, evidence, time FROM alarms WHERE group_id = ?1 ORDER BY id")?;
+        let rows = stmt.query_map([group], |r| {
+            Ok(AlarmRow { seq: u(r.get(0)?), body: r.get(1)?, evidence: r.get(2)?, time: u(r.get(3)?) })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// `account` wrote message `at_seq` of `group` having verified the
+    /// chain up to `seen_seq`.
+    pub fn put_seen(&self, group: &[u8], account: &AccountId, at_seq: u64, seen_seq: u64) -> Result<(), StateError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO seen (group_id, account, at_seq, seen_seq) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (group_id, account) DO UPDATE SET at_seq = ?3, seen_seq = ?4 WHERE at_seq < ?3",
+            )?
+            .execute(params![group, &account.0[..], i(at_seq), i(seen_seq)])?;
+        Ok(())
+    }
+
+    /// For each member that wrote with a claim: (account, the message it
+    /// last wrote, how far it had read then).
+    pub fn seen(&self, group: &[u8]) -> Result<Vec<(AccountId, u64, u64)>, StateError> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT account, at_seq, seen_seq FROM seen WHERE group_id = ?1 ORDER BY at_seq")?;
+        let rows = stmt.query_map([group], |r| {
+            Ok((account(Some(r.get(0)?)), u(r.get(1)?), u(r.get(2)?)))
+        })?;
+        let rows: Vec<_> = rows.collect::<Result<_, _>>()?;
+        Ok(rows.into_iter().filter_map(|(a, at, seen)| Some((a?, at, seen))).collect())
+    }
+
+    /// The head the server gave our own message at `seq` when it accepted
+    /// it.
+    pub fn mark_sent_head(&self, id: &[u8], seq: u64, head: &Head) -> Result<(), StateError> {
+        self.conn
+            .prepare_cached("INSERT OR REPLACE INTO sent (group_id, seq, head) VALUES (?1, ?2, ?3)")?
+            .execute(params![id, i(seq), &head.0[..]])?;
+        Ok(())
+    }
+
+    pub fn sent_head(&self, id: &[u8], seq: u64) -> Result<Option<Head>, StateError> {
+        let h: Option<Option<Vec<u8>>> = self
+            .conn
+            .prepare_cached("SELECT head FROM sent WHERE group_id = ?1 AND seq = ?2")?
+            .query_row(params![id, i(seq)], |r| r.get(0))
+            .optional()?;
+        Ok(h.flatten().and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok()).map(Head))
+    }
+
     // ---- revocations ----
 
     /// Keeps an account-signed revocation (encoded, as verified); false if
@@ -386,6 +564,8 @@ impl Local {
             "INSERT OR REPLACE INTO groups (id, name, cursor, active, joined_at) VALUES (?1, ?2, ?3, 1, ?4)",
             params![id, name, i(cursor), i(now)],
         )?;
+        // Its chain is followed again from the first message read.
+        self.reset_chain(id)?;
         Ok(())
     }
 

@@ -19,7 +19,7 @@ use openmls_traits::OpenMlsProvider;
 
 use super::mls::{Member, MlsError, Received, Unprocessed};
 use super::{ClientError, Connection};
-use crate::wire::{Request, Response};
+use crate::wire::{Logged, Request, Response};
 
 /// What reading one message did.
 #[derive(Debug)]
@@ -144,12 +144,12 @@ impl GroupLog {
     /// Checks a page before any of it is used: sequences strictly
     /// increasing after the cursor and at most `bound` (the end of the log
     /// the server announced, if it did), and not empty when more remain.
-    pub fn check(&self, messages: &[(u64, Vec<u8>)], more: bool, bound: Option<u64>) -> Result<(), PageError> {
+    pub fn check(&self, messages: &[Logged], more: bool, bound: Option<u64>) -> Result<(), PageError> {
         if more && messages.is_empty() {
             return Err(PageError::EmptyButMore);
         }
         let mut previous = self.cursor;
-        for (seq, _) in messages {
+        for Logged { seq, .. } in messages {
             if *seq <= previous || bound.is_some_and(|b| *seq > b) {
                 return Err(PageError::OutOfOrder { seq: *seq, previous, bound: bound.unwrap_or(u64::MAX) });
             }
@@ -226,14 +226,14 @@ impl GroupLog {
     fn page<P: OpenMlsProvider>(
         &mut self,
         member: &mut Member<P>,
-        messages: &[(u64, Vec<u8>)],
+        messages: &[Logged],
         more: bool,
         bound: Option<u64>,
         out: &mut Vec<Read>,
     ) -> Result<bool, PageError> {
         self.check(messages, more, bound)?;
-        for (seq, bytes) in messages {
-            let read = self.read(member, *seq, bytes);
+        for m in messages {
+            let read = self.read(member, m.seq, &m.data);
             let stuck = read.stuck();
             out.push(read);
             if stuck {
@@ -251,7 +251,7 @@ mod tests {
     #[test]
     fn a_page_that_goes_back_repeats_or_passes_the_announced_end_is_refused() {
         let log = GroupLog::new(b"g", 5);
-        let m = |s: u64| (s, vec![]);
+        let m = |seq: u64| Logged { seq, head: None, data: vec![] };
         assert!(log.check(&[m(6), m(8)], false, Some(8)).is_ok());
         assert!(matches!(log.check(&[m(5)], false, None), Err(PageError::OutOfOrder { seq: 5, previous: 5, .. })));
         assert!(matches!(log.check(&[m(7), m(7)], false, None), Err(PageError::OutOfOrder { seq: 7, .. })));

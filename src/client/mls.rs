@@ -376,8 +376,9 @@ impl<T, E: std::fmt::Display> Context<T> for Result<T, E> {
 /// What processing a message from the group yielded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Received {
-    /// Decrypted application data.
-    Application { sender: Option<AccountId>, data: Vec<u8> },
+    /// Decrypted application data, with the authenticated data it was
+    /// sent with.
+    Application { sender: Option<AccountId>, data: Vec<u8>, aad: Vec<u8> },
     /// A commit was merged; the group is now at `epoch`. `rejoined`: it was
     /// the sender's resync (an external commit replacing its own leaf);
     /// `new_device`: a new device of the sender's account joined (an
@@ -1231,10 +1232,22 @@ impl<P: OpenMlsProvider> Member<P> {
 
     /// Encrypts application data for the group.
     pub fn encrypt(&mut self, group: &[u8], data: &[u8]) -> Result<Vec<u8>, MlsError> {
+        self.encrypt_with_aad(group, data, Vec::new())
+    }
+
+    /// Encrypts `data` with `aad` as the message's authenticated data
+    /// (signed with it, readable by the server; see
+    /// [`crate::chain::Claim`]).
+    pub fn encrypt_with_aad(&mut self, group: &[u8], data: &[u8], aad: Vec<u8>) -> Result<Vec<u8>, MlsError> {
         self.group_mut(group)?;
         let (provider, signer) = (&self.provider, &self.signer);
         let g = self.groups.get_mut(group).ok_or(MlsError::NotInGroup)?;
-        let msg = g.create_message(provider, signer, data).context("encrypting")?;
+        g.set_aad(aad);
+        let msg = g.create_message(provider, signer, data);
+        // Never left for the next message (openmls clears it only on
+        // success).
+        g.set_aad(Vec::new());
+        let msg = msg.context("encrypting")?;
         serialize(&msg, "the message")
     }
 
@@ -1300,6 +1313,7 @@ impl<P: OpenMlsProvider> Member<P> {
         // certificate names who said it.
         let sender = holder_of(processed.credential()).map(|(account, _)| account);
         let sender_kind = processed.sender().clone();
+        let aad = processed.aad().to_vec();
         let sender_leaf = match processed.sender() {
             Sender::Member(i) => Some(*i),
             _ => None,
@@ -1309,7 +1323,7 @@ impl<P: OpenMlsProvider> Member<P> {
         let same_holder = |index: Option<LeafNodeIndex>, leaf: &LeafNode| same_holder(&holders, index, leaf);
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => {
-                Ok(Received::Application { sender, data: app.into_bytes() })
+                Ok(Received::Application { sender, data: app.into_bytes(), aad })
             }
             ProcessedMessageContent::ProposalMessage(p) => {
                 if let Sender::External(_) = &sender_kind {

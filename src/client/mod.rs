@@ -13,11 +13,21 @@ use std::time::Duration;
 use quinn::{ConnectionError, IdleTimeout, TransportConfig, VarInt};
 use thiserror::Error;
 
+use crate::chain::{Head, SignedHead};
 use crate::auth::tls::{client_crypto, Credentials, SeenFingerprint, TlsError};
 use crate::auth::{AccountId, DeviceCertificate, DeviceId, Fingerprint, HushAddress, Identity};
 use crate::limits::{
     CLIENT_KEEP_ALIVE, CLIENT_MAX_RATE_LIMIT_WAIT, CLIENT_RATE_LIMIT_RETRIES, CLIENT_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
 };
+/// Where the server stored a message: its sequence number, the group's
+/// epoch after it, and the group's chain head after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub seq: u64,
+    pub epoch: u64,
+    pub head: Head,
+}
+
 pub mod app;
 pub mod home;
 pub mod link;
@@ -27,9 +37,11 @@ pub mod mls;
 pub mod payload;
 pub mod screen;
 pub mod state;
+pub mod verify;
 
 use crate::wire::{
-    close, decode_push_frame, DecodeError, EncodeError, ErrorCode, Push, Request, Response, MAX_RESPONSE_FRAME,
+    close, decode_push_frame, DecodeError, EncodeError, ErrorCode, Logged, Push, Request, Response,
+    MAX_RESPONSE_FRAME,
 };
 
 /// Times [`Connection::close`] yields to the runtime so the close frame
@@ -284,18 +296,30 @@ impl Connection {
     /// that check what the server refuses. Returns the message's (sequence,
     /// epoch after it).
     pub async fn send(&self, message: Vec<u8>, welcome: Option<Vec<u8>>) -> Result<(u64, u64), ClientError> {
-        self.accepted(&Request::Send { message, welcome, group_info: None }).await
+        let a = self.accepted(&Request::Send { message, welcome, group_info: None }).await?;
+        Ok((a.seq, a.epoch))
     }
 
     /// Posts a commit with its Welcome and GroupInfo. Returns its
     /// (sequence, epoch after it).
     pub async fn commit(&self, commit: crate::client::mls::Commit) -> Result<(u64, u64), ClientError> {
-        self.accepted(&commit.into_request()).await
+        let a = self.accepted(&commit.into_request()).await?;
+        Ok((a.seq, a.epoch))
     }
 
-    async fn accepted(&self, request: &Request) -> Result<(u64, u64), ClientError> {
+    /// Posts a request that stores a message (`Send`, or a commit's) and
+    /// returns where it went, with the group's chain head after it.
+    pub async fn accepted(&self, request: &Request) -> Result<Accepted, ClientError> {
         match self.call(request).await? {
-            Response::Accepted { seq, epoch, .. } => Ok((seq, epoch)),
+            Response::Accepted { seq, epoch, head, .. } => Ok(Accepted { seq, epoch, head }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The server's signature over `group`'s chain head after `seq`.
+    pub async fn signed_head(&self, group: &[u8], seq: u64) -> Result<SignedHead, ClientError> {
+        match self.call(&Request::Head { group: group.to_vec(), seq }).await? {
+            Response::SignedHead { signed, .. } => Ok(signed),
             other => Err(unexpected(&other)),
         }
     }
@@ -363,13 +387,9 @@ impl Connection {
         }
     }
 
-    /// Messages after `after`; returns them and whether more remain.
-    pub async fn fetch(
-        &self,
-        group: &[u8],
-        after: u64,
-        limit: u16,
-    ) -> Result<(Vec<(u64, Vec<u8>)>, bool), ClientError> {
+    /// Messages after `after` (with their chain heads); returns them and
+    /// whether more remain.
+    pub async fn fetch(&self, group: &[u8], after: u64, limit: u16) -> Result<(Vec<Logged>, bool), ClientError> {
         match self.call(&Request::Fetch { group: group.to_vec(), after, limit }).await? {
             Response::Messages { messages, more, .. } => Ok((messages, more)),
             other => Err(unexpected(&other)),

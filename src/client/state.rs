@@ -125,6 +125,38 @@ const MIGRATIONS: &[&str] = &[
     // 5 -> 6: for a linked device, the first device's state of each group
     // itself (an encoded `LinkHandover`), which its first join walks from.
     "CREATE TABLE handovers (group_id BLOB PRIMARY KEY NOT NULL, state BLOB NOT NULL);",
+    // 6 -> 7: verifiable delivery (`crate::client::verify`). Per group the
+    // position this device verified the chain to (and since which
+    // sequence, without a break), the last head the server signed for it;
+    // the heads it verified (for comparing with what others saw); alarms
+    // with their evidence; how far each member had read when it last
+    // wrote; and the head the server gave each of our own messages.
+    "CREATE TABLE chains (
+        group_id BLOB PRIMARY KEY NOT NULL,
+        seq INTEGER NOT NULL,
+        head BLOB NOT NULL,
+        since INTEGER NOT NULL,
+        signed BLOB
+    );
+    CREATE TABLE heads (
+        group_id BLOB NOT NULL, seq INTEGER NOT NULL, head BLOB NOT NULL, PRIMARY KEY (group_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE alarms (
+        id INTEGER PRIMARY KEY,
+        group_id BLOB NOT NULL,
+        seq INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        evidence TEXT,
+        time INTEGER NOT NULL
+    );
+    CREATE TABLE seen (
+        group_id BLOB NOT NULL,
+        account BLOB NOT NULL,
+        at_seq INTEGER NOT NULL,
+        seen_seq INTEGER NOT NULL,
+        PRIMARY KEY (group_id, account)
+    );
+    ALTER TABLE sent ADD COLUMN head BLOB;",
 ];
 
 /// Deleted secrets (KeyPackage private keys, past epochs' secrets, used

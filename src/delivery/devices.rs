@@ -213,10 +213,10 @@ impl Delivery {
             .map_err(|e| Refusal::Internal(format!("storing the removal proposal: {e:?}")))?;
         let state = mls::encode_state(&storage).map_err(|e| Refusal::Internal(e.to_string()))?;
         check_state_size(&state)?;
-        let (seq, _head) = store.append(group, record.epoch, &bytes, now)?;
+        let (seq, head) = store.append(group, record.epoch, &bytes, now)?;
         store.update_group(group, record.epoch, &state)?;
         let recipients = store.current_members(group)?.into();
-        Ok(Some(Notification::Message { group: group.to_vec(), seq, message: bytes, recipients }))
+        Ok(Some(Notification::Message { group: group.to_vec(), seq, head: Some(head), message: bytes, recipients }))
     }
 }
 

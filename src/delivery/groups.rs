@@ -82,7 +82,8 @@ impl Delivery {
         store.insert_group(&group, epoch, &state, now)?;
         store.set_group_info(&group, group_info)?;
         store.add_member(&group, &caller.device, &caller.account, 0)?;
-        Ok(Outcome::wrote(Response::Accepted { group, seq: 0, epoch }, vec![]))
+        let head = crate::chain::Head::genesis(&group);
+        Ok(Outcome::wrote(Response::Accepted { group, seq: 0, epoch, head }, vec![]))
     }
 
     pub(super) fn send<S: Storage>(
@@ -132,11 +133,11 @@ impl Delivery {
                 if welcome.is_some() {
                     return Err(refuse(ErrorCode::InvalidMessage, "only commits carry a Welcome"));
                 }
-                let (seq, _head) = store.append(&group, epoch, &bytes, now)?;
+                let (seq, head) = store.append(&group, epoch, &bytes, now)?;
                 let recipients = self.roster(store, &group, epoch)?;
                 Ok(Outcome::wrote(
-                    Response::Accepted { group: group.clone(), seq, epoch },
-                    vec![Notification::Message { group, seq, message: bytes, recipients }],
+                    Response::Accepted { group: group.clone(), seq, epoch, head },
+                    vec![Notification::Message { group, seq, head: Some(head), message: bytes, recipients }],
                 ))
             }
             mls::Kind::Commit | mls::Kind::Proposal => {

@@ -176,7 +176,7 @@ impl Delivery {
         let state = mls::encode_state(&storage).map_err(|e| Refusal::Internal(e.to_string()))?;
         check_state_size(&state)?;
         let (group, epoch) = (h.group, h.record.epoch);
-        let (seq, _head) = store.append(group, epoch, &h.bytes, h.now)?;
+        let (seq, head) = store.append(group, epoch, &h.bytes, h.now)?;
         store.update_group(group, epoch, &state)?;
         if let Some(left) = leaving {
             if store.membership(group, &left.device)?.is_some_and(|m| m.is_current()) {
@@ -184,8 +184,14 @@ impl Delivery {
             }
         }
         Ok(Outcome::wrote(
-            Response::Accepted { group: group.to_vec(), seq, epoch },
-            vec![Notification::Message { group: group.to_vec(), seq, message: h.bytes, recipients: before.into() }],
+            Response::Accepted { group: group.to_vec(), seq, epoch, head },
+            vec![Notification::Message {
+                group: group.to_vec(),
+                seq,
+                head: Some(head),
+                message: h.bytes,
+                recipients: before.into(),
+            }],
         ))
     }
 
@@ -235,7 +241,7 @@ impl Delivery {
         let state = mls::encode_state(&storage).map_err(|e| Refusal::Internal(e.to_string()))?;
         check_state_size(&state)?;
         let group = h.group;
-        let (seq, _head) = store.append(group, h.record.epoch, &h.bytes, h.now)?;
+        let (seq, head) = store.append(group, h.record.epoch, &h.bytes, h.now)?;
         store.update_group(group, epoch, &state)?;
         store.set_group_info(group, &group_info)?;
         let before_set: BTreeSet<DeviceId> = before.iter().copied().collect();
@@ -264,8 +270,13 @@ impl Delivery {
         // Everyone who was a member sees the commit, removed members
         // included (it tells them they were removed); the added devices
         // get the Welcome.
-        let mut notifications =
-            vec![Notification::Message { group: group.to_vec(), seq, message: h.bytes, recipients: before.into() }];
+        let mut notifications = vec![Notification::Message {
+            group: group.to_vec(),
+            seq,
+            head: Some(head),
+            message: h.bytes,
+            recipients: before.into(),
+        }];
         if let Some(w) = &welcome {
             let recipients: BTreeSet<DeviceId> = added.iter().map(|(_, c)| c.device).collect();
             for r in recipients {
@@ -280,7 +291,7 @@ impl Delivery {
         for device in store.revoked_members(group)?.into_iter().chain(lingering) {
             notifications.extend(self.propose_removal(store, group, &device, h.now)?);
         }
-        Ok(Outcome::wrote(Response::Accepted { group: group.to_vec(), seq, epoch }, notifications))
+        Ok(Outcome::wrote(Response::Accepted { group: group.to_vec(), seq, epoch, head }, notifications))
     }
 
     /// Whom the commit adds: only devices whose KeyPackage this server

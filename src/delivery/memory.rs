@@ -10,6 +10,7 @@ use super::storage::{
 };
 use crate::auth::{AccountId, DeviceCertificate, DeviceId};
 use crate::chain::Head;
+use crate::wire::Logged;
 
 #[derive(Debug, Clone)]
 struct StoredPackage {
@@ -23,7 +24,7 @@ struct Group {
     record: GroupRecord,
     members: BTreeMap<DeviceId, Membership>,
     left_epochs: BTreeMap<DeviceId, u64>,
-    log: BTreeMap<u64, (Vec<u8>, u64)>,
+    log: BTreeMap<u64, (Vec<u8>, u64, Head)>,
     group_info: Option<Vec<u8>>,
     chain: Option<ChainTip>,
 }
@@ -311,8 +312,8 @@ impl Storage for MemoryStore {
     fn append(&mut self, group: &[u8], epoch: u64, message: &[u8], now: u64) -> Result<(u64, Head), Infallible> {
         let Some(g) = self.groups.get_mut(group) else { return Ok((0, Head::genesis(group))) };
         g.record.last_seq += 1;
-        g.log.insert(g.record.last_seq, (message.to_vec(), now));
         let tip = ChainTip::after(g.chain, group, g.record.last_seq, epoch, message);
+        g.log.insert(g.record.last_seq, (message.to_vec(), now, tip.head));
         g.chain = Some(tip);
         Ok((g.record.last_seq, tip.head))
     }
@@ -331,11 +332,11 @@ impl Storage for MemoryStore {
     ) -> Result<(Messages, bool), Infallible> {
         let Some(g) = self.groups.get(group) else { return Ok((vec![], false)) };
         let mut page = Page::new(limit, byte_budget);
-        for (seq, (m, _)) in g.log.range(after.saturating_add(1)..) {
+        for (seq, (m, _, head)) in g.log.range(after.saturating_add(1)..) {
             if upto.is_some_and(|u| *seq > u) || !page.fits(m.len()) {
                 break;
             }
-            page.push(*seq, m.clone());
+            page.push(Logged { seq: *seq, head: Some(*head), data: m.clone() }, m.len());
         }
         Ok(page.finish())
     }
@@ -365,7 +366,7 @@ impl Storage for MemoryStore {
             if !page.fits(w.len()) {
                 break;
             }
-            page.push(*id, w.clone());
+            page.push((*id, w.clone()), w.len());
         }
         Ok(page.finish().0)
     }
@@ -416,7 +417,7 @@ impl Storage for MemoryStore {
             devices: count(self.devices.values().filter(|d| d.revoked_at.is_none())),
             groups: count(self.groups.values()),
             messages: count(held()),
-            oldest_message: held().map(|(_, at)| *at).min(),
+            oldest_message: held().map(|(_, at, _)| *at).min(),
             welcomes: count(self.inbox.values()),
             invites_outstanding: count(
                 self.invites.values().filter(|i| i.uses_left > 0 && i.expires_at.is_none_or(|e| e > now)),
@@ -426,7 +427,7 @@ impl Storage for MemoryStore {
     }
 
     fn database_bytes(&mut self) -> Result<u64, Infallible> {
-        let logs: usize = self.groups.values().flat_map(|g| g.log.values()).map(|(m, _)| m.len() + 32).sum();
+        let logs: usize = self.groups.values().flat_map(|g| g.log.values()).map(|(m, _, _)| m.len() + 64).sum();
         let states: usize =
             self.groups.values().map(|g| g.record.state.len() + g.group_info.as_ref().map_or(0, Vec::len)).sum();
         let inbox: usize = self.inbox.values().map(|(_, _, w, _)| w.len()).sum();
@@ -438,7 +439,7 @@ impl Storage for MemoryStore {
         let mut n = 0u64;
         for g in self.groups.values_mut() {
             // A prefix, as in SQL: up to the first message young enough.
-            let old: Vec<u64> = g.log.iter().take_while(|(_, (_, t))| *t < before).map(|(s, _)| *s).collect();
+            let old: Vec<u64> = g.log.iter().take_while(|(_, (_, t, _))| *t < before).map(|(s, _)| *s).collect();
             for s in old {
                 g.log.remove(&s);
                 n += 1;

@@ -120,6 +120,7 @@ use crate::wire::{ErrorCode, Request, Response};
 pub use devices::{Removal, RemoveError};
 pub use storage::{GroupRecord, Membership, NewKeyPackage, SendContext, Storage};
 
+
 /// Who sends a request: the device its connection authenticated, and the
 /// account that device's certificate names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -158,8 +159,9 @@ impl From<Caller> for Origin {
 /// durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notification {
-    /// A new message in `group` at `seq`, for these devices.
-    Message { group: Vec<u8>, seq: u64, message: Vec<u8>, recipients: Arc<[DeviceId]> },
+    /// A new message in `group` at `seq` (with the group's chain head
+    /// after it), for these devices.
+    Message { group: Vec<u8>, seq: u64, head: Option<crate::chain::Head>, message: Vec<u8>, recipients: Arc<[DeviceId]> },
     /// A Welcome waits for `recipient`.
     Welcome { recipient: DeviceId },
     /// `device` was revoked: close its connections.
@@ -259,6 +261,24 @@ pub struct Delivery {
     /// Its private half, on the engine's writer only: it signs the
     /// server's removal proposals ([`devices`]).
     removal_signer: Option<Arc<crate::auth::Identity>>,
+    /// The server's own key (the one its address pins), on the engine's
+    /// reader: it signs chain heads a member asks for (`Head`).
+    head_signer: Option<Arc<crate::auth::Identity>>,
+}
+
+/// The keys a server's Delivery Service signs with: its removal key
+/// (external sender of every group) and its own key (the one its address
+/// pins, which signs chain heads).
+#[derive(Clone)]
+pub struct ServerKeys {
+    pub removal: Arc<crate::auth::Identity>,
+    pub identity: Arc<crate::auth::Identity>,
+}
+
+impl std::fmt::Debug for ServerKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerKeys(..)")
+    }
 }
 
 impl std::fmt::Debug for Delivery {
@@ -282,7 +302,14 @@ impl Delivery {
             rosters: HashMap::new(),
             removal_key,
             removal_signer: None,
+            head_signer: None,
         }
+    }
+
+    /// Lets this instance sign chain heads with the server's key.
+    pub fn with_head_signer(mut self, signer: Arc<crate::auth::Identity>) -> Self {
+        self.head_signer = Some(signer);
+        self
     }
 
     /// Lets this instance propose removals (revoked devices, removed
@@ -409,6 +436,7 @@ impl Delivery {
             Request::AckWelcome { id } => self.ack_welcome(store, &caller, id),
             Request::ListGroups => self.list_groups(store, &caller),
             Request::FetchGroupInfo { group } => self.fetch_group_info(store, &caller, group),
+            Request::Head { group, seq } => self.signed_head(store, &caller, group, seq),
         }
     }
 }

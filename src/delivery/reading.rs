@@ -4,6 +4,7 @@
 
 use super::groups::load_public;
 use super::{mls, not_member, refuse, Caller, Delivery, Membership, Outcome, Refusal, Storage};
+use crate::chain::SignedHead;
 use crate::limits::{FETCH_BYTE_BUDGET, MAX_FETCH_ENTRIES, MAX_GROUPS_LISTED};
 use crate::wire::{ErrorCode, GroupSummary, Response};
 
@@ -26,6 +27,34 @@ impl Delivery {
         };
         let (messages, more) = store.fetch(&group, after.max(m.joined_after), m.left_at, limit, FETCH_BYTE_BUDGET)?;
         Ok(Outcome::reply(Response::Messages { group, messages, more }))
+    }
+
+    /// The server's signature over `group`'s chain head after `seq`, for a
+    /// device that may read that message (or, having read everything, the
+    /// last one).
+    pub(super) fn signed_head<S: Storage>(
+        &mut self,
+        store: &mut S,
+        caller: &Caller,
+        group: Vec<u8>,
+        seq: u64,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        let m = store.membership(&group, &caller.device)?.ok_or_else(not_member)?;
+        if seq <= m.joined_after || m.left_at.is_some_and(|left| seq > left) {
+            return Err(refuse(ErrorCode::NotMember, "that message is not one this device may read"));
+        }
+        let Some(signer) = &self.head_signer else {
+            return Err(refuse(ErrorCode::UnknownRequest, "this server does not sign chain heads"));
+        };
+        let head = store.head_at(&group, seq)?.ok_or_else(|| {
+            refuse(
+                ErrorCode::Gone,
+                "the server no longer holds that message's head (it was read by every member, or expired)",
+            )
+        })?;
+        let signature = signer.sign(&SignedHead::message(&group, seq, &head));
+        let signed = SignedHead { seq, head, key: signer.public_key(), signature };
+        Ok(Outcome::reply(Response::SignedHead { group, signed }))
     }
 
     /// The caller has read `group` up to `seq`: messages everyone read go,

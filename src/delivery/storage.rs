@@ -18,6 +18,7 @@
 
 use crate::auth::{AccountId, DeviceId};
 use crate::chain::Head;
+use crate::wire::Logged;
 
 /// A registered account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,22 +168,22 @@ pub struct SendContext {
     pub log_len: u64,
 }
 
-/// Messages as `(sequence, MLSMessage)`, in order.
-pub type Messages = Vec<(u64, Vec<u8>)>;
+/// Messages with their sequence numbers and chain heads, in order.
+pub type Messages = Vec<Logged>;
 
-/// A page of `(key, bytes)` entries within a count and a byte budget, and
-/// always at least one entry when there is one: every storage fills its
-/// fetch and Welcome answers through this.
+/// A page of entries within a count and a byte budget, and always at least
+/// one entry when there is one: every storage fills its fetch (of
+/// [`Logged`] messages) and Welcome (`(id, bytes)`) answers through this.
 #[derive(Debug)]
-pub struct Page {
+pub struct Page<T = (u64, Vec<u8>)> {
     limit: usize,
     budget: usize,
     bytes: usize,
-    entries: Vec<(u64, Vec<u8>)>,
+    entries: Vec<T>,
     more: bool,
 }
 
-impl Page {
+impl<T> Page<T> {
     pub fn new(limit: usize, budget: usize) -> Self {
         Self { limit, budget, bytes: 0, entries: Vec::new(), more: false }
     }
@@ -196,14 +197,14 @@ impl Page {
         !full
     }
 
-    /// Adds an entry that [`Page::fits`].
-    pub fn push(&mut self, key: u64, data: Vec<u8>) {
-        self.bytes = self.bytes.saturating_add(data.len());
-        self.entries.push((key, data));
+    /// Adds an entry of `len` bytes that [`Page::fits`].
+    pub fn push(&mut self, entry: T, len: usize) {
+        self.bytes = self.bytes.saturating_add(len);
+        self.entries.push(entry);
     }
 
     /// The entries, and whether more remain.
-    pub fn finish(self) -> (Vec<(u64, Vec<u8>)>, bool) {
+    pub fn finish(self) -> (Vec<T>, bool) {
         (self.entries, self.more)
     }
 }
@@ -363,6 +364,15 @@ pub trait Storage {
     /// Where the group's chain stands; `None` if no message was appended
     /// since it began (or no such group).
     fn chain_tip(&mut self, group: &[u8]) -> Result<Option<ChainTip>, Self::Error>;
+    /// The group's chain head after message `seq`, if that message is still
+    /// stored with one (or is the group's last).
+    fn head_at(&mut self, group: &[u8], seq: u64) -> Result<Option<Head>, Self::Error> {
+        if let Some(tip) = self.chain_tip(group)?.filter(|t| t.seq == seq) {
+            return Ok(Some(tip.head));
+        }
+        let (messages, _) = self.fetch(group, seq.saturating_sub(1), Some(seq), 1, 0)?;
+        Ok(messages.into_iter().find(|m| m.seq == seq).and_then(|m| m.head))
+    }
     /// Messages with `after < seq <= upto` (no upper bound if `None`), in
     /// order, at most `limit` of them and at most `byte_budget` bytes (but
     /// always at least one if any). Returns them and whether more remain.

@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::auth::{DeviceId, Identity};
+use crate::auth::DeviceId;
 use crate::db::sqlite::Db;
 use crate::db::StoreError;
 use crate::delivery::storage::{Backend, DeviceRecord, Unit};
 use crate::delivery::Notification;
-use crate::delivery::{Delivery, Origin, Outcome, Quotas, Storage};
+use crate::delivery::{Delivery, Origin, Outcome, Quotas, ServerKeys, Storage};
 use crate::limits::{COMMIT_DELAY_BACKOFF, COMMIT_SIBLINGS, MAX_COMMIT_DELAY, MAX_CONFLICT_RETRIES, MAX_WRITE_BATCH};
 use crate::wire::Request;
 
@@ -94,8 +94,8 @@ impl std::fmt::Debug for Pending {
 impl Engine {
     /// Opens (creating and migrating if needed) the SQLite database at
     /// `path` and starts the engine on it.
-    pub fn open(path: &Path, quotas: Quotas, removal: Arc<Identity>) -> Result<Self, StoreError> {
-        Self::start(Db::open(path)?, Db::open(path)?, quotas, removal)
+    pub fn open(path: &Path, quotas: Quotas, keys: ServerKeys) -> Result<Self, StoreError> {
+        Self::start(Db::open(path)?, Db::open(path)?, quotas, keys)
     }
 
     /// Connects to the PostgreSQL database `target` (migrating it if
@@ -103,26 +103,28 @@ impl Engine {
     pub fn open_postgres(
         target: &Arc<crate::db::pg::Target>,
         quotas: Quotas,
-        removal: Arc<Identity>,
+        keys: ServerKeys,
     ) -> Result<Self, StoreError> {
         use crate::db::pg::PgDb;
-        Self::start(PgDb::connect(target.clone())?, PgDb::connect(target.clone())?, quotas, removal)
+        Self::start(PgDb::connect(target.clone())?, PgDb::connect(target.clone())?, quotas, keys)
     }
 
     /// Starts the writer and reader threads on two connections to one
     /// database; the Delivery Service enforces `quotas`, requires every
-    /// group to list the `removal` key as an external sender, and signs its
-    /// removal proposals with it (on the writer only).
+    /// group to list the removal key as an external sender, and signs its
+    /// removal proposals with it (on the writer) and chain heads with the
+    /// server's own key (on the reader).
     pub fn start<B: Backend<Error = StoreError>>(
         writer: B,
         reader: B,
         quotas: Quotas,
-        removal: Arc<Identity>,
+        keys: ServerKeys,
     ) -> Result<Self, StoreError> {
-        let key = removal.public_key();
-        let writing = Delivery::with_quotas(quotas, key).with_removal_signer(removal);
+        let key = keys.removal.public_key();
+        let writing = Delivery::with_quotas(quotas, key).with_removal_signer(keys.removal);
         let writer = spawn("hush-writer", writer, writing, writer_loop)?;
-        let reader = spawn("hush-reader", reader, Delivery::with_quotas(quotas, key), reader_loop)?;
+        let reading = Delivery::with_quotas(quotas, key).with_head_signer(keys.identity);
+        let reader = spawn("hush-reader", reader, reading, reader_loop)?;
         Ok(Self { writer, reader })
     }
 
@@ -462,14 +464,14 @@ fn stored<S: Storage<Error = StoreError>>(
     seq: u64,
 ) -> Result<Option<Notification>, StoreError> {
     let (mut messages, _) = store.fetch(&group, seq.saturating_sub(1), Some(seq), 1, usize::MAX)?;
-    let Some((_, message)) = messages.pop() else { return Ok(None) };
+    let Some(crate::wire::Logged { head, data: message, .. }) = messages.pop() else { return Ok(None) };
     let recipients: Arc<[DeviceId]> = store
         .members(&group)?
         .into_iter()
         .filter(|(_, m)| m.joined_after < seq && m.left_at.is_none_or(|left| left >= seq))
         .map(|(d, _)| d)
         .collect();
-    Ok(Some(Notification::Message { group, seq, message, recipients }))
+    Ok(Some(Notification::Message { group, seq, head, message, recipients }))
 }
 
 #[cfg(test)]

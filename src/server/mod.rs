@@ -154,12 +154,12 @@ impl Server {
     }
 
     /// [`Server::bind`], with the SQLite engine made by `open` (the
-    /// database's path, quotas, removal key) instead of [`Engine::open`]:
+    /// database's path, quotas, keys) instead of [`Engine::open`]:
     /// how the benchmark puts a slower disk under a real server.
     pub fn bind_with_engine(
         config: ServerConfig,
         data_dir: &Path,
-        open: impl FnOnce(&Path, crate::delivery::Quotas, Arc<Identity>) -> Result<Engine, StoreError>,
+        open: impl FnOnce(&Path, crate::delivery::Quotas, crate::delivery::ServerKeys) -> Result<Engine, StoreError>,
     ) -> Result<Self, ServerError> {
         config.validate()?;
         let data_dir = DataDir(data_dir.to_owned());
@@ -167,12 +167,14 @@ impl Server {
         if created {
             info!("created server key {}", data_dir.key().display());
         }
+        let identity = Arc::new(identity);
+        let keys = crate::delivery::ServerKeys { removal: Arc::new(removal), identity: identity.clone() };
         let (engine, target) = match database {
             Location::Postgres(target) => {
                 info!("storing in PostgreSQL (several nodes may share the database)");
-                (Engine::open_postgres(&target, config.quotas(), Arc::new(removal))?, Some(target))
+                (Engine::open_postgres(&target, config.quotas(), keys)?, Some(target))
             }
-            Location::Sqlite(path) => (open(&path, config.quotas(), Arc::new(removal))?, None),
+            Location::Sqlite(path) => (open(&path, config.quotas(), keys)?, None),
         };
 
         let mut transport = TransportConfig::default();

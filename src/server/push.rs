@@ -93,9 +93,10 @@ impl Registry {
                     }
                     continue;
                 }
-                Notification::Message { group, seq, message, recipients } => {
+                Notification::Message { group, seq, head, message, recipients } => {
                     let ciphertext = (message.len() <= PUSH_INLINE_THRESHOLD).then(|| message.clone());
-                    (Push::Message { group: group.clone(), seq: *seq, ciphertext }.encode_framed().ok(), recipients)
+                    let push = Push::Message { group: group.clone(), seq: *seq, head: *head, ciphertext };
+                    (push.encode_framed().ok(), recipients)
                 }
                 Notification::Welcome { recipient } => {
                     (Push::Welcome.encode_framed().ok(), std::slice::from_ref(recipient))

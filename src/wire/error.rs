@@ -90,6 +90,9 @@ error_codes! {
     32 LinkExpired,
     /// The link code was already used.
     33 LinkUsed,
+    /// The server no longer holds what was asked for (a chain head of a
+    /// message every member read, or that expired).
+    34 Gone,
 }
 
 /// QUIC application close codes the server uses.

@@ -1,8 +1,10 @@
-//! The hush wire protocol, version 3 (ALPN `hush/3`).
+//! The hush wire protocol, version 4 (ALPN `hush/4`).
 //!
 //! Version 2 (certified credentials) changed `Register`, `Status` and the
 //! KeyPackage claim; version 3 (group repair) added the GroupInfo every
-//! commit carries and `FetchGroupInfo`. A peer of another version fails the
+//! commit carries and `FetchGroupInfo`; version 4 (verifiable delivery,
+//! [`crate::chain`]) added each group's chain head to `Accepted`, to every
+//! fetched and pushed message, and `Head` / `SignedHead`. A peer of another version fails the
 //! ALPN negotiation instead of misreading frames.
 //!
 //! Everything a second client needs to interoperate is on this page.
@@ -10,7 +12,7 @@
 //! # Transport
 //!
 //! QUIC with TLS 1.3 (see [`crate::auth`] for the certificates both sides
-//! present). The ALPN protocol identifier is `hush/3`; it versions the whole
+//! present). The ALPN protocol identifier is `hush/4`; it versions the whole
 //! format below, so frames carry no version field.
 //!
 //! * **Requests**: the client opens one bidirectional stream per request,
@@ -63,6 +65,7 @@
 //! | 0x13 | `LinkFetch` | `[u8; 16]` link id (the link's account) |
 //! | 0x14 | `LinkAnswer` | `[u8; 16]` link id, `bytes16<1024>` device certificate for the offering key, `bytes32<1044480>` sealed bundle (with each group's state, see [`crate::client::link`]) |
 //! | 0x15 | `LinkResult` | `[u8; 16]` link id (the offering key) |
+//! | 0x16 | `Head` | `bytes8<255>` group id, `u64` sequence: the server's signature over the group's chain head after that message (one the caller may read, or the group's last) |
 //!
 //! ## Response frames
 //!
@@ -74,8 +77,8 @@
 //! | 0x03 | `Pong` | `u64` nonce (echoed) |
 //! | 0x04 | `KeyPackageCount` | `u32` count held (last resort excluded), `bool` has a last-resort package |
 //! | 0x05 | `KeyPackages` | `u16` n (1..=16), n × `bytes32<16384>` KeyPackage, one per device of the claimed account |
-//! | 0x06 | `Accepted` | `bytes8<255>` group id, `u64` sequence (0 for a new group), `u64` epoch after the message |
-//! | 0x07 | `Messages` | `bytes8<255>` group id, `u16` n, n × (`u64` sequence, `bytes32<491520>` `MLSMessage`), `bool` more |
+//! | 0x06 | `Accepted` | `bytes8<255>` group id, `u64` sequence (0 for a new group), `u64` epoch after the message, `[u8; 32]` the group's chain head after the message (the genesis head for a new group) |
+//! | 0x07 | `Messages` | `bytes8<255>` group id, `u16` n, n × (`u64` sequence, `option<[u8; 32]>` chain head after it (absent for a message stored before the chain began), `bytes32<491520>` `MLSMessage`), `bool` more |
 //! | 0x08 | `Done` | none |
 //! | 0x09 | `Welcomes` | `u16` n, n × (`u64` id, `bytes32<491520>` `MLSMessage`) |
 //! | 0x0a | `Groups` | `u16` n, n × (`bytes8<255>` group id, `u64` epoch, `u64` last sequence, `u64` acknowledged sequence, `bool` current member) |
@@ -84,6 +87,7 @@
 //! | 0x0d | `LinkOffer` | `bytes16<256>` the sealed offer |
 //! | 0x0e | `Linked` | `bytes16<1024>` the device certificate, `bytes32<1044480>` the sealed bundle |
 //! | 0x0f | `LinkPending` | none: the other device has not answered yet |
+//! | 0x10 | `SignedHead` | `bytes8<255>` group id, `u64` sequence, `[u8; 32]` head, `[u8; 32]` the server's Ed25519 key (the one the address pins), `[u8; 64]` its signature over the head ([`crate::chain::SignedHead::message`]) |
 //!
 //! `detail` is 0 unless the code says otherwise ([`ErrorCode`]).
 //!
@@ -91,7 +95,7 @@
 //!
 //! | tag | push | fields |
 //! | --- | --- | --- |
-//! | 0x01 | `Message` | `bytes8<255>` group id, `u64` sequence, `option<bytes32<65536>>` ciphertext |
+//! | 0x01 | `Message` | `bytes8<255>` group id, `u64` sequence, `option<[u8; 32]>` chain head after it, `option<bytes32<65536>>` ciphertext |
 //! | 0x02 | `Welcome` | none: a Welcome waits in the inbox |
 //! | 0x03 | `Resync` | none: pushes were dropped; fetch from your cursors |
 
@@ -113,12 +117,12 @@ pub use codec::{Reader, Writer};
 pub use error::{close, ErrorCode};
 pub use push::{decode_push_frame, Push};
 pub use request::Request;
-pub use response::{DeviceSummary, GroupSummary, Response};
+pub use response::{DeviceSummary, GroupSummary, Logged, Response};
 
 pub use crate::limits::{MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME};
 
 /// The ALPN protocol identifier of this format.
-pub const ALPN: &[u8] = b"hush/3";
+pub const ALPN: &[u8] = b"hush/4";
 
 /// Why a frame could not be decoded. Always the sender's fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

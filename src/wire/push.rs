@@ -1,15 +1,17 @@
 //! Push frames, on the server's one unidirectional stream.
 
+use super::response::write_opt_head;
 use super::{DecodeError, EncodeError, Reader, Writer};
+use crate::chain::Head;
 use crate::limits::{MAX_GROUP_ID, MAX_PUSH_CIPHERTEXT, MAX_PUSH_FRAME};
 
 /// A server-initiated event on the push stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Push {
-    /// A new message in `group` at sequence `seq`, with its ciphertext when
-    /// it is small enough to inline.
-    Message { group: Vec<u8>, seq: u64, ciphertext: Option<Vec<u8>> },
+    /// A new message in `group` at sequence `seq`, with the group's chain
+    /// head after it and its ciphertext when it is small enough to inline.
+    Message { group: Vec<u8>, seq: u64, head: Option<Head>, ciphertext: Option<Vec<u8>> },
     /// A Welcome waits in this account's inbox.
     Welcome,
     /// Pushes were dropped because the client read too slowly: fetch.
@@ -21,10 +23,11 @@ impl Push {
     pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         let mut w = Writer::new();
         match self {
-            Self::Message { group, seq, ciphertext } => {
+            Self::Message { group, seq, head, ciphertext } => {
                 w.u8(0x01);
                 w.bytes8("group id", group, MAX_GROUP_ID)?;
                 w.u64(*seq);
+                write_opt_head(&mut w, head);
                 match ciphertext {
                     None => w.bool(false),
                     Some(ct) => {
@@ -46,12 +49,13 @@ impl Push {
             0x01 => {
                 let group = r.bytes8("group id", MAX_GROUP_ID)?.to_vec();
                 let seq = r.u64()?;
+                let head = if r.bool("head present")? { Some(Head(r.array()?)) } else { None };
                 let ciphertext = if r.bool("ciphertext present")? {
                     Some(r.bytes32("ciphertext", MAX_PUSH_CIPHERTEXT)?.to_vec())
                 } else {
                     None
                 };
-                Self::Message { group, seq, ciphertext }
+                Self::Message { group, seq, head, ciphertext }
             }
             0x02 => Self::Welcome,
             0x03 => Self::Resync,

@@ -167,4 +167,7 @@ requests! {
     } => "link-answer";
     /// The answer to the caller's offer, if any.
     0x15 LinkResult { link: LinkId = "link" } => "link-result" stranger read;
+    /// The server's signature over `group`'s chain head after message
+    /// `seq` (a message the caller may read, or the last one).
+    0x16 Head { group: GroupId = "group id", seq: U64 = "sequence" } => "head" read;
 }

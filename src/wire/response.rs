@@ -1,6 +1,7 @@
 //! Response frames.
 
 use super::{DecodeError, EncodeError, ErrorCode, Reader, Writer};
+use crate::chain::{Head, SignedHead};
 use crate::limits::{
     MAX_CERTIFICATE, MAX_DEVICES_EVER, MAX_DEVICES_PER_ACCOUNT, MAX_ERROR_MESSAGE, MAX_FETCH_ENTRIES,
     MAX_GROUPS_LISTED, MAX_GROUP_ID, MAX_KEY_PACKAGE, MAX_LINK_BUNDLE, MAX_LINK_OFFER, MAX_MLS_MESSAGE,
@@ -16,6 +17,32 @@ fn mls(r: &mut Reader<'_>, field: &'static str) -> Result<Vec<u8>, DecodeError> 
     Ok(r.bytes32(field, MAX_MLS_MESSAGE)?.to_vec())
 }
 
+/// Reads an optional head.
+fn opt_head(r: &mut Reader<'_>) -> Result<Option<Head>, DecodeError> {
+    Ok(if r.bool("head present")? { Some(Head(r.array()?)) } else { None })
+}
+
+/// Writes an optional head.
+pub(super) fn write_opt_head(w: &mut Writer, head: &Option<Head>) {
+    match head {
+        None => w.bool(false),
+        Some(h) => {
+            w.bool(true);
+            w.raw(&h.0);
+        }
+    }
+}
+
+/// One message of a group's log as the server hands it out: its sequence
+/// number, the group's chain head after it (`None` for a message stored
+/// before the chain began), and the `MLSMessage`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Logged {
+    pub seq: u64,
+    pub head: Option<Head>,
+    pub data: Vec<u8>,
+}
+
 /// A response from server to client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -26,8 +53,10 @@ pub enum Response {
     Pong { nonce: u64 },
     KeyPackageCount { count: u32, last_resort: bool },
     KeyPackages { packages: Vec<Vec<u8>> },
-    Accepted { group: Vec<u8>, seq: u64, epoch: u64 },
-    Messages { group: Vec<u8>, messages: Vec<(u64, Vec<u8>)>, more: bool },
+    /// `head`: the group's chain head after the message (for a new group,
+    /// the genesis head).
+    Accepted { group: Vec<u8>, seq: u64, epoch: u64, head: Head },
+    Messages { group: Vec<u8>, messages: Vec<Logged>, more: bool },
     Done,
     Welcomes { welcomes: Vec<(u64, Vec<u8>)> },
     Groups { groups: Vec<GroupSummary> },
@@ -36,6 +65,8 @@ pub enum Response {
     LinkOffer { offer: Vec<u8> },
     Linked { certificate: Vec<u8>, bundle: Vec<u8> },
     LinkPending,
+    /// The server's signature over the group's head at a sequence number.
+    SignedHead { group: Vec<u8>, signed: SignedHead },
 }
 
 /// One entry of [`Response::Devices`].
@@ -76,6 +107,7 @@ impl Response {
             Self::LinkOffer { .. } => "link-offer",
             Self::Linked { .. } => "linked",
             Self::LinkPending => "link-pending",
+            Self::SignedHead { .. } => "signed-head",
         }
     }
 
@@ -125,19 +157,21 @@ impl Response {
                     w.bytes32("key package", p, MAX_KEY_PACKAGE)?;
                 }
             }
-            Self::Accepted { group, seq, epoch } => {
+            Self::Accepted { group, seq, epoch, head } => {
                 w.u8(0x06);
                 w.bytes8("group id", group, MAX_GROUP_ID)?;
                 w.u64(*seq);
                 w.u64(*epoch);
+                w.raw(&head.0);
             }
             Self::Messages { group, messages, more } => {
                 w.u8(0x07);
                 w.bytes8("group id", group, MAX_GROUP_ID)?;
                 w.count("messages", messages.len(), MAX_FETCH_ENTRIES)?;
-                for (seq, m) in messages {
-                    w.u64(*seq);
-                    w.bytes32("message", m, MAX_MLS_MESSAGE)?;
+                for m in messages {
+                    w.u64(m.seq);
+                    write_opt_head(&mut w, &m.head);
+                    w.bytes32("message", &m.data, MAX_MLS_MESSAGE)?;
                 }
                 w.bool(*more);
             }
@@ -192,6 +226,14 @@ impl Response {
                 w.bytes32("bundle", bundle, MAX_LINK_BUNDLE)?;
             }
             Self::LinkPending => w.u8(0x0f),
+            Self::SignedHead { group, signed } => {
+                w.u8(0x10);
+                w.bytes8("group id", group, MAX_GROUP_ID)?;
+                w.u64(signed.seq);
+                w.raw(&signed.head.0);
+                w.raw(&signed.key);
+                w.raw(&signed.signature);
+            }
         }
         Ok(w.into_inner())
     }
@@ -226,13 +268,13 @@ impl Response {
                 }
                 Self::KeyPackages { packages }
             }
-            0x06 => Self::Accepted { group: group_id(&mut r)?, seq: r.u64()?, epoch: r.u64()? },
+            0x06 => Self::Accepted { group: group_id(&mut r)?, seq: r.u64()?, epoch: r.u64()?, head: Head(r.array()?) },
             0x07 => {
                 let group = group_id(&mut r)?;
                 let n = r.count("messages", MAX_FETCH_ENTRIES)?;
                 let mut messages = Vec::new();
                 for _ in 0..n {
-                    messages.push((r.u64()?, mls(&mut r, "message")?));
+                    messages.push(Logged { seq: r.u64()?, head: opt_head(&mut r)?, data: mls(&mut r, "message")? });
                 }
                 Self::Messages { group, messages, more: r.bool("more")? }
             }
@@ -284,6 +326,10 @@ impl Response {
                 bundle: r.bytes32("bundle", MAX_LINK_BUNDLE)?.to_vec(),
             },
             0x0f => Self::LinkPending,
+            0x10 => Self::SignedHead {
+                group: group_id(&mut r)?,
+                signed: SignedHead { seq: r.u64()?, head: Head(r.array()?), key: r.array()?, signature: r.array()? },
+            },
             tag => return Err(DecodeError::UnknownTag { what: "response", tag }),
         };
         r.finish()?;

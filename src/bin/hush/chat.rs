@@ -153,6 +153,8 @@ fn format_entry(e: &Entry, now: u64) -> String {
     let time = when(e.time, now);
     if e.kind == EntryKind::Text {
         format!("{time} {}: {}", one_line(&e.sender), screen::body(&e.body))
+    } else if e.kind == EntryKind::Alarm {
+        format!("{time} !! {}", screen::body(&e.body))
     } else {
         format!("{time} * {}", screen::body(&e.body))
     }

@@ -84,6 +84,16 @@ enum Command {
     /// group's last messages on start. With piped input: one line per
     /// message, exits at the end of the input.
     Chat { group: String },
+    /// Check a group's delivery chain: how far this device verified the
+    /// server's history, how far each member had read when they last
+    /// wrote, and any alarm with its evidence. Exits non-zero on an alarm.
+    Verify {
+        group: String,
+        /// One JSON object: status, position, signed head, members, alarms
+        /// with their evidence.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: hush::Shell },
     /// Print the manual page (roff; `hush man | man -l -`).
@@ -176,6 +186,8 @@ fn open_app(home: &Home) -> Result<App> {
 fn print_entry(e: &Entry) {
     if e.kind == EntryKind::Text {
         out!("[{}] {}: {}", one_line(&e.group), one_line(&e.sender), screen::body(&e.body));
+    } else if e.kind == EntryKind::Alarm {
+        out!("[{}] !! {}", one_line(&e.group), screen::body(&e.body));
     } else {
         out!("[{}] * {}", one_line(&e.group), screen::body(&e.body));
     }
@@ -306,6 +318,15 @@ fn run(cli: Cli) -> Result<()> {
             for e in &new {
                 print_entry(e);
             }
+            let mut alarmed: Vec<String> =
+                new.iter().filter(|e| e.kind == EntryKind::Alarm).map(|e| one_line(&e.group)).collect();
+            alarmed.dedup();
+            if !alarmed.is_empty() {
+                bail!(
+                    "the server broke the delivery history of {}: see `hush verify GROUP`",
+                    alarmed.join(", ")
+                );
+            }
             match failed.as_slice() {
                 [] => Ok(()),
                 [(group, why)] => bail!("could not sync {}: {why}", one_line(group)),
@@ -328,6 +349,8 @@ fn run(cli: Cli) -> Result<()> {
                     out!("{line}");
                 } else if e.kind == EntryKind::Text {
                     out!("{} {}: {}", format_unix(e.time), one_line(&e.sender), screen::body(&e.body));
+                } else if e.kind == EntryKind::Alarm {
+                    out!("{} !! {}", format_unix(e.time), screen::body(&e.body));
                 } else {
                     out!("{} * {}", format_unix(e.time), screen::body(&e.body));
                 }
@@ -335,7 +358,86 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Chat { group } => chat(&home, &group),
+        Command::Verify { group, json } => verify(&home, &group, json),
     }
+}
+
+/// `hush verify`: what this device knows of the group's chain.
+fn verify(home: &Home, group: &str, json: bool) -> Result<()> {
+    let app = open_app(home)?;
+    let g = app.resolve_group(group)?;
+    let r = app.chain_report(&g).map_err(app_error)?;
+    let hex = hush::client::verify::hex;
+    if json {
+        let alarms: Vec<serde_json::Value> = r
+            .alarms
+            .iter()
+            .map(|a| {
+                let evidence = a.evidence.as_deref().and_then(|e| serde_json::from_str::<serde_json::Value>(e).ok());
+                serde_json::json!({"seq": a.seq, "time": a.time, "text": a.body, "evidence": evidence})
+            })
+            .collect();
+        let behind = r.behind();
+        let members: Vec<serde_json::Value> = r
+            .members
+            .iter()
+            .map(|(name, at, seen)| {
+                let lag = behind.iter().find(|(n, _)| n == name).map(|(_, l)| *l);
+                serde_json::json!({"name": name, "last_wrote": at, "had_read": seen, "behind": lag})
+            })
+            .collect();
+        let line = serde_json::json!({
+            "group": r.group,
+            "status": if r.alarmed() { "alarm" } else { "ok" },
+            "verified_from": r.position.map(|(_, since)| since),
+            "position": r.position.map(|(p, _)| serde_json::json!({"seq": p.seq, "head": hex(&p.head.0)})),
+            "signed": r.signed.map(|s| serde_json::json!({
+                "seq": s.seq, "head": hex(&s.head.0), "key": hex(&s.key), "signature": hex(&s.signature),
+            })),
+            "members": members,
+            "alarms": alarms,
+        });
+        out!("{line}");
+    } else {
+        let name = one_line(&r.group);
+        match r.position {
+            None => out!("{name}: no message of its chain read yet"),
+            Some((p, since)) => out!(
+                "{name}: chain verified from message {since} to message {} (head {})",
+                p.seq,
+                p.head.short()
+            ),
+        }
+        if let Some(s) = r.signed {
+            out!("  signed by the server up to message {} (head {})", s.seq, s.head.short());
+        }
+        let behind = r.behind();
+        for (member, at, seen) in &r.members {
+            let lag = behind.iter().find(|(n, _)| n == member).map(|(_, l)| *l);
+            match lag {
+                Some(l) => out!(
+                    "  {}: wrote message {at} having read up to {seen}: has not seen the last {l} messages",
+                    one_line(member)
+                ),
+                None => out!("  {}: wrote message {at} having read up to {seen}", one_line(member)),
+            }
+        }
+        for a in &r.alarms {
+            out!("  !! {} {}", format_unix(a.time), screen::body(&a.body));
+        }
+        if r.alarms.is_empty() {
+            out!("  no alarms");
+        }
+    }
+    if r.alarmed() {
+        bail!(
+            "{} alarm(s) in {}: the server showed this device a history it cannot stand by (evidence: `hush verify {} --json`)",
+            r.alarms.len(),
+            one_line(&r.group),
+            one_line(group)
+        );
+    }
+    Ok(())
 }
 
 fn device(home: &Home, cmd: DeviceCmd) -> Result<()> {

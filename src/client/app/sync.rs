@@ -333,21 +333,25 @@ impl App {
             // Messages that arrived after the server listed the group are
             // read with the next sync: this one stops at the bound it was
             // given (so the server cannot keep it reading forever).
-            if let Some(past) = messages.iter().position(|(seq, _)| *seq > bound) {
+            if let Some(past) = messages.iter().position(|m| m.seq > bound) {
                 messages.truncate(past);
                 more = false;
             }
             let mut log = GroupLog::new(group, after);
             log.check(&messages, more, Some(bound)).map_err(|e| AppError::Misbehaving(e.to_string()))?;
-            for (seq, bytes) in &messages {
+            for m in &messages {
+                let (seq, bytes) = (&m.seq, &m.data);
                 bytes_read = bytes_read.saturating_add(bytes.len());
                 // Reading the message, recording what it did and moving the
                 // cursor past it land together.
                 let unit = self.local.unit()?;
+                let mut forks = Vec::new();
                 if !self.local.sent(group, *seq)? {
                     let before = self.member.members(group);
                     match log.read(&mut self.member, *seq, bytes) {
-                        Read::Received { received, .. } => self.apply(group, *seq, received, &before, new)?,
+                        Read::Received { received, .. } => {
+                            forks = self.apply(group, *seq, received, &before, new)?;
+                        }
                         Read::Failed { cause: Some(c), stuck: true, error, .. } if !repaired => {
                             drop(unit);
                             tracing::warn!(seq, "could not process a commit; rejoining the group: {error}");
@@ -373,14 +377,19 @@ impl App {
                         Read::Own { .. } => {}
                     }
                 }
+                self.follow_chain(group, m, new)?;
                 self.local.advance(group, *seq)?;
                 unit.commit()?;
+                for (at, alarm) in forks {
+                    self.prove_fork(conn, group, at, alarm).await?;
+                }
             }
-            if let Some((last, _)) = messages.last() {
-                conn.ack(group, *last).await?;
-                acked = *last;
+            if let Some(last) = messages.last() {
+                conn.ack(group, last.seq).await?;
+                acked = last.seq;
             }
             if !more {
+                self.sign_position(conn, group, new).await?;
                 return self.catch_up(conn, group, summary, repaired, acked, new).await;
             }
             if bytes_read > MAX_SYNC_BYTES {
@@ -549,10 +558,10 @@ impl App {
             GroupLog::new(group, after)
                 .check(&messages, more, None)
                 .map_err(|e| AppError::Misbehaving(e.to_string()))?;
-            for (seq, bytes) in &messages {
-                bytes_read = bytes_read.saturating_add(bytes.len());
-                descent.feed(bytes);
-                after = *seq;
+            for m in &messages {
+                bytes_read = bytes_read.saturating_add(m.data.len());
+                descent.feed(&m.data);
+                after = m.seq;
                 if descent.epoch() >= target {
                     break;
                 }
@@ -599,12 +608,14 @@ impl App {
                         return Ok(External::Refused(e.to_string()));
                     }
                 };
-            match conn.commit(commit).await {
-                Ok((seq, epoch)) => {
-                    self.local.mark_sent(group, seq)?;
-                    self.local.advance(group, seq)?;
+            match conn.accepted(&commit.into_request()).await {
+                Ok(a) => {
+                    self.local.advance(group, a.seq)?;
+                    // Past messages this device did not read: its chain
+                    // starts again at its own commit.
+                    self.restart_chain(group, &a)?;
                     unit.commit()?;
-                    return Ok(External::Done { seq, epoch });
+                    return Ok(External::Done { seq: a.seq, epoch: a.epoch });
                 }
                 Err(e) => {
                     // The state we built is of an epoch that never
@@ -663,6 +674,8 @@ impl App {
         }
     }
 
+    /// Records what a received message did. Returns the forks its claim
+    /// proved, as (sequence number, alarm) to complete the evidence of.
     fn apply(
         &mut self,
         group: &[u8],
@@ -670,9 +683,13 @@ impl App {
         r: Received,
         before: &[AccountId],
         new: &mut Vec<Entry>,
-    ) -> Result<(), AppError> {
+    ) -> Result<Vec<(u64, i64)>, AppError> {
+        let mut forks = Vec::new();
+        if let Received::Application { sender, aad, .. } = &r {
+            forks.extend(self.check_claim(group, seq, sender.as_ref(), aad, new)?);
+        }
         match r {
-            Received::Application { sender, data } => match Payload::decode(&data) {
+            Received::Application { sender, data, .. } => match Payload::decode(&data) {
                 Ok(Payload::Text(body)) => {
                     new.push(self.record(group, seq, sender.as_ref(), EntryKind::Text, &body)?)
                 }
@@ -779,6 +796,6 @@ impl App {
                 new.push(self.record(group, seq, sender.as_ref(), EntryKind::Event, &e)?);
             }
         }
-        Ok(())
+        Ok(forks)
     }
 }

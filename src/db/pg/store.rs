@@ -18,6 +18,7 @@ use crate::delivery::storage::{
     AccountRecord, ChainTip, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats, Unit,
 };
 use crate::delivery::{GroupRecord, Membership, NewKeyPackage, Notification, SendContext, Storage};
+use crate::wire::Logged;
 use crate::limits::NOTICE_RETENTION;
 
 type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
@@ -88,13 +89,30 @@ fn membership_row(r: &Row, at: usize) -> Option<Membership> {
 }
 
 /// Fills `page` from rows of (key bigint, data bytea), in their order.
-fn fill(rows: Vec<Row>, mut page: Page) -> (Messages, bool) {
+fn fill(rows: Vec<Row>, mut page: Page) -> (Vec<(u64, Vec<u8>)>, bool) {
     for row in rows {
         let data: Vec<u8> = row.get(1);
         if !page.fits(data.len()) {
             break;
         }
-        page.push(u(row.get(0)), data);
+        let len = data.len();
+        page.push((u(row.get(0)), data), len);
+    }
+    page.finish()
+}
+
+/// Fills `page` from log rows of (seq bigint, data bytea, head bytea), in
+/// their order.
+fn fill_log(rows: Vec<Row>, mut page: Page<Logged>) -> (Messages, bool) {
+    for row in rows {
+        let data: Vec<u8> = row.get(1);
+        if !page.fits(data.len()) {
+            break;
+        }
+        let head: Option<Vec<u8>> = row.get(2);
+        let head = head.and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok()).map(Head);
+        let len = data.len();
+        page.push(Logged { seq: u(row.get(0)), head, data }, len);
     }
     page.finish()
 }
@@ -685,10 +703,10 @@ impl Storage for PgStore<'_> {
         let Some(gid) = self.gid(group)? else { return Ok((vec![], false)) };
         let upper = upto.map(i).unwrap_or(i64::MAX);
         let rows = self.rows(
-            "SELECT seq, data FROM log WHERE gid = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
+            "SELECT seq, data, head FROM log WHERE gid = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
             &[&gid, &i(after), &upper, &limit(limit_n.saturating_add(1))],
         )?;
-        Ok(fill(rows, Page::new(limit_n, byte_budget)))
+        Ok(fill_log(rows, Page::new(limit_n, byte_budget)))
     }
 
     fn delete_messages_upto(&mut self, group: &[u8], upto: u64) -> Result<u64, StoreError> {

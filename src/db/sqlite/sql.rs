@@ -13,6 +13,7 @@ use crate::delivery::storage::{
     AccountRecord, ChainTip, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats, Unit,
 };
 use crate::delivery::{GroupRecord, Membership, NewKeyPackage, SendContext, Storage};
+use crate::wire::Logged;
 
 /// A delivery store over a borrowed connection.
 ///
@@ -57,13 +58,29 @@ impl<'c> SqlStore<'c> {
 use crate::db::{to_i64 as i, to_u64 as u};
 
 /// Fills `page` from rows of (key INTEGER, data BLOB), in their order.
-fn fill(mut rows: rusqlite::Rows<'_>, mut page: Page) -> Result<(Messages, bool), StoreError> {
+fn fill(mut rows: rusqlite::Rows<'_>, mut page: Page) -> Result<(Vec<(u64, Vec<u8>)>, bool), StoreError> {
     while let Some(row) = rows.next()? {
         let data: Vec<u8> = row.get(1)?;
         if !page.fits(data.len()) {
             break;
         }
-        page.push(u(row.get(0)?), data);
+        let len = data.len();
+        page.push((u(row.get(0)?), data), len);
+    }
+    Ok(page.finish())
+}
+
+/// Fills `page` from log rows of (seq INTEGER, data BLOB, head BLOB), in
+/// their order.
+fn fill_log(mut rows: rusqlite::Rows<'_>, mut page: Page<Logged>) -> Result<(Messages, bool), StoreError> {
+    while let Some(row) = rows.next()? {
+        let data: Vec<u8> = row.get(1)?;
+        if !page.fits(data.len()) {
+            break;
+        }
+        let head: Option<Vec<u8>> = row.get(2)?;
+        let len = data.len();
+        page.push(Logged { seq: u(row.get(0)?), head: head.as_deref().and_then(key).map(Head), data }, len);
     }
     Ok(page.finish())
 }
@@ -606,12 +623,12 @@ impl Storage for SqlStore<'_> {
     ) -> Result<(Messages, bool), StoreError> {
         let Some(gid) = self.gid(group)? else { return Ok((vec![], false)) };
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, data FROM log WHERE gid = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq LIMIT ?4",
+            "SELECT seq, data, head FROM log WHERE gid = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq LIMIT ?4",
         )?;
         let upper = upto.map(i).unwrap_or(i64::MAX);
         let want = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
         let rows = stmt.query(params![gid, i(after), upper, want])?;
-        fill(rows, Page::new(limit, byte_budget))
+        fill_log(rows, Page::new(limit, byte_budget))
     }
 
     fn delete_messages_upto(&mut self, group: &[u8], upto: u64) -> Result<u64, StoreError> {

@@ -1,0 +1,263 @@
+//! Verifiable delivery in the app: every message read or sent moves this
+//! device along its group's chain ([`crate::client::verify`]), breaks and
+//! forks become alarms with evidence, and `hush verify` reports it all.
+
+use super::*;
+use crate::chain::{Break, Claim, Position, SignedHead};
+use crate::client::local::AlarmRow;
+use crate::client::verify::{self, cross_check, signed_json, Check, Step, WITHHOLDING_LAG};
+use crate::client::Accepted;
+use crate::wire::Logged;
+
+/// What `hush verify` reports about one group.
+#[derive(Debug, Clone)]
+pub struct ChainReport {
+    pub group: String,
+    /// The last message verified, and since which one without a break.
+    pub position: Option<(Position, u64)>,
+    /// The last head the server signed for this device.
+    pub signed: Option<SignedHead>,
+    /// Members that wrote with a claim: (name, the message they last
+    /// wrote, how far they had read then).
+    pub members: Vec<(String, u64, u64)>,
+    pub alarms: Vec<AlarmRow>,
+}
+
+impl ChainReport {
+    /// Whether anything is wrong.
+    pub fn alarmed(&self) -> bool {
+        !self.alarms.is_empty()
+    }
+
+    /// Members that had not seen at least [`WITHHOLDING_LAG`] messages when
+    /// they last wrote: (name, how many).
+    pub fn behind(&self) -> Vec<(String, u64)> {
+        self.members
+            .iter()
+            .filter_map(|(name, at, seen)| {
+                let lag = at.saturating_sub(1).saturating_sub(*seen);
+                (lag >= WITHHOLDING_LAG).then(|| (name.clone(), lag))
+            })
+            .collect()
+    }
+}
+
+impl App {
+    /// Follows `group`'s chain through `m` (a message read, or our own the
+    /// server accepted right after the last one we verified), recording an
+    /// alarm if it breaks.
+    pub(super) fn follow_chain(&mut self, group: &[u8], m: &Logged, new: &mut Vec<Entry>) -> Result<(), AppError> {
+        let row = self.local.chain(group)?;
+        // Our own message: the server said its head when it accepted it.
+        if let (Some(said), Some(shown)) = (self.local.sent_head(group, m.seq)?, m.head) {
+            if said != shown {
+                let body = format!(
+                    "ALARM: the server changed its history: when it accepted this device's message {} the group's chain head was {}, now it shows {}",
+                    m.seq,
+                    said.short(),
+                    shown.short()
+                );
+                let evidence = serde_json::json!({
+                    "kind": "own-message", "seq": m.seq, "accepted_head": verify::hex(&said.0), "shown_head": verify::hex(&shown.0),
+                });
+                self.alarm(group, m.seq, &body, Some(evidence), new)?;
+            }
+        }
+        match verify::follow(group, row.map(|r| r.position), m) {
+            Step::Unchained => {}
+            Step::Verified(at) => self.local.set_position(group, at, row.map_or(at.seq, |r| r.since))?,
+            Step::Started { at, .. } => self.local.set_position(group, at, at.seq)?,
+            Step::Broken { why, at } => {
+                let body = format!("ALARM: the server broke this group's history: {why}");
+                let evidence = serde_json::json!({
+                    "kind": match why { Break::Gap { .. } => "gap", Break::Back { .. } => "back", Break::WrongLink { .. } => "wrong-link", _ => "not-mls" },
+                    "seq": m.seq,
+                    "last_verified": row.map(|r| serde_json::json!({"seq": r.position.seq, "head": verify::hex(&r.position.head.0)})),
+                    "claimed_head": verify::hex(&at.head.0),
+                });
+                self.alarm(group, m.seq, &body, Some(evidence), new)?;
+                self.local.set_position(group, at, at.seq)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The server accepted our message `bytes` into `group`: keep the head
+    /// it gave, and follow the chain through it when it came right after
+    /// the last message read (no fetch will show it then).
+    pub(super) fn sent_chained(
+        &mut self,
+        group: &[u8],
+        a: &Accepted,
+        bytes: &[u8],
+        new: &mut Vec<Entry>,
+    ) -> Result<(), AppError> {
+        self.local.mark_sent_head(group, a.seq, &a.head)?;
+        if self.local.cursor(group)? + 1 == a.seq {
+            self.local.advance(group, a.seq)?;
+            let m = Logged { seq: a.seq, head: Some(a.head), data: bytes.to_vec() };
+            self.follow_chain(group, &m, new)?;
+        }
+        Ok(())
+    }
+
+    /// This device rejoined `group` by a commit at `a.seq`, past messages it
+    /// did not read: its chain starts again there, as the server gives it.
+    pub(super) fn restart_chain(&mut self, group: &[u8], a: &Accepted) -> Result<(), AppError> {
+        self.local.mark_sent_head(group, a.seq, &a.head)?;
+        self.local.set_position(group, Position { seq: a.seq, head: a.head }, a.seq)?;
+        Ok(())
+    }
+
+    /// After reading `group`: asks the server to sign the head this device
+    /// verified last (what its next messages claim), unless it did
+    /// already. A signature over another head is proof the server showed
+    /// two histories, and an alarm.
+    pub(super) async fn sign_position(
+        &mut self,
+        conn: &Connection,
+        group: &[u8],
+        new: &mut Vec<Entry>,
+    ) -> Result<(), AppError> {
+        let Some(row) = self.local.chain(group)? else { return Ok(()) };
+        if row.signed.is_some_and(|s| s.seq >= row.position.seq) {
+            return Ok(());
+        }
+        let signed = match conn.signed_head(group, row.position.seq).await {
+            Ok(s) => s,
+            // Gone (everyone read it and it was deleted meanwhile), or a
+            // removed device: the next sync asks again.
+            Err(e) if e.code().is_some() => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if !verify::is_server_key(&signed.key, &self.server.fingerprint) || !signed.verify(group) {
+            return Err(AppError::Misbehaving("it signed a chain head with another key than its own".into()));
+        }
+        if signed.seq != row.position.seq {
+            return Err(AppError::Misbehaving("it signed the head of another message than the one asked for".into()));
+        }
+        if signed.head != row.position.head {
+            let body = format!(
+                "ALARM: the server signed another history than the one it showed this device: after message {} it showed head {} and signed {}",
+                signed.seq,
+                row.position.head.short(),
+                signed.head.short()
+            );
+            let evidence = serde_json::json!({
+                "kind": "signed-other", "seq": signed.seq, "ours": verify::hex(&row.position.head.0), "signed": signed_json(group, &signed),
+            });
+            self.alarm(group, signed.seq, &body, Some(evidence), new)?;
+            return Ok(());
+        }
+        self.local.set_signed(group, &signed)?;
+        Ok(())
+    }
+
+    /// The authenticated data our next message in `group` carries: the
+    /// last head the server signed for this device.
+    pub(super) fn claim(&self, group: &[u8]) -> Result<Vec<u8>, AppError> {
+        Ok(self.local.chain(group)?.and_then(|r| r.signed).map(|s| Claim(s).encode()).unwrap_or_default())
+    }
+
+    /// Compares the claim in a received message (at `seq`, from `sender`)
+    /// with this device's chain. Returns the sequence number of a fork it
+    /// proves, whose own signed head the caller should add to the evidence.
+    pub(super) fn check_claim(
+        &mut self,
+        group: &[u8],
+        seq: u64,
+        sender: Option<&AccountId>,
+        aad: &[u8],
+        new: &mut Vec<Entry>,
+    ) -> Result<Option<(u64, i64)>, AppError> {
+        let Some(claim) = Claim::decode(aad) else { return Ok(None) };
+        let ours = self.local.head_at(group, claim.0.seq)?;
+        let check = cross_check(group, &claim, ours, &self.server.fingerprint);
+        if check == Check::NotSigned {
+            tracing::debug!(seq, "a message carried a claim the server did not sign");
+            return Ok(None);
+        }
+        if let Some(sender) = sender {
+            let lag = seq.saturating_sub(1).saturating_sub(claim.0.seq);
+            let before = self.local.seen(group)?.into_iter().find(|(a, ..)| a == sender);
+            let was_behind =
+                before.is_some_and(|(_, at, seen)| at.saturating_sub(1).saturating_sub(seen) >= WITHHOLDING_LAG);
+            self.local.put_seen(group, sender, seq, claim.0.seq)?;
+            if lag >= WITHHOLDING_LAG && !was_behind && *sender != self.account() {
+                let who = self.display(sender);
+                let body = format!(
+                    "{who} has not seen the last {lag} messages (when they wrote this, they had read up to message {}): the server may be holding messages back from them",
+                    claim.0.seq
+                );
+                new.push(self.record(group, seq, None, EntryKind::Event, &body)?);
+            }
+        }
+        let Check::Forked { ours } = check else { return Ok(None) };
+        let who = sender.map(|a| self.display(a)).unwrap_or_else(|| "a member".into());
+        let body = format!(
+            "ALARM: the server showed {who} another history of this group than this device: after message {} {who} saw head {}, this device {}. The server signed {who}'s; see `hush verify`",
+            claim.0.seq,
+            claim.0.head.short(),
+            ours.short()
+        );
+        let evidence = serde_json::json!({
+            "kind": "fork", "seq": claim.0.seq, "message": seq,
+            "theirs": signed_json(group, &claim.0),
+            "ours": {"seq": claim.0.seq, "head": verify::hex(&ours.0)},
+        });
+        let id = self.alarm(group, seq, &body, Some(evidence), new)?;
+        Ok(Some((claim.0.seq, id)))
+    }
+
+    /// Completes a fork's evidence with the server's signature over this
+    /// device's own head at `seq` (two signed heads for one sequence
+    /// number: the server cannot deny either).
+    pub(super) async fn prove_fork(&mut self, conn: &Connection, group: &[u8], seq: u64, alarm: i64) -> Result<(), AppError> {
+        let Some(ours) = self.local.head_at(group, seq)? else { return Ok(()) };
+        let signed = match conn.signed_head(group, seq).await {
+            Ok(s) => s,
+            Err(e) if e.code().is_some() => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let valid = verify::is_server_key(&signed.key, &self.server.fingerprint) && signed.verify(group);
+        if valid && signed.seq == seq && signed.head == ours {
+            self.local.sign_alarm_evidence(alarm, "ours", &signed_json(group, &signed))?;
+        }
+        Ok(())
+    }
+
+    /// Records an alarm (and shows it as a history line). Returns its id.
+    fn alarm(
+        &mut self,
+        group: &[u8],
+        seq: u64,
+        body: &str,
+        evidence: Option<serde_json::Value>,
+        new: &mut Vec<Entry>,
+    ) -> Result<i64, AppError> {
+        // Logs name no group (the history line does).
+        tracing::warn!(seq, "delivery alarm: the server broke a group's history");
+        let evidence = evidence.map(|e| e.to_string());
+        let id = self.local.add_alarm(group, seq, body, evidence.as_deref(), now_unix())?;
+        new.push(self.record(group, seq, None, EntryKind::Alarm, body)?);
+        Ok(id)
+    }
+
+    /// What `hush verify` shows about `group`.
+    pub fn chain_report(&self, group: &GroupRow) -> Result<ChainReport, AppError> {
+        let row = self.local.chain(&group.id)?;
+        let members = self
+            .local
+            .seen(&group.id)?
+            .into_iter()
+            .map(|(a, at, seen)| (self.display(&a), at, seen))
+            .collect();
+        Ok(ChainReport {
+            group: group.name.clone(),
+            position: row.map(|r| (r.position, r.since)),
+            signed: row.and_then(|r| r.signed),
+            members,
+            alarms: self.local.alarms(&group.id)?,
+        })
+    }
+}
