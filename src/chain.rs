@@ -119,7 +119,7 @@ impl SignedHead {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Break {
-    #[error("the server skipped from message {last} to {seq}: messages in between are missing")]
+    #[error("the server skipped from message {last} to message {seq}: the messages in between are missing")]
     Gap { last: u64, seq: u64 },
     #[error("message {seq} comes after message {last}: the server went back in the group's history")]
     Back { last: u64, seq: u64 },

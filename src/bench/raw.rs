@@ -73,7 +73,12 @@ impl RawServer {
                                 Mode::Echo => data,
                                 Mode::Relay => {
                                     let n = seq.fetch_add(1, Ordering::Relaxed) + 1;
-                                    let push = Push::Message { group: vec![7; 16], seq: n, head: None, ciphertext: Some(data) };
+                                    let push = Push::Message {
+                                        group: vec![7; 16],
+                                        seq: n,
+                                        head: None,
+                                        ciphertext: Some(data),
+                                    };
                                     let Ok(frame) = push.encode_framed() else { return };
                                     let frame = Arc::new(frame);
                                     if let Ok(q) = queues.lock() {

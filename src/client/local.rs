@@ -445,7 +445,14 @@ impl Local {
 
     /// Records an alarm about `group` at `seq`, with its evidence (JSON).
     /// Returns its id.
-    pub fn add_alarm(&self, group: &[u8], seq: u64, body: &str, evidence: Option<&str>, now: u64) -> Result<i64, StateError> {
+    pub fn add_alarm(
+        &self,
+        group: &[u8],
+        seq: u64,
+        body: &str,
+        evidence: Option<&str>,
+        now: u64,
+    ) -> Result<i64, StateError> {
         self.conn.execute(
             "INSERT INTO alarms (group_id, seq, body, evidence, time) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![group, i(seq), body, evidence, i(now)],
@@ -457,10 +464,8 @@ impl Local {
     pub fn sign_alarm_evidence(&self, id: i64, field: &str, value: &serde_json::Value) -> Result<(), StateError> {
         let evidence: Option<Option<String>> =
             self.conn.query_row("SELECT evidence FROM alarms WHERE id = ?1", [id], |r| r.get(0)).optional()?;
-        let mut e: serde_json::Value = evidence
-            .flatten()
-            .and_then(|e| serde_json::from_str(&e).ok())
-            .unwrap_or_else(|| serde_json::json!({}));
+        let mut e: serde_json::Value =
+            evidence.flatten().and_then(|e| serde_json::from_str(&e).ok()).unwrap_or_else(|| serde_json::json!({}));
         if let Some(o) = e.as_object_mut() {
             o.insert(field.to_owned(), value.clone());
         }
@@ -493,11 +498,10 @@ impl Local {
     /// For each member that wrote with a claim: (account, the message it
     /// last wrote, how far it had read then).
     pub fn seen(&self, group: &[u8]) -> Result<Vec<(AccountId, u64, u64)>, StateError> {
-        let mut stmt =
-            self.conn.prepare_cached("SELECT account, at_seq, seen_seq FROM seen WHERE group_id = ?1 ORDER BY at_seq")?;
-        let rows = stmt.query_map([group], |r| {
-            Ok((account(Some(r.get(0)?)), u(r.get(1)?), u(r.get(2)?)))
-        })?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT account, at_seq, seen_seq FROM seen WHERE group_id = ?1 ORDER BY at_seq")?;
+        let rows = stmt.query_map([group], |r| Ok((account(Some(r.get(0)?)), u(r.get(1)?), u(r.get(2)?))))?;
         let rows: Vec<_> = rows.collect::<Result<_, _>>()?;
         Ok(rows.into_iter().filter_map(|(a, at, seen)| Some((a?, at, seen))).collect())
     }

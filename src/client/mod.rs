@@ -13,9 +13,9 @@ use std::time::Duration;
 use quinn::{ConnectionError, IdleTimeout, TransportConfig, VarInt};
 use thiserror::Error;
 
-use crate::chain::{Head, SignedHead};
 use crate::auth::tls::{client_crypto, Credentials, SeenFingerprint, TlsError};
 use crate::auth::{AccountId, DeviceCertificate, DeviceId, Fingerprint, HushAddress, Identity};
+use crate::chain::{Head, SignedHead};
 use crate::limits::{
     CLIENT_KEEP_ALIVE, CLIENT_MAX_RATE_LIMIT_WAIT, CLIENT_RATE_LIMIT_RETRIES, CLIENT_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
 };
@@ -40,8 +40,7 @@ pub mod state;
 pub mod verify;
 
 use crate::wire::{
-    close, decode_push_frame, DecodeError, EncodeError, ErrorCode, Logged, Push, Request, Response,
-    MAX_RESPONSE_FRAME,
+    close, decode_push_frame, DecodeError, EncodeError, ErrorCode, Logged, Push, Request, Response, MAX_RESPONSE_FRAME,
 };
 
 /// Times [`Connection::close`] yields to the runtime so the close frame

@@ -120,7 +120,6 @@ use crate::wire::{ErrorCode, Request, Response};
 pub use devices::{Removal, RemoveError};
 pub use storage::{GroupRecord, Membership, NewKeyPackage, SendContext, Storage};
 
-
 /// Who sends a request: the device its connection authenticated, and the
 /// account that device's certificate names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -161,7 +160,13 @@ impl From<Caller> for Origin {
 pub enum Notification {
     /// A new message in `group` at `seq` (with the group's chain head
     /// after it), for these devices.
-    Message { group: Vec<u8>, seq: u64, head: Option<crate::chain::Head>, message: Vec<u8>, recipients: Arc<[DeviceId]> },
+    Message {
+        group: Vec<u8>,
+        seq: u64,
+        head: Option<crate::chain::Head>,
+        message: Vec<u8>,
+        recipients: Arc<[DeviceId]>,
+    },
     /// A Welcome waits for `recipient`.
     Welcome { recipient: DeviceId },
     /// `device` was revoked: close its connections.

@@ -213,7 +213,7 @@ impl Net {
     /// The sequences stored in `group`'s log.
     fn log(&mut self, group: &[u8]) -> Vec<u64> {
         in_unit!(&mut self.store, s => {
-            s.fetch(group, 0, None, usize::MAX, usize::MAX).unwrap().0.into_iter().map(|(seq, _)| seq).collect()
+            s.fetch(group, 0, None, usize::MAX, usize::MAX).unwrap().0.into_iter().map(|m| m.seq).collect()
         })
     }
 
@@ -442,7 +442,7 @@ fn removed_member_sees_its_removal_and_nothing_after() {
     assert_eq!((groups[0].epoch, groups[0].last_seq, groups[0].member), (removal_epoch, 2, false));
     let again = net.ok(&carol, Request::Fetch { group: g.clone(), after: 0, limit: 0 });
     assert!(
-        matches!(again, Response::Messages { ref messages, .. } if messages.iter().all(|(s, _)| *s <= 2)),
+        matches!(again, Response::Messages { ref messages, .. } if messages.iter().all(|m| m.seq <= 2)),
         "{again:?}"
     );
     // Once she has read up to her removal, the group is gone for her.

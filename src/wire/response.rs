@@ -47,26 +47,72 @@ pub struct Logged {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Response {
-    Error { code: ErrorCode, detail: u64, message: String },
-    Registered { created: bool },
-    Status { account: [u8; 32], device: [u8; 32], registered_at: u64, server_time: u64, removal_key: [u8; 32] },
-    Pong { nonce: u64 },
-    KeyPackageCount { count: u32, last_resort: bool },
-    KeyPackages { packages: Vec<Vec<u8>> },
+    Error {
+        code: ErrorCode,
+        detail: u64,
+        message: String,
+    },
+    Registered {
+        created: bool,
+    },
+    Status {
+        account: [u8; 32],
+        device: [u8; 32],
+        registered_at: u64,
+        server_time: u64,
+        removal_key: [u8; 32],
+    },
+    Pong {
+        nonce: u64,
+    },
+    KeyPackageCount {
+        count: u32,
+        last_resort: bool,
+    },
+    KeyPackages {
+        packages: Vec<Vec<u8>>,
+    },
     /// `head`: the group's chain head after the message (for a new group,
     /// the genesis head).
-    Accepted { group: Vec<u8>, seq: u64, epoch: u64, head: Head },
-    Messages { group: Vec<u8>, messages: Vec<Logged>, more: bool },
+    Accepted {
+        group: Vec<u8>,
+        seq: u64,
+        epoch: u64,
+        head: Head,
+    },
+    Messages {
+        group: Vec<u8>,
+        messages: Vec<Logged>,
+        more: bool,
+    },
     Done,
-    Welcomes { welcomes: Vec<(u64, Vec<u8>)> },
-    Groups { groups: Vec<GroupSummary> },
-    GroupInfo { group: Vec<u8>, group_info: Vec<u8>, ratchet_tree: Option<Vec<u8>> },
-    Devices { devices: Vec<DeviceSummary> },
-    LinkOffer { offer: Vec<u8> },
-    Linked { certificate: Vec<u8>, bundle: Vec<u8> },
+    Welcomes {
+        welcomes: Vec<(u64, Vec<u8>)>,
+    },
+    Groups {
+        groups: Vec<GroupSummary>,
+    },
+    GroupInfo {
+        group: Vec<u8>,
+        group_info: Vec<u8>,
+        ratchet_tree: Option<Vec<u8>>,
+    },
+    Devices {
+        devices: Vec<DeviceSummary>,
+    },
+    LinkOffer {
+        offer: Vec<u8>,
+    },
+    Linked {
+        certificate: Vec<u8>,
+        bundle: Vec<u8>,
+    },
     LinkPending,
     /// The server's signature over the group's head at a sequence number.
-    SignedHead { group: Vec<u8>, signed: SignedHead },
+    SignedHead {
+        group: Vec<u8>,
+        signed: SignedHead,
+    },
 }
 
 /// One entry of [`Response::Devices`].

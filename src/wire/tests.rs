@@ -1,6 +1,7 @@
 //! Round-trip and robustness properties of the wire codec.
 
 use super::*;
+use crate::chain::{Head, SignedHead};
 use crate::limits::{MAX_ERROR_MESSAGE, MAX_GROUP_ID, MAX_INVITE_LEN, MAX_PUSH_FRAME};
 use proptest::prelude::*;
 
@@ -37,6 +38,7 @@ fn request() -> impl Strategy<Value = Request> {
             bundle
         }),
         any::<[u8; 16]>().prop_map(|link| Request::LinkResult { link }),
+        (group(), any::<u64>()).prop_map(|(group, seq)| Request::Head { group, seq }),
     ]
 }
 
@@ -70,9 +72,18 @@ fn response() -> impl Strategy<Value = Response> {
         any::<u64>().prop_map(|nonce| Response::Pong { nonce }),
         (any::<u32>(), any::<bool>()).prop_map(|(count, last_resort)| Response::KeyPackageCount { count, last_resort }),
         proptest::collection::vec(blob(), 1..4).prop_map(|packages| Response::KeyPackages { packages }),
-        (group(), any::<u64>(), any::<u64>()).prop_map(|(group, seq, epoch)| Response::Accepted { group, seq, epoch }),
-        (group(), proptest::collection::vec((any::<u64>(), blob()), 0..4), any::<bool>())
-            .prop_map(|(group, messages, more)| Response::Messages { group, messages, more }),
+        (group(), any::<u64>(), any::<u64>(), any::<[u8; 32]>())
+            .prop_map(|(group, seq, epoch, h)| Response::Accepted { group, seq, epoch, head: Head(h) }),
+        (
+            group(),
+            proptest::collection::vec((any::<u64>(), proptest::option::of(any::<[u8; 32]>()), blob()), 0..4),
+            any::<bool>()
+        )
+            .prop_map(|(group, messages, more)| Response::Messages {
+                group,
+                messages: messages.into_iter().map(|(seq, h, data)| Logged { seq, head: h.map(Head), data }).collect(),
+                more
+            }),
         Just(Response::Done),
         proptest::collection::vec((any::<u64>(), blob()), 0..4).prop_map(|welcomes| Response::Welcomes { welcomes }),
         proptest::collection::vec((group(), any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>()), 0..4).prop_map(
@@ -102,6 +113,14 @@ fn response() -> impl Strategy<Value = Response> {
         small().prop_map(|offer| Response::LinkOffer { offer }),
         (blob(), blob()).prop_map(|(certificate, bundle)| Response::Linked { certificate, bundle }),
         Just(Response::LinkPending),
+        (group(), any::<u64>(), any::<[u8; 32]>(), any::<[u8; 32]>(), any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(
+            |(group, seq, h, key, s1, s2)| {
+                let mut signature = [0u8; 64];
+                signature[..32].copy_from_slice(&s1);
+                signature[32..].copy_from_slice(&s2);
+                Response::SignedHead { group, signed: SignedHead { seq, head: Head(h), key, signature } }
+            }
+        ),
     ]
 }
 
@@ -110,9 +129,15 @@ fn push() -> impl Strategy<Value = Push> {
         (
             proptest::collection::vec(any::<u8>(), 0..=255),
             any::<u64>(),
+            proptest::option::of(any::<[u8; 32]>()),
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..2000)),
         )
-            .prop_map(|(group, seq, ciphertext)| Push::Message { group, seq, ciphertext }),
+            .prop_map(|(group, seq, h, ciphertext)| Push::Message {
+                group,
+                seq,
+                head: h.map(Head),
+                ciphertext
+            }),
         Just(Push::Welcome),
         Just(Push::Resync),
     ]

@@ -192,7 +192,7 @@ async fn online_members_get_pushes() {
     let mut pushes = tokio::time::timeout(WAIT, bob.conn.pushes()).await.unwrap().unwrap();
     loop {
         match tokio::time::timeout(WAIT, pushes.next()).await.unwrap().unwrap() {
-            Some(Push::Message { group, seq: s, ciphertext: Some(ct) }) if s == seq => {
+            Some(Push::Message { group, seq: s, ciphertext: Some(ct), .. }) if s == seq => {
                 assert_eq!(group, g);
                 let got = bob.member.receive(&g, &ct).unwrap();
                 assert_eq!(texts(&[got]), ["pushed"]);

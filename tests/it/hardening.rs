@@ -686,7 +686,7 @@ async fn a_removed_members_view_is_frozen_at_its_removal_and_then_gone() {
     // Carol reads up to her removal and acknowledges it: the group is gone.
     let carol = &mut peers[2];
     let (messages, _) = carol.conn.fetch(&g, carol.log.cursor(), 0).await.unwrap();
-    assert_eq!(messages.last().map(|(s, _)| *s), Some(removed_at));
+    assert_eq!(messages.last().map(|m| m.seq), Some(removed_at));
     carol.conn.ack(&g, removed_at).await.unwrap();
     assert!(carol.conn.groups().await.unwrap().is_empty());
     let e = carol.conn.fetch(&g, 0, 0).await.expect_err("a forgotten member fetched");

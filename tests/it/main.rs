@@ -19,3 +19,4 @@ mod protocol;
 mod register;
 mod repair;
 mod terminal;
+mod verifiable;

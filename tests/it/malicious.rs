@@ -14,10 +14,11 @@ use std::sync::{Arc, Mutex};
 
 use hush::auth::tls::{device_of_peer, server_crypto};
 use hush::auth::{HushAddress, Identity};
+use hush::chain::Head;
 use hush::client::mls::adversary::credential_of_key_package;
 use hush::client::mls::Member;
 use hush::client::Connection;
-use hush::wire::{Request, Response, MAX_REQUEST_FRAME};
+use hush::wire::{Logged, Request, Response, MAX_REQUEST_FRAME};
 use rustls::pki_types::CertificateDer;
 
 use crate::support::*;
@@ -139,7 +140,7 @@ fn rewrite(mode: Arc<Mutex<Mode>>) -> Rewrite {
         (Request::Fetch { group, .. }, Mode::HugeSequence) => match _resp {
             Response::Messages { messages, .. } if !messages.is_empty() => Some(Response::Messages {
                 group: group.clone(),
-                messages: vec![(u64::MAX, messages[0].1.clone())],
+                messages: vec![Logged { seq: u64::MAX, head: None, data: messages[0].data.clone() }],
                 more: false,
             }),
             _ => None,
@@ -332,7 +333,7 @@ async fn a_member_cannot_become_another_member_or_upload_for_another_device() {
     let text = bob_mls.encrypt(&g.id, b"it is really me").unwrap();
     bob.send(text.clone(), None).await.unwrap();
     match alice_mls.receive(&g.id, &text).unwrap() {
-        Received::Application { sender, data } => {
+        Received::Application { sender, data, .. } => {
             assert_eq!(sender, Some(bob_mls.account()));
             assert_eq!(data, b"it is really me");
         }
@@ -613,7 +614,11 @@ async fn a_servers_own_external_commit_does_not_walk_a_member_into_its_fork() {
             }),
             (Request::Fetch { group: g, after, .. }, _) if *g == group => Some(Response::Messages {
                 group: group.clone(),
-                messages: log.iter().filter(|(seq, _)| seq > after).cloned().collect(),
+                messages: log
+                    .iter()
+                    .filter(|(seq, _)| seq > after)
+                    .map(|(seq, data)| Logged { seq: *seq, head: None, data: data.clone() })
+                    .collect(),
                 more: false,
             }),
             (Request::FetchGroupInfo { group: g }, _) if *g == group => {
@@ -621,7 +626,7 @@ async fn a_servers_own_external_commit_does_not_walk_a_member_into_its_fork() {
             }
             (Request::Send { message, .. }, _) => {
                 s.lock().unwrap().push(message.clone());
-                Some(Response::Accepted { group: group.clone(), seq: last + 1, epoch: epoch + 1 })
+                Some(Response::Accepted { group: group.clone(), seq: last + 1, epoch: epoch + 1, head: Head([0; 32]) })
             }
             (Request::Ack { .. }, _) => Some(Response::Done),
             _ => None,
@@ -689,7 +694,11 @@ async fn a_linked_device_is_not_forked_into_a_removed_members_group() {
         match req {
             Request::Fetch { group: g, after, .. } if *g == group => Some(Response::Messages {
                 group: group.clone(),
-                messages: log.iter().filter(|(seq, _)| seq > after).cloned().collect(),
+                messages: log
+                    .iter()
+                    .filter(|(seq, _)| seq > after)
+                    .map(|(seq, data)| Logged { seq: *seq, head: None, data: data.clone() })
+                    .collect(),
                 more: false,
             }),
             Request::FetchGroupInfo { group: g } if *g == group => {
@@ -697,7 +706,7 @@ async fn a_linked_device_is_not_forked_into_a_removed_members_group() {
             }
             Request::Send { message, .. } => {
                 s.lock().unwrap().push(message.clone());
-                Some(Response::Accepted { group: group.clone(), seq: last + 1, epoch: epoch + 1 })
+                Some(Response::Accepted { group: group.clone(), seq: last + 1, epoch: epoch + 1, head: Head([0; 32]) })
             }
             Request::Ack { .. } => Some(Response::Done),
             _ => None,
@@ -797,7 +806,11 @@ async fn a_linked_device_is_not_forked_into_a_group_with_its_accounts_revoked_de
             }
             Request::Fetch { group: g, after, .. } if g == group => Some(Response::Messages {
                 group: group.clone(),
-                messages: log.iter().filter(|(seq, _)| seq > after).cloned().collect(),
+                messages: log
+                    .iter()
+                    .filter(|(seq, _)| seq > after)
+                    .map(|(seq, data)| Logged { seq: *seq, head: None, data: data.clone() })
+                    .collect(),
                 more: false,
             }),
             Request::FetchGroupInfo { group: g } if g == group => {
@@ -810,7 +823,7 @@ async fn a_linked_device_is_not_forked_into_a_group_with_its_accounts_revoked_de
                     *epoch += 1;
                     *info = i.clone();
                 }
-                Some(Response::Accepted { group: group.clone(), seq: last + 1, epoch: *epoch })
+                Some(Response::Accepted { group: group.clone(), seq: last + 1, epoch: *epoch, head: Head([0; 32]) })
             }
             Request::Ack { seq, .. } => {
                 *acked = *seq;

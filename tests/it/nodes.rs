@@ -37,7 +37,7 @@ async fn pushed(conn: &Connection, pushes: &mut Option<PushStream>, group: &[u8]
     let Some(pushes) = pushes.as_mut() else { unreachable!() };
     loop {
         match tokio::time::timeout(WAIT, pushes.next()).await.expect("no push within the wait").unwrap() {
-            Some(Push::Message { group: g, seq: s, ciphertext: Some(ct) }) if g == group && s == seq => return ct,
+            Some(Push::Message { group: g, seq: s, ciphertext: Some(ct), .. }) if g == group && s == seq => return ct,
             Some(_) => continue,
             None => panic!("push stream ended"),
         }
@@ -313,7 +313,7 @@ async fn floods_of_forged_or_replayed_wake_ups_make_no_node_resync() {
         let Some(pushes) = bob_pushes.as_mut() else { unreachable!() };
         loop {
             match tokio::time::timeout(WAIT, pushes.next()).await.expect("no push within the wait").unwrap() {
-                Some(Push::Message { group, seq: s, ciphertext: Some(ct) }) if group == g && s == seq => {
+                Some(Push::Message { group, seq: s, ciphertext: Some(ct), .. }) if group == g && s == seq => {
                     assert_eq!(Received::texts(&[bob.mls.receive(&g, &ct).unwrap()]), [text]);
                     break;
                 }

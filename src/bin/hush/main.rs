@@ -322,10 +322,7 @@ fn run(cli: Cli) -> Result<()> {
                 new.iter().filter(|e| e.kind == EntryKind::Alarm).map(|e| one_line(&e.group)).collect();
             alarmed.dedup();
             if !alarmed.is_empty() {
-                bail!(
-                    "the server broke the delivery history of {}: see `hush verify GROUP`",
-                    alarmed.join(", ")
-                );
+                bail!("the server broke the delivery history of {}: see `hush verify GROUP`", alarmed.join(", "));
             }
             match failed.as_slice() {
                 [] => Ok(()),
@@ -402,11 +399,9 @@ fn verify(home: &Home, group: &str, json: bool) -> Result<()> {
         let name = one_line(&r.group);
         match r.position {
             None => out!("{name}: no message of its chain read yet"),
-            Some((p, since)) => out!(
-                "{name}: chain verified from message {since} to message {} (head {})",
-                p.seq,
-                p.head.short()
-            ),
+            Some((p, since)) => {
+                out!("{name}: chain verified from message {since} to message {} (head {})", p.seq, p.head.short())
+            }
         }
         if let Some(s) = r.signed {
             out!("  signed by the server up to message {} (head {})", s.seq, s.head.short());

@@ -389,7 +389,6 @@ impl App {
                 acked = last.seq;
             }
             if !more {
-                self.sign_position(conn, group, new).await?;
                 return self.catch_up(conn, group, summary, repaired, acked, new).await;
             }
             if bytes_read > MAX_SYNC_BYTES {
@@ -414,6 +413,9 @@ impl App {
         acked: u64,
         new: &mut Vec<Entry>,
     ) -> Result<(), AppError> {
+        // What our next messages claim: the server's signature over the
+        // head we verified last.
+        self.sign_position(conn, group, new).await?;
         // Our own messages move the cursor without a fetch: tell the server
         // too, or it keeps them for others who read them long ago.
         if let Some(s) = summary.filter(|s| s.member) {

@@ -212,7 +212,13 @@ impl App {
     /// Completes a fork's evidence with the server's signature over this
     /// device's own head at `seq` (two signed heads for one sequence
     /// number: the server cannot deny either).
-    pub(super) async fn prove_fork(&mut self, conn: &Connection, group: &[u8], seq: u64, alarm: i64) -> Result<(), AppError> {
+    pub(super) async fn prove_fork(
+        &mut self,
+        conn: &Connection,
+        group: &[u8],
+        seq: u64,
+        alarm: i64,
+    ) -> Result<(), AppError> {
         let Some(ours) = self.local.head_at(group, seq)? else { return Ok(()) };
         let signed = match conn.signed_head(group, seq).await {
             Ok(s) => s,
@@ -246,12 +252,8 @@ impl App {
     /// What `hush verify` shows about `group`.
     pub fn chain_report(&self, group: &GroupRow) -> Result<ChainReport, AppError> {
         let row = self.local.chain(&group.id)?;
-        let members = self
-            .local
-            .seen(&group.id)?
-            .into_iter()
-            .map(|(a, at, seen)| (self.display(&a), at, seen))
-            .collect();
+        let members =
+            self.local.seen(&group.id)?.into_iter().map(|(a, at, seen)| (self.display(&a), at, seen)).collect();
         Ok(ChainReport {
             group: group.name.clone(),
             position: row.map(|r| (r.position, r.since)),

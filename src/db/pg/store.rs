@@ -18,8 +18,8 @@ use crate::delivery::storage::{
     AccountRecord, ChainTip, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats, Unit,
 };
 use crate::delivery::{GroupRecord, Membership, NewKeyPackage, Notification, SendContext, Storage};
-use crate::wire::Logged;
 use crate::limits::NOTICE_RETENTION;
+use crate::wire::Logged;
 
 type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
 

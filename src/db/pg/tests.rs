@@ -56,12 +56,12 @@ fn messages_are_sequenced_fetched_and_expired_like_on_sqlite() {
         run(&mut db, Request::Send { message: m, welcome: None, group_info: None }, t);
     }
     let (all, more) = db.read(|s| s.fetch(&g.id, 0, None, 100, usize::MAX)).unwrap().unwrap();
-    assert_eq!(all.iter().map(|(s, _)| *s).collect::<Vec<_>>(), (1..=11).collect::<Vec<_>>());
+    assert_eq!(all.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=11).collect::<Vec<_>>());
     assert!(!more);
     let deleted = db.write(|s| ds.expire(s, 1_105)).unwrap();
     assert_eq!(deleted, 5);
     let (kept, _) = db.read(|s| s.fetch(&g.id, 0, None, 100, usize::MAX)).unwrap().unwrap();
-    assert_eq!(kept.iter().map(|(s, _)| *s).collect::<Vec<_>>(), (6..=11).collect::<Vec<_>>());
+    assert_eq!(kept.iter().map(|m| m.seq).collect::<Vec<_>>(), (6..=11).collect::<Vec<_>>());
     assert_eq!(db.read(|s| s.log_len(&g.id)).unwrap().unwrap(), 6);
     assert!(db.read(|s| s.database_bytes()).unwrap().unwrap() > 0);
 }
@@ -184,7 +184,13 @@ fn notices_are_rows_read_back_by_other_nodes_and_deleted_after_their_retention()
     let notifications = [
         Notification::Welcome { recipient: d },
         Notification::Revoked { device: d },
-        Notification::Message { group: vec![1, 2], seq: 7, message: vec![0xee; 10], recipients: Arc::new([d]) },
+        Notification::Message {
+            group: vec![1, 2],
+            seq: 7,
+            head: None,
+            message: vec![0xee; 10],
+            recipients: Arc::new([d]),
+        },
     ];
     db.write(|s| s.announce(&notifications)).unwrap();
     let rows = db.client.query("SELECT nseq, node, kind, grp, seq, device FROM notices ORDER BY id", &[]).unwrap();

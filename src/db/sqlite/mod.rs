@@ -71,7 +71,7 @@ mod tests {
         assert_eq!(deleted, 5, "messages stamped 1000..=1004 are older than 100 s");
         let mut store = SqlStore::new(&db.conn);
         let (kept, _) = store.fetch(&g.id, 0, None, 100, usize::MAX).unwrap();
-        assert_eq!(kept.iter().map(|(s, _)| *s).collect::<Vec<_>>(), (6..=11).collect::<Vec<_>>());
+        assert_eq!(kept.iter().map(|m| m.seq).collect::<Vec<_>>(), (6..=11).collect::<Vec<_>>());
         assert_eq!(store.log_len(&g.id).unwrap(), 6);
         assert_eq!(ds.expire(&mut SqlStore::new(&db.conn), 2_000).unwrap(), 6);
         assert_eq!(SqlStore::new(&db.conn).log_len(&g.id).unwrap(), 0);
