@@ -175,7 +175,7 @@ impl World {
             }
         }
         out.response.encode().expect("responses encode");
-        if let Response::Accepted { seq, epoch, group } = &out.response {
+        if let Response::Accepted { seq, epoch, group, .. } = &out.response {
             if *group == self.group && *seq > 0 {
                 assert_eq!(*seq, previous + 1, "the accepted message is the next in the log");
                 assert!(*epoch == self.epoch || *epoch == self.epoch + 1, "epochs advance by one");

@@ -417,6 +417,23 @@ impl Local {
         Ok(())
     }
 
+    /// This device read `group` to the end of its log at `now`.
+    pub fn set_synced(&self, group: &[u8], now: u64) -> Result<(), StateError> {
+        self.conn.prepare_cached("UPDATE groups SET synced_at = ?2 WHERE id = ?1")?.execute(params![group, i(now)])?;
+        Ok(())
+    }
+
+    /// When this device last read `group` to the end of its log, if it
+    /// kept it.
+    pub fn synced_at(&self, group: &[u8]) -> Result<Option<u64>, StateError> {
+        let t: Option<Option<i64>> = self
+            .conn
+            .prepare_cached("SELECT synced_at FROM groups WHERE id = ?1")?
+            .query_row([group], |r| r.get(0))
+            .optional()?;
+        Ok(t.flatten().map(u))
+    }
+
     /// Forgets this device's position in `group`'s chain (it starts again
     /// at the next message, e.g. after joining anew).
     pub fn reset_chain(&self, group: &[u8]) -> Result<(), StateError> {

@@ -112,6 +112,9 @@ pub struct Status {
     pub server_time: u64,
     /// The server's removal key, which new groups list as external sender.
     pub removal_key: [u8; 32],
+    /// Seconds after which the server deletes a message whether or not
+    /// everyone read it.
+    pub retention: u64,
 }
 
 /// An authenticated connection to a hush server.
@@ -241,12 +244,13 @@ impl Connection {
     /// The server's view of this account.
     pub async fn status(&self) -> Result<Status, ClientError> {
         match self.call(&Request::Status).await? {
-            Response::Status { account, device, registered_at, server_time, removal_key } => Ok(Status {
+            Response::Status { account, device, registered_at, server_time, removal_key, retention } => Ok(Status {
                 account: AccountId(account),
                 device: DeviceId(device),
                 registered_at,
                 server_time,
                 removal_key,
+                retention,
             }),
             other => Err(unexpected(&other)),
         }

@@ -156,7 +156,8 @@ const MIGRATIONS: &[&str] = &[
         seen_seq INTEGER NOT NULL,
         PRIMARY KEY (group_id, account)
     );
-    ALTER TABLE sent ADD COLUMN head BLOB;",
+    ALTER TABLE sent ADD COLUMN head BLOB;
+    ALTER TABLE groups ADD COLUMN synced_at INTEGER;",
 ];
 
 /// Deleted secrets (KeyPackage private keys, past epochs' secrets, used

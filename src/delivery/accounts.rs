@@ -98,6 +98,7 @@ impl Delivery {
             registered_at: row.created_at,
             server_time: now,
             removal_key: self.removal_key,
+            retention: self.retention_secs,
         }))
     }
 }

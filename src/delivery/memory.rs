@@ -389,6 +389,7 @@ impl Storage for MemoryStore {
                     epoch: g.left_epochs.get(device).copied().unwrap_or(g.record.epoch),
                     last_seq: m.left_at.unwrap_or(g.record.last_seq),
                     acked: m.acked,
+                    first_seq: g.log.keys().next().copied().unwrap_or(0),
                     current: m.is_current(),
                 })
             })

@@ -121,6 +121,7 @@ impl Delivery {
                 epoch: g.epoch,
                 last_seq: g.last_seq,
                 acked_seq: g.acked,
+                first_seq: g.first_seq,
                 member: g.current,
             })
             .collect();

@@ -98,6 +98,9 @@ pub struct GroupListing {
     /// The last sequence, or the sequence of the device's removal.
     pub last_seq: u64,
     pub acked: u64,
+    /// The first message the server still holds (0: none): those before it
+    /// were read by everyone, or expired.
+    pub first_seq: u64,
     /// False once the device was removed.
     pub current: bool,
 }

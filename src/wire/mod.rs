@@ -73,7 +73,7 @@
 //! | --- | --- | --- |
 //! | 0x00 | `Error` | `u16` code, `u64` detail, `string16<512>` message |
 //! | 0x01 | `Registered` | `bool` created (false: the account already existed) |
-//! | 0x02 | `Status` | `[u8; 32]` account key, `[u8; 32]` device key, `u64` registered at (Unix s), `u64` server time (Unix s), `[u8; 32]` the server's removal key (the `external_senders` entry every group must list) |
+//! | 0x02 | `Status` | `[u8; 32]` account key, `[u8; 32]` device key, `u64` registered at (Unix s), `u64` server time (Unix s), `[u8; 32]` the server's removal key (the `external_senders` entry every group must list), `u64` retention (seconds after which a message is deleted whether or not everyone read it) |
 //! | 0x03 | `Pong` | `u64` nonce (echoed) |
 //! | 0x04 | `KeyPackageCount` | `u32` count held (last resort excluded), `bool` has a last-resort package |
 //! | 0x05 | `KeyPackages` | `u16` n (1..=16), n × `bytes32<16384>` KeyPackage, one per device of the claimed account |
@@ -81,7 +81,7 @@
 //! | 0x07 | `Messages` | `bytes8<255>` group id, `u16` n, n × (`u64` sequence, `option<[u8; 32]>` chain head after it (absent for a message stored before the chain began), `bytes32<491520>` `MLSMessage`), `bool` more |
 //! | 0x08 | `Done` | none |
 //! | 0x09 | `Welcomes` | `u16` n, n × (`u64` id, `bytes32<491520>` `MLSMessage`) |
-//! | 0x0a | `Groups` | `u16` n, n × (`bytes8<255>` group id, `u64` epoch, `u64` last sequence, `u64` acknowledged sequence, `bool` current member) |
+//! | 0x0a | `Groups` | `u16` n, n × (`bytes8<255>` group id, `u64` epoch, `u64` last sequence, `u64` acknowledged sequence, `u64` first sequence the server still holds (0: none), `bool` current member) |
 //! | 0x0b | `GroupInfo` | `bytes8<255>` group id, `bytes32<491520>` the GroupInfo (`MLSMessage`) of the group's current epoch, as its last committer signed it, `option<bytes32<491520>>` the ratchet tree when that GroupInfo does not carry it |
 //! | 0x0c | `Devices` | `u16` n (≤ 64), n × (`[u8; 32]` device key, `u64` registered at, `bool` revoked), oldest first |
 //! | 0x0d | `LinkOffer` | `bytes16<256>` the sealed offer |

@@ -55,12 +55,15 @@ pub enum Response {
     Registered {
         created: bool,
     },
+    /// `retention`: seconds after which the server deletes a message
+    /// whether or not everyone read it.
     Status {
         account: [u8; 32],
         device: [u8; 32],
         registered_at: u64,
         server_time: u64,
         removal_key: [u8; 32],
+        retention: u64,
     },
     Pong {
         nonce: u64,
@@ -130,6 +133,8 @@ pub struct GroupSummary {
     pub epoch: u64,
     pub last_seq: u64,
     pub acked_seq: u64,
+    /// The first message the server still holds (0: none).
+    pub first_seq: u64,
     pub member: bool,
 }
 
@@ -176,13 +181,14 @@ impl Response {
                 w.u8(0x01);
                 w.bool(*created);
             }
-            Self::Status { account, device, registered_at, server_time, removal_key } => {
+            Self::Status { account, device, registered_at, server_time, removal_key, retention } => {
                 w.u8(0x02);
                 w.raw(account);
                 w.raw(device);
                 w.u64(*registered_at);
                 w.u64(*server_time);
                 w.raw(removal_key);
+                w.u64(*retention);
             }
             Self::Pong { nonce } => {
                 w.u8(0x03);
@@ -238,6 +244,7 @@ impl Response {
                     w.u64(g.epoch);
                     w.u64(g.last_seq);
                     w.u64(g.acked_seq);
+                    w.u64(g.first_seq);
                     w.bool(g.member);
                 }
             }
@@ -300,6 +307,7 @@ impl Response {
                 registered_at: r.u64()?,
                 server_time: r.u64()?,
                 removal_key: r.array()?,
+                retention: r.u64()?,
             },
             0x03 => Self::Pong { nonce: r.u64()? },
             0x04 => Self::KeyPackageCount { count: r.u32()?, last_resort: r.bool("last resort")? },
@@ -342,6 +350,7 @@ impl Response {
                         epoch: r.u64()?,
                         last_seq: r.u64()?,
                         acked_seq: r.u64()?,
+                        first_seq: r.u64()?,
                         member: r.bool("member")?,
                     });
                 }

@@ -60,13 +60,14 @@ fn response() -> impl Strategy<Value = Response> {
         (any::<u16>(), any::<u64>(), "\\PC{0,100}")
             .prop_map(|(c, detail, message)| { Response::Error { code: ErrorCode::from_u16(c), detail, message } }),
         any::<bool>().prop_map(|created| Response::Registered { created }),
-        (any::<[u8; 32]>(), any::<[u8; 32]>(), any::<u64>(), any::<u64>(), any::<[u8; 32]>()).prop_map(
-            |(account, device, r, s, removal_key)| Response::Status {
+        (any::<[u8; 32]>(), any::<[u8; 32]>(), any::<u64>(), any::<u64>(), any::<[u8; 32]>(), any::<u64>()).prop_map(
+            |(account, device, r, s, removal_key, retention)| Response::Status {
                 account,
                 device,
                 registered_at: r,
                 server_time: s,
-                removal_key
+                removal_key,
+                retention
             }
         ),
         any::<u64>().prop_map(|nonce| Response::Pong { nonce }),
@@ -86,20 +87,23 @@ fn response() -> impl Strategy<Value = Response> {
             }),
         Just(Response::Done),
         proptest::collection::vec((any::<u64>(), blob()), 0..4).prop_map(|welcomes| Response::Welcomes { welcomes }),
-        proptest::collection::vec((group(), any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>()), 0..4).prop_map(
-            |gs| Response::Groups {
-                groups: gs
-                    .into_iter()
-                    .map(|(group, epoch, last_seq, acked_seq, member)| GroupSummary {
-                        group,
-                        epoch,
-                        last_seq,
-                        acked_seq,
-                        member
-                    })
-                    .collect()
-            }
-        ),
+        proptest::collection::vec(
+            (group(), any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>()),
+            0..4
+        )
+        .prop_map(|gs| Response::Groups {
+            groups: gs
+                .into_iter()
+                .map(|(group, epoch, last_seq, acked_seq, first_seq, member)| GroupSummary {
+                    group,
+                    epoch,
+                    last_seq,
+                    acked_seq,
+                    first_seq,
+                    member
+                })
+                .collect()
+        }),
         (group(), blob(), proptest::option::of(blob()))
             .prop_map(|(group, group_info, ratchet_tree)| { Response::GroupInfo { group, group_info, ratchet_tree } }),
         proptest::collection::vec((any::<[u8; 32]>(), any::<u64>(), any::<bool>()), 0..4).prop_map(|ds| {

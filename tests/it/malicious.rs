@@ -26,6 +26,9 @@ use crate::support::*;
 /// What the proxy does to a response: `None` forwards it unchanged.
 type Rewrite = Arc<dyn Fn(&Request, &Response) -> Option<Response> + Send + Sync>;
 
+/// [`Rewrite`], told which home's connection (its index) it answers.
+type RewriteFor = Arc<dyn Fn(usize, &Request, &Response) -> Option<Response> + Send + Sync>;
+
 /// The malicious server.
 struct Evil {
     address: HushAddress,
@@ -34,6 +37,10 @@ struct Evil {
 
 impl Evil {
     async fn start(server: &Hushd, homes: Vec<PathBuf>, rewrite: Rewrite) -> Self {
+        Self::start_for(server, homes, Arc::new(move |_, req, resp| rewrite(req, resp))).await
+    }
+
+    async fn start_for(server: &Hushd, homes: Vec<PathBuf>, rewrite: RewriteFor) -> Self {
         let key = Identity::load(&server.data_dir.join("server.key")).unwrap();
         let crypto = server_crypto(&key).unwrap();
         let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -52,9 +59,9 @@ impl Evil {
                         .and_then(|p| p.downcast::<Vec<CertificateDer<'static>>>().ok())
                         .and_then(|c| device_of_peer(&c));
                     // Whose home holds this device key?
-                    let Some(key) = homes.iter().find_map(|h| {
+                    let Some((home, key)) = homes.iter().enumerate().find_map(|(i, h)| {
                         let k = Identity::load(&h.join("device.key")).ok()?;
-                        (Some(k.public_key()) == device.map(|d| d.0)).then_some(k)
+                        (Some(k.public_key()) == device.map(|d| d.0)).then_some((i, k))
                     }) else {
                         return;
                     };
@@ -63,7 +70,7 @@ impl Evil {
                         let Ok(frame) = recv.read_to_end(MAX_REQUEST_FRAME).await else { return };
                         let Ok(answer) = up.raw(&frame).await else { return };
                         let answer = match (Request::decode(&frame), Response::decode(&answer)) {
-                            (Ok(req), Ok(resp)) => match rewrite(&req, &resp) {
+                            (Ok(req), Ok(resp)) => match rewrite(home, &req, &resp) {
                                 Some(forged) => forged.encode().unwrap(),
                                 None => answer,
                             },
@@ -800,6 +807,7 @@ async fn a_linked_device_is_not_forked_into_a_group_with_its_accounts_revoked_de
                     epoch: *epoch,
                     last_seq: last,
                     acked_seq: *acked,
+                    first_seq: 0,
                     member: true,
                 });
                 Some(Response::Groups { groups })
@@ -880,4 +888,83 @@ async fn a_linked_device_is_not_forked_into_a_group_with_its_accounts_revoked_de
     // removes the laptop before anything else.
     let shown = stdout(&out);
     assert!(shown.contains("you removed 1 device(s) their account revoked"), "{shown}");
+}
+
+/// Withholding: the server stops delivering the group's messages to bob
+/// while alice and carol talk. Bob's next message says how far he had
+/// read (signed by him, in its authenticated data): alice's client reports
+/// that bob has not seen the last messages, in her sync and in
+/// `hush verify`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_delivering_to_one_member_is_reported_by_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("s"));
+    let homes: Vec<PathBuf> = ["alice", "bob", "carol"].iter().map(|n| tmp.path().join(n)).collect();
+    // From `cut` on, bob's fetches end there.
+    let cut: Arc<Mutex<Option<u64>>> = Arc::new(Mutex::new(None));
+    let c = cut.clone();
+    let rewrite: RewriteFor = Arc::new(move |home, req, resp| {
+        let cut = (*c.lock().unwrap())?;
+        match (home, req, resp) {
+            (1, Request::Fetch { .. }, Response::Messages { group, messages, .. }) => Some(Response::Messages {
+                group: group.clone(),
+                messages: messages.iter().filter(|m| m.seq <= cut).cloned().collect(),
+                more: false,
+            }),
+            (1, Request::ListGroups, Response::Groups { groups }) => Some(Response::Groups {
+                groups: groups
+                    .iter()
+                    .cloned()
+                    .map(|mut g| {
+                        g.last_seq = g.last_seq.min(cut);
+                        g
+                    })
+                    .collect(),
+            }),
+            _ => None,
+        }
+    });
+    let evil = Evil::start_for(&server, homes.clone(), rewrite).await;
+    let (alice, bob, carol) = (&homes[0], &homes[1], &homes[2]);
+    tokio::task::block_in_place(|| {
+        let ids: Vec<String> = homes.iter().map(|h| register(&server, h, &evil.address)).collect();
+        for (h, names) in [(alice, [1, 2]), (bob, [0, 2]), (carol, [0, 1])] {
+            for n in names {
+                ok(hush(h, &["contact", "add", ["alice", "bob", "carol"][n], &ids[n]]));
+            }
+        }
+        ok(hush(alice, &["group", "create", "team"]));
+        ok(hush(alice, &["group", "add", "team", "bob", "carol"]));
+        ok(hush(bob, &["sync"]));
+        ok(hush(carol, &["sync"]));
+        ok(hush(bob, &["send", "team", "hi all"]));
+        ok(hush(alice, &["sync"]));
+        ok(hush(carol, &["sync"]));
+        ok(hush(bob, &["sync"]));
+    });
+    let healthy = tokio::task::block_in_place(|| ok(hush(alice, &["verify", "team"])));
+    assert!(!healthy.contains("has not seen"), "{healthy}");
+
+    // The server stops delivering to bob where he is.
+    let db = rusqlite::Connection::open(server.data_dir.join(hush::db::sqlite::DB_FILE)).unwrap();
+    let last: u64 = db.query_row("SELECT MAX(last_seq) FROM groups", [], |r| r.get(0)).unwrap();
+    *cut.lock().unwrap() = Some(last);
+    tokio::task::block_in_place(|| {
+        for i in 0..6 {
+            ok(hush(alice, &["send", "team", &format!("alice {i}")]));
+            ok(hush(carol, &["send", "team", &format!("carol {i}")]));
+        }
+        let bob_sees = ok(hush(bob, &["sync"]));
+        assert!(!bob_sees.contains("alice 0"), "the server delivered to bob: {bob_sees}");
+        ok(hush(bob, &["send", "team", "anyone there?"]));
+    });
+    let told = tokio::task::block_in_place(|| ok(hush(alice, &["sync"])));
+    assert!(told.contains("anyone there?"), "{told}");
+    assert!(told.contains("bob has not seen the last 12 messages"), "{told}");
+    let report = tokio::task::block_in_place(|| ok(hush(alice, &["verify", "team"])));
+    assert!(report.contains("bob: wrote message") && report.contains("has not seen the last 12 messages"), "{report}");
+    let v: serde_json::Value =
+        serde_json::from_str(&tokio::task::block_in_place(|| ok(hush(alice, &["verify", "team", "--json"])))).unwrap();
+    let bob_row = v["members"].as_array().unwrap().iter().find(|m| m["name"] == "bob").unwrap().clone();
+    assert_eq!(bob_row["behind"], 12, "{v}");
 }

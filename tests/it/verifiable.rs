@@ -223,3 +223,47 @@ async fn a_server_that_forks_a_group_is_caught_with_two_signed_heads() {
     assert_ne!(theirs.head, ours.head, "two histories: the server equivocated");
     drop(server_b);
 }
+
+/// Retention deleting messages a device never read is told, not an alarm,
+/// for a device that has not read the group for as long as the server
+/// keeps messages; the same gap for a device that read the group recently
+/// (so the messages cannot have expired) is an alarm.
+#[test]
+fn expired_messages_are_told_to_a_long_absent_reader_and_an_alarm_for_a_recent_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("server"));
+    let (alice, bob, carol) = team(&server, tmp.path());
+    run_ok(&alice, &["send", "team", "read by all"]);
+    run_ok(&bob, &["sync"]);
+    run_ok(&carol, &["sync"]);
+    run_ok(&alice, &["send", "team", "will expire 1"]);
+    run_ok(&alice, &["send", "team", "will expire 2"]);
+    let expiring = last_seqs(&server.data_dir, 2);
+    let (dir, port) = (server.data_dir.clone(), server.port());
+    let (status, _) = server.terminate();
+    assert!(status.success());
+    // As if written long ago: the restarted server's first sweep deletes
+    // them (unread by bob and carol).
+    tamper(&dir, &format!("UPDATE log SET created_at = 0 WHERE seq IN ({}, {})", expiring[0], expiring[1]));
+    let server = Hushd::start_with(&dir, &format!("127.0.0.1:{port}"), &[]);
+    run_ok(&alice, &["send", "team", "after the sweep"]);
+    let db = rusqlite::Connection::open(server.data_dir.join(hush::db::sqlite::DB_FILE)).unwrap();
+    let left: i64 = db
+        .query_row("SELECT count(*) FROM log WHERE seq IN (?1, ?2)", [expiring[0], expiring[1]], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, 0, "the sweep deleted them");
+
+    // Carol has been away longer than the server keeps messages.
+    let state = rusqlite::Connection::open(carol.home.join("hush.db")).unwrap();
+    state.execute("UPDATE groups SET synced_at = 0", []).unwrap();
+    drop(state);
+    let told = run_ok(&carol, &["sync"]);
+    assert!(told.contains("expired on the server") && told.contains("after the sweep"), "{told}");
+    assert!(!told.contains("ALARM"), "{told}");
+    ok(hush(&carol.home, &["verify", "team"]));
+
+    // Bob read the group a moment ago: those messages cannot have expired.
+    let out = hush(&bob.home, &["sync"]);
+    assert!(!out.status.success());
+    assert!(stdout(&out).contains("!! ALARM") && stdout(&out).contains("skipped from message"), "{}", stdout(&out));
+}

@@ -339,6 +339,7 @@ impl App {
             }
             let mut log = GroupLog::new(group, after);
             log.check(&messages, more, Some(bound)).map_err(|e| AppError::Misbehaving(e.to_string()))?;
+            let expired = self.expired_before(conn, group, summary, &messages).await?;
             for m in &messages {
                 let (seq, bytes) = (&m.seq, &m.data);
                 bytes_read = bytes_read.saturating_add(bytes.len());
@@ -377,7 +378,7 @@ impl App {
                         Read::Own { .. } => {}
                     }
                 }
-                self.follow_chain(group, m, new)?;
+                self.follow_chain(group, m, expired, new)?;
                 self.local.advance(group, *seq)?;
                 unit.commit()?;
                 for (at, alarm) in forks {
@@ -416,6 +417,7 @@ impl App {
         // What our next messages claim: the server's signature over the
         // head we verified last.
         self.sign_position(conn, group, new).await?;
+        self.local.set_synced(group, now_unix())?;
         // Our own messages move the cursor without a fetch: tell the server
         // too, or it keeps them for others who read them long ago.
         if let Some(s) = summary.filter(|s| s.member) {

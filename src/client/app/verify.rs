@@ -46,7 +46,18 @@ impl App {
     /// Follows `group`'s chain through `m` (a message read, or our own the
     /// server accepted right after the last one we verified), recording an
     /// alarm if it breaks.
-    pub(super) fn follow_chain(&mut self, group: &[u8], m: &Logged, new: &mut Vec<Entry>) -> Result<(), AppError> {
+    ///
+    /// `expired`: the first message the server still holds, when this
+    /// device's gap before it can be the server's retention at work (see
+    /// [`App::expired_before`]); a gap up to exactly there is told, not an
+    /// alarm.
+    pub(super) fn follow_chain(
+        &mut self,
+        group: &[u8],
+        m: &Logged,
+        expired: Option<u64>,
+        new: &mut Vec<Entry>,
+    ) -> Result<(), AppError> {
         let row = self.local.chain(group)?;
         // Our own message: the server said its head when it accepted it.
         if let (Some(said), Some(shown)) = (self.local.sent_head(group, m.seq)?, m.head) {
@@ -67,6 +78,15 @@ impl App {
             Step::Unchained => {}
             Step::Verified(at) => self.local.set_position(group, at, row.map_or(at.seq, |r| r.since))?,
             Step::Started { at, .. } => self.local.set_position(group, at, at.seq)?,
+            Step::Broken { why: Break::Gap { last, seq }, at } if expired == Some(seq) => {
+                let body = format!(
+                    "messages {} to {} expired on the server (it deletes messages after a while, read or not) before this device read them; its chain goes on from message {seq}",
+                    last.saturating_add(1),
+                    seq.saturating_sub(1)
+                );
+                new.push(self.record(group, seq, None, EntryKind::Event, &body)?);
+                self.local.set_position(group, at, at.seq)?;
+            }
             Step::Broken { why, at } => {
                 let body = format!("ALARM: the server broke this group's history: {why}");
                 let evidence = serde_json::json!({
@@ -80,6 +100,30 @@ impl App {
             }
         }
         Ok(())
+    }
+
+    /// Whether the page `messages` of `group` may start after messages the
+    /// server's retention deleted: its first message is the first the
+    /// server holds (`summary`), it is past the next one this device
+    /// expects, and this device has not read the group to its end for at
+    /// least as long as the server keeps messages (a message it missed is
+    /// younger than that, so it cannot have expired). Returns that first
+    /// message's sequence number.
+    pub(super) async fn expired_before(
+        &mut self,
+        conn: &Connection,
+        group: &[u8],
+        summary: Option<&GroupSummary>,
+        messages: &[Logged],
+    ) -> Result<Option<u64>, AppError> {
+        let (Some(first), Some(s)) = (messages.first(), summary) else { return Ok(None) };
+        let Some(row) = self.local.chain(group)? else { return Ok(None) };
+        if first.seq <= row.position.seq.saturating_add(1) || first.seq != s.first_seq {
+            return Ok(None);
+        }
+        let retention = conn.status().await?.retention;
+        let recent = self.local.synced_at(group)?.is_some_and(|t| now_unix().saturating_sub(t) < retention);
+        Ok((!recent).then_some(first.seq))
     }
 
     /// The server accepted our message `bytes` into `group`: keep the head
@@ -96,7 +140,7 @@ impl App {
         if self.local.cursor(group)? + 1 == a.seq {
             self.local.advance(group, a.seq)?;
             let m = Logged { seq: a.seq, head: Some(a.head), data: bytes.to_vec() };
-            self.follow_chain(group, &m, new)?;
+            self.follow_chain(group, &m, None, new)?;
         }
         Ok(())
     }

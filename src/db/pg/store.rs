@@ -743,7 +743,8 @@ impl Storage for PgStore<'_> {
 
     fn groups_of(&mut self, d: &DeviceId, limit_n: usize) -> Result<Vec<GroupListing>, StoreError> {
         let rows = self.rows(
-            "SELECT g.id, COALESCE(m.left_epoch, g.epoch), COALESCE(m.left_at, g.last_seq), m.acked, m.left_at IS NULL
+            "SELECT g.id, COALESCE(m.left_epoch, g.epoch), COALESCE(m.left_at, g.last_seq), m.acked, m.left_at IS NULL,
+                    COALESCE((SELECT MIN(seq) FROM log WHERE log.gid = g.gid), 0)
              FROM members m JOIN groups g ON g.gid = m.gid WHERE m.device = $1 ORDER BY g.gid LIMIT $2",
             &[&&d.0[..], &limit(limit_n)],
         )?;
@@ -754,6 +755,7 @@ impl Storage for PgStore<'_> {
                 epoch: u(r.get(1)),
                 last_seq: u(r.get(2)),
                 acked: u(r.get(3)),
+                first_seq: u(r.get(5)),
                 current: r.get(4),
             })
             .collect())

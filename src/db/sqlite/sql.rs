@@ -669,7 +669,8 @@ impl Storage for SqlStore<'_> {
 
     fn groups_of(&mut self, a: &DeviceId, limit: usize) -> Result<Vec<GroupListing>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT g.id, COALESCE(m.left_epoch, g.epoch), COALESCE(m.left_at, g.last_seq), m.acked, m.left_at IS NULL
+            "SELECT g.id, COALESCE(m.left_epoch, g.epoch), COALESCE(m.left_at, g.last_seq), m.acked, m.left_at IS NULL,
+                    COALESCE((SELECT MIN(seq) FROM log WHERE log.gid = g.gid), 0)
              FROM members m JOIN groups g ON g.gid = m.gid WHERE m.device = ?1 ORDER BY g.gid LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![&a.0[..], i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
@@ -678,6 +679,7 @@ impl Storage for SqlStore<'_> {
                 epoch: u(r.get(1)?),
                 last_seq: u(r.get(2)?),
                 acked: u(r.get(3)?),
+                first_seq: u(r.get(5)?),
                 current: r.get(4)?,
             })
         })?;
