@@ -16,6 +16,7 @@
 //! Layout: `scenarios` against a running server, `store` without the
 //! network, `measure` how both are measured, `raw` the baselines.
 
+mod chain;
 mod measure;
 mod postgres;
 mod raw;
@@ -151,6 +152,7 @@ pub const SCENARIOS: &[&str] = &[
     "handshakes",
     "round-trips",
     "durable",
+    "chain",
     "slow-disk",
     "latency",
     "fan-out",
@@ -231,6 +233,10 @@ pub async fn run(settings: Settings, only: &[String], progress: impl Fn(&str)) -
             let appends = durable_appends(dir.path(), settings).await?;
             rows.push(Row::rate("durable appends/s, store alone, 64 writers".into(), appends, s.sqlite));
         }
+    }
+    if wanted("chain") {
+        progress("what the delivery chain costs");
+        rows.extend(chain::chain_cost(settings, dir.path()).await?);
     }
     if let (true, Some((fast_64, fast_1))) = (wanted("slow-disk"), fast) {
         progress("durable sends on a slow disk");

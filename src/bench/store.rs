@@ -34,6 +34,12 @@ impl Exec for ViaStore<'_> {
 
 /// A store on its own database with two registered accounts in one group.
 async fn store_with_group(path: &Path, size: usize) -> Result<(Engine, Vec<u8>, Member), BenchError> {
+    store_with_group_on(path, size, true).await
+}
+
+/// [`store_with_group`], on a store that keeps the delivery chain or not
+/// ([`crate::db::sqlite::Db::open_unchained`]).
+async fn store_with_group_on(path: &Path, size: usize, chained: bool) -> Result<(Engine, Vec<u8>, Member), BenchError> {
     let quotas = Quotas {
         max_log_per_group: u64::MAX,
         max_database_bytes: u64::MAX,
@@ -43,7 +49,9 @@ async fn store_with_group(path: &Path, size: usize) -> Result<(Engine, Vec<u8>, 
     let removal = std::sync::Arc::new(Identity::generate().map_err(fail)?);
     let removal_key = removal.public_key();
     let identity = std::sync::Arc::new(Identity::generate().map_err(fail)?);
-    let store = Engine::open(path, quotas, crate::delivery::ServerKeys { removal, identity }).map_err(fail)?;
+    let keys = crate::delivery::ServerKeys { removal, identity };
+    let open = if chained { crate::db::sqlite::Db::open } else { crate::db::sqlite::Db::open_unchained };
+    let store = Engine::start(open(path).map_err(fail)?, open(path).map_err(fail)?, quotas, keys).map_err(fail)?;
     let mut members = vec![];
     for _ in 0..size {
         let (_, _, member) = Member::generate().map_err(fail)?;
@@ -86,7 +94,17 @@ async fn store_send(store: &Engine, account: Caller, message: Vec<u8>) -> Result
 /// `size` members (real MLS ciphertexts, nobody acknowledging; WAL
 /// checkpointed before measuring).
 pub async fn bytes_per_message(path: &Path, size: usize, messages: usize) -> Result<f64, BenchError> {
-    let (store, group, mut first) = store_with_group(path, size).await?;
+    bytes_per_message_with(path, size, messages, true).await
+}
+
+/// [`bytes_per_message`], on a store that keeps the delivery chain or not.
+pub(super) async fn bytes_per_message_with(
+    path: &Path,
+    size: usize,
+    messages: usize,
+    chained: bool,
+) -> Result<f64, BenchError> {
+    let (store, group, mut first) = store_with_group_on(path, size, chained).await?;
     let size_of = || crate::db::sqlite::maintenance::checkpointed_size(path).map_err(fail);
     let before = size_of()?;
     let account = Caller::of(first.certificate());

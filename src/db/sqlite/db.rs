@@ -12,6 +12,9 @@ use crate::delivery::storage::Backend;
 #[derive(Debug)]
 pub struct Db {
     pub(crate) conn: Connection,
+    /// Whether appends extend each group's chain (always, but for the
+    /// benchmark's baseline: [`Db::open_unchained`]).
+    chained: bool,
 }
 
 impl Db {
@@ -19,7 +22,14 @@ impl Db {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let mut conn: Connection = crate::sqlite::open::<StoreError>(path)?;
         schema::migrate(&mut conn)?;
-        Ok(Self { conn })
+        Ok(Self { conn, chained: true })
+    }
+
+    /// [`Db::open`], for a store that keeps no chain (appends store no
+    /// head, as before verifiable delivery): only the benchmark's baseline
+    /// for what the chain costs. Clients of such a server see no heads.
+    pub fn open_unchained(path: &Path) -> Result<Self, StoreError> {
+        Ok(Self { chained: false, ..Self::open(path)? })
     }
 }
 
@@ -29,7 +39,7 @@ impl Backend for Db {
 
     fn write<T>(&mut self, work: impl FnOnce(&mut SqlStore<'_>) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let out = work(&mut SqlStore::new(&tx))?;
+        let out = work(&mut SqlStore::new(&tx).chained(self.chained))?;
         tx.commit()?;
         Ok(out)
     }

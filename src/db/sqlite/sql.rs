@@ -31,6 +31,8 @@ pub struct SqlStore<'c> {
     /// follows it in the same request (saves looking the group up twice on
     /// the hot path).
     hint: Option<(Vec<u8>, i64, Tip)>,
+    /// See [`super::Db::open_unchained`].
+    chained: bool,
 }
 
 /// A group row's `last_seq`, `chain_start` and `head`.
@@ -45,7 +47,13 @@ fn chain_tip(last: i64, start: Option<i64>, head: Option<Vec<u8>>) -> Option<Cha
 
 impl<'c> SqlStore<'c> {
     pub fn new(conn: &'c Connection) -> Self {
-        Self { conn, space: None, hint: None }
+        Self { conn, space: None, hint: None, chained: true }
+    }
+
+    /// Whether appends extend the chain ([`super::Db::open_unchained`]).
+    pub fn chained(mut self, chained: bool) -> Self {
+        self.chained = chained;
+        self
     }
 
     fn wrote(&mut self, bytes: usize) {
@@ -591,6 +599,14 @@ impl Storage for SqlStore<'_> {
                 .query_row([group], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?, r.get(3)?))))?,
         };
         let seq = last.saturating_add(1);
+        if !self.chained {
+            self.conn.prepare_cached("UPDATE groups SET last_seq = ?2 WHERE gid = ?1")?.execute(params![gid, seq])?;
+            self.conn
+                .prepare_cached("INSERT INTO log (gid, seq, epoch, data, created_at) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                .execute(params![gid, seq, i(epoch), message, i(now)])?;
+            self.wrote(message.len());
+            return Ok((u(seq), Head([0; 32])));
+        }
         let tip = ChainTip::after(chain_tip(last, start, head), group, u(seq), epoch, message);
         self.conn
             .prepare_cached("UPDATE groups SET last_seq = ?2, chain_start = ?3, head = ?4 WHERE gid = ?1")?
