@@ -90,7 +90,7 @@ impl App {
             Step::Broken { why, at } => {
                 let body = format!("ALARM: the server broke this group's history: {why}");
                 let evidence = serde_json::json!({
-                    "kind": match why { Break::Gap { .. } => "gap", Break::Back { .. } => "back", Break::WrongLink { .. } => "wrong-link", _ => "not-mls" },
+                    "kind": match why { Break::Gap { .. } => "gap", Break::Back { .. } => "back", Break::WrongLink { .. } => "wrong-link", Break::NoHead { .. } => "no-head", _ => "not-mls" },
                     "seq": m.seq,
                     "last_verified": row.map(|r| serde_json::json!({"seq": r.position.seq, "head": verify::hex(&r.position.head.0)})),
                     "claimed_head": verify::hex(&at.head.0),
