@@ -423,12 +423,14 @@ impl Local {
         Ok(())
     }
 
-    /// When this device last read `group` to the end of its log, if it
-    /// kept it.
+    /// When this device last read `group` to the end of its log; when it
+    /// never did, when it joined (nothing it could read is older than
+    /// that, so a server that keeps it from reading to the end cannot make
+    /// a gap look older than it is).
     pub fn synced_at(&self, group: &[u8]) -> Result<Option<u64>, StateError> {
         let t: Option<Option<i64>> = self
             .conn
-            .prepare_cached("SELECT synced_at FROM groups WHERE id = ?1")?
+            .prepare_cached("SELECT COALESCE(synced_at, joined_at) FROM groups WHERE id = ?1")?
             .query_row([group], |r| r.get(0))
             .optional()?;
         Ok(t.flatten().map(u))

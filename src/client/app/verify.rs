@@ -121,7 +121,9 @@ impl App {
         if first.seq <= row.position.seq.saturating_add(1) || first.seq != s.first_seq {
             return Ok(None);
         }
-        let retention = conn.status().await?.retention;
+        // A server cannot keep messages for less than a day: one that says
+        // so would pass any drop off as expiry.
+        let retention = conn.status().await?.retention.max(crate::limits::MIN_RETENTION.as_secs());
         let recent = self.local.synced_at(group)?.is_some_and(|t| now_unix().saturating_sub(t) < retention);
         Ok((!recent).then_some(first.seq))
     }
