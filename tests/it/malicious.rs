@@ -1094,31 +1094,31 @@ async fn a_server_that_announces_no_retention_cannot_pass_a_drop_off_as_expiry()
     assert!(!out.status.success() && shown.contains("!! ALARM"), "bob was not alarmed: {shown}");
 }
 
-/// The operator hides carol's message from bob, then acknowledges bob's
-/// next message with carol's place (and head) in the log. Bob takes the
-/// message there for his own and skips it: carol's message is never shown
-/// to him (and a server that stores nothing of bob's drops his message for
-/// everyone). The message at the place the server gave must be the one
-/// bob sent, or his sync alarms.
+/// The operator hides carol's two messages from bob, then acknowledges
+/// bob's next message with the place (and head) of carol's second. Bob
+/// takes the message there for his own and skips it: carol's message is
+/// never shown to him (and a server that stores nothing of bob's drops his
+/// message for everyone). The message at the place the server gave must be
+/// the one bob sent, or his sync alarms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_cannot_give_a_members_own_message_the_place_of_another() {
-    // (hidden seq, its epoch, its head) once carol's message is accepted;
-    // and whether the proxy hides it from bob and lies to him.
-    type Place = Option<(u64, u64, Head)>;
-    let carols: Arc<Mutex<Place>> = Arc::new(Mutex::new(None));
+    // Carol's messages once accepted: (seq, epoch, head); and whether the
+    // proxy hides them from bob and lies to him.
+    let carols: Arc<Mutex<Vec<(u64, u64, Head)>>> = Arc::new(Mutex::new(Vec::new()));
     let armed = Arc::new(Mutex::new(false));
     let (c, a) = (carols.clone(), armed.clone());
     let rewrite: RewriteFor = Arc::new(move |home, req, resp| {
         if !*a.lock().unwrap() {
             return None;
         }
+        let first = c.lock().unwrap().first().copied();
         match (home, req, resp) {
-            (2, _, Response::Accepted { seq, epoch, head, .. }) => {
-                *c.lock().unwrap() = Some((*seq, *epoch, *head));
+            (2, Request::Send { .. }, Response::Accepted { seq, epoch, head, .. }) => {
+                c.lock().unwrap().push((*seq, *epoch, *head));
                 None
             }
             (1, Request::ListGroups, Response::Groups { groups }) => {
-                let (hidden, ..) = (*c.lock().unwrap())?;
+                let (hidden, ..) = first?;
                 Some(Response::Groups {
                     groups: groups
                         .iter()
@@ -1131,7 +1131,7 @@ async fn a_server_cannot_give_a_members_own_message_the_place_of_another() {
                 })
             }
             (1, Request::Fetch { .. }, Response::Messages { group, messages, .. }) => {
-                let (hidden, ..) = (*c.lock().unwrap())?;
+                let (hidden, ..) = first?;
                 Some(Response::Messages {
                     group: group.clone(),
                     messages: messages.iter().filter(|m| m.seq < hidden).cloned().collect(),
@@ -1139,7 +1139,7 @@ async fn a_server_cannot_give_a_members_own_message_the_place_of_another() {
                 })
             }
             (1, Request::Send { .. }, Response::Accepted { group, .. }) => {
-                let (seq, epoch, head) = (*c.lock().unwrap())?;
+                let (seq, epoch, head) = c.lock().unwrap().get(1).copied()?;
                 Some(Response::Accepted { group: group.clone(), seq, epoch, head })
             }
             _ => None,
@@ -1149,12 +1149,14 @@ async fn a_server_cannot_give_a_members_own_message_the_place_of_another() {
     let (bob, carol) = (&homes[1], &homes[2]);
     *armed.lock().unwrap() = true;
     tokio::task::block_in_place(|| {
+        ok(hush(carol, &["send", "team", "carol one"]));
         ok(hush(carol, &["send", "team", "for bob's eyes"]));
         ok(hush(bob, &["send", "team", "from bob"]));
     });
     *armed.lock().unwrap() = false;
     let out = tokio::task::block_in_place(|| hush(bob, &["sync"]));
     let shown = stdout(&out);
+    assert!(shown.contains("carol one"), "{shown}");
     assert!(!out.status.success() && shown.contains("!! ALARM"), "bob was not alarmed: {shown}");
     assert!(shown.contains("for bob's eyes"), "carol's message was never shown to bob: {shown}");
 }
