@@ -525,13 +525,30 @@ impl Local {
         Ok(rows.into_iter().filter_map(|(a, at, seen)| Some((a?, at, seen))).collect())
     }
 
-    /// The head the server gave our own message at `seq` when it accepted
-    /// it.
-    pub fn mark_sent_head(&self, id: &[u8], seq: u64, head: &Head) -> Result<(), StateError> {
+    /// This device's message (whose SHA-256 is `digest`, when it is known)
+    /// is at `seq`, with the chain head the server gave it there.
+    pub fn mark_sent_head(
+        &self,
+        id: &[u8],
+        seq: u64,
+        head: &Head,
+        digest: Option<&[u8; 32]>,
+    ) -> Result<(), StateError> {
         self.conn
-            .prepare_cached("INSERT OR REPLACE INTO sent (group_id, seq, head) VALUES (?1, ?2, ?3)")?
-            .execute(params![id, i(seq), &head.0[..]])?;
+            .prepare_cached("INSERT OR REPLACE INTO sent (group_id, seq, head, digest) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![id, i(seq), &head.0[..], digest.map(|d| &d[..])])?;
         Ok(())
+    }
+
+    /// Whether this device sent the message at `seq`, and then its SHA-256
+    /// if it kept it.
+    pub fn sent_digest(&self, id: &[u8], seq: u64) -> Result<Option<Option<[u8; 32]>>, StateError> {
+        let d: Option<Option<Vec<u8>>> = self
+            .conn
+            .prepare_cached("SELECT digest FROM sent WHERE group_id = ?1 AND seq = ?2")?
+            .query_row(params![id, i(seq)], |r| r.get(0))
+            .optional()?;
+        Ok(d.map(|d| d.and_then(|d| <[u8; 32]>::try_from(d.as_slice()).ok())))
     }
 
     pub fn sent_head(&self, id: &[u8], seq: u64) -> Result<Option<Head>, StateError> {
