@@ -409,7 +409,7 @@ impl Local {
             .prepare_cached("INSERT OR REPLACE INTO heads (group_id, seq, head) VALUES (?1, ?2, ?3)")?
             .execute(params![group, i(at.seq), &at.head.0[..]])?;
         let floor = at.seq.saturating_sub(MAX_KEPT_HEADS);
-        if floor > 0 && at.seq % PRUNE_EVERY == 0 {
+        if floor > 0 && at.seq.is_multiple_of(PRUNE_EVERY) {
             self.conn
                 .prepare_cached("DELETE FROM heads WHERE group_id = ?1 AND seq <= ?2")?
                 .execute(params![group, i(floor)])?;

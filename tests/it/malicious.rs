@@ -1194,3 +1194,66 @@ async fn a_server_cannot_acknowledge_a_message_at_a_place_already_read() {
         stdout(&out2)
     );
 }
+
+/// The operator makes bob rejoin the group when he need not: once, it
+/// shows him, at the place of alice's commit, her next message (of the
+/// epoch after it, so bob cannot read it and rejoins by group repair),
+/// then answers honestly. Bob's chain restarts at his rejoining commit:
+/// the commit was hidden and the messages between it and his rejoin are
+/// lost to him, with a group-repair event and no alarm. (Not fixed: the
+/// message shown at the commit's place, with a head the operator
+/// recomputed from bob's position, is never followed, and the chain
+/// restarts at the rejoin without linking to bob's position; following the
+/// stuck message first and checking the chain from there through the
+/// messages before the rejoining commit would show the contradiction.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_cannot_force_a_group_repair_to_drop_messages_silently() {
+    // Armed with the commit's place: the next fetch of bob's that holds
+    // it shows the message after it there instead (once).
+    // The head shown must link from bob's position: the operator
+    // recomputes it from the head before the commit (every head it served
+    // is kept here).
+    let at: Arc<Mutex<Option<u64>>> = Arc::new(Mutex::new(None));
+    let heads: Arc<Mutex<std::collections::HashMap<u64, Head>>> = Arc::default();
+    let (a, h) = (at.clone(), heads.clone());
+    let rewrite: RewriteFor = Arc::new(move |home, req, resp| {
+        if let Response::Messages { messages, .. } = resp {
+            h.lock().unwrap().extend(messages.iter().filter_map(|m| Some((m.seq, m.head?))));
+        }
+        if let Response::Accepted { seq, head, .. } = resp {
+            h.lock().unwrap().insert(*seq, *head);
+        }
+        let commit = (*a.lock().unwrap())?;
+        match (home, req, resp) {
+            (1, Request::Fetch { .. }, Response::Messages { group, messages, .. })
+                if messages.first().is_some_and(|m| m.seq == commit) && messages.len() > 1 =>
+            {
+                *a.lock().unwrap() = None;
+                let next = &messages[1];
+                let epoch = hush::mls::frame(&next.data).unwrap().epoch;
+                let before = h.lock().unwrap()[&(commit - 1)];
+                let head = before.next(commit, epoch, &next.data);
+                Some(Response::Messages {
+                    group: group.clone(),
+                    messages: vec![Logged { seq: commit, head: Some(head), data: next.data.clone() }],
+                    more: false,
+                })
+            }
+            _ => None,
+        }
+    });
+    let (_tmp, _server, homes, _evil, last) = evil_team(rewrite).await;
+    let (alice, bob) = (&homes[0], &homes[1]);
+    *at.lock().unwrap() = Some(last + 1);
+    let out = tokio::task::block_in_place(|| {
+        ok(hush(alice, &["group", "remove", "team", "carol"]));
+        ok(hush(alice, &["send", "team", "lost 1"]));
+        ok(hush(alice, &["send", "team", "lost 2"]));
+        hush(bob, &["sync"])
+    });
+    let shown = stdout(&out);
+    assert!(
+        (!out.status.success() && shown.contains("!! ALARM")) || shown.contains("lost 1"),
+        "bob lost messages to a repair the server forced, and nothing alarmed: {shown}"
+    );
+}
