@@ -130,6 +130,11 @@ pub enum Break {
     WrongLink { seq: u64, expected: String, claimed: String },
     #[error("message {seq} is not an MLS message: its place in the chain cannot be checked")]
     NotMls { seq: u64 },
+    #[error(
+        "message {seq} comes without a chain head, as if stored before the chain began, after messages that had \
+         one: its place in the chain cannot be checked"
+    )]
+    NoHead { seq: u64 },
 }
 
 /// The magic that starts a sender's claim in an application message's

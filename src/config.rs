@@ -219,7 +219,7 @@ impl ServerConfig {
         range("max_streams_per_connection", u64::from(self.max_streams_per_connection), 1, 10_000)?;
         range("retry_above_pending", u64::from(self.retry_above_pending), 0, 1_000_000)?;
         range("max_incoming", u64::from(self.max_incoming), 1, 1_000_000)?;
-        range("retention_days", self.retention_days, 1, 3650)?;
+        range("retention_days", self.retention_days, MIN_RETENTION.as_secs() / 86_400, 3650)?;
         range("max_groups_per_account", self.max_groups_per_account, 1, 1_000_000)?;
         range("max_members_per_group", self.max_members_per_group, 2, 100_000)?;
         range("max_log_per_group", self.max_log_per_group, 1, 1_000_000_000)?;

@@ -142,6 +142,12 @@ pub const MAX_CACHED_ROSTERS: usize = 4096;
 /// Groups listed in one response.
 pub const MAX_GROUPS_LISTED: usize = 1024;
 
+/// The shortest retention a server may be configured with
+/// (`retention_days` is at least 1). Clients never take a shorter one from
+/// a server's `Status`: a gap in a group's chain is "expired" only for a
+/// device that has not read the group for at least this long.
+pub const MIN_RETENTION: Duration = Duration::from_secs(86_400);
+
 /// KeyPackage claims one account may make in a burst; refilled at
 /// [`CLAIM_REFILL`] per claim. Bounds how fast a member can drain others'
 /// KeyPackages (RFC 9750 §5.2 asks the DS to resist exhaustion).

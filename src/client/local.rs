@@ -409,7 +409,7 @@ impl Local {
             .prepare_cached("INSERT OR REPLACE INTO heads (group_id, seq, head) VALUES (?1, ?2, ?3)")?
             .execute(params![group, i(at.seq), &at.head.0[..]])?;
         let floor = at.seq.saturating_sub(MAX_KEPT_HEADS);
-        if floor > 0 && at.seq % PRUNE_EVERY == 0 {
+        if floor > 0 && at.seq.is_multiple_of(PRUNE_EVERY) {
             self.conn
                 .prepare_cached("DELETE FROM heads WHERE group_id = ?1 AND seq <= ?2")?
                 .execute(params![group, i(floor)])?;
@@ -423,12 +423,14 @@ impl Local {
         Ok(())
     }
 
-    /// When this device last read `group` to the end of its log, if it
-    /// kept it.
+    /// When this device last read `group` to the end of its log; when it
+    /// never did, when it joined (nothing it could read is older than
+    /// that, so a server that keeps it from reading to the end cannot make
+    /// a gap look older than it is).
     pub fn synced_at(&self, group: &[u8]) -> Result<Option<u64>, StateError> {
         let t: Option<Option<i64>> = self
             .conn
-            .prepare_cached("SELECT synced_at FROM groups WHERE id = ?1")?
+            .prepare_cached("SELECT COALESCE(synced_at, joined_at) FROM groups WHERE id = ?1")?
             .query_row([group], |r| r.get(0))
             .optional()?;
         Ok(t.flatten().map(u))
@@ -523,13 +525,30 @@ impl Local {
         Ok(rows.into_iter().filter_map(|(a, at, seen)| Some((a?, at, seen))).collect())
     }
 
-    /// The head the server gave our own message at `seq` when it accepted
-    /// it.
-    pub fn mark_sent_head(&self, id: &[u8], seq: u64, head: &Head) -> Result<(), StateError> {
+    /// This device's message (whose SHA-256 is `digest`, when it is known)
+    /// is at `seq`, with the chain head the server gave it there.
+    pub fn mark_sent_head(
+        &self,
+        id: &[u8],
+        seq: u64,
+        head: &Head,
+        digest: Option<&[u8; 32]>,
+    ) -> Result<(), StateError> {
         self.conn
-            .prepare_cached("INSERT OR REPLACE INTO sent (group_id, seq, head) VALUES (?1, ?2, ?3)")?
-            .execute(params![id, i(seq), &head.0[..]])?;
+            .prepare_cached("INSERT OR REPLACE INTO sent (group_id, seq, head, digest) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![id, i(seq), &head.0[..], digest.map(|d| &d[..])])?;
         Ok(())
+    }
+
+    /// Whether this device sent the message at `seq`, and then its SHA-256
+    /// if it kept it.
+    pub fn sent_digest(&self, id: &[u8], seq: u64) -> Result<Option<Option<[u8; 32]>>, StateError> {
+        let d: Option<Option<Vec<u8>>> = self
+            .conn
+            .prepare_cached("SELECT digest FROM sent WHERE group_id = ?1 AND seq = ?2")?
+            .query_row(params![id, i(seq)], |r| r.get(0))
+            .optional()?;
+        Ok(d.map(|d| d.and_then(|d| <[u8; 32]>::try_from(d.as_slice()).ok())))
     }
 
     pub fn sent_head(&self, id: &[u8], seq: u64) -> Result<Option<Head>, StateError> {

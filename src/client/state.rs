@@ -158,6 +158,10 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE sent ADD COLUMN head BLOB;
     ALTER TABLE groups ADD COLUMN synced_at INTEGER;",
+    // 7 -> 8: the SHA-256 of each message this device sent, so the message
+    // at the place the server gave it must be that one (not another the
+    // server gives its place, which this device would skip as its own).
+    "ALTER TABLE sent ADD COLUMN digest BLOB;",
 ];
 
 /// Deleted secrets (KeyPackage private keys, past epochs' secrets, used

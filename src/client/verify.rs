@@ -47,7 +47,15 @@ pub enum Step {
 
 /// Follows `group`'s chain from `at` (`None`: not started) through `m`.
 pub fn follow(group: &[u8], at: Option<Position>, m: &Logged) -> Step {
-    let Some(claimed) = m.head else { return Step::Unchained };
+    let Some(claimed) = m.head else {
+        // Only messages stored before the chain began have no head; once
+        // this device follows the chain, every later message has one (a
+        // server that leaves them out would check nothing).
+        return match at {
+            None => Step::Unchained,
+            Some(at) => Step::Broken { why: Break::NoHead { seq: m.seq }, at },
+        };
+    };
     let claimed_at = Position { seq: m.seq, head: claimed };
     let Some(epoch) = crate::mls::frame(&m.data).ok().filter(|f| f.group == group).map(|f| f.epoch) else {
         return Step::Broken { why: Break::NotMls { seq: m.seq }, at: claimed_at };
@@ -127,6 +135,11 @@ mod tests {
         assert!(matches!(follow(b"g", None, &m), Step::Broken { why: Break::NotMls { seq: 1 }, .. }));
         let old = Logged { seq: 1, head: None, data: vec![] };
         assert_eq!(follow(b"g", None, &old), Step::Unchained);
+        // Once the chain is followed, a message without a head breaks it
+        // (and the position stays).
+        let at = Position { seq: 4, head: Head([2; 32]) };
+        let stripped = Logged { seq: 5, head: None, data: vec![] };
+        assert_eq!(follow(b"g", Some(at), &stripped), Step::Broken { why: Break::NoHead { seq: 5 }, at });
     }
 
     #[test]

@@ -347,7 +347,7 @@ impl App {
                 // cursor past it land together.
                 let unit = self.local.unit()?;
                 let mut forks = Vec::new();
-                if !self.local.sent(group, *seq)? {
+                if !self.own_message(group, m, new)? {
                     let before = self.member.members(group);
                     match log.read(&mut self.member, *seq, bytes) {
                         Read::Received { received, .. } => {

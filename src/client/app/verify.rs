@@ -90,7 +90,7 @@ impl App {
             Step::Broken { why, at } => {
                 let body = format!("ALARM: the server broke this group's history: {why}");
                 let evidence = serde_json::json!({
-                    "kind": match why { Break::Gap { .. } => "gap", Break::Back { .. } => "back", Break::WrongLink { .. } => "wrong-link", _ => "not-mls" },
+                    "kind": match why { Break::Gap { .. } => "gap", Break::Back { .. } => "back", Break::WrongLink { .. } => "wrong-link", Break::NoHead { .. } => "no-head", _ => "not-mls" },
                     "seq": m.seq,
                     "last_verified": row.map(|r| serde_json::json!({"seq": r.position.seq, "head": verify::hex(&r.position.head.0)})),
                     "claimed_head": verify::hex(&at.head.0),
@@ -121,7 +121,9 @@ impl App {
         if first.seq <= row.position.seq.saturating_add(1) || first.seq != s.first_seq {
             return Ok(None);
         }
-        let retention = conn.status().await?.retention;
+        // A server cannot keep messages for less than a day: one that says
+        // so would pass any drop off as expiry.
+        let retention = conn.status().await?.retention.max(crate::limits::MIN_RETENTION.as_secs());
         let recent = self.local.synced_at(group)?.is_some_and(|t| now_unix().saturating_sub(t) < retention);
         Ok((!recent).then_some(first.seq))
     }
@@ -136,8 +138,22 @@ impl App {
         bytes: &[u8],
         new: &mut Vec<Entry>,
     ) -> Result<(), AppError> {
-        self.local.mark_sent_head(group, a.seq, &a.head)?;
-        if self.local.cursor(group)? + 1 == a.seq {
+        let cursor = self.local.cursor(group)?;
+        if a.seq <= cursor {
+            // An honest server appends after everything this device read:
+            // a place already read means the message is not in the log.
+            let body = format!(
+                "ALARM: the server said it stored this device's message at message {}, which this device had already read: the message is not in the group's history",
+                a.seq
+            );
+            let evidence = serde_json::json!({
+                "kind": "own-place", "seq": a.seq, "accepted_head": verify::hex(&a.head.0), "read_up_to": cursor,
+            });
+            self.alarm(group, a.seq, &body, Some(evidence), new)?;
+            return Ok(());
+        }
+        self.local.mark_sent_head(group, a.seq, &a.head, Some(&digest32(bytes)))?;
+        if cursor + 1 == a.seq {
             self.local.advance(group, a.seq)?;
             let m = Logged { seq: a.seq, head: Some(a.head), data: bytes.to_vec() };
             self.follow_chain(group, &m, None, new)?;
@@ -145,10 +161,35 @@ impl App {
         Ok(())
     }
 
+    /// Whether `m` is this device's own message: one the server said it
+    /// stored at `m.seq`, with the bytes this device sent. Another message
+    /// there is an alarm (the server gave our message's place to it, so
+    /// that this device would skip it as its own; ours is not in the log)
+    /// and is read like any other.
+    pub(super) fn own_message(&mut self, group: &[u8], m: &Logged, new: &mut Vec<Entry>) -> Result<bool, AppError> {
+        match self.local.sent_digest(group, m.seq)? {
+            None => Ok(false),
+            // Sent before digests were kept, or not chained (leaving).
+            Some(None) => Ok(true),
+            Some(Some(d)) if d == digest32(&m.data) => Ok(true),
+            Some(Some(d)) => {
+                let body = format!(
+                    "ALARM: the server shows another message at message {} than the one it said it stored there for this device: this device's message is not in the group's history",
+                    m.seq
+                );
+                let evidence = serde_json::json!({
+                    "kind": "own-replaced", "seq": m.seq, "sent_digest": verify::hex(&d), "shown_digest": verify::hex(&digest32(&m.data)),
+                });
+                self.alarm(group, m.seq, &body, Some(evidence), new)?;
+                Ok(false)
+            }
+        }
+    }
+
     /// This device rejoined `group` by a commit at `a.seq`, past messages it
     /// did not read: its chain starts again there, as the server gives it.
     pub(super) fn restart_chain(&mut self, group: &[u8], a: &Accepted) -> Result<(), AppError> {
-        self.local.mark_sent_head(group, a.seq, &a.head)?;
+        self.local.mark_sent_head(group, a.seq, &a.head, None)?;
         self.local.set_position(group, Position { seq: a.seq, head: a.head }, a.seq)?;
         Ok(())
     }
@@ -306,4 +347,11 @@ impl App {
             alarms: self.local.alarms(&group.id)?,
         })
     }
+}
+
+/// SHA-256 of `bytes`.
+fn digest32(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
 }
