@@ -52,7 +52,11 @@ pub(super) async fn chain_cost(settings: Settings, dir: &Path) -> Result<Vec<Row
         let order = if round % 2 == 0 { [true, false] } else { [false, true] };
         for chained in order {
             let rate = sends_through(settings, &dir.join(format!("chain-{round}-{chained}")), chained).await?;
-            if chained { with.push(rate) } else { without.push(rate) }
+            if chained {
+                with.push(rate)
+            } else {
+                without.push(rate)
+            }
         }
     }
     let messages = settings.messages / 10;

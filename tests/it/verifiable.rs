@@ -267,3 +267,121 @@ fn expired_messages_are_told_to_a_long_absent_reader_and_an_alarm_for_a_recent_o
     assert!(!out.status.success());
     assert!(stdout(&out).contains("!! ALARM") && stdout(&out).contains("skipped from message"), "{}", stdout(&out));
 }
+
+/// A device's app and its connection.
+struct Device {
+    app: hush::client::app::App,
+    conn: Connection,
+}
+
+impl Device {
+    async fn open(home: &Path) -> Self {
+        let app = hush::client::home::Home::new(home).open().unwrap();
+        let conn = app.connect().await.unwrap();
+        Self { app, conn }
+    }
+
+    async fn sync(&mut self) {
+        let new = self.app.sync(&self.conn).await.unwrap();
+        let alarms: Vec<_> =
+            new.iter().filter(|e| e.kind == hush::client::app::EntryKind::Alarm).map(|e| e.body.clone()).collect();
+        assert!(alarms.is_empty(), "alarms in normal operation: {alarms:?}");
+    }
+}
+
+/// Normal operation never alarms: 10,000 messages between two people with
+/// two devices each, read as they come (claims cross-checked all along),
+/// a group repair, a retention sweep of messages one device never read,
+/// and a server restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_messages_two_devices_each_a_repair_a_sweep_and_a_restart_raise_no_alarm() {
+    const MESSAGES: usize = 10_000;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Hushd::start(&tmp.path().join("server"));
+    let homes: Vec<std::path::PathBuf> =
+        ["alice", "alice-laptop", "bob", "bob-laptop"].iter().map(|n| tmp.path().join(n)).collect();
+    tokio::task::block_in_place(|| {
+        let alice = crate::cli::person(&server, tmp.path(), "alice");
+        let bob = crate::cli::person(&server, tmp.path(), "bob");
+        run_ok(&alice, &["contact", "add", "bob", &bob.id]);
+        run_ok(&bob, &["contact", "add", "alice", &alice.id]);
+        run_ok(&alice, &["group", "create", "team"]);
+        run_ok(&alice, &["group", "add", "team", "bob"]);
+        run_ok(&bob, &["sync"]);
+        crate::devices::link(&alice.home, &homes[1], "laptop");
+        ok(hush(&homes[1], &["sync"]));
+        ok(hush(&homes[2], &["sync"]));
+        crate::devices::link(&bob.home, &homes[3], "laptop");
+        ok(hush(&homes[3], &["sync"]));
+        for h in &homes {
+            ok(hush(h, &["sync"]));
+        }
+    });
+    let mut devices = Vec::new();
+    for h in &homes {
+        devices.push(Device::open(h).await);
+    }
+    let group = devices[0].app.resolve_group("team").unwrap();
+    for d in devices.iter_mut() {
+        d.sync().await;
+    }
+    for i in 0..MESSAGES {
+        // bob's laptop is away for the last stretch before the sweep.
+        let away = (6_000..8_000).contains(&i);
+        let who = if away { i % 3 } else { i % 4 };
+        let d = &mut devices[who];
+        d.app.send_text(&d.conn, &group, &format!("message {i}")).await.unwrap();
+        if i % 250 == 249 {
+            for (n, d) in devices.iter_mut().enumerate() {
+                if !(away && n == 3) {
+                    d.sync().await;
+                }
+            }
+        }
+        if i == 3_000 {
+            // Group repair: bob's laptop rejoins by an external commit.
+            let g = devices[3].app.resolve_group("team").unwrap();
+            let d = &mut devices[3];
+            d.app.rejoin_unverified(&d.conn, &g).await.unwrap();
+        }
+        if i == 7_999 {
+            // Retention: what bob's laptop has not read is old enough to go
+            // (as if it had been away that long), and the server restarts.
+            let state = rusqlite::Connection::open(homes[3].join("hush.db")).unwrap();
+            state.execute("UPDATE groups SET synced_at = 0", []).unwrap();
+            drop(state);
+            let (dir, port) = (server.data_dir.clone(), server.port());
+            let (status, _) = tokio::task::block_in_place(|| server.terminate());
+            assert!(status.success());
+            tamper(&dir, "UPDATE log SET created_at = 0");
+            server = Hushd::start_with(&dir, &format!("127.0.0.1:{port}"), &[]);
+            for d in devices.iter_mut() {
+                d.conn = d.app.connect().await.unwrap();
+                d.sync().await;
+            }
+        }
+    }
+    // Each reads, then writes once more (what it claims is where it is).
+    for d in devices.iter_mut() {
+        d.sync().await;
+        d.app.send_text(&d.conn, &group, "all read").await.unwrap();
+    }
+    for d in devices.iter_mut() {
+        d.sync().await;
+    }
+    // Everyone read everything, verified all the way.
+    let mut last = None;
+    for d in &devices {
+        let r = d.app.chain_report(&group).unwrap();
+        assert!(r.alarms.is_empty(), "{:?}", r.alarms);
+        let (at, _) = r.position.expect("a position");
+        assert!(last.is_none_or(|l| l == at), "every device ends at the same head");
+        last = Some(at);
+        assert!(r.behind().is_empty(), "nobody reported behind at the end: {:?}", r.members);
+    }
+    drop(devices);
+    for h in &homes {
+        tokio::task::block_in_place(|| ok(hush(h, &["verify", "team"])));
+    }
+    drop(server);
+}

@@ -417,7 +417,15 @@ impl App {
         // What our next messages claim: the server's signature over the
         // head we verified last.
         self.sign_position(conn, group, new).await?;
-        self.local.set_synced(group, now_unix())?;
+        // Read (and verified) to the end the server announced: messages it
+        // holds from now on cannot expire before the retention has passed.
+        // Not when the end was not reached (what it did not show may have
+        // expired meanwhile, and a later gap is judged from the last time
+        // this device really was at the end).
+        let at_end = self.local.chain(group)?.is_some_and(|r| summary.is_some_and(|s| r.position.seq >= s.last_seq));
+        if at_end {
+            self.local.set_synced(group, now_unix())?;
+        }
         // Our own messages move the cursor without a fetch: tell the server
         // too, or it keeps them for others who read them long ago.
         if let Some(s) = summary.filter(|s| s.member) {

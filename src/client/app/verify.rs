@@ -271,7 +271,7 @@ impl App {
             if lag >= WITHHOLDING_LAG && !was_behind && *sender != self.account() {
                 let who = self.display(sender);
                 let body = format!(
-                    "{who} has not seen the last {lag} messages (when they wrote this, they had read up to message {}): the server may be holding messages back from them",
+                    "{who} has not seen the last {lag} messages (when they wrote this, they had read up to message {}); if this goes on, the server may be holding messages back from them",
                     claim.0.seq
                 );
                 new.push(self.record(group, seq, None, EntryKind::Event, &body)?);
