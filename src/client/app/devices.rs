@@ -265,7 +265,7 @@ impl App {
         };
         let descent = walk.as_mut().map(|(seq, d)| (d, seq));
         match self.external_commit(conn, group, descent, &mut build).await? {
-            External::Done { epoch, seq } => {
+            External::Done { epoch, seq, .. } => {
                 let body = if checked {
                     format!(
                         "this device joined the group at epoch {epoch}, checked commit by commit from your first device's state"

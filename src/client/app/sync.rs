@@ -15,12 +15,16 @@ pub(super) enum External {
     Done {
         seq: u64,
         epoch: u64,
+        /// The group's chain head after the commit, and the commit.
+        head: crate::chain::Head,
+        commit: Vec<u8>,
     },
     /// The server says this device (or its account) is not in the group.
     NotMember,
     /// The group or the server would not have it; why.
     Refused(String),
 }
+use crate::chain::Position;
 use crate::client::local::Invitation;
 use crate::client::local::MAX_NAME;
 use crate::client::log::{GroupLog, Read};
@@ -355,6 +359,10 @@ impl App {
                         }
                         Read::Failed { cause: Some(c), stuck: true, error, .. } if !repaired => {
                             drop(unit);
+                            // Where the chain stands through the message
+                            // that could not be read (an alarm if it does
+                            // not follow): the rejoin must link back to it.
+                            let chain = self.chain_through(group, m, expired, new)?;
                             tracing::warn!(seq, "could not process a commit; rejoining the group: {error}");
                             let who = c.sender.map(|a| self.display(&a)).unwrap_or_else(|| "someone".into());
                             let why = if c.commit {
@@ -365,7 +373,7 @@ impl App {
                             repaired = true;
                             // The walk starts at the message we could not
                             // read; the cursor moves only if we rejoin.
-                            self.repair(conn, group, &why, seq.saturating_sub(1), new).await?;
+                            self.repair(conn, group, &why, seq.saturating_sub(1), chain, new).await?;
                             if self.local.cursor(group)? < *seq {
                                 // Not rejoined: the group waits here for
                                 // the next sync (or `hush group rejoin`).
@@ -441,7 +449,8 @@ impl App {
             Some(_) => return Ok(()),
         };
         let from = self.local.cursor(group)?;
-        self.repair(conn, group, &why, from, new).await
+        let chain = self.local.chain(group)?.map(|r| (r.position, r.since));
+        self.repair(conn, group, &why, from, chain, new).await
     }
 
     /// Rejoins `group` at its current epoch by an external commit that
@@ -463,6 +472,7 @@ impl App {
         group: &[u8],
         why: &str,
         from: u64,
+        chain: Option<(Position, u64)>,
         new: &mut Vec<Entry>,
     ) -> Result<(), AppError> {
         let Some(mut descent) = self.member.descent(group)? else {
@@ -478,11 +488,15 @@ impl App {
         };
         let outcome = self.external_commit(conn, group, walk.take(), &mut build).await?;
         match outcome {
-            External::Done { seq, epoch } => {
+            External::Done { seq, epoch, head, commit } => {
                 let mut body = format!(
                     "{why}; this device rejoined the group at epoch {epoch}. Messages sent before that which it had not read cannot be decrypted here."
                 );
                 body.push_str(&self.roster_change(group, &before));
+                // What it did not read is still in the chain: the server
+                // cannot make a repair hide what it dropped. (Before the
+                // acknowledgement, which lets the server delete them.)
+                self.link_rejoin(conn, group, chain, (seq, head, &commit), new).await?;
                 self.external_landed(conn, group, seq, &body, new).await
             }
             External::NotMember => Ok(self.local.deactivate(group)?),
@@ -508,7 +522,7 @@ impl App {
                 other => other,
             };
         match self.external_commit(conn, &group.id, None, &mut build).await? {
-            External::Done { seq, epoch } => {
+            External::Done { seq, epoch, .. } => {
                 self.local.reactivate(&group.id)?;
                 self.local.forget_handover(&group.id)?;
                 let mut body = format!("this device rejoined the group at epoch {epoch} on your word, unverified");
@@ -620,14 +634,16 @@ impl App {
                         return Ok(External::Refused(e.to_string()));
                     }
                 };
+            let bytes = commit.message.clone();
             match conn.accepted(&commit.into_request()).await {
                 Ok(a) => {
                     self.local.advance(group, a.seq)?;
                     // Past messages this device did not read: its chain
-                    // starts again at its own commit.
+                    // starts again at its own commit (a repair then links
+                    // it back to where it stood: App::link_rejoin).
                     self.restart_chain(group, &a)?;
                     unit.commit()?;
-                    return Ok(External::Done { seq: a.seq, epoch: a.epoch });
+                    return Ok(External::Done { seq: a.seq, epoch: a.epoch, head: a.head, commit: bytes });
                 }
                 Err(e) => {
                     // The state we built is of an epoch that never

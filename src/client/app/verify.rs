@@ -118,14 +118,134 @@ impl App {
     ) -> Result<Option<u64>, AppError> {
         let (Some(first), Some(s)) = (messages.first(), summary) else { return Ok(None) };
         let Some(row) = self.local.chain(group)? else { return Ok(None) };
-        if first.seq <= row.position.seq.saturating_add(1) || first.seq != s.first_seq {
+        if first.seq <= row.position.seq.saturating_add(1) {
             return Ok(None);
+        }
+        Ok(self.may_have_expired(conn, group, first.seq, s.first_seq).await?.then_some(first.seq))
+    }
+
+    /// Whether messages before `first` may have been deleted by the
+    /// server's retention: `first` is the first message the server holds
+    /// (`first_kept`), and this device has not been at the log's end for at
+    /// least the retention (what it missed is younger than that otherwise).
+    async fn may_have_expired(
+        &mut self,
+        conn: &Connection,
+        group: &[u8],
+        first: u64,
+        first_kept: u64,
+    ) -> Result<bool, AppError> {
+        if first != first_kept {
+            return Ok(false);
         }
         // A server cannot keep messages for less than a day: one that says
         // so would pass any drop off as expiry.
         let retention = conn.status().await?.retention.max(crate::limits::MIN_RETENTION.as_secs());
         let recent = self.local.synced_at(group)?.is_some_and(|t| now_unix().saturating_sub(t) < retention);
-        Ok((!recent).then_some(first.seq))
+        Ok(!recent)
+    }
+
+    /// Where `group`'s chain stands through `m`, a message this device
+    /// could not read (it will rejoin the group): (position, verified
+    /// since), not stored. `None` if it had no position; an alarm, and
+    /// `None`, if `m` does not follow.
+    pub(super) fn chain_through(
+        &mut self,
+        group: &[u8],
+        m: &Logged,
+        expired: Option<u64>,
+        new: &mut Vec<Entry>,
+    ) -> Result<Option<(Position, u64)>, AppError> {
+        let Some(row) = self.local.chain(group)? else { return Ok(None) };
+        match verify::follow(group, Some(row.position), m) {
+            Step::Verified(p) => Ok(Some((p, row.since))),
+            Step::Broken { why: Break::Gap { .. }, at } if expired == Some(m.seq) => Ok(Some((at, at.seq))),
+            _ => {
+                self.follow_chain(group, m, expired, new)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// This device rejoined `group` by its commit (`seq`, its head, its
+    /// bytes) after a repair: links its chain from where it stood (`from`:
+    /// position, verified since) through the messages it did not read to
+    /// the commit, so a repair the server forced (by showing a message it
+    /// cannot read) cannot hide what the server dropped or changed. A break
+    /// is an alarm; reading more than a sync would (a long way behind) is
+    /// told, and the chain then starts at the commit.
+    pub(super) async fn link_rejoin(
+        &mut self,
+        conn: &Connection,
+        group: &[u8],
+        from: Option<(Position, u64)>,
+        (seq, head, commit): (u64, crate::chain::Head, &[u8]),
+        new: &mut Vec<Entry>,
+    ) -> Result<(), AppError> {
+        let Some((mut at, since)) = from else { return Ok(()) };
+        let first_kept = conn.groups().await?.into_iter().find(|s| s.group == group).map_or(0, |s| s.first_seq);
+        let mut bytes_read = 0usize;
+        for _ in 0..MAX_SYNC_PAGES {
+            if at.seq.saturating_add(1) >= seq || bytes_read > MAX_SYNC_BYTES {
+                break;
+            }
+            let (messages, more) = match conn.fetch(group, at.seq, 0).await {
+                Ok(r) => r,
+                Err(e) if e.code().is_some() => break,
+                Err(e) => return Err(e.into()),
+            };
+            let before = at.seq;
+            for m in messages.iter().take_while(|m| m.seq < seq) {
+                bytes_read = bytes_read.saturating_add(m.data.len());
+                match verify::follow(group, Some(at), m) {
+                    Step::Verified(p) => at = p,
+                    Step::Broken { why: Break::Gap { .. }, at: p }
+                        if self.may_have_expired(conn, group, m.seq, first_kept).await? =>
+                    {
+                        at = p;
+                    }
+                    other => return self.rejoin_broke(group, seq, at, &other, new),
+                }
+            }
+            if at.seq == before || !more {
+                break;
+            }
+        }
+        let rejoined = Logged { seq, head: Some(head), data: commit.to_vec() };
+        match verify::follow(group, Some(at), &rejoined) {
+            Step::Verified(p) => self.local.set_position(group, p, since)?,
+            Step::Broken { why: Break::Gap { .. }, .. } if bytes_read > MAX_SYNC_BYTES => {
+                let body = format!(
+                    "this device was too far behind to check the group's history up to its rejoin; its chain starts again at message {seq}"
+                );
+                new.push(self.record(group, seq, None, EntryKind::Event, &body)?);
+            }
+            other => return self.rejoin_broke(group, seq, at, &other, new),
+        }
+        Ok(())
+    }
+
+    /// The alarm for a rejoin the chain does not lead to.
+    fn rejoin_broke(
+        &mut self,
+        group: &[u8],
+        seq: u64,
+        at: Position,
+        step: &Step,
+        new: &mut Vec<Entry>,
+    ) -> Result<(), AppError> {
+        let why = match step {
+            Step::Broken { why, .. } => why.to_string(),
+            _ => "a message without its place in the chain".into(),
+        };
+        let body =
+            format!("ALARM: the server broke this group's history before this device's rejoin at message {seq}: {why}");
+        let evidence = serde_json::json!({
+            "kind": "rejoin", "seq": seq,
+            "last_verified": {"seq": at.seq, "head": verify::hex(&at.head.0)},
+        });
+        self.alarm(group, seq, &body, Some(evidence), new)?;
+        Ok(())
     }
 
     /// The server accepted our message `bytes` into `group`: keep the head
