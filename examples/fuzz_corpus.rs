@@ -62,8 +62,8 @@ fn main() {
         c.put("wire_response", &resp);
         for n in &out.notifications {
             let push = match n {
-                Notification::Message { group, seq, message, .. } => {
-                    Push::Message { group: group.clone(), seq: *seq, ciphertext: Some(message.clone()) }
+                Notification::Message { group, seq, head, message, .. } => {
+                    Push::Message { group: group.clone(), seq: *seq, head: *head, ciphertext: Some(message.clone()) }
                 }
                 Notification::Welcome { .. } => Push::Welcome,
                 Notification::Revoked { .. } => continue,

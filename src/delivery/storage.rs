@@ -174,6 +174,9 @@ pub struct SendContext {
 /// Messages with their sequence numbers and chain heads, in order.
 pub type Messages = Vec<Logged>;
 
+/// Welcomes as `(id, MLSMessage)`, in order.
+pub type Welcomes = Vec<(u64, Vec<u8>)>;
+
 /// A page of entries within a count and a byte budget, and always at least
 /// one entry when there is one: every storage fills its fetch (of
 /// [`Logged`] messages) and Welcome (`(id, bytes)`) answers through this.

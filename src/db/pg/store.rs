@@ -16,6 +16,7 @@ use crate::chain::{Head, GENESIS_LABEL, LINK_LABEL};
 use crate::db::{to_i64 as i, to_u64 as u, StoreError};
 use crate::delivery::storage::{
     AccountRecord, ChainTip, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats, Unit,
+    Welcomes,
 };
 use crate::delivery::{GroupRecord, Membership, NewKeyPackage, Notification, SendContext, Storage};
 use crate::limits::NOTICE_RETENTION;
@@ -89,7 +90,7 @@ fn membership_row(r: &Row, at: usize) -> Option<Membership> {
 }
 
 /// Fills `page` from rows of (key bigint, data bytea), in their order.
-fn fill(rows: Vec<Row>, mut page: Page) -> (Vec<(u64, Vec<u8>)>, bool) {
+fn fill(rows: Vec<Row>, mut page: Page) -> (Welcomes, bool) {
     for row in rows {
         let data: Vec<u8> = row.get(1);
         if !page.fits(data.len()) {

@@ -11,6 +11,7 @@ use crate::auth::{AccountId, DeviceId};
 use crate::chain::Head;
 use crate::delivery::storage::{
     AccountRecord, ChainTip, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats, Unit,
+    Welcomes,
 };
 use crate::delivery::{GroupRecord, Membership, NewKeyPackage, SendContext, Storage};
 use crate::wire::Logged;
@@ -66,7 +67,7 @@ impl<'c> SqlStore<'c> {
 use crate::db::{to_i64 as i, to_u64 as u};
 
 /// Fills `page` from rows of (key INTEGER, data BLOB), in their order.
-fn fill(mut rows: rusqlite::Rows<'_>, mut page: Page) -> Result<(Vec<(u64, Vec<u8>)>, bool), StoreError> {
+fn fill(mut rows: rusqlite::Rows<'_>, mut page: Page) -> Result<(Welcomes, bool), StoreError> {
     while let Some(row) = rows.next()? {
         let data: Vec<u8> = row.get(1)?;
         if !page.fits(data.len()) {
