@@ -188,6 +188,7 @@ async fn a_server_that_forks_a_group_is_caught_with_two_signed_heads() {
     });
     let healthy = tokio::task::block_in_place(|| hush(&bob.home, &["verify", "team"]));
     assert!(healthy.status.success(), "no alarm before the histories meet");
+    eprintln!("--- hush verify team (healthy)\n{}", stdout(&healthy));
 
     // The operator relays carol's last message to bob's side (it holds the
     // bytes; as carol's device here, the server it would be).
@@ -206,6 +207,11 @@ async fn a_server_that_forks_a_group_is_caught_with_two_signed_heads() {
     assert!(printed.contains("still here"), "carol's message is still shown: {printed}");
     assert!(printed.contains("!! ALARM") && printed.contains("another history"), "{printed}");
 
+    let human = tokio::task::block_in_place(|| hush(&bob.home, &["verify", "team"]));
+    assert!(!human.status.success());
+    // What README shows.
+    eprintln!("--- hush verify team (forked)\n{}{}", stdout(&human), stderr(&human));
+    assert!(stdout(&human).contains("!!") && stderr(&human).contains("alarm"), "{}", stdout(&human));
     let (v, healthy) = tokio::task::block_in_place(|| verify_json(&bob, "team"));
     assert!(!healthy);
     let fork = v["alarms"]
