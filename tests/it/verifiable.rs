@@ -391,3 +391,39 @@ async fn ten_thousand_messages_two_devices_each_a_repair_a_sweep_and_a_restart_r
     }
     drop(server);
 }
+
+/// A group from before the chain (its log stored without heads, its
+/// members' clients from before it too): the chain starts at its first
+/// message after the upgrade, each device says so, and nothing alarms.
+#[test]
+fn a_group_from_before_the_chain_starts_it_at_the_first_message_after_the_upgrade() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("server"));
+    let (alice, bob, carol) = team(&server, tmp.path());
+    run_ok(&alice, &["send", "team", "from before 1"]);
+    run_ok(&alice, &["send", "team", "from before 2"]);
+    let (dir, port) = (server.data_dir.clone(), server.port());
+    let (status, _) = server.terminate();
+    assert!(status.success());
+    // As the server and the clients were before verifiable delivery.
+    tamper(&dir, "UPDATE log SET head = NULL; UPDATE groups SET head = NULL, chain_start = NULL;");
+    for p in [&alice, &bob, &carol] {
+        let state = rusqlite::Connection::open(p.home.join("hush.db")).unwrap();
+        state.execute_batch("DELETE FROM chains; DELETE FROM heads; UPDATE sent SET head = NULL;").unwrap();
+    }
+    let server = Hushd::start_with(&dir, &format!("127.0.0.1:{port}"), &[]);
+    run_ok(&alice, &["send", "team", "after the upgrade"]);
+    let first = last_seqs(&server.data_dir, 1)[0];
+    let seen = run_ok(&bob, &["sync"]);
+    assert!(seen.contains("from before 2") && seen.contains("after the upgrade"), "{seen}");
+    assert!(seen.contains(&format!("delivery chain of this group begins at message {first}")), "{seen}");
+    let report = run_ok(&bob, &["verify", "team"]);
+    assert!(report.contains(&format!("chain verified from message {first}")), "{report}");
+    run_ok(&carol, &["sync"]);
+    run_ok(&carol, &["send", "team", "and on"]);
+    assert!(run_ok(&bob, &["sync"]).contains("and on"));
+    for p in [&alice, &bob, &carol] {
+        run_ok(p, &["sync"]);
+        run_ok(p, &["verify", "team"]);
+    }
+}

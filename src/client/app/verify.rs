@@ -77,7 +77,17 @@ impl App {
         match verify::follow(group, row.map(|r| r.position), m) {
             Step::Unchained => {}
             Step::Verified(at) => self.local.set_position(group, at, row.map_or(at.seq, |r| r.since))?,
-            Step::Started { at, .. } => self.local.set_position(group, at, at.seq)?,
+            Step::Started { at, genesis } => {
+                if genesis && at.seq > 1 {
+                    // A group older than the chain: its chain begins here.
+                    let body = format!(
+                        "the server's delivery chain of this group begins at message {} (it kept none before its upgrade): from there on, what it shows is checked",
+                        at.seq
+                    );
+                    new.push(self.record(group, at.seq, None, EntryKind::Event, &body)?);
+                }
+                self.local.set_position(group, at, at.seq)?;
+            }
             Step::Broken { why: Break::Gap { last, seq }, at } if expired == Some(seq) => {
                 let body = format!(
                     "messages {} to {} expired on the server (it deletes messages after a while, read or not) before this device read them; its chain goes on from message {seq}",
@@ -185,8 +195,13 @@ impl App {
         let Some((mut at, since)) = from else { return Ok(()) };
         let first_kept = conn.groups().await?.into_iter().find(|s| s.group == group).map_or(0, |s| s.first_seq);
         let mut bytes_read = 0usize;
+        let mut capped = true;
         for _ in 0..MAX_SYNC_PAGES {
-            if at.seq.saturating_add(1) >= seq || bytes_read > MAX_SYNC_BYTES {
+            if at.seq.saturating_add(1) >= seq {
+                capped = false;
+                break;
+            }
+            if bytes_read > MAX_SYNC_BYTES {
                 break;
             }
             let (messages, more) = match conn.fetch(group, at.seq, 0).await {
@@ -208,13 +223,14 @@ impl App {
                 }
             }
             if at.seq == before || !more {
+                capped = false;
                 break;
             }
         }
         let rejoined = Logged { seq, head: Some(head), data: commit.to_vec() };
         match verify::follow(group, Some(at), &rejoined) {
             Step::Verified(p) => self.local.set_position(group, p, since)?,
-            Step::Broken { why: Break::Gap { .. }, .. } if bytes_read > MAX_SYNC_BYTES => {
+            Step::Broken { why: Break::Gap { .. }, .. } if capped => {
                 let body = format!(
                     "this device was too far behind to check the group's history up to its rejoin; its chain starts again at message {seq}"
                 );
