@@ -57,12 +57,18 @@ impl Head {
     /// The head after `message`, stored at `seq` in `epoch`, follows this
     /// one.
     pub fn next(&self, seq: u64, epoch: u64, message: &[u8]) -> Self {
+        self.next_digest(seq, epoch, &MessageDigest::of(message))
+    }
+
+    /// [`Head::next`], from the message's digest (computed before, off the
+    /// server's writer).
+    pub fn next_digest(&self, seq: u64, epoch: u64, message: &MessageDigest) -> Self {
         let mut c = Context::new(&SHA256);
         c.update(LINK_LABEL);
         c.update(&self.0);
         c.update(&seq.to_be_bytes());
         c.update(&epoch.to_be_bytes());
-        c.update(digest(&SHA256, message).as_ref());
+        c.update(&message.0);
         Self::of(c)
     }
 
@@ -112,6 +118,18 @@ impl SignedHead {
         UnparsedPublicKey::new(&ED25519, self.key)
             .verify(&Self::message(group, self.seq, &self.head), &self.signature)
             .is_ok()
+    }
+}
+
+/// SHA-256 of a message: what its link in the chain hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageDigest(pub [u8; 32]);
+
+impl MessageDigest {
+    pub fn of(message: &[u8]) -> Self {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(digest(&SHA256, message).as_ref());
+        Self(out)
     }
 }
 

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use super::scenarios::{sends, Pair};
-use super::store::bytes_per_message_with;
+use super::store::{bytes_per_message_with, durable_appends_on};
 use super::{bench_config, fail, BenchError, Row, Settings};
 use crate::db::sqlite::Db;
 use crate::server::engine::Engine;
@@ -59,6 +59,21 @@ pub(super) async fn chain_cost(settings: Settings, dir: &Path) -> Result<Vec<Row
             }
         }
     }
+    // The store alone (no network, 64 writers): what the chain costs the
+    // writer, with less noise from the rest of the machine.
+    let (mut appends_with, mut appends_without) = (vec![], vec![]);
+    for round in 0..ROUNDS {
+        let order = if round % 2 == 0 { [true, false] } else { [false, true] };
+        for chained in order {
+            let path = dir.join(format!("chain-appends-{round}-{chained}.db"));
+            let rate = durable_appends_on(&path, settings, chained).await?;
+            if chained {
+                appends_with.push(rate)
+            } else {
+                appends_without.push(rate)
+            }
+        }
+    }
     let messages = settings.messages / 10;
     let bytes_with = bytes_per_message_with(&dir.join("chain-bytes-on.db"), 2, messages, true).await?;
     let bytes_without = bytes_per_message_with(&dir.join("chain-bytes-off.db"), 2, messages, false).await?;
@@ -69,6 +84,13 @@ pub(super) async fn chain_cost(settings: Settings, dir: &Path) -> Result<Vec<Row
             ),
             median(with),
             median(without),
+        ),
+        Row::rate(
+            format!(
+                "durable appends/s, store alone, 64 writers, with the delivery chain (baseline: without it; medians of {ROUNDS}, alternated)"
+            ),
+            median(appends_with),
+            median(appends_without),
         ),
         Row::cost(
             "database bytes per message with the delivery chain (baseline: without it)".into(),

@@ -33,12 +33,8 @@ impl Exec for ViaStore<'_> {
 }
 
 /// A store on its own database with two registered accounts in one group.
-async fn store_with_group(path: &Path, size: usize) -> Result<(Engine, Vec<u8>, Member), BenchError> {
-    store_with_group_on(path, size, true).await
-}
-
-/// [`store_with_group`], on a store that keeps the delivery chain or not
-/// ([`crate::db::sqlite::Db::open_unchained`]).
+/// The store keeps the delivery chain or not
+/// ([`crate::db::sqlite::Db::open_unchained`]: the chain's baseline).
 async fn store_with_group_on(path: &Path, size: usize, chained: bool) -> Result<(Engine, Vec<u8>, Member), BenchError> {
     let quotas = Quotas {
         max_log_per_group: u64::MAX,
@@ -71,7 +67,13 @@ async fn store_with_group_on(path: &Path, size: usize, chained: bool) -> Result<
 /// Appends through hush's store (the writer thread, group commit, the
 /// Delivery Service's checks), 64 requests in flight, no network.
 pub async fn durable_appends(dir: &Path, settings: Settings) -> Result<f64, BenchError> {
-    let (store, group, mut alice) = store_with_group(&dir.join("appends.db"), 2).await?;
+    durable_appends_on(&dir.join("appends.db"), settings, true).await
+}
+
+/// [`durable_appends`] into a new database at `path`, on a store that
+/// keeps the delivery chain or not.
+pub(super) async fn durable_appends_on(path: &Path, settings: Settings, chained: bool) -> Result<f64, BenchError> {
+    let (store, group, mut alice) = store_with_group_on(path, 2, chained).await?;
     let messages = encrypt_many(&mut alice, &group, settings.messages)?;
     let account = Caller::of(alice.certificate());
     drain(messages, 64, move |m| {

@@ -213,7 +213,9 @@ impl Delivery {
             .map_err(|e| Refusal::Internal(format!("storing the removal proposal: {e:?}")))?;
         let state = mls::encode_state(&storage).map_err(|e| Refusal::Internal(e.to_string()))?;
         check_state_size(&state)?;
-        let (seq, head) = store.append(group, record.epoch, &bytes, now)?;
+        // The server's own proposal: never the request's message.
+        let digest = crate::chain::MessageDigest::of(&bytes);
+        let (seq, head) = store.append(group, record.epoch, &bytes, &digest, now)?;
         store.update_group(group, record.epoch, &state)?;
         let recipients = store.current_members(group)?.into();
         Ok(Some(Notification::Message { group: group.to_vec(), seq, head: Some(head), message: bytes, recipients }))

@@ -133,7 +133,8 @@ impl Delivery {
                 if welcome.is_some() {
                     return Err(refuse(ErrorCode::InvalidMessage, "only commits carry a Welcome"));
                 }
-                let (seq, head) = store.append(&group, epoch, &bytes, now)?;
+                let digest = self.digest_of(&bytes);
+                let (seq, head) = store.append(&group, epoch, &bytes, &digest, now)?;
                 let recipients = self.roster(store, &group, epoch)?;
                 Ok(Outcome::wrote(
                     Response::Accepted { group: group.clone(), seq, epoch, head },

@@ -176,7 +176,8 @@ impl Delivery {
         let state = mls::encode_state(&storage).map_err(|e| Refusal::Internal(e.to_string()))?;
         check_state_size(&state)?;
         let (group, epoch) = (h.group, h.record.epoch);
-        let (seq, head) = store.append(group, epoch, &h.bytes, h.now)?;
+        let digest = self.digest_of(&h.bytes);
+        let (seq, head) = store.append(group, epoch, &h.bytes, &digest, h.now)?;
         store.update_group(group, epoch, &state)?;
         if let Some(left) = leaving {
             if store.membership(group, &left.device)?.is_some_and(|m| m.is_current()) {
@@ -241,7 +242,8 @@ impl Delivery {
         let state = mls::encode_state(&storage).map_err(|e| Refusal::Internal(e.to_string()))?;
         check_state_size(&state)?;
         let group = h.group;
-        let (seq, head) = store.append(group, h.record.epoch, &h.bytes, h.now)?;
+        let digest = self.digest_of(&h.bytes);
+        let (seq, head) = store.append(group, h.record.epoch, &h.bytes, &digest, h.now)?;
         store.update_group(group, epoch, &state)?;
         store.set_group_info(group, &group_info)?;
         let before_set: BTreeSet<DeviceId> = before.iter().copied().collect();

@@ -9,7 +9,7 @@ use super::storage::{
     NewKeyPackage, Page, Stats, Storage,
 };
 use crate::auth::{AccountId, DeviceCertificate, DeviceId};
-use crate::chain::Head;
+use crate::chain::{Head, MessageDigest};
 use crate::wire::Logged;
 
 #[derive(Debug, Clone)]
@@ -309,10 +309,17 @@ impl Storage for MemoryStore {
         Ok(())
     }
 
-    fn append(&mut self, group: &[u8], epoch: u64, message: &[u8], now: u64) -> Result<(u64, Head), Infallible> {
+    fn append(
+        &mut self,
+        group: &[u8],
+        epoch: u64,
+        message: &[u8],
+        digest: &MessageDigest,
+        now: u64,
+    ) -> Result<(u64, Head), Infallible> {
         let Some(g) = self.groups.get_mut(group) else { return Ok((0, Head::genesis(group))) };
         g.record.last_seq += 1;
-        let tip = ChainTip::after(g.chain, group, g.record.last_seq, epoch, message);
+        let tip = ChainTip::after(g.chain, group, g.record.last_seq, epoch, digest);
         g.log.insert(g.record.last_seq, (message.to_vec(), now, tip.head));
         g.chain = Some(tip);
         Ok((g.record.last_seq, tip.head))

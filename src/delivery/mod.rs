@@ -269,6 +269,9 @@ pub struct Delivery {
     /// The server's own key (the one its address pins), on the engine's
     /// reader: it signs chain heads a member asks for (`Head`).
     head_signer: Option<Arc<crate::auth::Identity>>,
+    /// The digest of the message of the request being handled, computed
+    /// before it reached the writer ([`Delivery::handle_digested`]).
+    digest: Option<crate::chain::MessageDigest>,
 }
 
 /// The keys a server's Delivery Service signs with: its removal key
@@ -308,6 +311,7 @@ impl Delivery {
             removal_key,
             removal_signer: None,
             head_signer: None,
+            digest: None,
         }
     }
 
@@ -362,6 +366,29 @@ impl Delivery {
             ));
         }
         Ok(())
+    }
+
+    /// [`Delivery::handle`] for a request whose message's digest
+    /// ([`crate::chain::MessageDigest::of`] of a `Send`'s message) was
+    /// computed before: the writer does not hash it again.
+    pub fn handle_digested<S: Storage>(
+        &mut self,
+        store: &mut S,
+        origin: impl Into<Origin>,
+        request: Request,
+        now: u64,
+        digest: Option<crate::chain::MessageDigest>,
+    ) -> Outcome {
+        self.digest = digest;
+        let out = self.handle(store, origin, request, now);
+        self.digest = None;
+        out
+    }
+
+    /// The digest of the request's message `bytes`: computed before, or
+    /// now. (Only for the message of the request being handled.)
+    fn digest_of(&mut self, bytes: &[u8]) -> crate::chain::MessageDigest {
+        self.digest.take().unwrap_or_else(|| crate::chain::MessageDigest::of(bytes))
     }
 
     /// Handles one request at time `now`.

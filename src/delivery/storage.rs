@@ -17,7 +17,7 @@
 //! names the device's account, for per-account quotas.
 
 use crate::auth::{AccountId, DeviceId};
-use crate::chain::Head;
+use crate::chain::{Head, MessageDigest};
 use crate::wire::Logged;
 
 /// A registered account.
@@ -127,15 +127,16 @@ pub struct ChainTip {
 }
 
 impl ChainTip {
-    /// The tip after `message` (at `seq`, of `epoch`) is appended to the
+    /// The tip after the message whose digest is `message` (at `seq`, of
+    /// `epoch`) is appended to the
     /// group whose tip was `before` (`None`: no message since the chain
     /// began).
-    pub fn after(before: Option<ChainTip>, group: &[u8], seq: u64, epoch: u64, message: &[u8]) -> Self {
+    pub fn after(before: Option<ChainTip>, group: &[u8], seq: u64, epoch: u64, message: &MessageDigest) -> Self {
         let (start, prev) = match before {
             Some(t) => (t.start, t.head),
             None => (seq, Head::genesis(group)),
         };
-        Self { start, seq, head: prev.next(seq, epoch, message) }
+        Self { start, seq, head: prev.next_digest(seq, epoch, message) }
     }
 }
 
@@ -366,7 +367,16 @@ pub trait Storage {
     /// Appends a message with the next sequence number, extends the
     /// group's chain with it ([`ChainTip::after`]), and returns the
     /// sequence number and the new head.
-    fn append(&mut self, group: &[u8], epoch: u64, message: &[u8], now: u64) -> Result<(u64, Head), Self::Error>;
+    /// `digest` is the message's ([`MessageDigest::of`]), computed by the
+    /// caller (the engine does it before the writer).
+    fn append(
+        &mut self,
+        group: &[u8],
+        epoch: u64,
+        message: &[u8],
+        digest: &MessageDigest,
+        now: u64,
+    ) -> Result<(u64, Head), Self::Error>;
     /// Where the group's chain stands; `None` if no message was appended
     /// since it began (or no such group).
     fn chain_tip(&mut self, group: &[u8]) -> Result<Option<ChainTip>, Self::Error>;

@@ -1355,7 +1355,7 @@ fn every_accepted_message_extends_the_groups_chain() {
     let mut expected = None;
     for (seq, m) in &sent {
         let epoch = crate::mls::frame(m).unwrap().epoch;
-        expected = Some(storage::ChainTip::after(expected, &g, *seq, epoch, m));
+        expected = Some(storage::ChainTip::after(expected, &g, *seq, epoch, &crate::chain::MessageDigest::of(m)));
     }
     let tip = net.chain_tip(&g).expect("a chain");
     assert_eq!(Some(tip), expected);

@@ -31,6 +31,9 @@ struct Pending {
     request: Request,
     now: u64,
     reply: oneshot::Sender<Outcome>,
+    /// A `Send`'s message digest, computed by the session before the
+    /// writer (which extends the group's chain with it).
+    digest: Option<crate::chain::MessageDigest>,
 }
 
 /// Work for the writer thread.
@@ -133,7 +136,11 @@ impl Engine {
     pub async fn deliver(&self, origin: impl Into<Origin>, request: Request, now: u64) -> Result<Outcome, StoreError> {
         let (reply, rx) = oneshot::channel();
         let writes = request.writes();
-        let pending = Pending { origin: origin.into(), request, now, reply };
+        let digest = match &request {
+            Request::Send { message, .. } => Some(crate::chain::MessageDigest::of(message)),
+            _ => None,
+        };
+        let pending = Pending { origin: origin.into(), request, now, reply, digest };
         let m = super::metrics::metrics();
         m.queued(writes, 1);
         let sent = if writes {
@@ -360,8 +367,8 @@ fn commit_batch<B: Backend<Error = StoreError>>(
     let mut worked = started;
     let result = db.write(|unit| {
         let mut outcomes = Vec::with_capacity(jobs.len());
-        for Pending { origin, request, now, reply } in jobs {
-            outcomes.push(run_request(unit, delivery, origin, request, now)?);
+        for Pending { origin, request, now, reply, digest } in jobs {
+            outcomes.push(run_request(unit, delivery, origin, request, now, digest)?);
             replies.push(reply);
         }
         worked = Instant::now();
@@ -403,6 +410,7 @@ fn run_request<U: Unit<Error = StoreError>>(
     origin: Origin,
     request: Request,
     now: u64,
+    digest: Option<crate::chain::MessageDigest>,
 ) -> Result<Outcome, StoreError> {
     let mut request = Some(request);
     let mut attempt = 0;
@@ -411,7 +419,7 @@ fn run_request<U: Unit<Error = StoreError>>(
         // Only a store that can conflict pays for a copy of the request.
         let again = (U::CONFLICTS && attempt < MAX_CONFLICT_RETRIES).then(|| this.clone());
         unit.savepoint()?;
-        let outcome = delivery.handle(unit, origin, this, now);
+        let outcome = delivery.handle_digested(unit, origin, this, now, digest);
         if unit.take_conflict() {
             if let Some(again) = again {
                 unit.release(false)?;
@@ -435,7 +443,7 @@ fn run_request<U: Unit<Error = StoreError>>(
 fn reader_loop<B: Backend<Error = StoreError>>(mut db: B, mut delivery: Delivery, rx: mpsc::Receiver<Read>) {
     while let Ok(job) = rx.recv() {
         match job {
-            Read::Deliver(Pending { origin, request, now, reply }) => {
+            Read::Deliver(Pending { origin, request, now, reply, .. }) => {
                 super::metrics::metrics().queued(false, -1);
                 let outcome = db.read(|unit| delivery.handle(unit, origin, request, now)).unwrap_or_else(|e| {
                     tracing::error!("read transaction failed: {e}");
@@ -481,7 +489,7 @@ mod tests {
     fn job() -> Write {
         let (reply, _) = oneshot::channel();
         let request = Request::Send { message: vec![1, 2, 3], welcome: None, group_info: None };
-        Write::Deliver(Pending { origin: Origin::Stranger(DeviceId([7; 32])), request, now: 0, reply })
+        Write::Deliver(Pending { origin: Origin::Stranger(DeviceId([7; 32])), request, now: 0, reply, digest: None })
     }
 
     /// `count` jobs sent from another thread, a little apart, as clients

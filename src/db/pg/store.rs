@@ -12,7 +12,7 @@ use postgres::{Row, Statement, Transaction};
 use super::listen::Notice;
 use super::Target;
 use crate::auth::{AccountId, DeviceId};
-use crate::chain::{Head, GENESIS_LABEL, LINK_LABEL};
+use crate::chain::{Head, MessageDigest, GENESIS_LABEL, LINK_LABEL};
 use crate::db::{to_i64 as i, to_u64 as u, StoreError};
 use crate::delivery::storage::{
     AccountRecord, ChainTip, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats, Unit,
@@ -659,23 +659,31 @@ impl Storage for PgStore<'_> {
         Ok(())
     }
 
-    fn append(&mut self, group: &[u8], epoch: u64, message: &[u8], now: u64) -> Result<(u64, Head), StoreError> {
+    fn append(
+        &mut self,
+        group: &[u8],
+        epoch: u64,
+        message: &[u8],
+        digest: &MessageDigest,
+        now: u64,
+    ) -> Result<(u64, Head), StoreError> {
         // The sequence is the group row's counter, bumped (under the row's
         // lock) in the statement that inserts the message; the chain's head
         // is extended in the same statement (`crate::chain`'s construction,
-        // with PostgreSQL's sha256: every SET sees the row as it was).
+        // with PostgreSQL's sha256 over the message's digest computed
+        // before: every SET sees the row as it was).
         let row = self.one(
             "WITH g AS (UPDATE groups SET
                             last_seq = last_seq + 1,
                             bytes = bytes + $5,
                             chain_start = COALESCE(chain_start, last_seq + 1),
                             head = sha256($7 || COALESCE(head, sha256($6 || set_byte('\\x00'::bytea, 0, length(id)) || id))
-                                          || int8send(last_seq + 1) || int8send($2) || sha256($3))
+                                          || int8send(last_seq + 1) || int8send($2) || $8)
                         WHERE id = $1
                         RETURNING gid, last_seq, head)
              INSERT INTO log (gid, seq, epoch, data, created_at, head) SELECT gid, last_seq, $2, $3, $4, head FROM g
              RETURNING seq, head",
-            &[&group, &i(epoch), &message, &i(now), &len(message), &GENESIS_LABEL, &LINK_LABEL],
+            &[&group, &i(epoch), &message, &i(now), &len(message), &GENESIS_LABEL, &LINK_LABEL, &&digest.0[..]],
         )?;
         self.wrote(message.len() + 32);
         let head: Vec<u8> = row.get(1);

@@ -8,7 +8,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::StoreError;
 use crate::auth::{AccountId, DeviceId};
-use crate::chain::Head;
+use crate::chain::{Head, MessageDigest};
 use crate::delivery::storage::{
     AccountRecord, ChainTip, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats, Unit,
     Welcomes,
@@ -591,7 +591,14 @@ impl Storage for SqlStore<'_> {
         Ok(())
     }
 
-    fn append(&mut self, group: &[u8], epoch: u64, message: &[u8], now: u64) -> Result<(u64, Head), StoreError> {
+    fn append(
+        &mut self,
+        group: &[u8],
+        epoch: u64,
+        message: &[u8],
+        digest: &MessageDigest,
+        now: u64,
+    ) -> Result<(u64, Head), StoreError> {
         let (gid, (last, start, head)) = match self.hint.take() {
             Some((g, gid, tip)) if g == group => (gid, tip),
             _ => self
@@ -608,7 +615,7 @@ impl Storage for SqlStore<'_> {
             self.wrote(message.len());
             return Ok((u(seq), Head([0; 32])));
         }
-        let tip = ChainTip::after(chain_tip(last, start, head), group, u(seq), epoch, message);
+        let tip = ChainTip::after(chain_tip(last, start, head), group, u(seq), epoch, digest);
         self.conn
             .prepare_cached("UPDATE groups SET last_seq = ?2, chain_start = ?3, head = ?4 WHERE gid = ?1")?
             .execute(params![gid, seq, i(tip.start), &tip.head.0[..]])?;
