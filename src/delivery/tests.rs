@@ -129,7 +129,9 @@ impl Net {
         let removal = std::sync::Arc::new(crate::auth::Identity::generate().unwrap());
         let removal_key = removal.public_key();
         Self {
-            ds: Delivery::new(30 * 86_400, removal_key).with_removal_signer(removal),
+            ds: Delivery::new(30 * 86_400, removal_key)
+                .with_removal_signer(removal)
+                .with_head_signer(std::sync::Arc::new(crate::auth::Identity::generate().unwrap())),
             removal_key,
             store: Store::open(),
             now: 1_000_000,
@@ -1338,19 +1340,23 @@ fn every_accepted_message_extends_the_groups_chain() {
     let g = net.create(&mut alice);
     assert_eq!(net.chain_tip(&g), None, "no message yet");
     let mut sent: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut accepted = Vec::new();
     for text in ["one", "two"] {
         let m = alice.member.encrypt(&g, text.as_bytes()).unwrap();
-        let Response::Accepted { seq, .. } = net.send(&mut alice, m.clone(), None) else { panic!() };
+        let Response::Accepted { seq, head, .. } = net.send(&mut alice, m.clone(), None) else { panic!() };
         sent.push((seq, m));
+        accepted.push(head);
     }
     let c = alice.member.self_update(&g).unwrap();
     let message = c.message.clone();
-    let Response::Accepted { seq, .. } = net.commit(&mut alice, c) else { panic!() };
+    let Response::Accepted { seq, head, .. } = net.commit(&mut alice, c) else { panic!() };
     alice.member.merge_pending(&g).unwrap();
     sent.push((seq, message));
+    accepted.push(head);
     let m = alice.member.encrypt(&g, b"three").unwrap();
-    let Response::Accepted { seq, .. } = net.send(&mut alice, m.clone(), None) else { panic!() };
+    let Response::Accepted { seq, head, .. } = net.send(&mut alice, m.clone(), None) else { panic!() };
     sent.push((seq, m));
+    accepted.push(head);
 
     let mut expected = None;
     for (seq, m) in &sent {
@@ -1369,6 +1375,26 @@ fn every_accepted_message_extends_the_groups_chain() {
         at.take(*seq, epoch, m, &head).unwrap();
     }
     assert_eq!(at.head, tip.head);
+    // The heads handed out with each accept and each fetched message are
+    // the chain's, and the server signs the one asked for.
+    let Response::Messages { messages, .. } = net.req(&alice, Request::Fetch { group: g.clone(), after: 0, limit: 0 })
+    else {
+        panic!()
+    };
+    let mut head = crate::chain::Head::genesis(&g);
+    for (i, logged) in messages.iter().enumerate() {
+        let epoch = crate::mls::frame(&logged.data).unwrap().epoch;
+        head = head.next(logged.seq, epoch, &logged.data);
+        assert_eq!(logged.head, Some(head));
+        assert_eq!(accepted[i], head);
+    }
+    let Response::SignedHead { signed, .. } = net.req(&alice, Request::Head { group: g.clone(), seq: 2 }) else {
+        panic!()
+    };
+    assert!(signed.verify(&g) && signed.seq == 2 && Some(signed.head) == messages[1].head);
+    let outsider = net.client(9);
+    let (code, _) = net.code(&outsider, Request::Head { group: g.clone(), seq: 2 });
+    assert_eq!(code, ErrorCode::NotMember, "a stranger learns no head");
 }
 
 rules! {
