@@ -590,11 +590,18 @@ fn random_traffic(ops: Vec<Op>) -> Result<(), TestCaseError> {
     };
     let mut accepted_epochs: BTreeMap<u64, usize> = BTreeMap::new();
     let mut last_seq = 0;
+    // Commits each member made since it last read: past 3, it reads first
+    // (MLS keeps 3 past epochs' secrets, so a member that committed more
+    // often without reading could no longer decrypt what came before its
+    // commits; no invariant of the server). Below that, commits may be
+    // stale and must be refused as such.
+    let mut unread_commits = [0usize; 3];
     for op in ops {
         match op {
             Op::Text(i) => {
                 let m = &mut members[i];
                 net.sync(m, &g);
+                unread_commits[i] = 0;
                 let msg = m.member.encrypt(&g, b"hello").unwrap();
                 if let Response::Accepted { seq, .. } = net.send(m, msg, None) {
                     prop_assert!(seq > last_seq);
@@ -603,10 +610,15 @@ fn random_traffic(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Commit(i) => {
                 let m = &mut members[i];
+                if unread_commits[i] >= 3 {
+                    net.sync(m, &g);
+                    unread_commits[i] = 0;
+                }
                 let epoch = m.member.epoch(&g).unwrap();
                 let c = m.member.commit_pending(&g).unwrap();
                 match net.commit(m, c) {
                     Response::Accepted { seq, .. } => {
+                        unread_commits[i] += 1;
                         *accepted_epochs.entry(epoch).or_default() += 1;
                         prop_assert!(seq > last_seq);
                         last_seq = seq;
@@ -626,6 +638,7 @@ fn random_traffic(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Sync(i) => {
                 net.sync(&mut members[i], &g);
+                unread_commits[i] = 0;
             }
         }
     }
