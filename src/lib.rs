@@ -3,6 +3,8 @@
 //!
 //! Layout, with dependencies pointing down:
 //!
+//! * [`files`]: the encrypted file format (chunks, padding, file messages,
+//!   safe names); pure.
 //! * [`wire`]: the protocol's frames and their pure, non-panicking codecs.
 //! * [`chain`]: the hash chain over each group's log that members check
 //!   (verifiable delivery).
@@ -62,6 +64,7 @@ pub mod client;
 pub mod config;
 pub mod db;
 pub mod delivery;
+pub mod files;
 pub mod limits;
 pub mod mls;
 pub mod server;
@@ -126,7 +129,7 @@ mod layering {
     /// parts before it (code, not tests), so there is no circle between
     /// them and nothing imports upward.
     const LAYERS: &[&str] = &[
-        "util", "limits", "sqlite", "chain", "wire", "auth", "mls", "delivery", "db", "config", "server", "client",
+        "util", "limits", "sqlite", "chain", "files", "wire", "auth", "mls", "delivery", "db", "config", "server", "client",
         "bench",
     ];
 

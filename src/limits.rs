@@ -351,3 +351,57 @@ pub const METRICS_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long one scrape may take, request and answer.
 pub const METRICS_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---- Files (issue 32, `crate::files`) ----
+
+/// Plaintext bytes per AEAD chunk of an encrypted file. Part of the file
+/// format: changing it makes old files unreadable.
+pub const FILE_CHUNK: usize = 64 * 1024;
+
+/// Smallest padded plaintext of a file: anything smaller is padded up, so
+/// a blob never tells the server the size of a small file.
+pub const MIN_PADDED_FILE: u64 = 4096;
+
+/// Largest file name a file message carries (bytes of UTF-8); a received
+/// name is cut to [`MAX_SAVED_NAME`] before it is used.
+pub const MAX_FILE_NAME: usize = 1024;
+
+/// Largest name a received file is saved under (bytes), its extension kept.
+pub const MAX_SAVED_NAME: usize = 200;
+
+/// Largest media type a file message carries.
+pub const MAX_MEDIA_TYPE: usize = 127;
+
+/// Largest blob (padded ciphertext) any server accepts: the hard cap of
+/// the configurable `max_file_mb`.
+pub const MAX_BLOB_SIZE: u64 = 64 * 1024 * 1024 * 1024;
+
+/// Default largest blob a member may upload (`max_file_mb`): 1 GiB.
+pub const DEFAULT_MAX_FILE_MB: u64 = 1024;
+
+/// Default blob storage per account (`storage_quota_mb`): uploads in
+/// progress count in full, from the moment they are opened.
+pub const DEFAULT_STORAGE_QUOTA_MB: u64 = 4 * 1024;
+
+/// Default uploads one device may have open (started, not finished) at
+/// once (`uploads_per_device`).
+pub const DEFAULT_UPLOADS_PER_DEVICE: u64 = 4;
+
+/// Memory one transfer (upload or download) holds on the server: the
+/// buffer it reads into and writes from, whatever the file's size.
+pub const BLOB_IO_BUFFER: usize = 256 * 1024;
+
+/// An upload is made durable (flushed, its progress recorded) at least
+/// every this many bytes: what an interrupted upload resumes from.
+pub const BLOB_SYNC_EVERY: u64 = 8 * 1024 * 1024;
+
+/// An upload not finished this long after it was opened is deleted (and
+/// stops counting against its account's quota).
+pub const ABANDONED_UPLOAD_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// How long an upload stream may go without receiving a byte before the
+/// server gives up on it (the client resumes where it was acknowledged).
+pub const BLOB_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Blob ids one expiry run deletes at most (the rest wait for the next).
+pub const MAX_BLOBS_EXPIRED_PER_RUN: usize = 1024;
