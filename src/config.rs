@@ -77,6 +77,16 @@ pub struct ServerConfig {
     pub max_log_per_group: u64,
     /// Database size (MiB) above which new data is refused.
     pub max_database_mb: u64,
+    /// Largest file (padded blob, MiB) a member may upload.
+    pub max_file_mb: u64,
+    /// File storage (MiB) per account; unfinished uploads count in full.
+    pub storage_quota_mb: u64,
+    /// Unfinished uploads one device may have at once.
+    pub uploads_per_device: u64,
+    /// Where blob files are kept (default: `blobs` in the data directory).
+    /// Several PostgreSQL nodes must share one directory (a network file
+    /// system), so any node serves any blob.
+    pub blob_dir: Option<std::path::PathBuf>,
     /// Sustained requests per second per account (burst: twice this).
     pub requests_per_second_per_account: u32,
     /// Sustained requests per second per source IP from connections whose key
@@ -130,6 +140,10 @@ impl Default for ServerConfig {
             max_members_per_group: u64::from(DEFAULT_MAX_MEMBERS_PER_GROUP),
             max_log_per_group: DEFAULT_MAX_LOG_PER_GROUP,
             max_database_mb: DEFAULT_MAX_DATABASE_MB,
+            max_file_mb: DEFAULT_MAX_FILE_MB,
+            storage_quota_mb: DEFAULT_STORAGE_QUOTA_MB,
+            uploads_per_device: DEFAULT_UPLOADS_PER_DEVICE,
+            blob_dir: None,
             requests_per_second_per_account: DEFAULT_REQUESTS_PER_SECOND_PER_ACCOUNT,
             requests_per_second_per_ip: DEFAULT_REQUESTS_PER_SECOND_PER_IP,
         }
@@ -224,6 +238,9 @@ impl ServerConfig {
         range("max_members_per_group", self.max_members_per_group, 2, 100_000)?;
         range("max_log_per_group", self.max_log_per_group, 1, 1_000_000_000)?;
         range("max_database_mb", self.max_database_mb, 1, 1 << 30)?;
+        range("max_file_mb", self.max_file_mb, 1, MAX_BLOB_SIZE / (1024 * 1024))?;
+        range("storage_quota_mb", self.storage_quota_mb, 1, 1 << 40)?;
+        range("uploads_per_device", self.uploads_per_device, 1, 1000)?;
         range("requests_per_second_per_account", u64::from(self.requests_per_second_per_account), 1, 1_000_000)?;
         range("requests_per_second_per_ip", u64::from(self.requests_per_second_per_ip), 1, 1_000_000)?;
         if let Some(host) = &self.public_host {
@@ -259,6 +276,9 @@ impl ServerConfig {
             max_members_per_group: self.max_members_per_group,
             max_log_per_group: self.max_log_per_group,
             max_database_bytes: self.max_database_mb.saturating_mul(1024 * 1024),
+            max_file_bytes: self.max_file_mb.saturating_mul(1024 * 1024),
+            storage_quota_bytes: self.storage_quota_mb.saturating_mul(1024 * 1024),
+            uploads_per_device: self.uploads_per_device,
             invite_required: !self.open_registration,
         }
     }

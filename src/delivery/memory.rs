@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 
 use super::storage::{
-    AccountRecord, ChainTip, DeviceRecord, GroupListing, GroupRecord, InviteRecord, LinkRecord, Membership, Messages,
+    AccountRecord, BlobRecord, ChainTip, DeviceRecord, GroupListing, GroupRecord, InviteRecord, LinkRecord, Membership, Messages,
     NewKeyPackage, Page, Stats, Storage,
 };
 use crate::auth::{AccountId, DeviceCertificate, DeviceId};
@@ -41,6 +41,7 @@ pub struct MemoryStore {
     groups: BTreeMap<Vec<u8>, Group>,
     inbox: BTreeMap<u64, (DeviceId, Vec<u8>, Vec<u8>, u64)>,
     next_welcome: u64,
+    blobs: BTreeMap<[u8; 16], BlobRecord>,
 }
 
 impl MemoryStore {
@@ -431,6 +432,8 @@ impl Storage for MemoryStore {
                 self.invites.values().filter(|i| i.uses_left > 0 && i.expires_at.is_none_or(|e| e > now)),
             ),
             database_bytes: self.database_bytes()?,
+            blobs: count(self.blobs.values()),
+            blob_bytes: self.blobs.values().map(|b| b.size).sum(),
         })
     }
 
@@ -458,6 +461,72 @@ impl Storage for MemoryStore {
         n += u64::try_from(before_len - self.inbox.len()).unwrap_or(0);
         self.claimed.retain(|_, (_, _, t)| *t >= before);
         Ok(n)
+    }
+
+    fn insert_blob(&mut self, blob: &BlobRecord) -> Result<(), Infallible> {
+        self.blobs.insert(blob.id, blob.clone());
+        Ok(())
+    }
+
+    fn blob(&mut self, id: &[u8; 16]) -> Result<Option<BlobRecord>, Infallible> {
+        Ok(self.blobs.get(id).cloned())
+    }
+
+    fn set_blob_received(&mut self, id: &[u8; 16], received: u64) -> Result<(), Infallible> {
+        if let Some(b) = self.blobs.get_mut(id).filter(|b| b.hash.is_none()) {
+            b.received = received;
+        }
+        Ok(())
+    }
+
+    fn complete_blob(&mut self, id: &[u8; 16], hash: &[u8; 32], now: u64) -> Result<(), Infallible> {
+        if let Some(b) = self.blobs.get_mut(id).filter(|b| b.hash.is_none()) {
+            b.received = b.size;
+            b.hash = Some(*hash);
+            b.completed_at = Some(now);
+        }
+        Ok(())
+    }
+
+    fn delete_blob(&mut self, id: &[u8; 16]) -> Result<bool, Infallible> {
+        Ok(self.blobs.remove(id).is_some())
+    }
+
+    fn blob_usage(&mut self, account: &AccountId) -> Result<u64, Infallible> {
+        Ok(self.blobs.values().filter(|b| b.account == *account).map(|b| b.size).sum())
+    }
+
+    fn open_uploads(&mut self, device: &DeviceId) -> Result<u64, Infallible> {
+        Ok(count(self.blobs.values().filter(|b| b.device == *device && b.hash.is_none())))
+    }
+
+    fn expire_blobs(
+        &mut self,
+        complete_before: u64,
+        open_before: u64,
+        limit: usize,
+    ) -> Result<Vec<[u8; 16]>, Infallible> {
+        let groups = &self.groups;
+        let orphaned = |g: &[u8]| groups.get(g).is_none_or(|g| !g.members.values().any(Membership::is_current));
+        let gone: Vec<[u8; 16]> = self
+            .blobs
+            .values()
+            .filter(|b| match b.completed_at {
+                Some(t) => t < complete_before,
+                None => b.created_at < open_before,
+            } || orphaned(&b.group))
+            .map(|b| b.id)
+            .take(limit)
+            .collect();
+        for id in &gone {
+            self.blobs.remove(id);
+        }
+        Ok(gone)
+    }
+
+    fn blobs(&mut self, after: Option<[u8; 16]>, limit: usize) -> Result<Vec<BlobRecord>, Infallible> {
+        let start = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        Ok(self.blobs.range((start, std::ops::Bound::Unbounded)).take(limit).map(|(_, b)| b.clone()).collect())
     }
 }
 

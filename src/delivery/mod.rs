@@ -96,6 +96,7 @@
 //!   retention expires; a Welcome when acknowledged or expired.
 
 mod accounts;
+mod blobs;
 mod devices;
 mod groups;
 mod handshake;
@@ -231,6 +232,12 @@ pub struct Quotas {
     pub max_members_per_group: u64,
     pub max_log_per_group: u64,
     pub max_database_bytes: u64,
+    /// Largest blob a member may upload.
+    pub max_file_bytes: u64,
+    /// Blob storage per account (open uploads count in full).
+    pub storage_quota_bytes: u64,
+    /// Unfinished uploads one device may have.
+    pub uploads_per_device: u64,
     /// Registration needs an invite (false: anyone may register).
     pub invite_required: bool,
 }
@@ -244,6 +251,9 @@ impl Default for Quotas {
             max_members_per_group: u64::from(DEFAULT_MAX_MEMBERS_PER_GROUP),
             max_log_per_group: DEFAULT_MAX_LOG_PER_GROUP,
             max_database_bytes: DEFAULT_MAX_DATABASE_MB.saturating_mul(1024 * 1024),
+            max_file_bytes: DEFAULT_MAX_FILE_MB.saturating_mul(1024 * 1024),
+            storage_quota_bytes: DEFAULT_STORAGE_QUOTA_MB.saturating_mul(1024 * 1024),
+            uploads_per_device: DEFAULT_UPLOADS_PER_DEVICE,
             invite_required: true,
         }
     }
@@ -469,6 +479,11 @@ impl Delivery {
             Request::ListGroups => self.list_groups(store, &caller),
             Request::FetchGroupInfo { group } => self.fetch_group_info(store, &caller, group),
             Request::Head { group, seq } => self.signed_head(store, &caller, group, seq),
+            Request::UploadOpen { group, size } => self.upload_open(store, &caller, group, size, now),
+            Request::UploadStatus { id } => self.upload_status(store, &caller, id),
+            Request::Upload { id, offset } => self.upload_at(store, &caller, id, offset),
+            Request::UploadCancel { id } => self.upload_cancel(store, &caller, id),
+            Request::Download { id, offset, length } => self.download(store, &caller, id, offset, length, now),
         }
     }
 }

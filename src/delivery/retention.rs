@@ -34,4 +34,17 @@ impl Delivery {
         let links = store.expire_links(now)?;
         Ok(links + store.expire(now.saturating_sub(self.retention_secs))?)
     }
+
+    /// Deletes the rows of blobs past retention, abandoned uploads and the
+    /// blobs of groups nobody is in (at most
+    /// [`crate::limits::MAX_BLOBS_EXPIRED_PER_RUN`]); returns their ids,
+    /// whose bytes the caller removes once this is durable.
+    pub fn expire_blobs<S: Storage>(&mut self, store: &mut S, now: u64) -> Result<Vec<[u8; 16]>, S::Error> {
+        let abandoned = now.saturating_sub(crate::limits::ABANDONED_UPLOAD_AFTER.as_secs());
+        store.expire_blobs(
+            now.saturating_sub(self.retention_secs),
+            abandoned,
+            crate::limits::MAX_BLOBS_EXPIRED_PER_RUN,
+        )
+    }
 }

@@ -235,6 +235,30 @@ pub struct Stats {
     pub invites_outstanding: u64,
     /// Bytes the database occupies.
     pub database_bytes: u64,
+    /// Blobs (files) held, complete or being uploaded.
+    pub blobs: u64,
+    /// Their sizes, summed.
+    pub blob_bytes: u64,
+}
+
+/// A blob's row (issue 32, [`super::blobs`]); its bytes live in the
+/// server's blob store, under its id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobRecord {
+    pub id: [u8; 16],
+    /// The group it was uploaded for.
+    pub group: Vec<u8>,
+    /// The uploader (its quota pays for the blob).
+    pub account: AccountId,
+    pub device: DeviceId,
+    /// The blob's size as opened.
+    pub size: u64,
+    /// Bytes held durably.
+    pub received: u64,
+    /// The SHA-256 of the stored blob, once complete.
+    pub hash: Option<[u8; 32]>,
+    pub created_at: u64,
+    pub completed_at: Option<u64>,
 }
 
 /// A KeyPackage to store.
@@ -429,6 +453,27 @@ pub trait Storage {
 
     /// Deletes messages, Welcomes and claim records older than `before`.
     fn expire(&mut self, before: u64) -> Result<u64, Self::Error>;
+
+    // Blobs (issue 32).
+    fn insert_blob(&mut self, blob: &BlobRecord) -> Result<(), Self::Error>;
+    fn blob(&mut self, id: &[u8; 16]) -> Result<Option<BlobRecord>, Self::Error>;
+    /// Records how much of an unfinished upload is durable.
+    fn set_blob_received(&mut self, id: &[u8; 16], received: u64) -> Result<(), Self::Error>;
+    /// Marks an upload complete (all of it received) with its hash.
+    fn complete_blob(&mut self, id: &[u8; 16], hash: &[u8; 32], now: u64) -> Result<(), Self::Error>;
+    fn delete_blob(&mut self, id: &[u8; 16]) -> Result<bool, Self::Error>;
+    /// The sizes of `account`'s blobs (complete or not), summed.
+    fn blob_usage(&mut self, account: &AccountId) -> Result<u64, Self::Error>;
+    /// `device`'s unfinished uploads.
+    fn open_uploads(&mut self, device: &DeviceId) -> Result<u64, Self::Error>;
+    /// Deletes (at most `limit`) blob rows: complete before
+    /// `complete_before`, unfinished and opened before `open_before`, or
+    /// of a group that has no current member. Returns their ids (the
+    /// caller removes the bytes once this is committed).
+    fn expire_blobs(&mut self, complete_before: u64, open_before: u64, limit: usize)
+        -> Result<Vec<[u8; 16]>, Self::Error>;
+    /// Blob rows in id order after `after`, at most `limit`.
+    fn blobs(&mut self, after: Option<[u8; 16]>, limit: usize) -> Result<Vec<BlobRecord>, Self::Error>;
 }
 
 /// How units of work begin and end on a database: what the engine needs

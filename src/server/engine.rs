@@ -44,6 +44,18 @@ enum Write {
         now: u64,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
+    /// Work outside the request batches (each in its own transaction).
+    Chore(Chore),
+}
+
+/// Writes the server makes for itself, not for a request.
+enum Chore {
+    /// An upload is durable up to `received`.
+    BlobReceived { id: [u8; 16], received: u64, reply: oneshot::Sender<Result<(), StoreError>> },
+    /// An upload is complete with this hash.
+    BlobComplete { id: [u8; 16], hash: [u8; 32], now: u64, reply: oneshot::Sender<Result<(), StoreError>> },
+    /// Delete the rows of expired blobs; their ids come back.
+    ExpireBlobs { now: u64, reply: oneshot::Sender<Result<Vec<[u8; 16]>, StoreError>> },
 }
 
 /// Work for the reader thread.
@@ -58,6 +70,12 @@ enum Read {
     Stats {
         now: u64,
         reply: oneshot::Sender<Result<crate::delivery::storage::Stats, StoreError>>,
+    },
+    /// Blob rows, for `hushd check`.
+    Blobs {
+        after: Option<[u8; 16]>,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<crate::delivery::storage::BlobRecord>, StoreError>>,
     },
     /// Another node stored a message: read it and who may see it.
     Stored {
@@ -185,6 +203,42 @@ impl Engine {
         self.writer.send(Write::Expire { now, reply }).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
+
+    async fn chore<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Chore,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.writer.send(Write::Chore(make(reply))).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Records that upload `id` is durable up to `received` bytes.
+    pub async fn blob_received(&self, id: [u8; 16], received: u64) -> Result<(), StoreError> {
+        self.chore(|reply| Chore::BlobReceived { id, received, reply }).await
+    }
+
+    /// Marks upload `id` complete with `hash`.
+    pub async fn blob_complete(&self, id: [u8; 16], hash: [u8; 32], now: u64) -> Result<(), StoreError> {
+        self.chore(|reply| Chore::BlobComplete { id, hash, now, reply }).await
+    }
+
+    /// Deletes the rows of expired blobs and returns their ids (whose
+    /// bytes the caller removes).
+    pub async fn expire_blobs(&self, now: u64) -> Result<Vec<[u8; 16]>, StoreError> {
+        self.chore(|reply| Chore::ExpireBlobs { now, reply }).await
+    }
+
+    /// Blob rows in id order after `after`.
+    pub async fn blobs(
+        &self,
+        after: Option<[u8; 16]>,
+        limit: usize,
+    ) -> Result<Vec<crate::delivery::storage::BlobRecord>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.reader.send(Read::Blobs { after, limit, reply }).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
 }
 
 fn spawn<B: Backend, J: Send + 'static>(
@@ -256,6 +310,19 @@ fn writer_loop<B: Backend<Error = StoreError>>(mut db: B, mut delivery: Delivery
         for (now, reply) in writer.expires.drain(..) {
             let _ = reply.send(db.write(|unit| delivery.expire(unit, now)));
         }
+        for chore in writer.chores.drain(..) {
+            match chore {
+                Chore::BlobReceived { id, received, reply } => {
+                    let _ = reply.send(db.write(|unit| unit.set_blob_received(&id, received)));
+                }
+                Chore::BlobComplete { id, hash, now, reply } => {
+                    let _ = reply.send(db.write(|unit| unit.complete_blob(&id, &hash, now)));
+                }
+                Chore::ExpireBlobs { now, reply } => {
+                    let _ = reply.send(db.write(|unit| delivery.expire_blobs(unit, now)));
+                }
+            }
+        }
         let arrived = writer.take_queued(&rx, MAX_WRITE_BATCH);
         writer.committed(answered, arrived);
     }
@@ -267,6 +334,8 @@ struct Writer {
     waiting: VecDeque<Pending>,
     /// Retention runs, after the batch being built.
     expires: Vec<(u64, oneshot::Sender<Result<u64, StoreError>>)>,
+    /// Chores, after the batch being built.
+    chores: Vec<Chore>,
     /// Requests the next batch is expected to hold.
     expected: usize,
     /// How long the last commit's flush took (the commit itself, after
@@ -279,7 +348,7 @@ struct Writer {
 
 impl Writer {
     fn new() -> Self {
-        Self { waiting: VecDeque::new(), expires: Vec::new(), expected: 0, last_flush: Duration::ZERO, skip: 0 }
+        Self { waiting: VecDeque::new(), expires: Vec::new(), chores: Vec::new(), expected: 0, last_flush: Duration::ZERO, skip: 0 }
     }
 
     /// How many requests to wait for before the next commit, if any
@@ -306,6 +375,7 @@ impl Writer {
                 self.waiting.push_back(pending);
             }
             Write::Expire { now, reply } => self.expires.push((now, reply)),
+            Write::Chore(chore) => self.chores.push(chore),
         }
     }
 
@@ -459,6 +529,9 @@ fn reader_loop<B: Backend<Error = StoreError>>(mut db: B, mut delivery: Delivery
             }
             Read::Stored { group, seq, reply } => {
                 let _ = reply.send(db.read(|unit| stored(unit, group, seq)).and_then(|r| r));
+            }
+            Read::Blobs { after, limit, reply } => {
+                let _ = reply.send(db.read(|unit| unit.blobs(after, limit)).and_then(|r| r));
             }
         }
     }

@@ -54,6 +54,8 @@ pub struct Metrics {
     read_queue: Gauge,
     push_dropped: Counter,
     push_resyncs: Counter,
+    file_bytes_in: Counter,
+    file_bytes_out: Counter,
     database_bytes: Gauge,
     messages_held: Gauge,
     oldest_message_age: Gauge,
@@ -80,6 +82,8 @@ impl Metrics {
             read_queue: Gauge::default(),
             push_dropped: Counter::default(),
             push_resyncs: Counter::default(),
+            file_bytes_in: Counter::default(),
+            file_bytes_out: Counter::default(),
             database_bytes: Gauge::default(),
             messages_held: Gauge::default(),
             oldest_message_age: Gauge::default(),
@@ -102,6 +106,8 @@ impl Metrics {
         registry.register("read_queue", "Requests waiting for the reader", m.read_queue.clone());
         registry.register("push_dropped", "Pushes dropped for a full connection queue", m.push_dropped.clone());
         registry.register("push_resyncs", "Resyncs sent instead of dropped pushes", m.push_resyncs.clone());
+        registry.register("file_bytes_in", "Bytes of files received (uploads)", m.file_bytes_in.clone());
+        registry.register("file_bytes_out", "Bytes of files sent (downloads)", m.file_bytes_out.clone());
         registry.register(
             "database_bytes",
             "Bytes the database occupies (at the last scrape)",
@@ -166,6 +172,12 @@ impl Metrics {
 
     pub fn push_resynced(&self) {
         self.push_resyncs.inc();
+    }
+
+    /// Bytes of a file received (`upload`) or sent.
+    pub fn file_bytes(&self, upload: bool, n: usize) {
+        let counter = if upload { &self.file_bytes_in } else { &self.file_bytes_out };
+        counter.inc_by(n as u64);
     }
 
     /// The text exposition of everything.

@@ -14,6 +14,7 @@
 //! authenticates the client's account key (see [`crate::auth::tls`]).
 
 mod admission;
+pub mod blobs;
 pub mod engine;
 pub mod metrics;
 mod push;
@@ -87,6 +88,8 @@ pub(crate) struct Shared {
     pub ip_rate: admission::RateLimiter<std::net::IpAddr>,
     /// Bytes of request frames all connections may hold at once.
     pub request_budget: Arc<tokio::sync::Semaphore>,
+    /// Where blob bytes live.
+    pub blobs: Arc<blobs::BlobStore>,
 }
 
 /// Paths of a server's files inside its data directory.
@@ -105,6 +108,10 @@ impl DataDir {
     }
     pub fn removal_key(&self) -> PathBuf {
         self.0.join(REMOVAL_KEY_FILE)
+    }
+    /// The blob directory `config` names (default: `blobs` in here).
+    pub fn blobs(&self, config: &ServerConfig) -> PathBuf {
+        config.blob_dir.clone().unwrap_or_else(|| self.0.join(blobs::BLOB_DIR))
     }
 
     /// Creates the directory (0700), the keys and the database if missing
@@ -222,6 +229,13 @@ impl Server {
         let config_rates = (config.requests_per_second_per_account, config.requests_per_second_per_ip);
         let config_metrics = config.metrics_listen;
         let request_memory = config.request_memory().min(tokio::sync::Semaphore::MAX_PERMITS);
+        let blob_dir = data_dir.blobs(&config);
+        let blob_store = blobs::BlobStore::open(&blob_dir).map_err(|e| {
+            ServerError::Store(StoreError::Io(std::io::Error::new(
+                e.kind(),
+                format!("cannot use the blob directory {}: {e}", blob_dir.display()),
+            )))
+        })?;
         let shared = Arc::new(Shared {
             config,
             engine,
@@ -230,6 +244,7 @@ impl Server {
             account_rate: admission::RateLimiter::new(config_rates.0),
             ip_rate: admission::RateLimiter::new(config_rates.1),
             request_budget: Arc::new(tokio::sync::Semaphore::new(request_memory)),
+            blobs: Arc::new(blob_store),
         });
         let metrics = match config_metrics {
             Some(addr) => {
@@ -258,8 +273,9 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut connections = JoinSet::new();
-        let mut expiry = tokio::time::interval(EXPIRY_INTERVAL);
         let mut background = JoinSet::new();
+        let mut expiry = tokio::time::interval(EXPIRY_INTERVAL);
+        background.spawn(sweep_orphans(self.shared.clone()));
         if let Some(listener) = self.metrics.as_ref().and_then(|l| l.try_clone().ok()) {
             match tokio::net::TcpListener::from_std(listener) {
                 Ok(listener) => {
@@ -290,13 +306,14 @@ impl Server {
             tokio::select! {
                 () = &mut shutdown => break,
                 _ = expiry.tick() => {
-                    let engine = self.shared.engine.clone();
+                    let shared = self.shared.clone();
                     tokio::spawn(async move {
-                        match engine.expire(crate::util::now_unix()).await {
+                        match shared.engine.expire(crate::util::now_unix()).await {
                             Ok(0) => {}
                             Ok(n) => info!(rows = n, "expired old messages and Welcomes"),
                             Err(e) => warn!("expiry failed: {e}"),
                         }
+                        expire_files(&shared).await;
                     });
                 }
                 incoming = self.endpoint.accept() => {
@@ -323,6 +340,11 @@ impl Server {
         let _ = std::fs::remove_file(self.data_dir.address());
         info!("stopped");
         Ok(())
+    }
+
+    /// The blob directory.
+    pub fn blob_dir(&self) -> &Path {
+        self.shared.blobs.dir()
     }
 
     fn admit(&self, incoming: quinn::Incoming, connections: &mut JoinSet<()>, stop: watch::Receiver<bool>) {
@@ -370,5 +392,72 @@ impl Server {
             }
             .instrument(span),
         );
+    }
+}
+
+/// Deletes expired blobs: their rows, then their files.
+async fn expire_files(shared: &Shared) {
+    let mut removed = 0usize;
+    loop {
+        match shared.engine.expire_blobs(crate::util::now_unix()).await {
+            Ok(ids) => {
+                for id in &ids {
+                    shared.blobs.remove(id);
+                }
+                removed += ids.len();
+                if ids.len() < crate::limits::MAX_BLOBS_EXPIRED_PER_RUN {
+                    break;
+                }
+            }
+            Err(e) => {
+                warn!("file expiry failed: {e}");
+                break;
+            }
+        }
+    }
+    if removed > 0 {
+        info!(files = removed, "expired files");
+    }
+}
+
+/// Removes files in the blob directory that no blob row names (a crash
+/// between deleting a row and its file). The files are listed before the
+/// rows are read: a file is created only after its row, so one listed
+/// without a row has none.
+async fn sweep_orphans(shared: Arc<Shared>) {
+    let files = match std::fs::read_dir(shared.blobs.dir()) {
+        Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect::<Vec<_>>(),
+        Err(e) => {
+            warn!("cannot list the blob directory: {e}");
+            return;
+        }
+    };
+    if files.is_empty() {
+        return;
+    }
+    let mut known = std::collections::HashSet::new();
+    let mut after = None;
+    loop {
+        match shared.engine.blobs(after, 4096).await {
+            Ok(rows) if rows.is_empty() => break,
+            Ok(rows) => {
+                after = rows.last().map(|r| r.id);
+                known.extend(rows.into_iter().map(|r| r.id));
+            }
+            Err(e) => {
+                warn!("cannot list blobs: {e}");
+                return;
+            }
+        }
+    }
+    let mut removed = 0;
+    for path in files {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if blobs::parse_hex(name).is_some_and(|id| !known.contains(&id)) && std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        info!(files = removed, "removed blob files no row names");
     }
 }

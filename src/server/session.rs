@@ -166,6 +166,14 @@ async fn serve_stream(session: &Session, mut send: SendStream, mut recv: RecvStr
             ("unread", Response::error(ErrorCode::Timeout, "the request was not received in time"))
         }
         Ok(Err(Refused::Stream)) => return,
+        Ok(Err(Refused::Upload)) => {
+            // Registered (checked when the tag was read): the stream is
+            // the upload's.
+            if let Some(caller) = session.caller.get() {
+                super::blobs::serve_upload(&session.shared, *caller, send, recv).await;
+            }
+            return;
+        }
         Ok(Err(Refused::Answer(response))) => {
             // Nothing more of this stream is read or buffered.
             let _ = recv.stop(VarInt::from_u32(0));
@@ -173,6 +181,14 @@ async fn serve_stream(session: &Session, mut send: SendStream, mut recv: RecvStr
         }
         Ok(Ok((frame, budget))) => {
             let answered = match Request::decode(&frame) {
+                Ok(request @ Request::Download { .. }) => {
+                    drop(frame);
+                    drop(budget);
+                    if let Some(caller) = session.caller.get() {
+                        super::blobs::serve_download(&session.shared, *caller, request, send).await;
+                    }
+                    return;
+                }
                 Ok(request) => {
                     drop(frame);
                     let kind = request.kind();
@@ -215,6 +231,8 @@ enum Refused {
     Answer(Response),
     /// The stream failed; nothing to answer.
     Stream,
+    /// An upload: its head and bytes are read by [`super::blobs`].
+    Upload,
 }
 
 /// Memory reserved for one request frame: given back when dropped.
@@ -277,6 +295,9 @@ async fn read_request(
     } else {
         return Err(Refused::Answer(not_registered()));
     };
+    if tag == Request::UPLOAD_TAG && registered {
+        return Err(Refused::Upload);
+    }
     let mut budget = reserve(session, limit, deadline).await?;
     let frame = match recv.read_to_end(limit.saturating_sub(1)).await {
         Ok(mut rest) => {
@@ -368,6 +389,10 @@ async fn handle(session: &Session, request: Request) -> Response {
         None => Origin::Stranger(session.device),
     };
     let shared = &session.shared;
+    let cancelled = match &request {
+        Request::UploadCancel { id } => Some(*id),
+        _ => None,
+    };
     match shared.engine.deliver(origin, request, now_unix()).await {
         Ok(outcome) => {
             if let Some(caller) = outcome.registered {
@@ -380,6 +405,9 @@ async fn handle(session: &Session, request: Request) -> Response {
                 }
             }
             shared.registry.dispatch(&outcome.notifications);
+            if let (Some(id), Response::Done) = (cancelled, &outcome.response) {
+                shared.blobs.remove(&id);
+            }
             outcome.response
         }
         Err(e) => {

@@ -93,6 +93,16 @@ error_codes! {
     /// The server no longer holds what was asked for (a chain head of a
     /// message every member read, or that expired).
     34 Gone,
+    /// No such file, or not one the caller may fetch (a missing blob, a
+    /// group the caller is not a member of, someone else's upload: all
+    /// answered alike).
+    35 NoSuchFile,
+    /// An upload stream started at the wrong offset; `detail` is the
+    /// offset the server holds (start there).
+    36 UploadOffset,
+    /// The device has as many unfinished uploads as it may; `detail` is
+    /// that limit.
+    37 TooManyUploads,
 }
 
 /// QUIC application close codes the server uses.

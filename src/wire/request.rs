@@ -105,6 +105,12 @@ macro_rules! requests {
     };
 }
 
+impl Request {
+    /// The tag of an upload head: the blob's bytes follow it on the stream
+    /// (the server reads the head, then streams the rest to disk).
+    pub const UPLOAD_TAG: u8 = 0x19;
+}
+
 requests! {
     /// Make the connection's key a device of a new account, using an invite
     /// token when the server requires one. `certificate` is the device
@@ -170,4 +176,20 @@ requests! {
     /// The server's signature over `group`'s chain head after message
     /// `seq` (a message the caller may read, or the last one).
     0x16 Head { group: GroupId = "group id", seq: U64 = "sequence" } => "head" read;
+    /// Start an upload of a blob of `size` bytes (a padded size, see
+    /// [`crate::files::Layout::of_blob`]) for `group`; the server answers
+    /// with the blob's id.
+    0x17 UploadOpen { group: GroupId = "group id", size: U64 = "size" } => "upload-open";
+    /// How much of the caller's upload `id` the server holds durably.
+    0x18 UploadStatus { id: Raw<16> = "blob id" } => "upload-status" read;
+    /// The head of an upload stream: the blob's bytes from `offset` (what
+    /// the server holds) follow this frame on the same stream, until the
+    /// client finishes it. Not a request frame of its own.
+    0x19 Upload { id: Raw<16> = "blob id", offset: U64 = "offset" } => "upload" read;
+    /// The bytes of blob `id` from `offset`, `length` of them (0: to the
+    /// end); answered by a [`super::Response::Blob`] head and the bytes.
+    0x1a Download { id: Raw<16> = "blob id", offset: U64 = "offset", length: U64 = "length" } => "download" read;
+    /// Drop the caller's unfinished upload `id` (it stops counting against
+    /// the quota).
+    0x1b UploadCancel { id: Raw<16> = "blob id" } => "upload-cancel";
 }

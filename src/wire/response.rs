@@ -116,6 +116,28 @@ pub enum Response {
         group: Vec<u8>,
         signed: SignedHead,
     },
+    /// An upload and how much of it the server holds durably; `hash` (the
+    /// SHA-256 of the blob as the server stored it) once it is complete.
+    Upload(UploadState),
+    /// The head of a download stream: the blob's size and hash, and the
+    /// range of bytes that follow this frame on the stream.
+    Blob {
+        size: u64,
+        hash: [u8; 32],
+        offset: u64,
+        length: u64,
+    },
+}
+
+/// Where an upload stands ([`Response::Upload`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadState {
+    pub id: [u8; 16],
+    /// The blob's size (what was opened).
+    pub size: u64,
+    /// Bytes the server holds durably: the next upload stream starts here.
+    pub received: u64,
+    pub hash: Option<[u8; 32]>,
 }
 
 /// One entry of [`Response::Devices`].
@@ -159,6 +181,8 @@ impl Response {
             Self::Linked { .. } => "linked",
             Self::LinkPending => "link-pending",
             Self::SignedHead { .. } => "signed-head",
+            Self::Upload(_) => "upload",
+            Self::Blob { .. } => "blob",
         }
     }
 
@@ -287,6 +311,26 @@ impl Response {
                 w.raw(&signed.key);
                 w.raw(&signed.signature);
             }
+            Self::Upload(u) => {
+                w.u8(0x11);
+                w.raw(&u.id);
+                w.u64(u.size);
+                w.u64(u.received);
+                match &u.hash {
+                    None => w.bool(false),
+                    Some(h) => {
+                        w.bool(true);
+                        w.raw(h);
+                    }
+                }
+            }
+            Self::Blob { size, hash, offset, length } => {
+                w.u8(0x12);
+                w.u64(*size);
+                w.raw(hash);
+                w.u64(*offset);
+                w.u64(*length);
+            }
         }
         Ok(w.into_inner())
     }
@@ -385,6 +429,13 @@ impl Response {
                 group: group_id(&mut r)?,
                 signed: SignedHead { seq: r.u64()?, head: Head(r.array()?), key: r.array()?, signature: r.array()? },
             },
+            0x11 => Self::Upload(UploadState {
+                id: r.array()?,
+                size: r.u64()?,
+                received: r.u64()?,
+                hash: if r.bool("hash present")? { Some(r.array()?) } else { None },
+            }),
+            0x12 => Self::Blob { size: r.u64()?, hash: r.array()?, offset: r.u64()?, length: r.u64()? },
             tag => return Err(DecodeError::UnknownTag { what: "response", tag }),
         };
         r.finish()?;

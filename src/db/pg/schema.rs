@@ -130,6 +130,23 @@ const MIGRATIONS: &[&str] = &[
     // starts there), and each message's head.
     "ALTER TABLE groups ADD COLUMN head bytea, ADD COLUMN chain_start bigint;
     ALTER TABLE log ADD COLUMN head bytea;",
+    // 4 -> 5: files (issue 32). One row per blob (its bytes are files in
+    // the blob directory every node shares): the group it was uploaded
+    // for, the uploader, its size, how much of it is durable, and its
+    // hash once complete.
+    "CREATE TABLE blobs (
+        id bytea PRIMARY KEY CHECK (length(id) = 16),
+        gid bigint NOT NULL REFERENCES groups(gid),
+        account bytea NOT NULL,
+        device bytea NOT NULL,
+        size bigint NOT NULL,
+        received bigint NOT NULL,
+        hash bytea,
+        created_at bigint NOT NULL,
+        completed_at bigint
+    );
+    CREATE INDEX blobs_account ON blobs(account);
+    CREATE INDEX blobs_device ON blobs(device);",
 ];
 
 /// Key of the advisory lock migrations hold ("hush" in ASCII).

@@ -15,6 +15,7 @@ use crate::auth::{AccountId, DeviceId};
 use crate::chain::{Head, MessageDigest, GENESIS_LABEL, LINK_LABEL};
 use crate::db::{to_i64 as i, to_u64 as u, StoreError};
 use crate::delivery::storage::{
+    BlobRecord,
     AccountRecord, ChainTip, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats, Unit,
     Welcomes,
 };
@@ -79,6 +80,23 @@ fn invite_row(r: &Row) -> Option<InviteRecord> {
 
 /// A membership from columns `at..at + 4` (account, joined_after, left_at,
 /// acked).
+/// A blob row (id, group id, account, device, size, received, hash,
+/// created_at, completed_at); `None` for lengths the schema forbids.
+fn blob_row(r: &Row) -> Option<BlobRecord> {
+    let hash: Option<Vec<u8>> = r.get(6);
+    Some(BlobRecord {
+        id: <[u8; 16]>::try_from(r.get::<_, &[u8]>(0)).ok()?,
+        group: r.get(1),
+        account: AccountId(key(r.get::<_, &[u8]>(2))?),
+        device: DeviceId(key(r.get::<_, &[u8]>(3))?),
+        size: u(r.get(4)),
+        received: u(r.get(5)),
+        hash: hash.and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok()),
+        created_at: u(r.get(7)),
+        completed_at: r.get::<_, Option<i64>>(8).map(u),
+    })
+}
+
 fn membership_row(r: &Row, at: usize) -> Option<Membership> {
     let account: Vec<u8> = r.get(at);
     Some(Membership {
@@ -809,7 +827,8 @@ impl Storage for PgStore<'_> {
                     (SELECT count(*) FROM devices WHERE revoked_at IS NULL), (SELECT count(*) FROM groups),
                     (SELECT count(*) FROM log), (SELECT min(created_at) FROM log), (SELECT count(*) FROM inbox),
                     (SELECT count(*) FROM invites WHERE uses_left > 0 AND (expires_at IS NULL OR expires_at > $1)),
-                    pg_database_size(current_database())",
+                    pg_database_size(current_database()),
+                    (SELECT count(*) FROM blobs), (SELECT COALESCE(sum(size), 0)::bigint FROM blobs)",
             &[&i(now)],
         )?;
         Ok(Stats {
@@ -822,6 +841,8 @@ impl Storage for PgStore<'_> {
             welcomes: u(r.get(6)),
             invites_outstanding: u(r.get(7)),
             database_bytes: u(r.get(8)),
+            blobs: u(r.get(9)),
+            blob_bytes: u(r.get(10)),
         })
     }
 
@@ -857,6 +878,93 @@ impl Storage for PgStore<'_> {
             &[&keep],
         )?;
         Ok(n)
+    }
+
+    fn insert_blob(&mut self, b: &BlobRecord) -> Result<(), StoreError> {
+        let Some(gid) = self.gid(&b.group)? else {
+            return Err(StoreError::Corrupt("a blob for a group that does not exist".into()));
+        };
+        self.exec(
+            "INSERT INTO blobs (id, gid, account, device, size, received, hash, created_at, completed_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            &[
+                &&b.id[..],
+                &gid,
+                &&b.account.0[..],
+                &&b.device.0[..],
+                &i(b.size),
+                &i(b.received),
+                &b.hash.as_ref().map(|h| &h[..]),
+                &i(b.created_at),
+                &b.completed_at.map(i),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn blob(&mut self, id: &[u8; 16]) -> Result<Option<BlobRecord>, StoreError> {
+        Ok(self
+            .row(
+                "SELECT b.id, g.id, b.account, b.device, b.size, b.received, b.hash, b.created_at, b.completed_at
+                 FROM blobs b JOIN groups g ON g.gid = b.gid WHERE b.id = $1",
+                &[&&id[..]],
+            )?
+            .as_ref()
+            .and_then(blob_row))
+    }
+
+    fn set_blob_received(&mut self, id: &[u8; 16], received: u64) -> Result<(), StoreError> {
+        self.exec("UPDATE blobs SET received = $2 WHERE id = $1 AND hash IS NULL", &[&&id[..], &i(received)])?;
+        Ok(())
+    }
+
+    fn complete_blob(&mut self, id: &[u8; 16], hash: &[u8; 32], now: u64) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE blobs SET received = size, hash = $2, completed_at = $3 WHERE id = $1 AND hash IS NULL",
+            &[&&id[..], &&hash[..], &i(now)],
+        )?;
+        Ok(())
+    }
+
+    fn delete_blob(&mut self, id: &[u8; 16]) -> Result<bool, StoreError> {
+        Ok(self.exec("DELETE FROM blobs WHERE id = $1", &[&&id[..]])? > 0)
+    }
+
+    fn blob_usage(&mut self, a: &AccountId) -> Result<u64, StoreError> {
+        Ok(u(self.one("SELECT COALESCE(sum(size), 0)::bigint FROM blobs WHERE account = $1", &[&&a.0[..]])?.get(0)))
+    }
+
+    fn open_uploads(&mut self, d: &DeviceId) -> Result<u64, StoreError> {
+        Ok(u(self.one("SELECT count(*) FROM blobs WHERE device = $1 AND hash IS NULL", &[&&d.0[..]])?.get(0)))
+    }
+
+    fn expire_blobs(
+        &mut self,
+        complete_before: u64,
+        open_before: u64,
+        limit: usize,
+    ) -> Result<Vec<[u8; 16]>, StoreError> {
+        let rows = self.rows(
+            "DELETE FROM blobs WHERE id IN (
+                 SELECT b.id FROM blobs b
+                 WHERE (b.completed_at IS NOT NULL AND b.completed_at < $1)
+                    OR (b.completed_at IS NULL AND b.created_at < $2)
+                    OR NOT EXISTS (SELECT 1 FROM members m WHERE m.gid = b.gid AND m.left_at IS NULL)
+                 LIMIT $3)
+             RETURNING id",
+            &[&i(complete_before), &i(open_before), &i(limit as u64)],
+        )?;
+        Ok(rows.iter().filter_map(|r| <[u8; 16]>::try_from(r.get::<_, &[u8]>(0)).ok()).collect())
+    }
+
+    fn blobs(&mut self, after: Option<[u8; 16]>, limit: usize) -> Result<Vec<BlobRecord>, StoreError> {
+        let after = after.map(|a| a.to_vec()).unwrap_or_default();
+        let rows = self.rows(
+            "SELECT b.id, g.id, b.account, b.device, b.size, b.received, b.hash, b.created_at, b.completed_at
+             FROM blobs b JOIN groups g ON g.gid = b.gid WHERE b.id > $1 ORDER BY b.id LIMIT $2",
+            &[&after, &i(limit as u64)],
+        )?;
+        Ok(rows.iter().filter_map(blob_row).collect())
     }
 }
 

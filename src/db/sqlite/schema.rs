@@ -168,6 +168,22 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE groups ADD COLUMN head BLOB;
     ALTER TABLE groups ADD COLUMN chain_start INTEGER;
     ALTER TABLE log ADD COLUMN head BLOB;",
+    // 7 -> 8: files (issue 32). One row per blob (its bytes are a file in
+    // the blob directory): the group it was uploaded for, the uploader,
+    // its size, how much of it is durable, and its hash once complete.
+    "CREATE TABLE blobs (
+        id BLOB PRIMARY KEY NOT NULL CHECK (length(id) = 16),
+        gid INTEGER NOT NULL REFERENCES groups(gid),
+        account BLOB NOT NULL,
+        device BLOB NOT NULL,
+        size INTEGER NOT NULL,
+        received INTEGER NOT NULL,
+        hash BLOB,
+        created_at INTEGER NOT NULL,
+        completed_at INTEGER
+    );
+    CREATE INDEX blobs_account ON blobs(account);
+    CREATE INDEX blobs_device ON blobs(device);",
 ];
 
 /// The first schema version with device certificates.

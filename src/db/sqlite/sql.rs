@@ -10,6 +10,7 @@ use super::StoreError;
 use crate::auth::{AccountId, DeviceId};
 use crate::chain::{Head, MessageDigest};
 use crate::delivery::storage::{
+    BlobRecord,
     AccountRecord, ChainTip, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats, Unit,
     Welcomes,
 };
@@ -92,6 +93,33 @@ fn fill_log(mut rows: rusqlite::Rows<'_>, mut page: Page<Logged>) -> Result<(Mes
         page.push(Logged { seq: u(row.get(0)?), head: head.as_deref().and_then(key).map(Head), data }, len);
     }
     Ok(page.finish())
+}
+
+/// The columns [`blob_row`] reads.
+const BLOB_SELECT: &str = "SELECT b.id, g.id, b.account, b.device, b.size, b.received, b.hash, b.created_at, b.completed_at
+     FROM blobs b JOIN groups g ON g.gid = b.gid";
+
+/// A blob row; `None` for ids or keys of a length the schema forbids.
+fn blob_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<BlobRecord>> {
+    let id: Vec<u8> = r.get(0)?;
+    let account: Vec<u8> = r.get(2)?;
+    let device: Vec<u8> = r.get(3)?;
+    let hash: Option<Vec<u8>> = r.get(6)?;
+    let (Ok(id), Some(account), Some(device)) = (<[u8; 16]>::try_from(id.as_slice()), key(&account), key(&device))
+    else {
+        return Ok(None);
+    };
+    Ok(Some(BlobRecord {
+        id,
+        group: r.get(1)?,
+        account: AccountId(account),
+        device: DeviceId(device),
+        size: u(r.get(4)?),
+        received: u(r.get(5)?),
+        hash: hash.and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok()),
+        created_at: u(r.get(7)?),
+        completed_at: r.get::<_, Option<i64>>(8)?.map(u),
+    }))
 }
 
 fn key(bytes: &[u8]) -> Option<[u8; 32]> {
@@ -769,9 +797,17 @@ impl Storage for SqlStore<'_> {
                     welcomes: u(r.get(6)?),
                     invites_outstanding: u(r.get(7)?),
                     database_bytes: 0,
+                    blobs: 0,
+                    blob_bytes: 0,
                 })
             })?;
         stats.database_bytes = self.database_bytes()?;
+        let (blobs, bytes): (i64, i64) = self
+            .conn
+            .prepare_cached("SELECT count(*), coalesce(sum(size), 0) FROM blobs")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        stats.blobs = u(blobs);
+        stats.blob_bytes = u(bytes);
         Ok(stats)
     }
 
@@ -798,6 +834,108 @@ impl Storage for SqlStore<'_> {
         n += self.conn.prepare_cached("DELETE FROM inbox WHERE created_at < ?1")?.execute([b])?;
         n += self.conn.prepare_cached("DELETE FROM claimed WHERE claimed_at < ?1")?.execute([b])?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    fn insert_blob(&mut self, b: &BlobRecord) -> Result<(), StoreError> {
+        let Some(gid) = self.gid(&b.group)? else { return Err(StoreError::Corrupt("a blob for a group that does not exist".into())) };
+        self.conn
+            .prepare_cached(
+                "INSERT INTO blobs (id, gid, account, device, size, received, hash, created_at, completed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                &b.id[..],
+                gid,
+                &b.account.0[..],
+                &b.device.0[..],
+                i(b.size),
+                i(b.received),
+                b.hash.as_ref().map(|h| &h[..]),
+                i(b.created_at),
+                b.completed_at.map(i)
+            ])?;
+        Ok(())
+    }
+
+    fn blob(&mut self, id: &[u8; 16]) -> Result<Option<BlobRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!("{BLOB_SELECT} WHERE b.id = ?1"))?;
+        let mut rows = stmt.query([&id[..]])?;
+        match rows.next()? {
+            Some(row) => Ok(blob_row(row)?),
+            None => Ok(None),
+        }
+    }
+
+    fn set_blob_received(&mut self, id: &[u8; 16], received: u64) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("UPDATE blobs SET received = ?2 WHERE id = ?1 AND hash IS NULL")?
+            .execute(params![&id[..], i(received)])?;
+        Ok(())
+    }
+
+    fn complete_blob(&mut self, id: &[u8; 16], hash: &[u8; 32], now: u64) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE blobs SET received = size, hash = ?2, completed_at = ?3 WHERE id = ?1 AND hash IS NULL",
+            )?
+            .execute(params![&id[..], &hash[..], i(now)])?;
+        Ok(())
+    }
+
+    fn delete_blob(&mut self, id: &[u8; 16]) -> Result<bool, StoreError> {
+        Ok(self.conn.prepare_cached("DELETE FROM blobs WHERE id = ?1")?.execute([&id[..]])? > 0)
+    }
+
+    fn blob_usage(&mut self, a: &AccountId) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn
+            .prepare_cached("SELECT coalesce(sum(size), 0) FROM blobs WHERE account = ?1")?
+            .query_row([&a.0[..]], |r| r.get(0))?;
+        Ok(u(n))
+    }
+
+    fn open_uploads(&mut self, d: &DeviceId) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn
+            .prepare_cached("SELECT count(*) FROM blobs WHERE device = ?1 AND hash IS NULL")?
+            .query_row([&d.0[..]], |r| r.get(0))?;
+        Ok(u(n))
+    }
+
+    fn expire_blobs(
+        &mut self,
+        complete_before: u64,
+        open_before: u64,
+        limit: usize,
+    ) -> Result<Vec<[u8; 16]>, StoreError> {
+        let ids: Vec<Vec<u8>> = self
+            .conn
+            .prepare_cached(
+                "SELECT b.id FROM blobs b
+                 WHERE (b.completed_at IS NOT NULL AND b.completed_at < ?1)
+                    OR (b.completed_at IS NULL AND b.created_at < ?2)
+                    OR NOT EXISTS (SELECT 1 FROM members m WHERE m.gid = b.gid AND m.left_at IS NULL)
+                 LIMIT ?3",
+            )?
+            .query_map(params![i(complete_before), i(open_before), i(limit as u64)], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            self.conn.prepare_cached("DELETE FROM blobs WHERE id = ?1")?.execute([&id])?;
+            out.extend(<[u8; 16]>::try_from(id.as_slice()).ok());
+        }
+        Ok(out)
+    }
+
+    fn blobs(&mut self, after: Option<[u8; 16]>, limit: usize) -> Result<Vec<BlobRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!("{BLOB_SELECT} WHERE b.id > ?1 ORDER BY b.id LIMIT ?2"))?;
+        let after = after.map(|a| a.to_vec()).unwrap_or_default();
+        let mut rows = stmt.query(params![after, i(limit as u64)])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.extend(blob_row(row)?);
+        }
+        Ok(out)
     }
 }
 
