@@ -172,7 +172,7 @@ pub fn seal_chunk(key: &FileKey, index: u64, last: bool, chunk: &mut Vec<u8>) ->
 /// Opens sealed chunk `index` in place (the tag is removed).
 pub fn open_chunk(key: &FileKey, index: u64, last: bool, chunk: &mut Vec<u8>) -> Result<(), FileError> {
     let Some(at) = chunk.len().checked_sub(TAG) else { return Err(FileError::Tampered(index)) };
-    let tag = *Tag::from_slice(&chunk[at..]);
+    let tag = *Tag::from_slice(chunk.get(at..).unwrap_or_default());
     chunk.truncate(at);
     key.cipher()
         .decrypt_in_place_detached(&nonce(index, last), AAD, chunk.as_mut_slice(), &tag)

@@ -26,6 +26,7 @@ use crate::util::now_unix;
 use crate::wire::{ErrorCode, GroupSummary};
 
 mod devices;
+pub mod files;
 mod sync;
 mod verify;
 
@@ -102,6 +103,8 @@ pub enum AppError {
     UnknownDevice(String),
     #[error("no new device used the link code before it expired; run `hush device add` again")]
     LinkTimedOut,
+    #[error("{0}")]
+    File(String),
     #[error(transparent)]
     Link(#[from] super::link::LinkError),
     #[error(transparent)]
@@ -563,8 +566,14 @@ impl App {
                 Ok(a) => {
                     let unit = self.local.unit()?;
                     self.sent_chained(group, &a, &m, &mut Vec::new())?;
-                    if let Payload::Text(text) = payload {
-                        self.record(group, a.seq, Some(&self.account()), EntryKind::Text, text)?;
+                    match payload {
+                        Payload::Text(text) => {
+                            self.record(group, a.seq, Some(&self.account()), EntryKind::Text, text)?;
+                        }
+                        Payload::File(file) => {
+                            self.record_file(group, a.seq, Some(&self.account()), file)?;
+                        }
+                        _ => {}
                     }
                     unit.commit()?;
                     return Ok(a.seq);

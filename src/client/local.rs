@@ -108,6 +108,21 @@ pub struct Invitation {
     pub at: u64,
 }
 
+/// A file message this device received or sent (issue 32).
+#[derive(Clone, PartialEq, Eq)]
+pub struct FileRow {
+    pub seq: u64,
+    pub sender: Option<AccountId>,
+    pub file: crate::files::FileRef,
+    pub time: u64,
+}
+
+impl std::fmt::Debug for FileRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileRow").field("seq", &self.seq).finish_non_exhaustive()
+    }
+}
+
 /// One stored history line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryRow {
@@ -676,6 +691,71 @@ impl Local {
                 i(row.time)
             ])?;
         Ok(())
+    }
+
+    // ---- files ----
+
+    /// Keeps a file message; false if the group already has a file of that
+    /// id (the first message naming a blob is the one that counts).
+    pub fn add_file(&self, id: &[u8], row: &FileRow) -> Result<bool, StateError> {
+        let f = &row.file;
+        let n = self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO files (group_id, id, seq, sender, name, size, media_type, key, hash, time)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?
+            .execute(params![
+                id,
+                &f.id[..],
+                i(row.seq),
+                row.sender.map(|a| a.0.to_vec()),
+                f.name,
+                i(f.size),
+                f.media_type,
+                &f.key[..],
+                &f.hash[..],
+                i(row.time)
+            ])?;
+        Ok(n > 0)
+    }
+
+    /// A group's files, oldest first.
+    pub fn files(&self, id: &[u8]) -> Result<Vec<FileRow>, StateError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, sender, id, name, size, media_type, key, hash, time FROM files WHERE group_id = ?1
+             ORDER BY seq, id",
+        )?;
+        let rows = stmt.query_map([id], |r| {
+            let blob: Vec<u8> = r.get(2)?;
+            let key: zeroize::Zeroizing<Vec<u8>> = zeroize::Zeroizing::new(r.get(6)?);
+            let hash: Vec<u8> = r.get(7)?;
+            Ok((
+                u(r.get(0)?),
+                account(r.get(1)?),
+                blob,
+                r.get::<_, String>(3)?,
+                u(r.get(4)?),
+                r.get::<_, String>(5)?,
+                key,
+                hash,
+                u(r.get(8)?),
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, sender, blob, name, size, media_type, key, hash, time) = row?;
+            let (Ok(blob), Ok(k), Ok(hash)) = (
+                <[u8; 16]>::try_from(blob.as_slice()),
+                <[u8; 32]>::try_from(key.as_slice()),
+                <[u8; 32]>::try_from(hash.as_slice()),
+            ) else {
+                continue;
+            };
+            let file = crate::files::FileRef { id: blob, key: k, hash, size, name, media_type, caption: String::new() };
+            out.push(FileRow { seq, sender, file, time });
+        }
+        Ok(out)
     }
 
     /// A group's history, oldest first.

@@ -19,6 +19,45 @@ use crate::chain::{Head, SignedHead};
 use crate::limits::{
     CLIENT_KEEP_ALIVE, CLIENT_MAX_RATE_LIMIT_WAIT, CLIENT_RATE_LIMIT_RETRIES, CLIENT_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
 };
+/// An upload stream: the blob's bytes go out on it, the server's answer
+/// (how much it holds, and the hash once complete) comes back at the end.
+#[derive(Debug)]
+pub struct UploadStream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    conn: quinn::Connection,
+}
+
+impl UploadStream {
+    fn lost(&self, what: String) -> ClientError {
+        match self.conn.close_reason() {
+            Some(reason) => ClientError::from_connection(reason),
+            None => ClientError::Connection(what),
+        }
+    }
+
+    /// Writes bytes of the blob. An error may mean the server refused the
+    /// upload: [`UploadStream::finish`] then says why.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.send.write_all(bytes).await.map_err(|e| self.lost(e.to_string()))
+    }
+
+    /// Ends the stream and returns where the upload stands.
+    pub async fn finish(mut self) -> Result<UploadState, ClientError> {
+        let _ = self.send.finish();
+        let read = self.recv.read_to_end(MAX_RESPONSE_FRAME);
+        let bytes = match tokio::time::timeout(CLIENT_TIMEOUT, read).await {
+            Err(_) => return Err(ClientError::Timeout(CLIENT_TIMEOUT)),
+            Ok(Err(e)) => return Err(self.lost(e.to_string())),
+            Ok(Ok(bytes)) => bytes,
+        };
+        match Response::decode(&bytes)? {
+            Response::Upload(state) => Ok(state),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
 /// Where the server stored a message: its sequence number, the group's
 /// epoch after it, and the group's chain head after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +79,8 @@ pub mod state;
 pub mod verify;
 
 use crate::wire::{
-    close, decode_push_frame, DecodeError, EncodeError, ErrorCode, Logged, Push, Request, Response, MAX_RESPONSE_FRAME,
+    close, decode_push_frame, DecodeError, EncodeError, ErrorCode, Logged, Push, Request, Response, UploadState,
+    MAX_RESPONSE_FRAME,
 };
 
 /// Times [`Connection::close`] yields to the runtime so the close frame
@@ -227,6 +267,69 @@ impl Connection {
             Some(reason) => ClientError::from_connection(reason),
             None => ClientError::Connection(what),
         }
+    }
+
+    /// Opens an upload of `size` bytes (a padded blob size) for `group`.
+    pub async fn upload_open(&self, group: &[u8], size: u64) -> Result<UploadState, ClientError> {
+        match self.call(&Request::UploadOpen { group: group.to_vec(), size }).await? {
+            Response::Upload(state) => Ok(state),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Where the caller's upload `id` stands on the server.
+    pub async fn upload_status(&self, id: [u8; 16]) -> Result<UploadState, ClientError> {
+        match self.call(&Request::UploadStatus { id }).await? {
+            Response::Upload(state) => Ok(state),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Drops the caller's unfinished upload `id`.
+    pub async fn upload_cancel(&self, id: [u8; 16]) -> Result<(), ClientError> {
+        match self.call(&Request::UploadCancel { id }).await? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Starts an upload stream for `id` at `offset`: write the blob's bytes
+    /// from there with [`UploadStream::write`], then [`UploadStream::finish`].
+    pub async fn upload_stream(&self, id: [u8; 16], offset: u64) -> Result<UploadStream, ClientError> {
+        let (mut send, recv) = self.conn.open_bi().await.map_err(ClientError::from_connection)?;
+        let head = Request::Upload { id, offset }.encode()?;
+        send.write_all(&head).await.map_err(|e| self.lost(e.to_string()))?;
+        Ok(UploadStream { send, recv, conn: self.conn.clone() })
+    }
+
+    /// Asks for `length` bytes (0: to the end) of blob `id` from `offset`:
+    /// the server's `Blob` head (or error) and the stream the bytes follow on.
+    pub async fn download(
+        &self,
+        id: [u8; 16],
+        offset: u64,
+        length: u64,
+    ) -> Result<(Response, quinn::RecvStream), ClientError> {
+        let exchange = async {
+            let (mut send, mut recv) = self.conn.open_bi().await.map_err(ClientError::from_connection)?;
+            let frame = Request::Download { id, offset, length }.encode()?;
+            send.write_all(&frame).await.map_err(|e| self.lost(e.to_string()))?;
+            send.finish().map_err(|e| self.lost(e.to_string()))?;
+            let mut len = [0u8; 4];
+            recv.read_exact(&mut len).await.map_err(|e| self.lost(e.to_string()))?;
+            let len = u32::from_be_bytes(len) as usize;
+            if len > MAX_RESPONSE_FRAME {
+                return Err(ClientError::Protocol(DecodeError::TooLong {
+                    field: "download head",
+                    len,
+                    max: MAX_RESPONSE_FRAME,
+                }));
+            }
+            let mut frame = vec![0u8; len];
+            recv.read_exact(&mut frame).await.map_err(|e| self.lost(e.to_string()))?;
+            Ok((Response::decode(&frame)?, recv))
+        };
+        tokio::time::timeout(CLIENT_TIMEOUT, exchange).await.map_err(|_| ClientError::Timeout(CLIENT_TIMEOUT))?
     }
 
     /// Registers this connection's key as the device `certificate` describes

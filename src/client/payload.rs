@@ -7,7 +7,9 @@
 //! * `0x03` an account-signed device revocation (its fixed encoding, see
 //!   [`crate::auth::DeviceRevocation`]), sent by the account's first
 //!   device to every group the revoked device is in, so members refuse
-//!   that device's leaves whatever the server relays.
+//!   that device's leaves whatever the server relays;
+//! * `0x04` a file ([`crate::files::FileRef`]: the blob's id, key and hash,
+//!   the file's size, name, media type and a caption).
 //!
 //! The server cannot read payloads, but any member can send anything:
 //! [`Payload::decode`] accepts every byte string without panicking, reads
@@ -17,9 +19,12 @@
 
 use thiserror::Error;
 
+use crate::files::FileRef;
+
 const KIND_TEXT: u8 = 0x01;
 const KIND_GROUP_NAME: u8 = 0x02;
 const KIND_REVOCATION: u8 = 0x03;
+const KIND_FILE: u8 = 0x04;
 
 /// One application payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +33,7 @@ pub enum Payload {
     GroupName(String),
     /// Bytes as sent: verify with [`crate::auth::DeviceRevocation::decode`].
     Revocation(Vec<u8>),
+    File(FileRef),
 }
 
 /// A payload this client cannot use.
@@ -37,14 +43,21 @@ pub enum PayloadError {
     Empty,
     #[error("a payload of unknown kind {0:#04x}")]
     UnknownKind(u8),
+    #[error("a file message that does not decode")]
+    BadFile,
 }
 
 impl Payload {
     pub fn encode(&self) -> Vec<u8> {
+        let file;
         let (kind, body) = match self {
             Payload::Text(t) => (KIND_TEXT, t.as_bytes()),
             Payload::GroupName(n) => (KIND_GROUP_NAME, n.as_bytes()),
             Payload::Revocation(r) => (KIND_REVOCATION, r.as_slice()),
+            Payload::File(f) => {
+                file = zeroize::Zeroizing::new(f.encode());
+                (KIND_FILE, file.as_slice())
+            }
         };
         let mut out = Vec::with_capacity(1 + body.len());
         out.push(kind);
@@ -59,6 +72,7 @@ impl Payload {
             KIND_TEXT => Ok(Payload::Text(text())),
             KIND_GROUP_NAME => Ok(Payload::GroupName(text())),
             KIND_REVOCATION => Ok(Payload::Revocation(rest.to_vec())),
+            KIND_FILE => FileRef::decode(rest).map(Payload::File).ok_or(PayloadError::BadFile),
             other => Err(PayloadError::UnknownKind(other)),
         }
     }

@@ -162,6 +162,21 @@ const MIGRATIONS: &[&str] = &[
     // at the place the server gave it must be that one (not another the
     // server gives its place, which this device would skip as its own).
     "ALTER TABLE sent ADD COLUMN digest BLOB;",
+    // 8 -> 9: files (issue 32). Each file message received or sent: the
+    // blob's id, key and hash, and what the sender said about the file.
+    "CREATE TABLE files (
+        group_id BLOB NOT NULL,
+        id BLOB NOT NULL,
+        seq INTEGER NOT NULL,
+        sender BLOB,
+        name TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        media_type TEXT NOT NULL,
+        key BLOB NOT NULL,
+        hash BLOB NOT NULL,
+        time INTEGER NOT NULL,
+        PRIMARY KEY (group_id, id)
+    );",
 ];
 
 /// Deleted secrets (KeyPackage private keys, past epochs' secrets, used

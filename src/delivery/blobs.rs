@@ -57,7 +57,9 @@ impl Delivery {
             return Err(Refusal::Client {
                 code: ErrorCode::TooManyUploads,
                 detail: allowed,
-                message: format!("this device has {open} unfinished uploads, the most it may have; finish or cancel one"),
+                message: format!(
+                    "this device has {open} unfinished uploads, the most it may have; finish or cancel one"
+                ),
             });
         }
         let used = store.blob_usage(&caller.account)?;

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 
 use super::storage::{
-    AccountRecord, BlobRecord, ChainTip, DeviceRecord, GroupListing, GroupRecord, InviteRecord, LinkRecord, Membership, Messages,
-    NewKeyPackage, Page, Stats, Storage,
+    AccountRecord, BlobRecord, ChainTip, DeviceRecord, GroupListing, GroupRecord, InviteRecord, LinkRecord, Membership,
+    Messages, NewKeyPackage, Page, Stats, Storage,
 };
 use crate::auth::{AccountId, DeviceCertificate, DeviceId};
 use crate::chain::{Head, MessageDigest};

@@ -41,10 +41,6 @@ impl Delivery {
     /// whose bytes the caller removes once this is durable.
     pub fn expire_blobs<S: Storage>(&mut self, store: &mut S, now: u64) -> Result<Vec<[u8; 16]>, S::Error> {
         let abandoned = now.saturating_sub(crate::limits::ABANDONED_UPLOAD_AFTER.as_secs());
-        store.expire_blobs(
-            now.saturating_sub(self.retention_secs),
-            abandoned,
-            crate::limits::MAX_BLOBS_EXPIRED_PER_RUN,
-        )
+        store.expire_blobs(now.saturating_sub(self.retention_secs), abandoned, crate::limits::MAX_BLOBS_EXPIRED_PER_RUN)
     }
 }

@@ -470,8 +470,12 @@ pub trait Storage {
     /// `complete_before`, unfinished and opened before `open_before`, or
     /// of a group that has no current member. Returns their ids (the
     /// caller removes the bytes once this is committed).
-    fn expire_blobs(&mut self, complete_before: u64, open_before: u64, limit: usize)
-        -> Result<Vec<[u8; 16]>, Self::Error>;
+    fn expire_blobs(
+        &mut self,
+        complete_before: u64,
+        open_before: u64,
+        limit: usize,
+    ) -> Result<Vec<[u8; 16]>, Self::Error>;
     /// Blob rows in id order after `after`, at most `limit`.
     fn blobs(&mut self, after: Option<[u8; 16]>, limit: usize) -> Result<Vec<BlobRecord>, Self::Error>;
 }

@@ -112,11 +112,11 @@ async fn hash_prefix(file: &mut tokio::fs::File, len: u64) -> std::io::Result<ri
     let mut left = len;
     while left > 0 {
         let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-        let n = file.read(&mut buf[..want]).await?;
+        let n = file.read(buf.get_mut(..want).unwrap_or_default()).await?;
         if n == 0 {
             return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "blob file shorter than recorded"));
         }
-        ctx.update(&buf[..n]);
+        ctx.update(buf.get(..n).unwrap_or_default());
         left -= n as u64;
     }
     Ok(ctx)
@@ -134,7 +134,7 @@ pub fn hash_file(path: &Path) -> std::io::Result<([u8; 32], u64)> {
         if n == 0 {
             break;
         }
-        ctx.update(&buf[..n]);
+        ctx.update(buf.get(..n).unwrap_or_default());
         len += n as u64;
     }
     let mut out = [0u8; 32];
@@ -206,7 +206,8 @@ async fn upload(shared: &Shared, caller: Caller, recv: &mut RecvStream) -> Respo
 async fn receive(shared: &Shared, state: UploadState, recv: &mut RecvStream) -> std::io::Result<Response> {
     let UploadState { id, size, received: start, .. } = state;
     let path = shared.blobs.path(&id);
-    let mut file = tokio::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).await?;
+    let mut file =
+        tokio::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).await?;
     let on_disk = file.metadata().await?.len();
     if on_disk < start {
         // The file lost bytes the database says are durable (a restore, an
@@ -239,8 +240,8 @@ async fn receive(shared: &Shared, state: UploadState, recv: &mut RecvStream) -> 
         if received + n as u64 > size {
             break Err(Response::error(ErrorCode::TooLarge, "more bytes than the upload was opened for"));
         }
-        file.write_all(&buf[..n]).await?;
-        hash.update(&buf[..n]);
+        file.write_all(buf.get(..n).unwrap_or_default()).await?;
+        hash.update(buf.get(..n).unwrap_or_default());
         received += n as u64;
         super::metrics::metrics().file_bytes(true, n);
         if received - synced >= BLOB_SYNC_EVERY {
@@ -308,7 +309,7 @@ pub(crate) async fn serve_download(
         let mut left = length;
         while left > 0 {
             let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-            let n = match file.read(&mut buf[..want]).await {
+            let n = match file.read(buf.get_mut(..want).unwrap_or_default()).await {
                 Ok(0) | Err(_) => {
                     // The file is shorter than its row says: cut the
                     // stream off (the client sees a reset, not bad bytes).
@@ -318,7 +319,7 @@ pub(crate) async fn serve_download(
                 }
                 Ok(n) => n,
             };
-            if send.write_all(&buf[..n]).await.is_err() {
+            if send.write_all(buf.get(..n).unwrap_or_default()).await.is_err() {
                 return "download";
             }
             super::metrics::metrics().file_bytes(false, n);

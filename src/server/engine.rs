@@ -348,7 +348,14 @@ struct Writer {
 
 impl Writer {
     fn new() -> Self {
-        Self { waiting: VecDeque::new(), expires: Vec::new(), chores: Vec::new(), expected: 0, last_flush: Duration::ZERO, skip: 0 }
+        Self {
+            waiting: VecDeque::new(),
+            expires: Vec::new(),
+            chores: Vec::new(),
+            expected: 0,
+            last_flush: Duration::ZERO,
+            skip: 0,
+        }
     }
 
     /// How many requests to wait for before the next commit, if any

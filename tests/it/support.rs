@@ -285,6 +285,13 @@ pub fn run_within(cmd: &mut Command, limit: Duration) -> Output {
     Output { status, stdout: out_thread.join().unwrap(), stderr: err_thread.join().unwrap() }
 }
 
+/// Runs `hush --home HOME ARGS...` in the directory `cwd`.
+pub fn hush_in(cwd: &Path, home: &Path, args: &[&str]) -> Output {
+    let mut cmd = base_command(env!("CARGO_BIN_EXE_hush"));
+    cmd.current_dir(cwd).env("HOME", home).arg("--home").arg(home).args(args);
+    run(&mut cmd)
+}
+
 /// Runs `hush --home HOME ARGS...`.
 pub fn hush(home: &Path, args: &[&str]) -> Output {
     let mut cmd = base_command(env!("CARGO_BIN_EXE_hush"));

@@ -5,13 +5,14 @@
 use hush::out;
 
 mod chat;
+mod transfer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
-use hush::client::app::{safety_number, App, AppError, Entry, EntryKind};
+use hush::client::app::{files, safety_number, App, AppError, Entry, EntryKind};
 use hush::client::home::Home;
 use hush::client::link::LinkCode;
 use hush::client::local::valid_name;
@@ -60,8 +61,32 @@ enum Command {
     /// Send a message to a group (TEXT "-" reads standard input).
     Send {
         group: String,
-        #[arg(required = true)]
+        /// Share this file (encrypted on this device; TEXT, if any, is its
+        /// caption).
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
+        /// The file's name as members see it (default: its own name).
+        #[arg(long, value_name = "NAME", requires = "file")]
+        name: Option<String>,
+        #[arg(required_unless_present = "file")]
         text: Vec<String>,
+    },
+    /// The files shared in a group, one a line, its id first.
+    Files {
+        group: String,
+        /// One JSON object per line: id, name, size, sender, time.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch a group's file, verify it and save it (under its name, made
+    /// safe, in the current directory; never overwriting a file).
+    Get {
+        group: String,
+        /// The id `hush files` shows (a unique prefix is enough).
+        file_id: String,
+        /// Write to this file instead (it must not exist).
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
     },
     /// Fetch Welcomes and messages; print what is new.
     Sync,
@@ -204,6 +229,17 @@ fn online<T>(home: &Home, f: impl AsyncFnOnce(&mut App, &Connection) -> Result<T
     })
 }
 
+/// [`online`] for work that may reconnect (file transfers).
+fn online_mut<T>(home: &Home, f: impl AsyncFnOnce(&mut App, &mut Connection) -> Result<T, AppError>) -> Result<T> {
+    let mut app = open_app(home)?;
+    runtime()?.block_on(async {
+        let mut conn = app.connect().await.map_err(app_error)?;
+        let r = f(&mut app, &mut conn).await;
+        conn.close().await;
+        r.map_err(app_error)
+    })
+}
+
 fn app_error(e: AppError) -> anyhow::Error {
     match e {
         AppError::Client(c) => explain(c),
@@ -259,7 +295,58 @@ fn run(cli: Cli) -> Result<()> {
         Command::Contact(cmd) => contact(&home, cmd),
         Command::Device(cmd) => device(&home, cmd),
         Command::Group(cmd) => group(&home, cmd),
-        Command::Send { group, text } => {
+        Command::Send { group, file: Some(path), name, text } => {
+            let caption = text.join(" ");
+            let (sent, arrived) = online_mut(&home, async |app, conn| {
+                let g = app.resolve_group(&group)?;
+                let arrived = app.sync(conn).await?;
+                let g = app.resolve_group(&g.name)?;
+                let mut bar = transfer::Bar::new("sending");
+                Ok((app.send_file(conn, &g, &path, name.as_deref(), &caption, &mut bar).await?, arrived))
+            })?;
+            for e in &arrived {
+                print_entry(e);
+            }
+            eprintln!("sent {} ({}, #{})", files::file_id(&sent.id), files::human(sent.size), sent.seq);
+            Ok(())
+        }
+        Command::Files { group, json } => {
+            let app = open_app(&home)?;
+            let g = app.resolve_group(&group)?;
+            for f in app.files(&g).map_err(app_error)? {
+                if json {
+                    let line = serde_json::json!({
+                        "id": f.id, "name": f.name, "size": f.size, "sender": f.sender, "time": f.time,
+                        "media_type": f.media_type,
+                    });
+                    out!("{line}");
+                } else {
+                    out!(
+                        "{}  {}  {}  {}  {}",
+                        f.id,
+                        screen::body(&f.name),
+                        files::human(f.size),
+                        one_line(&f.sender),
+                        format_unix(f.time)
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Get { group, file_id, output } => {
+            let target = match output {
+                Some(path) => files::Target::Exactly(path),
+                None => files::Target::Into(PathBuf::from(".")),
+            };
+            let saved = online_mut(&home, async |app, conn| {
+                let g = app.resolve_group(&group)?;
+                let mut bar = transfer::Bar::new("fetching");
+                app.save_file(conn, &g, &file_id, target, &mut bar).await
+            })?;
+            out!("{}", saved.display());
+            Ok(())
+        }
+        Command::Send { group, file: None, text, .. } => {
             let text = if text == ["-"] {
                 let mut s = String::new();
                 std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading standard input")?;

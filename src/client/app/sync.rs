@@ -721,6 +721,7 @@ impl App {
                 Ok(Payload::Text(body)) => {
                     new.push(self.record(group, seq, sender.as_ref(), EntryKind::Text, &body)?)
                 }
+                Ok(Payload::File(file)) => new.extend(self.record_file(group, seq, sender.as_ref(), &file)?),
                 Ok(Payload::GroupName(name)) => {
                     let name: String = name.chars().filter(|c| !c.is_control()).take(MAX_NAME).collect();
                     if !name.trim().is_empty() {

@@ -15,9 +15,8 @@ use crate::auth::{AccountId, DeviceId};
 use crate::chain::{Head, MessageDigest, GENESIS_LABEL, LINK_LABEL};
 use crate::db::{to_i64 as i, to_u64 as u, StoreError};
 use crate::delivery::storage::{
-    BlobRecord,
-    AccountRecord, ChainTip, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats, Unit,
-    Welcomes,
+    AccountRecord, BlobRecord, ChainTip, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats,
+    Unit, Welcomes,
 };
 use crate::delivery::{GroupRecord, Membership, NewKeyPackage, Notification, SendContext, Storage};
 use crate::limits::NOTICE_RETENTION;

@@ -10,9 +10,8 @@ use super::StoreError;
 use crate::auth::{AccountId, DeviceId};
 use crate::chain::{Head, MessageDigest};
 use crate::delivery::storage::{
-    BlobRecord,
-    AccountRecord, ChainTip, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats, Unit,
-    Welcomes,
+    AccountRecord, BlobRecord, ChainTip, DeviceRecord, GroupListing, InviteRecord, LinkRecord, Messages, Page, Stats,
+    Unit, Welcomes,
 };
 use crate::delivery::{GroupRecord, Membership, NewKeyPackage, SendContext, Storage};
 use crate::wire::Logged;
@@ -96,7 +95,8 @@ fn fill_log(mut rows: rusqlite::Rows<'_>, mut page: Page<Logged>) -> Result<(Mes
 }
 
 /// The columns [`blob_row`] reads.
-const BLOB_SELECT: &str = "SELECT b.id, g.id, b.account, b.device, b.size, b.received, b.hash, b.created_at, b.completed_at
+const BLOB_SELECT: &str =
+    "SELECT b.id, g.id, b.account, b.device, b.size, b.received, b.hash, b.created_at, b.completed_at
      FROM blobs b JOIN groups g ON g.gid = b.gid";
 
 /// A blob row; `None` for ids or keys of a length the schema forbids.
@@ -837,7 +837,9 @@ impl Storage for SqlStore<'_> {
     }
 
     fn insert_blob(&mut self, b: &BlobRecord) -> Result<(), StoreError> {
-        let Some(gid) = self.gid(&b.group)? else { return Err(StoreError::Corrupt("a blob for a group that does not exist".into())) };
+        let Some(gid) = self.gid(&b.group)? else {
+            return Err(StoreError::Corrupt("a blob for a group that does not exist".into()));
+        };
         self.conn
             .prepare_cached(
                 "INSERT INTO blobs (id, gid, account, device, size, received, hash, created_at, completed_at)
