@@ -38,8 +38,13 @@ impl UploadStream {
 
     /// Writes bytes of the blob. An error may mean the server refused the
     /// upload: [`UploadStream::finish`] then says why.
+    /// A write that makes no progress for [`CLIENT_TIMEOUT`] fails with
+    /// [`ClientError::Timeout`].
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
-        self.send.write_all(bytes).await.map_err(|e| self.lost(e.to_string()))
+        match tokio::time::timeout(CLIENT_TIMEOUT, self.send.write_all(bytes)).await {
+            Err(_) => Err(ClientError::Timeout(CLIENT_TIMEOUT)),
+            Ok(r) => r.map_err(|e| self.lost(e.to_string())),
+        }
     }
 
     /// Ends the stream and returns where the upload stands.

@@ -181,6 +181,7 @@ async fn upload(shared: &Shared, caller: Caller, recv: &mut RecvStream) -> Respo
     let Ok(Request::Upload { id, offset }) = Request::decode(&head) else {
         return Response::error(ErrorCode::Malformed, "malformed request: not an upload head");
     };
+    debug!(offset, "upload stream");
     // The Delivery Service decides: the caller's own unfinished upload, at
     // the offset the server holds.
     let state = match shared.engine.deliver(Origin::Device(caller), Request::Upload { id, offset }, now_unix()).await {
@@ -206,8 +207,14 @@ async fn upload(shared: &Shared, caller: Caller, recv: &mut RecvStream) -> Respo
 async fn receive(shared: &Shared, state: UploadState, recv: &mut RecvStream) -> std::io::Result<Response> {
     let UploadState { id, size, received: start, .. } = state;
     let path = shared.blobs.path(&id);
-    let mut file =
-        tokio::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).await?;
+    let mut file = tokio::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .await?;
     let on_disk = file.metadata().await?.len();
     if on_disk < start {
         // The file lost bytes the database says are durable (a restore, an
@@ -220,6 +227,7 @@ async fn receive(shared: &Shared, state: UploadState, recv: &mut RecvStream) -> 
         });
     }
     // Bytes after the recorded offset were never acknowledged: drop them.
+    debug!(start, on_disk, "writing an upload");
     file.set_len(start).await?;
     let mut hash = hash_prefix(&mut file, start).await?;
     file.seek(SeekFrom::Start(start)).await?;

@@ -53,6 +53,10 @@ pub const KEY_FILE: &str = "server.key";
 /// key. Every group lists its public half.
 pub const REMOVAL_KEY_FILE: &str = "removal.key";
 
+/// What the key of the server's QUIC stateless resets is derived under
+/// (from the server key, so it stays the same across restarts).
+const RESET_KEY_LABEL: &[u8] = b"hush quic stateless reset v1";
+
 /// How often messages and Welcomes past retention are deleted.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(600);
 
@@ -206,13 +210,25 @@ impl Server {
             .incoming_buffer_size(INCOMING_BUFFER_BYTES)
             .incoming_buffer_size_total(INCOMING_BUFFER_BYTES_TOTAL)
             .migration(false);
-        let endpoint = match quinn::Endpoint::server(server_config.clone(), config.listen) {
+        // Stateless resets under a key derived from the server key: after a
+        // restart (or a crash) the server's reset for a connection of its
+        // previous run is one the client recognises, so clients reconnect
+        // at once instead of waiting out their idle timeout.
+        let reset = identity.derive(RESET_KEY_LABEL)?;
+        let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref());
+        let bind = |addr: std::net::SocketAddr| -> std::io::Result<quinn::Endpoint> {
+            let socket = std::net::UdpSocket::bind(addr)?;
+            let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+            let endpoint_config = quinn::EndpointConfig::new(Arc::new(reset.clone()));
+            quinn::Endpoint::new(endpoint_config, Some(server_config.clone()), socket, runtime)
+        };
+        let endpoint = match bind(config.listen) {
             Ok(e) => e,
             // The default [::] fails on hosts without IPv6; fall back to IPv4.
             Err(e) if config.listen == ServerConfig::default().listen => {
                 let v4 = std::net::SocketAddr::from(([0u8; 4], config.listen.port()));
                 warn!("cannot listen on {} ({e}); listening on {v4}", config.listen);
-                quinn::Endpoint::server(server_config, v4).map_err(|source| ServerError::Bind { addr: v4, source })?
+                bind(v4).map_err(|source| ServerError::Bind { addr: v4, source })?
             }
             Err(source) => return Err(ServerError::Bind { addr: config.listen, source }),
         };

@@ -93,6 +93,11 @@ fn a_large_file_reaches_every_member_byte_identical_and_the_server_holds_no_plai
     let leaks = files_containing(&data, b"HUSH-MARKER-");
     assert!(leaks.is_empty(), "plaintext on the server: {leaks:?}");
     assert_eq!(blob_files(&data).len(), 1);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&blob_files(&data)[0]).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "blob file mode {mode:o}");
+    }
     // The blob's size is the padded bucket, not the file's.
     let stored = std::fs::metadata(&blob_files(&data)[0]).unwrap().len();
     assert!(stored > 50 * 1024 * 1024 + 123, "{stored}");
@@ -164,11 +169,170 @@ fn hostile_file_names_are_saved_safely_inside_the_target_directory() {
     assert!(!listed.contains('\u{1b}'), "{listed}");
 }
 
+/// The answer to a download of `id` over a fresh connection with `key`.
+async fn download_answer(server: &Hushd, key: &hush::auth::Identity, id: [u8; 16]) -> hush::wire::Response {
+    let conn = hush::client::Connection::connect(&server.address, key).await.unwrap();
+    let (head, _) = conn.download(id, 0, 0).await.unwrap();
+    head
+}
+
+fn device_key(p: &Person) -> hush::auth::Identity {
+    hush::auth::Identity::load(&p.home.join("device.key")).unwrap()
+}
+
+fn id_bytes(hex: &str) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
+    }
+    id
+}
+
+/// A registered account that is not a member, a member removed from the
+/// group, and a key that is no account: none of them gets the file, and
+/// each answer is the one for a file that does not exist.
+async fn outsiders_get_what_a_missing_file_gets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("server"));
+    let (alice, bob, carol) = team(&server, tmp.path());
+    let dave = person(&server, tmp.path(), "dave");
+    let original = tmp.path().join("plan.txt");
+    marked_file(&original, 10_000);
+    ok(hush(&alice.home, &["send", "team", "--file", original.to_str().unwrap()]));
+    run_ok(&carol, &["sync"]);
+    let id = id_bytes(only_file(&carol)["id"].as_str().unwrap());
+    run_ok(&alice, &["group", "remove", "team", "carol"]);
+    let missing = download_answer(&server, &device_key(&bob), [7; 16]).await;
+    assert!(
+        matches!(&missing, hush::wire::Response::Error { code: hush::wire::ErrorCode::NoSuchFile, .. }),
+        "{missing:?}"
+    );
+    // A member gets it.
+    let member = download_answer(&server, &device_key(&bob), id).await;
+    assert!(matches!(member, hush::wire::Response::Blob { .. }), "{member:?}");
+    for (who, key) in [("dave", device_key(&dave)), ("removed carol", device_key(&carol))] {
+        assert_eq!(download_answer(&server, &key, id).await, missing, "{who}");
+        let conn = hush::client::Connection::connect(&server.address, &key).await.unwrap();
+        assert_eq!(conn.upload_status(id).await.unwrap_err().code(), Some(hush::wire::ErrorCode::NoSuchFile));
+    }
+    // carol's CLI says what happened.
+    let out = hush(&carol.home, &["get", "team", &hex(&id), "-o", tmp.path().join("c").to_str().unwrap()]);
+    assert!(!out.status.success());
+    // A stranger: the same refusal whether or not the blob exists.
+    let stranger = hush::auth::Identity::generate().unwrap();
+    let conn = hush::client::Connection::connect(&server.address, &stranger).await.unwrap();
+    let real = conn.upload_stream(id, 0).await.unwrap().finish().await.unwrap_err().to_string();
+    let conn = hush::client::Connection::connect(&server.address, &stranger).await.unwrap();
+    let fake = conn.upload_stream([7; 16], 0).await.unwrap().finish().await.unwrap_err().to_string();
+    assert_eq!(real, fake);
+    assert!(real.contains("code 10"), "{real}");
+    // And dave cannot write into alice's blob.
+    let conn = hush::client::Connection::connect(&server.address, &device_key(&dave)).await.unwrap();
+    let mut stream = conn.upload_stream(id, 0).await.unwrap();
+    let _ = stream.write(b"overwrite").await;
+    assert_eq!(stream.finish().await.unwrap_err().code(), Some(hush::wire::ErrorCode::NoSuchFile));
+}
+
+fn hex(id: &[u8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Polls until `size_of` returns at least `bytes` (or panics after WAIT).
+fn wait_for_bytes(what: &str, bytes: u64, size_of: impl Fn() -> u64) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while size_of() < bytes {
+        assert!(std::time::Instant::now() < deadline, "{what} never reached {bytes} bytes");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+fn spawn_hush(cwd: &Path, home: &Path, args: &[&str]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_hush"))
+        .env_clear()
+        .env("HOME", home)
+        .current_dir(cwd)
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// hushd is killed (SIGKILL) in the middle of an upload and again in the
+/// middle of a download; once it is back, both go on from what the server
+/// held (not from the start) and the file arrives intact.
+fn transfers_resume_after_the_server_is_killed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("server");
+    let mut server = Hushd::start(&data);
+    let port = server.port();
+    let alice = person(&server, tmp.path(), "alice");
+    let bob = person(&server, tmp.path(), "bob");
+    run_ok(&alice, &["contact", "add", "bob", &bob.id]);
+    run_ok(&bob, &["contact", "add", "alice", &alice.id]);
+    run_ok(&alice, &["group", "create", "team"]);
+    run_ok(&alice, &["group", "add", "team", "bob"]);
+    run_ok(&bob, &["sync"]);
+    let original = tmp.path().join("image.iso");
+    marked_file(&original, 160 * 1024 * 1024);
+
+    let sending = spawn_hush(tmp.path(), &alice.home, &["send", "team", "--file", original.to_str().unwrap()]);
+    let blobs = data.join("blobs");
+    let blob_size = || {
+        std::fs::read_dir(&blobs)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok()?.metadata().ok())
+            .map_or(0, |m| m.len())
+    };
+    wait_for_bytes("the upload", 24 * 1024 * 1024, blob_size);
+    server.kill9();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    server = Hushd::start_with(&data, &format!("127.0.0.1:{port}"), &[]);
+    let (status, err) = finish(sending);
+    assert!(status.success(), "{err}");
+    let resumed: u64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("resuming the upload at "))
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no resume: {err}"));
+    assert!(resumed >= 16 * 1024 * 1024, "resumed at {resumed}: {err}");
+
+    run_ok(&bob, &["sync"]);
+    let id = only_file(&bob)["id"].as_str().unwrap().to_string();
+    let inbox = tmp.path().join("inbox");
+    std::fs::create_dir(&inbox).unwrap();
+    let fetching = spawn_hush(&inbox, &bob.home, &["get", "team", &id]);
+    let partial = || {
+        std::fs::read_dir(&inbox)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok()?.metadata().ok())
+            .map_or(0, |m| m.len())
+    };
+    wait_for_bytes("the download", 24 * 1024 * 1024, partial);
+    server.kill9();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let _server = Hushd::start_with(&data, &format!("127.0.0.1:{port}"), &[]);
+    let (status, err) = finish(fetching);
+    assert!(status.success(), "{err}");
+    let resumed: u64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("resuming the download at "))
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no resume: {err}"));
+    assert!(resumed >= 16 * 1024 * 1024, "resumed at {resumed}: {err}");
+    assert!(std::fs::read(inbox.join("image.iso")).unwrap() == std::fs::read(&original).unwrap());
+}
+
 crate::on_both_backends! {
     sync: [
         a_large_file_reaches_every_member_byte_identical_and_the_server_holds_no_plaintext,
         a_blob_altered_on_the_server_is_refused_and_leaves_no_file,
         hostile_file_names_are_saved_safely_inside_the_target_directory,
+        transfers_resume_after_the_server_is_killed,
     ],
-    async: []
+    async: [outsiders_get_what_a_missing_file_gets]
 }

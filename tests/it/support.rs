@@ -319,7 +319,12 @@ pub fn hush_first_line(home: &Path, args: &[&str]) -> (Child, String) {
 pub fn finish(mut child: Child) -> (ExitStatus, String) {
     let status = wait_timeout(&mut child, Duration::from_secs(60)).unwrap_or_else(|| {
         let _ = child.kill();
-        panic!("the command did not finish within 60 s");
+        let _ = child.wait();
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        panic!("the command did not finish within 60 s; stderr:\n{err}");
     });
     let mut err = String::new();
     if let Some(mut e) = child.stderr.take() {

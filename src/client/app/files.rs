@@ -354,7 +354,12 @@ impl App {
             while next < layout.chunks {
                 let sealed = layout.plain_len(next) + TAG;
                 chunk.resize(sealed, 0);
-                match recv.read_exact(&mut chunk).await {
+                let read = tokio::time::timeout(crate::limits::CLIENT_TIMEOUT, recv.read_exact(&mut chunk)).await;
+                let Ok(read) = read else {
+                    tracing::debug!("download stalled");
+                    break;
+                };
+                match read {
                     Ok(()) => {}
                     Err(quinn::ReadExactError::FinishedEarly(_)) => {
                         return Err(AppError::File(
@@ -413,7 +418,9 @@ async fn upload_from(
     let mut file = std::fs::File::open(path).map_err(io)?;
     let size = file.metadata().map_err(io)?.len();
     let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    tracing::debug!(offset = state.received, "opening an upload stream");
     let mut stream = conn.upload_stream(state.id, state.received).await?;
+    tracing::debug!("upload stream open");
     let mut pos = 0u64;
     let mut read = 0u64;
     let mut chunk = Vec::with_capacity(FILE_CHUNK + TAG);
