@@ -8,7 +8,8 @@
 //! followed by zero bytes up to the *padded length* ([`padded_len`]: the
 //! Padmé bucket of the size, at least [`MIN_PADDED_FILE`]), are cut into
 //! chunks of [`FILE_CHUNK`] bytes (the last may be shorter, never empty)
-//! and each is sealed with ChaCha20-Poly1305 under a STREAM nonce:
+//! and each is sealed with ChaCha20-Poly1305 (ring's, the one crypto
+//! provider hush uses) under a STREAM nonce:
 //! `u64` chunk index (big-endian), three zero bytes, and a last-chunk flag
 //! (1 on the last chunk, 0 otherwise), with [`AAD`] as associated data. The
 //! blob is the sealed chunks in order. Dropping, reordering or splicing
@@ -24,8 +25,7 @@
 //! real size, the name and media type the sender gave, and an optional
 //! caption. Only members can read it.
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use zeroize::Zeroizing;
 
 pub use crate::limits::{FILE_CHUNK, MAX_FILE_NAME, MAX_MEDIA_TYPE, MAX_SAVED_NAME, MIN_PADDED_FILE};
@@ -132,8 +132,9 @@ impl FileKey {
         Ok(Self(key))
     }
 
-    fn cipher(&self) -> ChaCha20Poly1305 {
-        ChaCha20Poly1305::new(Key::from_slice(self.0.as_ref()))
+    fn cipher(&self) -> Result<LessSafeKey, FileError> {
+        // Never fails for a 32-byte key; an error all the same, not a panic.
+        UnboundKey::new(&CHACHA20_POLY1305, self.0.as_ref()).map(LessSafeKey::new).map_err(|_| FileError::Random)
     }
 }
 
@@ -151,32 +152,28 @@ pub enum FileError {
     HashMismatch,
 }
 
+/// The STREAM nonce of chunk `index`.
 fn nonce(index: u64, last: bool) -> Nonce {
-    let mut n = [0u8; 12];
-    n[..8].copy_from_slice(&index.to_be_bytes());
-    n[11] = u8::from(last);
-    *Nonce::from_slice(&n)
+    let [a, b, c, d, e, f, g, h] = index.to_be_bytes();
+    Nonce::assume_unique_for_key([a, b, c, d, e, f, g, h, 0, 0, 0, u8::from(last)])
 }
 
 /// Seals chunk `index` in place: `chunk` holds its plaintext and gets the
 /// tag appended.
 pub fn seal_chunk(key: &FileKey, index: u64, last: bool, chunk: &mut Vec<u8>) -> Result<(), FileError> {
-    let tag = key
-        .cipher()
-        .encrypt_in_place_detached(&nonce(index, last), AAD, chunk.as_mut_slice())
-        .map_err(|_| FileError::Tampered(index))?;
-    chunk.extend_from_slice(&tag);
-    Ok(())
+    key.cipher()?
+        .seal_in_place_append_tag(nonce(index, last), Aad::from(AAD), chunk)
+        .map_err(|_| FileError::Tampered(index))
 }
 
 /// Opens sealed chunk `index` in place (the tag is removed).
 pub fn open_chunk(key: &FileKey, index: u64, last: bool, chunk: &mut Vec<u8>) -> Result<(), FileError> {
     let Some(at) = chunk.len().checked_sub(TAG) else { return Err(FileError::Tampered(index)) };
-    let tag = *Tag::from_slice(chunk.get(at..).unwrap_or_default());
+    key.cipher()?
+        .open_in_place(nonce(index, last), Aad::from(AAD), chunk.as_mut_slice())
+        .map_err(|_| FileError::Tampered(index))?;
     chunk.truncate(at);
-    key.cipher()
-        .decrypt_in_place_detached(&nonce(index, last), AAD, chunk.as_mut_slice(), &tag)
-        .map_err(|_| FileError::Tampered(index))
+    Ok(())
 }
 
 /// A file message: everything a member needs to fetch, check and save a

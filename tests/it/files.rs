@@ -276,7 +276,7 @@ fn transfers_resume_after_the_server_is_killed() {
     run_ok(&alice, &["group", "add", "team", "bob"]);
     run_ok(&bob, &["sync"]);
     let original = tmp.path().join("image.iso");
-    marked_file(&original, 160 * 1024 * 1024);
+    marked_file(&original, 256 * 1024 * 1024);
 
     let sending = spawn_hush(tmp.path(), &alice.home, &["send", "team", "--file", original.to_str().unwrap()]);
     let blobs = data.join("blobs");
