@@ -323,6 +323,7 @@ fn run(cli: Cli) -> Result<()> {
             out!("welcomes held  {}", s.welcomes);
             out!("invites        {} outstanding", s.invites_outstanding);
             out!("database       {} KiB", s.database_bytes / 1024);
+            out!("files          {} ({} MiB)", s.blobs, s.blob_bytes.div_ceil(1024 * 1024));
             Ok(())
         }
         Command::Invites => {
@@ -400,6 +401,7 @@ fn check(dir: &DataDir, config: Result<ServerConfig>) -> Result<()> {
     }
     // Looked at only: no key, so nothing it could send would be taken.
     let location = config.as_ref().ok().map(|c| Location::of(c.database_url(), &dir.db(), None));
+    let config_for_files = config.as_ref().map(Clone::clone).map_err(|e| anyhow::anyhow!("{e:#}"));
     match config {
         Ok(_) => {
             let source = if dir.0.join(hush::config::CONFIG_FILE).exists() {
@@ -442,10 +444,62 @@ fn check(dir: &DataDir, config: Result<ServerConfig>) -> Result<()> {
             false,
         ),
     }
+    if let Ok(config) = &config_for_files {
+        match check_files(dir, config) {
+            Ok((detail, ok)) => line("files", detail, ok),
+            Err(e) => line("files", format!("{e:#}"), false),
+        }
+    }
     if failures > 0 {
         bail!("{failures} check(s) failed");
     }
     Ok(())
+}
+
+/// Reads every blob file against its row: a complete blob's size and
+/// SHA-256, an unfinished one's durable length. Returns the line to print
+/// and whether all is well.
+fn check_files(dir: &DataDir, config: &ServerConfig) -> Result<(String, bool)> {
+    let blob_dir = dir.blobs(config);
+    if !blob_dir.exists() {
+        return Ok((format!("{} missing (created by `hushd serve`)", blob_dir.display()), true));
+    }
+    let mut db = open_existing(dir, config)?;
+    let (mut good, mut bytes, mut bad) = (0u64, 0u64, Vec::new());
+    let mut after = None;
+    loop {
+        let rows = db.blobs(after, 1024)?;
+        let Some(last) = rows.last() else { break };
+        after = Some(last.id);
+        for row in rows {
+            let path = blob_dir.join(hush::server::blobs::hex(&row.id));
+            let verdict = match (row.hash, std::fs::metadata(&path)) {
+                (_, Err(e)) => Err(format!("{}: {e}", path.display())),
+                (Some(hash), Ok(_)) => match hush::server::blobs::hash_file(&path) {
+                    Ok((h, len)) if h == hash && len == row.size => Ok(len),
+                    Ok(_) => {
+                        Err(format!("{}: altered (its hash or size differs from when it was stored)", path.display()))
+                    }
+                    Err(e) => Err(format!("{}: {e}", path.display())),
+                },
+                (None, Ok(m)) if m.len() >= row.received => Ok(m.len()),
+                (None, Ok(_)) => Err(format!("{}: shorter than the upload's acknowledged bytes", path.display())),
+            };
+            match verdict {
+                Ok(len) => {
+                    good += 1;
+                    bytes += len;
+                }
+                Err(e) => bad.push(e),
+            }
+        }
+    }
+    if bad.is_empty() {
+        Ok((format!("{good} blobs verified ({} MiB) in {}", bytes.div_ceil(1024 * 1024), blob_dir.display()), true))
+    } else {
+        let shown: Vec<String> = bad.iter().take(5).cloned().collect();
+        Ok((format!("{} of {} blobs damaged: {}", bad.len(), good + bad.len() as u64, shown.join("; ")), false))
+    }
 }
 
 /// `hushd accounts remove ID`: offboarding, through the Delivery Service

@@ -121,6 +121,15 @@ impl Database {
         on_either!(self, d => d.read(|u| u.stats(now)))?
     }
 
+    /// Blob rows in id order after `after`, at most `limit` (`hushd check`).
+    pub fn blobs(
+        &mut self,
+        after: Option<[u8; 16]>,
+        limit: usize,
+    ) -> Result<Vec<crate::delivery::storage::BlobRecord>, StoreError> {
+        on_either!(self, d => d.read(|u| u.blobs(after, limit)))?
+    }
+
     /// Runs one of the operator's removals through the Delivery Service
     /// core, signing its removal proposals with the server's `removal` key,
     /// in one unit of work, and announces what it did to the serving nodes

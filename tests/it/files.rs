@@ -90,6 +90,10 @@ fn a_large_file_reaches_every_member_byte_identical_and_the_server_holds_no_plai
     // alice lists her own file too.
     assert_eq!(only_file(&alice)["id"], id.as_str());
 
+    let check = ok(hushd_command(&data).arg("check").output().unwrap());
+    assert!(check.contains("files     ok   1 blobs verified"), "{check}");
+    let stats = ok(hushd_command(&data).arg("stats").output().unwrap());
+    assert!(stats.contains("files          1 ("), "{stats}");
     let leaks = files_containing(&data, b"HUSH-MARKER-");
     assert!(leaks.is_empty(), "plaintext on the server: {leaks:?}");
     assert_eq!(blob_files(&data).len(), 1);
@@ -119,6 +123,11 @@ fn a_blob_altered_on_the_server_is_refused_and_leaves_no_file() {
     let mut bytes = std::fs::read(&blob).unwrap();
     bytes[200_000] ^= 0x01;
     std::fs::write(&blob, bytes).unwrap();
+
+    // The operator's check finds it too.
+    let check = run(hushd_command(&data).arg("check"));
+    assert!(!check.status.success());
+    assert!(stdout(&check).contains("1 of 1 blobs damaged"), "{}", stdout(&check));
 
     let target = tmp.path().join("bob-downloads");
     std::fs::create_dir(&target).unwrap();
@@ -327,12 +336,82 @@ fn transfers_resume_after_the_server_is_killed() {
     assert!(std::fs::read(inbox.join("image.iso")).unwrap() == std::fs::read(&original).unwrap());
 }
 
+/// What the server's memory may grow by while 8 devices upload at once:
+/// per upload, its buffer ([`hush::limits::BLOB_IO_BUFFER`], twice: read
+/// and write), a connection's receive window, and slack for the runtime.
+const UPLOAD_RSS_BOUND: u64 =
+    8 * (2 * hush::limits::BLOB_IO_BUFFER as u64 + hush::limits::DEVICE_RECEIVE_WINDOW as u64) + 32 * 1024 * 1024;
+
+/// 8 devices upload 128 MiB each at once: the server's memory grows by
+/// less than [`UPLOAD_RSS_BOUND`]. Then one of them, over its account's
+/// quota, is refused before anything is stored, and what it holds is
+/// exactly its one file.
+fn eight_uploads_at_once_stay_within_a_memory_bound_and_the_quota_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("server");
+    let server = Hushd::start_with(&data, "127.0.0.1:0", &[("HUSHD_STORAGE_QUOTA_MB", "200")]);
+    let original = tmp.path().join("disk.img");
+    marked_file(&original, 128 * 1024 * 1024);
+    let people: Vec<Person> = (0..8).map(|i| person(&server, tmp.path(), &format!("p{i}"))).collect();
+    for p in &people {
+        run_ok(p, &["group", "create", "team"]);
+    }
+    let idle = server.rss_kib() * 1024;
+    let sending: Vec<_> = people
+        .iter()
+        .map(|p| spawn_hush(tmp.path(), &p.home, &["send", "team", "--file", original.to_str().unwrap()]))
+        .collect();
+    let mut peak = idle;
+    let pid = server.pid();
+    let watching = std::thread::spawn(move || {
+        let mut peak = 0;
+        while let Some(kib) = hush::util::rss_kib(Some(pid)) {
+            peak = peak.max(kib * 1024);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            if STOP.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+        }
+        peak
+    });
+    for child in sending {
+        let (status, err) = finish(child);
+        assert!(status.success(), "{err}");
+    }
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+    peak = peak.max(watching.join().unwrap());
+    assert!(
+        peak.saturating_sub(idle) < UPLOAD_RSS_BOUND,
+        "the server grew by {} MiB during 8 uploads (bound {} MiB)",
+        (peak - idle) >> 20,
+        UPLOAD_RSS_BOUND >> 20
+    );
+    let stats = ok(hushd_command(&data).arg("stats").output().unwrap());
+    assert!(stats.contains("files          8 (1025 MiB)"), "{stats}");
+
+    // Over quota: 128 MiB held, 100 more would pass 200 MiB.
+    let more = tmp.path().join("more.bin");
+    marked_file(&more, 100 * 1024 * 1024);
+    let out = hush(&people[0].home, &["send", "team", "--file", more.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("over quota"), "{}", stderr(&out));
+    let stats = ok(hushd_command(&data).arg("stats").output().unwrap());
+    assert!(stats.contains("files          8 (1025 MiB)"), "nothing partial counts: {stats}");
+    // What fits still goes.
+    let small = tmp.path().join("small.bin");
+    marked_file(&small, 50 * 1024 * 1024);
+    ok(hush(&people[0].home, &["send", "team", "--file", small.to_str().unwrap()]));
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 crate::on_both_backends! {
     sync: [
         a_large_file_reaches_every_member_byte_identical_and_the_server_holds_no_plaintext,
         a_blob_altered_on_the_server_is_refused_and_leaves_no_file,
         hostile_file_names_are_saved_safely_inside_the_target_directory,
         transfers_resume_after_the_server_is_killed,
+        eight_uploads_at_once_stay_within_a_memory_bound_and_the_quota_holds,
     ],
     async: [outsiders_get_what_a_missing_file_gets]
 }
