@@ -26,12 +26,17 @@ impl Terminal {
     }
 
     fn chat_on(p: &Person, group: &str, term: &str) -> Self {
+        Self::chat_in(p, group, term, &std::env::current_dir().unwrap())
+    }
+
+    fn chat_in(p: &Person, group: &str, term: &str, cwd: &std::path::Path) -> Self {
         let (pty, pts) = pty_process::blocking::open().unwrap();
         pty.resize(pty_process::Size::new(ROWS.get(), COLS.get())).unwrap();
         let mut cmd = pty_process::blocking::Command::new(env!("CARGO_BIN_EXE_hush"))
             .env_clear()
             .env("HOME", &p.home)
             .env("TERM", term)
+            .current_dir(cwd)
             .arg("--home")
             .arg(&p.home)
             .args(["chat", group]);
@@ -205,6 +210,35 @@ fn switching_groups_announces_news_elsewhere_in_one_line() {
     assert!(!texts(&alice, "team").contains("on it"));
 }
 
+/// `/file PATH` shares a file from the chat, `/get ID` saves one in the
+/// chat's directory.
+fn files_are_shared_and_saved_from_the_chat() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("server"));
+    let (alice, bob, _carol) = team(&server, tmp.path());
+    let here = tmp.path().join("bob-here");
+    std::fs::create_dir(&here).unwrap();
+    let report = tmp.path().join("report.txt");
+    std::fs::write(&report, "quarterly numbers").unwrap();
+    let term = Terminal::chat_in(&bob, "team", "xterm-256color", &here);
+    term.wait_for("the prompt", |t| t.input_row() == "team>");
+    term.type_keys(&format!("/file {}\r", report.display()));
+    term.wait_for_text("shared [file ");
+    run_ok(&alice, &["sync"]);
+    let listed = run_ok(&alice, &["files", "team"]);
+    assert!(listed.contains("report.txt") && listed.contains("bob"), "{listed}");
+
+    let notes = tmp.path().join("notes.md");
+    std::fs::write(&notes, "# minutes").unwrap();
+    run_ok(&alice, &["send", "team", "--file", notes.to_str().unwrap(), "from the meeting"]);
+    term.wait_for_text("notes.md (9 B): from the meeting");
+    let shown = term.shown();
+    let id = shown.split("[file ").nth(2).map(|r| r[..8].to_string()).unwrap_or_else(|| panic!("{shown}"));
+    term.type_keys(&format!("/get {id}\r"));
+    term.wait_for_text("saved ./notes.md");
+    assert_eq!(std::fs::read_to_string(here.join("notes.md")).unwrap(), "# minutes");
+}
+
 fn a_message_cannot_reach_the_terminal_raw_or_forge_the_prompt() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("server"));
@@ -273,6 +307,11 @@ fn losing_the_server_ends_the_chat_and_gives_the_terminal_back() {
 crate::on_both_backends! {
     sync: [typing_keeps_the_input_line_intact_while_messages_arrive, switching_groups_announces_news_elsewhere_in_one_line],
     async: [],
+}
+
+#[test]
+fn files_in_the_chat() {
+    files_are_shared_and_saved_from_the_chat();
 }
 
 #[test]

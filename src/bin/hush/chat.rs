@@ -20,7 +20,7 @@ use std::io::IsTerminal;
 use std::sync::mpsc as std_mpsc;
 
 use anyhow::{Context, Result};
-use hush::client::app::{App, AppError, Entry, EntryKind, GroupRow};
+use hush::client::app::{files, App, AppError, Entry, EntryKind, GroupRow};
 use hush::client::screen::{self, one_line};
 use hush::client::{Connection, PushStream};
 use hush::util::format_unix;
@@ -40,7 +40,8 @@ pub const INPUT_HISTORY: usize = 500;
 /// Typed lines waiting for the chat loop (the editor blocks beyond this).
 const TYPED_QUEUE: usize = 16;
 
-const HELP: &str = "commands: /members, /groups, /switch GROUP, /help, /quit (or Ctrl-D); \
+const HELP: &str = "commands: /members, /groups, /switch GROUP, /file PATH (share a file), /get ID (save a file \
+                    here), /help, /quit (or Ctrl-D); \
                     Enter sends the line (start it with // to send a line that begins with /)";
 
 /// Whether `chat` should run interactively: both ends are terminals.
@@ -70,6 +71,10 @@ pub enum Input<'a> {
     Members,
     Groups,
     Switch(&'a str),
+    /// Share the file at this path.
+    File(&'a str),
+    /// Save the group's file with this id (or id prefix).
+    Get(&'a str),
     /// A command used the wrong way: what to say.
     Usage(&'static str),
     Unknown(&'a str),
@@ -94,6 +99,10 @@ impl<'a> Input<'a> {
             ("groups", true) => Self::Groups,
             ("switch" | "s" | "join", false) => Self::Switch(rest),
             ("switch" | "s" | "join", true) => Self::Usage("usage: /switch GROUP"),
+            ("file", false) => Self::File(rest),
+            ("file", true) => Self::Usage("usage: /file PATH"),
+            ("get", false) => Self::Get(rest),
+            ("get", true) => Self::Usage("usage: /get ID (see the [file ID] line)"),
             ("quit" | "exit" | "q" | "help" | "h" | "?" | "members" | "groups", false) => {
                 Self::Usage("that command takes no argument")
             }
@@ -341,6 +350,40 @@ impl Chat<'_> {
                 }
                 Err(e) => self.screen.line(format!("! {e}")),
             },
+            Input::File(path) => {
+                let g = self.app.resolve_group(&self.current.name).unwrap_or_else(|_| self.current.clone());
+                self.screen.line(format!("sending {}…", one_line(path)));
+                let sent = async {
+                    let mut conn = self.app.connect().await?;
+                    let mut quiet = files::Quiet;
+                    let r = self.app.send_file(&mut conn, &g, std::path::Path::new(path), None, "", &mut quiet).await;
+                    conn.close().await;
+                    r
+                };
+                match sent.await {
+                    Ok(f) => self.screen.line(format!(
+                        "shared [file {}] ({})",
+                        &files::file_id(&f.id)[..8],
+                        files::human(f.size)
+                    )),
+                    Err(e) => self.fail_unless_connected(e, "not sent")?,
+                }
+            }
+            Input::Get(id) => {
+                let g = self.app.resolve_group(&self.current.name).unwrap_or_else(|_| self.current.clone());
+                let saved = async {
+                    let mut conn = self.app.connect().await?;
+                    let mut quiet = files::Quiet;
+                    let target = files::Target::Into(std::path::PathBuf::from("."));
+                    let r = self.app.save_file(&mut conn, &g, id, target, &mut quiet).await;
+                    conn.close().await;
+                    r
+                };
+                match saved.await {
+                    Ok(path) => self.screen.line(format!("saved {}", one_line(&path.display().to_string()))),
+                    Err(e) => self.fail_unless_connected(e, "not saved")?,
+                }
+            }
             Input::Text(text) => {
                 // The group may have changed name or state meanwhile.
                 let g = self.app.resolve_group(&self.current.name).unwrap_or_else(|_| self.current.clone());
@@ -425,6 +468,9 @@ mod tests {
         assert_eq!(Input::parse("/quit now"), Input::Usage("that command takes no argument"));
         assert_eq!(Input::parse("//etc/hosts is"), Input::Text("/etc/hosts is"));
         assert_eq!(Input::parse("/frobnicate x"), Input::Unknown("frobnicate"));
+        assert_eq!(Input::parse("/file ./a b.txt"), Input::File("./a b.txt"));
+        assert_eq!(Input::parse("/get 1a2b3c4d"), Input::Get("1a2b3c4d"));
+        assert_eq!(Input::parse("/get"), Input::Usage("usage: /get ID (see the [file ID] line)"));
     }
 
     #[test]
