@@ -17,6 +17,7 @@
 //! network, `measure` how both are measured, `raw` the baselines.
 
 mod chain;
+mod files;
 mod measure;
 mod postgres;
 mod raw;
@@ -90,6 +91,8 @@ pub struct Settings {
     pub min_latency_samples: usize,
     /// Runs of each `hush` command timed as a whole process.
     pub cli_runs: usize,
+    /// Size of the file the file rows move, MiB.
+    pub file_mib: u64,
     /// Whether every push must arrive. The quick mode (a smoke test that
     /// judges nothing) accepts up to a quarter missing and logs it: pushes
     /// are notifications, and a client that misses one fetches from its
@@ -109,6 +112,7 @@ impl Settings {
             idle_rate: 10,
             min_latency_samples: 100,
             cli_runs: 50,
+            file_mib: 256,
             strict: true,
         }
     }
@@ -123,6 +127,7 @@ impl Settings {
             idle_rate: 10,
             min_latency_samples: 10,
             cli_runs: 3,
+            file_mib: 8,
             strict: false,
         }
     }
@@ -142,6 +147,8 @@ pub(super) fn bench_config() -> Result<ServerConfig, BenchError> {
         max_unregistered: 100_000,
         max_streams_per_connection: 256,
         max_log_per_group: 1_000_000_000,
+        storage_quota_mb: 1 << 30,
+        uploads_per_device: 64,
         ..ServerConfig::default()
     })
 }
@@ -159,6 +166,7 @@ pub const SCENARIOS: &[&str] = &[
     "cli",
     "bytes",
     "commits",
+    "files",
     "postgres",
 ];
 
@@ -298,6 +306,13 @@ pub async fn run(settings: Settings, only: &[String], progress: impl Fn(&str)) -
         let small = bytes_per_message(&dir.path().join("bytes-2.db"), 2, settings.messages / 10).await?;
         let large = bytes_per_message(&dir.path().join("bytes-n.db"), n, settings.messages / 10).await?;
         rows.push(Row::cost(format!("database bytes per message, group of {n} vs group of 2"), large, small, "B"));
+    }
+
+    if wanted("files") {
+        progress("files");
+        let files_dir = dir.path().join("files");
+        std::fs::create_dir_all(&files_dir).map_err(fail)?;
+        rows.extend(files::file_rows(&pair, &address, &files_dir, settings.file_mib).await?);
     }
 
     if wanted("commits") {

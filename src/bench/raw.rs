@@ -33,6 +33,10 @@ pub(super) struct RawServer {
 pub(super) enum Mode {
     Echo,
     Relay,
+    /// Bulk transfer: a stream starting with `U` is read to its end and
+    /// answered with its length; `D` and a `u64` n is answered with n
+    /// bytes.
+    Bulk,
 }
 
 type Queues = Arc<Mutex<Vec<mpsc::Sender<Arc<Vec<u8>>>>>>;
@@ -68,9 +72,13 @@ impl RawServer {
                         let queues = queues.clone();
                         let seq = seq.clone();
                         tokio::spawn(async move {
+                            if mode == Mode::Bulk {
+                                bulk(send, recv).await;
+                                return;
+                            }
                             let Ok(data) = recv.read_to_end(1 << 20).await else { return };
                             let reply = match mode {
-                                Mode::Echo => data,
+                                Mode::Echo | Mode::Bulk => data,
                                 Mode::Relay => {
                                     let n = seq.fetch_add(1, Ordering::Relaxed) + 1;
                                     let push = Push::Message {
@@ -125,6 +133,37 @@ impl RawServer {
 pub(super) fn client_config(identity: &Identity, pin: Fingerprint) -> Result<quinn::ClientConfig, BenchError> {
     let (crypto, _) = client_crypto(Some(identity.tls_credentials().map_err(fail)?), pin).map_err(fail)?;
     Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+}
+
+/// One bulk stream of [`Mode::Bulk`], through a buffer of hush's size.
+async fn bulk(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let mut head = [0u8; 1];
+    if recv.read_exact(&mut head).await.is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; crate::limits::BLOB_IO_BUFFER];
+    if head == *b"U" {
+        let mut total = 0u64;
+        while let Ok(Some(n)) = recv.read(&mut buf).await {
+            total += n as u64;
+        }
+        let _ = send.write_all(&total.to_be_bytes()).await;
+    } else {
+        let mut n = [0u8; 8];
+        if recv.read_exact(&mut n).await.is_err() {
+            return;
+        }
+        let mut left = u64::from_be_bytes(n);
+        while left > 0 {
+            let k = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+            if send.write_all(buf.get(..k).unwrap_or_default()).await.is_err() {
+                return;
+            }
+            left -= k as u64;
+        }
+    }
+    let _ = send.finish();
+    let _ = send.stopped().await;
 }
 
 async fn push_task(conn: quinn::Connection, mut rx: mpsc::Receiver<Arc<Vec<u8>>>) {

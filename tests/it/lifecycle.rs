@@ -158,8 +158,18 @@ fn bench_quick_mode_runs_and_reports_every_scenario() {
     ));
     let rows: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(rows.len() >= 10, "{out}");
-    for word in ["handshake", "round trip", "durable send", "append", "fan-out", "latency", "memory", "bytes", "commit"]
-    {
+    for word in [
+        "handshake",
+        "round trip",
+        "durable send",
+        "append",
+        "fan-out",
+        "latency",
+        "memory",
+        "bytes",
+        "commit",
+        "file upload",
+    ] {
         assert!(rows.iter().any(|r| r["scenario"].as_str().unwrap().contains(word)), "no {word} row: {out}");
     }
     // Every row carries two measured numbers. Their size depends on how

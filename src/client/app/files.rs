@@ -35,7 +35,7 @@ use crate::wire::{close, ErrorCode, Response, UploadState};
 pub const TRANSFER_RETRIES: u32 = 60;
 
 /// How far a transfer has come, for a progress bar.
-pub trait Progress {
+pub trait Progress: Send {
     /// The transfer has `total` bytes.
     fn start(&mut self, _total: u64) {}
     /// `done` of them are through.
@@ -403,7 +403,7 @@ impl App {
 /// Seals the file's chunks from the start (for the hash) and sends those
 /// from `state.received` on one upload stream. `Some(hash)` once the server
 /// holds the whole blob; `None` if the stream ended before.
-async fn upload_from(
+pub(crate) async fn upload_from(
     conn: &Connection,
     path: &Path,
     key: &FileKey,
