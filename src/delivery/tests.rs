@@ -1410,7 +1410,81 @@ fn every_accepted_message_extends_the_groups_chain() {
     assert_eq!(code, ErrorCode::NotMember, "a stranger learns no head");
 }
 
+/// Issue 32: a blob is opened only by a current member with a padded size
+/// within the quotas; only its device writes, resumes or cancels it; only
+/// current members fetch it once complete, and everyone else gets the
+/// answer a missing blob gets; blobs go with retention, when their group
+/// has no member left, and (unfinished) after a day. The same on every
+/// storage.
+fn blobs_follow_membership_quotas_and_retention() {
+    let (mut net, mut alice, bob, carol, g) = Net::trio();
+    let size = crate::files::Layout::of_size(10_000).unwrap().blob;
+    let open = |size| Request::UploadOpen { group: g.clone(), size };
+    let Response::Upload(u) = net.ok(&alice, open(size)) else { panic!() };
+    assert_eq!((u.size, u.received, u.hash), (size, 0, None));
+    let id = u.id;
+    assert_eq!(net.code(&alice, open(size + 1)).0, ErrorCode::Malformed, "not a padded size");
+    let dave = net.client(4);
+    assert_eq!(net.code(&dave, open(size)).0, ErrorCode::NotMember);
+    // Someone else's upload is no upload at all.
+    let missing = net.code(&bob, Request::UploadStatus { id: [7; 16] });
+    assert_eq!(missing.0, ErrorCode::NoSuchFile);
+    for r in [Request::UploadStatus { id }, Request::Upload { id, offset: 0 }, Request::UploadCancel { id }] {
+        assert_eq!(net.code(&bob, r), missing);
+    }
+    assert_eq!(net.code(&alice, Request::Upload { id, offset: 5 }), (ErrorCode::UploadOffset, 0));
+    let download = |id, offset, length| Request::Download { id, offset, length };
+    assert_eq!(net.code(&bob, download(id, 0, 0)), missing, "not complete yet");
+    // The server records it durable, then complete.
+    in_unit!(&mut net.store, st => st.set_blob_received(&id, 4096).unwrap());
+    assert_eq!(net.code(&alice, Request::Upload { id, offset: 0 }), (ErrorCode::UploadOffset, 4096));
+    let now = net.now;
+    in_unit!(&mut net.store, st => st.complete_blob(&id, &[9; 32], now).unwrap());
+    let Response::Upload(done) = net.ok(&alice, Request::UploadStatus { id }) else { panic!() };
+    assert_eq!((done.received, done.hash), (size, Some([9; 32])));
+    assert_eq!(net.ok(&bob, download(id, 0, 0)), Response::Blob { size, hash: [9; 32], offset: 0, length: size });
+    assert_eq!(net.ok(&bob, download(id, 10, 5)), Response::Blob { size, hash: [9; 32], offset: 10, length: 5 });
+    assert_eq!(net.code(&bob, download(id, size + 1, 0)).0, ErrorCode::Malformed);
+    assert_eq!(net.code(&bob, download(id, 10, size)).0, ErrorCode::Malformed);
+    assert_eq!(net.code(&dave, download(id, 0, 0)), missing);
+    // Removed, carol gets nothing more.
+    let commit = alice.member.remove(&g, &[carol.member.account()]).unwrap();
+    assert!(matches!(net.commit(&mut alice, commit), Response::Accepted { .. }));
+    alice.member.merge_pending(&g).unwrap();
+    assert_eq!(net.code(&carol, download(id, 0, 0)), missing);
+    assert!(matches!(net.ok(&bob, download(id, 0, 0)), Response::Blob { .. }));
+    // Quotas: unfinished uploads per device (the default, 4).
+    let mut open_ids = Vec::new();
+    for _ in 0..4 {
+        let Response::Upload(u) = net.ok(&alice, open(size)) else { panic!() };
+        open_ids.push(u.id);
+    }
+    assert_eq!(net.code(&alice, open(size)), (ErrorCode::TooManyUploads, 4));
+    assert_eq!(net.ok(&alice, Request::UploadCancel { id: open_ids[0] }), Response::Done);
+    assert_eq!(net.code(&alice, Request::UploadStatus { id: open_ids[0] }), missing);
+    assert!(matches!(net.ok(&alice, open(size)), Response::Upload(_)));
+    assert_eq!(net.code(&alice, Request::UploadCancel { id }).0, ErrorCode::Malformed, "complete: not cancelled");
+    let too_big = crate::files::Layout::of_size(2 * 1024 * 1024 * 1024).unwrap().blob;
+    assert_eq!(net.code(&alice, open(too_big)).0, ErrorCode::TooLarge);
+    // Retention: unfinished uploads go after a day, complete ones with the
+    // messages; a blob of a group nobody is in goes at the next sweep.
+    let day = crate::limits::ABANDONED_UPLOAD_AFTER.as_secs();
+    let sweep = |net: &mut Net, now: u64| {
+        let ds = &mut net.ds;
+        in_unit!(&mut net.store, st => ds.expire_blobs(st, now).unwrap())
+    };
+    let now = net.now;
+    assert!(sweep(&mut net, now + 10).is_empty());
+    let gone = sweep(&mut net, now + day + 1);
+    assert_eq!(gone.len(), 4, "the unfinished uploads");
+    assert!(matches!(net.ok(&bob, download(id, 0, 0)), Response::Blob { .. }));
+    let gone = sweep(&mut net, now + 30 * 86_400 + 1);
+    assert_eq!(gone, vec![id]);
+    assert_eq!(net.code(&bob, download(id, 0, 0)), missing);
+}
+
 rules! {
+    blobs_follow_membership_quotas_and_retention,
     every_accepted_message_extends_the_groups_chain,
     random_traffic_keeps_the_invariants,
     three_members_exchange_messages_in_order,
