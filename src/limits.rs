@@ -27,6 +27,12 @@ pub const STRANGER_RECEIVE_WINDOW: u32 = 4096;
 /// largest requests in flight.
 pub const DEVICE_RECEIVE_WINDOW: u32 = 2 * 1024 * 1024;
 
+/// QUIC receive window of one stream: what a peer may send on a stream
+/// before the server reads it (within the connection's window above). An
+/// upload stream needs room for a few of the server's buffers
+/// ([`BLOB_IO_BUFFER`]) to keep the link busy while it writes to disk.
+pub const STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
+
 /// Bytes of request frames one connection may hold in memory at once. A
 /// stream reserves [`crate::wire::Request::max_frame`] of its tag before
 /// its body is read; a stream that cannot get it waits (at most the request

@@ -235,27 +235,42 @@ async fn receive(shared: &Shared, state: UploadState, recv: &mut RecvStream) -> 
     let mut synced = start;
     let mut buf = vec![0u8; BLOB_IO_BUFFER];
     let outcome: Result<(), Response> = loop {
-        let read = tokio::time::timeout(BLOB_IDLE_TIMEOUT, recv.read(&mut buf)).await;
-        let n = match read {
-            Ok(Ok(Some(n))) => n,
-            Ok(Ok(None)) => break Ok(()),
-            Ok(Err(e)) => {
-                debug!("upload stream ended: {e}");
-                break Err(Response::error(ErrorCode::Timeout, "the upload stream broke off"));
+        // Fill the buffer (fewer, larger writes), then write what came.
+        let (mut filled, mut end) = (0, None);
+        while filled < buf.len() {
+            let read = tokio::time::timeout(BLOB_IDLE_TIMEOUT, recv.read(buf.get_mut(filled..).unwrap_or_default()));
+            match read.await {
+                Ok(Ok(Some(n))) => filled += n,
+                Ok(Ok(None)) => {
+                    end = Some(Ok(()));
+                    break;
+                }
+                Ok(Err(e)) => {
+                    debug!("upload stream ended: {e}");
+                    end = Some(Err(Response::error(ErrorCode::Timeout, "the upload stream broke off")));
+                    break;
+                }
+                Err(_) => {
+                    end = Some(Err(Response::error(ErrorCode::Timeout, "the upload stalled")));
+                    break;
+                }
             }
-            Err(_) => break Err(Response::error(ErrorCode::Timeout, "the upload stalled")),
-        };
-        if received + n as u64 > size {
+        }
+        if received + filled as u64 > size {
             break Err(Response::error(ErrorCode::TooLarge, "more bytes than the upload was opened for"));
         }
-        file.write_all(buf.get(..n).unwrap_or_default()).await?;
-        hash.update(buf.get(..n).unwrap_or_default());
-        received += n as u64;
-        super::metrics::metrics().file_bytes(true, n);
+        let bytes = buf.get(..filled).unwrap_or_default();
+        file.write_all(bytes).await?;
+        hash.update(bytes);
+        received += filled as u64;
+        super::metrics::metrics().file_bytes(true, filled);
         if received - synced >= BLOB_SYNC_EVERY {
             file.sync_data().await?;
             shared.engine.blob_received(id, received).await.map_err(std::io::Error::other)?;
             synced = received;
+        }
+        if let Some(end) = end {
+            break end;
         }
     };
     if let Err(refusal) = outcome {

@@ -39,6 +39,7 @@ use crate::db::Location;
 use crate::db::StoreError;
 use crate::limits::{
     INCOMING_BUFFER_BYTES, INCOMING_BUFFER_BYTES_TOTAL, LISTEN_READY_TIMEOUT, SHUTDOWN_GRACE, STRANGER_RECEIVE_WINDOW,
+    STREAM_RECEIVE_WINDOW,
 };
 use crate::wire::close;
 use engine::Engine;
@@ -200,7 +201,7 @@ impl Server {
                 IdleTimeout::try_from(config.idle_timeout())
                     .map_err(|_| ServerError::IdleTimeout(config.idle_timeout()))?,
             ))
-            .stream_receive_window(VarInt::from_u32(256 * 1024))
+            .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
             .receive_window(VarInt::from_u32(STRANGER_RECEIVE_WINDOW))
             .send_window(4 * 1024 * 1024);
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto(&identity)?));
