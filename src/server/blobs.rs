@@ -74,7 +74,9 @@ impl BlobStore {
         }
     }
 
-    fn claim(self: &Arc<Self>, id: [u8; 16]) -> Option<Writing> {
+    /// The hold on blob `id` an upload stream (or a cancel) needs, `None`
+    /// while another has it.
+    pub(crate) fn claim(self: &Arc<Self>, id: [u8; 16]) -> Option<Writing> {
         let mut writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         writing.insert(id).then(|| Writing { store: self.clone(), id })
     }
@@ -92,8 +94,8 @@ pub fn parse_hex(name: &str) -> Option<[u8; 16]> {
     Some(id)
 }
 
-/// An upload stream's hold on its blob.
-struct Writing {
+/// An upload stream's (or a cancel's) hold on its blob.
+pub(crate) struct Writing {
     store: Arc<BlobStore>,
     id: [u8; 16],
 }
@@ -182,6 +184,11 @@ async fn upload(shared: &Shared, caller: Caller, recv: &mut RecvStream) -> Respo
         return Response::error(ErrorCode::Malformed, "malformed request: not an upload head");
     };
     debug!(offset, "upload stream");
+    // The hold is taken before the check, so that what the check sees
+    // (the row, how much of it is held, that it is not cancelled) stays
+    // true while this stream writes: a cancel, or another stream, waits
+    // for it to end.
+    let writing = shared.blobs.claim(id);
     // The Delivery Service decides: the caller's own unfinished upload, at
     // the offset the server holds.
     let state = match shared.engine.deliver(Origin::Device(caller), Request::Upload { id, offset }, now_unix()).await {
@@ -194,7 +201,7 @@ async fn upload(shared: &Shared, caller: Caller, recv: &mut RecvStream) -> Respo
     if state.hash.is_some() {
         return Response::Upload(state);
     }
-    let Some(_writing) = shared.blobs.claim(id) else {
+    let Some(_writing) = writing else {
         return Response::error(ErrorCode::RateLimited, "this upload is being written on another stream");
     };
     match receive(shared, state, recv).await {

@@ -403,6 +403,53 @@ fn eight_uploads_at_once_stay_within_a_memory_bound_and_the_quota_holds() {
     ok(hush(&people[0].home, &["send", "team", "--file", small.to_str().unwrap()]));
 }
 
+/// alice opens an upload, streams part of it and cancels it while the
+/// stream still writes. Either the cancel is refused while the stream
+/// writes, or the stream takes no more bytes: a cancelled upload never
+/// becomes a whole blob the server accepted outside the quota. (Before:
+/// the cancel freed the quota and the upload slot, and the stream went on
+/// writing into the unlinked file to the end, three times over a quota
+/// that holds one.)
+async fn an_upload_cancelled_while_it_streams_takes_no_more_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("server");
+    let server = Hushd::start_with(&data, "127.0.0.1:0", &[("HUSHD_STORAGE_QUOTA_MB", "2")]);
+    let (_key, conn, mut mls) = registered_member(&server).await;
+    let g = mls.create_group(&conn.status().await.unwrap().removal_key).unwrap();
+    conn.create_group(g.group_info, g.ratchet_tree).await.unwrap();
+    let (_, outsider) = registered_client(&server).await;
+    let size = hush::files::Layout::of_size(1_500_000).unwrap().blob;
+    let half = usize::try_from(size / 2).unwrap();
+    let rest = usize::try_from(size).unwrap() - half;
+    for round in 0..3 {
+        let state = conn.upload_open(&g.id, size).await.unwrap();
+        let mut stream = conn.upload_stream(state.id, 0).await.unwrap();
+        stream.write(&vec![7u8; half]).await.unwrap();
+        let path = data.join("blobs").join(hex(&state.id));
+        wait_for_bytes("the upload", 1, || std::fs::metadata(&path).map_or(0, |m| m.len()));
+        // Someone else's cancel meanwhile hears what a missing file gets,
+        // not that the upload is being written.
+        let other = outsider.upload_cancel(state.id).await.unwrap_err();
+        assert_eq!(other.to_string(), outsider.upload_cancel([7; 16]).await.unwrap_err().to_string());
+        let cancelled = conn.upload_cancel(state.id).await;
+        if cancelled.is_err() {
+            // Refused while it streams: it still counts. End the stream,
+            // then the cancel goes through.
+            let held = stream.finish().await.unwrap();
+            assert_eq!(held.hash, None);
+            conn.upload_cancel(state.id).await.unwrap();
+            continue;
+        }
+        let _ = stream.write(&vec![7u8; rest]).await;
+        let finished = stream.finish().await;
+        assert!(
+            !matches!(finished, Ok(hush::wire::UploadState { hash: Some(_), .. })),
+            "round {round}: the server took all {size} bytes of an upload it had cancelled (its quota and slot \
+             were already free): {finished:?}"
+        );
+    }
+}
+
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 crate::on_both_backends! {
@@ -413,5 +460,8 @@ crate::on_both_backends! {
         transfers_resume_after_the_server_is_killed,
         eight_uploads_at_once_stay_within_a_memory_bound_and_the_quota_holds,
     ],
-    async: [outsiders_get_what_a_missing_file_gets]
+    async: [
+        outsiders_get_what_a_missing_file_gets,
+        an_upload_cancelled_while_it_streams_takes_no_more_bytes,
+    ]
 }
