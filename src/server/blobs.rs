@@ -316,7 +316,7 @@ pub(crate) async fn serve_download(
     super::metrics::metrics().request("download", &response);
     let Ok(frame) = response.encode() else { return "download" };
     let Ok(len) = u32::try_from(frame.len()) else { return "download" };
-    if send.write_all(&len.to_be_bytes()).await.is_err() || send.write_all(&frame).await.is_err() {
+    if !write_or_give_up(&mut send, &len.to_be_bytes()).await || !write_or_give_up(&mut send, &frame).await {
         return "download";
     }
     if let (Response::Blob { length, .. }, Some(mut file)) = (response, file) {
@@ -334,7 +334,7 @@ pub(crate) async fn serve_download(
                 }
                 Ok(n) => n,
             };
-            if send.write_all(buf.get(..n).unwrap_or_default()).await.is_err() {
+            if !write_or_give_up(&mut send, buf.get(..n).unwrap_or_default()).await {
                 return "download";
             }
             super::metrics::metrics().file_bytes(false, n);
@@ -342,9 +342,29 @@ pub(crate) async fn serve_download(
         }
     }
     if send.finish().is_ok() {
-        let _ = send.stopped().await;
+        let _ = tokio::time::timeout(BLOB_IDLE_TIMEOUT, send.stopped()).await;
     }
     "download"
+}
+
+/// Writes `bytes` to a download stream; false (and the stream reset) if the
+/// peer stops reading: a write that makes no progress for
+/// [`BLOB_IDLE_TIMEOUT`] gives the stream up, as a stalled upload is, so a
+/// reader that never reads cannot hold a blob file and a buffer for as long
+/// as its connection lives.
+async fn write_or_give_up(send: &mut SendStream, mut bytes: &[u8]) -> bool {
+    while !bytes.is_empty() {
+        match tokio::time::timeout(BLOB_IDLE_TIMEOUT, send.write(bytes)).await {
+            Ok(Ok(n)) => bytes = bytes.get(n..).unwrap_or_default(),
+            Ok(Err(_)) => return false,
+            Err(_) => {
+                debug!("a download stalled");
+                let _ = send.reset(VarInt::from_u32(1));
+                return false;
+            }
+        }
+    }
+    true
 }
 
 async fn open_at(path: &Path, offset: u64) -> std::io::Result<tokio::fs::File> {

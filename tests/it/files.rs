@@ -403,6 +403,51 @@ fn eight_uploads_at_once_stay_within_a_memory_bound_and_the_quota_holds() {
     ok(hush(&people[0].home, &["send", "team", "--file", small.to_str().unwrap()]));
 }
 
+/// How many files of the blob directory `pid` holds open.
+fn open_blob_files(pid: u32, data_dir: &Path) -> usize {
+    let blobs = std::fs::canonicalize(data_dir.join("blobs")).unwrap();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.starts_with(&blobs))
+        .count()
+}
+
+/// A member asks for a file many times and never reads the bytes (a
+/// slowloris reader): the server gives up on those streams once they make
+/// no progress for [`hush::limits::BLOB_IDLE_TIMEOUT`], as it does for a
+/// stalled upload, instead of holding a file and a buffer for each of
+/// them for as long as the connection lives.
+async fn stalled_downloads_are_given_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("server");
+    let server = Hushd::start(&data);
+    let (alice, bob, _carol) = team(&server, tmp.path());
+    let original = tmp.path().join("big.bin");
+    marked_file(&original, 16 * 1024 * 1024);
+    ok(hush(&alice.home, &["send", "team", "--file", original.to_str().unwrap()]));
+    run_ok(&bob, &["sync"]);
+    let id = id_bytes(only_file(&bob)["id"].as_str().unwrap());
+    let conn = hush::client::Connection::connect(&server.address, &device_key(&bob)).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..32 {
+        let (head, recv) = conn.download(id, 0, 0).await.unwrap();
+        assert!(matches!(head, hush::wire::Response::Blob { .. }), "{head:?}");
+        held.push(recv);
+    }
+    let open = open_blob_files(server.pid(), &data);
+    assert!(open >= 16, "only {open} downloads are being served");
+    tokio::time::sleep(hush::limits::BLOB_IDLE_TIMEOUT + std::time::Duration::from_secs(10)).await;
+    let still = open_blob_files(server.pid(), &data);
+    assert_eq!(
+        still,
+        0,
+        "{still} downloads nobody read for {:?} still hold the blob open (and a buffer each)",
+        hush::limits::BLOB_IDLE_TIMEOUT + std::time::Duration::from_secs(10)
+    );
+    drop(held);
+}
+
 /// alice opens an upload, streams part of it and cancels it while the
 /// stream still writes. Either the cancel is refused while the stream
 /// writes, or the stream takes no more bytes: a cancelled upload never
@@ -462,6 +507,7 @@ crate::on_both_backends! {
     ],
     async: [
         outsiders_get_what_a_missing_file_gets,
+        stalled_downloads_are_given_up,
         an_upload_cancelled_while_it_streams_takes_no_more_bytes,
     ]
 }
