@@ -495,6 +495,37 @@ async fn an_upload_cancelled_while_it_streams_takes_no_more_bytes() {
     }
 }
 
+/// bob interrupts `hush get` (Ctrl-C) half way: no partial plaintext is
+/// left behind in his directory (the temporary file goes as it does when a
+/// download fails).
+fn an_interrupted_get_leaves_no_partial_plaintext() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("server"));
+    let (alice, bob, _carol) = team(&server, tmp.path());
+    let original = tmp.path().join("secret.bin");
+    marked_file(&original, 128 * 1024 * 1024);
+    ok(hush(&alice.home, &["send", "team", "--file", original.to_str().unwrap()]));
+    run_ok(&bob, &["sync"]);
+    let id = only_file(&bob)["id"].as_str().unwrap().to_string();
+    let inbox = tmp.path().join("inbox");
+    std::fs::create_dir(&inbox).unwrap();
+    let fetching = spawn_hush(&inbox, &bob.home, &["get", "team", &id]);
+    let partial = || {
+        std::fs::read_dir(&inbox)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok()?.metadata().ok())
+            .map_or(0, |m| m.len())
+    };
+    wait_for_bytes("the download", 1024 * 1024, partial);
+    let sent = std::process::Command::new("kill").args(["-INT", &fetching.id().to_string()]).status().unwrap();
+    assert!(sent.success());
+    let (status, err) = finish(fetching);
+    assert!(!status.success(), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&inbox).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(left.is_empty(), "an interrupted get left {left:?} (plaintext) behind");
+}
+
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 crate::on_both_backends! {
@@ -504,6 +535,7 @@ crate::on_both_backends! {
         hostile_file_names_are_saved_safely_inside_the_target_directory,
         transfers_resume_after_the_server_is_killed,
         eight_uploads_at_once_stay_within_a_memory_bound_and_the_quota_holds,
+        an_interrupted_get_leaves_no_partial_plaintext,
     ],
     async: [
         outsiders_get_what_a_missing_file_gets,
