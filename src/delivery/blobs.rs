@@ -51,6 +51,11 @@ impl Delivery {
                 message: format!("files on this server are limited to {} MiB", max / MIB),
             });
         }
+        // Other nodes sharing the database wait here until this unit
+        // commits, so their counts include this upload (and this one's
+        // theirs): two opens at once on two nodes cannot both fit in
+        // room for one.
+        store.lock_account(&caller.account)?;
         let open = store.open_uploads(&caller.device)?;
         let allowed = self.quotas.uploads_per_device;
         if open >= allowed {

@@ -74,7 +74,9 @@ impl BlobStore {
         }
     }
 
-    fn claim(self: &Arc<Self>, id: [u8; 16]) -> Option<Writing> {
+    /// The hold on blob `id` an upload stream (or a cancel) needs, `None`
+    /// while another has it.
+    pub(crate) fn claim(self: &Arc<Self>, id: [u8; 16]) -> Option<Writing> {
         let mut writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         writing.insert(id).then(|| Writing { store: self.clone(), id })
     }
@@ -92,8 +94,8 @@ pub fn parse_hex(name: &str) -> Option<[u8; 16]> {
     Some(id)
 }
 
-/// An upload stream's hold on its blob.
-struct Writing {
+/// An upload stream's (or a cancel's) hold on its blob.
+pub(crate) struct Writing {
     store: Arc<BlobStore>,
     id: [u8; 16],
 }
@@ -182,6 +184,11 @@ async fn upload(shared: &Shared, caller: Caller, recv: &mut RecvStream) -> Respo
         return Response::error(ErrorCode::Malformed, "malformed request: not an upload head");
     };
     debug!(offset, "upload stream");
+    // The hold is taken before the check, so that what the check sees
+    // (the row, how much of it is held, that it is not cancelled) stays
+    // true while this stream writes: a cancel, or another stream, waits
+    // for it to end.
+    let writing = shared.blobs.claim(id);
     // The Delivery Service decides: the caller's own unfinished upload, at
     // the offset the server holds.
     let state = match shared.engine.deliver(Origin::Device(caller), Request::Upload { id, offset }, now_unix()).await {
@@ -194,7 +201,7 @@ async fn upload(shared: &Shared, caller: Caller, recv: &mut RecvStream) -> Respo
     if state.hash.is_some() {
         return Response::Upload(state);
     }
-    let Some(_writing) = shared.blobs.claim(id) else {
+    let Some(_writing) = writing else {
         return Response::error(ErrorCode::RateLimited, "this upload is being written on another stream");
     };
     match receive(shared, state, recv).await {
@@ -324,7 +331,7 @@ pub(crate) async fn serve_download(
     super::metrics::metrics().request("download", &response);
     let Ok(frame) = response.encode() else { return "download" };
     let Ok(len) = u32::try_from(frame.len()) else { return "download" };
-    if send.write_all(&len.to_be_bytes()).await.is_err() || send.write_all(&frame).await.is_err() {
+    if !write_or_give_up(&mut send, &len.to_be_bytes()).await || !write_or_give_up(&mut send, &frame).await {
         return "download";
     }
     if let (Response::Blob { length, .. }, Some(mut file)) = (response, file) {
@@ -342,7 +349,7 @@ pub(crate) async fn serve_download(
                 }
                 Ok(n) => n,
             };
-            if send.write_all(buf.get(..n).unwrap_or_default()).await.is_err() {
+            if !write_or_give_up(&mut send, buf.get(..n).unwrap_or_default()).await {
                 return "download";
             }
             super::metrics::metrics().file_bytes(false, n);
@@ -350,9 +357,29 @@ pub(crate) async fn serve_download(
         }
     }
     if send.finish().is_ok() {
-        let _ = send.stopped().await;
+        let _ = tokio::time::timeout(BLOB_IDLE_TIMEOUT, send.stopped()).await;
     }
     "download"
+}
+
+/// Writes `bytes` to a download stream; false (and the stream reset) if the
+/// peer stops reading: a write that makes no progress for
+/// [`BLOB_IDLE_TIMEOUT`] gives the stream up, as a stalled upload is, so a
+/// reader that never reads cannot hold a blob file and a buffer for as long
+/// as its connection lives.
+async fn write_or_give_up(send: &mut SendStream, mut bytes: &[u8]) -> bool {
+    while !bytes.is_empty() {
+        match tokio::time::timeout(BLOB_IDLE_TIMEOUT, send.write(bytes)).await {
+            Ok(Ok(n)) => bytes = bytes.get(n..).unwrap_or_default(),
+            Ok(Err(_)) => return false,
+            Err(_) => {
+                debug!("a download stalled");
+                let _ = send.reset(VarInt::from_u32(1));
+                return false;
+            }
+        }
+    }
+    true
 }
 
 async fn open_at(path: &Path, offset: u64) -> std::io::Result<tokio::fs::File> {

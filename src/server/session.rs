@@ -349,6 +349,27 @@ async fn reserve(session: &Session, bytes: usize, deadline: Instant) -> Result<B
     tokio::time::timeout_at(deadline, acquire).await.map_err(|_| busy())?
 }
 
+/// The answer to a cancel of blob `id` while a stream writes it: the
+/// uploader hears to wait; anyone else what a missing file gets.
+async fn being_written(shared: &super::Shared, origin: Origin, id: [u8; 16]) -> Response {
+    match shared.engine.deliver(origin, Request::UploadStatus { id }, now_unix()).await {
+        Ok(outcome) => match outcome.response {
+            Response::Upload(_) => rate_limited(
+                Duration::from_millis(CANCEL_RETRY_MS),
+                "this upload is being written on another stream; end it first",
+            ),
+            other => other,
+        },
+        Err(e) => {
+            warn!("internal error: {e}");
+            Response::error(ErrorCode::Internal, "internal server error; nothing was changed")
+        }
+    }
+}
+
+/// How long a client whose cancel met a writing stream should wait.
+const CANCEL_RETRY_MS: u64 = 250;
+
 /// How long a client told "busy" should wait before retrying.
 const BUDGET_RETRY_MS: u64 = 100;
 
@@ -392,6 +413,17 @@ async fn handle(session: &Session, request: Request) -> Response {
     let cancelled = match &request {
         Request::UploadCancel { id } => Some(*id),
         _ => None,
+    };
+    // A cancel holds the blob as an upload stream does: while a stream
+    // writes it, the upload is not cancelled (its quota and slot would be
+    // free while the stream went on writing), and no stream starts while
+    // it is being cancelled.
+    let _writing = match cancelled {
+        Some(id) => match shared.blobs.claim(id) {
+            Some(hold) => Some(hold),
+            None => return being_written(shared, origin, id).await,
+        },
+        None => None,
     };
     match shared.engine.deliver(origin, request, now_unix()).await {
         Ok(outcome) => {

@@ -403,6 +403,129 @@ fn eight_uploads_at_once_stay_within_a_memory_bound_and_the_quota_holds() {
     ok(hush(&people[0].home, &["send", "team", "--file", small.to_str().unwrap()]));
 }
 
+/// How many files of the blob directory `pid` holds open.
+fn open_blob_files(pid: u32, data_dir: &Path) -> usize {
+    let blobs = std::fs::canonicalize(data_dir.join("blobs")).unwrap();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.starts_with(&blobs))
+        .count()
+}
+
+/// A member asks for a file many times and never reads the bytes (a
+/// slowloris reader): the server gives up on those streams once they make
+/// no progress for [`hush::limits::BLOB_IDLE_TIMEOUT`], as it does for a
+/// stalled upload, instead of holding a file and a buffer for each of
+/// them for as long as the connection lives.
+async fn stalled_downloads_are_given_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("server");
+    let server = Hushd::start(&data);
+    let (alice, bob, _carol) = team(&server, tmp.path());
+    let original = tmp.path().join("big.bin");
+    marked_file(&original, 16 * 1024 * 1024);
+    ok(hush(&alice.home, &["send", "team", "--file", original.to_str().unwrap()]));
+    run_ok(&bob, &["sync"]);
+    let id = id_bytes(only_file(&bob)["id"].as_str().unwrap());
+    let conn = hush::client::Connection::connect(&server.address, &device_key(&bob)).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..32 {
+        let (head, recv) = conn.download(id, 0, 0).await.unwrap();
+        assert!(matches!(head, hush::wire::Response::Blob { .. }), "{head:?}");
+        held.push(recv);
+    }
+    let open = open_blob_files(server.pid(), &data);
+    assert!(open >= 16, "only {open} downloads are being served");
+    tokio::time::sleep(hush::limits::BLOB_IDLE_TIMEOUT + std::time::Duration::from_secs(10)).await;
+    let still = open_blob_files(server.pid(), &data);
+    assert_eq!(
+        still,
+        0,
+        "{still} downloads nobody read for {:?} still hold the blob open (and a buffer each)",
+        hush::limits::BLOB_IDLE_TIMEOUT + std::time::Duration::from_secs(10)
+    );
+    drop(held);
+}
+
+/// alice opens an upload, streams part of it and cancels it while the
+/// stream still writes. Either the cancel is refused while the stream
+/// writes, or the stream takes no more bytes: a cancelled upload never
+/// becomes a whole blob the server accepted outside the quota. (Before:
+/// the cancel freed the quota and the upload slot, and the stream went on
+/// writing into the unlinked file to the end, three times over a quota
+/// that holds one.)
+async fn an_upload_cancelled_while_it_streams_takes_no_more_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("server");
+    let server = Hushd::start_with(&data, "127.0.0.1:0", &[("HUSHD_STORAGE_QUOTA_MB", "2")]);
+    let (_key, conn, mut mls) = registered_member(&server).await;
+    let g = mls.create_group(&conn.status().await.unwrap().removal_key).unwrap();
+    conn.create_group(g.group_info, g.ratchet_tree).await.unwrap();
+    let (_, outsider) = registered_client(&server).await;
+    let size = hush::files::Layout::of_size(1_500_000).unwrap().blob;
+    let half = usize::try_from(size / 2).unwrap();
+    let rest = usize::try_from(size).unwrap() - half;
+    for round in 0..3 {
+        let state = conn.upload_open(&g.id, size).await.unwrap();
+        let mut stream = conn.upload_stream(state.id, 0).await.unwrap();
+        stream.write(&vec![7u8; half]).await.unwrap();
+        let path = data.join("blobs").join(hex(&state.id));
+        wait_for_bytes("the upload", 1, || std::fs::metadata(&path).map_or(0, |m| m.len()));
+        // Someone else's cancel meanwhile hears what a missing file gets,
+        // not that the upload is being written.
+        let other = outsider.upload_cancel(state.id).await.unwrap_err();
+        assert_eq!(other.to_string(), outsider.upload_cancel([7; 16]).await.unwrap_err().to_string());
+        let cancelled = conn.upload_cancel(state.id).await;
+        if cancelled.is_err() {
+            // Refused while it streams: it still counts. End the stream,
+            // then the cancel goes through.
+            let held = stream.finish().await.unwrap();
+            assert_eq!(held.hash, None);
+            conn.upload_cancel(state.id).await.unwrap();
+            continue;
+        }
+        let _ = stream.write(&vec![7u8; rest]).await;
+        let finished = stream.finish().await;
+        assert!(
+            !matches!(finished, Ok(hush::wire::UploadState { hash: Some(_), .. })),
+            "round {round}: the server took all {size} bytes of an upload it had cancelled (its quota and slot \
+             were already free): {finished:?}"
+        );
+    }
+}
+
+/// bob interrupts `hush get` (Ctrl-C) half way: no partial plaintext is
+/// left behind in his directory (the temporary file goes as it does when a
+/// download fails).
+fn an_interrupted_get_leaves_no_partial_plaintext() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("server"));
+    let (alice, bob, _carol) = team(&server, tmp.path());
+    let original = tmp.path().join("secret.bin");
+    marked_file(&original, 128 * 1024 * 1024);
+    ok(hush(&alice.home, &["send", "team", "--file", original.to_str().unwrap()]));
+    run_ok(&bob, &["sync"]);
+    let id = only_file(&bob)["id"].as_str().unwrap().to_string();
+    let inbox = tmp.path().join("inbox");
+    std::fs::create_dir(&inbox).unwrap();
+    let fetching = spawn_hush(&inbox, &bob.home, &["get", "team", &id]);
+    let partial = || {
+        std::fs::read_dir(&inbox)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok()?.metadata().ok())
+            .map_or(0, |m| m.len())
+    };
+    wait_for_bytes("the download", 1024 * 1024, partial);
+    let sent = std::process::Command::new("kill").args(["-INT", &fetching.id().to_string()]).status().unwrap();
+    assert!(sent.success());
+    let (status, err) = finish(fetching);
+    assert!(!status.success(), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&inbox).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(left.is_empty(), "an interrupted get left {left:?} (plaintext) behind");
+}
+
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 crate::on_both_backends! {
@@ -412,6 +535,11 @@ crate::on_both_backends! {
         hostile_file_names_are_saved_safely_inside_the_target_directory,
         transfers_resume_after_the_server_is_killed,
         eight_uploads_at_once_stay_within_a_memory_bound_and_the_quota_holds,
+        an_interrupted_get_leaves_no_partial_plaintext,
     ],
-    async: [outsiders_get_what_a_missing_file_gets]
+    async: [
+        outsiders_get_what_a_missing_file_gets,
+        stalled_downloads_are_given_up,
+        an_upload_cancelled_while_it_streams_takes_no_more_bytes,
+    ]
 }

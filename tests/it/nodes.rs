@@ -438,3 +438,35 @@ async fn a_restarted_node_takes_no_replayed_wake_up() {
     }
     drop(node2);
 }
+
+/// One device opens uploads on two nodes at once, with room in its quota
+/// for one: never do both fit (each node's check must see the other's
+/// open, as the device cap's does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_never_both_open_an_upload_the_quota_has_room_for_once() {
+    if !on_postgres() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("node1"), tmp.path().join("node2"));
+    let env = [("HUSHD_REQUESTS_PER_SECOND_PER_ACCOUNT", "1000000"), ("HUSHD_STORAGE_QUOTA_MB", "1")];
+    let node1 = Hushd::start_with(&a, "127.0.0.1:0", &env);
+    second_node(&a, &b);
+    let node2 = Hushd::start_with(&b, "127.0.0.1:0", &env);
+    let (key, one, mut mls) = registered_member(&node1).await;
+    let g = mls.create_group(&one.status().await.unwrap().removal_key).unwrap();
+    one.create_group(g.group_info, g.ratchet_tree).await.unwrap();
+    let two = Connection::connect(&node2.address, &key).await.unwrap();
+    let size = hush::files::Layout::of_size(700_000).unwrap().blob;
+    let mut both = 0;
+    for _ in 0..40 {
+        let (x, y) = tokio::join!(one.upload_open(&g.id, size), two.upload_open(&g.id, size));
+        if x.is_ok() && y.is_ok() {
+            both += 1;
+        }
+        for state in [x, y].into_iter().flatten() {
+            one.upload_cancel(state.id).await.unwrap();
+        }
+    }
+    assert_eq!(both, 0, "{both} of 40 times both nodes opened an upload where the quota had room for one");
+}

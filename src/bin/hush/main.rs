@@ -341,7 +341,11 @@ fn run(cli: Cli) -> Result<()> {
             let saved = online_mut(&home, async |app, conn| {
                 let g = app.resolve_group(&group)?;
                 let mut bar = transfer::Bar::new("fetching");
-                app.save_file(conn, &g, &file_id, target, &mut bar).await
+                // Ctrl-C drops the transfer, which removes its partial file.
+                tokio::select! {
+                    saved = app.save_file(conn, &g, &file_id, target, &mut bar) => saved,
+                    _ = tokio::signal::ctrl_c() => Err(AppError::File("interrupted; nothing was saved".into())),
+                }
             })?;
             out!("{}", saved.display());
             Ok(())

@@ -299,6 +299,9 @@ impl App {
             Target::Into(dir) => (dir.clone(), Some(safe_name(&row.file.name))),
         };
         let (temp_path, mut temp) = temp_file(&dir)?;
+        // Removed however this ends: an error, or the future dropped (the
+        // person pressed Ctrl-C): never a partial file left behind.
+        let _temp = RemovedOnDrop(temp_path.clone());
         let fetched = self.fetch_into(conn, &row.file, &mut temp, progress).await;
         let result = fetched.and_then(|()| {
             temp.sync_all().map_err(|e| AppError::File(format!("cannot write {}: {e}", dir.display())))?;
@@ -308,7 +311,6 @@ impl App {
                 Target::Into(_) => place_numbered(&temp_path, &dir, name.as_deref().unwrap_or("file")),
             }
         });
-        let _ = std::fs::remove_file(&temp_path);
         result
     }
 
@@ -463,6 +465,15 @@ pub(crate) async fn upload_from(
             Err(AppError::File("the server stored other bytes than this device sent; send the file again".into()))
         }
         None => Ok(None),
+    }
+}
+
+/// A file removed when this is dropped.
+struct RemovedOnDrop(PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
