@@ -18,7 +18,7 @@
 //!   server writes a length-prefixed `Blob` frame, then the range's bytes,
 //!   read through one buffer of [`BLOB_IO_BUFFER`] bytes.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -37,11 +37,20 @@ use crate::wire::{ErrorCode, Request, Response, UploadState};
 pub const BLOB_DIR: &str = "blobs";
 
 /// The directory of blob files, and the uploads being written now.
-#[derive(Debug)]
 pub struct BlobStore {
     dir: PathBuf,
     /// Blobs with an upload stream in progress (one stream per blob).
     writing: Mutex<HashSet<[u8; 16]>>,
+    /// The hash of each unfinished upload's durable bytes as its last
+    /// stream left it, so the next stream goes on from there instead of
+    /// reading them back (after a restart it reads them once).
+    hashes: Mutex<HashMap<[u8; 16], (u64, ring::digest::Context)>>,
+}
+
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobStore").field("dir", &self.dir).finish_non_exhaustive()
+    }
 }
 
 /// Lowercase hex of an id.
@@ -53,7 +62,7 @@ impl BlobStore {
     /// Opens (creating, mode 0700) the blob directory.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
         crate::auth::identity::private_dir(dir).map_err(|e| std::io::Error::other(e.to_string()))?;
-        Ok(Self { dir: dir.to_path_buf(), writing: Mutex::new(HashSet::new()) })
+        Ok(Self { dir: dir.to_path_buf(), writing: Mutex::new(HashSet::new()), hashes: Mutex::new(HashMap::new()) })
     }
 
     pub fn dir(&self) -> &Path {
@@ -67,11 +76,17 @@ impl BlobStore {
 
     /// Removes blob `id`'s bytes (nothing if there are none).
     pub fn remove(&self, id: &[u8; 16]) {
+        self.hashes.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         match std::fs::remove_file(self.path(id)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => warn!("could not remove a blob file: {e}"),
         }
+    }
+
+    /// Keeps the hash of upload `id`'s first `at` bytes for its next stream.
+    fn keep_hash(&self, id: [u8; 16], at: u64, ctx: ring::digest::Context) {
+        self.hashes.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (at, ctx));
     }
 
     /// The hold on blob `id` an upload stream (or a cancel) needs, `None`
@@ -236,7 +251,11 @@ async fn receive(shared: &Shared, state: UploadState, recv: &mut RecvStream) -> 
     // Bytes after the recorded offset were never acknowledged: drop them.
     debug!(start, on_disk, "writing an upload");
     file.set_len(start).await?;
-    let mut hash = hash_prefix(&mut file, start).await?;
+    let kept = shared.blobs.hashes.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    let mut hash = match kept {
+        Some((at, ctx)) if at == start => ctx,
+        _ => hash_prefix(&mut file, start).await?,
+    };
     file.seek(SeekFrom::Start(start)).await?;
     let mut received = start;
     let mut synced = start;
@@ -286,11 +305,13 @@ async fn receive(shared: &Shared, state: UploadState, recv: &mut RecvStream) -> 
         file.set_len(received).await?;
         file.sync_data().await?;
         shared.engine.blob_received(id, received).await.map_err(std::io::Error::other)?;
+        shared.blobs.keep_hash(id, received, hash);
         return Ok(refusal);
     }
     file.sync_all().await?;
     if received < size {
         shared.engine.blob_received(id, received).await.map_err(std::io::Error::other)?;
+        shared.blobs.keep_hash(id, received, hash);
         return Ok(Response::Upload(UploadState { id, size, received, hash: None }));
     }
     let mut digest = [0u8; 32];

@@ -528,6 +528,41 @@ fn an_interrupted_get_leaves_no_partial_plaintext() {
 
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Bytes the server process has read from files (`rchar`: read calls,
+/// page cache or not; network datagrams are not counted).
+fn read_by(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines().find_map(|l| l.strip_prefix("rchar: ")).unwrap().trim().parse().unwrap()
+}
+
+/// Red team: resuming an upload must not cost the server a read of all it
+/// holds. Streams that resume and send nothing, over and over, read
+/// (almost) nothing.
+async fn resuming_an_upload_does_not_read_back_what_the_server_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("server"));
+    let alice = person(&server, tmp.path(), "alice");
+    run_ok(&alice, &["group", "create", "team"]);
+    let group = {
+        let app = hush::client::app::App::open(&alice.home, device_key(&alice), server.address.clone()).unwrap();
+        app.resolve_group("team").unwrap().id
+    };
+    let conn = hush::client::Connection::connect(&server.address, &device_key(&alice)).await.unwrap();
+    let size = hush::files::Layout::of_size(16 * 1024 * 1024).unwrap().blob;
+    let state = conn.upload_open(&group, size).await.unwrap();
+    let held = 9 * 1024 * 1024;
+    let mut stream = conn.upload_stream(state.id, 0).await.unwrap();
+    stream.write(&vec![0x42; held]).await.unwrap();
+    assert_eq!(stream.finish().await.unwrap().received, held as u64);
+    let before = read_by(server.pid());
+    for _ in 0..10 {
+        let stream = conn.upload_stream(state.id, held as u64).await.unwrap();
+        assert_eq!(stream.finish().await.unwrap().received, held as u64);
+    }
+    let read = read_by(server.pid()) - before;
+    assert!(read < held as u64, "10 empty resumes made the server read {} MiB", read >> 20);
+}
+
 crate::on_both_backends! {
     sync: [
         a_large_file_reaches_every_member_byte_identical_and_the_server_holds_no_plaintext,
@@ -538,6 +573,7 @@ crate::on_both_backends! {
         an_interrupted_get_leaves_no_partial_plaintext,
     ],
     async: [
+        resuming_an_upload_does_not_read_back_what_the_server_holds,
         outsiders_get_what_a_missing_file_gets,
         stalled_downloads_are_given_up,
         an_upload_cancelled_while_it_streams_takes_no_more_bytes,
