@@ -320,6 +320,17 @@ async fn receive(shared: &Shared, state: UploadState, recv: &mut RecvStream) -> 
     Ok(Response::Upload(UploadState { id, size, received, hash: Some(digest) }))
 }
 
+/// Answers a download stream with `response` alone (length-prefixed, as
+/// a download's head is).
+pub(crate) async fn refuse_download(mut send: SendStream, response: &Response) {
+    super::metrics::metrics().request("download", response);
+    let Ok(frame) = response.encode() else { return };
+    let Ok(len) = u32::try_from(frame.len()) else { return };
+    if write_or_give_up(&mut send, &len.to_be_bytes()).await && write_or_give_up(&mut send, &frame).await {
+        let _ = send.finish();
+    }
+}
+
 /// Serves a download: the Delivery Service's answer, then the bytes.
 pub(crate) async fn serve_download(
     shared: &Shared,

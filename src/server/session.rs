@@ -25,7 +25,9 @@ use super::Shared;
 use crate::auth::tls::device_of_peer;
 use crate::auth::DeviceId;
 use crate::delivery::{Caller, Origin};
-use crate::limits::{DEVICE_RECEIVE_WINDOW, MAX_STRANGER_FRAME, REQUEST_BUDGET_PER_CONNECTION, SHUTDOWN_GRACE};
+use crate::limits::{
+    BLOB_IO_BUFFER, DEVICE_RECEIVE_WINDOW, MAX_STRANGER_FRAME, REQUEST_BUDGET_PER_CONNECTION, SHUTDOWN_GRACE,
+};
 use crate::util::now_unix;
 use crate::wire::{close, DecodeError, ErrorCode, Request, Response};
 
@@ -166,11 +168,32 @@ async fn serve_stream(session: &Session, mut send: SendStream, mut recv: RecvStr
             ("unread", Response::error(ErrorCode::Timeout, "the request was not received in time"))
         }
         Ok(Err(Refused::Stream)) => return,
+        Ok(Err(Refused::DownloadAnswer(response))) => {
+            let _ = recv.stop(VarInt::from_u32(0));
+            super::blobs::refuse_download(send, &response).await;
+            return;
+        }
         Ok(Err(Refused::Upload)) => {
             // Registered (checked when the tag was read): the stream is
             // the upload's.
-            if let Some(caller) = session.caller.get() {
-                super::blobs::serve_upload(&session.shared, *caller, send, recv).await;
+            // Its buffer is memory like a request frame's: reserved from
+            // the connection's and the server's budgets for as long as it
+            // runs, so transfers in flight are bounded as requests are.
+            let Some(caller) = session.caller.get() else { return };
+            match reserve(session, BLOB_IO_BUFFER, deadline).await {
+                Ok(budget) => {
+                    super::blobs::serve_upload(&session.shared, *caller, send, recv).await;
+                    drop(budget);
+                }
+                Err(Refused::Answer(response)) => {
+                    let _ = recv.stop(VarInt::from_u32(0));
+                    super::metrics::metrics().request("upload", &response);
+                    if let Ok(bytes) = response.encode() {
+                        let _ = send.write_all(&bytes).await;
+                        let _ = send.finish();
+                    }
+                }
+                Err(_) => {}
             }
             return;
         }
@@ -184,8 +207,14 @@ async fn serve_stream(session: &Session, mut send: SendStream, mut recv: RecvStr
                 Ok(request @ Request::Download { .. }) => {
                     drop(frame);
                     drop(budget);
-                    if let Some(caller) = session.caller.get() {
-                        super::blobs::serve_download(&session.shared, *caller, request, send).await;
+                    let Some(caller) = session.caller.get() else { return };
+                    match reserve(session, BLOB_IO_BUFFER, deadline).await {
+                        Ok(budget) => {
+                            super::blobs::serve_download(&session.shared, *caller, request, send).await;
+                            drop(budget);
+                        }
+                        Err(Refused::Answer(response)) => super::blobs::refuse_download(send, &response).await,
+                        Err(_) => {}
                     }
                     return;
                 }
@@ -233,6 +262,8 @@ enum Refused {
     Stream,
     /// An upload: its head and bytes are read by [`super::blobs`].
     Upload,
+    /// Answer a download with this (in the download's framing).
+    DownloadAnswer(Response),
 }
 
 /// Memory reserved for one request frame: given back when dropped.
@@ -277,6 +308,20 @@ async fn read_request(
         }
     }
     let [tag] = tag;
+    match read_rest(session, recv, deadline, tag).await {
+        // A download's answers are length-prefixed (its bytes follow).
+        Err(Refused::Answer(response)) if tag == Request::DOWNLOAD_TAG => Err(Refused::DownloadAnswer(response)),
+        other => other,
+    }
+}
+
+/// [`read_request`] once the tag is read.
+async fn read_rest(
+    session: &Session,
+    recv: &mut RecvStream,
+    deadline: Instant,
+    tag: u8,
+) -> Result<(Vec<u8>, Budget), Refused> {
     // Every request spends rate budget (the account's, or a stranger's
     // address's), even one that is refused next.
     if let Err(wait) = rate_check(session) {

@@ -109,6 +109,9 @@ impl Request {
     /// The tag of an upload head: the blob's bytes follow it on the stream
     /// (the server reads the head, then streams the rest to disk).
     pub const UPLOAD_TAG: u8 = 0x19;
+    /// The tag of a download: its answers (errors too) are a `u32`
+    /// length and the response frame, then the blob's bytes.
+    pub const DOWNLOAD_TAG: u8 = 0x1a;
 }
 
 requests! {

@@ -414,10 +414,11 @@ fn open_blob_files(pid: u32, data_dir: &Path) -> usize {
 }
 
 /// A member asks for a file many times and never reads the bytes (a
-/// slowloris reader): the server gives up on those streams once they make
-/// no progress for [`hush::limits::BLOB_IDLE_TIMEOUT`], as it does for a
-/// stalled upload, instead of holding a file and a buffer for each of
-/// them for as long as the connection lives.
+/// slowloris reader): no more transfers run at once than the connection's
+/// memory budget holds buffers, and the server gives up on those streams
+/// once they make no progress for [`hush::limits::BLOB_IDLE_TIMEOUT`], as
+/// it does for a stalled upload, instead of holding a file and a buffer
+/// for each of them for as long as the connection lives.
 async fn stalled_downloads_are_given_up() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("server");
@@ -429,14 +430,19 @@ async fn stalled_downloads_are_given_up() {
     run_ok(&bob, &["sync"]);
     let id = id_bytes(only_file(&bob)["id"].as_str().unwrap());
     let conn = hush::client::Connection::connect(&server.address, &device_key(&bob)).await.unwrap();
+    // A transfer's buffer comes out of the connection's request budget
+    // (2 MiB): 8 at once, then the server is busy.
+    let per_connection = hush::limits::REQUEST_BUDGET_PER_CONNECTION / hush::limits::BLOB_IO_BUFFER;
     let mut held = Vec::new();
-    for _ in 0..32 {
+    for _ in 0..per_connection {
         let (head, recv) = conn.download(id, 0, 0).await.unwrap();
         assert!(matches!(head, hush::wire::Response::Blob { .. }), "{head:?}");
         held.push(recv);
     }
+    let (head, _) = conn.download(id, 0, 0).await.unwrap();
+    assert!(matches!(head, hush::wire::Response::Error { code: hush::wire::ErrorCode::RateLimited, .. }), "{head:?}");
     let open = open_blob_files(server.pid(), &data);
-    assert!(open >= 16, "only {open} downloads are being served");
+    assert!(open >= per_connection, "only {open} downloads are being served");
     tokio::time::sleep(hush::limits::BLOB_IDLE_TIMEOUT + std::time::Duration::from_secs(10)).await;
     let still = open_blob_files(server.pid(), &data);
     assert_eq!(
