@@ -19,6 +19,14 @@ use crate::wire::Response;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// Measurements of each transfer; their medians are compared.
+const ROUNDS: usize = 3;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
 /// Uploads the file at `path` to `group` on `conn`; returns its blob id.
 async fn upload(conn: &Connection, group: &[u8], path: &Path, size: u64) -> Result<([u8; 16], FileKey), BenchError> {
     let layout = Layout::of_size(size).ok_or_else(|| BenchError("file too large".into()))?;
@@ -123,22 +131,31 @@ pub(super) async fn file_rows(
         bytes.truncate(usize::try_from(size).map_err(fail)?);
         std::fs::write(&path, bytes).map_err(fail)?;
     }
+    // Rounds alternate which goes first, and medians are compared: the
+    // machine's speed drifts during a run, and both see the same drift.
     let raw = RawServer::start(Mode::Bulk).await?;
-    let (raw_up, raw_down) = raw_bulk(&raw, size).await?;
-    let disk = tokio::task::spawn_blocking({
-        let dir = dir.to_path_buf();
-        move || raw_write(&dir, size)
-    })
-    .await
-    .map_err(fail)??;
-
-    let t = Instant::now();
-    let (id, key) = upload(&pair.alice, &pair.group, &path, size).await?;
-    let up = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    download(&pair.bob, id, &key, size).await?;
-    let down = t.elapsed().as_secs_f64();
+    let (mut ups, mut downs, mut raw_ups, mut raw_downs, mut disks) = (vec![], vec![], vec![], vec![], vec![]);
+    for round in 0..ROUNDS {
+        for hush_first in [round % 2 == 0, round % 2 != 0] {
+            if hush_first {
+                let t = Instant::now();
+                let (id, key) = upload(&pair.alice, &pair.group, &path, size).await?;
+                ups.push(t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                download(&pair.bob, id, &key, size).await?;
+                downs.push(t.elapsed().as_secs_f64());
+            } else {
+                let (up, down) = raw_bulk(&raw, size).await?;
+                raw_ups.push(up);
+                raw_downs.push(down);
+                let dir = dir.to_path_buf();
+                disks.push(tokio::task::spawn_blocking(move || raw_write(&dir, size)).await.map_err(fail)??);
+            }
+        }
+    }
     raw.endpoint.close(quinn::VarInt::from_u32(0), b"done");
+    let (up, down, raw_up, raw_down, disk) =
+        (median(ups), median(downs), median(raw_ups), median(raw_downs), median(disks));
     let rate = |secs: f64| if secs > 0.0 { size as f64 / MIB / secs } else { 0.0 };
 
     // 8 uploads at once, each on its own connection of alice's device.

@@ -457,6 +457,9 @@ pub(crate) async fn upload_from(
             };
         }
         progress.advance(pos);
+        // Sealing is work without a wait: let the connection (and, in one
+        // process with a server, everything else) run between chunks.
+        tokio::task::yield_now().await;
     }
     let stored = match stream {
         Some(stream) => stream.finish().await?.hash,
