@@ -159,8 +159,7 @@ fn the_whole_scenario_leaves_no_plaintext_on_the_server_and_client_files_are_pri
     let dir = server.data_dir.clone();
     let (_, stderr) = server.terminate();
     assert!(!stderr.contains(&marker));
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
+    for path in files_under(&dir) {
         let bytes = std::fs::read(&path).unwrap();
         assert!(!bytes.windows(marker.len()).any(|w| w == marker.as_bytes()), "plaintext in {}", path.display());
     }

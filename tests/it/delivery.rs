@@ -245,8 +245,7 @@ async fn the_server_stores_only_ciphertext() {
     let (_, stderr) = tokio::task::spawn_blocking(move || server.terminate()).await.unwrap();
     assert!(!stderr.contains(&marker));
     let mut scanned = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
+    for path in files_under(&dir) {
         let bytes = std::fs::read(&path).unwrap();
         scanned += bytes.len();
         assert!(!bytes.windows(marker.len()).any(|w| w == marker.as_bytes()), "plaintext found in {}", path.display());

@@ -171,8 +171,8 @@ fn a_linked_device_reads_and_writes_as_the_same_person() {
     }
 
     // The hand-over went through the server sealed.
-    for entry in std::fs::read_dir(&server.data_dir).unwrap() {
-        let bytes = std::fs::read(entry.unwrap().path()).unwrap_or_default();
+    for path in files_under(&server.data_dir) {
+        let bytes = std::fs::read(path).unwrap_or_default();
         for marker in [marker_contact, marker_group] {
             assert!(!bytes.windows(marker.len()).any(|w| w == marker.as_bytes()), "{marker} on the server");
         }

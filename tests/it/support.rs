@@ -285,6 +285,23 @@ pub fn run_within(cmd: &mut Command, limit: Duration) -> Output {
     Output { status, stdout: out_thread.join().unwrap(), stderr: err_thread.join().unwrap() }
 }
 
+/// Every file under `dir`, in its subdirectories too (the blob directory).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
 /// Runs `hush --home HOME ARGS...` in the directory `cwd`.
 pub fn hush_in(cwd: &Path, home: &Path, args: &[&str]) -> Output {
     let mut cmd = base_command(env!("CARGO_BIN_EXE_hush"));

@@ -34,6 +34,10 @@ use crate::wire::{close, ErrorCode, Response, UploadState};
 /// up (one second apart, and as long as connecting takes).
 pub const TRANSFER_RETRIES: u32 = 60;
 
+/// Upload streams in a row that may end without the server holding more
+/// before the upload is given up.
+pub const TRANSFER_STALLS: u32 = 5;
+
 /// How far a transfer has come, for a progress bar.
 pub trait Progress: Send {
     /// The transfer has `total` bytes.
@@ -194,8 +198,12 @@ impl App {
         progress: &mut dyn Progress,
     ) -> Result<[u8; 32], AppError> {
         let mut tries = 0;
+        // Streams in a row after which the server held no more than
+        // before: a server that keeps stopping the upload is given up on.
+        let mut stalled = 0;
         progress.start(layout.blob);
         loop {
+            let before = state.received;
             match upload_from(conn, path, key, layout, &state, progress).await {
                 Ok(Some(hash)) => {
                     progress.finish();
@@ -214,6 +222,16 @@ impl App {
                     Err(e) => return Err(e.into()),
                 }
             };
+            if state.received <= before {
+                stalled += 1;
+                if stalled >= TRANSFER_STALLS {
+                    return Err(AppError::File(
+                        "the server keeps stopping the upload without taking more of it; try again later".into(),
+                    ));
+                }
+            } else {
+                stalled = 0;
+            }
             resumed_at.push(state.received);
             progress.note(&format!("resuming the upload at {} of {} bytes", state.received, layout.blob));
         }
