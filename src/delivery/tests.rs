@@ -1481,6 +1481,16 @@ fn blobs_follow_membership_quotas_and_retention() {
     let gone = sweep(&mut net, now + 30 * 86_400 + 1);
     assert_eq!(gone, vec![id]);
     assert_eq!(net.code(&bob, download(id, 0, 0)), missing);
+    // A group nobody is in any more loses its blobs at the next sweep,
+    // however young they are.
+    let Response::Upload(young) = net.ok(&alice, open(size)) else { panic!() };
+    let now = net.now;
+    in_unit!(&mut net.store, st => st.complete_blob(&young.id, &[8; 32], now).unwrap());
+    assert!(sweep(&mut net, now + 1).is_empty());
+    for device in net.current_members(&g) {
+        in_unit!(&mut net.store, st => st.remove_member(&g, &device, 99, 99).unwrap());
+    }
+    assert_eq!(sweep(&mut net, now + 1), vec![young.id]);
 }
 
 rules! {
