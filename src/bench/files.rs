@@ -19,6 +19,9 @@ use crate::wire::Response;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// Times an upload is resumed after a stall before the bench gives up.
+const RESUMES: usize = 5;
+
 /// Measurements of each transfer; their medians are compared.
 const ROUNDS: usize = 3;
 
@@ -31,11 +34,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 async fn upload(conn: &Connection, group: &[u8], path: &Path, size: u64) -> Result<([u8; 16], FileKey), BenchError> {
     let layout = Layout::of_size(size).ok_or_else(|| BenchError("file too large".into()))?;
     let key = FileKey::random().map_err(fail)?;
-    let state = conn.upload_open(group, layout.blob).await.map_err(fail)?;
-    match upload_from(conn, path, &key, layout, &state, &mut Quiet).await.map_err(fail)? {
-        Some(_) => Ok((state.id, key)),
-        None => Err(BenchError("the upload ended early".into())),
+    let mut state = conn.upload_open(group, layout.blob).await.map_err(fail)?;
+    // As `hush send` does: a stream that stalls (a loaded machine, a slow
+    // flush) is resumed where the server holds bytes, a few times.
+    for _ in 0..RESUMES {
+        match upload_from(conn, path, &key, layout, &state, &mut Quiet).await {
+            Ok(Some(_)) => return Ok((state.id, key)),
+            Ok(None) | Err(crate::client::app::AppError::Client(crate::client::ClientError::Timeout(_))) => {
+                state = conn.upload_status(state.id).await.map_err(fail)?;
+            }
+            Err(e) => return Err(fail(e)),
+        }
     }
+    Err(BenchError("the upload kept stalling".into()))
 }
 
 /// Downloads and checks blob `id` (a file of `size` bytes under `key`).

@@ -4,7 +4,10 @@
 //! KeyPackage claim; version 3 (group repair) added the GroupInfo every
 //! commit carries and `FetchGroupInfo`; version 4 (verifiable delivery,
 //! [`crate::chain`]) added each group's chain head to `Accepted`, to every
-//! fetched and pushed message, and `Head` / `SignedHead`. A peer of another version fails the
+//! fetched and pushed message, and `Head` / `SignedHead`; files (issue 32)
+//! added requests 0x17–0x1b and responses 0x11–0x12 without changing any
+//! existing frame, so they kept the version: an older server answers them
+//! with `UnknownRequest`. A peer of another version fails the
 //! ALPN negotiation instead of misreading frames.
 //!
 //! Everything a second client needs to interoperate is on this page.
@@ -66,6 +69,11 @@
 //! | 0x14 | `LinkAnswer` | `[u8; 16]` link id, `bytes16<1024>` device certificate for the offering key, `bytes32<1044480>` sealed bundle (with each group's state, see [`crate::client::link`]) |
 //! | 0x15 | `LinkResult` | `[u8; 16]` link id (the offering key) |
 //! | 0x16 | `Head` | `bytes8<255>` group id, `u64` sequence: the server's signature over the group's chain head after that message (one the caller may read, or the group's last) |
+//! | 0x17 | `UploadOpen` | `bytes8<255>` group id, `u64` size: a padded blob size ([`crate::files::Layout::of_blob`]) for a group the caller is a current member of |
+//! | 0x18 | `UploadStatus` | `[u8; 16]` blob id (the caller's own upload) |
+//! | 0x19 | `Upload` | `[u8; 16]` blob id, `u64` offset (the bytes the server holds): the head of an upload stream; the blob's bytes from `offset` follow on the stream until the client finishes it, and the server answers once with `Upload` (or an error) |
+//! | 0x1a | `Download` | `[u8; 16]` blob id, `u64` offset, `u64` length (0: to the end): answered, unlike any other request, with a `u32` length and a response frame (`Blob`, or an error), then the range's bytes |
+//! | 0x1b | `UploadCancel` | `[u8; 16]` blob id (the caller's own unfinished upload) |
 //!
 //! ## Response frames
 //!
@@ -88,6 +96,8 @@
 //! | 0x0e | `Linked` | `bytes16<1024>` the device certificate, `bytes32<1044480>` the sealed bundle |
 //! | 0x0f | `LinkPending` | none: the other device has not answered yet |
 //! | 0x10 | `SignedHead` | `bytes8<255>` group id, `u64` sequence, `[u8; 32]` head, `[u8; 32]` the server's Ed25519 key (the one the address pins), `[u8; 64]` its signature over the head ([`crate::chain::SignedHead::message`]) |
+//! | 0x11 | `Upload` | `[u8; 16]` blob id, `u64` size, `u64` bytes the server holds durably (where the next upload stream starts), `option<[u8; 32]>` the SHA-256 of the blob as stored, once complete |
+//! | 0x12 | `Blob` | `u64` size, `[u8; 32]` SHA-256 of the blob, `u64` offset, `u64` length of the range that follows |
 //!
 //! `detail` is 0 unless the code says otherwise ([`ErrorCode`]).
 //!
