@@ -43,6 +43,13 @@ async fn upload(conn: &Connection, group: &[u8], path: &Path, size: u64) -> Resu
             Ok(None) | Err(crate::client::app::AppError::Client(crate::client::ClientError::Timeout(_))) => {
                 state = conn.upload_status(state.id).await.map_err(fail)?;
             }
+            Err(crate::client::app::AppError::Client(crate::client::ClientError::Server {
+                code: crate::wire::ErrorCode::RateLimited,
+                ..
+            })) => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                state = conn.upload_status(state.id).await.map_err(fail)?;
+            }
             Err(e) => return Err(fail(e)),
         }
     }

@@ -47,6 +47,14 @@ impl UploadStream {
         }
     }
 
+    /// Abandons the stream: the server stops reading it at once (and keeps
+    /// what it made durable), so a resumed upload is not told that this
+    /// one is still being written.
+    pub fn reset(mut self) {
+        let _ = self.send.reset(VarInt::from_u32(0));
+        let _ = self.recv.stop(VarInt::from_u32(0));
+    }
+
     /// Ends the stream and returns where the upload stands.
     pub async fn finish(mut self) -> Result<UploadState, ClientError> {
         let _ = self.send.finish();

@@ -204,6 +204,7 @@ impl App {
         progress.start(layout.blob);
         loop {
             let before = state.received;
+            let mut waited = false;
             match upload_from(conn, path, key, layout, &state, progress).await {
                 Ok(Some(hash)) => {
                     progress.finish();
@@ -213,6 +214,15 @@ impl App {
                 Ok(None) => {}
                 Err(AppError::Client(e)) if transient(&e) => self.reconnect(conn, &mut tries, progress).await?,
                 Err(AppError::Client(ClientError::Server { code: ErrorCode::UploadOffset, .. })) => {}
+                // The server still ends an earlier stream of this upload.
+                Err(AppError::Client(ClientError::Server { code: ErrorCode::RateLimited, detail, .. })) => {
+                    tries += 1;
+                    if tries >= TRANSFER_RETRIES {
+                        return Err(AppError::File("the server kept the upload busy; try again later".into()));
+                    }
+                    tokio::time::sleep(Duration::from_millis(detail.clamp(250, 5000))).await;
+                    waited = true;
+                }
                 Err(e) => return Err(e),
             }
             state = loop {
@@ -222,7 +232,7 @@ impl App {
                     Err(e) => return Err(e.into()),
                 }
             };
-            if state.received <= before {
+            if state.received <= before && !waited {
                 stalled += 1;
                 if stalled >= TRANSFER_STALLS {
                     return Err(AppError::File(
@@ -464,8 +474,14 @@ pub(crate) async fn upload_from(
         let from = usize::try_from(state.received.saturating_sub(start)).unwrap_or(0);
         let Some(open) = stream.as_mut() else { continue };
         if let Err(e) = open.write(chunk.get(from..).unwrap_or_default()).await {
-            // The server may have stopped the stream: its answer says why.
             let Some(open) = stream.take() else { return Err(e.into()) };
+            if matches!(e, ClientError::Timeout(_)) {
+                // Stalled: let the server end this stream now, so the resumed
+                // one is not refused as "being written".
+                open.reset();
+                return Err(e.into());
+            }
+            // The server may have stopped the stream: its answer says why.
             return match open.finish().await {
                 Ok(_) => Ok(None),
                 Err(ClientError::Server { code, detail, message }) => {
