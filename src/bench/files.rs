@@ -22,9 +22,6 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// Times an upload is resumed after a stall before the bench gives up.
 const RESUMES: usize = 5;
 
-/// Measurements of each transfer; their medians are compared.
-const ROUNDS: usize = 3;
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -136,8 +133,9 @@ pub(super) async fn file_rows(
     pair: &Pair,
     address: &HushAddress,
     dir: &Path,
-    mib: u64,
+    settings: super::Settings,
 ) -> Result<Vec<Row>, BenchError> {
+    let (mib, uploads_at_once) = (settings.file_mib, settings.file_uploads);
     let size = mib * 1024 * 1024;
     let path = dir.join("file.bin");
     {
@@ -153,7 +151,7 @@ pub(super) async fn file_rows(
     // machine's speed drifts during a run, and both see the same drift.
     let raw = RawServer::start(Mode::Bulk).await?;
     let (mut ups, mut downs, mut raw_ups, mut raw_downs, mut disks) = (vec![], vec![], vec![], vec![], vec![]);
-    for round in 0..ROUNDS {
+    for round in 0..settings.file_rounds {
         for hush_first in [round % 2 == 0, round % 2 != 0] {
             if hush_first {
                 let t = Instant::now();
@@ -176,10 +174,11 @@ pub(super) async fn file_rows(
         (median(ups), median(downs), median(raw_ups), median(raw_downs), median(disks));
     let rate = |secs: f64| if secs > 0.0 { size as f64 / MIB / secs } else { 0.0 };
 
-    // 8 uploads at once, each on its own connection of alice's device.
+    // Uploads at once (8 in the full run), each on its own connection of
+    // alice's device.
     let idle = crate::util::rss_kib(None).unwrap_or(0) as f64 / 1024.0;
     let mut conns = Vec::new();
-    for _ in 0..8 {
+    for _ in 0..uploads_at_once {
         conns.push(Connection::connect(address, &pair.alice_id).await.map_err(fail)?);
     }
     let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -214,7 +213,7 @@ pub(super) async fn file_rows(
         Row::rate(format!("file download MiB/s, {mib} MiB, vs raw quinn bulk (same TLS)"), rate(down), rate(raw_down)),
         Row::rate(format!("file upload MiB/s, {mib} MiB, vs a raw durable write to this disk"), rate(up), rate(disk)),
         Row::cost(
-            format!("process RSS, 8 uploads of {mib} MiB at once vs idle (server and clients, MiB)"),
+            format!("process RSS, {uploads_at_once} uploads of {mib} MiB at once vs idle (server and clients, MiB)"),
             busy,
             idle,
             "MiB",

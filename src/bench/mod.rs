@@ -93,6 +93,10 @@ pub struct Settings {
     pub cli_runs: usize,
     /// Size of the file the file rows move, MiB.
     pub file_mib: u64,
+    /// Rounds of each file transfer (medians are compared), and uploads
+    /// run at once for the memory row.
+    pub file_rounds: usize,
+    pub file_uploads: usize,
     /// Whether every push must arrive. The quick mode (a smoke test that
     /// judges nothing) accepts up to a quarter missing and logs it: pushes
     /// are notifications, and a client that misses one fetches from its
@@ -113,6 +117,8 @@ impl Settings {
             min_latency_samples: 100,
             cli_runs: 50,
             file_mib: 256,
+            file_rounds: 3,
+            file_uploads: 8,
             strict: true,
         }
     }
@@ -128,6 +134,8 @@ impl Settings {
             min_latency_samples: 10,
             cli_runs: 3,
             file_mib: 8,
+            file_rounds: 1,
+            file_uploads: 2,
             strict: false,
         }
     }
@@ -312,7 +320,7 @@ pub async fn run(settings: Settings, only: &[String], progress: impl Fn(&str)) -
         progress("files");
         let files_dir = dir.path().join("files");
         std::fs::create_dir_all(&files_dir).map_err(fail)?;
-        rows.extend(files::file_rows(&pair, &address, &files_dir, settings.file_mib).await?);
+        rows.extend(files::file_rows(&pair, &address, &files_dir, settings).await?);
     }
 
     if wanted("commits") {
