@@ -411,3 +411,26 @@ pub const BLOB_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Blob ids one expiry run deletes at most (the rest wait for the next).
 pub const MAX_BLOBS_EXPIRED_PER_RUN: usize = 1024;
+
+// ---- disappearing messages (issue 33) ----
+
+/// Longest disappearing-message timer a group may set: a year. Longer is
+/// what the server's retention is for.
+pub const MAX_DISAPPEAR: Duration = Duration::from_secs(365 * 86_400);
+
+/// How often the server deletes expired messages and files by default
+/// (`sweep_seconds`): a message is gone from the server within this long
+/// after its time is up (and is never served in between).
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The longest `sweep_seconds` may be: expired messages are gone within a
+/// minute at most.
+pub const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Expired messages one sweep step deletes at most (the sweep repeats
+/// until none is left, each step its own short write).
+pub const MAX_MESSAGES_EXPIRED_PER_RUN: usize = 1024;
+
+/// How often a running `hush chat` deletes the expired messages of its
+/// history.
+pub const CLIENT_PURGE_INTERVAL: Duration = Duration::from_secs(1);

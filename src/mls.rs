@@ -15,9 +15,10 @@
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::tls_codec::Serialize as _;
 use openmls::prelude::{
-    BasicCredential, ContentType, Credential, Extension, ExternalSender, GroupContext, KeyPackage, KeyPackageIn,
-    LeafNode, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn, OpenMlsSignaturePublicKey, Proposal, ProtocolMessage,
-    ProtocolVersion, SignaturePublicKey, Verifiable as _,
+    BasicCredential, Capabilities, ContentType, Credential, Extension, ExtensionType, Extensions, ExternalSender,
+    GroupContext, KeyPackage, KeyPackageIn, LeafNode, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn,
+    OpenMlsSignaturePublicKey, Proposal, ProtocolMessage, ProtocolVersion, RequiredCapabilitiesExtension,
+    SignaturePublicKey, UnknownExtension, Verifiable as _,
 };
 use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
@@ -76,6 +77,10 @@ pub enum MlsRefusal {
     NotAWelcome,
     #[error("the Welcome does not address exactly the members the commit adds")]
     WelcomeRecipients,
+    #[error("a group's context may carry only the server as external sender, hush's settings and the capability they require ({0})")]
+    GroupExtension(&'static str),
+    #[error("hush's group settings do not decode ({0})")]
+    Settings(&'static str),
 }
 
 fn undecodable(what: &'static str) -> impl FnOnce(tls_codec::Error) -> MlsRefusal {
@@ -209,6 +214,123 @@ pub fn lists_server(context: &GroupContext, removal_key: &[u8; 32]) -> bool {
     context.extensions().external_senders().is_some_and(|senders| senders.as_slice() == [expected])
 }
 
+/// The GroupContext extension type of hush's group settings (RFC 9420
+/// §17.3 private-use range): what every member and the server read the
+/// disappearing-message timer from (DESIGN §12).
+pub const SETTINGS_EXTENSION: u16 = 0xF4A1;
+
+/// The version byte that starts the settings' encoding.
+const SETTINGS_VERSION: u8 = 1;
+
+/// A group's settings, agreed by every member through MLS: changed only by
+/// a member's commit carrying an inline GroupContextExtensions proposal,
+/// read by the server from the group context it verified.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupSettings {
+    /// Seconds after which the group's messages disappear (0: never), at
+    /// most [`crate::limits::MAX_DISAPPEAR`].
+    pub disappear_secs: u32,
+}
+
+impl GroupSettings {
+    /// The extension's bytes: the version, then the timer (`u32`,
+    /// big-endian).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![SETTINGS_VERSION];
+        out.extend_from_slice(&self.disappear_secs.to_be_bytes());
+        out
+    }
+
+    /// Reads [`GroupSettings::encode`]'s bytes, refusing anything else
+    /// (another version, trailing bytes, a timer past the limit).
+    pub fn decode(bytes: &[u8]) -> Result<Self, MlsRefusal> {
+        let [SETTINGS_VERSION, a, b, c, d] = bytes else {
+            return Err(MlsRefusal::Settings("expected version 1 and a 4-byte timer"));
+        };
+        let disappear_secs = u32::from_be_bytes([*a, *b, *c, *d]);
+        if u64::from(disappear_secs) > crate::limits::MAX_DISAPPEAR.as_secs() {
+            return Err(MlsRefusal::Settings("the timer is longer than a year"));
+        }
+        Ok(Self { disappear_secs })
+    }
+
+    /// The timer, if the group has one.
+    pub fn disappear(&self) -> Option<u32> {
+        (self.disappear_secs > 0).then_some(self.disappear_secs)
+    }
+
+    /// The group context extensions of a group with these settings whose
+    /// one external sender is the server's `removal_key`: the sender, the
+    /// settings and the capability every member must have to read them.
+    pub fn extensions(&self, removal_key: &[u8; 32]) -> Result<Extensions<GroupContext>, MlsRefusal> {
+        Extensions::from_vec(vec![
+            Extension::ExternalSenders(vec![server_sender(removal_key)]),
+            Extension::RequiredCapabilities(RequiredCapabilitiesExtension::new(
+                &[ExtensionType::Unknown(SETTINGS_EXTENSION)],
+                &[],
+                &[],
+            )),
+            Extension::Unknown(SETTINGS_EXTENSION, UnknownExtension(self.encode())),
+        ])
+        .map_err(|_| MlsRefusal::GroupExtension("repeated extension"))
+    }
+}
+
+/// The leaf capabilities every hush member advertises: openmls's defaults
+/// and hush's settings extension (a group that has settings requires it of
+/// every member, so a client that could not read the timer is never added).
+pub fn member_capabilities() -> Capabilities {
+    Capabilities::builder().extensions(vec![ExtensionType::Unknown(SETTINGS_EXTENSION)]).build()
+}
+
+/// Checks a group context's extensions (a new group's, or what a commit's
+/// GroupContextExtensions proposal would make them) and returns the
+/// settings they hold: exactly the server's removal key as the one
+/// external sender, and besides it only hush's settings (absent: no
+/// timer) and the RequiredCapabilities that name exactly them.
+pub fn check_context_extensions(
+    extensions: &Extensions<GroupContext>,
+    removal_key: &[u8; 32],
+) -> Result<GroupSettings, MlsRefusal> {
+    let mut settings = None;
+    let mut senders = false;
+    for extension in extensions.iter() {
+        match extension {
+            Extension::ExternalSenders(list) => {
+                if list.as_slice() != [server_sender(removal_key)] {
+                    return Err(MlsRefusal::GroupExtension("the external senders are not exactly this server"));
+                }
+                senders = true;
+            }
+            Extension::RequiredCapabilities(required) => {
+                if required.extension_types() != [ExtensionType::Unknown(SETTINGS_EXTENSION)]
+                    || !required.proposal_types().is_empty()
+                    || !required.credential_types().is_empty()
+                {
+                    return Err(MlsRefusal::GroupExtension("it requires capabilities other than hush's settings"));
+                }
+            }
+            Extension::Unknown(SETTINGS_EXTENSION, UnknownExtension(bytes)) => {
+                settings = Some(GroupSettings::decode(bytes)?);
+            }
+            _ => return Err(MlsRefusal::GroupExtension("an extension hush does not use")),
+        }
+    }
+    if !senders {
+        return Err(MlsRefusal::GroupExtension("the server is not the external sender"));
+    }
+    Ok(settings.unwrap_or_default())
+}
+
+/// The settings a group context holds, as [`check_context_extensions`]
+/// reads them (for a context already checked: default on error).
+pub fn settings_of(context: &GroupContext) -> GroupSettings {
+    match context.extensions().unknown(SETTINGS_EXTENSION) {
+        Some(UnknownExtension(bytes)) => GroupSettings::decode(bytes).unwrap_or_default(),
+        None => GroupSettings::default(),
+    }
+}
+
 /// Where a proposal appears; hush accepts a different set of proposal types
 /// in each place (DESIGN §5, "Proposals hush uses, and no others").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,16 +348,20 @@ pub enum ProposalUse {
 }
 
 /// Whether hush accepts `proposal` where it appears; the refusal names
-/// the proposal type. A PreSharedKey, ReInit, GroupContextExtensions,
-/// SelfRemove or custom proposal is refused everywhere: hush never makes
-/// one, and one left pending makes every later commit fail (nobody holds
-/// the PSK, the extensions change what the server checks). An Add is
-/// accepted only inside its proposer's own commit, never pending.
+/// the proposal type. A PreSharedKey, ReInit, SelfRemove or custom
+/// proposal is refused everywhere: hush never makes one, and one left
+/// pending makes every later commit fail (nobody holds the PSK). An Add,
+/// and a GroupContextExtensions (hush's settings), are accepted only
+/// inside their proposer's own commit, never pending.
 pub fn check_proposal_use(proposal: &Proposal, place: ProposalUse) -> Result<(), UnusedProposal> {
     let allowed = match proposal {
         Proposal::Update(_) => place != ProposalUse::ExternalCommit,
         Proposal::Remove(_) => true,
         Proposal::Add(_) => place == ProposalUse::Commit,
+        // Only inline in its proposer's own commit (the caller checks it is
+        // by value), and only to change hush's settings
+        // ([`check_context_extensions`]).
+        Proposal::GroupContextExtensions(_) => place == ProposalUse::Commit,
         Proposal::ExternalInit(_) => place == ProposalUse::ExternalCommit,
         _ => false,
     };

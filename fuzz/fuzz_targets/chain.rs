@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
             // What an honest server would send, for epoch 1.
             _ => Some(at.map_or_else(|| Head::genesis(group), |p| p.head).next(seq, 1, body)),
         };
-        let m = Logged { seq, head, data: body.to_vec() };
+        let m = Logged::new(seq, head, body.to_vec());
         let before = at;
         match follow(group, at, &m) {
             Step::Verified(p) => {

@@ -251,7 +251,7 @@ mod tests {
     #[test]
     fn a_page_that_goes_back_repeats_or_passes_the_announced_end_is_refused() {
         let log = GroupLog::new(b"g", 5);
-        let m = |seq: u64| Logged { seq, head: None, data: vec![] };
+        let m = |seq: u64| Logged::new(seq, None, vec![]);
         assert!(log.check(&[m(6), m(8)], false, Some(8)).is_ok());
         assert!(matches!(log.check(&[m(5)], false, None), Err(PageError::OutOfOrder { seq: 5, previous: 5, .. })));
         assert!(matches!(log.check(&[m(7), m(7)], false, None), Err(PageError::OutOfOrder { seq: 7, .. })));

@@ -131,14 +131,14 @@ mod tests {
 
     #[test]
     fn a_message_that_is_not_mls_or_of_another_group_breaks_the_chain() {
-        let m = Logged { seq: 1, head: Some(Head([1; 32])), data: b"not mls".to_vec() };
+        let m = Logged::new(1, Some(Head([1; 32])), b"not mls".to_vec());
         assert!(matches!(follow(b"g", None, &m), Step::Broken { why: Break::NotMls { seq: 1 }, .. }));
-        let old = Logged { seq: 1, head: None, data: vec![] };
+        let old = Logged::new(1, None, vec![]);
         assert_eq!(follow(b"g", None, &old), Step::Unchained);
         // Once the chain is followed, a message without a head breaks it
         // (and the position stays).
         let at = Position { seq: 4, head: Head([2; 32]) };
-        let stripped = Logged { seq: 5, head: None, data: vec![] };
+        let stripped = Logged::new(5, None, vec![]);
         assert_eq!(follow(b"g", Some(at), &stripped), Step::Broken { why: Break::NoHead { seq: 5 }, at });
     }
 

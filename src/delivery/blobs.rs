@@ -94,6 +94,7 @@ impl Delivery {
             hash: None,
             created_at: now,
             completed_at: None,
+            expires_at: None,
         };
         store.insert_blob(&record)?;
         Ok(Outcome::wrote(Response::Upload(state(&record)), vec![]))
@@ -159,7 +160,7 @@ impl Delivery {
     ) -> Result<Outcome, Refusal<S::Error>> {
         let blob = store.blob(&id)?.ok_or_else(no_such_file)?;
         let (Some(hash), Some(done)) = (blob.hash, blob.completed_at) else { return Err(no_such_file()) };
-        if done.saturating_add(self.retention_secs) <= now {
+        if done.saturating_add(self.retention_secs) <= now || blob.expires_at.is_some_and(|t| t <= now) {
             return Err(no_such_file());
         }
         if store.membership(&blob.group, &caller.device)?.filter(Membership::is_current).is_none()

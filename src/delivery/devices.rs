@@ -215,7 +215,7 @@ impl Delivery {
         check_state_size(&state)?;
         // The server's own proposal: never the request's message.
         let digest = crate::chain::MessageDigest::of(&bytes);
-        let (seq, head) = store.append(group, record.epoch, &bytes, &digest, now)?;
+        let (seq, head) = store.append(group, record.epoch, &bytes, &digest, now, None)?;
         store.update_group(group, record.epoch, &state)?;
         let recipients = store.current_members(group)?.into();
         Ok(Some(Notification::Message { group: group.to_vec(), seq, head: Some(head), message: bytes, recipients }))

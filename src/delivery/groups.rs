@@ -72,6 +72,8 @@ impl Delivery {
                 "a new group must list this server's removal key as its one external sender (see the Status response)",
             ));
         }
+        let settings = mls::check_context_extensions(public.group_context().extensions(), &self.removal_key)
+            .map_err(|m| refuse(ErrorCode::InvalidCommit, m))?;
         // The GroupInfo is kept: a member that cannot process the first
         // commit rejoins from it.
         mls::check_group_info(&self.crypto, group_info, &public, only.index)
@@ -80,6 +82,9 @@ impl Delivery {
         let state = mls::encode_state(&storage).map_err(|e| Refusal::Internal(e.to_string()))?;
         check_state_size(&state)?;
         store.insert_group(&group, epoch, &state, now)?;
+        if settings.disappear_secs > 0 {
+            store.set_disappear(&group, settings.disappear_secs)?;
+        }
         store.set_group_info(&group, group_info)?;
         store.add_member(&group, &caller.device, &caller.account, 0)?;
         let head = crate::chain::Head::genesis(&group);
@@ -134,7 +139,10 @@ impl Delivery {
                     return Err(refuse(ErrorCode::InvalidMessage, "only commits carry a Welcome"));
                 }
                 let digest = self.digest_of(&bytes);
-                let (seq, head) = store.append(&group, epoch, &bytes, &digest, now)?;
+                // Deleted when the group's timer (as of now: a message
+                // keeps the timer it was sent under) runs out.
+                let expires = (context.disappear > 0).then(|| now.saturating_add(u64::from(context.disappear)));
+                let (seq, head) = store.append(&group, epoch, &bytes, &digest, now, expires)?;
                 let recipients = self.roster(store, &group, epoch)?;
                 Ok(Outcome::wrote(
                     Response::Accepted { group: group.clone(), seq, epoch, head },

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
-    LeafNode, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, Proposal, ProtocolMessage, QueuedProposal,
-    Sender, StagedCommit,
+    LeafNode, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, Proposal, ProposalOrRefType, ProtocolMessage,
+    QueuedProposal, Sender, StagedCommit,
 };
 use openmls_memory_storage::MemoryStorage;
 
@@ -177,7 +177,7 @@ impl Delivery {
         check_state_size(&state)?;
         let (group, epoch) = (h.group, h.record.epoch);
         let digest = self.digest_of(&h.bytes);
-        let (seq, head) = store.append(group, epoch, &h.bytes, &digest, h.now)?;
+        let (seq, head) = store.append(group, epoch, &h.bytes, &digest, h.now, None)?;
         store.update_group(group, epoch, &state)?;
         if let Some(left) = leaving {
             if store.membership(group, &left.device)?.is_some_and(|m| m.is_current()) {
@@ -210,8 +210,17 @@ impl Delivery {
         if v.sender.is_some() {
             for queued in staged.queued_proposals() {
                 mls::check_proposal_use(queued.proposal(), mls::ProposalUse::Commit).map_err(invalid_commit)?;
+                // The settings change only inline, in the committer's own
+                // commit: never a proposal left waiting for someone else.
+                if matches!(queued.proposal(), Proposal::GroupContextExtensions(_))
+                    && (queued.proposal_or_ref_type() != ProposalOrRefType::Proposal
+                        || !matches!(queued.sender(), Sender::Member(i) if Some(i.u32()) == v.sender))
+                {
+                    return Err(invalid_commit("group settings change only inline, in their proposer's own commit"));
+                }
             }
         }
+        let settings_before = mls::settings_of(v.public.group_context());
         v.check_changed_leaves(&staged, h.caller)?;
         let added = self.added_devices(store, &staged)?;
         self.check_groups_quota(store, &added)?;
@@ -220,6 +229,8 @@ impl Delivery {
         public.merge_commit(&storage, staged).map_err(|e| Refusal::Internal(format!("merging the commit: {e:?}")))?;
         let epoch = public.group_context().epoch().as_u64();
         let roster = self.check_tree(&public)?;
+        let settings = mls::check_context_extensions(public.group_context().extensions(), &self.removal_key)
+            .map_err(invalid_commit)?;
         check_whole_accounts(store, &added, &roster)?;
         // The GroupInfo of the new epoch, signed by the committer's leaf:
         // what a member that cannot process this commit rejoins from.
@@ -243,9 +254,12 @@ impl Delivery {
         check_state_size(&state)?;
         let group = h.group;
         let digest = self.digest_of(&h.bytes);
-        let (seq, head) = store.append(group, h.record.epoch, &h.bytes, &digest, h.now)?;
+        let (seq, head) = store.append(group, h.record.epoch, &h.bytes, &digest, h.now, None)?;
         store.update_group(group, epoch, &state)?;
         store.set_group_info(group, &group_info)?;
+        if settings != settings_before {
+            store.set_disappear(group, settings.disappear_secs)?;
+        }
         let before_set: BTreeSet<DeviceId> = before.iter().copied().collect();
         // Who becomes a member: the devices this commit adds, and the
         // sender of an external commit (a new device of a member's

@@ -24,9 +24,21 @@ struct Group {
     record: GroupRecord,
     members: BTreeMap<DeviceId, Membership>,
     left_epochs: BTreeMap<DeviceId, u64>,
-    log: BTreeMap<u64, (Vec<u8>, u64, Head)>,
+    log: BTreeMap<u64, Entry>,
     group_info: Option<Vec<u8>>,
     chain: Option<ChainTip>,
+}
+
+/// One message of a group's log.
+#[derive(Debug, Clone)]
+struct Entry {
+    data: Vec<u8>,
+    created: u64,
+    head: Head,
+    epoch: u64,
+    expires: Option<u64>,
+    /// Set once the timer ran out and the bytes were deleted.
+    gone: Option<MessageDigest>,
 }
 
 /// Everything in hash maps.
@@ -228,7 +240,7 @@ impl Storage for MemoryStore {
         self.groups.insert(
             group.to_vec(),
             Group {
-                record: GroupRecord { epoch, state: state.to_vec(), last_seq: 0 },
+                record: GroupRecord { epoch, state: state.to_vec(), last_seq: 0, disappear: 0 },
                 members: BTreeMap::new(),
                 left_epochs: BTreeMap::new(),
                 log: BTreeMap::new(),
@@ -243,6 +255,13 @@ impl Storage for MemoryStore {
         if let Some(g) = self.groups.get_mut(group) {
             g.record.epoch = epoch;
             g.record.state = state.to_vec();
+        }
+        Ok(())
+    }
+
+    fn set_disappear(&mut self, group: &[u8], secs: u32) -> Result<(), Infallible> {
+        if let Some(g) = self.groups.get_mut(group) {
+            g.record.disappear = secs;
         }
         Ok(())
     }
@@ -317,11 +336,13 @@ impl Storage for MemoryStore {
         message: &[u8],
         digest: &MessageDigest,
         now: u64,
+        expires: Option<u64>,
     ) -> Result<(u64, Head), Infallible> {
         let Some(g) = self.groups.get_mut(group) else { return Ok((0, Head::genesis(group))) };
         g.record.last_seq += 1;
         let tip = ChainTip::after(g.chain, group, g.record.last_seq, epoch, digest);
-        g.log.insert(g.record.last_seq, (message.to_vec(), now, tip.head));
+        let entry = Entry { data: message.to_vec(), created: now, head: tip.head, epoch, expires, gone: None };
+        g.log.insert(g.record.last_seq, entry);
         g.chain = Some(tip);
         Ok((g.record.last_seq, tip.head))
     }
@@ -340,11 +361,14 @@ impl Storage for MemoryStore {
     ) -> Result<(Messages, bool), Infallible> {
         let Some(g) = self.groups.get(group) else { return Ok((vec![], false)) };
         let mut page = Page::new(limit, byte_budget);
-        for (seq, (m, _, head)) in g.log.range(after.saturating_add(1)..) {
-            if upto.is_some_and(|u| *seq > u) || !page.fits(m.len()) {
+        for (seq, e) in g.log.range(after.saturating_add(1)..) {
+            if upto.is_some_and(|u| *seq > u) || !page.fits(e.data.len()) {
                 break;
             }
-            page.push(Logged { seq: *seq, head: Some(*head), data: m.clone() }, m.len());
+            let gone = e.gone.map(|digest| crate::wire::Gone { epoch: e.epoch, digest });
+            let logged =
+                Logged { seq: *seq, head: Some(e.head), data: e.data.clone(), expires: e.expires, gone };
+            page.push(logged, e.data.len());
         }
         Ok(page.finish())
     }
@@ -426,7 +450,7 @@ impl Storage for MemoryStore {
             devices: count(self.devices.values().filter(|d| d.revoked_at.is_none())),
             groups: count(self.groups.values()),
             messages: count(held()),
-            oldest_message: held().map(|(_, at, _)| *at).min(),
+            oldest_message: held().map(|e| e.created).min(),
             welcomes: count(self.inbox.values()),
             invites_outstanding: count(
                 self.invites.values().filter(|i| i.uses_left > 0 && i.expires_at.is_none_or(|e| e > now)),
@@ -438,7 +462,7 @@ impl Storage for MemoryStore {
     }
 
     fn database_bytes(&mut self) -> Result<u64, Infallible> {
-        let logs: usize = self.groups.values().flat_map(|g| g.log.values()).map(|(m, _, _)| m.len() + 64).sum();
+        let logs: usize = self.groups.values().flat_map(|g| g.log.values()).map(|e| e.data.len() + 64).sum();
         let states: usize =
             self.groups.values().map(|g| g.record.state.len() + g.group_info.as_ref().map_or(0, Vec::len)).sum();
         let inbox: usize = self.inbox.values().map(|(_, _, w, _)| w.len()).sum();
@@ -450,7 +474,7 @@ impl Storage for MemoryStore {
         let mut n = 0u64;
         for g in self.groups.values_mut() {
             // A prefix, as in SQL: up to the first message young enough.
-            let old: Vec<u64> = g.log.iter().take_while(|(_, (_, t, _))| *t < before).map(|(s, _)| *s).collect();
+            let old: Vec<u64> = g.log.iter().take_while(|(_, e)| e.created < before).map(|(s, _)| *s).collect();
             for s in old {
                 g.log.remove(&s);
                 n += 1;
@@ -460,6 +484,23 @@ impl Storage for MemoryStore {
         self.inbox.retain(|_, (_, _, _, t)| *t >= before);
         n += u64::try_from(before_len - self.inbox.len()).unwrap_or(0);
         self.claimed.retain(|_, (_, _, t)| *t >= before);
+        Ok(n)
+    }
+
+    fn expire_messages(&mut self, now: u64, limit: usize) -> Result<u64, Infallible> {
+        let mut n = 0u64;
+        for g in self.groups.values_mut() {
+            for e in g.log.values_mut() {
+                if n >= u64::try_from(limit).unwrap_or(u64::MAX) {
+                    return Ok(n);
+                }
+                if e.gone.is_none() && e.expires.is_some_and(|t| t <= now) {
+                    e.gone = Some(MessageDigest::of(&e.data));
+                    e.data = Vec::new();
+                    n += 1;
+                }
+            }
+        }
         Ok(n)
     }
 
@@ -480,10 +521,13 @@ impl Storage for MemoryStore {
     }
 
     fn complete_blob(&mut self, id: &[u8; 16], hash: &[u8; 32], now: u64) -> Result<(), Infallible> {
+        let groups = &self.groups;
         if let Some(b) = self.blobs.get_mut(id).filter(|b| b.hash.is_none()) {
             b.received = b.size;
             b.hash = Some(*hash);
             b.completed_at = Some(now);
+            let timer = groups.get(&b.group).map_or(0, |g| g.record.disappear);
+            b.expires_at = (timer > 0).then(|| now.saturating_add(u64::from(timer)));
         }
         Ok(())
     }
@@ -504,6 +548,7 @@ impl Storage for MemoryStore {
         &mut self,
         complete_before: u64,
         open_before: u64,
+        now: u64,
         limit: usize,
     ) -> Result<Vec<[u8; 16]>, Infallible> {
         let groups = &self.groups;
@@ -514,7 +559,7 @@ impl Storage for MemoryStore {
             .filter(|b| match b.completed_at {
                 Some(t) => t < complete_before,
                 None => b.created_at < open_before,
-            } || orphaned(&b.group))
+            } || b.expires_at.is_some_and(|t| t <= now) || orphaned(&b.group))
             .map(|b| b.id)
             .take(limit)
             .collect();

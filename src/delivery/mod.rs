@@ -472,7 +472,7 @@ impl Delivery {
             Request::Send { message, welcome, group_info } => {
                 self.send(store, &caller, message, welcome, group_info, now)
             }
-            Request::Fetch { group, after, limit } => self.fetch(store, &caller, group, after, limit),
+            Request::Fetch { group, after, limit } => self.fetch(store, &caller, group, after, limit, now),
             Request::Ack { group, seq } => self.ack(store, &caller, &group, seq),
             Request::FetchWelcomes => self.fetch_welcomes(store, &caller),
             Request::AckWelcome { id } => self.ack_welcome(store, &caller, id),

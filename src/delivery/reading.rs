@@ -6,7 +6,7 @@ use super::groups::load_public;
 use super::{mls, not_member, refuse, Caller, Delivery, Membership, Outcome, Refusal, Storage};
 use crate::chain::SignedHead;
 use crate::limits::{FETCH_BYTE_BUDGET, MAX_FETCH_ENTRIES, MAX_GROUPS_LISTED};
-use crate::wire::{ErrorCode, GroupSummary, Response};
+use crate::wire::{ErrorCode, Gone, GroupSummary, Logged, Response};
 
 impl Delivery {
     /// Messages of `group` after `after` (at most `limit`, 0 for the most
@@ -19,13 +19,18 @@ impl Delivery {
         group: Vec<u8>,
         after: u64,
         limit: u16,
+        now: u64,
     ) -> Result<Outcome, Refusal<S::Error>> {
         let m = store.membership(&group, &caller.device)?.ok_or_else(not_member)?;
         let limit = match usize::from(limit) {
             0 => MAX_FETCH_ENTRIES,
             n => n.min(MAX_FETCH_ENTRIES),
         };
-        let (messages, more) = store.fetch(&group, after.max(m.joined_after), m.left_at, limit, FETCH_BYTE_BUDGET)?;
+        let (mut messages, more) =
+            store.fetch(&group, after.max(m.joined_after), m.left_at, limit, FETCH_BYTE_BUDGET)?;
+        for message in &mut messages {
+            hide_expired(message, now);
+        }
         Ok(Outcome::reply(Response::Messages { group, messages, more }))
     }
 
@@ -166,4 +171,19 @@ impl Delivery {
         };
         Ok(Outcome::reply(Response::GroupInfo { group, group_info, ratchet_tree }))
     }
+}
+
+/// A message whose timer ran out before a sweep reached it is served as
+/// the sweep will leave it: gone, only its epoch and digest (its place in
+/// the chain) said.
+fn hide_expired(message: &mut Logged, now: u64) {
+    if message.gone.is_some() || !message.expires.is_some_and(|t| t <= now) {
+        return;
+    }
+    // Stored messages were framed when accepted; an unreadable one keeps
+    // epoch 0, which breaks the reader's chain loudly rather than quietly.
+    let epoch = mls::frame(&message.data).map(|f| f.epoch).unwrap_or(0);
+    let digest = crate::chain::MessageDigest::of(&message.data);
+    message.gone = Some(Gone { epoch, digest });
+    message.data = Vec::new();
 }

@@ -41,6 +41,17 @@ impl Delivery {
     /// whose bytes the caller removes once this is durable.
     pub fn expire_blobs<S: Storage>(&mut self, store: &mut S, now: u64) -> Result<Vec<[u8; 16]>, S::Error> {
         let abandoned = now.saturating_sub(crate::limits::ABANDONED_UPLOAD_AFTER.as_secs());
-        store.expire_blobs(now.saturating_sub(self.retention_secs), abandoned, crate::limits::MAX_BLOBS_EXPIRED_PER_RUN)
+        store.expire_blobs(
+            now.saturating_sub(self.retention_secs),
+            abandoned,
+            now,
+            crate::limits::MAX_BLOBS_EXPIRED_PER_RUN,
+        )
+    }
+
+    /// Deletes the bytes of messages whose group's timer ran out (at most
+    /// [`crate::limits::MAX_MESSAGES_EXPIRED_PER_RUN`]); returns how many.
+    pub fn expire_messages<S: Storage>(&mut self, store: &mut S, now: u64) -> Result<u64, S::Error> {
+        store.expire_messages(now, crate::limits::MAX_MESSAGES_EXPIRED_PER_RUN)
     }
 }

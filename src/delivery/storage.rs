@@ -114,6 +114,9 @@ pub struct GroupRecord {
     pub state: Vec<u8>,
     /// The sequence number of the last message (0: none yet).
     pub last_seq: u64,
+    /// The disappearing-message timer of its current epoch, in seconds (0:
+    /// none), as its group context says ([`crate::mls::settings_of`]).
+    pub disappear: u32,
 }
 
 /// Where a group's chain (issue 31, [`crate::chain`]) stands: the sequence
@@ -170,6 +173,8 @@ pub struct SendContext {
     pub membership: Option<Membership>,
     /// Messages stored for the group ([`Storage::log_len`]).
     pub log_len: u64,
+    /// The group's disappearing-message timer (seconds, 0: none).
+    pub disappear: u32,
 }
 
 /// Messages with their sequence numbers and chain heads, in order.
@@ -259,6 +264,8 @@ pub struct BlobRecord {
     pub hash: Option<[u8; 32]>,
     pub created_at: u64,
     pub completed_at: Option<u64>,
+    /// When the group's disappearing timer deletes it (set on completion).
+    pub expires_at: Option<u64>,
 }
 
 /// A KeyPackage to store.
@@ -349,13 +356,17 @@ pub trait Storage {
     /// state); `None` if the group does not exist. One lookup where the
     /// store can (the SQL stores do).
     fn send_context(&mut self, group: &[u8], device: &DeviceId) -> Result<Option<SendContext>, Self::Error> {
-        let Some(epoch) = self.group(group)?.map(|g| g.epoch) else { return Ok(None) };
+        let Some((epoch, disappear)) = self.group(group)?.map(|g| (g.epoch, g.disappear)) else { return Ok(None) };
         let membership = self.membership(group, device)?;
         let log_len = self.log_len(group)?;
-        Ok(Some(SendContext { epoch, membership, log_len }))
+        Ok(Some(SendContext { epoch, membership, log_len, disappear }))
     }
     fn insert_group(&mut self, group: &[u8], epoch: u64, state: &[u8], now: u64) -> Result<(), Self::Error>;
     fn update_group(&mut self, group: &[u8], epoch: u64, state: &[u8]) -> Result<(), Self::Error>;
+    /// Records the group's disappearing-message timer (seconds, 0: none)
+    /// after a commit changed it: messages accepted from now on expire
+    /// that long after.
+    fn set_disappear(&mut self, group: &[u8], secs: u32) -> Result<(), Self::Error>;
     /// The GroupInfo of the group's current epoch, as the member that
     /// created that epoch signed it (what a member rejoins from).
     fn group_info(&mut self, group: &[u8]) -> Result<Option<Vec<u8>>, Self::Error>;
@@ -392,7 +403,8 @@ pub trait Storage {
     /// group's chain with it ([`ChainTip::after`]), and returns the
     /// sequence number and the new head.
     /// `digest` is the message's ([`MessageDigest::of`]), computed by the
-    /// caller (the engine does it before the writer).
+    /// caller (the engine does it before the writer). `expires`: when the
+    /// group's timer deletes it (what [`Storage::expire_messages`] takes).
     fn append(
         &mut self,
         group: &[u8],
@@ -400,6 +412,7 @@ pub trait Storage {
         message: &[u8],
         digest: &MessageDigest,
         now: u64,
+        expires: Option<u64>,
     ) -> Result<(u64, Head), Self::Error>;
     /// Where the group's chain stands; `None` if no message was appended
     /// since it began (or no such group).
@@ -416,6 +429,9 @@ pub trait Storage {
     /// Messages with `after < seq <= upto` (no upper bound if `None`), in
     /// order, at most `limit` of them and at most `byte_budget` bytes (but
     /// always at least one if any). Returns them and whether more remain.
+    /// A message with a timer carries its `expires`; one that expired and
+    /// was swept comes `gone` (the caller hides one whose time is up but
+    /// that no sweep reached yet).
     fn fetch(
         &mut self,
         group: &[u8],
@@ -453,13 +469,18 @@ pub trait Storage {
 
     /// Deletes messages, Welcomes and claim records older than `before`.
     fn expire(&mut self, before: u64) -> Result<u64, Self::Error>;
+    /// Deletes the bytes of (at most `limit`) messages whose timer ran out
+    /// by `now`, keeping each one's epoch and digest in its place (`gone`)
+    /// so members' chains still link. Returns how many.
+    fn expire_messages(&mut self, now: u64, limit: usize) -> Result<u64, Self::Error>;
 
     // Blobs (issue 32).
     fn insert_blob(&mut self, blob: &BlobRecord) -> Result<(), Self::Error>;
     fn blob(&mut self, id: &[u8; 16]) -> Result<Option<BlobRecord>, Self::Error>;
     /// Records how much of an unfinished upload is durable.
     fn set_blob_received(&mut self, id: &[u8; 16], received: u64) -> Result<(), Self::Error>;
-    /// Marks an upload complete (all of it received) with its hash.
+    /// Marks an upload complete (all of it received) with its hash; in a
+    /// group with a timer it expires that long after `now`.
     fn complete_blob(&mut self, id: &[u8; 16], hash: &[u8; 32], now: u64) -> Result<(), Self::Error>;
     fn delete_blob(&mut self, id: &[u8; 16]) -> Result<bool, Self::Error>;
     /// The sizes of `account`'s blobs (complete or not), summed.
@@ -467,13 +488,15 @@ pub trait Storage {
     /// `device`'s unfinished uploads.
     fn open_uploads(&mut self, device: &DeviceId) -> Result<u64, Self::Error>;
     /// Deletes (at most `limit`) blob rows: complete before
-    /// `complete_before`, unfinished and opened before `open_before`, or
-    /// of a group that has no current member. Returns their ids (the
-    /// caller removes the bytes once this is committed).
+    /// `complete_before`, unfinished and opened before `open_before`,
+    /// whose group's timer ran out by `now`, or of a group that has no
+    /// current member. Returns their ids (the caller removes the bytes once
+    /// this is committed).
     fn expire_blobs(
         &mut self,
         complete_before: u64,
         open_before: u64,
+        now: u64,
         limit: usize,
     ) -> Result<Vec<[u8; 16]>, Self::Error>;
     /// Blob rows in id order after `after`, at most `limit`.

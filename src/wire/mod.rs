@@ -127,7 +127,7 @@ pub use codec::{Reader, Writer};
 pub use error::{close, ErrorCode};
 pub use push::{decode_push_frame, Push};
 pub use request::Request;
-pub use response::{DeviceSummary, GroupSummary, Logged, Response, UploadState};
+pub use response::{DeviceSummary, Gone, GroupSummary, Logged, Response, UploadState};
 
 pub use crate::limits::{MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME};
 

@@ -17,11 +17,6 @@ fn mls(r: &mut Reader<'_>, field: &'static str) -> Result<Vec<u8>, DecodeError> 
     Ok(r.bytes32(field, MAX_MLS_MESSAGE)?.to_vec())
 }
 
-/// Reads an optional head.
-fn opt_head(r: &mut Reader<'_>) -> Result<Option<Head>, DecodeError> {
-    Ok(if r.bool("head present")? { Some(Head(r.array()?)) } else { None })
-}
-
 /// Writes an optional head.
 pub(super) fn write_opt_head(w: &mut Writer, head: &Option<Head>) {
     match head {
@@ -36,11 +31,79 @@ pub(super) fn write_opt_head(w: &mut Writer, head: &Option<Head>) {
 /// One message of a group's log as the server hands it out: its sequence
 /// number, the group's chain head after it (`None` for a message stored
 /// before the chain began), and the `MLSMessage`.
+///
+/// In a group with disappearing messages (issue 33) `expires` is when the
+/// server deletes the message, and a message whose time is up comes as
+/// `gone`: its bytes deleted, its epoch and digest kept so a member's chain
+/// still links through it (`data` is then empty).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Logged {
     pub seq: u64,
     pub head: Option<Head>,
     pub data: Vec<u8>,
+    pub expires: Option<u64>,
+    pub gone: Option<Gone>,
+}
+
+impl Logged {
+    /// A message as stored, without a timer.
+    pub fn new(seq: u64, head: Option<Head>, data: Vec<u8>) -> Self {
+        Self { seq, head, data, expires: None, gone: None }
+    }
+}
+
+/// What is left of an expired message: the epoch it was sent in and its
+/// SHA-256, what its link in the group's chain hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gone {
+    pub epoch: u64,
+    pub digest: crate::chain::MessageDigest,
+}
+
+/// Flags of a [`Logged`] entry: which optional fields follow. An older
+/// peer wrote a bool here (head or not), which these read the same.
+const LOGGED_HEAD: u8 = 0x01;
+const LOGGED_EXPIRES: u8 = 0x02;
+const LOGGED_GONE: u8 = 0x04;
+
+fn write_logged(w: &mut Writer, m: &Logged) -> Result<(), EncodeError> {
+    w.u64(m.seq);
+    let flags = if m.head.is_some() { LOGGED_HEAD } else { 0 }
+        | if m.expires.is_some() { LOGGED_EXPIRES } else { 0 }
+        | if m.gone.is_some() { LOGGED_GONE } else { 0 };
+    w.u8(flags);
+    if let Some(h) = &m.head {
+        w.raw(&h.0);
+    }
+    if let Some(t) = m.expires {
+        w.u64(t);
+    }
+    if let Some(g) = &m.gone {
+        w.u64(g.epoch);
+        w.raw(&g.digest.0);
+    }
+    let data: &[u8] = if m.gone.is_some() { &[] } else { &m.data };
+    w.bytes32("message", data, MAX_MLS_MESSAGE)
+}
+
+fn read_logged(r: &mut Reader<'_>) -> Result<Logged, DecodeError> {
+    let seq = r.u64()?;
+    let flags = r.u8()?;
+    if flags & !(LOGGED_HEAD | LOGGED_EXPIRES | LOGGED_GONE) != 0 {
+        return Err(DecodeError::Invalid("message flags"));
+    }
+    let head = if flags & LOGGED_HEAD != 0 { Some(Head(r.array()?)) } else { None };
+    let expires = if flags & LOGGED_EXPIRES != 0 { Some(r.u64()?) } else { None };
+    let gone = if flags & LOGGED_GONE != 0 {
+        Some(Gone { epoch: r.u64()?, digest: crate::chain::MessageDigest(r.array()?) })
+    } else {
+        None
+    };
+    let data = mls(r, "message")?;
+    if gone.is_some() && !data.is_empty() {
+        return Err(DecodeError::Invalid("an expired message with bytes"));
+    }
+    Ok(Logged { seq, head, data, expires, gone })
 }
 
 /// A response from server to client.
@@ -245,9 +308,7 @@ impl Response {
                 w.bytes8("group id", group, MAX_GROUP_ID)?;
                 w.count("messages", messages.len(), MAX_FETCH_ENTRIES)?;
                 for m in messages {
-                    w.u64(m.seq);
-                    write_opt_head(&mut w, &m.head);
-                    w.bytes32("message", &m.data, MAX_MLS_MESSAGE)?;
+                    write_logged(&mut w, m)?;
                 }
                 w.bool(*more);
             }
@@ -372,7 +433,7 @@ impl Response {
                 let n = r.count("messages", MAX_FETCH_ENTRIES)?;
                 let mut messages = Vec::new();
                 for _ in 0..n {
-                    messages.push(Logged { seq: r.u64()?, head: opt_head(&mut r)?, data: mls(&mut r, "message")? });
+                    messages.push(read_logged(&mut r)?);
                 }
                 Self::Messages { group, messages, more: r.bool("more")? }
             }

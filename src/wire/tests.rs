@@ -77,12 +77,32 @@ fn response() -> impl Strategy<Value = Response> {
             .prop_map(|(group, seq, epoch, h)| Response::Accepted { group, seq, epoch, head: Head(h) }),
         (
             group(),
-            proptest::collection::vec((any::<u64>(), proptest::option::of(any::<[u8; 32]>()), blob()), 0..4),
+            proptest::collection::vec(
+                (
+                    any::<u64>(),
+                    proptest::option::of(any::<[u8; 32]>()),
+                    blob(),
+                    proptest::option::of(any::<u64>()),
+                    proptest::option::of((any::<u64>(), any::<[u8; 32]>()))
+                ),
+                0..4
+            ),
             any::<bool>()
         )
             .prop_map(|(group, messages, more)| Response::Messages {
                 group,
-                messages: messages.into_iter().map(|(seq, h, data)| Logged { seq, head: h.map(Head), data }).collect(),
+                messages: messages
+                    .into_iter()
+                    .map(|(seq, h, data, expires, gone)| {
+                        let gone = gone.map(|(epoch, d)| crate::wire::Gone {
+                            epoch,
+                            digest: crate::chain::MessageDigest(d),
+                        });
+                        // What is gone has no bytes left.
+                        let data = if gone.is_some() { Vec::new() } else { data };
+                        Logged { seq, head: h.map(Head), data, expires, gone }
+                    })
+                    .collect(),
                 more
             }),
         Just(Response::Done),

@@ -147,7 +147,7 @@ fn rewrite(mode: Arc<Mutex<Mode>>) -> Rewrite {
         (Request::Fetch { group, .. }, Mode::HugeSequence) => match _resp {
             Response::Messages { messages, .. } if !messages.is_empty() => Some(Response::Messages {
                 group: group.clone(),
-                messages: vec![Logged { seq: u64::MAX, head: None, data: messages[0].data.clone() }],
+                messages: vec![Logged::new(u64::MAX, None, messages[0].data.clone())],
                 more: false,
             }),
             _ => None,
@@ -624,7 +624,7 @@ async fn a_servers_own_external_commit_does_not_walk_a_member_into_its_fork() {
                 messages: log
                     .iter()
                     .filter(|(seq, _)| seq > after)
-                    .map(|(seq, data)| Logged { seq: *seq, head: None, data: data.clone() })
+                    .map(|(seq, data)| Logged::new(*seq, None, data.clone()))
                     .collect(),
                 more: false,
             }),
@@ -704,7 +704,7 @@ async fn a_linked_device_is_not_forked_into_a_removed_members_group() {
                 messages: log
                     .iter()
                     .filter(|(seq, _)| seq > after)
-                    .map(|(seq, data)| Logged { seq: *seq, head: None, data: data.clone() })
+                    .map(|(seq, data)| Logged::new(*seq, None, data.clone()))
                     .collect(),
                 more: false,
             }),
@@ -817,7 +817,7 @@ async fn a_linked_device_is_not_forked_into_a_group_with_its_accounts_revoked_de
                 messages: log
                     .iter()
                     .filter(|(seq, _)| seq > after)
-                    .map(|(seq, data)| Logged { seq: *seq, head: None, data: data.clone() })
+                    .map(|(seq, data)| Logged::new(*seq, None, data.clone()))
                     .collect(),
                 more: false,
             }),
@@ -1018,7 +1018,7 @@ async fn a_server_that_strips_chain_heads_cannot_drop_a_message_silently() {
                 messages: messages
                     .iter()
                     .filter(|m| m.seq != at)
-                    .map(|m| Logged { seq: m.seq, head: if m.seq >= at { None } else { m.head }, data: m.data.clone() })
+                    .map(|m| Logged::new(m.seq, if m.seq >= at { None } else { m.head }, m.data.clone()))
                     .collect(),
                 more: *more,
             }),
@@ -1235,7 +1235,7 @@ async fn a_server_cannot_force_a_group_repair_to_drop_messages_silently() {
                 let head = before.next(commit, epoch, &next.data);
                 Some(Response::Messages {
                     group: group.clone(),
-                    messages: vec![Logged { seq: commit, head: Some(head), data: next.data.clone() }],
+                    messages: vec![Logged::new(commit, Some(head), next.data.clone())],
                     more: false,
                 })
             }

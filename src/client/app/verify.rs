@@ -227,7 +227,7 @@ impl App {
                 break;
             }
         }
-        let rejoined = Logged { seq, head: Some(head), data: commit.to_vec() };
+        let rejoined = Logged::new(seq, Some(head), commit.to_vec());
         match verify::follow(group, Some(at), &rejoined) {
             Step::Verified(p) => self.local.set_position(group, p, since)?,
             Step::Broken { why: Break::Gap { .. }, .. } if capped => {
@@ -291,7 +291,7 @@ impl App {
         self.local.mark_sent_head(group, a.seq, &a.head, Some(&digest32(bytes)))?;
         if cursor + 1 == a.seq {
             self.local.advance(group, a.seq)?;
-            let m = Logged { seq: a.seq, head: Some(a.head), data: bytes.to_vec() };
+            let m = Logged::new(a.seq, Some(a.head), bytes.to_vec());
             self.follow_chain(group, &m, None, new)?;
         }
         Ok(())

@@ -147,6 +147,14 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX blobs_account ON blobs(account);
     CREATE INDEX blobs_device ON blobs(device);",
+    // 5 -> 6: disappearing messages (issue 33). Each group's timer (from
+    // its verified group context), when each message and blob expires,
+    // and for an expired message its digest in place of its bytes (its
+    // link in the chain). Only messages with a timer enter the index.
+    "ALTER TABLE groups ADD COLUMN disappear bigint NOT NULL DEFAULT 0;
+    ALTER TABLE log ADD COLUMN expires_at bigint, ADD COLUMN gone bytea;
+    CREATE INDEX log_expires ON log(expires_at) WHERE expires_at IS NOT NULL;
+    ALTER TABLE blobs ADD COLUMN expires_at bigint;",
 ];
 
 /// Key of the advisory lock migrations hold ("hush" in ASCII).

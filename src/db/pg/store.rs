@@ -93,6 +93,7 @@ fn blob_row(r: &Row) -> Option<BlobRecord> {
         hash: hash.and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok()),
         created_at: u(r.get(7)),
         completed_at: r.get::<_, Option<i64>>(8).map(u),
+        expires_at: r.get::<_, Option<i64>>(9).map(u),
     })
 }
 
@@ -119,8 +120,8 @@ fn fill(rows: Vec<Row>, mut page: Page) -> (Welcomes, bool) {
     page.finish()
 }
 
-/// Fills `page` from log rows of (seq bigint, data bytea, head bytea), in
-/// their order.
+/// Fills `page` from log rows of (seq bigint, data bytea, head bytea,
+/// expires_at bigint, gone bytea, epoch bigint), in their order.
 fn fill_log(rows: Vec<Row>, mut page: Page<Logged>) -> (Messages, bool) {
     for row in rows {
         let data: Vec<u8> = row.get(1);
@@ -129,8 +130,14 @@ fn fill_log(rows: Vec<Row>, mut page: Page<Logged>) -> (Messages, bool) {
         }
         let head: Option<Vec<u8>> = row.get(2);
         let head = head.and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok()).map(Head);
+        let gone: Option<Vec<u8>> = row.get(4);
+        let gone = gone
+            .as_deref()
+            .and_then(key)
+            .map(|d| crate::wire::Gone { epoch: u(row.get(5)), digest: MessageDigest(d) });
         let len = data.len();
-        page.push(Logged { seq: u(row.get(0)), head, data }, len);
+        let expires = row.get::<_, Option<i64>>(3).map(u);
+        page.push(Logged { seq: u(row.get(0)), head, data, expires, gone }, len);
     }
     page.finish()
 }
@@ -538,24 +545,27 @@ impl Storage for PgStore<'_> {
 
     fn group(&mut self, group: &[u8]) -> Result<Option<GroupRecord>, StoreError> {
         let sql = self.pick(
-            "SELECT g.epoch, s.state, g.last_seq FROM groups g JOIN group_states s ON s.gid = g.gid WHERE g.id = $1",
-            "SELECT g.epoch, s.state, g.last_seq FROM groups g JOIN group_states s ON s.gid = g.gid WHERE g.id = $1
+            "SELECT g.epoch, s.state, g.last_seq, g.disappear
+             FROM groups g JOIN group_states s ON s.gid = g.gid WHERE g.id = $1",
+            "SELECT g.epoch, s.state, g.last_seq, g.disappear
+             FROM groups g JOIN group_states s ON s.gid = g.gid WHERE g.id = $1
              FOR UPDATE OF g",
         );
         Ok(self.row(sql, &[&group])?.map(|r| GroupRecord {
             epoch: u(r.get(0)),
             state: r.get(1),
             last_seq: u(r.get(2)),
+            disappear: u32::try_from(r.get::<_, i64>(3)).unwrap_or(0),
         }))
     }
 
     fn send_context(&mut self, group: &[u8], d: &DeviceId) -> Result<Option<SendContext>, StoreError> {
         let sql = self.pick(
             "SELECT g.epoch, g.last_seq, (SELECT min(seq) FROM log WHERE gid = g.gid),
-                    m.account, m.joined_after, m.left_at, m.acked
+                    m.account, m.joined_after, m.left_at, m.acked, g.disappear
              FROM groups g LEFT JOIN members m ON m.gid = g.gid AND m.device = $2 WHERE g.id = $1",
             "SELECT g.epoch, g.last_seq, (SELECT min(seq) FROM log WHERE gid = g.gid),
-                    m.account, m.joined_after, m.left_at, m.acked
+                    m.account, m.joined_after, m.left_at, m.acked, g.disappear
              FROM groups g LEFT JOIN members m ON m.gid = g.gid AND m.device = $2 WHERE g.id = $1
              FOR UPDATE OF g",
         );
@@ -567,7 +577,8 @@ impl Storage for PgStore<'_> {
             None => None,
         };
         let log_len = first.map_or(0, |f| u(last).saturating_sub(u(f)).saturating_add(1));
-        Ok(Some(SendContext { epoch: u(row.get(0)), membership, log_len }))
+        let disappear = u32::try_from(row.get::<_, i64>(7)).unwrap_or(0);
+        Ok(Some(SendContext { epoch: u(row.get(0)), membership, log_len, disappear }))
     }
 
     fn insert_group(&mut self, group: &[u8], epoch: u64, state: &[u8], now: u64) -> Result<(), StoreError> {
@@ -587,6 +598,11 @@ impl Storage for PgStore<'_> {
             &[&group, &i(epoch), &state],
         )?;
         self.wrote(state.len());
+        Ok(())
+    }
+
+    fn set_disappear(&mut self, group: &[u8], secs: u32) -> Result<(), StoreError> {
+        self.exec("UPDATE groups SET disappear = $2 WHERE id = $1", &[&group, &i64::from(secs)])?;
         Ok(())
     }
 
@@ -683,6 +699,7 @@ impl Storage for PgStore<'_> {
         message: &[u8],
         digest: &MessageDigest,
         now: u64,
+        expires: Option<u64>,
     ) -> Result<(u64, Head), StoreError> {
         // The sequence is the group row's counter, bumped (under the row's
         // lock) in the statement that inserts the message; the chain's head
@@ -698,9 +715,20 @@ impl Storage for PgStore<'_> {
                                           || int8send(last_seq + 1) || int8send($2) || $8)
                         WHERE id = $1
                         RETURNING gid, last_seq, head)
-             INSERT INTO log (gid, seq, epoch, data, created_at, head) SELECT gid, last_seq, $2, $3, $4, head FROM g
+             INSERT INTO log (gid, seq, epoch, data, created_at, head, expires_at)
+                 SELECT gid, last_seq, $2, $3, $4, head, $9 FROM g
              RETURNING seq, head",
-            &[&group, &i(epoch), &message, &i(now), &len(message), &GENESIS_LABEL, &LINK_LABEL, &&digest.0[..]],
+            &[
+                &group,
+                &i(epoch),
+                &message,
+                &i(now),
+                &len(message),
+                &GENESIS_LABEL,
+                &LINK_LABEL,
+                &&digest.0[..],
+                &expires.map(i),
+            ],
         )?;
         self.wrote(message.len() + 32);
         let head: Vec<u8> = row.get(1);
@@ -729,7 +757,8 @@ impl Storage for PgStore<'_> {
         let Some(gid) = self.gid(group)? else { return Ok((vec![], false)) };
         let upper = upto.map(i).unwrap_or(i64::MAX);
         let rows = self.rows(
-            "SELECT seq, data, head FROM log WHERE gid = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
+            "SELECT seq, data, head, expires_at, gone, epoch FROM log
+             WHERE gid = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
             &[&gid, &i(after), &upper, &limit(limit_n.saturating_add(1))],
         )?;
         Ok(fill_log(rows, Page::new(limit_n, byte_budget)))
@@ -904,7 +933,7 @@ impl Storage for PgStore<'_> {
     fn blob(&mut self, id: &[u8; 16]) -> Result<Option<BlobRecord>, StoreError> {
         Ok(self
             .row(
-                "SELECT b.id, g.id, b.account, b.device, b.size, b.received, b.hash, b.created_at, b.completed_at
+                "SELECT b.id, g.id, b.account, b.device, b.size, b.received, b.hash, b.created_at, b.completed_at, b.expires_at
                  FROM blobs b JOIN groups g ON g.gid = b.gid WHERE b.id = $1",
                 &[&&id[..]],
             )?
@@ -917,9 +946,26 @@ impl Storage for PgStore<'_> {
         Ok(())
     }
 
+    fn expire_messages(&mut self, now: u64, limit: usize) -> Result<u64, StoreError> {
+        // PostgreSQL's sha256 of the bytes is the chain's message digest.
+        // The old row version stays in the table file until VACUUM reuses
+        // its space, and in the WAL until its segment is recycled
+        // (SECURITY.md, "Disappearing messages").
+        let n = self.exec(
+            "UPDATE log SET data = ''::bytea, gone = sha256(data), expires_at = NULL
+             WHERE (gid, seq) IN (SELECT gid, seq FROM log WHERE expires_at IS NOT NULL AND expires_at <= $1
+                                  ORDER BY expires_at LIMIT $2)",
+            &[&i(now), &i(limit as u64)],
+        )?;
+        Ok(n)
+    }
+
     fn complete_blob(&mut self, id: &[u8; 16], hash: &[u8; 32], now: u64) -> Result<(), StoreError> {
         self.exec(
-            "UPDATE blobs SET received = size, hash = $2, completed_at = $3 WHERE id = $1 AND hash IS NULL",
+            "UPDATE blobs SET received = size, hash = $2, completed_at = $3,
+                 expires_at = (SELECT CASE WHEN g.disappear > 0 THEN $3 + g.disappear END
+                               FROM groups g WHERE g.gid = blobs.gid)
+             WHERE id = $1 AND hash IS NULL",
             &[&&id[..], &&hash[..], &i(now)],
         )?;
         Ok(())
@@ -941,6 +987,7 @@ impl Storage for PgStore<'_> {
         &mut self,
         complete_before: u64,
         open_before: u64,
+        now: u64,
         limit: usize,
     ) -> Result<Vec<[u8; 16]>, StoreError> {
         let rows = self.rows(
@@ -948,10 +995,11 @@ impl Storage for PgStore<'_> {
                  SELECT b.id FROM blobs b
                  WHERE (b.completed_at IS NOT NULL AND b.completed_at < $1)
                     OR (b.completed_at IS NULL AND b.created_at < $2)
+                    OR b.expires_at <= $4
                     OR NOT EXISTS (SELECT 1 FROM members m WHERE m.gid = b.gid AND m.left_at IS NULL)
                  LIMIT $3)
              RETURNING id",
-            &[&i(complete_before), &i(open_before), &i(limit as u64)],
+            &[&i(complete_before), &i(open_before), &i(limit as u64), &i(now)],
         )?;
         Ok(rows.iter().filter_map(|r| <[u8; 16]>::try_from(r.get::<_, &[u8]>(0)).ok()).collect())
     }
@@ -959,7 +1007,7 @@ impl Storage for PgStore<'_> {
     fn blobs(&mut self, after: Option<[u8; 16]>, limit: usize) -> Result<Vec<BlobRecord>, StoreError> {
         let after = after.map(|a| a.to_vec()).unwrap_or_default();
         let rows = self.rows(
-            "SELECT b.id, g.id, b.account, b.device, b.size, b.received, b.hash, b.created_at, b.completed_at
+            "SELECT b.id, g.id, b.account, b.device, b.size, b.received, b.hash, b.created_at, b.completed_at, b.expires_at
              FROM blobs b JOIN groups g ON g.gid = b.gid WHERE b.id > $1 ORDER BY b.id LIMIT $2",
             &[&after, &i(limit as u64)],
         )?;

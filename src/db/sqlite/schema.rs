@@ -184,6 +184,15 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX blobs_account ON blobs(account);
     CREATE INDEX blobs_device ON blobs(device);",
+    // 8 -> 9: disappearing messages (issue 33). Each group's timer (from
+    // its verified group context), when each message and blob expires,
+    // and for an expired message its digest in place of its bytes (its
+    // link in the chain). Only messages with a timer enter the index.
+    "ALTER TABLE groups ADD COLUMN disappear INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE log ADD COLUMN expires_at INTEGER;
+    ALTER TABLE log ADD COLUMN gone BLOB;
+    CREATE INDEX log_expires ON log(expires_at) WHERE expires_at IS NOT NULL;
+    ALTER TABLE blobs ADD COLUMN expires_at INTEGER;",
 ];
 
 /// The first schema version with device certificates.

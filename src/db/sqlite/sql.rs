@@ -79,8 +79,8 @@ fn fill(mut rows: rusqlite::Rows<'_>, mut page: Page) -> Result<(Welcomes, bool)
     Ok(page.finish())
 }
 
-/// Fills `page` from log rows of (seq INTEGER, data BLOB, head BLOB), in
-/// their order.
+/// Fills `page` from log rows of (seq INTEGER, data BLOB, head BLOB,
+/// expires_at INTEGER, gone BLOB, epoch INTEGER), in their order.
 fn fill_log(mut rows: rusqlite::Rows<'_>, mut page: Page<Logged>) -> Result<(Messages, bool), StoreError> {
     while let Some(row) = rows.next()? {
         let data: Vec<u8> = row.get(1)?;
@@ -88,15 +88,27 @@ fn fill_log(mut rows: rusqlite::Rows<'_>, mut page: Page<Logged>) -> Result<(Mes
             break;
         }
         let head: Option<Vec<u8>> = row.get(2)?;
+        let gone: Option<Vec<u8>> = row.get(4)?;
+        let gone = gone.as_deref().and_then(key).map(|d| crate::wire::Gone {
+            epoch: u(row.get(5).unwrap_or(0)),
+            digest: MessageDigest(d),
+        });
         let len = data.len();
-        page.push(Logged { seq: u(row.get(0)?), head: head.as_deref().and_then(key).map(Head), data }, len);
+        let logged = Logged {
+            seq: u(row.get(0)?),
+            head: head.as_deref().and_then(key).map(Head),
+            data,
+            expires: row.get::<_, Option<i64>>(3)?.map(u),
+            gone,
+        };
+        page.push(logged, len);
     }
     Ok(page.finish())
 }
 
 /// The columns [`blob_row`] reads.
 const BLOB_SELECT: &str =
-    "SELECT b.id, g.id, b.account, b.device, b.size, b.received, b.hash, b.created_at, b.completed_at
+    "SELECT b.id, g.id, b.account, b.device, b.size, b.received, b.hash, b.created_at, b.completed_at, b.expires_at
      FROM blobs b JOIN groups g ON g.gid = b.gid";
 
 /// A blob row; `None` for ids or keys of a length the schema forbids.
@@ -119,6 +131,7 @@ fn blob_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<BlobRecord>> {
         hash: hash.and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok()),
         created_at: u(r.get(7)?),
         completed_at: r.get::<_, Option<i64>>(8)?.map(u),
+        expires_at: r.get::<_, Option<i64>>(9)?.map(u),
     }))
 }
 
@@ -459,20 +472,28 @@ impl Storage for SqlStore<'_> {
         Ok(self
             .conn
             .prepare_cached(
-                "SELECT g.epoch, s.state, g.last_seq FROM groups g JOIN group_states s ON s.gid = g.gid WHERE g.id = ?1",
+                "SELECT g.epoch, s.state, g.last_seq, g.disappear
+                 FROM groups g JOIN group_states s ON s.gid = g.gid WHERE g.id = ?1",
             )?
-            .query_row([group], |r| Ok(GroupRecord { epoch: u(r.get(0)?), state: r.get(1)?, last_seq: u(r.get(2)?) }))
+            .query_row([group], |r| {
+                Ok(GroupRecord {
+                    epoch: u(r.get(0)?),
+                    state: r.get(1)?,
+                    last_seq: u(r.get(2)?),
+                    disappear: u32::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
+                })
+            })
             .optional()?)
     }
 
     fn send_context(&mut self, group: &[u8], d: &DeviceId) -> Result<Option<SendContext>, StoreError> {
-        type Row = (i64, i64, Tip, Option<i64>, Option<Vec<u8>>, Option<i64>, Option<i64>, Option<i64>);
+        type Row = (i64, i64, Tip, Option<i64>, Option<Vec<u8>>, Option<i64>, Option<i64>, Option<i64>, i64);
         self.hint = None;
         let row: Option<Row> = self
             .conn
             .prepare_cached(
                 "SELECT g.gid, g.epoch, g.last_seq, (SELECT min(seq) FROM log WHERE gid = g.gid),
-                        m.account, m.joined_after, m.left_at, m.acked, g.chain_start, g.head
+                        m.account, m.joined_after, m.left_at, m.acked, g.chain_start, g.head, g.disappear
                  FROM groups g LEFT JOIN members m ON m.gid = g.gid AND m.device = ?2 WHERE g.id = ?1",
             )?
             .query_row(params![group, &d.0[..]], |r| {
@@ -485,10 +506,13 @@ impl Storage for SqlStore<'_> {
                     r.get(5)?,
                     r.get(6)?,
                     r.get(7)?,
+                    r.get(10)?,
                 ))
             })
             .optional()?;
-        let Some((gid, epoch, tip, first, account, joined_after, left_at, acked)) = row else { return Ok(None) };
+        let Some((gid, epoch, tip, first, account, joined_after, left_at, acked, disappear)) = row else {
+            return Ok(None);
+        };
         let last = tip.0;
         self.hint = Some((group.to_vec(), gid, tip));
         let membership = match (account.as_deref().and_then(key), joined_after) {
@@ -501,7 +525,8 @@ impl Storage for SqlStore<'_> {
             _ => None,
         };
         let log_len = first.map_or(0, |f| u(last).saturating_sub(u(f)).saturating_add(1));
-        Ok(Some(SendContext { epoch: u(epoch), membership, log_len }))
+        let disappear = u32::try_from(disappear).unwrap_or(0);
+        Ok(Some(SendContext { epoch: u(epoch), membership, log_len, disappear }))
     }
 
     fn insert_group(&mut self, group: &[u8], epoch: u64, state: &[u8], now: u64) -> Result<(), StoreError> {
@@ -521,6 +546,13 @@ impl Storage for SqlStore<'_> {
         self.conn.prepare_cached("UPDATE groups SET epoch = ?2 WHERE gid = ?1")?.execute(params![gid, i(epoch)])?;
         self.conn.prepare_cached("UPDATE group_states SET state = ?2 WHERE gid = ?1")?.execute(params![gid, state])?;
         self.wrote(state.len());
+        Ok(())
+    }
+
+    fn set_disappear(&mut self, group: &[u8], secs: u32) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("UPDATE groups SET disappear = ?2 WHERE id = ?1")?
+            .execute(params![group, i64::from(secs)])?;
         Ok(())
     }
 
@@ -626,6 +658,7 @@ impl Storage for SqlStore<'_> {
         message: &[u8],
         digest: &MessageDigest,
         now: u64,
+        expires: Option<u64>,
     ) -> Result<(u64, Head), StoreError> {
         let (gid, (last, start, head)) = match self.hint.take() {
             Some((g, gid, tip)) if g == group => (gid, tip),
@@ -638,8 +671,10 @@ impl Storage for SqlStore<'_> {
         if !self.chained {
             self.conn.prepare_cached("UPDATE groups SET last_seq = ?2 WHERE gid = ?1")?.execute(params![gid, seq])?;
             self.conn
-                .prepare_cached("INSERT INTO log (gid, seq, epoch, data, created_at) VALUES (?1, ?2, ?3, ?4, ?5)")?
-                .execute(params![gid, seq, i(epoch), message, i(now)])?;
+                .prepare_cached(
+                    "INSERT INTO log (gid, seq, epoch, data, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![gid, seq, i(epoch), message, i(now), expires.map(i)])?;
             self.wrote(message.len());
             return Ok((u(seq), Head([0; 32])));
         }
@@ -649,9 +684,10 @@ impl Storage for SqlStore<'_> {
             .execute(params![gid, seq, i(tip.start), &tip.head.0[..]])?;
         self.conn
             .prepare_cached(
-                "INSERT INTO log (gid, seq, epoch, data, created_at, head) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO log (gid, seq, epoch, data, created_at, head, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
-            .execute(params![gid, seq, i(epoch), message, i(now), &tip.head.0[..]])?;
+            .execute(params![gid, seq, i(epoch), message, i(now), &tip.head.0[..], expires.map(i)])?;
         self.wrote(message.len() + 32);
         Ok((u(seq), tip.head))
     }
@@ -675,7 +711,8 @@ impl Storage for SqlStore<'_> {
     ) -> Result<(Messages, bool), StoreError> {
         let Some(gid) = self.gid(group)? else { return Ok((vec![], false)) };
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, data, head FROM log WHERE gid = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq LIMIT ?4",
+            "SELECT seq, data, head, expires_at, gone, epoch FROM log
+             WHERE gid = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq LIMIT ?4",
         )?;
         let upper = upto.map(i).unwrap_or(i64::MAX);
         let want = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
@@ -836,6 +873,27 @@ impl Storage for SqlStore<'_> {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
+    fn expire_messages(&mut self, now: u64, limit: usize) -> Result<u64, StoreError> {
+        type Due = (i64, i64, Vec<u8>);
+        let due: Vec<Due> = self
+            .conn
+            .prepare_cached(
+                "SELECT gid, seq, data FROM log WHERE expires_at IS NOT NULL AND expires_at <= ?1
+                 ORDER BY expires_at LIMIT ?2",
+            )?
+            .query_map(params![i(now), i(limit as u64)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        for (gid, seq, data) in &due {
+            // `secure_delete` zeroes the old cell; the WAL is truncated
+            // after the sweep (`Backend::checkpoint`).
+            let digest = MessageDigest::of(data);
+            self.conn
+                .prepare_cached("UPDATE log SET data = x'', gone = ?3, expires_at = NULL WHERE gid = ?1 AND seq = ?2")?
+                .execute(params![gid, seq, &digest.0[..]])?;
+        }
+        Ok(u64::try_from(due.len()).unwrap_or(u64::MAX))
+    }
+
     fn insert_blob(&mut self, b: &BlobRecord) -> Result<(), StoreError> {
         let Some(gid) = self.gid(&b.group)? else {
             return Err(StoreError::Corrupt("a blob for a group that does not exist".into()));
@@ -878,7 +936,10 @@ impl Storage for SqlStore<'_> {
     fn complete_blob(&mut self, id: &[u8; 16], hash: &[u8; 32], now: u64) -> Result<(), StoreError> {
         self.conn
             .prepare_cached(
-                "UPDATE blobs SET received = size, hash = ?2, completed_at = ?3 WHERE id = ?1 AND hash IS NULL",
+                "UPDATE blobs SET received = size, hash = ?2, completed_at = ?3,
+                     expires_at = (SELECT CASE WHEN g.disappear > 0 THEN ?3 + g.disappear END
+                                   FROM groups g WHERE g.gid = blobs.gid)
+                 WHERE id = ?1 AND hash IS NULL",
             )?
             .execute(params![&id[..], &hash[..], i(now)])?;
         Ok(())
@@ -908,6 +969,7 @@ impl Storage for SqlStore<'_> {
         &mut self,
         complete_before: u64,
         open_before: u64,
+        now: u64,
         limit: usize,
     ) -> Result<Vec<[u8; 16]>, StoreError> {
         let ids: Vec<Vec<u8>> = self
@@ -916,10 +978,11 @@ impl Storage for SqlStore<'_> {
                 "SELECT b.id FROM blobs b
                  WHERE (b.completed_at IS NOT NULL AND b.completed_at < ?1)
                     OR (b.completed_at IS NULL AND b.created_at < ?2)
+                    OR b.expires_at <= ?4
                     OR NOT EXISTS (SELECT 1 FROM members m WHERE m.gid = b.gid AND m.left_at IS NULL)
                  LIMIT ?3",
             )?
-            .query_map(params![i(complete_before), i(open_before), i(limit as u64)], |r| r.get(0))?
+            .query_map(params![i(complete_before), i(open_before), i(limit as u64), i(now)], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
