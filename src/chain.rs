@@ -215,13 +215,20 @@ impl Position {
     /// is `claimed`: it must be the next sequence number and its head the
     /// one the chain gives. The position moves only if it is.
     pub fn take(&mut self, seq: u64, epoch: u64, message: &[u8], claimed: &Head) -> Result<(), Break> {
+        self.take_digest(seq, epoch, &MessageDigest::of(message), claimed)
+    }
+
+    /// [`Position::take`] for a message of which only its digest is left
+    /// (its group's disappearing timer deleted it): the link checks as
+    /// well, what the message said cannot be.
+    pub fn take_digest(&mut self, seq: u64, epoch: u64, message: &MessageDigest, claimed: &Head) -> Result<(), Break> {
         if seq <= self.seq {
             return Err(Break::Back { last: self.seq, seq });
         }
         if seq != self.seq.saturating_add(1) {
             return Err(Break::Gap { last: self.seq, seq });
         }
-        let expected = self.head.next(seq, epoch, message);
+        let expected = self.head.next_digest(seq, epoch, message);
         if expected != *claimed {
             return Err(Break::WrongLink { seq, expected: expected.short(), claimed: claimed.short() });
         }

@@ -69,6 +69,9 @@ pub struct ServerConfig {
     pub max_incoming: u32,
     /// Days messages and Welcomes are kept at most, acknowledged or not.
     pub retention_days: u64,
+    /// Seconds between sweeps of messages and files whose group's
+    /// disappearing timer ran out (they are never served in between).
+    pub sweep_seconds: u64,
     /// Groups one account may be a current member of.
     pub max_groups_per_account: u64,
     /// Members (MLS leaves) per group.
@@ -136,6 +139,7 @@ impl Default for ServerConfig {
             retry_above_pending: DEFAULT_RETRY_ABOVE_PENDING,
             max_incoming: DEFAULT_MAX_INCOMING,
             retention_days: DEFAULT_RETENTION.as_secs() / 86_400,
+            sweep_seconds: DEFAULT_SWEEP_INTERVAL.as_secs(),
             max_groups_per_account: u64::from(DEFAULT_MAX_GROUPS_PER_ACCOUNT),
             max_members_per_group: u64::from(DEFAULT_MAX_MEMBERS_PER_GROUP),
             max_log_per_group: DEFAULT_MAX_LOG_PER_GROUP,
@@ -234,6 +238,7 @@ impl ServerConfig {
         range("retry_above_pending", u64::from(self.retry_above_pending), 0, 1_000_000)?;
         range("max_incoming", u64::from(self.max_incoming), 1, 1_000_000)?;
         range("retention_days", self.retention_days, MIN_RETENTION.as_secs() / 86_400, 3650)?;
+        range("sweep_seconds", self.sweep_seconds, 1, MAX_SWEEP_INTERVAL.as_secs())?;
         range("max_groups_per_account", self.max_groups_per_account, 1, 1_000_000)?;
         range("max_members_per_group", self.max_members_per_group, 2, 100_000)?;
         range("max_log_per_group", self.max_log_per_group, 1, 1_000_000_000)?;
@@ -281,6 +286,11 @@ impl ServerConfig {
             uploads_per_device: self.uploads_per_device,
             invite_required: !self.open_registration,
         }
+    }
+
+    /// How often expired messages and files are swept.
+    pub fn sweep_interval(&self) -> Duration {
+        Duration::from_secs(self.sweep_seconds)
     }
 
     pub fn auth_deadline(&self) -> Duration {

@@ -292,12 +292,27 @@ pub fn check_context_extensions(
     extensions: &Extensions<GroupContext>,
     removal_key: &[u8; 32],
 ) -> Result<GroupSettings, MlsRefusal> {
+    check_extensions_with(extensions, &[server_sender(removal_key)])
+}
+
+/// What a member checks of the group context a commit makes: the external
+/// senders exactly as `before` listed them, and otherwise the rules of
+/// [`check_context_extensions`]. Returns the settings after.
+pub fn check_settings_change(before: &GroupContext, after: &GroupContext) -> Result<GroupSettings, MlsRefusal> {
+    let senders = before.extensions().external_senders().map(|s| s.as_slice()).unwrap_or_default();
+    check_extensions_with(after.extensions(), senders)
+}
+
+fn check_extensions_with(
+    extensions: &Extensions<GroupContext>,
+    expected_senders: &[ExternalSender],
+) -> Result<GroupSettings, MlsRefusal> {
     let mut settings = None;
     let mut senders = false;
     for extension in extensions.iter() {
         match extension {
             Extension::ExternalSenders(list) => {
-                if list.as_slice() != [server_sender(removal_key)] {
+                if expected_senders.is_empty() || list.as_slice() != expected_senders {
                     return Err(MlsRefusal::GroupExtension("the external senders are not exactly this server"));
                 }
                 senders = true;
@@ -325,7 +340,12 @@ pub fn check_context_extensions(
 /// The settings a group context holds, as [`check_context_extensions`]
 /// reads them (for a context already checked: default on error).
 pub fn settings_of(context: &GroupContext) -> GroupSettings {
-    match context.extensions().unknown(SETTINGS_EXTENSION) {
+    settings_in(context.extensions())
+}
+
+/// [`settings_of`] the extensions of a group context.
+pub fn settings_in(extensions: &Extensions<GroupContext>) -> GroupSettings {
+    match extensions.unknown(SETTINGS_EXTENSION) {
         Some(UnknownExtension(bytes)) => GroupSettings::decode(bytes).unwrap_or_default(),
         None => GroupSettings::default(),
     }

@@ -28,6 +28,9 @@ pub enum Read {
     Received { seq: u64, received: Received },
     /// One of ours: not processed (a member cannot decrypt what it sent).
     Own { seq: u64 },
+    /// Expired: the group's disappearing timer deleted it before this
+    /// member read it (only its place in the chain is left).
+    Gone { seq: u64 },
     /// Could not be processed. `stuck`: this member can no longer follow
     /// the group (a commit of its epoch, a message of a later epoch, or no
     /// state at all) and must rejoin it ([`Member::resync`]); otherwise the
@@ -38,7 +41,7 @@ pub enum Read {
 impl Read {
     pub fn seq(&self) -> u64 {
         match self {
-            Self::Received { seq, .. } | Self::Own { seq } | Self::Failed { seq, .. } => *seq,
+            Self::Received { seq, .. } | Self::Own { seq } | Self::Gone { seq } | Self::Failed { seq, .. } => *seq,
         }
     }
 
@@ -55,7 +58,7 @@ pub fn all_received(reads: Vec<Read>) -> Result<Vec<Received>, (u64, MlsError)> 
     for r in reads {
         match r {
             Read::Received { received, .. } => out.push(received),
-            Read::Own { .. } => {}
+            Read::Own { .. } | Read::Gone { .. } => {}
             Read::Failed { seq, error, .. } => return Err((seq, error)),
         }
     }
@@ -233,6 +236,12 @@ impl GroupLog {
     ) -> Result<bool, PageError> {
         self.check(messages, more, bound)?;
         for m in messages {
+            if m.gone.is_some() {
+                self.cursor = self.cursor.max(m.seq);
+                self.own.remove(&m.seq);
+                out.push(Read::Gone { seq: m.seq });
+                continue;
+            }
             let read = self.read(member, m.seq, &m.data);
             let stuck = read.stuck();
             out.push(read);

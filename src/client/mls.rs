@@ -32,9 +32,10 @@ use thiserror::Error;
 
 use crate::auth::{AccountId, DeviceCertificate, DeviceId, Identity};
 use crate::limits::{MAX_HANDOVER_PROPOSALS, MAX_PENDING_PROPOSALS};
+pub use crate::mls::GroupSettings;
 use crate::mls::{
-    check_proposal_use, holder_of, leaf_certificate, node_certificate, server_sender, ProposalUse, UnusedProposal,
-    VerifiableGroupInfo,
+    check_proposal_use, holder_of, leaf_certificate, member_capabilities, node_certificate, server_sender,
+    ProposalUse, UnusedProposal, VerifiableGroupInfo,
 };
 
 /// The one ciphersuite hush uses: X25519, AES-128-GCM, SHA-256, Ed25519.
@@ -193,7 +194,7 @@ impl Descent {
                 false
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
-                let moved = vet_commit(&staged, &sender, &holders).is_ok()
+                let moved = vet_commit(&staged, &sender, &holders, self.public.group_context()).is_ok()
                     && self.public.merge_commit(&self.storage, *staged).is_ok();
                 if moved {
                     self.pending = 0;
@@ -357,6 +358,8 @@ pub enum MlsError {
     UnexpectedContent,
     #[error("openmls made no GroupInfo for the commit")]
     NoGroupInfo,
+    #[error("the group does not list the server as its one external sender, so hush cannot change its settings")]
+    NoServerSender,
     /// What the adversary module could not forge (tests only).
     #[error("forging: {0}")]
     Forgery(String),
@@ -393,6 +396,9 @@ pub enum Received {
         rejoined: bool,
         new_device: bool,
         removed: Vec<Removed>,
+        /// The group's settings, when the commit changed them (its sender
+        /// set the disappearing-message timer).
+        settings: Option<GroupSettings>,
     },
     /// A member's proposal was stored. `removing`: the account whose leaf it
     /// proposes to remove; `leaving`: a leaf of the sender's own account (a
@@ -527,6 +533,10 @@ pub enum Unfit {
     ExternalDoesMore,
     #[error("an external commit that neither replaces the sender's own leaf nor adds a device of a member")]
     ExternalNotRejoin,
+    #[error("group settings changed other than inline in their proposer's own commit")]
+    SettingsNotInline,
+    #[error("group settings hush does not accept: {0}")]
+    Settings(String),
 }
 
 /// Why a KeyPackage handed out for an account may not be added.
@@ -566,6 +576,7 @@ fn vet_commit(
     staged: &StagedCommit,
     sender: &Sender,
     holders: &HashMap<LeafNodeIndex, (AccountId, DeviceId)>,
+    before: &GroupContext,
 ) -> Result<bool, Unfit> {
     let sender_leaf = match sender {
         Sender::Member(i) => Some(*i),
@@ -582,6 +593,17 @@ fn vet_commit(
         }
         for queued in staged.queued_proposals() {
             check_proposal_use(queued.proposal(), ProposalUse::Commit)?;
+            if let Proposal::GroupContextExtensions(_) = queued.proposal() {
+                // Inline, by the committer itself: a settings change is its
+                // sender's own, never a proposal someone else left waiting.
+                let own = queued.proposal_or_ref_type() == ProposalOrRefType::Proposal
+                    && matches!(queued.sender(), Sender::Member(i) if Some(*i) == sender_leaf);
+                if !own {
+                    return Err(Unfit::SettingsNotInline);
+                }
+                crate::mls::check_settings_change(before, staged.group_context())
+                    .map_err(|e| Unfit::Settings(e.to_string()))?;
+            }
         }
     }
     for update in staged.update_proposals() {
@@ -637,6 +659,12 @@ fn check_tree(members: impl Iterator<Item = openmls::group::Member>, action: &'s
         }
     }
     Ok(())
+}
+
+/// The leaf this member puts in each commit's path: its capabilities
+/// (its credential and key stay).
+fn own_leaf_parameters() -> LeafNodeParameters {
+    LeafNodeParameters::builder().with_capabilities(member_capabilities()).build()
 }
 
 fn serialize(m: &impl tls_codec::Serialize, what: &'static str) -> Result<Vec<u8>, MlsError> {
@@ -823,6 +851,7 @@ impl<P: OpenMlsProvider> Member<P> {
         (0..n)
             .map(|_| {
                 let bundle = KeyPackage::builder()
+                    .leaf_node_capabilities(member_capabilities())
                     .build(CIPHERSUITE, &self.provider, &self.signer, self.credential.clone())
                     .context("building a KeyPackage")?;
                 serialize(bundle.key_package(), "a KeyPackage")
@@ -831,11 +860,11 @@ impl<P: OpenMlsProvider> Member<P> {
     }
 
     fn create_config(removal_key: &[u8; 32]) -> Result<MlsGroupCreateConfig, MlsError> {
-        let senders = Extensions::single(Extension::ExternalSenders(vec![server_sender(removal_key)]))
-            .context("external senders")?;
+        let extensions = GroupSettings::default().extensions(removal_key).context("group settings")?;
         Ok(MlsGroupCreateConfig::builder()
             .ciphersuite(CIPHERSUITE)
-            .with_group_context_extensions(senders)
+            .capabilities(member_capabilities())
+            .with_group_context_extensions(extensions)
             .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
             .use_ratchet_tree_extension(true)
             .padding_size(PADDING)
@@ -893,7 +922,7 @@ impl<P: OpenMlsProvider> Member<P> {
                 check_key_package(bytes, account).map_err(|why| MlsError::KeyPackage { who: account.short(), why })?;
             kps.push(kp);
         }
-        self.commit_with(group, kps, Vec::new(), false)
+        self.commit_with(group, kps, Vec::new(), false, None)
     }
 
     /// The one way this member builds a commit (DESIGN §5: commits are
@@ -906,17 +935,26 @@ impl<P: OpenMlsProvider> Member<P> {
         adds: Vec<KeyPackage>,
         removes: Vec<LeafNodeIndex>,
         self_update: bool,
+        settings: Option<Extensions<GroupContext>>,
     ) -> Result<Commit, MlsError> {
         self.group_mut(group)?;
         let (provider, signer) = (&self.provider, &self.signer);
         let g = self.groups.get_mut(group).ok_or(MlsError::NotInGroup)?;
         let own = g.own_leaf_index();
         let accounts = leaf_accounts(g);
-        let bundle = g
+        let mut builder = g
             .commit_builder()
             .propose_adds(adds)
             .propose_removals(removes)
             .force_self_update(self_update)
+            // Every commit carries a path whose leaf says what hush reads
+            // (a member from before the settings advertises them from its
+            // next commit on).
+            .leaf_node_parameters(own_leaf_parameters());
+        if let Some(extensions) = settings {
+            builder = builder.propose_group_context_extensions(extensions).context("building a commit")?;
+        }
+        let bundle = builder
             .load_psks(provider.storage())
             .context("building a commit")?
             .build(provider.rand(), provider.crypto(), signer, |p| committable(p, own, &accounts))
@@ -954,7 +992,7 @@ impl<P: OpenMlsProvider> Member<P> {
         if leaves.is_empty() {
             return Err(MlsError::NoneInGroup);
         }
-        self.commit_with(group, Vec::new(), leaves, false)
+        self.commit_with(group, Vec::new(), leaves, false, None)
     }
 
     /// A proposal to remove ourselves; another member commits it.
@@ -995,14 +1033,35 @@ impl<P: OpenMlsProvider> Member<P> {
     /// ([`Member::should_commit_pending`]).
     pub fn commit_pending(&mut self, group: &[u8]) -> Result<Commit, MlsError> {
         // With a fresh path: the commit may take no proposal at all.
-        self.commit_with(group, Vec::new(), Vec::new(), true)
+        self.commit_with(group, Vec::new(), Vec::new(), true, None)
     }
 
     /// A commit that only refreshes this member's own leaf (new keys, same
     /// credential): post-compromise security, and what tests use to move a
     /// group to its next epoch.
     pub fn self_update(&mut self, group: &[u8]) -> Result<Commit, MlsError> {
-        self.commit_with(group, Vec::new(), Vec::new(), true)
+        self.commit_with(group, Vec::new(), Vec::new(), true, None)
+    }
+
+    /// The group's settings (its disappearing-message timer), as every
+    /// member agreed them.
+    pub fn settings(&mut self, group: &[u8]) -> Result<GroupSettings, MlsError> {
+        Ok(crate::mls::settings_in(self.group_mut(group)?.extensions()))
+    }
+
+    /// A commit that sets the group's settings (DESIGN §12): an inline
+    /// GroupContextExtensions proposal keeping the external senders as they
+    /// are, with a fresh path. Members whose leaves predate the settings
+    /// must have committed once since (openmls refuses otherwise).
+    pub fn set_settings(&mut self, group: &[u8], settings: GroupSettings) -> Result<Commit, MlsError> {
+        let key = self.removal_key.ok_or(MlsError::NoServerSender)?;
+        let g = self.group_mut(group)?;
+        let senders = g.extensions().external_senders().map(|s| s.as_slice()).unwrap_or_default();
+        if senders != [server_sender(&key)] {
+            return Err(MlsError::NoServerSender);
+        }
+        let extensions = settings.extensions(&key).context("group settings")?;
+        self.commit_with(group, Vec::new(), Vec::new(), true, Some(extensions))
     }
 
     /// Rejoins `group` at the epoch `group_info` describes (the group's
@@ -1183,7 +1242,8 @@ impl<P: OpenMlsProvider> Member<P> {
             .with_config(Self::join_config())
             .with_ratchet_tree(tree)
             .build_group(&self.provider, info, self.credential.clone())
-            .context("rejoining")?;
+            .context("rejoining")?
+            .leaf_node_parameters(own_leaf_parameters());
         let built = builder.load_psks(self.provider.storage()).context("rejoining")?;
         let complete = built
             .build(self.provider.rand(), self.provider.crypto(), &self.signer, |_| true)
@@ -1394,7 +1454,8 @@ impl<P: OpenMlsProvider> Member<P> {
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
                 let external = matches!(sender_kind, Sender::NewMemberCommit);
-                let new_device = match vet_commit(&staged, &sender_kind, &holders) {
+                let settings_before = crate::mls::settings_in(g.extensions());
+                let new_device = match vet_commit(&staged, &sender_kind, &holders, g.public_group().group_context()) {
                     Ok(new_device) => new_device,
                     Err(reason) => return Ok(Received::Refused { sender, reason: reason.to_string() }),
                 };
@@ -1423,7 +1484,17 @@ impl<P: OpenMlsProvider> Member<P> {
                 };
                 g.merge_staged_commit(provider, *staged).context("merging the commit")?;
                 let rejoined = external && !new_device;
-                Ok(Received::Commit { sender, epoch: g.epoch().as_u64(), removed_me, rejoined, new_device, removed })
+                let after = crate::mls::settings_in(g.extensions());
+                let settings = (after != settings_before).then_some(after);
+                Ok(Received::Commit {
+                    sender,
+                    epoch: g.epoch().as_u64(),
+                    removed_me,
+                    rejoined,
+                    new_device,
+                    removed,
+                    settings,
+                })
             }
             _ => Err(MlsError::UnexpectedContent),
         }

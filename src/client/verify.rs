@@ -20,7 +20,7 @@
 //!   server stops delivering to.
 
 use crate::auth::{cert, Fingerprint};
-use crate::chain::{Break, Claim, Head, Position, SignedHead};
+use crate::chain::{Break, Claim, Head, MessageDigest, Position, SignedHead};
 use crate::wire::Logged;
 
 /// A member that had not seen this many messages of the group when it
@@ -57,15 +57,20 @@ pub fn follow(group: &[u8], at: Option<Position>, m: &Logged) -> Step {
         };
     };
     let claimed_at = Position { seq: m.seq, head: claimed };
-    let Some(epoch) = crate::mls::frame(&m.data).ok().filter(|f| f.group == group).map(|f| f.epoch) else {
-        return Step::Broken { why: Break::NotMls { seq: m.seq }, at: claimed_at };
+    // An expired message links through the epoch and digest left of it.
+    let (epoch, digest) = match &m.gone {
+        Some(gone) => (gone.epoch, gone.digest),
+        None => match crate::mls::frame(&m.data).ok().filter(|f| f.group == group) {
+            Some(f) => (f.epoch, MessageDigest::of(&m.data)),
+            None => return Step::Broken { why: Break::NotMls { seq: m.seq }, at: claimed_at },
+        },
     };
     match at {
         None => {
-            let genesis = Head::genesis(group).next(m.seq, epoch, &m.data) == claimed;
+            let genesis = Head::genesis(group).next_digest(m.seq, epoch, &digest) == claimed;
             Step::Started { at: claimed_at, genesis }
         }
-        Some(mut at) => match at.take(m.seq, epoch, &m.data, &claimed) {
+        Some(mut at) => match at.take_digest(m.seq, epoch, &digest, &claimed) {
             Ok(()) => Step::Verified(at),
             Err(why) => Step::Broken { why, at: claimed_at },
         },

@@ -519,6 +519,14 @@ pub trait Backend: Send + 'static {
     fn write<T>(&mut self, work: impl FnOnce(&mut Self::Unit<'_>) -> Result<T, Self::Error>) -> Result<T, Self::Error>;
     /// Runs `work` on one consistent snapshot; it writes nothing.
     fn read<T>(&mut self, work: impl FnOnce(&mut Self::Unit<'_>) -> T) -> Result<T, Self::Error>;
+    /// Moves what the database keeps beside its main file (SQLite's
+    /// write-ahead log) into it and empties it, so bytes deleted from the
+    /// database are in no file any more. Returns whether it completed (a
+    /// reader in the way: try again later). A database whose files the
+    /// server does not manage has nothing to do.
+    fn checkpoint(&mut self) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
 }
 
 /// Storage inside a unit of work, with savepoints.

@@ -56,6 +56,10 @@ enum Chore {
     BlobComplete { id: [u8; 16], hash: [u8; 32], now: u64, reply: oneshot::Sender<Result<(), StoreError>> },
     /// Delete the rows of expired blobs; their ids come back.
     ExpireBlobs { now: u64, reply: oneshot::Sender<Result<Vec<[u8; 16]>, StoreError>> },
+    /// Delete the bytes of messages whose timer ran out (bounded).
+    ExpireMessages { now: u64, reply: oneshot::Sender<Result<u64, StoreError>> },
+    /// Empty the database's write-ahead log into its file.
+    Checkpoint { reply: oneshot::Sender<Result<bool, StoreError>> },
 }
 
 /// Work for the reader thread.
@@ -229,6 +233,19 @@ impl Engine {
         self.chore(|reply| Chore::ExpireBlobs { now, reply }).await
     }
 
+    /// Deletes the bytes of at most
+    /// [`crate::limits::MAX_MESSAGES_EXPIRED_PER_RUN`] messages whose timer
+    /// ran out by `now`; returns how many.
+    pub async fn expire_messages(&self, now: u64) -> Result<u64, StoreError> {
+        self.chore(|reply| Chore::ExpireMessages { now, reply }).await
+    }
+
+    /// Empties the database's write-ahead log into its file (see
+    /// [`Backend::checkpoint`]); whether it completed.
+    pub async fn checkpoint(&self) -> Result<bool, StoreError> {
+        self.chore(|reply| Chore::Checkpoint { reply }).await
+    }
+
     /// Blob rows in id order after `after`.
     pub async fn blobs(
         &self,
@@ -320,6 +337,12 @@ fn writer_loop<B: Backend<Error = StoreError>>(mut db: B, mut delivery: Delivery
                 }
                 Chore::ExpireBlobs { now, reply } => {
                     let _ = reply.send(db.write(|unit| delivery.expire_blobs(unit, now)));
+                }
+                Chore::ExpireMessages { now, reply } => {
+                    let _ = reply.send(db.write(|unit| delivery.expire_messages(unit, now)));
+                }
+                Chore::Checkpoint { reply } => {
+                    let _ = reply.send(db.checkpoint());
                 }
             }
         }

@@ -293,6 +293,7 @@ impl Server {
         let mut background = JoinSet::new();
         let mut expiry = tokio::time::interval(EXPIRY_INTERVAL);
         background.spawn(sweep_orphans(self.shared.clone()));
+        background.spawn(sweep_expired(self.shared.clone()));
         if let Some(listener) = self.metrics.as_ref().and_then(|l| l.try_clone().ok()) {
             match tokio::net::TcpListener::from_std(listener) {
                 Ok(listener) => {
@@ -409,6 +410,47 @@ impl Server {
             }
             .instrument(span),
         );
+    }
+}
+
+/// Every `sweep_seconds` (and once at start, so a restart resumes what
+/// was due), deletes what disappearing timers ran out on: messages' bytes,
+/// in bounded steps, then blob rows and their files; then empties the
+/// database's WAL so no file keeps a deleted byte. A checkpoint a reader
+/// held up is tried again at the next sweep.
+async fn sweep_expired(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.config.sweep_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut unflushed = false;
+    loop {
+        tick.tick().await;
+        let now = crate::util::now_unix();
+        let mut expired = 0u64;
+        loop {
+            match shared.engine.expire_messages(now).await {
+                Ok(n) => {
+                    expired += n;
+                    if n < crate::limits::MAX_MESSAGES_EXPIRED_PER_RUN as u64 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    warn!("message expiry failed: {e}");
+                    break;
+                }
+            }
+        }
+        if expired > 0 {
+            info!(messages = expired, "deleted expired messages");
+            unflushed = true;
+        }
+        expire_files(&shared).await;
+        if unflushed {
+            match shared.engine.checkpoint().await {
+                Ok(done) => unflushed = !done,
+                Err(e) => warn!("checkpoint after expiry failed: {e}"),
+            }
+        }
     }
 }
 

@@ -351,7 +351,13 @@ impl App {
                 // cursor past it land together.
                 let unit = self.local.unit()?;
                 let mut forks = Vec::new();
-                if !self.own_message(group, m, new)? {
+                if m.gone.is_some() {
+                    // Expired before this device read it. Our own: checked
+                    // against what we sent.
+                    if !self.own_message(group, m, new)? {
+                        self.gone_message(group, m, new)?;
+                    }
+                } else if !self.own_message(group, m, new)? {
                     let before = self.member.members(group);
                     match log.read(&mut self.member, *seq, bytes) {
                         Read::Received { received, .. } => {
@@ -383,7 +389,7 @@ impl App {
                             continue 'pages;
                         }
                         Read::Failed { error, .. } => tracing::warn!(seq, "could not process a message: {error}"),
-                        Read::Own { .. } => {}
+                        Read::Own { .. } | Read::Gone { .. } => {}
                     }
                 }
                 self.follow_chain(group, m, expired, new)?;

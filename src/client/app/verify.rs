@@ -303,23 +303,44 @@ impl App {
     /// that this device would skip it as its own; ours is not in the log)
     /// and is read like any other.
     pub(super) fn own_message(&mut self, group: &[u8], m: &Logged, new: &mut Vec<Entry>) -> Result<bool, AppError> {
+        let shown = m.gone.map_or_else(|| digest32(&m.data), |g| g.digest.0);
         match self.local.sent_digest(group, m.seq)? {
             None => Ok(false),
             // Sent before digests were kept, or not chained (leaving).
             Some(None) => Ok(true),
-            Some(Some(d)) if d == digest32(&m.data) => Ok(true),
+            Some(Some(d)) if d == shown => Ok(true),
             Some(Some(d)) => {
                 let body = format!(
                     "ALARM: the server shows another message at message {} than the one it said it stored there for this device: this device's message is not in the group's history",
                     m.seq
                 );
                 let evidence = serde_json::json!({
-                    "kind": "own-replaced", "seq": m.seq, "sent_digest": verify::hex(&d), "shown_digest": verify::hex(&digest32(&m.data)),
+                    "kind": "own-replaced", "seq": m.seq, "sent_digest": verify::hex(&d), "shown_digest": verify::hex(&shown),
                 });
                 self.alarm(group, m.seq, &body, Some(evidence), new)?;
                 Ok(false)
             }
         }
+    }
+
+    /// A message the server shows as expired (only its epoch and digest
+    /// left, its link in the chain): what a group with a disappearing
+    /// timer does, so nothing to tell. In a group without one, the server
+    /// withheld the message and calls it expired: an alarm.
+    pub(super) fn gone_message(&mut self, group: &[u8], m: &Logged, new: &mut Vec<Entry>) -> Result<(), AppError> {
+        let timer = self.member.settings(group).map(|s| s.disappear_secs).unwrap_or(0);
+        if timer > 0 {
+            return Ok(());
+        }
+        let body = format!(
+            "ALARM: the server withheld message {}, saying it expired, but this group has no disappearing messages",
+            m.seq
+        );
+        let evidence = serde_json::json!({
+            "kind": "false-expiry", "seq": m.seq, "digest": m.gone.map(|g| verify::hex(&g.digest.0)),
+        });
+        self.alarm(group, m.seq, &body, Some(evidence), new)?;
+        Ok(())
     }
 
     /// This device rejoined `group` by a commit at `a.seq`, past messages it

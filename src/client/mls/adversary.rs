@@ -387,13 +387,17 @@ impl<P: OpenMlsProvider> Member<P> {
     }
 
     /// A commit carrying, besides a fresh path, GroupContextExtensions that
-    /// change nothing: a type of proposal hush never commits. Pending.
+    /// keep hush's settings but drop the server as the group's external
+    /// sender (so it could no longer remove revoked devices): a settings
+    /// change hush refuses. Pending.
     pub fn commit_with_extensions(&mut self, group: &[u8]) -> Result<Commit, MlsError> {
         self.group_mut(group)?;
         let (provider, signer) = (&self.provider, &self.signer);
         let g = self.groups.get_mut(group).ok_or_else(|| MlsError::Forgery("not in that group".into()))?;
         let forge = |e: &dyn std::fmt::Display| MlsError::Forgery(format!("committing: {e}"));
-        let same = g.extensions().clone();
+        let kept: Vec<Extension> =
+            g.extensions().iter().filter(|e| !matches!(e, Extension::ExternalSenders(_))).cloned().collect();
+        let same = Extensions::from_vec(kept).map_err(|e| forge(&e))?;
         let bundle = g
             .commit_builder()
             .propose_group_context_extensions(same)

@@ -50,6 +50,16 @@ impl Backend for Db {
         tx.finish()?;
         Ok(out)
     }
+
+    /// `PRAGMA wal_checkpoint(TRUNCATE)`: every page of the WAL into the
+    /// database file (where `secure_delete` zeroed what was deleted), then
+    /// the WAL cut to zero bytes, so no old page image holding deleted
+    /// bytes stays in it.
+    fn checkpoint(&mut self) -> Result<bool, StoreError> {
+        let (busy, log): (i64, i64) =
+            self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(busy == 0 && log <= 0)
+    }
 }
 
 #[cfg(test)]
