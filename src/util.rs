@@ -95,6 +95,20 @@ pub fn default_data_dir(app: &str) -> Option<PathBuf> {
     Some(PathBuf::from(home).join(".local/share").join(app))
 }
 
+/// A disappearing-message timer as people say it, exactly: "2 seconds",
+/// "90 minutes", "1 day", "2 weeks"; "off" for 0.
+pub fn format_timer(secs: u64) -> String {
+    let (n, unit) = match secs {
+        0 => return "off".into(),
+        s if s % 604_800 == 0 => (s / 604_800, "week"),
+        s if s % 86_400 == 0 => (s / 86_400, "day"),
+        s if s % 3_600 == 0 => (s / 3_600, "hour"),
+        s if s % 60 == 0 => (s / 60, "minute"),
+        s => (s, "second"),
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
 /// A duration in seconds, roughly: "45 s", "12 min", "3 h", "9 d".
 pub fn format_age(secs: u64) -> String {
     match secs {

@@ -105,6 +105,8 @@ pub enum AppError {
     LinkTimedOut,
     #[error("{0}")]
     File(String),
+    #[error("{0}")]
+    Timer(String),
     #[error(transparent)]
     Link(#[from] super::link::LinkError),
     #[error(transparent)]
@@ -143,6 +145,8 @@ pub struct Entry {
     pub kind: EntryKind,
     pub body: String,
     pub time: u64,
+    /// When it disappears (its group's timer), if it does.
+    pub expires: Option<u64>,
 }
 
 /// A local group, as shown.
@@ -171,6 +175,10 @@ pub struct App {
     member: Member<Provider>,
     /// The groups the last [`App::sync`] could not sync (name, why).
     sync_failures: Vec<(String, String)>,
+    /// When the server deletes the message being recorded (its group's
+    /// timer, from the server's fetch): a received message's local copy
+    /// goes no later ([`App::expiry`]).
+    server_expiry: Option<u64>,
 }
 
 impl Drop for App {
@@ -290,7 +298,17 @@ impl App {
                 member.revoke(r.account, r.device);
             }
         }
-        Ok(Self { home: home.to_owned(), device_key, server, local, member, sync_failures: Vec::new() })
+        // Every run starts by deleting what expired since the last one.
+        local.purge_expired(now_unix())?;
+        Ok(Self {
+            home: home.to_owned(),
+            device_key,
+            server,
+            local,
+            member,
+            sync_failures: Vec::new(),
+            server_expiry: None,
+        })
     }
 
     pub fn account(&self) -> AccountId {
@@ -387,9 +405,28 @@ impl App {
         kind: EntryKind,
         body: &str,
     ) -> Result<Entry, AppError> {
-        let row = HistoryRow { seq, sender: sender.copied(), kind, body: body.into(), time: now_unix() };
+        // What members wrote disappears with the group's timer; events
+        // (joins, timer changes, alarms) stay.
+        let expires = if kind == EntryKind::Text { self.expiry(group) } else { None };
+        let row = HistoryRow { seq, sender: sender.copied(), kind, body: body.into(), time: now_unix(), expires };
         self.local.record(group, &row)?;
         Ok(self.entry(group, &self.group_name(group), row))
+    }
+
+    /// When a message recorded now in `group` expires: its timer from now
+    /// (the timer of the epoch it was sent in: messages are read in
+    /// order), and no later than the server said it deletes it.
+    fn expiry(&self, group: &[u8]) -> Option<u64> {
+        let timer = self.member.settings_of(group)?.disappear()?;
+        let local = now_unix().saturating_add(u64::from(timer));
+        Some(self.server_expiry.map_or(local, |s| s.min(local)))
+    }
+
+    /// Deletes the history lines and file messages whose time is up;
+    /// returns how many went (a running `hush chat` calls this every
+    /// second).
+    pub fn purge_expired(&self) -> Result<u64, AppError> {
+        Ok(self.local.purge_expired(now_unix())?)
     }
 
     /// A stored history line as shown.
@@ -402,6 +439,7 @@ impl App {
             kind: row.kind,
             body: row.body,
             time: row.time,
+            expires: row.expires,
         }
     }
 
@@ -502,6 +540,37 @@ impl App {
             self.record(&gid, seq, Some(&self.account()), EntryKind::Event, &format!("{who} was removed by you"))?;
         }
         Ok(())
+    }
+
+    /// Sets the group's disappearing-message timer (`secs`, 0: off) by a
+    /// commit every member processes and sees as an event; the server
+    /// reads it from the same commit and deletes the group's messages (and
+    /// files) that long after it accepts them. Messages sent before keep
+    /// the timer they were sent under.
+    pub async fn set_disappear(&mut self, conn: &Connection, group: &GroupRow, secs: u32) -> Result<(), AppError> {
+        if !group.active {
+            return Err(AppError::NotMember(group.name.clone()));
+        }
+        if u64::from(secs) > crate::limits::MAX_DISAPPEAR.as_secs() {
+            return Err(AppError::Timer(format!(
+                "{} is longer than the longest timer, {}",
+                crate::util::format_timer(u64::from(secs)),
+                crate::util::format_timer(crate::limits::MAX_DISAPPEAR.as_secs())
+            )));
+        }
+        self.know_removal_key(conn).await?;
+        let gid = group.id.clone();
+        let settings = crate::mls::GroupSettings { disappear_secs: secs };
+        let seq = self.send_commit(conn, &gid, |m| Ok(m.set_settings(&gid, settings)?)).await?;
+        let line = timer_event("you", secs);
+        self.record(&gid, seq, Some(&self.account()), EntryKind::Event, &line)?;
+        Ok(())
+    }
+
+    /// The group's disappearing-message timer in seconds (0: off), as its
+    /// members agreed it.
+    pub fn disappear(&self, group: &GroupRow) -> u32 {
+        self.member.settings_of(&group.id).map_or(0, |s| s.disappear_secs)
     }
 
     /// Asks the group to remove us (another member's next commit does).
@@ -609,7 +678,14 @@ impl App {
 
     /// The local history of a group, oldest first.
     pub fn history(&self, group: &GroupRow) -> Result<Vec<Entry>, AppError> {
-        Ok(self.local.history(&group.id)?.into_iter().map(|row| self.entry(&group.id, &group.name, row)).collect())
+        let now = now_unix();
+        Ok(self
+            .local
+            .history(&group.id)?
+            .into_iter()
+            .filter(|row| row.expires.is_none_or(|t| t > now))
+            .map(|row| self.entry(&group.id, &group.name, row))
+            .collect())
     }
 
     /// Commits proposals others made (e.g. a member asking to leave).
@@ -642,5 +718,17 @@ impl App {
             }
         }
         lines.into_iter().map(|l| self.record(&gid, seq, Some(&me), EntryKind::Event, &l)).collect()
+    }
+}
+
+/// The history line for a timer change by `who`.
+pub(crate) fn timer_event(who: &str, secs: u32) -> String {
+    if secs == 0 {
+        format!("{who} turned disappearing messages off")
+    } else {
+        format!(
+            "{who} set disappearing messages to {}: new messages are deleted from every device and the server that long after they are sent",
+            crate::util::format_timer(u64::from(secs))
+        )
     }
 }

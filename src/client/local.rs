@@ -115,6 +115,8 @@ pub struct FileRow {
     pub sender: Option<AccountId>,
     pub file: crate::files::FileRef,
     pub time: u64,
+    /// When the group's disappearing timer deletes it.
+    pub expires: Option<u64>,
 }
 
 impl std::fmt::Debug for FileRow {
@@ -131,6 +133,8 @@ pub struct HistoryRow {
     pub kind: EntryKind,
     pub body: String,
     pub time: u64,
+    /// When the group's disappearing timer deletes it (`None`: never).
+    pub expires: Option<u64>,
 }
 
 /// The local store (see the module doc).
@@ -680,7 +684,8 @@ impl Local {
     pub fn record(&self, id: &[u8], row: &HistoryRow) -> Result<(), StateError> {
         self.conn
             .prepare_cached(
-                "INSERT INTO history (group_id, seq, sender, kind, body, time) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO history (group_id, seq, sender, kind, body, time, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
             .execute(params![
                 id,
@@ -688,9 +693,45 @@ impl Local {
                 row.sender.map(|a| a.0.to_vec()),
                 row.kind.as_str(),
                 row.body,
-                i(row.time)
+                i(row.time),
+                row.expires.map(i)
             ])?;
         Ok(())
+    }
+
+    /// Deletes every history line and file message whose time is up (their
+    /// group's disappearing timer), then empties the write-ahead log, so
+    /// the deleted text is in no file (`secure_delete` zeroes it in the
+    /// database). Returns how many went.
+    pub fn purge_expired(&self, now: u64) -> Result<u64, StateError> {
+        let lines = self
+            .conn
+            .prepare_cached("DELETE FROM history WHERE expires_at IS NOT NULL AND expires_at <= ?1")?
+            .execute([i(now)])?;
+        let files = self
+            .conn
+            .prepare_cached("DELETE FROM files WHERE expires_at IS NOT NULL AND expires_at <= ?1")?
+            .execute([i(now)])?;
+        let n = u64::try_from(lines + files).unwrap_or(u64::MAX);
+        if n > 0 && !self.open.get() {
+            // Another process reading the file may hold the WAL: the next
+            // run truncates it then.
+            if let Err(e) = self.checkpoint() {
+                tracing::debug!("could not truncate the state's WAL after deleting expired messages: {e}");
+            }
+        }
+        Ok(n)
+    }
+
+    /// The first time a line or file message of this state expires, if any
+    /// does.
+    pub fn next_expiry(&self) -> Result<Option<u64>, StateError> {
+        let t: Option<i64> = self.conn.query_row(
+            "SELECT min(t) FROM (SELECT min(expires_at) AS t FROM history UNION ALL SELECT min(expires_at) FROM files)",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(t.map(u))
     }
 
     // ---- files ----
@@ -702,8 +743,9 @@ impl Local {
         let n = self
             .conn
             .prepare_cached(
-                "INSERT OR IGNORE INTO files (group_id, id, seq, sender, name, size, media_type, key, hash, time)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT OR IGNORE INTO files
+                     (group_id, id, seq, sender, name, size, media_type, key, hash, time, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?
             .execute(params![
                 id,
@@ -715,7 +757,8 @@ impl Local {
                 f.media_type,
                 &f.key[..],
                 &f.hash[..],
-                i(row.time)
+                i(row.time),
+                row.expires.map(i)
             ])?;
         Ok(n > 0)
     }
@@ -723,7 +766,7 @@ impl Local {
     /// A group's files, oldest first.
     pub fn files(&self, id: &[u8]) -> Result<Vec<FileRow>, StateError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, sender, id, name, size, media_type, key, hash, time FROM files WHERE group_id = ?1
+            "SELECT seq, sender, id, name, size, media_type, key, hash, time, expires_at FROM files WHERE group_id = ?1
              ORDER BY seq, id",
         )?;
         let rows = stmt.query_map([id], |r| {
@@ -740,11 +783,12 @@ impl Local {
                 key,
                 hash,
                 u(r.get(8)?),
+                r.get::<_, Option<i64>>(9)?.map(u),
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (seq, sender, blob, name, size, media_type, key, hash, time) = row?;
+            let (seq, sender, blob, name, size, media_type, key, hash, time, expires) = row?;
             let (Ok(blob), Ok(k), Ok(hash)) = (
                 <[u8; 16]>::try_from(blob.as_slice()),
                 <[u8; 32]>::try_from(key.as_slice()),
@@ -753,7 +797,7 @@ impl Local {
                 continue;
             };
             let file = crate::files::FileRef { id: blob, key: k, hash, size, name, media_type, caption: String::new() };
-            out.push(FileRow { seq, sender, file, time });
+            out.push(FileRow { seq, sender, file, time, expires });
         }
         Ok(out)
     }
@@ -762,7 +806,9 @@ impl Local {
     pub fn history(&self, id: &[u8]) -> Result<Vec<HistoryRow>, StateError> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT seq, sender, kind, body, time FROM history WHERE group_id = ?1 ORDER BY id")?;
+            .prepare_cached(
+                "SELECT seq, sender, kind, body, time, expires_at FROM history WHERE group_id = ?1 ORDER BY id",
+            )?;
         let rows = stmt.query_map([id], |r| {
             Ok(HistoryRow {
                 seq: u(r.get(0)?),
@@ -770,6 +816,7 @@ impl Local {
                 kind: EntryKind::parse(&r.get::<_, String>(2)?),
                 body: r.get(3)?,
                 time: u(r.get(4)?),
+                expires: r.get::<_, Option<i64>>(5)?.map(u),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -825,7 +872,8 @@ mod tests {
         local.name_group(b"g", "team").unwrap();
         local.name_group(b"g", "renamed").unwrap();
         assert_eq!(local.group_name(b"g").unwrap().as_deref(), Some("team"), "a name once set stays");
-        let row = HistoryRow { seq: 3, sender: Some(a), kind: EntryKind::Text, body: "hi".into(), time: 9 };
+        let row =
+            HistoryRow { seq: 3, sender: Some(a), kind: EntryKind::Text, body: "hi".into(), time: 9, expires: None };
         local.record(b"g", &row).unwrap();
         assert_eq!(local.history(b"g").unwrap(), vec![row]);
         assert!(valid_name("bob") && !valid_name(" ") && !valid_name("a\nb") && !valid_name(&"x".repeat(65)));

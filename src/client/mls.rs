@@ -1049,6 +1049,15 @@ impl<P: OpenMlsProvider> Member<P> {
         Ok(crate::mls::settings_in(self.group_mut(group)?.extensions()))
     }
 
+    /// [`Member::settings`] without loading the group for later use.
+    pub fn settings_of(&self, group: &[u8]) -> Option<GroupSettings> {
+        if let Some(g) = self.groups.get(group) {
+            return Some(crate::mls::settings_in(g.extensions()));
+        }
+        let g = MlsGroup::load(self.provider.storage(), &GroupId::from_slice(group)).ok()??;
+        Some(crate::mls::settings_in(g.extensions()))
+    }
+
     /// A commit that sets the group's settings (DESIGN §12): an inline
     /// GroupContextExtensions proposal keeping the external senders as they
     /// are, with a fresh path. Members whose leaves predate the settings

@@ -177,6 +177,13 @@ const MIGRATIONS: &[&str] = &[
         time INTEGER NOT NULL,
         PRIMARY KEY (group_id, id)
     );",
+    // 9 -> 10: disappearing messages (issue 33). When each line and file
+    // message expires (NULL: never); expired ones are deleted on every run
+    // ([`super::local::Local::purge_expired`]).
+    "ALTER TABLE history ADD COLUMN expires_at INTEGER;
+    ALTER TABLE files ADD COLUMN expires_at INTEGER;
+    CREATE INDEX history_expires ON history(expires_at) WHERE expires_at IS NOT NULL;
+    CREATE INDEX files_expires ON files(expires_at) WHERE expires_at IS NOT NULL;",
 ];
 
 /// Deleted secrets (KeyPackage private keys, past epochs' secrets, used

@@ -41,7 +41,7 @@ pub const INPUT_HISTORY: usize = 500;
 const TYPED_QUEUE: usize = 16;
 
 const HELP: &str = "commands: /members, /groups, /switch GROUP, /file PATH (share a file), /get ID (save a file \
-                    here), /help, /quit (or Ctrl-D); \
+                    here), /disappear [DURATION|off] (the group's timer, e.g. 1d), /help, /quit (or Ctrl-D); \
                     Enter sends the line (start it with // to send a line that begins with /)";
 
 /// Whether `chat` should run interactively: both ends are terminals.
@@ -75,6 +75,8 @@ pub enum Input<'a> {
     File(&'a str),
     /// Save the group's file with this id (or id prefix).
     Get(&'a str),
+    /// Set the group's disappearing-message timer (`None`: show it).
+    Disappear(Option<&'a str>),
     /// A command used the wrong way: what to say.
     Usage(&'static str),
     Unknown(&'a str),
@@ -103,6 +105,8 @@ impl<'a> Input<'a> {
             ("file", true) => Self::Usage("usage: /file PATH"),
             ("get", false) => Self::Get(rest),
             ("get", true) => Self::Usage("usage: /get ID (see the [file ID] line)"),
+            ("disappear", false) => Self::Disappear(Some(rest)),
+            ("disappear", true) => Self::Disappear(None),
             ("quit" | "exit" | "q" | "help" | "h" | "?" | "members" | "groups", false) => {
                 Self::Usage("that command takes no argument")
             }
@@ -285,8 +289,15 @@ impl Chat<'_> {
         self.catch_up().await?;
 
         let mut pushes = push_wakeups(self.conn);
+        let mut purge = tokio::time::interval(hush::limits::CLIENT_PURGE_INTERVAL);
         loop {
             tokio::select! {
+                _ = purge.tick() => {
+                    // Expired messages leave this device while it chats
+                    // (what the terminal already showed stays in its
+                    // scrollback: it is the terminal's).
+                    self.app.purge_expired().map_err(app_error)?;
+                }
                 t = typed.recv() => match t {
                     None | Some(Typed::End) => break,
                     Some(Typed::Failed(e)) => anyhow::bail!("the terminal failed: {e}"),
@@ -384,6 +395,24 @@ impl Chat<'_> {
                     Err(e) => self.fail_unless_connected(e, "not saved")?,
                 }
             }
+            Input::Disappear(None) => {
+                let g = self.app.resolve_group(&self.current.name).unwrap_or_else(|_| self.current.clone());
+                let timer = hush::util::format_timer(u64::from(self.app.disappear(&g)));
+                self.screen.line(format!("disappearing messages in {}: {timer}", one_line(&g.name)));
+            }
+            Input::Disappear(Some(text)) => match super::parse_timer(text) {
+                Ok(secs) => {
+                    let g = self.app.resolve_group(&self.current.name).unwrap_or_else(|_| self.current.clone());
+                    match self.app.set_disappear(self.conn, &g, secs).await {
+                        Ok(()) => self.screen.line(format!(
+                            "* you set disappearing messages to {}",
+                            hush::util::format_timer(u64::from(secs))
+                        )),
+                        Err(e) => self.fail_unless_connected(e, "not changed")?,
+                    }
+                }
+                Err(e) => self.screen.line(format!("! {e:#}")),
+            },
             Input::Text(text) => {
                 // The group may have changed name or state meanwhile.
                 let g = self.app.resolve_group(&self.current.name).unwrap_or_else(|_| self.current.clone());
@@ -471,6 +500,8 @@ mod tests {
         assert_eq!(Input::parse("/file ./a b.txt"), Input::File("./a b.txt"));
         assert_eq!(Input::parse("/get 1a2b3c4d"), Input::Get("1a2b3c4d"));
         assert_eq!(Input::parse("/get"), Input::Usage("usage: /get ID (see the [file ID] line)"));
+        assert_eq!(Input::parse("/disappear 1d"), Input::Disappear(Some("1d")));
+        assert_eq!(Input::parse("/disappear"), Input::Disappear(None));
     }
 
     #[test]
@@ -490,6 +521,7 @@ mod tests {
             kind: EntryKind::Text,
             body: "hi\n12:00Z alice: forged".into(),
             time: 0,
+            expires: None,
         };
         let shown = format_entry(&e, 0);
         assert!(!shown.contains('\u{1b}'), "{shown}");

@@ -180,6 +180,22 @@ enum GroupCmd {
     },
     /// List a group's members.
     Members { group: String },
+    /// What this device knows of a group: its name, id, whether you are in
+    /// it, its members and its disappearing-message timer.
+    Info {
+        group: String,
+        /// One JSON object: name, id, active, members, disappear_seconds.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a group's settings (every member sees the change).
+    Set {
+        group: String,
+        /// Delete new messages (and files) from every device and the server
+        /// this long after they are sent: 30s, 10m, 12h, 7d, 2w, or `off`.
+        #[arg(long, value_name = "DURATION|off")]
+        disappear: String,
+    },
     /// List your groups.
     List,
     /// Leave a group.
@@ -430,10 +446,15 @@ fn run(cli: Cli) -> Result<()> {
             for e in app.history(&g)? {
                 if json {
                     let text = if e.kind == EntryKind::Text { e.body.clone() } else { format!("* {}", e.body) };
-                    let line = serde_json::json!({
+                    let mut line = serde_json::json!({
                         "group": e.group, "sender": e.sender, "text": text, "time": e.time, "seq": e.seq,
                         "kind": e.kind.as_str(),
                     });
+                    if let Some(t) = e.expires {
+                        // When it disappears, and how long is left.
+                        line["expires_at"] = t.into();
+                        line["expires_in"] = t.saturating_sub(hush::util::now_unix()).into();
+                    }
                     out!("{line}");
                 } else if e.kind == EntryKind::Text {
                     out!("{} {}: {}", format_unix(e.time), one_line(&e.sender), screen::body(&e.body));
@@ -645,6 +666,34 @@ fn group(home: &Home, cmd: GroupCmd) -> Result<()> {
                 out!("{}", one_line(&m));
             }
         }
+        GroupCmd::Info { group, json } => {
+            let mut app = open_app(home)?;
+            let g = app.resolve_group(&group)?;
+            let members = app.members(&g);
+            let timer = app.disappear(&g);
+            let id = hush::auth::text::encode(&g.id);
+            if json {
+                let line = serde_json::json!({
+                    "name": g.name, "id": id, "active": g.active, "members": members,
+                    "disappear_seconds": timer,
+                });
+                out!("{line}");
+            } else {
+                out!("name: {}", one_line(&g.name));
+                out!("id: {id}");
+                out!("member: {}", if g.active { "yes" } else { "no (left or removed)" });
+                out!("members: {}", members.iter().map(|m| one_line(m)).collect::<Vec<_>>().join(", "));
+                out!("disappearing messages: {}", hush::util::format_timer(u64::from(timer)));
+            }
+        }
+        GroupCmd::Set { group, disappear } => {
+            let secs = parse_timer(&disappear)?;
+            online(home, async |app, conn| {
+                let g = app.resolve_group(&group)?;
+                app.set_disappear(conn, &g, secs).await
+            })?;
+            out!("disappearing messages in {group}: {}", hush::util::format_timer(u64::from(secs)));
+        }
         GroupCmd::List => {
             let app = open_app(home)?;
             for g in app.groups()? {
@@ -672,6 +721,23 @@ fn group(home: &Home, cmd: GroupCmd) -> Result<()> {
     Ok(())
 }
 
+/// A disappearing-message timer from the command line: a duration
+/// (`30s`, `10m`, `12h`, `7d`, `2w`) up to a year, or `off`.
+pub(crate) fn parse_timer(text: &str) -> Result<u32> {
+    let text = text.trim();
+    if matches!(text, "off" | "0") {
+        return Ok(0);
+    }
+    let d = hush::util::parse_duration(text).with_context(|| format!("--disappear {text:?}"))?;
+    if d > hush::limits::MAX_DISAPPEAR {
+        bail!(
+            "--disappear {text}: the longest timer is {}",
+            hush::util::format_timer(hush::limits::MAX_DISAPPEAR.as_secs())
+        );
+    }
+    u32::try_from(d.as_secs()).context("--disappear")
+}
+
 fn chat(home: &Home, group: &str) -> Result<()> {
     let mut app = open_app(home)?;
     let runtime = runtime()?;
@@ -694,9 +760,13 @@ fn piped(app: &mut App, group: &str, runtime: &tokio::runtime::Runtime) -> Resul
         }
         let mut pushes = chat::push_wakeups(&conn);
         let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        let mut purge = tokio::time::interval(hush::limits::CLIENT_PURGE_INTERVAL);
         eprintln!("chatting in {}; /members, /quit", one_line(&name));
         loop {
             tokio::select! {
+                _ = purge.tick() => {
+                    app.purge_expired().map_err(app_error)?;
+                }
                 line = lines.next_line() => {
                     let Some(line) = line.context("reading standard input")? else { break };
                     // The interactive chat's parser; in line mode only

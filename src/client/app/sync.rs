@@ -65,6 +65,7 @@ impl App {
                     kind: EntryKind::Event,
                     body,
                     time: now_unix(),
+                    expires: None,
                 });
                 unit.commit()?;
                 conn.ack_welcome(id).await?;
@@ -90,6 +91,7 @@ impl App {
                         kind: EntryKind::Event,
                         body: format!("did not join a group: {e}"),
                         time: now_unix(),
+                        expires: None,
                     });
                 }
             }
@@ -274,7 +276,7 @@ impl App {
     /// Tells the MLS member the server's removal key (the one external
     /// sender whose proposals it accepts), asking the server once and
     /// keeping it.
-    async fn know_removal_key(&mut self, conn: &Connection) -> Result<(), AppError> {
+    pub(super) async fn know_removal_key(&mut self, conn: &Connection) -> Result<(), AppError> {
         let key = match self.local.setting(REMOVAL_KEY)? {
             Some(k) if k.len() == 32 => k,
             _ => {
@@ -361,7 +363,10 @@ impl App {
                     let before = self.member.members(group);
                     match log.read(&mut self.member, *seq, bytes) {
                         Read::Received { received, .. } => {
-                            forks = self.apply(group, *seq, received, &before, new)?;
+                            self.server_expiry = m.expires;
+                            let applied = self.apply(group, *seq, received, &before, new);
+                            self.server_expiry = None;
+                            forks = applied?;
                         }
                         Read::Failed { cause: Some(c), stuck: true, error, .. } if !repaired => {
                             drop(unit);
@@ -762,10 +767,13 @@ impl App {
                 },
                 Err(e) => tracing::debug!(seq, "skipped a payload: {e}"),
             },
-            Received::Commit { sender, removed_me, rejoined, new_device, removed, .. } => {
+            Received::Commit { sender, removed_me, rejoined, new_device, removed, settings, .. } => {
                 let by = sender.as_ref().map(|a| self.display(a)).unwrap_or_else(|| "someone".into());
                 let after = if removed_me { vec![] } else { self.member.members(group) };
                 let mut events = vec![];
+                if let Some(s) = settings {
+                    events.push(super::timer_event(&by, s.disappear_secs));
+                }
                 if rejoined {
                     events.push(format!("{by} rejoined the group (a device of theirs could not follow it)"));
                 }
