@@ -1416,6 +1416,91 @@ fn every_accepted_message_extends_the_groups_chain() {
 /// answer a missing blob gets; blobs go with retention, when their group
 /// has no member left, and (unfinished) after a day. The same on every
 /// storage.
+fn disappearing_messages_expire_on_the_server_and_chains_link_through_them() {
+    use crate::mls::GroupSettings;
+    let (mut net, mut alice, mut bob, carol, g) = Net::trio();
+    alice.member.set_removal_key(net.removal_key);
+    bob.member.set_removal_key(net.removal_key);
+    net.text(&mut alice, &g, "before the timer");
+    // A member may not drop the server as the group's external sender.
+    let hostile = bob.member.commit_with_extensions(&g).unwrap();
+    let r = net.commit(&mut bob, hostile);
+    assert!(matches!(r, Response::Error { code: ErrorCode::InvalidCommit, .. }), "{r:?}");
+    bob.member.discard_pending(&g).unwrap();
+    // Nor may a non-member set the timer (it has no leaf to sign with).
+    let eve = net.client(9);
+    let outsider = alice.member.set_settings(&g, GroupSettings { disappear_secs: 1 }).unwrap();
+    assert_eq!(net.code(&eve, outsider.clone().into_request()).0, ErrorCode::NotMember);
+    alice.member.discard_pending(&g).unwrap();
+    // A member sets 2 seconds; the server reads it from the commit.
+    let commit = alice.member.set_settings(&g, GroupSettings { disappear_secs: 2 }).unwrap();
+    assert!(matches!(net.commit(&mut alice, commit), Response::Accepted { .. }));
+    alice.member.merge_pending(&g).unwrap();
+    assert_eq!(net.group(&g).unwrap().disappear, 2);
+    let m = alice.member.encrypt(&g, b"marker").unwrap();
+    let Response::Accepted { seq, .. } = net.send(&mut alice, m.clone(), None) else { panic!() };
+    let sent_at = net.now;
+    let fetch = |after| Request::Fetch { group: g.clone(), after, limit: 0 };
+    let Response::Messages { messages, .. } = net.ok(&bob, fetch(seq - 1)) else { panic!() };
+    assert_eq!((messages[0].expires, messages[0].gone, &messages[0].data), (Some(sent_at + 2), None, &m));
+    // Its time is up: served as gone even before a sweep reaches it.
+    net.now = sent_at + 2;
+    let Response::Messages { messages, .. } = net.ok(&bob, fetch(seq - 1)) else { panic!() };
+    let gone = messages[0].gone.expect("served as gone");
+    assert!(messages[0].data.is_empty());
+    assert_eq!(gone.digest, crate::chain::MessageDigest::of(&m));
+    // The sweep deletes its bytes for good; its place stays.
+    let now = net.now;
+    let ds = &mut net.ds;
+    let swept = in_unit!(&mut net.store, s => ds.expire_messages(s, now).unwrap());
+    assert_eq!(swept, 1);
+    let again = in_unit!(&mut net.store, s => ds.expire_messages(s, now).unwrap());
+    assert_eq!(again, 0, "a sweep is done once");
+    let stored = in_unit!(&mut net.store, s => s.fetch(&g, seq - 1, None, 10, usize::MAX).unwrap().0);
+    assert!(stored[0].data.is_empty() && stored[0].gone == Some(gone), "{stored:?}");
+    // bob reads: the old message, the timer, nothing of the marker, and
+    // his chain links through the expired message.
+    let reads = net.read(&mut bob, &g);
+    assert!(reads.iter().any(|r| matches!(r, Read::Gone { seq: s } if *s == seq)), "{reads:?}");
+    let got = all_received(reads).unwrap();
+    assert_eq!(texts(&got), vec!["before the timer".to_string()]);
+    assert!(got.iter().any(|r| matches!(r, Received::Commit { settings: Some(s), .. } if s.disappear_secs == 2)));
+    let Response::Messages { messages, .. } = net.ok(&carol, fetch(0)) else { panic!() };
+    let start = net.chain_tip(&g).unwrap().start;
+    let mut at = None;
+    for logged in &messages {
+        match crate::client::verify::follow(&g, at, logged) {
+            crate::client::verify::Step::Verified(p) | crate::client::verify::Step::Started { at: p, .. } => {
+                at = Some(p)
+            }
+            other => panic!("message {}: {other:?}", logged.seq),
+        }
+    }
+    assert_eq!(at.map(|p| p.seq), Some(net.chain_tip(&g).unwrap().seq));
+    assert!(start >= 1);
+    // A file uploaded in the group goes with the timer too.
+    let size = crate::files::Layout::of_size(10).unwrap().blob;
+    let Response::Upload(u) = net.ok(&alice, Request::UploadOpen { group: g.clone(), size }) else { panic!() };
+    let done_at = net.now;
+    in_unit!(&mut net.store, st => st.complete_blob(&u.id, &[9; 32], done_at).unwrap());
+    let download = Request::Download { id: u.id, offset: 0, length: 0 };
+    assert!(matches!(net.ok(&bob, download.clone()), Response::Blob { .. }));
+    net.now = done_at + 2;
+    assert_eq!(net.code(&bob, download).0, ErrorCode::NoSuchFile, "expired: not served");
+    let now = net.now;
+    let ds = &mut net.ds;
+    let gone_blobs = in_unit!(&mut net.store, s => ds.expire_blobs(s, now).unwrap());
+    assert_eq!(gone_blobs, vec![u.id]);
+    // Turning it off: later messages stay until read.
+    let off = alice.member.set_settings(&g, GroupSettings::default()).unwrap();
+    assert!(matches!(net.commit(&mut alice, off), Response::Accepted { .. }));
+    alice.member.merge_pending(&g).unwrap();
+    assert_eq!(net.group(&g).unwrap().disappear, 0);
+    net.text(&mut alice, &g, "kept");
+    let Response::Messages { messages, .. } = net.ok(&bob, fetch(seq)) else { panic!() };
+    assert!(messages.iter().all(|m| m.expires.is_none() && m.gone.is_none()), "{messages:?}");
+}
+
 fn blobs_follow_membership_quotas_and_retention() {
     let (mut net, mut alice, bob, carol, g) = Net::trio();
     let size = crate::files::Layout::of_size(10_000).unwrap().blob;
@@ -1494,6 +1579,7 @@ fn blobs_follow_membership_quotas_and_retention() {
 }
 
 rules! {
+    disappearing_messages_expire_on_the_server_and_chains_link_through_them,
     blobs_follow_membership_quotas_and_retention,
     every_accepted_message_extends_the_groups_chain,
     random_traffic_keeps_the_invariants,

@@ -76,7 +76,7 @@ fn a_commit_carrying_a_proposal_type_hush_does_not_use_is_refused() {
     let before = alice.epoch(&group);
     let commit = mallory.commit_with_extensions(&group).unwrap();
     let got = alice.receive(&group, &commit.message).unwrap();
-    assert!(matches!(&got, Received::Refused { reason, .. } if reason.contains("external senders")), "{got:?}");
+    assert!(matches!(&got, Received::Refused { reason, .. } if reason.contains("external sender")), "{got:?}");
     assert_eq!(alice.epoch(&group), before, "nothing applied");
 }
 
@@ -373,4 +373,47 @@ fn a_flood_of_a_members_proposals_is_bounded() {
     let commit = alice.commit_pending(&group).unwrap();
     alice.merge_pending(&group).unwrap();
     assert!(!matches!(bob.receive(&group, &commit.message), Ok(Received::Refused { .. })));
+}
+
+#[test]
+fn a_member_sets_the_timer_every_member_sees_it_and_new_members_inherit_it() {
+    let (mut alice, mut bob, mut mallory, group) = trio();
+    for m in [&mut alice, &mut bob, &mut mallory] {
+        m.set_removal_key(REMOVAL_KEY);
+    }
+    assert_eq!(alice.settings(&group).unwrap(), GroupSettings::default(), "a new group has no timer");
+    let two = GroupSettings { disappear_secs: 2 };
+    let commit = alice.set_settings(&group, two).unwrap();
+    let got = committed(&mut alice, &mut [&mut bob, &mut mallory], &group, commit);
+    for r in &got {
+        assert!(matches!(r, Received::Commit { settings: Some(s), .. } if *s == two), "{r:?}");
+    }
+    for m in [&mut alice, &mut bob, &mut mallory] {
+        assert_eq!(m.settings(&group).unwrap(), two);
+    }
+    // A member added later has it from its Welcome.
+    let (_, _, mut carol) = Member::generate().unwrap();
+    let package = carol.key_packages(1).unwrap().remove(0);
+    let commit = bob.add(&group, &[(carol.account(), package)]).unwrap();
+    let welcome = commit.welcome.clone().unwrap();
+    let got = committed(&mut bob, &mut [&mut alice, &mut mallory], &group, commit);
+    assert!(got.iter().all(|r| matches!(r, Received::Commit { settings: None, .. })), "{got:?}");
+    carol.join(&welcome).unwrap();
+    assert_eq!(carol.settings(&group).unwrap(), two);
+    // Any member turns it off again; everyone follows.
+    carol.set_removal_key(REMOVAL_KEY);
+    let off = carol.set_settings(&group, GroupSettings::default()).unwrap();
+    let got = committed(&mut carol, &mut [&mut alice, &mut bob, &mut mallory], &group, off);
+    assert!(got.iter().all(|r| matches!(r, Received::Commit { settings: Some(s), .. } if s.disappear_secs == 0)));
+    assert_eq!(alice.epoch_authenticator(&group), carol.epoch_authenticator(&group));
+}
+
+#[test]
+fn settings_codec_refuses_what_hush_does_not_write() {
+    let s = GroupSettings { disappear_secs: 86_400 };
+    assert_eq!(GroupSettings::decode(&s.encode()), Ok(s));
+    for bad in [&[][..], &[1, 0, 0, 0][..], &[2, 0, 0, 0, 1][..], &[1, 0, 0, 0, 1, 0][..], &[1, 0xff, 0xff, 0xff, 0xff][..]]
+    {
+        assert!(GroupSettings::decode(bad).is_err(), "{bad:?}");
+    }
 }
