@@ -804,11 +804,9 @@ impl Local {
 
     /// A group's history, oldest first.
     pub fn history(&self, id: &[u8]) -> Result<Vec<HistoryRow>, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT seq, sender, kind, body, time, expires_at FROM history WHERE group_id = ?1 ORDER BY id",
-            )?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, sender, kind, body, time, expires_at FROM history WHERE group_id = ?1 ORDER BY id",
+        )?;
         let rows = stmt.query_map([id], |r| {
             Ok(HistoryRow {
                 seq: u(r.get(0)?),

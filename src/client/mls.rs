@@ -34,8 +34,8 @@ use crate::auth::{AccountId, DeviceCertificate, DeviceId, Identity};
 use crate::limits::{MAX_HANDOVER_PROPOSALS, MAX_PENDING_PROPOSALS};
 pub use crate::mls::GroupSettings;
 use crate::mls::{
-    check_proposal_use, holder_of, leaf_certificate, member_capabilities, node_certificate, server_sender,
-    ProposalUse, UnusedProposal, VerifiableGroupInfo,
+    check_proposal_use, holder_of, leaf_certificate, member_capabilities, node_certificate, server_sender, ProposalUse,
+    UnusedProposal, VerifiableGroupInfo,
 };
 
 /// The one ciphersuite hush uses: X25519, AES-128-GCM, SHA-256, Ed25519.

@@ -366,8 +366,7 @@ impl Storage for MemoryStore {
                 break;
             }
             let gone = e.gone.map(|digest| crate::wire::Gone { epoch: e.epoch, digest });
-            let logged =
-                Logged { seq: *seq, head: Some(e.head), data: e.data.clone(), expires: e.expires, gone };
+            let logged = Logged { seq: *seq, head: Some(e.head), data: e.data.clone(), expires: e.expires, gone };
             page.push(logged, e.data.len());
         }
         Ok(page.finish())

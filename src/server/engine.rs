@@ -310,7 +310,10 @@ fn spawn<B: Backend, J: Send + 'static>(
 fn writer_loop<B: Backend<Error = StoreError>>(mut db: B, mut delivery: Delivery, rx: mpsc::Receiver<Write>) {
     let mut writer = Writer::new();
     loop {
-        if writer.waiting.is_empty() {
+        // Block only with nothing to do: a chore or retention run taken in
+        // with the last batch's stragglers is done now, not whenever the
+        // next request comes (the expiry sweep waited on one forever).
+        if writer.waiting.is_empty() && writer.chores.is_empty() && writer.expires.is_empty() {
             match rx.recv() {
                 Ok(job) => writer.take(job),
                 Err(_) => return,

@@ -425,6 +425,7 @@ async fn sweep_expired(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         let now = crate::util::now_unix();
+        tracing::debug!(now, "sweeping expired messages");
         let mut expired = 0u64;
         loop {
             match shared.engine.expire_messages(now).await {

@@ -94,10 +94,8 @@ fn response() -> impl Strategy<Value = Response> {
                 messages: messages
                     .into_iter()
                     .map(|(seq, h, data, expires, gone)| {
-                        let gone = gone.map(|(epoch, d)| crate::wire::Gone {
-                            epoch,
-                            digest: crate::chain::MessageDigest(d),
-                        });
+                        let gone =
+                            gone.map(|(epoch, d)| crate::wire::Gone { epoch, digest: crate::chain::MessageDigest(d) });
                         // What is gone has no bytes left.
                         let data = if gone.is_some() { Vec::new() } else { data };
                         Logged { seq, head: h.map(Head), data, expires, gone }

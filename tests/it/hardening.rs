@@ -149,7 +149,7 @@ impl Peer {
             .into_iter()
             .filter_map(|r| match r {
                 Read::Received { seq, received } => Some((seq, received)),
-                Read::Own { .. } => None,
+                Read::Own { .. } | Read::Gone { .. } => None,
                 Read::Failed { seq, error, .. } => panic!("message {seq} failed: {error}"),
             })
             .collect()

@@ -9,6 +9,7 @@ mod cli;
 mod conventions;
 mod delivery;
 mod devices;
+mod disappearing;
 mod files;
 mod hardening;
 mod integrity;

@@ -256,7 +256,8 @@ impl App {
         sender: Option<&AccountId>,
         file: &FileRef,
     ) -> Result<Option<Entry>, AppError> {
-        let row = FileRow { seq, sender: sender.copied(), file: file.clone(), time: now_unix(), expires: self.expiry(group) };
+        let row =
+            FileRow { seq, sender: sender.copied(), file: file.clone(), time: now_unix(), expires: self.expiry(group) };
         if !self.local.add_file(group, &row)? {
             tracing::debug!(seq, "skipped a second file message for one blob");
             return Ok(None);
@@ -295,12 +296,12 @@ impl App {
         if want.len() < 4 || !want.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(AppError::File(format!("{id:?} is not a file id; see `hush files {}`", group.name)));
         }
-        let mut found: Vec<FileRow> =
-            self.local
-                .files(&group.id)?
-                .into_iter()
-                .filter(|r| r.expires.is_none_or(|t| t > now_unix()) && file_id(&r.file.id).starts_with(&want))
-                .collect();
+        let mut found: Vec<FileRow> = self
+            .local
+            .files(&group.id)?
+            .into_iter()
+            .filter(|r| r.expires.is_none_or(|t| t > now_unix()) && file_id(&r.file.id).starts_with(&want))
+            .collect();
         match found.len() {
             0 => Err(AppError::File(format!("no file {want} in {}; see `hush files {}`", group.name, group.name))),
             1 => Ok(found.remove(0)),

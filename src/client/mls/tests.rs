@@ -412,7 +412,8 @@ fn a_member_sets_the_timer_every_member_sees_it_and_new_members_inherit_it() {
 fn settings_codec_refuses_what_hush_does_not_write() {
     let s = GroupSettings { disappear_secs: 86_400 };
     assert_eq!(GroupSettings::decode(&s.encode()), Ok(s));
-    for bad in [&[][..], &[1, 0, 0, 0][..], &[2, 0, 0, 0, 1][..], &[1, 0, 0, 0, 1, 0][..], &[1, 0xff, 0xff, 0xff, 0xff][..]]
+    for bad in
+        [&[][..], &[1, 0, 0, 0][..], &[2, 0, 0, 0, 1][..], &[1, 0, 0, 0, 1, 0][..], &[1, 0xff, 0xff, 0xff, 0xff][..]]
     {
         assert!(GroupSettings::decode(bad).is_err(), "{bad:?}");
     }

@@ -131,10 +131,8 @@ fn fill_log(rows: Vec<Row>, mut page: Page<Logged>) -> (Messages, bool) {
         let head: Option<Vec<u8>> = row.get(2);
         let head = head.and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok()).map(Head);
         let gone: Option<Vec<u8>> = row.get(4);
-        let gone = gone
-            .as_deref()
-            .and_then(key)
-            .map(|d| crate::wire::Gone { epoch: u(row.get(5)), digest: MessageDigest(d) });
+        let gone =
+            gone.as_deref().and_then(key).map(|d| crate::wire::Gone { epoch: u(row.get(5)), digest: MessageDigest(d) });
         let len = data.len();
         let expires = row.get::<_, Option<i64>>(3).map(u);
         page.push(Logged { seq: u(row.get(0)), head, data, expires, gone }, len);

@@ -89,10 +89,10 @@ fn fill_log(mut rows: rusqlite::Rows<'_>, mut page: Page<Logged>) -> Result<(Mes
         }
         let head: Option<Vec<u8>> = row.get(2)?;
         let gone: Option<Vec<u8>> = row.get(4)?;
-        let gone = gone.as_deref().and_then(key).map(|d| crate::wire::Gone {
-            epoch: u(row.get(5).unwrap_or(0)),
-            digest: MessageDigest(d),
-        });
+        let gone = gone
+            .as_deref()
+            .and_then(key)
+            .map(|d| crate::wire::Gone { epoch: u(row.get(5).unwrap_or(0)), digest: MessageDigest(d) });
         let len = data.len();
         let logged = Logged {
             seq: u(row.get(0)?),
