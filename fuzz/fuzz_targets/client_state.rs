@@ -72,6 +72,9 @@ enum Op {
     OfferGroupInfo { index: u8 },
     AliceSync { second: bool },
     AliceSend { second: bool },
+    /// bob (or mallory) sets the group's disappearing timer: an inline
+    /// GroupContextExtensions commit alice, the walk and repair must take.
+    SetTimer { mallory: bool, secs: u8 },
 }
 
 /// One group as the model server keeps it.
@@ -500,6 +503,13 @@ impl World {
             Op::OfferGroupInfo { index } => {
                 let info = pick(&self.groups[0].infos, index).cloned();
                 self.groups[0].offer = info;
+            }
+            Op::SetTimer { mallory: by_mallory, secs } => {
+                if by_mallory && !self.mallory_in {
+                    return;
+                }
+                let settings = hush::mls::GroupSettings { disappear_secs: u32::from(secs) };
+                self.honest_commit(0, usize::from(by_mallory), |m, g| m.set_settings(g, settings).ok());
             }
             Op::AliceSync { second } => self.alice_sync(usize::from(second)),
             Op::AliceSend { second } => self.alice_send(usize::from(second)),

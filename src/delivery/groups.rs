@@ -140,8 +140,11 @@ impl Delivery {
                 }
                 let digest = self.digest_of(&bytes);
                 // Deleted when the group's timer (as of now: a message
-                // keeps the timer it was sent under) runs out.
-                let expires = (context.disappear > 0).then(|| now.saturating_add(u64::from(context.disappear)));
+                // keeps the timer it was sent under) or the server's
+                // retention runs out, whichever is shorter; members delete
+                // their copies then too.
+                let expires = (context.disappear > 0)
+                    .then(|| now.saturating_add(u64::from(context.disappear).min(self.retention_secs)));
                 let (seq, head) = store.append(&group, epoch, &bytes, &digest, now, expires)?;
                 let recipients = self.roster(store, &group, epoch)?;
                 Ok(Outcome::wrote(
