@@ -239,6 +239,32 @@ fn files_are_shared_and_saved_from_the_chat() {
     assert_eq!(std::fs::read_to_string(here.join("notes.md")).unwrap(), "# minutes");
 }
 
+/// `/disappear` shows and sets the group's timer from the chat; alice
+/// sees the change, and a message sent under it leaves bob's history
+/// while the chat runs.
+fn the_timer_is_set_from_the_chat() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("server"));
+    let (alice, bob, _carol) = team(&server, tmp.path());
+    let term = Terminal::chat(&bob, "team");
+    term.wait_for("the prompt", |t| t.input_row() == "team>");
+    term.type_keys("/disappear\r");
+    term.wait_for_text("disappearing messages in team: off");
+    term.type_keys("/disappear forever\r");
+    term.wait_for_text("! --disappear \"forever\"");
+    term.type_keys("/disappear 1s\r");
+    term.wait_for_text("* you set disappearing messages to 1 second");
+    let got = run_ok(&alice, &["sync"]);
+    assert!(got.contains("bob set disappearing messages to 1 second"), "{got}");
+    run_ok(&alice, &["send", "team", "gone in a second"]);
+    term.wait_for_text("alice: gone in a second");
+    let deadline = Instant::now() + WAIT;
+    while texts(&bob, "team").contains("gone in a second") {
+        assert!(Instant::now() < deadline, "still in bob's history: {}", texts(&bob, "team"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn a_message_cannot_reach_the_terminal_raw_or_forge_the_prompt() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("server"));
@@ -312,6 +338,11 @@ crate::on_both_backends! {
 #[test]
 fn files_in_the_chat() {
     files_are_shared_and_saved_from_the_chat();
+}
+
+#[test]
+fn disappearing_messages_on_a_terminal() {
+    the_timer_is_set_from_the_chat();
 }
 
 #[test]
