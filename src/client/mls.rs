@@ -360,6 +360,12 @@ pub enum MlsError {
     NoGroupInfo,
     #[error("the group does not list the server as its one external sender, so hush cannot change its settings")]
     NoServerSender,
+    /// Members whose devices do not read hush's settings yet.
+    #[error(
+        "{} device(s) in the group run a hush from before disappearing messages; once they upgrade and sync, try again",
+        .0.len()
+    )]
+    SettingsUnsupported(Vec<AccountId>),
     /// What the adversary module could not forge (tests only).
     #[error("forging: {0}")]
     Forgery(String),
@@ -860,11 +866,16 @@ impl<P: OpenMlsProvider> Member<P> {
     }
 
     fn create_config(removal_key: &[u8; 32]) -> Result<MlsGroupCreateConfig, MlsError> {
-        let extensions = GroupSettings::default().extensions(removal_key).context("group settings")?;
+        // No settings until a member sets a timer: that commit adds them,
+        // with the capability they require of every member (so devices
+        // whose KeyPackages predate them can still be added to groups
+        // without a timer).
+        let senders = Extensions::single(Extension::ExternalSenders(vec![server_sender(removal_key)]))
+            .context("external senders")?;
         Ok(MlsGroupCreateConfig::builder()
             .ciphersuite(CIPHERSUITE)
             .capabilities(member_capabilities())
-            .with_group_context_extensions(extensions)
+            .with_group_context_extensions(senders)
             .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
             .use_ratchet_tree_extension(true)
             .padding_size(PADDING)
@@ -1049,6 +1060,17 @@ impl<P: OpenMlsProvider> Member<P> {
         Ok(crate::mls::settings_in(self.group_mut(group)?.extensions()))
     }
 
+    /// Whether this device's leaf in `group` predates hush's settings (it
+    /// does not advertise them, so nobody can set the group's timer until
+    /// it commits once: [`Member::self_update`] does).
+    pub fn leaf_predates_settings(&mut self, group: &[u8]) -> bool {
+        let settings = ExtensionType::Unknown(crate::mls::SETTINGS_EXTENSION);
+        self.group_mut(group)
+            .ok()
+            .and_then(|g| g.own_leaf_node().map(|l| !l.capabilities().extensions().contains(&settings)))
+            .unwrap_or(false)
+    }
+
     /// [`Member::settings`] without loading the group for later use.
     pub fn settings_of(&self, group: &[u8]) -> Option<GroupSettings> {
         if let Some(g) = self.groups.get(group) {
@@ -1068,6 +1090,17 @@ impl<P: OpenMlsProvider> Member<P> {
         let senders = g.extensions().external_senders().map(|s| s.as_slice()).unwrap_or_default();
         if senders != [server_sender(&key)] {
             return Err(MlsError::NoServerSender);
+        }
+        let wanted = ExtensionType::Unknown(crate::mls::SETTINGS_EXTENSION);
+        let behind: Vec<AccountId> = g
+            .members()
+            .filter(|m| {
+                g.public_group().leaf(m.index).is_some_and(|l| !l.capabilities().extensions().contains(&wanted))
+            })
+            .filter_map(|m| holder_of(&m.credential).map(|(a, _)| a))
+            .collect();
+        if !behind.is_empty() {
+            return Err(MlsError::SettingsUnsupported(behind));
         }
         let extensions = settings.extensions(&key).context("group settings")?;
         self.commit_with(group, Vec::new(), Vec::new(), true, Some(extensions))

@@ -177,7 +177,7 @@ impl Delivery {
 /// the sweep will leave it: gone, only its epoch and digest (its place in
 /// the chain) said.
 fn hide_expired(message: &mut Logged, now: u64) {
-    if message.gone.is_some() || !message.expires.is_some_and(|t| t <= now) {
+    if message.gone.is_some() || message.expires.is_none_or(|t| t > now) {
         return;
     }
     // Stored messages were framed when accepted; an unreadable one keeps

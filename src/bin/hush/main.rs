@@ -450,10 +450,10 @@ fn run(cli: Cli) -> Result<()> {
                         "group": e.group, "sender": e.sender, "text": text, "time": e.time, "seq": e.seq,
                         "kind": e.kind.as_str(),
                     });
-                    if let Some(t) = e.expires {
+                    if let (Some(t), Some(fields)) = (e.expires, line.as_object_mut()) {
                         // When it disappears, and how long is left.
-                        line["expires_at"] = t.into();
-                        line["expires_in"] = t.saturating_sub(hush::util::now_unix()).into();
+                        fields.insert("expires_at".into(), t.into());
+                        fields.insert("expires_in".into(), t.saturating_sub(hush::util::now_unix()).into());
                     }
                     out!("{line}");
                 } else if e.kind == EntryKind::Text {

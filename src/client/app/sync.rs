@@ -270,6 +270,14 @@ impl App {
             let me = self.account();
             new.push(self.record(&g.id, seq, Some(&me), EntryKind::Event, &line)?);
         }
+        // A leaf from before hush's group settings: one commit advertises
+        // them, so the group's timer can be set (it needs every member's).
+        if g.active && self.member.leaf_predates_settings(&g.id) {
+            let gid = g.id.clone();
+            if let Err(e) = self.send_commit(conn, &gid, |m| Ok(m.self_update(&gid)?)).await {
+                tracing::warn!("could not update this device's leaf for group settings: {e}");
+            }
+        }
         Ok(())
     }
 

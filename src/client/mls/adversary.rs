@@ -386,6 +386,19 @@ impl<P: OpenMlsProvider> Member<P> {
         serialize(&message, "the proposal")
     }
 
+    /// KeyPackages as a hush from before group settings made them: their
+    /// leaf does not advertise hush's settings extension.
+    pub fn legacy_key_packages(&self, n: usize) -> Result<Vec<Vec<u8>>, MlsError> {
+        (0..n)
+            .map(|_| {
+                let bundle = KeyPackage::builder()
+                    .build(CIPHERSUITE, &self.provider, &self.signer, self.credential.clone())
+                    .map_err(|e| MlsError::Forgery(format!("a KeyPackage: {e}")))?;
+                serialize(bundle.key_package(), "a KeyPackage")
+            })
+            .collect()
+    }
+
     /// A commit carrying, besides a fresh path, GroupContextExtensions that
     /// keep hush's settings but drop the server as the group's external
     /// sender (so it could no longer remove revoked devices): a settings

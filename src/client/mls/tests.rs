@@ -418,3 +418,29 @@ fn settings_codec_refuses_what_hush_does_not_write() {
         assert!(GroupSettings::decode(bad).is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn a_timer_waits_for_every_members_leaf_to_read_it() {
+    let (_, _, mut alice) = Member::generate().unwrap();
+    let (_, _, mut bob) = Member::generate().unwrap();
+    alice.set_removal_key(REMOVAL_KEY);
+    let group = alice.create_group(&REMOVAL_KEY).unwrap().id;
+    let legacy = bob.legacy_key_packages(1).unwrap().remove(0);
+    let commit = alice.add(&group, &[(bob.account(), legacy)]).unwrap();
+    alice.merge_pending(&group).unwrap();
+    bob.join(&commit.welcome.unwrap()).unwrap();
+    assert!(bob.leaf_predates_settings(&group));
+    let two = GroupSettings { disappear_secs: 2 };
+    let e = alice.set_settings(&group, two).unwrap_err();
+    assert!(matches!(&e, MlsError::SettingsUnsupported(who) if *who == vec![bob.account()]), "{e}");
+    // bob's next commit advertises them; then the timer can be set.
+    let update = bob.self_update(&group).unwrap();
+    bob.merge_pending(&group).unwrap();
+    alice.receive(&group, &update.message).unwrap();
+    assert!(!bob.leaf_predates_settings(&group));
+    let commit = alice.set_settings(&group, two).unwrap();
+    alice.merge_pending(&group).unwrap();
+    assert!(
+        matches!(bob.receive(&group, &commit.message).unwrap(), Received::Commit { settings: Some(s), .. } if s == two)
+    );
+}
