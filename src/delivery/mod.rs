@@ -61,9 +61,11 @@
 //!   come back, and the server proposes its removal again.
 //! * **Proposals hush uses, and no others** ([`mls::check_proposal_use`],
 //!   the same rule the client applies): on its own, an Update of the
-//!   sender's own leaf or a Remove; inside a member's commit, Add, Update
-//!   and Remove; inside an external commit, the ExternalInit and the Remove
-//!   of the sender's own leaf. A Remove of leaves of the sender's own
+//!   sender's own leaf or a Remove; inside a member's commit, Add, Update,
+//!   Remove and (inline, by the committer, only to change hush's settings:
+//!   [`mls::check_context_extensions`]) GroupContextExtensions; inside an
+//!   external commit, the ExternalInit and the Remove of the sender's own
+//!   leaf. A Remove of leaves of the sender's own
 //!   account is its leaving: the membership ends at once, committed or not
 //!   (so a group of strangers cannot hold an account's quota).
 //! * **Group repair**: every commit carries the GroupInfo of the epoch it
@@ -94,6 +96,13 @@
 //! * **Deletion**: a message is deleted once every current member (and
 //!   every removed member still owed its removal) acknowledged it, or when
 //!   retention expires; a Welcome when acknowledged or expired.
+//! * **Disappearing messages** (issue 33): the group's timer is read from
+//!   the group context each commit leaves ([`mls::settings_of`]); each
+//!   application message accepted afterwards expires that long after (or
+//!   at retention, if sooner). One whose time is up is served as `gone`
+//!   (its epoch and digest, its link in the chain, never its bytes), and
+//!   [`Delivery::expire_messages`] deletes its bytes for good; blobs
+//!   completed in the group expire with the same timer.
 
 mod accounts;
 mod blobs;

@@ -86,7 +86,7 @@
 //! | 0x04 | `KeyPackageCount` | `u32` count held (last resort excluded), `bool` has a last-resort package |
 //! | 0x05 | `KeyPackages` | `u16` n (1..=16), n × `bytes32<16384>` KeyPackage, one per device of the claimed account |
 //! | 0x06 | `Accepted` | `bytes8<255>` group id, `u64` sequence (0 for a new group), `u64` epoch after the message, `[u8; 32]` the group's chain head after the message (the genesis head for a new group) |
-//! | 0x07 | `Messages` | `bytes8<255>` group id, `u16` n, n × (`u64` sequence, `option<[u8; 32]>` chain head after it (absent for a message stored before the chain began), `bytes32<491520>` `MLSMessage`), `bool` more |
+//! | 0x07 | `Messages` | `bytes8<255>` group id, `u16` n, n × (`u64` sequence, `u8` flags (bit 0: a head follows, bit 1: an expiry, bit 2: the message is gone; no other bit), `[u8; 32]` chain head after it if bit 0 (absent for a message stored before the chain began), `u64` when the group's timer deletes it if bit 1, `u64` epoch and `[u8; 32]` SHA-256 of what an expired message was if bit 2, `bytes32<491520>` `MLSMessage` (empty if bit 2)), `bool` more. A peer from before issue 33 wrote a `bool` where the flags are, which reads the same |
 //! | 0x08 | `Done` | none |
 //! | 0x09 | `Welcomes` | `u16` n, n × (`u64` id, `bytes32<491520>` `MLSMessage`) |
 //! | 0x0a | `Groups` | `u16` n, n × (`bytes8<255>` group id, `u64` epoch, `u64` last sequence, `u64` acknowledged sequence, `u64` first sequence the server still holds (0: none), `bool` current member) |
