@@ -578,7 +578,11 @@ fn stored<S: Storage<Error = StoreError>>(
     seq: u64,
 ) -> Result<Option<Notification>, StoreError> {
     let (mut messages, _) = store.fetch(&group, seq.saturating_sub(1), Some(seq), 1, usize::MAX)?;
-    let Some(crate::wire::Logged { head, data: message, .. }) = messages.pop() else { return Ok(None) };
+    let Some(crate::wire::Logged { head, data: message, expires, gone, .. }) = messages.pop() else { return Ok(None) };
+    // Expired (its group's timer): never handed out again, pushed or not.
+    if gone.is_some() || expires.is_some_and(|t| t <= crate::util::now_unix()) {
+        return Ok(None);
+    }
     let recipients: Arc<[DeviceId]> = store
         .members(&group)?
         .into_iter()
