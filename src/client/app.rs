@@ -477,6 +477,7 @@ impl App {
                     let unit = self.local.unit()?;
                     self.member.merge_pending(group)?;
                     self.sent_chained(group, &a, &message, &mut Vec::new())?;
+                    self.note_timer(group)?;
                     unit.commit()?;
                     return Ok(a.seq);
                 }

@@ -62,6 +62,10 @@ impl EntryKind {
 /// behind.
 pub const MAX_KEPT_HEADS: u64 = 100_000;
 
+/// How long a purge's checkpoint waits for another process reading the
+/// state (a running `hush chat` purges every second).
+const PURGE_CHECKPOINT_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// How often (in messages) old heads are pruned.
 const PRUNE_EVERY: u64 = 1024;
 
@@ -143,6 +147,9 @@ pub struct Local {
     conn: Rc<Connection>,
     /// Whether a [`Unit`] is open (units do not nest).
     open: Rc<Cell<bool>>,
+    /// Expired text was deleted but the WAL not yet emptied of it (another
+    /// reader was in the way): every purge tries again.
+    unflushed: Rc<Cell<bool>>,
 }
 
 /// A unit of work on the state file: everything written through [`Local`]
@@ -190,7 +197,7 @@ fn account(bytes: Option<Vec<u8>>) -> Option<AccountId> {
 
 impl Local {
     pub(super) fn new(conn: Rc<Connection>) -> Self {
-        Self { conn, open: Rc::new(Cell::new(false)) }
+        Self { conn, open: Rc::new(Cell::new(false)), unflushed: Rc::new(Cell::new(false)) }
     }
 
     /// Begins a unit of work (taking the file's write lock). Inside an open
@@ -713,14 +720,56 @@ impl Local {
             .prepare_cached("DELETE FROM files WHERE expires_at IS NOT NULL AND expires_at <= ?1")?
             .execute([i(now)])?;
         let n = u64::try_from(lines + files).unwrap_or(u64::MAX);
-        if n > 0 && !self.open.get() {
-            // Another process reading the file may hold the WAL: the next
-            // run truncates it then.
-            if let Err(e) = self.checkpoint() {
-                tracing::debug!("could not truncate the state's WAL after deleting expired messages: {e}");
+        if n > 0 {
+            self.unflushed.set(true);
+        }
+        if self.unflushed.get() && !self.open.get() {
+            // Another process reading the file may hold the WAL: this
+            // waits only briefly, and the next purge (every second in a
+            // chat, at the next run otherwise) tries again.
+            match self.try_checkpoint(PURGE_CHECKPOINT_WAIT) {
+                Ok(done) => self.unflushed.set(!done),
+                Err(e) => tracing::debug!("could not truncate the state's WAL after deleting expired messages: {e}"),
             }
         }
         Ok(n)
+    }
+
+    /// `PRAGMA wal_checkpoint(TRUNCATE)` waiting at most `wait` for other
+    /// readers; whether the WAL is now empty.
+    pub fn try_checkpoint(&self, wait: std::time::Duration) -> Result<bool, StateError> {
+        self.conn.busy_timeout(wait)?;
+        let result = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?)));
+        self.conn.busy_timeout(crate::sqlite::BUSY_TIMEOUT)?;
+        let (busy, log): (i64, i64) = result?;
+        Ok(busy == 0 && log <= 0)
+    }
+
+    /// Records the group's disappearing timer as of `epoch`, if it is not
+    /// what the last record says (what [`Local::timer_at`] reads).
+    pub fn note_timer(&self, id: &[u8], epoch: u64, secs: u32) -> Result<(), StateError> {
+        let last: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT secs FROM timers WHERE group_id = ?1 AND epoch <= ?2 ORDER BY epoch DESC LIMIT 1")?
+            .query_row(params![id, i(epoch)], |r| r.get(0))
+            .optional()?;
+        if last != Some(i64::from(secs)) {
+            self.conn
+                .prepare_cached("INSERT OR REPLACE INTO timers (group_id, epoch, secs) VALUES (?1, ?2, ?3)")?
+                .execute(params![id, i(epoch), i64::from(secs)])?;
+        }
+        Ok(())
+    }
+
+    /// The group's disappearing timer in `epoch`, as this device recorded
+    /// it; `None` if it recorded nothing that early.
+    pub fn timer_at(&self, id: &[u8], epoch: u64) -> Result<Option<u32>, StateError> {
+        let secs: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT secs FROM timers WHERE group_id = ?1 AND epoch <= ?2 ORDER BY epoch DESC LIMIT 1")?
+            .query_row(params![id, i(epoch)], |r| r.get(0))
+            .optional()?;
+        Ok(secs.and_then(|s| u32::try_from(s).ok()))
     }
 
     /// The first time a line or file message of this state expires, if any

@@ -179,11 +179,16 @@ const MIGRATIONS: &[&str] = &[
     );",
     // 9 -> 10: disappearing messages (issue 33). When each line and file
     // message expires (NULL: never); expired ones are deleted on every run
-    // ([`super::local::Local::purge_expired`]).
+    // ([`super::local::Local::purge_expired`]). Each group's timer from the
+    // epoch it was set in (a message the server says expired must have
+    // been sent under one).
     "ALTER TABLE history ADD COLUMN expires_at INTEGER;
     ALTER TABLE files ADD COLUMN expires_at INTEGER;
     CREATE INDEX history_expires ON history(expires_at) WHERE expires_at IS NOT NULL;
-    CREATE INDEX files_expires ON files(expires_at) WHERE expires_at IS NOT NULL;",
+    CREATE INDEX files_expires ON files(expires_at) WHERE expires_at IS NOT NULL;
+    CREATE TABLE timers (
+        group_id BLOB NOT NULL, epoch INTEGER NOT NULL, secs INTEGER NOT NULL, PRIMARY KEY (group_id, epoch)
+    ) WITHOUT ROWID;",
 ];
 
 /// Deleted secrets (KeyPackage private keys, past epochs' secrets, used

@@ -221,6 +221,8 @@ impl Delivery {
             }
         }
         let settings_before = mls::settings_of(v.public.group_context());
+        let changes_settings =
+            staged.queued_proposals().any(|q| matches!(q.proposal(), Proposal::GroupContextExtensions(_)));
         v.check_changed_leaves(&staged, h.caller)?;
         let added = self.added_devices(store, &staged)?;
         self.check_groups_quota(store, &added)?;
@@ -229,8 +231,14 @@ impl Delivery {
         public.merge_commit(&storage, staged).map_err(|e| Refusal::Internal(format!("merging the commit: {e:?}")))?;
         let epoch = public.group_context().epoch().as_u64();
         let roster = self.check_tree(&public)?;
-        let settings = mls::check_context_extensions(public.group_context().extensions(), &self.removal_key)
-            .map_err(invalid_commit)?;
+        // A commit that changes the settings must leave exactly what hush
+        // allows (a group from before they existed is judged by its
+        // external senders alone, as it was created).
+        if changes_settings {
+            mls::check_context_extensions(public.group_context().extensions(), &self.removal_key)
+                .map_err(invalid_commit)?;
+        }
+        let settings = mls::settings_of(public.group_context());
         check_whole_accounts(store, &added, &roster)?;
         // The GroupInfo of the new epoch, signed by the committer's leaf:
         // what a member that cannot process this commit rejoins from.

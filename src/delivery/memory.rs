@@ -568,6 +568,19 @@ impl Storage for MemoryStore {
         Ok(gone)
     }
 
+    fn expire_timed_blobs(&mut self, now: u64, limit: usize) -> Result<Vec<[u8; 16]>, Infallible> {
+        let gone: Vec<[u8; 16]> =
+            self.blobs.values().filter(|b| b.expires_at.is_some_and(|t| t <= now)).map(|b| b.id).take(limit).collect();
+        for id in &gone {
+            self.blobs.remove(id);
+        }
+        Ok(gone)
+    }
+
+    fn timers_in_use(&mut self) -> Result<bool, Infallible> {
+        Ok(self.groups.values().any(|g| g.record.disappear > 0))
+    }
+
     fn blobs(&mut self, after: Option<[u8; 16]>, limit: usize) -> Result<Vec<BlobRecord>, Infallible> {
         let start = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
         Ok(self.blobs.range((start, std::ops::Bound::Unbounded)).take(limit).map(|(_, b)| b.clone()).collect())

@@ -49,6 +49,12 @@ impl Delivery {
         )
     }
 
+    /// Deletes the rows of blobs whose group's timer ran out (at most
+    /// [`crate::limits::MAX_BLOBS_EXPIRED_PER_RUN`]); returns their ids.
+    pub fn expire_timed_blobs<S: Storage>(&mut self, store: &mut S, now: u64) -> Result<Vec<[u8; 16]>, S::Error> {
+        store.expire_timed_blobs(now, crate::limits::MAX_BLOBS_EXPIRED_PER_RUN)
+    }
+
     /// Deletes the bytes of messages whose group's timer ran out (at most
     /// [`crate::limits::MAX_MESSAGES_EXPIRED_PER_RUN`]); returns how many.
     pub fn expire_messages<S: Storage>(&mut self, store: &mut S, now: u64) -> Result<u64, S::Error> {

@@ -499,6 +499,13 @@ pub trait Storage {
         now: u64,
         limit: usize,
     ) -> Result<Vec<[u8; 16]>, Self::Error>;
+    /// Deletes (at most `limit`) blob rows whose group's timer ran out by
+    /// `now` (an index finds them: what the frequent sweep runs). Returns
+    /// their ids.
+    fn expire_timed_blobs(&mut self, now: u64, limit: usize) -> Result<Vec<[u8; 16]>, Self::Error>;
+    /// Whether any group has a disappearing timer (so expired messages may
+    /// have passed through the database's files since the last sweep).
+    fn timers_in_use(&mut self) -> Result<bool, Self::Error>;
     /// Blob rows in id order after `after`, at most `limit`.
     fn blobs(&mut self, after: Option<[u8; 16]>, limit: usize) -> Result<Vec<BlobRecord>, Self::Error>;
 }

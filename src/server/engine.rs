@@ -58,8 +58,13 @@ enum Chore {
     ExpireBlobs { now: u64, reply: oneshot::Sender<Result<Vec<[u8; 16]>, StoreError>> },
     /// Delete the bytes of messages whose timer ran out (bounded).
     ExpireMessages { now: u64, reply: oneshot::Sender<Result<u64, StoreError>> },
-    /// Empty the database's write-ahead log into its file.
-    Checkpoint { reply: oneshot::Sender<Result<bool, StoreError>> },
+    /// Delete the rows of blobs whose timer ran out; their ids come back.
+    ExpireTimedBlobs { now: u64, reply: oneshot::Sender<Result<Vec<[u8; 16]>, StoreError>> },
+    /// Empty the database's write-ahead log into its file, if `always` or
+    /// any group has a timer (expired messages may have passed through it,
+    /// however they were deleted: by the sweep, by acknowledgements, by
+    /// retention).
+    Checkpoint { always: bool, reply: oneshot::Sender<Result<bool, StoreError>> },
 }
 
 /// Work for the reader thread.
@@ -240,10 +245,16 @@ impl Engine {
         self.chore(|reply| Chore::ExpireMessages { now, reply }).await
     }
 
+    /// Deletes the rows of blobs whose timer ran out; returns their ids.
+    pub async fn expire_timed_blobs(&self, now: u64) -> Result<Vec<[u8; 16]>, StoreError> {
+        self.chore(|reply| Chore::ExpireTimedBlobs { now, reply }).await
+    }
+
     /// Empties the database's write-ahead log into its file (see
-    /// [`Backend::checkpoint`]); whether it completed.
-    pub async fn checkpoint(&self) -> Result<bool, StoreError> {
-        self.chore(|reply| Chore::Checkpoint { reply }).await
+    /// [`Backend::checkpoint`]) if `always` or any group has a timer;
+    /// whether it completed (or was not needed).
+    pub async fn checkpoint(&self, always: bool) -> Result<bool, StoreError> {
+        self.chore(|reply| Chore::Checkpoint { always, reply }).await
     }
 
     /// Blob rows in id order after `after`.
@@ -344,8 +355,12 @@ fn writer_loop<B: Backend<Error = StoreError>>(mut db: B, mut delivery: Delivery
                 Chore::ExpireMessages { now, reply } => {
                     let _ = reply.send(db.write(|unit| delivery.expire_messages(unit, now)));
                 }
-                Chore::Checkpoint { reply } => {
-                    let _ = reply.send(db.checkpoint());
+                Chore::ExpireTimedBlobs { now, reply } => {
+                    let _ = reply.send(db.write(|unit| delivery.expire_timed_blobs(unit, now)));
+                }
+                Chore::Checkpoint { always, reply } => {
+                    let needed = always || db.read(|unit| unit.timers_in_use()).and_then(|r| r).unwrap_or(true);
+                    let _ = reply.send(if needed { db.checkpoint() } else { Ok(true) });
                 }
             }
         }

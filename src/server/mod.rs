@@ -445,11 +445,35 @@ async fn sweep_expired(shared: Arc<Shared>) {
             info!(messages = expired, "deleted expired messages");
             unflushed = true;
         }
-        expire_files(&shared).await;
-        if unflushed {
-            match shared.engine.checkpoint().await {
-                Ok(done) => unflushed = !done,
-                Err(e) => warn!("checkpoint after expiry failed: {e}"),
+        expire_timed_files(&shared).await;
+        // While any group has a timer, every sweep empties the WAL: a
+        // message everyone read before its time went by acknowledgement,
+        // not by this sweep, and its bytes must leave the WAL too.
+        match shared.engine.checkpoint(unflushed).await {
+            Ok(done) => unflushed = !done,
+            Err(e) => warn!("checkpoint after expiry failed: {e}"),
+        }
+    }
+}
+
+/// Deletes the blobs whose timer ran out: their rows, then their files.
+async fn expire_timed_files(shared: &Shared) {
+    loop {
+        match shared.engine.expire_timed_blobs(crate::util::now_unix()).await {
+            Ok(ids) => {
+                for id in &ids {
+                    shared.blobs.remove(id);
+                }
+                if !ids.is_empty() {
+                    info!(files = ids.len(), "deleted expired files");
+                }
+                if ids.len() < crate::limits::MAX_BLOBS_EXPIRED_PER_RUN {
+                    return;
+                }
+            }
+            Err(e) => {
+                warn!("file expiry failed: {e}");
+                return;
             }
         }
     }

@@ -275,6 +275,151 @@ fn the_sweep_resumes_after_a_restart() {
     drop(server);
 }
 
+/// How many log rows still carry a timer or are gone, in a copy of the
+/// server's SQLite database.
+fn timed_rows(data: &Path, copy: &Path) -> i64 {
+    let _ = std::fs::remove_dir_all(copy);
+    std::fs::create_dir_all(copy).unwrap();
+    for name in ["hush.db", "hush.db-wal"] {
+        if data.join(name).exists() {
+            std::fs::copy(data.join(name), copy.join(name)).unwrap();
+        }
+    }
+    let conn = rusqlite::Connection::open(copy.join("hush.db")).unwrap();
+    conn.query_row("SELECT count(*) FROM log WHERE expires_at IS NOT NULL OR gone IS NOT NULL", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// Red team (issue 33): a message every member reads before its time is
+/// deleted by their acknowledgements, not by the sweep; its bytes must
+/// still leave the WAL once its time is up (they stayed there).
+#[test]
+fn a_message_everyone_read_before_expiry_leaves_the_wal_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("server");
+    let server = Hushd::start_with(&data, "127.0.0.1:0", &[("HUSHD_SWEEP_SECONDS", "1")]);
+    let (alice, bob, carol) = team(&server, tmp.path());
+    run_ok(&alice, &["group", "set", "team", "--disappear", "3s"]);
+    run_ok(&bob, &["sync"]);
+    run_ok(&carol, &["sync"]);
+    let secret = marker("READBYALL");
+    run_ok(&alice, &["send", "team", &secret]);
+    let stored = timed_ciphertexts(&data, &tmp.path().join("copy"));
+    assert_eq!(stored.len(), 2, "one message with a timer");
+    for p in [&bob, &carol, &alice] {
+        run_ok(p, &["sync"]);
+    }
+    assert_eq!(timed_rows(&data, &tmp.path().join("copy2")), 0, "deleted by the acknowledgements");
+    let swept = eventually(|| holding_pieces(&data, &stored).is_empty());
+    let left = holding_pieces(&data, &stored);
+    let _ = server.terminate();
+    assert!(swept, "the expired message's ciphertext is still in: {left:?}");
+}
+
+/// Red team (issue 33): another process reading bob's state (a backup, a
+/// slow `hush read`) when his running chat deletes an expired line keeps
+/// the WAL from being emptied; the chat tries again every second until it
+/// is (it never did).
+#[test]
+fn a_chat_empties_its_wal_once_another_reader_lets_go() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("server");
+    let server = Hushd::start_with(&data, "127.0.0.1:0", &[("HUSHD_SWEEP_SECONDS", "1")]);
+    let (alice, bob, _carol) = team(&server, tmp.path());
+    run_ok(&alice, &["group", "set", "team", "--disappear", "2s"]);
+    run_ok(&bob, &["sync"]);
+    let chat = LiveChat::start(&bob, "team");
+    let secret = marker("CHATWAL");
+    run_ok(&alice, &["send", "team", &secret]);
+    chat.wait_for(&secret);
+    let db = bob.home.join("hush.db");
+    let reader = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let n: i64 = reader.query_row("SELECT count(*) FROM history", [], |r| r.get(0)).unwrap();
+    assert!(n > 0);
+    // The chat deletes the line while the reader holds its snapshot.
+    let deleted = eventually(|| {
+        let c = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        let shown: i64 = c
+            .query_row("SELECT count(*) FROM history WHERE body LIKE ?1", [format!("%{secret}%")], |r| r.get(0))
+            .unwrap();
+        shown == 0
+    });
+    assert!(deleted, "the chat deleted the expired line");
+    // Longer than SQLite's busy timeout (5 s): a checkpoint that waited for
+    // the reader gave up meanwhile.
+    std::thread::sleep(Duration::from_secs(6));
+    reader.execute_batch("COMMIT").unwrap();
+    drop(reader);
+    let gone = eventually(|| holding(&bob.home, secret.as_bytes()).is_empty());
+    let left = holding(&bob.home, secret.as_bytes());
+    chat.finish();
+    let _ = server.terminate();
+    assert!(gone, "the expired plaintext is still in: {left:?}");
+}
+
+/// Red team (issue 33): only messages expire, never a commit; an operator
+/// who serves a commit as expired (its epoch and true digest, so the chain
+/// links) is caught, in a group with a timer too.
+#[test]
+fn a_commit_served_as_expired_is_an_alarm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("server");
+    let server = Hushd::start_with(&data, "127.0.0.1:0", &[]);
+    let (alice, bob, carol) = team(&server, tmp.path());
+    run_ok(&alice, &["group", "set", "team", "--disappear", "1h"]);
+    run_ok(&bob, &["sync"]);
+    run_ok(&carol, &["sync"]);
+    run_ok(&alice, &["group", "remove", "team", "carol"]);
+    run_ok(&alice, &["send", "team", "after the removal"]);
+    let conn = rusqlite::Connection::open(data.join("hush.db")).unwrap();
+    let rows: Vec<(i64, i64, Vec<u8>)> = conn
+        .prepare("SELECT gid, seq, data FROM log ORDER BY gid, seq")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    // The last PublicMessage (wire format 1) is the removal commit.
+    let (gid, seq, commit) = rows.iter().rfind(|(_, _, d)| d.get(..4) == Some(&[0, 1, 0, 1][..])).unwrap();
+    let digest = ring::digest::digest(&ring::digest::SHA256, commit);
+    let n = conn
+        .execute(
+            "UPDATE log SET data = x'', gone = ?3 WHERE gid = ?1 AND seq = ?2",
+            rusqlite::params![gid, seq, digest.as_ref()],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    drop(conn);
+    let got = hush(&bob.home, &["sync"]);
+    let out = format!("{}{}", stdout(&got), stderr(&got));
+    assert!(!got.status.success(), "{out}");
+    assert!(out.contains("ALARM: the server hid a change of this group as an expired message"), "{out}");
+    let verify = hush(&bob.home, &["verify", "team", "--json"]);
+    assert!(stdout(&verify).contains("hidden-change"), "{}", stdout(&verify));
+    let _ = server.terminate();
+}
+
+/// A message larger than a page (overflow pages), expired by the sweep,
+/// leaves no 32-byte piece in any server file (the red team's control).
+#[test]
+fn an_overflowing_message_leaves_nothing_either() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("server");
+    let server = Hushd::start_with(&data, "127.0.0.1:0", &[("HUSHD_SWEEP_SECONDS", "1")]);
+    let (alice, _bob, _carol) = team(&server, tmp.path());
+    run_ok(&alice, &["group", "set", "team", "--disappear", "2s"]);
+    let big = marker("BIG").repeat(900);
+    run_ok(&alice, &["send", "team", &big]);
+    let stored = timed_ciphertexts(&data, &tmp.path().join("copy"));
+    assert_eq!(stored.len(), 2);
+    assert!(stored[1].len() > 8000, "{}", stored[1].len());
+    let swept = eventually(|| holding_pieces(&data, &stored).is_empty());
+    let left = holding_pieces(&data, &stored);
+    let _ = server.terminate();
+    assert!(swept, "{left:?}");
+}
+
 crate::on_both_backends! {
     sync: [expired_messages_and_files_leave_no_byte_on_the_server_or_the_devices, the_sweep_resumes_after_a_restart],
     async: [],

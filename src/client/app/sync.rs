@@ -354,6 +354,11 @@ impl App {
             let mut log = GroupLog::new(group, after);
             log.check(&messages, more, Some(bound)).map_err(|e| AppError::Misbehaving(e.to_string()))?;
             let expired = self.expired_before(conn, group, summary, &messages).await?;
+            self.note_timer(group)?;
+            // A message of this epoch shown as expired since the last
+            // change read: if the next one is of a later epoch, that entry
+            // hid the change.
+            let mut gone_here: Option<u64> = None;
             for m in &messages {
                 let (seq, bytes) = (&m.seq, &m.data);
                 bytes_read = bytes_read.saturating_add(bytes.len());
@@ -361,23 +366,36 @@ impl App {
                 // cursor past it land together.
                 let unit = self.local.unit()?;
                 let mut forks = Vec::new();
-                if m.gone.is_some() {
+                if let Some(gone) = m.gone {
                     // Expired before this device read it. Our own: checked
                     // against what we sent.
                     if !self.own_message(group, m, new)? {
                         self.gone_message(group, m, new)?;
+                        if Some(gone.epoch) == self.member.epoch(group) {
+                            gone_here = Some(*seq);
+                        }
                     }
                 } else if !self.own_message(group, m, new)? {
                     let before = self.member.members(group);
                     match log.read(&mut self.member, *seq, bytes) {
                         Read::Received { received, .. } => {
+                            let commit = matches!(received, Received::Commit { .. });
                             self.server_expiry = m.expires;
                             let applied = self.apply(group, *seq, received, &before, new);
                             self.server_expiry = None;
                             forks = applied?;
+                            if commit {
+                                gone_here = None;
+                                self.note_timer(group)?;
+                            }
                         }
                         Read::Failed { cause: Some(c), stuck: true, error, .. } if !repaired => {
                             drop(unit);
+                            if let Some(gone_seq) =
+                                gone_here.filter(|_| self.member.epoch(group).is_some_and(|e| c.epoch > e))
+                            {
+                                self.hidden_change(group, gone_seq, *seq, new)?;
+                            }
                             // Where the chain stands through the message
                             // that could not be read (an alarm if it does
                             // not follow): the rejoin must link back to it.

@@ -327,19 +327,60 @@ impl App {
     /// left, its link in the chain): what a group with a disappearing
     /// timer does, so nothing to tell. In a group without one, the server
     /// withheld the message and calls it expired: an alarm.
+    ///
+    /// The timer is the one of the epoch the entry names (this device
+    /// records each change it reads); an entry of an epoch this device has
+    /// not reached is a change the server hid: only application messages
+    /// of the epoch being read expire.
     pub(super) fn gone_message(&mut self, group: &[u8], m: &Logged, new: &mut Vec<Entry>) -> Result<(), AppError> {
-        let timer = self.member.settings(group).map(|s| s.disappear_secs).unwrap_or(0);
-        if timer > 0 {
+        let Some(gone) = m.gone else { return Ok(()) };
+        let ours = self.member.epoch(group).unwrap_or(0);
+        let current = self.member.settings(group).map(|s| s.disappear_secs).unwrap_or(0);
+        let timer = self.local.timer_at(group, gone.epoch)?.unwrap_or(current);
+        let body = if gone.epoch > ours {
+            format!(
+                "ALARM: the server hid message {} (of epoch {}, which this device has not reached), saying it expired: only messages expire, never the changes that lead to an epoch",
+                m.seq, gone.epoch
+            )
+        } else if timer == 0 {
+            format!(
+                "ALARM: the server withheld message {}, saying it expired, but this group has no disappearing messages",
+                m.seq
+            )
+        } else {
             return Ok(());
-        }
-        let body = format!(
-            "ALARM: the server withheld message {}, saying it expired, but this group has no disappearing messages",
-            m.seq
-        );
+        };
         let evidence = serde_json::json!({
-            "kind": "false-expiry", "seq": m.seq, "digest": m.gone.map(|g| verify::hex(&g.digest.0)),
+            "kind": "false-expiry", "seq": m.seq, "epoch": gone.epoch, "digest": verify::hex(&gone.digest.0),
         });
         self.alarm(group, m.seq, &body, Some(evidence), new)?;
+        Ok(())
+    }
+
+    /// This device cannot follow `group` past message `seq` (of a later
+    /// epoch) right after the server showed message `gone_seq` of this
+    /// epoch as expired: that entry was the change leading there, hidden.
+    pub(super) fn hidden_change(
+        &mut self,
+        group: &[u8],
+        gone_seq: u64,
+        seq: u64,
+        new: &mut Vec<Entry>,
+    ) -> Result<(), AppError> {
+        let body = format!(
+            "ALARM: the server hid a change of this group as an expired message (message {gone_seq}): message {seq} is of a later epoch and nothing between leads there; only messages expire"
+        );
+        let evidence = serde_json::json!({ "kind": "hidden-change", "gone_seq": gone_seq, "seq": seq });
+        self.alarm(group, seq, &body, Some(evidence), new)?;
+        Ok(())
+    }
+
+    /// Records the group's timer as of this device's current epoch (what
+    /// [`App::gone_message`] judges expired messages of that epoch by).
+    pub(super) fn note_timer(&mut self, group: &[u8]) -> Result<(), AppError> {
+        if let (Some(epoch), Ok(s)) = (self.member.epoch(group), self.member.settings(group)) {
+            self.local.note_timer(group, epoch, s.disappear_secs)?;
+        }
         Ok(())
     }
 

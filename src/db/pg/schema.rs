@@ -154,7 +154,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE groups ADD COLUMN disappear bigint NOT NULL DEFAULT 0;
     ALTER TABLE log ADD COLUMN expires_at bigint, ADD COLUMN gone bytea;
     CREATE INDEX log_expires ON log(expires_at) WHERE expires_at IS NOT NULL;
-    ALTER TABLE blobs ADD COLUMN expires_at bigint;",
+    ALTER TABLE blobs ADD COLUMN expires_at bigint;
+    CREATE INDEX blobs_expires ON blobs(expires_at) WHERE expires_at IS NOT NULL;",
 ];
 
 /// Key of the advisory lock migrations hold ("hush" in ASCII).

@@ -1002,6 +1002,20 @@ impl Storage for PgStore<'_> {
         Ok(rows.iter().filter_map(|r| <[u8; 16]>::try_from(r.get::<_, &[u8]>(0)).ok()).collect())
     }
 
+    fn expire_timed_blobs(&mut self, now: u64, limit: usize) -> Result<Vec<[u8; 16]>, StoreError> {
+        let rows = self.rows(
+            "DELETE FROM blobs WHERE id IN (
+                 SELECT id FROM blobs WHERE expires_at IS NOT NULL AND expires_at <= $1 LIMIT $2)
+             RETURNING id",
+            &[&i(now), &i(limit as u64)],
+        )?;
+        Ok(rows.iter().filter_map(|r| <[u8; 16]>::try_from(r.get::<_, &[u8]>(0)).ok()).collect())
+    }
+
+    fn timers_in_use(&mut self) -> Result<bool, StoreError> {
+        Ok(self.one("SELECT EXISTS (SELECT 1 FROM groups WHERE disappear > 0)", &[])?.get(0))
+    }
+
     fn blobs(&mut self, after: Option<[u8; 16]>, limit: usize) -> Result<Vec<BlobRecord>, StoreError> {
         let after = after.map(|a| a.to_vec()).unwrap_or_default();
         let rows = self.rows(

@@ -8,6 +8,9 @@ use super::{schema, SqlStore};
 use crate::db::StoreError;
 use crate::delivery::storage::Backend;
 
+/// How long a checkpoint on the writer waits for readers.
+const CHECKPOINT_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// An open hush database.
 #[derive(Debug)]
 pub struct Db {
@@ -55,9 +58,14 @@ impl Backend for Db {
     /// database file (where `secure_delete` zeroed what was deleted), then
     /// the WAL cut to zero bytes, so no old page image holding deleted
     /// bytes stays in it.
+    /// It runs on the writer, so it waits at most [`CHECKPOINT_WAIT`] for
+    /// readers to finish (writes wait meanwhile) and otherwise says it did
+    /// not complete: the sweep tries again.
     fn checkpoint(&mut self) -> Result<bool, StoreError> {
-        let (busy, log): (i64, i64) =
-            self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        self.conn.busy_timeout(CHECKPOINT_WAIT)?;
+        let result = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?)));
+        self.conn.busy_timeout(crate::sqlite::BUSY_TIMEOUT)?;
+        let (busy, log): (i64, i64) = result?;
         Ok(busy == 0 && log <= 0)
     }
 }

@@ -192,7 +192,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE log ADD COLUMN expires_at INTEGER;
     ALTER TABLE log ADD COLUMN gone BLOB;
     CREATE INDEX log_expires ON log(expires_at) WHERE expires_at IS NOT NULL;
-    ALTER TABLE blobs ADD COLUMN expires_at INTEGER;",
+    ALTER TABLE blobs ADD COLUMN expires_at INTEGER;
+    CREATE INDEX blobs_expires ON blobs(expires_at) WHERE expires_at IS NOT NULL;",
 ];
 
 /// The first schema version with device certificates.

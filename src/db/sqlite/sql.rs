@@ -992,6 +992,27 @@ impl Storage for SqlStore<'_> {
         Ok(out)
     }
 
+    fn expire_timed_blobs(&mut self, now: u64, limit: usize) -> Result<Vec<[u8; 16]>, StoreError> {
+        let ids: Vec<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT id FROM blobs WHERE expires_at IS NOT NULL AND expires_at <= ?1 LIMIT ?2")?
+            .query_map(params![i(now), i(limit as u64)], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            self.conn.prepare_cached("DELETE FROM blobs WHERE id = ?1")?.execute([&id])?;
+            out.extend(<[u8; 16]>::try_from(id.as_slice()).ok());
+        }
+        Ok(out)
+    }
+
+    fn timers_in_use(&mut self) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM groups WHERE disappear > 0)")?
+            .query_row([], |r| r.get(0))?)
+    }
+
     fn blobs(&mut self, after: Option<[u8; 16]>, limit: usize) -> Result<Vec<BlobRecord>, StoreError> {
         let mut stmt = self.conn.prepare_cached(&format!("{BLOB_SELECT} WHERE b.id > ?1 ORDER BY b.id LIMIT ?2"))?;
         let after = after.map(|a| a.to_vec()).unwrap_or_default();
