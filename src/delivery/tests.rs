@@ -1491,13 +1491,24 @@ fn disappearing_messages_expire_on_the_server_and_chains_link_through_them() {
     let ds = &mut net.ds;
     let gone_blobs = in_unit!(&mut net.store, s => ds.expire_blobs(s, now).unwrap());
     assert_eq!(gone_blobs, vec![u.id]);
+    // A timer longer than the server's retention (30 days here): the
+    // shorter wins.
+    let year = GroupSettings { disappear_secs: 365 * 86_400 };
+    let commit = alice.member.set_settings(&g, year).unwrap();
+    assert!(matches!(net.commit(&mut alice, commit), Response::Accepted { .. }));
+    alice.member.merge_pending(&g).unwrap();
+    let m = alice.member.encrypt(&g, b"long").unwrap();
+    let Response::Accepted { seq: long, .. } = net.send(&mut alice, m, None) else { panic!() };
+    let accepted = net.now;
+    let Response::Messages { messages, .. } = net.ok(&bob, fetch(long - 1)) else { panic!() };
+    assert_eq!(messages[0].expires, Some(accepted + 30 * 86_400));
     // Turning it off: later messages stay until read.
     let off = alice.member.set_settings(&g, GroupSettings::default()).unwrap();
     assert!(matches!(net.commit(&mut alice, off), Response::Accepted { .. }));
     alice.member.merge_pending(&g).unwrap();
     assert_eq!(net.group(&g).unwrap().disappear, 0);
-    net.text(&mut alice, &g, "kept");
-    let Response::Messages { messages, .. } = net.ok(&bob, fetch(seq)) else { panic!() };
+    let kept = net.text(&mut alice, &g, "kept");
+    let Response::Messages { messages, .. } = net.ok(&bob, fetch(kept - 1)) else { panic!() };
     assert!(messages.iter().all(|m| m.expires.is_none() && m.gone.is_none()), "{messages:?}");
 }
 
