@@ -48,11 +48,19 @@ impl Delivery {
             }
             None => {}
         }
-        if store.account_exists(&cert.account)? {
-            return Err(refuse(
-                ErrorCode::InvalidCredential,
-                "this account is already registered; a further device is linked from its first device (`hush device add`)",
-            ));
+        if let Some(account) = store.account(&cert.account)? {
+            // A further device of an existing account, certified by the
+            // account key itself (a home restored from a backup holds it):
+            // the same authority that certifies a linked device, within
+            // the same caps. No invite: the account is registered.
+            if account.removed_at.is_some() {
+                return Err(refuse(ErrorCode::Revoked, "this account was removed by the server's operator"));
+            }
+            store.lock_account(&cert.account)?;
+            Self::room_for_a_device(store, &cert.account)?;
+            store.insert_device(&device, &DeviceRecord::new(cert.account, encoded, now))?;
+            tracing::debug!("device registered with its account's certificate");
+            return Ok(Outcome { registered, ..Outcome::wrote(Response::Registered { created: false }, vec![]) });
         }
         let unknown = || refuse(ErrorCode::InviteUnknown, "the invite is not known to this server");
         let invite_id = match invite {

@@ -44,7 +44,7 @@ impl Delivery {
     /// refuse early) and again when it is answered, in the unit that
     /// registers the device: several links opened under the caps cannot
     /// all be answered past them (issue 29).
-    fn room_for_a_device<S: Storage>(store: &mut S, account: &AccountId) -> Result<(), Refusal<S::Error>> {
+    pub(super) fn room_for_a_device<S: Storage>(store: &mut S, account: &AccountId) -> Result<(), Refusal<S::Error>> {
         let all = store.devices_of(account)?;
         if all.len() >= MAX_DEVICES_EVER {
             return Err(refuse(

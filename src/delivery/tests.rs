@@ -1056,17 +1056,27 @@ mod registration {
     }
 
     #[test]
-    fn a_second_device_a_second_certificate_or_someone_elses_certificate_is_refused() {
+    fn a_second_certificate_or_someone_elses_certificate_is_refused_a_further_device_is_not() {
         let (mut ds, mut store) = (ds(), MemoryStore::default());
         let token = invite(&mut store, 10, None);
         let owner = Identity::generate().unwrap();
         let first = cert(&owner, 1);
         assert_eq!(created(register(&mut ds, &mut store, &first, Some(&token), 20)), Ok(true));
+        // A further device the account key certified (a restored home):
+        // registered into the account, no invite spent, within the caps.
         let second = cert(&owner, 2);
-        assert_eq!(
-            created(register(&mut ds, &mut store, &second, Some(&token), 20)),
-            Err(ErrorCode::InvalidCredential)
-        );
+        assert_eq!(created(register(&mut ds, &mut store, &second, None, 20)), Ok(false));
+        assert_eq!(store.devices_of(&AccountId(owner.public_key())).unwrap().len(), 2);
+        for n in 3..=crate::limits::MAX_DEVICES_PER_ACCOUNT {
+            let c = cert(&owner, u8::try_from(n).unwrap());
+            assert_eq!(created(register(&mut ds, &mut store, &c, None, 20)), Ok(false), "device {n}");
+        }
+        let one_too_many = cert(&owner, 200);
+        assert_eq!(created(register(&mut ds, &mut store, &one_too_many, None, 20)), Err(ErrorCode::QuotaExceeded));
+        // An account the operator removed takes no device.
+        store.remove_account(&AccountId(owner.public_key()), 30).unwrap();
+        let after = cert(&owner, 201);
+        assert_eq!(created(register(&mut ds, &mut store, &after, None, 40)), Err(ErrorCode::Revoked));
         let other_key = DeviceCertificate::issue(&owner, DeviceId([1; 32]), [3; 32], 1);
         assert_eq!(
             created(register(&mut ds, &mut store, &other_key, Some(&token), 20)),
