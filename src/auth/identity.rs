@@ -93,6 +93,16 @@ impl Identity {
         Ok(Self { key: SigningKey::from_bytes(&seed) })
     }
 
+    /// The key from its 32-byte seed (a restored backup's account key).
+    pub fn from_seed(seed: &[u8; 32]) -> Self {
+        Self { key: SigningKey::from_bytes(seed) }
+    }
+
+    /// The key's 32-byte seed (what a backup carries), wiped when dropped.
+    pub fn seed(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.key.to_bytes())
+    }
+
     /// Writes the key to `path` with mode 0600; never overwrites a file.
     pub fn save(&self, path: &Path) -> Result<(), KeyError> {
         let seed = Zeroizing::new(self.key.to_bytes());

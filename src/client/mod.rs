@@ -81,6 +81,7 @@ pub struct Accepted {
 }
 
 pub mod app;
+pub mod backup;
 pub mod home;
 pub mod link;
 pub mod local;
