@@ -25,6 +25,7 @@ use crate::auth::{text, AccountId, DeviceCertificate, DeviceId, HushAddress, Ide
 use crate::util::now_unix;
 use crate::wire::{ErrorCode, GroupSummary};
 
+mod backup;
 mod devices;
 pub mod files;
 mod sync;
@@ -109,6 +110,8 @@ pub enum AppError {
     Timer(String),
     #[error(transparent)]
     Link(#[from] super::link::LinkError),
+    #[error(transparent)]
+    Backup(#[from] super::backup::BackupError),
     #[error(transparent)]
     Home(#[from] super::home::HomeError),
     #[error(transparent)]

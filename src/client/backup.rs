@@ -76,6 +76,9 @@ const MAX_FIELD: usize = 64 * 1024;
 #[derive(Clone, PartialEq, Eq)]
 pub struct Backup {
     pub account_key: Zeroizing<[u8; 32]>,
+    /// The device that made the backup (the restored one names it, so it
+    /// can revoke it).
+    pub device: DeviceId,
     /// The pinned server's address (`hush://…`).
     pub server: String,
     pub name: Option<String>,
@@ -287,6 +290,7 @@ impl Backup {
     pub fn encode(&self) -> Result<Vec<u8>, BackupError> {
         let mut w = Writer::new();
         w.raw(self.account_key.as_ref());
+        w.raw(&self.device.0);
         text(&mut w, "server", &self.server)?;
         opt_text(&mut w, "name", self.name.as_deref())?;
         count(&mut w, self.contacts.len())?;
@@ -339,6 +343,7 @@ impl Backup {
     pub fn decode(bytes: &[u8]) -> Result<Self, BackupError> {
         let mut r = Reader::new(bytes);
         let account_key = Zeroizing::new(r.array::<32>()?);
+        let device = DeviceId(r.array()?);
         let server = read_text(&mut r, "server")?;
         let name = read_opt_text(&mut r, "name")?.filter(|n| n.len() <= MAX_NAME);
         let mut contacts = Vec::new();
@@ -390,7 +395,7 @@ impl Backup {
             groups.push(GroupBackup { id, name, active, anchor, history, files });
         }
         r.finish()?;
-        Ok(Self { account_key, server, name, contacts, device_names, revocations, groups })
+        Ok(Self { account_key, device, server, name, contacts, device_names, revocations, groups })
     }
 }
 
@@ -410,6 +415,7 @@ mod tests {
         };
         Backup {
             account_key: Zeroizing::new([7; 32]),
+            device: DeviceId([3; 32]),
             server: "hush://127.0.0.1:7443/#x".into(),
             name: Some("alice".into()),
             contacts: vec![("bob".into(), AccountId([4; 32]))],

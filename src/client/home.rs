@@ -262,6 +262,71 @@ impl Home {
     }
 }
 
+/// What [`Home::restore`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    pub account: AccountId,
+    pub server: HushAddress,
+    pub contacts: usize,
+    pub groups: usize,
+    /// History lines taken back.
+    pub lines: usize,
+}
+
+impl Home {
+    /// The encrypted backup of this home (see
+    /// [`crate::client::backup`]): only a home with the account key (the
+    /// account's first device, or one restored from its backup) can make
+    /// one.
+    pub fn backup(&self, passphrase: &[u8]) -> Result<Vec<u8>, AppError> {
+        let account = self.account_key()?;
+        let mut app = self.open()?;
+        let backup = app.export_backup(&account, self.name())?;
+        Ok(crate::client::backup::seal(&backup, passphrase)?)
+    }
+
+    /// Makes this (new, empty) home the account a backup holds, on a new
+    /// device: decrypts `file` with `passphrase` (a wrong passphrase or a
+    /// damaged file is refused before anything is written), writes the
+    /// account key, creates this device's key and certificate (signed by
+    /// the account key), registers the device with the backup's server,
+    /// takes back contacts, groups and history, and publishes
+    /// KeyPackages. The groups are joined anew on the next sync (an
+    /// external commit of a further device of the account, never to an
+    /// older state than the backed-up device had reached).
+    pub async fn restore(&self, file: &[u8], passphrase: &[u8]) -> Result<Restored, AppError> {
+        self.refuse_legacy()?;
+        let backup = crate::client::backup::open(file, passphrase)?;
+        let server: HushAddress = backup
+            .server
+            .parse()
+            .map_err(|e| HomeError::NotAnAddress { text: backup.server.clone(), why: format!("{e}") })?;
+        if self.device_key().exists() || self.account_key_file().exists() || self.server_file().exists() {
+            return Err(HomeError::AlreadyDevice(self.dir.clone()).into());
+        }
+        identity::private_dir(&self.dir).map_err(HomeError::from)?;
+        let account = Identity::from_seed(&backup.account_key);
+        account.save(&self.account_key_file()).map_err(HomeError::from)?;
+        let (device, _) = Identity::load_or_create(&self.device_key()).map_err(HomeError::from)?;
+        let certificate = App::initialise(&self.dir, &account, &device)?;
+        drop(account);
+        let conn = Connection::connect(&server, &device).await?;
+        let registered = conn.register(None, &certificate).await;
+        conn.close().await;
+        registered?;
+        self.write(&self.server_file(), &format!("{server}\n"))?;
+        if let Some(n) = backup.name.as_deref().filter(|n| valid_name(n)) {
+            self.write(&self.name_file(), &format!("{n}\n"))?;
+        }
+        let mut app = App::open(&self.dir, device, server.clone())?;
+        let (contacts, groups, lines) = app.import_backup(&backup)?;
+        let conn = app.connect().await?;
+        app.publish_key_packages(&conn, true).await?;
+        conn.close().await;
+        Ok(Restored { account: certificate.account, server, contacts, groups, lines })
+    }
+}
+
 /// What [`Home::join`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Joined {

@@ -109,6 +109,23 @@ enum Command {
     /// group's last messages on start. With piped input: one line per
     /// message, exits at the end of the input.
     Chat { group: String },
+    /// Write an encrypted backup of this account (its key, contacts, device
+    /// names and history; never the MLS keys) to FILE (created, mode 0600,
+    /// never overwritten). The passphrase is asked on the terminal without
+    /// echo, or read from --passphrase-file or HUSH_PASSPHRASE.
+    Backup {
+        file: PathBuf,
+        #[arg(long, value_name = "PATH")]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// Restore a backup into a new, empty home: registers a new device of
+    /// the account, takes back contacts and history, and rejoins every
+    /// group. The device that made the backup is named `previous-device`.
+    Restore {
+        file: PathBuf,
+        #[arg(long, value_name = "PATH")]
+        passphrase_file: Option<PathBuf>,
+    },
     /// Check a group's delivery chain: how far this device verified the
     /// server's history, how far each member had read when they last
     /// wrote, and any alarm with its evidence. Exits non-zero on an alarm.
@@ -468,6 +485,36 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Chat { group } => chat(&home, &group),
         Command::Verify { group, json } => verify(&home, &group, json),
+        Command::Backup { file, passphrase_file } => {
+            let passphrase = passphrase(passphrase_file.as_deref(), true)?;
+            let bytes = home.backup(passphrase.as_bytes()).map_err(app_error)?;
+            hush::util::write_private(&file, &bytes, false)
+                .with_context(|| format!("writing {} (it must not exist)", file.display()))?;
+            out!("backed up to {} ({} bytes)", file.display(), bytes.len());
+            Ok(())
+        }
+        Command::Restore { file, passphrase_file } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let passphrase = passphrase(passphrase_file.as_deref(), false)?;
+            let r = runtime()?.block_on(home.restore(&bytes, passphrase.as_bytes())).map_err(app_error)?;
+            out!(
+                "restored {} on {}: {} contact(s), {} group(s), {} history line(s)",
+                r.account,
+                r.server,
+                r.contacts,
+                r.groups,
+                r.lines
+            );
+            // Rejoin every group now, as a further device of the account.
+            let new = online(&home, async |app, conn| app.sync(conn).await)?;
+            for e in &new {
+                print_entry(e);
+            }
+            eprintln!(
+                "the device the backup came from is `previous-device`; if it is lost, revoke it: hush device revoke previous-device"
+            );
+            Ok(())
+        }
     }
 }
 
@@ -719,6 +766,45 @@ fn group(home: &Home, cmd: GroupCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The backup passphrase: from `file`, else `HUSH_PASSPHRASE`, else asked
+/// on the terminal without echo (twice when `confirm`). Never from argv.
+fn passphrase(file: Option<&std::path::Path>, confirm: bool) -> Result<zeroize::Zeroizing<String>> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        return Ok(zeroize::Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string()));
+    }
+    if let Ok(text) = std::env::var("HUSH_PASSPHRASE") {
+        return Ok(zeroize::Zeroizing::new(text));
+    }
+    if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        bail!("no passphrase: give --passphrase-file PATH or HUSH_PASSPHRASE (it is asked only on a terminal)");
+    }
+    let first = read_hidden("passphrase: ")?;
+    if confirm && *read_hidden("again: ")? != *first {
+        bail!("the two passphrases differ; nothing was written");
+    }
+    Ok(first)
+}
+
+/// A line read from the terminal with echo off.
+fn read_hidden(prompt: &str) -> Result<zeroize::Zeroizing<String>> {
+    use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+    let stdin = std::io::stdin();
+    let saved = tcgetattr(&stdin).context("reading the terminal's settings")?;
+    let mut quiet = saved.clone();
+    quiet.local_flags.remove(LocalFlags::ECHO);
+    tcsetattr(&stdin, SetArg::TCSANOW, &quiet).context("turning echo off")?;
+    eprint!("{prompt}");
+    let mut line = zeroize::Zeroizing::new(String::new());
+    let read = std::io::BufRead::read_line(&mut stdin.lock(), &mut line);
+    let _ = tcsetattr(&stdin, SetArg::TCSANOW, &saved);
+    eprintln!();
+    read.context("reading the passphrase")?;
+    let trimmed = line.trim_end_matches(['\n', '\r']).len();
+    line.truncate(trimmed);
+    Ok(line)
 }
 
 /// A disappearing-message timer from the command line: a duration

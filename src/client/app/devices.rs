@@ -272,8 +272,9 @@ impl App {
                     )
                 } else {
                     format!(
-                        "this device joined the group at epoch {epoch}; the group's state was too large to hand over, so only \
-                         that it is not older than your first device's was checked: compare its members with another member"
+                        "this device joined the group at epoch {epoch}; with no state of the group handed over (too large \
+                         to hand over, or a restored backup), only that it is not older than what your other device had \
+                         reached was checked: compare its members with another member"
                     )
                 };
                 self.local.forget_handover(group)?;
