@@ -309,6 +309,16 @@ pub fn hush_in(cwd: &Path, home: &Path, args: &[&str]) -> Output {
     run(&mut cmd)
 }
 
+/// Runs `hush --home HOME ARGS...` with extra environment.
+pub fn hush_env(home: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = base_command(env!("CARGO_BIN_EXE_hush"));
+    cmd.env("HOME", home).arg("--home").arg(home).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run(&mut cmd)
+}
+
 /// Runs `hush --home HOME ARGS...`.
 pub fn hush(home: &Path, args: &[&str]) -> Output {
     let mut cmd = base_command(env!("CARGO_BIN_EXE_hush"));

@@ -14,10 +14,18 @@ impl App {
         let now = now_unix();
         let mut groups = Vec::new();
         for g in self.local.groups()? {
-            let history = self.local.history(&g.id)?.into_iter().filter(|r| r.expires.is_none_or(|t| t > now)).collect();
+            let history =
+                self.local.history(&g.id)?.into_iter().filter(|r| r.expires.is_none_or(|t| t > now)).collect();
             let files = self.local.files(&g.id)?.into_iter().filter(|r| r.expires.is_none_or(|t| t > now)).collect();
             let anchor = self.member.anchor(&g.id).or(self.local.anchor(&g.id)?);
-            groups.push(GroupBackup { id: g.id.clone(), name: g.name.clone(), active: g.active, anchor, history, files });
+            groups.push(GroupBackup {
+                id: g.id.clone(),
+                name: g.name.clone(),
+                active: g.active,
+                anchor,
+                history,
+                files,
+            });
         }
         Ok(Backup {
             account_key: account_key.seed(),
