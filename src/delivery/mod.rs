@@ -19,8 +19,10 @@
 //!   `Register` a new account, with a device certificate for exactly that
 //!   key (an invite is required unless the operator opened registration,
 //!   [`Quotas`], and one of its uses is spent in the same unit of work that
-//!   creates the account), or take the new device's part in linking
-//!   ([`links`]).
+//!   creates the account), `Register` a further device of an existing
+//!   account whose key signed its certificate (a restored backup: no
+//!   invite, within the device caps), or take the new device's part in
+//!   linking ([`links`]).
 //! * **Credentials**: every leaf's BasicCredential identity is a device
 //!   certificate ([`crate::auth::device`]) that must verify under the
 //!   account key it names and certify the leaf's signature key. The core
