@@ -259,17 +259,7 @@ impl App {
         let unit = self.local.unit()?;
         // The first device's revocations: verified again, kept and
         // enforced as if this device had read them in its groups.
-        for bytes in &bundle.revocations {
-            if let Ok(r) = crate::auth::DeviceRevocation::decode(bytes) {
-                self.learn_revocation(&r)?;
-            }
-        }
-        let mut contacts = 0;
-        for (name, account) in &bundle.contacts {
-            if valid_name(name) && self.local.put_contact(name.trim(), account)? {
-                contacts += 1;
-            }
-        }
+        let contacts = self.take_over(&bundle.revocations, &bundle.contacts)?;
         for g in &bundle.groups {
             let name = Some(g.name.as_str()).filter(|n| valid_name(n));
             self.local.put_group(&g.id, name, 0, now_unix())?;
@@ -283,6 +273,24 @@ impl App {
         }
         unit.commit()?;
         Ok((contacts, bundle.groups.len()))
+    }
+
+    /// Keeps the account-signed revocations (verified again) and the
+    /// contacts (usable names only) another device of the account handed
+    /// over; returns how many contacts were new.
+    fn take_over(&mut self, revocations: &[Vec<u8>], contacts: &[(String, AccountId)]) -> Result<usize, AppError> {
+        for bytes in revocations {
+            if let Ok(r) = crate::auth::DeviceRevocation::decode(bytes) {
+                self.learn_revocation(&r)?;
+            }
+        }
+        let mut n = 0;
+        for (name, account) in contacts {
+            if valid_name(name) && self.local.put_contact(name.trim(), account)? {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Opens an initialised home.

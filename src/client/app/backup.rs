@@ -46,17 +46,7 @@ impl App {
     /// Returns (contacts, groups, history lines).
     pub fn import_backup(&mut self, backup: &Backup) -> Result<(usize, usize, usize), AppError> {
         let unit = self.local.unit()?;
-        for bytes in &backup.revocations {
-            if let Ok(r) = crate::auth::DeviceRevocation::decode(bytes) {
-                self.learn_revocation(&r)?;
-            }
-        }
-        let mut contacts = 0;
-        for (name, account) in &backup.contacts {
-            if valid_name(name) && self.local.put_contact(name.trim(), account)? {
-                contacts += 1;
-            }
-        }
+        let contacts = self.take_over(&backup.revocations, &backup.contacts)?;
         for (device, name) in &backup.device_names {
             if valid_name(name) && *device != self.member.device() {
                 self.local.name_device(device, name.trim())?;

@@ -183,6 +183,16 @@ fn invite_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<InviteRecord>> {
 }
 
 impl SqlStore<'_> {
+    /// Deletes these blob rows; returns their ids.
+    fn delete_blobs(&mut self, ids: Vec<Vec<u8>>) -> Result<Vec<[u8; 16]>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            self.conn.prepare_cached("DELETE FROM blobs WHERE id = ?1")?.execute([&id])?;
+            out.extend(<[u8; 16]>::try_from(id.as_slice()).ok());
+        }
+        Ok(out)
+    }
+
     fn gid(&self, group: &[u8]) -> Result<Option<i64>, StoreError> {
         Ok(self
             .conn
@@ -984,12 +994,7 @@ impl Storage for SqlStore<'_> {
             )?
             .query_map(params![i(complete_before), i(open_before), i(limit as u64), i(now)], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            self.conn.prepare_cached("DELETE FROM blobs WHERE id = ?1")?.execute([&id])?;
-            out.extend(<[u8; 16]>::try_from(id.as_slice()).ok());
-        }
-        Ok(out)
+        self.delete_blobs(ids)
     }
 
     fn expire_timed_blobs(&mut self, now: u64, limit: usize) -> Result<Vec<[u8; 16]>, StoreError> {
@@ -998,12 +1003,7 @@ impl Storage for SqlStore<'_> {
             .prepare_cached("SELECT id FROM blobs WHERE expires_at IS NOT NULL AND expires_at <= ?1 LIMIT ?2")?
             .query_map(params![i(now), i(limit as u64)], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            self.conn.prepare_cached("DELETE FROM blobs WHERE id = ?1")?.execute([&id])?;
-            out.extend(<[u8; 16]>::try_from(id.as_slice()).ok());
-        }
-        Ok(out)
+        self.delete_blobs(ids)
     }
 
     fn timers_in_use(&mut self) -> Result<bool, StoreError> {
