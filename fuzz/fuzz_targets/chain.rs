@@ -32,7 +32,9 @@ fuzz_target!(|data: &[u8]| {
         }
         let head = match op >> 1 & 3 {
             0 => None,
-            1 => Some(Head(body.iter().copied().chain(std::iter::repeat(0)).take(32).collect::<Vec<_>>().try_into().unwrap())),
+            1 => Some(Head(
+                body.iter().copied().chain(std::iter::repeat(0)).take(32).collect::<Vec<_>>().try_into().unwrap(),
+            )),
             // What an honest server would send, for epoch 1.
             _ => Some(at.map_or_else(|| Head::genesis(group), |p| p.head).next(seq, 1, body)),
         };

@@ -42,8 +42,12 @@ static REPAIRS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU6
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
 enum Op {
-    BobUpdate { second: bool },
-    BobText { second: bool },
+    BobUpdate {
+        second: bool,
+    },
+    BobText {
+        second: bool,
+    },
     BobRemoveMallory,
     BobAddMallory,
     MalloryText,
@@ -54,7 +58,9 @@ enum Op {
     /// A proposal of every kind (0 PSK, 1 GCE, 2 foreign Add, 3 remove
     /// bob, 4 remove alice, 5 leave), relayed to alice whatever the server
     /// said.
-    MalloryProposal { kind: u8 },
+    MalloryProposal {
+        kind: u8,
+    },
     /// A commit carrying GroupContextExtensions, relayed to alice.
     MalloryExtensionsCommit,
     /// mallory commits alice's removal (an honest, accepted commit).
@@ -63,18 +69,31 @@ enum Op {
     /// encrypts a message in it (a later epoch's framing).
     MalloryFork,
     /// The server shows alice one of mallory's fork messages.
-    InjectForkMessage { index: u8 },
+    InjectForkMessage {
+        index: u8,
+    },
     /// mallory, with a kept state, sends an external commit rejoining
     /// from a GroupInfo of any epoch; the server relays it to alice.
-    RemovedRejoin { index: u8 },
+    RemovedRejoin {
+        index: u8,
+    },
     /// The server says alice is behind and offers this GroupInfo (of every
     /// one it ever saw, forks included) at her next sync.
-    OfferGroupInfo { index: u8 },
-    AliceSync { second: bool },
-    AliceSend { second: bool },
+    OfferGroupInfo {
+        index: u8,
+    },
+    AliceSync {
+        second: bool,
+    },
+    AliceSend {
+        second: bool,
+    },
     /// bob (or mallory) sets the group's disappearing timer: an inline
     /// GroupContextExtensions commit alice, the walk and repair must take.
-    SetTimer { mallory: bool, secs: u8 },
+    SetTimer {
+        mallory: bool,
+        secs: u8,
+    },
 }
 
 /// One group as the model server keeps it.
