@@ -23,14 +23,27 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub fn write_private(path: &std::path::Path, bytes: &[u8], replace: bool) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
+    // A hidden name of its own, random, created here: never a file the
+    // caller named or another one beside it (the red team's backup
+    // `old.tmp` was deleted when this used `path.with_extension("tmp")`).
+    let mut nonce = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+        .map_err(|_| std::io::Error::other("no randomness"))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = path.with_file_name(format!(".{name}.{hex}.tmp"));
     let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
+    let written = file.write_all(bytes).and_then(|()| file.sync_all());
     drop(file);
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     if replace {
-        std::fs::rename(&tmp, path)?;
+        if let Err(e) = std::fs::rename(&tmp, path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
     } else {
         let linked = std::fs::hard_link(&tmp, path);
         std::fs::remove_file(&tmp)?;

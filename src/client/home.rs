@@ -304,6 +304,27 @@ impl Home {
         if self.device_key().exists() || self.account_key_file().exists() || self.server_file().exists() {
             return Err(HomeError::AlreadyDevice(self.dir.clone()).into());
         }
+        let existed = self.dir.exists();
+        let restored = self.restore_into(&backup, server).await;
+        if restored.is_err() {
+            // Nothing half-made stays behind (the account key least of
+            // all): the same restore can simply be run again.
+            if existed {
+                for f in ["account.key", "device.key", "hush.db", "hush.db-wal", "hush.db-shm", "name", "server"] {
+                    let _ = std::fs::remove_file(self.dir.join(f));
+                }
+            } else {
+                let _ = std::fs::remove_dir_all(&self.dir);
+            }
+        }
+        restored
+    }
+
+    async fn restore_into(
+        &self,
+        backup: &crate::client::backup::Backup,
+        server: HushAddress,
+    ) -> Result<Restored, AppError> {
         identity::private_dir(&self.dir).map_err(HomeError::from)?;
         let account = Identity::from_seed(&backup.account_key);
         account.save(&self.account_key_file()).map_err(HomeError::from)?;
@@ -319,7 +340,7 @@ impl Home {
             self.write(&self.name_file(), &format!("{n}\n"))?;
         }
         let mut app = App::open(&self.dir, device, server.clone())?;
-        let (contacts, groups, lines) = app.import_backup(&backup)?;
+        let (contacts, groups, lines) = app.import_backup(backup)?;
         let conn = app.connect().await?;
         app.publish_key_packages(&conn, true).await?;
         conn.close().await;

@@ -57,6 +57,11 @@ impl Delivery {
                 return Err(refuse(ErrorCode::Revoked, "this account was removed by the server's operator"));
             }
             store.lock_account(&cert.account)?;
+            // Again under the account's lock (another node may have removed
+            // it meanwhile).
+            if store.account(&cert.account)?.is_some_and(|a| a.removed_at.is_some()) {
+                return Err(refuse(ErrorCode::Revoked, "this account was removed by the server's operator"));
+            }
             Self::room_for_a_device(store, &cert.account)?;
             store.insert_device(&device, &DeviceRecord::new(cert.account, encoded, now))?;
             tracing::debug!("device registered with its account's certificate");

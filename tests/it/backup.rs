@@ -129,7 +129,67 @@ fn a_backup_leaves_out_what_expired() {
     assert!(!tmp.path().join("b.bak").exists());
 }
 
+/// Red team (issue 34): writing FILE never deletes an existing file, FILE
+/// itself (`old-backup.tmp`) or one beside it (`notes.tmp`).
+#[test]
+fn writing_a_private_file_never_deletes_an_existing_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let same = tmp.path().join("old-backup.tmp");
+    std::fs::write(&same, b"a precious earlier backup").unwrap();
+    assert!(hush::util::write_private(&same, b"new", false).is_err(), "an existing file was replaced");
+    assert_eq!(std::fs::read(&same).unwrap(), b"a precious earlier backup");
+    let sibling = tmp.path().join("notes.tmp");
+    std::fs::write(&sibling, b"unrelated user data").unwrap();
+    hush::util::write_private(&tmp.path().join("notes.bak"), b"backup", false).unwrap();
+    assert_eq!(std::fs::read(&sibling).unwrap(), b"unrelated user data");
+    // Nothing of its own is left beside them either.
+    let names: Vec<String> =
+        std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+}
+
+/// The same through the CLI: `hush backup FILE.tmp` with FILE.tmp present.
+fn a_backup_onto_an_existing_tmp_file_leaves_it_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("server"));
+    let alice = crate::cli::person(&server, tmp.path(), "alice");
+    let file = tmp.path().join("alice-backup.tmp");
+    std::fs::write(&file, b"last week's backup").unwrap();
+    let out = hush_env(&alice.home, &["backup", file.to_str().unwrap()], &[("HUSH_PASSPHRASE", "a long passphrase")]);
+    assert!(!out.status.success(), "overwrote an existing file");
+    assert_eq!(std::fs::read(&file).unwrap(), b"last week's backup", "{}", stderr(&out));
+}
+
+/// Red team (issue 34): a restore that fails after decrypting (the server
+/// unreachable) leaves nothing behind, the account key least of all, and
+/// the same restore simply runs again.
+fn a_restore_that_could_not_reach_the_server_can_be_retried() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("server");
+    let server = Hushd::start(&data);
+    let port = server.port();
+    let alice = crate::cli::person(&server, tmp.path(), "alice");
+    run_ok(&alice, &["group", "create", "solo"]);
+    let file = tmp.path().join("a.bak");
+    let pass = [("HUSH_PASSPHRASE", "a long passphrase")];
+    let out = hush_env(&alice.home, &["backup", file.to_str().unwrap()], &pass);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let _ = server.terminate();
+    let home = tmp.path().join("restored");
+    let first = hush_env(&home, &["restore", file.to_str().unwrap()], &pass);
+    assert!(!first.status.success(), "restored with the server down?");
+    assert!(!home.exists(), "left behind: {:?}", files_under(&home));
+    let _server = Hushd::start_with(&data, &format!("127.0.0.1:{port}"), &[]);
+    let again = hush_env(&home, &["restore", file.to_str().unwrap()], &pass);
+    assert!(again.status.success(), "retrying the restore was refused: {}", stderr(&again));
+}
+
 crate::on_both_backends! {
-    sync: [a_restored_home_continues_where_the_lost_one_was, a_backup_leaves_out_what_expired],
+    sync: [
+        a_restored_home_continues_where_the_lost_one_was,
+        a_backup_leaves_out_what_expired,
+        a_backup_onto_an_existing_tmp_file_leaves_it_alone,
+        a_restore_that_could_not_reach_the_server_can_be_retried,
+    ],
     async: [],
 }

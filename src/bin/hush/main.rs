@@ -494,7 +494,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Restore { file, passphrase_file } => {
-            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let bytes = read_bounded(&file, hush::client::backup::MAX_BACKUP)?;
             let passphrase = passphrase(passphrase_file.as_deref(), false)?;
             let r = runtime()?.block_on(home.restore(&bytes, passphrase.as_bytes())).map_err(app_error)?;
             out!(
@@ -766,6 +766,20 @@ fn group(home: &Home, cmd: GroupCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The file at `path`, refused (before reading it all) if it is larger
+/// than `max` bytes.
+fn read_bounded(path: &std::path::Path, max: usize) -> Result<Vec<u8>> {
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut bytes = Vec::new();
+    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, limit), &mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if bytes.len() > max {
+        bail!("{} is larger than a backup can be ({max} bytes)", path.display());
+    }
+    Ok(bytes)
 }
 
 /// The backup passphrase: from `file`, else `HUSH_PASSPHRASE`, else asked
