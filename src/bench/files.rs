@@ -11,7 +11,7 @@ use super::raw::{Mode, RawServer};
 use super::scenarios::Pair;
 use super::{fail, BenchError, Row};
 use crate::auth::HushAddress;
-use crate::client::app::files::{upload_from, Quiet};
+use crate::client::app::files::{upload_from, Quiet, Source};
 use crate::client::Connection;
 use crate::files::{open_chunk, FileKey, Layout, TAG};
 use crate::limits::{BLOB_IO_BUFFER, BLOB_SYNC_EVERY};
@@ -35,7 +35,7 @@ async fn upload(conn: &Connection, group: &[u8], path: &Path, size: u64) -> Resu
     // As `hush send` does: a stream that stalls (a loaded machine, a slow
     // flush) is resumed where the server holds bytes, a few times.
     for _ in 0..RESUMES {
-        match upload_from(conn, path, &key, layout, &state, &mut Quiet).await {
+        match upload_from(conn, Source::Path(path), &key, layout, &state, &mut Quiet).await {
             Ok(Some(_)) => return Ok((state.id, key)),
             Ok(None) | Err(crate::client::app::AppError::Client(crate::client::ClientError::Timeout(_))) => {
                 state = conn.upload_status(state.id).await.map_err(fail)?;

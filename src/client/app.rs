@@ -28,10 +28,11 @@ use crate::wire::{ErrorCode, GroupSummary};
 mod backup;
 mod devices;
 pub mod files;
+pub mod history;
 mod sync;
 mod verify;
 
-pub use devices::{DeviceLine, LINK_POLL};
+pub use devices::{Certified, DeviceLine, DeviceLink, LINK_POLL};
 pub use verify::ChainReport;
 
 /// KeyPackages published at registration and kept available.
@@ -150,6 +151,9 @@ pub struct Entry {
     pub time: u64,
     /// When it disappears (its group's timer), if it does.
     pub expires: Option<u64>,
+    /// Handed over by another device of the account (see
+    /// [`crate::client::local::HistoryRow::imported`]).
+    pub imported: bool,
 }
 
 /// A local group, as shown.
@@ -270,6 +274,9 @@ impl App {
                 let state = h.encode().map_err(|e| super::link::LinkError::Malformed(e.to_string()))?;
                 self.local.put_handover(&g.id, &state)?;
             }
+        }
+        if let Some(h) = &bundle.history {
+            self.expect_history(h)?;
         }
         unit.commit()?;
         Ok((contacts, bundle.groups.len()))
@@ -419,7 +426,15 @@ impl App {
         // What members wrote disappears with the group's timer; events
         // (joins, timer changes, alarms) stay.
         let expires = if kind == EntryKind::Text { self.expiry(group) } else { None };
-        let row = HistoryRow { seq, sender: sender.copied(), kind, body: body.into(), time: now_unix(), expires };
+        let row = HistoryRow {
+            seq,
+            sender: sender.copied(),
+            kind,
+            body: body.into(),
+            time: now_unix(),
+            expires,
+            imported: false,
+        };
         self.local.record(group, &row)?;
         Ok(self.entry(group, &self.group_name(group), row))
     }
@@ -451,6 +466,7 @@ impl App {
             body: row.body,
             time: row.time,
             expires: row.expires,
+            imported: row.imported,
         }
     }
 

@@ -285,6 +285,80 @@ fn kind_byte(k: EntryKind) -> u8 {
     }
 }
 
+/// Writes groups with their history and file messages (a backup's, and a
+/// linked device's history archive: [`crate::client::history`]).
+pub(crate) fn write_groups(w: &mut Writer, groups: &[GroupBackup]) -> Result<(), BackupError> {
+    count(w, groups.len())?;
+    for g in groups {
+        w.bytes32("group id", &g.id, MAX_FIELD)?;
+        opt_text(w, "group name", g.name.as_deref())?;
+        w.bool(g.active);
+        w.bool(g.anchor.is_some());
+        if let Some((epoch, transcript)) = &g.anchor {
+            w.u64(*epoch);
+            w.bytes32("transcript", transcript, MAX_FIELD)?;
+        }
+        count(w, g.history.len())?;
+        for h in &g.history {
+            w.u64(h.seq);
+            opt_account(w, h.sender.as_ref());
+            w.u8(kind_byte(h.kind));
+            text(w, "line", &h.body)?;
+            w.u64(h.time);
+            opt_u64(w, h.expires);
+        }
+        count(w, g.files.len())?;
+        for f in &g.files {
+            w.u64(f.seq);
+            opt_account(w, f.sender.as_ref());
+            let encoded = Zeroizing::new(f.file.encode());
+            w.bytes32("file", &encoded, MAX_FIELD)?;
+            w.u64(f.time);
+            opt_u64(w, f.expires);
+        }
+    }
+    Ok(())
+}
+
+/// Reads what [`write_groups`] wrote.
+pub(crate) fn read_groups(r: &mut Reader<'_>) -> Result<Vec<GroupBackup>, BackupError> {
+    let mut groups = Vec::new();
+    for _ in 0..read_count(r)? {
+        let id = r.bytes32("group id", MAX_FIELD)?.to_vec();
+        let name = read_opt_text(r, "group name")?;
+        let active = r.bool("active")?;
+        let anchor =
+            if r.bool("anchor")? { Some((r.u64()?, r.bytes32("transcript", MAX_FIELD)?.to_vec())) } else { None };
+        let mut history = Vec::new();
+        for _ in 0..read_count(r)? {
+            let seq = r.u64()?;
+            let sender = read_opt_account(r)?;
+            let kind = match r.u8()? {
+                1 => EntryKind::Text,
+                2 => EntryKind::Event,
+                3 => EntryKind::Alarm,
+                _ => return Err(BackupError::Contents("a history line of unknown kind".into())),
+            };
+            let body = read_text(r, "line")?;
+            let time = r.u64()?;
+            let expires = read_opt_u64(r, "expires")?;
+            history.push(HistoryRow { seq, sender, kind, body, time, expires, imported: false });
+        }
+        let mut files = Vec::new();
+        for _ in 0..read_count(r)? {
+            let seq = r.u64()?;
+            let sender = read_opt_account(r)?;
+            let file = FileRef::decode(r.bytes32("file", MAX_FIELD)?)
+                .ok_or_else(|| BackupError::Contents("a file message that does not decode".into()))?;
+            let time = r.u64()?;
+            let expires = read_opt_u64(r, "expires")?;
+            files.push(FileRow { seq, sender, file, time, expires });
+        }
+        groups.push(GroupBackup { id, name, active, anchor, history, files });
+    }
+    Ok(groups)
+}
+
 impl Backup {
     /// The payload's bytes (before encryption).
     pub fn encode(&self) -> Result<Vec<u8>, BackupError> {
@@ -307,35 +381,7 @@ impl Backup {
         for r in &self.revocations {
             w.bytes32("revocation", r, MAX_FIELD)?;
         }
-        count(&mut w, self.groups.len())?;
-        for g in &self.groups {
-            w.bytes32("group id", &g.id, MAX_FIELD)?;
-            opt_text(&mut w, "group name", g.name.as_deref())?;
-            w.bool(g.active);
-            w.bool(g.anchor.is_some());
-            if let Some((epoch, transcript)) = &g.anchor {
-                w.u64(*epoch);
-                w.bytes32("transcript", transcript, MAX_FIELD)?;
-            }
-            count(&mut w, g.history.len())?;
-            for h in &g.history {
-                w.u64(h.seq);
-                opt_account(&mut w, h.sender.as_ref());
-                w.u8(kind_byte(h.kind));
-                text(&mut w, "line", &h.body)?;
-                w.u64(h.time);
-                opt_u64(&mut w, h.expires);
-            }
-            count(&mut w, g.files.len())?;
-            for f in &g.files {
-                w.u64(f.seq);
-                opt_account(&mut w, f.sender.as_ref());
-                let encoded = Zeroizing::new(f.file.encode());
-                w.bytes32("file", &encoded, MAX_FIELD)?;
-                w.u64(f.time);
-                opt_u64(&mut w, f.expires);
-            }
-        }
+        write_groups(&mut w, &self.groups)?;
         Ok(w.into_inner())
     }
 
@@ -360,40 +406,7 @@ impl Backup {
         for _ in 0..read_count(&mut r)? {
             revocations.push(r.bytes32("revocation", MAX_FIELD)?.to_vec());
         }
-        let mut groups = Vec::new();
-        for _ in 0..read_count(&mut r)? {
-            let id = r.bytes32("group id", MAX_FIELD)?.to_vec();
-            let name = read_opt_text(&mut r, "group name")?;
-            let active = r.bool("active")?;
-            let anchor =
-                if r.bool("anchor")? { Some((r.u64()?, r.bytes32("transcript", MAX_FIELD)?.to_vec())) } else { None };
-            let mut history = Vec::new();
-            for _ in 0..read_count(&mut r)? {
-                let seq = r.u64()?;
-                let sender = read_opt_account(&mut r)?;
-                let kind = match r.u8()? {
-                    1 => EntryKind::Text,
-                    2 => EntryKind::Event,
-                    3 => EntryKind::Alarm,
-                    _ => return Err(BackupError::Contents("a history line of unknown kind".into())),
-                };
-                let body = read_text(&mut r, "line")?;
-                let time = r.u64()?;
-                let expires = read_opt_u64(&mut r, "expires")?;
-                history.push(HistoryRow { seq, sender, kind, body, time, expires });
-            }
-            let mut files = Vec::new();
-            for _ in 0..read_count(&mut r)? {
-                let seq = r.u64()?;
-                let sender = read_opt_account(&mut r)?;
-                let file = FileRef::decode(r.bytes32("file", MAX_FIELD)?)
-                    .ok_or_else(|| BackupError::Contents("a file message that does not decode".into()))?;
-                let time = r.u64()?;
-                let expires = read_opt_u64(&mut r, "expires")?;
-                files.push(FileRow { seq, sender, file, time, expires });
-            }
-            groups.push(GroupBackup { id, name, active, anchor, history, files });
-        }
+        let groups = read_groups(&mut r)?;
         r.finish()?;
         Ok(Self { account_key, device, server, name, contacts, device_names, revocations, groups })
     }
@@ -433,6 +446,7 @@ mod tests {
                     body: "hello".into(),
                     time: 99,
                     expires: None,
+                    imported: false,
                 }],
                 files: vec![FileRow { seq: 4, sender: None, file, time: 100, expires: Some(200) }],
             }],

@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+use super::app::files::Progress;
+use super::app::history::HistoryTaken;
 use super::app::{App, AppError};
 use super::link::LinkCode;
 use super::local::valid_name;
@@ -208,7 +210,11 @@ impl Home {
     /// the server sealed under the code, and waits for the certificate and
     /// the bundle (contacts, group names) the first device answers with. The
     /// account's groups are joined on the next sync.
-    pub async fn join(&self, code: &str) -> Result<Joined, AppError> {
+    ///
+    /// History the first device handed over is fetched, checked and
+    /// imported before this returns (with `progress`); if the connection
+    /// fails, the next sync tries again.
+    pub async fn join(&self, code: &str, progress: &mut dyn Progress) -> Result<Joined, AppError> {
         self.refuse_legacy()?;
         let code: LinkCode = code.parse()?;
         // A home that registered or finished linking is a device already;
@@ -255,10 +261,19 @@ impl Home {
         }
         let mut app = App::open(&self.dir, device, code.server.clone())?;
         let (contacts, groups) = app.import(&bundle)?;
-        let conn = app.connect().await?;
+        let mut conn = app.connect().await?;
         app.publish_key_packages(&conn, true).await?;
+        let history = match bundle.history {
+            None => None,
+            Some(_) => Some(match app.take_history(&mut conn, progress).await {
+                Ok(taken) => Ok(taken),
+                Err(e) if app.history_pending().unwrap_or(false) => Err(format!("{e}; `hush sync` tries again")),
+                Err(e) => Err(e.to_string()),
+            }),
+        };
         conn.close().await;
-        Ok(Joined { account: cert.account, device: device_id, contacts, groups })
+        let history = history.map(|r| r.and_then(|t| t.ok_or_else(|| "nothing waited".to_string())));
+        Ok(Joined { account: cert.account, device: device_id, contacts, groups, history })
     }
 }
 
@@ -356,4 +371,8 @@ pub struct Joined {
     /// Contacts and groups taken over from the first device.
     pub contacts: usize,
     pub groups: usize,
+    /// The history the first device handed over, if it did: what was
+    /// imported, or why not (the next sync tries again if the connection
+    /// was at fault).
+    pub history: Option<Result<HistoryTaken, String>>,
 }

@@ -32,6 +32,7 @@ use zeroize::Zeroizing;
 
 use crate::auth::device::REVOCATION_LEN;
 use crate::auth::{text, AccountId, DeviceId, HushAddress};
+use crate::client::history::HistoryRef;
 use crate::client::local::MAX_NAME;
 use crate::client::mls::Handover;
 use crate::limits::{MAX_GROUPS_LISTED, MAX_GROUP_ID, MAX_HANDOVER_PROPOSALS, MAX_LINK_BUNDLE, MAX_MLS_MESSAGE};
@@ -210,7 +211,9 @@ impl LinkCode {
 /// the new device's first join must not go back from, `u8` 0 or 1 then, if
 /// 1, a [`LinkHandover`]: `u64` sequence, `bytes32` GroupInfo with tree,
 /// `u16` k × `bytes32` pending proposal), then `u16` r × `bytes8<137>`
-/// account-signed device revocation the first device holds.
+/// account-signed device revocation the first device holds, then, only if
+/// history was handed over, `u8` 1 and a [`HistoryRef`] (a bundle from a
+/// device that never hands history over ends before it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bundle {
     pub account: AccountId,
@@ -224,6 +227,9 @@ pub struct Bundle {
     /// (its own account's stolen laptop, say) stay in, or come back into,
     /// a group its walk reaches.
     pub revocations: Vec<Vec<u8>>,
+    /// Where the history the first device handed over waits, encrypted
+    /// (`hush device add --history`; [`crate::client::history`]).
+    pub history: Option<HistoryRef>,
 }
 
 /// Most revocations a bundle carries (the account's own first).
@@ -329,6 +335,10 @@ impl Bundle {
         for r in &self.revocations {
             w.bytes8("revocation", r, REVOCATION_LEN)?;
         }
+        if let Some(h) = &self.history {
+            w.u8(1);
+            h.write(&mut w);
+        }
         Ok(w.into_inner())
     }
 
@@ -363,8 +373,15 @@ impl Bundle {
         for _ in 0..k {
             revocations.push(r.bytes8("revocation", REVOCATION_LEN)?.to_vec());
         }
+        let history = if r.remaining() == 0 {
+            None
+        } else if r.u8()? == 1 {
+            Some(HistoryRef::read(&mut r)?)
+        } else {
+            return Err(DecodeError::Invalid("history flag"));
+        };
         r.finish()?;
-        Ok(Self { account, name, contacts, groups, revocations })
+        Ok(Self { account, name, contacts, groups, revocations, history })
     }
 }
 
@@ -415,6 +432,7 @@ mod tests {
                 },
             ],
             revocations: vec![vec![1; REVOCATION_LEN]],
+            history: Some(HistoryRef { id: [1; 16], key: Zeroizing::new([2; 32]), hash: [3; 32], size: 4096 }),
         };
         let sealed = c.seal_bundle(&bundle).unwrap();
         assert_eq!(back.open_bundle(&sealed).unwrap(), bundle);
@@ -446,8 +464,14 @@ mod tests {
         assert_eq!(c.open_offer(&second).unwrap(), b);
         assert_eq!(c.open_offer(&again).unwrap(), a);
         // Bundles too (an answer can be retried).
-        let bundle =
-            Bundle { account: AccountId([9; 32]), name: None, contacts: vec![], groups: vec![], revocations: vec![] };
+        let bundle = Bundle {
+            account: AccountId([9; 32]),
+            name: None,
+            contacts: vec![],
+            groups: vec![],
+            revocations: vec![],
+            history: None,
+        };
         let (x, y) = (c.seal_bundle(&bundle).unwrap(), c.seal_bundle(&bundle).unwrap());
         assert_ne!(x, y);
         assert_eq!(c.open_bundle(&x).unwrap(), c.open_bundle(&y).unwrap());

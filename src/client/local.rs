@@ -139,6 +139,10 @@ pub struct HistoryRow {
     pub time: u64,
     /// When the group's disappearing timer deletes it (`None`: never).
     pub expires: Option<u64>,
+    /// Handed over by another device of the account (a linked device's
+    /// history, a restored backup), not received by this one: shown before
+    /// everything this device received itself.
+    pub imported: bool,
 }
 
 /// The local store (see the module doc).
@@ -226,6 +230,11 @@ impl Local {
 
     pub fn set_setting(&self, key: &str, value: &[u8]) -> Result<(), StateError> {
         self.conn.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)", params![key, value])?;
+        Ok(())
+    }
+
+    pub fn clear_setting(&self, key: &str) -> Result<(), StateError> {
+        self.conn.execute("DELETE FROM settings WHERE key = ?1", [key])?;
         Ok(())
     }
 
@@ -691,8 +700,8 @@ impl Local {
     pub fn record(&self, id: &[u8], row: &HistoryRow) -> Result<(), StateError> {
         self.conn
             .prepare_cached(
-                "INSERT INTO history (group_id, seq, sender, kind, body, time, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO history (group_id, seq, sender, kind, body, time, expires_at, imported)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
             .execute(params![
                 id,
@@ -701,7 +710,8 @@ impl Local {
                 row.kind.as_str(),
                 row.body,
                 i(row.time),
-                row.expires.map(i)
+                row.expires.map(i),
+                row.imported
             ])?;
         Ok(())
     }
@@ -854,7 +864,8 @@ impl Local {
     /// A group's history, oldest first.
     pub fn history(&self, id: &[u8]) -> Result<Vec<HistoryRow>, StateError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, sender, kind, body, time, expires_at FROM history WHERE group_id = ?1 ORDER BY id",
+            "SELECT seq, sender, kind, body, time, expires_at, imported FROM history WHERE group_id = ?1
+             ORDER BY imported DESC, id",
         )?;
         let rows = stmt.query_map([id], |r| {
             Ok(HistoryRow {
@@ -864,6 +875,7 @@ impl Local {
                 body: r.get(3)?,
                 time: u(r.get(4)?),
                 expires: r.get::<_, Option<i64>>(5)?.map(u),
+                imported: r.get(6)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -919,8 +931,15 @@ mod tests {
         local.name_group(b"g", "team").unwrap();
         local.name_group(b"g", "renamed").unwrap();
         assert_eq!(local.group_name(b"g").unwrap().as_deref(), Some("team"), "a name once set stays");
-        let row =
-            HistoryRow { seq: 3, sender: Some(a), kind: EntryKind::Text, body: "hi".into(), time: 9, expires: None };
+        let row = HistoryRow {
+            seq: 3,
+            sender: Some(a),
+            kind: EntryKind::Text,
+            body: "hi".into(),
+            time: 9,
+            expires: None,
+            imported: false,
+        };
         local.record(b"g", &row).unwrap();
         assert_eq!(local.history(b"g").unwrap(), vec![row]);
         assert!(valid_name("bob") && !valid_name(" ") && !valid_name("a\nb") && !valid_name(&"x".repeat(65)));

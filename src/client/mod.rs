@@ -82,6 +82,7 @@ pub struct Accepted {
 
 pub mod app;
 pub mod backup;
+pub mod history;
 pub mod home;
 pub mod link;
 pub mod local;

@@ -189,6 +189,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE timers (
         group_id BLOB NOT NULL, epoch INTEGER NOT NULL, secs INTEGER NOT NULL, PRIMARY KEY (group_id, epoch)
     ) WITHOUT ROWID;",
+    // 10 -> 11: history for a linked device, and restored backups (issue
+    // 34). A line another device of the account handed over is marked, and
+    // shown before what this device received itself.
+    "ALTER TABLE history ADD COLUMN imported INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Deleted secrets (KeyPackage private keys, past epochs' secrets, used

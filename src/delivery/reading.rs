@@ -12,6 +12,15 @@ impl Delivery {
     /// Messages of `group` after `after` (at most `limit`, 0 for the most
     /// one response carries) that the caller may read: from when it joined
     /// to when it left.
+    ///
+    /// A device that was never in the group but whose account is (a device
+    /// just linked, before its first join) reads what its account's
+    /// current devices read, from the earliest of their joins: it walks
+    /// the log's commits from the state its first device handed over to
+    /// the state it joins ([`crate::client::mls::Descent`]), and without
+    /// them it could not join at all once that device was behind. It is
+    /// ciphertext it holds no keys for, as the group's GroupInfo and files
+    /// are to such a device.
     pub(super) fn fetch<S: Storage>(
         &mut self,
         store: &mut S,
@@ -21,13 +30,24 @@ impl Delivery {
         limit: u16,
         now: u64,
     ) -> Result<Outcome, Refusal<S::Error>> {
-        let m = store.membership(&group, &caller.device)?.ok_or_else(not_member)?;
+        let (joined_after, left_at) = match store.membership(&group, &caller.device)? {
+            Some(m) => (m.joined_after, m.left_at),
+            None => {
+                let account = store
+                    .members(&group)?
+                    .into_iter()
+                    .filter(|(_, m)| m.is_current() && m.account == caller.account)
+                    .map(|(_, m)| m.joined_after)
+                    .min()
+                    .ok_or_else(not_member)?;
+                (account, None)
+            }
+        };
         let limit = match usize::from(limit) {
             0 => MAX_FETCH_ENTRIES,
             n => n.min(MAX_FETCH_ENTRIES),
         };
-        let (mut messages, more) =
-            store.fetch(&group, after.max(m.joined_after), m.left_at, limit, FETCH_BYTE_BUDGET)?;
+        let (mut messages, more) = store.fetch(&group, after.max(joined_after), left_at, limit, FETCH_BYTE_BUDGET)?;
         for message in &mut messages {
             hide_expired(message, now);
         }

@@ -353,6 +353,37 @@ impl Net {
     }
 }
 
+/// A device just linked to a member's account reads the group's log
+/// before its first join (it walks the commits from the state its first
+/// device handed over), from where its account's devices read; a stranger
+/// does not, nor the device once its account is out of the group.
+fn a_further_device_of_a_member_reads_the_log_before_it_joins() {
+    let mut net = Net::new();
+    let (mut bob, eve) = (net.client(2), net.client(3));
+    let account = crate::auth::Identity::generate().unwrap();
+    let mut phone = net.second_device(&account);
+    bob.member.set_removal_key(net.removal_key);
+    let g = net.create(&mut bob);
+    let before = net.text(&mut bob, &g, "before alice");
+    net.add(&mut bob, &g, &[&phone]);
+    net.join(&mut phone);
+    let update = bob.member.self_update(&g).unwrap();
+    let Response::Accepted { seq: commit, .. } = net.commit(&mut bob, update) else { panic!() };
+    bob.member.merge_pending(&g).unwrap();
+    let tablet = net.device_of(&account);
+    let fetch = |after| Request::Fetch { group: g.clone(), after, limit: 0 };
+    let Response::Messages { messages, .. } = net.ok(&tablet, fetch(0)) else { panic!() };
+    let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
+    assert!(seqs.contains(&commit), "{seqs:?}");
+    assert!(!seqs.contains(&before), "read before its account joined: {seqs:?}");
+    assert_eq!(net.code(&eve, fetch(0)).0, ErrorCode::NotMember);
+    // Once the account is out, the new device reads nothing.
+    let removal = bob.member.remove(&g, &[phone.member.account()]).unwrap();
+    assert!(matches!(net.commit(&mut bob, removal), Response::Accepted { .. }));
+    bob.member.merge_pending(&g).unwrap();
+    assert_eq!(net.code(&tablet, fetch(0)).0, ErrorCode::NotMember);
+}
+
 fn texts(received: &[Received]) -> Vec<String> {
     Received::texts(received)
 }
@@ -1600,6 +1631,7 @@ fn blobs_follow_membership_quotas_and_retention() {
 }
 
 rules! {
+    a_further_device_of_a_member_reads_the_log_before_it_joins,
     disappearing_messages_expire_on_the_server_and_chains_link_through_them,
     blobs_follow_membership_quotas_and_retention,
     every_accepted_message_extends_the_groups_chain,

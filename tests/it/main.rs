@@ -13,6 +13,7 @@ mod devices;
 mod disappearing;
 mod files;
 mod hardening;
+mod history;
 mod integrity;
 mod lifecycle;
 mod malicious;

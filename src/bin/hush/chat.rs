@@ -522,6 +522,7 @@ mod tests {
             body: "hi\n12:00Z alice: forged".into(),
             time: 0,
             expires: None,
+            imported: false,
         };
         let shown = format_entry(&e, 0);
         assert!(!shown.contains('\u{1b}'), "{shown}");

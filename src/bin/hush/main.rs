@@ -12,7 +12,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
-use hush::client::app::{files, safety_number, App, AppError, Entry, EntryKind};
+use hush::client::app::history::HistorySent;
+use hush::client::app::{files, safety_number, App, AppError, DeviceLink, Entry, EntryKind};
 use hush::client::home::Home;
 use hush::client::link::LinkCode;
 use hush::client::local::valid_name;
@@ -157,6 +158,10 @@ enum DeviceCmd {
     Add {
         /// What to call the new device here (for `device list` and `revoke`).
         name: String,
+        /// How much of this device's history to hand over, encrypted to
+        /// the new device: all, none, or the last DURATION (30d, 12h, ...).
+        #[arg(long, value_name = "all|none|DURATION", default_value = "all")]
+        history: hush::client::history::HistoryChoice,
     },
     /// On the new device, in a new home: use a link code from `device add`.
     Join { code: String },
@@ -467,6 +472,10 @@ fn run(cli: Cli) -> Result<()> {
                         "group": e.group, "sender": e.sender, "text": text, "time": e.time, "seq": e.seq,
                         "kind": e.kind.as_str(),
                     });
+                    if let (true, Some(fields)) = (e.imported, line.as_object_mut()) {
+                        // Handed over by another device of the account.
+                        fields.insert("imported".into(), true.into());
+                    }
                     if let (Some(t), Some(fields)) = (e.expires, line.as_object_mut()) {
                         // When it disappears, and how long is left.
                         fields.insert("expires_at".into(), t.into());
@@ -596,7 +605,7 @@ fn verify(home: &Home, group: &str, json: bool) -> Result<()> {
 
 fn device(home: &Home, cmd: DeviceCmd) -> Result<()> {
     match cmd {
-        DeviceCmd::Add { name } => {
+        DeviceCmd::Add { name, history } => {
             let account = home.account_key()?;
             let mut app = open_app(home)?;
             app.check_device_name(&name).map_err(app_error)?;
@@ -604,8 +613,8 @@ fn device(home: &Home, cmd: DeviceCmd) -> Result<()> {
             let lifetime = DEFAULT_LINK_LIFETIME;
             let deadline = std::time::Instant::now() + lifetime;
             let person = home.name();
-            let (device, left_out) = runtime()?.block_on(async {
-                let conn = app.connect().await.map_err(app_error)?;
+            let certified = runtime()?.block_on(async {
+                let mut conn = app.connect().await.map_err(app_error)?;
                 let lifetime_secs = u32::try_from(lifetime.as_secs()).unwrap_or(u32::MAX);
                 conn.link_open(code.id(), lifetime_secs).await.map_err(explain)?;
                 out!("{code}");
@@ -613,11 +622,28 @@ fn device(home: &Home, cmd: DeviceCmd) -> Result<()> {
                     "on the new device run: hush --home NEW_DIR device join CODE (the code works once, for {} minutes); waiting…",
                     lifetime.as_secs() / 60
                 );
-                let r = app.certify_linked_device(&conn, &account, &code, &name, person.as_deref(), deadline).await;
+                let link = DeviceLink { name: &name, person: person.as_deref(), history };
+                let mut bar = transfer::Bar::new("handing the history over");
+                let r = app.certify_linked_device(&mut conn, &account, &code, &link, deadline, &mut bar).await;
                 conn.close().await;
                 r.map_err(app_error)
             })?;
-            eprintln!("certified {name} ({device}); it joins your groups on its first `hush sync`");
+            eprintln!("certified {name} ({}); it joins your groups on its first `hush sync`", certified.device);
+            match &certified.history {
+                HistorySent::NotAsked => {}
+                HistorySent::Nothing => eprintln!("no history to hand over"),
+                HistorySent::NoGroup => {
+                    eprintln!("warning: the history was not handed over: you are in no group it could be uploaded to")
+                }
+                HistorySent::Sent { groups, lines, files, bytes } => eprintln!(
+                    "handed over {lines} line(s) and {files} file message(s) of {groups} group(s), encrypted to {name} ({})",
+                    files::human(*bytes)
+                ),
+                HistorySent::Failed(why) => {
+                    eprintln!("warning: the history was not handed over ({why}); {name} starts without it")
+                }
+            }
+            let left_out = &certified.left_out;
             if !left_out.is_empty() {
                 let names: Vec<String> = left_out.iter().map(|n| one_line(n)).collect();
                 eprintln!(
@@ -627,12 +653,21 @@ fn device(home: &Home, cmd: DeviceCmd) -> Result<()> {
             }
         }
         DeviceCmd::Join { code } => {
-            let joined = runtime()?.block_on(home.join(&code)).map_err(app_error)?;
+            let mut bar = transfer::Bar::new("fetching the history");
+            let joined = runtime()?.block_on(home.join(&code, &mut bar)).map_err(app_error)?;
             out!("linked this device to {}", joined.account);
             eprintln!(
                 "took over {} contact(s) and {} group(s); run `hush sync` to join the groups",
                 joined.contacts, joined.groups
             );
+            match &joined.history {
+                None => {}
+                Some(Ok(t)) => eprintln!(
+                    "took over {} line(s) and {} file message(s) of history in {} group(s) (marked as handed over)",
+                    t.lines, t.files, t.groups
+                ),
+                Some(Err(why)) => eprintln!("warning: {why}"),
+            }
         }
         DeviceCmd::List => {
             let devices = online(home, async |app, conn| app.devices(conn).await)?;

@@ -67,7 +67,7 @@ impl App {
                 self.local.put_anchor(&g.id, *epoch, transcript)?;
             }
             for row in g.history.iter().filter(|r| r.expires.is_none_or(|t| t > now)) {
-                self.local.record(&g.id, row)?;
+                self.local.record(&g.id, &HistoryRow { imported: true, ..row.clone() })?;
                 lines += 1;
             }
             for row in g.files.iter().filter(|r| r.expires.is_none_or(|t| t > now)) {

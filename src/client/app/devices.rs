@@ -4,9 +4,12 @@
 
 use std::time::Duration;
 
+use super::files::Progress;
+use super::history::HistorySent;
 use super::sync::External;
 use super::*;
 use crate::auth::DeviceRevocation;
+use crate::client::history::HistoryChoice;
 use crate::client::link::{
     Bundle, LinkCode, LinkError, LinkHandover, LinkedGroup, MAX_LINK_REVOCATIONS, SEAL_OVERHEAD,
 };
@@ -30,24 +33,47 @@ pub struct DeviceLine {
     pub this: bool,
 }
 
+/// What `hush device add` asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceLink<'a> {
+    /// What to call the new device here.
+    pub name: &'a str,
+    /// The person's name, handed over.
+    pub person: Option<&'a str>,
+    /// How much history to hand over.
+    pub history: HistoryChoice,
+}
+
+/// What [`App::certify_linked_device`] did.
+#[derive(Debug, Clone)]
+pub struct Certified {
+    pub device: DeviceId,
+    /// Groups whose state did not fit in the bundle (the new device's
+    /// first join there is checked against the epoch and transcript hash
+    /// only).
+    pub left_out: Vec<String>,
+    pub history: HistorySent,
+}
+
 impl App {
     /// On the first device, once `code`'s link is open: waits (until
     /// `deadline`) for the new device's offer, certifies exactly the keys
     /// it offers with the account key, and answers with the certificate and
     /// the sealed bundle (account, `person`'s name, contacts, groups with
     /// this device's state of each). Remembers the device as `name`.
-    /// Returns it, with the names of the groups whose state did not fit in
-    /// the bundle (the new device's first join there is checked against
-    /// the epoch and transcript hash only).
+    /// With `history` other than none, it first syncs (so the history and
+    /// the states handed over are as fresh as they can be), then packs and
+    /// uploads the history (see [`App::hand_over_history`]).
     pub async fn certify_linked_device(
         &mut self,
-        conn: &Connection,
+        conn: &mut Connection,
         account: &Identity,
         code: &LinkCode,
-        name: &str,
-        person: Option<&str>,
+        link: &DeviceLink<'_>,
         deadline: std::time::Instant,
-    ) -> Result<(DeviceId, Vec<String>), AppError> {
+        progress: &mut dyn Progress,
+    ) -> Result<Certified, AppError> {
+        let (name, person) = (link.name, link.person);
         if account.account_id() != self.account() {
             return Err(AppError::NotFirstDevice);
         }
@@ -62,6 +88,14 @@ impl App {
         };
         let (device, mls_key) = code.open_offer(&offer)?;
         let certificate = DeviceCertificate::issue(account, device, mls_key, now_unix());
+        let (history_ref, history) = if link.history == HistoryChoice::None {
+            (None, HistorySent::NotAsked)
+        } else {
+            if let Err(e) = self.sync(conn).await {
+                tracing::warn!("could not sync before handing the history over: {e}");
+            }
+            self.hand_over_history(conn, link.history, progress).await
+        };
         let mut groups = Vec::new();
         let mut states = Vec::new();
         for g in self.groups()?.into_iter().filter(|g| g.active) {
@@ -90,11 +124,12 @@ impl App {
             contacts: self.contacts()?,
             groups,
             revocations,
+            history: history_ref,
         };
         let left_out = fit_handovers(&mut bundle, states)?;
         conn.link_answer(code.id(), certificate.encode(), code.seal_bundle(&bundle)?).await?;
         self.local.name_device(&device, name)?;
-        Ok((device, left_out))
+        Ok(Certified { device, left_out, history })
     }
 
     /// Whether `name` can name a new device of this account here.
@@ -352,6 +387,7 @@ mod tests {
             contacts: vec![],
             groups: vec![group("big"), group("removals"), group("small")],
             revocations: vec![],
+            history: None,
         };
         let states = vec![
             (0, LinkHandover { seq: 1, state: Handover { info: vec![5; MAX_MLS_MESSAGE + 1024], proposals: vec![] } }),

@@ -84,6 +84,36 @@ pub struct FileLine {
     pub time: u64,
 }
 
+/// What an upload encrypts: a file (read again from its start on every
+/// resumed stream, for the hash), or bytes in memory (a linked device's
+/// history, never written to disk unencrypted).
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    Path(&'a Path),
+    Bytes(&'a [u8]),
+}
+
+impl Source<'_> {
+    fn describe(&self) -> String {
+        match self {
+            Source::Path(p) => p.display().to_string(),
+            Source::Bytes(_) => "the history".into(),
+        }
+    }
+
+    /// A reader from the start, and its length.
+    fn open(&self) -> std::io::Result<(Box<dyn Read + Send + '_>, u64)> {
+        match self {
+            Source::Path(p) => {
+                let file = std::fs::File::open(p)?;
+                let size = file.metadata()?.len();
+                Ok((Box::new(file), size))
+            }
+            Source::Bytes(b) => Ok((Box::new(*b), b.len() as u64)),
+        }
+    }
+}
+
 /// Whether a transfer error is the connection's (retry) rather than an
 /// answer.
 fn transient(e: &ClientError) -> bool {
@@ -159,7 +189,7 @@ impl App {
         let state = conn.upload_open(&group.id, layout.blob).await?;
         let id = state.id;
         let mut resumed_at = Vec::new();
-        let hash = match self.upload(conn, path, &key, layout, state, &mut resumed_at, progress).await {
+        let hash = match self.upload(conn, Source::Path(path), &key, layout, state, &mut resumed_at, progress).await {
             Ok(hash) => hash,
             Err(e) => {
                 // Free the quota it holds (best effort: it expires anyway).
@@ -187,10 +217,10 @@ impl App {
     /// Uploads the blob from where the server holds it until it holds all
     /// of it; returns its hash (the server's, which must be this one's).
     #[allow(clippy::too_many_arguments)]
-    async fn upload(
+    pub(super) async fn upload(
         &self,
         conn: &mut Connection,
-        path: &Path,
+        source: Source<'_>,
         key: &FileKey,
         layout: Layout,
         mut state: UploadState,
@@ -205,7 +235,7 @@ impl App {
         loop {
             let before = state.received;
             let mut waited = false;
-            match upload_from(conn, path, key, layout, &state, progress).await {
+            match upload_from(conn, source, key, layout, &state, progress).await {
                 Ok(Some(hash)) => {
                     progress.finish();
                     return Ok(hash);
@@ -351,11 +381,11 @@ impl App {
 
     /// Downloads and decrypts the blob into `out`, resuming after a lost
     /// connection at the first chunk not yet verified.
-    async fn fetch_into(
+    pub(super) async fn fetch_into(
         &self,
         conn: &mut Connection,
         file: &FileRef,
-        out: &mut std::fs::File,
+        out: &mut dyn Write,
         progress: &mut dyn Progress,
     ) -> Result<(), AppError> {
         let layout =
@@ -442,15 +472,14 @@ impl App {
 /// holds the whole blob; `None` if the stream ended before.
 pub(crate) async fn upload_from(
     conn: &Connection,
-    path: &Path,
+    source: Source<'_>,
     key: &FileKey,
     layout: Layout,
     state: &UploadState,
     progress: &mut dyn Progress,
 ) -> Result<Option<[u8; 32]>, AppError> {
-    let io = |e: std::io::Error| AppError::File(format!("cannot read {}: {e}", path.display()));
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let size = file.metadata().map_err(io)?.len();
+    let io = |e: std::io::Error| AppError::File(format!("cannot read {}: {e}", source.describe()));
+    let (mut file, size) = source.open().map_err(io)?;
     let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
     // A complete upload (the server says so) is only checked: its hash
     // must be the one this device computes.
@@ -468,7 +497,7 @@ pub(crate) async fn upload_from(
         let real = usize::try_from(size.saturating_sub(read)).unwrap_or(usize::MAX).min(len);
         let (content, _zeros) = chunk.split_at_mut(real);
         file.read_exact(content).map_err(|e| {
-            AppError::File(format!("{} changed while it was being sent ({e}); send it again", path.display()))
+            AppError::File(format!("{} changed while it was being sent ({e}); send it again", source.describe()))
         })?;
         read += real as u64;
         seal_chunk(key, index, layout.is_last(index), &mut chunk).map_err(file_error)?;

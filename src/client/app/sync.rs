@@ -39,6 +39,21 @@ impl App {
     pub async fn sync(&mut self, conn: &Connection) -> Result<Vec<Entry>, AppError> {
         self.sync_failures.clear();
         let mut new = Vec::new();
+        // History handed over with the link that could not be fetched
+        // then (the connection failed): tried again on a connection of its
+        // own (a transfer may reconnect).
+        if self.history_pending()? {
+            match self.connect().await {
+                Ok(mut own) => {
+                    match self.take_history(&mut own, &mut super::files::Quiet).await {
+                        Ok(taken) => new.extend(taken.map(|t| t.entries).unwrap_or_default()),
+                        Err(e) => tracing::warn!("the history handed over is not in yet: {e}"),
+                    }
+                    own.close().await;
+                }
+                Err(e) => tracing::warn!("the history handed over is not in yet: {e}"),
+            }
+        }
         let welcomes = conn.fetch_welcomes().await?;
         // The server lists a group as soon as the commit that added us is
         // stored, before we read its Welcome.
@@ -66,6 +81,7 @@ impl App {
                     body,
                     time: now_unix(),
                     expires: None,
+                    imported: false,
                 });
                 unit.commit()?;
                 conn.ack_welcome(id).await?;
@@ -92,6 +108,7 @@ impl App {
                         body: format!("did not join a group: {e}"),
                         time: now_unix(),
                         expires: None,
+                        imported: false,
                     });
                 }
             }
