@@ -331,7 +331,7 @@ impl Server {
                             Ok(n) => info!(rows = n, "expired old messages and Welcomes"),
                             Err(e) => warn!("expiry failed: {e}"),
                         }
-                        expire_files(&shared).await;
+                        expire_files(&shared, false).await;
                     });
                 }
                 incoming = self.endpoint.accept() => {
@@ -445,7 +445,7 @@ async fn sweep_expired(shared: Arc<Shared>) {
             info!(messages = expired, "deleted expired messages");
             unflushed = true;
         }
-        expire_timed_files(&shared).await;
+        expire_files(&shared, true).await;
         // While any group has a timer, every sweep empties the WAL: a
         // message everyone read before its time went by acknowledgement,
         // not by this sweep, and its bytes must leave the WAL too.
@@ -456,34 +456,15 @@ async fn sweep_expired(shared: Arc<Shared>) {
     }
 }
 
-/// Deletes the blobs whose timer ran out: their rows, then their files.
-async fn expire_timed_files(shared: &Shared) {
-    loop {
-        match shared.engine.expire_timed_blobs(crate::util::now_unix()).await {
-            Ok(ids) => {
-                for id in &ids {
-                    shared.blobs.remove(id);
-                }
-                if !ids.is_empty() {
-                    info!(files = ids.len(), "deleted expired files");
-                }
-                if ids.len() < crate::limits::MAX_BLOBS_EXPIRED_PER_RUN {
-                    return;
-                }
-            }
-            Err(e) => {
-                warn!("file expiry failed: {e}");
-                return;
-            }
-        }
-    }
-}
-
-/// Deletes expired blobs: their rows, then their files.
-async fn expire_files(shared: &Shared) {
+/// Deletes expired blobs, their rows then their files: those past
+/// retention, or (`timed`) those whose group's disappearing timer ran out.
+async fn expire_files(shared: &Shared, timed: bool) {
     let mut removed = 0usize;
     loop {
-        match shared.engine.expire_blobs(crate::util::now_unix()).await {
+        let now = crate::util::now_unix();
+        let expired =
+            if timed { shared.engine.expire_timed_blobs(now).await } else { shared.engine.expire_blobs(now).await };
+        match expired {
             Ok(ids) => {
                 for id in &ids {
                     shared.blobs.remove(id);
@@ -500,7 +481,7 @@ async fn expire_files(shared: &Shared) {
         }
     }
     if removed > 0 {
-        info!(files = removed, "expired files");
+        info!(files = removed, "deleted expired files");
     }
 }
 
