@@ -15,8 +15,8 @@
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::tls_codec::Serialize as _;
 use openmls::prelude::{
-    BasicCredential, Capabilities, ContentType, Credential, Extension, ExtensionType, Extensions, ExternalSender,
-    GroupContext, KeyPackage, KeyPackageIn, LeafNode, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn,
+    BasicCredential, Capabilities, Ciphersuite, ContentType, Credential, Extension, ExtensionType, Extensions,
+    ExternalSender, GroupContext, KeyPackage, KeyPackageIn, LeafNode, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn,
     OpenMlsSignaturePublicKey, Proposal, ProtocolMessage, ProtocolVersion, RequiredCapabilitiesExtension,
     SignaturePublicKey, UnknownExtension, Verifiable as _,
 };
@@ -55,8 +55,14 @@ pub enum MlsRefusal {
     EncryptedHandshake,
     #[error("leaves may not carry extensions")]
     LeafExtensions,
-    #[error("the leaf is {len} bytes; at most {MAX_LEAF_NODE} are accepted")]
-    LeafTooLarge { len: usize },
+    #[error("the leaf is {len} bytes; at most {max} are accepted")]
+    LeafTooLarge { len: usize, max: usize },
+    #[error("the leaf's encryption key is {len} bytes; the group's suite ({suite}) uses {expected}")]
+    LeafKey { len: usize, expected: usize, suite: Suite },
+    #[error("the KeyPackage's init key is {len} bytes; its suite ({suite}) uses {expected}")]
+    InitKey { len: usize, expected: usize, suite: Suite },
+    #[error(transparent)]
+    Suite(#[from] UnknownSuite),
     #[error("KeyPackages may not carry extensions")]
     KeyPackageExtensions,
     #[error("expected an MLS GroupInfo")]
@@ -280,7 +286,109 @@ impl GroupSettings {
 /// and hush's settings extension (a group that has settings requires it of
 /// every member, so a client that could not read the timer is never added).
 pub fn member_capabilities() -> Capabilities {
-    Capabilities::builder().extensions(vec![ExtensionType::Unknown(SETTINGS_EXTENSION)]).build()
+    Capabilities::builder()
+        .ciphersuites(Suite::ALL.iter().map(|s| s.ciphersuite()).collect())
+        .extensions(vec![ExtensionType::Unknown(SETTINGS_EXTENSION)])
+        .build()
+}
+
+/// The MLS ciphersuites hush speaks (issue 35). Both sign with Ed25519
+/// (a device's one MLS signature key serves both), encrypt with
+/// AES-128-GCM and hash with SHA-256; they differ in the KEM that
+/// protects the group's secrets on their way to each member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Suite {
+    /// RFC 9420's `MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519` (0x0001):
+    /// X25519 alone.
+    Classic,
+    /// draft-ietf-mls-pq-ciphersuites' hybrid
+    /// `MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519` (0x004F, a
+    /// provisional code point): the X-Wing KEM, ML-KEM-768 combined with
+    /// X25519, so a recording is safe unless both are broken.
+    Pq,
+}
+
+/// Bytes of an X-Wing public key (ML-KEM-768's 1184 and X25519's 32).
+pub const XWING_PUBLIC_KEY: usize = 1216;
+
+/// The suite of a new group when `--suite` does not say (see SECURITY.md,
+/// "Post-quantum groups").
+pub const DEFAULT_SUITE: Suite = Suite::Classic;
+
+/// A ciphersuite code point hush does not speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "ciphersuite 0x{0:04x} is not one this hush speaks (classic 0x0001, pq 0x004f): a group made by another \
+     version, or a draft code point that changed"
+)]
+pub struct UnknownSuite(pub u16);
+
+impl Suite {
+    /// Every suite, classic first.
+    pub const ALL: [Suite; 2] = [Suite::Classic, Suite::Pq];
+
+    pub fn ciphersuite(self) -> Ciphersuite {
+        match self {
+            Suite::Classic => Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519,
+            Suite::Pq => Ciphersuite::MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519,
+        }
+    }
+
+    /// The suite of `ciphersuite`, if hush speaks it.
+    pub fn of(ciphersuite: Ciphersuite) -> Result<Suite, UnknownSuite> {
+        Suite::ALL.into_iter().find(|s| s.ciphersuite() == ciphersuite).ok_or(UnknownSuite(ciphersuite as u16))
+    }
+
+    /// Bytes of its KEM's public keys (a leaf's encryption key, a
+    /// KeyPackage's init key): X25519's 32, X-Wing's 1216.
+    pub fn kem_public_key_len(self) -> usize {
+        match self {
+            Suite::Classic => 32,
+            Suite::Pq => XWING_PUBLIC_KEY,
+        }
+    }
+
+    /// The largest leaf node accepted in a group of this suite:
+    /// [`MAX_LEAF_NODE`] with a classic key, as much more as its KEM's key
+    /// is longer.
+    pub fn max_leaf_node(self) -> usize {
+        MAX_LEAF_NODE + self.kem_public_key_len() - Suite::Classic.kem_public_key_len()
+    }
+
+    /// Its code point (on the wire, and in the servers' tables).
+    pub fn code(self) -> u16 {
+        self.ciphersuite() as u16
+    }
+
+    pub fn from_code(code: u16) -> Result<Suite, UnknownSuite> {
+        Suite::ALL.into_iter().find(|s| s.code() == code).ok_or(UnknownSuite(code))
+    }
+
+    /// As `--suite` takes it and `group info` shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Suite::Classic => "classic",
+            Suite::Pq => "pq",
+        }
+    }
+}
+
+impl std::fmt::Display for Suite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Suite {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "classic" => Ok(Suite::Classic),
+            "pq" => Ok(Suite::Pq),
+            other => Err(format!("{other:?}: the suites are classic and pq")),
+        }
+    }
 }
 
 /// Checks a group context's extensions (a new group's, or what a commit's
@@ -450,14 +558,26 @@ pub fn node_certificate(leaf: &LeafNode) -> Result<DeviceCertificate, Credential
 /// none, so every extension is unknown here), or one whose encoding is
 /// larger than [`MAX_LEAF_NODE`]. Such leaves would sit in the group's
 /// public state, which every later handshake decodes and rewrites.
-pub fn check_leaf_shape(leaf: &LeafNode) -> Result<(), MlsRefusal> {
+pub fn check_leaf_shape(leaf: &LeafNode, ciphersuite: Ciphersuite) -> Result<(), MlsRefusal> {
     use openmls::prelude::tls_codec::Size as _;
+    let suite = Suite::of(ciphersuite)?;
     if leaf.extensions().iter().next().is_some() {
         return Err(MlsRefusal::LeafExtensions);
     }
+    // A key of another length is no key of the group's KEM: every commit
+    // would fail to encrypt to it, and the group would freeze.
+    let key = leaf
+        .encryption_key()
+        .tls_serialize_detached()
+        .ok()
+        .and_then(|b| openmls::prelude::tls_codec::VLBytes::tls_deserialize_exact(&b).ok())
+        .map_or(0, |k| k.as_slice().len());
+    if key != suite.kem_public_key_len() {
+        return Err(MlsRefusal::LeafKey { len: key, expected: suite.kem_public_key_len(), suite });
+    }
     let len = leaf.tls_serialized_len();
-    if len > MAX_LEAF_NODE {
-        return Err(MlsRefusal::LeafTooLarge { len });
+    if len > suite.max_leaf_node() {
+        return Err(MlsRefusal::LeafTooLarge { len, max: suite.max_leaf_node() });
     }
     Ok(())
 }
@@ -468,7 +588,12 @@ pub fn check_key_package_shape(kp: &KeyPackage) -> Result<(), MlsRefusal> {
     if kp.extensions().iter().next().is_some() {
         return Err(MlsRefusal::KeyPackageExtensions);
     }
-    check_leaf_shape(kp.leaf_node())
+    let suite = Suite::of(kp.ciphersuite())?;
+    let init = kp.hpke_init_key().as_slice().len();
+    if init != suite.kem_public_key_len() {
+        return Err(MlsRefusal::InitKey { len: init, expected: suite.kem_public_key_len(), suite });
+    }
+    check_leaf_shape(kp.leaf_node(), kp.ciphersuite())
 }
 
 /// A KeyPackage that failed validation: whose fault and why.
@@ -483,17 +608,18 @@ pub enum KeyPackageError {
 /// Validates an uploaded KeyPackage (signature, lifetime, protocol version,
 /// supported ciphersuite) and its credential: a device certificate for
 /// `device` of `account` that certifies the leaf's signature key. Returns
-/// its `KeyPackageRef`.
+/// its `KeyPackageRef` and its suite.
 pub fn validate_key_package(
     crypto: &RustCrypto,
     bytes: &[u8],
     account: &AccountId,
     device: &DeviceId,
-) -> Result<Vec<u8>, KeyPackageError> {
+) -> Result<(Vec<u8>, Suite), KeyPackageError> {
     use openmls_traits::crypto::OpenMlsCrypto as _;
     let invalid = KeyPackageError::Invalid;
     let kp_in = KeyPackageIn::tls_deserialize_exact(bytes).map_err(|e| invalid(format!("not a KeyPackage: {e}")))?;
     let kp = kp_in.validate(crypto, ProtocolVersion::Mls10).map_err(|e| invalid(format!("invalid KeyPackage: {e}")))?;
+    let suite = Suite::of(kp.ciphersuite()).map_err(|e| invalid(e.to_string()))?;
     crypto.supports(kp.ciphersuite()).map_err(|_| invalid("unsupported ciphersuite".to_string()))?;
     check_key_package_shape(&kp).map_err(|e| invalid(e.to_string()))?;
     let cert = node_certificate(kp.leaf_node()).map_err(|e| KeyPackageError::Credential(e.to_string()))?;
@@ -503,7 +629,7 @@ pub fn validate_key_package(
         ));
     }
     let hash_ref = kp.hash_ref(crypto).map_err(|e| invalid(format!("cannot hash the KeyPackage: {e}")))?;
-    Ok(hash_ref.as_slice().to_vec())
+    Ok((hash_ref.as_slice().to_vec(), suite))
 }
 
 /// Reads a GroupInfo `MLSMessage`.

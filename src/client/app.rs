@@ -22,6 +22,7 @@ use super::payload::Payload;
 use super::state::{self, Provider, StateError};
 use super::{ClientError, Connection};
 use crate::auth::{text, AccountId, DeviceCertificate, DeviceId, HushAddress, Identity, KeyError};
+use crate::mls::Suite;
 use crate::util::now_unix;
 use crate::wire::{ErrorCode, GroupSummary};
 
@@ -109,6 +110,13 @@ pub enum AppError {
     File(String),
     #[error("{0}")]
     Timer(String),
+    #[error(
+        "{who} has no {suite} KeyPackage on the server (their hush may be older than post-quantum groups, or \
+         have not synced since): ask them to update and sync, or create the group with --suite classic"
+    )]
+    NoSuiteKeyPackage { who: String, suite: Suite },
+    #[error("{0}")]
+    Suite(#[from] crate::mls::UnknownSuite),
     #[error(transparent)]
     Link(#[from] super::link::LinkError),
     #[error(transparent)]
@@ -472,14 +480,14 @@ impl App {
 
     /// Creates a group named `name` (the name stays local until members are
     /// added, who receive it encrypted).
-    pub async fn create_group(&mut self, conn: &Connection, name: &str) -> Result<Vec<u8>, AppError> {
+    pub async fn create_group(&mut self, conn: &Connection, name: &str, suite: Suite) -> Result<Vec<u8>, AppError> {
         if self.groups()?.iter().any(|g| g.name == name && g.active) {
             return Err(AppError::GroupExists(name.into()));
         }
         // The server's removal key goes into the group as its one external
         // sender (the server refuses a group without it).
         let removal_key = conn.status().await?.removal_key;
-        let g = self.member.create_group(&removal_key)?;
+        let g = self.member.create_group_of(&removal_key, suite)?;
         conn.create_group(g.group_info, g.ratchet_tree).await?;
         let unit = self.local.unit()?;
         self.local.put_group(&g.id, Some(name), 0, now_unix())?;
@@ -524,9 +532,20 @@ impl App {
     /// for; if one is not, nothing is added and the refusal is recorded.
     pub async fn add(&mut self, conn: &Connection, group: &GroupRow, accounts: &[AccountId]) -> Result<(), AppError> {
         let gid = group.id.clone();
+        let suite = match self.member.suite_of(&gid) {
+            Some(s) => s?,
+            None => return Err(AppError::NotMember(group.name.clone())),
+        };
         let mut packages = vec![];
         for a in accounts {
-            for p in conn.claim_key_packages(a).await? {
+            let claimed = match conn.claim_key_packages_of(a, suite).await {
+                Ok(p) => p,
+                Err(e) if suite != Suite::Classic && e.code() == Some(ErrorCode::NoKeyPackage) => {
+                    return Err(AppError::NoSuiteKeyPackage { who: self.display(a), suite })
+                }
+                Err(e) => return Err(e.into()),
+            };
+            for p in claimed {
                 if let Err(why) = super::mls::check_key_package(&p, a) {
                     let who = self.display(a);
                     self.record(
@@ -599,6 +618,15 @@ impl App {
     /// members agreed it.
     pub fn disappear(&self, group: &GroupRow) -> u32 {
         self.member.settings_of(&group.id).map_or(0, |s| s.disappear_secs)
+    }
+
+    /// The group's ciphersuite as shown: `classic`, `pq`, or what an
+    /// unknown one is (`None`: no state for it on this device).
+    pub fn suite(&self, group: &GroupRow) -> Option<String> {
+        self.member.suite_of(&group.id).map(|s| match s {
+            Ok(suite) => suite.to_string(),
+            Err(e) => e.to_string(),
+        })
     }
 
     /// Asks the group to remove us (another member's next commit does).
@@ -695,12 +723,45 @@ impl App {
         self.send_payload(conn, &group.id, &Payload::Text(text.to_owned())).await
     }
 
-    /// Publishes a fresh batch of KeyPackages (and a last-resort one).
+    /// Publishes a fresh batch of KeyPackages (and a last-resort one) of
+    /// every suite.
     pub async fn publish_key_packages(&self, conn: &Connection, with_last_resort: bool) -> Result<(), AppError> {
+        for suite in Suite::ALL {
+            self.publish_suite(conn, suite, with_last_resort).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes a batch of `suite`'s KeyPackages. A server older than
+    /// post-quantum groups refuses those: the device then goes on with
+    /// classic ones only (it cannot be added to a post-quantum group there).
+    async fn publish_suite(&self, conn: &Connection, suite: Suite, with_last_resort: bool) -> Result<(), AppError> {
         let n = KEY_PACKAGE_TARGET + usize::from(with_last_resort);
-        let packages = self.member.key_packages(n)?;
+        let packages = self.member.key_packages_of(suite, n)?;
         let last = with_last_resort.then(|| u16::try_from(n - 1).unwrap_or(0));
-        conn.publish_key_packages(packages, last).await?;
+        match conn.publish_key_packages(packages, last).await {
+            Ok(_) => Ok(()),
+            Err(e) if suite != Suite::Classic && older_server(&e) => {
+                tracing::warn!("the server does not take {suite} KeyPackages: {e}");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Tops up each suite's KeyPackages when fewer than
+    /// [`KEY_PACKAGE_LOW`] are left, or the last-resort one is missing.
+    pub async fn top_up_key_packages(&self, conn: &Connection) -> Result<(), AppError> {
+        for suite in Suite::ALL {
+            let (count, last_resort) = match conn.count_key_packages_of(suite).await {
+                Ok(c) => c,
+                Err(e) if suite != Suite::Classic && older_server(&e) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if count < KEY_PACKAGE_LOW || !last_resort {
+                self.publish_suite(conn, suite, !last_resort).await?;
+            }
+        }
         Ok(())
     }
 
@@ -747,6 +808,12 @@ impl App {
         }
         lines.into_iter().map(|l| self.record(&gid, seq, Some(&me), EntryKind::Event, &l)).collect()
     }
+}
+
+/// Whether `e` is how a server older than post-quantum groups refuses
+/// them (an unknown request, or a KeyPackage of a suite it does not take).
+fn older_server(e: &ClientError) -> bool {
+    matches!(e.code(), Some(ErrorCode::UnknownRequest | ErrorCode::InvalidKeyPackage))
 }
 
 /// The history line for a timer change by `who`.

@@ -194,10 +194,7 @@ impl Home {
         self.write(&self.server_file(), &format!("{address}\n"))?;
         let app = App::open(&self.dir, device, address.clone())?;
         let conn = app.connect().await?;
-        let (count, last_resort) = conn.count_key_packages().await?;
-        if count == 0 || !last_resort {
-            app.publish_key_packages(&conn, !last_resort).await?;
-        }
+        app.top_up_key_packages(&conn).await?;
         conn.close().await;
         if let Some(n) = name {
             self.write(&self.name_file(), &format!("{}\n", n.trim()))?;

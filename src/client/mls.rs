@@ -35,10 +35,12 @@ use crate::limits::{MAX_HANDOVER_PROPOSALS, MAX_PENDING_PROPOSALS};
 pub use crate::mls::GroupSettings;
 use crate::mls::{
     check_proposal_use, holder_of, leaf_certificate, member_capabilities, node_certificate, server_sender, ProposalUse,
-    UnusedProposal, VerifiableGroupInfo,
+    Suite, UnknownSuite, UnusedProposal, VerifiableGroupInfo,
 };
 
-/// The one ciphersuite hush uses: X25519, AES-128-GCM, SHA-256, Ed25519.
+/// The classic ciphersuite: X25519, AES-128-GCM, SHA-256, Ed25519. Its
+/// signature algorithm (Ed25519) is every suite's: a device's one MLS
+/// signature key serves both ([`Suite`]).
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
 
 /// Application messages are padded to a multiple of this many bytes.
@@ -517,6 +519,8 @@ pub enum Unfit {
     NotAKeyPackage(String),
     #[error("invalid KeyPackage: {0}")]
     InvalidKeyPackage(String),
+    #[error("its KeyPackage is of another ciphersuite than the group's ({0})")]
+    OtherSuite(String),
     #[error(transparent)]
     Uncertified(crate::auth::CredentialError),
     #[error("its device certificate is signed by another account ({0})")]
@@ -852,20 +856,25 @@ impl<P: OpenMlsProvider> Member<P> {
         self.certificate.account
     }
 
-    /// `n` fresh KeyPackages, serialized for upload.
+    /// `n` fresh KeyPackages of the classic suite, serialized for upload.
     pub fn key_packages(&self, n: usize) -> Result<Vec<Vec<u8>>, MlsError> {
+        self.key_packages_of(Suite::Classic, n)
+    }
+
+    /// `n` fresh KeyPackages of `suite`, serialized for upload.
+    pub fn key_packages_of(&self, suite: Suite, n: usize) -> Result<Vec<Vec<u8>>, MlsError> {
         (0..n)
             .map(|_| {
                 let bundle = KeyPackage::builder()
                     .leaf_node_capabilities(member_capabilities())
-                    .build(CIPHERSUITE, &self.provider, &self.signer, self.credential.clone())
+                    .build(suite.ciphersuite(), &self.provider, &self.signer, self.credential.clone())
                     .context("building a KeyPackage")?;
                 serialize(bundle.key_package(), "a KeyPackage")
             })
             .collect()
     }
 
-    fn create_config(removal_key: &[u8; 32]) -> Result<MlsGroupCreateConfig, MlsError> {
+    fn create_config(removal_key: &[u8; 32], suite: Suite) -> Result<MlsGroupCreateConfig, MlsError> {
         // No settings until a member sets a timer: that commit adds them,
         // with the capability they require of every member (so devices
         // whose KeyPackages predate them can still be added to groups
@@ -873,7 +882,7 @@ impl<P: OpenMlsProvider> Member<P> {
         let senders = Extensions::single(Extension::ExternalSenders(vec![server_sender(removal_key)]))
             .context("external senders")?;
         Ok(MlsGroupCreateConfig::builder()
-            .ciphersuite(CIPHERSUITE)
+            .ciphersuite(suite.ciphersuite())
             .capabilities(member_capabilities())
             .with_group_context_extensions(senders)
             .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
@@ -899,6 +908,11 @@ impl<P: OpenMlsProvider> Member<P> {
     /// external sender; returns the id and what the server needs to
     /// register it (GroupInfo message, ratchet tree).
     pub fn create_group(&mut self, removal_key: &[u8; 32]) -> Result<NewGroup, MlsError> {
+        self.create_group_of(removal_key, Suite::Classic)
+    }
+
+    /// [`Member::create_group`] with the ciphersuite `suite`.
+    pub fn create_group_of(&mut self, removal_key: &[u8; 32], suite: Suite) -> Result<NewGroup, MlsError> {
         let mut nonce = [0u8; GROUP_NONCE_LEN];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
             .map_err(|_| "no randomness")
@@ -907,7 +921,7 @@ impl<P: OpenMlsProvider> Member<P> {
         let group = MlsGroup::new_with_group_id(
             &self.provider,
             &self.signer,
-            &Self::create_config(removal_key)?,
+            &Self::create_config(removal_key, suite)?,
             GroupId::from_slice(&id),
             self.credential.clone(),
         )
@@ -926,11 +940,17 @@ impl<P: OpenMlsProvider> Member<P> {
     /// pending until [`Member::merge_pending`] (server accepted) or
     /// [`Member::discard_pending`] (server refused).
     pub fn add(&mut self, group: &[u8], key_packages: &[(AccountId, Vec<u8>)]) -> Result<Commit, MlsError> {
-        self.group_mut(group)?;
+        let ciphersuite = self.group_mut(group)?.ciphersuite();
         let mut kps = Vec::new();
         for (account, bytes) in key_packages {
             let kp =
                 check_key_package(bytes, account).map_err(|why| MlsError::KeyPackage { who: account.short(), why })?;
+            if kp.ciphersuite() != ciphersuite {
+                return Err(MlsError::KeyPackage {
+                    who: account.short(),
+                    why: Unfit::OtherSuite(format!("{:?}", kp.ciphersuite())),
+                });
+            }
             kps.push(kp);
         }
         self.commit_with(group, kps, Vec::new(), false, None)
@@ -1069,6 +1089,17 @@ impl<P: OpenMlsProvider> Member<P> {
             .ok()
             .and_then(|g| g.own_leaf_node().map(|l| !l.capabilities().extensions().contains(&settings)))
             .unwrap_or(false)
+    }
+
+    /// The group's ciphersuite, without loading the group for later use
+    /// (`None`: no state for it; an [`UnknownSuite`]: a group another
+    /// version of hush made, or whose draft code point changed).
+    pub fn suite_of(&self, group: &[u8]) -> Option<Result<Suite, UnknownSuite>> {
+        let ciphersuite = match self.groups.get(group) {
+            Some(g) => g.ciphersuite(),
+            None => MlsGroup::load(self.provider.storage(), &GroupId::from_slice(group)).ok()??.ciphersuite(),
+        };
+        Some(Suite::of(ciphersuite))
     }
 
     /// [`Member::settings`] without loading the group for later use.

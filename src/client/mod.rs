@@ -386,9 +386,21 @@ impl Connection {
         }
     }
 
-    /// How many KeyPackages this account has left, and whether a last-resort one.
+    /// How many KeyPackages of the classic suite this device has left, and
+    /// whether a last-resort one.
     pub async fn count_key_packages(&self) -> Result<(u32, bool), ClientError> {
-        match self.call(&Request::CountKeyPackages).await? {
+        self.count_key_packages_of(crate::mls::Suite::Classic).await
+    }
+
+    /// How many KeyPackages of `suite` this device has left, and whether a
+    /// last-resort one (a server older than post-quantum groups answers
+    /// `UnknownRequest` for any but the classic suite).
+    pub async fn count_key_packages_of(&self, suite: crate::mls::Suite) -> Result<(u32, bool), ClientError> {
+        let request = match suite {
+            crate::mls::Suite::Classic => Request::CountKeyPackages,
+            other => Request::CountKeyPackagesOf { suite: other.code() },
+        };
+        match self.call(&request).await? {
             Response::KeyPackageCount { count, last_resort } => Ok((count, last_resort)),
             other => Err(unexpected(&other)),
         }
@@ -398,7 +410,20 @@ impl Connection {
     /// back is the server's word only: check each with
     /// [`mls::check_key_package`] before adding it.
     pub async fn claim_key_packages(&self, account: &AccountId) -> Result<Vec<Vec<u8>>, ClientError> {
-        match self.call(&Request::ClaimKeyPackage { account: account.0 }).await? {
+        self.claim_key_packages_of(account, crate::mls::Suite::Classic).await
+    }
+
+    /// [`Connection::claim_key_packages`] of `suite`.
+    pub async fn claim_key_packages_of(
+        &self,
+        account: &AccountId,
+        suite: crate::mls::Suite,
+    ) -> Result<Vec<Vec<u8>>, ClientError> {
+        let request = match suite {
+            crate::mls::Suite::Classic => Request::ClaimKeyPackage { account: account.0 },
+            other => Request::ClaimKeyPackages { account: account.0, suite: other.code() },
+        };
+        match self.call(&request).await? {
             Response::KeyPackages { packages } => Ok(packages),
             other => Err(unexpected(&other)),
         }

@@ -52,6 +52,7 @@ impl Delivery {
         let storage = MemoryStorage::default();
         let (public, _) = mls::PublicGroup::from_external(&self.crypto, &storage, tree, info, ProposalStore::new())
             .map_err(|e| refuse(ErrorCode::InvalidCommit, format!("the group does not verify: {e}")))?;
+        mls::Suite::of(public.ciphersuite()).map_err(|e| refuse(ErrorCode::InvalidCommit, e.to_string()))?;
         let members: Vec<_> = public.members().collect();
         let [only] = members.as_slice() else {
             return Err(refuse(
@@ -62,7 +63,7 @@ impl Delivery {
         let cert =
             mls::leaf_certificate(&only.credential, &only.signature_key).map_err(|e| bad_leaf(only.index.u32(), e))?;
         let leaf = public.leaf(only.index).ok_or_else(|| Refusal::Internal("the only leaf is missing".into()))?;
-        mls::check_leaf_shape(leaf).map_err(|m| bad_shape(only.index.u32(), m))?;
+        mls::check_leaf_shape(leaf, public.ciphersuite()).map_err(|m| bad_shape(only.index.u32(), m))?;
         if Caller::of(&cert) != *caller {
             return Err(bad_leaf(only.index.u32(), "a new group's only leaf must be your own device's"));
         }

@@ -56,7 +56,7 @@ fn invalid_commit<E>(message: impl std::fmt::Display) -> Refusal<E> {
 impl Verified {
     /// A leaf may change its keys, never whose it is.
     fn same_holder<E>(&self, index: u32, leaf: &LeafNode) -> Result<(), Refusal<E>> {
-        mls::check_leaf_shape(leaf).map_err(|m| bad_shape(index, m))?;
+        mls::check_leaf_shape(leaf, self.public.ciphersuite()).map_err(|m| bad_shape(index, m))?;
         let cert = mls::node_certificate(leaf).map_err(|e| bad_leaf(index, e))?;
         if self.holders.get(&index) != Some(&Caller::of(&cert)) {
             return Err(bad_leaf(index, "an update may not change the leaf's account or device"));
@@ -74,7 +74,7 @@ impl Verified {
                     self.same_holder(sender, leaf)?;
                 }
             }
-            None => check_resync(staged, caller, &self.holders)?,
+            None => check_resync(staged, caller, &self.holders, self.public.ciphersuite())?,
         }
         for update in staged.update_proposals() {
             let Sender::Member(index) = update.sender() else {
@@ -224,7 +224,7 @@ impl Delivery {
         let changes_settings =
             staged.queued_proposals().any(|q| matches!(q.proposal(), Proposal::GroupContextExtensions(_)));
         v.check_changed_leaves(&staged, h.caller)?;
-        let added = self.added_devices(store, &staged)?;
+        let added = self.added_devices(store, &staged, v.public.ciphersuite())?;
         self.check_groups_quota(store, &added)?;
         let welcome = check_welcome_for(h.welcome, &added)?;
         let Verified { storage, mut public, before, sender: v_sender, .. } = v;
@@ -321,11 +321,19 @@ impl Delivery {
     /// Whom the commit adds: only devices whose KeyPackage this server
     /// handed out, certified for exactly that device. Returns each added
     /// package's `KeyPackageRef` and device.
-    fn added_devices<S: Storage>(&self, store: &mut S, staged: &StagedCommit) -> Result<Vec<Added>, Refusal<S::Error>> {
+    fn added_devices<S: Storage>(
+        &self,
+        store: &mut S,
+        staged: &StagedCommit,
+        ciphersuite: openmls::prelude::Ciphersuite,
+    ) -> Result<Vec<Added>, Refusal<S::Error>> {
         let mut added = Vec::new();
         for (position, add) in staged.add_proposals().enumerate() {
             let kp = add.add_proposal().key_package();
             mls::check_key_package_shape(kp).map_err(|m| bad_add_shape(position, m))?;
+            if kp.ciphersuite() != ciphersuite {
+                return Err(bad_add_shape(position, "a KeyPackage of another ciphersuite than the group's"));
+            }
             let cert = mls::node_certificate(kp.leaf_node()).map_err(|e| bad_add(position, e))?;
             let hash_ref =
                 kp.hash_ref(&self.crypto).map_err(|e| Refusal::Internal(format!("hashing a KeyPackage: {e}")))?;
@@ -465,6 +473,7 @@ fn check_resync<E>(
     staged: &openmls::prelude::StagedCommit,
     caller: &Caller,
     holders: &HashMap<u32, Caller>,
+    ciphersuite: openmls::prelude::Ciphersuite,
 ) -> Result<(), Refusal<E>> {
     let invalid = |m: &str| refuse(ErrorCode::InvalidCommit, m);
     let own = holders.iter().find(|(_, h)| *h == caller).map(|(i, _)| *i);
@@ -491,7 +500,7 @@ fn check_resync<E>(
     }
     let index = own.unwrap_or(u32::MAX);
     let leaf = staged.update_path_leaf_node().ok_or_else(|| invalid("an external commit must carry a new leaf"))?;
-    mls::check_leaf_shape(leaf).map_err(|m| bad_shape(index, m))?;
+    mls::check_leaf_shape(leaf, ciphersuite).map_err(|m| bad_shape(index, m))?;
     let cert = mls::node_certificate(leaf).map_err(|e| bad_leaf(index, e))?;
     if Caller::of(&cert) != *caller {
         return Err(bad_leaf(index, "an external commit's new leaf must be certified for the device that sends it"));

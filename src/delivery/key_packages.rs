@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::{mls, refuse, Caller, Delivery, NewKeyPackage, Outcome, Refusal, Storage};
 use crate::auth::AccountId;
 use crate::limits::{CLAIM_BURST, CLAIM_REFILL, MAX_DEVICES_PER_ACCOUNT, MAX_KEY_PACKAGES};
+use crate::mls::Suite;
 use crate::util::TokenBucket;
 use crate::wire::{ErrorCode, Response};
 
@@ -18,8 +19,10 @@ impl Delivery {
         &mut self,
         store: &mut S,
         caller: &Caller,
+        suite: u16,
     ) -> Result<Outcome, Refusal<S::Error>> {
-        let (count, last_resort) = store.key_package_count(&caller.device)?;
+        let suite = known_suite(suite)?;
+        let (count, last_resort) = store.key_package_count(&caller.device, suite)?;
         Ok(Outcome::reply(Response::KeyPackageCount { count, last_resort }))
     }
 
@@ -40,10 +43,11 @@ impl Delivery {
         }
         let mut new = Vec::with_capacity(packages.len());
         let mut seen = BTreeSet::new();
+        let mut upload_suite = None;
         for (i, data) in packages.iter().enumerate() {
             let detail = u64::try_from(i).unwrap_or(u64::MAX);
-            let hash_ref = mls::validate_key_package(&self.crypto, data, &caller.account, &caller.device).map_err(
-                |e| match e {
+            let (hash_ref, suite) = mls::validate_key_package(&self.crypto, data, &caller.account, &caller.device)
+                .map_err(|e| match e {
                     mls::KeyPackageError::Invalid(m) => Refusal::Client {
                         code: ErrorCode::InvalidKeyPackage,
                         detail,
@@ -54,14 +58,21 @@ impl Delivery {
                         detail,
                         message: format!("KeyPackage {i}: {m}"),
                     },
-                },
-            )?;
+                })?;
+            if *upload_suite.get_or_insert(suite) != suite {
+                return Err(Refusal::Client {
+                    code: ErrorCode::Malformed,
+                    detail,
+                    message: format!("KeyPackage {i} is of another ciphersuite: upload one suite at a time"),
+                });
+            }
             if seen.insert(hash_ref.clone()) {
-                new.push(NewKeyPackage { hash_ref, data: data.clone(), last_resort: last_resort == Some(i) });
+                new.push(NewKeyPackage { hash_ref, data: data.clone(), last_resort: last_resort == Some(i), suite });
             }
         }
+        let suite = upload_suite.unwrap_or(Suite::Classic);
         self.check_space(store)?;
-        let (held, _) = store.key_package_count(&caller.device)?;
+        let (held, _) = store.key_package_count(&caller.device, suite)?;
         let adding = new.iter().filter(|p| !p.last_resort).count();
         let total = usize::try_from(held).unwrap_or(usize::MAX).saturating_add(adding);
         if total > MAX_KEY_PACKAGES {
@@ -71,7 +82,7 @@ impl Delivery {
             ));
         }
         store.add_key_packages(&caller.account, &caller.device, &new, now)?;
-        let (count, last_resort) = store.key_package_count(&caller.device)?;
+        let (count, last_resort) = store.key_package_count(&caller.device, suite)?;
         Ok(Outcome::wrote(Response::KeyPackageCount { count, last_resort }, vec![]))
     }
 
@@ -80,8 +91,10 @@ impl Delivery {
         store: &mut S,
         claimer: &AccountId,
         target: &AccountId,
+        suite: u16,
         now: u64,
     ) -> Result<Outcome, Refusal<S::Error>> {
+        let suite = known_suite(suite)?;
         let (rate, burst, now_s) = claim_bucket(now);
         let bucket = self.claims.entry(*claimer).or_insert_with(|| TokenBucket::full(burst, now_s));
         if let Err(wait) = bucket.refill(rate, burst, now_s) {
@@ -98,7 +111,7 @@ impl Delivery {
         if !store.account_exists(target)? {
             return Err(no_package());
         }
-        let mut packages = store.claim_key_packages(target, now)?;
+        let mut packages = store.claim_key_packages(target, suite, now)?;
         if packages.is_empty() {
             return Err(no_package());
         }
@@ -106,6 +119,11 @@ impl Delivery {
         bucket.spend();
         Ok(Outcome::wrote(Response::KeyPackages { packages }, vec![]))
     }
+}
+
+/// A ciphersuite a request names, if hush speaks it.
+fn known_suite<E>(code: u16) -> Result<Suite, Refusal<E>> {
+    Suite::from_code(code).map_err(|e| refuse(ErrorCode::Malformed, e.to_string()))
 }
 
 /// The claim bucket's (rate per second, burst) and `now` on its clock: a

@@ -10,6 +10,7 @@ use super::storage::{
 };
 use crate::auth::{AccountId, DeviceCertificate, DeviceId};
 use crate::chain::{Head, MessageDigest};
+use crate::mls::Suite;
 use crate::wire::Logged;
 
 #[derive(Debug, Clone)]
@@ -17,6 +18,7 @@ struct StoredPackage {
     hash_ref: Vec<u8>,
     data: Vec<u8>,
     last_resort: bool,
+    suite: Suite,
 }
 
 #[derive(Debug, Clone)]
@@ -184,10 +186,10 @@ impl Storage for MemoryStore {
         Ok(all)
     }
 
-    fn key_package_count(&mut self, owner: &DeviceId) -> Result<(u32, bool), Infallible> {
+    fn key_package_count(&mut self, owner: &DeviceId, suite: Suite) -> Result<(u32, bool), Infallible> {
         let list = self.packages.get(owner).map(Vec::as_slice).unwrap_or_default();
-        let n = list.iter().filter(|p| !p.last_resort).count();
-        Ok((u32::try_from(n).unwrap_or(u32::MAX), list.iter().any(|p| p.last_resort)))
+        let n = list.iter().filter(|p| !p.last_resort && p.suite == suite).count();
+        Ok((u32::try_from(n).unwrap_or(u32::MAX), list.iter().any(|p| p.last_resort && p.suite == suite)))
     }
 
     fn add_key_packages(
@@ -203,22 +205,27 @@ impl Storage for MemoryStore {
                 continue;
             }
             if p.last_resort {
-                list.retain(|q| !q.last_resort);
+                list.retain(|q| !(q.last_resort && q.suite == p.suite));
             }
-            list.push(StoredPackage { hash_ref: p.hash_ref.clone(), data: p.data.clone(), last_resort: p.last_resort });
+            list.push(StoredPackage {
+                hash_ref: p.hash_ref.clone(),
+                data: p.data.clone(),
+                last_resort: p.last_resort,
+                suite: p.suite,
+            });
         }
         Ok(())
     }
 
-    fn claim_key_packages(&mut self, account: &AccountId, now: u64) -> Result<Vec<Vec<u8>>, Infallible> {
+    fn claim_key_packages(&mut self, account: &AccountId, suite: Suite, now: u64) -> Result<Vec<Vec<u8>>, Infallible> {
         let devices: Vec<DeviceId> =
             self.devices.iter().filter(|(_, r)| r.account == *account).map(|(d, _)| *d).collect();
         let mut out = Vec::new();
         for device in devices {
             let Some(list) = self.packages.get_mut(&device) else { continue };
-            let picked = match list.iter().position(|p| !p.last_resort) {
+            let picked = match list.iter().position(|p| !p.last_resort && p.suite == suite) {
                 Some(i) => Some(list.remove(i)),
-                None => list.iter().find(|p| p.last_resort).cloned(),
+                None => list.iter().find(|p| p.last_resort && p.suite == suite).cloned(),
             };
             if let Some(p) = picked {
                 self.claimed.insert(p.hash_ref.clone(), (*account, device, now));

@@ -126,6 +126,7 @@ use openmls_rust_crypto::RustCrypto;
 
 use crate::auth::{AccountId, DeviceCertificate, DeviceId};
 use crate::limits::MAX_CACHED_ROSTERS;
+use crate::mls::Suite;
 use crate::util::TokenBucket;
 use crate::wire::{ErrorCode, Request, Response};
 
@@ -475,8 +476,14 @@ impl Delivery {
             Request::PublishKeyPackages { packages, last_resort } => {
                 self.publish(store, &caller, &packages, last_resort, now)
             }
-            Request::CountKeyPackages => self.count_key_packages(store, &caller),
-            Request::ClaimKeyPackage { account: target } => self.claim(store, &caller.account, &AccountId(target), now),
+            Request::CountKeyPackages => self.count_key_packages(store, &caller, Suite::Classic.code()),
+            Request::CountKeyPackagesOf { suite } => self.count_key_packages(store, &caller, suite),
+            Request::ClaimKeyPackage { account: target } => {
+                self.claim(store, &caller.account, &AccountId(target), Suite::Classic.code(), now)
+            }
+            Request::ClaimKeyPackages { account: target, suite } => {
+                self.claim(store, &caller.account, &AccountId(target), suite, now)
+            }
             Request::CreateGroup { group_info, ratchet_tree } => {
                 self.create_group(store, &caller, &group_info, &ratchet_tree, now)
             }

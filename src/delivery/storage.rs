@@ -18,6 +18,7 @@
 
 use crate::auth::{AccountId, DeviceId};
 use crate::chain::{Head, MessageDigest};
+use crate::mls::Suite;
 use crate::wire::Logged;
 
 /// A registered account.
@@ -275,6 +276,7 @@ pub struct NewKeyPackage {
     pub hash_ref: Vec<u8>,
     pub data: Vec<u8>,
     pub last_resort: bool,
+    pub suite: Suite,
 }
 
 /// Storage operations of the server.
@@ -329,11 +331,12 @@ pub trait Storage {
     /// All invites, newest first.
     fn invites(&mut self) -> Result<Vec<InviteRecord>, Self::Error>;
 
-    /// A device's packages: (held excluding the last-resort one, whether a
-    /// last-resort one exists).
-    fn key_package_count(&mut self, device: &DeviceId) -> Result<(u32, bool), Self::Error>;
+    /// A device's packages of `suite`: (held excluding the last-resort
+    /// one, whether a last-resort one exists).
+    fn key_package_count(&mut self, device: &DeviceId, suite: Suite) -> Result<(u32, bool), Self::Error>;
     /// Adds packages of `device` (of `account`); a new last-resort package
-    /// replaces the old one. Re-uploading a package already held is a no-op.
+    /// replaces the old one of its suite. Re-uploading a package already
+    /// held is a no-op.
     fn add_key_packages(
         &mut self,
         account: &AccountId,
@@ -342,11 +345,11 @@ pub trait Storage {
         now: u64,
     ) -> Result<(), Self::Error>;
     /// For each device of `account` (in a stable order): removes and
-    /// returns one of its packages, or returns (and keeps) its last-resort
-    /// one when no other is left. Devices without any package are skipped.
-    /// Records who owns each returned package's `hash_ref`, for Welcome
-    /// routing.
-    fn claim_key_packages(&mut self, account: &AccountId, now: u64) -> Result<Vec<Vec<u8>>, Self::Error>;
+    /// returns one of its packages of `suite`, or returns (and keeps) its
+    /// last-resort one of that suite when no other is left. Devices without
+    /// any package of the suite are skipped. Records who owns each returned
+    /// package's `hash_ref`, for Welcome routing.
+    fn claim_key_packages(&mut self, account: &AccountId, suite: Suite, now: u64) -> Result<Vec<Vec<u8>>, Self::Error>;
     /// The account and device of a package this server handed out.
     fn claimed_owner(&mut self, hash_ref: &[u8]) -> Result<Option<(AccountId, DeviceId)>, Self::Error>;
 

@@ -353,6 +353,62 @@ impl Net {
     }
 }
 
+/// Post-quantum groups (issue 35): a device keeps KeyPackages (and a
+/// last-resort one) of each suite, counted and claimed per suite; an
+/// upload mixing suites and a suite hush does not speak are refused; a
+/// post-quantum group is created, verified and committed to like a
+/// classic one.
+fn post_quantum_key_packages_and_groups() {
+    use crate::mls::Suite;
+    let mut net = Net::new();
+    let (mut alice, mut bob) = (net.client(1), net.client(2));
+    let pq = Suite::Pq.code();
+    let packages = bob.member.key_packages_of(Suite::Pq, 3).unwrap();
+    let r = net.ok(&bob, Request::PublishKeyPackages { packages, last_resort: Some(2) });
+    assert_eq!(r, Response::KeyPackageCount { count: 2, last_resort: true });
+    assert_eq!(
+        net.ok(&bob, Request::CountKeyPackagesOf { suite: pq }),
+        Response::KeyPackageCount { count: 2, last_resort: true }
+    );
+    assert_eq!(net.ok(&bob, Request::CountKeyPackages), Response::KeyPackageCount { count: 2, last_resort: true });
+    let mut mixed = bob.member.key_packages_of(Suite::Pq, 1).unwrap();
+    mixed.extend(bob.member.key_packages(1).unwrap());
+    assert_eq!(
+        net.code(&bob, Request::PublishKeyPackages { packages: mixed, last_resort: None }).0,
+        ErrorCode::Malformed
+    );
+    let other = Request::ClaimKeyPackages { account: bob.member.account().0, suite: 0x0003 };
+    assert_eq!(net.code(&alice, other).0, ErrorCode::Malformed);
+    assert_eq!(net.code(&alice, Request::CountKeyPackagesOf { suite: 0x0042 }).0, ErrorCode::Malformed);
+
+    alice.member.set_removal_key(net.removal_key);
+    let g = alice.member.create_group_of(&net.removal_key, Suite::Pq).unwrap();
+    net.ok(&alice, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree });
+    alice.logs.insert(g.id.clone(), GroupLog::new(&g.id, 0));
+    let g = g.id;
+    let claim = Request::ClaimKeyPackages { account: bob.member.account().0, suite: pq };
+    let Response::KeyPackages { packages } = net.ok(&alice, claim) else { panic!() };
+    let kp = packages.into_iter().next().unwrap();
+    let commit = alice.member.add(&g, &[(bob.member.account(), kp)]).unwrap();
+    assert!(matches!(net.commit(&mut alice, commit), Response::Accepted { .. }));
+    alice.member.merge_pending(&g).unwrap();
+    net.join(&mut bob);
+    net.text(&mut alice, &g, "post-quantum hello");
+    assert_eq!(texts(&net.sync(&mut bob, &g)), ["post-quantum hello"]);
+    let update = bob.member.self_update(&g).unwrap();
+    assert!(matches!(net.commit(&mut bob, update), Response::Accepted { .. }));
+    bob.member.merge_pending(&g).unwrap();
+    net.sync(&mut alice, &g);
+    net.text(&mut alice, &g, "after bob's update");
+    assert_eq!(texts(&net.sync(&mut bob, &g)), ["after bob's update"]);
+    // One package claimed, one left, the last resort kept; classic ones untouched.
+    assert_eq!(
+        net.ok(&bob, Request::CountKeyPackagesOf { suite: pq }),
+        Response::KeyPackageCount { count: 1, last_resort: true }
+    );
+    assert_eq!(net.ok(&bob, Request::CountKeyPackages), Response::KeyPackageCount { count: 2, last_resort: true });
+}
+
 /// A device just linked to a member's account reads the group's log
 /// before its first join (it walks the commits from the state its first
 /// device handed over), from where its account's devices read; a stranger
@@ -1631,6 +1687,7 @@ fn blobs_follow_membership_quotas_and_retention() {
 }
 
 rules! {
+    post_quantum_key_packages_and_groups,
     a_further_device_of_a_member_reads_the_log_before_it_joins,
     disappearing_messages_expire_on_the_server_and_chains_link_through_them,
     blobs_follow_membership_quotas_and_retention,

@@ -7,7 +7,8 @@
 //! fetched and pushed message, and `Head` / `SignedHead`; files (issue 32)
 //! added requests 0x17–0x1b and responses 0x11–0x12 without changing any
 //! existing frame, so they kept the version: an older server answers them
-//! with `UnknownRequest`. A peer of another version fails the
+//! with `UnknownRequest`; so did post-quantum groups (issue 35, requests
+//! 0x1c–0x1d: the original claim and count are of the classic suite). A peer of another version fails the
 //! ALPN negotiation instead of misreading frames.
 //!
 //! Everything a second client needs to interoperate is on this page.
@@ -50,7 +51,7 @@
 //! | 0x01 | `Register` | `option<bytes8<64>>` invite token (ASCII), `bytes16<1024>` device certificate ([`crate::auth::device`]) of the connection's key |
 //! | 0x02 | `Status` | none |
 //! | 0x03 | `Ping` | `u64` nonce |
-//! | 0x04 | `PublishKeyPackages` | `u16` n (1..=100), n × `bytes32<16384>` KeyPackage (TLS encoding, RFC 9420 §10), `option<u16>` index of the last-resort package |
+//! | 0x04 | `PublishKeyPackages` | `u16` n (1..=100), n × `bytes32<16384>` KeyPackage (TLS encoding, RFC 9420 §10), all of one ciphersuite, `option<u16>` index of the last-resort package (it replaces the device's last-resort one of that suite); answered with the count of that suite |
 //! | 0x05 | `ClaimKeyPackage` | `[u8; 32]` account (one package per device of that account comes back) |
 //! | 0x06 | `CountKeyPackages` | none |
 //! | 0x07 | `CreateGroup` | `bytes32<491520>` GroupInfo (an `MLSMessage`), `bytes32<491520>` ratchet tree (TLS `RatchetTree`) |
@@ -74,6 +75,8 @@
 //! | 0x19 | `Upload` | `[u8; 16]` blob id, `u64` offset (the bytes the server holds): the head of an upload stream; the blob's bytes from `offset` follow on the stream until the client finishes it, and the server answers once with `Upload` (or an error) |
 //! | 0x1a | `Download` | `[u8; 16]` blob id, `u64` offset, `u64` length (0: to the end): answered, unlike any other request, with a `u32` length and a response frame (`Blob`, or an error), then the range's bytes |
 //! | 0x1b | `UploadCancel` | `[u8; 16]` blob id (the caller's own unfinished upload) |
+//! | 0x1c | `ClaimKeyPackages` | `[u8; 32]` account, `u16` ciphersuite (0x0001 classic, 0x004f pq): one package of that suite per device comes back (`KeyPackages`) |
+//! | 0x1d | `CountKeyPackagesOf` | `u16` ciphersuite: the caller's packages of that suite (`KeyPackageCount`) |
 //!
 //! ## Response frames
 //!

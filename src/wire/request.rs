@@ -195,4 +195,10 @@ requests! {
     /// Drop the caller's unfinished upload `id` (it stops counting against
     /// the quota).
     0x1b UploadCancel { id: Raw<16> = "blob id" } => "upload-cancel";
+    /// Take one KeyPackage of `suite` (a ciphersuite code point) of each
+    /// of `account`'s devices, to add that account to a group of that
+    /// suite.
+    0x1c ClaimKeyPackages { account: Raw<32> = "account", suite: U16 = "ciphersuite" } => "claim-key-packages";
+    /// How many KeyPackages of `suite` does this device have left?
+    0x1d CountKeyPackagesOf { suite: U16 = "ciphersuite" } => "count-key-packages-of" read;
 }

@@ -187,7 +187,14 @@ enum ContactCmd {
 #[derive(Subcommand)]
 enum GroupCmd {
     /// Create a group (its name is shared with members encrypted).
-    Create { name: String },
+    Create {
+        name: String,
+        /// The group's MLS ciphersuite: classic (X25519) or pq (the hybrid
+        /// X-Wing KEM, ML-KEM-768 with X25519: recorded traffic stays
+        /// safe from a future quantum computer). Fixed for the group's life.
+        #[arg(long, value_name = "classic|pq", default_value_t = hush::mls::DEFAULT_SUITE)]
+        suite: hush::mls::Suite,
+    },
     /// Add contacts (names or account ids).
     Add {
         group: String,
@@ -717,13 +724,13 @@ fn contact(home: &Home, cmd: ContactCmd) -> Result<()> {
 
 fn group(home: &Home, cmd: GroupCmd) -> Result<()> {
     match cmd {
-        GroupCmd::Create { name } => {
+        GroupCmd::Create { name, suite } => {
             let name = name.trim().to_string();
             if !valid_name(&name) {
                 bail!("group names are 1 to 64 printable characters");
             }
-            online(home, async |app, conn| app.create_group(conn, &name).await)?;
-            out!("created {name}");
+            online(home, async |app, conn| app.create_group(conn, &name, suite).await)?;
+            out!("created {name} ({suite})");
         }
         GroupCmd::Add { group, contacts } => {
             online(home, async |app, conn| {
@@ -753,11 +760,12 @@ fn group(home: &Home, cmd: GroupCmd) -> Result<()> {
             let g = app.resolve_group(&group)?;
             let members = app.members(&g);
             let timer = app.disappear(&g);
+            let suite = app.suite(&g).unwrap_or_else(|| "-".into());
             let id = hush::auth::text::encode(&g.id);
             if json {
                 let line = serde_json::json!({
                     "name": g.name, "id": id, "active": g.active, "members": members,
-                    "disappear_seconds": timer,
+                    "disappear_seconds": timer, "suite": suite,
                 });
                 out!("{line}");
             } else {
@@ -766,6 +774,7 @@ fn group(home: &Home, cmd: GroupCmd) -> Result<()> {
                 out!("member: {}", if g.active { "yes" } else { "no (left or removed)" });
                 out!("members: {}", members.iter().map(|m| one_line(m)).collect::<Vec<_>>().join(", "));
                 out!("disappearing messages: {}", hush::util::format_timer(u64::from(timer)));
+                out!("suite: {suite}");
             }
         }
         GroupCmd::Set { group, disappear } => {

@@ -144,10 +144,7 @@ impl App {
                 self.sync_failures.push((g.name.clone(), e.to_string()));
             }
         }
-        let (count, _) = conn.count_key_packages().await?;
-        if count < KEY_PACKAGE_LOW {
-            self.publish_key_packages(conn, false).await?;
-        }
+        self.top_up_key_packages(conn).await?;
         // Names may have arrived after the entries that mention the group.
         for e in &mut new {
             e.group = self.group_name(&e.group_id);

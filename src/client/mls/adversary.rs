@@ -9,6 +9,7 @@ use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 
 use super::{serialize, Commit, Member, MlsError, CIPHERSUITE};
+use crate::mls::Suite;
 use crate::mls::VerifiableGroupInfo;
 
 impl Member<OpenMlsRustCrypto> {
@@ -101,7 +102,7 @@ impl<P: OpenMlsProvider> Member<P> {
         let group = MlsGroup::new_with_group_id(
             &self.provider,
             &self.signer,
-            &Self::create_config(removal_key)?,
+            &Self::create_config(removal_key, Suite::Classic)?,
             GroupId::from_slice(id),
             self.credential.clone(),
         )

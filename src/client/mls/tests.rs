@@ -444,3 +444,54 @@ fn a_timer_waits_for_every_members_leaf_to_read_it() {
         matches!(bob.receive(&group, &commit.message).unwrap(), Received::Commit { settings: Some(s), .. } if s == two)
     );
 }
+
+/// A post-quantum group (issue 35): three members exchange messages, one
+/// is removed, a linked device joins by an external commit, and a classic
+/// KeyPackage is refused for it (and a post-quantum one for a classic
+/// group). Its commits carry X-Wing encapsulations: larger than classic.
+#[test]
+fn a_post_quantum_group_does_everything_a_classic_one_does() {
+    let (account, mut alice, mut laptop) = alice_and_laptop();
+    let (_, _, mut bob) = Member::generate().unwrap();
+    let (_, _, mut carol) = Member::generate().unwrap();
+    alice.set_removal_key(REMOVAL_KEY);
+    let group = alice.create_group_of(&REMOVAL_KEY, Suite::Pq).unwrap().id;
+    assert_eq!(alice.suite_of(&group), Some(Ok(Suite::Pq)));
+    let classic = bob.key_packages(1).unwrap().remove(0);
+    let Err(MlsError::KeyPackage { why: Unfit::OtherSuite(_), .. }) = alice.add(&group, &[(bob.account(), classic)])
+    else {
+        panic!("a classic KeyPackage was taken into a post-quantum group")
+    };
+    let packages = vec![
+        (bob.account(), bob.key_packages_of(Suite::Pq, 1).unwrap().remove(0)),
+        (carol.account(), carol.key_packages_of(Suite::Pq, 1).unwrap().remove(0)),
+    ];
+    let added = alice.add(&group, &packages).unwrap();
+    alice.merge_pending(&group).unwrap();
+    for m in [&mut bob, &mut carol] {
+        assert_eq!(m.join(added.welcome.as_ref().unwrap()).unwrap(), group);
+        assert_eq!(m.suite_of(&group), Some(Ok(Suite::Pq)));
+    }
+    let hello = bob.encrypt(&group, b"hello, quantum-safe").unwrap();
+    for m in [&mut alice, &mut carol] {
+        assert!(
+            matches!(m.receive(&group, &hello).unwrap(), Received::Application { data, .. } if data == b"hello, quantum-safe")
+        );
+    }
+    let removal = alice.remove(&group, &[carol.account()]).unwrap();
+    alice.merge_pending(&group).unwrap();
+    bob.receive(&group, &removal.message).unwrap();
+    // alice's laptop joins from the GroupInfo the removal carried.
+    let _ = account;
+    let joined = laptop.join_external(&group, &removal.group_info, None).unwrap();
+    for m in [&mut alice, &mut bob] {
+        m.receive(&group, &joined.message).unwrap();
+    }
+    laptop.merge_pending(&group).unwrap();
+    let after = laptop.encrypt(&group, b"from the laptop").unwrap();
+    assert!(matches!(bob.receive(&group, &after).unwrap(), Received::Application { .. }));
+    // The other way round: a post-quantum package for a classic group.
+    let classic_group = alice.create_group(&REMOVAL_KEY).unwrap().id;
+    let pq = bob.key_packages_of(Suite::Pq, 1).unwrap().remove(0);
+    assert!(alice.add(&classic_group, &[(bob.account(), pq)]).is_err());
+}

@@ -20,6 +20,7 @@ use crate::delivery::storage::{
 };
 use crate::delivery::{GroupRecord, Membership, NewKeyPackage, Notification, SendContext, Storage};
 use crate::limits::NOTICE_RETENTION;
+use crate::mls::Suite;
 use crate::wire::Logged;
 
 type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
@@ -470,11 +471,11 @@ impl Storage for PgStore<'_> {
         Ok(rows.iter().filter_map(invite_row).collect())
     }
 
-    fn key_package_count(&mut self, owner: &DeviceId) -> Result<(u32, bool), StoreError> {
+    fn key_package_count(&mut self, owner: &DeviceId, suite: Suite) -> Result<(u32, bool), StoreError> {
         let row = self.one(
             "SELECT count(*) FILTER (WHERE NOT last_resort), COALESCE(bool_or(last_resort), false)
-             FROM key_packages WHERE device = $1",
-            &[&&owner.0[..]],
+             FROM key_packages WHERE device = $1 AND suite = $2",
+            &[&&owner.0[..], &i32::from(suite.code())],
         )?;
         Ok((u32::try_from(row.get::<_, i64>(0)).unwrap_or(u32::MAX), row.get(1)))
     }
@@ -488,19 +489,30 @@ impl Storage for PgStore<'_> {
     ) -> Result<(), StoreError> {
         for p in packages {
             if p.last_resort {
-                self.exec("DELETE FROM key_packages WHERE device = $1 AND last_resort", &[&&owner.0[..]])?;
+                self.exec(
+                    "DELETE FROM key_packages WHERE device = $1 AND last_resort AND suite = $2",
+                    &[&&owner.0[..], &i32::from(p.suite.code())],
+                )?;
             }
             self.exec(
-                "INSERT INTO key_packages (hash_ref, device, account, data, last_resort, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (hash_ref) DO NOTHING",
-                &[&p.hash_ref, &&owner.0[..], &&account.0[..], &p.data, &p.last_resort, &i(now)],
+                "INSERT INTO key_packages (hash_ref, device, account, data, last_resort, created_at, suite)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (hash_ref) DO NOTHING",
+                &[
+                    &p.hash_ref,
+                    &&owner.0[..],
+                    &&account.0[..],
+                    &p.data,
+                    &p.last_resort,
+                    &i(now),
+                    &i32::from(p.suite.code()),
+                ],
             )?;
             self.wrote(p.data.len());
         }
         Ok(())
     }
 
-    fn claim_key_packages(&mut self, account: &AccountId, now: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+    fn claim_key_packages(&mut self, account: &AccountId, suite: Suite, now: u64) -> Result<Vec<Vec<u8>>, StoreError> {
         let devices: Vec<Vec<u8>> = self
             .rows("SELECT key FROM devices WHERE account = $1 ORDER BY key", &[&&account.0[..]])?
             .iter()
@@ -511,9 +523,9 @@ impl Storage for PgStore<'_> {
             // Locked, so two nodes never hand out the same package: the
             // second waits, finds it gone, and takes the next one.
             let Some(row) = self.row(
-                "SELECT hash_ref, data, last_resort FROM key_packages WHERE device = $1
+                "SELECT hash_ref, data, last_resort FROM key_packages WHERE device = $1 AND suite = $2
                  ORDER BY last_resort, created_at, hash_ref LIMIT 1 FOR UPDATE",
-                &[&device],
+                &[&device, &i32::from(suite.code())],
             )?
             else {
                 continue;

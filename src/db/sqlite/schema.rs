@@ -194,6 +194,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX log_expires ON log(expires_at) WHERE expires_at IS NOT NULL;
     ALTER TABLE blobs ADD COLUMN expires_at INTEGER;
     CREATE INDEX blobs_expires ON blobs(expires_at) WHERE expires_at IS NOT NULL;",
+    // 9 -> 10: post-quantum groups (issue 35). Each KeyPackage's
+    // ciphersuite (every one stored before is classic, 0x0001): a device
+    // keeps packages, and a last-resort one, of each suite.
+    "ALTER TABLE key_packages ADD COLUMN suite INTEGER NOT NULL DEFAULT 1;
+    CREATE INDEX key_packages_suite ON key_packages(device, suite, last_resort);",
 ];
 
 /// The first schema version with device certificates.

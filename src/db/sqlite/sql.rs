@@ -14,6 +14,7 @@ use crate::delivery::storage::{
     Unit, Welcomes,
 };
 use crate::delivery::{GroupRecord, Membership, NewKeyPackage, SendContext, Storage};
+use crate::mls::Suite;
 use crate::wire::Logged;
 
 /// A delivery store over a borrowed connection.
@@ -407,11 +408,13 @@ impl Storage for SqlStore<'_> {
         Ok(out)
     }
 
-    fn key_package_count(&mut self, owner: &DeviceId) -> Result<(u32, bool), StoreError> {
+    fn key_package_count(&mut self, owner: &DeviceId, suite: Suite) -> Result<(u32, bool), StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT COALESCE(SUM(last_resort = 0), 0), COALESCE(MAX(last_resort), 0) FROM key_packages WHERE device = ?1",
+            "SELECT COALESCE(SUM(last_resort = 0), 0), COALESCE(MAX(last_resort), 0) FROM key_packages
+             WHERE device = ?1 AND suite = ?2",
         )?;
-        let (n, lr): (i64, i64) = stmt.query_row([&owner.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let (n, lr): (i64, i64) =
+            stmt.query_row(params![&owner.0[..], suite.code()], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok((u32::try_from(n).unwrap_or(u32::MAX), lr != 0))
     }
 
@@ -425,21 +428,29 @@ impl Storage for SqlStore<'_> {
         for p in packages {
             if p.last_resort {
                 self.conn
-                    .prepare_cached("DELETE FROM key_packages WHERE device = ?1 AND last_resort = 1")?
-                    .execute([&owner.0[..]])?;
+                    .prepare_cached("DELETE FROM key_packages WHERE device = ?1 AND last_resort = 1 AND suite = ?2")?
+                    .execute(params![&owner.0[..], p.suite.code()])?;
             }
             self.conn
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO key_packages (hash_ref, device, account, data, last_resort, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT OR IGNORE INTO key_packages (hash_ref, device, account, data, last_resort, created_at, suite)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?
-                .execute(params![p.hash_ref, &owner.0[..], &account.0[..], p.data, p.last_resort, i(now)])?;
+                .execute(params![
+                    p.hash_ref,
+                    &owner.0[..],
+                    &account.0[..],
+                    p.data,
+                    p.last_resort,
+                    i(now),
+                    p.suite.code()
+                ])?;
             self.wrote(p.data.len());
         }
         Ok(())
     }
 
-    fn claim_key_packages(&mut self, account: &AccountId, now: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+    fn claim_key_packages(&mut self, account: &AccountId, suite: Suite, now: u64) -> Result<Vec<Vec<u8>>, StoreError> {
         let devices: Vec<Vec<u8>> = self
             .conn
             .prepare_cached("SELECT key FROM devices WHERE account = ?1 ORDER BY key")?
@@ -450,10 +461,10 @@ impl Storage for SqlStore<'_> {
             let row: Option<(Vec<u8>, Vec<u8>, bool)> = self
                 .conn
                 .prepare_cached(
-                    "SELECT hash_ref, data, last_resort FROM key_packages WHERE device = ?1
+                    "SELECT hash_ref, data, last_resort FROM key_packages WHERE device = ?1 AND suite = ?2
                      ORDER BY last_resort, created_at, hash_ref LIMIT 1",
                 )?
-                .query_row([&device], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .query_row(params![&device, suite.code()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .optional()?;
             let Some((hash_ref, data, last_resort)) = row else { continue };
             if !last_resort {
