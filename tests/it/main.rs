@@ -15,6 +15,7 @@ mod files;
 mod hardening;
 mod history;
 mod integrity;
+mod keys;
 mod lifecycle;
 mod malicious;
 mod metrics;
