@@ -50,6 +50,19 @@ const _: () = assert!(MAX_STRANGER_FRAME as u64 <= STRANGER_RECEIVE_WINDOW as u6
 /// which every later handshake decodes and rewrites.
 pub const MAX_LEAF_NODE: usize = 1024;
 
+/// Devices a post-quantum group may hold (issue 35). Every X-Wing key is
+/// 1216 bytes and every encapsulation 1120 (X25519's: 32 and 32): a group's
+/// tree costs about 1.6 KiB per device in a GroupInfo (2.8 KiB once its
+/// parent nodes fill), a commit up to 1.2 KiB per device it encrypts to,
+/// and a Welcome carries the tree again. Measured (`hushd bench`): adding
+/// 99 devices at once to a new group is a 289 KB commit, a 285 KB Welcome
+/// and a 163 KB GroupInfo, 736 KB in one request; 128 devices keep every
+/// request within [`MAX_REQUEST_FRAME`] and every field within
+/// [`MAX_MLS_MESSAGE`]. Larger post-quantum groups need GroupInfos and
+/// Welcomes without the tree (members fetching it from the server), which
+/// hush does not do yet.
+pub const MAX_PQ_GROUP_MEMBERS: u64 = 128;
+
 /// Proposals a group may have pending (waiting for a commit) at once.
 pub const MAX_PENDING_PROPOSALS: usize = 64;
 

@@ -326,12 +326,36 @@ pub async fn run(settings: Settings, only: &[String], progress: impl Fn(&str)) -
     if wanted("commits") {
         progress("commits");
         let commits = (settings.messages / 500).max(5);
-        let (whole, check) = tokio::task::spawn_blocking(move || commit_cost(n, commits)).await.map_err(fail)??;
+        let classic = tokio::task::spawn_blocking(move || commit_cost(n, commits, crate::mls::Suite::Classic))
+            .await
+            .map_err(fail)??;
         rows.push(Row::cost(
             format!("GroupInfo check per commit vs the whole commit, core CPU, group of {n} (µs)"),
-            check,
-            whole,
+            classic.check_us,
+            classic.whole_us,
             "µs",
+        ));
+        progress("post-quantum commits");
+        let pq = tokio::task::spawn_blocking(move || commit_cost(n, commits, crate::mls::Suite::Pq))
+            .await
+            .map_err(fail)??;
+        rows.push(Row::cost(
+            format!("server CPU per commit, post-quantum vs classic group of {n} (µs)"),
+            pq.whole_us,
+            classic.whole_us,
+            "µs",
+        ));
+        rows.push(Row::cost(
+            format!("commit (self-update) size, post-quantum vs classic group of {n} (bytes)"),
+            pq.commit_bytes,
+            classic.commit_bytes,
+            "B",
+        ));
+        rows.push(Row::cost(
+            format!("Welcome adding one device, post-quantum vs classic group of {n} (bytes)"),
+            pq.welcome_bytes,
+            classic.welcome_bytes,
+            "B",
         ));
     }
 

@@ -127,11 +127,26 @@ pub(super) async fn bytes_per_message_with(
     Ok((after - before) as f64 / messages.max(1) as f64)
 }
 
+/// What a commit costs in a group of one suite ([`commit_cost`]).
+#[derive(Debug, Clone, Copy)]
+pub struct CommitCost {
+    /// Core CPU to accept a self-update, µs.
+    pub whole_us: f64,
+    /// The part of it spent checking the commit's GroupInfo, µs.
+    pub check_us: f64,
+    /// A self-update commit's bytes (the MLS message).
+    pub commit_bytes: f64,
+    /// The Welcome that adds one device to the group, bytes.
+    pub welcome_bytes: f64,
+}
+
 /// CPU the Delivery Service core spends accepting a commit (a member's
-/// self-update) in a group of `size` devices, on the in-memory store (no
-/// disk), and the part of it spent checking the commit's GroupInfo (group
-/// repair), each averaged over `commits` commits. In µs.
-pub fn commit_cost(size: usize, commits: usize) -> Result<(f64, f64), BenchError> {
+/// self-update) in a group of `size` devices of `suite`, on the in-memory
+/// store (no disk), and the part of it spent checking the commit's
+/// GroupInfo (group repair), each averaged over `commits` commits; the
+/// commit's size, and the size of the Welcome that added the group's last
+/// device.
+pub fn commit_cost(size: usize, commits: usize, suite: crate::mls::Suite) -> Result<CommitCost, BenchError> {
     use crate::delivery::memory::MemoryStore;
     use crate::delivery::{Delivery, Storage as _};
     use crate::mls;
@@ -153,27 +168,37 @@ pub fn commit_cost(size: usize, commits: usize) -> Result<(f64, f64), BenchError
         }
     };
     for m in &members {
-        let packages = m.key_packages(1).map_err(fail)?;
+        let packages = m.key_packages_of(suite, 1).map_err(fail)?;
         exec(&mut ds, &mut store, m, Request::PublishKeyPackages { packages, last_resort: None })?;
     }
     let (first, rest) = members.split_first_mut().ok_or_else(|| BenchError("no members".into()))?;
-    let g = first.create_group(&removal_key).map_err(fail)?;
+    let g = first.create_group_of(&removal_key, suite).map_err(fail)?;
     exec(&mut ds, &mut store, first, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree })?;
-    let mut packages = vec![];
+    let mut claimed = vec![];
     for m in rest.iter() {
-        if let Response::KeyPackages { packages: p } =
-            exec(&mut ds, &mut store, first, Request::ClaimKeyPackage { account: m.account().0 })?
-        {
-            packages.extend(p.into_iter().map(|p| (m.account(), p)));
+        let claim = Request::ClaimKeyPackages { account: m.account().0, suite: suite.code() };
+        if let Response::KeyPackages { packages: p } = exec(&mut ds, &mut store, first, claim)? {
+            claimed.extend(p.into_iter().map(|p| (m.account(), p)));
         }
     }
-    let add = first.add(&g.id, &packages).map_err(fail)?;
+    // Everyone but the last in one commit, then the last alone: its Welcome
+    // is what one more device costs.
+    let last = claimed.pop().ok_or_else(|| BenchError("a group needs two members".into()))?;
+    if !claimed.is_empty() {
+        let add = first.add(&g.id, &claimed).map_err(fail)?;
+        exec(&mut ds, &mut store, first, add.into_request())?;
+        first.merge_pending(&g.id).map_err(fail)?;
+    }
+    let add = first.add(&g.id, &[last]).map_err(fail)?;
+    let welcome_bytes = add.welcome.as_ref().map_or(0, Vec::len) as f64;
     exec(&mut ds, &mut store, first, add.into_request())?;
     first.merge_pending(&g.id).map_err(fail)?;
+    let mut commit_bytes = 0usize;
     let crypto = openmls_rust_crypto::RustCrypto::default();
     let (mut whole, mut check) = (Duration::ZERO, Duration::ZERO);
     for _ in 0..commits {
         let commit = first.self_update(&g.id).map_err(fail)?;
+        commit_bytes += commit.message.len();
         let info = commit.group_info.clone();
         let t = Instant::now();
         exec(&mut ds, &mut store, first, commit.into_request())?;
@@ -190,7 +215,12 @@ pub fn commit_cost(size: usize, commits: usize) -> Result<(f64, f64), BenchError
         check += t.elapsed();
     }
     let per = |d: Duration| d.as_secs_f64() * 1e6 / commits.max(1) as f64;
-    Ok((per(whole), per(check)))
+    Ok(CommitCost {
+        whole_us: per(whole),
+        check_us: per(check),
+        commit_bytes: commit_bytes as f64 / commits.max(1) as f64,
+        welcome_bytes,
+    })
 }
 
 #[cfg(test)]

@@ -110,6 +110,8 @@ pub enum AppError {
     File(String),
     #[error("{0}")]
     Timer(String),
+    #[error("{0}")]
+    GroupFull(String),
     #[error(
         "{who} has no {suite} KeyPackage on the server (their hush may be older than post-quantum groups, or \
          have not synced since): ask them to update and sync, or create the group with --suite classic"
@@ -561,6 +563,13 @@ impl App {
                 }
                 packages.push((*a, p));
             }
+        }
+        let max = crate::limits::MAX_PQ_GROUP_MEMBERS;
+        let devices = u64::try_from(self.member.devices(&gid).len() + packages.len()).unwrap_or(u64::MAX);
+        if suite == Suite::Pq && devices > max {
+            return Err(AppError::GroupFull(format!(
+                "the group would have {devices} devices; post-quantum groups hold at most {max} (their keys are 38 times larger than classic ones)"
+            )));
         }
         let seq = self.send_commit(conn, &gid, |m| Ok(m.add(&gid, &packages)?)).await?;
         for a in accounts {

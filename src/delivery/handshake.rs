@@ -16,7 +16,7 @@ use openmls_memory_storage::MemoryStorage;
 use super::groups::{bad_leaf, bad_shape, check_state_size, load_public};
 use super::{mls, refuse, Caller, Delivery, GroupRecord, Notification, Outcome, Refusal, Storage};
 use crate::auth::{AccountId, DeviceId};
-use crate::limits::MAX_PENDING_PROPOSALS;
+use crate::limits::{MAX_PENDING_PROPOSALS, MAX_PQ_GROUP_MEMBERS};
 use crate::wire::{ErrorCode, Response};
 
 /// A device a commit adds: its package's `KeyPackageRef` (how the Welcome
@@ -255,6 +255,14 @@ impl Delivery {
                 format!(
                     "the group would have {size} members; this server allows {}",
                     self.quotas.max_members_per_group
+                ),
+            ));
+        }
+        if size > MAX_PQ_GROUP_MEMBERS && mls::Suite::of(public.ciphersuite()) == Ok(mls::Suite::Pq) {
+            return Err(refuse(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "the group would have {size} devices; post-quantum groups hold at most {MAX_PQ_GROUP_MEMBERS} (their keys are 38 times larger)"
                 ),
             ));
         }

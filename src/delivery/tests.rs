@@ -409,6 +409,44 @@ fn post_quantum_key_packages_and_groups() {
     assert_eq!(net.ok(&bob, Request::CountKeyPackages), Response::KeyPackageCount { count: 2, last_resort: true });
 }
 
+/// A post-quantum group holds at most [`crate::limits::MAX_PQ_GROUP_MEMBERS`]
+/// devices: the commit that fills it is taken, one more is refused (a
+/// classic group of that size is not).
+fn a_post_quantum_group_holds_at_most_its_cap() {
+    use crate::mls::Suite;
+    let mut net = Net::new();
+    let mut alice = net.client(1);
+    alice.member.set_removal_key(net.removal_key);
+    let g = alice.member.create_group_of(&net.removal_key, Suite::Pq).unwrap();
+    net.ok(&alice, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree });
+    alice.logs.insert(g.id.clone(), GroupLog::new(&g.id, 0));
+    let g = g.id;
+    let max = usize::try_from(crate::limits::MAX_PQ_GROUP_MEMBERS).unwrap();
+    let mut claimed = Vec::new();
+    for _ in 0..max {
+        let c = net.client(0);
+        let packages = c.member.key_packages_of(Suite::Pq, 1).unwrap();
+        net.ok(&c, Request::PublishKeyPackages { packages, last_resort: None });
+        // Claims are rate-limited per claimer: time passes between them.
+        net.now += 10;
+        let claim = Request::ClaimKeyPackages { account: c.member.account().0, suite: Suite::Pq.code() };
+        let Response::KeyPackages { packages } = net.ok(&alice, claim) else { panic!() };
+        claimed.push((c.member.account(), packages.into_iter().next().unwrap()));
+    }
+    let one_more = claimed.pop().unwrap();
+    let fill = alice.member.add(&g, &claimed).unwrap();
+    assert!(matches!(net.commit(&mut alice, fill), Response::Accepted { .. }));
+    alice.member.merge_pending(&g).unwrap();
+    assert_eq!(net.current_members(&g).len(), max);
+    let over = alice.member.add(&g, &[one_more]).unwrap();
+    match net.commit(&mut alice, over) {
+        Response::Error { code: ErrorCode::QuotaExceeded, message, .. } => {
+            assert!(message.contains("post-quantum groups hold at most"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 /// A device just linked to a member's account reads the group's log
 /// before its first join (it walks the commits from the state its first
 /// device handed over), from where its account's devices read; a stranger
@@ -1688,6 +1726,7 @@ fn blobs_follow_membership_quotas_and_retention() {
 
 rules! {
     post_quantum_key_packages_and_groups,
+    a_post_quantum_group_holds_at_most_its_cap,
     a_further_device_of_a_member_reads_the_log_before_it_joins,
     disappearing_messages_expire_on_the_server_and_chains_link_through_them,
     blobs_follow_membership_quotas_and_retention,
