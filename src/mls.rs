@@ -313,7 +313,7 @@ pub const XWING_PUBLIC_KEY: usize = 1216;
 
 /// The suite of a new group when `--suite` does not say (see SECURITY.md,
 /// "Post-quantum groups").
-pub const DEFAULT_SUITE: Suite = Suite::Classic;
+pub const DEFAULT_SUITE: Suite = Suite::Pq;
 
 /// A ciphersuite code point hush does not speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -30,7 +30,7 @@ async fn a_psk_a_gce_or_a_foreign_add_proposal_leaves_every_group_working() {
     mallory_mls.discard_pending(&group).unwrap();
     // A KeyPackage of an account the server never handed out to mallory.
     let (_, _, stranger) = raw_member(&server).await;
-    let foreign = stranger.key_packages(1).unwrap().remove(0);
+    let foreign = stranger.key_packages_of(hush::mls::Suite::Pq, 1).unwrap().remove(0);
     for kind in [HostileProposal::PreSharedKey, HostileProposal::GroupContextExtensions, HostileProposal::Add(foreign)]
     {
         let proposal = mallory_mls.hostile_proposal(&group, &kind).unwrap();

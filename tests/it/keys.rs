@@ -4,24 +4,31 @@
 use crate::cli::{run_ok, team};
 use crate::support::*;
 
-/// A post-quantum group of three beside the classic group of the same
+/// A post-quantum group of three beside a classic group of the same
 /// people: messages, an add, a removal, a linked device's external join,
-/// each group keeping its suite.
+/// each group keeping its suite; post-quantum is the default.
 fn a_post_quantum_group_and_a_classic_one_side_by_side() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("server"));
     let (alice, bob, carol) = team(&server, tmp.path());
+    let info: serde_json::Value = serde_json::from_str(&run_ok(&bob, &["group", "info", "team", "--json"])).unwrap();
+    assert_eq!(info["suite"], "pq", "the default: {info}");
+    let created = run_ok(&alice, &["group", "create", "plain", "--suite", "classic"]);
+    assert!(created.contains("created plain (classic)"), "{created}");
+    run_ok(&alice, &["group", "add", "plain", "bob", "carol"]);
+    run_ok(&bob, &["sync"]);
+    run_ok(&carol, &["sync"]);
     let created = run_ok(&alice, &["group", "create", "vault", "--suite", "pq"]);
     assert!(created.contains("created vault (pq)"), "{created}");
     run_ok(&alice, &["group", "add", "vault", "bob"]);
     assert!(run_ok(&bob, &["sync"]).contains("you joined"));
     run_ok(&bob, &["send", "vault", "safe from a later quantum computer"]);
-    run_ok(&alice, &["send", "team", "and this one classic"]);
+    run_ok(&alice, &["send", "plain", "and this one classic"]);
     run_ok(&alice, &["sync"]);
     let got = run_ok(&alice, &["read", "vault"]);
     assert!(got.contains("bob: safe from a later quantum computer"), "{got}");
     run_ok(&bob, &["sync"]);
-    let got = run_ok(&bob, &["read", "team"]);
+    let got = run_ok(&bob, &["read", "plain"]);
     assert!(got.contains("alice: and this one classic"), "{got}");
     run_ok(&alice, &["group", "add", "vault", "carol"]);
     assert!(run_ok(&carol, &["sync"]).contains("you joined"));
@@ -30,7 +37,7 @@ fn a_post_quantum_group_and_a_classic_one_side_by_side() {
         run_ok(p, &["sync"]);
         assert!(run_ok(p, &["read", "vault"]).contains("carol: carol in the vault"));
     }
-    for (p, group, suite) in [(&carol, "vault", "pq"), (&bob, "vault", "pq"), (&bob, "team", "classic")] {
+    for (p, group, suite) in [(&carol, "vault", "pq"), (&bob, "vault", "pq"), (&bob, "plain", "classic")] {
         let info: serde_json::Value = serde_json::from_str(&run_ok(p, &["group", "info", group, "--json"])).unwrap();
         assert_eq!(info["suite"], suite, "{group}: {info}");
     }
@@ -44,12 +51,12 @@ fn a_post_quantum_group_and_a_classic_one_side_by_side() {
     let laptop = tmp.path().join("laptop");
     crate::devices::link(&alice.home, &laptop, "laptop");
     let joined = ok(hush(&laptop, &["sync"]));
-    assert_eq!(joined.matches("checked commit by commit").count(), 2, "{joined}");
+    assert_eq!(joined.matches("checked commit by commit").count(), 3, "{joined}");
     ok(hush(&laptop, &["send", "vault", "from the laptop, post-quantum"]));
-    ok(hush(&laptop, &["send", "team", "from the laptop, classic"]));
+    ok(hush(&laptop, &["send", "plain", "from the laptop, classic"]));
     run_ok(&bob, &["sync"]);
     assert!(run_ok(&bob, &["read", "vault"]).contains("alice: from the laptop, post-quantum"));
-    assert!(run_ok(&bob, &["read", "team"]).contains("alice: from the laptop, classic"));
+    assert!(run_ok(&bob, &["read", "plain"]).contains("alice: from the laptop, classic"));
     let info: serde_json::Value =
         serde_json::from_str(&ok(hush(&laptop, &["group", "info", "vault", "--json"]))).unwrap();
     assert_eq!(info["suite"], "pq");

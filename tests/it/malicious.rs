@@ -116,7 +116,9 @@ enum Mode {
 
 fn rewrite(mode: Arc<Mutex<Mode>>) -> Rewrite {
     Arc::new(move |req, _resp| match (req, mode.lock().unwrap().clone()) {
-        (Request::ClaimKeyPackage { .. }, Mode::ClaimWith(p)) => Some(Response::KeyPackages { packages: vec![p] }),
+        (Request::ClaimKeyPackage { .. } | Request::ClaimKeyPackages { .. }, Mode::ClaimWith(p)) => {
+            Some(Response::KeyPackages { packages: vec![p] })
+        }
         (Request::FetchWelcomes, Mode::WelcomeWith(w)) => Some(Response::Welcomes { welcomes: vec![(1_000_000, w)] }),
         (Request::AckWelcome { id: 1_000_000 }, Mode::WelcomeWith(_)) => Some(Response::Done),
         (Request::Fetch { group, .. }, Mode::EndlessPages) => {
@@ -224,18 +226,24 @@ async fn a_server_that_substitutes_key_packages_cannot_join_a_group() {
     // account that bob never signed; carol's genuine package.
     let carol_device = Identity::load(&carol.join("device.key")).unwrap();
     let carol_conn = Connection::connect(&server.address, &carol_device).await.unwrap();
-    let bobs_real = carol_conn.claim_key_packages(&bob_id.parse().unwrap()).await.unwrap().remove(0);
+    // The group is post-quantum (the default): the packages are too.
+    let pq = hush::mls::Suite::Pq;
+    let bobs_real = carol_conn.claim_key_packages_of(&bob_id.parse().unwrap(), pq).await.unwrap().remove(0);
+    let bobs_classic = carol_conn.claim_key_packages(&bob_id.parse().unwrap()).await.unwrap().remove(0);
     let carols_real = {
         let alice_device = Identity::load(&alice.join("device.key")).unwrap();
         let c = Connection::connect(&server.address, &alice_device).await.unwrap();
-        c.claim_key_packages(&carol_id.parse().unwrap()).await.unwrap().remove(0)
+        c.claim_key_packages_of(&carol_id.parse().unwrap(), pq).await.unwrap().remove(0)
     };
     let bob_cert = credential_of_key_package(&bobs_real).unwrap();
     let mut unsigned = bob_cert.clone();
     unsigned[70] ^= 1;
     let forged = [
-        ("bob's certificate, the operator's key", Member::forger(bob_cert).unwrap().key_packages(1).unwrap().remove(0)),
-        ("a certificate bob never signed", Member::forger(unsigned).unwrap().key_packages(1).unwrap().remove(0)),
+        (
+            "bob's certificate, the operator's key",
+            Member::forger(bob_cert).unwrap().key_packages_of(pq, 1).unwrap().remove(0),
+        ),
+        ("a certificate bob never signed", Member::forger(unsigned).unwrap().key_packages_of(pq, 1).unwrap().remove(0)),
         ("carol's genuine package", carols_real),
     ];
     for (what, package) in forged {
@@ -250,6 +258,14 @@ async fn a_server_that_substitutes_key_packages_cannot_join_a_group() {
     // The user sees the refusal in the group's history.
     let history = tokio::task::block_in_place(|| ok(hush(alice, &["read", "team"])));
     assert!(history.contains("refused to add bob"), "{history}");
+    // bob's genuine classic package for the post-quantum group: refused
+    // (issue 35), never a quiet downgrade of bob's leaf.
+    *mode.lock().unwrap() = Mode::ClaimWith(bobs_classic);
+    let out = tokio::task::block_in_place(|| hush(alice, &["group", "add", "team", "bob"]));
+    assert!(!out.status.success(), "a classic package went into a post-quantum group");
+    assert!(stderr(&out).contains("another ciphersuite"), "{}", stderr(&out));
+    let members = tokio::task::block_in_place(|| ok(hush(alice, &["group", "members", "team"])));
+    assert_eq!(members.trim(), "you");
 
     // With an honest answer the same command works: nothing was broken.
     *mode.lock().unwrap() = Mode::Honest;

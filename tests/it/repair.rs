@@ -30,6 +30,9 @@ pub(crate) async fn raw_member(server: &Hushd) -> (Identity, Connection, Member)
     let conn = Connection::connect(&server.address, &device).await.unwrap();
     assert!(conn.register(Some(&token), member.certificate()).await.unwrap());
     conn.publish_key_packages(member.key_packages(2).unwrap(), Some(1)).await.unwrap();
+    // Groups `hush group create` makes are post-quantum by default.
+    let pq = member.key_packages_of(hush::mls::Suite::Pq, 2).unwrap();
+    conn.publish_key_packages(pq, Some(1)).await.unwrap();
     (account, conn, member)
 }
 
