@@ -168,6 +168,8 @@ fn bench_quick_mode_runs_and_reports_every_scenario() {
         "memory",
         "bytes",
         "commit",
+        "post-quantum",
+        "Welcome",
         "file upload",
     ] {
         assert!(rows.iter().any(|r| r["scenario"].as_str().unwrap().contains(word)), "no {word} row: {out}");
