@@ -13,6 +13,7 @@ pub mod cert;
 pub mod device;
 pub mod identity;
 pub mod invite;
+pub mod online;
 pub mod text;
 pub mod tls;
 
