@@ -112,6 +112,10 @@ pub enum AppError {
     Timer(String),
     #[error("{0}")]
     GroupFull(String),
+    /// A transfer's connection kept failing (the network's fault, not the
+    /// file's: worth another try later).
+    #[error("{0}")]
+    TransferGaveUp(String),
     #[error(
         "{who} has no {suite} KeyPackage on the server (their hush may be older than post-quantum groups, or \
          have not synced since): ask them to update and sync, or create the group with --suite classic"

@@ -269,7 +269,9 @@ impl Home {
             }),
         };
         conn.close().await;
-        let history = history.map(|r| r.and_then(|t| t.ok_or_else(|| "nothing waited".to_string())));
+        let history = history.map(|r| {
+            r.and_then(|t| t.ok_or_else(|| "another process of this home (a sync) took the history in".to_string()))
+        });
         Ok(Joined { account: cert.account, device: device_id, contacts, groups, history })
     }
 }

@@ -26,6 +26,8 @@ struct Group {
     record: GroupRecord,
     members: BTreeMap<DeviceId, Membership>,
     left_epochs: BTreeMap<DeviceId, u64>,
+    /// Devices whose membership row went ([`Storage::was_member`]).
+    former: std::collections::BTreeSet<DeviceId>,
     log: BTreeMap<u64, Entry>,
     group_info: Option<Vec<u8>>,
     chain: Option<ChainTip>,
@@ -250,6 +252,7 @@ impl Storage for MemoryStore {
                 record: GroupRecord { epoch, state: state.to_vec(), last_seq: 0, disappear: 0 },
                 members: BTreeMap::new(),
                 left_epochs: BTreeMap::new(),
+                former: std::collections::BTreeSet::new(),
                 log: BTreeMap::new(),
                 group_info: None,
                 chain: None,
@@ -286,6 +289,10 @@ impl Storage for MemoryStore {
 
     fn membership(&mut self, group: &[u8], device: &DeviceId) -> Result<Option<Membership>, Infallible> {
         Ok(self.groups.get(group).and_then(|g| g.members.get(device).copied()))
+    }
+
+    fn was_member(&mut self, group: &[u8], device: &DeviceId) -> Result<bool, Infallible> {
+        Ok(self.groups.get(group).is_some_and(|g| g.former.contains(device)))
     }
 
     fn revoked_members(&mut self, group: &[u8]) -> Result<Vec<DeviceId>, Infallible> {
@@ -325,6 +332,7 @@ impl Storage for MemoryStore {
         if let Some(g) = self.groups.get_mut(group) {
             g.members.remove(device);
             g.left_epochs.remove(device);
+            g.former.insert(*device);
         }
         Ok(())
     }

@@ -32,6 +32,9 @@ impl Delivery {
     ) -> Result<Outcome, Refusal<S::Error>> {
         let (joined_after, left_at) = match store.membership(&group, &caller.device)? {
             Some(m) => (m.joined_after, m.left_at),
+            // A device that left (its row went once it read up to its
+            // removal) never reads again this way.
+            None if store.was_member(&group, &caller.device)? => return Err(not_member()),
             None => {
                 let account = store
                     .members(&group)?

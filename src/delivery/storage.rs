@@ -377,6 +377,10 @@ pub trait Storage {
     fn set_group_info(&mut self, group: &[u8], info: &[u8]) -> Result<(), Self::Error>;
 
     fn membership(&mut self, group: &[u8], device: &DeviceId) -> Result<Option<Membership>, Self::Error>;
+    /// Whether `device` was a member of `group` once and its row is gone
+    /// (it read up to its removal): such a device never reads the group's
+    /// log again through its account's membership.
+    fn was_member(&mut self, group: &[u8], device: &DeviceId) -> Result<bool, Self::Error>;
     /// Every device that is or was a member, with its membership.
     fn members(&mut self, group: &[u8]) -> Result<Vec<(DeviceId, Membership)>, Self::Error>;
     /// Current member devices (not removed), in a stable order.

@@ -450,17 +450,28 @@ fn a_post_quantum_group_holds_at_most_its_cap() {
 /// A device just linked to a member's account reads the group's log
 /// before its first join (it walks the commits from the state its first
 /// device handed over), from where its account's devices read; a stranger
-/// does not, nor the device once its account is out of the group.
+/// does not, nor a device removed on its own once it read up to its
+/// removal (red team, issue 34: its row gone, the account's membership
+/// let it read again), nor the new device once its account is out.
 fn a_further_device_of_a_member_reads_the_log_before_it_joins() {
     let mut net = Net::new();
     let (mut bob, eve) = (net.client(2), net.client(3));
     let account = crate::auth::Identity::generate().unwrap();
     let mut phone = net.second_device(&account);
+    let mut laptop = net.second_device(&account);
     bob.member.set_removal_key(net.removal_key);
     let g = net.create(&mut bob);
     let before = net.text(&mut bob, &g, "before alice");
-    net.add(&mut bob, &g, &[&phone]);
+    let Response::KeyPackages { packages } = net.ok(&bob, Request::ClaimKeyPackage { account: account.account_id().0 })
+    else {
+        panic!()
+    };
+    let both: Vec<_> = packages.into_iter().map(|p| (account.account_id(), p)).collect();
+    let commit = bob.member.add(&g, &both).unwrap();
+    assert!(matches!(net.commit(&mut bob, commit), Response::Accepted { .. }));
+    bob.member.merge_pending(&g).unwrap();
     net.join(&mut phone);
+    net.join(&mut laptop);
     let update = bob.member.self_update(&g).unwrap();
     let Response::Accepted { seq: commit, .. } = net.commit(&mut bob, update) else { panic!() };
     bob.member.merge_pending(&g).unwrap();
@@ -471,8 +482,20 @@ fn a_further_device_of_a_member_reads_the_log_before_it_joins() {
     assert!(seqs.contains(&commit), "{seqs:?}");
     assert!(!seqs.contains(&before), "read before its account joined: {seqs:?}");
     assert_eq!(net.code(&eve, fetch(0)).0, ErrorCode::NotMember);
+    // The phone alone is removed; it reads up to its removal and its row
+    // goes; its account (the laptop) is still in.
+    let removal = bob.member.remove_devices(&g, &[phone.member.device()]).unwrap();
+    let Response::Accepted { seq: removed_at, .. } = net.commit(&mut bob, removal) else { panic!() };
+    bob.member.merge_pending(&g).unwrap();
+    net.read(&mut phone, &g);
+    // (Reading acknowledges; the server no longer lists the group for it.)
+    let _ = net.req(&phone, Request::Ack { group: g.clone(), seq: removed_at });
+    let Response::Groups { groups } = net.ok(&phone, Request::ListGroups) else { panic!() };
+    assert!(groups.iter().all(|s| s.group != g), "the phone's row stayed");
+    net.text(&mut bob, &g, "after the phone left");
+    assert_eq!(net.code(&phone, fetch(removed_at)).0, ErrorCode::NotMember, "the removed phone reads again");
     // Once the account is out, the new device reads nothing.
-    let removal = bob.member.remove(&g, &[phone.member.account()]).unwrap();
+    let removal = bob.member.remove(&g, &[laptop.member.account()]).unwrap();
     assert!(matches!(net.commit(&mut bob, removal), Response::Accepted { .. }));
     bob.member.merge_pending(&g).unwrap();
     assert_eq!(net.code(&tablet, fetch(0)).0, ErrorCode::NotMember);

@@ -213,10 +213,46 @@ async fn a_history_altered_on_the_server_is_refused() {
     assert!(seen.contains("alice: the laptop still writes"), "{seen}");
 }
 
+/// Runs a command once, as the new device starts to fetch the history.
+struct OnStart(Option<Box<dyn FnOnce() + Send>>);
+
+impl hush::client::app::files::Progress for OnStart {
+    fn start(&mut self, _total: u64) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
+/// Red team (issue 34): a `hush sync` of the new home, run while `device
+/// join` is fetching (a second terminal), imported the history too: every
+/// line twice. It is imported once.
+async fn a_sync_during_the_join_does_not_import_the_history_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("server"));
+    let (alice, _bob, _carol) = team(&server, tmp.path());
+    let lines: Vec<String> = (0..20).map(|i| format!("RACE-MARKER-{i:02}")).collect();
+    let home = alice.home.clone();
+    let id = alice.id.clone();
+    tokio::task::spawn_blocking(move || chat_lines(&Person { home, id }, "team", &lines)).await.unwrap();
+    let (adding, code) = hush_first_line(&alice.home, &["device", "add", "laptop"]);
+    let laptop = tmp.path().join("laptop");
+    let other = laptop.clone();
+    let mut hook = OnStart(Some(Box::new(move || {
+        let _ = hush(&other, &["sync"]);
+    })));
+    hush::client::home::Home::new(&laptop).join(&code, &mut hook).await.unwrap();
+    let (status, err) = tokio::task::spawn_blocking(move || finish(adding)).await.unwrap();
+    assert!(status.success(), "{err}");
+    let (texts, _) = tokio::task::spawn_blocking(move || texts(&laptop, "team")).await.unwrap();
+    let markers = texts.iter().filter(|t| t.contains("RACE-MARKER-")).count();
+    assert_eq!(markers, 20, "{texts:?}");
+}
+
 crate::on_both_backends! {
     sync: [
         a_linked_device_reads_the_history_of_the_first,
         a_history_hands_over_only_what_was_asked_and_has_not_expired,
     ],
-    async: [a_history_altered_on_the_server_is_refused],
+    async: [a_history_altered_on_the_server_is_refused, a_sync_during_the_join_does_not_import_the_history_twice],
 }

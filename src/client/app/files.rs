@@ -148,7 +148,9 @@ impl App {
     ) -> Result<(), AppError> {
         loop {
             if *tries >= TRANSFER_RETRIES {
-                return Err(AppError::File("the connection to the server kept failing; try again later".into()));
+                return Err(AppError::TransferGaveUp(
+                    "the connection to the server kept failing; try again later".into(),
+                ));
             }
             *tries += 1;
             progress.note("connection lost; reconnecting…");

@@ -16,6 +16,17 @@ use crate::files::{FileKey, Layout};
 /// tried again at every sync).
 const PENDING_HISTORY: &str = "pending_history";
 
+/// The setting counting the fetches of the pending history that failed.
+const HISTORY_TRIES: &str = "pending_history_tries";
+
+/// How long a sync spends fetching a pending history before it goes on
+/// without it (and tries again next time).
+pub const HISTORY_FETCH_BUDGET: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Fetches of a pending history that may fail (the network, or a server
+/// that keeps answering with errors) before it is given up.
+pub const MAX_HISTORY_TRIES: u32 = 20;
+
 /// What the first device did with its history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HistorySent {
@@ -162,13 +173,28 @@ impl App {
             Ok(r) => r,
             Err(e) => return self.give_up_history(&format!("its reference is damaged ({e})")),
         };
+        let tries = self
+            .local
+            .setting(HISTORY_TRIES)?
+            .and_then(|t| <[u8; 4]>::try_from(t.as_slice()).ok())
+            .map_or(0, u32::from_be_bytes);
+        if tries >= MAX_HISTORY_TRIES {
+            return self.give_up_history(&format!("{tries} attempts to fetch it failed"));
+        }
+        // Counted before the attempt: one cut short (a sync's time budget
+        // ran out, the process was stopped) counts too.
+        self.local.set_setting(HISTORY_TRIES, &(tries + 1).to_be_bytes())?;
         let capacity = usize::try_from(wanted.size).map_err(|_| AppError::File("the history is too large".into()))?;
         // Reserved whole, so the plaintext is never moved (and copies left
         // behind) as it grows.
         let mut plain = Zeroizing::new(Vec::with_capacity(capacity));
         match self.fetch_into(conn, &wanted.as_file(), &mut *plain, progress).await {
             Ok(()) => {}
+            // The server no longer has it, or served other bytes: trying
+            // again changes nothing.
             Err(AppError::File(why)) => return self.give_up_history(&why),
+            // The network, or the server's errors: later, a bounded number
+            // of times.
             Err(e) => return Err(e),
         }
         let archive = match Archive::decode(&plain) {
@@ -176,7 +202,7 @@ impl App {
             Err(e) => return self.give_up_history(&e.to_string()),
         };
         drop(plain);
-        self.import_history(&archive).map(Some)
+        self.import_history(&archive, &bytes)
     }
 
     /// Forgets history that cannot be had, and says so in every group.
@@ -184,6 +210,7 @@ impl App {
         tracing::warn!("the history handed over could not be taken: {why}");
         let unit = self.local.unit()?;
         self.local.clear_setting(PENDING_HISTORY)?;
+        self.local.clear_setting(HISTORY_TRIES)?;
         let body = format!(
             "the history your other device handed over could not be taken ({why}); this device shows what it receives from now on"
         );
@@ -199,8 +226,16 @@ impl App {
     /// over, before everything this device received itself; a group this
     /// device does not know (one the account left) is kept as one it is
     /// not in.
-    fn import_history(&mut self, archive: &Archive) -> Result<HistoryTaken, AppError> {
+    ///
+    /// Once: the reference `pending` it was fetched for is checked again
+    /// inside the unit that imports it and clears it, so two processes of
+    /// one home (a `device join` and a `sync` in another terminal) cannot
+    /// both import it.
+    fn import_history(&mut self, archive: &Archive, pending: &[u8]) -> Result<Option<HistoryTaken>, AppError> {
         let unit = self.local.unit()?;
+        if self.local.setting(PENDING_HISTORY)?.map(Zeroizing::new).as_deref().map(Vec::as_slice) != Some(pending) {
+            return Ok(None);
+        }
         let now = now_unix();
         let known: Vec<Vec<u8>> = self.local.groups()?.into_iter().map(|g| g.id).collect();
         let mut taken = HistoryTaken::default();
@@ -245,7 +280,8 @@ impl App {
             taken.lines += lines;
         }
         self.local.clear_setting(PENDING_HISTORY)?;
+        self.local.clear_setting(HISTORY_TRIES)?;
         unit.commit()?;
-        Ok(taken)
+        Ok(Some(taken))
     }
 }

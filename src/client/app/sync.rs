@@ -45,9 +45,13 @@ impl App {
         if self.history_pending()? {
             match self.connect().await {
                 Ok(mut own) => {
-                    match self.take_history(&mut own, &mut super::files::Quiet).await {
-                        Ok(taken) => new.extend(taken.map(|t| t.entries).unwrap_or_default()),
-                        Err(e) => tracing::warn!("the history handed over is not in yet: {e}"),
+                    // Bounded: a server that stalls the transfer does not
+                    // hold the sync up (the next one tries again).
+                    let budget = super::history::HISTORY_FETCH_BUDGET;
+                    match tokio::time::timeout(budget, self.take_history(&mut own, &mut super::files::Quiet)).await {
+                        Ok(Ok(taken)) => new.extend(taken.map(|t| t.entries).unwrap_or_default()),
+                        Ok(Err(e)) => tracing::warn!("the history handed over is not in yet: {e}"),
+                        Err(_) => tracing::warn!("the history handed over is not in yet: its fetch took too long"),
                     }
                     own.close().await;
                 }

@@ -690,7 +690,20 @@ impl Storage for PgStore<'_> {
             "DELETE FROM members m USING groups g WHERE g.id = $1 AND m.gid = g.gid AND m.device = $2",
             &[&group, &&d.0[..]],
         )?;
+        self.exec(
+            "INSERT INTO former_members (gid, device) SELECT gid, $2 FROM groups WHERE id = $1 ON CONFLICT DO NOTHING",
+            &[&group, &&d.0[..]],
+        )?;
         Ok(())
+    }
+
+    fn was_member(&mut self, group: &[u8], d: &DeviceId) -> Result<bool, StoreError> {
+        Ok(self
+            .row(
+                "SELECT 1 FROM former_members f JOIN groups g ON g.gid = f.gid WHERE g.id = $1 AND f.device = $2",
+                &[&group, &&d.0[..]],
+            )?
+            .is_some())
     }
 
     fn set_acked(&mut self, group: &[u8], d: &DeviceId, seq: u64) -> Result<(), StoreError> {

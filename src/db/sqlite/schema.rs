@@ -196,9 +196,16 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX blobs_expires ON blobs(expires_at) WHERE expires_at IS NOT NULL;",
     // 9 -> 10: post-quantum groups (issue 35). Each KeyPackage's
     // ciphersuite (every one stored before is classic, 0x0001): a device
-    // keeps packages, and a last-resort one, of each suite.
+    // keeps packages, and a last-resort one, of each suite. And the
+    // devices whose membership row went (issue 34): they never read the
+    // log again through their account's membership.
     "ALTER TABLE key_packages ADD COLUMN suite INTEGER NOT NULL DEFAULT 1;
-    CREATE INDEX key_packages_suite ON key_packages(device, suite, last_resort);",
+    CREATE INDEX key_packages_suite ON key_packages(device, suite, last_resort);
+    CREATE TABLE former_members (
+        gid INTEGER NOT NULL REFERENCES groups(gid),
+        device BLOB NOT NULL,
+        PRIMARY KEY (gid, device)
+    ) WITHOUT ROWID;",
 ];
 
 /// The first schema version with device certificates.

@@ -661,7 +661,18 @@ impl Storage for SqlStore<'_> {
         self.conn
             .prepare_cached("DELETE FROM members WHERE gid = ?1 AND device = ?2")?
             .execute(params![gid, &d.0[..]])?;
+        self.conn
+            .prepare_cached("INSERT OR IGNORE INTO former_members (gid, device) VALUES (?1, ?2)")?
+            .execute(params![gid, &d.0[..]])?;
         Ok(())
+    }
+
+    fn was_member(&mut self, group: &[u8], d: &DeviceId) -> Result<bool, StoreError> {
+        let Some(gid) = self.gid(group)? else { return Ok(false) };
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM former_members WHERE gid = ?1 AND device = ?2")?
+            .exists(params![gid, &d.0[..]])?)
     }
 
     fn set_acked(&mut self, group: &[u8], a: &DeviceId, seq: u64) -> Result<(), StoreError> {
