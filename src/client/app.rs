@@ -273,7 +273,11 @@ impl App {
 
     /// Takes over the contacts and groups a first device handed over
     /// (names that are not usable are skipped). Returns how many of each.
-    pub fn import(&mut self, bundle: &super::link::Bundle) -> Result<(usize, usize), AppError> {
+    pub fn import(
+        &mut self,
+        bundle: &super::link::Bundle,
+        history: Option<&super::history::HistoryRef>,
+    ) -> Result<(usize, usize), AppError> {
         let unit = self.local.unit()?;
         // The first device's revocations: verified again, kept and
         // enforced as if this device had read them in its groups.
@@ -289,7 +293,7 @@ impl App {
                 self.local.put_handover(&g.id, &state)?;
             }
         }
-        if let Some(h) = &bundle.history {
+        if let Some(h) = history {
             self.expect_history(h)?;
         }
         unit.commit()?;

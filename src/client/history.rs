@@ -9,9 +9,13 @@
 //! ChaCha20-Poly1305, padded to a Padmé bucket) and uploaded as a blob to a
 //! group of the account; the blob's id, key, SHA-256 and size
 //! ([`HistoryRef`]) go to the new device inside the link's sealed bundle
-//! ([`crate::client::link::Bundle`]), which only the holder of the link
-//! code opens. The server stores a blob it cannot read or alter
-//! undetected, of a size it learns only to the bucket.
+//! ([`crate::client::link::Bundle`]), and within it sealed once more
+//! ([`SealedHistory`]) to an ephemeral X25519 key the new device put in
+//! its offer and forgets once the history is in: whoever later holds the
+//! link code and a copy of the bundle (the operator keeps both, a shell's
+//! history keeps the code) still cannot open the history. The server
+//! stores a blob it cannot read or alter undetected, of a size it learns
+//! only to the bucket.
 //!
 //! # Archive (version 1)
 //!
@@ -25,6 +29,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use zeroize::Zeroizing;
 
 use crate::client::backup::{read_groups, write_groups, BackupError, GroupBackup};
@@ -155,6 +160,102 @@ impl HistoryRef {
     }
 }
 
+/// A [`HistoryRef`] sealed to the new device's ephemeral key: the first
+/// device's ephemeral X25519 public key, then the reference under
+/// ChaCha20-Poly1305 with the key HKDF-SHA-256 derives from the two
+/// keys' agreement (the link id and both public keys as its info).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SealedHistory {
+    pub ephemeral: [u8; 32],
+    pub sealed: [u8; SEALED_REF_LEN],
+}
+
+impl std::fmt::Debug for SealedHistory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SealedHistory(..)")
+    }
+}
+
+/// Bytes of a sealed reference: the reference and the AEAD's tag.
+pub const SEALED_REF_LEN: usize = HISTORY_REF_LEN + 16;
+
+const SEAL_LABEL: &[u8] = b"hush history seal v1";
+
+/// Why a history reference could not be sealed or opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SealError {
+    #[error("no randomness available")]
+    Random,
+    #[error("the history was sealed to another key (an earlier attempt of this join?)")]
+    Open,
+}
+
+/// The new device's half: an ephemeral X25519 key, its public half for the
+/// offer.
+pub fn ephemeral_key() -> Result<(ring::agreement::EphemeralPrivateKey, [u8; 32]), SealError> {
+    let rng = ring::rand::SystemRandom::new();
+    let private = ring::agreement::EphemeralPrivateKey::generate(&ring::agreement::X25519, &rng)
+        .map_err(|_| SealError::Random)?;
+    let public = private.compute_public_key().map_err(|_| SealError::Random)?;
+    let public: [u8; 32] = public.as_ref().try_into().map_err(|_| SealError::Random)?;
+    Ok((private, public))
+}
+
+/// The AEAD key both devices derive from their agreement.
+fn sealing_key(shared: &[u8], link: &[u8; 16], first: &[u8; 32], new: &[u8; 32]) -> Result<LessSafeKey, SealError> {
+    let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, SEAL_LABEL).extract(shared);
+    let info = [&link[..], &first[..], &new[..]];
+    let okm = prk.expand(&info, &CHACHA20_POLY1305).map_err(|_| SealError::Open)?;
+    Ok(LessSafeKey::new(UnboundKey::from(okm)))
+}
+
+impl SealedHistory {
+    /// The first device seals `history` to `new_device_key` (from the
+    /// offer), for the link `link`.
+    pub fn seal(history: &HistoryRef, new_device_key: &[u8; 32], link: &[u8; 16]) -> Result<Self, SealError> {
+        let (mine, ephemeral) = ephemeral_key()?;
+        let peer = ring::agreement::UnparsedPublicKey::new(&ring::agreement::X25519, *new_device_key);
+        let key = ring::agreement::agree_ephemeral(mine, &peer, |shared| {
+            sealing_key(shared, link, &ephemeral, new_device_key)
+        })
+        .map_err(|_| SealError::Open)??;
+        let mut buf = history.encode();
+        key.seal_in_place_append_tag(Nonce::assume_unique_for_key([0; 12]), Aad::from(link), &mut *buf)
+            .map_err(|_| SealError::Open)?;
+        let sealed: [u8; SEALED_REF_LEN] = buf.as_slice().try_into().map_err(|_| SealError::Open)?;
+        Ok(Self { ephemeral, sealed })
+    }
+
+    /// The new device opens it with the ephemeral key it offered (used
+    /// once, then gone).
+    pub fn open(
+        &self,
+        mine: ring::agreement::EphemeralPrivateKey,
+        my_public: &[u8; 32],
+        link: &[u8; 16],
+    ) -> Result<HistoryRef, SealError> {
+        let peer = ring::agreement::UnparsedPublicKey::new(&ring::agreement::X25519, self.ephemeral);
+        let key = ring::agreement::agree_ephemeral(mine, &peer, |shared| {
+            sealing_key(shared, link, &self.ephemeral, my_public)
+        })
+        .map_err(|_| SealError::Open)??;
+        let mut buf = Zeroizing::new(self.sealed.to_vec());
+        let plain = key
+            .open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::from(link), &mut buf)
+            .map_err(|_| SealError::Open)?;
+        HistoryRef::decode(plain).map_err(|_| SealError::Open)
+    }
+
+    pub fn write(&self, w: &mut Writer) {
+        w.raw(&self.ephemeral);
+        w.raw(&self.sealed);
+    }
+
+    pub fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(Self { ephemeral: r.array()?, sealed: r.array()? })
+    }
+}
+
 /// How much history `hush device add` hands over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HistoryChoice {
@@ -245,6 +346,33 @@ mod tests {
         assert!(!format!("{r:?}").contains("2, 2"), "the key is never printed");
         let huge = HistoryRef { size: MAX_HISTORY + 1, ..r };
         assert!(HistoryRef::decode(&huge.encode()).is_err());
+    }
+
+    /// Red team (issue 34): the history's key was in the bundle, sealed
+    /// only under the link code, so the code (a shell's history) and a
+    /// kept copy of the bundle (the operator) opened it long after. It is
+    /// sealed to an ephemeral key only the new device's process held.
+    #[test]
+    fn a_sealed_reference_opens_only_with_the_offered_ephemeral_key() {
+        let r = HistoryRef { id: [1; 16], key: Zeroizing::new([2; 32]), hash: [3; 32], size: 4096 };
+        let link = [9u8; 16];
+        let (secret, public) = ephemeral_key().unwrap();
+        let sealed = SealedHistory::seal(&r, &public, &link).unwrap();
+        assert!(!sealed.sealed.windows(32).any(|w| w == [2; 32]), "the key shows");
+        // Another key, another link: nothing.
+        let (other, other_public) = ephemeral_key().unwrap();
+        assert_eq!(sealed.open(other, &other_public, &link), Err(SealError::Open));
+        let (again, _) = ephemeral_key().unwrap();
+        assert_eq!(sealed.open(again, &public, &link), Err(SealError::Open));
+        let mut w = Writer::new();
+        sealed.write(&mut w);
+        let bytes = w.into_inner();
+        assert_eq!(SealedHistory::read(&mut Reader::new(&bytes)).unwrap(), sealed);
+        // The offered key opens it, once (the key is gone after).
+        assert_eq!(sealed.open(secret, &public, &[8; 16]), Err(SealError::Open));
+        let (secret, public) = ephemeral_key().unwrap();
+        let sealed = SealedHistory::seal(&r, &public, &link).unwrap();
+        assert_eq!(sealed.open(secret, &public, &link).unwrap(), r);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use thiserror::Error;
 use super::app::files::Progress;
 use super::app::history::HistoryTaken;
 use super::app::{App, AppError};
-use super::link::LinkCode;
+use super::link::{LinkCode, Offer};
 use super::local::valid_name;
 use super::Connection;
 use crate::auth::{identity, AccountId, DeviceCertificate, HushAddress, Identity, KeyError};
@@ -223,7 +223,13 @@ impl Home {
         let (device, _) = Identity::load_or_create(&self.device_key()).map_err(HomeError::from)?;
         let device_id = crate::auth::DeviceId(device.public_key());
         let mls_key = App::prepare_linked(&self.dir)?;
-        let offer = code.seal_offer(&device_id, &mls_key)?;
+        // The history is sealed to this key, which lives only in this
+        // process: a later leak of the code (a shell's history) and a kept
+        // copy of the bundle (the operator) do not open it.
+        let (history_secret, history_key) =
+            crate::client::history::ephemeral_key().map_err(|e| AppError::File(e.to_string()))?;
+        let offer = Offer { device: device_id, mls_key, history_key: Some(history_key) };
+        let offer = code.seal_offer(&offer)?;
         let mut conn = Connection::connect(&code.server, &device).await?;
         conn.link_offer(code.id(), offer).await?;
         let deadline = std::time::Instant::now() + crate::limits::MAX_LINK_LIFETIME;
@@ -257,12 +263,14 @@ impl Home {
             self.write(&self.name_file(), &format!("{n}\n"))?;
         }
         let mut app = App::open(&self.dir, device, code.server.clone())?;
-        let (contacts, groups) = app.import(&bundle)?;
+        let history = bundle.history.as_ref().map(|sealed| sealed.open(history_secret, &history_key, &code.id()));
+        let (contacts, groups) = app.import(&bundle, history.as_ref().and_then(|h| h.as_ref().ok()))?;
         let mut conn = app.connect().await?;
         app.publish_key_packages(&conn, true).await?;
-        let history = match bundle.history {
+        let history = match history {
             None => None,
-            Some(_) => Some(match app.take_history(&mut conn, progress).await {
+            Some(Err(e)) => Some(Err(e.to_string())),
+            Some(Ok(_)) => Some(match app.take_history(&mut conn, progress).await {
                 Ok(taken) => Ok(taken),
                 Err(e) if app.history_pending().unwrap_or(false) => Err(format!("{e}; `hush sync` tries again")),
                 Err(e) => Err(e.to_string()),

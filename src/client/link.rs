@@ -32,7 +32,7 @@ use zeroize::Zeroizing;
 
 use crate::auth::device::REVOCATION_LEN;
 use crate::auth::{text, AccountId, DeviceId, HushAddress};
-use crate::client::history::HistoryRef;
+use crate::client::history::SealedHistory;
 use crate::client::local::MAX_NAME;
 use crate::client::mls::Handover;
 use crate::limits::{MAX_GROUPS_LISTED, MAX_GROUP_ID, MAX_HANDOVER_PROPOSALS, MAX_LINK_BUNDLE, MAX_MLS_MESSAGE};
@@ -48,8 +48,23 @@ const ID_LABEL: &[u8] = b"hush link id v1\0";
 const SALT: &[u8] = b"hush link v1";
 const OFFER_KEY: &[u8] = b"offer";
 const BUNDLE_KEY: &[u8] = b"bundle";
-/// Offer plaintext: device TLS key, MLS signature key.
+/// Offer plaintext: device TLS key, MLS signature key (a device older than
+/// history hand-over offers only these).
 const OFFER_LEN: usize = 64;
+
+/// Offer plaintext with the ephemeral X25519 key the history is sealed to
+/// ([`crate::client::history::SealedHistory`]).
+const OFFER_WITH_HISTORY_LEN: usize = 96;
+
+/// What a new device offers through the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offer {
+    pub device: DeviceId,
+    pub mls_key: [u8; 32],
+    /// The ephemeral X25519 key to seal the history to (`None`: a device
+    /// that cannot take history).
+    pub history_key: Option<[u8; 32]>,
+}
 /// Fresh random bytes in front of every sealed message, from which (with
 /// the secret and the message's label) its key is derived.
 pub const SEAL_SALT: usize = 16;
@@ -170,20 +185,26 @@ impl LinkCode {
         Ok(buf)
     }
 
-    /// The new device's offer: its TLS key and MLS signature key.
-    pub fn seal_offer(&self, device: &DeviceId, mls_key: &[u8; 32]) -> Result<Vec<u8>, LinkError> {
-        self.seal(OFFER_KEY, [&device.0[..], &mls_key[..]].concat())
+    /// The new device's offer: its TLS key, MLS signature key and the
+    /// ephemeral key its history is to be sealed to.
+    pub fn seal_offer(&self, offer: &Offer) -> Result<Vec<u8>, LinkError> {
+        let mut plain = [&offer.device.0[..], &offer.mls_key[..]].concat();
+        if let Some(key) = &offer.history_key {
+            plain.extend_from_slice(key);
+        }
+        self.seal(OFFER_KEY, plain)
     }
 
-    pub fn open_offer(&self, sealed: &[u8]) -> Result<(DeviceId, [u8; 32]), LinkError> {
+    pub fn open_offer(&self, sealed: &[u8]) -> Result<Offer, LinkError> {
         let plain = self.open(OFFER_KEY, sealed)?;
-        if plain.len() != OFFER_LEN {
-            return Err(LinkError::Malformed("the offer is not two keys".into()));
+        if plain.len() != OFFER_LEN && plain.len() != OFFER_WITH_HISTORY_LEN {
+            return Err(LinkError::Malformed("the offer is not two or three keys".into()));
         }
-        let (device, mls) = plain.split_at(32);
-        let device: [u8; 32] = device.try_into().map_err(|_| LinkError::Malformed("offer".into()))?;
-        let mls: [u8; 32] = mls.try_into().map_err(|_| LinkError::Malformed("offer".into()))?;
-        Ok((DeviceId(device), mls))
+        let key = |at: usize| -> Result<[u8; 32], LinkError> {
+            plain.get(at..at + 32).and_then(|k| k.try_into().ok()).ok_or(LinkError::Malformed("offer".into()))
+        };
+        let history_key = if plain.len() == OFFER_WITH_HISTORY_LEN { Some(key(64)?) } else { None };
+        Ok(Offer { device: DeviceId(key(0)?), mls_key: key(32)?, history_key })
     }
 
     pub fn seal_bundle(&self, bundle: &Bundle) -> Result<Vec<u8>, LinkError> {
@@ -212,8 +233,9 @@ impl LinkCode {
 /// 1, a [`LinkHandover`]: `u64` sequence, `bytes32` GroupInfo with tree,
 /// `u16` k × `bytes32` pending proposal), then `u16` r × `bytes8<137>`
 /// account-signed device revocation the first device holds, then, only if
-/// history was handed over, `u8` 1 and a [`HistoryRef`] (a bundle from a
-/// device that never hands history over ends before it).
+/// history was handed over, `u8` 1 and a [`SealedHistory`] (32-byte
+/// ephemeral key, 104 sealed bytes; a bundle from a device that never
+/// hands history over ends before it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bundle {
     pub account: AccountId,
@@ -227,9 +249,10 @@ pub struct Bundle {
     /// (its own account's stolen laptop, say) stay in, or come back into,
     /// a group its walk reaches.
     pub revocations: Vec<Vec<u8>>,
-    /// Where the history the first device handed over waits, encrypted
-    /// (`hush device add --history`; [`crate::client::history`]).
-    pub history: Option<HistoryRef>,
+    /// Where the history the first device handed over waits, encrypted,
+    /// sealed to the new device's ephemeral key (`hush device add
+    /// --history`; [`crate::client::history`]).
+    pub history: Option<SealedHistory>,
 }
 
 /// Most revocations a bundle carries (the account's own first).
@@ -376,7 +399,7 @@ impl Bundle {
         let history = if r.remaining() == 0 {
             None
         } else if r.u8()? == 1 {
-            Some(HistoryRef::read(&mut r)?)
+            Some(SealedHistory::read(&mut r)?)
         } else {
             return Err(DecodeError::Invalid("history flag"));
         };
@@ -405,8 +428,11 @@ mod tests {
         let back: LinkCode = text.parse().unwrap();
         assert_eq!(back.id(), c.id());
         assert_eq!(back.server, c.server);
-        let offer = c.seal_offer(&DeviceId([1; 32]), &[2; 32]).unwrap();
-        assert_eq!(back.open_offer(&offer).unwrap(), (DeviceId([1; 32]), [2; 32]));
+        let mine = Offer { device: DeviceId([1; 32]), mls_key: [2; 32], history_key: Some([3; 32]) };
+        let offer = c.seal_offer(&mine).unwrap();
+        assert_eq!(back.open_offer(&offer).unwrap(), mine);
+        let older = Offer { history_key: None, ..mine };
+        assert_eq!(back.open_offer(&c.seal_offer(&older).unwrap()).unwrap(), older);
         let other = code();
         assert_eq!(other.open_offer(&offer), Err(LinkError::Sealed));
         // The offer key does not open a bundle, nor the other way round.
@@ -432,7 +458,7 @@ mod tests {
                 },
             ],
             revocations: vec![vec![1; REVOCATION_LEN]],
-            history: Some(HistoryRef { id: [1; 16], key: Zeroizing::new([2; 32]), hash: [3; 32], size: 4096 }),
+            history: Some(SealedHistory { ephemeral: [1; 32], sealed: [2; crate::client::history::SEALED_REF_LEN] }),
         };
         let sealed = c.seal_bundle(&bundle).unwrap();
         assert_eq!(back.open_bundle(&sealed).unwrap(), bundle);
@@ -449,12 +475,17 @@ mod tests {
     #[test]
     fn issue_29_two_offers_under_one_code_never_share_key_and_nonce() {
         let c = code();
-        let (a, b) = ((DeviceId([1; 32]), [2; 32]), (DeviceId([3; 32]), [4; 32]));
-        let plain_xor: Vec<u8> =
-            [&a.0 .0[..], &a.1[..]].concat().iter().zip([&b.0 .0[..], &b.1[..]].concat()).map(|(x, y)| x ^ y).collect();
-        let first = c.seal_offer(&a.0, &a.1).unwrap();
-        let second = c.seal_offer(&b.0, &b.1).unwrap();
-        let again = c.seal_offer(&a.0, &a.1).unwrap();
+        let a = Offer { device: DeviceId([1; 32]), mls_key: [2; 32], history_key: None };
+        let b = Offer { device: DeviceId([3; 32]), mls_key: [4; 32], history_key: None };
+        let plain_xor: Vec<u8> = [&a.device.0[..], &a.mls_key[..]]
+            .concat()
+            .iter()
+            .zip([&b.device.0[..], &b.mls_key[..]].concat())
+            .map(|(x, y)| x ^ y)
+            .collect();
+        let first = c.seal_offer(&a).unwrap();
+        let second = c.seal_offer(&b).unwrap();
+        let again = c.seal_offer(&a).unwrap();
         // Wherever the ciphertext sits in the sealed message, no 64-byte
         // window of the two XORed together is the XOR of the plaintexts.
         let xor: Vec<u8> = first.iter().zip(&second).map(|(x, y)| x ^ y).collect();

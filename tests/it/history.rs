@@ -249,6 +249,46 @@ async fn a_sync_during_the_join_does_not_import_the_history_twice() {
     assert_eq!(markers, 20, "{texts:?}");
 }
 
+/// Red team (issue 34): the history's key travelled in the bundle sealed
+/// only under the link code, so the operator, keeping a copy of the
+/// bundle, could open the history with the code once it leaked (a shell's
+/// history). The key is now sealed to an ephemeral key of the joining
+/// process: the code opens the bundle, and the key is not in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_link_code_and_a_kept_bundle_do_not_open_the_history() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("server");
+    let server = Hushd::start(&data);
+    let (alice, _bob, _carol) = tokio::task::block_in_place(|| team(&server, tmp.path()));
+    tokio::task::block_in_place(|| run_ok(&alice, &["send", "team", "KEPT-BUNDLE-MARKER"]));
+    let (adding, code) = hush_first_line(&alice.home, &["device", "add", "laptop"]);
+    let laptop = tmp.path().join("laptop");
+    let captured: std::sync::Arc<std::sync::Mutex<(Vec<u8>, Vec<u8>)>> = Default::default();
+    let (into, server_db, home) = (captured.clone(), data.join("hush.db"), laptop.clone());
+    let mut hook = OnStart(Some(Box::new(move || {
+        // What the operator keeps, and the key the new device holds.
+        let db = rusqlite::Connection::open(server_db).unwrap();
+        let bundle: Vec<u8> =
+            db.query_row("SELECT bundle FROM links WHERE bundle IS NOT NULL", [], |r| r.get(0)).unwrap();
+        let local = rusqlite::Connection::open(home.join("hush.db")).unwrap();
+        let pending: Vec<u8> =
+            local.query_row("SELECT value FROM settings WHERE key = 'pending_history'", [], |r| r.get(0)).unwrap();
+        *into.lock().unwrap() = (bundle, pending);
+    })));
+    let joined = hush::client::home::Home::new(&laptop).join(&code, &mut hook).await.unwrap();
+    assert!(matches!(joined.history, Some(Ok(_))), "{:?}", joined.history);
+    let (status, err) = tokio::task::spawn_blocking(move || finish(adding)).await.unwrap();
+    assert!(status.success(), "{err}");
+    let (sealed, pending) = captured.lock().unwrap().clone();
+    let key = &pending[16..48];
+    // The leaked code opens the kept bundle: the history's key is not in it.
+    let link: hush::client::link::LinkCode = code.parse().unwrap();
+    let bundle = link.open_bundle(&sealed).unwrap();
+    assert!(bundle.history.is_some());
+    let encoded = bundle.encode().unwrap();
+    assert!(!encoded.windows(32).any(|w| w == key), "the history's key is in the bundle the code opens");
+}
+
 crate::on_both_backends! {
     sync: [
         a_linked_device_reads_the_history_of_the_first,

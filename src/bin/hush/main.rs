@@ -642,10 +642,18 @@ fn device(home: &Home, cmd: DeviceCmd) -> Result<()> {
                 HistorySent::NoGroup => {
                     eprintln!("warning: the history was not handed over: you are in no group it could be uploaded to")
                 }
-                HistorySent::Sent { groups, lines, files, bytes } => eprintln!(
-                    "handed over {lines} line(s) and {files} file message(s) of {groups} group(s), encrypted to {name} ({})",
-                    files::human(*bytes)
-                ),
+                HistorySent::Sent { groups, lines, files, bytes, carrier_timer } => {
+                    eprintln!(
+                        "handed over {lines} line(s) and {files} file message(s) of {groups} group(s), encrypted to {name} ({})",
+                        files::human(*bytes)
+                    );
+                    if let Some(timer) = carrier_timer {
+                        eprintln!(
+                            "warning: every group you are in has disappearing messages; the history is deleted from the server {} after it was handed over: {name} must join before then",
+                            hush::util::format_timer(*timer)
+                        );
+                    }
+                }
                 HistorySent::Failed(why) => {
                     eprintln!("warning: the history was not handed over ({why}); {name} starts without it")
                 }

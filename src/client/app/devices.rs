@@ -9,7 +9,7 @@ use super::history::HistorySent;
 use super::sync::External;
 use super::*;
 use crate::auth::DeviceRevocation;
-use crate::client::history::HistoryChoice;
+use crate::client::history::{HistoryChoice, SealedHistory};
 use crate::client::link::{
     Bundle, LinkCode, LinkError, LinkHandover, LinkedGroup, MAX_LINK_REVOCATIONS, SEAL_OVERHEAD,
 };
@@ -86,15 +86,27 @@ impl App {
             }
             tokio::time::sleep(LINK_POLL).await;
         };
-        let (device, mls_key) = code.open_offer(&offer)?;
+        let offer = code.open_offer(&offer)?;
+        let (device, mls_key) = (offer.device, offer.mls_key);
         let certificate = DeviceCertificate::issue(account, device, mls_key, now_unix());
-        let (history_ref, history) = if link.history == HistoryChoice::None {
-            (None, HistorySent::NotAsked)
-        } else {
-            if let Err(e) = self.sync(conn).await {
-                tracing::warn!("could not sync before handing the history over: {e}");
+        let (history_ref, history) = match (link.history, offer.history_key) {
+            (HistoryChoice::None, _) => (None, HistorySent::NotAsked),
+            (_, None) => (
+                None,
+                HistorySent::Failed("the new device's hush is older than history hand-over; update it first".into()),
+            ),
+            (choice, Some(key)) => {
+                if let Err(e) = self.sync(conn).await {
+                    tracing::warn!("could not sync before handing the history over: {e}");
+                }
+                match self.hand_over_history(conn, choice, progress).await {
+                    (Some(r), sent) => match SealedHistory::seal(&r, &key, &code.id()) {
+                        Ok(sealed) => (Some(sealed), sent),
+                        Err(e) => (None, HistorySent::Failed(e.to_string())),
+                    },
+                    (None, sent) => (None, sent),
+                }
             }
-            self.hand_over_history(conn, link.history, progress).await
         };
         let mut groups = Vec::new();
         let mut states = Vec::new();

@@ -27,6 +27,9 @@ pub const HISTORY_FETCH_BUDGET: std::time::Duration = std::time::Duration::from_
 /// that keeps answering with errors) before it is given up.
 pub const MAX_HISTORY_TRIES: u32 = 20;
 
+/// A group the history blob goes to, and its timer (seconds) if it has one.
+type Carrier = (Vec<u8>, Option<u64>);
+
 /// What the first device did with its history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HistorySent {
@@ -36,8 +39,10 @@ pub enum HistorySent {
     Nothing,
     /// The account is in no group the history could be uploaded to.
     NoGroup,
-    /// Uploaded: lines and file messages, the archive's bytes.
-    Sent { groups: usize, lines: usize, files: usize, bytes: u64 },
+    /// Uploaded: lines and file messages, the archive's bytes, and the
+    /// disappearing timer of the group that carries the blob, if it has
+    /// one (the new device must fetch it within that).
+    Sent { groups: usize, lines: usize, files: usize, bytes: u64, carrier_timer: Option<u64> },
     /// It could not be uploaded (the device was linked all the same).
     Failed(String),
 }
@@ -80,7 +85,7 @@ impl App {
     /// The group the history blob is uploaded to: one the account is in,
     /// without a disappearing timer if there is one (a timed group's blobs
     /// go with its timer), else the one with the longest.
-    fn history_carrier(&mut self) -> Result<Option<Vec<u8>>, AppError> {
+    fn history_carrier(&mut self) -> Result<Option<Carrier>, AppError> {
         let mut best: Option<(u64, Vec<u8>)> = None;
         for g in self.groups()?.into_iter().filter(|g| g.active) {
             if self.member.anchor(&g.id).is_none() {
@@ -91,7 +96,7 @@ impl App {
                 best = Some((timer, g.id));
             }
         }
-        Ok(best.map(|(_, id)| id))
+        Ok(best.map(|(timer, id)| (id, (timer != u64::MAX).then_some(timer))))
     }
 
     /// Packs the history as `choice` asks, encrypts it under a fresh key
@@ -127,7 +132,7 @@ impl App {
         if lines + files == 0 {
             return Ok((None, HistorySent::Nothing));
         }
-        let Some(group) = self.history_carrier()? else { return Ok((None, HistorySent::NoGroup)) };
+        let Some((group, carrier_timer)) = self.history_carrier()? else { return Ok((None, HistorySent::NoGroup)) };
         let bytes = archive.encode()?;
         let size = bytes.len() as u64;
         let layout = Layout::of_size(size).ok_or_else(|| AppError::File("the history is too large".into()))?;
@@ -142,7 +147,7 @@ impl App {
                 return Err(e);
             }
         };
-        let sent = HistorySent::Sent { groups: archive.groups.len(), lines, files, bytes: size };
+        let sent = HistorySent::Sent { groups: archive.groups.len(), lines, files, bytes: size, carrier_timer };
         Ok((Some(HistoryRef { id, key: key.0, hash, size }), sent))
     }
 
