@@ -42,13 +42,27 @@ fn texts(home: &Path, group: &str) -> (Vec<String>, usize) {
 }
 
 /// Links `new` to `first`'s account with `device add NAME ARGS…`; returns
-/// (`device add`'s stderr, `device join`'s stderr).
+/// (`device add`'s stderr, `device join`'s stderr). The code goes to
+/// `device join -` on standard input (out of the process list).
 fn link_with(first: &Path, new: &Path, name: &str, args: &[&str]) -> (String, String) {
     let mut all = vec!["device", "add", name];
     all.extend_from_slice(args);
     let (adding, code) = hush_first_line(first, &all);
     assert!(code.starts_with("hushlink://"), "{code}");
-    let joined = hush(new, &["device", "join", &code]);
+    let mut join = Command::new(env!("CARGO_BIN_EXE_hush"))
+        .env_clear()
+        .env("HOME", new)
+        .arg("--home")
+        .arg(new)
+        .args(["device", "join", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    join.stdin.take().unwrap().write_all(format!("{code}\n").as_bytes()).unwrap();
+    wait_timeout(&mut join, WAIT).expect("device join did not finish");
+    let joined = join.wait_with_output().unwrap();
     assert!(joined.status.success(), "device join: {}", stderr(&joined));
     let (status, err) = finish(adding);
     assert!(status.success(), "device add: {err}");

@@ -62,7 +62,31 @@ fn a_post_quantum_group_and_a_classic_one_side_by_side() {
     assert_eq!(info["suite"], "pq");
 }
 
+/// A member whose client is older than post-quantum groups (it publishes
+/// classic KeyPackages only): adding it to a post-quantum group fails with
+/// a message that says what to do, and a classic group takes it.
+async fn an_older_client_is_refused_from_a_post_quantum_group_with_advice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("server"));
+    let (_, conn, old) = registered_member(&server).await;
+    conn.publish_key_packages(old.key_packages(2).unwrap(), Some(1)).await.unwrap();
+    let old_id = old.account().to_string();
+    let alice = tokio::task::block_in_place(|| crate::cli::person(&server, tmp.path(), "alice"));
+    tokio::task::block_in_place(|| {
+        run_ok(&alice, &["contact", "add", "old", &old_id]);
+        run_ok(&alice, &["group", "create", "vault"]);
+        let out = hush(&alice.home, &["group", "add", "vault", "old"]);
+        assert!(!out.status.success(), "an older client went into a post-quantum group");
+        let err = stderr(&out);
+        assert!(err.contains("has no pq KeyPackage") && err.contains("--suite classic"), "{err}");
+        run_ok(&alice, &["group", "create", "plain", "--suite", "classic"]);
+        run_ok(&alice, &["group", "add", "plain", "old"]);
+    });
+    let welcomes = conn.fetch_welcomes().await.unwrap();
+    assert_eq!(welcomes.len(), 1, "the classic group's Welcome");
+}
+
 crate::on_both_backends! {
     sync: [a_post_quantum_group_and_a_classic_one_side_by_side],
-    async: [],
+    async: [an_older_client_is_refused_from_a_post_quantum_group_with_advice],
 }

@@ -163,7 +163,9 @@ enum DeviceCmd {
         #[arg(long, value_name = "all|none|DURATION", default_value = "all")]
         history: hush::client::history::HistoryChoice,
     },
-    /// On the new device, in a new home: use a link code from `device add`.
+    /// On the new device, in a new home: use a link code from `device add`
+    /// ("-" reads it from standard input, so it stays out of the shell's
+    /// history and the process list).
     Join { code: String },
     /// List this account's devices; marks this one.
     List,
@@ -668,6 +670,13 @@ fn device(home: &Home, cmd: DeviceCmd) -> Result<()> {
             }
         }
         DeviceCmd::Join { code } => {
+            let code = if code == "-" {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line).context("reading the link code from standard input")?;
+                line.trim().to_string()
+            } else {
+                code
+            };
             let mut bar = transfer::Bar::new("fetching the history");
             let joined = runtime()?.block_on(home.join(&code, &mut bar)).map_err(app_error)?;
             out!("linked this device to {}", joined.account);
