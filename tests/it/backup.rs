@@ -1,7 +1,6 @@
 //! Encrypted backups (issue 34): real hushd, real clients.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use crate::cli::{run_ok, team, Person};
 use crate::support::*;
@@ -107,15 +106,7 @@ fn a_backup_leaves_out_what_expired() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start_with(&tmp.path().join("server"), "127.0.0.1:0", &[("HUSHD_SWEEP_SECONDS", "1")]);
     let (alice, bob, _carol) = team(&server, tmp.path());
-    run_ok(&alice, &["send", "team", "kept for good"]);
-    run_ok(&alice, &["group", "set", "team", "--disappear", "1s"]);
-    run_ok(&alice, &["send", "team", "EXPIRING-MARKER"]);
-    run_ok(&bob, &["sync"]);
-    let deadline = Instant::now() + WAIT;
-    while run_ok(&alice, &["read", "team"]).contains("EXPIRING-MARKER") {
-        assert!(Instant::now() < deadline, "never expired");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    crate::cli::one_message_expired(&alice, &bob);
     let file = tmp.path().join("a.bak");
     let out = hush_env(&alice.home, &["backup", file.to_str().unwrap()], &[("HUSH_PASSPHRASE", "a long passphrase")]);
     assert!(out.status.success(), "{}", stderr(&out));

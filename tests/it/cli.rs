@@ -23,15 +23,36 @@ pub(crate) fn run_ok(p: &Person, args: &[&str]) -> String {
     ok(hush(&p.home, args))
 }
 
+/// In `team` (alice's, bob in it, a sweep every second): alice sends "kept
+/// for good", sets a one-second timer, sends "EXPIRING-MARKER", bob reads
+/// it, and this returns once it is gone from alice's history.
+pub(crate) fn one_message_expired(alice: &Person, bob: &Person) {
+    run_ok(alice, &["send", "team", "kept for good"]);
+    run_ok(alice, &["group", "set", "team", "--disappear", "1s"]);
+    run_ok(alice, &["send", "team", "EXPIRING-MARKER"]);
+    run_ok(bob, &["sync"]);
+    let deadline = std::time::Instant::now() + WAIT;
+    while run_ok(alice, &["read", "team"]).contains("EXPIRING-MARKER") {
+        assert!(std::time::Instant::now() < deadline, "never expired");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// `hush chat team` with `input` on standard input; its standard output
 /// once it exited (successfully) at the end of the input.
 fn chat_piped(p: &Person, input: &[u8]) -> String {
+    chat_piped_in(p, "team", input)
+}
+
+/// `hush chat GROUP` with `input` on standard input (one message a line);
+/// its standard output once it exited (successfully) at the end of it.
+pub(crate) fn chat_piped_in(p: &Person, group: &str, input: &[u8]) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hush"))
         .env_clear()
         .env("HOME", &p.home)
         .arg("--home")
         .arg(&p.home)
-        .args(["chat", "team"])
+        .args(["chat", group])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

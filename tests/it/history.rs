@@ -3,28 +3,14 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use crate::cli::{run_ok, team, Person};
 use crate::support::*;
 
 /// `hush chat GROUP` with `lines` piped in, one message each.
 fn chat_lines(p: &Person, group: &str, lines: &[String]) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hush"))
-        .env_clear()
-        .env("HOME", &p.home)
-        .arg("--home")
-        .arg(&p.home)
-        .args(["chat", group])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     let input: String = lines.iter().map(|l| format!("{l}\n")).collect();
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    let status = wait_timeout(&mut child, WAIT).expect("chat did not exit at the end of its input");
-    assert!(status.success());
+    crate::cli::chat_piped_in(p, group, input.as_bytes());
 }
 
 /// `read --json`'s text lines as "sender: text", and how many are marked
@@ -149,15 +135,7 @@ fn a_history_hands_over_only_what_was_asked_and_has_not_expired() {
     let data = tmp.path().join("server");
     let server = Hushd::start_with(&data, "127.0.0.1:0", &[("HUSHD_SWEEP_SECONDS", "1")]);
     let (alice, bob, _carol) = team(&server, tmp.path());
-    run_ok(&alice, &["send", "team", "kept for good"]);
-    run_ok(&alice, &["group", "set", "team", "--disappear", "1s"]);
-    run_ok(&alice, &["send", "team", "EXPIRING-MARKER"]);
-    run_ok(&bob, &["sync"]);
-    let deadline = Instant::now() + WAIT;
-    while run_ok(&alice, &["read", "team"]).contains("EXPIRING-MARKER") {
-        assert!(Instant::now() < deadline, "never expired");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    crate::cli::one_message_expired(&alice, &bob);
     run_ok(&alice, &["group", "set", "team", "--disappear", "1w"]);
     run_ok(&alice, &["send", "team", "disappears in a week"]);
     let laptop = tmp.path().join("laptop");
