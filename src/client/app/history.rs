@@ -176,7 +176,7 @@ impl App {
         let Some(bytes) = self.local.setting(PENDING_HISTORY)?.map(Zeroizing::new) else { return Ok(None) };
         let wanted = match HistoryRef::decode(&bytes) {
             Ok(r) => r,
-            Err(e) => return self.give_up_history(&format!("its reference is damaged ({e})")),
+            Err(e) => return self.give_up_history(&bytes, &format!("its reference is damaged ({e})")),
         };
         let tries = self
             .local
@@ -184,7 +184,7 @@ impl App {
             .and_then(|t| <[u8; 4]>::try_from(t.as_slice()).ok())
             .map_or(0, u32::from_be_bytes);
         if tries >= MAX_HISTORY_TRIES {
-            return self.give_up_history(&format!("{tries} attempts to fetch it failed"));
+            return self.give_up_history(&bytes, &format!("{tries} attempts to fetch it failed"));
         }
         // Counted before the attempt: one cut short (a sync's time budget
         // ran out, the process was stopped) counts too.
@@ -197,23 +197,27 @@ impl App {
             Ok(()) => {}
             // The server no longer has it, or served other bytes: trying
             // again changes nothing.
-            Err(AppError::File(why)) => return self.give_up_history(&why),
+            Err(AppError::File(why)) => return self.give_up_history(&bytes, &why),
             // The network, or the server's errors: later, a bounded number
             // of times.
             Err(e) => return Err(e),
         }
         let archive = match Archive::decode(&plain) {
             Ok(a) => a,
-            Err(e) => return self.give_up_history(&e.to_string()),
+            Err(e) => return self.give_up_history(&bytes, &e.to_string()),
         };
         drop(plain);
         self.import_history(&archive, &bytes)
     }
 
-    /// Forgets history that cannot be had, and says so in every group.
-    fn give_up_history(&mut self, why: &str) -> Result<Option<HistoryTaken>, AppError> {
-        tracing::warn!("the history handed over could not be taken: {why}");
+    /// Forgets history that cannot be had, and says so in every group
+    /// (unless another process of this home took `pending` in meanwhile).
+    fn give_up_history(&mut self, pending: &[u8], why: &str) -> Result<Option<HistoryTaken>, AppError> {
         let unit = self.local.unit()?;
+        if self.local.setting(PENDING_HISTORY)?.map(Zeroizing::new).as_deref().map(Vec::as_slice) != Some(pending) {
+            return Ok(None);
+        }
+        tracing::warn!("the history handed over could not be taken: {why}");
         self.local.clear_setting(PENDING_HISTORY)?;
         self.local.clear_setting(HISTORY_TRIES)?;
         let body = format!(
