@@ -554,6 +554,11 @@ pub fn check_key_package(bytes: &[u8], account: &AccountId) -> Result<KeyPackage
     let crypto = openmls_rust_crypto::RustCrypto::default();
     let kp_in = KeyPackageIn::tls_deserialize_exact(bytes).map_err(|e| Unfit::NotAKeyPackage(e.to_string()))?;
     let kp = kp_in.validate(&crypto, ProtocolVersion::Mls10).map_err(|e| Unfit::InvalidKeyPackage(e.to_string()))?;
+    // The server's shape rules too (red team, issue 35): an init or leaf
+    // key of another length than the suite's KEM's would make the add, or
+    // every later commit, fail to encrypt: a server that hands one out
+    // must not freeze the group.
+    crate::mls::check_key_package_shape(&kp).map_err(|e| Unfit::InvalidKeyPackage(e.to_string()))?;
     let cert = node_certificate(kp.leaf_node()).map_err(Unfit::Uncertified)?;
     if cert.account != *account {
         return Err(Unfit::OtherAccount(cert.account.short()));
