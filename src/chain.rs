@@ -21,6 +21,8 @@
 //! after the upgrade: from the genesis head, at that message's sequence
 //! number (the server says where, see `Storage::chain_start`).
 
+use crate::auth::online::{OnlineCert, ONLINE_CERT_LEN};
+use crate::auth::Fingerprint;
 use ring::digest::{digest, Context, SHA256};
 use ring::signature::{UnparsedPublicKey, ED25519};
 
@@ -95,9 +97,12 @@ impl Head {
 pub struct SignedHead {
     pub seq: u64,
     pub head: Head,
-    /// The server's Ed25519 public key.
+    /// The server's Ed25519 public key: its identity key, or an online
+    /// key `cert` certifies.
     pub key: [u8; 32],
     pub signature: [u8; 64],
+    /// The identity's certificate for `key`, when an online key signed.
+    pub cert: Option<OnlineCert>,
 }
 
 impl SignedHead {
@@ -118,6 +123,18 @@ impl SignedHead {
         UnparsedPublicKey::new(&ED25519, self.key)
             .verify(&Self::message(group, self.seq, &self.head), &self.signature)
             .is_ok()
+    }
+
+    /// Whether the key that signed is the server's the address `pin`
+    /// names: the identity key itself, or an online key the identity
+    /// certified. The certificate's validity period is not checked: the
+    /// head may have been signed long ago, while it was valid (see
+    /// SECURITY.md, "Rotating the server's key").
+    pub fn by_server(&self, pin: &Fingerprint) -> bool {
+        if Fingerprint::of_spki(&crate::auth::cert::ed25519_spki(&self.key)).matches(pin) {
+            return true;
+        }
+        self.cert.is_some_and(|cert| cert.verify_any_time(pin, &self.key).is_ok())
     }
 }
 
@@ -156,8 +173,12 @@ pub enum Break {
 }
 
 /// The magic that starts a sender's claim in an application message's
-/// authenticated data (version 1).
+/// authenticated data (version 1: signed by the identity key).
 pub const CLAIM_MAGIC: &[u8; 4] = b"hsc1";
+
+/// The magic of a claim whose head an online key signed: version 1's
+/// fields, then the online key's certificate.
+pub const CLAIM_MAGIC_CERTIFIED: &[u8; 4] = b"hsc2";
 
 /// What a member puts in the authenticated data of each application
 /// message it sends (MLS signs it with the message, so the server can
@@ -171,28 +192,40 @@ impl Claim {
     /// The encoded length: magic, sequence, head, key, signature.
     pub const LEN: usize = 4 + 8 + 32 + 32 + 64;
 
+    /// The encoded length with a certificate after those.
+    pub const LEN_CERTIFIED: usize = Self::LEN + ONLINE_CERT_LEN;
+
     pub fn encode(&self) -> Vec<u8> {
         let s = &self.0;
-        let mut out = Vec::with_capacity(Self::LEN);
-        out.extend_from_slice(CLAIM_MAGIC);
+        let mut out = Vec::with_capacity(Self::LEN_CERTIFIED);
+        out.extend_from_slice(if s.cert.is_some() { CLAIM_MAGIC_CERTIFIED } else { CLAIM_MAGIC });
         out.extend_from_slice(&s.seq.to_be_bytes());
         out.extend_from_slice(&s.head.0);
         out.extend_from_slice(&s.key);
         out.extend_from_slice(&s.signature);
+        if let Some(cert) = &s.cert {
+            out.extend_from_slice(&cert.encode());
+        }
         out
     }
 
     /// The claim in `aad`, if it holds exactly one (anything else, from an
     /// older client or a careless one, is no claim).
     pub fn decode(aad: &[u8]) -> Option<Self> {
-        if aad.len() != Self::LEN || !aad.starts_with(CLAIM_MAGIC) {
-            return None;
-        }
+        let certified = match (aad.len(), aad.get(..4)?) {
+            (Self::LEN, magic) if magic == CLAIM_MAGIC => false,
+            (Self::LEN_CERTIFIED, magic) if magic == CLAIM_MAGIC_CERTIFIED => true,
+            _ => return None,
+        };
         let seq = u64::from_be_bytes(aad.get(4..12)?.try_into().ok()?);
         let head = Head(aad.get(12..44)?.try_into().ok()?);
         let key = aad.get(44..76)?.try_into().ok()?;
         let signature = aad.get(76..140)?.try_into().ok()?;
-        Some(Self(SignedHead { seq, head, key, signature }))
+        let cert = match certified {
+            true => Some(OnlineCert::decode(aad.get(Self::LEN..)?).ok()?),
+            false => None,
+        };
+        Some(Self(SignedHead { seq, head, key, signature, cert }))
     }
 }
 

@@ -25,11 +25,16 @@
 //! the server's certificate chain (after the self-signed X.509 certificate
 //! of the online key), where only hush's own verifier reads it.
 
+use std::sync::{Arc, RwLock};
+
+use rustls::pki_types::CertificateDer;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use thiserror::Error;
 
 use super::address::Fingerprint;
 use super::cert;
-use super::identity::Identity;
+use super::identity::{Identity, KeyError};
 
 /// The first bytes of an online-key certificate.
 pub const MAGIC: &[u8; 8] = b"HUSHONL1";
@@ -67,6 +72,11 @@ pub enum OnlineError {
     NotYetValid(u64),
     #[error("the online-key certificate claims a validity longer than a year")]
     TooLong,
+    #[error(
+        "the server presented an online key certified before the newest one this device saw from it (certified \
+         from {0}, Unix time): a key its operator replaced, perhaps a stolen one; ask the operator"
+    )]
+    Superseded(u64),
 }
 
 /// An online key, certified by an identity key (see the module doc).
@@ -142,6 +152,20 @@ impl OnlineCert {
     /// `presented` (the key the TLS handshake proved) the server's key at
     /// `now`.
     pub fn verify(&self, pin: &Fingerprint, presented: &[u8; 32], now: u64) -> Result<(), OnlineError> {
+        self.verify_any_time(pin, presented)?;
+        if now < self.not_before {
+            return Err(OnlineError::NotYetValid(self.not_before));
+        }
+        if now >= self.not_after {
+            return Err(OnlineError::Expired(self.not_after));
+        }
+        Ok(())
+    }
+
+    /// [`Self::verify`] without the validity period: whether the pinned
+    /// identity certified `presented` at all. What a signature made in
+    /// the past (a chain head another member quotes) is checked against.
+    pub fn verify_any_time(&self, pin: &Fingerprint, presented: &[u8; 32]) -> Result<(), OnlineError> {
         let identity = self.identity_fingerprint();
         if !identity.matches(pin) {
             return Err(OnlineError::OtherIdentity(identity));
@@ -155,12 +179,6 @@ impl OnlineCert {
         let key = ed25519_dalek::VerifyingKey::from_bytes(&self.identity).map_err(|_| OnlineError::BadSignature)?;
         key.verify_strict(&self.signing_input(), &ed25519_dalek::Signature::from_bytes(&self.signature))
             .map_err(|_| OnlineError::BadSignature)?;
-        if now < self.not_before {
-            return Err(OnlineError::NotYetValid(self.not_before));
-        }
-        if now >= self.not_after {
-            return Err(OnlineError::Expired(self.not_after));
-        }
         Ok(())
     }
 }
@@ -175,6 +193,97 @@ pub fn check_server_key(pin: &Fingerprint, presented: &[u8; 32], chain: &[&[u8]]
     }
     let first = chain.first().ok_or(OnlineError::Uncertified)?;
     OnlineCert::decode(first)?.verify(pin, presented, now)
+}
+
+/// The key a server signs with right now: its TLS key and the signer of
+/// chain heads. Either the identity key itself (no certificate: a server
+/// that never rotated) or an online key with its certificate.
+pub struct ServerKey {
+    signer: Identity,
+    cert: Option<OnlineCert>,
+    credentials: Arc<CertifiedKey>,
+}
+
+impl std::fmt::Debug for ServerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerKey").field("certified", &self.cert.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl ServerKey {
+    /// The identity key serving directly.
+    pub fn identity(identity: Identity) -> Result<Self, KeyError> {
+        let credentials = identity.tls_credentials()?;
+        Ok(Self { signer: identity, cert: None, credentials })
+    }
+
+    /// An online key with the certificate for it; refused unless the
+    /// certificate names exactly this key.
+    pub fn online(online: Identity, cert: OnlineCert) -> Result<Self, KeyError> {
+        if cert.online != online.public_key() {
+            return Err(KeyError::Cert(cert::CertError::Build(
+                "the online-key certificate is for another key than the online key".into(),
+            )));
+        }
+        let mut credentials = CertifiedKey::clone(&*online.tls_credentials()?);
+        // The chain's second entry: only hush's verifier reads it.
+        credentials.cert.push(CertificateDer::from(cert.encode()));
+        Ok(Self { signer: online, cert: Some(cert), credentials: Arc::new(credentials) })
+    }
+
+    /// Signs `message` with the current key.
+    pub fn sign(&self, message: &[u8]) -> [u8; 64] {
+        self.signer.sign(message)
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.signer.public_key()
+    }
+
+    /// The certificate, unless the identity key serves itself.
+    pub fn cert(&self) -> Option<OnlineCert> {
+        self.cert
+    }
+}
+
+/// The server's current key, shared by the TLS listener (a certificate
+/// resolver: each new handshake takes the key current then, so
+/// connections made before a rotation keep theirs until they close) and
+/// whatever signs chain heads. [`CurrentKey::set`] rotates it.
+#[derive(Clone)]
+pub struct CurrentKey(Arc<RwLock<Arc<ServerKey>>>);
+
+impl std::fmt::Debug for CurrentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CurrentKey(..)")
+    }
+}
+
+impl CurrentKey {
+    pub fn new(key: ServerKey) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(key))))
+    }
+
+    pub fn get(&self) -> Arc<ServerKey> {
+        match self.0.read() {
+            Ok(key) => key.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn set(&self, key: ServerKey) {
+        let key = Arc::new(key);
+        match self.0.write() {
+            Ok(mut current) => *current = key,
+            Err(poisoned) => *poisoned.into_inner() = key,
+        }
+    }
+}
+
+impl ResolvesServerCert for CurrentKey {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.get().credentials.clone())
+    }
 }
 
 #[cfg(test)]

@@ -31,7 +31,8 @@ use thiserror::Error;
 use super::address::Fingerprint;
 use super::cert;
 use super::device::DeviceId;
-use super::identity::{Identity, KeyError};
+use super::identity::KeyError;
+use super::online::{self, CurrentKey, OnlineCert, OnlineError};
 use crate::wire::ALPN;
 
 /// Why a TLS configuration could not be built.
@@ -140,49 +141,68 @@ impl ClientCertVerifier for DeviceKeyVerifier {
     ed25519_tls13_only!();
 }
 
-/// Client side: the server must present the pinned key. Records the
-/// fingerprint it saw so a mismatch can be reported precisely.
+/// Client side: the server must present the pinned key, or an online key
+/// the pinned identity certified that is valid now (the certificate is
+/// the chain's second entry; see [`super::online`]). Records what it saw
+/// so a refusal can be reported precisely.
 #[derive(Debug)]
 pub struct PinnedServerVerifier {
     pin: Fingerprint,
-    seen: Arc<Mutex<Option<Fingerprint>>>,
+    seen: Arc<Mutex<Seen>>,
     algs: WebPkiSupportedAlgorithms,
+}
+
+/// What the client's verifier saw in the handshake.
+#[derive(Debug, Clone, Default)]
+pub struct Seen {
+    /// The fingerprint of the key the server presented.
+    pub presented: Option<Fingerprint>,
+    /// Why that key was refused, if it was.
+    pub refused: Option<OnlineError>,
+    /// The online-key certificate of an accepted key (none when the
+    /// identity key served itself).
+    pub cert: Option<OnlineCert>,
 }
 
 impl ServerCertVerifier for PinnedServerVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
-        _now: UnixTime,
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let spki = cert::spki_of_certificate(end_entity.as_ref())
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         let presented = Fingerprint::of_spki(&spki);
+        let key =
+            cert::ed25519_key(&spki).map_err(|_| rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer))?;
+        let chain: Vec<&[u8]> = intermediates.iter().map(|c| c.as_ref()).collect();
+        let verdict = online::check_server_key(&self.pin, &key, &chain, now.as_secs());
+        let cert = match (&verdict, chain.first()) {
+            (Ok(()), Some(first)) if !presented.matches(&self.pin) => OnlineCert::decode(first).ok(),
+            _ => None,
+        };
         if let Ok(mut seen) = self.seen.lock() {
-            *seen = Some(presented);
+            *seen = Seen { presented: Some(presented), refused: verdict.clone().err(), cert };
         }
-        if !presented.matches(&self.pin) {
-            return Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
-        }
-        ed25519_spki_of(end_entity)?;
+        verdict.map_err(|_| rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))?;
         Ok(ServerCertVerified::assertion())
     }
 
     ed25519_tls13_only!();
 }
 
-/// The server's QUIC crypto configuration.
-pub fn server_crypto(identity: &Identity) -> Result<QuicServerConfig, TlsError> {
+/// The server's QUIC crypto configuration: each handshake presents the
+/// key `current` holds then.
+pub fn server_crypto(current: CurrentKey) -> Result<QuicServerConfig, TlsError> {
     let provider = provider();
-    let credentials = identity.tls_credentials()?;
     let verifier = DeviceKeyVerifier { algs: provider.signature_verification_algorithms };
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
-        .with_cert_resolver(Arc::new(SingleCertAndKey::from(credentials)));
+        .with_cert_resolver(Arc::new(current));
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     cfg.max_early_data_size = 0;
     cfg.send_tls13_tickets = 0;
@@ -192,11 +212,17 @@ pub fn server_crypto(identity: &Identity) -> Result<QuicServerConfig, TlsError> 
 
 /// What the client's verifier saw, for error reporting.
 #[derive(Debug, Clone, Default)]
-pub struct SeenFingerprint(Arc<Mutex<Option<Fingerprint>>>);
+pub struct SeenFingerprint(Arc<Mutex<Seen>>);
 
 impl SeenFingerprint {
+    /// The fingerprint of the key the server presented.
     pub fn get(&self) -> Option<Fingerprint> {
-        self.0.lock().ok().and_then(|g| *g)
+        self.seen().presented
+    }
+
+    /// Everything the verifier saw.
+    pub fn seen(&self) -> Seen {
+        self.0.lock().map(|g| g.clone()).unwrap_or_default()
     }
 }
 
@@ -204,7 +230,7 @@ impl SeenFingerprint {
 pub type Credentials = Arc<CertifiedKey>;
 
 /// The client's QUIC crypto configuration: pins `pin` and presents
-/// `credentials` (normally [`Identity::tls_credentials`]; `None` presents
+/// `credentials` (normally [`crate::auth::Identity::tls_credentials`]; `None` presents
 /// no certificate, which the server refuses; only tests want that).
 pub fn client_crypto(
     credentials: Option<Credentials>,

@@ -44,14 +44,17 @@ type Queues = Arc<Mutex<Vec<mpsc::Sender<Arc<Vec<u8>>>>>>;
 impl RawServer {
     pub async fn start(mode: Mode) -> Result<Self, BenchError> {
         let identity = Identity::generate().map_err(fail)?;
-        let crypto = server_crypto(&identity).map_err(fail)?;
+        let fingerprint = identity.fingerprint();
+        let current =
+            crate::auth::online::CurrentKey::new(crate::auth::online::ServerKey::identity(identity).map_err(fail)?);
+        let crypto = server_crypto(current).map_err(fail)?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
         transport.max_concurrent_bidi_streams(VarInt::from_u32(256));
         cfg.transport_config(Arc::new(transport));
         let endpoint = Endpoint::server(cfg, "127.0.0.1:0".parse().map_err(fail)?).map_err(fail)?;
         let port = endpoint.local_addr().map_err(fail)?.port();
-        let address = HushAddress { host: "127.0.0.1".into(), port, fingerprint: identity.fingerprint() };
+        let address = HushAddress { host: "127.0.0.1".into(), port, fingerprint };
         let ep = endpoint.clone();
         let queues: Queues = Arc::default();
         let seq = Arc::new(AtomicU64::new(0));

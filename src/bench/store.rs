@@ -44,8 +44,10 @@ async fn store_with_group_on(path: &Path, size: usize, chained: bool) -> Result<
     };
     let removal = std::sync::Arc::new(Identity::generate().map_err(fail)?);
     let removal_key = removal.public_key();
-    let identity = std::sync::Arc::new(Identity::generate().map_err(fail)?);
-    let keys = crate::delivery::ServerKeys { removal, identity };
+    let current = crate::auth::online::CurrentKey::new(
+        crate::auth::online::ServerKey::identity(Identity::generate().map_err(fail)?).map_err(fail)?,
+    );
+    let keys = crate::delivery::ServerKeys { removal, current };
     let open = if chained { crate::db::sqlite::Db::open } else { crate::db::sqlite::Db::open_unchained };
     let store = Engine::start(open(path).map_err(fail)?, open(path).map_err(fail)?, quotas, keys).map_err(fail)?;
     let mut members = vec![];

@@ -52,6 +52,33 @@ enum AccountsCmd {
 }
 
 #[derive(Subcommand)]
+enum KeysCmd {
+    /// Make a new online key, certified by the identity key, for TLS and
+    /// the server's signatures. The address stays the same: nobody
+    /// re-pins. A running hushd uses it for new connections within two
+    /// seconds; connections made before keep the old one until they close.
+    Rotate {
+        /// The identity key, if it was exported (`keys export-identity`);
+        /// it is read, used and never copied into the data directory.
+        #[arg(long, value_name = "FILE")]
+        identity_key: Option<PathBuf>,
+        /// How long the new key is certified for, e.g. 30d, 12w [default:
+        /// 90d; at most 365d].
+        #[arg(long, value_name = "DURATION")]
+        valid_for: Option<String>,
+    },
+    /// Move the identity key out of the data directory into FILE (a new
+    /// file, mode 600), so that it can be kept offline. An online key is
+    /// made first if there is none valid for 30 days more; the server
+    /// keeps serving with it. Renewing it later needs `keys rotate
+    /// --identity-key FILE`.
+    ExportIdentity {
+        /// Where to write the identity key (never overwritten).
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum GroupsCmd {
     /// Take one account out of one group: its devices stop being members at
     /// once (no longer counted against its group quota) and the server
@@ -101,6 +128,12 @@ enum Command {
     },
     /// List invites (ids, uses left, expiry; never the secret).
     Invites,
+    /// The server's keys: which one serves, and until when (no action);
+    /// rotate the online key; export the identity key.
+    Keys {
+        #[command(subcommand)]
+        action: Option<KeysCmd>,
+    },
     /// Act on one group's membership (the operator's tools).
     Groups {
         #[command(subcommand)]
@@ -217,13 +250,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Init => {
             let config = load_config(&dir)?;
-            let hush::server::Initialised { identity, created, .. } = dir.init(&config)?;
+            let hush::server::Initialised { keys, .. } = dir.init(&config)?;
             let address = HushAddress {
                 host: config.advertised_host(config.listen),
                 port: config.listen.port(),
-                fingerprint: identity.fingerprint(),
+                fingerprint: keys.fingerprint(),
             };
-            eprintln!("{} {}", if created { "created" } else { "already initialised:" }, dir.0.display());
+            eprintln!("{} {}", if keys.created { "created" } else { "already initialised:" }, dir.0.display());
             out!("{address}");
             Ok(())
         }
@@ -267,6 +300,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Accounts { action: Some(AccountsCmd::Remove { id }) } => {
             remove_account(&dir, &load_config(&dir)?, &id)
         }
+        Command::Keys { action } => keys(&dir, action),
         Command::Groups { action: GroupsCmd::RemoveMember { group, account } } => {
             remove_member(&dir, &load_config(&dir)?, &group, &account)
         }
@@ -391,9 +425,36 @@ fn check(dir: &DataDir, config: Result<ServerConfig>) -> Result<()> {
         }
         Err(e) => bail!("{}: {e}; nothing to check", dir.0.display()),
     }
-    match Identity::load(&dir.key()) {
-        Ok(id) => line("key", format!("{} (mode 600), fingerprint {}", dir.key().display(), id.fingerprint()), true),
-        Err(e) => line("key", e.to_string(), false),
+    let files = dir.keys();
+    match (Identity::load(&dir.key()), files.recorded_public()) {
+        (Ok(id), _) => {
+            line("key", format!("{} (mode 600), fingerprint {}", dir.key().display(), id.fingerprint()), true)
+        }
+        (Err(_), Ok(Some(public))) if !dir.key().exists() => line(
+            "key",
+            format!("identity key exported (not here), fingerprint {}", hush::server::keys::fingerprint_of(&public)),
+            true,
+        ),
+        (Err(e), _) => line("key", e.to_string(), false),
+    }
+    match files.load_online() {
+        Ok(None) => line("online", "none: the identity key itself serves (`hushd keys rotate` makes one)".into(), true),
+        Ok(Some((_, cert))) => {
+            let now = now_unix();
+            let left = cert.not_after.saturating_sub(now) / 86_400;
+            let ours = files.public_identity().ok().flatten() == Some(cert.identity);
+            let (detail, ok) = if !ours {
+                ("certified by another identity than this server's".to_string(), false)
+            } else if cert.not_after <= now {
+                (format!("certificate EXPIRED at {} (Unix time): run `hushd keys rotate`", cert.not_after), false)
+            } else if hush::server::keys::needs_renewal(&cert, now) && !dir.key().exists() {
+                (format!("certificate ends in {left} day(s): run `hushd keys rotate --identity-key FILE`"), false)
+            } else {
+                (format!("{} (mode 600), certified for {left} more day(s)", files.online_key().display()), true)
+            };
+            line("online", detail, ok)
+        }
+        Err(e) => line("online", e.to_string(), false),
     }
     match Identity::load(&dir.removal_key()) {
         Ok(_) => line("removal", format!("{} (mode 600)", dir.removal_key().display()), true),
@@ -452,6 +513,68 @@ fn check(dir: &DataDir, config: Result<ServerConfig>) -> Result<()> {
     }
     if failures > 0 {
         bail!("{failures} check(s) failed");
+    }
+    Ok(())
+}
+
+/// `hushd keys`: show, rotate, export.
+fn keys(dir: &DataDir, action: Option<KeysCmd>) -> Result<()> {
+    let files = dir.keys();
+    let now = now_unix();
+    let show_cert = |cert: &hush::auth::online::OnlineCert| {
+        out!(
+            "online key {} certified from {} until {}",
+            hush::server::keys::fingerprint_of(&cert.online),
+            format_unix(cert.not_before),
+            format_unix(cert.not_after)
+        );
+    };
+    match action {
+        None => {
+            let public = files.public_identity()?.context("no server key here yet: run `hushd init` first")?;
+            let away = if dir.key().exists() { "" } else { " (exported: not in the data directory)" };
+            out!("identity {}{away}", hush::server::keys::fingerprint_of(&public));
+            match files.load_online()? {
+                Some((_, cert)) => show_cert(&cert),
+                None => out!("no online key: the identity key itself serves (`hushd keys rotate` makes one)"),
+            }
+        }
+        Some(KeysCmd::Rotate { identity_key, valid_for }) => {
+            let validity = match valid_for {
+                Some(text) => parse_duration(&text).context("--valid-for")?,
+                None => hush::server::keys::DEFAULT_ONLINE_VALIDITY,
+            };
+            let identity = match &identity_key {
+                Some(path) => Identity::load(path).with_context(|| format!("loading {}", path.display()))?,
+                None => files.load_identity()?.ok_or_else(|| {
+                    anyhow::anyhow!(hush::server::keys::KeysError::IdentityAway { dir: dir.0.clone() })
+                })?,
+            };
+            if files.public_identity()?.is_none() {
+                bail!("{} holds no server yet: run `hushd init` first", dir.0.display());
+            }
+            let (_, cert) = files.rotate(&identity, validity, now)?;
+            show_cert(&cert);
+            eprintln!(
+                "the address is unchanged; a running hushd uses the new key for new connections within {} s",
+                hush::server::keys::KEY_POLL_INTERVAL.as_secs()
+            );
+            if identity_key.is_some() {
+                eprintln!("put the identity key back offline");
+            }
+        }
+        Some(KeysCmd::ExportIdentity { file }) => {
+            let cert = files.export_identity(&file, now)?;
+            show_cert(&cert);
+            eprintln!(
+                "the identity key is now only in {} (deleted from {}); keep it offline and safe: losing it means \
+                 every member re-pins a new address once the online key ends, and renewing the online key needs \
+                 `hushd keys rotate --identity-key {}`",
+                file.display(),
+                dir.0.display(),
+                file.display()
+            );
+        }
     }
     Ok(())
 }
@@ -548,13 +671,11 @@ fn open_existing(dir: &DataDir, config: &ServerConfig) -> Result<Database> {
     // What a command changes reaches the running nodes' clients live (on
     // PostgreSQL): its wake-ups are authenticated with the server key, as
     // theirs are.
-    let key = match &config.database_url {
-        Some(_) => {
-            Some(Identity::load(&dir.key()).context("the server key, which authenticates wake-ups to the nodes")?)
-        }
+    let secrets = match &config.database_url {
+        Some(_) => Some(dir.keys().secrets().context("the node secrets, which authenticate wake-ups to the nodes")?),
         None => None,
     };
-    let location = Location::of(config.database_url(), &dir.db(), key.as_ref())?;
+    let location = Location::of(config.database_url(), &dir.db(), secrets.as_ref().map(|s| &*s.wake))?;
     location.open_existing().context(if config.database_url.is_some() {
         "connecting to PostgreSQL"
     } else {
@@ -571,12 +692,12 @@ fn server_address(dir: &DataDir) -> Option<String> {
         }
     }
     let config = load_config(dir).ok()?;
-    let identity = Identity::load(&dir.key()).ok()?;
+    let identity = dir.keys().public_identity().ok()??;
     Some(
         HushAddress {
             host: config.advertised_host(config.listen),
             port: config.listen.port(),
-            fingerprint: identity.fingerprint(),
+            fingerprint: hush::server::keys::fingerprint_of(&identity),
         }
         .to_string(),
     )

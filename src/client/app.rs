@@ -53,6 +53,9 @@ pub const MAX_SYNC_BYTES: usize = 512 * 1024 * 1024;
 const CERTIFICATE: &str = "certificate";
 /// Setting holding the server's removal key (from `Status`).
 const REMOVAL_KEY: &str = "removal_key";
+/// Setting: the `not_before` of the newest online-key certificate this
+/// device has seen from its server (8 bytes, big-endian).
+const NEWEST_SERVER_CERT: &str = "newest_server_cert";
 
 /// Something the user can act on.
 #[derive(Debug, Error)]
@@ -362,8 +365,26 @@ impl App {
         self.member.certificate()
     }
 
+    /// Connects to the server. A server that presents an online key
+    /// certified before the newest one this device has seen from it is
+    /// refused: a stolen key of before a rotation works for nobody who saw
+    /// the rotation (see SECURITY.md, "Rotating the server's key").
     pub async fn connect(&self) -> Result<Connection, AppError> {
-        Ok(Connection::connect(&self.server, &self.device_key).await?)
+        let conn = Connection::connect(&self.server, &self.device_key).await?;
+        if let Some(cert) = conn.server_cert() {
+            let newest = self
+                .local
+                .setting(NEWEST_SERVER_CERT)?
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map_or(0, u64::from_be_bytes);
+            if cert.not_before < newest {
+                return Err(ClientError::ServerKey(crate::auth::online::OnlineError::Superseded(newest)).into());
+            }
+            if cert.not_before > newest {
+                self.local.set_setting(NEWEST_SERVER_CERT, &cert.not_before.to_be_bytes())?;
+            }
+        }
+        Ok(conn)
     }
 
     // ---- contacts ----

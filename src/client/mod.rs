@@ -116,6 +116,8 @@ pub enum ClientError {
          this may be an attack, or the server's key was replaced: ask its operator"
     )]
     FingerprintMismatch { pinned: Fingerprint, presented: Fingerprint },
+    #[error("refusing the server: {0}")]
+    ServerKey(#[from] crate::auth::online::OnlineError),
     #[error("the server refused the connection: {0}")]
     Refused(String),
     #[error("the server closed the connection: {reason} (code {code})")]
@@ -177,6 +179,9 @@ pub struct Status {
 pub struct Connection {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
+    /// The certificate of the server's online key, unless its identity
+    /// key served itself.
+    server_cert: Option<crate::auth::online::OnlineCert>,
 }
 
 impl Connection {
@@ -221,7 +226,13 @@ impl Connection {
             }
             Ok(Ok(conn)) => conn,
         };
-        Ok(Self { endpoint, conn })
+        Ok(Self { endpoint, conn, server_cert: seen.seen().cert })
+    }
+
+    /// The certificate of the online key this connection's server
+    /// presented (`None`: its identity key itself).
+    pub fn server_cert(&self) -> Option<crate::auth::online::OnlineCert> {
+        self.server_cert
     }
 
     /// Sends one request and returns the server's response, including error
@@ -642,9 +653,15 @@ fn unexpected(response: &Response) -> ClientError {
     }
 }
 
+/// Why the verifier refused the server's key, if it did: a key with no
+/// certificate at all is another server as far as anyone can tell.
 fn mismatch(seen: &SeenFingerprint, pinned: Fingerprint) -> Option<ClientError> {
-    let presented = seen.get()?;
-    (!presented.matches(&pinned)).then_some(ClientError::FingerprintMismatch { pinned, presented })
+    let seen = seen.seen();
+    let presented = seen.presented?;
+    match seen.refused? {
+        crate::auth::online::OnlineError::Uncertified => Some(ClientError::FingerprintMismatch { pinned, presented }),
+        other => Some(ClientError::ServerKey(other)),
+    }
 }
 
 fn handshake_error(remote: SocketAddr, e: ConnectionError) -> ClientError {

@@ -19,7 +19,7 @@
 //!   sequence number against where its message landed) shows a member the
 //!   server stops delivering to.
 
-use crate::auth::{cert, Fingerprint};
+use crate::auth::Fingerprint;
 use crate::chain::{Break, Claim, Head, MessageDigest, Position, SignedHead};
 use crate::wire::Logged;
 
@@ -77,11 +77,6 @@ pub fn follow(group: &[u8], at: Option<Position>, m: &Logged) -> Step {
     }
 }
 
-/// Whether `key` is the one `fingerprint` (the address's pin) names.
-pub fn is_server_key(key: &[u8; 32], fingerprint: &Fingerprint) -> bool {
-    Fingerprint::of_spki(&cert::ed25519_spki(key)).matches(fingerprint)
-}
-
 /// What another member's claim says about this device's chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Check {
@@ -103,7 +98,7 @@ pub enum Check {
 /// pins.
 pub fn cross_check(group: &[u8], claim: &Claim, ours: Option<Head>, fingerprint: &Fingerprint) -> Check {
     let signed = &claim.0;
-    if !is_server_key(&signed.key, fingerprint) || !signed.verify(group) {
+    if !signed.by_server(fingerprint) || !signed.verify(group) {
         return Check::NotSigned;
     }
     match ours {
@@ -127,12 +122,14 @@ pub fn signed_json(group: &[u8], s: &SignedHead) -> serde_json::Value {
         "head": hex(&s.head.0),
         "key": hex(&s.key),
         "signature": hex(&s.signature),
+        "certificate": s.cert.map(|c| hex(&c.encode())),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::cert;
 
     #[test]
     fn a_message_that_is_not_mls_or_of_another_group_breaks_the_chain() {
@@ -154,7 +151,7 @@ mod tests {
         let fpr = Fingerprint::of_spki(&cert::ed25519_spki(&pk));
         let head = Head([3; 32]);
         let sig: [u8; 64] = key.sign(&SignedHead::message(b"g", 5, &head)).as_ref().try_into().unwrap();
-        let claim = Claim(SignedHead { seq: 5, head, key: pk, signature: sig });
+        let claim = Claim(SignedHead { seq: 5, head, key: pk, signature: sig, cert: None });
         assert_eq!(Claim::decode(&claim.encode()), Some(claim));
         assert_eq!(cross_check(b"g", &claim, Some(head), &fpr), Check::Agrees);
         assert_eq!(cross_check(b"g", &claim, None, &fpr), Check::Unknown);
@@ -167,5 +164,39 @@ mod tests {
         assert_eq!(cross_check(b"g", &forged, Some(Head([4; 32])), &fpr), Check::NotSigned);
         assert_eq!(Claim::decode(&claim.encode()[1..]), None);
         assert_eq!(Claim::decode(b""), None);
+    }
+
+    #[test]
+    fn a_head_an_online_key_signed_counts_as_the_servers_if_its_identity_certified_it() {
+        use crate::auth::online::OnlineCert;
+        use crate::auth::Identity;
+        let identity = Identity::generate().unwrap();
+        let online = Identity::generate().unwrap();
+        let pin = identity.fingerprint();
+        let head = Head([3; 32]);
+        let signature = online.sign(&SignedHead::message(b"g", 5, &head));
+        // Long expired: the head was signed while it was valid.
+        let cert = OnlineCert::issue(&identity, online.public_key(), 10, 20).unwrap();
+        let claim = Claim(SignedHead { seq: 5, head, key: online.public_key(), signature, cert: Some(cert) });
+        let bytes = claim.encode();
+        assert_eq!(bytes.len(), Claim::LEN_CERTIFIED);
+        assert_eq!(Claim::decode(&bytes), Some(claim));
+        assert_eq!(cross_check(b"g", &claim, Some(head), &pin), Check::Agrees);
+        assert_eq!(cross_check(b"g", &claim, Some(Head([4; 32])), &pin), Check::Forked { ours: Head([4; 32]) });
+        // Without its certificate, or certified by someone else: nothing.
+        let bare = Claim(SignedHead { cert: None, ..claim.0 });
+        assert_eq!(cross_check(b"g", &bare, Some(head), &pin), Check::NotSigned);
+        let mallory = Identity::generate().unwrap();
+        let theirs = OnlineCert::issue(&mallory, online.public_key(), 10, 20).unwrap();
+        let foreign = Claim(SignedHead { cert: Some(theirs), ..claim.0 });
+        assert_eq!(cross_check(b"g", &foreign, Some(head), &pin), Check::NotSigned);
+        // A certificate for another online key does not lend it.
+        let other = OnlineCert::issue(&identity, [5; 32], 10, 20).unwrap();
+        let lent = Claim(SignedHead { cert: Some(other), ..claim.0 });
+        assert_eq!(cross_check(b"g", &lent, Some(head), &pin), Check::NotSigned);
+        // A version-2 magic with a version-1 length is no claim.
+        let mut short = bytes.clone();
+        short.truncate(Claim::LEN);
+        assert_eq!(Claim::decode(&short), None);
     }
 }

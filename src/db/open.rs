@@ -22,16 +22,13 @@ pub enum Location {
 
 impl Location {
     /// The database a configuration names: PostgreSQL at `database_url` if
-    /// it has one, else the SQLite file at `sqlite_path`. `server_key` is
-    /// that of a node (or of an operator's command that writes): its
-    /// wake-ups to the other nodes are authenticated with it. Without it (a
-    /// look that writes nothing) no wake-up is sent or taken.
-    pub fn of(
-        database_url: Option<&str>,
-        sqlite_path: &Path,
-        server_key: Option<&Identity>,
-    ) -> Result<Self, StoreError> {
-        Ok(match (database_url, server_key) {
+    /// it has one, else the SQLite file at `sqlite_path`. `wake` is the
+    /// wake-up secret of a node (or of an operator's command that writes;
+    /// `node.secrets` in the data directory): its wake-ups to the other
+    /// nodes are authenticated with it. Without it (a look that writes
+    /// nothing) no wake-up is sent or taken.
+    pub fn of(database_url: Option<&str>, sqlite_path: &Path, wake: Option<&[u8; 32]>) -> Result<Self, StoreError> {
+        Ok(match (database_url, wake) {
             (Some(url), Some(key)) => Self::Postgres(Target::for_node(url, key)?),
             (Some(url), None) => Self::Postgres(Target::parse(url)?),
             (None, _) => Self::Sqlite(sqlite_path.to_owned()),

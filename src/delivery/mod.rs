@@ -288,21 +288,23 @@ pub struct Delivery {
     /// Its private half, on the engine's writer only: it signs the
     /// server's removal proposals ([`devices`]).
     removal_signer: Option<Arc<crate::auth::Identity>>,
-    /// The server's own key (the one its address pins), on the engine's
-    /// reader: it signs chain heads a member asks for (`Head`).
-    head_signer: Option<Arc<crate::auth::Identity>>,
+    /// The server's current key (its identity key, or an online key the
+    /// identity certified), on the engine's reader: it signs chain heads
+    /// a member asks for (`Head`).
+    head_signer: Option<crate::auth::online::CurrentKey>,
     /// The digest of the message of the request being handled, computed
     /// before it reached the writer ([`Delivery::handle_digested`]).
     digest: Option<crate::chain::MessageDigest>,
 }
 
 /// The keys a server's Delivery Service signs with: its removal key
-/// (external sender of every group) and its own key (the one its address
-/// pins, which signs chain heads).
+/// (external sender of every group) and its current key (the identity
+/// key its address pins, or an online key that identity certified),
+/// which signs chain heads.
 #[derive(Clone)]
 pub struct ServerKeys {
     pub removal: Arc<crate::auth::Identity>,
-    pub identity: Arc<crate::auth::Identity>,
+    pub current: crate::auth::online::CurrentKey,
 }
 
 impl std::fmt::Debug for ServerKeys {
@@ -337,8 +339,8 @@ impl Delivery {
         }
     }
 
-    /// Lets this instance sign chain heads with the server's key.
-    pub fn with_head_signer(mut self, signer: Arc<crate::auth::Identity>) -> Self {
+    /// Lets this instance sign chain heads with the server's current key.
+    pub fn with_head_signer(mut self, signer: crate::auth::online::CurrentKey) -> Self {
         self.head_signer = Some(signer);
         self
     }

@@ -80,8 +80,9 @@ impl Delivery {
                 "the server no longer holds that message's head (it was read by every member, or expired)",
             )
         })?;
+        let signer = signer.get();
         let signature = signer.sign(&SignedHead::message(&group, seq, &head));
-        let signed = SignedHead { seq, head, key: signer.public_key(), signature };
+        let signed = SignedHead { seq, head, key: signer.public_key(), signature, cert: signer.cert() };
         Ok(Outcome::reply(Response::SignedHead { group, signed }))
     }
 

@@ -129,9 +129,11 @@ impl Net {
         let removal = std::sync::Arc::new(crate::auth::Identity::generate().unwrap());
         let removal_key = removal.public_key();
         Self {
-            ds: Delivery::new(30 * 86_400, removal_key)
-                .with_removal_signer(removal)
-                .with_head_signer(std::sync::Arc::new(crate::auth::Identity::generate().unwrap())),
+            ds: Delivery::new(30 * 86_400, removal_key).with_removal_signer(removal).with_head_signer(
+                crate::auth::online::CurrentKey::new(
+                    crate::auth::online::ServerKey::identity(crate::auth::Identity::generate().unwrap()).unwrap(),
+                ),
+            ),
             removal_key,
             store: Store::open(),
             now: 1_000_000,

@@ -153,7 +153,7 @@ impl Engine {
         let key = keys.removal.public_key();
         let writing = Delivery::with_quotas(quotas, key).with_removal_signer(keys.removal);
         let writer = spawn("hush-writer", writer, writing, writer_loop)?;
-        let reading = Delivery::with_quotas(quotas, key).with_head_signer(keys.identity);
+        let reading = Delivery::with_quotas(quotas, key).with_head_signer(keys.current);
         let reader = spawn("hush-reader", reader, reading, reader_loop)?;
         Ok(Self { writer, reader })
     }

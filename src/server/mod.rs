@@ -16,6 +16,7 @@
 mod admission;
 pub mod blobs;
 pub mod engine;
+pub mod keys;
 pub mod metrics;
 mod push;
 mod session;
@@ -31,6 +32,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::auth::online::CurrentKey;
 use crate::auth::tls::{server_crypto, TlsError};
 use crate::auth::{identity, HushAddress, Identity, KeyError};
 use crate::config::ServerConfig;
@@ -46,17 +48,14 @@ use engine::Engine;
 
 pub use admission::{Admission, Refusal};
 
-/// File name of the server's private TLS key in the data directory.
-pub const KEY_FILE: &str = "server.key";
+/// File name of the server's identity key in the data directory (what
+/// its address pins; see [`keys`] for the online key it certifies).
+pub const KEY_FILE: &str = keys::IDENTITY_KEY_FILE;
 
 /// File name of the server's removal key: the key it would sign external
 /// Remove proposals with (RFC 9420 external sender), separate from its TLS
 /// key. Every group lists its public half.
 pub const REMOVAL_KEY_FILE: &str = "removal.key";
-
-/// What the key of the server's QUIC stateless resets is derived under
-/// (from the server key, so it stays the same across restarts).
-const RESET_KEY_LABEL: &[u8] = b"hush quic stateless reset v1";
 
 /// How often messages and Welcomes past retention are deleted.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(600);
@@ -70,6 +69,8 @@ pub const ADDRESS_FILE: &str = "address";
 pub enum ServerError {
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error(transparent)]
+    Keys(#[from] keys::KeysError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -119,27 +120,32 @@ impl DataDir {
         config.blob_dir.clone().unwrap_or_else(|| self.0.join(blobs::BLOB_DIR))
     }
 
+    /// The server's key files.
+    pub fn keys(&self) -> keys::KeyFiles {
+        keys::KeyFiles::new(&self.0)
+    }
+
     /// Creates the directory (0700), the keys and the database if missing
     /// (the SQLite file, or the schema in the configured PostgreSQL
-    /// database). Returns the TLS identity, whether it was created, the
-    /// removal key, and where the database is.
+    /// database). Returns the server's keys (an exported identity key is
+    /// never recreated), the removal key, and where the database is.
     pub fn init(&self, config: &ServerConfig) -> Result<Initialised, ServerError> {
         identity::private_dir(&self.0)?;
-        let (identity, created) = Identity::load_or_create(&self.key())?;
+        let keys = self.keys().open(crate::util::now_unix())?;
         let (removal, _) = Identity::load_or_create(&self.removal_key())?;
-        // A node: its wake-ups are authenticated with the server key.
-        let database = Location::of(config.database_url(), &self.db(), Some(&identity))?;
+        // A node: its wake-ups are authenticated with the deployment's
+        // wake-up secret.
+        let database = Location::of(config.database_url(), &self.db(), Some(&keys.secrets.wake))?;
         database.prepare()?;
-        Ok(Initialised { identity, created, removal, database })
+        Ok(Initialised { keys, removal, database })
     }
 }
 
 /// What [`DataDir::init`] made or found.
 pub struct Initialised {
-    /// The server's key (TLS, what the address pins).
-    pub identity: Identity,
-    /// Whether `identity` was created just now.
-    pub created: bool,
+    /// The server's identity (what the address pins), the key it serves
+    /// with, and the secrets derived from the identity.
+    pub keys: keys::Keys,
     /// The key that signs the server's removal proposals.
     pub removal: Identity,
     /// The database the configuration names, ready.
@@ -157,6 +163,8 @@ pub struct Server {
     target: Option<Arc<crate::db::pg::Target>>,
     /// The metrics listener, if asked for.
     metrics: Option<std::net::TcpListener>,
+    /// Watches for a rotated online key.
+    rotation: keys::KeyWatch,
 }
 
 impl Server {
@@ -175,12 +183,16 @@ impl Server {
     ) -> Result<Self, ServerError> {
         config.validate()?;
         let data_dir = DataDir(data_dir.to_owned());
-        let Initialised { identity, created, removal, database } = data_dir.init(&config)?;
-        if created {
+        let Initialised { keys: key_set, removal, database } = data_dir.init(&config)?;
+        if key_set.created {
             info!("created server key {}", data_dir.key().display());
         }
-        let identity = Arc::new(identity);
-        let keys = crate::delivery::ServerKeys { removal: Arc::new(removal), identity: identity.clone() };
+        let keys::Keys { identity_public, identity: identity_key, serving, secrets, .. } = key_set;
+        if let Some(cert) = serving.cert() {
+            info!("serving with an online key certified until {} (Unix time)", cert.not_after);
+        }
+        let current = CurrentKey::new(serving);
+        let keys = crate::delivery::ServerKeys { removal: Arc::new(removal), current: current.clone() };
         let (engine, target) = match database {
             Location::Postgres(target) => {
                 info!("storing in PostgreSQL (several nodes may share the database)");
@@ -204,19 +216,18 @@ impl Server {
             .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
             .receive_window(VarInt::from_u32(STRANGER_RECEIVE_WINDOW))
             .send_window(4 * 1024 * 1024);
-        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto(&identity)?));
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto(current.clone())?));
         server_config
             .transport_config(Arc::new(transport))
             .max_incoming(usize::try_from(config.max_incoming).unwrap_or(usize::MAX))
             .incoming_buffer_size(INCOMING_BUFFER_BYTES)
             .incoming_buffer_size_total(INCOMING_BUFFER_BYTES_TOTAL)
             .migration(false);
-        // Stateless resets under a key derived from the server key: after a
-        // restart (or a crash) the server's reset for a connection of its
+        // Stateless resets under a key derived from the identity key: after
+        // a restart (or a crash) the server's reset for a connection of its
         // previous run is one the client recognises, so clients reconnect
         // at once instead of waiting out their idle timeout.
-        let reset = identity.derive(RESET_KEY_LABEL)?;
-        let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref());
+        let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secrets.reset.as_ref());
         let bind = |addr: std::net::SocketAddr| -> std::io::Result<quinn::Endpoint> {
             let socket = std::net::UdpSocket::bind(addr)?;
             let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
@@ -237,9 +248,10 @@ impl Server {
         let address = HushAddress {
             host: config.advertised_host(bound),
             port: bound.port(),
-            fingerprint: identity.fingerprint(),
+            fingerprint: keys::fingerprint_of(&identity_public),
         };
-        drop(identity);
+        let rotation =
+            keys::KeyWatch { files: data_dir.keys(), identity_public, identity: identity_key.map(Arc::new), current };
         if let Err(e) = std::fs::write(data_dir.address(), format!("{address}\n")) {
             warn!("could not write {}: {e}", data_dir.address().display());
         }
@@ -273,7 +285,7 @@ impl Server {
             }
             None => None,
         };
-        Ok(Self { endpoint, shared, address, data_dir, target, metrics })
+        Ok(Self { endpoint, shared, address, data_dir, target, metrics, rotation })
     }
 
     /// The address clients register with.
@@ -292,6 +304,7 @@ impl Server {
         let mut connections = JoinSet::new();
         let mut background = JoinSet::new();
         let mut expiry = tokio::time::interval(EXPIRY_INTERVAL);
+        background.spawn(self.rotation.clone().run());
         background.spawn(sweep_orphans(self.shared.clone()));
         background.spawn(sweep_expired(self.shared.clone()));
         if let Some(listener) = self.metrics.as_ref().and_then(|l| l.try_clone().ok()) {

@@ -99,6 +99,7 @@
 //! | 0x0e | `Linked` | `bytes16<1024>` the device certificate, `bytes32<1044480>` the sealed bundle |
 //! | 0x0f | `LinkPending` | none: the other device has not answered yet |
 //! | 0x10 | `SignedHead` | `bytes8<255>` group id, `u64` sequence, `[u8; 32]` head, `[u8; 32]` the server's Ed25519 key (the one the address pins), `[u8; 64]` its signature over the head ([`crate::chain::SignedHead::message`]) |
+//! | 0x13 | `SignedHead` (by an online key) | as 0x10, the key being the server's online key, then its `[u8; 152]` certificate from the identity key ([`crate::auth::online::OnlineCert`]) |
 //! | 0x11 | `Upload` | `[u8; 16]` blob id, `u64` size, `u64` bytes the server holds durably (where the next upload stream starts), `option<[u8; 32]>` the SHA-256 of the blob as stored, once complete |
 //! | 0x12 | `Blob` | `u64` size, `[u8; 32]` SHA-256 of the blob, `u64` offset, `u64` length of the range that follows |
 //!

@@ -1,6 +1,7 @@
 //! Response frames.
 
 use super::{DecodeError, EncodeError, ErrorCode, Reader, Writer};
+use crate::auth::online::{OnlineCert, ONLINE_CERT_LEN};
 use crate::chain::{Head, SignedHead};
 use crate::limits::{
     MAX_CERTIFICATE, MAX_DEVICES_EVER, MAX_DEVICES_PER_ACCOUNT, MAX_ERROR_MESSAGE, MAX_FETCH_ENTRIES,
@@ -365,12 +366,15 @@ impl Response {
             }
             Self::LinkPending => w.u8(0x0f),
             Self::SignedHead { group, signed } => {
-                w.u8(0x10);
+                w.u8(if signed.cert.is_some() { 0x13 } else { 0x10 });
                 w.bytes8("group id", group, MAX_GROUP_ID)?;
                 w.u64(signed.seq);
                 w.raw(&signed.head.0);
                 w.raw(&signed.key);
                 w.raw(&signed.signature);
+                if let Some(cert) = &signed.cert {
+                    w.raw(&cert.encode());
+                }
             }
             Self::Upload(u) => {
                 w.u8(0x11);
@@ -486,10 +490,18 @@ impl Response {
                 bundle: r.bytes32("bundle", MAX_LINK_BUNDLE)?.to_vec(),
             },
             0x0f => Self::LinkPending,
-            0x10 => Self::SignedHead {
-                group: group_id(&mut r)?,
-                signed: SignedHead { seq: r.u64()?, head: Head(r.array()?), key: r.array()?, signature: r.array()? },
-            },
+            code @ (0x10 | 0x13) => {
+                let group = group_id(&mut r)?;
+                let (seq, head, key, signature) = (r.u64()?, Head(r.array()?), r.array()?, r.array()?);
+                let cert = match code {
+                    0x13 => {
+                        let bytes: [u8; ONLINE_CERT_LEN] = r.array()?;
+                        Some(OnlineCert::decode(&bytes).map_err(|_| DecodeError::Invalid("online-key certificate"))?)
+                    }
+                    _ => None,
+                };
+                Self::SignedHead { group, signed: SignedHead { seq, head, key, signature, cert } }
+            }
             0x11 => Self::Upload(UploadState {
                 id: r.array()?,
                 size: r.u64()?,

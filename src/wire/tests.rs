@@ -135,14 +135,29 @@ fn response() -> impl Strategy<Value = Response> {
         small().prop_map(|offer| Response::LinkOffer { offer }),
         (blob(), blob()).prop_map(|(certificate, bundle)| Response::Linked { certificate, bundle }),
         Just(Response::LinkPending),
-        (group(), any::<u64>(), any::<[u8; 32]>(), any::<[u8; 32]>(), any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(
-            |(group, seq, h, key, s1, s2)| {
+        (
+            group(),
+            any::<u64>(),
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+            any::<bool>()
+        )
+            .prop_map(|(group, seq, h, key, s1, s2, certified)| {
                 let mut signature = [0u8; 64];
                 signature[..32].copy_from_slice(&s1);
                 signature[32..].copy_from_slice(&s2);
-                Response::SignedHead { group, signed: SignedHead { seq, head: Head(h), key, signature } }
-            }
-        ),
+                // Decoding does not check the certificate's signature.
+                let cert = certified.then_some(crate::auth::online::OnlineCert {
+                    identity: h,
+                    online: key,
+                    not_before: seq / 2,
+                    not_after: seq,
+                    signature,
+                });
+                Response::SignedHead { group, signed: SignedHead { seq, head: Head(h), key, signature, cert } }
+            }),
     ]
 }
 

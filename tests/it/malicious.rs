@@ -12,6 +12,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use hush::auth::online::{CurrentKey, ServerKey};
 use hush::auth::tls::{device_of_peer, server_crypto};
 use hush::auth::{HushAddress, Identity};
 use hush::chain::Head;
@@ -42,11 +43,12 @@ impl Evil {
 
     async fn start_for(server: &Hushd, homes: Vec<PathBuf>, rewrite: RewriteFor) -> Self {
         let key = Identity::load(&server.data_dir.join("server.key")).unwrap();
-        let crypto = server_crypto(&key).unwrap();
+        let fingerprint = key.fingerprint();
+        let crypto = server_crypto(CurrentKey::new(ServerKey::identity(key).unwrap())).unwrap();
         let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
         let port = endpoint.local_addr().unwrap().port();
-        let address = HushAddress { host: "127.0.0.1".into(), port, fingerprint: key.fingerprint() };
+        let address = HushAddress { host: "127.0.0.1".into(), port, fingerprint };
         let upstream = server.address.clone();
         let ep = endpoint.clone();
         tokio::spawn(async move {

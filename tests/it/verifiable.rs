@@ -132,6 +132,7 @@ fn signed_head_of(v: &serde_json::Value, pinned: &hush::auth::Fingerprint) -> (V
         head: Head(bytes("head").try_into().unwrap()),
         key: bytes("key").try_into().unwrap(),
         signature: bytes("signature").try_into().unwrap(),
+        cert: None,
     };
     // Independently of hush's own check: ring over the documented message.
     let key = ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, signed.key);

@@ -9,7 +9,6 @@ use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::listen::WakeKey;
-use crate::auth::Identity;
 use crate::db::{StoreError, TargetError};
 
 /// CA bundle used to verify a database server's certificate when the URL
@@ -79,11 +78,11 @@ impl Target {
         }))
     }
 
-    /// [`Target::parse`] for a node of the deployment whose server key is
-    /// `server_key`: it sends and takes authenticated wake-ups.
-    pub fn for_node(url: &str, server_key: &Identity) -> Result<Arc<Self>, TargetError> {
+    /// [`Target::parse`] for a node of the deployment whose wake-up secret
+    /// is `wake`: it sends and takes authenticated wake-ups.
+    pub fn for_node(url: &str, wake: &[u8; 32]) -> Result<Arc<Self>, TargetError> {
         let mut target = Arc::unwrap_or_clone(Self::parse(url)?);
-        target.wake = Some(WakeKey::of(server_key).map_err(|e| TargetError::Key(e.to_string()))?);
+        target.wake = Some(WakeKey::from_secret(wake));
         Ok(Arc::new(target))
     }
 

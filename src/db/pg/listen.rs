@@ -67,7 +67,7 @@ const LOOKUP: &str = "SELECT n.nseq, n.node, n.kind, n.grp, n.seq, n.device FROM
 const NEWEST: &str = "SELECT node, max(nseq) FROM notices GROUP BY node";
 
 /// What [`WakeKey`] is derived under, from the server key.
-const WAKE_KEY_LABEL: &[u8] = b"hush wake-ups v1";
+pub const WAKE_KEY_LABEL: &[u8] = b"hush wake-ups v1";
 
 /// The key that authenticates wake-ups: HMAC-SHA-256 under a key derived
 /// from the server key, so every node of one deployment has it and no one
@@ -85,8 +85,14 @@ impl std::fmt::Debug for WakeKey {
 impl WakeKey {
     /// The wake-up key of the deployment whose server key is `server_key`.
     pub fn of(server_key: &Identity) -> Result<Self, KeyError> {
-        let key = server_key.derive(WAKE_KEY_LABEL)?;
-        Ok(Self(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_ref())))
+        Ok(Self::from_secret(&*server_key.derive(WAKE_KEY_LABEL)?))
+    }
+
+    /// The wake-up key from its secret (derived from the server's identity
+    /// key under [`WAKE_KEY_LABEL`], kept in the data directory's
+    /// `node.secrets` so it outlives the identity key's export).
+    pub fn from_secret(secret: &[u8; 32]) -> Self {
+        Self(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret))
     }
 }
 
