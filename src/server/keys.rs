@@ -376,13 +376,15 @@ impl KeyFiles {
             }
         }
         self.record(identity)?;
+        // Never older than the key it replaces: clients refuse a
+        // certificate older than the newest they saw.
+        let after = match self.load_online() {
+            Ok(Some((_, old))) if old.identity == identity.public_key() => old.not_before.saturating_add(1),
+            _ => 0,
+        };
+        let not_before = now.saturating_sub(CERT_BACKDATE.as_secs()).max(after);
         let online = Identity::generate()?;
-        let cert = OnlineCert::issue(
-            identity,
-            online.public_key(),
-            now.saturating_sub(CERT_BACKDATE.as_secs()),
-            now.saturating_add(secs),
-        )?;
+        let cert = OnlineCert::issue(identity, online.public_key(), not_before, now.saturating_add(secs))?;
         self.write_online(&online, &cert)?;
         Ok((online, cert))
     }
@@ -576,6 +578,7 @@ mod tests {
         ));
         let (_, newer) = files.rotate(&identity, DEFAULT_ONLINE_VALIDITY, now + 10).unwrap();
         assert_ne!(newer.online, cert.online);
+        assert!(newer.not_before > cert.not_before, "a rotation is never older than what it replaces");
         assert_eq!(files.open(now + 10).unwrap().serving.cert(), Some(newer));
         // Without its identity, a server past its certificate's renewal
         // point keeps serving the old key (clients say why they refuse).
