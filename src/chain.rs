@@ -21,8 +21,7 @@
 //! after the upgrade: from the genesis head, at that message's sequence
 //! number (the server says where, see `Storage::chain_start`).
 
-use crate::auth::online::{OnlineCert, ONLINE_CERT_LEN};
-use crate::auth::Fingerprint;
+use crate::limits::ONLINE_CERT_LEN;
 use ring::digest::{digest, Context, SHA256};
 use ring::signature::{UnparsedPublicKey, ED25519};
 
@@ -101,8 +100,9 @@ pub struct SignedHead {
     /// key `cert` certifies.
     pub key: [u8; 32],
     pub signature: [u8; 64],
-    /// The identity's certificate for `key`, when an online key signed.
-    pub cert: Option<OnlineCert>,
+    /// The identity's certificate for `key`, when an online key signed
+    /// (encoded; `crate::auth::online::OnlineCert` reads and checks it).
+    pub cert: Option<[u8; ONLINE_CERT_LEN]>,
 }
 
 impl SignedHead {
@@ -123,18 +123,6 @@ impl SignedHead {
         UnparsedPublicKey::new(&ED25519, self.key)
             .verify(&Self::message(group, self.seq, &self.head), &self.signature)
             .is_ok()
-    }
-
-    /// Whether the key that signed is the server's the address `pin`
-    /// names: the identity key itself, or an online key the identity
-    /// certified. The certificate's validity period is not checked: the
-    /// head may have been signed long ago, while it was valid (see
-    /// SECURITY.md, "Rotating the server's key").
-    pub fn by_server(&self, pin: &Fingerprint) -> bool {
-        if Fingerprint::of_spki(&crate::auth::cert::ed25519_spki(&self.key)).matches(pin) {
-            return true;
-        }
-        self.cert.is_some_and(|cert| cert.verify_any_time(pin, &self.key).is_ok())
     }
 }
 
@@ -204,7 +192,7 @@ impl Claim {
         out.extend_from_slice(&s.key);
         out.extend_from_slice(&s.signature);
         if let Some(cert) = &s.cert {
-            out.extend_from_slice(&cert.encode());
+            out.extend_from_slice(cert);
         }
         out
     }
@@ -222,7 +210,7 @@ impl Claim {
         let key = aad.get(44..76)?.try_into().ok()?;
         let signature = aad.get(76..140)?.try_into().ok()?;
         let cert = match certified {
-            true => Some(OnlineCert::decode(aad.get(Self::LEN..)?).ok()?),
+            true => Some(aad.get(Self::LEN..)?.try_into().ok()?),
             false => None,
         };
         Some(Self(SignedHead { seq, head, key, signature, cert }))

@@ -447,3 +447,9 @@ pub const MAX_MESSAGES_EXPIRED_PER_RUN: usize = 1024;
 /// How often a running `hush chat` deletes the expired messages of its
 /// history.
 pub const CLIENT_PURGE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Bytes of the server's online-key certificate
+/// ([`crate::auth::online::OnlineCert`]: magic, identity, online key, two
+/// times, signature), which signed chain heads and members' claims carry
+/// as they are.
+pub const ONLINE_CERT_LEN: usize = 8 + 32 + 32 + 8 + 8 + 64;

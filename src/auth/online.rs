@@ -40,7 +40,7 @@ use super::identity::{Identity, KeyError};
 pub const MAGIC: &[u8; 8] = b"HUSHONL1";
 
 /// Bytes of an encoded certificate.
-pub const ONLINE_CERT_LEN: usize = 8 + 32 + 32 + 8 + 8 + 64;
+pub use crate::limits::ONLINE_CERT_LEN;
 
 /// What the identity key signs before the certificate's fields: no
 /// signature made for anything else verifies as a certificate.
@@ -117,6 +117,13 @@ impl OnlineCert {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = self.signed_fields();
         out.extend_from_slice(&self.signature);
+        out
+    }
+
+    /// [`Self::encode`] as an array, as chain heads carry it.
+    pub fn to_bytes(&self) -> [u8; ONLINE_CERT_LEN] {
+        let mut out = [0u8; ONLINE_CERT_LEN];
+        out.copy_from_slice(&self.encode());
         out
     }
 

@@ -82,7 +82,8 @@ impl Delivery {
         })?;
         let signer = signer.get();
         let signature = signer.sign(&SignedHead::message(&group, seq, &head));
-        let signed = SignedHead { seq, head, key: signer.public_key(), signature, cert: signer.cert() };
+        let signed =
+            SignedHead { seq, head, key: signer.public_key(), signature, cert: signer.cert().map(|c| c.to_bytes()) };
         Ok(Outcome::reply(Response::SignedHead { group, signed }))
     }
 

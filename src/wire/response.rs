@@ -1,7 +1,6 @@
 //! Response frames.
 
 use super::{DecodeError, EncodeError, ErrorCode, Reader, Writer};
-use crate::auth::online::{OnlineCert, ONLINE_CERT_LEN};
 use crate::chain::{Head, SignedHead};
 use crate::limits::{
     MAX_CERTIFICATE, MAX_DEVICES_EVER, MAX_DEVICES_PER_ACCOUNT, MAX_ERROR_MESSAGE, MAX_FETCH_ENTRIES,
@@ -373,7 +372,7 @@ impl Response {
                 w.raw(&signed.key);
                 w.raw(&signed.signature);
                 if let Some(cert) = &signed.cert {
-                    w.raw(&cert.encode());
+                    w.raw(cert);
                 }
             }
             Self::Upload(u) => {
@@ -493,11 +492,9 @@ impl Response {
             code @ (0x10 | 0x13) => {
                 let group = group_id(&mut r)?;
                 let (seq, head, key, signature) = (r.u64()?, Head(r.array()?), r.array()?, r.array()?);
+                // The certificate is read as bytes: the client checks it.
                 let cert = match code {
-                    0x13 => {
-                        let bytes: [u8; ONLINE_CERT_LEN] = r.array()?;
-                        Some(OnlineCert::decode(&bytes).map_err(|_| DecodeError::Invalid("online-key certificate"))?)
-                    }
+                    0x13 => Some(r.array()?),
                     _ => None,
                 };
                 Self::SignedHead { group, signed: SignedHead { seq, head, key, signature, cert } }

@@ -413,7 +413,7 @@ impl App {
             Err(e) if e.code().is_some() => return Ok(()),
             Err(e) => return Err(e.into()),
         };
-        if !signed.by_server(&self.server.fingerprint) || !signed.verify(group) {
+        if !verify::by_server(&signed, &self.server.fingerprint) || !signed.verify(group) {
             return Err(AppError::Misbehaving("it signed a chain head with another key than its own".into()));
         }
         if signed.seq != row.position.seq {
@@ -508,7 +508,7 @@ impl App {
             Err(e) if e.code().is_some() => return Ok(()),
             Err(e) => return Err(e.into()),
         };
-        let valid = signed.by_server(&self.server.fingerprint) && signed.verify(group);
+        let valid = verify::by_server(&signed, &self.server.fingerprint) && signed.verify(group);
         if valid && signed.seq == seq && signed.head == ours {
             self.local.sign_alarm_evidence(alarm, "ours", &signed_json(group, &signed))?;
         }
