@@ -61,6 +61,11 @@ pub enum MlsRefusal {
     LeafKey { len: usize, expected: usize, suite: Suite },
     #[error("the KeyPackage's init key is {len} bytes; its suite ({suite}) uses {expected}")]
     InitKey { len: usize, expected: usize, suite: Suite },
+    #[error(
+        "a node of the tree has a {len}-byte encryption key; the group's suite ({suite}) uses {expected} (no \
+         commit could encrypt to it: the group would freeze)"
+    )]
+    NodeKey { len: usize, expected: usize, suite: Suite },
     #[error(transparent)]
     Suite(#[from] UnknownSuite),
     #[error("KeyPackages may not carry extensions")]
@@ -578,6 +583,39 @@ pub fn check_leaf_shape(leaf: &LeafNode, ciphersuite: Ciphersuite) -> Result<(),
     let len = leaf.tls_serialized_len();
     if len > suite.max_leaf_node() {
         return Err(MlsRefusal::LeafTooLarge { len, max: suite.max_leaf_node() });
+    }
+    Ok(())
+}
+
+/// Every node of `tree` (leaves and parents) has an encryption key of the
+/// suite's KEM's length. A commit's path sets parent nodes' keys, which
+/// the server (holding the public state only) cannot derive and members
+/// check only above their common ancestor with the committer: a key of
+/// another length there would make every later commit that encrypts to
+/// it fail, for everyone.
+pub fn check_tree_keys(tree: &openmls::treesync::RatchetTree, ciphersuite: Ciphersuite) -> Result<(), MlsRefusal> {
+    use openmls::prelude::tls_codec::VLBytes;
+    use openmls::prelude::Node;
+    let suite = Suite::of(ciphersuite)?;
+    let expected = suite.kem_public_key_len();
+    for node in tree.nodes() {
+        let len = match node {
+            Node::LeafNode(leaf) => leaf
+                .encryption_key()
+                .tls_serialize_detached()
+                .ok()
+                .and_then(|b| VLBytes::tls_deserialize_exact(&b).ok())
+                .map_or(0, |k| k.as_slice().len()),
+            // A parent node's encoding starts with its encryption key.
+            Node::ParentNode(parent) => parent
+                .tls_serialize_detached()
+                .ok()
+                .and_then(|b| VLBytes::tls_deserialize(&mut b.as_slice()).ok())
+                .map_or(0, |k| k.as_slice().len()),
+        };
+        if len != expected {
+            return Err(MlsRefusal::NodeKey { len, expected, suite });
+        }
     }
     Ok(())
 }

@@ -228,6 +228,7 @@ impl Descent {
         let (public, _) = PublicGroup::from_external(&crypto, &storage, tree, info, ProposalStore::new())
             .context("the group state handed over does not verify")?;
         check_tree(public.members(), "handover")?;
+        crate::mls::check_tree_keys(&public.export_ratchet_tree(), public.ciphersuite())?;
         let start_members = public.members().filter_map(|m| holder_of(&m.credential).map(|(a, _)| a)).collect();
         let start_epoch = public.group_context().epoch().as_u64();
         let mut descent = Descent {
@@ -331,6 +332,8 @@ pub enum MlsError {
     AccountNotInGroup,
     #[error("the GroupInfo is for another group")]
     OtherGroup,
+    #[error("the GroupInfo is of another ciphersuite (0x{offered:04x}) than the group's ({ours}): refused")]
+    OtherSuite { ours: Suite, offered: u16 },
     #[error(
         "the server offered the group's state at epoch {offered}, which is not after the epoch this device already \
          verified ({ours}): it would take this device back in the group's history"
@@ -707,6 +710,12 @@ impl Member<OpenMlsRustCrypto> {
 impl<P: OpenMlsProvider> Member<P> {
     /// A member with a fresh MLS signature key, stored in `provider`, and
     /// its device certificate signed now by `account`.
+    /// The provider (tests arm adversarial crypto through it).
+    #[cfg(test)]
+    pub(crate) fn provider(&self) -> &P {
+        &self.provider
+    }
+
     pub fn create(provider: P, account: &Identity, device: DeviceId, now: u64) -> Result<Self, MlsError> {
         let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).context("signature key")?;
         signer.store(provider.storage()).context("storing the signature key")?;
@@ -1288,6 +1297,14 @@ impl<P: OpenMlsProvider> Member<P> {
         if info.group_id().as_slice() != group {
             return Err(MlsError::OtherGroup);
         }
+        // A group keeps its suite for life: a GroupInfo of another one
+        // (a server downgrading a post-quantum group) is no state of it.
+        let offered = info.group_context().ciphersuite();
+        if let Some(Ok(ours)) = self.suite_of(group) {
+            if offered != ours.ciphersuite() {
+                return Err(MlsError::OtherSuite { ours, offered: offered as u16 });
+            }
+        }
         let tree = match (info.extensions().ratchet_tree(), ratchet_tree) {
             (Some(ext), _) => ext.ratchet_tree().clone(),
             (None, Some(bytes)) => RatchetTreeIn::tls_deserialize_exact(bytes).context("the ratchet tree")?,
@@ -1303,6 +1320,7 @@ impl<P: OpenMlsProvider> Member<P> {
         )
         .context("the group's GroupInfo and tree do not verify")?;
         check_tree(public.members(), "rejoin")?;
+        crate::mls::check_tree_keys(&public.export_ratchet_tree(), public.ciphersuite())?;
         Ok((info, tree, public))
     }
 
@@ -1310,12 +1328,6 @@ impl<P: OpenMlsProvider> Member<P> {
     /// our signature key, the only proposal besides the ExternalInit) and
     /// makes its group ours.
     fn rejoin(&mut self, group: &[u8], info: VerifiableGroupInfo, tree: RatchetTreeIn) -> Result<Commit, MlsError> {
-        // The old state could not go on; its keys go with it.
-        if self.group_mut(group).is_ok() {
-            if let Some(mut old) = self.groups.remove(group) {
-                old.delete(self.provider.storage()).context("deleting the old group state")?;
-            }
-        }
         let builder = MlsGroup::external_commit_builder()
             .with_config(Self::join_config())
             .with_ratchet_tree(tree)
@@ -1326,6 +1338,17 @@ impl<P: OpenMlsProvider> Member<P> {
         let complete = built
             .build(self.provider.rand(), self.provider.crypto(), &self.signer, |_| true)
             .context("building the external commit")?;
+        // The old state could not go on; its keys go with it, but only
+        // once the new one is built (red team: a tree no commit could be
+        // built on used to cost the old state for nothing). Finalizing
+        // stores the new state under the same id, so it comes after.
+        let old = match self.groups.remove(group) {
+            Some(g) => Some(g),
+            None => MlsGroup::load(self.provider.storage(), &GroupId::from_slice(group)).ok().flatten(),
+        };
+        if let Some(mut old) = old {
+            old.delete(self.provider.storage()).context("deleting the old group state")?;
+        }
         let (joined, bundle) = complete.finalize(&self.provider).context("rejoining")?;
         let (commit, _, info) = bundle.contents();
         let commit = Commit::of(commit, None, info.cloned())?;
@@ -1409,7 +1432,13 @@ impl<P: OpenMlsProvider> Member<P> {
         }
         let staged = builder.build().context("Welcome")?;
         check_tree(staged.members(), "join")?;
-        let group = staged.into_group(&self.provider).context("joining")?;
+        let mut group = staged.into_group(&self.provider).context("joining")?;
+        // Every node's key of the group's KEM (a tree with one that is not
+        // would freeze the group at its next commit).
+        if let Err(e) = crate::mls::check_tree_keys(&group.export_ratchet_tree(), group.ciphersuite()) {
+            group.delete(self.provider.storage()).context("deleting the refused group state")?;
+            return Err(e.into());
+        }
         let id = group.group_id().as_slice().to_vec();
         self.groups.insert(id.clone(), group);
         Ok(id)
@@ -1537,6 +1566,13 @@ impl<P: OpenMlsProvider> Member<P> {
                     Ok(new_device) => new_device,
                     Err(reason) => return Ok(Received::Refused { sender, reason: reason.to_string() }),
                 };
+                // The keys the commit's path set, as the server checks them
+                // (a server that did not would let a member freeze the group).
+                if let Ok(Some(tree)) = staged.export_ratchet_tree(provider.crypto(), g.export_ratchet_tree()) {
+                    if let Err(reason) = crate::mls::check_tree_keys(&tree, g.ciphersuite()) {
+                        return Ok(Received::Refused { sender, reason: reason.to_string() });
+                    }
+                }
                 let removed_me = staged.self_removed();
                 let removed = if external {
                     Vec::new()

@@ -386,6 +386,9 @@ impl Delivery {
     /// was verified before: adds, updates, the committer's path leaf.)
     /// Returns the roster it makes.
     fn check_tree<E>(&self, public: &mls::PublicGroup) -> Result<BTreeMap<DeviceId, AccountId>, Refusal<E>> {
+        // The keys a commit's path set on parent nodes (the leaves were
+        // checked as they came in).
+        mls::check_tree_keys(&public.export_ratchet_tree(), public.ciphersuite()).map_err(invalid_commit)?;
         let mut roster = BTreeMap::new();
         for m in public.members() {
             let (account, device) = mls::holder_of(&m.credential)

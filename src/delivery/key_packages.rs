@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use super::{mls, refuse, Caller, Delivery, NewKeyPackage, Outcome, Refusal, Storage};
-use crate::auth::AccountId;
+use crate::auth::{AccountId, DeviceId};
 use crate::limits::{CLAIM_BURST, CLAIM_REFILL, MAX_DEVICES_PER_ACCOUNT, MAX_KEY_PACKAGES};
 use crate::mls::Suite;
 use crate::util::TokenBucket;
@@ -110,6 +110,27 @@ impl Delivery {
         let no_package = || refuse(ErrorCode::NoKeyPackage, "that account has no KeyPackage available");
         if !store.account_exists(target)? {
             return Err(no_package());
+        }
+        // All of the person's devices or none (red team, issue 35): a
+        // commit adding only some of them is refused anyway, and the
+        // packages claimed for the others would be spent for nothing.
+        let devices = store.devices_of(target)?;
+        let current: Vec<&DeviceId> = devices.iter().filter(|(_, r)| r.revoked_at.is_none()).map(|(d, _)| d).collect();
+        let mut lacking = 0;
+        for device in &current {
+            if store.key_package_count(device, suite)? == (0, false) {
+                lacking += 1;
+            }
+        }
+        if lacking > 0 && lacking < current.len() {
+            return Err(refuse(
+                ErrorCode::NoKeyPackage,
+                format!(
+                    "{lacking} of that account's {} devices have no {suite} KeyPackage available (an older client, \
+                     or one that has not synced yet); nothing was claimed",
+                    current.len()
+                ),
+            ));
         }
         let mut packages = store.claim_key_packages(target, suite, now)?;
         if packages.is_empty() {

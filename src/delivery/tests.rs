@@ -1749,7 +1749,253 @@ fn blobs_follow_membership_quotas_and_retention() {
     assert_eq!(sweep(&mut net, now + 1), vec![young.id]);
 }
 
+/// A crypto provider whose `derive_hpke_keypair` cuts the public key of
+/// its `which`-th derivation (counted from 1 once armed) to `cut` bytes:
+/// a member that makes a commit path with a parent node's key of the wrong
+/// length, consistently (parent hashes and signatures over the cut key).
+mod short_keys {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use openmls::prelude::tls_codec::SecretVLBytes;
+    use openmls_traits::crypto::OpenMlsCrypto;
+    use openmls_traits::types::{
+        AeadType, Ciphersuite, CryptoError, ExporterSecret, HashType, HpkeCiphertext, HpkeConfig, HpkeKeyPair,
+        KemOutput, SignatureScheme,
+    };
+    use openmls_traits::OpenMlsProvider;
+
+    #[derive(Default)]
+    pub struct ShortKeys {
+        inner: openmls_rust_crypto::RustCrypto,
+        /// 0: harmless; otherwise the number of the next derivation.
+        pub armed: AtomicUsize,
+        pub which: AtomicUsize,
+        pub cut: AtomicUsize,
+    }
+
+    #[derive(Default)]
+    pub struct Provider {
+        inner: openmls_rust_crypto::OpenMlsRustCrypto,
+        pub crypto: ShortKeys,
+    }
+
+    impl OpenMlsProvider for Provider {
+        type CryptoProvider = ShortKeys;
+        type RandProvider = openmls_rust_crypto::RustCrypto;
+        type StorageProvider = openmls_memory_storage::MemoryStorage;
+        fn storage(&self) -> &Self::StorageProvider {
+            self.inner.storage()
+        }
+        fn crypto(&self) -> &Self::CryptoProvider {
+            &self.crypto
+        }
+        fn rand(&self) -> &Self::RandProvider {
+            self.inner.rand()
+        }
+    }
+
+    impl OpenMlsCrypto for ShortKeys {
+        fn supports(&self, c: Ciphersuite) -> Result<(), CryptoError> {
+            self.inner.supports(c)
+        }
+        fn supported_ciphersuites(&self) -> Vec<Ciphersuite> {
+            self.inner.supported_ciphersuites()
+        }
+        fn hkdf_extract(&self, h: HashType, salt: &[u8], ikm: &[u8]) -> Result<SecretVLBytes, CryptoError> {
+            self.inner.hkdf_extract(h, salt, ikm)
+        }
+        fn hmac(&self, h: HashType, key: &[u8], m: &[u8]) -> Result<SecretVLBytes, CryptoError> {
+            self.inner.hmac(h, key, m)
+        }
+        fn hkdf_expand(&self, h: HashType, prk: &[u8], info: &[u8], l: usize) -> Result<SecretVLBytes, CryptoError> {
+            self.inner.hkdf_expand(h, prk, info, l)
+        }
+        fn hash(&self, h: HashType, d: &[u8]) -> Result<Vec<u8>, CryptoError> {
+            self.inner.hash(h, d)
+        }
+        fn aead_encrypt(&self, a: AeadType, k: &[u8], d: &[u8], n: &[u8], aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
+            self.inner.aead_encrypt(a, k, d, n, aad)
+        }
+        fn aead_decrypt(&self, a: AeadType, k: &[u8], c: &[u8], n: &[u8], aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
+            self.inner.aead_decrypt(a, k, c, n, aad)
+        }
+        fn signature_key_gen(&self, a: SignatureScheme) -> Result<(Vec<u8>, Vec<u8>), CryptoError> {
+            self.inner.signature_key_gen(a)
+        }
+        fn verify_signature(&self, a: SignatureScheme, d: &[u8], pk: &[u8], sig: &[u8]) -> Result<(), CryptoError> {
+            self.inner.verify_signature(a, d, pk, sig)
+        }
+        fn sign(&self, a: SignatureScheme, d: &[u8], k: &[u8]) -> Result<Vec<u8>, CryptoError> {
+            self.inner.sign(a, d, k)
+        }
+        fn hpke_seal(
+            &self,
+            c: HpkeConfig,
+            pk: &[u8],
+            info: &[u8],
+            aad: &[u8],
+            p: &[u8],
+        ) -> Result<HpkeCiphertext, CryptoError> {
+            self.inner.hpke_seal(c, pk, info, aad, p)
+        }
+        fn hpke_open(
+            &self,
+            c: HpkeConfig,
+            x: &HpkeCiphertext,
+            sk: &[u8],
+            info: &[u8],
+            aad: &[u8],
+        ) -> Result<Vec<u8>, CryptoError> {
+            self.inner.hpke_open(c, x, sk, info, aad)
+        }
+        fn hpke_setup_sender_and_export(
+            &self,
+            c: HpkeConfig,
+            pk: &[u8],
+            info: &[u8],
+            e: &[u8],
+            l: usize,
+        ) -> Result<(KemOutput, ExporterSecret), CryptoError> {
+            self.inner.hpke_setup_sender_and_export(c, pk, info, e, l)
+        }
+        fn hpke_setup_receiver_and_export(
+            &self,
+            c: HpkeConfig,
+            enc: &[u8],
+            sk: &[u8],
+            info: &[u8],
+            e: &[u8],
+            l: usize,
+        ) -> Result<ExporterSecret, CryptoError> {
+            self.inner.hpke_setup_receiver_and_export(c, enc, sk, info, e, l)
+        }
+        fn derive_hpke_keypair(&self, c: HpkeConfig, ikm: &[u8]) -> Result<HpkeKeyPair, CryptoError> {
+            let mut pair = self.inner.derive_hpke_keypair(c, ikm)?;
+            let n = self.armed.load(Ordering::SeqCst);
+            if n > 0 {
+                self.armed.store(n + 1, Ordering::SeqCst);
+                if n == self.which.load(Ordering::SeqCst) {
+                    pair.public.truncate(self.cut.load(Ordering::SeqCst));
+                }
+            }
+            Ok(pair)
+        }
+    }
+}
+
+/// Red team (issue 35): a member's commit whose path gives a parent node
+/// a key of another length than the group's KEM (the members under that
+/// node's other child would check it, and there is nobody there; the
+/// server cannot derive it) froze every later commit that encrypts to it.
+/// The server refuses it; a member that a server relays it to anyway
+/// refuses it too and stays in its epoch.
+fn a_parent_node_key_of_the_wrong_length_is_refused_by_server_and_members() {
+    use std::sync::atomic::Ordering;
+
+    use crate::mls::Suite;
+    for (suite, cut) in [(Suite::Classic, 31), (Suite::Pq, crate::mls::XWING_PUBLIC_KEY - 1), (Suite::Pq, 32)] {
+        let mut net = Net::new();
+        let (mut alice, mut bob, mut carol) = (net.client(1), net.client(2), net.client(3));
+        // mallory, at leaf 3: her path sets the parent of carol's leaf and
+        // hers (which carol checks) and the root (which everyone checks).
+        let account = crate::auth::Identity::generate().unwrap();
+        let device = crate::auth::DeviceId(crate::auth::Identity::generate().unwrap().public_key());
+        let mut mallory = Member::create(short_keys::Provider::default(), &account, device, net.now).unwrap();
+        net.enrol(mallory.certificate());
+        let as_mallory = Caller::of(mallory.certificate());
+        let packages = mallory.key_packages_of(suite, 2).unwrap();
+        assert!(!matches!(
+            net.req_as(as_mallory, Request::PublishKeyPackages { packages, last_resort: Some(1) }),
+            Response::Error { .. }
+        ));
+        for c in [&bob, &carol] {
+            let packages = c.member.key_packages_of(suite, 2).unwrap();
+            net.ok(c, Request::PublishKeyPackages { packages, last_resort: Some(1) });
+        }
+        alice.member.set_removal_key(net.removal_key);
+        let g = alice.member.create_group_of(&net.removal_key, suite).unwrap();
+        net.ok(&alice, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree });
+        alice.logs.insert(g.id.clone(), GroupLog::new(&g.id, 0));
+        let g = g.id;
+        let mut packages = vec![];
+        for who in [bob.member.account(), carol.member.account(), mallory.account()] {
+            let claim = Request::ClaimKeyPackages { account: who.0, suite: suite.code() };
+            let Response::KeyPackages { packages: p } = net.ok(&alice, claim) else { panic!() };
+            packages.push((who, p.into_iter().next().unwrap()));
+        }
+        let commit = alice.member.add(&g, &packages).unwrap();
+        assert!(matches!(net.commit(&mut alice, commit), Response::Accepted { .. }));
+        alice.member.merge_pending(&g).unwrap();
+        net.join(&mut bob);
+        net.join(&mut carol);
+        let Response::Welcomes { welcomes } = net.req_as(as_mallory, Request::FetchWelcomes) else { panic!() };
+        let (id, welcome) = welcomes.into_iter().next().unwrap();
+        mallory.join(&welcome).unwrap();
+        net.req_as(as_mallory, Request::AckWelcome { id });
+        // Her path derives the parent of carol's leaf and hers first (1),
+        // then the root (2, which alice derives too and would notice),
+        // then her leaf (3).
+        let crypto = &mallory.provider().crypto;
+        crypto.which.store(1, Ordering::SeqCst);
+        crypto.cut.store(cut, Ordering::SeqCst);
+        crypto.armed.store(1, Ordering::SeqCst);
+        let bad = mallory.self_update(&g).unwrap();
+        mallory.provider().crypto.armed.store(0, Ordering::SeqCst);
+        let message = bad.message.clone();
+        match net.req_as(as_mallory, bad.into_request()) {
+            Response::Error { code: ErrorCode::InvalidCommit, message, .. } => {
+                assert!(message.contains("encryption key"), "{suite} cut to {cut}: {message}")
+            }
+            other => panic!("{suite}, a parent key cut to {cut}: the server took {other:?}"),
+        }
+        mallory.discard_pending(&g).unwrap();
+        // Relayed anyway (a server without the check, or a hostile one):
+        // alice shares only the root with mallory and would not notice.
+        let epoch = alice.member.epoch(&g);
+        match alice.member.receive(&g, &message).unwrap() {
+            Received::Refused { reason, .. } => {
+                assert!(reason.contains("encryption key"), "{suite} cut to {cut}: {reason}")
+            }
+            other => panic!("{suite}, a parent key cut to {cut}: alice took {other:?}"),
+        }
+        assert_eq!(alice.member.epoch(&g), epoch);
+        // The group goes on.
+        net.text(&mut alice, &g, "still one group");
+        assert_eq!(texts(&net.sync(&mut bob, &g)), ["still one group"]);
+    }
+}
+
+/// Red team (issue 35): a claim of a suite that some of the person's
+/// devices have no package of (an older client on one of them) fails as
+/// a whole, and spends none of the packages of the devices that have one.
+fn a_claim_some_devices_cannot_answer_fails_whole_and_spends_nothing() {
+    use crate::mls::Suite;
+    let mut net = Net::new();
+    let alice = net.client(1);
+    let account = crate::auth::Identity::generate().unwrap();
+    let phone = net.second_device(&account);
+    let _old_laptop = net.second_device(&account);
+    let pq = Suite::Pq.code();
+    let packages = phone.member.key_packages_of(Suite::Pq, 3).unwrap();
+    net.ok(&phone, Request::PublishKeyPackages { packages, last_resort: Some(2) });
+    let before = net.ok(&phone, Request::CountKeyPackagesOf { suite: pq });
+    assert_eq!(before, Response::KeyPackageCount { count: 2, last_resort: true });
+    let claim = Request::ClaimKeyPackages { account: account.account_id().0, suite: pq };
+    assert_eq!(net.code(&alice, claim.clone()).0, ErrorCode::NoKeyPackage);
+    assert_eq!(
+        net.ok(&phone, Request::CountKeyPackagesOf { suite: pq }),
+        before,
+        "the phone's packages were spent on a claim that failed"
+    );
+    // Classic: both devices answer.
+    let classic = Request::ClaimKeyPackages { account: account.account_id().0, suite: Suite::Classic.code() };
+    let Response::KeyPackages { packages } = net.ok(&alice, classic) else { panic!() };
+    assert_eq!(packages.len(), 2);
+}
+
 rules! {
+    a_claim_some_devices_cannot_answer_fails_whole_and_spends_nothing,
+    a_parent_node_key_of_the_wrong_length_is_refused_by_server_and_members,
     post_quantum_key_packages_and_groups,
     a_post_quantum_group_holds_at_most_its_cap,
     a_further_device_of_a_member_reads_the_log_before_it_joins,

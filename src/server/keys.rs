@@ -377,9 +377,12 @@ impl KeyFiles {
         }
         self.record(identity)?;
         // Never older than the key it replaces: clients refuse a
-        // certificate older than the newest they saw.
+        // certificate older than the newest they saw. (One that starts in
+        // the future, from a clock that was wrong, no client took.)
         let after = match self.load_online() {
-            Ok(Some((_, old))) if old.identity == identity.public_key() => old.not_before.saturating_add(1),
+            Ok(Some((_, old))) if old.identity == identity.public_key() && old.not_before <= now => {
+                old.not_before.saturating_add(1)
+            }
             _ => 0,
         };
         let not_before = now.saturating_sub(CERT_BACKDATE.as_secs()).max(after);

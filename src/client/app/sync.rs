@@ -98,7 +98,11 @@ impl App {
                     let cursor =
                         announced.iter().find(|g| g.group == gid).map(|g| g.acked_seq.min(g.last_seq)).unwrap_or(0);
                     self.local.put_group(&gid, None, cursor, now_unix())?;
-                    new.push(self.record(&gid, cursor, None, EntryKind::Event, "you joined")?);
+                    let joined = match self.member.suite_of(&gid) {
+                        Some(Ok(suite)) => format!("you joined (a {suite} group)"),
+                        _ => "you joined".to_string(),
+                    };
+                    new.push(self.record(&gid, cursor, None, EntryKind::Event, &joined)?);
                 }
                 Err(e) => {
                     // Shown to the user (there is no group to file it under).

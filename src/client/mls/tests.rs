@@ -495,3 +495,21 @@ fn a_post_quantum_group_does_everything_a_classic_one_does() {
     let pq = bob.key_packages_of(Suite::Pq, 1).unwrap().remove(0);
     assert!(alice.add(&classic_group, &[(bob.account(), pq)]).is_err());
 }
+
+#[test]
+fn a_group_info_of_another_suite_is_no_state_of_the_group() {
+    // Red team (issue 35): a server downgrading a post-quantum group by
+    // handing its member a classic GroupInfo under the same id.
+    let (_, _, mut alice) = Member::generate().unwrap();
+    let (_, _, mut mallory) = Member::generate().unwrap();
+    let group = alice.create_group_of(&REMOVAL_KEY, Suite::Pq).unwrap().id;
+    let downgraded = mallory.create_group_with_id(&REMOVAL_KEY, &group).unwrap();
+    let tree = Some(downgraded.ratchet_tree.as_slice());
+    for result in [
+        alice.resync(&group, &downgraded.group_info, tree, None),
+        alice.join_external(&group, &downgraded.group_info, tree),
+    ] {
+        assert!(matches!(result, Err(MlsError::OtherSuite { ours: Suite::Pq, offered: 0x0001 })), "{result:?}");
+    }
+    assert_eq!(alice.suite_of(&group), Some(Ok(Suite::Pq)), "the state was kept");
+}
