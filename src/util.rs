@@ -47,7 +47,21 @@ pub fn write_private(path: &std::path::Path, bytes: &[u8], replace: bool) -> std
     } else {
         let linked = std::fs::hard_link(&tmp, path);
         std::fs::remove_file(&tmp)?;
-        linked?;
+        match linked {
+            Ok(()) => {}
+            // A file system without hard links (FAT, exFAT: a removable
+            // disk): create the file itself, never over an existing one.
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+                let written = file.write_all(bytes).and_then(|()| file.sync_all());
+                drop(file);
+                if let Err(e) = written {
+                    let _ = std::fs::remove_file(path);
+                    return Err(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
     }
     if let Some(dir) = path.parent() {
         if let Ok(d) = std::fs::File::open(dir) {

@@ -77,6 +77,26 @@ impl Identity {
     }
 
     /// Loads an existing key file.
+    /// [`Identity::load`], accepting a file others may read (a key kept on
+    /// a removable disk whose file system has no modes); returns the mode
+    /// if it was too open, so the caller can warn.
+    pub fn load_any_mode(path: &Path) -> Result<(Self, Option<u32>), KeyError> {
+        match Self::load(path) {
+            Ok(id) => Ok((id, None)),
+            Err(KeyError::Permissions { mode, .. }) => {
+                let io = |source| KeyError::Io { path: path.to_owned(), source };
+                let file = File::open(path).map_err(io)?;
+                if file.metadata().map_err(io)?.len() != KEY_FILE_LEN {
+                    return Err(KeyError::Format { path: path.to_owned() });
+                }
+                let mut seed = Zeroizing::new([0u8; 32]);
+                file.take(KEY_FILE_LEN).read_exact(seed.as_mut()).map_err(io)?;
+                Ok((Self { key: SigningKey::from_bytes(&seed) }, Some(mode)))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Self, KeyError> {
         let io = |source| KeyError::Io { path: path.to_owned(), source };
         let file = File::open(path).map_err(io)?;

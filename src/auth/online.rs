@@ -68,7 +68,10 @@ pub enum OnlineError {
         "the server's online-key certificate expired at {0} (Unix time); its operator must run `hushd keys rotate`"
     )]
     Expired(u64),
-    #[error("the server's online-key certificate is valid only from {0} (Unix time); check this machine's clock")]
+    #[error(
+        "the server's online-key certificate is valid only from {0} (Unix time): this device's clock or the \
+         server's is wrong; check this one, or ask the operator to check the server's and rotate"
+    )]
     NotYetValid(u64),
     #[error("the online-key certificate claims a validity longer than a year")]
     TooLong,

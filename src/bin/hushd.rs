@@ -163,7 +163,8 @@ enum Command {
     /// integrity and schema. Exits non-zero if anything is wrong.
     Check,
     /// Copy the database to PATH with SQLite's online backup (safe while
-    /// the server runs). The key file is not included: copy it separately.
+    /// the server runs). The key files are not included: copy them
+    /// separately.
     /// On PostgreSQL it refuses and points to pg_dump.
     Backup { path: PathBuf },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -334,8 +335,9 @@ fn run(cli: Cli) -> Result<()> {
             .with_context(|| format!("backing up to {}", path.display()))?;
             out!("backed up {} ({pages} pages) to {}", dir.db().display(), path.display());
             eprintln!(
-                "the server key ({}) is not in the backup; keep a copy of it somewhere safe",
-                dir.key().display()
+                "the key files are not in the backup: keep copies of server.key (or the exported identity key), \
+                 identity.pub, online.key, node.secrets and removal.key from {} somewhere safe",
+                dir.0.display()
             );
             Ok(())
         }
@@ -445,6 +447,15 @@ fn check(dir: &DataDir, config: Result<ServerConfig>) -> Result<()> {
             let ours = files.public_identity().ok().flatten() == Some(cert.identity);
             let (detail, ok) = if !ours {
                 ("certified by another identity than this server's".to_string(), false)
+            } else if cert.not_before > now {
+                (
+                    format!(
+                        "certificate starts in the future ({}): this machine's clock was or is wrong; fix it, then \
+                         `hushd keys rotate`",
+                        format_unix(cert.not_before)
+                    ),
+                    false,
+                )
             } else if cert.not_after <= now {
                 (format!("certificate EXPIRED at {} (Unix time): run `hushd keys rotate`", cert.not_after), false)
             } else if hush::server::keys::needs_renewal(&cert, now) && !dir.key().exists() {
@@ -545,7 +556,19 @@ fn keys(dir: &DataDir, action: Option<KeysCmd>) -> Result<()> {
                 None => hush::server::keys::DEFAULT_ONLINE_VALIDITY,
             };
             let identity = match &identity_key {
-                Some(path) => Identity::load(path).with_context(|| format!("loading {}", path.display()))?,
+                Some(path) => {
+                    let (identity, open) =
+                        Identity::load_any_mode(path).with_context(|| format!("loading {}", path.display()))?;
+                    if let Some(mode) = open {
+                        eprintln!(
+                            "warning: {} is readable by others (mode {mode:o}); fine on a removable disk without \
+                             file modes, otherwise run: chmod 600 {}",
+                            path.display(),
+                            path.display()
+                        );
+                    }
+                    identity
+                }
                 None => files.load_identity()?.ok_or_else(|| {
                     anyhow::anyhow!(hush::server::keys::KeysError::IdentityAway { dir: dir.0.clone() })
                 })?,

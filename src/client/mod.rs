@@ -117,7 +117,7 @@ pub enum ClientError {
     )]
     FingerprintMismatch { pinned: Fingerprint, presented: Fingerprint },
     #[error("refusing the server: {0}")]
-    ServerKey(#[from] crate::auth::online::OnlineError),
+    ServerKey(crate::auth::online::OnlineError),
     #[error("the server refused the connection: {0}")]
     Refused(String),
     #[error("the server closed the connection: {reason} (code {code})")]

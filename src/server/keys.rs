@@ -101,9 +101,15 @@ pub enum KeysError {
          for example), or copy the data directory to where it is"
     )]
     IdentityAway { dir: PathBuf },
+    #[error(
+        "{dir} served a server before (node.secrets is there) but neither its identity key (server.key) nor \
+         identity.pub nor online.key is: restore one of them from a backup; hushd will not make a new identity \
+         here, which would change the address every member pinned"
+    )]
+    IdentityUnknown { dir: PathBuf },
     #[error("{0} already exists; choose another path (an exported identity key is never overwritten)")]
     Exists(PathBuf),
-    #[error("--valid-for must be between one hour and {} days", MAX_ONLINE_VALIDITY_SECS / 86_400)]
+    #[error("--valid-for must be between one day and {} days", MAX_ONLINE_VALIDITY_SECS / 86_400)]
     Validity,
     #[error(transparent)]
     Online(#[from] OnlineError),
@@ -159,6 +165,12 @@ impl Keys {
 
 pub fn fingerprint_of(key: &[u8; 32]) -> Fingerprint {
     Fingerprint::of_spki(&cert::ed25519_spki(key))
+}
+
+/// The first 32 bytes (a seed or secret) and the rest.
+fn split_seed(bytes: &[u8]) -> Option<(Zeroizing<[u8; 32]>, &[u8])> {
+    let (head, rest) = bytes.split_first_chunk::<32>()?;
+    Some((Zeroizing::new(*head), rest))
 }
 
 /// Reads a private file of exactly `len` bytes (mode 0600 or stricter).
@@ -220,10 +232,13 @@ impl KeyFiles {
     /// The public identity: from the key if it is here, else from
     /// `identity.pub`.
     pub fn public_identity(&self) -> Result<Option<[u8; 32]>, KeysError> {
-        match self.load_identity()? {
-            Some(id) => Ok(Some(id.public_key())),
-            None => self.recorded_public(),
+        if let Some(id) = self.load_identity()? {
+            return Ok(Some(id.public_key()));
         }
+        if let Some(public) = self.recorded_public()? {
+            return Ok(Some(public));
+        }
+        Ok(self.load_online()?.map(|(_, cert)| cert.identity))
     }
 
     /// Writes `identity.pub` and `node.secrets` for `identity` where they
@@ -242,11 +257,8 @@ impl KeyFiles {
         }
         if !self.node_secrets().exists() {
             let secrets = NodeSecrets::derive(identity)?;
-            let mut bytes = Zeroizing::new([0u8; 64]);
-            bytes[..32].copy_from_slice(secrets.reset.as_ref());
-            bytes[32..].copy_from_slice(secrets.wake.as_ref());
-            crate::util::write_private(&self.node_secrets(), bytes.as_ref(), false)
-                .map_err(io(&self.node_secrets()))?;
+            let bytes = Zeroizing::new([secrets.reset.as_slice(), secrets.wake.as_slice()].concat());
+            crate::util::write_private(&self.node_secrets(), &bytes, false).map_err(io(&self.node_secrets()))?;
         }
         Ok(())
     }
@@ -263,12 +275,12 @@ impl KeyFiles {
     }
 
     fn load_secrets(&self) -> Result<NodeSecrets, KeysError> {
-        let bytes = read_private(&self.node_secrets(), 64, "node secrets")?;
-        let mut reset = Zeroizing::new([0u8; 32]);
-        let mut wake = Zeroizing::new([0u8; 32]);
-        reset.copy_from_slice(&bytes[..32]);
-        wake.copy_from_slice(&bytes[32..]);
-        Ok(NodeSecrets { reset, wake })
+        let path = self.node_secrets();
+        let bytes = read_private(&path, 64, "node secrets")?;
+        let malformed = || KeysError::Format { path: path.clone(), what: "node secrets" };
+        let (reset, wake) = split_seed(&bytes).ok_or_else(malformed)?;
+        let wake: [u8; 32] = wake.try_into().map_err(|_| malformed())?;
+        Ok(NodeSecrets { reset, wake: Zeroizing::new(wake) })
     }
 
     /// The online key and its certificate, if a rotation wrote them.
@@ -279,11 +291,10 @@ impl KeyFiles {
             Err(KeysError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let mut seed = Zeroizing::new([0u8; 32]);
-        seed.copy_from_slice(&bytes[..32]);
+        let malformed = || KeysError::Format { path: path.clone(), what: "online key" };
+        let (seed, cert) = split_seed(&bytes).ok_or_else(malformed)?;
         let key = Identity::from_seed(&seed);
-        let cert = OnlineCert::decode(&bytes[32..])
-            .map_err(|_| KeysError::Format { path: path.clone(), what: "online key" })?;
+        let cert = OnlineCert::decode(cert).map_err(|_| malformed())?;
         if cert.online != key.public_key() {
             return Err(KeysError::Mismatched { path });
         }
@@ -302,6 +313,18 @@ impl KeyFiles {
         if self.recorded_public()?.is_some() {
             // Exported: this directory keeps that identity.
             return Ok(false);
+        }
+        // identity.pub lost (a partial restore, a tidy-up): the online
+        // key's certificate names the identity. Never a new identity in
+        // a directory that served one (red team).
+        if let Some((_, cert)) = self.load_online()? {
+            let text = format!("{}\n", crate::auth::text::encode(&cert.identity));
+            crate::util::write_private(&self.identity_public(), text.as_bytes(), true)
+                .map_err(io(&self.identity_public()))?;
+            return Ok(false);
+        }
+        if self.node_secrets().exists() {
+            return Err(KeysError::IdentityUnknown { dir: self.dir.clone() });
         }
         let identity = Identity::generate()?;
         identity.save(&self.identity_key())?;
@@ -367,7 +390,7 @@ impl KeyFiles {
         now: u64,
     ) -> Result<(Identity, OnlineCert), KeysError> {
         let secs = validity.as_secs();
-        if !(3600..=MAX_ONLINE_VALIDITY_SECS - CERT_BACKDATE.as_secs()).contains(&secs) {
+        if !(86_400..=MAX_ONLINE_VALIDITY_SECS - CERT_BACKDATE.as_secs()).contains(&secs) {
             return Err(KeysError::Validity);
         }
         if let Some(public) = self.public_identity()? {
@@ -404,15 +427,19 @@ impl KeyFiles {
         let mut cert = *old;
         let mut key = None;
         for _ in 0..MAX_RENEWALS {
-            let not_before = cert.not_after.saturating_sub(RENEW_BEFORE.as_secs());
+            // From the start of the renewal window (backdated as a manual
+            // rotation is), never before the certificate it follows
+            // (clients refuse one older than the newest they saw); as long
+            // as the one it follows.
+            let validity = cert.not_after.saturating_sub(cert.not_before);
+            let not_before = cert
+                .not_after
+                .saturating_sub(renewal_window(&cert))
+                .saturating_sub(CERT_BACKDATE.as_secs())
+                .max(cert.not_before.saturating_add(1));
             let label = [RENEWAL_LABEL, &cert.online, &not_before.to_be_bytes()].concat();
             let next = Identity::from_seed(&*identity.derive(&label)?);
-            cert = OnlineCert::issue(
-                identity,
-                next.public_key(),
-                not_before,
-                not_before.saturating_add(DEFAULT_ONLINE_VALIDITY.as_secs()),
-            )?;
+            cert = OnlineCert::issue(identity, next.public_key(), not_before, not_before.saturating_add(validity))?;
             key = Some(next);
             if !needs_renewal(&cert, now) {
                 break;
@@ -487,7 +514,7 @@ impl std::fmt::Debug for KeyWatch {
 }
 
 impl KeyWatch {
-    pub async fn run(self) {
+    pub async fn run(mut self) {
         let mut stamp = self.files.online_stamp();
         let mut tick = tokio::time::interval(KEY_POLL_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -496,29 +523,46 @@ impl KeyWatch {
         loop {
             tick.tick().await;
             let now = crate::util::now_unix();
-            let cert = self.current.get().cert();
-            let renew = self.identity.is_some() && cert.is_some_and(|c| needs_renewal(&c, now));
+            // Exported while serving: the key leaves this process too.
+            if self.identity.is_some() && !self.files.identity_key().exists() {
+                self.identity = None;
+                tracing::info!("the identity key left the data directory; this server no longer renews by itself");
+            }
+            let current = self.current.get();
+            let renew = self.identity.is_some() && current.cert().is_some_and(|c| needs_renewal(&c, now));
+            // Taken before reading: a change while it reads is seen at the
+            // next tick.
             let seen = self.files.online_stamp();
             if seen != stamp || renew {
+                stamp = seen;
                 let watch = self.clone();
                 let loaded = tokio::task::spawn_blocking(move || {
                     watch.files.serving_key(&watch.identity_public, watch.identity.as_deref(), now)
                 })
                 .await;
-                stamp = self.files.online_stamp();
                 match loaded {
-                    Ok(Ok(key)) => {
-                        if key.public_key() != self.current.get().public_key() {
-                            match key.cert() {
-                                Some(c) => tracing::info!(
-                                    "serving a new online key (certified until {} Unix time): new connections use                                      it, existing ones keep theirs",
-                                    c.not_after
-                                ),
-                                None => tracing::info!("serving with the identity key itself again"),
-                            }
+                    Ok(Ok(key)) if key.public_key() == current.public_key() => {}
+                    Ok(Ok(key)) => match (key.cert(), current.cert()) {
+                        // Clients that saw the newer key refuse the older
+                        // one: never go back to it (a backup restored over
+                        // a rotation, a copy between nodes the wrong way).
+                        (Some(new), Some(old)) if new.not_before < old.not_before => tracing::warn!(
+                            "online.key holds a key certified before the one being served; still serving the newer \
+                             one (run `hushd keys rotate` for a new key)"
+                        ),
+                        (Some(new), _) => {
+                            tracing::info!(
+                                "serving a new online key (certified until {} Unix time): new connections use it, \
+                                 existing ones keep theirs",
+                                new.not_after
+                            );
+                            self.current.set(key);
                         }
-                        self.current.set(key);
-                    }
+                        (None, _) => {
+                            tracing::info!("serving with the identity key itself again");
+                            self.current.set(key);
+                        }
+                    },
                     Ok(Err(e)) => {
                         tracing::warn!("not using the changed key files: {e}; still serving the previous key")
                     }
@@ -531,7 +575,9 @@ impl KeyWatch {
                     warned_on_day = Some(day);
                     let days = cert.not_after.saturating_sub(now) / 86_400;
                     tracing::warn!(
-                        "the online key's certificate ends in {days} day(s) (at {} Unix time) and the identity key is                          not here to renew it: run `hushd keys rotate --identity-key FILE`; after it ends, clients                          refuse this server",
+                        "the online key's certificate ends in {days} day(s) (at {} Unix time) and the identity key is \
+                         not here to renew it: run `hushd keys rotate --identity-key FILE`; after it ends, clients \
+                         refuse this server",
                         cert.not_after
                     );
                 }
@@ -540,9 +586,16 @@ impl KeyWatch {
     }
 }
 
-/// Whether a certificate ends within [`RENEW_BEFORE`] of `now`.
+/// How long before its end a certificate is renewed: [`RENEW_BEFORE`],
+/// or a third of its validity if that is shorter (an operator's short
+/// certificate is renewed into one as short, not at once).
+pub fn renewal_window(cert: &OnlineCert) -> u64 {
+    RENEW_BEFORE.as_secs().min(cert.not_after.saturating_sub(cert.not_before) / 3)
+}
+
+/// Whether a certificate ends within its [`renewal_window`] of `now`.
 pub fn needs_renewal(cert: &OnlineCert, now: u64) -> bool {
-    cert.not_after <= now.saturating_add(RENEW_BEFORE.as_secs())
+    cert.not_after <= now.saturating_add(renewal_window(cert))
 }
 
 #[cfg(test)]
@@ -597,7 +650,7 @@ mod tests {
         let identity = files.load_identity().unwrap().unwrap();
         let (_, cert) = files.rotate(&identity, Duration::from_secs(40 * 86_400), now).unwrap();
         assert_eq!(files.open(now).unwrap().serving.cert(), Some(cert));
-        let later = now + 11 * 86_400;
+        let later = now + 30 * 86_400;
         let renewed = files.open(later).unwrap().serving.cert().unwrap();
         assert_ne!(renewed.online, cert.online);
         assert!(renewed.not_after > later + RENEW_BEFORE.as_secs());
@@ -610,6 +663,58 @@ mod tests {
         // A server down for a year renews into a certificate valid now.
         let (_, late) = other.renew(&identity, &cert, now + 400 * 86_400).unwrap();
         assert!(late.not_before <= now + 400 * 86_400 && !needs_renewal(&late, now + 400 * 86_400));
+    }
+
+    #[test]
+    fn a_renewal_never_starts_before_what_it_renews_and_keeps_its_length() {
+        // Red team: a short rotation was renewed at once into a
+        // certificate older than the one clients had seen.
+        let (_tmp, files) = dir();
+        let now = 1_000_000_000;
+        files.init().unwrap();
+        let identity = files.load_identity().unwrap().unwrap();
+        let (_, seen) = files.rotate(&identity, DEFAULT_ONLINE_VALIDITY, now - 10 * 86_400).unwrap();
+        let (_, short) = files.rotate(&identity, Duration::from_secs(7 * 86_400), now).unwrap();
+        assert!(short.not_before > seen.not_before);
+        assert_eq!(files.open(now + 2).unwrap().serving.cert(), Some(short), "renewed at once");
+        let late = short.not_after - 86_400;
+        let renewed = files.open(late).unwrap().serving.cert().unwrap();
+        assert_ne!(renewed, short);
+        assert!(renewed.not_before > short.not_before && renewed.not_before <= late);
+        assert_eq!(renewed.not_after - renewed.not_before, short.not_after - short.not_before);
+    }
+
+    #[test]
+    fn a_rotation_after_a_fast_clock_is_valid_now() {
+        let (_tmp, files) = dir();
+        let now = 1_000_000_000;
+        files.init().unwrap();
+        let identity = files.load_identity().unwrap().unwrap();
+        files.rotate(&identity, DEFAULT_ONLINE_VALIDITY, now + 86_400).unwrap();
+        let (_, fixed) = files.rotate(&identity, DEFAULT_ONLINE_VALIDITY, now).unwrap();
+        assert!(fixed.not_before <= now);
+        files.rotate(&identity, DEFAULT_ONLINE_VALIDITY, now + 10 * 365 * 86_400).unwrap();
+        assert!(files.rotate(&identity, DEFAULT_ONLINE_VALIDITY, now).is_ok(), "ten years fast once");
+    }
+
+    #[test]
+    fn init_never_replaces_an_identity_whose_public_half_was_lost() {
+        let (tmp, files) = dir();
+        let now = 1_000_000_000;
+        files.init().unwrap();
+        let before = files.open(now).unwrap().identity_public;
+        files.export_identity(&tmp.path().join("id.key"), now).unwrap();
+        std::fs::remove_file(files.identity_public()).unwrap();
+        assert!(!files.init().unwrap(), "a new identity was created");
+        assert!(!files.identity_key().exists());
+        assert_eq!(files.public_identity().unwrap(), Some(before));
+        assert_eq!(files.recorded_public().unwrap(), Some(before), "identity.pub written back");
+        // With online.key gone too, node.secrets still says a server lived
+        // here.
+        std::fs::remove_file(files.identity_public()).unwrap();
+        std::fs::remove_file(files.online_key()).unwrap();
+        assert!(matches!(files.init(), Err(KeysError::IdentityUnknown { .. })));
+        assert!(!files.identity_key().exists());
     }
 
     #[test]
