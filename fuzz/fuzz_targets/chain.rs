@@ -16,9 +16,11 @@ fuzz_target!(|data: &[u8]| {
     let mut at: Option<Position> = None;
     while let Some((&op, tail)) = rest.split_first() {
         // One entry: seq delta (1 byte), head present + 32 bytes or a
-        // recomputed one, then up to 255 bytes of message.
+        // recomputed one, then up to 511 bytes of message (the op's top
+        // bit adds 256: a claim with an online key's certificate is 292).
         let delta = u64::from(*tail.first().unwrap_or(&1));
-        let len = usize::from(*tail.get(1).unwrap_or(&0)).min(tail.len().saturating_sub(2));
+        let long = if op & 0x80 != 0 { 256 } else { 0 };
+        let len = (usize::from(*tail.get(1).unwrap_or(&0)) + long).min(tail.len().saturating_sub(2));
         let body = tail.get(2..2 + len).unwrap_or_default();
         rest = tail.get(2 + len..).unwrap_or_default();
         let seq = at.map_or(delta, |p| p.seq.wrapping_add(delta));
