@@ -453,3 +453,25 @@ pub const CLIENT_PURGE_INTERVAL: Duration = Duration::from_secs(1);
 /// times, signature), which signed chain heads and members' claims carry
 /// as they are.
 pub const ONLINE_CERT_LEN: usize = 8 + 32 + 32 + 8 + 8 + 64;
+
+/// Longest line `hush jsonrpc` and `hush daemon` read (one request); a
+/// longer one is answered with an Invalid Request error and skipped
+/// without being held.
+pub const MAX_RPC_LINE: usize = 1024 * 1024;
+
+/// Responses and notifications waiting for one JSON-RPC client to read
+/// them. Past this, notifications for that client are dropped (and
+/// counted in a `dropped` notification once it reads again); responses
+/// wait, and so does that client's next request.
+pub const RPC_CLIENT_QUEUE: usize = 256;
+
+/// JSON-RPC clients one `hush daemon` serves at once.
+pub const MAX_RPC_CLIENTS: usize = 16;
+
+/// How long a notification waits for room in a JSON-RPC client's queue
+/// before that client counts as not reading: from then on notifications
+/// for it are dropped (and counted) without waiting, until its queue has
+/// room again. A burst larger than the queue thus reaches every client
+/// that reads, and a client that does not delays the others once, by
+/// this much.
+pub const RPC_STALL: std::time::Duration = std::time::Duration::from_secs(1);

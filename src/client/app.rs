@@ -163,6 +163,8 @@ pub struct Entry {
     pub seq: u64,
     /// Display name of the sender (petname, "you", or short fingerprint).
     pub sender: String,
+    /// The sender's account, when a member wrote or did it.
+    pub sender_account: Option<AccountId>,
     pub kind: EntryKind,
     pub body: String,
     pub time: u64,
@@ -501,6 +503,7 @@ impl App {
             group: name.to_owned(),
             seq: row.seq,
             sender: row.sender.map(|a| self.display(&a)).unwrap_or_default(),
+            sender_account: row.sender,
             kind: row.kind,
             body: row.body,
             time: row.time,
@@ -700,6 +703,11 @@ impl App {
 
     pub fn members(&mut self, group: &GroupRow) -> Vec<String> {
         self.member.members(&group.id).iter().map(|a| self.display(a)).collect()
+    }
+
+    /// The accounts in a group.
+    pub fn member_accounts(&mut self, group: &GroupRow) -> Vec<AccountId> {
+        self.member.members(&group.id)
     }
 
     /// Sends a payload; text enters the history once the server accepted

@@ -58,6 +58,16 @@ pub enum HomeError {
     Linked(PathBuf),
     #[error("writing {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{0} is in use by `hush daemon` or `hush jsonrpc` (one process holds a home while it serves): talk to it \
+         through its socket, or stop it first"
+    )]
+    HeldByDaemon(PathBuf),
+    #[error(
+        "{0} is in use by another hush process (a chat, a sync, a daemon): `hush daemon` and `hush jsonrpc` need \
+         the home to themselves; stop the other one first"
+    )]
+    InUse(PathBuf),
     #[error(transparent)]
     Key(#[from] KeyError),
 }
@@ -79,9 +89,40 @@ pub struct Registration {
     pub created_keys: bool,
 }
 
+/// A lock on a home (the file `lock` in it), held while the value lives.
+#[derive(Debug)]
+pub struct HomeLock {
+    _file: std::fs::File,
+}
+
 impl Home {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self { dir: dir.into() }
+    }
+
+    /// Locks the home: `exclusive` for a process that serves it to others
+    /// (`hush daemon`, `hush jsonrpc`), shared for every other command,
+    /// so a daemon and a `hush send` never write its state at once while
+    /// two ordinary commands still may. Fails at once with a message that
+    /// says who holds it; never waits.
+    pub fn lock(&self, exclusive: bool) -> Result<HomeLock, HomeError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.dir.join("lock");
+        let write = |source| HomeError::Write { path: path.clone(), source };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(write)?;
+        let locked = if exclusive { file.try_lock() } else { file.try_lock_shared() };
+        match locked {
+            Ok(()) => Ok(HomeLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) if exclusive => Err(HomeError::InUse(self.dir.clone())),
+            Err(std::fs::TryLockError::WouldBlock) => Err(HomeError::HeldByDaemon(self.dir.clone())),
+            Err(std::fs::TryLockError::Error(e)) => Err(write(e)),
+        }
     }
 
     pub fn dir(&self) -> &Path {

@@ -89,6 +89,7 @@ pub mod local;
 pub mod log;
 pub mod mls;
 pub mod payload;
+pub mod rpc;
 pub mod screen;
 pub mod state;
 pub mod verify;

@@ -1932,33 +1932,46 @@ fn a_parent_node_key_of_the_wrong_length_is_refused_by_server_and_members() {
         let (id, welcome) = welcomes.into_iter().next().unwrap();
         mallory.join(&welcome).unwrap();
         net.req_as(as_mallory, Request::AckWelcome { id });
-        // Her path derives the parent of carol's leaf and hers first (1),
-        // then the root (2, which alice derives too and would notice),
-        // then her leaf (3).
-        let crypto = &mallory.provider().crypto;
-        crypto.which.store(1, Ordering::SeqCst);
-        crypto.cut.store(cut, Ordering::SeqCst);
-        crypto.armed.store(1, Ordering::SeqCst);
-        let bad = mallory.self_update(&g).unwrap();
-        mallory.provider().crypto.armed.store(0, Ordering::SeqCst);
-        let message = bad.message.clone();
-        match net.req_as(as_mallory, bad.into_request()) {
-            Response::Error { code: ErrorCode::InvalidCommit, message, .. } => {
-                assert!(message.contains("encryption key"), "{suite} cut to {cut}: {message}")
+        // Her path's two parent keys (the parent of carol's leaf and hers,
+        // which only carol derives; the root, which alice derives too) are
+        // derived in parallel, in either order: one of the first two
+        // derivations is cut. Either way the server refuses the commit;
+        // when it was the parent below the root, only the member's own
+        // check stands between alice and a frozen group.
+        let mut below_the_root = false;
+        for _ in 0..32 {
+            let crypto = &mallory.provider().crypto;
+            crypto.which.store(1, Ordering::SeqCst);
+            crypto.cut.store(cut, Ordering::SeqCst);
+            crypto.armed.store(1, Ordering::SeqCst);
+            let bad = mallory.self_update(&g).unwrap();
+            mallory.provider().crypto.armed.store(0, Ordering::SeqCst);
+            let message = bad.message.clone();
+            match net.req_as(as_mallory, bad.into_request()) {
+                Response::Error { code: ErrorCode::InvalidCommit, message, .. } => {
+                    assert!(message.contains("encryption key"), "{suite} cut to {cut}: {message}")
+                }
+                other => panic!("{suite}, a parent key cut to {cut}: the server took {other:?}"),
             }
-            other => panic!("{suite}, a parent key cut to {cut}: the server took {other:?}"),
-        }
-        mallory.discard_pending(&g).unwrap();
-        // Relayed anyway (a server without the check, or a hostile one):
-        // alice shares only the root with mallory and would not notice.
-        let epoch = alice.member.epoch(&g);
-        match alice.member.receive(&g, &message).unwrap() {
-            Received::Refused { reason, .. } => {
-                assert!(reason.contains("encryption key"), "{suite} cut to {cut}: {reason}")
+            mallory.discard_pending(&g).unwrap();
+            // Relayed anyway (a server without the check, or a hostile one).
+            let epoch = alice.member.epoch(&g);
+            match alice.member.receive(&g, &message) {
+                Ok(Received::Refused { reason, .. }) => {
+                    assert!(reason.contains("encryption key"), "{suite} cut to {cut}: {reason}");
+                    below_the_root = true;
+                }
+                // The root's key: openmls sees it differs from the one
+                // alice derives.
+                Err(e) => assert!(e.to_string().contains("not identical"), "{e}"),
+                Ok(other) => panic!("{suite}, a parent key cut to {cut}: alice took {other:?}"),
             }
-            other => panic!("{suite}, a parent key cut to {cut}: alice took {other:?}"),
+            assert_eq!(alice.member.epoch(&g), epoch);
+            if below_the_root {
+                break;
+            }
         }
-        assert_eq!(alice.member.epoch(&g), epoch);
+        assert!(below_the_root, "the parent below the root was never the one cut");
         // The group goes on.
         net.text(&mut alice, &g, "still one group");
         assert_eq!(texts(&net.sync(&mut bob, &g)), ["still one group"]);

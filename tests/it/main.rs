@@ -6,6 +6,7 @@ mod support;
 
 mod auth;
 mod backup;
+mod bots;
 mod cli;
 mod conventions;
 mod delivery;

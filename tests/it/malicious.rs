@@ -544,7 +544,9 @@ async fn a_server_cannot_use_group_repair_to_slip_a_forged_tree_under_a_member()
     let removal_key = conn.status().await.unwrap().removal_key;
     let bobs_package = conn.claim_key_packages(&ids[1].parse().unwrap()).await.unwrap().remove(0);
     let mut forger = Member::forger(credential_of_key_package(&bobs_package).unwrap()).unwrap();
-    let forged = forger.create_group_with_id(&removal_key, &group).unwrap();
+    // In the group's own suite (another one is refused before the tree is
+    // looked at).
+    let forged = forger.create_group_with_id_of(&removal_key, &group, hush::mls::DEFAULT_SUITE).unwrap();
 
     // The server says bob fell behind and hands him its tree to rejoin.
     *mode.lock().unwrap() = Mode::RejoinWith(forged.group_info, forged.ratchet_tree);

@@ -518,6 +518,7 @@ mod tests {
             group: "team".into(),
             seq: 1,
             sender: "mallory\u{1b}[2J".into(),
+            sender_account: None,
             kind: EntryKind::Text,
             body: "hi\n12:00Z alice: forged".into(),
             time: 0,

@@ -5,6 +5,7 @@
 use hush::out;
 
 mod chat;
+mod rpc;
 mod transfer;
 
 use std::path::PathBuf;
@@ -110,6 +111,19 @@ enum Command {
     /// group's last messages on start. With piped input: one line per
     /// message, exits at the end of the input.
     Chat { group: String },
+    /// JSON-RPC 2.0 on standard input and output, one object per line, for
+    /// bots and scripts: methods for what the CLI does, notifications for
+    /// every message and group event, on one connection (see
+    /// examples/jsonrpc.md). Holds the home: other hush commands on it are
+    /// refused while it runs.
+    Jsonrpc,
+    /// The same JSON-RPC on a Unix socket (mode 0600), for several clients
+    /// at once, until SIGTERM or Ctrl-C.
+    Daemon {
+        /// Where to listen (a new socket; a stale one is replaced).
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+    },
     /// Write an encrypted backup of this account (its key, contacts, device
     /// names and history; never the MLS keys) to FILE (created, mode 0600,
     /// never overwritten). The passphrase is asked on the terminal without
@@ -298,6 +312,14 @@ fn run(cli: Cli) -> Result<()> {
     let home = match cli.home {
         Some(h) => Home::new(h),
         None => Home::new(default_data_dir("hush").context("no home directory: set --home, HUSH_HOME or HOME")?),
+    };
+    // One serving process holds the home alone; every other command
+    // shares it (held until this process ends).
+    let serving = matches!(cli.command, Command::Jsonrpc | Command::Daemon { .. });
+    let _lock = match &cli.command {
+        Command::Completions { .. } | Command::Man => None,
+        _ if home.dir().is_dir() => Some(home.lock(serving).map_err(|e| app_error(e.into()))?),
+        _ => None,
     };
     match cli.command {
         Command::Completions { shell } => {
@@ -502,6 +524,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Chat { group } => chat(&home, &group),
+        Command::Jsonrpc => rpc::jsonrpc(open_app(&home)?),
+        Command::Daemon { socket } => rpc::daemon(open_app(&home)?, &socket),
         Command::Verify { group, json } => verify(&home, &group, json),
         Command::Backup { file, passphrase_file } => {
             let passphrase = passphrase(passphrase_file.as_deref(), true)?;

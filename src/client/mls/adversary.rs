@@ -96,13 +96,23 @@ impl<P: OpenMlsProvider> Member<P> {
         serialize(&proposal, "the proposal")
     }
 
-    /// A group with the id `id`, whatever account it is bound to (an honest
-    /// [`Member::create_group`] derives it from its own account).
+    /// A classic group with the id `id`, whatever account it is bound to
+    /// (an honest [`Member::create_group`] derives it from its own account).
     pub fn create_group_with_id(&mut self, removal_key: &[u8; 32], id: &[u8]) -> Result<super::NewGroup, MlsError> {
+        self.create_group_with_id_of(removal_key, id, Suite::Classic)
+    }
+
+    /// [`Member::create_group_with_id`] in `suite`.
+    pub fn create_group_with_id_of(
+        &mut self,
+        removal_key: &[u8; 32],
+        id: &[u8],
+        suite: Suite,
+    ) -> Result<super::NewGroup, MlsError> {
         let group = MlsGroup::new_with_group_id(
             &self.provider,
             &self.signer,
-            &Self::create_config(removal_key, Suite::Classic)?,
+            &Self::create_config(removal_key, suite)?,
             GroupId::from_slice(id),
             self.credential.clone(),
         )
