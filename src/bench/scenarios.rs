@@ -106,13 +106,208 @@ pub(super) async fn cli_processes(address: &HushAddress, dir: &Path, runs: usize
         let floor = timed(&["whoami"])?;
         let send = timed(&["send", "bench", "benchmark message"])?;
         let sync = timed(&["sync"])?;
-        Ok(vec![
+        let mut rows = vec![
             Row::cost("hush send as a process (ms; baseline: hush whoami, no network)".into(), send, floor, "ms"),
             Row::cost("hush sync as a process (ms; baseline: hush whoami, no network)".into(), sync, floor, "ms"),
-        ])
+        ];
+        rows.extend(bots::rows(&hush, &home, &address, runs, send)?);
+        Ok(rows)
     })
     .await
     .map_err(fail)?
+}
+
+/// What a bot gets from `hush daemon` (issue 36): messages sent through
+/// one daemon connection against `hush send` processes, and how soon a
+/// message reaches a daemon's client against `hush chat`.
+mod bots {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use serde_json::{json, Value};
+
+    use super::super::{fail, BenchError, Row};
+
+    /// Longest wait for one line or one notification.
+    const WAIT: Duration = Duration::from_secs(30);
+
+    struct Killed(Child);
+
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn hush(bin: &Path, home: &Path, args: &[&str]) -> Result<String, BenchError> {
+        let out = Command::new(bin).arg("--home").arg(home).args(args).stdin(Stdio::null()).output().map_err(fail)?;
+        if !out.status.success() {
+            return Err(BenchError(format!("hush {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr))));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn first_line(text: &str) -> String {
+        text.lines().next().unwrap_or_default().trim().to_string()
+    }
+
+    /// Lines a child or socket writes, each with when it was read.
+    fn lines(read: impl std::io::Read + Send + 'static) -> mpsc::Receiver<(Instant, String)> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(read).lines() {
+                let Ok(line) = line else { return };
+                if tx.send((Instant::now(), line)).is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
+    /// The first line containing `needle`, and when it came.
+    fn until(rx: &mpsc::Receiver<(Instant, String)>, needle: &str) -> Result<Instant, BenchError> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (at, line) = rx.recv_timeout(left).map_err(|_| BenchError(format!("never saw {needle:?}")))?;
+            if line.contains(needle) {
+                return Ok(at);
+            }
+        }
+    }
+
+    fn daemon(bin: &Path, home: &Path, socket: &Path) -> Result<(Killed, UnixStream), BenchError> {
+        let child = Command::new(bin)
+            .arg("--home")
+            .arg(home)
+            .args(["daemon", "--socket"])
+            .arg(socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(fail)?;
+        let child = Killed(child);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(s) = UnixStream::connect(socket) {
+                return Ok((child, s));
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError("hush daemon never listened".into()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn request(socket: &mut UnixStream, id: u64, method: &str, params: Value) -> Result<(), BenchError> {
+        let line = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        socket.write_all(format!("{line}\n").as_bytes()).map_err(fail)
+    }
+
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+
+    pub(super) fn rows(
+        bin: &Path,
+        home: &Path,
+        address: &str,
+        runs: usize,
+        send_ms: f64,
+    ) -> Result<Vec<Row>, BenchError> {
+        let dir = home.parent().ok_or_else(|| BenchError("no directory".into()))?;
+        let peer = dir.join("cli-peer");
+        hush(bin, &peer, &["register", address])?;
+        let (me, them) = (first_line(&hush(bin, home, &["whoami"])?), first_line(&hush(bin, &peer, &["whoami"])?));
+        hush(bin, home, &["contact", "add", "peer", &them])?;
+        hush(bin, &peer, &["contact", "add", "me", &me])?;
+        hush(bin, home, &["group", "add", "bench", "peer"])?;
+        hush(bin, &peer, &["sync"])?;
+
+        // Notification latency, `hush chat` first: from the request that
+        // sends to the line on the chat's output.
+        let (mut sender, sent) = {
+            let (child, socket) = daemon(bin, home, &dir.join("me.sock"))?;
+            let replies = lines(socket.try_clone().map_err(fail)?);
+            ((child, socket), replies)
+        };
+        let samples = runs.clamp(5, 50);
+        let mut next = 0u64;
+        let mut send_one = |text: &str| -> Result<Instant, BenchError> {
+            next += 1;
+            let at = Instant::now();
+            request(&mut sender.1, next, "send", json!({"group": "bench", "text": text}))?;
+            until(&sent, &format!("\"id\":{next},"))?;
+            Ok(at)
+        };
+        let chat_latency = {
+            let mut child = Command::new(bin)
+                .arg("--home")
+                .arg(&peer)
+                .args(["chat", "bench"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(fail)?;
+            let out = lines(child.stdout.take().ok_or_else(|| BenchError("no stdout".into()))?);
+            let chat = Killed(child);
+            send_one("warm-up chat")?;
+            until(&out, "warm-up chat")?;
+            let mut v = vec![];
+            for i in 0..samples {
+                let text = format!("to the chat {i}");
+                let at = send_one(&text)?;
+                v.push(until(&out, &text)?.duration_since(at).as_secs_f64() * 1e6);
+            }
+            drop(chat);
+            median(v)
+        };
+        let daemon_latency = {
+            let (_child, socket) = daemon(bin, &peer, &dir.join("peer.sock"))?;
+            let out = lines(socket);
+            send_one("warm-up daemon")?;
+            until(&out, "warm-up daemon")?;
+            let mut v = vec![];
+            for i in 0..samples {
+                let text = format!("to the daemon {i}");
+                let at = send_one(&text)?;
+                v.push(until(&out, &text)?.duration_since(at).as_secs_f64() * 1e6);
+            }
+            median(v)
+        };
+
+        // Messages through the daemon, one after the other on its one
+        // connection, against one `hush send` process each.
+        let count = (runs * 4).max(20);
+        let start = Instant::now();
+        for i in 0..count {
+            send_one(&format!("through the daemon {i}"))?;
+        }
+        let daemon_rate = count as f64 / start.elapsed().as_secs_f64();
+        let process_rate = 1e3 / send_ms;
+        Ok(vec![
+            Row::rate(
+                "messages sent through hush daemon, one connection (msg/s; baseline: hush send processes)".into(),
+                daemon_rate,
+                process_rate,
+            ),
+            Row::cost(
+                "message → daemon client notification, p50 (µs; baseline: → hush chat's output)".into(),
+                daemon_latency,
+                chat_latency,
+                "µs",
+            ),
+        ])
+    }
 }
 
 /// A raw relay request; the reply is the sequence number.

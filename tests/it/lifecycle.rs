@@ -171,6 +171,7 @@ fn bench_quick_mode_runs_and_reports_every_scenario() {
         "post-quantum",
         "Welcome",
         "file upload",
+        "hush daemon",
     ] {
         assert!(rows.iter().any(|r| r["scenario"].as_str().unwrap().contains(word)), "no {word} row: {out}");
     }
