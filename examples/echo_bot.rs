@@ -54,6 +54,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (Value::String(group), Value::String(text)) = (field("/params/group_id"), field("/params/text")) else {
             continue;
         };
+        // Another echo bot's answer is not echoed (two would echo each
+        // other forever).
+        if text.starts_with("echo: ") {
+            continue;
+        }
         let reply = if text.trim() == "/uptime" {
             format!("up {} s", started.elapsed().as_secs())
         } else {

@@ -475,3 +475,8 @@ pub const MAX_RPC_CLIENTS: usize = 16;
 /// that reads, and a client that does not delays the others once, by
 /// this much.
 pub const RPC_STALL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Bytes of answers and notifications waiting for one JSON-RPC client
+/// (with [`RPC_CLIENT_QUEUE`] items): a message can be large, so the
+/// count of items alone bounds nothing.
+pub const RPC_CLIENT_QUEUE_BYTES: usize = 8 * 1024 * 1024;

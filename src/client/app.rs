@@ -119,6 +119,8 @@ pub enum AppError {
     /// file's: worth another try later).
     #[error("{0}")]
     TransferGaveUp(String),
+    #[error("{0:?} looks like a group id; choose a name that does not (ids name groups everywhere a name does)")]
+    GroupNameLikeId(String),
     #[error(
         "{who} has no {suite} KeyPackage on the server (their hush may be older than post-quantum groups, or \
          have not synced since): ask them to update and sync, or create the group with --suite classic"
@@ -173,6 +175,12 @@ pub struct Entry {
     /// Handed over by another device of the account (see
     /// [`crate::client::local::HistoryRow::imported`]).
     pub imported: bool,
+}
+
+/// Whether `name` reads as a group id (base32 of 32 bytes): no group may
+/// be called that, so an id always means the group it is the id of.
+pub fn looks_like_group_id(name: &str) -> bool {
+    text::decode_array::<32>(name.trim()).is_ok()
 }
 
 /// A local group, as shown.
@@ -373,6 +381,20 @@ impl App {
     /// the rotation (see SECURITY.md, "Rotating the server's key").
     pub async fn connect(&self) -> Result<Connection, AppError> {
         let conn = Connection::connect(&self.server, &self.device_key).await?;
+        self.check_connection(&conn)?;
+        Ok(conn)
+    }
+
+    /// What a connection to this device's server is made from (for a
+    /// connection made elsewhere, as a daemon does in the background);
+    /// hand it to [`App::check_connection`] before use.
+    pub fn connection_parts(&self) -> Result<(HushAddress, crate::auth::tls::Credentials), AppError> {
+        Ok((self.server.clone(), self.device_key.tls_credentials()?))
+    }
+
+    /// The checks [`App::connect`] makes of a new connection: the server's
+    /// online key is none older than the newest this device has seen.
+    pub fn check_connection(&self, conn: &Connection) -> Result<(), AppError> {
         if let Some(cert) = conn.server_cert() {
             let newest = self
                 .local
@@ -386,7 +408,7 @@ impl App {
                 self.local.set_setting(NEWEST_SERVER_CERT, &cert.not_before.to_be_bytes())?;
             }
         }
-        Ok(conn)
+        Ok(())
     }
 
     // ---- contacts ----
@@ -437,12 +459,14 @@ impl App {
         Ok(self.local.groups()?.into_iter().map(GroupRow::from).collect())
     }
 
-    /// A group by local name or by id (base32, as `group list` shows).
+    /// A group by id (base32, as `group list` shows it) or by local name.
+    /// An id is looked for first: ids are unique, names are not, and a
+    /// name can be anything a member chose.
     pub fn resolve_group(&self, name: &str) -> Result<GroupRow, AppError> {
         let groups = self.groups()?;
-        let mut matches: Vec<&GroupRow> = groups.iter().filter(|g| g.name == name).collect();
+        let mut matches: Vec<&GroupRow> = groups.iter().filter(|g| text::encode(&g.id) == name).collect();
         if matches.is_empty() {
-            matches = groups.iter().filter(|g| text::encode(&g.id) == name).collect();
+            matches = groups.iter().filter(|g| g.name == name).collect();
         }
         match matches.as_slice() {
             [one] => Ok((*one).clone()),
@@ -515,6 +539,9 @@ impl App {
     /// Creates a group named `name` (the name stays local until members are
     /// added, who receive it encrypted).
     pub async fn create_group(&mut self, conn: &Connection, name: &str, suite: Suite) -> Result<Vec<u8>, AppError> {
+        if looks_like_group_id(name) {
+            return Err(AppError::GroupNameLikeId(name.into()));
+        }
         if self.groups()?.iter().any(|g| g.name == name && g.active) {
             return Err(AppError::GroupExists(name.into()));
         }

@@ -146,6 +146,10 @@ pub const METHODS: &[&str] = &[
     "listGroups",
     "members",
     "contacts",
+    "addContact",
+    "invitations",
+    "acceptInvitation",
+    "declineInvitation",
     "createGroup",
     "addMembers",
     "removeMembers",
@@ -154,6 +158,13 @@ pub const METHODS: &[&str] = &[
     "sendFile",
     "read",
 ];
+
+/// The methods that need no server: they answer while it is away.
+pub const LOCAL_METHODS: &[&str] =
+    &["whoami", "listGroups", "members", "contacts", "addContact", "invitations", "read"];
+
+/// Entries `read` returns when the call names no `limit`.
+pub const DEFAULT_READ_LIMIT: usize = 1000;
 
 fn string<'a>(params: &'a Value, name: &str) -> Result<&'a str, RpcError> {
     match params.get(name) {
@@ -248,14 +259,27 @@ impl Outcome {
 pub struct Rpc;
 
 impl Rpc {
-    /// Runs one call.
-    pub async fn call(app: &mut App, conn: &mut Connection, call: &Call) -> Result<Outcome, RpcError> {
+    /// Runs one call; `conn` is `None` while the server is unreachable, and
+    /// only [`LOCAL_METHODS`] run then.
+    pub async fn call(app: &mut App, conn: Option<&mut Connection>, call: &Call) -> Result<Outcome, RpcError> {
         let p = &call.params;
+        let local = LOCAL_METHODS.contains(&call.method.as_str());
+        let known = METHODS.contains(&call.method.as_str());
+        let conn = match conn {
+            Some(c) => c,
+            None if local => return Self::local(app, call),
+            None if known => {
+                return Err(RpcError::new(
+                    code::UNREACHABLE,
+                    "not connected to the server (reconnecting in the background); retry later",
+                ))
+            }
+            None => return Self::local(app, call),
+        };
+        if local {
+            return Self::local(app, call);
+        }
         match call.method.as_str() {
-            "whoami" => Ok(Outcome::just(json!({
-                "account": app.account().to_string(),
-                "device": app.certificate().device.to_string(),
-            }))),
             "status" => {
                 let s = conn.status().await.map_err(AppError::from)?;
                 Ok(Outcome::just(json!({
@@ -271,28 +295,6 @@ impl Rpc {
                 let failures: Vec<Value> =
                     app.sync_failures().iter().map(|(g, why)| json!({"group": g, "error": why})).collect();
                 Ok(Outcome { result: json!({"new": entries.len(), "failed": failures}), entries })
-            }
-            "listGroups" => {
-                let groups = app.groups()?;
-                let list: Vec<Value> = groups.iter().map(|g| group_json(app, g)).collect();
-                Ok(Outcome::just(Value::Array(list)))
-            }
-            "members" => {
-                let g = app.resolve_group(string(p, "group")?)?;
-                let list: Vec<Value> = app
-                    .member_accounts(&g)
-                    .iter()
-                    .map(|a| json!({"name": app.display(a), "account": a.to_string(), "me": *a == app.account()}))
-                    .collect();
-                Ok(Outcome::just(Value::Array(list)))
-            }
-            "contacts" => {
-                let list: Vec<Value> = app
-                    .contacts()?
-                    .into_iter()
-                    .map(|(name, a)| json!({"name": name, "account": a.to_string()}))
-                    .collect();
-                Ok(Outcome::just(Value::Array(list)))
             }
             "createGroup" => {
                 let name = string(p, "name")?;
@@ -317,7 +319,7 @@ impl Rpc {
             "leave" => {
                 let g = app.resolve_group(string(p, "group")?)?;
                 app.leave(conn, &g).await?;
-                Ok(Outcome::just(json!({"group": g.name})))
+                Ok(Outcome::just(json!({"group": g.name, "group_id": text::encode(&g.id)})))
             }
             "send" => {
                 let g = app.resolve_group(string(p, "group")?)?;
@@ -326,7 +328,7 @@ impl Rpc {
                     return Err(RpcError::params("\"text\" is empty"));
                 }
                 let seq = app.send_text(conn, &g, body).await?;
-                Ok(Outcome::just(json!({"group": g.name, "seq": seq})))
+                Ok(Outcome::just(json!({"group": g.name, "group_id": text::encode(&g.id), "seq": seq})))
             }
             "sendFile" => {
                 let g = app.resolve_group(string(p, "group")?)?;
@@ -336,15 +338,77 @@ impl Rpc {
                 let sent = app.send_file(conn, &g, &path, name, caption, &mut Quiet).await?;
                 Ok(Outcome::just(json!({
                     "group": g.name,
+                    "group_id": text::encode(&g.id),
                     "seq": sent.seq,
                     "id": super::app::files::file_id(&sent.id),
                     "size": sent.size,
                 })))
             }
+            "acceptInvitation" => {
+                let entries = app.accept_invitation(conn, string(p, "group")?).await?;
+                Ok(Outcome { result: json!({"joined": true}), entries })
+            }
+            "declineInvitation" => {
+                app.decline_invitation(conn, string(p, "group")?).await?;
+                Ok(Outcome::just(json!({"declined": true})))
+            }
+            _ => Self::local(app, call),
+        }
+    }
+
+    /// The methods that need no server.
+    fn local(app: &mut App, call: &Call) -> Result<Outcome, RpcError> {
+        let p = &call.params;
+        match call.method.as_str() {
+            "whoami" => Ok(Outcome::just(json!({
+                "account": app.account().to_string(),
+                "device": app.certificate().device.to_string(),
+            }))),
+            "listGroups" => {
+                let groups = app.groups()?;
+                let list: Vec<Value> = groups.iter().map(|g| group_json(app, g)).collect();
+                Ok(Outcome::just(Value::Array(list)))
+            }
+            "members" => {
+                let g = app.resolve_group(string(p, "group")?)?;
+                let list: Vec<Value> = app
+                    .member_accounts(&g)
+                    .iter()
+                    .map(|a| json!({"name": app.display(a), "account": a.to_string(), "me": *a == app.account()}))
+                    .collect();
+                Ok(Outcome::just(Value::Array(list)))
+            }
+            "contacts" => {
+                let list: Vec<Value> = app
+                    .contacts()?
+                    .into_iter()
+                    .map(|(name, a)| json!({"name": name, "account": a.to_string()}))
+                    .collect();
+                Ok(Outcome::just(Value::Array(list)))
+            }
+            "addContact" => {
+                let account = app.contact_add(string(p, "name")?, string(p, "account")?)?;
+                Ok(Outcome::just(json!({"name": string(p, "name")?.trim(), "account": account.to_string()})))
+            }
+            "invitations" => {
+                let list: Vec<Value> = app
+                    .invitations()?
+                    .iter()
+                    .map(|i| {
+                        json!({
+                            "group": text::encode(&i.group),
+                            "inviter": app.display(&i.inviter),
+                            "inviter_account": i.inviter.to_string(),
+                            "devices": i.members,
+                        })
+                    })
+                    .collect();
+                Ok(Outcome::just(Value::Array(list)))
+            }
             "read" => {
                 let g = app.resolve_group(string(p, "group")?)?;
                 let limit = match p.get("limit") {
-                    None | Some(Value::Null) => usize::MAX,
+                    None | Some(Value::Null) => DEFAULT_READ_LIMIT,
                     Some(v) => v
                         .as_u64()
                         .and_then(|n| usize::try_from(n).ok())

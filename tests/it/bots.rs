@@ -227,12 +227,14 @@ fn the_daemon_serves_clients_at_once_and_survives_bad_ones() {
         assert_eq!(got, MESSAGES - 1, "a reading client missed notifications");
         assert!(!peer.seen.iter().any(|v| v["method"] == "dropped"));
     }
-    // The stalled one reads at last: some were dropped, and it says so.
+    // The stalled one reads at last: some were dropped, and it is told
+    // how many before its next answer.
     let mut late = peer(stalled);
+    assert_eq!(late.ok("whoami", json!({}))["account"], alice.id, "the stalled client is served again");
     let dropped = late.notified("dropped", |p| p["count"].as_u64().is_some_and(|n| n > 0));
     let delivered = late.seen.iter().filter(|v| v["method"] == "message").count();
-    assert!(delivered < MESSAGES, "{delivered} {dropped}");
-    assert_eq!(late.ok("whoami", json!({}))["account"], alice.id, "the stalled client is served again");
+    let count = usize::try_from(dropped["params"]["count"].as_u64().unwrap()).unwrap();
+    assert_eq!(delivered + count, MESSAGES, "every notification was delivered or counted: {dropped}");
     // Still serving the others.
     assert_eq!(first.ok("send", json!({"group": "ops", "text": "all read"}))["group"], "ops");
     run_ok(&bob, &["sync"]);
@@ -243,6 +245,54 @@ fn the_daemon_serves_clients_at_once_and_survives_bad_ones() {
     let status = wait_timeout(&mut daemon, WAIT).expect("the daemon did not stop on SIGTERM");
     assert!(status.success());
     assert!(!socket.exists(), "the socket was left behind");
+}
+
+/// The server restarts under a running daemon (red team): meanwhile the
+/// methods that need no server answer and the others fail with -32004
+/// at once; what bob sent while the daemon was still reconnecting is
+/// notified once it is back.
+fn a_daemon_rides_out_a_server_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("server");
+    let server = Hushd::start(&data);
+    let (alice, bob) = (person(&server, tmp.path(), "alice"), person(&server, tmp.path(), "bob"));
+    contacts(&alice, "alice", &bob, "bob");
+    run_ok(&alice, &["group", "create", "ops"]);
+    run_ok(&alice, &["group", "add", "ops", "bob"]);
+    run_ok(&bob, &["sync"]);
+    let socket = tmp.path().join("alice.sock");
+    let mut daemon = spawn_hush(&alice.home, &["daemon", "--socket", socket.to_str().unwrap()]);
+    let mut client = peer(connect(&socket));
+    client.ok("send", json!({"group": "ops", "text": "before"}));
+    let port = server.port();
+    let (status, _) = server.terminate();
+    assert!(status.success());
+    // Until the daemon notices, a call may still try the old connection.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let answer = client.call("send", json!({"group": "ops", "text": "while away"}));
+        if answer["error"]["code"] == -32004 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sends kept working without a server: {answer}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(client.call("send", json!({"group": "ops", "text": "still away"}))["error"]["code"], -32004);
+    assert_eq!(client.ok("whoami", json!({}))["account"], alice.id);
+    assert_eq!(client.ok("listGroups", json!({}))[0]["name"], "ops");
+    let server = Hushd::start_with(&data, &format!("127.0.0.1:{port}"), &[]);
+    run_ok(&bob, &["send", "ops", "sent while the daemon reconnects"]);
+    client.notified("message", |p| p["text"] == "sent while the daemon reconnects");
+    let deadline = Instant::now() + WAIT;
+    while client.call("send", json!({"group": "ops", "text": "back"})).get("error").is_some() {
+        assert!(Instant::now() < deadline, "the daemon never reconnected");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    run_ok(&bob, &["sync"]);
+    assert!(run_ok(&bob, &["read", "ops"]).contains("alice: back"));
+    drop((client, server));
+    let _ = daemon.kill();
+    let _ = daemon.wait();
 }
 
 /// The example bot (examples/echo_bot.rs), built by `cargo test`.
@@ -282,11 +332,50 @@ fn the_example_bot_answers_a_message() {
     let _ = running.wait();
 }
 
+/// Red team (issue 36): mallory, a contact of the bot, gives a group of
+/// her own the id of alice's group as its name, so that a bot replying
+/// to alice's group by id would write into hers. An honest client refuses
+/// to create such a name; the bot's client keeps the id as the name of
+/// mallory's group; a message to alice's group's id goes there.
+fn a_group_named_like_another_groups_id_takes_none_of_its_messages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Hushd::start(&tmp.path().join("server"));
+    let alice = person(&server, tmp.path(), "alice");
+    let bot = person(&server, tmp.path(), "bot");
+    let mallory = person(&server, tmp.path(), "mallory");
+    contacts(&alice, "alice", &bot, "bot");
+    contacts(&mallory, "mallory", &bot, "bot");
+    run_ok(&alice, &["group", "create", "team"]);
+    run_ok(&alice, &["group", "add", "team", "bot"]);
+    run_ok(&bot, &["sync"]);
+    let info: Value = serde_json::from_str(&run_ok(&alice, &["group", "info", "team", "--json"])).unwrap();
+    let team_id = info["id"].as_str().unwrap().to_string();
+    let out = hush(&mallory.home, &["group", "create", &team_id]);
+    assert!(!out.status.success(), "a group named like an id was created");
+    assert!(stderr(&out).contains("looks like a group id"), "{}", stderr(&out));
+    // Her own client, modified: the name goes out as it is.
+    run_ok(&mallory, &["group", "create", "decoy"]);
+    let db = rusqlite::Connection::open(mallory.home.join("hush.db")).unwrap();
+    db.execute("UPDATE groups SET name = ?1 WHERE name = 'decoy'", [&team_id]).unwrap();
+    drop(db);
+    run_ok(&mallory, &["group", "add", &team_id, "bot"]);
+    run_ok(&bot, &["sync"]);
+    let groups = run_ok(&bot, &["group", "list"]);
+    assert_eq!(groups.matches(team_id.as_str()).count(), 1, "{groups}");
+    run_ok(&bot, &["send", &team_id, "meant for alice's group"]);
+    run_ok(&alice, &["sync"]);
+    assert!(run_ok(&alice, &["read", "team"]).contains("bot: meant for alice's group"));
+    run_ok(&mallory, &["sync"]);
+    assert!(!run_ok(&mallory, &["read", &team_id]).contains("meant for alice's group"));
+}
+
 crate::on_both_backends! {
     sync: [
         a_bot_on_jsonrpc_runs_a_group_and_hears_the_reply,
         the_daemon_serves_clients_at_once_and_survives_bad_ones,
         the_example_bot_answers_a_message,
+        a_group_named_like_another_groups_id_takes_none_of_its_messages,
+        a_daemon_rides_out_a_server_restart,
     ],
     async: [],
 }

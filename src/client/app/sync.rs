@@ -785,7 +785,12 @@ impl App {
                 Ok(Payload::File(file)) => new.extend(self.record_file(group, seq, sender.as_ref(), &file)?),
                 Ok(Payload::GroupName(name)) => {
                     let name: String = name.chars().filter(|c| !c.is_control()).take(MAX_NAME).collect();
-                    if !name.trim().is_empty() {
+                    // A name shaped like a group id could stand in for
+                    // another group's id wherever a group is named (red
+                    // team, issue 36: a bot's reply to the id of alice's
+                    // group went to mallory's group of that name): such a
+                    // group keeps its id as its name.
+                    if !name.trim().is_empty() && !super::looks_like_group_id(&name) {
                         self.local.name_group(group, &name)?;
                     }
                 }
