@@ -234,7 +234,10 @@ fn the_daemon_serves_clients_at_once_and_survives_bad_ones() {
     let dropped = late.notified("dropped", |p| p["count"].as_u64().is_some_and(|n| n > 0));
     let delivered = late.seen.iter().filter(|v| v["method"] == "message").count();
     let count = usize::try_from(dropped["params"]["count"].as_u64().unwrap()).unwrap();
-    assert_eq!(delivered + count, MESSAGES, "every notification was delivered or counted: {dropped}");
+    // The count covers every notification dropped: messages, and events
+    // such as "bob has not seen the latest messages" that the burst may
+    // bring.
+    assert!(delivered < MESSAGES && delivered + count >= MESSAGES, "{delivered} delivered, {dropped}");
     // Still serving the others.
     assert_eq!(first.ok("send", json!({"group": "ops", "text": "all read"}))["group"], "ops");
     run_ok(&bob, &["sync"]);
