@@ -161,6 +161,16 @@ fn a_bot_on_jsonrpc_runs_a_group_and_hears_the_reply() {
     run_ok(&alice, &["sync"]);
 }
 
+/// alice and bob, contacts, in alice's group "ops".
+fn alice_and_bob_in_ops(server: &Hushd, dir: &Path) -> (Person, Person) {
+    let (alice, bob) = (person(server, dir, "alice"), person(server, dir, "bob"));
+    contacts(&alice, "alice", &bob, "bob");
+    run_ok(&alice, &["group", "create", "ops"]);
+    run_ok(&alice, &["group", "add", "ops", "bob"]);
+    run_ok(&bob, &["sync"]);
+    (alice, bob)
+}
+
 /// Waits until the daemon's socket accepts connections.
 fn connect(socket: &Path) -> std::os::unix::net::UnixStream {
     let deadline = Instant::now() + WAIT;
@@ -186,11 +196,7 @@ fn peer(stream: std::os::unix::net::UnixStream) -> Peer {
 fn the_daemon_serves_clients_at_once_and_survives_bad_ones() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Hushd::start(&tmp.path().join("server"));
-    let (alice, bob) = (person(&server, tmp.path(), "alice"), person(&server, tmp.path(), "bob"));
-    contacts(&alice, "alice", &bob, "bob");
-    run_ok(&alice, &["group", "create", "ops"]);
-    run_ok(&alice, &["group", "add", "ops", "bob"]);
-    run_ok(&bob, &["sync"]);
+    let (alice, bob) = alice_and_bob_in_ops(&server, tmp.path());
     let socket = tmp.path().join("alice.sock");
     let mut daemon = spawn_hush(&alice.home, &["daemon", "--socket", socket.to_str().unwrap()]);
     let mut first = peer(connect(&socket));
@@ -258,11 +264,7 @@ fn a_daemon_rides_out_a_server_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("server");
     let server = Hushd::start(&data);
-    let (alice, bob) = (person(&server, tmp.path(), "alice"), person(&server, tmp.path(), "bob"));
-    contacts(&alice, "alice", &bob, "bob");
-    run_ok(&alice, &["group", "create", "ops"]);
-    run_ok(&alice, &["group", "add", "ops", "bob"]);
-    run_ok(&bob, &["sync"]);
+    let (alice, bob) = alice_and_bob_in_ops(&server, tmp.path());
     let socket = tmp.path().join("alice.sock");
     let mut daemon = spawn_hush(&alice.home, &["daemon", "--socket", socket.to_str().unwrap()]);
     let mut client = peer(connect(&socket));
