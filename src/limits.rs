@@ -187,6 +187,10 @@ pub const PUSH_QUEUE: usize = 256;
 /// bounds nothing new).
 pub const PUSH_WRITE_BATCH: usize = 64;
 
+/// Handshakes verified at once off the writer thread (at most one per
+/// core, and never more than this): each holds its group's decoded state.
+pub const MAX_VERIFIERS: usize = 8;
+
 /// Requests the writer thread folds into one SQLite transaction (group
 /// commit): one fsync acknowledges them all.
 pub const MAX_WRITE_BATCH: usize = 256;

@@ -138,6 +138,20 @@ pub enum Kind {
     Proposal,
 }
 
+/// Whether `bytes` start as an MLS 1.0 PublicMessage (a handshake, in
+/// hush: application messages are PrivateMessages), from the first four
+/// bytes alone.
+pub fn is_public_message(bytes: &[u8]) -> bool {
+    bytes.get(..4) == Some(&[0, 1, 0, 1])
+}
+
+/// The group and epoch of a handshake (a commit or proposal), `None` for
+/// anything else or what does not decode.
+pub fn handshake_group(bytes: &[u8]) -> Option<(Vec<u8>, u64)> {
+    let framed = frame(bytes).ok()?;
+    matches!(framed.kind, Kind::Commit | Kind::Proposal).then_some((framed.group, framed.epoch))
+}
+
 /// Reads the framing of an `MLSMessage` sent to a group. Refuses every
 /// combination hush does not accept: handshake messages must be
 /// PublicMessage (so the server can verify them), application messages

@@ -1,23 +1,43 @@
 //! Handshakes: commits, proposals and resyncs, with the certified-credential
-//! and group-repair rules of the module docs. [`Delivery::handshake`]
-//! verifies the message against the group's public state and who sent it,
-//! then [`Delivery::proposal`] or [`Delivery::commit`] applies it; the
-//! commit's checks are one function each, in the order they run.
+//! and group-repair rules of the module docs.
+//!
+//! A handshake is handled in two halves:
+//!
+//! * [`Check::verify`], the expensive half, needs nothing but the group's
+//!   public state as stored and the request: it decodes the state,
+//!   verifies the message against it (signature, sender, proposals), checks
+//!   every leaf the message adds or changes, merges a commit and checks the
+//!   tree, the Welcome and the GroupInfo it leads to, and encodes the new
+//!   state. Its result is an [`Effect`] or a refusal.
+//! * `apply`, the cheap half, runs on the storage in the writer's unit of
+//!   work: the checks that need the database (whose KeyPackages these are,
+//!   revocations, quotas over other groups, whole accounts), then the
+//!   writes.
+//!
+//! The server runs the first half off its single writer thread
+//! ([`Delivery::prepare`], from a snapshot the reader took) so that a large
+//! group's commit never holds up other groups' sends; the writer uses that
+//! result only if the group's state is still exactly the snapshot's (same
+//! epoch, same bytes: no proposal came in between) and verifies again
+//! itself otherwise. So every rule, and first-commit-wins, are decided on
+//! the state the writer holds, as before.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::convert::Infallible;
 
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
     LeafNode, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, Proposal, ProposalOrRefType, ProtocolMessage,
-    QueuedProposal, Sender, StagedCommit,
+    Sender, StagedCommit,
 };
 use openmls_memory_storage::MemoryStorage;
+use openmls_rust_crypto::RustCrypto;
 
 use super::groups::{bad_leaf, bad_shape, check_state_size, load_public};
-use super::{mls, refuse, Caller, Delivery, GroupRecord, Notification, Outcome, Refusal, Storage};
+use super::{mls, refuse, Caller, Delivery, GroupRecord, Notification, Outcome, Quotas, Refusal, Storage};
 use crate::auth::{AccountId, DeviceId};
 use crate::limits::{MAX_PENDING_PROPOSALS, MAX_PQ_GROUP_MEMBERS};
-use crate::wire::{ErrorCode, Response};
+use crate::wire::{ErrorCode, Request, Response};
 
 /// A device a commit adds: its package's `KeyPackageRef` (how the Welcome
 /// names it) and whose it is.
@@ -36,6 +56,65 @@ pub(super) struct Handshake<'a> {
     pub now: u64,
 }
 
+/// What a verified handshake does to its group, before the checks that
+/// need the database.
+enum Effect {
+    Proposal {
+        /// The group's state with the proposal kept.
+        state: Vec<u8>,
+        /// The device whose leaf the proposal removes, if it is the
+        /// sender's own account's (leaving).
+        leaving: Option<Caller>,
+    },
+    Commit(Committed),
+}
+
+/// A verified commit (or resync).
+struct Committed {
+    /// An external commit (a resync, or a new device of a member's
+    /// account joining).
+    external: bool,
+    /// The devices it adds, from the KeyPackages it carries.
+    added: Vec<Added>,
+    /// The epoch it creates.
+    epoch: u64,
+    /// Who holds a leaf afterwards (each device once).
+    roster: BTreeMap<DeviceId, AccountId>,
+    /// The group's state afterwards.
+    state: Vec<u8>,
+    /// The settings afterwards, if the commit changed them.
+    settings: Option<mls::GroupSettings>,
+}
+
+/// A handshake verified off the writer ([`Delivery::prepare`]) against a
+/// snapshot of its group: the writer takes its verdict only for this
+/// caller and only while the group's stored state is the snapshot.
+pub struct Prepared {
+    caller: Caller,
+    epoch: u64,
+    base: Vec<u8>,
+    verdict: Result<Effect, Refusal<Infallible>>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Prepared(epoch {}, {})", self.epoch, if self.verdict.is_ok() { "verified" } else { "refused" })
+    }
+}
+
+impl Prepared {
+    /// Whether the handshake verified against the snapshot.
+    pub fn verified(&self) -> bool {
+        self.verdict.is_ok()
+    }
+
+    /// Whether the verdict holds for `caller` on the group as `record`
+    /// has it.
+    fn holds_for(&self, caller: &Caller, record: &GroupRecord) -> bool {
+        self.caller == *caller && self.epoch == record.epoch && self.base == record.state
+    }
+}
+
 /// The group's public state with the message verified against it.
 struct Verified {
     storage: MemoryStorage,
@@ -45,12 +124,19 @@ struct Verified {
     holders: HashMap<u32, Caller>,
     /// The sender's leaf; `None` for a resync (an external commit).
     sender: Option<u32>,
-    /// Current member devices before the message.
-    before: Vec<DeviceId>,
 }
 
 fn invalid_commit<E>(message: impl std::fmt::Display) -> Refusal<E> {
     refuse(ErrorCode::InvalidCommit, message)
+}
+
+/// A refusal of the storage-free half, as one of any storage's.
+fn widen<E>(r: Refusal<Infallible>) -> Refusal<E> {
+    match r {
+        Refusal::Client { code, detail, message } => Refusal::Client { code, detail, message },
+        Refusal::Internal(m) => Refusal::Internal(m),
+        Refusal::Storage(never) => match never {},
+    }
 }
 
 impl Verified {
@@ -86,15 +172,30 @@ impl Verified {
     }
 }
 
-impl Delivery {
-    /// Verifies a handshake message and applies it.
-    pub(super) fn handshake<S: Storage>(
-        &mut self,
-        store: &mut S,
-        h: Handshake<'_>,
-        message: ProtocolMessage,
-    ) -> Result<Outcome, Refusal<S::Error>> {
-        let (storage, public) = load_public(&h.record.state, h.group)?;
+/// The storage-free half of a handshake: what it checks against.
+struct Check<'a> {
+    crypto: &'a RustCrypto,
+    removal_key: &'a [u8; 32],
+    quotas: &'a Quotas,
+}
+
+/// What [`Check::verify`] verifies: a handshake `message` (framed from
+/// `bytes`) `caller` sent to `group`, whose stored state is `state`.
+struct Input<'a> {
+    caller: &'a Caller,
+    group: &'a [u8],
+    state: &'a [u8],
+    welcome: Option<&'a [u8]>,
+    group_info: Option<&'a [u8]>,
+}
+
+type Verdict = Result<Effect, Refusal<Infallible>>;
+
+impl Check<'_> {
+    /// Verifies a handshake message against the group's public state and
+    /// what it does to it.
+    fn verify(&self, input: &Input<'_>, message: ProtocolMessage) -> Verdict {
+        let (storage, public) = load_public(input.state, input.group)?;
         let mut holders: HashMap<u32, Caller> = HashMap::new();
         for m in public.members() {
             let (account, device) = mls::holder_of(&m.credential)
@@ -102,7 +203,7 @@ impl Delivery {
             holders.insert(m.index.u32(), Caller { account, device });
         }
         let processed = public
-            .process_message(&self.crypto, message)
+            .process_message(self.crypto, message)
             .map_err(|e| invalid_commit(format!("the message does not verify: {e}")))?;
         // A member's own commit or proposal, or a member device's resync
         // (an external commit that replaces its own leaf).
@@ -115,31 +216,24 @@ impl Delivery {
                 ))
             }
         };
-        if sender.is_some_and(|s| holders.get(&s) != Some(h.caller)) {
+        if sender.is_some_and(|s| holders.get(&s) != Some(input.caller)) {
             return Err(invalid_commit("the message is signed by another device's leaf"));
         }
-        let before = store.current_members(h.group)?;
-        let verified = Verified { storage, public, holders, sender, before };
+        let verified = Verified { storage, public, holders, sender };
         match processed.into_content() {
-            ProcessedMessageContent::ProposalMessage(queued) => self.proposal(store, h, verified, *queued),
-            ProcessedMessageContent::StagedCommitMessage(staged) => self.commit(store, h, verified, *staged),
+            ProcessedMessageContent::ProposalMessage(queued) => self.proposal(input, verified, *queued),
+            ProcessedMessageContent::StagedCommitMessage(staged) => self.commit(input, verified, *staged),
             _ => Err(refuse(ErrorCode::InvalidMessage, "expected a commit or a proposal")),
         }
     }
 
     /// A member's proposal: kept in the group's state until a commit
     /// takes it (at most [`MAX_PENDING_PROPOSALS`] waiting).
-    fn proposal<S: Storage>(
-        &mut self,
-        store: &mut S,
-        h: Handshake<'_>,
-        v: Verified,
-        queued: QueuedProposal,
-    ) -> Result<Outcome, Refusal<S::Error>> {
+    fn proposal(&self, input: &Input<'_>, v: Verified, queued: openmls::prelude::QueuedProposal) -> Verdict {
         let Some(sender) = v.sender else {
             return Err(invalid_commit("a proposal from outside the group"));
         };
-        if h.welcome.is_some() {
+        if input.welcome.is_some() {
             return Err(refuse(ErrorCode::InvalidMessage, "only commits carry a Welcome"));
         }
         // Only what hush uses: a proposal nobody can commit (a PSK nobody
@@ -150,18 +244,14 @@ impl Delivery {
             v.same_holder(sender, update.leaf_node())?;
         }
         // Leaving: a Remove of a leaf of the sender's own account. It takes
-        // effect here at once, whether or not anyone commits it: the device
-        // stops counting against its account's group quota, receiving and
-        // sending (a group of strangers cannot hold it by never
-        // committing); a later commit that leaves its leaf in is followed
-        // by the server's own removal proposal.
+        // effect at once, whether or not anyone commits it (`apply`).
         let leaving = match queued.proposal() {
             Proposal::Remove(r) => {
-                v.holders.get(&r.removed().u32()).filter(|held| held.account == h.caller.account).copied()
+                v.holders.get(&r.removed().u32()).filter(|held| held.account == input.caller.account).copied()
             }
             _ => None,
         };
-        let Verified { storage, mut public, before, .. } = v;
+        let Verified { storage, mut public, .. } = v;
         let pending = public
             .queued_proposals(&storage)
             .map_err(|e| Refusal::Internal(format!("reading the proposals: {e:?}")))?
@@ -175,38 +265,15 @@ impl Delivery {
         public.add_proposal(&storage, queued).map_err(|e| Refusal::Internal(format!("storing the proposal: {e:?}")))?;
         let state = mls::encode_state(&storage).map_err(|e| Refusal::Internal(e.to_string()))?;
         check_state_size(&state)?;
-        let (group, epoch) = (h.group, h.record.epoch);
-        let digest = self.digest_of(&h.bytes);
-        let (seq, head) = store.append(group, epoch, &h.bytes, &digest, h.now, None)?;
-        store.update_group(group, epoch, &state)?;
-        if let Some(left) = leaving {
-            if store.membership(group, &left.device)?.is_some_and(|m| m.is_current()) {
-                store.remove_member(group, &left.device, seq, epoch)?;
-            }
-        }
-        Ok(Outcome::wrote(
-            Response::Accepted { group: group.to_vec(), seq, epoch, head },
-            vec![Notification::Message {
-                group: group.to_vec(),
-                seq,
-                head: Some(head),
-                message: h.bytes,
-                recipients: before.into(),
-            }],
-        ))
+        Ok(Effect::Proposal { state, leaving })
     }
 
-    /// A commit (or a resync): first wins for its epoch; every leaf it adds
-    /// or changes is certified, its Welcome and GroupInfo match it, the
-    /// resulting tree holds each device once and still lists the server's
-    /// removal key, and the quotas hold. Then the roster follows the tree.
-    fn commit<S: Storage>(
-        &mut self,
-        store: &mut S,
-        h: Handshake<'_>,
-        v: Verified,
-        staged: StagedCommit,
-    ) -> Result<Outcome, Refusal<S::Error>> {
+    /// A commit (or a resync): every leaf it adds or changes is certified,
+    /// its Welcome and GroupInfo match it, the resulting tree holds each
+    /// device once and still lists the server's removal key, and the
+    /// group's size stays within the quotas. (First-commit-wins, whose
+    /// packages these are and the quotas over other groups are `apply`'s.)
+    fn commit(&self, input: &Input<'_>, v: Verified, staged: StagedCommit) -> Verdict {
         if v.sender.is_some() {
             for queued in staged.queued_proposals() {
                 mls::check_proposal_use(queued.proposal(), mls::ProposalUse::Commit).map_err(invalid_commit)?;
@@ -223,11 +290,10 @@ impl Delivery {
         let settings_before = mls::settings_of(v.public.group_context());
         let changes_settings =
             staged.queued_proposals().any(|q| matches!(q.proposal(), Proposal::GroupContextExtensions(_)));
-        v.check_changed_leaves(&staged, h.caller)?;
-        let added = self.added_devices(store, &staged, v.public.ciphersuite())?;
-        self.check_groups_quota(store, &added)?;
-        let welcome = check_welcome_for(h.welcome, &added)?;
-        let Verified { storage, mut public, before, sender: v_sender, .. } = v;
+        v.check_changed_leaves(&staged, input.caller)?;
+        let added = self.added_devices(&staged, v.public.ciphersuite())?;
+        check_welcome_for(input.welcome, &added)?;
+        let Verified { storage, mut public, sender, .. } = v;
         public.merge_commit(&storage, staged).map_err(|e| Refusal::Internal(format!("merging the commit: {e:?}")))?;
         let epoch = public.group_context().epoch().as_u64();
         let roster = self.check_tree(&public)?;
@@ -235,19 +301,18 @@ impl Delivery {
         // allows (a group from before they existed is judged by its
         // external senders alone, as it was created).
         if changes_settings {
-            mls::check_context_extensions(public.group_context().extensions(), &self.removal_key)
+            mls::check_context_extensions(public.group_context().extensions(), self.removal_key)
                 .map_err(invalid_commit)?;
         }
         let settings = mls::settings_of(public.group_context());
-        check_whole_accounts(store, &added, &roster)?;
         // The GroupInfo of the new epoch, signed by the committer's leaf:
         // what a member that cannot process this commit rejoins from.
-        let Some(group_info) = h.group_info else {
+        let Some(group_info) = input.group_info else {
             return Err(refuse(ErrorCode::InvalidMessage, "a commit must carry the GroupInfo of the epoch it creates"));
         };
-        let committer = leaf_of(&public, h.caller)
+        let committer = leaf_of(&public, input.caller)
             .ok_or_else(|| Refusal::Internal("the committer has no leaf after its commit".into()))?;
-        mls::check_group_info(&self.crypto, &group_info, &public, committer).map_err(invalid_commit)?;
+        mls::check_group_info(self.crypto, group_info, &public, committer).map_err(invalid_commit)?;
         let size = u64::try_from(roster.len()).unwrap_or(u64::MAX);
         if size > self.quotas.max_members_per_group {
             return Err(refuse(
@@ -268,12 +333,179 @@ impl Delivery {
         }
         let state = mls::encode_state(&storage).map_err(|e| Refusal::Internal(e.to_string()))?;
         check_state_size(&state)?;
+        Ok(Effect::Commit(Committed {
+            external: sender.is_none(),
+            added,
+            epoch,
+            roster,
+            state,
+            settings: (settings != settings_before).then_some(settings),
+        }))
+    }
+
+    /// The devices the commit adds, from their KeyPackages: each of a shape
+    /// hush makes, of the group's suite, certified for its device. (Whether
+    /// this server handed each out for that device is `apply`'s.) Returns
+    /// each added package's `KeyPackageRef` and device.
+    fn added_devices<E>(
+        &self,
+        staged: &StagedCommit,
+        ciphersuite: openmls::prelude::Ciphersuite,
+    ) -> Result<Vec<Added>, Refusal<E>> {
+        let mut added = Vec::new();
+        for (position, add) in staged.add_proposals().enumerate() {
+            let kp = add.add_proposal().key_package();
+            mls::check_key_package_shape(kp).map_err(|m| bad_add_shape(position, m))?;
+            if kp.ciphersuite() != ciphersuite {
+                return Err(bad_add_shape(position, "a KeyPackage of another ciphersuite than the group's"));
+            }
+            let cert = mls::node_certificate(kp.leaf_node()).map_err(|e| bad_add(position, e))?;
+            let hash_ref =
+                kp.hash_ref(self.crypto).map_err(|e| Refusal::Internal(format!("hashing a KeyPackage: {e}")))?;
+            added.push((hash_ref.as_slice().to_vec(), Caller::of(&cert)));
+        }
+        Ok(added)
+    }
+
+    /// The tree after the commit: each device once, the server still an
+    /// external sender. (Every leaf that entered or changed with the commit
+    /// was verified before: adds, updates, the committer's path leaf.)
+    /// Returns the roster it makes.
+    fn check_tree<E>(&self, public: &mls::PublicGroup) -> Result<BTreeMap<DeviceId, AccountId>, Refusal<E>> {
+        // The keys a commit's path set on parent nodes (the leaves were
+        // checked as they came in).
+        mls::check_tree_keys(&public.export_ratchet_tree(), public.ciphersuite()).map_err(invalid_commit)?;
+        let mut roster = BTreeMap::new();
+        for m in public.members() {
+            let (account, device) = mls::holder_of(&m.credential)
+                .ok_or_else(|| bad_leaf(m.index.u32(), "the leaf holds no device certificate"))?;
+            if roster.insert(device, account).is_some() {
+                return Err(bad_leaf(m.index.u32(), "this device already has a leaf in the group"));
+            }
+        }
+        if !mls::lists_server(public.group_context(), self.removal_key) {
+            return Err(invalid_commit(
+                "the commit would change the group's external senders (only this server's removal key may be listed)",
+            ));
+        }
+        Ok(roster)
+    }
+}
+
+impl Delivery {
+    fn check(&self) -> Check<'_> {
+        Check { crypto: &self.crypto, removal_key: &self.removal_key, quotas: &self.quotas }
+    }
+
+    /// The group's state for verifying a handshake `caller` sent off the
+    /// writer, or `None` where the writer would refuse it before
+    /// verifying (not a member, nor a new device of a member's account;
+    /// another epoch; no such group). Reads only.
+    pub fn snapshot<S: Storage>(
+        &mut self,
+        store: &mut S,
+        caller: &Caller,
+        group: &[u8],
+        epoch: u64,
+    ) -> Result<Option<GroupRecord>, S::Error> {
+        let Some(context) = store.send_context(group, &caller.device)? else { return Ok(None) };
+        let member = context.membership.is_some_and(|m| m.is_current())
+            || store.members(group)?.iter().any(|(_, m)| m.is_current() && m.account == caller.account);
+        if !member || context.epoch != epoch {
+            return Ok(None);
+        }
+        Ok(store.group(group)?.filter(|r| r.epoch == epoch))
+    }
+
+    /// Verifies a handshake `request` (a `Send` of a commit or proposal)
+    /// from `caller` against `record`, a snapshot of its group
+    /// ([`Delivery::snapshot`]), without any storage: the expensive half of
+    /// a handshake, which the server runs off its writer. `None` if the
+    /// request is not a handshake for that snapshot.
+    pub fn prepare(&self, caller: Caller, record: GroupRecord, request: &Request) -> Option<Prepared> {
+        let Request::Send { message, welcome, group_info } = request else { return None };
+        let framed = mls::frame(message).ok()?;
+        if !matches!(framed.kind, mls::Kind::Commit | mls::Kind::Proposal) || framed.epoch != record.epoch {
+            return None;
+        }
+        let input = Input {
+            caller: &caller,
+            group: &framed.group,
+            state: &record.state,
+            welcome: welcome.as_deref(),
+            group_info: group_info.as_deref(),
+        };
+        let verdict = self.check().verify(&input, framed.message);
+        Some(Prepared { caller, epoch: record.epoch, base: record.state, verdict })
+    }
+
+    /// Verifies a handshake message (or takes the verdict prepared for it
+    /// off the writer, if it still holds) and applies it.
+    pub(super) fn handshake<S: Storage>(
+        &mut self,
+        store: &mut S,
+        h: Handshake<'_>,
+        message: ProtocolMessage,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        let prepared = self.prepared.take().filter(|p| p.holds_for(h.caller, &h.record));
+        let verdict = match prepared {
+            Some(p) => {
+                self.prepared_used = self.prepared_used.wrapping_add(1);
+                p.verdict
+            }
+            None => {
+                let input = Input {
+                    caller: h.caller,
+                    group: h.group,
+                    state: &h.record.state,
+                    welcome: h.welcome.as_deref(),
+                    group_info: h.group_info.as_deref(),
+                };
+                self.check().verify(&input, message)
+            }
+        };
+        match verdict.map_err(widen)? {
+            Effect::Proposal { state, leaving } => apply_proposal(store, self.digest_of(&h.bytes), h, state, leaving),
+            Effect::Commit(c) => self.apply_commit(store, h, c),
+        }
+    }
+
+    /// A verified commit: first wins for its epoch (the caller checked
+    /// the epoch); its KeyPackages are ones this server handed out for
+    /// exactly those devices, none revoked; the quotas over other groups
+    /// and whole accounts hold. Then the roster follows the tree.
+    fn apply_commit<S: Storage>(
+        &mut self,
+        store: &mut S,
+        h: Handshake<'_>,
+        c: Committed,
+    ) -> Result<Outcome, Refusal<S::Error>> {
+        for (position, (hash_ref, holder)) in c.added.iter().enumerate() {
+            match store.claimed_owner(hash_ref)? {
+                Some((account, device)) if account == holder.account && device == holder.device => {
+                    if store.device(&device)?.is_none_or(|d| d.revoked_at.is_some()) {
+                        return Err(bad_add(position, "that device was revoked"));
+                    }
+                }
+                _ => {
+                    return Err(invalid_commit(
+                        "the commit adds a KeyPackage this server did not hand out for that device",
+                    ))
+                }
+            }
+        }
+        self.check_groups_quota(store, &c.added)?;
+        check_whole_accounts(store, &c.added, &c.roster)?;
+        let Some(group_info) = h.group_info else {
+            return Err(Refusal::Internal("a verified commit without its GroupInfo".into()));
+        };
+        let before = store.current_members(h.group)?;
         let group = h.group;
         let digest = self.digest_of(&h.bytes);
         let (seq, head) = store.append(group, h.record.epoch, &h.bytes, &digest, h.now, None)?;
-        store.update_group(group, epoch, &state)?;
+        store.update_group(group, c.epoch, &c.state)?;
         store.set_group_info(group, &group_info)?;
-        if settings != settings_before {
+        if let Some(settings) = c.settings {
             store.set_disappear(group, settings.disappear_secs)?;
         }
         let before_set: BTreeSet<DeviceId> = before.iter().copied().collect();
@@ -282,12 +514,12 @@ impl Delivery {
         // account). A leaf that is in the tree without being a member (a
         // device that left, or was removed by the operator, and whose
         // removal nobody committed) does not come back by being left in.
-        let mut joining: BTreeSet<DeviceId> = added.iter().map(|(_, c)| c.device).collect();
-        if v_sender.is_none() {
+        let mut joining: BTreeSet<DeviceId> = c.added.iter().map(|(_, c)| c.device).collect();
+        if c.external {
             joining.insert(h.caller.device);
         }
         let mut lingering = Vec::new();
-        for (device, account) in &roster {
+        for (device, account) in &c.roster {
             if !before_set.contains(device) {
                 if joining.contains(device) {
                     store.add_member(group, device, account, seq)?;
@@ -296,7 +528,7 @@ impl Delivery {
                 }
             }
         }
-        for device in before_set.iter().filter(|d| !roster.contains_key(d)) {
+        for device in before_set.iter().filter(|d| !c.roster.contains_key(d)) {
             store.remove_member(group, device, seq, h.record.epoch)?;
         }
         // Everyone who was a member sees the commit, removed members
@@ -309,8 +541,8 @@ impl Delivery {
             message: h.bytes,
             recipients: before.into(),
         }];
-        if let Some(w) = &welcome {
-            let recipients: BTreeSet<DeviceId> = added.iter().map(|(_, c)| c.device).collect();
+        if let Some(w) = &h.welcome {
+            let recipients: BTreeSet<DeviceId> = c.added.iter().map(|(_, c)| c.device).collect();
             for r in recipients {
                 store.add_welcome(&r, group, w, h.now)?;
                 notifications.push(Notification::Welcome { recipient: r });
@@ -323,43 +555,7 @@ impl Delivery {
         for device in store.revoked_members(group)?.into_iter().chain(lingering) {
             notifications.extend(self.propose_removal(store, group, &device, h.now)?);
         }
-        Ok(Outcome::wrote(Response::Accepted { group: group.to_vec(), seq, epoch, head }, notifications))
-    }
-
-    /// Whom the commit adds: only devices whose KeyPackage this server
-    /// handed out, certified for exactly that device. Returns each added
-    /// package's `KeyPackageRef` and device.
-    fn added_devices<S: Storage>(
-        &self,
-        store: &mut S,
-        staged: &StagedCommit,
-        ciphersuite: openmls::prelude::Ciphersuite,
-    ) -> Result<Vec<Added>, Refusal<S::Error>> {
-        let mut added = Vec::new();
-        for (position, add) in staged.add_proposals().enumerate() {
-            let kp = add.add_proposal().key_package();
-            mls::check_key_package_shape(kp).map_err(|m| bad_add_shape(position, m))?;
-            if kp.ciphersuite() != ciphersuite {
-                return Err(bad_add_shape(position, "a KeyPackage of another ciphersuite than the group's"));
-            }
-            let cert = mls::node_certificate(kp.leaf_node()).map_err(|e| bad_add(position, e))?;
-            let hash_ref =
-                kp.hash_ref(&self.crypto).map_err(|e| Refusal::Internal(format!("hashing a KeyPackage: {e}")))?;
-            match store.claimed_owner(hash_ref.as_slice())? {
-                Some((account, device)) if account == cert.account && device == cert.device => {
-                    if store.device(&device)?.is_none_or(|d| d.revoked_at.is_some()) {
-                        return Err(bad_add(position, "that device was revoked"));
-                    }
-                    added.push((hash_ref.as_slice().to_vec(), Caller::of(&cert)));
-                }
-                _ => {
-                    return Err(invalid_commit(
-                        "the commit adds a KeyPackage this server did not hand out for that device",
-                    ))
-                }
-            }
-        }
-        Ok(added)
+        Ok(Outcome::wrote(Response::Accepted { group: group.to_vec(), seq, epoch: c.epoch, head }, notifications))
     }
 
     /// Groups an account is in count against its quota, however it got
@@ -380,30 +576,40 @@ impl Delivery {
         }
         Ok(())
     }
+}
 
-    /// The tree after the commit: each device once, the server still an
-    /// external sender. (Every leaf that entered or changed with the commit
-    /// was verified before: adds, updates, the committer's path leaf.)
-    /// Returns the roster it makes.
-    fn check_tree<E>(&self, public: &mls::PublicGroup) -> Result<BTreeMap<DeviceId, AccountId>, Refusal<E>> {
-        // The keys a commit's path set on parent nodes (the leaves were
-        // checked as they came in).
-        mls::check_tree_keys(&public.export_ratchet_tree(), public.ciphersuite()).map_err(invalid_commit)?;
-        let mut roster = BTreeMap::new();
-        for m in public.members() {
-            let (account, device) = mls::holder_of(&m.credential)
-                .ok_or_else(|| bad_leaf(m.index.u32(), "the leaf holds no device certificate"))?;
-            if roster.insert(device, account).is_some() {
-                return Err(bad_leaf(m.index.u32(), "this device already has a leaf in the group"));
-            }
+/// A verified proposal, kept in the group's state. Leaving (a Remove of a
+/// leaf of the sender's own account) takes effect here at once, whether or
+/// not anyone commits it: the device stops counting against its account's
+/// group quota, receiving and sending (a group of strangers cannot hold it
+/// by never committing); a later commit that leaves its leaf in is
+/// followed by the server's own removal proposal.
+fn apply_proposal<S: Storage>(
+    store: &mut S,
+    digest: crate::chain::MessageDigest,
+    h: Handshake<'_>,
+    state: Vec<u8>,
+    leaving: Option<Caller>,
+) -> Result<Outcome, Refusal<S::Error>> {
+    let before = store.current_members(h.group)?;
+    let (group, epoch) = (h.group, h.record.epoch);
+    let (seq, head) = store.append(group, epoch, &h.bytes, &digest, h.now, None)?;
+    store.update_group(group, epoch, &state)?;
+    if let Some(left) = leaving {
+        if store.membership(group, &left.device)?.is_some_and(|m| m.is_current()) {
+            store.remove_member(group, &left.device, seq, epoch)?;
         }
-        if !mls::lists_server(public.group_context(), &self.removal_key) {
-            return Err(invalid_commit(
-                "the commit would change the group's external senders (only this server's removal key may be listed)",
-            ));
-        }
-        Ok(roster)
     }
+    Ok(Outcome::wrote(
+        Response::Accepted { group: group.to_vec(), seq, epoch, head },
+        vec![Notification::Message {
+            group: group.to_vec(),
+            seq,
+            head: Some(head),
+            message: h.bytes,
+            recipients: before.into(),
+        }],
+    ))
 }
 
 /// Adding a person adds all their devices: for every account the commit
@@ -433,15 +639,12 @@ fn check_whole_accounts<S: Storage>(
 
 /// A Welcome comes with exactly the commits that add members, and
 /// addresses exactly the packages they add.
-fn check_welcome_for<E>(welcome: Option<Vec<u8>>, added: &[Added]) -> Result<Option<Vec<u8>>, Refusal<E>> {
+fn check_welcome_for<E>(welcome: Option<&[u8]>, added: &[Added]) -> Result<(), Refusal<E>> {
     match (added.is_empty(), welcome) {
-        (true, None) => Ok(None),
+        (true, None) => Ok(()),
         (true, Some(_)) => Err(refuse(ErrorCode::InvalidMessage, "a Welcome needs a commit that adds members")),
         (false, None) => Err(refuse(ErrorCode::InvalidMessage, "a commit that adds members needs their Welcome")),
-        (false, Some(w)) => {
-            check_welcome(&w, added).map_err(|m| refuse(ErrorCode::InvalidMessage, m))?;
-            Ok(Some(w))
-        }
+        (false, Some(w)) => check_welcome(w, added).map_err(|m| refuse(ErrorCode::InvalidMessage, m)),
     }
 }
 

@@ -131,6 +131,7 @@ use crate::util::TokenBucket;
 use crate::wire::{ErrorCode, Request, Response};
 
 pub use devices::{Removal, RemoveError};
+pub use handshake::Prepared;
 pub use storage::{GroupRecord, Membership, NewKeyPackage, SendContext, Storage};
 
 /// Who sends a request: the device its connection authenticated, and the
@@ -295,6 +296,11 @@ pub struct Delivery {
     /// The digest of the message of the request being handled, computed
     /// before it reached the writer ([`Delivery::handle_digested`]).
     digest: Option<crate::chain::MessageDigest>,
+    /// The handshake of the request being handled, verified off the
+    /// writer ([`Delivery::handle_prepared`]).
+    prepared: Option<Prepared>,
+    /// Handshakes applied from a prepared verdict (for tests and metrics).
+    prepared_used: u64,
 }
 
 /// The keys a server's Delivery Service signs with: its removal key
@@ -336,6 +342,8 @@ impl Delivery {
             removal_signer: None,
             head_signer: None,
             digest: None,
+            prepared: None,
+            prepared_used: 0,
         }
     }
 
@@ -403,10 +411,34 @@ impl Delivery {
         now: u64,
         digest: Option<crate::chain::MessageDigest>,
     ) -> Outcome {
+        self.handle_prepared(store, origin, request, now, digest, None)
+    }
+
+    /// [`Delivery::handle_digested`] for a request whose handshake was
+    /// verified off the writer ([`Delivery::prepare`]): the verdict is
+    /// used if the group's state is still the one it was verified against,
+    /// and the handshake is verified again here otherwise.
+    pub fn handle_prepared<S: Storage>(
+        &mut self,
+        store: &mut S,
+        origin: impl Into<Origin>,
+        request: Request,
+        now: u64,
+        digest: Option<crate::chain::MessageDigest>,
+        prepared: Option<Prepared>,
+    ) -> Outcome {
         self.digest = digest;
+        self.prepared = prepared;
         let out = self.handle(store, origin, request, now);
         self.digest = None;
+        self.prepared = None;
         out
+    }
+
+    /// How many handshakes were applied from a verdict prepared off the
+    /// writer (the rest were verified where they were applied).
+    pub fn prepared_used(&self) -> u64 {
+        self.prepared_used
     }
 
     /// The digest of the request's message `bytes`: computed before, or

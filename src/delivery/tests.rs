@@ -180,27 +180,88 @@ impl Net {
 
     /// One request, as the engine runs it: on the SQL stores in its own
     /// savepoint, kept only if the request wrote.
+    ///
+    /// On the SQL stores a handshake is also verified first, off the unit
+    /// of work, against a snapshot of its group, as the engine does
+    /// ([`Delivery::prepare`]); on the in-memory store the core verifies
+    /// it where it applies it. So every rule holds on both paths.
     fn handle(&mut self, origin: impl Into<Origin>, request: Request, now: u64) -> Outcome {
-        use crate::delivery::storage::Unit as _;
+        use crate::delivery::storage::{Backend as _, Unit as _};
         let origin = origin.into();
+        let prepared = self.prepare(origin, &request);
         let ds = &mut self.ds;
         match &mut self.store {
             Store::Memory(s) => ds.handle(s, origin, request, now),
-            Store::Sqlite(db, _) => crate::delivery::storage::Backend::write(db, |u| {
-                u.savepoint()?;
-                let out = ds.handle(u, origin, request, now);
-                u.release(out.wrote)?;
-                Ok(out)
-            })
-            .unwrap(),
-            Store::Postgres(db) => crate::delivery::storage::Backend::write(&mut **db, |u| {
-                u.savepoint()?;
-                let out = ds.handle(u, origin, request, now);
-                u.release(out.wrote)?;
-                Ok(out)
-            })
-            .unwrap(),
+            Store::Sqlite(db, _) => db
+                .write(|u| {
+                    u.savepoint()?;
+                    let out = ds.handle_prepared(u, origin, request, now, None, prepared);
+                    u.release(out.wrote)?;
+                    Ok(out)
+                })
+                .unwrap(),
+            Store::Postgres(db) => db
+                .write(|u| {
+                    u.savepoint()?;
+                    let out = ds.handle_prepared(u, origin, request, now, None, prepared);
+                    u.release(out.wrote)?;
+                    Ok(out)
+                })
+                .unwrap(),
         }
+    }
+
+    /// A handshake's verdict from a snapshot of its group, as the engine
+    /// prepares it (SQL stores only, see [`Net::handle`]).
+    fn prepare(&mut self, origin: Origin, request: &Request) -> Option<Prepared> {
+        if matches!(self.store, Store::Memory(_)) {
+            return None;
+        }
+        let (Origin::Device(caller), Request::Send { message, .. }) = (origin, request) else { return None };
+        let (group, epoch) = crate::mls::handshake_group(message)?;
+        let record = self.snapshot(caller, &group, epoch)?;
+        self.ds.prepare(caller, record, request)
+    }
+
+    /// The snapshot the engine's reader would take for verifying a
+    /// handshake `caller` sent to `group` at `epoch`.
+    fn snapshot(&mut self, caller: Caller, group: &[u8], epoch: u64) -> Option<GroupRecord> {
+        use crate::delivery::storage::Backend as _;
+        let ds = &mut self.ds;
+        match &mut self.store {
+            Store::Memory(s) => ds.snapshot(s, &caller, group, epoch).unwrap(),
+            Store::Sqlite(db, _) => db.read(|u| ds.snapshot(u, &caller, group, epoch)).unwrap().unwrap(),
+            Store::Postgres(db) => db.read(|u| ds.snapshot(u, &caller, group, epoch)).unwrap().unwrap(),
+        }
+    }
+
+    /// One request with the verdict given, as the engine's writer runs
+    /// it.
+    fn handle_with(&mut self, caller: Caller, request: Request, prepared: Option<Prepared>) -> Response {
+        use crate::delivery::storage::{Backend as _, Unit as _};
+        self.now += 1;
+        let (now, ds) = (self.now, &mut self.ds);
+        let out = match &mut self.store {
+            Store::Memory(s) => ds.handle_prepared(s, caller, request, now, None, prepared),
+            Store::Sqlite(db, _) => db
+                .write(|u| {
+                    u.savepoint()?;
+                    let out = ds.handle_prepared(u, caller, request, now, None, prepared);
+                    u.release(out.wrote)?;
+                    Ok(out)
+                })
+                .unwrap(),
+            Store::Postgres(db) => db
+                .write(|u| {
+                    u.savepoint()?;
+                    let out = ds.handle_prepared(u, caller, request, now, None, prepared);
+                    u.release(out.wrote)?;
+                    Ok(out)
+                })
+                .unwrap(),
+        };
+        self.pushes.extend(out.notifications);
+        out.response
     }
 
     /// Registers the certificate's account (if new) and device.
@@ -552,6 +613,62 @@ fn concurrent_commits_one_wins_loser_catches_up_and_retries() {
     assert_eq!(auth, bob.member.epoch_authenticator(&g));
     assert_eq!(auth, carol.member.epoch_authenticator(&g));
     assert_eq!(alice.member.epoch(&g), Some(epoch + 2));
+}
+
+/// Issue 37: commits are verified off the writer, against a snapshot. Two
+/// commits for one epoch, verified at once on two threads from the same
+/// snapshot (both verify), reach the writer one after the other: the
+/// first is applied from its verdict, the second is refused as stale.
+fn two_commits_for_one_epoch_verified_concurrently_accept_exactly_one() {
+    let (mut net, _alice, mut bob, mut carol, g) = Net::trio();
+    let epoch = bob.member.epoch(&g).unwrap();
+    let (bc, cc) = (Caller::of(bob.member.certificate()), Caller::of(carol.member.certificate()));
+    let b = bob.member.commit_pending(&g).unwrap().into_request();
+    let c = carol.member.commit_pending(&g).unwrap().into_request();
+    let (rb, rc) = (net.snapshot(bc, &g, epoch).unwrap(), net.snapshot(cc, &g, epoch).unwrap());
+    let (quotas, key) = (net.ds.quotas, net.removal_key);
+    let (pb, pc) = std::thread::scope(|s| {
+        let tb = s.spawn(|| Delivery::with_quotas(quotas, key).prepare(bc, rb, &b));
+        let tc = s.spawn(|| Delivery::with_quotas(quotas, key).prepare(cc, rc, &c));
+        (tb.join().unwrap(), tc.join().unwrap())
+    });
+    let (pb, pc) = (pb.unwrap(), pc.unwrap());
+    assert!(pb.verified() && pc.verified(), "each verifies against the snapshot");
+    let (used, logged) = (net.ds.prepared_used(), net.log(&g).len());
+    let responses = [net.handle_with(bc, b, Some(pb)), net.handle_with(cc, c, Some(pc))];
+    let accepted =
+        responses.iter().filter(|r| matches!(r, Response::Accepted { epoch: e, .. } if *e == epoch + 1)).count();
+    let stale = responses
+        .iter()
+        .filter(|r| matches!(r, Response::Error { code: ErrorCode::StaleEpoch, detail, .. } if *detail == epoch + 1))
+        .count();
+    assert_eq!((accepted, stale), (1, 1), "{responses:?}");
+    assert_eq!(net.ds.prepared_used(), used + 1, "the winner was applied from its verdict");
+    bob.member.merge_pending(&g).unwrap();
+    assert_eq!(net.log(&g).len(), logged + 1, "one of the two commits is logged");
+}
+
+/// A verdict is used only while the group's state is the snapshot it was
+/// verified against. A proposal that lands in between changes the state
+/// within the epoch: the commit that takes it by reference failed against
+/// the snapshot, and is verified again (and accepted) by the writer.
+fn a_verdict_from_before_a_proposal_is_verified_again() {
+    let (mut net, mut alice, mut bob, _carol, g) = Net::trio();
+    let epoch = alice.member.epoch(&g).unwrap();
+    let ac = Caller::of(alice.member.certificate());
+    let old = net.snapshot(ac, &g, epoch).unwrap();
+    let proposal = bob.member.leave(&g).unwrap();
+    assert!(matches!(net.send(&mut bob, proposal, None), Response::Accepted { .. }));
+    net.sync(&mut alice, &g);
+    let commit = alice.member.commit_pending(&g).unwrap().into_request();
+    let stale = net.ds.prepare(ac, old, &commit).unwrap();
+    assert!(!stale.verified(), "against the snapshot the proposal it refers to does not exist");
+    let used = net.ds.prepared_used();
+    let r = net.handle_with(ac, commit, Some(stale));
+    assert!(matches!(r, Response::Accepted { epoch: e, .. } if e == epoch + 1), "{r:?}");
+    assert_eq!(net.ds.prepared_used(), used, "the stale verdict was not used");
+    alice.member.merge_pending(&g).unwrap();
+    assert!(!net.current_members(&g).contains(&bob.member.device()));
 }
 
 fn non_members_learn_nothing() {
@@ -2007,6 +2124,8 @@ fn a_claim_some_devices_cannot_answer_fails_whole_and_spends_nothing() {
 }
 
 rules! {
+    two_commits_for_one_epoch_verified_concurrently_accept_exactly_one,
+    a_verdict_from_before_a_proposal_is_verified_again,
     a_claim_some_devices_cannot_answer_fails_whole_and_spends_nothing,
     a_parent_node_key_of_the_wrong_length_is_refused_by_server_and_members,
     post_quantum_key_packages_and_groups,

@@ -21,7 +21,7 @@ use crate::db::sqlite::Db;
 use crate::db::StoreError;
 use crate::delivery::storage::{Backend, DeviceRecord, Unit};
 use crate::delivery::Notification;
-use crate::delivery::{Delivery, Origin, Outcome, Quotas, ServerKeys, Storage};
+use crate::delivery::{Caller, Delivery, GroupRecord, Origin, Outcome, Prepared, Quotas, ServerKeys, Storage};
 use crate::limits::{COMMIT_DELAY_BACKOFF, COMMIT_SIBLINGS, MAX_COMMIT_DELAY, MAX_CONFLICT_RETRIES, MAX_WRITE_BATCH};
 use crate::wire::Request;
 
@@ -34,6 +34,8 @@ struct Pending {
     /// A `Send`'s message digest, computed by the session before the
     /// writer (which extends the group's chain with it).
     digest: Option<crate::chain::MessageDigest>,
+    /// A handshake's verdict, verified off the writer.
+    prepared: Option<Box<Prepared>>,
 }
 
 /// Work for the writer thread.
@@ -86,6 +88,14 @@ enum Read {
         limit: usize,
         reply: oneshot::Sender<Result<Vec<crate::delivery::storage::BlobRecord>, StoreError>>,
     },
+    /// The state of `group` at `epoch`, to verify a handshake `caller`
+    /// sent off the writer ([`Delivery::snapshot`]).
+    Snapshot {
+        caller: Caller,
+        group: Vec<u8>,
+        epoch: u64,
+        reply: oneshot::Sender<Result<Option<GroupRecord>, StoreError>>,
+    },
     /// Another node stored a message: read it and who may see it.
     Stored {
         group: Vec<u8>,
@@ -109,10 +119,41 @@ enum Read {
 /// * The **reader** thread has its own connection and serves requests that
 ///   only read (fetches, counts, lists) from a consistent snapshot; they
 ///   never wait for the writer.
+///
+/// Handshakes (commits and proposals) are verified before they reach the
+/// writer, on tokio's blocking threads (at most one per core at a time),
+/// against a snapshot of their group the reader takes
+/// ([`Engine::prepare`]): the writer then only checks that the group's
+/// state is still that snapshot and applies, so a large group's commit
+/// (tens of milliseconds of CPU at 1000 members) does not hold up every
+/// other group's sends.
 #[derive(Clone, Debug)]
 pub struct Engine {
     writer: mpsc::Sender<Write>,
     reader: mpsc::Sender<Read>,
+    /// What verifies handshakes off the writer.
+    verifier: Verifier,
+    /// What became of the verdicts.
+    counts: Arc<HandshakeCounts>,
+}
+
+/// What became of the handshake verdicts prepared off the writer.
+#[derive(Debug, Default)]
+pub struct HandshakeCounts {
+    /// Applied from their verdict.
+    pub prepared: std::sync::atomic::AtomicU64,
+    /// Not used: the group changed since the snapshot (the writer verified
+    /// the handshake again, or refused it as stale before verifying).
+    pub verified_again: std::sync::atomic::AtomicU64,
+}
+
+/// How handshakes are verified off the writer: with the core's rules
+/// (quotas, removal key), at most `permits` at once.
+#[derive(Clone, Debug)]
+struct Verifier {
+    quotas: Quotas,
+    removal_key: [u8; 32],
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Pending {
@@ -152,22 +193,63 @@ impl Engine {
     ) -> Result<Self, StoreError> {
         let key = keys.removal.public_key();
         let writing = Delivery::with_quotas(quotas, key).with_removal_signer(keys.removal);
-        let writer = spawn("hush-writer", writer, writing, writer_loop)?;
+        let counts = Arc::new(HandshakeCounts::default());
+        let counting = counts.clone();
+        let writer = spawn("hush-writer", move |rx| writer_loop(writer, writing, rx, &counting))?;
         let reading = Delivery::with_quotas(quotas, key).with_head_signer(keys.current);
-        let reader = spawn("hush-reader", reader, reading, reader_loop)?;
-        Ok(Self { writer, reader })
+        let reader = spawn("hush-reader", move |rx| reader_loop(reader, reading, rx))?;
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let permits = Arc::new(tokio::sync::Semaphore::new(cores.min(crate::limits::MAX_VERIFIERS)));
+        Ok(Self { writer, reader, verifier: Verifier { quotas, removal_key: key, permits }, counts })
+    }
+
+    /// What became of the handshakes verified off the writer so far.
+    pub fn handshake_counts(&self) -> &HandshakeCounts {
+        &self.counts
+    }
+
+    /// Verifies a device's handshake (a `Send` of a commit or proposal,
+    /// told apart by its wire format) against a snapshot of its group, off
+    /// the writer; gives the request back with the verdict. Anything else,
+    /// or a handshake the writer would refuse before verifying it (see
+    /// [`Delivery::snapshot`]), comes back without one. `None` if the
+    /// verifying task failed (the request went with it).
+    async fn prepare(&self, origin: Origin, request: Request) -> Option<(Request, Option<Box<Prepared>>)> {
+        let Origin::Device(caller) = origin else { return Some((request, None)) };
+        let Request::Send { message, .. } = &request else { return Some((request, None)) };
+        if !crate::mls::is_public_message(message) {
+            return Some((request, None));
+        }
+        let Ok(permit) = self.verifier.permits.clone().acquire_owned().await else { return Some((request, None)) };
+        let (reader, verifier) = (self.reader.clone(), self.verifier.clone());
+        let done = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let prepared = prepare_blocking(&reader, &verifier, caller, &request).map(Box::new);
+            (request, prepared)
+        });
+        match done.await {
+            Ok(done) => Some(done),
+            Err(e) => {
+                tracing::error!("verifying a handshake failed: {e}");
+                None
+            }
+        }
     }
 
     /// Runs a Delivery Service request: reads on the reader, writes on the
     /// writer (batched). Returns once the outcome is durable.
     pub async fn deliver(&self, origin: impl Into<Origin>, request: Request, now: u64) -> Result<Outcome, StoreError> {
+        let origin = origin.into();
+        let Some((request, prepared)) = self.prepare(origin, request).await else {
+            return Ok(Outcome::internal());
+        };
         let (reply, rx) = oneshot::channel();
         let writes = request.writes();
         let digest = match &request {
             Request::Send { message, .. } => Some(crate::chain::MessageDigest::of(message)),
             _ => None,
         };
-        let pending = Pending { origin: origin.into(), request, now, reply, digest };
+        let pending = Pending { origin, request, now, reply, digest, prepared };
         let m = super::metrics::metrics();
         m.queued(writes, 1);
         let sent = if writes {
@@ -269,14 +351,28 @@ impl Engine {
     }
 }
 
-fn spawn<B: Backend, J: Send + 'static>(
+/// [`Engine::prepare`]'s work on a blocking thread: the group's snapshot
+/// from the reader, then the verification.
+fn prepare_blocking(
+    reader: &mpsc::Sender<Read>,
+    verifier: &Verifier,
+    caller: Caller,
+    request: &Request,
+) -> Option<Prepared> {
+    let Request::Send { message, .. } = request else { return None };
+    let (group, epoch) = crate::mls::handshake_group(message)?;
+    let (reply, rx) = oneshot::channel();
+    reader.send(Read::Snapshot { caller, group, epoch, reply }).ok()?;
+    let record = rx.blocking_recv().ok()?.ok()??;
+    Delivery::with_quotas(verifier.quotas, verifier.removal_key).prepare(caller, record, request)
+}
+
+fn spawn<J: Send + 'static>(
     name: &str,
-    db: B,
-    delivery: Delivery,
-    run: fn(B, Delivery, mpsc::Receiver<J>),
+    run: impl FnOnce(mpsc::Receiver<J>) + Send + 'static,
 ) -> Result<mpsc::Sender<J>, StoreError> {
     let (tx, rx) = mpsc::channel::<J>();
-    std::thread::Builder::new().name(name.into()).spawn(move || run(db, delivery, rx)).map_err(StoreError::Thread)?;
+    std::thread::Builder::new().name(name.into()).spawn(move || run(rx)).map_err(StoreError::Thread)?;
     Ok(tx)
 }
 
@@ -318,7 +414,12 @@ fn spawn<B: Backend, J: Send + 'static>(
 ///
 /// Nothing changes about acknowledgements: replies go out after the commit
 /// that holds them is durable.
-fn writer_loop<B: Backend<Error = StoreError>>(mut db: B, mut delivery: Delivery, rx: mpsc::Receiver<Write>) {
+fn writer_loop<B: Backend<Error = StoreError>>(
+    mut db: B,
+    mut delivery: Delivery,
+    rx: mpsc::Receiver<Write>,
+    counts: &HandshakeCounts,
+) {
     let mut writer = Writer::new();
     loop {
         // Block only with nothing to do: a chore or retention run taken in
@@ -334,7 +435,7 @@ fn writer_loop<B: Backend<Error = StoreError>>(mut db: B, mut delivery: Delivery
         if let Some(target) = writer.delay_target(<B::Unit<'static> as Unit>::CONFLICTS) {
             writer.fill(&rx, target, Instant::now() + MAX_COMMIT_DELAY.min(writer.last_flush));
         }
-        let (answered, flush) = commit_batch(&mut db, &mut delivery, std::mem::take(&mut writer.waiting));
+        let (answered, flush) = commit_batch(&mut db, &mut delivery, std::mem::take(&mut writer.waiting), counts);
         if let Some(flush) = flush {
             writer.last_flush = flush;
         }
@@ -476,6 +577,7 @@ fn commit_batch<B: Backend<Error = StoreError>>(
     db: &mut B,
     delivery: &mut Delivery,
     jobs: VecDeque<Pending>,
+    counts: &HandshakeCounts,
 ) -> (usize, Option<Duration>) {
     if jobs.is_empty() {
         return (0, None);
@@ -485,8 +587,14 @@ fn commit_batch<B: Backend<Error = StoreError>>(
     let mut worked = started;
     let result = db.write(|unit| {
         let mut outcomes = Vec::with_capacity(jobs.len());
-        for Pending { origin, request, now, reply, digest } in jobs {
-            outcomes.push(run_request(unit, delivery, origin, request, now, digest)?);
+        for Pending { origin, request, now, reply, digest, prepared } in jobs {
+            let had = prepared.is_some();
+            let used = delivery.prepared_used();
+            outcomes.push(run_request(unit, delivery, origin, request, now, digest, prepared)?);
+            if had {
+                let counter = if delivery.prepared_used() != used { &counts.prepared } else { &counts.verified_again };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             replies.push(reply);
         }
         worked = Instant::now();
@@ -529,6 +637,7 @@ fn run_request<U: Unit<Error = StoreError>>(
     request: Request,
     now: u64,
     digest: Option<crate::chain::MessageDigest>,
+    mut prepared: Option<Box<Prepared>>,
 ) -> Result<Outcome, StoreError> {
     let mut request = Some(request);
     let mut attempt = 0;
@@ -537,7 +646,9 @@ fn run_request<U: Unit<Error = StoreError>>(
         // Only a store that can conflict pays for a copy of the request.
         let again = (U::CONFLICTS && attempt < MAX_CONFLICT_RETRIES).then(|| this.clone());
         unit.savepoint()?;
-        let outcome = delivery.handle_digested(unit, origin, this, now, digest);
+        // A verdict serves the first attempt only: a retry sees what
+        // another node committed.
+        let outcome = delivery.handle_prepared(unit, origin, this, now, digest, prepared.take().map(|p| *p));
         if unit.take_conflict() {
             if let Some(again) = again {
                 unit.release(false)?;
@@ -574,6 +685,9 @@ fn reader_loop<B: Backend<Error = StoreError>>(mut db: B, mut delivery: Delivery
             }
             Read::Stats { now, reply } => {
                 let _ = reply.send(db.read(|unit| unit.stats(now)).and_then(|r| r));
+            }
+            Read::Snapshot { caller, group, epoch, reply } => {
+                let _ = reply.send(db.read(|unit| delivery.snapshot(unit, &caller, &group, epoch)).and_then(|r| r));
             }
             Read::Stored { group, seq, reply } => {
                 let _ = reply.send(db.read(|unit| stored(unit, group, seq)).and_then(|r| r));
@@ -614,7 +728,14 @@ mod tests {
     fn job() -> Write {
         let (reply, _) = oneshot::channel();
         let request = Request::Send { message: vec![1, 2, 3], welcome: None, group_info: None };
-        Write::Deliver(Pending { origin: Origin::Stranger(DeviceId([7; 32])), request, now: 0, reply, digest: None })
+        Write::Deliver(Pending {
+            origin: Origin::Stranger(DeviceId([7; 32])),
+            request,
+            now: 0,
+            reply,
+            digest: None,
+            prepared: None,
+        })
     }
 
     /// `count` jobs sent from another thread, a little apart, as clients
@@ -626,6 +747,65 @@ mod tests {
                 let _ = tx.send(job());
             }
         })
+    }
+
+    /// Handshakes reach the writer verified: a lone commit is applied from
+    /// its verdict; two commits for one epoch sent at once (each verified
+    /// against the same epoch's snapshot) accept exactly one, and the
+    /// loser's verdict is not used.
+    #[test]
+    fn commits_are_verified_off_the_writer_and_one_per_epoch_wins() {
+        use crate::client::mls::Member;
+        use crate::wire::{ErrorCode, Response};
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("engine.db");
+        let removal = Arc::new(crate::auth::Identity::generate().unwrap());
+        let removal_key = removal.public_key();
+        let current = crate::auth::online::CurrentKey::new(
+            crate::auth::online::ServerKey::identity(crate::auth::Identity::generate().unwrap()).unwrap(),
+        );
+        let quotas = Quotas { invite_required: false, ..Quotas::default() };
+        let engine =
+            Engine::start(Db::open(&path).unwrap(), Db::open(&path).unwrap(), quotas, ServerKeys { removal, current })
+                .unwrap();
+        runtime.block_on(async {
+            let (mut alice, mut bob) = (Member::generate().unwrap().2, Member::generate().unwrap().2);
+            let (a, b) = (Caller::of(alice.certificate()), Caller::of(bob.certificate()));
+            let ok = |r: Response| assert!(!matches!(r, Response::Error { .. }), "{r:?}");
+            for m in [&alice, &bob] {
+                let register = Request::Register { invite: None, certificate: m.certificate().encode() };
+                ok(engine.deliver(Origin::Stranger(m.device()), register, 1).await.unwrap().response);
+                let packages = m.key_packages(1).unwrap();
+                let publish = Request::PublishKeyPackages { packages, last_resort: None };
+                ok(engine.deliver(Caller::of(m.certificate()), publish, 1).await.unwrap().response);
+            }
+            let g = alice.create_group_of(&removal_key, crate::mls::Suite::Classic).unwrap();
+            let create = Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree };
+            ok(engine.deliver(a, create, 2).await.unwrap().response);
+            let claim = Request::ClaimKeyPackage { account: bob.account().0 };
+            let Response::KeyPackages { packages } = engine.deliver(a, claim, 3).await.unwrap().response else {
+                panic!("no package")
+            };
+            let add = alice.add(&g.id, &[(bob.account(), packages[0].clone())]).unwrap();
+            let welcome = add.welcome.clone().unwrap();
+            ok(engine.deliver(a, add.into_request(), 4).await.unwrap().response);
+            alice.merge_pending(&g.id).unwrap();
+            bob.join(&welcome).unwrap();
+            let counts = engine.handshake_counts();
+            let prepared = |c: &HandshakeCounts| c.prepared.load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(prepared(counts), 1, "the add was applied from its verdict");
+            let epoch = alice.epoch(&g.id).unwrap();
+            let (ca, cb) = (alice.self_update(&g.id).unwrap(), bob.self_update(&g.id).unwrap());
+            let (ra, rb) =
+                tokio::join!(engine.deliver(a, ca.into_request(), 5), engine.deliver(b, cb.into_request(), 5));
+            let responses = [ra.unwrap().response, rb.unwrap().response];
+            let won = |r: &Response| matches!(r, Response::Accepted { epoch: e, .. } if *e == epoch + 1);
+            let lost = |r: &Response| matches!(r, Response::Error { code: ErrorCode::StaleEpoch, .. });
+            assert_eq!(responses.iter().filter(|r| won(r)).count(), 1, "{responses:?}");
+            assert_eq!(responses.iter().filter(|r| lost(r)).count(), 1, "{responses:?}");
+            assert_eq!(prepared(counts), 2, "the winner was applied from its verdict, the loser's was not");
+        });
     }
 
     #[test]
