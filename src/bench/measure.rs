@@ -271,28 +271,52 @@ fn rss_kib() -> Result<f64, BenchError> {
     crate::util::rss_kib(None).map(|k| k as f64).ok_or_else(|| BenchError("no VmRSS in /proc/self/status".into()))
 }
 
-/// Opens `count` connections from `endpoint` (configuration and port from
-/// `target(n)`), lets them settle, and returns the growth of this process's
-/// resident memory per connection (client and server side, KiB) and the
+/// Opens connections from `endpoint` (configuration and port from
+/// `target(n)`) up to each count in `steps` (ascending), lets them settle
+/// at each, and returns the growth of this process's resident memory per
+/// connection at each step (client and server side, KiB), and the
 /// connections, still open.
 pub(super) async fn idle_memory<F>(
     endpoint: &Endpoint,
-    count: usize,
+    steps: &[usize],
     target: F,
-) -> Result<(f64, Vec<quinn::Connection>), BenchError>
+) -> Result<(Vec<(usize, f64)>, Vec<quinn::Connection>), BenchError>
 where
     F: Fn(usize) -> Option<(quinn::ClientConfig, u16)>,
 {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = rss_kib()?;
-    let mut conns = Vec::with_capacity(count);
-    for n in 0..count {
-        let (config, port) = target(n).ok_or_else(|| BenchError("no client configuration".into()))?;
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let c = endpoint.connect_with(config, addr, "hush").map_err(fail)?.await.map_err(fail)?;
-        conns.push(c);
+    let mut conns = Vec::with_capacity(steps.iter().copied().max().unwrap_or(0));
+    let mut per = Vec::with_capacity(steps.len());
+    for &count in steps {
+        while conns.len() < count {
+            let (config, port) = target(conns.len()).ok_or_else(|| BenchError("no client configuration".into()))?;
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            let c = endpoint.connect_with(config, addr, "hush").map_err(fail)?.await.map_err(fail)?;
+            conns.push(c);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let after = rss_kib()?;
+        per.push((count, (after - before).max(0.0) / count.max(1) as f64));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = rss_kib()?;
-    Ok(((after - before).max(0.0) / count.max(1) as f64, conns))
+    Ok((per, conns))
+}
+
+/// CPU time this process has used so far (every thread, user and
+/// system), seconds, from `/proc/self/stat` in clock ticks of 1/100 s
+/// (Linux's USER_HZ).
+pub(super) fn cpu_secs() -> Result<f64, BenchError> {
+    let stat = std::fs::read_to_string("/proc/self/stat").map_err(fail)?;
+    // The fields after the command name, which ends with the last ')':
+    // state is the first, utime the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or_else(|| BenchError("no /proc/self/stat".into()))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .ok_or_else(|| BenchError("/proc/self/stat: no CPU times".into()))
+    };
+    #[allow(clippy::cast_precision_loss)] // ticks of a benchmark run: far below 2^52.
+    Ok((ticks(11)? + ticks(12)?) as f64 / 100.0)
 }

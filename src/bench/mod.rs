@@ -18,7 +18,9 @@
 
 mod chain;
 mod files;
+mod large;
 mod measure;
+pub mod plot;
 mod postgres;
 mod raw;
 mod scenarios;
@@ -62,6 +64,13 @@ impl Row {
     }
 }
 
+/// What a run measured: the table and the growth curves.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub rows: Vec<Row>,
+    pub curves: Vec<plot::Curve>,
+}
+
 /// A benchmark could not run.
 #[derive(Debug, thiserror::Error)]
 #[error("benchmark: {0}")]
@@ -81,12 +90,17 @@ pub struct Settings {
     /// Members of the fan-out group, and of the large group in the
     /// bytes-per-message comparison.
     pub group: usize,
-    /// Idle connections held for the memory measurement.
-    pub idle_connections: usize,
+    /// Idle connections held for the memory measurement, at each count in
+    /// turn (ascending; the row is the last).
+    pub idle_steps: &'static [usize],
     /// Offered load of the busy latency scenario, messages per second.
     pub latency_rate: u32,
     /// Offered load of the quiet latency scenario, messages per second.
     pub idle_rate: u32,
+    /// Further offered loads the latency curve is measured at.
+    pub curve_rates: &'static [u32],
+    /// Messages in the large history whose newest page is fetched.
+    pub history: usize,
     /// Fewest messages a latency scenario sends (a p99 needs some).
     pub min_latency_samples: usize,
     /// Runs of each `hush` command timed as a whole process.
@@ -97,6 +111,12 @@ pub struct Settings {
     /// run at once for the memory row.
     pub file_rounds: usize,
     pub file_uploads: usize,
+    /// Group sizes whose commit cost is measured (the growth curve).
+    pub commit_sizes: &'static [usize],
+    /// Devices in the large group that commits while a small one chats.
+    pub large_group: usize,
+    /// Commits the large group has ready (it stops when they run out).
+    pub large_commits: usize,
     /// Whether every push must arrive. The quick mode (a smoke test that
     /// judges nothing) accepts up to a quarter missing and logs it: pushes
     /// are notifications, and a client that misses one fetches from its
@@ -111,14 +131,19 @@ impl Settings {
             duration: Duration::from_secs(4),
             messages: 100_000,
             group: 100,
-            idle_connections: 1000,
+            idle_steps: &[1000, 2500, 5000, 10_000],
             latency_rate: 1000,
             idle_rate: 10,
+            curve_rates: &[100, 300, 3000],
+            history: 1_000_000,
             min_latency_samples: 100,
             cli_runs: 50,
             file_mib: 256,
             file_rounds: 3,
             file_uploads: 8,
+            commit_sizes: &[10, 30, 100, 300, 1000],
+            large_group: large::LARGE_GROUP,
+            large_commits: 400,
             strict: true,
         }
     }
@@ -128,14 +153,19 @@ impl Settings {
             duration: Duration::from_millis(300),
             messages: 1_000,
             group: 8,
-            idle_connections: 100,
+            idle_steps: &[50, 100],
             latency_rate: 500,
             idle_rate: 10,
+            curve_rates: &[],
+            history: 5_000,
             min_latency_samples: 10,
             cli_runs: 3,
             file_mib: 8,
             file_rounds: 1,
             file_uploads: 2,
+            commit_sizes: &[10, 100, 1000],
+            large_group: large::LARGE_GROUP,
+            large_commits: 3,
             strict: false,
         }
     }
@@ -174,13 +204,14 @@ pub const SCENARIOS: &[&str] = &[
     "cli",
     "bytes",
     "commits",
+    "large-groups",
     "files",
     "postgres",
 ];
 
 /// Runs the scenario groups named in `only` (every one if it is empty);
 /// `progress` hears the name of each scenario before it starts.
-pub async fn run(settings: Settings, only: &[String], progress: impl Fn(&str)) -> Result<Vec<Row>, BenchError> {
+pub async fn run(settings: Settings, only: &[String], progress: impl Fn(&str)) -> Result<Report, BenchError> {
     if let Some(unknown) = only.iter().find(|o| !SCENARIOS.contains(&o.as_str())) {
         return Err(BenchError(format!("no scenario {unknown:?}; there are: {}", SCENARIOS.join(", "))));
     }
@@ -195,13 +226,16 @@ pub async fn run(settings: Settings, only: &[String], progress: impl Fn(&str)) -
     }));
     let echo = RawServer::start(Mode::Echo).await?;
     let mut rows = vec![];
+    let mut curves = vec![];
 
     if wanted("memory") || wanted("handshakes") {
         progress("handshakes");
         let ids = scenarios::registered(&address, 16).await?;
         if wanted("memory") {
             progress("memory per idle connection");
-            rows.push(scenarios::idle_connections(settings, &address, &ids, &echo).await?);
+            let (row, curve) = scenarios::idle_connections(settings, &address, &ids, &echo).await?;
+            rows.push(row);
+            curves.push(curve);
         }
         if wanted("handshakes") {
             rows.push(scenarios::handshakes(settings, &address, ids, &echo).await?);
@@ -261,12 +295,35 @@ pub async fn run(settings: Settings, only: &[String], progress: impl Fn(&str)) -
 
     if wanted("latency") {
         let mut p50 = vec![];
-        for load in [settings.idle_rate, settings.latency_rate] {
+        let mut loads: Vec<u32> = [settings.idle_rate, settings.latency_rate]
+            .into_iter()
+            .chain(settings.curve_rates.iter().copied())
+            .collect();
+        loads.sort_unstable();
+        loads.dedup();
+        let mut series: Vec<plot::Series> =
+            ["hush p50", "hush p99", "raw relay p50", "raw relay p99"].into_iter().map(plot::Series::new).collect();
+        for load in loads {
             progress(&format!("send→push latency at {load} msg/s"));
             let measured = scenarios::push_latency(settings, &address, &mut pair, load).await?;
-            p50.push((measured[0].hush, measured[0].baseline));
-            rows.extend(measured);
+            let x = f64::from(load);
+            for (s, y) in
+                series.iter_mut().zip([measured[0].hush, measured[1].hush, measured[0].baseline, measured[1].baseline])
+            {
+                s.points.push((x, y));
+            }
+            if load == settings.idle_rate || load == settings.latency_rate {
+                p50.push((measured[0].hush, measured[0].baseline));
+                rows.extend(measured);
+            }
         }
+        curves.push(plot::Curve {
+            file: "latency-by-load.svg",
+            title: "Send→push latency, group of 2, by offered load".into(),
+            x_label: "messages per second offered",
+            y_label: "µs from send to push",
+            series,
+        });
         // #20's bound for a quiet server: its p50 at most the busy p50
         // plus one flush, the flush measured at the quiet pace on this
         // disk (a disk idle for a while may flush more slowly).
@@ -359,6 +416,47 @@ pub async fn run(settings: Settings, only: &[String], progress: impl Fn(&str)) -
         ));
     }
 
+    if wanted("large-groups") {
+        let commits = (settings.messages / 2000).max(2);
+        let (mut hush, mut openmls) = (
+            plot::Series::new("hush (every rule, encoded state)"),
+            plot::Series::new("raw openmls (decode, verify, merge)"),
+        );
+        for &size in settings.commit_sizes {
+            progress(&format!("commit cost, group of {size}"));
+            let cost = tokio::task::spawn_blocking(move || commit_cost(size, commits, crate::mls::Suite::Classic))
+                .await
+                .map_err(fail)??;
+            rows.push(Row::cost(
+                format!("server CPU per commit, group of {size} (µs; baseline: raw openmls verifying the same commit)"),
+                cost.whole_us,
+                cost.openmls_us,
+                "µs",
+            ));
+            hush.points.push((size as f64, cost.whole_us));
+            openmls.points.push((size as f64, cost.openmls_us));
+        }
+        curves.push(plot::Curve {
+            file: "commit-cost.svg",
+            title: "Server CPU per commit (a self-update), by group size".into(),
+            x_label: "devices in the group",
+            y_label: "µs of CPU per commit",
+            series: vec![hush, openmls],
+        });
+        progress("the newest page of a long history");
+        let long = settings.history;
+        let big = store::newest_page(&dir.path().join("history-long.db"), long).await?;
+        let small = store::newest_page(&dir.path().join("history-short.db"), 100).await?;
+        rows.push(Row::cost(
+            format!("fetch of the newest 100 messages, group holding {long} (µs p50; baseline: group holding 100)"),
+            big,
+            small,
+            "µs",
+        ));
+        progress(&format!("a group of {} committing while a group of 2 chats", settings.large_group));
+        rows.extend(large::stall(settings, &address, &mut pair, settings.large_group).await?);
+    }
+
     let _ = stop_tx.send(());
     let _ = serving.await;
     echo.endpoint.close(VarInt::from_u32(0), b"done");
@@ -370,7 +468,7 @@ pub async fn run(settings: Settings, only: &[String], progress: impl Fn(&str)) -
             Err(why) => tracing::warn!("PostgreSQL rows skipped: {why}"),
         }
     }
-    Ok(rows)
+    Ok(Report { rows, curves })
 }
 
 /// A fresh temporary directory, removed on drop.

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use quinn::{Endpoint, VarInt};
 
 use super::measure::{drain_for, fan_out, idle_memory, latency, latency_samples, rate};
+use super::plot::{Curve, Series};
 use super::raw::{self, Mode, RawServer};
 use super::{fail, BenchError, Row, Settings};
 use crate::auth::{HushAddress, Identity};
@@ -331,29 +332,44 @@ pub(super) async fn registered(address: &HushAddress, count: usize) -> Result<Ve
     Ok(ids)
 }
 
-/// Memory per idle authenticated connection against the raw echo server's.
-/// Run first, while the heap holds little that could be reused, with both
-/// sets of connections held at once so neither reuses memory the other
-/// freed.
+/// Memory per idle authenticated connection against the raw echo server's,
+/// at each count of `settings.idle_steps`: the row at the largest, and the
+/// curve. Run first, while the heap holds little that could be reused, with
+/// both sets of connections held at once so neither reuses memory the
+/// other freed.
 pub(super) async fn idle_connections(
     settings: Settings,
     address: &HushAddress,
     ids: &[Arc<Identity>],
     echo: &RawServer,
-) -> Result<Row, BenchError> {
-    let k = settings.idle_connections;
+) -> Result<(Row, Curve), BenchError> {
+    let steps = settings.idle_steps;
     let configs = ids.iter().map(|i| raw::client_config(i, address.fingerprint)).collect::<Result<Vec<_>, _>>()?;
     let endpoint = Endpoint::client("127.0.0.1:0".parse().map_err(fail)?).map_err(fail)?;
     let raw_cfg = echo.client_config()?;
-    let (raw_mem, raw_conns) = idle_memory(&endpoint, k, |_| Some((raw_cfg.clone(), echo.address.port))).await?;
+    let (raw_mem, raw_conns) = idle_memory(&endpoint, steps, |_| Some((raw_cfg.clone(), echo.address.port))).await?;
     let (hush_mem, hush_conns) =
-        idle_memory(&endpoint, k, |n| configs.get(n % configs.len().max(1)).cloned().map(|c| (c, address.port)))
+        idle_memory(&endpoint, steps, |n| configs.get(n % configs.len().max(1)).cloned().map(|c| (c, address.port)))
             .await?;
     for c in raw_conns.iter().chain(&hush_conns) {
         c.close(VarInt::from_u32(0), b"");
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    Ok(Row::cost(format!("memory per idle authenticated connection (KiB, {k} connections)"), hush_mem, raw_mem, "KiB"))
+    let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
+    let (Some(&(k, hush)), Some(&(_, raw))) = (hush_mem.last(), raw_mem.last()) else {
+        return Err(BenchError("no connection counts to measure at".into()));
+    };
+    let points = |m: &[(usize, f64)]| m.iter().map(|&(n, kib)| (n as f64, kib)).collect();
+    let curve = Curve {
+        file: "memory-per-connection.svg",
+        title: "Memory per idle authenticated connection".into(),
+        x_label: "idle connections held",
+        y_label: "KiB per connection (client and server)",
+        series: vec![
+            Series { name: "hush".into(), points: points(&hush_mem) },
+            Series { name: "raw quinn, same TLS".into(), points: points(&raw_mem) },
+        ],
+    };
+    Ok((Row::cost(format!("memory per idle authenticated connection (KiB, {k} connections)"), hush, raw, "KiB"), curve))
 }
 
 /// Connect, authenticate with a key pair and make one request, 16 at once.
@@ -494,24 +510,7 @@ pub(super) async fn push_latency(
     load: u32,
 ) -> Result<[Row; 2], BenchError> {
     let messages = pair.messages(latency_samples(settings, load))?;
-    // Fresh connections: the old ones stopped reading their push streams,
-    // so the server has (rightly) dropped pushes for them and owes a Resync.
-    pair.alice.quic().close(VarInt::from_u32(0), b"");
-    pair.bob.quic().close(VarInt::from_u32(0), b"");
-    let alice = Arc::new(Connection::connect(address, &pair.alice_id).await.map_err(fail)?);
-    let bob = Connection::connect(address, &pair.bob_id).await.map_err(fail)?;
-    // A request answered means the session is online (it registers for
-    // pushes before it serves requests): no push can miss it.
-    for c in [&*alice, &bob] {
-        c.call(&Request::Ping { nonce: 0 }).await.map_err(fail)?;
-    }
-    let c = alice.clone();
-    let readers = vec![alice.quic().clone(), bob.quic().clone()];
-    let hush = latency(readers, messages.clone(), load, settings.strict, move |m| {
-        let c = c.clone();
-        async move { c.send(m, None).await.map(|(seq, _)| seq).map_err(fail) }
-    })
-    .await?;
+    let hush = latency_of(settings, address, pair, load, messages.clone()).await?;
     let relay = RawServer::start(Mode::Relay).await?;
     let (sender, receiver) = (relay.connection().await?, relay.connection().await?);
     let s = sender.clone();
@@ -521,13 +520,53 @@ pub(super) async fn push_latency(
     })
     .await?;
     relay.endpoint.close(VarInt::from_u32(0), b"done");
-    // The pair goes on with the fresh connections.
-    pair.alice = alice;
-    pair.bob = Arc::new(bob);
     Ok([
         Row::cost(format!("send→push latency p50 (µs, {load} msg/s offered)"), hush.0, raw.0, "µs"),
         Row::cost(format!("send→push latency p99 (µs, {load} msg/s offered)"), hush.1, raw.1, "µs"),
     ])
+}
+
+/// hush's (p50, p99) send→push latency in the pair's group at `load`
+/// msg/s ([`push_latency`] without its baseline).
+pub(super) async fn pair_latency(
+    settings: Settings,
+    address: &HushAddress,
+    pair: &mut Pair,
+    load: u32,
+) -> Result<(f64, f64), BenchError> {
+    let messages = pair.messages(latency_samples(settings, load))?;
+    latency_of(settings, address, pair, load, messages).await
+}
+
+/// alice sends `messages` at `load` msg/s on fresh connections; bob's
+/// pushes time them.
+async fn latency_of(
+    settings: Settings,
+    address: &HushAddress,
+    pair: &mut Pair,
+    load: u32,
+    messages: Vec<Vec<u8>>,
+) -> Result<(f64, f64), BenchError> {
+    // Fresh connections: the old ones stopped reading their push streams,
+    // so the server has (rightly) dropped pushes for them and owes a Resync.
+    pair.alice.quic().close(VarInt::from_u32(0), b"");
+    pair.bob.quic().close(VarInt::from_u32(0), b"");
+    let alice = Arc::new(Connection::connect(address, &pair.alice_id).await.map_err(fail)?);
+    let bob = Arc::new(Connection::connect(address, &pair.bob_id).await.map_err(fail)?);
+    // A request answered means the session is online (it registers for
+    // pushes before it serves requests): no push can miss it.
+    for c in [&alice, &bob] {
+        c.call(&Request::Ping { nonce: 0 }).await.map_err(fail)?;
+    }
+    // The pair goes on with the fresh connections.
+    pair.alice = alice.clone();
+    pair.bob = bob.clone();
+    let readers = vec![alice.quic().clone(), bob.quic().clone()];
+    latency(readers, messages, load, settings.strict, move |m| {
+        let c = alice.clone();
+        async move { c.send(m, None).await.map(|(seq, _)| seq).map_err(fail) }
+    })
+    .await
 }
 
 /// One member sends to a group of `settings.group`, all online, against

@@ -129,6 +129,47 @@ pub(super) async fn bytes_per_message_with(
     Ok((after - before) as f64 / messages.max(1) as f64)
 }
 
+/// Newest-page fetches timed per group ([`newest_page`]).
+const PAGE_FETCHES: usize = 200;
+
+/// A page: what a member fetches at once.
+const PAGE: u16 = 100;
+
+/// Distinct ciphertexts the history is filled with (sent again and again:
+/// the server stores each copy as a message of its own).
+const DISTINCT: usize = 1000;
+
+/// p50 latency (µs) of fetching the newest [`PAGE`] messages of a group
+/// that holds `messages` messages, through the engine (the reader thread,
+/// no network), on its own database at `path`.
+pub(super) async fn newest_page(path: &Path, messages: usize) -> Result<f64, BenchError> {
+    let (store, group, mut alice) = store_with_group_on(path, 2, true).await?;
+    let distinct = encrypt_many(&mut alice, &group, DISTINCT.min(messages.max(1)))?;
+    let fill: Vec<Vec<u8>> = distinct.iter().cycle().take(messages).cloned().collect();
+    drop(distinct);
+    let account = Caller::of(alice.certificate());
+    let s = store.clone();
+    drain(fill, 64, move |m| {
+        let store = s.clone();
+        async move { store_send(&store, account, m).await }
+    })
+    .await?;
+    let last = u64::try_from(messages).map_err(fail)? + 1;
+    let mut took = Vec::with_capacity(PAGE_FETCHES);
+    for _ in 0..PAGE_FETCHES {
+        let fetch = Request::Fetch { group: group.clone(), after: last.saturating_sub(u64::from(PAGE)), limit: PAGE };
+        let t = Instant::now();
+        let r = store.deliver(account, fetch, now_unix()).await.map_err(fail)?.response;
+        took.push(t.elapsed().as_secs_f64() * 1e6);
+        match r {
+            Response::Messages { messages: got, .. } if !got.is_empty() => {}
+            other => return Err(BenchError(format!("newest page: unexpected {} response", other.kind()))),
+        }
+    }
+    took.sort_by(f64::total_cmp);
+    Ok(took.get(took.len() / 2).copied().unwrap_or(0.0))
+}
+
 /// What a commit costs in a group of one suite ([`commit_cost`]).
 #[derive(Debug, Clone, Copy)]
 pub struct CommitCost {
@@ -136,6 +177,10 @@ pub struct CommitCost {
     pub whole_us: f64,
     /// The part of it spent checking the commit's GroupInfo, µs.
     pub check_us: f64,
+    /// Raw openmls verifying the same commit, µs: the public state decoded,
+    /// the commit processed and merged (what any Delivery Service that
+    /// checks commits does, without hush's rules, storage or encoding).
+    pub openmls_us: f64,
     /// A self-update commit's bytes (the MLS message).
     pub commit_bytes: f64,
     /// The Welcome that adds one device to the group, bytes.
@@ -177,9 +222,11 @@ pub fn commit_cost(size: usize, commits: usize, suite: crate::mls::Suite) -> Res
     let g = first.create_group_of(&removal_key, suite).map_err(fail)?;
     exec(&mut ds, &mut store, first, Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree })?;
     let mut claimed = vec![];
+    // Each device claims its own package: claims are rate-limited per
+    // claiming account, and the creator could not claim a large group's.
     for m in rest.iter() {
         let claim = Request::ClaimKeyPackages { account: m.account().0, suite: suite.code() };
-        if let Response::KeyPackages { packages: p } = exec(&mut ds, &mut store, first, claim)? {
+        if let Response::KeyPackages { packages: p } = exec(&mut ds, &mut store, m, claim)? {
             claimed.extend(p.into_iter().map(|p| (m.account(), p)));
         }
     }
@@ -197,21 +244,36 @@ pub fn commit_cost(size: usize, commits: usize, suite: crate::mls::Suite) -> Res
     first.merge_pending(&g.id).map_err(fail)?;
     let mut commit_bytes = 0usize;
     let crypto = openmls_rust_crypto::RustCrypto::default();
-    let (mut whole, mut check) = (Duration::ZERO, Duration::ZERO);
+    let (mut whole, mut check, mut raw) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let load = |state: &[u8]| -> Result<_, BenchError> {
+        let storage = mls::decode_state(state).map_err(fail)?;
+        let public = mls::PublicGroup::load(&storage, &openmls::prelude::GroupId::from_slice(&g.id))
+            .map_err(|e| BenchError(format!("{e:?}")))?
+            .ok_or_else(|| BenchError("no group state".into()))?;
+        Ok((storage, public))
+    };
     for _ in 0..commits {
         let commit = first.self_update(&g.id).map_err(fail)?;
         commit_bytes += commit.message.len();
-        let info = commit.group_info.clone();
+        let (info, message) = (commit.group_info.clone(), commit.message.clone());
+        let before = store.group(&g.id).map_err(fail)?.ok_or_else(|| BenchError("no group".into()))?.state;
         let t = Instant::now();
         exec(&mut ds, &mut store, first, commit.into_request())?;
         whole += t.elapsed();
         first.merge_pending(&g.id).map_err(fail)?;
+        // Raw openmls, the same commit on the state before it.
+        let t = Instant::now();
+        let (storage, mut public) = load(&before)?;
+        let framed = mls::frame(&message).map_err(fail)?;
+        let processed = public.process_message(&crypto, framed.message).map_err(fail)?;
+        let openmls::prelude::ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
+            return Err(BenchError("not a commit".into()));
+        };
+        public.merge_commit(&storage, *staged).map_err(|e| BenchError(format!("{e:?}")))?;
+        raw += t.elapsed();
         // The check alone, on the state the commit produced.
         let state = store.group(&g.id).map_err(fail)?.ok_or_else(|| BenchError("no group".into()))?.state;
-        let storage = mls::decode_state(&state).map_err(fail)?;
-        let public = mls::PublicGroup::load(&storage, &openmls::prelude::GroupId::from_slice(&g.id))
-            .map_err(|e| BenchError(format!("{e:?}")))?
-            .ok_or_else(|| BenchError("no group state".into()))?;
+        let (_storage, public) = load(&state)?;
         let t = Instant::now();
         mls::check_group_info(&crypto, &info, &public, openmls::prelude::LeafNodeIndex::new(0)).map_err(fail)?;
         check += t.elapsed();
@@ -220,6 +282,7 @@ pub fn commit_cost(size: usize, commits: usize, suite: crate::mls::Suite) -> Res
     Ok(CommitCost {
         whole_us: per(whole),
         check_us: per(check),
+        openmls_us: per(raw),
         commit_bytes: commit_bytes as f64 / commits.max(1) as f64,
         welcome_bytes,
     })

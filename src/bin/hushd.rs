@@ -4,7 +4,7 @@
 use hush::out;
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
@@ -154,10 +154,15 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Only these scenario groups (comma-separated): memory, handshakes,
-        /// round-trips, durable, slow-disk, latency, fan-out, cli, bytes,
-        /// commits, postgres.
+        /// round-trips, durable, chain, slow-disk, latency, fan-out, cli,
+        /// bytes, commits, large-groups, files, postgres.
         #[arg(long, value_delimiter = ',', value_name = "NAMES")]
         only: Vec<String>,
+        /// Also write the growth curves (commit cost by group size,
+        /// latency by offered load, memory by connections) as SVG files
+        /// into this directory.
+        #[arg(long, value_name = "DIR")]
+        plot: Option<PathBuf>,
     },
     /// Check the data directory: key file, configuration, database
     /// integrity and schema. Exits non-zero if anything is wrong.
@@ -306,7 +311,7 @@ fn run(cli: Cli) -> Result<()> {
             remove_member(&dir, &load_config(&dir)?, &group, &account)
         }
         Command::Check => check(&dir, load_config(&dir)),
-        Command::Bench { quick, json, only } => bench(quick, json, &only),
+        Command::Bench { quick, json, only, plot } => bench(quick, json, &only, plot.as_deref()),
         Command::Backup { path } => {
             if load_config(&dir)?.database_url.is_some() {
                 bail!(
@@ -380,20 +385,26 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 #[cfg(not(feature = "bench"))]
-fn bench(_quick: bool, _json: bool, _only: &[String]) -> Result<()> {
+fn bench(_quick: bool, _json: bool, _only: &[String], _plot: Option<&Path>) -> Result<()> {
     anyhow::bail!("this hushd was built without the benchmark (cargo feature `bench`, on by default)")
 }
 
 #[cfg(feature = "bench")]
-fn bench(quick: bool, json: bool, only: &[String]) -> Result<()> {
+fn bench(quick: bool, json: bool, only: &[String], plot: Option<&Path>) -> Result<()> {
     let settings = if quick { hush::bench::Settings::quick() } else { hush::bench::Settings::full() };
     let bar = indicatif::ProgressBar::new_spinner();
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
-    let rows = runtime.block_on(hush::bench::run(settings, only, |s| bar.set_message(format!("measuring {s}"))))?;
+    let report = runtime.block_on(hush::bench::run(settings, only, |s| bar.set_message(format!("measuring {s}"))))?;
     bar.finish_and_clear();
+    let rows = &report.rows;
+    if let Some(dir) = plot {
+        for file in hush::bench::plot::write(dir, &report.curves)? {
+            eprintln!("wrote {}", file.display());
+        }
+    }
     if json {
-        for r in &rows {
+        for r in rows {
             out!(
                 "{}",
                 serde_json::json!({"scenario": r.scenario, "hush": r.hush, "baseline": r.baseline, "ratio": r.ratio(), "unit": r.unit, "better": if r.lower_is_better { "lower" } else { "higher" }})
@@ -402,7 +413,7 @@ fn bench(quick: bool, json: bool, only: &[String]) -> Result<()> {
     } else {
         out!("| scenario | hush | baseline (same run) | ratio | better |");
         out!("| --- | ---: | ---: | ---: | --- |");
-        for r in &rows {
+        for r in rows {
             let better = if r.lower_is_better { "lower" } else { "higher" };
             let ratio = r.ratio().map_or_else(|| "n/a".to_owned(), |x| format!("{x:.2}"));
             out!("| {} | {:.0}{} | {:.0}{} | {ratio} | {better} |", r.scenario, r.hush, r.unit, r.baseline, r.unit);
