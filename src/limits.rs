@@ -187,8 +187,8 @@ pub const PUSH_QUEUE: usize = 256;
 /// bounds nothing new).
 pub const PUSH_WRITE_BATCH: usize = 64;
 
-/// Handshakes verified at once off the writer thread (at most one per
-/// core, and never more than this): each holds its group's decoded state.
+/// Threads that verify handshakes off the writer thread (one per core, and
+/// never more than this): each holds one group's decoded state at a time.
 pub const MAX_VERIFIERS: usize = 8;
 
 /// Requests the writer thread folds into one SQLite transaction (group

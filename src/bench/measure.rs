@@ -301,22 +301,3 @@ where
     }
     Ok((per, conns))
 }
-
-/// CPU time this process has used so far (every thread, user and
-/// system), seconds, from `/proc/self/stat` in clock ticks of 1/100 s
-/// (Linux's USER_HZ).
-pub(super) fn cpu_secs() -> Result<f64, BenchError> {
-    let stat = std::fs::read_to_string("/proc/self/stat").map_err(fail)?;
-    // The fields after the command name, which ends with the last ')':
-    // state is the first, utime the 12th, stime the 13th.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or_else(|| BenchError("no /proc/self/stat".into()))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .ok_or_else(|| BenchError("/proc/self/stat: no CPU times".into()))
-    };
-    #[allow(clippy::cast_precision_loss)] // ticks of a benchmark run: far below 2^52.
-    Ok((ticks(11)? + ticks(12)?) as f64 / 100.0)
-}

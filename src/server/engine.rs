@@ -147,13 +147,48 @@ pub struct HandshakeCounts {
     pub verified_again: std::sync::atomic::AtomicU64,
 }
 
-/// How handshakes are verified off the writer: with the core's rules
-/// (quotas, removal key), at most `permits` at once.
+/// How handshakes are verified off the writer: by one thread per core (at most
+/// [`crate::limits::MAX_VERIFIERS`]) at a lower scheduling priority, taking jobs in turn.
 #[derive(Clone, Debug)]
 struct Verifier {
-    quotas: Quotas,
-    removal_key: [u8; 32],
-    permits: Arc<tokio::sync::Semaphore>,
+    jobs: mpsc::Sender<Verify>,
+}
+
+/// A handshake to verify, and where it goes back with its verdict.
+struct Verify {
+    caller: Caller,
+    request: Request,
+    reply: oneshot::Sender<(Request, Option<Box<Prepared>>)>,
+}
+
+impl Verifier {
+    /// Starts the verifier threads: each reads snapshots through `reader`
+    /// and verifies with the core's rules (`quotas`, `removal_key`).
+    fn start(reader: &mpsc::Sender<Read>, quotas: Quotas, removal_key: [u8; 32]) -> Result<Self, StoreError> {
+        let (jobs, rx) = mpsc::channel::<Verify>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        for n in 0..cores.clamp(1, crate::limits::MAX_VERIFIERS) {
+            let (rx, reader) = (rx.clone(), reader.clone());
+            std::thread::Builder::new()
+                .name(format!("hush-verify-{n}"))
+                .spawn(move || {
+                    let core = Delivery::with_quotas(quotas, removal_key);
+                    loop {
+                        // One thread waits for the next job at a time.
+                        let job = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(Verify { caller, request, reply }) = job else { return };
+                        let prepared = prepare_blocking(&reader, &core, caller, &request).map(Box::new);
+                        let _ = reply.send((request, prepared));
+                    }
+                })
+                .map_err(StoreError::Thread)?;
+        }
+        Ok(Self { jobs })
+    }
 }
 
 impl std::fmt::Debug for Pending {
@@ -198,9 +233,8 @@ impl Engine {
         let writer = spawn("hush-writer", move |rx| writer_loop(writer, writing, rx, &counting))?;
         let reading = Delivery::with_quotas(quotas, key).with_head_signer(keys.current);
         let reader = spawn("hush-reader", move |rx| reader_loop(reader, reading, rx))?;
-        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-        let permits = Arc::new(tokio::sync::Semaphore::new(cores.min(crate::limits::MAX_VERIFIERS)));
-        Ok(Self { writer, reader, verifier: Verifier { quotas, removal_key: key, permits }, counts })
+        let verifier = Verifier::start(&reader, quotas, key)?;
+        Ok(Self { writer, reader, verifier, counts })
     }
 
     /// What became of the handshakes verified off the writer so far.
@@ -220,17 +254,14 @@ impl Engine {
         if !crate::mls::is_public_message(message) {
             return Some((request, None));
         }
-        let Ok(permit) = self.verifier.permits.clone().acquire_owned().await else { return Some((request, None)) };
-        let (reader, verifier) = (self.reader.clone(), self.verifier.clone());
-        let done = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let prepared = prepare_blocking(&reader, &verifier, caller, &request).map(Box::new);
-            (request, prepared)
-        });
-        match done.await {
+        let (reply, rx) = oneshot::channel();
+        if let Err(mpsc::SendError(job)) = self.verifier.jobs.send(Verify { caller, request, reply }) {
+            return Some((job.request, None));
+        }
+        match rx.await {
             Ok(done) => Some(done),
-            Err(e) => {
-                tracing::error!("verifying a handshake failed: {e}");
+            Err(_) => {
+                tracing::error!("a verifier thread stopped");
                 None
             }
         }
@@ -351,11 +382,11 @@ impl Engine {
     }
 }
 
-/// [`Engine::prepare`]'s work on a blocking thread: the group's snapshot
+/// [`Engine::prepare`]'s work on a verifier thread: the group's snapshot
 /// from the reader, then the verification.
 fn prepare_blocking(
     reader: &mpsc::Sender<Read>,
-    verifier: &Verifier,
+    core: &Delivery,
     caller: Caller,
     request: &Request,
 ) -> Option<Prepared> {
@@ -364,7 +395,7 @@ fn prepare_blocking(
     let (reply, rx) = oneshot::channel();
     reader.send(Read::Snapshot { caller, group, epoch, reply }).ok()?;
     let record = rx.blocking_recv().ok()?.ok()??;
-    Delivery::with_quotas(verifier.quotas, verifier.removal_key).prepare(caller, record, request)
+    core.prepare(caller, record, request)
 }
 
 fn spawn<J: Send + 'static>(

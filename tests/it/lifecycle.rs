@@ -172,6 +172,9 @@ fn bench_quick_mode_runs_and_reports_every_scenario() {
         "Welcome",
         "file upload",
         "hush daemon",
+        "group of 1000 commits",
+        "raw openmls",
+        "newest 100 messages",
     ] {
         assert!(rows.iter().any(|r| r["scenario"].as_str().unwrap().contains(word)), "no {word} row: {out}");
     }
