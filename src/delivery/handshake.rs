@@ -399,8 +399,8 @@ impl Delivery {
 
     /// The group's state for verifying a handshake `caller` sent off the
     /// writer, or `None` where the writer would refuse it before
-    /// verifying (not a member, nor a new device of a member's account;
-    /// another epoch; no such group). Reads only.
+    /// verifying (a revoked device; not a member, nor a new device of a
+    /// member's account; another epoch; no such group). Reads only.
     pub fn snapshot<S: Storage>(
         &mut self,
         store: &mut S,
@@ -408,6 +408,11 @@ impl Delivery {
         group: &[u8],
         epoch: u64,
     ) -> Result<Option<GroupRecord>, S::Error> {
+        // A revoked device (or one of a removed account) gets nothing
+        // verified: the writer refuses it first.
+        if store.device(&caller.device)?.is_none_or(|d| d.revoked_at.is_some()) {
+            return Ok(None);
+        }
         let Some(context) = store.send_context(group, &caller.device)? else { return Ok(None) };
         let member = context.membership.is_some_and(|m| m.is_current())
             || store.members(group)?.iter().any(|(_, m)| m.is_current() && m.account == caller.account);

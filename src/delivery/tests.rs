@@ -671,6 +671,24 @@ fn a_verdict_from_before_a_proposal_is_verified_again() {
     assert!(!net.current_members(&g).contains(&bob.member.device()));
 }
 
+/// Nothing is verified off the writer for whom the writer would refuse
+/// first: a device outside the group, a revoked member device, a message
+/// for another epoch.
+fn a_snapshot_is_taken_only_for_a_current_members_handshake_of_this_epoch() {
+    let (mut net, mut alice, bob, _carol, g) = Net::trio();
+    let mut eve = net.client(9);
+    let epoch = alice.member.epoch(&g).unwrap();
+    let (ac, bc) = (Caller::of(alice.member.certificate()), Caller::of(bob.member.certificate()));
+    assert!(net.snapshot(ac, &g, epoch).is_some());
+    assert!(net.snapshot(ac, &g, epoch + 1).is_none(), "another epoch");
+    assert!(net.snapshot(Caller::of(eve.member.certificate()), &g, epoch).is_none(), "not a member");
+    let mine = net.create(&mut eve);
+    assert!(net.snapshot(ac, &mine, 0).is_none(), "not a member of that group");
+    let now = net.now;
+    net.revoke_device(&bob.member.device(), now);
+    assert!(net.snapshot(bc, &g, epoch).is_none(), "revoked");
+}
+
 fn non_members_learn_nothing() {
     let mut net = Net::new();
     let (mut alice, mut eve) = (net.client(1), net.client(9));
@@ -2124,6 +2142,7 @@ fn a_claim_some_devices_cannot_answer_fails_whole_and_spends_nothing() {
 }
 
 rules! {
+    a_snapshot_is_taken_only_for_a_current_members_handshake_of_this_epoch,
     two_commits_for_one_epoch_verified_concurrently_accept_exactly_one,
     a_verdict_from_before_a_proposal_is_verified_again,
     a_claim_some_devices_cannot_answer_fails_whole_and_spends_nothing,
