@@ -121,8 +121,7 @@ enum Read {
 ///   never wait for the writer.
 ///
 /// Handshakes (commits and proposals) are verified before they reach the
-/// writer, on tokio's blocking threads (at most one per core at a time),
-/// against a snapshot of their group the reader takes
+/// writer, on verifier threads (one per core), against a snapshot of their group the reader takes
 /// ([`Engine::prepare`]): the writer then only checks that the group's
 /// state is still that snapshot and applies, so a large group's commit
 /// (tens of milliseconds of CPU at 1000 members) does not hold up every
@@ -147,8 +146,8 @@ pub struct HandshakeCounts {
     pub verified_again: std::sync::atomic::AtomicU64,
 }
 
-/// How handshakes are verified off the writer: by one thread per core (at most
-/// [`crate::limits::MAX_VERIFIERS`]) at a lower scheduling priority, taking jobs in turn.
+/// How handshakes are verified off the writer: by one thread per core (at
+/// most [`crate::limits::MAX_VERIFIERS`]), taking jobs in turn.
 #[derive(Clone, Debug)]
 struct Verifier {
     jobs: mpsc::Sender<Verify>,
