@@ -145,11 +145,25 @@ pub fn is_public_message(bytes: &[u8]) -> bool {
     bytes.get(..4) == Some(&[0, 1, 0, 1])
 }
 
-/// The group and epoch of a handshake (a commit or proposal), `None` for
-/// anything else or what does not decode.
-pub fn handshake_group(bytes: &[u8]) -> Option<(Vec<u8>, u64)> {
+/// Who a handshake (a commit or proposal) is for, from its framing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakeHeader {
+    pub group: Vec<u8>,
+    pub epoch: u64,
+    /// A commit (not a proposal).
+    pub commit: bool,
+}
+
+/// The group, epoch and kind of a handshake, `None` for anything else or
+/// what does not decode.
+pub fn handshake_group(bytes: &[u8]) -> Option<HandshakeHeader> {
     let framed = frame(bytes).ok()?;
-    matches!(framed.kind, Kind::Commit | Kind::Proposal).then_some((framed.group, framed.epoch))
+    let commit = match framed.kind {
+        Kind::Commit => true,
+        Kind::Proposal => false,
+        Kind::Application => return None,
+    };
+    Some(HandshakeHeader { group: framed.group, epoch: framed.epoch, commit })
 }
 
 /// Reads the framing of an `MLSMessage` sent to a group. Refuses every

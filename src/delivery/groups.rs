@@ -108,12 +108,13 @@ impl Delivery {
         let group = framed.group.clone();
         let context = store.send_context(&group, &caller.device)?.ok_or_else(not_member)?;
         let epoch = context.epoch;
-        if !context.membership.is_some_and(|m| m.is_current()) {
+        let joining = !context.membership.is_some_and(|m| m.is_current());
+        if joining {
             // A new device of a member's account may send one thing: the
             // external commit that joins it (checked in the handshake).
-            let joining = framed.kind == mls::Kind::Commit
+            let may = framed.kind == mls::Kind::Commit
                 && store.members(&group)?.iter().any(|(_, m)| m.is_current() && m.account == caller.account);
-            if !joining {
+            if !may {
                 return Err(not_member());
             }
         }
@@ -156,7 +157,7 @@ impl Delivery {
             mls::Kind::Commit | mls::Kind::Proposal => {
                 // Only handshakes need the public state.
                 let record = store.group(&group)?.ok_or_else(not_member)?;
-                let h = Handshake { caller, group: &group, record, bytes, welcome, group_info, now };
+                let h = Handshake { caller, group: &group, record, bytes, welcome, group_info, now, joining };
                 self.handshake(store, h, framed.message)
             }
         }

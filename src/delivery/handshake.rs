@@ -54,6 +54,9 @@ pub(super) struct Handshake<'a> {
     pub welcome: Option<Vec<u8>>,
     pub group_info: Option<Vec<u8>>,
     pub now: u64,
+    /// The sending device is not a current member (a new device of a
+    /// member's account): only an external commit may come from it.
+    pub joining: bool,
 }
 
 /// What a verified handshake does to its group, before the checks that
@@ -93,6 +96,11 @@ pub struct Prepared {
     caller: Caller,
     epoch: u64,
     base: Vec<u8>,
+    /// Whether the sender was verified as a device joining (not a current
+    /// member).
+    joining: bool,
+    /// The digest of the MLS message verified.
+    message: crate::chain::MessageDigest,
     verdict: Result<Effect, Refusal<Infallible>>,
 }
 
@@ -108,11 +116,23 @@ impl Prepared {
         self.verdict.is_ok()
     }
 
-    /// Whether the verdict holds for `caller` on the group as `record`
-    /// has it.
-    fn holds_for(&self, caller: &Caller, record: &GroupRecord) -> bool {
-        self.caller == *caller && self.epoch == record.epoch && self.base == record.state
+    /// Whether the verdict holds for this handshake (`message` the digest
+    /// of its MLS message) on the group as it is stored now.
+    fn holds_for(&self, h: &Handshake<'_>, message: &crate::chain::MessageDigest) -> bool {
+        self.caller == *h.caller
+            && self.joining == h.joining
+            && self.message == *message
+            && self.epoch == h.record.epoch
+            && self.base == h.record.state
     }
+}
+
+/// A group's state as the reader saw it, for verifying a handshake off
+/// the writer ([`Delivery::snapshot`]), and whether the sender was joining.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub record: GroupRecord,
+    pub joining: bool,
 }
 
 /// The group's public state with the message verified against it.
@@ -183,6 +203,8 @@ struct Check<'a> {
 /// `bytes`) `caller` sent to `group`, whose stored state is `state`.
 struct Input<'a> {
     caller: &'a Caller,
+    /// The sender is not a current member ([`Handshake::joining`]).
+    joining: bool,
     group: &'a [u8],
     state: &'a [u8],
     welcome: Option<&'a [u8]>,
@@ -218,6 +240,15 @@ impl Check<'_> {
         };
         if sender.is_some_and(|s| holders.get(&s) != Some(input.caller)) {
             return Err(invalid_commit("the message is signed by another device's leaf"));
+        }
+        // A device that is not a member (it left, or was removed, and its
+        // leaf is still in the tree) does not act through that leaf: it may
+        // only join again by an external commit.
+        if input.joining && sender.is_some() {
+            return Err(refuse(
+                ErrorCode::NotMember,
+                "this device is not a member of the group; it may only join it again (an external commit)",
+            ));
         }
         let verified = Verified { storage, public, holders, sender };
         match processed.into_content() {
@@ -398,28 +429,35 @@ impl Delivery {
     }
 
     /// The group's state for verifying a handshake `caller` sent off the
-    /// writer, or `None` where the writer would refuse it before
+    /// writer, and whether `caller` sends it as a device joining (not a
+    /// current member); `None` where the writer would refuse it before
     /// verifying (a revoked device; not a member, nor a new device of a
-    /// member's account; another epoch; no such group). Reads only.
+    /// member's account sending a commit; another epoch; no such group).
+    /// Reads only.
     pub fn snapshot<S: Storage>(
         &mut self,
         store: &mut S,
         caller: &Caller,
-        group: &[u8],
-        epoch: u64,
-    ) -> Result<Option<GroupRecord>, S::Error> {
+        handshake: &mls::HandshakeHeader,
+    ) -> Result<Option<Snapshot>, S::Error> {
         // A revoked device (or one of a removed account) gets nothing
         // verified: the writer refuses it first.
         if store.device(&caller.device)?.is_none_or(|d| d.revoked_at.is_some()) {
             return Ok(None);
         }
+        let group = &handshake.group;
         let Some(context) = store.send_context(group, &caller.device)? else { return Ok(None) };
-        let member = context.membership.is_some_and(|m| m.is_current())
-            || store.members(group)?.iter().any(|(_, m)| m.is_current() && m.account == caller.account);
-        if !member || context.epoch != epoch {
+        if context.epoch != handshake.epoch {
             return Ok(None);
         }
-        Ok(store.group(group)?.filter(|r| r.epoch == epoch))
+        let joining = !context.membership.is_some_and(|m| m.is_current());
+        if joining
+            && !(handshake.commit
+                && store.members(group)?.iter().any(|(_, m)| m.is_current() && m.account == caller.account))
+        {
+            return Ok(None);
+        }
+        Ok(store.group(group)?.filter(|r| r.epoch == handshake.epoch).map(|record| Snapshot { record, joining }))
     }
 
     /// Verifies a handshake `request` (a `Send` of a commit or proposal)
@@ -427,21 +465,24 @@ impl Delivery {
     /// ([`Delivery::snapshot`]), without any storage: the expensive half of
     /// a handshake, which the server runs off its writer. `None` if the
     /// request is not a handshake for that snapshot.
-    pub fn prepare(&self, caller: Caller, record: GroupRecord, request: &Request) -> Option<Prepared> {
+    pub fn prepare(&self, caller: Caller, snapshot: Snapshot, request: &Request) -> Option<Prepared> {
         let Request::Send { message, welcome, group_info } = request else { return None };
+        let Snapshot { record, joining } = snapshot;
         let framed = mls::frame(message).ok()?;
         if !matches!(framed.kind, mls::Kind::Commit | mls::Kind::Proposal) || framed.epoch != record.epoch {
             return None;
         }
         let input = Input {
             caller: &caller,
+            joining,
             group: &framed.group,
             state: &record.state,
             welcome: welcome.as_deref(),
             group_info: group_info.as_deref(),
         };
         let verdict = self.check().verify(&input, framed.message);
-        Some(Prepared { caller, epoch: record.epoch, base: record.state, verdict })
+        let message = crate::chain::MessageDigest::of(message);
+        Some(Prepared { caller, epoch: record.epoch, base: record.state, joining, message, verdict })
     }
 
     /// Verifies a handshake message (or takes the verdict prepared for it
@@ -452,7 +493,8 @@ impl Delivery {
         h: Handshake<'_>,
         message: ProtocolMessage,
     ) -> Result<Outcome, Refusal<S::Error>> {
-        let prepared = self.prepared.take().filter(|p| p.holds_for(h.caller, &h.record));
+        let digest = self.digest_of(&h.bytes);
+        let prepared = self.prepared.take().filter(|p| p.holds_for(&h, &digest));
         let verdict = match prepared {
             Some(p) => {
                 self.prepared_used = self.prepared_used.wrapping_add(1);
@@ -461,6 +503,7 @@ impl Delivery {
             None => {
                 let input = Input {
                     caller: h.caller,
+                    joining: h.joining,
                     group: h.group,
                     state: &h.record.state,
                     welcome: h.welcome.as_deref(),
@@ -470,8 +513,8 @@ impl Delivery {
             }
         };
         match verdict.map_err(widen)? {
-            Effect::Proposal { state, leaving } => apply_proposal(store, self.digest_of(&h.bytes), h, state, leaving),
-            Effect::Commit(c) => self.apply_commit(store, h, c),
+            Effect::Proposal { state, leaving } => apply_proposal(store, digest, h, state, leaving),
+            Effect::Commit(c) => self.apply_commit(store, digest, h, c),
         }
     }
 
@@ -482,6 +525,7 @@ impl Delivery {
     fn apply_commit<S: Storage>(
         &mut self,
         store: &mut S,
+        digest: crate::chain::MessageDigest,
         h: Handshake<'_>,
         c: Committed,
     ) -> Result<Outcome, Refusal<S::Error>> {
@@ -506,7 +550,6 @@ impl Delivery {
         };
         let before = store.current_members(h.group)?;
         let group = h.group;
-        let digest = self.digest_of(&h.bytes);
         let (seq, head) = store.append(group, h.record.epoch, &h.bytes, &digest, h.now, None)?;
         store.update_group(group, c.epoch, &c.state)?;
         store.set_group_info(group, &group_info)?;

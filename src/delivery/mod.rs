@@ -131,7 +131,7 @@ use crate::util::TokenBucket;
 use crate::wire::{ErrorCode, Request, Response};
 
 pub use devices::{Removal, RemoveError};
-pub use handshake::Prepared;
+pub use handshake::{Prepared, Snapshot};
 pub use storage::{GroupRecord, Membership, NewKeyPackage, SendContext, Storage};
 
 /// Who sends a request: the device its connection authenticated, and the

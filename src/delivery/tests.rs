@@ -186,12 +186,19 @@ impl Net {
     /// ([`Delivery::prepare`]); on the in-memory store the core verifies
     /// it where it applies it. So every rule holds on both paths.
     fn handle(&mut self, origin: impl Into<Origin>, request: Request, now: u64) -> Outcome {
-        use crate::delivery::storage::{Backend as _, Unit as _};
         let origin = origin.into();
         let prepared = self.prepare(origin, &request);
+        self.run(origin, request, now, prepared)
+    }
+
+    /// One request with the verdict given (if any), as the engine's writer
+    /// runs it: on the SQL stores in its own savepoint, kept only if the
+    /// request wrote.
+    fn run(&mut self, origin: Origin, request: Request, now: u64, prepared: Option<Prepared>) -> Outcome {
+        use crate::delivery::storage::{Backend as _, Unit as _};
         let ds = &mut self.ds;
         match &mut self.store {
-            Store::Memory(s) => ds.handle(s, origin, request, now),
+            Store::Memory(s) => ds.handle_prepared(s, origin, request, now, None, prepared),
             Store::Sqlite(db, _) => db
                 .write(|u| {
                     u.savepoint()?;
@@ -218,48 +225,32 @@ impl Net {
             return None;
         }
         let (Origin::Device(caller), Request::Send { message, .. }) = (origin, request) else { return None };
-        let (group, epoch) = crate::mls::handshake_group(message)?;
-        let record = self.snapshot(caller, &group, epoch)?;
-        self.ds.prepare(caller, record, request)
+        let handshake = crate::mls::handshake_group(message)?;
+        let snapshot = self.snapshot_of(caller, &handshake)?;
+        self.ds.prepare(caller, snapshot, request)
     }
 
     /// The snapshot the engine's reader would take for verifying a
     /// handshake `caller` sent to `group` at `epoch`.
-    fn snapshot(&mut self, caller: Caller, group: &[u8], epoch: u64) -> Option<GroupRecord> {
+    fn snapshot(&mut self, caller: Caller, group: &[u8], epoch: u64) -> Option<Snapshot> {
+        self.snapshot_of(caller, &crate::mls::HandshakeHeader { group: group.to_vec(), epoch, commit: true })
+    }
+
+    fn snapshot_of(&mut self, caller: Caller, h: &crate::mls::HandshakeHeader) -> Option<Snapshot> {
         use crate::delivery::storage::Backend as _;
         let ds = &mut self.ds;
         match &mut self.store {
-            Store::Memory(s) => ds.snapshot(s, &caller, group, epoch).unwrap(),
-            Store::Sqlite(db, _) => db.read(|u| ds.snapshot(u, &caller, group, epoch)).unwrap().unwrap(),
-            Store::Postgres(db) => db.read(|u| ds.snapshot(u, &caller, group, epoch)).unwrap().unwrap(),
+            Store::Memory(s) => ds.snapshot(s, &caller, h).unwrap(),
+            Store::Sqlite(db, _) => db.read(|u| ds.snapshot(u, &caller, h)).unwrap().unwrap(),
+            Store::Postgres(db) => db.read(|u| ds.snapshot(u, &caller, h)).unwrap().unwrap(),
         }
     }
 
     /// One request with the verdict given, as the engine's writer runs
     /// it.
     fn handle_with(&mut self, caller: Caller, request: Request, prepared: Option<Prepared>) -> Response {
-        use crate::delivery::storage::{Backend as _, Unit as _};
         self.now += 1;
-        let (now, ds) = (self.now, &mut self.ds);
-        let out = match &mut self.store {
-            Store::Memory(s) => ds.handle_prepared(s, caller, request, now, None, prepared),
-            Store::Sqlite(db, _) => db
-                .write(|u| {
-                    u.savepoint()?;
-                    let out = ds.handle_prepared(u, caller, request, now, None, prepared);
-                    u.release(out.wrote)?;
-                    Ok(out)
-                })
-                .unwrap(),
-            Store::Postgres(db) => db
-                .write(|u| {
-                    u.savepoint()?;
-                    let out = ds.handle_prepared(u, caller, request, now, None, prepared);
-                    u.release(out.wrote)?;
-                    Ok(out)
-                })
-                .unwrap(),
-        };
+        let out = self.run(caller.into(), request, self.now, prepared);
         self.pushes.extend(out.notifications);
         out.response
     }
@@ -687,6 +678,66 @@ fn a_snapshot_is_taken_only_for_a_current_members_handshake_of_this_epoch() {
     let now = net.now;
     net.revoke_device(&bob.member.device(), now);
     assert!(net.snapshot(bc, &g, epoch).is_none(), "revoked");
+}
+
+/// Red team, issue 37: a verdict serves only the message it was computed
+/// for. With the verdict of bob's commit, the same commit with one byte of
+/// its signature changed is refused as it would be alone.
+fn a_verdict_serves_only_the_message_it_was_verified_for() {
+    let (mut net, _alice, mut bob, _carol, g) = Net::trio();
+    let epoch = bob.member.epoch(&g).unwrap();
+    let bc = Caller::of(bob.member.certificate());
+    let good = bob.member.self_update(&g).unwrap().into_request();
+    let snapshot = net.snapshot(bc, &g, epoch).unwrap();
+    let verdict = net.ds.prepare(bc, snapshot, &good).unwrap();
+    assert!(verdict.verified());
+    let Request::Send { message, welcome, group_info } = good else { panic!("a Send") };
+    let mut forged = message;
+    // The tail is the signature (64 bytes), the confirmation tag and the
+    // membership tag (32 each), each length-prefixed: the server checks
+    // the signature.
+    let at = forged.len() - 100;
+    forged[at] ^= 0xff;
+    let bad = Request::Send { message: forged, welcome, group_info };
+    let r = net.handle_with(bc, bad, Some(verdict));
+    assert!(matches!(r, Response::Error { code: ErrorCode::InvalidCommit, .. }), "{r:?}");
+}
+
+/// Red team, issue 37 (found there, older than it): a device that left (its
+/// membership ended by its own Remove proposal, its leaf still in the tree)
+/// may not act through that leaf, even while another device of its account
+/// is a member: only an external commit may come from a device that is not
+/// a member.
+fn a_device_that_left_cannot_commit_as_a_member() {
+    let mut net = Net::new();
+    let mut bob = net.client(2);
+    let mut carol = net.client(3);
+    let account = crate::auth::Identity::generate().unwrap();
+    let mut laptop = net.second_device(&account);
+    let mut phone = net.second_device(&account);
+    bob.member.set_removal_key(net.removal_key);
+    let g = net.create(&mut bob);
+    let Response::KeyPackages { packages } = net.ok(&bob, Request::ClaimKeyPackage { account: account.account_id().0 })
+    else {
+        panic!("packages")
+    };
+    let mut adds: Vec<_> = packages.iter().map(|p| (account.account_id(), p.clone())).collect();
+    adds.push((carol.member.account(), net.claim(&bob, &carol)));
+    let commit = bob.member.add(&g, &adds).unwrap();
+    assert!(matches!(net.commit(&mut bob, commit), Response::Accepted { .. }));
+    bob.member.merge_pending(&g).unwrap();
+    net.join(&mut laptop);
+    net.join(&mut phone);
+    net.join(&mut carol);
+    // The laptop leaves: its membership ends at once.
+    let leave = laptop.member.leave(&g).unwrap();
+    assert!(matches!(net.send(&mut laptop, leave, None), Response::Accepted { .. }));
+    assert!(!net.current_members(&g).contains(&laptop.member.device()));
+    // It tries to remove carol with an ordinary member commit.
+    let kick = laptop.member.remove(&g, &[carol.member.account()]).unwrap();
+    let r = net.commit(&mut laptop, kick);
+    assert!(matches!(r, Response::Error { code: ErrorCode::NotMember, .. }), "{r:?}");
+    assert!(net.current_members(&g).contains(&carol.member.device()));
 }
 
 fn non_members_learn_nothing() {
@@ -2142,6 +2193,8 @@ fn a_claim_some_devices_cannot_answer_fails_whole_and_spends_nothing() {
 }
 
 rules! {
+    a_verdict_serves_only_the_message_it_was_verified_for,
+    a_device_that_left_cannot_commit_as_a_member,
     a_snapshot_is_taken_only_for_a_current_members_handshake_of_this_epoch,
     two_commits_for_one_epoch_verified_concurrently_accept_exactly_one,
     a_verdict_from_before_a_proposal_is_verified_again,

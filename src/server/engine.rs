@@ -21,7 +21,7 @@ use crate::db::sqlite::Db;
 use crate::db::StoreError;
 use crate::delivery::storage::{Backend, DeviceRecord, Unit};
 use crate::delivery::Notification;
-use crate::delivery::{Caller, Delivery, GroupRecord, Origin, Outcome, Prepared, Quotas, ServerKeys, Storage};
+use crate::delivery::{Caller, Delivery, Origin, Outcome, Prepared, Quotas, ServerKeys, Snapshot, Storage};
 use crate::limits::{COMMIT_DELAY_BACKOFF, COMMIT_SIBLINGS, MAX_COMMIT_DELAY, MAX_CONFLICT_RETRIES, MAX_WRITE_BATCH};
 use crate::wire::Request;
 
@@ -88,13 +88,12 @@ enum Read {
         limit: usize,
         reply: oneshot::Sender<Result<Vec<crate::delivery::storage::BlobRecord>, StoreError>>,
     },
-    /// The state of `group` at `epoch`, to verify a handshake `caller`
+    /// The state of a handshake's group, to verify the handshake `caller`
     /// sent off the writer ([`Delivery::snapshot`]).
     Snapshot {
         caller: Caller,
-        group: Vec<u8>,
-        epoch: u64,
-        reply: oneshot::Sender<Result<Option<GroupRecord>, StoreError>>,
+        handshake: crate::mls::HandshakeHeader,
+        reply: oneshot::Sender<Result<Option<Snapshot>, StoreError>>,
     },
     /// Another node stored a message: read it and who may see it.
     Stored {
@@ -180,8 +179,20 @@ impl Verifier {
                             Err(_) => return,
                         };
                         let Ok(Verify { caller, request, reply }) = job else { return };
-                        let prepared = prepare_blocking(&reader, &core, caller, &request).map(Box::new);
-                        let _ = reply.send((request, prepared));
+                        // Its connection went: nobody waits for the verdict.
+                        if reply.is_closed() {
+                            continue;
+                        }
+                        // A panic in the verification (openmls) costs this
+                        // verdict, not the thread: the writer verifies.
+                        let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            prepare_blocking(&reader, &core, caller, &request)
+                        }))
+                        .unwrap_or_else(|_| {
+                            tracing::error!("verifying a handshake panicked; the writer verifies it");
+                            None
+                        });
+                        let _ = reply.send((request, prepared.map(Box::new)));
                     }
                 })
                 .map_err(StoreError::Thread)?;
@@ -390,11 +401,11 @@ fn prepare_blocking(
     request: &Request,
 ) -> Option<Prepared> {
     let Request::Send { message, .. } = request else { return None };
-    let (group, epoch) = crate::mls::handshake_group(message)?;
+    let handshake = crate::mls::handshake_group(message)?;
     let (reply, rx) = oneshot::channel();
-    reader.send(Read::Snapshot { caller, group, epoch, reply }).ok()?;
-    let record = rx.blocking_recv().ok()?.ok()??;
-    core.prepare(caller, record, request)
+    reader.send(Read::Snapshot { caller, handshake, reply }).ok()?;
+    let snapshot = rx.blocking_recv().ok()?.ok()??;
+    core.prepare(caller, snapshot, request)
 }
 
 fn spawn<J: Send + 'static>(
@@ -716,8 +727,8 @@ fn reader_loop<B: Backend<Error = StoreError>>(mut db: B, mut delivery: Delivery
             Read::Stats { now, reply } => {
                 let _ = reply.send(db.read(|unit| unit.stats(now)).and_then(|r| r));
             }
-            Read::Snapshot { caller, group, epoch, reply } => {
-                let _ = reply.send(db.read(|unit| delivery.snapshot(unit, &caller, &group, epoch)).and_then(|r| r));
+            Read::Snapshot { caller, handshake, reply } => {
+                let _ = reply.send(db.read(|unit| delivery.snapshot(unit, &caller, &handshake)).and_then(|r| r));
             }
             Read::Stored { group, seq, reply } => {
                 let _ = reply.send(db.read(|unit| stored(unit, group, seq)).and_then(|r| r));

@@ -206,6 +206,17 @@ const MIGRATIONS: &[&str] = &[
         device BLOB NOT NULL,
         PRIMARY KEY (gid, device)
     ) WITHOUT ROWID;",
+    // 10 -> 11: performance at scale (issue 37). Each group's GroupInfo in
+    // a row of its own: SQLite rewrites a whole row on every update, so
+    // with the GroupInfo next to the state a commit of a group of 1000
+    // (state and GroupInfo each carry the whole tree, ~400 KiB apiece)
+    // wrote both twice, and every proposal rewrote the GroupInfo too.
+    "CREATE TABLE group_infos (
+        gid INTEGER PRIMARY KEY NOT NULL REFERENCES groups(gid),
+        info BLOB NOT NULL
+    );
+    INSERT INTO group_infos (gid, info) SELECT gid, group_info FROM group_states WHERE group_info IS NOT NULL;
+    ALTER TABLE group_states DROP COLUMN group_info;",
 ];
 
 /// The first schema version with device certificates.
@@ -311,9 +322,28 @@ mod tests {
         )
         .unwrap();
         migrate(&mut conn).unwrap();
-        let (state, info): (Vec<u8>, Option<Vec<u8>>) = conn
-            .query_row("SELECT state, group_info FROM group_states WHERE gid = 3", [], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap();
-        assert_eq!((state, info), (vec![0xaa, 0xbb], None));
+        let state: Vec<u8> = conn.query_row("SELECT state FROM group_states WHERE gid = 3", [], |r| r.get(0)).unwrap();
+        let infos: i64 = conn.query_row("SELECT count(*) FROM group_infos", [], |r| r.get(0)).unwrap();
+        assert_eq!((state, infos), (vec![0xaa, 0xbb], 0));
+    }
+
+    #[test]
+    fn version_10_group_infos_move_to_their_own_table() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 10).unwrap();
+        conn.execute_batch(
+            "INSERT INTO groups (gid, id, epoch, last_seq, created_at) VALUES (3, x'0102', 5, 9, 10);
+             INSERT INTO groups (gid, id, epoch, last_seq, created_at) VALUES (4, x'0304', 1, 1, 10);
+             INSERT INTO group_states (gid, state, group_info) VALUES (3, x'aabb', x'ccdd');
+             INSERT INTO group_states (gid, state) VALUES (4, x'ee');",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let info: Vec<u8> = conn.query_row("SELECT info FROM group_infos WHERE gid = 3", [], |r| r.get(0)).unwrap();
+        assert_eq!(info, vec![0xcc, 0xdd]);
+        let infos: i64 = conn.query_row("SELECT count(*) FROM group_infos", [], |r| r.get(0)).unwrap();
+        assert_eq!(infos, 1, "a group without a GroupInfo gets none");
+        let state: Vec<u8> = conn.query_row("SELECT state FROM group_states WHERE gid = 4", [], |r| r.get(0)).unwrap();
+        assert_eq!(state, vec![0xee]);
     }
 }

@@ -580,16 +580,15 @@ impl Storage for SqlStore<'_> {
     fn group_info(&mut self, group: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .conn
-            .prepare_cached("SELECT s.group_info FROM groups g JOIN group_states s ON s.gid = g.gid WHERE g.id = ?1")?
-            .query_row([group], |r| r.get::<_, Option<Vec<u8>>>(0))
-            .optional()?
-            .flatten())
+            .prepare_cached("SELECT i.info FROM groups g JOIN group_infos i ON i.gid = g.gid WHERE g.id = ?1")?
+            .query_row([group], |r| r.get::<_, Vec<u8>>(0))
+            .optional()?)
     }
 
     fn set_group_info(&mut self, group: &[u8], info: &[u8]) -> Result<(), StoreError> {
         let Some(gid) = self.gid(group)? else { return Ok(()) };
         self.conn
-            .prepare_cached("UPDATE group_states SET group_info = ?2 WHERE gid = ?1")?
+            .prepare_cached("INSERT INTO group_infos (gid, info) VALUES (?1, ?2) ON CONFLICT (gid) DO UPDATE SET info = excluded.info")?
             .execute(params![gid, info])?;
         self.wrote(info.len());
         Ok(())
