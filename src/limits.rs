@@ -191,6 +191,14 @@ pub const PUSH_WRITE_BATCH: usize = 64;
 /// never more than this): each holds one group's decoded state at a time.
 pub const MAX_VERIFIERS: usize = 8;
 
+/// Commits and proposals one account may have waiting for a verifier or
+/// in verification at once; more are refused with `RateLimited` (a client
+/// commits to a group one at a time).
+pub const MAX_HANDSHAKES_IN_VERIFICATION: usize = 8;
+
+/// What such a refusal tells the client to wait.
+pub const HANDSHAKE_RETRY: Duration = Duration::from_secs(1);
+
 /// Requests the writer thread folds into one SQLite transaction (group
 /// commit): one fsync acknowledges them all.
 pub const MAX_WRITE_BATCH: usize = 256;

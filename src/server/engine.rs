@@ -150,6 +150,47 @@ pub struct HandshakeCounts {
 #[derive(Clone, Debug)]
 struct Verifier {
     jobs: mpsc::Sender<Verify>,
+    /// Handshakes each account has waiting for or in verification.
+    in_flight: Arc<InFlight>,
+}
+
+/// Handshakes per account waiting for a verifier or in verification,
+/// at most [`crate::limits::MAX_HANDSHAKES_IN_VERIFICATION`] each: one
+/// account flooding commits fills the verifiers' queue with its own work
+/// only up to that, not every other group's commits' wait.
+#[derive(Debug, Default)]
+struct InFlight(std::sync::Mutex<std::collections::HashMap<crate::auth::AccountId, usize>>);
+
+impl InFlight {
+    /// Counts one more for `account`, unless it has the most it may.
+    fn enter(self: &Arc<Self>, account: crate::auth::AccountId) -> Option<InFlightGuard> {
+        let mut counts = self.0.lock().ok()?;
+        let count = counts.entry(account).or_insert(0);
+        if *count >= crate::limits::MAX_HANDSHAKES_IN_VERIFICATION {
+            return None;
+        }
+        *count += 1;
+        Some(InFlightGuard { of: self.clone(), account })
+    }
+}
+
+/// One handshake counted in [`InFlight`] until dropped.
+struct InFlightGuard {
+    of: Arc<InFlight>,
+    account: crate::auth::AccountId,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.of.0.lock() {
+            if let Some(count) = counts.get_mut(&self.account) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    counts.remove(&self.account);
+                }
+            }
+        }
+    }
 }
 
 /// A handshake to verify, and where it goes back with its verdict.
@@ -197,7 +238,7 @@ impl Verifier {
                 })
                 .map_err(StoreError::Thread)?;
         }
-        Ok(Self { jobs })
+        Ok(Self { jobs, in_flight: Arc::default() })
     }
 }
 
@@ -256,33 +297,45 @@ impl Engine {
     /// told apart by its wire format) against a snapshot of its group, off
     /// the writer; gives the request back with the verdict. Anything else,
     /// or a handshake the writer would refuse before verifying it (see
-    /// [`Delivery::snapshot`]), comes back without one. `None` if the
-    /// verifying task failed (the request went with it).
-    async fn prepare(&self, origin: Origin, request: Request) -> Option<(Request, Option<Box<Prepared>>)> {
-        let Origin::Device(caller) = origin else { return Some((request, None)) };
-        let Request::Send { message, .. } = &request else { return Some((request, None)) };
+    /// [`Delivery::snapshot`]), comes back without one. The outcome to
+    /// answer instead if the account has too many handshakes in
+    /// verification, or the verifying thread stopped (the request went
+    /// with it).
+    async fn prepare(&self, origin: Origin, request: Request) -> Result<(Request, Option<Box<Prepared>>), Outcome> {
+        let Origin::Device(caller) = origin else { return Ok((request, None)) };
+        let Request::Send { message, .. } = &request else { return Ok((request, None)) };
         if !crate::mls::is_public_message(message) {
-            return Some((request, None));
+            return Ok((request, None));
         }
+        let Some(_counted) = self.verifier.in_flight.enter(caller.account) else {
+            let wait = crate::limits::HANDSHAKE_RETRY;
+            return Err(Outcome::reply(crate::wire::Response::Error {
+                code: crate::wire::ErrorCode::RateLimited,
+                detail: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                message: format!(
+                    "this account has {} commits or proposals being verified; retry in {} s",
+                    crate::limits::MAX_HANDSHAKES_IN_VERIFICATION,
+                    wait.as_secs()
+                ),
+            }));
+        };
         let (reply, rx) = oneshot::channel();
         if let Err(mpsc::SendError(job)) = self.verifier.jobs.send(Verify { caller, request, reply }) {
-            return Some((job.request, None));
+            return Ok((job.request, None));
         }
-        match rx.await {
-            Ok(done) => Some(done),
-            Err(_) => {
-                tracing::error!("a verifier thread stopped");
-                None
-            }
-        }
+        rx.await.map_err(|_| {
+            tracing::error!("a verifier thread stopped");
+            Outcome::internal()
+        })
     }
 
     /// Runs a Delivery Service request: reads on the reader, writes on the
     /// writer (batched). Returns once the outcome is durable.
     pub async fn deliver(&self, origin: impl Into<Origin>, request: Request, now: u64) -> Result<Outcome, StoreError> {
         let origin = origin.into();
-        let Some((request, prepared)) = self.prepare(origin, request).await else {
-            return Ok(Outcome::internal());
+        let (request, prepared) = match self.prepare(origin, request).await {
+            Ok(prepared) => prepared,
+            Err(refused) => return Ok(refused),
         };
         let (reply, rx) = oneshot::channel();
         let writes = request.writes();
@@ -847,6 +900,21 @@ mod tests {
             assert_eq!(responses.iter().filter(|r| lost(r)).count(), 1, "{responses:?}");
             assert_eq!(prepared(counts), 2, "the winner was applied from its verdict, the loser's was not");
         });
+    }
+
+    #[test]
+    fn an_account_has_a_bounded_number_of_handshakes_in_verification() {
+        use crate::limits::MAX_HANDSHAKES_IN_VERIFICATION as MAX;
+        let counts = Arc::new(InFlight::default());
+        let (a, b) = (crate::auth::AccountId([1; 32]), crate::auth::AccountId([2; 32]));
+        let held: Vec<_> = (0..MAX).map(|_| counts.enter(a).unwrap()).collect();
+        assert!(counts.enter(a).is_none(), "one more than the bound");
+        let other = counts.enter(b);
+        assert!(other.is_some(), "another account is not held up");
+        drop(held);
+        assert!(counts.enter(a).is_some(), "a finished verification frees its place");
+        drop(other);
+        assert!(counts.0.lock().unwrap().is_empty(), "nothing left once all are done");
     }
 
     #[test]
