@@ -155,9 +155,8 @@ impl Delivery {
                 ))
             }
             mls::Kind::Commit | mls::Kind::Proposal => {
-                // Only handshakes need the public state.
-                let record = store.group(&group)?.ok_or_else(not_member)?;
-                let h = Handshake { caller, group: &group, record, bytes, welcome, group_info, now, joining };
+                let version = context.version;
+                let h = Handshake { caller, group: &group, epoch, version, bytes, welcome, group_info, now, joining };
                 self.handshake(store, h, framed.message)
             }
         }

@@ -34,7 +34,7 @@ use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
 
 use super::groups::{bad_leaf, bad_shape, check_state_size, load_public};
-use super::{mls, refuse, Caller, Delivery, GroupRecord, Notification, Outcome, Quotas, Refusal, Storage};
+use super::{mls, not_member, refuse, Caller, Delivery, GroupRecord, Notification, Outcome, Quotas, Refusal, Storage};
 use crate::auth::{AccountId, DeviceId};
 use crate::limits::{MAX_PENDING_PROPOSALS, MAX_PQ_GROUP_MEMBERS};
 use crate::wire::{ErrorCode, Request, Response};
@@ -48,7 +48,9 @@ type Added = (Vec<u8>, Caller);
 pub(super) struct Handshake<'a> {
     pub caller: &'a Caller,
     pub group: &'a [u8],
-    pub record: GroupRecord,
+    /// The group's epoch and state version as stored now.
+    pub epoch: u64,
+    pub version: u64,
     /// The `MLSMessage` as sent (stored and relayed as is).
     pub bytes: Vec<u8>,
     pub welcome: Option<Vec<u8>>,
@@ -91,11 +93,12 @@ struct Committed {
 
 /// A handshake verified off the writer ([`Delivery::prepare`]) against a
 /// snapshot of its group: the writer takes its verdict only for this
-/// caller and only while the group's stored state is the snapshot.
+/// caller and only while the group's stored state is the snapshot's (its
+/// version, which every change advances: the state itself is not kept).
 pub struct Prepared {
     caller: Caller,
     epoch: u64,
-    base: Vec<u8>,
+    version: u64,
     /// Whether the sender was verified as a device joining (not a current
     /// member).
     joining: bool,
@@ -122,8 +125,8 @@ impl Prepared {
         self.caller == *h.caller
             && self.joining == h.joining
             && self.message == *message
-            && self.epoch == h.record.epoch
-            && self.base == h.record.state
+            && self.epoch == h.epoch
+            && self.version == h.version
     }
 }
 
@@ -482,7 +485,7 @@ impl Delivery {
         };
         let verdict = self.check().verify(&input, framed.message);
         let message = crate::chain::MessageDigest::of(message);
-        Some(Prepared { caller, epoch: record.epoch, base: record.state, joining, message, verdict })
+        Some(Prepared { caller, epoch: record.epoch, version: record.version, joining, message, verdict })
     }
 
     /// Verifies a handshake message (or takes the verdict prepared for it
@@ -501,11 +504,17 @@ impl Delivery {
                 p.verdict
             }
             None => {
+                // Only now is the state read: a verdict that holds needs
+                // none of it.
+                let record = store.group(h.group)?.ok_or_else(not_member)?;
+                if record.epoch != h.epoch || record.version != h.version {
+                    return Err(Refusal::Internal("the group changed within one request".into()));
+                }
                 let input = Input {
                     caller: h.caller,
                     joining: h.joining,
                     group: h.group,
-                    state: &h.record.state,
+                    state: &record.state,
                     welcome: h.welcome.as_deref(),
                     group_info: h.group_info.as_deref(),
                 };
@@ -550,7 +559,7 @@ impl Delivery {
         };
         let before = store.current_members(h.group)?;
         let group = h.group;
-        let (seq, head) = store.append(group, h.record.epoch, &h.bytes, &digest, h.now, None)?;
+        let (seq, head) = store.append(group, h.epoch, &h.bytes, &digest, h.now, None)?;
         store.update_group(group, c.epoch, &c.state)?;
         store.set_group_info(group, &group_info)?;
         if let Some(settings) = c.settings {
@@ -577,7 +586,7 @@ impl Delivery {
             }
         }
         for device in before_set.iter().filter(|d| !c.roster.contains_key(d)) {
-            store.remove_member(group, device, seq, h.record.epoch)?;
+            store.remove_member(group, device, seq, h.epoch)?;
         }
         // Everyone who was a member sees the commit, removed members
         // included (it tells them they were removed); the added devices
@@ -640,7 +649,7 @@ fn apply_proposal<S: Storage>(
     leaving: Option<Caller>,
 ) -> Result<Outcome, Refusal<S::Error>> {
     let before = store.current_members(h.group)?;
-    let (group, epoch) = (h.group, h.record.epoch);
+    let (group, epoch) = (h.group, h.epoch);
     let (seq, head) = store.append(group, epoch, &h.bytes, &digest, h.now, None)?;
     store.update_group(group, epoch, &state)?;
     if let Some(left) = leaving {

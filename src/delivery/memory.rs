@@ -249,7 +249,7 @@ impl Storage for MemoryStore {
         self.groups.insert(
             group.to_vec(),
             Group {
-                record: GroupRecord { epoch, state: state.to_vec(), last_seq: 0, disappear: 0 },
+                record: GroupRecord { epoch, state: state.to_vec(), last_seq: 0, disappear: 0, version: 0 },
                 members: BTreeMap::new(),
                 left_epochs: BTreeMap::new(),
                 former: std::collections::BTreeSet::new(),
@@ -265,6 +265,7 @@ impl Storage for MemoryStore {
         if let Some(g) = self.groups.get_mut(group) {
             g.record.epoch = epoch;
             g.record.state = state.to_vec();
+            g.record.version = g.record.version.wrapping_add(1);
         }
         Ok(())
     }

@@ -113,6 +113,9 @@ pub struct GroupRecord {
     pub epoch: u64,
     /// The public MLS state ([`super::mls::encode_state`]).
     pub state: Vec<u8>,
+    /// Counts the state's changes ([`Storage::update_group`]): a verdict
+    /// prepared against one version holds only while the group is at it.
+    pub version: u64,
     /// The sequence number of the last message (0: none yet).
     pub last_seq: u64,
     /// The disappearing-message timer of its current epoch, in seconds (0:
@@ -176,6 +179,8 @@ pub struct SendContext {
     pub log_len: u64,
     /// The group's disappearing-message timer (seconds, 0: none).
     pub disappear: u32,
+    /// The version of the group's state ([`GroupRecord::version`]).
+    pub version: u64,
 }
 
 /// Messages with their sequence numbers and chain heads, in order.
@@ -359,12 +364,16 @@ pub trait Storage {
     /// state); `None` if the group does not exist. One lookup where the
     /// store can (the SQL stores do).
     fn send_context(&mut self, group: &[u8], device: &DeviceId) -> Result<Option<SendContext>, Self::Error> {
-        let Some((epoch, disappear)) = self.group(group)?.map(|g| (g.epoch, g.disappear)) else { return Ok(None) };
+        let Some((epoch, disappear, version)) = self.group(group)?.map(|g| (g.epoch, g.disappear, g.version)) else {
+            return Ok(None);
+        };
         let membership = self.membership(group, device)?;
         let log_len = self.log_len(group)?;
-        Ok(Some(SendContext { epoch, membership, log_len, disappear }))
+        Ok(Some(SendContext { epoch, membership, log_len, disappear, version }))
     }
     fn insert_group(&mut self, group: &[u8], epoch: u64, state: &[u8], now: u64) -> Result<(), Self::Error>;
+    /// Stores the group's new epoch and state, and advances its
+    /// [`GroupRecord::version`].
     fn update_group(&mut self, group: &[u8], epoch: u64, state: &[u8]) -> Result<(), Self::Error>;
     /// Records the group's disappearing-message timer (seconds, 0: none)
     /// after a commit changed it: messages accepted from now on expire

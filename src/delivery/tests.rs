@@ -662,6 +662,25 @@ fn a_verdict_from_before_a_proposal_is_verified_again() {
     assert!(!net.current_members(&g).contains(&bob.member.device()));
 }
 
+/// A verdict holds while the group's state version is the snapshot's:
+/// every change of the state (a proposal kept, a commit) advances the
+/// version, and a message that leaves the state alone does not.
+fn every_change_of_a_groups_state_advances_its_version() {
+    let (mut net, mut alice, mut bob, _carol, g) = Net::trio();
+    let version = |net: &mut Net| net.group(&g).unwrap().version;
+    let v0 = version(&mut net);
+    let text = alice.member.encrypt(&g, b"hello").unwrap();
+    assert!(matches!(net.send(&mut alice, text, None), Response::Accepted { .. }));
+    assert_eq!(version(&mut net), v0, "an application message is not a change of state");
+    let proposal = bob.member.leave(&g).unwrap();
+    assert!(matches!(net.send(&mut bob, proposal, None), Response::Accepted { .. }));
+    assert_eq!(version(&mut net), v0 + 1, "a proposal kept in the state");
+    net.sync(&mut alice, &g);
+    let commit = alice.member.commit_pending(&g).unwrap().into_request();
+    net.ok(&alice, commit);
+    assert_eq!(version(&mut net), v0 + 2, "a commit");
+}
+
 /// Nothing is verified off the writer for whom the writer would refuse
 /// first: a device outside the group, a revoked member device, a message
 /// for another epoch.
@@ -2193,6 +2212,7 @@ fn a_claim_some_devices_cannot_answer_fails_whole_and_spends_nothing() {
 }
 
 rules! {
+    every_change_of_a_groups_state_advances_its_version,
     a_verdict_serves_only_the_message_it_was_verified_for,
     a_device_that_left_cannot_commit_as_a_member,
     a_snapshot_is_taken_only_for_a_current_members_handshake_of_this_epoch,

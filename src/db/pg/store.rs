@@ -555,9 +555,9 @@ impl Storage for PgStore<'_> {
 
     fn group(&mut self, group: &[u8]) -> Result<Option<GroupRecord>, StoreError> {
         let sql = self.pick(
-            "SELECT g.epoch, s.state, g.last_seq, g.disappear
+            "SELECT g.epoch, s.state, g.last_seq, g.disappear, g.state_version
              FROM groups g JOIN group_states s ON s.gid = g.gid WHERE g.id = $1",
-            "SELECT g.epoch, s.state, g.last_seq, g.disappear
+            "SELECT g.epoch, s.state, g.last_seq, g.disappear, g.state_version
              FROM groups g JOIN group_states s ON s.gid = g.gid WHERE g.id = $1
              FOR UPDATE OF g",
         );
@@ -566,16 +566,17 @@ impl Storage for PgStore<'_> {
             state: r.get(1),
             last_seq: u(r.get(2)),
             disappear: u32::try_from(r.get::<_, i64>(3)).unwrap_or(0),
+            version: u(r.get(4)),
         }))
     }
 
     fn send_context(&mut self, group: &[u8], d: &DeviceId) -> Result<Option<SendContext>, StoreError> {
         let sql = self.pick(
             "SELECT g.epoch, g.last_seq, (SELECT min(seq) FROM log WHERE gid = g.gid),
-                    m.account, m.joined_after, m.left_at, m.acked, g.disappear
+                    m.account, m.joined_after, m.left_at, m.acked, g.disappear, g.state_version
              FROM groups g LEFT JOIN members m ON m.gid = g.gid AND m.device = $2 WHERE g.id = $1",
             "SELECT g.epoch, g.last_seq, (SELECT min(seq) FROM log WHERE gid = g.gid),
-                    m.account, m.joined_after, m.left_at, m.acked, g.disappear
+                    m.account, m.joined_after, m.left_at, m.acked, g.disappear, g.state_version
              FROM groups g LEFT JOIN members m ON m.gid = g.gid AND m.device = $2 WHERE g.id = $1
              FOR UPDATE OF g",
         );
@@ -588,7 +589,8 @@ impl Storage for PgStore<'_> {
         };
         let log_len = first.map_or(0, |f| u(last).saturating_sub(u(f)).saturating_add(1));
         let disappear = u32::try_from(row.get::<_, i64>(7)).unwrap_or(0);
-        Ok(Some(SendContext { epoch: u(row.get(0)), membership, log_len, disappear }))
+        let version = u(row.get(8));
+        Ok(Some(SendContext { epoch: u(row.get(0)), membership, log_len, disappear, version }))
     }
 
     fn insert_group(&mut self, group: &[u8], epoch: u64, state: &[u8], now: u64) -> Result<(), StoreError> {
@@ -603,7 +605,7 @@ impl Storage for PgStore<'_> {
 
     fn update_group(&mut self, group: &[u8], epoch: u64, state: &[u8]) -> Result<(), StoreError> {
         self.exec(
-            "WITH g AS (UPDATE groups SET epoch = $2 WHERE id = $1 RETURNING gid)
+            "WITH g AS (UPDATE groups SET epoch = $2, state_version = state_version + 1 WHERE id = $1 RETURNING gid)
              UPDATE group_states s SET state = $3 FROM g WHERE s.gid = g.gid",
             &[&group, &i(epoch), &state],
         )?;

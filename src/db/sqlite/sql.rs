@@ -493,7 +493,7 @@ impl Storage for SqlStore<'_> {
         Ok(self
             .conn
             .prepare_cached(
-                "SELECT g.epoch, s.state, g.last_seq, g.disappear
+                "SELECT g.epoch, s.state, g.last_seq, g.disappear, g.state_version
                  FROM groups g JOIN group_states s ON s.gid = g.gid WHERE g.id = ?1",
             )?
             .query_row([group], |r| {
@@ -502,19 +502,21 @@ impl Storage for SqlStore<'_> {
                     state: r.get(1)?,
                     last_seq: u(r.get(2)?),
                     disappear: u32::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
+                    version: u(r.get(4)?),
                 })
             })
             .optional()?)
     }
 
     fn send_context(&mut self, group: &[u8], d: &DeviceId) -> Result<Option<SendContext>, StoreError> {
-        type Row = (i64, i64, Tip, Option<i64>, Option<Vec<u8>>, Option<i64>, Option<i64>, Option<i64>, i64);
+        type Row = (i64, i64, Tip, Option<i64>, Option<Vec<u8>>, Option<i64>, Option<i64>, Option<i64>, i64, i64);
         self.hint = None;
         let row: Option<Row> = self
             .conn
             .prepare_cached(
                 "SELECT g.gid, g.epoch, g.last_seq, (SELECT min(seq) FROM log WHERE gid = g.gid),
-                        m.account, m.joined_after, m.left_at, m.acked, g.chain_start, g.head, g.disappear
+                        m.account, m.joined_after, m.left_at, m.acked, g.chain_start, g.head, g.disappear,
+                        g.state_version
                  FROM groups g LEFT JOIN members m ON m.gid = g.gid AND m.device = ?2 WHERE g.id = ?1",
             )?
             .query_row(params![group, &d.0[..]], |r| {
@@ -528,10 +530,11 @@ impl Storage for SqlStore<'_> {
                     r.get(6)?,
                     r.get(7)?,
                     r.get(10)?,
+                    r.get(11)?,
                 ))
             })
             .optional()?;
-        let Some((gid, epoch, tip, first, account, joined_after, left_at, acked, disappear)) = row else {
+        let Some((gid, epoch, tip, first, account, joined_after, left_at, acked, disappear, version)) = row else {
             return Ok(None);
         };
         let last = tip.0;
@@ -547,7 +550,7 @@ impl Storage for SqlStore<'_> {
         };
         let log_len = first.map_or(0, |f| u(last).saturating_sub(u(f)).saturating_add(1));
         let disappear = u32::try_from(disappear).unwrap_or(0);
-        Ok(Some(SendContext { epoch: u(epoch), membership, log_len, disappear }))
+        Ok(Some(SendContext { epoch: u(epoch), membership, log_len, disappear, version: u(version) }))
     }
 
     fn insert_group(&mut self, group: &[u8], epoch: u64, state: &[u8], now: u64) -> Result<(), StoreError> {
@@ -564,7 +567,9 @@ impl Storage for SqlStore<'_> {
 
     fn update_group(&mut self, group: &[u8], epoch: u64, state: &[u8]) -> Result<(), StoreError> {
         let Some(gid) = self.gid(group)? else { return Ok(()) };
-        self.conn.prepare_cached("UPDATE groups SET epoch = ?2 WHERE gid = ?1")?.execute(params![gid, i(epoch)])?;
+        self.conn
+            .prepare_cached("UPDATE groups SET epoch = ?2, state_version = state_version + 1 WHERE gid = ?1")?
+            .execute(params![gid, i(epoch)])?;
         self.conn.prepare_cached("UPDATE group_states SET state = ?2 WHERE gid = ?1")?.execute(params![gid, state])?;
         self.wrote(state.len());
         Ok(())
