@@ -317,16 +317,23 @@ mod tests {
         assert_eq!(version, latest());
     }
 
-    #[test]
-    fn version_4_groups_migrate_without_a_group_info_until_their_next_commit() {
+    /// A database of schema `version` holding one group (gid 3, state
+    /// aabb), migrated to the latest schema.
+    fn one_group_migrated_from(version: i64) -> Connection {
         let mut conn = Connection::open_in_memory().unwrap();
-        migrate_to(&mut conn, 4).unwrap();
+        migrate_to(&mut conn, version).unwrap();
         conn.execute_batch(
             "INSERT INTO groups (gid, id, epoch, last_seq, created_at) VALUES (3, x'0102', 5, 9, 10);
              INSERT INTO group_states (gid, state) VALUES (3, x'aabb');",
         )
         .unwrap();
         migrate(&mut conn).unwrap();
+        conn
+    }
+
+    #[test]
+    fn version_4_groups_migrate_without_a_group_info_until_their_next_commit() {
+        let conn = one_group_migrated_from(4);
         let state: Vec<u8> = conn.query_row("SELECT state FROM group_states WHERE gid = 3", [], |r| r.get(0)).unwrap();
         let infos: i64 = conn.query_row("SELECT count(*) FROM group_infos", [], |r| r.get(0)).unwrap();
         assert_eq!((state, infos), (vec![0xaa, 0xbb], 0));
@@ -334,14 +341,7 @@ mod tests {
 
     #[test]
     fn version_11_groups_start_at_state_version_0() {
-        let mut conn = Connection::open_in_memory().unwrap();
-        migrate_to(&mut conn, 11).unwrap();
-        conn.execute_batch(
-            "INSERT INTO groups (gid, id, epoch, last_seq, created_at) VALUES (3, x'0102', 5, 9, 10);
-             INSERT INTO group_states (gid, state) VALUES (3, x'aabb');",
-        )
-        .unwrap();
-        migrate(&mut conn).unwrap();
+        let conn = one_group_migrated_from(11);
         let version: i64 = conn.query_row("SELECT state_version FROM groups WHERE gid = 3", [], |r| r.get(0)).unwrap();
         assert_eq!(version, 0);
     }
