@@ -61,6 +61,7 @@ pub mod auth;
 pub mod bench;
 pub mod chain;
 pub mod client;
+pub mod compact;
 pub mod config;
 pub mod db;
 pub mod delivery;
@@ -129,8 +130,8 @@ mod layering {
     /// parts before it (code, not tests), so there is no circle between
     /// them and nothing imports upward.
     const LAYERS: &[&str] = &[
-        "util", "limits", "sqlite", "chain", "files", "wire", "auth", "mls", "delivery", "db", "config", "server",
-        "client", "bench",
+        "util", "limits", "sqlite", "chain", "files", "wire", "compact", "auth", "mls", "delivery", "db", "config",
+        "server", "client", "bench",
     ];
 
     /// The parts (`crate::NAME`) a file's code mentions: everything before

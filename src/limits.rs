@@ -71,7 +71,9 @@ pub const MAX_PENDING_PROPOSALS: usize = 64;
 /// server's removals (one per leaf), with room for large groups.
 pub const MAX_HANDOVER_PROPOSALS: usize = 1024;
 
-/// Largest public state the server keeps for one group (encoded); a commit
+/// Largest public state the server keeps for one group (as openmls holds
+/// it, [`crate::mls::state_size`]: stored compacted, it takes about a
+/// quarter of that, [`crate::compact`]); a commit
 /// or proposal that would grow it beyond is refused with error 23. Bounds
 /// what every later handshake of the group costs the writer.
 pub const MAX_GROUP_STATE: usize = 8 * 1024 * 1024;

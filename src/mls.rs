@@ -781,8 +781,28 @@ pub fn leaf_certificates(state: &[u8], group: &[u8]) -> Result<Vec<LeafCheck>, S
     Ok(public.members().map(|m| (m.index.u32(), leaf_certificate(&m.credential, &m.signature_key))).collect())
 }
 
+/// Starts a compacted state blob (format 2); format 1 started with its
+/// entry count, which never comes near this.
+const STATE_FORMAT_2: u32 = u32::MAX;
+
+/// How a format-2 state value is stored.
+const VALUE_RAW: u8 = 0;
+const VALUE_COMPACTED: u8 = 1;
+
+/// The size of a group's public state as openmls holds it (what
+/// [`crate::limits::MAX_GROUP_STATE`] caps, however compactly it is
+/// stored): format 1's length.
+pub fn state_size(storage: &MemoryStorage) -> Result<usize, StateError> {
+    let values = storage.values.read().map_err(|_| StateError::Poisoned)?;
+    Ok(values.iter().fold(4usize, |n, (k, v)| n.saturating_add(8).saturating_add(k.len()).saturating_add(v.len())))
+}
+
 /// Serializes a group's public state (sorted, so equal states give equal
-/// bytes): `u32` n, then n × (`bytes32` key, `bytes32` value).
+/// bytes), format 2: `u32` [`STATE_FORMAT_2`], `u32` n, then n ×
+/// (`bytes32` key, `u8` form, `bytes32` value), each value (JSON, from
+/// openmls) stored [`crate::compact`]ed where it can be. Format 1 (read,
+/// no longer written) was `u32` n, then n × (`bytes32` key, `bytes32`
+/// value).
 pub fn encode_state(storage: &MemoryStorage) -> Result<Vec<u8>, StateError> {
     let values = storage.values.read().map_err(|_| StateError::Poisoned)?;
     let mut entries: Vec<(&Vec<u8>, &Vec<u8>)> = values.iter().collect();
@@ -791,25 +811,48 @@ pub fn encode_state(storage: &MemoryStorage) -> Result<Vec<u8>, StateError> {
         return Err(StateError::TooManyEntries);
     }
     let mut w = Writer::new();
+    w.u32(STATE_FORMAT_2);
     w.u32(u32::try_from(entries.len()).map_err(|_| StateError::TooManyEntries)?);
     for (k, v) in entries {
         w.bytes32("state key", k, MAX_STATE_VALUE)?;
-        w.bytes32("state value", v, MAX_STATE_VALUE)?;
+        // A value longer than the cap is refused whole, compacted or not.
+        if v.len() > MAX_STATE_VALUE {
+            w.bytes32("state value", v, MAX_STATE_VALUE)?;
+        }
+        match crate::compact::compact(v) {
+            Some(small) => {
+                w.u8(VALUE_COMPACTED);
+                w.bytes32("state value", &small, MAX_STATE_VALUE)?;
+            }
+            None => {
+                w.u8(VALUE_RAW);
+                w.bytes32("state value", v, MAX_STATE_VALUE)?;
+            }
+        }
     }
     Ok(w.into_inner())
 }
 
-/// Reads a state blob written by [`encode_state`].
+/// Reads a state blob written by [`encode_state`] (either format).
 pub fn decode_state(bytes: &[u8]) -> Result<MemoryStorage, DecodeError> {
     let mut r = Reader::new(bytes);
-    let n = usize::try_from(r.u32()?).map_err(|_| DecodeError::Invalid("state entries"))?;
+    let first = r.u32()?;
+    let format2 = first == STATE_FORMAT_2;
+    let n = if format2 { r.u32()? } else { first };
+    let n = usize::try_from(n).map_err(|_| DecodeError::Invalid("state entries"))?;
     if n > MAX_STATE_ENTRIES {
         return Err(DecodeError::TooLong { field: "state entries", len: n, max: MAX_STATE_ENTRIES });
     }
     let mut map = std::collections::HashMap::new();
     for _ in 0..n {
         let k = r.bytes32("state key", MAX_STATE_VALUE)?.to_vec();
-        let v = r.bytes32("state value", MAX_STATE_VALUE)?.to_vec();
+        let form = if format2 { r.u8()? } else { VALUE_RAW };
+        let stored = r.bytes32("state value", MAX_STATE_VALUE)?;
+        let v = match form {
+            VALUE_RAW => stored.to_vec(),
+            VALUE_COMPACTED => crate::compact::expand(stored, MAX_STATE_VALUE)?,
+            _ => return Err(DecodeError::Invalid("state value form")),
+        };
         if map.insert(k, v).is_some() {
             return Err(DecodeError::Invalid("duplicate state key"));
         }
@@ -858,4 +901,41 @@ pub fn removal_proposal(
     .map_err(|e| StateError::Proposal(format!("{e:?}")))?;
     let bytes = message.tls_serialize_detached().map_err(|e| StateError::Proposal(e.to_string()))?;
     Ok(Some(bytes))
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::*;
+
+    fn storage(entries: &[(&[u8], Vec<u8>)]) -> MemoryStorage {
+        let map = entries.iter().map(|(k, v)| (k.to_vec(), v.clone())).collect();
+        MemoryStorage { values: std::sync::RwLock::new(map) }
+    }
+
+    #[test]
+    fn states_are_stored_compacted_and_states_of_the_old_format_still_read() {
+        let bytes: Vec<String> = (0..=255u8).cycle().take(4000).map(|b| b.to_string()).collect();
+        let tree = format!(r#"{{"tree":{{"vec":[{}]}},"name":"[1,2,3,4,5,6,7,8]"}}"#, bytes.join(",")).into_bytes();
+        let not_text = vec![0xff, b'[', b'1', b']'];
+        let state = storage(&[(b"Tree", tree.clone()), (b"Other", not_text.clone())]);
+        let blob = encode_state(&state).unwrap();
+        assert!(blob.len() * 3 < tree.len(), "{} bytes stored for {}", blob.len(), tree.len());
+        assert_eq!(*decode_state(&blob).unwrap().values.read().unwrap(), *state.values.read().unwrap());
+        assert_eq!(state_size(&state).unwrap(), 4 + 8 + 4 + tree.len() + 8 + 5 + not_text.len());
+        // Format 1, as every state stored before: n, then (key, value).
+        let mut w = Writer::new();
+        w.u32(2);
+        for (k, v) in [(&b"Other"[..], &not_text), (b"Tree", &tree)] {
+            w.bytes32("k", k, MAX_STATE_VALUE).unwrap();
+            w.bytes32("v", v, MAX_STATE_VALUE).unwrap();
+        }
+        let old = w.into_inner();
+        assert_eq!(old.len(), state_size(&state).unwrap());
+        assert_eq!(*decode_state(&old).unwrap().values.read().unwrap(), *state.values.read().unwrap());
+        // An unknown form of value is refused.
+        let mut bad = blob.clone();
+        let form = 4 + 4 + 4 + b"Other".len();
+        bad[form] = 7;
+        assert!(decode_state(&bad).is_err());
+    }
 }

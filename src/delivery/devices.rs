@@ -211,8 +211,8 @@ impl Delivery {
         public
             .add_proposal(&storage, *queued)
             .map_err(|e| Refusal::Internal(format!("storing the removal proposal: {e:?}")))?;
+        check_state_size(&storage)?;
         let state = mls::encode_state(&storage).map_err(|e| Refusal::Internal(e.to_string()))?;
-        check_state_size(&state)?;
         // The server's own proposal: never the request's message.
         let digest = crate::chain::MessageDigest::of(&bytes);
         let (seq, head) = store.append(group, record.epoch, &bytes, &digest, now, None)?;

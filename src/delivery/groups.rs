@@ -80,8 +80,8 @@ impl Delivery {
         mls::check_group_info(&self.crypto, group_info, &public, only.index)
             .map_err(|m| refuse(ErrorCode::InvalidCommit, m))?;
         let epoch = public.group_context().epoch().as_u64();
+        check_state_size(&storage)?;
         let state = mls::encode_state(&storage).map_err(|e| Refusal::Internal(e.to_string()))?;
-        check_state_size(&state)?;
         store.insert_group(&group, epoch, &state, now)?;
         if settings.disappear_secs > 0 {
             store.set_disappear(&group, settings.disappear_secs)?;
@@ -181,12 +181,14 @@ pub(super) fn bad_shape<E>(index: u32, why: impl std::fmt::Display) -> Refusal<E
     }
 }
 
-/// Refuses a group state above [`MAX_GROUP_STATE`].
-pub(super) fn check_state_size<E>(state: &[u8]) -> Result<(), Refusal<E>> {
-    if state.len() > MAX_GROUP_STATE {
+/// Refuses a group state above [`MAX_GROUP_STATE`] (its size as openmls
+/// holds it, [`mls::state_size`]; it is stored compacted).
+pub(super) fn check_state_size<E>(storage: &MemoryStorage) -> Result<(), Refusal<E>> {
+    let size = mls::state_size(storage).map_err(|e| Refusal::Internal(e.to_string()))?;
+    if size > MAX_GROUP_STATE {
         return Err(refuse(
             ErrorCode::QuotaExceeded,
-            format!("the group's state would be {} bytes; this server keeps at most {MAX_GROUP_STATE}", state.len()),
+            format!("the group's state would be {size} bytes; this server keeps at most {MAX_GROUP_STATE}"),
         ));
     }
     Ok(())

@@ -297,8 +297,8 @@ impl Check<'_> {
             ));
         }
         public.add_proposal(&storage, queued).map_err(|e| Refusal::Internal(format!("storing the proposal: {e:?}")))?;
+        check_state_size(&storage)?;
         let state = mls::encode_state(&storage).map_err(|e| Refusal::Internal(e.to_string()))?;
-        check_state_size(&state)?;
         Ok(Effect::Proposal { state, leaving })
     }
 
@@ -365,8 +365,8 @@ impl Check<'_> {
                 ),
             ));
         }
+        check_state_size(&storage)?;
         let state = mls::encode_state(&storage).map_err(|e| Refusal::Internal(e.to_string()))?;
-        check_state_size(&state)?;
         Ok(Effect::Commit(Committed {
             external: sender.is_none(),
             added,
