@@ -207,6 +207,28 @@ mod tests {
             prop_assert_eq!(expand(&small, 1 << 20).unwrap(), text.into_bytes());
         }
 
+        /// Red team: pieces that sit at the edges of what is replaced
+        /// (numbers above 255, quotes and escapes, bytes that are not
+        /// ASCII, markers); the text never grows and the cap is exact.
+        #[test]
+        fn edge_pieces_come_back_exactly_and_never_grow(pieces in proptest::collection::vec(
+            prop_oneof![
+                Just("[".to_string()), Just("]".to_string()), Just(",".to_string()),
+                Just("\"".to_string()), Just("\\".to_string()), Just("é".to_string()),
+                (0u32..300).prop_map(|n| n.to_string()),
+                proptest::collection::vec(any::<u8>(), 8..12).prop_map(|v| format!("{v:?}").replace(' ', "")),
+            ],
+            0..40,
+        )) {
+            let text = pieces.concat().into_bytes();
+            let small = compact(&text).unwrap();
+            prop_assert!(small.len() <= text.len());
+            prop_assert_eq!(expand(&small, text.len()).unwrap(), text.clone());
+            if !text.is_empty() {
+                prop_assert!(expand(&small, text.len() - 1).is_err());
+            }
+        }
+
         #[test]
         fn expanding_anything_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = expand(&bytes, 1 << 12);

@@ -17,6 +17,32 @@ use super::{fail, BenchError, Settings};
 use crate::client::PushStream;
 use crate::wire::Push;
 
+/// CPU time this process has used, all threads, user and system
+/// (`/proc/self/stat`, in ticks of 10 ms: measure seconds of work). `None`
+/// where the file is not Linux's.
+pub(super) fn process_cpu() -> Option<Duration> {
+    /// `/proc` counts in USER_HZ ticks, 100 a second on Linux.
+    const TICK: Duration = Duration::from_millis(10);
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may hold spaces: fields are counted after its ')'.
+    let (_, after) = stat.rsplit_once(')')?;
+    let mut fields = after.split_whitespace().skip(11);
+    let user: u32 = fields.next()?.parse().ok()?;
+    let system: u32 = fields.next()?.parse().ok()?;
+    Some(TICK * user.saturating_add(system))
+}
+
+/// CPU µs per operation of `work`, which runs `ops` operations.
+pub(super) async fn cpu_per_op<Fut>(ops: usize, work: Fut) -> Result<f64, BenchError>
+where
+    Fut: Future<Output = Result<(), BenchError>>,
+{
+    let before = process_cpu().ok_or_else(|| BenchError("no CPU time to read (/proc/self/stat)".into()))?;
+    work.await?;
+    let after = process_cpu().ok_or_else(|| BenchError("no CPU time to read (/proc/self/stat)".into()))?;
+    Ok(after.saturating_sub(before).as_secs_f64() * 1e6 / ops.max(1) as f64)
+}
+
 /// Runs `op` from `workers` concurrent loops for the configured duration;
 /// returns completed operations per second.
 pub(super) async fn rate<F, Fut>(settings: Settings, workers: usize, op: F) -> Result<f64, BenchError>

@@ -279,6 +279,8 @@ pub async fn run(settings: Settings, only: &[String], progress: impl Fn(&str)) -
                     raw,
                 ));
             }
+            progress("CPU per durable send");
+            rows.push(scenarios::cpu_per_send(settings, &mut pair, dir.path()).await?);
             progress("durable appends");
             let appends = durable_appends(dir.path(), settings).await?;
             rows.push(Row::rate("durable appends/s, store alone, 64 writers".into(), appends, s.sqlite));

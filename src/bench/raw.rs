@@ -230,6 +230,45 @@ pub(super) fn sqlite_commit_p50(
     Ok(took.get(took.len() / 2).copied().unwrap_or(0.0))
 }
 
+/// Inserts `row` in transactions of `batch` rows while `more(rows so
+/// far)`; returns how many rows.
+fn insert_batches(db: &Sqlite, row: &[u8], batch: usize, more: impl Fn(usize) -> bool) -> Result<usize, BenchError> {
+    let mut seq = 0usize;
+    while more(seq) {
+        let tx = db.unchecked_transaction().map_err(fail)?;
+        {
+            let mut stmt = tx.prepare_cached("INSERT INTO log (gid, seq, data) VALUES (1, ?1, ?2)").map_err(fail)?;
+            for _ in 0..batch.max(1) {
+                seq += 1;
+                stmt.execute(params![seq as i64, row]).map_err(fail)?;
+            }
+        }
+        tx.commit().map_err(fail)?;
+    }
+    Ok(seq)
+}
+
+/// CPU µs per row of raw SQLite inserting `rows` rows of `len` bytes in
+/// transactions of `batch` (WAL, synchronous=FULL, one prepared
+/// statement).
+pub(super) async fn sqlite_insert_cpu(
+    dir: &std::path::Path,
+    len: usize,
+    batch: usize,
+    rows: usize,
+) -> Result<f64, BenchError> {
+    let (db, path) = raw_log(dir, &format!("raw-cpu-{len}-{batch}.db"))?;
+    let row = vec![0x5au8; len];
+    let per_row = super::measure::cpu_per_op(rows, async {
+        insert_batches(&db, &row, batch, |seq| seq < rows)?;
+        Ok(())
+    })
+    .await?;
+    drop(db);
+    let _ = std::fs::remove_file(&path);
+    Ok(per_row)
+}
+
 /// Raw SQLite: WAL, synchronous=FULL, batches of `batch` rows of `len`
 /// bytes per transaction, one prepared statement. Rows per second.
 pub(super) fn sqlite_batches(
@@ -241,18 +280,7 @@ pub(super) fn sqlite_batches(
     let (db, path) = raw_log(dir, &format!("raw-{len}-{batch}.db"))?;
     let row = vec![0x5au8; len];
     let start = Instant::now();
-    let mut seq = 0i64;
-    while start.elapsed() < settings.duration {
-        let tx = db.unchecked_transaction().map_err(fail)?;
-        {
-            let mut stmt = tx.prepare_cached("INSERT INTO log (gid, seq, data) VALUES (1, ?1, ?2)").map_err(fail)?;
-            for _ in 0..batch {
-                seq += 1;
-                stmt.execute(params![seq, row]).map_err(fail)?;
-            }
-        }
-        tx.commit().map_err(fail)?;
-    }
+    let seq = insert_batches(&db, &row, batch, |_| start.elapsed() < settings.duration)?;
     let rate = seq as f64 / start.elapsed().as_secs_f64();
     drop(db);
     let _ = std::fs::remove_file(&path);

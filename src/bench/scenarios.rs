@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use quinn::{Endpoint, VarInt};
 
-use super::measure::{drain_for, fan_out, idle_memory, latency, latency_samples, rate};
+use super::measure::{drain, drain_for, fan_out, idle_memory, latency, latency_samples, rate};
 use super::plot::{Curve, Series};
 use super::raw::{self, Mode, RawServer};
 use super::{fail, BenchError, Row, Settings};
@@ -478,6 +478,51 @@ pub(super) async fn durable_sends(settings: Settings, pair: &mut Pair, dir: &Pat
     let (in_flight_1, _) = sends(pair, settings.messages / 4, 1, Some(settings.duration)).await?;
     let sqlite = raw::sqlite_batches(dir, message_len, 64, settings)?;
     Ok(Sends { message_len, in_flight_64, in_flight_1, sqlite })
+}
+
+/// Most operations each CPU measurement runs (enough seconds of work for
+/// the 10 ms ticks the kernel counts CPU time in).
+pub const CPU_OPS: usize = 20_000;
+
+/// CPU µs (this process: server and client both) per durable send, 64 in
+/// flight, against CPU µs per ping round trip, 64 in flight, plus CPU µs
+/// per raw SQLite insert in 64-row batches: what a send costs beyond the
+/// protocol and the insert it needs.
+pub(super) async fn cpu_per_send(settings: Settings, pair: &mut Pair, dir: &Path) -> Result<Row, BenchError> {
+    let n = settings.messages.min(CPU_OPS);
+    let c = pair.alice.clone();
+    let ping = super::measure::cpu_per_op(n, async move {
+        drain((0..n as u64).collect(), 64, move |nonce| {
+            let c = c.clone();
+            async move { c.call(&Request::Ping { nonce }).await.map(|_| ()).map_err(fail) }
+        })
+        .await
+        .map(drop)
+    })
+    .await?;
+    // Encrypted before the clock starts: the client's MLS work is not the
+    // server's.
+    let messages = pair.messages(n)?;
+    let len = messages.first().map(Vec::len).unwrap_or(0);
+    let c = pair.alice.clone();
+    let send = super::measure::cpu_per_op(n, async move {
+        drain(messages, 64, move |m| {
+            let c = c.clone();
+            async move { c.send(m, None).await.map(|_| ()).map_err(fail) }
+        })
+        .await
+        .map(drop)
+    })
+    .await?;
+    let insert = raw::sqlite_insert_cpu(dir, len, 64, n).await?;
+    Ok(Row::cost(
+        format!(
+            "CPU µs per durable send, 64 in flight (server and client; baseline: CPU per ping round trip {ping:.1} µs + per raw SQLite insert in 64-row batches {insert:.1} µs)"
+        ),
+        send,
+        ping + insert,
+        "µs",
+    ))
 }
 
 /// alice sends `count` fresh messages to the pair's group, `in_flight` at

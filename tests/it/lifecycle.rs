@@ -175,6 +175,7 @@ fn bench_quick_mode_runs_and_reports_every_scenario() {
         "group of 1000 commits",
         "raw openmls",
         "newest 100 messages",
+        "CPU µs per durable send",
     ] {
         assert!(rows.iter().any(|r| r["scenario"].as_str().unwrap().contains(word)), "no {word} row: {out}");
     }

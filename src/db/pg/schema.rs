@@ -171,8 +171,17 @@ const MIGRATIONS: &[&str] = &[
     // 7 -> 8: performance at scale (issue 37). A version that counts the
     // changes of each group's state: the writer takes a verdict prepared
     // off it while the version is the snapshot's, without reading the
-    // state back to compare.
-    "ALTER TABLE groups ADD COLUMN state_version bigint NOT NULL DEFAULT 0;",
+    // state back to compare. The database advances it, on every write of
+    // a state by any node: a node of the version before (during an
+    // upgrade) writes states without knowing of it (red team, issue 37).
+    "ALTER TABLE groups ADD COLUMN state_version bigint NOT NULL DEFAULT 0;
+    CREATE FUNCTION hush_state_version() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE groups SET state_version = state_version + 1 WHERE gid = NEW.gid;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER group_states_version AFTER UPDATE OF state ON group_states
+        FOR EACH ROW EXECUTE FUNCTION hush_state_version();",
 ];
 
 /// Key of the advisory lock migrations hold ("hush" in ASCII).

@@ -605,7 +605,8 @@ impl Storage for PgStore<'_> {
 
     fn update_group(&mut self, group: &[u8], epoch: u64, state: &[u8]) -> Result<(), StoreError> {
         self.exec(
-            "WITH g AS (UPDATE groups SET epoch = $2, state_version = state_version + 1 WHERE id = $1 RETURNING gid)
+            // The trigger of schema 8 advances the state's version.
+            "WITH g AS (UPDATE groups SET epoch = $2 WHERE id = $1 RETURNING gid)
              UPDATE group_states s SET state = $3 FROM g WHERE s.gid = g.gid",
             &[&group, &i(epoch), &state],
         )?;

@@ -169,6 +169,42 @@ fn a_database_from_a_newer_hushd_is_refused() {
     assert!(matches!(e, crate::db::StoreError::SchemaTooNew { found: 99, .. }), "{e}");
 }
 
+/// Red team, issue 37: a node of the version before (during an upgrade)
+/// writes a group's state with the statement it knows, which says nothing
+/// of the state's version. The database advances the version anyway, so a
+/// verdict prepared before that write is not applied over it.
+#[test]
+fn a_state_written_by_a_node_that_knows_no_version_still_advances_it() {
+    let Some(target) = database() else { return };
+    let mut db = PgDb::connect(target).unwrap();
+    let removal_key = crate::auth::Identity::generate().unwrap().public_key();
+    let mut ds = Delivery::new(100, removal_key);
+    let (_, _, mut alice) = Member::generate().unwrap();
+    let caller = registered(&mut db, &alice);
+    let g = alice.create_group(&removal_key).unwrap();
+    let create = Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree };
+    let out = db.write(|s| Ok(ds.handle(s, caller, create, 1_000))).unwrap();
+    assert!(matches!(out.response, Response::Accepted { .. }), "{:?}", out.response);
+    let version = |db: &mut PgDb| db.read(|s| s.group(&g.id)).unwrap().unwrap().unwrap().version;
+    let before = version(&mut db);
+    // The statement of PostgreSQL schema 7's update_group.
+    let id: String = g.id.iter().map(|b| format!("{b:02x}")).collect();
+    db.client
+        .batch_execute(&format!(
+            "WITH g AS (UPDATE groups SET epoch = epoch WHERE id = '\\x{id}'::bytea RETURNING gid)
+             UPDATE group_states s SET state = s.state FROM g WHERE s.gid = g.gid"
+        ))
+        .unwrap();
+    assert_eq!(version(&mut db), before + 1);
+    // And hushd's own update advances it once, not twice.
+    db.write(|s| {
+        let record = s.group(&g.id)?.unwrap();
+        s.update_group(&g.id, record.epoch, &record.state)
+    })
+    .unwrap();
+    assert_eq!(version(&mut db), before + 2);
+}
+
 /// Issue 29, finding 6: what a node tells the others is a row only
 /// hushd's role reads (the wake-up names just the row), decoded back to
 /// the same notice by another node, skipped by its own, and deleted once
