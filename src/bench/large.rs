@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use tokio::task::JoinSet;
 
-use super::scenarios::{pair_latency, Pair};
+use super::measure::{latency_samples, p50_p99};
+use super::scenarios::{pair_latencies, Pair};
 use super::{fail, BenchError, Row, Settings};
 use crate::auth::{AccountId, HushAddress};
 use crate::client::mls::Member;
@@ -29,6 +30,9 @@ const REGISTERING_AT_ONCE: usize = 16;
 
 /// Messages per second the group of two offers meanwhile.
 pub const STALL_LOAD: u32 = 200;
+
+/// Quiet and committing phases the stall row alternates, each.
+const STALL_ROUNDS: usize = 4;
 
 /// A device that registered, published one KeyPackage and claimed it
 /// itself (claims are rate-limited per claiming account, so the large
@@ -95,7 +99,9 @@ fn accepted(r: Response) -> Result<(), BenchError> {
 /// The p99 send→push latency in the pair's group of two at
 /// [`STALL_LOAD`] msg/s while a group of `size` commits without pause
 /// (self-updates, made before the clock starts), against the same p99
-/// with no large group committing, measured just before.
+/// with no large group committing. The two are measured in
+/// [`STALL_ROUNDS`] alternating phases each (quiet, then committing), so
+/// that a machine whose speed drifts during the run weighs on both alike.
 pub(super) async fn stall(
     settings: Settings,
     address: &HushAddress,
@@ -109,12 +115,18 @@ pub(super) async fn stall(
         owner.merge_pending(&group).map_err(fail)?;
     }
     let commit_bytes = commits.first().map_or(0, request_bytes);
-    let alone = pair_latency(settings, address, pair, STALL_LOAD).await?;
+    let per_phase = latency_samples(settings, STALL_LOAD).div_ceil(STALL_ROUNDS);
+    // The committer commits while it may take this lock, one commit at a
+    // time; a quiet phase holds it, so it starts once the commit in
+    // flight is done and none starts during it.
+    let turn = Arc::new(tokio::sync::Mutex::new(()));
+    let quiet = turn.clone().lock_owned().await;
     let stop = Arc::new(AtomicBool::new(false));
-    let stopping = stop.clone();
+    let (stopping, taking) = (stop.clone(), turn.clone());
     let committer = tokio::spawn(async move {
         let mut made = 0usize;
         for commit in commits {
+            let _turn = taking.lock().await;
             if stopping.load(Ordering::Relaxed) {
                 break;
             }
@@ -123,18 +135,32 @@ pub(super) async fn stall(
         }
         Ok::<usize, BenchError>(made)
     });
-    let busy = pair_latency(settings, address, pair, STALL_LOAD).await;
+    let (mut alone, mut busy) = (Vec::new(), Vec::new());
+    let mut quiet = Some(quiet);
+    let measured: Result<(), BenchError> = async {
+        for _ in 0..STALL_ROUNDS {
+            if quiet.is_none() {
+                quiet = Some(turn.clone().lock_owned().await);
+            }
+            alone.extend(pair_latencies(settings, address, pair, STALL_LOAD, per_phase).await?);
+            quiet = None;
+            busy.extend(pair_latencies(settings, address, pair, STALL_LOAD, per_phase).await?);
+        }
+        Ok(())
+    }
+    .await;
     stop.store(true, Ordering::Relaxed);
+    drop(quiet);
     let made = committer.await.map_err(fail)??;
-    let busy = busy?;
+    measured?;
     let all = if made == settings.large_commits { ", all it had: the run outlasted them" } else { "" };
     Ok(vec![Row::cost(
         format!(
-            "send→push p99 in a group of 2 at {STALL_LOAD} msg/s while a group of {size} commits ({made} commits of {} KiB{all}; baseline: the same p99 with no large group) (µs)",
+            "send→push p99 in a group of 2 at {STALL_LOAD} msg/s while a group of {size} commits ({made} commits of {} KiB{all}; baseline: the same p99 with no large group; {STALL_ROUNDS} alternating phases each) (µs)",
             commit_bytes / 1024
         ),
-        busy.1,
-        alone.1,
+        p50_p99(busy).1,
+        p50_p99(alone).1,
         "µs",
     )])
 }

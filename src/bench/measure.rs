@@ -226,6 +226,30 @@ where
     F: Fn(Vec<u8>) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<u64, BenchError>> + Send + 'static,
 {
+    let samples = latencies(readers, messages, per_second, strict, send).await?;
+    Ok(p50_p99(samples))
+}
+
+/// The median and the 99th percentile of `samples`.
+pub(super) fn p50_p99(mut samples: Vec<f64>) -> (f64, f64) {
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples.get(((samples.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0);
+    (at(0.50), at(0.99))
+}
+
+/// What [`latency`] measures: each message's send→push time (µs), in no
+/// particular order.
+pub(super) async fn latencies<F, Fut>(
+    readers: Vec<quinn::Connection>,
+    messages: Vec<Vec<u8>>,
+    per_second: u32,
+    strict: bool,
+    send: F,
+) -> Result<Vec<f64>, BenchError>
+where
+    F: Fn(Vec<u8>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<u64, BenchError>> + Send + 'static,
+{
     let arrived: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
     let mut tasks = JoinSet::new();
     for (i, conn) in readers.into_iter().enumerate() {
@@ -257,7 +281,7 @@ where
         started.push(r.map_err(fail)??);
     }
     let deadline = Instant::now() + DELIVERY_TIMEOUT;
-    let mut samples = loop {
+    let samples = loop {
         let got: Option<Vec<f64>> = {
             let a = arrived.lock().map_err(fail)?;
             started
@@ -286,9 +310,7 @@ where
         }
     };
     tasks.abort_all();
-    samples.sort_by(f64::total_cmp);
-    let at = |q: f64| samples.get(((samples.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0);
-    Ok((at(0.50), at(0.99)))
+    Ok(samples)
 }
 
 /// Resident memory of this process, KiB.

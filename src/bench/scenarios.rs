@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use quinn::{Endpoint, VarInt};
 
-use super::measure::{drain, drain_for, fan_out, idle_memory, latency, latency_samples, rate};
+use super::measure::{drain, drain_for, fan_out, idle_memory, latencies, latency, latency_samples, p50_p99, rate};
 use super::plot::{Curve, Series};
 use super::raw::{self, Mode, RawServer};
 use super::{fail, BenchError, Row, Settings};
@@ -555,7 +555,7 @@ pub(super) async fn push_latency(
     load: u32,
 ) -> Result<[Row; 2], BenchError> {
     let messages = pair.messages(latency_samples(settings, load))?;
-    let hush = latency_of(settings, address, pair, load, messages.clone()).await?;
+    let hush = p50_p99(latency_of(settings, address, pair, load, messages.clone()).await?);
     let relay = RawServer::start(Mode::Relay).await?;
     let (sender, receiver) = (relay.connection().await?, relay.connection().await?);
     let s = sender.clone();
@@ -571,15 +571,16 @@ pub(super) async fn push_latency(
     ])
 }
 
-/// hush's (p50, p99) send→push latency in the pair's group at `load`
-/// msg/s ([`push_latency`] without its baseline).
-pub(super) async fn pair_latency(
+/// The send→push time (µs) of each of `count` messages alice sends at
+/// `load` msg/s on fresh connections, in no particular order.
+pub(super) async fn pair_latencies(
     settings: Settings,
     address: &HushAddress,
     pair: &mut Pair,
     load: u32,
-) -> Result<(f64, f64), BenchError> {
-    let messages = pair.messages(latency_samples(settings, load))?;
+    count: usize,
+) -> Result<Vec<f64>, BenchError> {
+    let messages = pair.messages(count)?;
     latency_of(settings, address, pair, load, messages).await
 }
 
@@ -591,7 +592,7 @@ async fn latency_of(
     pair: &mut Pair,
     load: u32,
     messages: Vec<Vec<u8>>,
-) -> Result<(f64, f64), BenchError> {
+) -> Result<Vec<f64>, BenchError> {
     // Fresh connections: the old ones stopped reading their push streams,
     // so the server has (rightly) dropped pushes for them and owes a Resync.
     pair.alice.quic().close(VarInt::from_u32(0), b"");
@@ -607,7 +608,7 @@ async fn latency_of(
     pair.alice = alice.clone();
     pair.bob = bob.clone();
     let readers = vec![alice.quic().clone(), bob.quic().clone()];
-    latency(readers, messages, load, settings.strict, move |m| {
+    latencies(readers, messages, load, settings.strict, move |m| {
         let c = alice.clone();
         async move { c.send(m, None).await.map(|(seq, _)| seq).map_err(fail) }
     })

@@ -148,7 +148,7 @@ impl Delivery {
                 let expires = (context.disappear > 0)
                     .then(|| now.saturating_add(u64::from(context.disappear).min(self.retention_secs)));
                 let (seq, head) = store.append(&group, epoch, &bytes, &digest, now, expires)?;
-                let recipients = self.roster(store, &group, epoch)?;
+                let recipients = self.roster(store, &group, (epoch, context.version))?;
                 Ok(Outcome::wrote(
                     Response::Accepted { group: group.clone(), seq, epoch, head },
                     vec![Notification::Message { group, seq, head: Some(head), message: bytes, recipients }],

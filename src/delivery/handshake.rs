@@ -24,6 +24,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
@@ -557,7 +558,9 @@ impl Delivery {
         let Some(group_info) = h.group_info else {
             return Err(Refusal::Internal("a verified commit without its GroupInfo".into()));
         };
-        let before = store.current_members(h.group)?;
+        // The members before the commit: cached at its epoch when the last
+        // commit (or a send) put them there.
+        let before = self.roster(store, h.group, (h.epoch, h.version))?;
         let group = h.group;
         let (seq, head) = store.append(group, h.epoch, &h.bytes, &digest, h.now, None)?;
         store.update_group(group, c.epoch, &c.state)?;
@@ -588,6 +591,10 @@ impl Delivery {
         for device in before_set.iter().filter(|d| !c.roster.contains_key(d)) {
             store.remove_member(group, device, seq, h.epoch)?;
         }
+        // The members afterwards, as the rows now say: those who stay, and
+        // those who join (a lingering leaf is not a member).
+        let after: Arc<[DeviceId]> =
+            c.roster.keys().filter(|d| before_set.contains(*d) || joining.contains(*d)).copied().collect();
         // Everyone who was a member sees the commit, removed members
         // included (it tells them they were removed); the added devices
         // get the Welcome.
@@ -596,7 +603,7 @@ impl Delivery {
             seq,
             head: Some(head),
             message: h.bytes,
-            recipients: before.into(),
+            recipients: before.clone(),
         }];
         if let Some(w) = &h.welcome {
             let recipients: BTreeSet<DeviceId> = c.added.iter().map(|(_, c)| c.device).collect();
@@ -612,6 +619,12 @@ impl Delivery {
         for device in store.revoked_members(group)?.into_iter().chain(lingering) {
             notifications.extend(self.propose_removal(store, group, &device, h.now)?);
         }
+        // Last, when nothing can fail any more: a request that fails is
+        // undone, and must not leave its roster behind.
+        // The commit's state write advanced the version by one; anything
+        // written since (a removal proposal) advanced it further, and the
+        // entry is then never used.
+        self.cache_roster(group, (c.epoch, h.version.wrapping_add(1)), after);
         Ok(Outcome::wrote(Response::Accepted { group: group.to_vec(), seq, epoch: c.epoch, head }, notifications))
     }
 

@@ -272,6 +272,9 @@ impl Default for Quotas {
     }
 }
 
+/// What a cached roster is valid for: a group's (epoch, state version).
+type RosterKey = (u64, u64);
+
 /// The Delivery Service. Holds only in-memory rate-limit state; everything
 /// durable is in the [`Storage`].
 pub struct Delivery {
@@ -279,10 +282,14 @@ pub struct Delivery {
     claims: HashMap<AccountId, TokenBucket>,
     retention_secs: u64,
     quotas: Quotas,
-    /// Current member devices per group, valid for the epoch stored with
-    /// them (membership changes only by a commit, which changes the epoch).
-    /// Only the writer fills it; see [`Delivery::forget_cached`].
-    rosters: HashMap<Vec<u8>, (u64, Arc<[DeviceId]>)>,
+    /// Current member devices per group, valid for the epoch and state
+    /// version stored with them. Membership changes by a commit (a new
+    /// epoch), by leaving (a proposal: a new state version, same epoch) and
+    /// by the operator (the server's removal proposal: a new version); the
+    /// version is the database's, so this holds whichever process or node
+    /// made the change. Only the writer fills it; see
+    /// [`Delivery::forget_cached`].
+    rosters: HashMap<Vec<u8>, (RosterKey, Arc<[DeviceId]>)>,
     /// The server's removal key, which every group must list as an
     /// external sender.
     removal_key: [u8; 32],
@@ -374,19 +381,25 @@ impl Delivery {
         self.rosters.clear();
     }
 
-    /// The current members of `group` at `epoch` (the current epoch).
-    fn roster<S: Storage>(&mut self, store: &mut S, group: &[u8], epoch: u64) -> Result<Arc<[DeviceId]>, S::Error> {
-        if let Some((e, members)) = self.rosters.get(group) {
-            if *e == epoch {
+    /// The current members of `group` at `at` (its current epoch and
+    /// state version).
+    fn roster<S: Storage>(&mut self, store: &mut S, group: &[u8], at: RosterKey) -> Result<Arc<[DeviceId]>, S::Error> {
+        if let Some((key, members)) = self.rosters.get(group) {
+            if *key == at {
                 return Ok(members.clone());
             }
         }
         let members: Arc<[DeviceId]> = store.current_members(group)?.into();
+        self.cache_roster(group, at, members.clone());
+        Ok(members)
+    }
+
+    /// Remembers `members` as `group`'s current members at `at`.
+    fn cache_roster(&mut self, group: &[u8], at: RosterKey, members: Arc<[DeviceId]>) {
         if self.rosters.len() >= MAX_CACHED_ROSTERS {
             self.rosters.clear();
         }
-        self.rosters.insert(group.to_vec(), (epoch, members.clone()));
-        Ok(members)
+        self.rosters.insert(group.to_vec(), (at, members));
     }
 
     /// Refuses new data once the store reached its size quota.

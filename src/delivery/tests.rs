@@ -829,6 +829,62 @@ fn a_member_can_leave_by_proposal() {
     assert_eq!(alice.member.members(&g), vec![alice.member.account()]);
 }
 
+/// Leaving ends a device's membership at once, in the same epoch: the
+/// next message is not pushed to it, though the writer had cached the
+/// group's members at that epoch (it did, keyed by the epoch alone).
+fn a_device_that_left_gets_no_push_of_the_next_message() {
+    let (mut net, mut alice, _bob, mut carol, g) = Net::trio();
+    net.text(&mut alice, &g, "before carol leaves");
+    let proposal = carol.member.leave(&g).unwrap();
+    assert!(matches!(net.send(&mut carol, proposal, None), Response::Accepted { .. }));
+    net.pushes.clear();
+    // alice has not read the proposal yet: her message is for this epoch.
+    net.text(&mut alice, &g, "after carol left");
+    let recipients: Vec<&DeviceId> = net
+        .pushes
+        .iter()
+        .filter_map(|p| match p {
+            Notification::Message { recipients, .. } => Some(recipients.iter()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert!(recipients.contains(&&alice.member.device()), "{recipients:?}");
+    assert!(!recipients.contains(&&carol.member.device()), "{recipients:?}");
+}
+
+/// A commit's writer keeps the members it leaves behind for the next one:
+/// what it keeps is what the rows say, commit after commit (adds, removals,
+/// self-updates), and every message goes to exactly those.
+fn members_kept_across_commits_are_the_stored_ones() {
+    let (mut net, mut alice, mut bob, mut carol, g) = Net::trio();
+    for round in 0..3 {
+        let commit = alice.member.self_update(&g).unwrap();
+        assert!(matches!(net.commit(&mut alice, commit), Response::Accepted { .. }));
+        alice.member.merge_pending(&g).unwrap();
+        if round == 1 {
+            let commit = alice.member.remove(&g, &[carol.member.account()]).unwrap();
+            assert!(matches!(net.commit(&mut alice, commit), Response::Accepted { .. }));
+            alice.member.merge_pending(&g).unwrap();
+        }
+        net.pushes.clear();
+        net.text(&mut alice, &g, "hello");
+        let mut stored = net.current_members(&g);
+        stored.sort();
+        let pushed: Vec<Vec<DeviceId>> = net
+            .pushes
+            .iter()
+            .filter_map(|p| match p {
+                Notification::Message { recipients, .. } => Some(recipients.to_vec()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(pushed, vec![stored], "round {round}");
+    }
+    net.sync(&mut bob, &g);
+    net.sync(&mut carol, &g);
+}
+
 fn adds_need_server_issued_key_packages_and_a_matching_welcome() {
     let mut net = Net::new();
     let (mut alice, bob) = (net.client(1), net.client(2));
@@ -2232,6 +2288,8 @@ rules! {
     non_members_learn_nothing,
     removed_member_sees_its_removal_and_nothing_after,
     a_member_can_leave_by_proposal,
+    a_device_that_left_gets_no_push_of_the_next_message,
+    members_kept_across_commits_are_the_stored_ones,
     adds_need_server_issued_key_packages_and_a_matching_welcome,
     key_packages_are_validated_claimed_once_and_the_last_resort_kept,
     claims_are_rate_limited_per_claimer,

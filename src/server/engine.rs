@@ -212,6 +212,7 @@ impl Verifier {
             std::thread::Builder::new()
                 .name(format!("hush-verify-{n}"))
                 .spawn(move || {
+                    yield_to_sends();
                     let core = Delivery::with_quotas(quotas, removal_key);
                     loop {
                         // One thread waits for the next job at a time.
@@ -239,6 +240,23 @@ impl Verifier {
                 .map_err(StoreError::Thread)?;
         }
         Ok(Self { jobs, in_flight: Arc::default() })
+    }
+}
+
+/// The niceness verifier threads run at: the lowest priority there is.
+const VERIFIER_NICENESS: i32 = 19;
+
+/// Lowers the calling (verifier) thread's scheduling priority to
+/// [`VERIFIER_NICENESS`]. A large group's commit costs tens of
+/// milliseconds of CPU to verify; on a machine with few cores, verifying
+/// at the priority of the connections and the writer would make every
+/// other group's sends wait for a time slice behind it. At the lowest
+/// priority it runs on what they leave. Nothing depends on it: where the
+/// system refuses (a seccomp filter), verification runs as before.
+fn yield_to_sends() {
+    let thread = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(thread), VERIFIER_NICENESS) {
+        tracing::debug!("verifying at the default priority: {e}");
     }
 }
 
@@ -900,6 +918,24 @@ mod tests {
             assert_eq!(responses.iter().filter(|r| lost(r)).count(), 1, "{responses:?}");
             assert_eq!(prepared(counts), 2, "the winner was applied from its verdict, the loser's was not");
         });
+    }
+
+    /// A verifier thread runs at the lowest priority (the niceness in its
+    /// own `/proc` entry), so a large group's commits yield the CPU to
+    /// sends.
+    #[test]
+    fn verification_yields_the_cpu_to_sends() {
+        let niceness = std::thread::spawn(|| {
+            yield_to_sends();
+            let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+            // Fields after the command name (which ends with the last ')'):
+            // the state is field 3, the niceness field 19.
+            let after = stat.rsplit_once(')').unwrap().1;
+            after.split_whitespace().nth(16).unwrap().parse::<i32>().unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(niceness, VERIFIER_NICENESS);
     }
 
     #[test]

@@ -222,6 +222,11 @@ const MIGRATIONS: &[&str] = &[
     // writer takes a verdict prepared off it while the version is the
     // snapshot's, without reading the (up to 8 MiB) state back to compare.
     "ALTER TABLE groups ADD COLUMN state_version INTEGER NOT NULL DEFAULT 0;",
+    // 12 -> 13: every commit asks which of the group's current members are
+    // revoked. Revoked devices are few: an index of them alone answers
+    // without looking up every member's device (half a millisecond of
+    // the writer per commit in a group of 1000).
+    "CREATE INDEX devices_revoked ON devices(key) WHERE revoked_at IS NOT NULL;",
 ];
 
 /// The first schema version with device certificates.
