@@ -24,7 +24,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
-use std::sync::Arc;
 
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
@@ -579,9 +578,11 @@ impl Delivery {
             joining.insert(h.caller.device);
         }
         let mut lingering = Vec::new();
+        let mut membership_changed = false;
         for (device, account) in &c.roster {
             if !before_set.contains(device) {
                 if joining.contains(device) {
+                    membership_changed = true;
                     store.add_member(group, device, account, seq)?;
                 } else {
                     lingering.push(*device);
@@ -589,12 +590,9 @@ impl Delivery {
             }
         }
         for device in before_set.iter().filter(|d| !c.roster.contains_key(d)) {
+            membership_changed = true;
             store.remove_member(group, device, seq, h.epoch)?;
         }
-        // The members afterwards, as the rows now say: those who stay, and
-        // those who join (a lingering leaf is not a member).
-        let after: Arc<[DeviceId]> =
-            c.roster.keys().filter(|d| before_set.contains(*d) || joining.contains(*d)).copied().collect();
         // Everyone who was a member sees the commit, removed members
         // included (it tells them they were removed); the added devices
         // get the Welcome.
@@ -619,12 +617,16 @@ impl Delivery {
         for device in store.revoked_members(group)?.into_iter().chain(lingering) {
             notifications.extend(self.propose_removal(store, group, &device, h.now)?);
         }
-        // Last, when nothing can fail any more: a request that fails is
-        // undone, and must not leave its roster behind.
-        // The commit's state write advanced the version by one; anything
-        // written since (a removal proposal) advanced it further, and the
-        // entry is then never used.
-        self.cache_roster(group, (c.epoch, h.version.wrapping_add(1)), after);
+        // A commit that changes no membership (a self-update: what a large
+        // group commits most) leaves the same members behind, at the new
+        // epoch and at the version its state write made (one more: a
+        // membership written since, or a removal proposal, advanced it
+        // further, and the entry is then never used). Last, when nothing
+        // can fail any more: a request that fails is undone, and must not
+        // leave its roster behind.
+        if !membership_changed {
+            self.cache_roster(group, (c.epoch, h.version.wrapping_add(1)), before);
+        }
         Ok(Outcome::wrote(Response::Accepted { group: group.to_vec(), seq, epoch: c.epoch, head }, notifications))
     }
 

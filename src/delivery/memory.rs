@@ -315,6 +315,7 @@ impl Storage for MemoryStore {
         if let Some(g) = self.groups.get_mut(group) {
             g.members
                 .insert(*device, Membership { account: *account, joined_after, left_at: None, acked: joined_after });
+            g.record.version = g.record.version.wrapping_add(1);
         }
         Ok(())
     }
@@ -324,6 +325,7 @@ impl Storage for MemoryStore {
             if let Some(m) = g.members.get_mut(device) {
                 m.left_at = Some(left_at);
                 g.left_epochs.insert(*device, epoch);
+                g.record.version = g.record.version.wrapping_add(1);
             }
         }
         Ok(())

@@ -285,9 +285,10 @@ pub struct Delivery {
     /// Current member devices per group, valid for the epoch and state
     /// version stored with them. Membership changes by a commit (a new
     /// epoch), by leaving (a proposal: a new state version, same epoch) and
-    /// by the operator (the server's removal proposal: a new version); the
-    /// version is the database's, so this holds whichever process or node
-    /// made the change. Only the writer fills it; see
+    /// by the operator (sometimes without a new state); every membership
+    /// that starts or ends advances the version too (the stores do it, on
+    /// SQLite and PostgreSQL by trigger), so this holds whichever process
+    /// or node made the change. Only the writer fills it; see
     /// [`Delivery::forget_cached`].
     rosters: HashMap<Vec<u8>, (RosterKey, Arc<[DeviceId]>)>,
     /// The server's removal key, which every group must list as an

@@ -113,8 +113,11 @@ pub struct GroupRecord {
     pub epoch: u64,
     /// The public MLS state ([`super::mls::encode_state`]).
     pub state: Vec<u8>,
-    /// Counts the state's changes ([`Storage::update_group`]): a verdict
-    /// prepared against one version holds only while the group is at it.
+    /// Counts the changes of the state ([`Storage::update_group`]) and of
+    /// who is a current member ([`Storage::add_member`],
+    /// [`Storage::remove_member`]): a verdict prepared against one version,
+    /// and a roster the writer cached at it, hold only while the group is
+    /// at it.
     pub version: u64,
     /// The sequence number of the last message (0: none yet).
     pub last_seq: u64,
@@ -400,7 +403,8 @@ pub trait Storage {
     /// still to be committed).
     fn revoked_members(&mut self, group: &[u8]) -> Result<Vec<DeviceId>, Self::Error>;
     /// Makes `device` (of `account`) a current member whose visible history
-    /// starts after `joined_after` (re-adding a former member resets its row).
+    /// starts after `joined_after` (re-adding a former member resets its
+    /// row); advances the group's [`GroupRecord::version`].
     fn add_member(
         &mut self,
         group: &[u8],
@@ -409,7 +413,8 @@ pub trait Storage {
         joined_after: u64,
     ) -> Result<(), Self::Error>;
     /// Marks `device` removed by the message at `left_at`, which the group
-    /// sent in `epoch` (what the device keeps seeing in its group list).
+    /// sent in `epoch` (what the device keeps seeing in its group list);
+    /// advances the group's [`GroupRecord::version`].
     fn remove_member(&mut self, group: &[u8], device: &DeviceId, left_at: u64, epoch: u64) -> Result<(), Self::Error>;
     /// Forgets a removed device's row (it has read up to its removal).
     fn delete_member(&mut self, group: &[u8], device: &DeviceId) -> Result<(), Self::Error>;

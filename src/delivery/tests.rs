@@ -663,10 +663,11 @@ fn a_verdict_from_before_a_proposal_is_verified_again() {
 }
 
 /// A verdict holds while the group's state version is the snapshot's:
-/// every change of the state (a proposal kept, a commit) advances the
-/// version, and a message that leaves the state alone does not.
+/// every change of the state (a proposal kept, a commit) and of who is a
+/// member advances the version, and a message that leaves both alone does
+/// not.
 fn every_change_of_a_groups_state_advances_its_version() {
-    let (mut net, mut alice, mut bob, _carol, g) = Net::trio();
+    let (mut net, mut alice, mut bob, carol, g) = Net::trio();
     let version = |net: &mut Net| net.group(&g).unwrap().version;
     let v0 = version(&mut net);
     let text = alice.member.encrypt(&g, b"hello").unwrap();
@@ -674,11 +675,15 @@ fn every_change_of_a_groups_state_advances_its_version() {
     assert_eq!(version(&mut net), v0, "an application message is not a change of state");
     let proposal = bob.member.leave(&g).unwrap();
     assert!(matches!(net.send(&mut bob, proposal, None), Response::Accepted { .. }));
-    assert_eq!(version(&mut net), v0 + 1, "a proposal kept in the state");
+    assert_eq!(version(&mut net), v0 + 2, "a proposal kept in the state, and bob's membership ended");
     net.sync(&mut alice, &g);
     let commit = alice.member.commit_pending(&g).unwrap().into_request();
     net.ok(&alice, commit);
-    assert_eq!(version(&mut net), v0 + 2, "a commit");
+    alice.member.merge_pending(&g).unwrap();
+    assert_eq!(version(&mut net), v0 + 3, "a commit (of a leaf whose membership had ended)");
+    let commit = alice.member.remove(&g, &[carol.member.account()]).unwrap().into_request();
+    net.ok(&alice, commit);
+    assert_eq!(version(&mut net), v0 + 5, "a commit that ends carol's membership");
 }
 
 /// Nothing is verified off the writer for whom the writer would refuse
@@ -851,6 +856,36 @@ fn a_device_that_left_gets_no_push_of_the_next_message() {
         .collect();
     assert!(recipients.contains(&&alice.member.device()), "{recipients:?}");
     assert!(!recipients.contains(&&carol.member.device()), "{recipients:?}");
+}
+
+/// The operator's removal ends a membership at once, also when it cannot
+/// propose the removal (the group does not list the server's current
+/// removal key, so no new state is written), and it runs in a process of
+/// its own, with a Delivery Service of its own: the serving writer's cached
+/// members must not outlive it (red team, issue 37).
+fn a_device_the_operator_removed_gets_no_push_of_the_next_message() {
+    let (mut net, mut alice, _bob, carol, g) = Net::trio();
+    net.text(&mut alice, &g, "before the operator removes carol");
+    let version = net.group(&g).unwrap().version;
+    let key = Arc::new(crate::auth::Identity::generate().unwrap());
+    let mut operator = Delivery::with_quotas(Quotas::default(), key.public_key()).with_removal_signer(key);
+    let (account, now) = (carol.member.account(), net.now);
+    let removal = in_unit!(&mut net.store, s => operator.remove_membership(s, &g, &account, now)).unwrap();
+    assert_eq!((removal.devices, removal.proposals), (1, 0), "ended without a proposal");
+    assert!(net.group(&g).unwrap().version > version, "an ended membership advances the version");
+    net.pushes.clear();
+    net.text(&mut alice, &g, "after");
+    let recipients: Vec<DeviceId> = net
+        .pushes
+        .iter()
+        .filter_map(|p| match p {
+            Notification::Message { recipients, .. } => Some(recipients.to_vec()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert!(recipients.contains(&alice.member.device()), "{recipients:?}");
+    assert!(!recipients.contains(&carol.member.device()), "{recipients:?}");
 }
 
 /// A commit's writer keeps the members it leaves behind for the next one:
@@ -2289,6 +2324,7 @@ rules! {
     removed_member_sees_its_removal_and_nothing_after,
     a_member_can_leave_by_proposal,
     a_device_that_left_gets_no_push_of_the_next_message,
+    a_device_the_operator_removed_gets_no_push_of_the_next_message,
     members_kept_across_commits_are_the_stored_ones,
     adds_need_server_issued_key_packages_and_a_matching_welcome,
     key_packages_are_validated_claimed_once_and_the_last_resort_kept,

@@ -182,10 +182,18 @@ const MIGRATIONS: &[&str] = &[
     END $$;
     CREATE TRIGGER group_states_version AFTER UPDATE OF state ON group_states
         FOR EACH ROW EXECUTE FUNCTION hush_state_version();",
-    // 8 -> 9: every commit asks which of the group's current members are
-    // revoked; revoked devices are few, and an index of them alone answers
-    // without looking up every member's device.
-    "CREATE INDEX devices_revoked ON devices (key) WHERE revoked_at IS NOT NULL;",
+    // 8 -> 9: a membership that starts or ends advances the group's state
+    // version too, whichever node or process writes it (the operator's
+    // removal ends a membership without a new state when the group does not
+    // list the server's removal key): a cached roster, and a verdict, hold
+    // only at one version (red team, issue 37).
+    "CREATE FUNCTION hush_members_version() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE groups SET state_version = state_version + 1 WHERE gid = NEW.gid;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER members_version AFTER INSERT OR UPDATE OF left_at ON members
+        FOR EACH ROW EXECUTE FUNCTION hush_members_version();",
 ];
 
 /// Key of the advisory lock migrations hold ("hush" in ASCII).

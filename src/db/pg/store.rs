@@ -661,9 +661,8 @@ impl Storage for PgStore<'_> {
 
     fn revoked_members(&mut self, group: &[u8]) -> Result<Vec<DeviceId>, StoreError> {
         let rows = self.rows(
-            "SELECT m.device FROM devices d JOIN members m ON m.device = d.key
-             WHERE d.revoked_at IS NOT NULL AND m.gid = (SELECT gid FROM groups WHERE id = $1)
-                   AND m.left_at IS NULL ORDER BY m.device",
+            "SELECT m.device FROM members m JOIN groups g ON g.gid = m.gid JOIN devices d ON d.key = m.device
+             WHERE g.id = $1 AND m.left_at IS NULL AND d.revoked_at IS NOT NULL ORDER BY m.device",
             &[&group],
         )?;
         Ok(rows.iter().filter_map(|r| key(&r.get::<_, Vec<u8>>(0)).map(DeviceId)).collect())

@@ -222,11 +222,17 @@ const MIGRATIONS: &[&str] = &[
     // writer takes a verdict prepared off it while the version is the
     // snapshot's, without reading the (up to 8 MiB) state back to compare.
     "ALTER TABLE groups ADD COLUMN state_version INTEGER NOT NULL DEFAULT 0;",
-    // 12 -> 13: every commit asks which of the group's current members are
-    // revoked. Revoked devices are few: an index of them alone answers
-    // without looking up every member's device (half a millisecond of
-    // the writer per commit in a group of 1000).
-    "CREATE INDEX devices_revoked ON devices(key) WHERE revoked_at IS NOT NULL;",
+    // 12 -> 13: a membership that starts or ends advances the group's
+    // state version too, whoever writes it (the operator's removal runs in
+    // a process of its own, and ends a membership without a new state when
+    // the group does not list the server's removal key): the writer's
+    // cached roster of a group, and a verdict, hold only at one version.
+    "CREATE TRIGGER members_joined_version AFTER INSERT ON members BEGIN
+        UPDATE groups SET state_version = state_version + 1 WHERE gid = NEW.gid;
+    END;
+    CREATE TRIGGER members_left_version AFTER UPDATE OF left_at ON members BEGIN
+        UPDATE groups SET state_version = state_version + 1 WHERE gid = NEW.gid;
+    END;",
 ];
 
 /// The first schema version with device certificates.

@@ -613,12 +613,8 @@ impl Storage for SqlStore<'_> {
 
     fn revoked_members(&mut self, group: &[u8]) -> Result<Vec<DeviceId>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            // From the few revoked devices (their partial index) to their
-            // membership, not from every member to its device: CROSS JOIN
-            // makes SQLite keep this order.
-            "SELECT m.device FROM devices d CROSS JOIN members m
-             WHERE d.revoked_at IS NOT NULL AND m.gid = (SELECT gid FROM groups WHERE id = ?1)
-                   AND m.device = d.key AND m.left_at IS NULL ORDER BY m.device",
+            "SELECT m.device FROM members m JOIN groups g ON g.gid = m.gid JOIN devices d ON d.key = m.device
+             WHERE g.id = ?1 AND m.left_at IS NULL AND d.revoked_at IS NOT NULL ORDER BY m.device",
         )?;
         let rows = stmt.query_map([group], |r| r.get::<_, Vec<u8>>(0))?;
         let mut out = Vec::new();
