@@ -560,6 +560,9 @@ impl Delivery {
         // The members before the commit: cached at its epoch when the last
         // commit (or a send) put them there.
         let before = self.roster(store, h.group, (h.epoch, h.version))?;
+        // Which of them are revoked: as long as the commit changes no
+        // membership, the same ones afterwards.
+        let revoked_before = self.revoked_at(store, h.group, (h.epoch, h.version))?;
         let group = h.group;
         let (seq, head) = store.append(group, h.epoch, &h.bytes, &digest, h.now, None)?;
         store.update_group(group, c.epoch, &c.state)?;
@@ -614,8 +617,9 @@ impl Delivery {
         // left in (its committer had not read the server's proposal, or
         // chose not to take it) is proposed for removal again, in the new
         // epoch.
-        for device in store.revoked_members(group)?.into_iter().chain(lingering) {
-            notifications.extend(self.propose_removal(store, group, &device, h.now)?);
+        let revoked = if membership_changed { store.revoked_members(group)?.into() } else { revoked_before };
+        for device in revoked.iter().chain(&lingering) {
+            notifications.extend(self.propose_removal(store, group, device, h.now)?);
         }
         // A commit that changes no membership (a self-update: what a large
         // group commits most) leaves the same members behind, at the new
@@ -625,7 +629,9 @@ impl Delivery {
         // can fail any more: a request that fails is undone, and must not
         // leave its roster behind.
         if !membership_changed {
-            self.cache_roster(group, (c.epoch, h.version.wrapping_add(1)), before);
+            let at = (c.epoch, h.version.wrapping_add(1));
+            self.cache_roster(group, at, before);
+            self.cache_revoked(group, at, revoked);
         }
         Ok(Outcome::wrote(Response::Accepted { group: group.to_vec(), seq, epoch: c.epoch, head }, notifications))
     }

@@ -148,7 +148,14 @@ impl Storage for MemoryStore {
 
     fn revoke_device(&mut self, device: &DeviceId, now: u64) -> Result<(), Infallible> {
         if let Some(d) = self.devices.get_mut(device) {
-            d.revoked_at.get_or_insert(now);
+            if d.revoked_at.is_none() {
+                d.revoked_at = Some(now);
+                for g in self.groups.values_mut() {
+                    if g.members.get(device).is_some_and(|m| m.left_at.is_none()) {
+                        g.record.version = g.record.version.wrapping_add(1);
+                    }
+                }
+            }
         }
         self.packages.remove(device);
         Ok(())

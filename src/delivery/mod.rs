@@ -291,6 +291,11 @@ pub struct Delivery {
     /// or node made the change. Only the writer fills it; see
     /// [`Delivery::forget_cached`].
     rosters: HashMap<Vec<u8>, (RosterKey, Arc<[DeviceId]>)>,
+    /// Which of a group's current members are revoked (their removal still
+    /// to be committed), at the (epoch, version) stored with them: a device
+    /// revoked advances the version of every group it is a member of.
+    /// Kept like [`Delivery::rosters`].
+    revoked: HashMap<Vec<u8>, (RosterKey, Arc<[DeviceId]>)>,
     /// The server's removal key, which every group must list as an
     /// external sender.
     removal_key: [u8; 32],
@@ -346,6 +351,7 @@ impl Delivery {
             retention_secs: quotas.retention_secs,
             quotas,
             rosters: HashMap::new(),
+            revoked: HashMap::new(),
             removal_key,
             removal_signer: None,
             head_signer: None,
@@ -380,6 +386,7 @@ impl Delivery {
     /// so a roster cached from it may not be true.
     pub fn forget_cached(&mut self) {
         self.rosters.clear();
+        self.revoked.clear();
     }
 
     /// The current members of `group` at `at` (its current epoch and
@@ -401,6 +408,32 @@ impl Delivery {
             self.rosters.clear();
         }
         self.rosters.insert(group.to_vec(), (at, members));
+    }
+
+    /// The current members of `group` that are revoked, at `at` (its
+    /// current epoch and state version).
+    fn revoked_at<S: Storage>(
+        &mut self,
+        store: &mut S,
+        group: &[u8],
+        at: RosterKey,
+    ) -> Result<Arc<[DeviceId]>, S::Error> {
+        if let Some((key, devices)) = self.revoked.get(group) {
+            if *key == at {
+                return Ok(devices.clone());
+            }
+        }
+        let devices: Arc<[DeviceId]> = store.revoked_members(group)?.into();
+        self.cache_revoked(group, at, devices.clone());
+        Ok(devices)
+    }
+
+    /// Remembers `devices` as `group`'s revoked current members at `at`.
+    fn cache_revoked(&mut self, group: &[u8], at: RosterKey, devices: Arc<[DeviceId]>) {
+        if self.revoked.len() >= MAX_CACHED_ROSTERS {
+            self.revoked.clear();
+        }
+        self.revoked.insert(group.to_vec(), (at, devices));
     }
 
     /// Refuses new data once the store reached its size quota.

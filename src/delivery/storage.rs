@@ -303,7 +303,8 @@ pub trait Storage {
     /// The devices of `account`, revoked ones included, oldest first.
     fn devices_of(&mut self, account: &AccountId) -> Result<Vec<(DeviceId, DeviceRecord)>, Self::Error>;
     /// Marks a device revoked at `now` (if it was not) and deletes its
-    /// KeyPackages.
+    /// KeyPackages; advances the [`GroupRecord::version`] of each group it
+    /// is a current member of.
     fn revoke_device(&mut self, device: &DeviceId, now: u64) -> Result<(), Self::Error>;
     /// Marks an account removed at `now` (if it was not).
     fn remove_account(&mut self, account: &AccountId, now: u64) -> Result<(), Self::Error>;

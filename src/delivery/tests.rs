@@ -888,6 +888,28 @@ fn a_device_the_operator_removed_gets_no_push_of_the_next_message() {
     assert!(!recipients.contains(&carol.member.device()), "{recipients:?}");
 }
 
+/// A commit that changes no membership leaves the group's revoked members
+/// cached for the next commit, which proposes their removal again. A
+/// device revoked in between (here by the operator's process, unable to
+/// propose, so no state is written) must not be missed: the revocation
+/// advances the version.
+fn a_device_revoked_between_two_commits_is_proposed_for_removal() {
+    let (mut net, mut alice, bob, _carol, g) = Net::trio();
+    let commit = alice.member.self_update(&g).unwrap();
+    assert!(matches!(net.commit(&mut alice, commit), Response::Accepted { .. }));
+    alice.member.merge_pending(&g).unwrap();
+    let key = Arc::new(crate::auth::Identity::generate().unwrap());
+    let mut operator = Delivery::with_quotas(Quotas::default(), key.public_key()).with_removal_signer(key);
+    let (account, now) = (bob.member.account(), net.now);
+    let removal = in_unit!(&mut net.store, s => operator.remove_account(s, &account, now)).unwrap();
+    assert_eq!((removal.devices, removal.proposals), (1, 0), "revoked without a proposal");
+    net.pushes.clear();
+    let commit = alice.member.self_update(&g).unwrap();
+    assert!(matches!(net.commit(&mut alice, commit), Response::Accepted { .. }));
+    let messages = net.pushes.iter().filter(|p| matches!(p, Notification::Message { .. })).count();
+    assert_eq!(messages, 2, "the commit, then the server's proposal to remove bob's revoked device");
+}
+
 /// A commit's writer keeps the members it leaves behind for the next one:
 /// what it keeps is what the rows say, commit after commit (adds, removals,
 /// self-updates), and every message goes to exactly those.
@@ -2325,6 +2347,7 @@ rules! {
     a_member_can_leave_by_proposal,
     a_device_that_left_gets_no_push_of_the_next_message,
     a_device_the_operator_removed_gets_no_push_of_the_next_message,
+    a_device_revoked_between_two_commits_is_proposed_for_removal,
     members_kept_across_commits_are_the_stored_ones,
     adds_need_server_issued_key_packages_and_a_matching_welcome,
     key_packages_are_validated_claimed_once_and_the_last_resort_kept,

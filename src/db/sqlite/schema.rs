@@ -222,16 +222,21 @@ const MIGRATIONS: &[&str] = &[
     // writer takes a verdict prepared off it while the version is the
     // snapshot's, without reading the (up to 8 MiB) state back to compare.
     "ALTER TABLE groups ADD COLUMN state_version INTEGER NOT NULL DEFAULT 0;",
-    // 12 -> 13: a membership that starts or ends advances the group's
-    // state version too, whoever writes it (the operator's removal runs in
-    // a process of its own, and ends a membership without a new state when
-    // the group does not list the server's removal key): the writer's
-    // cached roster of a group, and a verdict, hold only at one version.
+    // 12 -> 13: a membership that starts or ends, and a member device
+    // revoked, advance the group's state version too, whoever writes them
+    // (the operator's removal runs in a process of its own, and ends a
+    // membership without a new state when the group does not list the
+    // server's removal key): the writer's cached members of a group (and
+    // which of them are revoked), and a verdict, hold only at one version.
     "CREATE TRIGGER members_joined_version AFTER INSERT ON members BEGIN
         UPDATE groups SET state_version = state_version + 1 WHERE gid = NEW.gid;
     END;
     CREATE TRIGGER members_left_version AFTER UPDATE OF left_at ON members BEGIN
         UPDATE groups SET state_version = state_version + 1 WHERE gid = NEW.gid;
+    END;
+    CREATE TRIGGER devices_revoked_version AFTER UPDATE OF revoked_at ON devices BEGIN
+        UPDATE groups SET state_version = state_version + 1
+            WHERE gid IN (SELECT gid FROM members WHERE device = NEW.key AND left_at IS NULL);
     END;",
 ];
 
