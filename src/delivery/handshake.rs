@@ -24,6 +24,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
@@ -561,8 +562,12 @@ impl Delivery {
         // commit (or a send) put them there.
         let before = self.roster(store, h.group, (h.epoch, h.version))?;
         // Which of them are revoked: as long as the commit changes no
-        // membership, the same ones afterwards.
-        let revoked_before = self.revoked_at(store, h.group, (h.epoch, h.version))?;
+        // membership, the same ones afterwards. Not cached on a shared
+        // database: a revocation committing there meanwhile may not have
+        // seen a membership this writer added, and so not have advanced
+        // the group's version.
+        let revoked_before =
+            if S::SHARED { None } else { Some(self.revoked_at(store, h.group, (h.epoch, h.version))?) };
         let group = h.group;
         let (seq, head) = store.append(group, h.epoch, &h.bytes, &digest, h.now, None)?;
         store.update_group(group, c.epoch, &c.state)?;
@@ -617,7 +622,10 @@ impl Delivery {
         // left in (its committer had not read the server's proposal, or
         // chose not to take it) is proposed for removal again, in the new
         // epoch.
-        let revoked = if membership_changed { store.revoked_members(group)?.into() } else { revoked_before };
+        let revoked: Arc<[DeviceId]> = match revoked_before {
+            Some(before) if !membership_changed => before,
+            _ => store.revoked_members(group)?.into(),
+        };
         for device in revoked.iter().chain(&lingering) {
             notifications.extend(self.propose_removal(store, group, device, h.now)?);
         }
@@ -631,7 +639,9 @@ impl Delivery {
         if !membership_changed {
             let at = (c.epoch, h.version.wrapping_add(1));
             self.cache_roster(group, at, before);
-            self.cache_revoked(group, at, revoked);
+            if !S::SHARED {
+                self.cache_revoked(group, at, revoked);
+            }
         }
         Ok(Outcome::wrote(Response::Accepted { group: group.to_vec(), seq, epoch: c.epoch, head }, notifications))
     }

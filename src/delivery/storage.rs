@@ -291,6 +291,14 @@ pub struct NewKeyPackage {
 pub trait Storage {
     type Error: std::fmt::Display;
 
+    /// Whether another transaction can commit between this one's reads and
+    /// its end (a database several nodes and the operator's commands share,
+    /// at read committed). A cache that a database trigger keeps true only
+    /// by seeing this transaction's rows is then not used: another
+    /// transaction's trigger cannot see rows this one has not committed
+    /// (red team, issue 37: a revocation racing an add).
+    const SHARED: bool = false;
+
     fn account_exists(&mut self, account: &AccountId) -> Result<bool, Self::Error>;
     /// All accounts, oldest first.
     fn accounts(&mut self) -> Result<Vec<AccountRecord>, Self::Error>;

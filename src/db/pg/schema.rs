@@ -182,27 +182,21 @@ const MIGRATIONS: &[&str] = &[
     END $$;
     CREATE TRIGGER group_states_version AFTER UPDATE OF state ON group_states
         FOR EACH ROW EXECUTE FUNCTION hush_state_version();",
-    // 8 -> 9: a membership that starts or ends, and a member device
-    // revoked, advance the group's state version too, whichever node or
-    // process writes them (the operator's removal ends a membership without
-    // a new state when the group does not list the server's removal key):
-    // a cached roster (and which of it is revoked), and a verdict, hold
-    // only at one version (red team, issue 37).
+    // 8 -> 9: a membership that starts or ends advances the group's state
+    // version too, whichever node or process writes it (the operator's
+    // removal ends a membership without a new state when the group does not
+    // list the server's removal key): a cached roster, and a verdict, hold
+    // only at one version (red team, issue 37). (Revocations advance it on
+    // SQLite, where the writer also caches revoked members; on a shared
+    // database it does not, see `Storage::SHARED`, and a trigger there
+    // would only lock more group rows.)
     "CREATE FUNCTION hush_members_version() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         UPDATE groups SET state_version = state_version + 1 WHERE gid = NEW.gid;
         RETURN NULL;
     END $$;
     CREATE TRIGGER members_version AFTER INSERT OR UPDATE OF left_at ON members
-        FOR EACH ROW EXECUTE FUNCTION hush_members_version();
-    CREATE FUNCTION hush_revoked_version() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        UPDATE groups SET state_version = state_version + 1
-            WHERE gid IN (SELECT gid FROM members WHERE device = NEW.key AND left_at IS NULL);
-        RETURN NULL;
-    END $$;
-    CREATE TRIGGER devices_revoked_version AFTER UPDATE OF revoked_at ON devices
-        FOR EACH ROW EXECUTE FUNCTION hush_revoked_version();",
+        FOR EACH ROW EXECUTE FUNCTION hush_members_version();",
 ];
 
 /// Key of the advisory lock migrations hold ("hush" in ASCII).

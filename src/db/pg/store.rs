@@ -276,6 +276,7 @@ impl<'a> PgStore<'a> {
 }
 
 impl Storage for PgStore<'_> {
+    const SHARED: bool = true;
     type Error = StoreError;
 
     fn account_exists(&mut self, a: &AccountId) -> Result<bool, StoreError> {
