@@ -292,9 +292,10 @@ pub struct Delivery {
     /// [`Delivery::forget_cached`].
     rosters: HashMap<Vec<u8>, (RosterKey, Arc<[DeviceId]>)>,
     /// Which of a group's current members are revoked (their removal still
-    /// to be committed), at the (epoch, version) stored with them: a device
-    /// revoked advances the version of every group it is a member of.
-    /// Kept like [`Delivery::rosters`].
+    /// to be committed), at the (epoch, version) stored with them: on
+    /// SQLite and in memory a device revoked advances the version of every
+    /// group it is a member of. Kept like [`Delivery::rosters`], and never
+    /// on a shared database (see [`Storage::SHARED`]).
     revoked: HashMap<Vec<u8>, (RosterKey, Arc<[DeviceId]>)>,
     /// The server's removal key, which every group must list as an
     /// external sender.
