@@ -638,9 +638,9 @@ impl Delivery {
         // leave its roster behind.
         if !membership_changed {
             let at = (c.epoch, h.version.wrapping_add(1));
-            self.cache_roster(group, at, before);
+            self.rosters.put(group, at, before);
             if !S::SHARED {
-                self.cache_revoked(group, at, revoked);
+                self.revoked.put(group, at, revoked);
             }
         }
         Ok(Outcome::wrote(Response::Accepted { group: group.to_vec(), seq, epoch: c.epoch, head }, notifications))

@@ -275,6 +275,31 @@ impl Default for Quotas {
 /// What a cached roster is valid for: a group's (epoch, state version).
 type RosterKey = (u64, u64);
 
+/// Devices of each group (its members, or its revoked members) that the
+/// writer keeps, each list valid at one [`RosterKey`]; at most
+/// [`MAX_CACHED_ROSTERS`] groups (then it starts again empty).
+#[derive(Default)]
+struct GroupCache(HashMap<Vec<u8>, (RosterKey, Arc<[DeviceId]>)>);
+
+impl GroupCache {
+    /// `group`'s list, if it was kept at exactly `at`.
+    fn get(&self, group: &[u8], at: RosterKey) -> Option<Arc<[DeviceId]>> {
+        self.0.get(group).filter(|(key, _)| *key == at).map(|(_, devices)| devices.clone())
+    }
+
+    /// Keeps `devices` as `group`'s list at `at`.
+    fn put(&mut self, group: &[u8], at: RosterKey, devices: Arc<[DeviceId]>) {
+        if self.0.len() >= MAX_CACHED_ROSTERS {
+            self.0.clear();
+        }
+        self.0.insert(group.to_vec(), (at, devices));
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 /// The Delivery Service. Holds only in-memory rate-limit state; everything
 /// durable is in the [`Storage`].
 pub struct Delivery {
@@ -290,13 +315,13 @@ pub struct Delivery {
     /// SQLite and PostgreSQL by trigger), so this holds whichever process
     /// or node made the change. Only the writer fills it; see
     /// [`Delivery::forget_cached`].
-    rosters: HashMap<Vec<u8>, (RosterKey, Arc<[DeviceId]>)>,
+    rosters: GroupCache,
     /// Which of a group's current members are revoked (their removal still
     /// to be committed), at the (epoch, version) stored with them: on
     /// SQLite and in memory a device revoked advances the version of every
     /// group it is a member of. Kept like [`Delivery::rosters`], and never
     /// on a shared database (see [`Storage::SHARED`]).
-    revoked: HashMap<Vec<u8>, (RosterKey, Arc<[DeviceId]>)>,
+    revoked: GroupCache,
     /// The server's removal key, which every group must list as an
     /// external sender.
     removal_key: [u8; 32],
@@ -351,8 +376,8 @@ impl Delivery {
             claims: HashMap::new(),
             retention_secs: quotas.retention_secs,
             quotas,
-            rosters: HashMap::new(),
-            revoked: HashMap::new(),
+            rosters: GroupCache::default(),
+            revoked: GroupCache::default(),
             removal_key,
             removal_signer: None,
             head_signer: None,
@@ -393,22 +418,12 @@ impl Delivery {
     /// The current members of `group` at `at` (its current epoch and
     /// state version).
     fn roster<S: Storage>(&mut self, store: &mut S, group: &[u8], at: RosterKey) -> Result<Arc<[DeviceId]>, S::Error> {
-        if let Some((key, members)) = self.rosters.get(group) {
-            if *key == at {
-                return Ok(members.clone());
-            }
+        if let Some(members) = self.rosters.get(group, at) {
+            return Ok(members);
         }
         let members: Arc<[DeviceId]> = store.current_members(group)?.into();
-        self.cache_roster(group, at, members.clone());
+        self.rosters.put(group, at, members.clone());
         Ok(members)
-    }
-
-    /// Remembers `members` as `group`'s current members at `at`.
-    fn cache_roster(&mut self, group: &[u8], at: RosterKey, members: Arc<[DeviceId]>) {
-        if self.rosters.len() >= MAX_CACHED_ROSTERS {
-            self.rosters.clear();
-        }
-        self.rosters.insert(group.to_vec(), (at, members));
     }
 
     /// The current members of `group` that are revoked, at `at` (its
@@ -419,22 +434,12 @@ impl Delivery {
         group: &[u8],
         at: RosterKey,
     ) -> Result<Arc<[DeviceId]>, S::Error> {
-        if let Some((key, devices)) = self.revoked.get(group) {
-            if *key == at {
-                return Ok(devices.clone());
-            }
+        if let Some(devices) = self.revoked.get(group, at) {
+            return Ok(devices);
         }
         let devices: Arc<[DeviceId]> = store.revoked_members(group)?.into();
-        self.cache_revoked(group, at, devices.clone());
+        self.revoked.put(group, at, devices.clone());
         Ok(devices)
-    }
-
-    /// Remembers `devices` as `group`'s revoked current members at `at`.
-    fn cache_revoked(&mut self, group: &[u8], at: RosterKey, devices: Arc<[DeviceId]>) {
-        if self.revoked.len() >= MAX_CACHED_ROSTERS {
-            self.revoked.clear();
-        }
-        self.revoked.insert(group.to_vec(), (at, devices));
     }
 
     /// Refuses new data once the store reached its size quota.
