@@ -160,6 +160,11 @@ pub const FETCH_BYTE_BUDGET: usize = 3 * 1024 * 1024;
 /// message); past this many the cache starts over.
 pub const MAX_CACHED_ROSTERS: usize = 4096;
 
+/// Ratchet trees the reader keeps to hand out with GroupInfos that do
+/// not carry them (each at most [`MAX_GROUP_STATE`]'s worth; in a group
+/// of 1000 about 330 KB); past this many the cache starts over.
+pub const MAX_CACHED_TREES: usize = 8;
+
 /// Groups listed in one response.
 pub const MAX_GROUPS_LISTED: usize = 1024;
 
@@ -189,8 +194,9 @@ pub const PUSH_QUEUE: usize = 256;
 /// bounds nothing new).
 pub const PUSH_WRITE_BATCH: usize = 64;
 
-/// Threads that verify handshakes off the writer thread (one per core, and
-/// never more than this): each holds one group's decoded state at a time.
+/// Threads that verify handshakes off the writer thread (one per core but
+/// one, at least one, and never more than this): each holds one group's
+/// decoded state at a time.
 pub const MAX_VERIFIERS: usize = 8;
 
 /// Commits and proposals one account may have waiting for a verifier or

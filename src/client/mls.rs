@@ -987,6 +987,7 @@ impl<P: OpenMlsProvider> Member<P> {
         let g = self.groups.get_mut(group).ok_or(MlsError::NotInGroup)?;
         let own = g.own_leaf_index();
         let accounts = leaf_accounts(g);
+        let adds_anyone = !adds.is_empty();
         let mut builder = g
             .commit_builder()
             .propose_adds(adds)
@@ -999,9 +1000,17 @@ impl<P: OpenMlsProvider> Member<P> {
         if let Some(extensions) = settings {
             builder = builder.propose_group_context_extensions(extensions).context("building a commit")?;
         }
+        // The GroupInfo carries the tree only when a Welcome (which shares
+        // its extensions) needs it: a joiner by Welcome has no other way to
+        // the tree, while anyone fetching the GroupInfo gets the server's
+        // tree with it. Without it a commit in a large group is a fifth of
+        // the size (the tree is most of it) for the server to take in,
+        // check and store.
         let bundle = builder
             .load_psks(provider.storage())
             .context("building a commit")?
+            .create_group_info(true)
+            .use_ratchet_tree_extension(adds_anyone)
             .build(provider.rand(), provider.crypto(), signer, |p| committable(p, own, &accounts))
             .context("building a commit")?
             .stage_commit(provider)

@@ -575,7 +575,6 @@ impl Delivery {
         if let Some(settings) = c.settings {
             store.set_disappear(group, settings.disappear_secs)?;
         }
-        let before_set: BTreeSet<DeviceId> = before.iter().copied().collect();
         // Who becomes a member: the devices this commit adds, and the
         // sender of an external commit (a new device of a member's
         // account). A leaf that is in the tree without being a member (a
@@ -587,19 +586,18 @@ impl Delivery {
         }
         let mut lingering = Vec::new();
         let mut membership_changed = false;
-        for (device, account) in &c.roster {
-            if !before_set.contains(device) {
-                if joining.contains(device) {
-                    membership_changed = true;
-                    store.add_member(group, device, account, seq)?;
-                } else {
-                    lingering.push(*device);
-                }
+        let (entering, gone) = roster_changes(&before, &c.roster);
+        for (device, account) in entering {
+            if joining.contains(&device) {
+                membership_changed = true;
+                store.add_member(group, &device, &account, seq)?;
+            } else {
+                lingering.push(device);
             }
         }
-        for device in before_set.iter().filter(|d| !c.roster.contains_key(d)) {
+        for device in gone {
             membership_changed = true;
-            store.remove_member(group, device, seq, h.epoch)?;
+            store.remove_member(group, &device, seq, h.epoch)?;
         }
         // Everyone who was a member sees the commit, removed members
         // included (it tells them they were removed); the added devices
@@ -664,6 +662,39 @@ impl Delivery {
         }
         Ok(())
     }
+}
+
+/// Who is in the tree after a commit without having been a member
+/// before it, and who was a member and has no leaf any more: `before`
+/// (sorted, as the writer keeps its rosters; sorted here otherwise) and
+/// `after` compared in one walk, which a self-update in a large group does
+/// on every commit.
+fn roster_changes(
+    before: &[DeviceId],
+    after: &BTreeMap<DeviceId, AccountId>,
+) -> (Vec<(DeviceId, AccountId)>, Vec<DeviceId>) {
+    let mut sorted = None;
+    if !before.is_sorted() {
+        let mut copy = before.to_vec();
+        copy.sort_unstable();
+        sorted = Some(copy);
+    }
+    let before = sorted.as_deref().unwrap_or(before);
+    let (mut entering, mut gone) = (Vec::new(), Vec::new());
+    let mut old = before.iter().peekable();
+    for (device, account) in after {
+        while let Some(earlier) = old.next_if(|d| *d < device) {
+            gone.push(*earlier);
+        }
+        if old.next_if(|d| *d == device).is_none() {
+            entering.push((*device, *account));
+        }
+        // A device listed twice before is one member.
+        while old.next_if(|d| *d == device).is_some() {}
+    }
+    gone.extend(old.copied());
+    gone.dedup();
+    (entering, gone)
 }
 
 /// A verified proposal, kept in the group's state. Leaving (a Remove of a
@@ -823,4 +854,36 @@ fn check_welcome(bytes: &[u8], added: &[Added]) -> Result<(), mls::MlsRefusal> {
         return Err(mls::MlsRefusal::WelcomeRecipients);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(n: u8) -> DeviceId {
+        DeviceId([n; 32])
+    }
+
+    fn after(devices: &[u8]) -> BTreeMap<DeviceId, AccountId> {
+        devices.iter().map(|&n| (d(n), AccountId([n; 32]))).collect()
+    }
+
+    /// The one-walk comparison finds exactly who entered and who went,
+    /// whatever the order of the members before (and a member listed
+    /// twice is one).
+    #[test]
+    fn roster_changes_are_the_set_differences() {
+        let (entering, gone) = roster_changes(&[d(1), d(3), d(5), d(7)], &after(&[2, 3, 5, 8]));
+        assert_eq!(entering, vec![(d(2), AccountId([2; 32])), (d(8), AccountId([8; 32]))]);
+        assert_eq!(gone, vec![d(1), d(7)]);
+        let (entering, gone) = roster_changes(&[d(7), d(3), d(3), d(1), d(5)], &after(&[2, 3, 5, 8]));
+        assert_eq!(entering.len(), 2);
+        assert_eq!(gone, vec![d(1), d(7)]);
+        let (entering, gone) = roster_changes(&[d(1), d(2)], &after(&[1, 2]));
+        assert!(entering.is_empty() && gone.is_empty());
+        let (entering, gone) = roster_changes(&[], &after(&[4]));
+        assert_eq!((entering.len(), gone.len()), (1, 0));
+        let (entering, gone) = roster_changes(&[d(4), d(4)], &BTreeMap::new());
+        assert_eq!((entering.len(), gone), (0, vec![d(4)]));
+    }
 }

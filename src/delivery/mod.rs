@@ -125,7 +125,7 @@ use std::sync::Arc;
 use openmls_rust_crypto::RustCrypto;
 
 use crate::auth::{AccountId, DeviceCertificate, DeviceId};
-use crate::limits::MAX_CACHED_ROSTERS;
+use crate::limits::{MAX_CACHED_ROSTERS, MAX_CACHED_TREES};
 use crate::mls::Suite;
 use crate::util::TokenBucket;
 use crate::wire::{ErrorCode, Request, Response};
@@ -275,24 +275,30 @@ impl Default for Quotas {
 /// What a cached roster is valid for: a group's (epoch, state version).
 type RosterKey = (u64, u64);
 
-/// Devices of each group (its members, or its revoked members) that the
-/// writer keeps, each list valid at one [`RosterKey`]; at most
-/// [`MAX_CACHED_ROSTERS`] groups (then it starts again empty).
-#[derive(Default)]
-struct GroupCache(HashMap<Vec<u8>, (RosterKey, Arc<[DeviceId]>)>);
+/// What the core keeps of each group, each value valid at one
+/// [`RosterKey`]: devices (its members, or its revoked members, on the
+/// writer) or the ratchet tree it hands out with a GroupInfo (on the
+/// reader); at most `LIMIT` groups (then it starts again empty).
+struct GroupCache<V: ?Sized, const LIMIT: usize = MAX_CACHED_ROSTERS>(HashMap<Vec<u8>, (RosterKey, Arc<V>)>);
 
-impl GroupCache {
-    /// `group`'s list, if it was kept at exactly `at`.
-    fn get(&self, group: &[u8], at: RosterKey) -> Option<Arc<[DeviceId]>> {
-        self.0.get(group).filter(|(key, _)| *key == at).map(|(_, devices)| devices.clone())
+impl<V: ?Sized, const LIMIT: usize> Default for GroupCache<V, LIMIT> {
+    fn default() -> Self {
+        Self(HashMap::new())
+    }
+}
+
+impl<V: ?Sized, const LIMIT: usize> GroupCache<V, LIMIT> {
+    /// `group`'s value, if it was kept at exactly `at`.
+    fn get(&self, group: &[u8], at: RosterKey) -> Option<Arc<V>> {
+        self.0.get(group).filter(|(key, _)| *key == at).map(|(_, value)| value.clone())
     }
 
-    /// Keeps `devices` as `group`'s list at `at`.
-    fn put(&mut self, group: &[u8], at: RosterKey, devices: Arc<[DeviceId]>) {
-        if self.0.len() >= MAX_CACHED_ROSTERS {
+    /// Keeps `value` as `group`'s at `at`.
+    fn put(&mut self, group: &[u8], at: RosterKey, value: Arc<V>) {
+        if self.0.len() >= LIMIT {
             self.0.clear();
         }
-        self.0.insert(group.to_vec(), (at, devices));
+        self.0.insert(group.to_vec(), (at, value));
     }
 
     fn clear(&mut self) {
@@ -315,13 +321,19 @@ pub struct Delivery {
     /// SQLite and PostgreSQL by trigger), so this holds whichever process
     /// or node made the change. Only the writer fills it; see
     /// [`Delivery::forget_cached`].
-    rosters: GroupCache,
+    rosters: GroupCache<[DeviceId]>,
     /// Which of a group's current members are revoked (their removal still
     /// to be committed), at the (epoch, version) stored with them: on
     /// SQLite and in memory a device revoked advances the version of every
     /// group it is a member of. Kept like [`Delivery::rosters`], and never
     /// on a shared database (see [`Storage::SHARED`]).
-    revoked: GroupCache,
+    revoked: GroupCache<[DeviceId]>,
+    /// The ratchet tree of each group whose GroupInfo does not carry it (a
+    /// commit that adds nobody leaves it out), encoded as it is handed out
+    /// with the GroupInfo, at the group's (epoch, version): decoding a
+    /// large group's state for it costs milliseconds, and a member may ask
+    /// again and again. Only the reader fills it.
+    trees: GroupCache<[u8], MAX_CACHED_TREES>,
     /// The server's removal key, which every group must list as an
     /// external sender.
     removal_key: [u8; 32],
@@ -378,6 +390,7 @@ impl Delivery {
             quotas,
             rosters: GroupCache::default(),
             revoked: GroupCache::default(),
+            trees: GroupCache::default(),
             removal_key,
             removal_signer: None,
             head_signer: None,
@@ -413,6 +426,7 @@ impl Delivery {
     pub fn forget_cached(&mut self) {
         self.rosters.clear();
         self.revoked.clear();
+        self.trees.clear();
     }
 
     /// The current members of `group` at `at` (its current epoch and
@@ -421,7 +435,11 @@ impl Delivery {
         if let Some(members) = self.rosters.get(group, at) {
             return Ok(members);
         }
-        let members: Arc<[DeviceId]> = store.current_members(group)?.into();
+        let mut members = store.current_members(group)?;
+        // Sorted, as a commit's roster is: the two are compared in one walk.
+        members.sort_unstable();
+        members.dedup();
+        let members: Arc<[DeviceId]> = members.into();
         self.rosters.put(group, at, members.clone());
         Ok(members)
     }

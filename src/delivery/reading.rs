@@ -2,6 +2,8 @@
 //! Welcomes, the groups it is in, and a group's current GroupInfo (to
 //! rejoin).
 
+use std::sync::Arc;
+
 use super::groups::load_public;
 use super::{mls, not_member, refuse, Caller, Delivery, Membership, Outcome, Refusal, Storage};
 use crate::chain::SignedHead;
@@ -187,12 +189,20 @@ impl Delivery {
             None
         } else {
             let record = store.group(&group)?.ok_or_else(not_member)?;
-            let (_, public) = load_public(&record.state, &group)?;
-            let tree = public.export_ratchet_tree();
-            Some(
-                openmls::prelude::tls_codec::Serialize::tls_serialize_detached(&tree)
-                    .map_err(|e| Refusal::Internal(format!("encoding the tree: {e}")))?,
-            )
+            let at = (record.epoch, record.version);
+            let tree = match self.trees.get(&group, at) {
+                Some(tree) => tree,
+                None => {
+                    let (_, public) = load_public(&record.state, &group)?;
+                    let tree: Arc<[u8]> =
+                        openmls::prelude::tls_codec::Serialize::tls_serialize_detached(&public.export_ratchet_tree())
+                            .map_err(|e| Refusal::Internal(format!("encoding the tree: {e}")))?
+                            .into();
+                    self.trees.put(&group, at, tree.clone());
+                    tree
+                }
+            };
+            Some(tree.to_vec())
         };
         Ok(Outcome::reply(Response::GroupInfo { group, group_info, ratchet_tree }))
     }

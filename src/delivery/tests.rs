@@ -1372,6 +1372,39 @@ fn a_commit_nobody_can_process_is_accepted_and_every_member_rejoins_past_it() {
     assert_eq!(alice.member.epoch_authenticator(&g), bob.member.epoch_authenticator(&g));
 }
 
+/// The tree handed out beside a GroupInfo that leaves it out (every
+/// commit that adds nobody) is the one of that GroupInfo's epoch: the
+/// reader keeps it per epoch and state version, never longer, and a member
+/// who missed the commits rejoins from the two.
+fn the_tree_handed_out_with_a_group_info_is_its_epochs() {
+    let mut net = Net::new();
+    let (mut alice, mut bob, mut carol) = (net.client(1), net.client(2), net.client(3));
+    let g = net.create(&mut alice);
+    net.add(&mut alice, &g, &[&bob, &carol]);
+    net.join(&mut bob);
+    net.join(&mut carol);
+    let fetch = |net: &mut Net, who: &Client| {
+        let Response::GroupInfo { group_info, ratchet_tree, .. } =
+            net.ok(who, Request::FetchGroupInfo { group: g.clone() })
+        else {
+            panic!()
+        };
+        (group_info, ratchet_tree.expect("a self-update's GroupInfo comes with the server's tree"))
+    };
+    let update = alice.member.self_update(&g).unwrap();
+    assert!(matches!(net.commit(&mut alice, update), Response::Accepted { .. }));
+    alice.member.merge_pending(&g).unwrap();
+    let (_, first) = fetch(&mut net, &bob);
+    assert_eq!(fetch(&mut net, &carol).1, first);
+    let update = alice.member.self_update(&g).unwrap();
+    assert!(matches!(net.commit(&mut alice, update), Response::Accepted { .. }));
+    alice.member.merge_pending(&g).unwrap();
+    let (info, second) = fetch(&mut net, &bob);
+    assert_ne!(first, second, "the tree of the epoch before");
+    let rejoin = bob.member.resync(&g, &info, Some(&second), None).unwrap();
+    assert!(matches!(net.commit(&mut bob, rejoin), Response::Accepted { .. }));
+}
+
 fn commits_carry_the_group_info_of_exactly_their_epoch_and_only_members_read_it() {
     let mut net = Net::new();
     let (mut alice, mut bob, eve) = (net.client(1), net.client(2), net.client(3));
@@ -2362,6 +2395,7 @@ rules! {
     groups_an_account_is_added_to_count_against_its_quota,
     a_commit_nobody_can_process_is_accepted_and_every_member_rejoins_past_it,
     commits_carry_the_group_info_of_exactly_their_epoch_and_only_members_read_it,
+    the_tree_handed_out_with_a_group_info_is_its_epochs,
     what_the_server_refuses_of_mls_is_typed,
     what_a_member_refuses_to_join_or_rejoin_is_typed,
     whole_accounts_are_added_and_revoked_devices_leave_with_the_next_commit,

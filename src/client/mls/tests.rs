@@ -40,6 +40,13 @@ fn alice_and_laptop() -> (crate::auth::Identity, Member, Member) {
     (account, alice, laptop)
 }
 
+/// The ratchet tree of `m`'s current epoch of `group`, as the server hands
+/// it out beside a GroupInfo that leaves it out (a commit that adds
+/// nobody).
+fn tree_of(m: &Member, group: &[u8]) -> Vec<u8> {
+    serialize(&m.groups.get(group).unwrap().export_ratchet_tree(), "the tree").unwrap()
+}
+
 /// `from` commits something; everyone in `to` processes it.
 fn committed(from: &mut Member, to: &mut [&mut Member], group: &[u8], commit: Commit) -> Vec<Received> {
     from.merge_pending(group).unwrap();
@@ -133,6 +140,7 @@ fn a_device_its_account_revoked_that_comes_back_is_found_and_removed_by_members(
     assert_eq!(alice.revoked_in(&group), vec![laptop.device()]);
     let removal = alice.remove_devices(&group, &[laptop.device()]).unwrap();
     committed(&mut alice, &mut [&mut bob], &group, removal.clone());
+    let tree = tree_of(&alice, &group);
     assert!(alice.revoked_in(&group).is_empty());
 
     // With the operator's help, the laptop comes back as a "new device" of
@@ -140,7 +148,7 @@ fn a_device_its_account_revoked_that_comes_back_is_found_and_removed_by_members(
     // the revocation (bob read alice's signed statement) finds it, and its
     // next commit (made before it sends anything) takes it out again.
     bob.revoke(account.account_id(), laptop.device());
-    let rejoin = laptop.join_external(&group, &removal.group_info, None).unwrap();
+    let rejoin = laptop.join_external(&group, &removal.group_info, Some(&tree)).unwrap();
     let got = bob.receive(&group, &rejoin.message).unwrap();
     assert!(matches!(got, Received::Commit { new_device: true, .. }), "{got:?}");
     assert_eq!(bob.revoked_in(&group), vec![laptop.device()]);
@@ -169,6 +177,7 @@ fn a_linked_devices_first_join_never_goes_back_from_the_state_its_first_device_h
     let with_mallory = added.group_info;
     let removal = alice.remove(&group, &[mallory.account()]).unwrap();
     alice.merge_pending(&group).unwrap();
+    let tree = tree_of(&alice, &group);
     // alice links the laptop now: the bundle carries her epoch and
     // transcript hash.
     let anchor = alice.anchor(&group).unwrap();
@@ -179,10 +188,13 @@ fn a_linked_devices_first_join_never_goes_back_from_the_state_its_first_device_h
     // either.
     let mut fork = mallory.copy().unwrap();
     let forked = fork.self_update(&group).unwrap();
-    let e = laptop.join_external_after(&group, &forked.group_info, None, Some(&anchor), None).unwrap_err();
+    fork.merge_pending(&group).unwrap();
+    let forked_tree = tree_of(&fork, &group);
+    let e =
+        laptop.join_external_after(&group, &forked.group_info, Some(&forked_tree), Some(&anchor), None).unwrap_err();
     assert!(matches!(e, MlsError::BeforeAnchor { .. }), "{e}");
     // The state alice handed over (or a later one) is joined.
-    laptop.join_external_after(&group, &removal.group_info, None, Some(&anchor), None).unwrap();
+    laptop.join_external_after(&group, &removal.group_info, Some(&tree), Some(&anchor), None).unwrap();
     assert!(!laptop.members(&group).contains(&mallory.account()));
 }
 
@@ -209,10 +221,11 @@ fn removed_mallory() -> (Member, Member, Member, Member, Vec<u8>, Commit) {
 #[test]
 fn a_linked_devices_first_join_takes_only_a_state_its_first_devices_state_leads_to() {
     let (mut alice, mut laptop, mut bob, mut mallory, group, removal) = removed_mallory();
+    let tree = tree_of(&alice, &group);
     // alice links the laptop: she hands over her state.
     let handover = alice.handover(&group).unwrap().unwrap();
     let anchor = alice.anchor(&group).unwrap();
-    let forced = mallory.rejoin_unchecked(&group, &removal.group_info, None).unwrap();
+    let forced = mallory.rejoin_unchecked(&group, &removal.group_info, Some(&tree)).unwrap();
     assert!(mallory.members(&group).contains(&mallory.account()), "mallory's fork has her in it");
     // The anchor alone lets the fork through: this is what the walk closes.
     let mut unchecked = laptop.copy().unwrap();
@@ -226,14 +239,16 @@ fn a_linked_devices_first_join_takes_only_a_state_its_first_devices_state_leads_
     assert!(!laptop.has_group(&group), "nothing joined");
     // The state alice handed over is joined as it is.
     let mut as_handed = laptop.copy().unwrap();
-    as_handed.join_external_after(&group, &removal.group_info, None, Some(&anchor), Some(&walk)).unwrap();
+    as_handed.join_external_after(&group, &removal.group_info, Some(&tree), Some(&anchor), Some(&walk)).unwrap();
     // bob's genuine commit leads on from alice's state: the laptop joins it.
     let update = bob.self_update(&group).unwrap();
     bob.merge_pending(&group).unwrap();
     assert!(walk.feed(&update.message));
-    let e = laptop.join_external_after(&group, &removal.group_info, None, Some(&anchor), Some(&walk)).unwrap_err();
+    let e =
+        laptop.join_external_after(&group, &removal.group_info, Some(&tree), Some(&anchor), Some(&walk)).unwrap_err();
     assert!(matches!(e, MlsError::UnprovenState { .. }), "the state the walk left behind: {e}");
-    laptop.join_external_after(&group, &update.group_info, None, Some(&anchor), Some(&walk)).unwrap();
+    let tree = tree_of(&bob, &group);
+    laptop.join_external_after(&group, &update.group_info, Some(&tree), Some(&anchor), Some(&walk)).unwrap();
     assert!(!laptop.members(&group).contains(&mallory.account()));
     assert!(laptop.devices(&group).contains(&laptop.device()));
 }
@@ -259,7 +274,8 @@ fn a_handover_carries_the_proposals_its_epoch_holds() {
     let mut walk = Descent::from_handover(&group, &handover).unwrap();
     assert_eq!(walk.pending(), 1);
     assert!(walk.feed(&commit.message));
-    laptop.join_external_after(&group, &commit.group_info, None, Some(&anchor), Some(&walk)).unwrap();
+    let tree = tree_of(&alice, &group);
+    laptop.join_external_after(&group, &commit.group_info, Some(&tree), Some(&anchor), Some(&walk)).unwrap();
     assert!(!laptop.members(&group).contains(&bob.account()));
     // A handover is checked: another group's state, a forged proposal.
     let other = alice.create_group(&REMOVAL_KEY).unwrap().id;
@@ -305,7 +321,7 @@ fn a_repair_walk_refuses_an_outsiders_external_commit() {
     let mut descent = bob.descent(&group).unwrap().unwrap();
     // The operator's device, certified by the operator's own account.
     let (_, _, mut operator) = Member::generate().unwrap();
-    let intrusion = operator.rejoin_unchecked(&group, &update.group_info, None).unwrap();
+    let intrusion = operator.rejoin_unchecked(&group, &update.group_info, Some(&tree_of(&alice, &group))).unwrap();
     // bob's own rules refuse it as a message of the group...
     let mut copy = bob.copy().unwrap();
     let got = copy.receive(&group, &intrusion.message).unwrap();
@@ -483,7 +499,7 @@ fn a_post_quantum_group_does_everything_a_classic_one_does() {
     bob.receive(&group, &removal.message).unwrap();
     // alice's laptop joins from the GroupInfo the removal carried.
     let _ = account;
-    let joined = laptop.join_external(&group, &removal.group_info, None).unwrap();
+    let joined = laptop.join_external(&group, &removal.group_info, Some(&tree_of(&alice, &group))).unwrap();
     for m in [&mut alice, &mut bob] {
         m.receive(&group, &joined.message).unwrap();
     }
@@ -512,4 +528,30 @@ fn a_group_info_of_another_suite_is_no_state_of_the_group() {
         assert!(matches!(result, Err(MlsError::OtherSuite { ours: Suite::Pq, offered: 0x0001 })), "{result:?}");
     }
     assert_eq!(alice.suite_of(&group), Some(Ok(Suite::Pq)), "the state was kept");
+}
+
+/// A commit that adds nobody uploads its GroupInfo without the ratchet
+/// tree (the server hands out its own tree with it): in a large group the
+/// tree is most of a commit's bytes. A commit that adds somebody keeps it,
+/// since its Welcome shares the GroupInfo's extensions and a joiner by
+/// Welcome has no other way to the tree. A member who missed the commit
+/// rejoins from the GroupInfo and the tree handed out beside it.
+#[test]
+fn only_a_commit_that_adds_carries_the_tree_in_its_group_info() {
+    let (mut alice, mut bob, mut mallory, group) = trio();
+    let carries_tree =
+        |c: &Commit| crate::mls::parse_group_info(&c.group_info).unwrap().extensions().ratchet_tree().is_some();
+    let update = alice.self_update(&group).unwrap();
+    assert!(!carries_tree(&update), "a self-update's GroupInfo leaves the tree out");
+    committed(&mut alice, &mut [&mut mallory], &group, update.clone());
+    let tree = serialize(&alice.groups.get(&group).unwrap().export_ratchet_tree(), "tree").unwrap();
+    let rejoin = bob.resync(&group, &update.group_info, Some(&tree), None).unwrap();
+    committed(&mut bob, &mut [&mut alice, &mut mallory], &group, rejoin);
+    let (_, _, mut dave) = Member::generate().unwrap();
+    let add = alice.add(&group, &[(dave.account(), dave.key_packages(1).unwrap().remove(0))]).unwrap();
+    assert!(carries_tree(&add), "a commit with a Welcome keeps the tree");
+    alice.merge_pending(&group).unwrap();
+    assert_eq!(dave.join(add.welcome.as_ref().unwrap()).unwrap(), group);
+    let removal = alice.remove(&group, &[mallory.account()]).unwrap();
+    assert!(!carries_tree(&removal));
 }
