@@ -180,15 +180,17 @@ impl Delivery {
                 "the group has no GroupInfo yet (created by an older server); any member's next commit stores one",
             )
         })?;
-        let carries_tree = mls::parse_group_info(&group_info)
-            .map_err(|e| Refusal::Internal(format!("stored GroupInfo: {e}")))?
-            .extensions()
-            .ratchet_tree()
-            .is_some();
-        let ratchet_tree = if carries_tree {
+        let parsed =
+            mls::parse_group_info(&group_info).map_err(|e| Refusal::Internal(format!("stored GroupInfo: {e}")))?;
+        let ratchet_tree = if parsed.extensions().ratchet_tree().is_some() {
             None
         } else {
             let record = store.group(&group)?.ok_or_else(not_member)?;
+            // The two are written together; a pair that disagrees would
+            // only make the member's rejoin fail.
+            if parsed.epoch().as_u64() != record.epoch {
+                return Err(Refusal::Internal("the stored GroupInfo is not of the group's epoch".into()));
+            }
             let at = (record.epoch, record.version);
             let tree = match self.trees.get(&group, at) {
                 Some(tree) => tree,

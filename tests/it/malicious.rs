@@ -508,8 +508,12 @@ async fn a_server_cannot_roll_a_member_back_to_before_a_removal() {
         let _ = mallory_mls.self_update(&group).unwrap();
         mallory_mls.merge_pending(&group).unwrap();
     }
-    let fork = mallory_mls.self_update(&group).unwrap();
-    *mode.lock().unwrap() = Mode::RejoinWith(fork.group_info, Vec::new());
+    let _ = mallory_mls.self_update(&group).unwrap();
+    mallory_mls.merge_pending(&group).unwrap();
+    // Her fork's GroupInfo with its tree in it (a self-update's own leaves
+    // the tree out, for the server to hand out beside it).
+    let fork = mallory_mls.handover(&group).unwrap().unwrap().info;
+    *mode.lock().unwrap() = Mode::RejoinWith(fork, Vec::new());
     let out = tokio::task::block_in_place(|| ok(hush(bob, &["sync"])));
     assert!(out.contains("did not show the commits that lead there"), "{out}");
     assert!(!out.contains("rejoined"), "{out}");
