@@ -157,12 +157,17 @@ pub const MAX_FETCH_ENTRIES: usize = 256;
 pub const FETCH_BYTE_BUDGET: usize = 3 * 1024 * 1024;
 
 /// Group rosters the writer keeps in memory (the recipients of each
-/// message); past this many the cache starts over.
+/// message); past this many the shortest of [`EVICTION_SAMPLE`] goes.
 pub const MAX_CACHED_ROSTERS: usize = 4096;
+
+/// Entries a full per-group cache compares to choose the one it drops
+/// (the shortest: the cheapest to load again), so that a put costs the
+/// same however large the cache is.
+pub const EVICTION_SAMPLE: usize = 16;
 
 /// Ratchet trees the reader keeps to hand out with GroupInfos that do
 /// not carry them (each at most [`MAX_GROUP_STATE`]'s worth; in a group
-/// of 1000 about 330 KB); past this many the cache starts over.
+/// of 1000 about 330 KB); past this many the shortest goes.
 pub const MAX_CACHED_TREES: usize = 8;
 
 /// Groups listed in one response.

@@ -1343,7 +1343,14 @@ impl<P: OpenMlsProvider> Member<P> {
             .build_group(&self.provider, info, self.credential.clone())
             .context("rejoining")?
             .leaf_node_parameters(own_leaf_parameters());
-        let built = builder.load_psks(self.provider.storage()).context("rejoining")?;
+        // No tree in the GroupInfo, as in any commit without a Welcome: the
+        // server hands out its own beside it, and a tree that has outgrown
+        // one request would otherwise leave no member able to rejoin.
+        let built = builder
+            .load_psks(self.provider.storage())
+            .context("rejoining")?
+            .create_group_info(true)
+            .use_ratchet_tree_extension(false);
         let complete = built
             .build(self.provider.rand(), self.provider.crypto(), &self.signer, |_| true)
             .context("building the external commit")?;

@@ -125,7 +125,7 @@ use std::sync::Arc;
 use openmls_rust_crypto::RustCrypto;
 
 use crate::auth::{AccountId, DeviceCertificate, DeviceId};
-use crate::limits::{MAX_CACHED_ROSTERS, MAX_CACHED_TREES};
+use crate::limits::{EVICTION_SAMPLE, MAX_CACHED_ROSTERS, MAX_CACHED_TREES};
 use crate::mls::Suite;
 use crate::util::TokenBucket;
 use crate::wire::{ErrorCode, Request, Response};
@@ -278,25 +278,32 @@ type RosterKey = (u64, u64);
 /// What the core keeps of each group, each value valid at one
 /// [`RosterKey`]: devices (its members, or its revoked members, on the
 /// writer) or the ratchet tree it hands out with a GroupInfo (on the
-/// reader); at most `LIMIT` groups (then it starts again empty).
-struct GroupCache<V: ?Sized, const LIMIT: usize = MAX_CACHED_ROSTERS>(HashMap<Vec<u8>, (RosterKey, Arc<V>)>);
+/// reader); at most `LIMIT` groups. When full, the shortest of
+/// [`EVICTION_SAMPLE`] values goes first (of all of them, in a cache no
+/// larger): it is the cheapest to read or decode again, so many small
+/// groups (an account can make them at will) do not push out a large one.
+struct GroupCache<T, const LIMIT: usize = MAX_CACHED_ROSTERS>(HashMap<Vec<u8>, (RosterKey, Arc<[T]>)>);
 
-impl<V: ?Sized, const LIMIT: usize> Default for GroupCache<V, LIMIT> {
+impl<T, const LIMIT: usize> Default for GroupCache<T, LIMIT> {
     fn default() -> Self {
         Self(HashMap::new())
     }
 }
 
-impl<V: ?Sized, const LIMIT: usize> GroupCache<V, LIMIT> {
+impl<T, const LIMIT: usize> GroupCache<T, LIMIT> {
     /// `group`'s value, if it was kept at exactly `at`.
-    fn get(&self, group: &[u8], at: RosterKey) -> Option<Arc<V>> {
+    fn get(&self, group: &[u8], at: RosterKey) -> Option<Arc<[T]>> {
         self.0.get(group).filter(|(key, _)| *key == at).map(|(_, value)| value.clone())
     }
 
     /// Keeps `value` as `group`'s at `at`.
-    fn put(&mut self, group: &[u8], at: RosterKey, value: Arc<V>) {
-        if self.0.len() >= LIMIT {
-            self.0.clear();
+    fn put(&mut self, group: &[u8], at: RosterKey, value: Arc<[T]>) {
+        if self.0.len() >= LIMIT && !self.0.contains_key(group) {
+            let shortest =
+                self.0.iter().take(EVICTION_SAMPLE).min_by_key(|(_, (_, v))| v.len()).map(|(g, _)| g.clone());
+            if let Some(shortest) = shortest {
+                self.0.remove(&shortest);
+            }
         }
         self.0.insert(group.to_vec(), (at, value));
     }
@@ -321,19 +328,19 @@ pub struct Delivery {
     /// SQLite and PostgreSQL by trigger), so this holds whichever process
     /// or node made the change. Only the writer fills it; see
     /// [`Delivery::forget_cached`].
-    rosters: GroupCache<[DeviceId]>,
+    rosters: GroupCache<DeviceId>,
     /// Which of a group's current members are revoked (their removal still
     /// to be committed), at the (epoch, version) stored with them: on
     /// SQLite and in memory a device revoked advances the version of every
     /// group it is a member of. Kept like [`Delivery::rosters`], and never
     /// on a shared database (see [`Storage::SHARED`]).
-    revoked: GroupCache<[DeviceId]>,
+    revoked: GroupCache<DeviceId>,
     /// The ratchet tree of each group whose GroupInfo does not carry it (a
     /// commit that adds nobody leaves it out), encoded as it is handed out
     /// with the GroupInfo, at the group's (epoch, version): decoding a
     /// large group's state for it costs milliseconds, and a member may ask
     /// again and again. Only the reader fills it.
-    trees: GroupCache<[u8], MAX_CACHED_TREES>,
+    trees: GroupCache<u8, MAX_CACHED_TREES>,
     /// The server's removal key, which every group must list as an
     /// external sender.
     removal_key: [u8; 32],
@@ -618,3 +625,27 @@ fn internal(kind: &str, detail: &str) -> Outcome {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    /// A full cache drops its shortest value, so a stream of small groups
+    /// never pushes out a large group's (red team, issue 37); a value is
+    /// only ever found at the key it was kept at.
+    #[test]
+    fn a_full_group_cache_drops_the_shortest_value() {
+        let mut cache: GroupCache<u8, 3> = GroupCache::default();
+        cache.put(b"large", (1, 1), vec![0u8; 1000].into());
+        for n in 0..50u8 {
+            cache.put(&[n], (1, 1), vec![n; 3].into());
+            assert!(cache.0.len() <= 3);
+        }
+        assert_eq!(cache.get(b"large", (1, 1)).map(|v| v.len()), Some(1000));
+        assert!(cache.get(b"large", (1, 2)).is_none(), "another state version");
+        assert!(cache.get(b"large", (2, 1)).is_none(), "another epoch");
+        cache.put(b"large", (2, 1), vec![1u8; 10].into());
+        assert!(cache.get(b"large", (1, 1)).is_none(), "replaced, not kept beside");
+        assert_eq!(cache.get(&[49], (1, 1)).map(|v| v.len()), Some(3), "the newest small group stays");
+    }
+}

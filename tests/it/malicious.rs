@@ -683,10 +683,14 @@ async fn a_servers_own_external_commit_does_not_walk_a_member_into_its_fork() {
     let summary = direct.groups().await.unwrap().into_iter().find(|g| g.group == group).unwrap();
     let (_, _, mut operator) = Member::generate().unwrap();
     let intrusion = operator.rejoin_unchecked(&group, &info, tree.as_deref()).unwrap();
+    operator.merge_pending(&group).unwrap();
+    // The fork's GroupInfo with its tree in it (a rejoin's own leaves the
+    // tree out, for the server to hand out beside it).
+    let fork_info = operator.handover(&group).unwrap().unwrap().info;
     let mut junk = intrusion.message.clone();
     *junk.last_mut().unwrap() ^= 1;
     let log = vec![(summary.last_seq + 1, junk), (summary.last_seq + 2, intrusion.message.clone())];
-    *fork.lock().unwrap() = Some((group.clone(), summary.epoch + 1, log, intrusion.group_info.clone()));
+    *fork.lock().unwrap() = Some((group.clone(), summary.epoch + 1, log, fork_info));
 
     tokio::task::block_in_place(|| {
         let _ = hush(bob, &["sync"]);
@@ -773,8 +777,12 @@ async fn a_linked_device_is_not_forked_into_a_removed_members_group() {
     let (info, tree) = direct.group_info(&group).await.unwrap();
     let summary = direct.groups().await.unwrap().into_iter().find(|g| g.group == group).unwrap();
     let forced = mallory_mls.rejoin_unchecked(&group, &info, tree.as_deref()).unwrap();
+    mallory_mls.merge_pending(&group).unwrap();
+    // Her fork's GroupInfo with its tree in it (a rejoin's own leaves the
+    // tree out, for the server to hand out beside it).
+    let fork_info = mallory_mls.handover(&group).unwrap().unwrap().info;
     let log = vec![(summary.last_seq + 1, forced.message.clone())];
-    *fork.lock().unwrap() = Some((group.clone(), log, forced.group_info.clone(), summary.epoch + 1));
+    *fork.lock().unwrap() = Some((group.clone(), log, fork_info, summary.epoch + 1));
 
     let out = tokio::task::block_in_place(|| hush(laptop, &["sync"]));
     let shown = stdout(&out);
@@ -895,8 +903,12 @@ async fn a_linked_device_is_not_forked_into_a_group_with_its_accounts_revoked_de
     let alice_account = Identity::load(&alice.join("account.key")).unwrap();
     let mut thief = Member::new(&alice_account, DeviceId(laptop_key.public_key())).unwrap();
     let forced = thief.join_external(&group, &info, tree.as_deref()).unwrap();
+    thief.merge_pending(&group).unwrap();
+    // The fork's GroupInfo with its tree in it (a join's own leaves the
+    // tree out, for the server to hand out beside it).
+    let fork_info = thief.handover(&group).unwrap().unwrap().info;
     let log = vec![(summary.last_seq + 1, forced.message.clone())];
-    *fork.lock().unwrap() = Some((group.clone(), log, forced.group_info.clone(), summary.epoch + 1, summary.last_seq));
+    *fork.lock().unwrap() = Some((group.clone(), log, fork_info, summary.epoch + 1, summary.last_seq));
 
     let out = tokio::task::block_in_place(|| {
         let out = hush(phone, &["sync"]);

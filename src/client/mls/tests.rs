@@ -227,14 +227,17 @@ fn a_linked_devices_first_join_takes_only_a_state_its_first_devices_state_leads_
     let anchor = alice.anchor(&group).unwrap();
     let forced = mallory.rejoin_unchecked(&group, &removal.group_info, Some(&tree)).unwrap();
     assert!(mallory.members(&group).contains(&mallory.account()), "mallory's fork has her in it");
+    let forced_tree = tree_of(&mallory, &group);
     // The anchor alone lets the fork through: this is what the walk closes.
     let mut unchecked = laptop.copy().unwrap();
-    unchecked.join_external_after(&group, &forced.group_info, None, Some(&anchor), None).unwrap();
+    unchecked.join_external_after(&group, &forced.group_info, Some(&forced_tree), Some(&anchor), None).unwrap();
     assert!(unchecked.members(&group).contains(&mallory.account()));
     // With the walk: the log holds mallory's commit, which moves nothing.
     let mut walk = Descent::from_handover(&group, &handover).unwrap();
     assert!(!walk.feed(&forced.message), "the walk took an outsider's external commit");
-    let e = laptop.join_external_after(&group, &forced.group_info, None, Some(&anchor), Some(&walk)).unwrap_err();
+    let e = laptop
+        .join_external_after(&group, &forced.group_info, Some(&forced_tree), Some(&anchor), Some(&walk))
+        .unwrap_err();
     assert!(matches!(e, MlsError::UnprovenState { .. }), "{e}");
     assert!(!laptop.has_group(&group), "nothing joined");
     // The state alice handed over is joined as it is.
@@ -535,7 +538,8 @@ fn a_group_info_of_another_suite_is_no_state_of_the_group() {
 /// tree is most of a commit's bytes. A commit that adds somebody keeps it,
 /// since its Welcome shares the GroupInfo's extensions and a joiner by
 /// Welcome has no other way to the tree. A member who missed the commit
-/// rejoins from the GroupInfo and the tree handed out beside it.
+/// rejoins from the GroupInfo and the tree handed out beside it (and its
+/// external commit leaves the tree out in turn).
 #[test]
 fn only_a_commit_that_adds_carries_the_tree_in_its_group_info() {
     let (mut alice, mut bob, mut mallory, group) = trio();
@@ -546,6 +550,7 @@ fn only_a_commit_that_adds_carries_the_tree_in_its_group_info() {
     committed(&mut alice, &mut [&mut mallory], &group, update.clone());
     let tree = serialize(&alice.groups.get(&group).unwrap().export_ratchet_tree(), "tree").unwrap();
     let rejoin = bob.resync(&group, &update.group_info, Some(&tree), None).unwrap();
+    assert!(!carries_tree(&rejoin), "nor does a rejoin's (an external commit has no Welcome)");
     committed(&mut bob, &mut [&mut alice, &mut mallory], &group, rejoin);
     let (_, _, mut dave) = Member::generate().unwrap();
     let add = alice.add(&group, &[(dave.account(), dave.key_packages(1).unwrap().remove(0))]).unwrap();
