@@ -212,6 +212,19 @@ pub const MAX_HANDSHAKES_IN_VERIFICATION: usize = 8;
 /// What such a refusal tells the client to wait.
 pub const HANDSHAKE_RETRY: Duration = Duration::from_secs(1);
 
+/// Times a handshake whose verdict went stale before the writer could
+/// apply it (its group changed since the snapshot) goes back to be
+/// verified off the writer again; after that the writer verifies it
+/// itself, so a group that keeps changing still makes progress.
+pub const MAX_SENT_BACK: u8 = 2;
+
+/// Longest a commit or proposal waits in the queue for a verifier thread;
+/// past that it is answered `RateLimited` unverified (when many accounts
+/// flood junk handshakes at once, the queue drains at the rate of answers,
+/// not of verifications, and an honest client's retry is not stuck behind
+/// work nobody waits for any more).
+pub const MAX_VERIFY_WAIT: Duration = Duration::from_secs(5);
+
 /// Requests the writer thread folds into one SQLite transaction (group
 /// commit): one fsync acknowledges them all.
 pub const MAX_WRITE_BATCH: usize = 256;

@@ -94,6 +94,7 @@ impl Delivery {
             Err(Refusal::Client { code: ErrorCode::NotRegistered, .. }) => Err(RemoveError::Unknown),
             Err(Refusal::Client { message, .. }) | Err(Refusal::Internal(message)) => Err(RemoveError::Failed(message)),
             Err(Refusal::Storage(e)) => Err(RemoveError::Failed(e.to_string())),
+            Err(Refusal::Again(_)) => Err(RemoveError::Failed("a handshake given back".into())),
         }
     }
 
@@ -147,6 +148,7 @@ impl Delivery {
             Err(Refusal::Client { code: ErrorCode::NotMember, .. }) => Err(RemoveError::Unknown),
             Err(Refusal::Client { message, .. }) | Err(Refusal::Internal(message)) => Err(RemoveError::Failed(message)),
             Err(Refusal::Storage(e)) => Err(RemoveError::Failed(e.to_string())),
+            Err(Refusal::Again(_)) => Err(RemoveError::Failed("a handshake given back".into())),
         }
     }
 

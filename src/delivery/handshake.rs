@@ -106,6 +106,9 @@ pub struct Prepared {
     /// The digest of the MLS message verified.
     message: crate::chain::MessageDigest,
     verdict: Result<Effect, Refusal<Infallible>>,
+    /// If the verdict no longer holds where it is applied, give the
+    /// handshake back ([`Outcome::again`]) instead of verifying it there.
+    back: bool,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -118,6 +121,16 @@ impl Prepared {
     /// Whether the handshake verified against the snapshot.
     pub fn verified(&self) -> bool {
         self.verdict.is_ok()
+    }
+
+    /// Marks the verdict to come back with its handshake if it no longer
+    /// holds where it is applied (the group changed since the snapshot),
+    /// so that it is verified off the writer again, not on it (red team
+    /// M1: a member who keeps changing a group's state made the writer
+    /// verify every other member's commits, milliseconds each in a large
+    /// group, while every group's sends waited).
+    pub fn send_back_if_stale(&mut self) {
+        self.back = true;
     }
 
     /// Whether the verdict holds for this handshake (`message` the digest
@@ -159,6 +172,7 @@ fn widen<E>(r: Refusal<Infallible>) -> Refusal<E> {
     match r {
         Refusal::Client { code, detail, message } => Refusal::Client { code, detail, message },
         Refusal::Internal(m) => Refusal::Internal(m),
+        Refusal::Again(r) => Refusal::Again(r),
         Refusal::Storage(never) => match never {},
     }
 }
@@ -486,7 +500,7 @@ impl Delivery {
         };
         let verdict = self.check().verify(&input, framed.message);
         let message = crate::chain::MessageDigest::of(message);
-        Some(Prepared { caller, epoch: record.epoch, version: record.version, joining, message, verdict })
+        Some(Prepared { caller, epoch: record.epoch, version: record.version, joining, message, verdict, back: false })
     }
 
     /// Verifies a handshake message (or takes the verdict prepared for it
@@ -498,7 +512,16 @@ impl Delivery {
         message: ProtocolMessage,
     ) -> Result<Outcome, Refusal<S::Error>> {
         let digest = self.digest_of(&h.bytes);
-        let prepared = self.prepared.take().filter(|p| p.holds_for(&h, &digest));
+        let prepared = match self.prepared.take() {
+            Some(p) if p.holds_for(&h, &digest) => Some(p),
+            // Nothing was written for it yet (the caller rolls back what
+            // a request that did not write did anyway).
+            Some(p) if p.back => {
+                let Handshake { bytes: message, welcome, group_info, .. } = h;
+                return Err(Refusal::Again(Box::new(Request::Send { message, welcome, group_info })));
+            }
+            _ => None,
+        };
         let verdict = match prepared {
             Some(p) => {
                 self.prepared_used = self.prepared_used.wrapping_add(1);

@@ -197,17 +197,23 @@ pub struct Outcome {
     /// Set by a successful `Register`: the connection now acts as this
     /// device.
     pub registered: Option<Caller>,
+    /// A handshake given back unapplied: its verdict, prepared off the
+    /// writer, no longer held (the group changed since the snapshot) and
+    /// it was marked to go back ([`Prepared::send_back_if_stale`]) rather
+    /// than be verified again where it is applied. The caller verifies it
+    /// off the writer again and resubmits it; nothing was written.
+    pub again: Option<Request>,
 }
 
 impl Outcome {
     /// A response to a request that changed nothing.
     pub fn reply(response: Response) -> Self {
-        Self { response, notifications: vec![], wrote: false, registered: None }
+        Self { response, notifications: vec![], wrote: false, registered: None, again: None }
     }
 
     /// A response to a request that wrote, and what to push once durable.
     pub fn wrote(response: Response, notifications: Vec<Notification>) -> Self {
-        Self { response, notifications, wrote: true, registered: None }
+        Self { response, notifications, wrote: true, registered: None, again: None }
     }
 
     /// The answer to a request that failed on the server's side.
@@ -218,9 +224,16 @@ impl Outcome {
 
 /// Why a request was refused, or failed.
 enum Refusal<E> {
-    Client { code: ErrorCode, detail: u64, message: String },
+    Client {
+        code: ErrorCode,
+        detail: u64,
+        message: String,
+    },
     Storage(E),
     Internal(String),
+    /// A handshake whose prepared verdict went stale, given back to be
+    /// verified off the writer again (see [`Outcome::again`]).
+    Again(Box<Request>),
 }
 
 impl<E> From<E> for Refusal<E> {
@@ -494,8 +507,10 @@ impl Delivery {
 
     /// [`Delivery::handle_digested`] for a request whose handshake was
     /// verified off the writer ([`Delivery::prepare`]): the verdict is
-    /// used if the group's state is still the one it was verified against,
-    /// and the handshake is verified again here otherwise.
+    /// used if the group's state is still the one it was verified against;
+    /// otherwise the handshake is verified again here, or, if the verdict
+    /// was marked to ([`Prepared::send_back_if_stale`]), given back
+    /// unapplied in [`Outcome::again`].
     pub fn handle_prepared<S: Storage>(
         &mut self,
         store: &mut S,
@@ -550,6 +565,10 @@ impl Delivery {
             Err(Refusal::Client { code, detail, message }) => Outcome::reply(Response::Error { code, detail, message }),
             Err(Refusal::Storage(e)) => internal(kind, &e.to_string()),
             Err(Refusal::Internal(e)) => internal(kind, &e),
+            Err(Refusal::Again(request)) => Outcome {
+                again: Some(*request),
+                ..Outcome::reply(Response::error(ErrorCode::Internal, "the group changed; verifying again"))
+            },
         }
     }
 

@@ -185,16 +185,23 @@ impl Delivery {
         let ratchet_tree = if parsed.extensions().ratchet_tree().is_some() {
             None
         } else {
-            let record = store.group(&group)?.ok_or_else(not_member)?;
+            // The group's epoch and state version without its state (a
+            // large group's is most of a megabyte): a cached tree needs
+            // none of it.
+            let context = store.send_context(&group, &caller.device)?.ok_or_else(not_member)?;
             // The two are written together; a pair that disagrees would
             // only make the member's rejoin fail.
-            if parsed.epoch().as_u64() != record.epoch {
+            if parsed.epoch().as_u64() != context.epoch {
                 return Err(Refusal::Internal("the stored GroupInfo is not of the group's epoch".into()));
             }
-            let at = (record.epoch, record.version);
+            let at = (context.epoch, context.version);
             let tree = match self.trees.get(&group, at) {
                 Some(tree) => tree,
                 None => {
+                    let record = store.group(&group)?.ok_or_else(not_member)?;
+                    if (record.epoch, record.version) != at {
+                        return Err(Refusal::Internal("the group changed within one read".into()));
+                    }
                     let (_, public) = load_public(&record.state, &group)?;
                     let tree: Arc<[u8]> =
                         openmls::prelude::tls_codec::Serialize::tls_serialize_detached(&public.export_ratchet_tree())

@@ -639,25 +639,68 @@ fn two_commits_for_one_epoch_verified_concurrently_accept_exactly_one() {
     assert_eq!(net.log(&g).len(), logged + 1, "one of the two commits is logged");
 }
 
+/// alice's commit of bob's leaving, with a verdict from a snapshot taken
+/// before bob's proposal (stale once the proposal is kept).
+struct StaleCommit {
+    net: Net,
+    alice: Client,
+    bob: Client,
+    g: Vec<u8>,
+    epoch: u64,
+    ac: Caller,
+    commit: Request,
+    stale: Prepared,
+}
+
+impl StaleCommit {
+    fn new() -> Self {
+        let (mut net, mut alice, mut bob, _carol, g) = Net::trio();
+        let epoch = alice.member.epoch(&g).unwrap();
+        let ac = Caller::of(alice.member.certificate());
+        let old = net.snapshot(ac, &g, epoch).unwrap();
+        let proposal = bob.member.leave(&g).unwrap();
+        assert!(matches!(net.send(&mut bob, proposal, None), Response::Accepted { .. }));
+        net.sync(&mut alice, &g);
+        let commit = alice.member.commit_pending(&g).unwrap().into_request();
+        let stale = net.ds.prepare(ac, old, &commit).unwrap();
+        Self { net, alice, bob, g, epoch, ac, commit, stale }
+    }
+}
+
 /// A verdict is used only while the group's state is the snapshot it was
 /// verified against. A proposal that lands in between changes the state
 /// within the epoch: the commit that takes it by reference failed against
 /// the snapshot, and is verified again (and accepted) by the writer.
 fn a_verdict_from_before_a_proposal_is_verified_again() {
-    let (mut net, mut alice, mut bob, _carol, g) = Net::trio();
-    let epoch = alice.member.epoch(&g).unwrap();
-    let ac = Caller::of(alice.member.certificate());
-    let old = net.snapshot(ac, &g, epoch).unwrap();
-    let proposal = bob.member.leave(&g).unwrap();
-    assert!(matches!(net.send(&mut bob, proposal, None), Response::Accepted { .. }));
-    net.sync(&mut alice, &g);
-    let commit = alice.member.commit_pending(&g).unwrap().into_request();
-    let stale = net.ds.prepare(ac, old, &commit).unwrap();
+    let StaleCommit { mut net, mut alice, bob, g, epoch, ac, commit, stale } = StaleCommit::new();
     assert!(!stale.verified(), "against the snapshot the proposal it refers to does not exist");
     let used = net.ds.prepared_used();
     let r = net.handle_with(ac, commit, Some(stale));
     assert!(matches!(r, Response::Accepted { epoch: e, .. } if e == epoch + 1), "{r:?}");
     assert_eq!(net.ds.prepared_used(), used, "the stale verdict was not used");
+    alice.member.merge_pending(&g).unwrap();
+    assert!(!net.current_members(&g).contains(&bob.member.device()));
+}
+
+/// Red team M1: a stale verdict marked to go back (as the server's engine
+/// marks it) is not verified where it would be applied: the handshake
+/// comes back whole, unapplied and unlogged, to be verified off the writer
+/// again; verified against the group as it is now, its verdict is used.
+fn a_stale_verdict_marked_to_go_back_comes_back_unverified() {
+    let StaleCommit { mut net, mut alice, bob, g, epoch, ac, commit, mut stale } = StaleCommit::new();
+    stale.send_back_if_stale();
+    let (used, logged) = (net.ds.prepared_used(), net.log(&g).len());
+    net.now += 1;
+    let out = net.run(ac.into(), commit.clone(), net.now, Some(stale));
+    assert!(!out.wrote && out.notifications.is_empty(), "{:?}", out.response);
+    assert_eq!(out.again.as_ref(), Some(&commit), "the handshake comes back whole");
+    assert_eq!((net.ds.prepared_used(), net.log(&g).len()), (used, logged), "nothing used, nothing logged");
+    let fresh = net.snapshot(ac, &g, epoch).unwrap();
+    let mut verdict = net.ds.prepare(ac, fresh, &commit).unwrap();
+    verdict.send_back_if_stale();
+    let r = net.handle_with(ac, commit, Some(verdict));
+    assert!(matches!(r, Response::Accepted { epoch: e, .. } if e == epoch + 1), "{r:?}");
+    assert_eq!(net.ds.prepared_used(), used + 1, "the fresh verdict was used");
     alice.member.merge_pending(&g).unwrap();
     assert!(!net.current_members(&g).contains(&bob.member.device()));
 }
@@ -2364,6 +2407,7 @@ rules! {
     a_snapshot_is_taken_only_for_a_current_members_handshake_of_this_epoch,
     two_commits_for_one_epoch_verified_concurrently_accept_exactly_one,
     a_verdict_from_before_a_proposal_is_verified_again,
+    a_stale_verdict_marked_to_go_back_comes_back_unverified,
     a_claim_some_devices_cannot_answer_fails_whole_and_spends_nothing,
     a_parent_node_key_of_the_wrong_length_is_refused_by_server_and_members,
     post_quantum_key_packages_and_groups,

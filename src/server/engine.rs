@@ -22,7 +22,10 @@ use crate::db::StoreError;
 use crate::delivery::storage::{Backend, DeviceRecord, Unit};
 use crate::delivery::Notification;
 use crate::delivery::{Caller, Delivery, Origin, Outcome, Prepared, Quotas, ServerKeys, Snapshot, Storage};
-use crate::limits::{COMMIT_DELAY_BACKOFF, COMMIT_SIBLINGS, MAX_COMMIT_DELAY, MAX_CONFLICT_RETRIES, MAX_WRITE_BATCH};
+use crate::limits::{
+    COMMIT_DELAY_BACKOFF, COMMIT_SIBLINGS, MAX_COMMIT_DELAY, MAX_CONFLICT_RETRIES, MAX_SENT_BACK, MAX_VERIFY_WAIT,
+    MAX_WRITE_BATCH,
+};
 use crate::wire::Request;
 
 /// One Delivery Service request, and where its outcome goes.
@@ -143,6 +146,9 @@ pub struct HandshakeCounts {
     /// Not used: the group changed since the snapshot (the writer verified
     /// the handshake again, or refused it as stale before verifying).
     pub verified_again: std::sync::atomic::AtomicU64,
+    /// Not used: the group changed since the snapshot, and the handshake
+    /// went back to be verified off the writer again.
+    pub sent_back: std::sync::atomic::AtomicU64,
 }
 
 /// How handshakes are verified off the writer: by one thread per core (at
@@ -197,7 +203,18 @@ impl Drop for InFlightGuard {
 struct Verify {
     caller: Caller,
     request: Request,
-    reply: oneshot::Sender<(Request, Option<Box<Prepared>>)>,
+    /// When it was queued: a job that waited longer than
+    /// [`MAX_VERIFY_WAIT`] for a verifier is answered "busy" unverified.
+    queued: Instant,
+    reply: oneshot::Sender<Verified>,
+}
+
+/// What a verifier gives back: the request with its verdict (`None` if
+/// the writer must verify it), or [`Verified::Late`] for a job that waited
+/// too long for a verifier.
+enum Verified {
+    Done(Request, Option<Box<Prepared>>),
+    Late,
 }
 
 impl Verifier {
@@ -220,9 +237,16 @@ impl Verifier {
                             Ok(rx) => rx.recv(),
                             Err(_) => return,
                         };
-                        let Ok(Verify { caller, request, reply }) = job else { return };
+                        let Ok(Verify { caller, request, queued, reply }) = job else { return };
                         // Its connection went: nobody waits for the verdict.
                         if reply.is_closed() {
+                            continue;
+                        }
+                        // The queue is longer than a client waits: answer
+                        // at once, so that it drains instead of verifying
+                        // what nobody will apply in time.
+                        if queued.elapsed() > MAX_VERIFY_WAIT {
+                            let _ = reply.send(Verified::Late);
                             continue;
                         }
                         // A panic in the verification (openmls) costs this
@@ -234,7 +258,7 @@ impl Verifier {
                             tracing::error!("verifying a handshake panicked; the writer verifies it");
                             None
                         });
-                        let _ = reply.send((request, prepared.map(Box::new)));
+                        let _ = reply.send(Verified::Done(request, prepared.map(Box::new)));
                     }
                 })
                 .map_err(StoreError::Thread)?;
@@ -352,23 +376,71 @@ impl Engine {
             }));
         };
         let (reply, rx) = oneshot::channel();
-        if let Err(mpsc::SendError(job)) = self.verifier.jobs.send(Verify { caller, request, reply }) {
+        let job = Verify { caller, request, queued: Instant::now(), reply };
+        if let Err(mpsc::SendError(job)) = self.verifier.jobs.send(job) {
             return Ok((job.request, None));
         }
-        rx.await.map_err(|_| {
-            tracing::error!("a verifier thread stopped");
-            Outcome::internal()
-        })
+        match rx.await {
+            Ok(Verified::Done(request, prepared)) => Ok((request, prepared)),
+            Ok(Verified::Late) => {
+                super::metrics::metrics().refused("verify-queue");
+                Err(verify_busy())
+            }
+            Err(_) => {
+                tracing::error!("a verifier thread stopped");
+                Err(Outcome::internal())
+            }
+        }
     }
 
     /// Runs a Delivery Service request: reads on the reader, writes on the
     /// writer (batched). Returns once the outcome is durable.
+    ///
+    /// A handshake whose verdict went stale before the writer reached it
+    /// comes back ([`Outcome::again`]) and is verified off the writer
+    /// again, up to [`MAX_SENT_BACK`] times; after that the writer
+    /// verifies it itself.
     pub async fn deliver(&self, origin: impl Into<Origin>, request: Request, now: u64) -> Result<Outcome, StoreError> {
         let origin = origin.into();
-        let (request, prepared) = match self.prepare(origin, request).await {
-            Ok(prepared) => prepared,
-            Err(refused) => return Ok(refused),
-        };
+        match self.prepare(origin, request).await {
+            Ok((request, prepared)) => self.settle(origin, request, now, prepared).await,
+            Err(refused) => Ok(refused),
+        }
+    }
+
+    /// [`Engine::deliver`] once the request is prepared: submits it, and
+    /// prepares and submits again what comes back.
+    async fn settle(
+        &self,
+        origin: Origin,
+        mut request: Request,
+        now: u64,
+        mut prepared: Option<Box<Prepared>>,
+    ) -> Result<Outcome, StoreError> {
+        let mut sent_back = 0;
+        loop {
+            if let Some(p) = prepared.as_mut().filter(|_| sent_back < MAX_SENT_BACK) {
+                p.send_back_if_stale();
+            }
+            let mut outcome = self.submit(origin, request, now, prepared).await?;
+            let Some(again) = outcome.again.take() else { return Ok(outcome) };
+            sent_back += 1;
+            (request, prepared) = match self.prepare(origin, again).await {
+                Ok(prepared) => prepared,
+                Err(refused) => return Ok(refused),
+            };
+        }
+    }
+
+    /// Queues a request (and its verdict, if any) for the writer or the
+    /// reader and waits for its outcome.
+    async fn submit(
+        &self,
+        origin: Origin,
+        request: Request,
+        now: u64,
+        prepared: Option<Box<Prepared>>,
+    ) -> Result<Outcome, StoreError> {
         let (reply, rx) = oneshot::channel();
         let writes = request.writes();
         let digest = match &request {
@@ -475,6 +547,17 @@ impl Engine {
         self.reader.send(Read::Blobs { after, limit, reply }).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
+}
+
+/// The answer to a handshake that waited longer than [`MAX_VERIFY_WAIT`]
+/// for a verifier: nothing changed, retry later.
+fn verify_busy() -> Outcome {
+    let wait = crate::limits::HANDSHAKE_RETRY;
+    Outcome::reply(crate::wire::Response::Error {
+        code: crate::wire::ErrorCode::RateLimited,
+        detail: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+        message: format!("the server is busy verifying commits and proposals; retry in {} s", wait.as_secs()),
+    })
 }
 
 /// [`Engine::prepare`]'s work on a verifier thread: the group's snapshot
@@ -716,11 +799,18 @@ fn commit_batch<B: Backend<Error = StoreError>>(
         for Pending { origin, request, now, reply, digest, prepared } in jobs {
             let had = prepared.is_some();
             let used = delivery.prepared_used();
-            outcomes.push(run_request(unit, delivery, origin, request, now, digest, prepared)?);
+            let outcome = run_request(unit, delivery, origin, request, now, digest, prepared)?;
             if had {
-                let counter = if delivery.prepared_used() != used { &counts.prepared } else { &counts.verified_again };
+                let counter = if delivery.prepared_used() != used {
+                    &counts.prepared
+                } else if outcome.again.is_some() {
+                    &counts.sent_back
+                } else {
+                    &counts.verified_again
+                };
                 counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
+            outcomes.push(outcome);
             replies.push(reply);
         }
         worked = Instant::now();
@@ -923,15 +1013,78 @@ mod tests {
             assert_eq!(prepared(counts), 1, "the add was applied from its verdict");
             let epoch = alice.epoch(&g.id).unwrap();
             let (ca, cb) = (alice.self_update(&g.id).unwrap(), bob.self_update(&g.id).unwrap());
-            let (ra, rb) =
-                tokio::join!(engine.deliver(a, ca.into_request(), 5), engine.deliver(b, cb.into_request(), 5));
+            let sent = (ca.into_request(), cb.into_request());
+            let (ra, rb) = tokio::join!(engine.deliver(a, sent.0.clone(), 5), engine.deliver(b, sent.1.clone(), 5));
             let responses = [ra.unwrap().response, rb.unwrap().response];
             let won = |r: &Response| matches!(r, Response::Accepted { epoch: e, .. } if *e == epoch + 1);
             let lost = |r: &Response| matches!(r, Response::Error { code: ErrorCode::StaleEpoch, .. });
             assert_eq!(responses.iter().filter(|r| won(r)).count(), 1, "{responses:?}");
             assert_eq!(responses.iter().filter(|r| lost(r)).count(), 1, "{responses:?}");
             assert_eq!(prepared(counts), 2, "the winner was applied from its verdict, the loser's was not");
+            // Red team M1: a verdict that went stale before the writer
+            // reached it (a proposal changed the group in between) goes
+            // back to a verifier; the writer does not verify it.
+            let alice_won = won(&responses[0]);
+            let Request::Send { message: winning, .. } = (if alice_won { &sent.0 } else { &sent.1 }) else {
+                panic!("not a send")
+            };
+            let (winner, loser, wc, lc) =
+                if alice_won { (&mut alice, &mut bob, a, b) } else { (&mut bob, &mut alice, b, a) };
+            winner.merge_pending(&g.id).unwrap();
+            loser.discard_pending(&g.id).unwrap();
+            loser.receive(&g.id, winning).unwrap();
+            let commit = winner.self_update(&g.id).unwrap().into_request();
+            let (commit, verdict) = engine.prepare(wc.into(), commit).await.unwrap();
+            assert!(verdict.as_ref().is_some_and(|v| v.verified()), "verified against the snapshot");
+            let proposal = Request::Send { message: loser.leave(&g.id).unwrap(), welcome: None, group_info: None };
+            ok(engine.deliver(lc, proposal, 7).await.unwrap().response);
+            let again = |c: &HandshakeCounts| {
+                (
+                    c.sent_back.load(std::sync::atomic::Ordering::Relaxed),
+                    c.verified_again.load(std::sync::atomic::Ordering::Relaxed),
+                )
+            };
+            let (before, used) = (again(counts), prepared(counts));
+            let out = engine.settle(wc.into(), commit, 8, verdict).await.unwrap();
+            assert!(out.again.is_none());
+            assert_eq!(again(counts), (before.0 + 1, before.1), "sent back once, never verified on the writer");
+            assert_eq!(prepared(counts), used + 1, "applied (or refused) from the second verdict: {:?}", out.response);
         });
+    }
+
+    /// Red team M2: a handshake that waited longer than
+    /// [`MAX_VERIFY_WAIT`] in the verifiers' queue is answered at once,
+    /// unverified ("busy"), so a flooded queue drains; one that did not
+    /// is verified.
+    #[test]
+    fn a_handshake_that_waited_too_long_for_a_verifier_is_answered_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("engine.db");
+        let removal = Arc::new(crate::auth::Identity::generate().unwrap());
+        let current = crate::auth::online::CurrentKey::new(
+            crate::auth::online::ServerKey::identity(crate::auth::Identity::generate().unwrap()).unwrap(),
+        );
+        let engine = Engine::start(
+            Db::open(&path).unwrap(),
+            Db::open(&path).unwrap(),
+            Quotas::default(),
+            ServerKeys { removal, current },
+        )
+        .unwrap();
+        let caller = Caller::of(crate::client::mls::Member::generate().unwrap().2.certificate());
+        let verify = |queued: Instant| {
+            let (reply, rx) = oneshot::channel();
+            let request = Request::Send { message: vec![1, 2, 3], welcome: None, group_info: None };
+            engine.verifier.jobs.send(Verify { caller, request, queued, reply }).unwrap();
+            rx.blocking_recv().unwrap()
+        };
+        let late = Instant::now().checked_sub(MAX_VERIFY_WAIT + Duration::from_secs(1)).unwrap();
+        assert!(matches!(verify(late), Verified::Late));
+        assert!(matches!(verify(Instant::now()), Verified::Done(Request::Send { .. }, None)));
+        assert!(matches!(
+            verify_busy().response,
+            crate::wire::Response::Error { code: crate::wire::ErrorCode::RateLimited, .. }
+        ));
     }
 
     /// A verifier thread runs at a lower priority (the niceness in its

@@ -150,7 +150,7 @@ impl Metrics {
         self.requests.get_or_create(&RequestLabels { kind, result }).inc();
     }
 
-    /// A request refused by `reason` (`rate-limit`, `busy`).
+    /// A request refused by `reason` (`rate-limit`, `busy`, `verify-queue`).
     pub fn refused(&self, reason: &'static str) {
         self.refusals.get_or_create(&Reason { reason }).inc();
     }
