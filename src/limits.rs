@@ -212,10 +212,11 @@ pub const MAX_HANDSHAKES_IN_VERIFICATION: usize = 8;
 /// What such a refusal tells the client to wait.
 pub const HANDSHAKE_RETRY: Duration = Duration::from_secs(1);
 
-/// Times a handshake whose verdict went stale before the writer could
-/// apply it (its group changed since the snapshot) goes back to be
-/// verified off the writer again; after that the writer verifies it
-/// itself, so a group that keeps changing still makes progress.
+/// Times a handshake that reached the writer without a verdict that holds
+/// (its group changed since the snapshot, or had no snapshot of its epoch
+/// yet) goes back to be verified off the writer again; after that it is
+/// refused with `RateLimited` (the client retries), so the writer never
+/// verifies what a member sends.
 pub const MAX_SENT_BACK: u8 = 2;
 
 /// Longest a commit or proposal waits in the queue for a verifier thread;

@@ -106,9 +106,28 @@ pub struct Prepared {
     /// The digest of the MLS message verified.
     message: crate::chain::MessageDigest,
     verdict: Result<Effect, Refusal<Infallible>>,
-    /// If the verdict no longer holds where it is applied, give the
-    /// handshake back ([`Outcome::again`]) instead of verifying it there.
-    back: bool,
+}
+
+/// What the core does with a handshake that reaches it without a verdict
+/// that holds (none was prepared, the snapshot was refused, or the group
+/// changed since it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoVerdict {
+    /// Verify it here (where nothing verifies off the writer: the
+    /// operator's commands, tests, a server whose verifiers are gone).
+    Verify,
+    /// Give it back unapplied ([`Outcome::again`]) to be verified off the
+    /// writer again (red team M1: a member who keeps changing a group's
+    /// state, or moves its epoch with a commit of its own while its next
+    /// handshakes wait for a verifier, made the writer verify them,
+    /// milliseconds each in a large group, while every group's sends
+    /// waited).
+    GiveBack,
+    /// Refuse it with `RateLimited` (it went back [`MAX_SENT_BACK`] times:
+    /// the group keeps changing under it; the client retries).
+    ///
+    /// [`MAX_SENT_BACK`]: crate::limits::MAX_SENT_BACK
+    Refuse,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -121,16 +140,6 @@ impl Prepared {
     /// Whether the handshake verified against the snapshot.
     pub fn verified(&self) -> bool {
         self.verdict.is_ok()
-    }
-
-    /// Marks the verdict to come back with its handshake if it no longer
-    /// holds where it is applied (the group changed since the snapshot),
-    /// so that it is verified off the writer again, not on it (red team
-    /// M1: a member who keeps changing a group's state made the writer
-    /// verify every other member's commits, milliseconds each in a large
-    /// group, while every group's sends waited).
-    pub fn send_back_if_stale(&mut self) {
-        self.back = true;
     }
 
     /// Whether the verdict holds for this handshake (`message` the digest
@@ -500,7 +509,7 @@ impl Delivery {
         };
         let verdict = self.check().verify(&input, framed.message);
         let message = crate::chain::MessageDigest::of(message);
-        Some(Prepared { caller, epoch: record.epoch, version: record.version, joining, message, verdict, back: false })
+        Some(Prepared { caller, epoch: record.epoch, version: record.version, joining, message, verdict })
     }
 
     /// Verifies a handshake message (or takes the verdict prepared for it
@@ -512,15 +521,23 @@ impl Delivery {
         message: ProtocolMessage,
     ) -> Result<Outcome, Refusal<S::Error>> {
         let digest = self.digest_of(&h.bytes);
-        let prepared = match self.prepared.take() {
-            Some(p) if p.holds_for(&h, &digest) => Some(p),
+        let prepared = match (self.prepared.take(), self.no_verdict) {
+            (Some(p), _) if p.holds_for(&h, &digest) => Some(p),
+            (_, NoVerdict::Verify) => None,
             // Nothing was written for it yet (the caller rolls back what
             // a request that did not write did anyway).
-            Some(p) if p.back => {
+            (_, NoVerdict::GiveBack) => {
                 let Handshake { bytes: message, welcome, group_info, .. } = h;
                 return Err(Refusal::Again(Box::new(Request::Send { message, welcome, group_info })));
             }
-            _ => None,
+            (_, NoVerdict::Refuse) => {
+                let wait = crate::limits::HANDSHAKE_RETRY;
+                return Err(Refusal::Client {
+                    code: ErrorCode::RateLimited,
+                    detail: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    message: format!("the group kept changing while this was verified; retry in {} s", wait.as_secs()),
+                });
+            }
         };
         let verdict = match prepared {
             Some(p) => {
@@ -542,7 +559,11 @@ impl Delivery {
                     welcome: h.welcome.as_deref(),
                     group_info: h.group_info.as_deref(),
                 };
-                self.check().verify(&input, message)
+                // A panic in openmls costs this request, not the thread
+                // that applies every group's writes (red team).
+                let check = self.check();
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check.verify(&input, message)))
+                    .unwrap_or_else(|_| Err(Refusal::Internal("verifying the handshake panicked".into())))
             }
         };
         match verdict.map_err(widen)? {

@@ -131,7 +131,7 @@ use crate::util::TokenBucket;
 use crate::wire::{ErrorCode, Request, Response};
 
 pub use devices::{Removal, RemoveError};
-pub use handshake::{Prepared, Snapshot};
+pub use handshake::{NoVerdict, Prepared, Snapshot};
 pub use storage::{GroupRecord, Membership, NewKeyPackage, SendContext, Storage};
 
 /// Who sends a request: the device its connection authenticated, and the
@@ -197,12 +197,12 @@ pub struct Outcome {
     /// Set by a successful `Register`: the connection now acts as this
     /// device.
     pub registered: Option<Caller>,
-    /// A handshake given back unapplied: its verdict, prepared off the
-    /// writer, no longer held (the group changed since the snapshot) and
-    /// it was marked to go back ([`Prepared::send_back_if_stale`]) rather
-    /// than be verified again where it is applied. The caller verifies it
-    /// off the writer again and resubmits it; nothing was written.
-    pub again: Option<Request>,
+    /// A handshake given back unapplied ([`NoVerdict::GiveBack`]): it
+    /// had no verdict prepared off the writer that still held (the group
+    /// changed since the snapshot, or had no snapshot for it). The caller
+    /// verifies it off the writer again and resubmits it; nothing was
+    /// written.
+    pub again: Option<Box<Request>>,
 }
 
 impl Outcome {
@@ -370,6 +370,9 @@ pub struct Delivery {
     /// The handshake of the request being handled, verified off the
     /// writer ([`Delivery::handle_prepared`]).
     prepared: Option<Prepared>,
+    /// What becomes of the request's handshake if it has no verdict that
+    /// holds ([`Delivery::handle_prepared`]).
+    no_verdict: NoVerdict,
     /// Handshakes applied from a prepared verdict (for tests and metrics).
     prepared_used: u64,
 }
@@ -416,6 +419,7 @@ impl Delivery {
             head_signer: None,
             digest: None,
             prepared: None,
+            no_verdict: NoVerdict::Verify,
             prepared_used: 0,
         }
     }
@@ -502,15 +506,14 @@ impl Delivery {
         now: u64,
         digest: Option<crate::chain::MessageDigest>,
     ) -> Outcome {
-        self.handle_prepared(store, origin, request, now, digest, None)
+        self.handle_prepared(store, origin, request, now, digest, None, NoVerdict::Verify)
     }
 
     /// [`Delivery::handle_digested`] for a request whose handshake was
     /// verified off the writer ([`Delivery::prepare`]): the verdict is
     /// used if the group's state is still the one it was verified against;
-    /// otherwise the handshake is verified again here, or, if the verdict
-    /// was marked to ([`Prepared::send_back_if_stale`]), given back
-    /// unapplied in [`Outcome::again`].
+    /// a handshake without one that holds is handled as `no_verdict` says.
+    #[allow(clippy::too_many_arguments)] // One request and what came with it.
     pub fn handle_prepared<S: Storage>(
         &mut self,
         store: &mut S,
@@ -519,12 +522,15 @@ impl Delivery {
         now: u64,
         digest: Option<crate::chain::MessageDigest>,
         prepared: Option<Prepared>,
+        no_verdict: NoVerdict,
     ) -> Outcome {
         self.digest = digest;
         self.prepared = prepared;
+        self.no_verdict = no_verdict;
         let out = self.handle(store, origin, request, now);
         self.digest = None;
         self.prepared = None;
+        self.no_verdict = NoVerdict::Verify;
         out
     }
 
@@ -566,7 +572,7 @@ impl Delivery {
             Err(Refusal::Storage(e)) => internal(kind, &e.to_string()),
             Err(Refusal::Internal(e)) => internal(kind, &e),
             Err(Refusal::Again(request)) => Outcome {
-                again: Some(*request),
+                again: Some(request),
                 ..Outcome::reply(Response::error(ErrorCode::Internal, "the group changed; verifying again"))
             },
         }

@@ -195,14 +195,27 @@ impl Net {
     /// runs it: on the SQL stores in its own savepoint, kept only if the
     /// request wrote.
     fn run(&mut self, origin: Origin, request: Request, now: u64, prepared: Option<Prepared>) -> Outcome {
+        self.run_as(origin, request, now, prepared, NoVerdict::Verify)
+    }
+
+    /// [`Net::run`], doing with a handshake that has no verdict that
+    /// holds what `no_verdict` says (as the server's engine asks).
+    fn run_as(
+        &mut self,
+        origin: Origin,
+        request: Request,
+        now: u64,
+        prepared: Option<Prepared>,
+        no_verdict: NoVerdict,
+    ) -> Outcome {
         use crate::delivery::storage::{Backend as _, Unit as _};
         let ds = &mut self.ds;
         match &mut self.store {
-            Store::Memory(s) => ds.handle_prepared(s, origin, request, now, None, prepared),
+            Store::Memory(s) => ds.handle_prepared(s, origin, request, now, None, prepared, no_verdict),
             Store::Sqlite(db, _) => db
                 .write(|u| {
                     u.savepoint()?;
-                    let out = ds.handle_prepared(u, origin, request, now, None, prepared);
+                    let out = ds.handle_prepared(u, origin, request, now, None, prepared, no_verdict);
                     u.release(out.wrote)?;
                     Ok(out)
                 })
@@ -210,7 +223,7 @@ impl Net {
             Store::Postgres(db) => db
                 .write(|u| {
                     u.savepoint()?;
-                    let out = ds.handle_prepared(u, origin, request, now, None, prepared);
+                    let out = ds.handle_prepared(u, origin, request, now, None, prepared, no_verdict);
                     u.release(out.wrote)?;
                     Ok(out)
                 })
@@ -682,23 +695,29 @@ fn a_verdict_from_before_a_proposal_is_verified_again() {
     assert!(!net.current_members(&g).contains(&bob.member.device()));
 }
 
-/// Red team M1: a stale verdict marked to go back (as the server's engine
-/// marks it) is not verified where it would be applied: the handshake
-/// comes back whole, unapplied and unlogged, to be verified off the writer
-/// again; verified against the group as it is now, its verdict is used.
+/// Red team M1: a handshake whose verdict went stale (or that has none)
+/// is not verified where it would be applied when the server's engine
+/// asks so: it comes back whole, unapplied and unlogged, to be verified
+/// off the writer again, or, once it went back too often, is refused as
+/// rate-limited; verified against the group as it is now, its verdict is
+/// used.
 fn a_stale_verdict_marked_to_go_back_comes_back_unverified() {
-    let StaleCommit { mut net, mut alice, bob, g, epoch, ac, commit, mut stale } = StaleCommit::new();
-    stale.send_back_if_stale();
+    let StaleCommit { mut net, mut alice, bob, g, epoch, ac, commit, stale } = StaleCommit::new();
     let (used, logged) = (net.ds.prepared_used(), net.log(&g).len());
     net.now += 1;
-    let out = net.run(ac.into(), commit.clone(), net.now, Some(stale));
+    let out = net.run_as(ac.into(), commit.clone(), net.now, Some(stale), NoVerdict::GiveBack);
     assert!(!out.wrote && out.notifications.is_empty(), "{:?}", out.response);
-    assert_eq!(out.again.as_ref(), Some(&commit), "the handshake comes back whole");
+    assert_eq!(out.again.as_deref(), Some(&commit), "the handshake comes back whole");
+    let out = net.run_as(ac.into(), commit.clone(), net.now, None, NoVerdict::GiveBack);
+    assert_eq!(out.again.as_deref(), Some(&commit), "without a verdict too");
+    let out = net.run_as(ac.into(), commit.clone(), net.now, None, NoVerdict::Refuse);
+    assert!(matches!(out.response, Response::Error { code: ErrorCode::RateLimited, .. }), "{:?}", out.response);
+    assert!(!out.wrote && out.again.is_none());
     assert_eq!((net.ds.prepared_used(), net.log(&g).len()), (used, logged), "nothing used, nothing logged");
     let fresh = net.snapshot(ac, &g, epoch).unwrap();
-    let mut verdict = net.ds.prepare(ac, fresh, &commit).unwrap();
-    verdict.send_back_if_stale();
-    let r = net.handle_with(ac, commit, Some(verdict));
+    let verdict = net.ds.prepare(ac, fresh, &commit).unwrap();
+    let out = net.run_as(ac.into(), commit, net.now, Some(verdict), NoVerdict::GiveBack);
+    let r = out.response;
     assert!(matches!(r, Response::Accepted { epoch: e, .. } if e == epoch + 1), "{r:?}");
     assert_eq!(net.ds.prepared_used(), used + 1, "the fresh verdict was used");
     alice.member.merge_pending(&g).unwrap();

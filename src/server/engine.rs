@@ -21,7 +21,7 @@ use crate::db::sqlite::Db;
 use crate::db::StoreError;
 use crate::delivery::storage::{Backend, DeviceRecord, Unit};
 use crate::delivery::Notification;
-use crate::delivery::{Caller, Delivery, Origin, Outcome, Prepared, Quotas, ServerKeys, Snapshot, Storage};
+use crate::delivery::{Caller, Delivery, NoVerdict, Origin, Outcome, Prepared, Quotas, ServerKeys, Snapshot, Storage};
 use crate::limits::{
     COMMIT_DELAY_BACKOFF, COMMIT_SIBLINGS, MAX_COMMIT_DELAY, MAX_CONFLICT_RETRIES, MAX_SENT_BACK, MAX_VERIFY_WAIT,
     MAX_WRITE_BATCH,
@@ -39,6 +39,8 @@ struct Pending {
     digest: Option<crate::chain::MessageDigest>,
     /// A handshake's verdict, verified off the writer.
     prepared: Option<Box<Prepared>>,
+    /// What the writer does with a handshake without a verdict that holds.
+    no_verdict: NoVerdict,
 }
 
 /// Work for the writer thread.
@@ -144,9 +146,10 @@ pub struct HandshakeCounts {
     /// Applied from their verdict.
     pub prepared: std::sync::atomic::AtomicU64,
     /// Not used: the group changed since the snapshot (the writer verified
-    /// the handshake again, or refused it as stale before verifying).
+    /// the handshake again, refused it as stale before verifying, or
+    /// refused it as sent back too often).
     pub verified_again: std::sync::atomic::AtomicU64,
-    /// Not used: the group changed since the snapshot, and the handshake
+    /// Handshakes that reached the writer without a verdict that held and
     /// went back to be verified off the writer again.
     pub sent_back: std::sync::atomic::AtomicU64,
 }
@@ -217,6 +220,23 @@ enum Verified {
     Late,
 }
 
+/// A request ready for the writer: its verdict if a verifier made one, and
+/// whether it went through a verifier at all (then the writer never
+/// verifies it itself).
+struct Ready {
+    request: Request,
+    prepared: Option<Box<Prepared>>,
+    offloaded: bool,
+}
+
+impl Ready {
+    /// A request no verifier saw: the writer verifies its handshake, if
+    /// it has one.
+    fn unverified(request: Request) -> Self {
+        Self { request, prepared: None, offloaded: false }
+    }
+}
+
 impl Verifier {
     /// Starts the verifier threads: each reads snapshots through `reader`
     /// and verifies with the core's rules (`quotas`, `removal_key`).
@@ -250,12 +270,13 @@ impl Verifier {
                             continue;
                         }
                         // A panic in the verification (openmls) costs this
-                        // verdict, not the thread: the writer verifies.
+                        // verdict, not the thread: the handshake goes back
+                        // to be verified again, and is refused in the end.
                         let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                             prepare_blocking(&reader, &core, caller, &request)
                         }))
                         .unwrap_or_else(|_| {
-                            tracing::error!("verifying a handshake panicked; the writer verifies it");
+                            tracing::error!("verifying a handshake panicked");
                             None
                         });
                         let _ = reply.send(Verified::Done(request, prepared.map(Box::new)));
@@ -357,11 +378,11 @@ impl Engine {
     /// answer instead if the account has too many handshakes in
     /// verification, or the verifying thread stopped (the request went
     /// with it).
-    async fn prepare(&self, origin: Origin, request: Request) -> Result<(Request, Option<Box<Prepared>>), Outcome> {
-        let Origin::Device(caller) = origin else { return Ok((request, None)) };
-        let Request::Send { message, .. } = &request else { return Ok((request, None)) };
+    async fn prepare(&self, origin: Origin, request: Request) -> Result<Ready, Outcome> {
+        let Origin::Device(caller) = origin else { return Ok(Ready::unverified(request)) };
+        let Request::Send { message, .. } = &request else { return Ok(Ready::unverified(request)) };
         if !crate::mls::is_public_message(message) {
-            return Ok((request, None));
+            return Ok(Ready::unverified(request));
         }
         let Some(_counted) = self.verifier.in_flight.enter(caller.account) else {
             let wait = crate::limits::HANDSHAKE_RETRY;
@@ -378,10 +399,10 @@ impl Engine {
         let (reply, rx) = oneshot::channel();
         let job = Verify { caller, request, queued: Instant::now(), reply };
         if let Err(mpsc::SendError(job)) = self.verifier.jobs.send(job) {
-            return Ok((job.request, None));
+            return Ok(Ready::unverified(job.request));
         }
         match rx.await {
-            Ok(Verified::Done(request, prepared)) => Ok((request, prepared)),
+            Ok(Verified::Done(request, prepared)) => Ok(Ready { request, prepared, offloaded: true }),
             Ok(Verified::Late) => {
                 super::metrics::metrics().refused("verify-queue");
                 Err(verify_busy())
@@ -396,37 +417,36 @@ impl Engine {
     /// Runs a Delivery Service request: reads on the reader, writes on the
     /// writer (batched). Returns once the outcome is durable.
     ///
-    /// A handshake whose verdict went stale before the writer reached it
-    /// comes back ([`Outcome::again`]) and is verified off the writer
-    /// again, up to [`MAX_SENT_BACK`] times; after that the writer
-    /// verifies it itself.
+    /// A handshake without a verdict that still holds when the writer
+    /// reaches it comes back ([`Outcome::again`]) and is verified off the
+    /// writer again, up to [`MAX_SENT_BACK`] times; after that it is
+    /// refused (`RateLimited`).
     pub async fn deliver(&self, origin: impl Into<Origin>, request: Request, now: u64) -> Result<Outcome, StoreError> {
         let origin = origin.into();
         match self.prepare(origin, request).await {
-            Ok((request, prepared)) => self.settle(origin, request, now, prepared).await,
+            Ok(ready) => self.settle(origin, ready, now).await,
             Err(refused) => Ok(refused),
         }
     }
 
     /// [`Engine::deliver`] once the request is prepared: submits it, and
-    /// prepares and submits again what comes back.
-    async fn settle(
-        &self,
-        origin: Origin,
-        mut request: Request,
-        now: u64,
-        mut prepared: Option<Box<Prepared>>,
-    ) -> Result<Outcome, StoreError> {
+    /// prepares and submits again what comes back. A handshake that went
+    /// through a verifier is never verified on the writer: without a
+    /// verdict that holds there it comes back, and after
+    /// [`MAX_SENT_BACK`] times it is refused (`RateLimited`).
+    async fn settle(&self, origin: Origin, mut ready: Ready, now: u64) -> Result<Outcome, StoreError> {
         let mut sent_back = 0;
         loop {
-            if let Some(p) = prepared.as_mut().filter(|_| sent_back < MAX_SENT_BACK) {
-                p.send_back_if_stale();
-            }
-            let mut outcome = self.submit(origin, request, now, prepared).await?;
+            let no_verdict = match (ready.offloaded, sent_back < MAX_SENT_BACK) {
+                (false, _) => NoVerdict::Verify,
+                (true, true) => NoVerdict::GiveBack,
+                (true, false) => NoVerdict::Refuse,
+            };
+            let mut outcome = self.submit(origin, ready.request, now, ready.prepared, no_verdict).await?;
             let Some(again) = outcome.again.take() else { return Ok(outcome) };
             sent_back += 1;
-            (request, prepared) = match self.prepare(origin, again).await {
-                Ok(prepared) => prepared,
+            ready = match self.prepare(origin, *again).await {
+                Ok(ready) => ready,
                 Err(refused) => return Ok(refused),
             };
         }
@@ -440,6 +460,7 @@ impl Engine {
         request: Request,
         now: u64,
         prepared: Option<Box<Prepared>>,
+        no_verdict: NoVerdict,
     ) -> Result<Outcome, StoreError> {
         let (reply, rx) = oneshot::channel();
         let writes = request.writes();
@@ -447,7 +468,7 @@ impl Engine {
             Request::Send { message, .. } => Some(crate::chain::MessageDigest::of(message)),
             _ => None,
         };
-        let pending = Pending { origin, request, now, reply, digest, prepared };
+        let pending = Pending { origin, request, now, reply, digest, prepared, no_verdict };
         let m = super::metrics::metrics();
         m.queued(writes, 1);
         let sent = if writes {
@@ -796,18 +817,18 @@ fn commit_batch<B: Backend<Error = StoreError>>(
     let mut worked = started;
     let result = db.write(|unit| {
         let mut outcomes = Vec::with_capacity(jobs.len());
-        for Pending { origin, request, now, reply, digest, prepared } in jobs {
+        for Pending { origin, request, now, reply, digest, prepared, no_verdict } in jobs {
             let had = prepared.is_some();
             let used = delivery.prepared_used();
-            let outcome = run_request(unit, delivery, origin, request, now, digest, prepared)?;
-            if had {
-                let counter = if delivery.prepared_used() != used {
-                    &counts.prepared
-                } else if outcome.again.is_some() {
-                    &counts.sent_back
-                } else {
-                    &counts.verified_again
-                };
+            let outcome = run_request(unit, delivery, origin, request, now, digest, (prepared, no_verdict))?;
+            let counter = if delivery.prepared_used() != used {
+                Some(&counts.prepared)
+            } else if outcome.again.is_some() {
+                Some(&counts.sent_back)
+            } else {
+                had.then_some(&counts.verified_again)
+            };
+            if let Some(counter) = counter {
                 counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             outcomes.push(outcome);
@@ -853,7 +874,7 @@ fn run_request<U: Unit<Error = StoreError>>(
     request: Request,
     now: u64,
     digest: Option<crate::chain::MessageDigest>,
-    mut prepared: Option<Box<Prepared>>,
+    (mut prepared, no_verdict): (Option<Box<Prepared>>, NoVerdict),
 ) -> Result<Outcome, StoreError> {
     let mut request = Some(request);
     let mut attempt = 0;
@@ -863,8 +884,10 @@ fn run_request<U: Unit<Error = StoreError>>(
         let again = (U::CONFLICTS && attempt < MAX_CONFLICT_RETRIES).then(|| this.clone());
         unit.savepoint()?;
         // A verdict serves the first attempt only: a retry sees what
-        // another node committed.
-        let outcome = delivery.handle_prepared(unit, origin, this, now, digest, prepared.take().map(|p| *p));
+        // another node committed (and a handshake that went through a
+        // verifier goes back to one rather than being verified here).
+        let prepared = prepared.take().map(|p| *p);
+        let outcome = delivery.handle_prepared(unit, origin, this, now, digest, prepared, no_verdict);
         if unit.take_conflict() {
             if let Some(again) = again {
                 unit.release(false)?;
@@ -951,7 +974,79 @@ mod tests {
             reply,
             digest: None,
             prepared: None,
+            no_verdict: NoVerdict::Verify,
         })
+    }
+
+    /// An engine on a new SQLite file in `dir` (open registration), and its
+    /// removal key.
+    fn engine_in(dir: &tempfile::TempDir) -> (Engine, [u8; 32]) {
+        let path = dir.path().join("engine.db");
+        let removal = Arc::new(crate::auth::Identity::generate().unwrap());
+        let removal_key = removal.public_key();
+        let current = crate::auth::online::CurrentKey::new(
+            crate::auth::online::ServerKey::identity(crate::auth::Identity::generate().unwrap()).unwrap(),
+        );
+        let quotas = Quotas { invite_required: false, ..Quotas::default() };
+        let keys = ServerKeys { removal, current };
+        (Engine::start(Db::open(&path).unwrap(), Db::open(&path).unwrap(), quotas, keys).unwrap(), removal_key)
+    }
+
+    fn multi_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    }
+
+    /// (applied from a verdict, sent back, not used) so far.
+    fn tally(c: &HandshakeCounts) -> (u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (c.prepared.load(Relaxed), c.sent_back.load(Relaxed), c.verified_again.load(Relaxed))
+    }
+
+    /// Red team (issue 37): a member's handshake for the epoch after its
+    /// own commit, verified while the group is still before it, gets no
+    /// verdict (no snapshot of an epoch the group is not at). Once the
+    /// commit is applied it reached the writer, which verified it itself,
+    /// milliseconds each in a large group: a member could pipeline junk
+    /// behind each commit of its own. Now it goes back to a verifier.
+    #[test]
+    fn a_handshake_for_the_next_epoch_is_not_verified_on_the_writer() {
+        use crate::client::mls::Member;
+        use crate::wire::{ErrorCode, Response};
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, removal_key) = engine_in(&dir);
+        multi_thread().block_on(async {
+            let mut alice = Member::generate().unwrap().2;
+            let a = Caller::of(alice.certificate());
+            let ok = |r: Response| assert!(!matches!(r, Response::Error { .. }), "{r:?}");
+            let register = Request::Register { invite: None, certificate: alice.certificate().encode() };
+            ok(engine.deliver(Origin::Stranger(alice.device()), register, 1).await.unwrap().response);
+            let g = alice.create_group_of(&removal_key, crate::mls::Suite::Classic).unwrap();
+            let create = Request::CreateGroup { group_info: g.group_info, ratchet_tree: g.ratchet_tree };
+            ok(engine.deliver(a, create, 2).await.unwrap().response);
+            let first = alice.self_update(&g.id).unwrap().into_request();
+            alice.merge_pending(&g.id).unwrap();
+            // A commit of the next epoch that fails only once merged (no
+            // GroupInfo): the most verification for the least.
+            let mut junk = alice.self_update(&g.id).unwrap().into_request();
+            if let Request::Send { group_info, .. } = &mut junk {
+                *group_info = None;
+            }
+            let ready = engine.prepare(a.into(), junk).await.unwrap();
+            assert!(ready.offloaded && ready.prepared.is_none(), "no snapshot of the next epoch yet");
+            ok(engine.deliver(a, first, 3).await.unwrap().response);
+            let before = tally(engine.handshake_counts());
+            let r = engine.settle(a.into(), ready, 4).await.unwrap().response;
+            assert!(
+                matches!(&r, Response::Error { code: ErrorCode::InvalidMessage, message, .. } if message.contains("GroupInfo")),
+                "{r:?}"
+            );
+            let after = tally(engine.handshake_counts());
+            assert_eq!(
+                (after.0 - before.0, after.1 - before.1, after.2 - before.2),
+                (1, 1, 0),
+                "sent back once, then refused from a verdict made off the writer"
+            );
+        });
     }
 
     /// `count` jobs sent from another thread, a little apart, as clients
@@ -973,19 +1068,9 @@ mod tests {
     fn commits_are_verified_off_the_writer_and_one_per_epoch_wins() {
         use crate::client::mls::Member;
         use crate::wire::{ErrorCode, Response};
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("engine.db");
-        let removal = Arc::new(crate::auth::Identity::generate().unwrap());
-        let removal_key = removal.public_key();
-        let current = crate::auth::online::CurrentKey::new(
-            crate::auth::online::ServerKey::identity(crate::auth::Identity::generate().unwrap()).unwrap(),
-        );
-        let quotas = Quotas { invite_required: false, ..Quotas::default() };
-        let engine =
-            Engine::start(Db::open(&path).unwrap(), Db::open(&path).unwrap(), quotas, ServerKeys { removal, current })
-                .unwrap();
-        runtime.block_on(async {
+        let (engine, removal_key) = engine_in(&dir);
+        multi_thread().block_on(async {
             let (mut alice, mut bob) = (Member::generate().unwrap().2, Member::generate().unwrap().2);
             let (a, b) = (Caller::of(alice.certificate()), Caller::of(bob.certificate()));
             let ok = |r: Response| assert!(!matches!(r, Response::Error { .. }), "{r:?}");
@@ -1034,21 +1119,20 @@ mod tests {
             loser.discard_pending(&g.id).unwrap();
             loser.receive(&g.id, winning).unwrap();
             let commit = winner.self_update(&g.id).unwrap().into_request();
-            let (commit, verdict) = engine.prepare(wc.into(), commit).await.unwrap();
-            assert!(verdict.as_ref().is_some_and(|v| v.verified()), "verified against the snapshot");
+            let ready = engine.prepare(wc.into(), commit).await.unwrap();
+            assert!(ready.prepared.as_ref().is_some_and(|v| v.verified()), "verified against the snapshot");
             let proposal = Request::Send { message: loser.leave(&g.id).unwrap(), welcome: None, group_info: None };
             ok(engine.deliver(lc, proposal, 7).await.unwrap().response);
-            let again = |c: &HandshakeCounts| {
-                (
-                    c.sent_back.load(std::sync::atomic::Ordering::Relaxed),
-                    c.verified_again.load(std::sync::atomic::Ordering::Relaxed),
-                )
-            };
-            let (before, used) = (again(counts), prepared(counts));
-            let out = engine.settle(wc.into(), commit, 8, verdict).await.unwrap();
+            let before = tally(counts);
+            let out = engine.settle(wc.into(), ready, 8).await.unwrap();
             assert!(out.again.is_none());
-            assert_eq!(again(counts), (before.0 + 1, before.1), "sent back once, never verified on the writer");
-            assert_eq!(prepared(counts), used + 1, "applied (or refused) from the second verdict: {:?}", out.response);
+            let after = tally(counts);
+            assert_eq!(
+                (after.0 - before.0, after.1 - before.1, after.2 - before.2),
+                (1, 1, 0),
+                "sent back once, then applied (or refused) from a second verdict, never verified on the writer: {:?}",
+                out.response
+            );
         });
     }
 
@@ -1059,18 +1143,7 @@ mod tests {
     #[test]
     fn a_handshake_that_waited_too_long_for_a_verifier_is_answered_busy() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("engine.db");
-        let removal = Arc::new(crate::auth::Identity::generate().unwrap());
-        let current = crate::auth::online::CurrentKey::new(
-            crate::auth::online::ServerKey::identity(crate::auth::Identity::generate().unwrap()).unwrap(),
-        );
-        let engine = Engine::start(
-            Db::open(&path).unwrap(),
-            Db::open(&path).unwrap(),
-            Quotas::default(),
-            ServerKeys { removal, current },
-        )
-        .unwrap();
+        let (engine, _) = engine_in(&dir);
         let caller = Caller::of(crate::client::mls::Member::generate().unwrap().2.certificate());
         let verify = |queued: Instant| {
             let (reply, rx) = oneshot::channel();
