@@ -41,6 +41,26 @@ impl Delivery {
         if last_resort.is_some_and(|i| i >= packages.len()) {
             return Err(refuse(ErrorCode::Malformed, "the last-resort index is outside the upload"));
         }
+        // Before any package is verified (on the writer, up to 100 of
+        // them): an upload that cannot fit in the suite its first package
+        // names is refused as the check below would refuse it (red team,
+        // issue 37: a full device's upload, sent again and again, cost a
+        // verification per package each time). Every package is then
+        // verified to be of that suite.
+        self.check_space(store)?;
+        let named = packages
+            .first()
+            .and_then(|p| p.get(2..4))
+            .and_then(|b| <[u8; 2]>::try_from(b).ok())
+            .map(u16::from_be_bytes);
+        if let Some(suite) = named.and_then(|code| Suite::from_code(code).ok()) {
+            let distinct: BTreeSet<&[u8]> = packages.iter().map(Vec::as_slice).collect();
+            let adding_at_least = distinct.len().saturating_sub(usize::from(last_resort.is_some()));
+            let held = usize::try_from(store.key_package_count(&caller.device, suite)?.0).unwrap_or(usize::MAX);
+            if held.saturating_add(adding_at_least) > MAX_KEY_PACKAGES {
+                return Err(too_many_key_packages(held));
+            }
+        }
         let mut new = Vec::with_capacity(packages.len());
         let mut seen = BTreeSet::new();
         let mut upload_suite = None;
@@ -71,15 +91,11 @@ impl Delivery {
             }
         }
         let suite = upload_suite.unwrap_or(Suite::Classic);
-        self.check_space(store)?;
         let (held, _) = store.key_package_count(&caller.device, suite)?;
+        let held = usize::try_from(held).unwrap_or(usize::MAX);
         let adding = new.iter().filter(|p| !p.last_resort).count();
-        let total = usize::try_from(held).unwrap_or(usize::MAX).saturating_add(adding);
-        if total > MAX_KEY_PACKAGES {
-            return Err(refuse(
-                ErrorCode::QuotaExceeded,
-                format!("at most {MAX_KEY_PACKAGES} KeyPackages per device; you hold {held}"),
-            ));
+        if held.saturating_add(adding) > MAX_KEY_PACKAGES {
+            return Err(too_many_key_packages(held));
         }
         store.add_key_packages(&caller.account, &caller.device, &new, now)?;
         let (count, last_resort) = store.key_package_count(&caller.device, suite)?;
@@ -154,4 +170,8 @@ pub(super) fn claim_bucket(now: u64) -> (f64, f64, f64) {
     #[allow(clippy::cast_precision_loss)] // Unix seconds fit an f64 exactly for 285 million years.
     let now = now as f64;
     (1.0 / refill, f64::from(CLAIM_BURST), now)
+}
+
+fn too_many_key_packages<E>(held: usize) -> Refusal<E> {
+    refuse(ErrorCode::QuotaExceeded, format!("at most {MAX_KEY_PACKAGES} KeyPackages per device; you hold {held}"))
 }

@@ -1197,6 +1197,51 @@ fn net_with(quotas: Quotas) -> Net {
     net
 }
 
+/// Red team (issue 37): a new group's tree of more than one node is
+/// refused before any of it is verified (the refusal came only after
+/// every leaf's signature and the parent hashes were checked, on the
+/// writer, for a tree of up to half a megabyte sent again and again).
+fn a_new_groups_tree_of_more_than_one_node_is_refused_unverified() {
+    let mut net = Net::new();
+    let mut alice = net.client(1);
+    let g = alice.member.create_group(&net.removal_key).unwrap();
+    // The tree's one node twice: its second copy's signature is over
+    // another position, so verifying would refuse it as not verifying.
+    let tree = &g.ratchet_tree;
+    let (head, len) = match tree.first().map(|b| b >> 6) {
+        Some(0) => (1, usize::from(tree[0] & 0x3f)),
+        Some(1) => (2, usize::from(u16::from_be_bytes([tree[0] & 0x3f, tree[1]]))),
+        other => panic!("a tree of {other:?}"),
+    };
+    assert_eq!(tree.len(), head + len);
+    let doubled = 2 * len;
+    assert!(doubled < 1 << 14);
+    let mut twice = (u16::try_from(doubled).unwrap() | 0x4000).to_be_bytes().to_vec();
+    twice.extend_from_slice(&tree[head..]);
+    twice.extend_from_slice(&tree[head..]);
+    let r = net.req(&alice, Request::CreateGroup { group_info: g.group_info, ratchet_tree: twice });
+    assert!(
+        matches!(&r, Response::Error { code: ErrorCode::InvalidCommit, message, .. } if message.contains("exactly one member")),
+        "{r:?}"
+    );
+}
+
+/// Red team (issue 37): a device that holds the most KeyPackages it may
+/// is refused an upload before any package in it is verified (each
+/// verification ran on the writer, for an upload sent again and again).
+fn a_full_devices_upload_is_refused_before_its_packages_are_verified() {
+    let mut net = Net::new();
+    let alice = net.client(1);
+    let held = 2; // `Net::client` publishes two and a last resort.
+    let packages = alice.member.key_packages(crate::limits::MAX_KEY_PACKAGES - held).unwrap();
+    net.ok(&alice, Request::PublishKeyPackages { packages, last_resort: None });
+    // Not KeyPackages at all, only the classic suite's code where a
+    // package names its suite: refused for the quota, not as invalid.
+    let junk = vec![vec![0, 1, 0, 1, 0xff]; 3];
+    let (code, _) = net.code(&alice, Request::PublishKeyPackages { packages: junk, last_resort: None });
+    assert_eq!(code, ErrorCode::QuotaExceeded);
+}
+
 fn quotas_refuse_new_data_and_keep_what_is_stored() {
     let quotas =
         Quotas { max_members_per_group: 2, max_groups_per_account: 1, max_log_per_group: 3, ..Quotas::default() };
@@ -2450,6 +2495,8 @@ rules! {
     claims_are_rate_limited_per_claimer,
     a_group_must_start_with_only_its_creator,
     quotas_refuse_new_data_and_keep_what_is_stored,
+    a_new_groups_tree_of_more_than_one_node_is_refused_unverified,
+    a_full_devices_upload_is_refused_before_its_packages_are_verified,
     a_full_store_refuses_writes_but_serves_reads,
     a_key_package_carrying_another_devices_certificate_is_refused,
     a_group_must_list_the_server_and_start_with_a_certified_leaf,
