@@ -231,7 +231,7 @@ enum Refusal<E> {
     },
     Storage(E),
     Internal(String),
-    /// A handshake whose prepared verdict went stale, given back to be
+    /// A handshake without a verdict that holds, given back to be
     /// verified off the writer again (see [`Outcome::again`]).
     Again(Box<Request>),
 }

@@ -213,8 +213,9 @@ struct Verify {
 }
 
 /// What a verifier gives back: the request with its verdict (`None` if
-/// the writer must verify it), or [`Verified::Late`] for a job that waited
-/// too long for a verifier.
+/// it made none: no snapshot of the handshake's epoch, or the verification
+/// panicked), or [`Verified::Late`] for a job that waited too long for a
+/// verifier.
 enum Verified {
     Done(Request, Option<Box<Prepared>>),
     Late,
