@@ -1447,12 +1447,7 @@ impl Net {
 }
 
 fn a_commit_nobody_can_process_is_accepted_and_every_member_rejoins_past_it() {
-    let mut net = Net::new();
-    let (mut alice, mut bob, mut mallory) = (net.client(1), net.client(2), net.client(3));
-    let g = net.create(&mut alice);
-    net.add(&mut alice, &g, &[&bob, &mallory]);
-    net.join(&mut bob);
-    net.join(&mut mallory);
+    let (mut net, mut alice, mut bob, mut mallory, g) = Net::trio();
     let roster = net.current_members(&g);
     let mut bad = mallory.member.self_update(&g).unwrap();
     bad.corrupt_membership_tag();
@@ -1484,12 +1479,7 @@ fn a_commit_nobody_can_process_is_accepted_and_every_member_rejoins_past_it() {
 /// reader keeps it per epoch and state version, never longer, and a member
 /// who missed the commits rejoins from the two.
 fn the_tree_handed_out_with_a_group_info_is_its_epochs() {
-    let mut net = Net::new();
-    let (mut alice, mut bob, mut carol) = (net.client(1), net.client(2), net.client(3));
-    let g = net.create(&mut alice);
-    net.add(&mut alice, &g, &[&bob, &carol]);
-    net.join(&mut bob);
-    net.join(&mut carol);
+    let (mut net, mut alice, mut bob, carol, g) = Net::trio();
     let fetch = |net: &mut Net, who: &Client| {
         let Response::GroupInfo { group_info, ratchet_tree, .. } =
             net.ok(who, Request::FetchGroupInfo { group: g.clone() })
